@@ -1,0 +1,234 @@
+//! The `eventter.v1.Admin` service: one small handler per resource and verb. Each
+//! handler validates its input (so bad requests never reach the Raft log), builds a
+//! [`Command`], and writes it through [`Cluster`]; reads go through `Cluster::read`.
+
+use std::collections::BTreeMap;
+
+use eventtermq_proto::v1 as pb;
+use eventtermq_proto::v1::admin_server::Admin;
+use tonic::{Request, Response, Status};
+
+use super::convert::*;
+use crate::cluster_state::commands::TopicUpdate;
+use crate::cluster_state::validate;
+use crate::cluster_state::*;
+use crate::error::{ErrorCode, RequestError};
+use crate::node::Cluster;
+
+/// Buffer of a consumer group when the request leaves `size` at 0.
+pub const CONSUMER_GROUP_SIZE_DEFAULT: u32 = 10_000;
+
+pub struct AdminService {
+    pub cluster: Cluster,
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+fn written(index: u64) -> Reply<pb::WriteResponse> {
+    Ok(Response::new(pb::WriteResponse { ok: true, index }))
+}
+
+/// Namespace of a request: empty means `default`.
+fn namespace_of(ns: &str) -> Result<String, RequestError> {
+    if ns.is_empty() {
+        return Ok(DEFAULT_NAMESPACE.to_string());
+    }
+    validate::name("namespace", ns)?;
+    Ok(ns.to_string())
+}
+
+fn topic_spec_from_pb(t: &pb::Topic) -> Result<TopicSpec, RequestError> {
+    let default_exchange_type = if t.default_exchange_type.is_empty() {
+        ExchangeType::Fanout
+    } else {
+        validate::exchange_type("default_exchange_type", &t.default_exchange_type)?
+    };
+    let spec = TopicSpec {
+        shards: t.shards,
+        replication_factor: t.replication_factor,
+        retention_ms: duration_to_ms(&t.retention)?,
+        default_exchange_type,
+    };
+    validate::topic_spec(&spec)?;
+    Ok(spec)
+}
+
+impl AdminService {
+    /// Fails with NotFound unless `namespace` exists (checked on this node's copy; the
+    /// state machine checks again at apply time).
+    fn require_namespace(&self, namespace: &str) -> Result<(), RequestError> {
+        if self.cluster.state.read().state.namespaces.contains_key(namespace) {
+            Ok(())
+        } else {
+            Err(RequestError::new(ErrorCode::NamespaceNotFound, format!("namespace: {namespace:?} does not exist")))
+        }
+    }
+
+    fn consumer_group_spec_from_pb(&self, namespace: &str, g: &pb::ConsumerGroup) -> Result<ConsumerGroupSpec, RequestError> {
+        let topics: BTreeMap<String, TopicSpec> = self
+            .cluster
+            .state
+            .read()
+            .state
+            .namespaces
+            .get(namespace)
+            .map(|ns| ns.topics.clone())
+            .unwrap_or_default();
+        let mut bindings = Vec::with_capacity(g.bindings.len());
+        for (i, b) in g.bindings.iter().enumerate() {
+            validate::name(&format!("bindings[{i}].topic"), &b.topic)?;
+            let exchange_type = if b.exchange_type.is_empty() {
+                topics.get(&b.topic).map(|t| t.default_exchange_type).ok_or_else(|| {
+                    RequestError::new(
+                        ErrorCode::TopicNotFound,
+                        format!("bindings[{i}].topic: topic {:?} does not exist in namespace {namespace:?}", b.topic),
+                    )
+                })?
+            } else {
+                validate::exchange_type(&format!("bindings[{i}].exchange_type"), &b.exchange_type)?
+            };
+            let headers_match = match b.headers_match.as_str() {
+                "" | "all" => HeadersMatch::All,
+                "any" => HeadersMatch::Any,
+                other => {
+                    return Err(RequestError::new(
+                        ErrorCode::InvalidBinding,
+                        format!("bindings[{i}].headers_match: {other:?} is not one of all, any"),
+                    ))
+                }
+            };
+            bindings.push(BindingSpec {
+                topic: b.topic.clone(),
+                exchange_type,
+                routing_key: b.routing_key.clone(),
+                headers: b.headers.clone().into_iter().collect(),
+                headers_match,
+            });
+        }
+        let spec = ConsumerGroupSpec {
+            bindings,
+            size: if g.size == 0 { CONSUMER_GROUP_SIZE_DEFAULT } else { g.size },
+            since_unix_ms: g.since.as_ref().map(timestamp_to_ms).unwrap_or_else(now_unix_ms),
+        };
+        validate::consumer_group_spec(&spec)?;
+        Ok(spec)
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_namespace(&self, req: Request<pb::CreateNamespaceRequest>) -> Reply<pb::WriteResponse> {
+        let name = req.into_inner().name;
+        validate::name("name", &name)?;
+        written(self.cluster.write(Command::CreateNamespace { name }).await?)
+    }
+
+    async fn delete_namespace(&self, req: Request<pb::DeleteNamespaceRequest>) -> Reply<pb::WriteResponse> {
+        let req = req.into_inner();
+        validate::name("name", &req.name)?;
+        written(self.cluster.write(Command::DeleteNamespace { name: req.name, cascade: req.cascade }).await?)
+    }
+
+    async fn list_namespaces(&self, req: Request<pb::ListNamespacesRequest>) -> Reply<pb::ListNamespacesResponse> {
+        let applied = self.cluster.read(!req.into_inner().stale).await?;
+        Ok(Response::new(pb::ListNamespacesResponse {
+            namespaces: applied.state.namespaces.keys().cloned().collect(),
+            index: applied.last_applied.map(|l| l.index).unwrap_or(0),
+        }))
+    }
+
+    async fn create_topic(&self, req: Request<pb::CreateTopicRequest>) -> Reply<pb::WriteResponse> {
+        let req = req.into_inner();
+        let namespace = namespace_of(&req.namespace)?;
+        let topic = req.topic.ok_or_else(|| RequestError::new(ErrorCode::InvalidArgument, "topic: is required"))?;
+        validate::name("name", &topic.name)?;
+        let spec = topic_spec_from_pb(&topic)?;
+        self.require_namespace(&namespace)?;
+        written(self.cluster.write(Command::CreateTopic { namespace, name: topic.name, spec }).await?)
+    }
+
+    async fn update_topic(&self, req: Request<pb::UpdateTopicRequest>) -> Reply<pb::WriteResponse> {
+        let req = req.into_inner();
+        let namespace = namespace_of(&req.namespace)?;
+        validate::name("name", &req.name)?;
+        let update = TopicUpdate {
+            shards: req.shards,
+            replication_factor: req.replication_factor,
+            retention_ms: req.retention.as_ref().map(|_| duration_to_ms(&req.retention)).transpose()?,
+            default_exchange_type: req
+                .default_exchange_type
+                .as_deref()
+                .map(|t| validate::exchange_type("default_exchange_type", t))
+                .transpose()?,
+        };
+        if let Some(s) = update.shards {
+            validate::shards(s)?;
+        }
+        written(self.cluster.write(Command::UpdateTopic { namespace, name: req.name, update }).await?)
+    }
+
+    async fn delete_topic(&self, req: Request<pb::DeleteTopicRequest>) -> Reply<pb::WriteResponse> {
+        let req = req.into_inner();
+        let namespace = namespace_of(&req.namespace)?;
+        validate::name("name", &req.name)?;
+        written(self.cluster.write(Command::DeleteTopic { namespace, name: req.name }).await?)
+    }
+
+    async fn list_topics(&self, req: Request<pb::ListTopicsRequest>) -> Reply<pb::ListTopicsResponse> {
+        let req = req.into_inner();
+        let namespace = namespace_of(&req.namespace)?;
+        let applied = self.cluster.read(!req.stale).await?;
+        let ns = applied.state.namespaces.get(&namespace).ok_or_else(|| {
+            RequestError::new(ErrorCode::NamespaceNotFound, format!("namespace: {namespace:?} does not exist"))
+        })?;
+        Ok(Response::new(pb::ListTopicsResponse {
+            topics: ns.topics.iter().map(|(n, t)| topic_to_pb(n, t)).collect(),
+            index: applied.last_applied.map(|l| l.index).unwrap_or(0),
+        }))
+    }
+
+    async fn create_consumer_group(&self, req: Request<pb::CreateConsumerGroupRequest>) -> Reply<pb::WriteResponse> {
+        let req = req.into_inner();
+        let namespace = namespace_of(&req.namespace)?;
+        let group = req
+            .consumer_group
+            .ok_or_else(|| RequestError::new(ErrorCode::InvalidArgument, "consumer_group: is required"))?;
+        validate::name("name", &group.name)?;
+        self.require_namespace(&namespace)?;
+        let spec = self.consumer_group_spec_from_pb(&namespace, &group)?;
+        written(self.cluster.write(Command::CreateConsumerGroup { namespace, name: group.name, spec }).await?)
+    }
+
+    async fn delete_consumer_group(&self, req: Request<pb::DeleteConsumerGroupRequest>) -> Reply<pb::WriteResponse> {
+        let req = req.into_inner();
+        let namespace = namespace_of(&req.namespace)?;
+        validate::name("name", &req.name)?;
+        written(self.cluster.write(Command::DeleteConsumerGroup { namespace, name: req.name }).await?)
+    }
+
+    async fn list_consumer_groups(&self, req: Request<pb::ListConsumerGroupsRequest>) -> Reply<pb::ListConsumerGroupsResponse> {
+        let req = req.into_inner();
+        let namespace = namespace_of(&req.namespace)?;
+        let applied = self.cluster.read(!req.stale).await?;
+        let ns = applied.state.namespaces.get(&namespace).ok_or_else(|| {
+            RequestError::new(ErrorCode::NamespaceNotFound, format!("namespace: {namespace:?} does not exist"))
+        })?;
+        Ok(Response::new(pb::ListConsumerGroupsResponse {
+            consumer_groups: ns.consumer_groups.iter().map(|(n, g)| consumer_group_to_pb(n, g)).collect(),
+            index: applied.last_applied.map(|l| l.index).unwrap_or(0),
+        }))
+    }
+
+    async fn dump(&self, req: Request<pb::DumpRequest>) -> Reply<pb::DumpResponse> {
+        let stale = req.into_inner().stale;
+        let metrics = self.cluster.raft.metrics().borrow().clone();
+        let state = state_to_pb(&*self.cluster.read(!stale).await?);
+        Ok(Response::new(pb::DumpResponse {
+            state: Some(state),
+            segments: Vec::new(),
+            node_id: self.cluster.id,
+            leader_id: metrics.current_leader.unwrap_or(0),
+            term: metrics.current_term,
+        }))
+    }
+}

@@ -1,0 +1,119 @@
+//! Conversions between the wire types (`eventter.v1`) and the cluster-state model.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use eventtermq_proto::v1 as pb;
+
+use crate::cluster_state::*;
+
+pub fn duration_to_ms(d: &Option<prost_types::Duration>) -> Result<u64, crate::error::RequestError> {
+    match d {
+        None => Ok(0),
+        Some(d) if d.seconds < 0 || d.nanos < 0 => Err(crate::error::RequestError::new(
+            crate::error::ErrorCode::InvalidRetention,
+            "retention: must not be negative (0 keeps messages forever)",
+        )),
+        Some(d) => Ok(d.seconds as u64 * 1000 + d.nanos as u64 / 1_000_000),
+    }
+}
+
+pub fn ms_to_duration(ms: u64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration { seconds: (ms / 1000) as i64, nanos: ((ms % 1000) * 1_000_000) as i32 })
+}
+
+pub fn now_unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as i64
+}
+
+pub fn timestamp_to_ms(t: &prost_types::Timestamp) -> i64 {
+    t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
+}
+
+pub fn ms_to_timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+}
+
+pub fn topic_to_pb(name: &str, t: &TopicSpec) -> pb::Topic {
+    pb::Topic {
+        name: name.to_string(),
+        shards: t.shards,
+        replication_factor: t.replication_factor,
+        retention: ms_to_duration(t.retention_ms),
+        default_exchange_type: t.default_exchange_type.as_str().to_string(),
+        under_replicated: false,
+    }
+}
+
+pub fn consumer_group_to_pb(name: &str, g: &ConsumerGroupSpec) -> pb::ConsumerGroup {
+    pb::ConsumerGroup {
+        name: name.to_string(),
+        bindings: g
+            .bindings
+            .iter()
+            .map(|b| pb::Binding {
+                topic: b.topic.clone(),
+                exchange_type: b.exchange_type.as_str().to_string(),
+                routing_key: b.routing_key.clone(),
+                headers: b.headers.clone().into_iter().collect(),
+                headers_match: match b.headers_match {
+                    HeadersMatch::All => "all".to_string(),
+                    HeadersMatch::Any => "any".to_string(),
+                },
+            })
+            .collect(),
+        size: g.size,
+        since: Some(ms_to_timestamp(g.since_unix_ms)),
+    }
+}
+
+pub fn node_state_to_pb(s: NodeState) -> pb::NodeState {
+    match s {
+        NodeState::Alive => pb::NodeState::Alive,
+        NodeState::Suspect => pb::NodeState::Suspect,
+        NodeState::Dead => pb::NodeState::Dead,
+        NodeState::Left => pb::NodeState::Left,
+    }
+}
+
+/// The whole cluster state as the API returns it.
+pub fn state_to_pb(applied: &AppliedState) -> pb::ClusterState {
+    let membership = applied.membership.membership();
+    let role = |id: &u64| {
+        if membership.voter_ids().any(|v| v == *id) {
+            "voter"
+        } else if membership.learner_ids().any(|l| l == *id) {
+            "learner"
+        } else {
+            ""
+        }
+    };
+    let alive = applied.state.nodes.values().filter(|n| n.state == NodeState::Alive).count() as u32;
+    pb::ClusterState {
+        index: applied.last_applied.map(|l| l.index).unwrap_or(0),
+        namespaces: applied
+            .state
+            .namespaces
+            .iter()
+            .map(|(name, ns)| pb::Namespace {
+                name: name.clone(),
+                topics: ns
+                    .topics
+                    .iter()
+                    .map(|(n, t)| pb::Topic { under_replicated: t.replication_factor > alive, ..topic_to_pb(n, t) })
+                    .collect(),
+                consumer_groups: ns.consumer_groups.iter().map(|(n, g)| consumer_group_to_pb(n, g)).collect(),
+            })
+            .collect(),
+        nodes: applied
+            .state
+            .nodes
+            .iter()
+            .map(|(id, n)| pb::Node {
+                id: *id,
+                address: n.address.clone(),
+                state: node_state_to_pb(n.state) as i32,
+                raft_role: role(id).to_string(),
+            })
+            .collect(),
+    }
+}

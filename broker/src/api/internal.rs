@@ -1,0 +1,70 @@
+//! The `eventter.internal.v1.Internal` service: Raft RPCs, forwarded writes, read
+//! index, gossip full-state sync and leadership hand-over. Only nodes call it.
+
+use eventtermq_proto::internal::v1 as ipb;
+use eventtermq_proto::internal::v1::internal_server::Internal;
+use tonic::{Request, Response, Status};
+
+use crate::cluster_state::raft::{decode, encode};
+use crate::cluster_state::{Command, CommandResponse};
+use crate::error::RequestError;
+use crate::membership::Membership;
+use crate::node::Cluster;
+
+pub struct InternalService {
+    pub cluster: Cluster,
+    pub membership: Membership,
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+fn payload<T: serde::de::DeserializeOwned>(req: Request<ipb::RaftPayload>) -> Result<T, Status> {
+    decode(&req.into_inner().data).map_err(|e| Status::invalid_argument(format!("data: undecodable payload: {e}")))
+}
+
+fn reply<T: serde::Serialize>(v: &T) -> Reply<ipb::RaftPayload> {
+    Ok(Response::new(ipb::RaftPayload { data: encode(v) }))
+}
+
+#[tonic::async_trait]
+impl Internal for InternalService {
+    async fn raft_append_entries(&self, req: Request<ipb::RaftPayload>) -> Reply<ipb::RaftPayload> {
+        let r = self.cluster.raft.append_entries(payload(req)?).await;
+        reply(&r)
+    }
+
+    async fn raft_vote(&self, req: Request<ipb::RaftPayload>) -> Reply<ipb::RaftPayload> {
+        let r = self.cluster.raft.vote(payload(req)?).await;
+        reply(&r)
+    }
+
+    async fn raft_install_snapshot(&self, req: Request<ipb::RaftPayload>) -> Reply<ipb::RaftPayload> {
+        let r = self.cluster.raft.install_snapshot(payload(req)?).await;
+        reply(&r)
+    }
+
+    async fn forward_write(&self, req: Request<ipb::RaftPayload>) -> Reply<ipb::RaftPayload> {
+        let cmd: Command = payload(req)?;
+        let r: Result<CommandResponse, RequestError> = self.cluster.handle_forwarded_write(cmd).await;
+        reply(&r)
+    }
+
+    async fn read_index(&self, _req: Request<ipb::ReadIndexRequest>) -> Reply<ipb::ReadIndexResponse> {
+        let index = self.cluster.handle_read_index().await?;
+        Ok(Response::new(ipb::ReadIndexResponse { index }))
+    }
+
+    async fn start_election(&self, _req: Request<ipb::StartElectionRequest>) -> Reply<ipb::StartElectionResponse> {
+        self.cluster.raft.trigger().elect().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(ipb::StartElectionResponse {}))
+    }
+
+    async fn gossip_sync(&self, req: Request<ipb::GossipPayload>) -> Reply<ipb::GossipPayload> {
+        let data = self
+            .membership
+            .handle_sync(req.into_inner().data.into())
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(ipb::GossipPayload { data: data.to_vec() }))
+    }
+}

@@ -1,0 +1,81 @@
+//! gRPC services of a node, all on one port: the client/admin API ([`admin`]), the
+//! node-to-node API ([`internal`]), `grpc.health.v1` and server reflection.
+
+pub mod admin;
+pub mod convert;
+pub mod internal;
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use eventtermq_proto::internal::v1::internal_server::InternalServer;
+use eventtermq_proto::v1::admin_server::AdminServer;
+use futures::Stream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+
+use crate::membership::Membership;
+use crate::node::Cluster;
+use crate::transport::Conn;
+
+/// Largest gRPC message accepted (Raft snapshots travel in chunks well below this).
+pub const GRPC_MESSAGE_SIZE_MAX_BYTES: usize = 64 * 1024 * 1024;
+
+/// Health service name that reports SERVING only while the node knows a Raft leader
+/// (readiness); the empty service name reports SERVING while the process runs
+/// (liveness).
+pub const READINESS_SERVICE: &str = "eventter.v1.Admin";
+
+pub fn serve(
+    cluster: Cluster,
+    membership: Membership,
+    incoming: Pin<Box<dyn Stream<Item = std::io::Result<Conn>> + Send>>,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(eventtermq_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("descriptor sets are generated at build time and valid");
+
+    // Readiness follows whether a leader is known.
+    let mut metrics = cluster.raft.metrics();
+    let health_stop = stop.clone();
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let has_leader = metrics.borrow().current_leader.is_some();
+            if last != Some(has_leader) {
+                let status = if has_leader { ServingStatus::Serving } else { ServingStatus::NotServing };
+                health_reporter.set_service_status(READINESS_SERVICE, status).await;
+                last = Some(has_leader);
+            }
+            tokio::select! {
+                r = metrics.changed() => if r.is_err() { return },
+                _ = health_stop.cancelled() => return,
+            }
+        }
+    });
+
+    let admin = AdminServer::new(admin::AdminService { cluster: cluster.clone() })
+        .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
+    let internal = InternalServer::new(internal::InternalService { cluster, membership })
+        .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES)
+        .max_encoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
+    tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(admin)
+            .add_service(internal)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    })
+}

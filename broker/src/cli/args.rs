@@ -1,0 +1,192 @@
+//! Command-line flags. One binary is both the broker (no subcommand) and its CLI.
+//!
+//! `--host`/`--port` mean "listen here" for the broker and "talk to this node" for the
+//! CLI, as on the seed page (`eventtermq --host emq-2 dump`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "eventtermq", version, about = "EventterMQ: a distributed message broker and its CLI.", long_about = None)]
+#[command(args_conflicts_with_subcommands = false, subcommand_negates_reqs = true)]
+pub struct Cli {
+    /// Broker: address to listen on (default: all interfaces). CLI: node to talk to (default: localhost).
+    #[arg(long, global = true)]
+    pub host: Option<String>,
+    /// Broker: gRPC (TCP) and gossip (UDP) port. CLI: the node's port.
+    #[arg(long, global = true, default_value_t = crate::config::DEFAULT_PORT)]
+    pub port: u16,
+    /// CLI: namespace of topics and consumer groups.
+    #[arg(long, global = true, default_value = "default")]
+    pub namespace: String,
+    /// CLI: output format of dump and list commands.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// Persistent data directory (required to run the broker; created if missing).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Host name or IP other nodes use to reach this node (default: --host, or the OS host name).
+    #[arg(long)]
+    pub advertise_host: Option<String>,
+    /// host:port of a member to join through; repeatable or comma-separated. This node's own address is ignored.
+    #[arg(long, value_delimiter = ',')]
+    pub join: Vec<String>,
+    /// Form a new cluster only once this many members have met over gossip.
+    #[arg(long)]
+    pub bootstrap_expect: Option<usize>,
+    /// Node id (default: random, generated once and kept in <dir>/id).
+    #[arg(long)]
+    pub id: Option<u64>,
+    /// Log format on stderr (level from RUST_LOG, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Raft heartbeat interval.
+    #[arg(long, default_value_t = 150)]
+    pub heartbeat_interval_ms: u64,
+    /// Raft election timeout, lower bound.
+    #[arg(long, default_value_t = 500)]
+    pub election_timeout_min_ms: u64,
+    /// Raft election timeout, upper bound.
+    #[arg(long, default_value_t = 1000)]
+    pub election_timeout_max_ms: u64,
+    /// Raft voters at most; further nodes are learners.
+    #[arg(long, default_value_t = 5)]
+    pub voters_count_max: usize,
+    /// Remove a node from Raft and the cluster state once DEAD or LEFT this long.
+    #[arg(long, default_value_t = 300_000)]
+    pub dead_node_removal_ms: u64,
+    /// How long an API request may wait for a leader and a commit.
+    #[arg(long, default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+    /// SWIM probe period.
+    #[arg(long)]
+    pub gossip_probe_period_ms: Option<u64>,
+    /// SWIM suspicion timeout before a node is declared DEAD.
+    #[arg(long)]
+    pub gossip_suspect_to_down_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the cluster state and this node's segments.
+    Dump {
+        /// Answer from the node's own copy without confirming with the leader.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Create a namespace.
+    CreateNamespace { name: String },
+    /// Delete a namespace.
+    DeleteNamespace {
+        name: String,
+        /// Also delete its topics and consumer groups.
+        #[arg(long)]
+        cascade: bool,
+    },
+    /// List namespaces.
+    ListNamespaces,
+    /// Create a topic (idempotent: the same spec again succeeds).
+    CreateTopic {
+        name: String,
+        /// Maximum number of open segments (parallel write streams), 1-1024.
+        #[arg(long, default_value_t = 1)]
+        shards: u32,
+        /// Copies of every message, 1-7.
+        #[arg(long, default_value_t = 3)]
+        replication_factor: u32,
+        /// How long closed segments are kept (e.g. 24h, 7d); 0 keeps them forever.
+        #[arg(long, default_value = "0")]
+        retention: String,
+        /// fanout, direct, topic or headers.
+        #[arg(long, default_value = "fanout")]
+        default_exchange_type: String,
+    },
+    /// Change a topic's mutable fields (shards up, retention, default exchange type).
+    UpdateTopic {
+        name: String,
+        #[arg(long)]
+        shards: Option<u32>,
+        /// Immutable: any other value than the current one is rejected.
+        #[arg(long)]
+        replication_factor: Option<u32>,
+        #[arg(long)]
+        retention: Option<String>,
+        #[arg(long)]
+        default_exchange_type: Option<String>,
+    },
+    /// Delete a topic.
+    DeleteTopic { name: String },
+    /// List topics of the namespace.
+    ListTopics,
+    /// Create a consumer group bound to topics.
+    CreateConsumerGroup {
+        name: String,
+        /// Bind TOPIC with its default exchange type (fanout: every message).
+        #[arg(long = "bind", value_name = "TOPIC")]
+        bind: Vec<String>,
+        /// Bind TOPIC:KEY, direct exchange (routing key equal to KEY).
+        #[arg(long, value_name = "TOPIC:KEY")]
+        bind_direct: Vec<String>,
+        /// Bind TOPIC:PATTERN, topic exchange (`*` one word, `#` zero or more).
+        #[arg(long, value_name = "TOPIC:PATTERN")]
+        bind_topic: Vec<String>,
+        /// Bind TOPIC:k=v,k2=v2[:all|any], headers exchange.
+        #[arg(long, value_name = "TOPIC:K=V,...[:all|any]")]
+        bind_headers: Vec<String>,
+        /// Where to start: a past offset like -1h, or an RFC 3339 time.
+        #[arg(long, allow_hyphen_values = true)]
+        since: Option<String>,
+        /// In-memory buffer of the group, in messages.
+        #[arg(long, default_value_t = 10_000)]
+        size: u32,
+    },
+    /// Delete a consumer group.
+    DeleteConsumerGroup { name: String },
+    /// List consumer groups of the namespace.
+    ListConsumerGroups,
+    /// Benchmarks against running nodes (results go into README.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Control plane: starts 3 local brokers (this binary) on --hosts and --port and
+    /// measures cluster formation, leader failover after kill -9, create-topic latency
+    /// and throughput with concurrent clients, and idle memory; prints JSON lines.
+    ControlPlane {
+        /// Loopback addresses of the three brokers to start.
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.11,127.0.0.12,127.0.0.13")]
+        hosts: Vec<String>,
+        /// Topics to create.
+        #[arg(long, default_value_t = 5000)]
+        count: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Data directory of the brokers (default: a fresh temporary directory).
+        #[arg(long)]
+        bench_dir: Option<PathBuf>,
+    },
+}

@@ -1,0 +1,47 @@
+//! The command-line interface: flag definitions ([`args`]), the admin commands
+//! ([`commands`]), the text/JSON rendering of the cluster state ([`render`]), running
+//! the broker ([`run`]) and benchmarks ([`bench`]).
+
+pub mod args;
+pub mod bench;
+pub mod commands;
+pub mod render;
+pub mod run;
+
+use std::time::Duration;
+
+use eventtermq_proto::v1::admin_client::AdminClient;
+
+/// How long the CLI waits to connect to a node.
+pub const CONNECT_TIMEOUT_MS: u64 = 3_000;
+
+/// A CLI error: printed on stderr, exit status 1.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach node at {addr}: {message}")]
+    Connect { addr: String, message: String },
+    #[error("{code}: {message}")]
+    Rpc { code: String, message: String },
+}
+
+impl CliError {
+    pub fn from_status(s: tonic::Status, addr: &str) -> Self {
+        if s.code() == tonic::Code::Unavailable && s.message().contains("transport") {
+            return CliError::Connect { addr: addr.to_string(), message: s.message().to_string() };
+        }
+        CliError::Rpc { code: format!("{:?}", s.code()), message: s.message().to_string() }
+    }
+}
+
+/// Target node of CLI commands.
+pub fn target_addr(host: &Option<String>, port: u16) -> String {
+    format!("{}:{port}", host.as_deref().unwrap_or("localhost"))
+}
+
+pub fn admin_client(addr: &str) -> Result<AdminClient<tonic::transport::Channel>, CliError> {
+    let channel = crate::transport::tcp::connect_lazy(addr, Duration::from_millis(CONNECT_TIMEOUT_MS))
+        .map_err(|e| CliError::Connect { addr: addr.to_string(), message: e.to_string() })?;
+    Ok(AdminClient::new(channel))
+}

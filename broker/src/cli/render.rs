@@ -1,0 +1,188 @@
+//! Rendering of API answers: the `dump` text form of the seed page (protobuf text
+//! format with `<` `>` delimiters, default values omitted) and JSON.
+
+use std::fmt::Write;
+
+use eventtermq_proto::v1 as pb;
+use serde_json::{json, Value};
+
+/// Writes protobuf-text-style fields with two-space indentation.
+struct Text {
+    out: String,
+    depth: usize,
+}
+
+impl Text {
+    fn line(&mut self, s: impl std::fmt::Display) {
+        let _ = writeln!(self.out, "{:width$}{s}", "", width = self.depth * 2);
+    }
+    fn str(&mut self, name: &str, v: &str) {
+        if !v.is_empty() {
+            self.line(format_args!("{name}: {v:?}"));
+        }
+    }
+    fn num(&mut self, name: &str, v: impl Into<i128> + Copy) {
+        if v.into() != 0 {
+            self.line(format_args!("{name}: {}", v.into()));
+        }
+    }
+    fn msg(&mut self, name: &str, body: impl FnOnce(&mut Self)) {
+        self.line(format_args!("{name}: <"));
+        self.depth += 1;
+        body(self);
+        self.depth -= 1;
+        self.line(">");
+    }
+}
+
+fn node_state_name(state: i32) -> &'static str {
+    match pb::NodeState::try_from(state).unwrap_or(pb::NodeState::Unspecified) {
+        pb::NodeState::Alive => "ALIVE",
+        pb::NodeState::Suspect => "SUSPECT",
+        pb::NodeState::Dead => "DEAD",
+        pb::NodeState::Left => "LEFT",
+        pb::NodeState::Unspecified => "UNSPECIFIED",
+    }
+}
+
+fn topic_text(w: &mut Text, t: &pb::Topic) {
+    w.str("name", &t.name);
+    w.num("shards", t.shards);
+    w.num("replication_factor", t.replication_factor);
+    if let Some(r) = &t.retention {
+        w.msg("retention", |w| {
+            w.num("seconds", r.seconds);
+            w.num("nanos", r.nanos);
+        });
+    }
+    w.str("default_exchange_type", &t.default_exchange_type);
+    if t.under_replicated {
+        w.line("under_replicated: true");
+    }
+}
+
+fn consumer_group_text(w: &mut Text, g: &pb::ConsumerGroup) {
+    w.str("name", &g.name);
+    for b in &g.bindings {
+        w.msg("bindings", |w| {
+            w.str("topic", &b.topic);
+            w.str("exchange_type", &b.exchange_type);
+            w.str("routing_key", &b.routing_key);
+            let mut headers: Vec<_> = b.headers.iter().collect();
+            headers.sort();
+            for (k, v) in headers {
+                w.msg("headers", |w| {
+                    w.str("key", k);
+                    w.str("value", v);
+                });
+            }
+            if b.exchange_type == "headers" {
+                w.str("headers_match", &b.headers_match);
+            }
+        });
+    }
+    w.num("size", g.size);
+    if let Some(s) = &g.since {
+        w.msg("since", |w| {
+            w.num("seconds", s.seconds);
+            w.num("nanos", s.nanos);
+        });
+    }
+}
+
+/// The `dump` output: `=== Cluster state ===` then `=== Segments ===`.
+pub fn dump_text(r: &pb::DumpResponse) -> String {
+    let mut w = Text { out: String::new(), depth: 0 };
+    w.line("=== Cluster state ===");
+    let state = r.state.clone().unwrap_or_default();
+    w.line(format_args!("index: {}", state.index));
+    for ns in &state.namespaces {
+        w.msg("namespaces", |w| {
+            w.str("name", &ns.name);
+            for t in &ns.topics {
+                w.msg("topics", |w| topic_text(w, t));
+            }
+            for g in &ns.consumer_groups {
+                w.msg("consumer_groups", |w| consumer_group_text(w, g));
+            }
+        });
+    }
+    for n in &state.nodes {
+        w.msg("nodes", |w| {
+            w.line(format_args!("id: {}", n.id));
+            w.str("address", &n.address);
+            w.line(format_args!("state: {}", node_state_name(n.state)));
+        });
+    }
+    w.line("");
+    w.line("");
+    w.line("=== Segments ===");
+    for s in &r.segments {
+        w.msg("segments", |w| {
+            w.line(format_args!("id: {}", s.id));
+            w.num("size", s.size_bytes);
+            w.line(format_args!("open: {}", s.open));
+        });
+    }
+    w.line("");
+    w.out
+}
+
+pub fn topic_json(t: &pb::Topic) -> Value {
+    let retention_ms = t.retention.as_ref().map(|d| d.seconds * 1000 + i64::from(d.nanos) / 1_000_000).unwrap_or(0);
+    json!({
+        "name": t.name,
+        "shards": t.shards,
+        "replication_factor": t.replication_factor,
+        "retention": humantime::format_duration(std::time::Duration::from_millis(retention_ms as u64)).to_string(),
+        "default_exchange_type": t.default_exchange_type,
+        "under_replicated": t.under_replicated,
+    })
+}
+
+pub fn consumer_group_json(g: &pb::ConsumerGroup) -> Value {
+    json!({
+        "name": g.name,
+        "bindings": g.bindings.iter().map(|b| json!({
+            "topic": b.topic,
+            "exchange_type": b.exchange_type,
+            "routing_key": b.routing_key,
+            "headers": b.headers,
+            "headers_match": b.headers_match,
+        })).collect::<Vec<_>>(),
+        "size": g.size,
+        "since_unix_ms": g.since.as_ref().map(|s| s.seconds * 1000 + i64::from(s.nanos) / 1_000_000),
+    })
+}
+
+pub fn dump_json(r: &pb::DumpResponse) -> Value {
+    let state = r.state.clone().unwrap_or_default();
+    json!({
+        "index": state.index,
+        "node_id": r.node_id,
+        "leader_id": r.leader_id,
+        "term": r.term,
+        "namespaces": state.namespaces.iter().map(|ns| json!({
+            "name": ns.name,
+            "topics": ns.topics.iter().map(topic_json).collect::<Vec<_>>(),
+            "consumer_groups": ns.consumer_groups.iter().map(consumer_group_json).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "nodes": state.nodes.iter().map(|n| json!({
+            "id": n.id,
+            "address": n.address,
+            "state": node_state_name(n.state),
+            "raft_role": n.raft_role,
+        })).collect::<Vec<_>>(),
+        "segments": r.segments.iter().map(|s| json!({"id": s.id, "size_bytes": s.size_bytes, "open": s.open})).collect::<Vec<_>>(),
+    })
+}
+
+/// One line per topic for `list-topics`.
+pub fn topic_line(t: &pb::Topic) -> String {
+    topic_json(t).to_string()
+}
+
+/// One line per consumer group for `list-consumer-groups`.
+pub fn consumer_group_line(g: &pb::ConsumerGroup) -> String {
+    consumer_group_json(g).to_string()
+}

@@ -1,0 +1,87 @@
+//! Running the broker process: flags -> [`NodeConfig`], real sockets, signals.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::args::BrokerArgs;
+use crate::config::NodeConfig;
+
+/// How the node is reached, per the seed page's `--host`/`--advertise-host` table.
+pub fn advertise_host(host: &Option<String>, advertise: &Option<String>) -> String {
+    match (advertise, host) {
+        (Some(a), _) => a.clone(),
+        (None, Some(h)) => h.clone(),
+        (None, None) => os_hostname(),
+    }
+}
+
+fn os_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Result<NodeConfig, String> {
+    let dir = args.dir.clone().ok_or("--dir: is required to run the broker (or give a subcommand, see --help)")?;
+    let listen_host = host.clone().unwrap_or_else(|| "0.0.0.0".to_string());
+    let advertise = format!("{}:{port}", advertise_host(host, &args.advertise_host));
+    let mut config = NodeConfig::new(dir, format!("{listen_host}:{port}"), advertise);
+    for j in &args.join {
+        let j = j.trim();
+        if j.is_empty() {
+            continue;
+        }
+        if !j.contains(':') {
+            return Err(format!("--join: {j:?} must be HOST:PORT"));
+        }
+        config.join.push(j.to_string());
+    }
+    if args.bootstrap_expect == Some(0) {
+        return Err("--bootstrap-expect: must be at least 1".into());
+    }
+    config.bootstrap_expect = args.bootstrap_expect;
+    config.id = args.id;
+    config.raft.heartbeat_interval_ms = args.heartbeat_interval_ms;
+    config.raft.election_timeout_min_ms = args.election_timeout_min_ms;
+    config.raft.election_timeout_max_ms = args.election_timeout_max_ms;
+    if args.voters_count_max == 0 {
+        return Err("--voters-count-max: must be at least 1".into());
+    }
+    config.voters_count_max = args.voters_count_max;
+    config.dead_node_removal_ms = args.dead_node_removal_ms;
+    config.request_timeout_ms = args.request_timeout_ms;
+    if let Some(v) = args.gossip_probe_period_ms {
+        config.membership.probe_period_ms = v;
+    }
+    if let Some(v) = args.gossip_suspect_to_down_ms {
+        config.membership.suspect_to_down_ms = v;
+    }
+    config.raft.to_openraft().map_err(|e| format!("raft timing flags: {e}"))?;
+    Ok(config)
+}
+
+/// Runs one broker until SIGTERM/SIGINT, then leaves gracefully.
+pub async fn run_broker(config: NodeConfig) -> anyhow::Result<()> {
+    let listen: SocketAddr = tokio::net::lookup_host(&config.listen_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("--host: cannot resolve {}: {e}", config.listen_addr))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("--host: {} resolves to no address", config.listen_addr))?;
+    let (network, listeners) = crate::transport::tcp::bind(listen, Duration::from_secs(1))
+        .await
+        .map_err(|e| anyhow::anyhow!("--host/--port: cannot listen on {listen}: {e}"))?;
+    let shutdown = CancellationToken::new();
+    let node = crate::node::start(config, network, listeners, shutdown.clone()).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+    node.wait().await;
+    Ok(())
+}

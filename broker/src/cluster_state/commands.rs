@@ -1,0 +1,321 @@
+//! Commands that change the cluster state, and their deterministic application.
+//!
+//! Every command is validated twice: by the API handler before it is proposed (so bad
+//! input fails fast without touching the Raft log), and here at apply time, which is
+//! authoritative because the state may have changed between the two. A rejected
+//! command leaves the state untouched; only the applied index advances.
+
+use serde::{Deserialize, Serialize};
+
+use super::model::*;
+use super::validate;
+use crate::error::{ErrorCode, RequestError};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    CreateNamespace { name: String },
+    DeleteNamespace { name: String, cascade: bool },
+    CreateTopic { namespace: String, name: String, spec: TopicSpec },
+    UpdateTopic { namespace: String, name: String, update: TopicUpdate },
+    DeleteTopic { namespace: String, name: String },
+    CreateConsumerGroup { namespace: String, name: String, spec: ConsumerGroupSpec },
+    DeleteConsumerGroup { namespace: String, name: String },
+    /// Gossip's view of a node, written by the leader when it changes.
+    SetNode { id: NodeId, record: NodeRecord },
+    RemoveNode { id: NodeId },
+}
+
+/// Fields of a topic to change; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicUpdate {
+    pub shards: Option<u32>,
+    pub replication_factor: Option<u32>,
+    pub retention_ms: Option<u64>,
+    pub default_exchange_type: Option<ExchangeType>,
+}
+
+/// What applying a command returned: the log index it was applied at, and whether it
+/// was accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResponse {
+    pub index: u64,
+    pub result: Result<(), RequestError>,
+}
+
+fn not_found_ns(name: &str) -> RequestError {
+    RequestError::new(ErrorCode::NamespaceNotFound, format!("namespace: {name:?} does not exist"))
+}
+
+fn namespace_mut<'a>(state: &'a mut ClusterState, name: &str) -> Result<&'a mut Namespace, RequestError> {
+    state.namespaces.get_mut(name).ok_or_else(|| not_found_ns(name))
+}
+
+impl ClusterState {
+    /// Applies `cmd`. On error nothing is changed.
+    pub fn apply(&mut self, cmd: &Command) -> Result<(), RequestError> {
+        match cmd {
+            Command::CreateNamespace { name } => {
+                validate::name("name", name)?;
+                self.namespaces.entry(name.clone()).or_default();
+                Ok(())
+            }
+            Command::DeleteNamespace { name, cascade } => {
+                if name == DEFAULT_NAMESPACE {
+                    return Err(RequestError::new(
+                        ErrorCode::DefaultNamespaceUndeletable,
+                        "name: the \"default\" namespace cannot be deleted",
+                    ));
+                }
+                let ns = self.namespaces.get(name).ok_or_else(|| not_found_ns(name))?;
+                if !cascade && (!ns.topics.is_empty() || !ns.consumer_groups.is_empty()) {
+                    return Err(RequestError::new(
+                        ErrorCode::NamespaceNotEmpty,
+                        format!(
+                            "name: namespace {name:?} still has {} topic(s) and {} consumer group(s); delete them first or ask to cascade",
+                            ns.topics.len(),
+                            ns.consumer_groups.len()
+                        ),
+                    ));
+                }
+                self.namespaces.remove(name);
+                Ok(())
+            }
+            Command::CreateTopic { namespace, name, spec } => {
+                validate::name("name", name)?;
+                validate::topic_spec(spec)?;
+                let ns = namespace_mut(self, namespace)?;
+                match ns.topics.get(name) {
+                    Some(existing) if existing == spec => Ok(()),
+                    Some(existing) => Err(RequestError::new(
+                        ErrorCode::TopicAlreadyExists,
+                        format!(
+                            "name: topic {name:?} already exists in namespace {namespace:?} with a different spec ({})",
+                            describe_topic_diff(existing, spec)
+                        ),
+                    )),
+                    None => {
+                        ns.topics.insert(name.clone(), spec.clone());
+                        Ok(())
+                    }
+                }
+            }
+            Command::UpdateTopic { namespace, name, update } => {
+                let ns = namespace_mut(self, namespace)?;
+                let topic = ns.topics.get(name).ok_or_else(|| {
+                    RequestError::new(
+                        ErrorCode::TopicNotFound,
+                        format!("name: topic {name:?} does not exist in namespace {namespace:?}"),
+                    )
+                })?;
+                let updated = validate::topic_update(topic, update)?;
+                ns.topics.insert(name.clone(), updated);
+                Ok(())
+            }
+            Command::DeleteTopic { namespace, name } => {
+                let ns = namespace_mut(self, namespace)?;
+                if ns.topics.remove(name).is_none() {
+                    return Err(RequestError::new(
+                        ErrorCode::TopicNotFound,
+                        format!("name: topic {name:?} does not exist in namespace {namespace:?}"),
+                    ));
+                }
+                Ok(())
+            }
+            Command::CreateConsumerGroup { namespace, name, spec } => {
+                validate::name("name", name)?;
+                validate::consumer_group_spec(spec)?;
+                let ns = namespace_mut(self, namespace)?;
+                for (i, b) in spec.bindings.iter().enumerate() {
+                    if !ns.topics.contains_key(&b.topic) {
+                        return Err(RequestError::new(
+                            ErrorCode::TopicNotFound,
+                            format!(
+                                "bindings[{i}].topic: topic {:?} does not exist in namespace {namespace:?}",
+                                b.topic
+                            ),
+                        ));
+                    }
+                }
+                match ns.consumer_groups.get(name) {
+                    // `since` is where a new group starts; a repeated create computes it
+                    // anew (e.g. "-1h" from now), so it does not make the specs differ.
+                    Some(existing) if existing.bindings == spec.bindings && existing.size == spec.size => Ok(()),
+                    Some(_) => Err(RequestError::new(
+                        ErrorCode::ConsumerGroupAlreadyExists,
+                        format!(
+                            "name: consumer group {name:?} already exists in namespace {namespace:?} with different bindings or size"
+                        ),
+                    )),
+                    None => {
+                        ns.consumer_groups.insert(name.clone(), spec.clone());
+                        Ok(())
+                    }
+                }
+            }
+            Command::DeleteConsumerGroup { namespace, name } => {
+                let ns = namespace_mut(self, namespace)?;
+                if ns.consumer_groups.remove(name).is_none() {
+                    return Err(RequestError::new(
+                        ErrorCode::ConsumerGroupNotFound,
+                        format!("name: consumer group {name:?} does not exist in namespace {namespace:?}"),
+                    ));
+                }
+                Ok(())
+            }
+            Command::SetNode { id, record } => {
+                self.nodes.insert(*id, record.clone());
+                Ok(())
+            }
+            Command::RemoveNode { id } => {
+                self.nodes.remove(id);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn describe_topic_diff(a: &TopicSpec, b: &TopicSpec) -> String {
+    let mut diffs = Vec::new();
+    if a.shards != b.shards {
+        diffs.push(format!("shards {} != {}", a.shards, b.shards));
+    }
+    if a.replication_factor != b.replication_factor {
+        diffs.push(format!("replication_factor {} != {}", a.replication_factor, b.replication_factor));
+    }
+    if a.retention_ms != b.retention_ms {
+        diffs.push(format!("retention {}ms != {}ms", a.retention_ms, b.retention_ms));
+    }
+    if a.default_exchange_type != b.default_exchange_type {
+        diffs.push(format!(
+            "default_exchange_type {} != {}",
+            a.default_exchange_type.as_str(),
+            b.default_exchange_type.as_str()
+        ));
+    }
+    diffs.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic(shards: u32) -> TopicSpec {
+        TopicSpec { shards, replication_factor: 3, retention_ms: 0, default_exchange_type: ExchangeType::Fanout }
+    }
+
+    fn create_topic(ns: &str, name: &str, spec: TopicSpec) -> Command {
+        Command::CreateTopic { namespace: ns.into(), name: name.into(), spec }
+    }
+
+    #[test]
+    fn new_cluster_has_the_default_namespace() {
+        assert!(ClusterState::new_cluster().namespaces.contains_key(DEFAULT_NAMESPACE));
+    }
+
+    #[test]
+    fn create_topic_is_idempotent_and_rejects_a_different_spec() {
+        let mut s = ClusterState::new_cluster();
+        s.apply(&create_topic("default", "t", topic(1))).unwrap();
+        s.apply(&create_topic("default", "t", topic(1))).unwrap();
+        let before = s.clone();
+        let err = s.apply(&create_topic("default", "t", topic(2))).unwrap_err();
+        assert_eq!(err.code, ErrorCode::TopicAlreadyExists);
+        assert!(err.message.contains("shards 1 != 2"), "{}", err.message);
+        assert_eq!(s, before, "a rejected command changes nothing");
+    }
+
+    #[test]
+    fn topic_needs_an_existing_namespace_and_valid_fields() {
+        let mut s = ClusterState::new_cluster();
+        let before = s.clone();
+        assert_eq!(s.apply(&create_topic("nope", "t", topic(1))).unwrap_err().code, ErrorCode::NamespaceNotFound);
+        assert_eq!(s.apply(&create_topic("default", "bad name", topic(1))).unwrap_err().code, ErrorCode::InvalidName);
+        assert_eq!(s.apply(&create_topic("default", "t", topic(0))).unwrap_err().code, ErrorCode::InvalidShards);
+        assert_eq!(s.apply(&create_topic("default", "t", topic(1025))).unwrap_err().code, ErrorCode::InvalidShards);
+        let rf8 = TopicSpec { replication_factor: 8, ..topic(1) };
+        assert_eq!(s.apply(&create_topic("default", "t", rf8)).unwrap_err().code, ErrorCode::InvalidReplicationFactor);
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn update_topic_changes_mutable_fields_only() {
+        let mut s = ClusterState::new_cluster();
+        s.apply(&create_topic("default", "t", topic(2))).unwrap();
+        let update = |u: TopicUpdate| Command::UpdateTopic { namespace: "default".into(), name: "t".into(), update: u };
+        let err = s.apply(&update(TopicUpdate { replication_factor: Some(1), ..Default::default() })).unwrap_err();
+        assert_eq!(err.code, ErrorCode::ImmutableField);
+        assert!(err.message.starts_with("replication_factor:"), "{}", err.message);
+        let err = s.apply(&update(TopicUpdate { shards: Some(1), ..Default::default() })).unwrap_err();
+        assert_eq!(err.code, ErrorCode::ShardsDecrease);
+        // Same replication factor is fine; shards up, retention and exchange type change.
+        s.apply(&update(TopicUpdate {
+            shards: Some(4),
+            replication_factor: Some(3),
+            retention_ms: Some(60_000),
+            default_exchange_type: Some(ExchangeType::Topic),
+        }))
+        .unwrap();
+        let t = &s.namespaces["default"].topics["t"];
+        assert_eq!((t.shards, t.retention_ms, t.default_exchange_type), (4, 60_000, ExchangeType::Topic));
+    }
+
+    #[test]
+    fn namespaces_default_is_protected_and_non_empty_needs_cascade() {
+        let mut s = ClusterState::new_cluster();
+        let del = |name: &str, cascade| Command::DeleteNamespace { name: name.into(), cascade };
+        assert_eq!(s.apply(&del("default", true)).unwrap_err().code, ErrorCode::DefaultNamespaceUndeletable);
+        s.apply(&Command::CreateNamespace { name: "ns".into() }).unwrap();
+        s.apply(&create_topic("ns", "t", topic(1))).unwrap();
+        assert_eq!(s.apply(&del("ns", false)).unwrap_err().code, ErrorCode::NamespaceNotEmpty);
+        s.apply(&del("ns", true)).unwrap();
+        assert!(!s.namespaces.contains_key("ns"));
+        assert_eq!(s.apply(&del("ns", true)).unwrap_err().code, ErrorCode::NamespaceNotFound);
+    }
+
+    #[test]
+    fn consumer_groups_bind_existing_topics_with_valid_bindings() {
+        let mut s = ClusterState::new_cluster();
+        s.apply(&create_topic("default", "t", topic(1))).unwrap();
+        let binding = |exchange_type, key: &str| BindingSpec {
+            topic: "t".into(),
+            exchange_type,
+            routing_key: key.into(),
+            headers: Default::default(),
+            headers_match: HeadersMatch::All,
+        };
+        let group = |bindings, since_unix_ms| ConsumerGroupSpec { bindings, size: 100, since_unix_ms };
+        let create = |spec| Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec };
+
+        let err = s.apply(&create(group(vec![binding(ExchangeType::Direct, "")], 0))).unwrap_err();
+        assert!(err.message.starts_with("bindings[0].routing_key:"), "{}", err.message);
+        let err = s.apply(&create(group(vec![binding(ExchangeType::Topic, "a.b*")], 0))).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidBinding);
+        let mut missing = binding(ExchangeType::Fanout, "");
+        missing.topic = "missing".into();
+        assert_eq!(s.apply(&create(group(vec![missing], 0))).unwrap_err().code, ErrorCode::TopicNotFound);
+
+        s.apply(&create(group(vec![binding(ExchangeType::Topic, "a.*.#")], 1))).unwrap();
+        // Repeating with another `since` is still the same group.
+        s.apply(&create(group(vec![binding(ExchangeType::Topic, "a.*.#")], 2))).unwrap();
+        let err = s.apply(&create(group(vec![binding(ExchangeType::Fanout, "")], 1))).unwrap_err();
+        assert_eq!(err.code, ErrorCode::ConsumerGroupAlreadyExists);
+    }
+
+    #[test]
+    fn names_follow_the_rules() {
+        assert!(validate::name("name", "a.b_c-D9").is_ok());
+        assert!(validate::name("name", &"x".repeat(249)).is_ok());
+        assert!(validate::name("name", &"x".repeat(250)).is_err());
+        assert!(validate::name("name", "").is_err());
+        assert!(validate::name("name", "sp ace").is_err());
+        assert!(validate::name("name", "slash/").is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(validate::duration_ms("retention", "0").unwrap(), 0);
+        assert_eq!(validate::duration_ms("retention", "24h").unwrap(), 86_400_000);
+        assert_eq!(validate::duration_ms("retention", "7d").unwrap(), 7 * 86_400_000);
+        assert!(validate::duration_ms("retention", "forever").unwrap_err().message.starts_with("retention:"));
+    }
+}

@@ -1,0 +1,162 @@
+//! Validation rules shared by the API (before proposing) and the state machine (at
+//! apply time). Each error names the field and the rule it broke.
+
+use super::commands::TopicUpdate;
+use super::model::*;
+use crate::error::{ErrorCode, RequestError};
+
+pub const NAME_LEN_MAX: usize = 249;
+pub const SHARDS_MIN: u32 = 1;
+pub const SHARDS_MAX: u32 = 1024;
+pub const REPLICATION_FACTOR_MIN: u32 = 1;
+pub const REPLICATION_FACTOR_MAX: u32 = 7;
+pub const CONSUMER_GROUP_SIZE_MAX: u32 = 1_000_000;
+pub const BINDINGS_COUNT_MAX: usize = 1024;
+
+/// Names of namespaces, topics and consumer groups: 1-249 characters of `[A-Za-z0-9._-]`.
+pub fn name(field: &str, value: &str) -> Result<(), RequestError> {
+    let ok_chars = value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if value.is_empty() || value.len() > NAME_LEN_MAX || !ok_chars {
+        return Err(RequestError::new(
+            ErrorCode::InvalidName,
+            format!("{field}: {value:?} is not a valid name (1-{NAME_LEN_MAX} characters of A-Z a-z 0-9 . _ -)"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn shards(value: u32) -> Result<(), RequestError> {
+    if !(SHARDS_MIN..=SHARDS_MAX).contains(&value) {
+        return Err(RequestError::new(
+            ErrorCode::InvalidShards,
+            format!("shards: {value} is out of range (must be {SHARDS_MIN}-{SHARDS_MAX})"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn replication_factor(value: u32) -> Result<(), RequestError> {
+    if !(REPLICATION_FACTOR_MIN..=REPLICATION_FACTOR_MAX).contains(&value) {
+        return Err(RequestError::new(
+            ErrorCode::InvalidReplicationFactor,
+            format!(
+                "replication_factor: {value} is out of range (must be {REPLICATION_FACTOR_MIN}-{REPLICATION_FACTOR_MAX})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+pub fn exchange_type(field: &str, value: &str) -> Result<ExchangeType, RequestError> {
+    ExchangeType::parse(value).ok_or_else(|| {
+        RequestError::new(
+            ErrorCode::InvalidExchangeType,
+            format!("{field}: {value:?} is not an exchange type (one of {})", ExchangeType::NAMES),
+        )
+    })
+}
+
+pub fn topic_spec(spec: &TopicSpec) -> Result<(), RequestError> {
+    shards(spec.shards)?;
+    replication_factor(spec.replication_factor)
+}
+
+/// Returns the topic after `update`, or why the update is not allowed.
+pub fn topic_update(current: &TopicSpec, update: &TopicUpdate) -> Result<TopicSpec, RequestError> {
+    let mut next = current.clone();
+    if let Some(rf) = update.replication_factor {
+        replication_factor(rf)?;
+        if rf != current.replication_factor {
+            return Err(RequestError::new(
+                ErrorCode::ImmutableField,
+                format!(
+                    "replication_factor: is immutable (is {}, asked for {rf}); create a new topic instead",
+                    current.replication_factor
+                ),
+            ));
+        }
+    }
+    if let Some(s) = update.shards {
+        shards(s)?;
+        if s < current.shards {
+            return Err(RequestError::new(
+                ErrorCode::ShardsDecrease,
+                format!("shards: can only go up (is {}, asked for {s})", current.shards),
+            ));
+        }
+        next.shards = s;
+    }
+    if let Some(r) = update.retention_ms {
+        next.retention_ms = r;
+    }
+    if let Some(t) = update.default_exchange_type {
+        next.default_exchange_type = t;
+    }
+    Ok(next)
+}
+
+pub fn consumer_group_spec(spec: &ConsumerGroupSpec) -> Result<(), RequestError> {
+    if spec.size == 0 || spec.size > CONSUMER_GROUP_SIZE_MAX {
+        return Err(RequestError::new(
+            ErrorCode::InvalidSize,
+            format!("size: {} is out of range (must be 1-{CONSUMER_GROUP_SIZE_MAX})", spec.size),
+        ));
+    }
+    if spec.bindings.len() > BINDINGS_COUNT_MAX {
+        return Err(RequestError::new(
+            ErrorCode::InvalidBinding,
+            format!("bindings: {} bindings is more than the maximum of {BINDINGS_COUNT_MAX}", spec.bindings.len()),
+        ));
+    }
+    for (i, b) in spec.bindings.iter().enumerate() {
+        name(&format!("bindings[{i}].topic"), &b.topic)?;
+        match b.exchange_type {
+            ExchangeType::Direct | ExchangeType::Topic if b.routing_key.is_empty() => {
+                return Err(RequestError::new(
+                    ErrorCode::InvalidBinding,
+                    format!(
+                        "bindings[{i}].routing_key: a {} binding needs a routing key",
+                        b.exchange_type.as_str()
+                    ),
+                ));
+            }
+            ExchangeType::Topic => topic_pattern(&format!("bindings[{i}].routing_key"), &b.routing_key)?,
+            ExchangeType::Headers if b.headers.is_empty() => {
+                return Err(RequestError::new(
+                    ErrorCode::InvalidBinding,
+                    format!("bindings[{i}].headers: a headers binding needs at least one header"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Topic patterns are `.`-separated words; `*` and `#` must be whole words.
+pub fn topic_pattern(field: &str, pattern: &str) -> Result<(), RequestError> {
+    for word in pattern.split('.') {
+        if word.len() > 1 && (word.contains('*') || word.contains('#')) {
+            return Err(RequestError::new(
+                ErrorCode::InvalidBinding,
+                format!("{field}: {pattern:?} uses * or # inside a word; they must stand alone between dots"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Parses a retention/since duration: `0`, or humantime like `24h`, `7d`, `90m`, `1h30m`.
+pub fn duration_ms(field: &str, value: &str) -> Result<u64, RequestError> {
+    if value.trim() == "0" {
+        return Ok(0);
+    }
+    humantime::parse_duration(value.trim())
+        .map(|d| d.as_millis() as u64)
+        .map_err(|e| {
+            RequestError::new(
+                ErrorCode::InvalidRetention,
+                format!("{field}: {value:?} is not a duration ({e}; examples: 0, 30s, 24h, 7d)"),
+            )
+        })
+}

@@ -1,0 +1,48 @@
+//! `eventtermq`: the broker (no subcommand) and its CLI (subcommands).
+
+use clap::Parser;
+use eventtermq::cli::{self, args::Cli, args::LogFormat, commands::Ctx};
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match args.command {
+        None => {
+            init_logging(args.broker.log_format);
+            let config = match cli::run::node_config(&args.broker, &args.host, args.port) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(cli::run::run_broker(config)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+        Some(command) => {
+            let ctx = Ctx { addr: cli::target_addr(&args.host, args.port), namespace: args.namespace, output: args.output };
+            match runtime.block_on(cli::commands::execute(&ctx, command)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The node's typed door to the cluster state: `write` a command (on the leader, or
+//! forwarded to it) and `read` the state linearizably (confirmed with the leader) or
+//! stale (this node's copy). API handlers and background tasks use only this.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eventtermq_proto::internal::v1::{internal_client::InternalClient, RaftPayload, ReadIndexRequest};
+use openraft::error::{ClientWriteError, RaftError};
+
+use crate::cluster_state::raft::{decode, encode};
+use crate::cluster_state::{AppliedState, Command, CommandResponse, NodeId, Raft, SharedState};
+use crate::error::{ErrorCode, RequestError};
+use crate::transport::Network;
+
+#[derive(Clone)]
+pub struct Cluster {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub state: SharedState,
+    network: Arc<dyn Network>,
+    request_timeout: Duration,
+}
+
+/// Pause between attempts while there is no leader or it just changed.
+const RETRY_PAUSE_MS: u64 = 50;
+
+impl Cluster {
+    pub fn new(id: NodeId, raft: Raft, state: SharedState, network: Arc<dyn Network>, request_timeout: Duration) -> Self {
+        Self { id, raft, state, network, request_timeout }
+    }
+
+    /// The current leader and its address, if one is known.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&leader)?.addr.clone();
+        Some((leader, addr))
+    }
+
+    /// Proposes `cmd` and waits until it is committed and applied; returns the index it
+    /// was applied at. A command the state machine rejects returns its error.
+    pub async fn write(&self, cmd: Command) -> Result<u64, RequestError> {
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let attempt = match self.leader() {
+                Some((leader, _)) if leader == self.id => self.write_local(&cmd).await,
+                Some((_, addr)) => self.write_forwarded(&addr, &cmd).await,
+                None => Err(Retry::NoLeader),
+            };
+            match attempt {
+                Ok(resp) => return resp.result.map(|()| resp.index),
+                Err(Retry::Fatal(e)) => return Err(e),
+                Err(retry) if Instant::now() >= deadline => return Err(retry.into_error()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(RETRY_PAUSE_MS)).await,
+            }
+        }
+    }
+
+    async fn write_local(&self, cmd: &Command) -> Result<CommandResponse, Retry> {
+        match self.raft.client_write(cmd.clone()).await {
+            Ok(r) => Ok(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(Retry::NoLeader),
+            Err(e) => Err(Retry::Other(e.to_string())),
+        }
+    }
+
+    async fn write_forwarded(&self, leader_addr: &str, cmd: &Command) -> Result<CommandResponse, Retry> {
+        let mut client = InternalClient::new(self.network.channel(leader_addr));
+        let mut req = tonic::Request::new(RaftPayload { data: encode(cmd) });
+        req.set_timeout(self.request_timeout);
+        let reply = client.forward_write(req).await.map_err(|s| Retry::Other(s.message().to_string()))?;
+        let resp: Result<CommandResponse, RequestError> =
+            decode(&reply.into_inner().data).map_err(|e| Retry::Other(e.to_string()))?;
+        match resp {
+            Ok(r) => Ok(r),
+            // The leader moved between our look-up and its receipt: try again.
+            Err(e) if e.code == ErrorCode::NoLeader => Err(Retry::NoLeader),
+            Err(e) => Err(Retry::Fatal(e)),
+        }
+    }
+
+    /// Leader side of a forwarded write: only accepted while this node is leader.
+    pub async fn handle_forwarded_write(&self, cmd: Command) -> Result<CommandResponse, RequestError> {
+        self.write_local(&cmd).await.map_err(|r| r.into_error())
+    }
+
+    /// Leader side of a read index request: confirms leadership with a quorum and
+    /// returns the index a linearizable read must observe.
+    pub async fn handle_read_index(&self) -> Result<u64, RequestError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
+            Err(e) => Err(RequestError::new(ErrorCode::NoLeader, format!("not the leader: {e}"))),
+        }
+    }
+
+    /// Waits until this node's state reflects everything committed before the call
+    /// (when `linearizable`), then returns a read guard on it.
+    pub async fn read(&self, linearizable: bool) -> Result<std::sync::RwLockReadGuard<'_, AppliedState>, RequestError> {
+        if linearizable {
+            let deadline = Instant::now() + self.request_timeout;
+            let index = loop {
+                let attempt = match self.leader() {
+                    Some((leader, _)) if leader == self.id => self.handle_read_index().await.map_err(|_| Retry::NoLeader),
+                    Some((_, addr)) => self.read_index_remote(&addr).await,
+                    None => Err(Retry::NoLeader),
+                };
+                match attempt {
+                    Ok(i) => break i,
+                    Err(retry) if Instant::now() >= deadline => return Err(retry.into_error()),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(RETRY_PAUSE_MS)).await,
+                }
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            self.raft
+                .wait(Some(remaining))
+                .applied_index_at_least(Some(index), "linearizable read")
+                .await
+                .map_err(|e| RequestError::new(ErrorCode::Timeout, format!("waiting to apply index {index}: {e}")))?;
+        }
+        Ok(self.state.read())
+    }
+
+    async fn read_index_remote(&self, leader_addr: &str) -> Result<u64, Retry> {
+        let mut client = InternalClient::new(self.network.channel(leader_addr));
+        let mut req = tonic::Request::new(ReadIndexRequest {});
+        req.set_timeout(self.request_timeout);
+        match client.read_index(req).await {
+            Ok(r) => Ok(r.into_inner().index),
+            Err(s) => Err(Retry::Other(s.message().to_string())),
+        }
+    }
+}
+
+/// Why an attempt did not complete; all but `Fatal` are retried until the deadline.
+enum Retry {
+    NoLeader,
+    Other(String),
+    Fatal(RequestError),
+}
+
+impl Retry {
+    fn into_error(self) -> RequestError {
+        match self {
+            Retry::NoLeader => RequestError::new(
+                ErrorCode::NoLeader,
+                "no Raft leader: the cluster has no quorum of voters reachable from this node; retry later",
+            ),
+            Retry::Other(msg) => RequestError::new(ErrorCode::Timeout, format!("cluster state request did not complete: {msg}")),
+            Retry::Fatal(e) => e,
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! A broker node: wires storage, Raft, gossip and the gRPC server together.
+//!
+//! Like mini-redis's `server::run`, [`start`] takes its listeners and a shutdown
+//! token from the caller, so tests run whole clusters in one process (over
+//! [`crate::transport::mem`]) and the binary runs one node over real sockets.
+
+pub mod cluster;
+pub mod id;
+mod reconcile;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::BasicNode;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster_state::raft::RaftNetworkFactoryImpl;
+use crate::cluster_state::{LogStore, NodeState, Raft, StateMachineStore};
+use crate::config::NodeConfig;
+use crate::membership::Membership;
+use crate::transport::{Listeners, Network};
+pub use cluster::Cluster;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    Config(String),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error("raft error: {0}")]
+    Raft(String),
+}
+
+/// A running node. Dropping it does not stop it: cancel the shutdown token (graceful)
+/// or call [`NodeHandle::kill`] (abrupt, for tests), then await [`NodeHandle::wait`].
+pub struct NodeHandle {
+    pub id: u64,
+    pub cluster: Cluster,
+    pub membership: Membership,
+    stop: CancellationToken,
+    done: JoinHandle<()>,
+}
+
+impl NodeHandle {
+    /// Stops everything at once without leaving gracefully, like `kill -9` (the
+    /// process's disk writes that were fsynced stay; nothing else is flushed).
+    pub async fn kill(self) {
+        self.stop.cancel();
+        let _ = self.cluster.raft.shutdown().await;
+        let _ = self.done.await;
+    }
+
+    /// Waits until the node has stopped.
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+/// Starts a node. Returns once storage is open and every task runs; joining and
+/// bootstrapping go on in the background.
+pub async fn start(
+    config: NodeConfig,
+    network: Arc<dyn Network>,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<NodeHandle, NodeError> {
+    std::fs::create_dir_all(&config.dir)
+        .map_err(|e| NodeError::Config(format!("--dir: cannot create {}: {e}", config.dir.display())))?;
+    let id = id::load_or_create(&config.dir, config.id)?;
+    let raft_dir = config.dir.join("raft");
+    let log_store = LogStore::open(&raft_dir.join("log")).await.map_err(|e| NodeError::Storage(e.to_string()))?;
+    let (sm_store, shared) =
+        StateMachineStore::open(&raft_dir.join("sm")).await.map_err(|e| NodeError::Storage(e.to_string()))?;
+    let raft_config = Arc::new(config.raft.to_openraft().map_err(|e| NodeError::Config(format!("raft settings: {e}")))?);
+    let raft = Raft::new(id, raft_config, RaftNetworkFactoryImpl { network: network.clone() }, log_store, sm_store)
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+
+    // Everything below stops on `stop`; `shutdown` first runs the graceful sequence.
+    let stop = CancellationToken::new();
+    let membership = Membership::start(
+        id,
+        config.advertise_addr.clone(),
+        config.membership.clone(),
+        network.clone(),
+        listeners.datagrams,
+        stop.clone(),
+    );
+    let cluster = Cluster::new(id, raft.clone(), shared, network.clone(), Duration::from_millis(config.request_timeout_ms));
+
+    let server = crate::api::serve(cluster.clone(), membership.clone(), listeners.incoming, stop.clone());
+    let bootstrap = tokio::spawn(bootstrap(config.clone(), cluster.clone(), membership.clone(), stop.clone()));
+    let reconciler = tokio::spawn(reconcile::run(config.clone(), cluster.clone(), membership.clone(), stop.clone()));
+
+    tracing::info!(node_id = id, listen = %config.listen_addr, advertise = %config.advertise_addr, dir = %config.dir.display(), "node started");
+
+    let done = {
+        let (cluster, membership, stop, network) = (cluster.clone(), membership.clone(), stop.clone(), network.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    tracing::info!("shutting down gracefully");
+                    hand_over_leadership(&cluster, network.as_ref()).await;
+                    membership.leave().await;
+                    stop.cancel();
+                }
+                _ = stop.cancelled() => {}
+            }
+            let _ = cluster.raft.shutdown().await;
+            bootstrap.abort();
+            let _ = reconciler.await;
+            let _ = server.await;
+            tracing::info!("node stopped");
+        })
+    };
+    Ok(NodeHandle { id, cluster, membership, stop, done })
+}
+
+/// Forms a new cluster or joins an existing one, as the flags ask.
+async fn bootstrap(config: NodeConfig, cluster: Cluster, membership: Membership, stop: CancellationToken) {
+    let seeds: Vec<String> = config.join.iter().filter(|s| **s != config.advertise_addr).cloned().collect();
+    let initialized = cluster.raft.is_initialized().await.unwrap_or(true);
+    if initialized {
+        // A node with state never bootstraps again; it only finds its peers.
+        tracing::info!("existing cluster state found; rejoining");
+        if let Err(e) = membership.join(seeds).await {
+            tracing::warn!(error = %e, "joining gossip failed");
+        }
+        return;
+    }
+    let expect = config.bootstrap_expect.unwrap_or(if seeds.is_empty() { 1 } else { 0 });
+    if expect == 1 {
+        tracing::info!("no state and nothing to join: bootstrapping a single-node cluster");
+        initialize(&cluster, BTreeMap::from([(cluster.id, BasicNode::new(config.advertise_addr.clone()))])).await;
+        if let Err(e) = membership.join(seeds).await {
+            tracing::warn!(error = %e, "joining gossip failed");
+        }
+        return;
+    }
+    if let Err(e) = membership.join(seeds).await {
+        tracing::warn!(error = %e, "joining gossip failed");
+        return;
+    }
+    if expect == 0 {
+        tracing::info!("joined gossip; waiting for the leader to add this node");
+        return;
+    }
+    tracing::info!(expect, "waiting for {expect} members to meet before bootstrapping");
+    let mut watch = membership.watch();
+    loop {
+        let alive: BTreeMap<u64, BasicNode> = watch
+            .borrow()
+            .iter()
+            .filter(|m| m.state == NodeState::Alive)
+            .map(|m| (m.id, BasicNode::new(m.addr.clone())))
+            .collect();
+        if alive.len() >= expect {
+            // Exactly one node initializes: the one with the smallest id. The others
+            // are brought in by its first heartbeats.
+            if alive.keys().next() == Some(&cluster.id) {
+                tracing::info!(members = ?alive.keys().collect::<Vec<_>>(), "bootstrapping cluster");
+                initialize(&cluster, alive).await;
+            }
+            return;
+        }
+        tokio::select! {
+            r = watch.changed() => if r.is_err() { return },
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn initialize(cluster: &Cluster, members: BTreeMap<u64, BasicNode>) {
+    match cluster.raft.initialize(members).await {
+        Ok(()) => {}
+        // Someone else initialized us first (we already received their log).
+        Err(openraft::error::RaftError::APIError(e)) => tracing::info!(reason = %e, "not initializing"),
+        Err(e) => tracing::error!(error = %e, "raft initialize failed"),
+    }
+}
+
+/// If this node leads, asks the most up-to-date other voter to start an election so
+/// the cluster does not wait a whole election timeout for a new leader.
+async fn hand_over_leadership(cluster: &Cluster, network: &dyn Network) {
+    let m = cluster.raft.metrics().borrow().clone();
+    if m.current_leader != Some(cluster.id) {
+        return;
+    }
+    let membership = m.membership_config.membership().clone();
+    let best = m
+        .replication
+        .as_ref()
+        .and_then(|r| {
+            r.iter()
+                .filter(|(id, _)| **id != cluster.id && membership.voter_ids().any(|v| v == **id))
+                .max_by_key(|(_, log)| log.map(|l| l.index))
+                .map(|(id, _)| *id)
+        });
+    let Some(target) = best else { return };
+    let Some(node) = membership.get_node(&target) else { return };
+    let mut client = eventtermq_proto::internal::v1::internal_client::InternalClient::new(network.channel(&node.addr));
+    let mut req = tonic::Request::new(eventtermq_proto::internal::v1::StartElectionRequest {});
+    req.set_timeout(Duration::from_millis(500));
+    match client.start_election(req).await {
+        Ok(_) => tracing::info!(target, "handed leadership over"),
+        Err(e) => tracing::warn!(target, error = %e, "leadership hand-over failed; followers will elect after a timeout"),
+    }
+}

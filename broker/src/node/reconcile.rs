@@ -1,0 +1,120 @@
+//! The leader's membership duties: gossip is the source of truth for who is around;
+//! this loop makes the cluster state and Raft membership follow it.
+//!
+//! - every member gossip knows is recorded in the cluster state (id, address, state);
+//! - an ALIVE member outside Raft is added as a learner, and a caught-up learner is
+//!   promoted to voter while there are fewer than `voters_count_max` voters;
+//! - a member DEAD or LEFT for longer than `dead_node_removal_ms` leaves Raft and the
+//!   cluster state. LEFT members are not removed at once: a rolling restart (every
+//!   pod leaves gracefully, one after another) must not shrink the voter set.
+//!
+//! One Raft membership change per round, each awaited until committed: openraft
+//! allows only one at a time, and small steps keep the quorum arithmetic obvious.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use openraft::{BasicNode, ChangeMembers};
+use tokio_util::sync::CancellationToken;
+
+use super::Cluster;
+use crate::cluster_state::{Command, NodeRecord, NodeState};
+use crate::config::NodeConfig;
+use crate::membership::{MemberInfo, Membership};
+
+/// A learner within this many entries of the leader's log counts as caught up.
+const LEARNER_LAG_MAX_ENTRIES: u64 = 100;
+
+pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(config.reconcile_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut members_changed = membership.watch();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+            r = members_changed.changed() => if r.is_err() { return },
+        }
+        if cluster.leader().map(|(id, _)| id) != Some(cluster.id) {
+            continue;
+        }
+        let members = membership.watch().borrow().clone();
+        if let Err(e) = reconcile_once(&config, &cluster, &members).await {
+            tracing::debug!(error = %e, "membership reconciliation deferred");
+        }
+    }
+}
+
+async fn reconcile_once(config: &NodeConfig, cluster: &Cluster, members: &[MemberInfo]) -> Result<(), String> {
+    let removal_after = Duration::from_millis(config.dead_node_removal_ms);
+    let gone_for_good =
+        |m: &MemberInfo| matches!(m.state, NodeState::Dead | NodeState::Left) && m.state_since.elapsed() >= removal_after;
+
+    // 1. Cluster-state node records follow gossip.
+    let recorded: BTreeMap<u64, NodeRecord> = cluster.state.read().state.nodes.clone();
+    for m in members {
+        if gone_for_good(m) && m.id != cluster.id {
+            continue;
+        }
+        let want = NodeRecord { address: m.addr.clone(), state: m.state };
+        if recorded.get(&m.id) != Some(&want) {
+            cluster.write(Command::SetNode { id: m.id, record: want }).await.map_err(|e| e.to_string())?;
+        }
+    }
+
+    // 2. Raft membership follows gossip, one change per round.
+    let metrics = cluster.raft.metrics().borrow().clone();
+    let stored = metrics.membership_config.membership().clone();
+    if stored.get_joint_config().len() > 1 {
+        return Ok(()); // a change is still in flight
+    }
+    let voters: BTreeSet<u64> = stored.voter_ids().collect();
+    let learners: BTreeSet<u64> = stored.learner_ids().collect();
+
+    for m in members.iter().filter(|m| gone_for_good(m) && m.id != cluster.id) {
+        if voters.contains(&m.id) || learners.contains(&m.id) {
+            tracing::info!(node_id = m.id, state = m.state.as_str(), "removing node from raft");
+            let change = if voters.contains(&m.id) {
+                ChangeMembers::RemoveVoters(BTreeSet::from([m.id]))
+            } else {
+                ChangeMembers::RemoveNodes(BTreeSet::from([m.id]))
+            };
+            cluster.raft.change_membership(change, false).await.map_err(|e| e.to_string())?;
+            return Ok(());
+        }
+        if recorded.contains_key(&m.id) {
+            cluster.write(Command::RemoveNode { id: m.id }).await.map_err(|e| e.to_string())?;
+        }
+    }
+
+    for m in members.iter().filter(|m| m.state == NodeState::Alive) {
+        if !voters.contains(&m.id) && !learners.contains(&m.id) {
+            tracing::info!(node_id = m.id, addr = %m.addr, "adding node to raft as learner");
+            cluster
+                .raft
+                .add_learner(m.id, BasicNode::new(m.addr.clone()), false)
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(());
+        }
+    }
+
+    if voters.len() < config.voters_count_max {
+        let last = metrics.last_log_index.unwrap_or(0);
+        let replication = metrics.replication.unwrap_or_default();
+        let alive: BTreeSet<u64> = members.iter().filter(|m| m.state == NodeState::Alive).map(|m| m.id).collect();
+        let ready = learners.iter().find(|id| {
+            let matched = replication.get(id).copied().flatten().map(|l| l.index).unwrap_or(0);
+            alive.contains(id) && matched + LEARNER_LAG_MAX_ENTRIES >= last
+        });
+        if let Some(&id) = ready {
+            tracing::info!(node_id = id, "promoting learner to voter");
+            cluster
+                .raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}

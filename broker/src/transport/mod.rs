@@ -1,0 +1,83 @@
+//! How a node reaches other nodes: gRPC channels (TCP) and gossip datagrams (UDP).
+//!
+//! The node never opens sockets itself: it is handed a [`Network`] to send with and
+//! [`Listeners`] to receive on. Production uses [`tcp`] (real sockets on `--port`);
+//! tests use [`mem`], an in-process network that can drop, delay and partition, so a
+//! whole cluster runs in one test process.
+
+pub mod mem;
+pub mod tcp;
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
+use tonic::transport::server::Connected;
+
+/// Outbound side of a node's network.
+pub trait Network: Send + Sync + 'static {
+    /// A gRPC channel to `addr` (`host:port`), connected lazily and re-connected after
+    /// failures; cheap to call repeatedly (channels are cached).
+    fn channel(&self, addr: &str) -> tonic::transport::Channel;
+
+    /// Sends one gossip datagram to `addr`. Best effort, like UDP: failures are dropped.
+    fn send_datagram(&self, addr: &str, data: Bytes);
+}
+
+/// Inbound side of a node's network.
+pub struct Listeners {
+    /// Accepted connections for the gRPC server.
+    pub incoming: Pin<Box<dyn Stream<Item = std::io::Result<Conn>> + Send>>,
+    /// Received gossip datagrams.
+    pub datagrams: mpsc::Receiver<Bytes>,
+}
+
+/// A connection accepted by the gRPC server: a TCP socket or an in-memory pipe.
+pub enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Mem(mem::MemStream),
+}
+
+impl Connected for Conn {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Mem(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Mem(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Conn::Mem(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Mem(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Bound on buffered inbound gossip datagrams; beyond it they are dropped like a full
+/// UDP receive buffer would (SWIM tolerates loss).
+pub const DATAGRAM_QUEUE_MAX: usize = 1024;
+/// Largest gossip datagram sent or received.
+pub const DATAGRAM_SIZE_MAX_BYTES: usize = 1400;

@@ -1,0 +1,103 @@
+//! Real sockets: gRPC over TCP and gossip over UDP, both on the node's `--port`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{Conn, Listeners, Network, DATAGRAM_QUEUE_MAX, DATAGRAM_SIZE_MAX_BYTES};
+
+pub struct TcpNetwork {
+    udp: Arc<UdpSocket>,
+    channels: Mutex<HashMap<String, Channel>>,
+    connect_timeout: Duration,
+}
+
+/// Binds TCP and UDP on `addr` and returns the node's network and listeners.
+pub async fn bind(addr: SocketAddr, connect_timeout: Duration) -> std::io::Result<(Arc<TcpNetwork>, Listeners)> {
+    let tcp = TcpListener::bind(addr).await?;
+    let udp = Arc::new(UdpSocket::bind(addr).await?);
+    let (tx, rx) = mpsc::channel(DATAGRAM_QUEUE_MAX);
+    let recv_sock = udp.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match recv_sock.recv_from(&mut buf).await {
+                Ok((n, _from)) => {
+                    if n > DATAGRAM_SIZE_MAX_BYTES {
+                        tracing::debug!(n, "dropping oversized gossip datagram");
+                        continue;
+                    }
+                    // Full queue: drop, as a full socket buffer would.
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Bytes::copy_from_slice(&buf[..n])) {
+                        return;
+                    }
+                }
+                // ICMP port unreachable from an earlier send shows up here on Linux; ignore.
+                Err(e) => tracing::trace!(error = %e, "udp recv"),
+            }
+        }
+    });
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(tcp).map(|r| {
+        r.map(|s| {
+            let _ = s.set_nodelay(true);
+            Conn::Tcp(s)
+        })
+    });
+    let net = Arc::new(TcpNetwork { udp, channels: Mutex::new(HashMap::new()), connect_timeout });
+    Ok((net, Listeners { incoming: Box::pin(incoming), datagrams: rx }))
+}
+
+impl TcpNetwork {
+    pub fn local_udp_addr(&self) -> std::io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
+}
+
+/// A lazily connected channel to `addr`, for clients (CLI) and nodes alike.
+pub fn connect_lazy(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy())
+}
+
+impl Network for TcpNetwork {
+    fn channel(&self, addr: &str) -> Channel {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return c.clone();
+        }
+        let channel = match connect_lazy(addr, self.connect_timeout) {
+            Ok(c) => c,
+            Err(e) => {
+                // An address that is not even a valid URI: hand out a channel that
+                // fails every call, so the caller sees an error per request.
+                tracing::warn!(addr, error = %e, "invalid peer address");
+                Endpoint::from_static("http://invalid.invalid:1").connect_lazy()
+            }
+        };
+        channels.insert(addr.to_string(), channel.clone());
+        channel
+    }
+
+    fn send_datagram(&self, addr: &str, data: Bytes) {
+        let sock = self.udp.clone();
+        let addr = addr.to_string();
+        // Host names (e.g. Kubernetes pod DNS names) are resolved at send time, so an
+        // address that changes IP after a pod restart keeps working.
+        tokio::spawn(async move {
+            if let Err(e) = sock.send_to(&data, addr.as_str()).await {
+                tracing::trace!(addr, error = %e, "gossip send failed");
+            }
+        });
+    }
+}

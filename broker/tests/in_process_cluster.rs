@@ -1,0 +1,198 @@
+//! Several nodes in one process over the in-memory network, with faults: cluster
+//! formation, leader crash, partitions and full restarts.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use eventtermq::cluster_state::{Command, ExchangeType, NodeState, TopicSpec};
+use eventtermq::config::NodeConfig;
+use eventtermq::node::{self, NodeHandle};
+use eventtermq::transport::mem::MemNetwork;
+use tokio_util::sync::CancellationToken;
+
+struct TestNode {
+    name: String,
+    handle: NodeHandle,
+    shutdown: CancellationToken,
+}
+
+fn config(dir: &Path, name: &str, join: &[&str]) -> NodeConfig {
+    let mut c = NodeConfig::new(dir.join(name), name, name);
+    c.join = join.iter().map(|s| s.to_string()).collect();
+    c.raft.heartbeat_interval_ms = 50;
+    c.raft.election_timeout_min_ms = 200;
+    c.raft.election_timeout_max_ms = 400;
+    c.membership.probe_period_ms = 100;
+    c.membership.probe_rtt_ms = 50;
+    c.membership.suspect_to_down_ms = 500;
+    c.membership.join_retry_ms = 100;
+    c.reconcile_interval_ms = 50;
+    c.request_timeout_ms = 3_000;
+    c
+}
+
+async fn start(net: &MemNetwork, dir: &Path, name: &str, join: &[&str]) -> TestNode {
+    let (network, listeners) = net.attach(name);
+    let shutdown = CancellationToken::new();
+    let handle = node::start(config(dir, name, join), network, listeners, shutdown.clone()).await.expect("node starts");
+    TestNode { name: name.to_string(), handle, shutdown }
+}
+
+async fn eventually<F, Fut>(timeout: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out after {timeout:?} waiting for: {what}");
+}
+
+fn topic() -> TopicSpec {
+    TopicSpec { shards: 1, replication_factor: 3, retention_ms: 0, default_exchange_type: ExchangeType::Fanout }
+}
+
+fn voters(n: &TestNode) -> usize {
+    n.handle.cluster.raft.metrics().borrow().membership_config.membership().voter_ids().count()
+}
+
+fn alive_records(n: &TestNode) -> usize {
+    n.handle.cluster.state.read().state.nodes.values().filter(|r| r.state == NodeState::Alive).count()
+}
+
+async fn three(net: &MemNetwork, dir: &Path) -> Vec<TestNode> {
+    let a = start(net, dir, "a:1", &[]).await;
+    let b = start(net, dir, "b:1", &["a:1"]).await;
+    let c = start(net, dir, "c:1", &["a:1"]).await;
+    let nodes = vec![a, b, c];
+    eventually(Duration::from_secs(20), "3 voters and 3 ALIVE records", || async {
+        nodes.iter().all(|n| voters(n) == 3 && alive_records(n) == 3)
+    })
+    .await;
+    nodes
+}
+
+fn leader_index(nodes: &[TestNode]) -> usize {
+    let leader = nodes[0].handle.cluster.leader().expect("a leader").0;
+    nodes.iter().position(|n| n.handle.id == leader).expect("leader is one of ours")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forms_a_cluster_and_keeps_writing_after_the_leader_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let mut nodes = three(&net, dir.path()).await;
+
+    // A write on a follower is forwarded to the leader and visible everywhere.
+    let li = leader_index(&nodes);
+    let follower = (li + 1) % 3;
+    let cmd = Command::CreateTopic { namespace: "default".into(), name: "t1".into(), spec: topic() };
+    nodes[follower].handle.cluster.write(cmd.clone()).await.expect("forwarded write");
+    // Idempotent create.
+    nodes[li].handle.cluster.write(cmd).await.expect("same spec again is ok");
+    for n in &nodes {
+        let s = n.handle.cluster.read(true).await.expect("linearizable read");
+        assert!(s.state.namespaces["default"].topics.contains_key("t1"), "{} lacks t1", n.name);
+    }
+
+    // Crash the leader: the other two elect a new one and accept writes.
+    let dead = nodes.remove(li);
+    net.detach(&dead.name);
+    let killed_at = Instant::now();
+    dead.handle.kill().await;
+    let survivor = &nodes[0].handle.cluster;
+    let cmd = Command::CreateNamespace { name: "after-crash".into() };
+    survivor.write(cmd).await.expect("write after leader crash");
+    eprintln!("write committed {:?} after the leader crashed", killed_at.elapsed());
+    for n in &nodes {
+        let s = n.handle.cluster.read(true).await.unwrap();
+        assert!(s.state.namespaces.contains_key("after-crash"));
+    }
+    // Gossip reports the crashed node.
+    eventually(Duration::from_secs(10), "crashed node marked SUSPECT or DEAD", || async {
+        let s = nodes[0].handle.cluster.state.read();
+        s.state.nodes.values().any(|r| matches!(r.state, NodeState::Suspect | NodeState::Dead))
+    })
+    .await;
+    for n in nodes {
+        n.shutdown.cancel();
+        n.handle.wait().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_minority_cannot_write_and_catches_up_after_healing() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let nodes = three(&net, dir.path()).await;
+    let li = leader_index(&nodes);
+    let old_leader = &nodes[li];
+    let majority: Vec<&TestNode> = nodes.iter().filter(|n| n.handle.id != old_leader.handle.id).collect();
+
+    net.isolate(&old_leader.name);
+    let cmd = Command::CreateNamespace { name: "majority-side".into() };
+    majority[0].handle.cluster.write(cmd).await.expect("majority elects a leader and commits");
+
+    // The isolated old leader cannot commit anything.
+    let err = old_leader
+        .handle
+        .cluster
+        .write(Command::CreateNamespace { name: "minority-side".into() })
+        .await
+        .expect_err("a minority must not commit");
+    assert!(err.code.grpc_code() == tonic::Code::Unavailable, "{err:?}");
+
+    net.heal();
+    eventually(Duration::from_secs(15), "old leader catches up", || async {
+        match old_leader.handle.cluster.read(true).await {
+            Ok(s) => s.state.namespaces.contains_key("majority-side") && !s.state.namespaces.contains_key("minority-side"),
+            Err(_) => false,
+        }
+    })
+    .await;
+    for n in nodes {
+        n.shutdown.cancel();
+        n.handle.wait().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_survives_a_full_restart_with_lossy_gossip() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let nodes = three(&net, dir.path()).await;
+    for i in 0..20 {
+        let cmd = Command::CreateTopic { namespace: "default".into(), name: format!("t{i}"), spec: topic() };
+        nodes[i % 3].handle.cluster.write(cmd).await.expect("write");
+    }
+    for n in nodes {
+        n.shutdown.cancel();
+        n.handle.wait().await;
+    }
+
+    // Restart on the same directories over a network that drops 20% of datagrams.
+    let net = MemNetwork::new();
+    net.set_drop_rate(0.2);
+    let a = start(&net, dir.path(), "a:1", &[]).await;
+    let b = start(&net, dir.path(), "b:1", &["a:1"]).await;
+    let c = start(&net, dir.path(), "c:1", &["a:1"]).await;
+    for n in [&a, &b, &c] {
+        eventually(Duration::from_secs(20), "topics back after restart", || async {
+            match n.handle.cluster.read(true).await {
+                Ok(s) => (0..20).all(|i| s.state.namespaces["default"].topics.contains_key(&format!("t{i}"))),
+                Err(_) => false,
+            }
+        })
+        .await;
+    }
+    b.handle.cluster.write(Command::CreateNamespace { name: "after-restart".into() }).await.expect("write after restart");
+    for n in [a, b, c] {
+        n.shutdown.cancel();
+        n.handle.wait().await;
+    }
+}

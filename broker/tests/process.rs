@@ -1,0 +1,235 @@
+//! Process-level tests: the real `eventtermq` binary on 127.0.0.x addresses, driven
+//! through its CLI exactly as the README and the seed page show.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_eventtermq");
+
+/// A broker process that is killed (SIGKILL) when dropped.
+struct Broker {
+    child: Option<Child>,
+    host: String,
+    port: u16,
+    dir: PathBuf,
+    join: Vec<String>,
+}
+
+impl Broker {
+    fn start(host: &str, port: u16, dir: &Path, join: &[String]) -> Broker {
+        let mut b = Broker { child: None, host: host.into(), port, dir: dir.into(), join: join.to_vec() };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--dir", self.dir.to_str().unwrap(), "--host", &self.host, "--advertise-host", &self.host])
+            .args(["--port", &self.port.to_string()])
+            .args(["--election-timeout-min-ms", "300", "--election-timeout-max-ms", "600", "--heartbeat-interval-ms", "100"])
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(self.dir.with_extension("log")).unwrap()));
+        for j in &self.join {
+            cmd.args(["--join", j]);
+        }
+        self.child = Some(cmd.spawn().expect("start broker"));
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let c = self.child.as_mut().expect("running");
+        Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "broker did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn cli(host: &str, port: u16, args: &[&str]) -> Output {
+    Command::new(BIN).args(["--host", host, "--port", &port.to_string()]).args(args).output().expect("run cli")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Polls `f` every 100 ms until it returns true or `timeout` passes.
+fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {timeout:?} waiting for: {what}");
+}
+
+fn alive_count(dump: &str) -> usize {
+    dump.matches("state: ALIVE").count()
+}
+
+/// Starts three nodes as the seed page does: the first alone, the others joining it.
+fn three_nodes(base: &Path, hosts: [&str; 3], port: u16) -> Vec<Broker> {
+    let seed = format!("{}:{port}", hosts[0]);
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let dir = base.join(format!("n{i}"));
+            let join = if i == 0 { vec![] } else { vec![seed.clone()] };
+            Broker::start(h, port, &dir, &join)
+        })
+        .collect()
+}
+
+#[test]
+fn three_nodes_form_a_cluster_survive_kill_and_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hosts = ["127.0.0.21", "127.0.0.22", "127.0.0.23"];
+    let port = 26100;
+    let mut nodes = three_nodes(tmp.path(), hosts, port);
+
+    eventually(Duration::from_secs(30), "3 ALIVE nodes in dump on node 3", || {
+        let o = cli(hosts[2], port, &["dump"]);
+        o.status.success() && alive_count(&stdout(&o)) == 3
+    });
+    let dump = stdout(&cli(hosts[2], port, &["dump"]));
+    assert!(dump.starts_with("=== Cluster state ===\nindex: "), "{dump}");
+    assert!(dump.contains("namespaces: <\n  name: \"default\"\n"), "{dump}");
+    assert!(dump.contains("=== Segments ==="), "{dump}");
+    for h in hosts {
+        assert!(dump.contains(&format!("address: \"{h}:{port}\"")), "{dump}");
+    }
+
+    let o = cli(hosts[0], port, &["create-topic", "my-topic", "--shards", "1", "--replication-factor", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("{\"ok\": true, \"index\": "), "{}", stdout(&o));
+    // Idempotent: the same spec again is ok; a different one is AlreadyExists.
+    assert!(cli(hosts[1], port, &["create-topic", "my-topic"]).status.success());
+    let o = cli(hosts[1], port, &["create-topic", "my-topic", "--shards", "2"]);
+    assert!(!o.status.success() && stderr(&o).contains("AlreadyExists"), "{}", stderr(&o));
+
+    let dump = stdout(&cli(hosts[2], port, &["dump"]));
+    assert!(dump.contains("name: \"my-topic\"\n    shards: 1\n    replication_factor: 3\n"), "{dump}");
+
+    // kill -9 of one node (the first, which bootstrapped and likely leads): writes resume.
+    nodes[0].kill9();
+    let killed_at = Instant::now();
+    eventually(Duration::from_secs(20), "a write accepted after kill -9", || {
+        cli(hosts[1], port, &["create-namespace", "after-kill"]).status.success()
+    });
+    eprintln!("write accepted {:?} after kill -9", killed_at.elapsed());
+    assert!(cli(hosts[2], port, &["create-topic", "t2", "--namespace", "after-kill"]).status.success());
+
+    // Restart the killed node; then stop everything and restart on the same dirs.
+    nodes[0].spawn();
+    eventually(Duration::from_secs(30), "restarted node sees the new namespace", || {
+        stdout(&cli(hosts[0], port, &["list-namespaces"])).contains("after-kill")
+    });
+    for n in nodes.iter_mut() {
+        let status = n.terminate();
+        assert!(status.success(), "SIGTERM exit status {status}");
+    }
+    for n in nodes.iter_mut() {
+        n.spawn();
+    }
+    eventually(Duration::from_secs(30), "state survives a full restart", || {
+        let o = cli(hosts[1], port, &["dump"]);
+        let d = stdout(&o);
+        o.status.success() && d.contains("name: \"my-topic\"") && d.contains("name: \"after-kill\"") && d.contains("name: \"t2\"")
+    });
+    eventually(Duration::from_secs(30), "3 ALIVE after restart", || alive_count(&stdout(&cli(hosts[1], port, &["dump"]))) == 3);
+}
+
+#[test]
+fn bad_input_is_rejected_with_a_clear_message_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (host, port) = ("127.0.0.31", 26200);
+    let _node = Broker::start(host, port, &tmp.path().join("n"), &[]);
+    eventually(Duration::from_secs(20), "single node ready and recorded", || alive_count(&stdout(&cli(host, port, &["dump"]))) == 1);
+    let index_before = |_: ()| stdout(&cli(host, port, &["dump"])).lines().nth(1).map(str::to_string);
+    let before = index_before(());
+
+    let cases: &[(&[&str], &str)] = &[
+        (&["create-topic", "my topic"], "name: \"my topic\" is not a valid name"),
+        (&["create-topic", "t", "--shards", "0"], "shards: 0 is out of range"),
+        (&["create-topic", "t", "--replication-factor", "8"], "replication_factor: 8 is out of range"),
+        (&["create-topic", "t", "--default-exchange-type", "bogus"], "default_exchange_type: \"bogus\" is not an exchange type"),
+        (&["create-topic", "t", "--retention", "forever"], "retention: \"forever\" is not a duration"),
+        (&["create-topic", "t", "--namespace", "missing"], "namespace: \"missing\" does not exist"),
+        (&["delete-namespace", "default"], "cannot be deleted"),
+        (&["delete-topic", "nope"], "topic \"nope\" does not exist"),
+    ];
+    for (args, message) in cases {
+        let o = cli(host, port, args);
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(stderr(&o).contains(message), "{args:?}: stderr {:?} lacks {message:?}", stderr(&o));
+        assert!(stdout(&o).is_empty(), "{args:?} printed {:?}", stdout(&o));
+    }
+    assert_eq!(index_before(()), before, "rejected requests must not change the cluster state");
+    assert!(!stdout(&cli(host, port, &["list-topics"])).contains("\"t\""));
+
+    // Immutable field and shards decrease.
+    assert!(cli(host, port, &["create-topic", "t", "--replication-factor", "1", "--shards", "2"]).status.success());
+    let o = cli(host, port, &["update-topic", "t", "--replication-factor", "3"]);
+    assert!(stderr(&o).contains("FailedPrecondition") && stderr(&o).contains("replication_factor: is immutable"), "{}", stderr(&o));
+    let o = cli(host, port, &["update-topic", "t", "--shards", "1"]);
+    assert!(stderr(&o).contains("shards: can only go up"), "{}", stderr(&o));
+    assert!(cli(host, port, &["update-topic", "t", "--shards", "4", "--retention", "24h"]).status.success());
+    let topics = stdout(&cli(host, port, &["list-topics", "--output", "json"]));
+    assert!(topics.contains("\"shards\":4") && topics.contains("\"retention\":\"1day\""), "{topics}");
+}
+
+#[test]
+fn id_mismatch_is_refused_at_start_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("id"), "12345\n").unwrap();
+    let o = Command::new(BIN)
+        .args(["--dir", dir.to_str().unwrap(), "--host", "127.0.0.41", "--port", "26300", "--id", "999"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--id: 999 differs from the id 12345"), "{}", stderr(&o));
+}
+
+#[test]
+fn broker_without_dir_explains_what_is_missing() {
+    let o = Command::new(BIN).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--dir"), "{}", stderr(&o));
+}
+
+#[test]
+fn cli_reports_unreachable_node() {
+    let o = cli("127.0.0.42", 26400, &["dump"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("127.0.0.42:26400"), "{}", stderr(&o));
+}
