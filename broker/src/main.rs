@@ -35,7 +35,8 @@ fn main() -> std::process::ExitCode {
             }
         }
         Some(command) => {
-            let ctx = Ctx { addr: cli::target_addr(&args.host, args.port), namespace: args.namespace, output: args.output };
+            let ctx =
+                Ctx { addr: cli::target_addr(&args.host, args.port), namespace: args.namespace, output: args.output };
             match runtime.block_on(cli::commands::execute(&ctx, command)) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {

@@ -150,7 +150,9 @@ async fn a_partitioned_minority_cannot_write_and_catches_up_after_healing() {
     net.heal();
     eventually(Duration::from_secs(15), "old leader catches up", || async {
         match old_leader.handle.cluster.read(true).await {
-            Ok(s) => s.state.namespaces.contains_key("majority-side") && !s.state.namespaces.contains_key("minority-side"),
+            Ok(s) => {
+                s.state.namespaces.contains_key("majority-side") && !s.state.namespaces.contains_key("minority-side")
+            }
             Err(_) => false,
         }
     })
@@ -190,7 +192,11 @@ async fn state_survives_a_full_restart_with_lossy_gossip() {
         })
         .await;
     }
-    b.handle.cluster.write(Command::CreateNamespace { name: "after-restart".into() }).await.expect("write after restart");
+    b.handle
+        .cluster
+        .write(Command::CreateNamespace { name: "after-restart".into() })
+        .await
+        .expect("write after restart");
     for n in [a, b, c] {
         n.shutdown.cancel();
         n.handle.wait().await;

@@ -27,8 +27,15 @@ impl Broker {
         let mut cmd = Command::new(BIN);
         cmd.args(["--dir", self.dir.to_str().unwrap(), "--host", &self.host, "--advertise-host", &self.host])
             .args(["--port", &self.port.to_string()])
-            .args(["--election-timeout-min-ms", "300", "--election-timeout-max-ms", "600", "--heartbeat-interval-ms", "100"])
-            .env("RUST_LOG", "info,openraft=warn")
+            .args([
+                "--election-timeout-min-ms",
+                "300",
+                "--election-timeout-max-ms",
+                "600",
+                "--heartbeat-interval-ms",
+                "100",
+            ])
+            .env("RUST_LOG", "info,eventtermq::node=debug,openraft=warn")
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(self.dir.with_extension("log")).unwrap()));
         for j in &self.join {
@@ -78,6 +85,15 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// A fresh directory under the target's test scratch space; kept after the run so
+/// the brokers' logs (`<dir>/n*.log`) can be read after a failure.
+fn test_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// Polls `f` every 100 ms until it returns true or `timeout` passes.
 fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -110,10 +126,10 @@ fn three_nodes(base: &Path, hosts: [&str; 3], port: u16) -> Vec<Broker> {
 
 #[test]
 fn three_nodes_form_a_cluster_survive_kill_and_restart() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = test_dir("three_nodes");
     let hosts = ["127.0.0.21", "127.0.0.22", "127.0.0.23"];
     let port = 26100;
-    let mut nodes = three_nodes(tmp.path(), hosts, port);
+    let mut nodes = three_nodes(&tmp, hosts, port);
 
     eventually(Duration::from_secs(30), "3 ALIVE nodes in dump on node 3", || {
         let o = cli(hosts[2], port, &["dump"]);
@@ -162,17 +178,24 @@ fn three_nodes_form_a_cluster_survive_kill_and_restart() {
     eventually(Duration::from_secs(30), "state survives a full restart", || {
         let o = cli(hosts[1], port, &["dump"]);
         let d = stdout(&o);
-        o.status.success() && d.contains("name: \"my-topic\"") && d.contains("name: \"after-kill\"") && d.contains("name: \"t2\"")
+        o.status.success()
+            && d.contains("name: \"my-topic\"")
+            && d.contains("name: \"after-kill\"")
+            && d.contains("name: \"t2\"")
     });
-    eventually(Duration::from_secs(30), "3 ALIVE after restart", || alive_count(&stdout(&cli(hosts[1], port, &["dump"]))) == 3);
+    eventually(Duration::from_secs(30), "3 ALIVE after restart", || {
+        alive_count(&stdout(&cli(hosts[1], port, &["dump"]))) == 3
+    });
 }
 
 #[test]
 fn bad_input_is_rejected_with_a_clear_message_and_changes_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = test_dir("bad_input");
     let (host, port) = ("127.0.0.31", 26200);
-    let _node = Broker::start(host, port, &tmp.path().join("n"), &[]);
-    eventually(Duration::from_secs(20), "single node ready and recorded", || alive_count(&stdout(&cli(host, port, &["dump"]))) == 1);
+    let _node = Broker::start(host, port, &tmp.join("n"), &[]);
+    eventually(Duration::from_secs(20), "single node ready and recorded", || {
+        alive_count(&stdout(&cli(host, port, &["dump"]))) == 1
+    });
     let index_before = |_: ()| stdout(&cli(host, port, &["dump"])).lines().nth(1).map(str::to_string);
     let before = index_before(());
 
@@ -180,7 +203,10 @@ fn bad_input_is_rejected_with_a_clear_message_and_changes_nothing() {
         (&["create-topic", "my topic"], "name: \"my topic\" is not a valid name"),
         (&["create-topic", "t", "--shards", "0"], "shards: 0 is out of range"),
         (&["create-topic", "t", "--replication-factor", "8"], "replication_factor: 8 is out of range"),
-        (&["create-topic", "t", "--default-exchange-type", "bogus"], "default_exchange_type: \"bogus\" is not an exchange type"),
+        (
+            &["create-topic", "t", "--default-exchange-type", "bogus"],
+            "default_exchange_type: \"bogus\" is not an exchange type",
+        ),
         (&["create-topic", "t", "--retention", "forever"], "retention: \"forever\" is not a duration"),
         (&["create-topic", "t", "--namespace", "missing"], "namespace: \"missing\" does not exist"),
         (&["delete-namespace", "default"], "cannot be deleted"),
@@ -198,7 +224,11 @@ fn bad_input_is_rejected_with_a_clear_message_and_changes_nothing() {
     // Immutable field and shards decrease.
     assert!(cli(host, port, &["create-topic", "t", "--replication-factor", "1", "--shards", "2"]).status.success());
     let o = cli(host, port, &["update-topic", "t", "--replication-factor", "3"]);
-    assert!(stderr(&o).contains("FailedPrecondition") && stderr(&o).contains("replication_factor: is immutable"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("FailedPrecondition") && stderr(&o).contains("replication_factor: is immutable"),
+        "{}",
+        stderr(&o)
+    );
     let o = cli(host, port, &["update-topic", "t", "--shards", "1"]);
     assert!(stderr(&o).contains("shards: can only go up"), "{}", stderr(&o));
     assert!(cli(host, port, &["update-topic", "t", "--shards", "4", "--retention", "24h"]).status.success());

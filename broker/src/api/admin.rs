@@ -54,26 +54,22 @@ fn topic_spec_from_pb(t: &pb::Topic) -> Result<TopicSpec, RequestError> {
 }
 
 impl AdminService {
-    /// Fails with NotFound unless `namespace` exists (checked on this node's copy; the
-    /// state machine checks again at apply time).
-    fn require_namespace(&self, namespace: &str) -> Result<(), RequestError> {
-        if self.cluster.state.read().state.namespaces.contains_key(namespace) {
-            Ok(())
+    /// Builds the group's spec. A binding without an exchange type takes its topic's
+    /// default, read linearizably so a topic created just before is seen.
+    async fn consumer_group_spec_from_pb(
+        &self,
+        namespace: &str,
+        g: &pb::ConsumerGroup,
+    ) -> Result<ConsumerGroupSpec, RequestError> {
+        let topics: BTreeMap<String, TopicSpec> = if g.bindings.iter().any(|b| b.exchange_type.is_empty()) {
+            let applied = self.cluster.read(true).await?;
+            let ns = applied.state.namespaces.get(namespace).ok_or_else(|| {
+                RequestError::new(ErrorCode::NamespaceNotFound, format!("namespace: {namespace:?} does not exist"))
+            })?;
+            ns.topics.clone()
         } else {
-            Err(RequestError::new(ErrorCode::NamespaceNotFound, format!("namespace: {namespace:?} does not exist")))
-        }
-    }
-
-    fn consumer_group_spec_from_pb(&self, namespace: &str, g: &pb::ConsumerGroup) -> Result<ConsumerGroupSpec, RequestError> {
-        let topics: BTreeMap<String, TopicSpec> = self
-            .cluster
-            .state
-            .read()
-            .state
-            .namespaces
-            .get(namespace)
-            .map(|ns| ns.topics.clone())
-            .unwrap_or_default();
+            BTreeMap::new()
+        };
         let mut bindings = Vec::with_capacity(g.bindings.len());
         for (i, b) in g.bindings.iter().enumerate() {
             validate::name(&format!("bindings[{i}].topic"), &b.topic)?;
@@ -143,7 +139,6 @@ impl Admin for AdminService {
         let topic = req.topic.ok_or_else(|| RequestError::new(ErrorCode::InvalidArgument, "topic: is required"))?;
         validate::name("name", &topic.name)?;
         let spec = topic_spec_from_pb(&topic)?;
-        self.require_namespace(&namespace)?;
         written(self.cluster.write(Command::CreateTopic { namespace, name: topic.name, spec }).await?)
     }
 
@@ -194,8 +189,7 @@ impl Admin for AdminService {
             .consumer_group
             .ok_or_else(|| RequestError::new(ErrorCode::InvalidArgument, "consumer_group: is required"))?;
         validate::name("name", &group.name)?;
-        self.require_namespace(&namespace)?;
-        let spec = self.consumer_group_spec_from_pb(&namespace, &group)?;
+        let spec = self.consumer_group_spec_from_pb(&namespace, &group).await?;
         written(self.cluster.write(Command::CreateConsumerGroup { namespace, name: group.name, spec }).await?)
     }
 
@@ -206,7 +200,10 @@ impl Admin for AdminService {
         written(self.cluster.write(Command::DeleteConsumerGroup { namespace, name: req.name }).await?)
     }
 
-    async fn list_consumer_groups(&self, req: Request<pb::ListConsumerGroupsRequest>) -> Reply<pb::ListConsumerGroupsResponse> {
+    async fn list_consumer_groups(
+        &self,
+        req: Request<pb::ListConsumerGroupsRequest>,
+    ) -> Reply<pb::ListConsumerGroupsResponse> {
         let req = req.into_inner();
         let namespace = namespace_of(&req.namespace)?;
         let applied = self.cluster.read(!req.stale).await?;

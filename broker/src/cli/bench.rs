@@ -24,7 +24,8 @@ pub async fn run(ctx: &Ctx, cmd: BenchCommand) -> Result<(), CliError> {
             if hosts.len() != 3 {
                 return Err(CliError::Usage("--hosts: give exactly three addresses".into()));
             }
-            let port: u16 = ctx.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(crate::config::DEFAULT_PORT);
+            let port: u16 =
+                ctx.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(crate::config::DEFAULT_PORT);
             let tmp;
             let dir = match bench_dir {
                 Some(d) => d,
@@ -88,7 +89,9 @@ async fn wait_alive(addr: &str, n: usize) -> Result<Duration, CliError> {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -109,7 +112,10 @@ async fn control_plane(
     wait_alive(&seed, 2).await?;
     procs.push(spawn(&hosts[2], port, &node_dir(2), Some(&seed))?);
     let formation = wait_alive(&addr(&hosts[2]), 3).await?;
-    println!("{}", serde_json::json!({"bench": "formation", "third_start_to_3_alive_ms": formation.as_secs_f64() * 1e3}));
+    println!(
+        "{}",
+        serde_json::json!({"bench": "formation", "third_start_to_3_alive_ms": formation.as_secs_f64() * 1e3})
+    );
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss: Vec<u64> = procs.iter().map(|p| rss_kib(p.child.id())).collect();
@@ -145,7 +151,10 @@ async fn control_plane(
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
-    println!("{}", serde_json::json!({"bench": "failover", "kill9_leader_to_next_write_ms": t0.elapsed().as_secs_f64() * 1e3}));
+    println!(
+        "{}",
+        serde_json::json!({"bench": "failover", "kill9_leader_to_next_write_ms": t0.elapsed().as_secs_f64() * 1e3})
+    );
     Ok(())
 }
 

@@ -80,14 +80,15 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
                 Output::Json => println!("{}", render::dump_json(&r)),
             }
         }
-        Command::CreateNamespace { name } => {
-            print_written(client.create_namespace(pb::CreateNamespaceRequest { name }).await.map_err(status)?.into_inner())
-        }
+        Command::CreateNamespace { name } => print_written(
+            client.create_namespace(pb::CreateNamespaceRequest { name }).await.map_err(status)?.into_inner(),
+        ),
         Command::DeleteNamespace { name, cascade } => print_written(
             client.delete_namespace(pb::DeleteNamespaceRequest { name, cascade }).await.map_err(status)?.into_inner(),
         ),
         Command::ListNamespaces => {
-            let r = client.list_namespaces(pb::ListNamespacesRequest { stale: false }).await.map_err(status)?.into_inner();
+            let r =
+                client.list_namespaces(pb::ListNamespacesRequest { stale: false }).await.map_err(status)?.into_inner();
             match ctx.output {
                 Output::Text => r.namespaces.iter().for_each(|n| println!("{n}")),
                 Output::Json => println!("{}", serde_json::json!({"namespaces": r.namespaces, "index": r.index})),
@@ -107,14 +108,25 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
         }
         Command::UpdateTopic { name, shards, replication_factor, retention, default_exchange_type } => {
             let retention = retention.map(|r| duration("retention", &r)).transpose()?.flatten();
-            let req = pb::UpdateTopicRequest { namespace: ns, name, shards, replication_factor, retention, default_exchange_type };
+            let req = pb::UpdateTopicRequest {
+                namespace: ns,
+                name,
+                shards,
+                replication_factor,
+                retention,
+                default_exchange_type,
+            };
             print_written(client.update_topic(req).await.map_err(status)?.into_inner())
         }
         Command::DeleteTopic { name } => print_written(
             client.delete_topic(pb::DeleteTopicRequest { namespace: ns, name }).await.map_err(status)?.into_inner(),
         ),
         Command::ListTopics => {
-            let r = client.list_topics(pb::ListTopicsRequest { namespace: ns, stale: false }).await.map_err(status)?.into_inner();
+            let r = client
+                .list_topics(pb::ListTopicsRequest { namespace: ns, stale: false })
+                .await
+                .map_err(status)?
+                .into_inner();
             match ctx.output {
                 Output::Text => r.topics.iter().for_each(|t| println!("{}", render::topic_line(t))),
                 Output::Json => println!(
@@ -124,11 +136,11 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
             }
         }
         Command::CreateConsumerGroup { name, bind, bind_direct, bind_topic, bind_headers, since: since_arg, size } => {
-            let mut bindings: Vec<pb::Binding> = bind
-                .iter()
-                .map(|t| pb::Binding { topic: t.clone(), ..Default::default() })
-                .collect();
-            for (flag, kind, values) in [("--bind-direct", "direct", &bind_direct), ("--bind-topic", "topic", &bind_topic)] {
+            let mut bindings: Vec<pb::Binding> =
+                bind.iter().map(|t| pb::Binding { topic: t.clone(), ..Default::default() }).collect();
+            for (flag, kind, values) in
+                [("--bind-direct", "direct", &bind_direct), ("--bind-topic", "topic", &bind_topic)]
+            {
                 for v in values {
                     let (topic, key) = split_pair(flag, v)?;
                     bindings.push(pb::Binding {

@@ -28,7 +28,10 @@ pub enum CliError {
 
 impl CliError {
     pub fn from_status(s: tonic::Status, addr: &str) -> Self {
-        if s.code() == tonic::Code::Unavailable && s.message().contains("transport") {
+        // Errors from a broker carry a numeric code; Unavailable without one comes
+        // from the client's own transport: the node could not be reached.
+        let from_broker = s.metadata().contains_key(crate::error::ERROR_CODE_METADATA);
+        if s.code() == tonic::Code::Unavailable && !from_broker {
             return CliError::Connect { addr: addr.to_string(), message: s.message().to_string() };
         }
         CliError::Rpc { code: format!("{:?}", s.code()), message: s.message().to_string() }

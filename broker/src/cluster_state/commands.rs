@@ -13,16 +13,44 @@ use crate::error::{ErrorCode, RequestError};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    CreateNamespace { name: String },
-    DeleteNamespace { name: String, cascade: bool },
-    CreateTopic { namespace: String, name: String, spec: TopicSpec },
-    UpdateTopic { namespace: String, name: String, update: TopicUpdate },
-    DeleteTopic { namespace: String, name: String },
-    CreateConsumerGroup { namespace: String, name: String, spec: ConsumerGroupSpec },
-    DeleteConsumerGroup { namespace: String, name: String },
+    CreateNamespace {
+        name: String,
+    },
+    DeleteNamespace {
+        name: String,
+        cascade: bool,
+    },
+    CreateTopic {
+        namespace: String,
+        name: String,
+        spec: TopicSpec,
+    },
+    UpdateTopic {
+        namespace: String,
+        name: String,
+        update: TopicUpdate,
+    },
+    DeleteTopic {
+        namespace: String,
+        name: String,
+    },
+    CreateConsumerGroup {
+        namespace: String,
+        name: String,
+        spec: ConsumerGroupSpec,
+    },
+    DeleteConsumerGroup {
+        namespace: String,
+        name: String,
+    },
     /// Gossip's view of a node, written by the leader when it changes.
-    SetNode { id: NodeId, record: NodeRecord },
-    RemoveNode { id: NodeId },
+    SetNode {
+        id: NodeId,
+        record: NodeRecord,
+    },
+    RemoveNode {
+        id: NodeId,
+    },
 }
 
 /// Fields of a topic to change; `None` leaves a field as it is.
@@ -42,23 +70,55 @@ pub struct CommandResponse {
     pub result: Result<(), RequestError>,
 }
 
-fn not_found_ns(name: &str) -> RequestError {
-    RequestError::new(ErrorCode::NamespaceNotFound, format!("namespace: {name:?} does not exist"))
-}
-
-fn namespace_mut<'a>(state: &'a mut ClusterState, name: &str) -> Result<&'a mut Namespace, RequestError> {
-    state.namespaces.get_mut(name).ok_or_else(|| not_found_ns(name))
-}
-
 impl ClusterState {
     /// Applies `cmd`. On error nothing is changed.
     pub fn apply(&mut self, cmd: &Command) -> Result<(), RequestError> {
+        self.check(cmd)?;
         match cmd {
             Command::CreateNamespace { name } => {
-                validate::name("name", name)?;
                 self.namespaces.entry(name.clone()).or_default();
-                Ok(())
             }
+            Command::DeleteNamespace { name, .. } => {
+                self.namespaces.remove(name);
+            }
+            Command::CreateTopic { namespace, name, spec } => {
+                self.namespaces
+                    .entry(namespace.clone())
+                    .or_default()
+                    .topics
+                    .entry(name.clone())
+                    .or_insert(spec.clone());
+            }
+            Command::UpdateTopic { namespace, name, update } => {
+                if let Some(topic) = self.namespaces.get_mut(namespace).and_then(|ns| ns.topics.get_mut(name)) {
+                    *topic = validate::topic_update(topic, update)?;
+                }
+            }
+            Command::DeleteTopic { namespace, name } => {
+                self.namespaces.get_mut(namespace).map(|ns| ns.topics.remove(name));
+            }
+            Command::CreateConsumerGroup { namespace, name, spec } => {
+                let ns = self.namespaces.entry(namespace.clone()).or_default();
+                ns.consumer_groups.entry(name.clone()).or_insert(spec.clone());
+            }
+            Command::DeleteConsumerGroup { namespace, name } => {
+                self.namespaces.get_mut(namespace).map(|ns| ns.consumer_groups.remove(name));
+            }
+            Command::SetNode { id, record } => {
+                self.nodes.insert(*id, record.clone());
+            }
+            Command::RemoveNode { id } => {
+                self.nodes.remove(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `cmd` would be accepted, without changing anything. The leader calls it
+    /// before proposing, so a rejected request does not even take a log index.
+    pub fn check(&self, cmd: &Command) -> Result<(), RequestError> {
+        match cmd {
+            Command::CreateNamespace { name } => validate::name("name", name),
             Command::DeleteNamespace { name, cascade } => {
                 if name == DEFAULT_NAMESPACE {
                     return Err(RequestError::new(
@@ -66,7 +126,7 @@ impl ClusterState {
                         "name: the \"default\" namespace cannot be deleted",
                     ));
                 }
-                let ns = self.namespaces.get(name).ok_or_else(|| not_found_ns(name))?;
+                let ns = self.namespace(name)?;
                 if !cascade && (!ns.topics.is_empty() || !ns.consumer_groups.is_empty()) {
                     return Err(RequestError::new(
                         ErrorCode::NamespaceNotEmpty,
@@ -77,54 +137,30 @@ impl ClusterState {
                         ),
                     ));
                 }
-                self.namespaces.remove(name);
                 Ok(())
             }
             Command::CreateTopic { namespace, name, spec } => {
                 validate::name("name", name)?;
                 validate::topic_spec(spec)?;
-                let ns = namespace_mut(self, namespace)?;
-                match ns.topics.get(name) {
-                    Some(existing) if existing == spec => Ok(()),
-                    Some(existing) => Err(RequestError::new(
+                match self.namespace(namespace)?.topics.get(name) {
+                    Some(existing) if existing != spec => Err(RequestError::new(
                         ErrorCode::TopicAlreadyExists,
                         format!(
                             "name: topic {name:?} already exists in namespace {namespace:?} with a different spec ({})",
                             describe_topic_diff(existing, spec)
                         ),
                     )),
-                    None => {
-                        ns.topics.insert(name.clone(), spec.clone());
-                        Ok(())
-                    }
+                    _ => Ok(()),
                 }
             }
             Command::UpdateTopic { namespace, name, update } => {
-                let ns = namespace_mut(self, namespace)?;
-                let topic = ns.topics.get(name).ok_or_else(|| {
-                    RequestError::new(
-                        ErrorCode::TopicNotFound,
-                        format!("name: topic {name:?} does not exist in namespace {namespace:?}"),
-                    )
-                })?;
-                let updated = validate::topic_update(topic, update)?;
-                ns.topics.insert(name.clone(), updated);
-                Ok(())
+                validate::topic_update(self.topic(namespace, name)?, update).map(|_| ())
             }
-            Command::DeleteTopic { namespace, name } => {
-                let ns = namespace_mut(self, namespace)?;
-                if ns.topics.remove(name).is_none() {
-                    return Err(RequestError::new(
-                        ErrorCode::TopicNotFound,
-                        format!("name: topic {name:?} does not exist in namespace {namespace:?}"),
-                    ));
-                }
-                Ok(())
-            }
+            Command::DeleteTopic { namespace, name } => self.topic(namespace, name).map(|_| ()),
             Command::CreateConsumerGroup { namespace, name, spec } => {
                 validate::name("name", name)?;
                 validate::consumer_group_spec(spec)?;
-                let ns = namespace_mut(self, namespace)?;
+                let ns = self.namespace(namespace)?;
                 for (i, b) in spec.bindings.iter().enumerate() {
                     if !ns.topics.contains_key(&b.topic) {
                         return Err(RequestError::new(
@@ -139,38 +175,44 @@ impl ClusterState {
                 match ns.consumer_groups.get(name) {
                     // `since` is where a new group starts; a repeated create computes it
                     // anew (e.g. "-1h" from now), so it does not make the specs differ.
-                    Some(existing) if existing.bindings == spec.bindings && existing.size == spec.size => Ok(()),
-                    Some(_) => Err(RequestError::new(
-                        ErrorCode::ConsumerGroupAlreadyExists,
-                        format!(
-                            "name: consumer group {name:?} already exists in namespace {namespace:?} with different bindings or size"
-                        ),
-                    )),
-                    None => {
-                        ns.consumer_groups.insert(name.clone(), spec.clone());
-                        Ok(())
+                    Some(existing) if existing.bindings != spec.bindings || existing.size != spec.size => {
+                        Err(RequestError::new(
+                            ErrorCode::ConsumerGroupAlreadyExists,
+                            format!(
+                                "name: consumer group {name:?} already exists in namespace {namespace:?} with different bindings or size"
+                            ),
+                        ))
                     }
+                    _ => Ok(()),
                 }
             }
             Command::DeleteConsumerGroup { namespace, name } => {
-                let ns = namespace_mut(self, namespace)?;
-                if ns.consumer_groups.remove(name).is_none() {
-                    return Err(RequestError::new(
+                if self.namespace(namespace)?.consumer_groups.contains_key(name) {
+                    Ok(())
+                } else {
+                    Err(RequestError::new(
                         ErrorCode::ConsumerGroupNotFound,
                         format!("name: consumer group {name:?} does not exist in namespace {namespace:?}"),
-                    ));
+                    ))
                 }
-                Ok(())
             }
-            Command::SetNode { id, record } => {
-                self.nodes.insert(*id, record.clone());
-                Ok(())
-            }
-            Command::RemoveNode { id } => {
-                self.nodes.remove(id);
-                Ok(())
-            }
+            Command::SetNode { .. } | Command::RemoveNode { .. } => Ok(()),
         }
+    }
+
+    fn namespace(&self, name: &str) -> Result<&Namespace, RequestError> {
+        self.namespaces.get(name).ok_or_else(|| {
+            RequestError::new(ErrorCode::NamespaceNotFound, format!("namespace: {name:?} does not exist"))
+        })
+    }
+
+    fn topic(&self, namespace: &str, name: &str) -> Result<&TopicSpec, RequestError> {
+        self.namespace(namespace)?.topics.get(name).ok_or_else(|| {
+            RequestError::new(
+                ErrorCode::TopicNotFound,
+                format!("name: topic {name:?} does not exist in namespace {namespace:?}"),
+            )
+        })
     }
 }
 

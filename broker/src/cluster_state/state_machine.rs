@@ -346,6 +346,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 mod tests {
     use std::collections::BTreeSet;
 
+    use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+    use openraft::network::RPCOption;
+    use openraft::raft::{
+        AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+        VoteResponse,
+    };
     use openraft::testing::{blank_ent, log_id, membership_ent, StoreBuilder, Suite};
     use openraft::Membership;
 
@@ -535,6 +541,103 @@ mod tests {
         assert_eq!(built.meta.last_log_id, Some(log_id(1, 1, 5)));
         let current = sm.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta.last_log_id, Some(log_id(1, 1, 5)));
+    }
+
+    /// Network of a single-node cluster: there is nobody to talk to.
+    struct NoNetwork;
+
+    impl openraft::RaftNetworkFactory<TypeConfig> for NoNetwork {
+        type Network = NoNetwork;
+
+        async fn new_client(&mut self, _target: NodeId, _node: &BasicNode) -> NoNetwork {
+            NoNetwork
+        }
+    }
+
+    fn unreachable<E: std::error::Error>() -> RPCError<NodeId, BasicNode, E> {
+        RPCError::Unreachable(Unreachable::new(&io::Error::other("single-node test: no network")))
+    }
+
+    impl openraft::RaftNetwork<TypeConfig> for NoNetwork {
+        async fn append_entries(
+            &mut self,
+            _rpc: AppendEntriesRequest<TypeConfig>,
+            _option: RPCOption,
+        ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+            Err(unreachable())
+        }
+
+        async fn install_snapshot(
+            &mut self,
+            _rpc: InstallSnapshotRequest<TypeConfig>,
+            _option: RPCOption,
+        ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+        {
+            Err(unreachable())
+        }
+
+        async fn vote(
+            &mut self,
+            _rpc: VoteRequest<NodeId>,
+            _option: RPCOption,
+        ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+            Err(unreachable())
+        }
+    }
+
+    async fn start_node(dir: &Path) -> (openraft::Raft<TypeConfig>, SharedState) {
+        let config = openraft::Config {
+            heartbeat_interval: 50,
+            election_timeout_min: 150,
+            election_timeout_max: 300,
+            snapshot_policy: openraft::SnapshotPolicy::Never,
+            max_in_snapshot_log_to_keep: 0,
+            ..Default::default()
+        };
+        let log = LogStore::open(dir).await.unwrap();
+        let (sm, shared) = StateMachineStore::open(dir).await.unwrap();
+        let raft = openraft::Raft::new(1, Arc::new(config.validate().unwrap()), NoNetwork, log, sm).await.unwrap();
+        (raft, shared)
+    }
+
+    /// A real single-node Raft on these stores: the state is rebuilt after a restart
+    /// from the snapshot plus the committed entries after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn single_node_raft_recovers_its_state_after_restart() {
+        let timeout = Some(std::time::Duration::from_secs(10));
+        let dir = tempfile::tempdir().unwrap();
+        let (raft, shared) = start_node(dir.path()).await;
+        let mut members = std::collections::BTreeMap::new();
+        members.insert(1u64, BasicNode { addr: "127.0.0.1:1".to_string() });
+        raft.initialize(members).await.unwrap();
+        raft.wait(timeout).state(openraft::ServerState::Leader, "leader").await.unwrap();
+
+        let mut last = None;
+        for name in ["a", "b", "c"] {
+            let resp = raft.client_write(create_ns(name)).await.unwrap();
+            assert!(resp.data.result.is_ok());
+            assert_eq!(resp.data.index, resp.log_id.index);
+            last = Some(resp.log_id);
+        }
+        raft.trigger().snapshot().await.unwrap();
+        raft.wait(timeout).snapshot(last.unwrap(), "snapshot").await.unwrap();
+        raft.wait(timeout).purged(last, "purged").await.unwrap();
+        let rejected = raft.client_write(create_ns("Bad Name")).await.unwrap();
+        assert!(rejected.data.result.is_err());
+        let resp = raft.client_write(create_ns("d")).await.unwrap();
+        let before = shared.read().state.clone();
+        assert!(before.namespaces.contains_key("d"));
+        raft.shutdown().await.unwrap();
+        drop(raft);
+
+        let (raft, shared) = start_node(dir.path()).await;
+        raft.wait(timeout).applied_index_at_least(Some(resp.log_id.index), "re-applied").await.unwrap();
+        assert_eq!(shared.read().state, before);
+        raft.wait(timeout).state(openraft::ServerState::Leader, "leader again").await.unwrap();
+        let resp = raft.client_write(create_ns("e")).await.unwrap();
+        assert!(resp.data.result.is_ok());
+        assert!(shared.read().state.namespaces.contains_key("e"));
+        raft.shutdown().await.unwrap();
     }
 
     struct DiskStores;

@@ -114,10 +114,7 @@ pub fn consumer_group_spec(spec: &ConsumerGroupSpec) -> Result<(), RequestError>
             ExchangeType::Direct | ExchangeType::Topic if b.routing_key.is_empty() => {
                 return Err(RequestError::new(
                     ErrorCode::InvalidBinding,
-                    format!(
-                        "bindings[{i}].routing_key: a {} binding needs a routing key",
-                        b.exchange_type.as_str()
-                    ),
+                    format!("bindings[{i}].routing_key: a {} binding needs a routing key", b.exchange_type.as_str()),
                 ));
             }
             ExchangeType::Topic => topic_pattern(&format!("bindings[{i}].routing_key"), &b.routing_key)?,
@@ -151,12 +148,10 @@ pub fn duration_ms(field: &str, value: &str) -> Result<u64, RequestError> {
     if value.trim() == "0" {
         return Ok(0);
     }
-    humantime::parse_duration(value.trim())
-        .map(|d| d.as_millis() as u64)
-        .map_err(|e| {
-            RequestError::new(
-                ErrorCode::InvalidRetention,
-                format!("{field}: {value:?} is not a duration ({e}; examples: 0, 30s, 24h, 7d)"),
-            )
-        })
+    humantime::parse_duration(value.trim()).map(|d| d.as_millis() as u64).map_err(|e| {
+        RequestError::new(
+            ErrorCode::InvalidRetention,
+            format!("{field}: {value:?} is not a duration ({e}; examples: 0, 30s, 24h, 7d)"),
+        )
+    })
 }

@@ -26,7 +26,13 @@ pub struct Cluster {
 const RETRY_PAUSE_MS: u64 = 50;
 
 impl Cluster {
-    pub fn new(id: NodeId, raft: Raft, state: SharedState, network: Arc<dyn Network>, request_timeout: Duration) -> Self {
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        state: SharedState,
+        network: Arc<dyn Network>,
+        request_timeout: Duration,
+    ) -> Self {
         Self { id, raft, state, network, request_timeout }
     }
 
@@ -43,9 +49,18 @@ impl Cluster {
     pub async fn write(&self, cmd: Command) -> Result<u64, RequestError> {
         let deadline = Instant::now() + self.request_timeout;
         loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
             let attempt = match self.leader() {
-                Some((leader, _)) if leader == self.id => self.write_local(&cmd).await,
-                Some((_, addr)) => self.write_forwarded(&addr, &cmd).await,
+                // A leader cut off from its quorum accepts the proposal but can never
+                // commit it: bound the wait. The outcome is then unknown (it may still
+                // commit after a heal), which the error says.
+                Some((leader, _)) if leader == self.id => {
+                    match tokio::time::timeout(remaining, self.write_local(&cmd)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(Retry::Other("not committed in time (the write may still be applied)".into())),
+                    }
+                }
+                Some((_, addr)) => self.write_forwarded(&addr, &cmd, remaining).await,
                 None => Err(Retry::NoLeader),
             };
             match attempt {
@@ -58,6 +73,19 @@ impl Cluster {
     }
 
     async fn write_local(&self, cmd: &Command) -> Result<CommandResponse, Retry> {
+        // The leader's applied state holds every acknowledged write, so a request it
+        // rejects here would be rejected at apply time too; checking first keeps the
+        // log free of rejected commands. (Apply checks again: authoritative.)
+        // A rejection may come from a state that lags the log (a leader just elected
+        // applies its predecessor's last entries shortly after): confirm with a
+        // linearizable barrier before refusing.
+        let check = self.state.read().state.check(cmd);
+        if check.is_err() {
+            if self.raft.ensure_linearizable().await.is_err() {
+                return Err(Retry::NoLeader);
+            }
+            self.state.read().state.check(cmd).map_err(Retry::Fatal)?;
+        }
         match self.raft.client_write(cmd.clone()).await {
             Ok(r) => Ok(r.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(Retry::NoLeader),
@@ -65,10 +93,15 @@ impl Cluster {
         }
     }
 
-    async fn write_forwarded(&self, leader_addr: &str, cmd: &Command) -> Result<CommandResponse, Retry> {
+    async fn write_forwarded(
+        &self,
+        leader_addr: &str,
+        cmd: &Command,
+        timeout: Duration,
+    ) -> Result<CommandResponse, Retry> {
         let mut client = InternalClient::new(self.network.channel(leader_addr));
         let mut req = tonic::Request::new(RaftPayload { data: encode(cmd) });
-        req.set_timeout(self.request_timeout);
+        req.set_timeout(timeout.max(Duration::from_millis(1)));
         let reply = client.forward_write(req).await.map_err(|s| Retry::Other(s.message().to_string()))?;
         let resp: Result<CommandResponse, RequestError> =
             decode(&reply.into_inner().data).map_err(|e| Retry::Other(e.to_string()))?;
@@ -100,9 +133,15 @@ impl Cluster {
         if linearizable {
             let deadline = Instant::now() + self.request_timeout;
             let index = loop {
+                let remaining = deadline.saturating_duration_since(Instant::now());
                 let attempt = match self.leader() {
-                    Some((leader, _)) if leader == self.id => self.handle_read_index().await.map_err(|_| Retry::NoLeader),
-                    Some((_, addr)) => self.read_index_remote(&addr).await,
+                    Some((leader, _)) if leader == self.id => {
+                        match tokio::time::timeout(remaining, self.handle_read_index()).await {
+                            Ok(r) => r.map_err(|_| Retry::NoLeader),
+                            Err(_) => Err(Retry::Other("leadership not confirmed in time".into())),
+                        }
+                    }
+                    Some((_, addr)) => self.read_index_remote(&addr, remaining).await,
                     None => Err(Retry::NoLeader),
                 };
                 match attempt {
@@ -121,10 +160,10 @@ impl Cluster {
         Ok(self.state.read())
     }
 
-    async fn read_index_remote(&self, leader_addr: &str) -> Result<u64, Retry> {
+    async fn read_index_remote(&self, leader_addr: &str, timeout: Duration) -> Result<u64, Retry> {
         let mut client = InternalClient::new(self.network.channel(leader_addr));
         let mut req = tonic::Request::new(ReadIndexRequest {});
-        req.set_timeout(self.request_timeout);
+        req.set_timeout(timeout.max(Duration::from_millis(1)));
         match client.read_index(req).await {
             Ok(r) => Ok(r.into_inner().index),
             Err(s) => Err(Retry::Other(s.message().to_string())),
@@ -146,7 +185,9 @@ impl Retry {
                 ErrorCode::NoLeader,
                 "no Raft leader: the cluster has no quorum of voters reachable from this node; retry later",
             ),
-            Retry::Other(msg) => RequestError::new(ErrorCode::Timeout, format!("cluster state request did not complete: {msg}")),
+            Retry::Other(msg) => {
+                RequestError::new(ErrorCode::Timeout, format!("cluster state request did not complete: {msg}"))
+            }
             Retry::Fatal(e) => e,
         }
     }

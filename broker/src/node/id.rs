@@ -10,7 +10,11 @@ pub fn load_or_create(dir: &Path, requested: Option<u64>) -> Result<u64, NodeErr
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let persisted: u64 = text.trim().parse().map_err(|_| {
-                NodeError::Config(format!("{}: does not hold a node id (expected a decimal u64, got {:?})", path.display(), text.trim()))
+                NodeError::Config(format!(
+                    "{}: does not hold a node id (expected a decimal u64, got {:?})",
+                    path.display(),
+                    text.trim()
+                ))
             })?;
             if let Some(r) = requested {
                 if r != persisted {

@@ -75,7 +75,8 @@ pub async fn start(
     let log_store = LogStore::open(&raft_dir.join("log")).await.map_err(|e| NodeError::Storage(e.to_string()))?;
     let (sm_store, shared) =
         StateMachineStore::open(&raft_dir.join("sm")).await.map_err(|e| NodeError::Storage(e.to_string()))?;
-    let raft_config = Arc::new(config.raft.to_openraft().map_err(|e| NodeError::Config(format!("raft settings: {e}")))?);
+    let raft_config =
+        Arc::new(config.raft.to_openraft().map_err(|e| NodeError::Config(format!("raft settings: {e}")))?);
     let raft = Raft::new(id, raft_config, RaftNetworkFactoryImpl { network: network.clone() }, log_store, sm_store)
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
@@ -90,7 +91,8 @@ pub async fn start(
         listeners.datagrams,
         stop.clone(),
     );
-    let cluster = Cluster::new(id, raft.clone(), shared, network.clone(), Duration::from_millis(config.request_timeout_ms));
+    let cluster =
+        Cluster::new(id, raft.clone(), shared, network.clone(), Duration::from_millis(config.request_timeout_ms));
 
     let server = crate::api::serve(cluster.clone(), membership.clone(), listeners.incoming, stop.clone());
     let bootstrap = tokio::spawn(bootstrap(config.clone(), cluster.clone(), membership.clone(), stop.clone()));
@@ -191,15 +193,12 @@ async fn hand_over_leadership(cluster: &Cluster, network: &dyn Network) {
         return;
     }
     let membership = m.membership_config.membership().clone();
-    let best = m
-        .replication
-        .as_ref()
-        .and_then(|r| {
-            r.iter()
-                .filter(|(id, _)| **id != cluster.id && membership.voter_ids().any(|v| v == **id))
-                .max_by_key(|(_, log)| log.map(|l| l.index))
-                .map(|(id, _)| *id)
-        });
+    let best = m.replication.as_ref().and_then(|r| {
+        r.iter()
+            .filter(|(id, _)| **id != cluster.id && membership.voter_ids().any(|v| v == **id))
+            .max_by_key(|(_, log)| log.map(|l| l.index))
+            .map(|(id, _)| *id)
+    });
     let Some(target) = best else { return };
     let Some(node) = membership.get_node(&target) else { return };
     let mut client = eventtermq_proto::internal::v1::internal_client::InternalClient::new(network.channel(&node.addr));
@@ -207,6 +206,8 @@ async fn hand_over_leadership(cluster: &Cluster, network: &dyn Network) {
     req.set_timeout(Duration::from_millis(500));
     match client.start_election(req).await {
         Ok(_) => tracing::info!(target, "handed leadership over"),
-        Err(e) => tracing::warn!(target, error = %e, "leadership hand-over failed; followers will elect after a timeout"),
+        Err(e) => {
+            tracing::warn!(target, error = %e, "leadership hand-over failed; followers will elect after a timeout")
+        }
     }
 }

@@ -24,6 +24,8 @@ use crate::membership::{MemberInfo, Membership};
 
 /// A learner within this many entries of the leader's log counts as caught up.
 const LEARNER_LAG_MAX_ENTRIES: u64 = 100;
+/// How long adding a learner waits for it to catch up before moving on.
+const LEARNER_CATCH_UP_MAX: Duration = Duration::from_secs(2);
 
 pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(config.reconcile_interval_ms));
@@ -47,22 +49,13 @@ pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, s
 
 async fn reconcile_once(config: &NodeConfig, cluster: &Cluster, members: &[MemberInfo]) -> Result<(), String> {
     let removal_after = Duration::from_millis(config.dead_node_removal_ms);
-    let gone_for_good =
-        |m: &MemberInfo| matches!(m.state, NodeState::Dead | NodeState::Left) && m.state_since.elapsed() >= removal_after;
+    let gone_for_good = |m: &MemberInfo| {
+        matches!(m.state, NodeState::Dead | NodeState::Left) && m.state_since.elapsed() >= removal_after
+    };
 
-    // 1. Cluster-state node records follow gossip.
+    // 1. Raft membership follows gossip, one change per round. It goes first so a
+    //    node shows ALIVE in the cluster state only once it is a Raft member.
     let recorded: BTreeMap<u64, NodeRecord> = cluster.state.read().state.nodes.clone();
-    for m in members {
-        if gone_for_good(m) && m.id != cluster.id {
-            continue;
-        }
-        let want = NodeRecord { address: m.addr.clone(), state: m.state };
-        if recorded.get(&m.id) != Some(&want) {
-            cluster.write(Command::SetNode { id: m.id, record: want }).await.map_err(|e| e.to_string())?;
-        }
-    }
-
-    // 2. Raft membership follows gossip, one change per round.
     let metrics = cluster.raft.metrics().borrow().clone();
     let stored = metrics.membership_config.membership().clone();
     if stored.get_joint_config().len() > 1 {
@@ -90,12 +83,33 @@ async fn reconcile_once(config: &NodeConfig, cluster: &Cluster, members: &[Membe
     for m in members.iter().filter(|m| m.state == NodeState::Alive) {
         if !voters.contains(&m.id) && !learners.contains(&m.id) {
             tracing::info!(node_id = m.id, addr = %m.addr, "adding node to raft as learner");
-            cluster
-                .raft
-                .add_learner(m.id, BasicNode::new(m.addr.clone()), false)
-                .await
-                .map_err(|e| e.to_string())?;
+            // Blocking: returns once the learner has caught up (a new node's log is
+            // short), so it can be promoted right away; bounded in case it stalls.
+            let add = cluster.raft.add_learner(m.id, BasicNode::new(m.addr.clone()), true);
+            match tokio::time::timeout(LEARNER_CATCH_UP_MAX, add).await {
+                Ok(r) => r.map_err(|e| e.to_string())?,
+                Err(_) => return Ok(()), // promoted by a later round once caught up
+            };
+            if voters.len() < config.voters_count_max {
+                tracing::info!(node_id = m.id, "promoting learner to voter");
+                cluster
+                    .raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([m.id])), false)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
             return Ok(());
+        }
+    }
+
+    // 2. Cluster-state node records follow gossip.
+    for m in members {
+        if gone_for_good(m) && m.id != cluster.id {
+            continue;
+        }
+        let want = NodeRecord { address: m.addr.clone(), state: m.state };
+        if recorded.get(&m.id) != Some(&want) {
+            cluster.write(Command::SetNode { id: m.id, record: want }).await.map_err(|e| e.to_string())?;
         }
     }
 

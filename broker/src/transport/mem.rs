@@ -69,7 +69,8 @@ impl MemNetwork {
         let (ctx, crx) = mpsc::unbounded_channel();
         let (dtx, drx) = mpsc::channel(DATAGRAM_QUEUE_MAX);
         self.lock().hosts.insert(addr.to_string(), Host { conns: ctx, datagrams: dtx });
-        let net = Arc::new(MemHostNetwork { me: addr.to_string(), net: self.clone(), channels: Mutex::new(HashMap::new()) });
+        let net =
+            Arc::new(MemHostNetwork { me: addr.to_string(), net: self.clone(), channels: Mutex::new(HashMap::new()) });
         let incoming = tokio_stream::wrappers::UnboundedReceiverStream::new(crx);
         (net, Listeners { incoming: Box::pin(incoming), datagrams: drx })
     }
@@ -138,7 +139,10 @@ impl Network for MemHostNetwork {
                 }
                 let inner = net.lock();
                 if !inner.linked(&me, &to) {
-                    return Err(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, format!("{me} cannot reach {to}")));
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionRefused,
+                        format!("{me} cannot reach {to}"),
+                    ));
                 }
                 let host = inner.hosts.get(&to).expect("linked implies attached");
                 let (client, server) = tokio::io::duplex(PIPE_BUFFER_BYTES);

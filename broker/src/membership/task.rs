@@ -1,0 +1,471 @@
+//! The gossip task: sole owner of the `Foca` instance.
+//!
+//! Every interaction with foca goes through an `AccumulatingRuntime` that is drained
+//! right after: datagrams go out through the [`Network`], timers go into a local
+//! deadline heap served by the same `select!` loop, and the member list is republished
+//! (foca has no notification for SUSPECT, so the list is recomputed each time and only
+//! published when it differs).
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, HashMap};
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use foca::{
+    AccumulatingRuntime, Foca, Member, NoCustomBroadcast, OwnedNotification, PeriodicParams, PostcardCodec, State,
+    Timer,
+};
+use rand::seq::IndexedRandom;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::identity::GossipId;
+use super::{grpc_sync, MemberInfo, MembershipConfig, MembershipError, SYNC_CALL_TIMEOUT};
+use crate::cluster_state::model::{NodeId, NodeState};
+use crate::transport::{Network, DATAGRAM_SIZE_MAX_BYTES};
+
+/// foca 2 takes a `rand` 0.10 generator (the rest of the crate uses `rand` 0.9).
+type FocaRng = rand_foca::rngs::SmallRng;
+type Gossip = Foca<GossipId, PostcardCodec, FocaRng, NoCustomBroadcast>;
+
+/// Down (DEAD/LEFT) members are forgotten after this long.
+const REMOVE_DOWN_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+/// Sync payloads listing more members than this are rejected.
+const SYNC_MEMBERS_MAX: usize = 100_000;
+
+pub(crate) enum Command {
+    /// Our full state, encoded.
+    Payload(oneshot::Sender<Bytes>),
+    /// Merge a peer's state and reply with ours (server side of `GossipSync`).
+    Merge { data: Bytes, reply: oneshot::Sender<Result<Bytes, MembershipError>> },
+    /// Merge a peer's state (client side of `GossipSync`).
+    Apply { data: Bytes, reply: Option<oneshot::Sender<Result<(), MembershipError>>> },
+    /// Leave the cluster; replied once the departure is gossiped.
+    Leave(oneshot::Sender<()>),
+    /// Send pending updates to a few random members now.
+    Gossip,
+}
+
+/// The full-state exchange of `GossipSync` (postcard).
+#[derive(Serialize, Deserialize)]
+struct SyncPayload {
+    members: Vec<Member<GossipId>>,
+}
+
+struct Scheduled {
+    at: tokio::time::Instant,
+    seq: u64,
+    timer: Timer<GossipId>,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+pub(crate) struct Actor {
+    foca: Gossip,
+    runtime: AccumulatingRuntime<GossipId>,
+    network: Arc<dyn Network>,
+    timers: BinaryHeap<Reverse<Scheduled>>,
+    next_seq: u64,
+    members: watch::Sender<Vec<MemberInfo>>,
+    /// Since when each member has had its current state.
+    since: HashMap<NodeId, (NodeState, Instant)>,
+    self_since: Instant,
+    left: bool,
+    sync_period: Option<Duration>,
+    /// A suspicion older than this has lost its timer (see `refresh_stale_suspicions`).
+    stale_suspicion: Duration,
+    /// When we last re-raised a stale suspicion, per member.
+    resuspected: HashMap<NodeId, Instant>,
+    /// For results of background syncs; weak so handles alone keep the channel open.
+    commands: mpsc::WeakSender<Command>,
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v.max(1))
+}
+
+fn foca_config(config: &MembershipConfig) -> foca::Config {
+    let probe_period = ms(config.probe_period_ms.max(2));
+    // Starting point: foca's LAN settings for a few dozen nodes (update fan-out).
+    let mut c = foca::Config::new_lan(NonZeroU32::new(32).expect("non-zero"));
+    c.probe_period = probe_period;
+    c.probe_rtt = ms(config.probe_rtt_ms).min(probe_period - Duration::from_millis(1));
+    c.suspect_to_down_after = ms(config.suspect_to_down_ms);
+    c.remove_down_after = Some(REMOVE_DOWN_AFTER);
+    c.max_packet_size = NonZeroUsize::new(DATAGRAM_SIZE_MAX_BYTES).expect("non-zero");
+    // Tell members we consider down, so they renew their identity and rejoin.
+    c.notify_down_members = true;
+    let one = NonZeroUsize::new(1).expect("non-zero");
+    // Spread updates between probes, not only piggybacked on them.
+    c.periodic_gossip = Some(PeriodicParams {
+        frequency: (probe_period / 2).max(Duration::from_millis(10)),
+        num_members: NonZeroUsize::new(3).expect("non-zero"),
+    });
+    // Ask a member for its members now and then (discovery).
+    c.periodic_announce = Some(PeriodicParams { frequency: probe_period * 20, num_members: one });
+    // Knock on DEAD members' doors: heals partitions and finds restarted nodes even
+    // when they did not join through a seed (a restarted node accepts an announce
+    // sent to its previous identity, since it has the same node id).
+    c.periodic_announce_to_down_members = Some(PeriodicParams { frequency: probe_period * 10, num_members: one });
+    c
+}
+
+/// A fresh identity's bump: microseconds since the Unix epoch, so a restarted node
+/// wins against its previous life.
+fn initial_bump() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+impl Actor {
+    pub(crate) fn new(
+        id: NodeId,
+        addr: String,
+        config: &MembershipConfig,
+        network: Arc<dyn Network>,
+        members: watch::Sender<Vec<MemberInfo>>,
+        commands: mpsc::WeakSender<Command>,
+    ) -> Self {
+        let identity = GossipId::new(id, addr, initial_bump());
+        let rng = <FocaRng as rand_foca::SeedableRng>::seed_from_u64(rand::random());
+        let foca = Foca::new(identity, foca_config(config), rng, PostcardCodec);
+        let sync_period = (config.sync_period_ms > 0).then(|| ms(config.sync_period_ms));
+        let mut actor = Self {
+            foca,
+            runtime: AccumulatingRuntime::new(),
+            network,
+            timers: BinaryHeap::new(),
+            next_seq: 0,
+            members,
+            since: HashMap::new(),
+            self_since: Instant::now(),
+            left: false,
+            sync_period,
+            stale_suspicion: ms(config.suspect_to_down_ms) + ms(config.probe_period_ms) * 3,
+            resuspected: HashMap::new(),
+            commands,
+        };
+        actor.publish();
+        actor
+    }
+
+    pub(crate) async fn run(
+        mut self,
+        mut datagrams: mpsc::Receiver<Bytes>,
+        mut commands: mpsc::Receiver<Command>,
+        shutdown: CancellationToken,
+    ) {
+        let mut datagrams_open = true;
+        let mut commands_open = true;
+        let mut sync_tick = self.sync_period.map(|p| {
+            let mut i = tokio::time::interval_at(tokio::time::Instant::now() + p, p);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
+        let mut watchdog = tokio::time::interval(self.stale_suspicion / 2);
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next_timer = self.timers.peek().map(|Reverse(s)| s.at);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                d = datagrams.recv(), if datagrams_open => match d {
+                    Some(d) => self.on_datagram(&d),
+                    None => datagrams_open = false,
+                },
+                c = commands.recv(), if commands_open => match c {
+                    Some(c) => self.on_command(c),
+                    None => commands_open = false,
+                },
+                _ = sleep_until_opt(next_timer), if next_timer.is_some() => self.on_timers(),
+                _ = tick_opt(&mut sync_tick), if sync_tick.is_some() => self.start_sync(&shutdown),
+                _ = watchdog.tick() => self.refresh_stale_suspicions(),
+            }
+        }
+        tracing::debug!(identity = ?self.foca.identity(), "gossip task stopped");
+    }
+
+    fn on_datagram(&mut self, data: &[u8]) {
+        if let Err(e) = self.foca.handle_data(data, &mut self.runtime) {
+            tracing::trace!(error = %e, len = data.len(), "gossip datagram ignored");
+        }
+        self.drain();
+    }
+
+    fn on_timers(&mut self) {
+        let now = tokio::time::Instant::now();
+        while self.timers.peek().is_some_and(|Reverse(s)| s.at <= now) {
+            let Some(Reverse(s)) = self.timers.pop() else {
+                break;
+            };
+            if let Err(e) = self.foca.handle_timer(s.timer, &mut self.runtime) {
+                tracing::debug!(error = %e, "gossip timer failed");
+            }
+        }
+        self.drain();
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Payload(reply) => {
+                let _ = reply.send(self.payload());
+            }
+            Command::Merge { data, reply } => {
+                let result = self.apply(&data).map(|()| self.payload());
+                let _ = reply.send(result);
+            }
+            Command::Apply { data, reply } => {
+                let result = self.apply(&data);
+                if let (Err(e), None) = (&result, &reply) {
+                    tracing::debug!(error = %e, "background gossip sync reply ignored");
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+            Command::Leave(reply) => {
+                self.leave();
+                let _ = reply.send(());
+            }
+            Command::Gossip => {
+                if let Err(e) = self.foca.gossip(&mut self.runtime) {
+                    tracing::debug!(error = %e, "gossip failed");
+                }
+            }
+        }
+        self.drain();
+    }
+
+    fn leave(&mut self) {
+        if self.left {
+            return;
+        }
+        // Switch to the flagged identity first (peers rename us to it), then declare
+        // it down: peers end up with a flagged Down entry, i.e. LEFT.
+        let leaving = self.foca.identity().to_leaving();
+        if let Err(e) = self.foca.change_identity(leaving, &mut self.runtime) {
+            tracing::warn!(error = %e, "could not switch to the leaving identity");
+        }
+        if let Err(e) = self.foca.leave_cluster(&mut self.runtime) {
+            tracing::warn!(error = %e, "could not leave the gossip cluster");
+        }
+        self.left = true;
+        self.self_since = Instant::now();
+        tracing::info!("left the gossip cluster");
+    }
+
+    /// Our view of the cluster, ourselves included.
+    fn payload(&self) -> Bytes {
+        let me = self.foca.identity().clone();
+        let me = if self.left { Member::down(me) } else { Member::alive(me) };
+        let members = std::iter::once(me).chain(self.foca.iter_membership_state().cloned()).collect();
+        match postcard::to_stdvec(&SyncPayload { members }) {
+            Ok(v) => Bytes::from(v),
+            // Cannot happen for these types; an empty payload merges as nothing.
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode gossip sync payload");
+                Bytes::new()
+            }
+        }
+    }
+
+    fn apply(&mut self, data: &[u8]) -> Result<(), MembershipError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let payload: SyncPayload = postcard::from_bytes(data).map_err(|e| MembershipError::Decode(e.to_string()))?;
+        if payload.members.len() > SYNC_MEMBERS_MAX {
+            return Err(MembershipError::Decode(format!("{} members", payload.members.len())));
+        }
+        if let Err(e) = self.foca.apply_many(payload.members.into_iter(), true, &mut self.runtime) {
+            tracing::debug!(error = %e, "applying gossip sync payload failed");
+        }
+        // Let the members we just learnt (or that just learnt us) hear from us soon.
+        if !self.left {
+            if let Err(e) = self.foca.gossip(&mut self.runtime) {
+                tracing::debug!(error = %e, "gossip failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// foca forgets its pending suspicion timeouts whenever it resets its timers (it
+    /// rejoined under a new identity, or lost and regained all members). A member
+    /// suspected just before that stays SUSPECT here forever if it never heard of the
+    /// suspicion (nothing else makes it refute). Such a suspicion is raised again one
+    /// incarnation higher: it is gossiped afresh (so a live member refutes it) and
+    /// gets a new timeout (so a dead one goes DEAD).
+    fn refresh_stale_suspicions(&mut self) {
+        let now = Instant::now();
+        let me = self.foca.identity().id;
+        let mut stale = Vec::new();
+        for m in self.foca.iter_membership_state() {
+            let id = m.id().id;
+            if m.state() != State::Suspect || id == me || m.incarnation() == foca::Incarnation::MAX {
+                continue;
+            }
+            let since = match (self.since.get(&id), self.resuspected.get(&id)) {
+                (Some(&(NodeState::Suspect, t)), Some(&k)) => t.max(k),
+                (Some(&(NodeState::Suspect, t)), None) => t,
+                _ => continue,
+            };
+            if now.duration_since(since) > self.stale_suspicion {
+                stale.push(Member::new(m.id().clone(), m.incarnation() + 1, State::Suspect));
+            }
+        }
+        self.resuspected.retain(|id, _| self.since.get(id).is_some_and(|(s, _)| *s == NodeState::Suspect));
+        if stale.is_empty() || self.left {
+            return;
+        }
+        for m in &stale {
+            tracing::debug!(node_id = m.id().id, "re-raising a stale suspicion");
+            self.resuspected.insert(m.id().id, now);
+        }
+        if let Err(e) = self.foca.apply_many(stale.into_iter(), true, &mut self.runtime) {
+            tracing::debug!(error = %e, "re-raising suspicions failed");
+        }
+        self.drain();
+    }
+
+    /// Background anti-entropy: push-pull with one random active member.
+    fn start_sync(&mut self, shutdown: &CancellationToken) {
+        if self.left {
+            return;
+        }
+        let addrs: Vec<String> = self.foca.iter_members().map(|m| m.id().addr.clone()).collect();
+        let chosen: Option<&String> = IndexedRandom::choose(addrs.as_slice(), &mut rand::rng());
+        let Some(addr) = chosen.cloned() else {
+            return;
+        };
+        let payload = self.payload();
+        let network = self.network.clone();
+        let commands = self.commands.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let call = tokio::time::timeout(SYNC_CALL_TIMEOUT, grpc_sync(&*network, &addr, payload));
+            let reply = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = call => r,
+            };
+            match reply {
+                Ok(Ok(data)) => {
+                    if let Some(commands) = commands.upgrade() {
+                        let _ = commands.send(Command::Apply { data, reply: None }).await;
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %addr, error = %e, "periodic gossip sync failed")
+                }
+                Err(_) => tracing::debug!(peer = %addr, "periodic gossip sync timed out"),
+            }
+        });
+    }
+
+    /// Carries out what foca asked for during the last interaction.
+    fn drain(&mut self) {
+        while let Some((to, data)) = self.runtime.to_send() {
+            self.network.send_datagram(&to.addr, data);
+        }
+        let now = tokio::time::Instant::now();
+        while let Some((after, timer)) = self.runtime.to_schedule() {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.timers.push(Reverse(Scheduled { at: now + after, seq, timer }));
+        }
+        while let Some(n) = self.runtime.to_notify() {
+            match n {
+                OwnedNotification::MemberUp(m) => {
+                    tracing::debug!(node_id = m.id, addr = %m.addr, "member up")
+                }
+                OwnedNotification::MemberDown(m) => {
+                    tracing::info!(node_id = m.id, addr = %m.addr, left = m.leaving, "member down")
+                }
+                OwnedNotification::Rename(a, b) => {
+                    tracing::debug!(node_id = b.id, from = a.bump, to = b.bump, leaving = b.leaving, "member renamed")
+                }
+                OwnedNotification::Rejoin(me) => {
+                    tracing::info!(bump = me.bump, "declared down, rejoined")
+                }
+                OwnedNotification::Defunct if !self.left => {
+                    tracing::warn!("gossip identity declared down")
+                }
+                other => tracing::trace!(notification = ?other, "gossip notification"),
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&mut self) {
+        let now = Instant::now();
+        let me = self.foca.identity();
+        let mut list = Vec::with_capacity(self.foca.iter_membership_state().len() + 1);
+        list.push(MemberInfo {
+            id: me.id,
+            addr: me.addr.clone(),
+            state: if self.left { NodeState::Left } else { NodeState::Alive },
+            state_since: self.self_since,
+        });
+        for m in self.foca.iter_membership_state() {
+            let id = m.id();
+            // Our own earlier identities (from before a restart or a rejoin) may be
+            // in the table as Down; we are listed above.
+            if id.id == me.id {
+                continue;
+            }
+            let state = match m.state() {
+                State::Alive => NodeState::Alive,
+                State::Suspect => NodeState::Suspect,
+                State::Down if id.leaving => NodeState::Left,
+                State::Down => NodeState::Dead,
+            };
+            let since = match self.since.get(&id.id) {
+                Some(&(s, t)) if s == state => t,
+                _ => now,
+            };
+            self.since.insert(id.id, (state, since));
+            list.push(MemberInfo { id: id.id, addr: id.addr.clone(), state, state_since: since });
+        }
+        list.sort_by_key(|m| m.id);
+        self.since.retain(|id, _| list.binary_search_by_key(id, |m| m.id).is_ok());
+        self.members.send_if_modified(|current| {
+            if *current == list {
+                false
+            } else {
+                *current = list;
+                true
+            }
+        });
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn tick_opt(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,193 @@
+//! The operator's view of a broker's admin API: where to reach a cluster, and how to
+//! read the broker's answers.
+
+use std::time::Duration;
+
+use eventtermq_proto::v1 as pb;
+use eventtermq_proto::v1::admin_client::AdminClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+use crate::builders;
+use crate::crd::EventterCluster;
+use crate::error::{Error, Result};
+
+/// How the operator connects to brokers.
+#[derive(Clone, Debug)]
+pub struct BrokerConnector {
+    /// Fixed `host:port` used for every cluster instead of its client Service (tests,
+    /// or an operator running outside the cluster with a port-forward).
+    pub address_override: Option<String>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+impl Default for BrokerConnector {
+    fn default() -> Self {
+        Self {
+            address_override: None,
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+impl BrokerConnector {
+    /// `host:port` of the admin API of `cluster`.
+    pub fn address(&self, cluster: &EventterCluster) -> String {
+        if let Some(address) = &self.address_override {
+            return address.clone();
+        }
+        let name = kube::ResourceExt::name_any(cluster);
+        let namespace = kube::ResourceExt::namespace(cluster).unwrap_or_default();
+        builders::client_address(&name, &namespace, cluster.spec.ports.grpc)
+    }
+
+    /// An admin client of the broker at `address`. Connects eagerly so that an
+    /// unreachable broker shows up here, as [`Error::BrokerUnavailable`].
+    pub async fn connect(&self, address: &str) -> Result<Admin> {
+        let unavailable = |message: String| Error::BrokerUnavailable { address: address.to_string(), message };
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| unavailable(format!("bad address: {e}")))?
+            .connect_timeout(self.connect_timeout)
+            .timeout(self.request_timeout);
+        let channel = endpoint.connect().await.map_err(|e| unavailable(error_chain(&e)))?;
+        Ok(Admin { address: address.to_string(), client: AdminClient::new(channel) })
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
+/// How the operator treats a broker's error answer.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The spec itself is refused (InvalidArgument, AlreadyExists with a different
+    /// spec, FailedPrecondition): retrying the same spec cannot help.
+    Rejected(String),
+    /// Something the object depends on is missing (NotFound), e.g. a topic a consumer
+    /// group binds to that another resource has yet to create: retry later.
+    Missing(String),
+}
+
+/// An admin client bound to one broker address.
+#[derive(Clone)]
+pub struct Admin {
+    pub address: String,
+    pub client: AdminClient<Channel>,
+}
+
+/// Outcome of a broker write: the Raft index, or a refusal the status should show.
+pub type WriteOutcome = std::result::Result<u64, Refusal>;
+
+impl Admin {
+    /// Sorts a broker error into a refusal (recorded in the status) or an error
+    /// (retried with backoff).
+    pub fn classify(&self, status: tonic::Status) -> Result<Refusal> {
+        match status.code() {
+            Code::InvalidArgument | Code::AlreadyExists | Code::FailedPrecondition | Code::OutOfRange => {
+                Ok(Refusal::Rejected(status.message().to_string()))
+            }
+            Code::NotFound => Ok(Refusal::Missing(status.message().to_string())),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled | Code::Aborted => {
+                Err(Error::BrokerUnavailable { address: self.address.clone(), message: status.message().to_string() })
+            }
+            _ => Err(Error::Broker { address: self.address.clone(), status }),
+        }
+    }
+
+    fn outcome(
+        &self,
+        result: std::result::Result<tonic::Response<pb::WriteResponse>, tonic::Status>,
+    ) -> Result<WriteOutcome> {
+        match result {
+            Ok(response) => Ok(Ok(response.into_inner().index)),
+            Err(status) => self.classify(status).map(Err),
+        }
+    }
+
+    /// Creates the broker namespace (idempotent).
+    pub async fn ensure_namespace(&mut self, name: &str) -> Result<WriteOutcome> {
+        let result = self.client.create_namespace(pb::CreateNamespaceRequest { name: name.to_string() }).await;
+        self.outcome(result)
+    }
+
+    /// Creates the topic, or brings an existing one to `topic`.
+    ///
+    /// CreateTopic is idempotent for an identical spec; for a different one it answers
+    /// AlreadyExists, and UpdateTopic then changes what may change (the broker refuses
+    /// a new replication factor or fewer shards with FailedPrecondition/InvalidArgument).
+    pub async fn apply_topic(&mut self, namespace: &str, topic: pb::Topic) -> Result<WriteOutcome> {
+        let request = pb::CreateTopicRequest { namespace: namespace.to_string(), topic: Some(topic.clone()) };
+        match self.client.create_topic(request).await {
+            Ok(response) => Ok(Ok(response.into_inner().index)),
+            Err(status) if status.code() == Code::AlreadyExists => {
+                let update = pb::UpdateTopicRequest {
+                    namespace: namespace.to_string(),
+                    name: topic.name,
+                    shards: Some(topic.shards),
+                    replication_factor: Some(topic.replication_factor),
+                    retention: topic.retention,
+                    default_exchange_type: Some(topic.default_exchange_type),
+                };
+                let result = self.client.update_topic(update).await;
+                self.outcome(result)
+            }
+            Err(status) => self.classify(status).map(Err),
+        }
+    }
+
+    /// Deletes a topic; a topic already gone counts as deleted.
+    pub async fn delete_topic(&mut self, namespace: &str, name: &str) -> Result<()> {
+        let request = pb::DeleteTopicRequest { namespace: namespace.to_string(), name: name.to_string() };
+        self.deleted(self.client.clone().delete_topic(request).await)
+    }
+
+    /// Creates the consumer group (idempotent for an identical spec; the broker has no
+    /// update, so a different spec is refused with AlreadyExists).
+    pub async fn apply_consumer_group(&mut self, namespace: &str, group: pb::ConsumerGroup) -> Result<WriteOutcome> {
+        let request = pb::CreateConsumerGroupRequest { namespace: namespace.to_string(), consumer_group: Some(group) };
+        let result = self.client.create_consumer_group(request).await;
+        self.outcome(result)
+    }
+
+    /// Deletes a consumer group; a group already gone counts as deleted.
+    pub async fn delete_consumer_group(&mut self, namespace: &str, name: &str) -> Result<()> {
+        let request = pb::DeleteConsumerGroupRequest { namespace: namespace.to_string(), name: name.to_string() };
+        self.deleted(self.client.clone().delete_consumer_group(request).await)
+    }
+
+    fn deleted(&self, result: std::result::Result<tonic::Response<pb::WriteResponse>, tonic::Status>) -> Result<()> {
+        match result {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == Code::NotFound => Ok(()),
+            Err(status) => match self.classify(status)? {
+                Refusal::Rejected(message) | Refusal::Missing(message) => Err(Error::Broker {
+                    address: self.address.clone(),
+                    status: tonic::Status::failed_precondition(message),
+                }),
+            },
+        }
+    }
+
+    /// The cluster state and Raft view of the answering broker (linearizable read).
+    pub async fn dump(&mut self) -> Result<pb::DumpResponse> {
+        match self.client.dump(pb::DumpRequest { stale: false }).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => match self.classify(status)? {
+                Refusal::Rejected(message) | Refusal::Missing(message) => Err(Error::Broker {
+                    address: self.address.clone(),
+                    status: tonic::Status::failed_precondition(message),
+                }),
+            },
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! Pure functions from an [`EventterCluster`] to the objects the operator owns for it.
+//!
+//! Nothing here talks to the API server: the reconciler applies whatever these return
+//! with server-side apply, and the golden tests compare them with files under
+//! `operator/tests/golden/`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::crd::EventterCluster;
+
+/// Field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "eventter-operator";
+/// gRPC health service the broker reports SERVING once it knows a Raft leader.
+pub const READINESS_SERVICE: &str = "eventter.v1.Admin";
+/// UID (and GID) the broker runs as: "nonroot" of distroless-style images.
+pub const BROKER_UID: i64 = 65532;
+/// Where the broker's volume is mounted.
+pub const DATA_DIR: &str = "/data";
+/// Name of the broker's volume claim template (and so of its PVCs' prefix).
+pub const DATA_VOLUME: &str = "data";
+/// Name of the broker container.
+pub const BROKER_CONTAINER: &str = "broker";
+/// Cluster DNS domain the advertised pod names are built on.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// Grace period of a broker pod: time to leave the cluster and flush segments.
+pub const TERMINATION_GRACE_PERIOD_SECONDS: i64 = 60;
+
+/// Labels every object of a cluster carries.
+pub fn labels(cluster_name: &str) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(cluster_name);
+    labels.insert("app.kubernetes.io/managed-by".into(), FIELD_MANAGER.into());
+    labels
+}
+
+/// Labels that select a cluster's broker pods. Never change them: a StatefulSet's
+/// selector is immutable.
+pub fn selector_labels(cluster_name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "eventtermq".to_string()),
+        ("app.kubernetes.io/instance".to_string(), cluster_name.to_string()),
+    ])
+}
+
+/// Name of the headless Service that gives every broker pod a DNS name.
+pub fn headless_service_name(cluster_name: &str) -> String {
+    format!("{cluster_name}-nodes")
+}
+
+/// Address (`host:port`) broker pod `ordinal` advertises and others join through.
+pub fn pod_address(cluster_name: &str, namespace: &str, ordinal: i32, port: i32) -> String {
+    format!("{cluster_name}-{ordinal}.{}.{namespace}.svc.{CLUSTER_DOMAIN}:{port}", headless_service_name(cluster_name))
+}
+
+/// Address of the client Service: what the operator calls the admin API on.
+pub fn client_address(cluster_name: &str, namespace: &str, port: i32) -> String {
+    format!("{cluster_name}.{namespace}.svc.{CLUSTER_DOMAIN}:{port}")
+}
+
+fn metadata(cluster: &EventterCluster, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: cluster.namespace(),
+        labels: Some(labels(&cluster.name_any())),
+        owner_references: owner_reference(cluster).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn owner_reference(cluster: &EventterCluster) -> Option<OwnerReference> {
+    cluster.controller_owner_ref(&())
+}
+
+fn port(name: &str, port: i32, protocol: &str) -> ServicePort {
+    ServicePort {
+        name: Some(name.to_string()),
+        port,
+        target_port: Some(IntOrString::String(name.to_string())),
+        protocol: Some(protocol.to_string()),
+        ..ServicePort::default()
+    }
+}
+
+/// Headless Service `<name>-nodes`: one DNS record per broker pod, published before
+/// the pods are ready so that gossip and Raft can form the cluster in the first place.
+pub fn headless_service(cluster: &EventterCluster) -> Service {
+    let name = cluster.name_any();
+    let ports = &cluster.spec.ports;
+    Service {
+        metadata: metadata(cluster, headless_service_name(&name)),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector_labels(&name)),
+            ports: Some(vec![
+                port("grpc", ports.grpc, "TCP"),
+                port("gossip", ports.grpc, "UDP"),
+                port("amqp", ports.amqp, "TCP"),
+            ]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// Client Service `<name>`: load-balances clients (and the operator) over ready brokers.
+pub fn client_service(cluster: &EventterCluster) -> Service {
+    let name = cluster.name_any();
+    let ports = &cluster.spec.ports;
+    Service {
+        metadata: metadata(cluster, name.clone()),
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels(&name)),
+            ports: Some(vec![port("grpc", ports.grpc, "TCP"), port("amqp", ports.amqp, "TCP")]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// Command-line arguments of the broker container.
+pub fn broker_args(cluster: &EventterCluster) -> Vec<String> {
+    let name = cluster.name_any();
+    let namespace = cluster.namespace().unwrap_or_default();
+    let spec = &cluster.spec;
+    let join: Vec<String> =
+        (0..spec.replicas).map(|ordinal| pod_address(&name, &namespace, ordinal, spec.ports.grpc)).collect();
+    let mut args = vec![
+        "--dir".to_string(),
+        DATA_DIR.to_string(),
+        "--port".to_string(),
+        spec.ports.grpc.to_string(),
+        "--advertise-host".to_string(),
+        // Expanded by the kubelet from the POD_NAME environment variable.
+        format!("$(POD_NAME).{}.{namespace}.svc.{CLUSTER_DOMAIN}", headless_service_name(&name)),
+        "--join".to_string(),
+        join.join(","),
+        "--bootstrap-expect".to_string(),
+        spec.replicas.to_string(),
+        "--log-format".to_string(),
+        "json".to_string(),
+    ];
+    let b = &spec.broker;
+    let settings = [
+        ("--heartbeat-interval-ms", b.heartbeat_interval_ms),
+        ("--election-timeout-min-ms", b.election_timeout_min_ms),
+        ("--election-timeout-max-ms", b.election_timeout_max_ms),
+        ("--voters-count-max", b.voters_count_max),
+        ("--dead-node-removal-ms", b.dead_node_removal_ms),
+        ("--request-timeout-ms", b.request_timeout_ms),
+        ("--gossip-probe-period-ms", b.gossip_probe_period_ms),
+        ("--gossip-suspect-to-down-ms", b.gossip_suspect_to_down_ms),
+    ];
+    for (flag, value) in settings {
+        if let Some(value) = value {
+            args.push(flag.to_string());
+            args.push(value.to_string());
+        }
+    }
+    args
+}
+
+fn grpc_probe(port: i32, service: &str, initial_delay_seconds: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        grpc: Some(GRPCAction { port, service: Some(service.to_string()) }),
+        initial_delay_seconds: Some(initial_delay_seconds),
+        period_seconds: Some(5),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failure_threshold),
+        ..Probe::default()
+    }
+}
+
+fn broker_container(cluster: &EventterCluster) -> Container {
+    let spec = &cluster.spec;
+    let ports = &spec.ports;
+    let container_port = |name: &str, port: i32, protocol: &str| ContainerPort {
+        name: Some(name.to_string()),
+        container_port: port,
+        protocol: Some(protocol.to_string()),
+        ..ContainerPort::default()
+    };
+    Container {
+        name: BROKER_CONTAINER.to_string(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
+        args: Some(broker_args(cluster)),
+        env: Some(vec![EnvVar {
+            name: "POD_NAME".to_string(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".to_string(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        }]),
+        ports: Some(vec![
+            container_port("grpc", ports.grpc, "TCP"),
+            container_port("gossip", ports.grpc, "UDP"),
+            container_port("amqp", ports.amqp, "TCP"),
+        ]),
+        // Ready once the broker knows a Raft leader (it reports that per service).
+        readiness_probe: Some(grpc_probe(ports.grpc, READINESS_SERVICE, 0, 3)),
+        // Alive while the gRPC server answers at all; generous, so that a broker
+        // replaying a long log at start-up is not killed.
+        liveness_probe: Some(grpc_probe(ports.grpc, "", 30, 6)),
+        resources: spec.resources.clone(),
+        volume_mounts: Some(vec![VolumeMount {
+            name: DATA_VOLUME.to_string(),
+            mount_path: DATA_DIR.to_string(),
+            ..VolumeMount::default()
+        }]),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(BROKER_UID),
+            run_as_group: Some(BROKER_UID),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_string()]), add: None }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    }
+}
+
+fn non_empty<T>(items: &[T]) -> Option<Vec<T>>
+where
+    T: Clone,
+{
+    (!items.is_empty()).then(|| items.to_vec())
+}
+
+fn non_empty_map(map: &BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
+    (!map.is_empty()).then(|| map.clone())
+}
+
+/// StatefulSet `<name>`: the broker pods, each with its own volume.
+pub fn stateful_set(cluster: &EventterCluster) -> StatefulSet {
+    let name = cluster.name_any();
+    let spec = &cluster.spec;
+    let pod = &spec.pod;
+    // Operator labels last, so a user label cannot break the selector.
+    let mut pod_labels = pod.labels.clone();
+    pod_labels.extend(labels(&name));
+    StatefulSet {
+        metadata: metadata(cluster, name.clone()),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(spec.replicas),
+            service_name: Some(headless_service_name(&name)),
+            // Brokers wait for each other (--bootstrap-expect): start them together.
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector { match_labels: Some(selector_labels(&name)), match_expressions: None },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: non_empty_map(&pod.annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![broker_container(cluster)],
+                    termination_grace_period_seconds: Some(TERMINATION_GRACE_PERIOD_SECONDS),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(BROKER_UID),
+                        run_as_group: Some(BROKER_UID),
+                        fs_group: Some(BROKER_UID),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_string(),
+                            localhost_profile: None,
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    affinity: pod.affinity.clone(),
+                    tolerations: non_empty(&pod.tolerations),
+                    node_selector: non_empty_map(&pod.node_selector),
+                    topology_spread_constraints: non_empty(&pod.topology_spread_constraints),
+                    priority_class_name: pod.priority_class_name.clone(),
+                    ..PodSpec::default()
+                }),
+            },
+            volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some(DATA_VOLUME.to_string()),
+                    labels: Some(selector_labels(&name)),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(PersistentVolumeClaimSpec {
+                    access_modes: Some(vec!["ReadWriteOnce".to_string()]),
+                    storage_class_name: spec.storage.storage_class_name.clone(),
+                    resources: Some(VolumeResourceRequirements {
+                        requests: Some(BTreeMap::from([("storage".to_string(), Quantity(spec.storage.size.clone()))])),
+                        limits: None,
+                    }),
+                    ..PersistentVolumeClaimSpec::default()
+                }),
+                status: None,
+            }]),
+            ..StatefulSetSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// PodDisruptionBudget `<name>`: voluntary disruptions (drains) take one broker at a
+/// time, so a Raft majority survives them.
+pub fn pod_disruption_budget(cluster: &EventterCluster) -> PodDisruptionBudget {
+    let name = cluster.name_any();
+    PodDisruptionBudget {
+        metadata: metadata(cluster, name.clone()),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector { match_labels: Some(selector_labels(&name)), match_expressions: None }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        status: None,
+    }
+}

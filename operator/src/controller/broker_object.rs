@@ -1,0 +1,324 @@
+//! Reconciler of the resources that live inside a broker cluster: `Topic` and
+//! `ConsumerGroup`. Both follow the same steps, so one generic reconciler serves both
+//! through [`BrokerObject`].
+//!
+//! Apply: find the EventterCluster, ensure the broker namespace, create (or update)
+//! the object in the broker, record the outcome in the Ready condition. Cleanup (the
+//! finalizer): delete it from the broker unless `deletionPolicy: Retain`.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventtermq_proto::v1 as pb;
+use futures::StreamExt;
+use k8s_openapi::NamespaceResourceScope;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{watcher, Controller};
+use kube::{Api, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{apply_status, condition, error_policy, find_condition, object_key, Context, READY};
+use crate::broker::{Admin, Refusal, WriteOutcome};
+use crate::crd::{
+    parse_duration_ms, BrokerObjectStatus, ConsumerGroup, DeletionPolicy, EventterCluster, ExchangeType, Topic,
+};
+use crate::error::{Error, Result};
+
+/// How often an object in sync is checked again (the broker may have lost or changed
+/// it without Kubernetes knowing).
+pub const RESYNC_PERIOD: Duration = Duration::from_secs(300);
+/// Retry delay while the EventterCluster or a dependency (a bound topic) is missing.
+pub const DEPENDENCY_RETRY_DELAY: Duration = Duration::from_secs(15);
+
+/// What to create in the broker.
+pub enum BrokerWrite {
+    Topic(pb::Topic),
+    ConsumerGroup(pb::ConsumerGroup),
+}
+
+/// A custom resource that mirrors an object inside a broker cluster.
+pub trait BrokerObject:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + Debug
+    + Serialize
+    + DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+    /// Controller name in logs and metrics.
+    const CONTROLLER: &'static str;
+    /// Finalizer that keeps the resource until the broker object is gone.
+    const FINALIZER: &'static str;
+    /// Human name of the kind in messages ("topic", "consumer group").
+    const NOUN: &'static str;
+
+    fn cluster_ref(&self) -> &str;
+    fn broker_namespace(&self) -> &str;
+    /// Name in the broker: `spec.name`, else `metadata.name`.
+    fn broker_name(&self) -> String;
+    fn deletion_policy(&self) -> DeletionPolicy;
+    fn current_status(&self) -> Option<&BrokerObjectStatus>;
+    /// The broker object the spec asks for, or why the spec cannot be turned into one.
+    fn desired(&self) -> std::result::Result<BrokerWrite, String>;
+}
+
+impl BrokerObject for Topic {
+    const CONTROLLER: &'static str = "topic";
+    const FINALIZER: &'static str = "eventter.io/topic";
+    const NOUN: &'static str = "topic";
+
+    fn cluster_ref(&self) -> &str {
+        &self.spec.cluster_ref
+    }
+
+    fn broker_namespace(&self) -> &str {
+        &self.spec.namespace
+    }
+
+    fn broker_name(&self) -> String {
+        self.spec.name.clone().unwrap_or_else(|| self.name_any())
+    }
+
+    fn deletion_policy(&self) -> DeletionPolicy {
+        self.spec.deletion_policy
+    }
+
+    fn current_status(&self) -> Option<&BrokerObjectStatus> {
+        self.status.as_ref()
+    }
+
+    fn desired(&self) -> std::result::Result<BrokerWrite, String> {
+        let spec = &self.spec;
+        let retention_ms = parse_duration_ms(&spec.retention).ok_or_else(|| {
+            format!("retention: {:?} is not a duration such as \"0\", \"7d\" or \"1h30m\"", spec.retention)
+        })?;
+        Ok(BrokerWrite::Topic(pb::Topic {
+            name: self.broker_name(),
+            shards: spec.shards,
+            replication_factor: spec.replication_factor,
+            retention: Some(duration_to_pb(retention_ms)),
+            default_exchange_type: spec.default_exchange_type.as_str().to_string(),
+            under_replicated: false,
+        }))
+    }
+}
+
+impl BrokerObject for ConsumerGroup {
+    const CONTROLLER: &'static str = "consumergroup";
+    const FINALIZER: &'static str = "eventter.io/consumergroup";
+    const NOUN: &'static str = "consumer group";
+
+    fn cluster_ref(&self) -> &str {
+        &self.spec.cluster_ref
+    }
+
+    fn broker_namespace(&self) -> &str {
+        &self.spec.namespace
+    }
+
+    fn broker_name(&self) -> String {
+        self.spec.name.clone().unwrap_or_else(|| self.name_any())
+    }
+
+    fn deletion_policy(&self) -> DeletionPolicy {
+        self.spec.deletion_policy
+    }
+
+    fn current_status(&self) -> Option<&BrokerObjectStatus> {
+        self.status.as_ref()
+    }
+
+    fn desired(&self) -> std::result::Result<BrokerWrite, String> {
+        let spec = &self.spec;
+        let bindings = spec
+            .bindings
+            .iter()
+            .map(|b| pb::Binding {
+                topic: b.topic.clone(),
+                exchange_type: b.exchange_type.map(ExchangeType::as_str).unwrap_or_default().to_string(),
+                routing_key: b.routing_key.clone().unwrap_or_default(),
+                headers: b.headers.clone().into_iter().collect(),
+                headers_match: b.headers_match.map(|m| m.as_str()).unwrap_or_default().to_string(),
+            })
+            .collect();
+        let since = spec
+            .since
+            .as_ref()
+            .map(|t| prost_types::Timestamp { seconds: t.0.as_second(), nanos: t.0.subsec_nanosecond() });
+        Ok(BrokerWrite::ConsumerGroup(pb::ConsumerGroup { name: self.broker_name(), bindings, size: spec.size, since }))
+    }
+}
+
+fn duration_to_pb(ms: u64) -> prost_types::Duration {
+    prost_types::Duration { seconds: (ms / 1000) as i64, nanos: ((ms % 1000) * 1_000_000) as i32 }
+}
+
+/// Reconciles one Topic or ConsumerGroup.
+pub async fn reconcile<K: BrokerObject>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started(K::CONTROLLER);
+    let key = object_key(obj.as_ref());
+    let namespace = obj.namespace().ok_or_else(|| Error::InvalidObject(format!("{key} has no namespace")))?;
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    let action = finalizer(&api, K::FINALIZER, obj, |event| async {
+        match event {
+            FinalizerEvent::Apply(obj) => apply(obj, &ctx, &api, &namespace).await,
+            FinalizerEvent::Cleanup(obj) => cleanup(obj, &ctx, &namespace).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))?;
+    ctx.succeeded(&key);
+    Ok(action)
+}
+
+/// Records the Ready condition (and an event when it changes), skipping the write
+/// when nothing changed.
+async fn set_ready<K: BrokerObject>(
+    obj: &K,
+    ctx: &Context,
+    api: &Api<K>,
+    ready: bool,
+    reason: &str,
+    message: String,
+    cluster_state_index: Option<u64>,
+) -> Result<()> {
+    let previous = obj.current_status().cloned().unwrap_or_default();
+    let ready_condition = condition(&previous.conditions, READY, ready, reason, message.clone(), obj.meta().generation);
+    let changed = find_condition(&previous.conditions, READY)
+        .is_none_or(|c| c.status != ready_condition.status || c.reason != ready_condition.reason);
+    let status = BrokerObjectStatus {
+        conditions: vec![ready_condition],
+        observed_generation: obj.meta().generation,
+        cluster_state_index: cluster_state_index.or(previous.cluster_state_index),
+    };
+    if status != previous {
+        apply_status(api, &obj.name_any(), &status).await?;
+    }
+    if changed {
+        let type_ = if ready { EventType::Normal } else { EventType::Warning };
+        ctx.publish(obj, type_, reason, message).await;
+    }
+    Ok(())
+}
+
+async fn apply<K: BrokerObject>(obj: Arc<K>, ctx: &Context, api: &Api<K>, namespace: &str) -> Result<Action> {
+    let clusters: Api<EventterCluster> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(cluster) = clusters.get_opt(obj.cluster_ref()).await? else {
+        let message = format!("EventterCluster {:?} not found in namespace {namespace:?}", obj.cluster_ref());
+        set_ready(obj.as_ref(), ctx, api, false, "ClusterNotFound", message, None).await?;
+        return Ok(Action::requeue(DEPENDENCY_RETRY_DELAY));
+    };
+    let write = match obj.desired() {
+        Ok(write) => write,
+        Err(message) => {
+            set_ready(obj.as_ref(), ctx, api, false, "Rejected", message, None).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let address = ctx.broker.address(&cluster);
+    let outcome = match write_to_broker(ctx, &address, obj.broker_namespace(), write).await {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            if matches!(error, Error::BrokerUnavailable { .. }) {
+                set_ready(obj.as_ref(), ctx, api, false, "BrokerUnavailable", error.to_string(), None).await?;
+            }
+            return Err(error);
+        }
+    };
+    match outcome {
+        Ok(index) => {
+            let message = format!(
+                "{} {:?} is in sync in broker namespace {:?}",
+                K::NOUN,
+                obj.broker_name(),
+                obj.broker_namespace()
+            );
+            set_ready(obj.as_ref(), ctx, api, true, "Synced", message, Some(index)).await?;
+            Ok(Action::requeue(RESYNC_PERIOD))
+        }
+        Err(Refusal::Rejected(message)) => {
+            // The same spec will be refused again: wait for the user to change it.
+            set_ready(obj.as_ref(), ctx, api, false, "Rejected", message, None).await?;
+            Ok(Action::await_change())
+        }
+        Err(Refusal::Missing(message)) => {
+            set_ready(obj.as_ref(), ctx, api, false, "DependencyMissing", message, None).await?;
+            Ok(Action::requeue(DEPENDENCY_RETRY_DELAY))
+        }
+    }
+}
+
+async fn write_to_broker(ctx: &Context, address: &str, namespace: &str, write: BrokerWrite) -> Result<WriteOutcome> {
+    let mut admin: Admin = ctx.broker.connect(address).await?;
+    if let Err(refusal) = admin.ensure_namespace(namespace).await? {
+        return Ok(Err(refusal));
+    }
+    match write {
+        BrokerWrite::Topic(topic) => admin.apply_topic(namespace, topic).await,
+        BrokerWrite::ConsumerGroup(group) => admin.apply_consumer_group(namespace, group).await,
+    }
+}
+
+async fn cleanup<K: BrokerObject>(obj: Arc<K>, ctx: &Context, namespace: &str) -> Result<Action> {
+    let name = obj.broker_name();
+    let broker_namespace = obj.broker_namespace();
+    if obj.deletion_policy() == DeletionPolicy::Retain {
+        let note = format!("{} {name:?} kept in the broker (deletionPolicy Retain)", K::NOUN);
+        ctx.publish(obj.as_ref(), EventType::Normal, "Retained", note).await;
+        return Ok(Action::await_change());
+    }
+    let clusters: Api<EventterCluster> = Api::namespaced(ctx.client.clone(), namespace);
+    let cluster = clusters.get_opt(obj.cluster_ref()).await?;
+    let Some(cluster) = cluster.filter(|c| c.meta().deletion_timestamp.is_none()) else {
+        // The cluster, and with it the broker's copy, is gone or going.
+        return Ok(Action::await_change());
+    };
+    let mut admin = ctx.broker.connect(&ctx.broker.address(&cluster)).await?;
+    match obj.desired() {
+        Ok(BrokerWrite::Topic(_)) => admin.delete_topic(broker_namespace, &name).await?,
+        Ok(BrokerWrite::ConsumerGroup(_)) => admin.delete_consumer_group(broker_namespace, &name).await?,
+        // A spec that never made it into the broker has nothing to delete.
+        Err(_) => return Ok(Action::await_change()),
+    }
+    let note = format!("{} {name:?} deleted from broker namespace {broker_namespace:?}", K::NOUN);
+    ctx.publish(obj.as_ref(), EventType::Normal, "Deleted", note).await;
+    Ok(Action::await_change())
+}
+
+/// Runs the controller of `K` until `shutdown` resolves. Objects are also
+/// reconciled when their EventterCluster changes (e.g. becomes ready).
+pub async fn run<K: BrokerObject>(
+    ctx: Arc<Context>,
+    api: Api<K>,
+    clusters: Api<EventterCluster>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    controller
+        .watches(clusters, watcher::Config::default().any_semantic(), move |cluster: EventterCluster| {
+            let cluster_namespace = cluster.namespace();
+            let cluster_name = cluster.name_any();
+            store
+                .state()
+                .into_iter()
+                .filter(|o| o.namespace() == cluster_namespace && o.cluster_ref() == cluster_name)
+                .map(|o| ObjectRef::from_obj(o.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::<K>, |obj, error, ctx| error_policy(obj, error, ctx, K::CONTROLLER), ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, controller = K::CONTROLLER, "reconcile result");
+            }
+        })
+        .await;
+}

@@ -1,0 +1,214 @@
+//! Reconciler of `EventterCluster`: applies the four child objects with server-side
+//! apply and reports readiness from the StatefulSet and the brokers' own view (Dump).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventtermq_proto::v1 as pb;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::{watcher, Controller};
+use kube::{Api, Resource, ResourceExt};
+
+use super::{apply_status, condition, error_policy, find_condition, object_key, Context, DEGRADED, PROGRESSING, READY};
+use crate::builders::{self, FIELD_MANAGER};
+use crate::crd::{ClusterMember, EventterCluster, EventterClusterStatus};
+use crate::error::{Error, Result};
+
+/// Controller name in logs and metrics.
+pub const CONTROLLER: &str = "eventtercluster";
+/// Recheck period of a ready cluster (members can fail without any Kubernetes event).
+pub const READY_RECHECK_PERIOD: Duration = Duration::from_secs(60);
+/// Recheck period while the cluster forms or recovers.
+pub const NOT_READY_RECHECK_PERIOD: Duration = Duration::from_secs(10);
+
+/// Reconciles one EventterCluster.
+pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started(CONTROLLER);
+    let key = object_key(cluster.as_ref());
+    let namespace = cluster.namespace().ok_or_else(|| Error::InvalidObject(format!("{key} has no namespace")))?;
+    if cluster.meta().deletion_timestamp.is_some() {
+        // Owner references let the garbage collector remove the children.
+        return Ok(Action::await_change());
+    }
+    let client = ctx.client.clone();
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+
+    let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
+    let headless = builders::headless_service(&cluster);
+    services.patch(&headless.name_any(), &params, &Patch::Apply(&headless)).await?;
+    let client_service = builders::client_service(&cluster);
+    services.patch(&client_service.name_any(), &params, &Patch::Apply(&client_service)).await?;
+    let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), &namespace);
+    let desired = builders::stateful_set(&cluster);
+    let stateful_set = stateful_sets.patch(&desired.name_any(), &params, &Patch::Apply(&desired)).await?;
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &namespace);
+    let budget = builders::pod_disruption_budget(&cluster);
+    budgets.patch(&budget.name_any(), &params, &Patch::Apply(&budget)).await?;
+
+    let ready_replicas = stateful_set.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
+    let address = ctx.broker.address(&cluster);
+    let dump = match ctx.broker.connect(&address).await {
+        Ok(mut admin) => admin.dump().await,
+        Err(error) => Err(error),
+    };
+    let status = cluster_status(&cluster, ready_replicas, &dump);
+
+    let previous = cluster.status.clone().unwrap_or_default();
+    if status != previous {
+        let api: Api<EventterCluster> = Api::namespaced(client, &namespace);
+        apply_status(&api, &cluster.name_any(), &status).await?;
+    }
+    publish_transitions(&cluster, &ctx, &previous, &status).await;
+    ctx.succeeded(&key);
+    let ready = find_condition(&status.conditions, READY).is_some_and(|c| c.status == "True");
+    Ok(Action::requeue(if ready { READY_RECHECK_PERIOD } else { NOT_READY_RECHECK_PERIOD }))
+}
+
+/// Events when Ready or Degraded change.
+async fn publish_transitions(
+    cluster: &EventterCluster,
+    ctx: &Context,
+    previous: &EventterClusterStatus,
+    status: &EventterClusterStatus,
+) {
+    for type_ in [READY, DEGRADED] {
+        let Some(now) = find_condition(&status.conditions, type_) else { continue };
+        let before = find_condition(&previous.conditions, type_);
+        if before.is_some_and(|b| b.status == now.status) {
+            continue;
+        }
+        let (event_type, reason) = match (type_, now.status.as_str()) {
+            (READY, "True") => (EventType::Normal, "ClusterReady"),
+            (READY, _) if before.is_some() => (EventType::Warning, "ClusterNotReady"),
+            (DEGRADED, "True") => (EventType::Warning, "ClusterDegraded"),
+            (DEGRADED, _) if before.is_some() => (EventType::Normal, "ClusterRecovered"),
+            // First observation of a not-ready, non-degraded cluster: nothing to say.
+            _ => continue,
+        };
+        ctx.publish(cluster, event_type, reason, now.message.clone()).await;
+    }
+}
+
+fn node_state_name(state: i32) -> &'static str {
+    match pb::NodeState::try_from(state) {
+        Ok(pb::NodeState::Alive) => "Alive",
+        Ok(pb::NodeState::Suspect) => "Suspect",
+        Ok(pb::NodeState::Dead) => "Dead",
+        Ok(pb::NodeState::Left) => "Left",
+        _ => "Unknown",
+    }
+}
+
+/// The status of `cluster` given its StatefulSet's ready pods and a broker's Dump.
+/// Pure, so the condition logic is tested without a cluster.
+pub fn cluster_status(
+    cluster: &EventterCluster,
+    ready_replicas: i32,
+    dump: &Result<pb::DumpResponse>,
+) -> EventterClusterStatus {
+    let previous = cluster.status.clone().unwrap_or_default();
+    let generation = cluster.meta().generation;
+    let replicas = cluster.spec.replicas;
+    let mut status = EventterClusterStatus {
+        ready_replicas,
+        observed_generation: generation,
+        // Without a fresh Dump keep what the brokers last said, marked by conditions.
+        members: previous.members.clone(),
+        leader: previous.leader.clone(),
+        leader_id: previous.leader_id.clone(),
+        cluster_state_index: previous.cluster_state_index,
+        conditions: Vec::new(),
+    };
+    let pods_ready = ready_replicas >= replicas;
+    let (ready, degraded, message) = match dump {
+        Ok(dump) => {
+            let state = dump.state.clone().unwrap_or_default();
+            status.members = state
+                .nodes
+                .iter()
+                .map(|n| ClusterMember {
+                    id: n.id.to_string(),
+                    address: n.address.clone(),
+                    state: node_state_name(n.state).to_string(),
+                    raft_role: n.raft_role.clone(),
+                })
+                .collect();
+            status.cluster_state_index = Some(state.index);
+            let leader = state.nodes.iter().find(|n| n.id == dump.leader_id && dump.leader_id != 0);
+            status.leader_id = (dump.leader_id != 0).then(|| dump.leader_id.to_string());
+            status.leader = leader.map(|n| n.address.split(['.', ':']).next().unwrap_or_default().to_string());
+            let unhealthy: Vec<String> = status
+                .members
+                .iter()
+                .filter(|m| m.state != "Alive")
+                .map(|m| format!("{} ({}) is {}", m.id, m.address, m.state))
+                .collect();
+            if dump.leader_id == 0 {
+                (false, ready_replicas > 0, "the brokers know no Raft leader".to_string())
+            } else if !unhealthy.is_empty() {
+                (pods_ready, true, format!("members not alive: {}", unhealthy.join(", ")))
+            } else if !pods_ready {
+                (false, false, format!("{ready_replicas}/{replicas} broker pods ready"))
+            } else {
+                (true, false, format!("{replicas} brokers ready, leader {}", status.leader.clone().unwrap_or_default()))
+            }
+        }
+        // No pod ready yet: the cluster is still forming, not degraded.
+        Err(error) => (false, ready_replicas > 0, format!("cannot read the cluster state: {error}")),
+    };
+    let progressing = !pods_ready;
+    let progressing_message = format!("{ready_replicas}/{replicas} broker pods ready");
+    let ready_reason = if ready { "ClusterReady" } else { "ClusterNotReady" };
+    status.conditions = vec![
+        condition(&previous.conditions, READY, ready, ready_reason, message.clone(), generation),
+        condition(
+            &previous.conditions,
+            PROGRESSING,
+            progressing,
+            if progressing { "PodsStarting" } else { "PodsReady" },
+            progressing_message,
+            generation,
+        ),
+        condition(
+            &previous.conditions,
+            DEGRADED,
+            degraded,
+            if degraded { "BrokersUnhealthy" } else { "BrokersHealthy" },
+            if degraded { message } else { String::new() },
+            generation,
+        ),
+    ];
+    status
+}
+
+/// Runs the EventterCluster controller until `shutdown` resolves. Changes to (or
+/// deletion of) the owned Services, StatefulSet and PodDisruptionBudget trigger a
+/// reconcile, which applies them again.
+pub async fn run(
+    ctx: Arc<Context>,
+    clusters: Api<EventterCluster>,
+    services: Api<Service>,
+    stateful_sets: Api<StatefulSet>,
+    budgets: Api<PodDisruptionBudget>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=eventter-operator").any_semantic();
+    Controller::new(clusters, watcher::Config::default().any_semantic())
+        .owns(services, owned.clone())
+        .owns(stateful_sets, owned.clone())
+        .owns(budgets, owned)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, |obj, error, ctx| error_policy(obj, error, ctx, CONTROLLER), ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, controller = CONTROLLER, "reconcile result");
+            }
+        })
+        .await;
+}

@@ -1,0 +1,593 @@
+//! Custom resources of the operator: `EventterCluster`, `Topic` and `ConsumerGroup`
+//! (group `eventter.io`, version `v1alpha1`).
+//!
+//! Every field carries a doc comment because it becomes the `description` that
+//! `kubectl explain` prints. Limits mirror the broker's own validation
+//! (`broker/src/cluster_state/validate.rs`) so that most mistakes are refused by the
+//! apiserver before the operator ever talks to a broker. Fields the broker cannot change
+//! after creation carry CEL transition rules (`x-kubernetes-validations`).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every custom resource.
+pub const GROUP: &str = "eventter.io";
+/// API version of every custom resource.
+pub const VERSION: &str = "v1alpha1";
+
+/// Default gRPC (and gossip) port of a broker.
+pub const DEFAULT_GRPC_PORT: i32 = 16000;
+/// Default AMQP port of a broker.
+pub const DEFAULT_AMQP_PORT: i32 = 16001;
+
+// Names as the broker accepts them (validate::name).
+const BROKER_NAME_PATTERN: &str = "^[A-Za-z0-9._-]{1,249}$";
+// "0" (forever) or a sequence of <number><unit>, e.g. "7d", "36h", "1h30m", "500ms".
+const DURATION_PATTERN: &str = "^(0|([0-9]+(ms|s|m|h|d))+)$";
+// A Kubernetes quantity, e.g. "10Gi" or "500M".
+const QUANTITY_PATTERN: &str = "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$";
+// RFC 1123 DNS label: the name of an EventterCluster in the same namespace.
+const DNS_LABEL_PATTERN: &str = "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
+
+/// Desired state of an EventterCluster.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "eventter.io",
+    version = "v1alpha1",
+    kind = "EventterCluster",
+    doc = "An EventterMQ broker cluster: a StatefulSet of broker pods with a headless Service for gossip and Raft, a client Service and a PodDisruptionBudget.",
+    plural = "eventterclusters",
+    singular = "eventtercluster",
+    namespaced,
+    status = "EventterClusterStatus",
+    shortname = "ec",
+    shortname = "emq",
+    category = "eventter",
+    printcolumn = r#"{"name": "Replicas", "type": "integer", "description": "Desired broker pods", "jsonPath": ".spec.replicas"}"#,
+    printcolumn = r#"{"name": "Ready", "type": "integer", "description": "Broker pods passing their readiness probe", "jsonPath": ".status.readyReplicas"}"#,
+    printcolumn = r#"{"name": "Leader", "type": "string", "description": "Raft leader as the brokers report it", "jsonPath": ".status.leader"}"#,
+    printcolumn = r#"{"name": "Status", "type": "string", "description": "Ready condition", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EventterClusterSpec {
+    /// Number of broker pods. Raft voters are capped by broker.votersCountMax; further
+    /// brokers join as learners.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 99))]
+    pub replicas: i32,
+    /// Broker container image, e.g. `localhost/eventtermq:0.1.0`.
+    #[schemars(length(min = 1))]
+    pub image: String,
+    /// Image pull policy of the broker container (Kubernetes default when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<ImagePullPolicy>,
+    /// Persistent volume of each broker, mounted at /data. Immutable: a StatefulSet's
+    /// volume claim templates cannot change.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "storage is immutable"}]))]
+    pub storage: StorageSpec,
+    /// Compute resources of the broker container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Ports the brokers listen on.
+    #[serde(default)]
+    pub ports: PortsSpec,
+    /// Broker settings, passed to every broker as command-line flags. Unset fields keep
+    /// the broker's defaults.
+    #[serde(default)]
+    pub broker: BrokerSettings,
+    /// Additions to the broker pods: metadata and scheduling.
+    #[serde(default)]
+    pub pod: PodOverrides,
+}
+
+fn default_replicas() -> i32 {
+    3
+}
+
+/// When the kubelet pulls the broker image.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ImagePullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl ImagePullPolicy {
+    /// The value Kubernetes expects in a container spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
+}
+
+/// Persistent storage of each broker pod.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Requested size of each broker's volume, as a Kubernetes quantity.
+    #[serde(default = "default_storage_size")]
+    #[schemars(regex(pattern = QUANTITY_PATTERN))]
+    pub size: String,
+    /// StorageClass of the volumes (the cluster's default class when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+fn default_storage_size() -> String {
+    "10Gi".to_string()
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        Self { size: default_storage_size(), storage_class_name: None }
+    }
+}
+
+/// Container ports of the brokers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortsSpec {
+    /// gRPC port (TCP); gossip uses the same number over UDP.
+    #[serde(default = "default_grpc_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub grpc: i32,
+    /// AMQP port (TCP).
+    #[serde(default = "default_amqp_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub amqp: i32,
+}
+
+fn default_grpc_port() -> i32 {
+    DEFAULT_GRPC_PORT
+}
+
+fn default_amqp_port() -> i32 {
+    DEFAULT_AMQP_PORT
+}
+
+impl Default for PortsSpec {
+    fn default() -> Self {
+        Self { grpc: DEFAULT_GRPC_PORT, amqp: DEFAULT_AMQP_PORT }
+    }
+}
+
+/// Broker tuning; each field maps to the broker flag of the same name
+/// (`heartbeatIntervalMs` -> `--heartbeat-interval-ms`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.electionTimeoutMinMs) || !has(self.electionTimeoutMaxMs) || self.electionTimeoutMinMs < self.electionTimeoutMaxMs",
+    "message": "electionTimeoutMinMs must be below electionTimeoutMaxMs"
+}]))]
+pub struct BrokerSettings {
+    /// Raft heartbeat interval in milliseconds (broker default 150).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 60000))]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// Lower bound of the Raft election timeout in milliseconds (broker default 500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 50, max = 600000))]
+    pub election_timeout_min_ms: Option<u64>,
+    /// Upper bound of the Raft election timeout in milliseconds (broker default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 50, max = 600000))]
+    pub election_timeout_max_ms: Option<u64>,
+    /// Raft voters at most; further brokers stay learners (broker default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 99))]
+    pub voters_count_max: Option<u64>,
+    /// A broker DEAD or LEFT this long is removed from the cluster, in milliseconds
+    /// (broker default 300000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1000))]
+    pub dead_node_removal_ms: Option<u64>,
+    /// How long an API request may wait for a leader, forwarding and commit, in
+    /// milliseconds (broker default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 100))]
+    pub request_timeout_ms: Option<u64>,
+    /// Gossip probe period in milliseconds (broker default when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10))]
+    pub gossip_probe_period_ms: Option<u64>,
+    /// How long gossip keeps a member SUSPECT before declaring it DOWN, in milliseconds
+    /// (broker default when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10))]
+    pub gossip_suspect_to_down_ms: Option<u64>,
+}
+
+/// Additions to the broker pod template.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodOverrides {
+    /// Extra labels of the broker pods (the operator's own labels win on conflict).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra annotations of the broker pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Affinity of the broker pods, e.g. anti-affinity to spread them over nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Tolerations of the broker pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Node selector of the broker pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Topology spread constraints of the broker pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// PriorityClass of the broker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+}
+
+/// Observed state of an EventterCluster.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EventterClusterStatus {
+    /// Ready, Progressing and Degraded conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Broker pods passing their readiness probe.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Members as the brokers report them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<ClusterMember>,
+    /// Pod (first label of the address) of the Raft leader, when one is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// Node id of the Raft leader, in decimal, when one is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_id: Option<String>,
+    /// Raft log index of the cluster state the status was read from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_state_index: Option<u64>,
+    /// metadata.generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// One broker as the cluster state lists it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterMember {
+    /// Node id, in decimal (a string because ids use all 64 bits).
+    pub id: String,
+    /// host:port other brokers and clients use to reach it.
+    pub address: String,
+    /// Gossip state: Alive, Suspect, Dead, Left or Unknown.
+    pub state: String,
+    /// Raft role: voter, learner, or empty when not (yet) a member.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub raft_role: String,
+}
+
+/// Exchange type: how a consumer group's binding matches messages of a topic.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ExchangeType {
+    #[default]
+    Fanout,
+    Direct,
+    Topic,
+    Headers,
+}
+
+impl ExchangeType {
+    /// The name the broker API uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fanout => "fanout",
+            Self::Direct => "direct",
+            Self::Topic => "topic",
+            Self::Headers => "headers",
+        }
+    }
+}
+
+/// What happens in the broker when the custom resource is deleted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DeletionPolicy {
+    #[default]
+    Delete,
+    Retain,
+}
+
+/// Desired state of a Topic.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "eventter.io",
+    version = "v1alpha1",
+    kind = "Topic",
+    doc = "A topic in an EventterMQ cluster, kept in sync with the broker.",
+    plural = "topics",
+    singular = "topic",
+    namespaced,
+    status = "BrokerObjectStatus",
+    shortname = "etopic",
+    category = "eventter",
+    printcolumn = r#"{"name": "Cluster", "type": "string", "description": "EventterCluster the topic lives in", "jsonPath": ".spec.clusterRef"}"#,
+    printcolumn = r#"{"name": "Shards", "type": "integer", "jsonPath": ".spec.shards"}"#,
+    printcolumn = r#"{"name": "RF", "type": "integer", "description": "Replication factor", "jsonPath": ".spec.replicationFactor"}"#,
+    printcolumn = r#"{"name": "Retention", "type": "string", "jsonPath": ".spec.retention"}"#,
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.name) == has(oldSelf.name) && (!has(self.name) || self.name == oldSelf.name)",
+    "message": "name is immutable"
+}]))]
+pub struct TopicSpec {
+    /// Name of the EventterCluster (in the same Kubernetes namespace) that holds the
+    /// topic. Immutable.
+    #[schemars(regex(pattern = DNS_LABEL_PATTERN))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "clusterRef is immutable"}]))]
+    pub cluster_ref: String,
+    /// Broker namespace of the topic (created when missing). Immutable.
+    #[serde(default = "default_broker_namespace")]
+    #[schemars(regex(pattern = BROKER_NAME_PATTERN))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "namespace is immutable"}]))]
+    pub namespace: String,
+    /// Topic name in the broker (default: metadata.name). Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = BROKER_NAME_PATTERN))]
+    pub name: Option<String>,
+    /// Maximum number of open segments (parallel write streams); can only grow.
+    #[serde(default = "default_shards")]
+    #[schemars(range(min = 1, max = 1024))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self >= oldSelf", "message": "shards can only grow"}]))]
+    pub shards: u32,
+    /// Copies of every segment. Immutable.
+    #[serde(default = "default_replication_factor")]
+    #[schemars(range(min = 1, max = 7))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "replicationFactor is immutable"}]))]
+    pub replication_factor: u32,
+    /// How long closed segments are kept: "0" keeps them forever, otherwise a sequence
+    /// of <number><unit> with units ms, s, m, h, d (e.g. "7d", "1h30m").
+    #[serde(default = "default_retention")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub retention: String,
+    /// Exchange type of bindings that do not name one.
+    #[serde(default)]
+    pub default_exchange_type: ExchangeType,
+    /// Delete removes the topic from the broker when this resource is deleted; Retain
+    /// keeps it.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+fn default_broker_namespace() -> String {
+    "default".to_string()
+}
+
+fn default_shards() -> u32 {
+    1
+}
+
+fn default_replication_factor() -> u32 {
+    3
+}
+
+fn default_retention() -> String {
+    "0".to_string()
+}
+
+/// Observed state of a Topic or ConsumerGroup.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BrokerObjectStatus {
+    /// The Ready condition: True once the broker holds the object as specified; False
+    /// with the broker's message when it refused the spec or could not be reached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// metadata.generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Raft log index at which the broker applied (or confirmed) the object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_state_index: Option<u64>,
+}
+
+/// Desired state of a ConsumerGroup.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "eventter.io",
+    version = "v1alpha1",
+    kind = "ConsumerGroup",
+    doc = "A consumer group in an EventterMQ cluster: a named subscription to one or more topics.",
+    plural = "consumergroups",
+    singular = "consumergroup",
+    namespaced,
+    status = "BrokerObjectStatus",
+    shortname = "ecg",
+    category = "eventter",
+    printcolumn = r#"{"name": "Cluster", "type": "string", "description": "EventterCluster the group lives in", "jsonPath": ".spec.clusterRef"}"#,
+    printcolumn = r#"{"name": "Size", "type": "integer", "jsonPath": ".spec.size"}"#,
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.name) == has(oldSelf.name) && (!has(self.name) || self.name == oldSelf.name)",
+    "message": "name is immutable"
+}]))]
+pub struct ConsumerGroupSpec {
+    /// Name of the EventterCluster (in the same Kubernetes namespace) that holds the
+    /// group. Immutable.
+    #[schemars(regex(pattern = DNS_LABEL_PATTERN))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "clusterRef is immutable"}]))]
+    pub cluster_ref: String,
+    /// Broker namespace of the group and of its topics (created when missing). Immutable.
+    #[serde(default = "default_broker_namespace")]
+    #[schemars(regex(pattern = BROKER_NAME_PATTERN))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "namespace is immutable"}]))]
+    pub namespace: String,
+    /// Group name in the broker (default: metadata.name). Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = BROKER_NAME_PATTERN))]
+    pub name: Option<String>,
+    /// Topics the group reads, and which of their messages.
+    #[schemars(length(min = 1, max = 1024))]
+    pub bindings: Vec<ConsumerGroupBinding>,
+    /// In-memory buffer of the group, in messages.
+    #[serde(default = "default_group_size")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub size: u32,
+    /// Where a new group starts reading (RFC 3339 time); unset means when it was
+    /// created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    /// Delete removes the group from the broker when this resource is deleted; Retain
+    /// keeps it.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+fn default_group_size() -> u32 {
+    10_000
+}
+
+/// One topic a consumer group reads.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerGroupBinding {
+    /// Topic name in the group's broker namespace.
+    #[schemars(regex(pattern = BROKER_NAME_PATTERN))]
+    pub topic: String,
+    /// Exchange type of this binding (default: the topic's default exchange type).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exchange_type: Option<ExchangeType>,
+    /// direct: the routing key; topic: the pattern (`*` one word, `#` zero or more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing_key: Option<String>,
+    /// headers exchange: the headers to match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// headers exchange: whether all headers (default) or any of them must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_match: Option<HeadersMatch>,
+}
+
+/// How a headers binding matches.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadersMatch {
+    #[default]
+    All,
+    Any,
+}
+
+impl HeadersMatch {
+    /// The name the broker API uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Any => "any",
+        }
+    }
+}
+
+/// Parses a retention/duration string as the CRD pattern allows it ("0", "7d",
+/// "1h30m", "500ms") into milliseconds.
+pub fn parse_duration_ms(value: &str) -> Option<u64> {
+    if value == "0" {
+        return Some(0);
+    }
+    let mut rest = value;
+    let mut total_ms: u64 = 0;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        if digits == 0 {
+            return None;
+        }
+        let number: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit_ms, len) = if rest.starts_with("ms") {
+            (1, 2)
+        } else if rest.starts_with('s') {
+            (1_000, 1)
+        } else if rest.starts_with('m') {
+            (60_000, 1)
+        } else if rest.starts_with('h') {
+            (3_600_000, 1)
+        } else if rest.starts_with('d') {
+            (86_400_000, 1)
+        } else {
+            return None;
+        };
+        rest = &rest[len..];
+        total_ms = total_ms.checked_add(number.checked_mul(unit_ms)?)?;
+    }
+    Some(total_ms)
+}
+
+/// All CRDs of the operator, in a stable order.
+pub fn all_crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
+    use kube::CustomResourceExt;
+    vec![EventterCluster::crd(), Topic::crd(), ConsumerGroup::crd()]
+}
+
+/// Each CRD as a YAML document with the file name it has under `crds/`.
+pub fn crd_files() -> Result<Vec<(&'static str, String)>, serde_norway::Error> {
+    let names = ["eventterclusters.yaml", "topics.yaml", "consumergroups.yaml"];
+    names.into_iter().zip(all_crds()).map(|(file, crd)| Ok((file, serde_norway::to_string(&crd)?))).collect()
+}
+
+/// The CRDs as multi-document YAML, as `eventter-operator crd` prints them.
+pub fn crds_yaml() -> Result<String, serde_norway::Error> {
+    let mut out = String::new();
+    for (_, yaml) in crd_files()? {
+        out.push_str("---\n");
+        out.push_str(&yaml);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_as_the_pattern_allows() {
+        assert_eq!(parse_duration_ms("0"), Some(0));
+        assert_eq!(parse_duration_ms("500ms"), Some(500));
+        assert_eq!(parse_duration_ms("7d"), Some(7 * 86_400_000));
+        assert_eq!(parse_duration_ms("1h30m"), Some(5_400_000));
+        assert_eq!(parse_duration_ms(""), None);
+        assert_eq!(parse_duration_ms("10"), None);
+        assert_eq!(parse_duration_ms("h"), None);
+        assert_eq!(parse_duration_ms("5w"), None);
+    }
+
+    #[test]
+    fn spec_defaults_fill_in() {
+        let spec: TopicSpec = serde_json::from_value(serde_json::json!({"clusterRef": "emq"})).unwrap();
+        assert_eq!(spec.namespace, "default");
+        assert_eq!(spec.shards, 1);
+        assert_eq!(spec.replication_factor, 3);
+        assert_eq!(spec.retention, "0");
+        assert_eq!(spec.deletion_policy, DeletionPolicy::Delete);
+        let spec: EventterClusterSpec = serde_json::from_value(serde_json::json!({"image": "x"})).unwrap();
+        assert_eq!(spec.replicas, 3);
+        assert_eq!(spec.ports.grpc, 16000);
+        assert_eq!(spec.storage.size, "10Gi");
+    }
+}

@@ -1,0 +1,165 @@
+//! `eventter-operator run`: the HTTP endpoints, leader election and the three
+//! controllers, wired together with one shutdown signal.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::{Api, Client, Resource};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::BrokerConnector;
+use crate::controller::{broker_object, cluster, Context};
+use crate::crd::{ConsumerGroup, EventterCluster, Topic};
+use crate::leader::{LeaderElector, LeaseConfig};
+use crate::metrics::Metrics;
+use crate::server::{self, Health};
+
+/// Settings of `eventter-operator run`.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub http_address: SocketAddr,
+    /// Watch only this Kubernetes namespace (default: all).
+    pub namespace: Option<String>,
+    /// Use this broker address for every cluster (tests, development).
+    pub broker_address_override: Option<String>,
+    /// Elect a leader through a Lease before reconciling.
+    pub leader_election: bool,
+    /// Name of the Lease.
+    pub lease_name: String,
+    /// Namespace of the Lease (default: the client's namespace, i.e. the operator's).
+    pub lease_namespace: Option<String>,
+    /// This replica's identity (pod name).
+    pub identity: String,
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Waits for SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Runs the operator until `shutdown` is cancelled or leadership is lost (an error,
+/// so the process exits and restarts as a candidate).
+pub async fn run(client: Client, config: RunConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::new(metrics.clone()));
+    let listener = tokio::net::TcpListener::bind(config.http_address).await?;
+    tracing::info!(address = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
+    let http_shutdown = shutdown.clone();
+    let http = tokio::spawn(server::serve(listener, health.clone(), async move { http_shutdown.cancelled().await }));
+
+    let version = client.apiserver_version().await?;
+    tracing::info!(version = %version.git_version, "connected to the Kubernetes API");
+    health.set_ready(true);
+
+    let elector = config.leader_election.then(|| {
+        let namespace = config.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
+        let api: Api<Lease> = Api::namespaced(client.clone(), &namespace);
+        LeaderElector::new(api, LeaseConfig::new(config.lease_name.clone(), config.identity.clone()))
+    });
+    if let Some(elector) = &elector {
+        tokio::select! {
+            _ = elector.acquire() => {}
+            _ = shutdown.cancelled() => {
+                http.await??;
+                return Ok(());
+            }
+        }
+    }
+    metrics.leader.set(1);
+
+    let connector =
+        BrokerConnector { address_override: config.broker_address_override.clone(), ..BrokerConnector::default() };
+    let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), connector, Some(config.identity.clone())));
+    let ns = config.namespace.as_deref();
+    let stop = |token: &CancellationToken| {
+        let token = token.clone();
+        async move { token.cancelled().await }
+    };
+    let controllers = shutdown.child_token();
+    let clusters = cluster::run(
+        ctx.clone(),
+        api::<EventterCluster>(&client, ns),
+        api::<Service>(&client, ns),
+        api::<StatefulSet>(&client, ns),
+        api::<PodDisruptionBudget>(&client, ns),
+        stop(&controllers),
+    );
+    let topics = broker_object::run::<Topic>(
+        ctx.clone(),
+        api(&client, ns),
+        api::<EventterCluster>(&client, ns),
+        stop(&controllers),
+    );
+    let groups = broker_object::run::<ConsumerGroup>(
+        ctx.clone(),
+        api(&client, ns),
+        api::<EventterCluster>(&client, ns),
+        stop(&controllers),
+    );
+    let all = futures::future::join3(clusters, topics, groups);
+    tokio::pin!(all);
+
+    let hold = async {
+        match &elector {
+            Some(elector) => elector.hold().await,
+            None => std::future::pending().await,
+        }
+    };
+    let lost_leadership = tokio::select! {
+        _ = &mut all => false,
+        _ = hold => true,
+        _ = shutdown.cancelled() => false,
+    };
+    controllers.cancel();
+    // Controllers finish their running reconciles; bound the wait.
+    let _ = tokio::time::timeout(Duration::from_secs(20), &mut all).await;
+    metrics.leader.set(0);
+    if let Some(elector) = &elector {
+        if !lost_leadership {
+            if let Err(error) = elector.release().await {
+                tracing::warn!(%error, "releasing the lease failed");
+            }
+        }
+    }
+    shutdown.cancel();
+    http.await??;
+    if lost_leadership {
+        anyhow::bail!("lost leadership");
+    }
+    Ok(())
+}
