@@ -34,11 +34,13 @@ pub struct NodeConfig {
     pub reconcile_interval_ms: u64,
 }
 
-/// Raft timing. Failover takes about one election timeout after the leader stops
-/// heart-beating: short timeouts fail over fast but risk needless elections when the
-/// machine stalls (GC-free Rust helps; fsync stalls do not). 150 ms heartbeats with a
-/// 500-1000 ms election timeout keep failover under ~1 s while tolerating a few
-/// hundred milliseconds of stall on a loaded 2-core machine.
+/// Raft timing. Failover takes about one to two election timeouts after the leader
+/// stops heart-beating (a follower first waits out its timeout, and a peer that heard
+/// the old leader recently refuses to vote until its own lease runs out). Short
+/// timeouts fail over fast but risk needless elections when the machine stalls (no GC
+/// here, but fsync and scheduler stalls happen). 100 ms heartbeats with a 300-600 ms
+/// election timeout keep failover around half a second while tolerating stalls of a
+/// few hundred milliseconds on a loaded 2-core machine.
 #[derive(Debug, Clone)]
 pub struct RaftSettings {
     pub heartbeat_interval_ms: u64,
@@ -56,9 +58,9 @@ pub struct RaftSettings {
 impl Default for RaftSettings {
     fn default() -> Self {
         Self {
-            heartbeat_interval_ms: 150,
-            election_timeout_min_ms: 500,
-            election_timeout_max_ms: 1000,
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
             snapshot_logs_count: 5000,
             logs_kept_after_snapshot_count: 1000,
             install_snapshot_timeout_ms: 5000,
@@ -85,6 +87,10 @@ impl RaftSettings {
 }
 
 impl NodeConfig {
+    pub const DEFAULT_VOTERS_COUNT_MAX: usize = 5;
+    pub const DEFAULT_DEAD_NODE_REMOVAL_MS: u64 = 5 * 60 * 1000;
+    pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
+
     /// A configuration with defaults for everything but the directory and addresses.
     pub fn new(dir: impl Into<PathBuf>, listen_addr: impl Into<String>, advertise_addr: impl Into<String>) -> Self {
         Self {
@@ -96,9 +102,9 @@ impl NodeConfig {
             id: None,
             raft: RaftSettings::default(),
             membership: MembershipConfig::default(),
-            voters_count_max: 5,
-            dead_node_removal_ms: 5 * 60 * 1000,
-            request_timeout_ms: 10_000,
+            voters_count_max: Self::DEFAULT_VOTERS_COUNT_MAX,
+            dead_node_removal_ms: Self::DEFAULT_DEAD_NODE_REMOVAL_MS,
+            request_timeout_ms: Self::DEFAULT_REQUEST_TIMEOUT_MS,
             reconcile_interval_ms: 200,
         }
     }

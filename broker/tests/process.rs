@@ -14,11 +14,20 @@ struct Broker {
     port: u16,
     dir: PathBuf,
     join: Vec<String>,
+    extra: Vec<String>,
 }
 
 impl Broker {
     fn start(host: &str, port: u16, dir: &Path, join: &[String]) -> Broker {
-        let mut b = Broker { child: None, host: host.into(), port, dir: dir.into(), join: join.to_vec() };
+        let mut b =
+            Broker { child: None, host: host.into(), port, dir: dir.into(), join: join.to_vec(), extra: vec![] };
+        b.spawn();
+        b
+    }
+
+    fn start_with(host: &str, port: u16, dir: &Path, extra: &[&str]) -> Broker {
+        let mut b = Broker { child: None, host: host.into(), port, dir: dir.into(), join: vec![], extra: vec![] };
+        b.extra = extra.iter().map(|s| s.to_string()).collect();
         b.spawn();
         b
     }
@@ -41,6 +50,7 @@ impl Broker {
         for j in &self.join {
             cmd.args(["--join", j]);
         }
+        cmd.args(&self.extra);
         self.child = Some(cmd.spawn().expect("start broker"));
     }
 
@@ -262,4 +272,56 @@ fn cli_reports_unreachable_node() {
     let o = cli("127.0.0.42", 26400, &["dump"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("127.0.0.42:26400"), "{}", stderr(&o));
+}
+
+/// StatefulSet style: every node gets the same --join list (its own address included)
+/// and --bootstrap-expect 3; they form one cluster with three voters.
+#[test]
+fn bootstrap_expect_forms_one_cluster_from_identical_flags() {
+    let tmp = test_dir("bootstrap_expect");
+    let hosts = ["127.0.0.51", "127.0.0.52", "127.0.0.53"];
+    let port = 26600;
+    let join = hosts.iter().map(|h| format!("{h}:{port}")).collect::<Vec<_>>().join(",");
+    let _nodes: Vec<Broker> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            Broker::start_with(h, port, &tmp.join(format!("n{i}")), &["--join", &join, "--bootstrap-expect", "3"])
+        })
+        .collect();
+    eventually(Duration::from_secs(30), "3 voters, same leader everywhere", || {
+        let dumps: Vec<serde_json::Value> = hosts
+            .iter()
+            .filter_map(|h| serde_json::from_str(&stdout(&cli(h, port, &["dump", "--output", "json"]))).ok())
+            .collect();
+        dumps.len() == 3
+            && dumps.iter().all(|d| {
+                let nodes = d["nodes"].as_array().cloned().unwrap_or_default();
+                nodes.len() == 3
+                    && nodes.iter().all(|n| n["state"] == "ALIVE" && n["raft_role"] == "voter")
+                    && d["leader_id"] == dumps[0]["leader_id"]
+            })
+    });
+}
+
+/// grpc.health.v1 answers on the broker port: overall SERVING, and the readiness
+/// service SERVING once a leader is known.
+#[test]
+fn health_service_reports_serving() {
+    let tmp = test_dir("health");
+    let (host, port) = ("127.0.0.61", 26700);
+    let _node = Broker::start(host, port, &tmp.join("n"), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let check = |service: &str| {
+        rt.block_on(async {
+            let channel =
+                tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}")).ok()?.connect().await.ok()?;
+            let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+            let req = tonic_health::pb::HealthCheckRequest { service: service.to_string() };
+            client.check(req).await.ok().map(|r| r.into_inner().status)
+        })
+    };
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    eventually(Duration::from_secs(20), "liveness SERVING", || check("") == Some(serving));
+    eventually(Duration::from_secs(20), "readiness SERVING", || check("eventter.v1.Admin") == Some(serving));
 }

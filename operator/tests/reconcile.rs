@@ -32,6 +32,17 @@ fn ok_echo(body: &serde_json::Value) -> (StatusCode, serde_json::Value) {
     (StatusCode::OK, body.clone())
 }
 
+/// Answers a status patch with the object as it would be after it.
+fn patched_status<T: serde::Serialize>(
+    object: &T,
+) -> impl FnOnce(&serde_json::Value) -> (StatusCode, serde_json::Value) {
+    let mut object = serde_json::to_value(object).unwrap();
+    move |patch| {
+        object["status"] = patch["status"].clone();
+        (StatusCode::OK, object)
+    }
+}
+
 fn cluster_path() -> String {
     format!("/apis/eventter.io/v1alpha1/namespaces/{NS}/eventterclusters/emq")
 }
@@ -48,18 +59,21 @@ async fn expect_cluster_get(server: &mut ApiServer) {
 
 #[tokio::test]
 async fn cluster_create_applies_children_then_status() {
-    let (broker, broker_state) = fake_broker::start(Script { dump: Some(fake_broker::healthy_dump()), ..Script::default() }).await;
+    let (broker, broker_state) =
+        fake_broker::start(Script { dump: Some(fake_broker::healthy_dump()), ..Script::default() }).await;
     let (client, mut server) = api_server::client();
     let ctx = context(client, broker);
     let reconcile = tokio::spawn(cluster::reconcile(Arc::new(common::cluster()), ctx));
 
-    let applied = [
-        format!("/api/v1/namespaces/{NS}/services/emq-nodes"),
-        format!("/api/v1/namespaces/{NS}/services/emq"),
-    ];
+    let applied =
+        [format!("/api/v1/namespaces/{NS}/services/emq-nodes"), format!("/api/v1/namespaces/{NS}/services/emq")];
     for path in &applied {
         let seen = server.expect(Method::PATCH, path, ok_echo).await;
-        assert!(seen.query.contains("fieldManager=eventter-operator") && seen.query.contains("force=true"), "{}", seen.query);
+        assert!(
+            seen.query.contains("fieldManager=eventter-operator") && seen.query.contains("force=true"),
+            "{}",
+            seen.query
+        );
         assert_eq!(seen.body["metadata"]["ownerReferences"][0]["kind"], "EventterCluster");
     }
     let seen = server
@@ -71,10 +85,13 @@ async fn cluster_create_applies_children_then_status() {
         .await;
     assert_eq!(seen.body["kind"], "StatefulSet");
     assert_eq!(seen.body["spec"]["serviceName"], "emq-nodes");
-    let seen = server.expect(Method::PATCH, &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/emq"), ok_echo).await;
+    let seen = server
+        .expect(Method::PATCH, &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/emq"), ok_echo)
+        .await;
     assert_eq!(seen.body["spec"]["maxUnavailable"], 1);
 
-    let seen = server.expect(Method::PATCH, &format!("{}/status", cluster_path()), ok_echo).await;
+    let seen =
+        server.expect(Method::PATCH, &format!("{}/status", cluster_path()), patched_status(&common::cluster())).await;
     assert!(seen.query.contains("fieldManager=eventter-operator"), "{}", seen.query);
     let status = &seen.body["status"];
     assert_eq!(status["readyReplicas"], 3);
@@ -106,7 +123,8 @@ async fn cluster_forming_with_unreachable_broker_is_not_ready_nor_degraded() {
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/apis/apps/v1/namespaces/{NS}/statefulsets/emq"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/emq"), ok_echo).await;
-    let seen = server.expect(Method::PATCH, &format!("{}/status", cluster_path()), ok_echo).await;
+    let seen =
+        server.expect(Method::PATCH, &format!("{}/status", cluster_path()), patched_status(&common::cluster())).await;
     let conditions = seen.body["status"]["conditions"].as_array().unwrap().clone();
     let status_of = |t: &str| conditions.iter().find(|c| c["type"] == t).unwrap()["status"].clone();
     assert_eq!(status_of("Ready"), "False");
@@ -123,10 +141,10 @@ async fn topic_created_in_broker_sets_ready() {
     let (client, mut server) = api_server::client();
     let ctx = context(client, broker);
     let topic = common::topic(json!({"clusterRef": "emq", "shards": 4, "retention": "1h30m", "replicationFactor": 3}));
-    let reconcile = tokio::spawn(broker_object::reconcile(Arc::new(topic), ctx));
+    let reconcile = tokio::spawn(broker_object::reconcile(Arc::new(topic.clone()), ctx));
 
     expect_cluster_get(&mut server).await;
-    let seen = server.expect(Method::PATCH, &format!("{}/status", topic_path()), ok_echo).await;
+    let seen = server.expect(Method::PATCH, &format!("{}/status", topic_path()), patched_status(&topic)).await;
     let status = &seen.body["status"];
     assert_eq!(status["conditions"][0]["type"], "Ready");
     assert_eq!(status["conditions"][0]["status"], "True");
@@ -155,10 +173,10 @@ async fn topic_rejected_by_broker_sets_ready_false_and_waits_for_a_change() {
     let (client, mut server) = api_server::client();
     let ctx = context(client, broker);
     let topic = common::topic(json!({"clusterRef": "emq", "replicationFactor": 5}));
-    let reconcile = tokio::spawn(broker_object::reconcile(Arc::new(topic), ctx));
+    let reconcile = tokio::spawn(broker_object::reconcile(Arc::new(topic.clone()), ctx));
 
     expect_cluster_get(&mut server).await;
-    let seen = server.expect(Method::PATCH, &format!("{}/status", topic_path()), ok_echo).await;
+    let seen = server.expect(Method::PATCH, &format!("{}/status", topic_path()), patched_status(&topic)).await;
     let condition = &seen.body["status"]["conditions"][0];
     assert_eq!(condition["status"], "False");
     assert_eq!(condition["reason"], "Rejected");
@@ -183,10 +201,10 @@ async fn topic_with_changed_spec_is_updated_and_an_immutable_change_is_rejected(
     let (client, mut server) = api_server::client();
     let ctx = context(client, broker);
     let topic = common::topic(json!({"clusterRef": "emq", "replicationFactor": 2}));
-    let reconcile = tokio::spawn(broker_object::reconcile(Arc::new(topic), ctx));
+    let reconcile = tokio::spawn(broker_object::reconcile(Arc::new(topic.clone()), ctx));
 
     expect_cluster_get(&mut server).await;
-    let seen = server.expect(Method::PATCH, &format!("{}/status", topic_path()), ok_echo).await;
+    let seen = server.expect(Method::PATCH, &format!("{}/status", topic_path()), patched_status(&topic)).await;
     assert_eq!(seen.body["status"]["conditions"][0]["message"], "replication_factor: is immutable");
     server.expect_event(NS, "Rejected").await;
     assert_eq!(reconcile.await.unwrap().unwrap(), Action::await_change());
@@ -201,7 +219,7 @@ async fn topic_with_unreachable_broker_fails_and_backs_off() {
     let reconcile = tokio::spawn(broker_object::reconcile(topic.clone(), ctx.clone()));
 
     expect_cluster_get(&mut server).await;
-    let seen = server.expect(Method::PATCH, &format!("{}/status", topic_path()), ok_echo).await;
+    let seen = server.expect(Method::PATCH, &format!("{}/status", topic_path()), patched_status(topic.as_ref())).await;
     assert_eq!(seen.body["status"]["conditions"][0]["reason"], "BrokerUnavailable");
     server.expect_event(NS, "BrokerUnavailable").await;
 
@@ -218,9 +236,10 @@ async fn topic_with_unreachable_broker_fails_and_backs_off() {
 async fn topic_with_missing_cluster_waits_for_it() {
     let (client, mut server) = api_server::client();
     let ctx = context(client, fake_broker::closed_address().await);
-    let reconcile = tokio::spawn(broker_object::reconcile(Arc::new(common::topic(json!({"clusterRef": "emq"}))), ctx));
+    let topic = common::topic(json!({"clusterRef": "emq"}));
+    let reconcile = tokio::spawn(broker_object::reconcile(Arc::new(topic.clone()), ctx));
     server.expect(Method::GET, &cluster_path(), |_| (StatusCode::NOT_FOUND, status_error(404, "NotFound"))).await;
-    let seen = server.expect(Method::PATCH, &format!("{}/status", topic_path()), ok_echo).await;
+    let seen = server.expect(Method::PATCH, &format!("{}/status", topic_path()), patched_status(&topic)).await;
     assert_eq!(seen.body["status"]["conditions"][0]["reason"], "ClusterNotFound");
     server.expect_event(NS, "ClusterNotFound").await;
     assert_eq!(reconcile.await.unwrap().unwrap(), Action::requeue(broker_object::DEPENDENCY_RETRY_DELAY));
@@ -233,9 +252,8 @@ async fn new_topic_gets_the_finalizer_first() {
     let mut topic = common::topic(json!({"clusterRef": "emq"}));
     topic.metadata.finalizers = None;
     let reconcile = tokio::spawn(broker_object::reconcile(Arc::new(topic.clone()), ctx));
-    let seen = server
-        .expect(Method::PATCH, &topic_path(), |_| (StatusCode::OK, serde_json::to_value(&topic).unwrap()))
-        .await;
+    let seen =
+        server.expect(Method::PATCH, &topic_path(), |_| (StatusCode::OK, serde_json::to_value(&topic).unwrap())).await;
     assert_eq!(seen.body[1], json!({"op": "add", "path": "/metadata/finalizers", "value": ["eventter.io/topic"]}));
     assert_eq!(reconcile.await.unwrap().unwrap(), Action::await_change());
     server.expect_no_more().await;
@@ -256,9 +274,8 @@ async fn deleted_topic_with_retain_policy_drops_the_finalizer_without_a_broker_c
     let reconcile = tokio::spawn(broker_object::reconcile(Arc::new(topic.clone()), ctx));
 
     server.expect_event(NS, "Retained").await;
-    let seen = server
-        .expect(Method::PATCH, &topic_path(), |_| (StatusCode::OK, serde_json::to_value(&topic).unwrap()))
-        .await;
+    let seen =
+        server.expect(Method::PATCH, &topic_path(), |_| (StatusCode::OK, serde_json::to_value(&topic).unwrap())).await;
     assert_eq!(
         seen.body,
         json!([
@@ -310,11 +327,15 @@ async fn consumer_group_is_created_with_its_bindings() {
     group.metadata.namespace = Some(NS.into());
     group.metadata.generation = Some(1);
     group.metadata.finalizers = Some(vec!["eventter.io/consumergroup".into()]);
-    let reconcile = tokio::spawn(broker_object::reconcile(Arc::new(group), ctx));
+    let reconcile = tokio::spawn(broker_object::reconcile(Arc::new(group.clone()), ctx));
 
     expect_cluster_get(&mut server).await;
     let seen = server
-        .expect(Method::PATCH, &format!("/apis/eventter.io/v1alpha1/namespaces/{NS}/consumergroups/billing/status"), ok_echo)
+        .expect(
+            Method::PATCH,
+            &format!("/apis/eventter.io/v1alpha1/namespaces/{NS}/consumergroups/billing/status"),
+            patched_status(&group),
+        )
         .await;
     assert_eq!(seen.body["status"]["conditions"][0]["status"], "True");
     assert_eq!(seen.body["status"]["clusterStateIndex"], 9);

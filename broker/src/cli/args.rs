@@ -7,6 +7,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::config::{NodeConfig, RaftSettings};
+use crate::membership::MembershipConfig;
+
 #[derive(Debug, Parser)]
 #[command(name = "eventtermq", version, about = "EventterMQ: a distributed message broker and its CLI.", long_about = None)]
 #[command(args_conflicts_with_subcommands = false, subcommand_negates_reqs = true)]
@@ -56,29 +59,29 @@ pub struct BrokerArgs {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Raft heartbeat interval.
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = RaftSettings::default().heartbeat_interval_ms)]
     pub heartbeat_interval_ms: u64,
     /// Raft election timeout, lower bound.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = RaftSettings::default().election_timeout_min_ms)]
     pub election_timeout_min_ms: u64,
     /// Raft election timeout, upper bound.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = RaftSettings::default().election_timeout_max_ms)]
     pub election_timeout_max_ms: u64,
     /// Raft voters at most; further nodes are learners.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = NodeConfig::DEFAULT_VOTERS_COUNT_MAX)]
     pub voters_count_max: usize,
     /// Remove a node from Raft and the cluster state once DEAD or LEFT this long.
-    #[arg(long, default_value_t = 300_000)]
+    #[arg(long, default_value_t = NodeConfig::DEFAULT_DEAD_NODE_REMOVAL_MS)]
     pub dead_node_removal_ms: u64,
     /// How long an API request may wait for a leader and a commit.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = NodeConfig::DEFAULT_REQUEST_TIMEOUT_MS)]
     pub request_timeout_ms: u64,
     /// SWIM probe period.
-    #[arg(long)]
-    pub gossip_probe_period_ms: Option<u64>,
+    #[arg(long, default_value_t = MembershipConfig::default().probe_period_ms)]
+    pub gossip_probe_period_ms: u64,
     /// SWIM suspicion timeout before a node is declared DEAD.
-    #[arg(long)]
-    pub gossip_suspect_to_down_ms: Option<u64>,
+    #[arg(long, default_value_t = MembershipConfig::default().suspect_to_down_ms)]
+    pub gossip_suspect_to_down_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -165,7 +168,7 @@ pub enum Command {
     DeleteConsumerGroup { name: String },
     /// List consumer groups of the namespace.
     ListConsumerGroups,
-    /// Benchmarks against running nodes (results go into README.md).
+    /// Benchmarks that start their own local brokers (results go into README.md).
     #[command(subcommand)]
     Bench(BenchCommand),
 }

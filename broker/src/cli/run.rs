@@ -54,12 +54,8 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
     config.voters_count_max = args.voters_count_max;
     config.dead_node_removal_ms = args.dead_node_removal_ms;
     config.request_timeout_ms = args.request_timeout_ms;
-    if let Some(v) = args.gossip_probe_period_ms {
-        config.membership.probe_period_ms = v;
-    }
-    if let Some(v) = args.gossip_suspect_to_down_ms {
-        config.membership.suspect_to_down_ms = v;
-    }
+    config.membership.probe_period_ms = args.gossip_probe_period_ms;
+    config.membership.suspect_to_down_ms = args.gossip_suspect_to_down_ms;
     config.raft.to_openraft().map_err(|e| format!("raft timing flags: {e}"))?;
     Ok(config)
 }

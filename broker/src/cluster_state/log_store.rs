@@ -40,17 +40,17 @@ const COMMITTED_FILE: &str = "committed";
 const PURGED_FILE: &str = "purged";
 
 /// Size of a record header: payload length and payload checksum.
-pub(crate) const RECORD_HEADER: usize = 8;
+pub const RECORD_HEADER: usize = 8;
 /// Largest payload accepted by the decoder. A length field above this is garbage, not a
 /// record that is still being written.
-pub(crate) const MAX_RECORD_PAYLOAD: usize = 64 << 20;
+pub const MAX_RECORD_PAYLOAD: usize = 64 << 20;
 
 // ---------------------------------------------------------------------------------------
 // Record framing
 // ---------------------------------------------------------------------------------------
 
 /// Appends one framed record holding `payload` to `out`.
-pub(crate) fn encode_record(payload: &[u8], out: &mut Vec<u8>) {
+pub fn encode_record(payload: &[u8], out: &mut Vec<u8>) {
     let len = u32::try_from(payload.len()).expect("record payload fits in u32");
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
@@ -59,7 +59,7 @@ pub(crate) fn encode_record(payload: &[u8], out: &mut Vec<u8>) {
 
 /// Result of decoding the record at the start of a buffer.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Decoded<'a> {
+pub enum Decoded<'a> {
     /// A complete record with a valid checksum; `size` bytes (header included) were used.
     Record { payload: &'a [u8], size: usize },
     /// The buffer ends inside the record (torn write): more bytes would be needed.
@@ -71,7 +71,7 @@ pub(crate) enum Decoded<'a> {
 
 /// Decodes the record at the start of `buf` (which must not be empty to be meaningful;
 /// an empty buffer is `Incomplete`). Never panics, whatever the bytes.
-pub(crate) fn decode_record(buf: &[u8]) -> Decoded<'_> {
+pub fn decode_record(buf: &[u8]) -> Decoded<'_> {
     if buf.len() < RECORD_HEADER {
         return Decoded::Incomplete { needed: RECORD_HEADER - buf.len() };
     }
@@ -138,6 +138,16 @@ fn write_meta<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Result<()>
     write_file_atomic(dir, name, &buf)
 }
 
+/// Like [`write_meta`] but without fsync: for hints whose loss is harmless.
+fn write_meta_nosync<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Result<()> {
+    let payload = serde_json::to_vec(value).map_err(io::Error::other)?;
+    let mut buf = Vec::with_capacity(RECORD_HEADER + payload.len());
+    encode_record(&payload, &mut buf);
+    let tmp = dir.join(format!("{name}.tmp"));
+    fs::write(&tmp, &buf)?;
+    fs::rename(&tmp, dir.join(name))
+}
+
 /// Reads a file written by [`write_meta`]; a missing file is `None`. These files are
 /// replaced atomically, so any damage is real corruption and an error.
 fn read_meta<T: DeserializeOwned>(dir: &Path, name: &str) -> Result<Option<T>, String> {
@@ -147,9 +157,14 @@ fn read_meta<T: DeserializeOwned>(dir: &Path, name: &str) -> Result<Option<T>, S
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("reading {}: {e}", path.display())),
     };
-    match decode_record(&bytes) {
+    decode_meta(&bytes, &path).map(Some)
+}
+
+/// Decodes the bytes of a file written by `write_meta` (`path` is only used in
+/// messages). Never panics, whatever the bytes.
+pub fn decode_meta<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T, String> {
+    match decode_record(bytes) {
         Decoded::Record { payload, size } if size == bytes.len() => serde_json::from_slice(payload)
-            .map(Some)
             .map_err(|e| format!("{} is corrupt: undecodable content: {e}", path.display())),
         Decoded::Record { size, .. } => {
             Err(format!("{} is corrupt: {} unexpected bytes after the record", path.display(), bytes.len() - size))
@@ -410,8 +425,13 @@ impl LogStore {
         let vote: Option<Vote<NodeId>> = read_meta::<Option<Vote<NodeId>>>(&dir, VOTE_FILE)
             .map_err(|m| msg_err(ErrorSubject::Vote, ErrorVerb::Read, m))?
             .flatten();
+        // The committed marker is a hint written without fsync (see `save_committed`):
+        // a damaged one is dropped, which only means re-learning the commit point.
         let mut committed: Option<LogId> = read_meta::<Option<LogId>>(&dir, COMMITTED_FILE)
-            .map_err(|m| msg_err(ErrorSubject::Store, ErrorVerb::Read, m))?
+            .unwrap_or_else(|m| {
+                tracing::warn!(reason = %m, "ignoring the damaged committed marker");
+                None
+            })
             .flatten();
         let last_purged: Option<LogId> = read_meta::<Option<LogId>>(&dir, PURGED_FILE)
             .map_err(|m| msg_err(ErrorSubject::Store, ErrorVerb::Read, m))?
@@ -549,8 +569,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if committed == self.committed {
             return Ok(());
         }
-        self.save_meta(COMMITTED_FILE, committed)
+        // Not fsynced: every commit would otherwise cost two more fsyncs on every node.
+        // Losing the latest value in a power failure is safe: an older commit point only
+        // means applying less at start-up, and the leader re-establishes the rest.
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || write_meta_nosync(&dir, COMMITTED_FILE, &committed))
             .await
+            .map_err(io::Error::other)
+            .and_then(|r| r)
             .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, &e))?;
         self.committed = committed;
         Ok(())

@@ -105,7 +105,7 @@ fn snapshot_err(meta: Option<&Meta>, verb: ErrorVerb, msg: impl ToString) -> Sto
 }
 
 /// Frames snapshot data for the snapshot file.
-fn encode_snapshot_file(json: &[u8]) -> Vec<u8> {
+pub fn encode_snapshot_file(json: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(SNAPSHOT_HEADER + json.len());
     out.extend_from_slice(SNAPSHOT_MAGIC);
     out.extend_from_slice(&crc32c::crc32c(json).to_le_bytes());
@@ -115,7 +115,7 @@ fn encode_snapshot_file(json: &[u8]) -> Vec<u8> {
 }
 
 /// Validates the framing of a snapshot file and returns its JSON. Never panics.
-fn decode_snapshot_file(bytes: &[u8]) -> Result<&[u8], String> {
+pub fn decode_snapshot_file(bytes: &[u8]) -> Result<&[u8], String> {
     if bytes.len() < SNAPSHOT_HEADER {
         return Err(format!("truncated: {} bytes, shorter than the {SNAPSHOT_HEADER}-byte header", bytes.len()));
     }

@@ -42,6 +42,8 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster_state::model::{NodeId, NodeState};
 use crate::transport::Network;
 
+#[doc(hidden)]
+pub use self::task::decode_sync_payload_reencoded;
 use self::task::Command;
 
 /// Gossip timing.

@@ -55,6 +55,23 @@ struct SyncPayload {
     members: Vec<Member<GossipId>>,
 }
 
+/// Decodes a `GossipSync` payload. Never panics, whatever the bytes.
+fn decode_sync_payload(data: &[u8]) -> Result<SyncPayload, MembershipError> {
+    let payload: SyncPayload = postcard::from_bytes(data).map_err(|e| MembershipError::Decode(e.to_string()))?;
+    if payload.members.len() > SYNC_MEMBERS_MAX {
+        return Err(MembershipError::Decode(format!("{} members", payload.members.len())));
+    }
+    Ok(payload)
+}
+
+/// For the fuzz targets: `decode_sync_payload`, then the payload re-encoded as
+/// `Actor::payload` encodes it.
+#[doc(hidden)]
+pub fn decode_sync_payload_reencoded(data: &[u8]) -> Result<Vec<u8>, MembershipError> {
+    let payload = decode_sync_payload(data)?;
+    postcard::to_stdvec(&payload).map_err(|e| MembershipError::Decode(format!("re-encoding: {e}")))
+}
+
 struct Scheduled {
     at: tokio::time::Instant,
     seq: u64,
@@ -289,10 +306,7 @@ impl Actor {
         if data.is_empty() {
             return Ok(());
         }
-        let payload: SyncPayload = postcard::from_bytes(data).map_err(|e| MembershipError::Decode(e.to_string()))?;
-        if payload.members.len() > SYNC_MEMBERS_MAX {
-            return Err(MembershipError::Decode(format!("{} members", payload.members.len())));
-        }
+        let payload = decode_sync_payload(data)?;
         if let Err(e) = self.foca.apply_many(payload.members.into_iter(), true, &mut self.runtime) {
             tracing::debug!(error = %e, "applying gossip sync payload failed");
         }

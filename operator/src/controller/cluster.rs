@@ -212,3 +212,80 @@ pub async fn run(
         })
         .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster() -> EventterCluster {
+        let spec = serde_json::from_value(serde_json::json!({"image": "localhost/eventtermq:0.1.0"})).unwrap();
+        let mut cluster = EventterCluster::new("emq", spec);
+        cluster.metadata.namespace = Some("mq".into());
+        cluster.metadata.generation = Some(4);
+        cluster
+    }
+
+    fn dump(leader_id: u64, states: &[pb::NodeState]) -> pb::DumpResponse {
+        let nodes = states
+            .iter()
+            .enumerate()
+            .map(|(i, state)| pb::Node {
+                id: i as u64 + 1,
+                address: format!("emq-{i}.emq-nodes.mq.svc.cluster.local:16000"),
+                state: *state as i32,
+                raft_role: "voter".into(),
+            })
+            .collect();
+        pb::DumpResponse {
+            state: Some(pb::ClusterState { index: 9, namespaces: vec![], nodes }),
+            leader_id,
+            ..pb::DumpResponse::default()
+        }
+    }
+
+    fn status_of(status: &EventterClusterStatus, type_: &str) -> String {
+        find_condition(&status.conditions, type_).unwrap().status.clone()
+    }
+
+    #[test]
+    fn healthy_cluster_is_ready() {
+        let alive = [pb::NodeState::Alive; 3];
+        let status = cluster_status(&cluster(), 3, &Ok(dump(1, &alive)));
+        assert_eq!((status_of(&status, READY), status_of(&status, DEGRADED)), ("True".into(), "False".into()));
+        assert_eq!(status.leader.as_deref(), Some("emq-0"));
+        assert_eq!(status.cluster_state_index, Some(9));
+        assert_eq!(status.observed_generation, Some(4));
+    }
+
+    #[test]
+    fn dead_member_degrades_the_cluster() {
+        let states = [pb::NodeState::Alive, pb::NodeState::Dead, pb::NodeState::Alive];
+        let status = cluster_status(&cluster(), 3, &Ok(dump(1, &states)));
+        assert_eq!(status_of(&status, DEGRADED), "True");
+        let degraded = find_condition(&status.conditions, DEGRADED).unwrap();
+        assert!(degraded.message.contains("is Dead"), "{}", degraded.message);
+        assert_eq!(status.members[1].state, "Dead");
+    }
+
+    #[test]
+    fn no_leader_is_not_ready() {
+        let alive = [pb::NodeState::Alive; 3];
+        let status = cluster_status(&cluster(), 3, &Ok(dump(0, &alive)));
+        assert_eq!(status_of(&status, READY), "False");
+        assert_eq!(status.leader, None);
+    }
+
+    #[test]
+    fn unreachable_brokers_keep_the_last_members_and_degrade_once_pods_ran() {
+        let mut cluster = cluster();
+        let alive = [pb::NodeState::Alive; 3];
+        cluster.status = Some(cluster_status(&cluster, 3, &Ok(dump(1, &alive))));
+        let unreachable = Err(Error::BrokerUnavailable { address: "emq:16000".into(), message: "refused".into() });
+        let status = cluster_status(&cluster, 2, &unreachable);
+        assert_eq!(status_of(&status, READY), "False");
+        assert_eq!(status_of(&status, PROGRESSING), "True");
+        assert_eq!(status_of(&status, DEGRADED), "True");
+        assert_eq!(status.members.len(), 3);
+        assert_eq!(status.ready_replicas, 2);
+    }
+}

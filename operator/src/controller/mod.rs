@@ -31,8 +31,8 @@ use crate::metrics::Metrics;
 pub const RETRY_DELAY_MIN: Duration = Duration::from_secs(2);
 /// Longest retry delay after failed reconciles.
 pub const RETRY_DELAY_MAX: Duration = Duration::from_secs(300);
-/// Consecutive failures tracked per object at most (2^6 * 2 s > RETRY_DELAY_MAX).
-const FAILURES_COUNT_MAX: u32 = 8;
+/// Consecutive failures counted per object at most (2 s * 2^8 > RETRY_DELAY_MAX).
+const FAILURES_COUNT_MAX: u32 = 9;
 
 /// What every reconcile gets.
 pub struct Context {
@@ -185,7 +185,8 @@ mod tests {
         assert_eq!(retry_delay(1), Duration::from_secs(2));
         assert_eq!(retry_delay(2), Duration::from_secs(4));
         assert_eq!(retry_delay(5), Duration::from_secs(32));
-        assert_eq!(retry_delay(8), RETRY_DELAY_MAX);
+        assert_eq!(retry_delay(8), Duration::from_secs(256));
+        assert_eq!(retry_delay(FAILURES_COUNT_MAX), RETRY_DELAY_MAX);
         assert_eq!(retry_delay(u32::MAX), RETRY_DELAY_MAX);
     }
 
