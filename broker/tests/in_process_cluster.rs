@@ -202,3 +202,48 @@ async fn state_survives_a_full_restart_with_lossy_gossip() {
         n.handle.wait().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_dead_past_the_removal_time_leaves_raft_and_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let start_short = |name: &'static str, join: &'static [&'static str]| {
+        let (net, dir) = (net.clone(), dir.path().to_path_buf());
+        async move {
+            let (network, listeners) = net.attach(name);
+            let shutdown = CancellationToken::new();
+            let mut c = config(&dir, name, join);
+            c.dead_node_removal_ms = 1_000;
+            let handle = node::start(c, network, listeners, shutdown.clone()).await.expect("node starts");
+            TestNode { name: name.to_string(), handle, shutdown }
+        }
+    };
+    let nodes =
+        vec![start_short("a:1", &[]).await, start_short("b:1", &["a:1"]).await, start_short("c:1", &["a:1"]).await];
+    eventually(Duration::from_secs(20), "3 voters", || async {
+        nodes.iter().all(|n| voters(n) == 3 && alive_records(n) == 3)
+    })
+    .await;
+    // Crash a follower (never the leader, so the survivors keep their leader).
+    let li = leader_index(&nodes);
+    let mut nodes = nodes;
+    let victim = nodes.remove((li + 1) % 3);
+    let victim_id = victim.handle.id;
+    net.detach(&victim.name);
+    victim.handle.kill().await;
+    eventually(Duration::from_secs(20), "dead node removed from raft and the cluster state", || async {
+        nodes.iter().all(|n| {
+            let m = n.handle.cluster.raft.metrics().borrow().membership_config.membership().clone();
+            let in_raft = m.voter_ids().any(|v| v == victim_id) || m.learner_ids().any(|l| l == victim_id);
+            !in_raft && !n.handle.cluster.state.read().state.nodes.contains_key(&victim_id)
+        })
+    })
+    .await;
+    // Two voters remain and still commit.
+    nodes[0].handle.cluster.write(Command::CreateNamespace { name: "after-removal".into() }).await.expect("write");
+    for n in nodes {
+        assert_eq!(voters(&n), 2);
+        n.shutdown.cancel();
+        n.handle.wait().await;
+    }
+}

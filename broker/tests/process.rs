@@ -178,7 +178,26 @@ fn three_nodes_form_a_cluster_survive_kill_and_restart() {
     eventually(Duration::from_secs(30), "restarted node sees the new namespace", || {
         stdout(&cli(hosts[0], port, &["list-namespaces"])).contains("after-kill")
     });
-    for n in nodes.iter_mut() {
+    // SIGTERM of the leader: it hands leadership over and the others see it LEFT.
+    let dump: serde_json::Value =
+        serde_json::from_str(&stdout(&cli(hosts[1], port, &["dump", "--output", "json"]))).unwrap();
+    let leader_addr = dump["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == dump["leader_id"])
+        .map(|n| n["address"].as_str().unwrap().to_string())
+        .expect("leader in dump");
+    let li = hosts.iter().position(|h| leader_addr == format!("{h}:{port}")).unwrap();
+    let status = nodes[li].terminate();
+    assert!(status.success(), "SIGTERM exit status {status}");
+    let log = std::fs::read_to_string(nodes[li].dir.with_extension("log")).unwrap();
+    assert!(log.contains("handed leadership over"), "leader log lacks the hand-over:\n{log}");
+    let other = hosts[(li + 1) % 3];
+    eventually(Duration::from_secs(10), "the stopped leader shows LEFT", || {
+        stdout(&cli(other, port, &["dump"])).contains(&format!("address: \"{leader_addr}\"\n  state: LEFT"))
+    });
+    for n in nodes.iter_mut().filter(|n| n.child.is_some()) {
         let status = n.terminate();
         assert!(status.success(), "SIGTERM exit status {status}");
     }

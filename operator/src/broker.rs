@@ -155,8 +155,14 @@ impl Admin {
     /// update, so a different spec is refused with AlreadyExists).
     pub async fn apply_consumer_group(&mut self, namespace: &str, group: pb::ConsumerGroup) -> Result<WriteOutcome> {
         let request = pb::CreateConsumerGroupRequest { namespace: namespace.to_string(), consumer_group: Some(group) };
-        let result = self.client.create_consumer_group(request).await;
-        self.outcome(result)
+        match self.client.create_consumer_group(request).await {
+            Ok(response) => Ok(Ok(response.into_inner().index)),
+            Err(status) if status.code() == Code::AlreadyExists => Ok(Err(Refusal::Rejected(format!(
+                "{} (a consumer group cannot change in place: delete the resource and create it again)",
+                status.message()
+            )))),
+            Err(status) => self.classify(status).map(Err),
+        }
     }
 
     /// Deletes a consumer group; a group already gone counts as deleted.

@@ -365,7 +365,8 @@ pub struct TopicSpec {
     /// Exchange type of bindings that do not name one.
     #[serde(default)]
     pub default_exchange_type: ExchangeType,
-    /// Delete removes the topic from the broker when this resource is deleted; Retain
+    /// Delete removes the topic from the broker when this resource is deleted (if it was
+    /// ever in sync, so a same-named object the operator never managed is kept); Retain
     /// keeps it.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
@@ -452,7 +453,8 @@ pub struct ConsumerGroupSpec {
     /// created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Time>,
-    /// Delete removes the group from the broker when this resource is deleted; Retain
+    /// Delete removes the group from the broker when this resource is deleted (if it was
+    /// ever in sync, so a same-named object the operator never managed is kept); Retain
     /// keeps it.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,

@@ -140,14 +140,23 @@ pub async fn run(client: Client, config: RunConfig, shutdown: CancellationToken)
             None => std::future::pending().await,
         }
     };
-    let lost_leadership = tokio::select! {
-        _ = &mut all => false,
-        _ = hold => true,
-        _ = shutdown.cancelled() => false,
+    enum Stop {
+        ControllersEnded,
+        LostLeadership,
+        Shutdown,
+    }
+    let stop_reason = tokio::select! {
+        _ = &mut all => Stop::ControllersEnded,
+        _ = hold => Stop::LostLeadership,
+        _ = shutdown.cancelled() => Stop::Shutdown,
     };
+    let shutdown_requested = shutdown.is_cancelled();
     controllers.cancel();
-    // Controllers finish their running reconciles; bound the wait.
-    let _ = tokio::time::timeout(Duration::from_secs(20), &mut all).await;
+    if !matches!(stop_reason, Stop::ControllersEnded) {
+        // Controllers finish their running reconciles; bound the wait.
+        let _ = tokio::time::timeout(Duration::from_secs(20), &mut all).await;
+    }
+    let lost_leadership = matches!(stop_reason, Stop::LostLeadership);
     metrics.leader.set(0);
     if let Some(elector) = &elector {
         if !lost_leadership {
@@ -160,6 +169,9 @@ pub async fn run(client: Client, config: RunConfig, shutdown: CancellationToken)
     http.await??;
     if lost_leadership {
         anyhow::bail!("lost leadership");
+    }
+    if matches!(stop_reason, Stop::ControllersEnded) && !shutdown_requested {
+        anyhow::bail!("the controllers stopped on their own");
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use common::api_server::{self, status_error, ApiServer};
 use common::fake_broker::{self, Script};
 use eventter_operator::broker::BrokerConnector;
 use eventter_operator::controller::{broker_object, cluster, error_policy, Context};
-use eventter_operator::crd::Topic;
+use eventter_operator::crd::{BrokerObjectStatus, Topic};
 use eventter_operator::error::Error;
 use eventter_operator::metrics::Metrics;
 use http::{Method, StatusCode};
@@ -297,7 +297,8 @@ async fn deleted_topic_is_deleted_in_the_broker_and_not_found_counts_as_done() {
     .await;
     let (client, mut server) = api_server::client();
     let ctx = context(client, broker);
-    let topic = deleted(common::topic(json!({"clusterRef": "emq"})));
+    let mut topic = deleted(common::topic(json!({"clusterRef": "emq"})));
+    topic.status = Some(BrokerObjectStatus { cluster_state_index: Some(7), ..BrokerObjectStatus::default() });
     let reconcile = tokio::spawn(broker_object::reconcile(Arc::new(topic.clone()), ctx));
 
     expect_cluster_get(&mut server).await;
@@ -342,4 +343,48 @@ async fn consumer_group_is_created_with_its_bindings() {
     server.expect_event(NS, "Synced").await;
     assert_eq!(reconcile.await.unwrap().unwrap(), Action::requeue(broker_object::RESYNC_PERIOD));
     assert_eq!(broker_state.calls(), vec!["CreateNamespace shop", "CreateConsumerGroup shop/billing bindings=2"]);
+}
+
+#[tokio::test]
+async fn deleted_topic_that_never_synced_leaves_the_broker_alone() {
+    let (broker, broker_state) = fake_broker::start(Script::default()).await;
+    let (client, mut server) = api_server::client();
+    let ctx = context(client, broker);
+    let topic = deleted(common::topic(json!({"clusterRef": "emq"})));
+    let reconcile = tokio::spawn(broker_object::reconcile(Arc::new(topic.clone()), ctx));
+
+    server.expect_event(NS, "NotDeleted").await;
+    server.expect(Method::PATCH, &topic_path(), |_| (StatusCode::OK, serde_json::to_value(&topic).unwrap())).await;
+    assert_eq!(reconcile.await.unwrap().unwrap(), Action::await_change());
+    server.expect_no_more().await;
+    assert!(broker_state.calls().is_empty(), "{:?}", broker_state.calls());
+}
+
+#[tokio::test]
+async fn consumer_group_with_a_changed_spec_is_rejected_with_a_hint() {
+    let (broker, _) = fake_broker::start(Script {
+        create_consumer_group: Some(tonic::Status::already_exists("consumer group exists with another spec")),
+        ..Script::default()
+    })
+    .await;
+    let (client, mut server) = api_server::client();
+    let ctx = context(client, broker);
+    let spec = serde_json::from_value(json!({"clusterRef": "emq", "bindings": [{"topic": "orders"}]})).unwrap();
+    let mut group = eventter_operator::crd::ConsumerGroup::new("billing", spec);
+    group.metadata.namespace = Some(NS.into());
+    group.metadata.finalizers = Some(vec!["eventter.io/consumergroup".into()]);
+    let reconcile = tokio::spawn(broker_object::reconcile(Arc::new(group.clone()), ctx));
+
+    expect_cluster_get(&mut server).await;
+    let seen = server
+        .expect(
+            Method::PATCH,
+            &format!("/apis/eventter.io/v1alpha1/namespaces/{NS}/consumergroups/billing/status"),
+            patched_status(&group),
+        )
+        .await;
+    let message = seen.body["status"]["conditions"][0]["message"].as_str().unwrap().to_string();
+    assert!(message.starts_with("consumer group exists with another spec") && message.contains("delete"), "{message}");
+    server.expect_event(NS, "Rejected").await;
+    assert_eq!(reconcile.await.unwrap().unwrap(), Action::await_change());
 }

@@ -185,29 +185,56 @@ async fn initialize(cluster: &Cluster, members: BTreeMap<u64, BasicNode>) {
     }
 }
 
-/// If this node leads, asks the most up-to-date other voter to start an election so
-/// the cluster does not wait a whole election timeout for a new leader.
+/// Bound on the graceful leadership hand-over at shutdown.
+const HAND_OVER_MAX: Duration = Duration::from_secs(1);
+
+/// If this node leads, hands leadership to another voter so the cluster does not wait
+/// out an election timeout (and the followers' leader lease) after it stops.
+///
+/// openraft 0.9 has no transfer call, so: wait until some voter holds the leader's whole
+/// log, then ask it to start an election. This leader grants it the vote (its log is as
+/// long), which with the candidate's own vote is a majority of three; the leader then
+/// steps down. A peer whose lease from this leader is still valid would refuse, which is
+/// why the up-to-date candidate and the old leader's vote matter.
 async fn hand_over_leadership(cluster: &Cluster, network: &dyn Network) {
-    let m = cluster.raft.metrics().borrow().clone();
-    if m.current_leader != Some(cluster.id) {
+    let deadline = tokio::time::Instant::now() + HAND_OVER_MAX;
+    let mut metrics = cluster.raft.metrics();
+    let target = loop {
+        let m = metrics.borrow().clone();
+        if m.current_leader != Some(cluster.id) {
+            return;
+        }
+        let membership = m.membership_config.membership().clone();
+        let up_to_date = m.replication.as_ref().and_then(|r| {
+            r.iter()
+                .filter(|(id, matched)| {
+                    **id != cluster.id
+                        && membership.voter_ids().any(|v| v == **id)
+                        && matched.map(|l| l.index) == m.last_log_index
+                })
+                .map(|(id, _)| *id)
+                .next()
+        });
+        match (up_to_date, membership.get_node(&up_to_date.unwrap_or(0))) {
+            (Some(id), Some(node)) => break (id, node.addr.clone()),
+            _ if m.replication.as_ref().is_none_or(|r| r.len() <= 1) => return, // nobody to hand over to
+            _ => {}
+        }
+        if tokio::time::timeout_at(deadline, metrics.changed()).await.is_err() {
+            tracing::warn!("no voter caught up in time; followers will elect after a timeout");
+            return;
+        }
+    };
+    let mut client = eventtermq_proto::internal::v1::internal_client::InternalClient::new(network.channel(&target.1));
+    let mut req = tonic::Request::new(eventtermq_proto::internal::v1::StartElectionRequest {});
+    req.set_timeout(HAND_OVER_MAX);
+    if let Err(e) = client.start_election(req).await {
+        tracing::warn!(target = target.0, error = %e, "leadership hand-over failed; followers will elect after a timeout");
         return;
     }
-    let membership = m.membership_config.membership().clone();
-    let best = m.replication.as_ref().and_then(|r| {
-        r.iter()
-            .filter(|(id, _)| **id != cluster.id && membership.voter_ids().any(|v| v == **id))
-            .max_by_key(|(_, log)| log.map(|l| l.index))
-            .map(|(id, _)| *id)
-    });
-    let Some(target) = best else { return };
-    let Some(node) = membership.get_node(&target) else { return };
-    let mut client = eventtermq_proto::internal::v1::internal_client::InternalClient::new(network.channel(&node.addr));
-    let mut req = tonic::Request::new(eventtermq_proto::internal::v1::StartElectionRequest {});
-    req.set_timeout(Duration::from_millis(500));
-    match client.start_election(req).await {
-        Ok(_) => tracing::info!(target, "handed leadership over"),
-        Err(e) => {
-            tracing::warn!(target, error = %e, "leadership hand-over failed; followers will elect after a timeout")
-        }
+    let moved = tokio::time::timeout_at(deadline, metrics.wait_for(|m| m.current_leader != Some(cluster.id))).await;
+    match moved {
+        Ok(Ok(_)) => tracing::info!(target = target.0, "handed leadership over"),
+        _ => tracing::warn!(target = target.0, "leadership did not move in time"),
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! Apply: find the EventterCluster, ensure the broker namespace, create (or update)
 //! the object in the broker, record the outcome in the Ready condition. Cleanup (the
-//! finalizer): delete it from the broker unless `deletionPolicy: Retain`.
+//! finalizer): delete it from the broker unless `deletionPolicy: Retain`, or unless it
+//! never was in sync (then the broker object of that name is not ours).
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -272,6 +273,14 @@ async fn cleanup<K: BrokerObject>(obj: Arc<K>, ctx: &Context, namespace: &str) -
     if obj.deletion_policy() == DeletionPolicy::Retain {
         let note = format!("{} {name:?} kept in the broker (deletionPolicy Retain)", K::NOUN);
         ctx.publish(obj.as_ref(), EventType::Normal, "Retained", note).await;
+        return Ok(Action::await_change());
+    }
+    if obj.current_status().and_then(|s| s.cluster_state_index).is_none() {
+        // Never in sync: the broker object of that name, if any, is not this resource's
+        // (e.g. the create was refused with AlreadyExists). Deleting it would destroy
+        // someone else's data; leaving a stray object is the safer mistake.
+        let note = format!("{} {name:?} was never in sync: not deleted from the broker", K::NOUN);
+        ctx.publish(obj.as_ref(), EventType::Normal, "NotDeleted", note).await;
         return Ok(Action::await_change());
     }
     let clusters: Api<EventterCluster> = Api::namespaced(ctx.client.clone(), namespace);
