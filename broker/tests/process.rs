@@ -263,6 +263,18 @@ fn bad_input_is_rejected_with_a_clear_message_and_changes_nothing() {
     assert!(cli(host, port, &["update-topic", "t", "--shards", "4", "--retention", "24h"]).status.success());
     let topics = stdout(&cli(host, port, &["list-topics", "--output", "json"]));
     assert!(topics.contains("\"shards\":4") && topics.contains("\"retention\":\"1day\""), "{topics}");
+
+    // A replication factor above the node count is accepted and flagged.
+    assert!(cli(host, port, &["create-topic", "wide", "--replication-factor", "3"]).status.success());
+    let dump = stdout(&cli(host, port, &["dump"]));
+    assert!(dump.contains("name: \"wide\"") && dump.contains("under_replicated: true"), "{dump}");
+    let topics = stdout(&cli(host, port, &["list-topics", "--output", "json"]));
+    assert!(
+        topics.contains(
+            "\"name\":\"wide\",\"replication_factor\":3,\"retention\":\"0s\",\"shards\":1,\"under_replicated\":true"
+        ),
+        "{topics}"
+    );
 }
 
 #[test]

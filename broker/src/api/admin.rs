@@ -177,7 +177,7 @@ impl Admin for AdminService {
             RequestError::new(ErrorCode::NamespaceNotFound, format!("namespace: {namespace:?} does not exist"))
         })?;
         Ok(Response::new(pb::ListTopicsResponse {
-            topics: ns.topics.iter().map(|(n, t)| topic_to_pb(n, t)).collect(),
+            topics: topics_to_pb(&applied.state, ns),
             index: applied.last_applied.map(|l| l.index).unwrap_or(0),
         }))
     }

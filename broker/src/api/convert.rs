@@ -44,6 +44,16 @@ pub fn topic_to_pb(name: &str, t: &TopicSpec) -> pb::Topic {
     }
 }
 
+/// The topics of `ns`, each flagged when its replication factor is above the number
+/// of ALIVE nodes.
+pub fn topics_to_pb(state: &ClusterState, ns: &Namespace) -> Vec<pb::Topic> {
+    let alive = state.nodes.values().filter(|n| n.state == NodeState::Alive).count() as u32;
+    ns.topics
+        .iter()
+        .map(|(n, t)| pb::Topic { under_replicated: t.replication_factor > alive, ..topic_to_pb(n, t) })
+        .collect()
+}
+
 pub fn consumer_group_to_pb(name: &str, g: &ConsumerGroupSpec) -> pb::ConsumerGroup {
     pb::ConsumerGroup {
         name: name.to_string(),
@@ -87,7 +97,6 @@ pub fn state_to_pb(applied: &AppliedState) -> pb::ClusterState {
             ""
         }
     };
-    let alive = applied.state.nodes.values().filter(|n| n.state == NodeState::Alive).count() as u32;
     pb::ClusterState {
         index: applied.last_applied.map(|l| l.index).unwrap_or(0),
         namespaces: applied
@@ -96,11 +105,7 @@ pub fn state_to_pb(applied: &AppliedState) -> pb::ClusterState {
             .iter()
             .map(|(name, ns)| pb::Namespace {
                 name: name.clone(),
-                topics: ns
-                    .topics
-                    .iter()
-                    .map(|(n, t)| pb::Topic { under_replicated: t.replication_factor > alive, ..topic_to_pb(n, t) })
-                    .collect(),
+                topics: topics_to_pb(&applied.state, ns),
                 consumer_groups: ns.consumer_groups.iter().map(|(n, g)| consumer_group_to_pb(n, g)).collect(),
             })
             .collect(),
