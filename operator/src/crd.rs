@@ -358,7 +358,7 @@ pub struct TopicSpec {
     #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "replicationFactor is immutable"}]))]
     pub replication_factor: u32,
     /// How long closed segments are kept: "0" keeps them forever, otherwise a sequence
-    /// of <number><unit> with units ms, s, m, h, d (e.g. "7d", "1h30m").
+    /// of `<number><unit>` with units ms, s, m, h, d (e.g. "7d", "1h30m").
     #[serde(default = "default_retention")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub retention: String,

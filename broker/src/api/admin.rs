@@ -63,10 +63,7 @@ impl AdminService {
     ) -> Result<ConsumerGroupSpec, RequestError> {
         let topics: BTreeMap<String, TopicSpec> = if g.bindings.iter().any(|b| b.exchange_type.is_empty()) {
             let applied = self.cluster.read(true).await?;
-            let ns = applied.state.namespaces.get(namespace).ok_or_else(|| {
-                RequestError::new(ErrorCode::NamespaceNotFound, format!("namespace: {namespace:?} does not exist"))
-            })?;
-            ns.topics.clone()
+            applied.state.namespace(namespace)?.topics.clone()
         } else {
             BTreeMap::new()
         };
@@ -173,9 +170,7 @@ impl Admin for AdminService {
         let req = req.into_inner();
         let namespace = namespace_of(&req.namespace)?;
         let applied = self.cluster.read(!req.stale).await?;
-        let ns = applied.state.namespaces.get(&namespace).ok_or_else(|| {
-            RequestError::new(ErrorCode::NamespaceNotFound, format!("namespace: {namespace:?} does not exist"))
-        })?;
+        let ns = applied.state.namespace(&namespace)?;
         Ok(Response::new(pb::ListTopicsResponse {
             topics: topics_to_pb(&applied.state, ns),
             index: applied.last_applied.map(|l| l.index).unwrap_or(0),
@@ -207,9 +202,7 @@ impl Admin for AdminService {
         let req = req.into_inner();
         let namespace = namespace_of(&req.namespace)?;
         let applied = self.cluster.read(!req.stale).await?;
-        let ns = applied.state.namespaces.get(&namespace).ok_or_else(|| {
-            RequestError::new(ErrorCode::NamespaceNotFound, format!("namespace: {namespace:?} does not exist"))
-        })?;
+        let ns = applied.state.namespace(&namespace)?;
         Ok(Response::new(pb::ListConsumerGroupsResponse {
             consumer_groups: ns.consumer_groups.iter().map(|(n, g)| consumer_group_to_pb(n, g)).collect(),
             index: applied.last_applied.map(|l| l.index).unwrap_or(0),

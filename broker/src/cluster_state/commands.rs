@@ -200,7 +200,8 @@ impl ClusterState {
         }
     }
 
-    fn namespace(&self, name: &str) -> Result<&Namespace, RequestError> {
+    /// The namespace called `name`, or NotFound naming it.
+    pub fn namespace(&self, name: &str) -> Result<&Namespace, RequestError> {
         self.namespaces.get(name).ok_or_else(|| {
             RequestError::new(ErrorCode::NamespaceNotFound, format!("namespace: {name:?} does not exist"))
         })
