@@ -541,10 +541,35 @@ pub fn parse_duration_ms(value: &str) -> Option<u64> {
     Some(total_ms)
 }
 
+type Crd = k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+
 /// All CRDs of the operator, in a stable order.
-pub fn all_crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
+pub fn all_crds() -> Vec<Crd> {
     use kube::CustomResourceExt;
-    vec![EventterCluster::crd(), Topic::crd(), ConsumerGroup::crd()]
+    vec![EventterCluster::crd(), Topic::crd(), ConsumerGroup::crd()].into_iter().map(without_null_enum_values).collect()
+}
+
+/// Drops `null` from the `enum` of nullable fields (kube renders `Option<Enum>` as
+/// `enum: [..., null]` plus `nullable: true`). `nullable` alone already admits null, and
+/// a plain list of strings is the form every apiserver version accepts.
+fn without_null_enum_values(crd: Crd) -> Crd {
+    fn walk(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if map.get("nullable") == Some(&serde_json::Value::Bool(true)) {
+                    if let Some(serde_json::Value::Array(values)) = map.get_mut("enum") {
+                        values.retain(|v| !v.is_null());
+                    }
+                }
+                map.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(&crd).expect("a CRD serializes");
+    walk(&mut value);
+    serde_json::from_value(value).expect("the CRD still deserializes")
 }
 
 /// Each CRD as a YAML document with the file name it has under `crds/`.

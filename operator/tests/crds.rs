@@ -81,3 +81,11 @@ fn immutable_fields_carry_cel_rules() {
     }
     assert!(spec["x-kubernetes-validations"][0]["rule"].as_str().unwrap().contains("oldSelf.name"));
 }
+
+#[test]
+fn optional_enums_list_no_null() {
+    for (file, yaml) in crd_files().unwrap() {
+        assert!(!yaml.contains("- null"), "{file} lists null in an enum");
+        assert!(yaml.contains("nullable: true"), "{file}");
+    }
+}

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Smoke-runs every cargo-fuzz target in fuzz/ for a bounded time (FUZZ_SECONDS each,
+# default 15) and fails on a crash. Needs a nightly toolchain (sanitizers); without one
+# it says so and exits 0. cargo-fuzz is installed into $HOME/.cargo/bin when missing.
+# Build outputs go to $HOME/.cache/eventtermq/fuzz-target, the growing corpora to
+# $HOME/.cache/eventtermq/fuzz-corpus (fuzz/seeds/ holds the committed seeds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+FUZZ_SECONDS="${FUZZ_SECONDS:-15}"
+export CARGO_TERM_COLOR=never
+export CARGO_INCREMENTAL=0
+# The main workspace's target dir does not apply: the fuzz crate has its own flags.
+unset CARGO_TARGET_DIR
+FUZZ_TARGET_DIR="$HOME/.cache/eventtermq/fuzz-target"
+CORPUS_ROOT="$HOME/.cache/eventtermq/fuzz-corpus"
+
+if ! command -v cargo >/dev/null 2>&1; then
+  [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+fi
+if ! command -v rustup >/dev/null 2>&1 || ! rustup run nightly rustc --version >/dev/null 2>&1; then
+  echo "skipping fuzz: no nightly toolchain"
+  exit 0
+fi
+echo "== fuzz toolchain: $(rustup run nightly rustc --version)"
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "== installing cargo-fuzz"
+  cargo install cargo-fuzz --locked
+fi
+cargo fuzz --version
+
+cd fuzz
+mkdir -p "$FUZZ_TARGET_DIR" "$CORPUS_ROOT"
+echo "== building fuzz targets"
+cargo +nightly fuzz build --target-dir "$FUZZ_TARGET_DIR"
+
+failed=()
+for target in $(cargo +nightly fuzz list); do
+  echo "== fuzz $target (${FUZZ_SECONDS}s)"
+  corpus="$CORPUS_ROOT/$target"
+  mkdir -p "$corpus"
+  seeds=()
+  [ -d "seeds/$target" ] && seeds=("seeds/$target")
+  # -rss_limit_mb: the targets keep small inputs; a blow-up is a bug worth failing on.
+  if ! cargo +nightly fuzz run --target-dir "$FUZZ_TARGET_DIR" "$target" "$corpus" "${seeds[@]}" -- \
+    -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 -print_final_stats=1; then
+    failed+=("$target")
+  fi
+done
+
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "fuzz: crashes in: ${failed[*]} (inputs under fuzz/artifacts/<target>/; reproduce with"
+  echo "  cd fuzz && cargo +nightly fuzz run <target> artifacts/<target>/<file>)"
+  exit 1
+fi
+echo "fuzz: all targets ran ${FUZZ_SECONDS}s without a crash"
