@@ -34,13 +34,14 @@ pub struct NodeConfig {
     pub reconcile_interval_ms: u64,
 }
 
-/// Raft timing. Failover takes about one to two election timeouts after the leader
-/// stops heart-beating (a follower first waits out its timeout, and a peer that heard
-/// the old leader recently refuses to vote until its own lease runs out). Short
-/// timeouts fail over fast but risk needless elections when the machine stalls (no GC
-/// here, but fsync and scheduler stalls happen). 100 ms heartbeats with a 300-600 ms
-/// election timeout keep failover around half a second while tolerating stalls of a
-/// few hundred milliseconds on a loaded 2-core machine.
+/// Raft timing. After a leader dies, a follower waits out its election timeout, and
+/// its peers refuse to vote until their leader lease (openraft 0.9: the maximum
+/// election timeout since the last heartbeat) has run out, so failover takes about
+/// one to two election timeouts. Short timeouts fail over fast but risk needless
+/// elections when the machine stalls (no GC here, but fsync and scheduler stalls
+/// happen). 50 ms heartbeats with a 250-350 ms election timeout fail over in about
+/// 0.6-0.7 s on the reference machine and tolerate stalls of about 200 ms; raise
+/// them on slower or busier hosts.
 #[derive(Debug, Clone)]
 pub struct RaftSettings {
     pub heartbeat_interval_ms: u64,
@@ -58,9 +59,9 @@ pub struct RaftSettings {
 impl Default for RaftSettings {
     fn default() -> Self {
         Self {
-            heartbeat_interval_ms: 100,
-            election_timeout_min_ms: 300,
-            election_timeout_max_ms: 600,
+            heartbeat_interval_ms: 50,
+            election_timeout_min_ms: 250,
+            election_timeout_max_ms: 350,
             snapshot_logs_count: 5000,
             logs_kept_after_snapshot_count: 1000,
             install_snapshot_timeout_ms: 5000,

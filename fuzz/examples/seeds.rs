@@ -53,7 +53,12 @@ fn write(target: &str, name: &str, bytes: &[u8]) {
 }
 
 fn commands() -> Vec<Command> {
-    let spec = TopicSpec { shards: 3, replication_factor: 2, retention_ms: 86_400_000, default_exchange_type: ExchangeType::Topic };
+    let spec = TopicSpec {
+        shards: 3,
+        replication_factor: 2,
+        retention_ms: 86_400_000,
+        default_exchange_type: ExchangeType::Topic,
+    };
     vec![
         Command::CreateNamespace { name: "orders".into() },
         Command::CreateTopic { namespace: "orders".into(), name: "created".into(), spec },
@@ -158,11 +163,19 @@ async fn main() {
         (1, "vote", encode(&vote_req)),
         (2, "install", encode(&install)),
         (4, "append_ok", encode(&Ok::<_, openraft::error::RaftError<u64>>(AppendEntriesResponse::<u64>::Success))),
-        (4, "append_conflict", encode(&Ok::<_, openraft::error::RaftError<u64>>(AppendEntriesResponse::<u64>::Conflict))),
+        (
+            4,
+            "append_conflict",
+            encode(&Ok::<_, openraft::error::RaftError<u64>>(AppendEntriesResponse::<u64>::Conflict)),
+        ),
         (
             5,
             "vote_reply",
-            encode(&Ok::<_, openraft::error::RaftError<u64>>(VoteResponse::new(Vote::new(3, 2), Some(log_id(2, 8)), true))),
+            encode(&Ok::<_, openraft::error::RaftError<u64>>(VoteResponse::new(
+                Vote::new(3, 2),
+                Some(log_id(2, 8)),
+                true,
+            ))),
         ),
         (
             6,
@@ -184,7 +197,8 @@ async fn main() {
     // gossip_sync, gossip_membership: a live two-node cluster on the in-memory network.
     let net = MemNetwork::new();
     let sent = Arc::new(Mutex::new(Vec::new()));
-    let config = MembershipConfig { probe_period_ms: 100, probe_rtt_ms: 40, suspect_to_down_ms: 500, ..Default::default() };
+    let config =
+        MembershipConfig { probe_period_ms: 100, probe_rtt_ms: 40, suspect_to_down_ms: 500, ..Default::default() };
     let shutdown = CancellationToken::new();
     let mut nodes = Vec::new();
     for (id, addr) in [(1u64, "n1:7000"), (2, "n2:7000")] {
