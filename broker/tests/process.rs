@@ -356,3 +356,39 @@ fn health_service_reports_serving() {
     eventually(Duration::from_secs(20), "liveness SERVING", || check("") == Some(serving));
     eventually(Duration::from_secs(20), "readiness SERVING", || check("eventter.v1.Admin") == Some(serving));
 }
+
+/// Server reflection lists the services, so grpcurl works without .proto files.
+#[test]
+fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+        server_reflection_response::MessageResponse, ServerReflectionRequest,
+    };
+    let tmp = test_dir("reflection");
+    let (host, port) = ("127.0.0.62", 26710);
+    let _node = Broker::start(host, port, &tmp.join("n"), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let list = || {
+        rt.block_on(async {
+            let channel =
+                tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}")).ok()?.connect().await.ok()?;
+            let mut client = ServerReflectionClient::new(channel);
+            let req = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut stream = client.server_reflection_info(tokio_stream::iter([req])).await.ok()?.into_inner();
+            match stream.message().await.ok()??.message_response? {
+                MessageResponse::ListServicesResponse(l) => {
+                    Some(l.service.into_iter().map(|s| s.name).collect::<Vec<_>>())
+                }
+                _ => None,
+            }
+        })
+    };
+    eventually(Duration::from_secs(20), "reflection answers", || list().is_some());
+    let services = list().unwrap();
+    for want in ["eventter.v1.Admin", "eventter.internal.v1.Internal", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|s| s == want), "{want} missing from {services:?}");
+    }
+}

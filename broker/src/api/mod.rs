@@ -34,11 +34,15 @@ pub fn serve(
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(eventtermq_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("descriptor sets are generated at build time and valid");
+    // Both reflection versions: grpcurl and other tools still ask for v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(eventtermq_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().expect("descriptor sets are generated at build time and valid");
+    let reflection_v1alpha =
+        reflection().build_v1alpha().expect("descriptor sets are generated at build time and valid");
 
     // Readiness follows whether a leader is known.
     let mut metrics = cluster.raft.metrics();
@@ -69,7 +73,8 @@ pub fn serve(
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(admin)
             .add_service(internal)
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
