@@ -28,7 +28,7 @@ use crate::cluster_state::model::{NodeId, NodeState};
 use crate::transport::{Network, DATAGRAM_SIZE_MAX_BYTES};
 
 /// foca 2 takes a `rand` 0.10 generator (the rest of the crate uses `rand` 0.9).
-type FocaRng = rand_foca::rngs::SmallRng;
+type FocaRng = rand::rngs::SmallRng;
 type Gossip = Foca<GossipId, PostcardCodec, FocaRng, NoCustomBroadcast>;
 
 /// Down (DEAD/LEFT) members are forgotten after this long.
@@ -161,7 +161,7 @@ impl Actor {
         commands: mpsc::WeakSender<Command>,
     ) -> Self {
         let identity = GossipId::new(id, addr, initial_bump());
-        let rng = <FocaRng as rand_foca::SeedableRng>::seed_from_u64(rand::random());
+        let rng = <FocaRng as rand::SeedableRng>::seed_from_u64(rand::random());
         let foca = Foca::new(identity, foca_config(config), rng, PostcardCodec);
         let sync_period = (config.sync_period_ms > 0).then(|| ms(config.sync_period_ms));
         let mut actor = Self {
