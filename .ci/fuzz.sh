@@ -46,10 +46,17 @@ for target in $(cargo +nightly fuzz list); do
   seeds=()
   [ -d "seeds/$target" ] && seeds=("seeds/$target")
   # -rss_limit_mb: the targets keep small inputs; a blow-up is a bug worth failing on.
-  if ! cargo +nightly fuzz run --sanitizer none --target-dir "$FUZZ_TARGET_DIR" "$target" "$corpus" "${seeds[@]}" -- \
-    -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 -print_final_stats=1; then
+  # libFuzzer prints a line per new coverage point: keep it in a log, show the tail
+  # (and everything when the target failed).
+  log="$(mktemp)"
+  if cargo +nightly fuzz run --sanitizer none --target-dir "$FUZZ_TARGET_DIR" "$target" "$corpus" "${seeds[@]}" -- \
+    -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
+    tail -n 4 "$log"
+  else
+    cat "$log"
     failed+=("$target")
   fi
+  rm -f "$log"
 done
 
 if [ "${#failed[@]}" -gt 0 ]; then
