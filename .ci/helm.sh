@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Lints and renders the Helm chart charts/eventtermq, with and without the optional
+# EventterCluster, and checks that the rendered output holds the expected objects.
+# helm is built from its Go module (nothing prebuilt can be downloaded) into
+# $HOME/.cache/eventtermq/bin when missing; the Go module cache lives under $HOME too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+HELM_VERSION="${HELM_VERSION:-v3.17.4}"
+BIN_DIR="$HOME/.cache/eventtermq/bin"
+HELM="$BIN_DIR/helm"
+CHART=charts/eventtermq
+# helm built with `go install` lacks the release ldflags and assumes Kubernetes v1.20;
+# the chart needs >= 1.25 (CEL validation rules in the CRDs).
+KUBE_VERSION="${KUBE_VERSION:-1.30.0}"
+
+if [ ! -x "$HELM" ]; then
+  if ! command -v go >/dev/null 2>&1; then
+    [ -x /usr/local/go/bin/go ] && export PATH="/usr/local/go/bin:$PATH"
+  fi
+  echo "== building helm $HELM_VERSION from the Go module proxy"
+  mkdir -p "$BIN_DIR"
+  start=$(date +%s)
+  GOBIN="$BIN_DIR" GOFLAGS="-mod=mod -buildvcs=false" go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  echo "== helm build took $(( $(date +%s) - start )) s"
+fi
+echo "== $("$HELM" version) (built from $HELM_VERSION)"
+
+# Helm keeps no state of its own here.
+export HELM_CACHE_HOME="${HELM_CACHE_HOME:-$HOME/.cache/eventtermq/helm/cache}"
+export HELM_CONFIG_HOME="${HELM_CONFIG_HOME:-$HOME/.cache/eventtermq/helm/config}"
+export HELM_DATA_HOME="${HELM_DATA_HOME:-$HOME/.cache/eventtermq/helm/data}"
+
+fail() {
+  echo "FAIL: $*" >&2
+  exit 1
+}
+
+# expect FILE KIND [NAME]: the rendered output holds an object of this kind (and name).
+expect() {
+  local file=$1 kind=$2 name=${3:-}
+  grep -q "^kind: $kind\$" "$file" || fail "$file: no $kind rendered"
+  if [ -n "$name" ]; then
+    grep -A3 "^kind: $kind\$" "$file" | grep -q "^  name: $name\$" || fail "$file: no $kind named $name"
+  fi
+  echo "ok: $kind${name:+ $name}"
+}
+
+echo "== helm lint (defaults)"
+"$HELM" lint --strict "$CHART"
+echo "== helm lint (cluster.enabled=true)"
+"$HELM" lint --strict "$CHART" --set cluster.enabled=true
+
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
+echo "== helm template (defaults)"
+"$HELM" template eventtermq "$CHART" --kube-version "$KUBE_VERSION" --namespace eventter --include-crds >"$out/default.yaml"
+for kind in Deployment ServiceAccount ClusterRole ClusterRoleBinding; do
+  expect "$out/default.yaml" "$kind"
+done
+expect "$out/default.yaml" CustomResourceDefinition eventterclusters.eventter.io
+expect "$out/default.yaml" CustomResourceDefinition topics.eventter.io
+expect "$out/default.yaml" CustomResourceDefinition consumergroups.eventter.io
+if grep -q '^kind: EventterCluster$' "$out/default.yaml"; then
+  fail "an EventterCluster rendered although cluster.enabled is false"
+fi
+
+echo "== helm template (cluster.enabled=true, replicaCount=2)"
+"$HELM" template eventtermq "$CHART" --kube-version "$KUBE_VERSION" --namespace eventter --set cluster.enabled=true \
+  --set operator.replicaCount=2 >"$out/cluster.yaml"
+for kind in Deployment ServiceAccount ClusterRole ClusterRoleBinding EventterCluster Role RoleBinding; do
+  expect "$out/cluster.yaml" "$kind"
+done
+grep -q -- '--no-leader-election' "$out/cluster.yaml" && fail "leader election off with 2 replicas"
+grep -q -- '--no-leader-election' "$out/default.yaml" || fail "leader election on with 1 replica"
+echo "ok: leader election only with more than one replica"
+
+echo "== helm template rejects invalid values (values.schema.json)"
+if "$HELM" template eventtermq "$CHART" --kube-version "$KUBE_VERSION" --set operator.replicaCount=-1 >/dev/null 2>&1; then
+  fail "operator.replicaCount=-1 accepted"
+fi
+if "$HELM" template eventtermq "$CHART" --kube-version "$KUBE_VERSION" --set operator.image.pullPolicy=Sometimes >/dev/null 2>&1; then
+  fail "operator.image.pullPolicy=Sometimes accepted"
+fi
+echo "ok: invalid values rejected"
+echo "== helm chart ok"
