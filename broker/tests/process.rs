@@ -194,7 +194,7 @@ fn three_nodes_form_a_cluster_survive_kill_and_restart() {
     let log = std::fs::read_to_string(nodes[li].dir.with_extension("log")).unwrap();
     assert!(log.contains("handed leadership over"), "leader log lacks the hand-over:\n{log}");
     let other = hosts[(li + 1) % 3];
-    eventually(Duration::from_secs(10), "the stopped leader shows LEFT", || {
+    eventually(Duration::from_secs(30), "the stopped leader shows LEFT", || {
         stdout(&cli(other, port, &["dump"])).contains(&format!("address: \"{leader_addr}\"\n  state: LEFT"))
     });
     for n in nodes.iter_mut().filter(|n| n.child.is_some()) {

@@ -113,9 +113,15 @@ pub async fn start(
                 _ = stop.cancelled() => {}
             }
             let _ = cluster.raft.shutdown().await;
+            // The background loops may sit in a request that can no longer succeed
+            // (Raft is down): stop them rather than wait out their timeouts.
             bootstrap.abort();
-            let _ = reconciler.await;
-            let _ = server.await;
+            reconciler.abort();
+            // The server drains in-flight calls, but not for longer than this.
+            let server_abort = server.abort_handle();
+            if tokio::time::timeout(SERVER_DRAIN_MAX, server).await.is_err() {
+                server_abort.abort();
+            }
             tracing::info!("node stopped");
         })
     };
@@ -127,8 +133,18 @@ async fn bootstrap(config: NodeConfig, cluster: Cluster, membership: Membership,
     let seeds: Vec<String> = config.join.iter().filter(|s| **s != config.advertise_addr).cloned().collect();
     let initialized = cluster.raft.is_initialized().await.unwrap_or(true);
     if initialized {
-        // A node with state never bootstraps again; it only finds its peers.
+        // A node with state never bootstraps again; it only finds its peers: the
+        // --join seeds and every member Raft remembers, so a restarted first node
+        // (started without --join) is seen ALIVE again at once instead of waiting
+        // for its peers to probe it.
         tracing::info!("existing cluster state found; rejoining");
+        let mut seeds = seeds;
+        let known = cluster.raft.metrics().borrow().membership_config.membership().clone();
+        for (id, node) in known.nodes() {
+            if *id != cluster.id && !seeds.contains(&node.addr) {
+                seeds.push(node.addr.clone());
+            }
+        }
         if let Err(e) = membership.join(seeds).await {
             tracing::warn!(error = %e, "joining gossip failed");
         }
@@ -184,6 +200,9 @@ async fn initialize(cluster: &Cluster, members: BTreeMap<u64, BasicNode>) {
         Err(e) => tracing::error!(error = %e, "raft initialize failed"),
     }
 }
+
+/// How long the gRPC server may take to drain in-flight calls at shutdown.
+const SERVER_DRAIN_MAX: Duration = Duration::from_secs(2);
 
 /// Bound on the graceful leadership hand-over at shutdown.
 const HAND_OVER_MAX: Duration = Duration::from_secs(1);
