@@ -2,7 +2,11 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/eventter/v1/admin.proto", "proto/eventter/internal/v1/internal.proto"];
+    let files = [
+        "proto/eventter/v1/admin.proto",
+        "proto/eventter/v1/messaging.proto",
+        "proto/eventter/internal/v1/internal.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
@@ -10,6 +14,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     // The encoded descriptor set feeds gRPC server reflection (grpcurl works without .proto files).
     std::fs::write(out.join("eventter_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+    // Payloads as `Bytes`: records move between files, replicas and clients without copies.
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .bytes(".eventter.internal.v1.Record.payload")
+        .bytes(".eventter.v1.Message.data")
+        .compile_fds(fds)?;
     Ok(())
 }

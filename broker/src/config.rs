@@ -32,6 +32,43 @@ pub struct NodeConfig {
     pub request_timeout_ms: u64,
     /// Interval of the leader's membership reconciliation (gossip -> Raft).
     pub reconcile_interval_ms: u64,
+    pub data: DataSettings,
+}
+
+/// Limits of the data path (segments, replication, consumer groups).
+#[derive(Debug, Clone)]
+pub struct DataSettings {
+    /// A segment is closed and the next one opened once it is this big (a topic may
+    /// set its own).
+    pub segment_size_max_bytes: u64,
+    /// Most bytes of messages one write (and one fsync) of a primary takes at once.
+    pub write_batch_max_bytes: usize,
+    /// Most bytes of records one replication message or one segment read carries.
+    pub read_batch_max_bytes: usize,
+    /// Publishes queued on a primary beyond this many bytes wait (back-pressure).
+    pub write_queue_max_bytes: usize,
+    /// How often a consumer group records its acknowledged offsets in the cluster state.
+    /// After a kill -9, at most this much of acknowledged messages is delivered again.
+    pub offsets_commit_interval_ms: u64,
+    /// A closed segment's copy on a node DEAD this long is replaced by a new copy on a
+    /// live node.
+    pub rereplicate_after_ms: u64,
+    /// How long a consumer group waits for new records before it asks again.
+    pub read_wait_ms: u64,
+}
+
+impl Default for DataSettings {
+    fn default() -> Self {
+        Self {
+            segment_size_max_bytes: 64 * 1024 * 1024,
+            write_batch_max_bytes: 1024 * 1024,
+            read_batch_max_bytes: 1024 * 1024,
+            write_queue_max_bytes: 64 * 1024 * 1024,
+            offsets_commit_interval_ms: 1000,
+            rereplicate_after_ms: 60_000,
+            read_wait_ms: 500,
+        }
+    }
 }
 
 /// Raft timing. After a leader dies, a follower waits out its election timeout, and
@@ -107,6 +144,7 @@ impl NodeConfig {
             dead_node_removal_ms: Self::DEFAULT_DEAD_NODE_REMOVAL_MS,
             request_timeout_ms: Self::DEFAULT_REQUEST_TIMEOUT_MS,
             reconcile_interval_ms: 200,
+            data: DataSettings::default(),
         }
     }
 }

@@ -26,6 +26,7 @@ pub enum ErrorCode {
     NamespaceNotFound = 2001,
     TopicNotFound = 2002,
     ConsumerGroupNotFound = 2003,
+    SegmentNotFound = 2004,
     NamespaceAlreadyExists = 3001,
     TopicAlreadyExists = 3002,
     ConsumerGroupAlreadyExists = 3003,
@@ -33,8 +34,19 @@ pub enum ErrorCode {
     NamespaceNotEmpty = 4002,
     ImmutableField = 4003,
     ShardsDecrease = 4004,
+    SegmentAlreadyOpen = 4005,
+    SegmentClosed = 4006,
+    SegmentOpen = 4007,
+    /// This node is not (or no longer) the primary of the segment.
+    NotPrimary = 4008,
+    /// A delivery that is not in flight (already acked, or never delivered).
+    NotInFlight = 4009,
+    /// A copy of a closed segment differs from the copies recorded before it.
+    ChecksumMismatch = 4010,
     NoLeader = 5001,
     Timeout = 5002,
+    /// No open segment or no node to take the request right now; retry.
+    NotReady = 5003,
     Internal = 9001,
 }
 

@@ -54,7 +54,13 @@ where
 }
 
 fn topic() -> TopicSpec {
-    TopicSpec { shards: 1, replication_factor: 3, retention_ms: 0, default_exchange_type: ExchangeType::Fanout }
+    TopicSpec {
+        shards: 1,
+        replication_factor: 3,
+        retention_ms: 0,
+        default_exchange_type: ExchangeType::Fanout,
+        segment_size_max_bytes: 0,
+    }
 }
 
 fn voters(n: &TestNode) -> usize {
@@ -246,4 +252,119 @@ async fn a_node_dead_past_the_removal_time_leaves_raft_and_the_state() {
         n.shutdown.cancel();
         n.handle.wait().await;
     }
+}
+
+/// Publishes `ids` one batch at a time through `node`, returning the ids confirmed.
+async fn publish_ids(node: &TestNode, ids: std::ops::Range<u32>) -> Vec<u32> {
+    use eventtermq_proto::v1::{Message, Persistence};
+    let mut confirmed = Vec::new();
+    for chunk in ids.collect::<Vec<_>>().chunks(10) {
+        let messages: Vec<Message> =
+            chunk.iter().map(|i| Message { data: i.to_string().into_bytes().into(), ..Default::default() }).collect();
+        if node.handle.segments.publish("default", "t", &messages, Persistence::Replicated, 0).await.is_ok() {
+            confirmed.extend_from_slice(chunk);
+        }
+    }
+    confirmed
+}
+
+/// Every message of topic `t` as `node` can read it (closed segments from a complete
+/// copy, open ones up to what is confirmed).
+async fn read_topic(node: &TestNode) -> Vec<u32> {
+    let segments: Vec<_> = {
+        let st = node.handle.cluster.state.read();
+        st.state.topic_segments("default", "t").map(|(id, s)| (id, s.clone())).collect()
+    };
+    let mut out = Vec::new();
+    for (id, seg) in segments {
+        let mut from = 0;
+        loop {
+            let r = node.handle.segments.read(id, &seg, from, 1 << 20, Duration::ZERO).await.expect("readable");
+            let Some(last) = r.records.last() else { break };
+            from = last.offset + 1;
+            for rec in &r.records {
+                let m = <eventtermq_proto::v1::Message as prost::Message>::decode(rec.payload.clone()).unwrap();
+                out.push(String::from_utf8(m.data.to_vec()).unwrap().parse().unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn primary_index(nodes: &[TestNode]) -> Option<usize> {
+    let st = nodes[0].handle.cluster.state.read();
+    let primary = st.state.topic_segments("default", "t").find(|(_, s)| s.is_open())?.1.primary;
+    nodes.iter().position(|n| n.handle.id == primary)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_messages_survive_a_primary_crash_mid_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let mut nodes = three(&net, dir.path()).await;
+    let cmd = Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec: topic() };
+    nodes[0].handle.cluster.write(cmd).await.unwrap();
+    eventually(Duration::from_secs(10), "an open segment", || async { primary_index(&nodes).is_some() }).await;
+
+    let pi = primary_index(&nodes).unwrap();
+    let writer = (pi + 1) % 3;
+    let mut confirmed = publish_ids(&nodes[writer], 0..100).await;
+    assert_eq!(confirmed.len(), 100);
+    // Crash the primary while another batch is being published.
+    let dead = nodes.remove(pi);
+    let writer = if writer > pi { writer - 1 } else { writer };
+    let publishing = async { publish_ids(&nodes[writer], 100..300).await };
+    let crash = async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        net.detach(&dead.name);
+        dead.handle.kill().await;
+    };
+    let (more, ()) = tokio::join!(publishing, crash);
+    confirmed.extend(more);
+    assert!(confirmed.len() > 100, "publishing goes on after the crash");
+
+    // The segment is failed over to the survivors, who hold every confirmed message.
+    eventually(Duration::from_secs(20), "the old segment closed and sealed on a survivor", || async {
+        let st = nodes[0].handle.cluster.state.read();
+        let sealed = st.state.topic_segments("default", "t").any(|(_, s)| !s.is_open() && !s.done.is_empty());
+        sealed
+    })
+    .await;
+    for n in &nodes {
+        let read = read_topic(n).await;
+        let have: std::collections::HashSet<u32> = read.iter().copied().collect();
+        let lost: Vec<_> = confirmed.iter().filter(|i| !have.contains(i)).collect();
+        assert!(lost.is_empty(), "{} lost confirmed messages {lost:?}", n.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_replica_does_not_stop_publishing_and_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let nodes = three(&net, dir.path()).await;
+    let cmd = Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec: topic() };
+    nodes[0].handle.cluster.write(cmd).await.unwrap();
+    eventually(Duration::from_secs(10), "an open segment", || async { primary_index(&nodes).is_some() }).await;
+    let pi = primary_index(&nodes).unwrap();
+    let (seg_id, replica) = {
+        let st = nodes[0].handle.cluster.state.read();
+        let (id, s) = st.state.topic_segments("default", "t").find(|(_, s)| s.is_open()).unwrap();
+        let replica = nodes.iter().position(|n| n.handle.id == s.replicas[2]).unwrap();
+        (id, replica)
+    };
+    assert_ne!(replica, pi);
+
+    // Cut one replica off from the primary only: a majority (primary + the other
+    // replica) still confirms.
+    net.partition(&[&nodes[pi].name], &[&nodes[replica].name]);
+    let confirmed = publish_ids(&nodes[pi], 0..200).await;
+    assert_eq!(confirmed.len(), 200, "a majority of the replica set is enough");
+    assert!(nodes[replica].handle.segments.store().info(seg_id).map_or(0, |i| i.next_offset) < 200);
+
+    net.heal();
+    eventually(Duration::from_secs(20), "the cut-off replica caught up", || async {
+        nodes[replica].handle.segments.store().info(seg_id).is_some_and(|i| i.next_offset == 200)
+    })
+    .await;
 }

@@ -20,6 +20,7 @@ pub const CONSUMER_GROUP_SIZE_DEFAULT: u32 = 10_000;
 
 pub struct AdminService {
     pub cluster: Cluster,
+    pub segments: crate::replication::Segments,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -29,7 +30,7 @@ fn written(index: u64) -> Reply<pb::WriteResponse> {
 }
 
 /// Namespace of a request: empty means `default`.
-fn namespace_of(ns: &str) -> Result<String, RequestError> {
+pub(crate) fn namespace_of(ns: &str) -> Result<String, RequestError> {
     if ns.is_empty() {
         return Ok(DEFAULT_NAMESPACE.to_string());
     }
@@ -48,6 +49,7 @@ fn topic_spec_from_pb(t: &pb::Topic) -> Result<TopicSpec, RequestError> {
         replication_factor: t.replication_factor,
         retention_ms: duration_to_ms(&t.retention)?,
         default_exchange_type,
+        segment_size_max_bytes: t.segment_size_max_bytes,
     };
     validate::topic_spec(&spec)?;
     Ok(spec)
@@ -101,7 +103,7 @@ impl AdminService {
         let spec = ConsumerGroupSpec {
             bindings,
             size: if g.size == 0 { CONSUMER_GROUP_SIZE_DEFAULT } else { g.size },
-            since_unix_ms: g.since.as_ref().map(timestamp_to_ms).unwrap_or_else(now_unix_ms),
+            since_unix_ms: g.since.as_ref().map(timestamp_to_ms).unwrap_or(0),
         };
         validate::consumer_group_spec(&spec)?;
         Ok(spec)
@@ -215,7 +217,18 @@ impl Admin for AdminService {
         let state = state_to_pb(&*self.cluster.read(!stale).await?);
         Ok(Response::new(pb::DumpResponse {
             state: Some(state),
-            segments: Vec::new(),
+            segments: self
+                .segments
+                .store()
+                .list()
+                .into_iter()
+                .map(|s| pb::LocalSegment {
+                    id: s.id,
+                    size_bytes: s.size_bytes,
+                    open: !s.sealed,
+                    next_offset: s.next_offset,
+                })
+                .collect(),
             node_id: self.cluster.id,
             leader_id: metrics.current_leader.unwrap_or(0),
             term: metrics.current_term,

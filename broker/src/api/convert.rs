@@ -41,6 +41,7 @@ pub fn topic_to_pb(name: &str, t: &TopicSpec) -> pb::Topic {
         retention: ms_to_duration(t.retention_ms),
         default_exchange_type: t.default_exchange_type.as_str().to_string(),
         under_replicated: false,
+        segment_size_max_bytes: t.segment_size_max_bytes,
     }
 }
 
@@ -72,7 +73,43 @@ pub fn consumer_group_to_pb(name: &str, g: &ConsumerGroupSpec) -> pb::ConsumerGr
             })
             .collect(),
         size: g.size,
-        since: Some(ms_to_timestamp(g.since_unix_ms)),
+        since: (g.since_unix_ms != 0).then(|| ms_to_timestamp(g.since_unix_ms)),
+        node_id: 0,
+        committed_offsets: Default::default(),
+    }
+}
+
+/// A group with where it runs and what it committed.
+pub fn consumer_group_runtime_to_pb(
+    state: &ClusterState,
+    namespace: &str,
+    name: &str,
+    g: &ConsumerGroupSpec,
+) -> pb::ConsumerGroup {
+    let rt = state.group_runtime(namespace, name);
+    pb::ConsumerGroup {
+        node_id: rt.and_then(|r| r.node).unwrap_or(0),
+        committed_offsets: rt.map(|r| r.offsets.iter().map(|(k, v)| (*k, *v)).collect()).unwrap_or_default(),
+        ..consumer_group_to_pb(name, g)
+    }
+}
+
+pub fn segment_to_pb(id: SegmentId, s: &SegmentRecord) -> pb::Segment {
+    pb::Segment {
+        id,
+        namespace: s.namespace.clone(),
+        topic: s.topic.clone(),
+        shard: s.shard,
+        generation: s.generation,
+        open: s.is_open(),
+        primary_node_id: s.primary,
+        replica_node_ids: s.replicas.clone(),
+        done_node_ids: s.done.clone(),
+        next_offset: s.next_offset,
+        size_bytes: s.size_bytes,
+        checksum: s.checksum,
+        created_at: Some(ms_to_timestamp(s.created_unix_ms)),
+        closed_at: (s.closed_unix_ms != 0).then(|| ms_to_timestamp(s.closed_unix_ms)),
     }
 }
 
@@ -98,6 +135,7 @@ pub fn state_to_pb(applied: &AppliedState) -> pb::ClusterState {
         }
     };
     pb::ClusterState {
+        segments: applied.state.segments.iter().map(|(id, s)| segment_to_pb(*id, s)).collect(),
         index: applied.last_applied.map(|l| l.index).unwrap_or(0),
         namespaces: applied
             .state
@@ -106,7 +144,11 @@ pub fn state_to_pb(applied: &AppliedState) -> pb::ClusterState {
             .map(|(name, ns)| pb::Namespace {
                 name: name.clone(),
                 topics: topics_to_pb(&applied.state, ns),
-                consumer_groups: ns.consumer_groups.iter().map(|(n, g)| consumer_group_to_pb(n, g)).collect(),
+                consumer_groups: ns
+                    .consumer_groups
+                    .iter()
+                    .map(|(n, g)| consumer_group_runtime_to_pb(&applied.state, name, n, g))
+                    .collect(),
             })
             .collect(),
         nodes: applied

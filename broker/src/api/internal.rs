@@ -10,10 +10,12 @@ use crate::cluster_state::{Command, CommandResponse};
 use crate::error::RequestError;
 use crate::membership::Membership;
 use crate::node::Cluster;
+use crate::replication::{replica, Segments};
 
 pub struct InternalService {
     pub cluster: Cluster,
     pub membership: Membership,
+    pub segments: Segments,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -66,5 +68,30 @@ impl Internal for InternalService {
             .await
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(ipb::GossipPayload { data: data.to_vec() }))
+    }
+
+    type ReplicateStream = replica::ReplicateStream;
+
+    async fn replicate(&self, req: Request<tonic::Streaming<ipb::ReplicateRequest>>) -> Reply<Self::ReplicateStream> {
+        Ok(Response::new(replica::handle_replicate(self.segments.clone(), req.into_inner()).await?))
+    }
+
+    async fn segment_status(&self, req: Request<ipb::SegmentStatusRequest>) -> Reply<ipb::SegmentStatusResponse> {
+        let req = req.into_inner();
+        Ok(Response::new(replica::status(&self.segments, req.segment_id, req.freeze).await?))
+    }
+
+    async fn read_segment(&self, req: Request<ipb::ReadSegmentRequest>) -> Reply<ipb::ReadSegmentResponse> {
+        let req = req.into_inner();
+        let wait = std::time::Duration::from_millis(
+            u64::from(req.wait_ms).min(self.cluster.request_timeout().as_millis() as u64),
+        );
+        let max_bytes = (req.max_bytes as usize).clamp(1, self.segments.settings().read_batch_max_bytes);
+        let r = self.segments.read_local(req.segment_id, req.from_offset, max_bytes, wait).await?;
+        Ok(Response::new(ipb::ReadSegmentResponse {
+            records: r.records.into_iter().map(crate::replication::to_wire).collect(),
+            end_offset: r.end_offset,
+            closed: r.closed,
+        }))
     }
 }

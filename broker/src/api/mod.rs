@@ -4,19 +4,23 @@
 pub mod admin;
 pub mod convert;
 pub mod internal;
+pub mod messaging;
 
 use std::pin::Pin;
 use std::time::Duration;
 
 use eventtermq_proto::internal::v1::internal_server::InternalServer;
 use eventtermq_proto::v1::admin_server::AdminServer;
+use eventtermq_proto::v1::messaging_server::MessagingServer;
 use futures::Stream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
+use crate::consumer_groups::Groups;
 use crate::membership::Membership;
 use crate::node::Cluster;
+use crate::replication::Segments;
 use crate::transport::Conn;
 
 /// Largest gRPC message accepted (Raft snapshots travel in chunks well below this).
@@ -30,6 +34,8 @@ pub const READINESS_SERVICE: &str = "eventter.v1.Admin";
 pub fn serve(
     cluster: Cluster,
     membership: Membership,
+    segments: Segments,
+    groups: Groups,
     incoming: Pin<Box<dyn Stream<Item = std::io::Result<Conn>> + Send>>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
@@ -63,9 +69,12 @@ pub fn serve(
         }
     });
 
-    let admin = AdminServer::new(admin::AdminService { cluster: cluster.clone() })
+    let admin = AdminServer::new(admin::AdminService { cluster: cluster.clone(), segments: segments.clone() })
         .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
-    let internal = InternalServer::new(internal::InternalService { cluster, membership })
+    let messaging = MessagingServer::new(messaging::MessagingService { segments: segments.clone(), groups })
+        .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES)
+        .max_encoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
+    let internal = InternalServer::new(internal::InternalService { cluster, membership, segments })
         .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES)
         .max_encoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
     tokio::spawn(async move {
@@ -76,6 +85,7 @@ pub fn serve(
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(admin)
+            .add_service(messaging)
             .add_service(internal)
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{NodeConfig, RaftSettings};
+use crate::config::{DataSettings, NodeConfig, RaftSettings};
 use crate::membership::MembershipConfig;
 
 #[derive(Debug, Parser)]
@@ -82,6 +82,24 @@ pub struct BrokerArgs {
     /// SWIM suspicion timeout before a node is declared DEAD.
     #[arg(long, default_value_t = MembershipConfig::default().suspect_to_down_ms)]
     pub gossip_suspect_to_down_ms: u64,
+    /// Close a segment and open the next once it reaches this size (topics may set their own).
+    #[arg(long, default_value_t = DataSettings::default().segment_size_max_bytes)]
+    pub segment_size_max_bytes: u64,
+    /// Most bytes of messages a primary writes (and fsyncs) at once.
+    #[arg(long, default_value_t = DataSettings::default().write_batch_max_bytes)]
+    pub write_batch_max_bytes: usize,
+    /// Most bytes of records in one replication message or segment read.
+    #[arg(long, default_value_t = DataSettings::default().read_batch_max_bytes)]
+    pub read_batch_max_bytes: usize,
+    /// Publishes queued on a primary beyond this many bytes wait.
+    #[arg(long, default_value_t = DataSettings::default().write_queue_max_bytes)]
+    pub write_queue_max_bytes: usize,
+    /// How often consumer groups record acknowledged offsets in the cluster state.
+    #[arg(long, default_value_t = DataSettings::default().offsets_commit_interval_ms)]
+    pub offsets_commit_interval_ms: u64,
+    /// Replace a closed segment's copy on a node DEAD this long with a copy on a live node.
+    #[arg(long, default_value_t = DataSettings::default().rereplicate_after_ms)]
+    pub rereplicate_after_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -124,6 +142,9 @@ pub enum Command {
         /// fanout, direct, topic or headers.
         #[arg(long, default_value = "fanout")]
         default_exchange_type: String,
+        /// Close a segment and open the next at this size (0: the nodes' --segment-size-max-bytes).
+        #[arg(long, default_value_t = 0)]
+        segment_size_max_bytes: u64,
     },
     /// Change a topic's mutable fields (shards up, retention, default exchange type).
     UpdateTopic {
@@ -168,9 +189,62 @@ pub enum Command {
     DeleteConsumerGroup { name: String },
     /// List consumer groups of the namespace.
     ListConsumerGroups,
+    /// Publish DATA to TOPIC, or with DATA `-` one message per line of stdin (streamed
+    /// in batches); prints {"ok": true, "published": N}.
+    Publish(PublishArgs),
+    /// Receive messages of a consumer group, one JSON object per line (data in base64).
+    Subscribe(SubscribeArgs),
     /// Benchmarks that start their own local brokers (results go into README.md).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    pub topic: String,
+    /// The message, or `-` to read one message per line from stdin.
+    pub data: String,
+    /// Routing key (direct and topic bindings match on it).
+    #[arg(long, default_value = "")]
+    pub routing_key: String,
+    /// A header k=v (headers bindings match on them); repeatable.
+    #[arg(long = "header", value_name = "K=V")]
+    pub headers: Vec<String>,
+    /// When a publish is confirmed: on receipt (none), after fsync on the segment's
+    /// primary (primary), or after fsync on a majority of its replicas (replicated).
+    /// Default: replicated when the topic has more than one replica.
+    #[arg(long, value_enum)]
+    pub persistence: Option<PersistenceArg>,
+    /// Content type property of the messages.
+    #[arg(long)]
+    pub content_type: Option<String>,
+    /// Stdin: messages per publish request.
+    #[arg(long, default_value_t = 100)]
+    pub batch_messages_max: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PersistenceArg {
+    None,
+    Primary,
+    Replicated,
+}
+
+#[derive(Debug, Args)]
+pub struct SubscribeArgs {
+    pub group: String,
+    /// Stop after this many messages.
+    #[arg(long)]
+    pub max_messages: Option<u64>,
+    /// Exit 0 once no message arrived for this long (e.g. 10s, 500ms).
+    #[arg(long)]
+    pub wait: Option<String>,
+    /// Do not acknowledge: the messages are delivered again once this subscriber leaves.
+    #[arg(long)]
+    pub no_auto_ack: bool,
+    /// Most unacknowledged messages held at once.
+    #[arg(long, default_value_t = 1000)]
+    pub size: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -192,4 +266,34 @@ pub enum BenchCommand {
         #[arg(long)]
         bench_dir: Option<PathBuf>,
     },
+    /// Data path: starts 3 local brokers, then W1 publishes --messages of
+    /// --message-bytes from one pipelining client (replication factor 3, default
+    /// persistence), W2 publishes --latency-messages one at a time (confirm latency),
+    /// W3 consumes all of them from another node; prints JSON lines.
+    DataPath(DataPathBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DataPathBenchArgs {
+    /// Loopback addresses of the three brokers to start.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.11,127.0.0.12,127.0.0.13")]
+    pub hosts: Vec<String>,
+    /// W1 and W3: messages to publish and consume.
+    #[arg(long, default_value_t = 200_000)]
+    pub messages: u64,
+    /// Size of each message's data.
+    #[arg(long, default_value_t = 1024)]
+    pub message_bytes: usize,
+    /// W1: messages per publish request.
+    #[arg(long, default_value_t = 64)]
+    pub batch_messages: usize,
+    /// W2: messages published one at a time.
+    #[arg(long, default_value_t = 5000)]
+    pub latency_messages: u64,
+    /// Persistence of every publish (default: the topic's default, replicated).
+    #[arg(long, value_enum)]
+    pub persistence: Option<PersistenceArg>,
+    /// Data directory of the brokers (default: a fresh temporary directory).
+    #[arg(long)]
+    pub bench_dir: Option<PathBuf>,
 }

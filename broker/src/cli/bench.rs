@@ -38,12 +38,13 @@ pub async fn run(ctx: &Ctx, cmd: BenchCommand) -> Result<(), CliError> {
             let _ = std::fs::remove_dir_all(&dir);
             result
         }
+        BenchCommand::DataPath(args) => super::bench_data::run(ctx, args).await,
     }
 }
 
-struct Proc {
-    child: Child,
-    host: String,
+pub(super) struct Proc {
+    pub(super) child: Child,
+    pub(super) host: String,
 }
 
 impl Drop for Proc {
@@ -53,7 +54,7 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(host: &str, port: u16, dir: &Path, join: Option<&str>) -> Result<Proc, CliError> {
+pub(super) fn spawn(host: &str, port: u16, dir: &Path, join: Option<&str>) -> Result<Proc, CliError> {
     let exe = std::env::current_exe().map_err(|e| CliError::Usage(e.to_string()))?;
     let mut cmd = Command::new(exe);
     cmd.args(["--dir", &dir.to_string_lossy(), "--host", host, "--advertise-host", host, "--port", &port.to_string()])
@@ -75,7 +76,7 @@ fn alive(d: &pb::DumpResponse) -> usize {
     d.state.as_ref().map(|s| s.nodes.iter().filter(|n| n.state == pb::NodeState::Alive as i32).count()).unwrap_or(0)
 }
 
-async fn wait_alive(addr: &str, n: usize) -> Result<Duration, CliError> {
+pub(super) async fn wait_alive(addr: &str, n: usize) -> Result<Duration, CliError> {
     let t0 = Instant::now();
     while t0.elapsed() < WAIT_MAX {
         if dump(addr).await.is_some_and(|d| alive(&d) >= n) {
@@ -86,7 +87,7 @@ async fn wait_alive(addr: &str, n: usize) -> Result<Duration, CliError> {
     Err(CliError::Usage(format!("{addr}: {n} ALIVE nodes not reached within {WAIT_MAX:?}")))
 }
 
-fn rss_kib(pid: u32) -> u64 {
+pub(super) fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

@@ -94,7 +94,14 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
                 Output::Json => println!("{}", serde_json::json!({"namespaces": r.namespaces, "index": r.index})),
             }
         }
-        Command::CreateTopic { name, shards, replication_factor, retention, default_exchange_type } => {
+        Command::CreateTopic {
+            name,
+            shards,
+            replication_factor,
+            retention,
+            default_exchange_type,
+            segment_size_max_bytes,
+        } => {
             let topic = pb::Topic {
                 name,
                 shards,
@@ -102,6 +109,7 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
                 retention: duration("retention", &retention)?,
                 default_exchange_type,
                 under_replicated: false,
+                segment_size_max_bytes,
             };
             let req = pb::CreateTopicRequest { namespace: ns, topic: Some(topic) };
             print_written(client.create_topic(req).await.map_err(status)?.into_inner())
@@ -154,7 +162,13 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
             for v in &bind_headers {
                 bindings.push(header_binding(v)?);
             }
-            let group = pb::ConsumerGroup { name, bindings, size, since: since_arg.as_deref().map(since).transpose()? };
+            let group = pb::ConsumerGroup {
+                name,
+                bindings,
+                size,
+                since: since_arg.as_deref().map(since).transpose()?,
+                ..Default::default()
+            };
             let req = pb::CreateConsumerGroupRequest { namespace: ns, consumer_group: Some(group) };
             print_written(client.create_consumer_group(req).await.map_err(status)?.into_inner())
         }
@@ -179,6 +193,8 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
                 ),
             }
         }
+        Command::Publish(args) => super::messages::publish(ctx, args).await?,
+        Command::Subscribe(args) => super::messages::subscribe(ctx, args).await?,
         Command::Bench(b) => super::bench::run(ctx, b).await?,
     }
     Ok(())

@@ -4,7 +4,9 @@
 
 pub mod args;
 pub mod bench;
+mod bench_data;
 pub mod commands;
+pub mod messages;
 pub mod render;
 pub mod run;
 
@@ -41,6 +43,16 @@ impl CliError {
 /// Target node of CLI commands.
 pub fn target_addr(host: &Option<String>, port: u16) -> String {
     format!("{}:{port}", host.as_deref().unwrap_or("localhost"))
+}
+
+pub fn messaging_client(
+    addr: &str,
+) -> Result<eventtermq_proto::v1::messaging_client::MessagingClient<tonic::transport::Channel>, CliError> {
+    let channel = crate::transport::tcp::connect_lazy(addr, Duration::from_millis(CONNECT_TIMEOUT_MS))
+        .map_err(|e| CliError::Connect { addr: addr.to_string(), message: e.to_string() })?;
+    Ok(eventtermq_proto::v1::messaging_client::MessagingClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX))
 }
 
 pub fn admin_client(addr: &str) -> Result<AdminClient<tonic::transport::Channel>, CliError> {

@@ -88,6 +88,38 @@ fn consumer_group_text(w: &mut Text, g: &pb::ConsumerGroup) {
             w.num("nanos", s.nanos);
         });
     }
+    if g.node_id != 0 {
+        w.line(format_args!("node_id: {}", g.node_id));
+    }
+    let mut offsets: Vec<_> = g.committed_offsets.iter().collect();
+    offsets.sort();
+    for (segment, offset) in offsets {
+        w.msg("committed_offsets", |w| {
+            w.line(format_args!("segment_id: {segment}"));
+            w.line(format_args!("offset: {offset}"));
+        });
+    }
+}
+
+fn segment_text(w: &mut Text, s: &pb::Segment) {
+    w.line(format_args!("id: {}", s.id));
+    w.str("namespace", &s.namespace);
+    w.str("topic", &s.topic);
+    w.num("shard", s.shard);
+    w.num("generation", s.generation);
+    w.line(format_args!("open: {}", s.open));
+    w.line(format_args!("primary_node_id: {}", s.primary_node_id));
+    for n in &s.replica_node_ids {
+        w.line(format_args!("replica_node_ids: {n}"));
+    }
+    for n in &s.done_node_ids {
+        w.line(format_args!("done_node_ids: {n}"));
+    }
+    if !s.open {
+        w.num("messages", s.next_offset);
+        w.num("size", s.size_bytes);
+        w.line(format_args!("checksum: {:#010x}", s.checksum));
+    }
 }
 
 /// The `dump` output: `=== Cluster state ===` then `=== Segments ===`.
@@ -114,6 +146,9 @@ pub fn dump_text(r: &pb::DumpResponse) -> String {
             w.line(format_args!("state: {}", node_state_name(n.state)));
         });
     }
+    for s in &state.segments {
+        w.msg("segments", |w| segment_text(w, s));
+    }
     w.line("");
     w.line("");
     w.line("=== Segments ===");
@@ -121,6 +156,7 @@ pub fn dump_text(r: &pb::DumpResponse) -> String {
         w.msg("segments", |w| {
             w.line(format_args!("id: {}", s.id));
             w.num("size", s.size_bytes);
+            w.num("messages", s.next_offset);
             w.line(format_args!("open: {}", s.open));
         });
     }
@@ -152,6 +188,8 @@ pub fn consumer_group_json(g: &pb::ConsumerGroup) -> Value {
         })).collect::<Vec<_>>(),
         "size": g.size,
         "since_unix_ms": g.since.as_ref().map(|s| s.seconds * 1000 + i64::from(s.nanos) / 1_000_000),
+        "node_id": g.node_id,
+        "committed_offsets": g.committed_offsets,
     })
 }
 
@@ -173,7 +211,23 @@ pub fn dump_json(r: &pb::DumpResponse) -> Value {
             "state": node_state_name(n.state),
             "raft_role": n.raft_role,
         })).collect::<Vec<_>>(),
-        "segments": r.segments.iter().map(|s| json!({"id": s.id, "size_bytes": s.size_bytes, "open": s.open})).collect::<Vec<_>>(),
+        "segments": state.segments.iter().map(|s| json!({
+            "id": s.id,
+            "namespace": s.namespace,
+            "topic": s.topic,
+            "shard": s.shard,
+            "generation": s.generation,
+            "open": s.open,
+            "primary_node_id": s.primary_node_id,
+            "replica_node_ids": s.replica_node_ids,
+            "done_node_ids": s.done_node_ids,
+            "messages": s.next_offset,
+            "size_bytes": s.size_bytes,
+            "checksum": s.checksum,
+        })).collect::<Vec<_>>(),
+        "local_segments": r.segments.iter().map(|s| json!({
+            "id": s.id, "size_bytes": s.size_bytes, "messages": s.next_offset, "open": s.open,
+        })).collect::<Vec<_>>(),
     })
 }
 

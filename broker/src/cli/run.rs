@@ -56,6 +56,15 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
     config.request_timeout_ms = args.request_timeout_ms;
     config.membership.probe_period_ms = args.gossip_probe_period_ms;
     config.membership.suspect_to_down_ms = args.gossip_suspect_to_down_ms;
+    config.data = crate::config::DataSettings {
+        segment_size_max_bytes: args.segment_size_max_bytes,
+        write_batch_max_bytes: args.write_batch_max_bytes,
+        read_batch_max_bytes: args.read_batch_max_bytes,
+        write_queue_max_bytes: args.write_queue_max_bytes,
+        offsets_commit_interval_ms: args.offsets_commit_interval_ms,
+        rereplicate_after_ms: args.rereplicate_after_ms,
+        ..config.data
+    };
     config.raft.to_openraft().map_err(|e| format!("raft timing flags: {e}"))?;
     Ok(config)
 }

@@ -51,6 +51,54 @@ pub enum Command {
     RemoveNode {
         id: NodeId,
     },
+    /// The leader opens a segment for a topic's shard on `replicas` (primary first).
+    OpenSegment {
+        namespace: String,
+        topic: String,
+        shard: u32,
+        replicas: Vec<NodeId>,
+        now_unix_ms: i64,
+    },
+    /// Closes an open segment at `next_offset`: its primary on rotation, or the leader
+    /// failing over from a dead primary (then `done` are the replicas with the longest
+    /// log).
+    CloseSegment {
+        id: SegmentId,
+        next_offset: u64,
+        size_bytes: u64,
+        checksum: u32,
+        done: Vec<NodeId>,
+        now_unix_ms: i64,
+    },
+    /// `node` now holds a complete, sealed copy of a closed segment. The first copy
+    /// sets the segment's checksum; a copy that differs from it is refused.
+    SegmentDone {
+        id: SegmentId,
+        node: NodeId,
+        size_bytes: u64,
+        checksum: u32,
+    },
+    /// The leader changes who should hold a closed segment (re-replication).
+    SetSegmentReplicas {
+        id: SegmentId,
+        replicas: Vec<NodeId>,
+    },
+    /// Retention: the segments are gone for good.
+    DeleteSegments {
+        ids: Vec<SegmentId>,
+    },
+    /// The leader (re)assigns a consumer group to a node.
+    AssignGroup {
+        namespace: String,
+        group: String,
+        node: Option<NodeId>,
+    },
+    /// A group's node records how far it got; offsets only move forward.
+    CommitOffsets {
+        namespace: String,
+        group: String,
+        offsets: std::collections::BTreeMap<SegmentId, u64>,
+    },
 }
 
 /// Fields of a topic to change; `None` leaves a field as it is.
@@ -80,6 +128,8 @@ impl ClusterState {
             }
             Command::DeleteNamespace { name, .. } => {
                 self.namespaces.remove(name);
+                self.segments.retain(|_, s| s.namespace != *name);
+                self.groups.remove(name);
             }
             Command::CreateTopic { namespace, name, spec } => {
                 self.namespaces
@@ -96,13 +146,17 @@ impl ClusterState {
             }
             Command::DeleteTopic { namespace, name } => {
                 self.namespaces.get_mut(namespace).map(|ns| ns.topics.remove(name));
+                let gone: Vec<SegmentId> = self.topic_segments(namespace, name).map(|(id, _)| id).collect();
+                self.forget_segments(&gone);
             }
             Command::CreateConsumerGroup { namespace, name, spec } => {
                 let ns = self.namespaces.entry(namespace.clone()).or_default();
                 ns.consumer_groups.entry(name.clone()).or_insert(spec.clone());
+                self.groups.entry(namespace.clone()).or_default().entry(name.clone()).or_default();
             }
             Command::DeleteConsumerGroup { namespace, name } => {
                 self.namespaces.get_mut(namespace).map(|ns| ns.consumer_groups.remove(name));
+                self.groups.get_mut(namespace).map(|g| g.remove(name));
             }
             Command::SetNode { id, record } => {
                 self.nodes.insert(*id, record.clone());
@@ -110,8 +164,95 @@ impl ClusterState {
             Command::RemoveNode { id } => {
                 self.nodes.remove(id);
             }
+            Command::OpenSegment { namespace, topic, shard, replicas, now_unix_ms } => {
+                let generation = self
+                    .topic_segments(namespace, topic)
+                    .filter(|(_, s)| s.shard == *shard)
+                    .map(|(_, s)| s.generation)
+                    .max()
+                    .unwrap_or(0)
+                    + 1;
+                let id = self.next_segment_id;
+                self.next_segment_id += 1;
+                self.segments.insert(
+                    id,
+                    SegmentRecord {
+                        namespace: namespace.clone(),
+                        topic: topic.clone(),
+                        shard: *shard,
+                        generation,
+                        state: SegmentState::Open,
+                        primary: replicas[0],
+                        replicas: replicas.clone(),
+                        done: Vec::new(),
+                        next_offset: 0,
+                        size_bytes: 0,
+                        checksum: 0,
+                        created_unix_ms: *now_unix_ms,
+                        closed_unix_ms: 0,
+                    },
+                );
+            }
+            Command::CloseSegment { id, next_offset, size_bytes, checksum, done, now_unix_ms } => {
+                if let Some(s) = self.segments.get_mut(id) {
+                    s.state = SegmentState::Closed;
+                    s.next_offset = *next_offset;
+                    s.size_bytes = *size_bytes;
+                    s.checksum = *checksum;
+                    s.done = done.clone();
+                    s.closed_unix_ms = *now_unix_ms;
+                }
+            }
+            Command::SegmentDone { id, node, size_bytes, checksum } => {
+                if let Some(s) = self.segments.get_mut(id) {
+                    if s.done.is_empty() {
+                        s.checksum = *checksum;
+                        s.size_bytes = *size_bytes;
+                    }
+                    if !s.done.contains(node) {
+                        s.done.push(*node);
+                    }
+                    if !s.replicas.contains(node) {
+                        s.replicas.push(*node);
+                    }
+                }
+            }
+            Command::SetSegmentReplicas { id, replicas } => {
+                if let Some(s) = self.segments.get_mut(id) {
+                    s.replicas = replicas.clone();
+                    s.done.retain(|n| replicas.contains(n));
+                }
+            }
+            Command::DeleteSegments { ids } => self.forget_segments(ids),
+            Command::AssignGroup { namespace, group, node } => {
+                if let Some(g) = self.groups.get_mut(namespace).and_then(|g| g.get_mut(group)) {
+                    g.node = *node;
+                }
+            }
+            Command::CommitOffsets { namespace, group, offsets } => {
+                if let Some(g) = self.groups.get_mut(namespace).and_then(|g| g.get_mut(group)) {
+                    for (seg, off) in offsets {
+                        if self.segments.contains_key(seg) {
+                            let e = g.offsets.entry(*seg).or_insert(0);
+                            *e = (*e).max(*off);
+                        }
+                    }
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Drops segments and every group's offsets in them.
+    fn forget_segments(&mut self, ids: &[SegmentId]) {
+        for id in ids {
+            self.segments.remove(id);
+        }
+        for groups in self.groups.values_mut() {
+            for g in groups.values_mut() {
+                g.offsets.retain(|seg, _| !ids.contains(seg));
+            }
+        }
     }
 
     /// Whether `cmd` would be accepted, without changing anything. The leader calls it
@@ -197,7 +338,75 @@ impl ClusterState {
                 }
             }
             Command::SetNode { .. } | Command::RemoveNode { .. } => Ok(()),
+            Command::OpenSegment { namespace, topic, shard, replicas, .. } => {
+                let spec = self.topic(namespace, topic)?;
+                if *shard >= spec.shards {
+                    return Err(RequestError::new(
+                        ErrorCode::InvalidShards,
+                        format!("shard: {shard} is not below the topic's {} shards", spec.shards),
+                    ));
+                }
+                if replicas.is_empty() {
+                    return Err(RequestError::new(ErrorCode::InvalidArgument, "replicas: must not be empty"));
+                }
+                if self.topic_segments(namespace, topic).any(|(_, s)| s.shard == *shard && s.is_open()) {
+                    return Err(RequestError::new(
+                        ErrorCode::SegmentAlreadyOpen,
+                        format!("shard: topic {topic:?} already has an open segment for shard {shard}"),
+                    ));
+                }
+                Ok(())
+            }
+            Command::CloseSegment { id, .. } => match self.segment(*id)? {
+                s if s.is_open() => Ok(()),
+                _ => Err(RequestError::new(ErrorCode::SegmentClosed, format!("id: segment {id} is already closed"))),
+            },
+            Command::SegmentDone { id, node, checksum, .. } => match self.segment(*id)? {
+                s if !s.is_open() && !s.done.is_empty() && s.checksum != *checksum => Err(RequestError::new(
+                    ErrorCode::ChecksumMismatch,
+                    format!(
+                        "checksum: node {node}'s copy of segment {id} has checksum {checksum:#010x}, the segment's is {:#010x}",
+                        s.checksum
+                    ),
+                )),
+                s if !s.is_open() => Ok(()),
+                _ => Err(RequestError::new(ErrorCode::SegmentOpen, format!("id: segment {id} is still open"))),
+            },
+            Command::SetSegmentReplicas { id, replicas } => match self.segment(*id)? {
+                _ if replicas.is_empty() => {
+                    Err(RequestError::new(ErrorCode::InvalidArgument, "replicas: must not be empty"))
+                }
+                s if !s.is_open() => Ok(()),
+                _ => Err(RequestError::new(ErrorCode::SegmentOpen, format!("id: segment {id} is still open"))),
+            },
+            Command::DeleteSegments { ids } => {
+                for id in ids {
+                    if self.segment(*id)?.is_open() {
+                        return Err(RequestError::new(
+                            ErrorCode::SegmentOpen,
+                            format!("ids: segment {id} is open; open segments are never deleted"),
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            Command::AssignGroup { namespace, group, .. } | Command::CommitOffsets { namespace, group, .. } => {
+                if self.group_runtime(namespace, group).is_some() {
+                    Ok(())
+                } else {
+                    Err(RequestError::new(
+                        ErrorCode::ConsumerGroupNotFound,
+                        format!("consumer_group: {group:?} does not exist in namespace {namespace:?}"),
+                    ))
+                }
+            }
         }
+    }
+
+    pub fn segment(&self, id: SegmentId) -> Result<&SegmentRecord, RequestError> {
+        self.segments.get(&id).ok_or_else(|| {
+            RequestError::new(ErrorCode::SegmentNotFound, format!("segment_id: segment {id} does not exist"))
+        })
     }
 
     /// The namespace called `name`, or NotFound naming it.
@@ -207,7 +416,7 @@ impl ClusterState {
         })
     }
 
-    fn topic(&self, namespace: &str, name: &str) -> Result<&TopicSpec, RequestError> {
+    pub fn topic(&self, namespace: &str, name: &str) -> Result<&TopicSpec, RequestError> {
         self.namespace(namespace)?.topics.get(name).ok_or_else(|| {
             RequestError::new(
                 ErrorCode::TopicNotFound,
@@ -243,7 +452,13 @@ mod tests {
     use super::*;
 
     fn topic(shards: u32) -> TopicSpec {
-        TopicSpec { shards, replication_factor: 3, retention_ms: 0, default_exchange_type: ExchangeType::Fanout }
+        TopicSpec {
+            shards,
+            replication_factor: 3,
+            retention_ms: 0,
+            default_exchange_type: ExchangeType::Fanout,
+            segment_size_max_bytes: 0,
+        }
     }
 
     fn create_topic(ns: &str, name: &str, spec: TopicSpec) -> Command {

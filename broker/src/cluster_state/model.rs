@@ -14,6 +14,90 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub struct ClusterState {
     pub namespaces: BTreeMap<String, Namespace>,
     pub nodes: BTreeMap<NodeId, NodeRecord>,
+    /// Every segment of every topic, by id (ids grow with creation order).
+    #[serde(default)]
+    pub segments: BTreeMap<SegmentId, SegmentRecord>,
+    /// The id the next opened segment gets.
+    #[serde(default = "first_segment_id")]
+    pub next_segment_id: SegmentId,
+    /// Where each consumer group runs and how far it got, by namespace then group.
+    #[serde(default)]
+    pub groups: BTreeMap<String, BTreeMap<String, GroupRuntime>>,
+}
+
+fn first_segment_id() -> SegmentId {
+    1
+}
+
+pub type SegmentId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SegmentState {
+    Open,
+    Closed,
+}
+
+/// A segment of a topic as the cluster knows it. Open segments take writes on their
+/// primary, which streams them to the other replicas; closed ones are immutable and
+/// readable from any node in `done`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentRecord {
+    pub namespace: String,
+    pub topic: String,
+    pub shard: u32,
+    /// Counts the segments of this shard: a rotation or a fail-over opens the next one.
+    pub generation: u32,
+    pub state: SegmentState,
+    pub primary: NodeId,
+    /// The replica set, primary first.
+    pub replicas: Vec<NodeId>,
+    /// Closed segments: nodes holding a complete, sealed copy.
+    pub done: Vec<NodeId>,
+    /// Closed segments: number of records, bytes and crc32c of the records.
+    pub next_offset: u64,
+    pub size_bytes: u64,
+    pub checksum: u32,
+    pub created_unix_ms: i64,
+    pub closed_unix_ms: i64,
+}
+
+impl SegmentRecord {
+    pub fn is_open(&self) -> bool {
+        self.state == SegmentState::Open
+    }
+}
+
+/// Where a consumer group runs and the offsets it committed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRuntime {
+    /// The node running the group; `None` until the leader assigns one.
+    pub node: Option<NodeId>,
+    /// Per segment: every record below this offset is acknowledged (or did not match).
+    pub offsets: BTreeMap<SegmentId, u64>,
+}
+
+impl ClusterState {
+    /// Segments of a topic, in creation order.
+    pub fn topic_segments<'a>(
+        &'a self,
+        namespace: &'a str,
+        topic: &'a str,
+    ) -> impl Iterator<Item = (SegmentId, &'a SegmentRecord)> + 'a {
+        self.segments.iter().filter(move |(_, s)| s.namespace == namespace && s.topic == topic).map(|(id, s)| (*id, s))
+    }
+
+    pub fn group_runtime(&self, namespace: &str, group: &str) -> Option<&GroupRuntime> {
+        self.groups.get(namespace)?.get(group)
+    }
+
+    pub fn node_alive(&self, id: NodeId) -> bool {
+        self.nodes.get(&id).is_some_and(|n| n.state == NodeState::Alive)
+    }
+
+    /// DEAD, LEFT or no longer a member (SUSPECT is not gone yet).
+    pub fn node_gone(&self, id: NodeId) -> bool {
+        self.nodes.get(&id).is_none_or(|n| matches!(n.state, NodeState::Dead | NodeState::Left))
+    }
 }
 
 impl ClusterState {
@@ -69,6 +153,9 @@ pub struct TopicSpec {
     /// 0 keeps closed segments forever.
     pub retention_ms: u64,
     pub default_exchange_type: ExchangeType,
+    /// Rotation size of this topic's segments; 0 uses the node's `--segment-size-max-bytes`.
+    #[serde(default)]
+    pub segment_size_max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

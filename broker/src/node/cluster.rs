@@ -36,6 +36,11 @@ impl Cluster {
         Self { id, raft, state, network, request_timeout }
     }
 
+    /// How long a request may take, forwarding and retries included.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// The current leader and its address, if one is known.
     pub fn leader(&self) -> Option<(NodeId, String)> {
         let m = self.raft.metrics().borrow().clone();

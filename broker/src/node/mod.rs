@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster_state::raft::RaftNetworkFactoryImpl;
 use crate::cluster_state::{LogStore, NodeState, Raft, StateMachineStore};
 use crate::config::NodeConfig;
+use crate::consumer_groups::Groups;
 use crate::membership::Membership;
+use crate::replication::Segments;
 use crate::transport::{Listeners, Network};
 pub use cluster::Cluster;
 
@@ -40,6 +42,7 @@ pub enum NodeError {
 pub struct NodeHandle {
     pub id: u64,
     pub cluster: Cluster,
+    pub segments: Segments,
     pub membership: Membership,
     stop: CancellationToken,
     done: JoinHandle<()>,
@@ -94,7 +97,27 @@ pub async fn start(
     let cluster =
         Cluster::new(id, raft.clone(), shared, network.clone(), Duration::from_millis(config.request_timeout_ms));
 
-    let server = crate::api::serve(cluster.clone(), membership.clone(), listeners.incoming, stop.clone());
+    let store = eventtermq_storage::Store::open(&config.dir.join("segments"), eventtermq_storage::Config::default())
+        .map_err(|e| NodeError::Storage(e.to_string()))?;
+    let segments = Segments::new(store, cluster.clone(), network.clone(), config.data.clone());
+    let groups = Groups::new(segments.clone());
+
+    let server = crate::api::serve(
+        cluster.clone(),
+        membership.clone(),
+        segments.clone(),
+        groups.clone(),
+        listeners.incoming,
+        stop.clone(),
+    );
+    let keeper = tokio::spawn(crate::replication::keeper::run(segments.clone(), stop.clone()));
+    let placement = tokio::spawn(crate::replication::placement::run(
+        segments.clone(),
+        membership.clone(),
+        Duration::from_millis(config.reconcile_interval_ms),
+        stop.clone(),
+    ));
+    let group_runner = tokio::spawn(groups.clone().run(stop.clone()));
     let bootstrap = tokio::spawn(bootstrap(config.clone(), cluster.clone(), membership.clone(), stop.clone()));
     let reconciler = tokio::spawn(reconcile::run(config.clone(), cluster.clone(), membership.clone(), stop.clone()));
 
@@ -102,10 +125,21 @@ pub async fn start(
 
     let done = {
         let (cluster, membership, stop, network) = (cluster.clone(), membership.clone(), stop.clone(), network.clone());
+        let (segments, groups) = (segments.clone(), groups.clone());
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     tracing::info!("shutting down gracefully");
+                    // Groups commit their offsets and primaries close their segments
+                    // while Raft still has this node; bounded, as a quorum may be gone.
+                    let data = async {
+                        group_runner.abort();
+                        groups.stop_all().await;
+                        segments.close_primaries().await;
+                    };
+                    if tokio::time::timeout(DATA_SHUTDOWN_MAX, data).await.is_err() {
+                        tracing::warn!("consumer groups and segments did not stop in time");
+                    }
                     hand_over_leadership(&cluster, network.as_ref()).await;
                     membership.leave().await;
                     stop.cancel();
@@ -117,6 +151,8 @@ pub async fn start(
             // (Raft is down): stop them rather than wait out their timeouts.
             bootstrap.abort();
             reconciler.abort();
+            keeper.abort();
+            placement.abort();
             // The server drains in-flight calls, but not for longer than this.
             let server_abort = server.abort_handle();
             if tokio::time::timeout(SERVER_DRAIN_MAX, server).await.is_err() {
@@ -125,7 +161,7 @@ pub async fn start(
             tracing::info!("node stopped");
         })
     };
-    Ok(NodeHandle { id, cluster, membership, stop, done })
+    Ok(NodeHandle { id, cluster, segments, membership, stop, done })
 }
 
 /// Forms a new cluster or joins an existing one, as the flags ask.
@@ -200,6 +236,9 @@ async fn initialize(cluster: &Cluster, members: BTreeMap<u64, BasicNode>) {
         Err(e) => tracing::error!(error = %e, "raft initialize failed"),
     }
 }
+
+/// Bound on committing consumer-group offsets and closing segments at shutdown.
+const DATA_SHUTDOWN_MAX: Duration = Duration::from_secs(5);
 
 /// How long the gRPC server may take to drain in-flight calls at shutdown.
 const SERVER_DRAIN_MAX: Duration = Duration::from_secs(2);

@@ -1,0 +1,156 @@
+//! The `eventter.v1.Messaging` service: publish, subscribe, ack, nack. Handlers check
+//! the request and hand it to [`Segments`] (publishing) or [`Groups`] (consuming),
+//! which route it to the node that owns the data.
+
+use std::pin::Pin;
+
+use eventtermq_proto::v1 as pb;
+use eventtermq_proto::v1::messaging_server::Messaging;
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::admin::namespace_of;
+use crate::cluster_state::validate;
+use crate::consumer_groups::Groups;
+use crate::error::{ErrorCode, RequestError};
+use crate::replication::publish::{hops, FORWARDED_METADATA};
+use crate::replication::Segments;
+
+pub struct MessagingService {
+    pub segments: Segments,
+    pub groups: Groups,
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+/// Publishes a stream may have in flight at once; more wait for the oldest to finish.
+const PUBLISH_STREAM_IN_FLIGHT_MAX: usize = 64;
+
+fn forwarded<T>(req: &Request<T>) -> bool {
+    req.metadata().contains_key(FORWARDED_METADATA)
+}
+
+/// Every request of a publish stream goes to the same topic as its first.
+fn same_topic(first: &pb::PublishRequest, r: &pb::PublishRequest) -> Result<(), Status> {
+    if r.namespace == first.namespace && r.topic == first.topic {
+        Ok(())
+    } else {
+        Err(RequestError::new(
+            ErrorCode::InvalidArgument,
+            format!("topic: a publish stream goes to one topic ({:?}), not {:?}", first.topic, r.topic),
+        )
+        .into())
+    }
+}
+
+fn persistence(p: i32) -> Result<pb::Persistence, RequestError> {
+    pb::Persistence::try_from(p).map_err(|_| {
+        RequestError::new(
+            ErrorCode::InvalidArgument,
+            format!("persistence: {p} is not one of DEFAULT (0), NONE (1), PRIMARY (2), REPLICATED (3)"),
+        )
+    })
+}
+
+async fn publish_one(segments: &Segments, req: pb::PublishRequest, hops: u32) -> Result<pb::PublishResponse, Status> {
+    let namespace = namespace_of(&req.namespace)?;
+    validate::name("topic", &req.topic)?;
+    let p = persistence(req.persistence)?;
+    segments.publish(&namespace, &req.topic, &req.messages, p, hops).await
+}
+
+#[tonic::async_trait]
+impl Messaging for MessagingService {
+    async fn publish(&self, req: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
+        let hops = hops(&req);
+        Ok(Response::new(publish_one(&self.segments, req.into_inner(), hops).await?))
+    }
+
+    type PublishStreamStream = Pin<Box<dyn Stream<Item = Result<pb::PublishResponse, Status>> + Send>>;
+
+    async fn publish_stream(&self, req: Request<Streaming<pb::PublishRequest>>) -> Reply<Self::PublishStreamStream> {
+        let hops = hops(&req);
+        let mut inbound = req.into_inner();
+        let Some(first) = inbound.message().await? else {
+            return Ok(Response::new(Box::pin(futures::stream::empty())));
+        };
+        let namespace = namespace_of(&first.namespace)?;
+        validate::name("topic", &first.topic)?;
+        // A stream whose topic's primary is elsewhere is relayed there whole, so its
+        // messages keep their order.
+        if let Some(addr) = self.segments.stream_target(&namespace, &first.topic, hops) {
+            let head = futures::stream::once(std::future::ready(Ok(first)));
+            let (tx, rx) = mpsc::channel::<pb::PublishRequest>(PUBLISH_STREAM_IN_FLIGHT_MAX);
+            let first_req = head.chain(inbound);
+            tokio::spawn(async move {
+                let mut first_req = std::pin::pin!(first_req);
+                while let Some(Ok(r)) = first_req.next().await {
+                    if tx.send(r).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let upstream = self.segments.relay_publish_stream_from(&addr, ReceiverStream::new(rx), hops).await?;
+            return Ok(Response::new(Box::pin(upstream)));
+        }
+        let segments = self.segments.clone();
+        let template = first.clone();
+        let rest = futures::stream::once(std::future::ready(Ok(first))).chain(inbound);
+        // Requests are published concurrently (they batch together on the primary)
+        // and enqueued in stream order; answers keep the request order.
+        let answers = rest
+            .map(move |r| {
+                let segments = segments.clone();
+                let template = template.clone();
+                async move {
+                    let r = r?;
+                    same_topic(&template, &r)?;
+                    publish_one(&segments, r, hops).await
+                }
+            })
+            .buffered(PUBLISH_STREAM_IN_FLIGHT_MAX);
+        // Stop at the first failure: the client must not take later confirmations for
+        // an unbroken sequence.
+        let (tx, rx) = mpsc::channel(PUBLISH_STREAM_IN_FLIGHT_MAX);
+        tokio::spawn(async move {
+            let mut answers = std::pin::pin!(answers);
+            while let Some(a) = answers.next().await {
+                let failed = a.is_err();
+                if tx.send(a).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type SubscribeStream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;
+
+    async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Reply<Self::SubscribeStream> {
+        let fwd = forwarded(&req);
+        let mut req = req.into_inner();
+        req.namespace = namespace_of(&req.namespace)?;
+        validate::name("consumer_group", &req.consumer_group)?;
+        Ok(Response::new(self.groups.subscribe(req, fwd).await?))
+    }
+
+    async fn ack(&self, req: Request<pb::AckRequest>) -> Reply<pb::AckResponse> {
+        let fwd = forwarded(&req);
+        let req = req.into_inner();
+        let namespace = namespace_of(&req.namespace)?;
+        validate::name("consumer_group", &req.consumer_group)?;
+        self.groups.settle(&namespace, &req.consumer_group, req.deliveries, true, fwd).await?;
+        Ok(Response::new(pb::AckResponse { ok: true }))
+    }
+
+    async fn nack(&self, req: Request<pb::NackRequest>) -> Reply<pb::NackResponse> {
+        let fwd = forwarded(&req);
+        let req = req.into_inner();
+        let namespace = namespace_of(&req.namespace)?;
+        validate::name("consumer_group", &req.consumer_group)?;
+        self.groups.settle(&namespace, &req.consumer_group, req.deliveries, false, fwd).await?;
+        Ok(Response::new(pb::NackResponse { ok: true }))
+    }
+}

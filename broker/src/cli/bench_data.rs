@@ -1,0 +1,191 @@
+//! `eventtermq bench data-path`: W1 pipelined publishing, W2 confirm latency, W3
+//! consumption from another node, on three brokers it starts itself. Prints JSON lines
+//! (and progress bars on stderr); asserts nothing about timings.
+
+use std::time::{Duration, Instant};
+
+use eventtermq_proto::v1 as pb;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::mpsc;
+
+use super::args::DataPathBenchArgs;
+use super::bench::{rss_kib, spawn, wait_alive, Proc};
+use super::commands::Ctx;
+use super::{admin_client, messaging_client, CliError};
+
+fn err(e: impl std::fmt::Display) -> CliError {
+    CliError::Usage(e.to_string())
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+pub async fn run(ctx: &Ctx, args: DataPathBenchArgs) -> Result<(), CliError> {
+    if args.hosts.len() != 3 {
+        return Err(CliError::Usage("--hosts: give exactly three addresses".into()));
+    }
+    if args.batch_messages == 0 {
+        return Err(CliError::Usage("--batch-messages: must be at least 1".into()));
+    }
+    let port: u16 = ctx.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(crate::config::DEFAULT_PORT);
+    let dir = args
+        .bench_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("eventtermq-bench-data-{}", std::process::id())));
+    let result = data_path(ctx, &args, port, &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::path::Path) -> Result<(), CliError> {
+    let addr = |h: &str| format!("{h}:{port}");
+    let seed = addr(&args.hosts[0]);
+    let mut procs: Vec<Proc> = Vec::new();
+    for (i, h) in args.hosts.iter().enumerate() {
+        procs.push(spawn(h, port, &dir.join(format!("n{i}")), (i > 0).then_some(seed.as_str()))?);
+        wait_alive(&seed, i + 1).await?;
+    }
+    wait_alive(&addr(&args.hosts[2]), 3).await?;
+    let mut admin = admin_client(&seed)?;
+    let topic = pb::Topic { name: "bench".into(), shards: 1, replication_factor: 3, ..Default::default() };
+    admin
+        .create_topic(pb::CreateTopicRequest { namespace: ctx.namespace.clone(), topic: Some(topic) })
+        .await
+        .map_err(err)?;
+    let group = pb::ConsumerGroup {
+        name: "bench".into(),
+        bindings: vec![pb::Binding { topic: "bench".into(), ..Default::default() }],
+        size: 20_000,
+        ..Default::default()
+    };
+    admin
+        .create_consumer_group(pb::CreateConsumerGroupRequest {
+            namespace: ctx.namespace.clone(),
+            consumer_group: Some(group),
+        })
+        .await
+        .map_err(err)?;
+    let persistence = super::messages::persistence(args.persistence) as i32;
+    let data: bytes::Bytes = vec![b'x'; args.message_bytes].into();
+    let request = |count: usize| pb::PublishRequest {
+        namespace: ctx.namespace.clone(),
+        topic: "bench".into(),
+        messages: (0..count).map(|_| pb::Message { data: data.clone(), ..Default::default() }).collect(),
+        persistence,
+    };
+
+    // W1: one client, pipelined batches over one stream.
+    let mut client = messaging_client(&seed)?;
+    // The topic's first segment opens right after the topic is created.
+    for _ in 0..200 {
+        if client.publish(request(1)).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (tx, rx) = mpsc::channel::<pb::PublishRequest>(256);
+    let total = args.messages;
+    let batch = args.batch_messages as u64;
+    let requests: Vec<pb::PublishRequest> =
+        (0..total.div_ceil(batch)).map(|i| request(batch.min(total - i * batch) as usize)).collect();
+    let progress = bar(total, "W1 publish");
+    let t0 = Instant::now();
+    tokio::spawn(async move {
+        for r in requests {
+            if tx.send(r).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut confirmations =
+        client.publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(err)?.into_inner();
+    let mut confirmed = 0u64;
+    while let Some(r) = confirmations.message().await.map_err(err)? {
+        confirmed += u64::from(r.count);
+        progress.set_position(confirmed);
+    }
+    let w1 = t0.elapsed();
+    progress.finish_and_clear();
+    let rss: Vec<u64> = procs.iter().map(|p| rss_kib(p.child.id())).collect();
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "W1 publish pipelined",
+            "messages": confirmed,
+            "message_bytes": args.message_bytes,
+            "seconds": w1.as_secs_f64(),
+            "messages_per_s": confirmed as f64 / w1.as_secs_f64(),
+            "mb_per_s": (confirmed as f64 * args.message_bytes as f64) / w1.as_secs_f64() / 1e6,
+            "rss_kib_after": rss,
+        })
+    );
+
+    // W2: one message at a time, each waiting for its confirmation.
+    let progress = bar(args.latency_messages, "W2 latency");
+    let mut latencies = Vec::with_capacity(args.latency_messages as usize);
+    for _ in 0..args.latency_messages {
+        let t = Instant::now();
+        client.publish(request(1)).await.map_err(err)?;
+        latencies.push(t.elapsed());
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e6;
+    println!(
+        "{}",
+        serde_json::json!({"bench": "W2 publish one at a time", "messages": latencies.len(), "p50_us": pct(0.50), "p99_us": pct(0.99)})
+    );
+
+    // W3: everything published so far, consumed through another node.
+    let expected = confirmed + args.latency_messages + 1;
+    let mut consumer = messaging_client(&addr(&args.hosts[2]))?;
+    let progress = bar(expected, "W3 consume");
+    let t0 = Instant::now();
+    let mut stream = consumer
+        .subscribe(pb::SubscribeRequest {
+            namespace: ctx.namespace.clone(),
+            consumer_group: "bench".into(),
+            size: 10_000,
+            auto_ack: true,
+            do_not_block: false,
+            max_messages: expected,
+        })
+        .await
+        .map_err(err)?
+        .into_inner();
+    let mut received = 0u64;
+    while received < expected {
+        match tokio::time::timeout(Duration::from_secs(30), stream.message()).await {
+            Ok(Ok(Some(_))) => {
+                received += 1;
+                if received % 1024 == 0 {
+                    progress.set_position(received);
+                }
+            }
+            _ => break,
+        }
+    }
+    let w3 = t0.elapsed();
+    progress.finish_and_clear();
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "W3 consume from another node",
+            "messages": received,
+            "expected": expected,
+            "seconds": w3.as_secs_f64(),
+            "messages_per_s": received as f64 / w3.as_secs_f64(),
+        })
+    );
+    drop(procs);
+    Ok(())
+}

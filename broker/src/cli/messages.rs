@@ -1,0 +1,276 @@
+//! `publish` and `subscribe`.
+
+use std::io::BufRead;
+use std::time::Duration;
+
+use base64::Engine as _;
+use eventtermq_proto::v1 as pb;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::args::{PersistenceArg, PublishArgs, SubscribeArgs};
+use super::commands::Ctx;
+use super::{messaging_client, CliError};
+use crate::cluster_state::validate;
+
+fn message(args: &PublishArgs, data: Vec<u8>) -> Result<pb::Message, CliError> {
+    let mut headers = std::collections::HashMap::new();
+    for h in &args.headers {
+        let (k, v) = h
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| CliError::Usage(format!("--header: {h:?} must look like key=value")))?;
+        headers.insert(k.to_string(), v.to_string());
+    }
+    let properties =
+        args.content_type.as_ref().map(|c| pb::Properties { content_type: c.clone(), ..Default::default() });
+    Ok(pb::Message { routing_key: args.routing_key.clone(), properties, headers, data: data.into() })
+}
+
+pub(super) fn persistence(p: Option<PersistenceArg>) -> pb::Persistence {
+    match p {
+        None => pb::Persistence::Default,
+        Some(PersistenceArg::None) => pb::Persistence::None,
+        Some(PersistenceArg::Primary) => pb::Persistence::Primary,
+        Some(PersistenceArg::Replicated) => pb::Persistence::Replicated,
+    }
+}
+
+pub async fn publish(ctx: &Ctx, args: PublishArgs) -> Result<(), CliError> {
+    let mut client = messaging_client(&ctx.addr)?;
+    let status = |s: tonic::Status| CliError::from_status(s, &ctx.addr);
+    if args.batch_messages_max == 0 {
+        return Err(CliError::Usage("--batch-messages-max: must be at least 1".into()));
+    }
+    let template = message(&args, Vec::new())?;
+    let (namespace, topic, p) = (ctx.namespace.clone(), args.topic.clone(), persistence(args.persistence) as i32);
+    let request = move |messages| pb::PublishRequest {
+        namespace: namespace.clone(),
+        topic: topic.clone(),
+        messages,
+        persistence: p,
+    };
+    if args.data != "-" {
+        let r = client
+            .publish(request(vec![pb::Message { data: args.data.clone().into_bytes().into(), ..template }]))
+            .await
+            .map_err(status)?
+            .into_inner();
+        println!(
+            "{{\"ok\": true, \"published\": {}, \"segment_id\": {}, \"offset\": {}}}",
+            r.count, r.segment_id, r.first_offset
+        );
+        return Ok(());
+    }
+    // Lines are read on a blocking thread and sent in batches over one stream; the
+    // server confirms each batch in order.
+    let (tx, rx) = mpsc::channel::<pb::PublishRequest>(16);
+    let batch_max = args.batch_messages_max;
+    let reader = {
+        let request = request.clone();
+        let template = template.clone();
+        tokio::task::spawn_blocking(move || -> Result<u64, String> {
+            let stdin = std::io::stdin();
+            let mut batch = Vec::with_capacity(batch_max);
+            let mut sent = 0u64;
+            for line in stdin.lock().split(b'\n') {
+                let mut line = line.map_err(|e| format!("reading stdin: {e}"))?;
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                batch.push(pb::Message { data: line.into(), ..template.clone() });
+                if batch.len() >= batch_max {
+                    sent += batch.len() as u64;
+                    if tx.blocking_send(request(std::mem::take(&mut batch))).is_err() {
+                        return Ok(sent);
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                sent += batch.len() as u64;
+                let _ = tx.blocking_send(request(batch));
+            }
+            Ok(sent)
+        })
+    };
+    let mut responses =
+        client.publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(status)?.into_inner();
+    let mut published = 0u64;
+    loop {
+        match responses.message().await {
+            Ok(Some(r)) => published += u64::from(r.count),
+            Ok(None) => break,
+            Err(s) => {
+                eprintln!("{{\"ok\": false, \"published\": {published}}}");
+                return Err(status(s));
+            }
+        }
+    }
+    let sent = reader.await.map_err(|e| CliError::Usage(e.to_string()))?.map_err(CliError::Usage)?;
+    if published != sent {
+        return Err(CliError::Rpc {
+            code: "Unknown".into(),
+            message: format!("the stream ended after {published} of {sent} messages were confirmed"),
+        });
+    }
+    println!("{{\"ok\": true, \"published\": {published}}}");
+    Ok(())
+}
+
+/// The JSON line printed for one received message.
+pub fn message_json(r: &pb::SubscribeResponse) -> serde_json::Value {
+    let m = r.message.clone().unwrap_or_default();
+    let mut properties = serde_json::Map::new();
+    if let Some(p) = &m.properties {
+        let strings = [
+            ("content_type", &p.content_type),
+            ("content_encoding", &p.content_encoding),
+            ("correlation_id", &p.correlation_id),
+            ("reply_to", &p.reply_to),
+            ("expiration", &p.expiration),
+            ("message_id", &p.message_id),
+            ("type", &p.r#type),
+            ("user_id", &p.user_id),
+            ("app_id", &p.app_id),
+        ];
+        for (k, v) in strings {
+            if !v.is_empty() {
+                properties.insert(k.into(), json!(v));
+            }
+        }
+        if p.delivery_mode != 0 {
+            properties.insert("delivery_mode".into(), json!(p.delivery_mode));
+        }
+        if p.priority != 0 {
+            properties.insert("priority".into(), json!(p.priority));
+        }
+        if let Some(t) = &p.timestamp {
+            properties.insert("timestamp".into(), json!(crate::api::convert::timestamp_to_ms(t)));
+        }
+    }
+    let headers: serde_json::Map<String, serde_json::Value> =
+        m.headers.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    json!({
+        "topic": r.topic,
+        "segment_id": r.segment_id,
+        "offset": r.offset,
+        "message": {
+            "routing_key": m.routing_key,
+            "headers": headers,
+            "properties": properties,
+            "data": base64::engine::general_purpose::STANDARD.encode(&m.data),
+        }
+    })
+}
+
+/// How many times `subscribe` re-subscribes after the group moved or its node went
+/// away, before it gives up.
+const RESUBSCRIBE_MAX: u32 = 50;
+
+pub async fn subscribe(ctx: &Ctx, args: SubscribeArgs) -> Result<(), CliError> {
+    let wait = match &args.wait {
+        Some(w) => {
+            Some(Duration::from_millis(validate::duration_ms("--wait", w).map_err(|e| CliError::Usage(e.message))?))
+        }
+        None => None,
+    };
+    let mut client = messaging_client(&ctx.addr)?;
+    let status = |s: tonic::Status| CliError::from_status(s, &ctx.addr);
+    let mut received = 0u64;
+    let mut retries = 0u32;
+    let mut last_message = tokio::time::Instant::now();
+    'subscribe: loop {
+        let remaining = args.max_messages.map(|m| m - received);
+        let req = pb::SubscribeRequest {
+            namespace: ctx.namespace.clone(),
+            consumer_group: args.group.clone(),
+            size: args.size,
+            auto_ack: false,
+            do_not_block: false,
+            max_messages: remaining.unwrap_or(0),
+        };
+        let mut stream = match client.subscribe(req).await {
+            Ok(s) => s.into_inner(),
+            Err(s) if retryable(&s) && retries < RESUBSCRIBE_MAX => {
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(s) => return Err(status(s)),
+        };
+        let mut acks: Vec<pb::Delivery> = Vec::new();
+        loop {
+            if args.max_messages.is_some_and(|m| received >= m) {
+                flush(&mut client, ctx, &args, &mut acks).await.map_err(status)?;
+                return Ok(());
+            }
+            // Acks go out whenever nothing more is waiting, so they never hold up a
+            // quiet stream.
+            let next = match futures::FutureExt::now_or_never(stream.message()) {
+                Some(r) => r,
+                None => {
+                    flush(&mut client, ctx, &args, &mut acks).await.map_err(status)?;
+                    let deadline = wait.map(|w| last_message + w);
+                    match deadline {
+                        Some(d) => match tokio::time::timeout_at(d, stream.message()).await {
+                            Ok(r) => r,
+                            Err(_) => return Ok(()),
+                        },
+                        None => stream.message().await,
+                    }
+                }
+            };
+            match next {
+                Ok(Some(r)) => {
+                    println!("{}", message_json(&r));
+                    received += 1;
+                    retries = 0;
+                    last_message = tokio::time::Instant::now();
+                    acks.push(pb::Delivery { segment_id: r.segment_id, offset: r.offset });
+                    if acks.len() >= 256 {
+                        flush(&mut client, ctx, &args, &mut acks).await.map_err(status)?;
+                    }
+                }
+                Ok(None) => {
+                    flush(&mut client, ctx, &args, &mut acks).await.map_err(status)?;
+                    if args.max_messages.is_some_and(|m| received >= m) {
+                        return Ok(());
+                    }
+                    continue 'subscribe;
+                }
+                Err(s) if retryable(&s) && retries < RESUBSCRIBE_MAX => {
+                    // Unacknowledged messages come again from the group's new node.
+                    retries += 1;
+                    acks.clear();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue 'subscribe;
+                }
+                Err(s) => return Err(status(s)),
+            }
+        }
+    }
+}
+
+async fn flush(
+    client: &mut eventtermq_proto::v1::messaging_client::MessagingClient<tonic::transport::Channel>,
+    ctx: &Ctx,
+    args: &SubscribeArgs,
+    acks: &mut Vec<pb::Delivery>,
+) -> Result<(), tonic::Status> {
+    if acks.is_empty() || args.no_auto_ack {
+        acks.clear();
+        return Ok(());
+    }
+    let deliveries = std::mem::take(acks);
+    client
+        .ack(pb::AckRequest { namespace: ctx.namespace.clone(), consumer_group: args.group.clone(), deliveries })
+        .await
+        .map(|_| ())
+}
+
+fn retryable(s: &tonic::Status) -> bool {
+    let code = s.metadata().get(crate::error::ERROR_CODE_METADATA).and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
+    matches!(code, Some(c) if c == crate::error::ErrorCode::NotReady.as_u32())
+        || (s.code() == tonic::Code::Unavailable && code.is_none())
+        || s.code() == tonic::Code::Unknown
+}

@@ -1,0 +1,839 @@
+//! The delivery state machine of one consumer group (SPEC section 5).
+//!
+//! The group's reader walks the bound topics' segments in offset order and reports
+//! every record here exactly once: [`GroupBuffer::offer`] for a record that matched the
+//! group's bindings, [`GroupBuffer::skip`] for one that did not, and
+//! [`GroupBuffer::mark_read`] for a stretch with no (more) records. Offered messages
+//! wait in the pending queue until [`GroupBuffer::dispatch`] hands them out
+//! round-robin to subscribers with room in their window; [`GroupBuffer::ack`] removes
+//! a message for good, [`GroupBuffer::nack`] and [`GroupBuffer::unsubscribe`] put it
+//! back for redelivery. [`GroupBuffer::committed`] tells, per segment, the offset
+//! below which nothing needs delivering again: that is what the group persists, so a
+//! restarted group resumes there and every message is delivered at least once.
+//!
+//! Invariants (checked against a model by the property test below):
+//!
+//! 1. Every offered record that is not acked is in exactly one place: the pending
+//!    queue or the in-flight map. Its offset is also in its segment's `outstanding`
+//!    set. So `pending + in flight == sum of outstanding <= capacity`, and memory is
+//!    bounded by the group's `size`, not by how far the reader is ahead or how many
+//!    records it skipped.
+//! 2. For each segment, every offset below `next` has been reported; those not in
+//!    `outstanding` are acked or skipped. Hence `committed = min(outstanding)`, or
+//!    `next` when nothing is outstanding, never passes an unacked record.
+//!
+//! Storing the outstanding offsets rather than the done offsets above a watermark is
+//! deliberate: done offsets above the oldest unacked message include every skipped
+//! record, and a group bound to a rare routing key may skip millions while one
+//! message sits in flight. Outstanding offsets are bounded by capacity.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use bytes::Bytes;
+
+/// One message handed to a subscriber, identified by its place in the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub topic: String,
+    pub segment_id: u64,
+    pub offset: u64,
+    pub message: Bytes,
+}
+
+pub type SubscriberId = u64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    #[error("message not in flight (already acknowledged, never delivered, auto-acked, or its segment is gone)")]
+    NotInFlight,
+}
+
+/// The reader broke the reporting contract; nothing was changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OfferError {
+    /// [`GroupBuffer::free`] was 0: the reader must wait for acks before offering more.
+    #[error("consumer group buffer is full")]
+    Full,
+    /// Records of a segment must be reported once each, in offset order, without gaps
+    /// (a gap is declared with [`GroupBuffer::mark_read`]).
+    #[error("segment {segment_id}: record {offset} reported out of order, expected {expected}")]
+    OutOfOrder { segment_id: u64, offset: u64, expected: u64 },
+}
+
+/// (segment_id, offset): orders a subscriber's in-flight messages by log position.
+type Key = (u64, u64);
+
+#[derive(Debug)]
+struct Segment {
+    /// The offset the reader must report next. Every offset below it was reported.
+    next: u64,
+    /// Offered and not yet acked (pending or in flight). See invariant 1 and 2.
+    outstanding: BTreeSet<u64>,
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    /// 0 = unlimited.
+    max_unacked: u32,
+    auto_ack: bool,
+    /// Ordered so that unsubscribing returns them in log order.
+    in_flight: BTreeSet<Key>,
+    /// Gets nothing more (it reached its `max_messages`); keeps what it holds.
+    stopped: bool,
+}
+
+impl Subscriber {
+    fn has_room(&self) -> bool {
+        if self.stopped {
+            return false;
+        }
+        // Auto-ack messages never stay in flight, so the window never fills.
+        self.auto_ack || self.max_unacked == 0 || self.in_flight.len() < self.max_unacked as usize
+    }
+}
+
+#[derive(Debug)]
+pub struct GroupBuffer {
+    capacity: usize,
+    segments: BTreeMap<u64, Segment>,
+    /// Waiting for a subscriber. Redeliveries go to the front, so a returned message
+    /// is not starved behind newer ones.
+    pending: VecDeque<Delivery>,
+    /// Handed to a (non-auto-ack) subscriber and not yet acked. Keeps the delivery so it
+    /// can be redelivered without reading the segment again.
+    in_flight: HashMap<Key, (SubscriberId, Delivery)>,
+    subscribers: BTreeMap<SubscriberId, Subscriber>,
+    next_subscriber_id: SubscriberId,
+    /// Round robin: the hand-out after the last one goes to the first subscriber with
+    /// room at or after this id (wrapping). Kept across `dispatch` calls so fairness
+    /// holds even when messages trickle in one at a time.
+    rr_cursor: SubscriberId,
+}
+
+impl GroupBuffer {
+    /// `capacity`: max messages held (pending + in flight). `start`: per segment the
+    /// committed offset (every record below it is done); the reader resumes there.
+    pub fn new(capacity: usize, start: BTreeMap<u64, u64>) -> Self {
+        let segments =
+            start.into_iter().map(|(id, next)| (id, Segment { next, outstanding: BTreeSet::new() })).collect();
+        Self {
+            capacity,
+            segments,
+            pending: VecDeque::new(),
+            in_flight: HashMap::new(),
+            subscribers: BTreeMap::new(),
+            next_subscriber_id: 1,
+            rr_cursor: 0,
+        }
+    }
+
+    /// How many more messages may be offered now.
+    pub fn free(&self) -> usize {
+        self.capacity.saturating_sub(self.pending.len() + self.in_flight.len())
+    }
+
+    /// A record that matched the group's bindings. Records of one segment are reported
+    /// (offered, skipped or marked read) in offset order starting at the segment's
+    /// committed offset; the first record reported for an unknown segment sets its
+    /// start. On error nothing changes.
+    pub fn offer(&mut self, d: Delivery) -> Result<(), OfferError> {
+        if self.free() == 0 {
+            return Err(OfferError::Full);
+        }
+        self.report(d.segment_id, d.offset)?.outstanding.insert(d.offset);
+        self.pending.push_back(d);
+        Ok(())
+    }
+
+    /// A record that matched nothing: done at once. Needs no room.
+    pub fn skip(&mut self, segment_id: u64, offset: u64) -> Result<(), OfferError> {
+        self.report(segment_id, offset).map(|_| ())
+    }
+
+    /// Declares that the segment has no records to report below `next_offset` beyond
+    /// those already reported (e.g. a closed segment read to its end, or a gap), so
+    /// that [`Self::committed`] can reach `next_offset`. Never moves backwards; for an
+    /// unknown segment it sets the start.
+    pub fn mark_read(&mut self, segment_id: u64, next_offset: u64) {
+        let seg =
+            self.segments.entry(segment_id).or_insert(Segment { next: next_offset, outstanding: BTreeSet::new() });
+        seg.next = seg.next.max(next_offset);
+    }
+
+    /// Checks the reporting order and advances the segment's read position.
+    fn report(&mut self, segment_id: u64, offset: u64) -> Result<&mut Segment, OfferError> {
+        let seg = self.segments.entry(segment_id).or_insert(Segment { next: offset, outstanding: BTreeSet::new() });
+        if offset != seg.next {
+            return Err(OfferError::OutOfOrder { segment_id, offset, expected: seg.next });
+        }
+        seg.next = offset.saturating_add(1);
+        Ok(seg)
+    }
+
+    /// `max_unacked`: the subscriber's window (0 = unlimited). With `auto_ack` its
+    /// messages count as acked when handed out.
+    pub fn subscribe(&mut self, max_unacked: u32, auto_ack: bool) -> SubscriberId {
+        let id = self.next_subscriber_id;
+        self.next_subscriber_id += 1;
+        self.subscribers.insert(id, Subscriber { max_unacked, auto_ack, in_flight: BTreeSet::new(), stopped: false });
+        id
+    }
+
+    /// Hands the subscriber nothing more; what it holds stays in flight until it acks,
+    /// nacks or unsubscribes.
+    pub fn stop_dispatch(&mut self, id: SubscriberId) {
+        if let Some(s) = self.subscribers.get_mut(&id) {
+            s.stopped = true;
+        }
+    }
+
+    /// The subscriber's in-flight messages go back to the front of the pending queue,
+    /// in log order, for redelivery. Unknown ids are ignored (unsubscribing twice is
+    /// harmless).
+    pub fn unsubscribe(&mut self, id: SubscriberId) {
+        let Some(sub) = self.subscribers.remove(&id) else { return };
+        // Pushing to the front in reverse leaves the smallest position first.
+        for key in sub.in_flight.iter().rev() {
+            if let Some((_, d)) = self.in_flight.remove(key) {
+                self.pending.push_front(d);
+            }
+        }
+    }
+
+    /// Hands pending messages out, front first, round-robin over subscribers with room
+    /// (in flight < max_unacked), until the queue is empty or every window is full.
+    /// Auto-ack subscribers always have room: their messages are acked here and never
+    /// count as in flight, so pacing a slow auto-ack stream is the caller's job.
+    pub fn dispatch(&mut self) -> Vec<(SubscriberId, Delivery)> {
+        let mut out = Vec::new();
+        while !self.pending.is_empty() {
+            let Some(id) = self.next_with_room() else { break };
+            self.rr_cursor = id.wrapping_add(1);
+            let d = self.pending.pop_front().expect("checked non-empty");
+            let key = (d.segment_id, d.offset);
+            let sub = self.subscribers.get_mut(&id).expect("found above");
+            if sub.auto_ack {
+                self.done(key);
+            } else {
+                sub.in_flight.insert(key);
+                self.in_flight.insert(key, (id, d.clone()));
+            }
+            out.push((id, d));
+        }
+        out
+    }
+
+    fn next_with_room(&self) -> Option<SubscriberId> {
+        let from_cursor = self.subscribers.range(self.rr_cursor..);
+        let wrapped = self.subscribers.range(..self.rr_cursor);
+        from_cursor.chain(wrapped).find(|(_, s)| s.has_room()).map(|(id, _)| *id)
+    }
+
+    /// Removes an in-flight message for good.
+    pub fn ack(&mut self, segment_id: u64, offset: u64) -> Result<(), AckError> {
+        let key = (segment_id, offset);
+        self.take_in_flight(key)?;
+        self.done(key);
+        Ok(())
+    }
+
+    /// Returns an in-flight message to the front of the pending queue for redelivery.
+    pub fn nack(&mut self, segment_id: u64, offset: u64) -> Result<(), AckError> {
+        let d = self.take_in_flight((segment_id, offset))?;
+        self.pending.push_front(d);
+        Ok(())
+    }
+
+    fn take_in_flight(&mut self, key: Key) -> Result<Delivery, AckError> {
+        let (sub_id, d) = self.in_flight.remove(&key).ok_or(AckError::NotInFlight)?;
+        if let Some(sub) = self.subscribers.get_mut(&sub_id) {
+            sub.in_flight.remove(&key);
+        }
+        Ok(d)
+    }
+
+    /// The message left the buffer for good (acked or auto-acked).
+    fn done(&mut self, (segment_id, offset): Key) {
+        if let Some(seg) = self.segments.get_mut(&segment_id) {
+            seg.outstanding.remove(&offset);
+        }
+    }
+
+    /// Per segment: the offset below which every record is acked or skipped (or was
+    /// below the start). Safe to persist: a group resumed from it loses nothing
+    /// unacked; it redelivers only messages acked out of order above it.
+    pub fn committed(&self) -> BTreeMap<u64, u64> {
+        self.segments.iter().map(|(&id, seg)| (id, seg.outstanding.first().copied().unwrap_or(seg.next))).collect()
+    }
+
+    /// The segment is deleted (retention, topic deleted): drops its pending and
+    /// in-flight messages (later acks of them fail with `NotInFlight`) and its
+    /// committed offset. Reporting a record of it again starts it afresh.
+    pub fn forget_segment(&mut self, segment_id: u64) {
+        if self.segments.remove(&segment_id).is_none() {
+            // Invariant 1: nothing of an unknown segment can be held.
+            return;
+        }
+        self.pending.retain(|d| d.segment_id != segment_id);
+        let subscribers = &mut self.subscribers;
+        self.in_flight.retain(|key, (sub_id, _)| {
+            let keep = key.0 != segment_id;
+            if !keep {
+                if let Some(sub) = subscribers.get_mut(sub_id) {
+                    sub.in_flight.remove(key);
+                }
+            }
+            keep
+        });
+    }
+
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn in_flight_len(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.subscribers.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn msg(segment_id: u64, offset: u64) -> Delivery {
+        Delivery { topic: "t".to_string(), segment_id, offset, message: Bytes::from(format!("{segment_id}:{offset}")) }
+    }
+
+    fn positions(ds: &[(SubscriberId, Delivery)]) -> Vec<(SubscriberId, u64, u64)> {
+        ds.iter().map(|(s, d)| (*s, d.segment_id, d.offset)).collect()
+    }
+
+    fn offer_range(buf: &mut GroupBuffer, segment_id: u64, offsets: std::ops::Range<u64>) {
+        for o in offsets {
+            buf.offer(msg(segment_id, o)).unwrap();
+        }
+    }
+
+    #[test]
+    fn round_robin_over_three_subscribers() {
+        let mut buf = GroupBuffer::new(100, BTreeMap::new());
+        let a = buf.subscribe(0, false);
+        let b = buf.subscribe(0, false);
+        let c = buf.subscribe(0, false);
+        offer_range(&mut buf, 1, 0..9);
+        let got = positions(&buf.dispatch());
+        let owners: Vec<_> = got.iter().map(|(s, _, _)| *s).collect();
+        assert_eq!(owners, [a, b, c, a, b, c, a, b, c]);
+        // Pending order is kept.
+        assert_eq!(got.iter().map(|(_, _, o)| *o).collect::<Vec<_>>(), (0..9).collect::<Vec<_>>());
+
+        // Fair across calls too: one message at a time keeps rotating.
+        let mut owners = Vec::new();
+        for o in 9..15 {
+            buf.offer(msg(1, o)).unwrap();
+            owners.extend(buf.dispatch().into_iter().map(|(s, _)| s));
+        }
+        assert_eq!(owners, [a, b, c, a, b, c]);
+    }
+
+    #[test]
+    fn round_robin_continues_after_subscriber_changes() {
+        let mut buf = GroupBuffer::new(100, BTreeMap::new());
+        let a = buf.subscribe(0, true);
+        let b = buf.subscribe(0, true);
+        offer_range(&mut buf, 1, 0..1);
+        assert_eq!(buf.dispatch()[0].0, a);
+        let c = buf.subscribe(0, true);
+        buf.unsubscribe(a);
+        offer_range(&mut buf, 1, 1..5);
+        let owners: Vec<_> = buf.dispatch().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(owners, [b, c, b, c]);
+    }
+
+    #[test]
+    fn window_is_respected() {
+        let mut buf = GroupBuffer::new(100, BTreeMap::new());
+        let a = buf.subscribe(1, false);
+        let b = buf.subscribe(3, false);
+        offer_range(&mut buf, 1, 0..10);
+        // a takes one, then only b has room.
+        assert_eq!(positions(&buf.dispatch()), [(a, 1, 0), (b, 1, 1), (b, 1, 2), (b, 1, 3)]);
+        assert!(buf.dispatch().is_empty());
+        assert_eq!((buf.pending_len(), buf.in_flight_len()), (6, 4));
+
+        buf.ack(1, 2).unwrap();
+        assert_eq!(positions(&buf.dispatch()), [(b, 1, 4)]);
+        buf.ack(1, 0).unwrap();
+        buf.ack(1, 1).unwrap();
+        // Both have room; the rotation goes on from after b.
+        assert_eq!(positions(&buf.dispatch()), [(a, 1, 5), (b, 1, 6)]);
+        assert_eq!(buf.in_flight_len(), 4);
+    }
+
+    #[test]
+    fn no_subscribers_means_no_dispatch() {
+        let mut buf = GroupBuffer::new(10, BTreeMap::new());
+        offer_range(&mut buf, 1, 0..3);
+        assert!(buf.dispatch().is_empty());
+        assert_eq!(buf.pending_len(), 3);
+        assert_eq!(buf.subscriber_count(), 0);
+    }
+
+    #[test]
+    fn auto_ack_messages_are_done_when_handed_out() {
+        let mut buf = GroupBuffer::new(3, BTreeMap::from([(1, 0)]));
+        let a = buf.subscribe(1, true);
+        offer_range(&mut buf, 1, 0..3);
+        assert_eq!(buf.free(), 0);
+        // The window of 1 does not limit an auto-ack subscriber: nothing stays in flight.
+        assert_eq!(positions(&buf.dispatch()), [(a, 1, 0), (a, 1, 1), (a, 1, 2)]);
+        assert_eq!((buf.pending_len(), buf.in_flight_len(), buf.free()), (0, 0, 3));
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 3)]));
+        assert_eq!(buf.ack(1, 0), Err(AckError::NotInFlight));
+        assert_eq!(buf.nack(1, 0), Err(AckError::NotInFlight));
+    }
+
+    #[test]
+    fn auto_ack_and_manual_subscribers_share() {
+        let mut buf = GroupBuffer::new(10, BTreeMap::new());
+        let manual = buf.subscribe(1, false);
+        let auto = buf.subscribe(1, true);
+        offer_range(&mut buf, 1, 0..4);
+        assert_eq!(positions(&buf.dispatch()), [(manual, 1, 0), (auto, 1, 1), (auto, 1, 2), (auto, 1, 3)]);
+        assert_eq!(buf.in_flight_len(), 1);
+        // Offset 0 is unacked: nothing can be committed past it.
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 0)]));
+        buf.ack(1, 0).unwrap();
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 4)]));
+    }
+
+    #[test]
+    fn ack_removes_for_good() {
+        let mut buf = GroupBuffer::new(10, BTreeMap::new());
+        buf.subscribe(0, false);
+        offer_range(&mut buf, 1, 0..2);
+        // Pending, never delivered: not ackable.
+        assert_eq!(buf.ack(1, 0), Err(AckError::NotInFlight));
+        buf.dispatch();
+        buf.ack(1, 0).unwrap();
+        assert_eq!(buf.ack(1, 0), Err(AckError::NotInFlight));
+        assert_eq!(buf.nack(1, 0), Err(AckError::NotInFlight));
+        assert_eq!(buf.ack(7, 0), Err(AckError::NotInFlight));
+        assert!(buf.dispatch().is_empty());
+        assert_eq!((buf.pending_len(), buf.in_flight_len(), buf.free()), (0, 1, 9));
+    }
+
+    #[test]
+    fn nack_redelivers_before_newer_messages() {
+        let mut buf = GroupBuffer::new(10, BTreeMap::new());
+        let a = buf.subscribe(2, false);
+        offer_range(&mut buf, 1, 0..5);
+        assert_eq!(positions(&buf.dispatch()), [(a, 1, 0), (a, 1, 1)]);
+        buf.nack(1, 1).unwrap();
+        buf.nack(1, 0).unwrap();
+        // Each nack pushed to the front: the last nacked comes first.
+        assert_eq!(positions(&buf.dispatch()), [(a, 1, 0), (a, 1, 1)]);
+        buf.nack(1, 1).unwrap();
+        buf.ack(1, 0).unwrap();
+        assert_eq!(positions(&buf.dispatch()), [(a, 1, 1), (a, 1, 2)]);
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 1)]));
+    }
+
+    #[test]
+    fn unsubscribe_returns_in_flight_to_the_front_in_log_order() {
+        let mut buf = GroupBuffer::new(20, BTreeMap::new());
+        let a = buf.subscribe(0, false);
+        let b = buf.subscribe(0, false);
+        offer_range(&mut buf, 2, 0..3);
+        offer_range(&mut buf, 1, 0..3);
+        offer_range(&mut buf, 2, 3..6);
+        // a: 2/0, 2/2, 1/1, 2/3, 2/5; b: 2/1, 1/0, 1/2, 2/4.
+        let first = positions(&buf.dispatch());
+        assert_eq!(first.len(), 9);
+        buf.ack(2, 2).unwrap();
+        offer_range(&mut buf, 3, 0..2);
+        buf.unsubscribe(a);
+        assert_eq!(buf.subscriber_count(), 1);
+        // a's unacked messages, ordered by (segment, offset), then the newer ones.
+        let c = buf.subscribe(0, false);
+        buf.unsubscribe(b);
+        let again = positions(&buf.dispatch());
+        let order: Vec<_> = again.iter().map(|(_, s, o)| (*s, *o)).collect();
+        // b's went to the front after a's, each group in log order.
+        assert_eq!(order, [(1, 0), (1, 2), (2, 1), (2, 4), (1, 1), (2, 0), (2, 3), (2, 5), (3, 0), (3, 1)]);
+        assert!(again.iter().all(|(s, _, _)| *s == c));
+        buf.unsubscribe(a); // twice: harmless
+        assert_eq!(buf.subscriber_count(), 1);
+    }
+
+    #[test]
+    fn committed_never_passes_an_unacked_record() {
+        let mut buf = GroupBuffer::new(10, BTreeMap::from([(1, 10)]));
+        buf.subscribe(0, false);
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 10)]));
+        buf.skip(1, 10).unwrap();
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 11)]));
+        offer_range(&mut buf, 1, 11..14); // 11, 12, 13
+        buf.skip(1, 14).unwrap();
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 11)]));
+        buf.dispatch();
+        buf.ack(1, 13).unwrap();
+        buf.ack(1, 12).unwrap();
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 11)]));
+        buf.ack(1, 11).unwrap();
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 15)]));
+    }
+
+    #[test]
+    fn skips_need_no_room_and_hold_no_memory() {
+        let mut buf = GroupBuffer::new(1, BTreeMap::new());
+        buf.offer(msg(1, 0)).unwrap();
+        assert_eq!(buf.offer(msg(1, 1)), Err(OfferError::Full));
+        for o in 1..10_000 {
+            buf.skip(1, o).unwrap();
+        }
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 0)]));
+        let a = buf.subscribe(0, false);
+        assert_eq!(positions(&buf.dispatch()), [(a, 1, 0)]);
+        buf.ack(1, 0).unwrap();
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 10_000)]));
+        assert_eq!(buf.free(), 1);
+    }
+
+    #[test]
+    fn reports_must_be_in_order_from_the_start() {
+        let mut buf = GroupBuffer::new(10, BTreeMap::from([(1, 5)]));
+        assert_eq!(buf.offer(msg(1, 0)), Err(OfferError::OutOfOrder { segment_id: 1, offset: 0, expected: 5 }));
+        assert_eq!(buf.skip(1, 6), Err(OfferError::OutOfOrder { segment_id: 1, offset: 6, expected: 5 }));
+        buf.offer(msg(1, 5)).unwrap();
+        // Reported twice.
+        assert_eq!(buf.offer(msg(1, 5)), Err(OfferError::OutOfOrder { segment_id: 1, offset: 5, expected: 6 }));
+        assert_eq!(buf.skip(1, 5), Err(OfferError::OutOfOrder { segment_id: 1, offset: 5, expected: 6 }));
+        assert_eq!(buf.pending_len(), 1);
+        // An unknown segment starts wherever its first record is.
+        buf.skip(2, 42).unwrap();
+        buf.offer(msg(3, 7)).unwrap();
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 5), (2, 43), (3, 7)]));
+        // A rejected offer into an unknown segment while full creates nothing.
+        let mut full = GroupBuffer::new(0, BTreeMap::new());
+        assert_eq!(full.offer(msg(9, 0)), Err(OfferError::Full));
+        assert!(full.committed().is_empty());
+    }
+
+    #[test]
+    fn capacity_counts_pending_and_in_flight() {
+        let mut buf = GroupBuffer::new(3, BTreeMap::new());
+        assert_eq!(buf.free(), 3);
+        offer_range(&mut buf, 1, 0..3);
+        assert_eq!(buf.free(), 0);
+        assert_eq!(buf.offer(msg(1, 3)), Err(OfferError::Full));
+        buf.subscribe(0, false);
+        buf.dispatch();
+        assert_eq!(buf.free(), 0); // in flight still counts
+        buf.nack(1, 1).unwrap();
+        assert_eq!(buf.free(), 0); // back in pending
+        buf.ack(1, 0).unwrap();
+        assert_eq!(buf.free(), 1);
+        buf.offer(msg(1, 3)).unwrap();
+    }
+
+    #[test]
+    fn mark_read_lets_committed_reach_the_end() {
+        let mut buf = GroupBuffer::new(10, BTreeMap::from([(1, 3)]));
+        buf.mark_read(1, 8);
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 8)]));
+        buf.mark_read(1, 4); // never backwards
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 8)]));
+        buf.offer(msg(1, 8)).unwrap();
+        buf.mark_read(1, 20);
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 8)]));
+        assert_eq!(buf.skip(1, 9), Err(OfferError::OutOfOrder { segment_id: 1, offset: 9, expected: 20 }));
+        buf.subscribe(0, true);
+        buf.dispatch();
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 20)]));
+        buf.mark_read(2, 5);
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 20), (2, 5)]));
+    }
+
+    #[test]
+    fn forget_segment_drops_everything_of_it() {
+        let mut buf = GroupBuffer::new(10, BTreeMap::from([(1, 0), (2, 0)]));
+        let a = buf.subscribe(2, false);
+        offer_range(&mut buf, 1, 0..3);
+        offer_range(&mut buf, 2, 0..2);
+        assert_eq!(positions(&buf.dispatch()), [(a, 1, 0), (a, 1, 1)]);
+        buf.forget_segment(1);
+        assert_eq!(buf.committed(), BTreeMap::from([(2, 0)]));
+        assert_eq!((buf.pending_len(), buf.in_flight_len(), buf.free()), (2, 0, 8));
+        assert_eq!(buf.ack(1, 0), Err(AckError::NotInFlight));
+        // a's window is free again.
+        assert_eq!(positions(&buf.dispatch()), [(a, 2, 0), (a, 2, 1)]);
+        buf.forget_segment(1); // twice: harmless
+        buf.forget_segment(9);
+        // Reported again, it starts afresh.
+        buf.skip(1, 100).unwrap();
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 101), (2, 0)]));
+    }
+
+    // ---- Model-based property test ----
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Offer(u64),
+        OfferOutOfOrder(u64, u64),
+        Skip(u64),
+        MarkRead(u64, u64),
+        Subscribe(u32, bool),
+        Unsubscribe(usize),
+        Dispatch,
+        Ack(usize),
+        Nack(usize),
+        AckDone(usize),
+        Forget(u64),
+    }
+
+    const SEGMENTS: u64 = 3;
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0..SEGMENTS).prop_map(Op::Offer),
+            1 => (0..SEGMENTS, 1u64..3).prop_map(|(s, d)| Op::OfferOutOfOrder(s, d)),
+            3 => (0..SEGMENTS).prop_map(Op::Skip),
+            1 => (0..SEGMENTS, 0u64..4).prop_map(|(s, n)| Op::MarkRead(s, n)),
+            1 => (0u32..4, proptest::bool::weighted(0.25)).prop_map(|(m, a)| Op::Subscribe(m, a)),
+            1 => any::<usize>().prop_map(Op::Unsubscribe),
+            4 => Just(Op::Dispatch),
+            4 => any::<usize>().prop_map(Op::Ack),
+            2 => any::<usize>().prop_map(Op::Nack),
+            1 => any::<usize>().prop_map(Op::AckDone),
+            1 => prop_oneof![15 => Just(99u64), 1 => 0..SEGMENTS].prop_map(Op::Forget),
+        ]
+    }
+
+    /// What the buffer must be equivalent to, kept as plainly as possible: sets of
+    /// positions, no queues.
+    #[derive(Default)]
+    struct Model {
+        /// Next offset the reader reports, per segment (kept across forgets).
+        next: BTreeMap<u64, u64>,
+        /// Segments committed() must list.
+        known: BTreeSet<u64>,
+        /// Offered and not acked (and not forgotten).
+        outstanding: BTreeSet<Key>,
+        in_flight: BTreeMap<Key, SubscriberId>,
+        acks: BTreeMap<Key, u32>,
+        forgotten: BTreeSet<Key>,
+        offered: BTreeSet<Key>,
+        /// id -> (max_unacked, auto_ack)
+        subs: BTreeMap<SubscriberId, (u32, bool)>,
+    }
+
+    impl Model {
+        fn in_flight_of(&self, id: SubscriberId) -> usize {
+            self.in_flight.values().filter(|s| **s == id).count()
+        }
+
+        fn has_room(&self, id: SubscriberId) -> bool {
+            let (max, auto) = self.subs[&id];
+            auto || max == 0 || self.in_flight_of(id) < max as usize
+        }
+
+        fn ack(&mut self, key: Key) {
+            self.outstanding.remove(&key);
+            self.in_flight.remove(&key);
+            *self.acks.entry(key).or_default() += 1;
+        }
+
+        /// Checks one dispatch result against the model and applies it.
+        fn apply_dispatch(&mut self, got: &[(SubscriberId, Delivery)]) -> Result<(), TestCaseError> {
+            for (id, d) in got {
+                let key = (d.segment_id, d.offset);
+                prop_assert!(self.subs.contains_key(id), "delivered to unknown subscriber {}", id);
+                prop_assert!(self.outstanding.contains(&key), "{:?} delivered but not outstanding", key);
+                prop_assert!(!self.in_flight.contains_key(&key), "{:?} delivered while in flight", key);
+                prop_assert_eq!(d, &msg(key.0, key.1));
+                prop_assert!(self.has_room(*id), "subscriber {} window exceeded", id);
+                if self.subs[id].1 {
+                    self.ack(key);
+                } else {
+                    self.in_flight.insert(key, *id);
+                }
+            }
+            // Dispatch hands out all it can.
+            let pending = self.outstanding.len() - self.in_flight.len();
+            let room = self.subs.keys().any(|id| self.has_room(*id));
+            prop_assert!(pending == 0 || !room, "dispatch left {} pending with a subscriber having room", pending);
+            Ok(())
+        }
+
+        fn check(&self, buf: &GroupBuffer, capacity: usize) -> Result<(), TestCaseError> {
+            prop_assert!(buf.pending_len() + buf.in_flight_len() <= capacity);
+            prop_assert_eq!(buf.pending_len() + buf.in_flight_len(), self.outstanding.len());
+            prop_assert_eq!(buf.in_flight_len(), self.in_flight.len());
+            prop_assert_eq!(buf.free(), capacity - self.outstanding.len());
+            prop_assert_eq!(buf.subscriber_count(), self.subs.len());
+            let committed = buf.committed();
+            prop_assert_eq!(committed.keys().copied().collect::<BTreeSet<_>>(), self.known.clone());
+            for (&seg, &c) in &committed {
+                let oldest = self.outstanding.range((seg, 0)..=(seg, u64::MAX)).next().map(|k| k.1);
+                // Never past an unacked record ...
+                if let Some(oldest) = oldest {
+                    prop_assert!(c <= oldest, "segment {}: committed {} past unacked {}", seg, c, oldest);
+                }
+                // ... and not lagging either: everything below the oldest is done.
+                prop_assert_eq!(c, oldest.unwrap_or(self.next[&seg]), "segment {}", seg);
+            }
+            Ok(())
+        }
+    }
+
+    fn run(capacity: usize, start0: u64, ops: Vec<Op>) -> Result<(), TestCaseError> {
+        // Segment 0 resumes at start0, 1 at 0, 2 is new and starts at 1000.
+        let mut buf = GroupBuffer::new(capacity, BTreeMap::from([(0, start0), (1, 0)]));
+        let mut m = Model {
+            next: BTreeMap::from([(0, start0), (1, 0), (2, 1000)]),
+            known: BTreeSet::from([0, 1]),
+            ..Model::default()
+        };
+        for op in ops {
+            match op {
+                Op::Offer(seg) => {
+                    let key = (seg, m.next[&seg]);
+                    if m.outstanding.len() == capacity {
+                        prop_assert_eq!(buf.offer(msg(key.0, key.1)), Err(OfferError::Full));
+                    } else {
+                        prop_assert_eq!(buf.offer(msg(key.0, key.1)), Ok(()));
+                        m.next.insert(seg, key.1 + 1);
+                        m.known.insert(seg);
+                        m.outstanding.insert(key);
+                        m.offered.insert(key);
+                    }
+                }
+                Op::OfferOutOfOrder(seg, delta) => {
+                    // Only for known segments: an unknown one accepts any first offset.
+                    if m.known.contains(&seg) && m.outstanding.len() < capacity {
+                        let expected = m.next[&seg];
+                        for offset in [expected + delta, expected.saturating_sub(delta)] {
+                            if offset != expected {
+                                let err = OfferError::OutOfOrder { segment_id: seg, offset, expected };
+                                prop_assert_eq!(buf.offer(msg(seg, offset)), Err(err));
+                                prop_assert_eq!(buf.skip(seg, offset), Err(err));
+                            }
+                        }
+                    }
+                }
+                Op::Skip(seg) => {
+                    prop_assert_eq!(buf.skip(seg, m.next[&seg]), Ok(()));
+                    *m.next.get_mut(&seg).unwrap() += 1;
+                    m.known.insert(seg);
+                }
+                Op::MarkRead(seg, n) => {
+                    let to = m.next[&seg] + n;
+                    buf.mark_read(seg, to);
+                    m.next.insert(seg, to);
+                    m.known.insert(seg);
+                }
+                Op::Subscribe(max, auto) => {
+                    let id = buf.subscribe(max, auto);
+                    prop_assert!(!m.subs.contains_key(&id));
+                    m.subs.insert(id, (max, auto));
+                }
+                Op::Unsubscribe(i) => {
+                    if let Some(&id) = m.subs.keys().nth(i % m.subs.len().max(1)) {
+                        buf.unsubscribe(id);
+                        m.subs.remove(&id);
+                        m.in_flight.retain(|_, s| *s != id);
+                    }
+                }
+                Op::Dispatch => {
+                    let got = buf.dispatch();
+                    m.apply_dispatch(&got)?;
+                }
+                Op::Ack(i) | Op::Nack(i) => {
+                    if let Some(&key) = m.in_flight.keys().nth(i % m.in_flight.len().max(1)) {
+                        if matches!(op, Op::Ack(_)) {
+                            prop_assert_eq!(buf.ack(key.0, key.1), Ok(()));
+                            m.ack(key);
+                        } else {
+                            prop_assert_eq!(buf.nack(key.0, key.1), Ok(()));
+                            m.in_flight.remove(&key);
+                        }
+                    }
+                }
+                Op::AckDone(i) => {
+                    // Acked, forgotten, or pending: none is in flight.
+                    let candidates: Vec<Key> = m
+                        .acks
+                        .keys()
+                        .chain(&m.forgotten)
+                        .chain(m.outstanding.iter().filter(|k| !m.in_flight.contains_key(k)))
+                        .copied()
+                        .collect();
+                    if let Some(&(s, o)) = candidates.get(i % candidates.len().max(1)) {
+                        prop_assert_eq!(buf.ack(s, o), Err(AckError::NotInFlight));
+                        prop_assert_eq!(buf.nack(s, o), Err(AckError::NotInFlight));
+                    }
+                }
+                Op::Forget(seg) => {
+                    buf.forget_segment(seg);
+                    m.known.remove(&seg);
+                    let gone: Vec<Key> = m.outstanding.iter().filter(|k| k.0 == seg).copied().collect();
+                    for key in gone {
+                        m.outstanding.remove(&key);
+                        m.in_flight.remove(&key);
+                        m.forgotten.insert(key);
+                    }
+                }
+            }
+            m.check(&buf, capacity)?;
+        }
+
+        // Drain: a subscriber that acks everything gets every remaining message.
+        let id = buf.subscribe(0, false);
+        m.subs.insert(id, (0, false));
+        for _ in 0..=capacity {
+            for key in m.in_flight.keys().copied().collect::<Vec<_>>() {
+                prop_assert_eq!(buf.ack(key.0, key.1), Ok(()));
+                m.ack(key);
+            }
+            let got = buf.dispatch();
+            m.apply_dispatch(&got)?;
+            m.check(&buf, capacity)?;
+        }
+        prop_assert!(m.outstanding.is_empty(), "undelivered: {:?}", m.outstanding);
+        prop_assert_eq!((buf.pending_len(), buf.in_flight_len()), (0, 0));
+        for key in &m.offered {
+            let acks = m.acks.get(key).copied().unwrap_or(0);
+            if m.forgotten.contains(key) {
+                prop_assert_eq!(acks, 0, "{:?} forgotten and acked", key);
+            } else {
+                prop_assert_eq!(acks, 1, "{:?} acked {} times", key, acks);
+            }
+        }
+        for (seg, c) in buf.committed() {
+            prop_assert_eq!(c, m.next[&seg]);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn buffer_behaves_like_the_model(
+            capacity in 0usize..7,
+            start0 in 0u64..20,
+            ops in proptest::collection::vec(op(), 0..120),
+        ) {
+            run(capacity, start0, ops)?;
+        }
+    }
+}

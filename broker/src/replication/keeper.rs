@@ -1,0 +1,235 @@
+//! Each node's loop that makes its segment files agree with the cluster state.
+//!
+//! - an open segment whose primary is this node gets a primary task, unless its file
+//!   predates this process: a primary that restarted may have lost records it had not
+//!   fsynced that its replicas did, so it must not append after them; the segment is
+//!   failed over instead (closed at the longest replica's log) and a new one opened;
+//! - a closed segment this node should hold is truncated or completed to the agreed
+//!   length, sealed, checked against the agreed checksum, and reported done;
+//! - a segment the state no longer has (retention, deleted topic) is deleted.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{lock, primary, Segments};
+use crate::cluster_state::{Command, SegmentId, SegmentRecord};
+use crate::error::{ErrorCode, RequestError};
+
+/// Pause between passes when nothing wakes the loop earlier.
+const TICK: Duration = Duration::from_millis(250);
+
+pub async fn run(segments: Segments, stop: CancellationToken) {
+    let me = segments.cluster().id;
+    // Files that exist before this process started: see the module comment.
+    let preexisting: HashSet<SegmentId> = segments.store().list().iter().map(|s| s.id).collect();
+    let mut started: HashSet<SegmentId> = HashSet::new();
+    let finishing: std::sync::Arc<std::sync::Mutex<HashSet<SegmentId>>> = Default::default();
+    let mut metrics = segments.cluster().raft.metrics();
+    loop {
+        let snapshot: Vec<(SegmentId, SegmentRecord)> =
+            segments.cluster().state.read().state.segments.iter().map(|(id, s)| (*id, s.clone())).collect();
+        let known: HashSet<SegmentId> = snapshot.iter().map(|(id, _)| *id).collect();
+        for (id, seg) in snapshot {
+            if seg.is_open() {
+                if seg.primary != me || started.contains(&id) {
+                    continue;
+                }
+                started.insert(id);
+                if preexisting.contains(&id) {
+                    let segments = segments.clone();
+                    tokio::spawn(async move {
+                        tracing::info!(
+                            segment_id = id,
+                            "this node restarted as the primary of an open segment; failing it over"
+                        );
+                        if let Err(e) = super::placement::fail_over(&segments, id).await {
+                            tracing::warn!(segment_id = id, error = %e, "fail-over failed; the leader will retry");
+                        }
+                    });
+                    continue;
+                }
+                let size_max = topic_segment_size(&segments, &seg);
+                match primary::start(&segments, id, seg.replicas.clone(), size_max) {
+                    Ok(handle) => {
+                        lock(segments.primaries()).insert(id, handle);
+                        tracing::info!(segment_id = id, topic = %seg.topic, shard = seg.shard, replicas = ?seg.replicas, "primary started");
+                    }
+                    Err(e) => tracing::error!(segment_id = id, error = %e, "cannot start the primary"),
+                }
+                continue;
+            }
+            // Closed.
+            let holds = seg.replicas.contains(&me);
+            let complete = seg.done.contains(&me)
+                && segments.store().info(id).is_some_and(|i| i.sealed && i.next_offset == seg.next_offset);
+            if holds && !complete && lock(&finishing).insert(id) {
+                let (segments, finishing, stop) = (segments.clone(), finishing.clone(), stop.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = finish(&segments, id) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                    lock(&finishing).remove(&id);
+                });
+            } else if !holds && !seg.done.contains(&me) && segments.store().info(id).is_some() {
+                // Replaced by a copy elsewhere: once that copy is complete, drop ours.
+                if seg.replicas.iter().all(|r| seg.done.contains(r)) {
+                    delete_local(&segments, id).await;
+                }
+            }
+        }
+        for local in segments.store().list() {
+            if !known.contains(&local.id) && !lock(&finishing).contains(&local.id) {
+                // Only delete what the state dropped, not what it has not heard of yet.
+                let applied_past = segments.cluster().state.read().state.next_segment_id > local.id;
+                if applied_past {
+                    delete_local(&segments, local.id).await;
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = metrics.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(TICK) => {}
+        }
+    }
+}
+
+pub(crate) fn topic_segment_size(segments: &Segments, seg: &SegmentRecord) -> u64 {
+    let st = segments.cluster().state.read();
+    let topic = st.state.namespaces.get(&seg.namespace).and_then(|ns| ns.topics.get(&seg.topic));
+    match topic.map(|t| t.segment_size_max_bytes) {
+        Some(n) if n > 0 => n,
+        _ => segments.settings().segment_size_max_bytes,
+    }
+}
+
+async fn delete_local(segments: &Segments, id: SegmentId) {
+    let primary = lock(segments.primaries()).remove(&id);
+    if let Some(p) = primary {
+        p.stop().await;
+    }
+    segments.take_writer(id);
+    match segments.store().delete(id) {
+        Ok(()) => tracing::info!(segment_id = id, "deleted local copy of a segment the cluster no longer keeps here"),
+        Err(e) => tracing::warn!(segment_id = id, error = %e, "deleting a segment failed"),
+    }
+}
+
+/// Brings this node's copy of a closed segment to the agreed length, seals it and
+/// reports it done. Retries until it succeeds or the segment is gone.
+async fn finish(segments: &Segments, id: SegmentId) {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match finish_once(segments, id).await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(segment_id = id, error = %e, "completing a closed segment failed; retrying"),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// One attempt; `Ok(true)` when finished (or nothing left to do).
+async fn finish_once(segments: &Segments, id: SegmentId) -> Result<bool, RequestError> {
+    let me = segments.cluster().id;
+    let Some(seg) = segments.cluster().state.read().state.segments.get(&id).cloned() else { return Ok(true) };
+    if seg.is_open() || !seg.replicas.contains(&me) {
+        return Ok(true);
+    }
+    // The primary task of a segment that rotated ends by itself; after a fail-over it
+    // may still run (a false suspicion): stop it, the agreed end is what counts.
+    let primary = lock(segments.primaries()).remove(&id);
+    if let Some(p) = primary {
+        p.stop().await;
+    }
+    let target = seg.next_offset;
+    let info = segments.store().info(id);
+    let sealed_ok = info.as_ref().is_some_and(|i| i.sealed && i.next_offset == target);
+    let info = if sealed_ok {
+        info.expect("checked")
+    } else {
+        if info.as_ref().is_some_and(|i| i.sealed) {
+            // A sealed copy of the wrong length: drop it and start over.
+            segments.take_writer(id);
+            segments.store().delete(id).map_err(super::storage_error)?;
+        }
+        let writer = segments.writer(id)?;
+        let mut next = lock(&writer).next_offset();
+        if next > target {
+            let w = writer.clone();
+            tokio::task::spawn_blocking(move || lock(&w).truncate(target))
+                .await
+                .map_err(|e| RequestError::new(ErrorCode::Internal, e.to_string()))?
+                .map_err(super::storage_error)?;
+            next = target;
+        }
+        while next < target {
+            if seg.done.is_empty() {
+                // Nobody has a complete copy yet: a replica with the whole log seals first.
+                return Ok(false);
+            }
+            let r = segments.read(id, &seg, next, segments.settings().read_batch_max_bytes, Duration::ZERO).await?;
+            let records: Vec<_> = r.records.into_iter().filter(|r| r.offset < target).collect();
+            if records.is_empty() {
+                return Ok(false);
+            }
+            let w = writer.clone();
+            next = tokio::task::spawn_blocking(move || {
+                let mut w = lock(&w);
+                w.append_records(&records).map(|()| w.next_offset())
+            })
+            .await
+            .map_err(|e| RequestError::new(ErrorCode::Internal, e.to_string()))?
+            .map_err(super::storage_error)?;
+        }
+        drop(writer);
+        let Some(writer) = segments.take_writer(id) else { return Ok(false) };
+        let writer = match std::sync::Arc::try_unwrap(writer) {
+            Ok(m) => m.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner),
+            Err(shared) => {
+                // A replication stream still holds it; it ends once it sees the close.
+                lock(&segments.inner.writers).insert(id, shared);
+                return Ok(false);
+            }
+        };
+        tokio::task::spawn_blocking(move || writer.seal())
+            .await
+            .map_err(|e| RequestError::new(ErrorCode::Internal, e.to_string()))?
+            .map_err(super::storage_error)?
+    };
+    if !seg.done.is_empty() && info.checksum != seg.checksum {
+        tracing::error!(
+            segment_id = id,
+            local = info.checksum,
+            agreed = seg.checksum,
+            "local copy differs from the agreed one; fetching it again"
+        );
+        segments.take_writer(id);
+        segments.store().delete(id).map_err(super::storage_error)?;
+        return Ok(false);
+    }
+    if seg.done.contains(&me) {
+        return Ok(true);
+    }
+    let cmd = Command::SegmentDone { id, node: me, size_bytes: info.size_bytes, checksum: info.checksum };
+    match segments.cluster().write(cmd).await {
+        Ok(_) => {
+            tracing::info!(
+                segment_id = id,
+                next_offset = info.next_offset,
+                "sealed a complete copy of a closed segment"
+            );
+            Ok(true)
+        }
+        Err(e) if e.code == ErrorCode::ChecksumMismatch => {
+            segments.store().delete(id).map_err(super::storage_error)?;
+            Err(e)
+        }
+        Err(e) if e.code == ErrorCode::SegmentNotFound => Ok(true),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,168 @@
+//! Replicated segments: the data path between publishers and consumer groups.
+//!
+//! - [`primary`]: the task that owns an open segment on its primary node: it batches
+//!   publishes into one write and one fsync (group commit), streams the records to the
+//!   other replicas, and confirms each publish once it is as durable as asked.
+//! - [`replica`]: the receiving end of that stream, and the fence the leader raises
+//!   before a fail-over.
+//! - [`keeper`]: each node's loop that makes its local segment files agree with the
+//!   cluster state: starts primaries, seals closed segments, fetches missing copies,
+//!   deletes what the state no longer has.
+//! - [`placement`]: the Raft leader's loop that opens segments, fails them over when a
+//!   primary dies, re-replicates closed ones, applies retention, and places consumer
+//!   groups.
+//! - [`read`]: reading a segment from wherever a readable copy is.
+//! - [`publish`]: routing a publish to the primary of an open segment.
+//!
+//! Why a primary per segment and not Raft per message: Raft orders the cluster state
+//! (rare, small writes); messages are many and large, and only need the order of their
+//! own segment. The Raft leader decides who holds what; primaries move the bytes.
+
+pub mod keeper;
+pub mod placement;
+pub mod primary;
+pub mod publish;
+pub mod read;
+pub mod replica;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use eventtermq_storage::{SegmentWriter, Store};
+
+use crate::cluster_state::SegmentId;
+use crate::config::DataSettings;
+use crate::error::{ErrorCode, RequestError};
+use crate::node::Cluster;
+use crate::transport::Network;
+
+/// A segment's writer, shared by whoever appends to it on this node (its primary task
+/// or a replication stream) and the keeper that seals it.
+pub type SharedWriter = Arc<Mutex<SegmentWriter>>;
+
+/// This node's segments: its store and what currently writes to it. Cheap to clone.
+#[derive(Clone)]
+pub struct Segments {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    cluster: Cluster,
+    network: Arc<dyn Network>,
+    settings: DataSettings,
+    /// Open segments this node writes to, by id.
+    writers: Mutex<HashMap<SegmentId, SharedWriter>>,
+    /// Primary tasks running on this node.
+    primaries: Mutex<HashMap<SegmentId, primary::PrimaryHandle>>,
+    /// Segments the leader froze for a fail-over: no more records are accepted.
+    frozen: Mutex<std::collections::HashSet<SegmentId>>,
+}
+
+impl Segments {
+    pub fn new(store: Store, cluster: Cluster, network: Arc<dyn Network>, settings: DataSettings) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                cluster,
+                network,
+                settings,
+                writers: Mutex::default(),
+                primaries: Mutex::default(),
+                frozen: Mutex::default(),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.inner.cluster
+    }
+
+    pub fn network(&self) -> &Arc<dyn Network> {
+        &self.inner.network
+    }
+
+    pub fn settings(&self) -> &DataSettings {
+        &self.inner.settings
+    }
+
+    /// The writer of an open segment, opening (or creating) its file on first use.
+    pub(crate) fn writer(&self, id: SegmentId) -> Result<SharedWriter, RequestError> {
+        let mut writers = lock(&self.inner.writers);
+        if let Some(w) = writers.get(&id) {
+            return Ok(w.clone());
+        }
+        let w = match self.inner.store.info(id) {
+            Some(_) => self.inner.store.writer(id),
+            None => self.inner.store.create(id),
+        }
+        .map_err(storage_error)?;
+        let w = Arc::new(Mutex::new(w));
+        writers.insert(id, w.clone());
+        Ok(w)
+    }
+
+    /// Gives up the shared writer of a segment (it is being sealed or deleted).
+    pub(crate) fn take_writer(&self, id: SegmentId) -> Option<SharedWriter> {
+        lock(&self.inner.writers).remove(&id)
+    }
+
+    pub(crate) fn is_frozen(&self, id: SegmentId) -> bool {
+        lock(&self.inner.frozen).contains(&id)
+    }
+
+    pub(crate) fn freeze(&self, id: SegmentId) {
+        lock(&self.inner.frozen).insert(id);
+    }
+
+    pub(crate) fn primary(&self, id: SegmentId) -> Option<primary::PrimaryHandle> {
+        lock(&self.inner.primaries).get(&id).cloned()
+    }
+
+    pub(crate) fn primaries(&self) -> &Mutex<HashMap<SegmentId, primary::PrimaryHandle>> {
+        &self.inner.primaries
+    }
+
+    /// Address of a node as the cluster state records it.
+    pub(crate) fn node_addr(&self, node: u64) -> Option<String> {
+        self.inner.cluster.state.read().state.nodes.get(&node).map(|n| n.address.clone())
+    }
+
+    /// Graceful shutdown: stops every primary task and closes its segment where the
+    /// replicas agree, so the cluster need not wait to see this node DEAD to open the
+    /// next one.
+    pub async fn close_primaries(&self) {
+        let all: Vec<_> = lock(&self.inner.primaries).drain().map(|(_, p)| p).collect();
+        for p in &all {
+            p.stop().await;
+        }
+        let closes = all.iter().map(|p| placement::fail_over(self, p.id));
+        for r in futures::future::join_all(closes).await {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "closing a segment at shutdown failed; the leader fails it over later");
+            }
+        }
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub(crate) fn storage_error(e: eventtermq_storage::StorageError) -> RequestError {
+    RequestError::new(ErrorCode::Internal, format!("segment storage: {e}"))
+}
+
+pub(crate) use crate::api::convert::now_unix_ms;
+
+pub(crate) fn to_wire(r: eventtermq_storage::Record) -> eventtermq_proto::internal::v1::Record {
+    eventtermq_proto::internal::v1::Record { offset: r.offset, timestamp_ms: r.timestamp_ms, payload: r.payload }
+}
+
+pub(crate) fn from_wire(r: eventtermq_proto::internal::v1::Record) -> eventtermq_storage::Record {
+    eventtermq_storage::Record { offset: r.offset, timestamp_ms: r.timestamp_ms, payload: r.payload }
+}

@@ -1,0 +1,129 @@
+//! Reading segments: an open segment's confirmed records from its primary, a closed
+//! segment from any node that holds a complete copy, locally when this node is one.
+
+use std::time::Duration;
+
+use eventtermq_proto::internal::v1::{internal_client::InternalClient, ReadSegmentRequest};
+use eventtermq_storage::Record;
+
+use super::{from_wire, storage_error, Segments};
+use crate::cluster_state::{SegmentId, SegmentRecord};
+use crate::error::{ErrorCode, RequestError};
+
+/// Records read from a segment, and how far the segment is readable.
+#[derive(Debug, Default)]
+pub struct ReadResult {
+    pub records: Vec<Record>,
+    /// Offset up to which the segment is readable now.
+    pub end_offset: u64,
+    /// The segment is closed and `end_offset` is final.
+    pub closed: bool,
+}
+
+impl Segments {
+    /// Serves a read from this node's copy: the primary of an open segment serves its
+    /// confirmed records (waiting up to `wait` for more), a sealed copy serves all.
+    pub async fn read_local(
+        &self,
+        id: SegmentId,
+        from: u64,
+        max_bytes: usize,
+        wait: Duration,
+    ) -> Result<ReadResult, RequestError> {
+        if let Some(primary) = self.primary(id) {
+            let mut confirmed = primary.confirmed();
+            if *confirmed.borrow() <= from {
+                let _ = tokio::time::timeout(wait, confirmed.wait_for(|c| *c > from)).await;
+            }
+            let end = *confirmed.borrow();
+            let reader = self.store().reader(id).map_err(storage_error)?;
+            let records = blocking_read(reader, from, end, max_bytes).await?;
+            return Ok(ReadResult { records, end_offset: end, closed: false });
+        }
+        match self.store().info(id) {
+            Some(info) if info.sealed => {
+                let reader = self.store().reader(id).map_err(storage_error)?;
+                let records = blocking_read(reader, from, info.next_offset, max_bytes).await?;
+                Ok(ReadResult { records, end_offset: info.next_offset, closed: true })
+            }
+            _ => Err(RequestError::new(
+                ErrorCode::NotReady,
+                format!("segment_id: segment {id} has no readable copy on node {}", self.cluster().id),
+            )),
+        }
+    }
+
+    /// Reads a segment from wherever a readable copy is: locally if this node is its
+    /// primary or holds a sealed copy, else from the primary (open) or a node in
+    /// `done` (closed).
+    pub async fn read(
+        &self,
+        id: SegmentId,
+        seg: &SegmentRecord,
+        from: u64,
+        max_bytes: usize,
+        wait: Duration,
+    ) -> Result<ReadResult, RequestError> {
+        let me = self.cluster().id;
+        let local_ok = if seg.is_open() {
+            self.primary(id).is_some()
+        } else {
+            seg.done.contains(&me)
+                && self.store().info(id).is_some_and(|i| i.sealed && i.next_offset == seg.next_offset)
+        };
+        if local_ok {
+            return self.read_local(id, from, max_bytes, wait).await;
+        }
+        let candidates: Vec<u64> = if seg.is_open() {
+            vec![seg.primary]
+        } else {
+            // Live nodes first; this node's own copy is not (yet) complete.
+            let st = self.cluster().state.read();
+            let mut c: Vec<u64> = seg.done.iter().copied().filter(|n| *n != me).collect();
+            c.sort_by_key(|n| !st.state.node_alive(*n));
+            c
+        };
+        let mut last_err =
+            RequestError::new(ErrorCode::NotReady, format!("segment_id: segment {id} has no readable copy yet"));
+        for node in candidates {
+            let Some(addr) = self.node_addr(node) else { continue };
+            let mut client = InternalClient::new(self.network().channel(&addr));
+            let mut req = tonic::Request::new(ReadSegmentRequest {
+                segment_id: id,
+                from_offset: from,
+                max_bytes: max_bytes.min(u32::MAX as usize) as u32,
+                wait_ms: wait.as_millis().min(u32::MAX as u128) as u32,
+            });
+            req.set_timeout(wait + Duration::from_secs(5));
+            match client.read_segment(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    return Ok(ReadResult {
+                        records: r.records.into_iter().map(from_wire).collect(),
+                        end_offset: r.end_offset,
+                        closed: r.closed,
+                    });
+                }
+                Err(s) => {
+                    last_err = RequestError::new(
+                        ErrorCode::NotReady,
+                        format!("reading segment {id} from node {node}: {}", s.message()),
+                    )
+                }
+            }
+        }
+        Err(last_err)
+    }
+}
+
+async fn blocking_read(
+    reader: eventtermq_storage::SegmentReader,
+    from: u64,
+    until: u64,
+    max_bytes: usize,
+) -> Result<Vec<Record>, RequestError> {
+    tokio::task::spawn_blocking(move || reader.read(from, until, max_bytes))
+        .await
+        .map_err(|e| RequestError::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(storage_error)
+}

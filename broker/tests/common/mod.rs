@@ -1,0 +1,136 @@
+//! Helpers shared by the process-level tests: the real `eventtermq` binary on
+//! 127.0.0.x addresses, driven through its CLI.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_eventtermq");
+
+/// A broker process that is killed (SIGKILL) when dropped.
+pub struct Broker {
+    pub child: Option<Child>,
+    pub host: String,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub join: Vec<String>,
+    pub extra: Vec<String>,
+}
+
+impl Broker {
+    pub fn start(host: &str, port: u16, dir: &Path, join: &[String]) -> Broker {
+        let mut b =
+            Broker { child: None, host: host.into(), port, dir: dir.into(), join: join.to_vec(), extra: vec![] };
+        b.spawn();
+        b
+    }
+
+    pub fn start_with(host: &str, port: u16, dir: &Path, extra: &[&str]) -> Broker {
+        let mut b = Broker { child: None, host: host.into(), port, dir: dir.into(), join: vec![], extra: vec![] };
+        b.extra = extra.iter().map(|s| s.to_string()).collect();
+        b.spawn();
+        b
+    }
+
+    pub fn spawn(&mut self) {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--dir", self.dir.to_str().unwrap(), "--host", &self.host, "--advertise-host", &self.host])
+            .args(["--port", &self.port.to_string()])
+            .args([
+                "--election-timeout-min-ms",
+                "300",
+                "--election-timeout-max-ms",
+                "600",
+                "--heartbeat-interval-ms",
+                "100",
+            ])
+            .env("RUST_LOG", "info,eventtermq::node=debug,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(self.dir.with_extension("log")).unwrap()));
+        for j in &self.join {
+            cmd.args(["--join", j]);
+        }
+        cmd.args(&self.extra);
+        self.child = Some(cmd.spawn().expect("start broker"));
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let c = self.child.as_mut().expect("running");
+        Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "broker did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn cli(host: &str, port: u16, args: &[&str]) -> Output {
+    Command::new(BIN).args(["--host", host, "--port", &port.to_string()]).args(args).output().expect("run cli")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A fresh directory under the target's test scratch space; kept after the run so
+/// the brokers' logs (`<dir>/n*.log`) can be read after a failure.
+pub fn test_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Polls `f` every 100 ms until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {timeout:?} waiting for: {what}");
+}
+
+pub fn alive_count(dump: &str) -> usize {
+    dump.matches("state: ALIVE").count()
+}
+
+/// Starts three nodes as the seed page does: the first alone, the others joining it.
+pub fn three_nodes(base: &Path, hosts: [&str; 3], port: u16) -> Vec<Broker> {
+    let seed = format!("{}:{port}", hosts[0]);
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let dir = base.join(format!("n{i}"));
+            let join = if i == 0 { vec![] } else { vec![seed.clone()] };
+            Broker::start(h, port, &dir, &join)
+        })
+        .collect()
+}
