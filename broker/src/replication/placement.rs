@@ -52,7 +52,8 @@ pub async fn run(segments: Segments, membership: Membership, interval: Duration,
             .filter(|m| matches!(m.state, NodeState::Dead | NodeState::Left))
             .map(|m| (m.id, m.state_since.elapsed()))
             .collect();
-        for cmd in plan(&state, &dead_since, &segments, now_unix_ms()) {
+        let rereplicate_after = Duration::from_millis(segments.settings().rereplicate_after_ms);
+        for cmd in plan(&state, &dead_since, rereplicate_after, now_unix_ms()) {
             if let Err(e) = cluster.write(cmd).await {
                 tracing::debug!(error = %e, "placement change deferred");
                 break;
@@ -72,11 +73,12 @@ pub async fn run(segments: Segments, membership: Membership, interval: Duration,
     }
 }
 
-/// The commands one pass proposes (pure but for `segments`' settings).
+/// The commands one pass proposes: a pure function of the state, how long nodes have
+/// been gone (`dead_since`), and the clock.
 fn plan(
     state: &ClusterState,
     dead_since: &HashMap<NodeId, Duration>,
-    segments: &Segments,
+    rereplicate_after: Duration,
     now_unix_ms: i64,
 ) -> Vec<Command> {
     let mut cmds = Vec::new();
@@ -126,7 +128,6 @@ fn plan(
     }
 
     // 3. Re-replication of closed segments.
-    let rereplicate_after = Duration::from_millis(segments.settings().rereplicate_after_ms);
     let lost = |n: &NodeId| !state.nodes.contains_key(n) || dead_since.get(n).is_some_and(|d| *d >= rereplicate_after);
     for (id, s) in state.segments.iter().filter(|(_, s)| !s.is_open()) {
         if !s.replicas.iter().any(lost) || s.done.iter().all(lost) {
@@ -135,10 +136,10 @@ fn plan(
         let mut replicas: Vec<NodeId> = s.replicas.iter().copied().filter(|n| !lost(n)).collect();
         let missing = s.replicas.len() - replicas.len();
         let extra = least_loaded(&load, missing, &s.replicas);
-        replicas.extend(extra);
-        if replicas.is_empty() {
-            continue;
+        if extra.is_empty() {
+            continue; // no live node to take a copy; keep waiting for the old one
         }
+        replicas.extend(extra);
         tracing::info!(segment_id = id, from = ?s.replicas, to = ?replicas, "re-replicating a closed segment");
         cmds.push(Command::SetSegmentReplicas { id: *id, replicas });
     }
@@ -263,4 +264,127 @@ async fn ask_status(segments: &Segments, node: NodeId, id: SegmentId) -> Result<
     let mut req = tonic::Request::new(SegmentStatusRequest { segment_id: id, freeze: true });
     req.set_timeout(STATUS_TIMEOUT);
     client.segment_status(req).await.map(|r| r.into_inner()).map_err(|s| s.message().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster_state::*;
+
+    const HOUR_MS: i64 = 3_600_000;
+
+    fn state_with_topic(retention_ms: u64) -> ClusterState {
+        let mut s = ClusterState::new_cluster();
+        for id in 1..=3 {
+            let record = NodeRecord { address: format!("n{id}:1"), state: NodeState::Alive };
+            s.apply(&Command::SetNode { id, record }).unwrap();
+        }
+        let spec = TopicSpec {
+            shards: 2,
+            replication_factor: 3,
+            retention_ms,
+            default_exchange_type: ExchangeType::Fanout,
+            segment_size_max_bytes: 0,
+        };
+        s.apply(&Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec }).unwrap();
+        s
+    }
+
+    fn apply_all(s: &mut ClusterState, cmds: &[Command]) {
+        for c in cmds {
+            s.apply(c).unwrap();
+        }
+    }
+
+    #[test]
+    fn opens_one_segment_per_shard_spread_over_live_nodes() {
+        let mut s = state_with_topic(0);
+        let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
+        assert_eq!(cmds.len(), 2);
+        apply_all(&mut s, &cmds);
+        let primaries: HashSet<NodeId> = s.segments.values().map(|seg| seg.primary).collect();
+        assert_eq!(primaries.len(), 2, "the two shards get different primaries");
+        assert!(s.segments.values().all(|seg| seg.replicas.len() == 3));
+        assert!(plan(&s, &HashMap::new(), Duration::from_secs(60), 0).is_empty(), "nothing more to do");
+    }
+
+    #[test]
+    fn retention_deletes_closed_segments_every_bound_group_passed() {
+        let mut s = state_with_topic(HOUR_MS as u64);
+        let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
+        apply_all(&mut s, &cmds);
+        let binding = BindingSpec {
+            topic: "t".into(),
+            exchange_type: ExchangeType::Fanout,
+            routing_key: String::new(),
+            headers: Default::default(),
+            headers_match: HeadersMatch::All,
+        };
+        let spec = ConsumerGroupSpec { bindings: vec![binding], size: 10, since_unix_ms: 0 };
+        s.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec }).unwrap();
+        let (first, _) = s.segments.iter().next().map(|(id, seg)| (*id, seg.clone())).unwrap();
+        s.apply(&Command::CloseSegment {
+            id: first,
+            next_offset: 10,
+            size_bytes: 100,
+            checksum: 0,
+            done: vec![],
+            now_unix_ms: 0,
+        })
+        .unwrap();
+        let deletes = |s: &ClusterState, now| {
+            plan(s, &HashMap::new(), Duration::from_secs(60), now)
+                .into_iter()
+                .filter(|c| matches!(c, Command::DeleteSegments { .. }))
+                .count()
+        };
+        assert_eq!(deletes(&s, HOUR_MS / 2), 0, "younger than the retention");
+        assert_eq!(deletes(&s, 2 * HOUR_MS), 0, "the group has not read it yet");
+        let offsets = std::collections::BTreeMap::from([(first, 10)]);
+        s.apply(&Command::CommitOffsets { namespace: "default".into(), group: "g".into(), offsets }).unwrap();
+        let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 2 * HOUR_MS);
+        assert!(cmds.contains(&Command::DeleteSegments { ids: vec![first] }), "{cmds:?}");
+    }
+
+    #[test]
+    fn groups_move_off_dead_nodes_and_closed_copies_are_replaced() {
+        let mut s = state_with_topic(0);
+        let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
+        apply_all(&mut s, &cmds);
+        let spec = ConsumerGroupSpec { bindings: vec![], size: 10, since_unix_ms: 0 };
+        s.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec }).unwrap();
+        let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
+        apply_all(&mut s, &cmds);
+        let node = s.group_runtime("default", "g").unwrap().node.unwrap();
+        let id = *s.segments.keys().next().unwrap();
+        s.apply(&Command::CloseSegment {
+            id,
+            next_offset: 1,
+            size_bytes: 1,
+            checksum: 0,
+            done: vec![],
+            now_unix_ms: 0,
+        })
+        .unwrap();
+        s.apply(&Command::SegmentDone { id, node: 1, size_bytes: 1, checksum: 7 }).unwrap();
+
+        let record = NodeRecord { address: format!("n{node}:1"), state: NodeState::Dead };
+        s.apply(&Command::SetNode { id: node, record }).unwrap();
+        // A fourth node can take the dead one's copy.
+        let record = NodeRecord { address: "n4:1".into(), state: NodeState::Alive };
+        s.apply(&Command::SetNode { id: 4, record }).unwrap();
+        let dead = HashMap::from([(node, Duration::from_secs(120))]);
+        let cmds = plan(&s, &dead, Duration::from_secs(60), 0);
+        let moved = cmds.iter().find_map(|c| match c {
+            Command::AssignGroup { node, .. } => *node,
+            _ => None,
+        });
+        assert!(moved.is_some_and(|n| n != node), "{cmds:?}");
+        let replaced = cmds.iter().any(|c| {
+            matches!(c, Command::SetSegmentReplicas { id: i, replicas }
+                if *i == id && !replicas.contains(&node) && replicas.contains(&4) && replicas.len() == 3)
+        });
+        // Node 1 holds the only complete copy: nothing to copy from while it is dead.
+        assert_eq!(replaced, node != 1, "{cmds:?}");
+    }
 }

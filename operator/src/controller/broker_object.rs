@@ -107,6 +107,7 @@ impl BrokerObject for Topic {
             retention: Some(duration_to_pb(retention_ms)),
             default_exchange_type: spec.default_exchange_type.as_str().to_string(),
             under_replicated: false,
+            segment_size_max_bytes: 0,
         }))
     }
 }
@@ -153,7 +154,13 @@ impl BrokerObject for ConsumerGroup {
             .since
             .as_ref()
             .map(|t| prost_types::Timestamp { seconds: t.0.as_second(), nanos: t.0.subsec_nanosecond() });
-        Ok(BrokerWrite::ConsumerGroup(pb::ConsumerGroup { name: self.broker_name(), bindings, size: spec.size, since }))
+        Ok(BrokerWrite::ConsumerGroup(pb::ConsumerGroup {
+            name: self.broker_name(),
+            bindings,
+            size: spec.size,
+            since,
+            ..Default::default()
+        }))
     }
 }
 
