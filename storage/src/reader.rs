@@ -1,0 +1,155 @@
+//! Reading records by offset and finding offsets by time.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::codec::{FILE_HEADER_LEN, FRAME_HEADER_LEN};
+use crate::files::{corrupt, index_ceil, index_floor, Cursor, Files};
+use crate::segment::{SegState, Segment};
+use crate::{Record, StorageError};
+
+/// Scratch buffer of a read: at most this, at least a page (and no more than the
+/// bytes there are to read).
+const READ_CHUNK_MAX_BYTES: usize = 64 << 10;
+const READ_CHUNK_MIN_BYTES: usize = 4 << 10;
+
+/// Reads a segment with positional reads; sees what its writer has appended so far.
+/// Cheap to clone; many may read one segment at once.
+#[derive(Clone)]
+pub struct SegmentReader {
+    seg: Arc<Segment>,
+    files: Arc<Files>,
+}
+
+impl std::fmt::Debug for SegmentReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegmentReader").field("id", &self.seg.id).finish()
+    }
+}
+
+/// Where a record is: its offset and the position of its frame.
+#[derive(Clone, Copy)]
+struct At {
+    offset: u64,
+    position: u64,
+}
+
+impl SegmentReader {
+    pub(crate) fn new(seg: Arc<Segment>, files: Arc<Files>) -> Self {
+        SegmentReader { seg, files }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.seg.id
+    }
+
+    /// The offset the next appended record will get.
+    pub fn next_offset(&self) -> u64 {
+        self.seg.snapshot().next_offset
+    }
+
+    /// The records with `from_offset <= offset < until_offset`, in order, as long as
+    /// their payloads add up to at most `max_bytes` — but always the first one when there
+    /// is one, however large. `until_offset` hides what the caller may not serve yet.
+    ///
+    /// Memory: the payloads are copied into one buffer of at most `max_bytes` (or the
+    /// first record's payload when larger), plus a scratch buffer of at most 64 KiB.
+    pub fn read(&self, from_offset: u64, until_offset: u64, max_bytes: usize) -> Result<Vec<Record>, StorageError> {
+        let _shared = self.seg.read_guard();
+        let snap = self.seg.snapshot();
+        let end_offset = until_offset.min(snap.next_offset);
+        if from_offset >= end_offset {
+            return Ok(Vec::new());
+        }
+        let id = self.seg.id;
+        let files = &*self.files;
+        let start = self.floor(&snap, |e| e.offset <= from_offset)?;
+        // An upper bound of the bytes to read: up to the first index entry at or past
+        // the end (or the end of the records).
+        let end_position = if end_offset == snap.next_offset {
+            snap.len
+        } else {
+            index_ceil(id, files, snap.idx_count, |e| e.offset < end_offset)?.map_or(snap.len, |e| e.position)
+        };
+        let chunk = max_bytes
+            .saturating_add(FRAME_HEADER_LEN)
+            .clamp(READ_CHUNK_MIN_BYTES, READ_CHUNK_MAX_BYTES)
+            .min(usize::try_from(end_position.saturating_sub(start.position)).unwrap_or(usize::MAX));
+        let mut cur = Cursor::new(&files.seg, &files.seg_path, start.position, snap.len, chunk);
+        let mut offset = start.offset;
+        while offset < from_offset {
+            let h = cur.frame_header(id, offset)?;
+            cur.consume(h.frame_len as u64);
+            offset += 1;
+        }
+
+        let span = usize::try_from(end_position.saturating_sub(cur.pos())).unwrap_or(usize::MAX);
+        let mut data: Vec<u8> = Vec::with_capacity(max_bytes.min(span));
+        // (offset, timestamp, payload start, payload length)
+        let mut found: Vec<(u64, i64, usize, usize)> = Vec::new();
+        while offset < end_offset {
+            let position = cur.pos();
+            let h = cur.frame_header(id, offset)?;
+            let payload_len = h.payload_len();
+            if !found.is_empty() && data.len() + payload_len > max_bytes {
+                break;
+            }
+            if found.is_empty() && payload_len > data.capacity() {
+                data.reserve_exact(payload_len);
+            }
+            let mut fixed = [0u8; 16];
+            fixed[..8].copy_from_slice(&h.offset.to_le_bytes());
+            fixed[8..].copy_from_slice(&h.timestamp_ms.to_le_bytes());
+            cur.consume(FRAME_HEADER_LEN as u64);
+            let payload_start = data.len();
+            cur.copy_out(payload_len, &mut data)?;
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&fixed), &data[payload_start..]);
+            if crc != h.crc {
+                let reason = format!("checksum mismatch (stored {:08x}, computed {crc:08x})", h.crc);
+                return Err(corrupt(id, &files.seg_path, position, reason));
+            }
+            found.push((h.offset, h.timestamp_ms, payload_start, payload_len));
+            offset += 1;
+        }
+        let data = Bytes::from(data);
+        Ok(found
+            .into_iter()
+            .map(|(offset, timestamp_ms, start, len)| Record {
+                offset,
+                timestamp_ms,
+                payload: data.slice(start..start + len),
+            })
+            .collect())
+    }
+
+    /// The first offset whose timestamp is >= `ts_ms` (`next_offset` if none).
+    /// Timestamps are non-decreasing within a segment (the broker ensures it).
+    pub fn offset_for_time(&self, ts_ms: i64) -> Result<u64, StorageError> {
+        let _shared = self.seg.read_guard();
+        let snap = self.seg.snapshot();
+        let id = self.seg.id;
+        let start = self.floor(&snap, |e| e.timestamp_ms < ts_ms)?;
+        let files = &*self.files;
+        let mut cur = Cursor::new(&files.seg, &files.seg_path, start.position, snap.len, READ_CHUNK_MAX_BYTES);
+        let mut offset = start.offset;
+        while offset < snap.next_offset {
+            let h = cur.frame_header(id, offset)?;
+            if h.timestamp_ms >= ts_ms {
+                return Ok(offset);
+            }
+            cur.consume(h.frame_len as u64);
+            offset += 1;
+        }
+        Ok(snap.next_offset)
+    }
+
+    /// The last indexed record for which `below` holds, or the first record.
+    fn floor(&self, snap: &SegState, below: impl Fn(&crate::codec::IndexEntry) -> bool) -> Result<At, StorageError> {
+        let entry = index_floor(self.seg.id, &self.files, snap.idx_count, below)?;
+        Ok(entry.map_or(At { offset: 0, position: FILE_HEADER_LEN as u64 }, |e| At {
+            offset: e.offset,
+            position: e.position,
+        }))
+    }
+}

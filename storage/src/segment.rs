@@ -1,0 +1,145 @@
+//! The shared state of one segment: what its writer has published and how to reach its
+//! files.
+
+use std::fs::{File, OpenOptions};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+
+use crate::codec::{FILE_HEADER_LEN, TRAILER_LEN};
+use crate::files::Files;
+use crate::{SegmentInfo, StorageError};
+
+/// What readers, syncers and the store see of a segment. Only the writer changes it,
+/// after its bytes are in the files, so a snapshot never points at unwritten bytes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SegState {
+    /// End of the last record frame (= file length of an unsealed segment).
+    pub len: u64,
+    pub next_offset: u64,
+    /// crc32c of the record frames `[FILE_HEADER_LEN, len)`.
+    pub checksum: u32,
+    /// Complete entries in the index file.
+    pub idx_count: u64,
+    /// Position of the record of the last index entry (`FILE_HEADER_LEN` without one).
+    pub last_index_pos: u64,
+    pub sealed: bool,
+    pub writer_live: bool,
+    pub deleted: bool,
+    /// `len` at the end of the last completed fdatasync (skips syncs with nothing new).
+    pub synced_len: u64,
+    /// Number of truncations so far: a sync that started before one must not record
+    /// its (longer) length as synced.
+    pub truncations: u64,
+}
+
+impl SegState {
+    pub fn empty() -> Self {
+        let start = FILE_HEADER_LEN as u64;
+        SegState {
+            len: start,
+            next_offset: 0,
+            checksum: 0,
+            idx_count: 0,
+            last_index_pos: start,
+            sealed: false,
+            writer_live: false,
+            deleted: false,
+            synced_len: start,
+            truncations: 0,
+        }
+    }
+}
+
+pub(crate) struct Segment {
+    pub id: u64,
+    pub nonce: u64,
+    pub seg_path: PathBuf,
+    pub idx_path: PathBuf,
+    state: Mutex<SegState>,
+    /// Open files. Pinned while the segment is unsealed (its writer and readers share
+    /// them); a sealed segment's files are opened on demand and closed with the last
+    /// reader, so a node with thousands of sealed segments does not hold their descriptors.
+    files: Mutex<FileSlot>,
+    /// Shared by reads, exclusive for truncation: a read never sees the file cut under it.
+    shrink: RwLock<()>,
+}
+
+struct FileSlot {
+    pinned: Option<Arc<Files>>,
+    cached: Weak<Files>,
+}
+
+impl Segment {
+    pub fn new(
+        id: u64,
+        nonce: u64,
+        seg_path: PathBuf,
+        idx_path: PathBuf,
+        state: SegState,
+        pinned: Option<Arc<Files>>,
+    ) -> Self {
+        let cached = pinned.as_ref().map(Arc::downgrade).unwrap_or_default();
+        Segment {
+            id,
+            nonce,
+            seg_path,
+            idx_path,
+            state: Mutex::new(state),
+            files: Mutex::new(FileSlot { pinned, cached }),
+            shrink: RwLock::new(()),
+        }
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, SegState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn snapshot(&self) -> SegState {
+        *self.state()
+    }
+
+    pub fn read_guard(&self) -> RwLockReadGuard<'_, ()> {
+        self.shrink.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn write_guard(&self) -> RwLockWriteGuard<'_, ()> {
+        self.shrink.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn info(&self) -> SegmentInfo {
+        let s = self.snapshot();
+        SegmentInfo {
+            id: self.id,
+            size_bytes: if s.sealed { s.len + TRAILER_LEN as u64 } else { s.len },
+            next_offset: s.next_offset,
+            sealed: s.sealed,
+            checksum: s.checksum,
+        }
+    }
+
+    /// The segment's files: the pinned or a reader's still open ones, else opened now
+    /// (read-only: only unsealed segments, whose files are pinned, are written).
+    pub fn files(&self) -> Result<Arc<Files>, StorageError> {
+        let mut slot = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(files) = slot.pinned.clone().or_else(|| slot.cached.upgrade()) {
+            return Ok(files);
+        }
+        let seg = File::open(&self.seg_path).map_err(|e| StorageError::io(&self.seg_path, e))?;
+        let idx = match OpenOptions::new().read(true).open(&self.idx_path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!(id = self.id, path = %self.idx_path.display(), error = %e,
+                    "cannot open the segment index; reads scan from the start of the segment");
+                None
+            }
+        };
+        let files = Arc::new(Files { seg, seg_path: self.seg_path.clone(), idx, idx_path: self.idx_path.clone() });
+        slot.cached = Arc::downgrade(&files);
+        Ok(files)
+    }
+
+    /// Stops pinning the files (after sealing or deletion).
+    pub fn unpin(&self) {
+        self.files.lock().unwrap_or_else(PoisonError::into_inner).pinned = None;
+    }
+}

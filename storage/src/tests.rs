@@ -1,0 +1,637 @@
+//! Unit tests of the store: round trips, recovery from torn and corrupt files, sealing,
+//! index rebuilds, time look-ups, truncation.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+use crate::codec::{
+    decode_header, encode_trailer, Decoded, SealTrailer, FILE_HEADER_LEN, FRAME_HEADER_LEN, INDEX_ENTRY_LEN,
+};
+use crate::{index_file_name, segment_file_name, Config, Record, SegmentInfo, StorageError, Store};
+
+fn small_index() -> Config {
+    Config { index_interval_bytes: 100 }
+}
+
+fn payload(offset: u64, len: usize) -> Bytes {
+    (0..len).map(|i| (offset as usize * 31 + i) as u8).collect::<Vec<u8>>().into()
+}
+
+fn seg_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(segment_file_name(id))
+}
+
+fn idx_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(index_file_name(id))
+}
+
+/// Appends `count` records of `len` bytes in batches of `batch`, timestamp = 1000 + offset / batch.
+fn fill(store: &Store, id: u64, count: u64, len: usize, batch: u64) -> Vec<Record> {
+    let mut w = store.create(id).unwrap();
+    let mut records = Vec::new();
+    let mut offset = 0;
+    while offset < count {
+        let n = batch.min(count - offset);
+        let ts = 1000 + (offset / batch) as i64;
+        let payloads: Vec<Bytes> = (offset..offset + n).map(|o| payload(o, len)).collect();
+        assert_eq!(w.append(ts, &payloads).unwrap(), offset..offset + n);
+        for (o, p) in (offset..).zip(payloads) {
+            records.push(Record { offset: o, timestamp_ms: ts, payload: p });
+        }
+        offset += n;
+    }
+    assert_eq!(w.sync().unwrap(), count);
+    records
+}
+
+fn read_all(store: &Store, id: u64) -> Vec<Record> {
+    store.reader(id).unwrap().read(0, u64::MAX, usize::MAX).unwrap()
+}
+
+/// crc32c of the record frames of an unsealed segment file.
+fn file_checksum(dir: &Path, id: u64, records_end: usize) -> u32 {
+    let bytes = fs::read(seg_path(dir, id)).unwrap();
+    crc32c::crc32c(&bytes[FILE_HEADER_LEN..records_end])
+}
+
+fn record_positions(records: &[Record]) -> Vec<u64> {
+    let mut pos = FILE_HEADER_LEN as u64;
+    records
+        .iter()
+        .map(|r| {
+            let p = pos;
+            pos += (FRAME_HEADER_LEN + r.payload.len()) as u64;
+            p
+        })
+        .collect()
+}
+
+#[test]
+fn round_trip_in_batches_and_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    let records = fill(&store, 3, 250, 37, 17);
+    assert_eq!(read_all(&store, 3), records);
+    let r = store.reader(3).unwrap();
+    assert_eq!(r.id(), 3);
+    assert_eq!(r.next_offset(), 250);
+    for from in [0, 1, 16, 17, 18, 99, 100, 248, 249] {
+        for until in [from, from + 1, from + 5, 250, 400] {
+            let got = r.read(from, until, usize::MAX).unwrap();
+            let want: Vec<Record> = records.iter().filter(|x| x.offset >= from && x.offset < until).cloned().collect();
+            assert_eq!(got, want, "from {from} until {until}");
+        }
+    }
+    assert!(r.read(250, u64::MAX, 100).unwrap().is_empty());
+    assert!(r.read(900, u64::MAX, 100).unwrap().is_empty());
+    let info = store.info(3).unwrap();
+    let size = FILE_HEADER_LEN as u64 + 250 * (FRAME_HEADER_LEN as u64 + 37);
+    assert_eq!(info, SegmentInfo { id: 3, size_bytes: size, next_offset: 250, sealed: false, checksum: info.checksum });
+    assert_eq!(info.checksum, file_checksum(dir.path(), 3, size as usize));
+    assert_eq!(store.list(), vec![info]);
+    assert!(store.info(4).is_none());
+}
+
+#[test]
+fn max_bytes_limits_payload_but_returns_one_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    let mut w = store.create(1).unwrap();
+    let sizes = [10usize, 10, 5000, 10, 10, 10];
+    for (o, s) in sizes.iter().enumerate() {
+        w.append(7, &[payload(o as u64, *s)]).unwrap();
+    }
+    let r = store.reader(1).unwrap();
+    let offsets = |v: Vec<Record>| v.iter().map(|x| x.offset).collect::<Vec<_>>();
+    assert_eq!(offsets(r.read(0, 99, 20).unwrap()), vec![0, 1]);
+    assert_eq!(offsets(r.read(0, 99, 19).unwrap()), vec![0]);
+    assert_eq!(offsets(r.read(0, 99, 0).unwrap()), vec![0]);
+    assert_eq!(offsets(r.read(2, 99, 100).unwrap()), vec![2]);
+    assert_eq!(r.read(2, 99, 100).unwrap()[0].payload, payload(2, 5000));
+    assert_eq!(offsets(r.read(1, 99, 100).unwrap()), vec![1]);
+    assert_eq!(offsets(r.read(3, 99, 30).unwrap()), vec![3, 4, 5]);
+    assert_eq!(offsets(r.read(0, 99, 5020).unwrap()), vec![0, 1, 2]);
+}
+
+#[test]
+fn until_offset_hides_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    let records = fill(&store, 1, 40, 20, 10);
+    let r = store.reader(1).unwrap();
+    assert_eq!(r.read(0, 25, usize::MAX).unwrap(), records[..25].to_vec());
+    assert!(r.read(25, 25, usize::MAX).unwrap().is_empty());
+    assert!(r.read(30, 25, usize::MAX).unwrap().is_empty());
+    assert_eq!(r.read(24, 25, usize::MAX).unwrap(), records[24..25].to_vec());
+}
+
+#[test]
+fn reader_sees_what_the_writer_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    let mut w = store.create(1).unwrap();
+    let r = store.reader(1).unwrap();
+    assert!(r.read(0, u64::MAX, usize::MAX).unwrap().is_empty());
+    w.append(1, &[payload(0, 3)]).unwrap();
+    assert_eq!(r.next_offset(), 1);
+    assert_eq!(r.read(0, u64::MAX, usize::MAX).unwrap().len(), 1);
+    w.append(2, &[payload(1, 3), payload(2, 3)]).unwrap();
+    assert_eq!(r.read(1, u64::MAX, usize::MAX).unwrap().len(), 2);
+    assert_eq!(w.append(3, &[]).unwrap(), 3..3);
+}
+
+#[test]
+fn reopen_after_drop_continues_appending() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = {
+        let store = Store::open(dir.path(), small_index()).unwrap();
+        let r = fill(&store, 5, 60, 50, 7);
+        fill(&store, 2, 3, 5, 1);
+        r
+    };
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    assert_eq!(store.list().iter().map(|i| i.id).collect::<Vec<_>>(), vec![2, 5]);
+    assert_eq!(read_all(&store, 5), records);
+    let mut w = store.writer(5).unwrap();
+    assert_eq!(w.next_offset(), 60);
+    assert_eq!(w.append(99, &[payload(60, 5)]).unwrap(), 60..61);
+    assert_eq!(w.sync().unwrap(), 61);
+    drop(w);
+    drop(store);
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    let all = read_all(&store, 5);
+    assert_eq!(all.len(), 61);
+    assert_eq!(all[60], Record { offset: 60, timestamp_ms: 99, payload: payload(60, 5) });
+}
+
+#[test]
+fn one_writer_per_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    let w = store.create(1).unwrap();
+    assert!(matches!(store.writer(1), Err(StorageError::WriterBusy { id: 1 })));
+    assert!(matches!(store.create(1), Err(StorageError::AlreadyExists { id: 1 })));
+    drop(w);
+    let w = store.writer(1).unwrap();
+    assert_eq!(w.id(), 1);
+    assert!(matches!(store.writer(2), Err(StorageError::NotFound { id: 2 })));
+    assert!(matches!(store.reader(2), Err(StorageError::NotFound { id: 2 })));
+}
+
+/// Copies `dir/<id>.seg` cut to `len` bytes into a fresh directory.
+fn cut_copy(src: &Path, id: u64, len: usize) -> tempfile::TempDir {
+    let bytes = fs::read(seg_path(src, id)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(seg_path(dir.path(), id), &bytes[..len]).unwrap();
+    dir
+}
+
+#[test]
+fn torn_tail_at_every_byte_of_the_last_record_is_cut_and_appends_continue() {
+    let src = tempfile::tempdir().unwrap();
+    let records = {
+        let store = Store::open(src.path(), small_index()).unwrap();
+        fill(&store, 1, 12, 30, 5)
+    };
+    let positions = record_positions(&records);
+    let last_start = *positions.last().unwrap() as usize;
+    let end = last_start + FRAME_HEADER_LEN + 30;
+    for cut in last_start..end {
+        let dir = cut_copy(src.path(), 1, cut);
+        let store = Store::open(dir.path(), small_index()).unwrap();
+        assert_eq!(store.info(1).unwrap().next_offset, 11, "cut at {cut}");
+        assert_eq!(read_all(&store, 1), records[..11].to_vec(), "cut at {cut}");
+        assert_eq!(fs::metadata(seg_path(dir.path(), 1)).unwrap().len(), last_start as u64);
+        let mut w = store.writer(1).unwrap();
+        assert_eq!(w.append(5000, &[payload(11, 4)]).unwrap(), 11..12);
+        w.sync().unwrap();
+        drop(w);
+        drop(store);
+        let store = Store::open(dir.path(), small_index()).unwrap();
+        let all = read_all(&store, 1);
+        assert_eq!(all.len(), 12);
+        assert_eq!(all[11].payload, payload(11, 4));
+    }
+}
+
+#[test]
+fn zeroed_tail_is_cut() {
+    let src = tempfile::tempdir().unwrap();
+    let records = {
+        let store = Store::open(src.path(), small_index()).unwrap();
+        fill(&store, 1, 5, 30, 5)
+    };
+    let mut bytes = fs::read(seg_path(src.path(), 1)).unwrap();
+    let good = bytes.len();
+    bytes.resize(good + 4096, 0);
+    fs::write(seg_path(src.path(), 1), &bytes).unwrap();
+    let store = Store::open(src.path(), small_index()).unwrap();
+    assert_eq!(read_all(&store, 1), records);
+    assert_eq!(fs::metadata(seg_path(src.path(), 1)).unwrap().len(), good as u64);
+}
+
+#[test]
+fn flipped_bit_in_the_middle_of_an_unsealed_segment_truncates_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = {
+        let store = Store::open(dir.path(), small_index()).unwrap();
+        fill(&store, 1, 20, 40, 4)
+    };
+    let positions = record_positions(&records);
+    let path = seg_path(dir.path(), 1);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[positions[10] as usize + FRAME_HEADER_LEN + 7] ^= 0x10;
+    fs::write(&path, &bytes).unwrap();
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    let info = store.info(1).unwrap();
+    assert_eq!(info.next_offset, 10);
+    assert_eq!(info.size_bytes, positions[10]);
+    assert_eq!(info.checksum, file_checksum(dir.path(), 1, positions[10] as usize));
+    assert_eq!(read_all(&store, 1), records[..10].to_vec());
+    assert_eq!(store.writer(1).unwrap().append(1, &[payload(10, 1)]).unwrap(), 10..11);
+}
+
+#[test]
+fn out_of_sequence_offset_truncates_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = {
+        let store = Store::open(dir.path(), small_index()).unwrap();
+        fill(&store, 1, 6, 10, 6)
+    };
+    // Re-frame record 3 with offset 7 (valid checksum).
+    let positions = record_positions(&records);
+    let path = seg_path(dir.path(), 1);
+    let mut bytes = fs::read(&path).unwrap();
+    let mut frame = Vec::new();
+    crate::codec::encode_record(&mut frame, &Record { offset: 7, ..records[3].clone() });
+    let at = positions[3] as usize;
+    bytes[at..at + frame.len()].copy_from_slice(&frame);
+    fs::write(&path, &bytes).unwrap();
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    assert_eq!(read_all(&store, 1), records[..3].to_vec());
+}
+
+#[test]
+fn sealed_segment_reopens_trusted_and_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (records, sealed) = {
+        let store = Store::open(dir.path(), small_index()).unwrap();
+        let records = fill(&store, 9, 30, 25, 4);
+        let info = store.writer(9).unwrap().seal().unwrap();
+        (records, info)
+    };
+    let records_end = FILE_HEADER_LEN + 30 * (FRAME_HEADER_LEN + 25);
+    assert!(sealed.sealed);
+    assert_eq!(sealed.next_offset, 30);
+    assert_eq!(sealed.size_bytes, (records_end + crate::codec::TRAILER_LEN) as u64);
+    assert_eq!(sealed.checksum, file_checksum(dir.path(), 9, records_end));
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    assert_eq!(store.info(9).unwrap(), sealed);
+    assert_eq!(read_all(&store, 9), records);
+    assert_eq!(store.reader(9).unwrap().offset_for_time(1003).unwrap(), 12);
+    assert!(matches!(store.writer(9), Err(StorageError::Sealed { id: 9 })));
+    assert!(matches!(store.create(9), Err(StorageError::AlreadyExists { id: 9 })));
+}
+
+#[test]
+fn empty_segment_seals_and_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), small_index()).unwrap();
+        let info = store.create(1).unwrap().seal().unwrap();
+        assert_eq!((info.next_offset, info.checksum, info.sealed), (0, 0, true));
+    }
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    assert!(store.info(1).unwrap().sealed);
+    assert!(read_all(&store, 1).is_empty());
+}
+
+#[test]
+fn torn_seal_trailer_leaves_an_unsealed_segment_that_can_be_sealed_again() {
+    let src = tempfile::tempdir().unwrap();
+    let records = {
+        let store = Store::open(src.path(), small_index()).unwrap();
+        let records = fill(&store, 1, 10, 10, 10);
+        store.writer(1).unwrap().seal().unwrap();
+        records
+    };
+    let full = fs::metadata(seg_path(src.path(), 1)).unwrap().len() as usize;
+    for cut in full - crate::codec::TRAILER_LEN + 1..full {
+        let dir = cut_copy(src.path(), 1, cut);
+        let store = Store::open(dir.path(), small_index()).unwrap();
+        assert!(!store.info(1).unwrap().sealed);
+        assert_eq!(read_all(&store, 1), records);
+        assert!(store.writer(1).unwrap().seal().unwrap().sealed);
+    }
+}
+
+#[test]
+fn a_payload_cannot_forge_a_seal_trailer() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), small_index()).unwrap();
+        let mut w = store.create(1).unwrap();
+        // A payload ending with a trailer whose sizes fit the file, but not the nonce.
+        let records_len = FRAME_HEADER_LEN as u64 + 40;
+        let mut fake = vec![0u8; 0];
+        encode_trailer(&mut fake, &SealTrailer { nonce: 0, record_count: 1, records_len, checksum: 0 });
+        assert_eq!(fake.len(), 40);
+        w.append(1, &[Bytes::new()]).unwrap();
+        w.append(1, &[Bytes::from(fake)]).unwrap();
+        w.sync().unwrap();
+    }
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    let info = store.info(1).unwrap();
+    assert!(!info.sealed);
+    assert_eq!(info.next_offset, 2);
+}
+
+#[test]
+fn index_is_rebuilt_when_missing_or_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = {
+        let store = Store::open(dir.path(), small_index()).unwrap();
+        let records = fill(&store, 4, 80, 33, 3);
+        store.writer(4).unwrap().seal().unwrap();
+        records
+    };
+    let idx = idx_path(dir.path(), 4);
+    let original = fs::read(&idx).unwrap();
+    assert!(original.len() > FILE_HEADER_LEN + 10 * INDEX_ENTRY_LEN, "the test needs a real index");
+    assert_eq!((original.len() - FILE_HEADER_LEN) % INDEX_ENTRY_LEN, 0);
+
+    type Damage = fn(&mut Vec<u8>);
+    let damages: Vec<(&str, Damage)> = vec![
+        ("missing", |_| {}),
+        ("flipped bit", |b| b[FILE_HEADER_LEN + 3 * INDEX_ENTRY_LEN + 5] ^= 1),
+        ("partial entry", |b| b.truncate(b.len() - 3)),
+        ("bad header", |b| b[2] ^= 0xff),
+        ("empty", |b| b.clear()),
+        ("entries swapped", |b| {
+            let (a, c) = (FILE_HEADER_LEN, FILE_HEADER_LEN + INDEX_ENTRY_LEN);
+            let first: Vec<u8> = b[a..c].to_vec();
+            let second: Vec<u8> = b[c..c + INDEX_ENTRY_LEN].to_vec();
+            b[a..c].copy_from_slice(&second);
+            b[c..c + INDEX_ENTRY_LEN].copy_from_slice(&first);
+        }),
+    ];
+    for (what, damage) in damages {
+        if what == "missing" {
+            fs::remove_file(&idx).unwrap();
+        } else {
+            let mut bytes = original.clone();
+            damage(&mut bytes);
+            fs::write(&idx, &bytes).unwrap();
+        }
+        let store = Store::open(dir.path(), small_index()).unwrap();
+        assert_eq!(fs::read(&idx).unwrap(), original, "{what}: the index was not rebuilt");
+        assert_eq!(read_all(&store, 4), records, "{what}");
+        assert_eq!(store.reader(4).unwrap().read(50, 52, usize::MAX).unwrap(), records[50..52].to_vec());
+    }
+}
+
+#[test]
+fn unsealed_index_is_rebuilt_from_the_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = {
+        let store = Store::open(dir.path(), small_index()).unwrap();
+        fill(&store, 4, 80, 33, 3)
+    };
+    let idx = idx_path(dir.path(), 4);
+    let original = fs::read(&idx).unwrap();
+    fs::write(&idx, b"garbage").unwrap();
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    assert_eq!(fs::read(&idx).unwrap(), original);
+    assert_eq!(store.reader(4).unwrap().read(60, 61, 0).unwrap(), records[60..61].to_vec());
+}
+
+#[test]
+fn reads_work_without_an_index_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    let records = fill(&store, 1, 50, 20, 5);
+    store.writer(1).unwrap().seal().unwrap();
+    fs::remove_file(idx_path(dir.path(), 1)).unwrap();
+    // The sealed segment's files are opened on demand: no index now.
+    let r = store.reader(1).unwrap();
+    assert_eq!(r.read(33, 35, usize::MAX).unwrap(), records[33..35].to_vec());
+    assert_eq!(r.offset_for_time(1005).unwrap(), 25);
+}
+
+#[test]
+fn offset_for_time_finds_the_first_record_at_or_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    let records = fill(&store, 1, 200, 30, 7);
+    let r = store.reader(1).unwrap();
+    for ts in 990..1040 {
+        let want = records.iter().find(|x| x.timestamp_ms >= ts).map_or(200, |x| x.offset);
+        assert_eq!(r.offset_for_time(ts).unwrap(), want, "ts {ts}");
+    }
+    assert_eq!(r.offset_for_time(i64::MIN).unwrap(), 0);
+    assert_eq!(r.offset_for_time(i64::MAX).unwrap(), 200);
+    let dir2 = tempfile::tempdir().unwrap();
+    let empty = Store::open(dir2.path(), small_index()).unwrap();
+    let _w = empty.create(1).unwrap();
+    assert_eq!(empty.reader(1).unwrap().offset_for_time(5).unwrap(), 0);
+}
+
+#[test]
+fn truncate_drops_records_durably() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = {
+        let store = Store::open(dir.path(), small_index()).unwrap();
+        let records = fill(&store, 1, 50, 21, 6);
+        let mut w = store.writer(1).unwrap();
+        assert!(matches!(w.truncate(51), Err(StorageError::TruncatePastEnd { next_offset: 50, requested: 51, .. })));
+        w.truncate(50).unwrap();
+        w.truncate(30).unwrap();
+        assert_eq!(w.next_offset(), 30);
+        let positions = record_positions(&records);
+        assert_eq!(w.size_bytes(), positions[30]);
+        let info = store.info(1).unwrap();
+        assert_eq!(info.next_offset, 30);
+        assert_eq!(info.checksum, file_checksum(dir.path(), 1, positions[30] as usize));
+        assert_eq!(read_all(&store, 1), records[..30].to_vec());
+        assert_eq!(w.append(2000, &[payload(30, 3)]).unwrap(), 30..31);
+        w.sync().unwrap();
+        records
+    };
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    let all = read_all(&store, 1);
+    assert_eq!(all[..30], records[..30]);
+    assert_eq!(all[30], Record { offset: 30, timestamp_ms: 2000, payload: payload(30, 3) });
+    assert_eq!(all.len(), 31);
+    let mut w = store.writer(1).unwrap();
+    w.truncate(0).unwrap();
+    assert!(read_all(&store, 1).is_empty());
+    assert_eq!(store.info(1).unwrap().checksum, 0);
+    assert_eq!(w.append(1, &[payload(0, 1)]).unwrap(), 0..1);
+}
+
+#[test]
+fn append_records_keeps_offsets_and_timestamps() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    let records = fill(&store, 1, 30, 12, 4);
+    let mut replica = store.create(2).unwrap();
+    let err = replica.append_records(&records[1..3]).unwrap_err();
+    assert!(matches!(err, StorageError::OffsetMismatch { id: 2, expected: 0, got: 1 }));
+    let gap = [records[0].clone(), records[2].clone()];
+    assert!(matches!(replica.append_records(&gap), Err(StorageError::OffsetMismatch { expected: 1, got: 2, .. })));
+    replica.append_records(&records[..10]).unwrap();
+    replica.append_records(&records[10..]).unwrap();
+    replica.append_records(&[]).unwrap();
+    assert_eq!(read_all(&store, 2), records);
+    assert_eq!(store.info(2).unwrap().checksum, store.info(1).unwrap().checksum);
+}
+
+#[test]
+fn syncer_works_beside_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    let mut w = store.create(1).unwrap();
+    let syncer = w.syncer();
+    assert_eq!(syncer.sync().unwrap(), 0);
+    w.append(1, &[payload(0, 10), payload(1, 10)]).unwrap();
+    let handle = std::thread::spawn({
+        let syncer = syncer.clone();
+        move || syncer.sync().unwrap()
+    });
+    let durable = handle.join().unwrap();
+    assert_eq!(durable, 2);
+    w.append(1, &[payload(2, 10)]).unwrap();
+    assert_eq!(syncer.sync().unwrap(), 3);
+    assert_eq!(syncer.sync().unwrap(), 3);
+    w.seal().unwrap();
+    assert_eq!(syncer.sync().unwrap(), 3);
+}
+
+#[test]
+fn delete_removes_files_and_live_handles_notice() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    let records = fill(&store, 1, 5, 10, 5);
+    let reader = store.reader(1).unwrap();
+    let mut w = store.writer(1).unwrap();
+    store.delete(1).unwrap();
+    assert!(!seg_path(dir.path(), 1).exists());
+    assert!(!idx_path(dir.path(), 1).exists());
+    assert!(matches!(store.delete(1), Err(StorageError::NotFound { id: 1 })));
+    assert!(store.info(1).is_none());
+    assert!(matches!(w.append(1, &[payload(5, 1)]), Err(StorageError::NotFound { id: 1 })));
+    assert!(matches!(w.sync(), Err(StorageError::NotFound { id: 1 })));
+    // An existing reader still reads the removed file.
+    assert_eq!(reader.read(0, u64::MAX, usize::MAX).unwrap(), records);
+    drop(w);
+    // The id can be used again.
+    store.create(1).unwrap();
+    assert!(read_all(&store, 1).is_empty());
+}
+
+#[test]
+fn creation_cut_short_is_recreated_empty() {
+    for len in [0, 5, FILE_HEADER_LEN] {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(seg_path(dir.path(), 8), vec![0u8; len]).unwrap();
+        let store = Store::open(dir.path(), small_index()).unwrap();
+        assert_eq!(store.info(8).unwrap().next_offset, 0);
+        let mut w = store.writer(8).unwrap();
+        w.append(1, &[payload(0, 3)]).unwrap();
+        let bytes = fs::read(seg_path(dir.path(), 8)).unwrap();
+        assert!(matches!(decode_header(&bytes), Ok(Decoded::Complete(h, _)) if h.segment_id == 8));
+    }
+}
+
+#[test]
+fn damaged_header_with_records_fails_the_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), small_index()).unwrap();
+        fill(&store, 1, 3, 10, 3);
+    }
+    let path = seg_path(dir.path(), 1);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[0] ^= 1;
+    fs::write(&path, &bytes).unwrap();
+    assert!(matches!(Store::open(dir.path(), small_index()), Err(StorageError::Corrupt { id: 1, position: 0, .. })));
+    // A segment file under another id's name is corrupt too.
+    bytes[0] ^= 1;
+    fs::remove_file(&path).unwrap();
+    fs::write(seg_path(dir.path(), 2), &bytes).unwrap();
+    assert!(matches!(Store::open(dir.path(), small_index()), Err(StorageError::Corrupt { id: 2, .. })));
+}
+
+#[test]
+fn leftovers_of_interrupted_operations_are_cleaned_up() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(idx_path(dir.path(), 3), b"orphan").unwrap();
+    fs::write(dir.path().join(format!("{}.tmp", index_file_name(4))), b"tmp").unwrap();
+    fs::write(dir.path().join("unrelated.txt"), b"keep").unwrap();
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    assert!(store.list().is_empty());
+    assert!(!idx_path(dir.path(), 3).exists());
+    assert!(!dir.path().join(format!("{}.tmp", index_file_name(4))).exists());
+    assert!(dir.path().join("unrelated.txt").exists());
+}
+
+#[test]
+fn oversized_payload_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    let mut w = store.create(1).unwrap();
+    let big = Bytes::from(vec![0u8; crate::codec::RECORD_PAYLOAD_MAX_BYTES + 1]);
+    assert!(matches!(w.append(1, &[big]), Err(StorageError::RecordTooLarge { .. })));
+    assert_eq!(w.next_offset(), 0);
+}
+
+#[test]
+fn store_handles_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Store>();
+    send_sync::<crate::SegmentReader>();
+    send_sync::<crate::Syncer>();
+    send::<crate::SegmentWriter>();
+}
+
+#[test]
+fn concurrent_readers_see_whole_records_while_the_writer_appends_and_truncates() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), small_index()).unwrap();
+    let mut w = store.create(1).unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let r = store.reader(1).unwrap();
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let from = r.next_offset().saturating_sub(50);
+                    let got = r.read(from, u64::MAX, 4000).unwrap();
+                    for (o, rec) in (from..).zip(&got) {
+                        assert_eq!(rec.offset, o);
+                        assert_eq!(rec.payload, payload(o, (o % 90) as usize));
+                    }
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    for round in 0..300u64 {
+        let next = w.next_offset();
+        let payloads: Vec<Bytes> = (next..next + 5).map(|o| payload(o, (o % 90) as usize)).collect();
+        w.append(round as i64, &payloads).unwrap();
+        if round % 50 == 49 {
+            w.truncate(w.next_offset() - 7).unwrap();
+        }
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().unwrap() > 0);
+    }
+}
