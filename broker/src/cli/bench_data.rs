@@ -167,7 +167,7 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
         match tokio::time::timeout(Duration::from_secs(30), stream.message()).await {
             Ok(Ok(Some(_))) => {
                 received += 1;
-                if received % 1024 == 0 {
+                if received.is_multiple_of(1024) {
                     progress.set_position(received);
                 }
             }

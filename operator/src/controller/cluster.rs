@@ -237,7 +237,7 @@ mod tests {
             })
             .collect();
         pb::DumpResponse {
-            state: Some(pb::ClusterState { index: 9, namespaces: vec![], nodes }),
+            state: Some(pb::ClusterState { index: 9, namespaces: vec![], nodes, segments: vec![] }),
             leader_id,
             ..pb::DumpResponse::default()
         }

@@ -178,6 +178,7 @@ pub fn healthy_dump() -> pb::DumpResponse {
             index: 42,
             namespaces: vec![],
             nodes: vec![node(1, "emq-0"), node(2, "emq-1"), node(3, "emq-2")],
+            segments: vec![],
         }),
         segments: vec![],
         node_id: 1,
