@@ -1,7 +1,8 @@
 //! Writes the seed corpora in `fuzz/seeds/<target>/` from real encodings (entries, meta
 //! files, a built snapshot, Raft RPCs, gossip sync payloads and datagrams of a live
-//! two-node cluster). Run from `fuzz/` with `cargo run --example seeds` after changing a
-//! format; the output is committed.
+//! two-node cluster, segment files of a real store). Run from `fuzz/` with
+//! `cargo run --example seeds` after changing a format; the output is committed.
+//! `cargo run --example seeds -- storage` rewrites only the segment store's seeds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -58,6 +59,7 @@ fn commands() -> Vec<Command> {
         replication_factor: 2,
         retention_ms: 86_400_000,
         default_exchange_type: ExchangeType::Topic,
+        segment_size_max_bytes: 0,
     };
     vec![
         Command::CreateNamespace { name: "orders".into() },
@@ -103,9 +105,69 @@ impl Network for Recorder {
     }
 }
 
+/// Seeds of the segment store targets: frames, index entries, trailers and whole segment
+/// directories written by a real `Store`.
+fn storage_seeds() {
+    use eventtermq_storage::codec::{encode_header, encode_trailer, FileHeader, FileKind, SealTrailer};
+    use eventtermq_storage::{Config, Store};
+
+    for t in ["storage_record", "storage_index", "storage_segment_open"] {
+        let _ = fs::remove_dir_all(Path::new("seeds").join(t));
+    }
+    let interval = 64u32;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), Config { index_interval_bytes: interval }).unwrap();
+    let mut w = store.create(7).unwrap();
+    let payloads: Vec<Bytes> = (0..12u8).map(|i| Bytes::from(vec![b'a' + i; 5 + 9 * i as usize])).collect();
+    w.append(1_700_000_000_000, &payloads[..5]).unwrap();
+    w.append(1_700_000_000_100, &payloads[5..]).unwrap();
+    w.sync().unwrap();
+    let seg_name = format!("{:020}.seg", 7);
+    let idx_name = format!("{:020}.idx", 7);
+    let open_seg = fs::read(dir.path().join(&seg_name)).unwrap();
+    let open_idx = fs::read(dir.path().join(&idx_name)).unwrap();
+    w.seal().unwrap();
+    let sealed_seg = fs::read(dir.path().join(&seg_name)).unwrap();
+    let sealed_idx = fs::read(dir.path().join(&idx_name)).unwrap();
+    let header_len = eventtermq_storage::codec::FILE_HEADER_LEN;
+    let trailer_len = eventtermq_storage::codec::TRAILER_LEN;
+
+    // storage_record
+    let frames = &open_seg[header_len..];
+    write("storage_record", "frames", &cat(0, &[frames]));
+    write("storage_record", "torn", &cat(0, &[&frames[..frames.len() - 7]]));
+    write("storage_record", "lines", &cat(1, &[b"first\nsecond message\n\nlast"]));
+
+    // storage_index
+    write("storage_index", "entries", &cat(0, &[&open_idx[header_len..]]));
+    write("storage_index", "trailer", &cat(0, &[&sealed_seg[sealed_seg.len() - trailer_len..]]));
+    write("storage_index", "header", &cat(0, &[&open_seg[..header_len]]));
+    let mut values = Vec::new();
+    encode_header(&mut values, &FileHeader { kind: FileKind::Index, segment_id: 7, nonce: 42 });
+    encode_trailer(&mut values, &SealTrailer { nonce: 42, record_count: 3, records_len: 99, checksum: 5 });
+    write("storage_index", "values", &cat(1, &[&values]));
+
+    // storage_segment_open: the mode's bits 3-7 are the index interval / 16.
+    let m = (interval / 16) as u8 * 8;
+    write("storage_segment_open", "open", &cat(m, &[&open_seg, &open_idx]));
+    write("storage_segment_open", "open_no_index", &cat(m, &[&open_seg]));
+    write("storage_segment_open", "torn", &cat(m, &[&open_seg[..open_seg.len() - 11], &open_idx]));
+    write("storage_segment_open", "sealed", &cat(m, &[&sealed_seg, &sealed_idx]));
+    write("storage_segment_open", "sealed_no_index", &cat(m, &[&sealed_seg]));
+    write("storage_segment_open", "built", &cat(m | 1, &[b"one\ntwo\nthree\nfour"]));
+    write("storage_segment_open", "built_sealed", &cat(m | 3, &[b"one\ntwo\nthree\nfour"]));
+    write("storage_segment_open", "built_sealed_index", &cat(m | 7, &[b"one\ntwo\nthree", &open_idx[header_len..]]));
+}
+
 #[tokio::main]
 async fn main() {
+    if std::env::args().any(|a| a == "storage") {
+        storage_seeds();
+        println!("storage seeds written to fuzz/seeds/");
+        return;
+    }
     let _ = fs::remove_dir_all("seeds");
+    storage_seeds();
     let entries = entries();
     let jsons: Vec<Vec<u8>> = entries.iter().map(|e| serde_json::to_vec(e).unwrap()).collect();
     let log: Vec<u8> = jsons.iter().flat_map(|j| frame(j)).collect();

@@ -66,3 +66,40 @@ pub fn frame_lines(data: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+/// Frames every `\n`-separated line of `data` as a segment record (offsets 0, 1, ...,
+/// timestamp = offset, valid checksums), so the fuzzer reaches what lies behind the
+/// framing.
+pub fn frame_records(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, line) in data.split(|b| *b == b'\n').enumerate() {
+        eventtermq_storage::codec::encode_frame(&mut out, i as u64, i as i64, line);
+    }
+    out
+}
+
+/// A segment file: a valid header, the lines of `data` as records (see
+/// [`frame_records`]) and, with `seal`, a valid seal trailer.
+pub fn build_segment(id: u64, nonce: u64, data: &[u8], seal: bool) -> Vec<u8> {
+    use eventtermq_storage::codec::{encode_header, encode_trailer, FileHeader, FileKind, SealTrailer};
+    let mut out = Vec::new();
+    encode_header(&mut out, &FileHeader { kind: FileKind::Segment, segment_id: id, nonce });
+    let records = frame_records(data);
+    out.extend_from_slice(&records);
+    if seal {
+        let record_count = data.split(|b| *b == b'\n').count() as u64;
+        let trailer =
+            SealTrailer { nonce, record_count, records_len: records.len() as u64, checksum: crc32c::crc32c(&records) };
+        encode_trailer(&mut out, &trailer);
+    }
+    out
+}
+
+/// `entries` after a valid index file header.
+pub fn with_index_header(id: u64, nonce: u64, entries: &[u8]) -> Vec<u8> {
+    use eventtermq_storage::codec::{encode_header, FileHeader, FileKind};
+    let mut out = Vec::new();
+    encode_header(&mut out, &FileHeader { kind: FileKind::Index, segment_id: id, nonce });
+    out.extend_from_slice(entries);
+    out
+}
