@@ -48,6 +48,7 @@ on_exit() {
   fi
 }
 trap on_exit EXIT
+trap 'exit 130' INT TERM
 
 mkdir -p "$STATE" "$PIDS" "$LOGS" "$RUN_DIR"
 chmod 0755 "$STATE"

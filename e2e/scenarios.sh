@@ -1,0 +1,378 @@
+# Scenarios of e2e/run.sh (sourced). Each runs in a subshell with errexit: `fail
+# "reason"` (or any failing command) fails it, `skip "reason"` skips it. They run in
+# order and build on each other: the first creates the cluster from examples/, the
+# last deletes it. Everything is asserted the way a user would look: kubectl get,
+# kubectl exec ... eventtermq dump, and client pods inside the cluster.
+
+CLUSTER=emq                 # metadata.name in examples/eventtercluster.yaml
+TOPIC=orders                # examples/topic.yaml
+GROUP=orders-audit          # examples/consumergroup.yaml
+BROKER_IMAGE=localhost/eventtermq:0.1.0
+MESSAGES=1000
+
+SCENARIOS=(
+  "cluster-ready:scenario_cluster_ready"
+  "topic-and-group:scenario_topic_and_group"
+  "topic-rejected:scenario_topic_rejected"
+  "publish-subscribe:scenario_publish_subscribe"
+  "pod-restart:scenario_pod_restart"
+  "pod-restart-no-loss:scenario_pod_restart_no_loss"
+  "drift-repair:scenario_drift_repair"
+  "scale-5-and-back:scenario_scale"
+  "scale-no-loss:scenario_scale_no_loss"
+  "topic-delete-policy:scenario_topic_delete_policy"
+  "cluster-delete:scenario_cluster_delete"
+)
+
+k() { kubectl_ -n "$NS" "$@"; }
+fail() { echo "$*" >"$REASON_FILE"; exit 1; }
+skip() { echo "$*" >"$REASON_FILE"; exit 77; }
+note() { echo "   $*"; }
+
+# until_ok SECONDS WHAT CMD...: retry CMD every second until it succeeds.
+until_ok() {
+  local secs=$1 what=$2; shift 2
+  local deadline=$(( $(date +%s) + secs ))
+  until "$@" >/dev/null 2>&1; do
+    [ "$(date +%s)" -lt "$deadline" ] || fail "timed out after ${secs}s waiting for $what"
+    sleep 1
+  done
+}
+
+# The cluster state as broker pod $1 prints it.
+dump() { k exec "$1" -c broker -- eventtermq dump; }
+# "id address state" per node of the dump on stdin.
+dump_nodes() {
+  awk '/^nodes: </ { n = 1; next }
+       n && /^  id: / { id = $2 }
+       n && /^  address: / { a = $2; gsub(/"/, "", a) }
+       n && /^  state: / { s = $2 }
+       n && /^>/ { print id, a, s; n = 0 }'
+}
+# "topic ns/name" and "group ns/name" lines of the dump on stdin.
+dump_objects() {
+  awk '/^namespaces: </ { ns = "" }
+       /^  name: / { ns = $2; gsub(/"/, "", ns) }
+       /^  topics: </ { t = 1 } /^  consumer_groups: </ { g = 1 }
+       /^    name: / { x = $2; gsub(/"/, "", x); if (t) print "topic " ns "/" x; if (g) print "group " ns "/" x }
+       /^  >/ { t = 0; g = 0 }'
+}
+alive_count() { dump "$1" | dump_nodes | awk '$3 == "ALIVE"' | wc -l; }
+pod_address() { echo "$CLUSTER-$1.$CLUSTER-nodes.$NS.svc.cluster.local:16000"; }
+
+condition() { # condition KIND NAME TYPE [field]: a status condition's status (or field)
+  k get "$1" "$2" -o jsonpath="{.status.conditions[?(@.type==\"$3\")].${4:-status}}"
+}
+# Predicates for until_ok (which re-runs a command, so no "$(...)" in its arguments).
+condition_is() { [ "$(condition "$1" "$2" "$3")" = "$4" ]; }
+uid_differs() { # uid_differs KIND NAME UID: the object exists with another UID
+  local uid
+  uid=$(k get "$1" "$2" -o jsonpath='{.metadata.uid}' 2>/dev/null) && [ -n "$uid" ] && [ "$uid" != "$3" ]
+}
+args_are() { [ "$(args_of_sts)" = "$1" ]; }
+
+# The StatefulSet has rolled out: every replica updated and ready.
+sts_settled() {
+  local want=$1 out
+  out=$(k get statefulset "$CLUSTER" -o jsonpath='{.spec.replicas} {.status.readyReplicas} {.status.updatedReplicas} {.status.currentRevision} {.status.updateRevision} {.status.replicas}')
+  read -r spec ready updated current update total <<<"$out"
+  [ "$spec" = "$want" ] && [ "$ready" = "$want" ] && [ "$updated" = "$want" ] && [ "$current" = "$update" ] && [ "$total" = "$want" ]
+}
+pods_ready() { # pods_ready N: exactly N broker pods, all Ready
+  local out
+  out=$(k get pods -l "app.kubernetes.io/instance=$CLUSTER" \
+    -o jsonpath='{range .items[*]}{.metadata.name} {.status.conditions[?(@.type=="Ready")].status} {.metadata.deletionTimestamp}{"\n"}{end}')
+  [ "$(grep -c . <<<"$out")" = "$1" ] && [ "$(awk '$2 == "True" && $3 == ""' <<<"$out" | wc -l)" = "$1" ]
+}
+cluster_ready() { # cluster_ready N: the EventterCluster reports Ready with N ready replicas
+  [ "$(condition eventtercluster "$CLUSTER" Ready)" = True ] &&
+    [ "$(k get eventtercluster "$CLUSTER" -o jsonpath='{.status.readyReplicas}')" = "$1" ]
+}
+alive_is() { [ "$(alive_count "$1")" = "$2" ]; }
+# every_pod_alive N: the dump on every broker pod shows N ALIVE nodes.
+every_pod_alive() {
+  local i
+  for i in $(seq 0 $(($1 - 1))); do alive_is "$CLUSTER-$i" "$1" || return 1; done
+}
+wait_settled() { # wait_settled N SECONDS
+  until_ok "$2" "StatefulSet $CLUSTER rolled out with $1 ready replicas" sts_settled "$1"
+  until_ok 60 "$1 broker pods Ready" pods_ready "$1"
+  until_ok 60 "$1 ALIVE nodes in every pod's dump" every_pod_alive "$1"
+  until_ok 60 "EventterCluster $CLUSTER Ready with readyReplicas $1" cluster_ready "$1"
+}
+
+# --- publish / subscribe through in-cluster client pods ---------------------------------
+# Enabled when the broker's CLI has the data-path commands.
+have_pubsub() {
+  k exec "$CLUSTER-0" -c broker -- eventtermq --help 2>/dev/null | grep -qE '^[[:space:]]+publish[[:space:]]'
+}
+require_pubsub() {
+  have_pubsub || skip "the eventtermq CLI has no publish subcommand yet"
+}
+# client NAME ARGS...: runs `eventtermq --host <cluster> ARGS` in a throw-away pod,
+# stdin passed through.
+client() {
+  local name=$1; shift
+  k delete pod "$name" --ignore-not-found --wait=true >/dev/null 2>&1 || true
+  k run "$name" --rm -i --quiet --restart=Never --image "$BROKER_IMAGE" --image-pull-policy Never \
+    --pod-running-timeout=2m --command -- eventtermq --host "$CLUSTER" "$@"
+}
+# publish_batch TAG: publishes $MESSAGES messages "e2e-TAG-<n>" to $TOPIC.
+publish_batch() {
+  local out
+  out=$(seq 1 "$MESSAGES" | sed "s/^/e2e-$1-/" | client "pub-$1" publish "$TOPIC" -) ||
+    fail "publishing batch $1 failed: $out"
+  grep -q "\"published\": *$MESSAGES\b" <<<"$out" || fail "batch $1: publish said: $out"
+  note "batch $1: $MESSAGES messages published from pod pub-$1"
+}
+# distinct_messages PREFIX: how many distinct message bodies starting with PREFIX the
+# `subscribe` output on stdin holds (one JSON object per line, data in base64).
+distinct_messages() {
+  python3 -c '
+import base64, json, sys
+prefix, seen = sys.argv[1], set()
+for line in sys.stdin:
+    try:
+        data = base64.b64decode(json.loads(line)["message"]["data"]).decode()
+    except (ValueError, KeyError, TypeError):
+        continue
+    if data.startswith(prefix):
+        seen.add(data)
+print(len(seen))' "$1"
+}
+# receive_batch TAG: subscribes as $GROUP and checks every message of batch TAG came.
+receive_batch() {
+  local out got
+  out=$(client "sub-$1" subscribe "$GROUP" --max-messages "$MESSAGES" --wait 10s) || fail "subscribe for batch $1 failed"
+  got=$(distinct_messages "e2e-$1-" <<<"$out")
+  [ "$got" = "$MESSAGES" ] || fail "batch $1: received $got of $MESSAGES distinct messages"
+  note "batch $1: all $MESSAGES messages received"
+}
+
+# --- scenarios ------------------------------------------------------------------------------
+
+scenario_cluster_ready() {
+  k apply -f "$root/examples/eventtercluster.yaml" >/dev/null
+  until_ok 30 "headless Service $CLUSTER-nodes" k get service "$CLUSTER-nodes"
+  until_ok 30 "client Service $CLUSTER" k get service "$CLUSTER"
+  until_ok 30 "StatefulSet $CLUSTER" k get statefulset "$CLUSTER"
+  until_ok 30 "PodDisruptionBudget $CLUSTER" k get poddisruptionbudget "$CLUSTER"
+  [ "$(k get service "$CLUSTER-nodes" -o jsonpath='{.spec.clusterIP} {.spec.publishNotReadyAddresses}')" = "None true" ] ||
+    fail "headless Service is not headless with publishNotReadyAddresses"
+  wait_settled 3 240
+  local nodes want got i
+  nodes=$(dump "$CLUSTER-0" | dump_nodes)
+  note "dump on $CLUSTER-0:"; sed 's/^/     /' <<<"$nodes"
+  want=$(for i in 0 1 2; do pod_address "$i"; done | sort)
+  got=$(awk '$3 == "ALIVE" { print $2 }' <<<"$nodes" | sort)
+  [ "$got" = "$want" ] || fail "ALIVE node addresses are [$(echo $got)], want the pods' DNS names [$(echo $want)]"
+  note "status: $(condition eventtercluster "$CLUSTER" Ready message)"
+}
+
+scenario_topic_and_group() {
+  k apply -f "$root/examples/topic.yaml" -f "$root/examples/consumergroup.yaml" >/dev/null
+  until_ok 60 "Topic $TOPIC Ready" condition_is topic "$TOPIC" Ready True
+  until_ok 60 "ConsumerGroup $GROUP Ready" condition_is consumergroup "$GROUP" Ready True
+  local i objects
+  for i in 0 1 2; do
+    objects=$(dump "$CLUSTER-$i" | dump_objects)
+    grep -qx "topic default/$TOPIC" <<<"$objects" || fail "topic $TOPIC missing from the dump on $CLUSTER-$i"
+    grep -qx "group default/$GROUP" <<<"$objects" || fail "group $GROUP missing from the dump on $CLUSTER-$i"
+  done
+  note "topic index $(k get topic "$TOPIC" -o jsonpath='{.status.clusterStateIndex}'), in the dump on all 3 pods"
+}
+
+# A Topic the schema accepts but the broker refuses: the same broker topic as
+# examples/topic.yaml with another replication factor (immutable in the broker).
+scenario_topic_rejected() {
+  k apply -f - >/dev/null <<EOF
+apiVersion: eventter.io/v1alpha1
+kind: Topic
+metadata:
+  name: orders-conflict
+spec:
+  clusterRef: $CLUSTER
+  name: $TOPIC
+  replicationFactor: 1
+EOF
+  until_ok 60 "Topic orders-conflict Ready=False" condition_is topic orders-conflict Ready False
+  local reason message
+  reason=$(condition topic orders-conflict Ready reason)
+  message=$(condition topic orders-conflict Ready message)
+  note "Ready=False reason=$reason message=$message"
+  [ "$reason" = Rejected ] || fail "reason is $reason, want Rejected"
+  grep -qi 'replication' <<<"$message" || fail "message does not carry the broker's reason: $message"
+  # The broker's topic is untouched.
+  dump "$CLUSTER-0" | grep -q 'replication_factor: 3' || fail "the broker's $TOPIC changed"
+  # Never in sync: deleting it leaves the broker's topic alone.
+  k delete topic orders-conflict --wait=true --timeout=60s >/dev/null
+  dump "$CLUSTER-0" | dump_objects | grep -qx "topic default/$TOPIC" || fail "deleting the rejected Topic removed $TOPIC"
+}
+
+scenario_publish_subscribe() {
+  require_pubsub
+  publish_batch basic
+  receive_batch basic
+}
+
+# Node ids of the dump on pod $1, sorted.
+node_ids() { dump "$1" | dump_nodes | awk '{ print $1 }' | sort; }
+
+scenario_pod_restart() {
+  local ids_before volume_before uid_before ids_after volume_after
+  ids_before=$(node_ids "$CLUSTER-0")
+  volume_before=$(k get pvc "data-$CLUSTER-1" -o jsonpath='{.spec.volumeName}')
+  uid_before=$(k get pod "$CLUSTER-1" -o jsonpath='{.metadata.uid}')
+  k delete pod "$CLUSTER-1" --wait=true --timeout=120s >/dev/null
+  until_ok 120 "a new $CLUSTER-1" uid_differs pod "$CLUSTER-1" "$uid_before"
+  wait_settled 3 180
+  volume_after=$(k get pod "$CLUSTER-1" -o jsonpath='{.spec.volumes[?(@.name=="data")].persistentVolumeClaim.claimName}')
+  [ "$volume_after" = "data-$CLUSTER-1" ] || fail "new pod mounts claim $volume_after"
+  [ "$(k get pvc "data-$CLUSTER-1" -o jsonpath='{.spec.volumeName}')" = "$volume_before" ] || fail "claim data-$CLUSTER-1 is bound to another volume"
+  ids_after=$(node_ids "$CLUSTER-1")
+  [ "$ids_after" = "$ids_before" ] || fail "node ids changed: [$(echo $ids_before)] -> [$(echo $ids_after)]"
+  dump "$CLUSTER-1" | dump_objects | grep -qx "topic default/$TOPIC" || fail "topic $TOPIC missing after the restart"
+  note "$CLUSTER-1 back on volume $volume_before with the same node id; 3 ALIVE; $TOPIC kept"
+}
+
+scenario_pod_restart_no_loss() {
+  require_pubsub
+  local uid_before
+  publish_batch restart
+  uid_before=$(k get pod "$CLUSTER-1" -o jsonpath='{.metadata.uid}')
+  k delete pod "$CLUSTER-1" --wait=true --timeout=120s >/dev/null
+  until_ok 120 "a new $CLUSTER-1" uid_differs pod "$CLUSTER-1" "$uid_before"
+  wait_settled 3 180
+  receive_batch restart
+}
+
+args_of_sts() { k get statefulset "$CLUSTER" -o jsonpath='{.spec.template.spec.containers[0].args}'; }
+
+scenario_drift_repair() {
+  local args_before uid_before
+  args_before=$(args_of_sts)
+  # A hand edit of the broker's arguments (as `kubectl edit` would make it): text logs.
+  local i
+  i=$(k get statefulset "$CLUSTER" -o jsonpath='{range .spec.template.spec.containers[0].args[*]}{@}{"\n"}{end}' |
+    awk '$0 == "--log-format" { print NR; exit }')
+  [ -n "$i" ] || fail "no --log-format in the StatefulSet's args"
+  k patch statefulset "$CLUSTER" --type=json -p "[{\"op\": \"test\", \"path\": \"/spec/template/spec/containers/0/args/$i\", \"value\": \"json\"},
+    {\"op\": \"replace\", \"path\": \"/spec/template/spec/containers/0/args/$i\", \"value\": \"text\"}]" >/dev/null
+  until_ok 60 "the operator to restore the StatefulSet's args" args_are "$args_before"
+  note "StatefulSet args restored"
+  # A deleted client Service.
+  uid_before=$(k get service "$CLUSTER" -o jsonpath='{.metadata.uid}')
+  k delete service "$CLUSTER" --wait=true >/dev/null
+  until_ok 60 "the operator to recreate Service $CLUSTER" uid_differs service "$CLUSTER" "$uid_before"
+  note "client Service recreated"
+  wait_settled 3 300
+}
+
+scenario_scale() {
+  local nodes
+  k patch eventtercluster "$CLUSTER" --type=merge -p '{"spec": {"replicas": 5}}' >/dev/null
+  wait_settled 5 600
+  note "5 ALIVE: $(dump "$CLUSTER-0" | dump_nodes | awk '{ printf "%s ", $2 }')"
+  k patch eventtercluster "$CLUSTER" --type=merge -p '{"spec": {"replicas": 3}}' >/dev/null
+  until_ok 600 "StatefulSet $CLUSTER rolled out with 3 ready replicas" sts_settled 3
+  until_ok 60 "3 broker pods Ready" pods_ready 3
+  # The two removed brokers left: LEFT (or already removed) in every dump.
+  scaled_down() {
+    local i nodes
+    for i in 0 1 2; do
+      nodes=$(dump "$CLUSTER-$i" | dump_nodes)
+      [ "$(awk '$3 == "ALIVE"' <<<"$nodes" | wc -l)" = 3 ] || return 1
+      awk '$3 != "ALIVE" && $3 != "LEFT" && $3 != "DEAD" { bad = 1 } END { exit bad }' <<<"$nodes" || return 1
+      if grep -qE "$CLUSTER-[34]\\..*ALIVE" <<<"$nodes"; then return 1; fi
+    done
+  }
+  until_ok 120 "3 ALIVE nodes and the removed ones gone or LEFT" scaled_down
+  nodes=$(dump "$CLUSTER-0" | dump_nodes)
+  note "after scale-down: $(awk '{ printf "%s=%s ", $2, $3 }' <<<"$nodes")"
+  until_ok 120 "EventterCluster $CLUSTER Ready with readyReplicas 3" cluster_ready 3
+  dump "$CLUSTER-0" | dump_objects | grep -qx "topic default/$TOPIC" || fail "topic $TOPIC missing after scaling"
+}
+
+scenario_scale_no_loss() {
+  require_pubsub
+  publish_batch scale
+  k patch eventtercluster "$CLUSTER" --type=merge -p '{"spec": {"replicas": 5}}' >/dev/null
+  wait_settled 5 600
+  k patch eventtercluster "$CLUSTER" --type=merge -p '{"spec": {"replicas": 3}}' >/dev/null
+  wait_settled 3 600
+  receive_batch scale
+}
+
+scenario_topic_delete_policy() {
+  k apply -f - >/dev/null <<EOF
+apiVersion: eventter.io/v1alpha1
+kind: Topic
+metadata:
+  name: e2e-delete
+spec:
+  clusterRef: $CLUSTER
+  deletionPolicy: Delete
+---
+apiVersion: eventter.io/v1alpha1
+kind: Topic
+metadata:
+  name: e2e-retain
+spec:
+  clusterRef: $CLUSTER
+  deletionPolicy: Retain
+EOF
+  until_ok 60 "Topic e2e-delete Ready" condition_is topic e2e-delete Ready True
+  until_ok 60 "Topic e2e-retain Ready" condition_is topic e2e-retain Ready True
+  local objects
+  objects=$(dump "$CLUSTER-0" | dump_objects)
+  grep -qx "topic default/e2e-delete" <<<"$objects" && grep -qx "topic default/e2e-retain" <<<"$objects" ||
+    fail "new topics missing from the dump"
+  k delete topic e2e-delete e2e-retain --wait=true --timeout=60s >/dev/null
+  objects=$(dump "$CLUSTER-0" | dump_objects)
+  grep -qx "topic default/e2e-delete" <<<"$objects" && fail "e2e-delete (deletionPolicy Delete) is still in the cluster state"
+  grep -qx "topic default/e2e-retain" <<<"$objects" || fail "e2e-retain (deletionPolicy Retain) was removed from the cluster state"
+  note "Delete: gone from the dump; Retain: kept"
+  # The examples go too (group before the topic it binds), so no finalizer waits on a
+  # cluster that is about to be deleted.
+  k delete -f "$root/examples/consumergroup.yaml" --wait=true --timeout=60s >/dev/null
+  k delete -f "$root/examples/topic.yaml" --wait=true --timeout=60s >/dev/null
+  objects=$(dump "$CLUSTER-0" | dump_objects)
+  grep -qx "group default/$GROUP" <<<"$objects" && fail "group $GROUP still in the cluster state"
+  grep -qx "topic default/$TOPIC" <<<"$objects" && fail "topic $TOPIC still in the cluster state"
+  return 0
+}
+
+children_gone() {
+  local n
+  n=$(k get statefulset,service,poddisruptionbudget -l "app.kubernetes.io/instance=$CLUSTER" -o name | wc -l)
+  [ "$n" = 0 ] && [ "$(k get pods -l "app.kubernetes.io/instance=$CLUSTER" -o name | wc -l)" = 0 ]
+}
+
+scenario_cluster_delete() {
+  k delete -f "$root/examples/eventtercluster.yaml" --wait=true --timeout=60s >/dev/null
+  until_ok 120 "Services, StatefulSet, PodDisruptionBudget and pods of $CLUSTER to go" children_gone
+  note "children removed by the garbage collector (volume claims stay, as for any StatefulSet)"
+}
+
+# --- diagnostics on failure -------------------------------------------------------------------
+print_diagnostics() {
+  echo "== diagnostics"
+  kubectl_ get nodes -o wide 2>&1 || true
+  kubectl_ get pods -A -o wide 2>&1 || true
+  kubectl_ -n "$NS" get eventterclusters,topics,consumergroups,statefulsets,services,pvc 2>&1 || true
+  kubectl_ -n "$NS" get events --sort-by=.lastTimestamp 2>&1 | tail -n 40 || true
+  echo "== operator logs"
+  kubectl_ -n "$OPERATOR_NS" logs deployment/"$RELEASE-operator" --tail=200 2>&1 || true
+  local pod ready restarts
+  while read -r pod ready restarts; do
+    [ -n "$pod" ] || continue
+    if [ "$ready" != True ] || [ "${restarts:-0}" != 0 ]; then
+      echo "== logs of $pod (ready=$ready restarts=$restarts)"
+      kubectl_ -n "$NS" logs "$pod" --all-containers --tail=100 2>&1 || true
+      if [ "${restarts:-0}" != 0 ]; then
+        echo "== previous logs of $pod"
+        kubectl_ -n "$NS" logs "$pod" --all-containers --previous --tail=50 2>&1 || true
+      fi
+    fi
+  done < <(kubectl_ -n "$NS" get pods -o jsonpath='{range .items[*]}{.metadata.name} {.status.conditions[?(@.type=="Ready")].status} {.status.containerStatuses[0].restartCount}{"\n"}{end}' 2>/dev/null)
+}
