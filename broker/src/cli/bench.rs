@@ -59,7 +59,12 @@ pub(super) fn spawn(host: &str, port: u16, dir: &Path, join: Option<&str>) -> Re
     let mut cmd = Command::new(exe);
     cmd.args(["--dir", &dir.to_string_lossy(), "--host", host, "--advertise-host", host, "--port", &port.to_string()])
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(
+            std::fs::create_dir_all(dir)
+                .and_then(|()| std::fs::File::create(dir.with_extension("log")))
+                .map(Stdio::from)
+                .unwrap_or_else(|_| Stdio::null()),
+        );
     if let Some(j) = join {
         cmd.args(["--join", j]);
     }

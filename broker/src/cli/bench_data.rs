@@ -41,7 +41,12 @@ pub async fn run(ctx: &Ctx, args: DataPathBenchArgs) -> Result<(), CliError> {
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("eventtermq-bench-data-{}", std::process::id())));
     let result = data_path(ctx, &args, port, &dir).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    // Keep the brokers' logs (<dir>/n*.log) when something went wrong.
+    if result.is_ok() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!("brokers' data and logs kept in {}", dir.display());
+    }
     result
 }
 

@@ -269,8 +269,8 @@ impl Groups {
         addr: &str,
         req: SubscribeRequest,
     ) -> Result<ReceiverStream<Result<SubscribeResponse, Status>>, Status> {
-        let mut client =
-            MessagingClient::new(self.inner.segments.network().channel(addr)).max_decoding_message_size(usize::MAX);
+        let mut client = MessagingClient::new(self.inner.segments.network().data_channel(addr))
+            .max_decoding_message_size(usize::MAX);
         let mut r = tonic::Request::new(req);
         r.metadata_mut().insert(FORWARDED_METADATA, tonic::metadata::MetadataValue::from_static("1"));
         let mut upstream = client.subscribe(r).await?.into_inner();
@@ -313,7 +313,7 @@ impl Groups {
             Ok(None) => unreachable!("locate returns a handle or an error"),
             Err(Located::Error(e)) => Err(e.into()),
             Err(Located::Remote(addr)) => {
-                let mut client = MessagingClient::new(self.inner.segments.network().channel(&addr));
+                let mut client = MessagingClient::new(self.inner.segments.network().data_channel(&addr));
                 let (namespace, consumer_group) = (namespace.to_string(), group_name.to_string());
                 if ack {
                     let mut r = tonic::Request::new(AckRequest { namespace, consumer_group, deliveries });

@@ -54,8 +54,11 @@ pub async fn run(segments: Segments, membership: Membership, interval: Duration,
             .collect();
         let rereplicate_after = Duration::from_millis(segments.settings().rereplicate_after_ms);
         for cmd in plan(&state, &dead_since, rereplicate_after, now_unix_ms()) {
+            if let Command::OpenSegment { topic, shard, replicas, .. } = &cmd {
+                tracing::info!(topic = %topic, shard, replicas = ?replicas, "opening a segment");
+            }
             if let Err(e) = cluster.write(cmd).await {
-                tracing::debug!(error = %e, "placement change deferred");
+                tracing::info!(error = %e, "placement change deferred");
                 break;
             }
         }

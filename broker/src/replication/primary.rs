@@ -363,7 +363,7 @@ async fn stream_once(
     let addr = segments.node_addr(node).ok_or_else(|| format!("node {node} has no address"))?;
     let (tx, rx) = mpsc::channel::<ReplicateRequest>(8);
     tx.send(ReplicateRequest { segment_id: id, records: Vec::new() }).await.map_err(|e| e.to_string())?;
-    let mut client = InternalClient::new(segments.network().channel(&addr));
+    let mut client = InternalClient::new(segments.network().data_channel(&addr));
     let mut responses = client
         .replicate(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await

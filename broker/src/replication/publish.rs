@@ -136,7 +136,7 @@ impl Segments {
         upstream: impl futures::Stream<Item = PublishRequest> + Send + 'static,
         hops: u32,
     ) -> Result<tonic::Streaming<PublishResponse>, tonic::Status> {
-        let mut client = MessagingClient::new(self.network().channel(addr))
+        let mut client = MessagingClient::new(self.network().data_channel(addr))
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
         let mut req = tonic::Request::new(upstream);
@@ -179,7 +179,7 @@ impl Segments {
         deadline: Instant,
         hops: u32,
     ) -> Result<PublishResponse, tonic::Status> {
-        let mut client = MessagingClient::new(self.network().channel(addr))
+        let mut client = MessagingClient::new(self.network().data_channel(addr))
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
         let mut req = tonic::Request::new(PublishRequest {

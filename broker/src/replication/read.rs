@@ -87,7 +87,7 @@ impl Segments {
             RequestError::new(ErrorCode::NotReady, format!("segment_id: segment {id} has no readable copy yet"));
         for node in candidates {
             let Some(addr) = self.node_addr(node) else { continue };
-            let mut client = InternalClient::new(self.network().channel(&addr));
+            let mut client = InternalClient::new(self.network().data_channel(&addr));
             let mut req = tonic::Request::new(ReadSegmentRequest {
                 segment_id: id,
                 from_offset: from,

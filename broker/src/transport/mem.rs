@@ -121,8 +121,23 @@ struct MemHostNetwork {
 
 impl Network for MemHostNetwork {
     fn channel(&self, addr: &str) -> Channel {
+        self.cached_channel(addr, addr)
+    }
+
+    fn data_channel(&self, addr: &str) -> Channel {
+        self.cached_channel(&format!("{addr}#data"), addr)
+    }
+
+    fn send_datagram(&self, addr: &str, data: Bytes) {
+        self.send_datagram_inner(addr, data)
+    }
+}
+
+impl MemHostNetwork {
+    /// The channel cached under `key`, connecting to `addr` on first use.
+    fn cached_channel(&self, key: &str, addr: &str) -> Channel {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = channels.get(addr) {
+        if let Some(c) = channels.get(key) {
             return c.clone();
         }
         let net = self.net.clone();
@@ -162,11 +177,11 @@ impl Network for MemHostNetwork {
             .keep_alive_timeout(Duration::from_millis(500))
             .keep_alive_while_idle(true)
             .connect_with_connector_lazy(connector);
-        channels.insert(addr.to_string(), channel.clone());
+        channels.insert(key.to_string(), channel.clone());
         channel
     }
 
-    fn send_datagram(&self, addr: &str, data: Bytes) {
+    fn send_datagram_inner(&self, addr: &str, data: Bytes) {
         let inner = self.net.lock();
         if !inner.linked(&self.me, addr) || (inner.drop_rate > 0.0 && rand::rng().random_bool(inner.drop_rate)) {
             return;

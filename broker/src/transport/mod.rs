@@ -23,6 +23,13 @@ pub trait Network: Send + Sync + 'static {
     /// failures; cheap to call repeatedly (channels are cached).
     fn channel(&self, addr: &str) -> tonic::transport::Channel;
 
+    /// A second, separate connection to `addr` for bulk data (replication, forwarded
+    /// publishes and subscriptions, segment reads). Raft and gossip keep `channel` to
+    /// themselves: HTTP/2 flow control is per connection, so a data stream the peer
+    /// is slow to read must not hold up the heartbeats and entries that let the peer
+    /// learn, for instance, where the next segment is.
+    fn data_channel(&self, addr: &str) -> tonic::transport::Channel;
+
     /// Sends one gossip datagram to `addr`. Best effort, like UDP: failures are dropped.
     fn send_datagram(&self, addr: &str, data: Bytes);
 }

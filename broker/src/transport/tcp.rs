@@ -58,6 +58,25 @@ impl TcpNetwork {
     pub fn local_udp_addr(&self) -> std::io::Result<SocketAddr> {
         self.udp.local_addr()
     }
+
+    /// The channel cached under `key`, connecting to `addr` on first use.
+    fn cached_channel(&self, key: &str, addr: &str) -> Channel {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = channels.get(key) {
+            return c.clone();
+        }
+        let channel = match connect_lazy(addr, self.connect_timeout) {
+            Ok(c) => c,
+            Err(e) => {
+                // An address that is not even a valid URI: hand out a channel that
+                // fails every call, so the caller sees an error per request.
+                tracing::warn!(addr, error = %e, "invalid peer address");
+                Endpoint::from_static("http://invalid.invalid:1").connect_lazy()
+            }
+        };
+        channels.insert(key.to_string(), channel.clone());
+        channel
+    }
 }
 
 /// A lazily connected channel to `addr`, for clients (CLI) and nodes alike.
@@ -72,21 +91,11 @@ pub fn connect_lazy(addr: &str, connect_timeout: Duration) -> Result<Channel, to
 
 impl Network for TcpNetwork {
     fn channel(&self, addr: &str) -> Channel {
-        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = channels.get(addr) {
-            return c.clone();
-        }
-        let channel = match connect_lazy(addr, self.connect_timeout) {
-            Ok(c) => c,
-            Err(e) => {
-                // An address that is not even a valid URI: hand out a channel that
-                // fails every call, so the caller sees an error per request.
-                tracing::warn!(addr, error = %e, "invalid peer address");
-                Endpoint::from_static("http://invalid.invalid:1").connect_lazy()
-            }
-        };
-        channels.insert(addr.to_string(), channel.clone());
-        channel
+        self.cached_channel(addr, addr)
+    }
+
+    fn data_channel(&self, addr: &str) -> Channel {
+        self.cached_channel(&format!("{addr}#data"), addr)
     }
 
     fn send_datagram(&self, addr: &str, data: Bytes) {
