@@ -1,5 +1,6 @@
 //! `eventter-operator`: `run` (default) runs the controllers; `crd` prints the CRDs.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -68,7 +69,8 @@ fn init_tracing(format: LogFormat) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        // Colours only on a terminal: `kubectl logs` shows escape codes verbatim.
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
 }
 
