@@ -35,6 +35,7 @@ finish() {
   local rc=$?
   [ "$finished" = 0 ] || return 0
   finished=1
+  [ -z "${E2E_TMP:-}" ] || rm -rf "$E2E_TMP"
   if [ "$rc" != 0 ] && [ "$passed$failed" = 00 ]; then
     echo "FAIL setup: exit status $rc before any scenario ran"
     failed=1
@@ -96,6 +97,7 @@ stamp "helm install took $(elapsed "$t") s"
 
 # --- 4. scenarios --------------------------------------------------------------------------
 . e2e/scenarios.sh
+E2E_TMP=$(mktemp -d)
 kubectl_ create namespace "$NS" --dry-run=client -o yaml | kubectl_ apply -f - >/dev/null
 
 failed_names=()
@@ -104,7 +106,7 @@ timings=()
 # command or `fail "reason"` makes it FAIL with that reason.
 run_scenario() {
   local name=$1 fn=$2 t reason_file rc
-  if [ -n "${E2E_SCENARIOS:-}" ] && ! grep -qw -- "$name" <<<"$E2E_SCENARIOS"; then
+  if [ -n "${E2E_SCENARIOS:-}" ] && [[ " $E2E_SCENARIOS " != *" $name "* ]]; then
     return 0
   fi
   reason_file=$(mktemp)
