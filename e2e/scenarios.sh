@@ -102,9 +102,15 @@ wait_settled() { # wait_settled N SECONDS
 }
 
 # --- publish / subscribe through in-cluster client pods ---------------------------------
-# Enabled when the broker's CLI has the data-path commands.
+# Enabled when the broker's CLI has the data-path commands; asked once, of a running
+# broker, and remembered for the later scenarios.
 have_pubsub() {
-  k exec "$CLUSTER-0" -c broker -- eventtermq --help 2>/dev/null | grep -qE '^[[:space:]]+publish[[:space:]]'
+  if [ ! -f "$E2E_TMP/pubsub" ]; then
+    local help
+    help=$(k exec "$CLUSTER-0" -c broker -- eventtermq --help) || fail "could not ask $CLUSTER-0 for its CLI commands"
+    if grep -qE '^[[:space:]]+publish[[:space:]]' <<<"$help"; then echo yes; else echo no; fi >"$E2E_TMP/pubsub"
+  fi
+  [ "$(cat "$E2E_TMP/pubsub")" = yes ]
 }
 require_pubsub() {
   have_pubsub || skip "the eventtermq CLI has no publish subcommand yet"
@@ -287,17 +293,24 @@ scenario_scale() {
   k patch eventtercluster "$CLUSTER" --type=merge -p '{"spec": {"replicas": 3}}' >/dev/null
   until_ok 600 "StatefulSet $CLUSTER rolled out with 3 ready replicas" sts_settled 3
   until_ok 60 "3 broker pods Ready" pods_ready 3
-  # The two removed brokers left: LEFT (or already removed) in every dump.
+  # The two removed brokers left: LEFT (or already removed) in every dump, and the
+  # three others ALIVE. The last view is kept for the failure message.
   scaled_down() {
     local i nodes
     for i in 0 1 2; do
-      nodes=$(dump "$CLUSTER-$i" | dump_nodes)
+      nodes=$(dump "$CLUSTER-$i" | dump_nodes) || { echo "$CLUSTER-$i: no dump" >"$E2E_TMP/view"; return 1; }
+      echo "$CLUSTER-$i sees $(awk '{ split($2, h, "."); printf "%s=%s ", h[1], $3 }' <<<"$nodes")" >"$E2E_TMP/view"
       [ "$(awk '$3 == "ALIVE"' <<<"$nodes" | wc -l)" = 3 ] || return 1
-      awk '$3 != "ALIVE" && $3 != "LEFT" && $3 != "DEAD" { bad = 1 } END { exit bad }' <<<"$nodes" || return 1
-      if grep -qE "$CLUSTER-[34]\\..*ALIVE" <<<"$nodes"; then return 1; fi
+      if grep -qE "^[0-9]+ $CLUSTER-[012]\\..* (SUSPECT|DEAD|LEFT)\$" <<<"$nodes"; then return 1; fi
+      if grep -qE "^[0-9]+ $CLUSTER-[34]\\..* (ALIVE|SUSPECT)\$" <<<"$nodes"; then return 1; fi
     done
   }
-  until_ok 120 "3 ALIVE nodes and the removed ones gone or LEFT" scaled_down
+  local deadline=$(( $(date +%s) + 180 ))
+  until scaled_down; do
+    [ "$(date +%s)" -lt "$deadline" ] ||
+      fail "after 180 s not 3 ALIVE nodes with the removed ones gone or LEFT: $(cat "$E2E_TMP/view")"
+    sleep 1
+  done
   nodes=$(dump "$CLUSTER-0" | dump_nodes)
   note "after scale-down: $(awk '{ printf "%s=%s ", $2, $3 }' <<<"$nodes")"
   until_ok 120 "EventterCluster $CLUSTER Ready with readyReplicas 3" cluster_ready 3
