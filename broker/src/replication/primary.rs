@@ -154,7 +154,7 @@ async fn run(mut t: Task) {
     durable.insert(me, 0);
     let quorum = t.replicas.len() / 2 + 1;
     let (written_tx, written_rx) = watch::channel(written);
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Ack>();
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(NodeId, u64)>();
     let streams = t.stop.child_token();
     for node in t.replicas.iter().copied().filter(|n| *n != me) {
         tokio::spawn(replicate_to(
@@ -187,12 +187,9 @@ async fn run(mut t: Task) {
                     Err(e) => { failure = Some(RequestError::new(ErrorCode::Internal, format!("fsync task: {e}"))); break; }
                 }
             }
-            Some(ack) = ack_rx.recv() => {
-                let e = durable.entry(ack.node).or_insert(0);
-                // A new stream starts from what the replica has now: less than before
-                // if its copy was damaged and quarantined, and it must not count for
-                // records it lost.
-                *e = if ack.fresh { ack.durable } else { (*e).max(ack.durable) };
+            Some((node, d)) = ack_rx.recv() => {
+                let e = durable.entry(node).or_insert(0);
+                *e = (*e).max(d);
             }
             req = t.rx.recv(), if !rotating => {
                 let Some(first) = req else { break };
@@ -260,10 +257,9 @@ async fn run(mut t: Task) {
             let (_, reply, range) = wait_majority.pop_front().expect("checked");
             let _ = reply.send(Ok(range));
         }
-        // Readers may already have seen records up to the old value.
         t.confirmed_tx.send_if_modified(|c| {
-            let changed = majority > *c;
-            *c = (*c).max(majority);
+            let changed = *c != majority;
+            *c = majority;
             changed
         });
         if rotating && wait_primary.is_empty() && wait_majority.is_empty() && local == written && majority == written {
@@ -324,13 +320,6 @@ async fn close(segments: &Segments, id: SegmentId, next_offset: u64, size_bytes:
     }
 }
 
-/// What a replica has fsynced; `fresh` on the first answer of a stream.
-struct Ack {
-    node: NodeId,
-    durable: u64,
-    fresh: bool,
-}
-
 /// Streams the segment to one replica, reconnecting until stopped.
 async fn replicate_to(
     segments: Segments,
@@ -338,7 +327,7 @@ async fn replicate_to(
     node: NodeId,
     reader: SegmentReader,
     written: watch::Receiver<u64>,
-    acks: mpsc::UnboundedSender<Ack>,
+    acks: mpsc::UnboundedSender<(NodeId, u64)>,
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(20);
@@ -368,7 +357,7 @@ async fn stream_once(
     node: NodeId,
     reader: &SegmentReader,
     mut written: watch::Receiver<u64>,
-    acks: &mpsc::UnboundedSender<Ack>,
+    acks: &mpsc::UnboundedSender<(NodeId, u64)>,
     stop: &CancellationToken,
 ) -> Result<(), String> {
     let addr = segments.node_addr(node).ok_or_else(|| format!("node {node} has no address"))?;
@@ -385,14 +374,14 @@ async fn stream_once(
     if next > *written.borrow() {
         return Err(format!("replica has {next} records, more than the primary's {}", *written.borrow()));
     }
-    let _ = acks.send(Ack { node, durable: next, fresh: true });
+    let _ = acks.send((node, next));
     let max_bytes = segments.settings().read_batch_max_bytes;
     loop {
         let behind = next < *written.borrow();
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             r = responses.message() => match r {
-                Ok(Some(resp)) => { let _ = acks.send(Ack { node, durable: resp.durable_offset, fresh: false }); }
+                Ok(Some(resp)) => { let _ = acks.send((node, resp.durable_offset)); }
                 Ok(None) => return Err("replica ended the stream".into()),
                 Err(s) => return Err(s.message().to_string()),
             },
