@@ -116,12 +116,31 @@ require_pubsub() {
   have_pubsub || skip "the eventtermq CLI has no publish subcommand yet"
 }
 # client NAME ARGS...: runs `eventtermq --host <cluster> ARGS` in a throw-away pod,
-# stdin passed through.
+# stdin passed through. Only for commands that read stdin before they print (publish):
+# `kubectl run -i` attaches after the container started, so output printed before
+# that is lost.
 client() {
   local name=$1; shift
   k delete pod "$name" --ignore-not-found --wait=true >/dev/null 2>&1 || true
   k run "$name" --rm -i --quiet --restart=Never --image "$BROKER_IMAGE" --image-pull-policy Never \
     --pod-running-timeout=2m --command -- eventtermq --host "$CLUSTER" "$@"
+}
+pod_finished() {
+  case "$(k get pod "$1" -o jsonpath='{.status.phase}')" in Succeeded | Failed) return 0 ;; *) return 1 ;; esac
+}
+# client_output NAME ARGS...: like client, without stdin; prints the pod's whole log
+# once it has finished (stdout and stderr) and returns its exit status.
+client_output() {
+  local name=$1; shift
+  local code
+  k delete pod "$name" --ignore-not-found --wait=true >/dev/null 2>&1 || true
+  k run "$name" --restart=Never --image "$BROKER_IMAGE" --image-pull-policy Never \
+    --command -- eventtermq --host "$CLUSTER" "$@" >/dev/null
+  until_ok 180 "client pod $name to finish" pod_finished "$name"
+  k logs "$name"
+  code=$(k get pod "$name" -o jsonpath='{.status.containerStatuses[0].state.terminated.exitCode}')
+  k delete pod "$name" --wait=false >/dev/null 2>&1 || true
+  return "${code:-1}"
 }
 # publish_batch TAG: publishes $MESSAGES messages "e2e-TAG-<n>" to $TOPIC.
 publish_batch() {
@@ -149,7 +168,8 @@ print(len(seen))' "$1"
 # receive_batch TAG: subscribes as $GROUP and checks every message of batch TAG came.
 receive_batch() {
   local out got
-  out=$(client "sub-$1" subscribe "$GROUP" --max-messages "$MESSAGES" --wait 10s) || fail "subscribe for batch $1 failed"
+  out=$(client_output "sub-$1" subscribe "$GROUP" --max-messages "$MESSAGES" --wait 10s) ||
+    fail "subscribe for batch $1 failed: $(tail -n 5 <<<"$out")"
   got=$(distinct_messages "e2e-$1-" <<<"$out")
   [ "$got" = "$MESSAGES" ] || fail "batch $1: received $got of $MESSAGES distinct messages"
   note "batch $1: all $MESSAGES messages received"
@@ -395,4 +415,14 @@ print_diagnostics() {
       fi
     fi
   done < <(kubectl_ -n "$NS" get pods -o jsonpath='{range .items[*]}{.metadata.name} {.status.conditions[?(@.type=="Ready")].status} {.status.containerStatuses[0].restartCount}{"\n"}{end}' 2>/dev/null)
+  # Last, as CI shows the end of the output: each broker's view of the cluster and
+  # its membership events.
+  for pod in $(kubectl_ -n "$NS" get pods -l app.kubernetes.io/name=eventtermq -o name 2>/dev/null); do
+    pod=${pod#pod/}
+    echo "== $pod: nodes in its dump; membership events"
+    k exec "$pod" -c broker -- eventtermq dump --stale 2>&1 | dump_nodes | sed 's/^/   /' || true
+    kubectl_ -n "$NS" logs "$pod" -c broker 2>/dev/null |
+      grep -E 'member down|rejoin|re-joining|removing node|not removing|bootstrapping|rejoining' |
+      sed -E 's/.*"timestamp":"[^T]*T([^.]*)[^"]*".*"message":"([^"]*)"(.*)/   \1 \2 \3/' | cut -c1-160 | tail -n 6 || true
+  done
 }

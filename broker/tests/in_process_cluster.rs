@@ -254,6 +254,110 @@ async fn a_node_dead_past_the_removal_time_leaves_raft_and_the_state() {
     }
 }
 
+/// Gossip can be wrong while Raft is fine: with every gossip datagram lost, each node
+/// soon holds the others DEAD, yet Raft (over TCP) still reaches them. The leader must
+/// not remove live voters on that verdict (it knocks first): doing so once left a
+/// cluster without quorum after a rolling restart on Kubernetes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_dead_but_reachable_voters_are_not_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let start_short = |name: &'static str, join: &'static [&'static str]| {
+        let (net, dir) = (net.clone(), dir.path().to_path_buf());
+        async move {
+            let (network, listeners) = net.attach(name);
+            let shutdown = CancellationToken::new();
+            let mut c = config(&dir, name, join);
+            c.dead_node_removal_ms = 1_000;
+            // No re-join syncs within the test: only the leader's knock can tell.
+            c.membership.join_retry_ms = 60_000;
+            let handle = node::start(c, network, listeners, shutdown.clone()).await.expect("node starts");
+            TestNode { name: name.to_string(), handle, shutdown }
+        }
+    };
+    let nodes =
+        vec![start_short("a:1", &[]).await, start_short("b:1", &["a:1"]).await, start_short("c:1", &["a:1"]).await];
+    eventually(Duration::from_secs(20), "3 voters", || async {
+        nodes.iter().all(|n| voters(n) == 3 && alive_records(n) == 3)
+    })
+    .await;
+    net.set_drop_rate(1.0);
+    eventually(Duration::from_secs(10), "the leader's gossip to hold a peer DEAD", || async {
+        let li = leader_index(&nodes);
+        nodes[li].handle.membership.watch().borrow().iter().any(|m| m.state == NodeState::Dead)
+    })
+    .await;
+    // Well past dead_node_removal_ms: every voter is still a voter.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        for n in &nodes {
+            assert_eq!(voters(n), 3, "{} lost a voter while gossip was down", n.name);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    net.set_drop_rate(0.0);
+    eventually(Duration::from_secs(20), "3 ALIVE records once gossip is back", || async {
+        nodes.iter().all(|n| alive_records(n) == 3)
+    })
+    .await;
+    nodes[0]
+        .handle
+        .cluster
+        .write(Command::CreateNamespace { name: "after-gossip-outage".into() })
+        .await
+        .expect("write");
+    for n in nodes {
+        n.shutdown.cancel();
+        n.handle.wait().await;
+    }
+}
+
+/// A StatefulSet scaled up starts new pods with the founding `--bootstrap-expect`. A
+/// new node that meets enough members, even with the smallest id of all, joins the
+/// running cluster instead of founding a second one beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_added_with_bootstrap_expect_joins_the_running_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let founders = ["f1:1", "f2:1", "f3:1"];
+    let start_with = |name: &'static str, id: u64| {
+        let (net, dir) = (net.clone(), dir.path().to_path_buf());
+        async move {
+            let (network, listeners) = net.attach(name);
+            let shutdown = CancellationToken::new();
+            let mut c = config(&dir, name, &founders);
+            c.bootstrap_expect = Some(3);
+            c.id = Some(id);
+            let handle = node::start(c, network, listeners, shutdown.clone()).await.expect("node starts");
+            TestNode { name: name.to_string(), handle, shutdown }
+        }
+    };
+    let mut nodes = vec![start_with("f1:1", 100).await, start_with("f2:1", 200).await, start_with("f3:1", 300).await];
+    eventually(Duration::from_secs(20), "3 founders, 3 voters", || async {
+        nodes.iter().all(|n| voters(n) == 3 && alive_records(n) == 3)
+    })
+    .await;
+    nodes[0].handle.cluster.write(Command::CreateNamespace { name: "before-scale-up".into() }).await.expect("write");
+    // Smallest id of all: without the check it would initialize a cluster of its own.
+    nodes.push(start_with("new:1", 1).await);
+    eventually(Duration::from_secs(20), "the new node in the founders' cluster", || async {
+        nodes.iter().all(|n| {
+            let m = n.handle.cluster.raft.metrics().borrow().membership_config.membership().clone();
+            m.voter_ids().count() + m.learner_ids().count() == 4
+                && n.handle.cluster.state.read().state.namespaces.contains_key("before-scale-up")
+        })
+    })
+    .await;
+    let term_of_founders = nodes[0].handle.cluster.raft.metrics().borrow().current_term;
+    assert!(term_of_founders > 0);
+    let leaders: Vec<_> = nodes.iter().map(|n| n.handle.cluster.leader().map(|(id, _)| id)).collect();
+    assert!(leaders.iter().all(|l| *l == leaders[0] && l.is_some()), "one leader for all: {leaders:?}");
+    for n in nodes {
+        n.shutdown.cancel();
+        n.handle.wait().await;
+    }
+}
+
 /// Publishes `ids` one batch at a time through `node`, returning the ids confirmed.
 async fn publish_ids(node: &TestNode, ids: std::ops::Range<u32>) -> Vec<u32> {
     use eventtermq_proto::v1::{Message, Persistence};

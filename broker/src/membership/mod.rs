@@ -23,6 +23,11 @@
 //! again at once; a node wrongly declared down renews itself the same way. DEAD and
 //! LEFT members stay listed (with `state_since`) for 24 h, or until a newer identity of
 //! the same id shows up.
+//!
+//! A node that finds itself alone (every other member DEAD or LEFT) knocks on the doors
+//! of its seeds and DEAD members every `join_retry_ms` until someone answers: foca on
+//! its own goes quiet when it has no live member, so a cluster whose members all lost
+//! sight of each other at once would otherwise never meet again.
 
 mod identity;
 mod task;
@@ -73,7 +78,8 @@ pub struct MembershipConfig {
     /// Suspicion timeout before DEAD (default 1500 ms: five probe periods, enough for
     /// a healthy but briefly stalled node to refute).
     pub suspect_to_down_ms: u64,
-    /// Retry interval for seeds while not joined (default 1000 ms).
+    /// Retry interval for seeds while not joined, and for re-joining (seeds and DEAD
+    /// members) while no member is ALIVE or SUSPECT (default 1000 ms).
     pub join_retry_ms: u64,
     /// Periodic full-state push-pull with a random member over TCP (anti-entropy),
     /// 0 = off (default 30 s: repairs anything datagram gossip missed, at the cost of
@@ -187,6 +193,7 @@ impl Membership {
         if seeds.is_empty() {
             return Ok(());
         }
+        self.send(Command::Seeds(seeds.clone())).await?;
         let retry = Duration::from_millis(self.inner.config.join_retry_ms.max(1));
         loop {
             for seed in &seeds {
@@ -242,6 +249,26 @@ impl Membership {
             if self.send(Command::Gossip).await.is_err() {
                 return;
             }
+        }
+    }
+
+    /// Whether the node at `addr` answers a `GossipSync` now (bounded by the sync call
+    /// timeout). Its answer is merged, so a node our gossip wrongly holds DEAD learns
+    /// it and rejoins (and we learn its new identity).
+    pub async fn knock(&self, addr: &str) -> bool {
+        let Ok(payload) = self.sync_payload().await else { return false };
+        match tokio::time::timeout(SYNC_CALL_TIMEOUT, grpc_sync(&*self.inner.network, addr, payload)).await {
+            Ok(Ok(reply)) => {
+                if let Err(e) = self.apply_sync(reply).await {
+                    tracing::debug!(peer = %addr, error = %e, "merging a knock reply failed");
+                }
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %addr, error = %e, "knock unanswered");
+                false
+            }
+            Err(_) => false,
         }
     }
 

@@ -33,6 +33,8 @@ type Gossip = Foca<GossipId, PostcardCodec, FocaRng, NoCustomBroadcast>;
 
 /// Down (DEAD/LEFT) members are forgotten after this long.
 const REMOVE_DOWN_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+/// While alone, at most this many DEAD members are announced to per `join_retry_ms`.
+const REJOIN_ANNOUNCES_MAX: usize = 8;
 /// Sync payloads listing more members than this are rejected.
 const SYNC_MEMBERS_MAX: usize = 100_000;
 
@@ -47,6 +49,8 @@ pub(crate) enum Command {
     Leave(oneshot::Sender<()>),
     /// Send pending updates to a few random members now.
     Gossip,
+    /// The `--join` seeds, remembered for re-joining (see `Actor::rejoin`).
+    Seeds(Vec<String>),
 }
 
 /// The full-state exchange of `GossipSync` (postcard).
@@ -113,6 +117,15 @@ pub(crate) struct Actor {
     resuspected: HashMap<NodeId, Instant>,
     /// For results of background syncs; weak so handles alone keep the channel open.
     commands: mpsc::WeakSender<Command>,
+    /// Where to knock when no member is active (see `rejoin`).
+    seeds: Vec<String>,
+    rejoin_period: Duration,
+    /// Turns of `rejoin` so far: picks the next address to sync with.
+    rejoin_turn: usize,
+    /// The re-join sync in flight, if any: at most one at a time.
+    rejoin_sync: Option<tokio::task::JoinHandle<()>>,
+    /// Whether we were alone at the last `rejoin` tick (logs the transitions only).
+    alone: bool,
 }
 
 fn ms(v: u64) -> Duration {
@@ -178,6 +191,11 @@ impl Actor {
             stale_suspicion: ms(config.suspect_to_down_ms) + ms(config.probe_period_ms) * 3,
             resuspected: HashMap::new(),
             commands,
+            seeds: Vec::new(),
+            rejoin_period: ms(config.join_retry_ms),
+            rejoin_turn: 0,
+            rejoin_sync: None,
+            alone: false,
         };
         actor.publish();
         actor
@@ -198,6 +216,8 @@ impl Actor {
         });
         let mut watchdog = tokio::time::interval(self.stale_suspicion / 2);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rejoin_tick = tokio::time::interval(self.rejoin_period);
+        rejoin_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next_timer = self.timers.peek().map(|Reverse(s)| s.at);
             tokio::select! {
@@ -213,6 +233,7 @@ impl Actor {
                 _ = sleep_until_opt(next_timer), if next_timer.is_some() => self.on_timers(),
                 _ = tick_opt(&mut sync_tick), if sync_tick.is_some() => self.start_sync(&shutdown),
                 _ = watchdog.tick() => self.refresh_stale_suspicions(),
+                _ = rejoin_tick.tick() => self.rejoin(&shutdown),
             }
         }
         tracing::debug!(identity = ?self.foca.identity(), "gossip task stopped");
@@ -265,6 +286,7 @@ impl Actor {
                     tracing::debug!(error = %e, "gossip failed");
                 }
             }
+            Command::Seeds(seeds) => self.seeds = seeds,
         }
         self.drain();
     }
@@ -364,9 +386,65 @@ impl Actor {
         }
         let addrs: Vec<String> = self.foca.iter_members().map(|m| m.id().addr.clone()).collect();
         let chosen: Option<&String> = IndexedRandom::choose(addrs.as_slice(), &mut rand::rng());
-        let Some(addr) = chosen.cloned() else {
+        if let Some(addr) = chosen.cloned() {
+            self.spawn_sync(addr, shutdown);
+        }
+    }
+
+    /// foca stops every timer (probes, gossip, announces to down members) once it has no
+    /// active member, so a node that saw all its peers go DEAD (e.g. every pod of a
+    /// StatefulSet restarted within a few seconds, each peer declared down while its
+    /// DNS name pointed nowhere) would stay silent, and alone, forever: and so would
+    /// they, if they all ended up in that state. While alone, every `join_retry_ms`
+    /// we announce ourselves to the members we know as DEAD (over datagrams; a restarted
+    /// node accepts an announce to its previous identity) and push-pull with one seed or
+    /// known member in turn (over TCP, which also works while datagrams do not). Either
+    /// side that learns the other considers it down renews its identity and is ALIVE
+    /// again at the next exchange.
+    fn rejoin(&mut self, shutdown: &CancellationToken) {
+        let alone = !self.left && self.foca.num_members() == 0;
+        let me = self.foca.identity().clone();
+        let down: Vec<GossipId> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.state() == State::Down && m.id().id != me.id && !m.id().leaving)
+            .map(|m| m.id().clone())
+            .collect();
+        let mut addrs: Vec<String> = self.seeds.clone();
+        for id in &down {
+            if !addrs.contains(&id.addr) {
+                addrs.push(id.addr.clone());
+            }
+        }
+        addrs.retain(|a| *a != me.addr);
+        if alone != self.alone {
+            self.alone = alone;
+            if alone && !addrs.is_empty() {
+                tracing::info!(
+                    known = addrs.len(),
+                    "no live gossip member; re-joining through seeds and known members"
+                );
+            }
+        }
+        if !alone || addrs.is_empty() {
             return;
-        };
+        }
+        for id in down.into_iter().take(REJOIN_ANNOUNCES_MAX) {
+            if let Err(e) = self.foca.announce(id, &mut self.runtime) {
+                tracing::debug!(error = %e, "announce to a down member failed");
+            }
+        }
+        self.drain();
+        if self.rejoin_sync.as_ref().is_none_or(|t| t.is_finished()) {
+            let addr = addrs[self.rejoin_turn % addrs.len()].clone();
+            self.rejoin_turn = self.rejoin_turn.wrapping_add(1);
+            self.rejoin_sync = Some(self.spawn_sync(addr, shutdown));
+        }
+    }
+
+    /// A `GossipSync` push-pull with `addr` in the background; the reply is merged
+    /// through the command channel.
+    fn spawn_sync(&self, addr: String, shutdown: &CancellationToken) -> tokio::task::JoinHandle<()> {
         let payload = self.payload();
         let network = self.network.clone();
         let commands = self.commands.clone();
@@ -384,11 +462,11 @@ impl Actor {
                     }
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!(peer = %addr, error = %e, "periodic gossip sync failed")
+                    tracing::debug!(peer = %addr, error = %e, "gossip sync failed")
                 }
-                Err(_) => tracing::debug!(peer = %addr, "periodic gossip sync timed out"),
+                Err(_) => tracing::debug!(peer = %addr, "gossip sync timed out"),
             }
-        });
+        })
     }
 
     /// Carries out what foca asked for during the last interaction.

@@ -365,3 +365,27 @@ async fn healed_partition_rejoins() {
     }
     nodes.iter().for_each(Node::stop);
 }
+
+/// Every node loses sight of every other (as when all pods of a StatefulSet restart
+/// within seconds): each ends up alone, with the others DEAD. Once the network is back
+/// they must find each other again by themselves.
+#[tokio::test]
+async fn nodes_that_all_lost_each_other_meet_again() {
+    init_tracing();
+    let net = MemNetwork::new();
+    let nodes = three_node_cluster(&net).await;
+    for n in &nodes {
+        net.isolate(&n.addr);
+    }
+    for n in &nodes {
+        wait_until(n, "the other two DEAD", Duration::from_secs(5), |m| {
+            m.iter().filter(|x| x.id != n.id).all(|x| x.state == NodeState::Dead)
+        })
+        .await;
+    }
+    net.heal();
+    for n in &nodes {
+        wait_until(n, "3 ALIVE after heal", Duration::from_secs(6), all_alive(&[1, 2, 3])).await;
+    }
+    nodes.iter().for_each(Node::stop);
+}

@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use eventtermq_proto::v1::admin_client::AdminClient;
+use eventtermq_proto::v1::DumpRequest;
 use openraft::BasicNode;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -118,7 +120,8 @@ pub async fn start(
         stop.clone(),
     ));
     let group_runner = tokio::spawn(groups.clone().run(stop.clone()));
-    let bootstrap = tokio::spawn(bootstrap(config.clone(), cluster.clone(), membership.clone(), stop.clone()));
+    let bootstrap =
+        tokio::spawn(bootstrap(config.clone(), cluster.clone(), membership.clone(), network.clone(), stop.clone()));
     let reconciler = tokio::spawn(reconcile::run(config.clone(), cluster.clone(), membership.clone(), stop.clone()));
 
     tracing::info!(node_id = id, listen = %config.listen_addr, advertise = %config.advertise_addr, dir = %config.dir.display(), "node started");
@@ -165,7 +168,13 @@ pub async fn start(
 }
 
 /// Forms a new cluster or joins an existing one, as the flags ask.
-async fn bootstrap(config: NodeConfig, cluster: Cluster, membership: Membership, stop: CancellationToken) {
+async fn bootstrap(
+    config: NodeConfig,
+    cluster: Cluster,
+    membership: Membership,
+    network: Arc<dyn Network>,
+    stop: CancellationToken,
+) {
     let seeds: Vec<String> = config.join.iter().filter(|s| **s != config.advertise_addr).cloned().collect();
     let initialized = cluster.raft.is_initialized().await.unwrap_or(true);
     if initialized {
@@ -215,18 +224,62 @@ async fn bootstrap(config: NodeConfig, cluster: Cluster, membership: Membership,
         if alive.len() >= expect {
             // Exactly one node initializes: the one with the smallest id. The others
             // are brought in by its first heartbeats.
-            if alive.keys().next() == Some(&cluster.id) {
-                tracing::info!(members = ?alive.keys().collect::<Vec<_>>(), "bootstrapping cluster");
-                initialize(&cluster, alive).await;
+            if alive.keys().next() != Some(&cluster.id) {
+                return;
             }
-            return;
+            // A node added to a running cluster (a StatefulSet scaled up keeps its
+            // founding --bootstrap-expect) meets enough members too: it must not
+            // found a second cluster beside theirs, but wait for their leader.
+            match existing_cluster(&*network, cluster.id, &alive).await {
+                Ok(None) => {
+                    tracing::info!(members = ?alive.keys().collect::<Vec<_>>(), "bootstrapping cluster");
+                    initialize(&cluster, alive).await;
+                    return;
+                }
+                Ok(Some(peer)) => {
+                    tracing::info!(
+                        peer,
+                        "joined gossip of an existing cluster; waiting for its leader to add this node"
+                    );
+                    return;
+                }
+                Err(e) => tracing::info!(error = %e, "cannot tell yet whether a cluster exists; asking again"),
+            }
         }
         tokio::select! {
             r = watch.changed() => if r.is_err() { return },
             _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(config.membership.join_retry_ms.max(1))), if alive.len() >= expect => {}
         }
     }
 }
+
+/// Asks every other member in `alive` (from its local copy, no leader needed) whether
+/// it already belongs to a Raft cluster: `Ok(Some(id))` of the first that does,
+/// `Ok(None)` when none does, `Err` when one could not be asked.
+async fn existing_cluster(
+    network: &dyn Network,
+    me: u64,
+    alive: &BTreeMap<u64, BasicNode>,
+) -> Result<Option<u64>, String> {
+    for (id, node) in alive.iter().filter(|(id, _)| **id != me) {
+        let mut admin = AdminClient::new(network.channel(&node.addr));
+        let ask = admin.dump(DumpRequest { stale: true });
+        let reply = tokio::time::timeout(BOOTSTRAP_ASK_MAX, ask)
+            .await
+            .map_err(|_| format!("node {id} at {} did not answer in time", node.addr))?
+            .map_err(|s| format!("node {id} at {}: {}", node.addr, s.message()))?
+            .into_inner();
+        let index = reply.state.map(|s| s.index).unwrap_or(0);
+        if reply.term > 0 || reply.leader_id != 0 || index > 0 {
+            return Ok(Some(*id));
+        }
+    }
+    Ok(None)
+}
+
+/// Bound on asking one peer whether it already belongs to a cluster.
+const BOOTSTRAP_ASK_MAX: Duration = Duration::from_secs(3);
 
 async fn initialize(cluster: &Cluster, members: BTreeMap<u64, BasicNode>) {
     match cluster.raft.initialize(members).await {

@@ -6,7 +6,10 @@
 //!   promoted to voter while there are fewer than `voters_count_max` voters;
 //! - a member DEAD or LEFT for longer than `dead_node_removal_ms` leaves Raft and the
 //!   cluster state. LEFT members are not removed at once: a rolling restart (every
-//!   pod leaves gracefully, one after another) must not shrink the voter set.
+//!   pod leaves gracefully, one after another) must not shrink the voter set. A DEAD
+//!   member is knocked on first (a `GossipSync` over TCP): gossip can be wrong (it
+//!   once held every restarted pod DEAD while Raft still reached them all), and
+//!   removing a live voter on a wrong verdict costs the cluster its quorum.
 //!
 //! One Raft membership change per round, each awaited until committed: openraft
 //! allows only one at a time, and small steps keep the quorum arithmetic obvious.
@@ -41,13 +44,18 @@ pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, s
             continue;
         }
         let members = membership.watch().borrow().clone();
-        if let Err(e) = reconcile_once(&config, &cluster, &members).await {
+        if let Err(e) = reconcile_once(&config, &cluster, &membership, &members).await {
             tracing::debug!(error = %e, "membership reconciliation deferred");
         }
     }
 }
 
-async fn reconcile_once(config: &NodeConfig, cluster: &Cluster, members: &[MemberInfo]) -> Result<(), String> {
+async fn reconcile_once(
+    config: &NodeConfig,
+    cluster: &Cluster,
+    membership: &Membership,
+    members: &[MemberInfo],
+) -> Result<(), String> {
     let removal_after = Duration::from_millis(config.dead_node_removal_ms);
     let gone_for_good = |m: &MemberInfo| {
         matches!(m.state, NodeState::Dead | NodeState::Left) && m.state_since.elapsed() >= removal_after
@@ -65,6 +73,10 @@ async fn reconcile_once(config: &NodeConfig, cluster: &Cluster, members: &[Membe
     let learners: BTreeSet<u64> = stored.learner_ids().collect();
 
     for m in members.iter().filter(|m| gone_for_good(m) && m.id != cluster.id) {
+        if m.state == NodeState::Dead && membership.knock(&m.addr).await {
+            tracing::warn!(node_id = m.id, addr = %m.addr, "gossip holds the node DEAD but it answers; not removing it");
+            continue;
+        }
         if voters.contains(&m.id) || learners.contains(&m.id) {
             tracing::info!(node_id = m.id, state = m.state.as_str(), "removing node from raft");
             let change = if voters.contains(&m.id) {
