@@ -48,6 +48,9 @@ pub enum ErrorCode {
     /// No open segment or no node to take the request right now; retry.
     NotReady = 5003,
     Internal = 9001,
+    /// This node's copy of a segment failed its checksum; it is not served. Read
+    /// another copy.
+    CorruptCopy = 9002,
 }
 
 impl ErrorCode {

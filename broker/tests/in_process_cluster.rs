@@ -472,3 +472,228 @@ async fn a_partitioned_replica_does_not_stop_publishing_and_catches_up() {
     })
     .await;
 }
+
+/// Topic `t` with segments of at most `segment_size_max_bytes`, `count` messages
+/// published into it, and the first closed segment sealed on every node. Returns the
+/// messages and that segment's id.
+async fn sealed_everywhere(nodes: &[TestNode], count: u32, segment_size_max_bytes: u64) -> (Vec<u32>, u64) {
+    let spec = TopicSpec { segment_size_max_bytes, ..topic() };
+    nodes[0]
+        .handle
+        .cluster
+        .write(Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec })
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "an open segment", || async { primary_index(nodes).is_some() }).await;
+    let sent = publish_ids(&nodes[0], 0..count).await;
+    assert_eq!(sent.len(), count as usize);
+    let sealed = wait_for(Duration::from_secs(20), "a closed segment sealed on every node", || {
+        let st = nodes[0].handle.cluster.state.read();
+        let found = st.state.topic_segments("default", "t").find_map(|(id, s)| {
+            let everywhere = !s.is_open()
+                && s.next_offset > 10
+                && nodes.iter().all(|n| {
+                    s.done.contains(&n.handle.id)
+                        && n.handle.segments.store().info(id).is_some_and(|i| i.sealed && i.checksum == s.checksum)
+                });
+            everywhere.then_some(id)
+        });
+        found
+    })
+    .await;
+    (sent, sealed)
+}
+
+async fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn segment_file(dir: &Path, node: &TestNode, id: u64) -> std::path::PathBuf {
+    dir.join(&node.name).join("segments").join(format!("{id:020}.seg"))
+}
+
+/// Flips a payload byte of the record at `offset` in a segment file, in place (the
+/// layout is in storage/src/codec.rs), and returns the file's bytes after the change.
+fn damage_record(path: &Path, offset: u64) -> Vec<u8> {
+    use eventtermq_storage::codec::{FILE_HEADER_LEN, FRAME_HEADER_LEN};
+    use std::os::unix::fs::FileExt;
+    let mut bytes = std::fs::read(path).unwrap();
+    let mut pos = FILE_HEADER_LEN;
+    for _ in 0..offset {
+        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        pos += 8 + len;
+    }
+    let at = pos + FRAME_HEADER_LEN + 1;
+    bytes[at] ^= 0x20;
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(&bytes[at..at + 1], at as u64).unwrap();
+    file.sync_all().unwrap();
+    bytes
+}
+
+/// The node's local copy of a closed segment is complete, agrees with the cluster's
+/// checksum, is listed as done, and reads back as `expected`.
+fn holds_good_copy(node: &TestNode, id: u64, expected: &[eventtermq_storage::Record]) -> bool {
+    let st = node.handle.cluster.state.read();
+    let Some(seg) = st.state.segments.get(&id) else { return false };
+    let store = node.handle.segments.store();
+    seg.done.contains(&node.handle.id)
+        && store.info(id).is_some_and(|i| i.sealed && i.next_offset == seg.next_offset && i.checksum == seg.checksum)
+        && store.reader(id).is_ok_and(|r| r.read(0, u64::MAX, usize::MAX).is_ok_and(|got| got == expected))
+}
+
+/// Whether the replicated log (on any of `names`' disks) has the command by which
+/// `node` gave up its claim to a complete copy of segment `id`. The log, not the state:
+/// the state shows the claim gone only until the fresh copy is reported done, which can
+/// be too short a moment to observe.
+fn reported_lost(dir: &Path, names: &[&str], id: u64, node: u64) -> bool {
+    let needle = format!(r#"{{"SegmentLost":{{"id":{id},"node":{node}}}}}"#);
+    names.iter().any(|name| {
+        let log = std::fs::read(dir.join(name).join("raft").join("log").join("log")).unwrap_or_default();
+        log.windows(needle.len()).any(|w| w == needle.as_bytes())
+    })
+}
+
+fn local_records(node: &TestNode, id: u64) -> Vec<eventtermq_storage::Record> {
+    node.handle.segments.store().reader(id).unwrap().read(0, u64::MAX, usize::MAX).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_reads_past_a_damaged_sealed_copy_and_the_copy_is_fetched_again() {
+    use eventtermq::cluster_state::{BindingSpec, ConsumerGroupSpec, HeadersMatch};
+    use eventtermq_proto::v1::{messaging_client::MessagingClient, SubscribeRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let nodes = three(&net, dir.path()).await;
+    let (sent, seg_id) = sealed_everywhere(&nodes, 300, 2048).await;
+    // A new group goes to the least loaded node, the smallest id first: damage the
+    // copy that node's group task reads.
+    let target = nodes.iter().position(|n| n.handle.id == nodes.iter().map(|n| n.handle.id).min().unwrap()).unwrap();
+    let healthy = (target + 1) % 3;
+    let expected = local_records(&nodes[healthy], seg_id);
+    let damaged_offset = expected.len() as u64 / 2;
+    let damaged = damage_record(&segment_file(dir.path(), &nodes[target], seg_id), damaged_offset);
+    let err = nodes[target].handle.segments.store().reader(seg_id).unwrap().read(0, u64::MAX, usize::MAX).unwrap_err();
+    assert!(matches!(err, eventtermq_storage::StorageError::Corrupt { .. }), "the damage is detected: {err}");
+
+    let binding = BindingSpec {
+        topic: "t".into(),
+        exchange_type: ExchangeType::Fanout,
+        routing_key: String::new(),
+        headers: Default::default(),
+        headers_match: HeadersMatch::All,
+    };
+    let spec = ConsumerGroupSpec { bindings: vec![binding], size: 1000, since_unix_ms: 0 };
+    let cmd = Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec };
+    nodes[0].handle.cluster.write(cmd).await.unwrap();
+    let placed = wait_for(Duration::from_secs(10), "the group placed", || {
+        nodes[0].handle.cluster.state.read().state.group_runtime("default", "g").and_then(|g| g.node)
+    })
+    .await;
+    assert_eq!(placed, nodes[target].handle.id, "the test expects the group on the node with the damaged copy");
+
+    let (client, _listeners) = net.attach("client:1");
+    let mut messaging = MessagingClient::new(client.data_channel(&nodes[target].name));
+    let subscribe = |max_messages: u64, do_not_block: bool| SubscribeRequest {
+        namespace: "default".into(),
+        consumer_group: "g".into(),
+        auto_ack: true,
+        do_not_block,
+        max_messages,
+        ..Default::default()
+    };
+    let mut stream = messaging.subscribe(subscribe(sent.len() as u64, false)).await.unwrap().into_inner();
+    let mut got: Vec<(u64, u64, u32)> = Vec::new();
+    let receiving = async {
+        while let Some(m) = stream.message().await.unwrap() {
+            let data = m.message.unwrap().data;
+            got.push((m.segment_id, m.offset, String::from_utf8(data.to_vec()).unwrap().parse().unwrap()));
+            if got.len() == sent.len() {
+                break;
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(30), receiving).await.is_err() {
+        panic!("{} of {} messages arrived", got.len(), sent.len());
+    }
+    let mut ids: Vec<u32> = got.iter().map(|(_, _, i)| *i).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, sent, "every message exactly once, with its content");
+    assert!(
+        got.iter().any(|(s, o, _)| (*s, *o) == (seg_id, damaged_offset)),
+        "the damaged record came from a good copy"
+    );
+    for (s, o, i) in &got {
+        if *s == seg_id {
+            let m = <eventtermq_proto::v1::Message as prost::Message>::decode(expected[*o as usize].payload.clone());
+            assert_eq!(m.unwrap().data, i.to_string().into_bytes(), "segment {s} offset {o}");
+        }
+    }
+    drop(stream);
+    let more = messaging.subscribe(subscribe(0, true)).await.unwrap().into_inner().message().await.unwrap();
+    assert!(more.is_none(), "nothing is delivered twice: {more:?}");
+
+    // The damaged copy was set aside (bytes kept) and replaced by a good one.
+    eventually(Duration::from_secs(30), "the node holds a good copy again", || async {
+        holds_good_copy(&nodes[target], seg_id, &expected)
+    })
+    .await;
+    let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+    assert!(
+        reported_lost(dir.path(), &names, seg_id, placed),
+        "the node did not give up its claim on the damaged copy"
+    );
+    let quarantined = nodes[target].handle.segments.store().quarantined();
+    assert_eq!(quarantined.iter().map(|q| q.id).collect::<Vec<_>>(), vec![seg_id], "{quarantined:?}");
+    assert_eq!(std::fs::read(&quarantined[0].files[0]).unwrap(), damaged);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_damaged_while_its_node_was_down_is_quarantined_at_start_and_fetched_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let mut nodes = three(&net, dir.path()).await;
+    let (sent, seg_id) = sealed_everywhere(&nodes, 300, 2048).await;
+    let victim = (leader_index(&nodes) + 1) % 3;
+    let expected = local_records(&nodes[(victim + 1) % 3], seg_id);
+    let node = nodes.remove(victim);
+    let victim_id = node.handle.id;
+    let path = segment_file(dir.path(), &node, seg_id);
+    let name = node.name.clone();
+    node.shutdown.cancel();
+    node.handle.wait().await;
+    // A damaged header: nothing in the file can be trusted.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[3] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let node = start(&net, dir.path(), &name, &["a:1", "b:1", "c:1"]).await;
+    let quarantined = node.handle.segments.store().quarantined();
+    assert_eq!(quarantined.iter().map(|q| q.id).collect::<Vec<_>>(), vec![seg_id], "{quarantined:?}");
+    assert_eq!(std::fs::read(&quarantined[0].files[0]).unwrap(), bytes);
+    eventually(Duration::from_secs(30), "the restarted node holds a good copy again", || async {
+        holds_good_copy(&node, seg_id, &expected)
+    })
+    .await;
+    let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).chain([name.as_str()]).collect();
+    assert!(
+        reported_lost(dir.path(), &names, seg_id, victim_id),
+        "the restarted node did not give up its claim on the quarantined copy"
+    );
+    let mut read = read_topic(&node).await;
+    read.sort_unstable();
+    assert_eq!(read, sent);
+    nodes.push(node);
+    for n in nodes {
+        n.shutdown.cancel();
+        n.handle.wait().await;
+    }
+}

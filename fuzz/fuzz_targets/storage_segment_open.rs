@@ -9,7 +9,8 @@
 //! bit 1: with bit 0, a valid seal trailer follows them; bit 2: the index part follows a
 //! valid index header (id 7, nonce 42). Bits 3-7: index interval (x 16 bytes).
 //!
-//! Asserts: never panics; when it opens, an unsealed segment was only truncated, its
+//! Asserts: never panics; when it opens, a segment left out of the store was quarantined
+//! with its bytes kept as they were; an unsealed segment was only truncated, its
 //! records have consecutive offsets from 0, their checksum is the store's, reads in small
 //! steps and time look-ups agree with one big read, an append after recovery reads back,
 //! and opening again gives the same records. Sealed segments are trusted on open, so
@@ -51,7 +52,13 @@ fuzz_target!(|data: &[u8]| {
     }
     let config = Config { index_interval_bytes: u32::from(mode >> 3) * 16 };
     let Ok(store) = Store::open(&dir, config.clone()) else { return };
-    let info = store.info(ID).expect("the segment is listed");
+    let Some(info) = store.info(ID) else {
+        let q = store.quarantined();
+        assert_eq!(q.iter().map(|q| q.id).collect::<Vec<_>>(), [ID], "an unlisted segment is a quarantined one");
+        assert_eq!(fs::read(&q[0].files[0]).expect("quarantined segment file"), seg, "quarantine kept the bytes");
+        assert!(!seg_path.exists());
+        return;
+    };
     let reader = store.reader(ID).expect("reader");
     assert_eq!(reader.next_offset(), info.next_offset);
     let all = match reader.read(0, u64::MAX, usize::MAX) {

@@ -288,6 +288,13 @@ pub fn encode_trailer(out: &mut Vec<u8>, t: &SealTrailer) {
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
+/// The nonce field of bytes laid out as a seal trailer, valid or not. Clients never see
+/// a segment's nonce, so finding it there means the segment wrote a trailer: if the
+/// trailer then fails its checks it is damaged, not record bytes of an unsealed segment.
+pub fn trailer_nonce(buf: &[u8]) -> Option<u64> {
+    (buf.len() >= 16).then(|| u64_at(buf, 8))
+}
+
 pub fn decode_trailer(buf: &[u8]) -> Result<Decoded<SealTrailer>, CodecError> {
     if buf.len() < TRAILER_LEN {
         return Ok(Decoded::Incomplete { needed: TRAILER_LEN - buf.len() });

@@ -20,6 +20,13 @@
 //! rebuilt from the scan. A sealed segment is trusted through its trailer (which carries
 //! the segment's random nonce, so payload bytes cannot forge one); its index is checked
 //! and rebuilt when missing or damaged.
+//!
+//! Quarantine: a segment whose header is damaged, whose seal trailer is recognisably
+//! its own but damaged, or whose records the open-time checks find broken is not
+//! served and does not stop the store from opening: its files are renamed aside
+//! (`<name>.corrupt-<unix ms>`, kept for forensics) and reported by
+//! [`Store::quarantined`]. [`Store::quarantine`] does the same for damage found later
+//! (a read that failed its checksum), so the owner can fetch a good copy elsewhere.
 
 use std::path::Path;
 
@@ -34,7 +41,7 @@ mod writer;
 
 pub use error::StorageError;
 pub use reader::SegmentReader;
-pub use store::Store;
+pub use store::{Quarantined, Store};
 pub use writer::{SegmentWriter, Syncer};
 
 /// Settings of a [`Store`].

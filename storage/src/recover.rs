@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use crate::codec::{
     decode_frame_header, decode_header, decode_index_entry, decode_trailer, encode_header, encode_index_entry,
-    verify_frame, Decoded, FileHeader, FileKind, IndexEntry, FILE_HEADER_LEN, FRAME_HEADER_LEN, INDEX_ENTRY_LEN,
-    TRAILER_LEN,
+    trailer_nonce, verify_frame, Decoded, FileHeader, FileKind, IndexEntry, FILE_HEADER_LEN, FRAME_HEADER_LEN,
+    INDEX_ENTRY_LEN, TRAILER_LEN,
 };
 use crate::files::{corrupt, Cursor, Files};
 use crate::segment::{SegState, Segment};
@@ -85,6 +85,10 @@ pub(crate) fn create(dir: &Path, id: u64) -> Result<Segment, StorageError> {
 
 /// Opens an existing segment: trusts a valid seal trailer, scans (and cuts the torn or
 /// corrupt tail of) anything else; rebuilds the index when needed.
+///
+/// `Corrupt` means damage that cutting a tail cannot repair (a damaged header, a
+/// damaged seal trailer, a sealed segment whose records fail the checks): the caller
+/// sets the segment aside. The files are left as they were.
 pub(crate) fn recover(dir: &Path, id: u64, config: &Config) -> Result<Segment, StorageError> {
     let (seg_path, idx_path) = paths(dir, id);
     let seg = open_rw(&seg_path)?;
@@ -115,15 +119,17 @@ pub(crate) fn recover(dir: &Path, id: u64, config: &Config) -> Result<Segment, S
         Err(e) => return Err(corrupt(id, &seg_path, 0, format!("segment header: {e}"))),
     };
 
-    if let Some(trailer) = read_trailer(&seg, &seg_path, file_len, nonce)? {
+    if let Some(trailer) = read_trailer(id, &seg, &seg_path, file_len, nonce)? {
         drop(seg);
         return recover_sealed(id, nonce, seg_path, idx_path, trailer, config);
     }
     recover_unsealed(id, nonce, seg, seg_path, idx_path, file_len, config)
 }
 
-/// The seal trailer at the end of the file, if there is a valid one for this segment.
+/// The seal trailer at the end of the file, if there is a valid one for this segment;
+/// `Corrupt` if the segment's own trailer is there but damaged.
 fn read_trailer(
+    id: u64,
     seg: &File,
     path: &Path,
     file_len: u64,
@@ -134,17 +140,34 @@ fn read_trailer(
         return Ok(None);
     }
     let mut buf = [0u8; TRAILER_LEN];
-    seg.read_exact_at(&mut buf, file_len - TRAILER_LEN as u64).map_err(io_err(path))?;
-    Ok(match decode_trailer(&buf) {
+    let position = file_len - TRAILER_LEN as u64;
+    seg.read_exact_at(&mut buf, position).map_err(io_err(path))?;
+    let decoded = decode_trailer(&buf);
+    let problem = match &decoded {
         Ok(Decoded::Complete(t, _))
             if t.nonce == nonce
                 && t.records_len == file_len - min_len
                 && t.record_count <= t.records_len / FRAME_HEADER_LEN as u64 =>
         {
-            Some(t)
+            return Ok(Some(*t));
         }
-        _ => None,
-    })
+        Ok(Decoded::Complete(t, _)) => format!(
+            "seal trailer does not fit the file: {} records in {} bytes, the file has {} bytes of records",
+            t.record_count,
+            t.records_len,
+            file_len - min_len
+        ),
+        Ok(Decoded::Incomplete { .. }) => "short seal trailer".to_string(),
+        Err(e) => format!("seal trailer: {e}"),
+    };
+    // Zeros where the trailer's checksum should be: a crash while sealing, whose bytes
+    // did not all reach the disk. The records before it are checked by the scan of an
+    // unsealed segment, and the segment is sealed again.
+    let torn = buf[TRAILER_LEN - 4..].iter().all(|b| *b == 0);
+    if trailer_nonce(&buf) == Some(nonce) && !torn {
+        return Err(corrupt(id, path, position, problem));
+    }
+    Ok(None)
 }
 
 fn recover_sealed(
@@ -163,12 +186,17 @@ fn recover_sealed(
             let seg = File::open(&seg_path).map_err(io_err(&seg_path))?;
             let scan = scan(&seg, &seg_path, len, config)?;
             if scan.problem.is_some() || scan.next_offset != trailer.record_count || scan.checksum != trailer.checksum {
-                let reason = scan
-                    .problem
-                    .as_ref()
-                    .map_or("record count or checksum differs from the trailer", |p| p.reason.as_str());
-                tracing::error!(id, file = %seg_path.display(), position = scan.len, offset = scan.next_offset,
-                    %reason, "SEALED SEGMENT IS DAMAGED: records from this offset on cannot be read");
+                // The scan was needed anyway for the index; what it found is damage in
+                // records that were sealed, and a sealed segment is not cut: it is set
+                // aside whole so that a complete copy can replace it.
+                let reason = match &scan.problem {
+                    Some(p) => format!("record at offset {}: {}", scan.next_offset, p.reason),
+                    None => format!(
+                        "the records ({} of them, checksum {:08x}) differ from the seal trailer ({}, {:08x})",
+                        scan.next_offset, scan.checksum, trailer.record_count, trailer.checksum
+                    ),
+                };
+                return Err(corrupt(id, &seg_path, scan.len, reason));
             }
             write_index_file(&idx_path, id, nonce, &scan.index)?;
             (scan.idx_count, scan.last_index_pos)

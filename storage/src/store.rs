@@ -9,7 +9,21 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use crate::reader::SegmentReader;
 use crate::segment::Segment;
 use crate::writer::SegmentWriter;
-use crate::{fsync_dir, parse_segment_file_name, recover, Config, SegmentInfo, StorageError};
+use crate::{
+    fsync_dir, index_file_name, parse_segment_file_name, recover, segment_file_name, Config, SegmentInfo, StorageError,
+};
+
+/// A segment set aside because its files are damaged: it is no longer listed, read or
+/// written; its bytes stay in `files` for whoever investigates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quarantined {
+    pub id: u64,
+    /// The segment file, and its index when there was one, as renamed:
+    /// `<name>.corrupt-<unix ms>`.
+    pub files: Vec<PathBuf>,
+    /// What was found wrong.
+    pub reason: String,
+}
 
 /// The segments of one directory. Cheap to clone (shared); `Send + Sync`.
 #[derive(Clone)]
@@ -21,6 +35,7 @@ struct Inner {
     dir: PathBuf,
     config: Config,
     segments: Mutex<BTreeMap<u64, Arc<Segment>>>,
+    quarantined: Mutex<Vec<Quarantined>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -33,7 +48,9 @@ impl Store {
     /// Opens `dir` (creating it) and recovers every segment in it: unsealed segments
     /// are scanned and a torn or corrupt tail is cut off (logged), never served; sealed
     /// ones are trusted through their seal trailer. Indexes are rebuilt where needed.
-    /// A segment whose header is damaged fails the open with [`StorageError::Corrupt`].
+    /// A segment that is damaged beyond a torn tail (its header, its seal trailer, or
+    /// sealed records that the open-time checks read) is quarantined: renamed aside,
+    /// logged, left out of the store and listed by [`Store::quarantined`].
     pub fn open(dir: &Path, config: Config) -> Result<Store, StorageError> {
         if !dir.is_dir() {
             fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
@@ -66,11 +83,29 @@ impl Store {
             }
         }
         let mut segments = BTreeMap::new();
+        let mut quarantined = Vec::new();
         for id in ids {
-            segments.insert(id, Arc::new(recover::recover(dir, id, &config)?));
+            match recover::recover(dir, id, &config) {
+                Ok(seg) => {
+                    segments.insert(id, Arc::new(seg));
+                }
+                // One damaged file must not take the other segments (and the node) down
+                // with it; its bytes are kept rather than guessed at, and a copy from
+                // elsewhere can take its place.
+                Err(e @ StorageError::Corrupt { .. }) => quarantined.push(set_aside(dir, id, e.to_string())?),
+                Err(e) => return Err(e),
+            }
         }
-        tracing::debug!(dir = %dir.display(), segments = segments.len(), "segment store opened");
-        Ok(Store { inner: Arc::new(Inner { dir: dir.to_path_buf(), config, segments: Mutex::new(segments) }) })
+        tracing::debug!(dir = %dir.display(), segments = segments.len(), quarantined = quarantined.len(),
+            "segment store opened");
+        Ok(Store {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                config,
+                segments: Mutex::new(segments),
+                quarantined: Mutex::new(quarantined),
+            }),
+        })
     }
 
     /// The directory of the store.
@@ -84,6 +119,12 @@ impl Store {
 
     fn get(&self, id: u64) -> Result<Arc<Segment>, StorageError> {
         self.segments().get(&id).cloned().ok_or(StorageError::NotFound { id })
+    }
+
+    /// The segments set aside as damaged since the store was opened (at the open and by
+    /// [`Store::quarantine`]), oldest first.
+    pub fn quarantined(&self) -> Vec<Quarantined> {
+        self.inner.quarantined.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Every segment, by id.
@@ -151,6 +192,49 @@ impl Store {
         remove_file(&seg.idx_path)?;
         fsync_dir(&self.inner.dir)
     }
+
+    /// Sets a damaged segment aside (e.g. a read failed its checksum): from now on it is
+    /// not listed and cannot be read or written, so the id is free for a good copy; its
+    /// files are renamed, not removed. Readers that exist keep their open files; a live
+    /// writer gets `NotFound`. On an error the segment is out of service all the same,
+    /// but its files may still have their names.
+    pub fn quarantine(&self, id: u64, reason: &str) -> Result<Quarantined, StorageError> {
+        let mut segments = self.segments();
+        let seg = segments.remove(&id).ok_or(StorageError::NotFound { id })?;
+        seg.state().deleted = true;
+        seg.unpin();
+        let q = set_aside(&self.inner.dir, id, reason.to_string())?;
+        drop(segments);
+        self.inner.quarantined.lock().unwrap_or_else(PoisonError::into_inner).push(q.clone());
+        Ok(q)
+    }
+}
+
+/// Renames a segment's files to `<name>.corrupt-<unix ms>` (durably), which nothing in
+/// the store opens again.
+fn set_aside(dir: &Path, id: u64, reason: String) -> Result<Quarantined, StorageError> {
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let original = dir.join(segment_file_name(id));
+    let mut files = Vec::new();
+    // The segment first: an index left behind by a crash is removed on open.
+    for name in [segment_file_name(id), index_file_name(id)] {
+        let from = dir.join(&name);
+        let mut to = dir.join(format!("{name}.corrupt-{stamp}"));
+        let mut n = 1;
+        while to.exists() {
+            to = dir.join(format!("{name}.corrupt-{stamp}-{n}"));
+            n += 1;
+        }
+        match fs::rename(&from, &to) {
+            Ok(()) => files.push(to),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StorageError::io(&from, e)),
+        }
+    }
+    fsync_dir(dir)?;
+    tracing::error!(id, file = %original.display(), moved_to = ?files, %reason,
+        "SEGMENT IS DAMAGED: quarantined (its files are kept aside and never served)");
+    Ok(Quarantined { id, files, reason })
 }
 
 fn remove_file(path: &Path) -> Result<(), StorageError> {

@@ -78,6 +78,13 @@ pub enum Command {
         size_bytes: u64,
         checksum: u32,
     },
+    /// `node` no longer has its complete copy of a closed segment (it was found damaged
+    /// and set aside). It stays a replica, so it fetches the segment again and reports
+    /// `SegmentDone` once it holds a good copy; meanwhile nobody reads from it.
+    SegmentLost {
+        id: SegmentId,
+        node: NodeId,
+    },
     /// The leader changes who should hold a closed segment (re-replication).
     SetSegmentReplicas {
         id: SegmentId,
@@ -215,6 +222,11 @@ impl ClusterState {
                     if !s.replicas.contains(node) {
                         s.replicas.push(*node);
                     }
+                }
+            }
+            Command::SegmentLost { id, node } => {
+                if let Some(s) = self.segments.get_mut(id) {
+                    s.done.retain(|n| n != node);
                 }
             }
             Command::SetSegmentReplicas { id, replicas } => {
@@ -372,6 +384,10 @@ impl ClusterState {
                 s if !s.is_open() => Ok(()),
                 _ => Err(RequestError::new(ErrorCode::SegmentOpen, format!("id: segment {id} is still open"))),
             },
+            Command::SegmentLost { id, .. } => match self.segment(*id)? {
+                s if !s.is_open() => Ok(()),
+                _ => Err(RequestError::new(ErrorCode::SegmentOpen, format!("id: segment {id} is still open"))),
+            },
             Command::SetSegmentReplicas { id, replicas } => match self.segment(*id)? {
                 _ if replicas.is_empty() => {
                     Err(RequestError::new(ErrorCode::InvalidArgument, "replicas: must not be empty"))
@@ -463,6 +479,37 @@ mod tests {
 
     fn create_topic(ns: &str, name: &str, spec: TopicSpec) -> Command {
         Command::CreateTopic { namespace: ns.into(), name: name.into(), spec }
+    }
+
+    #[test]
+    fn a_lost_copy_leaves_done_but_stays_a_replica_until_it_is_done_again() {
+        let mut s = ClusterState::new_cluster();
+        s.apply(&create_topic("default", "t", topic(1))).unwrap();
+        let open = Command::OpenSegment {
+            namespace: "default".into(),
+            topic: "t".into(),
+            shard: 0,
+            replicas: vec![1, 2, 3],
+            now_unix_ms: 0,
+        };
+        s.apply(&open).unwrap();
+        let id = *s.segments.keys().next().unwrap();
+        let lost = Command::SegmentLost { id, node: 1 };
+        assert_eq!(s.apply(&lost).unwrap_err().code, ErrorCode::SegmentOpen);
+        let close =
+            Command::CloseSegment { id, next_offset: 5, size_bytes: 9, checksum: 0, done: vec![], now_unix_ms: 1 };
+        s.apply(&close).unwrap();
+        for node in [1, 2] {
+            s.apply(&Command::SegmentDone { id, node, size_bytes: 9, checksum: 7 }).unwrap();
+        }
+        s.apply(&lost).unwrap();
+        s.apply(&lost).unwrap();
+        assert_eq!((&s.segments[&id].done, &s.segments[&id].replicas), (&vec![2], &vec![1, 2, 3]));
+        assert_eq!(s.segments[&id].checksum, 7, "the agreed checksum stays");
+        s.apply(&Command::SegmentDone { id, node: 1, size_bytes: 9, checksum: 7 }).unwrap();
+        assert_eq!(s.segments[&id].done, vec![2, 1]);
+        let missing = Command::SegmentLost { id: id + 1, node: 1 };
+        assert_eq!(s.apply(&missing).unwrap_err().code, ErrorCode::SegmentNotFound);
     }
 
     #[test]

@@ -101,6 +101,11 @@ pub async fn start(
 
     let store = eventtermq_storage::Store::open(&config.dir.join("segments"), eventtermq_storage::Config::default())
         .map_err(|e| NodeError::Storage(e.to_string()))?;
+    for q in store.quarantined() {
+        // The keeper fetches a good copy of whatever the cluster state places here.
+        tracing::warn!(segment_id = q.id, files = ?q.files, reason = %q.reason,
+            "a damaged segment was quarantined at startup; a copy this node should hold is fetched again");
+    }
     let segments = Segments::new(store, cluster.clone(), network.clone(), config.data.clone());
     let groups = Groups::new(segments.clone());
 

@@ -6,6 +6,9 @@
 //!   failed over instead (closed at the longest replica's log) and a new one opened;
 //! - a closed segment this node should hold is truncated or completed to the agreed
 //!   length, sealed, checked against the agreed checksum, and reported done;
+//! - a closed segment the state says this node holds complete, but whose copy is gone
+//!   (quarantined as damaged at startup or after a failed read, or dropped for
+//!   differing), is reported lost, so readers go elsewhere, and fetched again as above;
 //! - a segment the state no longer has (retention, deleted topic) is deleted.
 
 use std::collections::HashSet;
@@ -22,10 +25,16 @@ const TICK: Duration = Duration::from_millis(250);
 
 pub async fn run(segments: Segments, stop: CancellationToken) {
     let me = segments.cluster().id;
-    // Files that exist before this process started: see the module comment.
-    let preexisting: HashSet<SegmentId> = segments.store().list().iter().map(|s| s.id).collect();
+    // Files that exist before this process started: see the module comment. A file
+    // quarantined at startup counts: the primary it belonged to wrote records that the
+    // replicas may have and a fresh file would not.
+    let store = segments.store();
+    let preexisting: HashSet<SegmentId> =
+        store.list().iter().map(|s| s.id).chain(store.quarantined().iter().map(|q| q.id)).collect();
     let mut started: HashSet<SegmentId> = HashSet::new();
     let finishing: std::sync::Arc<std::sync::Mutex<HashSet<SegmentId>>> = Default::default();
+    // Copies being reported lost, until the state no longer lists them done here.
+    let losing: std::sync::Arc<std::sync::Mutex<HashSet<SegmentId>>> = Default::default();
     let mut metrics = segments.cluster().raft.metrics();
     loop {
         let snapshot: Vec<(SegmentId, SegmentRecord)> =
@@ -64,6 +73,17 @@ pub async fn run(segments: Segments, stop: CancellationToken) {
             let holds = seg.replicas.contains(&me);
             let complete = seg.done.contains(&me)
                 && segments.store().info(id).is_some_and(|i| i.sealed && i.next_offset == seg.next_offset);
+            if !seg.done.contains(&me) {
+                lock(&losing).remove(&id);
+            } else if !complete && lock(&losing).insert(id) {
+                let (segments, losing) = (segments.clone(), losing.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = report_lost(&segments, id).await {
+                        tracing::warn!(segment_id = id, error = %e, "reporting a lost copy failed; retrying");
+                        lock(&losing).remove(&id);
+                    }
+                });
+            }
             if holds && !complete && lock(&finishing).insert(id) {
                 let (segments, finishing, stop) = (segments.clone(), finishing.clone(), stop.clone());
                 tokio::spawn(async move {
@@ -103,6 +123,17 @@ pub(crate) fn topic_segment_size(segments: &Segments, seg: &SegmentRecord) -> u6
     match topic.map(|t| t.segment_size_max_bytes) {
         Some(n) if n > 0 => n,
         _ => segments.settings().segment_size_max_bytes,
+    }
+}
+
+/// Tells the cluster this node no longer has its complete copy of a closed segment.
+async fn report_lost(segments: &Segments, id: SegmentId) -> Result<(), RequestError> {
+    let me = segments.cluster().id;
+    tracing::warn!(segment_id = id, "this node's complete copy of a closed segment is gone; fetching it again");
+    match segments.cluster().write(Command::SegmentLost { id, node: me }).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.code == ErrorCode::SegmentNotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

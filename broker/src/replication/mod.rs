@@ -57,6 +57,9 @@ struct Inner {
     primaries: Mutex<HashMap<SegmentId, primary::PrimaryHandle>>,
     /// Segments the leader froze for a fail-over: no more records are accepted.
     frozen: Mutex<std::collections::HashSet<SegmentId>>,
+    /// Damaged local copies already reported that could not be replaced (no other
+    /// complete copy): reported once, not on every retried read.
+    corrupt_kept: Mutex<std::collections::HashSet<SegmentId>>,
 }
 
 impl Segments {
@@ -70,6 +73,7 @@ impl Segments {
                 writers: Mutex::default(),
                 primaries: Mutex::default(),
                 frozen: Mutex::default(),
+                corrupt_kept: Mutex::default(),
             }),
         }
     }

@@ -1,12 +1,17 @@
 //! Reading segments: an open segment's confirmed records from its primary, a closed
 //! segment from any node that holds a complete copy, locally when this node is one.
+//!
+//! A local sealed copy whose records fail their checksum is never served: the read goes
+//! to another complete copy, and the damaged one is quarantined (set aside by the
+//! store) when another exists, which makes the keeper report it lost and fetch it
+//! again.
 
 use std::time::Duration;
 
 use eventtermq_proto::internal::v1::{internal_client::InternalClient, ReadSegmentRequest};
-use eventtermq_storage::Record;
+use eventtermq_storage::{Record, StorageError};
 
-use super::{from_wire, storage_error, Segments};
+use super::{from_wire, lock, storage_error, Segments};
 use crate::cluster_state::{SegmentId, SegmentRecord};
 use crate::error::{ErrorCode, RequestError};
 
@@ -43,8 +48,17 @@ impl Segments {
         match self.store().info(id) {
             Some(info) if info.sealed => {
                 let reader = self.store().reader(id).map_err(storage_error)?;
-                let records = blocking_read(reader, from, info.next_offset, max_bytes).await?;
-                Ok(ReadResult { records, end_offset: info.next_offset, closed: true })
+                match read_blocking(reader, from, info.next_offset, max_bytes).await? {
+                    Ok(records) => Ok(ReadResult { records, end_offset: info.next_offset, closed: true }),
+                    Err(e @ StorageError::Corrupt { .. }) => {
+                        self.corrupt_copy(id, from, max_bytes, &e).await;
+                        Err(RequestError::new(
+                            ErrorCode::CorruptCopy,
+                            format!("segment_id: node {}'s copy of segment {id} is damaged: {e}", self.cluster().id),
+                        ))
+                    }
+                    Err(e) => Err(storage_error(e)),
+                }
             }
             _ => Err(RequestError::new(
                 ErrorCode::NotReady,
@@ -72,7 +86,11 @@ impl Segments {
                 && self.store().info(id).is_some_and(|i| i.sealed && i.next_offset == seg.next_offset)
         };
         if local_ok {
-            return self.read_local(id, from, max_bytes, wait).await;
+            match self.read_local(id, from, max_bytes, wait).await {
+                // Not served; another complete copy may have the records.
+                Err(e) if e.code == ErrorCode::CorruptCopy => {}
+                r => return r,
+            }
         }
         let candidates: Vec<u64> = if seg.is_open() {
             vec![seg.primary]
@@ -114,6 +132,46 @@ impl Segments {
         }
         Err(last_err)
     }
+
+    /// A read of this node's sealed copy of `id` failed its checksum (`err`). Sets the
+    /// copy aside when another node has a complete one: the keeper then reports it
+    /// lost and fetches it again. The only complete copy is kept: setting it aside
+    /// would make its good records unreadable too, with nothing to replace them.
+    async fn corrupt_copy(&self, id: SegmentId, from: u64, max_bytes: usize, err: &StorageError) {
+        // Concurrent reads of the damaged copy all come here, and by now one of them may
+        // have replaced it: only a copy that still fails is set aside.
+        let still_damaged = match (self.store().info(id), self.store().reader(id)) {
+            (Some(info), Ok(reader)) if info.sealed => matches!(
+                read_blocking(reader, from, info.next_offset, max_bytes).await,
+                Ok(Err(StorageError::Corrupt { .. }))
+            ),
+            _ => false,
+        };
+        if !still_damaged {
+            return;
+        }
+        let me = self.cluster().id;
+        let other_copy = {
+            let st = self.cluster().state.read();
+            st.state.segments.get(&id).is_some_and(|s| !s.is_open() && s.done.iter().any(|n| *n != me))
+        };
+        if !other_copy {
+            if lock(&self.inner.corrupt_kept).insert(id) {
+                tracing::error!(segment_id = id, error = %err,
+                    "this node's copy of a segment is damaged and no other node has a complete one: \
+                     keeping it for an operator (its damaged records are not served)");
+            }
+            return;
+        }
+        lock(&self.inner.corrupt_kept).remove(&id);
+        match self.store().quarantine(id, &err.to_string()) {
+            Ok(_) => tracing::warn!(
+                segment_id = id,
+                "damaged local copy set aside; reading from another copy and fetching a good one"
+            ),
+            Err(e) => tracing::warn!(segment_id = id, error = %e, "setting a damaged local copy aside failed"),
+        }
+    }
 }
 
 async fn blocking_read(
@@ -122,8 +180,18 @@ async fn blocking_read(
     until: u64,
     max_bytes: usize,
 ) -> Result<Vec<Record>, RequestError> {
+    read_blocking(reader, from, until, max_bytes).await?.map_err(storage_error)
+}
+
+/// Reads off the async runtime; the outer error is the blocking task's, the inner the
+/// storage's.
+async fn read_blocking(
+    reader: eventtermq_storage::SegmentReader,
+    from: u64,
+    until: u64,
+    max_bytes: usize,
+) -> Result<Result<Vec<Record>, StorageError>, RequestError> {
     tokio::task::spawn_blocking(move || reader.read(from, until, max_bytes))
         .await
-        .map_err(|e| RequestError::new(ErrorCode::Internal, e.to_string()))?
-        .map_err(storage_error)
+        .map_err(|e| RequestError::new(ErrorCode::Internal, e.to_string()))
 }
