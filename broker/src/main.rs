@@ -15,10 +15,14 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> std::process::ExitCode {
     let args = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match args.command {
         None => {
             init_logging(args.broker.log_format);
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if args.broker.worker_threads > 0 {
+                builder.worker_threads(args.broker.worker_threads);
+            }
+            let runtime = builder.enable_all().build().expect("tokio runtime");
             let config = match cli::run::node_config(&args.broker, &args.host, args.port) {
                 Ok(c) => c,
                 Err(e) => {
@@ -35,6 +39,9 @@ fn main() -> std::process::ExitCode {
             }
         }
         Some(command) => {
+            // A client is one conversation at a time: one thread, no hand-offs between
+            // threads on every request and answer.
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
             let ctx =
                 Ctx { addr: cli::target_addr(&args.host, args.port), namespace: args.namespace, output: args.output };
             match runtime.block_on(cli::commands::execute(&ctx, command)) {

@@ -6,7 +6,7 @@ use bytes::Bytes;
 
 use crate::codec::{FILE_HEADER_LEN, FRAME_HEADER_LEN};
 use crate::files::{corrupt, index_ceil, index_floor, Cursor, Files};
-use crate::segment::{SegState, Segment};
+use crate::segment::{ReadHint, SegState, Segment};
 use crate::{Record, StorageError};
 
 /// Scratch buffer of a read: at most this, at least a page (and no more than the
@@ -64,10 +64,15 @@ impl SegmentReader {
         }
         let id = self.seg.id;
         let files = &*self.files;
-        let start = self.floor(&snap, |e| e.offset <= from_offset)?;
+        let hint = self.seg.hint(from_offset, snap.truncations).filter(|h| h.position <= snap.len);
+        let start = match hint {
+            Some(h) => At { offset: h.offset, position: h.position },
+            None => self.floor(&snap, |e| e.offset <= from_offset)?,
+        };
         // An upper bound of the bytes to read: up to the first index entry at or past
-        // the end (or the end of the records).
-        let end_position = if end_offset == snap.next_offset {
+        // the end (or the end of the records). A sequential reader (hinted) is near the
+        // end anyway and saves the index search.
+        let end_position = if end_offset == snap.next_offset || hint.is_some() {
             snap.len
         } else {
             index_ceil(id, files, snap.idx_count, |e| e.offset < end_offset)?.map_or(snap.len, |e| e.position)
@@ -112,6 +117,7 @@ impl SegmentReader {
             found.push((h.offset, h.timestamp_ms, payload_start, payload_len));
             offset += 1;
         }
+        self.seg.remember(ReadHint { offset, position: cur.pos(), truncations: snap.truncations });
         let data = Bytes::from(data);
         Ok(found
             .into_iter()
@@ -151,5 +157,52 @@ impl SegmentReader {
             offset: e.offset,
             position: e.position,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use crate::{Config, Store};
+
+    fn payloads(tag: u8, from: u64, n: u64, len: usize) -> Vec<Bytes> {
+        (from..from + n).map(|o| Bytes::from(vec![tag ^ o as u8; len + o as usize % 7])).collect()
+    }
+
+    /// Sequential reads start at remembered positions; a truncation must make those
+    /// positions stale even when records of other sizes now have the same offsets.
+    #[test]
+    fn hinted_reads_follow_truncations() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Config { index_interval_bytes: 300 }).unwrap();
+        let mut w = store.create(1).unwrap();
+        let r = store.reader(1).unwrap();
+        w.append(1, &payloads(1, 0, 40, 50)).unwrap();
+        // Read in small steps so positions are remembered at many offsets.
+        let mut next = 0;
+        while next < 40 {
+            let got = r.read(next, 40, 120).unwrap();
+            assert_eq!(got[0].offset, next);
+            next = got.last().unwrap().offset + 1;
+        }
+        w.truncate(10).unwrap();
+        w.append(2, &payloads(2, 10, 40, 90)).unwrap();
+        let expected = payloads(2, 10, 40, 90);
+        for from in [10, 20, 39, 40] {
+            let got = r.read(from, u64::MAX, usize::MAX).unwrap();
+            assert_eq!(got.len() as u64, 50 - from, "from {from}");
+            for rec in &got {
+                assert_eq!(rec.payload, expected[(rec.offset - 10) as usize], "offset {}", rec.offset);
+                assert_eq!(rec.timestamp_ms, 2);
+            }
+        }
+        // And hinted reads after the truncation are right too.
+        let mut next = 10;
+        while next < 50 {
+            let got = r.read(next, 50, 200).unwrap();
+            assert_eq!(got[0].payload, expected[(next - 10) as usize]);
+            next = got.last().unwrap().offset + 1;
+        }
     }
 }

@@ -62,6 +62,29 @@ pub(crate) struct Segment {
     files: Mutex<FileSlot>,
     /// Shared by reads, exclusive for truncation: a read never sees the file cut under it.
     shrink: RwLock<()>,
+    /// Where recent reads ended. A sequential reader (a replication stream, a consumer
+    /// group) starts its next read exactly there and skips the index search, which
+    /// costs one `pread` per step of a binary search.
+    hints: Mutex<Hints>,
+}
+
+/// Number of read positions remembered per segment: about one per concurrent
+/// sequential reader (replicas of an open segment, consumer groups).
+const READ_HINTS: usize = 8;
+
+/// A record's offset and the file position of its frame, valid while the segment has
+/// had `truncations` truncations.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ReadHint {
+    pub offset: u64,
+    pub position: u64,
+    pub truncations: u64,
+}
+
+#[derive(Default)]
+struct Hints {
+    slots: [Option<ReadHint>; READ_HINTS],
+    next: usize,
 }
 
 struct FileSlot {
@@ -87,7 +110,29 @@ impl Segment {
             state: Mutex::new(state),
             files: Mutex::new(FileSlot { pinned, cached }),
             shrink: RwLock::new(()),
+            hints: Mutex::default(),
         }
+    }
+
+    /// The remembered position of the record `offset`, if a read ended there since the
+    /// last truncation.
+    pub fn hint(&self, offset: u64, truncations: u64) -> Option<ReadHint> {
+        let hints = self.hints.lock().unwrap_or_else(PoisonError::into_inner);
+        hints.slots.iter().flatten().find(|h| h.offset == offset && h.truncations == truncations).copied()
+    }
+
+    /// Remembers where a read ended (replacing the same offset's or the oldest entry).
+    pub fn remember(&self, hint: ReadHint) {
+        let mut hints = self.hints.lock().unwrap_or_else(PoisonError::into_inner);
+        let slot = match hints.slots.iter().position(|h| h.is_some_and(|h| h.offset == hint.offset)) {
+            Some(i) => i,
+            None => {
+                let i = hints.next;
+                hints.next = (i + 1) % READ_HINTS;
+                i
+            }
+        };
+        hints.slots[slot] = Some(hint);
     }
 
     pub fn state(&self) -> MutexGuard<'_, SegState> {

@@ -100,6 +100,12 @@ pub struct BrokerArgs {
     /// Replace a closed segment's copy on a node DEAD this long with a copy on a live node.
     #[arg(long, default_value_t = DataSettings::default().rereplicate_after_ms)]
     pub rereplicate_after_ms: u64,
+    /// Threads that run the broker's tasks (0: one per CPU). Blocking file work (fsync,
+    /// reads) runs on a separate pool. Fewer threads mean fewer cross-thread wake-ups
+    /// per request, which matters where they are costly (virtual machines, several
+    /// brokers on one host).
+    #[arg(long, default_value_t = 0)]
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -47,6 +47,21 @@ pub(super) struct Proc {
     pub(super) host: String,
 }
 
+impl Proc {
+    /// Fails when the broker exited, e.g. because another one already listens on its
+    /// address (the bench would then measure that one).
+    pub(super) fn check_running(&mut self) -> Result<(), CliError> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(CliError::Usage(format!(
+                "the broker on {} exited ({status}); is another one listening there already?",
+                self.host
+            ))),
+            Err(e) => Err(CliError::Usage(format!("broker on {}: {e}", self.host))),
+        }
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -101,6 +116,22 @@ pub(super) fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) a process has used so far, in milliseconds; 0 when it is
+/// gone. On a shared machine this tells whether a change saved work, where wall-clock
+/// figures mostly tell how busy the neighbours were.
+pub(super) fn cpu_ms(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) * 1000 / CLOCK_TICKS_PER_S
+}
+
+/// `sysconf(_SC_CLK_TCK)`, which is 100 on every Linux architecture this runs on.
+const CLOCK_TICKS_PER_S: u64 = 100;
+
 async fn control_plane(
     hosts: &[String],
     port: u16,
@@ -118,6 +149,9 @@ async fn control_plane(
     wait_alive(&seed, 2).await?;
     procs.push(spawn(&hosts[2], port, &node_dir(2), Some(&seed))?);
     let formation = wait_alive(&addr(&hosts[2]), 3).await?;
+    for p in &mut procs {
+        p.check_running()?;
+    }
     println!(
         "{}",
         serde_json::json!({"bench": "formation", "third_start_to_3_alive_ms": formation.as_secs_f64() * 1e3})

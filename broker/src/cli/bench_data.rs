@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 
 use super::args::DataPathBenchArgs;
-use super::bench::{rss_kib, spawn, wait_alive, Proc};
+use super::bench::{cpu_ms, rss_kib, spawn, wait_alive, Proc};
 use super::commands::Ctx;
 use super::{admin_client, messaging_client, CliError};
 
@@ -50,6 +50,96 @@ pub async fn run(ctx: &Ctx, args: DataPathBenchArgs) -> Result<(), CliError> {
     result
 }
 
+/// The address of the primary of `topic`'s open segment.
+async fn primary_of(seed: &str, namespace: &str, topic: &str) -> Result<String, CliError> {
+    let mut admin = admin_client(seed)?;
+    let state = admin.dump(pb::DumpRequest { stale: false }).await.map_err(err)?.into_inner().state.unwrap_or_default();
+    let node = state
+        .segments
+        .iter()
+        .find(|s| s.open && s.namespace == namespace && s.topic == topic)
+        .map(|s| s.primary_node_id)
+        .ok_or_else(|| err(format!("topic {topic} has no open segment")))?;
+    state
+        .nodes
+        .iter()
+        .find(|n| n.id == node)
+        .map(|n| n.address.clone())
+        .ok_or_else(|| err(format!("node {node} has no address")))
+}
+
+/// W2 against one node.
+struct W2<'a, F: Fn(usize) -> pb::PublishRequest> {
+    procs: &'a [Proc],
+    count: u64,
+    request: &'a F,
+}
+
+impl<F: Fn(usize) -> pb::PublishRequest> W2<'_, F> {
+    async fn run(&self, what: &str, addr: &str) -> Result<(), CliError> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        let mut client = messaging_client(addr)?;
+        // The first call connects.
+        client.publish((self.request)(1)).await.map_err(err)?;
+        let progress = bar(self.count, "W2 latency");
+        let mut latencies = Vec::with_capacity(self.count as usize);
+        let cpu = Cpu::start(self.procs);
+        for _ in 1..self.count {
+            let t = Instant::now();
+            client.publish((self.request)(1)).await.map_err(err)?;
+            latencies.push(t.elapsed());
+            progress.inc(1);
+        }
+        progress.finish_and_clear();
+        latencies.sort();
+        let pct = |p: f64| {
+            latencies
+                .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+                .map_or(0.0, |d| d.as_secs_f64() * 1e6)
+        };
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": what,
+                "node": addr,
+                "messages": latencies.len(),
+                "p50_us": pct(0.50),
+                "p99_us": pct(0.99),
+                "cpu": cpu.report(self.procs, self.count),
+            })
+        );
+        Ok(())
+    }
+}
+
+/// CPU time the brokers and this client used during one workload.
+struct Cpu {
+    brokers_ms: u64,
+    client_ms: u64,
+}
+
+impl Cpu {
+    fn now(procs: &[Proc]) -> Self {
+        Cpu { brokers_ms: procs.iter().map(|p| cpu_ms(p.child.id())).sum(), client_ms: cpu_ms(std::process::id()) }
+    }
+
+    fn start(procs: &[Proc]) -> Self {
+        Self::now(procs)
+    }
+
+    fn report(&self, procs: &[Proc], messages: u64) -> serde_json::Value {
+        let now = Self::now(procs);
+        let brokers_ms = now.brokers_ms - self.brokers_ms;
+        serde_json::json!({
+            "brokers_ms": brokers_ms,
+            "client_ms": now.client_ms - self.client_ms,
+            "brokers_us_per_message": brokers_ms as f64 * 1e3 / messages.max(1) as f64,
+        })
+    }
+}
+
 async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::path::Path) -> Result<(), CliError> {
     let addr = |h: &str| format!("{h}:{port}");
     let seed = addr(&args.hosts[0]);
@@ -59,6 +149,9 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
         wait_alive(&seed, i + 1).await?;
     }
     wait_alive(&addr(&args.hosts[2]), 3).await?;
+    for p in &mut procs {
+        p.check_running()?;
+    }
     let mut admin = admin_client(&seed)?;
     let topic = pb::Topic { name: "bench".into(), shards: 1, replication_factor: 3, ..Default::default() };
     admin
@@ -102,6 +195,7 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
     let requests: Vec<pb::PublishRequest> =
         (0..total.div_ceil(batch)).map(|i| request(batch.min(total - i * batch) as usize)).collect();
     let progress = bar(total, "W1 publish");
+    let cpu = Cpu::start(&procs);
     let t0 = Instant::now();
     tokio::spawn(async move {
         for r in requests {
@@ -130,30 +224,24 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
             "messages_per_s": confirmed as f64 / w1.as_secs_f64(),
             "mb_per_s": (confirmed as f64 * args.message_bytes as f64) / w1.as_secs_f64() / 1e6,
             "rss_kib_after": rss,
+            "cpu": cpu.report(&procs, confirmed),
         })
     );
 
-    // W2: one message at a time, each waiting for its confirmation.
-    let progress = bar(args.latency_messages, "W2 latency");
-    let mut latencies = Vec::with_capacity(args.latency_messages as usize);
-    for _ in 0..args.latency_messages {
-        let t = Instant::now();
-        client.publish(request(1)).await.map_err(err)?;
-        latencies.push(t.elapsed());
-        progress.inc(1);
-    }
-    progress.finish_and_clear();
-    latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e6;
-    println!(
-        "{}",
-        serde_json::json!({"bench": "W2 publish one at a time", "messages": latencies.len(), "p50_us": pct(0.50), "p99_us": pct(0.99)})
-    );
+    // W2: one message at a time, each waiting for its confirmation; once sent to the
+    // segment's primary (as a client that knows where the data lives would), once
+    // through another node (which forwards it).
+    let primary = primary_of(&seed, &ctx.namespace, "bench").await?;
+    let other = args.hosts.iter().map(|h| addr(h)).find(|a| *a != primary).expect("three hosts");
+    let w2 = W2 { procs: &procs, count: args.latency_messages, request: &request };
+    w2.run("W2 publish one at a time, to the primary", &primary).await?;
+    w2.run("W2 publish one at a time, through another node", &other).await?;
 
     // W3: everything published so far, consumed through another node.
-    let expected = confirmed + args.latency_messages + 1;
+    let expected = confirmed + 2 * args.latency_messages + 1;
     let mut consumer = messaging_client(&addr(&args.hosts[2]))?;
     let progress = bar(expected, "W3 consume");
+    let cpu = Cpu::start(&procs);
     let t0 = Instant::now();
     let mut stream = consumer
         .subscribe(pb::SubscribeRequest {
@@ -189,6 +277,7 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
             "expected": expected,
             "seconds": w3.as_secs_f64(),
             "messages_per_s": received as f64 / w3.as_secs_f64(),
+            "cpu": cpu.report(&procs, received),
         })
     );
     drop(procs);

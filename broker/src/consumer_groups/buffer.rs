@@ -28,13 +28,16 @@
 //! message sits in flight. Outstanding offsets are bounded by capacity.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 /// One message handed to a subscriber, identified by its place in the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Delivery {
-    pub topic: String,
+    /// Shared by every delivery of the topic: a delivery is cloned into the in-flight
+    /// map, and one allocation per message would show in the consumer's throughput.
+    pub topic: Arc<str>,
     pub segment_id: u64,
     pub offset: u64,
     pub message: Bytes,
@@ -101,7 +104,7 @@ pub struct GroupBuffer {
     pending: VecDeque<Delivery>,
     /// Handed to a (non-auto-ack) subscriber and not yet acked. Keeps the delivery so it
     /// can be redelivered without reading the segment again.
-    in_flight: HashMap<Key, (SubscriberId, Delivery)>,
+    in_flight: HashMap<Key, (SubscriberId, Delivery), foldhash::fast::RandomState>,
     subscribers: BTreeMap<SubscriberId, Subscriber>,
     next_subscriber_id: SubscriberId,
     /// Round robin: the hand-out after the last one goes to the first subscriber with
@@ -120,7 +123,7 @@ impl GroupBuffer {
             capacity,
             segments,
             pending: VecDeque::new(),
-            in_flight: HashMap::new(),
+            in_flight: HashMap::default(),
             subscribers: BTreeMap::new(),
             next_subscriber_id: 1,
             rr_cursor: 0,
@@ -177,6 +180,11 @@ impl GroupBuffer {
         self.next_subscriber_id += 1;
         self.subscribers.insert(id, Subscriber { max_unacked, auto_ack, in_flight: BTreeSet::new(), stopped: false });
         id
+    }
+
+    /// Messages the subscriber holds unacknowledged (0 for an unknown id).
+    pub fn in_flight_of(&self, id: SubscriberId) -> usize {
+        self.subscribers.get(&id).map_or(0, |s| s.in_flight.len())
     }
 
     /// Hands the subscriber nothing more; what it holds stays in flight until it acks,
@@ -309,7 +317,7 @@ mod tests {
     use super::*;
 
     fn msg(segment_id: u64, offset: u64) -> Delivery {
-        Delivery { topic: "t".to_string(), segment_id, offset, message: Bytes::from(format!("{segment_id}:{offset}")) }
+        Delivery { topic: "t".into(), segment_id, offset, message: Bytes::from(format!("{segment_id}:{offset}")) }
     }
 
     fn positions(ds: &[(SubscriberId, Delivery)]) -> Vec<(SubscriberId, u64, u64)> {

@@ -39,6 +39,16 @@ pub fn matches(binding: &BindingSpec, routing_key: &str, headers: &HashMap<Strin
     }
 }
 
+/// Whether the binding matches every message whatever its routing key and headers
+/// (so a reader need not decode a message to match it).
+pub fn matches_every_message(binding: &BindingSpec) -> bool {
+    match binding.exchange_type {
+        ExchangeType::Fanout => true,
+        ExchangeType::Headers => binding.headers_match == HeadersMatch::All && binding.headers.is_empty(),
+        ExchangeType::Direct | ExchangeType::Topic => false,
+    }
+}
+
 /// Whether the message matches at least one of the bindings: a group delivers a
 /// message once however many of its bindings it matches, so this is the only
 /// question the group asks. Stops at the first match.
@@ -279,6 +289,29 @@ mod tests {
             assert!(matches(&all, "k", &message));
             assert!(!matches(&any, "k", &message));
         }
+    }
+
+    /// The shortcut a reader takes (no decoding) agrees with `matches`: exactly the
+    /// bindings that match every message claim to.
+    #[test]
+    fn matches_every_message_agrees_with_matches() {
+        let bindings = [
+            binding(ExchangeType::Fanout, ""),
+            binding(ExchangeType::Direct, ""),
+            binding(ExchangeType::Topic, "#"),
+            binding(ExchangeType::Topic, "a.*"),
+            headers_binding(HeadersMatch::All, &[]),
+            headers_binding(HeadersMatch::Any, &[]),
+            headers_binding(HeadersMatch::All, &[("x", "1")]),
+        ];
+        let messages = [("", HashMap::new()), ("a.b", hmap(&[("x", "1")])), ("z", hmap(&[("y", "2")]))];
+        for b in &bindings {
+            if matches_every_message(b) {
+                assert!(messages.iter().all(|(k, h)| matches(b, k, h)), "{b:?}");
+            }
+        }
+        let claimed: Vec<bool> = bindings.iter().map(matches_every_message).collect();
+        assert_eq!(claimed, [true, false, false, false, true, false, false]);
     }
 
     #[test]

@@ -342,7 +342,7 @@ fn gone(group: &str) -> Status {
 fn to_response(d: Delivery) -> SubscribeResponse {
     // Stored payloads are encoded `Message`s; the primary encoded them.
     let message = Message::decode(d.message).ok();
-    SubscribeResponse { topic: d.topic, segment_id: d.segment_id, offset: d.offset, message }
+    SubscribeResponse { topic: d.topic.to_string(), segment_id: d.segment_id, offset: d.offset, message }
 }
 
 async fn stop_group(h: GroupHandle) {
@@ -361,7 +361,9 @@ fn start_group(segments: Segments, key: GroupKey) -> GroupHandle {
 
 /// Read position in one segment.
 struct Cursor {
-    topic: String,
+    topic: std::sync::Arc<str>,
+    /// A binding of the topic takes every message: no need to decode one to match it.
+    takes_all: bool,
     next: u64,
     /// Records read but not yet offered (the buffer was full).
     backlog: std::collections::VecDeque<eventtermq_storage::Record>,
@@ -376,7 +378,6 @@ struct Subscriber {
     tx: mpsc::Sender<Event>,
     do_not_block: bool,
     limit: Option<oneshot::Sender<()>>,
-    in_flight: HashSet<(SegmentId, u64)>,
 }
 
 type Fetch = std::pin::Pin<
@@ -433,7 +434,8 @@ async fn group_task(
                 });
                 for (id, s) in segs {
                     cursors.entry(id).or_insert_with(|| Cursor {
-                        topic: s.topic.clone(),
+                        takes_all: spec.bindings.iter().any(|b| b.topic == s.topic && matching::matches_every_message(b)),
+                        topic: s.topic.as_str().into(),
                         next: committed_start.get(&id).copied().unwrap_or(0),
                         backlog: Default::default(),
                         idle: false,
@@ -464,7 +466,7 @@ async fn group_task(
                 GroupCmd::Subscribe { max_unacked, do_not_block, reply } => {
                     let id = buffer.subscribe(max_unacked, false);
                     let (tx, rx) = mpsc::channel(max_unacked as usize + 1);
-                    subscribers.insert(id, Subscriber { tx, do_not_block, limit: None, in_flight: HashSet::new() });
+                    subscribers.insert(id, Subscriber { tx, do_not_block, limit: None });
                     let _ = reply.send((id, rx));
                 }
                 GroupCmd::Unsubscribe(id) => {
@@ -478,11 +480,11 @@ async fn group_task(
                     }
                 }
                 GroupCmd::Ack(keys, reply) => {
-                    let r = settle(&mut buffer, &mut subscribers, &keys, true);
+                    let r = settle(&mut buffer, &keys, true);
                     let _ = reply.send(r);
                 }
                 GroupCmd::Nack(keys, reply) => {
-                    let r = settle(&mut buffer, &mut subscribers, &keys, false);
+                    let r = settle(&mut buffer, &keys, false);
                     let _ = reply.send(r);
                 }
             },
@@ -508,14 +510,16 @@ async fn group_task(
                     continue;
                 }
                 c.next = r.offset + 1;
-                let message = Message::decode(r.payload.clone()).unwrap_or_default();
                 let since_ok = spec.since_unix_ms == 0 || r.timestamp_ms >= spec.since_unix_ms;
                 let matched = since_ok
-                    && matching::matches_any(
-                        spec.bindings.iter().filter(|b| b.topic == c.topic),
-                        &message.routing_key,
-                        &message.headers,
-                    );
+                    && (c.takes_all || {
+                        let message = Message::decode(r.payload.clone()).unwrap_or_default();
+                        matching::matches_any(
+                            spec.bindings.iter().filter(|b| *b.topic == *c.topic),
+                            &message.routing_key,
+                            &message.headers,
+                        )
+                    });
                 let reported = if matched {
                     buffer.offer(Delivery {
                         topic: c.topic.clone(),
@@ -555,11 +559,8 @@ async fn group_task(
         }
         // Hand out.
         for (sub, d) in buffer.dispatch() {
-            let key = (d.segment_id, d.offset);
             match subscribers.get_mut(&sub) {
-                Some(s) if s.tx.try_send(Event::Message(d)).is_ok() => {
-                    s.in_flight.insert(key);
-                }
+                Some(s) if s.tx.try_send(Event::Message(d)).is_ok() => {}
                 _ => {
                     buffer.unsubscribe(sub);
                     subscribers.remove(&sub);
@@ -568,15 +569,15 @@ async fn group_task(
         }
         let drained =
             buffer.pending_len() == 0 && cursors.values().all(|c| c.finished || (c.idle && c.backlog.is_empty()));
-        subscribers.retain(|_, s| {
-            if let Some(limit) = s.limit.take_if(|_| s.in_flight.is_empty()) {
+        for (id, s) in subscribers.iter_mut() {
+            let holds_none = buffer.in_flight_of(*id) == 0;
+            if let Some(limit) = s.limit.take_if(|_| holds_none) {
                 let _ = limit.send(());
             }
-            if s.do_not_block && drained && s.in_flight.is_empty() {
+            if s.do_not_block && drained && holds_none {
                 let _ = s.tx.try_send(Event::Drained);
             }
-            true
-        });
+        }
     }
     // Last commit, so a graceful stop redelivers nothing that was acknowledged.
     if let Some(t) = commit_in_flight {
@@ -596,22 +597,12 @@ fn to_commit(buffer: &GroupBuffer, last: &BTreeMap<SegmentId, u64>) -> BTreeMap<
     buffer.committed().into_iter().filter(|(seg, off)| last.get(seg).is_none_or(|l| off > l)).collect()
 }
 
-fn settle(
-    buffer: &mut GroupBuffer,
-    subscribers: &mut HashMap<SubscriberId, Subscriber>,
-    keys: &[(SegmentId, u64)],
-    ack: bool,
-) -> Result<(), RequestError> {
+fn settle(buffer: &mut GroupBuffer, keys: &[(SegmentId, u64)], ack: bool) -> Result<(), RequestError> {
     let mut missing = Vec::new();
     for &(seg, off) in keys {
         let r = if ack { buffer.ack(seg, off) } else { buffer.nack(seg, off) };
         if r.is_err() {
             missing.push(format!("{seg}/{off}"));
-        }
-        for s in subscribers.values_mut() {
-            if s.in_flight.remove(&(seg, off)) {
-                break;
-            }
         }
     }
     if missing.is_empty() {

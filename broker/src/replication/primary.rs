@@ -154,7 +154,7 @@ async fn run(mut t: Task) {
     durable.insert(me, 0);
     let quorum = t.replicas.len() / 2 + 1;
     let (written_tx, written_rx) = watch::channel(written);
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(NodeId, u64)>();
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Ack>();
     let streams = t.stop.child_token();
     for node in t.replicas.iter().copied().filter(|n| *n != me) {
         tokio::spawn(replicate_to(
@@ -187,9 +187,12 @@ async fn run(mut t: Task) {
                     Err(e) => { failure = Some(RequestError::new(ErrorCode::Internal, format!("fsync task: {e}"))); break; }
                 }
             }
-            Some((node, d)) = ack_rx.recv() => {
-                let e = durable.entry(node).or_insert(0);
-                *e = (*e).max(d);
+            Some(ack) = ack_rx.recv() => {
+                let e = durable.entry(ack.node).or_insert(0);
+                // A new stream starts from what the replica has now: less than before
+                // if its copy was damaged and quarantined, and it must not count for
+                // records it lost.
+                *e = if ack.fresh { ack.durable } else { (*e).max(ack.durable) };
             }
             req = t.rx.recv(), if !rotating => {
                 let Some(first) = req else { break };
@@ -257,9 +260,10 @@ async fn run(mut t: Task) {
             let (_, reply, range) = wait_majority.pop_front().expect("checked");
             let _ = reply.send(Ok(range));
         }
+        // Readers may already have seen records up to the old value.
         t.confirmed_tx.send_if_modified(|c| {
-            let changed = *c != majority;
-            *c = majority;
+            let changed = majority > *c;
+            *c = (*c).max(majority);
             changed
         });
         if rotating && wait_primary.is_empty() && wait_majority.is_empty() && local == written && majority == written {
@@ -320,6 +324,13 @@ async fn close(segments: &Segments, id: SegmentId, next_offset: u64, size_bytes:
     }
 }
 
+/// What a replica has fsynced; `fresh` on the first answer of a stream.
+struct Ack {
+    node: NodeId,
+    durable: u64,
+    fresh: bool,
+}
+
 /// Streams the segment to one replica, reconnecting until stopped.
 async fn replicate_to(
     segments: Segments,
@@ -327,7 +338,7 @@ async fn replicate_to(
     node: NodeId,
     reader: SegmentReader,
     written: watch::Receiver<u64>,
-    acks: mpsc::UnboundedSender<(NodeId, u64)>,
+    acks: mpsc::UnboundedSender<Ack>,
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(20);
@@ -357,7 +368,7 @@ async fn stream_once(
     node: NodeId,
     reader: &SegmentReader,
     mut written: watch::Receiver<u64>,
-    acks: &mpsc::UnboundedSender<(NodeId, u64)>,
+    acks: &mpsc::UnboundedSender<Ack>,
     stop: &CancellationToken,
 ) -> Result<(), String> {
     let addr = segments.node_addr(node).ok_or_else(|| format!("node {node} has no address"))?;
@@ -374,14 +385,14 @@ async fn stream_once(
     if next > *written.borrow() {
         return Err(format!("replica has {next} records, more than the primary's {}", *written.borrow()));
     }
-    let _ = acks.send((node, next));
+    let _ = acks.send(Ack { node, durable: next, fresh: true });
     let max_bytes = segments.settings().read_batch_max_bytes;
     loop {
         let behind = next < *written.borrow();
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             r = responses.message() => match r {
-                Ok(Some(resp)) => { let _ = acks.send((node, resp.durable_offset)); }
+                Ok(Some(resp)) => { let _ = acks.send(Ack { node, durable: resp.durable_offset, fresh: false }); }
                 Ok(None) => return Err("replica ended the stream".into()),
                 Err(s) => return Err(s.message().to_string()),
             },
