@@ -567,7 +567,7 @@ fn local_records(node: &TestNode, id: u64) -> Vec<eventtermq_storage::Record> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_reads_past_a_damaged_sealed_copy_and_the_copy_is_fetched_again() {
-    use eventtermq::cluster_state::{BindingSpec, ConsumerGroupSpec, HeadersMatch};
+    use eventtermq::cluster_state::{BindingSpec, ConsumerGroupSpec};
     use eventtermq_proto::v1::{messaging_client::MessagingClient, SubscribeRequest};
 
     let dir = tempfile::tempdir().unwrap();
@@ -584,13 +584,7 @@ async fn a_group_reads_past_a_damaged_sealed_copy_and_the_copy_is_fetched_again(
     let err = nodes[target].handle.segments.store().reader(seg_id).unwrap().read(0, u64::MAX, usize::MAX).unwrap_err();
     assert!(matches!(err, eventtermq_storage::StorageError::Corrupt { .. }), "the damage is detected: {err}");
 
-    let binding = BindingSpec {
-        topic: "t".into(),
-        exchange_type: ExchangeType::Fanout,
-        routing_key: String::new(),
-        headers: Default::default(),
-        headers_match: HeadersMatch::All,
-    };
+    let binding = BindingSpec::fanout("t");
     let spec = ConsumerGroupSpec { bindings: vec![binding], size: 1000, since_unix_ms: 0 };
     let cmd = Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec };
     nodes[0].handle.cluster.write(cmd).await.unwrap();

@@ -174,6 +174,19 @@ pub struct BindingSpec {
     pub headers_match: HeadersMatch,
 }
 
+impl BindingSpec {
+    /// A binding that takes every message of `topic`.
+    pub fn fanout(topic: impl Into<String>) -> Self {
+        BindingSpec {
+            topic: topic.into(),
+            exchange_type: ExchangeType::Fanout,
+            routing_key: String::new(),
+            headers: BTreeMap::new(),
+            headers_match: HeadersMatch::All,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsumerGroupSpec {
     pub bindings: Vec<BindingSpec>,

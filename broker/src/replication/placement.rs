@@ -316,13 +316,7 @@ mod tests {
         let mut s = state_with_topic(HOUR_MS as u64);
         let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
         apply_all(&mut s, &cmds);
-        let binding = BindingSpec {
-            topic: "t".into(),
-            exchange_type: ExchangeType::Fanout,
-            routing_key: String::new(),
-            headers: Default::default(),
-            headers_match: HeadersMatch::All,
-        };
+        let binding = BindingSpec::fanout("t");
         let spec = ConsumerGroupSpec { bindings: vec![binding], size: 10, since_unix_ms: 0 };
         s.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec }).unwrap();
         let (first, _) = s.segments.iter().next().map(|(id, seg)| (*id, seg.clone())).unwrap();

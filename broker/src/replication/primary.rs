@@ -218,6 +218,11 @@ async fn run(mut t: Task) {
                 };
                 match appended {
                     Ok((range, size)) => {
+                        // The fsync is the longest step: start it before anything else.
+                        if sync_task.is_none() {
+                            let s = syncer.clone();
+                            sync_task = Some(tokio::task::spawn_blocking(move || s.sync()));
+                        }
                         let mut start = range.start;
                         for r in batch {
                             let end = start + r.payloads.len() as u64;
