@@ -88,6 +88,85 @@ pub struct Admin {
 /// Outcome of a broker write: the Raft index, or a refusal the status should show.
 pub type WriteOutcome = std::result::Result<u64, Refusal>;
 
+/// Objects of one broker namespace as a linearizable read found them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Listed<T> {
+    pub items: Vec<T>,
+    /// Raft index of the cluster state the read saw.
+    pub index: u64,
+}
+
+/// Buffer of a consumer group the broker gives a request with `size` 0
+/// (`broker/src/api/admin.rs`).
+pub const CONSUMER_GROUP_SIZE_DEFAULT: u32 = 10_000;
+
+/// The broker's name of an exchange type left empty in a topic (its default).
+fn topic_exchange_type(name: &str) -> &str {
+    if name.is_empty() {
+        "fanout"
+    } else {
+        name
+    }
+}
+
+fn retention_ms(retention: &Option<prost_types::Duration>) -> i128 {
+    retention.as_ref().map_or(0, |d| i128::from(d.seconds) * 1000 + i128::from(d.nanos) / 1_000_000)
+}
+
+/// Whether the broker's `held` topic is what `desired` asks for, compared as the
+/// broker compares a repeated CreateTopic, on the fields the operator sets. Output-only
+/// fields (`under_replicated`) and the segment size, which the CRD does not set and
+/// UpdateTopic cannot change, are left out: comparing them would see a difference that
+/// no write can repair, and write on every pass.
+pub fn topic_in_sync(desired: &pb::Topic, held: &pb::Topic) -> bool {
+    desired.name == held.name
+        && desired.shards == held.shards
+        && desired.replication_factor == held.replication_factor
+        && retention_ms(&desired.retention) == retention_ms(&held.retention)
+        && topic_exchange_type(&desired.default_exchange_type) == topic_exchange_type(&held.default_exchange_type)
+}
+
+/// Whether the broker's `held` group is what `desired` asks for, compared as the
+/// broker compares a repeated CreateConsumerGroup: bindings in order and size; `since`
+/// only places a new group, so it is not compared. A binding without an exchange type
+/// takes its topic's default from `topics` (the namespace's topics), as the broker does
+/// when it creates the group. A bound topic missing from `topics` is a difference, so
+/// that the create that follows reports it the way the broker words it.
+pub fn consumer_group_in_sync(desired: &pb::ConsumerGroup, held: &pb::ConsumerGroup, topics: &[pb::Topic]) -> bool {
+    fn headers_match(value: &str) -> &str {
+        if value.is_empty() {
+            "all"
+        } else {
+            value
+        }
+    }
+    fn size(value: u32) -> u32 {
+        if value == 0 {
+            CONSUMER_GROUP_SIZE_DEFAULT
+        } else {
+            value
+        }
+    }
+    let resolved_exchange_type = |binding: &pb::Binding| -> Option<String> {
+        let topic = topics.iter().find(|t| t.name == binding.topic)?;
+        Some(if binding.exchange_type.is_empty() {
+            topic_exchange_type(&topic.default_exchange_type).to_string()
+        } else {
+            binding.exchange_type.clone()
+        })
+    };
+    desired.name == held.name
+        && size(desired.size) == size(held.size)
+        && desired.bindings.len() == held.bindings.len()
+        && desired.bindings.iter().zip(&held.bindings).all(|(want, have)| {
+            resolved_exchange_type(want).is_some_and(|exchange_type| exchange_type == have.exchange_type)
+                && want.topic == have.topic
+                && want.routing_key == have.routing_key
+                && want.headers == have.headers
+                && headers_match(&want.headers_match) == headers_match(&have.headers_match)
+        })
+}
+
 impl Admin {
     /// Sorts a broker error into a refusal (recorded in the status) or an error
     /// (retried with backoff).
@@ -120,6 +199,45 @@ impl Admin {
         self.outcome(result)
     }
 
+    /// The topics of `namespace` (linearizable read: no Raft log entry), or `None` when
+    /// the namespace does not exist.
+    pub async fn list_topics(&mut self, namespace: &str) -> Result<Option<Listed<pb::Topic>>> {
+        let request = pb::ListTopicsRequest { namespace: namespace.to_string(), stale: false };
+        match self.client.list_topics(request).await {
+            Ok(response) => {
+                let response = response.into_inner();
+                Ok(Some(Listed { items: response.topics, index: response.index }))
+            }
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(self.read_failed(status)),
+        }
+    }
+
+    /// The consumer groups of `namespace` (linearizable read), or `None` when the
+    /// namespace does not exist.
+    pub async fn list_consumer_groups(&mut self, namespace: &str) -> Result<Option<Listed<pb::ConsumerGroup>>> {
+        let request = pb::ListConsumerGroupsRequest { namespace: namespace.to_string(), stale: false };
+        match self.client.list_consumer_groups(request).await {
+            Ok(response) => {
+                let response = response.into_inner();
+                Ok(Some(Listed { items: response.consumer_groups, index: response.index }))
+            }
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(self.read_failed(status)),
+        }
+    }
+
+    /// A failed read is never something to record in a status: the operator cannot
+    /// compare, so the reconcile fails and is retried.
+    fn read_failed(&self, status: tonic::Status) -> Error {
+        match self.classify(status) {
+            Err(error) => error,
+            Ok(Refusal::Rejected(message) | Refusal::Missing(message)) => {
+                Error::Broker { address: self.address.clone(), status: tonic::Status::failed_precondition(message) }
+            }
+        }
+    }
+
     /// Creates the topic, or brings an existing one to `topic`.
     ///
     /// CreateTopic is idempotent for an identical spec; for a different one it answers
@@ -129,20 +247,24 @@ impl Admin {
         let request = pb::CreateTopicRequest { namespace: namespace.to_string(), topic: Some(topic.clone()) };
         match self.client.create_topic(request).await {
             Ok(response) => Ok(Ok(response.into_inner().index)),
-            Err(status) if status.code() == Code::AlreadyExists => {
-                let update = pb::UpdateTopicRequest {
-                    namespace: namespace.to_string(),
-                    name: topic.name,
-                    shards: Some(topic.shards),
-                    replication_factor: Some(topic.replication_factor),
-                    retention: topic.retention,
-                    default_exchange_type: Some(topic.default_exchange_type),
-                };
-                let result = self.client.update_topic(update).await;
-                self.outcome(result)
-            }
+            Err(status) if status.code() == Code::AlreadyExists => self.update_topic(namespace, topic).await,
             Err(status) => self.classify(status).map(Err),
         }
+    }
+
+    /// Brings an existing topic to `topic` (every field set; the broker refuses a new
+    /// replication factor or fewer shards with FailedPrecondition/InvalidArgument).
+    pub async fn update_topic(&mut self, namespace: &str, topic: pb::Topic) -> Result<WriteOutcome> {
+        let update = pb::UpdateTopicRequest {
+            namespace: namespace.to_string(),
+            name: topic.name,
+            shards: Some(topic.shards),
+            replication_factor: Some(topic.replication_factor),
+            retention: topic.retention,
+            default_exchange_type: Some(topic.default_exchange_type),
+        };
+        let result = self.client.update_topic(update).await;
+        self.outcome(result)
     }
 
     /// Deletes a topic; a topic already gone counts as deleted.
@@ -188,12 +310,95 @@ impl Admin {
     pub async fn dump(&mut self) -> Result<pb::DumpResponse> {
         match self.client.dump(pb::DumpRequest { stale: false }).await {
             Ok(response) => Ok(response.into_inner()),
-            Err(status) => match self.classify(status)? {
-                Refusal::Rejected(message) | Refusal::Missing(message) => Err(Error::Broker {
-                    address: self.address.clone(),
-                    status: tonic::Status::failed_precondition(message),
-                }),
-            },
+            Err(status) => Err(self.read_failed(status)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic() -> pb::Topic {
+        pb::Topic {
+            name: "orders".into(),
+            shards: 2,
+            replication_factor: 3,
+            retention: Some(prost_types::Duration { seconds: 3600, nanos: 0 }),
+            default_exchange_type: "direct".into(),
+            under_replicated: false,
+            segment_size_max_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn topic_compares_the_fields_the_operator_sets() {
+        let desired = topic();
+        // As ListTopics answers: output-only and unmanaged fields set.
+        let held = pb::Topic { under_replicated: true, segment_size_max_bytes: 1 << 20, ..topic() };
+        assert!(topic_in_sync(&desired, &held));
+        assert!(!topic_in_sync(&desired, &pb::Topic { shards: 3, ..held.clone() }));
+        assert!(!topic_in_sync(&desired, &pb::Topic { replication_factor: 1, ..held.clone() }));
+        assert!(!topic_in_sync(&desired, &pb::Topic { default_exchange_type: "fanout".into(), ..held.clone() }));
+        assert!(!topic_in_sync(&desired, &pb::Topic { name: "other".into(), ..held.clone() }));
+        let longer = Some(prost_types::Duration { seconds: 3601, nanos: 0 });
+        assert!(!topic_in_sync(&desired, &pb::Topic { retention: longer, ..held }));
+    }
+
+    #[test]
+    fn topic_retention_and_exchange_type_compare_as_the_broker_stores_them() {
+        let forever = pb::Topic { retention: None, default_exchange_type: String::new(), ..topic() };
+        let stored = pb::Topic {
+            retention: Some(prost_types::Duration { seconds: 0, nanos: 0 }),
+            default_exchange_type: "fanout".into(),
+            ..topic()
+        };
+        assert!(topic_in_sync(&forever, &stored));
+        let half_second =
+            pb::Topic { retention: Some(prost_types::Duration { seconds: 0, nanos: 500_000_000 }), ..topic() };
+        assert!(!topic_in_sync(&half_second, &stored));
+    }
+
+    fn binding(topic: &str, exchange_type: &str) -> pb::Binding {
+        pb::Binding { topic: topic.into(), exchange_type: exchange_type.into(), ..pb::Binding::default() }
+    }
+
+    fn group(bindings: Vec<pb::Binding>, size: u32) -> pb::ConsumerGroup {
+        pb::ConsumerGroup { name: "billing".into(), bindings, size, ..pb::ConsumerGroup::default() }
+    }
+
+    #[test]
+    fn group_binding_without_exchange_type_takes_the_topics_default() {
+        let topics = [topic()];
+        let desired = group(vec![binding("orders", "")], 0);
+        // As ListConsumerGroups answers: resolved exchange type, headers_match, size,
+        // where the group runs and what it committed.
+        let mut held = group(vec![pb::Binding { headers_match: "all".into(), ..binding("orders", "direct") }], 10_000);
+        held.node_id = 7;
+        held.committed_offsets.insert(1, 10);
+        held.since = Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 0 });
+        assert!(consumer_group_in_sync(&desired, &held, &topics));
+        let fanout = [pb::Topic { default_exchange_type: "fanout".into(), ..topic() }];
+        assert!(!consumer_group_in_sync(&desired, &held, &fanout));
+    }
+
+    #[test]
+    fn group_differs_on_bindings_size_or_a_missing_topic() {
+        let topics = [topic()];
+        let desired = group(vec![binding("orders", "topic")], 100);
+        let held = group(vec![binding("orders", "topic")], 100);
+        assert!(consumer_group_in_sync(&desired, &held, &topics));
+        assert!(!consumer_group_in_sync(&desired, &group(vec![binding("orders", "topic")], 200), &topics));
+        assert!(!consumer_group_in_sync(&desired, &group(vec![binding("orders", "fanout")], 100), &topics));
+        assert!(!consumer_group_in_sync(&desired, &group(vec![], 100), &topics));
+        let keyed = pb::Binding { routing_key: "eu.#".into(), ..binding("orders", "topic") };
+        assert!(!consumer_group_in_sync(&desired, &group(vec![keyed], 100), &topics));
+        let any = pb::Binding { headers_match: "any".into(), ..binding("orders", "topic") };
+        assert!(!consumer_group_in_sync(&desired, &group(vec![any], 100), &topics));
+        let mut with_headers = binding("orders", "topic");
+        with_headers.headers.insert("kind".into(), "refund".into());
+        assert!(!consumer_group_in_sync(&desired, &group(vec![with_headers], 100), &topics));
+        // The group is there but its topic is gone: not in sync.
+        assert!(!consumer_group_in_sync(&desired, &held, &[]));
     }
 }

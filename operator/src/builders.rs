@@ -129,13 +129,57 @@ pub fn client_service(cluster: &EventterCluster) -> Service {
     }
 }
 
-/// Command-line arguments of the broker container.
-pub fn broker_args(cluster: &EventterCluster) -> Vec<String> {
+/// The `--bootstrap-expect` of `cluster`'s brokers: the number of brokers it was
+/// founded with, which also fixes the `--join` seeds (pods 0 to N-1).
+///
+/// Only a broker without state reads `--bootstrap-expect`, so the value matters when
+/// the cluster is created; afterwards it is kept, because anything in the pod template
+/// that followed `spec.replicas` would make every scale restart every broker. Where it
+/// comes from, first match:
+///
+/// 1. `status.bootstrapExpect`, recorded once the operator created the StatefulSet. The
+///    status rather than the StatefulSet is the record, so that a hand edit of the
+///    flag is repaired like any other drift, and a StatefulSet deleted and created
+///    again (e.g. to change its volume claims) gets the same template.
+/// 2. `--bootstrap-expect` of `existing`, the StatefulSet as it is, if this cluster
+///    owns it: a cluster made before the status field existed, or whose status was
+///    lost, keeps what its pods run with.
+/// 3. `spec.replicas`: a new cluster.
+pub fn bootstrap_expect(cluster: &EventterCluster, existing: Option<&StatefulSet>) -> i32 {
+    if let Some(recorded) = cluster.status.as_ref().and_then(|s| s.bootstrap_expect).filter(|n| *n >= 1) {
+        return recorded;
+    }
+    existing
+        .filter(|sts| owned_by(sts, cluster))
+        .and_then(|sts| {
+            sts.spec.as_ref()?.template.spec.as_ref()?.containers.iter().find(|c| c.name == BROKER_CONTAINER)
+        })
+        .and_then(|container| flag_value(container.args.as_deref()?, "--bootstrap-expect"))
+        .and_then(|value| value.parse::<i32>().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(cluster.spec.replicas)
+}
+
+/// Whether `cluster` is the controller owner of `sts` (not a same-named StatefulSet of
+/// an earlier cluster that the garbage collector has yet to remove).
+fn owned_by(sts: &StatefulSet, cluster: &EventterCluster) -> bool {
+    let Some(uid) = cluster.metadata.uid.as_deref() else { return false };
+    sts.metadata.owner_references.iter().flatten().any(|o| o.controller == Some(true) && o.uid == uid)
+}
+
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).map(String::as_str)
+}
+
+/// Command-line arguments of the broker container of a cluster founded with
+/// `bootstrap_expect` brokers (see [`bootstrap_expect`]). Nothing here depends on
+/// `spec.replicas`: pods added later join through the founding members.
+pub fn broker_args(cluster: &EventterCluster, bootstrap_expect: i32) -> Vec<String> {
     let name = cluster.name_any();
     let namespace = cluster.namespace().unwrap_or_default();
     let spec = &cluster.spec;
     let join: Vec<String> =
-        (0..spec.replicas).map(|ordinal| pod_address(&name, &namespace, ordinal, spec.ports.grpc)).collect();
+        (0..bootstrap_expect).map(|ordinal| pod_address(&name, &namespace, ordinal, spec.ports.grpc)).collect();
     let mut args = vec![
         "--dir".to_string(),
         DATA_DIR.to_string(),
@@ -147,7 +191,7 @@ pub fn broker_args(cluster: &EventterCluster) -> Vec<String> {
         "--join".to_string(),
         join.join(","),
         "--bootstrap-expect".to_string(),
-        spec.replicas.to_string(),
+        bootstrap_expect.to_string(),
         "--log-format".to_string(),
         "json".to_string(),
     ];
@@ -182,7 +226,7 @@ fn grpc_probe(port: i32, service: &str, initial_delay_seconds: i32, failure_thre
     }
 }
 
-fn broker_container(cluster: &EventterCluster) -> Container {
+fn broker_container(cluster: &EventterCluster, bootstrap_expect: i32) -> Container {
     let spec = &cluster.spec;
     let ports = &spec.ports;
     let container_port = |name: &str, port: i32, protocol: &str| ContainerPort {
@@ -195,7 +239,7 @@ fn broker_container(cluster: &EventterCluster) -> Container {
         name: BROKER_CONTAINER.to_string(),
         image: Some(spec.image.clone()),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
-        args: Some(broker_args(cluster)),
+        args: Some(broker_args(cluster, bootstrap_expect)),
         env: Some(vec![EnvVar {
             name: "POD_NAME".to_string(),
             value_from: Some(EnvVarSource {
@@ -247,8 +291,9 @@ fn non_empty_map(map: &BTreeMap<String, String>) -> Option<BTreeMap<String, Stri
     (!map.is_empty()).then(|| map.clone())
 }
 
-/// StatefulSet `<name>`: the broker pods, each with its own volume.
-pub fn stateful_set(cluster: &EventterCluster) -> StatefulSet {
+/// StatefulSet `<name>`: the broker pods, each with its own volume. `spec.replicas`
+/// shows only in the StatefulSet's replicas, never in its pod template.
+pub fn stateful_set(cluster: &EventterCluster, bootstrap_expect: i32) -> StatefulSet {
     let name = cluster.name_any();
     let spec = &cluster.spec;
     let pod = &spec.pod;
@@ -270,7 +315,7 @@ pub fn stateful_set(cluster: &EventterCluster) -> StatefulSet {
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
-                    containers: vec![broker_container(cluster)],
+                    containers: vec![broker_container(cluster, bootstrap_expect)],
                     termination_grace_period_seconds: Some(TERMINATION_GRACE_PERIOD_SECONDS),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),

@@ -259,6 +259,12 @@ pub struct EventterClusterStatus {
     /// metadata.generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Brokers the cluster was founded with: every broker's `--bootstrap-expect`, and
+    /// pods 0 to bootstrapExpect-1 are the seeds (`--join`) the others join through.
+    /// Recorded when the operator first creates the StatefulSet and kept when replicas
+    /// change, so that scaling leaves the pod template, and the running brokers, alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_expect: Option<i32>,
 }
 
 /// One broker as the cluster state lists it.
@@ -399,7 +405,11 @@ pub struct BrokerObjectStatus {
     /// metadata.generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Raft log index at which the broker applied (or confirmed) the object.
+    /// Raft log index of the operator's last write of the object to the broker (create
+    /// or update). Unchanged while the broker holds the object as specified, since the
+    /// operator then writes nothing; when it found the object already in place before
+    /// ever writing it, the index of the state that read saw. Set once the object was
+    /// in sync: a resource deleted without it leaves the broker object alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_state_index: Option<u64>,
 }

@@ -8,6 +8,8 @@ mod common;
 use std::path::PathBuf;
 
 use eventter_operator::builders;
+use eventter_operator::crd::{EventterCluster, EventterClusterStatus};
+use k8s_openapi::api::apps::v1::StatefulSet;
 use serde::Serialize;
 
 fn check<T: Serialize>(file: &str, object: &T) {
@@ -36,9 +38,14 @@ fn client_service() {
     check("client-service.yaml", &builders::client_service(&common::cluster()));
 }
 
+/// The fixture is a new cluster: founded with its `spec.replicas`.
+fn stateful_set_of_new(cluster: &EventterCluster) -> StatefulSet {
+    builders::stateful_set(cluster, builders::bootstrap_expect(cluster, None))
+}
+
 #[test]
 fn stateful_set() {
-    check("statefulset.yaml", &builders::stateful_set(&common::cluster()));
+    check("statefulset.yaml", &stateful_set_of_new(&common::cluster()));
 }
 
 #[test]
@@ -47,8 +54,8 @@ fn pod_disruption_budget() {
 }
 
 #[test]
-fn broker_args_join_every_pod_and_pass_settings() {
-    let args = builders::broker_args(&common::cluster());
+fn broker_args_join_the_founding_pods_and_pass_settings() {
+    let args = builders::broker_args(&common::cluster(), 3);
     let value = |flag: &str| args.iter().position(|a| a == flag).map(|i| args[i + 1].clone());
     assert_eq!(value("--dir").as_deref(), Some("/data"));
     assert_eq!(value("--advertise-host").as_deref(), Some("$(POD_NAME).emq-nodes.messaging.svc.cluster.local"));
@@ -71,8 +78,63 @@ fn broker_args_join_every_pod_and_pass_settings() {
 fn operator_labels_win_over_pod_labels() {
     let mut cluster = common::cluster();
     cluster.spec.pod.labels.insert("app.kubernetes.io/instance".into(), "other".into());
-    let sts = builders::stateful_set(&cluster);
+    let sts = stateful_set_of_new(&cluster);
     let labels = sts.spec.unwrap().template.metadata.unwrap().labels.unwrap();
     assert_eq!(labels["app.kubernetes.io/instance"], "emq");
     assert_eq!(labels["team"], "messaging");
+}
+
+fn args_of(sts: &StatefulSet) -> Vec<String> {
+    sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].args.clone().unwrap()
+}
+
+fn flag(args: &[String], flag: &str) -> String {
+    args[args.iter().position(|a| a == flag).unwrap() + 1].clone()
+}
+
+#[test]
+fn scaling_changes_the_replicas_and_not_the_pod_template() {
+    let founded = common::cluster();
+    let before = stateful_set_of_new(&founded);
+    for replicas in [5, 1, 3] {
+        let mut scaled = founded.clone();
+        scaled.spec.replicas = replicas;
+        scaled.status = Some(EventterClusterStatus { bootstrap_expect: Some(3), ..EventterClusterStatus::default() });
+        let after = builders::stateful_set(&scaled, builders::bootstrap_expect(&scaled, Some(&before)));
+        let (before_spec, mut after_spec) = (before.spec.clone().unwrap(), after.spec.clone().unwrap());
+        assert_eq!(after_spec.replicas, Some(replicas));
+        assert_eq!(after_spec.template, before_spec.template, "replicas {replicas}");
+        after_spec.replicas = before_spec.replicas;
+        assert_eq!(after_spec, before_spec, "replicas {replicas}: only spec.replicas may differ");
+        assert_eq!(after.metadata, before.metadata);
+    }
+}
+
+#[test]
+fn bootstrap_expect_is_the_recorded_value_else_the_owned_statefulsets_else_replicas() {
+    let mut cluster = common::cluster();
+    cluster.spec.replicas = 5;
+    assert_eq!(builders::bootstrap_expect(&cluster, None), 5, "a new cluster");
+
+    // A cluster from before the status field: what its StatefulSet runs with.
+    let running = builders::stateful_set(&common::cluster(), 3);
+    assert_eq!(builders::bootstrap_expect(&cluster, Some(&running)), 3);
+    let args = args_of(&builders::stateful_set(&cluster, builders::bootstrap_expect(&cluster, Some(&running))));
+    assert_eq!(flag(&args, "--bootstrap-expect"), "3");
+    assert_eq!(flag(&args, "--join").split(',').count(), 3);
+
+    // A same-named StatefulSet of an earlier cluster (another uid) says nothing.
+    let mut stranger = running.clone();
+    stranger.metadata.owner_references.as_mut().unwrap()[0].uid = "another-uid".into();
+    assert_eq!(builders::bootstrap_expect(&cluster, Some(&stranger)), 5);
+
+    // The record wins over the StatefulSet, so a hand edit of the flag is repaired.
+    let mut edited = running.clone();
+    let container = &mut edited.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0];
+    let args = container.args.as_mut().unwrap();
+    let i = args.iter().position(|a| a == "--bootstrap-expect").unwrap();
+    args[i + 1] = "7".into();
+    assert_eq!(builders::bootstrap_expect(&cluster, Some(&edited)), 7, "no record: the running value");
+    cluster.status = Some(EventterClusterStatus { bootstrap_expect: Some(3), ..EventterClusterStatus::default() });
+    assert_eq!(builders::bootstrap_expect(&cluster, Some(&edited)), 3);
 }

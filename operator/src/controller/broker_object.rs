@@ -2,10 +2,15 @@
 //! `ConsumerGroup`. Both follow the same steps, so one generic reconciler serves both
 //! through [`BrokerObject`].
 //!
-//! Apply: find the EventterCluster, ensure the broker namespace, create (or update)
-//! the object in the broker, record the outcome in the Ready condition. Cleanup (the
-//! finalizer): delete it from the broker unless `deletionPolicy: Retain`, or unless it
-//! never was in sync (then the broker object of that name is not ours).
+//! Apply: find the EventterCluster, read the object from the broker, and only when the
+//! broker does not hold it as specified create it (and its namespace) or update it;
+//! record the outcome in the Ready condition. Every broker write is a Raft log entry,
+//! even an idempotent one, and a status patch is a watch event: writing or patching on
+//! every pass would feed itself (each pass's status patch triggering the next pass).
+//! So an object in sync costs reads only, and its status is left alone.
+//!
+//! Cleanup (the finalizer): delete it from the broker unless `deletionPolicy: Retain`,
+//! or unless it never was in sync (then the broker object of that name is not ours).
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -17,21 +22,25 @@ use k8s_openapi::NamespaceResourceScope;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{watcher, Controller};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{apply_status, condition, error_policy, find_condition, object_key, Context, READY};
-use crate::broker::{Admin, Refusal, WriteOutcome};
+use super::{
+    apply_status, cluster_readiness_changed, condition, error_policy, find_condition, object_key,
+    spec_or_lifecycle_changed, Context, READY,
+};
+use crate::broker::{self, Admin, Refusal};
 use crate::crd::{
     parse_duration_ms, BrokerObjectStatus, ConsumerGroup, DeletionPolicy, EventterCluster, ExchangeType, Topic,
 };
 use crate::error::{Error, Result};
 
 /// How often an object in sync is checked again (the broker may have lost or changed
-/// it without Kubernetes knowing).
+/// it without Kubernetes knowing). Status-only changes do not trigger a reconcile, so
+/// this is what repairs drift in the broker.
 pub const RESYNC_PERIOD: Duration = Duration::from_secs(300);
 /// Retry delay while the EventterCluster or a dependency (a bound topic) is missing.
 pub const DEPENDENCY_RETRY_DELAY: Duration = Duration::from_secs(15);
@@ -231,7 +240,7 @@ async fn apply<K: BrokerObject>(obj: Arc<K>, ctx: &Context, api: &Api<K>, namesp
         }
     };
     let address = ctx.broker.address(&cluster);
-    let outcome = match write_to_broker(ctx, &address, obj.broker_namespace(), write).await {
+    let outcome = match sync_to_broker(ctx, &address, obj.broker_namespace(), write).await {
         Ok(outcome) => outcome,
         Err(error) => {
             if matches!(error, Error::BrokerUnavailable { .. }) {
@@ -241,7 +250,16 @@ async fn apply<K: BrokerObject>(obj: Arc<K>, ctx: &Context, api: &Api<K>, namesp
         }
     };
     match outcome {
-        Ok(index) => {
+        Ok(synced) => {
+            let index = match synced {
+                Synced::Written { index } => index,
+                // Nothing written: keep the index of the operator's last write, so that
+                // the status of an object in sync does not change from pass to pass. An
+                // object found already in place on its first pass records the read.
+                Synced::AlreadyHeld { read_index } => {
+                    obj.current_status().and_then(|s| s.cluster_state_index).unwrap_or(read_index)
+                }
+            };
             let message = format!(
                 "{} {:?} is in sync in broker namespace {:?}",
                 K::NOUN,
@@ -263,8 +281,56 @@ async fn apply<K: BrokerObject>(obj: Arc<K>, ctx: &Context, api: &Api<K>, namesp
     }
 }
 
-async fn write_to_broker(ctx: &Context, address: &str, namespace: &str, write: BrokerWrite) -> Result<WriteOutcome> {
+/// What a pass found or did in the broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Synced {
+    /// The broker already held the object as specified; nothing was written. The Raft
+    /// index of the state that read saw.
+    AlreadyHeld { read_index: u64 },
+    /// The operator created or changed it; the Raft index of its last write.
+    Written { index: u64 },
+}
+
+/// Makes the broker hold `write` in `namespace`, writing only what differs.
+async fn sync_to_broker(
+    ctx: &Context,
+    address: &str,
+    namespace: &str,
+    write: BrokerWrite,
+) -> Result<std::result::Result<Synced, Refusal>> {
     let mut admin: Admin = ctx.broker.connect(address).await?;
+    let written = match write {
+        BrokerWrite::Topic(topic) => match admin.list_topics(namespace).await? {
+            None => create_namespace_then(&mut admin, namespace, BrokerWrite::Topic(topic)).await?,
+            Some(listed) => match listed.items.iter().find(|t| t.name == topic.name) {
+                Some(held) if broker::topic_in_sync(&topic, held) => {
+                    return Ok(Ok(Synced::AlreadyHeld { read_index: listed.index }))
+                }
+                Some(_) => admin.update_topic(namespace, topic).await?,
+                None => admin.apply_topic(namespace, topic).await?,
+            },
+        },
+        BrokerWrite::ConsumerGroup(group) => match admin.list_consumer_groups(namespace).await? {
+            None => create_namespace_then(&mut admin, namespace, BrokerWrite::ConsumerGroup(group)).await?,
+            Some(listed) => {
+                if let Some(held) = listed.items.iter().find(|g| g.name == group.name) {
+                    let topics = admin.list_topics(namespace).await?.map(|t| t.items).unwrap_or_default();
+                    if broker::consumer_group_in_sync(&group, held, &topics) {
+                        return Ok(Ok(Synced::AlreadyHeld { read_index: listed.index }));
+                    }
+                }
+                // Missing, or different: the broker has no update for groups, and its
+                // answer to the create (AlreadyExists, or NotFound for a bound topic)
+                // is what the status shows.
+                admin.apply_consumer_group(namespace, group).await?
+            }
+        },
+    };
+    Ok(written.map(|index| Synced::Written { index }))
+}
+
+/// Creates the missing broker namespace, then the object in it.
+async fn create_namespace_then(admin: &mut Admin, namespace: &str, write: BrokerWrite) -> Result<broker::WriteOutcome> {
     if let Err(refusal) = admin.ensure_namespace(namespace).await? {
         return Ok(Err(refusal));
     }
@@ -308,18 +374,28 @@ async fn cleanup<K: BrokerObject>(obj: Arc<K>, ctx: &Context, namespace: &str) -
     Ok(Action::await_change())
 }
 
-/// Runs the controller of `K` until `shutdown` resolves. Objects are also
-/// reconciled when their EventterCluster changes (e.g. becomes ready).
+/// Runs the controller of `K` until `shutdown` resolves. An object is reconciled when
+/// its spec, finalizers or deletion change (not its status, which the reconciler
+/// writes itself), when its EventterCluster's spec or readiness changes, and every
+/// [`RESYNC_PERIOD`] while in sync.
 pub async fn run<K: BrokerObject>(
     ctx: Arc<Context>,
     api: Api<K>,
     clusters: Api<EventterCluster>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let controller = Controller::new(api, watcher::Config::default().any_semantic());
-    let store = controller.store();
-    controller
-        .watches(clusters, watcher::Config::default().any_semantic(), move |cluster: EventterCluster| {
+    let (reader, writer) = reflector::store();
+    // The store sees every change (status included); only the triggers are filtered.
+    let objects = watcher(api, watcher::Config::default().any_semantic())
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(spec_or_lifecycle_changed::<K>, Default::default());
+    let cluster_changes = watcher(clusters, watcher::Config::default().any_semantic())
+        .touched_objects()
+        .predicate_filter(cluster_readiness_changed, Default::default());
+    let store = reader.clone();
+    Controller::for_stream(objects, reader)
+        .watches_stream(cluster_changes, move |cluster: EventterCluster| {
             let cluster_namespace = cluster.namespace();
             let cluster_name = cluster.name_any();
             store

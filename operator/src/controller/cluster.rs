@@ -12,7 +12,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::{watcher, Controller};
+use kube::runtime::{predicates, reflector, watcher, Controller, WatchStreamExt};
 use kube::{Api, Resource, ResourceExt};
 
 use super::{apply_status, condition, error_policy, find_condition, object_key, Context, DEGRADED, PROGRESSING, READY};
@@ -45,7 +45,11 @@ pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Resu
     let client_service = builders::client_service(&cluster);
     services.patch(&client_service.name_any(), &params, &Patch::Apply(&client_service)).await?;
     let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), &namespace);
-    let desired = builders::stateful_set(&cluster);
+    let recorded = cluster.status.as_ref().and_then(|s| s.bootstrap_expect).is_some_and(|n| n >= 1);
+    // The StatefulSet as it is matters only while the status has no record of it.
+    let existing = if recorded { None } else { stateful_sets.get_opt(&cluster.name_any()).await? };
+    let bootstrap_expect = builders::bootstrap_expect(&cluster, existing.as_ref());
+    let desired = builders::stateful_set(&cluster, bootstrap_expect);
     let stateful_set = stateful_sets.patch(&desired.name_any(), &params, &Patch::Apply(&desired)).await?;
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &namespace);
     let budget = builders::pod_disruption_budget(&cluster);
@@ -57,7 +61,7 @@ pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Resu
         Ok(mut admin) => admin.dump().await,
         Err(error) => Err(error),
     };
-    let status = cluster_status(&cluster, ready_replicas, &dump);
+    let status = cluster_status(&cluster, ready_replicas, &dump, bootstrap_expect);
 
     let previous = cluster.status.clone().unwrap_or_default();
     if status != previous {
@@ -105,12 +109,14 @@ fn node_state_name(state: i32) -> &'static str {
     }
 }
 
-/// The status of `cluster` given its StatefulSet's ready pods and a broker's Dump.
-/// Pure, so the condition logic is tested without a cluster.
+/// The status of `cluster` given its StatefulSet's ready pods, a broker's Dump and
+/// the `--bootstrap-expect` its StatefulSet was applied with. Pure, so the condition
+/// logic is tested without a cluster.
 pub fn cluster_status(
     cluster: &EventterCluster,
     ready_replicas: i32,
     dump: &Result<pb::DumpResponse>,
+    bootstrap_expect: i32,
 ) -> EventterClusterStatus {
     let previous = cluster.status.clone().unwrap_or_default();
     let generation = cluster.meta().generation;
@@ -123,6 +129,7 @@ pub fn cluster_status(
         leader: previous.leader.clone(),
         leader_id: previous.leader_id.clone(),
         cluster_state_index: previous.cluster_state_index,
+        bootstrap_expect: Some(bootstrap_expect),
         conditions: Vec::new(),
     };
     let pods_ready = ready_replicas >= replicas;
@@ -189,7 +196,9 @@ pub fn cluster_status(
 
 /// Runs the EventterCluster controller until `shutdown` resolves. Changes to (or
 /// deletion of) the owned Services, StatefulSet and PodDisruptionBudget trigger a
-/// reconcile, which applies them again.
+/// reconcile, which applies them again. Changes of a cluster's own status do not: the
+/// reconciler writes it, and the Raft index in it moves with every broker write, so
+/// each status patch would trigger the next pass.
 pub async fn run(
     ctx: Arc<Context>,
     clusters: Api<EventterCluster>,
@@ -199,7 +208,12 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=eventter-operator").any_semantic();
-    Controller::new(clusters, watcher::Config::default().any_semantic())
+    let (reader, writer) = reflector::store();
+    let changed_specs = watcher(clusters, watcher::Config::default().any_semantic())
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    Controller::for_stream(changed_specs, reader)
         .owns(services, owned.clone())
         .owns(stateful_sets, owned.clone())
         .owns(budgets, owned)
@@ -250,17 +264,18 @@ mod tests {
     #[test]
     fn healthy_cluster_is_ready() {
         let alive = [pb::NodeState::Alive; 3];
-        let status = cluster_status(&cluster(), 3, &Ok(dump(1, &alive)));
+        let status = cluster_status(&cluster(), 3, &Ok(dump(1, &alive)), 3);
         assert_eq!((status_of(&status, READY), status_of(&status, DEGRADED)), ("True".into(), "False".into()));
         assert_eq!(status.leader.as_deref(), Some("emq-0"));
         assert_eq!(status.cluster_state_index, Some(9));
         assert_eq!(status.observed_generation, Some(4));
+        assert_eq!(status.bootstrap_expect, Some(3));
     }
 
     #[test]
     fn dead_member_degrades_the_cluster() {
         let states = [pb::NodeState::Alive, pb::NodeState::Dead, pb::NodeState::Alive];
-        let status = cluster_status(&cluster(), 3, &Ok(dump(1, &states)));
+        let status = cluster_status(&cluster(), 3, &Ok(dump(1, &states)), 3);
         assert_eq!(status_of(&status, DEGRADED), "True");
         let degraded = find_condition(&status.conditions, DEGRADED).unwrap();
         assert!(degraded.message.contains("is Dead"), "{}", degraded.message);
@@ -270,7 +285,7 @@ mod tests {
     #[test]
     fn no_leader_is_not_ready() {
         let alive = [pb::NodeState::Alive; 3];
-        let status = cluster_status(&cluster(), 3, &Ok(dump(0, &alive)));
+        let status = cluster_status(&cluster(), 3, &Ok(dump(0, &alive)), 3);
         assert_eq!(status_of(&status, READY), "False");
         assert_eq!(status.leader, None);
     }
@@ -279,9 +294,9 @@ mod tests {
     fn unreachable_brokers_keep_the_last_members_and_degrade_once_pods_ran() {
         let mut cluster = cluster();
         let alive = [pb::NodeState::Alive; 3];
-        cluster.status = Some(cluster_status(&cluster, 3, &Ok(dump(1, &alive))));
+        cluster.status = Some(cluster_status(&cluster, 3, &Ok(dump(1, &alive)), 3));
         let unreachable = Err(Error::BrokerUnavailable { address: "emq:16000".into(), message: "refused".into() });
-        let status = cluster_status(&cluster, 2, &unreachable);
+        let status = cluster_status(&cluster, 2, &unreachable, 3);
         assert_eq!(status_of(&status, READY), "False");
         assert_eq!(status_of(&status, PROGRESSING), "True");
         assert_eq!(status_of(&status, DEGRADED), "True");

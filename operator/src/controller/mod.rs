@@ -2,14 +2,18 @@
 //! events and the retry policy.
 //!
 //! Each reconcile computes the desired state from the object alone and applies it
-//! (server-side apply for Kubernetes objects, idempotent create/update calls for the
-//! broker), so running it twice, or after a restart, is harmless.
+//! (server-side apply for Kubernetes objects; for the broker, a read and a create or
+//! update only where it differs), so running it twice, or after a restart, is harmless.
+//! A reconcile writes status only when the status changes, and the controllers ignore
+//! status-only changes of the objects they reconcile: a status patch must not trigger
+//! the next pass. Periodic requeues catch what changes outside Kubernetes.
 
 pub mod broker_object;
 pub mod cluster;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +28,7 @@ use serde::Serialize;
 
 use crate::broker::BrokerConnector;
 use crate::builders::FIELD_MANAGER;
+use crate::crd::EventterCluster;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 
@@ -161,6 +166,30 @@ pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'
     conditions.iter().find(|c| c.type_ == type_)
 }
 
+fn hash_of(value: &impl Hash) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Watch predicate of Topics and ConsumerGroups: what their reconcile acts on. The
+/// spec (metadata.generation), the finalizers (the finalizer helper adds ours and waits
+/// for the change to come back) and the deletion mark; not the status, which the
+/// reconciler writes itself.
+pub fn spec_or_lifecycle_changed<K: Resource>(obj: &K) -> Option<u64> {
+    let meta = obj.meta();
+    Some(hash_of(&(meta.generation, &meta.finalizers, meta.deletion_timestamp.is_some())))
+}
+
+/// Watch predicate of EventterClusters as seen by the Topic and ConsumerGroup
+/// controllers: their spec, and whether they are Ready (objects waiting for a cluster
+/// go on once it is). The rest of the status (members, the Raft index, ready pods)
+/// changes all the time and says nothing to them.
+pub fn cluster_readiness_changed(cluster: &EventterCluster) -> Option<u64> {
+    let ready = cluster.status.as_ref().and_then(|s| find_condition(&s.conditions, READY)).map(|c| &c.status);
+    Some(hash_of(&(cluster.meta().generation, ready, cluster.meta().deletion_timestamp.is_some())))
+}
+
 /// Writes `status` through the status subresource with server-side apply.
 pub async fn apply_status<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<()>
 where
@@ -188,6 +217,56 @@ mod tests {
         assert_eq!(retry_delay(8), Duration::from_secs(256));
         assert_eq!(retry_delay(FAILURES_COUNT_MAX), RETRY_DELAY_MAX);
         assert_eq!(retry_delay(u32::MAX), RETRY_DELAY_MAX);
+    }
+
+    fn topic() -> crate::crd::Topic {
+        let spec = serde_json::from_value(serde_json::json!({"clusterRef": "emq"})).unwrap();
+        let mut topic = crate::crd::Topic::new("orders", spec);
+        topic.metadata.generation = Some(1);
+        topic
+    }
+
+    #[test]
+    fn topic_trigger_ignores_status_but_not_spec_finalizers_or_deletion() {
+        let before = topic();
+        let mut status_only = before.clone();
+        status_only.status = Some(crate::crd::BrokerObjectStatus {
+            cluster_state_index: Some(8),
+            ..crate::crd::BrokerObjectStatus::default()
+        });
+        status_only.metadata.resource_version = Some("101".into());
+        assert_eq!(spec_or_lifecycle_changed(&status_only), spec_or_lifecycle_changed(&before));
+        let mut spec = before.clone();
+        spec.metadata.generation = Some(2);
+        assert_ne!(spec_or_lifecycle_changed(&spec), spec_or_lifecycle_changed(&before));
+        let mut finalized = before.clone();
+        finalized.metadata.finalizers = Some(vec!["eventter.io/topic".into()]);
+        assert_ne!(spec_or_lifecycle_changed(&finalized), spec_or_lifecycle_changed(&before));
+        let mut deleted = before.clone();
+        deleted.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
+        assert_ne!(spec_or_lifecycle_changed(&deleted), spec_or_lifecycle_changed(&before));
+    }
+
+    #[test]
+    fn cluster_trigger_follows_spec_and_readiness_only() {
+        let spec = serde_json::from_value(serde_json::json!({"image": "x"})).unwrap();
+        let mut cluster = EventterCluster::new("emq", spec);
+        cluster.metadata.generation = Some(1);
+        let with_ready = |cluster: &EventterCluster, ready: bool, index: u64| {
+            let mut cluster = cluster.clone();
+            cluster.status = Some(crate::crd::EventterClusterStatus {
+                conditions: vec![condition(&[], READY, ready, "r", "m", Some(1))],
+                cluster_state_index: Some(index),
+                ..crate::crd::EventterClusterStatus::default()
+            });
+            cluster
+        };
+        let not_ready = with_ready(&cluster, false, 5);
+        assert_eq!(cluster_readiness_changed(&with_ready(&cluster, false, 90)), cluster_readiness_changed(&not_ready));
+        assert_ne!(cluster_readiness_changed(&with_ready(&cluster, true, 5)), cluster_readiness_changed(&not_ready));
+        let mut scaled = not_ready.clone();
+        scaled.metadata.generation = Some(2);
+        assert_ne!(cluster_readiness_changed(&scaled), cluster_readiness_changed(&not_ready));
     }
 
     #[test]

@@ -1,6 +1,12 @@
-//! An in-process broker admin API for the reconciler tests: records every call and
-//! answers as configured.
+//! An in-process broker admin API for the reconciler tests. It keeps namespaces,
+//! topics and consumer groups the way the broker does (`broker/src/cluster_state`,
+//! `broker/src/api`): creates are idempotent for an identical spec and refused with
+//! AlreadyExists for a different one, objects live in existing namespaces, lists answer
+//! in the broker's normalized form, and every accepted write, idempotent or not, takes
+//! the next Raft index (a new log entry), as it does in the broker. It records every
+//! call, and a test can script an error answer per call.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -8,16 +14,57 @@ use eventtermq_proto::v1 as pb;
 use eventtermq_proto::v1::admin_server::{Admin, AdminServer};
 use tonic::{Request, Response, Status};
 
-/// What the fake answers; `None` means success.
-#[derive(Default)]
+/// Error answers to script (`None`: the broker's own answer) and the starting state.
 pub struct Script {
     pub create_topic: Option<Status>,
     pub update_topic: Option<Status>,
     pub delete: Option<Status>,
     pub create_consumer_group: Option<Status>,
     pub dump: Option<pb::DumpResponse>,
-    /// Raft index of successful writes.
+    /// Raft index before the first write; each accepted write takes the next one.
     pub index: u64,
+    /// Namespaces with their topics and groups; `default` exists, as in a new cluster.
+    pub namespaces: BTreeMap<String, Namespace>,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Self {
+            create_topic: None,
+            update_topic: None,
+            delete: None,
+            create_consumer_group: None,
+            dump: None,
+            index: 0,
+            namespaces: BTreeMap::from([("default".to_string(), Namespace::default())]),
+        }
+    }
+}
+
+impl Script {
+    /// Puts `topic` in `namespace` (created if missing) as if created earlier.
+    pub fn with_topic(mut self, namespace: &str, topic: pb::Topic) -> Self {
+        self.namespaces
+            .entry(namespace.to_string())
+            .or_default()
+            .topics
+            .insert(topic.name.clone(), stored_topic(topic));
+        self
+    }
+
+    /// Puts `group` in `namespace` as if created earlier; its bindings name their
+    /// exchange type, as the broker stores them.
+    pub fn with_consumer_group(mut self, namespace: &str, group: pb::ConsumerGroup) -> Self {
+        self.namespaces.entry(namespace.to_string()).or_default().groups.insert(group.name.clone(), group);
+        self
+    }
+}
+
+/// One broker namespace.
+#[derive(Clone, Default)]
+pub struct Namespace {
+    pub topics: BTreeMap<String, pb::Topic>,
+    pub groups: BTreeMap<String, pb::ConsumerGroup>,
 }
 
 #[derive(Default)]
@@ -26,21 +73,112 @@ pub struct State {
     pub calls: Mutex<Vec<String>>,
 }
 
+/// Calls that ask for a Raft log entry.
+const WRITES: [&str; 7] = [
+    "CreateNamespace",
+    "DeleteNamespace",
+    "CreateTopic",
+    "UpdateTopic",
+    "DeleteTopic",
+    "CreateConsumerGroup",
+    "DeleteConsumerGroup",
+];
+
 impl State {
     pub fn calls(&self) -> Vec<String> {
         self.calls.lock().unwrap().clone()
+    }
+
+    /// The write calls made so far (accepted or refused).
+    pub fn write_calls(&self) -> Vec<String> {
+        self.calls().into_iter().filter(|c| WRITES.iter().any(|w| c.split(' ').next() == Some(*w))).collect()
+    }
+
+    /// Raft index of the last accepted write.
+    pub fn index(&self) -> u64 {
+        self.script.lock().unwrap().index
+    }
+
+    /// The topic as the broker holds it now.
+    pub fn topic(&self, namespace: &str, name: &str) -> Option<pb::Topic> {
+        self.script.lock().unwrap().namespaces.get(namespace)?.topics.get(name).cloned()
+    }
+
+    /// Changes the broker's state behind the operator's back (as another client would,
+    /// without a log entry of the operator's).
+    pub fn edit(&self, change: impl FnOnce(&mut BTreeMap<String, Namespace>)) {
+        change(&mut self.script.lock().unwrap().namespaces);
+    }
+
+    /// Writes of other clients (consumer groups committing offsets, other objects):
+    /// the Raft index moves on without any change to what the operator manages.
+    pub fn other_writes(&self, count: u64) {
+        self.script.lock().unwrap().index += count;
     }
 
     fn record(&self, call: String) {
         self.calls.lock().unwrap().push(call);
     }
 
-    fn write(&self, error: Option<Status>) -> Result<Response<pb::WriteResponse>, Status> {
-        match error {
-            Some(status) => Err(status),
-            None => Ok(Response::new(pb::WriteResponse { ok: true, index: self.script.lock().unwrap().index })),
+    /// Runs `change` on the state unless `scripted` is an error; an accepted write
+    /// takes the next index.
+    fn write(
+        &self,
+        scripted: impl FnOnce(&Script) -> Option<Status>,
+        change: impl FnOnce(&mut BTreeMap<String, Namespace>) -> Result<(), Status>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        let mut script = self.script.lock().unwrap();
+        if let Some(status) = scripted(&script) {
+            return Err(status);
         }
+        change(&mut script.namespaces)?;
+        script.index += 1;
+        Ok(Response::new(pb::WriteResponse { ok: true, index: script.index }))
     }
+
+    fn read<T>(&self, namespace: &str, f: impl FnOnce(&Namespace) -> T) -> Result<(T, u64), Status> {
+        let script = self.script.lock().unwrap();
+        let ns = script.namespaces.get(namespace).ok_or_else(|| namespace_not_found(namespace))?;
+        Ok((f(ns), script.index))
+    }
+}
+
+fn namespace_not_found(namespace: &str) -> Status {
+    Status::not_found(format!("namespace: {namespace:?} does not exist"))
+}
+
+fn namespace_mut<'a>(namespaces: &'a mut BTreeMap<String, Namespace>, name: &str) -> Result<&'a mut Namespace, Status> {
+    namespaces.get_mut(name).ok_or_else(|| namespace_not_found(name))
+}
+
+fn ms(duration: &Option<prost_types::Duration>) -> i64 {
+    duration.as_ref().map_or(0, |d| d.seconds * 1000 + i64::from(d.nanos) / 1_000_000)
+}
+
+/// A topic as the broker stores and lists it.
+fn stored_topic(topic: pb::Topic) -> pb::Topic {
+    let retention_ms = ms(&topic.retention);
+    pb::Topic {
+        retention: Some(prost_types::Duration {
+            seconds: retention_ms / 1000,
+            nanos: ((retention_ms % 1000) * 1_000_000) as i32,
+        }),
+        default_exchange_type: if topic.default_exchange_type.is_empty() {
+            "fanout".to_string()
+        } else {
+            topic.default_exchange_type
+        },
+        under_replicated: false,
+        ..topic
+    }
+}
+
+fn same_topic_spec(a: &pb::Topic, b: &pb::Topic) -> bool {
+    a.shards == b.shards
+        && a.replication_factor == b.replication_factor
+        && ms(&a.retention) == ms(&b.retention)
+        && a.default_exchange_type == b.default_exchange_type
+        && a.segment_size_max_bytes == b.segment_size_max_bytes
 }
 
 #[derive(Clone)]
@@ -52,23 +190,39 @@ impl Admin for FakeBroker {
         &self,
         r: Request<pb::CreateNamespaceRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        self.0.record(format!("CreateNamespace {}", r.get_ref().name));
-        self.0.write(None)
+        let name = r.into_inner().name;
+        self.0.record(format!("CreateNamespace {name}"));
+        self.0.write(
+            |_| None,
+            |namespaces| {
+                namespaces.entry(name).or_default();
+                Ok(())
+            },
+        )
     }
 
     async fn delete_namespace(
         &self,
         r: Request<pb::DeleteNamespaceRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        self.0.record(format!("DeleteNamespace {}", r.get_ref().name));
-        self.0.write(None)
+        let name = r.into_inner().name;
+        self.0.record(format!("DeleteNamespace {name}"));
+        self.0.write(
+            |_| None,
+            |namespaces| namespaces.remove(&name).map(|_| ()).ok_or_else(|| namespace_not_found(&name)),
+        )
     }
 
     async fn list_namespaces(
         &self,
         _: Request<pb::ListNamespacesRequest>,
     ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
-        Err(Status::unimplemented("fake"))
+        self.0.record("ListNamespaces".to_string());
+        let script = self.0.script.lock().unwrap();
+        Ok(Response::new(pb::ListNamespacesResponse {
+            namespaces: script.namespaces.keys().cloned().collect(),
+            index: script.index,
+        }))
     }
 
     async fn create_topic(&self, r: Request<pb::CreateTopicRequest>) -> Result<Response<pb::WriteResponse>, Status> {
@@ -83,26 +237,74 @@ impl Admin for FakeBroker {
             topic.retention.map(|d| d.seconds),
             topic.default_exchange_type
         ));
-        let error = self.0.script.lock().unwrap().create_topic.clone();
-        self.0.write(error)
+        self.0.write(
+            |s| s.create_topic.clone(),
+            |namespaces| {
+                let ns = namespace_mut(namespaces, &r.namespace)?;
+                let topic = stored_topic(topic);
+                match ns.topics.get(&topic.name) {
+                    Some(existing) if !same_topic_spec(existing, &topic) => Err(Status::already_exists(format!(
+                        "name: topic {:?} already exists in namespace {:?} with a different spec",
+                        topic.name, r.namespace
+                    ))),
+                    Some(_) => Ok(()),
+                    None => {
+                        ns.topics.insert(topic.name.clone(), topic);
+                        Ok(())
+                    }
+                }
+            },
+        )
     }
 
     async fn update_topic(&self, r: Request<pb::UpdateTopicRequest>) -> Result<Response<pb::WriteResponse>, Status> {
         let r = r.into_inner();
         self.0.record(format!("UpdateTopic {}/{} rf={:?}", r.namespace, r.name, r.replication_factor));
-        let error = self.0.script.lock().unwrap().update_topic.clone();
-        self.0.write(error)
+        self.0.write(
+            |s| s.update_topic.clone(),
+            |namespaces| {
+                let topic = namespace_mut(namespaces, &r.namespace)?
+                    .topics
+                    .get_mut(&r.name)
+                    .ok_or_else(|| Status::not_found(format!("name: topic {:?} does not exist", r.name)))?;
+                if r.replication_factor.is_some_and(|rf| rf != topic.replication_factor) {
+                    return Err(Status::failed_precondition("replication_factor: is immutable"));
+                }
+                if r.shards.is_some_and(|shards| shards < topic.shards) {
+                    return Err(Status::failed_precondition("shards: can only grow"));
+                }
+                let updated = pb::Topic {
+                    shards: r.shards.unwrap_or(topic.shards),
+                    retention: r.retention.or(topic.retention),
+                    default_exchange_type: r.default_exchange_type.unwrap_or(topic.default_exchange_type.clone()),
+                    ..topic.clone()
+                };
+                *topic = stored_topic(updated);
+                Ok(())
+            },
+        )
     }
 
     async fn delete_topic(&self, r: Request<pb::DeleteTopicRequest>) -> Result<Response<pb::WriteResponse>, Status> {
         let r = r.into_inner();
         self.0.record(format!("DeleteTopic {}/{}", r.namespace, r.name));
-        let error = self.0.script.lock().unwrap().delete.clone();
-        self.0.write(error)
+        self.0.write(
+            |s| s.delete.clone(),
+            |namespaces| {
+                namespace_mut(namespaces, &r.namespace)?
+                    .topics
+                    .remove(&r.name)
+                    .map(|_| ())
+                    .ok_or_else(|| Status::not_found(format!("name: topic {:?} does not exist", r.name)))
+            },
+        )
     }
 
-    async fn list_topics(&self, _: Request<pb::ListTopicsRequest>) -> Result<Response<pb::ListTopicsResponse>, Status> {
-        Err(Status::unimplemented("fake"))
+    async fn list_topics(&self, r: Request<pb::ListTopicsRequest>) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let namespace = r.into_inner().namespace;
+        self.0.record(format!("ListTopics {namespace}"));
+        let (topics, index) = self.0.read(&namespace, |ns| ns.topics.values().cloned().collect())?;
+        Ok(Response::new(pb::ListTopicsResponse { topics, index }))
     }
 
     async fn create_consumer_group(
@@ -112,8 +314,45 @@ impl Admin for FakeBroker {
         let r = r.into_inner();
         let group = r.consumer_group.unwrap_or_default();
         self.0.record(format!("CreateConsumerGroup {}/{} bindings={}", r.namespace, group.name, group.bindings.len()));
-        let error = self.0.script.lock().unwrap().create_consumer_group.clone();
-        self.0.write(error)
+        self.0.write(
+            |s| s.create_consumer_group.clone(),
+            |namespaces| {
+                let ns = namespace_mut(namespaces, &r.namespace)?;
+                let mut bindings = Vec::new();
+                for (i, b) in group.bindings.iter().enumerate() {
+                    let topic = ns.topics.get(&b.topic).ok_or_else(|| {
+                        Status::not_found(format!("bindings[{i}].topic: topic {:?} does not exist", b.topic))
+                    })?;
+                    bindings.push(pb::Binding {
+                        exchange_type: if b.exchange_type.is_empty() {
+                            topic.default_exchange_type.clone()
+                        } else {
+                            b.exchange_type.clone()
+                        },
+                        headers_match: if b.headers_match.is_empty() { "all".into() } else { b.headers_match.clone() },
+                        ..b.clone()
+                    });
+                }
+                let stored = pb::ConsumerGroup {
+                    bindings,
+                    size: if group.size == 0 { 10_000 } else { group.size },
+                    ..group.clone()
+                };
+                match ns.groups.get(&group.name) {
+                    Some(existing) if existing.bindings != stored.bindings || existing.size != stored.size => {
+                        Err(Status::already_exists(format!(
+                            "name: consumer group {:?} already exists in namespace {:?} with different bindings or size",
+                            group.name, r.namespace
+                        )))
+                    }
+                    Some(_) => Ok(()),
+                    None => {
+                        ns.groups.insert(group.name.clone(), stored);
+                        Ok(())
+                    }
+                }
+            },
+        )
     }
 
     async fn delete_consumer_group(
@@ -122,15 +361,26 @@ impl Admin for FakeBroker {
     ) -> Result<Response<pb::WriteResponse>, Status> {
         let r = r.into_inner();
         self.0.record(format!("DeleteConsumerGroup {}/{}", r.namespace, r.name));
-        let error = self.0.script.lock().unwrap().delete.clone();
-        self.0.write(error)
+        self.0.write(
+            |s| s.delete.clone(),
+            |namespaces| {
+                namespace_mut(namespaces, &r.namespace)?
+                    .groups
+                    .remove(&r.name)
+                    .map(|_| ())
+                    .ok_or_else(|| Status::not_found(format!("name: consumer group {:?} does not exist", r.name)))
+            },
+        )
     }
 
     async fn list_consumer_groups(
         &self,
-        _: Request<pb::ListConsumerGroupsRequest>,
+        r: Request<pb::ListConsumerGroupsRequest>,
     ) -> Result<Response<pb::ListConsumerGroupsResponse>, Status> {
-        Err(Status::unimplemented("fake"))
+        let namespace = r.into_inner().namespace;
+        self.0.record(format!("ListConsumerGroups {namespace}"));
+        let (consumer_groups, index) = self.0.read(&namespace, |ns| ns.groups.values().cloned().collect())?;
+        Ok(Response::new(pb::ListConsumerGroupsResponse { consumer_groups, index }))
     }
 
     async fn dump(&self, _: Request<pb::DumpRequest>) -> Result<Response<pb::DumpResponse>, Status> {
