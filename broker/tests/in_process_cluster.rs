@@ -32,9 +32,22 @@ fn config(dir: &Path, name: &str, join: &[&str]) -> NodeConfig {
 }
 
 async fn start(net: &MemNetwork, dir: &Path, name: &str, join: &[&str]) -> TestNode {
+    start_tuned(net, dir, name, join, |_| {}).await
+}
+
+/// `start` with `tune` applied to the test config.
+async fn start_tuned(
+    net: &MemNetwork,
+    dir: &Path,
+    name: &str,
+    join: &[&str],
+    tune: impl FnOnce(&mut NodeConfig),
+) -> TestNode {
     let (network, listeners) = net.attach(name);
     let shutdown = CancellationToken::new();
-    let handle = node::start(config(dir, name, join), network, listeners, shutdown.clone()).await.expect("node starts");
+    let mut c = config(dir, name, join);
+    tune(&mut c);
+    let handle = node::start(c, network, listeners, shutdown.clone()).await.expect("node starts");
     TestNode { name: name.to_string(), handle, shutdown }
 }
 
@@ -83,6 +96,14 @@ async fn three(net: &MemNetwork, dir: &Path) -> Vec<TestNode> {
     nodes
 }
 
+/// Graceful stop of every node, each awaited.
+async fn stop_all(nodes: Vec<TestNode>) {
+    for n in nodes {
+        n.shutdown.cancel();
+        n.handle.wait().await;
+    }
+}
+
 fn leader_index(nodes: &[TestNode]) -> usize {
     let leader = nodes[0].handle.cluster.leader().expect("a leader").0;
     nodes.iter().position(|n| n.handle.id == leader).expect("leader is one of ours")
@@ -125,10 +146,7 @@ async fn forms_a_cluster_and_keeps_writing_after_the_leader_dies() {
         s.state.nodes.values().any(|r| matches!(r.state, NodeState::Suspect | NodeState::Dead))
     })
     .await;
-    for n in nodes {
-        n.shutdown.cancel();
-        n.handle.wait().await;
-    }
+    stop_all(nodes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,10 +181,7 @@ async fn a_partitioned_minority_cannot_write_and_catches_up_after_healing() {
         }
     })
     .await;
-    for n in nodes {
-        n.shutdown.cancel();
-        n.handle.wait().await;
-    }
+    stop_all(nodes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,10 +193,7 @@ async fn state_survives_a_full_restart_with_lossy_gossip() {
         let cmd = Command::CreateTopic { namespace: "default".into(), name: format!("t{i}"), spec: topic() };
         nodes[i % 3].handle.cluster.write(cmd).await.expect("write");
     }
-    for n in nodes {
-        n.shutdown.cancel();
-        n.handle.wait().await;
-    }
+    stop_all(nodes).await;
 
     // Restart on the same directories over a network that drops 20% of datagrams.
     let net = MemNetwork::new();
@@ -203,10 +215,7 @@ async fn state_survives_a_full_restart_with_lossy_gossip() {
         .write(Command::CreateNamespace { name: "after-restart".into() })
         .await
         .expect("write after restart");
-    for n in [a, b, c] {
-        n.shutdown.cancel();
-        n.handle.wait().await;
-    }
+    stop_all(vec![a, b, c]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,15 +223,7 @@ async fn a_node_dead_past_the_removal_time_leaves_raft_and_the_state() {
     let dir = tempfile::tempdir().unwrap();
     let net = MemNetwork::new();
     let start_short = |name: &'static str, join: &'static [&'static str]| {
-        let (net, dir) = (net.clone(), dir.path().to_path_buf());
-        async move {
-            let (network, listeners) = net.attach(name);
-            let shutdown = CancellationToken::new();
-            let mut c = config(&dir, name, join);
-            c.dead_node_removal_ms = 1_000;
-            let handle = node::start(c, network, listeners, shutdown.clone()).await.expect("node starts");
-            TestNode { name: name.to_string(), handle, shutdown }
-        }
+        start_tuned(&net, dir.path(), name, join, |c| c.dead_node_removal_ms = 1_000)
     };
     let nodes =
         vec![start_short("a:1", &[]).await, start_short("b:1", &["a:1"]).await, start_short("c:1", &["a:1"]).await];
@@ -263,17 +264,11 @@ async fn gossip_dead_but_reachable_voters_are_not_removed() {
     let dir = tempfile::tempdir().unwrap();
     let net = MemNetwork::new();
     let start_short = |name: &'static str, join: &'static [&'static str]| {
-        let (net, dir) = (net.clone(), dir.path().to_path_buf());
-        async move {
-            let (network, listeners) = net.attach(name);
-            let shutdown = CancellationToken::new();
-            let mut c = config(&dir, name, join);
+        start_tuned(&net, dir.path(), name, join, |c| {
             c.dead_node_removal_ms = 1_000;
             // No re-join syncs within the test: only the leader's knock can tell.
             c.membership.join_retry_ms = 60_000;
-            let handle = node::start(c, network, listeners, shutdown.clone()).await.expect("node starts");
-            TestNode { name: name.to_string(), handle, shutdown }
-        }
+        })
     };
     let nodes =
         vec![start_short("a:1", &[]).await, start_short("b:1", &["a:1"]).await, start_short("c:1", &["a:1"]).await];
@@ -306,10 +301,7 @@ async fn gossip_dead_but_reachable_voters_are_not_removed() {
         .write(Command::CreateNamespace { name: "after-gossip-outage".into() })
         .await
         .expect("write");
-    for n in nodes {
-        n.shutdown.cancel();
-        n.handle.wait().await;
-    }
+    stop_all(nodes).await;
 }
 
 /// A StatefulSet scaled up starts new pods with the founding `--bootstrap-expect`. A
@@ -321,16 +313,10 @@ async fn a_node_added_with_bootstrap_expect_joins_the_running_cluster() {
     let net = MemNetwork::new();
     let founders = ["f1:1", "f2:1", "f3:1"];
     let start_with = |name: &'static str, id: u64| {
-        let (net, dir) = (net.clone(), dir.path().to_path_buf());
-        async move {
-            let (network, listeners) = net.attach(name);
-            let shutdown = CancellationToken::new();
-            let mut c = config(&dir, name, &founders);
+        start_tuned(&net, dir.path(), name, &founders, move |c| {
             c.bootstrap_expect = Some(3);
             c.id = Some(id);
-            let handle = node::start(c, network, listeners, shutdown.clone()).await.expect("node starts");
-            TestNode { name: name.to_string(), handle, shutdown }
-        }
+        })
     };
     let mut nodes = vec![start_with("f1:1", 100).await, start_with("f2:1", 200).await, start_with("f3:1", 300).await];
     eventually(Duration::from_secs(20), "3 founders, 3 voters", || async {
@@ -352,10 +338,7 @@ async fn a_node_added_with_bootstrap_expect_joins_the_running_cluster() {
     assert!(term_of_founders > 0);
     let leaders: Vec<_> = nodes.iter().map(|n| n.handle.cluster.leader().map(|(id, _)| id)).collect();
     assert!(leaders.iter().all(|l| *l == leaders[0] && l.is_some()), "one leader for all: {leaders:?}");
-    for n in nodes {
-        n.shutdown.cancel();
-        n.handle.wait().await;
-    }
+    stop_all(nodes).await;
 }
 
 /// Publishes `ids` one batch at a time through `node`, returning the ids confirmed.
@@ -372,6 +355,26 @@ async fn publish_ids(node: &TestNode, ids: std::ops::Range<u32>) -> Vec<u32> {
     confirmed
 }
 
+/// One read of segment `id` from `from`; a segment no node has sealed a copy of yet
+/// (closed by a fail-over moments ago) is asked again, for a bounded time.
+async fn read_when_ready(
+    node: &TestNode,
+    id: u64,
+    seg: &eventtermq::cluster_state::model::SegmentRecord,
+    from: u64,
+) -> eventtermq::replication::read::ReadResult {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match node.handle.segments.read(id, seg, from, 1 << 20, Duration::ZERO).await {
+            Ok(r) => return r,
+            Err(e) if e.code == eventtermq::error::ErrorCode::NotReady && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("segment {id} not readable: {e:?}"),
+        }
+    }
+}
+
 /// Every message of topic `t` as `node` can read it (closed segments from a complete
 /// copy, open ones up to what is confirmed).
 async fn read_topic(node: &TestNode) -> Vec<u32> {
@@ -383,7 +386,7 @@ async fn read_topic(node: &TestNode) -> Vec<u32> {
     for (id, seg) in segments {
         let mut from = 0;
         loop {
-            let r = node.handle.segments.read(id, &seg, from, 1 << 20, Duration::ZERO).await.expect("readable");
+            let r = read_when_ready(node, id, &seg, from).await;
             let Some(last) = r.records.last() else { break };
             from = last.offset + 1;
             for rec in &r.records {
@@ -686,8 +689,5 @@ async fn a_segment_damaged_while_its_node_was_down_is_quarantined_at_start_and_f
     read.sort_unstable();
     assert_eq!(read, sent);
     nodes.push(node);
-    for n in nodes {
-        n.shutdown.cancel();
-        n.handle.wait().await;
-    }
+    stop_all(nodes).await;
 }
