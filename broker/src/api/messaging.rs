@@ -126,7 +126,7 @@ impl Messaging for MessagingService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    type SubscribeStream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;
+    type SubscribeStream = crate::consumer_groups::runtime::SubscribeStream;
 
     async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Reply<Self::SubscribeStream> {
         let fwd = forwarded(&req);

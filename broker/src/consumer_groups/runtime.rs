@@ -33,6 +33,9 @@ use crate::error::{ErrorCode, RequestError};
 use crate::replication::publish::FORWARDED_METADATA;
 use crate::replication::{lock, Segments};
 
+/// The messages of one subscription: local, or relayed from the group's node.
+pub type SubscribeStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<SubscribeResponse, Status>> + Send>>;
+
 /// A subscriber's window when the request leaves `size` at 0.
 pub const SUBSCRIBER_SIZE_DEFAULT: u32 = 1000;
 
@@ -188,11 +191,7 @@ impl Groups {
     }
 
     /// Serves a subscription; see `SubscribeRequest` in messaging.proto.
-    pub async fn subscribe(
-        &self,
-        req: SubscribeRequest,
-        forwarded: bool,
-    ) -> Result<ReceiverStream<Result<SubscribeResponse, Status>>, Status> {
+    pub async fn subscribe(&self, req: SubscribeRequest, forwarded: bool) -> Result<SubscribeStream, Status> {
         let group = match self.locate(&req.namespace, &req.consumer_group, forwarded).await {
             Ok(Some(h)) => h,
             Ok(None) => unreachable!("locate returns a handle or an error"),
@@ -261,33 +260,18 @@ impl Groups {
             }
             let _ = group.cmd.send(GroupCmd::Unsubscribe(sub));
         });
-        Ok(ReceiverStream::new(out_rx))
+        Ok(Box::pin(ReceiverStream::new(out_rx)))
     }
 
-    async fn proxy_subscribe(
-        &self,
-        addr: &str,
-        req: SubscribeRequest,
-    ) -> Result<ReceiverStream<Result<SubscribeResponse, Status>>, Status> {
+    async fn proxy_subscribe(&self, addr: &str, req: SubscribeRequest) -> Result<SubscribeStream, Status> {
         let mut client = MessagingClient::new(self.inner.segments.network().data_channel(addr))
             .max_decoding_message_size(usize::MAX);
         let mut r = tonic::Request::new(req);
         r.metadata_mut().insert(FORWARDED_METADATA, tonic::metadata::MetadataValue::from_static("1"));
-        let mut upstream = client.subscribe(r).await?.into_inner();
-        let (out, out_rx) = mpsc::channel(256);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = out.closed() => return,
-                    m = upstream.message() => match m {
-                        Ok(Some(m)) => if out.send(Ok(m)).await.is_err() { return },
-                        Ok(None) => return,
-                        Err(s) => { let _ = out.send(Err(s)).await; return }
-                    }
-                }
-            }
-        });
-        Ok(ReceiverStream::new(out_rx))
+        // The group node's stream is served as is: no task or channel in between (one
+        // wake-up less per message), and a client that goes away drops it, which
+        // the group node sees as its subscriber leaving.
+        Ok(Box::pin(client.subscribe(r).await?.into_inner()))
     }
 
     /// Acknowledges (`ack`) or returns for redelivery (`!ack`) delivered messages.
