@@ -403,6 +403,10 @@ impl Actor {
     /// again at the next exchange.
     fn rejoin(&mut self, shutdown: &CancellationToken) {
         let alone = !self.left && self.foca.num_members() == 0;
+        let was_alone = std::mem::replace(&mut self.alone, alone);
+        if !alone {
+            return;
+        }
         let me = self.foca.identity().clone();
         let down: Vec<GossipId> = self
             .foca
@@ -417,17 +421,11 @@ impl Actor {
             }
         }
         addrs.retain(|a| *a != me.addr);
-        if alone != self.alone {
-            self.alone = alone;
-            if alone && !addrs.is_empty() {
-                tracing::info!(
-                    known = addrs.len(),
-                    "no live gossip member; re-joining through seeds and known members"
-                );
-            }
+        if addrs.is_empty() {
+            return; // a cluster of one: nobody to knock on
         }
-        if !alone || addrs.is_empty() {
-            return;
+        if !was_alone {
+            tracing::info!(known = addrs.len(), "no live gossip member; re-joining through seeds and known members");
         }
         for id in down.into_iter().take(REJOIN_ANNOUNCES_MAX) {
             if let Err(e) = self.foca.announce(id, &mut self.runtime) {
