@@ -41,6 +41,9 @@ pub struct DataSettings {
     /// A segment is closed and the next one opened once it is this big (a topic may
     /// set its own).
     pub segment_size_max_bytes: u64,
+    /// Disk space a segment file reserves ahead of its records, this much at a time:
+    /// an fsync that need not record a new file size is faster (0: none).
+    pub segment_preallocate_bytes: u64,
     /// Most bytes of messages one write (and one fsync) of a primary takes at once.
     pub write_batch_max_bytes: usize,
     /// Most bytes of records one replication message or one segment read carries.
@@ -61,6 +64,7 @@ impl Default for DataSettings {
     fn default() -> Self {
         Self {
             segment_size_max_bytes: 64 * 1024 * 1024,
+            segment_preallocate_bytes: 1024 * 1024,
             write_batch_max_bytes: 1024 * 1024,
             read_batch_max_bytes: 1024 * 1024,
             write_queue_max_bytes: 64 * 1024 * 1024,

@@ -116,7 +116,7 @@ fn storage_seeds() {
     }
     let interval = 64u32;
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), Config { index_interval_bytes: interval }).unwrap();
+    let store = Store::open(dir.path(), Config { index_interval_bytes: interval, ..Config::default() }).unwrap();
     let mut w = store.create(7).unwrap();
     let payloads: Vec<Bytes> = (0..12u8).map(|i| Bytes::from(vec![b'a' + i; 5 + 9 * i as usize])).collect();
     w.append(1_700_000_000_000, &payloads[..5]).unwrap();

@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
         let idx = if mode & 4 == 4 { eventtermq_fuzz::with_index_header(ID, 42, p) } else { p.to_vec() };
         fs::write(dir.join(format!("{ID:020}.idx")), idx).expect("write index");
     }
-    let config = Config { index_interval_bytes: u32::from(mode >> 3) * 16 };
+    let config = Config { index_interval_bytes: u32::from(mode >> 3) * 16, ..Config::default() };
     let Ok(store) = Store::open(&dir, config.clone()) else { return };
     let Some(info) = store.info(ID) else {
         let q = store.quarantined();

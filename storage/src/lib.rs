@@ -50,11 +50,17 @@ pub struct Config {
     /// Bytes of records between two sparse index entries. Smaller: faster seeks, a
     /// bigger index (28 bytes per entry).
     pub index_interval_bytes: u32,
+    /// A writer reserves disk space (`fallocate`) this many bytes at a time ahead of its
+    /// records, so that most appends do not grow the file: an `fdatasync` that must also
+    /// commit a new file size to the filesystem journal takes about a third longer
+    /// (measured on ext4). 0: no reservation. A crash leaves the reserved space as zeros
+    /// after the last record, which recovery cuts off.
+    pub preallocate_bytes: u64,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { index_interval_bytes: 4096 }
+        Config { index_interval_bytes: 4096, preallocate_bytes: 1 << 20 }
     }
 }
 

@@ -175,7 +175,7 @@ mod tests {
     #[test]
     fn hinted_reads_follow_truncations() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Config { index_interval_bytes: 300 }).unwrap();
+        let store = Store::open(dir.path(), Config { index_interval_bytes: 300, ..Config::default() }).unwrap();
         let mut w = store.create(1).unwrap();
         let r = store.reader(1).unwrap();
         w.append(1, &payloads(1, 0, 40, 50)).unwrap();

@@ -227,8 +227,20 @@ fn recover_unsealed(
     let scan = scan(&seg, &seg_path, file_len, config)?;
     if let Some(problem) = &scan.problem {
         let dropped_bytes = file_len - scan.len;
-        let torn = scan.len + problem.extent >= file_len || zero_tail(&seg, &seg_path, scan.len, file_len)?;
-        if torn {
+        let zeros = zero_tail(&seg, &seg_path, scan.len, file_len)?;
+        let torn = zeros || scan.len + problem.extent >= file_len;
+        if zeros {
+            // Space reserved ahead of the records (Config::preallocate_bytes), or
+            // appended bytes that never reached the disk: nothing was lost here that
+            // had been made durable.
+            tracing::info!(
+                id,
+                offset = scan.next_offset,
+                position = scan.len,
+                dropped_bytes,
+                "segment ends with zeros after its last record; cutting them"
+            );
+        } else if torn {
             tracing::warn!(id, offset = scan.next_offset, position = scan.len, dropped_bytes, reason = %problem.reason,
                 "segment ends with a torn or corrupt record; truncating it to the last valid record");
         } else {

@@ -146,7 +146,7 @@ impl Store {
         seg.state().writer_live = true;
         let files = seg.files()?;
         segments.insert(id, seg.clone());
-        Ok(SegmentWriter::new(seg, files, self.inner.config.index_interval_bytes))
+        Ok(SegmentWriter::new(seg, files, &self.inner.config))
     }
 
     /// The writer of an existing unsealed segment (e.g. after a restart). At most one
@@ -164,7 +164,7 @@ impl Store {
             s.writer_live = true;
         }
         match seg.files() {
-            Ok(files) => Ok(SegmentWriter::new(seg, files, self.inner.config.index_interval_bytes)),
+            Ok(files) => Ok(SegmentWriter::new(seg, files, &self.inner.config)),
             Err(e) => {
                 seg.state().writer_live = false;
                 Err(e)

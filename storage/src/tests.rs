@@ -12,7 +12,7 @@ use crate::codec::{
 use crate::{index_file_name, segment_file_name, Config, Record, SegmentInfo, StorageError, Store};
 
 fn small_index() -> Config {
-    Config { index_interval_bytes: 100 }
+    Config { index_interval_bytes: 100, ..Config::default() }
 }
 
 fn payload(offset: u64, len: usize) -> Bytes {
@@ -219,17 +219,59 @@ fn torn_tail_at_every_byte_of_the_last_record_is_cut_and_appends_continue() {
 #[test]
 fn zeroed_tail_is_cut() {
     let src = tempfile::tempdir().unwrap();
-    let records = {
+    let (records, good) = {
         let store = Store::open(src.path(), small_index()).unwrap();
-        fill(&store, 1, 5, 30, 5)
+        let records = fill(&store, 1, 5, 30, 5);
+        (records, store.info(1).unwrap().size_bytes as usize)
     };
     let mut bytes = fs::read(seg_path(src.path(), 1)).unwrap();
-    let good = bytes.len();
     bytes.resize(good + 4096, 0);
     fs::write(seg_path(src.path(), 1), &bytes).unwrap();
     let store = Store::open(src.path(), small_index()).unwrap();
     assert_eq!(read_all(&store, 1), records);
     assert_eq!(fs::metadata(seg_path(src.path(), 1)).unwrap().len(), good as u64);
+}
+
+#[test]
+fn space_reserved_ahead_of_the_records_is_cut_on_reopen_and_given_back_on_seal() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config { preallocate_bytes: 4096, ..small_index() };
+    let file_len = || fs::metadata(seg_path(dir.path(), 1)).unwrap().len();
+    let first = {
+        let store = Store::open(dir.path(), config.clone()).unwrap();
+        let records = fill(&store, 1, 5, 30, 5);
+        assert_eq!(file_len(), 4096, "one step reserved");
+        assert!(store.info(1).unwrap().size_bytes < 4096);
+        records
+    };
+    // As after a crash: the reserve is zeros after the last record.
+    let store = Store::open(dir.path(), config.clone()).unwrap();
+    assert_eq!(read_all(&store, 1), first);
+    assert_eq!(file_len(), store.info(1).unwrap().size_bytes, "reserve cut on reopen");
+    let mut w = store.writer(1).unwrap();
+    // 200 records of 54 bytes of frame cross two more 4 KiB steps.
+    for o in 5..205 {
+        w.append(2000, &[payload(o, 30)]).unwrap();
+    }
+    w.sync().unwrap();
+    let size = store.info(1).unwrap().size_bytes;
+    assert_eq!(file_len(), size.div_ceil(4096) * 4096, "reserved in whole steps past the end");
+    let info = w.seal().unwrap();
+    assert_eq!(file_len(), info.size_bytes, "a sealed file ends with its trailer");
+    drop(store);
+    let store = Store::open(dir.path(), config).unwrap();
+    let info = store.info(1).unwrap();
+    assert!(info.sealed);
+    assert_eq!(info.next_offset, 205);
+    assert_eq!(read_all(&store, 1)[..5], first[..]);
+}
+
+#[test]
+fn without_a_reserve_the_file_ends_at_the_last_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), Config { preallocate_bytes: 0, ..small_index() }).unwrap();
+    fill(&store, 1, 50, 30, 7);
+    assert_eq!(fs::metadata(seg_path(dir.path(), 1)).unwrap().len(), store.info(1).unwrap().size_bytes);
 }
 
 #[test]

@@ -12,7 +12,7 @@ use crate::codec::{
 };
 use crate::files::{index_partition, read_index_entry, Cursor, Files};
 use crate::segment::Segment;
-use crate::{Record, SegmentInfo, StorageError};
+use crate::{Config, Record, SegmentInfo, StorageError};
 
 /// A writer keeps its frame buffer between appends (one allocation serves every batch
 /// of a similar size) unless a batch made it larger than this.
@@ -26,6 +26,10 @@ pub struct SegmentWriter {
     seg: Arc<Segment>,
     files: Arc<Files>,
     index_interval_bytes: u64,
+    /// See [`crate::Config::preallocate_bytes`]; set to 0 if the filesystem refuses.
+    preallocate_bytes: u64,
+    /// Length of the segment file: `len` plus the space reserved after the records.
+    file_len: u64,
     /// Frames of the batch being appended (reused).
     buf: Vec<u8>,
     /// Index entries of the batch being appended (reused).
@@ -52,12 +56,15 @@ impl std::fmt::Debug for SegmentWriter {
 
 impl SegmentWriter {
     /// `seg` must be unsealed, with `writer_live` just set by the caller.
-    pub(crate) fn new(seg: Arc<Segment>, files: Arc<Files>, index_interval_bytes: u32) -> Self {
+    pub(crate) fn new(seg: Arc<Segment>, files: Arc<Files>, config: &Config) -> Self {
         let s = seg.snapshot();
+        let file_len = files.seg.metadata().map_or(s.len, |m| m.len()).max(s.len);
         SegmentWriter {
             seg,
             files,
-            index_interval_bytes: u64::from(index_interval_bytes),
+            index_interval_bytes: u64::from(config.index_interval_bytes),
+            preallocate_bytes: config.preallocate_bytes,
+            file_len,
             buf: Vec::new(),
             idx_buf: Vec::new(),
             len: s.len,
@@ -139,13 +146,19 @@ impl SegmentWriter {
             offset += 1;
         }
 
+        let end = self.len + self.buf.len() as u64;
+        if end > self.file_len {
+            self.reserve(end);
+        }
         let seg_file = &self.files.seg;
         if let Err(e) = seg_file.write_all_at(&self.buf, self.len) {
             // Best effort: leave no partial frame behind the records (the next append
             // overwrites it anyway; recovery would cut it).
             let _ = seg_file.set_len(self.len);
+            self.file_len = self.len;
             return Err(StorageError::io(&self.files.seg_path, e));
         }
+        self.file_len = self.file_len.max(end);
         if new_entries > 0 && !self.index_broken {
             self.write_index_entries(new_entries);
         }
@@ -158,6 +171,25 @@ impl SegmentWriter {
             self.buf = Vec::new();
         }
         Ok(())
+    }
+
+    /// Grows the file past `end` by whole `preallocate_bytes` steps, with blocks
+    /// allocated, so the appends up to there change no file size. Without it (or if the
+    /// filesystem refuses) the write itself grows the file.
+    fn reserve(&mut self, end: u64) {
+        if self.preallocate_bytes == 0 {
+            return;
+        }
+        let target = (end / self.preallocate_bytes + 1) * self.preallocate_bytes;
+        let flags = rustix::fs::FallocateFlags::empty();
+        match rustix::fs::fallocate(&self.files.seg, flags, self.file_len, target - self.file_len) {
+            Ok(()) => self.file_len = target,
+            Err(e) => {
+                tracing::info!(id = self.seg.id, file = %self.files.seg_path.display(), error = %e,
+                    "cannot reserve space for a segment (fallocate); its appends grow the file instead");
+                self.preallocate_bytes = 0;
+            }
+        }
     }
 
     fn write_index_entries(&mut self, new_entries: u64) {
@@ -244,6 +276,7 @@ impl SegmentWriter {
         self.last_index_pos = start;
         self.publish();
         files.seg.set_len(position).map_err(|e| StorageError::io(&files.seg_path, e))?;
+        self.file_len = position;
         self.len = position;
         self.next_offset = next_offset;
         self.checksum = checksum;
@@ -267,6 +300,11 @@ impl SegmentWriter {
         self.check_live()?;
         let files = self.files.clone();
         let path = &files.seg_path;
+        if self.file_len > self.len {
+            // The trailer is the end of a sealed segment's file: give back the reserve.
+            files.seg.set_len(self.len).map_err(|e| StorageError::io(path, e))?;
+            self.file_len = self.len;
+        }
         files.seg.sync_data().map_err(|e| StorageError::io(path, e))?;
         let trailer = SealTrailer {
             nonce: self.seg.nonce,

@@ -71,7 +71,7 @@ fn check_all(store: &Store, model: &[Record]) -> Result<(), TestCaseError> {
 
 fn run(interval: u32, ops: Vec<Op>, seal: bool) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config { index_interval_bytes: interval };
+    let config = Config { index_interval_bytes: interval, ..Config::default() };
     let mut store = Store::open(dir.path(), config.clone()).unwrap();
     let mut writer: SegmentWriter = store.create(1).unwrap();
     let mut model: Vec<Record> = Vec::new();

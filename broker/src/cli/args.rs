@@ -85,6 +85,10 @@ pub struct BrokerArgs {
     /// Close a segment and open the next once it reaches this size (topics may set their own).
     #[arg(long, default_value_t = DataSettings::default().segment_size_max_bytes)]
     pub segment_size_max_bytes: u64,
+    /// Disk space a segment file reserves (fallocate) ahead of its records, this much at
+    /// a time, so that most fsyncs need not record a new file size (0: no reserve).
+    #[arg(long, default_value_t = DataSettings::default().segment_preallocate_bytes)]
+    pub segment_preallocate_bytes: u64,
     /// Most bytes of messages a primary writes (and fsyncs) at once.
     #[arg(long, default_value_t = DataSettings::default().write_batch_max_bytes)]
     pub write_batch_max_bytes: usize,
@@ -302,4 +306,8 @@ pub struct DataPathBenchArgs {
     /// Data directory of the brokers (default: a fresh temporary directory).
     #[arg(long)]
     pub bench_dir: Option<PathBuf>,
+    /// A flag passed to every broker started, e.g. `--broker-arg=--worker-threads=1`
+    /// (repeatable).
+    #[arg(long = "broker-arg", allow_hyphen_values = true)]
+    pub broker_args: Vec<String>,
 }

@@ -69,7 +69,7 @@ impl Drop for Proc {
     }
 }
 
-pub(super) fn spawn(host: &str, port: u16, dir: &Path, join: Option<&str>) -> Result<Proc, CliError> {
+pub(super) fn spawn(host: &str, port: u16, dir: &Path, join: Option<&str>, extra: &[String]) -> Result<Proc, CliError> {
     let exe = std::env::current_exe().map_err(|e| CliError::Usage(e.to_string()))?;
     let mut cmd = Command::new(exe);
     cmd.args(["--dir", &dir.to_string_lossy(), "--host", host, "--advertise-host", host, "--port", &port.to_string()])
@@ -83,6 +83,7 @@ pub(super) fn spawn(host: &str, port: u16, dir: &Path, join: Option<&str>) -> Re
     if let Some(j) = join {
         cmd.args(["--join", j]);
     }
+    cmd.args(extra);
     let child = cmd.spawn().map_err(|e| CliError::Usage(format!("cannot start broker: {e}")))?;
     Ok(Proc { child, host: host.to_string() })
 }
@@ -143,11 +144,11 @@ async fn control_plane(
     let addr = |h: &str| format!("{h}:{port}");
     let seed = addr(&hosts[0]);
     let node_dir = |i: usize| -> PathBuf { dir.join(format!("n{i}")) };
-    let mut procs = vec![spawn(&hosts[0], port, &node_dir(0), None)?];
+    let mut procs = vec![spawn(&hosts[0], port, &node_dir(0), None, &[])?];
     wait_alive(&seed, 1).await?;
-    procs.push(spawn(&hosts[1], port, &node_dir(1), Some(&seed))?);
+    procs.push(spawn(&hosts[1], port, &node_dir(1), Some(&seed), &[])?);
     wait_alive(&seed, 2).await?;
-    procs.push(spawn(&hosts[2], port, &node_dir(2), Some(&seed))?);
+    procs.push(spawn(&hosts[2], port, &node_dir(2), Some(&seed), &[])?);
     let formation = wait_alive(&addr(&hosts[2]), 3).await?;
     for p in &mut procs {
         p.check_running()?;

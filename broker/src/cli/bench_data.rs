@@ -145,7 +145,7 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
     let seed = addr(&args.hosts[0]);
     let mut procs: Vec<Proc> = Vec::new();
     for (i, h) in args.hosts.iter().enumerate() {
-        procs.push(spawn(h, port, &dir.join(format!("n{i}")), (i > 0).then_some(seed.as_str()))?);
+        procs.push(spawn(h, port, &dir.join(format!("n{i}")), (i > 0).then_some(seed.as_str()), &args.broker_args)?);
         wait_alive(&seed, i + 1).await?;
     }
     wait_alive(&addr(&args.hosts[2]), 3).await?;

@@ -99,7 +99,11 @@ pub async fn start(
     let cluster =
         Cluster::new(id, raft.clone(), shared, network.clone(), Duration::from_millis(config.request_timeout_ms));
 
-    let store = eventtermq_storage::Store::open(&config.dir.join("segments"), eventtermq_storage::Config::default())
+    let storage_config = eventtermq_storage::Config {
+        preallocate_bytes: config.data.segment_preallocate_bytes,
+        ..eventtermq_storage::Config::default()
+    };
+    let store = eventtermq_storage::Store::open(&config.dir.join("segments"), storage_config)
         .map_err(|e| NodeError::Storage(e.to_string()))?;
     for q in store.quarantined() {
         // The keeper fetches a good copy of whatever the cluster state places here.

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use eventtermq_proto::internal::v1::{ReplicateRequest, ReplicateResponse, SegmentStatusResponse};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
@@ -44,68 +44,67 @@ pub async fn handle_replicate(
     };
     let (out_tx, out_rx) = mpsc::channel(16);
     let _ = out_tx.send(Ok(ReplicateResponse { durable_offset: durable })).await;
-    let (written_tx, mut written_rx) = watch::channel(durable);
 
-    // fsync whatever was appended since the last fsync, and tell the primary.
-    let sync_out = out_tx.clone();
+    // One task appends what arrives and keeps one fsync in flight (group commit):
+    // records that arrive during an fsync are fsynced together by the next one. Each
+    // fsync is answered with the offset below which everything is durable here.
     tokio::spawn(async move {
         let mut durable = durable;
+        let mut written = durable;
+        let mut sync_task: Option<tokio::task::JoinHandle<Result<u64, eventtermq_storage::StorageError>>> = None;
         loop {
-            if *written_rx.borrow_and_update() <= durable && written_rx.changed().await.is_err() {
-                return;
+            if sync_task.is_none() && written > durable {
+                let s = syncer.clone();
+                sync_task = Some(tokio::task::spawn_blocking(move || s.sync()));
             }
-            if *written_rx.borrow() <= durable {
-                continue;
-            }
-            let s = syncer.clone();
-            match tokio::task::spawn_blocking(move || s.sync()).await {
-                Ok(Ok(d)) => durable = d,
-                Ok(Err(e)) => {
-                    let _ = sync_out.send(Err(storage_error(e).into())).await;
-                    return;
+            tokio::select! {
+                r = async { sync_task.as_mut().expect("guarded").await }, if sync_task.is_some() => {
+                    sync_task = None;
+                    match r {
+                        Ok(Ok(d)) => durable = d,
+                        Ok(Err(e)) => {
+                            let _ = out_tx.send(Err(storage_error(e).into())).await;
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                    if out_tx.send(Ok(ReplicateResponse { durable_offset: durable })).await.is_err() {
+                        return;
+                    }
                 }
-                Err(_) => return,
-            }
-            if sync_out.send(Ok(ReplicateResponse { durable_offset: durable })).await.is_err() {
-                return;
-            }
-        }
-    });
-
-    tokio::spawn(async move {
-        loop {
-            // A primary that died mid-stream may leave the connection hanging: stop
-            // holding the writer once the segment is closed, so it can be sealed.
-            let msg = match tokio::time::timeout(CLOSED_CHECK_INTERVAL, inbound.message()).await {
-                Ok(Ok(Some(m))) => m,
-                Ok(_) => return,
-                Err(_) => {
-                    let open = segments.cluster().state.read().state.segments.get(&id).is_some_and(|s| s.is_open());
-                    if open && !segments.is_frozen(id) {
+                // A primary that died mid-stream may leave the connection hanging: stop
+                // holding the writer once the segment is closed, so it can be sealed.
+                m = tokio::time::timeout(CLOSED_CHECK_INTERVAL, inbound.message()) => {
+                    let msg = match m {
+                        Ok(Ok(Some(m))) => m,
+                        Ok(_) => return,
+                        Err(_) => {
+                            let open = segments.cluster().state.read().state.segments.get(&id).is_some_and(|s| s.is_open());
+                            if open && !segments.is_frozen(id) {
+                                continue;
+                            }
+                            return;
+                        }
+                    };
+                    if segments.is_frozen(id) {
+                        let _ = out_tx.send(Err(frozen(id).into())).await;
+                        return;
+                    }
+                    if msg.records.is_empty() {
                         continue;
                     }
-                    return;
-                }
-            };
-            if segments.is_frozen(id) {
-                let _ = out_tx.send(Err(frozen(id).into())).await;
-                return;
-            }
-            if msg.records.is_empty() {
-                continue;
-            }
-            let records: Vec<_> = msg.records.into_iter().map(from_wire).collect();
-            let appended = {
-                let mut w = lock(&writer);
-                w.append_records(&records).map(|()| w.next_offset())
-            };
-            match appended {
-                Ok(end) => {
-                    let _ = written_tx.send(end);
-                }
-                Err(e) => {
-                    let _ = out_tx.send(Err(storage_error(e).into())).await;
-                    return;
+                    let records: Vec<_> = msg.records.into_iter().map(from_wire).collect();
+                    let appended = {
+                        let mut w = lock(&writer);
+                        w.append_records(&records).map(|()| w.next_offset())
+                    };
+                    match appended {
+                        Ok(end) => written = end,
+                        Err(e) => {
+                            let _ = out_tx.send(Err(storage_error(e).into())).await;
+                            return;
+                        }
+                    }
                 }
             }
         }
