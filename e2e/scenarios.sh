@@ -115,21 +115,14 @@ have_pubsub() {
 require_pubsub() {
   have_pubsub || skip "the eventtermq CLI has no publish subcommand yet"
 }
-# client NAME ARGS...: runs `eventtermq --host <cluster> ARGS` in a throw-away pod,
-# stdin passed through. Only for commands that read stdin before they print (publish):
-# `kubectl run -i` attaches after the container started, so output printed before
-# that is lost.
-client() {
-  local name=$1; shift
-  k delete pod "$name" --ignore-not-found --wait=true >/dev/null 2>&1 || true
-  k run "$name" --rm -i --quiet --restart=Never --image "$BROKER_IMAGE" --image-pull-policy Never \
-    --pod-running-timeout=2m --command -- eventtermq --host "$CLUSTER" "$@"
-}
 pod_finished() {
   case "$(k get pod "$1" -o jsonpath='{.status.phase}')" in Succeeded | Failed) return 0 ;; *) return 1 ;; esac
 }
-# client_output NAME ARGS...: like client, without stdin; prints the pod's whole log
-# once it has finished (stdout and stderr) and returns its exit status.
+# client_output NAME ARGS...: runs `eventtermq --host <cluster> ARGS` in a throw-away
+# pod, without stdin; prints the pod's whole log once it has finished (stdout and
+# stderr) and returns its exit status. (Not `kubectl run -i`: it attaches after the
+# container started, so output printed before that is lost, and if the attach fails,
+# stdin never ends.)
 client_output() {
   local name=$1; shift
   local code
@@ -145,7 +138,7 @@ client_output() {
 # publish_batch TAG: publishes $MESSAGES messages "e2e-TAG-<n>" to $TOPIC.
 publish_batch() {
   local out
-  out=$(seq 1 "$MESSAGES" | sed "s/^/e2e-$1-/" | client "pub-$1" publish "$TOPIC" -) ||
+  out=$(client_output "pub-$1" publish "$TOPIC" "e2e-$1-{n}" --count "$MESSAGES") ||
     fail "publishing batch $1 failed: $out"
   grep -q "\"published\": *$MESSAGES\b" <<<"$out" || fail "batch $1: publish said: $out"
   note "batch $1: $MESSAGES messages published from pod pub-$1"

@@ -81,6 +81,16 @@ fn publish_on_one_node_subscribe_on_another_exactly_once() {
     assert_eq!(got, sent, "every message once, in publish order");
     // Acknowledged messages are gone for good.
     assert!(subscribe(hosts[0], port, "g", &["--wait", "1s"]).is_empty());
+
+    // A generated batch (no stdin): a refused --count publishes nothing, a good one
+    // publishes DATA with `{n}` numbered.
+    let refused = cli(hosts[0], port, &["publish", "t", "-", "--count", "3"]);
+    assert!(!refused.status.success());
+    let o = cli(hosts[0], port, &["publish", "t", "gen-{n}", "--count", "300", "--batch-messages-max", "64"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), r#"{"ok": true, "published": 300}"#);
+    let got = subscribe(hosts[2], port, "g", &["--max-messages", "300", "--wait", "10s"]);
+    assert_eq!(got, (1..=300).map(|n| format!("gen-{n}")).collect::<Vec<_>>());
 }
 
 #[test]
@@ -172,6 +182,8 @@ fn bad_publish_and_subscribe_requests_name_the_problem() {
         (&["publish", "t", "x", "--header", "novalue"], "--header: \"novalue\" must look like key=value"),
         (&["subscribe", "missing", "--wait", "1s"], "consumer_group: \"missing\" does not exist"),
         (&["subscribe", "g", "--wait", "soon"], "--wait: \"soon\" is not a duration"),
+        (&["publish", "t", "x", "--count", "0"], "--count: must be at least 1"),
+        (&["publish", "t", "-", "--count", "3"], "--count: publishes DATA; it cannot be combined with `-` (stdin)"),
     ];
     for (args, message) in cases {
         let o = cli(hosts[0], port, args);

@@ -199,8 +199,8 @@ pub enum Command {
     DeleteConsumerGroup { name: String },
     /// List consumer groups of the namespace.
     ListConsumerGroups,
-    /// Publish DATA to TOPIC, or with DATA `-` one message per line of stdin (streamed
-    /// in batches); prints {"ok": true, "published": N}.
+    /// Publish DATA to TOPIC (--count N times), or with DATA `-` one message per line of
+    /// stdin (streamed in batches); prints {"ok": true, "published": N}.
     Publish(PublishArgs),
     /// Receive messages of a consumer group, one JSON object per line (data in base64).
     Subscribe(SubscribeArgs),
@@ -214,6 +214,10 @@ pub struct PublishArgs {
     pub topic: String,
     /// The message, or `-` to read one message per line from stdin.
     pub data: String,
+    /// Publish DATA this many times, each `{n}` in it replaced by the message's number
+    /// (1, 2, ...); streamed in batches like stdin.
+    #[arg(long)]
+    pub count: Option<u64>,
     /// Routing key (direct and topic bindings match on it).
     #[arg(long, default_value = "")]
     pub routing_key: String,
@@ -228,7 +232,7 @@ pub struct PublishArgs {
     /// Content type property of the messages.
     #[arg(long)]
     pub content_type: Option<String>,
-    /// Stdin: messages per publish request.
+    /// Stdin and --count: messages per publish request.
     #[arg(long, default_value_t = 100)]
     pub batch_messages_max: usize,
 }

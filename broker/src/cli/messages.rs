@@ -50,7 +50,14 @@ pub async fn publish(ctx: &Ctx, args: PublishArgs) -> Result<(), CliError> {
         messages,
         persistence: p,
     };
-    if args.data != "-" {
+    match args.count {
+        Some(0) => return Err(CliError::Usage("--count: must be at least 1".into())),
+        Some(_) if args.data == "-" => {
+            return Err(CliError::Usage("--count: publishes DATA; it cannot be combined with `-` (stdin)".into()))
+        }
+        _ => {}
+    }
+    if args.data != "-" && args.count.is_none() {
         let r = client
             .publish(request(vec![pb::Message { data: args.data.clone().into_bytes().into(), ..template }]))
             .await
@@ -62,23 +69,31 @@ pub async fn publish(ctx: &Ctx, args: PublishArgs) -> Result<(), CliError> {
         );
         return Ok(());
     }
-    // Lines are read on a blocking thread and sent in batches over one stream; the
-    // server confirms each batch in order.
+    // Messages (lines of stdin, or generated) are made on a blocking thread and sent in
+    // batches over one stream; the server confirms each batch in order.
     let (tx, rx) = mpsc::channel::<pb::PublishRequest>(16);
     let batch_max = args.batch_messages_max;
+    let generate = args.count.map(|count| (args.data.clone(), count));
     let reader = {
         let request = request.clone();
         let template = template.clone();
         tokio::task::spawn_blocking(move || -> Result<u64, String> {
-            let stdin = std::io::stdin();
+            let messages: Box<dyn Iterator<Item = Result<Vec<u8>, String>>> = match generate {
+                Some((data, count)) => {
+                    Box::new((1..=count).map(move |n| Ok(data.replace("{n}", &n.to_string()).into_bytes())))
+                }
+                None => Box::new(std::io::stdin().lock().split(b'\n').map(|line| {
+                    let mut line = line.map_err(|e| format!("reading stdin: {e}"))?;
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                    Ok(line)
+                })),
+            };
             let mut batch = Vec::with_capacity(batch_max);
             let mut sent = 0u64;
-            for line in stdin.lock().split(b'\n') {
-                let mut line = line.map_err(|e| format!("reading stdin: {e}"))?;
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                batch.push(pb::Message { data: line.into(), ..template.clone() });
+            for data in messages {
+                batch.push(pb::Message { data: data?.into(), ..template.clone() });
                 if batch.len() >= batch_max {
                     sent += batch.len() as u64;
                     if tx.blocking_send(request(std::mem::take(&mut batch))).is_err() {
