@@ -8,80 +8,25 @@ use std::time::Duration;
 
 use common::api_server::{self, status_error, ApiServer};
 use common::fake_broker::{self, Script};
-use eventter_operator::broker::BrokerConnector;
+use common::{
+    after_status_patch, cluster_path, context, expect_cluster_get, finished, ok_echo, patched_status, topic_path, NS,
+};
 use eventter_operator::builders;
 use eventter_operator::controller::{broker_object, cluster, error_policy, Context};
 use eventter_operator::crd::{BrokerObjectStatus, ConsumerGroup, EventterCluster, Topic};
 use eventter_operator::error::Error;
-use eventter_operator::metrics::Metrics;
 use eventtermq_proto::v1 as pb;
 use http::{Method, StatusCode};
 use kube::runtime::controller::Action;
 use serde_json::json;
 
-const NS: &str = "messaging";
-
-fn context(client: kube::Client, broker: std::net::SocketAddr) -> Arc<Context> {
-    let connector = BrokerConnector {
-        address_override: Some(broker.to_string()),
-        connect_timeout: Duration::from_secs(2),
-        request_timeout: Duration::from_secs(5),
-    };
-    Arc::new(Context::new(client, Arc::new(Metrics::default()), connector, Some("test".into())))
-}
-
-/// The reconcile's result. One still running after 10 s is waiting for the answer to
-/// a request the test did not expect (the scripted server only answers expectations).
-async fn finished<T>(reconcile: tokio::task::JoinHandle<T>) -> T {
-    let result = tokio::time::timeout(Duration::from_secs(10), reconcile).await;
-    result.expect("the reconcile is still waiting: it sent a request the test did not expect").unwrap()
-}
-
-fn ok_echo(body: &serde_json::Value) -> (StatusCode, serde_json::Value) {
-    (StatusCode::OK, body.clone())
-}
-
-/// Answers a status patch with the object as it would be after it.
-fn patched_status<T: serde::Serialize>(
-    object: &T,
-) -> impl FnOnce(&serde_json::Value) -> (StatusCode, serde_json::Value) {
-    let mut object = serde_json::to_value(object).unwrap();
-    move |patch| {
-        object["status"] = patch["status"].clone();
-        (StatusCode::OK, object)
-    }
-}
-
-fn cluster_path() -> String {
-    format!("/apis/eventter.io/v1alpha1/namespaces/{NS}/eventterclusters/emq")
-}
-
-fn topic_path() -> String {
-    format!("/apis/eventter.io/v1alpha1/namespaces/{NS}/topics/orders")
-}
-
 fn stateful_set_path() -> String {
     format!("/apis/apps/v1/namespaces/{NS}/statefulsets/emq")
-}
-
-/// GET of the Topic's EventterCluster, answered with the fixture.
-async fn expect_cluster_get(server: &mut ApiServer) {
-    let cluster = serde_json::to_value(common::cluster()).unwrap();
-    server.expect(Method::GET, &cluster_path(), |_| (StatusCode::OK, cluster)).await;
 }
 
 /// GET of a StatefulSet that does not exist yet.
 async fn expect_no_stateful_set(server: &mut ApiServer) {
     server.expect(Method::GET, &stateful_set_path(), |_| (StatusCode::NOT_FOUND, status_error(404, "NotFound"))).await;
-}
-
-/// `object` with the status a status patch (as the server saw it) wrote, and a new
-/// resourceVersion: what the next reconcile gets from the watch.
-fn after_status_patch<T: serde::Serialize + serde::de::DeserializeOwned>(object: &T, patch: &serde_json::Value) -> T {
-    let mut value = serde_json::to_value(object).unwrap();
-    value["status"] = patch["status"].clone();
-    value["metadata"]["resourceVersion"] = json!("101");
-    serde_json::from_value(value).unwrap()
 }
 
 #[tokio::test]

@@ -1,7 +1,15 @@
 //! Fixtures shared by the integration tests.
 #![allow(dead_code)]
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventter_operator::broker::BrokerConnector;
+use eventter_operator::controller::Context;
 use eventter_operator::crd::{EventterCluster, EventterClusterSpec};
+use eventter_operator::metrics::Metrics;
+use http::{Method, StatusCode};
+use serde_json::json;
 
 /// The EventterCluster the golden files and reconciler tests are built from.
 pub fn cluster() -> EventterCluster {
@@ -43,4 +51,66 @@ pub fn topic(spec: serde_json::Value) -> Topic {
     topic.metadata.resource_version = Some("100".into());
     topic.metadata.finalizers = Some(vec!["eventter.io/topic".into()]);
     topic
+}
+
+// Reconciler tests: a context whose broker connections go to one address, and the
+// scripted API server's answers to what every reconcile sends.
+
+pub const NS: &str = "messaging";
+
+pub fn context(client: kube::Client, broker: std::net::SocketAddr) -> Arc<Context> {
+    let connector = BrokerConnector {
+        address_override: Some(broker.to_string()),
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(5),
+    };
+    Arc::new(Context::new(client, Arc::new(Metrics::default()), connector, Some("test".into())))
+}
+
+/// The reconcile's result. One still running after 10 s is waiting for the answer to
+/// a request the test did not expect (the scripted server only answers expectations).
+pub async fn finished<T>(reconcile: tokio::task::JoinHandle<T>) -> T {
+    let result = tokio::time::timeout(Duration::from_secs(10), reconcile).await;
+    result.expect("the reconcile is still waiting: it sent a request the test did not expect").unwrap()
+}
+
+pub fn ok_echo(body: &serde_json::Value) -> (StatusCode, serde_json::Value) {
+    (StatusCode::OK, body.clone())
+}
+
+/// Answers a status patch with the object as it would be after it.
+pub fn patched_status<T: serde::Serialize>(
+    object: &T,
+) -> impl FnOnce(&serde_json::Value) -> (StatusCode, serde_json::Value) {
+    let mut object = serde_json::to_value(object).unwrap();
+    move |patch| {
+        object["status"] = patch["status"].clone();
+        (StatusCode::OK, object)
+    }
+}
+
+pub fn cluster_path() -> String {
+    format!("/apis/eventter.io/v1alpha1/namespaces/{NS}/eventterclusters/emq")
+}
+
+pub fn topic_path() -> String {
+    format!("/apis/eventter.io/v1alpha1/namespaces/{NS}/topics/orders")
+}
+
+/// GET of the Topic's EventterCluster, answered with the fixture.
+pub async fn expect_cluster_get(server: &mut api_server::ApiServer) {
+    let cluster = serde_json::to_value(cluster()).unwrap();
+    server.expect(Method::GET, &cluster_path(), |_| (StatusCode::OK, cluster)).await;
+}
+
+/// `object` with the status a status patch (as the server saw it) wrote, and a new
+/// resourceVersion: what the next reconcile gets from the watch.
+pub fn after_status_patch<T: serde::Serialize + serde::de::DeserializeOwned>(
+    object: &T,
+    patch: &serde_json::Value,
+) -> T {
+    let mut value = serde_json::to_value(object).unwrap();
+    value["status"] = patch["status"].clone();
+    value["metadata"]["resourceVersion"] = json!("101");
+    serde_json::from_value(value).unwrap()
 }
