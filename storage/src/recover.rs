@@ -228,7 +228,10 @@ fn recover_unsealed(
     if let Some(problem) = &scan.problem {
         let dropped_bytes = file_len - scan.len;
         let zeros = zero_tail(&seg, &seg_path, scan.len, file_len)?;
-        let torn = zeros || scan.len + problem.extent >= file_len;
+        // The bad record is the last one written: it reaches the end of the file, or
+        // only reserved space (zeros) follows it.
+        let claimed_end = scan.len.saturating_add(problem.extent);
+        let torn = zeros || claimed_end >= file_len || zero_tail(&seg, &seg_path, claimed_end, file_len)?;
         if zeros {
             // Space reserved ahead of the records (Config::preallocate_bytes), or
             // appended bytes that never reached the disk: nothing was lost here that
