@@ -103,10 +103,7 @@ async fn topic_is_written_once_then_only_read_and_drift_is_repaired() {
     // Resyncs of the unchanged object: read only (a write would patch a new index).
     let synced = Arc::new(after_status_patch(&topic, &patch.body));
     for _ in 0..2 {
-        let reconcile = tokio::spawn(broker_object::reconcile(synced.clone(), ctx.clone()));
-        expect_cluster_get(&mut server).await;
-        assert_eq!(finished(reconcile).await.unwrap(), Action::requeue(broker_object::RESYNC_PERIOD));
-        server.expect_no_more().await;
+        common::in_sync_pass(&synced, &ctx, &mut server).await;
     }
 
     // Someone changes the topic behind the operator's back: the next pass puts it back.
@@ -146,10 +143,7 @@ async fn topic_with_defaults_is_written_once() {
     finished(reconcile).await.unwrap();
     assert!(broker.topic("default", "orders").await.is_some());
     let synced = Arc::new(after_status_patch(&topic, &patch.body));
-    let reconcile = tokio::spawn(broker_object::reconcile(synced, ctx));
-    expect_cluster_get(&mut server).await;
-    assert_eq!(finished(reconcile).await.unwrap(), Action::requeue(broker_object::RESYNC_PERIOD));
-    server.expect_no_more().await;
+    common::in_sync_pass(&synced, &ctx, &mut server).await;
     broker.stop().await;
 }
 
@@ -204,10 +198,7 @@ async fn consumer_group_is_written_once_then_only_read() {
 
     let synced = Arc::new(after_status_patch(&group, &patch.body));
     for _ in 0..2 {
-        let reconcile = tokio::spawn(broker_object::reconcile(synced.clone(), ctx.clone()));
-        expect_cluster_get(&mut server).await;
-        assert_eq!(finished(reconcile).await.unwrap(), Action::requeue(broker_object::RESYNC_PERIOD));
-        server.expect_no_more().await;
+        common::in_sync_pass(&synced, &ctx, &mut server).await;
     }
     broker.stop().await;
 }

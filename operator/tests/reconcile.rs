@@ -418,11 +418,7 @@ async fn topic_in_sync_is_written_once_then_only_read() {
     let synced = Arc::new(after_status_patch(&topic, &patch.body));
     for _ in 0..2 {
         broker_state.other_writes(5);
-        let reconcile = tokio::spawn(broker_object::reconcile(synced.clone(), ctx.clone()));
-        expect_cluster_get(&mut server).await;
-        assert_eq!(finished(reconcile).await.unwrap(), Action::requeue(broker_object::RESYNC_PERIOD));
-        // No status patch, no event.
-        server.expect_no_more().await;
+        common::in_sync_pass(&synced, &ctx, &mut server).await;
     }
     assert_eq!(
         broker_state.write_calls(),
@@ -554,10 +550,7 @@ async fn consumer_group_in_sync_is_written_once_then_only_read() {
 
     let synced = Arc::new(after_status_patch(&group, &patch.body));
     broker_state.other_writes(5);
-    let reconcile = tokio::spawn(broker_object::reconcile(synced, ctx));
-    expect_cluster_get(&mut server).await;
-    assert_eq!(finished(reconcile).await.unwrap(), Action::requeue(broker_object::RESYNC_PERIOD));
-    server.expect_no_more().await;
+    common::in_sync_pass(&synced, &ctx, &mut server).await;
     assert_eq!(broker_state.write_calls(), vec!["CreateConsumerGroup default/billing bindings=1"]);
     assert_eq!(broker_state.index(), 36);
 }

@@ -114,3 +114,19 @@ pub fn after_status_patch<T: serde::Serialize + serde::de::DeserializeOwned>(
     value["metadata"]["resourceVersion"] = json!("101");
     serde_json::from_value(value).unwrap()
 }
+
+/// One pass over an object already in sync: it reads the cluster, writes nothing,
+/// patches no status, and comes back after the resync period.
+pub async fn in_sync_pass<K>(object: &Arc<K>, ctx: &Arc<Context>, server: &mut api_server::ApiServer)
+where
+    K: eventter_operator::controller::broker_object::BrokerObject,
+{
+    let reconcile = tokio::spawn(eventter_operator::controller::broker_object::reconcile(object.clone(), ctx.clone()));
+    expect_cluster_get(server).await;
+    let action = finished(reconcile).await.unwrap();
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(eventter_operator::controller::broker_object::RESYNC_PERIOD)
+    );
+    server.expect_no_more().await;
+}
