@@ -37,6 +37,13 @@ pub(super) fn persistence(p: Option<PersistenceArg>) -> pb::Persistence {
 }
 
 pub async fn publish(ctx: &Ctx, args: PublishArgs) -> Result<(), CliError> {
+    match args.count {
+        Some(0) => return Err(CliError::Usage("--count: must be at least 1".into())),
+        Some(_) if args.data == "-" => {
+            return Err(CliError::Usage("--count: publishes DATA; it cannot be combined with `-` (stdin)".into()))
+        }
+        _ => {}
+    }
     let mut client = messaging_client(&ctx.addr)?;
     let status = |s: tonic::Status| CliError::from_status(s, &ctx.addr);
     if args.batch_messages_max == 0 {
@@ -50,13 +57,6 @@ pub async fn publish(ctx: &Ctx, args: PublishArgs) -> Result<(), CliError> {
         messages,
         persistence: p,
     };
-    match args.count {
-        Some(0) => return Err(CliError::Usage("--count: must be at least 1".into())),
-        Some(_) if args.data == "-" => {
-            return Err(CliError::Usage("--count: publishes DATA; it cannot be combined with `-` (stdin)".into()))
-        }
-        _ => {}
-    }
     if args.data != "-" && args.count.is_none() {
         let r = client
             .publish(request(vec![pb::Message { data: args.data.clone().into_bytes().into(), ..template }]))
