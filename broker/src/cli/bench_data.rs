@@ -93,25 +93,124 @@ impl<F: Fn(usize) -> pb::PublishRequest> W2<'_, F> {
             progress.inc(1);
         }
         progress.finish_and_clear();
-        latencies.sort();
-        let pct = |p: f64| {
-            latencies
-                .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-                .map_or(0.0, |d| d.as_secs_f64() * 1e6)
-        };
+        let messages = latencies.len();
+        let (p50, p99) = percentiles_us(latencies);
         println!(
             "{}",
             serde_json::json!({
                 "bench": what,
                 "node": addr,
-                "messages": latencies.len(),
-                "p50_us": pct(0.50),
-                "p99_us": pct(0.99),
+                "messages": messages,
+                "p50_us": p50,
+                "p99_us": p99,
                 "cpu": cpu.report(self.procs, self.count),
             })
         );
         Ok(())
     }
+}
+
+/// p50 and p99 of `timings`, in microseconds.
+fn percentiles_us(mut timings: Vec<Duration>) -> (f64, f64) {
+    timings.sort();
+    let pct = |p: f64| {
+        timings
+            .get(((timings.len() as f64 * p) as usize).min(timings.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    (pct(0.50), pct(0.99))
+}
+
+/// What W2 cannot go below on this machine, measured without a broker in the way:
+/// appending one record and fsyncing it through the brokers' own storage, by one
+/// writer and by three at once (as the primary and two replicas of a segment do on
+/// one disk).
+async fn storage_floor(dir: &std::path::Path, samples: u64, message_bytes: usize) -> Result<(), CliError> {
+    for writers in [1usize, 3] {
+        let base = dir.join(format!("floor-{writers}"));
+        let timings = tokio::task::spawn_blocking(move || sync_timings(&base, writers, samples, message_bytes))
+            .await
+            .map_err(err)?
+            .map_err(err)?;
+        let _ = std::fs::remove_dir_all(dir.join(format!("floor-{writers}")));
+        let (p50, p99) = percentiles_us(timings);
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "floor: append + fdatasync of one record, no broker",
+                "writers_at_once": writers,
+                "records_per_writer": samples,
+                "p50_us": p50,
+                "p99_us": p99,
+            })
+        );
+    }
+    Ok(())
+}
+
+/// Each of `writers` threads appends `samples` records of `bytes` to its own segment
+/// and fsyncs each; they start together so that their fsyncs overlap.
+fn sync_timings(
+    base: &std::path::Path,
+    writers: usize,
+    samples: u64,
+    bytes: usize,
+) -> Result<Vec<Duration>, eventtermq_storage::StorageError> {
+    let start = std::sync::Barrier::new(writers);
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..writers)
+            .map(|w| {
+                let start = &start;
+                scope.spawn(move || {
+                    let store = eventtermq_storage::Store::open(&base.join(w.to_string()), Default::default())?;
+                    let mut writer = store.create(1)?;
+                    let payload = [bytes::Bytes::from(vec![b'x'; bytes])];
+                    let mut timings = Vec::with_capacity(samples as usize);
+                    start.wait();
+                    for _ in 0..samples {
+                        let t = Instant::now();
+                        writer.append(0, &payload)?;
+                        writer.sync()?;
+                        timings.push(t.elapsed());
+                    }
+                    Ok(timings)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in threads {
+            all.extend(t.join().expect("a floor writer panicked")?);
+        }
+        Ok(all)
+    })
+}
+
+/// A gRPC round trip that does no work (a health check), one at a time: the part of
+/// every W2 publish (and of every replication answer) that is not the broker's.
+async fn rpc_floor(addr: &str, samples: u64) -> Result<(), CliError> {
+    let channel = crate::transport::tcp::connect_lazy(addr, Duration::from_millis(super::CONNECT_TIMEOUT_MS))
+        .map_err(|e| CliError::Connect { addr: addr.to_string(), message: e.to_string() })?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let check = || tonic_health::pb::HealthCheckRequest { service: String::new() };
+    health.check(check()).await.map_err(err)?;
+    let mut timings = Vec::with_capacity(samples as usize);
+    for _ in 0..samples {
+        let t = Instant::now();
+        health.check(check()).await.map_err(err)?;
+        timings.push(t.elapsed());
+    }
+    let (p50, p99) = percentiles_us(timings);
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "floor: gRPC round trip (health check), one at a time",
+            "node": addr,
+            "calls": samples,
+            "p50_us": p50,
+            "p99_us": p99,
+        })
+    );
+    Ok(())
 }
 
 /// CPU time the brokers and this client used during one workload.
@@ -143,6 +242,9 @@ impl Cpu {
 async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::path::Path) -> Result<(), CliError> {
     let addr = |h: &str| format!("{h}:{port}");
     let seed = addr(&args.hosts[0]);
+    if args.floor_samples > 0 {
+        storage_floor(dir, args.floor_samples, args.message_bytes).await?;
+    }
     let mut procs: Vec<Proc> = Vec::new();
     for (i, h) in args.hosts.iter().enumerate() {
         procs.push(spawn(h, port, &dir.join(format!("n{i}")), (i > 0).then_some(seed.as_str()), &args.broker_args)?);
@@ -233,6 +335,9 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
     // through another node (which forwards it).
     let primary = primary_of(&seed, &ctx.namespace, "bench").await?;
     let other = args.hosts.iter().map(|h| addr(h)).find(|a| *a != primary).expect("three hosts");
+    if args.floor_samples > 0 {
+        rpc_floor(&primary, args.floor_samples).await?;
+    }
     let w2 = W2 { procs: &procs, count: args.latency_messages, request: &request };
     w2.run("W2 publish one at a time, to the primary", &primary).await?;
     w2.run("W2 publish one at a time, through another node", &other).await?;
@@ -282,4 +387,29 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
     );
     drop(procs);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_the_50th_and_99th_of_100() {
+        let timings: Vec<Duration> = (1..=100).rev().map(Duration::from_micros).collect();
+        assert_eq!(percentiles_us(timings), (51.0, 100.0));
+        assert_eq!(percentiles_us(Vec::new()), (0.0, 0.0));
+    }
+
+    #[test]
+    fn the_storage_floor_times_every_fsync_of_every_writer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let timings = sync_timings(dir.path(), 3, 5, 1024).expect("sync timings");
+        assert_eq!(timings.len(), 15);
+        // Each writer left a segment holding its five records.
+        for w in 0..3 {
+            let store =
+                eventtermq_storage::Store::open(&dir.path().join(w.to_string()), Default::default()).expect("reopen");
+            assert_eq!(store.info(1).expect("segment 1").next_offset, 5);
+        }
+    }
 }
