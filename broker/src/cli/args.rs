@@ -307,8 +307,9 @@ pub struct DataPathBenchArgs {
     /// Persistence of every publish (default: the topic's default, replicated).
     #[arg(long, value_enum)]
     pub persistence: Option<PersistenceArg>,
-    /// Samples of each floor measured before W2 (append + fdatasync without a broker,
-    /// alone and three at once; a gRPC round trip that does no work); 0 skips them.
+    /// Samples of each floor measured before the workloads (append + fdatasync with no
+    /// broker, alone and three at once; a gRPC round trip that does no work, before
+    /// W2); 0 skips them.
     #[arg(long, default_value_t = 2000)]
     pub floor_samples: u64,
     /// Data directory of the brokers (default: a fresh temporary directory).

@@ -128,11 +128,12 @@ fn percentiles_us(mut timings: Vec<Duration>) -> (f64, f64) {
 async fn storage_floor(dir: &std::path::Path, samples: u64, message_bytes: usize) -> Result<(), CliError> {
     for writers in [1usize, 3] {
         let base = dir.join(format!("floor-{writers}"));
-        let timings = tokio::task::spawn_blocking(move || sync_timings(&base, writers, samples, message_bytes))
+        let files = base.clone();
+        let timings = tokio::task::spawn_blocking(move || sync_timings(&files, writers, samples, message_bytes))
             .await
             .map_err(err)?
             .map_err(err)?;
-        let _ = std::fs::remove_dir_all(dir.join(format!("floor-{writers}")));
+        let _ = std::fs::remove_dir_all(&base);
         let (p50, p99) = percentiles_us(timings);
         println!(
             "{}",
@@ -188,9 +189,7 @@ fn sync_timings(
 /// A gRPC round trip that does no work (a health check), one at a time: the part of
 /// every W2 publish (and of every replication answer) that is not the broker's.
 async fn rpc_floor(addr: &str, samples: u64) -> Result<(), CliError> {
-    let channel = crate::transport::tcp::connect_lazy(addr, Duration::from_millis(super::CONNECT_TIMEOUT_MS))
-        .map_err(|e| CliError::Connect { addr: addr.to_string(), message: e.to_string() })?;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(super::channel(addr)?);
     let check = || tonic_health::pb::HealthCheckRequest { service: String::new() };
     health.check(check()).await.map_err(err)?;
     let mut timings = Vec::with_capacity(samples as usize);

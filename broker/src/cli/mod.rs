@@ -45,18 +45,22 @@ pub fn target_addr(host: &Option<String>, port: u16) -> String {
     format!("{}:{port}", host.as_deref().unwrap_or("localhost"))
 }
 
+/// A lazily connected channel to a node; the first call connects.
+pub fn channel(addr: &str) -> Result<tonic::transport::Channel, CliError> {
+    crate::transport::tcp::connect_lazy(addr, Duration::from_millis(CONNECT_TIMEOUT_MS))
+        .map_err(|e| CliError::Connect { addr: addr.to_string(), message: e.to_string() })
+}
+
 pub fn messaging_client(
     addr: &str,
 ) -> Result<eventtermq_proto::v1::messaging_client::MessagingClient<tonic::transport::Channel>, CliError> {
-    let channel = crate::transport::tcp::connect_lazy(addr, Duration::from_millis(CONNECT_TIMEOUT_MS))
-        .map_err(|e| CliError::Connect { addr: addr.to_string(), message: e.to_string() })?;
+    let channel = channel(addr)?;
     Ok(eventtermq_proto::v1::messaging_client::MessagingClient::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX))
 }
 
 pub fn admin_client(addr: &str) -> Result<AdminClient<tonic::transport::Channel>, CliError> {
-    let channel = crate::transport::tcp::connect_lazy(addr, Duration::from_millis(CONNECT_TIMEOUT_MS))
-        .map_err(|e| CliError::Connect { addr: addr.to_string(), message: e.to_string() })?;
+    let channel = channel(addr)?;
     Ok(AdminClient::new(channel))
 }
