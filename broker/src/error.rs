@@ -22,6 +22,7 @@ pub enum ErrorCode {
     InvalidExchangeType = 1005,
     InvalidBinding = 1006,
     InvalidSize = 1007,
+    InvalidMinInsyncReplicas = 1008,
     InvalidArgument = 1099,
     NamespaceNotFound = 2001,
     TopicNotFound = 2002,
@@ -47,6 +48,9 @@ pub enum ErrorCode {
     Timeout = 5002,
     /// No open segment or no node to take the request right now; retry.
     NotReady = 5003,
+    /// Fewer nodes are up than a topic's `min_insync_replicas`: a publish is refused
+    /// rather than confirmed on fewer copies. Retry once nodes are back.
+    NotEnoughReplicas = 5004,
     Internal = 9001,
     /// This node's copy of a segment failed its checksum; it is not served. Read
     /// another copy.

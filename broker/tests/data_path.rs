@@ -191,3 +191,191 @@ fn bad_publish_and_subscribe_requests_name_the_problem() {
         assert!(stderr(&o).contains(message), "{args:?}: {}", stderr(&o));
     }
 }
+
+#[test]
+fn publishing_is_refused_while_fewer_nodes_are_up_than_min_insync_replicas() {
+    let tmp = test_dir("data_refused");
+    let hosts = ["127.0.0.49", "127.0.0.50", "127.0.0.51"];
+    let port = 26780;
+    let mut nodes = cluster_with_topic_and_group(&tmp, hosts, port);
+    let o = cli(hosts[0], port, &["create-topic", "all", "--min-insync-replicas", "4"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("min_insync_replicas: 4 is above the replication factor 3"), "{}", stderr(&o));
+
+    nodes[2].kill9();
+    eventually(Duration::from_secs(30), "the killed node DEAD", || {
+        stdout(&cli(hosts[0], port, &["dump"])).contains(&format!("address: \"{}:{port}\"\n  state: DEAD", hosts[2]))
+    });
+    // Every message of `all` must be on all three nodes: with two up it is refused, and
+    // nothing is stored.
+    let o = cli(hosts[0], port, &["create-topic", "all", "--min-insync-replicas", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = cli(hosts[1], port, &["publish", "all", "refused"]);
+    assert!(!o.status.success(), "confirmed with a node down: {}", stdout(&o));
+    assert!(
+        stderr(&o).contains("Unavailable")
+            && stderr(&o).contains(
+                "topic \"all\" needs 3 in-sync copies (min_insync_replicas) of each message and 2 node(s) are ALIVE"
+            ),
+        "{}",
+        stderr(&o)
+    );
+    let dump = dump_json(hosts[0], port).unwrap();
+    assert!(dump["segments"].as_array().unwrap().iter().all(|s| s["topic"] != "all"), "no segment opened");
+    // `t` (a majority, 2 of 3) still takes messages, and lists as under-replicated.
+    assert!(cli(hosts[1], port, &["publish", "t", "kept"]).status.success());
+    assert!(stdout(&cli(hosts[0], port, &["list-topics"])).contains("\"min_insync_replicas\":3,\"name\":\"all\""));
+
+    nodes[2].spawn();
+    let o = cli(hosts[1], port, &["publish", "all", "accepted"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dump = dump_json(hosts[0], port).unwrap();
+    let all: Vec<_> = dump["segments"].as_array().unwrap().iter().filter(|s| s["topic"] == "all").cloned().collect();
+    assert_eq!(all.len(), 1);
+    assert_eq!(ids(&all[0]["replica_node_ids"]).len(), 3, "{all:?}");
+}
+
+/// The cluster state as `dump --output json` on `host` shows it.
+fn dump_json(host: &str, port: u16) -> Option<serde_json::Value> {
+    let o = cli(host, port, &["dump", "--output", "json"]);
+    o.status.success().then(|| serde_json::from_str(&stdout(&o)).ok()).flatten()
+}
+
+/// Segments of topic `t` in a JSON dump.
+fn topic_segments(dump: &serde_json::Value) -> Vec<serde_json::Value> {
+    dump["segments"].as_array().into_iter().flatten().filter(|s| s["topic"] == "t").cloned().collect()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array().into_iter().flatten().filter_map(|n| n.as_u64()).collect()
+}
+
+/// Finding 0 of the data-safety issue: full restarts of every node (SIGTERM 0.3 s apart,
+/// as a StatefulSet restart or a drain does) while publishers run through every node
+/// once opened segments of a replication-factor-3 topic on the one node the leader saw
+/// alive, confirmed every publish there after one fsync, and lost them all to a bit
+/// flip. Now no segment is opened on fewer than min_insync_replicas (2) nodes, closed
+/// ones are copied back up to 3, and a damaged copy on one node loses nothing.
+#[test]
+fn full_restarts_never_leave_a_segment_on_one_node_and_a_bit_flip_loses_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let tmp = test_dir("data_min_insync");
+    let hosts = ["127.0.0.46", "127.0.0.47", "127.0.0.48"];
+    let port = 26770;
+    let mut nodes = cluster_with_topic_and_group(&tmp, hosts, port);
+
+    // One publisher per node, one message per CLI call: a call that exits 0 was confirmed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let confirmed = Arc::new(Mutex::new(BTreeSet::new()));
+    let publishers: Vec<_> = hosts
+        .iter()
+        .map(|host| {
+            let (host, stop, confirmed) = (host.to_string(), stop.clone(), confirmed.clone());
+            std::thread::spawn(move || {
+                let deadline = std::time::Instant::now() + Duration::from_secs(240);
+                for i in 0..100_000 {
+                    if stop.load(Ordering::Relaxed) || std::time::Instant::now() > deadline {
+                        return;
+                    }
+                    let data = format!("{host}-{i}");
+                    if cli(&host, port, &["publish", "t", &data]).status.success() {
+                        confirmed.lock().unwrap().insert(data);
+                    } else {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            })
+        })
+        .collect();
+
+    for round in 0..6 {
+        let before = confirmed.lock().unwrap().len();
+        eventually(Duration::from_secs(30), "publishes confirmed before the restart", || {
+            confirmed.lock().unwrap().len() >= before + 20
+        });
+        let children: Vec<_> = nodes.iter_mut().map(|n| n.child.take().unwrap()).collect();
+        for c in &children {
+            Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        for (mut c, n) in children.into_iter().zip(nodes.iter_mut()) {
+            let status = c.wait().unwrap();
+            assert!(status.success(), "round {round}: a node exited with {status} after SIGTERM");
+            n.spawn();
+        }
+    }
+    let before = confirmed.lock().unwrap().len();
+    eventually(Duration::from_secs(30), "publishes confirmed after the last restart", || {
+        confirmed.lock().unwrap().len() >= before + 20
+    });
+    stop.store(true, Ordering::Relaxed);
+    for p in publishers {
+        p.join().unwrap();
+    }
+
+    // Every segment of the topic was opened on at least two nodes, and once every node
+    // is back each closed one has three complete copies.
+    let mut dump = serde_json::Value::Null;
+    eventually(Duration::from_secs(60), "every closed segment complete on 3 nodes", || {
+        let Some(d) = dump_json(hosts[0], port) else { return false };
+        let closed_complete =
+            topic_segments(&d).iter().filter(|s| s["open"] != true).all(|s| ids(&s["done_node_ids"]).len() == 3);
+        dump = d;
+        alive_count(&stdout(&cli(hosts[0], port, &["dump"]))) == 3 && closed_complete
+    });
+    let segments = topic_segments(&dump);
+    // What each segment was opened on, from the leaders' logs ("opening a segment ...
+    // replicas=[a, b, c]"): at least min_insync_replicas (2) nodes, every time.
+    let opened: Vec<usize> = nodes
+        .iter()
+        .flat_map(|n| {
+            n.log().lines().filter(|l| l.contains("opening a segment")).map(str::to_string).collect::<Vec<_>>()
+        })
+        .map(|l| {
+            let list = l.split("replicas=[").nth(1).and_then(|r| r.split(']').next()).unwrap_or_else(|| panic!("{l}"));
+            list.split(',').count()
+        })
+        .collect();
+    assert!(opened.len() >= 7, "six full restarts close and open segments: {opened:?}");
+    assert!(opened.iter().all(|n| *n >= 2), "segments opened on one node: {opened:?}");
+    for s in &segments {
+        let replicas = ids(&s["replica_node_ids"]);
+        assert!(replicas.len() >= 2, "segment {} was opened on {replicas:?}", s["id"]);
+    }
+
+    // Flip a bit inside the records of every sealed copy on one node.
+    let victim = 1;
+    let victim_id = dump["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["address"].as_str().unwrap().starts_with(hosts[victim]))
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    nodes[victim].kill9();
+    let mut flipped = 0;
+    for s in segments.iter().filter(|s| s["open"] != true && s["messages"].as_u64() > Some(0)) {
+        if !ids(&s["done_node_ids"]).contains(&victim_id) {
+            continue;
+        }
+        let file = tmp.join(format!("n{victim}/segments/{:020}.seg", s["id"].as_u64().unwrap()));
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[28 + 24 + 2] ^= 0x10; // the first record's payload
+        std::fs::write(&file, bytes).unwrap();
+        flipped += 1;
+    }
+    assert!(flipped > 0, "no sealed copy with records on node {victim}");
+    nodes[victim].spawn();
+    eventually(Duration::from_secs(30), "3 ALIVE nodes after the bit flips", || {
+        let o = cli(hosts[0], port, &["dump"]);
+        o.status.success() && alive_count(&stdout(&o)) == 3
+    });
+
+    let confirmed = confirmed.lock().unwrap().clone();
+    let got: BTreeSet<String> = subscribe(hosts[victim], port, "g", &["--wait", "10s"]).into_iter().collect();
+    let lost: Vec<_> = confirmed.difference(&got).collect();
+    assert!(lost.is_empty(), "{} of {} confirmed messages lost: {lost:?}", lost.len(), confirmed.len());
+}

@@ -73,6 +73,7 @@ fn topic() -> TopicSpec {
         retention_ms: 0,
         default_exchange_type: ExchangeType::Fanout,
         segment_size_max_bytes: 0,
+        min_insync_replicas: 0,
     }
 }
 

@@ -60,6 +60,7 @@ fn commands() -> Vec<Command> {
         retention_ms: 86_400_000,
         default_exchange_type: ExchangeType::Topic,
         segment_size_max_bytes: 0,
+        min_insync_replicas: 0,
     };
     vec![
         Command::CreateNamespace { name: "orders".into() },

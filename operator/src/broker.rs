@@ -124,6 +124,15 @@ pub fn topic_in_sync(desired: &pb::Topic, held: &pb::Topic) -> bool {
         && desired.replication_factor == held.replication_factor
         && retention_ms(&desired.retention) == retention_ms(&held.retention)
         && topic_exchange_type(&desired.default_exchange_type) == topic_exchange_type(&held.default_exchange_type)
+        && topic_min_insync(desired) == topic_min_insync(held)
+}
+
+/// The broker's `min_insync_replicas` of a topic that leaves it 0 (a majority).
+fn topic_min_insync(t: &pb::Topic) -> u32 {
+    match t.min_insync_replicas {
+        0 => t.replication_factor / 2 + 1,
+        n => n,
+    }
 }
 
 /// Whether the broker's `held` group is what `desired` asks for, compared as the
@@ -262,6 +271,7 @@ impl Admin {
             replication_factor: Some(topic.replication_factor),
             retention: topic.retention,
             default_exchange_type: Some(topic.default_exchange_type),
+            min_insync_replicas: Some(topic.min_insync_replicas),
         };
         let result = self.client.update_topic(update).await;
         self.outcome(result)
@@ -328,6 +338,7 @@ mod tests {
             default_exchange_type: "direct".into(),
             under_replicated: false,
             segment_size_max_bytes: 0,
+            min_insync_replicas: 0,
         }
     }
 
@@ -335,8 +346,14 @@ mod tests {
     fn topic_compares_the_fields_the_operator_sets() {
         let desired = topic();
         // As ListTopics answers: output-only and unmanaged fields set.
-        let held = pb::Topic { under_replicated: true, segment_size_max_bytes: 1 << 20, ..topic() };
-        assert!(topic_in_sync(&desired, &held));
+        let held =
+            pb::Topic { under_replicated: true, segment_size_max_bytes: 1 << 20, min_insync_replicas: 2, ..topic() };
+        assert!(topic_in_sync(&desired, &held), "unset min_insync_replicas is a majority");
+        assert!(!topic_in_sync(&desired, &pb::Topic { min_insync_replicas: 3, ..held.clone() }));
+        assert!(topic_in_sync(
+            &pb::Topic { min_insync_replicas: 3, ..desired.clone() },
+            &pb::Topic { min_insync_replicas: 3, ..held.clone() }
+        ));
         assert!(!topic_in_sync(&desired, &pb::Topic { shards: 3, ..held.clone() }));
         assert!(!topic_in_sync(&desired, &pb::Topic { replication_factor: 1, ..held.clone() }));
         assert!(!topic_in_sync(&desired, &pb::Topic { default_exchange_type: "fanout".into(), ..held.clone() }));

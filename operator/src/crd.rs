@@ -363,6 +363,13 @@ pub struct TopicSpec {
     #[schemars(range(min = 1, max = 7))]
     #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "replicationFactor is immutable"}]))]
     pub replication_factor: u32,
+    /// Nodes that must have fsynced a message before the broker confirms it, and the
+    /// fewest nodes a segment is opened on: while fewer are up, publishing is refused
+    /// rather than confirmed on fewer copies. Unset: a majority of replicationFactor.
+    /// Applies to segments opened after a change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 7))]
+    pub min_insync_replicas: Option<u32>,
     /// How long closed segments are kept: "0" keeps them forever, otherwise a sequence
     /// of `<number><unit>` with units ms, s, m, h, d (e.g. "7d", "1h30m").
     #[serde(default = "default_retention")]

@@ -50,6 +50,7 @@ fn topic_spec_from_pb(t: &pb::Topic) -> Result<TopicSpec, RequestError> {
         retention_ms: duration_to_ms(&t.retention)?,
         default_exchange_type,
         segment_size_max_bytes: t.segment_size_max_bytes,
+        min_insync_replicas: t.min_insync_replicas,
     };
     validate::topic_spec(&spec)?;
     Ok(spec)
@@ -154,6 +155,7 @@ impl Admin for AdminService {
                 .as_deref()
                 .map(|t| validate::exchange_type("default_exchange_type", t))
                 .transpose()?,
+            min_insync_replicas: req.min_insync_replicas,
         };
         if let Some(s) = update.shards {
             validate::shards(s)?;
@@ -174,7 +176,7 @@ impl Admin for AdminService {
         let applied = self.cluster.read(!req.stale).await?;
         let ns = applied.state.namespace(&namespace)?;
         Ok(Response::new(pb::ListTopicsResponse {
-            topics: topics_to_pb(&applied.state, ns),
+            topics: topics_to_pb(&applied.state, &namespace, ns),
             index: applied.last_applied.map(|l| l.index).unwrap_or(0),
         }))
     }

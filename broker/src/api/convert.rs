@@ -42,16 +42,21 @@ pub fn topic_to_pb(name: &str, t: &TopicSpec) -> pb::Topic {
         default_exchange_type: t.default_exchange_type.as_str().to_string(),
         under_replicated: false,
         segment_size_max_bytes: t.segment_size_max_bytes,
+        min_insync_replicas: t.min_insync(),
     }
 }
 
 /// The topics of `ns`, each flagged when its replication factor is above the number
-/// of ALIVE nodes.
-pub fn topics_to_pb(state: &ClusterState, ns: &Namespace) -> Vec<pb::Topic> {
-    let alive = state.nodes.values().filter(|n| n.state == NodeState::Alive).count() as u32;
+/// of ALIVE nodes or one of its open segments has fewer replicas.
+pub fn topics_to_pb(state: &ClusterState, ns_name: &str, ns: &Namespace) -> Vec<pb::Topic> {
+    let alive = state.alive_nodes().count();
     ns.topics
         .iter()
-        .map(|(n, t)| pb::Topic { under_replicated: t.replication_factor > alive, ..topic_to_pb(n, t) })
+        .map(|(n, t)| {
+            let rf = t.replication_factor as usize;
+            let short_segment = state.topic_segments(ns_name, n).any(|(_, s)| s.is_open() && s.replicas.len() < rf);
+            pb::Topic { under_replicated: rf > alive || short_segment, ..topic_to_pb(n, t) }
+        })
         .collect()
 }
 
@@ -143,7 +148,7 @@ pub fn state_to_pb(applied: &AppliedState) -> pb::ClusterState {
             .iter()
             .map(|(name, ns)| pb::Namespace {
                 name: name.clone(),
-                topics: topics_to_pb(&applied.state, ns),
+                topics: topics_to_pb(&applied.state, name, ns),
                 consumer_groups: ns
                     .consumer_groups
                     .iter()

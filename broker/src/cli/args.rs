@@ -155,8 +155,14 @@ pub enum Command {
         /// Close a segment and open the next at this size (0: the nodes' --segment-size-max-bytes).
         #[arg(long, default_value_t = 0)]
         segment_size_max_bytes: u64,
+        /// Nodes that must have fsynced a message before it is confirmed, and the fewest
+        /// a segment is opened on: while fewer are up, publishing is refused
+        /// (0: a majority of --replication-factor).
+        #[arg(long, default_value_t = 0)]
+        min_insync_replicas: u32,
     },
-    /// Change a topic's mutable fields (shards up, retention, default exchange type).
+    /// Change a topic's mutable fields (shards up, retention, default exchange type,
+    /// min in-sync replicas).
     UpdateTopic {
         name: String,
         #[arg(long)]
@@ -168,6 +174,9 @@ pub enum Command {
         retention: Option<String>,
         #[arg(long)]
         default_exchange_type: Option<String>,
+        /// For segments opened from now on (0: a majority).
+        #[arg(long)]
+        min_insync_replicas: Option<u32>,
     },
     /// Delete a topic.
     DeleteTopic { name: String },

@@ -101,6 +101,7 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
             retention,
             default_exchange_type,
             segment_size_max_bytes,
+            min_insync_replicas,
         } => {
             let topic = pb::Topic {
                 name,
@@ -110,11 +111,19 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
                 default_exchange_type,
                 under_replicated: false,
                 segment_size_max_bytes,
+                min_insync_replicas,
             };
             let req = pb::CreateTopicRequest { namespace: ns, topic: Some(topic) };
             print_written(client.create_topic(req).await.map_err(status)?.into_inner())
         }
-        Command::UpdateTopic { name, shards, replication_factor, retention, default_exchange_type } => {
+        Command::UpdateTopic {
+            name,
+            shards,
+            replication_factor,
+            retention,
+            default_exchange_type,
+            min_insync_replicas,
+        } => {
             let retention = retention.map(|r| duration("retention", &r)).transpose()?.flatten();
             let req = pb::UpdateTopicRequest {
                 namespace: ns,
@@ -123,6 +132,7 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
                 replication_factor,
                 retention,
                 default_exchange_type,
+                min_insync_replicas,
             };
             print_written(client.update_topic(req).await.map_err(status)?.into_inner())
         }

@@ -59,6 +59,9 @@ fn topic_text(w: &mut Text, t: &pb::Topic) {
     if t.under_replicated {
         w.line("under_replicated: true");
     }
+    if t.min_insync_replicas != 0 {
+        w.num("min_insync_replicas", t.min_insync_replicas);
+    }
 }
 
 fn consumer_group_text(w: &mut Text, g: &pb::ConsumerGroup) {
@@ -173,6 +176,7 @@ pub fn topic_json(t: &pb::Topic) -> Value {
         "retention": humantime::format_duration(std::time::Duration::from_millis(retention_ms as u64)).to_string(),
         "default_exchange_type": t.default_exchange_type,
         "under_replicated": t.under_replicated,
+        "min_insync_replicas": t.min_insync_replicas,
     })
 }
 

@@ -51,13 +51,17 @@ pub enum Command {
     RemoveNode {
         id: NodeId,
     },
-    /// The leader opens a segment for a topic's shard on `replicas` (primary first).
+    /// The leader opens a segment for a topic's shard on `replicas` (primary first,
+    /// distinct nodes), at least `min_insync` of them: the segment's
+    /// [`SegmentRecord::min_insync`].
     OpenSegment {
         namespace: String,
         topic: String,
         shard: u32,
         replicas: Vec<NodeId>,
         now_unix_ms: i64,
+        #[serde(default)]
+        min_insync: u32,
     },
     /// Closes an open segment at `next_offset`: its primary on rotation, or the leader
     /// failing over from a dead primary (then `done` are the replicas with the longest
@@ -115,6 +119,9 @@ pub struct TopicUpdate {
     pub replication_factor: Option<u32>,
     pub retention_ms: Option<u64>,
     pub default_exchange_type: Option<ExchangeType>,
+    /// Applies to segments opened after the change.
+    #[serde(default)]
+    pub min_insync_replicas: Option<u32>,
 }
 
 /// What applying a command returned: the log index it was applied at, and whether it
@@ -144,7 +151,7 @@ impl ClusterState {
                     .or_default()
                     .topics
                     .entry(name.clone())
-                    .or_insert(spec.clone());
+                    .or_insert(spec.resolved());
             }
             Command::UpdateTopic { namespace, name, update } => {
                 if let Some(topic) = self.namespaces.get_mut(namespace).and_then(|ns| ns.topics.get_mut(name)) {
@@ -171,7 +178,7 @@ impl ClusterState {
             Command::RemoveNode { id } => {
                 self.nodes.remove(id);
             }
-            Command::OpenSegment { namespace, topic, shard, replicas, now_unix_ms } => {
+            Command::OpenSegment { namespace, topic, shard, replicas, now_unix_ms, min_insync } => {
                 let generation = self
                     .topic_segments(namespace, topic)
                     .filter(|(_, s)| s.shard == *shard)
@@ -197,6 +204,7 @@ impl ClusterState {
                         checksum: 0,
                         created_unix_ms: *now_unix_ms,
                         closed_unix_ms: 0,
+                        min_insync: *min_insync,
                     },
                 );
             }
@@ -296,7 +304,7 @@ impl ClusterState {
                 validate::name("name", name)?;
                 validate::topic_spec(spec)?;
                 match self.namespace(namespace)?.topics.get(name) {
-                    Some(existing) if existing != spec => Err(RequestError::new(
+                    Some(existing) if existing.resolved() != spec.resolved() => Err(RequestError::new(
                         ErrorCode::TopicAlreadyExists,
                         format!(
                             "name: topic {name:?} already exists in namespace {namespace:?} with a different spec ({})",
@@ -350,7 +358,7 @@ impl ClusterState {
                 }
             }
             Command::SetNode { .. } | Command::RemoveNode { .. } => Ok(()),
-            Command::OpenSegment { namespace, topic, shard, replicas, .. } => {
+            Command::OpenSegment { namespace, topic, shard, replicas, min_insync, .. } => {
                 let spec = self.topic(namespace, topic)?;
                 if *shard >= spec.shards {
                     return Err(RequestError::new(
@@ -360,6 +368,15 @@ impl ClusterState {
                 }
                 if replicas.is_empty() {
                     return Err(RequestError::new(ErrorCode::InvalidArgument, "replicas: must not be empty"));
+                }
+                if replicas.iter().enumerate().any(|(i, n)| replicas[..i].contains(n)) {
+                    return Err(RequestError::new(ErrorCode::InvalidArgument, "replicas: must be distinct nodes"));
+                }
+                if replicas.len() < *min_insync as usize {
+                    return Err(RequestError::new(
+                        ErrorCode::NotEnoughReplicas,
+                        format!("replicas: {} node(s), fewer than the {min_insync} in-sync copies the segment needs", replicas.len()),
+                    ));
                 }
                 if self.topic_segments(namespace, topic).any(|(_, s)| s.shard == *shard && s.is_open()) {
                     return Err(RequestError::new(
@@ -453,6 +470,9 @@ fn describe_topic_diff(a: &TopicSpec, b: &TopicSpec) -> String {
     if a.retention_ms != b.retention_ms {
         diffs.push(format!("retention {}ms != {}ms", a.retention_ms, b.retention_ms));
     }
+    if a.min_insync() != b.min_insync() {
+        diffs.push(format!("min_insync_replicas {} != {}", a.min_insync(), b.min_insync()));
+    }
     if a.default_exchange_type != b.default_exchange_type {
         diffs.push(format!(
             "default_exchange_type {} != {}",
@@ -474,6 +494,7 @@ mod tests {
             retention_ms: 0,
             default_exchange_type: ExchangeType::Fanout,
             segment_size_max_bytes: 0,
+            min_insync_replicas: 0,
         }
     }
 
@@ -491,6 +512,7 @@ mod tests {
             shard: 0,
             replicas: vec![1, 2, 3],
             now_unix_ms: 0,
+            min_insync: 2,
         };
         s.apply(&open).unwrap();
         let id = *s.segments.keys().next().unwrap();
@@ -558,10 +580,17 @@ mod tests {
             replication_factor: Some(3),
             retention_ms: Some(60_000),
             default_exchange_type: Some(ExchangeType::Topic),
+            min_insync_replicas: Some(3),
         }))
         .unwrap();
         let t = &s.namespaces["default"].topics["t"];
         assert_eq!((t.shards, t.retention_ms, t.default_exchange_type), (4, 60_000, ExchangeType::Topic));
+        assert_eq!(t.min_insync_replicas, 3);
+        let err = s.apply(&update(TopicUpdate { min_insync_replicas: Some(4), ..Default::default() })).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidMinInsyncReplicas);
+        assert!(err.message.starts_with("min_insync_replicas: 4 is above the replication factor 3"), "{}", err.message);
+        s.apply(&update(TopicUpdate { min_insync_replicas: Some(0), ..Default::default() })).unwrap();
+        assert_eq!(s.namespaces["default"].topics["t"].min_insync_replicas, 2, "0 is a majority");
     }
 
     #[test]

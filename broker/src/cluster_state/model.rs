@@ -59,11 +59,24 @@ pub struct SegmentRecord {
     pub checksum: u32,
     pub created_unix_ms: i64,
     pub closed_unix_ms: i64,
+    /// Distinct replicas that must have fsynced a record before a `REPLICATED` publish
+    /// is confirmed, fixed when the segment is opened (see [`SegmentRecord::quorum`]).
+    /// 0 in segments opened before the setting existed: a majority of `replicas`.
+    #[serde(default)]
+    pub min_insync: u32,
 }
 
 impl SegmentRecord {
     pub fn is_open(&self) -> bool {
         self.state == SegmentState::Open
+    }
+
+    /// How many distinct replicas (the primary included) hold a record once it is
+    /// confirmed: the segment's `min_insync`, and never less than a majority of the
+    /// replica set, because a fail-over reads `replicas - quorum + 1` of them and that
+    /// set must meet every confirming set.
+    pub fn quorum(&self) -> usize {
+        (self.min_insync as usize).max(self.replicas.len() / 2 + 1)
     }
 }
 
@@ -97,6 +110,19 @@ impl ClusterState {
     /// DEAD, LEFT or no longer a member (SUSPECT is not gone yet).
     pub fn node_gone(&self, id: NodeId) -> bool {
         self.nodes.get(&id).is_none_or(|n| matches!(n.state, NodeState::Dead | NodeState::Left))
+    }
+
+    /// Nodes gossip sees ALIVE, by id.
+    pub fn alive_nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.nodes.iter().filter(|(_, n)| n.state == NodeState::Alive).map(|(id, _)| *id)
+    }
+
+    /// Copies a new segment of `topic` needs before it may be opened: the topic's
+    /// `min_insync_replicas`, capped by the number of nodes in the cluster (down ones
+    /// included), so that a cluster smaller than the setting still works, and shows
+    /// the topic as under-replicated.
+    pub fn min_insync_for(&self, topic: &TopicSpec) -> u32 {
+        topic.min_insync().min(self.nodes.len().max(1) as u32)
     }
 }
 
@@ -156,6 +182,28 @@ pub struct TopicSpec {
     /// Rotation size of this topic's segments; 0 uses the node's `--segment-size-max-bytes`.
     #[serde(default)]
     pub segment_size_max_bytes: u64,
+    /// Distinct nodes that must have fsynced a message before a replicated publish is
+    /// confirmed, and the fewest nodes a segment of the topic is opened on (Kafka's
+    /// `min.insync.replicas`). 0: a majority of `replication_factor`. Topics created
+    /// through the API store the resolved value.
+    #[serde(default)]
+    pub min_insync_replicas: u32,
+}
+
+impl TopicSpec {
+    /// `min_insync_replicas`, with 0 resolved to a majority of the replication factor.
+    pub fn min_insync(&self) -> u32 {
+        match self.min_insync_replicas {
+            0 => self.replication_factor / 2 + 1,
+            n => n,
+        }
+    }
+
+    /// The spec with its defaults resolved, as the cluster state keeps it: two specs
+    /// that only differ in a default left unset are the same topic.
+    pub fn resolved(&self) -> TopicSpec {
+        TopicSpec { min_insync_replicas: self.min_insync(), ..self.clone() }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

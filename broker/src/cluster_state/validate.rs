@@ -58,7 +58,22 @@ pub fn exchange_type(field: &str, value: &str) -> Result<ExchangeType, RequestEr
 
 pub fn topic_spec(spec: &TopicSpec) -> Result<(), RequestError> {
     shards(spec.shards)?;
-    replication_factor(spec.replication_factor)
+    replication_factor(spec.replication_factor)?;
+    min_insync_replicas(spec.min_insync_replicas, spec.replication_factor)
+}
+
+/// 0 (a majority of the replication factor) or 1 up to the replication factor.
+pub fn min_insync_replicas(value: u32, replication_factor: u32) -> Result<(), RequestError> {
+    if value > replication_factor {
+        return Err(RequestError::new(
+            ErrorCode::InvalidMinInsyncReplicas,
+            format!(
+                "min_insync_replicas: {value} is above the replication factor {replication_factor} \
+                 (must be 1-{replication_factor}, or 0 for a majority)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Returns the topic after `update`, or why the update is not allowed.
@@ -88,6 +103,11 @@ pub fn topic_update(current: &TopicSpec, update: &TopicUpdate) -> Result<TopicSp
     }
     if let Some(r) = update.retention_ms {
         next.retention_ms = r;
+    }
+    if let Some(m) = update.min_insync_replicas {
+        min_insync_replicas(m, current.replication_factor)?;
+        next.min_insync_replicas = m;
+        next = next.resolved();
     }
     if let Some(t) = update.default_exchange_type {
         next.default_exchange_type = t;

@@ -4,6 +4,10 @@
 //!   predates this process: a primary that restarted may have lost records it had not
 //!   fsynced that its replicas did, so it must not append after them; the segment is
 //!   failed over instead (closed at the longest replica's log) and a new one opened;
+//! - an open segment this node is primary of that has fewer replicas than its topic's
+//!   replication factor while more nodes are ALIVE (it was opened while nodes were
+//!   down) is closed like a full one, so its successor gets every replica, and the
+//!   leader copies the closed one up to the replication factor;
 //! - a closed segment this node should hold is truncated or completed to the agreed
 //!   length, sealed, checked against the agreed checksum, and reported done;
 //! - a closed segment the state says this node holds complete, but whose copy is gone
@@ -17,11 +21,16 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::{lock, primary, Segments};
-use crate::cluster_state::{Command, SegmentId, SegmentRecord};
+use crate::cluster_state::{ClusterState, Command, NodeId, SegmentId, SegmentRecord};
 use crate::error::{ErrorCode, RequestError};
 
 /// Pause between passes when nothing wakes the loop earlier.
 const TICK: Duration = Duration::from_millis(250);
+
+/// Pauses between attempts to fail over a segment this node was primary of before it
+/// restarted (doubling from the first to the second).
+const FAIL_OVER_RETRY_MIN: Duration = Duration::from_millis(100);
+const FAIL_OVER_RETRY_MAX: Duration = Duration::from_secs(1);
 
 pub async fn run(segments: Segments, stop: CancellationToken) {
     let me = segments.cluster().id;
@@ -37,8 +46,17 @@ pub async fn run(segments: Segments, stop: CancellationToken) {
     let losing: std::sync::Arc<std::sync::Mutex<HashSet<SegmentId>>> = Default::default();
     let mut metrics = segments.cluster().raft.metrics();
     loop {
-        let snapshot: Vec<(SegmentId, SegmentRecord)> =
-            segments.cluster().state.read().state.segments.iter().map(|(id, s)| (*id, s.clone())).collect();
+        let (snapshot, under_replicated) = {
+            let st = segments.cluster().state.read();
+            let snapshot: Vec<(SegmentId, SegmentRecord)> =
+                st.state.segments.iter().map(|(id, s)| (*id, s.clone())).collect();
+            (snapshot, under_replicated_primaries(&st.state, me))
+        };
+        for id in under_replicated {
+            if let Some(p) = segments.primary(id) {
+                p.rotate();
+            }
+        }
         let known: HashSet<SegmentId> = snapshot.iter().map(|(id, _)| *id).collect();
         for (id, seg) in snapshot {
             if seg.is_open() {
@@ -47,20 +65,17 @@ pub async fn run(segments: Segments, stop: CancellationToken) {
                 }
                 started.insert(id);
                 if preexisting.contains(&id) {
-                    let segments = segments.clone();
+                    let (segments, stop) = (segments.clone(), stop.clone());
                     tokio::spawn(async move {
-                        tracing::info!(
-                            segment_id = id,
-                            "this node restarted as the primary of an open segment; failing it over"
-                        );
-                        if let Err(e) = super::placement::fail_over(&segments, id).await {
-                            tracing::warn!(segment_id = id, error = %e, "fail-over failed; the leader will retry");
+                        tokio::select! {
+                            _ = fail_over_restarted(&segments, id) => {}
+                            _ = stop.cancelled() => {}
                         }
                     });
                     continue;
                 }
                 let size_max = topic_segment_size(&segments, &seg);
-                match primary::start(&segments, id, seg.replicas.clone(), size_max) {
+                match primary::start(&segments, id, seg.replicas.clone(), seg.quorum(), size_max) {
                     Ok(handle) => {
                         lock(segments.primaries()).insert(id, handle);
                         tracing::info!(segment_id = id, topic = %seg.topic, shard = seg.shard, replicas = ?seg.replicas, "primary started");
@@ -115,6 +130,46 @@ pub async fn run(segments: Segments, stop: CancellationToken) {
             _ = tokio::time::sleep(TICK) => {}
         }
     }
+}
+
+/// Fails over an open segment this node was primary of before it restarted, retrying
+/// until it is closed: nobody else does (the leader fails over segments whose primary
+/// is gone, and this one is ALIVE), and the shard takes no publishes meanwhile.
+async fn fail_over_restarted(segments: &Segments, id: SegmentId) {
+    tracing::info!(segment_id = id, "this node restarted as the primary of an open segment; failing it over");
+    let mut pause = FAIL_OVER_RETRY_MIN;
+    for attempt in 1u32.. {
+        let open = segments.cluster().state.read().state.segments.get(&id).is_some_and(|s| s.is_open());
+        if !open {
+            return;
+        }
+        match super::placement::fail_over(segments, id).await {
+            Ok(()) => return,
+            // The first failure and then rarely: the replicas may take a while to return.
+            Err(e) if attempt == 1 || attempt.is_power_of_two() => {
+                tracing::warn!(segment_id = id, error = %e, attempt, "fail-over deferred; retrying")
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(FAIL_OVER_RETRY_MAX);
+    }
+}
+
+/// Open segments `me` is primary of that have fewer replicas than their topic's
+/// replication factor while more nodes are ALIVE.
+fn under_replicated_primaries(state: &ClusterState, me: NodeId) -> Vec<SegmentId> {
+    let alive = state.alive_nodes().count();
+    state
+        .segments
+        .iter()
+        .filter(|(_, s)| s.is_open() && s.primary == me)
+        .filter(|(_, s)| {
+            let rf = state.topic(&s.namespace, &s.topic).map_or(0, |t| t.replication_factor as usize);
+            s.replicas.len() < rf.min(alive)
+        })
+        .map(|(id, _)| *id)
+        .collect()
 }
 
 pub(crate) fn topic_segment_size(segments: &Segments, seg: &SegmentRecord) -> u64 {

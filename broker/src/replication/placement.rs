@@ -1,11 +1,15 @@
 //! The Raft leader's data-path duties, one pass per tick:
 //!
 //! 1. every shard of every topic has an open segment; a new one gets its primary and
-//!    replicas among ALIVE nodes, the least loaded first, so segments spread evenly;
+//!    replicas among ALIVE nodes, the least loaded first, so segments spread evenly,
+//!    and is not opened at all while fewer nodes are ALIVE than the topic's
+//!    `min_insync_replicas` (publishes are refused instead, see `publish.rs`);
 //! 2. an open segment whose primary is DEAD or LEFT is failed over ([`fail_over`]);
 //!    the next pass opens its successor;
 //! 3. a closed segment's copy on a node DEAD for `rereplicate_after_ms` (or removed
-//!    from the cluster) is replaced by a copy on a live node;
+//!    from the cluster) is replaced by a copy on a live node, and a closed segment with
+//!    fewer replicas than its topic's replication factor (opened while nodes were
+//!    down) gets copies on live nodes up to it;
 //! 4. retention: closed segments older than their topic's retention that every
 //!    consumer group bound to the topic has passed are deleted;
 //! 5. every consumer group runs on an ALIVE node; a group whose node is DEAD or LEFT
@@ -54,8 +58,8 @@ pub async fn run(segments: Segments, membership: Membership, interval: Duration,
             .collect();
         let rereplicate_after = Duration::from_millis(segments.settings().rereplicate_after_ms);
         for cmd in plan(&state, &dead_since, rereplicate_after, now_unix_ms()) {
-            if let Command::OpenSegment { topic, shard, replicas, .. } = &cmd {
-                tracing::info!(topic = %topic, shard, replicas = ?replicas, "opening a segment");
+            if let Command::OpenSegment { topic, shard, replicas, min_insync, .. } = &cmd {
+                tracing::info!(topic = %topic, shard, replicas = ?replicas, min_insync, "opening a segment");
             }
             if let Err(e) = cluster.write(cmd).await {
                 tracing::info!(error = %e, "placement change deferred");
@@ -85,8 +89,7 @@ fn plan(
     now_unix_ms: i64,
 ) -> Vec<Command> {
     let mut cmds = Vec::new();
-    let alive: Vec<NodeId> =
-        state.nodes.iter().filter(|(_, n)| n.state == NodeState::Alive).map(|(id, _)| *id).collect();
+    let alive: Vec<NodeId> = state.alive_nodes().collect();
     if alive.is_empty() {
         return cmds;
     }
@@ -115,6 +118,10 @@ fn plan(
                     continue;
                 }
                 let count = (topic.replication_factor as usize).min(alive.len());
+                let min_insync = state.min_insync_for(topic);
+                if count < min_insync as usize {
+                    continue; // never opened on fewer copies than promised
+                }
                 let replicas = least_loaded(&load, count, &[]);
                 for (i, n) in replicas.iter().enumerate() {
                     *load.get_mut(n).expect("alive") += if i == 0 { 3 } else { 1 };
@@ -125,6 +132,7 @@ fn plan(
                     shard,
                     replicas,
                     now_unix_ms,
+                    min_insync,
                 });
             }
         }
@@ -133,11 +141,14 @@ fn plan(
     // 3. Re-replication of closed segments.
     let lost = |n: &NodeId| !state.nodes.contains_key(n) || dead_since.get(n).is_some_and(|d| *d >= rereplicate_after);
     for (id, s) in state.segments.iter().filter(|(_, s)| !s.is_open()) {
-        if !s.replicas.iter().any(lost) || s.done.iter().all(lost) {
+        let Ok(topic) = state.topic(&s.namespace, &s.topic) else { continue };
+        let wanted = (topic.replication_factor as usize).max(s.replicas.len());
+        let under_replicated = s.replicas.len() < wanted;
+        if !(s.replicas.iter().any(lost) || under_replicated) || s.done.iter().all(lost) {
             continue;
         }
         let mut replicas: Vec<NodeId> = s.replicas.iter().copied().filter(|n| !lost(n)).collect();
-        let missing = s.replicas.len() - replicas.len();
+        let missing = wanted - replicas.len();
         let extra = least_loaded(&load, missing, &s.replicas);
         if extra.is_empty() {
             continue; // no live node to take a copy; keep waiting for the old one
@@ -198,18 +209,19 @@ fn plan(
 /// Closes an open segment whose primary is gone (or restarted) at the longest log
 /// among its replicas, without losing a confirmed record.
 ///
-/// A record is confirmed once a majority of the replica set fsynced it. The fail-over
-/// freezes (stops the appends of) and asks enough replicas to meet every majority:
-/// `n - (n/2 + 1) + 1` of `n`. At least one of them has every confirmed record, so the
-/// longest of their logs has them all; and once they are frozen, the old primary can
-/// no longer gather a majority to confirm anything new.
+/// A record is confirmed once `quorum` replicas (a majority of the replica set, or the
+/// topic's `min_insync_replicas` when more) fsynced it. The fail-over freezes (stops
+/// the appends of) and asks enough replicas to meet every such set: `n - quorum + 1`
+/// of `n`. At least one of them has every confirmed record, so the longest of their
+/// logs has them all; and once they are frozen, the old primary can no longer gather a
+/// quorum to confirm anything new.
 pub async fn fail_over(segments: &Segments, id: SegmentId) -> Result<(), RequestError> {
     let seg = segments.cluster().state.read().state.segment(id)?.clone();
     if !seg.is_open() {
         return Ok(());
     }
     let n = seg.replicas.len();
-    let needed = n - (n / 2 + 1) + 1;
+    let needed = n - seg.quorum() + 1;
     let me = segments.cluster().id;
     let asks = seg.replicas.iter().copied().map(|node| {
         let segments = segments.clone();
@@ -288,6 +300,7 @@ mod tests {
             retention_ms,
             default_exchange_type: ExchangeType::Fanout,
             segment_size_max_bytes: 0,
+            min_insync_replicas: 0,
         };
         s.apply(&Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec }).unwrap();
         s
@@ -343,45 +356,121 @@ mod tests {
         assert!(cmds.contains(&Command::DeleteSegments { ids: vec![first] }), "{cmds:?}");
     }
 
+    fn set_node(s: &mut ClusterState, id: NodeId, state: NodeState) {
+        s.apply(&Command::SetNode { id, record: NodeRecord { address: format!("n{id}:1"), state } }).unwrap();
+    }
+
+    fn close(s: &mut ClusterState, id: SegmentId, done: &[NodeId]) {
+        let close =
+            Command::CloseSegment { id, next_offset: 1, size_bytes: 1, checksum: 0, done: vec![], now_unix_ms: 0 };
+        s.apply(&close).unwrap();
+        for node in done {
+            s.apply(&Command::SegmentDone { id, node: *node, size_bytes: 1, checksum: 7 }).unwrap();
+        }
+    }
+
+    fn replica_changes(cmds: &[Command]) -> Vec<(SegmentId, Vec<NodeId>)> {
+        cmds.iter()
+            .filter_map(|c| match c {
+                Command::SetSegmentReplicas { id, replicas } => Some((*id, replicas.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
-    fn groups_move_off_dead_nodes_and_closed_copies_are_replaced() {
+    fn groups_move_off_dead_nodes() {
         let mut s = state_with_topic(0);
-        let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
-        apply_all(&mut s, &cmds);
         let spec = ConsumerGroupSpec { bindings: vec![], size: 10, since_unix_ms: 0 };
         s.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec }).unwrap();
         let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
         apply_all(&mut s, &cmds);
         let node = s.group_runtime("default", "g").unwrap().node.unwrap();
-        let id = *s.segments.keys().next().unwrap();
-        s.apply(&Command::CloseSegment {
-            id,
-            next_offset: 1,
-            size_bytes: 1,
-            checksum: 0,
-            done: vec![],
-            now_unix_ms: 0,
-        })
-        .unwrap();
-        s.apply(&Command::SegmentDone { id, node: 1, size_bytes: 1, checksum: 7 }).unwrap();
-
-        let record = NodeRecord { address: format!("n{node}:1"), state: NodeState::Dead };
-        s.apply(&Command::SetNode { id: node, record }).unwrap();
-        // A fourth node can take the dead one's copy.
-        let record = NodeRecord { address: "n4:1".into(), state: NodeState::Alive };
-        s.apply(&Command::SetNode { id: 4, record }).unwrap();
-        let dead = HashMap::from([(node, Duration::from_secs(120))]);
-        let cmds = plan(&s, &dead, Duration::from_secs(60), 0);
+        set_node(&mut s, node, NodeState::Dead);
+        let cmds = plan(&s, &HashMap::from([(node, Duration::from_secs(1))]), Duration::from_secs(60), 0);
         let moved = cmds.iter().find_map(|c| match c {
             Command::AssignGroup { node, .. } => *node,
             _ => None,
         });
-        assert!(moved.is_some_and(|n| n != node), "{cmds:?}");
-        let replaced = cmds.iter().any(|c| {
-            matches!(c, Command::SetSegmentReplicas { id: i, replicas }
-                if *i == id && !replicas.contains(&node) && replicas.contains(&4) && replicas.len() == 3)
-        });
-        // Node 1 holds the only complete copy: nothing to copy from while it is dead.
-        assert_eq!(replaced, node != 1, "{cmds:?}");
+        assert!(moved.is_some_and(|n| n != node && s.node_alive(n)), "{cmds:?}");
+    }
+
+    #[test]
+    fn a_closed_copy_on_a_long_dead_node_is_replaced_from_a_live_copy() {
+        let mut s = state_with_topic(0);
+        let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
+        apply_all(&mut s, &cmds);
+        let id = *s.segments.keys().next().unwrap();
+        assert_eq!(s.segments[&id].replicas.len(), 3);
+        let dead = s.segments[&id].replicas[1];
+        let holder = s.segments[&id].replicas[0];
+        close(&mut s, id, &[holder, dead]);
+        set_node(&mut s, dead, NodeState::Dead);
+        set_node(&mut s, 4, NodeState::Alive);
+
+        let recent = HashMap::from([(dead, Duration::from_secs(10))]);
+        assert!(replica_changes(&plan(&s, &recent, Duration::from_secs(60), 0)).is_empty(), "not dead long enough");
+        let long = HashMap::from([(dead, Duration::from_secs(120))]);
+        let changes = replica_changes(&plan(&s, &long, Duration::from_secs(60), 0));
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        let (changed, replicas) = &changes[0];
+        assert_eq!(*changed, id);
+        assert_eq!(replicas.len(), 3, "{replicas:?}");
+        assert!(!replicas.contains(&dead) && replicas.contains(&4) && replicas.contains(&holder), "{replicas:?}");
+
+        // With the only complete copy on the dead node there is nothing to copy from.
+        let mut s2 = s.clone();
+        s2.apply(&Command::SegmentLost { id, node: holder }).unwrap();
+        assert!(replica_changes(&plan(&s2, &long, Duration::from_secs(60), 0)).is_empty());
+    }
+
+    #[test]
+    fn no_segment_is_opened_on_fewer_nodes_than_min_insync_replicas() {
+        let mut s = state_with_topic(0);
+        set_node(&mut s, 2, NodeState::Dead);
+        set_node(&mut s, 3, NodeState::Left);
+        assert!(plan(&s, &HashMap::new(), Duration::from_secs(60), 0).is_empty(), "1 of 3 nodes alive, 2 needed");
+
+        set_node(&mut s, 3, NodeState::Alive);
+        let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
+        assert_eq!(cmds.len(), 2, "{cmds:?}");
+        apply_all(&mut s, &cmds);
+        for seg in s.segments.values() {
+            assert_eq!((seg.replicas.len(), seg.min_insync, seg.quorum()), (2, 2, 2), "{seg:?}");
+        }
+
+        // A topic may ask for every copy: then two live nodes are not enough.
+        let spec = TopicSpec { min_insync_replicas: 3, ..s.topic("default", "t").unwrap().clone() };
+        s.apply(&Command::CreateTopic { namespace: "default".into(), name: "all".into(), spec }).unwrap();
+        assert!(plan(&s, &HashMap::new(), Duration::from_secs(60), 0).is_empty());
+    }
+
+    #[test]
+    fn a_cluster_smaller_than_min_insync_replicas_still_opens_segments() {
+        let mut s = ClusterState::new_cluster();
+        set_node(&mut s, 1, NodeState::Alive);
+        let spec = state_with_topic(0).topic("default", "t").unwrap().clone();
+        s.apply(&Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec }).unwrap();
+        let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
+        apply_all(&mut s, &cmds);
+        assert_eq!(s.segments.len(), 2);
+        assert!(s.segments.values().all(|seg| seg.replicas == vec![1] && seg.quorum() == 1));
+    }
+
+    #[test]
+    fn a_segment_closed_with_fewer_copies_than_the_replication_factor_gets_more() {
+        let mut s = state_with_topic(0);
+        set_node(&mut s, 3, NodeState::Dead);
+        let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
+        apply_all(&mut s, &cmds);
+        let id = *s.segments.keys().next().unwrap();
+        assert_eq!(s.segments[&id].replicas.len(), 2);
+        close(&mut s, id, &[1]);
+        let dead = HashMap::from([(3, Duration::from_secs(1))]);
+        assert!(replica_changes(&plan(&s, &dead, Duration::from_secs(60), 0)).is_empty(), "no third node yet");
+
+        set_node(&mut s, 3, NodeState::Alive);
+        let changes = replica_changes(&plan(&s, &HashMap::new(), Duration::from_secs(60), 0));
+        assert!(changes.iter().any(|(i, r)| *i == id && r.len() == 3 && r.contains(&3)), "{changes:?}");
     }
 }

@@ -7,10 +7,11 @@
 //! stream per replica tails the segment file and sends what it has not sent yet; each
 //! replica answers with the offset below which it has fsynced everything. A publish is
 //! confirmed when its last record is below the offset its persistence mode needs:
-//! written (`NONE`), fsynced here (`PRIMARY`), or fsynced on a majority of the replica
-//! set, this node included (`REPLICATED`). Consumers only ever see records below the
-//! majority offset, so a fail-over (which keeps the longest log among a set of
-//! replicas that intersects every majority) never takes back what a consumer saw.
+//! written (`NONE`), fsynced here (`PRIMARY`), or fsynced on the segment's quorum of
+//! distinct replicas, this node included (`REPLICATED`; a majority of the replica set,
+//! or the topic's `min_insync_replicas` when that is more). Consumers only ever see
+//! records below the quorum offset, so a fail-over (which keeps the longest log among a
+//! set of replicas that intersects every quorum) never takes back what a consumer saw.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
@@ -52,8 +53,10 @@ pub struct PrimaryHandle {
     queue: Arc<Semaphore>,
     /// Size of `queue`; a request bigger than all of it takes all of it.
     queue_units: u32,
-    /// Offset below which records are on a majority of the replica set: what readers see.
+    /// Offset below which records are on a quorum of the replica set: what readers see.
     confirmed: watch::Receiver<u64>,
+    /// Close the segment once everything written is confirmed, as when it is full.
+    rotate: CancellationToken,
     stop: CancellationToken,
     task: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
 }
@@ -79,6 +82,12 @@ impl PrimaryHandle {
         self.confirmed.clone()
     }
 
+    /// Asks the task to close the segment as if it were full: it takes no more
+    /// publishes (they go to the successor) and closes once all it wrote is confirmed.
+    pub fn rotate(&self) {
+        self.rotate.cancel();
+    }
+
     pub async fn stop(&self) {
         self.stop.cancel();
         if let Some(t) = self.task.lock().await.take() {
@@ -91,19 +100,23 @@ fn closing(id: SegmentId) -> RequestError {
     RequestError::new(ErrorCode::NotPrimary, format!("segment {id} is closing on this node; publish again"))
 }
 
-/// Starts the primary task of a newly opened segment.
+/// Starts the primary task of a newly opened segment; a `REPLICATED` publish is
+/// confirmed once `quorum` distinct members of `replicas` fsynced it.
 pub fn start(
     segments: &Segments,
     id: SegmentId,
     replicas: Vec<NodeId>,
+    quorum: usize,
     size_max_bytes: u64,
 ) -> Result<PrimaryHandle, RequestError> {
+    debug_assert!((1..=replicas.len()).contains(&quorum), "quorum {quorum} of {replicas:?}");
     let writer = segments.writer(id)?;
     let reader = segments.store().reader(id).map_err(storage_error)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let written = lock(&writer).next_offset();
     let (confirmed_tx, confirmed) = watch::channel(written);
     let stop = CancellationToken::new();
+    let rotate = CancellationToken::new();
     let queue_units = (segments.settings().write_queue_max_bytes / QUEUE_UNIT_BYTES).clamp(1, 1 << 24) as u32;
     let queue = Arc::new(Semaphore::new(queue_units as usize));
     let task = tokio::spawn(run(Task {
@@ -112,9 +125,11 @@ pub fn start(
         writer,
         reader,
         replicas,
+        quorum,
         size_max_bytes,
         rx,
         confirmed_tx,
+        rotate: rotate.clone(),
         stop: stop.clone(),
     }));
     Ok(PrimaryHandle {
@@ -123,6 +138,7 @@ pub fn start(
         queue,
         queue_units,
         confirmed,
+        rotate,
         stop,
         task: Arc::new(tokio::sync::Mutex::new(Some(task))),
     })
@@ -134,9 +150,11 @@ struct Task {
     writer: SharedWriter,
     reader: SegmentReader,
     replicas: Vec<NodeId>,
+    quorum: usize,
     size_max_bytes: u64,
     rx: mpsc::UnboundedReceiver<AppendRequest>,
     confirmed_tx: watch::Sender<u64>,
+    rotate: CancellationToken,
     stop: CancellationToken,
 }
 
@@ -152,7 +170,7 @@ async fn run(mut t: Task) {
     // Every member of the replica set, this node included: offset fsynced there.
     let mut durable: HashMap<NodeId, u64> = t.replicas.iter().map(|n| (*n, 0)).collect();
     durable.insert(me, 0);
-    let quorum = t.replicas.len() / 2 + 1;
+    let quorum = t.quorum;
     let (written_tx, written_rx) = watch::channel(written);
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Ack>();
     let streams = t.stop.child_token();
@@ -179,6 +197,10 @@ async fn run(mut t: Task) {
         tokio::select! {
             biased;
             _ = t.stop.cancelled() => break,
+            _ = t.rotate.cancelled(), if !rotating => {
+                tracing::info!(segment_id = id, "closing the segment so that its successor gets every replica");
+                rotating = true;
+            }
             r = async { sync_task.as_mut().expect("guarded").await }, if sync_task.is_some() => {
                 sync_task = None;
                 match r {

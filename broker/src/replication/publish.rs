@@ -95,6 +95,7 @@ impl Segments {
                     // The keeper has not started it yet.
                     None => Err(not_ready(topic).into()),
                 },
+                Route::TooFewNodes(e) => Err(e.into()),
                 Route::Remote(..) | Route::None if forwarded => Err(RequestError::new(
                     ErrorCode::NotPrimary,
                     format!("node {} is not the primary of an open segment of topic {topic:?}", self.cluster().id),
@@ -147,7 +148,7 @@ impl Segments {
     fn route(&self, namespace: &str, topic: &str) -> Result<Route, RequestError> {
         let me = self.cluster().id;
         let st = self.cluster().state.read();
-        st.state.topic(namespace, topic)?;
+        let spec = st.state.topic(namespace, topic)?;
         let open: Vec<(SegmentId, NodeId, usize)> = st
             .state
             .topic_segments(namespace, topic)
@@ -158,6 +159,18 @@ impl Segments {
             return Ok(Route::Local(*id, *n));
         }
         if open.is_empty() {
+            let needed = st.state.min_insync_for(spec);
+            let alive = st.state.alive_nodes().count();
+            if alive < needed as usize {
+                return Ok(Route::TooFewNodes(RequestError::new(
+                    ErrorCode::NotEnoughReplicas,
+                    format!(
+                        "topic {topic:?} needs {needed} in-sync copies (min_insync_replicas) of each message and \
+                         {alive} node(s) are ALIVE: publish refused rather than confirmed on fewer copies; \
+                         retry when more nodes are up"
+                    ),
+                )));
+            }
             return Ok(Route::None);
         }
         let (_, node, _) = open[ROUND_ROBIN.fetch_add(1, Ordering::Relaxed) % open.len()];
@@ -203,7 +216,10 @@ enum Route {
     Local(SegmentId, usize),
     /// Forward to the primary of an open segment.
     Remote(NodeId, String),
+    /// No open segment (yet): retry.
     None,
+    /// No open segment, and too few nodes ALIVE to open one.
+    TooFewNodes(RequestError),
 }
 
 fn durability(p: Persistence, replicas: usize) -> Durability {
@@ -230,6 +246,7 @@ fn not_ready(topic: &str) -> RequestError {
 /// Errors worth another routing attempt: the segment moved or is being opened.
 fn retryable(s: &tonic::Status) -> bool {
     let code = s.metadata().get(crate::error::ERROR_CODE_METADATA).and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
-    matches!(code, Some(c) if c == ErrorCode::NotPrimary.as_u32() || c == ErrorCode::NotReady.as_u32())
+    let again = [ErrorCode::NotPrimary, ErrorCode::NotReady, ErrorCode::NotEnoughReplicas];
+    matches!(code, Some(c) if again.iter().any(|a| a.as_u32() == c))
         || matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
 }

@@ -47,12 +47,22 @@ impl Broker {
             ])
             .env("RUST_LOG", "info,eventtermq::node=debug,openraft=warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(self.dir.with_extension("log")).unwrap()));
+            .stderr(Stdio::from(self.log_file()));
         for j in &self.join {
             cmd.args(["--join", j]);
         }
         cmd.args(&self.extra);
         self.child = Some(cmd.spawn().expect("start broker"));
+    }
+
+    /// The broker's log, `<dir>.log`: appended to by every start, so a test that
+    /// restarts nodes keeps what each run printed.
+    pub fn log_file(&self) -> std::fs::File {
+        std::fs::OpenOptions::new().create(true).append(true).open(self.dir.with_extension("log")).unwrap()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
     }
 
     pub fn kill9(&mut self) {

@@ -117,6 +117,7 @@ impl BrokerObject for Topic {
             default_exchange_type: spec.default_exchange_type.as_str().to_string(),
             under_replicated: false,
             segment_size_max_bytes: 0,
+            min_insync_replicas: spec.min_insync_replicas.unwrap_or(0),
         }))
     }
 }
