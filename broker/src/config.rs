@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
+use crate::clock::Clock;
 use crate::membership::MembershipConfig;
+use crate::peers::PeerTimeouts;
 
 /// Default gRPC/gossip port.
 pub const DEFAULT_PORT: u16 = 16000;
@@ -24,6 +26,8 @@ pub struct NodeConfig {
     pub id: Option<u64>,
     pub raft: RaftSettings,
     pub membership: MembershipConfig,
+    /// Bounds on calls to other nodes that have no deadline of their own.
+    pub peers: PeerTimeouts,
     /// Raft voters at most; further members stay learners.
     pub voters_count_max: usize,
     /// A member DEAD or LEFT for this long is removed from Raft and the cluster state.
@@ -33,6 +37,8 @@ pub struct NodeConfig {
     /// Interval of the leader's membership reconciliation (gossip -> Raft).
     pub reconcile_interval_ms: u64,
     pub data: DataSettings,
+    /// Where wall-clock timestamps come from (the system's; a manual one in tests).
+    pub clock: Clock,
 }
 
 /// Limits of the data path (segments, replication, consumer groups).
@@ -144,11 +150,13 @@ impl NodeConfig {
             id: None,
             raft: RaftSettings::default(),
             membership: MembershipConfig::default(),
+            peers: PeerTimeouts::default(),
             voters_count_max: Self::DEFAULT_VOTERS_COUNT_MAX,
             dead_node_removal_ms: Self::DEFAULT_DEAD_NODE_REMOVAL_MS,
             request_timeout_ms: Self::DEFAULT_REQUEST_TIMEOUT_MS,
             reconcile_interval_ms: 200,
             data: DataSettings::default(),
+            clock: Clock::default(),
         }
     }
 }

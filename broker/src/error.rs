@@ -1,12 +1,16 @@
 //! Request errors with stable numeric codes.
 //!
-//! A [`RequestError`] is the client's problem (bad input, missing resource, wrong
-//! state) or a retryable cluster condition (no leader). It never means the node is
-//! broken: storage corruption and other fatal conditions are `StorageError`s inside
-//! Raft and stop the node instead.
+//! A [`RequestError`] is what a request gets back when it does not succeed: the
+//! client's problem (bad input, missing resource, wrong state, 1xxx-4xxx: nothing was
+//! changed), a cluster condition worth retrying (no leader, no segment open yet, too
+//! few nodes, a peer unreachable, 5xxx), an outcome the node cannot know (`Timeout`:
+//! the request may still take effect), or a failure of this node's own disk or task
+//! (9xxx). The Raft state machine's fatal conditions are `StorageError`s inside
+//! openraft instead, and stop Raft on this node.
 //!
 //! The numeric codes are part of the wire contract: they travel in the
-//! `eventter-error-code` gRPC metadata entry and never change meaning once released.
+//! `eventter-error-code` gRPC metadata entry (set by `api/`, read by `peers/`) and
+//! never change meaning once released.
 
 use serde::{Deserialize, Serialize};
 
@@ -45,12 +49,15 @@ pub enum ErrorCode {
     /// A copy of a closed segment differs from the copies recorded before it.
     ChecksumMismatch = 4010,
     NoLeader = 5001,
+    /// The request was sent on but no answer came in time: it may still take effect.
     Timeout = 5002,
     /// No open segment or no node to take the request right now; retry.
     NotReady = 5003,
     /// Fewer nodes are up than a topic's `min_insync_replicas`: a publish is refused
     /// rather than confirmed on fewer copies. Retry once nodes are back.
     NotEnoughReplicas = 5004,
+    /// Another node the request needed could not be reached; nothing was done there.
+    PeerUnreachable = 5005,
     Internal = 9001,
     /// This node's copy of a segment failed its checksum; it is not served. Read
     /// another copy.
@@ -58,8 +65,50 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, for decoding.
+    const ALL: [ErrorCode; 33] = [
+        ErrorCode::InvalidName,
+        ErrorCode::InvalidShards,
+        ErrorCode::InvalidReplicationFactor,
+        ErrorCode::InvalidRetention,
+        ErrorCode::InvalidExchangeType,
+        ErrorCode::InvalidBinding,
+        ErrorCode::InvalidSize,
+        ErrorCode::InvalidMinInsyncReplicas,
+        ErrorCode::InvalidArgument,
+        ErrorCode::NamespaceNotFound,
+        ErrorCode::TopicNotFound,
+        ErrorCode::ConsumerGroupNotFound,
+        ErrorCode::SegmentNotFound,
+        ErrorCode::NamespaceAlreadyExists,
+        ErrorCode::TopicAlreadyExists,
+        ErrorCode::ConsumerGroupAlreadyExists,
+        ErrorCode::DefaultNamespaceUndeletable,
+        ErrorCode::NamespaceNotEmpty,
+        ErrorCode::ImmutableField,
+        ErrorCode::ShardsDecrease,
+        ErrorCode::SegmentAlreadyOpen,
+        ErrorCode::SegmentClosed,
+        ErrorCode::SegmentOpen,
+        ErrorCode::NotPrimary,
+        ErrorCode::NotInFlight,
+        ErrorCode::ChecksumMismatch,
+        ErrorCode::NoLeader,
+        ErrorCode::Timeout,
+        ErrorCode::NotReady,
+        ErrorCode::NotEnoughReplicas,
+        ErrorCode::PeerUnreachable,
+        ErrorCode::Internal,
+        ErrorCode::CorruptCopy,
+    ];
+
     pub fn as_u32(self) -> u32 {
         self as u32
+    }
+
+    /// The code with this number, if it is one.
+    pub fn from_u32(n: u32) -> Option<ErrorCode> {
+        Self::ALL.iter().copied().find(|c| c.as_u32() == n)
     }
 
     pub fn grpc_code(self) -> tonic::Code {
@@ -74,7 +123,8 @@ impl ErrorCode {
     }
 }
 
-/// An error returned to the caller of an API request. Nothing was changed.
+/// An error returned to the caller of a request; its code says whether anything may
+/// have changed (see the module comment).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{message}")]
 pub struct RequestError {
@@ -87,20 +137,27 @@ impl RequestError {
         Self { code, message: message.into() }
     }
 
-    pub fn invalid(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self::new(code, message)
+    /// Worth another attempt: the cluster may be able to do it in a moment.
+    pub fn retryable(&self) -> bool {
+        self.code.as_u32() / 1000 == 5
     }
 }
 
 /// Metadata key carrying [`ErrorCode`] in gRPC responses.
 pub const ERROR_CODE_METADATA: &str = "eventter-error-code";
 
-impl From<RequestError> for tonic::Status {
-    fn from(e: RequestError) -> Self {
-        let mut status = tonic::Status::new(e.code.grpc_code(), e.message);
-        if let Ok(v) = e.code.as_u32().to_string().parse() {
-            status.metadata_mut().insert(ERROR_CODE_METADATA, v);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_decodes_to_itself_and_nothing_else_does() {
+        for c in ErrorCode::ALL {
+            assert_eq!(ErrorCode::from_u32(c.as_u32()), Some(c));
         }
-        status
+        let distinct: std::collections::BTreeSet<u32> = ErrorCode::ALL.iter().map(|c| c.as_u32()).collect();
+        assert_eq!(distinct.len(), ErrorCode::ALL.len());
+        assert_eq!(ErrorCode::from_u32(0), None);
+        assert_eq!(ErrorCode::from_u32(5999), None);
     }
 }

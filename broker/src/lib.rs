@@ -9,11 +9,14 @@
 
 pub mod api;
 pub mod cli;
+pub mod clock;
+pub mod cluster;
 pub mod cluster_state;
 pub mod config;
 pub mod consumer_groups;
 pub mod error;
 pub mod membership;
 pub mod node;
+pub mod peers;
 pub mod replication;
 pub mod transport;

@@ -9,11 +9,11 @@ use eventtermq_proto::v1::admin_server::Admin;
 use tonic::{Request, Response, Status};
 
 use super::convert::*;
-use crate::cluster_state::commands::TopicUpdate;
+use crate::cluster::Cluster;
 use crate::cluster_state::validate;
+use crate::cluster_state::TopicUpdate;
 use crate::cluster_state::*;
 use crate::error::{ErrorCode, RequestError};
-use crate::node::Cluster;
 
 /// Buffer of a consumer group when the request leaves `size` at 0.
 pub const CONSUMER_GROUP_SIZE_DEFAULT: u32 = 10_000;

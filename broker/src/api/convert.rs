@@ -1,7 +1,5 @@
 //! Conversions between the wire types (`eventter.v1`) and the cluster-state model.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
 use eventtermq_proto::v1 as pb;
 
 use crate::cluster_state::*;
@@ -19,10 +17,6 @@ pub fn duration_to_ms(d: &Option<prost_types::Duration>) -> Result<u64, crate::e
 
 pub fn ms_to_duration(ms: u64) -> Option<prost_types::Duration> {
     Some(prost_types::Duration { seconds: (ms / 1000) as i64, nanos: ((ms % 1000) * 1_000_000) as i32 })
-}
-
-pub fn now_unix_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as i64
 }
 
 pub fn timestamp_to_ms(t: &prost_types::Timestamp) -> i64 {

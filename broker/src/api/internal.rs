@@ -1,15 +1,19 @@
 //! The `eventter.internal.v1.Internal` service: Raft RPCs, forwarded writes, read
 //! index, gossip full-state sync and leadership hand-over. Only nodes call it.
 
+use std::pin::Pin;
+
 use eventtermq_proto::internal::v1 as ipb;
 use eventtermq_proto::internal::v1::internal_server::Internal;
+use futures::{Stream, StreamExt};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::cluster::Cluster;
 use crate::cluster_state::raft::{decode, encode};
 use crate::cluster_state::{Command, CommandResponse};
-use crate::error::RequestError;
+use crate::error::{ErrorCode, RequestError};
 use crate::membership::Membership;
-use crate::node::Cluster;
 use crate::replication::{replica, Segments};
 
 pub struct InternalService {
@@ -70,10 +74,14 @@ impl Internal for InternalService {
         Ok(Response::new(ipb::GossipPayload { data: data.to_vec() }))
     }
 
-    type ReplicateStream = replica::ReplicateStream;
+    type ReplicateStream = Pin<Box<dyn Stream<Item = Result<ipb::ReplicateResponse, Status>> + Send>>;
 
     async fn replicate(&self, req: Request<tonic::Streaming<ipb::ReplicateRequest>>) -> Reply<Self::ReplicateStream> {
-        Ok(Response::new(replica::handle_replicate(self.segments.clone(), req.into_inner()).await?))
+        // The primary's stream breaking is what the replica sees of a dead primary.
+        let inbound =
+            req.into_inner().map(|r| r.map_err(|s| RequestError::new(ErrorCode::PeerUnreachable, s.message())));
+        let answers = replica::handle_replicate(self.segments.clone(), inbound).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(answers).map(|r| r.map_err(Status::from)))))
     }
 
     async fn segment_status(&self, req: Request<ipb::SegmentStatusRequest>) -> Reply<ipb::SegmentStatusResponse> {

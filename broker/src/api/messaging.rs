@@ -13,14 +13,15 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::admin::namespace_of;
 use crate::cluster_state::validate;
-use crate::consumer_groups::Groups;
+use crate::consumer_groups::{Groups, Located};
 use crate::error::{ErrorCode, RequestError};
-use crate::replication::publish::{hops, FORWARDED_METADATA};
+use crate::peers::{hops, Peers, Relayed};
 use crate::replication::Segments;
 
 pub struct MessagingService {
     pub segments: Segments,
     pub groups: Groups,
+    pub peers: Peers,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -29,7 +30,12 @@ type Reply<T> = Result<Response<T>, Status>;
 const PUBLISH_STREAM_IN_FLIGHT_MAX: usize = 64;
 
 fn forwarded<T>(req: &Request<T>) -> bool {
-    req.metadata().contains_key(FORWARDED_METADATA)
+    hops(req.metadata()) > 0
+}
+
+/// A stream of the data path's answers as the client sees them.
+fn to_client<T: Send + 'static>(stream: Relayed<T>) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>> {
+    Box::pin(stream.map(|r| r.map_err(Status::from)))
 }
 
 /// Every request of a publish stream goes to the same topic as its first.
@@ -54,7 +60,11 @@ fn persistence(p: i32) -> Result<pb::Persistence, RequestError> {
     })
 }
 
-async fn publish_one(segments: &Segments, req: pb::PublishRequest, hops: u32) -> Result<pb::PublishResponse, Status> {
+async fn publish_one(
+    segments: &Segments,
+    req: pb::PublishRequest,
+    hops: u32,
+) -> Result<pb::PublishResponse, RequestError> {
     let namespace = namespace_of(&req.namespace)?;
     validate::name("topic", &req.topic)?;
     let p = persistence(req.persistence)?;
@@ -64,14 +74,14 @@ async fn publish_one(segments: &Segments, req: pb::PublishRequest, hops: u32) ->
 #[tonic::async_trait]
 impl Messaging for MessagingService {
     async fn publish(&self, req: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
-        let hops = hops(&req);
+        let hops = hops(req.metadata());
         Ok(Response::new(publish_one(&self.segments, req.into_inner(), hops).await?))
     }
 
     type PublishStreamStream = Pin<Box<dyn Stream<Item = Result<pb::PublishResponse, Status>> + Send>>;
 
     async fn publish_stream(&self, req: Request<Streaming<pb::PublishRequest>>) -> Reply<Self::PublishStreamStream> {
-        let hops = hops(&req);
+        let hops = hops(req.metadata());
         let mut inbound = req.into_inner();
         let Some(first) = inbound.message().await? else {
             return Ok(Response::new(Box::pin(futures::stream::empty())));
@@ -92,8 +102,8 @@ impl Messaging for MessagingService {
                     }
                 }
             });
-            let upstream = self.segments.relay_publish_stream_from(&addr, ReceiverStream::new(rx), hops).await?;
-            return Ok(Response::new(Box::pin(upstream)));
+            let upstream = self.peers.relay_publish_stream(&addr, ReceiverStream::new(rx), hops).await;
+            return Ok(Response::new(to_client(upstream.map_err(RequestError::from)?)));
         }
         let segments = self.segments.clone();
         let template = first.clone();
@@ -107,7 +117,7 @@ impl Messaging for MessagingService {
                 async move {
                     let r = r?;
                     same_topic(&template, &r)?;
-                    publish_one(&segments, r, hops).await
+                    Ok(publish_one(&segments, r, hops).await?)
                 }
             })
             .buffered(PUBLISH_STREAM_IN_FLIGHT_MAX);
@@ -126,14 +136,18 @@ impl Messaging for MessagingService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    type SubscribeStream = crate::consumer_groups::runtime::SubscribeStream;
+    type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
 
     async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Reply<Self::SubscribeStream> {
         let fwd = forwarded(&req);
         let mut req = req.into_inner();
         req.namespace = namespace_of(&req.namespace)?;
         validate::name("consumer_group", &req.consumer_group)?;
-        Ok(Response::new(self.groups.subscribe(req, fwd).await?))
+        let stream = match self.groups.locate(&req.namespace, &req.consumer_group, fwd).await? {
+            Located::Here(group) => self.groups.subscribe(group, req).await?,
+            Located::Remote(addr) => self.peers.relay_subscribe(&addr, req).await.map_err(RequestError::from)?,
+        };
+        Ok(Response::new(to_client(stream)))
     }
 
     async fn ack(&self, req: Request<pb::AckRequest>) -> Reply<pb::AckResponse> {
@@ -141,7 +155,7 @@ impl Messaging for MessagingService {
         let req = req.into_inner();
         let namespace = namespace_of(&req.namespace)?;
         validate::name("consumer_group", &req.consumer_group)?;
-        self.groups.settle(&namespace, &req.consumer_group, req.deliveries, true, fwd).await?;
+        self.settle(namespace, req.consumer_group, req.deliveries, true, fwd).await?;
         Ok(Response::new(pb::AckResponse { ok: true }))
     }
 
@@ -150,7 +164,28 @@ impl Messaging for MessagingService {
         let req = req.into_inner();
         let namespace = namespace_of(&req.namespace)?;
         validate::name("consumer_group", &req.consumer_group)?;
-        self.groups.settle(&namespace, &req.consumer_group, req.deliveries, false, fwd).await?;
+        self.settle(namespace, req.consumer_group, req.deliveries, false, fwd).await?;
         Ok(Response::new(pb::NackResponse { ok: true }))
+    }
+}
+
+impl MessagingService {
+    /// Acknowledges (`ack`) or returns for redelivery (`!ack`) delivered messages, on
+    /// the group's node.
+    async fn settle(
+        &self,
+        namespace: String,
+        group: String,
+        deliveries: Vec<pb::Delivery>,
+        ack: bool,
+        forwarded: bool,
+    ) -> Result<(), RequestError> {
+        if deliveries.is_empty() {
+            return Err(RequestError::new(ErrorCode::InvalidArgument, "deliveries: at least one is required"));
+        }
+        match self.groups.locate(&namespace, &group, forwarded).await? {
+            Located::Here(g) => self.groups.settle(&g, &group, &deliveries, ack).await,
+            Located::Remote(addr) => Ok(self.peers.settle(&addr, namespace, group, deliveries, ack).await?),
+        }
     }
 }

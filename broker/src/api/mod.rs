@@ -17,11 +17,25 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
+use crate::cluster::Cluster;
 use crate::consumer_groups::Groups;
+use crate::error::{RequestError, ERROR_CODE_METADATA};
 use crate::membership::Membership;
-use crate::node::Cluster;
+use crate::peers::Peers;
 use crate::replication::Segments;
 use crate::transport::Conn;
+
+/// What a client sees of a [`RequestError`]: the gRPC code of its range, its message,
+/// and its number in the `eventter-error-code` metadata (read back by `peers/`).
+impl From<RequestError> for tonic::Status {
+    fn from(e: RequestError) -> Self {
+        let mut status = tonic::Status::new(e.code.grpc_code(), e.message);
+        if let Ok(v) = e.code.as_u32().to_string().parse() {
+            status.metadata_mut().insert(ERROR_CODE_METADATA, v);
+        }
+        status
+    }
+}
 
 /// Largest gRPC message accepted (Raft snapshots travel in chunks well below this).
 pub const GRPC_MESSAGE_SIZE_MAX_BYTES: usize = 64 * 1024 * 1024;
@@ -31,11 +45,17 @@ pub const GRPC_MESSAGE_SIZE_MAX_BYTES: usize = 64 * 1024 * 1024;
 /// (liveness).
 pub const READINESS_SERVICE: &str = "eventter.v1.Admin";
 
+/// The node's parts the services answer from.
+pub struct Services {
+    pub cluster: Cluster,
+    pub membership: Membership,
+    pub segments: Segments,
+    pub groups: Groups,
+    pub peers: Peers,
+}
+
 pub fn serve(
-    cluster: Cluster,
-    membership: Membership,
-    segments: Segments,
-    groups: Groups,
+    services: Services,
     incoming: Pin<Box<dyn Stream<Item = std::io::Result<Conn>> + Send>>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
@@ -50,6 +70,7 @@ pub fn serve(
     let reflection_v1alpha =
         reflection().build_v1alpha().expect("descriptor sets are generated at build time and valid");
 
+    let Services { cluster, membership, segments, groups, peers } = services;
     // Readiness follows whether a leader is known.
     let mut metrics = cluster.raft.metrics();
     let health_stop = stop.clone();
@@ -71,7 +92,7 @@ pub fn serve(
 
     let admin = AdminServer::new(admin::AdminService { cluster: cluster.clone(), segments: segments.clone() })
         .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
-    let messaging = MessagingServer::new(messaging::MessagingService { segments: segments.clone(), groups })
+    let messaging = MessagingServer::new(messaging::MessagingService { segments: segments.clone(), groups, peers })
         .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES)
         .max_encoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
     let internal = InternalServer::new(internal::InternalService { cluster, membership, segments })

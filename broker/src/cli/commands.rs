@@ -4,15 +4,8 @@ use eventtermq_proto::v1 as pb;
 
 use super::args::{Command, Output};
 use super::render;
-use super::{admin_client, CliError};
+use super::{admin_client, CliError, Ctx};
 use crate::cluster_state::validate;
-
-/// What the CLI knows about where and how to talk.
-pub struct Ctx {
-    pub addr: String,
-    pub namespace: String,
-    pub output: Output,
-}
 
 fn print_written(r: pb::WriteResponse) {
     println!("{{\"ok\": {}, \"index\": {}}}", r.ok, r.index);
@@ -29,7 +22,7 @@ fn duration(field: &str, v: &str) -> Result<Option<prost_types::Duration>, CliEr
 
 /// `-1h` (in the past), `+1h`/`1h` (in the future), or an RFC 3339 time.
 fn since(v: &str) -> Result<prost_types::Timestamp, CliError> {
-    let now = crate::api::convert::now_unix_ms();
+    let now = crate::clock::system_unix_ms();
     let ms = if let Ok(t) = humantime::parse_rfc3339_weak(v) {
         t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
     } else if let Some(rest) = v.strip_prefix('-') {

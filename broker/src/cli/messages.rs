@@ -9,7 +9,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::args::{PersistenceArg, PublishArgs, SubscribeArgs};
-use super::commands::Ctx;
+use super::Ctx;
 use super::{messaging_client, CliError};
 use crate::cluster_state::validate;
 
@@ -283,9 +283,11 @@ async fn flush(
         .map(|_| ())
 }
 
+/// The group may be back in a moment: its node is starting it, moving it, or could not
+/// be reached (every 5xxx code, or a connection that failed before an answer).
 fn retryable(s: &tonic::Status) -> bool {
     let code = s.metadata().get(crate::error::ERROR_CODE_METADATA).and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
-    matches!(code, Some(c) if c == crate::error::ErrorCode::NotReady.as_u32())
+    matches!(code, Some(c) if c / 1000 == 5)
         || (s.code() == tonic::Code::Unavailable && code.is_none())
         || s.code() == tonic::Code::Unknown
 }

@@ -4,7 +4,6 @@
 
 pub mod args;
 pub mod bench;
-mod bench_data;
 pub mod commands;
 pub mod messages;
 pub mod render;
@@ -13,6 +12,13 @@ pub mod run;
 use std::time::Duration;
 
 use eventtermq_proto::v1::admin_client::AdminClient;
+
+/// What the CLI knows about where and how to talk.
+pub struct Ctx {
+    pub addr: String,
+    pub namespace: String,
+    pub output: args::Output,
+}
 
 /// How long the CLI waits to connect to a node.
 pub const CONNECT_TIMEOUT_MS: u64 = 3_000;

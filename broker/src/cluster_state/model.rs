@@ -206,6 +206,18 @@ impl TopicSpec {
     }
 }
 
+/// Fields of a topic to change; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicUpdate {
+    pub shards: Option<u32>,
+    pub replication_factor: Option<u32>,
+    pub retention_ms: Option<u64>,
+    pub default_exchange_type: Option<ExchangeType>,
+    /// Applies to segments opened after the change.
+    #[serde(default)]
+    pub min_insync_replicas: Option<u32>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HeadersMatch {
     All,

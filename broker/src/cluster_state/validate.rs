@@ -1,7 +1,6 @@
 //! Validation rules shared by the API (before proposing) and the state machine (at
 //! apply time). Each error names the field and the rule it broke.
 
-use super::commands::TopicUpdate;
 use super::model::*;
 use crate::error::{ErrorCode, RequestError};
 

@@ -1,17 +1,24 @@
-//! Consumer groups (SPEC section 5): the pure parts, kept free of IO and async so they
-//! can be tested exhaustively and reasoned about on their own.
+//! Consumer groups (SPEC section 5).
 //!
+//! Pure cores, kept free of IO and async so they can be tested exhaustively:
 //! - [`matching`] decides whether a message matches a group's bindings (fanout,
 //!   direct, topic, headers). A message matching several bindings is delivered once.
+//! - [`reader`] decides which segments of the bound topics to read, from where, and
+//!   reports every record to the buffer once, in order.
 //! - [`buffer`] is the delivery state machine of one group: the bounded buffer of
 //!   matched messages, round-robin hand-out to subscribers within their windows,
 //!   ack / nack / redelivery, and the per-segment offsets that are safe to commit.
 //!
-//! - [`runtime`] runs them: the group task that reads segments, calls these and
-//!   persists commits, and the subscriber side of Subscribe / Ack / Nack.
+//! Drivers around them:
+//! - [`task`]: one group's task on the node the leader placed it on: reads segments,
+//!   feeds the reader and the buffer, hands out, commits offsets.
+//! - [`groups`]: the node's groups: starts and stops tasks as the state places them,
+//!   finds where a group runs, serves subscriptions, acks and nacks of local groups.
 
 pub mod buffer;
+pub mod groups;
 pub mod matching;
-pub mod runtime;
+pub mod reader;
+mod task;
 
-pub use runtime::Groups;
+pub use groups::{GroupHandle, Groups, Located, SUBSCRIBER_SIZE_DEFAULT};

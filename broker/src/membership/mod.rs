@@ -39,13 +39,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use eventtermq_proto::internal::v1::internal_client::InternalClient;
-use eventtermq_proto::internal::v1::GossipPayload;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster_state::model::{NodeId, NodeState};
-use crate::transport::Network;
+use crate::peers::Peers;
 
 #[doc(hidden)]
 pub use self::task::decode_sync_payload_reencoded;
@@ -123,11 +121,12 @@ pub enum MembershipError {
     Sync { addr: String, message: String },
 }
 
-/// Upper bound of one `GossipSync` call (connect + exchange).
-const SYNC_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long [`Membership::leave`] keeps re-gossiping its departure.
 const LEAVE_SPREAD: Duration = Duration::from_millis(300);
 const LEAVE_GOSSIP_ROUNDS: u32 = 3;
+/// Requests to the gossip task queued at most; callers wait beyond (they are few: API
+/// handlers, the leader's reconcile loop, joins).
+const COMMAND_QUEUE_MAX: usize = 64;
 
 /// Handle to the gossip task. Clone freely.
 #[derive(Clone)]
@@ -138,7 +137,7 @@ pub struct Membership {
 struct Shared {
     addr: String,
     config: MembershipConfig,
-    network: Arc<dyn Network>,
+    peers: Peers,
     commands: mpsc::Sender<Command>,
     members: watch::Sender<Vec<MemberInfo>>,
     shutdown: CancellationToken,
@@ -150,16 +149,16 @@ impl Membership {
         id: NodeId,
         addr: String,
         config: MembershipConfig,
-        network: Arc<dyn Network>,
+        peers: Peers,
         datagrams: mpsc::Receiver<Bytes>,
         shutdown: CancellationToken,
     ) -> Membership {
-        let (commands, command_rx) = mpsc::channel(64);
+        let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
         let (members, _) = watch::channel(Vec::new());
-        let actor = task::Actor::new(id, addr.clone(), &config, network.clone(), members.clone(), commands.downgrade());
+        let actor = task::Actor::new(id, addr.clone(), &config, peers.clone(), members.clone(), commands.downgrade());
         let span = tracing::info_span!("gossip", node_id = id);
         tokio::spawn(tracing::Instrument::instrument(actor.run(datagrams, command_rx, shutdown.clone()), span));
-        Membership { inner: Arc::new(Shared { addr, config, network, commands, members, shutdown }) }
+        Membership { inner: Arc::new(Shared { addr, config, peers, commands, members, shutdown }) }
     }
 
     /// Every known member including this node, sorted by id; updates whenever a state
@@ -174,10 +173,10 @@ impl Membership {
     /// shutdown. Returns Ok once joined. An empty seed list (after skipping self)
     /// returns Ok immediately.
     pub async fn join(&self, seeds: Vec<String>) -> Result<(), MembershipError> {
-        let network = self.inner.network.clone();
+        let peers = self.inner.peers.clone();
         self.join_via(seeds, move |addr, data| {
-            let network = network.clone();
-            async move { grpc_sync(&*network, &addr, data).await }
+            let peers = peers.clone();
+            async move { peers.gossip_sync(&addr, data).await.map_err(|e| sync_failed(&addr, e)) }
         })
         .await
     }
@@ -200,10 +199,10 @@ impl Membership {
                 let payload = self.sync_payload().await?;
                 let result = tokio::select! {
                     _ = self.inner.shutdown.cancelled() => return Err(MembershipError::Stopped),
-                    r = tokio::time::timeout(SYNC_CALL_TIMEOUT, call(seed.clone(), payload)) => r,
+                    r = call(seed.clone(), payload) => r,
                 };
                 match result {
-                    Ok(Ok(reply)) => match self.apply_sync(reply).await {
+                    Ok(reply) => match self.apply_sync(reply).await {
                         Ok(()) => {
                             tracing::info!(seed = %seed, "joined the gossip cluster");
                             return Ok(());
@@ -213,8 +212,7 @@ impl Membership {
                             tracing::warn!(seed = %seed, error = %e, "bad join reply from seed")
                         }
                     },
-                    Ok(Err(e)) => tracing::debug!(seed = %seed, error = %e, "join attempt failed"),
-                    Err(_) => tracing::debug!(seed = %seed, "join attempt timed out"),
+                    Err(e) => tracing::debug!(seed = %seed, error = %e, "join attempt failed"),
                 }
             }
             tracing::info!(?seeds, retry_ms = retry.as_millis() as u64, "no seed reachable yet, retrying");
@@ -257,18 +255,17 @@ impl Membership {
     /// it and rejoins (and we learn its new identity).
     pub async fn knock(&self, addr: &str) -> bool {
         let Ok(payload) = self.sync_payload().await else { return false };
-        match tokio::time::timeout(SYNC_CALL_TIMEOUT, grpc_sync(&*self.inner.network, addr, payload)).await {
-            Ok(Ok(reply)) => {
+        match self.inner.peers.gossip_sync(addr, payload).await {
+            Ok(reply) => {
                 if let Err(e) = self.apply_sync(reply).await {
                     tracing::debug!(peer = %addr, error = %e, "merging a knock reply failed");
                 }
                 true
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::debug!(peer = %addr, error = %e, "knock unanswered");
                 false
             }
-            Err(_) => false,
         }
     }
 
@@ -291,12 +288,6 @@ impl Membership {
     }
 }
 
-/// One `GossipSync` call: sends our state, returns the peer's.
-pub(crate) async fn grpc_sync(network: &dyn Network, addr: &str, data: Bytes) -> Result<Bytes, MembershipError> {
-    let mut client = InternalClient::new(network.channel(addr));
-    let reply = client
-        .gossip_sync(GossipPayload { data: data.to_vec() })
-        .await
-        .map_err(|status| MembershipError::Sync { addr: addr.to_string(), message: status.to_string() })?;
-    Ok(Bytes::from(reply.into_inner().data))
+fn sync_failed(addr: &str, e: crate::peers::PeerError) -> MembershipError {
+    MembershipError::Sync { addr: addr.to_string(), message: e.to_string() }
 }

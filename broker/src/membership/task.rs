@@ -1,7 +1,7 @@
 //! The gossip task: sole owner of the `Foca` instance.
 //!
 //! Every interaction with foca goes through an `AccumulatingRuntime` that is drained
-//! right after: datagrams go out through the [`Network`], timers go into a local
+//! right after: datagrams go out through [`Peers`], timers go into a local
 //! deadline heap served by the same `select!` loop, and the member list is republished
 //! (foca has no notification for SUSPECT, so the list is recomputed each time and only
 //! published when it differs).
@@ -9,7 +9,6 @@
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap};
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -23,9 +22,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::identity::GossipId;
-use super::{grpc_sync, MemberInfo, MembershipConfig, MembershipError, SYNC_CALL_TIMEOUT};
+use super::{MemberInfo, MembershipConfig, MembershipError};
 use crate::cluster_state::model::{NodeId, NodeState};
-use crate::transport::{Network, DATAGRAM_SIZE_MAX_BYTES};
+use crate::peers::Peers;
+use crate::transport::DATAGRAM_SIZE_MAX_BYTES;
 
 /// foca 2 takes a `rand` 0.10 generator (the rest of the crate uses `rand` 0.9).
 type FocaRng = rand::rngs::SmallRng;
@@ -102,7 +102,7 @@ impl Ord for Scheduled {
 pub(crate) struct Actor {
     foca: Gossip,
     runtime: AccumulatingRuntime<GossipId>,
-    network: Arc<dyn Network>,
+    peers: Peers,
     timers: BinaryHeap<Reverse<Scheduled>>,
     next_seq: u64,
     members: watch::Sender<Vec<MemberInfo>>,
@@ -169,7 +169,7 @@ impl Actor {
         id: NodeId,
         addr: String,
         config: &MembershipConfig,
-        network: Arc<dyn Network>,
+        peers: Peers,
         members: watch::Sender<Vec<MemberInfo>>,
         commands: mpsc::WeakSender<Command>,
     ) -> Self {
@@ -180,7 +180,7 @@ impl Actor {
         let mut actor = Self {
             foca,
             runtime: AccumulatingRuntime::new(),
-            network,
+            peers,
             timers: BinaryHeap::new(),
             next_seq: 0,
             members,
@@ -444,25 +444,21 @@ impl Actor {
     /// through the command channel.
     fn spawn_sync(&self, addr: String, shutdown: &CancellationToken) -> tokio::task::JoinHandle<()> {
         let payload = self.payload();
-        let network = self.network.clone();
+        let peers = self.peers.clone();
         let commands = self.commands.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let call = tokio::time::timeout(SYNC_CALL_TIMEOUT, grpc_sync(&*network, &addr, payload));
             let reply = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = call => r,
+                r = peers.gossip_sync(&addr, payload) => r,
             };
             match reply {
-                Ok(Ok(data)) => {
+                Ok(data) => {
                     if let Some(commands) = commands.upgrade() {
                         let _ = commands.send(Command::Apply { data, reply: None }).await;
                     }
                 }
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %addr, error = %e, "gossip sync failed")
-                }
-                Err(_) => tracing::debug!(peer = %addr, "gossip sync timed out"),
+                Err(e) => tracing::debug!(peer = %addr, error = %e, "gossip sync failed"),
             }
         })
     }
@@ -470,7 +466,7 @@ impl Actor {
     /// Carries out what foca asked for during the last interaction.
     fn drain(&mut self) {
         while let Some((to, data)) = self.runtime.to_send() {
-            self.network.send_datagram(&to.addr, data);
+            self.peers.send_datagram(&to.addr, data);
         }
         let now = tokio::time::Instant::now();
         while let Some((after, timer)) = self.runtime.to_schedule() {

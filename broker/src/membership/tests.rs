@@ -9,6 +9,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::peers::{PeerTimeouts, Peers};
 use crate::transport::mem::MemNetwork;
 
 /// `MEMBERSHIP_TRACE=1 cargo test ... membership` prints foca's and our debug logs.
@@ -39,8 +40,9 @@ impl Node {
     fn start(net: &MemNetwork, id: NodeId, addr: &str) -> Node {
         let (network, listeners) = net.attach(addr);
         let shutdown = CancellationToken::new();
+        let peers = Peers::new(network, PeerTimeouts::default());
         let membership =
-            Membership::start(id, addr.to_string(), fast_config(), network, listeners.datagrams, shutdown.clone());
+            Membership::start(id, addr.to_string(), fast_config(), peers, listeners.datagrams, shutdown.clone());
         Node { id, addr: addr.to_string(), membership, shutdown }
     }
 

@@ -4,7 +4,6 @@
 //! token from the caller, so tests run whole clusters in one process (over
 //! [`crate::transport::mem`]) and the binary runs one node over real sockets.
 
-pub mod cluster;
 pub mod id;
 mod reconcile;
 
@@ -12,20 +11,19 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventtermq_proto::v1::admin_client::AdminClient;
-use eventtermq_proto::v1::DumpRequest;
 use openraft::BasicNode;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster_state::raft::RaftNetworkFactoryImpl;
+use crate::api::Services;
+use crate::cluster::Cluster;
 use crate::cluster_state::{LogStore, NodeState, Raft, StateMachineStore};
 use crate::config::NodeConfig;
 use crate::consumer_groups::Groups;
 use crate::membership::Membership;
+use crate::peers::{PeerError, Peers};
 use crate::replication::Segments;
 use crate::transport::{Listeners, Network};
-pub use cluster::Cluster;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -82,7 +80,8 @@ pub async fn start(
         StateMachineStore::open(&raft_dir.join("sm")).await.map_err(|e| NodeError::Storage(e.to_string()))?;
     let raft_config =
         Arc::new(config.raft.to_openraft().map_err(|e| NodeError::Config(format!("raft settings: {e}")))?);
-    let raft = Raft::new(id, raft_config, RaftNetworkFactoryImpl { network: network.clone() }, log_store, sm_store)
+    let peers = Peers::new(network, config.peers.clone());
+    let raft = Raft::new(id, raft_config, peers.raft_network(), log_store, sm_store)
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
 
@@ -92,12 +91,12 @@ pub async fn start(
         id,
         config.advertise_addr.clone(),
         config.membership.clone(),
-        network.clone(),
+        peers.clone(),
         listeners.datagrams,
         stop.clone(),
     );
     let cluster =
-        Cluster::new(id, raft.clone(), shared, network.clone(), Duration::from_millis(config.request_timeout_ms));
+        Cluster::new(id, raft.clone(), shared, peers.clone(), Duration::from_millis(config.request_timeout_ms));
 
     let storage_config = eventtermq_storage::Config {
         preallocate_bytes: config.data.segment_preallocate_bytes,
@@ -110,17 +109,17 @@ pub async fn start(
         tracing::warn!(segment_id = q.id, files = ?q.files, reason = %q.reason,
             "a damaged segment was quarantined at startup; a copy this node should hold is fetched again");
     }
-    let segments = Segments::new(store, cluster.clone(), network.clone(), config.data.clone());
+    let segments = Segments::new(store, cluster.clone(), peers.clone(), config.clock.clone(), config.data.clone());
     let groups = Groups::new(segments.clone());
 
-    let server = crate::api::serve(
-        cluster.clone(),
-        membership.clone(),
-        segments.clone(),
-        groups.clone(),
-        listeners.incoming,
-        stop.clone(),
-    );
+    let services = Services {
+        cluster: cluster.clone(),
+        membership: membership.clone(),
+        segments: segments.clone(),
+        groups: groups.clone(),
+        peers: peers.clone(),
+    };
+    let server = crate::api::serve(services, listeners.incoming, stop.clone());
     let keeper = tokio::spawn(crate::replication::keeper::run(segments.clone(), stop.clone()));
     let placement = tokio::spawn(crate::replication::placement::run(
         segments.clone(),
@@ -130,13 +129,13 @@ pub async fn start(
     ));
     let group_runner = tokio::spawn(groups.clone().run(stop.clone()));
     let bootstrap =
-        tokio::spawn(bootstrap(config.clone(), cluster.clone(), membership.clone(), network.clone(), stop.clone()));
+        tokio::spawn(bootstrap(config.clone(), cluster.clone(), membership.clone(), peers.clone(), stop.clone()));
     let reconciler = tokio::spawn(reconcile::run(config.clone(), cluster.clone(), membership.clone(), stop.clone()));
 
     tracing::info!(node_id = id, listen = %config.listen_addr, advertise = %config.advertise_addr, dir = %config.dir.display(), "node started");
 
     let done = {
-        let (cluster, membership, stop, network) = (cluster.clone(), membership.clone(), stop.clone(), network.clone());
+        let (cluster, membership, stop, peers) = (cluster.clone(), membership.clone(), stop.clone(), peers.clone());
         let (segments, groups) = (segments.clone(), groups.clone());
         tokio::spawn(async move {
             tokio::select! {
@@ -152,7 +151,7 @@ pub async fn start(
                     if tokio::time::timeout(DATA_SHUTDOWN_MAX, data).await.is_err() {
                         tracing::warn!("consumer groups and segments did not stop in time");
                     }
-                    hand_over_leadership(&cluster, network.as_ref()).await;
+                    hand_over_leadership(&cluster, &peers).await;
                     membership.leave().await;
                     stop.cancel();
                 }
@@ -181,7 +180,7 @@ async fn bootstrap(
     config: NodeConfig,
     cluster: Cluster,
     membership: Membership,
-    network: Arc<dyn Network>,
+    peers: Peers,
     stop: CancellationToken,
 ) {
     let seeds: Vec<String> = config.join.iter().filter(|s| **s != config.advertise_addr).cloned().collect();
@@ -239,7 +238,7 @@ async fn bootstrap(
             // A node added to a running cluster (a StatefulSet scaled up keeps its
             // founding --bootstrap-expect) meets enough members too: it must not
             // found a second cluster beside theirs, but wait for their leader.
-            match existing_cluster(&*network, cluster.id, &alive).await {
+            match existing_cluster(&peers, cluster.id, &alive).await {
                 Ok(None) => {
                     tracing::info!(members = ?alive.keys().collect::<Vec<_>>(), "bootstrapping cluster");
                     initialize(&cluster, alive).await;
@@ -266,29 +265,14 @@ async fn bootstrap(
 /// Asks every other member in `alive` (from its local copy, no leader needed) whether
 /// it already belongs to a Raft cluster: `Ok(Some(id))` of the first that does,
 /// `Ok(None)` when none does, `Err` when one could not be asked.
-async fn existing_cluster(
-    network: &dyn Network,
-    me: u64,
-    alive: &BTreeMap<u64, BasicNode>,
-) -> Result<Option<u64>, String> {
+async fn existing_cluster(peers: &Peers, me: u64, alive: &BTreeMap<u64, BasicNode>) -> Result<Option<u64>, PeerError> {
     for (id, node) in alive.iter().filter(|(id, _)| **id != me) {
-        let mut admin = AdminClient::new(network.channel(&node.addr));
-        let ask = admin.dump(DumpRequest { stale: true });
-        let reply = tokio::time::timeout(BOOTSTRAP_ASK_MAX, ask)
-            .await
-            .map_err(|_| format!("node {id} at {} did not answer in time", node.addr))?
-            .map_err(|s| format!("node {id} at {}: {}", node.addr, s.message()))?
-            .into_inner();
-        let index = reply.state.map(|s| s.index).unwrap_or(0);
-        if reply.term > 0 || reply.leader_id != 0 || index > 0 {
+        if peers.belongs_to_a_cluster(*id, &node.addr).await? {
             return Ok(Some(*id));
         }
     }
     Ok(None)
 }
-
-/// Bound on asking one peer whether it already belongs to a cluster.
-const BOOTSTRAP_ASK_MAX: Duration = Duration::from_secs(3);
 
 async fn initialize(cluster: &Cluster, members: BTreeMap<u64, BasicNode>) {
     match cluster.raft.initialize(members).await {
@@ -316,7 +300,7 @@ const HAND_OVER_MAX: Duration = Duration::from_secs(1);
 /// long), which with the candidate's own vote is a majority of three; the leader then
 /// steps down. A peer whose lease from this leader is still valid would refuse, which is
 /// why the up-to-date candidate and the old leader's vote matter.
-async fn hand_over_leadership(cluster: &Cluster, network: &dyn Network) {
+async fn hand_over_leadership(cluster: &Cluster, peers: &Peers) {
     let deadline = tokio::time::Instant::now() + HAND_OVER_MAX;
     let mut metrics = cluster.raft.metrics();
     let target = loop {
@@ -345,10 +329,7 @@ async fn hand_over_leadership(cluster: &Cluster, network: &dyn Network) {
             return;
         }
     };
-    let mut client = eventtermq_proto::internal::v1::internal_client::InternalClient::new(network.channel(&target.1));
-    let mut req = tonic::Request::new(eventtermq_proto::internal::v1::StartElectionRequest {});
-    req.set_timeout(HAND_OVER_MAX);
-    if let Err(e) = client.start_election(req).await {
+    if let Err(e) = peers.start_election(target.0, &target.1, HAND_OVER_MAX).await {
         tracing::warn!(target = target.0, error = %e, "leadership hand-over failed; followers will elect after a timeout");
         return;
     }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use openraft::{BasicNode, ChangeMembers};
 use tokio_util::sync::CancellationToken;
 
-use super::Cluster;
+use crate::cluster::Cluster;
 use crate::cluster_state::{Command, NodeRecord, NodeState};
 use crate::config::NodeConfig;
 use crate::membership::{MemberInfo, Membership};

@@ -2,7 +2,8 @@
 //!
 //! - [`primary`]: the task that owns an open segment on its primary node: it batches
 //!   publishes into one write and one fsync (group commit), streams the records to the
-//!   other replicas, and confirms each publish once it is as durable as asked.
+//!   other replicas, and confirms each publish once it is as durable as asked, as its
+//!   pure core [`confirm`] decides.
 //! - [`replica`]: the receiving end of that stream, and the fence the leader raises
 //!   before a fail-over.
 //! - [`keeper`]: each node's loop that makes its local segment files agree with the
@@ -18,6 +19,7 @@
 //! (rare, small writes); messages are many and large, and only need the order of their
 //! own segment. The Raft leader decides who holds what; primaries move the bytes.
 
+pub mod confirm;
 pub mod keeper;
 pub mod placement;
 pub mod primary;
@@ -30,11 +32,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use eventtermq_storage::{SegmentWriter, Store};
 
+use crate::clock::Clock;
+use crate::cluster::Cluster;
 use crate::cluster_state::SegmentId;
 use crate::config::DataSettings;
 use crate::error::{ErrorCode, RequestError};
-use crate::node::Cluster;
-use crate::transport::Network;
+use crate::peers::Peers;
 
 /// A segment's writer, shared by whoever appends to it on this node (its primary task
 /// or a replication stream) and the keeper that seals it.
@@ -49,7 +52,8 @@ pub struct Segments {
 struct Inner {
     store: Store,
     cluster: Cluster,
-    network: Arc<dyn Network>,
+    peers: Peers,
+    clock: Clock,
     settings: DataSettings,
     /// Open segments this node writes to, by id.
     writers: Mutex<HashMap<SegmentId, SharedWriter>>,
@@ -63,12 +67,13 @@ struct Inner {
 }
 
 impl Segments {
-    pub fn new(store: Store, cluster: Cluster, network: Arc<dyn Network>, settings: DataSettings) -> Self {
+    pub fn new(store: Store, cluster: Cluster, peers: Peers, clock: Clock, settings: DataSettings) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
                 cluster,
-                network,
+                peers,
+                clock,
                 settings,
                 writers: Mutex::default(),
                 primaries: Mutex::default(),
@@ -86,8 +91,12 @@ impl Segments {
         &self.inner.cluster
     }
 
-    pub fn network(&self) -> &Arc<dyn Network> {
-        &self.inner.network
+    pub fn peers(&self) -> &Peers {
+        &self.inner.peers
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
     }
 
     pub fn settings(&self) -> &DataSettings {
@@ -132,8 +141,11 @@ impl Segments {
     }
 
     /// Address of a node as the cluster state records it.
-    pub(crate) fn node_addr(&self, node: u64) -> Option<String> {
-        self.inner.cluster.state.read().state.nodes.get(&node).map(|n| n.address.clone())
+    pub(crate) fn node_addr(&self, node: u64) -> Result<String, RequestError> {
+        let st = self.inner.cluster.state.read();
+        st.state.nodes.get(&node).map(|n| n.address.clone()).ok_or_else(|| {
+            RequestError::new(ErrorCode::PeerUnreachable, format!("node {node} is not in the cluster state"))
+        })
     }
 
     /// Graceful shutdown: stops every primary task and closes its segment where the
@@ -160,8 +172,6 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) fn storage_error(e: eventtermq_storage::StorageError) -> RequestError {
     RequestError::new(ErrorCode::Internal, format!("segment storage: {e}"))
 }
-
-pub(crate) use crate::api::convert::now_unix_ms;
 
 pub(crate) fn to_wire(r: eventtermq_storage::Record) -> eventtermq_proto::internal::v1::Record {
     eventtermq_proto::internal::v1::Record { offset: r.offset, timestamp_ms: r.timestamp_ms, payload: r.payload }

@@ -22,16 +22,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventtermq_proto::internal::v1::{internal_client::InternalClient, SegmentStatusRequest, SegmentStatusResponse};
+use eventtermq_proto::internal::v1::SegmentStatusResponse;
 use tokio_util::sync::CancellationToken;
 
-use super::{lock, now_unix_ms, Segments};
+use super::{lock, Segments};
 use crate::cluster_state::{ClusterState, Command, NodeId, NodeState, SegmentId};
 use crate::error::{ErrorCode, RequestError};
 use crate::membership::Membership;
-
-/// How long the leader waits for a replica's answer during a fail-over.
-const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub async fn run(segments: Segments, membership: Membership, interval: Duration, stop: CancellationToken) {
     let mut tick = tokio::time::interval(interval);
@@ -57,7 +54,7 @@ pub async fn run(segments: Segments, membership: Membership, interval: Duration,
             .map(|m| (m.id, m.state_since.elapsed()))
             .collect();
         let rereplicate_after = Duration::from_millis(segments.settings().rereplicate_after_ms);
-        for cmd in plan(&state, &dead_since, rereplicate_after, now_unix_ms()) {
+        for cmd in plan(&state, &dead_since, rereplicate_after, segments.clock().now_unix_ms()) {
             if let Command::OpenSegment { topic, shard, replicas, min_insync, .. } = &cmd {
                 tracing::info!(topic = %topic, shard, replicas = ?replicas, min_insync, "opening a segment");
             }
@@ -227,7 +224,7 @@ pub async fn fail_over(segments: &Segments, id: SegmentId) -> Result<(), Request
         let segments = segments.clone();
         async move {
             let r = if node == me {
-                super::replica::status(&segments, id, true).await.map_err(|e| e.message)
+                super::replica::status(&segments, id, true).await
             } else {
                 ask_status(&segments, node, id).await
             };
@@ -264,7 +261,7 @@ pub async fn fail_over(segments: &Segments, id: SegmentId) -> Result<(), Request
         size_bytes: longest.size_bytes,
         checksum: 0,
         done: Vec::new(),
-        now_unix_ms: now_unix_ms(),
+        now_unix_ms: segments.clock().now_unix_ms(),
     };
     match segments.cluster().write(cmd).await {
         Ok(_) => Ok(()),
@@ -273,12 +270,10 @@ pub async fn fail_over(segments: &Segments, id: SegmentId) -> Result<(), Request
     }
 }
 
-async fn ask_status(segments: &Segments, node: NodeId, id: SegmentId) -> Result<SegmentStatusResponse, String> {
-    let addr = segments.node_addr(node).ok_or("no address")?;
-    let mut client = InternalClient::new(segments.network().channel(&addr));
-    let mut req = tonic::Request::new(SegmentStatusRequest { segment_id: id, freeze: true });
-    req.set_timeout(STATUS_TIMEOUT);
-    client.segment_status(req).await.map(|r| r.into_inner()).map_err(|s| s.message().to_string())
+/// Freezes `node`'s copy of segment `id` and asks what it holds.
+async fn ask_status(segments: &Segments, node: NodeId, id: SegmentId) -> Result<SegmentStatusResponse, RequestError> {
+    let addr = segments.node_addr(node)?;
+    Ok(segments.peers().segment_status(node, &addr, id, true).await?)
 }
 
 #[cfg(test)]

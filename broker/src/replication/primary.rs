@@ -12,35 +12,31 @@
 //! or the topic's `min_insync_replicas` when that is more). Consumers only ever see
 //! records below the quorum offset, so a fail-over (which keeps the longest log among a
 //! set of replicas that intersects every quorum) never takes back what a consumer saw.
+//!
+//! What is confirmed when is decided by the pure [`Confirmations`] core; this module is
+//! the driver around it: the queue, the file, the fsync and the replica streams.
 
-use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use eventtermq_proto::internal::v1::{internal_client::InternalClient, ReplicateRequest};
-use eventtermq_storage::{SegmentReader, StorageError};
+use eventtermq_proto::internal::v1::ReplicateRequest;
+use eventtermq_storage::{SegmentReader, StorageError, Syncer};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{lock, now_unix_ms, storage_error, Segments, SharedWriter};
+use super::confirm::Confirmations;
+pub use super::confirm::Durability;
+use super::{lock, storage_error, Segments, SharedWriter};
 use crate::cluster_state::{Command, NodeId, SegmentId};
 use crate::error::{ErrorCode, RequestError};
-
-/// How durable a publish must be before it is confirmed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    Received,
-    Primary,
-    Replicated,
-}
 
 struct AppendRequest {
     payloads: Vec<Bytes>,
     durability: Durability,
-    reply: oneshot::Sender<Result<Range<u64>, RequestError>>,
+    reply: Reply,
     /// Holds a share of the primary's write queue until the publish is answered.
     _permit: OwnedSemaphorePermit,
 }
@@ -49,7 +45,9 @@ struct AppendRequest {
 #[derive(Clone)]
 pub struct PrimaryHandle {
     pub id: SegmentId,
-    tx: mpsc::UnboundedSender<AppendRequest>,
+    /// Never full: every request holds at least one of the queue's units, and the
+    /// channel has room for as many requests as there are units.
+    tx: mpsc::Sender<AppendRequest>,
     queue: Arc<Semaphore>,
     /// Size of `queue`; a request bigger than all of it takes all of it.
     queue_units: u32,
@@ -63,6 +61,17 @@ pub struct PrimaryHandle {
 
 /// Unit of the write-queue semaphore.
 const QUEUE_UNIT_BYTES: usize = 1024;
+/// Most units of the write queue (`write_queue_max_bytes` above 16 GiB counts as that).
+const QUEUE_UNITS_MAX: usize = 1 << 24;
+/// Replica answers queued for the primary task; a replica stream waits beyond.
+const ACK_QUEUE_MAX: usize = 64;
+/// Pause between attempts to record the close of a full segment.
+const CLOSE_RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Pauses between reconnections of a replication stream (doubling from the first).
+const STREAM_RETRY_MIN: Duration = Duration::from_millis(20);
+const STREAM_RETRY_MAX: Duration = Duration::from_secs(1);
+/// Replication messages in flight to one replica; the stream waits beyond.
+const STREAM_IN_FLIGHT_MAX: usize = 8;
 
 impl PrimaryHandle {
     /// Appends `payloads` as consecutive records; returns their offsets once they are
@@ -73,7 +82,8 @@ impl PrimaryHandle {
         let units = units.min(self.queue_units);
         let permit = self.queue.clone().acquire_many_owned(units).await.map_err(|_| closing(self.id))?;
         let (reply, rx) = oneshot::channel();
-        self.tx.send(AppendRequest { payloads, durability, reply, _permit: permit }).map_err(|_| closing(self.id))?;
+        let req = AppendRequest { payloads, durability, reply, _permit: permit };
+        self.tx.send(req).await.map_err(|_| closing(self.id))?;
         rx.await.map_err(|_| closing(self.id))?
     }
 
@@ -112,12 +122,13 @@ pub fn start(
     debug_assert!((1..=replicas.len()).contains(&quorum), "quorum {quorum} of {replicas:?}");
     let writer = segments.writer(id)?;
     let reader = segments.store().reader(id).map_err(storage_error)?;
-    let (tx, rx) = mpsc::unbounded_channel();
+    let queue_units = (segments.settings().write_queue_max_bytes / QUEUE_UNIT_BYTES).clamp(1, QUEUE_UNITS_MAX);
+    let (tx, rx) = mpsc::channel(queue_units);
+    let queue_units = queue_units as u32;
     let written = lock(&writer).next_offset();
     let (confirmed_tx, confirmed) = watch::channel(written);
     let stop = CancellationToken::new();
     let rotate = CancellationToken::new();
-    let queue_units = (segments.settings().write_queue_max_bytes / QUEUE_UNIT_BYTES).clamp(1, 1 << 24) as u32;
     let queue = Arc::new(Semaphore::new(queue_units as usize));
     let task = tokio::spawn(run(Task {
         segments: segments.clone(),
@@ -129,6 +140,7 @@ pub fn start(
         size_max_bytes,
         rx,
         confirmed_tx,
+        last_timestamp_ms: 0,
         rotate: rotate.clone(),
         stop: stop.clone(),
     }));
@@ -152,179 +164,178 @@ struct Task {
     replicas: Vec<NodeId>,
     quorum: usize,
     size_max_bytes: u64,
-    rx: mpsc::UnboundedReceiver<AppendRequest>,
+    rx: mpsc::Receiver<AppendRequest>,
     confirmed_tx: watch::Sender<u64>,
+    last_timestamp_ms: i64,
     rotate: CancellationToken,
     stop: CancellationToken,
 }
 
-type Waiting = VecDeque<(u64, oneshot::Sender<Result<Range<u64>, RequestError>>, Range<u64>)>;
+type Reply = oneshot::Sender<Result<Range<u64>, RequestError>>;
 
+/// The one fsync of this segment's file in flight at a time (on the blocking pool).
+struct Fsync {
+    syncer: Syncer,
+    running: Option<JoinHandle<Result<u64, StorageError>>>,
+}
+
+impl Fsync {
+    fn start_if_idle(&mut self) {
+        if self.running.is_none() {
+            let s = self.syncer.clone();
+            self.running = Some(tokio::task::spawn_blocking(move || s.sync()));
+        }
+    }
+
+    /// The offset the running fsync made durable; pending while none runs.
+    async fn done(&mut self) -> Result<u64, RequestError> {
+        let Some(task) = self.running.as_mut() else { return std::future::pending().await };
+        let r = task.await;
+        self.running = None;
+        match r {
+            Ok(r) => r.map_err(storage_error),
+            Err(e) => Err(RequestError::new(ErrorCode::Internal, format!("fsync task: {e}"))),
+        }
+    }
+}
+
+/// The task: moves bytes between the publishers, the file, the replicas and the
+/// [`Confirmations`] core, which decides what is confirmed.
 async fn run(mut t: Task) {
     let me = t.segments.cluster().id;
     let id = t.id;
-    let (syncer, mut written) = {
+    let (syncer, written) = {
         let w = lock(&t.writer);
         (w.syncer(), w.next_offset())
     };
-    // Every member of the replica set, this node included: offset fsynced there.
-    let mut durable: HashMap<NodeId, u64> = t.replicas.iter().map(|n| (*n, 0)).collect();
-    durable.insert(me, 0);
-    let quorum = t.quorum;
+    let mut core = Confirmations::new(me, &t.replicas, t.quorum, written);
     let (written_tx, written_rx) = watch::channel(written);
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Ack>();
+    let (ack_tx, mut ack_rx) = mpsc::channel::<Ack>(ACK_QUEUE_MAX);
     let streams = t.stop.child_token();
     for node in t.replicas.iter().copied().filter(|n| *n != me) {
-        tokio::spawn(replicate_to(
-            t.segments.clone(),
-            id,
-            node,
-            t.reader.clone(),
-            written_rx.clone(),
-            ack_tx.clone(),
-            streams.clone(),
-        ));
+        let stream = ReplicaStream { segments: t.segments.clone(), id, node, reader: t.reader.clone() };
+        tokio::spawn(stream.run(written_rx.clone(), ack_tx.clone(), streams.clone()));
     }
-    let batch_max = t.segments.settings().write_batch_max_bytes;
-    let mut sync_task: Option<JoinHandle<Result<u64, StorageError>>> = None;
-    let mut wait_primary: Waiting = VecDeque::new();
-    let mut wait_majority: Waiting = VecDeque::new();
-    let mut last_ts = 0i64;
+    let mut fsync = Fsync { syncer, running: None };
     let mut rotating = false;
-    let mut failure: Option<RequestError> = None;
-
-    loop {
+    let failure = loop {
         tokio::select! {
             biased;
-            _ = t.stop.cancelled() => break,
+            _ = t.stop.cancelled() => break None,
             _ = t.rotate.cancelled(), if !rotating => {
                 tracing::info!(segment_id = id, "closing the segment so that its successor gets every replica");
                 rotating = true;
             }
-            r = async { sync_task.as_mut().expect("guarded").await }, if sync_task.is_some() => {
-                sync_task = None;
-                match r {
-                    Ok(Ok(d)) => { durable.insert(me, d); }
-                    Ok(Err(e)) => { failure = Some(storage_error(e)); break; }
-                    Err(e) => { failure = Some(RequestError::new(ErrorCode::Internal, format!("fsync task: {e}"))); break; }
-                }
-            }
-            Some(ack) = ack_rx.recv() => {
-                let e = durable.entry(ack.node).or_insert(0);
-                // A new stream starts from what the replica has now: less than before
-                // if its copy was damaged and quarantined, and it must not count for
-                // records it lost.
-                *e = if ack.fresh { ack.durable } else { (*e).max(ack.durable) };
-            }
+            r = fsync.done() => match r {
+                Ok(d) => core.fsynced_here(d),
+                Err(e) => break Some(e),
+            },
+            Some(ack) = ack_rx.recv() => core.replica_durable(ack.node, ack.durable, ack.fresh),
             req = t.rx.recv(), if !rotating => {
-                let Some(first) = req else { break };
-                let mut bytes: usize = first.payloads.iter().map(Bytes::len).sum();
-                let mut batch = vec![first];
-                while bytes < batch_max {
-                    match t.rx.try_recv() {
-                        Ok(r) => {
-                            bytes += r.payloads.iter().map(Bytes::len).sum::<usize>();
-                            batch.push(r);
-                        }
-                        Err(_) => break,
-                    }
+                let Some(first) = req else { break None };
+                match t.append_batch(first, &mut core, &mut fsync) {
+                    Ok(full) => rotating |= full,
+                    Err(e) => break Some(e),
                 }
-                // Timestamps never go backwards within a segment, so a time look-up
-                // can bisect.
-                let ts = now_unix_ms().max(last_ts);
-                last_ts = ts;
-                let payloads: Vec<Bytes> = batch.iter().flat_map(|r| r.payloads.iter().cloned()).collect();
-                let appended = {
-                    let mut w = lock(&t.writer);
-                    w.append(ts, &payloads).map(|range| (range, w.size_bytes()))
-                };
-                match appended {
-                    Ok((range, size)) => {
-                        // The fsync is the longest step: start it before anything else.
-                        if sync_task.is_none() {
-                            let s = syncer.clone();
-                            sync_task = Some(tokio::task::spawn_blocking(move || s.sync()));
-                        }
-                        let mut start = range.start;
-                        for r in batch {
-                            let end = start + r.payloads.len() as u64;
-                            match r.durability {
-                                Durability::Received => { let _ = r.reply.send(Ok(start..end)); }
-                                Durability::Primary => wait_primary.push_back((end, r.reply, start..end)),
-                                Durability::Replicated => wait_majority.push_back((end, r.reply, start..end)),
-                            }
-                            start = end;
-                        }
-                        written = range.end;
-                        let _ = written_tx.send(written);
-                        if size >= t.size_max_bytes {
-                            tracing::info!(segment_id = id, size_bytes = size, "segment full; closing it");
-                            rotating = true;
-                        }
-                    }
-                    Err(e) => {
-                        let e = storage_error(e);
-                        for r in batch { let _ = r.reply.send(Err(e.clone())); }
-                        failure = Some(e);
-                        break;
-                    }
-                }
+                let _ = written_tx.send(core.written());
             }
         }
-        if sync_task.is_none() && durable[&me] < written {
-            let s = syncer.clone();
-            sync_task = Some(tokio::task::spawn_blocking(move || s.sync()));
+        if core.needs_fsync() {
+            fsync.start_if_idle();
         }
-        let local = durable[&me];
-        let mut all: Vec<u64> = t.replicas.iter().map(|n| durable.get(n).copied().unwrap_or(0)).collect();
-        all.sort_unstable_by(|a, b| b.cmp(a));
-        let majority = all.get(quorum - 1).copied().unwrap_or(0).min(written);
-        while wait_primary.front().is_some_and(|(end, ..)| *end <= local) {
-            let (_, reply, range) = wait_primary.pop_front().expect("checked");
+        for (reply, range) in core.take_confirmed() {
             let _ = reply.send(Ok(range));
         }
-        while wait_majority.front().is_some_and(|(end, ..)| *end <= majority) {
-            let (_, reply, range) = wait_majority.pop_front().expect("checked");
-            let _ = reply.send(Ok(range));
-        }
-        // Readers may already have seen records up to the old value.
-        t.confirmed_tx.send_if_modified(|c| {
-            let changed = majority > *c;
-            *c = (*c).max(majority);
-            changed
-        });
-        if rotating && wait_primary.is_empty() && wait_majority.is_empty() && local == written && majority == written {
+        // Readers may already have seen records up to the old value: only forward.
+        t.confirmed_tx.send_if_modified(|c| std::mem::replace(c, core.confirmed()) != core.confirmed());
+        if rotating && core.settled() {
             streams.cancel();
             let size = lock(&t.writer).size_bytes();
-            close(&t.segments, id, written, size, &t.stop).await;
-            break;
+            close(&t.segments, id, core.written(), size, &t.stop).await;
+            break None;
         }
-    }
+    };
     streams.cancel();
-    if let Some(s) = sync_task {
-        let _ = s.await;
+    if let Some(task) = fsync.running {
+        let _ = task.await;
     }
-    // Whatever is still waiting is neither confirmed nor refused for good: it may be
-    // in the segment and delivered later, which the client learns by its error.
-    let err = failure.clone().unwrap_or_else(|| closing(id));
-    for (_, reply, _) in wait_primary.into_iter().chain(wait_majority) {
-        let _ = reply.send(Err(err.clone()));
-    }
-    t.rx.close();
-    while let Ok(r) = t.rx.try_recv() {
-        let _ = r.reply.send(Err(closing(id)));
-    }
-    lock(t.segments.primaries()).remove(&id);
-    if let Some(e) = failure {
-        // The file may be damaged past what was confirmed: let the replicas decide
-        // where the segment ends.
-        tracing::error!(segment_id = id, error = %e, "primary failed; failing the segment over");
-        let segments = t.segments.clone();
-        tokio::spawn(async move {
-            if let Err(e) = super::placement::fail_over(&segments, id).await {
-                tracing::warn!(segment_id = id, error = %e, "fail-over after a primary failure did not complete");
+    t.finish(core, failure);
+}
+
+impl Task {
+    /// Takes `first` and whatever else is queued (up to `write_batch_max_bytes`) into
+    /// one write, starts its fsync at once (the longest step), and hands the batch to
+    /// the core. `Ok(true)`: the segment is full.
+    fn append_batch(
+        &mut self,
+        first: AppendRequest,
+        core: &mut Confirmations<Reply>,
+        fsync: &mut Fsync,
+    ) -> Result<bool, RequestError> {
+        let batch_max = self.segments.settings().write_batch_max_bytes;
+        let mut bytes: usize = first.payloads.iter().map(Bytes::len).sum();
+        let mut batch = vec![first];
+        while bytes < batch_max {
+            let Ok(r) = self.rx.try_recv() else { break };
+            bytes += r.payloads.iter().map(Bytes::len).sum::<usize>();
+            batch.push(r);
+        }
+        // Timestamps never go backwards within a segment, so a time look-up can bisect.
+        let ts = self.segments.clock().now_unix_ms().max(self.last_timestamp_ms);
+        self.last_timestamp_ms = ts;
+        let payloads: Vec<Bytes> = batch.iter().flat_map(|r| r.payloads.iter().cloned()).collect();
+        let appended = {
+            let mut w = lock(&self.writer);
+            w.append(ts, &payloads).map(|range| (range, w.size_bytes()))
+        };
+        let (range, size) = match appended {
+            Ok(a) => a,
+            Err(e) => {
+                let e = storage_error(e);
+                for r in batch {
+                    let _ = r.reply.send(Err(e.clone()));
+                }
+                return Err(e);
             }
-        });
+        };
+        fsync.start_if_idle();
+        let publishes = batch.into_iter().map(|r| (r.payloads.len() as u64, r.durability, r.reply));
+        for (reply, range) in core.appended(range.start, publishes) {
+            let _ = reply.send(Ok(range));
+        }
+        let full = size >= self.size_max_bytes;
+        if full {
+            tracing::info!(segment_id = self.id, size_bytes = size, "segment full; closing it");
+        }
+        Ok(full)
+    }
+
+    /// Answers what is still waiting and, after a failure, hands the segment to a
+    /// fail-over.
+    fn finish(mut self, mut core: Confirmations<Reply>, failure: Option<RequestError>) {
+        let id = self.id;
+        // Whatever is still waiting is neither confirmed nor refused for good: it may be
+        // in the segment and delivered later, which the client learns by its error.
+        let err = failure.clone().unwrap_or_else(|| closing(id));
+        for reply in core.abandon() {
+            let _ = reply.send(Err(err.clone()));
+        }
+        self.rx.close();
+        while let Ok(r) = self.rx.try_recv() {
+            let _ = r.reply.send(Err(closing(id)));
+        }
+        lock(self.segments.primaries()).remove(&id);
+        if let Some(e) = failure {
+            // The file may be damaged past what was confirmed: let the replicas decide
+            // where the segment ends.
+            tracing::error!(segment_id = id, error = %e, "primary failed; failing the segment over");
+            let segments = self.segments.clone();
+            tokio::spawn(async move {
+                if let Err(e) = super::placement::fail_over(&segments, id).await {
+                    tracing::warn!(segment_id = id, error = %e, "fail-over after a primary failure did not complete");
+                }
+            });
+        }
     }
 }
 
@@ -337,7 +348,7 @@ async fn close(segments: &Segments, id: SegmentId, next_offset: u64, size_bytes:
             size_bytes,
             checksum: 0,
             done: Vec::new(),
-            now_unix_ms: now_unix_ms(),
+            now_unix_ms: segments.clock().now_unix_ms(),
         };
         match segments.cluster().write(cmd).await {
             Ok(_) => return,
@@ -346,7 +357,7 @@ async fn close(segments: &Segments, id: SegmentId, next_offset: u64, size_bytes:
         }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = tokio::time::sleep(CLOSE_RETRY_PAUSE) => {}
         }
     }
 }
@@ -358,81 +369,87 @@ struct Ack {
     fresh: bool,
 }
 
-/// Streams the segment to one replica, reconnecting until stopped.
-async fn replicate_to(
+/// The stream of one segment to one replica: tails the file and sends what the replica
+/// does not have yet; passes its answers (what it fsynced) to the primary task.
+struct ReplicaStream {
     segments: Segments,
     id: SegmentId,
     node: NodeId,
     reader: SegmentReader,
-    written: watch::Receiver<u64>,
-    acks: mpsc::UnboundedSender<Ack>,
-    stop: CancellationToken,
-) {
-    let mut backoff = Duration::from_millis(20);
-    let mut failures = 0u32;
-    while !stop.is_cancelled() {
-        match stream_once(&segments, id, node, &reader, written.clone(), &acks, &stop).await {
-            Ok(()) => return,
-            Err(e) => {
-                failures += 1;
-                // Log the first failure and then rarely: a dead replica fails every try.
-                if failures == 1 || failures.is_power_of_two() {
-                    tracing::warn!(segment_id = id, replica = node, error = %e, failures, "replication stream failed; reconnecting");
+}
+
+impl ReplicaStream {
+    /// Streams until stopped, reconnecting after failures.
+    async fn run(self, written: watch::Receiver<u64>, acks: mpsc::Sender<Ack>, stop: CancellationToken) {
+        let mut backoff = STREAM_RETRY_MIN;
+        let mut failures = 0u32;
+        while !stop.is_cancelled() {
+            match self.stream_once(written.clone(), &acks, &stop).await {
+                Ok(()) => return,
+                Err(e) => {
+                    failures += 1;
+                    // Log the first failure and then rarely: a dead replica fails every try.
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::warn!(segment_id = self.id, replica = self.node, error = %e, failures,
+                            "replication stream failed; reconnecting");
+                    }
                 }
             }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(STREAM_RETRY_MAX);
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+    }
+
+    async fn stream_once(
+        &self,
+        mut written: watch::Receiver<u64>,
+        acks: &mpsc::Sender<Ack>,
+        stop: &CancellationToken,
+    ) -> Result<(), RequestError> {
+        let (id, node) = (self.id, self.node);
+        let addr = self.segments.node_addr(node)?;
+        let (tx, rx) = mpsc::channel::<ReplicateRequest>(STREAM_IN_FLIGHT_MAX);
+        tx.try_send(ReplicateRequest { segment_id: id, records: Vec::new() }).map_err(|_| stream_closed())?;
+        let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut answers = self.segments.peers().replicate(node, &addr, requests).await?;
+        let mut next = answers.next().await?.ok_or_else(ended)?;
+        if next > *written.borrow() {
+            let msg = format!("replica has {next} records, more than the primary's {}", *written.borrow());
+            return Err(RequestError::new(ErrorCode::Internal, msg));
         }
-        backoff = (backoff * 2).min(Duration::from_secs(1));
+        let _ = acks.send(Ack { node, durable: next, fresh: true }).await;
+        let max_bytes = self.segments.settings().read_batch_max_bytes;
+        loop {
+            let behind = next < *written.borrow();
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                r = answers.next() => {
+                    let durable = r?.ok_or_else(ended)?;
+                    let _ = acks.send(Ack { node, durable, fresh: false }).await;
+                }
+                permit = tx.reserve(), if behind => {
+                    let permit = permit.map_err(|_| stream_closed())?;
+                    let end = *written.borrow();
+                    let records = self.reader.read(next, end, max_bytes).map_err(storage_error)?;
+                    if let Some(last) = records.last() {
+                        next = last.offset + 1;
+                    }
+                    let records = records.into_iter().map(super::to_wire).collect();
+                    permit.send(ReplicateRequest { segment_id: id, records });
+                }
+                r = written.changed(), if !behind => if r.is_err() { return Ok(()) },
+            }
+        }
     }
 }
 
-async fn stream_once(
-    segments: &Segments,
-    id: SegmentId,
-    node: NodeId,
-    reader: &SegmentReader,
-    mut written: watch::Receiver<u64>,
-    acks: &mpsc::UnboundedSender<Ack>,
-    stop: &CancellationToken,
-) -> Result<(), String> {
-    let addr = segments.node_addr(node).ok_or_else(|| format!("node {node} has no address"))?;
-    let (tx, rx) = mpsc::channel::<ReplicateRequest>(8);
-    tx.send(ReplicateRequest { segment_id: id, records: Vec::new() }).await.map_err(|e| e.to_string())?;
-    let mut client = InternalClient::new(segments.network().data_channel(&addr));
-    let mut responses = client
-        .replicate(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner();
-    let first = responses.message().await.map_err(|s| s.message().to_string())?.ok_or("replica closed the stream")?;
-    let mut next = first.durable_offset;
-    if next > *written.borrow() {
-        return Err(format!("replica has {next} records, more than the primary's {}", *written.borrow()));
-    }
-    let _ = acks.send(Ack { node, durable: next, fresh: true });
-    let max_bytes = segments.settings().read_batch_max_bytes;
-    loop {
-        let behind = next < *written.borrow();
-        tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            r = responses.message() => match r {
-                Ok(Some(resp)) => { let _ = acks.send(Ack { node, durable: resp.durable_offset, fresh: false }); }
-                Ok(None) => return Err("replica ended the stream".into()),
-                Err(s) => return Err(s.message().to_string()),
-            },
-            permit = tx.reserve(), if behind => {
-                let permit = permit.map_err(|_| "stream closed")?;
-                let end = *written.borrow();
-                let records = reader.read(next, end, max_bytes).map_err(|e| e.to_string())?;
-                if let Some(last) = records.last() {
-                    next = last.offset + 1;
-                }
-                permit.send(ReplicateRequest { segment_id: id, records: records.into_iter().map(super::to_wire).collect() });
-            }
-            r = written.changed(), if !behind => { if r.is_err() { return Ok(()); } }
-        }
-    }
+fn ended() -> RequestError {
+    RequestError::new(ErrorCode::PeerUnreachable, "the replica ended the stream")
+}
+
+fn stream_closed() -> RequestError {
+    RequestError::new(ErrorCode::PeerUnreachable, "the replication stream closed")
 }

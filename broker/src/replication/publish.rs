@@ -6,33 +6,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use eventtermq_proto::v1::{messaging_client::MessagingClient, Message, Persistence, PublishRequest, PublishResponse};
+use eventtermq_proto::v1::{Message, Persistence, PublishRequest, PublishResponse};
 use prost::Message as _;
 use tokio::time::Instant;
 
-use super::primary::Durability;
+use super::confirm::Durability;
 use super::Segments;
 use crate::cluster_state::{NodeId, SegmentId};
 use crate::error::{ErrorCode, RequestError};
-
-/// Metadata marking a request one node forwarded to another, with the number of hops
-/// so far. Consumer-group requests are never forwarded twice; a publish may be, up to
-/// [`PUBLISH_HOPS_MAX`], when the segment moved while the request was on its way.
-pub const FORWARDED_METADATA: &str = "eventter-forwarded";
-
-/// Most times one publish is passed from node to node.
-pub const PUBLISH_HOPS_MAX: u32 = 3;
-
-/// Hops a request has made, from its metadata (0: straight from a client).
-pub fn hops<T>(req: &tonic::Request<T>) -> u32 {
-    req.metadata().get(FORWARDED_METADATA).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0)
-}
-
-fn mark_forwarded<T>(req: &mut tonic::Request<T>, hops: u32) {
-    if let Ok(v) = (hops + 1).to_string().parse() {
-        req.metadata_mut().insert(FORWARDED_METADATA, v);
-    }
-}
+use crate::peers::PUBLISH_HOPS_MAX;
 
 /// Pause between routing attempts while no segment can take the publish.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
@@ -40,7 +22,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(20);
 static ROUND_ROBIN: AtomicUsize = AtomicUsize::new(0);
 
 impl Segments {
-    /// Publishes `messages` to a topic; `hops`: see [`FORWARDED_METADATA`].
+    /// Publishes `messages` to a topic; `hops`: how many times the request was
+    /// forwarded before it reached this node (see [`PUBLISH_HOPS_MAX`]).
     pub async fn publish(
         &self,
         namespace: &str,
@@ -48,10 +31,55 @@ impl Segments {
         messages: &[Message],
         persistence: Persistence,
         hops: u32,
-    ) -> Result<PublishResponse, tonic::Status> {
-        let forwarded = hops >= PUBLISH_HOPS_MAX;
+    ) -> Result<PublishResponse, RequestError> {
+        let payloads = self.encode_checked(messages)?;
+        let deadline = Instant::now() + self.cluster().request_timeout();
+        let mut checked_linearizable = false;
+        loop {
+            let route = match self.route(namespace, topic) {
+                Err(_) if !checked_linearizable => {
+                    // The topic may be newer than this node's copy of the state.
+                    checked_linearizable = true;
+                    drop(self.cluster().read(true).await?);
+                    continue;
+                }
+                r => r?,
+            };
+            let attempt = match route {
+                Route::Local(id, replicas) => {
+                    self.append_local(id, topic, &payloads, durability(persistence, replicas)).await
+                }
+                Route::TooFewNodes(e) => Err(e),
+                Route::Remote(..) | Route::None if hops >= PUBLISH_HOPS_MAX => Err(RequestError::new(
+                    ErrorCode::NotPrimary,
+                    format!("node {} is not the primary of an open segment of topic {topic:?}", self.cluster().id),
+                )),
+                Route::Remote(node, addr) => {
+                    let req = PublishRequest {
+                        namespace: namespace.to_string(),
+                        topic: topic.to_string(),
+                        messages: messages.to_vec(),
+                        persistence: persistence as i32,
+                    };
+                    let r = self.peers().forward_publish(node, &addr, req, hops, deadline).await;
+                    r.map_err(|e| {
+                        tracing::debug!(node, error = %e, "forwarded publish failed");
+                        RequestError::from(e)
+                    })
+                }
+                Route::None => Err(not_ready(topic)),
+            };
+            match attempt {
+                Err(e) if again(&e) && Instant::now() < deadline => tokio::time::sleep(RETRY_PAUSE).await,
+                r => return r,
+            }
+        }
+    }
+
+    /// The messages as stored (encoded), after checking them against the limits.
+    fn encode_checked(&self, messages: &[Message]) -> Result<Vec<Bytes>, RequestError> {
         if messages.is_empty() {
-            return Err(invalid("messages: at least one message is required").into());
+            return Err(invalid("messages: at least one message is required"));
         }
         let payloads: Vec<Bytes> = messages.iter().map(|m| Bytes::from(m.encode_to_vec())).collect();
         let limit = self.settings().write_batch_max_bytes;
@@ -59,65 +87,28 @@ impl Segments {
             return Err(invalid(format!(
                 "messages[{i}]: {} bytes encoded is above the limit of {limit} bytes (--write-batch-max-bytes)",
                 p.len()
-            ))
-            .into());
+            )));
         }
-        let deadline = Instant::now() + Duration::from_millis(self.settings_request_timeout_ms());
-        let mut checked_linearizable = false;
-        loop {
-            let route = self.route(namespace, topic);
-            let route = match route {
-                Err(e) if !checked_linearizable => {
-                    // The topic may be newer than this node's copy of the state.
-                    checked_linearizable = true;
-                    drop(self.cluster().read(true).await?);
-                    let _ = e;
-                    continue;
-                }
-                r => r?,
-            };
-            let attempt: Result<PublishResponse, tonic::Status> = match route {
-                Route::Local(id, replicas) => match self.primary(id) {
-                    Some(p) => {
-                        let durability = durability(persistence, replicas);
-                        match p.append(payloads.clone(), durability).await {
-                            Ok(range) => {
-                                return Ok(PublishResponse {
-                                    ok: true,
-                                    segment_id: id,
-                                    first_offset: range.start,
-                                    count: (range.end - range.start) as u32,
-                                })
-                            }
-                            Err(e) => Err(e.into()),
-                        }
-                    }
-                    // The keeper has not started it yet.
-                    None => Err(not_ready(topic).into()),
-                },
-                Route::TooFewNodes(e) => Err(e.into()),
-                Route::Remote(..) | Route::None if forwarded => Err(RequestError::new(
-                    ErrorCode::NotPrimary,
-                    format!("node {} is not the primary of an open segment of topic {topic:?}", self.cluster().id),
-                )
-                .into()),
-                Route::Remote(node, addr) => {
-                    self.forward_publish(node, &addr, namespace, topic, messages, persistence, deadline, hops).await
-                }
-                Route::None => Err(not_ready(topic).into()),
-            };
-            match attempt {
-                Ok(r) => return Ok(r),
-                Err(s) if retryable(&s) && Instant::now() < deadline => {
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                }
-                Err(s) => return Err(s),
-            }
-        }
+        Ok(payloads)
     }
 
-    fn settings_request_timeout_ms(&self) -> u64 {
-        self.cluster().request_timeout().as_millis() as u64
+    /// Appends to the open segment `id` this node is primary of.
+    async fn append_local(
+        &self,
+        id: SegmentId,
+        topic: &str,
+        payloads: &[Bytes],
+        durability: Durability,
+    ) -> Result<PublishResponse, RequestError> {
+        // No task yet: the keeper has not started it.
+        let primary = self.primary(id).ok_or_else(|| not_ready(topic))?;
+        let range = primary.append(payloads.to_vec(), durability).await?;
+        Ok(PublishResponse {
+            ok: true,
+            segment_id: id,
+            first_offset: range.start,
+            count: (range.end - range.start) as u32,
+        })
     }
 
     /// Where a stream of publishes to `topic` should go as a whole: `Some(addr)` when
@@ -128,21 +119,6 @@ impl Segments {
             Ok(Route::Remote(_, addr)) if hops < PUBLISH_HOPS_MAX => Some(addr),
             _ => None,
         }
-    }
-
-    /// Relays a stream of publishes to the node at `addr`; answers come back in order.
-    pub async fn relay_publish_stream_from(
-        &self,
-        addr: &str,
-        upstream: impl futures::Stream<Item = PublishRequest> + Send + 'static,
-        hops: u32,
-    ) -> Result<tonic::Streaming<PublishResponse>, tonic::Status> {
-        let mut client = MessagingClient::new(self.network().data_channel(addr))
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX);
-        let mut req = tonic::Request::new(upstream);
-        mark_forwarded(&mut req, hops);
-        Ok(client.publish_stream(req).await?.into_inner())
     }
 
     fn route(&self, namespace: &str, topic: &str) -> Result<Route, RequestError> {
@@ -179,36 +155,6 @@ impl Segments {
             None => Route::None,
         })
     }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn forward_publish(
-        &self,
-        node: NodeId,
-        addr: &str,
-        namespace: &str,
-        topic: &str,
-        messages: &[Message],
-        persistence: Persistence,
-        deadline: Instant,
-        hops: u32,
-    ) -> Result<PublishResponse, tonic::Status> {
-        let mut client = MessagingClient::new(self.network().data_channel(addr))
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX);
-        let mut req = tonic::Request::new(PublishRequest {
-            namespace: namespace.to_string(),
-            topic: topic.to_string(),
-            messages: messages.to_vec(),
-            persistence: persistence as i32,
-        });
-        mark_forwarded(&mut req, hops);
-        req.set_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
-        let r = client.publish(req).await.map(|r| r.into_inner());
-        if let Err(s) = &r {
-            tracing::debug!(node, code = ?s.code(), error = s.message(), "forwarded publish failed");
-        }
-        r
-    }
 }
 
 enum Route {
@@ -243,10 +189,8 @@ fn not_ready(topic: &str) -> RequestError {
     )
 }
 
-/// Errors worth another routing attempt: the segment moved or is being opened.
-fn retryable(s: &tonic::Status) -> bool {
-    let code = s.metadata().get(crate::error::ERROR_CODE_METADATA).and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
-    let again = [ErrorCode::NotPrimary, ErrorCode::NotReady, ErrorCode::NotEnoughReplicas];
-    matches!(code, Some(c) if again.iter().any(|a| a.as_u32() == c))
-        || matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
+/// Errors worth another routing attempt: the segment moved or is being opened, or the
+/// cluster cannot take it right now.
+fn again(e: &RequestError) -> bool {
+    e.code == ErrorCode::NotPrimary || e.retryable()
 }

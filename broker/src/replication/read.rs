@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use eventtermq_proto::internal::v1::{internal_client::InternalClient, ReadSegmentRequest};
 use eventtermq_storage::{Record, StorageError};
 
 use super::{from_wire, lock, storage_error, Segments};
@@ -104,29 +103,18 @@ impl Segments {
         let mut last_err =
             RequestError::new(ErrorCode::NotReady, format!("segment_id: segment {id} has no readable copy yet"));
         for node in candidates {
-            let Some(addr) = self.node_addr(node) else { continue };
-            let mut client = InternalClient::new(self.network().data_channel(&addr));
-            let mut req = tonic::Request::new(ReadSegmentRequest {
-                segment_id: id,
-                from_offset: from,
-                max_bytes: max_bytes.min(u32::MAX as usize) as u32,
-                wait_ms: wait.as_millis().min(u32::MAX as u128) as u32,
-            });
-            req.set_timeout(wait + Duration::from_secs(5));
-            match client.read_segment(req).await {
+            let Ok(addr) = self.node_addr(node) else { continue };
+            match self.peers().read_segment(node, &addr, id, from, max_bytes, wait).await {
                 Ok(r) => {
-                    let r = r.into_inner();
                     return Ok(ReadResult {
                         records: r.records.into_iter().map(from_wire).collect(),
                         end_offset: r.end_offset,
                         closed: r.closed,
                     });
                 }
-                Err(s) => {
-                    last_err = RequestError::new(
-                        ErrorCode::NotReady,
-                        format!("reading segment {id} from node {node}: {}", s.message()),
-                    )
+                Err(e) => {
+                    last_err =
+                        RequestError::new(ErrorCode::NotReady, format!("reading segment {id} from node {node}: {e}"))
                 }
             }
         }

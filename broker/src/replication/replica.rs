@@ -6,10 +6,8 @@ use std::time::Duration;
 
 use eventtermq_proto::internal::v1::{ReplicateRequest, ReplicateResponse, SegmentStatusResponse};
 use eventtermq_storage::Syncer;
-use futures::FutureExt;
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Status, Streaming};
 
 use super::{from_wire, lock, storage_error, Segments};
 use crate::cluster_state::SegmentId;
@@ -21,24 +19,36 @@ const STATE_WAIT: Duration = Duration::from_secs(2);
 
 /// How often an idle replication stream checks whether its segment was closed.
 const CLOSED_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Pause between looks at the state while waiting for a segment to show up.
+const STATE_POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Answers queued to the primary; the replica waits beyond (the primary reads them
+/// as they come, so this is only reached when the connection is slow).
+const ANSWER_QUEUE_MAX: usize = 16;
 
-pub type ReplicateStream = ReceiverStream<Result<ReplicateResponse, Status>>;
+/// The replica's answers on one stream: the offset below which it has everything
+/// fsynced, first what it already has, then one per fsync.
+pub type ReplicateAnswers = mpsc::Receiver<Result<ReplicateResponse, RequestError>>;
 
-/// Serves one replication stream from a primary.
+/// Serves one replication stream from a primary: `inbound` names the segment in its
+/// first message, then carries consecutive records.
 pub async fn handle_replicate(
     segments: Segments,
-    mut inbound: Streaming<ReplicateRequest>,
-) -> Result<ReplicateStream, Status> {
-    let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty replication stream"))?;
+    mut inbound: impl Stream<Item = Result<ReplicateRequest, RequestError>> + Unpin + Send + 'static,
+) -> Result<ReplicateAnswers, RequestError> {
+    let first = inbound
+        .next()
+        .await
+        .transpose()?
+        .ok_or_else(|| RequestError::new(ErrorCode::InvalidArgument, "segment_id: empty replication stream"))?;
     let id = first.segment_id;
     wait_until_replica(&segments, id).await?;
     if segments.is_frozen(id) {
-        return Err(frozen(id).into());
+        return Err(frozen(id));
     }
     let writer = segments.writer(id)?;
     let syncer = lock(&writer).syncer();
     let durable = sync_here(&syncer).await?;
-    let (out_tx, out_rx) = mpsc::channel(16);
+    let (out_tx, out_rx) = mpsc::channel(ANSWER_QUEUE_MAX);
     let _ = out_tx.send(Ok(ReplicateResponse { durable_offset: durable })).await;
 
     // One task appends what arrives and fsyncs it (group commit: everything that has
@@ -49,8 +59,8 @@ pub async fn handle_replicate(
         loop {
             // A primary that died mid-stream may leave the connection hanging: stop
             // holding the writer once the segment is closed, so it can be sealed.
-            let first = match tokio::time::timeout(CLOSED_CHECK_INTERVAL, inbound.message()).await {
-                Ok(Ok(Some(m))) => m,
+            let first = match tokio::time::timeout(CLOSED_CHECK_INTERVAL, inbound.next()).await {
+                Ok(Some(Ok(m))) => m,
                 Ok(_) => return,
                 Err(_) => {
                     let open = segments.cluster().state.read().state.segments.get(&id).is_some_and(|s| s.is_open());
@@ -64,20 +74,20 @@ pub async fn handle_replicate(
             let mut next = Some(first);
             while let Some(msg) = next.take() {
                 if segments.is_frozen(id) {
-                    let _ = out_tx.send(Err(frozen(id).into())).await;
+                    let _ = out_tx.send(Err(frozen(id))).await;
                     return;
                 }
                 if !msg.records.is_empty() {
                     let records: Vec<_> = msg.records.into_iter().map(from_wire).collect();
                     let result = lock(&writer).append_records(&records);
                     if let Err(e) = result {
-                        let _ = out_tx.send(Err(storage_error(e).into())).await;
+                        let _ = out_tx.send(Err(storage_error(e))).await;
                         return;
                     }
                     appended = true;
                 }
-                next = match inbound.message().now_or_never() {
-                    Some(Ok(Some(m))) => Some(m),
+                next = match inbound.next().now_or_never() {
+                    Some(Some(Ok(m))) => Some(m),
                     // The primary is gone: what was appended is fsynced when the
                     // segment is sealed or taken over.
                     Some(_) => return,
@@ -90,7 +100,7 @@ pub async fn handle_replicate(
             let durable = match sync_here(&syncer).await {
                 Ok(d) => d,
                 Err(e) => {
-                    let _ = out_tx.send(Err(e.into())).await;
+                    let _ = out_tx.send(Err(e)).await;
                     return;
                 }
             };
@@ -99,7 +109,7 @@ pub async fn handle_replicate(
             }
         }
     });
-    Ok(ReceiverStream::new(out_rx))
+    Ok(out_rx)
 }
 
 /// fsyncs on this task's own thread where the runtime can lend it (multi-threaded) and
@@ -146,7 +156,7 @@ async fn wait_until_replica(segments: &Segments, id: SegmentId) -> Result<(), Re
                 format!("segment_id: segment {id} is unknown here"),
             ));
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(STATE_POLL_INTERVAL).await;
     }
 }
 

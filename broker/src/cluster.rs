@@ -2,23 +2,21 @@
 //! forwarded to it) and `read` the state linearizably (confirmed with the leader) or
 //! stale (this node's copy). API handlers and background tasks use only this.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use eventtermq_proto::internal::v1::{internal_client::InternalClient, RaftPayload, ReadIndexRequest};
 use openraft::error::{ClientWriteError, RaftError};
+use tokio::time::Instant;
 
-use crate::cluster_state::raft::{decode, encode};
 use crate::cluster_state::{AppliedState, Command, CommandResponse, NodeId, Raft, SharedState};
 use crate::error::{ErrorCode, RequestError};
-use crate::transport::Network;
+use crate::peers::{PeerError, Peers};
 
 #[derive(Clone)]
 pub struct Cluster {
     pub id: NodeId,
     pub raft: Raft,
     pub state: SharedState,
-    network: Arc<dyn Network>,
+    peers: Peers,
     request_timeout: Duration,
 }
 
@@ -26,14 +24,8 @@ pub struct Cluster {
 const RETRY_PAUSE_MS: u64 = 50;
 
 impl Cluster {
-    pub fn new(
-        id: NodeId,
-        raft: Raft,
-        state: SharedState,
-        network: Arc<dyn Network>,
-        request_timeout: Duration,
-    ) -> Self {
-        Self { id, raft, state, network, request_timeout }
+    pub fn new(id: NodeId, raft: Raft, state: SharedState, peers: Peers, request_timeout: Duration) -> Self {
+        Self { id, raft, state, peers, request_timeout }
     }
 
     /// How long a request may take, forwarding and retries included.
@@ -104,12 +96,7 @@ impl Cluster {
         cmd: &Command,
         timeout: Duration,
     ) -> Result<CommandResponse, Retry> {
-        let mut client = InternalClient::new(self.network.channel(leader_addr));
-        let mut req = tonic::Request::new(RaftPayload { data: encode(cmd) });
-        req.set_timeout(timeout.max(Duration::from_millis(1)));
-        let reply = client.forward_write(req).await.map_err(|s| Retry::Other(s.message().to_string()))?;
-        let resp: Result<CommandResponse, RequestError> =
-            decode(&reply.into_inner().data).map_err(|e| Retry::Other(e.to_string()))?;
+        let resp = self.peers.forward_write(leader_addr, cmd, timeout).await.map_err(Retry::Peer)?;
         match resp {
             Ok(r) => Ok(r),
             // The leader moved between our look-up and its receipt: try again.
@@ -166,13 +153,7 @@ impl Cluster {
     }
 
     async fn read_index_remote(&self, leader_addr: &str, timeout: Duration) -> Result<u64, Retry> {
-        let mut client = InternalClient::new(self.network.channel(leader_addr));
-        let mut req = tonic::Request::new(ReadIndexRequest {});
-        req.set_timeout(timeout.max(Duration::from_millis(1)));
-        match client.read_index(req).await {
-            Ok(r) => Ok(r.into_inner().index),
-            Err(s) => Err(Retry::Other(s.message().to_string())),
-        }
+        self.peers.read_index(leader_addr, timeout).await.map_err(Retry::Peer)
     }
 }
 
@@ -180,6 +161,7 @@ impl Cluster {
 enum Retry {
     NoLeader,
     Other(String),
+    Peer(PeerError),
     Fatal(RequestError),
 }
 
@@ -192,6 +174,9 @@ impl Retry {
             ),
             Retry::Other(msg) => {
                 RequestError::new(ErrorCode::Timeout, format!("cluster state request did not complete: {msg}"))
+            }
+            Retry::Peer(e) => {
+                RequestError::new(ErrorCode::Timeout, format!("cluster state request did not complete: {e}"))
             }
             Retry::Fatal(e) => e,
         }

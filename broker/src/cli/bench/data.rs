@@ -8,10 +8,10 @@ use eventtermq_proto::v1 as pb;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 
-use super::args::DataPathBenchArgs;
-use super::bench::{cpu_ms, rss_kib, spawn, wait_alive, Proc};
-use super::commands::Ctx;
-use super::{admin_client, messaging_client, CliError};
+use super::{cpu_ms, rss_kib, spawn, wait_alive, Proc};
+use crate::cli::args::DataPathBenchArgs;
+use crate::cli::Ctx;
+use crate::cli::{admin_client, messaging_client, CliError};
 
 fn err(e: impl std::fmt::Display) -> CliError {
     CliError::Usage(e.to_string())
@@ -189,7 +189,7 @@ fn sync_timings(
 /// A gRPC round trip that does no work (a health check), one at a time: the part of
 /// every W2 publish (and of every replication answer) that is not the broker's.
 async fn rpc_floor(addr: &str, samples: u64) -> Result<(), CliError> {
-    let mut health = tonic_health::pb::health_client::HealthClient::new(super::channel(addr)?);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(crate::cli::channel(addr)?);
     let check = || tonic_health::pb::HealthCheckRequest { service: String::new() };
     health.check(check()).await.map_err(err)?;
     let mut timings = Vec::with_capacity(samples as usize);
@@ -272,7 +272,7 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
         })
         .await
         .map_err(err)?;
-    let persistence = super::messages::persistence(args.persistence) as i32;
+    let persistence = crate::cli::messages::persistence(args.persistence) as i32;
     let data: bytes::Bytes = vec![b'x'; args.message_bytes].into();
     let request = |count: usize| pb::PublishRequest {
         namespace: ctx.namespace.clone(),

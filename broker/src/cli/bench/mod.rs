@@ -1,0 +1,136 @@
+//! `eventtermq bench`: starts three brokers (this very binary) on loopback addresses
+//! and measures what the README reports: [`control`] the control plane, [`data`] the
+//! data path. Results are printed as JSON lines; nothing here asserts a timing. This
+//! module holds what both share: starting and watching broker processes.
+
+mod control;
+mod data;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use eventtermq_proto::v1 as pb;
+
+use super::args::BenchCommand;
+use super::Ctx;
+use super::{admin_client, CliError};
+
+/// Bound on every wait of the benchmark (formation, failover, readiness).
+const WAIT_MAX: Duration = Duration::from_secs(60);
+const POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+pub async fn run(ctx: &Ctx, cmd: BenchCommand) -> Result<(), CliError> {
+    match cmd {
+        BenchCommand::ControlPlane { hosts, count, concurrency, bench_dir } => {
+            if hosts.len() != 3 {
+                return Err(CliError::Usage("--hosts: give exactly three addresses".into()));
+            }
+            let port: u16 =
+                ctx.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(crate::config::DEFAULT_PORT);
+            let tmp;
+            let dir = match bench_dir {
+                Some(d) => d,
+                None => {
+                    tmp = std::env::temp_dir().join(format!("eventtermq-bench-{}", std::process::id()));
+                    tmp.clone()
+                }
+            };
+            let result = control::control_plane(&hosts, port, &dir, &ctx.namespace, count, concurrency).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            result
+        }
+        BenchCommand::DataPath(args) => data::run(ctx, args).await,
+    }
+}
+
+pub(super) struct Proc {
+    pub(super) child: Child,
+    pub(super) host: String,
+}
+
+impl Proc {
+    /// Fails when the broker exited, e.g. because another one already listens on its
+    /// address (the bench would then measure that one).
+    pub(super) fn check_running(&mut self) -> Result<(), CliError> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(CliError::Usage(format!(
+                "the broker on {} exited ({status}); is another one listening there already?",
+                self.host
+            ))),
+            Err(e) => Err(CliError::Usage(format!("broker on {}: {e}", self.host))),
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub(super) fn spawn(host: &str, port: u16, dir: &Path, join: Option<&str>, extra: &[String]) -> Result<Proc, CliError> {
+    let exe = std::env::current_exe().map_err(|e| CliError::Usage(e.to_string()))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["--dir", &dir.to_string_lossy(), "--host", host, "--advertise-host", host, "--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::create_dir_all(dir)
+                .and_then(|()| std::fs::File::create(dir.with_extension("log")))
+                .map(Stdio::from)
+                .unwrap_or_else(|_| Stdio::null()),
+        );
+    if let Some(j) = join {
+        cmd.args(["--join", j]);
+    }
+    cmd.args(extra);
+    let child = cmd.spawn().map_err(|e| CliError::Usage(format!("cannot start broker: {e}")))?;
+    Ok(Proc { child, host: host.to_string() })
+}
+
+async fn dump(addr: &str) -> Option<pb::DumpResponse> {
+    let mut c = admin_client(addr).ok()?;
+    c.dump(pb::DumpRequest { stale: true }).await.ok().map(|r| r.into_inner())
+}
+
+fn alive(d: &pb::DumpResponse) -> usize {
+    d.state.as_ref().map(|s| s.nodes.iter().filter(|n| n.state == pb::NodeState::Alive as i32).count()).unwrap_or(0)
+}
+
+pub(super) async fn wait_alive(addr: &str, n: usize) -> Result<Duration, CliError> {
+    let t0 = Instant::now();
+    while t0.elapsed() < WAIT_MAX {
+        if dump(addr).await.is_some_and(|d| alive(&d) >= n) {
+            return Ok(t0.elapsed());
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+    Err(CliError::Usage(format!("{addr}: {n} ALIVE nodes not reached within {WAIT_MAX:?}")))
+}
+
+pub(super) fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) a process has used so far, in milliseconds; 0 when it is
+/// gone. On a shared machine this tells whether a change saved work, where wall-clock
+/// figures mostly tell how busy the neighbours were.
+pub(super) fn cpu_ms(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) * 1000 / CLOCK_TICKS_PER_S
+}
+
+/// `sysconf(_SC_CLK_TCK)`, which is 100 on every Linux architecture this runs on.
+const CLOCK_TICKS_PER_S: u64 = 100;

@@ -1,0 +1,67 @@
+//! Time, injected into the node.
+//!
+//! Two kinds of time matter here: durations (timeouts, intervals, "DEAD for how long")
+//! and wall-clock timestamps (a record's `timestamp_ms`, when a segment was opened or
+//! closed, a group's `since`). Every timer and every "now" of a duration in the node
+//! is tokio's (`tokio::time::{sleep, interval, timeout, Instant}`), never
+//! `std::time::Instant` or a thread sleep, so a test that pauses tokio's clock
+//! (`#[tokio::test(start_paused = true)]`, `tokio::time::advance`) moves all of them
+//! at once, and an idle runtime jumps straight to its next timer instead of sleeping.
+//! Wall-clock timestamps come from a [`Clock`]: the system's by default, or in tests a
+//! manual one that follows tokio's clock from a fixed start, so timestamps move with
+//! the paused clock too and a run can be replayed.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+/// Source of wall-clock timestamps. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub enum Clock {
+    /// The system clock.
+    #[default]
+    System,
+    /// `start_unix_ms` at `start`, then advancing with tokio's clock.
+    Manual { start_unix_ms: i64, start: Instant },
+}
+
+impl Clock {
+    /// Timestamps that start at `start_unix_ms` now and follow tokio's clock: with
+    /// tokio's clock paused, they only move when the test advances it.
+    pub fn manual(start_unix_ms: i64) -> Self {
+        Clock::Manual { start_unix_ms, start: Instant::now() }
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub fn now_unix_ms(&self) -> i64 {
+        match self {
+            Clock::System => system_unix_ms(),
+            Clock::Manual { start_unix_ms, start } => start_unix_ms + start.elapsed().as_millis() as i64,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch by the system clock (0 before 1970).
+pub fn system_unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_manual_clock_moves_only_with_tokio_time() {
+        let clock = Clock::manual(1_000);
+        assert_eq!(clock.now_unix_ms(), 1_000);
+        tokio::time::advance(Duration::from_millis(250)).await;
+        assert_eq!(clock.now_unix_ms(), 1_250);
+        tokio::time::sleep(Duration::from_secs(60)).await; // returns at once: time is paused
+        assert_eq!(clock.now_unix_ms(), 61_250);
+    }
+
+    #[test]
+    fn the_system_clock_is_past_2020() {
+        assert!(Clock::System.now_unix_ms() > 1_577_836_800_000);
+    }
+}

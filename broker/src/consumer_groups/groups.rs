@@ -1,0 +1,296 @@
+//! The consumer groups of this node: starting and stopping group tasks as the cluster
+//! state places groups here, finding where a group runs, and the subscriber side of
+//! `Subscribe`, `Ack` and `Nack` for a group running here. A request for a group that
+//! runs elsewhere is relayed there by `api/` through `peers/` ([`Located::Remote`]).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventtermq_proto::v1::{Delivery as PbDelivery, Message, SubscribeRequest, SubscribeResponse};
+use prost::Message as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use super::buffer::{Delivery, SubscriberId};
+use super::task::{self, Event, GroupCmd};
+use crate::cluster::Cluster;
+use crate::error::{ErrorCode, RequestError};
+use crate::peers::Relayed;
+use crate::replication::{lock, Segments};
+
+/// A subscriber's window when the request leaves `size` at 0.
+pub const SUBSCRIBER_SIZE_DEFAULT: u32 = 1000;
+
+/// Requests queued to one group task; senders (subscriptions, acks) wait beyond.
+const GROUP_COMMAND_QUEUE_MAX: usize = 1024;
+/// Acks of one subscription sent to the group task in one command at most.
+const AUTO_ACK_BATCH_MAX: usize = 1024;
+/// Messages queued to one subscriber's stream at most (its window bounds it first).
+const SUBSCRIBER_STREAM_QUEUE_MAX: usize = 1024;
+/// How often the assignment loop looks at the state when nothing wakes it earlier.
+const ASSIGNMENT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// Pause between looks for a group that is not placed on a live node yet.
+const LOCATE_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+type GroupKey = (String, String);
+
+/// The consumer groups of this node. Cheap to clone.
+#[derive(Clone)]
+pub struct Groups {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    segments: Segments,
+    running: Mutex<HashMap<GroupKey, GroupHandle>>,
+}
+
+/// A group task running on this node.
+#[derive(Clone)]
+pub struct GroupHandle {
+    cmd: mpsc::Sender<GroupCmd>,
+    stop: CancellationToken,
+    task: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
+}
+
+/// Where a group runs.
+pub enum Located {
+    Here(GroupHandle),
+    /// On the node at this address: relay the request there.
+    Remote(String),
+}
+
+impl Groups {
+    pub fn new(segments: Segments) -> Self {
+        Self { inner: Arc::new(Inner { segments, running: Mutex::default() }) }
+    }
+
+    fn cluster(&self) -> &Cluster {
+        self.inner.segments.cluster()
+    }
+
+    /// Starts and stops group tasks as the cluster state assigns groups to this node.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut metrics = self.cluster().raft.metrics();
+        loop {
+            self.follow_assignments().await;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = metrics.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(ASSIGNMENT_CHECK_INTERVAL) => {}
+            }
+        }
+    }
+
+    async fn follow_assignments(&self) {
+        let me = self.cluster().id;
+        let assigned: BTreeSet<GroupKey> = {
+            let st = self.cluster().state.read();
+            st.state
+                .groups
+                .iter()
+                .flat_map(|(ns, gs)| {
+                    gs.iter().filter(|(_, g)| g.node == Some(me)).map(move |(name, _)| (ns.clone(), name.clone()))
+                })
+                .collect()
+        };
+        let stale: Vec<(GroupKey, GroupHandle)> = {
+            let mut running = lock(&self.inner.running);
+            let stale_keys: Vec<GroupKey> = running.keys().filter(|k| !assigned.contains(*k)).cloned().collect();
+            stale_keys.into_iter().filter_map(|k| running.remove(&k).map(|h| (k, h))).collect()
+        };
+        for ((ns, name), h) in stale {
+            tracing::info!(namespace = %ns, group = %name, "consumer group no longer runs here");
+            stop_group(h).await;
+        }
+        for key in assigned {
+            if lock(&self.inner.running).contains_key(&key) {
+                continue;
+            }
+            tracing::info!(namespace = %key.0, group = %key.1, "starting consumer group");
+            let h = start_group(self.inner.segments.clone(), key.clone());
+            lock(&self.inner.running).insert(key, h);
+        }
+    }
+
+    /// Stops every group task after a last commit of its offsets (graceful shutdown).
+    pub async fn stop_all(&self) {
+        let all: Vec<GroupHandle> = lock(&self.inner.running).drain().map(|(_, h)| h).collect();
+        futures::future::join_all(all.into_iter().map(stop_group)).await;
+    }
+
+    fn local(&self, namespace: &str, group: &str) -> Option<GroupHandle> {
+        lock(&self.inner.running).get(&(namespace.to_string(), group.to_string())).cloned()
+    }
+
+    /// Where the group runs now; waits (within the request timeout) while it is not
+    /// placed or its node is gone. A `forwarded` request is never sent on again.
+    pub async fn locate(&self, namespace: &str, group: &str, forwarded: bool) -> Result<Located, RequestError> {
+        let deadline = tokio::time::Instant::now() + self.cluster().request_timeout();
+        let mut checked = false;
+        loop {
+            if let Some(h) = self.local(namespace, group) {
+                return Ok(Located::Here(h));
+            }
+            let target = match self.placed_on(namespace, group) {
+                Err(e) if checked => return Err(e),
+                Err(_) => None,
+                Ok(target) => target,
+            };
+            if !checked {
+                // The group may be newer than this node's copy of the state.
+                checked = true;
+                if target.is_none() {
+                    drop(self.cluster().read(true).await?);
+                    continue;
+                }
+            }
+            if let Some(addr) = target.filter(|_| !forwarded) {
+                return Ok(Located::Remote(addr));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RequestError::new(
+                    ErrorCode::NotReady,
+                    format!("consumer_group: {group:?} is not running on any live node yet; retry"),
+                ));
+            }
+            tokio::time::sleep(LOCATE_RETRY_PAUSE).await;
+        }
+    }
+
+    /// The address of the live node other than this one the group is placed on, from
+    /// this node's copy of the state.
+    fn placed_on(&self, namespace: &str, group: &str) -> Result<Option<String>, RequestError> {
+        let st = self.cluster().state.read();
+        st.state.namespace(namespace)?.consumer_groups.get(group).ok_or_else(|| {
+            RequestError::new(
+                ErrorCode::ConsumerGroupNotFound,
+                format!("consumer_group: {group:?} does not exist in namespace {namespace:?}"),
+            )
+        })?;
+        let node = st.state.group_runtime(namespace, group).and_then(|g| g.node);
+        let live_elsewhere = node.filter(|n| *n != self.cluster().id && !st.state.node_gone(*n));
+        Ok(live_elsewhere.and_then(|n| st.state.nodes.get(&n).map(|r| r.address.clone())))
+    }
+
+    /// Serves a subscription to a group running here; see `SubscribeRequest` in
+    /// messaging.proto.
+    pub async fn subscribe(
+        &self,
+        group: GroupHandle,
+        req: SubscribeRequest,
+    ) -> Result<Relayed<SubscribeResponse>, RequestError> {
+        let max_unacked = if req.size == 0 { SUBSCRIBER_SIZE_DEFAULT } else { req.size };
+        let (reply, rx) = oneshot::channel();
+        let cmd = GroupCmd::Subscribe { max_unacked, do_not_block: req.do_not_block, reply };
+        group.cmd.send(cmd).await.map_err(|_| gone(&req.consumer_group))?;
+        let (sub, events) = rx.await.map_err(|_| gone(&req.consumer_group))?;
+        let queue = (max_unacked as usize).clamp(1, SUBSCRIBER_STREAM_QUEUE_MAX);
+        let (out, out_rx) = mpsc::channel::<Result<SubscribeResponse, RequestError>>(queue);
+        tokio::spawn(serve_subscriber(group, sub, events, out, req));
+        Ok(Box::pin(ReceiverStream::new(out_rx)))
+    }
+
+    /// Acknowledges (`ack`) or returns for redelivery (`!ack`) deliveries of a group
+    /// running here.
+    pub async fn settle(
+        &self,
+        group: &GroupHandle,
+        name: &str,
+        deliveries: &[PbDelivery],
+        ack: bool,
+    ) -> Result<(), RequestError> {
+        let keys = deliveries.iter().map(|d| (d.segment_id, d.offset)).collect();
+        let (tx, rx) = oneshot::channel();
+        let cmd = if ack { GroupCmd::Ack(keys, tx) } else { GroupCmd::Nack(keys, tx) };
+        group.cmd.send(cmd).await.map_err(|_| gone(name))?;
+        rx.await.map_err(|_| gone(name))?
+    }
+}
+
+/// Moves one subscriber's messages from the group task to its stream, acking them
+/// there when it auto-acks, until it has `max_messages` (and acked them) or leaves.
+async fn serve_subscriber(
+    group: GroupHandle,
+    sub: SubscriberId,
+    mut events: mpsc::Receiver<Event>,
+    out: mpsc::Sender<Result<SubscribeResponse, RequestError>>,
+    req: SubscribeRequest,
+) {
+    let limit = (req.max_messages > 0).then_some(req.max_messages);
+    let mut delivered = 0u64;
+    'stream: loop {
+        let first = tokio::select! {
+            ev = events.recv() => ev,
+            _ = out.closed() => None,
+        };
+        let Some(mut ev) = first else { break };
+        let mut acks = Vec::new();
+        loop {
+            let Event::Message(d) = ev else { break 'stream };
+            let key = (d.segment_id, d.offset);
+            if out.send(Ok(to_response(d))).await.is_err() {
+                break 'stream;
+            }
+            delivered += 1;
+            if req.auto_ack {
+                acks.push(key);
+            }
+            if limit.is_some_and(|l| delivered >= l) {
+                break;
+            }
+            // Ack what is already queued in one command.
+            match events.try_recv() {
+                Ok(next) if acks.len() < AUTO_ACK_BATCH_MAX => ev = next,
+                Ok(next) => {
+                    let (tx, _) = oneshot::channel();
+                    let _ = group.cmd.send(GroupCmd::Ack(std::mem::take(&mut acks), tx)).await;
+                    ev = next;
+                }
+                Err(_) => break,
+            }
+        }
+        if !acks.is_empty() {
+            let (tx, _) = oneshot::channel();
+            let _ = group.cmd.send(GroupCmd::Ack(acks, tx)).await;
+        }
+        if limit.is_some_and(|l| delivered >= l) {
+            // Keep the subscription until the client acked what it holds (or left).
+            let (tx, rx) = oneshot::channel();
+            let _ = group.cmd.send(GroupCmd::Limit(sub, tx)).await;
+            tokio::select! {
+                _ = rx => {}
+                _ = out.closed() => {}
+            }
+            break;
+        }
+    }
+    let _ = group.cmd.send(GroupCmd::Unsubscribe(sub)).await;
+}
+
+fn gone(group: &str) -> RequestError {
+    RequestError::new(ErrorCode::NotReady, format!("consumer_group: {group:?} stopped on this node; subscribe again"))
+}
+
+fn to_response(d: Delivery) -> SubscribeResponse {
+    // Stored payloads are encoded `Message`s; the primary encoded them.
+    let message = Message::decode(d.message).ok();
+    SubscribeResponse { topic: d.topic.to_string(), segment_id: d.segment_id, offset: d.offset, message }
+}
+
+async fn stop_group(h: GroupHandle) {
+    h.stop.cancel();
+    if let Some(t) = h.task.lock().await.take() {
+        let _ = t.await;
+    }
+}
+
+fn start_group(segments: Segments, (namespace, name): GroupKey) -> GroupHandle {
+    let (cmd, rx) = mpsc::channel(GROUP_COMMAND_QUEUE_MAX);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(task::run(segments, namespace, name, rx, stop.clone()));
+    GroupHandle { cmd, stop, task: Arc::new(tokio::sync::Mutex::new(Some(task))) }
+}

@@ -1,0 +1,273 @@
+//! The task of one consumer group on the node the leader placed it on: the driver
+//! around the [`Reader`] (what to read) and the [`GroupBuffer`] (what to hand out).
+//!
+//! It reads the bound topics' segments (locally or from the node that holds them),
+//! feeds the buffer, hands messages to subscribers, applies their acks and nacks, and
+//! every `offsets_commit_interval_ms` records in the cluster state how far everything
+//! is acknowledged. A task that starts (first time, after a restart, or on a new node)
+//! resumes from the committed offsets, so every message is delivered at least once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::buffer::{Delivery, GroupBuffer, SubscriberId};
+use super::reader::{Fetch, Reader};
+use crate::cluster::Cluster;
+use crate::cluster_state::{Command, SegmentId};
+use crate::error::{ErrorCode, RequestError};
+use crate::replication::read::ReadResult;
+use crate::replication::Segments;
+
+/// Requests to a group task.
+pub(crate) enum GroupCmd {
+    Subscribe {
+        max_unacked: u32,
+        do_not_block: bool,
+        reply: oneshot::Sender<(SubscriberId, mpsc::Receiver<Event>)>,
+    },
+    Unsubscribe(SubscriberId),
+    /// The subscriber got its `max_messages`: hand it nothing more; answer once none of
+    /// its messages is in flight.
+    Limit(SubscriberId, oneshot::Sender<()>),
+    Ack(Vec<(SegmentId, u64)>, oneshot::Sender<Result<(), RequestError>>),
+    Nack(Vec<(SegmentId, u64)>, oneshot::Sender<Result<(), RequestError>>),
+}
+
+/// What a subscriber's stream receives from the group task.
+pub(crate) enum Event {
+    Message(Delivery),
+    /// Nothing to deliver right now (only sent to `do_not_block` subscribers).
+    Drained,
+}
+
+/// How often the task looks for new (or deleted) segments of its topics.
+const SEGMENTS_REFRESH_INTERVAL: Duration = Duration::from_millis(200);
+/// Pause after a failed read, or before reading again a closed segment whose copy was
+/// not there yet: do not spin on it.
+const READ_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+type FetchFuture = Pin<Box<dyn std::future::Future<Output = (SegmentId, Result<ReadResult, RequestError>)> + Send>>;
+
+struct Subscriber {
+    tx: mpsc::Sender<Event>,
+    do_not_block: bool,
+    limit: Option<oneshot::Sender<()>>,
+}
+
+/// One group's running state.
+struct Task {
+    segments: Segments,
+    cluster: Cluster,
+    namespace: String,
+    name: String,
+    reader: Reader,
+    buffer: GroupBuffer,
+    subscribers: HashMap<SubscriberId, Subscriber>,
+    fetches: FuturesUnordered<FetchFuture>,
+    /// Offsets recorded in the cluster state (or on their way there).
+    last_committed: BTreeMap<SegmentId, u64>,
+    commit_in_flight: Option<JoinHandle<Result<u64, RequestError>>>,
+}
+
+/// Runs the group `name` of `namespace` until `stop`, or until it is deleted.
+pub(crate) async fn run(
+    segments: Segments,
+    namespace: String,
+    name: String,
+    mut cmds: mpsc::Receiver<GroupCmd>,
+    stop: CancellationToken,
+) {
+    let Some(mut t) = Task::new(segments, namespace, name) else { return };
+    let settings = t.segments.settings().clone();
+    let mut commit_tick = tokio::time::interval(Duration::from_millis(settings.offsets_commit_interval_ms.max(1)));
+    commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refresh_tick = tokio::time::interval(SEGMENTS_REFRESH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = refresh_tick.tick() => if !t.refresh() { return },
+            Some((id, result)) = t.fetches.next(), if !t.fetches.is_empty() => t.fetched(id, result),
+            Some(cmd) = cmds.recv() => t.command(cmd),
+            _ = commit_tick.tick() => t.commit_in_background(),
+        }
+        t.step();
+    }
+    t.last_commit().await;
+}
+
+impl Task {
+    fn new(segments: Segments, namespace: String, name: String) -> Option<Self> {
+        let cluster = segments.cluster().clone();
+        let (spec, start) = {
+            let st = cluster.state.read();
+            let spec = st.state.namespaces.get(&namespace).and_then(|ns| ns.consumer_groups.get(&name)).cloned()?;
+            (spec, st.state.group_runtime(&namespace, &name).map(|g| g.offsets.clone()).unwrap_or_default())
+        };
+        let buffer = GroupBuffer::new(spec.size.max(1) as usize, start.clone());
+        Some(Task {
+            reader: Reader::new(&namespace, spec, start.clone()),
+            buffer,
+            segments,
+            cluster,
+            namespace,
+            name,
+            subscribers: HashMap::new(),
+            fetches: FuturesUnordered::new(),
+            last_committed: start,
+            commit_in_flight: None,
+        })
+    }
+
+    /// Follows the cluster state's segments; `false` once the group is deleted.
+    fn refresh(&mut self) -> bool {
+        let st = self.cluster.state.read();
+        if st.state.group_runtime(&self.namespace, &self.name).is_none() {
+            return false;
+        }
+        self.reader.segments_changed(st.state.segments.iter().map(|(id, s)| (*id, s)), &mut self.buffer);
+        true
+    }
+
+    fn fetched(&mut self, id: SegmentId, result: Result<ReadResult, RequestError>) {
+        let result = result.map_err(|e| tracing::debug!(segment_id = id, error = %e, "group read failed; retrying"));
+        self.reader.fetched(id, result.ok(), &mut self.buffer);
+    }
+
+    fn command(&mut self, cmd: GroupCmd) {
+        match cmd {
+            GroupCmd::Subscribe { max_unacked, do_not_block, reply } => {
+                let id = self.buffer.subscribe(max_unacked, false);
+                let (tx, rx) = mpsc::channel(max_unacked as usize + 1);
+                self.subscribers.insert(id, Subscriber { tx, do_not_block, limit: None });
+                let _ = reply.send((id, rx));
+            }
+            GroupCmd::Unsubscribe(id) => {
+                self.buffer.unsubscribe(id);
+                self.subscribers.remove(&id);
+            }
+            GroupCmd::Limit(id, reply) => {
+                self.buffer.stop_dispatch(id);
+                if let Some(s) = self.subscribers.get_mut(&id) {
+                    s.limit = Some(reply);
+                }
+            }
+            GroupCmd::Ack(keys, reply) => {
+                let _ = reply.send(settle(&mut self.buffer, &keys, true));
+            }
+            GroupCmd::Nack(keys, reply) => {
+                let _ = reply.send(settle(&mut self.buffer, &keys, false));
+            }
+        }
+    }
+
+    /// After every event: feed the buffer, start the reads the reader asks for, hand
+    /// out, and tell subscribers that wait for it that nothing is left.
+    fn step(&mut self) {
+        for (id, e) in self.reader.feed(&mut self.buffer) {
+            tracing::error!(segment_id = id, error = %e, "consumer group reader out of step; re-reading");
+        }
+        for fetch in self.reader.next_fetches(&self.buffer) {
+            self.start_fetch(fetch);
+        }
+        for (sub, d) in self.buffer.dispatch() {
+            match self.subscribers.get_mut(&sub) {
+                Some(s) if s.tx.try_send(Event::Message(d)).is_ok() => {}
+                _ => {
+                    self.buffer.unsubscribe(sub);
+                    self.subscribers.remove(&sub);
+                }
+            }
+        }
+        let drained = self.reader.drained(&self.buffer);
+        for (id, s) in self.subscribers.iter_mut() {
+            let holds_none = self.buffer.in_flight_of(*id) == 0;
+            if let Some(limit) = s.limit.take_if(|_| holds_none) {
+                let _ = limit.send(());
+            }
+            if s.do_not_block && drained && holds_none {
+                let _ = s.tx.try_send(Event::Drained);
+            }
+        }
+    }
+
+    fn start_fetch(&mut self, f: Fetch) {
+        let Some(seg) = self.cluster.state.read().state.segments.get(&f.segment_id).cloned() else {
+            self.reader.fetch_dropped(f.segment_id);
+            return;
+        };
+        let settings = self.segments.settings();
+        let wait = if seg.is_open() { Duration::from_millis(settings.read_wait_ms) } else { Duration::ZERO };
+        let (segments, max_bytes) = (self.segments.clone(), settings.read_batch_max_bytes);
+        self.fetches.push(Box::pin(async move {
+            let r = segments.read(f.segment_id, &seg, f.from, max_bytes, wait).await;
+            if r.is_err() || (f.idle && !seg.is_open()) {
+                tokio::time::sleep(READ_RETRY_PAUSE).await;
+            }
+            (f.segment_id, r)
+        }));
+    }
+
+    /// Records what moved since the last commit, unless one is still on its way.
+    fn commit_in_background(&mut self) {
+        if !self.commit_in_flight.as_ref().is_none_or(|t| t.is_finished()) {
+            return;
+        }
+        let offsets = to_commit(&self.buffer, &self.last_committed);
+        if offsets.is_empty() {
+            return;
+        }
+        self.last_committed.extend(offsets.clone());
+        let (cluster, namespace, group) = (self.cluster.clone(), self.namespace.clone(), self.name.clone());
+        self.commit_in_flight =
+            Some(tokio::spawn(
+                async move { cluster.write(Command::CommitOffsets { namespace, group, offsets }).await },
+            ));
+    }
+
+    /// Last commit, so a graceful stop redelivers nothing that was acknowledged.
+    async fn last_commit(self) {
+        if let Some(t) = self.commit_in_flight {
+            let _ = t.await;
+        }
+        let offsets = to_commit(&self.buffer, &self.last_committed);
+        if offsets.is_empty() {
+            return;
+        }
+        let (namespace, group) = (self.namespace.clone(), self.name.clone());
+        if let Err(e) = self.cluster.write(Command::CommitOffsets { namespace, group, offsets }).await {
+            tracing::warn!(namespace = %self.namespace, group = %self.name, error = %e, "last offset commit failed");
+        }
+    }
+}
+
+fn to_commit(buffer: &GroupBuffer, last: &BTreeMap<SegmentId, u64>) -> BTreeMap<SegmentId, u64> {
+    buffer.committed().into_iter().filter(|(seg, off)| last.get(seg).is_none_or(|l| off > l)).collect()
+}
+
+fn settle(buffer: &mut GroupBuffer, keys: &[(SegmentId, u64)], ack: bool) -> Result<(), RequestError> {
+    let mut missing = Vec::new();
+    for &(seg, off) in keys {
+        let r = if ack { buffer.ack(seg, off) } else { buffer.nack(seg, off) };
+        if r.is_err() {
+            missing.push(format!("{seg}/{off}"));
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(RequestError::new(
+        ErrorCode::NotInFlight,
+        format!(
+            "deliveries: {} not in flight (already acknowledged, auto-acknowledged or never delivered): {}",
+            missing.len(),
+            missing.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        ),
+    ))
+}

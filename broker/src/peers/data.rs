@@ -1,0 +1,176 @@
+//! Calls of the data path: replication streams, segment status and reads, forwarded
+//! publishes and publish streams, relayed subscriptions, forwarded acks and nacks.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use eventtermq_proto::internal::v1::{
+    internal_client::InternalClient, ReadSegmentRequest, ReadSegmentResponse, ReplicateRequest, ReplicateResponse,
+    SegmentStatusRequest, SegmentStatusResponse,
+};
+use eventtermq_proto::v1::{
+    messaging_client::MessagingClient, AckRequest, Delivery, NackRequest, PublishRequest, PublishResponse,
+    SubscribeRequest, SubscribeResponse,
+};
+use futures::{Stream, StreamExt};
+use tokio::time::Instant;
+
+use super::{forwarded, with_timeout, Peer, PeerError, Peers};
+use crate::cluster_state::{NodeId, SegmentId};
+use crate::error::RequestError;
+
+/// Answers relayed from another node, in order, as the data path sees them.
+pub type Relayed<T> = Pin<Box<dyn Stream<Item = Result<T, RequestError>> + Send>>;
+
+/// The primary's end of a replication stream to one replica.
+pub struct ReplicaAnswers {
+    peer: String,
+    answers: tonic::Streaming<ReplicateResponse>,
+}
+
+impl ReplicaAnswers {
+    /// The next offset below which the replica has everything fsynced; `None` when the
+    /// replica ended the stream.
+    pub async fn next(&mut self) -> Result<Option<u64>, PeerError> {
+        match self.answers.message().await {
+            Ok(m) => Ok(m.map(|r| r.durable_offset)),
+            Err(s) => Err(PeerError::from_status(Peer::addr(&self.peer), s)),
+        }
+    }
+}
+
+impl Peers {
+    /// Opens a replication stream of a segment to the replica `node`: `requests` name
+    /// the segment first, then carry consecutive records.
+    pub async fn replicate(
+        &self,
+        node: NodeId,
+        addr: &str,
+        requests: impl Stream<Item = ReplicateRequest> + Send + 'static,
+    ) -> Result<ReplicaAnswers, PeerError> {
+        let peer = Peer::node(node, addr);
+        let mut client = InternalClient::new(self.data_channel(addr));
+        let answers = client.replicate(requests).await.map_err(|s| PeerError::from_status(peer, s))?.into_inner();
+        Ok(ReplicaAnswers { peer: peer.to_string(), answers })
+    }
+
+    /// What `node` holds of a segment; with `freeze`, it first stops taking records
+    /// from the primary (a fail-over).
+    pub async fn segment_status(
+        &self,
+        node: NodeId,
+        addr: &str,
+        segment_id: SegmentId,
+        freeze: bool,
+    ) -> Result<SegmentStatusResponse, PeerError> {
+        let timeout = Duration::from_millis(self.timeouts().segment_status_ms);
+        let mut client = InternalClient::new(self.channel(addr));
+        let req = with_timeout(tonic::Request::new(SegmentStatusRequest { segment_id, freeze }), timeout);
+        let reply = client.segment_status(req).await.map_err(|s| PeerError::from_status(Peer::node(node, addr), s))?;
+        Ok(reply.into_inner())
+    }
+
+    /// Reads records of a segment `node` holds, waiting up to `wait` there for records
+    /// past `from_offset` when none is readable yet.
+    pub async fn read_segment(
+        &self,
+        node: NodeId,
+        addr: &str,
+        segment_id: SegmentId,
+        from_offset: u64,
+        max_bytes: usize,
+        wait: Duration,
+    ) -> Result<ReadSegmentResponse, PeerError> {
+        let mut client = InternalClient::new(self.data_channel(addr));
+        let req = ReadSegmentRequest {
+            segment_id,
+            from_offset,
+            max_bytes: max_bytes.min(u32::MAX as usize) as u32,
+            wait_ms: wait.as_millis().min(u32::MAX as u128) as u32,
+        };
+        let timeout = wait + Duration::from_millis(self.timeouts().read_segment_margin_ms);
+        let reply = client
+            .read_segment(with_timeout(tonic::Request::new(req), timeout))
+            .await
+            .map_err(|s| PeerError::from_status(Peer::node(node, addr), s))?;
+        Ok(reply.into_inner())
+    }
+
+    /// Forwards a publish to the primary `node`, within what is left until `deadline`.
+    /// `hops`: how many times the request was forwarded before reaching this node.
+    pub async fn forward_publish(
+        &self,
+        node: NodeId,
+        addr: &str,
+        request: PublishRequest,
+        hops: u32,
+        deadline: Instant,
+    ) -> Result<PublishResponse, PeerError> {
+        let mut client = MessagingClient::new(self.data_channel(addr))
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        let req = with_timeout(forwarded(request, hops), deadline.saturating_duration_since(Instant::now()));
+        let reply = client.publish(req).await.map_err(|s| PeerError::from_status(Peer::node(node, addr), s))?;
+        Ok(reply.into_inner())
+    }
+
+    /// Relays a whole stream of publishes to the node at `addr`, so its messages keep
+    /// their order; answers come back in order.
+    pub async fn relay_publish_stream(
+        &self,
+        addr: &str,
+        upstream: impl Stream<Item = PublishRequest> + Send + 'static,
+        hops: u32,
+    ) -> Result<Relayed<PublishResponse>, PeerError> {
+        let mut client = MessagingClient::new(self.data_channel(addr))
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        let answers = client
+            .publish_stream(forwarded(upstream, hops))
+            .await
+            .map_err(|s| PeerError::from_status(Peer::addr(addr), s))?
+            .into_inner();
+        Ok(relayed(addr, answers))
+    }
+
+    /// Relays a subscription to the node running the group. The group node's stream
+    /// is served as it is (no task or channel in between: one wake-up less per
+    /// message), and a client that goes away drops it, which the group node sees as
+    /// its subscriber leaving.
+    pub async fn relay_subscribe(
+        &self,
+        addr: &str,
+        request: SubscribeRequest,
+    ) -> Result<Relayed<SubscribeResponse>, PeerError> {
+        let mut client = MessagingClient::new(self.data_channel(addr)).max_decoding_message_size(usize::MAX);
+        let messages = client
+            .subscribe(forwarded(request, 0))
+            .await
+            .map_err(|s| PeerError::from_status(Peer::addr(addr), s))?
+            .into_inner();
+        Ok(relayed(addr, messages))
+    }
+
+    /// Forwards an ack (`ack`) or nack of deliveries to the node running the group.
+    pub async fn settle(
+        &self,
+        addr: &str,
+        namespace: String,
+        consumer_group: String,
+        deliveries: Vec<Delivery>,
+        ack: bool,
+    ) -> Result<(), PeerError> {
+        let mut client = MessagingClient::new(self.data_channel(addr));
+        let r = if ack {
+            client.ack(forwarded(AckRequest { namespace, consumer_group, deliveries }, 0)).await.map(|_| ())
+        } else {
+            client.nack(forwarded(NackRequest { namespace, consumer_group, deliveries }, 0)).await.map(|_| ())
+        };
+        r.map_err(|s| PeerError::from_status(Peer::addr(addr), s))
+    }
+}
+
+fn relayed<T: Send + 'static>(addr: &str, stream: tonic::Streaming<T>) -> Relayed<T> {
+    let addr = addr.to_string();
+    Box::pin(stream.map(move |r| r.map_err(|s| PeerError::from_status(Peer::addr(&addr), s).into())))
+}
