@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use eventtermq::cluster_state::log_store::encode_record;
 use eventtermq::cluster_state::raft::encode;
 use eventtermq::cluster_state::{
     Command, CommandResponse, ConsumerGroupSpec, ExchangeType, NodeRecord, NodeState, StateMachineStore, TopicSpec,
@@ -21,6 +20,7 @@ use eventtermq::error::{ErrorCode, RequestError};
 use eventtermq::membership::{Membership, MembershipConfig};
 use eventtermq::transport::mem::MemNetwork;
 use eventtermq::transport::Network;
+use eventtermq_storage::durable::encode_record;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
@@ -37,7 +37,7 @@ fn log_id(term: u64, index: u64) -> LogId<u64> {
 
 fn frame(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    encode_record(payload, &mut out);
+    encode_record(payload, &mut out).expect("seed payloads are small");
     out
 }
 
@@ -99,6 +99,9 @@ struct Recorder {
 impl Network for Recorder {
     fn channel(&self, addr: &str) -> tonic::transport::Channel {
         self.inner.channel(addr)
+    }
+    fn data_channel(&self, addr: &str) -> tonic::transport::Channel {
+        self.inner.data_channel(addr)
     }
     fn send_datagram(&self, addr: &str, data: Bytes) {
         self.sent.lock().unwrap().push(data.clone());

@@ -1,6 +1,6 @@
 //! The decoder of the small `vote` / `committed` / `purged` files
-//! (`log_store::decode_meta`: one framed record holding the JSON of an `Option<Vote>` /
-//! `Option<LogId>`).
+//! (`log_store::decode_meta`: one framed record, `durable::decode_record_file`, holding
+//! the JSON of an `Option<Vote>` / `Option<LogId>`).
 //!
 //! Input: one mode byte, then the raw file (even mode) or a JSON payload that the target
 //! frames with a valid checksum (odd mode).
@@ -13,16 +13,17 @@
 use std::fmt::Debug;
 use std::path::Path;
 
-use eventtermq::cluster_state::log_store::{decode_meta, decode_record, encode_record, Decoded};
+use eventtermq::cluster_state::log_store::decode_meta;
 use eventtermq::cluster_state::raft::LogId;
 use eventtermq::cluster_state::NodeId;
+use eventtermq_storage::durable::{decode_record, decode_record_file, encode_record, Decoded};
 use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 fn frame(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    encode_record(payload, &mut out);
+    encode_record(payload, &mut out).expect("fuzz inputs are within the record limit");
     out
 }
 
@@ -33,6 +34,7 @@ fn check<T: Serialize + DeserializeOwned + PartialEq + Debug>(file: &[u8]) {
         Decoded::Record { size, .. } => assert_eq!(size, file.len(), "decoded a file with trailing bytes"),
         other => panic!("decoded a file that is not a record: {other:?}"),
     }
+    assert!(decode_record_file(file).is_ok(), "decode_meta accepted what decode_record_file refuses");
     let re = frame(&serde_json::to_vec(&value).expect("meta values always serialize"));
     let again: T = decode_meta(&re, path).expect("a re-encoded meta file decodes");
     assert_eq!(again, value);

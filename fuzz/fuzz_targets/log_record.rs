@@ -1,5 +1,5 @@
-//! The Raft log record decoder: `[u32 len][u32 crc32c][json Entry]` (`log_store::decode_record`,
-//! then the JSON `Entry` as `load_log` reads it).
+//! The Raft log record decoder: `[u32 len][u32 crc32c][json Entry]` (the storage crate's
+//! `durable::decode_record`, then the JSON `Entry` as `log_store::load_log` reads it).
 //!
 //! Input: one mode byte, then either raw log bytes (even mode) or `\n`-separated entry
 //! JSON that the target frames with valid checksums (odd mode).
@@ -10,8 +10,10 @@
 //! fixed point.
 #![no_main]
 
-use eventtermq::cluster_state::log_store::{decode_record, encode_record, Decoded, MAX_RECORD_PAYLOAD, RECORD_HEADER};
 use eventtermq::cluster_state::TypeConfig;
+use eventtermq_storage::durable::{
+    decode_record, encode_record, Decoded, RECORD_HEADER_BYTES, RECORD_PAYLOAD_MAX_BYTES,
+};
 use libfuzzer_sys::fuzz_target;
 
 type Entry = openraft::Entry<TypeConfig>;
@@ -24,10 +26,10 @@ fuzz_target!(|data: &[u8]| {
         let tail = &buf[pos..];
         match decode_record(tail) {
             Decoded::Record { payload, size } => {
-                assert_eq!(size, RECORD_HEADER + payload.len());
-                assert!(size <= tail.len() && payload.len() <= MAX_RECORD_PAYLOAD);
+                assert_eq!(size, RECORD_HEADER_BYTES + payload.len());
+                assert!(size <= tail.len() && payload.len() <= RECORD_PAYLOAD_MAX_BYTES);
                 let mut re = Vec::new();
-                encode_record(payload, &mut re);
+                encode_record(payload, &mut re).expect("a decoded payload is within the limit");
                 assert_eq!(re, &tail[..size], "a decoded record does not re-encode to its bytes");
                 if let Ok(entry) = serde_json::from_slice::<Entry>(payload) {
                     let json = serde_json::to_vec(&entry).expect("entries always serialize");
@@ -39,18 +41,18 @@ fuzz_target!(|data: &[u8]| {
             }
             Decoded::Incomplete { needed } => {
                 assert!(needed > 0);
-                if tail.len() >= RECORD_HEADER && needed <= 1 << 16 {
+                if tail.len() >= RECORD_HEADER_BYTES && needed <= 1 << 16 {
                     // With the header complete, `needed` more bytes complete the record.
                     let mut longer = tail.to_vec();
                     longer.resize(tail.len() + needed, 0);
                     assert!(!matches!(decode_record(&longer), Decoded::Incomplete { .. }), "needed is not exact");
-                } else if tail.len() < RECORD_HEADER {
-                    assert_eq!(needed, RECORD_HEADER - tail.len());
+                } else if tail.len() < RECORD_HEADER_BYTES {
+                    assert_eq!(needed, RECORD_HEADER_BYTES - tail.len());
                 }
                 break;
             }
             Decoded::Invalid { size, .. } => {
-                assert!(size >= RECORD_HEADER);
+                assert!(size >= RECORD_HEADER_BYTES);
                 break;
             }
         }

@@ -15,9 +15,9 @@
 
 use std::fs;
 
-use eventtermq::cluster_state::log_store::encode_record;
 use eventtermq::cluster_state::LogStore;
 use eventtermq_fuzz::{frame_lines, runtime, scratch_dir, split_parts};
+use eventtermq_storage::durable::encode_record;
 use libfuzzer_sys::fuzz_target;
 use openraft::storage::RaftLogStorage;
 use openraft::RaftLogReader;
@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
         if let Some(p) = part {
             let bytes = if mode & 2 == 2 {
                 let mut v = Vec::new();
-                encode_record(p, &mut v);
+                encode_record(p, &mut v).expect("fuzz inputs are within the record limit");
                 v
             } else {
                 p.to_vec()

@@ -20,6 +20,7 @@
 
 use bytes::Bytes;
 
+use crate::durable::{checksum, verify_checksum, ChecksumMismatch};
 use crate::Record;
 
 /// Bytes of a file header.
@@ -30,9 +31,10 @@ pub const FRAME_HEADER_LEN: usize = 24;
 pub const INDEX_ENTRY_LEN: usize = 28;
 /// Bytes of a seal trailer.
 pub const TRAILER_LEN: usize = 40;
-/// Largest payload a record may carry. A length field above it is garbage (or a seal
-/// trailer), not a record that is still being written.
-pub const RECORD_PAYLOAD_MAX_BYTES: usize = 64 << 20;
+/// Largest payload a record may carry: the one limit of every framed record a node
+/// writes ([`crate::durable::RECORD_PAYLOAD_MAX_BYTES`]). A length field above it is
+/// garbage (or a seal trailer), not a record that is still being written.
+pub use crate::durable::RECORD_PAYLOAD_MAX_BYTES;
 /// Format version written in file headers.
 pub const FORMAT_VERSION: u16 = 1;
 
@@ -78,12 +80,8 @@ fn u64_at(buf: &[u8], at: usize) -> u64 {
 }
 
 fn check(stored: u32, covered: &[u8]) -> Result<(), CodecError> {
-    let computed = crc32c::crc32c(covered);
-    if computed == stored {
-        Ok(())
-    } else {
-        Err(CodecError::Checksum { stored, computed })
-    }
+    verify_checksum(stored, covered)
+        .map_err(|ChecksumMismatch { stored, computed }| CodecError::Checksum { stored, computed })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -117,7 +115,7 @@ pub fn encode_header(out: &mut Vec<u8>, h: &FileHeader) {
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&h.segment_id.to_le_bytes());
     out.extend_from_slice(&h.nonce.to_le_bytes());
-    let crc = crc32c::crc32c(&out[start..]);
+    let crc = checksum(&out[start..]);
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
@@ -173,7 +171,7 @@ pub fn encode_frame(out: &mut Vec<u8>, offset: u64, timestamp_ms: i64, payload: 
     out.extend_from_slice(&offset.to_le_bytes());
     out.extend_from_slice(&timestamp_ms.to_le_bytes());
     out.extend_from_slice(payload);
-    let crc = crc32c::crc32c(&out[start + 8..]);
+    let crc = checksum(&out[start + 8..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -248,7 +246,7 @@ pub fn encode_index_entry(out: &mut Vec<u8>, e: &IndexEntry) {
     out.extend_from_slice(&e.offset.to_le_bytes());
     out.extend_from_slice(&e.position.to_le_bytes());
     out.extend_from_slice(&e.timestamp_ms.to_le_bytes());
-    let crc = crc32c::crc32c(&out[start..]);
+    let crc = checksum(&out[start..]);
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
@@ -284,7 +282,7 @@ pub fn encode_trailer(out: &mut Vec<u8>, t: &SealTrailer) {
     out.extend_from_slice(&t.record_count.to_le_bytes());
     out.extend_from_slice(&t.records_len.to_le_bytes());
     out.extend_from_slice(&t.checksum.to_le_bytes());
-    let crc = crc32c::crc32c(&out[start..]);
+    let crc = checksum(&out[start..]);
     out.extend_from_slice(&crc.to_le_bytes());
 }
 

@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 
 use crate::codec::RECORD_PAYLOAD_MAX_BYTES;
+use crate::durable::FileError;
 
 /// Errors of the segment store.
 ///
@@ -31,5 +32,15 @@ pub enum StorageError {
 impl StorageError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         StorageError::Io { path: path.into(), source }
+    }
+
+    /// The durable-file helpers the store uses only fail with IO errors on a named file;
+    /// anything else is reported as one too, so it is never mistaken for a refusal. (A
+    /// function, not a `From`: a second `From` impl would break `?` inference in callers.)
+    pub(crate) fn from_file(e: FileError) -> Self {
+        match e {
+            FileError::Io { path, source } => StorageError::Io { path, source },
+            other => StorageError::Io { path: other.path().to_path_buf(), source: std::io::Error::other(other) },
+        }
     }
 }

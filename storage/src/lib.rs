@@ -27,10 +27,17 @@
 //! (`<name>.corrupt-<unix ms>`, kept for forensics) and reported by
 //! [`Store::quarantined`]. [`Store::quarantine`] does the same for damage found later
 //! (a read that failed its checksum), so the owner can fetch a good copy elsewhere.
+//!
+//! [`durable`] holds the primitives every file of a node is made durable with (framed
+//! checksummed records, append logs with torn-tail recovery, atomic replace, directory
+//! fsync); the segment files use its checksums, payload limit, atomic replace (index
+//! files) and directory helpers, and the broker uses it for its Raft log, meta files,
+//! snapshot and node id.
 
 use std::path::Path;
 
 pub mod codec;
+pub mod durable;
 mod error;
 mod files;
 mod reader;
@@ -103,9 +110,10 @@ fn parse_segment_file_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// fsyncs a directory, making file creations, renames and removals in it durable.
+/// fsyncs a directory ([`durable::fsync_dir`]), making file creations, renames and
+/// removals in it durable.
 fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StorageError::io(dir, e))
+    durable::fsync_dir(dir).map_err(StorageError::from_file)
 }
 
 #[cfg(test)]

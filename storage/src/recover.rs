@@ -3,7 +3,7 @@
 use std::collections::hash_map::RandomState;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use crate::codec::{
     trailer_nonce, verify_frame, Decoded, FileHeader, FileKind, IndexEntry, FILE_HEADER_LEN, FRAME_HEADER_LEN,
     INDEX_ENTRY_LEN, TRAILER_LEN,
 };
+use crate::durable;
 use crate::files::{corrupt, Cursor, Files};
 use crate::segment::{SegState, Segment};
 use crate::{index_file_name, segment_file_name, Config, StorageError};
@@ -41,18 +42,14 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StorageError + '_ {
     move |e| StorageError::io(path, e)
 }
 
-/// Replaces the index file with a header and `entries` (encoded). Not fsynced: an index
-/// lost in a crash is rebuilt on the next open.
+/// Replaces the index file with a header and `entries` (encoded), atomically but not
+/// fsynced (`durable::replace_file_unsynced`): an index lost or damaged in a crash is
+/// checked and rebuilt on the next open.
 pub(crate) fn write_index_file(idx_path: &Path, id: u64, nonce: u64, entries: &[u8]) -> Result<(), StorageError> {
-    let mut tmp_name = idx_path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
     let mut bytes = Vec::with_capacity(FILE_HEADER_LEN + entries.len());
     encode_header(&mut bytes, &FileHeader { kind: FileKind::Index, segment_id: id, nonce });
     bytes.extend_from_slice(entries);
-    let written = File::create(&tmp).and_then(|mut f| f.write_all(&bytes));
-    written.map_err(io_err(&tmp))?;
-    fs::rename(&tmp, idx_path).map_err(io_err(idx_path))
+    durable::replace_file_unsynced(idx_path, &bytes).map_err(StorageError::from_file)
 }
 
 fn open_rw(path: &Path) -> Result<File, StorageError> {

@@ -6,6 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use crate::durable;
 use crate::reader::SegmentReader;
 use crate::segment::Segment;
 use crate::writer::SegmentWriter;
@@ -52,12 +53,7 @@ impl Store {
     /// sealed records that the open-time checks read) is quarantined: renamed aside,
     /// logged, left out of the store and listed by [`Store::quarantined`].
     pub fn open(dir: &Path, config: Config) -> Result<Store, StorageError> {
-        if !dir.is_dir() {
-            fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
-            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                fsync_dir(parent)?;
-            }
-        }
+        durable::create_dir_durable(dir).map_err(StorageError::from_file)?;
         let mut ids = Vec::new();
         let mut index_files = Vec::new();
         for entry in fs::read_dir(dir).map_err(|e| StorageError::io(dir, e))? {
@@ -68,7 +64,7 @@ impl Store {
                 ids.push(id);
             } else if let Some(stem) = name.strip_suffix(".idx") {
                 index_files.push((stem.to_owned(), entry.path()));
-            } else if name.ends_with(".idx.tmp") {
+            } else if name.strip_suffix(durable::TMP_SUFFIX).is_some_and(|n| n.ends_with(".idx")) {
                 // An index rebuild cut short.
                 remove_file(&entry.path())?;
             }

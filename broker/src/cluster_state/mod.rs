@@ -1,7 +1,8 @@
 //! The replicated cluster state: what it contains ([`model`]), the commands that
 //! change it and their pure, deterministic application ([`commands`]), input validation
 //! ([`validate`]), and how it is replicated with openraft ([`raft`]) and stored on disk
-//! ([`log_store`], [`state_machine`]).
+//! ([`log_store`], [`state_machine`], both through the storage crate's durable-file
+//! module, `eventtermq_storage::durable`).
 //!
 //! Applying a command is a pure function of (state, command, log index): no clock, no
 //! IO, no randomness, so every node computes the same state from the same log.

@@ -6,15 +6,18 @@
 //! committed log entries.
 //!
 //! Snapshot file: `[magic "EMQSNAP1"][u32 crc32c LE of json][u64 len LE of json][json]`,
-//! replaced atomically (tmp file, fsync, rename, fsync of the directory). The JSON holds
-//! the snapshot id, last applied log id, membership and cluster state; it is also the
-//! snapshot data sent to followers.
+//! replaced atomically (`durable::replace_file`: tmp file, fsync, rename, fsync of the
+//! directory). The JSON holds the snapshot id, last applied log id, membership and
+//! cluster state; it is also the snapshot data sent to followers. Its framing is its own
+//! (a u64 length: a snapshot is not bounded by the record payload limit), its IO and
+//! checksum are the storage crate's durable-file module's.
 
 use std::fs;
 use std::io::{self, Cursor};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use eventtermq_storage::durable;
 use openraft::storage::RaftStateMachine;
 use openraft::{
     AnyError, BasicNode, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, Snapshot,
@@ -23,7 +26,6 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 
 use super::commands::CommandResponse;
-use super::log_store::{create_dir_durable, write_file_atomic};
 use super::model::{ClusterState, NodeId};
 use super::raft::{LogId, StorageError, TypeConfig};
 
@@ -108,7 +110,7 @@ fn snapshot_err(meta: Option<&Meta>, verb: ErrorVerb, msg: impl ToString) -> Sto
 pub fn encode_snapshot_file(json: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(SNAPSHOT_HEADER + json.len());
     out.extend_from_slice(SNAPSHOT_MAGIC);
-    out.extend_from_slice(&crc32c::crc32c(json).to_le_bytes());
+    out.extend_from_slice(&durable::checksum(json).to_le_bytes());
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(json);
     out
@@ -131,10 +133,7 @@ pub fn decode_snapshot_file(bytes: &[u8]) -> Result<&[u8], String> {
         return Err(format!("length mismatch: header says {len} bytes, file has {actual_len}"));
     }
     let json = &bytes[SNAPSHOT_HEADER..];
-    let actual = crc32c::crc32c(json);
-    if actual != crc {
-        return Err(format!("checksum mismatch (stored {crc:08x}, computed {actual:08x})"));
-    }
+    durable::verify_checksum(crc, json).map_err(|e| e.to_string())?;
     Ok(json)
 }
 
@@ -142,9 +141,9 @@ pub fn decode_snapshot_file(bytes: &[u8]) -> Result<&[u8], String> {
 #[allow(clippy::result_large_err)] // openraft's error type
 fn load_snapshot(dir: &Path) -> Result<Option<(StoredSnapshot, ClusterState)>, StorageError> {
     let path = dir.join(SNAPSHOT_FILE);
-    let bytes = match fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+    let bytes = match durable::read_replaced_file(&path) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(None),
         Err(e) => return Err(snapshot_err(None, ErrorVerb::Read, format!("reading {}: {e}", path.display()))),
     };
     let corrupt = |why: String| {
@@ -172,9 +171,10 @@ impl StateMachineStore {
     pub async fn open(dir: &Path) -> Result<(StateMachineStore, SharedState), StorageError> {
         let dir = dir.to_path_buf();
         let (dir, loaded) = tokio::task::spawn_blocking(move || {
-            create_dir_durable(&dir)
+            durable::create_dir_durable(&dir)
                 .map_err(|e| snapshot_err(None, ErrorVerb::Read, format!("creating {}: {e}", dir.display())))?;
-            let _ = fs::remove_file(dir.join(format!("{SNAPSHOT_FILE}.tmp")));
+            // A replace cut short by a crash: its content never counted.
+            let _ = fs::remove_file(durable::tmp_path(&dir.join(SNAPSHOT_FILE)));
             let loaded = load_snapshot(&dir)?;
             Ok::<_, StorageError>((dir, loaded))
         })
@@ -217,14 +217,16 @@ impl StateMachineStore {
     /// Writes snapshot data to `dir/snapshot` atomically, in a blocking thread.
     async fn persist(&self, meta: &Meta, data: Arc<Vec<u8>>) -> Result<(), StorageError> {
         let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || write_file_atomic(&dir, SNAPSHOT_FILE, &encode_snapshot_file(&data)))
-            .await
-            .map_err(io::Error::other)
-            .and_then(|r| r)
-            .map_err(|e| {
-                StorageIOError::new(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, AnyError::new(&e))
-                    .into()
-            })
+        tokio::task::spawn_blocking(move || {
+            durable::replace_file(&dir.join(SNAPSHOT_FILE), &encode_snapshot_file(&data))
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|r| r.map_err(io::Error::from))
+        .map_err(|e| {
+            StorageIOError::new(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, AnyError::new(&e))
+                .into()
+        })
     }
 }
 

@@ -1,0 +1,898 @@
+//! One way to make a file durable, used by every file a node writes.
+//!
+//! A node keeps several kinds of files (the Raft log, its vote / committed / purged
+//! markers, the snapshot, the node id, segments and their indexes). They all need the
+//! same few primitives, and each primitive is easy to get subtly wrong (a rename that is
+//! not durable until its directory is fsynced; a decoder that panics on a torn length
+//! field; a torn tail taken for corruption or the reverse). They live here once:
+//!
+//! - **Framed records**: `[u32 len LE][u32 crc32c LE of payload][payload]`
+//!   ([`encode_record`], [`decode_record`]). The decoder never panics and tells a
+//!   complete record from "incomplete: the buffer ends inside it" (a torn write) and
+//!   from "invalid" (not a record). A payload is at most [`RECORD_PAYLOAD_MAX_BYTES`]:
+//!   a larger length field is garbage, not a record still being written, and the
+//!   encoder refuses larger payloads so that nothing is written that would not read back.
+//! - **Append logs** ([`AppendLog`]): framed records appended and fdatasynced; on open
+//!   the file is scanned and cut at the first torn or corrupt record (logged with the
+//!   file name), then fsynced, so what was read is durable before anyone relies on it.
+//! - **Atomically replaced files** ([`replace_file`]): write `<name>.tmp`, fsync it,
+//!   rename over `<name>`, fsync the directory. A reader sees the old or the new
+//!   content, never a mix, and once the call returns the new content survives a power
+//!   loss. "Record files" ([`write_record_file`], [`read_record_file`]) are such files
+//!   holding exactly one framed record, so any damage is detected on read.
+//! - **Directories**: [`fsync_dir`] (makes creations, renames and removals in a
+//!   directory durable) and [`create_dir_durable`].
+//! - **Checksums**: crc32c ([`checksum`], [`verify_checksum`]), shared by the segment
+//!   codec, whose own frame layout (with offsets and timestamps) is in
+//!   [`crate::codec`].
+//!
+//! Everything here is blocking IO: async callers run it on a blocking thread.
+
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Bytes of a record header: payload length and payload checksum.
+pub const RECORD_HEADER_BYTES: usize = 8;
+/// Largest payload a record may carry (64 MiB). A length field above it is garbage, not
+/// a record that is still being written. The segment codec uses the same limit.
+pub const RECORD_PAYLOAD_MAX_BYTES: usize = 64 << 20;
+/// Suffix of the temporary file an atomic replace writes first (`<name>.tmp`). A file
+/// with this suffix left in a directory is a replace cut short: safe to delete.
+pub const TMP_SUFFIX: &str = ".tmp";
+
+// ---------------------------------------------------------------------------------------
+// Checksums
+// ---------------------------------------------------------------------------------------
+
+/// crc32c (Castagnoli) of `bytes`: hardware-accelerated on x86-64 and aarch64.
+pub fn checksum(bytes: &[u8]) -> u32 {
+    crc32c::crc32c(bytes)
+}
+
+/// A stored checksum that does not match the bytes it covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("checksum mismatch (stored {stored:08x}, computed {computed:08x})")]
+pub struct ChecksumMismatch {
+    pub stored: u32,
+    pub computed: u32,
+}
+
+/// Checks that `stored` is the [`checksum`] of `covered`.
+pub fn verify_checksum(stored: u32, covered: &[u8]) -> Result<(), ChecksumMismatch> {
+    let computed = checksum(covered);
+    if computed == stored {
+        Ok(())
+    } else {
+        Err(ChecksumMismatch { stored, computed })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Framed records
+// ---------------------------------------------------------------------------------------
+
+/// A payload larger than [`RECORD_PAYLOAD_MAX_BYTES`] was not framed: the decoder would
+/// refuse it, so writing it would lose it on the next read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("a record payload of {len_bytes} bytes exceeds the maximum of {RECORD_PAYLOAD_MAX_BYTES}")]
+pub struct RecordTooLarge {
+    pub len_bytes: usize,
+}
+
+/// Appends one framed record holding `payload` to `out` (nothing when it is too large).
+pub fn encode_record(payload: &[u8], out: &mut Vec<u8>) -> Result<(), RecordTooLarge> {
+    let too_large = RecordTooLarge { len_bytes: payload.len() };
+    if payload.len() > RECORD_PAYLOAD_MAX_BYTES {
+        return Err(too_large);
+    }
+    let len = u32::try_from(payload.len()).map_err(|_| too_large)?;
+    out.reserve(RECORD_HEADER_BYTES + payload.len());
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&checksum(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    Ok(())
+}
+
+/// Why bytes are not a framed record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidRecord {
+    #[error("record length {len_bytes} exceeds the maximum of {RECORD_PAYLOAD_MAX_BYTES}")]
+    TooLong { len_bytes: u32 },
+    #[error(transparent)]
+    Checksum(#[from] ChecksumMismatch),
+}
+
+/// Result of decoding the record at the start of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded<'a> {
+    /// A complete record with a valid checksum; `size` bytes (header included) were used.
+    Record { payload: &'a [u8], size: usize },
+    /// The buffer ends inside the record (a torn write): exactly `needed` more bytes
+    /// would complete it (once the header is complete; before, they complete the header).
+    Incomplete { needed: usize },
+    /// The bytes are not a valid record. `size` is the extent the header claims (or the
+    /// header length if the length field is itself invalid).
+    Invalid { reason: InvalidRecord, size: usize },
+}
+
+fn u32_le(bytes: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(b)
+}
+
+/// Decodes the record at the start of `buf` (an empty buffer is `Incomplete`). Never
+/// panics, whatever the bytes.
+pub fn decode_record(buf: &[u8]) -> Decoded<'_> {
+    if buf.len() < RECORD_HEADER_BYTES {
+        return Decoded::Incomplete { needed: RECORD_HEADER_BYTES - buf.len() };
+    }
+    let len = u32_le(buf, 0);
+    let stored = u32_le(buf, 4);
+    if len as usize > RECORD_PAYLOAD_MAX_BYTES {
+        return Decoded::Invalid { reason: InvalidRecord::TooLong { len_bytes: len }, size: RECORD_HEADER_BYTES };
+    }
+    let size = RECORD_HEADER_BYTES + len as usize;
+    if buf.len() < size {
+        return Decoded::Incomplete { needed: size - buf.len() };
+    }
+    let payload = &buf[RECORD_HEADER_BYTES..size];
+    match verify_checksum(stored, payload) {
+        Ok(()) => Decoded::Record { payload, size },
+        Err(e) => Decoded::Invalid { reason: e.into(), size },
+    }
+}
+
+/// Why the bytes of a record file are not exactly one record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BadRecordFile {
+    #[error("truncated ({missing_bytes} bytes missing)")]
+    Truncated { missing_bytes: usize },
+    #[error(transparent)]
+    Invalid(#[from] InvalidRecord),
+    #[error("{extra_bytes} unexpected bytes after the record")]
+    TrailingBytes { extra_bytes: usize },
+}
+
+/// The payload of a record file's bytes, which must be exactly one valid record. Never
+/// panics, whatever the bytes.
+pub fn decode_record_file(bytes: &[u8]) -> Result<&[u8], BadRecordFile> {
+    match decode_record(bytes) {
+        Decoded::Record { payload, size } if size == bytes.len() => Ok(payload),
+        Decoded::Record { size, .. } => Err(BadRecordFile::TrailingBytes { extra_bytes: bytes.len() - size }),
+        Decoded::Incomplete { needed } => Err(BadRecordFile::Truncated { missing_bytes: needed }),
+        Decoded::Invalid { reason, .. } => Err(reason.into()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors of file operations
+// ---------------------------------------------------------------------------------------
+
+/// A durable file that could not be read or written, or whose content cannot be trusted.
+/// Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("I/O error on {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{} is corrupt: {reason}", path.display())]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("cannot write {}: {source}", path.display())]
+    TooLarge { path: PathBuf, source: RecordTooLarge },
+    #[error("cannot append an empty record to {}: zeros left by a crash would read as one", path.display())]
+    EmptyRecord { path: PathBuf },
+}
+
+impl FileError {
+    fn io(path: &Path) -> impl FnOnce(io::Error) -> FileError + '_ {
+        move |source| FileError::Io { path: path.to_path_buf(), source }
+    }
+
+    /// The file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            FileError::Io { path, .. }
+            | FileError::Corrupt { path, .. }
+            | FileError::TooLarge { path, .. }
+            | FileError::EmptyRecord { path } => path,
+        }
+    }
+}
+
+/// For callers whose interfaces speak `io::Error`: the kind is kept for IO errors, the
+/// message (with the file name) for all.
+impl From<FileError> for io::Error {
+    fn from(e: FileError) -> io::Error {
+        let kind = match &e {
+            FileError::Io { source, .. } => source.kind(),
+            FileError::Corrupt { .. } => io::ErrorKind::InvalidData,
+            FileError::TooLarge { .. } | FileError::EmptyRecord { .. } => io::ErrorKind::InvalidInput,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Directories
+// ---------------------------------------------------------------------------------------
+
+/// The directory holding `path` (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// fsyncs a directory, making file creations, renames and removals in it durable: a
+/// file's own fsync does not cover its directory entry.
+pub fn fsync_dir(dir: &Path) -> Result<(), FileError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(FileError::io(dir))
+}
+
+/// Creates `dir` and any missing parents, durably: each new directory's entry is
+/// fsynced in its parent, so the directory (and what is later made durable in it)
+/// does not vanish in a power loss.
+pub fn create_dir_durable(dir: &Path) -> Result<(), FileError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).collect();
+    fs::create_dir_all(dir).map_err(FileError::io(dir))?;
+    // Outermost first: a new directory's entry is durable once its parent is fsynced.
+    for d in missing.iter().rev() {
+        fsync_dir(parent_dir(d))?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Atomically replaced files
+// ---------------------------------------------------------------------------------------
+
+/// `<path>.tmp`: where [`replace_file`] writes before renaming.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = OsString::from(path.as_os_str());
+    name.push(TMP_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// Writes `bytes` to `<path>.tmp` (replacing a stale one), optionally fsyncs it, and
+/// renames it over `path`.
+fn write_and_rename(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), FileError> {
+    let tmp = tmp_path(path);
+    {
+        let mut f =
+            OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(FileError::io(&tmp))?;
+        f.write_all(bytes).map_err(FileError::io(&tmp))?;
+        if fsync {
+            // Before the rename: otherwise a power loss could leave the new name
+            // pointing at a file whose data never reached the disk.
+            f.sync_all().map_err(FileError::io(&tmp))?;
+        }
+    }
+    fs::rename(&tmp, path).map_err(FileError::io(path))
+}
+
+/// Replaces `path` with `bytes` atomically and durably: write `<path>.tmp`, fsync it,
+/// rename it over `path`, fsync the directory. A crash at any point leaves the old or
+/// the new content (plus perhaps a stale `.tmp`); once this returns, the new content
+/// survives a power loss.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
+    write_and_rename(path, bytes, true)?;
+    fsync_dir(parent_dir(path))
+}
+
+/// Like [`replace_file`] but without any fsync, for hints whose loss is harmless: the
+/// rename keeps it atomic against a process crash, but after a power loss the file may
+/// hold the old content, or be empty or damaged (readers must tolerate that).
+pub fn replace_file_unsynced(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
+    write_and_rename(path, bytes, false)
+}
+
+/// Reads a file written by [`replace_file`]; `None` if it does not exist. The directory
+/// is fsynced when it does: a crash between the rename and the directory fsync leaves a
+/// new name that only the page cache knows, and the caller is about to rely on it.
+pub fn read_replaced_file(path: &Path) -> Result<Option<Vec<u8>>, FileError> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(FileError::io(path)(e)),
+    };
+    fsync_dir(parent_dir(path))?;
+    Ok(Some(bytes))
+}
+
+fn frame_file(path: &Path, payload: &[u8]) -> Result<Vec<u8>, FileError> {
+    let mut bytes = Vec::new();
+    encode_record(payload, &mut bytes).map_err(|source| FileError::TooLarge { path: path.to_path_buf(), source })?;
+    Ok(bytes)
+}
+
+/// Replaces `path` ([`replace_file`]) with one framed record holding `payload`.
+pub fn write_record_file(path: &Path, payload: &[u8]) -> Result<(), FileError> {
+    replace_file(path, &frame_file(path, payload)?)
+}
+
+/// Like [`write_record_file`] without fsync ([`replace_file_unsynced`]): for hints.
+pub fn write_record_file_unsynced(path: &Path, payload: &[u8]) -> Result<(), FileError> {
+    replace_file_unsynced(path, &frame_file(path, payload)?)
+}
+
+/// The payload of a record file; `None` if the file does not exist. Such files are
+/// replaced atomically, so anything but exactly one valid record is real damage:
+/// `Corrupt`, never a guess.
+pub fn read_record_file(path: &Path) -> Result<Option<Vec<u8>>, FileError> {
+    let Some(bytes) = read_replaced_file(path)? else { return Ok(None) };
+    match decode_record_file(&bytes) {
+        Ok(payload) => Ok(Some(payload.to_vec())),
+        Err(e) => Err(FileError::Corrupt { path: path.to_path_buf(), reason: e.to_string() }),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Append logs
+// ---------------------------------------------------------------------------------------
+
+/// What opening an [`AppendLog`] cut off its end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cut {
+    /// Where the first bad record started (= the new length of the file).
+    pub position: u64,
+    pub dropped_bytes: u64,
+    pub reason: String,
+    /// The bad record was the last one written (it reaches the end of the file, or only
+    /// zeros follow it): a write torn by a crash, nothing that had been made durable.
+    /// Otherwise records after it were dropped too: damage, not a crash.
+    pub torn_tail: bool,
+}
+
+/// A file of framed records, only ever appended to, cut at the end, or rewritten without
+/// its first records. Opening it reads the whole file, so it suits logs that are kept
+/// short (the Raft log, compacted behind snapshots), not segments.
+///
+/// Records are never empty: an empty record is eight zero bytes (crc32c of nothing is
+/// 0), exactly what a file system may leave where a crash lost appended data after the
+/// file's new size was made durable. So the log refuses to append one, and a scan takes
+/// one for unwritten space, not a record.
+#[derive(Debug)]
+pub struct AppendLog {
+    path: PathBuf,
+    /// Opened for reading and appending.
+    file: File,
+    /// Length of the valid part of the file (= the file length).
+    len_bytes: u64,
+}
+
+impl AppendLog {
+    /// Opens (creating) the log at `path` and reads every record in order, passing each
+    /// complete, checksummed record's position and payload to `accept`, which may
+    /// refuse it (`Err(reason)`: undecodable, out of sequence...). The first torn,
+    /// corrupt or refused record and everything after it are cut off (and logged with
+    /// the file name), never passed on. The file and its directory are then fsynced:
+    /// what a crashed process wrote may still be only in the page cache, and the caller
+    /// is about to treat every accepted record as durable.
+    pub fn open(
+        path: &Path,
+        mut accept: impl FnMut(u64, &[u8]) -> Result<(), String>,
+    ) -> Result<(AppendLog, Option<Cut>), FileError> {
+        let mut file =
+            OpenOptions::new().read(true).append(true).create(true).open(path).map_err(FileError::io(path))?;
+        let mut data = Vec::new();
+        file.read_to_end(&mut data).map_err(FileError::io(path))?;
+
+        let mut pos = 0usize;
+        // (reason, extent the bad record claims)
+        let mut problem: Option<(String, usize)> = None;
+        while pos < data.len() {
+            match decode_record(&data[pos..]) {
+                Decoded::Record { payload: [], size } => {
+                    problem = Some(("empty record (zeros: space a crash left unwritten)".to_string(), size));
+                    break;
+                }
+                Decoded::Record { payload, size } => {
+                    if let Err(reason) = accept(pos as u64, payload) {
+                        problem = Some((reason, size));
+                        break;
+                    }
+                    pos += size;
+                }
+                Decoded::Incomplete { needed } => {
+                    problem = Some((format!("incomplete record ({needed} more bytes needed)"), data.len() - pos));
+                    break;
+                }
+                Decoded::Invalid { reason, size } => {
+                    problem = Some((reason.to_string(), size));
+                    break;
+                }
+            }
+        }
+
+        let cut = problem.map(|(reason, extent)| {
+            let claimed_end = pos.saturating_add(extent).min(data.len());
+            // A zero-filled tail is what a file system may leave when the size of the
+            // file was made durable but its last data was not: a torn write too.
+            let torn_tail = claimed_end >= data.len() || data[claimed_end..].iter().all(|b| *b == 0);
+            let dropped_bytes = (data.len() - pos) as u64;
+            if torn_tail {
+                tracing::warn!(file = %path.display(), position = pos, dropped_bytes, %reason,
+                    "file ends with a torn or corrupt record; truncating it to the last valid record");
+            } else {
+                tracing::warn!(file = %path.display(), position = pos, dropped_bytes, %reason,
+                    "FILE IS DAMAGED BEFORE ITS END: dropping the damaged record and everything after it");
+            }
+            Cut { position: pos as u64, dropped_bytes, reason, torn_tail }
+        });
+        if cut.is_some() {
+            file.set_len(pos as u64).map_err(FileError::io(path))?;
+        }
+        file.sync_all().map_err(FileError::io(path))?;
+        fsync_dir(parent_dir(path))?;
+        Ok((AppendLog { path: path.to_path_buf(), file, len_bytes: pos as u64 }, cut))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes of valid records (= the file length).
+    pub fn len_bytes(&self) -> u64 {
+        self.len_bytes
+    }
+
+    /// Appends one record per payload with one write and one fdatasync; returns the
+    /// position of each record. On an error nothing counts as appended (the file is cut
+    /// back, best effort; a torn rest would be cut on the next open anyway).
+    pub fn append<P: AsRef<[u8]>>(&mut self, payloads: &[P]) -> Result<Vec<u64>, FileError> {
+        let mut buf = Vec::new();
+        let mut positions = Vec::with_capacity(payloads.len());
+        for payload in payloads {
+            if payload.as_ref().is_empty() {
+                return Err(FileError::EmptyRecord { path: self.path.clone() });
+            }
+            positions.push(self.len_bytes + buf.len() as u64);
+            encode_record(payload.as_ref(), &mut buf)
+                .map_err(|source| FileError::TooLarge { path: self.path.clone(), source })?;
+        }
+        if buf.is_empty() {
+            return Ok(positions);
+        }
+        let written = self.file.write_all(&buf).and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // Do not leave a partial record behind the valid log: a later append would
+            // land after it and be cut with it on the next open.
+            if let Err(cut) = self.file.set_len(self.len_bytes) {
+                tracing::warn!(file = %self.path.display(), error = %cut, "cannot cut a failed append off the log");
+            }
+            return Err(FileError::io(&self.path)(e));
+        }
+        self.len_bytes += buf.len() as u64;
+        Ok(positions)
+    }
+
+    /// Cuts the log to `len_bytes` (a record boundary), durably: dropped records must not
+    /// come back after a crash.
+    pub fn truncate(&mut self, len_bytes: u64) -> Result<(), FileError> {
+        if len_bytes >= self.len_bytes {
+            return Ok(());
+        }
+        self.file.set_len(len_bytes).map_err(FileError::io(&self.path))?;
+        self.file.sync_all().map_err(FileError::io(&self.path))?;
+        self.len_bytes = len_bytes;
+        Ok(())
+    }
+
+    /// Rewrites the log without its first `bytes` (a record boundary), atomically: the
+    /// rest is copied to `<path>.tmp`, fsynced and renamed over the log, and the
+    /// directory fsynced. A crash leaves the old or the new file. Positions of the kept
+    /// records move down by `bytes`.
+    pub fn drop_front(&mut self, bytes: u64) -> Result<(), FileError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        if bytes >= self.len_bytes {
+            return self.truncate(0);
+        }
+        let mut rest = vec![0u8; (self.len_bytes - bytes) as usize];
+        self.file.read_exact_at(&mut rest, bytes).map_err(FileError::io(&self.path))?;
+
+        let tmp_path = tmp_path(&self.path);
+        match fs::remove_file(&tmp_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(FileError::io(&tmp_path)(e)),
+        }
+        let mut tmp = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(&tmp_path)
+            .map_err(FileError::io(&tmp_path))?;
+        tmp.write_all(&rest).and_then(|()| tmp.sync_all()).map_err(FileError::io(&tmp_path))?;
+        fs::rename(&tmp_path, &self.path).map_err(FileError::io(&self.path))?;
+        fsync_dir(parent_dir(&self.path))?;
+        // The handle of the tmp file now is the log file.
+        self.file = tmp;
+        self.len_bytes -= bytes;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_record(payload, &mut out).unwrap();
+        out
+    }
+
+    /// Opens the log at `path`, returning its payloads and what was cut.
+    fn open_all(path: &Path) -> (AppendLog, Vec<Vec<u8>>, Option<Cut>) {
+        let mut payloads = Vec::new();
+        let (log, cut) = AppendLog::open(path, |_, p| {
+            payloads.push(p.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        (log, payloads, cut)
+    }
+
+    fn payloads(n: usize) -> Vec<Vec<u8>> {
+        (0..n).map(|i| format!("{{\"record\":{i},\"pad\":\"{}\"}}", "x".repeat(i * 3)).into_bytes()).collect()
+    }
+
+    #[test]
+    fn decode_record_classifies_any_bytes() {
+        let mut buf = Vec::new();
+        encode_record(b"{\"a\":1}", &mut buf).unwrap();
+        assert_eq!(decode_record(&buf), Decoded::Record { payload: b"{\"a\":1}", size: buf.len() });
+        assert!(matches!(decode_record(&[]), Decoded::Incomplete { needed: 8 }));
+        assert!(matches!(decode_record(&buf[..5]), Decoded::Incomplete { needed: 3 }));
+        assert!(matches!(decode_record(&buf[..buf.len() - 1]), Decoded::Incomplete { needed: 1 }));
+        let mut bad = buf.clone();
+        *bad.last_mut().unwrap() ^= 0xff;
+        assert!(matches!(decode_record(&bad), Decoded::Invalid { .. }));
+        let huge = [0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 1, 2];
+        assert!(matches!(decode_record(&huge), Decoded::Invalid { size: RECORD_HEADER_BYTES, .. }));
+        // Arbitrary bytes never panic.
+        let mut x: u32 = 12345;
+        for n in 0..2000usize {
+            let bytes: Vec<u8> = (0..n % 64)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            let _ = decode_record(&bytes);
+        }
+    }
+
+    #[test]
+    fn record_layout_and_limits() {
+        let buf = frame(b"abc");
+        assert_eq!(&buf[..4], &3u32.to_le_bytes());
+        assert_eq!(&buf[4..8], &crc32c::crc32c(b"abc").to_le_bytes());
+        assert_eq!(&buf[8..], b"abc");
+        // The largest payload frames and decodes; one byte more is refused by both sides.
+        let max = vec![7u8; RECORD_PAYLOAD_MAX_BYTES];
+        let framed = frame(&max);
+        assert_eq!(decode_record(&framed), Decoded::Record { payload: &max[..], size: framed.len() });
+        let mut out = b"kept".to_vec();
+        let over = vec![0u8; RECORD_PAYLOAD_MAX_BYTES + 1];
+        assert_eq!(encode_record(&over, &mut out), Err(RecordTooLarge { len_bytes: RECORD_PAYLOAD_MAX_BYTES + 1 }));
+        assert_eq!(out, b"kept", "nothing is framed when the payload is too large");
+        let mut header = ((RECORD_PAYLOAD_MAX_BYTES + 1) as u32).to_le_bytes().to_vec();
+        header.extend_from_slice(&[0; 4]);
+        assert!(matches!(
+            decode_record(&header),
+            Decoded::Invalid { reason: InvalidRecord::TooLong { .. }, size: RECORD_HEADER_BYTES }
+        ));
+    }
+
+    #[test]
+    fn every_flipped_bit_is_detected() {
+        let buf = frame(b"{\"vote\":{\"term\":4}}");
+        for bit in 0..buf.len() * 8 {
+            let mut bad = buf.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(!matches!(decode_record(&bad), Decoded::Record { .. }), "bit {bit}");
+            assert!(decode_record_file(&bad).is_err(), "bit {bit}");
+        }
+    }
+
+    #[test]
+    fn record_file_decoder_wants_exactly_one_record() {
+        let buf = frame(b"42");
+        assert_eq!(decode_record_file(&buf), Ok(&b"42"[..]));
+        for cut in 0..buf.len() {
+            // Before the header is complete, the missing bytes are the header's.
+            let missing_bytes = if cut < RECORD_HEADER_BYTES { RECORD_HEADER_BYTES - cut } else { buf.len() - cut };
+            assert_eq!(decode_record_file(&buf[..cut]), Err(BadRecordFile::Truncated { missing_bytes }));
+        }
+        let mut longer = buf.clone();
+        longer.push(0);
+        assert_eq!(decode_record_file(&longer), Err(BadRecordFile::TrailingBytes { extra_bytes: 1 }));
+        let err = decode_record_file(&longer[..3]).unwrap_err();
+        assert_eq!(err.to_string(), "truncated (5 bytes missing)");
+    }
+
+    #[test]
+    fn record_file_round_trip_and_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vote");
+        assert_eq!(read_record_file(&path).unwrap(), None);
+        write_record_file(&path, b"{\"term\":1}").unwrap();
+        assert_eq!(read_record_file(&path).unwrap().as_deref(), Some(&b"{\"term\":1}"[..]));
+        write_record_file_unsynced(&path, b"{\"term\":2}").unwrap();
+        assert_eq!(read_record_file(&path).unwrap().as_deref(), Some(&b"{\"term\":2}"[..]));
+        assert!(!tmp_path(&path).exists());
+
+        let good = fs::read(&path).unwrap();
+        let mut flipped = good.clone();
+        flipped[9] ^= 0x10;
+        fs::write(&path, &flipped).unwrap();
+        let err = read_record_file(&path).unwrap_err();
+        assert!(matches!(err, FileError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("vote is corrupt: checksum mismatch"), "{err}");
+        fs::write(&path, &good[..good.len() - 1]).unwrap();
+        let err = read_record_file(&path).unwrap_err();
+        assert!(err.to_string().contains("truncated (1 bytes missing)"), "{err}");
+        assert_eq!(err.path(), path);
+
+        let over = vec![0u8; RECORD_PAYLOAD_MAX_BYTES + 1];
+        assert!(matches!(write_record_file(&path, &over), Err(FileError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn atomic_replace_leaves_old_or_new_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshot");
+        replace_file(&path, b"old content").unwrap();
+
+        // A replace cut short by a crash before its rename leaves a stale tmp file (here
+        // half written) and the old content; the next replace does not mind the stale tmp.
+        fs::write(tmp_path(&path), b"new con").unwrap();
+        assert_eq!(read_replaced_file(&path).unwrap().as_deref(), Some(&b"old content"[..]));
+        replace_file(&path, b"new content, longer than before").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new content, longer than before");
+        assert!(!tmp_path(&path).exists());
+
+        // A replace that fails (its tmp file cannot be written) leaves the old content.
+        fs::create_dir(tmp_path(&path)).unwrap();
+        let err = replace_file(&path, b"never written").unwrap_err();
+        assert!(matches!(err, FileError::Io { .. }), "{err}");
+        assert_eq!(err.path(), tmp_path(&path));
+        assert_eq!(fs::read(&path).unwrap(), b"new content, longer than before");
+        fs::remove_dir(tmp_path(&path)).unwrap();
+
+        // Shorter new content replaces the whole file, not a prefix of it.
+        replace_file_unsynced(&path, b"short").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"short");
+        assert_eq!(read_replaced_file(&dir.path().join("missing")).unwrap(), None);
+    }
+
+    #[test]
+    fn create_dir_durable_makes_every_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a/b/c");
+        create_dir_durable(&deep).unwrap();
+        assert!(deep.is_dir());
+        create_dir_durable(&deep).unwrap();
+        fsync_dir(&deep).unwrap();
+        assert!(matches!(fsync_dir(&dir.path().join("nope")), Err(FileError::Io { .. })));
+        let file = dir.path().join("file");
+        fs::write(&file, b"x").unwrap();
+        assert!(create_dir_durable(&file.join("sub")).is_err());
+    }
+
+    #[test]
+    fn verify_checksum_reports_both_values() {
+        assert_eq!(verify_checksum(checksum(b"abc"), b"abc"), Ok(()));
+        let err = verify_checksum(1, b"abc").unwrap_err();
+        assert_eq!(err, ChecksumMismatch { stored: 1, computed: checksum(b"abc") });
+        assert_eq!(err.to_string(), format!("checksum mismatch (stored 00000001, computed {:08x})", checksum(b"abc")));
+    }
+
+    #[test]
+    fn append_log_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (mut log, got, cut) = open_all(&path);
+        assert!(got.is_empty() && cut.is_none() && log.len_bytes() == 0);
+        let p = payloads(5);
+        let positions = log.append(&p[..2]).unwrap();
+        assert_eq!(positions, vec![0, (RECORD_HEADER_BYTES + p[0].len()) as u64]);
+        log.append(&p[2..]).unwrap();
+        log.append::<Vec<u8>>(&[]).unwrap();
+        assert_eq!(log.len_bytes(), fs::metadata(&path).unwrap().len());
+        drop(log);
+        let (log, got, cut) = open_all(&path);
+        assert_eq!((got, cut), (p.clone(), None));
+
+        // A refused append leaves nothing behind.
+        let mut log = log;
+        let before = log.len_bytes();
+        let over = vec![0u8; RECORD_PAYLOAD_MAX_BYTES + 1];
+        assert!(matches!(log.append(&[p[0].clone(), over]), Err(FileError::TooLarge { .. })));
+        assert!(matches!(log.append(&[p[0].clone(), Vec::new()]), Err(FileError::EmptyRecord { .. })));
+        assert_eq!(log.len_bytes(), before);
+        assert_eq!(fs::metadata(&path).unwrap().len(), before);
+    }
+
+    #[test]
+    fn append_log_cuts_a_torn_tail_at_every_byte_of_the_last_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let p = payloads(4);
+        let (mut log, _, _) = open_all(&path);
+        let positions = log.append(&p).unwrap();
+        drop(log);
+        let full = fs::read(&path).unwrap();
+        let last = positions[3] as usize;
+        for cut_at in last..full.len() {
+            fs::write(&path, &full[..cut_at]).unwrap();
+            let (mut log, got, cut) = open_all(&path);
+            assert_eq!(got, p[..3], "cut at {cut_at}");
+            assert_eq!(fs::metadata(&path).unwrap().len(), last as u64, "cut at {cut_at}");
+            let cut = cut.filter(|_| cut_at > last);
+            if let Some(c) = cut {
+                assert!(c.torn_tail && c.position == last as u64 && c.dropped_bytes == (cut_at - last) as u64);
+            }
+            // The log keeps working after the repair.
+            log.append(&p[3..]).unwrap();
+            drop(log);
+            assert_eq!(fs::read(&path).unwrap(), full, "cut at {cut_at}");
+        }
+    }
+
+    #[test]
+    fn append_log_cuts_at_a_flipped_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let p = payloads(4);
+        let (mut log, _, _) = open_all(&path);
+        let positions = log.append(&p).unwrap();
+        drop(log);
+        let full = fs::read(&path).unwrap();
+        for (i, &start) in positions.iter().enumerate() {
+            let end = positions.get(i + 1).map_or(full.len(), |&e| e as usize);
+            for bit in (start as usize * 8..end * 8).step_by(5) {
+                let mut bad = full.clone();
+                bad[bit / 8] ^= 1 << (bit % 8);
+                fs::write(&path, &bad).unwrap();
+                let (_, got, cut) = open_all(&path);
+                assert_eq!(got, p[..i], "record {i} bit {bit}");
+                let cut = cut.unwrap_or_else(|| panic!("record {i} bit {bit}: nothing cut"));
+                assert_eq!(cut.position, start);
+                assert_eq!(fs::metadata(&path).unwrap().len(), start);
+                if i + 1 < positions.len() && bit / 8 >= start as usize + RECORD_HEADER_BYTES {
+                    // A bad payload with records after it: damage, not a torn write.
+                    assert!(!cut.torn_tail, "record {i} bit {bit}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn append_log_cuts_zeros_and_refused_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let p = payloads(3);
+        let (mut log, _, _) = open_all(&path);
+        log.append(&p).unwrap();
+        let valid = log.len_bytes();
+        drop(log);
+
+        // What a file system may leave after a crash: the size grew, the data did not land.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(valid + 4096).unwrap();
+        drop(f);
+        let (_, got, cut) = open_all(&path);
+        assert_eq!(got, p);
+        assert!(cut.unwrap().torn_tail);
+        assert_eq!(fs::metadata(&path).unwrap().len(), valid);
+
+        // The caller refuses the second record: it and everything after it go.
+        let mut seen = 0;
+        let (log, cut) = AppendLog::open(&path, |_, _| {
+            seen += 1;
+            if seen == 2 {
+                Err("out of sequence".to_string())
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap();
+        let cut = cut.unwrap();
+        assert_eq!(cut.reason, "out of sequence");
+        assert!(!cut.torn_tail);
+        assert_eq!(log.len_bytes(), frame(&p[0]).len() as u64);
+    }
+
+    #[test]
+    fn append_log_truncate_and_drop_front() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let p = payloads(6);
+        let (mut log, _, _) = open_all(&path);
+        let positions = log.append(&p).unwrap();
+        log.truncate(positions[5]).unwrap();
+        log.truncate(u64::MAX).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().len(), positions[5]);
+
+        log.drop_front(positions[2]).unwrap();
+        assert!(!tmp_path(&path).exists());
+        assert_eq!(log.len_bytes(), positions[5] - positions[2]);
+        // Appends and truncation keep working on the rewritten file.
+        let again = log.append(&p[5..]).unwrap();
+        assert_eq!(again, vec![positions[5] - positions[2]]);
+        drop(log);
+        let (mut log, got, cut) = open_all(&path);
+        assert_eq!((got, cut), (p[2..].to_vec(), None));
+
+        log.drop_front(0).unwrap();
+        log.drop_front(log.len_bytes()).unwrap();
+        assert_eq!(log.len_bytes(), 0);
+        drop(log);
+        let (_, got, _) = open_all(&path);
+        assert!(got.is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn record_round_trip(payload in proptest::collection::vec(any::<u8>(), 0..600), junk in proptest::collection::vec(any::<u8>(), 0..8)) {
+            let mut buf = frame(&payload);
+            let len = buf.len();
+            buf.extend_from_slice(&junk);
+            prop_assert_eq!(decode_record(&buf), Decoded::Record { payload: &payload[..], size: len });
+            for cut in 0..len {
+                let incomplete = matches!(decode_record(&buf[..cut]), Decoded::Incomplete { .. });
+                prop_assert!(incomplete);
+            }
+        }
+
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_record(&bytes);
+            let _ = decode_record_file(&bytes);
+        }
+
+        /// Whatever prefix of a log survives a crash, opening it yields exactly the
+        /// records that are complete in it, and the file is cut after the last one.
+        #[test]
+        fn append_log_keeps_the_complete_prefix(
+            records in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..64), 1..8),
+            cut_fraction in 0.0f64..=1.0,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("log");
+            let (mut log, _, _) = open_all(&path);
+            let positions = log.append(&records).unwrap();
+            let full_len = log.len_bytes();
+            drop(log);
+            let cut_at = (full_len as f64 * cut_fraction) as u64;
+            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            f.set_len(cut_at).unwrap();
+            drop(f);
+            let complete = positions
+                .iter()
+                .zip(records.iter())
+                .take_while(|(&pos, r)| pos + (RECORD_HEADER_BYTES + r.len()) as u64 <= cut_at)
+                .count();
+            let (log, got, _) = open_all(&path);
+            prop_assert_eq!(&got[..], &records[..complete]);
+            let expected_len = positions.get(complete).copied().unwrap_or(full_len).min(cut_at);
+            prop_assert_eq!(log.len_bytes(), expected_len);
+            prop_assert_eq!(fs::metadata(&path).unwrap().len(), expected_len);
+        }
+    }
+}
