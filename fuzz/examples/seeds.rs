@@ -270,7 +270,8 @@ async fn main() {
     for (id, addr) in [(1u64, "n1:7000"), (2, "n2:7000")] {
         let (inner, listeners) = net.attach(addr);
         let network = Arc::new(Recorder { inner, sent: sent.clone() });
-        nodes.push(Membership::start(id, addr.into(), config.clone(), network, listeners.datagrams, shutdown.clone()));
+        let peers = eventtermq::peers::Peers::new(network, Default::default());
+        nodes.push(Membership::start(id, addr.into(), config.clone(), peers, listeners.datagrams, shutdown.clone()));
     }
     let alone = nodes[1].handle_sync(Bytes::new()).await.unwrap();
     let merged = nodes[0].handle_sync(alone.clone()).await.unwrap();

@@ -11,6 +11,7 @@
 
 use bytes::Bytes;
 use eventtermq::membership::{decode_sync_payload_reencoded, Membership, MembershipConfig, MembershipError};
+use eventtermq::peers::Peers;
 use eventtermq::transport::mem::MemNetwork;
 use eventtermq::transport::DATAGRAM_QUEUE_MAX;
 use eventtermq_fuzz::runtime;
@@ -26,8 +27,14 @@ fuzz_target!(|data: &[u8]| {
         let (network, _listeners) = net.attach(ADDR);
         let (tx, rx) = mpsc::channel(DATAGRAM_QUEUE_MAX);
         let shutdown = CancellationToken::new();
-        let membership =
-            Membership::start(7, ADDR.to_string(), MembershipConfig::default(), network, rx, shutdown.clone());
+        let membership = Membership::start(
+            7,
+            ADDR.to_string(),
+            MembershipConfig::default(),
+            Peers::new(network, Default::default()),
+            rx,
+            shutdown.clone(),
+        );
         let mut rest = data;
         while let Some((&kind, r)) = rest.split_first() {
             let (len, r) = match r {
