@@ -7,7 +7,7 @@ use crate::membership::MembershipConfig;
 use crate::peers::PeerTimeouts;
 
 /// Default gRPC/gossip port.
-pub const DEFAULT_PORT: u16 = 16000;
+pub const DEFAULT_PORT: u16 = eventtermq_api::defaults::PORT;
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {

@@ -22,8 +22,7 @@ use crate::crd::EventterCluster;
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "eventter-operator";
-/// gRPC health service the broker reports SERVING once it knows a Raft leader.
-pub const READINESS_SERVICE: &str = "eventter.v1.Admin";
+pub use eventtermq_api::health::READINESS_SERVICE;
 /// UID (and GID) the broker runs as: "nonroot" of distroless-style images.
 pub const BROKER_UID: i64 = 65532;
 /// Where the broker's volume is mounted.

@@ -21,9 +21,9 @@ pub const GROUP: &str = "eventter.io";
 pub const VERSION: &str = "v1alpha1";
 
 /// Default gRPC (and gossip) port of a broker.
-pub const DEFAULT_GRPC_PORT: i32 = 16000;
+pub const DEFAULT_GRPC_PORT: i32 = eventtermq_api::defaults::PORT as i32;
 /// Default AMQP port of a broker.
-pub const DEFAULT_AMQP_PORT: i32 = 16001;
+pub const DEFAULT_AMQP_PORT: i32 = (eventtermq_api::defaults::PORT + eventtermq_api::defaults::AMQP_PORT_OFFSET) as i32;
 
 // Names as the broker accepts them (validate::name).
 const BROKER_NAME_PATTERN: &str = "^[A-Za-z0-9._-]{1,249}$";
@@ -386,15 +386,15 @@ pub struct TopicSpec {
 }
 
 fn default_broker_namespace() -> String {
-    "default".to_string()
+    eventtermq_api::defaults::NAMESPACE.to_string()
 }
 
 fn default_shards() -> u32 {
-    1
+    eventtermq_api::defaults::SHARDS
 }
 
 fn default_replication_factor() -> u32 {
-    3
+    eventtermq_api::defaults::REPLICATION_FACTOR
 }
 
 fn default_retention() -> String {
@@ -478,7 +478,7 @@ pub struct ConsumerGroupSpec {
 }
 
 fn default_group_size() -> u32 {
-    10_000
+    eventtermq_api::defaults::CONSUMER_GROUP_SIZE
 }
 
 /// One topic a consumer group reads.

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use eventtermq_api::defaults::{self, or_default};
 use eventtermq_proto::v1 as pb;
 use eventtermq_proto::v1::admin_server::Admin;
 use tonic::{Request, Response, Status};
@@ -14,9 +15,6 @@ use crate::cluster_state::validate;
 use crate::cluster_state::TopicUpdate;
 use crate::cluster_state::*;
 use crate::error::{ErrorCode, RequestError};
-
-/// Buffer of a consumer group when the request leaves `size` at 0.
-pub const CONSUMER_GROUP_SIZE_DEFAULT: u32 = 10_000;
 
 pub struct AdminService {
     pub cluster: Cluster,
@@ -39,11 +37,8 @@ pub(crate) fn namespace_of(ns: &str) -> Result<String, RequestError> {
 }
 
 fn topic_spec_from_pb(t: &pb::Topic) -> Result<TopicSpec, RequestError> {
-    let default_exchange_type = if t.default_exchange_type.is_empty() {
-        ExchangeType::Fanout
-    } else {
-        validate::exchange_type("default_exchange_type", &t.default_exchange_type)?
-    };
+    let default_exchange_type = or_default(&t.default_exchange_type, defaults::EXCHANGE_TYPE);
+    let default_exchange_type = validate::exchange_type("default_exchange_type", default_exchange_type)?;
     let spec = TopicSpec {
         shards: t.shards,
         replication_factor: t.replication_factor,
@@ -83,8 +78,8 @@ impl AdminService {
             } else {
                 validate::exchange_type(&format!("bindings[{i}].exchange_type"), &b.exchange_type)?
             };
-            let headers_match = match b.headers_match.as_str() {
-                "" | "all" => HeadersMatch::All,
+            let headers_match = match or_default(&b.headers_match, defaults::HEADERS_MATCH) {
+                "all" => HeadersMatch::All,
                 "any" => HeadersMatch::Any,
                 other => {
                     return Err(RequestError::new(
@@ -103,7 +98,7 @@ impl AdminService {
         }
         let spec = ConsumerGroupSpec {
             bindings,
-            size: if g.size == 0 { CONSUMER_GROUP_SIZE_DEFAULT } else { g.size },
+            size: defaults::consumer_group_size(g.size),
             since_unix_ms: g.since.as_ref().map(timestamp_to_ms).unwrap_or(0),
         };
         validate::consumer_group_spec(&spec)?;

@@ -40,10 +40,7 @@ impl From<RequestError> for tonic::Status {
 /// Largest gRPC message accepted (Raft snapshots travel in chunks well below this).
 pub const GRPC_MESSAGE_SIZE_MAX_BYTES: usize = 64 * 1024 * 1024;
 
-/// Health service name that reports SERVING only while the node knows a Raft leader
-/// (readiness); the empty service name reports SERVING while the process runs
-/// (liveness).
-pub const READINESS_SERVICE: &str = "eventter.v1.Admin";
+pub use eventtermq_api::health::READINESS_SERVICE;
 
 /// The node's parts the services answer from.
 pub struct Services {

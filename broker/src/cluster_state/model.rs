@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 pub type NodeId = u64;
 
 /// Name of the namespace every new cluster has and that cannot be deleted.
-pub const DEFAULT_NAMESPACE: &str = "default";
+pub const DEFAULT_NAMESPACE: &str = eventtermq_api::defaults::NAMESPACE;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
@@ -193,10 +193,7 @@ pub struct TopicSpec {
 impl TopicSpec {
     /// `min_insync_replicas`, with 0 resolved to a majority of the replication factor.
     pub fn min_insync(&self) -> u32 {
-        match self.min_insync_replicas {
-            0 => self.replication_factor / 2 + 1,
-            n => n,
-        }
+        eventtermq_api::defaults::min_insync_replicas(self.replication_factor, self.min_insync_replicas)
     }
 
     /// The spec with its defaults resolved, as the cluster state keeps it: two specs

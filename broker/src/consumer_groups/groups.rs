@@ -21,9 +21,6 @@ use crate::error::{ErrorCode, RequestError};
 use crate::peers::Relayed;
 use crate::replication::{lock, Segments};
 
-/// A subscriber's window when the request leaves `size` at 0.
-pub const SUBSCRIBER_SIZE_DEFAULT: u32 = 1000;
-
 /// Requests queued to one group task; senders (subscriptions, acks) wait beyond.
 const GROUP_COMMAND_QUEUE_MAX: usize = 1024;
 /// Acks of one subscription sent to the group task in one command at most.
@@ -183,7 +180,7 @@ impl Groups {
         group: GroupHandle,
         req: SubscribeRequest,
     ) -> Result<Relayed<SubscribeResponse>, RequestError> {
-        let max_unacked = if req.size == 0 { SUBSCRIBER_SIZE_DEFAULT } else { req.size };
+        let max_unacked = eventtermq_api::defaults::subscriber_size(req.size);
         let (reply, rx) = oneshot::channel();
         let cmd = GroupCmd::Subscribe { max_unacked, do_not_block: req.do_not_block, reply };
         group.cmd.send(cmd).await.map_err(|_| gone(&req.consumer_group))?;

@@ -21,4 +21,4 @@ pub mod matching;
 pub mod reader;
 mod task;
 
-pub use groups::{GroupHandle, Groups, Located, SUBSCRIBER_SIZE_DEFAULT};
+pub use groups::{GroupHandle, Groups, Located};

@@ -304,7 +304,7 @@ async fn sync_to_broker(
         BrokerWrite::Topic(topic) => match admin.list_topics(namespace).await? {
             None => create_namespace_then(&mut admin, namespace, BrokerWrite::Topic(topic)).await?,
             Some(listed) => match listed.items.iter().find(|t| t.name == topic.name) {
-                Some(held) if broker::topic_in_sync(&topic, held) => {
+                Some(held) if eventtermq_api::same::topic_in_sync(&topic, held) => {
                     return Ok(Ok(Synced::AlreadyHeld { read_index: listed.index }))
                 }
                 Some(_) => admin.update_topic(namespace, topic).await?,
@@ -316,7 +316,7 @@ async fn sync_to_broker(
             Some(listed) => {
                 if let Some(held) = listed.items.iter().find(|g| g.name == group.name) {
                     let topics = admin.list_topics(namespace).await?.map(|t| t.items).unwrap_or_default();
-                    if broker::consumer_group_in_sync(&group, held, &topics) {
+                    if eventtermq_api::same::consumer_group_in_sync(&group, held, &topics) {
                         return Ok(Ok(Synced::AlreadyHeld { read_index: listed.index }));
                     }
                 }

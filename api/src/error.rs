@@ -1,0 +1,135 @@
+//! Stable numeric error codes: part of the wire contract. They travel in the
+//! `eventter-error-code` gRPC metadata entry of every error a broker answers and never
+//! change meaning once released. Ranges: 1xxx invalid argument, 2xxx not found, 3xxx
+//! already exists, 4xxx failed precondition (nothing was changed), 5xxx unavailable
+//! (worth retrying; 5002 `Timeout` means the outcome is unknown), 9xxx internal.
+
+use serde::{Deserialize, Serialize};
+
+/// Stable numeric error codes. Ranges: 1xxx invalid argument, 2xxx not found,
+/// 3xxx already exists, 4xxx failed precondition, 5xxx unavailable, 9xxx internal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u32)]
+pub enum ErrorCode {
+    InvalidName = 1001,
+    InvalidShards = 1002,
+    InvalidReplicationFactor = 1003,
+    InvalidRetention = 1004,
+    InvalidExchangeType = 1005,
+    InvalidBinding = 1006,
+    InvalidSize = 1007,
+    InvalidMinInsyncReplicas = 1008,
+    InvalidArgument = 1099,
+    NamespaceNotFound = 2001,
+    TopicNotFound = 2002,
+    ConsumerGroupNotFound = 2003,
+    SegmentNotFound = 2004,
+    NamespaceAlreadyExists = 3001,
+    TopicAlreadyExists = 3002,
+    ConsumerGroupAlreadyExists = 3003,
+    DefaultNamespaceUndeletable = 4001,
+    NamespaceNotEmpty = 4002,
+    ImmutableField = 4003,
+    ShardsDecrease = 4004,
+    SegmentAlreadyOpen = 4005,
+    SegmentClosed = 4006,
+    SegmentOpen = 4007,
+    /// This node is not (or no longer) the primary of the segment.
+    NotPrimary = 4008,
+    /// A delivery that is not in flight (already acked, or never delivered).
+    NotInFlight = 4009,
+    /// A copy of a closed segment differs from the copies recorded before it.
+    ChecksumMismatch = 4010,
+    NoLeader = 5001,
+    /// The request was sent on but no answer came in time: it may still take effect.
+    Timeout = 5002,
+    /// No open segment or no node to take the request right now; retry.
+    NotReady = 5003,
+    /// Fewer nodes are up than a topic's `min_insync_replicas`: a publish is refused
+    /// rather than confirmed on fewer copies. Retry once nodes are back.
+    NotEnoughReplicas = 5004,
+    /// Another node the request needed could not be reached; nothing was done there.
+    PeerUnreachable = 5005,
+    Internal = 9001,
+    /// This node's copy of a segment failed its checksum; it is not served. Read
+    /// another copy.
+    CorruptCopy = 9002,
+}
+
+impl ErrorCode {
+    /// Every code, for decoding.
+    const ALL: [ErrorCode; 33] = [
+        ErrorCode::InvalidName,
+        ErrorCode::InvalidShards,
+        ErrorCode::InvalidReplicationFactor,
+        ErrorCode::InvalidRetention,
+        ErrorCode::InvalidExchangeType,
+        ErrorCode::InvalidBinding,
+        ErrorCode::InvalidSize,
+        ErrorCode::InvalidMinInsyncReplicas,
+        ErrorCode::InvalidArgument,
+        ErrorCode::NamespaceNotFound,
+        ErrorCode::TopicNotFound,
+        ErrorCode::ConsumerGroupNotFound,
+        ErrorCode::SegmentNotFound,
+        ErrorCode::NamespaceAlreadyExists,
+        ErrorCode::TopicAlreadyExists,
+        ErrorCode::ConsumerGroupAlreadyExists,
+        ErrorCode::DefaultNamespaceUndeletable,
+        ErrorCode::NamespaceNotEmpty,
+        ErrorCode::ImmutableField,
+        ErrorCode::ShardsDecrease,
+        ErrorCode::SegmentAlreadyOpen,
+        ErrorCode::SegmentClosed,
+        ErrorCode::SegmentOpen,
+        ErrorCode::NotPrimary,
+        ErrorCode::NotInFlight,
+        ErrorCode::ChecksumMismatch,
+        ErrorCode::NoLeader,
+        ErrorCode::Timeout,
+        ErrorCode::NotReady,
+        ErrorCode::NotEnoughReplicas,
+        ErrorCode::PeerUnreachable,
+        ErrorCode::Internal,
+        ErrorCode::CorruptCopy,
+    ];
+
+    pub fn as_u32(self) -> u32 {
+        self as u32
+    }
+
+    /// The code with this number, if it is one.
+    pub fn from_u32(n: u32) -> Option<ErrorCode> {
+        Self::ALL.iter().copied().find(|c| c.as_u32() == n)
+    }
+
+    pub fn grpc_code(self) -> tonic::Code {
+        match self.as_u32() / 1000 {
+            1 => tonic::Code::InvalidArgument,
+            2 => tonic::Code::NotFound,
+            3 => tonic::Code::AlreadyExists,
+            4 => tonic::Code::FailedPrecondition,
+            5 => tonic::Code::Unavailable,
+            _ => tonic::Code::Internal,
+        }
+    }
+}
+
+/// Metadata key carrying [`ErrorCode`] in gRPC responses.
+pub const ERROR_CODE_METADATA: &str = "eventter-error-code";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_decodes_to_itself_and_nothing_else_does() {
+        for c in ErrorCode::ALL {
+            assert_eq!(ErrorCode::from_u32(c.as_u32()), Some(c));
+        }
+        let distinct: std::collections::BTreeSet<u32> = ErrorCode::ALL.iter().map(|c| c.as_u32()).collect();
+        assert_eq!(distinct.len(), ErrorCode::ALL.len());
+        assert_eq!(ErrorCode::from_u32(0), None);
+        assert_eq!(ErrorCode::from_u32(5999), None);
+    }
+}
