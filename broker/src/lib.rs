@@ -1,14 +1,16 @@
-//! EventterMQ broker library. The `eventtermq` binary is a thin shell over
-//! [`cli`]; tests start whole nodes in-process through [`node::start`].
+//! EventterMQ broker node as a library: the `eventtermq` binary (`cli/`) runs one over
+//! real sockets; tests start whole clusters in-process through [`node::start`].
 //!
-//! Map (see ARCHITECTURE.md): [`transport`] (sockets or in-memory network) ->
-//! [`membership`] (SWIM gossip) and [`cluster_state`] (Raft-replicated state) ->
-//! [`node`] (wiring, bootstrap, leader duties) -> [`api`] (gRPC services) and [`cli`].
-//! The data path: [`replication`] (segments on `eventtermq_storage`, publish routing,
-//! primaries and replicas) and [`consumer_groups`] (matching, delivery, subscribers).
+//! Map (see ARCHITECTURE.md), each module using only those before it:
+//! [`error`], [`clock`], [`transport`] (sockets or an in-memory network) ->
+//! [`cluster_state`] (the Raft-replicated state: model, commands, storage) ->
+//! [`peers`] (the one door to other nodes) -> [`membership`] (SWIM gossip) and
+//! [`cluster`] (the door to the cluster state: write, read) -> [`replication`]
+//! (segments on `eventtermq_storage`, publish routing, primaries and replicas) ->
+//! [`consumer_groups`] (reading, matching, delivery) -> [`api`] (the gRPC services) ->
+//! [`node`] (wiring, bootstrap, the leader's membership duties).
 
 pub mod api;
-pub mod cli;
 pub mod clock;
 pub mod cluster;
 pub mod cluster_state;

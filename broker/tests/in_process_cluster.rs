@@ -4,10 +4,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use eventtermq::cluster_state::{Command, ExchangeType, NodeState, TopicSpec};
-use eventtermq::config::NodeConfig;
-use eventtermq::node::{self, NodeHandle};
-use eventtermq::transport::mem::MemNetwork;
+use eventtermq_broker::cluster_state::{Command, ExchangeType, NodeState, TopicSpec};
+use eventtermq_broker::config::NodeConfig;
+use eventtermq_broker::node::{self, NodeHandle};
+use eventtermq_broker::transport::mem::MemNetwork;
 use tokio_util::sync::CancellationToken;
 
 struct TestNode {
@@ -361,14 +361,14 @@ async fn publish_ids(node: &TestNode, ids: std::ops::Range<u32>) -> Vec<u32> {
 async fn read_when_ready(
     node: &TestNode,
     id: u64,
-    seg: &eventtermq::cluster_state::model::SegmentRecord,
+    seg: &eventtermq_broker::cluster_state::model::SegmentRecord,
     from: u64,
-) -> eventtermq::replication::read::ReadResult {
+) -> eventtermq_broker::replication::read::ReadResult {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match node.handle.segments.read(id, seg, from, 1 << 20, Duration::ZERO).await {
             Ok(r) => return r,
-            Err(e) if e.code == eventtermq::error::ErrorCode::NotReady && Instant::now() < deadline => {
+            Err(e) if e.code == eventtermq_broker::error::ErrorCode::NotReady && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await
             }
             Err(e) => panic!("segment {id} not readable: {e:?}"),
@@ -571,7 +571,7 @@ fn local_records(node: &TestNode, id: u64) -> Vec<eventtermq_storage::Record> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_reads_past_a_damaged_sealed_copy_and_the_copy_is_fetched_again() {
-    use eventtermq::cluster_state::{BindingSpec, ConsumerGroupSpec};
+    use eventtermq_broker::cluster_state::{BindingSpec, ConsumerGroupSpec};
     use eventtermq_proto::v1::{messaging_client::MessagingClient, SubscribeRequest};
 
     let dir = tempfile::tempdir().unwrap();

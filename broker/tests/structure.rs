@@ -1,10 +1,12 @@
-//! The shape of `broker/src`, checked on every test run (run it alone with
-//! `cargo test -p eventtermq --test structure -- --nocapture` to print the module graph):
+//! The shape of the broker library (`broker/src`) and the binary's (`cli/src`), checked
+//! on every test run (run it alone with
+//! `cargo test -p eventtermq-broker --test structure -- --nocapture` to print the
+//! module graphs):
 //!
 //! - no import circles: no top-level module uses one that uses it back (directly or
 //!   through others), and within a module no submodule uses a sibling that uses it back
 //!   (a submodule may use its parent's items);
-//! - one door to other nodes: gRPC clients are built only in `peers/` (and the CLI);
+//! - one door to other nodes: the broker builds gRPC clients only in `peers/`;
 //! - `tonic::Status` appears only in `api/` (the server side) and `peers/` (the client
 //!   side); the data path speaks `RequestError`.
 //!
@@ -14,8 +16,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-fn src() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+/// The source trees checked: the broker library and the `eventtermq` binary's crate.
+fn crates() -> [PathBuf; 2] {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    [here.join("src"), here.join("../cli/src")]
 }
 
 /// Every `.rs` file under `dir`, with its module path relative to the crate root.
@@ -77,7 +81,9 @@ fn graphs(all: &[(Vec<String>, String)]) -> BTreeMap<String, BTreeMap<String, BT
     for (module, code) in all {
         let Some(top) = module.first() else { continue };
         let top_edges = out.entry("crate".into()).or_default().entry(top.clone()).or_default();
-        for target in paths_after(code, "crate::") {
+        // In a top-level module's own file, `super::x` is `crate::x`.
+        let supers = if module.len() == 1 { paths_after(code, "super::") } else { Vec::new() };
+        for target in paths_after(code, "crate::").into_iter().chain(supers) {
             if target != *top && modules.contains(&vec![target.clone()]) {
                 top_edges.insert(target);
             }
@@ -134,22 +140,31 @@ fn cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
     graph.keys().find_map(|n| visit(n, graph, &mut Vec::new(), &mut done))
 }
 
-fn sources() -> Vec<(Vec<String>, String)> {
+fn sources_of(root: &Path) -> Vec<(Vec<String>, String)> {
     let mut all = Vec::new();
-    files(&src(), &[], &mut all);
+    files(root, &[], &mut all);
     all
+}
+
+/// The broker library's sources.
+fn sources() -> Vec<(Vec<String>, String)> {
+    sources_of(&crates()[0])
 }
 
 #[test]
 fn no_import_circles() {
     let mut circles = Vec::new();
-    for (scope, graph) in graphs(&sources()) {
-        println!("{scope}:");
-        for (from, to) in &graph {
-            println!("  {from} -> {}", to.iter().cloned().collect::<Vec<_>>().join(", "));
-        }
-        if let Some(c) = cycle(&graph) {
-            circles.push(format!("{scope}: {}", c.join(" -> ")));
+    for root in crates() {
+        let name = root.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().to_string());
+        let name = name.unwrap_or_default();
+        for (scope, graph) in graphs(&sources_of(&root)) {
+            println!("{name} {scope}:");
+            for (from, to) in &graph {
+                println!("  {from} -> {}", to.iter().cloned().collect::<Vec<_>>().join(", "));
+            }
+            if let Some(c) = cycle(&graph) {
+                circles.push(format!("{name} {scope}: {}", c.join(" -> ")));
+            }
         }
     }
     assert!(circles.is_empty(), "import circles:\n{}", circles.join("\n"));
@@ -171,13 +186,13 @@ fn uses_tonic_status(code: &str) -> bool {
 
 #[test]
 fn grpc_clients_are_built_only_in_peers() {
-    let found = offenders(|code| code.contains("Client::new"), &["peers", "cli"]);
+    let found = offenders(|code| code.contains("Client::new"), &["peers"]);
     assert!(found.is_empty(), "gRPC clients built outside peers/: {found:?}");
 }
 
 #[test]
 fn tonic_status_stays_in_api_and_peers() {
-    let found = offenders(uses_tonic_status, &["api", "peers", "cli"]);
+    let found = offenders(uses_tonic_status, &["api", "peers"]);
     assert!(found.is_empty(), "tonic::Status outside api/ and peers/: {found:?}");
 }
 
@@ -191,5 +206,5 @@ fn the_checks_see_what_they_look_for() {
     ]);
     assert_eq!(cycle(&graph), Some(vec!["a".into(), "b".into(), "a".into()]));
     assert!(uses_tonic_status("use tonic::{Request, Status};") && !uses_tonic_status("use tonic::Request;"));
-    assert!(!sources().is_empty());
+    assert!(crates().iter().all(|c| !sources_of(c).is_empty()));
 }

@@ -11,15 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use eventtermq::cluster_state::raft::encode;
-use eventtermq::cluster_state::{
+use eventtermq_broker::cluster_state::raft::encode;
+use eventtermq_broker::cluster_state::{
     Command, CommandResponse, ConsumerGroupSpec, ExchangeType, NodeRecord, NodeState, StateMachineStore, TopicSpec,
     TypeConfig,
 };
-use eventtermq::error::{ErrorCode, RequestError};
-use eventtermq::membership::{Membership, MembershipConfig};
-use eventtermq::transport::mem::MemNetwork;
-use eventtermq::transport::Network;
+use eventtermq_broker::error::{ErrorCode, RequestError};
+use eventtermq_broker::membership::{Membership, MembershipConfig};
+use eventtermq_broker::transport::mem::MemNetwork;
+use eventtermq_broker::transport::Network;
 use eventtermq_storage::durable::encode_record;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -270,7 +270,7 @@ async fn main() {
     for (id, addr) in [(1u64, "n1:7000"), (2, "n2:7000")] {
         let (inner, listeners) = net.attach(addr);
         let network = Arc::new(Recorder { inner, sent: sent.clone() });
-        let peers = eventtermq::peers::Peers::new(network, Default::default());
+        let peers = eventtermq_broker::peers::Peers::new(network, Default::default());
         nodes.push(Membership::start(id, addr.into(), config.clone(), peers, listeners.datagrams, shutdown.clone()));
     }
     let alone = nodes[1].handle_sync(Bytes::new()).await.unwrap();

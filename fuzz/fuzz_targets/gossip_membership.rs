@@ -10,10 +10,10 @@
 #![no_main]
 
 use bytes::Bytes;
-use eventtermq::membership::{decode_sync_payload_reencoded, Membership, MembershipConfig, MembershipError};
-use eventtermq::peers::Peers;
-use eventtermq::transport::mem::MemNetwork;
-use eventtermq::transport::DATAGRAM_QUEUE_MAX;
+use eventtermq_broker::membership::{decode_sync_payload_reencoded, Membership, MembershipConfig, MembershipError};
+use eventtermq_broker::peers::Peers;
+use eventtermq_broker::transport::mem::MemNetwork;
+use eventtermq_broker::transport::DATAGRAM_QUEUE_MAX;
 use eventtermq_fuzz::runtime;
 use libfuzzer_sys::fuzz_target;
 use tokio::sync::mpsc;

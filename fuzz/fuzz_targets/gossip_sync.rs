@@ -6,7 +6,7 @@
 //! trailing bytes, so the input itself is not required to round-trip byte for byte.
 #![no_main]
 
-use eventtermq::membership::decode_sync_payload_reencoded;
+use eventtermq_broker::membership::decode_sync_payload_reencoded;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -13,9 +13,9 @@
 use std::fmt::Debug;
 use std::path::Path;
 
-use eventtermq::cluster_state::log_store::decode_meta;
-use eventtermq::cluster_state::raft::LogId;
-use eventtermq::cluster_state::NodeId;
+use eventtermq_broker::cluster_state::log_store::decode_meta;
+use eventtermq_broker::cluster_state::raft::LogId;
+use eventtermq_broker::cluster_state::NodeId;
 use eventtermq_storage::durable::{decode_record, decode_record_file, encode_record, Decoded};
 use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;

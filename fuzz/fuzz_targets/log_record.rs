@@ -10,7 +10,7 @@
 //! fixed point.
 #![no_main]
 
-use eventtermq::cluster_state::TypeConfig;
+use eventtermq_broker::cluster_state::TypeConfig;
 use eventtermq_storage::durable::{
     decode_record, encode_record, Decoded, RECORD_HEADER_BYTES, RECORD_PAYLOAD_MAX_BYTES,
 };

@@ -15,7 +15,7 @@
 
 use std::fs;
 
-use eventtermq::cluster_state::LogStore;
+use eventtermq_broker::cluster_state::LogStore;
 use eventtermq_fuzz::{frame_lines, runtime, scratch_dir, split_parts};
 use eventtermq_storage::durable::encode_record;
 use libfuzzer_sys::fuzz_target;

@@ -9,9 +9,9 @@
 //! panic) to bytes that decode again, and that encoding is a fixed point.
 #![no_main]
 
-use eventtermq::cluster_state::raft::{decode, encode};
-use eventtermq::cluster_state::{Command, CommandResponse, NodeId, TypeConfig};
-use eventtermq::error::RequestError;
+use eventtermq_broker::cluster_state::raft::{decode, encode};
+use eventtermq_broker::cluster_state::{Command, CommandResponse, NodeId, TypeConfig};
+use eventtermq_broker::error::RequestError;
 use libfuzzer_sys::fuzz_target;
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{

@@ -8,7 +8,7 @@
 //! framed file decodes to the JSON it was framed from.
 #![no_main]
 
-use eventtermq::cluster_state::state_machine::{decode_snapshot_file, encode_snapshot_file};
+use eventtermq_broker::cluster_state::state_machine::{decode_snapshot_file, encode_snapshot_file};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

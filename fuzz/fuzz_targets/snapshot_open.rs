@@ -12,8 +12,8 @@
 
 use std::fs;
 
-use eventtermq::cluster_state::state_machine::{decode_snapshot_file, encode_snapshot_file};
-use eventtermq::cluster_state::StateMachineStore;
+use eventtermq_broker::cluster_state::state_machine::{decode_snapshot_file, encode_snapshot_file};
+use eventtermq_broker::cluster_state::StateMachineStore;
 use eventtermq_fuzz::{runtime, scratch_dir};
 use libfuzzer_sys::fuzz_target;
 use openraft::storage::RaftStateMachine;

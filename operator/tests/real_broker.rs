@@ -16,7 +16,7 @@ use common::api_server;
 use common::{after_status_patch, context, expect_cluster_get, finished, patched_status, topic_path, NS};
 use eventter_operator::controller::broker_object;
 use eventter_operator::crd::ConsumerGroup;
-use eventtermq::config::NodeConfig;
+use eventtermq_broker::config::NodeConfig;
 use eventtermq_proto::v1 as pb;
 use http::Method;
 use kube::runtime::controller::Action;
@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 struct Broker {
     addr: SocketAddr,
     shutdown: CancellationToken,
-    node: eventtermq::node::NodeHandle,
+    node: eventtermq_broker::node::NodeHandle,
     _dir: tempfile::TempDir,
 }
 
@@ -40,9 +40,9 @@ impl Broker {
         let mut config = NodeConfig::new(dir.path(), addr.to_string(), addr.to_string());
         config.raft.election_timeout_min_ms = 200;
         config.raft.election_timeout_max_ms = 300;
-        let (network, listeners) = eventtermq::transport::tcp::bind(addr, Duration::from_secs(1)).await.unwrap();
+        let (network, listeners) = eventtermq_broker::transport::tcp::bind(addr, Duration::from_secs(1)).await.unwrap();
         let shutdown = CancellationToken::new();
-        let node = eventtermq::node::start(config, network, listeners, shutdown.clone()).await.unwrap();
+        let node = eventtermq_broker::node::start(config, network, listeners, shutdown.clone()).await.unwrap();
         let broker = Broker { addr, shutdown, node, _dir: dir };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while broker

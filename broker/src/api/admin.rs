@@ -24,6 +24,7 @@ pub struct AdminService {
 type Reply<T> = Result<Response<T>, Status>;
 
 fn written(index: u64) -> Reply<pb::WriteResponse> {
+    #[allow(deprecated)] // `ok`: still sent for clients that read it
     Ok(Response::new(pb::WriteResponse { ok: true, index }))
 }
 

@@ -156,6 +156,7 @@ impl Messaging for MessagingService {
         let namespace = namespace_of(&req.namespace)?;
         validate::name("consumer_group", &req.consumer_group)?;
         self.settle(namespace, req.consumer_group, req.deliveries, true, fwd).await?;
+        #[allow(deprecated)] // `ok`: still sent for clients that read it
         Ok(Response::new(pb::AckResponse { ok: true }))
     }
 
@@ -165,6 +166,7 @@ impl Messaging for MessagingService {
         let namespace = namespace_of(&req.namespace)?;
         validate::name("consumer_group", &req.consumer_group)?;
         self.settle(namespace, req.consumer_group, req.deliveries, false, fwd).await?;
+        #[allow(deprecated)] // `ok`: still sent for clients that read it
         Ok(Response::new(pb::NackResponse { ok: true }))
     }
 }

@@ -7,7 +7,6 @@ pub mod internal;
 pub mod messaging;
 
 use std::pin::Pin;
-use std::time::Duration;
 
 use eventtermq_proto::internal::v1::internal_server::InternalServer;
 use eventtermq_proto::v1::admin_server::AdminServer;
@@ -98,7 +97,7 @@ pub fn serve(
     tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_interval(Some(crate::transport::HTTP2_KEEPALIVE_INTERVAL))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

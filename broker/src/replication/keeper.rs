@@ -31,6 +31,9 @@ const TICK: Duration = Duration::from_millis(250);
 /// restarted (doubling from the first to the second).
 const FAIL_OVER_RETRY_MIN: Duration = Duration::from_millis(100);
 const FAIL_OVER_RETRY_MAX: Duration = Duration::from_secs(1);
+/// Pauses between attempts to complete and seal a closed segment's copy (doubling).
+const FINISH_RETRY_MIN: Duration = Duration::from_millis(50);
+const FINISH_RETRY_MAX: Duration = Duration::from_secs(2);
 
 pub async fn run(segments: Segments, stop: CancellationToken) {
     let me = segments.cluster().id;
@@ -207,7 +210,7 @@ async fn delete_local(segments: &Segments, id: SegmentId) {
 /// Brings this node's copy of a closed segment to the agreed length, seals it and
 /// reports it done. Retries until it succeeds or the segment is gone.
 async fn finish(segments: &Segments, id: SegmentId) {
-    let mut pause = Duration::from_millis(50);
+    let mut pause = FINISH_RETRY_MIN;
     loop {
         match finish_once(segments, id).await {
             Ok(true) => return,
@@ -215,7 +218,7 @@ async fn finish(segments: &Segments, id: SegmentId) {
             Err(e) => tracing::warn!(segment_id = id, error = %e, "completing a closed segment failed; retrying"),
         }
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(2));
+        pause = (pause * 2).min(FINISH_RETRY_MAX);
     }
 }
 

@@ -103,6 +103,7 @@ impl Segments {
         // No task yet: the keeper has not started it.
         let primary = self.primary(id).ok_or_else(|| not_ready(topic))?;
         let range = primary.append(payloads.to_vec(), durability).await?;
+        #[allow(deprecated)] // `ok`: still sent for clients that read it
         Ok(PublishResponse {
             ok: true,
             segment_id: id,

@@ -83,6 +83,13 @@ impl AsyncWrite for Conn {
     }
 }
 
+/// HTTP/2 pings on idle gRPC connections, both ways, so a peer that vanished without
+/// closing its connection (power loss, a cut cable) is noticed within interval +
+/// timeout rather than at the next request's deadline.
+pub const HTTP2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a keep-alive ping may go unanswered before the connection is dropped.
+pub const HTTP2_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Bound on buffered inbound gossip datagrams; beyond it they are dropped like a full
 /// UDP receive buffer would (SWIM tolerates loss).
 pub const DATAGRAM_QUEUE_MAX: usize = 1024;

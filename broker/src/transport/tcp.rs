@@ -84,8 +84,8 @@ pub fn connect_lazy(addr: &str, connect_timeout: Duration) -> Result<Channel, to
     Ok(Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(super::HTTP2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(super::HTTP2_KEEPALIVE_TIMEOUT)
         .connect_lazy())
 }
 

@@ -133,6 +133,7 @@ impl State {
         }
         change(&mut script.namespaces)?;
         script.index += 1;
+        #[allow(deprecated)] // `ok`: the broker still sends it
         Ok(Response::new(pb::WriteResponse { ok: true, index: script.index }))
     }
 

@@ -9,9 +9,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 
 use super::{cpu_ms, rss_kib, spawn, wait_alive, Proc};
-use crate::cli::args::DataPathBenchArgs;
-use crate::cli::Ctx;
-use crate::cli::{admin_client, messaging_client, CliError};
+use crate::args::DataPathBenchArgs;
+use crate::Ctx;
+use crate::{admin_client, messaging_client, CliError};
 
 fn err(e: impl std::fmt::Display) -> CliError {
     CliError::Usage(e.to_string())
@@ -35,7 +35,8 @@ pub async fn run(ctx: &Ctx, args: DataPathBenchArgs) -> Result<(), CliError> {
     if args.batch_messages == 0 {
         return Err(CliError::Usage("--batch-messages: must be at least 1".into()));
     }
-    let port: u16 = ctx.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(crate::config::DEFAULT_PORT);
+    let port: u16 =
+        ctx.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(eventtermq_api::defaults::PORT);
     let dir = args
         .bench_dir
         .clone()
@@ -189,7 +190,7 @@ fn sync_timings(
 /// A gRPC round trip that does no work (a health check), one at a time: the part of
 /// every W2 publish (and of every replication answer) that is not the broker's.
 async fn rpc_floor(addr: &str, samples: u64) -> Result<(), CliError> {
-    let mut health = tonic_health::pb::health_client::HealthClient::new(crate::cli::channel(addr)?);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(crate::channel(addr)?);
     let check = || tonic_health::pb::HealthCheckRequest { service: String::new() };
     health.check(check()).await.map_err(err)?;
     let mut timings = Vec::with_capacity(samples as usize);
@@ -272,7 +273,7 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
         })
         .await
         .map_err(err)?;
-    let persistence = crate::cli::messages::persistence(args.persistence) as i32;
+    let persistence = crate::messages::persistence(args.persistence) as i32;
     let data: bytes::Bytes = vec![b'x'; args.message_bytes].into();
     let request = |count: usize| pb::PublishRequest {
         namespace: ctx.namespace.clone(),

@@ -1,7 +1,7 @@
 //! `eventtermq`: the broker (no subcommand) and its CLI (subcommands).
 
 use clap::Parser;
-use eventtermq::cli::{self, args::Cli, args::LogFormat, Ctx};
+use eventtermq_cli::{self as cli, args::Cli, args::LogFormat, Ctx};
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

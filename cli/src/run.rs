@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::args::BrokerArgs;
-use crate::config::NodeConfig;
+use eventtermq_broker::config::NodeConfig;
 
 /// How the node is reached, per the seed page's `--host`/`--advertise-host` table.
 pub fn advertise_host(host: &Option<String>, advertise: &Option<String>) -> String {
@@ -56,7 +56,7 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
     config.request_timeout_ms = args.request_timeout_ms;
     config.membership.probe_period_ms = args.gossip_probe_period_ms;
     config.membership.suspect_to_down_ms = args.gossip_suspect_to_down_ms;
-    config.data = crate::config::DataSettings {
+    config.data = eventtermq_broker::config::DataSettings {
         segment_size_max_bytes: args.segment_size_max_bytes,
         segment_preallocate_bytes: args.segment_preallocate_bytes,
         write_batch_max_bytes: args.write_batch_max_bytes,
@@ -77,11 +77,11 @@ pub async fn run_broker(config: NodeConfig) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--host: cannot resolve {}: {e}", config.listen_addr))?
         .next()
         .ok_or_else(|| anyhow::anyhow!("--host: {} resolves to no address", config.listen_addr))?;
-    let (network, listeners) = crate::transport::tcp::bind(listen, Duration::from_secs(1))
+    let (network, listeners) = eventtermq_broker::transport::tcp::bind(listen, Duration::from_secs(1))
         .await
         .map_err(|e| anyhow::anyhow!("--host/--port: cannot listen on {listen}: {e}"))?;
     let shutdown = CancellationToken::new();
-    let node = crate::node::start(config, network, listeners, shutdown.clone()).await?;
+    let node = eventtermq_broker::node::start(config, network, listeners, shutdown.clone()).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use super::args::{PersistenceArg, PublishArgs, SubscribeArgs};
 use super::Ctx;
 use super::{messaging_client, CliError};
-use crate::cluster_state::validate;
+use eventtermq_broker::cluster_state::validate;
 
 fn message(args: &PublishArgs, data: Vec<u8>) -> Result<pb::Message, CliError> {
     let mut headers = std::collections::HashMap::new();
@@ -160,7 +160,7 @@ pub fn message_json(r: &pb::SubscribeResponse) -> serde_json::Value {
             properties.insert("priority".into(), json!(p.priority));
         }
         if let Some(t) = &p.timestamp {
-            properties.insert("timestamp".into(), json!(crate::api::convert::timestamp_to_ms(t)));
+            properties.insert("timestamp".into(), json!(eventtermq_broker::api::convert::timestamp_to_ms(t)));
         }
     }
     let headers: serde_json::Map<String, serde_json::Value> =
@@ -286,7 +286,10 @@ async fn flush(
 /// The group may be back in a moment: its node is starting it, moving it, or could not
 /// be reached (every 5xxx code, or a connection that failed before an answer).
 fn retryable(s: &tonic::Status) -> bool {
-    let code = s.metadata().get(crate::error::ERROR_CODE_METADATA).and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
+    let code = s
+        .metadata()
+        .get(eventtermq_broker::error::ERROR_CODE_METADATA)
+        .and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
     matches!(code, Some(c) if c / 1000 == 5)
         || (s.code() == tonic::Code::Unavailable && code.is_none())
         || s.code() == tonic::Code::Unknown

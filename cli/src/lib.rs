@@ -1,6 +1,9 @@
-//! The command-line interface: flag definitions ([`args`]), the admin commands
-//! ([`commands`]), the text/JSON rendering of the cluster state ([`render`]), running
-//! the broker ([`run`]) and benchmarks ([`bench`]).
+//! The `eventtermq` binary's library: flag definitions ([`args`]), running the broker
+//! over real sockets ([`run`]), the admin commands ([`commands`]), publishing and
+//! subscribing ([`messages`]), the text/JSON rendering of the cluster state
+//! ([`render`]) and the benchmarks ([`bench`]). It talks to nodes as any client does,
+//! through the gRPC API; only `run` and the benchmarks' floors use the broker and
+//! storage libraries directly.
 
 pub mod args;
 pub mod bench;
@@ -38,7 +41,7 @@ impl CliError {
     pub fn from_status(s: tonic::Status, addr: &str) -> Self {
         // Errors from a broker carry a numeric code; Unavailable without one comes
         // from the client's own transport: the node could not be reached.
-        let from_broker = s.metadata().contains_key(crate::error::ERROR_CODE_METADATA);
+        let from_broker = s.metadata().contains_key(eventtermq_broker::error::ERROR_CODE_METADATA);
         if s.code() == tonic::Code::Unavailable && !from_broker {
             return CliError::Connect { addr: addr.to_string(), message: s.message().to_string() };
         }
@@ -53,7 +56,7 @@ pub fn target_addr(host: &Option<String>, port: u16) -> String {
 
 /// A lazily connected channel to a node; the first call connects.
 pub fn channel(addr: &str) -> Result<tonic::transport::Channel, CliError> {
-    crate::transport::tcp::connect_lazy(addr, Duration::from_millis(CONNECT_TIMEOUT_MS))
+    eventtermq_broker::transport::tcp::connect_lazy(addr, Duration::from_millis(CONNECT_TIMEOUT_MS))
         .map_err(|e| CliError::Connect { addr: addr.to_string(), message: e.to_string() })
 }
 

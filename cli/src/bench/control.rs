@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use eventtermq_proto::v1 as pb;
 
 use super::{dump, rss_kib, spawn, wait_alive, POLL_INTERVAL, WAIT_MAX};
-use crate::cli::{admin_client, CliError};
+use crate::{admin_client, CliError};
 
 pub(super) async fn control_plane(
     hosts: &[String],

@@ -45,7 +45,7 @@ impl Broker {
                 "--heartbeat-interval-ms",
                 "100",
             ])
-            .env("RUST_LOG", "info,eventtermq::node=debug,openraft=warn")
+            .env("RUST_LOG", "info,eventtermq_broker::node=debug,openraft=warn")
             .stdout(Stdio::null())
             .stderr(Stdio::from(self.log_file()));
         for j in &self.join {

@@ -5,24 +5,25 @@ use eventtermq_proto::v1 as pb;
 use super::args::{Command, Output};
 use super::render;
 use super::{admin_client, CliError, Ctx};
-use crate::cluster_state::validate;
+use eventtermq_broker::cluster_state::validate;
 
 fn print_written(r: pb::WriteResponse) {
-    println!("{{\"ok\": {}, \"index\": {}}}", r.ok, r.index);
+    // The seed page's output; `ok` is always true on the wire (an error is a status).
+    println!("{{\"ok\": true, \"index\": {}}}", r.index);
 }
 
-fn usage(e: crate::error::RequestError) -> CliError {
+fn usage(e: eventtermq_broker::error::RequestError) -> CliError {
     CliError::Usage(e.message)
 }
 
 fn duration(field: &str, v: &str) -> Result<Option<prost_types::Duration>, CliError> {
     let ms = validate::duration_ms(field, v).map_err(usage)?;
-    Ok(crate::api::convert::ms_to_duration(ms))
+    Ok(eventtermq_broker::api::convert::ms_to_duration(ms))
 }
 
 /// `-1h` (in the past), `+1h`/`1h` (in the future), or an RFC 3339 time.
 fn since(v: &str) -> Result<prost_types::Timestamp, CliError> {
-    let now = crate::clock::system_unix_ms();
+    let now = eventtermq_broker::clock::system_unix_ms();
     let ms = if let Ok(t) = humantime::parse_rfc3339_weak(v) {
         t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
     } else if let Some(rest) = v.strip_prefix('-') {
@@ -30,7 +31,7 @@ fn since(v: &str) -> Result<prost_types::Timestamp, CliError> {
     } else {
         now + validate::duration_ms("since", v.strip_prefix('+').unwrap_or(v)).map_err(usage)? as i64
     };
-    Ok(crate::api::convert::ms_to_timestamp(ms))
+    Ok(eventtermq_broker::api::convert::ms_to_timestamp(ms))
 }
 
 fn split_pair<'a>(flag: &str, v: &'a str) -> Result<(&'a str, &'a str), CliError> {

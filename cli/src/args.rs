@@ -6,9 +6,10 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use eventtermq_api::defaults;
 
-use crate::config::{DataSettings, NodeConfig, RaftSettings};
-use crate::membership::MembershipConfig;
+use eventtermq_broker::config::{DataSettings, NodeConfig, RaftSettings};
+use eventtermq_broker::membership::MembershipConfig;
 
 #[derive(Debug, Parser)]
 #[command(name = "eventtermq", version, about = "EventterMQ: a distributed message broker and its CLI.", long_about = None)]
@@ -18,10 +19,10 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub host: Option<String>,
     /// Broker: gRPC (TCP) and gossip (UDP) port. CLI: the node's port.
-    #[arg(long, global = true, default_value_t = crate::config::DEFAULT_PORT)]
+    #[arg(long, global = true, default_value_t = defaults::PORT)]
     pub port: u16,
     /// CLI: namespace of topics and consumer groups.
-    #[arg(long, global = true, default_value = "default")]
+    #[arg(long, global = true, default_value = defaults::NAMESPACE)]
     pub namespace: String,
     /// CLI: output format of dump and list commands.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
@@ -141,16 +142,16 @@ pub enum Command {
     CreateTopic {
         name: String,
         /// Maximum number of open segments (parallel write streams), 1-1024.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = defaults::SHARDS)]
         shards: u32,
         /// Copies of every message, 1-7.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = defaults::REPLICATION_FACTOR)]
         replication_factor: u32,
         /// How long closed segments are kept (e.g. 24h, 7d); 0 keeps them forever.
         #[arg(long, default_value = "0")]
         retention: String,
         /// fanout, direct, topic or headers.
-        #[arg(long, default_value = "fanout")]
+        #[arg(long, default_value = defaults::EXCHANGE_TYPE)]
         default_exchange_type: String,
         /// Close a segment and open the next at this size (0: the nodes' --segment-size-max-bytes).
         #[arg(long, default_value_t = 0)]
@@ -266,7 +267,7 @@ pub struct SubscribeArgs {
     #[arg(long)]
     pub no_auto_ack: bool,
     /// Most unacknowledged messages held at once.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = defaults::SUBSCRIBER_SIZE)]
     pub size: u32,
 }
 

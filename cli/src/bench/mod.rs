@@ -27,7 +27,7 @@ pub async fn run(ctx: &Ctx, cmd: BenchCommand) -> Result<(), CliError> {
                 return Err(CliError::Usage("--hosts: give exactly three addresses".into()));
             }
             let port: u16 =
-                ctx.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(crate::config::DEFAULT_PORT);
+                ctx.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(eventtermq_api::defaults::PORT);
             let tmp;
             let dir = match bench_dir {
                 Some(d) => d,
