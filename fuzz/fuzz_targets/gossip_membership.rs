@@ -10,6 +10,7 @@
 #![no_main]
 
 use bytes::Bytes;
+use eventtermq::clock::Clock;
 use eventtermq::membership::{decode_sync_payload_reencoded, Membership, MembershipConfig, MembershipError};
 use eventtermq::peers::Peers;
 use eventtermq::transport::mem::MemNetwork;
@@ -31,6 +32,7 @@ fuzz_target!(|data: &[u8]| {
             7,
             ADDR.to_string(),
             MembershipConfig::default(),
+            &Clock::System,
             Peers::new(network, Default::default()),
             rx,
             shutdown.clone(),
