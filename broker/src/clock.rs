@@ -9,7 +9,17 @@
 //! at once, and an idle runtime jumps straight to its next timer instead of sleeping.
 //! Wall-clock timestamps come from a [`Clock`]: the system's by default, or in tests a
 //! manual one that follows tokio's clock from a fixed start, so timestamps move with
-//! the paused clock too and a run can be replayed.
+//! the paused clock too and a run can be replayed. A gossip identity's start (its
+//! `bump`) comes from it as well. Two reads of the system clock stay outside on
+//! purpose: a Raft snapshot's name and the storage crate's file nonce and quarantine
+//! suffix use it only to be unique, never as a time anyone compares.
+//!
+//! tokio pauses its clock only on a current-thread runtime, so a paused test runs
+//! whole nodes on one thread. That works because nothing here waits on a thread tokio
+//! does not know of: disk IO that blocks goes to the blocking pool (`spawn_blocking`),
+//! and a paused runtime does not move its clock while such a task runs, so a slow fsync
+//! cannot make a timeout fire; `block_in_place`, which a current-thread runtime refuses,
+//! is used only on a multi-threaded one (`replication/replica.rs`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -39,6 +49,17 @@ impl Clock {
             Clock::Manual { start_unix_ms, start } => start_unix_ms + start.elapsed().as_millis() as i64,
         }
     }
+
+    /// Microseconds since the Unix epoch (0 before 1970), for what must differ between
+    /// two moments a millisecond apart (a gossip identity's start).
+    pub fn now_unix_us(&self) -> u64 {
+        match self {
+            Clock::System => SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_micros() as u64,
+            Clock::Manual { start_unix_ms, start } => {
+                (*start_unix_ms).max(0) as u64 * 1_000 + start.elapsed().as_micros() as u64
+            }
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch by the system clock (0 before 1970).
@@ -58,10 +79,14 @@ mod tests {
         assert_eq!(clock.now_unix_ms(), 1_250);
         tokio::time::sleep(Duration::from_secs(60)).await; // returns at once: time is paused
         assert_eq!(clock.now_unix_ms(), 61_250);
+        assert_eq!(clock.now_unix_us(), 61_250_000);
+        tokio::time::advance(Duration::from_micros(7)).await;
+        assert_eq!(clock.now_unix_us(), 61_250_007);
     }
 
     #[test]
     fn the_system_clock_is_past_2020() {
         assert!(Clock::System.now_unix_ms() > 1_577_836_800_000);
+        assert!(Clock::System.now_unix_us() > 1_577_836_800_000_000);
     }
 }

@@ -1,14 +1,51 @@
 //! Several nodes in one process over the in-memory network, with faults: cluster
 //! formation, leader crash, partitions and full restarts.
+//!
+//! Every test runs on tokio's paused clock (a current-thread runtime): the nodes' timers,
+//! timeouts and "how long since" are tokio's, and their timestamps come from one manual
+//! clock, so an idle runtime jumps to the next timer instead of sleeping, and waits and
+//! deadlines below are in that virtual time. Disk IO on the blocking pool holds the
+//! clock still until it is done, so a timeout cannot fire because an fsync was slow.
 
+use std::ops::Deref;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use eventtermq_broker::clock::Clock;
 use eventtermq_broker::cluster_state::{Command, ExchangeType, NodeState, TopicSpec};
 use eventtermq_broker::config::NodeConfig;
 use eventtermq_broker::node::{self, NodeHandle};
 use eventtermq_broker::transport::mem::MemNetwork;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// Wall-clock time of a test's start (any fixed value, the same in every run).
+const START_UNIX_MS: i64 = 1_700_000_000_000;
+
+/// The in-memory network and the one clock every node of a test shares (also across
+/// restarts), so nodes agree on timestamps and a restarted node's go on from there.
+struct TestNet {
+    net: MemNetwork,
+    clock: Clock,
+}
+
+impl TestNet {
+    fn new() -> TestNet {
+        TestNet { net: MemNetwork::new(), clock: Clock::manual(START_UNIX_MS) }
+    }
+
+    /// A new, empty network; the clock goes on.
+    fn replaced(&self) -> TestNet {
+        TestNet { net: MemNetwork::new(), clock: self.clock.clone() }
+    }
+}
+
+impl Deref for TestNet {
+    type Target = MemNetwork;
+    fn deref(&self) -> &MemNetwork {
+        &self.net
+    }
+}
 
 struct TestNode {
     name: String,
@@ -16,8 +53,9 @@ struct TestNode {
     shutdown: CancellationToken,
 }
 
-fn config(dir: &Path, name: &str, join: &[&str]) -> NodeConfig {
+fn config(dir: &Path, name: &str, join: &[&str], clock: &Clock) -> NodeConfig {
     let mut c = NodeConfig::new(dir.join(name), name, name);
+    c.clock = clock.clone();
     c.join = join.iter().map(|s| s.to_string()).collect();
     c.raft.heartbeat_interval_ms = 50;
     c.raft.election_timeout_min_ms = 200;
@@ -31,13 +69,13 @@ fn config(dir: &Path, name: &str, join: &[&str]) -> NodeConfig {
     c
 }
 
-async fn start(net: &MemNetwork, dir: &Path, name: &str, join: &[&str]) -> TestNode {
+async fn start(net: &TestNet, dir: &Path, name: &str, join: &[&str]) -> TestNode {
     start_tuned(net, dir, name, join, |_| {}).await
 }
 
 /// `start` with `tune` applied to the test config.
 async fn start_tuned(
-    net: &MemNetwork,
+    net: &TestNet,
     dir: &Path,
     name: &str,
     join: &[&str],
@@ -45,7 +83,7 @@ async fn start_tuned(
 ) -> TestNode {
     let (network, listeners) = net.attach(name);
     let shutdown = CancellationToken::new();
-    let mut c = config(dir, name, join);
+    let mut c = config(dir, name, join, &net.clock);
     tune(&mut c);
     let handle = node::start(c, network, listeners, shutdown.clone()).await.expect("node starts");
     TestNode { name: name.to_string(), handle, shutdown }
@@ -85,7 +123,7 @@ fn alive_records(n: &TestNode) -> usize {
     n.handle.cluster.state.read().state.nodes.values().filter(|r| r.state == NodeState::Alive).count()
 }
 
-async fn three(net: &MemNetwork, dir: &Path) -> Vec<TestNode> {
+async fn three(net: &TestNet, dir: &Path) -> Vec<TestNode> {
     let a = start(net, dir, "a:1", &[]).await;
     let b = start(net, dir, "b:1", &["a:1"]).await;
     let c = start(net, dir, "c:1", &["a:1"]).await;
@@ -110,10 +148,10 @@ fn leader_index(nodes: &[TestNode]) -> usize {
     nodes.iter().position(|n| n.handle.id == leader).expect("leader is one of ours")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn forms_a_cluster_and_keeps_writing_after_the_leader_dies() {
     let dir = tempfile::tempdir().unwrap();
-    let net = MemNetwork::new();
+    let net = TestNet::new();
     let mut nodes = three(&net, dir.path()).await;
 
     // A write on a follower is forwarded to the leader and visible everywhere.
@@ -150,10 +188,10 @@ async fn forms_a_cluster_and_keeps_writing_after_the_leader_dies() {
     stop_all(nodes).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_partitioned_minority_cannot_write_and_catches_up_after_healing() {
     let dir = tempfile::tempdir().unwrap();
-    let net = MemNetwork::new();
+    let net = TestNet::new();
     let nodes = three(&net, dir.path()).await;
     let li = leader_index(&nodes);
     let old_leader = &nodes[li];
@@ -185,10 +223,10 @@ async fn a_partitioned_minority_cannot_write_and_catches_up_after_healing() {
     stop_all(nodes).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn state_survives_a_full_restart_with_lossy_gossip() {
     let dir = tempfile::tempdir().unwrap();
-    let net = MemNetwork::new();
+    let net = TestNet::new();
     let nodes = three(&net, dir.path()).await;
     for i in 0..20 {
         let cmd = Command::CreateTopic { namespace: "default".into(), name: format!("t{i}"), spec: topic() };
@@ -197,7 +235,7 @@ async fn state_survives_a_full_restart_with_lossy_gossip() {
     stop_all(nodes).await;
 
     // Restart on the same directories over a network that drops 20% of datagrams.
-    let net = MemNetwork::new();
+    let net = net.replaced();
     net.set_drop_rate(0.2);
     let a = start(&net, dir.path(), "a:1", &[]).await;
     let b = start(&net, dir.path(), "b:1", &["a:1"]).await;
@@ -219,10 +257,10 @@ async fn state_survives_a_full_restart_with_lossy_gossip() {
     stop_all(vec![a, b, c]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_node_dead_past_the_removal_time_leaves_raft_and_the_state() {
     let dir = tempfile::tempdir().unwrap();
-    let net = MemNetwork::new();
+    let net = TestNet::new();
     let start_short = |name: &'static str, join: &'static [&'static str]| {
         start_tuned(&net, dir.path(), name, join, |c| c.dead_node_removal_ms = 1_000)
     };
@@ -260,10 +298,10 @@ async fn a_node_dead_past_the_removal_time_leaves_raft_and_the_state() {
 /// soon holds the others DEAD, yet Raft (over TCP) still reaches them. The leader must
 /// not remove live voters on that verdict (it knocks first): doing so once left a
 /// cluster without quorum after a rolling restart on Kubernetes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn gossip_dead_but_reachable_voters_are_not_removed() {
     let dir = tempfile::tempdir().unwrap();
-    let net = MemNetwork::new();
+    let net = TestNet::new();
     let start_short = |name: &'static str, join: &'static [&'static str]| {
         start_tuned(&net, dir.path(), name, join, |c| {
             c.dead_node_removal_ms = 1_000;
@@ -308,10 +346,10 @@ async fn gossip_dead_but_reachable_voters_are_not_removed() {
 /// A StatefulSet scaled up starts new pods with the founding `--bootstrap-expect`. A
 /// new node that meets enough members, even with the smallest id of all, joins the
 /// running cluster instead of founding a second one beside it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_node_added_with_bootstrap_expect_joins_the_running_cluster() {
     let dir = tempfile::tempdir().unwrap();
-    let net = MemNetwork::new();
+    let net = TestNet::new();
     let founders = ["f1:1", "f2:1", "f3:1"];
     let start_with = |name: &'static str, id: u64| {
         start_tuned(&net, dir.path(), name, &founders, move |c| {
@@ -405,25 +443,33 @@ fn primary_index(nodes: &[TestNode]) -> Option<usize> {
     nodes.iter().position(|n| n.handle.id == primary)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn confirmed_messages_survive_a_primary_crash_mid_stream() {
     let dir = tempfile::tempdir().unwrap();
-    let net = MemNetwork::new();
+    let net = TestNet::new();
     let mut nodes = three(&net, dir.path()).await;
     let cmd = Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec: topic() };
     nodes[0].handle.cluster.write(cmd).await.unwrap();
     eventually(Duration::from_secs(10), "an open segment", || async { primary_index(&nodes).is_some() }).await;
 
     let pi = primary_index(&nodes).unwrap();
+    let seg_id = {
+        let st = nodes[0].handle.cluster.state.read();
+        let open = st.state.topic_segments("default", "t").find(|(_, s)| s.is_open()).map(|(id, _)| id);
+        open.unwrap()
+    };
     let writer = (pi + 1) % 3;
     let mut confirmed = publish_ids(&nodes[writer], 0..100).await;
     assert_eq!(confirmed.len(), 100);
-    // Crash the primary while another batch is being published.
+    // Crash the primary while another batch is being published, once it has confirmed
+    // a quarter of it (past offset 150). Progress, not time, picks the moment: on
+    // tokio's paused clock no time passes while the batch goes through, so a sleep
+    // would end only after it.
     let dead = nodes.remove(pi);
     let writer = if writer > pi { writer - 1 } else { writer };
     let publishing = async { publish_ids(&nodes[writer], 100..300).await };
     let crash = async {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _ = dead.handle.segments.read_local(seg_id, 150, 1, Duration::from_secs(10)).await;
         net.detach(&dead.name);
         dead.handle.kill().await;
     };
@@ -446,10 +492,10 @@ async fn confirmed_messages_survive_a_primary_crash_mid_stream() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_partitioned_replica_does_not_stop_publishing_and_catches_up() {
     let dir = tempfile::tempdir().unwrap();
-    let net = MemNetwork::new();
+    let net = TestNet::new();
     let nodes = three(&net, dir.path()).await;
     let cmd = Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec: topic() };
     nodes[0].handle.cluster.write(cmd).await.unwrap();
@@ -569,13 +615,13 @@ fn local_records(node: &TestNode, id: u64) -> Vec<eventtermq_storage::Record> {
     node.handle.segments.store().reader(id).unwrap().read(0, u64::MAX, usize::MAX).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_group_reads_past_a_damaged_sealed_copy_and_the_copy_is_fetched_again() {
     use eventtermq_broker::cluster_state::{BindingSpec, ConsumerGroupSpec};
     use eventtermq_proto::v1::{messaging_client::MessagingClient, SubscribeRequest};
 
     let dir = tempfile::tempdir().unwrap();
-    let net = MemNetwork::new();
+    let net = TestNet::new();
     let nodes = three(&net, dir.path()).await;
     let (sent, seg_id) = sealed_everywhere(&nodes, 300, 2048).await;
     // A new group goes to the least loaded node, the smallest id first: damage the
@@ -654,10 +700,10 @@ async fn a_group_reads_past_a_damaged_sealed_copy_and_the_copy_is_fetched_again(
     assert_eq!(std::fs::read(&quarantined[0].files[0]).unwrap(), damaged);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_segment_damaged_while_its_node_was_down_is_quarantined_at_start_and_fetched_again() {
     let dir = tempfile::tempdir().unwrap();
-    let net = MemNetwork::new();
+    let net = TestNet::new();
     let mut nodes = three(&net, dir.path()).await;
     let (sent, seg_id) = sealed_everywhere(&nodes, 300, 2048).await;
     let victim = (leader_index(&nodes) + 1) % 3;

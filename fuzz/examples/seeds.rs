@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use eventtermq_broker::clock::Clock;
 use eventtermq_broker::cluster_state::raft::encode;
 use eventtermq_broker::cluster_state::{
     Command, CommandResponse, ConsumerGroupSpec, ExchangeType, NodeRecord, NodeState, StateMachineStore, TopicSpec,
@@ -271,7 +272,15 @@ async fn main() {
         let (inner, listeners) = net.attach(addr);
         let network = Arc::new(Recorder { inner, sent: sent.clone() });
         let peers = eventtermq_broker::peers::Peers::new(network, Default::default());
-        nodes.push(Membership::start(id, addr.into(), config.clone(), peers, listeners.datagrams, shutdown.clone()));
+        nodes.push(Membership::start(
+            id,
+            addr.into(),
+            config.clone(),
+            &Clock::System,
+            peers,
+            listeners.datagrams,
+            shutdown.clone(),
+        ));
     }
     let alone = nodes[1].handle_sync(Bytes::new()).await.unwrap();
     let merged = nodes[0].handle_sync(alone.clone()).await.unwrap();

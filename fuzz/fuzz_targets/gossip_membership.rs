@@ -10,6 +10,7 @@
 #![no_main]
 
 use bytes::Bytes;
+use eventtermq_broker::clock::Clock;
 use eventtermq_broker::membership::{decode_sync_payload_reencoded, Membership, MembershipConfig, MembershipError};
 use eventtermq_broker::peers::Peers;
 use eventtermq_broker::transport::mem::MemNetwork;
@@ -31,6 +32,7 @@ fuzz_target!(|data: &[u8]| {
             7,
             ADDR.to_string(),
             MembershipConfig::default(),
+            &Clock::System,
             Peers::new(network, Default::default()),
             rx,
             shutdown.clone(),

@@ -230,6 +230,12 @@ impl StateMachineStore {
     }
 }
 
+/// A name for a new snapshot. The system clock here, not the node's [`Clock`]: the time
+/// is read by nobody, it only keeps two snapshots of the same log position (one before
+/// a restart, one after) apart, and a manual clock in a paused test can repeat an
+/// instant across a restart.
+///
+/// [`Clock`]: crate::clock::Clock
 fn new_snapshot_id(last_applied: Option<LogId>) -> String {
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();

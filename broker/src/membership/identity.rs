@@ -15,9 +15,10 @@ pub(crate) struct GossipId {
     pub(crate) id: NodeId,
     /// Advertised `host:port` (gossip datagrams and gRPC).
     pub(crate) addr: String,
-    /// Grows with every restart (start time in ms since the Unix epoch) and with every
-    /// automatic rejoin after being declared down (+1). The highest bump wins when two
-    /// identities share a node id, so a restarted node replaces its old, dead identity.
+    /// Grows with every restart (start time in us since the Unix epoch, by the node's
+    /// clock) and with every automatic rejoin after being declared down (+1). The
+    /// highest bump wins when two identities share a node id, so a restarted node
+    /// replaces its old, dead identity.
     pub(crate) bump: u64,
     /// Set on the identity a node switches to right before leaving the cluster: a
     /// member whose foca state is Down *and* whose identity has this flag left

@@ -36,12 +36,14 @@ mod tests;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
 use crate::cluster_state::model::{NodeId, NodeState};
 use crate::peers::Peers;
 
@@ -104,7 +106,8 @@ pub struct MemberInfo {
     /// Advertised `host:port`.
     pub addr: String,
     pub state: NodeState,
-    /// When this node first saw the member in `state`.
+    /// When this node first saw the member in `state` (tokio's clock, so "DEAD for how
+    /// long" moves with a paused test clock).
     pub state_since: Instant,
 }
 
@@ -144,18 +147,21 @@ struct Shared {
 }
 
 impl Membership {
-    /// Starts the gossip task. `addr` is this node's advertised "host:port".
+    /// Starts the gossip task. `addr` is this node's advertised "host:port"; `clock`
+    /// dates this life of the node (its identity's `bump`).
     pub fn start(
         id: NodeId,
         addr: String,
         config: MembershipConfig,
+        clock: &Clock,
         peers: Peers,
         datagrams: mpsc::Receiver<Bytes>,
         shutdown: CancellationToken,
     ) -> Membership {
         let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
         let (members, _) = watch::channel(Vec::new());
-        let actor = task::Actor::new(id, addr.clone(), &config, peers.clone(), members.clone(), commands.downgrade());
+        let actor =
+            task::Actor::new(id, addr.clone(), &config, clock, peers.clone(), members.clone(), commands.downgrade());
         let span = tracing::info_span!("gossip", node_id = id);
         tokio::spawn(tracing::Instrument::instrument(actor.run(datagrams, command_rx, shutdown.clone()), span));
         Membership { inner: Arc::new(Shared { addr, config, peers, commands, members, shutdown }) }

@@ -9,7 +9,8 @@
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap};
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use foca::{
@@ -19,10 +20,12 @@ use foca::{
 use rand::seq::IndexedRandom;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::identity::GossipId;
 use super::{MemberInfo, MembershipConfig, MembershipError};
+use crate::clock::Clock;
 use crate::cluster_state::model::{NodeId, NodeState};
 use crate::peers::Peers;
 use crate::transport::DATAGRAM_SIZE_MAX_BYTES;
@@ -77,7 +80,7 @@ pub fn decode_sync_payload_reencoded(data: &[u8]) -> Result<Vec<u8>, MembershipE
 }
 
 struct Scheduled {
-    at: tokio::time::Instant,
+    at: Instant,
     seq: u64,
     timer: Timer<GossipId>,
 }
@@ -158,10 +161,19 @@ fn foca_config(config: &MembershipConfig) -> foca::Config {
     c
 }
 
-/// A fresh identity's bump: microseconds since the Unix epoch, so a restarted node
-/// wins against its previous life.
-fn initial_bump() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+/// The largest bump handed out in this process so far (see `initial_bump`).
+static LAST_BUMP: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh identity's bump: microseconds since the Unix epoch by the node's clock, so a
+/// restarted node wins against its previous life. Within one process the bumps also
+/// strictly grow: a test restarts a node in-process, and with tokio's clock paused the
+/// new life can start at the very microsecond the old one did. (In a broker process,
+/// one node per process, this is the clock's value.)
+fn initial_bump(clock: &Clock) -> u64 {
+    let now = clock.now_unix_us();
+    let next = |last: u64| now.max(last.saturating_add(1));
+    let last = LAST_BUMP.fetch_update(AtomicOrdering::Relaxed, AtomicOrdering::Relaxed, |l| Some(next(l)));
+    next(last.unwrap_or_else(|l| l))
 }
 
 impl Actor {
@@ -169,11 +181,12 @@ impl Actor {
         id: NodeId,
         addr: String,
         config: &MembershipConfig,
+        clock: &Clock,
         peers: Peers,
         members: watch::Sender<Vec<MemberInfo>>,
         commands: mpsc::WeakSender<Command>,
     ) -> Self {
-        let identity = GossipId::new(id, addr, initial_bump());
+        let identity = GossipId::new(id, addr, initial_bump(clock));
         let rng = <FocaRng as rand::SeedableRng>::seed_from_u64(rand::random());
         let foca = Foca::new(identity, foca_config(config), rng, PostcardCodec);
         let sync_period = (config.sync_period_ms > 0).then(|| ms(config.sync_period_ms));
@@ -210,7 +223,7 @@ impl Actor {
         let mut datagrams_open = true;
         let mut commands_open = true;
         let mut sync_tick = self.sync_period.map(|p| {
-            let mut i = tokio::time::interval_at(tokio::time::Instant::now() + p, p);
+            let mut i = tokio::time::interval_at(Instant::now() + p, p);
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             i
         });
@@ -247,7 +260,7 @@ impl Actor {
     }
 
     fn on_timers(&mut self) {
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
         while self.timers.peek().is_some_and(|Reverse(s)| s.at <= now) {
             let Some(Reverse(s)) = self.timers.pop() else {
                 break;
@@ -468,7 +481,7 @@ impl Actor {
         while let Some((to, data)) = self.runtime.to_send() {
             self.peers.send_datagram(&to.addr, data);
         }
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
         while let Some((after, timer)) = self.runtime.to_schedule() {
             let seq = self.next_seq;
             self.next_seq += 1;
@@ -540,7 +553,7 @@ impl Actor {
     }
 }
 
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,

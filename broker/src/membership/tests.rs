@@ -1,6 +1,9 @@
-//! In-process clusters over `MemNetwork` with short, real-time periods. `GossipSync`
-//! is routed by calling the seed's `handle_sync` directly (no gRPC server here).
+//! In-process clusters over `MemNetwork` with short periods, on tokio's paused clock:
+//! every gossip timer and wait here is tokio's, so an idle runtime jumps straight to
+//! the next timer and a test takes milliseconds, not seconds. `GossipSync` is routed
+//! by calling the seed's `handle_sync` directly (no gRPC server here).
 
+use std::ops::Deref;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +12,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::clock::Clock;
 use crate::peers::{PeerTimeouts, Peers};
 use crate::transport::mem::MemNetwork;
 
@@ -29,6 +33,29 @@ fn fast_config() -> MembershipConfig {
     }
 }
 
+/// Wall-clock time of the test's start (any fixed value, the same in every run).
+const START_UNIX_MS: i64 = 1_700_000_000_000;
+
+/// The in-memory network and the one clock every node of a test shares, so a restarted
+/// node's identity is dated after its previous life's.
+struct Net {
+    net: MemNetwork,
+    clock: Clock,
+}
+
+impl Net {
+    fn new() -> Net {
+        Net { net: MemNetwork::new(), clock: Clock::manual(START_UNIX_MS) }
+    }
+}
+
+impl Deref for Net {
+    type Target = MemNetwork;
+    fn deref(&self) -> &MemNetwork {
+        &self.net
+    }
+}
+
 struct Node {
     id: NodeId,
     addr: String,
@@ -37,12 +64,19 @@ struct Node {
 }
 
 impl Node {
-    fn start(net: &MemNetwork, id: NodeId, addr: &str) -> Node {
+    fn start(net: &Net, id: NodeId, addr: &str) -> Node {
         let (network, listeners) = net.attach(addr);
         let shutdown = CancellationToken::new();
         let peers = Peers::new(network, PeerTimeouts::default());
-        let membership =
-            Membership::start(id, addr.to_string(), fast_config(), peers, listeners.datagrams, shutdown.clone());
+        let membership = Membership::start(
+            id,
+            addr.to_string(),
+            fast_config(),
+            &net.clock,
+            peers,
+            listeners.datagrams,
+            shutdown.clone(),
+        );
         Node { id, addr: addr.to_string(), membership, shutdown }
     }
 
@@ -103,7 +137,7 @@ fn all_alive(ids: &'static [NodeId]) -> impl Fn(&[MemberInfo]) -> bool {
 
 /// Starts nodes 1, 2, 3 at "n1", "n2", "n3"; 2 joins through 1, 3 through 2, and all
 /// three see 3 ALIVE.
-async fn three_node_cluster(net: &MemNetwork) -> Vec<Node> {
+async fn three_node_cluster(net: &Net) -> Vec<Node> {
     let nodes = vec![Node::start(net, 1, "n1"), Node::start(net, 2, "n2"), Node::start(net, 3, "n3")];
     nodes[1].join_through(&nodes[0]).await;
     nodes[2].join_through(&nodes[1]).await;
@@ -116,10 +150,10 @@ async fn three_node_cluster(net: &MemNetwork) -> Vec<Node> {
     nodes
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn three_nodes_converge_to_alive() {
     init_tracing();
-    let net = MemNetwork::new();
+    let net = Net::new();
     let nodes = three_node_cluster(&net).await;
     // Stays converged (no false suspicions on a healthy network).
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -131,10 +165,10 @@ async fn three_nodes_converge_to_alive() {
     nodes.iter().for_each(Node::stop);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn join_skips_self_and_returns_on_empty_seeds() {
     init_tracing();
-    let net = MemNetwork::new();
+    let net = Net::new();
     let a = Node::start(&net, 1, "n1");
     tokio::time::timeout(Duration::from_secs(1), a.membership.join(vec![]))
         .await
@@ -150,10 +184,10 @@ async fn join_skips_self_and_returns_on_empty_seeds() {
     a.stop();
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn join_retries_until_a_seed_answers_and_stops_on_shutdown() {
     init_tracing();
-    let net = MemNetwork::new();
+    let net = Net::new();
     let a = Node::start(&net, 1, "n1");
     let b = Node::start(&net, 2, "n2");
     let attempts = Arc::new(AtomicUsize::new(0));
@@ -194,10 +228,10 @@ async fn join_retries_until_a_seed_answers_and_stops_on_shutdown() {
     b.stop();
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn handle_sync_merges_both_ways() {
     init_tracing();
-    let net = MemNetwork::new();
+    let net = Net::new();
     let a = Node::start(&net, 1, "n1");
     let b = Node::start(&net, 2, "n2");
     let payload = a.membership.sync_payload().await.expect("payload");
@@ -219,10 +253,10 @@ async fn handle_sync_merges_both_ways() {
     b.stop();
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn detached_node_becomes_suspect_then_dead() {
     init_tracing();
-    let net = MemNetwork::new();
+    let net = Net::new();
     let nodes = three_node_cluster(&net).await;
     let started = tokio::time::Instant::now();
     net.detach("n3");
@@ -245,10 +279,10 @@ async fn detached_node_becomes_suspect_then_dead() {
     nodes.iter().for_each(Node::stop);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn leaving_node_is_left_not_dead() {
     init_tracing();
-    let net = MemNetwork::new();
+    let net = Net::new();
     let nodes = three_node_cluster(&net).await;
     // Record every state node 1 publishes for node 3 (best effort: watch keeps the latest).
     let mut rx = nodes[0].membership.watch();
@@ -285,10 +319,10 @@ async fn leaving_node_is_left_not_dead() {
     assert!(!seen.contains(&Some(NodeState::Dead)), "node 1 saw node 3 go through {seen:?}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn restarted_node_is_alive_again() {
     init_tracing();
-    let net = MemNetwork::new();
+    let net = Net::new();
     let nodes = three_node_cluster(&net).await;
     nodes[2].stop();
     net.detach("n3");
@@ -311,10 +345,10 @@ async fn restarted_node_is_alive_again() {
     restarted.stop();
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn quickly_restarted_node_replaces_its_old_identity() {
     init_tracing();
-    let net = MemNetwork::new();
+    let net = Net::new();
     let nodes = three_node_cluster(&net).await;
     // Restart before anyone noticed the crash.
     nodes[2].stop();
@@ -333,10 +367,10 @@ async fn quickly_restarted_node_replaces_its_old_identity() {
     restarted.stop();
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn restarted_node_is_found_without_a_seed() {
     init_tracing();
-    let net = MemNetwork::new();
+    let net = Net::new();
     let nodes = three_node_cluster(&net).await;
     nodes[2].stop();
     net.detach("n3");
@@ -352,10 +386,10 @@ async fn restarted_node_is_found_without_a_seed() {
     restarted.stop();
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn healed_partition_rejoins() {
     init_tracing();
-    let net = MemNetwork::new();
+    let net = Net::new();
     let nodes = three_node_cluster(&net).await;
     net.isolate("n3");
     for n in &nodes[..2] {
@@ -371,10 +405,10 @@ async fn healed_partition_rejoins() {
 /// Every node loses sight of every other (as when all pods of a StatefulSet restart
 /// within seconds): each ends up alone, with the others DEAD. Once the network is back
 /// they must find each other again by themselves.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn nodes_that_all_lost_each_other_meet_again() {
     init_tracing();
-    let net = MemNetwork::new();
+    let net = Net::new();
     let nodes = three_node_cluster(&net).await;
     for n in &nodes {
         net.isolate(&n.addr);

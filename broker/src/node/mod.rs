@@ -91,6 +91,7 @@ pub async fn start(
         id,
         config.advertise_addr.clone(),
         config.membership.clone(),
+        &config.clock,
         peers.clone(),
         listeners.datagrams,
         stop.clone(),
