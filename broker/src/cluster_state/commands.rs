@@ -166,36 +166,21 @@ impl ClusterState {
             Command::RemoveNode { id } => {
                 self.nodes.remove(id);
             }
-            Command::OpenSegment { namespace, topic, shard, replicas, now_unix_ms, min_insync } => {
-                let generation = self
-                    .topic_segments(namespace, topic)
-                    .filter(|(_, s)| s.shard == *shard)
-                    .map(|(_, s)| s.generation)
-                    .max()
-                    .unwrap_or(0)
-                    + 1;
-                let id = self.next_segment_id;
-                self.next_segment_id += 1;
-                self.segments.insert(
-                    id,
-                    SegmentRecord {
-                        namespace: namespace.clone(),
-                        topic: topic.clone(),
-                        shard: *shard,
-                        generation,
-                        state: SegmentState::Open,
-                        primary: replicas[0],
-                        replicas: replicas.clone(),
-                        done: Vec::new(),
-                        next_offset: 0,
-                        size_bytes: 0,
-                        checksum: 0,
-                        created_unix_ms: *now_unix_ms,
-                        closed_unix_ms: 0,
-                        min_insync: *min_insync,
-                    },
-                );
-            }
+            Command::OpenSegment { .. }
+            | Command::CloseSegment { .. }
+            | Command::SegmentDone { .. }
+            | Command::SegmentLost { .. }
+            | Command::SetSegmentReplicas { .. }
+            | Command::DeleteSegments { .. } => self.apply_segment_change(cmd),
+            Command::AssignGroup { .. } | Command::CommitOffsets { .. } => self.apply_group_runtime(cmd),
+        }
+        Ok(())
+    }
+
+    /// Segment records: opened, closed, copies done or lost, moved, deleted.
+    fn apply_segment_change(&mut self, cmd: &Command) {
+        match cmd {
+            Command::OpenSegment { .. } => self.open_segment(cmd),
             Command::CloseSegment { id, next_offset, size_bytes, checksum, done, now_unix_ms } => {
                 if let Some(s) = self.segments.get_mut(id) {
                     s.state = SegmentState::Closed;
@@ -208,16 +193,7 @@ impl ClusterState {
             }
             Command::SegmentDone { id, node, size_bytes, checksum } => {
                 if let Some(s) = self.segments.get_mut(id) {
-                    if s.done.is_empty() {
-                        s.checksum = *checksum;
-                        s.size_bytes = *size_bytes;
-                    }
-                    if !s.done.contains(node) {
-                        s.done.push(*node);
-                    }
-                    if !s.replicas.contains(node) {
-                        s.replicas.push(*node);
-                    }
+                    s.add_done(*node, *size_bytes, *checksum);
                 }
             }
             Command::SegmentLost { id, node } => {
@@ -232,6 +208,13 @@ impl ClusterState {
                 }
             }
             Command::DeleteSegments { ids } => self.forget_segments(ids),
+            _ => {}
+        }
+    }
+
+    /// Where a group runs and how far it committed (offsets only move forward).
+    fn apply_group_runtime(&mut self, cmd: &Command) {
+        match cmd {
             Command::AssignGroup { namespace, group, node } => {
                 if let Some(g) = self.groups.get_mut(namespace).and_then(|g| g.get_mut(group)) {
                     g.node = *node;
@@ -247,8 +230,39 @@ impl ClusterState {
                     }
                 }
             }
+            _ => {}
         }
-        Ok(())
+    }
+
+    /// Records a new open segment: the shard's next generation, the next id.
+    fn open_segment(&mut self, cmd: &Command) {
+        let Command::OpenSegment { namespace, topic, shard, replicas, now_unix_ms, min_insync } = cmd else { return };
+        let generation = self
+            .topic_segments(namespace, topic)
+            .filter(|(_, s)| s.shard == *shard)
+            .map(|(_, s)| s.generation)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let id = self.next_segment_id;
+        self.next_segment_id += 1;
+        let record = SegmentRecord {
+            namespace: namespace.clone(),
+            topic: topic.clone(),
+            shard: *shard,
+            generation,
+            state: SegmentState::Open,
+            primary: replicas[0],
+            replicas: replicas.clone(),
+            done: Vec::new(),
+            next_offset: 0,
+            size_bytes: 0,
+            checksum: 0,
+            created_unix_ms: *now_unix_ms,
+            closed_unix_ms: 0,
+            min_insync: *min_insync,
+        };
+        self.segments.insert(id, record);
     }
 
     /// Drops segments and every group's offsets in them.
@@ -268,73 +282,13 @@ impl ClusterState {
     pub fn check(&self, cmd: &Command) -> Result<(), RequestError> {
         match cmd {
             Command::CreateNamespace { name } => validate::name("name", name),
-            Command::DeleteNamespace { name, cascade } => {
-                if name == DEFAULT_NAMESPACE {
-                    return Err(RequestError::new(
-                        ErrorCode::DefaultNamespaceUndeletable,
-                        "name: the \"default\" namespace cannot be deleted",
-                    ));
-                }
-                let ns = self.namespace(name)?;
-                if !cascade && (!ns.topics.is_empty() || !ns.consumer_groups.is_empty()) {
-                    return Err(RequestError::new(
-                        ErrorCode::NamespaceNotEmpty,
-                        format!(
-                            "name: namespace {name:?} still has {} topic(s) and {} consumer group(s); delete them first or ask to cascade",
-                            ns.topics.len(),
-                            ns.consumer_groups.len()
-                        ),
-                    ));
-                }
-                Ok(())
-            }
-            Command::CreateTopic { namespace, name, spec } => {
-                validate::name("name", name)?;
-                validate::topic_spec(spec)?;
-                match self.namespace(namespace)?.topics.get(name) {
-                    Some(existing) if existing.resolved() != spec.resolved() => Err(RequestError::new(
-                        ErrorCode::TopicAlreadyExists,
-                        format!(
-                            "name: topic {name:?} already exists in namespace {namespace:?} with a different spec ({})",
-                            describe_topic_diff(existing, spec)
-                        ),
-                    )),
-                    _ => Ok(()),
-                }
-            }
+            Command::DeleteNamespace { name, cascade } => self.check_delete_namespace(name, *cascade),
+            Command::CreateTopic { namespace, name, spec } => self.check_create_topic(namespace, name, spec),
             Command::UpdateTopic { namespace, name, update } => {
                 validate::topic_update(self.topic(namespace, name)?, update).map(|_| ())
             }
             Command::DeleteTopic { namespace, name } => self.topic(namespace, name).map(|_| ()),
-            Command::CreateConsumerGroup { namespace, name, spec } => {
-                validate::name("name", name)?;
-                validate::consumer_group_spec(spec)?;
-                let ns = self.namespace(namespace)?;
-                for (i, b) in spec.bindings.iter().enumerate() {
-                    if !ns.topics.contains_key(&b.topic) {
-                        return Err(RequestError::new(
-                            ErrorCode::TopicNotFound,
-                            format!(
-                                "bindings[{i}].topic: topic {:?} does not exist in namespace {namespace:?}",
-                                b.topic
-                            ),
-                        ));
-                    }
-                }
-                match ns.consumer_groups.get(name) {
-                    // `since` is where a new group starts; a repeated create computes it
-                    // anew (e.g. "-1h" from now), so it does not make the specs differ.
-                    Some(existing) if existing.bindings != spec.bindings || existing.size != spec.size => {
-                        Err(RequestError::new(
-                            ErrorCode::ConsumerGroupAlreadyExists,
-                            format!(
-                                "name: consumer group {name:?} already exists in namespace {namespace:?} with different bindings or size"
-                            ),
-                        ))
-                    }
-                    _ => Ok(()),
-                }
-            }
+            Command::CreateConsumerGroup { namespace, name, spec } => self.check_create_group(namespace, name, spec),
             Command::DeleteConsumerGroup { namespace, name } => {
                 if self.namespace(namespace)?.consumer_groups.contains_key(name) {
                     Ok(())
@@ -347,33 +301,131 @@ impl ClusterState {
             }
             Command::SetNode { .. } | Command::RemoveNode { .. } => Ok(()),
             Command::OpenSegment { namespace, topic, shard, replicas, min_insync, .. } => {
-                let spec = self.topic(namespace, topic)?;
-                if *shard >= spec.shards {
-                    return Err(RequestError::new(
-                        ErrorCode::InvalidShards,
-                        format!("shard: {shard} is not below the topic's {} shards", spec.shards),
-                    ));
-                }
-                if replicas.is_empty() {
-                    return Err(RequestError::new(ErrorCode::InvalidArgument, "replicas: must not be empty"));
-                }
-                if replicas.iter().enumerate().any(|(i, n)| replicas[..i].contains(n)) {
-                    return Err(RequestError::new(ErrorCode::InvalidArgument, "replicas: must be distinct nodes"));
-                }
-                if replicas.len() < *min_insync as usize {
-                    return Err(RequestError::new(
-                        ErrorCode::NotEnoughReplicas,
-                        format!("replicas: {} node(s), fewer than the {min_insync} in-sync copies the segment needs", replicas.len()),
-                    ));
-                }
-                if self.topic_segments(namespace, topic).any(|(_, s)| s.shard == *shard && s.is_open()) {
-                    return Err(RequestError::new(
-                        ErrorCode::SegmentAlreadyOpen,
-                        format!("shard: topic {topic:?} already has an open segment for shard {shard}"),
-                    ));
-                }
-                Ok(())
+                self.check_open_segment(namespace, topic, *shard, replicas, *min_insync)
             }
+            Command::CloseSegment { .. }
+            | Command::SegmentDone { .. }
+            | Command::SegmentLost { .. }
+            | Command::SetSegmentReplicas { .. }
+            | Command::DeleteSegments { .. } => self.check_segment_change(cmd),
+            Command::AssignGroup { namespace, group, .. } | Command::CommitOffsets { namespace, group, .. } => {
+                if self.group_runtime(namespace, group).is_some() {
+                    Ok(())
+                } else {
+                    Err(RequestError::new(
+                        ErrorCode::ConsumerGroupNotFound,
+                        format!("consumer_group: {group:?} does not exist in namespace {namespace:?}"),
+                    ))
+                }
+            }
+        }
+    }
+
+    fn check_delete_namespace(&self, name: &str, cascade: bool) -> Result<(), RequestError> {
+        if name == DEFAULT_NAMESPACE {
+            return Err(RequestError::new(
+                ErrorCode::DefaultNamespaceUndeletable,
+                "name: the \"default\" namespace cannot be deleted",
+            ));
+        }
+        let ns = self.namespace(name)?;
+        if !cascade && (!ns.topics.is_empty() || !ns.consumer_groups.is_empty()) {
+            return Err(RequestError::new(
+                ErrorCode::NamespaceNotEmpty,
+                format!(
+                    "name: namespace {name:?} still has {} topic(s) and {} consumer group(s); delete them first or ask to cascade",
+                    ns.topics.len(),
+                    ns.consumer_groups.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A repeated create of the same topic is accepted (idempotent), a different one
+    /// refused.
+    fn check_create_topic(&self, namespace: &str, name: &str, spec: &TopicSpec) -> Result<(), RequestError> {
+        validate::name("name", name)?;
+        validate::topic_spec(spec)?;
+        match self.namespace(namespace)?.topics.get(name) {
+            Some(existing) if existing.resolved() != spec.resolved() => Err(RequestError::new(
+                ErrorCode::TopicAlreadyExists,
+                format!(
+                    "name: topic {name:?} already exists in namespace {namespace:?} with a different spec ({})",
+                    describe_topic_diff(existing, spec)
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every bound topic must exist; a repeated create of the same group is accepted.
+    fn check_create_group(&self, namespace: &str, name: &str, spec: &ConsumerGroupSpec) -> Result<(), RequestError> {
+        validate::name("name", name)?;
+        validate::consumer_group_spec(spec)?;
+        let ns = self.namespace(namespace)?;
+        if let Some((i, b)) = spec.bindings.iter().enumerate().find(|(_, b)| !ns.topics.contains_key(&b.topic)) {
+            return Err(RequestError::new(
+                ErrorCode::TopicNotFound,
+                format!("bindings[{i}].topic: topic {:?} does not exist in namespace {namespace:?}", b.topic),
+            ));
+        }
+        match ns.consumer_groups.get(name) {
+            // `since` is where a new group starts; a repeated create computes it anew
+            // (e.g. "-1h" from now), so it does not make the specs differ.
+            Some(existing) if existing.bindings != spec.bindings || existing.size != spec.size => {
+                Err(RequestError::new(
+                    ErrorCode::ConsumerGroupAlreadyExists,
+                    format!(
+                        "name: consumer group {name:?} already exists in namespace {namespace:?} with different bindings or size"
+                    ),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A shard gets one open segment at a time, on distinct nodes, at least as many as
+    /// its in-sync copies.
+    fn check_open_segment(
+        &self,
+        namespace: &str,
+        topic: &str,
+        shard: u32,
+        replicas: &[NodeId],
+        min_insync: u32,
+    ) -> Result<(), RequestError> {
+        let spec = self.topic(namespace, topic)?;
+        let invalid = |msg: String| Err(RequestError::new(ErrorCode::InvalidArgument, msg));
+        if shard >= spec.shards {
+            let msg = format!("shard: {shard} is not below the topic's {} shards", spec.shards);
+            return Err(RequestError::new(ErrorCode::InvalidShards, msg));
+        }
+        if replicas.is_empty() {
+            return invalid("replicas: must not be empty".into());
+        }
+        if replicas.iter().enumerate().any(|(i, n)| replicas[..i].contains(n)) {
+            return invalid("replicas: must be distinct nodes".into());
+        }
+        if replicas.len() < min_insync as usize {
+            let msg = format!(
+                "replicas: {} node(s), fewer than the {min_insync} in-sync copies the segment needs",
+                replicas.len()
+            );
+            return Err(RequestError::new(ErrorCode::NotEnoughReplicas, msg));
+        }
+        if self.topic_segments(namespace, topic).any(|(_, s)| s.shard == shard && s.is_open()) {
+            let msg = format!("shard: topic {topic:?} already has an open segment for shard {shard}");
+            return Err(RequestError::new(ErrorCode::SegmentAlreadyOpen, msg));
+        }
+        Ok(())
+    }
+
+    /// Closing an open segment, and what may change of a closed one.
+    fn check_segment_change(&self, cmd: &Command) -> Result<(), RequestError> {
+        let still_open =
+            |id: &SegmentId| RequestError::new(ErrorCode::SegmentOpen, format!("id: segment {id} is still open"));
+        match cmd {
             Command::CloseSegment { id, .. } => match self.segment(*id)? {
                 s if s.is_open() => Ok(()),
                 _ => Err(RequestError::new(ErrorCode::SegmentClosed, format!("id: segment {id} is already closed"))),
@@ -387,40 +439,27 @@ impl ClusterState {
                     ),
                 )),
                 s if !s.is_open() => Ok(()),
-                _ => Err(RequestError::new(ErrorCode::SegmentOpen, format!("id: segment {id} is still open"))),
+                _ => Err(still_open(id)),
             },
             Command::SegmentLost { id, .. } => match self.segment(*id)? {
                 s if !s.is_open() => Ok(()),
-                _ => Err(RequestError::new(ErrorCode::SegmentOpen, format!("id: segment {id} is still open"))),
+                _ => Err(still_open(id)),
             },
             Command::SetSegmentReplicas { id, replicas } => match self.segment(*id)? {
                 _ if replicas.is_empty() => {
                     Err(RequestError::new(ErrorCode::InvalidArgument, "replicas: must not be empty"))
                 }
                 s if !s.is_open() => Ok(()),
-                _ => Err(RequestError::new(ErrorCode::SegmentOpen, format!("id: segment {id} is still open"))),
+                _ => Err(still_open(id)),
             },
-            Command::DeleteSegments { ids } => {
-                for id in ids {
-                    if self.segment(*id)?.is_open() {
-                        return Err(RequestError::new(
-                            ErrorCode::SegmentOpen,
-                            format!("ids: segment {id} is open; open segments are never deleted"),
-                        ));
-                    }
-                }
-                Ok(())
-            }
-            Command::AssignGroup { namespace, group, .. } | Command::CommitOffsets { namespace, group, .. } => {
-                if self.group_runtime(namespace, group).is_some() {
-                    Ok(())
-                } else {
-                    Err(RequestError::new(
-                        ErrorCode::ConsumerGroupNotFound,
-                        format!("consumer_group: {group:?} does not exist in namespace {namespace:?}"),
-                    ))
-                }
-            }
+            Command::DeleteSegments { ids } => ids.iter().try_for_each(|id| match self.segment(*id)? {
+                s if s.is_open() => Err(RequestError::new(
+                    ErrorCode::SegmentOpen,
+                    format!("ids: segment {id} is open; open segments are never deleted"),
+                )),
+                _ => Ok(()),
+            }),
+            _ => Ok(()),
         }
     }
 

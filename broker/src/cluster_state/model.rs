@@ -78,6 +78,22 @@ impl SegmentRecord {
     pub fn quorum(&self) -> usize {
         (self.min_insync as usize).max(self.replicas.len() / 2 + 1)
     }
+
+    /// `node` holds a complete copy: the first one sets the segment's size and
+    /// checksum (`SegmentDone` refuses a later copy that differs), and a node not in
+    /// the replica set joins it.
+    pub fn add_done(&mut self, node: NodeId, size_bytes: u64, checksum: u32) {
+        if self.done.is_empty() {
+            self.checksum = checksum;
+            self.size_bytes = size_bytes;
+        }
+        if !self.done.contains(&node) {
+            self.done.push(node);
+        }
+        if !self.replicas.contains(&node) {
+            self.replicas.push(node);
+        }
+    }
 }
 
 /// Where a consumer group runs and the offsets it committed.

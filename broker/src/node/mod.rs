@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::Services;
 use crate::cluster::Cluster;
-use crate::cluster_state::{LogStore, NodeState, Raft, StateMachineStore};
+use crate::cluster_state::{LogStore, NodeState, Raft, SharedState, StateMachineStore};
 use crate::config::NodeConfig;
 use crate::consumer_groups::Groups;
 use crate::membership::Membership;
@@ -74,16 +74,8 @@ pub async fn start(
     std::fs::create_dir_all(&config.dir)
         .map_err(|e| NodeError::Config(format!("--dir: cannot create {}: {e}", config.dir.display())))?;
     let id = id::load_or_create(&config.dir, config.id)?;
-    let raft_dir = config.dir.join("raft");
-    let log_store = LogStore::open(&raft_dir.join("log")).await.map_err(|e| NodeError::Storage(e.to_string()))?;
-    let (sm_store, shared) =
-        StateMachineStore::open(&raft_dir.join("sm")).await.map_err(|e| NodeError::Storage(e.to_string()))?;
-    let raft_config =
-        Arc::new(config.raft.to_openraft().map_err(|e| NodeError::Config(format!("raft settings: {e}")))?);
     let peers = Peers::new(network, config.peers.clone());
-    let raft = Raft::new(id, raft_config, peers.raft_network(), log_store, sm_store)
-        .await
-        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    let (raft, shared) = start_raft(&config, id, &peers).await?;
 
     // Everything below stops on `stop`; `shutdown` first runs the graceful sequence.
     let stop = CancellationToken::new();
@@ -98,7 +90,60 @@ pub async fn start(
     );
     let cluster =
         Cluster::new(id, raft.clone(), shared, peers.clone(), Duration::from_millis(config.request_timeout_ms));
+    let store = open_segment_store(&config)?;
+    let segments = Segments::new(store, cluster.clone(), peers.clone(), config.clock.clone(), config.data.clone());
+    let groups = Groups::new(segments.clone());
 
+    let services = Services {
+        cluster: cluster.clone(),
+        membership: membership.clone(),
+        segments: segments.clone(),
+        groups: groups.clone(),
+        peers: peers.clone(),
+    };
+    let tasks = Tasks {
+        server: crate::api::serve(services, listeners.incoming, stop.clone()),
+        keeper: tokio::spawn(crate::replication::keeper::run(segments.clone(), stop.clone())),
+        placement: tokio::spawn(crate::replication::placement::run(
+            segments.clone(),
+            membership.clone(),
+            Duration::from_millis(config.reconcile_interval_ms),
+            stop.clone(),
+        )),
+        group_runner: tokio::spawn(groups.clone().run(stop.clone())),
+        bootstrap: tokio::spawn(bootstrap(
+            config.clone(),
+            cluster.clone(),
+            membership.clone(),
+            peers.clone(),
+            stop.clone(),
+        )),
+        reconciler: tokio::spawn(reconcile::run(config.clone(), cluster.clone(), membership.clone(), stop.clone())),
+    };
+    tracing::info!(node_id = id, listen = %config.listen_addr, advertise = %config.advertise_addr, dir = %config.dir.display(), "node started");
+
+    let parts =
+        Parts { cluster: cluster.clone(), membership: membership.clone(), segments: segments.clone(), groups, peers };
+    let done = tokio::spawn(run_until_stopped(parts, tasks, shutdown, stop.clone()));
+    Ok(NodeHandle { id, cluster, segments, membership, stop, done })
+}
+
+/// Opens the Raft log and state machine under `<dir>/raft` and starts Raft.
+async fn start_raft(config: &NodeConfig, id: u64, peers: &Peers) -> Result<(Raft, SharedState), NodeError> {
+    let raft_dir = config.dir.join("raft");
+    let log_store = LogStore::open(&raft_dir.join("log")).await.map_err(|e| NodeError::Storage(e.to_string()))?;
+    let (sm_store, shared) =
+        StateMachineStore::open(&raft_dir.join("sm")).await.map_err(|e| NodeError::Storage(e.to_string()))?;
+    let raft_config =
+        Arc::new(config.raft.to_openraft().map_err(|e| NodeError::Config(format!("raft settings: {e}")))?);
+    let raft = Raft::new(id, raft_config, peers.raft_network(), log_store, sm_store)
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    Ok((raft, shared))
+}
+
+/// Opens `<dir>/segments`; damaged segments are set aside (and fetched again later).
+fn open_segment_store(config: &NodeConfig) -> Result<eventtermq_storage::Store, NodeError> {
     let storage_config = eventtermq_storage::Config {
         preallocate_bytes: config.data.segment_preallocate_bytes,
         ..eventtermq_storage::Config::default()
@@ -110,70 +155,64 @@ pub async fn start(
         tracing::warn!(segment_id = q.id, files = ?q.files, reason = %q.reason,
             "a damaged segment was quarantined at startup; a copy this node should hold is fetched again");
     }
-    let segments = Segments::new(store, cluster.clone(), peers.clone(), config.clock.clone(), config.data.clone());
-    let groups = Groups::new(segments.clone());
+    Ok(store)
+}
 
-    let services = Services {
-        cluster: cluster.clone(),
-        membership: membership.clone(),
-        segments: segments.clone(),
-        groups: groups.clone(),
-        peers: peers.clone(),
-    };
-    let server = crate::api::serve(services, listeners.incoming, stop.clone());
-    let keeper = tokio::spawn(crate::replication::keeper::run(segments.clone(), stop.clone()));
-    let placement = tokio::spawn(crate::replication::placement::run(
-        segments.clone(),
-        membership.clone(),
-        Duration::from_millis(config.reconcile_interval_ms),
-        stop.clone(),
-    ));
-    let group_runner = tokio::spawn(groups.clone().run(stop.clone()));
-    let bootstrap =
-        tokio::spawn(bootstrap(config.clone(), cluster.clone(), membership.clone(), peers.clone(), stop.clone()));
-    let reconciler = tokio::spawn(reconcile::run(config.clone(), cluster.clone(), membership.clone(), stop.clone()));
+/// The node's parts the shutdown sequence needs.
+struct Parts {
+    cluster: Cluster,
+    membership: Membership,
+    segments: Segments,
+    groups: Groups,
+    peers: Peers,
+}
 
-    tracing::info!(node_id = id, listen = %config.listen_addr, advertise = %config.advertise_addr, dir = %config.dir.display(), "node started");
+/// The node's background tasks.
+struct Tasks {
+    server: JoinHandle<()>,
+    keeper: JoinHandle<()>,
+    placement: JoinHandle<()>,
+    group_runner: JoinHandle<()>,
+    bootstrap: JoinHandle<()>,
+    reconciler: JoinHandle<()>,
+}
 
-    let done = {
-        let (cluster, membership, stop, peers) = (cluster.clone(), membership.clone(), stop.clone(), peers.clone());
-        let (segments, groups) = (segments.clone(), groups.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = shutdown.cancelled() => {
-                    tracing::info!("shutting down gracefully");
-                    // Groups commit their offsets and primaries close their segments
-                    // while Raft still has this node; bounded, as a quorum may be gone.
-                    let data = async {
-                        group_runner.abort();
-                        groups.stop_all().await;
-                        segments.close_primaries().await;
-                    };
-                    if tokio::time::timeout(DATA_SHUTDOWN_MAX, data).await.is_err() {
-                        tracing::warn!("consumer groups and segments did not stop in time");
-                    }
-                    hand_over_leadership(&cluster, &peers).await;
-                    membership.leave().await;
-                    stop.cancel();
-                }
-                _ = stop.cancelled() => {}
+/// Waits for `shutdown` (graceful: groups commit, primaries close their segments,
+/// leadership is handed over, gossip hears this node LEFT) or `stop` (abrupt), then
+/// stops Raft and every task.
+async fn run_until_stopped(parts: Parts, tasks: Tasks, shutdown: CancellationToken, stop: CancellationToken) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {
+            tracing::info!("shutting down gracefully");
+            // Groups commit their offsets and primaries close their segments while Raft
+            // still has this node; bounded, as a quorum may be gone.
+            let data = async {
+                tasks.group_runner.abort();
+                parts.groups.stop_all().await;
+                parts.segments.close_primaries().await;
+            };
+            if tokio::time::timeout(DATA_SHUTDOWN_MAX, data).await.is_err() {
+                tracing::warn!("consumer groups and segments did not stop in time");
             }
-            let _ = cluster.raft.shutdown().await;
-            // The background loops may sit in a request that can no longer succeed
-            // (Raft is down): stop them rather than wait out their timeouts.
-            bootstrap.abort();
-            reconciler.abort();
-            keeper.abort();
-            placement.abort();
-            // The server drains in-flight calls, but not for longer than this.
-            let server_abort = server.abort_handle();
-            if tokio::time::timeout(SERVER_DRAIN_MAX, server).await.is_err() {
-                server_abort.abort();
-            }
-            tracing::info!("node stopped");
-        })
-    };
-    Ok(NodeHandle { id, cluster, segments, membership, stop, done })
+            hand_over_leadership(&parts.cluster, &parts.peers).await;
+            parts.membership.leave().await;
+            stop.cancel();
+        }
+        _ = stop.cancelled() => {}
+    }
+    let _ = parts.cluster.raft.shutdown().await;
+    // The background loops may sit in a request that can no longer succeed (Raft is
+    // down): stop them rather than wait out their timeouts.
+    tasks.bootstrap.abort();
+    tasks.reconciler.abort();
+    tasks.keeper.abort();
+    tasks.placement.abort();
+    // The server drains in-flight calls, but not for longer than this.
+    let server_abort = tasks.server.abort_handle();
+    if tokio::time::timeout(SERVER_DRAIN_MAX, tasks.server).await.is_err() {
+        server_abort.abort();
+    }
+    tracing::info!("node stopped");
 }
 
 /// Forms a new cluster or joins an existing one, as the flags ask.
@@ -185,24 +224,8 @@ async fn bootstrap(
     stop: CancellationToken,
 ) {
     let seeds: Vec<String> = config.join.iter().filter(|s| **s != config.advertise_addr).cloned().collect();
-    let initialized = cluster.raft.is_initialized().await.unwrap_or(true);
-    if initialized {
-        // A node with state never bootstraps again; it only finds its peers: the
-        // --join seeds and every member Raft remembers, so a restarted first node
-        // (started without --join) is seen ALIVE again at once instead of waiting
-        // for its peers to probe it.
-        tracing::info!("existing cluster state found; rejoining");
-        let mut seeds = seeds;
-        let known = cluster.raft.metrics().borrow().membership_config.membership().clone();
-        for (id, node) in known.nodes() {
-            if *id != cluster.id && !seeds.contains(&node.addr) {
-                seeds.push(node.addr.clone());
-            }
-        }
-        if let Err(e) = membership.join(seeds).await {
-            tracing::warn!(error = %e, "joining gossip failed");
-        }
-        return;
+    if cluster.raft.is_initialized().await.unwrap_or(true) {
+        return rejoin(&cluster, &membership, seeds).await;
     }
     let expect = config.bootstrap_expect.unwrap_or(if seeds.is_empty() { 1 } else { 0 });
     if expect == 1 {
@@ -221,6 +244,37 @@ async fn bootstrap(
         tracing::info!("joined gossip; waiting for the leader to add this node");
         return;
     }
+    let retry = Duration::from_millis(config.membership.join_retry_ms.max(1));
+    bootstrap_when_met(&cluster, &membership, &peers, expect, retry, &stop).await;
+}
+
+/// A node with state never bootstraps again; it only finds its peers: the `--join`
+/// seeds and every member Raft remembers, so a restarted first node (started without
+/// `--join`) is seen ALIVE again at once instead of waiting for its peers to probe it.
+async fn rejoin(cluster: &Cluster, membership: &Membership, mut seeds: Vec<String>) {
+    tracing::info!("existing cluster state found; rejoining");
+    let known = cluster.raft.metrics().borrow().membership_config.membership().clone();
+    for (id, node) in known.nodes() {
+        if *id != cluster.id && !seeds.contains(&node.addr) {
+            seeds.push(node.addr.clone());
+        }
+    }
+    if let Err(e) = membership.join(seeds).await {
+        tracing::warn!(error = %e, "joining gossip failed");
+    }
+}
+
+/// Waits until `expect` members have met over gossip; then the one with the smallest
+/// id initializes Raft with all of them as voters (the others are brought in by its
+/// first heartbeats), unless one of them already belongs to a cluster.
+async fn bootstrap_when_met(
+    cluster: &Cluster,
+    membership: &Membership,
+    peers: &Peers,
+    expect: usize,
+    retry: Duration,
+    stop: &CancellationToken,
+) {
     tracing::info!(expect, "waiting for {expect} members to meet before bootstrapping");
     let mut watch = membership.watch();
     loop {
@@ -231,18 +285,16 @@ async fn bootstrap(
             .map(|m| (m.id, BasicNode::new(m.addr.clone())))
             .collect();
         if alive.len() >= expect {
-            // Exactly one node initializes: the one with the smallest id. The others
-            // are brought in by its first heartbeats.
             if alive.keys().next() != Some(&cluster.id) {
                 return;
             }
             // A node added to a running cluster (a StatefulSet scaled up keeps its
             // founding --bootstrap-expect) meets enough members too: it must not
             // found a second cluster beside theirs, but wait for their leader.
-            match existing_cluster(&peers, cluster.id, &alive).await {
+            match existing_cluster(peers, cluster.id, &alive).await {
                 Ok(None) => {
                     tracing::info!(members = ?alive.keys().collect::<Vec<_>>(), "bootstrapping cluster");
-                    initialize(&cluster, alive).await;
+                    initialize(cluster, alive).await;
                     return;
                 }
                 Ok(Some(peer)) => {
@@ -258,7 +310,7 @@ async fn bootstrap(
         tokio::select! {
             r = watch.changed() => if r.is_err() { return },
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(config.membership.join_retry_ms.max(1))), if alive.len() >= expect => {}
+            _ = tokio::time::sleep(retry), if alive.len() >= expect => {}
         }
     }
 }

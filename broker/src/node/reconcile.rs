@@ -56,91 +56,130 @@ async fn reconcile_once(
     membership: &Membership,
     members: &[MemberInfo],
 ) -> Result<(), String> {
-    let removal_after = Duration::from_millis(config.dead_node_removal_ms);
-    let gone_for_good = |m: &MemberInfo| {
-        matches!(m.state, NodeState::Dead | NodeState::Left) && m.state_since.elapsed() >= removal_after
-    };
-
-    // 1. Raft membership follows gossip, one change per round. It goes first so a
-    //    node shows ALIVE in the cluster state only once it is a Raft member.
-    let recorded: BTreeMap<u64, NodeRecord> = cluster.state.read().state.nodes.clone();
     let metrics = cluster.raft.metrics().borrow().clone();
     let stored = metrics.membership_config.membership().clone();
     if stored.get_joint_config().len() > 1 {
         return Ok(()); // a change is still in flight
     }
-    let voters: BTreeSet<u64> = stored.voter_ids().collect();
-    let learners: BTreeSet<u64> = stored.learner_ids().collect();
-
-    for m in members.iter().filter(|m| gone_for_good(m) && m.id != cluster.id) {
-        if m.state == NodeState::Dead && membership.knock(&m.addr).await {
-            tracing::warn!(node_id = m.id, addr = %m.addr, "gossip holds the node DEAD but it answers; not removing it");
-            continue;
-        }
-        if voters.contains(&m.id) || learners.contains(&m.id) {
-            tracing::info!(node_id = m.id, state = m.state.as_str(), "removing node from raft");
-            let change = if voters.contains(&m.id) {
-                ChangeMembers::RemoveVoters(BTreeSet::from([m.id]))
-            } else {
-                ChangeMembers::RemoveNodes(BTreeSet::from([m.id]))
-            };
-            cluster.raft.change_membership(change, false).await.map_err(|e| e.to_string())?;
-            return Ok(());
-        }
-        if recorded.contains_key(&m.id) {
-            cluster.write(Command::RemoveNode { id: m.id }).await.map_err(|e| e.to_string())?;
-        }
+    let round = Round {
+        config,
+        cluster,
+        membership,
+        members,
+        removal_after: Duration::from_millis(config.dead_node_removal_ms),
+        recorded: cluster.state.read().state.nodes.clone(),
+        voters: stored.voter_ids().collect(),
+        learners: stored.learner_ids().collect(),
+    };
+    // 1. Raft membership follows gossip, one change per round. It goes first so a
+    //    node shows ALIVE in the cluster state only once it is a Raft member.
+    if round.remove_gone().await? || round.add_new().await? {
+        return Ok(());
     }
-
-    for m in members.iter().filter(|m| m.state == NodeState::Alive) {
-        if !voters.contains(&m.id) && !learners.contains(&m.id) {
-            tracing::info!(node_id = m.id, addr = %m.addr, "adding node to raft as learner");
-            // Blocking: returns once the learner has caught up (a new node's log is
-            // short), so it can be promoted right away; bounded in case it stalls.
-            let add = cluster.raft.add_learner(m.id, BasicNode::new(m.addr.clone()), true);
-            match tokio::time::timeout(LEARNER_CATCH_UP_MAX, add).await {
-                Ok(r) => r.map_err(|e| e.to_string())?,
-                Err(_) => return Ok(()), // promoted by a later round once caught up
-            };
-            if voters.len() < config.voters_count_max {
-                tracing::info!(node_id = m.id, "promoting learner to voter");
-                cluster
-                    .raft
-                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([m.id])), false)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            return Ok(());
-        }
-    }
-
     // 2. Cluster-state node records follow gossip.
-    for m in members {
-        if gone_for_good(m) && m.id != cluster.id {
-            continue;
-        }
-        let want = NodeRecord { address: m.addr.clone(), state: m.state };
-        if recorded.get(&m.id) != Some(&want) {
-            cluster.write(Command::SetNode { id: m.id, record: want }).await.map_err(|e| e.to_string())?;
-        }
+    round.record_nodes().await?;
+    round.promote_caught_up(&metrics).await
+}
+
+/// One round's view: gossip's members, and what Raft and the cluster state hold.
+struct Round<'a> {
+    config: &'a NodeConfig,
+    cluster: &'a Cluster,
+    membership: &'a Membership,
+    members: &'a [MemberInfo],
+    removal_after: Duration,
+    recorded: BTreeMap<u64, NodeRecord>,
+    voters: BTreeSet<u64>,
+    learners: BTreeSet<u64>,
+}
+
+impl Round<'_> {
+    fn gone_for_good(&self, m: &MemberInfo) -> bool {
+        matches!(m.state, NodeState::Dead | NodeState::Left) && m.state_since.elapsed() >= self.removal_after
     }
 
-    if voters.len() < config.voters_count_max {
+    /// Removes one member gone for long from Raft (after knocking on a DEAD one's
+    /// door), or its record from the cluster state. `Ok(true)`: Raft changed.
+    async fn remove_gone(&self) -> Result<bool, String> {
+        for m in self.members.iter().filter(|m| self.gone_for_good(m) && m.id != self.cluster.id) {
+            if m.state == NodeState::Dead && self.membership.knock(&m.addr).await {
+                tracing::warn!(node_id = m.id, addr = %m.addr, "gossip holds the node DEAD but it answers; not removing it");
+                continue;
+            }
+            if self.voters.contains(&m.id) || self.learners.contains(&m.id) {
+                tracing::info!(node_id = m.id, state = m.state.as_str(), "removing node from raft");
+                let change = if self.voters.contains(&m.id) {
+                    ChangeMembers::RemoveVoters(BTreeSet::from([m.id]))
+                } else {
+                    ChangeMembers::RemoveNodes(BTreeSet::from([m.id]))
+                };
+                self.cluster.raft.change_membership(change, false).await.map_err(|e| e.to_string())?;
+                return Ok(true);
+            }
+            if self.recorded.contains_key(&m.id) {
+                self.cluster.write(Command::RemoveNode { id: m.id }).await.map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(false)
+    }
+
+    /// Adds one ALIVE member outside Raft as a learner, and promotes it at once while
+    /// voters are missing. `Ok(true)`: Raft changed (or is changing).
+    async fn add_new(&self) -> Result<bool, String> {
+        let new = self
+            .members
+            .iter()
+            .find(|m| m.state == NodeState::Alive && !self.voters.contains(&m.id) && !self.learners.contains(&m.id));
+        let Some(m) = new else { return Ok(false) };
+        tracing::info!(node_id = m.id, addr = %m.addr, "adding node to raft as learner");
+        // Blocking: returns once the learner has caught up (a new node's log is short),
+        // so it can be promoted right away; bounded in case it stalls.
+        let add = self.cluster.raft.add_learner(m.id, BasicNode::new(m.addr.clone()), true);
+        match tokio::time::timeout(LEARNER_CATCH_UP_MAX, add).await {
+            Ok(r) => r.map_err(|e| e.to_string())?,
+            Err(_) => return Ok(true), // promoted by a later round once caught up
+        };
+        if self.voters.len() < self.config.voters_count_max {
+            self.promote(m.id).await?;
+        }
+        Ok(true)
+    }
+
+    /// Records every member's address and state in the cluster state where it differs.
+    async fn record_nodes(&self) -> Result<(), String> {
+        for m in self.members {
+            if self.gone_for_good(m) && m.id != self.cluster.id {
+                continue;
+            }
+            let want = NodeRecord { address: m.addr.clone(), state: m.state };
+            if self.recorded.get(&m.id) != Some(&want) {
+                self.cluster.write(Command::SetNode { id: m.id, record: want }).await.map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Promotes an ALIVE learner that has caught up while voters are missing.
+    async fn promote_caught_up(&self, metrics: &openraft::RaftMetrics<u64, BasicNode>) -> Result<(), String> {
+        if self.voters.len() >= self.config.voters_count_max {
+            return Ok(());
+        }
         let last = metrics.last_log_index.unwrap_or(0);
-        let replication = metrics.replication.unwrap_or_default();
-        let alive: BTreeSet<u64> = members.iter().filter(|m| m.state == NodeState::Alive).map(|m| m.id).collect();
-        let ready = learners.iter().find(|id| {
+        let replication = metrics.replication.clone().unwrap_or_default();
+        let alive: BTreeSet<u64> = self.members.iter().filter(|m| m.state == NodeState::Alive).map(|m| m.id).collect();
+        let ready = self.learners.iter().find(|id| {
             let matched = replication.get(id).copied().flatten().map(|l| l.index).unwrap_or(0);
             alive.contains(id) && matched + LEARNER_LAG_MAX_ENTRIES >= last
         });
-        if let Some(&id) = ready {
-            tracing::info!(node_id = id, "promoting learner to voter");
-            cluster
-                .raft
-                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-                .await
-                .map_err(|e| e.to_string())?;
+        match ready {
+            Some(&id) => self.promote(id).await,
+            None => Ok(()),
         }
     }
-    Ok(())
+
+    async fn promote(&self, id: u64) -> Result<(), String> {
+        tracing::info!(node_id = id, "promoting learner to voter");
+        let change = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
+        self.cluster.raft.change_membership(change, false).await.map(|_| ()).map_err(|e| e.to_string())
+    }
 }

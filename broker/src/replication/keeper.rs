@@ -16,8 +16,10 @@
 //! - a segment the state no longer has (retention, deleted topic) is deleted.
 
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use eventtermq_storage::SegmentInfo;
 use tokio_util::sync::CancellationToken;
 
 use super::{lock, primary, Segments};
@@ -36,101 +38,149 @@ const FINISH_RETRY_MIN: Duration = Duration::from_millis(50);
 const FINISH_RETRY_MAX: Duration = Duration::from_secs(2);
 
 pub async fn run(segments: Segments, stop: CancellationToken) {
-    let me = segments.cluster().id;
-    // Files that exist before this process started: see the module comment. A file
-    // quarantined at startup counts: the primary it belonged to wrote records that the
-    // replicas may have and a fresh file would not.
-    let store = segments.store();
-    let preexisting: HashSet<SegmentId> =
-        store.list().iter().map(|s| s.id).chain(store.quarantined().iter().map(|q| q.id)).collect();
-    let mut started: HashSet<SegmentId> = HashSet::new();
-    let finishing: std::sync::Arc<std::sync::Mutex<HashSet<SegmentId>>> = Default::default();
-    // Copies being reported lost, until the state no longer lists them done here.
-    let losing: std::sync::Arc<std::sync::Mutex<HashSet<SegmentId>>> = Default::default();
     let mut metrics = segments.cluster().raft.metrics();
+    let mut keeper = Keeper::new(segments, stop.clone());
     loop {
+        keeper.pass().await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = metrics.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(TICK) => {}
+        }
+    }
+}
+
+type SharedIds = Arc<Mutex<HashSet<SegmentId>>>;
+
+/// What the keeper of this node remembers between passes.
+struct Keeper {
+    segments: Segments,
+    me: NodeId,
+    stop: CancellationToken,
+    /// Files that exist before this process started: see the module comment. A file
+    /// quarantined at startup counts: the primary it belonged to wrote records that the
+    /// replicas may have and a fresh file would not.
+    preexisting: HashSet<SegmentId>,
+    /// Open segments whose primary this keeper started (or is failing over).
+    started: HashSet<SegmentId>,
+    /// Closed segments being completed and sealed here.
+    finishing: SharedIds,
+    /// Copies being reported lost, until the state no longer lists them done here.
+    losing: SharedIds,
+}
+
+impl Keeper {
+    fn new(segments: Segments, stop: CancellationToken) -> Self {
+        let store = segments.store();
+        let preexisting = store.list().iter().map(|s| s.id).chain(store.quarantined().iter().map(|q| q.id)).collect();
+        let me = segments.cluster().id;
+        Keeper {
+            segments,
+            me,
+            stop,
+            preexisting,
+            started: HashSet::new(),
+            finishing: Default::default(),
+            losing: Default::default(),
+        }
+    }
+
+    /// One look at the state: every segment it lists, then local files it dropped.
+    async fn pass(&mut self) {
         let (snapshot, under_replicated) = {
-            let st = segments.cluster().state.read();
+            let st = self.segments.cluster().state.read();
             let snapshot: Vec<(SegmentId, SegmentRecord)> =
                 st.state.segments.iter().map(|(id, s)| (*id, s.clone())).collect();
-            (snapshot, under_replicated_primaries(&st.state, me))
+            (snapshot, under_replicated_primaries(&st.state, self.me))
         };
         for id in under_replicated {
-            if let Some(p) = segments.primary(id) {
+            if let Some(p) = self.segments.primary(id) {
                 p.rotate();
             }
         }
         let known: HashSet<SegmentId> = snapshot.iter().map(|(id, _)| *id).collect();
         for (id, seg) in snapshot {
             if seg.is_open() {
-                if seg.primary != me || started.contains(&id) {
-                    continue;
+                self.open_segment(id, &seg);
+            } else {
+                self.closed_segment(id, &seg).await;
+            }
+        }
+        self.delete_dropped(&known).await;
+    }
+
+    /// Starts the primary task of an open segment this node is primary of, or fails it
+    /// over when its file predates this process.
+    fn open_segment(&mut self, id: SegmentId, seg: &SegmentRecord) {
+        if seg.primary != self.me || !self.started.insert(id) {
+            return;
+        }
+        if self.preexisting.contains(&id) {
+            let (segments, stop) = (self.segments.clone(), self.stop.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = fail_over_restarted(&segments, id) => {}
+                    _ = stop.cancelled() => {}
                 }
-                started.insert(id);
-                if preexisting.contains(&id) {
-                    let (segments, stop) = (segments.clone(), stop.clone());
-                    tokio::spawn(async move {
-                        tokio::select! {
-                            _ = fail_over_restarted(&segments, id) => {}
-                            _ = stop.cancelled() => {}
-                        }
-                    });
-                    continue;
+            });
+            return;
+        }
+        let size_max = topic_segment_size(&self.segments, seg);
+        match primary::start(&self.segments, id, seg.replicas.clone(), seg.quorum(), size_max) {
+            Ok(handle) => {
+                lock(self.segments.primaries()).insert(id, handle);
+                tracing::info!(segment_id = id, topic = %seg.topic, shard = seg.shard, replicas = ?seg.replicas, "primary started");
+            }
+            Err(e) => tracing::error!(segment_id = id, error = %e, "cannot start the primary"),
+        }
+    }
+
+    /// A closed segment: report a complete copy that is gone, complete and seal a copy
+    /// this node should hold, drop one that was replaced elsewhere.
+    async fn closed_segment(&mut self, id: SegmentId, seg: &SegmentRecord) {
+        let me = self.me;
+        let holds = seg.replicas.contains(&me);
+        let complete = seg.done.contains(&me)
+            && self.segments.store().info(id).is_some_and(|i| i.sealed && i.next_offset == seg.next_offset);
+        if !seg.done.contains(&me) {
+            lock(&self.losing).remove(&id);
+        } else if !complete && lock(&self.losing).insert(id) {
+            let (segments, losing) = (self.segments.clone(), self.losing.clone());
+            tokio::spawn(async move {
+                if let Err(e) = report_lost(&segments, id).await {
+                    tracing::warn!(segment_id = id, error = %e, "reporting a lost copy failed; retrying");
+                    lock(&losing).remove(&id);
                 }
-                let size_max = topic_segment_size(&segments, &seg);
-                match primary::start(&segments, id, seg.replicas.clone(), seg.quorum(), size_max) {
-                    Ok(handle) => {
-                        lock(segments.primaries()).insert(id, handle);
-                        tracing::info!(segment_id = id, topic = %seg.topic, shard = seg.shard, replicas = ?seg.replicas, "primary started");
-                    }
-                    Err(e) => tracing::error!(segment_id = id, error = %e, "cannot start the primary"),
+            });
+        }
+        if holds && !complete && lock(&self.finishing).insert(id) {
+            let (segments, finishing, stop) = (self.segments.clone(), self.finishing.clone(), self.stop.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = finish(&segments, id) => {}
+                    _ = stop.cancelled() => {}
                 }
+                lock(&finishing).remove(&id);
+            });
+        } else if !holds && !seg.done.contains(&me) && self.segments.store().info(id).is_some() {
+            // Replaced by a copy elsewhere: once that copy is complete, drop ours.
+            if seg.replicas.iter().all(|r| seg.done.contains(r)) {
+                delete_local(&self.segments, id).await;
+            }
+        }
+    }
+
+    /// Deletes local copies of segments the state dropped (not of those it has not
+    /// heard of yet).
+    async fn delete_dropped(&self, known: &HashSet<SegmentId>) {
+        for local in self.segments.store().list() {
+            if known.contains(&local.id) || lock(&self.finishing).contains(&local.id) {
                 continue;
             }
-            // Closed.
-            let holds = seg.replicas.contains(&me);
-            let complete = seg.done.contains(&me)
-                && segments.store().info(id).is_some_and(|i| i.sealed && i.next_offset == seg.next_offset);
-            if !seg.done.contains(&me) {
-                lock(&losing).remove(&id);
-            } else if !complete && lock(&losing).insert(id) {
-                let (segments, losing) = (segments.clone(), losing.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = report_lost(&segments, id).await {
-                        tracing::warn!(segment_id = id, error = %e, "reporting a lost copy failed; retrying");
-                        lock(&losing).remove(&id);
-                    }
-                });
+            let applied_past = self.segments.cluster().state.read().state.next_segment_id > local.id;
+            if applied_past {
+                delete_local(&self.segments, local.id).await;
             }
-            if holds && !complete && lock(&finishing).insert(id) {
-                let (segments, finishing, stop) = (segments.clone(), finishing.clone(), stop.clone());
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = finish(&segments, id) => {}
-                        _ = stop.cancelled() => {}
-                    }
-                    lock(&finishing).remove(&id);
-                });
-            } else if !holds && !seg.done.contains(&me) && segments.store().info(id).is_some() {
-                // Replaced by a copy elsewhere: once that copy is complete, drop ours.
-                if seg.replicas.iter().all(|r| seg.done.contains(r)) {
-                    delete_local(&segments, id).await;
-                }
-            }
-        }
-        for local in segments.store().list() {
-            if !known.contains(&local.id) && !lock(&finishing).contains(&local.id) {
-                // Only delete what the state dropped, not what it has not heard of yet.
-                let applied_past = segments.cluster().state.read().state.next_segment_id > local.id;
-                if applied_past {
-                    delete_local(&segments, local.id).await;
-                }
-            }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            r = metrics.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(TICK) => {}
         }
     }
 }
@@ -235,60 +285,12 @@ async fn finish_once(segments: &Segments, id: SegmentId) -> Result<bool, Request
     if let Some(p) = primary {
         p.stop().await;
     }
-    let target = seg.next_offset;
-    let info = segments.store().info(id);
-    let sealed_ok = info.as_ref().is_some_and(|i| i.sealed && i.next_offset == target);
-    let info = if sealed_ok {
-        info.expect("checked")
-    } else {
-        if info.as_ref().is_some_and(|i| i.sealed) {
-            // A sealed copy of the wrong length: drop it and start over.
-            segments.take_writer(id);
-            segments.store().delete(id).map_err(super::storage_error)?;
-        }
-        let writer = segments.writer(id)?;
-        let mut next = lock(&writer).next_offset();
-        if next > target {
-            let w = writer.clone();
-            tokio::task::spawn_blocking(move || lock(&w).truncate(target))
-                .await
-                .map_err(|e| RequestError::new(ErrorCode::Internal, e.to_string()))?
-                .map_err(super::storage_error)?;
-            next = target;
-        }
-        while next < target {
-            if seg.done.is_empty() {
-                // Nobody has a complete copy yet: a replica with the whole log seals first.
-                return Ok(false);
-            }
-            let r = segments.read(id, &seg, next, segments.settings().read_batch_max_bytes, Duration::ZERO).await?;
-            let records: Vec<_> = r.records.into_iter().filter(|r| r.offset < target).collect();
-            if records.is_empty() {
-                return Ok(false);
-            }
-            let w = writer.clone();
-            next = tokio::task::spawn_blocking(move || {
-                let mut w = lock(&w);
-                w.append_records(&records).map(|()| w.next_offset())
-            })
-            .await
-            .map_err(|e| RequestError::new(ErrorCode::Internal, e.to_string()))?
-            .map_err(super::storage_error)?;
-        }
-        drop(writer);
-        let Some(writer) = segments.take_writer(id) else { return Ok(false) };
-        let writer = match std::sync::Arc::try_unwrap(writer) {
-            Ok(m) => m.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner),
-            Err(shared) => {
-                // A replication stream still holds it; it ends once it sees the close.
-                lock(&segments.inner.writers).insert(id, shared);
-                return Ok(false);
-            }
-        };
-        tokio::task::spawn_blocking(move || writer.seal())
-            .await
-            .map_err(|e| RequestError::new(ErrorCode::Internal, e.to_string()))?
-            .map_err(super::storage_error)?
+    let info = match segments.store().info(id) {
+        Some(info) if info.sealed && info.next_offset == seg.next_offset => info,
+        _ => match complete_and_seal(segments, id, &seg).await? {
+            Some(info) => info,
+            None => return Ok(false),
+        },
     };
     if !seg.done.is_empty() && info.checksum != seg.checksum {
         tracing::error!(
@@ -304,7 +306,64 @@ async fn finish_once(segments: &Segments, id: SegmentId) -> Result<bool, Request
     if seg.done.contains(&me) {
         return Ok(true);
     }
-    let cmd = Command::SegmentDone { id, node: me, size_bytes: info.size_bytes, checksum: info.checksum };
+    report_done(segments, id, &info).await
+}
+
+/// Brings this node's copy to the agreed length (truncating it, or appending what a
+/// complete copy elsewhere has) and seals it. `None`: not possible yet (no complete
+/// copy anywhere, or a replication stream still holds the writer).
+async fn complete_and_seal(
+    segments: &Segments,
+    id: SegmentId,
+    seg: &SegmentRecord,
+) -> Result<Option<SegmentInfo>, RequestError> {
+    let target = seg.next_offset;
+    if segments.store().info(id).is_some_and(|i| i.sealed) {
+        // A sealed copy of the wrong length: drop it and start over.
+        segments.take_writer(id);
+        segments.store().delete(id).map_err(super::storage_error)?;
+    }
+    let writer = segments.writer(id)?;
+    let mut next = lock(&writer).next_offset();
+    if next > target {
+        let w = writer.clone();
+        blocking(move || lock(&w).truncate(target)).await?;
+        next = target;
+    }
+    while next < target {
+        if seg.done.is_empty() {
+            // Nobody has a complete copy yet: a replica with the whole log seals first.
+            return Ok(None);
+        }
+        let r = segments.read(id, seg, next, segments.settings().read_batch_max_bytes, Duration::ZERO).await?;
+        let records: Vec<_> = r.records.into_iter().filter(|r| r.offset < target).collect();
+        if records.is_empty() {
+            return Ok(None);
+        }
+        let w = writer.clone();
+        next = blocking(move || {
+            let mut w = lock(&w);
+            w.append_records(&records).map(|()| w.next_offset())
+        })
+        .await?;
+    }
+    drop(writer);
+    let Some(writer) = segments.take_writer(id) else { return Ok(None) };
+    let writer = match Arc::try_unwrap(writer) {
+        Ok(m) => m.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner),
+        Err(shared) => {
+            // A replication stream still holds it; it ends once it sees the close.
+            lock(&segments.inner.writers).insert(id, shared);
+            return Ok(None);
+        }
+    };
+    blocking(move || writer.seal()).await.map(Some)
+}
+
+/// Tells the cluster this node now holds a complete copy (`Ok(true)`), or why not.
+async fn report_done(segments: &Segments, id: SegmentId, info: &SegmentInfo) -> Result<bool, RequestError> {
+    let node = segments.cluster().id;
+    let cmd = Command::SegmentDone { id, node, size_bytes: info.size_bytes, checksum: info.checksum };
     match segments.cluster().write(cmd).await {
         Ok(_) => {
             tracing::info!(
@@ -321,4 +380,14 @@ async fn finish_once(segments: &Segments, id: SegmentId) -> Result<bool, Request
         Err(e) if e.code == ErrorCode::SegmentNotFound => Ok(true),
         Err(e) => Err(e),
     }
+}
+
+/// Runs storage work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, eventtermq_storage::StorageError> + Send + 'static,
+) -> Result<T, RequestError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RequestError::new(ErrorCode::Internal, format!("blocking task: {e}")))?
+        .map_err(super::storage_error)
 }

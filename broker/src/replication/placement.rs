@@ -85,44 +85,68 @@ fn plan(
     rereplicate_after: Duration,
     now_unix_ms: i64,
 ) -> Vec<Command> {
-    let mut cmds = Vec::new();
     let alive: Vec<NodeId> = state.alive_nodes().collect();
     if alive.is_empty() {
-        return cmds;
+        return Vec::new();
     }
-    // Load per node: open segments it is primary of count most, replicas less.
-    let mut load: BTreeMap<NodeId, u64> = alive.iter().map(|n| (*n, 0)).collect();
-    for s in state.segments.values().filter(|s| s.is_open()) {
-        for (i, n) in s.replicas.iter().enumerate() {
-            if let Some(l) = load.get_mut(n) {
-                *l += if i == 0 { 3 } else { 1 };
+    let mut load = Load::of_open_segments(state, &alive);
+    let lost = |n: &NodeId| !state.nodes.contains_key(n) || dead_since.get(n).is_some_and(|d| *d >= rereplicate_after);
+    let mut cmds = open_segments(state, &mut load, alive.len(), now_unix_ms);
+    cmds.extend(rereplicate(state, &load, lost));
+    cmds.extend(expire(state, now_unix_ms));
+    cmds.extend(place_groups(state, &alive));
+    cmds
+}
+
+/// How busy each ALIVE node is with open segments: being a primary counts most.
+struct Load(BTreeMap<NodeId, u64>);
+
+impl Load {
+    const PRIMARY: u64 = 3;
+    const REPLICA: u64 = 1;
+
+    fn of_open_segments(state: &ClusterState, alive: &[NodeId]) -> Self {
+        let mut load = Load(alive.iter().map(|n| (*n, 0)).collect());
+        for s in state.segments.values().filter(|s| s.is_open()) {
+            load.add(&s.replicas);
+        }
+        load
+    }
+
+    /// Counts a segment on `replicas` (primary first).
+    fn add(&mut self, replicas: &[NodeId]) {
+        for (i, n) in replicas.iter().enumerate() {
+            if let Some(l) = self.0.get_mut(n) {
+                *l += if i == 0 { Self::PRIMARY } else { Self::REPLICA };
             }
         }
     }
-    let least_loaded = |load: &BTreeMap<NodeId, u64>, count: usize, exclude: &[NodeId]| -> Vec<NodeId> {
+
+    /// Up to `count` ALIVE nodes not in `exclude`, the least loaded first.
+    fn least_loaded(&self, count: usize, exclude: &[NodeId]) -> Vec<NodeId> {
         let mut nodes: Vec<(u64, NodeId)> =
-            load.iter().filter(|(n, _)| !exclude.contains(n)).map(|(n, l)| (*l, *n)).collect();
+            self.0.iter().filter(|(n, _)| !exclude.contains(n)).map(|(n, l)| (*l, *n)).collect();
         nodes.sort();
         nodes.into_iter().take(count).map(|(_, n)| n).collect()
-    };
+    }
+}
 
-    // 1. Open segments for shards that have none.
+/// 1. An open segment for every shard that has none, on as many of the least loaded
+///    ALIVE nodes as the replication factor asks, and never on fewer than the topic's
+///    min in-sync replicas.
+fn open_segments(state: &ClusterState, load: &mut Load, alive: usize, now_unix_ms: i64) -> Vec<Command> {
+    let mut cmds = Vec::new();
     for (ns_name, ns) in &state.namespaces {
         for (topic_name, topic) in &ns.topics {
             for shard in 0..topic.shards {
                 let open = state.topic_segments(ns_name, topic_name).any(|(_, s)| s.shard == shard && s.is_open());
-                if open {
-                    continue;
-                }
-                let count = (topic.replication_factor as usize).min(alive.len());
+                let count = (topic.replication_factor as usize).min(alive);
                 let min_insync = state.min_insync_for(topic);
-                if count < min_insync as usize {
+                if open || count < min_insync as usize {
                     continue; // never opened on fewer copies than promised
                 }
-                let replicas = least_loaded(&load, count, &[]);
-                for (i, n) in replicas.iter().enumerate() {
-                    *load.get_mut(n).expect("alive") += if i == 0 { 3 } else { 1 };
-                }
+                let replicas = load.least_loaded(count, &[]);
+                load.add(&replicas);
                 cmds.push(Command::OpenSegment {
                     namespace: ns_name.clone(),
                     topic: topic_name.clone(),
@@ -134,19 +158,23 @@ fn plan(
             }
         }
     }
+    cmds
+}
 
-    // 3. Re-replication of closed segments.
-    let lost = |n: &NodeId| !state.nodes.contains_key(n) || dead_since.get(n).is_some_and(|d| *d >= rereplicate_after);
+/// 3. A closed segment's copies on `lost` nodes are replaced by copies on live ones,
+///    and a segment with fewer replicas than its topic's replication factor gets more,
+///    as long as some complete copy is there to copy from.
+fn rereplicate(state: &ClusterState, load: &Load, lost: impl Fn(&NodeId) -> bool) -> Vec<Command> {
+    let mut cmds = Vec::new();
     for (id, s) in state.segments.iter().filter(|(_, s)| !s.is_open()) {
         let Ok(topic) = state.topic(&s.namespace, &s.topic) else { continue };
         let wanted = (topic.replication_factor as usize).max(s.replicas.len());
         let under_replicated = s.replicas.len() < wanted;
-        if !(s.replicas.iter().any(lost) || under_replicated) || s.done.iter().all(lost) {
+        if !(s.replicas.iter().any(&lost) || under_replicated) || s.done.iter().all(&lost) {
             continue;
         }
         let mut replicas: Vec<NodeId> = s.replicas.iter().copied().filter(|n| !lost(n)).collect();
-        let missing = wanted - replicas.len();
-        let extra = least_loaded(&load, missing, &s.replicas);
+        let extra = load.least_loaded(wanted - replicas.len(), &s.replicas);
         if extra.is_empty() {
             continue; // no live node to take a copy; keep waiting for the old one
         }
@@ -154,42 +182,45 @@ fn plan(
         tracing::info!(segment_id = id, from = ?s.replicas, to = ?replicas, "re-replicating a closed segment");
         cmds.push(Command::SetSegmentReplicas { id: *id, replicas });
     }
+    cmds
+}
 
-    // 4. Retention.
+/// 4. Retention: closed segments older than their topic's retention that every
+///    consumer group bound to the topic has read past.
+fn expire(state: &ClusterState, now_unix_ms: i64) -> Option<Command> {
     let mut expired = Vec::new();
     for (id, s) in state.segments.iter().filter(|(_, s)| !s.is_open()) {
-        let Some(topic) = state.namespaces.get(&s.namespace).and_then(|ns| ns.topics.get(&s.topic)) else { continue };
+        let Ok(topic) = state.topic(&s.namespace, &s.topic) else { continue };
         if topic.retention_ms == 0 || now_unix_ms - s.closed_unix_ms < topic.retention_ms as i64 {
             continue;
         }
         let ns = &state.namespaces[&s.namespace];
-        let passed_by_all =
-            ns.consumer_groups.iter().filter(|(_, g)| g.bindings.iter().any(|b| b.topic == s.topic)).all(
-                |(name, _)| {
-                    state
-                        .group_runtime(&s.namespace, name)
-                        .and_then(|g| g.offsets.get(id))
-                        .is_some_and(|off| *off >= s.next_offset)
-                },
-            );
+        let mut bound = ns.consumer_groups.iter().filter(|(_, g)| g.bindings.iter().any(|b| b.topic == s.topic));
+        let passed_by_all = bound.all(|(name, _)| {
+            let committed = state.group_runtime(&s.namespace, name).and_then(|g| g.offsets.get(id));
+            committed.is_some_and(|off| *off >= s.next_offset)
+        });
         if passed_by_all {
             expired.push(*id);
         }
     }
-    if !expired.is_empty() {
-        tracing::info!(segments = ?expired, "deleting segments past their topic's retention");
-        cmds.push(Command::DeleteSegments { ids: expired });
+    if expired.is_empty() {
+        return None;
     }
+    tracing::info!(segments = ?expired, "deleting segments past their topic's retention");
+    Some(Command::DeleteSegments { ids: expired })
+}
 
-    // 5. Consumer groups on live nodes.
+/// 5. Every consumer group on a live node: a group without one goes to the ALIVE node
+///    running the fewest groups.
+fn place_groups(state: &ClusterState, alive: &[NodeId]) -> Vec<Command> {
     let mut group_load: BTreeMap<NodeId, u64> = alive.iter().map(|n| (*n, 0)).collect();
-    for groups in state.groups.values() {
-        for g in groups.values() {
-            if let Some(l) = g.node.and_then(|n| group_load.get_mut(&n)) {
-                *l += 1;
-            }
+    for g in state.groups.values().flat_map(|groups| groups.values()) {
+        if let Some(l) = g.node.and_then(|n| group_load.get_mut(&n)) {
+            *l += 1;
         }
     }
+    let mut cmds = Vec::new();
     for (ns, groups) in &state.groups {
         for (name, g) in groups {
             if g.node.is_some_and(|n| !state.node_gone(n)) {

@@ -9,7 +9,7 @@ use eventtermq_storage::Syncer;
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 
-use super::{from_wire, lock, storage_error, Segments};
+use super::{from_wire, lock, storage_error, Segments, SharedWriter};
 use crate::cluster_state::SegmentId;
 use crate::error::{ErrorCode, RequestError};
 
@@ -50,66 +50,88 @@ pub async fn handle_replicate(
     let durable = sync_here(&syncer).await?;
     let (out_tx, out_rx) = mpsc::channel(ANSWER_QUEUE_MAX);
     let _ = out_tx.send(Ok(ReplicateResponse { durable_offset: durable })).await;
+    let stream = ReplicaStream { segments, id, writer, syncer, inbound, out: out_tx };
+    tokio::spawn(stream.run());
+    Ok(out_rx)
+}
 
-    // One task appends what arrives and fsyncs it (group commit: everything that has
-    // arrived by then goes into one fsync, and what arrives during an fsync into the
-    // next). Each fsync is answered with the offset below which everything is durable
-    // here.
-    tokio::spawn(async move {
-        loop {
-            // A primary that died mid-stream may leave the connection hanging: stop
-            // holding the writer once the segment is closed, so it can be sealed.
-            let first = match tokio::time::timeout(CLOSED_CHECK_INTERVAL, inbound.next()).await {
-                Ok(Some(Ok(m))) => m,
-                Ok(_) => return,
-                Err(_) => {
-                    let open = segments.cluster().state.read().state.segments.get(&id).is_some_and(|s| s.is_open());
-                    if open && !segments.is_frozen(id) {
-                        continue;
-                    }
+/// One replication stream on the replica: one task appends what arrives and fsyncs it
+/// (group commit: everything that has arrived by then goes into one fsync, and what
+/// arrives during an fsync into the next). Each fsync is answered with the offset
+/// below which everything is durable here.
+struct ReplicaStream<S> {
+    segments: Segments,
+    id: SegmentId,
+    writer: SharedWriter,
+    syncer: Syncer,
+    inbound: S,
+    out: mpsc::Sender<Result<ReplicateResponse, RequestError>>,
+}
+
+impl<S: Stream<Item = Result<ReplicateRequest, RequestError>> + Unpin> ReplicaStream<S> {
+    async fn run(mut self) {
+        while let Some(first) = self.next_message().await {
+            match self.append_arrived(first) {
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(Some(e)) => {
+                    let _ = self.out.send(Err(e)).await;
                     return;
                 }
-            };
-            let mut appended = false;
-            let mut next = Some(first);
-            while let Some(msg) = next.take() {
-                if segments.is_frozen(id) {
-                    let _ = out_tx.send(Err(frozen(id))).await;
-                    return;
-                }
-                if !msg.records.is_empty() {
-                    let records: Vec<_> = msg.records.into_iter().map(from_wire).collect();
-                    let result = lock(&writer).append_records(&records);
-                    if let Err(e) = result {
-                        let _ = out_tx.send(Err(storage_error(e))).await;
-                        return;
-                    }
-                    appended = true;
-                }
-                next = match inbound.next().now_or_never() {
-                    Some(Some(Ok(m))) => Some(m),
-                    // The primary is gone: what was appended is fsynced when the
-                    // segment is sealed or taken over.
-                    Some(_) => return,
-                    None => None,
-                };
+                // The primary is gone: what was appended is fsynced when the segment
+                // is sealed or taken over.
+                Err(None) => return,
             }
-            if !appended {
-                continue;
-            }
-            let durable = match sync_here(&syncer).await {
-                Ok(d) => d,
-                Err(e) => {
-                    let _ = out_tx.send(Err(e)).await;
-                    return;
-                }
-            };
-            if out_tx.send(Ok(ReplicateResponse { durable_offset: durable })).await.is_err() {
+            let answer = sync_here(&self.syncer).await.map(|durable| ReplicateResponse { durable_offset: durable });
+            let failed = answer.is_err();
+            if self.out.send(answer).await.is_err() || failed {
                 return;
             }
         }
-    });
-    Ok(out_rx)
+    }
+
+    /// The next message from the primary; `None` when the stream ended, or when it is
+    /// idle and the segment was closed or frozen meanwhile: a primary that died
+    /// mid-stream may leave the connection hanging, and the writer must be let go of
+    /// so that the segment can be sealed.
+    async fn next_message(&mut self) -> Option<ReplicateRequest> {
+        loop {
+            match tokio::time::timeout(CLOSED_CHECK_INTERVAL, self.inbound.next()).await {
+                Ok(Some(Ok(m))) => return Some(m),
+                Ok(_) => return None,
+                Err(_) => {
+                    let st = self.segments.cluster().state.read();
+                    let open = st.state.segments.get(&self.id).is_some_and(|s| s.is_open());
+                    if !open || self.segments.is_frozen(self.id) {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Appends `first` and every message that has already arrived after it. `Ok(true)`
+    /// when records were appended; `Err` stops the stream, with the error to answer.
+    fn append_arrived(&mut self, first: ReplicateRequest) -> Result<bool, Option<RequestError>> {
+        let mut appended = false;
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            if self.segments.is_frozen(self.id) {
+                return Err(Some(frozen(self.id)));
+            }
+            if !msg.records.is_empty() {
+                let records: Vec<_> = msg.records.into_iter().map(from_wire).collect();
+                lock(&self.writer).append_records(&records).map_err(|e| Some(storage_error(e)))?;
+                appended = true;
+            }
+            next = match self.inbound.next().now_or_never() {
+                Some(Some(Ok(m))) => Some(m),
+                Some(_) => return Err(None),
+                None => None,
+            };
+        }
+        Ok(appended)
+    }
 }
 
 /// fsyncs on this task's own thread where the runtime can lend it (multi-threaded) and
