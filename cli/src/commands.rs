@@ -1,16 +1,13 @@
 //! Admin subcommands: each builds one request, prints the answer, and maps errors.
 
 use eventtermq_proto::v1 as pb;
+use eventtermq_proto::v1::admin_client::AdminClient;
+use tonic::transport::Channel;
 
 use super::args::{Command, Output};
 use super::render;
 use super::{admin_client, CliError, Ctx};
 use eventtermq_broker::cluster_state::validate;
-
-fn print_written(r: pb::WriteResponse) {
-    // The seed page's output; `ok` is always true on the wire (an error is a status).
-    println!("{{\"ok\": true, \"index\": {}}}", r.index);
-}
 
 fn usage(e: eventtermq_broker::error::RequestError) -> CliError {
     CliError::Usage(e.message)
@@ -63,31 +60,12 @@ fn header_binding(v: &str) -> Result<pb::Binding, CliError> {
 }
 
 pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
-    let mut client = admin_client(&ctx.addr)?;
-    let status = |s: tonic::Status| CliError::from_status(s, &ctx.addr);
-    let ns = ctx.namespace.clone();
+    let mut admin = Admin { client: admin_client(&ctx.addr)?, ctx };
     match cmd {
-        Command::Dump { stale } => {
-            let r = client.dump(pb::DumpRequest { stale }).await.map_err(status)?.into_inner();
-            match ctx.output {
-                Output::Text => print!("{}", render::dump_text(&r)),
-                Output::Json => println!("{}", render::dump_json(&r)),
-            }
-        }
-        Command::CreateNamespace { name } => print_written(
-            client.create_namespace(pb::CreateNamespaceRequest { name }).await.map_err(status)?.into_inner(),
-        ),
-        Command::DeleteNamespace { name, cascade } => print_written(
-            client.delete_namespace(pb::DeleteNamespaceRequest { name, cascade }).await.map_err(status)?.into_inner(),
-        ),
-        Command::ListNamespaces => {
-            let r =
-                client.list_namespaces(pb::ListNamespacesRequest { stale: false }).await.map_err(status)?.into_inner();
-            match ctx.output {
-                Output::Text => r.namespaces.iter().for_each(|n| println!("{n}")),
-                Output::Json => println!("{}", serde_json::json!({"namespaces": r.namespaces, "index": r.index})),
-            }
-        }
+        Command::Dump { stale } => admin.dump(stale).await?,
+        Command::CreateNamespace { name } => admin.create_namespace(name).await?,
+        Command::DeleteNamespace { name, cascade } => admin.delete_namespace(name, cascade).await?,
+        Command::ListNamespaces => admin.list_namespaces().await?,
         Command::CreateTopic {
             name,
             shards,
@@ -107,8 +85,7 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
                 segment_size_max_bytes,
                 min_insync_replicas,
             };
-            let req = pb::CreateTopicRequest { namespace: ns, topic: Some(topic) };
-            print_written(client.create_topic(req).await.map_err(status)?.into_inner())
+            admin.create_topic(topic).await?
         }
         Command::UpdateTopic {
             name,
@@ -120,7 +97,7 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
         } => {
             let retention = retention.map(|r| duration("retention", &r)).transpose()?.flatten();
             let req = pb::UpdateTopicRequest {
-                namespace: ns,
+                namespace: ctx.namespace.clone(),
                 name,
                 shards,
                 replication_factor,
@@ -128,78 +105,162 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
                 default_exchange_type,
                 min_insync_replicas,
             };
-            print_written(client.update_topic(req).await.map_err(status)?.into_inner())
+            admin.update_topic(req).await?
         }
-        Command::DeleteTopic { name } => print_written(
-            client.delete_topic(pb::DeleteTopicRequest { namespace: ns, name }).await.map_err(status)?.into_inner(),
-        ),
-        Command::ListTopics => {
-            let r = client
-                .list_topics(pb::ListTopicsRequest { namespace: ns, stale: false })
-                .await
-                .map_err(status)?
-                .into_inner();
-            match ctx.output {
-                Output::Text => r.topics.iter().for_each(|t| println!("{}", render::topic_line(t))),
-                Output::Json => println!(
-                    "{}",
-                    serde_json::json!({"topics": r.topics.iter().map(render::topic_json).collect::<Vec<_>>(), "index": r.index})
-                ),
-            }
-        }
+        Command::DeleteTopic { name } => admin.delete_topic(name).await?,
+        Command::ListTopics => admin.list_topics().await?,
         Command::CreateConsumerGroup { name, bind, bind_direct, bind_topic, bind_headers, since: since_arg, size } => {
-            let mut bindings: Vec<pb::Binding> =
-                bind.iter().map(|t| pb::Binding { topic: t.clone(), ..Default::default() }).collect();
-            for (flag, kind, values) in
-                [("--bind-direct", "direct", &bind_direct), ("--bind-topic", "topic", &bind_topic)]
-            {
-                for v in values {
-                    let (topic, key) = split_pair(flag, v)?;
-                    bindings.push(pb::Binding {
-                        topic: topic.into(),
-                        exchange_type: kind.into(),
-                        routing_key: key.into(),
-                        ..Default::default()
-                    });
-                }
-            }
-            for v in &bind_headers {
-                bindings.push(header_binding(v)?);
-            }
             let group = pb::ConsumerGroup {
                 name,
-                bindings,
+                bindings: bindings(&bind, &bind_direct, &bind_topic, &bind_headers)?,
                 size,
                 since: since_arg.as_deref().map(since).transpose()?,
                 ..Default::default()
             };
-            let req = pb::CreateConsumerGroupRequest { namespace: ns, consumer_group: Some(group) };
-            print_written(client.create_consumer_group(req).await.map_err(status)?.into_inner())
+            admin.create_consumer_group(group).await?
         }
-        Command::DeleteConsumerGroup { name } => print_written(
-            client
-                .delete_consumer_group(pb::DeleteConsumerGroupRequest { namespace: ns, name })
-                .await
-                .map_err(status)?
-                .into_inner(),
-        ),
-        Command::ListConsumerGroups => {
-            let r = client
-                .list_consumer_groups(pb::ListConsumerGroupsRequest { namespace: ns, stale: false })
-                .await
-                .map_err(status)?
-                .into_inner();
-            match ctx.output {
-                Output::Text => r.consumer_groups.iter().for_each(|g| println!("{}", render::consumer_group_line(g))),
-                Output::Json => println!(
-                    "{}",
-                    serde_json::json!({"consumer_groups": r.consumer_groups.iter().map(render::consumer_group_json).collect::<Vec<_>>(), "index": r.index})
-                ),
-            }
-        }
+        Command::DeleteConsumerGroup { name } => admin.delete_consumer_group(name).await?,
+        Command::ListConsumerGroups => admin.list_consumer_groups().await?,
         Command::Publish(args) => super::messages::publish(ctx, args).await?,
         Command::Subscribe(args) => super::messages::subscribe(ctx, args).await?,
         Command::Bench(b) => super::bench::run(ctx, b).await?,
     }
     Ok(())
+}
+
+/// The bindings of `create-consumer-group`'s `--bind`, `--bind-direct`, `--bind-topic`
+/// and `--bind-headers`, in that order.
+fn bindings(
+    bind: &[String],
+    bind_direct: &[String],
+    bind_topic: &[String],
+    bind_headers: &[String],
+) -> Result<Vec<pb::Binding>, CliError> {
+    let mut bindings: Vec<pb::Binding> =
+        bind.iter().map(|t| pb::Binding { topic: t.clone(), ..Default::default() }).collect();
+    for (flag, kind, values) in [("--bind-direct", "direct", bind_direct), ("--bind-topic", "topic", bind_topic)] {
+        for v in values {
+            let (topic, key) = split_pair(flag, v)?;
+            bindings.push(pb::Binding {
+                topic: topic.into(),
+                exchange_type: kind.into(),
+                routing_key: key.into(),
+                ..Default::default()
+            });
+        }
+    }
+    for v in bind_headers {
+        bindings.push(header_binding(v)?);
+    }
+    Ok(bindings)
+}
+
+/// One node's Admin service, with one method per resource and verb: each sends one
+/// request and prints the answer.
+struct Admin<'a> {
+    client: AdminClient<Channel>,
+    ctx: &'a Ctx,
+}
+
+impl Admin<'_> {
+    /// The answer to a call, or its status as the CLI's error.
+    fn answer<T>(&self, r: Result<tonic::Response<T>, tonic::Status>) -> Result<T, CliError> {
+        r.map(tonic::Response::into_inner).map_err(|s| CliError::from_status(s, &self.ctx.addr))
+    }
+
+    /// Prints the answer to a write.
+    fn written(&self, r: Result<tonic::Response<pb::WriteResponse>, tonic::Status>) -> Result<(), CliError> {
+        // The seed page's output; `ok` is always true on the wire (an error is a status).
+        println!("{{\"ok\": true, \"index\": {}}}", self.answer(r)?.index);
+        Ok(())
+    }
+
+    fn namespace(&self) -> String {
+        self.ctx.namespace.clone()
+    }
+
+    async fn dump(&mut self, stale: bool) -> Result<(), CliError> {
+        let r = self.client.dump(pb::DumpRequest { stale }).await;
+        let r = self.answer(r)?;
+        match self.ctx.output {
+            Output::Text => print!("{}", render::dump_text(&r)),
+            Output::Json => println!("{}", render::dump_json(&r)),
+        }
+        Ok(())
+    }
+
+    async fn create_namespace(&mut self, name: String) -> Result<(), CliError> {
+        let r = self.client.create_namespace(pb::CreateNamespaceRequest { name }).await;
+        self.written(r)
+    }
+
+    async fn delete_namespace(&mut self, name: String, cascade: bool) -> Result<(), CliError> {
+        let r = self.client.delete_namespace(pb::DeleteNamespaceRequest { name, cascade }).await;
+        self.written(r)
+    }
+
+    async fn list_namespaces(&mut self) -> Result<(), CliError> {
+        let r = self.client.list_namespaces(pb::ListNamespacesRequest { stale: false }).await;
+        let r = self.answer(r)?;
+        match self.ctx.output {
+            Output::Text => r.namespaces.iter().for_each(|n| println!("{n}")),
+            Output::Json => println!("{}", serde_json::json!({"namespaces": r.namespaces, "index": r.index})),
+        }
+        Ok(())
+    }
+
+    async fn create_topic(&mut self, topic: pb::Topic) -> Result<(), CliError> {
+        let req = pb::CreateTopicRequest { namespace: self.namespace(), topic: Some(topic) };
+        let r = self.client.create_topic(req).await;
+        self.written(r)
+    }
+
+    async fn update_topic(&mut self, req: pb::UpdateTopicRequest) -> Result<(), CliError> {
+        let r = self.client.update_topic(req).await;
+        self.written(r)
+    }
+
+    async fn delete_topic(&mut self, name: String) -> Result<(), CliError> {
+        let r = self.client.delete_topic(pb::DeleteTopicRequest { namespace: self.namespace(), name }).await;
+        self.written(r)
+    }
+
+    async fn list_topics(&mut self) -> Result<(), CliError> {
+        let r = self.client.list_topics(pb::ListTopicsRequest { namespace: self.namespace(), stale: false }).await;
+        let r = self.answer(r)?;
+        match self.ctx.output {
+            Output::Text => r.topics.iter().for_each(|t| println!("{}", render::topic_line(t))),
+            Output::Json => println!(
+                "{}",
+                serde_json::json!({"topics": r.topics.iter().map(render::topic_json).collect::<Vec<_>>(), "index": r.index})
+            ),
+        }
+        Ok(())
+    }
+
+    async fn create_consumer_group(&mut self, group: pb::ConsumerGroup) -> Result<(), CliError> {
+        let req = pb::CreateConsumerGroupRequest { namespace: self.namespace(), consumer_group: Some(group) };
+        let r = self.client.create_consumer_group(req).await;
+        self.written(r)
+    }
+
+    async fn delete_consumer_group(&mut self, name: String) -> Result<(), CliError> {
+        let req = pb::DeleteConsumerGroupRequest { namespace: self.namespace(), name };
+        let r = self.client.delete_consumer_group(req).await;
+        self.written(r)
+    }
+
+    async fn list_consumer_groups(&mut self) -> Result<(), CliError> {
+        let req = pb::ListConsumerGroupsRequest { namespace: self.namespace(), stale: false };
+        let r = self.client.list_consumer_groups(req).await;
+        let r = self.answer(r)?;
+        match self.ctx.output {
+            Output::Text => r.consumer_groups.iter().for_each(|g| println!("{}", render::consumer_group_line(g))),
+            Output::Json => println!(
+                "{}",
+                serde_json::json!({"consumer_groups": r.consumer_groups.iter().map(render::consumer_group_json).collect::<Vec<_>>(), "index": r.index})
+            ),
+        }
+        Ok(())
+    }
 }

@@ -5,8 +5,11 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use eventtermq_proto::v1 as pb;
+use eventtermq_proto::v1::messaging_client::MessagingClient;
 use serde_json::json;
 use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic::Streaming;
 
 use super::args::{PersistenceArg, PublishArgs, SubscribeArgs};
 use super::Ctx;
@@ -44,70 +47,56 @@ pub async fn publish(ctx: &Ctx, args: PublishArgs) -> Result<(), CliError> {
         }
         _ => {}
     }
-    let mut client = messaging_client(&ctx.addr)?;
-    let status = |s: tonic::Status| CliError::from_status(s, &ctx.addr);
+    let client = messaging_client(&ctx.addr)?;
     if args.batch_messages_max == 0 {
         return Err(CliError::Usage("--batch-messages-max: must be at least 1".into()));
     }
     let template = message(&args, Vec::new())?;
-    let (namespace, topic, p) = (ctx.namespace.clone(), args.topic.clone(), persistence(args.persistence) as i32);
-    let request = move |messages| pb::PublishRequest {
-        namespace: namespace.clone(),
-        topic: topic.clone(),
-        messages,
-        persistence: p,
+    // Every request of this publish, without its messages.
+    let request = pb::PublishRequest {
+        namespace: ctx.namespace.clone(),
+        topic: args.topic.clone(),
+        messages: Vec::new(),
+        persistence: persistence(args.persistence) as i32,
     };
     if args.data != "-" && args.count.is_none() {
-        let r = client
-            .publish(request(vec![pb::Message { data: args.data.clone().into_bytes().into(), ..template }]))
-            .await
-            .map_err(status)?
-            .into_inner();
-        println!(
-            "{{\"ok\": true, \"published\": {}, \"segment_id\": {}, \"offset\": {}}}",
-            r.count, r.segment_id, r.first_offset
-        );
-        return Ok(());
+        let one = pb::Message { data: args.data.clone().into_bytes().into(), ..template };
+        return publish_one(client, ctx, pb::PublishRequest { messages: vec![one], ..request }).await;
     }
+    publish_stream(client, ctx, &args, request, template).await
+}
+
+/// Publishes DATA once, with one call.
+async fn publish_one(
+    mut client: MessagingClient<Channel>,
+    ctx: &Ctx,
+    request: pb::PublishRequest,
+) -> Result<(), CliError> {
+    let r = client.publish(request).await.map_err(|s| CliError::from_status(s, &ctx.addr))?.into_inner();
+    println!(
+        "{{\"ok\": true, \"published\": {}, \"segment_id\": {}, \"offset\": {}}}",
+        r.count, r.segment_id, r.first_offset
+    );
+    Ok(())
+}
+
+/// Publishes the lines of stdin, or DATA `--count` times, over one stream; fails
+/// unless every message sent was confirmed.
+async fn publish_stream(
+    mut client: MessagingClient<Channel>,
+    ctx: &Ctx,
+    args: &PublishArgs,
+    request: pb::PublishRequest,
+    template: pb::Message,
+) -> Result<(), CliError> {
+    let status = |s: tonic::Status| CliError::from_status(s, &ctx.addr);
     // Messages (lines of stdin, or generated) are made on a blocking thread and sent in
     // batches over one stream; the server confirms each batch in order.
     let (tx, rx) = mpsc::channel::<pb::PublishRequest>(16);
     let batch_max = args.batch_messages_max;
     let generate = args.count.map(|count| (args.data.clone(), count));
-    let reader = {
-        let request = request.clone();
-        let template = template.clone();
-        tokio::task::spawn_blocking(move || -> Result<u64, String> {
-            let messages: Box<dyn Iterator<Item = Result<Vec<u8>, String>>> = match generate {
-                Some((data, count)) => {
-                    Box::new((1..=count).map(move |n| Ok(data.replace("{n}", &n.to_string()).into_bytes())))
-                }
-                None => Box::new(std::io::stdin().lock().split(b'\n').map(|line| {
-                    let mut line = line.map_err(|e| format!("reading stdin: {e}"))?;
-                    if line.last() == Some(&b'\r') {
-                        line.pop();
-                    }
-                    Ok(line)
-                })),
-            };
-            let mut batch = Vec::with_capacity(batch_max);
-            let mut sent = 0u64;
-            for data in messages {
-                batch.push(pb::Message { data: data?.into(), ..template.clone() });
-                if batch.len() >= batch_max {
-                    sent += batch.len() as u64;
-                    if tx.blocking_send(request(std::mem::take(&mut batch))).is_err() {
-                        return Ok(sent);
-                    }
-                }
-            }
-            if !batch.is_empty() {
-                sent += batch.len() as u64;
-                let _ = tx.blocking_send(request(batch));
-            }
-            Ok(sent)
-        })
-    };
+    let reader =
+        tokio::task::spawn_blocking(move || send_batches(message_data(generate), &request, &template, batch_max, &tx));
     let mut responses =
         client.publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(status)?.into_inner();
     let mut published = 0u64;
@@ -130,6 +119,49 @@ pub async fn publish(ctx: &Ctx, args: PublishArgs) -> Result<(), CliError> {
     }
     println!("{{\"ok\": true, \"published\": {published}}}");
     Ok(())
+}
+
+/// The data of the messages to publish: DATA `count` times with `{n}` replaced by
+/// 1..=count, or else the lines of stdin.
+fn message_data(generate: Option<(String, u64)>) -> Box<dyn Iterator<Item = Result<Vec<u8>, String>>> {
+    match generate {
+        Some((data, count)) => Box::new((1..=count).map(move |n| Ok(data.replace("{n}", &n.to_string()).into_bytes()))),
+        None => Box::new(std::io::stdin().lock().split(b'\n').map(|line| {
+            let mut line = line.map_err(|e| format!("reading stdin: {e}"))?;
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            Ok(line)
+        })),
+    }
+}
+
+/// Sends messages with `data` in requests of at most `batch_max` (blocking); returns
+/// how many were sent before the stream went away.
+fn send_batches(
+    data: impl Iterator<Item = Result<Vec<u8>, String>>,
+    request: &pb::PublishRequest,
+    template: &pb::Message,
+    batch_max: usize,
+    tx: &mpsc::Sender<pb::PublishRequest>,
+) -> Result<u64, String> {
+    let mut batch = Vec::with_capacity(batch_max);
+    let mut sent = 0u64;
+    for data in data {
+        batch.push(pb::Message { data: data?.into(), ..template.clone() });
+        if batch.len() >= batch_max {
+            sent += batch.len() as u64;
+            let messages = std::mem::take(&mut batch);
+            if tx.blocking_send(pb::PublishRequest { messages, ..request.clone() }).is_err() {
+                return Ok(sent);
+            }
+        }
+    }
+    if !batch.is_empty() {
+        sent += batch.len() as u64;
+        let _ = tx.blocking_send(pb::PublishRequest { messages: batch, ..request.clone() });
+    }
+    Ok(sent)
 }
 
 /// The JSON line printed for one received message.
@@ -189,98 +221,149 @@ pub async fn subscribe(ctx: &Ctx, args: SubscribeArgs) -> Result<(), CliError> {
         }
         None => None,
     };
-    let mut client = messaging_client(&ctx.addr)?;
-    let status = |s: tonic::Status| CliError::from_status(s, &ctx.addr);
-    let mut received = 0u64;
-    let mut retries = 0u32;
-    let mut last_message = tokio::time::Instant::now();
-    'subscribe: loop {
-        let remaining = args.max_messages.map(|m| m - received);
+    let client = messaging_client(&ctx.addr)?;
+    let mut subscriber = Subscriber {
+        client,
+        ctx,
+        args: &args,
+        wait,
+        received: 0,
+        retries: 0,
+        last_message: tokio::time::Instant::now(),
+    };
+    loop {
+        let Some(stream) = subscriber.open().await? else { continue };
+        if subscriber.receive(stream).await? == Receive::Done {
+            return Ok(());
+        }
+    }
+}
+
+/// A subscription that follows its group across nodes: it subscribes again when the
+/// stream ends or fails while the group moves.
+struct Subscriber<'a> {
+    client: MessagingClient<Channel>,
+    ctx: &'a Ctx,
+    args: &'a SubscribeArgs,
+    wait: Option<Duration>,
+    received: u64,
+    retries: u32,
+    last_message: tokio::time::Instant,
+}
+
+/// How a subscription's stream ended.
+#[derive(PartialEq)]
+enum Receive {
+    /// `--max-messages` were received, or nothing came for `--wait`.
+    Done,
+    Resubscribe,
+}
+
+impl Subscriber<'_> {
+    fn status(&self, s: tonic::Status) -> CliError {
+        CliError::from_status(s, &self.ctx.addr)
+    }
+
+    fn received_all(&self) -> bool {
+        self.args.max_messages.is_some_and(|m| self.received >= m)
+    }
+
+    /// Subscribes for the messages still to receive; `None` after a failure worth
+    /// retrying (and a pause).
+    async fn open(&mut self) -> Result<Option<Streaming<pb::SubscribeResponse>>, CliError> {
+        let remaining = self.args.max_messages.map(|m| m - self.received);
         let req = pb::SubscribeRequest {
-            namespace: ctx.namespace.clone(),
-            consumer_group: args.group.clone(),
-            size: args.size,
+            namespace: self.ctx.namespace.clone(),
+            consumer_group: self.args.group.clone(),
+            size: self.args.size,
             auto_ack: false,
             do_not_block: false,
             max_messages: remaining.unwrap_or(0),
         };
-        let mut stream = match client.subscribe(req).await {
-            Ok(s) => s.into_inner(),
-            Err(s) if retryable(&s) && retries < RESUBSCRIBE_MAX => {
-                retries += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            Err(s) => return Err(status(s)),
-        };
+        match self.client.subscribe(req).await {
+            Ok(s) => Ok(Some(s.into_inner())),
+            Err(s) => self.back_off(s).await.map(|()| None),
+        }
+    }
+
+    /// Prints the stream's messages and acknowledges them, until it ends.
+    async fn receive(&mut self, mut stream: Streaming<pb::SubscribeResponse>) -> Result<Receive, CliError> {
         let mut acks: Vec<pb::Delivery> = Vec::new();
         loop {
-            if args.max_messages.is_some_and(|m| received >= m) {
-                flush(&mut client, ctx, &args, &mut acks).await.map_err(status)?;
-                return Ok(());
+            if self.received_all() {
+                self.flush(&mut acks).await?;
+                return Ok(Receive::Done);
             }
             // Acks go out whenever nothing more is waiting, so they never hold up a
             // quiet stream.
             let next = match futures::FutureExt::now_or_never(stream.message()) {
                 Some(r) => r,
                 None => {
-                    flush(&mut client, ctx, &args, &mut acks).await.map_err(status)?;
-                    let deadline = wait.map(|w| last_message + w);
-                    match deadline {
-                        Some(d) => match tokio::time::timeout_at(d, stream.message()).await {
-                            Ok(r) => r,
-                            Err(_) => return Ok(()),
-                        },
-                        None => stream.message().await,
+                    self.flush(&mut acks).await?;
+                    match self.wait_for(&mut stream).await {
+                        Some(r) => r,
+                        None => return Ok(Receive::Done),
                     }
                 }
             };
             match next {
                 Ok(Some(r)) => {
                     println!("{}", message_json(&r));
-                    received += 1;
-                    retries = 0;
-                    last_message = tokio::time::Instant::now();
+                    self.received += 1;
+                    self.retries = 0;
+                    self.last_message = tokio::time::Instant::now();
                     acks.push(pb::Delivery { segment_id: r.segment_id, offset: r.offset });
                     if acks.len() >= 256 {
-                        flush(&mut client, ctx, &args, &mut acks).await.map_err(status)?;
+                        self.flush(&mut acks).await?;
                     }
                 }
                 Ok(None) => {
-                    flush(&mut client, ctx, &args, &mut acks).await.map_err(status)?;
-                    if args.max_messages.is_some_and(|m| received >= m) {
-                        return Ok(());
-                    }
-                    continue 'subscribe;
+                    self.flush(&mut acks).await?;
+                    return Ok(if self.received_all() { Receive::Done } else { Receive::Resubscribe });
                 }
-                Err(s) if retryable(&s) && retries < RESUBSCRIBE_MAX => {
-                    // Unacknowledged messages come again from the group's new node.
-                    retries += 1;
-                    acks.clear();
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue 'subscribe;
-                }
-                Err(s) => return Err(status(s)),
+                // Unacknowledged messages (`acks`, dropped) come again from the group's
+                // new node.
+                Err(s) => return self.back_off(s).await.map(|()| Receive::Resubscribe),
             }
         }
     }
-}
 
-async fn flush(
-    client: &mut eventtermq_proto::v1::messaging_client::MessagingClient<tonic::transport::Channel>,
-    ctx: &Ctx,
-    args: &SubscribeArgs,
-    acks: &mut Vec<pb::Delivery>,
-) -> Result<(), tonic::Status> {
-    if acks.is_empty() || args.no_auto_ack {
-        acks.clear();
-        return Ok(());
+    /// The next message once one comes; `None` when `--wait` passed since the last.
+    async fn wait_for(
+        &self,
+        stream: &mut Streaming<pb::SubscribeResponse>,
+    ) -> Option<Result<Option<pb::SubscribeResponse>, tonic::Status>> {
+        match self.wait {
+            Some(w) => tokio::time::timeout_at(self.last_message + w, stream.message()).await.ok(),
+            None => Some(stream.message().await),
+        }
     }
-    let deliveries = std::mem::take(acks);
-    client
-        .ack(pb::AckRequest { namespace: ctx.namespace.clone(), consumer_group: args.group.clone(), deliveries })
-        .await
-        .map(|_| ())
+
+    /// Pauses before subscribing again when `s` is worth retrying and retries are
+    /// left; otherwise `s` as the error.
+    async fn back_off(&mut self, s: tonic::Status) -> Result<(), CliError> {
+        if !(retryable(&s) && self.retries < RESUBSCRIBE_MAX) {
+            return Err(self.status(s));
+        }
+        self.retries += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(())
+    }
+
+    async fn flush(&mut self, acks: &mut Vec<pb::Delivery>) -> Result<(), CliError> {
+        if acks.is_empty() || self.args.no_auto_ack {
+            acks.clear();
+            return Ok(());
+        }
+        let deliveries = std::mem::take(acks);
+        let req = pb::AckRequest {
+            namespace: self.ctx.namespace.clone(),
+            consumer_group: self.args.group.clone(),
+            deliveries,
+        };
+        let r = self.client.ack(req).await;
+        r.map(|_| ()).map_err(|s| self.status(s))
+    }
 }
 
 /// The group may be back in a moment: its node is starting it, moving it, or could not

@@ -101,65 +101,10 @@ pub async fn run(client: Client, config: RunConfig, shutdown: CancellationToken)
         }
     }
     metrics.leader.set(1);
-
-    let connector =
-        BrokerConnector { address_override: config.broker_address_override.clone(), ..BrokerConnector::default() };
-    let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), connector, Some(config.identity.clone())));
-    let ns = config.namespace.as_deref();
-    let stop = |token: &CancellationToken| {
-        let token = token.clone();
-        async move { token.cancelled().await }
-    };
-    let controllers = shutdown.child_token();
-    let clusters = cluster::run(
-        ctx.clone(),
-        api::<EventterCluster>(&client, ns),
-        api::<Service>(&client, ns),
-        api::<StatefulSet>(&client, ns),
-        api::<PodDisruptionBudget>(&client, ns),
-        stop(&controllers),
-    );
-    let topics = broker_object::run::<Topic>(
-        ctx.clone(),
-        api(&client, ns),
-        api::<EventterCluster>(&client, ns),
-        stop(&controllers),
-    );
-    let groups = broker_object::run::<ConsumerGroup>(
-        ctx.clone(),
-        api(&client, ns),
-        api::<EventterCluster>(&client, ns),
-        stop(&controllers),
-    );
-    let all = futures::future::join3(clusters, topics, groups);
-    tokio::pin!(all);
-
-    let hold = async {
-        match &elector {
-            Some(elector) => elector.hold().await,
-            None => std::future::pending().await,
-        }
-    };
-    enum Stop {
-        ControllersEnded,
-        LostLeadership,
-        Shutdown,
-    }
-    let stop_reason = tokio::select! {
-        _ = &mut all => Stop::ControllersEnded,
-        _ = hold => Stop::LostLeadership,
-        _ = shutdown.cancelled() => Stop::Shutdown,
-    };
-    let shutdown_requested = shutdown.is_cancelled();
-    controllers.cancel();
-    if !matches!(stop_reason, Stop::ControllersEnded) {
-        // Controllers finish their running reconciles; bound the wait.
-        let _ = tokio::time::timeout(Duration::from_secs(20), &mut all).await;
-    }
-    let lost_leadership = matches!(stop_reason, Stop::LostLeadership);
+    let stop = lead(&client, &config, metrics.clone(), elector.as_ref(), &shutdown).await;
     metrics.leader.set(0);
     if let Some(elector) = &elector {
-        if !lost_leadership {
+        if !matches!(stop, Stop::LostLeadership) {
             if let Err(error) = elector.release().await {
                 tracing::warn!(%error, "releasing the lease failed");
             }
@@ -167,11 +112,74 @@ pub async fn run(client: Client, config: RunConfig, shutdown: CancellationToken)
     }
     shutdown.cancel();
     http.await??;
-    if lost_leadership {
-        anyhow::bail!("lost leadership");
+    match stop {
+        Stop::LostLeadership => anyhow::bail!("lost leadership"),
+        Stop::ControllersEnded { shutdown_requested: false } => anyhow::bail!("the controllers stopped on their own"),
+        Stop::ControllersEnded { shutdown_requested: true } | Stop::Shutdown => Ok(()),
     }
-    if matches!(stop_reason, Stop::ControllersEnded) && !shutdown_requested {
-        anyhow::bail!("the controllers stopped on their own");
+}
+
+/// Why the leader stopped reconciling.
+enum Stop {
+    /// The controllers returned; an error unless a shutdown came meanwhile.
+    ControllersEnded {
+        shutdown_requested: bool,
+    },
+    LostLeadership,
+    Shutdown,
+}
+
+/// Runs the controllers as the leader until they end, leadership is lost or
+/// `shutdown` is cancelled; then stops them.
+async fn lead(
+    client: &Client,
+    config: &RunConfig,
+    metrics: Arc<Metrics>,
+    elector: Option<&LeaderElector>,
+    shutdown: &CancellationToken,
+) -> Stop {
+    let connector =
+        BrokerConnector { address_override: config.broker_address_override.clone(), ..BrokerConnector::default() };
+    let ctx = Arc::new(Context::new(client.clone(), metrics, connector, Some(config.identity.clone())));
+    let controllers = shutdown.child_token();
+    let all = run_controllers(ctx, client, config.namespace.as_deref(), &controllers);
+    tokio::pin!(all);
+
+    let hold = async {
+        match elector {
+            Some(elector) => elector.hold().await,
+            None => std::future::pending().await,
+        }
+    };
+    let stop = tokio::select! {
+        _ = &mut all => Stop::ControllersEnded { shutdown_requested: shutdown.is_cancelled() },
+        _ = hold => Stop::LostLeadership,
+        _ = shutdown.cancelled() => Stop::Shutdown,
+    };
+    controllers.cancel();
+    if !matches!(stop, Stop::ControllersEnded { .. }) {
+        // Controllers finish their running reconciles; bound the wait.
+        let _ = tokio::time::timeout(Duration::from_secs(20), &mut all).await;
     }
-    Ok(())
+    stop
+}
+
+/// The three controllers (clusters, topics, consumer groups) of namespace `ns` (or
+/// all), until `controllers` is cancelled.
+async fn run_controllers(ctx: Arc<Context>, client: &Client, ns: Option<&str>, controllers: &CancellationToken) {
+    let stop = || {
+        let token = controllers.clone();
+        async move { token.cancelled().await }
+    };
+    let clusters = cluster::run(
+        ctx.clone(),
+        api::<EventterCluster>(client, ns),
+        api::<Service>(client, ns),
+        api::<StatefulSet>(client, ns),
+        api::<PodDisruptionBudget>(client, ns),
+        stop(),
+    );
+    let topics = broker_object::run::<Topic>(ctx.clone(), api(client, ns), api::<EventterCluster>(client, ns), stop());
+    let groups = broker_object::run::<ConsumerGroup>(ctx, api(client, ns), api::<EventterCluster>(client, ns), stop());
+    futures::future::join3(clusters, topics, groups).await;
 }

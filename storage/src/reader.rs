@@ -64,19 +64,7 @@ impl SegmentReader {
         }
         let id = self.seg.id;
         let files = &*self.files;
-        let hint = self.seg.hint(from_offset, snap.truncations).filter(|h| h.position <= snap.len);
-        let start = match hint {
-            Some(h) => At { offset: h.offset, position: h.position },
-            None => self.floor(&snap, |e| e.offset <= from_offset)?,
-        };
-        // An upper bound of the bytes to read: up to the first index entry at or past
-        // the end (or the end of the records). A sequential reader (hinted) is near the
-        // end anyway and saves the index search.
-        let end_position = if end_offset == snap.next_offset || hint.is_some() {
-            snap.len
-        } else {
-            index_ceil(id, files, snap.idx_count, |e| e.offset < end_offset)?.map_or(snap.len, |e| e.position)
-        };
+        let (start, end_position) = self.bounds(&snap, from_offset, end_offset)?;
         let chunk = max_bytes
             .saturating_add(FRAME_HEADER_LEN)
             .clamp(READ_CHUNK_MIN_BYTES, READ_CHUNK_MAX_BYTES)
@@ -88,7 +76,45 @@ impl SegmentReader {
             cur.consume(h.frame_len as u64);
             offset += 1;
         }
+        let records = self.copy_records(&mut cur, offset, end_offset, end_position, max_bytes)?;
+        let end =
+            ReadHint { offset: offset + records.len() as u64, position: cur.pos(), truncations: snap.truncations };
+        self.seg.remember(end);
+        Ok(records)
+    }
 
+    /// Where a read of `from_offset..end_offset` starts (a record at or before
+    /// `from_offset`) and an upper bound of the position where its records end.
+    fn bounds(&self, snap: &SegState, from_offset: u64, end_offset: u64) -> Result<(At, u64), StorageError> {
+        let hint = self.seg.hint(from_offset, snap.truncations).filter(|h| h.position <= snap.len);
+        let start = match hint {
+            Some(h) => At { offset: h.offset, position: h.position },
+            None => self.floor(snap, |e| e.offset <= from_offset)?,
+        };
+        // An upper bound of the bytes to read: up to the first index entry at or past
+        // the end (or the end of the records). A sequential reader (hinted) is near the
+        // end anyway and saves the index search.
+        let end_position = if end_offset == snap.next_offset || hint.is_some() {
+            snap.len
+        } else {
+            index_ceil(self.seg.id, &self.files, snap.idx_count, |e| e.offset < end_offset)?
+                .map_or(snap.len, |e| e.position)
+        };
+        Ok((start, end_position))
+    }
+
+    /// The records from the cursor's (at `offset`) up to `end_offset`, their checksums
+    /// checked, while their payloads fit in `max_bytes` (the first always does),
+    /// copied into one buffer.
+    fn copy_records(
+        &self,
+        cur: &mut Cursor<'_>,
+        mut offset: u64,
+        end_offset: u64,
+        end_position: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, StorageError> {
+        let id = self.seg.id;
         let span = usize::try_from(end_position.saturating_sub(cur.pos())).unwrap_or(usize::MAX);
         let mut data: Vec<u8> = Vec::with_capacity(max_bytes.min(span));
         // (offset, timestamp, payload start, payload length)
@@ -112,12 +138,11 @@ impl SegmentReader {
             let crc = crc32c::crc32c_append(crc32c::crc32c(&fixed), &data[payload_start..]);
             if crc != h.crc {
                 let reason = format!("checksum mismatch (stored {:08x}, computed {crc:08x})", h.crc);
-                return Err(corrupt(id, &files.seg_path, position, reason));
+                return Err(corrupt(id, &self.files.seg_path, position, reason));
             }
             found.push((h.offset, h.timestamp_ms, payload_start, payload_len));
             offset += 1;
         }
-        self.seg.remember(ReadHint { offset, position: cur.pos(), truncations: snap.truncations });
         let data = Bytes::from(data);
         Ok(found
             .into_iter()

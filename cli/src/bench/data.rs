@@ -240,24 +240,70 @@ impl Cpu {
 }
 
 async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::path::Path) -> Result<(), CliError> {
-    let addr = |h: &str| format!("{h}:{port}");
-    let seed = addr(&args.hosts[0]);
+    let addrs: Vec<String> = args.hosts.iter().map(|h| format!("{h}:{port}")).collect();
+    let seed = &addrs[0];
     if args.floor_samples > 0 {
         storage_floor(dir, args.floor_samples, args.message_bytes).await?;
     }
+    let procs = start_brokers(args, port, dir, &addrs).await?;
+    create_topic_and_group(seed, &ctx.namespace).await?;
+    let persistence = crate::messages::persistence(args.persistence) as i32;
+    let data: bytes::Bytes = vec![b'x'; args.message_bytes].into();
+    let request = |count: usize| pb::PublishRequest {
+        namespace: ctx.namespace.clone(),
+        topic: "bench".into(),
+        messages: (0..count).map(|_| pb::Message { data: data.clone(), ..Default::default() }).collect(),
+        persistence,
+    };
+
+    let confirmed = w1(seed, &procs, args, &request).await?;
+
+    // W2: one message at a time, each waiting for its confirmation; once sent to the
+    // segment's primary (as a client that knows where the data lives would), once
+    // through another node (which forwards it).
+    let primary = primary_of(seed, &ctx.namespace, "bench").await?;
+    let other = addrs.iter().find(|a| **a != primary).expect("three hosts");
+    if args.floor_samples > 0 {
+        rpc_floor(&primary, args.floor_samples).await?;
+    }
+    let w2 = W2 { procs: &procs, count: args.latency_messages, request: &request };
+    w2.run("W2 publish one at a time, to the primary", &primary).await?;
+    w2.run("W2 publish one at a time, through another node", other).await?;
+
+    // W3: everything published so far, consumed through another node.
+    let expected = confirmed + 2 * args.latency_messages + 1;
+    w3(&addrs[2], &procs, &ctx.namespace, expected).await?;
+    drop(procs);
+    Ok(())
+}
+
+/// Starts a broker on each of the three hosts (at `addrs`), the first as the seed the
+/// others join, and waits until all three are members.
+async fn start_brokers(
+    args: &DataPathBenchArgs,
+    port: u16,
+    dir: &std::path::Path,
+    addrs: &[String],
+) -> Result<Vec<Proc>, CliError> {
+    let seed = addrs[0].as_str();
     let mut procs: Vec<Proc> = Vec::new();
     for (i, h) in args.hosts.iter().enumerate() {
-        procs.push(spawn(h, port, &dir.join(format!("n{i}")), (i > 0).then_some(seed.as_str()), &args.broker_args)?);
-        wait_alive(&seed, i + 1).await?;
+        procs.push(spawn(h, port, &dir.join(format!("n{i}")), (i > 0).then_some(seed), &args.broker_args)?);
+        wait_alive(seed, i + 1).await?;
     }
-    wait_alive(&addr(&args.hosts[2]), 3).await?;
+    wait_alive(&addrs[2], 3).await?;
     for p in &mut procs {
         p.check_running()?;
     }
-    let mut admin = admin_client(&seed)?;
+    Ok(procs)
+}
+
+/// The topic `bench` (one shard, three copies) and the group `bench` bound to it.
+async fn create_topic_and_group(seed: &str, namespace: &str) -> Result<(), CliError> {
+    let mut admin = admin_client(seed)?;
     let topic = pb::Topic { name: "bench".into(), shards: 1, replication_factor: 3, ..Default::default() };
     admin
-        .create_topic(pb::CreateTopicRequest { namespace: ctx.namespace.clone(), topic: Some(topic) })
+        .create_topic(pb::CreateTopicRequest { namespace: namespace.to_string(), topic: Some(topic) })
         .await
         .map_err(err)?;
     let group = pb::ConsumerGroup {
@@ -268,22 +314,23 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
     };
     admin
         .create_consumer_group(pb::CreateConsumerGroupRequest {
-            namespace: ctx.namespace.clone(),
+            namespace: namespace.to_string(),
             consumer_group: Some(group),
         })
         .await
         .map_err(err)?;
-    let persistence = crate::messages::persistence(args.persistence) as i32;
-    let data: bytes::Bytes = vec![b'x'; args.message_bytes].into();
-    let request = |count: usize| pb::PublishRequest {
-        namespace: ctx.namespace.clone(),
-        topic: "bench".into(),
-        messages: (0..count).map(|_| pb::Message { data: data.clone(), ..Default::default() }).collect(),
-        persistence,
-    };
+    Ok(())
+}
 
-    // W1: one client, pipelined batches over one stream.
-    let mut client = messaging_client(&seed)?;
+/// W1: one client, pipelined batches over one stream. Returns how many messages were
+/// confirmed.
+async fn w1(
+    seed: &str,
+    procs: &[Proc],
+    args: &DataPathBenchArgs,
+    request: &impl Fn(usize) -> pb::PublishRequest,
+) -> Result<u64, CliError> {
+    let mut client = messaging_client(seed)?;
     // The topic's first segment opens right after the topic is created.
     for _ in 0..200 {
         if client.publish(request(1)).await.is_ok() {
@@ -297,7 +344,7 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
     let requests: Vec<pb::PublishRequest> =
         (0..total.div_ceil(batch)).map(|i| request(batch.min(total - i * batch) as usize)).collect();
     let progress = bar(total, "W1 publish");
-    let cpu = Cpu::start(&procs);
+    let cpu = Cpu::start(procs);
     let t0 = Instant::now();
     tokio::spawn(async move {
         for r in requests {
@@ -326,31 +373,21 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
             "messages_per_s": confirmed as f64 / w1.as_secs_f64(),
             "mb_per_s": (confirmed as f64 * args.message_bytes as f64) / w1.as_secs_f64() / 1e6,
             "rss_kib_after": rss,
-            "cpu": cpu.report(&procs, confirmed),
+            "cpu": cpu.report(procs, confirmed),
         })
     );
+    Ok(confirmed)
+}
 
-    // W2: one message at a time, each waiting for its confirmation; once sent to the
-    // segment's primary (as a client that knows where the data lives would), once
-    // through another node (which forwards it).
-    let primary = primary_of(&seed, &ctx.namespace, "bench").await?;
-    let other = args.hosts.iter().map(|h| addr(h)).find(|a| *a != primary).expect("three hosts");
-    if args.floor_samples > 0 {
-        rpc_floor(&primary, args.floor_samples).await?;
-    }
-    let w2 = W2 { procs: &procs, count: args.latency_messages, request: &request };
-    w2.run("W2 publish one at a time, to the primary", &primary).await?;
-    w2.run("W2 publish one at a time, through another node", &other).await?;
-
-    // W3: everything published so far, consumed through another node.
-    let expected = confirmed + 2 * args.latency_messages + 1;
-    let mut consumer = messaging_client(&addr(&args.hosts[2]))?;
+/// W3: `expected` messages consumed from the group `bench` through the node at `addr`.
+async fn w3(addr: &str, procs: &[Proc], namespace: &str, expected: u64) -> Result<(), CliError> {
+    let mut consumer = messaging_client(addr)?;
     let progress = bar(expected, "W3 consume");
-    let cpu = Cpu::start(&procs);
+    let cpu = Cpu::start(procs);
     let t0 = Instant::now();
     let mut stream = consumer
         .subscribe(pb::SubscribeRequest {
-            namespace: ctx.namespace.clone(),
+            namespace: namespace.to_string(),
             consumer_group: "bench".into(),
             size: 10_000,
             auto_ack: true,
@@ -382,10 +419,9 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
             "expected": expected,
             "seconds": w3.as_secs_f64(),
             "messages_per_s": received as f64 / w3.as_secs_f64(),
-            "cpu": cpu.report(&procs, received),
+            "cpu": cpu.report(procs, received),
         })
     );
-    drop(procs);
     Ok(())
 }
 

@@ -132,44 +132,15 @@ pub fn cluster_status(
         bootstrap_expect: Some(bootstrap_expect),
         conditions: Vec::new(),
     };
-    let pods_ready = ready_replicas >= replicas;
     let (ready, degraded, message) = match dump {
         Ok(dump) => {
-            let state = dump.state.clone().unwrap_or_default();
-            status.members = state
-                .nodes
-                .iter()
-                .map(|n| ClusterMember {
-                    id: n.id.to_string(),
-                    address: n.address.clone(),
-                    state: node_state_name(n.state).to_string(),
-                    raft_role: n.raft_role.clone(),
-                })
-                .collect();
-            status.cluster_state_index = Some(state.index);
-            let leader = state.nodes.iter().find(|n| n.id == dump.leader_id && dump.leader_id != 0);
-            status.leader_id = (dump.leader_id != 0).then(|| dump.leader_id.to_string());
-            status.leader = leader.map(|n| n.address.split(['.', ':']).next().unwrap_or_default().to_string());
-            let unhealthy: Vec<String> = status
-                .members
-                .iter()
-                .filter(|m| m.state != "Alive")
-                .map(|m| format!("{} ({}) is {}", m.id, m.address, m.state))
-                .collect();
-            if dump.leader_id == 0 {
-                (false, ready_replicas > 0, "the brokers know no Raft leader".to_string())
-            } else if !unhealthy.is_empty() {
-                (pods_ready, true, format!("members not alive: {}", unhealthy.join(", ")))
-            } else if !pods_ready {
-                (false, false, format!("{ready_replicas}/{replicas} broker pods ready"))
-            } else {
-                (true, false, format!("{replicas} brokers ready, leader {}", status.leader.clone().unwrap_or_default()))
-            }
+            record_brokers_view(&mut status, dump);
+            brokers_health(&status, dump.leader_id, ready_replicas, replicas)
         }
         // No pod ready yet: the cluster is still forming, not degraded.
         Err(error) => (false, ready_replicas > 0, format!("cannot read the cluster state: {error}")),
     };
-    let progressing = !pods_ready;
+    let progressing = ready_replicas < replicas;
     let progressing_message = format!("{ready_replicas}/{replicas} broker pods ready");
     let ready_reason = if ready { "ClusterReady" } else { "ClusterNotReady" };
     status.conditions = vec![
@@ -192,6 +163,52 @@ pub fn cluster_status(
         ),
     ];
     status
+}
+
+/// Records in `status` what the brokers said: the members, the state's index and
+/// the leader.
+fn record_brokers_view(status: &mut EventterClusterStatus, dump: &pb::DumpResponse) {
+    let state = dump.state.clone().unwrap_or_default();
+    status.members = state
+        .nodes
+        .iter()
+        .map(|n| ClusterMember {
+            id: n.id.to_string(),
+            address: n.address.clone(),
+            state: node_state_name(n.state).to_string(),
+            raft_role: n.raft_role.clone(),
+        })
+        .collect();
+    status.cluster_state_index = Some(state.index);
+    let leader = state.nodes.iter().find(|n| n.id == dump.leader_id && dump.leader_id != 0);
+    status.leader_id = (dump.leader_id != 0).then(|| dump.leader_id.to_string());
+    status.leader = leader.map(|n| n.address.split(['.', ':']).next().unwrap_or_default().to_string());
+}
+
+/// Whether the cluster is ready and whether it is degraded, and why, given the
+/// brokers' view recorded in `status` and their leader (0: none known).
+fn brokers_health(
+    status: &EventterClusterStatus,
+    leader_id: u64,
+    ready_replicas: i32,
+    replicas: i32,
+) -> (bool, bool, String) {
+    let pods_ready = ready_replicas >= replicas;
+    let unhealthy: Vec<String> = status
+        .members
+        .iter()
+        .filter(|m| m.state != "Alive")
+        .map(|m| format!("{} ({}) is {}", m.id, m.address, m.state))
+        .collect();
+    if leader_id == 0 {
+        (false, ready_replicas > 0, "the brokers know no Raft leader".to_string())
+    } else if !unhealthy.is_empty() {
+        (pods_ready, true, format!("members not alive: {}", unhealthy.join(", ")))
+    } else if !pods_ready {
+        (false, false, format!("{ready_replicas}/{replicas} broker pods ready"))
+    } else {
+        (true, false, format!("{replicas} brokers ready, leader {}", status.leader.clone().unwrap_or_default()))
+    }
 }
 
 /// Runs the EventterCluster controller until `shutdown` resolves. Changes to (or
