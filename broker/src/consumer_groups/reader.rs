@@ -8,6 +8,18 @@
 //! read, was read to its end (closed), or had nothing new at the last read. Every
 //! record is reported to the buffer exactly once, in offset order: offered when it
 //! matches the group's bindings and is not older than `since`, skipped otherwise.
+//!
+//! **Order within a shard.** A shard's segments are its generations: a rotation or a
+//! fail-over closes generation N and opens N+1, and a publisher that waited for its
+//! confirmation in N may already be writing to N+1. So per shard only the oldest
+//! segment that is not finished (closed and every record reported, or gone from the
+//! state) is read and fed: the shard's *head*. No record of a later generation reaches
+//! the buffer before every record of the earlier ones was offered or skipped, even
+//! when the earlier one is slow to read (failed over, being sealed, read from another
+//! node): the next generation waits, as a Kafka partition or a JetStream stream does.
+//! Only segments in the state count, so one deleted by retention leaves a gap in the
+//! generations that holds nothing back. Shards and topics are independent: each has
+//! its own head, read and fed side by side.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -21,10 +33,19 @@ use super::matching;
 use crate::cluster_state::{ConsumerGroupSpec, SegmentId, SegmentRecord};
 use crate::replication::read::ReadResult;
 
+/// A shard of a bound topic.
+type ShardKey = (Arc<str>, u32);
+
+/// A segment's place in its shard's order: its generation, then its id should two
+/// ever share a generation, so that the order is total.
+type Place = (u32, SegmentId);
+
 /// Read position in one segment.
 #[derive(Debug)]
 struct Cursor {
     topic: Arc<str>,
+    shard: u32,
+    generation: u32,
     /// A binding of the topic takes every message: no need to decode one to match it.
     takes_all: bool,
     next: u64,
@@ -32,9 +53,17 @@ struct Cursor {
     backlog: VecDeque<Record>,
     /// The last read found nothing new.
     idle: bool,
-    /// Closed and read to its end.
+    /// The segment is closed and its records end here (from the state or a read).
+    end: Option<u64>,
+    /// Closed and every record up to `end` reported.
     finished: bool,
     fetching: bool,
+}
+
+impl Cursor {
+    fn shard_key(&self) -> ShardKey {
+        (self.topic.clone(), self.shard)
+    }
 }
 
 /// A read the group task should start.
@@ -55,17 +84,32 @@ pub struct Reader {
     /// Committed offsets when the group started: where a new cursor begins.
     start: BTreeMap<SegmentId, u64>,
     cursors: BTreeMap<SegmentId, Cursor>,
+    /// Per shard, its segments that are not finished, in generation order: the first
+    /// is the shard's head, the only one read and fed (see the module header). A
+    /// finished segment leaves its set, so finding the heads costs one step per shard,
+    /// not per segment, however many closed generations retention keeps.
+    unfinished: BTreeMap<ShardKey, BTreeSet<Place>>,
 }
 
 impl Reader {
     pub fn new(namespace: &str, spec: ConsumerGroupSpec, start: BTreeMap<SegmentId, u64>) -> Self {
         let topics = spec.bindings.iter().map(|b| b.topic.clone()).collect();
-        Self { namespace: namespace.to_string(), spec, topics, start, cursors: BTreeMap::new() }
+        Self {
+            namespace: namespace.to_string(),
+            spec,
+            topics,
+            start,
+            cursors: BTreeMap::new(),
+            unfinished: BTreeMap::new(),
+        }
     }
 
     /// The cluster's segments now: those of the bound topics get a cursor (from the
     /// committed offset), cursors of segments that are gone (retention, a deleted
-    /// topic) are dropped and the buffer forgets them.
+    /// topic) are dropped and the buffer forgets them. A closed segment's end is known
+    /// from the state, so one whose committed offset is already there is finished
+    /// without a read: a group resuming after many generations does not read each of
+    /// them once, one after another, before reaching the live one.
     pub fn segments_changed<'a>(
         &mut self,
         segments: impl IntoIterator<Item = (SegmentId, &'a SegmentRecord)>,
@@ -75,24 +119,39 @@ impl Reader {
             .into_iter()
             .filter(|(_, s)| s.namespace == self.namespace && self.topics.contains(&s.topic))
             .collect();
-        self.cursors.retain(|id, _| {
-            let keep = ours.contains_key(id);
-            if !keep {
-                buffer.forget_segment(*id);
+        let gone: Vec<SegmentId> = self.cursors.keys().filter(|id| !ours.contains_key(id)).copied().collect();
+        for id in gone {
+            if let Some(c) = self.cursors.remove(&id) {
+                self.leave_order(&c, id);
             }
-            keep
-        });
+            buffer.forget_segment(id);
+        }
         for (id, s) in ours {
-            let bindings = &self.spec.bindings;
-            self.cursors.entry(id).or_insert_with(|| Cursor {
-                takes_all: bindings.iter().any(|b| b.topic == s.topic && matching::matches_every_message(b)),
-                topic: s.topic.as_str().into(),
-                next: self.start.get(&id).copied().unwrap_or(0),
-                backlog: VecDeque::new(),
-                idle: false,
-                finished: false,
-                fetching: false,
-            });
+            if !self.cursors.contains_key(&id) {
+                let c = self.new_cursor(id, s);
+                self.unfinished.entry(c.shard_key()).or_default().insert((c.generation, id));
+                self.cursors.insert(id, c);
+            }
+            if let Some(c) = self.cursors.get_mut(&id).filter(|_| !s.is_open()) {
+                c.end = Some(s.next_offset);
+            }
+            self.finish_if_read(id, buffer);
+        }
+    }
+
+    fn new_cursor(&self, id: SegmentId, s: &SegmentRecord) -> Cursor {
+        let bindings = &self.spec.bindings;
+        Cursor {
+            takes_all: bindings.iter().any(|b| b.topic == s.topic && matching::matches_every_message(b)),
+            topic: s.topic.as_str().into(),
+            shard: s.shard,
+            generation: s.generation,
+            next: self.start.get(&id).copied().unwrap_or(0),
+            backlog: VecDeque::new(),
+            idle: false,
+            end: None,
+            finished: false,
+            fetching: false,
         }
     }
 
@@ -101,6 +160,10 @@ impl Reader {
     pub fn fetched(&mut self, segment_id: SegmentId, result: Option<ReadResult>, buffer: &mut GroupBuffer) {
         let Some(c) = self.cursors.get_mut(&segment_id) else { return };
         c.fetching = false;
+        if c.finished {
+            // The state said it was closed and read while this read was on its way.
+            return;
+        }
         let Some(r) = result else {
             c.idle = true;
             return;
@@ -110,18 +173,20 @@ impl Reader {
         // only what is new goes in.
         let next = c.backlog.back().map_or(c.next, |r| r.offset + 1);
         c.backlog.extend(r.records.into_iter().filter(|r| r.offset >= next));
-        if r.closed && c.backlog.is_empty() && c.next >= r.end_offset {
-            buffer.mark_read(segment_id, r.end_offset);
-            c.finished = true;
+        if r.closed {
+            c.end = Some(r.end_offset);
         }
+        self.finish_if_read(segment_id, buffer);
     }
 
-    /// Reports backlogged records to the buffer while it has room, segment by segment
-    /// in id order. An error means the reader and the buffer disagree on a position:
-    /// a bug, logged by the caller; the record is not reported twice.
+    /// Reports backlogged records to the buffer while it has room, shard by shard,
+    /// from each shard's head only. An error means the reader and the buffer disagree
+    /// on a position: a bug, logged by the caller; the record is not reported twice.
     pub fn feed(&mut self, buffer: &mut GroupBuffer) -> Vec<(SegmentId, OfferError)> {
         let mut errors = Vec::new();
-        for (id, c) in self.cursors.iter_mut() {
+        let heads: Vec<SegmentId> = heads(&self.unfinished).collect();
+        for id in heads {
+            let Some(c) = self.cursors.get_mut(&id) else { continue };
             while buffer.free() > 0 {
                 let Some(r) = c.backlog.pop_front() else { break };
                 if r.offset < c.next {
@@ -129,32 +194,36 @@ impl Reader {
                 }
                 c.next = r.offset + 1;
                 let reported = if matches(&self.spec, c, &r) {
-                    let d = Delivery { topic: c.topic.clone(), segment_id: *id, offset: r.offset, message: r.payload };
+                    let d = Delivery { topic: c.topic.clone(), segment_id: id, offset: r.offset, message: r.payload };
                     buffer.offer(d)
                 } else {
-                    buffer.skip(*id, r.offset)
+                    buffer.skip(id, r.offset)
                 };
                 if let Err(e) = reported {
-                    errors.push((*id, e));
+                    errors.push((id, e));
                 }
             }
+            // A closed head fed to its end hands over to the next generation now,
+            // without another read to learn that nothing is left.
+            self.finish_if_read(id, buffer);
         }
         errors
     }
 
-    /// The reads to start now: every segment with nothing backlogged that is neither
-    /// being read nor finished, while the buffer has room.
+    /// The reads to start now: each shard's head when it has nothing backlogged and is
+    /// not being read, while the buffer has room.
     pub fn next_fetches(&mut self, buffer: &GroupBuffer) -> Vec<Fetch> {
         if buffer.free() == 0 {
             return Vec::new();
         }
         let mut out = Vec::new();
-        for (id, c) in self.cursors.iter_mut() {
+        for id in heads(&self.unfinished) {
+            let Some(c) = self.cursors.get_mut(&id) else { continue };
             if c.fetching || c.finished || !c.backlog.is_empty() {
                 continue;
             }
             c.fetching = true;
-            out.push(Fetch { segment_id: *id, from: c.next, idle: c.idle });
+            out.push(Fetch { segment_id: id, from: c.next, idle: c.idle });
         }
         out
     }
@@ -166,10 +235,42 @@ impl Reader {
         }
     }
 
-    /// Nothing to hand out and nothing new anywhere: every segment is finished or had
-    /// nothing at its last read, with nothing backlogged.
+    /// Nothing to hand out and nothing new right now: every shard's head had nothing at
+    /// its last read, with nothing backlogged. The generations behind a head wait for
+    /// it, so they have nothing to hand out either.
     pub fn drained(&self, buffer: &GroupBuffer) -> bool {
-        buffer.pending_len() == 0 && self.cursors.values().all(|c| c.finished || (c.idle && c.backlog.is_empty()))
+        buffer.pending_len() == 0
+            && heads(&self.unfinished).all(|id| self.cursors.get(&id).is_none_or(|c| c.idle && c.backlog.is_empty()))
+    }
+
+    /// Closed and every record reported: the buffer learns the segment's end (so its
+    /// committed offset reaches it) and the next generation becomes the shard's head.
+    fn finish_if_read(&mut self, id: SegmentId, buffer: &mut GroupBuffer) {
+        let Some(c) = self.cursors.get_mut(&id) else { return };
+        let Some(end) = c.end.filter(|end| !c.finished && c.backlog.is_empty() && c.next >= *end) else { return };
+        buffer.mark_read(id, end);
+        c.finished = true;
+        let (key, place) = (c.shard_key(), (c.generation, id));
+        remove_place(&mut self.unfinished, key, place);
+    }
+
+    /// A segment gone from the state no longer holds its shard's later generations back.
+    fn leave_order(&mut self, c: &Cursor, id: SegmentId) {
+        remove_place(&mut self.unfinished, c.shard_key(), (c.generation, id));
+    }
+}
+
+/// Each shard's head: its oldest segment not finished.
+fn heads(unfinished: &BTreeMap<ShardKey, BTreeSet<Place>>) -> impl Iterator<Item = SegmentId> + '_ {
+    unfinished.values().filter_map(|places| places.first()).map(|(_, id)| *id)
+}
+
+fn remove_place(unfinished: &mut BTreeMap<ShardKey, BTreeSet<Place>>, key: ShardKey, place: Place) {
+    if let Some(places) = unfinished.get_mut(&key) {
+        places.remove(&place);
+        if places.is_empty() {
+            unfinished.remove(&key);
+        }
     }
 }
 
@@ -183,7 +284,6 @@ fn matches(spec: &ConsumerGroupSpec, c: &Cursor, r: &Record) -> bool {
             matching::matches_any(bindings, &message.routing_key, &message.headers)
         })
 }
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -195,16 +295,22 @@ mod tests {
     use crate::cluster_state::{BindingSpec, ExchangeType, HeadersMatch, SegmentState};
 
     fn segment(topic: &str, open: bool) -> SegmentRecord {
+        generation(topic, 0, 1, open, 0)
+    }
+
+    /// Generation `generation` of `topic`'s shard `shard`; a closed one holds
+    /// `next_offset` records.
+    fn generation(topic: &str, shard: u32, generation: u32, open: bool, next_offset: u64) -> SegmentRecord {
         SegmentRecord {
             namespace: "default".into(),
             topic: topic.into(),
-            shard: 0,
-            generation: 1,
+            shard,
+            generation,
             state: if open { SegmentState::Open } else { SegmentState::Closed },
             primary: 1,
             replicas: vec![1],
             done: vec![1],
-            next_offset: 0,
+            next_offset: if open { 0 } else { next_offset },
             size_bytes: 0,
             checksum: 0,
             created_unix_ms: 0,
@@ -218,6 +324,19 @@ mod tests {
         Record { offset, timestamp_ms, payload: Bytes::from(m.encode_to_vec()) }
     }
 
+    fn records(offsets: std::ops::Range<u64>) -> Vec<Record> {
+        offsets.map(|o| record(o, "", 0)).collect()
+    }
+
+    fn closed_read(offsets: std::ops::Range<u64>, end_offset: u64) -> Option<ReadResult> {
+        Some(ReadResult { records: records(offsets), end_offset, closed: true })
+    }
+
+    fn open_read(offsets: std::ops::Range<u64>) -> Option<ReadResult> {
+        let end_offset = offsets.end;
+        Some(ReadResult { records: records(offsets), end_offset, closed: false })
+    }
+
     fn direct(topic: &str, key: &str) -> BindingSpec {
         BindingSpec {
             topic: topic.into(),
@@ -225,6 +344,30 @@ mod tests {
             routing_key: key.into(),
             headers: Default::default(),
             headers_match: HeadersMatch::All,
+        }
+    }
+
+    fn fanout_group(topics: &[&str], size: u32, start: BTreeMap<SegmentId, u64>) -> (Reader, GroupBuffer) {
+        let bindings = topics.iter().map(|t| BindingSpec::fanout(*t)).collect();
+        let spec = ConsumerGroupSpec { bindings, size, since_unix_ms: 0 };
+        (Reader::new("default", spec, start.clone()), GroupBuffer::new(size as usize, start))
+    }
+
+    fn fetch(segment_id: SegmentId, from: u64, idle: bool) -> Fetch {
+        Fetch { segment_id, from, idle }
+    }
+
+    /// Feeds and hands out to an auto-ack subscriber until nothing moves, as the task
+    /// does after every event: (segment, offset) in the order handed out.
+    fn deliver(reader: &mut Reader, buffer: &mut GroupBuffer) -> Vec<(SegmentId, u64)> {
+        let mut out = Vec::new();
+        loop {
+            assert!(reader.feed(buffer).is_empty(), "reader out of step with the buffer");
+            let handed = buffer.dispatch();
+            if handed.is_empty() {
+                return out;
+            }
+            out.extend(handed.into_iter().map(|(_, d)| (d.segment_id, d.offset)));
         }
     }
 
@@ -251,7 +394,7 @@ mod tests {
         let spec = ConsumerGroupSpec { bindings: vec![direct("t", "a")], size: 10, since_unix_ms: 100 };
         let mut reader = Reader::new("default", spec, BTreeMap::new());
         let mut buffer = GroupBuffer::new(10, BTreeMap::new());
-        let t = segment("t", false);
+        let t = generation("t", 0, 1, false, 3);
         reader.segments_changed([(1, &t)], &mut buffer);
         reader.next_fetches(&buffer);
         let records = vec![record(0, "a", 99), record(1, "b", 100), record(2, "a", 100)];
@@ -267,74 +410,375 @@ mod tests {
         assert_eq!(buffer.committed(), BTreeMap::from([(1, 3)]));
     }
 
+    /// Issue 13, finding 3: the primary of generation 1 was killed, the fail-over
+    /// closed it at 3 records, and generation 2 took the next publishes. Generation 1
+    /// cannot be read for a while (its copies are being sealed): generation 2 waits.
+    #[test]
+    fn a_shard_s_next_generation_waits_until_the_previous_one_is_read_to_its_end() {
+        let (mut reader, mut buffer) = fanout_group(&["t"], 2, BTreeMap::new());
+        buffer.subscribe(0, true);
+        let (g1, g2) = (generation("t", 0, 1, false, 3), generation("t", 0, 2, true, 0));
+        reader.segments_changed([(1, &g1), (2, &g2)], &mut buffer);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(1, 0, false)], "generation 2 waits");
+        reader.fetched(1, None, &mut buffer);
+        assert!(deliver(&mut reader, &mut buffer).is_empty());
+        assert!(reader.drained(&buffer), "nothing to hand out now: generation 2 waits for 1");
+        assert_eq!(reader.next_fetches(&buffer), [fetch(1, 0, true)], "generation 1 again, generation 2 still waits");
+        // Read at last, with more records than the buffer holds: generation 2 waits
+        // until the last of them is fed, then needs no further read of generation 1.
+        reader.fetched(1, closed_read(0..3, 3), &mut buffer);
+        assert!(reader.feed(&mut buffer).is_empty());
+        assert!(reader.next_fetches(&buffer).is_empty(), "generation 1's backlog first");
+        assert_eq!(deliver(&mut reader, &mut buffer), [(1, 0), (1, 1), (1, 2)]);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(2, 0, false)]);
+        reader.fetched(2, open_read(0..2), &mut buffer);
+        assert_eq!(deliver(&mut reader, &mut buffer), [(2, 0), (2, 1)]);
+        assert_eq!(buffer.committed(), BTreeMap::from([(1, 3), (2, 2)]));
+    }
+
+    /// Segment ids are not the order: generations are (ids of an old state, or a
+    /// topic deleted and created again, need not follow them).
+    #[test]
+    fn generations_not_segment_ids_decide_the_order() {
+        let (mut reader, mut buffer) = fanout_group(&["t"], 10, BTreeMap::new());
+        buffer.subscribe(0, true);
+        let (g1, g2) = (generation("t", 0, 1, false, 1), generation("t", 0, 2, true, 0));
+        reader.segments_changed([(9, &g1), (4, &g2)], &mut buffer);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(9, 0, false)]);
+        reader.fetched(9, closed_read(0..1, 1), &mut buffer);
+        assert_eq!(deliver(&mut reader, &mut buffer), [(9, 0)]);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(4, 0, false)]);
+    }
+
+    /// A head that cannot be read holds back its own shard only.
+    #[test]
+    fn shards_and_topics_do_not_wait_for_each_other() {
+        let (mut reader, mut buffer) = fanout_group(&["t", "u"], 10, BTreeMap::new());
+        buffer.subscribe(0, true);
+        let stuck = generation("t", 0, 1, false, 5);
+        let behind = generation("t", 0, 2, true, 0);
+        let other_shard = generation("t", 1, 1, true, 0);
+        let other_topic = generation("u", 0, 1, true, 0);
+        reader.segments_changed([(1, &stuck), (2, &behind), (3, &other_shard), (4, &other_topic)], &mut buffer);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(1, 0, false), fetch(3, 0, false), fetch(4, 0, false)]);
+        reader.fetched(1, None, &mut buffer);
+        reader.fetched(3, open_read(0..2), &mut buffer);
+        reader.fetched(4, open_read(0..1), &mut buffer);
+        assert_eq!(deliver(&mut reader, &mut buffer), [(3, 0), (3, 1), (4, 0)]);
+        assert!(!reader.drained(&buffer), "shard 1 and topic u are read again at once");
+        assert_eq!(reader.next_fetches(&buffer), [fetch(1, 0, true), fetch(3, 2, false), fetch(4, 1, false)]);
+    }
+
+    /// Only segments in the state count: one deleted (retention, here while it could
+    /// not be read) no longer holds its shard back, and a gap in generations is fine.
+    #[test]
+    fn a_generation_gone_from_the_state_holds_nothing_back() {
+        let (mut reader, mut buffer) = fanout_group(&["t"], 10, BTreeMap::new());
+        buffer.subscribe(0, true);
+        let (g1, g2, g4) =
+            (generation("t", 0, 1, false, 2), generation("t", 0, 2, false, 1), generation("t", 0, 4, true, 0));
+        reader.segments_changed([(1, &g1), (2, &g2), (4, &g4)], &mut buffer);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(1, 0, false)]);
+        reader.segments_changed([(2, &g2), (4, &g4)], &mut buffer);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(2, 0, false)]);
+        reader.fetched(1, closed_read(0..2, 2), &mut buffer);
+        assert!(deliver(&mut reader, &mut buffer).is_empty(), "a late answer for a deleted segment is dropped");
+        reader.fetched(2, closed_read(0..1, 1), &mut buffer);
+        assert_eq!(deliver(&mut reader, &mut buffer), [(2, 0)]);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(4, 0, false)], "generation 3 never existed here");
+        assert_eq!(buffer.committed(), BTreeMap::from([(2, 1)]), "the deleted segment is forgotten");
+    }
+
+    /// A group resumed elsewhere: generation 1 was acknowledged to its end (no read),
+    /// generation 2 in part, and generation 3 in part too (a nacked message of 2 was
+    /// still out when the offsets were committed). Each is read from its offset, in
+    /// order.
+    #[test]
+    fn committed_offsets_decide_where_each_generation_resumes() {
+        let start = BTreeMap::from([(1, 5), (2, 2), (3, 1)]);
+        let (mut reader, mut buffer) = fanout_group(&["t"], 10, start);
+        buffer.subscribe(0, true);
+        let (g1, g2, g3) =
+            (generation("t", 0, 1, false, 5), generation("t", 0, 2, false, 4), generation("t", 0, 3, true, 0));
+        reader.segments_changed([(1, &g1), (2, &g2), (3, &g3)], &mut buffer);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(2, 2, false)], "generation 1 is done already");
+        reader.fetched(2, closed_read(2..4, 4), &mut buffer);
+        assert_eq!(deliver(&mut reader, &mut buffer), [(2, 2), (2, 3)]);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(3, 1, false)]);
+        reader.fetched(3, open_read(1..3), &mut buffer);
+        assert_eq!(deliver(&mut reader, &mut buffer), [(3, 1), (3, 2)]);
+        assert_eq!(buffer.committed(), BTreeMap::from([(1, 5), (2, 4), (3, 3)]));
+    }
+
+    /// A shard whose generations are all closed (its topic is being deleted, or the
+    /// next one is not open yet): each is read in turn, an empty one (failed over
+    /// before its first record) without a read, and then nothing is left to do.
+    #[test]
+    fn a_shard_whose_generations_are_all_closed_is_read_in_order_to_its_end() {
+        let (mut reader, mut buffer) = fanout_group(&["t"], 10, BTreeMap::new());
+        buffer.subscribe(0, true);
+        let (g1, g2, g3) =
+            (generation("t", 0, 1, false, 2), generation("t", 0, 2, false, 0), generation("t", 0, 3, false, 1));
+        reader.segments_changed([(1, &g1), (2, &g2), (3, &g3)], &mut buffer);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(1, 0, false)]);
+        reader.fetched(1, closed_read(0..2, 2), &mut buffer);
+        assert_eq!(deliver(&mut reader, &mut buffer), [(1, 0), (1, 1)]);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(3, 0, false)], "generation 2 is empty");
+        reader.fetched(3, closed_read(0..1, 1), &mut buffer);
+        assert_eq!(deliver(&mut reader, &mut buffer), [(3, 0)]);
+        assert!(reader.next_fetches(&buffer).is_empty());
+        assert!(reader.drained(&buffer));
+        assert_eq!(buffer.committed(), BTreeMap::from([(1, 2), (2, 0), (3, 1)]));
+    }
+
+    /// The open generation is closed (rotation, fail-over) after all of it was read:
+    /// the state says so, and the next generation is read without asking the old one
+    /// again. A read of the old one still on its way changes nothing when it answers.
+    #[test]
+    fn an_open_head_hands_over_once_the_state_closes_it() {
+        let (mut reader, mut buffer) = fanout_group(&["t"], 10, BTreeMap::new());
+        buffer.subscribe(0, true);
+        let g1 = generation("t", 0, 1, true, 0);
+        reader.segments_changed([(1, &g1)], &mut buffer);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(1, 0, false)]);
+        reader.fetched(1, open_read(0..2), &mut buffer);
+        assert_eq!(deliver(&mut reader, &mut buffer), [(1, 0), (1, 1)]);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(1, 2, false)]);
+        let (g1, g2) = (generation("t", 0, 1, false, 2), generation("t", 0, 2, true, 0));
+        reader.segments_changed([(1, &g1), (2, &g2)], &mut buffer);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(2, 0, false)]);
+        reader.fetched(1, closed_read(0..2, 2), &mut buffer);
+        reader.fetched(2, open_read(0..1), &mut buffer);
+        assert_eq!(deliver(&mut reader, &mut buffer), [(2, 0)]);
+        assert_eq!(buffer.committed(), BTreeMap::from([(1, 2), (2, 1)]));
+    }
+
+    /// One segment of the property test's model.
+    #[derive(Debug)]
+    struct ModelSegment {
+        id: SegmentId,
+        generation: u32,
+        data: Vec<Record>,
+        /// Its committed offset when the group starts.
+        start: u64,
+        deleted: bool,
+    }
+
+    /// The cluster state as the group sees it: shards of two topics, each with its
+    /// generations; a shard's later generations are opened one by one.
+    #[derive(Debug)]
+    struct Model {
+        /// Per shard (topic `t` for even indexes, `u` for odd), its segments in
+        /// generation order.
+        shards: Vec<Vec<ModelSegment>>,
+        /// Per shard: how many of its generations were opened so far.
+        opened: Vec<usize>,
+        /// Per shard: its last generation stays open once all are opened.
+        last_open: Vec<bool>,
+    }
+
+    impl Model {
+        fn topic_and_shard(k: usize) -> (&'static str, u32) {
+            (if k.is_multiple_of(2) { "t" } else { "u" }, (k / 2) as u32)
+        }
+
+        fn is_open(&self, k: usize, i: usize) -> bool {
+            i + 1 == self.opened[k] && (self.opened[k] < self.shards[k].len() || self.last_open[k])
+        }
+
+        fn present(&self, k: usize, i: usize) -> bool {
+            i < self.opened[k] && !self.shards[k][i].deleted
+        }
+
+        fn state(&self) -> Vec<(SegmentId, SegmentRecord)> {
+            let mut out = Vec::new();
+            for (k, segments) in self.shards.iter().enumerate() {
+                let (topic, shard) = Self::topic_and_shard(k);
+                for (i, s) in segments.iter().enumerate().filter(|(i, _)| self.present(k, *i)) {
+                    let open = self.is_open(k, i);
+                    out.push((s.id, generation(topic, shard, s.generation, open, s.data.len() as u64)));
+                }
+            }
+            out
+        }
+
+        fn find(&self, id: SegmentId) -> (usize, usize) {
+            for (k, segments) in self.shards.iter().enumerate() {
+                if let Some(i) = segments.iter().position(|s| s.id == id) {
+                    return (k, i);
+                }
+            }
+            panic!("segment {id} is not in the model");
+        }
+
+        /// The offsets the group must get from a segment: matching, from its start.
+        fn expected(&self, k: usize, i: usize) -> Vec<u64> {
+            let s = &self.shards[k][i];
+            let matching = |r: &&Record| Message::decode(r.payload.clone()).unwrap().routing_key == "a";
+            s.data.iter().filter(matching).map(|r| r.offset).filter(|o| *o >= s.start).collect()
+        }
+
+        /// Closes the shard's open generation at its full length and opens the next.
+        fn advance(&mut self, k: usize) {
+            self.opened[k] = (self.opened[k] + 1).min(self.shards[k].len());
+        }
+    }
+
+    /// Feeds and hands out (auto-ack frees the buffer) until nothing moves, as the task
+    /// does on every event, checking each hand-out against the shard order; then
+    /// starts the reads the reader asks for, remembering whether each segment was open.
+    fn run(
+        reader: &mut Reader,
+        buffer: &mut GroupBuffer,
+        model: &Model,
+        got: &mut HashMap<SegmentId, Vec<u64>>,
+        in_read: &mut Vec<(Fetch, bool)>,
+    ) -> Result<(), TestCaseError> {
+        loop {
+            prop_assert!(reader.feed(buffer).is_empty());
+            let handed = buffer.dispatch();
+            if handed.is_empty() {
+                break;
+            }
+            for (_, d) in handed {
+                let (k, i) = model.find(d.segment_id);
+                for j in (0..i).filter(|j| model.present(k, *j)) {
+                    let earlier = got.get(&model.shards[k][j].id).cloned().unwrap_or_default();
+                    prop_assert_eq!(earlier, model.expected(k, j), "shard {} generation {} came first", k, i);
+                }
+                got.entry(d.segment_id).or_default().push(d.offset);
+            }
+        }
+        for f in reader.next_fetches(buffer) {
+            let (k, i) = model.find(f.segment_id);
+            in_read.push((f, model.is_open(k, i)));
+        }
+        Ok(())
+    }
+
+    /// A read's answer: up to `len` records from `back` before the position asked
+    /// (reads may overlap); an open segment reads as far as it got, a closed one
+    /// tells its end.
+    fn answer(model: &Model, f: &Fetch, open: bool, len: u64, back: u64) -> ReadResult {
+        let (k, i) = model.find(f.segment_id);
+        let data = &model.shards[k][i].data;
+        let from = f.from.saturating_sub(back) as usize;
+        let records: Vec<Record> = data.iter().skip(from).take(len as usize).cloned().collect();
+        let end_offset = if open { records.last().map_or(f.from, |r| r.offset + 1) } else { data.len() as u64 };
+        ReadResult { records, end_offset, closed: !open }
+    }
+
     proptest! {
-        /// Segments of random records (two routing keys, random timestamps), read in
-        /// random slices that may overlap or fail, with a small buffer a subscriber
-        /// drains: every matching record arrives exactly once, in offset order per
-        /// segment, the buffer never reports the reader out of step, and once all is
-        /// read and acked the committed offsets reach every segment's end.
+        /// Shards of two topics, each with generations of random records (two routing
+        /// keys, gaps in the generation numbers, segment ids in random order, random
+        /// committed offsets to start from) that are opened one after another, some
+        /// deleted on the way; read in random slices that may overlap or fail; a small
+        /// buffer a subscriber drains. Every matching record arrives exactly once, in
+        /// offset order per segment; no record of a shard's generation arrives before
+        /// every record of its earlier generations still in the state; the buffer never
+        /// reports the reader out of step; once all is read and acked the committed
+        /// offsets reach every segment's end.
         #[test]
-        fn every_matching_record_arrives_once_in_order(
-            lengths in prop::collection::vec(0..30u64, 1..4),
+        fn every_matching_record_arrives_once_in_order_and_in_generation_order(
+            layout in prop::collection::vec(
+                prop::collection::vec((0..12u64, 1..3u32, prop_oneof![3 => Just(0u64), 1 => 0..13u64]), 1..4),
+                1..5,
+            ),
+            last_open in prop::collection::vec(any::<bool>(), 4),
+            first_opened in prop::collection::vec(1..4usize, 4),
+            id_salt in prop::collection::vec(0..1000u64, 16),
             keys in prop::collection::vec(any::<bool>(), 90),
-            steps in prop::collection::vec((0..4usize, 1..8u64, 0..3u64, any::<bool>()), 1..200),
+            steps in prop::collection::vec((0..16usize, 1..8u64, 0..3u64, any::<bool>(), 0..100u8), 1..300),
             size in 1..6usize,
         ) {
-            let spec = ConsumerGroupSpec { bindings: vec![direct("t", "a")], size: size as u32, since_unix_ms: 0 };
-            let mut reader = Reader::new("default", spec, BTreeMap::new());
-            let mut buffer = GroupBuffer::new(size, BTreeMap::new());
-            let sub = buffer.subscribe(0, true);
-            let segs: Vec<SegmentRecord> = lengths.iter().map(|_| segment("t", false)).collect();
-            let data: Vec<Vec<Record>> = lengths.iter().enumerate().map(|(s, n)| {
-                (0..*n).map(|o| record(o, if keys[(s * 30 + o as usize) % keys.len()] { "a" } else { "b" }, 0)).collect()
+            let mut n = 0;
+            let shards: Vec<Vec<ModelSegment>> = layout.iter().map(|gens| {
+                let mut generation = 0;
+                gens.iter().map(|(len, gap, start)| {
+                    // Unique, and unrelated to the generation order.
+                    let id = id_salt[n] * 16 + n as u64;
+                    let data = (0..*len).map(|o| {
+                        record(o, if keys[(n * 12 + o as usize) % keys.len()] { "a" } else { "b" }, 0)
+                    }).collect();
+                    n += 1;
+                    generation += gap;
+                    ModelSegment { id, generation, data, start: (*start).min(*len), deleted: false }
+                }).collect()
             }).collect();
-            reader.segments_changed(segs.iter().enumerate().map(|(i, s)| (i as SegmentId, s)), &mut buffer);
+            let opened = shards.iter().enumerate().map(|(k, s)| first_opened[k].min(s.len())).collect();
+            let mut model = Model { shards, opened, last_open };
+            // Offsets are committed only in segments that exist when the group starts.
+            for (k, segments) in model.shards.iter_mut().enumerate() {
+                segments.iter_mut().skip(model.opened[k]).for_each(|s| s.start = 0);
+            }
+            let start: BTreeMap<SegmentId, u64> =
+                model.shards.iter().flatten().filter(|s| s.start > 0).map(|s| (s.id, s.start)).collect();
+            let spec = ConsumerGroupSpec { bindings: vec![direct("t", "a"), direct("u", "a")], size: size as u32, since_unix_ms: 0 };
+            let mut reader = Reader::new("default", spec, start.clone());
+            let mut buffer = GroupBuffer::new(size, start);
+            buffer.subscribe(0, true);
+            let changed = |reader: &mut Reader, buffer: &mut GroupBuffer, model: &Model| {
+                let state = model.state();
+                reader.segments_changed(state.iter().map(|(id, s)| (*id, s)), buffer);
+            };
+            changed(&mut reader, &mut buffer, &model);
             let mut got: HashMap<SegmentId, Vec<u64>> = HashMap::new();
-            let mut in_read: Vec<Fetch> = Vec::new();
-            let run = |reader: &mut Reader, buffer: &mut GroupBuffer, got: &mut HashMap<SegmentId, Vec<u64>>,
-                       in_read: &mut Vec<Fetch>| -> Result<(), TestCaseError> {
-                // As the task does on every event: feed, hand out (auto-ack frees the
-                // buffer), until nothing moves.
-                loop {
-                    prop_assert!(reader.feed(buffer).is_empty());
-                    let handed = buffer.dispatch();
-                    if handed.is_empty() { break; }
-                    for (s, d) in handed {
-                        prop_assert_eq!(s, sub);
-                        got.entry(d.segment_id).or_default().push(d.offset);
+            let mut in_read: Vec<(Fetch, bool)> = Vec::new();
+            run(&mut reader, &mut buffer, &model, &mut got, &mut in_read)?;
+            for (pick, len, back, fail, event) in steps {
+                match event {
+                    // A rotation or fail-over of a shard.
+                    0..=5 => {
+                        model.advance(pick % model.shards.len());
+                        changed(&mut reader, &mut buffer, &model);
+                    }
+                    // Retention (or a topic deletion) takes a segment.
+                    6 => {
+                        let present: Vec<(usize, usize)> = (0..model.shards.len())
+                            .flat_map(|k| (0..model.shards[k].len()).map(move |i| (k, i)))
+                            .filter(|(k, i)| model.present(*k, *i))
+                            .collect();
+                        if let Some(&(k, i)) = present.get(pick % present.len().max(1)) {
+                            model.shards[k][i].deleted = true;
+                            changed(&mut reader, &mut buffer, &model);
+                        }
+                    }
+                    _ => {
+                        if in_read.is_empty() { continue; }
+                        let (f, open) = in_read.remove(pick % in_read.len());
+                        let result = (!fail).then(|| answer(&model, &f, open, len, back));
+                        reader.fetched(f.segment_id, result, &mut buffer);
                     }
                 }
-                in_read.extend(reader.next_fetches(buffer));
-                Ok(())
-            };
-            run(&mut reader, &mut buffer, &mut got, &mut in_read)?;
-            for (pick, len, back, fail) in steps {
-                if in_read.is_empty() { break; }
-                let f = in_read.remove(pick % in_read.len());
-                let seg = f.segment_id as usize;
-                let result = (!fail).then(|| {
-                    let from = f.from.saturating_sub(back) as usize;
-                    let records: Vec<Record> = data[seg].iter().skip(from).take(len as usize).cloned().collect();
-                    ReadResult { records, end_offset: lengths[seg], closed: true }
-                });
-                reader.fetched(f.segment_id, result, &mut buffer);
-                run(&mut reader, &mut buffer, &mut got, &mut in_read)?;
+                run(&mut reader, &mut buffer, &model, &mut got, &mut in_read)?;
             }
-            // Read everything that is left, in whole.
-            for _ in 0..200 {
-                let Some(f) = in_read.pop() else { break };
-                let seg = f.segment_id as usize;
-                let records: Vec<Record> = data[seg].iter().skip(f.from as usize).cloned().collect();
-                reader.fetched(f.segment_id, Some(ReadResult { records, end_offset: lengths[seg], closed: true }), &mut buffer);
-                run(&mut reader, &mut buffer, &mut got, &mut in_read)?;
+            // Every shard closed and opened to its last generation; read all that is
+            // left, in whole.
+            model.last_open = vec![false; model.last_open.len()];
+            for k in 0..model.shards.len() {
+                model.opened[k] = model.shards[k].len();
+            }
+            changed(&mut reader, &mut buffer, &model);
+            run(&mut reader, &mut buffer, &model, &mut got, &mut in_read)?;
+            for _ in 0..500 {
+                let Some((f, _)) = in_read.pop() else { break };
+                let result = answer(&model, &f, false, u64::MAX, 0);
+                reader.fetched(f.segment_id, Some(result), &mut buffer);
+                run(&mut reader, &mut buffer, &model, &mut got, &mut in_read)?;
             }
             prop_assert!(in_read.is_empty() && reader.drained(&buffer));
-            for (seg, records) in data.iter().enumerate() {
-                let want: Vec<u64> = records.iter().filter(|r| {
-                    Message::decode(r.payload.clone()).unwrap().routing_key == "a"
-                }).map(|r| r.offset).collect();
-                prop_assert_eq!(got.remove(&(seg as SegmentId)).unwrap_or_default(), want);
-                prop_assert_eq!(buffer.committed().get(&(seg as SegmentId)).copied().unwrap_or(0), lengths[seg]);
+            let committed = buffer.committed();
+            for (k, segments) in model.shards.iter().enumerate() {
+                for (i, s) in segments.iter().enumerate() {
+                    let (want, delivered) = (model.expected(k, i), got.remove(&s.id).unwrap_or_default());
+                    if s.deleted {
+                        prop_assert!(want.starts_with(&delivered), "deleted segment: {:?} of {:?}", delivered, want);
+                        prop_assert!(!committed.contains_key(&s.id));
+                    } else {
+                        prop_assert_eq!(delivered, want);
+                        prop_assert_eq!(committed.get(&s.id).copied().unwrap_or(0), s.data.len() as u64);
+                    }
+                }
             }
         }
     }

@@ -6,6 +6,8 @@
 //! every `offsets_commit_interval_ms` records in the cluster state how far everything
 //! is acknowledged. A task that starts (first time, after a restart, or on a new node)
 //! resumes from the committed offsets, so every message is delivered at least once.
+//! The reader reads a shard's generations one after another (order within a shard), so
+//! a segment that stays unreadable holds its shard back: the task says so in the log.
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -52,6 +54,10 @@ const SEGMENTS_REFRESH_INTERVAL: Duration = Duration::from_millis(200);
 /// Pause after a failed read, or before reading again a closed segment whose copy was
 /// not there yet: do not spin on it.
 const READ_RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Failed reads of one segment in a row before the task warns (about 5 s at
+/// [`READ_RETRY_PAUSE`]): a fail-over's sealing takes well under that, while a copy
+/// that stays unreadable stops its shard's later generations and needs an operator.
+const READ_FAILURES_WARN_COUNT: u32 = 50;
 
 type FetchFuture = Pin<Box<dyn std::future::Future<Output = (SegmentId, Result<ReadResult, RequestError>)> + Send>>;
 
@@ -71,6 +77,8 @@ struct Task {
     buffer: GroupBuffer,
     subscribers: HashMap<SubscriberId, Subscriber>,
     fetches: FuturesUnordered<FetchFuture>,
+    /// Failed reads in a row, per segment (only for the warning above).
+    read_failures: HashMap<SegmentId, u32>,
     /// Offsets recorded in the cluster state (or on their way there).
     last_committed: BTreeMap<SegmentId, u64>,
     commit_in_flight: Option<JoinHandle<Result<u64, RequestError>>>,
@@ -120,6 +128,7 @@ impl Task {
             name,
             subscribers: HashMap::new(),
             fetches: FuturesUnordered::new(),
+            read_failures: HashMap::new(),
             last_committed: start,
             commit_in_flight: None,
         })
@@ -132,11 +141,27 @@ impl Task {
             return false;
         }
         self.reader.segments_changed(st.state.segments.iter().map(|(id, s)| (*id, s)), &mut self.buffer);
+        self.read_failures.retain(|id, _| st.state.segments.contains_key(id));
         true
     }
 
     fn fetched(&mut self, id: SegmentId, result: Result<ReadResult, RequestError>) {
-        let result = result.map_err(|e| tracing::debug!(segment_id = id, error = %e, "group read failed; retrying"));
+        match &result {
+            Ok(_) => {
+                self.read_failures.remove(&id);
+            }
+            Err(e) => {
+                let failures = self.read_failures.entry(id).or_default();
+                *failures = failures.saturating_add(1);
+                if *failures == READ_FAILURES_WARN_COUNT {
+                    tracing::warn!(namespace = %self.namespace, group = %self.name, segment_id = id, error = %e,
+                        failures = *failures,
+                        "consumer group cannot read a segment; later segments of its shard wait for it");
+                } else {
+                    tracing::debug!(segment_id = id, error = %e, "group read failed; retrying");
+                }
+            }
+        }
         self.reader.fetched(id, result.ok(), &mut self.buffer);
     }
 
