@@ -40,6 +40,9 @@ pub enum ErrorCode {
     NotInFlight = 4009,
     /// A copy of a closed segment differs from the copies recorded before it.
     ChecksumMismatch = 4010,
+    /// A Raft message reached a node that is not the member it was for (another
+    /// process answers at the member's address now).
+    NotRaftTarget = 4011,
     NoLeader = 5001,
     /// The request was sent on but no answer came in time: it may still take effect.
     Timeout = 5002,
@@ -58,7 +61,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for decoding.
-    const ALL: [ErrorCode; 33] = [
+    const ALL: [ErrorCode; 34] = [
         ErrorCode::InvalidName,
         ErrorCode::InvalidShards,
         ErrorCode::InvalidReplicationFactor,
@@ -85,6 +88,7 @@ impl ErrorCode {
         ErrorCode::NotPrimary,
         ErrorCode::NotInFlight,
         ErrorCode::ChecksumMismatch,
+        ErrorCode::NotRaftTarget,
         ErrorCode::NoLeader,
         ErrorCode::Timeout,
         ErrorCode::NotReady,

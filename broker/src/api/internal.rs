@@ -32,19 +32,39 @@ fn reply<T: serde::Serialize>(v: &T) -> Reply<ipb::RaftPayload> {
     Ok(Response::new(ipb::RaftPayload { data: encode(v) }))
 }
 
+impl InternalService {
+    /// Refuses a Raft message meant for another node id (see
+    /// [`crate::peers::raft_message_is_for`]).
+    fn check_raft_target<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if crate::peers::raft_message_is_for(req.metadata(), self.cluster.id) {
+            return Ok(());
+        }
+        Err(Status::from(RequestError::new(
+            ErrorCode::NotRaftTarget,
+            format!(
+                "node {} answers at this address now; the Raft member that had it is gone (a new member joins under its own id)",
+                self.cluster.id
+            ),
+        )))
+    }
+}
+
 #[tonic::async_trait]
 impl Internal for InternalService {
     async fn raft_append_entries(&self, req: Request<ipb::RaftPayload>) -> Reply<ipb::RaftPayload> {
+        self.check_raft_target(&req)?;
         let r = self.cluster.raft.append_entries(payload(req)?).await;
         reply(&r)
     }
 
     async fn raft_vote(&self, req: Request<ipb::RaftPayload>) -> Reply<ipb::RaftPayload> {
+        self.check_raft_target(&req)?;
         let r = self.cluster.raft.vote(payload(req)?).await;
         reply(&r)
     }
 
     async fn raft_install_snapshot(&self, req: Request<ipb::RaftPayload>) -> Reply<ipb::RaftPayload> {
+        self.check_raft_target(&req)?;
         let r = self.cluster.raft.install_snapshot(payload(req)?).await;
         reply(&r)
     }

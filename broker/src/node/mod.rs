@@ -35,6 +35,18 @@ pub enum NodeError {
     Storage(String),
     #[error("raft error: {0}")]
     Raft(String),
+    /// The Raft log, vote or snapshot cannot be read back. The node does not start: a
+    /// node that forgot its vote could vote twice in a term, and one that lost
+    /// committed entries could help elect a leader without them.
+    #[error(
+        "cannot open this node's Raft state in {dir}: {detail}. The node does not start rather than \
+         forget its vote or committed entries. Way back: restore {dir} from a backup if there is one; \
+         otherwise move the whole data directory aside and start this node again with --join naming a \
+         running member (never without --join, which would found a new cluster): it joins as a new member \
+         with a new id and gets the cluster state and its share of the segments from the others, and the \
+         leader removes the old id after --dead-node-removal-ms"
+    )]
+    RaftState { dir: String, detail: String },
 }
 
 /// A running node. Dropping it does not stop it: cancel the shutdown token (graceful)
@@ -131,9 +143,12 @@ pub async fn start(
 /// Opens the Raft log and state machine under `<dir>/raft` and starts Raft.
 async fn start_raft(config: &NodeConfig, id: u64, peers: &Peers) -> Result<(Raft, SharedState), NodeError> {
     let raft_dir = config.dir.join("raft");
-    let log_store = LogStore::open(&raft_dir.join("log")).await.map_err(|e| NodeError::Storage(e.to_string()))?;
-    let (sm_store, shared) =
-        StateMachineStore::open(&raft_dir.join("sm")).await.map_err(|e| NodeError::Storage(e.to_string()))?;
+    let damaged = |e: crate::cluster_state::raft::StorageError| NodeError::RaftState {
+        dir: raft_dir.display().to_string(),
+        detail: e.to_string(),
+    };
+    let log_store = LogStore::open(&raft_dir.join("log")).await.map_err(damaged)?;
+    let (sm_store, shared) = StateMachineStore::open(&raft_dir.join("sm")).await.map_err(damaged)?;
     let raft_config =
         Arc::new(config.raft.to_openraft().map_err(|e| NodeError::Config(format!("raft settings: {e}")))?);
     let raft = Raft::new(id, raft_config, peers.raft_network(), log_store, sm_store)

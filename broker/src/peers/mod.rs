@@ -134,8 +134,7 @@ impl PeerError {
     }
 
     fn from_status(peer: Peer<'_>, status: tonic::Status) -> Self {
-        let code = status.metadata().get(ERROR_CODE_METADATA).and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
-        if let Some(code) = code.and_then(ErrorCode::from_u32) {
+        if let Some(code) = error_code(&status) {
             return PeerError::Rejected(RequestError::new(code, status.message()));
         }
         let (peer, message) = (peer.to_string(), status.message().to_string());
@@ -178,6 +177,34 @@ pub const PUBLISH_HOPS_MAX: u32 = 3;
 /// Hops an incoming request has made (0: straight from a client).
 pub fn hops(metadata: &MetadataMap) -> u32 {
     metadata.get(FORWARDED_METADATA).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0)
+}
+
+/// The error code a peer's answer carries, if any.
+fn error_code(status: &tonic::Status) -> Option<ErrorCode> {
+    let code = status.metadata().get(ERROR_CODE_METADATA).and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
+    code.and_then(ErrorCode::from_u32)
+}
+
+/// Metadata naming the node a Raft message is for. Raft messages carry the sender's
+/// vote but not the receiver's id, and a node is reached by its address: a process that
+/// took over the address of a member (the member's data directory was damaged and it
+/// rejoined as a new member, or a pod came back with an empty volume) would otherwise
+/// take the member's log entries as its own, and its empty log would look to the leader
+/// like a follower's log going backwards, which openraft treats as a bug and stops on.
+const RAFT_TARGET_METADATA: &str = "eventter-raft-target";
+
+fn address_to<T>(req: &mut tonic::Request<T>, node: NodeId) {
+    if let Ok(v) = node.to_string().parse() {
+        req.metadata_mut().insert(RAFT_TARGET_METADATA, v);
+    }
+}
+
+/// Whether an incoming Raft message is for node `me`: one that names another node was
+/// meant for whoever had this address before. A message without the name (from a
+/// node of an older version) is taken.
+pub fn raft_message_is_for(metadata: &MetadataMap, me: NodeId) -> bool {
+    let target = metadata.get(RAFT_TARGET_METADATA).and_then(|v| v.to_str().ok()?.parse::<NodeId>().ok());
+    target.is_none_or(|t| t == me)
 }
 
 /// `message` as a request forwarded by a node that received it after `hops` hops.

@@ -17,6 +17,7 @@ use serde::Serialize;
 use super::Peers;
 use crate::cluster_state::raft::{decode, encode, TypeConfig};
 use crate::cluster_state::NodeId;
+use crate::error::ErrorCode;
 
 /// Creates a [`RaftNetworkConnection`] per target node.
 #[derive(Clone)]
@@ -61,14 +62,21 @@ impl RaftNetworkConnection {
     {
         let mut request = tonic::Request::new(RaftPayload { data: encode(req) });
         request.set_timeout(option.hard_ttl());
+        super::address_to(&mut request, self.target);
         let result = match kind {
             RpcKind::Append => self.client.raft_append_entries(request).await,
             RpcKind::Vote => self.client.raft_vote(request).await,
             RpcKind::Snapshot => self.client.raft_install_snapshot(request).await,
         };
-        let reply = result.map_err(|status| match status.code() {
-            tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&status)),
-            _ => RPCError::Network(NetworkError::new(&status)),
+        // Unreachable makes openraft back off before the next attempt; a network error
+        // is retried at once. Another node at the member's address is as good as none.
+        let reply = result.map_err(|status| {
+            let replaced = super::error_code(&status) == Some(ErrorCode::NotRaftTarget);
+            match status.code() {
+                tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&status)),
+                _ if replaced => RPCError::Unreachable(Unreachable::new(&status)),
+                _ => RPCError::Network(NetworkError::new(&status)),
+            }
         })?;
         let remote: Remote<Resp, E> =
             decode(&reply.into_inner().data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
