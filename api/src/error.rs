@@ -3,6 +3,8 @@
 //! change meaning once released. Ranges: 1xxx invalid argument, 2xxx not found, 3xxx
 //! already exists, 4xxx failed precondition (nothing was changed), 5xxx unavailable
 //! (worth retrying; 5002 `Timeout` means the outcome is unknown), 9xxx internal.
+//! [`ErrorCode::outcome_unknown`] says which codes leave a request's outcome unknown
+//! (the CLI exits 3 on those, 1 on the others).
 
 use serde::{Deserialize, Serialize};
 
@@ -107,6 +109,27 @@ impl ErrorCode {
         Self::ALL.iter().copied().find(|c| c.as_u32() == n)
     }
 
+    /// Whether a request that failed with this code may still take effect: `Timeout`
+    /// (sent on, no answer in time) and `Internal` (this node's disk or task failed
+    /// part-way, e.g. records written whose fsync failed). Every other code means
+    /// nothing was changed: 1xxx-4xxx are refusals, and the 5xxx retry codes are given
+    /// before anything is done (`NoLeader`: nothing proposed; `NotReady`,
+    /// `NotEnoughReplicas`: nothing written; `PeerUnreachable`: nothing reached the
+    /// peer); `CorruptCopy` answers a read.
+    pub fn outcome_unknown(self) -> bool {
+        matches!(self, ErrorCode::Timeout | ErrorCode::Internal)
+    }
+
+    /// [`ErrorCode::outcome_unknown`] of a number, also one this version does not know
+    /// (from a newer broker): by its range, where only 9xxx (the node's own failure)
+    /// leaves the outcome unknown.
+    pub fn number_outcome_unknown(number: u32) -> bool {
+        match ErrorCode::from_u32(number) {
+            Some(code) => code.outcome_unknown(),
+            None => number / 1000 == 9,
+        }
+    }
+
     pub fn grpc_code(self) -> tonic::Code {
         match self.as_u32() / 1000 {
             1 => tonic::Code::InvalidArgument,
@@ -135,5 +158,15 @@ mod tests {
         assert_eq!(distinct.len(), ErrorCode::ALL.len());
         assert_eq!(ErrorCode::from_u32(0), None);
         assert_eq!(ErrorCode::from_u32(5999), None);
+    }
+
+    #[test]
+    fn only_timeout_and_internal_failures_leave_the_outcome_unknown() {
+        let unknown: Vec<ErrorCode> = ErrorCode::ALL.into_iter().filter(|c| c.outcome_unknown()).collect();
+        assert_eq!(unknown, [ErrorCode::Timeout, ErrorCode::Internal]);
+        assert!(ErrorCode::number_outcome_unknown(5002));
+        assert!(!ErrorCode::number_outcome_unknown(5005));
+        assert!(ErrorCode::number_outcome_unknown(9999));
+        assert!(!ErrorCode::number_outcome_unknown(5999));
     }
 }

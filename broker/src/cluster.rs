@@ -45,6 +45,9 @@ impl Cluster {
     /// was applied at. A command the state machine rejects returns its error.
     pub async fn write(&self, cmd: Command) -> Result<u64, RequestError> {
         let deadline = Instant::now() + self.request_timeout;
+        // An attempt that may have been committed: a later refusal must not say
+        // "nothing changed".
+        let mut unknown: Option<RequestError> = None;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let attempt = match self.leader() {
@@ -61,10 +64,17 @@ impl Cluster {
                 None => Err(Retry::NoLeader),
             };
             match attempt {
-                Ok(resp) => return resp.result.map(|()| resp.index),
-                Err(Retry::Fatal(e)) => return Err(e),
-                Err(retry) if Instant::now() >= deadline => return Err(retry.into_error()),
-                Err(_) => tokio::time::sleep(Duration::from_millis(RETRY_PAUSE_MS)).await,
+                Ok(resp) => return resp.result.map(|()| resp.index).map_err(|e| e.after_unknown(unknown.as_ref())),
+                Err(Retry::Fatal(e)) => return Err(e.after_unknown(unknown.as_ref())),
+                Err(retry) if Instant::now() >= deadline => {
+                    return Err(retry.into_error().after_unknown(unknown.as_ref()))
+                }
+                Err(retry) => {
+                    if retry.outcome_unknown() {
+                        unknown = Some(retry.into_error());
+                    }
+                    tokio::time::sleep(Duration::from_millis(RETRY_PAUSE_MS)).await
+                }
             }
         }
     }
@@ -166,6 +176,17 @@ enum Retry {
 }
 
 impl Retry {
+    /// The attempt may have been committed: proposed locally without an answer in
+    /// time, or sent to the leader without one.
+    fn outcome_unknown(&self) -> bool {
+        match self {
+            Retry::Other(_) => true,
+            Retry::Peer(PeerError::OutcomeUnknown { .. }) => true,
+            Retry::Peer(PeerError::Rejected(e)) => e.code.outcome_unknown(),
+            Retry::NoLeader | Retry::Peer(PeerError::Unreachable { .. }) | Retry::Fatal(_) => false,
+        }
+    }
+
     fn into_error(self) -> RequestError {
         match self {
             Retry::NoLeader => RequestError::new(

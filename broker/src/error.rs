@@ -34,4 +34,18 @@ impl RequestError {
     pub fn retryable(&self) -> bool {
         self.code.as_u32() / 1000 == 5
     }
+
+    /// This error, from a request retried after an earlier attempt whose outcome is
+    /// unknown (`earlier`): a refusal now (a delete that finds nothing, no leader) does
+    /// not mean nothing changed, since the earlier attempt may have taken effect; so
+    /// the caller hears `Timeout` with both reasons.
+    pub fn after_unknown(self, earlier: Option<&RequestError>) -> RequestError {
+        match earlier {
+            Some(first) if !self.code.outcome_unknown() => RequestError::new(
+                ErrorCode::Timeout,
+                format!("{} (after an earlier attempt whose outcome is unknown: {})", self.message, first.message),
+            ),
+            _ => self,
+        }
+    }
 }

@@ -13,7 +13,7 @@ use eventtermq_broker::membership::MembershipConfig;
 
 #[derive(Debug, Parser)]
 #[command(name = "eventtermq", version, about = "EventterMQ: a distributed message broker and its CLI.", long_about = None)]
-#[command(args_conflicts_with_subcommands = false, subcommand_negates_reqs = true)]
+#[command(args_conflicts_with_subcommands = false, subcommand_negates_reqs = true, after_help = EXIT_STATUS_HELP)]
 pub struct Cli {
     /// Broker: address to listen on (default: all interfaces). CLI: node to talk to (default: localhost).
     #[arg(long, global = true)]
@@ -33,6 +33,18 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+/// The exit statuses (`crate::exit_status`), as `--help` shows them.
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0  done: the broker confirmed the request (a broker: stopped by SIGTERM)
+  1  rejected, nothing changed: the broker refused the request, or the node could not
+     be reached and nothing was sent (a broker: refused to start, e.g. its --dir is
+     another process's)
+  2  usage error: bad flags or values, found before anything was sent
+  3  outcome unknown: the request was sent but no answer says what happened (no answer
+     in time, the connection was lost, or the broker answered Timeout (5002) or
+     Internal (9xxx)): it may still take effect";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     Text,
@@ -41,7 +53,7 @@ pub enum Output {
 
 #[derive(Debug, Args)]
 pub struct BrokerArgs {
-    /// Persistent data directory (required to run the broker; created if missing).
+    /// Persistent data directory (required to run the broker; created if missing). One broker at a time: it is locked (<dir>/LOCK holds the PID).
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Host name or IP other nodes use to reach this node (default: --host, or the OS host name).
@@ -286,7 +298,7 @@ pub enum BenchCommand {
         /// Concurrent clients.
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
-        /// Data directory of the brokers (default: a fresh temporary directory).
+        /// Data directory of the brokers (default: a fresh temporary directory); locked by the run, removed after it.
         #[arg(long)]
         bench_dir: Option<PathBuf>,
     },
@@ -322,7 +334,7 @@ pub struct DataPathBenchArgs {
     /// W2); 0 skips them.
     #[arg(long, default_value_t = 2000)]
     pub floor_samples: u64,
-    /// Data directory of the brokers (default: a fresh temporary directory).
+    /// Data directory of the brokers (default: a fresh temporary directory); locked by the run.
     #[arg(long)]
     pub bench_dir: Option<PathBuf>,
     /// A flag passed to every broker started, e.g. `--broker-arg=--worker-threads=1`

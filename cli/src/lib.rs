@@ -14,6 +14,7 @@ pub mod run;
 
 use std::time::Duration;
 
+use eventtermq_api::error::ErrorCode;
 use eventtermq_proto::v1::admin_client::AdminClient;
 
 /// What the CLI knows about where and how to talk.
@@ -26,27 +27,147 @@ pub struct Ctx {
 /// How long the CLI waits to connect to a node.
 pub const CONNECT_TIMEOUT_MS: u64 = 3_000;
 
-/// A CLI error: printed on stderr, exit status 1.
+/// The CLI's exit statuses (README, `--help`): what a script may conclude about its
+/// request without reading the message.
+pub mod exit_status {
+    /// Done: the broker confirmed the request.
+    pub const DONE: u8 = 0;
+    /// Rejected, nothing changed: the broker refused the request, or it was never sent
+    /// (the node could not be reached).
+    pub const REJECTED: u8 = 1;
+    /// Usage error: bad flags or values, found before anything was sent.
+    pub const USAGE: u8 = 2;
+    /// Outcome unknown: the request was sent, but no answer says what happened (no
+    /// answer in time, the connection was lost, or the broker itself does not know):
+    /// it may still take effect. Check before retrying what is not idempotent.
+    pub const OUTCOME_UNKNOWN: u8 = 3;
+}
+
+/// A CLI error: printed on stderr; its exit status says whether anything may have
+/// changed ([`exit_status`]).
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    /// Bad flags or values, before anything was sent.
     #[error("{0}")]
     Usage(String),
-    #[error("cannot reach node at {addr}: {message}")]
+    /// Nothing was sent: the node could not be reached.
+    #[error("cannot reach node at {addr}: {message} (nothing was sent)")]
     Connect { addr: String, message: String },
-    #[error("{code}: {message}")]
-    Rpc { code: String, message: String },
+    /// The broker refused the request; nothing was changed.
+    #[error("rejected: {code}: {message}")]
+    Rejected { code: String, message: String },
+    /// Sent, but nobody knows whether it took effect.
+    #[error("outcome unknown: {code}: {message}; the request may still take effect")]
+    OutcomeUnknown { code: String, message: String },
+    /// The command could not do its own part (a benchmark, reading stdin); what it
+    /// sent before is reported with the error.
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl CliError {
-    pub fn from_status(s: tonic::Status, addr: &str) -> Self {
-        // Errors from a broker carry a numeric code; Unavailable without one comes
-        // from the client's own transport: the node could not be reached.
-        let from_broker = s.metadata().contains_key(eventtermq_broker::error::ERROR_CODE_METADATA);
-        if s.code() == tonic::Code::Unavailable && !from_broker {
-            return CliError::Connect { addr: addr.to_string(), message: s.message().to_string() };
+    /// How the process exits with this error.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => exit_status::USAGE,
+            CliError::Connect { .. } | CliError::Rejected { .. } | CliError::Failed(_) => exit_status::REJECTED,
+            CliError::OutcomeUnknown { .. } => exit_status::OUTCOME_UNKNOWN,
         }
-        CliError::Rpc { code: format!("{:?}", s.code()), message: s.message().to_string() }
     }
+
+    /// Classifies a failed call. A broker's own error carries a numeric code, which
+    /// says whether the request may still take effect. Without one the error is the
+    /// client's transport's: a connection that could not be made sent nothing; a
+    /// deadline, a cancelled call or a connection lost after sending leaves the outcome
+    /// unknown; the rest (e.g. a method an older broker lacks) is a refusal.
+    pub fn from_status(s: tonic::Status, addr: &str) -> Self {
+        let number = s
+            .metadata()
+            .get(eventtermq_broker::error::ERROR_CODE_METADATA)
+            .and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
+        let message = match number {
+            Some(_) => s.message().to_string(),
+            // The transport's own message is terse ("http2 error"); its causes say what
+            // happened ("keep-alive timed out", "connection refused").
+            None => with_causes(&s),
+        };
+        let unknown = match number {
+            Some(n) => ErrorCode::number_outcome_unknown(n),
+            None if connect_failed(&s) => return CliError::Connect { addr: addr.to_string(), message },
+            None => matches!(
+                s.code(),
+                tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled
+                    | tonic::Code::Unknown
+                    | tonic::Code::Unavailable
+                    | tonic::Code::Internal
+                    | tonic::Code::DataLoss
+            ),
+        };
+        let code = match number {
+            Some(n) => format!("{:?} ({n})", s.code()),
+            None => format!("{:?}", s.code()),
+        };
+        if unknown {
+            CliError::OutcomeUnknown { code, message }
+        } else {
+            CliError::Rejected { code, message }
+        }
+    }
+
+    /// A publish stream failed with `self` after `published` messages were confirmed,
+    /// while `unconfirmed_batches` requests holding `unconfirmed_messages` had been
+    /// sent without an answer. The broker publishes a stream's requests concurrently
+    /// and answers in order, so a rejection speaks for the first unconfirmed request
+    /// only: any later one already sent may have been published.
+    pub fn publish_stream_failed(self, published: u64, unconfirmed_batches: u64, unconfirmed_messages: u64) -> Self {
+        let confirmed = format!("{published} messages were published before");
+        match self {
+            CliError::Rejected { code, message } if unconfirmed_batches > 1 => CliError::OutcomeUnknown {
+                code,
+                message: format!(
+                    "{message}; {confirmed}, and {unconfirmed_messages} were sent without an answer (the first \
+                     request of them was rejected, later ones may have been published)"
+                ),
+            },
+            CliError::Rejected { code, message } => {
+                CliError::Rejected { code, message: format!("{message}; {confirmed}, none after them") }
+            }
+            CliError::OutcomeUnknown { code, message } => CliError::OutcomeUnknown {
+                code,
+                message: format!("{message}; {confirmed}, {unconfirmed_messages} were sent without an answer"),
+            },
+            other => other,
+        }
+    }
+}
+
+/// The status's message followed by those of its causes that add something.
+fn with_causes(s: &tonic::Status) -> String {
+    let mut message = s.message().to_string();
+    let mut cause = std::error::Error::source(s);
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        cause = e.source();
+    }
+    message
+}
+
+/// Whether the call failed to connect, so nothing was sent: tonic reports that as
+/// `Unavailable` with a [`tonic::ConnectError`] among the causes, while `Unavailable`
+/// without it (a keep-alive that timed out, a connection reset) may come after sending.
+fn connect_failed(s: &tonic::Status) -> bool {
+    let mut cause = std::error::Error::source(s);
+    while let Some(e) = cause {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Target node of CLI commands.
@@ -72,4 +193,76 @@ pub fn messaging_client(
 pub fn admin_client(addr: &str) -> Result<AdminClient<tonic::transport::Channel>, CliError> {
     let channel = channel(addr)?;
     Ok(AdminClient::new(channel))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_broker(code: tonic::Code, number: u32) -> tonic::Status {
+        let mut s = tonic::Status::new(code, "why");
+        s.metadata_mut().insert(eventtermq_broker::error::ERROR_CODE_METADATA, number.to_string().parse().unwrap());
+        s
+    }
+
+    #[test]
+    fn a_brokers_code_decides_whether_anything_may_have_changed() {
+        for (code, number, expected) in [
+            (tonic::Code::InvalidArgument, 1002, exit_status::REJECTED),
+            (tonic::Code::NotFound, 2002, exit_status::REJECTED),
+            (tonic::Code::AlreadyExists, 3002, exit_status::REJECTED),
+            (tonic::Code::FailedPrecondition, 4008, exit_status::REJECTED),
+            (tonic::Code::Unavailable, 5001, exit_status::REJECTED),
+            (tonic::Code::Unavailable, 5002, exit_status::OUTCOME_UNKNOWN),
+            (tonic::Code::Unavailable, 5003, exit_status::REJECTED),
+            (tonic::Code::Unavailable, 5004, exit_status::REJECTED),
+            (tonic::Code::Unavailable, 5005, exit_status::REJECTED),
+            (tonic::Code::Internal, 9001, exit_status::OUTCOME_UNKNOWN),
+            (tonic::Code::Internal, 9002, exit_status::REJECTED),
+            // Codes of a newer broker, by their range.
+            (tonic::Code::Unavailable, 5999, exit_status::REJECTED),
+            (tonic::Code::Internal, 9999, exit_status::OUTCOME_UNKNOWN),
+        ] {
+            let e = CliError::from_status(from_broker(code, number), "node:1");
+            assert_eq!(e.exit_status(), expected, "{number}: {e}");
+            let prefix = if expected == exit_status::REJECTED { "rejected: " } else { "outcome unknown: " };
+            assert!(e.to_string().starts_with(&format!("{prefix}{code:?} ({number}): why")), "{e}");
+        }
+    }
+
+    #[test]
+    fn without_a_code_the_transport_failure_decides() {
+        for (code, expected) in [
+            (tonic::Code::DeadlineExceeded, exit_status::OUTCOME_UNKNOWN),
+            (tonic::Code::Cancelled, exit_status::OUTCOME_UNKNOWN),
+            (tonic::Code::Unknown, exit_status::OUTCOME_UNKNOWN),
+            // Not a failed connect (that carries a ConnectError): a keep-alive that
+            // timed out or a connection reset, after sending.
+            (tonic::Code::Unavailable, exit_status::OUTCOME_UNKNOWN),
+            (tonic::Code::Internal, exit_status::OUTCOME_UNKNOWN),
+            (tonic::Code::Unimplemented, exit_status::REJECTED),
+            (tonic::Code::InvalidArgument, exit_status::REJECTED),
+            (tonic::Code::ResourceExhausted, exit_status::REJECTED),
+        ] {
+            let e = CliError::from_status(tonic::Status::new(code, "why"), "node:1");
+            assert_eq!(e.exit_status(), expected, "{code:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_rejection_in_a_publish_stream_speaks_for_its_own_request_only() {
+        let rejected = || CliError::Rejected { code: "Unavailable (5004)".into(), message: "too few".into() };
+        // Only the rejected request was unanswered: the rest was confirmed.
+        let e = rejected().publish_stream_failed(100, 1, 10);
+        assert_eq!(e.exit_status(), exit_status::REJECTED, "{e}");
+        assert!(e.to_string().contains("100 messages were published before, none after them"), "{e}");
+        // Later requests were sent too and may have been published concurrently.
+        let e = rejected().publish_stream_failed(100, 3, 30);
+        assert_eq!(e.exit_status(), exit_status::OUTCOME_UNKNOWN, "{e}");
+        assert!(e.to_string().contains("100 messages were published before, and 30 were sent without an answer"));
+        let unknown = CliError::OutcomeUnknown { code: "Unknown".into(), message: "reset".into() };
+        let e = unknown.publish_stream_failed(5, 2, 20);
+        assert_eq!(e.exit_status(), exit_status::OUTCOME_UNKNOWN, "{e}");
+        assert!(e.to_string().contains("5 messages were published before, 20 were sent without an answer"), "{e}");
+    }
 }

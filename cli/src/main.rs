@@ -28,14 +28,16 @@ fn main() -> std::process::ExitCode {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: {e}");
-                    return std::process::ExitCode::from(2);
+                    return std::process::ExitCode::from(cli::exit_status::USAGE);
                 }
             };
             match runtime.block_on(cli::run::run_broker(config)) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
+                // Refused to start (the directory is another process's, a port is
+                // taken, damaged state) or stopped by a fatal error.
                 Err(e) => {
                     eprintln!("error: {e:#}");
-                    std::process::ExitCode::FAILURE
+                    std::process::ExitCode::from(cli::exit_status::REJECTED)
                 }
             }
         }
@@ -46,10 +48,10 @@ fn main() -> std::process::ExitCode {
             let ctx =
                 Ctx { addr: cli::target_addr(&args.host, args.port), namespace: args.namespace, output: args.output };
             match runtime.block_on(cli::commands::execute(&ctx, command)) {
-                Ok(()) => std::process::ExitCode::SUCCESS,
+                Ok(()) => std::process::ExitCode::from(cli::exit_status::DONE),
                 Err(e) => {
                     eprintln!("error: {e}");
-                    std::process::ExitCode::FAILURE
+                    std::process::ExitCode::from(e.exit_status())
                 }
             }
         }

@@ -1,6 +1,8 @@
 //! `publish` and `subscribe`.
 
 use std::io::BufRead;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -97,22 +99,33 @@ async fn publish_stream(
     let generate = args.count.map(|count| (args.data.clone(), count));
     let reader =
         tokio::task::spawn_blocking(move || send_batches(message_data(generate), &request, &template, batch_max, &tx));
-    let mut responses =
-        client.publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(status)?.into_inner();
-    let mut published = 0u64;
+    let (requests, handed) = Handed::count(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut responses = client.publish_stream(requests).await.map_err(status)?.into_inner();
+    let (mut published, mut confirmed_batches) = (0u64, 0u64);
     loop {
         match responses.message().await {
-            Ok(Some(r)) => published += u64::from(r.count),
+            Ok(Some(r)) => {
+                published += u64::from(r.count);
+                confirmed_batches += 1;
+            }
             Ok(None) => break,
             Err(s) => {
                 eprintln!("{{\"ok\": false, \"published\": {published}}}");
-                return Err(status(s));
+                let (batches, messages) = handed.get();
+                return Err(status(s).publish_stream_failed(
+                    published,
+                    batches.saturating_sub(confirmed_batches),
+                    messages.saturating_sub(published),
+                ));
             }
         }
     }
-    let sent = reader.await.map_err(|e| CliError::Usage(e.to_string()))?.map_err(CliError::Usage)?;
+    let sent = reader
+        .await
+        .map_err(|e| CliError::Failed(e.to_string()))?
+        .map_err(|e| CliError::Failed(format!("{e}; {published} messages were published before")))?;
     if published != sent {
-        return Err(CliError::Rpc {
+        return Err(CliError::OutcomeUnknown {
             code: "Unknown".into(),
             message: format!("the stream ended after {published} of {sent} messages were confirmed"),
         });
@@ -162,6 +175,34 @@ fn send_batches(
         let _ = tx.blocking_send(pb::PublishRequest { messages: batch, ..request.clone() });
     }
     Ok(sent)
+}
+
+/// What a publish stream handed to the transport: sent, or about to be, so their
+/// outcome is the broker's to tell.
+#[derive(Default)]
+struct Handed {
+    requests: AtomicU64,
+    messages: AtomicU64,
+}
+
+impl Handed {
+    /// `requests`, counted as the transport takes them.
+    fn count(
+        requests: impl futures::Stream<Item = pb::PublishRequest>,
+    ) -> (impl futures::Stream<Item = pb::PublishRequest>, Arc<Handed>) {
+        let handed = Arc::new(Handed::default());
+        let counter = handed.clone();
+        let requests = futures::StreamExt::inspect(requests, move |r| {
+            counter.requests.fetch_add(1, Ordering::Relaxed);
+            counter.messages.fetch_add(r.messages.len() as u64, Ordering::Relaxed);
+        });
+        (requests, handed)
+    }
+
+    /// (requests, messages) handed so far.
+    fn get(&self) -> (u64, u64) {
+        (self.requests.load(Ordering::Relaxed), self.messages.load(Ordering::Relaxed))
+    }
 }
 
 /// The JSON line printed for one received message.

@@ -21,7 +21,8 @@
 //!   loss. "Record files" ([`write_record_file`], [`read_record_file`]) are such files
 //!   holding exactly one framed record, so any damage is detected on read.
 //! - **Directories**: [`fsync_dir`] (makes creations, renames and removals in a
-//!   directory durable) and [`create_dir_durable`].
+//!   directory durable) and [`create_dir_durable`]; [`lock_dir`] makes a directory one
+//!   process's own (an exclusive `flock` on `<dir>/LOCK`, which records the holder's PID).
 //! - **Checksums**: crc32c ([`checksum`], [`verify_checksum`]), shared by the segment
 //!   codec, whose own frame layout (with offsets and timestamps) is in
 //!   [`crate::codec`].
@@ -521,6 +522,79 @@ impl AppendLog {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// A directory one process owns
+// ---------------------------------------------------------------------------------------
+
+/// Name of the lock file [`lock_dir`] takes in a directory.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// A directory this process owns: an exclusive `flock` on `<dir>/LOCK`, held as long as
+/// this value lives (dropping it closes the file, which releases the lock; so does the
+/// process's death, even by kill -9, so a crash never leaves a stale lock behind).
+#[derive(Debug)]
+pub struct DirLock {
+    dir: PathBuf,
+    // Never read: the open file is the lock.
+    _file: File,
+}
+
+impl DirLock {
+    /// The directory this lock owns.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Why a directory could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process (or another owner in this one) holds the lock.
+    #[error(
+        "{} is in use by another process ({}): one process at a time may use it; stop that one first or choose another directory",
+        dir.display(),
+        holder.map_or_else(|| "PID not recorded yet".to_string(), |pid| format!("PID {pid}"))
+    )]
+    Held { dir: PathBuf, holder: Option<u32> },
+    #[error(transparent)]
+    File(#[from] FileError),
+}
+
+/// Takes the exclusive lock on `<dir>/LOCK` (creating the file, not the directory)
+/// without waiting, and records this process's PID in it.
+///
+/// Two processes that both write one data directory corrupt it (two Raft nodes with one
+/// id and one log), so an owner takes this before it reads or writes anything else in
+/// the directory. `flock` rather than the file's existence: the kernel drops the lock
+/// when the holder dies, whatever the cause. The lock belongs to the open file, so a
+/// second attempt fails in the same process too, until the first [`DirLock`] is dropped.
+/// The PID is informational (for the error message of the next attempt): the file is
+/// opened without truncating, so a failed attempt leaves the holder's PID in place.
+pub fn lock_dir(dir: &Path) -> Result<DirLock, LockError> {
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(FileError::io(&path))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let mut text = String::new();
+            // The holder may not have written its PID yet: then it is not named.
+            let holder = file.read_to_string(&mut text).ok().and_then(|_| text.trim().parse().ok());
+            return Err(LockError::Held { dir: dir.to_path_buf(), holder });
+        }
+        Err(e) => return Err(FileError::io(&path)(e.into()).into()),
+    }
+    file.set_len(0)
+        .and_then(|()| file.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0))
+        .map_err(FileError::io(&path))?;
+    Ok(DirLock { dir: dir.to_path_buf(), _file: file })
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -894,5 +968,42 @@ mod tests {
             prop_assert_eq!(log.len_bytes(), expected_len);
             prop_assert_eq!(fs::metadata(&path).unwrap().len(), expected_len);
         }
+    }
+
+    #[test]
+    fn a_locked_directory_refuses_a_second_owner_and_names_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = lock_dir(dir.path()).unwrap();
+        assert_eq!(lock.dir(), dir.path());
+        assert_eq!(fs::read_to_string(dir.path().join(LOCK_FILE)).unwrap(), format!("{}\n", std::process::id()));
+        // A second open file in the same process conflicts like another process would.
+        let e = lock_dir(dir.path()).unwrap_err();
+        let LockError::Held { dir: d, holder } = &e else { panic!("second lock: {e:?}") };
+        assert_eq!((d.as_path(), *holder), (dir.path(), Some(std::process::id())));
+        let message = e.to_string();
+        assert!(message.contains(&dir.path().display().to_string()), "{message}");
+        assert!(message.contains(&format!("PID {}", std::process::id())), "{message}");
+        // The refused attempt left the holder's PID in place.
+        assert_eq!(fs::read_to_string(dir.path().join(LOCK_FILE)).unwrap(), format!("{}\n", std::process::id()));
+    }
+
+    #[test]
+    fn dropping_the_lock_releases_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        // A stale PID left by an owner that died is not a lock.
+        fs::write(dir.path().join(LOCK_FILE), "999999999\n").unwrap();
+        let first = lock_dir(dir.path()).unwrap();
+        drop(first);
+        let again = lock_dir(dir.path()).unwrap();
+        assert!(matches!(lock_dir(dir.path()), Err(LockError::Held { .. })));
+        drop(again);
+    }
+
+    #[test]
+    fn locking_a_missing_directory_names_the_lock_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let e = lock_dir(&missing).unwrap_err();
+        assert!(e.to_string().contains(&missing.join(LOCK_FILE).display().to_string()), "{e}");
     }
 }

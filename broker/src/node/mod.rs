@@ -47,6 +47,9 @@ pub enum NodeError {
          leader removes the old id after --dead-node-removal-ms"
     )]
     RaftState { dir: String, detail: String },
+    /// Another process (or a node of this one that has not stopped) uses the directory.
+    #[error("--dir: {0}")]
+    DirLocked(eventtermq_storage::durable::LockError),
 }
 
 /// A running node. Dropping it does not stop it: cancel the shutdown token (graceful)
@@ -85,6 +88,9 @@ pub async fn start(
 ) -> Result<NodeHandle, NodeError> {
     std::fs::create_dir_all(&config.dir)
         .map_err(|e| NodeError::Config(format!("--dir: cannot create {}: {e}", config.dir.display())))?;
+    // Before anything in the directory is read or written: two nodes on one directory
+    // would share an id and a Raft log and corrupt both. Held until the node stopped.
+    let dir_lock = eventtermq_storage::durable::lock_dir(&config.dir).map_err(NodeError::DirLocked)?;
     let id = id::load_or_create(&config.dir, config.id)?;
     let peers = Peers::new(network, config.peers.clone());
     let (raft, shared) = start_raft(&config, id, &peers).await?;
@@ -134,8 +140,14 @@ pub async fn start(
     };
     tracing::info!(node_id = id, listen = %config.listen_addr, advertise = %config.advertise_addr, dir = %config.dir.display(), "node started");
 
-    let parts =
-        Parts { cluster: cluster.clone(), membership: membership.clone(), segments: segments.clone(), groups, peers };
+    let parts = Parts {
+        cluster: cluster.clone(),
+        membership: membership.clone(),
+        segments: segments.clone(),
+        groups,
+        peers,
+        dir_lock,
+    };
     let done = tokio::spawn(run_until_stopped(parts, tasks, shutdown, stop.clone()));
     Ok(NodeHandle { id, cluster, segments, membership, stop, done })
 }
@@ -180,6 +192,9 @@ struct Parts {
     segments: Segments,
     groups: Groups,
     peers: Peers,
+    /// Released when the shutdown task ends, after Raft and every task stopped, so a
+    /// node started next on the same directory (a restart in a test) finds it free.
+    dir_lock: eventtermq_storage::durable::DirLock,
 }
 
 /// The node's background tasks.
@@ -227,6 +242,7 @@ async fn run_until_stopped(parts: Parts, tasks: Tasks, shutdown: CancellationTok
     if tokio::time::timeout(SERVER_DRAIN_MAX, tasks.server).await.is_err() {
         server_abort.abort();
     }
+    drop(parts.dir_lock);
     tracing::info!("node stopped");
 }
 

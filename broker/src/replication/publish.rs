@@ -35,6 +35,9 @@ impl Segments {
         let payloads = self.encode_checked(messages)?;
         let deadline = Instant::now() + self.cluster().request_timeout();
         let mut checked_linearizable = false;
+        // An attempt that may have stored the messages: a later refusal must not say
+        // "nothing changed".
+        let mut unknown: Option<RequestError> = None;
         loop {
             let route = match self.route(namespace, topic) {
                 Err(_) if !checked_linearizable => {
@@ -70,8 +73,13 @@ impl Segments {
                 Route::None => Err(not_ready(topic)),
             };
             match attempt {
-                Err(e) if again(&e) && Instant::now() < deadline => tokio::time::sleep(RETRY_PAUSE).await,
-                r => return r,
+                Err(e) if again(&e) && Instant::now() < deadline => {
+                    if e.code.outcome_unknown() {
+                        unknown = Some(e);
+                    }
+                    tokio::time::sleep(RETRY_PAUSE).await
+                }
+                r => return r.map_err(|e| e.after_unknown(unknown.as_ref())),
             }
         }
     }

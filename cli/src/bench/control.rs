@@ -50,7 +50,7 @@ pub(super) async fn control_plane(
             leader_proc = Some(i);
         }
     }
-    let li = leader_proc.ok_or_else(|| CliError::Usage("no leader found".into()))?;
+    let li = leader_proc.ok_or_else(|| CliError::Failed("no leader found".into()))?;
     let survivor = addr(&procs[(li + 1) % 3].host);
     let mut client = admin_client(&survivor)?;
     let killed = procs.remove(li);
@@ -66,7 +66,7 @@ pub(super) async fn control_plane(
             break;
         }
         if t0.elapsed() > WAIT_MAX {
-            return Err(CliError::Usage("no write accepted after killing the leader".into()));
+            return Err(CliError::Failed("no write accepted after killing the leader".into()));
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
@@ -108,7 +108,7 @@ async fn create_topics(addr: &str, namespace: &str, count: usize, concurrency: u
     }
     let mut latencies: Vec<Duration> = Vec::with_capacity(count);
     for t in tasks {
-        let l = t.await.map_err(|e| CliError::Usage(e.to_string()))?.map_err(|s| CliError::from_status(s, addr))?;
+        let l = t.await.map_err(|e| CliError::Failed(e.to_string()))?.map_err(|s| CliError::from_status(s, addr))?;
         latencies.extend(l);
     }
     let elapsed = started.elapsed();

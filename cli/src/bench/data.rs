@@ -14,7 +14,7 @@ use crate::Ctx;
 use crate::{admin_client, messaging_client, CliError};
 
 fn err(e: impl std::fmt::Display) -> CliError {
-    CliError::Usage(e.to_string())
+    CliError::Failed(e.to_string())
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {

@@ -36,12 +36,28 @@ pub async fn run(ctx: &Ctx, cmd: BenchCommand) -> Result<(), CliError> {
                     tmp.clone()
                 }
             };
+            let lock = lock_bench_dir(&dir)?;
             let result = control::control_plane(&hosts, port, &dir, &ctx.namespace, count, concurrency).await;
             let _ = std::fs::remove_dir_all(&dir);
+            drop(lock);
             result
         }
-        BenchCommand::DataPath(args) => data::run(ctx, args).await,
+        BenchCommand::DataPath(args) => {
+            // Without --bench-dir the run makes a directory named after its own PID.
+            let _lock = args.bench_dir.as_deref().map(lock_bench_dir).transpose()?;
+            data::run(ctx, args).await
+        }
     }
+}
+
+/// Makes `dir` this run's own before anything in it is touched: a second run with the
+/// same `--bench-dir` would otherwise start brokers on a running bench's data and
+/// remove the directory under it when done. (The brokers lock their own directories
+/// inside it too.)
+fn lock_bench_dir(dir: &Path) -> Result<eventtermq_storage::durable::DirLock, CliError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| CliError::Failed(format!("--bench-dir: cannot create {}: {e}", dir.display())))?;
+    eventtermq_storage::durable::lock_dir(dir).map_err(|e| CliError::Failed(format!("--bench-dir: {e}")))
 }
 
 pub(super) struct Proc {
@@ -55,11 +71,11 @@ impl Proc {
     pub(super) fn check_running(&mut self) -> Result<(), CliError> {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(CliError::Usage(format!(
+            Ok(Some(status)) => Err(CliError::Failed(format!(
                 "the broker on {} exited ({status}); is another one listening there already?",
                 self.host
             ))),
-            Err(e) => Err(CliError::Usage(format!("broker on {}: {e}", self.host))),
+            Err(e) => Err(CliError::Failed(format!("broker on {}: {e}", self.host))),
         }
     }
 }
@@ -72,7 +88,7 @@ impl Drop for Proc {
 }
 
 pub(super) fn spawn(host: &str, port: u16, dir: &Path, join: Option<&str>, extra: &[String]) -> Result<Proc, CliError> {
-    let exe = std::env::current_exe().map_err(|e| CliError::Usage(e.to_string()))?;
+    let exe = std::env::current_exe().map_err(|e| CliError::Failed(e.to_string()))?;
     let mut cmd = Command::new(exe);
     cmd.args(["--dir", &dir.to_string_lossy(), "--host", host, "--advertise-host", host, "--port", &port.to_string()])
         .stdout(Stdio::null())
@@ -86,7 +102,7 @@ pub(super) fn spawn(host: &str, port: u16, dir: &Path, join: Option<&str>, extra
         cmd.args(["--join", j]);
     }
     cmd.args(extra);
-    let child = cmd.spawn().map_err(|e| CliError::Usage(format!("cannot start broker: {e}")))?;
+    let child = cmd.spawn().map_err(|e| CliError::Failed(format!("cannot start broker: {e}")))?;
     Ok(Proc { child, host: host.to_string() })
 }
 
@@ -107,7 +123,7 @@ pub(super) async fn wait_alive(addr: &str, n: usize) -> Result<Duration, CliErro
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
-    Err(CliError::Usage(format!("{addr}: {n} ALIVE nodes not reached within {WAIT_MAX:?}")))
+    Err(CliError::Failed(format!("{addr}: {n} ALIVE nodes not reached within {WAIT_MAX:?}")))
 }
 
 pub(super) fn rss_kib(pid: u32) -> u64 {
