@@ -228,14 +228,27 @@ impl Admin<'_> {
     async fn list_topics(&mut self) -> Result<(), CliError> {
         let r = self.client.list_topics(pb::ListTopicsRequest { namespace: self.namespace(), stale: false }).await;
         let r = self.answer(r)?;
-        match self.ctx.output {
-            Output::Text => r.topics.iter().for_each(|t| println!("{}", render::topic_line(t))),
-            Output::Json => println!(
-                "{}",
-                serde_json::json!({"topics": r.topics.iter().map(render::topic_json).collect::<Vec<_>>(), "index": r.index})
-            ),
-        }
+        self.print_listed(
+            "topics",
+            r.topics.iter().map(render::topic_line),
+            r.topics.iter().map(render::topic_json),
+            r.index,
+        );
         Ok(())
+    }
+
+    /// A listing: one line per item as text, or `{"<key>": [items], "index": N}`.
+    fn print_listed(
+        &self,
+        key: &str,
+        lines: impl Iterator<Item = String>,
+        items: impl Iterator<Item = serde_json::Value>,
+        index: u64,
+    ) {
+        match self.ctx.output {
+            Output::Text => lines.for_each(|l| println!("{l}")),
+            Output::Json => println!("{}", serde_json::json!({key: items.collect::<Vec<_>>(), "index": index})),
+        }
     }
 
     async fn create_consumer_group(&mut self, group: pb::ConsumerGroup) -> Result<(), CliError> {
@@ -254,13 +267,10 @@ impl Admin<'_> {
         let req = pb::ListConsumerGroupsRequest { namespace: self.namespace(), stale: false };
         let r = self.client.list_consumer_groups(req).await;
         let r = self.answer(r)?;
-        match self.ctx.output {
-            Output::Text => r.consumer_groups.iter().for_each(|g| println!("{}", render::consumer_group_line(g))),
-            Output::Json => println!(
-                "{}",
-                serde_json::json!({"consumer_groups": r.consumer_groups.iter().map(render::consumer_group_json).collect::<Vec<_>>(), "index": r.index})
-            ),
-        }
+        let groups = &r.consumer_groups;
+        let (lines, items) =
+            (groups.iter().map(render::consumer_group_line), groups.iter().map(render::consumer_group_json));
+        self.print_listed("consumer_groups", lines, items, r.index);
         Ok(())
     }
 }
