@@ -64,6 +64,9 @@ pub struct DataSettings {
     pub rereplicate_after_ms: u64,
     /// How long a consumer group waits for new records before it asks again.
     pub read_wait_ms: u64,
+    /// Free space the data directory's filesystem keeps: below it the node takes no
+    /// segment data (publishes are refused with `DiskFull`), so Raft keeps its room.
+    pub disk_watermark: crate::disk::Watermark,
 }
 
 impl Default for DataSettings {
@@ -77,6 +80,7 @@ impl Default for DataSettings {
             offsets_commit_interval_ms: 1000,
             rereplicate_after_ms: 60_000,
             read_wait_ms: 500,
+            disk_watermark: crate::disk::Watermark::default(),
         }
     }
 }

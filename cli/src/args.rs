@@ -117,6 +117,15 @@ pub struct BrokerArgs {
     /// Replace a closed segment's copy on a node DEAD this long with a copy on a live node.
     #[arg(long, default_value_t = DataSettings::default().rereplicate_after_ms)]
     pub rereplicate_after_ms: u64,
+    /// Free space the filesystem of --dir keeps: below it the node refuses publishes and
+    /// replicated records (ResourceExhausted) before a write could fail, so the cluster
+    /// state keeps room to work. Back above at 25 % (at least 4 MiB) more.
+    #[arg(long, default_value_t = DataSettings::default().disk_watermark.free_min_bytes)]
+    pub disk_free_min_bytes: u64,
+    /// The same as a percentage of the filesystem's size (0-100; 0: off); the larger of
+    /// the two counts.
+    #[arg(long, default_value_t = DataSettings::default().disk_watermark.free_min_percent)]
+    pub disk_free_min_percent: u8,
     /// Threads that run the broker's tasks (0: one per CPU). Blocking file work (fsync,
     /// reads) runs on a separate pool. Fewer threads mean fewer cross-thread wake-ups
     /// per request, which matters where they are costly (virtual machines, several

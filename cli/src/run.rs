@@ -64,8 +64,15 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
         write_queue_max_bytes: args.write_queue_max_bytes,
         offsets_commit_interval_ms: args.offsets_commit_interval_ms,
         rereplicate_after_ms: args.rereplicate_after_ms,
+        disk_watermark: eventtermq_broker::disk::Watermark {
+            free_min_bytes: args.disk_free_min_bytes,
+            free_min_percent: args.disk_free_min_percent,
+        },
         ..config.data
     };
+    if args.disk_free_min_percent > 100 {
+        return Err(format!("--disk-free-min-percent: {} is out of range (0-100)", args.disk_free_min_percent));
+    }
     config.raft.to_openraft().map_err(|e| format!("raft timing flags: {e}"))?;
     Ok(config)
 }

@@ -109,7 +109,11 @@ pub async fn start(
     let cluster =
         Cluster::new(id, raft.clone(), shared, peers.clone(), Duration::from_millis(config.request_timeout_ms));
     let store = open_segment_store(&config)?;
-    let segments = Segments::new(store, cluster.clone(), peers.clone(), config.clock.clone(), config.data.clone());
+    let disk = crate::disk::Disk::open(id, &config.dir, config.data.disk_watermark).map_err(|e| {
+        NodeError::Config(format!("--dir: cannot read the free space of {}: {e}", config.dir.display()))
+    })?;
+    let segments =
+        Segments::new(store, cluster.clone(), peers.clone(), config.clock.clone(), config.data.clone(), disk.clone());
     let groups = Groups::new(segments.clone());
 
     let services = Services {
@@ -137,6 +141,7 @@ pub async fn start(
             stop.clone(),
         )),
         reconciler: tokio::spawn(reconcile::run(config.clone(), cluster.clone(), membership.clone(), stop.clone())),
+        disk_watch: tokio::spawn(crate::disk::watch(disk, cluster.clone(), stop.clone())),
     };
     tracing::info!(node_id = id, listen = %config.listen_addr, advertise = %config.advertise_addr, dir = %config.dir.display(), "node started");
 
@@ -205,6 +210,7 @@ struct Tasks {
     group_runner: JoinHandle<()>,
     bootstrap: JoinHandle<()>,
     reconciler: JoinHandle<()>,
+    disk_watch: JoinHandle<()>,
 }
 
 /// Waits for `shutdown` (graceful: groups commit, primaries close their segments,
@@ -237,6 +243,7 @@ async fn run_until_stopped(parts: Parts, tasks: Tasks, shutdown: CancellationTok
     tasks.reconciler.abort();
     tasks.keeper.abort();
     tasks.placement.abort();
+    tasks.disk_watch.abort();
     // The server drains in-flight calls, but not for longer than this.
     let server_abort = tasks.server.abort_handle();
     if tokio::time::timeout(SERVER_DRAIN_MAX, tasks.server).await.is_err() {
