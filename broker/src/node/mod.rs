@@ -123,26 +123,7 @@ pub async fn start(
         groups: groups.clone(),
         peers: peers.clone(),
     };
-    let tasks = Tasks {
-        server: crate::api::serve(services, listeners.incoming, stop.clone()),
-        keeper: tokio::spawn(crate::replication::keeper::run(segments.clone(), stop.clone())),
-        placement: tokio::spawn(crate::replication::placement::run(
-            segments.clone(),
-            membership.clone(),
-            Duration::from_millis(config.reconcile_interval_ms),
-            stop.clone(),
-        )),
-        group_runner: tokio::spawn(groups.clone().run(stop.clone())),
-        bootstrap: tokio::spawn(bootstrap(
-            config.clone(),
-            cluster.clone(),
-            membership.clone(),
-            peers.clone(),
-            stop.clone(),
-        )),
-        reconciler: tokio::spawn(reconcile::run(config.clone(), cluster.clone(), membership.clone(), stop.clone())),
-        disk_watch: tokio::spawn(crate::disk::watch(disk, cluster.clone(), stop.clone())),
-    };
+    let tasks = Tasks::spawn(&config, services, listeners.incoming, disk, &stop);
     tracing::info!(node_id = id, listen = %config.listen_addr, advertise = %config.advertise_addr, dir = %config.dir.display(), "node started");
 
     let parts = Parts {
@@ -211,6 +192,40 @@ struct Tasks {
     bootstrap: JoinHandle<()>,
     reconciler: JoinHandle<()>,
     disk_watch: JoinHandle<()>,
+}
+
+impl Tasks {
+    /// Starts the gRPC server and every loop of the node; all stop on `stop`.
+    fn spawn(
+        config: &NodeConfig,
+        services: Services,
+        incoming: std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<crate::transport::Conn>> + Send>>,
+        disk: crate::disk::Disk,
+        stop: &CancellationToken,
+    ) -> Tasks {
+        let Services { cluster, membership, segments, groups, peers } = &services;
+        let reconcile_interval = Duration::from_millis(config.reconcile_interval_ms);
+        Tasks {
+            keeper: tokio::spawn(crate::replication::keeper::run(segments.clone(), stop.clone())),
+            placement: tokio::spawn(crate::replication::placement::run(
+                segments.clone(),
+                membership.clone(),
+                reconcile_interval,
+                stop.clone(),
+            )),
+            group_runner: tokio::spawn(groups.clone().run(stop.clone())),
+            bootstrap: tokio::spawn(bootstrap(
+                config.clone(),
+                cluster.clone(),
+                membership.clone(),
+                peers.clone(),
+                stop.clone(),
+            )),
+            reconciler: tokio::spawn(reconcile::run(config.clone(), cluster.clone(), membership.clone(), stop.clone())),
+            disk_watch: tokio::spawn(crate::disk::watch(disk, cluster.clone(), stop.clone())),
+            server: crate::api::serve(services, incoming, stop.clone()),
+        }
+    }
 }
 
 /// Waits for `shutdown` (graceful: groups commit, primaries close their segments,
