@@ -51,20 +51,20 @@ const PURGED_FILE: &str = "purged";
 
 fn write_meta<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Result<()> {
     let payload = serde_json::to_vec(value).map_err(io::Error::other)?;
-    Ok(durable::write_record_file(&dir.join(name), &payload)?)
+    Ok(durable::write_record_file(&eventtermq_storage::fs::RealFs, &dir.join(name), &payload)?)
 }
 
 /// Like [`write_meta`] but without fsync: for hints whose loss is harmless.
 fn write_meta_nosync<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Result<()> {
     let payload = serde_json::to_vec(value).map_err(io::Error::other)?;
-    Ok(durable::write_record_file_unsynced(&dir.join(name), &payload)?)
+    Ok(durable::write_record_file_unsynced(&eventtermq_storage::fs::RealFs, &dir.join(name), &payload)?)
 }
 
 /// Reads a file written by [`write_meta`]; a missing file is `None`. These files are
 /// replaced atomically, so any damage is real corruption and an error.
 fn read_meta<T: DeserializeOwned>(dir: &Path, name: &str) -> Result<Option<T>, String> {
     let path = dir.join(name);
-    let bytes = match durable::read_replaced_file(&path) {
+    let bytes = match durable::read_replaced_file(&eventtermq_storage::fs::RealFs, &path) {
         Ok(Some(b)) => b,
         Ok(None) => return Ok(None),
         Err(e) => return Err(format!("reading {}: {e}", path.display())),
@@ -183,7 +183,7 @@ fn load_log(dir: &Path, purged: Option<u64>) -> Result<(LogFile, BTreeMap<u64, E
     let mut offsets = BTreeMap::new();
     let mut entries = BTreeMap::new();
     let mut prev: Option<u64> = None;
-    let (log, cut) = AppendLog::open(&dir.join(LOG_FILE), |pos, payload| {
+    let (log, cut) = AppendLog::open(eventtermq_storage::fs::RealFs::shared(), &dir.join(LOG_FILE), |pos, payload| {
         let entry: Entry = serde_json::from_slice(payload).map_err(|e| format!("undecodable entry: {e}"))?;
         let index = entry.log_id.index;
         if let Some(p) = prev {
@@ -243,7 +243,7 @@ impl LogStore {
     #[allow(clippy::result_large_err)] // openraft's error type
     fn open_blocking(dir: PathBuf) -> Result<LogStore, StorageError> {
         let read_err = |e: FileError| io_err(ErrorSubject::Store, ErrorVerb::Read, &e);
-        durable::create_dir_durable(&dir).map_err(read_err)?;
+        durable::create_dir_durable(&eventtermq_storage::fs::RealFs, &dir).map_err(read_err)?;
         // Reading the meta files and opening the log fsync the directory, so a rename or
         // creation that a crash left in the page cache only is durable before it counts.
         let vote: Option<Vote<NodeId>> = read_meta::<Option<Vote<NodeId>>>(&dir, VOTE_FILE)

@@ -141,7 +141,7 @@ pub fn decode_snapshot_file(bytes: &[u8]) -> Result<&[u8], String> {
 #[allow(clippy::result_large_err)] // openraft's error type
 fn load_snapshot(dir: &Path) -> Result<Option<(StoredSnapshot, ClusterState)>, StorageError> {
     let path = dir.join(SNAPSHOT_FILE);
-    let bytes = match durable::read_replaced_file(&path) {
+    let bytes = match durable::read_replaced_file(&eventtermq_storage::fs::RealFs, &path) {
         Ok(Some(b)) => b,
         Ok(None) => return Ok(None),
         Err(e) => return Err(snapshot_err(None, ErrorVerb::Read, format!("reading {}: {e}", path.display()))),
@@ -171,7 +171,7 @@ impl StateMachineStore {
     pub async fn open(dir: &Path) -> Result<(StateMachineStore, SharedState), StorageError> {
         let dir = dir.to_path_buf();
         let (dir, loaded) = tokio::task::spawn_blocking(move || {
-            durable::create_dir_durable(&dir)
+            durable::create_dir_durable(&eventtermq_storage::fs::RealFs, &dir)
                 .map_err(|e| snapshot_err(None, ErrorVerb::Read, format!("creating {}: {e}", dir.display())))?;
             // A replace cut short by a crash: its content never counted.
             let _ = fs::remove_file(durable::tmp_path(&dir.join(SNAPSHOT_FILE)));
@@ -218,7 +218,11 @@ impl StateMachineStore {
     async fn persist(&self, meta: &Meta, data: Arc<Vec<u8>>) -> Result<(), StorageError> {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
-            durable::replace_file(&dir.join(SNAPSHOT_FILE), &encode_snapshot_file(&data))
+            durable::replace_file(
+                &eventtermq_storage::fs::RealFs,
+                &dir.join(SNAPSHOT_FILE),
+                &encode_snapshot_file(&data),
+            )
         })
         .await
         .map_err(io::Error::other)

@@ -46,14 +46,15 @@ fn parse_legacy(bytes: &[u8]) -> Option<u64> {
 
 /// Writes the id file (a record file: tmp, fsync, rename, fsync of the directory).
 fn store(path: &Path, id: u64) -> Result<(), NodeError> {
-    durable::write_record_file(path, id.to_string().as_bytes()).map_err(|e| NodeError::Storage(e.to_string()))
+    durable::write_record_file(&eventtermq_storage::fs::RealFs, path, id.to_string().as_bytes())
+        .map_err(|e| NodeError::Storage(e.to_string()))
 }
 
 /// The id persisted in `dir`, or a new one (`requested`, else random) persisted now.
 /// `requested` must match a persisted id.
 pub fn load_or_create(dir: &Path, requested: Option<u64>) -> Result<u64, NodeError> {
     let path = dir.join(ID_FILE);
-    let bytes = match durable::read_replaced_file(&path) {
+    let bytes = match durable::read_replaced_file(&eventtermq_storage::fs::RealFs, &path) {
         Ok(Some(bytes)) => bytes,
         Ok(None) => return create(&path, requested),
         Err(e) => return Err(NodeError::Storage(e.to_string())),

@@ -90,7 +90,8 @@ pub async fn start(
         .map_err(|e| NodeError::Config(format!("--dir: cannot create {}: {e}", config.dir.display())))?;
     // Before anything in the directory is read or written: two nodes on one directory
     // would share an id and a Raft log and corrupt both. Held until the node stopped.
-    let dir_lock = eventtermq_storage::durable::lock_dir(&config.dir).map_err(NodeError::DirLocked)?;
+    let dir_lock = eventtermq_storage::durable::lock_dir(&eventtermq_storage::fs::RealFs, &config.dir)
+        .map_err(NodeError::DirLocked)?;
     let id = id::load_or_create(&config.dir, config.id)?;
     let peers = Peers::new(network, config.peers.clone());
     let (raft, shared) = start_raft(&config, id, &peers).await?;
