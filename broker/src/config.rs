@@ -1,6 +1,9 @@
 //! Node configuration: every limit and timeout has a name ending in its unit.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use eventtermq_storage::fs::{Fs, RealFs};
 
 use crate::clock::Clock;
 use crate::membership::MembershipConfig;
@@ -39,6 +42,10 @@ pub struct NodeConfig {
     pub data: DataSettings,
     /// Where wall-clock timestamps come from (the system's; a manual one in tests).
     pub clock: Clock,
+    /// The filesystem `dir` is on: the operating system's; a simulated disk in the
+    /// simulation (`eventtermq_storage::sim::SimFs`). Every file of the node goes
+    /// through it (segments, the Raft log and snapshot, the node id, the lock).
+    pub fs: Arc<dyn Fs>,
 }
 
 /// Limits of the data path (segments, replication, consumer groups).
@@ -161,6 +168,7 @@ impl NodeConfig {
             reconcile_interval_ms: 200,
             data: DataSettings::default(),
             clock: Clock::default(),
+            fs: RealFs::shared(),
         }
     }
 }

@@ -448,7 +448,7 @@ async fn report_done(segments: &Segments, id: SegmentId, info: &SegmentInfo) -> 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, eventtermq_storage::StorageError> + Send + 'static,
 ) -> Result<T, RequestError> {
-    tokio::task::spawn_blocking(f)
+    crate::clock::spawn_blocking(f)
         .await
         .map_err(|e| RequestError::new(ErrorCode::Internal, format!("blocking task: {e}")))?
         .map_err(super::storage_error)

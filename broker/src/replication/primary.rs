@@ -204,7 +204,7 @@ impl Fsync {
     fn start_if_idle(&mut self) {
         if self.running.is_none() {
             let s = self.syncer.clone();
-            self.running = Some(tokio::task::spawn_blocking(move || s.sync()));
+            self.running = Some(crate::clock::spawn_blocking(move || s.sync()));
         }
     }
 

@@ -148,7 +148,7 @@ async fn sync_here(syncer: &Syncer) -> Result<u64, RequestError> {
         return tokio::task::block_in_place(|| syncer.sync()).map_err(storage_error);
     }
     let s = syncer.clone();
-    tokio::task::spawn_blocking(move || s.sync())
+    crate::clock::spawn_blocking(move || s.sync())
         .await
         .map_err(|e| RequestError::new(ErrorCode::Internal, format!("fsync task: {e}")))?
         .map_err(storage_error)
@@ -194,7 +194,7 @@ pub async fn status(segments: &Segments, id: SegmentId, freeze: bool) -> Result<
     }
     let writer = lock(&segments.inner.writers).get(&id).cloned();
     if let Some(w) = writer {
-        let s = tokio::task::spawn_blocking(move || {
+        let s = crate::clock::spawn_blocking(move || {
             let mut w = lock(&w);
             w.sync().map(|next| (next, w.size_bytes()))
         })
