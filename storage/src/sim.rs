@@ -326,11 +326,17 @@ impl State {
         Ok(())
     }
 
-    /// Frees files that no name (on the disk or in the process's view) and no open
-    /// file refers to any more.
+    /// Frees files that no name (on the disk, in the process's view, or in a directory
+    /// operation a power loss may still make durable) and no open file refers to any
+    /// more. Without the pending operations, a file created and renamed away before
+    /// its directory was synced came back at a power loss as a name without a file.
     fn collect_garbage(&mut self) {
         let mut referenced: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
-        for node in self.live.values().chain(self.durable.values()) {
+        let pending = self.pending_dir_ops.iter().filter_map(|op| match &op.kind {
+            DirOpKind::Create { node, .. } => Some(node),
+            _ => None,
+        });
+        for node in self.live.values().chain(self.durable.values()).chain(pending) {
             if let Node::File(ino) = node {
                 referenced.insert(*ino);
             }

@@ -87,7 +87,10 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<NodeHandle, NodeError> {
     let fs = &*config.fs;
-    fs.create_dir_all(&config.dir)
+    // Durably (each new level's entry fsynced in its parent): otherwise a power loss
+    // soon after the first start could take the whole directory, Raft log and vote
+    // included, with it (found by the simulation, broker/tests/simulation.rs).
+    eventtermq_storage::durable::create_dir_durable(fs, &config.dir)
         .map_err(|e| NodeError::Config(format!("--dir: cannot create {}: {e}", config.dir.display())))?;
     // Before anything in the directory is read or written: two nodes on one directory
     // would share an id and a Raft log and corrupt both. Held until the node stopped.
@@ -262,6 +265,10 @@ async fn run_until_stopped(parts: Parts, tasks: Tasks, shutdown: CancellationTok
         }
         _ = stop.cancelled() => {}
     }
+    // Whatever of the data path still runs (all of it after a kill) ends here, before
+    // Raft, as at a process's death.
+    tasks.group_runner.abort();
+    parts.segments.stop_tasks();
     let _ = parts.cluster.raft.shutdown().await;
     // The background loops may sit in a request that can no longer succeed (Raft is
     // down): stop them rather than wait out their timeouts.

@@ -60,7 +60,7 @@ pub struct PrimaryHandle {
     /// keeper sets it, and publishes are refused meanwhile rather than left waiting.
     quorum_disk_low: Arc<AtomicBool>,
     stop: CancellationToken,
-    task: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
+    task: Arc<tokio::sync::Mutex<Option<JoinHandle<Option<()>>>>>,
 }
 
 /// Unit of the write-queue semaphore.
@@ -145,7 +145,7 @@ pub fn start(
     let rotate = CancellationToken::new();
     let queue = Arc::new(Semaphore::new(queue_units as usize));
     let quorum_disk_low = Arc::new(AtomicBool::new(false));
-    let task = tokio::spawn(run(Task {
+    let task = segments.spawn(run(Task {
         segments: segments.clone(),
         id,
         writer,
@@ -240,7 +240,7 @@ async fn run(mut t: Task) {
     let streams = t.stop.child_token();
     for node in t.replicas.iter().copied().filter(|n| *n != me) {
         let stream = ReplicaStream { segments: t.segments.clone(), id, node, reader: t.reader.clone() };
-        tokio::spawn(stream.run(written_rx.clone(), ack_tx.clone(), streams.clone()));
+        t.segments.spawn(stream.run(written_rx.clone(), ack_tx.clone(), streams.clone()));
     }
     let mut fsync = Fsync { syncer, running: None, disk: t.segments.disk().clone() };
     let mut rotating = false;
@@ -391,7 +391,7 @@ impl Task {
             // where the segment ends.
             tracing::error!(segment_id = id, error = %e, "primary failed; failing the segment over");
             let segments = self.segments.clone();
-            tokio::spawn(async move {
+            segments.clone().spawn(async move {
                 // Out of space: say so before the close, or the leader's next pass may
                 // open the successor right here again.
                 crate::disk::report(segments.disk(), segments.cluster()).await;

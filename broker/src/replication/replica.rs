@@ -50,8 +50,8 @@ pub async fn handle_replicate(
     let durable = sync_here(&syncer).await?;
     let (out_tx, out_rx) = mpsc::channel(ANSWER_QUEUE_MAX);
     let _ = out_tx.send(Ok(ReplicateResponse { durable_offset: durable })).await;
-    let stream = ReplicaStream { segments, id, writer, syncer, inbound, out: out_tx };
-    tokio::spawn(stream.run());
+    let stream = ReplicaStream { segments: segments.clone(), id, writer, syncer, inbound, out: out_tx };
+    segments.spawn(stream.run());
     Ok(out_rx)
 }
 
