@@ -10,9 +10,27 @@ use common::*;
 
 #[test]
 fn a_damaged_vote_stops_the_node_and_rejoining_with_a_fresh_dir_brings_it_back() {
-    let tmp = test_dir("recovery_vote");
-    let hosts = ["127.0.0.101", "127.0.0.102", "127.0.0.103"];
-    let port = 26840;
+    // One bit of the vote, the file's last byte (its record's payload).
+    damaged_raft_file_way_back("recovery_vote", ["127.0.0.101", "127.0.0.102", "127.0.0.103"], 26840, "vote", |b| {
+        b.len() - 1
+    });
+}
+
+#[test]
+fn a_raft_log_damaged_before_its_end_stops_the_node_and_the_same_way_back_works() {
+    // One bit in the middle of the log: synced entries follow it, so it is damage,
+    // not a torn write, and cutting the log there would forget acknowledged entries.
+    damaged_raft_file_way_back("recovery_log", ["127.0.0.104", "127.0.0.105", "127.0.0.106"], 26850, "log", |b| {
+        b.len() / 2
+    });
+}
+
+/// Stops node 2 of a three-node cluster, flips one bit of `raft/log/<file>` at the
+/// byte `at` chooses, checks that the node refuses to start naming the file and the way
+/// back, then walks that way back: a fresh directory with `--join`, after which the
+/// node is a new member and every message is readable through it.
+fn damaged_raft_file_way_back(name: &str, hosts: [&str; 3], port: u16, file: &str, at: fn(&[u8]) -> usize) {
+    let tmp = test_dir(name);
     let mut nodes = three_nodes(&tmp, hosts, port);
     eventually(Duration::from_secs(30), "3 ALIVE nodes", || alive_count(&stdout(&cli(hosts[0], port, &["dump"]))) == 3);
     let o = cli(hosts[0], port, &["create-topic", "t"]);
@@ -22,22 +40,23 @@ fn a_damaged_vote_stops_the_node_and_rejoining_with_a_fresh_dir_brings_it_back()
     let o = cli(hosts[1], port, &["publish", "t", "m-{n}", "--count", "50"]);
     assert!(o.status.success(), "{}", stderr(&o));
 
-    // Node 2 stops; one bit of its Raft vote file flips.
+    // Node 2 stops; one bit of the file flips.
     assert!(nodes[2].terminate().success());
-    let vote = nodes[2].dir.join("raft/log/vote");
-    let mut bytes = std::fs::read(&vote).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0x01;
-    std::fs::write(&vote, &bytes).unwrap();
+    let path = nodes[2].dir.join("raft/log").join(file);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let i = at(&bytes);
+    bytes[i] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
 
     let out = std::process::Command::new(BIN)
         .args(["--dir", nodes[2].dir.to_str().unwrap(), "--host", hosts[2], "--advertise-host", hosts[2]])
         .args(["--port", &port.to_string(), "--join", &format!("{}:{port}", hosts[0])])
         .output()
         .unwrap();
-    assert!(!out.status.success(), "started on a damaged vote");
+    assert!(!out.status.success(), "started on a damaged {file}");
     let err = stderr(&out);
-    assert!(err.contains("raft/log/vote") && err.contains("Way back"), "{err}");
+    assert!(err.contains(&format!("raft/log/{file}")) && err.contains("Way back"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "the damaged file is left for an operator");
 
     // The way back the error gives: move the directory aside, start again with --join.
     std::fs::rename(&nodes[2].dir, tmp.join("n2-damaged")).unwrap();
