@@ -631,8 +631,13 @@ async fn a_group_reads_past_a_damaged_sealed_copy_and_the_copy_is_fetched_again(
     let expected = local_records(&nodes[healthy], seg_id);
     let damaged_offset = expected.len() as u64 / 2;
     let damaged = damage_record(&segment_file(dir.path(), &nodes[target], seg_id), damaged_offset);
-    let err = nodes[target].handle.segments.store().reader(seg_id).unwrap().read(0, u64::MAX, usize::MAX).unwrap_err();
+    // The records before the damage are still served; the damaged one is not.
+    let reader = nodes[target].handle.segments.store().reader(seg_id).unwrap();
+    let before = reader.read(0, u64::MAX, usize::MAX).unwrap();
+    assert_eq!(before, expected[..damaged_offset as usize], "the records before the damage");
+    let err = reader.read(damaged_offset, u64::MAX, usize::MAX).unwrap_err();
     assert!(matches!(err, eventtermq_storage::StorageError::Corrupt { .. }), "the damage is detected: {err}");
+    drop(reader);
 
     let binding = BindingSpec::fanout("t");
     let spec = ConsumerGroupSpec { bindings: vec![binding], size: 1000, since_unix_ms: 0 };
