@@ -64,6 +64,13 @@ pub struct DataSettings {
     pub rereplicate_after_ms: u64,
     /// How long a consumer group waits for new records before it asks again.
     pub read_wait_ms: u64,
+    /// Exactly-once publishing: how long a primary remembers a keyed publish (producer
+    /// id and sequence), so that a repeat is answered as the first attempt was instead
+    /// of being stored again (0: keys are ignored). Clients must retry within it.
+    pub dedupe_window_ms: u64,
+    /// ... and at most this many keyed publishes per shard, the newest (memory: about
+    /// 100 bytes each).
+    pub dedupe_window_entries_max: usize,
 }
 
 impl Default for DataSettings {
@@ -77,6 +84,8 @@ impl Default for DataSettings {
             offsets_commit_interval_ms: 1000,
             rereplicate_after_ms: 60_000,
             read_wait_ms: 500,
+            dedupe_window_ms: eventtermq_api::defaults::DEDUPE_WINDOW_MS,
+            dedupe_window_entries_max: 100_000,
         }
     }
 }

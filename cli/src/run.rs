@@ -64,6 +64,8 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
         write_queue_max_bytes: args.write_queue_max_bytes,
         offsets_commit_interval_ms: args.offsets_commit_interval_ms,
         rereplicate_after_ms: args.rereplicate_after_ms,
+        dedupe_window_ms: args.dedupe_window_ms,
+        dedupe_window_entries_max: args.dedupe_window_entries_max,
         ..config.data
     };
     config.raft.to_openraft().map_err(|e| format!("raft timing flags: {e}"))?;
