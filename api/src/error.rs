@@ -2,14 +2,17 @@
 //! `eventter-error-code` gRPC metadata entry of every error a broker answers and never
 //! change meaning once released. Ranges: 1xxx invalid argument, 2xxx not found, 3xxx
 //! already exists, 4xxx failed precondition (nothing was changed), 5xxx unavailable
-//! (worth retrying; 5002 `Timeout` means the outcome is unknown), 9xxx internal.
+//! (worth retrying; 5002 `Timeout` means the outcome is unknown), 6xxx resource
+//! exhausted (gRPC `RESOURCE_EXHAUSTED`: nothing was written; retry once an operator
+//! or retention freed the resource, not at once), 9xxx internal.
 //! [`ErrorCode::outcome_unknown`] says which codes leave a request's outcome unknown
 //! (the CLI exits 3 on those, 1 on the others).
 
 use serde::{Deserialize, Serialize};
 
 /// Stable numeric error codes. Ranges: 1xxx invalid argument, 2xxx not found,
-/// 3xxx already exists, 4xxx failed precondition, 5xxx unavailable, 9xxx internal.
+/// 3xxx already exists, 4xxx failed precondition, 5xxx unavailable, 6xxx resource
+/// exhausted, 9xxx internal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[repr(u32)]
 pub enum ErrorCode {
@@ -55,6 +58,10 @@ pub enum ErrorCode {
     NotEnoughReplicas = 5004,
     /// Another node the request needed could not be reached; nothing was done there.
     PeerUnreachable = 5005,
+    /// A node that would store the data has less free disk space than its watermark
+    /// (`--disk-free-min-bytes`): refused before any write could fail. Nothing was
+    /// written.
+    DiskFull = 6001,
     Internal = 9001,
     /// This node's copy of a segment failed its checksum; it is not served. Read
     /// another copy.
@@ -63,7 +70,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for decoding.
-    const ALL: [ErrorCode; 34] = [
+    const ALL: [ErrorCode; 35] = [
         ErrorCode::InvalidName,
         ErrorCode::InvalidShards,
         ErrorCode::InvalidReplicationFactor,
@@ -96,6 +103,7 @@ impl ErrorCode {
         ErrorCode::NotReady,
         ErrorCode::NotEnoughReplicas,
         ErrorCode::PeerUnreachable,
+        ErrorCode::DiskFull,
         ErrorCode::Internal,
         ErrorCode::CorruptCopy,
     ];
@@ -137,6 +145,7 @@ impl ErrorCode {
             3 => tonic::Code::AlreadyExists,
             4 => tonic::Code::FailedPrecondition,
             5 => tonic::Code::Unavailable,
+            6 => tonic::Code::ResourceExhausted,
             _ => tonic::Code::Internal,
         }
     }
@@ -168,5 +177,14 @@ mod tests {
         assert!(!ErrorCode::number_outcome_unknown(5005));
         assert!(ErrorCode::number_outcome_unknown(9999));
         assert!(!ErrorCode::number_outcome_unknown(5999));
+        assert!(!ErrorCode::number_outcome_unknown(6001), "a refused write wrote nothing");
+        assert!(!ErrorCode::number_outcome_unknown(6999));
+    }
+
+    #[test]
+    fn each_range_maps_to_its_grpc_code() {
+        assert_eq!(ErrorCode::NotReady.grpc_code(), tonic::Code::Unavailable);
+        assert_eq!(ErrorCode::DiskFull.grpc_code(), tonic::Code::ResourceExhausted);
+        assert_eq!(ErrorCode::Internal.grpc_code(), tonic::Code::Internal);
     }
 }

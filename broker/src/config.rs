@@ -71,6 +71,9 @@ pub struct DataSettings {
     /// ... and at most this many keyed publishes per shard, the newest (memory: about
     /// 100 bytes each).
     pub dedupe_window_entries_max: usize,
+    /// Free space the data directory's filesystem keeps: below it the node takes no
+    /// segment data (publishes are refused with `DiskFull`), so Raft keeps its room.
+    pub disk_watermark: crate::disk::Watermark,
 }
 
 impl Default for DataSettings {
@@ -86,6 +89,7 @@ impl Default for DataSettings {
             read_wait_ms: 500,
             dedupe_window_ms: eventtermq_api::defaults::DEDUPE_WINDOW_MS,
             dedupe_window_entries_max: 100_000,
+            disk_watermark: crate::disk::Watermark::default(),
         }
     }
 }

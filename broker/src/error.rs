@@ -3,8 +3,9 @@
 //! A [`RequestError`] is what a request gets back when it does not succeed: the
 //! client's problem (bad input, missing resource, wrong state, 1xxx-4xxx: nothing was
 //! changed), a cluster condition worth retrying (no leader, no segment open yet, too
-//! few nodes, a peer unreachable, 5xxx), an outcome the node cannot know (`Timeout`:
-//! the request may still take effect), or a failure of this node's own disk or task
+//! few nodes, a peer unreachable, 5xxx), a resource that ran out (a disk below its
+//! free-space watermark, 6xxx: nothing was written), an outcome the node cannot know
+//! (`Timeout`: the request may still take effect), or a failure of this node's own disk or task
 //! (9xxx). The Raft state machine's fatal conditions are `StorageError`s inside
 //! openraft instead, and stop Raft on this node.
 //!

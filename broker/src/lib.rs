@@ -5,7 +5,8 @@
 //! [`error`], [`clock`], [`transport`] (sockets or an in-memory network) ->
 //! [`cluster_state`] (the Raft-replicated state: model, commands, storage) ->
 //! [`peers`] (the one door to other nodes) -> [`membership`] (SWIM gossip) and
-//! [`cluster`] (the door to the cluster state: write, read) -> [`replication`]
+//! [`cluster`] (the door to the cluster state: write, read) -> [`disk`] (the data
+//! directory's free-space watermark) -> [`replication`]
 //! (segments on `eventtermq_storage`, publish routing, primaries and replicas) ->
 //! [`consumer_groups`] (reading, matching, delivery) -> [`api`] (the gRPC services) ->
 //! [`node`] (wiring, bootstrap, the leader's membership duties).
@@ -16,6 +17,7 @@ pub mod cluster;
 pub mod cluster_state;
 pub mod config;
 pub mod consumer_groups;
+pub mod disk;
 pub mod error;
 pub mod membership;
 pub mod node;

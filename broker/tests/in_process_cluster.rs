@@ -631,8 +631,13 @@ async fn a_group_reads_past_a_damaged_sealed_copy_and_the_copy_is_fetched_again(
     let expected = local_records(&nodes[healthy], seg_id);
     let damaged_offset = expected.len() as u64 / 2;
     let damaged = damage_record(&segment_file(dir.path(), &nodes[target], seg_id), damaged_offset);
-    let err = nodes[target].handle.segments.store().reader(seg_id).unwrap().read(0, u64::MAX, usize::MAX).unwrap_err();
+    // The records before the damage are still served; the damaged one is not.
+    let reader = nodes[target].handle.segments.store().reader(seg_id).unwrap();
+    let before = reader.read(0, u64::MAX, usize::MAX).unwrap();
+    assert_eq!(before, expected[..damaged_offset as usize], "the records before the damage");
+    let err = reader.read(damaged_offset, u64::MAX, usize::MAX).unwrap_err();
     assert!(matches!(err, eventtermq_storage::StorageError::Corrupt { .. }), "the damage is detected: {err}");
+    drop(reader);
 
     let binding = BindingSpec::fanout("t");
     let spec = ConsumerGroupSpec { bindings: vec![binding], size: 1000, since_unix_ms: 0 };
@@ -870,5 +875,134 @@ async fn keyed_publishes_are_stored_once_across_rotations_and_a_primary_crash() 
     let mut got = read_topic(&nodes[0]).await;
     got.sort_unstable();
     assert_eq!(got, (0..s * 5).collect::<Vec<_>>(), "every message once");
+    stop_all(nodes).await;
+}
+
+/// A node whose data directory is below its free-space watermark (here: a watermark of
+/// the whole filesystem) says so in the cluster state, gets no segment, and the others
+/// carry on without it: publishes, also through it, are confirmed on the two with room,
+/// and the topic shows as under-replicated rather than silently short of a copy.
+#[tokio::test(start_paused = true)]
+async fn a_node_below_its_disk_watermark_gets_no_segment_and_the_others_carry_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let a = start(&net, dir.path(), "a:1", &[]).await;
+    let b = start(&net, dir.path(), "b:1", &["a:1"]).await;
+    let full = |c: &mut NodeConfig| c.data.disk_watermark.free_min_percent = 100;
+    let c = start_tuned(&net, dir.path(), "c:1", &["a:1"], full).await;
+    let nodes = vec![a, b, c];
+    eventually(Duration::from_secs(20), "3 voters, and node c's low disk in the state", || async {
+        nodes.iter().all(|n| voters(n) == 3 && alive_records(n) == 3)
+            && nodes[0].handle.cluster.state.read().state.disk_low.contains_key(&nodes[2].handle.id)
+    })
+    .await;
+    assert!(nodes[2].handle.segments.disk().status().below);
+
+    let cmd = Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec: topic() };
+    nodes[0].handle.cluster.write(cmd).await.unwrap();
+    eventually(Duration::from_secs(10), "an open segment", || async { primary_index(&nodes).is_some() }).await;
+    let low = nodes[2].handle.id;
+    {
+        let st = nodes[0].handle.cluster.state.read();
+        let (_, seg) = st.state.topic_segments("default", "t").find(|(_, s)| s.is_open()).unwrap();
+        assert_eq!(seg.replicas.len(), 2, "{seg:?}");
+        assert!(!seg.replicas.contains(&low), "a segment on the node without space: {seg:?}");
+        let topics =
+            eventtermq_broker::api::convert::topics_to_pb(&st.state, "default", &st.state.namespaces["default"]);
+        assert!(topics[0].under_replicated, "the topic shows it is short of a copy");
+    }
+    let confirmed = publish_ids(&nodes[2], 0..100).await;
+    assert_eq!(confirmed.len(), 100, "publishes through the low node go to the primary, which has room");
+    let read = read_topic(&nodes[0]).await;
+    assert_eq!(read, confirmed);
+    assert!(nodes[2].handle.segments.store().list().is_empty(), "no data written on the low node");
+    stop_all(nodes).await;
+}
+
+/// The open segment of topic `t`: (its id, its replica set).
+fn open_segment(node: &TestNode) -> Option<(u64, Vec<u64>)> {
+    let st = node.handle.cluster.state.read();
+    let open =
+        st.state.topic_segments("default", "t").find(|(_, s)| s.is_open()).map(|(id, s)| (id, s.replicas.clone()));
+    open
+}
+
+fn set_disk_full(node: &TestNode, full: bool) {
+    let percent = if full { 100 } else { 0 };
+    let watermark = eventtermq_broker::disk::Watermark { free_min_bytes: 0, free_min_percent: percent };
+    node.handle.segments.disk().set_watermark(watermark);
+}
+
+/// Disks filling one after another while publishing: a replica that goes below its
+/// watermark is replaced like a dead one (the segment rotates onto the nodes with
+/// room), publishing goes on; once too few nodes have room, publishes are refused with
+/// `DiskFull` naming the nodes; when space returns, publishing resumes and segments get
+/// every replica again. No confirmed message is lost.
+#[tokio::test(start_paused = true)]
+async fn disks_filling_move_segments_away_refuse_when_too_few_have_room_and_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let nodes = three(&net, dir.path()).await;
+    let cmd = Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec: topic() };
+    nodes[0].handle.cluster.write(cmd).await.unwrap();
+    eventually(Duration::from_secs(10), "an open segment", || async { open_segment(&nodes[0]).is_some() }).await;
+    let mut confirmed = publish_ids(&nodes[0], 0..100).await;
+    assert_eq!(confirmed.len(), 100);
+
+    // A replica's disk fills: the segment moves to the two others.
+    let (first, replicas) = open_segment(&nodes[0]).unwrap();
+    let replica = nodes.iter().position(|n| n.handle.id == replicas[2]).unwrap();
+    set_disk_full(&nodes[replica], true);
+    let low_id = nodes[replica].handle.id;
+    eventually(Duration::from_secs(10), "a successor without the full replica", || async {
+        open_segment(&nodes[0]).is_some_and(|(id, r)| id != first && r.len() == 2 && !r.contains(&low_id))
+    })
+    .await;
+    let more = publish_ids(&nodes[replica], 100..200).await;
+    assert_eq!(more.len(), 100, "publishing goes on, also through the full node");
+    confirmed.extend(more);
+
+    // The primary of the successor fills too: one node with room, two needed.
+    let (_, replicas) = open_segment(&nodes[0]).unwrap();
+    let primary = nodes.iter().position(|n| n.handle.id == replicas[0]).unwrap();
+    set_disk_full(&nodes[primary], true);
+    let publish_one = || async {
+        // A number, like every message of the test, so that `read_topic` can read it.
+        let m = eventtermq_proto::v1::Message { data: "1000000".into(), ..Default::default() };
+        nodes[0]
+            .handle
+            .segments
+            .publish("default", "t", &[m], eventtermq_proto::v1::Persistence::Replicated, None, 0)
+            .await
+    };
+    // First the primary refuses (its own disk); once it closed its segment, the
+    // cluster does (no segment can be opened), naming both nodes without room.
+    let primary_id = nodes[primary].handle.id;
+    eventually(Duration::from_secs(10), "publishes refused for disk space, naming both nodes", || async {
+        publish_one().await.is_err_and(|e| {
+            e.code == eventtermq_broker::error::ErrorCode::DiskFull
+                && e.message.contains(&format!("node {low_id} ("))
+                && e.message.contains(&format!("node {primary_id} ("))
+        })
+    })
+    .await;
+    assert!(open_segment(&nodes[0]).is_none(), "no segment is opened on one node with room");
+    let st = nodes[0].handle.cluster.state.read().state.clone();
+    assert_eq!(st.disk_low.len(), 2, "{:?}", st.disk_low);
+
+    // Space returns: publishing resumes, and the next segments get every replica.
+    set_disk_full(&nodes[replica], false);
+    set_disk_full(&nodes[primary], false);
+    eventually(Duration::from_secs(10), "publishing resumed", || async { publish_one().await.is_ok() }).await;
+    let more = publish_ids(&nodes[1], 200..300).await;
+    assert_eq!(more.len(), 100);
+    confirmed.extend(more);
+    eventually(Duration::from_secs(20), "an open segment on all three", || async {
+        open_segment(&nodes[0]).is_some_and(|(_, r)| r.len() == 3)
+    })
+    .await;
+    let read: std::collections::HashSet<u32> = read_topic(&nodes[2]).await.into_iter().filter(|_| true).collect();
+    let lost: Vec<_> = confirmed.iter().filter(|i| !read.contains(i)).collect();
+    assert!(lost.is_empty(), "lost confirmed messages {lost:?}");
     stop_all(nodes).await;
 }

@@ -80,6 +80,9 @@ pub struct BrokerArgs {
     /// Raft election timeout, upper bound.
     #[arg(long, default_value_t = RaftSettings::default().election_timeout_max_ms)]
     pub election_timeout_max_ms: u64,
+    /// Build a Raft snapshot (and purge the log behind it) after this many new entries.
+    #[arg(long, default_value_t = RaftSettings::default().snapshot_logs_count)]
+    pub raft_snapshot_logs_count: u64,
     /// Raft voters at most; further nodes are learners.
     #[arg(long, default_value_t = NodeConfig::DEFAULT_VOTERS_COUNT_MAX)]
     pub voters_count_max: usize,
@@ -126,6 +129,15 @@ pub struct BrokerArgs {
     /// memory each).
     #[arg(long, default_value_t = DataSettings::default().dedupe_window_entries_max)]
     pub dedupe_window_entries_max: usize,
+    /// Free space the filesystem of --dir keeps: below it the node refuses publishes and
+    /// replicated records (ResourceExhausted) before a write could fail, so the cluster
+    /// state keeps room to work. Back above at 25 % (at least 4 MiB) more.
+    #[arg(long, default_value_t = DataSettings::default().disk_watermark.free_min_bytes)]
+    pub disk_free_min_bytes: u64,
+    /// The same as a percentage of the filesystem's size (0-100; 0: off); the larger of
+    /// the two counts.
+    #[arg(long, default_value_t = DataSettings::default().disk_watermark.free_min_percent)]
+    pub disk_free_min_percent: u8,
     /// Threads that run the broker's tasks (0: one per CPU). Blocking file work (fsync,
     /// reads) runs on a separate pool. Fewer threads mean fewer cross-thread wake-ups
     /// per request, which matters where they are costly (virtual machines, several

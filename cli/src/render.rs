@@ -147,6 +147,11 @@ pub fn dump_text(r: &pb::DumpResponse) -> String {
             w.line(format_args!("id: {}", n.id));
             w.str("address", &n.address);
             w.line(format_args!("state: {}", node_state_name(n.state)));
+            if n.disk_low {
+                w.line("disk_low: true");
+                w.num("disk_free_bytes", n.disk_free_bytes);
+                w.num("disk_free_min_bytes", n.disk_free_min_bytes);
+            }
         });
     }
     for s in &state.segments {
@@ -162,6 +167,18 @@ pub fn dump_text(r: &pb::DumpResponse) -> String {
             w.num("messages", s.next_offset);
             w.line(format_args!("open: {}", s.open));
         });
+    }
+    if let Some(l) = &r.local {
+        w.line("");
+        w.line("");
+        w.line("=== This node ===");
+        w.line(format_args!("node_id: {}", r.node_id));
+        w.line(format_args!("disk_free_bytes: {}", l.disk_free_bytes));
+        w.line(format_args!("disk_free_min_bytes: {}", l.disk_free_min_bytes));
+        if l.disk_low {
+            w.line("disk_low: true");
+        }
+        w.str("raft_error", &l.raft_error);
     }
     w.line("");
     w.out
@@ -214,6 +231,9 @@ pub fn dump_json(r: &pb::DumpResponse) -> Value {
             "address": n.address,
             "state": node_state_name(n.state),
             "raft_role": n.raft_role,
+            "disk_low": n.disk_low,
+            "disk_free_bytes": n.disk_free_bytes,
+            "disk_free_min_bytes": n.disk_free_min_bytes,
         })).collect::<Vec<_>>(),
         "segments": state.segments.iter().map(|s| json!({
             "id": s.id,
@@ -232,6 +252,12 @@ pub fn dump_json(r: &pb::DumpResponse) -> Value {
         "local_segments": r.segments.iter().map(|s| json!({
             "id": s.id, "size_bytes": s.size_bytes, "messages": s.next_offset, "open": s.open,
         })).collect::<Vec<_>>(),
+        "local": r.local.as_ref().map(|l| json!({
+            "disk_free_bytes": l.disk_free_bytes,
+            "disk_free_min_bytes": l.disk_free_min_bytes,
+            "disk_low": l.disk_low,
+            "raft_error": l.raft_error,
+        })),
     })
 }
 

@@ -48,6 +48,7 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
     config.raft.heartbeat_interval_ms = args.heartbeat_interval_ms;
     config.raft.election_timeout_min_ms = args.election_timeout_min_ms;
     config.raft.election_timeout_max_ms = args.election_timeout_max_ms;
+    config.raft.snapshot_logs_count = args.raft_snapshot_logs_count;
     if args.voters_count_max == 0 {
         return Err("--voters-count-max: must be at least 1".into());
     }
@@ -66,8 +67,15 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
         rereplicate_after_ms: args.rereplicate_after_ms,
         dedupe_window_ms: args.dedupe_window_ms,
         dedupe_window_entries_max: args.dedupe_window_entries_max,
+        disk_watermark: eventtermq_broker::disk::Watermark {
+            free_min_bytes: args.disk_free_min_bytes,
+            free_min_percent: args.disk_free_min_percent,
+        },
         ..config.data
     };
+    if args.disk_free_min_percent > 100 {
+        return Err(format!("--disk-free-min-percent: {} is out of range (0-100)", args.disk_free_min_percent));
+    }
     config.raft.to_openraft().map_err(|e| format!("raft timing flags: {e}"))?;
     Ok(config)
 }

@@ -368,14 +368,32 @@ pub struct AppendLog {
     len_bytes: u64,
 }
 
+/// Whether a complete record with a payload and a valid checksum starts anywhere at or
+/// after `from`: then the bytes before it were written and synced before it, and a bad
+/// record there is damage, not a torn write (even if its length field now points past
+/// the end of the file).
+fn valid_record_after(data: &[u8], from: usize) -> bool {
+    (from..data.len())
+        .any(|at| matches!(decode_record(&data[at..]), Decoded::Record { payload, .. } if !payload.is_empty()))
+}
+
 impl AppendLog {
     /// Opens (creating) the log at `path` and reads every record in order, passing each
     /// complete, checksummed record's position and payload to `accept`, which may
-    /// refuse it (`Err(reason)`: undecodable, out of sequence...). The first torn,
-    /// corrupt or refused record and everything after it are cut off (and logged with
-    /// the file name), never passed on. The file and its directory are then fsynced:
-    /// what a crashed process wrote may still be only in the page cache, and the caller
-    /// is about to treat every accepted record as durable.
+    /// refuse it (`Err(reason)`: undecodable, out of sequence...).
+    ///
+    /// A torn tail (the first bad record reaches the end of the file, or only zeros
+    /// follow it, and no valid record comes after it) is what a crash leaves of an
+    /// append that was never synced, so never acknowledged: it is cut off (and logged
+    /// with the file name), never passed on. Damage before the end (a bad record with
+    /// valid ones after it, or a length that cannot come from a torn write) is not a
+    /// crash's doing: records that were synced, and acknowledged, are gone or altered,
+    /// and cutting them off would silently forget them. The open then fails with
+    /// [`FileError::Corrupt`] and leaves the file as it is, for the owner to decide.
+    ///
+    /// The file and its directory are then fsynced: what a crashed process wrote may
+    /// still be only in the page cache, and the caller is about to treat every accepted
+    /// record as durable.
     pub fn open(
         path: &Path,
         mut accept: impl FnMut(u64, &[u8]) -> Result<(), String>,
@@ -412,21 +430,27 @@ impl AppendLog {
             }
         }
 
-        let cut = problem.map(|(reason, extent)| {
-            let claimed_end = pos.saturating_add(extent).min(data.len());
-            // A zero-filled tail is what a file system may leave when the size of the
-            // file was made durable but its last data was not: a torn write too.
-            let torn_tail = claimed_end >= data.len() || data[claimed_end..].iter().all(|b| *b == 0);
-            let dropped_bytes = (data.len() - pos) as u64;
-            if torn_tail {
+        let cut = match problem {
+            None => None,
+            Some((reason, extent)) => {
+                let claimed_end = pos.saturating_add(extent).min(data.len());
+                // A zero-filled tail is what a file system may leave when the size of
+                // the file was made durable but its last data was not: a torn write too.
+                let torn_tail = (claimed_end >= data.len() || data[claimed_end..].iter().all(|b| *b == 0))
+                    && !valid_record_after(&data, pos + 1);
+                let dropped_bytes = (data.len() - pos) as u64;
+                if !torn_tail {
+                    let reason = format!(
+                        "damaged at byte {pos} ({reason}) with {dropped_bytes} bytes after it that a crash cannot \
+                         explain: records that were synced are gone or altered"
+                    );
+                    return Err(FileError::Corrupt { path: path.to_path_buf(), reason });
+                }
                 tracing::warn!(file = %path.display(), position = pos, dropped_bytes, %reason,
                     "file ends with a torn or corrupt record; truncating it to the last valid record");
-            } else {
-                tracing::warn!(file = %path.display(), position = pos, dropped_bytes, %reason,
-                    "FILE IS DAMAGED BEFORE ITS END: dropping the damaged record and everything after it");
+                Some(Cut { position: pos as u64, dropped_bytes, reason, torn_tail })
             }
-            Cut { position: pos as u64, dropped_bytes, reason, torn_tail }
-        });
+        };
         if cut.is_some() {
             file.set_len(pos as u64).map_err(FileError::io(path))?;
         }
@@ -829,7 +853,7 @@ mod tests {
     }
 
     #[test]
-    fn append_log_cuts_at_a_flipped_bit() {
+    fn append_log_cuts_a_flipped_bit_in_the_last_record_and_refuses_one_before_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
         let p = payloads(4);
@@ -837,20 +861,28 @@ mod tests {
         let positions = log.append(&p).unwrap();
         drop(log);
         let full = fs::read(&path).unwrap();
+        let last = positions.len() - 1;
         for (i, &start) in positions.iter().enumerate() {
             let end = positions.get(i + 1).map_or(full.len(), |&e| e as usize);
             for bit in (start as usize * 8..end * 8).step_by(5) {
                 let mut bad = full.clone();
                 bad[bit / 8] ^= 1 << (bit % 8);
                 fs::write(&path, &bad).unwrap();
-                let (_, got, cut) = open_all(&path);
-                assert_eq!(got, p[..i], "record {i} bit {bit}");
-                let cut = cut.unwrap_or_else(|| panic!("record {i} bit {bit}: nothing cut"));
-                assert_eq!(cut.position, start);
-                assert_eq!(fs::metadata(&path).unwrap().len(), start);
-                if i + 1 < positions.len() && bit / 8 >= start as usize + RECORD_HEADER_BYTES {
-                    // A bad payload with records after it: damage, not a torn write.
-                    assert!(!cut.torn_tail, "record {i} bit {bit}");
+                match AppendLog::open(&path, |_, _| Ok(())) {
+                    Ok((_, cut)) => {
+                        // Only the last record can be a torn write.
+                        assert_eq!(i, last, "record {i} bit {bit}: damage before the end was cut");
+                        let cut = cut.unwrap_or_else(|| panic!("record {i} bit {bit}: nothing cut"));
+                        assert!(cut.torn_tail && cut.position == start);
+                        assert_eq!(fs::metadata(&path).unwrap().len(), start);
+                    }
+                    Err(FileError::Corrupt { reason, .. }) => {
+                        assert!(reason.contains(&format!("damaged at byte {start}")), "record {i} bit {bit}: {reason}");
+                        assert_eq!(fs::read(&path).unwrap(), bad, "record {i} bit {bit}: left as it is");
+                        // In the last record only a length field that shrank says damage.
+                        assert!(i < last || bit / 8 < start as usize + 4, "record {i} bit {bit}");
+                    }
+                    Err(e) => panic!("record {i} bit {bit}: {e}"),
                 }
             }
         }
@@ -875,11 +907,26 @@ mod tests {
         assert!(cut.unwrap().torn_tail);
         assert_eq!(fs::metadata(&path).unwrap().len(), valid);
 
-        // The caller refuses the second record: it and everything after it go.
+        // The caller refuses the second record while a valid third follows: damage, not
+        // a crash; the open fails and the file stays as it is.
+        let before = fs::read(&path).unwrap();
+        let mut seen = 0;
+        let refused = AppendLog::open(&path, |_, _| {
+            seen += 1;
+            if seen == 2 {
+                Err("out of sequence".to_string())
+            } else {
+                Ok(())
+            }
+        });
+        assert!(matches!(&refused, Err(FileError::Corrupt { reason, .. }) if reason.contains("out of sequence")));
+        assert_eq!(fs::read(&path).unwrap(), before);
+
+        // The caller refuses the last record: a torn tail, cut off.
         let mut seen = 0;
         let (log, cut) = AppendLog::open(&path, |_, _| {
             seen += 1;
-            if seen == 2 {
+            if seen == 3 {
                 Err("out of sequence".to_string())
             } else {
                 Ok(())
@@ -888,8 +935,8 @@ mod tests {
         .unwrap();
         let cut = cut.unwrap();
         assert_eq!(cut.reason, "out of sequence");
-        assert!(!cut.torn_tail);
-        assert_eq!(log.len_bytes(), frame(&p[0]).len() as u64);
+        assert!(cut.torn_tail);
+        assert_eq!(log.len_bytes(), (frame(&p[0]).len() + frame(&p[1]).len()) as u64);
     }
 
     #[test]

@@ -76,9 +76,9 @@ impl SegmentReader {
             cur.consume(h.frame_len as u64);
             offset += 1;
         }
-        let records = self.copy_records(&mut cur, offset, end_offset, end_position, max_bytes)?;
+        let (records, end_position) = self.copy_records(&mut cur, offset, end_offset, end_position, max_bytes)?;
         let end =
-            ReadHint { offset: offset + records.len() as u64, position: cur.pos(), truncations: snap.truncations };
+            ReadHint { offset: offset + records.len() as u64, position: end_position, truncations: snap.truncations };
         self.seg.remember(end);
         Ok(records)
     }
@@ -113,15 +113,22 @@ impl SegmentReader {
         end_offset: u64,
         end_position: u64,
         max_bytes: usize,
-    ) -> Result<Vec<Record>, StorageError> {
+    ) -> Result<(Vec<Record>, u64), StorageError> {
         let id = self.seg.id;
         let span = usize::try_from(end_position.saturating_sub(cur.pos())).unwrap_or(usize::MAX);
+        // Where the last record copied ends: a damaged record after good ones ends the
+        // read there, so the good ones are served and the next read meets the damage.
+        let mut good_end = cur.pos();
         let mut data: Vec<u8> = Vec::with_capacity(max_bytes.min(span));
         // (offset, timestamp, payload start, payload length)
         let mut found: Vec<(u64, i64, usize, usize)> = Vec::new();
         while offset < end_offset {
             let position = cur.pos();
-            let h = cur.frame_header(id, offset)?;
+            let h = match cur.frame_header(id, offset) {
+                Ok(h) => h,
+                Err(StorageError::Corrupt { .. }) if !found.is_empty() => break,
+                Err(e) => return Err(e),
+            };
             let payload_len = h.payload_len();
             if !found.is_empty() && data.len() + payload_len > max_bytes {
                 break;
@@ -137,21 +144,27 @@ impl SegmentReader {
             cur.copy_out(payload_len, &mut data)?;
             let crc = crc32c::crc32c_append(crc32c::crc32c(&fixed), &data[payload_start..]);
             if crc != h.crc {
+                if !found.is_empty() {
+                    data.truncate(payload_start);
+                    break;
+                }
                 let reason = format!("checksum mismatch (stored {:08x}, computed {crc:08x})", h.crc);
                 return Err(corrupt(id, &self.files.seg_path, position, reason));
             }
             found.push((h.offset, h.timestamp_ms, payload_start, payload_len));
+            good_end = cur.pos();
             offset += 1;
         }
         let data = Bytes::from(data);
-        Ok(found
+        let records = found
             .into_iter()
             .map(|(offset, timestamp_ms, start, len)| Record {
                 offset,
                 timestamp_ms,
                 payload: data.slice(start..start + len),
             })
-            .collect())
+            .collect();
+        Ok((records, good_end))
     }
 
     /// The first offset whose timestamp is >= `ts_ms` (`next_offset` if none).

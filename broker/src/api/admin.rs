@@ -212,7 +212,21 @@ impl Admin for AdminService {
     async fn dump(&self, req: Request<pb::DumpRequest>) -> Reply<pb::DumpResponse> {
         let stale = req.into_inner().stale;
         let metrics = self.cluster.raft.metrics().borrow().clone();
+        let raft_error = super::raft_failure(&metrics);
+        if let (Some(reason), false) = (&raft_error, stale) {
+            // No linearizable read will ever succeed here: say why at once.
+            return Err(RequestError::new(
+                ErrorCode::Internal,
+                format!(
+                    "node {}: Raft stopped on this node: {reason}; it reports NOT_SERVING on liveness and must be \
+                     restarted (dump --stale shows its last state)",
+                    self.cluster.id
+                ),
+            )
+            .into());
+        }
         let state = state_to_pb(&*self.cluster.read(!stale).await?);
+        let disk = self.segments.disk().status();
         Ok(Response::new(pb::DumpResponse {
             state: Some(state),
             segments: self
@@ -230,6 +244,12 @@ impl Admin for AdminService {
             node_id: self.cluster.id,
             leader_id: metrics.current_leader.unwrap_or(0),
             term: metrics.current_term,
+            local: Some(pb::LocalHealth {
+                disk_free_bytes: disk.free_bytes,
+                disk_free_min_bytes: disk.free_min_bytes,
+                disk_low: disk.below,
+                raft_error: raft_error.unwrap_or_default(),
+            }),
         }))
     }
 }

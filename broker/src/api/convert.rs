@@ -154,11 +154,17 @@ pub fn state_to_pb(applied: &AppliedState) -> pb::ClusterState {
             .state
             .nodes
             .iter()
-            .map(|(id, n)| pb::Node {
-                id: *id,
-                address: n.address.clone(),
-                state: node_state_to_pb(n.state) as i32,
-                raft_role: role(id).to_string(),
+            .map(|(id, n)| {
+                let low = applied.state.disk_low.get(id);
+                pb::Node {
+                    id: *id,
+                    address: n.address.clone(),
+                    state: node_state_to_pb(n.state) as i32,
+                    raft_role: role(id).to_string(),
+                    disk_low: low.is_some(),
+                    disk_free_bytes: low.map_or(0, |l| l.free_bytes),
+                    disk_free_min_bytes: low.map_or(0, |l| l.free_min_bytes),
+                }
             })
             .collect(),
     }

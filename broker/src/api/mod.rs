@@ -39,7 +39,52 @@ impl From<RequestError> for tonic::Status {
 /// Largest gRPC message accepted (Raft snapshots travel in chunks well below this).
 pub const GRPC_MESSAGE_SIZE_MAX_BYTES: usize = 64 * 1024 * 1024;
 
-pub use eventtermq_api::health::READINESS_SERVICE;
+pub use eventtermq_api::health::{LIVENESS_SERVICE, READINESS_SERVICE};
+
+type RaftMetrics = openraft::RaftMetrics<crate::cluster_state::NodeId, openraft::BasicNode>;
+
+/// Why Raft stopped on this node, if it stopped on an error (a storage error: a failed
+/// fsync, a disk that filled under Raft's own writes, a corrupt file) rather than at a
+/// shutdown. openraft stops its core then and never starts it again.
+pub fn raft_failure(m: &RaftMetrics) -> Option<String> {
+    match &m.running_state {
+        Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+/// Keeps the health service in line with Raft: readiness while a leader is known;
+/// liveness until Raft stops on an error, since nothing in this process brings it back
+/// (an orchestrator's liveness probe then restarts the node, as it should).
+async fn report_health(
+    mut metrics: tokio::sync::watch::Receiver<RaftMetrics>,
+    health: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) {
+    let mut last = None;
+    loop {
+        let (has_leader, failure) = {
+            let m = metrics.borrow_and_update();
+            (m.current_leader.is_some(), raft_failure(&m))
+        };
+        if let Some(reason) = failure {
+            tracing::error!(%reason, "Raft stopped on this node: reporting NOT_SERVING on liveness and readiness; \
+                the node must be restarted (dump --stale shows its last state and this reason)");
+            health.set_service_status(LIVENESS_SERVICE, ServingStatus::NotServing).await;
+            health.set_service_status(READINESS_SERVICE, ServingStatus::NotServing).await;
+            return;
+        }
+        if last != Some(has_leader) {
+            let status = if has_leader { ServingStatus::Serving } else { ServingStatus::NotServing };
+            health.set_service_status(READINESS_SERVICE, status).await;
+            last = Some(has_leader);
+        }
+        tokio::select! {
+            r = metrics.changed() => if r.is_err() { return },
+            _ = stop.cancelled() => return,
+        }
+    }
+}
 
 /// The node's parts the services answer from.
 pub struct Services {
@@ -67,25 +112,7 @@ pub fn serve(
         reflection().build_v1alpha().expect("descriptor sets are generated at build time and valid");
 
     let Services { cluster, membership, segments, groups, peers } = services;
-    // Readiness follows whether a leader is known.
-    let mut metrics = cluster.raft.metrics();
-    let health_stop = stop.clone();
-    tokio::spawn(async move {
-        let mut last = None;
-        loop {
-            let has_leader = metrics.borrow().current_leader.is_some();
-            if last != Some(has_leader) {
-                let status = if has_leader { ServingStatus::Serving } else { ServingStatus::NotServing };
-                health_reporter.set_service_status(READINESS_SERVICE, status).await;
-                last = Some(has_leader);
-            }
-            tokio::select! {
-                r = metrics.changed() => if r.is_err() { return },
-                _ = health_stop.cancelled() => return,
-            }
-        }
-    });
-
+    tokio::spawn(report_health(cluster.raft.metrics(), health_reporter, stop.clone()));
     let admin = AdminServer::new(admin::AdminService { cluster: cluster.clone(), segments: segments.clone() })
         .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
     let messaging = MessagingServer::new(messaging::MessagingService { segments: segments.clone(), groups, peers })

@@ -51,6 +51,12 @@ pub enum Command {
     RemoveNode {
         id: NodeId,
     },
+    /// A node reports that its data directory went below its free-space watermark
+    /// (`Some`) or is back above it (`None`).
+    SetDiskLow {
+        node: NodeId,
+        low: Option<DiskLow>,
+    },
     /// The leader opens a segment for a topic's shard on `replicas` (primary first,
     /// distinct nodes), at least `min_insync` of them: the segment's
     /// [`SegmentRecord::min_insync`].
@@ -197,6 +203,13 @@ impl ClusterState {
             }
             Command::RemoveNode { id } => {
                 self.nodes.remove(id);
+                self.disk_low.remove(id);
+            }
+            Command::SetDiskLow { node, low: Some(low) } => {
+                self.disk_low.insert(*node, *low);
+            }
+            Command::SetDiskLow { node, low: None } => {
+                self.disk_low.remove(node);
             }
             Command::OpenSegment { .. }
             | Command::CloseSegment { .. }
@@ -338,7 +351,7 @@ impl ClusterState {
                     ))
                 }
             }
-            Command::SetNode { .. } | Command::RemoveNode { .. } => Ok(()),
+            Command::SetNode { .. } | Command::RemoveNode { .. } | Command::SetDiskLow { .. } => Ok(()),
             Command::OpenSegment { namespace, topic, shard, replicas, min_insync, .. } => {
                 self.check_open_segment(namespace, topic, *shard, replicas, *min_insync)
             }

@@ -198,13 +198,9 @@ fn load_log(dir: &Path, purged: Option<u64>) -> Result<(LogFile, BTreeMap<u64, E
         }
         Ok(())
     })?;
-    if let Some(cut) = cut.filter(|c| !c.torn_tail) {
-        tracing::warn!(
-            position = cut.position,
-            dropped_bytes = cut.dropped_bytes,
-            "RAFT LOG IS DAMAGED BEFORE ITS END: the lost entries will be re-replicated from the leader"
-        );
-    }
+    // Damage before the end fails the open above (`AppendLog::open`); what is cut here
+    // is a torn tail: entries a crash left half written, never acknowledged.
+    let _ = cut;
     Ok((LogFile { log, offsets }, entries))
 }
 
@@ -602,7 +598,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn corruption_before_the_last_record_truncates_there() {
+    async fn corruption_before_the_last_record_refuses_to_open_and_keeps_the_file() {
+        // Entries 3-5 were synced (and acknowledged) after entry 2: cutting the log at
+        // the damage would silently forget them, which could cost the cluster a
+        // committed entry. The node must not start on it.
         let dir = tempfile::tempdir().unwrap();
         let store = open_with(dir.path(), 6).await;
         let offsets = record_offsets(&store);
@@ -612,9 +611,10 @@ mod tests {
         let inside_2 = (offsets[&2] + RECORD_HEADER_BYTES as u64 + 3) as usize;
         bytes[inside_2] ^= 0x40;
         fs::write(&path, &bytes).unwrap();
-        let mut store = LogStore::open(dir.path()).await.unwrap();
-        assert_eq!(indexes(&mut store).await, vec![0, 1]);
-        assert_eq!(log_len(dir.path()), offsets[&2]);
+        let err = LogStore::open(dir.path()).await.err().expect("opened a log damaged before its end");
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()) && text.contains("damaged at byte"), "{text}");
+        assert_eq!(fs::read(&path).unwrap(), bytes, "left as it is");
     }
 
     #[tokio::test]

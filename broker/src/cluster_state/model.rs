@@ -29,6 +29,11 @@ pub struct ClusterState {
     /// retried after its outcome was unknown answers as its first attempt did.
     #[serde(default)]
     pub applied_requests: AppliedRequests,
+    /// Nodes whose data directory has less free space than their watermark, as each
+    /// reported it when it crossed: they take no new segment data (placement leaves
+    /// them out, their segments rotate away) until they report space again.
+    #[serde(default)]
+    pub disk_low: BTreeMap<NodeId, DiskLow>,
 }
 
 /// Identity of one cluster-state write, picked (at random) by the node that first
@@ -106,6 +111,15 @@ impl From<AppliedRequests> for Vec<AppliedRequest> {
             .filter_map(|id| r.answers.remove(id).map(|(index, result)| AppliedRequest { id: *id, index, result }))
             .collect()
     }
+}
+
+/// What a node below its free-space watermark reported when it crossed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskLow {
+    /// Free bytes on the filesystem of its data directory then.
+    pub free_bytes: u64,
+    /// Its watermark (`--disk-free-min-bytes`, or the percentage form).
+    pub free_min_bytes: u64,
 }
 
 fn first_segment_id() -> SegmentId {
@@ -214,6 +228,24 @@ impl ClusterState {
     /// Nodes gossip sees ALIVE, by id.
     pub fn alive_nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.nodes.iter().filter(|(_, n)| n.state == NodeState::Alive).map(|(id, _)| *id)
+    }
+
+    /// ALIVE nodes that may take new segment data: not below their disk watermark.
+    pub fn data_nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.alive_nodes().filter(|id| !self.disk_low.contains_key(id))
+    }
+
+    /// Those of `nodes` below their disk watermark, for an error message: `node 7
+    /// (3145728 bytes free, watermark 67108864 bytes), ...`.
+    pub fn disk_low_text(&self, nodes: impl IntoIterator<Item = NodeId>) -> String {
+        let text: Vec<String> = nodes
+            .into_iter()
+            .filter_map(|id| {
+                let low = self.disk_low.get(&id)?;
+                Some(format!("node {id} ({} bytes free, watermark {} bytes)", low.free_bytes, low.free_min_bytes))
+            })
+            .collect();
+        text.join(", ")
     }
 
     /// Copies a new segment of `topic` needs before it may be opened: the topic's

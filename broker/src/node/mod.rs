@@ -109,7 +109,11 @@ pub async fn start(
     let cluster =
         Cluster::new(id, raft.clone(), shared, peers.clone(), Duration::from_millis(config.request_timeout_ms));
     let store = open_segment_store(&config)?;
-    let segments = Segments::new(store, cluster.clone(), peers.clone(), config.clock.clone(), config.data.clone());
+    let disk = crate::disk::Disk::open(id, &config.dir, config.data.disk_watermark).map_err(|e| {
+        NodeError::Config(format!("--dir: cannot read the free space of {}: {e}", config.dir.display()))
+    })?;
+    let segments =
+        Segments::new(store, cluster.clone(), peers.clone(), config.clock.clone(), config.data.clone(), disk.clone());
     let groups = Groups::new(segments.clone());
 
     let services = Services {
@@ -119,25 +123,7 @@ pub async fn start(
         groups: groups.clone(),
         peers: peers.clone(),
     };
-    let tasks = Tasks {
-        server: crate::api::serve(services, listeners.incoming, stop.clone()),
-        keeper: tokio::spawn(crate::replication::keeper::run(segments.clone(), stop.clone())),
-        placement: tokio::spawn(crate::replication::placement::run(
-            segments.clone(),
-            membership.clone(),
-            Duration::from_millis(config.reconcile_interval_ms),
-            stop.clone(),
-        )),
-        group_runner: tokio::spawn(groups.clone().run(stop.clone())),
-        bootstrap: tokio::spawn(bootstrap(
-            config.clone(),
-            cluster.clone(),
-            membership.clone(),
-            peers.clone(),
-            stop.clone(),
-        )),
-        reconciler: tokio::spawn(reconcile::run(config.clone(), cluster.clone(), membership.clone(), stop.clone())),
-    };
+    let tasks = Tasks::spawn(&config, services, listeners.incoming, disk, &stop);
     tracing::info!(node_id = id, listen = %config.listen_addr, advertise = %config.advertise_addr, dir = %config.dir.display(), "node started");
 
     let parts = Parts {
@@ -205,6 +191,41 @@ struct Tasks {
     group_runner: JoinHandle<()>,
     bootstrap: JoinHandle<()>,
     reconciler: JoinHandle<()>,
+    disk_watch: JoinHandle<()>,
+}
+
+impl Tasks {
+    /// Starts the gRPC server and every loop of the node; all stop on `stop`.
+    fn spawn(
+        config: &NodeConfig,
+        services: Services,
+        incoming: std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<crate::transport::Conn>> + Send>>,
+        disk: crate::disk::Disk,
+        stop: &CancellationToken,
+    ) -> Tasks {
+        let Services { cluster, membership, segments, groups, peers } = &services;
+        let reconcile_interval = Duration::from_millis(config.reconcile_interval_ms);
+        Tasks {
+            keeper: tokio::spawn(crate::replication::keeper::run(segments.clone(), stop.clone())),
+            placement: tokio::spawn(crate::replication::placement::run(
+                segments.clone(),
+                membership.clone(),
+                reconcile_interval,
+                stop.clone(),
+            )),
+            group_runner: tokio::spawn(groups.clone().run(stop.clone())),
+            bootstrap: tokio::spawn(bootstrap(
+                config.clone(),
+                cluster.clone(),
+                membership.clone(),
+                peers.clone(),
+                stop.clone(),
+            )),
+            reconciler: tokio::spawn(reconcile::run(config.clone(), cluster.clone(), membership.clone(), stop.clone())),
+            disk_watch: tokio::spawn(crate::disk::watch(disk, cluster.clone(), stop.clone())),
+            server: crate::api::serve(services, incoming, stop.clone()),
+        }
+    }
 }
 
 /// Waits for `shutdown` (graceful: groups commit, primaries close their segments,
@@ -237,6 +258,7 @@ async fn run_until_stopped(parts: Parts, tasks: Tasks, shutdown: CancellationTok
     tasks.reconciler.abort();
     tasks.keeper.abort();
     tasks.placement.abort();
+    tasks.disk_watch.abort();
     // The server drains in-flight calls, but not for longer than this.
     let server_abort = tasks.server.abort_handle();
     if tokio::time::timeout(SERVER_DRAIN_MAX, tasks.server).await.is_err() {

@@ -8,6 +8,10 @@
 //!   replication factor while more nodes are ALIVE (it was opened while nodes were
 //!   down) is closed like a full one, so its successor gets every replica, and the
 //!   leader copies the closed one up to the replication factor;
+//! - an open segment this node is primary of with a member below its disk watermark
+//!   (this node or a replica) is closed the same way, so that its successor is placed
+//!   on nodes with room, or, when too few members can write to confirm anything,
+//!   refuses publishes until space returns ([`DiskAction`]);
 //! - a closed segment this node should hold is truncated or completed to the agreed
 //!   length, sealed, checked against the agreed checksum, and reported done;
 //! - a closed segment the state says this node holds complete, but whose copy is gone
@@ -87,15 +91,38 @@ impl Keeper {
 
     /// One look at the state: every segment it lists, then local files it dropped.
     async fn pass(&mut self) {
-        let (snapshot, under_replicated) = {
+        let (snapshot, under_replicated, disk_actions) = {
             let st = self.segments.cluster().state.read();
             let snapshot: Vec<(SegmentId, SegmentRecord)> =
                 st.state.segments.iter().map(|(id, s)| (*id, s.clone())).collect();
-            (snapshot, under_replicated_primaries(&st.state, self.me))
+            // This node's own level is the freshest here; the others' as they reported.
+            let me_low = self.segments.disk().status().below;
+            let low = |n: NodeId| if n == self.me { me_low } else { st.state.disk_low.contains_key(&n) };
+            let disk_actions: Vec<(SegmentId, DiskAction)> = st
+                .state
+                .segments
+                .iter()
+                .filter(|(_, s)| s.is_open() && s.primary == self.me)
+                .map(|(id, s)| (*id, disk_action(s, low)))
+                .collect();
+            (snapshot, under_replicated_primaries(&st.state, self.me), disk_actions)
         };
         for id in under_replicated {
             if let Some(p) = self.segments.primary(id) {
                 p.rotate();
+            }
+        }
+        for (id, action) in disk_actions {
+            if let Some(p) = self.segments.primary(id) {
+                p.set_quorum_disk_low(action == DiskAction::Refuse);
+                if action == DiskAction::Rotate && !p.rotating() {
+                    tracing::info!(
+                        segment_id = id,
+                        "a member of the replica set is below its disk watermark: \
+                        closing the segment so that its successor goes to nodes with room"
+                    );
+                    p.rotate();
+                }
             }
         }
         self.segments.prune_kept_windows();
@@ -210,10 +237,39 @@ async fn fail_over_restarted(segments: &Segments, id: SegmentId) {
     }
 }
 
+/// What the primary of an open segment does about the members of its replica set
+/// that are below their disk watermark (`low`, itself included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DiskAction {
+    /// None is: carry on.
+    Write,
+    /// Close it like a full one, so that its successor is placed on nodes with room
+    /// (a replica that cannot write is replaced like a dead one): enough of the set
+    /// can still confirm what was written, so the close completes.
+    Rotate,
+    /// Too few of the set can write to confirm anything, nor to complete a close:
+    /// refuse publishes (rather than leave them waiting) until space returns.
+    Refuse,
+}
+
+pub(crate) fn disk_action(seg: &SegmentRecord, low: impl Fn(NodeId) -> bool) -> DiskAction {
+    if !seg.replicas.iter().any(|n| low(*n)) {
+        return DiskAction::Write;
+    }
+    // The primary holds what it wrote; the replicas with room can take the rest.
+    let able = 1 + seg.replicas.iter().filter(|n| **n != seg.primary && !low(**n)).count();
+    if able >= seg.quorum() {
+        DiskAction::Rotate
+    } else {
+        DiskAction::Refuse
+    }
+}
+
 /// Open segments `me` is primary of that have fewer replicas than their topic's
-/// replication factor while more nodes are ALIVE.
+/// replication factor while more nodes could take data (ALIVE, not below their disk
+/// watermark: counting those would rotate again and again onto the same nodes).
 fn under_replicated_primaries(state: &ClusterState, me: NodeId) -> Vec<SegmentId> {
-    let alive = state.alive_nodes().count();
+    let alive = state.data_nodes().count();
     state
         .segments
         .iter()
@@ -336,11 +392,17 @@ async fn complete_and_seal(
             // Nobody has a complete copy yet: a replica with the whole log seals first.
             return Ok(None);
         }
+        if let Err(e) = segments.disk().admit(0, || format!("completing segment {id}")) {
+            // Fetching is data like any other: wait until space returns.
+            tracing::debug!(segment_id = id, error = %e, "completing a closed copy waits for disk space");
+            return Ok(None);
+        }
         let r = segments.read(id, seg, next, segments.settings().read_batch_max_bytes, Duration::ZERO).await?;
         let records: Vec<_> = r.records.into_iter().filter(|r| r.offset < target).collect();
         if records.is_empty() {
             return Ok(None);
         }
+        segments.disk().charge(records.iter().map(|r| r.payload.len() as u64).sum());
         let w = writer.clone();
         next = blocking(move || {
             let mut w = lock(&w);
@@ -391,4 +453,77 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| RequestError::new(ErrorCode::Internal, format!("blocking task: {e}")))?
         .map_err(super::storage_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster_state::{DiskLow, NodeRecord, NodeState, SegmentState};
+
+    fn segment(replicas: &[NodeId], min_insync: u32) -> SegmentRecord {
+        SegmentRecord {
+            namespace: "default".into(),
+            topic: "t".into(),
+            shard: 0,
+            generation: 1,
+            state: SegmentState::Open,
+            primary: replicas[0],
+            replicas: replicas.to_vec(),
+            done: vec![],
+            next_offset: 0,
+            size_bytes: 0,
+            checksum: 0,
+            created_unix_ms: 0,
+            closed_unix_ms: 0,
+            min_insync,
+        }
+    }
+
+    #[test]
+    fn a_member_below_its_disk_watermark_rotates_the_segment_while_the_rest_make_a_quorum() {
+        let seg = segment(&[1, 2, 3], 2);
+        let low = |set: &'static [NodeId]| move |n: NodeId| set.contains(&n);
+        assert_eq!(disk_action(&seg, low(&[])), DiskAction::Write);
+        assert_eq!(disk_action(&seg, low(&[3])), DiskAction::Rotate, "primary and node 2 confirm");
+        assert_eq!(disk_action(&seg, low(&[1])), DiskAction::Rotate, "the primary itself: its replicas confirm");
+        assert_eq!(disk_action(&seg, low(&[1, 2])), DiskAction::Rotate, "the primary holds its records");
+        assert_eq!(disk_action(&seg, low(&[2, 3])), DiskAction::Refuse, "nothing can reach a quorum of 2");
+        let all = segment(&[1, 2, 3], 3);
+        assert_eq!(disk_action(&all, low(&[3])), DiskAction::Refuse, "min_insync 3 needs every copy");
+        let single = segment(&[1], 1);
+        assert_eq!(disk_action(&single, low(&[1])), DiskAction::Rotate, "one node: close it; none reopens");
+    }
+
+    #[test]
+    fn nodes_below_their_watermark_do_not_count_for_a_rotation_to_more_replicas() {
+        let mut s = ClusterState::new_cluster();
+        for id in 1..=3 {
+            let record = NodeRecord { address: format!("n{id}:1"), state: NodeState::Alive };
+            s.apply(&Command::SetNode { id, record }).unwrap();
+        }
+        let spec = crate::cluster_state::TopicSpec {
+            shards: 1,
+            replication_factor: 3,
+            retention_ms: 0,
+            default_exchange_type: crate::cluster_state::ExchangeType::Fanout,
+            segment_size_max_bytes: 0,
+            min_insync_replicas: 0,
+        };
+        s.apply(&Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec }).unwrap();
+        let open = Command::OpenSegment {
+            namespace: "default".into(),
+            topic: "t".into(),
+            shard: 0,
+            replicas: vec![1, 2],
+            now_unix_ms: 0,
+            min_insync: 2,
+        };
+        s.apply(&open).unwrap();
+        assert_eq!(under_replicated_primaries(&s, 1).len(), 1, "node 3 could take a copy");
+        let low = Some(DiskLow { free_bytes: 1, free_min_bytes: 2 });
+        s.apply(&Command::SetDiskLow { node: 3, low }).unwrap();
+        assert!(under_replicated_primaries(&s, 1).is_empty(), "node 3 has no room: rotating would not help");
+        s.apply(&Command::SetDiskLow { node: 3, low: None }).unwrap();
+        assert_eq!(under_replicated_primaries(&s, 1).len(), 1);
+    }
 }

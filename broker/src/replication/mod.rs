@@ -40,6 +40,7 @@ use crate::clock::Clock;
 use crate::cluster::Cluster;
 use crate::cluster_state::SegmentId;
 use crate::config::DataSettings;
+use crate::disk::Disk;
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::Peers;
 
@@ -59,6 +60,8 @@ struct Inner {
     peers: Peers,
     clock: Clock,
     settings: DataSettings,
+    /// The data directory's free space: every write of segment data asks it first.
+    disk: Disk,
     /// Open segments this node writes to, by id.
     writers: Mutex<HashMap<SegmentId, SharedWriter>>,
     /// Primary tasks running on this node.
@@ -74,7 +77,7 @@ struct Inner {
 }
 
 impl Segments {
-    pub fn new(store: Store, cluster: Cluster, peers: Peers, clock: Clock, settings: DataSettings) -> Self {
+    pub fn new(store: Store, cluster: Cluster, peers: Peers, clock: Clock, settings: DataSettings, disk: Disk) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -82,6 +85,7 @@ impl Segments {
                 peers,
                 clock,
                 settings,
+                disk,
                 writers: Mutex::default(),
                 primaries: Mutex::default(),
                 frozen: Mutex::default(),
@@ -109,6 +113,10 @@ impl Segments {
 
     pub fn settings(&self) -> &DataSettings {
         &self.inner.settings
+    }
+
+    pub fn disk(&self) -> &Disk {
+        &self.inner.disk
     }
 
     /// The writer of an open segment, opening (or creating) its file on first use.
@@ -175,6 +183,21 @@ impl Segments {
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Segments {
+    /// A failed write of segment data: one that failed for want of space puts the node
+    /// below its watermark at once (the next writes are refused, not failed).
+    pub(crate) fn write_error(&self, e: eventtermq_storage::StorageError) -> RequestError {
+        if out_of_space(&e) {
+            self.inner.disk.out_of_space();
+        }
+        storage_error(e)
+    }
+}
+
+pub(crate) fn out_of_space(e: &eventtermq_storage::StorageError) -> bool {
+    matches!(e, eventtermq_storage::StorageError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull)
 }
 
 pub(crate) fn storage_error(e: eventtermq_storage::StorageError) -> RequestError {

@@ -1,9 +1,10 @@
 //! The Raft leader's data-path duties, one pass per tick:
 //!
 //! 1. every shard of every topic has an open segment; a new one gets its primary and
-//!    replicas among ALIVE nodes, the least loaded first, so segments spread evenly,
-//!    and is not opened at all while fewer nodes are ALIVE than the topic's
-//!    `min_insync_replicas` (publishes are refused instead, see `publish.rs`);
+//!    replicas among ALIVE nodes with disk space (not below their watermark), the
+//!    least loaded first, so segments spread evenly, and is not opened at all while
+//!    fewer such nodes are there than the topic's `min_insync_replicas` (publishes are
+//!    refused instead, see `publish.rs`);
 //! 2. an open segment whose primary is DEAD or LEFT is failed over ([`fail_over`]);
 //!    the next pass opens its successor;
 //! 3. a closed segment's copy on a node DEAD for `rereplicate_after_ms` (or removed
@@ -89,9 +90,11 @@ fn plan(
     if alive.is_empty() {
         return Vec::new();
     }
-    let mut load = Load::of_open_segments(state, &alive);
+    // Segment data (new segments, new copies) goes only to nodes with disk space.
+    let data: Vec<NodeId> = state.data_nodes().collect();
+    let mut load = Load::of_open_segments(state, &data);
     let lost = |n: &NodeId| !state.nodes.contains_key(n) || dead_since.get(n).is_some_and(|d| *d >= rereplicate_after);
-    let mut cmds = open_segments(state, &mut load, alive.len(), now_unix_ms);
+    let mut cmds = open_segments(state, &mut load, data.len(), now_unix_ms);
     cmds.extend(rereplicate(state, &load, lost));
     cmds.extend(expire(state, now_unix_ms));
     cmds.extend(place_groups(state, &alive));
@@ -122,7 +125,8 @@ impl Load {
         }
     }
 
-    /// Up to `count` ALIVE nodes not in `exclude`, the least loaded first.
+    /// Up to `count` of the nodes counted (ALIVE, with disk space) not in `exclude`,
+    /// the least loaded first.
     fn least_loaded(&self, count: usize, exclude: &[NodeId]) -> Vec<NodeId> {
         let mut nodes: Vec<(u64, NodeId)> =
             self.0.iter().filter(|(n, _)| !exclude.contains(n)).map(|(n, l)| (*l, *n)).collect();
@@ -132,15 +136,15 @@ impl Load {
 }
 
 /// 1. An open segment for every shard that has none, on as many of the least loaded
-///    ALIVE nodes as the replication factor asks, and never on fewer than the topic's
-///    min in-sync replicas.
-fn open_segments(state: &ClusterState, load: &mut Load, alive: usize, now_unix_ms: i64) -> Vec<Command> {
+///    of the `data` nodes (ALIVE, with disk space) as the replication factor asks,
+///    and never on fewer than the topic's min in-sync replicas.
+fn open_segments(state: &ClusterState, load: &mut Load, data: usize, now_unix_ms: i64) -> Vec<Command> {
     let mut cmds = Vec::new();
     for (ns_name, ns) in &state.namespaces {
         for (topic_name, topic) in &ns.topics {
             for shard in 0..topic.shards {
                 let open = state.topic_segments(ns_name, topic_name).any(|(_, s)| s.shard == shard && s.is_open());
-                let count = (topic.replication_factor as usize).min(alive);
+                let count = (topic.replication_factor as usize).min(data);
                 let min_insync = state.min_insync_for(topic);
                 if open || count < min_insync as usize {
                     continue; // never opened on fewer copies than promised
@@ -498,5 +502,40 @@ mod tests {
         set_node(&mut s, 3, NodeState::Alive);
         let changes = replica_changes(&plan(&s, &HashMap::new(), Duration::from_secs(60), 0));
         assert!(changes.iter().any(|(i, r)| *i == id && r.len() == 3 && r.contains(&3)), "{changes:?}");
+    }
+
+    #[test]
+    fn nodes_below_their_disk_watermark_get_no_new_segment_and_no_new_copy() {
+        let mut s = state_with_topic(0);
+        let low = Some(DiskLow { free_bytes: 1, free_min_bytes: 2 });
+        s.apply(&Command::SetDiskLow { node: 3, low }).unwrap();
+        let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
+        assert_eq!(cmds.len(), 2, "{cmds:?}");
+        apply_all(&mut s, &cmds);
+        for seg in s.segments.values() {
+            assert_eq!((seg.replicas.len(), seg.quorum()), (2, 2), "{seg:?}");
+            assert!(!seg.replicas.contains(&3), "{seg:?}");
+        }
+        // A closed copy to add (replication factor 3) does not go to the low node either.
+        let id = *s.segments.keys().next().unwrap();
+        let holder = s.segments[&id].replicas[0];
+        close(&mut s, id, &[holder]);
+        assert!(replica_changes(&plan(&s, &HashMap::new(), Duration::from_secs(60), 0)).is_empty());
+
+        // With two of three low, none is opened: 1 node with room, 2 needed.
+        let mut s = state_with_topic(0);
+        s.apply(&Command::SetDiskLow { node: 2, low }).unwrap();
+        s.apply(&Command::SetDiskLow { node: 3, low }).unwrap();
+        assert!(plan(&s, &HashMap::new(), Duration::from_secs(60), 0).is_empty());
+        // Space returns: segments open on every node again.
+        s.apply(&Command::SetDiskLow { node: 2, low: None }).unwrap();
+        s.apply(&Command::SetDiskLow { node: 3, low: None }).unwrap();
+        let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
+        apply_all(&mut s, &cmds);
+        assert!(s.segments.values().all(|seg| seg.replicas.len() == 3));
+        // A node removed from the cluster leaves no disk record behind.
+        s.apply(&Command::SetDiskLow { node: 2, low }).unwrap();
+        s.apply(&Command::RemoveNode { id: 2 }).unwrap();
+        assert!(s.disk_low.is_empty());
     }
 }

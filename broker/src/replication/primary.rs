@@ -21,6 +21,7 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,6 +63,9 @@ pub struct PrimaryHandle {
     confirmed: watch::Receiver<u64>,
     /// Close the segment once everything written is confirmed, as when it is full.
     rotate: CancellationToken,
+    /// Too many of the replicas are below their disk watermark to make a quorum: the
+    /// keeper sets it, and publishes are refused meanwhile rather than left waiting.
+    quorum_disk_low: Arc<AtomicBool>,
     stop: CancellationToken,
     task: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
 }
@@ -136,6 +140,16 @@ impl PrimaryHandle {
         self.rotate.cancel();
     }
 
+    /// Whether [`PrimaryHandle::rotate`] was called.
+    pub fn rotating(&self) -> bool {
+        self.rotate.is_cancelled()
+    }
+
+    /// Whether too many replicas are below their disk watermark to confirm a publish.
+    pub fn set_quorum_disk_low(&self, low: bool) {
+        self.quorum_disk_low.store(low, Ordering::Relaxed);
+    }
+
     pub async fn stop(&self) {
         self.stop.cancel();
         if let Some(t) = self.task.lock().await.take() {
@@ -168,6 +182,7 @@ pub fn start(
     let stop = CancellationToken::new();
     let rotate = CancellationToken::new();
     let queue = Arc::new(Semaphore::new(queue_units as usize));
+    let quorum_disk_low = Arc::new(AtomicBool::new(false));
     let task = tokio::spawn(run(Task {
         segments: segments.clone(),
         id,
@@ -182,6 +197,7 @@ pub fn start(
         window: None,
         held: VecDeque::new(),
         rotate: rotate.clone(),
+        quorum_disk_low: quorum_disk_low.clone(),
         stop: stop.clone(),
     }));
     Ok(PrimaryHandle {
@@ -191,6 +207,7 @@ pub fn start(
         queue_units,
         confirmed,
         rotate,
+        quorum_disk_low,
         stop,
         task: Arc::new(tokio::sync::Mutex::new(Some(task))),
     })
@@ -212,6 +229,7 @@ struct Task {
     /// Keyed publishes taken before the window was loaded, in order.
     held: VecDeque<AppendRequest>,
     rotate: CancellationToken,
+    quorum_disk_low: Arc<AtomicBool>,
     stop: CancellationToken,
 }
 
@@ -229,6 +247,9 @@ struct Waiting {
 struct Fsync {
     syncer: Syncer,
     running: Option<JoinHandle<Result<u64, StorageError>>>,
+    /// An fsync that fails for want of space (thin provisioning, network filesystems)
+    /// puts the node below its watermark at once.
+    disk: crate::disk::Disk,
 }
 
 impl Fsync {
@@ -245,7 +266,12 @@ impl Fsync {
         let r = task.await;
         self.running = None;
         match r {
-            Ok(r) => r.map_err(storage_error),
+            Ok(r) => r.map_err(|e| {
+                if super::out_of_space(&e) {
+                    self.disk.out_of_space();
+                }
+                storage_error(e)
+            }),
             Err(e) => Err(RequestError::new(ErrorCode::Internal, format!("fsync task: {e}"))),
         }
     }
@@ -268,7 +294,7 @@ async fn run(mut t: Task) {
         let stream = ReplicaStream { segments: t.segments.clone(), id, node, reader: t.reader.clone() };
         tokio::spawn(stream.run(written_rx.clone(), ack_tx.clone(), streams.clone()));
     }
-    let mut fsync = Fsync { syncer, running: None };
+    let mut fsync = Fsync { syncer, running: None, disk: t.segments.disk().clone() };
     let mut rotating = false;
     // Exactly-once publishing: the window of the shard's previous generations, loaded
     // (handed over or rebuilt) while unkeyed publishes flow; keyed ones wait in `held`.
@@ -303,8 +329,14 @@ async fn run(mut t: Task) {
                 Err(e) => break Some(e),
             },
             Some(ack) = ack_rx.recv() => core.replica_durable(ack.node, ack.durable, ack.fresh),
-            req = t.rx.recv(), if !rotating => {
+            req = t.rx.recv(), if !rotating || t.quorum_disk_low.load(Ordering::Relaxed) => {
                 let Some(first) = req else { break None };
+                if rotating {
+                    // Closing, but too few replicas have disk space to confirm what was
+                    // written, so it may take long: refuse rather than keep it waiting.
+                    let _ = first.reply.send(Err(t.quorum_disk_refusal()));
+                    continue;
+                }
                 match t.append_batch(vec![first], &mut core, &mut fsync) {
                     Ok(full) => rotating |= full,
                     Err(e) => break Some(e),
@@ -357,6 +389,13 @@ impl Task {
             bytes += r.payloads.iter().map(Bytes::len).sum::<usize>();
             batch.push(r);
         }
+        if let Err(e) = self.admit(bytes) {
+            // Refused before anything was written: the segment carries on.
+            for r in batch {
+                let _ = r.reply.send(Err(e.clone()));
+            }
+            return Ok(false);
+        }
         // Timestamps never go backwards within a segment, so a time look-up can bisect.
         let ts = self.segments.clock().now_unix_ms().max(self.last_timestamp_ms);
         self.last_timestamp_ms = ts;
@@ -372,7 +411,7 @@ impl Task {
         let (range, size) = match appended {
             Ok(a) => a,
             Err(e) => {
-                let e = storage_error(e);
+                let e = self.segments.write_error(e);
                 for w in writes {
                     let _ = w.waiting.reply.send(Err(e.clone()));
                 }
@@ -482,6 +521,28 @@ impl Task {
         }
     }
 
+    /// Whether `bytes` of publishes may be written: not while this node's disk is below
+    /// its watermark, nor while too many replicas' are to confirm them.
+    fn admit(&self, bytes: usize) -> Result<(), RequestError> {
+        if self.quorum_disk_low.load(Ordering::Relaxed) {
+            return Err(self.quorum_disk_refusal());
+        }
+        self.segments.disk().admit(bytes as u64, || format!("a publish to segment {}", self.id))
+    }
+
+    fn quorum_disk_refusal(&self) -> RequestError {
+        let st = self.segments.cluster().state.read();
+        let low = st.state.disk_low_text(self.replicas.iter().copied());
+        RequestError::new(
+            ErrorCode::DiskFull,
+            format!(
+                "segment {}: publish refused: it cannot be confirmed on {} copies while replicas are below their \
+                 disk watermark: {low}; nothing was written; retry once space is freed",
+                self.id, self.quorum
+            ),
+        )
+    }
+
     /// Answers what is still waiting and, after a failure, hands the segment to a
     /// fail-over.
     fn finish(mut self, mut core: Confirmations<Waiting>, failure: Option<RequestError>) {
@@ -523,6 +584,9 @@ impl Task {
             tracing::error!(segment_id = id, error = %e, "primary failed; failing the segment over");
             let segments = self.segments.clone();
             tokio::spawn(async move {
+                // Out of space: say so before the close, or the leader's next pass may
+                // open the successor right here again.
+                crate::disk::report(segments.disk(), segments.cluster()).await;
                 if let Err(e) = super::placement::fail_over(&segments, id).await {
                     tracing::warn!(segment_id = id, error = %e, "fail-over after a primary failure did not complete");
                 }

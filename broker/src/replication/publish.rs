@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::confirm::Durability;
 use super::dedupe::Key;
+use super::keeper::{disk_action, DiskAction};
 use super::Segments;
 use crate::cluster_state::{NodeId, SegmentId};
 use crate::error::{ErrorCode, RequestError};
@@ -126,7 +127,17 @@ impl Segments {
     ) -> Result<PublishResponse, RequestError> {
         // No task yet: the keeper has not started it.
         let primary = self.primary(id).ok_or_else(|| not_ready(topic))?;
-        let a = primary.append(payloads.to_vec(), durability, key).await?;
+        let a = match primary.append(payloads.to_vec(), durability, key).await {
+            Err(e) if e.code == ErrorCode::DiskFull && self.moves_for_disk(id) => {
+                // Not a refusal of the cluster: the shard is about to move to nodes
+                // with room, so the publish is routed again (within its deadline).
+                return Err(RequestError::new(
+                    ErrorCode::NotPrimary,
+                    format!("{}; segment {id} moves to nodes with disk space: publish again", e.message),
+                ));
+            }
+            r => r?,
+        };
         #[allow(deprecated)] // `ok`: still sent for clients that read it
         Ok(PublishResponse {
             ok: true,
@@ -136,6 +147,20 @@ impl Segments {
             duplicate: a.duplicate,
             stored_before: a.stored_before,
         })
+    }
+
+    /// Whether segment `id`, whose primary (this node) refused a publish for disk space,
+    /// is closed by its keeper so that its successor goes elsewhere, and enough other
+    /// nodes have room to open that successor.
+    fn moves_for_disk(&self, id: SegmentId) -> bool {
+        let me = self.cluster().id;
+        let me_low = self.disk().status().below;
+        let st = self.cluster().state.read();
+        let low = |n: NodeId| if n == me { me_low } else { st.state.disk_low.contains_key(&n) };
+        let Some(seg) = st.state.segments.get(&id) else { return false };
+        let Ok(spec) = st.state.topic(&seg.namespace, &seg.topic) else { return false };
+        let room = st.state.alive_nodes().filter(|n| !low(*n)).count();
+        disk_action(seg, low) == DiskAction::Rotate && room >= st.state.min_insync_for(spec) as usize
     }
 
     /// Where a stream of publishes to `topic` should go as a whole: `Some(addr)` when
@@ -168,6 +193,18 @@ impl Segments {
         if open.is_empty() {
             let needed = st.state.min_insync_for(spec);
             let alive = st.state.alive_nodes().count();
+            let data = st.state.data_nodes().count();
+            if alive >= needed as usize && data < needed as usize {
+                let low = st.state.disk_low_text(st.state.alive_nodes());
+                return Ok(Route::TooFewNodes(RequestError::new(
+                    ErrorCode::DiskFull,
+                    format!(
+                        "topic {topic:?} needs {needed} nodes with disk space for a new segment \
+                         (min_insync_replicas) and {data} have it: {low} below the disk watermark; \
+                         publish refused before any disk fills; retry once space is freed"
+                    ),
+                )));
+            }
             if alive < needed as usize {
                 return Ok(Route::TooFewNodes(RequestError::new(
                     ErrorCode::NotEnoughReplicas,
@@ -180,7 +217,10 @@ impl Segments {
             }
             return Ok(Route::None);
         }
-        let (_, node, _) = open[ROUND_ROBIN.fetch_add(1, Ordering::Relaxed) % open.len()];
+        // Shards whose primary has disk space first: another shard can still take it.
+        let with_room: Vec<_> = open.iter().filter(|(_, p, _)| !st.state.disk_low.contains_key(p)).collect();
+        let candidates = if with_room.is_empty() { open.iter().collect() } else { with_room };
+        let &(_, node, _) = candidates[ROUND_ROBIN.fetch_add(1, Ordering::Relaxed) % candidates.len()];
         Ok(match st.state.nodes.get(&node) {
             Some(n) => Route::Remote(node, n.address.clone()),
             None => Route::None,
@@ -195,7 +235,7 @@ enum Route {
     Remote(NodeId, String),
     /// No open segment (yet): retry.
     None,
-    /// No open segment, and too few nodes ALIVE to open one.
+    /// No open segment, and too few nodes ALIVE (or with disk space) to open one.
     TooFewNodes(RequestError),
 }
 

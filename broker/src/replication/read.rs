@@ -59,11 +59,43 @@ impl Segments {
                     Err(e) => Err(storage_error(e)),
                 }
             }
-            _ => Err(RequestError::new(
+            Some(info) => self.read_partial_copy(id, info.next_offset, from, max_bytes).await,
+            None => Err(RequestError::new(
                 ErrorCode::NotReady,
                 format!("segment_id: segment {id} has no readable copy on node {}", self.cluster().id),
             )),
         }
+    }
+
+    /// Serves the records an unsealed copy of a *closed* segment holds below the
+    /// agreed end: every copy of a segment is a prefix of the one log its primary
+    /// wrote, so a shorter copy (a replica that was behind, a copy being fetched) has
+    /// the same records as the complete ones, and can stand in when those are damaged
+    /// or unreachable. Answers `closed: false` with its own end: a reader must not take
+    /// it for the segment's end.
+    async fn read_partial_copy(
+        &self,
+        id: SegmentId,
+        local_next: u64,
+        from: u64,
+        max_bytes: usize,
+    ) -> Result<ReadResult, RequestError> {
+        let agreed_next = {
+            let st = self.cluster().state.read();
+            st.state.segments.get(&id).filter(|s| !s.is_open()).map(|s| s.next_offset)
+        };
+        let end = match agreed_next {
+            Some(agreed) if from < local_next.min(agreed) => local_next.min(agreed),
+            _ => {
+                return Err(RequestError::new(
+                    ErrorCode::NotReady,
+                    format!("segment_id: node {} holds no readable record {from} of segment {id}", self.cluster().id),
+                ))
+            }
+        };
+        let reader = self.store().reader(id).map_err(storage_error)?;
+        let records = blocking_read(reader, from, end, max_bytes).await?;
+        Ok(ReadResult { records, end_offset: end, closed: false })
     }
 
     /// Reads a segment from wherever a readable copy is: locally if this node is its
@@ -102,7 +134,39 @@ impl Segments {
         };
         let mut last_err =
             RequestError::new(ErrorCode::NotReady, format!("segment_id: segment {id} has no readable copy yet"));
-        for node in candidates {
+        match self.read_from(id, &candidates, from, max_bytes, wait).await {
+            Ok(r) => return Ok(r),
+            Err(e) => last_err = e.unwrap_or(last_err),
+        }
+        if seg.is_open() {
+            return Err(last_err);
+        }
+        // No complete copy could serve it: a shorter copy may hold the record, here or
+        // on a replica that is not done (see `read_partial_copy`).
+        if !local_ok && self.store().info(id).is_some() {
+            if let Ok(r) = self.read_local(id, from, max_bytes, Duration::ZERO).await {
+                return Ok(r);
+            }
+        }
+        let partial: Vec<u64> = seg.replicas.iter().copied().filter(|n| *n != me && !seg.done.contains(n)).collect();
+        match self.read_from(id, &partial, from, max_bytes, Duration::ZERO).await {
+            Ok(r) => Ok(r),
+            Err(e) => Err(e.unwrap_or(last_err)),
+        }
+    }
+
+    /// Asks `nodes` in turn; the first answer with records (or the first answer at all)
+    /// wins. `Err(None)`: nobody to ask.
+    async fn read_from(
+        &self,
+        id: SegmentId,
+        nodes: &[u64],
+        from: u64,
+        max_bytes: usize,
+        wait: Duration,
+    ) -> Result<ReadResult, Option<RequestError>> {
+        let mut last_err = None;
+        for &node in nodes {
             let Ok(addr) = self.node_addr(node) else { continue };
             match self.peers().read_segment(node, &addr, id, from, max_bytes, wait).await {
                 Ok(r) => {
@@ -113,8 +177,8 @@ impl Segments {
                     });
                 }
                 Err(e) => {
-                    last_err =
-                        RequestError::new(ErrorCode::NotReady, format!("reading segment {id} from node {node}: {e}"))
+                    let msg = format!("reading segment {id} from node {node}: {e}");
+                    last_err = Some(RequestError::new(ErrorCode::NotReady, msg))
                 }
             }
         }

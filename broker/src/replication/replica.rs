@@ -120,8 +120,13 @@ impl<S: Stream<Item = Result<ReplicateRequest, RequestError>> + Unpin> ReplicaSt
                 return Err(Some(frozen(self.id)));
             }
             if !msg.records.is_empty() {
+                // Below the disk watermark a replica takes nothing more: the stream ends
+                // with the refusal, so the primary cannot count this copy (and retries).
+                let bytes: usize = msg.records.iter().map(|r| r.payload.len()).sum();
+                let id = self.id;
+                self.segments.disk().admit(bytes as u64, || format!("replicating segment {id}")).map_err(Some)?;
                 let records: Vec<_> = msg.records.into_iter().map(from_wire).collect();
-                lock(&self.writer).append_records(&records).map_err(|e| Some(storage_error(e)))?;
+                lock(&self.writer).append_records(&records).map_err(|e| Some(self.segments.write_error(e)))?;
                 appended = true;
             }
             next = match self.inbound.next().now_or_never() {

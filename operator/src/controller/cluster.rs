@@ -265,6 +265,7 @@ mod tests {
                 address: format!("emq-{i}.emq-nodes.mq.svc.cluster.local:16000"),
                 state: *state as i32,
                 raft_role: "voter".into(),
+                ..pb::Node::default()
             })
             .collect();
         pb::DumpResponse {

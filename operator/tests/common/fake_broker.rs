@@ -423,6 +423,7 @@ pub fn healthy_dump() -> pb::DumpResponse {
         address: format!("{pod}.emq-nodes.messaging.svc.cluster.local:16000"),
         state: pb::NodeState::Alive as i32,
         raft_role: "voter".into(),
+        ..pb::Node::default()
     };
     pb::DumpResponse {
         state: Some(pb::ClusterState {
@@ -435,5 +436,6 @@ pub fn healthy_dump() -> pb::DumpResponse {
         node_id: 1,
         leader_id: 2,
         term: 3,
+        local: None,
     }
 }
