@@ -289,11 +289,7 @@ async fn run(mut t: Task) {
     let mut core = Confirmations::new(me, &t.replicas, t.quorum, written);
     let (written_tx, written_rx) = watch::channel(written);
     let (ack_tx, mut ack_rx) = mpsc::channel::<Ack>(ACK_QUEUE_MAX);
-    let streams = t.stop.child_token();
-    for node in t.replicas.iter().copied().filter(|n| *n != me) {
-        let stream = ReplicaStream { segments: t.segments.clone(), id, node, reader: t.reader.clone() };
-        tokio::spawn(stream.run(written_rx.clone(), ack_tx.clone(), streams.clone()));
-    }
+    let streams = t.start_streams(written_rx, ack_tx);
     let mut fsync = Fsync { syncer, running: None, disk: t.segments.disk().clone() };
     let mut rotating = false;
     // Exactly-once publishing: the window of the shard's previous generations, loaded
@@ -305,20 +301,11 @@ async fn run(mut t: Task) {
             biased;
             _ = t.stop.cancelled() => break None,
             w = &mut loading, if dedupe && t.window.is_none() => {
-                t.window = Some(w);
-                let held: Vec<AppendRequest> = t.held.drain(..).collect();
-                if rotating {
-                    // Closing: they go to the successor, as those still queued do.
-                    for r in held {
-                        let _ = r.reply.send(Err(closing(id)));
-                    }
-                } else if !held.is_empty() {
-                    match t.append_batch(held, &mut core, &mut fsync) {
-                        Ok(full) => rotating |= full,
-                        Err(e) => break Some(e),
-                    }
-                    let _ = written_tx.send(core.written());
+                match t.window_loaded(w, rotating, &mut core, &mut fsync) {
+                    Ok(full) => rotating |= full,
+                    Err(e) => break Some(e),
                 }
+                written_tx.send_if_modified(|w| std::mem::replace(w, core.written()) != core.written());
             }
             _ = t.rotate.cancelled(), if !rotating => {
                 tracing::info!(segment_id = id, "closing the segment so that its successor gets every replica");
@@ -331,27 +318,14 @@ async fn run(mut t: Task) {
             Some(ack) = ack_rx.recv() => core.replica_durable(ack.node, ack.durable, ack.fresh),
             req = t.rx.recv(), if !rotating || t.quorum_disk_low.load(Ordering::Relaxed) => {
                 let Some(first) = req else { break None };
-                if rotating {
-                    // Closing, but too few replicas have disk space to confirm what was
-                    // written, so it may take long: refuse rather than keep it waiting.
-                    let _ = first.reply.send(Err(t.quorum_disk_refusal()));
-                    continue;
-                }
-                match t.append_batch(vec![first], &mut core, &mut fsync) {
+                match t.take(first, rotating, &mut core, &mut fsync) {
                     Ok(full) => rotating |= full,
                     Err(e) => break Some(e),
                 }
                 let _ = written_tx.send(core.written());
             }
         }
-        if core.needs_fsync() {
-            fsync.start_if_idle();
-        }
-        for (waiting, range) in core.take_confirmed() {
-            t.answer(waiting, range);
-        }
-        // Readers may already have seen records up to the old value: only forward.
-        t.confirmed_tx.send_if_modified(|c| std::mem::replace(c, core.confirmed()) != core.confirmed());
+        t.after_event(&mut core, &mut fsync);
         if rotating && core.settled() {
             streams.cancel();
             // Before the close is proposed: the next generation's primary may ask for
@@ -370,6 +344,72 @@ async fn run(mut t: Task) {
 }
 
 impl Task {
+    /// Starts a stream to every other replica; cancelling the token ends them.
+    fn start_streams(&self, written: watch::Receiver<u64>, acks: mpsc::Sender<Ack>) -> CancellationToken {
+        let me = self.segments.cluster().id;
+        let streams = self.stop.child_token();
+        for node in self.replicas.iter().copied().filter(|n| *n != me) {
+            let stream =
+                ReplicaStream { segments: self.segments.clone(), id: self.id, node, reader: self.reader.clone() };
+            tokio::spawn(stream.run(written.clone(), acks.clone(), streams.clone()));
+        }
+        streams
+    }
+
+    /// The duplicate window is loaded: the keyed publishes held meanwhile are taken
+    /// now, or (`rotating`: closing) go to the successor as those still queued do.
+    /// `Ok(true)`: the segment is full.
+    fn window_loaded(
+        &mut self,
+        window: Window<Reply>,
+        rotating: bool,
+        core: &mut Confirmations<Waiting>,
+        fsync: &mut Fsync,
+    ) -> Result<bool, RequestError> {
+        self.window = Some(window);
+        let held: Vec<AppendRequest> = self.held.drain(..).collect();
+        if rotating {
+            for r in held {
+                let _ = r.reply.send(Err(closing(self.id)));
+            }
+            return Ok(false);
+        }
+        if held.is_empty() {
+            return Ok(false);
+        }
+        self.append_batch(held, core, fsync)
+    }
+
+    /// A publish from the queue: written with whatever else is queued, or, while the
+    /// segment is closing because too few replicas have disk space to confirm what was
+    /// written (which may take long), refused rather than kept waiting.
+    fn take(
+        &mut self,
+        first: AppendRequest,
+        rotating: bool,
+        core: &mut Confirmations<Waiting>,
+        fsync: &mut Fsync,
+    ) -> Result<bool, RequestError> {
+        if rotating {
+            let _ = first.reply.send(Err(self.quorum_disk_refusal()));
+            return Ok(false);
+        }
+        self.append_batch(vec![first], core, fsync)
+    }
+
+    /// After every event: fsync what needs it, answer what is confirmed, and let
+    /// readers see the new confirmed end.
+    fn after_event(&mut self, core: &mut Confirmations<Waiting>, fsync: &mut Fsync) {
+        if core.needs_fsync() {
+            fsync.start_if_idle();
+        }
+        for (waiting, range) in core.take_confirmed() {
+            self.answer(waiting, range);
+        }
+        // Readers may already have seen records up to the old value: only forward.
+        self.confirmed_tx.send_if_modified(|c| std::mem::replace(c, core.confirmed()) != core.confirmed());
+    }
+
     /// Takes `first` and whatever else is queued (up to `write_batch_max_bytes`) into
     /// one write, starts its fsync at once (the longest step), and hands the batch to
     /// the core. Keyed publishes go through the duplicate window first: a repeat is
