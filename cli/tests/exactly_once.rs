@@ -1,4 +1,4 @@
-//! Exactly-once publishing through the real binary on 127.0.0.111-113: a CLI
+//! Exactly-once publishing through the real binary on 127.0.0.121-123: a CLI
 //! `publish` through a node that is killed (kill -9) and restarted while it publishes
 //! sends its unanswered requests again with the same producer id and numbers, and
 //! every message is stored once.
@@ -36,15 +36,10 @@ fn subscribe(host: &str, port: u16, extra: &[&str]) -> Vec<String> {
 #[test]
 fn a_publish_through_a_node_killed_and_restarted_stores_every_message_once() {
     let tmp = test_dir("exactly_once_kill");
-    let hosts = ["127.0.0.111", "127.0.0.112", "127.0.0.113"];
+    let hosts = ["127.0.0.121", "127.0.0.122", "127.0.0.123"];
     let port = 26850;
     let mut nodes = three_nodes(&tmp, hosts, port);
-    eventually(Duration::from_secs(30), "3 ALIVE nodes", || {
-        let o = cli(hosts[2], port, &["dump"]);
-        o.status.success() && alive_count(&stdout(&o)) == 3
-    });
-    assert!(cli(hosts[0], port, &["create-topic", "t", "--replication-factor", "3"]).status.success());
-    assert!(cli(hosts[1], port, &["create-consumer-group", "g", "--bind", "t"]).status.success());
+    create_topic_and_group(hosts, port);
 
     // The node the publisher talks to is the primary of the topic's open segment, so
     // the kill takes both its connection and the segment's primary.
