@@ -129,6 +129,11 @@ pub struct BrokerArgs {
     /// memory each).
     #[arg(long, default_value_t = DataSettings::default().dedupe_window_entries_max)]
     pub dedupe_window_entries_max: usize,
+    /// ... and after a crash of a shard's primary, at most this many bytes of the
+    /// shard's previous segments are read to rebuild the window (keyed publishes stored
+    /// before are not recognized as repeats).
+    #[arg(long, default_value_t = DataSettings::default().dedupe_rebuild_read_max_bytes)]
+    pub dedupe_rebuild_read_max_bytes: u64,
     /// Free space the filesystem of --dir keeps: below it the node refuses publishes and
     /// replicated records (ResourceExhausted) before a write could fail, so the cluster
     /// state keeps room to work. Back above at 25 % (at least 4 MiB) more.

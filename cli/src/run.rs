@@ -67,6 +67,7 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
         rereplicate_after_ms: args.rereplicate_after_ms,
         dedupe_window_ms: args.dedupe_window_ms,
         dedupe_window_entries_max: args.dedupe_window_entries_max,
+        dedupe_rebuild_read_max_bytes: args.dedupe_rebuild_read_max_bytes,
         disk_watermark: eventtermq_broker::disk::Watermark {
             free_min_bytes: args.disk_free_min_bytes,
             free_min_percent: args.disk_free_min_percent,

@@ -22,12 +22,6 @@ use super::{lock, Segments};
 use crate::cluster_state::{SegmentId, SegmentRecord};
 use crate::error::{ErrorCode, RequestError};
 
-/// Bytes of previous generations' records read at most when rebuilding a window after
-/// a crash (four segments of the default size): a shard whose primaries all crashed
-/// since (or were one node, restarted) forgets keyed requests stored before that
-/// (logged). Rotations cost nothing here: their windows are handed over.
-pub const REBUILD_READ_MAX_BYTES: u64 = 256 * 1024 * 1024;
-
 /// Pauses between attempts to load a window (doubling from the first).
 const LOAD_RETRY_MIN: Duration = Duration::from_millis(50);
 const LOAD_RETRY_MAX: Duration = Duration::from_secs(1);
@@ -75,6 +69,7 @@ async fn load_once<T>(segments: &Segments, id: SegmentId) -> Result<Window<T>, R
     // before it; those after it are read.
     let mut read: Vec<(SegmentId, SegmentRecord)> = Vec::new();
     let mut read_bytes = 0u64;
+    let read_max = settings.dedupe_rebuild_read_max_bytes;
     let mut base = None;
     for (pid, seg) in previous {
         if seg.closed_unix_ms < horizon {
@@ -95,11 +90,12 @@ async fn load_once<T>(segments: &Segments, id: SegmentId) -> Result<Window<T>, R
             continue;
         }
         read_bytes += seg.size_bytes;
-        if read_bytes > REBUILD_READ_MAX_BYTES {
+        if read_bytes > read_max {
             tracing::warn!(
                 segment_id = id,
-                "rebuilding the duplicate window would read more than {REBUILD_READ_MAX_BYTES} bytes; keyed \
-                 publishes stored before segment {pid} closed are not recognized as repeats"
+                "rebuilding the duplicate window would read more than {read_max} bytes \
+                 (--dedupe-rebuild-read-max-bytes); keyed publishes stored before segment {pid} closed are not \
+                 recognized as repeats"
             );
             break;
         }
