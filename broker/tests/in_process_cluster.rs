@@ -780,51 +780,49 @@ async fn a_retried_cluster_state_write_answers_as_its_first_attempt_did() {
     stop_all(nodes).await;
 }
 
+/// Publishes request `sequence` of producer 99 to topic `t` through `node` (messages
+/// `sequence * 5` .. `+ 5`), again until it is answered (as a client that did not hear
+/// an answer does, with the same key), for up to 30 s.
+async fn keyed_publish(node: &TestNode, sequence: u32) -> eventtermq_proto::v1::PublishResponse {
+    use eventtermq_broker::replication::dedupe::Key;
+    use eventtermq_proto::v1::{Message, Persistence};
+    let messages: Vec<Message> = (0..5)
+        .map(|i| Message { data: (sequence * 5 + i).to_string().into_bytes().into(), ..Default::default() })
+        .collect();
+    let key = Some(Key { producer: 99, sequence: u64::from(sequence) });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match node.handle.segments.publish("default", "t", &messages, Persistence::Replicated, key, 0).await {
+            Ok(r) => return r,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("publish {sequence} again after: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("publish {sequence}: {e:?}"),
+        }
+    }
+}
+
 /// Exactly-once publishing across rotations (the window handed from primary to
 /// primary) and a primary crash (rebuilt from the records): every request sent again
 /// with its producer id and sequence is answered as first stored, and every message
 /// is in the topic once.
 #[tokio::test(start_paused = true)]
 async fn keyed_publishes_are_stored_once_across_rotations_and_a_primary_crash() {
-    use eventtermq_broker::replication::dedupe::Key;
-    use eventtermq_proto::v1::{Message, Persistence, PublishResponse};
+    use eventtermq_proto::v1::PublishResponse;
     let dir = tempfile::tempdir().unwrap();
     let net = TestNet::new();
     let mut nodes = three(&net, dir.path()).await;
     // Small segments: a rotation every few requests.
     let spec = TopicSpec { segment_size_max_bytes: 600, ..topic() };
-    nodes[0]
-        .handle
-        .cluster
-        .write(Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec })
-        .await
-        .unwrap();
+    let cmd = Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec };
+    nodes[0].handle.cluster.write(cmd).await.unwrap();
     eventually(Duration::from_secs(10), "an open segment", || async { primary_index(&nodes).is_some() }).await;
 
     const REQUESTS: u32 = 30;
-    let publish = |node: &TestNode, sequence: u32| {
-        let segments = node.handle.segments.clone();
-        async move {
-            let messages: Vec<Message> = (0..5)
-                .map(|i| Message { data: (sequence * 5 + i).to_string().into_bytes().into(), ..Default::default() })
-                .collect();
-            let key = Some(Key { producer: 99, sequence: u64::from(sequence) });
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                match segments.publish("default", "t", &messages, Persistence::Replicated, key, 0).await {
-                    Ok(r) => return r,
-                    Err(e) if Instant::now() < deadline => {
-                        eprintln!("publish {sequence} again after: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await
-                    }
-                    Err(e) => panic!("publish {sequence}: {e:?}"),
-                }
-            }
-        }
-    };
     let mut first: Vec<PublishResponse> = Vec::new();
     for s in 0..REQUESTS {
-        let r = publish(&nodes[(s % 3) as usize], s).await;
+        let r = keyed_publish(&nodes[(s % 3) as usize], s).await;
         assert!(!r.duplicate && r.count == 5, "{r:?}");
         first.push(r);
     }
@@ -833,7 +831,7 @@ async fn keyed_publishes_are_stored_once_across_rotations_and_a_primary_crash() 
     assert!(generations(&nodes) > 3, "rotations: {}", generations(&nodes));
     // Again, through other nodes: answered as stored, in whichever generation.
     for s in 0..REQUESTS {
-        let r = publish(&nodes[((s + 1) % 3) as usize], s).await;
+        let r = keyed_publish(&nodes[((s + 1) % 3) as usize], s).await;
         assert!(r.duplicate, "{s}: {r:?}");
         assert_eq!(
             (r.segment_id, r.first_offset, r.count),
@@ -849,7 +847,7 @@ async fn keyed_publishes_are_stored_once_across_rotations_and_a_primary_crash() 
     net.detach(&dead.name);
     dead.handle.kill().await;
     for s in 0..REQUESTS + 5 {
-        let r = publish(&nodes[(s % 2) as usize], s).await;
+        let r = keyed_publish(&nodes[(s % 2) as usize], s).await;
         assert_eq!(r.duplicate, s < REQUESTS, "{s}: {r:?}");
     }
 
@@ -863,13 +861,13 @@ async fn keyed_publishes_are_stored_once_across_rotations_and_a_primary_crash() 
     .await;
     let mut s = REQUESTS + 5;
     while s < REQUESTS + 50 && primary_index(&nodes).map(|i| nodes[i].handle.id) != Some(dead_id) {
-        let r = publish(&nodes[(s % 3) as usize], s).await;
+        let r = keyed_publish(&nodes[(s % 3) as usize], s).await;
         assert!(!r.duplicate, "{s}: {r:?}");
         s += 1;
     }
     assert_eq!(primary_index(&nodes).map(|i| nodes[i].handle.id), Some(dead_id), "the primary moved back");
     for again in 0..s {
-        let r = publish(&nodes[(again % 3) as usize], again).await;
+        let r = keyed_publish(&nodes[(again % 3) as usize], again).await;
         assert!(r.duplicate, "{again}: {r:?}");
     }
     let mut got = read_topic(&nodes[0]).await;

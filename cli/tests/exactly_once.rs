@@ -33,6 +33,20 @@ fn subscribe(host: &str, port: u16, extra: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// `got` is `m-1` ... `m-<count>`, each once, in any order.
+fn assert_each_once(got: &[String], count: u64) {
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for m in got {
+        *seen.entry(m.as_str()).or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).map(|(m, _)| m).take(10).collect();
+    assert!(twice.is_empty(), "stored twice: {twice:?} ...");
+    let missing: Vec<_> =
+        (1..=count).map(|n| format!("m-{n}")).filter(|m| !seen.contains_key(m.as_str())).take(10).collect();
+    assert!(missing.is_empty(), "lost: {missing:?} ...");
+    assert_eq!(got.len() as u64, count);
+}
+
 #[test]
 fn a_publish_through_a_node_killed_and_restarted_stores_every_message_once() {
     let tmp = test_dir("exactly_once_kill");
@@ -79,6 +93,8 @@ fn a_publish_through_a_node_killed_and_restarted_stores_every_message_once() {
     nodes[victim].spawn();
 
     let o = publisher.wait_with_output().unwrap();
+    // What a user sees through the kill (kept in the test's output).
+    eprintln!("publish through the kill, after {:?}; its stderr:\n{}", started.elapsed(), stderr(&o));
     assert!(o.status.success(), "publish exited {:?} after {:?}: {}", o.status.code(), started.elapsed(), stderr(&o));
     assert_eq!(stdout(&o).trim(), format!(r#"{{"ok": true, "published": {COUNT}}}"#));
     assert!(stderr(&o).contains("retrying with the same producer id"), "the kill was not noticed: {}", stderr(&o));
@@ -86,15 +102,7 @@ fn a_publish_through_a_node_killed_and_restarted_stores_every_message_once() {
     // Every message exactly once.
     let reader = hosts[(victim + 1) % 3];
     let got = subscribe(reader, port, &["--max-messages", &COUNT.to_string(), "--wait", "20s"]);
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-    for m in &got {
-        *seen.entry(m.clone()).or_default() += 1;
-    }
-    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).map(|(m, _)| m).take(10).collect();
-    assert!(twice.is_empty(), "stored twice: {twice:?} ...");
-    let missing: Vec<_> = (1..=COUNT).map(|n| format!("m-{n}")).filter(|m| !seen.contains_key(m)).take(10).collect();
-    assert!(missing.is_empty(), "lost: {missing:?} ...");
-    assert_eq!(got.len() as u64, COUNT);
+    assert_each_once(&got, COUNT);
     assert!(subscribe(reader, port, &["--wait", "2s"]).is_empty(), "nothing more");
 
     // The same command again, same producer id: every request is a repeat, answered as

@@ -450,6 +450,156 @@ mod tests {
         ]
     }
 
+    /// A record of the open segment: (key, index in its request, storing), and the key
+    /// the first record of each request carries, with its time.
+    type Rec = (Key, u32, usize, Option<(PublishKey, i64)>);
+
+    /// The window under test and a model of what the segments hold.
+    struct Model {
+        w: Window<usize>,
+        entries_max: usize,
+        now: i64,
+        segment: SegmentId,
+        /// Records in the open segment.
+        written: u64,
+        /// Requests being appended, oldest first: (key, skip, messages, begun at, place).
+        in_flight: VecDeque<(Key, u32, u32, i64, u64)>,
+        /// Per key, every stored copy of its messages (by index in the request).
+        all: BTreeMap<Key, Vec<u32>>,
+        /// Per key, its latest storing (a number) and that storing's messages.
+        latest: BTreeMap<Key, (usize, Vec<u32>)>,
+        /// When (time, place among keyed requests begun) that storing began.
+        began: BTreeMap<Key, (i64, u64)>,
+        placed: u64,
+        records: Vec<Rec>,
+        /// The window this generation started from.
+        started: Vec<(Key, Stored, i64)>,
+    }
+
+    impl Model {
+        fn new(entries_max: usize) -> Self {
+            Model {
+                w: Window::new(WINDOW_MS, entries_max),
+                entries_max,
+                now: 0,
+                segment: 1,
+                written: 0,
+                in_flight: VecDeque::new(),
+                all: BTreeMap::new(),
+                latest: BTreeMap::new(),
+                began: BTreeMap::new(),
+                placed: 0,
+                records: Vec::new(),
+                started: Vec::new(),
+            }
+        }
+
+        /// Request `s` of `n` messages arrives; what the window says is checked.
+        fn publish(&mut self, s: u64, n: u32, token: usize) -> Result<(), TestCaseError> {
+            let k = key(s);
+            let guaranteed = self.began.get(&k).is_some_and(|(at, place)| {
+                self.now - at <= WINDOW_MS as i64 && self.placed - place < self.entries_max as u64
+            });
+            let prefix =
+                |held: Option<&Vec<u32>>| (0..n).take_while(|i| held.is_some_and(|h| h.contains(i))).count() as u32;
+            let anywhere = prefix(self.all.get(&k));
+            let of_latest = prefix(self.latest.get(&k).map(|(_, h)| h));
+            let in_flight_here = self.in_flight.iter().any(|(f, ..)| *f == k);
+            match self.w.begin(k, n, self.now, token) {
+                Begin::Append { skip, .. } => {
+                    prop_assert!(!in_flight_here, "{:?} appended while in flight", k);
+                    prop_assert!(skip <= anywhere, "{:?} skips {} of {:?}", k, skip, self.all.get(&k));
+                    if guaranteed {
+                        // Nothing its latest storing holds is appended again.
+                        prop_assert!(skip >= of_latest, "{:?} skips {} of {:?}", k, skip, self.latest.get(&k));
+                        prop_assert!(of_latest < n, "{:?} complete yet appended", k);
+                    }
+                    self.placed += 1;
+                    self.in_flight.push_back((k, skip, n, self.now, self.placed));
+                }
+                Begin::Duplicate { stored, .. } => {
+                    prop_assert!(!in_flight_here);
+                    prop_assert!(stored.complete());
+                    prop_assert_eq!(stored.total, n);
+                    prop_assert_eq!(anywhere, n, "{:?}: answered as stored, holds {:?}", k, self.all.get(&k));
+                }
+                Begin::Waiting => prop_assert!(in_flight_here),
+                Begin::Mismatch { total, .. } => prop_assert_ne!(total, n),
+            }
+            Ok(())
+        }
+
+        /// The oldest request in flight is written and confirmed.
+        fn confirm(&mut self, token: usize) -> Result<(), TestCaseError> {
+            let Some((k, skip, n, at, place)) = self.in_flight.pop_front() else { return Ok(()) };
+            let count = n - skip;
+            self.w.written(k, self.segment, self.written, count);
+            // The window runs from a request's first storing: the rest of one cut short
+            // continues it.
+            if skip == 0 {
+                self.latest.insert(k, (token, Vec::new()));
+                self.began.insert(k, (at, place));
+            }
+            let storing = self.latest.get(&k).map_or(token, |(id, _)| *id);
+            let carried = PublishKey { producer_id: k.producer, sequence: k.sequence, count: n, stored_before: skip };
+            for i in skip..n {
+                self.records.push((k, i, storing, (i == skip).then_some((carried, self.now))));
+                self.all.entry(k).or_default().push(i);
+                if let Some((_, mine)) = self.latest.get_mut(&k) {
+                    mine.push(i);
+                }
+            }
+            self.written += u64::from(count);
+            let (stored, _) = self.w.confirmed(k).expect("in flight");
+            prop_assert_eq!((stored.first_offset, stored.count), (self.written - u64::from(count), count));
+            Ok(())
+        }
+
+        /// The primary goes away; the segment is closed `cut` records before its end.
+        fn fail_over(&mut self, cut: u64, rebuild: bool) {
+            // Requests in flight are given up unwritten.
+            for (k, ..) in self.in_flight.drain(..) {
+                self.w.failed(k);
+            }
+            let end = self.written.saturating_sub(cut);
+            let kept: Vec<Rec> = self.records.drain(..end as usize).collect();
+            for (k, i, storing, _) in self.records.drain(..) {
+                if let Some(copies) = self.all.get_mut(&k) {
+                    if let Some(at) = copies.iter().position(|x| *x == i) {
+                        copies.remove(at);
+                    }
+                }
+                if let Some((id, mine)) = self.latest.get_mut(&k) {
+                    if *id == storing {
+                        mine.retain(|x| *x != i);
+                    }
+                }
+            }
+            let mut next: Window<usize> = Window::new(WINDOW_MS, self.entries_max);
+            if rebuild {
+                for (k, stored, at) in &self.started {
+                    next.insert_stored(*k, *stored, *at);
+                }
+                for (offset, (_, _, _, carried)) in kept.iter().enumerate() {
+                    if let Some((key, at)) = carried {
+                        let (k, stored) = stored_at(key, self.segment, offset as u64, end);
+                        next.insert_stored(k, stored, *at);
+                    }
+                }
+            } else {
+                for (k, stored, at) in self.w.export() {
+                    next.insert_stored(k, stored, at);
+                }
+                next.trim(self.segment, end);
+            }
+            next.evict(self.now);
+            self.started = next.export();
+            self.w = next;
+            self.segment += 1;
+            self.written = 0;
+        }
+    }
+
     proptest! {
         /// Against a model of what the segments hold: a request is answered as a
         /// duplicate only when all its messages are stored, and appended from `skip` on
@@ -464,133 +614,18 @@ mod tests {
             entries_max in 1..8usize,
             events in prop::collection::vec(event(), 1..120),
         ) {
-            let mut w: Window<usize> = Window::new(WINDOW_MS, entries_max);
-            let mut now = 0i64;
-            let mut segment: SegmentId = 1;
-            let mut written = 0u64; // records in the open segment
-            // Requests being appended, oldest first: (key, skip, messages, begun at, place).
-            let mut in_flight: VecDeque<(Key, u32, u32, i64, u64)> = VecDeque::new();
-            // Model: per key, every stored copy of its messages (by index in the
-            // request); its latest storing (a number) and that storing's messages; when
-            // (time, place among keyed requests begun) that storing began.
-            let mut all: BTreeMap<Key, Vec<u32>> = BTreeMap::new();
-            let mut latest: BTreeMap<Key, (usize, Vec<u32>)> = BTreeMap::new();
-            let mut began: BTreeMap<Key, (i64, u64)> = BTreeMap::new();
-            let mut placed = 0u64;
-            // The records of the open segment: (key, index, storing), and the key the
-            // first record of each request carries, with its time.
-            type Rec = (Key, u32, usize, Option<(PublishKey, i64)>);
-            let mut records: Vec<Rec> = Vec::new();
-            // The window this generation started from.
-            let mut started: Vec<(Key, Stored, i64)> = Vec::new();
+            let mut m = Model::new(entries_max);
             for (token, e) in events.into_iter().enumerate() {
                 match e {
-                    Event::Publish(s, n) => {
-                        let k = key(s);
-                        let guaranteed = began.get(&k).is_some_and(|(at, place)| {
-                            now - at <= WINDOW_MS as i64 && placed - place < entries_max as u64
-                        });
-                        let prefix = |held: Option<&Vec<u32>>| {
-                            (0..n).take_while(|i| held.is_some_and(|h| h.contains(i))).count() as u32
-                        };
-                        let anywhere = prefix(all.get(&k));
-                        let of_latest = prefix(latest.get(&k).map(|(_, h)| h));
-                        let in_flight_here = in_flight.iter().any(|(f, ..)| *f == k);
-                        match w.begin(k, n, now, token) {
-                            Begin::Append { skip, .. } => {
-                                prop_assert!(!in_flight_here, "{:?} appended while in flight", k);
-                                prop_assert!(skip <= anywhere, "{:?} skips {} of {:?}", k, skip, all.get(&k));
-                                if guaranteed {
-                                    // Nothing its latest storing holds is appended again.
-                                    prop_assert!(skip >= of_latest, "{:?} skips {} of {:?}", k, skip, latest.get(&k));
-                                    prop_assert!(of_latest < n, "{:?} complete yet appended", k);
-                                }
-                                placed += 1;
-                                in_flight.push_back((k, skip, n, now, placed));
-                            }
-                            Begin::Duplicate { stored, .. } => {
-                                prop_assert!(!in_flight_here);
-                                prop_assert!(stored.complete());
-                                prop_assert_eq!(stored.total, n);
-                                prop_assert_eq!(anywhere, n, "{:?}: answered as stored, holds {:?}", k, all.get(&k));
-                            }
-                            Begin::Waiting => prop_assert!(in_flight_here),
-                            Begin::Mismatch { total, .. } => prop_assert_ne!(total, n),
-                        }
-                    }
-                    Event::Confirm => {
-                        if let Some((k, skip, n, at, place)) = in_flight.pop_front() {
-                            let count = n - skip;
-                            w.written(k, segment, written, count);
-                            // The window runs from a request's first storing: the rest of
-                            // one cut short continues it.
-                            if skip == 0 {
-                                latest.insert(k, (token, Vec::new()));
-                                began.insert(k, (at, place));
-                            }
-                            let storing = latest.get(&k).map_or(token, |(id, _)| *id);
-                            let carried =
-                                PublishKey { producer_id: k.producer, sequence: k.sequence, count: n, stored_before: skip };
-                            for i in skip..n {
-                                records.push((k, i, storing, (i == skip).then_some((carried, now))));
-                                all.entry(k).or_default().push(i);
-                                if let Some((_, mine)) = latest.get_mut(&k) {
-                                    mine.push(i);
-                                }
-                            }
-                            written += u64::from(count);
-                            let (stored, _) = w.confirmed(k).expect("in flight");
-                            prop_assert_eq!((stored.first_offset, stored.count), (written - u64::from(count), count));
-                        }
-                    }
+                    Event::Publish(s, n) => m.publish(s, n, token)?,
+                    Event::Confirm => m.confirm(token)?,
                     Event::Fail => {
-                        if let Some((k, ..)) = in_flight.pop_front() {
-                            w.failed(k);
+                        if let Some((k, ..)) = m.in_flight.pop_front() {
+                            m.w.failed(k);
                         }
                     }
-                    Event::Advance(ms) => now += ms,
-                    Event::FailOver { cut, rebuild } => {
-                        // Requests in flight are given up unwritten.
-                        for (k, ..) in in_flight.drain(..) {
-                            w.failed(k);
-                        }
-                        let end = written.saturating_sub(cut);
-                        let kept: Vec<Rec> = records.drain(..end as usize).collect();
-                        for (k, i, storing, _) in records.drain(..) {
-                            if let Some(copies) = all.get_mut(&k) {
-                                if let Some(at) = copies.iter().position(|x| *x == i) {
-                                    copies.remove(at);
-                                }
-                            }
-                            if let Some((id, mine)) = latest.get_mut(&k) {
-                                if *id == storing {
-                                    mine.retain(|x| *x != i);
-                                }
-                            }
-                        }
-                        let mut next: Window<usize> = Window::new(WINDOW_MS, entries_max);
-                        if rebuild {
-                            for (k, stored, at) in &started {
-                                next.insert_stored(*k, *stored, *at);
-                            }
-                            for (offset, (_, _, _, carried)) in kept.iter().enumerate() {
-                                if let Some((key, at)) = carried {
-                                    let (k, stored) = stored_at(key, segment, offset as u64, end);
-                                    next.insert_stored(k, stored, *at);
-                                }
-                            }
-                        } else {
-                            for (k, stored, at) in w.export() {
-                                next.insert_stored(k, stored, at);
-                            }
-                            next.trim(segment, end);
-                        }
-                        next.evict(now);
-                        started = next.export();
-                        w = next;
-                        segment += 1;
-                        written = 0;
-                    }
+                    Event::Advance(ms) => m.now += ms,
+                    Event::FailOver { cut, rebuild } => m.fail_over(cut, rebuild),
                 }
             }
         }
