@@ -2,6 +2,8 @@
 //! forwarded to it) and `read` the state linearizably (confirmed with the leader) or
 //! stale (this node's copy). API handlers and background tasks use only this.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
@@ -18,14 +20,25 @@ pub struct Cluster {
     pub state: SharedState,
     peers: Peers,
     request_timeout: Duration,
+    /// The nonce of the next request id: unique per node across its restarts (it
+    /// starts at a random point, or one a simulation derives from its seed and clock,
+    /// so a run replays exactly).
+    next_nonce: Arc<AtomicU64>,
 }
 
 /// Pause between attempts while there is no leader or it just changed.
 const RETRY_PAUSE_MS: u64 = 50;
 
 impl Cluster {
-    pub fn new(id: NodeId, raft: Raft, state: SharedState, peers: Peers, request_timeout: Duration) -> Self {
-        Self { id, raft, state, peers, request_timeout }
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        state: SharedState,
+        peers: Peers,
+        request_timeout: Duration,
+        first_nonce: u64,
+    ) -> Self {
+        Self { id, raft, state, peers, request_timeout, next_nonce: Arc::new(AtomicU64::new(first_nonce)) }
     }
 
     /// How long a request may take, forwarding and retries included.
@@ -44,12 +57,13 @@ impl Cluster {
     /// Proposes `cmd` and waits until it is committed and applied; returns the index it
     /// was applied at. A command the state machine rejects returns its error.
     ///
-    /// The command goes into the log identified ([`Command::Once`], a random id): an
+    /// The command goes into the log identified ([`Command::Once`], a new id): an
     /// attempt whose outcome is unknown (no answer in time, the leader changed) is
     /// retried with the same id, and the state machine answers a repeat as it answered
     /// the first attempt, so a delete that did happen does not come back as NotFound.
     pub async fn write(&self, cmd: Command) -> Result<u64, RequestError> {
-        self.write_as(RequestId { node: self.id, nonce: rand::random() }, cmd).await
+        let nonce = self.next_nonce.fetch_add(1, Ordering::Relaxed);
+        self.write_as(RequestId { node: self.id, nonce }, cmd).await
     }
 
     /// [`Cluster::write`] under a given id: a write made again with the id of an

@@ -1,7 +1,7 @@
 //! Types of the cluster state. Serialized into Raft snapshots, so field changes must
 //! stay backward compatible (add fields with `#[serde(default)]`).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -38,7 +38,7 @@ pub struct ClusterState {
 
 /// Identity of one cluster-state write, picked (at random) by the node that first
 /// proposes it and kept across that node's retries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RequestId {
     pub node: NodeId,
     pub nonce: u64,
@@ -56,7 +56,7 @@ pub const APPLIED_REQUESTS_MAX: usize = 10_000;
 #[serde(from = "Vec<AppliedRequest>", into = "Vec<AppliedRequest>")]
 pub struct AppliedRequests {
     order: VecDeque<RequestId>,
-    answers: HashMap<RequestId, (u64, Result<(), RequestError>)>,
+    answers: BTreeMap<RequestId, (u64, Result<(), RequestError>)>,
 }
 
 /// One remembered write: the log index it was applied at and its outcome.

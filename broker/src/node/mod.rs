@@ -111,7 +111,11 @@ pub async fn start(
         stop.clone(),
     );
     let cluster =
-        Cluster::new(id, raft.clone(), shared, peers.clone(), Duration::from_millis(config.request_timeout_ms));
+        Cluster::new(id, raft.clone(), shared, peers.clone(), Duration::from_millis(config.request_timeout_ms), {
+            // Request ids must differ across restarts; a simulation's replay must not.
+            let seeded = config.membership.rng_seed.map(|s| s ^ config.clock.now_unix_us().rotate_left(23));
+            seeded.unwrap_or_else(rand::random)
+        });
     let store = open_segment_store(&config)?;
     let disk = open_disk(&config, id).map_err(|e| {
         NodeError::Config(format!("--dir: cannot read the free space of {}: {e}", config.dir.display()))

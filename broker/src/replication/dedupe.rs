@@ -22,7 +22,7 @@
 //! (the longest replica held only its first records): that request counts as stored
 //! in part, and its retry stores only the rest ([`Begin::Append`] with `skip`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use eventtermq_proto::internal::v1::PublishKey;
@@ -103,7 +103,7 @@ struct Entry<T> {
 pub struct Window<T> {
     window_ms: u64,
     entries_max: usize,
-    entries: HashMap<Key, Entry<T>>,
+    entries: BTreeMap<Key, Entry<T>>,
     /// Entries by age, oldest first: (time, key, stamp). Times never go back (see
     /// `last_ms`), so the front is the oldest.
     order: VecDeque<(i64, Key, u64)>,
@@ -117,7 +117,7 @@ impl<T> Window<T> {
         Self {
             window_ms,
             entries_max: entries_max.max(1),
-            entries: HashMap::new(),
+            entries: BTreeMap::new(),
             order: VecDeque::new(),
             next_stamp: 0,
             last_ms: i64::MIN,

@@ -11,7 +11,7 @@
 //! or one whose window is still kept somewhere. A rotation, the frequent case, costs
 //! one small call; a crash costs a read of the crashed primary's segment.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -209,7 +209,7 @@ impl Segments {
 }
 
 /// Kept windows by segment: see [`Segments::keep_window`].
-pub(crate) type KeptWindows = HashMap<SegmentId, Kept>;
+pub(crate) type KeptWindows = BTreeMap<SegmentId, Kept>;
 
 pub(crate) fn to_wire((key, stored, at): &(Key, Stored, i64)) -> DedupeEntry {
     DedupeEntry {
