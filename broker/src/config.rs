@@ -37,6 +37,9 @@ pub struct NodeConfig {
     /// Interval of the leader's membership reconciliation (gossip -> Raft).
     pub reconcile_interval_ms: u64,
     pub data: DataSettings,
+    /// Limits of the AMQP 0.9.1 listener (whether it runs is the caller's: a node
+    /// handed an AMQP listener serves it).
+    pub amqp: crate::amqp::AmqpSettings,
     /// Where wall-clock timestamps come from (the system's; a manual one in tests).
     pub clock: Clock,
 }
@@ -160,6 +163,7 @@ impl NodeConfig {
             request_timeout_ms: Self::DEFAULT_REQUEST_TIMEOUT_MS,
             reconcile_interval_ms: 200,
             data: DataSettings::default(),
+            amqp: crate::amqp::AmqpSettings::default(),
             clock: Clock::default(),
         }
     }

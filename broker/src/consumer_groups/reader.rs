@@ -104,6 +104,32 @@ impl Reader {
         }
     }
 
+    /// The group's spec changed (a binding added or removed): matching follows it at
+    /// once; the next [`Reader::segments_changed`] opens cursors on newly bound topics
+    /// and drops those of topics no longer bound.
+    pub fn spec_changed(&mut self, spec: ConsumerGroupSpec) {
+        self.topics = spec.bindings.iter().map(|b| b.topic.clone()).collect();
+        self.spec = spec;
+        let takes_all: Vec<(SegmentId, bool)> =
+            self.cursors.iter().map(|(id, c)| (*id, self.takes_all(&c.topic))).collect();
+        for (id, all) in takes_all {
+            if let Some(c) = self.cursors.get_mut(&id) {
+                c.takes_all = all;
+            }
+        }
+    }
+
+    pub fn spec(&self) -> &ConsumerGroupSpec {
+        &self.spec
+    }
+
+    fn takes_all(&self, topic: &str) -> bool {
+        self.spec
+            .bindings
+            .iter()
+            .any(|b| b.topic == topic && b.since_unix_ms == 0 && matching::matches_every_message(b))
+    }
+
     /// The cluster's segments now: those of the bound topics get a cursor (from the
     /// committed offset), cursors of segments that are gone (retention, a deleted
     /// topic) are dropped and the buffer forgets them. A closed segment's end is known
@@ -140,9 +166,8 @@ impl Reader {
     }
 
     fn new_cursor(&self, id: SegmentId, s: &SegmentRecord) -> Cursor {
-        let bindings = &self.spec.bindings;
         Cursor {
-            takes_all: bindings.iter().any(|b| b.topic == s.topic && matching::matches_every_message(b)),
+            takes_all: self.takes_all(&s.topic),
             topic: s.topic.as_str().into(),
             shard: s.shard,
             generation: s.generation,
@@ -280,7 +305,7 @@ fn matches(spec: &ConsumerGroupSpec, c: &Cursor, r: &Record) -> bool {
     since_ok
         && (c.takes_all || {
             let message = Message::decode(r.payload.clone()).unwrap_or_default();
-            let bindings = spec.bindings.iter().filter(|b| *b.topic == *c.topic);
+            let bindings = spec.bindings.iter().filter(|b| *b.topic == *c.topic && r.timestamp_ms >= b.since_unix_ms);
             matching::matches_any(bindings, &message.routing_key, &message.headers)
         })
 }
@@ -344,6 +369,7 @@ mod tests {
             routing_key: key.into(),
             headers: Default::default(),
             headers_match: HeadersMatch::All,
+            since_unix_ms: 0,
         }
     }
 
