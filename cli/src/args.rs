@@ -143,8 +143,9 @@ pub struct BrokerArgs {
     /// intervals is disconnected.
     #[arg(long, default_value_t = AmqpSettings::default().heartbeat_s)]
     pub amqp_heartbeat_s: u16,
-    /// AMQP: publishes of one channel waiting on the cluster at once (more wait, and so
-    /// does reading that connection).
+    /// AMQP: publishes of one channel queued at once, and the most stored in one request
+    /// (a channel has one request in flight, which keeps its order); more wait, and so
+    /// does reading that connection.
     #[arg(long, default_value_t = AmqpSettings::default().publishes_in_flight_max)]
     pub amqp_publishes_in_flight_max: usize,
     /// AMQP: open connections at most per node; more are closed as they arrive.

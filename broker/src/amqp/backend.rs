@@ -17,7 +17,8 @@ use super::convert::text_value;
 use super::error::{AmqpError, ACCESS_REFUSED, NOT_ALLOWED, NOT_FOUND, PRECONDITION_FAILED};
 use crate::cluster::Cluster;
 use crate::cluster_state::{
-    validate, BindingSpec, Command, ConsumerGroupSpec, ExchangeType, HeadersMatch, TopicSpec, DEFAULT_NAMESPACE,
+    validate, BindingSpec, ClusterState, Command, ConsumerGroupSpec, ExchangeType, HeadersMatch, TopicSpec,
+    DEFAULT_NAMESPACE,
 };
 use crate::consumer_groups::{matching, Groups};
 use crate::error::{ErrorCode, RequestError};
@@ -26,6 +27,12 @@ use crate::replication::Segments;
 
 /// The topic behind the default exchange `""`.
 pub const DEFAULT_EXCHANGE_TOPIC: &str = "amq.default";
+/// A queue (or binding) takes what is published from this long before it was
+/// declared (or bound): messages are stamped by their primary's clock and the
+/// declaration by this node's, and a message published after `declare-ok` must never
+/// be missed because the two clocks differ. The price: a queue may also get what was
+/// published up to this long before it existed.
+pub const START_MARGIN_MS: i64 = 1_000;
 /// Exchanges every virtual host has, with their types.
 const PREDECLARED: [(&str, ExchangeType); 4] = [
     ("amq.direct", ExchangeType::Direct),
@@ -106,37 +113,48 @@ fn check_queue_arguments(args: &FieldTable) -> Result<(), AmqpError> {
 }
 
 impl Backend {
-    pub fn clock_now_ms(&self) -> i64 {
-        self.segments.clock().now_unix_ms()
+    /// Where a queue or binding made now starts: [`START_MARGIN_MS`] ago.
+    fn start_ms(&self) -> i64 {
+        self.segments.clock().now_unix_ms() - START_MARGIN_MS
     }
 
     /// Whether the virtual host (namespace) exists, by this node's state.
-    pub fn vhost_exists(&self, namespace: &str) -> bool {
-        self.cluster.state.read().state.namespaces.contains_key(namespace)
+    pub async fn vhost_exists(&self, namespace: &str) -> bool {
+        self.fresh(|st| st.namespaces.get(namespace).map(|_| ())).await.is_some()
     }
 
-    fn topic_type(&self, namespace: &str, topic: &str) -> Option<ExchangeType> {
-        let st = self.cluster.state.read();
-        st.state.namespaces.get(namespace)?.topics.get(topic).map(|t| t.default_exchange_type)
+    /// Looks `f` up in this node's state, and when it is not there, once more after
+    /// catching up with the leader: what another node just created is found.
+    async fn fresh<T>(&self, f: impl Fn(&ClusterState) -> Option<T>) -> Option<T> {
+        if let Some(v) = f(&self.cluster.state.read().state) {
+            return Some(v);
+        }
+        match self.cluster.read(true).await {
+            Ok(applied) => f(&applied.state),
+            Err(_) => None,
+        }
     }
 
-    fn queue_exists(&self, namespace: &str, queue: &str) -> bool {
-        let st = self.cluster.state.read();
-        st.state.namespaces.get(namespace).is_some_and(|ns| ns.consumer_groups.contains_key(queue))
+    async fn topic_type(&self, namespace: &str, topic: &str) -> Option<ExchangeType> {
+        self.fresh(|st| st.namespaces.get(namespace)?.topics.get(topic).map(|t| t.default_exchange_type)).await
+    }
+
+    async fn queue_exists(&self, namespace: &str, queue: &str) -> bool {
+        self.fresh(|st| st.namespaces.get(namespace)?.consumer_groups.get(queue).map(|_| ())).await.is_some()
     }
 
     /// Creates the topic (accepting one created meanwhile with the same type).
     async fn create_topic(&self, namespace: &str, name: &str, kind: ExchangeType) -> Result<(), AmqpError> {
         let cmd = Command::CreateTopic { namespace: namespace.into(), name: name.into(), spec: topic_spec(kind) };
-        match self.cluster.write(cmd).await {
+        match self.cluster.write_applied(cmd).await {
             Ok(_) => Ok(()),
-            Err(e) if e.code == ErrorCode::TopicAlreadyExists => self.check_type(namespace, name, kind),
+            Err(e) if e.code == ErrorCode::TopicAlreadyExists => self.check_type(namespace, name, kind).await,
             Err(e) => Err(e.into()),
         }
     }
 
-    fn check_type(&self, namespace: &str, name: &str, kind: ExchangeType) -> Result<(), AmqpError> {
-        match self.topic_type(namespace, name) {
+    async fn check_type(&self, namespace: &str, name: &str, kind: ExchangeType) -> Result<(), AmqpError> {
+        match self.topic_type(namespace, name).await {
             Some(t) if t == kind => Ok(()),
             Some(t) => Err(AmqpError::channel(
                 PRECONDITION_FAILED,
@@ -180,7 +198,7 @@ impl Backend {
         }
         valid_name("exchange", name)?;
         if passive {
-            return match self.topic_type(namespace, name) {
+            return match self.topic_type(namespace, name).await {
                 Some(_) => Ok(()),
                 None => Err(AmqpError::channel(NOT_FOUND, format!("no exchange '{name}' in vhost '{namespace}'"))),
             };
@@ -191,8 +209,8 @@ impl Backend {
                 format!("invalid exchange type '{kind}' (one of {})", ExchangeType::NAMES),
             )
         })?;
-        match self.topic_type(namespace, name) {
-            Some(_) => self.check_type(namespace, name, kind),
+        match self.topic_type(namespace, name).await {
+            Some(_) => self.check_type(namespace, name, kind).await,
             None => self.create_topic(namespace, name, kind).await,
         }
     }
@@ -201,7 +219,7 @@ impl Backend {
     /// 404 for any other exchange that does not exist.
     pub async fn ensure_exchange(&self, namespace: &str, exchange: &str) -> Result<(String, ExchangeType), AmqpError> {
         let topic = topic_of_exchange(exchange);
-        if let Some(t) = self.topic_type(namespace, topic) {
+        if let Some(t) = self.topic_type(namespace, topic).await {
             return Ok((topic.to_string(), t));
         }
         let kind = if exchange.is_empty() { Some(ExchangeType::Direct) } else { predeclared(exchange) };
@@ -219,7 +237,7 @@ impl Backend {
         if name.is_empty() || name.starts_with("amq.") {
             return Err(AmqpError::channel(ACCESS_REFUSED, format!("exchange '{name}' cannot be deleted")));
         }
-        if self.topic_type(namespace, name).is_none() {
+        if self.topic_type(namespace, name).await.is_none() {
             return Ok(()); // as RabbitMQ: deleting what is not there succeeds
         }
         if if_unused && self.bound_groups(namespace, name) > 0 {
@@ -229,7 +247,7 @@ impl Backend {
             ));
         }
         let cmd = Command::DeleteTopic { namespace: namespace.into(), name: name.into() };
-        match self.cluster.write(cmd).await {
+        match self.cluster.write_applied(cmd).await {
             Ok(_) => Ok(()),
             Err(e) if e.code == ErrorCode::TopicNotFound => Ok(()),
             Err(e) => Err(e.into()),
@@ -238,9 +256,10 @@ impl Backend {
 
     fn bound_groups(&self, namespace: &str, topic: &str) -> usize {
         let st = self.cluster.state.read();
-        st.state.namespaces.get(namespace).map_or(0, |ns| {
-            ns.consumer_groups.values().filter(|g| g.bindings.iter().any(|b| b.topic == topic)).count()
-        })
+        st.state
+            .namespaces
+            .get(namespace)
+            .map_or(0, |ns| ns.consumer_groups.values().filter(|g| g.bindings.iter().any(|b| b.topic == topic)).count())
     }
 
     /// `queue.declare`: creates the group (bound to the default exchange by its name,
@@ -253,8 +272,8 @@ impl Backend {
         args: &FieldTable,
     ) -> Result<(), AmqpError> {
         valid_name("queue", name)?;
-        if passive || self.queue_exists(namespace, name) {
-            return if self.queue_exists(namespace, name) {
+        if passive || self.queue_exists(namespace, name).await {
+            return if self.queue_exists(namespace, name).await {
                 Ok(())
             } else {
                 Err(AmqpError::channel(NOT_FOUND, format!("no queue '{name}' in vhost '{namespace}'")))
@@ -270,10 +289,10 @@ impl Backend {
         let spec = ConsumerGroupSpec {
             bindings: vec![binding],
             size: eventtermq_api::defaults::CONSUMER_GROUP_SIZE,
-            since_unix_ms: self.clock_now_ms(),
+            since_unix_ms: self.start_ms(),
         };
         let cmd = Command::CreateConsumerGroup { namespace: namespace.into(), name: name.into(), spec };
-        match self.cluster.write(cmd).await {
+        match self.cluster.write_applied(cmd).await {
             Ok(_) => Ok(()),
             // Declared meanwhile (by another client, or as a ConsumerGroup resource).
             Err(e) if e.code == ErrorCode::ConsumerGroupAlreadyExists => Ok(()),
@@ -284,7 +303,7 @@ impl Backend {
     /// `queue.delete`.
     pub async fn delete_queue(&self, namespace: &str, name: &str) -> Result<(), AmqpError> {
         let cmd = Command::DeleteConsumerGroup { namespace: namespace.into(), name: name.into() };
-        match self.cluster.write(cmd).await {
+        match self.cluster.write_applied(cmd).await {
             Ok(_) => Ok(()),
             Err(e) if e.code == ErrorCode::ConsumerGroupNotFound => Ok(()),
             Err(e) => Err(e.into()),
@@ -345,16 +364,16 @@ impl Backend {
         routing_key: &str,
         args: &FieldTable,
     ) -> Result<(), AmqpError> {
-        if !self.queue_exists(namespace, queue) {
+        if !self.queue_exists(namespace, queue).await {
             return Err(AmqpError::channel(NOT_FOUND, format!("no queue '{queue}' in vhost '{namespace}'")));
         }
         if exchange.is_empty() {
             return Err(AmqpError::channel(ACCESS_REFUSED, "operation not permitted on the default exchange"));
         }
         let mut binding = self.binding(namespace, exchange, routing_key, args).await?;
-        binding.since_unix_ms = self.clock_now_ms();
+        binding.since_unix_ms = self.start_ms();
         let cmd = Command::BindConsumerGroup { namespace: namespace.into(), name: queue.into(), binding };
-        self.cluster.write(cmd).await.map(|_| ()).map_err(Into::into)
+        self.cluster.write_applied(cmd).await.map(|_| ()).map_err(Into::into)
     }
 
     /// `queue.unbind`.
@@ -371,24 +390,28 @@ impl Backend {
         }
         let binding = self.binding(namespace, exchange, routing_key, args).await?;
         let cmd = Command::UnbindConsumerGroup { namespace: namespace.into(), name: queue.into(), binding };
-        self.cluster.write(cmd).await.map(|_| ()).map_err(Into::into)
+        self.cluster.write_applied(cmd).await.map(|_| ()).map_err(Into::into)
     }
 
     /// Whether any queue of the namespace takes a message published to `topic` now
-    /// (for `mandatory`).
-    pub fn routable(&self, namespace: &str, topic: &str, message: &pb::Message) -> bool {
-        let st = self.cluster.state.read();
-        let Some(ns) = st.state.namespaces.get(namespace) else { return false };
-        ns.consumer_groups.values().any(|g| {
-            let bindings = g.bindings.iter().filter(|b| b.topic == topic);
-            matching::matches_any(bindings, &message.routing_key, &message.headers)
+    /// (for `mandatory`, and the default exchange, which drops what it cannot route).
+    pub async fn routable(&self, namespace: &str, topic: &str, message: &pb::Message) -> bool {
+        self.fresh(|st| {
+            let ns = st.namespaces.get(namespace)?;
+            let any = ns.consumer_groups.values().any(|g| {
+                let bindings = g.bindings.iter().filter(|b| b.topic == topic);
+                matching::matches_any(bindings, &message.routing_key, &message.headers)
+            });
+            any.then_some(())
         })
+        .await
+        .is_some()
     }
 
-    /// Stores a message as a gRPC publish of it would.
-    pub async fn publish(&self, namespace: &str, topic: &str, message: pb::Message) -> Result<(), RequestError> {
+    /// Stores messages (in this order, contiguously) as a gRPC publish of them would.
+    pub async fn publish(&self, namespace: &str, topic: &str, messages: Vec<pb::Message>) -> Result<(), RequestError> {
         let persistence = pb::Persistence::Default;
-        self.segments.publish(namespace, topic, &[message], persistence, 0).await.map(|_| ())
+        self.segments.publish(namespace, topic, &messages, persistence, 0).await.map(|_| ())
     }
 
     /// Subscribes to the queue's group wherever it runs; `get_one`: at most one
@@ -401,7 +424,7 @@ impl Backend {
         no_ack: bool,
         get_one: bool,
     ) -> Result<Relayed<pb::SubscribeResponse>, AmqpError> {
-        if !self.queue_exists(namespace, queue) {
+        if !self.queue_exists(namespace, queue).await {
             return Err(AmqpError::channel(NOT_FOUND, format!("no queue '{queue}' in vhost '{namespace}'")));
         }
         Ok(self.subscribe(namespace, queue, prefetch, no_ack, get_one).await?)
@@ -436,7 +459,8 @@ impl Backend {
         deliveries: Vec<(u64, u64)>,
         ack: bool,
     ) -> Result<(), RequestError> {
-        let deliveries = deliveries.into_iter().map(|(segment_id, offset)| pb::Delivery { segment_id, offset }).collect();
+        let deliveries =
+            deliveries.into_iter().map(|(segment_id, offset)| pb::Delivery { segment_id, offset }).collect();
         self.groups.settle_anywhere(&self.peers, namespace, queue, deliveries, ack, false).await
     }
 }

@@ -13,7 +13,6 @@ use futures::StreamExt;
 use rand::distr::{Alphanumeric, SampleString};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use super::backend::{exchange_of_topic, Backend};
@@ -98,8 +97,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             return Ok(());
         }
         if ch.pending.is_some() {
-            return Err(AmqpError::connection(UNEXPECTED_FRAME, "a method frame while a message's content was expected")
-                .on(&method));
+            return Err(AmqpError::connection(
+                UNEXPECTED_FRAME,
+                "a method frame while a message's content was expected",
+            )
+            .on(&method));
         }
         let reply = match self.method(id, &method).await {
             Ok(reply) => reply,
@@ -135,7 +137,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         match m {
             channel::AMQPMethod::Open(_) => {
                 if self.channels.contains_key(&id) {
-                    return Err(AmqpError::connection(CHANNEL_ERROR, format!("channel {id} is already open")).on(&method));
+                    return Err(
+                        AmqpError::connection(CHANNEL_ERROR, format!("channel {id} is already open")).on(&method)
+                    );
                 }
                 if id > self.channel_max {
                     return Err(AmqpError::connection(
@@ -164,7 +168,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 self.send(id, AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk { active: true })));
             }
             channel::AMQPMethod::Flow(_) => {
-                return Err(AmqpError::connection(NOT_IMPLEMENTED, "channel.flow active=false is not supported").on(&method))
+                return Err(
+                    AmqpError::connection(NOT_IMPLEMENTED, "channel.flow active=false is not supported").on(&method)
+                )
             }
             _ => return Err(AmqpError::connection(COMMAND_INVALID, "method not expected from a client").on(&method)),
         }
@@ -358,7 +364,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 return self.fail_channel(id, e.on(&AMQPClass::Basic(basic::AMQPMethod::Publish(publish))));
             }
         }
-        let routable = self.backend.routable(&self.namespace, &topic, &message);
+        let routable = self.backend.routable(&self.namespace, &topic, &message).await;
         if publish.mandatory && !routable {
             let ret = basic::Return {
                 reply_code: NO_ROUTE,
@@ -385,7 +391,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// `publishes_in_flight_max` waiting, this waits, and so does reading the
     /// connection: TCP pushes back on a client publishing faster than the topic takes.
     async fn enqueue_publish(&mut self, id: u16, job: PublishJob) -> Result<(), AmqpError> {
-        let (backend, events, stop) = (self.backend.clone(), self.events.clone(), self.stop.clone());
+        let (backend, events, stop) = (self.backend.clone(), self.events.clone(), self.node_stop.clone());
         let in_flight = self.settings.publishes_in_flight_max;
         let ch = self.open_channel(id)?;
         let tx = ch
@@ -586,38 +592,51 @@ fn codec_content<S>(conn: &mut Conn<S>, id: u16, properties: basic::AMQPProperti
     super::codec::content(id, properties, body, conn.frame_max_bytes, &mut conn.out);
 }
 
-/// Publishes one channel's messages in order, with at most `in_flight` waiting on
-/// the cluster at once, and reports each confirm.
+/// Publishes one channel's messages in order: one batch at a time, each taking what
+/// queued while the previous one was stored (consecutive messages to one topic, at
+/// most `batch_max` of them), so a channel's messages keep their order through any
+/// node and a busy channel still writes many messages per request.
 async fn run_publisher(
     backend: Backend,
     channel: u16,
-    rx: mpsc::Receiver<PublishJob>,
+    mut rx: mpsc::Receiver<PublishJob>,
     events: mpsc::Sender<Event>,
-    in_flight: usize,
+    batch_max: usize,
     stop: CancellationToken,
 ) {
-    let results = ReceiverStream::new(rx)
-        .map(|job| {
-            let backend = backend.clone();
-            async move {
-                let r = backend.publish(&job.namespace, &job.topic, job.message).await;
-                (job.confirm, job.topic, r)
-            }
-        })
-        .buffered(in_flight.max(1));
-    let mut results = std::pin::pin!(results);
+    let mut carried: Option<PublishJob> = None;
     loop {
-        let (confirm, topic, r) = tokio::select! {
+        let first = match carried.take() {
+            Some(job) => job,
+            None => tokio::select! {
+                _ = stop.cancelled() => return,
+                job = rx.recv() => match job { Some(j) => j, None => return },
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < batch_max.max(1) {
+            match rx.try_recv() {
+                Ok(job) if job.topic == batch[0].topic => batch.push(job),
+                Ok(job) => {
+                    carried = Some(job);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let (namespace, topic) = (batch[0].namespace.clone(), batch[0].topic.clone());
+        let confirms: Vec<Option<u64>> = batch.iter().map(|j| j.confirm).collect();
+        let messages: Vec<pb::Message> = batch.into_iter().map(|j| j.message).collect();
+        let r = tokio::select! {
             _ = stop.cancelled() => return,
-            next = results.next() => match next { Some(n) => n, None => return },
+            r = backend.publish(&namespace, &topic, messages) => r,
         };
         if let Err(e) = &r {
             tracing::debug!(topic, error = %e, "AMQP publish failed");
         }
-        if let Some(tag) = confirm {
-            if events.send(Event::Confirmed { channel, tag, ok: r.is_ok() }).await.is_err() {
-                return;
-            }
+        // A connection that is gone gets no confirms; its messages are stored all the same.
+        for tag in confirms.into_iter().flatten() {
+            let _ = events.send(Event::Confirmed { channel, tag, ok: r.is_ok() }).await;
         }
     }
 }

@@ -37,8 +37,10 @@ impl Decoder for FrameCodec {
         if src.len() < FRAME_HEADER_BYTES {
             return Ok(None);
         }
-        if !matches!(src[0], constants::FRAME_METHOD | constants::FRAME_HEADER | constants::FRAME_BODY | constants::FRAME_HEARTBEAT)
-        {
+        if !matches!(
+            src[0],
+            constants::FRAME_METHOD | constants::FRAME_HEADER | constants::FRAME_BODY | constants::FRAME_HEARTBEAT
+        ) {
             return Err(AmqpError::connection(FRAME_ERROR, format!("unknown frame type {}", src[0])));
         }
         let size = u32::from_be_bytes([src[3], src[4], src[5], src[6]]) as usize;

@@ -61,8 +61,11 @@ pub(super) struct Conn<S> {
     /// Frames to write before the next read.
     pub out: Vec<u8>,
     writer: WriteHalf<S>,
-    /// Cancelled when the connection ends: stops its consumers and publishers.
+    /// Cancelled when the connection ends: stops its consumers.
     pub stop: CancellationToken,
+    /// The node's: publishers finish what the client sent before it went away (as
+    /// RabbitMQ routes every message it received), unless the node stops.
+    pub node_stop: CancellationToken,
 }
 
 /// Serves one client until it closes, breaks the protocol, or the node stops.
@@ -86,6 +89,7 @@ where
         out: Vec::new(),
         writer,
         stop: stop.child_token(),
+        node_stop: stop,
     };
     let handshake = tokio::time::timeout(settings.handshake_timeout, conn.handshake(&mut reader));
     let heartbeat = match handshake.await {
@@ -132,7 +136,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             AMQPClass::Connection(connection::AMQPMethod::Open(open)) => {
                 let vhost = open.virtual_host.as_str();
                 self.namespace = namespace_of_vhost(vhost);
-                if !self.backend.vhost_exists(&self.namespace) {
+                if !self.backend.vhost_exists(&self.namespace).await {
                     return Err(Some(vhost_missing(vhost, &self.namespace)));
                 }
             }
@@ -311,7 +315,10 @@ async fn next_method<S: AsyncRead>(reader: &mut Reader<S>) -> Result<AMQPClass, 
             Some(Ok(AMQPFrame::Method(0, m))) => return Ok(m),
             Some(Ok(AMQPFrame::Heartbeat(_))) => continue,
             Some(Ok(_)) => {
-                return Err(Some(AmqpError::connection(UNEXPECTED_FRAME, "only connection methods during the handshake")))
+                return Err(Some(AmqpError::connection(
+                    UNEXPECTED_FRAME,
+                    "only connection methods during the handshake",
+                )))
             }
             Some(Err(e)) => return Err(Some(e)),
             None => return Err(None),
@@ -325,7 +332,13 @@ fn unexpected(method: &AMQPClass) -> AmqpError {
 
 fn start() -> connection::Start {
     let mut capabilities = FieldTable::default();
-    for c in ["publisher_confirms", "basic.nack", "consumer_cancel_notify", "per_consumer_qos", "authentication_failure_close"] {
+    for c in [
+        "publisher_confirms",
+        "basic.nack",
+        "consumer_cancel_notify",
+        "per_consumer_qos",
+        "authentication_failure_close",
+    ] {
         capabilities.insert(c.into(), AMQPValue::Boolean(true));
     }
     let mut props = FieldTable::default();
@@ -404,8 +417,8 @@ mod tests {
     #[test]
     fn guest_is_accepted_over_plain_and_amqplain_and_nothing_else() {
         assert!(authenticate(&start_ok("PLAIN", b"\0guest\0guest")).is_ok());
-        let amqplain = amq_protocol::auth::Credentials::default()
-            .sasl_auth_string(amq_protocol::auth::SASLMechanism::AMQPlain);
+        let amqplain =
+            amq_protocol::auth::Credentials::default().sasl_auth_string(amq_protocol::auth::SASLMechanism::AMQPlain);
         assert!(authenticate(&start_ok("AMQPLAIN", amqplain.as_bytes())).is_ok());
         let e = authenticate(&start_ok("PLAIN", b"\0guest\0secret-password")).unwrap_err();
         assert_eq!((e.scope, e.code), (Scope::Connection, ACCESS_REFUSED));

@@ -165,7 +165,10 @@ mod tests {
         t.insert("n".into(), AMQPValue::LongInt(42));
         t.insert("b".into(), AMQPValue::Boolean(true));
         t.insert("table".into(), AMQPValue::FieldTable(nested));
-        t.insert("array".into(), AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::Double(1.5), AMQPValue::Void])));
+        t.insert(
+            "array".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::Double(1.5), AMQPValue::Void])),
+        );
         t.insert("dec".into(), AMQPValue::DecimalValue(DecimalValue { scale: 2, value: 314 }));
         t.insert("ts".into(), AMQPValue::Timestamp(1_700_000_000));
         t.insert("bytes".into(), AMQPValue::ByteArray(vec![0u8, 255, 1].into()));

@@ -43,7 +43,8 @@ pub struct AmqpSettings {
     pub heartbeat_s: u16,
     /// Time a client has from connecting to `connection.open-ok`.
     pub handshake_timeout: Duration,
-    /// Publishes of one channel waiting on the cluster at once; more wait, and so
+    /// Publishes of one channel queued at once (and the most stored in one request;
+    /// a channel has one request in flight, which keeps its order); more wait, and so
     /// does reading that connection.
     pub publishes_in_flight_max: usize,
     /// Open connections at most; more are closed as they arrive.

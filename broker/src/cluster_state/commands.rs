@@ -328,8 +328,9 @@ impl ClusterState {
             }
             Command::DeleteTopic { namespace, name } => self.topic(namespace, name).map(|_| ()),
             Command::CreateConsumerGroup { namespace, name, spec } => self.check_create_group(namespace, name, spec),
-            Command::DeleteConsumerGroup { namespace, name }
-            | Command::UnbindConsumerGroup { namespace, name, .. } => self.group_spec(namespace, name).map(|_| ()),
+            Command::DeleteConsumerGroup { namespace, name } | Command::UnbindConsumerGroup { namespace, name, .. } => {
+                self.group_spec(namespace, name).map(|_| ())
+            }
             Command::BindConsumerGroup { namespace, name, binding } => self.check_bind(namespace, name, binding),
             Command::SetNode { .. } | Command::RemoveNode { .. } | Command::SetDiskLow { .. } => Ok(()),
             Command::OpenSegment { namespace, topic, shard, replicas, min_insync, .. } => {
