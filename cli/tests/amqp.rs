@@ -33,6 +33,9 @@ fn pika_path() -> PathBuf {
             .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
             .arg(&dir)
             .arg(PIKA)
+            // Debian's python3 refuses pip installs (PEP 668) unless told; --target
+            // keeps it out of the system's packages anyway.
+            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
             .output()
             .expect("python3 -m pip");
         assert!(o.status.success(), "pip install {PIKA} failed: {}", String::from_utf8_lossy(&o.stderr));
