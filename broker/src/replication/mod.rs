@@ -14,18 +14,22 @@
 //!   groups.
 //! - [`read`]: reading a segment from wherever a readable copy is.
 //! - [`publish`]: routing a publish to the primary of an open segment.
+//! - [`dedupe`], [`window`]: exactly-once publishing: the primary's duplicate window (a
+//!   pure core) and how it passes from one generation of a shard to the next.
 //!
 //! Why a primary per segment and not Raft per message: Raft orders the cluster state
 //! (rare, small writes); messages are many and large, and only need the order of their
 //! own segment. The Raft leader decides who holds what; primaries move the bytes.
 
 pub mod confirm;
+pub mod dedupe;
 pub mod keeper;
 pub mod placement;
 pub mod primary;
 pub mod publish;
 pub mod read;
 pub mod replica;
+pub mod window;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -67,6 +71,11 @@ struct Inner {
     /// Damaged local copies already reported that could not be replaced (no other
     /// complete copy): reported once, not on every retried read.
     corrupt_kept: Mutex<std::collections::HashSet<SegmentId>>,
+    /// Cancelled when the node stops: every task [`Segments::spawn`] started ends.
+    tasks_stop: tokio_util::sync::CancellationToken,
+    /// Duplicate windows of closed segments this node was primary of, for the
+    /// shard's next generation (one per shard).
+    kept_windows: Mutex<window::KeptWindows>,
 }
 
 impl Segments {
@@ -83,8 +92,35 @@ impl Segments {
                 primaries: Mutex::default(),
                 frozen: Mutex::default(),
                 corrupt_kept: Mutex::default(),
+                tasks_stop: tokio_util::sync::CancellationToken::new(),
+                kept_windows: Mutex::default(),
             }),
         }
+    }
+
+    /// Spawns a data-path task (a primary, a replication stream, a consumer group, a
+    /// fail-over) that ends, wherever it is, when the node stops ([`Segments::stop_tasks`]).
+    pub(crate) fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<Option<F::Output>>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let stop = self.inner.tasks_stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                out = task => Some(out),
+                _ = stop.cancelled() => None,
+            }
+        })
+    }
+
+    /// Ends every task [`Segments::spawn`] started, at once, as a process's death
+    /// would: the last step of a node's stop, graceful or not. Without it, a node
+    /// stopped in-process (a test's kill -9) left its primaries and groups running,
+    /// writing through closed files and talking to the node started in its place.
+    pub fn stop_tasks(&self) {
+        self.inner.tasks_stop.cancel();
+        lock(&self.inner.primaries).clear();
     }
 
     pub fn store(&self) -> &Store {
