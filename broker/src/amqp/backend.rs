@@ -411,7 +411,7 @@ impl Backend {
     /// Stores messages (in this order, contiguously) as a gRPC publish of them would.
     pub async fn publish(&self, namespace: &str, topic: &str, messages: Vec<pb::Message>) -> Result<(), RequestError> {
         let persistence = pb::Persistence::Default;
-        self.segments.publish(namespace, topic, &messages, persistence, 0).await.map(|_| ())
+        self.segments.publish(namespace, topic, &messages, persistence, None, 0).await.map(|_| ())
     }
 
     /// Subscribes to the queue's group wherever it runs; `get_one`: at most one
