@@ -3,7 +3,7 @@
 //! loop; what waits on the cluster for long (publishing, consuming) runs in tasks that
 //! report back as connection events, so one slow publish never stalls a consumer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use amq_protocol::frame::AMQPContentHeader;
@@ -19,70 +19,12 @@ use super::backend::{exchange_of_topic, Backend};
 use super::connection::{Conn, Event};
 use super::convert;
 use super::error::*;
+use super::state::{Channel, Consumer, Pending, PublishJob, Unacked};
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::Relayed;
 
 /// Pause before a consumer subscribes again after its group's node went away.
 const RESUBSCRIBE_PAUSE: Duration = Duration::from_millis(200);
-
-/// A publish waiting for its body.
-struct Pending {
-    publish: basic::Publish,
-    header: Option<AMQPContentHeader>,
-    body: Vec<u8>,
-}
-
-struct Consumer {
-    queue: String,
-    no_ack: bool,
-    stop: CancellationToken,
-}
-
-/// A delivery the client has not settled yet.
-struct Unacked {
-    queue: String,
-    segment_id: u64,
-    offset: u64,
-}
-
-/// One open channel.
-#[derive(Default)]
-pub(super) struct Channel {
-    /// A channel exception was sent: everything but `close`/`close-ok` is dropped.
-    pub closing: bool,
-    prefetch: u16,
-    /// Publisher confirms: the sequence number of the next publish (0: not selected).
-    next_confirm: u64,
-    pending: Option<Pending>,
-    publisher: Option<mpsc::Sender<PublishJob>>,
-    consumers: HashMap<String, Consumer>,
-    next_tag: u64,
-    unacked: BTreeMap<u64, Unacked>,
-    /// The queue declared last: what an empty queue name means (AMQP 0.9.1).
-    last_queue: String,
-}
-
-impl Channel {
-    /// Stops the channel's consumers and publisher; unsettled deliveries go back to
-    /// their queues when the subscriptions end.
-    pub fn stop_all(&mut self) {
-        for c in self.consumers.values() {
-            c.stop.cancel();
-        }
-        self.consumers.clear();
-        self.publisher = None;
-        self.pending = None;
-    }
-}
-
-/// One message on its way to a topic.
-struct PublishJob {
-    namespace: String,
-    topic: String,
-    message: pb::Message,
-    /// The confirm sequence number, in confirm mode.
-    confirm: Option<u64>,
-}
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// A method on channel `id` (not 0). A channel exception closes only the channel.

@@ -18,11 +18,11 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use super::backend::{namespace_of_vhost, vhost_missing, Backend};
-use super::channel::Channel;
 use super::codec::{self, FrameCodec, PROTOCOL_HEADER};
 use super::error::{
     AmqpError, Scope, ACCESS_REFUSED, CHANNEL_ERROR, COMMAND_INVALID, CONNECTION_FORCED, NOT_ALLOWED, UNEXPECTED_FRAME,
 };
+use super::state::Channel;
 use super::AmqpSettings;
 
 /// Events queued to a connection by its consumers and publishers; beyond this they
