@@ -164,6 +164,19 @@ impl Cluster {
         }
     }
 
+    /// [`Cluster::write`], then waits until this node has applied it, so what the
+    /// caller reads next on this node includes it (read-your-writes: AMQP's
+    /// declare, then bind, then publish on one connection).
+    pub async fn write_applied(&self, cmd: Command) -> Result<u64, RequestError> {
+        let index = self.write(cmd).await?;
+        self.raft
+            .wait(Some(self.request_timeout))
+            .applied_index_at_least(Some(index), "read your write")
+            .await
+            .map_err(|e| RequestError::new(ErrorCode::Timeout, format!("waiting to apply index {index}: {e}")))?;
+        Ok(index)
+    }
+
     /// Waits until this node's state reflects everything committed before the call
     /// (when `linearizable`), then returns a read guard on it.
     pub async fn read(&self, linearizable: bool) -> Result<std::sync::RwLockReadGuard<'_, AppliedState>, RequestError> {

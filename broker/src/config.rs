@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use eventtermq_storage::fs::{Fs, RealFs};
 
@@ -40,6 +41,9 @@ pub struct NodeConfig {
     /// Interval of the leader's membership reconciliation (gossip -> Raft).
     pub reconcile_interval_ms: u64,
     pub data: DataSettings,
+    /// Limits of the AMQP 0.9.1 listener (whether it runs is the caller's: a node
+    /// handed an AMQP listener serves it).
+    pub amqp: AmqpSettings,
     /// Where wall-clock timestamps come from (the system's; a manual one in tests).
     pub clock: Clock,
     /// The filesystem `dir` is on: the operating system's; a simulated disk in the
@@ -183,8 +187,42 @@ impl NodeConfig {
             request_timeout_ms: Self::DEFAULT_REQUEST_TIMEOUT_MS,
             reconcile_interval_ms: 200,
             data: DataSettings::default(),
+            amqp: AmqpSettings::default(),
             clock: Clock::default(),
             fs: RealFs::shared(),
+        }
+    }
+}
+
+/// The AMQP listener's limits.
+#[derive(Debug, Clone)]
+pub struct AmqpSettings {
+    /// Largest frame, offered in `connection.tune` (a client may ask for less).
+    pub frame_max_bytes: u32,
+    /// Highest channel number, offered in `connection.tune`.
+    pub channel_max: u16,
+    /// Heartbeat interval offered in `connection.tune` (0: none); a client silent for
+    /// two intervals is disconnected.
+    pub heartbeat_s: u16,
+    /// Time a client has from connecting to `connection.open-ok`.
+    pub handshake_timeout: Duration,
+    /// Publishes of one channel queued at once (and the most stored in one request;
+    /// a channel has one request in flight, which keeps its order); more wait, and so
+    /// does reading that connection.
+    pub publishes_in_flight_max: usize,
+    /// Open connections at most; more are closed as they arrive.
+    pub connections_max: usize,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            frame_max_bytes: 128 * 1024,
+            channel_max: 2047,
+            heartbeat_s: 60,
+            handshake_timeout: Duration::from_secs(10),
+            publishes_in_flight_max: 256,
+            connections_max: 10_000,
         }
     }
 }

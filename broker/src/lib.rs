@@ -11,6 +11,7 @@
 //! [`consumer_groups`] (reading, matching, delivery) -> [`api`] (the gRPC services) ->
 //! [`node`] (wiring, bootstrap, the leader's membership duties).
 
+pub mod amqp;
 pub mod api;
 pub mod clock;
 pub mod cluster;

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use eventtermq_api::defaults;
 
+use eventtermq_broker::amqp::AmqpSettings;
 use eventtermq_broker::config::{DataSettings, NodeConfig, RaftSettings};
 use eventtermq_broker::membership::MembershipConfig;
 
@@ -143,6 +144,27 @@ pub struct BrokerArgs {
     /// the two counts.
     #[arg(long, default_value_t = DataSettings::default().disk_watermark.free_min_percent)]
     pub disk_free_min_percent: u8,
+    /// AMQP 0.9.1 listener on --host (default: --port + 1, i.e. 16001; 0: off).
+    #[arg(long)]
+    pub amqp_port: Option<u16>,
+    /// AMQP: the largest frame offered to clients in connection.tune (at least 4096).
+    #[arg(long, default_value_t = AmqpSettings::default().frame_max_bytes)]
+    pub amqp_frame_max_bytes: u32,
+    /// AMQP: the highest channel number offered to clients.
+    #[arg(long, default_value_t = AmqpSettings::default().channel_max)]
+    pub amqp_channel_max: u16,
+    /// AMQP: heartbeat interval offered to clients (0: none); a client silent for two
+    /// intervals is disconnected.
+    #[arg(long, default_value_t = AmqpSettings::default().heartbeat_s)]
+    pub amqp_heartbeat_s: u16,
+    /// AMQP: publishes of one channel queued at once, and the most stored in one request
+    /// (a channel has one request in flight, which keeps its order); more wait, and so
+    /// does reading that connection.
+    #[arg(long, default_value_t = AmqpSettings::default().publishes_in_flight_max)]
+    pub amqp_publishes_in_flight_max: usize,
+    /// AMQP: open connections at most per node; more are closed as they arrive.
+    #[arg(long, default_value_t = AmqpSettings::default().connections_max)]
+    pub amqp_connections_max: usize,
     /// Threads that run the broker's tasks (0: one per CPU). Blocking file work (fsync,
     /// reads) runs on a separate pool. Fewer threads mean fewer cross-thread wake-ups
     /// per request, which matters where they are costly (virtual machines, several

@@ -28,7 +28,13 @@ fn message(args: &PublishArgs, data: Vec<u8>) -> Result<pb::Message, CliError> {
     }
     let properties =
         args.content_type.as_ref().map(|c| pb::Properties { content_type: c.clone(), ..Default::default() });
-    Ok(pb::Message { routing_key: args.routing_key.clone(), properties, headers, data: data.into() })
+    Ok(pb::Message {
+        routing_key: args.routing_key.clone(),
+        properties,
+        headers,
+        data: data.into(),
+        ..Default::default()
+    })
 }
 
 pub(super) fn persistence(p: Option<PersistenceArg>) -> pb::Persistence {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::args::BrokerArgs;
+use eventtermq_broker::amqp::AmqpSettings;
 use eventtermq_broker::config::NodeConfig;
 
 /// How the node is reached, per the seed page's `--host`/`--advertise-host` table.
@@ -77,20 +78,60 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
     if args.disk_free_min_percent > 100 {
         return Err(format!("--disk-free-min-percent: {} is out of range (0-100)", args.disk_free_min_percent));
     }
+    config.amqp = amqp_settings(args)?;
     config.raft.to_openraft().map_err(|e| format!("raft timing flags: {e}"))?;
     Ok(config)
 }
 
+fn amqp_settings(args: &BrokerArgs) -> Result<AmqpSettings, String> {
+    if args.amqp_frame_max_bytes < 4096 {
+        return Err(format!("--amqp-frame-max-bytes: {} is below AMQP's minimum of 4096", args.amqp_frame_max_bytes));
+    }
+    if args.amqp_publishes_in_flight_max == 0 {
+        return Err("--amqp-publishes-in-flight-max: must be at least 1".into());
+    }
+    if args.amqp_connections_max == 0 {
+        return Err("--amqp-connections-max: must be at least 1 (--amqp-port 0 turns AMQP off)".into());
+    }
+    Ok(AmqpSettings {
+        frame_max_bytes: args.amqp_frame_max_bytes,
+        channel_max: args.amqp_channel_max,
+        heartbeat_s: args.amqp_heartbeat_s,
+        publishes_in_flight_max: args.amqp_publishes_in_flight_max,
+        connections_max: args.amqp_connections_max,
+        ..AmqpSettings::default()
+    })
+}
+
+/// The AMQP port: --amqp-port, else --port + 1; `None` when it is off (0).
+pub fn amqp_port(args: &BrokerArgs, port: u16) -> Result<Option<u16>, String> {
+    match args.amqp_port {
+        Some(0) => Ok(None),
+        Some(p) => Ok(Some(p)),
+        None => port
+            .checked_add(eventtermq_api::defaults::AMQP_PORT_OFFSET)
+            .map(Some)
+            .ok_or_else(|| format!("--amqp-port: --port {port} + 1 is not a port; set --amqp-port (0: off)")),
+    }
+}
+
 /// Runs one broker until SIGTERM/SIGINT, then leaves gracefully.
-pub async fn run_broker(config: NodeConfig) -> anyhow::Result<()> {
+pub async fn run_broker(config: NodeConfig, amqp_port: Option<u16>) -> anyhow::Result<()> {
     let listen: SocketAddr = tokio::net::lookup_host(&config.listen_addr)
         .await
         .map_err(|e| anyhow::anyhow!("--host: cannot resolve {}: {e}", config.listen_addr))?
         .next()
         .ok_or_else(|| anyhow::anyhow!("--host: {} resolves to no address", config.listen_addr))?;
-    let (network, listeners) = eventtermq_broker::transport::tcp::bind(listen, Duration::from_secs(1))
+    let (network, mut listeners) = eventtermq_broker::transport::tcp::bind(listen, Duration::from_secs(1))
         .await
         .map_err(|e| anyhow::anyhow!("--host/--port: cannot listen on {listen}: {e}"))?;
+    if let Some(port) = amqp_port {
+        let addr = SocketAddr::new(listen.ip(), port);
+        let amqp = eventtermq_broker::transport::tcp::bind_amqp(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("--amqp-port: cannot listen on {addr}: {e}"))?;
+        listeners.amqp = Some(amqp);
+    }
     let shutdown = CancellationToken::new();
     let node = eventtermq_broker::node::start(config, network, listeners, shutdown.clone()).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -95,6 +95,7 @@ impl AdminService {
                 routing_key: b.routing_key.clone(),
                 headers: b.headers.clone().into_iter().collect(),
                 headers_match,
+                since_unix_ms: 0,
             });
         }
         let spec = ConsumerGroupSpec {

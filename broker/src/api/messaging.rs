@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::admin::namespace_of;
 use crate::cluster_state::validate;
-use crate::consumer_groups::{Groups, Located};
+use crate::consumer_groups::Groups;
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::{hops, Peers, Relayed};
 use crate::replication::dedupe::Key;
@@ -150,10 +150,7 @@ impl Messaging for MessagingService {
         let mut req = req.into_inner();
         req.namespace = namespace_of(&req.namespace)?;
         validate::name("consumer_group", &req.consumer_group)?;
-        let stream = match self.groups.locate(&req.namespace, &req.consumer_group, fwd).await? {
-            Located::Here(group) => self.groups.subscribe(group, req).await?,
-            Located::Remote(addr) => self.peers.relay_subscribe(&addr, req).await.map_err(RequestError::from)?,
-        };
+        let stream = self.groups.subscribe_anywhere(&self.peers, req, fwd).await?;
         Ok(Response::new(to_client(stream)))
     }
 
@@ -162,7 +159,7 @@ impl Messaging for MessagingService {
         let req = req.into_inner();
         let namespace = namespace_of(&req.namespace)?;
         validate::name("consumer_group", &req.consumer_group)?;
-        self.settle(namespace, req.consumer_group, req.deliveries, true, fwd).await?;
+        self.groups.settle_anywhere(&self.peers, namespace, req.consumer_group, req.deliveries, true, fwd).await?;
         #[allow(deprecated)] // `ok`: still sent for clients that read it
         Ok(Response::new(pb::AckResponse { ok: true }))
     }
@@ -172,29 +169,8 @@ impl Messaging for MessagingService {
         let req = req.into_inner();
         let namespace = namespace_of(&req.namespace)?;
         validate::name("consumer_group", &req.consumer_group)?;
-        self.settle(namespace, req.consumer_group, req.deliveries, false, fwd).await?;
+        self.groups.settle_anywhere(&self.peers, namespace, req.consumer_group, req.deliveries, false, fwd).await?;
         #[allow(deprecated)] // `ok`: still sent for clients that read it
         Ok(Response::new(pb::NackResponse { ok: true }))
-    }
-}
-
-impl MessagingService {
-    /// Acknowledges (`ack`) or returns for redelivery (`!ack`) delivered messages, on
-    /// the group's node.
-    async fn settle(
-        &self,
-        namespace: String,
-        group: String,
-        deliveries: Vec<pb::Delivery>,
-        ack: bool,
-        forwarded: bool,
-    ) -> Result<(), RequestError> {
-        if deliveries.is_empty() {
-            return Err(RequestError::new(ErrorCode::InvalidArgument, "deliveries: at least one is required"));
-        }
-        match self.groups.locate(&namespace, &group, forwarded).await? {
-            Located::Here(g) => self.groups.settle(&g, &group, &deliveries, ack).await,
-            Located::Remote(addr) => Ok(self.peers.settle(&addr, namespace, group, deliveries, ack).await?),
-        }
     }
 }

@@ -43,6 +43,20 @@ pub enum Command {
         namespace: String,
         name: String,
     },
+    /// Adds a binding to an existing group (AMQP `queue.bind`); one that routes the
+    /// same as a binding the group has changes nothing.
+    BindConsumerGroup {
+        namespace: String,
+        name: String,
+        binding: BindingSpec,
+    },
+    /// Removes the group's bindings that route the same as `binding` (AMQP
+    /// `queue.unbind`); none is not an error, as in RabbitMQ.
+    UnbindConsumerGroup {
+        namespace: String,
+        name: String,
+        binding: BindingSpec,
+    },
     /// Gossip's view of a node, written by the leader when it changes.
     SetNode {
         id: NodeId,
@@ -198,6 +212,18 @@ impl ClusterState {
                 self.namespaces.get_mut(namespace).map(|ns| ns.consumer_groups.remove(name));
                 self.groups.get_mut(namespace).map(|g| g.remove(name));
             }
+            Command::BindConsumerGroup { namespace, name, binding } => {
+                if let Some(g) = self.namespaces.get_mut(namespace).and_then(|ns| ns.consumer_groups.get_mut(name)) {
+                    if !g.bindings.iter().any(|b| b.same_route(binding)) {
+                        g.bindings.push(binding.clone());
+                    }
+                }
+            }
+            Command::UnbindConsumerGroup { namespace, name, binding } => {
+                if let Some(g) = self.namespaces.get_mut(namespace).and_then(|ns| ns.consumer_groups.get_mut(name)) {
+                    g.bindings.retain(|b| !b.same_route(binding));
+                }
+            }
             Command::SetNode { id, record } => {
                 self.nodes.insert(*id, record.clone());
             }
@@ -341,16 +367,10 @@ impl ClusterState {
             }
             Command::DeleteTopic { namespace, name } => self.topic(namespace, name).map(|_| ()),
             Command::CreateConsumerGroup { namespace, name, spec } => self.check_create_group(namespace, name, spec),
-            Command::DeleteConsumerGroup { namespace, name } => {
-                if self.namespace(namespace)?.consumer_groups.contains_key(name) {
-                    Ok(())
-                } else {
-                    Err(RequestError::new(
-                        ErrorCode::ConsumerGroupNotFound,
-                        format!("name: consumer group {name:?} does not exist in namespace {namespace:?}"),
-                    ))
-                }
+            Command::DeleteConsumerGroup { namespace, name } | Command::UnbindConsumerGroup { namespace, name, .. } => {
+                self.group_spec(namespace, name).map(|_| ())
             }
+            Command::BindConsumerGroup { namespace, name, binding } => self.check_bind(namespace, name, binding),
             Command::SetNode { .. } | Command::RemoveNode { .. } | Command::SetDiskLow { .. } => Ok(()),
             Command::OpenSegment { namespace, topic, shard, replicas, min_insync, .. } => {
                 self.check_open_segment(namespace, topic, *shard, replicas, *min_insync)
@@ -409,6 +429,28 @@ impl ClusterState {
             )),
             _ => Ok(()),
         }
+    }
+
+    fn group_spec(&self, namespace: &str, name: &str) -> Result<&ConsumerGroupSpec, RequestError> {
+        self.namespace(namespace)?.consumer_groups.get(name).ok_or_else(|| {
+            RequestError::new(
+                ErrorCode::ConsumerGroupNotFound,
+                format!("name: consumer group {name:?} does not exist in namespace {namespace:?}"),
+            )
+        })
+    }
+
+    /// The group and the topic must exist, and the group with the binding added must
+    /// be a valid group (the binding's own rules, the bindings limit).
+    fn check_bind(&self, namespace: &str, name: &str, binding: &BindingSpec) -> Result<(), RequestError> {
+        let spec = self.group_spec(namespace, name)?;
+        if spec.bindings.iter().any(|b| b.same_route(binding)) {
+            return Ok(());
+        }
+        self.topic(namespace, &binding.topic)?;
+        let mut bound = spec.clone();
+        bound.bindings.push(binding.clone());
+        validate::consumer_group_spec(&bound)
     }
 
     /// Every bound topic must exist; a repeated create of the same group is accepted.
@@ -743,6 +785,7 @@ mod tests {
             routing_key: key.into(),
             headers: Default::default(),
             headers_match: HeadersMatch::All,
+            since_unix_ms: 0,
         };
         let group = |bindings, since_unix_ms| ConsumerGroupSpec { bindings, size: 100, since_unix_ms };
         let create = |spec| Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec };

@@ -360,6 +360,16 @@ pub struct BindingSpec {
     pub routing_key: String,
     pub headers: BTreeMap<String, String>,
     pub headers_match: HeadersMatch,
+    /// Unix time in milliseconds before which this binding takes nothing: a binding
+    /// added to a running group (AMQP `queue.bind`) takes what is published after it,
+    /// as in RabbitMQ. 0 (the default, and every binding made with the group): no limit
+    /// of its own.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub since_unix_ms: i64,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
 }
 
 impl BindingSpec {
@@ -371,7 +381,19 @@ impl BindingSpec {
             routing_key: String::new(),
             headers: BTreeMap::new(),
             headers_match: HeadersMatch::All,
+            since_unix_ms: 0,
         }
+    }
+
+    /// Whether the two route the same messages (everything but `since_unix_ms`): a
+    /// repeated `queue.bind` changes nothing, and `queue.unbind` removes the binding
+    /// whenever it was made.
+    pub fn same_route(&self, other: &BindingSpec) -> bool {
+        self.topic == other.topic
+            && self.exchange_type == other.exchange_type
+            && self.routing_key == other.routing_key
+            && self.headers == other.headers
+            && self.headers_match == other.headers_match
     }
 }
 

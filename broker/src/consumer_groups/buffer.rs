@@ -274,6 +274,11 @@ impl GroupBuffer {
         self.segments.iter().map(|(&id, seg)| (id, seg.outstanding.first().copied().unwrap_or(seg.next))).collect()
     }
 
+    /// Offsets of the segment offered and not acked (pending or in flight).
+    pub fn outstanding(&self, segment_id: u64) -> BTreeSet<u64> {
+        self.segments.get(&segment_id).map(|s| s.outstanding.clone()).unwrap_or_default()
+    }
+
     /// The segment is deleted (retention, topic deleted): drops its pending and
     /// in-flight messages (later acks of them fail with `NotInFlight`) and its
     /// committed offset. Reporting a record of it again starts it afresh.

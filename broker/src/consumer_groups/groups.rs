@@ -1,7 +1,9 @@
 //! The consumer groups of this node: starting and stopping group tasks as the cluster
 //! state places groups here, finding where a group runs, and the subscriber side of
 //! `Subscribe`, `Ack` and `Nack` for a group running here. A request for a group that
-//! runs elsewhere is relayed there by `api/` through `peers/` ([`Located::Remote`]).
+//! runs elsewhere is relayed there through `peers/` ([`Located::Remote`]);
+//! [`Groups::subscribe_anywhere`] and [`Groups::settle_anywhere`] do both for the
+//! front doors (gRPC in `api/`, AMQP in `amqp/`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -18,7 +20,7 @@ use super::buffer::{Delivery, SubscriberId};
 use super::task::{self, Event, GroupCmd};
 use crate::cluster::Cluster;
 use crate::error::{ErrorCode, RequestError};
-use crate::peers::Relayed;
+use crate::peers::{Peers, Relayed};
 use crate::replication::{lock, Segments};
 
 /// Requests queued to one group task; senders (subscriptions, acks) wait beyond.
@@ -205,6 +207,42 @@ impl Groups {
         let cmd = if ack { GroupCmd::Ack(keys, tx) } else { GroupCmd::Nack(keys, tx) };
         group.cmd.send(cmd).await.map_err(|_| gone(name))?;
         rx.await.map_err(|_| gone(name))?
+    }
+}
+
+impl Groups {
+    /// Subscribes to the group wherever it runs: here, or relayed to its node (a
+    /// `forwarded` request is never sent on again).
+    pub async fn subscribe_anywhere(
+        &self,
+        peers: &Peers,
+        req: SubscribeRequest,
+        forwarded: bool,
+    ) -> Result<Relayed<SubscribeResponse>, RequestError> {
+        match self.locate(&req.namespace, &req.consumer_group, forwarded).await? {
+            Located::Here(group) => self.subscribe(group, req).await,
+            Located::Remote(addr) => Ok(peers.relay_subscribe(&addr, req).await?),
+        }
+    }
+
+    /// Acknowledges (`ack`) or returns for redelivery (`!ack`) delivered messages on
+    /// the group's node, wherever it runs.
+    pub async fn settle_anywhere(
+        &self,
+        peers: &Peers,
+        namespace: String,
+        group: String,
+        deliveries: Vec<PbDelivery>,
+        ack: bool,
+        forwarded: bool,
+    ) -> Result<(), RequestError> {
+        if deliveries.is_empty() {
+            return Err(RequestError::new(ErrorCode::InvalidArgument, "deliveries: at least one is required"));
+        }
+        match self.locate(&namespace, &group, forwarded).await? {
+            Located::Here(g) => self.settle(&g, &group, &deliveries, ack).await,
+            Located::Remote(addr) => Ok(peers.settle(&addr, namespace, group, deliveries, ack).await?),
+        }
     }
 }
 

@@ -155,6 +155,7 @@ mod tests {
             routing_key: routing_key.to_string(),
             headers: BTreeMap::new(),
             headers_match: HeadersMatch::All,
+            since_unix_ms: 0,
         }
     }
 

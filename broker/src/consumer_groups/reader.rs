@@ -58,7 +58,32 @@ struct Cursor {
     /// Closed and every record up to `end` reported.
     finished: bool,
     fetching: bool,
+    /// The newest timestamp among the records reported: a binding added later whose
+    /// `since` is not after it came too late for them (see [`Reader::spec_changed`]).
+    latest_reported_ms: i64,
+    /// Where a late binding's records may start: the first offset reported, and
+    /// (timestamp, offset) of the first record of each second of the last
+    /// [`REWIND_MARKS_MAX`] seconds reported.
+    first_reported: Option<u64>,
+    marks: VecDeque<(i64, u64)>,
+    /// Records read again after a late binding.
+    replay: Option<Replay>,
 }
+
+/// A segment read again from before where it was because a binding came late: below
+/// `until`, a record goes to the buffer only if it was outstanding (offered, not
+/// acked) when the reading went back, or if it matches now and did not before.
+#[derive(Debug)]
+struct Replay {
+    until: u64,
+    outstanding: BTreeSet<u64>,
+    before: ConsumerGroupSpec,
+}
+
+/// Seconds of (timestamp, offset) marks a cursor keeps to find where a late binding's
+/// records start. A binding is late by the time its node takes to apply a write, well
+/// under this; older ones read the segment again from where the cursor began.
+const REWIND_MARKS_MAX: usize = 64;
 
 impl Cursor {
     fn shard_key(&self) -> ShardKey {
@@ -104,6 +129,83 @@ impl Reader {
         }
     }
 
+    /// The group's spec changed (a binding added or removed): matching follows it at
+    /// once; the next [`Reader::segments_changed`] opens cursors on newly bound topics
+    /// and drops those of topics no longer bound. A binding added with a `since` this
+    /// reader has already passed (this node applied it after the records it takes
+    /// were reported as skipped) makes the segments it concerns be read again from
+    /// their committed offsets: what they hold unacknowledged comes again (acks of
+    /// the earlier deliveries fail), nothing the new binding takes is missed.
+    pub fn spec_changed(&mut self, spec: ConsumerGroupSpec, buffer: &mut GroupBuffer) {
+        let added: Vec<_> =
+            spec.bindings.iter().filter(|b| !self.spec.bindings.iter().any(|o| o.same_route(b))).cloned().collect();
+        self.topics = spec.bindings.iter().map(|b| b.topic.clone()).collect();
+        let before = std::mem::replace(&mut self.spec, spec);
+        let takes_all: Vec<(SegmentId, bool)> =
+            self.cursors.iter().map(|(id, c)| (*id, self.takes_all(&c.topic))).collect();
+        for (id, all) in takes_all {
+            if let Some(c) = self.cursors.get_mut(&id) {
+                c.takes_all = all;
+            }
+        }
+        let late: Vec<(SegmentId, i64)> = self
+            .cursors
+            .iter()
+            .filter_map(|(id, c)| {
+                let since = added
+                    .iter()
+                    .filter(|b| *b.topic == *c.topic && c.latest_reported_ms >= b.since_unix_ms)
+                    .map(|b| b.since_unix_ms)
+                    .min()?;
+                Some((*id, since))
+            })
+            .collect();
+        for (id, since) in late {
+            self.rewind(id, since, &before, buffer);
+        }
+    }
+
+    /// Reads a segment again from its last record before `since` (see [`Replay`]).
+    fn rewind(&mut self, id: SegmentId, since: i64, before: &ConsumerGroupSpec, buffer: &mut GroupBuffer) {
+        let Some(c) = self.cursors.get_mut(&id) else { return };
+        let Some(first) = c.first_reported else { return };
+        let from = c.marks.iter().rev().find(|(ts, _)| *ts < since).map_or(first, |(_, offset)| *offset);
+        let mut outstanding = buffer.outstanding(id);
+        buffer.forget_segment(id);
+        let replay = match c.replay.take() {
+            // Still replaying an earlier late binding: keep what it would still offer.
+            Some(r) => Replay {
+                until: r.until.max(c.next),
+                outstanding: {
+                    outstanding.extend(r.outstanding);
+                    outstanding
+                },
+                before: r.before,
+            },
+            None => Replay { until: c.next, outstanding, before: before.clone() },
+        };
+        c.replay = Some(replay);
+        c.next = from;
+        c.backlog.clear();
+        c.idle = false;
+        c.marks.retain(|(_, offset)| *offset < from);
+        if c.finished {
+            c.finished = false;
+            self.unfinished.entry(c.shard_key()).or_default().insert((c.generation, id));
+        }
+    }
+
+    pub fn spec(&self) -> &ConsumerGroupSpec {
+        &self.spec
+    }
+
+    fn takes_all(&self, topic: &str) -> bool {
+        self.spec
+            .bindings
+            .iter()
+            .any(|b| b.topic == topic && b.since_unix_ms == 0 && matching::matches_every_message(b))
+    }
+
     /// The cluster's segments now: those of the bound topics get a cursor (from the
     /// committed offset), cursors of segments that are gone (retention, a deleted
     /// topic) are dropped and the buffer forgets them. A closed segment's end is known
@@ -140,9 +242,8 @@ impl Reader {
     }
 
     fn new_cursor(&self, id: SegmentId, s: &SegmentRecord) -> Cursor {
-        let bindings = &self.spec.bindings;
         Cursor {
-            takes_all: bindings.iter().any(|b| b.topic == s.topic && matching::matches_every_message(b)),
+            takes_all: self.takes_all(&s.topic),
             topic: s.topic.as_str().into(),
             shard: s.shard,
             generation: s.generation,
@@ -152,6 +253,10 @@ impl Reader {
             end: None,
             finished: false,
             fetching: false,
+            latest_reported_ms: i64::MIN,
+            first_reported: None,
+            marks: VecDeque::new(),
+            replay: None,
         }
     }
 
@@ -168,6 +273,10 @@ impl Reader {
             c.idle = true;
             return;
         };
+        if r.records.first().is_some_and(|first| first.offset > c.backlog.back().map_or(c.next, |b| b.offset + 1)) {
+            // Started before a rewind: ask again from where the cursor is now.
+            return;
+        }
         c.idle = r.records.is_empty();
         // A read may overlap what was reported (it started before a backlog emptied):
         // only what is new goes in.
@@ -193,7 +302,8 @@ impl Reader {
                     continue;
                 }
                 c.next = r.offset + 1;
-                let reported = if matches(&self.spec, c, &r) {
+                note_reported(c, &r);
+                let reported = if takes(&self.spec, c, &r) {
                     let d = Delivery { topic: c.topic.clone(), segment_id: id, offset: r.offset, message: r.payload };
                     buffer.offer(d)
                 } else {
@@ -274,15 +384,48 @@ fn remove_place(unfinished: &mut BTreeMap<ShardKey, BTreeSet<Place>>, key: Shard
     }
 }
 
+/// Keeps what a late binding needs to find its records (see [`Reader::rewind`]).
+fn note_reported(c: &mut Cursor, r: &Record) {
+    c.latest_reported_ms = c.latest_reported_ms.max(r.timestamp_ms);
+    c.first_reported.get_or_insert(r.offset);
+    if c.marks.back().is_none_or(|(ts, _)| ts.div_euclid(1000) < r.timestamp_ms.div_euclid(1000)) {
+        c.marks.push_back((r.timestamp_ms, r.offset));
+        if c.marks.len() > REWIND_MARKS_MAX {
+            c.marks.pop_front();
+        }
+    }
+}
+
+/// Whether record `r` goes to the buffer: it matches, or, while a segment is read
+/// again after a late binding, it is one the buffer held or one only the new
+/// binding takes.
+fn takes(spec: &ConsumerGroupSpec, c: &mut Cursor, r: &Record) -> bool {
+    let Some(replay) = c.replay.as_ref().filter(|p| r.offset < p.until) else {
+        c.replay = None;
+        return matches(spec, c, r);
+    };
+    if replay.outstanding.contains(&r.offset) {
+        return true;
+    }
+    let now = matches(spec, c, r);
+    now && !matches_decoded(&replay.before, &c.topic, r)
+}
+
 /// Whether record `r` of the cursor's segment goes to the group.
 fn matches(spec: &ConsumerGroupSpec, c: &Cursor, r: &Record) -> bool {
+    if c.takes_all {
+        return spec.since_unix_ms == 0 || r.timestamp_ms >= spec.since_unix_ms;
+    }
+    matches_decoded(spec, &c.topic, r)
+}
+
+fn matches_decoded(spec: &ConsumerGroupSpec, topic: &str, r: &Record) -> bool {
     let since_ok = spec.since_unix_ms == 0 || r.timestamp_ms >= spec.since_unix_ms;
-    since_ok
-        && (c.takes_all || {
-            let message = Message::decode(r.payload.clone()).unwrap_or_default();
-            let bindings = spec.bindings.iter().filter(|b| *b.topic == *c.topic);
-            matching::matches_any(bindings, &message.routing_key, &message.headers)
-        })
+    since_ok && {
+        let message = Message::decode(r.payload.clone()).unwrap_or_default();
+        let bindings = spec.bindings.iter().filter(|b| *b.topic == *topic && r.timestamp_ms >= b.since_unix_ms);
+        matching::matches_any(bindings, &message.routing_key, &message.headers)
+    }
 }
 #[cfg(test)]
 mod tests {
@@ -344,6 +487,7 @@ mod tests {
             routing_key: key.into(),
             headers: Default::default(),
             headers_match: HeadersMatch::All,
+            since_unix_ms: 0,
         }
     }
 
@@ -408,6 +552,46 @@ mod tests {
         assert!(reader.next_fetches(&buffer).is_empty(), "finished");
         assert!(reader.drained(&buffer));
         assert_eq!(buffer.committed(), BTreeMap::from([(1, 3)]));
+    }
+
+    /// AMQP's `queue.bind` on a running group: the binding takes records from its
+    /// `since` on, even those this reader had already skipped before it learnt of the
+    /// binding (their segment is read again from its committed offset), and a binding
+    /// that comes in time changes nothing already reported.
+    #[test]
+    fn a_binding_added_late_reads_again_what_it_takes_and_one_in_time_does_not() {
+        let spec = ConsumerGroupSpec { bindings: vec![direct("t", "a")], size: 10, since_unix_ms: 0 };
+        let mut reader = Reader::new("default", spec.clone(), BTreeMap::new());
+        let mut buffer = GroupBuffer::new(10, BTreeMap::new());
+        let sub = buffer.subscribe(0, false);
+        let t = generation("t", 0, 1, true, 0);
+        reader.segments_changed([(1, &t)], &mut buffer);
+        reader.next_fetches(&buffer);
+        let records = vec![record(0, "a", 100), record(1, "b", 200), record(2, "a", 300)];
+        reader.fetched(1, Some(ReadResult { records: records.clone(), end_offset: 3, closed: false }), &mut buffer);
+        assert!(reader.feed(&mut buffer).is_empty());
+        let offsets = |b: &mut GroupBuffer| b.dispatch().into_iter().map(|(_, d)| d.offset).collect::<Vec<_>>();
+        assert_eq!(offsets(&mut buffer), [0, 2]);
+        buffer.ack(1, 0).unwrap();
+
+        // In time: `since` after everything reported; nothing is read again.
+        let mut in_time = spec.clone();
+        in_time.bindings.push(BindingSpec { since_unix_ms: 301, ..direct("t", "c") });
+        reader.spec_changed(in_time.clone(), &mut buffer);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(1, 3, false)]);
+        reader.fetched(1, None, &mut buffer);
+
+        // Late: `since` 150, record 1 ("b", 200) was skipped: the segment is read again
+        // from its last record before 150 (0, acked: not again); record 1 is offered
+        // now and record 2, unacknowledged when the reading went back, comes again.
+        let mut late = in_time;
+        late.bindings.push(BindingSpec { since_unix_ms: 150, ..direct("t", "b") });
+        reader.spec_changed(late, &mut buffer);
+        assert_eq!(buffer.in_flight_of(sub), 0, "the rewound segment's deliveries are dropped");
+        assert_eq!(reader.next_fetches(&buffer), [fetch(1, 0, false)]);
+        reader.fetched(1, Some(ReadResult { records, end_offset: 3, closed: false }), &mut buffer);
+        assert!(reader.feed(&mut buffer).is_empty());
+        assert_eq!(offsets(&mut buffer), [1, 2]);
     }
 
     /// Issue 13, finding 3: the primary of generation 1 was killed, the fail-over

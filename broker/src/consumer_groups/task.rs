@@ -140,6 +140,10 @@ impl Task {
         if st.state.group_runtime(&self.namespace, &self.name).is_none() {
             return false;
         }
+        let spec = st.state.namespaces.get(&self.namespace).and_then(|ns| ns.consumer_groups.get(&self.name));
+        if let Some(spec) = spec.filter(|s| *s != self.reader.spec()) {
+            self.reader.spec_changed(spec.clone(), &mut self.buffer);
+        }
         self.reader.segments_changed(st.state.segments.iter().map(|(id, s)| (*id, s)), &mut self.buffer);
         self.read_failures.retain(|id, _| st.state.segments.contains_key(id));
         true

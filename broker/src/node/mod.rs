@@ -23,7 +23,7 @@ use crate::consumer_groups::Groups;
 use crate::membership::Membership;
 use crate::peers::{PeerError, Peers};
 use crate::replication::Segments;
-use crate::transport::{Listeners, Network};
+use crate::transport::{Incoming, Listeners, Network};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -131,7 +131,7 @@ pub async fn start(
         groups: groups.clone(),
         peers: peers.clone(),
     };
-    let tasks = Tasks::spawn(&config, services, listeners.incoming, disk, &stop);
+    let tasks = Tasks::spawn(&config, services, (listeners.incoming, listeners.amqp), disk, &stop);
     tracing::info!(node_id = id, listen = %config.listen_addr, advertise = %config.advertise_addr, dir = %config.dir.display(), "node started");
 
     let parts = Parts {
@@ -210,6 +210,7 @@ struct Tasks {
     bootstrap: JoinHandle<()>,
     reconciler: JoinHandle<()>,
     disk_watch: JoinHandle<()>,
+    amqp: Option<JoinHandle<()>>,
 }
 
 impl Tasks {
@@ -217,11 +218,20 @@ impl Tasks {
     fn spawn(
         config: &NodeConfig,
         services: Services,
-        incoming: std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<crate::transport::Conn>> + Send>>,
+        (incoming, amqp): (Incoming, Option<Incoming>),
         disk: crate::disk::Disk,
         stop: &CancellationToken,
     ) -> Tasks {
         let Services { cluster, membership, segments, groups, peers } = &services;
+        let amqp = amqp.map(|incoming| {
+            let backend = crate::amqp::Backend {
+                cluster: cluster.clone(),
+                segments: segments.clone(),
+                groups: groups.clone(),
+                peers: peers.clone(),
+            };
+            tokio::spawn(crate::amqp::serve(backend, incoming, config.amqp.clone(), stop.clone()))
+        });
         let reconcile_interval = Duration::from_millis(config.reconcile_interval_ms);
         Tasks {
             keeper: tokio::spawn(crate::replication::keeper::run(segments.clone(), stop.clone())),
@@ -242,6 +252,7 @@ impl Tasks {
             reconciler: tokio::spawn(reconcile::run(config.clone(), cluster.clone(), membership.clone(), stop.clone())),
             disk_watch: tokio::spawn(crate::disk::watch(disk, cluster.clone(), stop.clone())),
             server: crate::api::serve(services, incoming, stop.clone()),
+            amqp,
         }
     }
 }
@@ -281,6 +292,9 @@ async fn run_until_stopped(parts: Parts, tasks: Tasks, shutdown: CancellationTok
     tasks.keeper.abort();
     tasks.placement.abort();
     tasks.disk_watch.abort();
+    if let Some(amqp) = &tasks.amqp {
+        amqp.abort();
+    }
     // The server drains in-flight calls, but not for longer than this.
     let server_abort = tasks.server.abort_handle();
     if tokio::time::timeout(SERVER_DRAIN_MAX, tasks.server).await.is_err() {

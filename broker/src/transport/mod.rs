@@ -34,10 +34,15 @@ pub trait Network: Send + Sync + 'static {
     fn send_datagram(&self, addr: &str, data: Bytes);
 }
 
+/// Accepted connections of one listener.
+pub type Incoming = Pin<Box<dyn Stream<Item = std::io::Result<Conn>> + Send>>;
+
 /// Inbound side of a node's network.
 pub struct Listeners {
     /// Accepted connections for the gRPC server.
-    pub incoming: Pin<Box<dyn Stream<Item = std::io::Result<Conn>> + Send>>,
+    pub incoming: Incoming,
+    /// Accepted connections for the AMQP 0.9.1 listener (`None`: it is off).
+    pub amqp: Option<Incoming>,
     /// Received gossip datagrams.
     pub datagrams: mpsc::Receiver<Bytes>,
 }

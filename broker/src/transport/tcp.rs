@@ -51,7 +51,18 @@ pub async fn bind(addr: SocketAddr, connect_timeout: Duration) -> std::io::Resul
         })
     });
     let net = Arc::new(TcpNetwork { udp, channels: Mutex::new(HashMap::new()), connect_timeout });
-    Ok((net, Listeners { incoming: Box::pin(incoming), datagrams: rx }))
+    Ok((net, Listeners { incoming: Box::pin(incoming), amqp: None, datagrams: rx }))
+}
+
+/// Binds the AMQP listener on `addr`.
+pub async fn bind_amqp(addr: SocketAddr) -> std::io::Result<super::Incoming> {
+    let tcp = TcpListener::bind(addr).await?;
+    Ok(Box::pin(tokio_stream::wrappers::TcpListenerStream::new(tcp).map(|r| {
+        r.map(|s| {
+            let _ = s.set_nodelay(true);
+            Conn::Tcp(s)
+        })
+    })))
 }
 
 impl TcpNetwork {

@@ -1,0 +1,471 @@
+//! The AMQP model on EventterMQ's: a virtual host is a namespace, an exchange a topic
+//! (its type the topic's default exchange type), a queue a consumer group, a binding
+//! a group binding. This is the only part of `amqp/` that touches the cluster; the
+//! connection and channel code speak AMQP and call these.
+//!
+//! The default exchange `""` is the topic `amq.default` of the namespace, created with
+//! the first queue; every queue declared over AMQP is bound to it by its own name
+//! (direct), so publishing there with routing key `q` reaches exactly queue `q`. The
+//! predeclared `amq.direct`, `amq.fanout`, `amq.topic` and `amq.headers` are created on
+//! first use. A binding made after a queue exists takes what is published after it,
+//! as in RabbitMQ (`BindingSpec::since_unix_ms`).
+
+use amq_protocol::types::{AMQPValue, FieldTable};
+use eventtermq_proto::v1 as pb;
+
+use super::convert::text_value;
+use super::error::{AmqpError, ACCESS_REFUSED, NOT_ALLOWED, NOT_FOUND, PRECONDITION_FAILED};
+use crate::cluster::Cluster;
+use crate::cluster_state::{
+    validate, BindingSpec, ClusterState, Command, ConsumerGroupSpec, ExchangeType, HeadersMatch, TopicSpec,
+    DEFAULT_NAMESPACE,
+};
+use crate::consumer_groups::{matching, Groups};
+use crate::error::{ErrorCode, RequestError};
+use crate::peers::{Peers, Relayed};
+use crate::replication::Segments;
+
+/// The topic behind the default exchange `""`.
+pub const DEFAULT_EXCHANGE_TOPIC: &str = "amq.default";
+/// A queue (or binding) takes what is published from this long before it was
+/// declared (or bound): messages are stamped by their primary's clock and the
+/// declaration by this node's, and a message published after `declare-ok` must never
+/// be missed because the two clocks differ. The price: a queue may also get what was
+/// published up to this long before it existed.
+pub const START_MARGIN_MS: i64 = 1_000;
+/// Exchanges every virtual host has, with their types.
+const PREDECLARED: [(&str, ExchangeType); 4] = [
+    ("amq.direct", ExchangeType::Direct),
+    ("amq.fanout", ExchangeType::Fanout),
+    ("amq.topic", ExchangeType::Topic),
+    ("amq.headers", ExchangeType::Headers),
+];
+
+/// The broker as AMQP sees it. Cheap to clone.
+#[derive(Clone)]
+pub struct Backend {
+    pub cluster: Cluster,
+    pub segments: Segments,
+    pub groups: Groups,
+    pub peers: Peers,
+}
+
+/// The namespace of a virtual host: `/` is `default`, a leading `/` is dropped.
+pub fn namespace_of_vhost(vhost: &str) -> String {
+    match vhost.strip_prefix('/').unwrap_or(vhost) {
+        "" => DEFAULT_NAMESPACE.to_string(),
+        name => name.to_string(),
+    }
+}
+
+/// The topic behind an exchange name.
+pub fn topic_of_exchange(exchange: &str) -> &str {
+    if exchange.is_empty() {
+        DEFAULT_EXCHANGE_TOPIC
+    } else {
+        exchange
+    }
+}
+
+/// The exchange name a consumer sees for a topic.
+pub fn exchange_of_topic(topic: &str) -> &str {
+    if topic == DEFAULT_EXCHANGE_TOPIC {
+        ""
+    } else {
+        topic
+    }
+}
+
+fn predeclared(name: &str) -> Option<ExchangeType> {
+    PREDECLARED.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
+}
+
+fn valid_name(what: &str, name: &str) -> Result<(), AmqpError> {
+    validate::name(what, name).map_err(|e| AmqpError::channel(PRECONDITION_FAILED, e.message))
+}
+
+fn topic_spec(kind: ExchangeType) -> TopicSpec {
+    TopicSpec {
+        shards: eventtermq_api::defaults::SHARDS,
+        replication_factor: eventtermq_api::defaults::REPLICATION_FACTOR,
+        retention_ms: 0,
+        default_exchange_type: kind,
+        segment_size_max_bytes: 0,
+        min_insync_replicas: 0,
+    }
+}
+
+/// The arguments of `queue.declare` a group honours: none yet beyond the queue type
+/// RabbitMQ clients name (every group is replicated, like a quorum queue).
+fn check_queue_arguments(args: &FieldTable) -> Result<(), AmqpError> {
+    for (k, v) in args.inner() {
+        match (k.as_str(), v) {
+            ("x-queue-type", AMQPValue::LongString(_) | AMQPValue::ShortString(_)) => {}
+            (other, _) => {
+                return Err(AmqpError::channel(
+                    PRECONDITION_FAILED,
+                    format!("queue argument '{other}' is not supported (yet); declare the queue without it"),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Backend {
+    /// Where a queue or binding made now starts: [`START_MARGIN_MS`] ago.
+    fn start_ms(&self) -> i64 {
+        self.segments.clock().now_unix_ms() - START_MARGIN_MS
+    }
+
+    /// Whether the virtual host (namespace) exists, by this node's state.
+    pub async fn vhost_exists(&self, namespace: &str) -> bool {
+        self.fresh(|st| st.namespaces.get(namespace).map(|_| ())).await.is_some()
+    }
+
+    /// Looks `f` up in this node's state, and when it is not there, once more after
+    /// catching up with the leader: what another node just created is found.
+    async fn fresh<T>(&self, f: impl Fn(&ClusterState) -> Option<T>) -> Option<T> {
+        if let Some(v) = f(&self.cluster.state.read().state) {
+            return Some(v);
+        }
+        match self.cluster.read(true).await {
+            Ok(applied) => f(&applied.state),
+            Err(_) => None,
+        }
+    }
+
+    async fn topic_type(&self, namespace: &str, topic: &str) -> Option<ExchangeType> {
+        self.fresh(|st| st.namespaces.get(namespace)?.topics.get(topic).map(|t| t.default_exchange_type)).await
+    }
+
+    async fn queue_exists(&self, namespace: &str, queue: &str) -> bool {
+        self.fresh(|st| st.namespaces.get(namespace)?.consumer_groups.get(queue).map(|_| ())).await.is_some()
+    }
+
+    /// Creates the topic (accepting one created meanwhile with the same type).
+    async fn create_topic(&self, namespace: &str, name: &str, kind: ExchangeType) -> Result<(), AmqpError> {
+        let cmd = Command::CreateTopic { namespace: namespace.into(), name: name.into(), spec: topic_spec(kind) };
+        match self.cluster.write_applied(cmd).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == ErrorCode::TopicAlreadyExists => self.check_type(namespace, name, kind).await,
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn check_type(&self, namespace: &str, name: &str, kind: ExchangeType) -> Result<(), AmqpError> {
+        match self.topic_type(namespace, name).await {
+            Some(t) if t == kind => Ok(()),
+            Some(t) => Err(AmqpError::channel(
+                PRECONDITION_FAILED,
+                format!(
+                    "inequivalent arg 'type' for exchange '{name}' in vhost '{namespace}': received '{}' but current \
+                     is '{}'",
+                    kind.as_str(),
+                    t.as_str()
+                ),
+            )),
+            None => Err(AmqpError::channel(NOT_FOUND, format!("no exchange '{name}' in vhost '{namespace}'"))),
+        }
+    }
+
+    /// `exchange.declare`: creates or checks the topic.
+    pub async fn declare_exchange(
+        &self,
+        namespace: &str,
+        name: &str,
+        kind: &str,
+        passive: bool,
+    ) -> Result<(), AmqpError> {
+        if name.is_empty() {
+            return Err(AmqpError::channel(ACCESS_REFUSED, "operation not permitted on the default exchange"));
+        }
+        if let Some(own) = predeclared(name) {
+            // Declaring a predeclared exchange with its own type changes nothing.
+            if !passive && kind != own.as_str() {
+                return Err(AmqpError::channel(
+                    ACCESS_REFUSED,
+                    format!("exchange '{name}' is predeclared as '{}', not '{kind}'", own.as_str()),
+                ));
+            }
+            return self.ensure_exchange(namespace, name).await.map(|_| ());
+        }
+        if name.starts_with("amq.") {
+            return Err(AmqpError::channel(
+                ACCESS_REFUSED,
+                format!("exchange name '{name}' contains reserved prefix 'amq.*'"),
+            ));
+        }
+        valid_name("exchange", name)?;
+        if passive {
+            return match self.topic_type(namespace, name).await {
+                Some(_) => Ok(()),
+                None => Err(AmqpError::channel(NOT_FOUND, format!("no exchange '{name}' in vhost '{namespace}'"))),
+            };
+        }
+        let kind = ExchangeType::parse(kind).ok_or_else(|| {
+            AmqpError::connection(
+                super::error::COMMAND_INVALID,
+                format!("invalid exchange type '{kind}' (one of {})", ExchangeType::NAMES),
+            )
+        })?;
+        match self.topic_type(namespace, name).await {
+            Some(_) => self.check_type(namespace, name, kind).await,
+            None => self.create_topic(namespace, name, kind).await,
+        }
+    }
+
+    /// The topic an exchange publishes to, creating a predeclared one on first use;
+    /// 404 for any other exchange that does not exist.
+    pub async fn ensure_exchange(&self, namespace: &str, exchange: &str) -> Result<(String, ExchangeType), AmqpError> {
+        let topic = topic_of_exchange(exchange);
+        if let Some(t) = self.topic_type(namespace, topic).await {
+            return Ok((topic.to_string(), t));
+        }
+        let kind = if exchange.is_empty() { Some(ExchangeType::Direct) } else { predeclared(exchange) };
+        match kind {
+            Some(kind) => {
+                self.create_topic(namespace, topic, kind).await?;
+                Ok((topic.to_string(), kind))
+            }
+            None => Err(AmqpError::channel(NOT_FOUND, format!("no exchange '{exchange}' in vhost '{namespace}'"))),
+        }
+    }
+
+    /// `exchange.delete`: deletes the topic (and what it holds).
+    pub async fn delete_exchange(&self, namespace: &str, name: &str, if_unused: bool) -> Result<(), AmqpError> {
+        if name.is_empty() || name.starts_with("amq.") {
+            return Err(AmqpError::channel(ACCESS_REFUSED, format!("exchange '{name}' cannot be deleted")));
+        }
+        if self.topic_type(namespace, name).await.is_none() {
+            return Ok(()); // as RabbitMQ: deleting what is not there succeeds
+        }
+        if if_unused && self.bound_groups(namespace, name) > 0 {
+            return Err(AmqpError::channel(
+                PRECONDITION_FAILED,
+                format!("exchange '{name}' in vhost '{namespace}' in use"),
+            ));
+        }
+        let cmd = Command::DeleteTopic { namespace: namespace.into(), name: name.into() };
+        match self.cluster.write_applied(cmd).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == ErrorCode::TopicNotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn bound_groups(&self, namespace: &str, topic: &str) -> usize {
+        let st = self.cluster.state.read();
+        st.state
+            .namespaces
+            .get(namespace)
+            .map_or(0, |ns| ns.consumer_groups.values().filter(|g| g.bindings.iter().any(|b| b.topic == topic)).count())
+    }
+
+    /// `queue.declare`: creates the group (bound to the default exchange by its name,
+    /// reading from now on) or checks that it exists (`passive`).
+    pub async fn declare_queue(
+        &self,
+        namespace: &str,
+        name: &str,
+        passive: bool,
+        args: &FieldTable,
+    ) -> Result<(), AmqpError> {
+        valid_name("queue", name)?;
+        if passive || self.queue_exists(namespace, name).await {
+            return if self.queue_exists(namespace, name).await {
+                Ok(())
+            } else {
+                Err(AmqpError::channel(NOT_FOUND, format!("no queue '{name}' in vhost '{namespace}'")))
+            };
+        }
+        check_queue_arguments(args)?;
+        self.ensure_exchange(namespace, "").await?;
+        let binding = BindingSpec {
+            routing_key: name.to_string(),
+            exchange_type: ExchangeType::Direct,
+            ..BindingSpec::fanout(DEFAULT_EXCHANGE_TOPIC)
+        };
+        let spec = ConsumerGroupSpec {
+            bindings: vec![binding],
+            size: eventtermq_api::defaults::CONSUMER_GROUP_SIZE,
+            since_unix_ms: self.start_ms(),
+        };
+        let cmd = Command::CreateConsumerGroup { namespace: namespace.into(), name: name.into(), spec };
+        match self.cluster.write_applied(cmd).await {
+            Ok(_) => Ok(()),
+            // Declared meanwhile (by another client, or as a ConsumerGroup resource).
+            Err(e) if e.code == ErrorCode::ConsumerGroupAlreadyExists => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `queue.delete`.
+    pub async fn delete_queue(&self, namespace: &str, name: &str) -> Result<(), AmqpError> {
+        let cmd = Command::DeleteConsumerGroup { namespace: namespace.into(), name: name.into() };
+        match self.cluster.write_applied(cmd).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == ErrorCode::ConsumerGroupNotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The binding `queue.bind` / `queue.unbind` describe.
+    async fn binding(
+        &self,
+        namespace: &str,
+        exchange: &str,
+        routing_key: &str,
+        args: &FieldTable,
+    ) -> Result<BindingSpec, AmqpError> {
+        let (topic, kind) = self.ensure_exchange(namespace, exchange).await?;
+        let mut b = BindingSpec { exchange_type: kind, ..BindingSpec::fanout(topic) };
+        match kind {
+            ExchangeType::Fanout => {}
+            ExchangeType::Direct | ExchangeType::Topic => b.routing_key = routing_key.to_string(),
+            ExchangeType::Headers => {
+                for (k, v) in args.inner() {
+                    match (k.as_str(), text_value(v)) {
+                        ("x-match", Some(m)) => {
+                            b.headers_match = match m.as_str() {
+                                "all" => HeadersMatch::All,
+                                "any" => HeadersMatch::Any,
+                                other => {
+                                    return Err(AmqpError::channel(
+                                        PRECONDITION_FAILED,
+                                        format!("x-match: '{other}' is not one of all, any"),
+                                    ))
+                                }
+                            }
+                        }
+                        (k, _) if k.starts_with("x-") => {}
+                        (k, Some(v)) => {
+                            b.headers.insert(k.to_string(), v);
+                        }
+                        (k, None) => {
+                            return Err(AmqpError::channel(
+                                PRECONDITION_FAILED,
+                                format!("binding argument '{k}': only text, number and boolean values can be matched"),
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+        Ok(b)
+    }
+
+    /// `queue.bind`: what is published to the exchange from now on and matches.
+    pub async fn bind(
+        &self,
+        namespace: &str,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        args: &FieldTable,
+    ) -> Result<(), AmqpError> {
+        if !self.queue_exists(namespace, queue).await {
+            return Err(AmqpError::channel(NOT_FOUND, format!("no queue '{queue}' in vhost '{namespace}'")));
+        }
+        if exchange.is_empty() {
+            return Err(AmqpError::channel(ACCESS_REFUSED, "operation not permitted on the default exchange"));
+        }
+        let mut binding = self.binding(namespace, exchange, routing_key, args).await?;
+        binding.since_unix_ms = self.start_ms();
+        let cmd = Command::BindConsumerGroup { namespace: namespace.into(), name: queue.into(), binding };
+        self.cluster.write_applied(cmd).await.map(|_| ()).map_err(Into::into)
+    }
+
+    /// `queue.unbind`.
+    pub async fn unbind(
+        &self,
+        namespace: &str,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        args: &FieldTable,
+    ) -> Result<(), AmqpError> {
+        if exchange.is_empty() {
+            return Err(AmqpError::channel(ACCESS_REFUSED, "operation not permitted on the default exchange"));
+        }
+        let binding = self.binding(namespace, exchange, routing_key, args).await?;
+        let cmd = Command::UnbindConsumerGroup { namespace: namespace.into(), name: queue.into(), binding };
+        self.cluster.write_applied(cmd).await.map(|_| ()).map_err(Into::into)
+    }
+
+    /// Whether any queue of the namespace takes a message published to `topic` now
+    /// (for `mandatory`, and the default exchange, which drops what it cannot route).
+    pub async fn routable(&self, namespace: &str, topic: &str, message: &pb::Message) -> bool {
+        self.fresh(|st| {
+            let ns = st.namespaces.get(namespace)?;
+            let any = ns.consumer_groups.values().any(|g| {
+                let bindings = g.bindings.iter().filter(|b| b.topic == topic);
+                matching::matches_any(bindings, &message.routing_key, &message.headers)
+            });
+            any.then_some(())
+        })
+        .await
+        .is_some()
+    }
+
+    /// Stores messages (in this order, contiguously) as a gRPC publish of them would.
+    pub async fn publish(&self, namespace: &str, topic: &str, messages: Vec<pb::Message>) -> Result<(), RequestError> {
+        let persistence = pb::Persistence::Default;
+        self.segments.publish(namespace, topic, &messages, persistence, None, 0).await.map(|_| ())
+    }
+
+    /// Subscribes to the queue's group wherever it runs; `get_one`: at most one
+    /// message, and only if there is one now (`basic.get`).
+    pub async fn consume(
+        &self,
+        namespace: &str,
+        queue: &str,
+        prefetch: u32,
+        no_ack: bool,
+        get_one: bool,
+    ) -> Result<Relayed<pb::SubscribeResponse>, AmqpError> {
+        if !self.queue_exists(namespace, queue).await {
+            return Err(AmqpError::channel(NOT_FOUND, format!("no queue '{queue}' in vhost '{namespace}'")));
+        }
+        Ok(self.subscribe(namespace, queue, prefetch, no_ack, get_one).await?)
+    }
+
+    /// [`Backend::consume`] without the local check, for consumers that subscribe
+    /// again after their group moved.
+    pub async fn subscribe(
+        &self,
+        namespace: &str,
+        queue: &str,
+        prefetch: u32,
+        no_ack: bool,
+        get_one: bool,
+    ) -> Result<Relayed<pb::SubscribeResponse>, RequestError> {
+        let req = pb::SubscribeRequest {
+            namespace: namespace.to_string(),
+            consumer_group: queue.to_string(),
+            size: if get_one { 1 } else { prefetch },
+            auto_ack: no_ack,
+            do_not_block: get_one,
+            max_messages: u64::from(get_one),
+        };
+        self.groups.subscribe_anywhere(&self.peers, req, false).await
+    }
+
+    /// Acks (or returns, `!ack`) delivered messages of one queue.
+    pub async fn settle(
+        &self,
+        namespace: String,
+        queue: String,
+        deliveries: Vec<(u64, u64)>,
+        ack: bool,
+    ) -> Result<(), RequestError> {
+        let deliveries =
+            deliveries.into_iter().map(|(segment_id, offset)| pb::Delivery { segment_id, offset }).collect();
+        self.groups.settle_anywhere(&self.peers, namespace, queue, deliveries, ack, false).await
+    }
+}
+
+/// A vhost that does not exist is refused at `connection.open`.
+pub fn vhost_missing(vhost: &str, namespace: &str) -> AmqpError {
+    AmqpError::connection(NOT_ALLOWED, format!("vhost '{vhost}' not found (no namespace \"{namespace}\")"))
+}

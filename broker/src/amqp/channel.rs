@@ -1,0 +1,658 @@
+//! Channels: their state (consumers, delivery tags, confirm mode, the message being
+//! assembled) and the class methods on them. Everything here runs on the connection's
+//! loop; what waits on the cluster for long (publishing, consuming) runs in tasks that
+//! report back as connection events, so one slow publish never stalls a consumer.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use amq_protocol::frame::AMQPContentHeader;
+use amq_protocol::protocol::{basic, channel, confirm, exchange, queue, AMQPClass};
+use eventtermq_proto::v1 as pb;
+use futures::StreamExt;
+use rand::distr::{Alphanumeric, SampleString};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::backend::{exchange_of_topic, Backend};
+use super::connection::{Conn, Event};
+use super::convert;
+use super::error::*;
+use super::state::{Channel, Consumer, Pending, PublishJob, Unacked};
+use crate::error::{ErrorCode, RequestError};
+use crate::peers::Relayed;
+
+/// Pause before a consumer subscribes again after its group's node went away.
+const RESUBSCRIBE_PAUSE: Duration = Duration::from_millis(200);
+
+impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
+    /// A method on channel `id` (not 0). A channel exception closes only the channel.
+    pub(super) async fn channel_method(&mut self, id: u16, method: AMQPClass) -> Result<(), AmqpError> {
+        if let AMQPClass::Channel(m) = &method {
+            return self.channel_class(id, m.clone());
+        }
+        let Some(ch) = self.channels.get(&id) else {
+            return Err(AmqpError::connection(CHANNEL_ERROR, format!("channel {id} is not open")).on(&method));
+        };
+        if ch.closing {
+            return Ok(());
+        }
+        if ch.pending.is_some() {
+            return Err(AmqpError::connection(
+                UNEXPECTED_FRAME,
+                "a method frame while a message's content was expected",
+            )
+            .on(&method));
+        }
+        let reply = match self.method(id, &method).await {
+            Ok(reply) => reply,
+            Err(e) => return self.fail_channel(id, e.on(&method)),
+        };
+        if let Some(reply) = reply {
+            self.send(id, reply);
+        }
+        Ok(())
+    }
+
+    /// The method's answer (none for `nowait` and asynchronous methods).
+    async fn method(&mut self, id: u16, method: &AMQPClass) -> Result<Option<AMQPClass>, AmqpError> {
+        match method {
+            AMQPClass::Exchange(m) => self.exchange_method(m).await,
+            AMQPClass::Queue(m) => self.queue_method(id, m).await,
+            AMQPClass::Basic(m) => self.basic_method(id, m).await,
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
+                let ch = self.open_channel(id)?;
+                ch.next_confirm = ch.next_confirm.max(1);
+                Ok((!s.nowait).then_some(AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {}))))
+            }
+            AMQPClass::Tx(_) => Err(AmqpError::connection(
+                NOT_IMPLEMENTED,
+                "transactions (tx.*) are not supported; use publisher confirms (confirm.select)",
+            )),
+            _ => Err(AmqpError::connection(COMMAND_INVALID, "method not expected from a client")),
+        }
+    }
+
+    fn channel_class(&mut self, id: u16, m: channel::AMQPMethod) -> Result<(), AmqpError> {
+        let method = AMQPClass::Channel(m.clone());
+        match m {
+            channel::AMQPMethod::Open(_) => {
+                if self.channels.contains_key(&id) {
+                    return Err(
+                        AmqpError::connection(CHANNEL_ERROR, format!("channel {id} is already open")).on(&method)
+                    );
+                }
+                if id > self.channel_max {
+                    return Err(AmqpError::connection(
+                        NOT_ALLOWED,
+                        format!("channel {id} is above channel_max ({})", self.channel_max),
+                    )
+                    .on(&method));
+                }
+                self.channels.insert(id, Channel { next_tag: 1, ..Channel::default() });
+                self.send(id, AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})));
+            }
+            channel::AMQPMethod::Close(_) => {
+                if let Some(mut ch) = self.channels.remove(&id) {
+                    ch.stop_all();
+                    self.queues_lost_consumers(&ch);
+                }
+                self.send(id, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
+            }
+            channel::AMQPMethod::CloseOk(_) => {
+                if let Some(ch) = self.channels.remove(&id) {
+                    self.queues_lost_consumers(&ch);
+                }
+            }
+            channel::AMQPMethod::Flow(f) if f.active => {
+                self.open_channel(id)?;
+                self.send(id, AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk { active: true })));
+            }
+            channel::AMQPMethod::Flow(_) => {
+                return Err(
+                    AmqpError::connection(NOT_IMPLEMENTED, "channel.flow active=false is not supported").on(&method)
+                )
+            }
+            _ => return Err(AmqpError::connection(COMMAND_INVALID, "method not expected from a client").on(&method)),
+        }
+        Ok(())
+    }
+
+    async fn exchange_method(&mut self, m: &exchange::AMQPMethod) -> Result<Option<AMQPClass>, AmqpError> {
+        let ns = self.namespace.clone();
+        match m {
+            exchange::AMQPMethod::Declare(d) => {
+                self.backend.declare_exchange(&ns, d.exchange.as_str(), d.kind.as_str(), d.passive).await?;
+                Ok((!d.nowait).then_some(AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {}))))
+            }
+            exchange::AMQPMethod::Delete(d) => {
+                self.backend.delete_exchange(&ns, d.exchange.as_str(), d.if_unused).await?;
+                Ok((!d.nowait).then_some(AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {}))))
+            }
+            exchange::AMQPMethod::Bind(_) | exchange::AMQPMethod::Unbind(_) => Err(AmqpError::connection(
+                NOT_IMPLEMENTED,
+                "exchange-to-exchange bindings are not supported; bind queues to exchanges",
+            )),
+            _ => Err(AmqpError::connection(COMMAND_INVALID, "method not expected from a client")),
+        }
+    }
+
+    /// An empty queue name means the channel's last declared queue.
+    fn queue_name(&mut self, id: u16, name: &str) -> Result<String, AmqpError> {
+        let ch = self.open_channel(id)?;
+        if !name.is_empty() {
+            return Ok(name.to_string());
+        }
+        if ch.last_queue.is_empty() {
+            return Err(AmqpError::channel(NOT_FOUND, "no queue name given and no queue declared on this channel"));
+        }
+        Ok(ch.last_queue.clone())
+    }
+
+    async fn queue_method(&mut self, id: u16, m: &queue::AMQPMethod) -> Result<Option<AMQPClass>, AmqpError> {
+        let ns = self.namespace.clone();
+        match m {
+            queue::AMQPMethod::Declare(d) => self.declare_queue(id, d).await,
+            queue::AMQPMethod::Bind(b) => {
+                let q = self.queue_name(id, b.queue.as_str())?;
+                self.backend.bind(&ns, &q, b.exchange.as_str(), b.routing_key.as_str(), &b.arguments).await?;
+                Ok((!b.nowait).then_some(AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {}))))
+            }
+            queue::AMQPMethod::Unbind(b) => {
+                let q = self.queue_name(id, b.queue.as_str())?;
+                self.backend.unbind(&ns, &q, b.exchange.as_str(), b.routing_key.as_str(), &b.arguments).await?;
+                Ok(Some(AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {}))))
+            }
+            queue::AMQPMethod::Delete(d) => {
+                if d.if_unused || d.if_empty {
+                    return Err(AmqpError::connection(
+                        NOT_IMPLEMENTED,
+                        "queue.delete with if-unused or if-empty is not supported yet",
+                    ));
+                }
+                let q = self.queue_name(id, d.queue.as_str())?;
+                self.backend.delete_queue(&ns, &q).await?;
+                self.cancel_consumers_of(&q);
+                let reply = queue::DeleteOk { message_count: 0 };
+                Ok((!d.nowait).then_some(AMQPClass::Queue(queue::AMQPMethod::DeleteOk(reply))))
+            }
+            queue::AMQPMethod::Purge(_) => {
+                Err(AmqpError::connection(NOT_IMPLEMENTED, "queue.purge is not supported yet"))
+            }
+            _ => Err(AmqpError::connection(COMMAND_INVALID, "method not expected from a client")),
+        }
+    }
+
+    async fn declare_queue(&mut self, id: u16, d: &queue::Declare) -> Result<Option<AMQPClass>, AmqpError> {
+        self.open_channel(id)?;
+        let name = if d.queue.as_str().is_empty() && !d.passive {
+            format!("amq.gen-{}", Alphanumeric.sample_string(&mut rand::rng(), 22))
+        } else {
+            self.queue_name(id, d.queue.as_str())?
+        };
+        let ns = self.namespace.clone();
+        self.backend.declare_queue(&ns, &name, d.passive, &d.arguments).await?;
+        if d.exclusive && !d.passive {
+            self.exclusive.insert(name.clone());
+        }
+        if d.auto_delete && !d.passive {
+            self.auto_delete.insert(name.clone());
+        }
+        self.open_channel(id)?.last_queue = name.clone();
+        let reply = queue::DeclareOk { queue: name.into(), message_count: 0, consumer_count: 0 };
+        Ok((!d.nowait).then_some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(reply))))
+    }
+
+    async fn basic_method(&mut self, id: u16, m: &basic::AMQPMethod) -> Result<Option<AMQPClass>, AmqpError> {
+        match m {
+            basic::AMQPMethod::Qos(q) => {
+                // amq-protocol drops prefetch_size (RabbitMQ does not implement it either).
+                self.open_channel(id)?.prefetch = q.prefetch_count;
+                Ok(Some(AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {}))))
+            }
+            basic::AMQPMethod::Publish(p) => {
+                if p.immediate {
+                    return Err(AmqpError::connection(NOT_IMPLEMENTED, "immediate=true is not supported"));
+                }
+                self.open_channel(id)?.pending = Some(Pending { publish: p.clone(), header: None, body: Vec::new() });
+                Ok(None)
+            }
+            basic::AMQPMethod::Consume(c) => self.consume(id, c).await,
+            basic::AMQPMethod::Cancel(c) => {
+                self.cancel(id, c.consumer_tag.as_str());
+                let reply = basic::CancelOk { consumer_tag: c.consumer_tag.clone() };
+                Ok((!c.nowait).then_some(AMQPClass::Basic(basic::AMQPMethod::CancelOk(reply))))
+            }
+            basic::AMQPMethod::Get(g) => self.get(id, g).await,
+            basic::AMQPMethod::Ack(a) => self.settle(id, a.delivery_tag, a.multiple, true).map(|_| None),
+            basic::AMQPMethod::Nack(n) => self.settle(id, n.delivery_tag, n.multiple, !n.requeue).map(|_| None),
+            // requeue=false drops the message (no dead-lettering yet); requeue=true
+            // returns it for redelivery.
+            basic::AMQPMethod::Reject(r) => self.settle(id, r.delivery_tag, false, !r.requeue).map(|_| None),
+            basic::AMQPMethod::Recover(_) => {
+                self.settle(id, 0, true, false)?;
+                Ok(Some(AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {}))))
+            }
+            basic::AMQPMethod::RecoverAsync(_) => self.settle(id, 0, true, false).map(|_| None),
+            _ => Err(AmqpError::connection(COMMAND_INVALID, "method not expected from a client")),
+        }
+    }
+
+    /// A content header: the message's size and properties.
+    pub(super) async fn content_header(&mut self, id: u16, header: AMQPContentHeader) -> Result<(), AmqpError> {
+        let max = self.backend.segments.settings().write_batch_max_bytes as u64;
+        let ch = self.open_channel(id)?;
+        if ch.closing {
+            return Ok(());
+        }
+        let Some(p) = ch.pending.as_mut().filter(|p| p.header.is_none()) else {
+            return Err(AmqpError::connection(UNEXPECTED_FRAME, "a content header without a basic.publish"));
+        };
+        if header.body_size > max {
+            // The body frames still coming are dropped with the channel.
+            let e = AmqpError::channel(
+                PRECONDITION_FAILED,
+                format!(
+                    "message size {} is larger than the maximum of {max} bytes (--write-batch-max-bytes)",
+                    header.body_size
+                ),
+            );
+            return self.fail_channel(id, e);
+        }
+        let done = header.body_size == 0;
+        p.body.reserve(header.body_size as usize);
+        p.header = Some(header);
+        if done {
+            self.published(id).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn content_body(&mut self, id: u16, body: Vec<u8>) -> Result<(), AmqpError> {
+        let ch = self.open_channel(id)?;
+        if ch.closing {
+            return Ok(());
+        }
+        let Some((p, size)) = ch.pending.as_mut().and_then(|p| p.header.as_ref().map(|h| h.body_size).map(|s| (p, s)))
+        else {
+            return Err(AmqpError::connection(UNEXPECTED_FRAME, "a content body without a content header"));
+        };
+        p.body.extend_from_slice(&body);
+        if p.body.len() as u64 > size {
+            return Err(AmqpError::connection(FRAME_ERROR, "content bodies longer than their header's body size"));
+        }
+        if p.body.len() as u64 == size {
+            self.published(id).await?;
+        }
+        Ok(())
+    }
+
+    /// A complete message: checked for its exchange, returned if `mandatory` and no
+    /// queue takes it, and handed to the channel's publisher.
+    async fn published(&mut self, id: u16) -> Result<(), AmqpError> {
+        let ch = self.open_channel(id)?;
+        let Some(Pending { publish, header: Some(header), body }) = ch.pending.take() else { return Ok(()) };
+        let confirm = (ch.next_confirm > 0).then(|| {
+            ch.next_confirm += 1;
+            ch.next_confirm - 1
+        });
+        let exchange = publish.exchange.as_str();
+        let message = convert::to_message(publish.routing_key.as_str(), &header.properties, body);
+        let topic = super::backend::topic_of_exchange(exchange).to_string();
+        // The default exchange always exists; its topic comes with the first queue.
+        if !exchange.is_empty() {
+            if let Err(e) = self.backend.ensure_exchange(&self.namespace, exchange).await {
+                return self.fail_channel(id, e.on(&AMQPClass::Basic(basic::AMQPMethod::Publish(publish))));
+            }
+        }
+        let routable = self.backend.routable(&self.namespace, &topic, &message).await;
+        if publish.mandatory && !routable {
+            let ret = basic::Return {
+                reply_code: NO_ROUTE,
+                reply_text: "NO_ROUTE".into(),
+                exchange: publish.exchange.clone(),
+                routing_key: publish.routing_key.clone(),
+            };
+            self.send(id, AMQPClass::Basic(basic::AMQPMethod::Return(ret)));
+            codec_content(self, id, convert::to_properties(&message), &message.data);
+        }
+        // What the default exchange cannot route goes nowhere (as in RabbitMQ); a
+        // named exchange is a topic, a log that keeps what is published to it.
+        if !routable && exchange.is_empty() {
+            if let Some(tag) = confirm {
+                self.confirmed(id, tag, true);
+            }
+            return Ok(());
+        }
+        let job = PublishJob { namespace: self.namespace.clone(), topic, message, confirm };
+        self.enqueue_publish(id, job).await
+    }
+
+    /// Hands the message to the channel's publisher task. When it has
+    /// `publishes_in_flight_max` waiting, this waits, and so does reading the
+    /// connection: TCP pushes back on a client publishing faster than the topic takes.
+    async fn enqueue_publish(&mut self, id: u16, job: PublishJob) -> Result<(), AmqpError> {
+        let (backend, events, stop) = (self.backend.clone(), self.events.clone(), self.node_stop.clone());
+        let in_flight = self.settings.publishes_in_flight_max;
+        let ch = self.open_channel(id)?;
+        let tx = ch
+            .publisher
+            .get_or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(in_flight);
+                tokio::spawn(run_publisher(backend, id, rx, events, in_flight, stop));
+                tx
+            })
+            .clone();
+        let _ = tx.send(job).await;
+        Ok(())
+    }
+
+    pub(super) fn confirmed(&mut self, id: u16, tag: u64, stored: bool) {
+        let method = if stored {
+            basic::AMQPMethod::Ack(basic::Ack { delivery_tag: tag, multiple: false })
+        } else {
+            basic::AMQPMethod::Nack(basic::Nack { delivery_tag: tag, multiple: false, requeue: false })
+        };
+        if self.channels.get(&id).is_some_and(|c| !c.closing) {
+            self.send(id, AMQPClass::Basic(method));
+        }
+    }
+
+    async fn consume(&mut self, id: u16, c: &basic::Consume) -> Result<Option<AMQPClass>, AmqpError> {
+        let queue = self.queue_name(id, c.queue.as_str())?;
+        let tag = match c.consumer_tag.as_str() {
+            "" => format!("amq.ctag-{}", Alphanumeric.sample_string(&mut rand::rng(), 22)),
+            t => t.to_string(),
+        };
+        let ch = self.open_channel(id)?;
+        if ch.consumers.contains_key(&tag) {
+            return Err(AmqpError::connection(NOT_ALLOWED, format!("attempt to reuse consumer tag '{tag}'")));
+        }
+        let prefetch = u32::from(ch.prefetch);
+        let stream = self.backend.consume(&self.namespace, &queue, prefetch, c.no_ack, false).await?;
+        let stop = self.stop.child_token();
+        let consumer = ConsumerTask {
+            backend: self.backend.clone(),
+            namespace: self.namespace.clone(),
+            queue: queue.clone(),
+            prefetch,
+            no_ack: c.no_ack,
+            channel: id,
+            tag: tag.clone(),
+            events: self.events.clone(),
+            stop: stop.clone(),
+        };
+        tokio::spawn(consumer.run(stream));
+        let ch = self.open_channel(id)?;
+        ch.consumers.insert(tag.clone(), Consumer { queue, no_ack: c.no_ack, stop });
+        let reply = basic::ConsumeOk { consumer_tag: tag.into() };
+        Ok((!c.nowait).then_some(AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(reply))))
+    }
+
+    fn cancel(&mut self, id: u16, tag: &str) {
+        let Some(ch) = self.channels.get_mut(&id) else { return };
+        if let Some(c) = ch.consumers.remove(tag) {
+            c.stop.cancel();
+            self.maybe_auto_delete(&c.queue);
+        }
+    }
+
+    /// Deletes an auto-delete queue this connection declared once it has no consumer
+    /// on this connection left.
+    fn maybe_auto_delete(&mut self, queue: &str) {
+        let used = self.channels.values().any(|ch| ch.consumers.values().any(|c| c.queue == queue));
+        if used || !self.auto_delete.remove(queue) {
+            return;
+        }
+        let (backend, ns, queue) = (self.backend.clone(), self.namespace.clone(), queue.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = backend.delete_queue(&ns, &queue).await {
+                tracing::warn!(namespace = %ns, queue, error = %e.text, "cannot delete an auto-delete queue");
+            }
+        });
+    }
+
+    fn queues_lost_consumers(&mut self, ch: &Channel) {
+        let queues: Vec<String> = ch.consumers.values().map(|c| c.queue.clone()).collect();
+        for q in queues {
+            self.maybe_auto_delete(&q);
+        }
+    }
+
+    /// The queue is gone: its consumers here are cancelled, and their clients told.
+    fn cancel_consumers_of(&mut self, queue: &str) {
+        let mut told = Vec::new();
+        for (id, ch) in self.channels.iter_mut() {
+            ch.consumers.retain(|tag, c| {
+                if c.queue != queue {
+                    return true;
+                }
+                c.stop.cancel();
+                told.push((*id, tag.clone()));
+                false
+            });
+        }
+        for (id, tag) in told {
+            let cancel = basic::Cancel { consumer_tag: tag.into(), nowait: true };
+            self.send(id, AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel)));
+        }
+    }
+
+    pub(super) fn consumer_ended(&mut self, id: u16, tag: &str) {
+        let Some(ch) = self.channels.get_mut(&id) else { return };
+        if ch.consumers.remove(tag).is_some() {
+            let cancel = basic::Cancel { consumer_tag: tag.into(), nowait: true };
+            self.send(id, AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel)));
+        }
+    }
+
+    /// A message for one of the channel's consumers: tagged and written.
+    pub(super) fn deliver(&mut self, id: u16, tag: &str, d: pb::SubscribeResponse) {
+        let Some(ch) = self.channels.get_mut(&id).filter(|c| !c.closing) else { return };
+        let Some(consumer) = ch.consumers.get(tag) else { return };
+        let delivery_tag = ch.next_tag;
+        ch.next_tag += 1;
+        if !consumer.no_ack {
+            let queue = consumer.queue.clone();
+            ch.unacked.insert(delivery_tag, Unacked { queue, segment_id: d.segment_id, offset: d.offset });
+        }
+        let message = d.message.unwrap_or_default();
+        let deliver = basic::Deliver {
+            consumer_tag: tag.into(),
+            delivery_tag,
+            redelivered: false,
+            exchange: exchange_of_topic(&d.topic).into(),
+            routing_key: message.routing_key.as_str().into(),
+        };
+        self.send(id, AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver)));
+        codec_content(self, id, convert::to_properties(&message), &message.data);
+    }
+
+    /// `basic.get`: one message if the queue has one now.
+    async fn get(&mut self, id: u16, g: &basic::Get) -> Result<Option<AMQPClass>, AmqpError> {
+        let queue = self.queue_name(id, g.queue.as_str())?;
+        let mut stream = self.backend.consume(&self.namespace, &queue, 1, g.no_ack, true).await?;
+        let first = tokio::time::timeout(self.backend.cluster.request_timeout(), stream.next()).await;
+        let d = match first {
+            Ok(Some(Ok(d))) => d,
+            Ok(Some(Err(e))) => return Err(e.into()),
+            Ok(None) | Err(_) => return Ok(Some(AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})))),
+        };
+        let ch = self.open_channel(id)?;
+        let delivery_tag = ch.next_tag;
+        ch.next_tag += 1;
+        if !g.no_ack {
+            ch.unacked.insert(delivery_tag, Unacked { queue, segment_id: d.segment_id, offset: d.offset });
+            // The subscription must outlive the ack or the message goes back: it ends
+            // once the message is settled (its stream then ends by itself).
+            tokio::spawn(async move { while stream.next().await.is_some() {} });
+        }
+        let message = d.message.unwrap_or_default();
+        let ok = basic::GetOk {
+            delivery_tag,
+            redelivered: false,
+            exchange: exchange_of_topic(&d.topic).into(),
+            routing_key: message.routing_key.as_str().into(),
+            message_count: 0,
+        };
+        self.send(id, AMQPClass::Basic(basic::AMQPMethod::GetOk(ok)));
+        codec_content(self, id, convert::to_properties(&message), &message.data);
+        Ok(None)
+    }
+
+    /// Acks (`ack`) or returns deliveries up to `tag` (`multiple`; 0 with `multiple`:
+    /// all), or just `tag`. An unknown tag is the channel's error, as in RabbitMQ.
+    fn settle(&mut self, id: u16, tag: u64, multiple: bool, ack: bool) -> Result<(), AmqpError> {
+        let ch = self.open_channel(id)?;
+        let settled: Vec<Unacked> = if multiple {
+            let keys: Vec<u64> = ch.unacked.keys().copied().filter(|t| tag == 0 || *t <= tag).collect();
+            keys.into_iter().filter_map(|t| ch.unacked.remove(&t)).collect()
+        } else {
+            match ch.unacked.remove(&tag) {
+                Some(u) => vec![u],
+                None => return Err(AmqpError::channel(PRECONDITION_FAILED, format!("unknown delivery tag {tag}"))),
+            }
+        };
+        let mut by_queue: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
+        for u in settled {
+            by_queue.entry(u.queue).or_default().push((u.segment_id, u.offset));
+        }
+        for (queue, deliveries) in by_queue {
+            let (backend, ns) = (self.backend.clone(), self.namespace.clone());
+            tokio::spawn(async move {
+                if let Err(e) = backend.settle(ns, queue.clone(), deliveries, ack).await {
+                    tracing::debug!(queue, error = %e, "AMQP settle failed (the messages come again)");
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+fn codec_content<S>(conn: &mut Conn<S>, id: u16, properties: basic::AMQPProperties, body: &[u8]) {
+    super::codec::content(id, properties, body, conn.frame_max_bytes, &mut conn.out);
+}
+
+/// Publishes one channel's messages in order: one batch at a time, each taking what
+/// queued while the previous one was stored (consecutive messages to one topic, at
+/// most `batch_max` of them), so a channel's messages keep their order through any
+/// node and a busy channel still writes many messages per request.
+async fn run_publisher(
+    backend: Backend,
+    channel: u16,
+    mut rx: mpsc::Receiver<PublishJob>,
+    events: mpsc::Sender<Event>,
+    batch_max: usize,
+    stop: CancellationToken,
+) {
+    let mut carried: Option<PublishJob> = None;
+    loop {
+        let first = match carried.take() {
+            Some(job) => job,
+            None => tokio::select! {
+                _ = stop.cancelled() => return,
+                job = rx.recv() => match job { Some(j) => j, None => return },
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < batch_max.max(1) {
+            match rx.try_recv() {
+                Ok(job) if job.topic == batch[0].topic => batch.push(job),
+                Ok(job) => {
+                    carried = Some(job);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let (namespace, topic) = (batch[0].namespace.clone(), batch[0].topic.clone());
+        let confirms: Vec<Option<u64>> = batch.iter().map(|j| j.confirm).collect();
+        let messages: Vec<pb::Message> = batch.into_iter().map(|j| j.message).collect();
+        let r = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = backend.publish(&namespace, &topic, messages) => r,
+        };
+        if let Err(e) = &r {
+            tracing::debug!(topic, error = %e, "AMQP publish failed");
+        }
+        // A connection that is gone gets no confirms; its messages are stored all the same.
+        for tag in confirms.into_iter().flatten() {
+            let _ = events.send(Event::Confirmed { channel, tag, ok: r.is_ok() }).await;
+        }
+    }
+}
+
+/// One `basic.consume`: moves the subscription's messages to the connection, and
+/// subscribes again when the group's node went away (its unacknowledged messages come
+/// again, to this consumer or another).
+struct ConsumerTask {
+    backend: Backend,
+    namespace: String,
+    queue: String,
+    prefetch: u32,
+    no_ack: bool,
+    channel: u16,
+    tag: String,
+    events: mpsc::Sender<Event>,
+    stop: CancellationToken,
+}
+
+/// Errors after which a consumer subscribes again: the cluster could not serve the
+/// subscription just now (5xxx: no leader, timeout, a node unreachable).
+fn resubscribable(e: &RequestError) -> bool {
+    (5000..6000).contains(&(e.code as u32))
+}
+
+impl ConsumerTask {
+    async fn run(self, mut stream: Relayed<pb::SubscribeResponse>) {
+        loop {
+            let Some(e) = self.forward(&mut stream).await else { return };
+            if !resubscribable(&e) {
+                return self.ended().await;
+            }
+            loop {
+                tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    _ = tokio::time::sleep(RESUBSCRIBE_PAUSE) => {}
+                }
+                match self.backend.subscribe(&self.namespace, &self.queue, self.prefetch, self.no_ack, false).await {
+                    Ok(s) => {
+                        stream = s;
+                        break;
+                    }
+                    Err(e) if resubscribable(&e) => continue,
+                    Err(_) => return self.ended().await,
+                }
+            }
+        }
+    }
+
+    /// The queue is gone: the client gets a `basic.cancel`.
+    async fn ended(&self) {
+        let (channel, consumer) = (self.channel, self.tag.clone());
+        let _ = self.events.send(Event::ConsumerEnded { channel, consumer }).await;
+    }
+
+    /// Forwards until the stream ends: `None` when stopped, else why it ended (a
+    /// stream that just ends, as when the group moves to another node, is retried).
+    async fn forward(&self, stream: &mut Relayed<pb::SubscribeResponse>) -> Option<RequestError> {
+        loop {
+            let item = tokio::select! {
+                _ = self.stop.cancelled() => return None,
+                item = stream.next() => item,
+            };
+            match item {
+                Some(Ok(d)) => {
+                    let message = Box::new(d);
+                    let event = Event::Delivery { channel: self.channel, consumer: self.tag.clone(), message };
+                    if self.events.send(event).await.is_err() {
+                        return None;
+                    }
+                }
+                Some(Err(e)) => return Some(e),
+                None => return Some(RequestError::new(ErrorCode::NotReady, "the subscription ended")),
+            }
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! AMQP 0.9.1 on `--amqp-port`, so RabbitMQ clients and tools work unchanged.
+//!
+//! Every node serves every request, as gRPC does: publishes go to the topic's
+//! primary and subscriptions to the group's node through the same paths the gRPC
+//! API uses. The model maps onto EventterMQ's (see [`backend`]): virtual host ↔
+//! namespace, exchange ↔ topic, queue ↔ consumer group, binding ↔ group binding.
+//!
+//! - [`codec`]: frames on the wire (amq-protocol's encoding), `frame_max` enforced
+//!   before a frame is read.
+//! - [`connection`]: the handshake and the connection's loop, which owns all channel
+//!   state; consumers and publishers run as tasks that report back to it as events.
+//! - [`channel`]: channel, exchange, queue, basic and confirm methods, on a
+//!   channel's state ([`state`]).
+//! - [`convert`]: AMQP content to the stored message and back.
+//! - [`error`]: AMQP exceptions and the broker's errors mapped onto them.
+
+pub mod backend;
+mod channel;
+pub mod codec;
+mod connection;
+pub mod convert;
+pub mod error;
+mod state;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::config::AmqpSettings;
+pub use backend::Backend;
+
+use crate::transport::Incoming;
+
+/// Accepts AMQP connections until `stop`.
+pub async fn serve(backend: Backend, mut incoming: Incoming, settings: AmqpSettings, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(settings.connections_max));
+    loop {
+        let conn = tokio::select! {
+            _ = stop.cancelled() => return,
+            c = incoming.next() => match c {
+                Some(Ok(c)) => c,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "AMQP accept failed");
+                    continue;
+                }
+                None => return,
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(connections_max = settings.connections_max, "AMQP connection refused: too many open");
+            continue;
+        };
+        let (backend, settings, stop) = (backend.clone(), settings.clone(), stop.clone());
+        tokio::spawn(async move {
+            connection::run(conn, backend, settings, stop).await;
+            drop(slot);
+        });
+    }
+}

@@ -1,0 +1,69 @@
+//! A channel's state, owned by its connection's loop (see `connection.rs`); the
+//! methods that change it are in `channel.rs`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use amq_protocol::frame::AMQPContentHeader;
+use amq_protocol::protocol::basic;
+use eventtermq_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// A publish waiting for its body.
+pub(super) struct Pending {
+    pub(super) publish: basic::Publish,
+    pub(super) header: Option<AMQPContentHeader>,
+    pub(super) body: Vec<u8>,
+}
+
+pub(super) struct Consumer {
+    pub(super) queue: String,
+    pub(super) no_ack: bool,
+    pub(super) stop: CancellationToken,
+}
+
+/// A delivery the client has not settled yet.
+pub(super) struct Unacked {
+    pub(super) queue: String,
+    pub(super) segment_id: u64,
+    pub(super) offset: u64,
+}
+
+/// One open channel.
+#[derive(Default)]
+pub(super) struct Channel {
+    /// A channel exception was sent: everything but `close`/`close-ok` is dropped.
+    pub(super) closing: bool,
+    pub(super) prefetch: u16,
+    /// Publisher confirms: the sequence number of the next publish (0: not selected).
+    pub(super) next_confirm: u64,
+    pub(super) pending: Option<Pending>,
+    pub(super) publisher: Option<mpsc::Sender<PublishJob>>,
+    pub(super) consumers: HashMap<String, Consumer>,
+    pub(super) next_tag: u64,
+    pub(super) unacked: BTreeMap<u64, Unacked>,
+    /// The queue declared last: what an empty queue name means (AMQP 0.9.1).
+    pub(super) last_queue: String,
+}
+
+impl Channel {
+    /// Stops the channel's consumers and publisher; unsettled deliveries go back to
+    /// their queues when the subscriptions end.
+    pub(super) fn stop_all(&mut self) {
+        for c in self.consumers.values() {
+            c.stop.cancel();
+        }
+        self.consumers.clear();
+        self.publisher = None;
+        self.pending = None;
+    }
+}
+
+/// One message on its way to a topic.
+pub(super) struct PublishJob {
+    pub(super) namespace: String,
+    pub(super) topic: String,
+    pub(super) message: pb::Message,
+    /// The confirm sequence number, in confirm mode.
+    pub(super) confirm: Option<u64>,
+}

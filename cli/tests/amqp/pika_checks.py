@@ -1,0 +1,265 @@
+"""AMQP checks with pika, the Python client RabbitMQ's tutorials use.
+
+Each check does what one of RabbitMQ's six tutorials does (hello world, work queues,
+publish/subscribe, routing, topics, RPC), or provokes one AMQP exception, and prints
+"ok <name>" when the client saw what it would see against RabbitMQ. Publishers and
+consumers connect to different nodes. Every wait is bounded.
+
+usage: pika_checks.py PUBLISH_HOST CONSUME_HOST PORT CHECK...
+"""
+import sys
+import time
+import uuid
+
+import pika
+
+PUB, CON, PORT = sys.argv[1], sys.argv[2], int(sys.argv[3])
+WAIT_S = 20
+
+
+def connect(host, **kw):
+    params = pika.ConnectionParameters(host=host, port=PORT, connection_attempts=3, retry_delay=1, **kw)
+    return pika.BlockingConnection(params)
+
+
+def drain(channel, queue, want, auto_ack=True, prefetch=None):
+    """Consumes from `queue` until `want` bodies arrived or WAIT_S passed."""
+    got = []
+    if prefetch:
+        channel.basic_qos(prefetch_count=prefetch)
+
+    def on_message(ch, method, _props, body):
+        got.append(body.decode())
+        if not auto_ack:
+            ch.basic_ack(delivery_tag=method.delivery_tag)
+
+    tag = channel.basic_consume(queue=queue, on_message_callback=on_message, auto_ack=auto_ack)
+    deadline = time.time() + WAIT_S
+    while len(got) < want and time.time() < deadline:
+        channel.connection.process_data_events(time_limit=0.2)
+    channel.basic_cancel(tag)
+    return got
+
+
+def expect(name, got, want):
+    if got != want:
+        print(f"FAIL {name}: got {got!r}, want {want!r}")
+        sys.exit(1)
+    print(f"ok {name}", flush=True)
+
+
+def hello():
+    c = connect(CON)
+    ch = c.channel()
+    ch.queue_declare(queue="hello")
+    p = connect(PUB)
+    p.channel().basic_publish(exchange="", routing_key="hello", body="Hello World!")
+    p.close()
+    expect("hello", drain(ch, "hello", 1), ["Hello World!"])
+    c.close()
+
+
+def work_queues():
+    c = connect(CON)
+    ch = c.channel()
+    ch.queue_declare(queue="task_queue", durable=True)
+    p = connect(PUB)
+    pch = p.channel()
+    pch.confirm_delivery()
+    tasks = [f"task {i}{'.' * (i % 3)}" for i in range(10)]
+    for t in tasks:
+        pch.basic_publish(exchange="", routing_key="task_queue", body=t,
+                          properties=pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent))
+    p.close()
+    expect("work_queues", drain(ch, "task_queue", 10, auto_ack=False, prefetch=1), tasks)
+    c.close()
+
+
+def publish_subscribe():
+    c = connect(CON)
+    ch = c.channel()
+    ch.exchange_declare(exchange="logs", exchange_type="fanout")
+    queues = []
+    for _ in range(2):
+        q = ch.queue_declare(queue="", exclusive=True).method.queue
+        assert q.startswith("amq.gen-"), q
+        ch.queue_bind(exchange="logs", queue=q)
+        queues.append(q)
+    p = connect(PUB)
+    pch = p.channel()
+    pch.exchange_declare(exchange="logs", exchange_type="fanout")
+    lines = [f"log {i}" for i in range(5)]
+    for line in lines:
+        pch.basic_publish(exchange="logs", routing_key="", body=line)
+    p.close()
+    got = [drain(ch, q, 5) for q in queues]
+    expect("publish_subscribe", got, [lines, lines])
+    c.close()
+
+
+def routing():
+    c = connect(CON)
+    ch = c.channel()
+    ch.exchange_declare(exchange="direct_logs", exchange_type="direct")
+    q = ch.queue_declare(queue="", exclusive=True).method.queue
+    for severity in ["warning", "error"]:
+        ch.queue_bind(exchange="direct_logs", queue=q, routing_key=severity)
+    p = connect(PUB)
+    pch = p.channel()
+    for severity in ["info", "warning", "error", "info"]:
+        pch.basic_publish(exchange="direct_logs", routing_key=severity, body=f"a {severity}")
+    p.close()
+    expect("routing", drain(ch, q, 2), ["a warning", "a error"])
+    c.close()
+
+
+def topics():
+    c = connect(CON)
+    ch = c.channel()
+    ch.exchange_declare(exchange="topic_logs", exchange_type="topic")
+    q = ch.queue_declare(queue="", exclusive=True).method.queue
+    for key in ["kern.*", "*.critical"]:
+        ch.queue_bind(exchange="topic_logs", queue=q, routing_key=key)
+    p = connect(PUB)
+    pch = p.channel()
+    for key in ["kern.info", "app.info", "app.critical", "kern.disk.full"]:
+        pch.basic_publish(exchange="topic_logs", routing_key=key, body=key)
+    p.close()
+    expect("topics", drain(ch, q, 2), ["kern.info", "app.critical"])
+    c.close()
+
+
+def rpc():
+    server = connect(CON)
+    sch = server.channel()
+    sch.queue_declare(queue="rpc_queue")
+    sch.basic_qos(prefetch_count=1)
+
+    def on_request(ch, method, props, body):
+        n = int(body)
+        ch.basic_publish(exchange="", routing_key=props.reply_to,
+                         properties=pika.BasicProperties(correlation_id=props.correlation_id),
+                         body=str(n * n))
+        ch.basic_ack(delivery_tag=method.delivery_tag)
+
+    sch.basic_consume(queue="rpc_queue", on_message_callback=on_request)
+    client = connect(PUB)
+    cch = client.channel()
+    callback = cch.queue_declare(queue="", exclusive=True).method.queue
+    answers = {}
+
+    def on_response(_ch, _method, props, body):
+        answers[props.correlation_id] = int(body)
+
+    cch.basic_consume(queue=callback, on_message_callback=on_response, auto_ack=True)
+    corr = str(uuid.uuid4())
+    cch.basic_publish(exchange="", routing_key="rpc_queue", body="30",
+                      properties=pika.BasicProperties(reply_to=callback, correlation_id=corr))
+    deadline = time.time() + WAIT_S
+    while corr not in answers and time.time() < deadline:
+        server.process_data_events(time_limit=0.1)
+        client.process_data_events(time_limit=0.1)
+    expect("rpc", answers.get(corr), 900)
+    client.close()
+    server.close()
+
+
+def confirms_and_mandatory():
+    c = connect(PUB)
+    ch = c.channel()
+    ch.confirm_delivery()
+    ch.queue_declare(queue="confirmed")
+    ch.basic_publish(exchange="", routing_key="confirmed", body="kept", mandatory=True)
+    try:
+        ch.basic_publish(exchange="", routing_key="no-such-queue", body="lost", mandatory=True)
+        returned = False
+    except pika.exceptions.UnroutableError:
+        returned = True
+    expect("confirms_and_mandatory", returned, True)
+    c.close()
+
+
+def channel_error(name, code, action):
+    c = connect(PUB)
+    ch = c.channel()
+    try:
+        action(ch)
+        got = None
+    except pika.exceptions.ChannelClosedByBroker as e:
+        got = e.reply_code
+    expect(name, got, code)
+    # The connection survives a channel exception.
+    c.channel().queue_declare(queue="after-" + name)
+    c.close()
+
+
+def errors():
+    channel_error("error_404_passive_queue", 404, lambda ch: ch.queue_declare(queue="missing", passive=True))
+    channel_error("error_404_publish_exchange", 404,
+                  lambda ch: (ch.confirm_delivery(), ch.basic_publish(exchange="missing-x", routing_key="k", body="x")))
+
+    def redeclare(ch):
+        ch.exchange_declare(exchange="typed", exchange_type="direct")
+        ch.exchange_declare(exchange="typed", exchange_type="fanout")
+
+    channel_error("error_406_exchange_type", 406, redeclare)
+    channel_error("error_406_queue_argument", 406,
+                  lambda ch: ch.queue_declare(queue="with-ttl", arguments={"x-message-ttl": 1000}))
+    channel_error("error_403_reserved_name", 403, lambda ch: ch.exchange_declare(exchange="amq.mine", exchange_type="direct"))
+    try:
+        connect(PUB, virtual_host="no-such-vhost")
+        got = None
+    except pika.exceptions.AMQPConnectionError as e:
+        # pika reports a close during the handshake as text: "... (530) 'NOT_ALLOWED - ...'"
+        text = str(e)
+        got = 530 if "(530)" in text and "NOT_ALLOWED" in text and "no-such-vhost" in text else text
+    expect("error_530_vhost", got, 530)
+    try:
+        connect(PUB, credentials=pika.PlainCredentials("guest", "wrong"))
+        got = None
+    except pika.exceptions.ProbableAuthenticationError as e:
+        got = "(403)" in str(e.args) and "wrong" not in str(e.args)
+    expect("error_403_login", got, True)
+
+
+def interop_prepare():
+    c = connect(CON)
+    ch = c.channel()
+    ch.queue_declare(queue="interop-in")
+    ch.queue_bind(exchange="interop-grpc", queue="interop-in")
+    c.close()
+    print("ok interop_prepare", flush=True)
+
+
+def interop_consume():
+    """Consumes what `eventtermq publish` sent to queue interop-in."""
+    c = connect(CON)
+    ch = c.channel()
+    deadline = time.time() + WAIT_S
+    while time.time() < deadline:
+        method, props, body = ch.basic_get(queue="interop-in", auto_ack=True)
+        if method:
+            print(f"got body={body.decode()} content_type={props.content_type} "
+                  f"headers={sorted((props.headers or {}).items())}", flush=True)
+            return
+        time.sleep(0.2)
+    print("FAIL interop_consume: nothing")
+    sys.exit(1)
+
+
+def interop_publish():
+    c = connect(PUB)
+    ch = c.channel()
+    ch.confirm_delivery()
+    props = pika.BasicProperties(content_type="application/json", correlation_id="corr-7",
+                                 headers={"source": "pika", "n": 3})
+    ch.basic_publish(exchange="interop", routing_key="k", body='{"a": 1}', properties=props)
+    c.close()
+    print("ok interop_publish", flush=True)
+
+
+CHECKS = {f.__name__: f for f in [hello, work_queues, publish_subscribe, routing, topics, rpc,
+                                  confirms_and_mandatory, errors, interop_prepare, interop_consume, interop_publish]}
+
+for name in sys.argv[4:]:
+    CHECKS[name]()
