@@ -39,6 +39,9 @@ pub struct NodeConfig {
     pub data: DataSettings,
     /// Where wall-clock timestamps come from (the system's; a manual one in tests).
     pub clock: Clock,
+    /// Distinct namespace/topic (and namespace/group) label values with series of
+    /// their own in the metrics; later ones are folded into one (`_other`).
+    pub metrics_label_values_max: usize,
 }
 
 /// Limits of the data path (segments, replication, consumer groups).
@@ -161,6 +164,7 @@ impl NodeConfig {
             reconcile_interval_ms: 200,
             data: DataSettings::default(),
             clock: Clock::default(),
+            metrics_label_values_max: crate::metrics::LABEL_VALUES_MAX_DEFAULT,
         }
     }
 }

@@ -2,7 +2,7 @@
 //! real sockets; tests start whole clusters in-process through [`node::start`].
 //!
 //! Map (see ARCHITECTURE.md), each module using only those before it:
-//! [`error`], [`clock`], [`transport`] (sockets or an in-memory network) ->
+//! [`error`], [`clock`], [`metrics`] (what the node counts; a leaf), [`transport`] (sockets or an in-memory network) ->
 //! [`cluster_state`] (the Raft-replicated state: model, commands, storage) ->
 //! [`peers`] (the one door to other nodes) -> [`membership`] (SWIM gossip) and
 //! [`cluster`] (the door to the cluster state: write, read) -> [`disk`] (the data
@@ -20,6 +20,7 @@ pub mod consumer_groups;
 pub mod disk;
 pub mod error;
 pub mod membership;
+pub mod metrics;
 pub mod node;
 pub mod peers;
 pub mod replication;

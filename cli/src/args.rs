@@ -126,6 +126,15 @@ pub struct BrokerArgs {
     /// the two counts.
     #[arg(long, default_value_t = DataSettings::default().disk_watermark.free_min_percent)]
     pub disk_free_min_percent: u8,
+    /// HTTP port of /metrics (Prometheus text, OpenMetrics when asked) on --host
+    /// (default: --port + 2, i.e. 16002; 0: no metrics endpoint).
+    #[arg(long)]
+    pub metrics_port: Option<u16>,
+    /// Distinct namespace/topic pairs (and namespace/group pairs, and gRPC methods) with
+    /// series of their own in the metrics; values seen after that many are folded into
+    /// one label value, `_other`, so that the number of series stays bounded.
+    #[arg(long, default_value_t = eventtermq_broker::metrics::LABEL_VALUES_MAX_DEFAULT)]
+    pub metrics_label_values_max: usize,
     /// Threads that run the broker's tasks (0: one per CPU). Blocking file work (fsync,
     /// reads) runs on a separate pool. Fewer threads mean fewer cross-thread wake-ups
     /// per request, which matters where they are costly (virtual machines, several

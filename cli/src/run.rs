@@ -73,12 +73,25 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
     if args.disk_free_min_percent > 100 {
         return Err(format!("--disk-free-min-percent: {} is out of range (0-100)", args.disk_free_min_percent));
     }
+    config.metrics_label_values_max = args.metrics_label_values_max;
     config.raft.to_openraft().map_err(|e| format!("raft timing flags: {e}"))?;
     Ok(config)
 }
 
-/// Runs one broker until SIGTERM/SIGINT, then leaves gracefully.
-pub async fn run_broker(config: NodeConfig) -> anyhow::Result<()> {
+/// The port of `/metrics`: `--metrics-port`, by default `--port` + 2; `None`: off.
+pub fn metrics_port(args: &BrokerArgs, port: u16) -> Result<Option<u16>, String> {
+    match args.metrics_port {
+        Some(0) => Ok(None),
+        Some(p) => Ok(Some(p)),
+        None => port.checked_add(eventtermq_api::defaults::METRICS_PORT_OFFSET).map(Some).ok_or_else(|| {
+            format!("--metrics-port: --port {port} + 2 is not a port; set --metrics-port (0: no metrics endpoint)")
+        }),
+    }
+}
+
+/// Runs one broker until SIGTERM/SIGINT, then leaves gracefully; serves `/metrics` on
+/// `metrics_port` of the listen address.
+pub async fn run_broker(config: NodeConfig, metrics_port: Option<u16>) -> anyhow::Result<()> {
     let listen: SocketAddr = tokio::net::lookup_host(&config.listen_addr)
         .await
         .map_err(|e| anyhow::anyhow!("--host: cannot resolve {}: {e}", config.listen_addr))?
@@ -87,8 +100,24 @@ pub async fn run_broker(config: NodeConfig) -> anyhow::Result<()> {
     let (network, listeners) = eventtermq_broker::transport::tcp::bind(listen, Duration::from_secs(1))
         .await
         .map_err(|e| anyhow::anyhow!("--host/--port: cannot listen on {listen}: {e}"))?;
+    // Bound before the node starts: a port taken is a refusal to start, not a node
+    // that runs unobserved.
+    let metrics_listener = match metrics_port {
+        Some(port) => {
+            let addr = SocketAddr::new(listen.ip(), port);
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("--metrics-port: cannot listen on {addr}: {e}"))?;
+            Some(l)
+        }
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     let node = eventtermq_broker::node::start(config, network, listeners, shutdown.clone()).await?;
+    let metrics_stop = CancellationToken::new();
+    if let Some(l) = metrics_listener {
+        tokio::spawn(eventtermq_broker::api::metrics::serve(l, node.observer.clone(), metrics_stop.clone()));
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
@@ -96,5 +125,6 @@ pub async fn run_broker(config: NodeConfig) -> anyhow::Result<()> {
     }
     shutdown.cancel();
     node.wait().await;
+    metrics_stop.cancel();
     Ok(())
 }

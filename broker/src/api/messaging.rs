@@ -71,11 +71,55 @@ async fn publish_one(
     segments.publish(&namespace, &req.topic, &req.messages, p, hops).await
 }
 
+/// [`publish_one`], counted in the metrics. Each publish is counted once, on the node
+/// that handled it for the client: a unary `Publish` where it arrived (not again on the
+/// primary it was forwarded to), a `PublishStream` where its requests are published
+/// (a relayed stream on the node it was relayed to).
+async fn publish_counted(
+    segments: &Segments,
+    req: pb::PublishRequest,
+    hops: u32,
+    count: bool,
+) -> Result<pb::PublishResponse, RequestError> {
+    if !count {
+        return publish_one(segments, req, hops).await;
+    }
+    let started = std::time::Instant::now();
+    let namespace = eventtermq_api::defaults::or_default(&req.namespace, eventtermq_api::defaults::NAMESPACE);
+    let namespace = namespace.to_string();
+    let topic = req.topic.clone();
+    let persistence = persistence_label(req.persistence);
+    let (messages, bytes) = (req.messages.len() as u64, req.messages.iter().map(|m| m.data.len() as u64).sum());
+    let r = publish_one(segments, req, hops).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let m = segments.metrics();
+    match &r {
+        Ok(_) => m.publish(&namespace, &topic, persistence, Ok((messages, bytes)), seconds),
+        Err(e) => m.publish(&namespace, &topic, persistence, Err((e.code.as_u32(), &error_name(e.code))), seconds),
+    }
+    r
+}
+
+fn persistence_label(p: i32) -> &'static str {
+    match pb::Persistence::try_from(p) {
+        Ok(pb::Persistence::Default) => "default",
+        Ok(pb::Persistence::None) => "none",
+        Ok(pb::Persistence::Primary) => "primary",
+        Ok(pb::Persistence::Replicated) => "replicated",
+        Err(_) => "invalid",
+    }
+}
+
+fn error_name(code: ErrorCode) -> String {
+    format!("{code:?}")
+}
+
 #[tonic::async_trait]
 impl Messaging for MessagingService {
     async fn publish(&self, req: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
         let hops = hops(req.metadata());
-        Ok(Response::new(publish_one(&self.segments, req.into_inner(), hops).await?))
+        // A forwarded publish was counted where it arrived.
+        Ok(Response::new(publish_counted(&self.segments, req.into_inner(), hops, hops == 0).await?))
     }
 
     type PublishStreamStream = Pin<Box<dyn Stream<Item = Result<pb::PublishResponse, Status>> + Send>>;
@@ -117,7 +161,7 @@ impl Messaging for MessagingService {
                 async move {
                     let r = r?;
                     same_topic(&template, &r)?;
-                    Ok(publish_one(&segments, r, hops).await?)
+                    Ok(publish_counted(&segments, r, hops, true).await?)
                 }
             })
             .buffered(PUBLISH_STREAM_IN_FLIGHT_MAX);

@@ -59,6 +59,8 @@ pub struct NodeHandle {
     pub cluster: Cluster,
     pub segments: Segments,
     pub membership: Membership,
+    /// What `/metrics` reads (see [`crate::api::metrics`]).
+    pub observer: crate::api::metrics::Observer,
     stop: CancellationToken,
     done: JoinHandle<()>,
 }
@@ -112,9 +114,23 @@ pub async fn start(
     let disk = crate::disk::Disk::open(id, &config.dir, config.data.disk_watermark).map_err(|e| {
         NodeError::Config(format!("--dir: cannot read the free space of {}: {e}", config.dir.display()))
     })?;
-    let segments =
-        Segments::new(store, cluster.clone(), peers.clone(), config.clock.clone(), config.data.clone(), disk.clone());
+    let metrics = crate::metrics::Metrics::new(config.metrics_label_values_max);
+    let segments = Segments::new(
+        store,
+        cluster.clone(),
+        peers.clone(),
+        config.clock.clone(),
+        config.data.clone(),
+        disk.clone(),
+        metrics,
+    );
     let groups = Groups::new(segments.clone());
+    let observer = crate::api::metrics::Observer {
+        cluster: cluster.clone(),
+        membership: membership.clone(),
+        segments: segments.clone(),
+        groups: groups.clone(),
+    };
 
     let services = Services {
         cluster: cluster.clone(),
@@ -135,7 +151,7 @@ pub async fn start(
         dir_lock,
     };
     let done = tokio::spawn(run_until_stopped(parts, tasks, shutdown, stop.clone()));
-    Ok(NodeHandle { id, cluster, segments, membership, stop, done })
+    Ok(NodeHandle { id, cluster, segments, membership, observer, stop, done })
 }
 
 /// Opens the Raft log and state machine under `<dir>/raft` and starts Raft.

@@ -38,6 +38,7 @@ use crate::cluster_state::SegmentId;
 use crate::config::DataSettings;
 use crate::disk::Disk;
 use crate::error::{ErrorCode, RequestError};
+use crate::metrics::Metrics;
 use crate::peers::Peers;
 
 /// A segment's writer, shared by whoever appends to it on this node (its primary task
@@ -58,6 +59,7 @@ struct Inner {
     settings: DataSettings,
     /// The data directory's free space: every write of segment data asks it first.
     disk: Disk,
+    metrics: Metrics,
     /// Open segments this node writes to, by id.
     writers: Mutex<HashMap<SegmentId, SharedWriter>>,
     /// Primary tasks running on this node.
@@ -70,7 +72,15 @@ struct Inner {
 }
 
 impl Segments {
-    pub fn new(store: Store, cluster: Cluster, peers: Peers, clock: Clock, settings: DataSettings, disk: Disk) -> Self {
+    pub fn new(
+        store: Store,
+        cluster: Cluster,
+        peers: Peers,
+        clock: Clock,
+        settings: DataSettings,
+        disk: Disk,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -79,6 +89,7 @@ impl Segments {
                 clock,
                 settings,
                 disk,
+                metrics,
                 writers: Mutex::default(),
                 primaries: Mutex::default(),
                 frozen: Mutex::default(),
@@ -109,6 +120,10 @@ impl Segments {
 
     pub fn disk(&self) -> &Disk {
         &self.inner.disk
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// The writer of an open segment, opening (or creating) its file on first use.

@@ -33,6 +33,7 @@ pub use super::confirm::Durability;
 use super::{lock, storage_error, Segments, SharedWriter};
 use crate::cluster_state::{Command, NodeId, SegmentId};
 use crate::error::{ErrorCode, RequestError};
+use crate::metrics::SegmentProgress;
 
 struct AppendRequest {
     payloads: Vec<Bytes>,
@@ -59,6 +60,8 @@ pub struct PrimaryHandle {
     /// Too many of the replicas are below their disk watermark to make a quorum: the
     /// keeper sets it, and publishes are refused meanwhile rather than left waiting.
     quorum_disk_low: Arc<AtomicBool>,
+    /// What is written, confirmed and fsynced where, for the metrics.
+    pub progress: Arc<SegmentProgress>,
     stop: CancellationToken,
     task: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
 }
@@ -145,6 +148,7 @@ pub fn start(
     let rotate = CancellationToken::new();
     let queue = Arc::new(Semaphore::new(queue_units as usize));
     let quorum_disk_low = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(SegmentProgress::new(&replicas));
     let task = tokio::spawn(run(Task {
         segments: segments.clone(),
         id,
@@ -158,6 +162,7 @@ pub fn start(
         last_timestamp_ms: 0,
         rotate: rotate.clone(),
         quorum_disk_low: quorum_disk_low.clone(),
+        progress: progress.clone(),
         stop: stop.clone(),
     }));
     Ok(PrimaryHandle {
@@ -168,6 +173,7 @@ pub fn start(
         confirmed,
         rotate,
         quorum_disk_low,
+        progress,
         stop,
         task: Arc::new(tokio::sync::Mutex::new(Some(task))),
     })
@@ -186,6 +192,7 @@ struct Task {
     last_timestamp_ms: i64,
     rotate: CancellationToken,
     quorum_disk_low: Arc<AtomicBool>,
+    progress: Arc<SegmentProgress>,
     stop: CancellationToken,
 }
 
@@ -195,14 +202,18 @@ type Reply = oneshot::Sender<Result<Range<u64>, RequestError>>;
 struct Fsync {
     syncer: Syncer,
     running: Option<JoinHandle<Result<u64, StorageError>>>,
+    /// When the running fsync started, and the offset durable before it (metrics).
+    started: (std::time::Instant, u64),
+    metrics: crate::metrics::Metrics,
     /// An fsync that fails for want of space (thin provisioning, network filesystems)
     /// puts the node below its watermark at once.
     disk: crate::disk::Disk,
 }
 
 impl Fsync {
-    fn start_if_idle(&mut self) {
+    fn start_if_idle(&mut self, durable: u64) {
         if self.running.is_none() {
+            self.started = (std::time::Instant::now(), durable);
             let s = self.syncer.clone();
             self.running = Some(tokio::task::spawn_blocking(move || s.sync()));
         }
@@ -213,6 +224,10 @@ impl Fsync {
         let Some(task) = self.running.as_mut() else { return std::future::pending().await };
         let r = task.await;
         self.running = None;
+        if let Ok(Ok(d)) = &r {
+            let (at, before) = self.started;
+            self.metrics.fsynced(Some(d.saturating_sub(before)), at.elapsed().as_secs_f64());
+        }
         match r {
             Ok(r) => r.map_err(|e| {
                 if super::out_of_space(&e) {
@@ -242,7 +257,14 @@ async fn run(mut t: Task) {
         let stream = ReplicaStream { segments: t.segments.clone(), id, node, reader: t.reader.clone() };
         tokio::spawn(stream.run(written_rx.clone(), ack_tx.clone(), streams.clone()));
     }
-    let mut fsync = Fsync { syncer, running: None, disk: t.segments.disk().clone() };
+    let metrics = t.segments.metrics().clone();
+    let mut fsync = Fsync {
+        syncer,
+        running: None,
+        started: (std::time::Instant::now(), written),
+        metrics,
+        disk: t.segments.disk().clone(),
+    };
     let mut rotating = false;
     let failure = loop {
         tokio::select! {
@@ -273,13 +295,14 @@ async fn run(mut t: Task) {
             }
         }
         if core.needs_fsync() {
-            fsync.start_if_idle();
+            fsync.start_if_idle(core.durable_here());
         }
         for (reply, range) in core.take_confirmed() {
             let _ = reply.send(Ok(range));
         }
         // Readers may already have seen records up to the old value: only forward.
         t.confirmed_tx.send_if_modified(|c| std::mem::replace(c, core.confirmed()) != core.confirmed());
+        t.progress.store(core.written(), core.confirmed(), |n| core.durable_on(n));
         if rotating && core.settled() {
             streams.cancel();
             let size = lock(&t.writer).size_bytes();
@@ -323,10 +346,12 @@ impl Task {
         let ts = self.segments.clock().now_unix_ms().max(self.last_timestamp_ms);
         self.last_timestamp_ms = ts;
         let payloads: Vec<Bytes> = batch.iter().flat_map(|r| r.payloads.iter().cloned()).collect();
+        let started = std::time::Instant::now();
         let appended = {
             let mut w = lock(&self.writer);
             w.append(ts, &payloads).map(|range| (range, w.size_bytes()))
         };
+        self.segments.metrics().appended(bytes as u64, started.elapsed().as_secs_f64());
         let (range, size) = match appended {
             Ok(a) => a,
             Err(e) => {
@@ -337,7 +362,7 @@ impl Task {
                 return Err(e);
             }
         };
-        fsync.start_if_idle();
+        fsync.start_if_idle(core.durable_here());
         let publishes = batch.into_iter().map(|r| (r.payloads.len() as u64, r.durability, r.reply));
         for (reply, range) in core.appended(range.start, publishes) {
             let _ = reply.send(Ok(range));
