@@ -80,6 +80,9 @@ pub struct BrokerArgs {
     /// Raft election timeout, upper bound.
     #[arg(long, default_value_t = RaftSettings::default().election_timeout_max_ms)]
     pub election_timeout_max_ms: u64,
+    /// Build a Raft snapshot (and purge the log behind it) after this many new entries.
+    #[arg(long, default_value_t = RaftSettings::default().snapshot_logs_count)]
+    pub raft_snapshot_logs_count: u64,
     /// Raft voters at most; further nodes are learners.
     #[arg(long, default_value_t = NodeConfig::DEFAULT_VOTERS_COUNT_MAX)]
     pub voters_count_max: usize,

@@ -13,14 +13,7 @@ use common::*;
 /// Waits until three nodes are ALIVE, then creates topic `t` and group `g` bound to it.
 fn cluster_with_topic_and_group(tmp: &std::path::Path, hosts: [&str; 3], port: u16) -> Vec<Broker> {
     let nodes = three_nodes(tmp, hosts, port);
-    eventually(Duration::from_secs(30), "3 ALIVE nodes", || {
-        let o = cli(hosts[2], port, &["dump"]);
-        o.status.success() && alive_count(&stdout(&o)) == 3
-    });
-    let o = cli(hosts[0], port, &["create-topic", "t", "--replication-factor", "3"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let o = cli(hosts[1], port, &["create-consumer-group", "g", "--bind", "t"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    create_topic_and_group(hosts, port);
     nodes
 }
 

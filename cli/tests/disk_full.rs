@@ -175,14 +175,7 @@ fn a_full_disk_refuses_publishes_early_keeps_the_cluster_state_and_recovers_when
             b
         })
         .collect();
-    eventually(Duration::from_secs(30), "3 ALIVE nodes", || {
-        let o = cli(HOSTS[2], PORT, &["dump"]);
-        o.status.success() && alive_count(&stdout(&o)) == 3
-    });
-    let o = cli(HOSTS[0], PORT, &["create-topic", "t", "--replication-factor", "3"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let o = cli(HOSTS[1], PORT, &["create-consumer-group", "g", "--bind", "t"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    create_topic_and_group(HOSTS, PORT);
 
     // Publish until refused: refused with the new code, naming the node and its space.
     let started = Instant::now();
@@ -247,18 +240,6 @@ fn a_full_disk_refuses_publishes_early_keeps_the_cluster_state_and_recovers_when
     });
     let got: BTreeSet<String> = subscribe_all(HOSTS[0], "5s").into_iter().collect();
     assert!(after.iter().all(|m| got.contains(m)), "messages published after the disks grew are missing");
-}
-
-/// The liveness or readiness status of a node, if it answers.
-fn health(host: &str, port: u16, service: &str) -> Option<i32> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}")).ok()?.connect().await.ok()?;
-        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-        let req = tonic_health::pb::HealthCheckRequest { service: service.to_string() };
-        client.check(req).await.ok().map(|r| r.into_inner().status)
-    })
 }
 
 /// When Raft's own storage fails anyway (here: something else filled the disk, and the

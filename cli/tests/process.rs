@@ -216,16 +216,7 @@ fn health_service_reports_serving() {
     let tmp = test_dir("health");
     let (host, port) = ("127.0.0.61", 26700);
     let _node = Broker::start(host, port, &tmp.join("n"), &[]);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let check = |service: &str| {
-        rt.block_on(async {
-            let channel =
-                tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}")).ok()?.connect().await.ok()?;
-            let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-            let req = tonic_health::pb::HealthCheckRequest { service: service.to_string() };
-            client.check(req).await.ok().map(|r| r.into_inner().status)
-        })
-    };
+    let check = |service: &str| health(host, port, service);
     let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
     eventually(Duration::from_secs(20), "liveness SERVING", || check("") == Some(serving));
     eventually(Duration::from_secs(20), "readiness SERVING", || check("eventter.v1.Admin") == Some(serving));

@@ -25,13 +25,39 @@ fn a_raft_log_damaged_before_its_end_stops_the_node_and_the_same_way_back_works(
     });
 }
 
+#[test]
+fn a_damaged_raft_snapshot_stops_the_node_and_the_same_way_back_works() {
+    // Snapshots every 10 entries: the topics created below make one on every node.
+    let hosts = ["127.0.0.107", "127.0.0.108", "127.0.0.109"];
+    let tmp = test_dir("recovery_snapshot");
+    let port = 26860;
+    let mut nodes = three_nodes(&tmp, hosts, port);
+    for n in nodes.iter_mut() {
+        n.kill9();
+        n.extra = vec!["--raft-snapshot-logs-count".into(), "10".into()];
+        n.spawn();
+    }
+    damaged_file_way_back(&tmp, hosts, port, nodes, "raft/sm/snapshot", |b| b.len() / 2);
+}
+
 /// Stops node 2 of a three-node cluster, flips one bit of `raft/log/<file>` at the
 /// byte `at` chooses, checks that the node refuses to start naming the file and the way
 /// back, then walks that way back: a fresh directory with `--join`, after which the
 /// node is a new member and every message is readable through it.
 fn damaged_raft_file_way_back(name: &str, hosts: [&str; 3], port: u16, file: &str, at: fn(&[u8]) -> usize) {
     let tmp = test_dir(name);
-    let mut nodes = three_nodes(&tmp, hosts, port);
+    let nodes = three_nodes(&tmp, hosts, port);
+    damaged_file_way_back(&tmp, hosts, port, nodes, &format!("raft/log/{file}"), at);
+}
+
+fn damaged_file_way_back(
+    tmp: &std::path::Path,
+    hosts: [&str; 3],
+    port: u16,
+    mut nodes: Vec<Broker>,
+    file: &str,
+    at: fn(&[u8]) -> usize,
+) {
     eventually(Duration::from_secs(30), "3 ALIVE nodes", || alive_count(&stdout(&cli(hosts[0], port, &["dump"]))) == 3);
     let o = cli(hosts[0], port, &["create-topic", "t"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -39,10 +65,15 @@ fn damaged_raft_file_way_back(name: &str, hosts: [&str; 3], port: u16, file: &st
     assert!(o.status.success(), "{}", stderr(&o));
     let o = cli(hosts[1], port, &["publish", "t", "m-{n}", "--count", "50"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    for i in 0..12 {
+        let o = cli(hosts[0], port, &["create-namespace", &format!("ns-{i}")]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
 
     // Node 2 stops; one bit of the file flips.
+    let path = nodes[2].dir.join(file);
+    eventually(Duration::from_secs(20), "the file on node 2", || path.exists());
     assert!(nodes[2].terminate().success());
-    let path = nodes[2].dir.join("raft/log").join(file);
     let mut bytes = std::fs::read(&path).unwrap();
     let i = at(&bytes);
     bytes[i] ^= 0x01;
@@ -55,11 +86,11 @@ fn damaged_raft_file_way_back(name: &str, hosts: [&str; 3], port: u16, file: &st
         .unwrap();
     assert!(!out.status.success(), "started on a damaged {file}");
     let err = stderr(&out);
-    assert!(err.contains(&format!("raft/log/{file}")) && err.contains("Way back"), "{err}");
+    assert!(err.contains(file) && err.contains("Way back"), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), bytes, "the damaged file is left for an operator");
 
     // The way back the error gives: move the directory aside, start again with --join.
-    std::fs::rename(&nodes[2].dir, tmp.join("n2-damaged")).unwrap();
+    std::fs::rename(&nodes[2].dir, tmp.join(format!("n2-damaged-{}", file.replace('/', "-")))).unwrap();
     nodes[2].join = vec![format!("{}:{port}", hosts[0])];
     nodes[2].spawn();
     eventually(Duration::from_secs(30), "the new member ALIVE at the old address", || {

@@ -144,3 +144,28 @@ pub fn three_nodes(base: &Path, hosts: [&str; 3], port: u16) -> Vec<Broker> {
         })
         .collect()
 }
+
+/// Waits until the three nodes on `hosts` are ALIVE, then creates topic `t`
+/// (replication factor 3) and group `g` bound to it.
+pub fn create_topic_and_group(hosts: [&str; 3], port: u16) {
+    eventually(Duration::from_secs(30), "3 ALIVE nodes", || {
+        let o = cli(hosts[2], port, &["dump"]);
+        o.status.success() && alive_count(&stdout(&o)) == 3
+    });
+    let o = cli(hosts[0], port, &["create-topic", "t", "--replication-factor", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = cli(hosts[1], port, &["create-consumer-group", "g", "--bind", "t"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// The `grpc.health.v1` status of `service` on a node, if it answers.
+pub fn health(host: &str, port: u16, service: &str) -> Option<i32> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}")).ok()?.connect().await.ok()?;
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+        let req = tonic_health::pb::HealthCheckRequest { service: service.to_string() };
+        client.check(req).await.ok().map(|r| r.into_inner().status)
+    })
+}
