@@ -15,6 +15,7 @@ use super::admin::namespace_of;
 use crate::cluster_state::validate;
 use crate::consumer_groups::{Groups, Located};
 use crate::error::{ErrorCode, RequestError};
+use crate::metrics::{self, FOLDED};
 use crate::peers::{hops, Peers, Relayed};
 use crate::replication::Segments;
 
@@ -84,29 +85,27 @@ async fn publish_counted(
     if !count {
         return publish_one(segments, req, hops).await;
     }
-    let started = std::time::Instant::now();
     let namespace = eventtermq_api::defaults::or_default(&req.namespace, eventtermq_api::defaults::NAMESPACE);
-    let namespace = namespace.to_string();
-    let topic = req.topic.clone();
-    let persistence = persistence_label(req.persistence);
+    // Names that are not valid (refused below) get no series of their own.
+    let valid = validate::name("namespace", namespace).is_ok() && validate::name("topic", &req.topic).is_ok();
+    let (namespace, topic) = if valid { (namespace, req.topic.as_str()) } else { (FOLDED, FOLDED) };
+    let count = segments.metrics().publish_started(namespace, topic, persistence_label(req.persistence));
     let (messages, bytes) = (req.messages.len() as u64, req.messages.iter().map(|m| m.data.len() as u64).sum());
     let r = publish_one(segments, req, hops).await;
-    let seconds = started.elapsed().as_secs_f64();
-    let m = segments.metrics();
     match &r {
-        Ok(_) => m.publish(&namespace, &topic, persistence, Ok((messages, bytes)), seconds),
-        Err(e) => m.publish(&namespace, &topic, persistence, Err((e.code.as_u32(), &error_name(e.code))), seconds),
+        Ok(_) => count.answered(Ok((messages, bytes))),
+        Err(e) => count.answered(Err((e.code.as_u32(), &error_name(e.code)))),
     }
     r
 }
 
-fn persistence_label(p: i32) -> &'static str {
+fn persistence_label(p: i32) -> metrics::Persistence {
     match pb::Persistence::try_from(p) {
-        Ok(pb::Persistence::Default) => "default",
-        Ok(pb::Persistence::None) => "none",
-        Ok(pb::Persistence::Primary) => "primary",
-        Ok(pb::Persistence::Replicated) => "replicated",
-        Err(_) => "invalid",
+        Ok(pb::Persistence::Default) => metrics::Persistence::Default,
+        Ok(pb::Persistence::None) => metrics::Persistence::None,
+        Ok(pb::Persistence::Primary) => metrics::Persistence::Primary,
+        Ok(pb::Persistence::Replicated) => metrics::Persistence::Replicated,
+        Err(_) => metrics::Persistence::Invalid,
     }
 }
 

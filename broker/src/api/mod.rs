@@ -193,9 +193,10 @@ where
         let answer = self.inner.call(req);
         Box::pin(async move {
             let r = answer.await;
+            // No grpc-status in the headers: the status follows the messages (OK so far).
             let code = match &r {
-                Ok(resp) => resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0"),
-                Err(_) => "transport",
+                Ok(resp) => Some(resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0")),
+                Err(_) => None,
             };
             metrics.grpc(&method, code, started.elapsed().as_secs_f64());
             r
