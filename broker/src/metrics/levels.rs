@@ -101,4 +101,3 @@ pub fn fold_samples(
     }
     out
 }
-

@@ -523,7 +523,8 @@ mod tests {
         s.gauge("consumer_group_lag_records", "lag", vec![(vec![("group", "g".into())], 1000.0)]);
         s.unprefixed("process_open_fds", "fds", Kind::Gauge, 12.0);
         let text = m.encode(&s, false);
-        let published = "eventtermq_publish_messages_total{namespace=\"default\",topic=\"t\",persistence=\"default\"} 3";
+        let published =
+            "eventtermq_publish_messages_total{namespace=\"default\",topic=\"t\",persistence=\"default\"} 3";
         assert!(text.contains(published), "{text}");
         let requests = "eventtermq_publish_requests_total{namespace=\"default\",topic=\"t\",persistence=\"default\"} 2";
         assert!(text.contains(requests), "{text}");
@@ -551,7 +552,9 @@ mod tests {
         m.grpc("/x.S/A", None, 0.001);
         let text = m.encode(&Snapshot::default(), false);
         let messages = |ns: &str, t: &str| {
-            let series = format!("eventtermq_publish_messages_total{{namespace=\"{ns}\",topic=\"{t}\",persistence=\"primary\"}} ");
+            let series = format!(
+                "eventtermq_publish_messages_total{{namespace=\"{ns}\",topic=\"{t}\",persistence=\"primary\"}} "
+            );
             text.lines().find_map(|l| l.strip_prefix(&series)).map(|v| v.parse::<u64>().unwrap())
         };
         assert_eq!(messages("ns", "a"), Some(17));
