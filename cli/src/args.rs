@@ -240,8 +240,21 @@ pub enum Command {
     },
     /// Delete a consumer group.
     DeleteConsumerGroup { name: String },
-    /// List consumer groups of the namespace.
+    /// List consumer groups of the namespace, with their node, committed offsets and lag.
     ListConsumerGroups,
+    /// Consumer lag: per group and bound topic, the messages published and not yet
+    /// acknowledged, the age of the oldest unacknowledged one, subscribers and the
+    /// buffer, as the nodes running the groups know them now.
+    Stats {
+        /// Groups to show (default: every group of the namespace).
+        groups: Vec<String>,
+        /// Print again every INTERVAL (e.g. 1s, 500ms) until interrupted.
+        #[arg(long, value_name = "INTERVAL")]
+        watch: Option<String>,
+        /// With --watch: stop after this many tables (0: until interrupted).
+        #[arg(long, default_value_t = 0)]
+        watch_count: u64,
+    },
     /// Publish DATA to TOPIC (--count N times), or with DATA `-` one message per line of
     /// stdin (streamed in batches); prints {"ok": true, "published": N}.
     Publish(PublishArgs),

@@ -36,6 +36,11 @@ type Labels = Vec<(&'static str, String)>;
 const USER_HZ: f64 = 100.0;
 
 impl Observer {
+    pub fn new(s: &super::Services) -> Self {
+        let (cluster, membership) = (s.cluster.clone(), s.membership.clone());
+        Self { cluster, membership, segments: s.segments.clone(), groups: s.groups.clone() }
+    }
+
     fn metrics(&self) -> &Metrics {
         self.segments.metrics()
     }

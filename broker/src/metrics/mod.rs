@@ -324,7 +324,7 @@ impl Families {
         );
         r.register(
             "storage_written_bytes",
-            "Bytes of records written to segments as a primary",
+            "Bytes of message data (payloads) written to segments as a primary",
             self.written_bytes.clone(),
         );
         r.register(

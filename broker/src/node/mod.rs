@@ -125,12 +125,6 @@ pub async fn start(
         metrics,
     );
     let groups = Groups::new(segments.clone());
-    let observer = crate::api::metrics::Observer {
-        cluster: cluster.clone(),
-        membership: membership.clone(),
-        segments: segments.clone(),
-        groups: groups.clone(),
-    };
 
     let services = Services {
         cluster: cluster.clone(),
@@ -139,6 +133,7 @@ pub async fn start(
         groups: groups.clone(),
         peers: peers.clone(),
     };
+    let observer = crate::api::metrics::Observer::new(&services);
     let tasks = Tasks::spawn(&config, services, listeners.incoming, disk, &stop);
     tracing::info!(node_id = id, listen = %config.listen_addr, advertise = %config.advertise_addr, dir = %config.dir.display(), "node started");
 

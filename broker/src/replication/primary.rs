@@ -211,6 +211,11 @@ struct Fsync {
 }
 
 impl Fsync {
+    fn new(syncer: Syncer, durable: u64, segments: &Segments) -> Self {
+        let (metrics, disk) = (segments.metrics().clone(), segments.disk().clone());
+        Fsync { syncer, running: None, started: (std::time::Instant::now(), durable), metrics, disk }
+    }
+
     fn start_if_idle(&mut self, durable: u64) {
         if self.running.is_none() {
             self.started = (std::time::Instant::now(), durable);
@@ -257,14 +262,7 @@ async fn run(mut t: Task) {
         let stream = ReplicaStream { segments: t.segments.clone(), id, node, reader: t.reader.clone() };
         tokio::spawn(stream.run(written_rx.clone(), ack_tx.clone(), streams.clone()));
     }
-    let metrics = t.segments.metrics().clone();
-    let mut fsync = Fsync {
-        syncer,
-        running: None,
-        started: (std::time::Instant::now(), written),
-        metrics,
-        disk: t.segments.disk().clone(),
-    };
+    let mut fsync = Fsync::new(syncer, written, &t.segments);
     let mut rotating = false;
     let failure = loop {
         tokio::select! {
@@ -351,9 +349,11 @@ impl Task {
             let mut w = lock(&self.writer);
             w.append(ts, &payloads).map(|range| (range, w.size_bytes()))
         };
-        self.segments.metrics().appended(bytes as u64, started.elapsed().as_secs_f64());
         let (range, size) = match appended {
-            Ok(a) => a,
+            Ok(a) => {
+                self.segments.metrics().appended(bytes as u64, started.elapsed().as_secs_f64());
+                a
+            }
             Err(e) => {
                 let e = self.segments.write_error(e);
                 for r in batch {
