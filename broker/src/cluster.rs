@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use crate::cluster_state::{AppliedState, Command, CommandResponse, NodeId, Raft, SharedState};
 use crate::error::{ErrorCode, RequestError};
+use crate::metrics::Metrics;
 use crate::peers::{PeerError, Peers};
 
 #[derive(Clone)]
@@ -18,14 +19,27 @@ pub struct Cluster {
     pub state: SharedState,
     peers: Peers,
     request_timeout: Duration,
+    metrics: Metrics,
 }
 
 /// Pause between attempts while there is no leader or it just changed.
 const RETRY_PAUSE_MS: u64 = 50;
 
 impl Cluster {
-    pub fn new(id: NodeId, raft: Raft, state: SharedState, peers: Peers, request_timeout: Duration) -> Self {
-        Self { id, raft, state, peers, request_timeout }
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        state: SharedState,
+        peers: Peers,
+        request_timeout: Duration,
+        metrics: Metrics,
+    ) -> Self {
+        Self { id, raft, state, peers, request_timeout, metrics }
+    }
+
+    /// The node's metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// How long a request may take, forwarding and retries included.
@@ -44,6 +58,13 @@ impl Cluster {
     /// Proposes `cmd` and waits until it is committed and applied; returns the index it
     /// was applied at. A command the state machine rejects returns its error.
     pub async fn write(&self, cmd: Command) -> Result<u64, RequestError> {
+        let started = std::time::Instant::now();
+        let r = self.write_until_answered(cmd).await;
+        self.metrics.cluster_written(r.is_ok(), started.elapsed().as_secs_f64());
+        r
+    }
+
+    async fn write_until_answered(&self, cmd: Command) -> Result<u64, RequestError> {
         let deadline = Instant::now() + self.request_timeout;
         // An attempt that may have been committed: a later refusal must not say
         // "nothing changed".

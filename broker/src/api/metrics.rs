@@ -174,7 +174,7 @@ impl Observer {
         let list = store.list();
         let open = list.iter().filter(|i| !i.sealed).count();
         s.gauge(
-            "segments",
+            "storage_segments",
             "Segment copies on this node: open (being written) or sealed",
             vec![
                 (vec![("state", "open".into())], open as f64),
@@ -182,13 +182,13 @@ impl Observer {
             ],
         );
         s.gauge(
-            "segments_quarantined",
+            "storage_segments_quarantined",
             "Damaged segment copies set aside since this node started (renamed *.corrupt-*)",
             vec![(Vec::new(), store.quarantined().len() as f64)],
         );
         s.gauge(
-            "segments_bytes",
-            "Bytes of the segment copies on this node",
+            "storage_segments_bytes",
+            "Bytes of the segment copies in --dir on this node (Raft files not included)",
             vec![(Vec::new(), list.iter().map(|i| i.size_bytes).sum::<u64>() as f64)],
         );
         let disk = self.segments.disk().status();
@@ -252,12 +252,12 @@ impl Observer {
             behind,
         );
         s.gauge(
-            "segment_unconfirmed_records",
+            "replication_unconfirmed_records",
             "Per open segment this node is primary of: records written and not yet on a quorum (not readable yet)",
             unconfirmed,
         );
         s.gauge(
-            "under_replicated_segments",
+            "replication_under_replicated_segments",
             "Segments with fewer copies on live nodes than their topic's replication factor, as this node's copy \
              of the cluster state says (the same on every node: use max)",
             vec![(Vec::new(), under as f64)],

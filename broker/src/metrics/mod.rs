@@ -258,6 +258,8 @@ struct Families {
     group_redeliveries: Family<GroupLabels, Counter>,
     grpc_requests: Family<GrpcLabels, Counter>,
     grpc_seconds: HistogramFamily<MethodLabels>,
+    cluster_write_seconds: AtomicHistogram,
+    cluster_writes_failed: Counter,
 }
 
 impl Families {
@@ -282,6 +284,8 @@ impl Families {
             group_redeliveries: Family::default(),
             grpc_requests: Family::default(),
             grpc_seconds: HistogramFamily::new_with_constructor(latency_buckets),
+            cluster_write_seconds: latency_buckets(),
+            cluster_writes_failed: Counter::default(),
         }
     }
 
@@ -348,6 +352,17 @@ impl Families {
             "grpc_request_duration_seconds",
             "Time from a gRPC request's arrival to its response headers (for streams: until the stream is set up)",
             self.grpc_seconds.clone(),
+        );
+        r.register(
+            "cluster_write_seconds",
+            "Time of one write to the cluster state from this node (a Raft proposal, forwarded to the leader when \
+             this node is not it, retried across leader changes) until committed and applied, or refused",
+            self.cluster_write_seconds.clone(),
+        );
+        r.register(
+            "cluster_writes_failed",
+            "Writes to the cluster state from this node that ended in an error (refused, no leader in time)",
+            self.cluster_writes_failed.clone(),
         );
     }
 
@@ -436,6 +451,14 @@ impl Metrics {
         self.inner.f.fsync_seconds.observe(seconds);
         if let Some(n) = records.filter(|n| *n > 0) {
             self.inner.f.fsync_records.observe(n as f64);
+        }
+    }
+
+    /// One write to the cluster state answered (`ok` or not) after `seconds`.
+    pub fn cluster_written(&self, ok: bool, seconds: f64) {
+        self.inner.f.cluster_write_seconds.observe(seconds);
+        if !ok {
+            self.inner.f.cluster_writes_failed.inc();
         }
     }
 

@@ -108,22 +108,15 @@ pub async fn start(
         listeners.datagrams,
         stop.clone(),
     );
-    let cluster =
-        Cluster::new(id, raft.clone(), shared, peers.clone(), Duration::from_millis(config.request_timeout_ms));
+    let metrics = crate::metrics::Metrics::new(config.metrics_label_values_max);
+    let timeout = Duration::from_millis(config.request_timeout_ms);
+    let cluster = Cluster::new(id, raft.clone(), shared, peers.clone(), timeout, metrics);
     let store = open_segment_store(&config)?;
     let disk = crate::disk::Disk::open(id, &config.dir, config.data.disk_watermark).map_err(|e| {
         NodeError::Config(format!("--dir: cannot read the free space of {}: {e}", config.dir.display()))
     })?;
-    let metrics = crate::metrics::Metrics::new(config.metrics_label_values_max);
-    let segments = Segments::new(
-        store,
-        cluster.clone(),
-        peers.clone(),
-        config.clock.clone(),
-        config.data.clone(),
-        disk.clone(),
-        metrics,
-    );
+    let segments =
+        Segments::new(store, cluster.clone(), peers.clone(), config.clock.clone(), config.data.clone(), disk.clone());
     let groups = Groups::new(segments.clone());
 
     let services = Services {

@@ -72,15 +72,8 @@ struct Inner {
 }
 
 impl Segments {
-    pub fn new(
-        store: Store,
-        cluster: Cluster,
-        peers: Peers,
-        clock: Clock,
-        settings: DataSettings,
-        disk: Disk,
-        metrics: Metrics,
-    ) -> Self {
+    pub fn new(store: Store, cluster: Cluster, peers: Peers, clock: Clock, settings: DataSettings, disk: Disk) -> Self {
+        let metrics = cluster.metrics().clone();
         Self {
             inner: Arc::new(Inner {
                 store,
