@@ -308,11 +308,12 @@ pub fn stats_text(groups: &[pb::ConsumerGroupStatus]) -> String {
     table(&rows)
 }
 
-/// Left-aligned columns two spaces apart; a row shorter than the header ends early.
+/// Left-aligned columns two spaces apart; a row shorter than the header ends early, its
+/// last cell running on (it does not widen the column it starts in).
 fn table(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> =
-        (0..columns).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.len()).max().unwrap_or(0)).collect();
+    let cell = |r: &Vec<String>, c: usize| r.get(c).filter(|_| c + 1 < r.len() || r.len() == columns).map(String::len);
+    let widths: Vec<usize> = (0..columns).map(|c| rows.iter().filter_map(|r| cell(r, c)).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for r in rows {
         let cells: Vec<String> = r.iter().zip(&widths).map(|(s, w)| format!("{s:w$}")).collect();
@@ -343,4 +344,41 @@ pub fn stats_json(r: &pb::DescribeConsumerGroupsResponse) -> Value {
         })
         .collect();
     json!({"consumer_groups": groups, "index": r.index})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_has_a_row_per_group_and_topic_and_says_why_a_group_has_none() {
+        let running = pb::ConsumerGroupStatus {
+            name: "orders".into(),
+            node_id: 7,
+            running: true,
+            lag: 650,
+            topic_lag: [("b".to_string(), 50), ("a".to_string(), 600)].into(),
+            oldest_unacked_age: Some(prost_types::Duration { seconds: 3, nanos: 250_000_000 }),
+            subscribers: 2,
+            pending: 10,
+            in_flight: 5,
+            ..Default::default()
+        };
+        let idle = pb::ConsumerGroupStatus {
+            name: "g".into(),
+            error: "not placed on a live node yet".into(),
+            ..Default::default()
+        };
+        let text = stats_text(&[running, idle]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "GROUP   NODE  TOPIC  LAG  OLDEST_UNACKED  SUBSCRIBERS  PENDING  IN_FLIGHT",
+                "orders  7     a      600  3.2s            2            10       5",
+                "orders  7     b      50   3.2s            2            10       5",
+                "g       0     (not placed on a live node yet)",
+            ]
+        );
+    }
 }
