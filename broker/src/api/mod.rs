@@ -187,9 +187,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let started = std::time::Instant::now();
-        let method = req.uri().path().to_string();
-        let metrics = self.metrics.clone();
+        let count = self.metrics.grpc_started(req.uri().path());
         let answer = self.inner.call(req);
         Box::pin(async move {
             let r = answer.await;
@@ -198,7 +196,7 @@ where
                 Ok(resp) => Some(resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0")),
                 Err(_) => None,
             };
-            metrics.grpc(&method, code, started.elapsed().as_secs_f64());
+            count.answered(code);
             r
         })
     }

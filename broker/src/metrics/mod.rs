@@ -219,6 +219,25 @@ impl PublishCount {
     }
 }
 
+/// One gRPC request being handled: [`GrpcCount::answered`] counts it.
+#[derive(Debug)]
+pub struct GrpcCount {
+    inner: Arc<Inner>,
+    series: Arc<MethodSeries>,
+    started: std::time::Instant,
+}
+
+impl GrpcCount {
+    /// Answered with `code` (the `grpc-status`; `None`: a transport failure).
+    pub fn answered(self, code: Option<&str>) {
+        let (i, m) = (&self.inner, &self.series);
+        let code = grpc_code_index(code);
+        let labels = || GrpcLabels { method: m.method.clone(), code: GRPC_CODES[code] };
+        m.by_code[code].get_or_init(|| i.f.grpc_requests.get_or_create(&labels()).clone()).inc();
+        m.seconds.observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
 /// The event metrics of a node. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -479,20 +498,13 @@ impl Metrics {
         }
     }
 
-    /// One gRPC request answered with `code` (the `grpc-status`; `None`: a transport
-    /// failure) after `seconds`.
-    pub fn grpc(&self, method: &str, code: Option<&str>, seconds: f64) {
-        let i = &self.inner;
-        let code = grpc_code_index(code);
-        let count = |m: &MethodSeries| {
-            let labels = || GrpcLabels { method: m.method.clone(), code: GRPC_CODES[code] };
-            m.by_code[code].get_or_init(|| i.f.grpc_requests.get_or_create(&labels()).clone()).inc();
-            m.seconds.observe(seconds);
-        };
-        let hit = read(&i.methods).get(method).map(|m| count(m)).is_some();
-        if !hit {
-            count(&self.method_series(method));
-        }
+    /// Starts counting one gRPC request to `method` (a path such as
+    /// `/eventter.v1.Admin/Dump`): its series found now, so nothing is copied for later.
+    pub fn grpc_started(&self, method: &str) -> GrpcCount {
+        // The read guard ends with the statement, before a miss takes the write lock.
+        let hit = read(&self.inner.methods).get(method).cloned();
+        let series = hit.unwrap_or_else(|| self.method_series(method));
+        GrpcCount { inner: self.inner.clone(), series, started: std::time::Instant::now() }
     }
 
     fn method_series(&self, method: &str) -> Arc<MethodSeries> {
@@ -569,10 +581,10 @@ mod tests {
             m.publish_started("ns", topic, Persistence::Primary).answered(Ok((n, n)));
         }
         for method in ["/x.S/A", "/x.S/B", "/x.S/C", "/x.S/D"] {
-            m.grpc(method, Some("0"), 0.001);
+            m.grpc_started(method).answered(Some("0"));
         }
-        m.grpc("/x.S/A", Some("14"), 0.001);
-        m.grpc("/x.S/A", None, 0.001);
+        m.grpc_started("/x.S/A").answered(Some("14"));
+        m.grpc_started("/x.S/A").answered(None);
         let text = m.encode(&Snapshot::default(), false);
         let messages = |ns: &str, t: &str| {
             let series = format!(
