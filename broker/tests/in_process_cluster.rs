@@ -880,9 +880,55 @@ async fn scraped(node: &TestNode, name: &str, labels: &[(&str, &str)]) -> Option
     })
 }
 
+/// Topic `t` (one shard) and group `g` bound to it with a buffer of `size` messages,
+/// placed, after `before` other groups (each goes to the node with the fewest, the
+/// smallest id first), and an open segment: the id of the group's node.
+async fn topic_and_group(nodes: &[TestNode], before: &[&str], size: u32) -> u64 {
+    use eventtermq_broker::cluster_state::{BindingSpec, ConsumerGroupSpec};
+    let create = Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec: topic() };
+    nodes[0].handle.cluster.write(create).await.unwrap();
+    let mut placed = 0;
+    for name in before.iter().chain(&["g"]) {
+        let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size, since_unix_ms: 0 };
+        let cmd = Command::CreateConsumerGroup { namespace: "default".into(), name: name.to_string(), spec };
+        nodes[0].handle.cluster.write(cmd).await.unwrap();
+        placed = wait_for(Duration::from_secs(10), "the group placed", || {
+            nodes[0].handle.cluster.state.read().state.group_runtime("default", name).and_then(|g| g.node)
+        })
+        .await;
+    }
+    eventually(Duration::from_secs(10), "an open segment", || async { primary_index(nodes).is_some() }).await;
+    placed
+}
+
+#[tokio::test(start_paused = true)]
+async fn lag_follows_publishes_while_the_group_buffer_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let nodes = three(&net, dir.path()).await;
+    // Another group first, so that g runs on another node than the segment's primary
+    // (the least loaded, smallest id first, as the first group): it reads from there.
+    let placed = topic_and_group(&nodes, &["first"], 10).await;
+    let group_node = nodes.iter().find(|n| n.handle.id == placed).unwrap();
+    let primary = &nodes[primary_index(&nodes).unwrap()];
+    assert_ne!(primary.handle.id, placed, "the group runs on another node than the primary");
+    let lag = [("group", "g"), ("topic", "t")];
+    for (batch, expected) in [(0..50, 50.0), (50..120, 120.0)] {
+        assert_eq!(publish_ids(primary, batch.clone()).await.len(), batch.len());
+        // The buffer holds 10 and nobody consumes: the group does not read the rest,
+        // and learns how far the segment goes by peeking at it.
+        eventually(Duration::from_secs(10), &format!("lag {expected}"), || async {
+            scraped(group_node, "eventtermq_consumer_group_lag_records", &lag).await == Some(expected)
+        })
+        .await;
+    }
+    let buffered = [("group", "g"), ("state", "pending")];
+    assert_eq!(scraped(group_node, "eventtermq_consumer_group_buffered_messages", &buffered).await, Some(10.0));
+    stop_all(nodes).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn consumer_lag_is_what_is_published_and_not_acknowledged_in_metrics_and_admin() {
-    use eventtermq_broker::cluster_state::{BindingSpec, ConsumerGroupSpec};
     use eventtermq_proto::v1::admin_client::AdminClient;
     use eventtermq_proto::v1::messaging_client::MessagingClient;
     use eventtermq_proto::v1::{self as pb, Message, PublishRequest, SubscribeRequest};
@@ -890,16 +936,7 @@ async fn consumer_lag_is_what_is_published_and_not_acknowledged_in_metrics_and_a
     let dir = tempfile::tempdir().unwrap();
     let net = TestNet::new();
     let nodes = three(&net, dir.path()).await;
-    let create = Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec: topic() };
-    nodes[0].handle.cluster.write(create).await.unwrap();
-    let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size: 1000, since_unix_ms: 0 };
-    let cmd = Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec };
-    nodes[0].handle.cluster.write(cmd).await.unwrap();
-    let placed = wait_for(Duration::from_secs(10), "the group placed", || {
-        nodes[0].handle.cluster.state.read().state.group_runtime("default", "g").and_then(|g| g.node)
-    })
-    .await;
-    eventually(Duration::from_secs(10), "an open segment", || async { primary_index(&nodes).is_some() }).await;
+    let placed = topic_and_group(&nodes, &[], 1000).await;
     let group_node = nodes.iter().find(|n| n.handle.id == placed).unwrap();
     let other = nodes.iter().find(|n| n.handle.id != placed).unwrap();
 
