@@ -121,10 +121,7 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
         }
         Command::DeleteConsumerGroup { name } => admin.delete_consumer_group(name).await?,
         Command::ListConsumerGroups => admin.list_consumer_groups().await?,
-        Command::Stats { groups, watch, watch_count } => {
-            let every = watch.map(|w| validate::duration_ms("--watch", &w).map_err(usage)).transpose()?;
-            admin.stats(groups, every.map(std::time::Duration::from_millis), watch_count).await?
-        }
+        Command::Stats { groups, watch, watch_count } => admin.stats(groups, watch, watch_count).await?,
         Command::Publish(args) => super::messages::publish(ctx, args).await?,
         Command::Subscribe(args) => super::messages::subscribe(ctx, args).await?,
         Command::Bench(b) => super::bench::run(ctx, b).await?,
@@ -289,13 +286,10 @@ impl Admin<'_> {
         self.answer(r)
     }
 
-    /// The lag table once, or every `every` (`count` times; 0: until interrupted).
-    async fn stats(
-        &mut self,
-        names: Vec<String>,
-        every: Option<std::time::Duration>,
-        count: u64,
-    ) -> Result<(), CliError> {
+    /// The lag table once, or every `watch` (`count` times; 0: until interrupted).
+    async fn stats(&mut self, names: Vec<String>, watch: Option<String>, count: u64) -> Result<(), CliError> {
+        let every = watch.map(|w| validate::duration_ms("--watch", &w).map_err(usage)).transpose()?;
+        let every = every.map(std::time::Duration::from_millis);
         let mut printed = 0u64;
         loop {
             let r = self.describe(names.clone()).await?;

@@ -110,6 +110,22 @@ fn lag_of(text: &str) -> Option<f64> {
     sample(text, "eventtermq_consumer_group_lag_records", &[("group", "g"), ("topic", "t")])
 }
 
+/// Every node's scrape is well formed; the group's node reports the group's other
+/// levels, and every node its own.
+fn check_every_node(group_host: &str) {
+    for h in HOSTS {
+        check_text_format(&scrape(h, "*/*"));
+    }
+    let text = scrape(group_host, "text/plain");
+    check_text_format(&text);
+    assert!(text.contains("eventtermq_build_info{version="), "{text}");
+    assert_eq!(sample(&text, "eventtermq_consumer_group_subscribers", &[("group", "g")]), Some(0.0));
+    assert!(sample(&text, "eventtermq_consumer_group_oldest_unacked_seconds", &[("group", "g")]).is_some());
+    let members = sample(&text, "eventtermq_gossip_members", &[("state", "alive")]);
+    assert!(members.is_some_and(|n| n >= 2.0), "{text}");
+    assert!(sample(&text, "process_resident_memory_bytes", &[]).is_some_and(|b| b > 0.0), "{text}");
+}
+
 /// The `stats` command's lag of group `g` on topic `t` (JSON output).
 fn stats_lag(host: &str) -> Option<u64> {
     let o = cli(host, PORT, &["stats", "--output", "json"]);
@@ -147,17 +163,7 @@ fn lag_is_what_is_published_and_not_acknowledged_on_the_group_node_and_in_the_cl
     eventually(Duration::from_secs(20), "lag N on the group's node", || {
         lag_of(&scrape(group_host, "text/plain")) == Some(N as f64)
     });
-    let text = scrape(group_host, "text/plain");
-    check_text_format(&text);
-    for h in HOSTS {
-        check_text_format(&scrape(h, "*/*"));
-    }
-    assert!(text.contains("eventtermq_build_info{version="), "{text}");
-    assert_eq!(sample(&text, "eventtermq_consumer_group_subscribers", &[("group", "g")]), Some(0.0));
-    assert!(sample(&text, "eventtermq_consumer_group_oldest_unacked_seconds", &[("group", "g")]).is_some());
-    let members = sample(&text, "eventtermq_gossip_members", &[("state", "alive")]);
-    assert!(members.is_some_and(|n| n >= 2.0), "{text}");
-    assert!(sample(&text, "process_resident_memory_bytes", &[]).is_some_and(|b| b > 0.0), "{text}");
+    check_every_node(group_host);
     // Each message is counted once, on the node that published it (the stream went
     // in through node 2, which relays it to the primary when that is another node).
     let published: f64 = HOSTS
