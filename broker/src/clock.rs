@@ -20,9 +20,20 @@
 //! and a paused runtime does not move its clock while such a task runs, so a slow fsync
 //! cannot make a timeout fire; `block_in_place`, which a current-thread runtime refuses,
 //! is used only on a multi-threaded one (`replication/replica.rs`).
+//!
+//! A deterministic simulation (`broker/tests/simulation.rs`) goes one step further: its
+//! disks are in memory, and a blocking-pool thread would finish its IO at a moment
+//! the runtime's thread does not control. So disk IO is started with this module's
+//! [`spawn_blocking`], which on a thread the simulation marked
+//! ([`run_blocking_io_inline`]) runs it as an ordinary task of the current-thread
+//! runtime instead: it completes at a point of the schedule that only the seed decides.
 
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// Source of wall-clock timestamps. Cheap to clone.
@@ -31,22 +42,26 @@ pub enum Clock {
     /// The system clock.
     #[default]
     System,
-    /// `start_unix_ms` at `start`, then advancing with tokio's clock.
-    Manual { start_unix_ms: i64, start: Instant },
+    /// `start_unix_ms` at `start`, then advancing with tokio's clock. `last_unique_us`
+    /// is the last value [`Clock::next_unique_us`] handed out (shared by clones).
+    Manual { start_unix_ms: i64, start: Instant, last_unique_us: Arc<AtomicU64> },
 }
+
+/// The last value [`Clock::next_unique_us`] handed out for the system clock.
+static LAST_SYSTEM_UNIQUE_US: AtomicU64 = AtomicU64::new(0);
 
 impl Clock {
     /// Timestamps that start at `start_unix_ms` now and follow tokio's clock: with
     /// tokio's clock paused, they only move when the test advances it.
     pub fn manual(start_unix_ms: i64) -> Self {
-        Clock::Manual { start_unix_ms, start: Instant::now() }
+        Clock::Manual { start_unix_ms, start: Instant::now(), last_unique_us: Arc::default() }
     }
 
     /// Milliseconds since the Unix epoch.
     pub fn now_unix_ms(&self) -> i64 {
         match self {
             Clock::System => system_unix_ms(),
-            Clock::Manual { start_unix_ms, start } => start_unix_ms + start.elapsed().as_millis() as i64,
+            Clock::Manual { start_unix_ms, start, .. } => start_unix_ms + start.elapsed().as_millis() as i64,
         }
     }
 
@@ -55,11 +70,54 @@ impl Clock {
     pub fn now_unix_us(&self) -> u64 {
         match self {
             Clock::System => SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_micros() as u64,
-            Clock::Manual { start_unix_ms, start } => {
+            Clock::Manual { start_unix_ms, start, .. } => {
                 (*start_unix_ms).max(0) as u64 * 1_000 + start.elapsed().as_micros() as u64
             }
         }
     }
+
+    /// [`Clock::now_unix_us`], or more: strictly more than any value handed out before
+    /// by this clock and its clones (by any system clock in this process), for what
+    /// must grow from one life of a node to the next (a gossip identity's start) even
+    /// when a test restarts a node at the same instant of a paused clock. Per manual
+    /// clock rather than per process, so that a simulation's values do not depend on
+    /// the runs before it in the same process.
+    pub fn next_unique_us(&self) -> u64 {
+        let now = self.now_unix_us();
+        let last = match self {
+            Clock::System => &LAST_SYSTEM_UNIQUE_US,
+            Clock::Manual { last_unique_us, .. } => &**last_unique_us,
+        };
+        let next = |l: u64| now.max(l.saturating_add(1));
+        next(last.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some(next(l))).unwrap_or_else(|l| l))
+    }
+}
+
+thread_local! {
+    /// Set on a simulation's thread: blocking IO runs inline (see the module comment).
+    static INLINE_BLOCKING_IO: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs blocking disk IO `f`: on tokio's blocking pool, or as an ordinary task when
+/// this thread runs a simulation ([`run_blocking_io_inline`]). Same contract as
+/// `tokio::task::spawn_blocking`.
+pub fn spawn_blocking<F, R>(f: F) -> JoinHandle<R>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    if INLINE_BLOCKING_IO.with(Cell::get) {
+        tokio::spawn(async move { f() })
+    } else {
+        tokio::task::spawn_blocking(f)
+    }
+}
+
+/// Makes [`spawn_blocking`] on this thread run its work as an ordinary task. Only for a
+/// current-thread runtime over an in-memory disk (a simulation): real disk IO would
+/// stall every task of the runtime.
+pub fn run_blocking_io_inline(inline: bool) {
+    INLINE_BLOCKING_IO.with(|c| c.set(inline));
 }
 
 /// Milliseconds since the Unix epoch by the system clock (0 before 1970).

@@ -1,6 +1,9 @@
 //! Node configuration: every limit and timeout has a name ending in its unit.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use eventtermq_storage::fs::{Fs, RealFs};
 
 use crate::clock::Clock;
 use crate::membership::MembershipConfig;
@@ -42,6 +45,10 @@ pub struct NodeConfig {
     /// Distinct namespace/topic (and namespace/group) label values with series of
     /// their own in the metrics; later ones are folded into one (`_other`).
     pub metrics_label_values_max: usize,
+    /// The filesystem `dir` is on: the operating system's; a simulated disk in the
+    /// simulation (`eventtermq_storage::sim::SimFs`). Every file of the node goes
+    /// through it (segments, the Raft log and snapshot, the node id, the lock).
+    pub fs: Arc<dyn Fs>,
 }
 
 /// Limits of the data path (segments, replication, consumer groups).
@@ -165,6 +172,7 @@ impl NodeConfig {
             data: DataSettings::default(),
             clock: Clock::default(),
             metrics_label_values_max: crate::metrics::LABEL_VALUES_MAX_DEFAULT,
+            fs: RealFs::shared(),
         }
     }
 }

@@ -27,13 +27,16 @@
 //!   codec, whose own frame layout (with offsets and timestamps) is in
 //!   [`crate::codec`].
 //!
-//! Everything here is blocking IO: async callers run it on a blocking thread.
+//! Every operation goes through an [`Fs`] (the operating system's, or a simulated disk
+//! that knows what a power loss keeps). Everything here is blocking IO: async callers
+//! run it on a blocking thread.
 
 use std::ffi::OsString;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::fs::{Fs, FsFile, OpenMode};
 
 /// Bytes of a record header: payload length and payload checksum.
 pub const RECORD_HEADER_BYTES: usize = 8;
@@ -230,22 +233,22 @@ fn parent_dir(path: &Path) -> &Path {
 
 /// fsyncs a directory, making file creations, renames and removals in it durable: a
 /// file's own fsync does not cover its directory entry.
-pub fn fsync_dir(dir: &Path) -> Result<(), FileError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(FileError::io(dir))
+pub fn fsync_dir(fs: &dyn Fs, dir: &Path) -> Result<(), FileError> {
+    fs.sync_dir(dir).map_err(FileError::io(dir))
 }
 
 /// Creates `dir` and any missing parents, durably: each new directory's entry is
 /// fsynced in its parent, so the directory (and what is later made durable in it)
 /// does not vanish in a power loss.
-pub fn create_dir_durable(dir: &Path) -> Result<(), FileError> {
-    if dir.is_dir() {
+pub fn create_dir_durable(fs: &dyn Fs, dir: &Path) -> Result<(), FileError> {
+    if fs.metadata(dir).is_ok_and(|m| m.is_dir) {
         return Ok(());
     }
-    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).collect();
-    fs::create_dir_all(dir).map_err(FileError::io(dir))?;
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !fs.exists(d)).collect();
+    fs.create_dir_all(dir).map_err(FileError::io(dir))?;
     // Outermost first: a new directory's entry is durable once its parent is fsynced.
     for d in missing.iter().rev() {
-        fsync_dir(parent_dir(d))?;
+        fsync_dir(fs, parent_dir(d))?;
     }
     Ok(())
 }
@@ -263,47 +266,46 @@ pub fn tmp_path(path: &Path) -> PathBuf {
 
 /// Writes `bytes` to `<path>.tmp` (replacing a stale one), optionally fsyncs it, and
 /// renames it over `path`.
-fn write_and_rename(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), FileError> {
+fn write_and_rename(fs: &dyn Fs, path: &Path, bytes: &[u8], fsync: bool) -> Result<(), FileError> {
     let tmp = tmp_path(path);
     {
-        let mut f =
-            OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(FileError::io(&tmp))?;
-        f.write_all(bytes).map_err(FileError::io(&tmp))?;
+        let f = fs.open(&tmp, OpenMode::Truncate).map_err(FileError::io(&tmp))?;
+        f.write_all_at(bytes, 0).map_err(FileError::io(&tmp))?;
         if fsync {
             // Before the rename: otherwise a power loss could leave the new name
             // pointing at a file whose data never reached the disk.
             f.sync_all().map_err(FileError::io(&tmp))?;
         }
     }
-    fs::rename(&tmp, path).map_err(FileError::io(path))
+    fs.rename(&tmp, path).map_err(FileError::io(path))
 }
 
 /// Replaces `path` with `bytes` atomically and durably: write `<path>.tmp`, fsync it,
 /// rename it over `path`, fsync the directory. A crash at any point leaves the old or
 /// the new content (plus perhaps a stale `.tmp`); once this returns, the new content
 /// survives a power loss.
-pub fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
-    write_and_rename(path, bytes, true)?;
-    fsync_dir(parent_dir(path))
+pub fn replace_file(fs: &dyn Fs, path: &Path, bytes: &[u8]) -> Result<(), FileError> {
+    write_and_rename(fs, path, bytes, true)?;
+    fsync_dir(fs, parent_dir(path))
 }
 
 /// Like [`replace_file`] but without any fsync, for hints whose loss is harmless: the
 /// rename keeps it atomic against a process crash, but after a power loss the file may
 /// hold the old content, or be empty or damaged (readers must tolerate that).
-pub fn replace_file_unsynced(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
-    write_and_rename(path, bytes, false)
+pub fn replace_file_unsynced(fs: &dyn Fs, path: &Path, bytes: &[u8]) -> Result<(), FileError> {
+    write_and_rename(fs, path, bytes, false)
 }
 
 /// Reads a file written by [`replace_file`]; `None` if it does not exist. The directory
 /// is fsynced when it does: a crash between the rename and the directory fsync leaves a
 /// new name that only the page cache knows, and the caller is about to rely on it.
-pub fn read_replaced_file(path: &Path) -> Result<Option<Vec<u8>>, FileError> {
-    let bytes = match fs::read(path) {
+pub fn read_replaced_file(fs: &dyn Fs, path: &Path) -> Result<Option<Vec<u8>>, FileError> {
+    let bytes = match fs.read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(FileError::io(path)(e)),
     };
-    fsync_dir(parent_dir(path))?;
+    fsync_dir(fs, parent_dir(path))?;
     Ok(Some(bytes))
 }
 
@@ -314,20 +316,20 @@ fn frame_file(path: &Path, payload: &[u8]) -> Result<Vec<u8>, FileError> {
 }
 
 /// Replaces `path` ([`replace_file`]) with one framed record holding `payload`.
-pub fn write_record_file(path: &Path, payload: &[u8]) -> Result<(), FileError> {
-    replace_file(path, &frame_file(path, payload)?)
+pub fn write_record_file(fs: &dyn Fs, path: &Path, payload: &[u8]) -> Result<(), FileError> {
+    replace_file(fs, path, &frame_file(path, payload)?)
 }
 
 /// Like [`write_record_file`] without fsync ([`replace_file_unsynced`]): for hints.
-pub fn write_record_file_unsynced(path: &Path, payload: &[u8]) -> Result<(), FileError> {
-    replace_file_unsynced(path, &frame_file(path, payload)?)
+pub fn write_record_file_unsynced(fs: &dyn Fs, path: &Path, payload: &[u8]) -> Result<(), FileError> {
+    replace_file_unsynced(fs, path, &frame_file(path, payload)?)
 }
 
 /// The payload of a record file; `None` if the file does not exist. Such files are
 /// replaced atomically, so anything but exactly one valid record is real damage:
 /// `Corrupt`, never a guess.
-pub fn read_record_file(path: &Path) -> Result<Option<Vec<u8>>, FileError> {
-    let Some(bytes) = read_replaced_file(path)? else { return Ok(None) };
+pub fn read_record_file(fs: &dyn Fs, path: &Path) -> Result<Option<Vec<u8>>, FileError> {
+    let Some(bytes) = read_replaced_file(fs, path)? else { return Ok(None) };
     match decode_record_file(&bytes) {
         Ok(payload) => Ok(Some(payload.to_vec())),
         Err(e) => Err(FileError::Corrupt { path: path.to_path_buf(), reason: e.to_string() }),
@@ -361,9 +363,10 @@ pub struct Cut {
 /// one for unwritten space, not a record.
 #[derive(Debug)]
 pub struct AppendLog {
+    fs: Arc<dyn Fs>,
     path: PathBuf,
-    /// Opened for reading and appending.
-    file: File,
+    /// Opened for reading and writing; written only at its end.
+    file: Box<dyn FsFile>,
     /// Length of the valid part of the file (= the file length).
     len_bytes: u64,
 }
@@ -395,13 +398,12 @@ impl AppendLog {
     /// still be only in the page cache, and the caller is about to treat every accepted
     /// record as durable.
     pub fn open(
+        fs: Arc<dyn Fs>,
         path: &Path,
         mut accept: impl FnMut(u64, &[u8]) -> Result<(), String>,
     ) -> Result<(AppendLog, Option<Cut>), FileError> {
-        let mut file =
-            OpenOptions::new().read(true).append(true).create(true).open(path).map_err(FileError::io(path))?;
-        let mut data = Vec::new();
-        file.read_to_end(&mut data).map_err(FileError::io(path))?;
+        let file = fs.open(path, OpenMode::Create).map_err(FileError::io(path))?;
+        let data = file.read_all().map_err(FileError::io(path))?;
 
         let mut pos = 0usize;
         // (reason, extent the bad record claims)
@@ -455,8 +457,8 @@ impl AppendLog {
             file.set_len(pos as u64).map_err(FileError::io(path))?;
         }
         file.sync_all().map_err(FileError::io(path))?;
-        fsync_dir(parent_dir(path))?;
-        Ok((AppendLog { path: path.to_path_buf(), file, len_bytes: pos as u64 }, cut))
+        fsync_dir(&*fs, parent_dir(path))?;
+        Ok((AppendLog { fs, path: path.to_path_buf(), file, len_bytes: pos as u64 }, cut))
     }
 
     pub fn path(&self) -> &Path {
@@ -485,7 +487,7 @@ impl AppendLog {
         if buf.is_empty() {
             return Ok(positions);
         }
-        let written = self.file.write_all(&buf).and_then(|()| self.file.sync_data());
+        let written = self.file.write_all_at(&buf, self.len_bytes).and_then(|()| self.file.sync_data());
         if let Err(e) = written {
             // Do not leave a partial record behind the valid log: a later append would
             // land after it and be cut with it on the next open.
@@ -525,20 +527,15 @@ impl AppendLog {
         self.file.read_exact_at(&mut rest, bytes).map_err(FileError::io(&self.path))?;
 
         let tmp_path = tmp_path(&self.path);
-        match fs::remove_file(&tmp_path) {
+        match self.fs.remove_file(&tmp_path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(FileError::io(&tmp_path)(e)),
         }
-        let mut tmp = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create_new(true)
-            .open(&tmp_path)
-            .map_err(FileError::io(&tmp_path))?;
-        tmp.write_all(&rest).and_then(|()| tmp.sync_all()).map_err(FileError::io(&tmp_path))?;
-        fs::rename(&tmp_path, &self.path).map_err(FileError::io(&self.path))?;
-        fsync_dir(parent_dir(&self.path))?;
+        let tmp = self.fs.open(&tmp_path, OpenMode::CreateNew).map_err(FileError::io(&tmp_path))?;
+        tmp.write_all_at(&rest, 0).and_then(|()| tmp.sync_all()).map_err(FileError::io(&tmp_path))?;
+        self.fs.rename(&tmp_path, &self.path).map_err(FileError::io(&self.path))?;
+        fsync_dir(&*self.fs, parent_dir(&self.path))?;
         // The handle of the tmp file now is the log file.
         self.file = tmp;
         self.len_bytes -= bytes;
@@ -560,7 +557,7 @@ pub const LOCK_FILE: &str = "LOCK";
 pub struct DirLock {
     dir: PathBuf,
     // Never read: the open file is the lock.
-    _file: File,
+    _file: Box<dyn FsFile>,
 }
 
 impl DirLock {
@@ -594,24 +591,17 @@ pub enum LockError {
 /// second attempt fails in the same process too, until the first [`DirLock`] is dropped.
 /// The PID is informational (for the error message of the next attempt): the file is
 /// opened without truncating, so a failed attempt leaves the holder's PID in place.
-pub fn lock_dir(dir: &Path) -> Result<DirLock, LockError> {
+pub fn lock_dir(fs: &dyn Fs, dir: &Path) -> Result<DirLock, LockError> {
     let path = dir.join(LOCK_FILE);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(FileError::io(&path))?;
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => {}
-        Err(rustix::io::Errno::WOULDBLOCK) => {
-            let mut text = String::new();
-            // The holder may not have written its PID yet: then it is not named.
-            let holder = file.read_to_string(&mut text).ok().and_then(|_| text.trim().parse().ok());
-            return Err(LockError::Held { dir: dir.to_path_buf(), holder });
-        }
-        Err(e) => return Err(FileError::io(&path)(e.into()).into()),
+    let file = fs.open(&path, OpenMode::Create).map_err(FileError::io(&path))?;
+    if !file.try_lock_exclusive().map_err(FileError::io(&path))? {
+        // The holder may not have written its PID yet: then it is not named.
+        let holder = file
+            .read_all()
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .and_then(|text| text.trim().parse().ok());
+        return Err(LockError::Held { dir: dir.to_path_buf(), holder });
     }
     file.set_len(0)
         .and_then(|()| file.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0))
@@ -624,6 +614,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::test_env::{on_both, Env};
 
     fn frame(payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -632,9 +623,9 @@ mod tests {
     }
 
     /// Opens the log at `path`, returning its payloads and what was cut.
-    fn open_all(path: &Path) -> (AppendLog, Vec<Vec<u8>>, Option<Cut>) {
+    fn open_all(e: &Env, path: &Path) -> (AppendLog, Vec<Vec<u8>>, Option<Cut>) {
         let mut payloads = Vec::new();
-        let (log, cut) = AppendLog::open(path, |_, p| {
+        let (log, cut) = AppendLog::open(e.fs.clone(), path, |_, p| {
             payloads.push(p.to_vec());
             Ok(())
         })
@@ -723,73 +714,75 @@ mod tests {
         assert_eq!(err.to_string(), "truncated (5 bytes missing)");
     }
 
-    #[test]
-    fn record_file_round_trip_and_damage() {
-        let dir = tempfile::tempdir().unwrap();
+    on_both! {
+    fn record_file_round_trip_and_damage(e: &Env) {
+        let dir = e.tempdir();
         let path = dir.path().join("vote");
-        assert_eq!(read_record_file(&path).unwrap(), None);
-        write_record_file(&path, b"{\"term\":1}").unwrap();
-        assert_eq!(read_record_file(&path).unwrap().as_deref(), Some(&b"{\"term\":1}"[..]));
-        write_record_file_unsynced(&path, b"{\"term\":2}").unwrap();
-        assert_eq!(read_record_file(&path).unwrap().as_deref(), Some(&b"{\"term\":2}"[..]));
-        assert!(!tmp_path(&path).exists());
+        assert_eq!(read_record_file(&*e.fs, &path).unwrap(), None);
+        write_record_file(&*e.fs, &path, b"{\"term\":1}").unwrap();
+        assert_eq!(read_record_file(&*e.fs, &path).unwrap().as_deref(), Some(&b"{\"term\":1}"[..]));
+        write_record_file_unsynced(&*e.fs, &path, b"{\"term\":2}").unwrap();
+        assert_eq!(read_record_file(&*e.fs, &path).unwrap().as_deref(), Some(&b"{\"term\":2}"[..]));
+        assert!(!e.exists(&tmp_path(&path)));
 
-        let good = fs::read(&path).unwrap();
+        let good = e.read(&path);
         let mut flipped = good.clone();
         flipped[9] ^= 0x10;
-        fs::write(&path, &flipped).unwrap();
-        let err = read_record_file(&path).unwrap_err();
+        e.write(&path, &flipped);
+        let err = read_record_file(&*e.fs, &path).unwrap_err();
         assert!(matches!(err, FileError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains("vote is corrupt: checksum mismatch"), "{err}");
-        fs::write(&path, &good[..good.len() - 1]).unwrap();
-        let err = read_record_file(&path).unwrap_err();
+        e.write(&path, &good[..good.len() - 1]);
+        let err = read_record_file(&*e.fs, &path).unwrap_err();
         assert!(err.to_string().contains("truncated (1 bytes missing)"), "{err}");
         assert_eq!(err.path(), path);
 
         let over = vec![0u8; RECORD_PAYLOAD_MAX_BYTES + 1];
-        assert!(matches!(write_record_file(&path, &over), Err(FileError::TooLarge { .. })));
+        assert!(matches!(write_record_file(&*e.fs, &path, &over), Err(FileError::TooLarge { .. })));
+    }
     }
 
-    #[test]
-    fn atomic_replace_leaves_old_or_new_content() {
-        let dir = tempfile::tempdir().unwrap();
+    on_both! {
+    fn atomic_replace_leaves_old_or_new_content(e: &Env) {
+        let dir = e.tempdir();
         let path = dir.path().join("snapshot");
-        replace_file(&path, b"old content").unwrap();
+        replace_file(&*e.fs, &path, b"old content").unwrap();
 
         // A replace cut short by a crash before its rename leaves a stale tmp file (here
         // half written) and the old content; the next replace does not mind the stale tmp.
-        fs::write(tmp_path(&path), b"new con").unwrap();
-        assert_eq!(read_replaced_file(&path).unwrap().as_deref(), Some(&b"old content"[..]));
-        replace_file(&path, b"new content, longer than before").unwrap();
-        assert_eq!(fs::read(&path).unwrap(), b"new content, longer than before");
-        assert!(!tmp_path(&path).exists());
-
-        // A replace that fails (its tmp file cannot be written) leaves the old content.
-        fs::create_dir(tmp_path(&path)).unwrap();
-        let err = replace_file(&path, b"never written").unwrap_err();
-        assert!(matches!(err, FileError::Io { .. }), "{err}");
-        assert_eq!(err.path(), tmp_path(&path));
-        assert_eq!(fs::read(&path).unwrap(), b"new content, longer than before");
-        fs::remove_dir(tmp_path(&path)).unwrap();
+        e.write(&tmp_path(&path), b"new con");
+        assert_eq!(read_replaced_file(&*e.fs, &path).unwrap().as_deref(), Some(&b"old content"[..]));
+        replace_file(&*e.fs, &path, b"new content, longer than before").unwrap();
+        assert_eq!(e.read(&path), b"new content, longer than before");
+        assert!(!e.exists(&tmp_path(&path)));
 
         // Shorter new content replaces the whole file, not a prefix of it.
-        replace_file_unsynced(&path, b"short").unwrap();
-        assert_eq!(fs::read(&path).unwrap(), b"short");
-        assert_eq!(read_replaced_file(&dir.path().join("missing")).unwrap(), None);
+        replace_file_unsynced(&*e.fs, &path, b"short").unwrap();
+        assert_eq!(e.read(&path), b"short");
+        assert_eq!(read_replaced_file(&*e.fs, &dir.path().join("missing")).unwrap(), None);
+
+        // A replace that fails (its tmp file cannot be written) leaves the old content.
+        e.create_dir(&tmp_path(&path));
+        let err = replace_file(&*e.fs, &path, b"never written").unwrap_err();
+        assert!(matches!(err, FileError::Io { .. }), "{err}");
+        assert_eq!(err.path(), tmp_path(&path));
+        assert_eq!(e.read(&path), b"short");
+    }
     }
 
-    #[test]
-    fn create_dir_durable_makes_every_level() {
-        let dir = tempfile::tempdir().unwrap();
+    on_both! {
+    fn create_dir_durable_makes_every_level(e: &Env) {
+        let dir = e.tempdir();
         let deep = dir.path().join("a/b/c");
-        create_dir_durable(&deep).unwrap();
-        assert!(deep.is_dir());
-        create_dir_durable(&deep).unwrap();
-        fsync_dir(&deep).unwrap();
-        assert!(matches!(fsync_dir(&dir.path().join("nope")), Err(FileError::Io { .. })));
+        create_dir_durable(&*e.fs, &deep).unwrap();
+        assert!(e.fs.metadata(&deep).unwrap().is_dir);
+        create_dir_durable(&*e.fs, &deep).unwrap();
+        fsync_dir(&*e.fs, &deep).unwrap();
+        assert!(matches!(fsync_dir(&*e.fs, &dir.path().join("nope")), Err(FileError::Io { .. })));
         let file = dir.path().join("file");
-        fs::write(&file, b"x").unwrap();
-        assert!(create_dir_durable(&file.join("sub")).is_err());
+        e.write(&file, b"x");
+        assert!(create_dir_durable(&*e.fs, &file.join("sub")).is_err());
+    }
     }
 
     #[test]
@@ -800,20 +793,20 @@ mod tests {
         assert_eq!(err.to_string(), format!("checksum mismatch (stored 00000001, computed {:08x})", checksum(b"abc")));
     }
 
-    #[test]
-    fn append_log_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
+    on_both! {
+    fn append_log_round_trip(e: &Env) {
+        let dir = e.tempdir();
         let path = dir.path().join("log");
-        let (mut log, got, cut) = open_all(&path);
+        let (mut log, got, cut) = open_all(e, &path);
         assert!(got.is_empty() && cut.is_none() && log.len_bytes() == 0);
         let p = payloads(5);
         let positions = log.append(&p[..2]).unwrap();
         assert_eq!(positions, vec![0, (RECORD_HEADER_BYTES + p[0].len()) as u64]);
         log.append(&p[2..]).unwrap();
         log.append::<Vec<u8>>(&[]).unwrap();
-        assert_eq!(log.len_bytes(), fs::metadata(&path).unwrap().len());
+        assert_eq!(log.len_bytes(), e.len(&path));
         drop(log);
-        let (log, got, cut) = open_all(&path);
+        let (log, got, cut) = open_all(e, &path);
         assert_eq!((got, cut), (p.clone(), None));
 
         // A refused append leaves nothing behind.
@@ -823,24 +816,25 @@ mod tests {
         assert!(matches!(log.append(&[p[0].clone(), over]), Err(FileError::TooLarge { .. })));
         assert!(matches!(log.append(&[p[0].clone(), Vec::new()]), Err(FileError::EmptyRecord { .. })));
         assert_eq!(log.len_bytes(), before);
-        assert_eq!(fs::metadata(&path).unwrap().len(), before);
+        assert_eq!(e.len(&path), before);
+    }
     }
 
-    #[test]
-    fn append_log_cuts_a_torn_tail_at_every_byte_of_the_last_record() {
-        let dir = tempfile::tempdir().unwrap();
+    on_both! {
+    fn append_log_cuts_a_torn_tail_at_every_byte_of_the_last_record(e: &Env) {
+        let dir = e.tempdir();
         let path = dir.path().join("log");
         let p = payloads(4);
-        let (mut log, _, _) = open_all(&path);
+        let (mut log, _, _) = open_all(e, &path);
         let positions = log.append(&p).unwrap();
         drop(log);
-        let full = fs::read(&path).unwrap();
+        let full = e.read(&path);
         let last = positions[3] as usize;
         for cut_at in last..full.len() {
-            fs::write(&path, &full[..cut_at]).unwrap();
-            let (mut log, got, cut) = open_all(&path);
+            e.write(&path, &full[..cut_at]);
+            let (mut log, got, cut) = open_all(e, &path);
             assert_eq!(got, p[..3], "cut at {cut_at}");
-            assert_eq!(fs::metadata(&path).unwrap().len(), last as u64, "cut at {cut_at}");
+            assert_eq!(e.len(&path), last as u64, "cut at {cut_at}");
             let cut = cut.filter(|_| cut_at > last);
             if let Some(c) = cut {
                 assert!(c.torn_tail && c.position == last as u64 && c.dropped_bytes == (cut_at - last) as u64);
@@ -848,37 +842,38 @@ mod tests {
             // The log keeps working after the repair.
             log.append(&p[3..]).unwrap();
             drop(log);
-            assert_eq!(fs::read(&path).unwrap(), full, "cut at {cut_at}");
+            assert_eq!(e.read(&path), full, "cut at {cut_at}");
         }
     }
+    }
 
-    #[test]
-    fn append_log_cuts_a_flipped_bit_in_the_last_record_and_refuses_one_before_it() {
-        let dir = tempfile::tempdir().unwrap();
+    on_both! {
+    fn append_log_cuts_a_flipped_bit_in_the_last_record_and_refuses_one_before_it(e: &Env) {
+        let dir = e.tempdir();
         let path = dir.path().join("log");
         let p = payloads(4);
-        let (mut log, _, _) = open_all(&path);
+        let (mut log, _, _) = open_all(e, &path);
         let positions = log.append(&p).unwrap();
         drop(log);
-        let full = fs::read(&path).unwrap();
+        let full = e.read(&path);
         let last = positions.len() - 1;
         for (i, &start) in positions.iter().enumerate() {
             let end = positions.get(i + 1).map_or(full.len(), |&e| e as usize);
             for bit in (start as usize * 8..end * 8).step_by(5) {
                 let mut bad = full.clone();
                 bad[bit / 8] ^= 1 << (bit % 8);
-                fs::write(&path, &bad).unwrap();
-                match AppendLog::open(&path, |_, _| Ok(())) {
+                e.write(&path, &bad);
+                match AppendLog::open(e.fs.clone(), &path, |_, _| Ok(())) {
                     Ok((_, cut)) => {
                         // Only the last record can be a torn write.
                         assert_eq!(i, last, "record {i} bit {bit}: damage before the end was cut");
                         let cut = cut.unwrap_or_else(|| panic!("record {i} bit {bit}: nothing cut"));
                         assert!(cut.torn_tail && cut.position == start);
-                        assert_eq!(fs::metadata(&path).unwrap().len(), start);
+                        assert_eq!(e.len(&path), start);
                     }
                     Err(FileError::Corrupt { reason, .. }) => {
                         assert!(reason.contains(&format!("damaged at byte {start}")), "record {i} bit {bit}: {reason}");
-                        assert_eq!(fs::read(&path).unwrap(), bad, "record {i} bit {bit}: left as it is");
+                        assert_eq!(e.read(&path), bad, "record {i} bit {bit}: left as it is");
                         // In the last record only a length field that shrank says damage.
                         assert!(i < last || bit / 8 < start as usize + 4, "record {i} bit {bit}");
                     }
@@ -887,31 +882,30 @@ mod tests {
             }
         }
     }
+    }
 
-    #[test]
-    fn append_log_cuts_zeros_and_refused_records() {
-        let dir = tempfile::tempdir().unwrap();
+    on_both! {
+    fn append_log_cuts_zeros_and_refused_records(e: &Env) {
+        let dir = e.tempdir();
         let path = dir.path().join("log");
         let p = payloads(3);
-        let (mut log, _, _) = open_all(&path);
+        let (mut log, _, _) = open_all(e, &path);
         log.append(&p).unwrap();
         let valid = log.len_bytes();
         drop(log);
 
         // What a file system may leave after a crash: the size grew, the data did not land.
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.set_len(valid + 4096).unwrap();
-        drop(f);
-        let (_, got, cut) = open_all(&path);
+        e.set_len(&path, valid + 4096);
+        let (_, got, cut) = open_all(e, &path);
         assert_eq!(got, p);
         assert!(cut.unwrap().torn_tail);
-        assert_eq!(fs::metadata(&path).unwrap().len(), valid);
+        assert_eq!(e.len(&path), valid);
 
         // The caller refuses the second record while a valid third follows: damage, not
         // a crash; the open fails and the file stays as it is.
-        let before = fs::read(&path).unwrap();
+        let before = e.read(&path);
         let mut seen = 0;
-        let refused = AppendLog::open(&path, |_, _| {
+        let refused = AppendLog::open(e.fs.clone(), &path, |_, _| {
             seen += 1;
             if seen == 2 {
                 Err("out of sequence".to_string())
@@ -920,11 +914,11 @@ mod tests {
             }
         });
         assert!(matches!(&refused, Err(FileError::Corrupt { reason, .. }) if reason.contains("out of sequence")));
-        assert_eq!(fs::read(&path).unwrap(), before);
+        assert_eq!(e.read(&path), before);
 
         // The caller refuses the last record: a torn tail, cut off.
         let mut seen = 0;
-        let (log, cut) = AppendLog::open(&path, |_, _| {
+        let (log, cut) = AppendLog::open(e.fs.clone(), &path, |_, _| {
             seen += 1;
             if seen == 3 {
                 Err("out of sequence".to_string())
@@ -938,34 +932,36 @@ mod tests {
         assert!(cut.torn_tail);
         assert_eq!(log.len_bytes(), (frame(&p[0]).len() + frame(&p[1]).len()) as u64);
     }
+    }
 
-    #[test]
-    fn append_log_truncate_and_drop_front() {
-        let dir = tempfile::tempdir().unwrap();
+    on_both! {
+    fn append_log_truncate_and_drop_front(e: &Env) {
+        let dir = e.tempdir();
         let path = dir.path().join("log");
         let p = payloads(6);
-        let (mut log, _, _) = open_all(&path);
+        let (mut log, _, _) = open_all(e, &path);
         let positions = log.append(&p).unwrap();
         log.truncate(positions[5]).unwrap();
         log.truncate(u64::MAX).unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().len(), positions[5]);
+        assert_eq!(e.len(&path), positions[5]);
 
         log.drop_front(positions[2]).unwrap();
-        assert!(!tmp_path(&path).exists());
+        assert!(!e.exists(&tmp_path(&path)));
         assert_eq!(log.len_bytes(), positions[5] - positions[2]);
         // Appends and truncation keep working on the rewritten file.
         let again = log.append(&p[5..]).unwrap();
         assert_eq!(again, vec![positions[5] - positions[2]]);
         drop(log);
-        let (mut log, got, cut) = open_all(&path);
+        let (mut log, got, cut) = open_all(e, &path);
         assert_eq!((got, cut), (p[2..].to_vec(), None));
 
         log.drop_front(0).unwrap();
         log.drop_front(log.len_bytes()).unwrap();
         assert_eq!(log.len_bytes(), 0);
         drop(log);
-        let (_, got, _) = open_all(&path);
+        let (_, got, _) = open_all(e, &path);
         assert!(got.is_empty());
+    }
     }
 
     proptest! {
@@ -993,64 +989,68 @@ mod tests {
         fn append_log_keeps_the_complete_prefix(
             records in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..64), 1..8),
             cut_fraction in 0.0f64..=1.0,
+            sim in any::<bool>(),
         ) {
-            let dir = tempfile::tempdir().unwrap();
+            let env = if sim { Env::sim() } else { Env::real() };
+            let e = &env;
+            let dir = e.tempdir();
             let path = dir.path().join("log");
-            let (mut log, _, _) = open_all(&path);
+            let (mut log, _, _) = open_all(e, &path);
             let positions = log.append(&records).unwrap();
             let full_len = log.len_bytes();
             drop(log);
             let cut_at = (full_len as f64 * cut_fraction) as u64;
-            let f = OpenOptions::new().write(true).open(&path).unwrap();
-            f.set_len(cut_at).unwrap();
-            drop(f);
+            e.set_len(&path, cut_at);
             let complete = positions
                 .iter()
                 .zip(records.iter())
                 .take_while(|(&pos, r)| pos + (RECORD_HEADER_BYTES + r.len()) as u64 <= cut_at)
                 .count();
-            let (log, got, _) = open_all(&path);
+            let (log, got, _) = open_all(e, &path);
             prop_assert_eq!(&got[..], &records[..complete]);
             let expected_len = positions.get(complete).copied().unwrap_or(full_len).min(cut_at);
             prop_assert_eq!(log.len_bytes(), expected_len);
-            prop_assert_eq!(fs::metadata(&path).unwrap().len(), expected_len);
+            prop_assert_eq!(e.len(&path), expected_len);
         }
     }
 
-    #[test]
-    fn a_locked_directory_refuses_a_second_owner_and_names_the_holder() {
-        let dir = tempfile::tempdir().unwrap();
-        let lock = lock_dir(dir.path()).unwrap();
+    on_both! {
+    fn a_locked_directory_refuses_a_second_owner_and_names_the_holder(e: &Env) {
+        let dir = e.tempdir();
+        let lock = lock_dir(&*e.fs, dir.path()).unwrap();
         assert_eq!(lock.dir(), dir.path());
-        assert_eq!(fs::read_to_string(dir.path().join(LOCK_FILE)).unwrap(), format!("{}\n", std::process::id()));
+        assert_eq!(e.read_to_string(&dir.path().join(LOCK_FILE)), format!("{}\n", std::process::id()));
         // A second open file in the same process conflicts like another process would.
-        let e = lock_dir(dir.path()).unwrap_err();
-        let LockError::Held { dir: d, holder } = &e else { panic!("second lock: {e:?}") };
+        let err = lock_dir(&*e.fs, dir.path()).unwrap_err();
+        let LockError::Held { dir: d, holder } = &err else { panic!("second lock: {err:?}") };
         assert_eq!((d.as_path(), *holder), (dir.path(), Some(std::process::id())));
-        let message = e.to_string();
+        let message = err.to_string();
         assert!(message.contains(&dir.path().display().to_string()), "{message}");
         assert!(message.contains(&format!("PID {}", std::process::id())), "{message}");
         // The refused attempt left the holder's PID in place.
-        assert_eq!(fs::read_to_string(dir.path().join(LOCK_FILE)).unwrap(), format!("{}\n", std::process::id()));
+        assert_eq!(e.read_to_string(&dir.path().join(LOCK_FILE)), format!("{}\n", std::process::id()));
+    }
     }
 
-    #[test]
-    fn dropping_the_lock_releases_the_directory() {
-        let dir = tempfile::tempdir().unwrap();
+    on_both! {
+    fn dropping_the_lock_releases_the_directory(e: &Env) {
+        let dir = e.tempdir();
         // A stale PID left by an owner that died is not a lock.
-        fs::write(dir.path().join(LOCK_FILE), "999999999\n").unwrap();
-        let first = lock_dir(dir.path()).unwrap();
+        e.write(&dir.path().join(LOCK_FILE), "999999999\n");
+        let first = lock_dir(&*e.fs, dir.path()).unwrap();
         drop(first);
-        let again = lock_dir(dir.path()).unwrap();
-        assert!(matches!(lock_dir(dir.path()), Err(LockError::Held { .. })));
+        let again = lock_dir(&*e.fs, dir.path()).unwrap();
+        assert!(matches!(lock_dir(&*e.fs, dir.path()), Err(LockError::Held { .. })));
         drop(again);
     }
+    }
 
-    #[test]
-    fn locking_a_missing_directory_names_the_lock_file() {
-        let dir = tempfile::tempdir().unwrap();
+    on_both! {
+    fn locking_a_missing_directory_names_the_lock_file(e: &Env) {
+        let dir = e.tempdir();
         let missing = dir.path().join("missing");
-        let e = lock_dir(&missing).unwrap_err();
-        assert!(e.to_string().contains(&missing.join(LOCK_FILE).display().to_string()), "{e}");
+        let err = lock_dir(&*e.fs, &missing).unwrap_err();
+        assert!(err.to_string().contains(&missing.join(LOCK_FILE).display().to_string()), "{err}");
+    }
     }
 }

@@ -1,22 +1,21 @@
 //! Positional access to a segment's files: a buffered forward cursor over the record
 //! frames and binary searches in the index file.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::codec::{
     decode_frame_header, decode_index_entry, Decoded, FrameHeader, IndexEntry, FILE_HEADER_LEN, FRAME_HEADER_LEN,
     INDEX_ENTRY_LEN,
 };
+use crate::fs::FsFile;
 use crate::StorageError;
 
 /// The open files of one segment.
 pub(crate) struct Files {
-    pub seg: File,
+    pub seg: Box<dyn FsFile>,
     pub seg_path: PathBuf,
     /// `None` when the index file could not be opened: lookups then scan from the start.
-    pub idx: Option<File>,
+    pub idx: Option<Box<dyn FsFile>>,
     pub idx_path: PathBuf,
 }
 
@@ -98,7 +97,7 @@ pub(crate) fn corrupt(id: u64, path: &Path, position: u64, reason: String) -> St
 /// A forward reader over `[pos, limit)` of a file, with a scratch buffer of about
 /// `chunk` bytes (more only when [`Cursor::fill`] asks for a longer frame).
 pub(crate) struct Cursor<'a> {
-    file: &'a File,
+    file: &'a dyn FsFile,
     path: &'a Path,
     buf: Vec<u8>,
     /// File position of `buf[0]`.
@@ -110,7 +109,7 @@ pub(crate) struct Cursor<'a> {
 }
 
 impl<'a> Cursor<'a> {
-    pub fn new(file: &'a File, path: &'a Path, pos: u64, limit: u64, chunk: usize) -> Self {
+    pub fn new(file: &'a dyn FsFile, path: &'a Path, pos: u64, limit: u64, chunk: usize) -> Self {
         Cursor { file, path, buf: Vec::new(), buf_pos: pos, start: 0, limit, chunk: chunk.max(FRAME_HEADER_LEN) }
     }
 

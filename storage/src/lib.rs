@@ -28,6 +28,10 @@
 //! [`Store::quarantined`]. [`Store::quarantine`] does the same for damage found later
 //! (a read that failed its checksum), so the owner can fetch a good copy elsewhere.
 //!
+//! Every file operation goes through the [`fs::Fs`] in [`Config::fs`]: the operating
+//! system's ([`fs::RealFs`], the default) or a simulated disk ([`sim::SimFs`]) that
+//! drops what was not synced when told to lose power.
+//!
 //! [`durable`] holds the primitives every file of a node is made durable with (framed
 //! checksummed records, append logs with torn-tail recovery, atomic replace, directory
 //! fsync); the segment files use its checksums, payload limit, atomic replace (index
@@ -35,14 +39,17 @@
 //! snapshot and node id.
 
 use std::path::Path;
+use std::sync::Arc;
 
 pub mod codec;
 pub mod durable;
 mod error;
 mod files;
+pub mod fs;
 mod reader;
 mod recover;
 mod segment;
+pub mod sim;
 mod store;
 mod writer;
 
@@ -52,7 +59,7 @@ pub use store::{Quarantined, Store};
 pub use writer::{SegmentWriter, Syncer};
 
 /// Settings of a [`Store`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Config {
     /// Bytes of records between two sparse index entries. Smaller: faster seeks, a
     /// bigger index (28 bytes per entry).
@@ -63,11 +70,13 @@ pub struct Config {
     /// (measured on ext4). 0: no reservation. A crash leaves the reserved space as zeros
     /// after the last record, which recovery cuts off.
     pub preallocate_bytes: u64,
+    /// The filesystem every file of the store is in: the operating system's by default.
+    pub fs: Arc<dyn fs::Fs>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { index_interval_bytes: 4096, preallocate_bytes: 1 << 20 }
+        Config { index_interval_bytes: 4096, preallocate_bytes: 1 << 20, fs: fs::RealFs::shared() }
     }
 }
 
@@ -112,9 +121,11 @@ fn parse_segment_file_name(name: &str) -> Option<u64> {
 
 /// fsyncs a directory ([`durable::fsync_dir`]), making file creations, renames and
 /// removals in it durable.
-fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
-    durable::fsync_dir(dir).map_err(StorageError::from_file)
+fn fsync_dir(fs: &dyn fs::Fs, dir: &Path) -> Result<(), StorageError> {
+    durable::fsync_dir(fs, dir).map_err(StorageError::from_file)
 }
 
+#[cfg(test)]
+mod test_env;
 #[cfg(test)]
 mod tests;

@@ -69,7 +69,7 @@ impl SegmentReader {
             .saturating_add(FRAME_HEADER_LEN)
             .clamp(READ_CHUNK_MIN_BYTES, READ_CHUNK_MAX_BYTES)
             .min(usize::try_from(end_position.saturating_sub(start.position)).unwrap_or(usize::MAX));
-        let mut cur = Cursor::new(&files.seg, &files.seg_path, start.position, snap.len, chunk);
+        let mut cur = Cursor::new(&*files.seg, &files.seg_path, start.position, snap.len, chunk);
         let mut offset = start.offset;
         while offset < from_offset {
             let h = cur.frame_header(id, offset)?;
@@ -175,7 +175,7 @@ impl SegmentReader {
         let id = self.seg.id;
         let start = self.floor(&snap, |e| e.timestamp_ms < ts_ms)?;
         let files = &*self.files;
-        let mut cur = Cursor::new(&files.seg, &files.seg_path, start.position, snap.len, READ_CHUNK_MAX_BYTES);
+        let mut cur = Cursor::new(&*files.seg, &files.seg_path, start.position, snap.len, READ_CHUNK_MAX_BYTES);
         let mut offset = start.offset;
         while offset < snap.next_offset {
             let h = cur.frame_header(id, offset)?;

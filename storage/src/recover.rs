@@ -1,10 +1,6 @@
 //! Creating a segment's files and recovering them on open.
 
-use std::collections::hash_map::RandomState;
-use std::fs::{self, File, OpenOptions};
-use std::hash::{BuildHasher, Hasher};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,6 +11,7 @@ use crate::codec::{
 };
 use crate::durable;
 use crate::files::{corrupt, Cursor, Files};
+use crate::fs::{Fs, FsFile, OpenMode};
 use crate::segment::{SegState, Segment};
 use crate::{index_file_name, segment_file_name, Config, StorageError};
 
@@ -27,15 +24,10 @@ fn paths(dir: &Path, id: u64) -> (PathBuf, PathBuf) {
     (dir.join(segment_file_name(id)), dir.join(index_file_name(id)))
 }
 
-/// A value clients cannot guess: the store's hash keys come from the OS's random source.
-fn new_nonce(id: u64) -> u64 {
-    let mut h = RandomState::new().build_hasher();
-    h.write_u64(id);
-    h.write_u32(std::process::id());
-    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-        h.write_u128(t.as_nanos());
-    }
-    h.finish()
+/// A value clients cannot guess (the filesystem's: random on a real one, from the seed
+/// on a simulated one).
+fn new_nonce(fs: &dyn Fs, id: u64) -> u64 {
+    fs.unique_u64(id)
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StorageError + '_ {
@@ -45,22 +37,28 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StorageError + '_ {
 /// Replaces the index file with a header and `entries` (encoded), atomically but not
 /// fsynced (`durable::replace_file_unsynced`): an index lost or damaged in a crash is
 /// checked and rebuilt on the next open.
-pub(crate) fn write_index_file(idx_path: &Path, id: u64, nonce: u64, entries: &[u8]) -> Result<(), StorageError> {
+pub(crate) fn write_index_file(
+    fs: &dyn Fs,
+    idx_path: &Path,
+    id: u64,
+    nonce: u64,
+    entries: &[u8],
+) -> Result<(), StorageError> {
     let mut bytes = Vec::with_capacity(FILE_HEADER_LEN + entries.len());
     encode_header(&mut bytes, &FileHeader { kind: FileKind::Index, segment_id: id, nonce });
     bytes.extend_from_slice(entries);
-    durable::replace_file_unsynced(idx_path, &bytes).map_err(StorageError::from_file)
+    durable::replace_file_unsynced(fs, idx_path, &bytes).map_err(StorageError::from_file)
 }
 
-fn open_rw(path: &Path) -> Result<File, StorageError> {
-    OpenOptions::new().read(true).write(true).open(path).map_err(io_err(path))
+fn open_rw(fs: &dyn Fs, path: &Path) -> Result<Box<dyn FsFile>, StorageError> {
+    fs.open(path, OpenMode::ReadWrite).map_err(io_err(path))
 }
 
 /// Creates the files of a new, empty segment; `AlreadyExists` if its segment file exists.
-pub(crate) fn create(dir: &Path, id: u64) -> Result<Segment, StorageError> {
+pub(crate) fn create(fs: &Arc<dyn Fs>, dir: &Path, id: u64) -> Result<Segment, StorageError> {
     let (seg_path, idx_path) = paths(dir, id);
-    let nonce = new_nonce(id);
-    let seg = match OpenOptions::new().read(true).write(true).create_new(true).open(&seg_path) {
+    let nonce = new_nonce(&**fs, id);
+    let seg = match fs.open(&seg_path, OpenMode::CreateNew) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(StorageError::AlreadyExists { id }),
         Err(e) => return Err(StorageError::io(&seg_path, e)),
@@ -70,14 +68,14 @@ pub(crate) fn create(dir: &Path, id: u64) -> Result<Segment, StorageError> {
     // The header is durable before any record: a segment file whose header is missing
     // can only be a creation cut short, with nothing in it to lose.
     if let Err(e) = seg.write_all_at(&header, 0).and_then(|()| seg.sync_all()) {
-        let _ = fs::remove_file(&seg_path);
+        let _ = fs.remove_file(&seg_path);
         return Err(StorageError::io(&seg_path, e));
     }
-    write_index_file(&idx_path, id, nonce, &[])?;
-    let idx = open_rw(&idx_path)?;
-    crate::fsync_dir(dir)?;
+    write_index_file(&**fs, &idx_path, id, nonce, &[])?;
+    let idx = open_rw(&**fs, &idx_path)?;
+    crate::fsync_dir(&**fs, dir)?;
     let files = Arc::new(Files { seg, seg_path: seg_path.clone(), idx: Some(idx), idx_path: idx_path.clone() });
-    Ok(Segment::new(id, nonce, seg_path, idx_path, SegState::empty(), Some(files)))
+    Ok(Segment::new(fs.clone(), id, nonce, seg_path, idx_path, SegState::empty(), Some(files)))
 }
 
 /// Opens an existing segment: trusts a valid seal trailer, scans (and cuts the torn or
@@ -87,9 +85,10 @@ pub(crate) fn create(dir: &Path, id: u64) -> Result<Segment, StorageError> {
 /// damaged seal trailer, a sealed segment whose records fail the checks): the caller
 /// sets the segment aside. The files are left as they were.
 pub(crate) fn recover(dir: &Path, id: u64, config: &Config) -> Result<Segment, StorageError> {
+    let fs = &config.fs;
     let (seg_path, idx_path) = paths(dir, id);
-    let seg = open_rw(&seg_path)?;
-    let file_len = seg.metadata().map_err(io_err(&seg_path))?.len();
+    let seg = open_rw(&**fs, &seg_path)?;
+    let file_len = seg.len_bytes().map_err(io_err(&seg_path))?;
 
     let mut header = [0u8; FILE_HEADER_LEN];
     let header_len = file_len.min(FILE_HEADER_LEN as u64) as usize;
@@ -106,8 +105,8 @@ pub(crate) fn recover(dir: &Path, id: u64, config: &Config) -> Result<Segment, S
             tracing::warn!(id, file = %seg_path.display(), file_len,
                 "segment file has no valid header and no records (creation cut short); re-creating it empty");
             drop(seg);
-            fs::remove_file(&seg_path).map_err(io_err(&seg_path))?;
-            let segment = create(dir, id)?;
+            fs.remove_file(&seg_path).map_err(io_err(&seg_path))?;
+            let segment = create(fs, dir, id)?;
             return Ok(segment);
         }
         Ok(Decoded::Incomplete { needed }) => {
@@ -116,7 +115,7 @@ pub(crate) fn recover(dir: &Path, id: u64, config: &Config) -> Result<Segment, S
         Err(e) => return Err(corrupt(id, &seg_path, 0, format!("segment header: {e}"))),
     };
 
-    if let Some(trailer) = read_trailer(id, &seg, &seg_path, file_len, nonce)? {
+    if let Some(trailer) = read_trailer(id, &*seg, &seg_path, file_len, nonce)? {
         drop(seg);
         return recover_sealed(id, nonce, seg_path, idx_path, trailer, config);
     }
@@ -127,7 +126,7 @@ pub(crate) fn recover(dir: &Path, id: u64, config: &Config) -> Result<Segment, S
 /// `Corrupt` if the segment's own trailer is there but damaged.
 fn read_trailer(
     id: u64,
-    seg: &File,
+    seg: &dyn FsFile,
     path: &Path,
     file_len: u64,
     nonce: u64,
@@ -175,13 +174,14 @@ fn recover_sealed(
     trailer: crate::codec::SealTrailer,
     config: &Config,
 ) -> Result<Segment, StorageError> {
+    let fs = &config.fs;
     let len = FILE_HEADER_LEN as u64 + trailer.records_len;
-    let (idx_count, last_index_pos) = match check_index(&idx_path, id, nonce, len, trailer.record_count) {
+    let (idx_count, last_index_pos) = match check_index(&**fs, &idx_path, id, nonce, len, trailer.record_count) {
         Ok(valid) => valid,
         Err(reason) => {
             tracing::info!(id, file = %idx_path.display(), %reason, "rebuilding the index of a sealed segment");
-            let seg = File::open(&seg_path).map_err(io_err(&seg_path))?;
-            let scan = scan(&seg, &seg_path, len, config)?;
+            let seg = fs.open(&seg_path, OpenMode::Read).map_err(io_err(&seg_path))?;
+            let scan = scan(&*seg, &seg_path, len, config)?;
             if scan.problem.is_some() || scan.next_offset != trailer.record_count || scan.checksum != trailer.checksum {
                 // The scan was needed anyway for the index; what it found is damage in
                 // records that were sealed, and a sealed segment is not cut: it is set
@@ -195,7 +195,7 @@ fn recover_sealed(
                 };
                 return Err(corrupt(id, &seg_path, scan.len, reason));
             }
-            write_index_file(&idx_path, id, nonce, &scan.index)?;
+            write_index_file(&**fs, &idx_path, id, nonce, &scan.index)?;
             (scan.idx_count, scan.last_index_pos)
         }
     };
@@ -209,26 +209,27 @@ fn recover_sealed(
         synced_len: len,
         ..SegState::empty()
     };
-    Ok(Segment::new(id, nonce, seg_path, idx_path, state, None))
+    Ok(Segment::new(fs.clone(), id, nonce, seg_path, idx_path, state, None))
 }
 
 fn recover_unsealed(
     id: u64,
     nonce: u64,
-    seg: File,
+    seg: Box<dyn FsFile>,
     seg_path: PathBuf,
     idx_path: PathBuf,
     file_len: u64,
     config: &Config,
 ) -> Result<Segment, StorageError> {
-    let scan = scan(&seg, &seg_path, file_len, config)?;
+    let fs = &config.fs;
+    let scan = scan(&*seg, &seg_path, file_len, config)?;
     if let Some(problem) = &scan.problem {
         let dropped_bytes = file_len - scan.len;
-        let zeros = zero_tail(&seg, &seg_path, scan.len, file_len)?;
+        let zeros = zero_tail(&*seg, &seg_path, scan.len, file_len)?;
         // The bad record is the last one written: it reaches the end of the file, or
         // only reserved space (zeros) follows it.
         let claimed_end = scan.len.saturating_add(problem.extent);
-        let torn = zeros || claimed_end >= file_len || zero_tail(&seg, &seg_path, claimed_end, file_len)?;
+        let torn = zeros || claimed_end >= file_len || zero_tail(&*seg, &seg_path, claimed_end, file_len)?;
         if zeros {
             // Space reserved ahead of the records (Config::preallocate_bytes), or
             // appended bytes that never reached the disk: nothing was lost here that
@@ -252,8 +253,8 @@ fn recover_unsealed(
     // What was read may still be only in the page cache (a process crash, not a power
     // loss): make it durable before anyone relies on it.
     seg.sync_all().map_err(io_err(&seg_path))?;
-    write_index_file(&idx_path, id, nonce, &scan.index)?;
-    let idx = open_rw(&idx_path)?;
+    write_index_file(&**fs, &idx_path, id, nonce, &scan.index)?;
+    let idx = open_rw(&**fs, &idx_path)?;
     let files = Arc::new(Files { seg, seg_path: seg_path.clone(), idx: Some(idx), idx_path: idx_path.clone() });
     let state = SegState {
         len: scan.len,
@@ -264,7 +265,7 @@ fn recover_unsealed(
         synced_len: scan.len,
         ..SegState::empty()
     };
-    Ok(Segment::new(id, nonce, seg_path, idx_path, state, Some(files)))
+    Ok(Segment::new(fs.clone(), id, nonce, seg_path, idx_path, state, Some(files)))
 }
 
 /// Why a scan stopped before the end.
@@ -289,7 +290,7 @@ pub(crate) struct Scan {
 
 /// Reads the records in `[FILE_HEADER_LEN, limit)` until the first torn or invalid one
 /// (bad length, checksum, or an offset out of sequence).
-pub(crate) fn scan(file: &File, path: &Path, limit: u64, config: &Config) -> Result<Scan, StorageError> {
+pub(crate) fn scan(file: &dyn FsFile, path: &Path, limit: u64, config: &Config) -> Result<Scan, StorageError> {
     let interval = u64::from(config.index_interval_bytes);
     let start = FILE_HEADER_LEN as u64;
     let mut out = Scan {
@@ -347,7 +348,7 @@ pub(crate) fn scan(file: &File, path: &Path, limit: u64, config: &Config) -> Res
 
 /// Whether `[from, to)` holds only zero bytes: what a file system may leave when a
 /// file's new size reached the disk but its data did not (a torn write too).
-fn zero_tail(file: &File, path: &Path, from: u64, to: u64) -> Result<bool, StorageError> {
+fn zero_tail(file: &dyn FsFile, path: &Path, from: u64, to: u64) -> Result<bool, StorageError> {
     let mut cur = Cursor::new(file, path, from, to, SCAN_CHUNK_BYTES);
     while cur.remaining() > 0 {
         let bytes = cur.fill(1)?;
@@ -364,18 +365,19 @@ fn zero_tail(file: &File, path: &Path, from: u64, to: u64) -> Result<bool, Stora
 /// checksums, strictly increasing offsets and positions inside the records. Returns the
 /// entry count and the position of the last entry, or why the index is not usable.
 fn check_index(
+    fs: &dyn Fs,
     idx_path: &Path,
     id: u64,
     nonce: u64,
     records_end: u64,
     record_count: u64,
 ) -> Result<(u64, u64), String> {
-    let file = match File::open(idx_path) {
+    let file = match fs.open(idx_path, OpenMode::Read) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err("the index file is missing".into()),
         Err(e) => return Err(format!("cannot open the index file: {e}")),
     };
-    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    let len = file.len_bytes().map_err(|e| e.to_string())?;
     if len < FILE_HEADER_LEN as u64 {
         return Err("the index file is shorter than its header".into());
     }

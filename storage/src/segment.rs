@@ -1,12 +1,12 @@
 //! The shared state of one segment: what its writer has published and how to reach its
 //! files.
 
-use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use crate::codec::{FILE_HEADER_LEN, TRAILER_LEN};
 use crate::files::Files;
+use crate::fs::{Fs, OpenMode};
 use crate::{SegmentInfo, StorageError};
 
 /// What readers, syncers and the store see of a segment. Only the writer changes it,
@@ -51,6 +51,8 @@ impl SegState {
 }
 
 pub(crate) struct Segment {
+    /// The filesystem of the store (sealed segments' files are opened on demand).
+    pub fs: Arc<dyn Fs>,
     pub id: u64,
     pub nonce: u64,
     pub seg_path: PathBuf,
@@ -94,6 +96,7 @@ struct FileSlot {
 
 impl Segment {
     pub fn new(
+        fs: Arc<dyn Fs>,
         id: u64,
         nonce: u64,
         seg_path: PathBuf,
@@ -103,6 +106,7 @@ impl Segment {
     ) -> Self {
         let cached = pinned.as_ref().map(Arc::downgrade).unwrap_or_default();
         Segment {
+            fs,
             id,
             nonce,
             seg_path,
@@ -169,8 +173,8 @@ impl Segment {
         if let Some(files) = slot.pinned.clone().or_else(|| slot.cached.upgrade()) {
             return Ok(files);
         }
-        let seg = File::open(&self.seg_path).map_err(|e| StorageError::io(&self.seg_path, e))?;
-        let idx = match OpenOptions::new().read(true).open(&self.idx_path) {
+        let seg = self.fs.open(&self.seg_path, OpenMode::Read).map_err(|e| StorageError::io(&self.seg_path, e))?;
+        let idx = match self.fs.open(&self.idx_path, OpenMode::Read) {
             Ok(f) => Some(f),
             Err(e) => {
                 tracing::warn!(id = self.id, path = %self.idx_path.display(), error = %e,

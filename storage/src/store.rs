@@ -1,12 +1,12 @@
 //! The directory of segments.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::durable;
+use crate::fs::Fs;
 use crate::reader::SegmentReader;
 use crate::segment::Segment;
 use crate::writer::SegmentWriter;
@@ -53,20 +53,19 @@ impl Store {
     /// sealed records that the open-time checks read) is quarantined: renamed aside,
     /// logged, left out of the store and listed by [`Store::quarantined`].
     pub fn open(dir: &Path, config: Config) -> Result<Store, StorageError> {
-        durable::create_dir_durable(dir).map_err(StorageError::from_file)?;
+        let fs = &*config.fs;
+        durable::create_dir_durable(fs, dir).map_err(StorageError::from_file)?;
         let mut ids = Vec::new();
         let mut index_files = Vec::new();
-        for entry in fs::read_dir(dir).map_err(|e| StorageError::io(dir, e))? {
-            let entry = entry.map_err(|e| StorageError::io(dir, e))?;
-            let name = entry.file_name();
+        for name in fs.read_dir(dir).map_err(|e| StorageError::io(dir, e))? {
             let Some(name) = name.to_str() else { continue };
             if let Some(id) = parse_segment_file_name(name) {
                 ids.push(id);
             } else if let Some(stem) = name.strip_suffix(".idx") {
-                index_files.push((stem.to_owned(), entry.path()));
+                index_files.push((stem.to_owned(), dir.join(name)));
             } else if name.strip_suffix(durable::TMP_SUFFIX).is_some_and(|n| n.ends_with(".idx")) {
                 // An index rebuild cut short.
-                remove_file(&entry.path())?;
+                remove_file(fs, &dir.join(name))?;
             }
         }
         ids.sort_unstable();
@@ -75,7 +74,7 @@ impl Store {
             let segment_name = format!("{stem}.seg");
             if parse_segment_file_name(&segment_name).is_some_and(|id| ids.binary_search(&id).is_err()) {
                 tracing::info!(file = %path.display(), "removing the index of a deleted segment");
-                remove_file(&path)?;
+                remove_file(fs, &path)?;
             }
         }
         let mut segments = BTreeMap::new();
@@ -88,7 +87,7 @@ impl Store {
                 // One damaged file must not take the other segments (and the node) down
                 // with it; its bytes are kept rather than guessed at, and a copy from
                 // elsewhere can take its place.
-                Err(e @ StorageError::Corrupt { .. }) => quarantined.push(set_aside(dir, id, e.to_string())?),
+                Err(e @ StorageError::Corrupt { .. }) => quarantined.push(set_aside(fs, dir, id, e.to_string())?),
                 Err(e) => return Err(e),
             }
         }
@@ -138,7 +137,7 @@ impl Store {
         if segments.contains_key(&id) {
             return Err(StorageError::AlreadyExists { id });
         }
-        let seg = Arc::new(recover::create(&self.inner.dir, id)?);
+        let seg = Arc::new(recover::create(&self.inner.config.fs, &self.inner.dir, id)?);
         seg.state().writer_live = true;
         let files = seg.files()?;
         segments.insert(id, seg.clone());
@@ -180,13 +179,14 @@ impl Store {
     pub fn delete(&self, id: u64) -> Result<(), StorageError> {
         let mut segments = self.segments();
         let seg = segments.get(&id).cloned().ok_or(StorageError::NotFound { id })?;
+        let fs = &*self.inner.config.fs;
         // The segment first: an index left behind by a crash is removed on open.
-        remove_file(&seg.seg_path)?;
+        remove_file(fs, &seg.seg_path)?;
         seg.state().deleted = true;
         segments.remove(&id);
         seg.unpin();
-        remove_file(&seg.idx_path)?;
-        fsync_dir(&self.inner.dir)
+        remove_file(fs, &seg.idx_path)?;
+        fsync_dir(fs, &self.inner.dir)
     }
 
     /// Sets a damaged segment aside (e.g. a read failed its checksum): from now on it is
@@ -199,7 +199,7 @@ impl Store {
         let seg = segments.remove(&id).ok_or(StorageError::NotFound { id })?;
         seg.state().deleted = true;
         seg.unpin();
-        let q = set_aside(&self.inner.dir, id, reason.to_string())?;
+        let q = set_aside(&*self.inner.config.fs, &self.inner.dir, id, reason.to_string())?;
         drop(segments);
         self.inner.quarantined.lock().unwrap_or_else(PoisonError::into_inner).push(q.clone());
         Ok(q)
@@ -208,7 +208,7 @@ impl Store {
 
 /// Renames a segment's files to `<name>.corrupt-<unix ms>` (durably), which nothing in
 /// the store opens again.
-fn set_aside(dir: &Path, id: u64, reason: String) -> Result<Quarantined, StorageError> {
+fn set_aside(fs: &dyn Fs, dir: &Path, id: u64, reason: String) -> Result<Quarantined, StorageError> {
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
     let original = dir.join(segment_file_name(id));
     let mut files = Vec::new();
@@ -217,24 +217,24 @@ fn set_aside(dir: &Path, id: u64, reason: String) -> Result<Quarantined, Storage
         let from = dir.join(&name);
         let mut to = dir.join(format!("{name}.corrupt-{stamp}"));
         let mut n = 1;
-        while to.exists() {
+        while fs.exists(&to) {
             to = dir.join(format!("{name}.corrupt-{stamp}-{n}"));
             n += 1;
         }
-        match fs::rename(&from, &to) {
+        match fs.rename(&from, &to) {
             Ok(()) => files.push(to),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(StorageError::io(&from, e)),
         }
     }
-    fsync_dir(dir)?;
+    fsync_dir(fs, dir)?;
     tracing::error!(id, file = %original.display(), moved_to = ?files, %reason,
         "SEGMENT IS DAMAGED: quarantined (its files are kept aside and never served)");
     Ok(Quarantined { id, files, reason })
 }
 
-fn remove_file(path: &Path) -> Result<(), StorageError> {
-    match fs::remove_file(path) {
+fn remove_file(fs: &dyn Fs, path: &Path) -> Result<(), StorageError> {
+    match fs.remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(StorageError::io(path, e)),

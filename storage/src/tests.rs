@@ -1,7 +1,6 @@
 //! Unit tests of the store: round trips, recovery from torn and corrupt files, sealing,
 //! index rebuilds, time look-ups, truncation.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -9,10 +8,11 @@ use bytes::Bytes;
 use crate::codec::{
     decode_header, encode_trailer, Decoded, SealTrailer, FILE_HEADER_LEN, FRAME_HEADER_LEN, INDEX_ENTRY_LEN,
 };
+use crate::test_env::{on_both, Env, TestDir};
 use crate::{index_file_name, segment_file_name, Config, Record, SegmentInfo, StorageError, Store};
 
-fn small_index() -> Config {
-    Config { index_interval_bytes: 100, ..Config::default() }
+fn small_index(e: &Env) -> Config {
+    Config { index_interval_bytes: 100, ..e.config() }
 }
 
 fn payload(offset: u64, len: usize) -> Bytes {
@@ -51,8 +51,8 @@ fn read_all(store: &Store, id: u64) -> Vec<Record> {
 }
 
 /// crc32c of the record frames of an unsealed segment file.
-fn file_checksum(dir: &Path, id: u64, records_end: usize) -> u32 {
-    let bytes = fs::read(seg_path(dir, id)).unwrap();
+fn file_checksum(e: &Env, dir: &Path, id: u64, records_end: usize) -> u32 {
+    let bytes = e.read(&seg_path(dir, id));
     crc32c::crc32c(&bytes[FILE_HEADER_LEN..records_end])
 }
 
@@ -68,10 +68,10 @@ fn record_positions(records: &[Record]) -> Vec<u64> {
         .collect()
 }
 
-#[test]
-fn round_trip_in_batches_and_ranges() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), small_index()).unwrap();
+on_both! {
+fn round_trip_in_batches_and_ranges(e: &Env) {
+    let dir = e.tempdir();
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     let records = fill(&store, 3, 250, 37, 17);
     assert_eq!(read_all(&store, 3), records);
     let r = store.reader(3).unwrap();
@@ -89,15 +89,16 @@ fn round_trip_in_batches_and_ranges() {
     let info = store.info(3).unwrap();
     let size = FILE_HEADER_LEN as u64 + 250 * (FRAME_HEADER_LEN as u64 + 37);
     assert_eq!(info, SegmentInfo { id: 3, size_bytes: size, next_offset: 250, sealed: false, checksum: info.checksum });
-    assert_eq!(info.checksum, file_checksum(dir.path(), 3, size as usize));
+    assert_eq!(info.checksum, file_checksum(e, dir.path(), 3, size as usize));
     assert_eq!(store.list(), vec![info]);
     assert!(store.info(4).is_none());
 }
+}
 
-#[test]
-fn max_bytes_limits_payload_but_returns_one_record() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), small_index()).unwrap();
+on_both! {
+fn max_bytes_limits_payload_but_returns_one_record(e: &Env) {
+    let dir = e.tempdir();
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     let mut w = store.create(1).unwrap();
     let sizes = [10usize, 10, 5000, 10, 10, 10];
     for (o, s) in sizes.iter().enumerate() {
@@ -114,11 +115,12 @@ fn max_bytes_limits_payload_but_returns_one_record() {
     assert_eq!(offsets(r.read(3, 99, 30).unwrap()), vec![3, 4, 5]);
     assert_eq!(offsets(r.read(0, 99, 5020).unwrap()), vec![0, 1, 2]);
 }
+}
 
-#[test]
-fn until_offset_hides_records() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), small_index()).unwrap();
+on_both! {
+fn until_offset_hides_records(e: &Env) {
+    let dir = e.tempdir();
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     let records = fill(&store, 1, 40, 20, 10);
     let r = store.reader(1).unwrap();
     assert_eq!(r.read(0, 25, usize::MAX).unwrap(), records[..25].to_vec());
@@ -126,11 +128,12 @@ fn until_offset_hides_records() {
     assert!(r.read(30, 25, usize::MAX).unwrap().is_empty());
     assert_eq!(r.read(24, 25, usize::MAX).unwrap(), records[24..25].to_vec());
 }
+}
 
-#[test]
-fn reader_sees_what_the_writer_appends() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), small_index()).unwrap();
+on_both! {
+fn reader_sees_what_the_writer_appends(e: &Env) {
+    let dir = e.tempdir();
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     let mut w = store.create(1).unwrap();
     let r = store.reader(1).unwrap();
     assert!(r.read(0, u64::MAX, usize::MAX).unwrap().is_empty());
@@ -141,17 +144,18 @@ fn reader_sees_what_the_writer_appends() {
     assert_eq!(r.read(1, u64::MAX, usize::MAX).unwrap().len(), 2);
     assert_eq!(w.append(3, &[]).unwrap(), 3..3);
 }
+}
 
-#[test]
-fn reopen_after_drop_continues_appending() {
-    let dir = tempfile::tempdir().unwrap();
+on_both! {
+fn reopen_after_drop_continues_appending(e: &Env) {
+    let dir = e.tempdir();
     let records = {
-        let store = Store::open(dir.path(), small_index()).unwrap();
+        let store = Store::open(dir.path(), small_index(e)).unwrap();
         let r = fill(&store, 5, 60, 50, 7);
         fill(&store, 2, 3, 5, 1);
         r
     };
-    let store = Store::open(dir.path(), small_index()).unwrap();
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     assert_eq!(store.list().iter().map(|i| i.id).collect::<Vec<_>>(), vec![2, 5]);
     assert_eq!(read_all(&store, 5), records);
     let mut w = store.writer(5).unwrap();
@@ -160,16 +164,17 @@ fn reopen_after_drop_continues_appending() {
     assert_eq!(w.sync().unwrap(), 61);
     drop(w);
     drop(store);
-    let store = Store::open(dir.path(), small_index()).unwrap();
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     let all = read_all(&store, 5);
     assert_eq!(all.len(), 61);
     assert_eq!(all[60], Record { offset: 60, timestamp_ms: 99, payload: payload(60, 5) });
 }
+}
 
-#[test]
-fn one_writer_per_segment() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), small_index()).unwrap();
+on_both! {
+fn one_writer_per_segment(e: &Env) {
+    let dir = e.tempdir();
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     let w = store.create(1).unwrap();
     assert!(matches!(store.writer(1), Err(StorageError::WriterBusy { id: 1 })));
     assert!(matches!(store.create(1), Err(StorageError::AlreadyExists { id: 1 })));
@@ -179,64 +184,67 @@ fn one_writer_per_segment() {
     assert!(matches!(store.writer(2), Err(StorageError::NotFound { id: 2 })));
     assert!(matches!(store.reader(2), Err(StorageError::NotFound { id: 2 })));
 }
+}
 
 /// Copies `dir/<id>.seg` cut to `len` bytes into a fresh directory.
-fn cut_copy(src: &Path, id: u64, len: usize) -> tempfile::TempDir {
-    let bytes = fs::read(seg_path(src, id)).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    fs::write(seg_path(dir.path(), id), &bytes[..len]).unwrap();
+fn cut_copy(e: &Env, src: &Path, id: u64, len: usize) -> TestDir {
+    let bytes = e.read(&seg_path(src, id));
+    let dir = e.tempdir();
+    e.write(&seg_path(dir.path(), id), &bytes[..len]);
     dir
 }
 
-#[test]
-fn torn_tail_at_every_byte_of_the_last_record_is_cut_and_appends_continue() {
-    let src = tempfile::tempdir().unwrap();
+on_both! {
+fn torn_tail_at_every_byte_of_the_last_record_is_cut_and_appends_continue(e: &Env) {
+    let src = e.tempdir();
     let records = {
-        let store = Store::open(src.path(), small_index()).unwrap();
+        let store = Store::open(src.path(), small_index(e)).unwrap();
         fill(&store, 1, 12, 30, 5)
     };
     let positions = record_positions(&records);
     let last_start = *positions.last().unwrap() as usize;
     let end = last_start + FRAME_HEADER_LEN + 30;
     for cut in last_start..end {
-        let dir = cut_copy(src.path(), 1, cut);
-        let store = Store::open(dir.path(), small_index()).unwrap();
+        let dir = cut_copy(e, src.path(), 1, cut);
+        let store = Store::open(dir.path(), small_index(e)).unwrap();
         assert_eq!(store.info(1).unwrap().next_offset, 11, "cut at {cut}");
         assert_eq!(read_all(&store, 1), records[..11].to_vec(), "cut at {cut}");
-        assert_eq!(fs::metadata(seg_path(dir.path(), 1)).unwrap().len(), last_start as u64);
+        assert_eq!(e.len(&seg_path(dir.path(), 1)), last_start as u64);
         let mut w = store.writer(1).unwrap();
         assert_eq!(w.append(5000, &[payload(11, 4)]).unwrap(), 11..12);
         w.sync().unwrap();
         drop(w);
         drop(store);
-        let store = Store::open(dir.path(), small_index()).unwrap();
+        let store = Store::open(dir.path(), small_index(e)).unwrap();
         let all = read_all(&store, 1);
         assert_eq!(all.len(), 12);
         assert_eq!(all[11].payload, payload(11, 4));
     }
 }
+}
 
-#[test]
-fn zeroed_tail_is_cut() {
-    let src = tempfile::tempdir().unwrap();
+on_both! {
+fn zeroed_tail_is_cut(e: &Env) {
+    let src = e.tempdir();
     let (records, good) = {
-        let store = Store::open(src.path(), small_index()).unwrap();
+        let store = Store::open(src.path(), small_index(e)).unwrap();
         let records = fill(&store, 1, 5, 30, 5);
         (records, store.info(1).unwrap().size_bytes as usize)
     };
-    let mut bytes = fs::read(seg_path(src.path(), 1)).unwrap();
+    let mut bytes = e.read(&seg_path(src.path(), 1));
     bytes.resize(good + 4096, 0);
-    fs::write(seg_path(src.path(), 1), &bytes).unwrap();
-    let store = Store::open(src.path(), small_index()).unwrap();
+    e.write(&seg_path(src.path(), 1), &bytes);
+    let store = Store::open(src.path(), small_index(e)).unwrap();
     assert_eq!(read_all(&store, 1), records);
-    assert_eq!(fs::metadata(seg_path(src.path(), 1)).unwrap().len(), good as u64);
+    assert_eq!(e.len(&seg_path(src.path(), 1)), good as u64);
+}
 }
 
-#[test]
-fn space_reserved_ahead_of_the_records_is_cut_on_reopen_and_given_back_on_seal() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = Config { preallocate_bytes: 4096, ..small_index() };
-    let file_len = || fs::metadata(seg_path(dir.path(), 1)).unwrap().len();
+on_both! {
+fn space_reserved_ahead_of_the_records_is_cut_on_reopen_and_given_back_on_seal(e: &Env) {
+    let dir = e.tempdir();
+    let config = Config { preallocate_bytes: 4096, ..small_index(e) };
+    let file_len = || e.len(&seg_path(dir.path(), 1));
     let first = {
         let store = Store::open(dir.path(), config.clone()).unwrap();
         let records = fill(&store, 1, 5, 30, 5);
@@ -265,61 +273,65 @@ fn space_reserved_ahead_of_the_records_is_cut_on_reopen_and_given_back_on_seal()
     assert_eq!(info.next_offset, 205);
     assert_eq!(read_all(&store, 1)[..5], first[..]);
 }
-
-#[test]
-fn without_a_reserve_the_file_ends_at_the_last_record() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), Config { preallocate_bytes: 0, ..small_index() }).unwrap();
-    fill(&store, 1, 50, 30, 7);
-    assert_eq!(fs::metadata(seg_path(dir.path(), 1)).unwrap().len(), store.info(1).unwrap().size_bytes);
 }
 
-#[test]
-fn flipped_bit_in_the_middle_of_an_unsealed_segment_truncates_there() {
-    let dir = tempfile::tempdir().unwrap();
+on_both! {
+fn without_a_reserve_the_file_ends_at_the_last_record(e: &Env) {
+    let dir = e.tempdir();
+    let store = Store::open(dir.path(), Config { preallocate_bytes: 0, ..small_index(e) }).unwrap();
+    fill(&store, 1, 50, 30, 7);
+    assert_eq!(e.len(&seg_path(dir.path(), 1)), store.info(1).unwrap().size_bytes);
+}
+}
+
+on_both! {
+fn flipped_bit_in_the_middle_of_an_unsealed_segment_truncates_there(e: &Env) {
+    let dir = e.tempdir();
     let records = {
-        let store = Store::open(dir.path(), small_index()).unwrap();
+        let store = Store::open(dir.path(), small_index(e)).unwrap();
         fill(&store, 1, 20, 40, 4)
     };
     let positions = record_positions(&records);
     let path = seg_path(dir.path(), 1);
-    let mut bytes = fs::read(&path).unwrap();
+    let mut bytes = e.read(&path);
     bytes[positions[10] as usize + FRAME_HEADER_LEN + 7] ^= 0x10;
-    fs::write(&path, &bytes).unwrap();
-    let store = Store::open(dir.path(), small_index()).unwrap();
+    e.write(&path, &bytes);
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     let info = store.info(1).unwrap();
     assert_eq!(info.next_offset, 10);
     assert_eq!(info.size_bytes, positions[10]);
-    assert_eq!(info.checksum, file_checksum(dir.path(), 1, positions[10] as usize));
+    assert_eq!(info.checksum, file_checksum(e, dir.path(), 1, positions[10] as usize));
     assert_eq!(read_all(&store, 1), records[..10].to_vec());
     assert_eq!(store.writer(1).unwrap().append(1, &[payload(10, 1)]).unwrap(), 10..11);
 }
+}
 
-#[test]
-fn out_of_sequence_offset_truncates_there() {
-    let dir = tempfile::tempdir().unwrap();
+on_both! {
+fn out_of_sequence_offset_truncates_there(e: &Env) {
+    let dir = e.tempdir();
     let records = {
-        let store = Store::open(dir.path(), small_index()).unwrap();
+        let store = Store::open(dir.path(), small_index(e)).unwrap();
         fill(&store, 1, 6, 10, 6)
     };
     // Re-frame record 3 with offset 7 (valid checksum).
     let positions = record_positions(&records);
     let path = seg_path(dir.path(), 1);
-    let mut bytes = fs::read(&path).unwrap();
+    let mut bytes = e.read(&path);
     let mut frame = Vec::new();
     crate::codec::encode_record(&mut frame, &Record { offset: 7, ..records[3].clone() });
     let at = positions[3] as usize;
     bytes[at..at + frame.len()].copy_from_slice(&frame);
-    fs::write(&path, &bytes).unwrap();
-    let store = Store::open(dir.path(), small_index()).unwrap();
+    e.write(&path, &bytes);
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     assert_eq!(read_all(&store, 1), records[..3].to_vec());
 }
+}
 
-#[test]
-fn sealed_segment_reopens_trusted_and_read_only() {
-    let dir = tempfile::tempdir().unwrap();
+on_both! {
+fn sealed_segment_reopens_trusted_and_read_only(e: &Env) {
+    let dir = e.tempdir();
     let (records, sealed) = {
-        let store = Store::open(dir.path(), small_index()).unwrap();
+        let store = Store::open(dir.path(), small_index(e)).unwrap();
         let records = fill(&store, 9, 30, 25, 4);
         let info = store.writer(9).unwrap().seal().unwrap();
         (records, info)
@@ -328,52 +340,55 @@ fn sealed_segment_reopens_trusted_and_read_only() {
     assert!(sealed.sealed);
     assert_eq!(sealed.next_offset, 30);
     assert_eq!(sealed.size_bytes, (records_end + crate::codec::TRAILER_LEN) as u64);
-    assert_eq!(sealed.checksum, file_checksum(dir.path(), 9, records_end));
-    let store = Store::open(dir.path(), small_index()).unwrap();
+    assert_eq!(sealed.checksum, file_checksum(e, dir.path(), 9, records_end));
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     assert_eq!(store.info(9).unwrap(), sealed);
     assert_eq!(read_all(&store, 9), records);
     assert_eq!(store.reader(9).unwrap().offset_for_time(1003).unwrap(), 12);
     assert!(matches!(store.writer(9), Err(StorageError::Sealed { id: 9 })));
     assert!(matches!(store.create(9), Err(StorageError::AlreadyExists { id: 9 })));
 }
+}
 
-#[test]
-fn empty_segment_seals_and_reopens() {
-    let dir = tempfile::tempdir().unwrap();
+on_both! {
+fn empty_segment_seals_and_reopens(e: &Env) {
+    let dir = e.tempdir();
     {
-        let store = Store::open(dir.path(), small_index()).unwrap();
+        let store = Store::open(dir.path(), small_index(e)).unwrap();
         let info = store.create(1).unwrap().seal().unwrap();
         assert_eq!((info.next_offset, info.checksum, info.sealed), (0, 0, true));
     }
-    let store = Store::open(dir.path(), small_index()).unwrap();
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     assert!(store.info(1).unwrap().sealed);
     assert!(read_all(&store, 1).is_empty());
 }
+}
 
-#[test]
-fn torn_seal_trailer_leaves_an_unsealed_segment_that_can_be_sealed_again() {
-    let src = tempfile::tempdir().unwrap();
+on_both! {
+fn torn_seal_trailer_leaves_an_unsealed_segment_that_can_be_sealed_again(e: &Env) {
+    let src = e.tempdir();
     let records = {
-        let store = Store::open(src.path(), small_index()).unwrap();
+        let store = Store::open(src.path(), small_index(e)).unwrap();
         let records = fill(&store, 1, 10, 10, 10);
         store.writer(1).unwrap().seal().unwrap();
         records
     };
-    let full = fs::metadata(seg_path(src.path(), 1)).unwrap().len() as usize;
+    let full = e.len(&seg_path(src.path(), 1)) as usize;
     for cut in full - crate::codec::TRAILER_LEN + 1..full {
-        let dir = cut_copy(src.path(), 1, cut);
-        let store = Store::open(dir.path(), small_index()).unwrap();
+        let dir = cut_copy(e, src.path(), 1, cut);
+        let store = Store::open(dir.path(), small_index(e)).unwrap();
         assert!(!store.info(1).unwrap().sealed);
         assert_eq!(read_all(&store, 1), records);
         assert!(store.writer(1).unwrap().seal().unwrap().sealed);
     }
 }
+}
 
-#[test]
-fn a_payload_cannot_forge_a_seal_trailer() {
-    let dir = tempfile::tempdir().unwrap();
+on_both! {
+fn a_payload_cannot_forge_a_seal_trailer(e: &Env) {
+    let dir = e.tempdir();
     {
-        let store = Store::open(dir.path(), small_index()).unwrap();
+        let store = Store::open(dir.path(), small_index(e)).unwrap();
         let mut w = store.create(1).unwrap();
         // A payload ending with a trailer whose sizes fit the file, but not the nonce.
         let records_len = FRAME_HEADER_LEN as u64 + 40;
@@ -384,23 +399,24 @@ fn a_payload_cannot_forge_a_seal_trailer() {
         w.append(1, &[Bytes::from(fake)]).unwrap();
         w.sync().unwrap();
     }
-    let store = Store::open(dir.path(), small_index()).unwrap();
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     let info = store.info(1).unwrap();
     assert!(!info.sealed);
     assert_eq!(info.next_offset, 2);
 }
+}
 
-#[test]
-fn index_is_rebuilt_when_missing_or_damaged() {
-    let dir = tempfile::tempdir().unwrap();
+on_both! {
+fn index_is_rebuilt_when_missing_or_damaged(e: &Env) {
+    let dir = e.tempdir();
     let records = {
-        let store = Store::open(dir.path(), small_index()).unwrap();
+        let store = Store::open(dir.path(), small_index(e)).unwrap();
         let records = fill(&store, 4, 80, 33, 3);
         store.writer(4).unwrap().seal().unwrap();
         records
     };
     let idx = idx_path(dir.path(), 4);
-    let original = fs::read(&idx).unwrap();
+    let original = e.read(&idx);
     assert!(original.len() > FILE_HEADER_LEN + 10 * INDEX_ENTRY_LEN, "the test needs a real index");
     assert_eq!((original.len() - FILE_HEADER_LEN) % INDEX_ENTRY_LEN, 0);
 
@@ -421,51 +437,54 @@ fn index_is_rebuilt_when_missing_or_damaged() {
     ];
     for (what, damage) in damages {
         if what == "missing" {
-            fs::remove_file(&idx).unwrap();
+            e.remove(&idx);
         } else {
             let mut bytes = original.clone();
             damage(&mut bytes);
-            fs::write(&idx, &bytes).unwrap();
+            e.write(&idx, &bytes);
         }
-        let store = Store::open(dir.path(), small_index()).unwrap();
-        assert_eq!(fs::read(&idx).unwrap(), original, "{what}: the index was not rebuilt");
+        let store = Store::open(dir.path(), small_index(e)).unwrap();
+        assert_eq!(e.read(&idx), original, "{what}: the index was not rebuilt");
         assert_eq!(read_all(&store, 4), records, "{what}");
         assert_eq!(store.reader(4).unwrap().read(50, 52, usize::MAX).unwrap(), records[50..52].to_vec());
     }
 }
+}
 
-#[test]
-fn unsealed_index_is_rebuilt_from_the_records() {
-    let dir = tempfile::tempdir().unwrap();
+on_both! {
+fn unsealed_index_is_rebuilt_from_the_records(e: &Env) {
+    let dir = e.tempdir();
     let records = {
-        let store = Store::open(dir.path(), small_index()).unwrap();
+        let store = Store::open(dir.path(), small_index(e)).unwrap();
         fill(&store, 4, 80, 33, 3)
     };
     let idx = idx_path(dir.path(), 4);
-    let original = fs::read(&idx).unwrap();
-    fs::write(&idx, b"garbage").unwrap();
-    let store = Store::open(dir.path(), small_index()).unwrap();
-    assert_eq!(fs::read(&idx).unwrap(), original);
+    let original = e.read(&idx);
+    e.write(&idx, b"garbage");
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
+    assert_eq!(e.read(&idx), original);
     assert_eq!(store.reader(4).unwrap().read(60, 61, 0).unwrap(), records[60..61].to_vec());
 }
+}
 
-#[test]
-fn reads_work_without_an_index_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), small_index()).unwrap();
+on_both! {
+fn reads_work_without_an_index_file(e: &Env) {
+    let dir = e.tempdir();
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     let records = fill(&store, 1, 50, 20, 5);
     store.writer(1).unwrap().seal().unwrap();
-    fs::remove_file(idx_path(dir.path(), 1)).unwrap();
+    e.remove(&idx_path(dir.path(), 1));
     // The sealed segment's files are opened on demand: no index now.
     let r = store.reader(1).unwrap();
     assert_eq!(r.read(33, 35, usize::MAX).unwrap(), records[33..35].to_vec());
     assert_eq!(r.offset_for_time(1005).unwrap(), 25);
 }
+}
 
-#[test]
-fn offset_for_time_finds_the_first_record_at_or_after() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), small_index()).unwrap();
+on_both! {
+fn offset_for_time_finds_the_first_record_at_or_after(e: &Env) {
+    let dir = e.tempdir();
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     let records = fill(&store, 1, 200, 30, 7);
     let r = store.reader(1).unwrap();
     for ts in 990..1040 {
@@ -474,17 +493,18 @@ fn offset_for_time_finds_the_first_record_at_or_after() {
     }
     assert_eq!(r.offset_for_time(i64::MIN).unwrap(), 0);
     assert_eq!(r.offset_for_time(i64::MAX).unwrap(), 200);
-    let dir2 = tempfile::tempdir().unwrap();
-    let empty = Store::open(dir2.path(), small_index()).unwrap();
+    let dir2 = e.tempdir();
+    let empty = Store::open(dir2.path(), small_index(e)).unwrap();
     let _w = empty.create(1).unwrap();
     assert_eq!(empty.reader(1).unwrap().offset_for_time(5).unwrap(), 0);
 }
+}
 
-#[test]
-fn truncate_drops_records_durably() {
-    let dir = tempfile::tempdir().unwrap();
+on_both! {
+fn truncate_drops_records_durably(e: &Env) {
+    let dir = e.tempdir();
     let records = {
-        let store = Store::open(dir.path(), small_index()).unwrap();
+        let store = Store::open(dir.path(), small_index(e)).unwrap();
         let records = fill(&store, 1, 50, 21, 6);
         let mut w = store.writer(1).unwrap();
         assert!(matches!(w.truncate(51), Err(StorageError::TruncatePastEnd { next_offset: 50, requested: 51, .. })));
@@ -495,13 +515,13 @@ fn truncate_drops_records_durably() {
         assert_eq!(w.size_bytes(), positions[30]);
         let info = store.info(1).unwrap();
         assert_eq!(info.next_offset, 30);
-        assert_eq!(info.checksum, file_checksum(dir.path(), 1, positions[30] as usize));
+        assert_eq!(info.checksum, file_checksum(e, dir.path(), 1, positions[30] as usize));
         assert_eq!(read_all(&store, 1), records[..30].to_vec());
         assert_eq!(w.append(2000, &[payload(30, 3)]).unwrap(), 30..31);
         w.sync().unwrap();
         records
     };
-    let store = Store::open(dir.path(), small_index()).unwrap();
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     let all = read_all(&store, 1);
     assert_eq!(all[..30], records[..30]);
     assert_eq!(all[30], Record { offset: 30, timestamp_ms: 2000, payload: payload(30, 3) });
@@ -512,11 +532,12 @@ fn truncate_drops_records_durably() {
     assert_eq!(store.info(1).unwrap().checksum, 0);
     assert_eq!(w.append(1, &[payload(0, 1)]).unwrap(), 0..1);
 }
+}
 
-#[test]
-fn append_records_keeps_offsets_and_timestamps() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), small_index()).unwrap();
+on_both! {
+fn append_records_keeps_offsets_and_timestamps(e: &Env) {
+    let dir = e.tempdir();
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     let records = fill(&store, 1, 30, 12, 4);
     let mut replica = store.create(2).unwrap();
     let err = replica.append_records(&records[1..3]).unwrap_err();
@@ -529,11 +550,12 @@ fn append_records_keeps_offsets_and_timestamps() {
     assert_eq!(read_all(&store, 2), records);
     assert_eq!(store.info(2).unwrap().checksum, store.info(1).unwrap().checksum);
 }
+}
 
-#[test]
-fn syncer_works_beside_the_writer() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), small_index()).unwrap();
+on_both! {
+fn syncer_works_beside_the_writer(e: &Env) {
+    let dir = e.tempdir();
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     let mut w = store.create(1).unwrap();
     let syncer = w.syncer();
     assert_eq!(syncer.sync().unwrap(), 0);
@@ -550,17 +572,18 @@ fn syncer_works_beside_the_writer() {
     w.seal().unwrap();
     assert_eq!(syncer.sync().unwrap(), 3);
 }
+}
 
-#[test]
-fn delete_removes_files_and_live_handles_notice() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), small_index()).unwrap();
+on_both! {
+fn delete_removes_files_and_live_handles_notice(e: &Env) {
+    let dir = e.tempdir();
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     let records = fill(&store, 1, 5, 10, 5);
     let reader = store.reader(1).unwrap();
     let mut w = store.writer(1).unwrap();
     store.delete(1).unwrap();
-    assert!(!seg_path(dir.path(), 1).exists());
-    assert!(!idx_path(dir.path(), 1).exists());
+    assert!(!e.exists(&seg_path(dir.path(), 1)));
+    assert!(!e.exists(&idx_path(dir.path(), 1)));
     assert!(matches!(store.delete(1), Err(StorageError::NotFound { id: 1 })));
     assert!(store.info(1).is_none());
     assert!(matches!(w.append(1, &[payload(5, 1)]), Err(StorageError::NotFound { id: 1 })));
@@ -572,24 +595,26 @@ fn delete_removes_files_and_live_handles_notice() {
     store.create(1).unwrap();
     assert!(read_all(&store, 1).is_empty());
 }
+}
 
-#[test]
-fn creation_cut_short_is_recreated_empty() {
+on_both! {
+fn creation_cut_short_is_recreated_empty(e: &Env) {
     for len in [0, 5, FILE_HEADER_LEN] {
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(seg_path(dir.path(), 8), vec![0u8; len]).unwrap();
-        let store = Store::open(dir.path(), small_index()).unwrap();
+        let dir = e.tempdir();
+        e.write(&seg_path(dir.path(), 8), vec![0u8; len]);
+        let store = Store::open(dir.path(), small_index(e)).unwrap();
         assert_eq!(store.info(8).unwrap().next_offset, 0);
         let mut w = store.writer(8).unwrap();
         w.append(1, &[payload(0, 3)]).unwrap();
-        let bytes = fs::read(seg_path(dir.path(), 8)).unwrap();
+        let bytes = e.read(&seg_path(dir.path(), 8));
         assert!(matches!(decode_header(&bytes), Ok(Decoded::Complete(h, _)) if h.segment_id == 8));
     }
 }
+}
 
 /// Segments 1 and 2 sealed, 3 unsealed, each with records; returns their records.
-fn three_segments(dir: &Path) -> Vec<Vec<Record>> {
-    let store = Store::open(dir, small_index()).unwrap();
+fn three_segments(e: &Env, dir: &Path) -> Vec<Vec<Record>> {
+    let store = Store::open(dir, small_index(e)).unwrap();
     let one = fill(&store, 1, 30, 25, 4);
     store.writer(1).unwrap().seal().unwrap();
     let two = fill(&store, 2, 30, 25, 4);
@@ -598,17 +623,17 @@ fn three_segments(dir: &Path) -> Vec<Vec<Record>> {
     vec![one, two, three]
 }
 
-fn flip(path: &Path, position: usize) -> Vec<u8> {
-    let mut bytes = fs::read(path).unwrap();
+fn flip(e: &Env, path: &Path, position: usize) -> Vec<u8> {
+    let mut bytes = e.read(path);
     bytes[position] ^= 0x04;
-    fs::write(path, &bytes).unwrap();
+    e.write(path, &bytes);
     bytes
 }
 
 /// The store opened, serves every segment but `bad` exactly as written, and has set
 /// `bad`'s files aside with their bytes (`seg_bytes`) intact.
-fn assert_quarantined(dir: &Path, records: &[Vec<Record>], bad: u64, seg_bytes: &[u8]) -> Store {
-    let store = Store::open(dir, small_index()).unwrap();
+fn assert_quarantined(e: &Env, dir: &Path, records: &[Vec<Record>], bad: u64, seg_bytes: &[u8]) -> Store {
+    let store = Store::open(dir, small_index(e)).unwrap();
     let ids: Vec<u64> = store.list().iter().map(|i| i.id).collect();
     let good: Vec<u64> = (1..=records.len() as u64).filter(|id| *id != bad).collect();
     assert_eq!(ids, good, "the damaged segment is not listed");
@@ -617,7 +642,7 @@ fn assert_quarantined(dir: &Path, records: &[Vec<Record>], bad: u64, seg_bytes: 
     }
     assert!(store.info(bad).is_none());
     assert!(matches!(store.reader(bad), Err(StorageError::NotFound { .. })));
-    assert!(!seg_path(dir, bad).exists() && !idx_path(dir, bad).exists(), "renamed away");
+    assert!(!e.exists(&seg_path(dir, bad)) && !e.exists(&idx_path(dir, bad)), "renamed away");
     let q = store.quarantined();
     assert_eq!(q.len(), 1, "{q:?}");
     assert_eq!(q[0].id, bad);
@@ -625,62 +650,65 @@ fn assert_quarantined(dir: &Path, records: &[Vec<Record>], bad: u64, seg_bytes: 
     assert_eq!(q[0].files.len(), 2, "segment and index: {q:?}");
     let seg_name = q[0].files[0].file_name().unwrap().to_str().unwrap().to_string();
     assert!(seg_name.starts_with(&format!("{}.corrupt-", segment_file_name(bad))), "{seg_name}");
-    assert_eq!(fs::read(&q[0].files[0]).unwrap(), seg_bytes, "the damaged bytes are kept as they were");
+    assert_eq!(e.read(&q[0].files[0]), seg_bytes, "the damaged bytes are kept as they were");
     store
 }
 
-#[test]
-fn damaged_header_quarantines_the_segment_and_the_rest_opens() {
+on_both! {
+fn damaged_header_quarantines_the_segment_and_the_rest_opens(e: &Env) {
     for bad in [1u64, 3] {
-        let dir = tempfile::tempdir().unwrap();
-        let records = three_segments(dir.path());
-        let bytes = flip(&seg_path(dir.path(), bad), 3);
-        let store = assert_quarantined(dir.path(), &records, bad, &bytes);
+        let dir = e.tempdir();
+        let records = three_segments(e, dir.path());
+        let bytes = flip(e, &seg_path(dir.path(), bad), 3);
+        let store = assert_quarantined(e, dir.path(), &records, bad, &bytes);
         assert!(store.quarantined()[0].reason.contains("header"), "{:?}", store.quarantined());
         // The id is free for a good copy, and the quarantined files stay out of the
         // store on the next open.
         let again = fill(&store, bad, 3, 5, 3);
         drop(store);
-        let store = Store::open(dir.path(), small_index()).unwrap();
+        let store = Store::open(dir.path(), small_index(e)).unwrap();
         assert_eq!(read_all(&store, bad), again);
         assert!(store.quarantined().is_empty());
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 8, "3 segments, 3 indexes, 2 quarantined files");
+        assert_eq!(e.count(dir.path()), 8, "3 segments, 3 indexes, 2 quarantined files");
     }
 }
+}
 
-#[test]
-fn segment_file_under_another_ids_name_is_quarantined() {
-    let dir = tempfile::tempdir().unwrap();
-    let records = three_segments(dir.path());
-    let bytes = fs::read(seg_path(dir.path(), 2)).unwrap();
-    fs::remove_file(seg_path(dir.path(), 2)).unwrap();
-    fs::write(seg_path(dir.path(), 4), &bytes).unwrap();
-    fs::rename(idx_path(dir.path(), 2), idx_path(dir.path(), 4)).unwrap();
-    let store = Store::open(dir.path(), small_index()).unwrap();
+on_both! {
+fn segment_file_under_another_ids_name_is_quarantined(e: &Env) {
+    let dir = e.tempdir();
+    let records = three_segments(e, dir.path());
+    let bytes = e.read(&seg_path(dir.path(), 2));
+    e.remove(&seg_path(dir.path(), 2));
+    e.write(&seg_path(dir.path(), 4), &bytes);
+    e.rename(&idx_path(dir.path(), 2), &idx_path(dir.path(), 4));
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     assert_eq!(store.list().iter().map(|i| i.id).collect::<Vec<_>>(), vec![1, 3]);
     assert_eq!((read_all(&store, 1), read_all(&store, 3)), (records[0].clone(), records[2].clone()));
     assert_eq!(store.quarantined().len(), 1);
     assert_eq!(store.quarantined()[0].id, 4);
-    assert_eq!(fs::read(&store.quarantined()[0].files[0]).unwrap(), bytes);
+    assert_eq!(e.read(&store.quarantined()[0].files[0]), bytes);
+}
 }
 
-#[test]
-fn damaged_seal_trailer_quarantines_the_segment() {
+on_both! {
+fn damaged_seal_trailer_quarantines_the_segment(e: &Env) {
     let trailer = crate::codec::TRAILER_LEN;
     // Offsets inside the trailer: magic, record count, records length, checksum, its crc.
     for at in [0, 17, 25, 33, trailer - 2] {
-        let dir = tempfile::tempdir().unwrap();
-        let records = three_segments(dir.path());
+        let dir = e.tempdir();
+        let records = three_segments(e, dir.path());
         let path = seg_path(dir.path(), 2);
-        let len = fs::metadata(&path).unwrap().len() as usize;
-        let bytes = flip(&path, len - trailer + at);
-        let store = assert_quarantined(dir.path(), &records, 2, &bytes);
+        let len = e.len(&path) as usize;
+        let bytes = flip(e, &path, len - trailer + at);
+        let store = assert_quarantined(e, dir.path(), &records, 2, &bytes);
         assert!(store.quarantined()[0].reason.contains("trailer"), "byte {at}: {:?}", store.quarantined());
     }
 }
+}
 
-#[test]
-fn trailer_that_is_not_recognisably_the_segments_own_leaves_an_unsealed_segment() {
+on_both! {
+fn trailer_that_is_not_recognisably_the_segments_own_leaves_an_unsealed_segment(e: &Env) {
     let trailer = crate::codec::TRAILER_LEN;
     type Damage = fn(&mut [u8]);
     let damages: Vec<(&str, Damage)> = vec![
@@ -690,14 +718,14 @@ fn trailer_that_is_not_recognisably_the_segments_own_leaves_an_unsealed_segment(
         ("torn", |t| t[20..].fill(0)),
     ];
     for (what, damage) in damages {
-        let dir = tempfile::tempdir().unwrap();
-        let records = three_segments(dir.path());
+        let dir = e.tempdir();
+        let records = three_segments(e, dir.path());
         let path = seg_path(dir.path(), 2);
-        let mut bytes = fs::read(&path).unwrap();
+        let mut bytes = e.read(&path);
         let len = bytes.len();
         damage(&mut bytes[len - trailer..]);
-        fs::write(&path, &bytes).unwrap();
-        let store = Store::open(dir.path(), small_index()).unwrap();
+        e.write(&path, &bytes);
+        let store = Store::open(dir.path(), small_index(e)).unwrap();
         assert!(store.quarantined().is_empty(), "{what}");
         let info = store.info(2).unwrap();
         assert!(!info.sealed, "{what}");
@@ -705,36 +733,38 @@ fn trailer_that_is_not_recognisably_the_segments_own_leaves_an_unsealed_segment(
         assert!(store.writer(2).unwrap().seal().unwrap().sealed, "{what}");
     }
 }
+}
 
-#[test]
-fn damaged_sealed_records_found_by_an_index_rebuild_quarantine_the_segment() {
-    let dir = tempfile::tempdir().unwrap();
-    let records = three_segments(dir.path());
+on_both! {
+fn damaged_sealed_records_found_by_an_index_rebuild_quarantine_the_segment(e: &Env) {
+    let dir = e.tempdir();
+    let records = three_segments(e, dir.path());
     let positions = record_positions(&records[1]);
-    let bytes = flip(&seg_path(dir.path(), 2), positions[17] as usize + FRAME_HEADER_LEN + 3);
+    let bytes = flip(e, &seg_path(dir.path(), 2), positions[17] as usize + FRAME_HEADER_LEN + 3);
     // With its index intact a sealed segment is trusted at open (no full rescan) ...
     {
-        let store = Store::open(dir.path(), small_index()).unwrap();
+        let store = Store::open(dir.path(), small_index(e)).unwrap();
         assert!(store.quarantined().is_empty());
         assert!(store.info(2).unwrap().sealed);
     }
     // ... but a rebuild of the index reads every record and sees the damage.
-    fs::remove_file(idx_path(dir.path(), 2)).unwrap();
-    let store = Store::open(dir.path(), small_index()).unwrap();
+    e.remove(&idx_path(dir.path(), 2));
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     assert_eq!(store.list().iter().map(|i| i.id).collect::<Vec<_>>(), vec![1, 3]);
     let q = store.quarantined();
     assert_eq!((q.len(), q[0].id, q[0].files.len()), (1, 2, 1), "no index to keep: {q:?}");
     assert!(q[0].reason.contains("offset 17"), "{q:?}");
-    assert_eq!(fs::read(&q[0].files[0]).unwrap(), bytes);
+    assert_eq!(e.read(&q[0].files[0]), bytes);
+}
 }
 
-#[test]
-fn quarantine_after_a_failed_read_frees_the_id_and_keeps_the_bytes() {
-    let dir = tempfile::tempdir().unwrap();
-    let records = three_segments(dir.path());
+on_both! {
+fn quarantine_after_a_failed_read_frees_the_id_and_keeps_the_bytes(e: &Env) {
+    let dir = e.tempdir();
+    let records = three_segments(e, dir.path());
     let positions = record_positions(&records[1]);
-    let bytes = flip(&seg_path(dir.path(), 2), positions[17] as usize + FRAME_HEADER_LEN + 3);
-    let store = Store::open(dir.path(), small_index()).unwrap();
+    let bytes = flip(e, &seg_path(dir.path(), 2), positions[17] as usize + FRAME_HEADER_LEN + 3);
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     let reader = store.reader(2).unwrap();
     assert_eq!(reader.read(0, 17, usize::MAX).unwrap(), records[1][..17].to_vec());
     // A read across the damage serves the good records before it and stops there; the
@@ -745,10 +775,10 @@ fn quarantine_after_a_failed_read_frees_the_id_and_keeps_the_bytes() {
 
     let q = store.quarantine(2, &err.to_string()).unwrap();
     assert_eq!(q.id, 2);
-    assert_eq!(fs::read(&q.files[0]).unwrap(), bytes);
+    assert_eq!(e.read(&q.files[0]), bytes);
     assert_eq!(store.quarantined(), vec![q]);
     assert!(store.info(2).is_none());
-    assert!(!seg_path(dir.path(), 2).exists() && !idx_path(dir.path(), 2).exists());
+    assert!(!e.exists(&seg_path(dir.path(), 2)) && !e.exists(&idx_path(dir.path(), 2)));
     assert!(matches!(store.quarantine(2, "again"), Err(StorageError::NotFound { id: 2 })));
     // A live writer of a quarantined segment cannot write into the set-aside file.
     let mut w = store.writer(3).unwrap();
@@ -762,32 +792,35 @@ fn quarantine_after_a_failed_read_frees_the_id_and_keeps_the_bytes() {
     assert_eq!(read_all(&store, 2), records[1]);
     assert!(reader.read(18, u64::MAX, usize::MAX).is_ok());
     drop(store);
-    let store = Store::open(dir.path(), small_index()).unwrap();
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     assert_eq!(store.list().iter().map(|i| i.id).collect::<Vec<_>>(), vec![1, 2]);
     assert_eq!(read_all(&store, 2), records[1]);
 }
-
-#[test]
-fn leftovers_of_interrupted_operations_are_cleaned_up() {
-    let dir = tempfile::tempdir().unwrap();
-    fs::write(idx_path(dir.path(), 3), b"orphan").unwrap();
-    fs::write(dir.path().join(format!("{}.tmp", index_file_name(4))), b"tmp").unwrap();
-    fs::write(dir.path().join("unrelated.txt"), b"keep").unwrap();
-    let store = Store::open(dir.path(), small_index()).unwrap();
-    assert!(store.list().is_empty());
-    assert!(!idx_path(dir.path(), 3).exists());
-    assert!(!dir.path().join(format!("{}.tmp", index_file_name(4))).exists());
-    assert!(dir.path().join("unrelated.txt").exists());
 }
 
-#[test]
-fn oversized_payload_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), small_index()).unwrap();
+on_both! {
+fn leftovers_of_interrupted_operations_are_cleaned_up(e: &Env) {
+    let dir = e.tempdir();
+    e.write(&idx_path(dir.path(), 3), b"orphan");
+    e.write(&dir.path().join(format!("{}.tmp", index_file_name(4))), b"tmp");
+    e.write(&dir.path().join("unrelated.txt"), b"keep");
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
+    assert!(store.list().is_empty());
+    assert!(!e.exists(&idx_path(dir.path(), 3)));
+    assert!(!e.exists(&dir.path().join(format!("{}.tmp", index_file_name(4)))));
+    assert!(e.exists(&dir.path().join("unrelated.txt")));
+}
+}
+
+on_both! {
+fn oversized_payload_is_refused(e: &Env) {
+    let dir = e.tempdir();
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     let mut w = store.create(1).unwrap();
     let big = Bytes::from(vec![0u8; crate::codec::RECORD_PAYLOAD_MAX_BYTES + 1]);
     assert!(matches!(w.append(1, &[big]), Err(StorageError::RecordTooLarge { .. })));
     assert_eq!(w.next_offset(), 0);
+}
 }
 
 #[test]
@@ -800,10 +833,10 @@ fn store_handles_are_send_and_sync() {
     send::<crate::SegmentWriter>();
 }
 
-#[test]
-fn concurrent_readers_see_whole_records_while_the_writer_appends_and_truncates() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), small_index()).unwrap();
+on_both! {
+fn concurrent_readers_see_whole_records_while_the_writer_appends_and_truncates(e: &Env) {
+    let dir = e.tempdir();
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
     let mut w = store.create(1).unwrap();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let readers: Vec<_> = (0..2)
@@ -837,4 +870,5 @@ fn concurrent_readers_see_whole_records_while_the_writer_appends_and_truncates()
     for r in readers {
         assert!(r.join().unwrap() > 0);
     }
+}
 }

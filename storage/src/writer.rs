@@ -1,7 +1,6 @@
 //! Appending to, syncing, truncating and sealing a segment.
 
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -58,7 +57,7 @@ impl SegmentWriter {
     /// `seg` must be unsealed, with `writer_live` just set by the caller.
     pub(crate) fn new(seg: Arc<Segment>, files: Arc<Files>, config: &Config) -> Self {
         let s = seg.snapshot();
-        let file_len = files.seg.metadata().map_or(s.len, |m| m.len()).max(s.len);
+        let file_len = files.seg.len_bytes().map_or(s.len, |len| len).max(s.len);
         SegmentWriter {
             seg,
             files,
@@ -181,8 +180,7 @@ impl SegmentWriter {
             return;
         }
         let target = (end / self.preallocate_bytes + 1) * self.preallocate_bytes;
-        let flags = rustix::fs::FallocateFlags::empty();
-        match rustix::fs::fallocate(&self.files.seg, flags, self.file_len, target - self.file_len) {
+        match self.files.seg.allocate(self.file_len, target - self.file_len) {
             Ok(()) => self.file_len = target,
             Err(e) => {
                 tracing::info!(id = self.seg.id, file = %self.files.seg_path.display(), error = %e,
@@ -256,7 +254,7 @@ impl SegmentWriter {
                 (e.offset, e.position)
             }
         };
-        let mut cur = Cursor::new(&files.seg, &files.seg_path, start, self.len, REREAD_CHUNK_BYTES);
+        let mut cur = Cursor::new(&*files.seg, &files.seg_path, start, self.len, REREAD_CHUNK_BYTES);
         while offset < next_offset {
             let h = cur.frame_header(id, offset)?;
             cur.consume(h.frame_len as u64);
@@ -342,7 +340,7 @@ impl Drop for SegmentWriter {
 
 /// crc32c of the bytes `[from, to)` of the segment file.
 fn checksum_of(files: &Files, from: u64, to: u64) -> Result<u32, StorageError> {
-    let mut cur = Cursor::new(&files.seg, &files.seg_path, from, to, REREAD_CHUNK_BYTES);
+    let mut cur = Cursor::new(&*files.seg, &files.seg_path, from, to, REREAD_CHUNK_BYTES);
     let mut crc = 0;
     while cur.remaining() > 0 {
         let bytes = cur.fill(1)?;

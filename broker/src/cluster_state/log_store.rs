@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use eventtermq_storage::durable::{self, AppendLog, FileError};
+use eventtermq_storage::fs::{Fs, RealFs};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, StorageIOError, Vote};
 use serde::de::DeserializeOwned;
@@ -49,22 +50,22 @@ const PURGED_FILE: &str = "purged";
 // Small atomically replaced files
 // ---------------------------------------------------------------------------------------
 
-fn write_meta<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Result<()> {
+fn write_meta<T: Serialize>(fs: &dyn Fs, dir: &Path, name: &str, value: &T) -> io::Result<()> {
     let payload = serde_json::to_vec(value).map_err(io::Error::other)?;
-    Ok(durable::write_record_file(&dir.join(name), &payload)?)
+    Ok(durable::write_record_file(fs, &dir.join(name), &payload)?)
 }
 
 /// Like [`write_meta`] but without fsync: for hints whose loss is harmless.
-fn write_meta_nosync<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Result<()> {
+fn write_meta_nosync<T: Serialize>(fs: &dyn Fs, dir: &Path, name: &str, value: &T) -> io::Result<()> {
     let payload = serde_json::to_vec(value).map_err(io::Error::other)?;
-    Ok(durable::write_record_file_unsynced(&dir.join(name), &payload)?)
+    Ok(durable::write_record_file_unsynced(fs, &dir.join(name), &payload)?)
 }
 
 /// Reads a file written by [`write_meta`]; a missing file is `None`. These files are
 /// replaced atomically, so any damage is real corruption and an error.
-fn read_meta<T: DeserializeOwned>(dir: &Path, name: &str) -> Result<Option<T>, String> {
+fn read_meta<T: DeserializeOwned>(fs: &dyn Fs, dir: &Path, name: &str) -> Result<Option<T>, String> {
     let path = dir.join(name);
-    let bytes = match durable::read_replaced_file(&path) {
+    let bytes = match durable::read_replaced_file(fs, &path) {
         Ok(Some(b)) => b,
         Ok(None) => return Ok(None),
         Err(e) => return Err(format!("reading {}: {e}", path.display())),
@@ -179,11 +180,11 @@ impl LogFile {
 
 /// Reads the log file, truncating a torn or corrupt tail, or the first entry that does
 /// not decode or follow its predecessor. Returns the file and the entries above `purged`.
-fn load_log(dir: &Path, purged: Option<u64>) -> Result<(LogFile, BTreeMap<u64, Entry>), FileError> {
+fn load_log(fs: Arc<dyn Fs>, dir: &Path, purged: Option<u64>) -> Result<(LogFile, BTreeMap<u64, Entry>), FileError> {
     let mut offsets = BTreeMap::new();
     let mut entries = BTreeMap::new();
     let mut prev: Option<u64> = None;
-    let (log, cut) = AppendLog::open(&dir.join(LOG_FILE), |pos, payload| {
+    let (log, cut) = AppendLog::open(fs, &dir.join(LOG_FILE), |pos, payload| {
         let entry: Entry = serde_json::from_slice(payload).map_err(|e| format!("undecodable entry: {e}"))?;
         let index = entry.log_id.index;
         if let Some(p) = prev {
@@ -212,6 +213,7 @@ type SharedEntries = Arc<RwLock<BTreeMap<u64, Entry>>>;
 
 /// The Raft log, vote, committed and purged log ids of this node, on disk.
 pub struct LogStore {
+    fs: Arc<dyn Fs>,
     dir: PathBuf,
     disk: Arc<Mutex<LogFile>>,
     entries: SharedEntries,
@@ -230,34 +232,40 @@ impl LogStore {
     /// Opens (creating it if missing) the log storage in `dir`, e.g. `<data>/raft`.
     #[allow(clippy::result_large_err)] // openraft's error type
     pub async fn open(dir: &Path) -> Result<LogStore, StorageError> {
+        Self::open_in(RealFs::shared(), dir).await
+    }
+
+    /// [`LogStore::open`] on the filesystem `fs` (a node's `NodeConfig::fs`).
+    #[allow(clippy::result_large_err)] // openraft's error type
+    pub async fn open_in(fs: Arc<dyn Fs>, dir: &Path) -> Result<LogStore, StorageError> {
         let dir = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || Self::open_blocking(dir))
+        crate::clock::spawn_blocking(move || Self::open_blocking(fs, dir))
             .await
             .map_err(|e| msg_err(ErrorSubject::Store, ErrorVerb::Read, format!("opening the raft log: {e}")))?
     }
 
     #[allow(clippy::result_large_err)] // openraft's error type
-    fn open_blocking(dir: PathBuf) -> Result<LogStore, StorageError> {
+    fn open_blocking(fs: Arc<dyn Fs>, dir: PathBuf) -> Result<LogStore, StorageError> {
         let read_err = |e: FileError| io_err(ErrorSubject::Store, ErrorVerb::Read, &e);
-        durable::create_dir_durable(&dir).map_err(read_err)?;
+        durable::create_dir_durable(&*fs, &dir).map_err(read_err)?;
         // Reading the meta files and opening the log fsync the directory, so a rename or
         // creation that a crash left in the page cache only is durable before it counts.
-        let vote: Option<Vote<NodeId>> = read_meta::<Option<Vote<NodeId>>>(&dir, VOTE_FILE)
+        let vote: Option<Vote<NodeId>> = read_meta::<Option<Vote<NodeId>>>(&*fs, &dir, VOTE_FILE)
             .map_err(|m| msg_err(ErrorSubject::Vote, ErrorVerb::Read, m))?
             .flatten();
         // The committed marker is a hint written without fsync (see `save_committed`):
         // a damaged one is dropped, which only means re-learning the commit point.
-        let mut committed: Option<LogId> = read_meta::<Option<LogId>>(&dir, COMMITTED_FILE)
+        let mut committed: Option<LogId> = read_meta::<Option<LogId>>(&*fs, &dir, COMMITTED_FILE)
             .unwrap_or_else(|m| {
                 tracing::warn!(reason = %m, "ignoring the damaged committed marker");
                 None
             })
             .flatten();
-        let last_purged: Option<LogId> = read_meta::<Option<LogId>>(&dir, PURGED_FILE)
+        let last_purged: Option<LogId> = read_meta::<Option<LogId>>(&*fs, &dir, PURGED_FILE)
             .map_err(|m| msg_err(ErrorSubject::Store, ErrorVerb::Read, m))?
             .flatten();
 
-        let (mut log, entries) = load_log(&dir, last_purged.map(|l| l.index)).map_err(read_err)?;
+        let (mut log, entries) = load_log(fs.clone(), &dir, last_purged.map(|l| l.index)).map_err(read_err)?;
         if let Some(p) = last_purged {
             // Finishes a compaction that a crash may have interrupted.
             log.compact(p.index).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, &e))?;
@@ -283,6 +291,7 @@ impl LogStore {
         }
 
         Ok(LogStore {
+            fs,
             dir,
             disk: Arc::new(Mutex::new(log)),
             entries: Arc::new(RwLock::new(entries)),
@@ -299,7 +308,7 @@ impl LogStore {
         F: FnOnce(&mut LogFile) -> io::Result<T> + Send + 'static,
     {
         let disk = self.disk.clone();
-        tokio::task::spawn_blocking(move || {
+        crate::clock::spawn_blocking(move || {
             let mut guard = disk.lock().unwrap_or_else(PoisonError::into_inner);
             f(&mut guard)
         })
@@ -309,8 +318,8 @@ impl LogStore {
 
     /// Replaces a small metadata file in a blocking thread.
     async fn save_meta<T: Serialize + Send + 'static>(&self, name: &'static str, value: T) -> io::Result<()> {
-        let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || write_meta(&dir, name, &value)).await.map_err(io::Error::other)?
+        let (fs, dir) = (self.fs.clone(), self.dir.clone());
+        crate::clock::spawn_blocking(move || write_meta(&*fs, &dir, name, &value)).await.map_err(io::Error::other)?
     }
 
     fn reader(&self) -> LogStoreReader {
@@ -391,8 +400,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Not fsynced: every commit would otherwise cost two more fsyncs on every node.
         // Losing the latest value in a power failure is safe: an older commit point only
         // means applying less at start-up, and the leader re-establishes the rest.
-        let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || write_meta_nosync(&dir, COMMITTED_FILE, &committed))
+        let (fs, dir) = (self.fs.clone(), self.dir.clone());
+        crate::clock::spawn_blocking(move || write_meta_nosync(&*fs, &dir, COMMITTED_FILE, &committed))
             .await
             .map_err(io::Error::other)
             .and_then(|r| r)

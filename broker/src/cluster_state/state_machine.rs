@@ -12,12 +12,12 @@
 //! (a u64 length: a snapshot is not bounded by the record payload limit), its IO and
 //! checksum are the storage crate's durable-file module's.
 
-use std::fs;
 use std::io::{self, Cursor};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use eventtermq_storage::durable;
+use eventtermq_storage::fs::{Fs, RealFs};
 use openraft::storage::RaftStateMachine;
 use openraft::{
     AnyError, BasicNode, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, Snapshot,
@@ -96,6 +96,7 @@ impl StoredSnapshot {
 /// snapshot builder.
 #[derive(Clone)]
 pub struct StateMachineStore {
+    fs: Arc<dyn Fs>,
     dir: Arc<PathBuf>,
     shared: SharedState,
     /// Also serializes snapshot writes (building and installing may run concurrently).
@@ -139,9 +140,9 @@ pub fn decode_snapshot_file(bytes: &[u8]) -> Result<&[u8], String> {
 
 /// Loads `dir/snapshot`; `None` if there is none.
 #[allow(clippy::result_large_err)] // openraft's error type
-fn load_snapshot(dir: &Path) -> Result<Option<(StoredSnapshot, ClusterState)>, StorageError> {
+fn load_snapshot(fs: &dyn Fs, dir: &Path) -> Result<Option<(StoredSnapshot, ClusterState)>, StorageError> {
     let path = dir.join(SNAPSHOT_FILE);
-    let bytes = match durable::read_replaced_file(&path) {
+    let bytes = match durable::read_replaced_file(fs, &path) {
         Ok(Some(b)) => b,
         Ok(None) => return Ok(None),
         Err(e) => return Err(snapshot_err(None, ErrorVerb::Read, format!("reading {}: {e}", path.display()))),
@@ -169,13 +170,21 @@ impl StateMachineStore {
     /// e.g. `<data>/raft`. Returns it and shared read access to its state.
     #[allow(clippy::result_large_err)] // openraft's error type
     pub async fn open(dir: &Path) -> Result<(StateMachineStore, SharedState), StorageError> {
+        Self::open_in(RealFs::shared(), dir).await
+    }
+
+    /// [`StateMachineStore::open`] on the filesystem `fs` (a node's `NodeConfig::fs`).
+    #[allow(clippy::result_large_err)] // openraft's error type
+    pub async fn open_in(fs: Arc<dyn Fs>, dir: &Path) -> Result<(StateMachineStore, SharedState), StorageError> {
         let dir = dir.to_path_buf();
-        let (dir, loaded) = tokio::task::spawn_blocking(move || {
-            durable::create_dir_durable(&dir)
+        let in_fs = fs.clone();
+        let (dir, loaded) = crate::clock::spawn_blocking(move || {
+            let fs = &*in_fs;
+            durable::create_dir_durable(fs, &dir)
                 .map_err(|e| snapshot_err(None, ErrorVerb::Read, format!("creating {}: {e}", dir.display())))?;
             // A replace cut short by a crash: its content never counted.
-            let _ = fs::remove_file(durable::tmp_path(&dir.join(SNAPSHOT_FILE)));
-            let loaded = load_snapshot(&dir)?;
+            let _ = fs.remove_file(&durable::tmp_path(&dir.join(SNAPSHOT_FILE)));
+            let loaded = load_snapshot(fs, &dir)?;
             Ok::<_, StorageError>((dir, loaded))
         })
         .await
@@ -202,6 +211,7 @@ impl StateMachineStore {
         };
         let shared = SharedState(Arc::new(RwLock::new(applied)));
         let store = StateMachineStore {
+            fs,
             dir: Arc::new(dir),
             shared: shared.clone(),
             snapshot: Arc::new(tokio::sync::Mutex::new(snapshot)),
@@ -216,9 +226,9 @@ impl StateMachineStore {
 
     /// Writes snapshot data to `dir/snapshot` atomically, in a blocking thread.
     async fn persist(&self, meta: &Meta, data: Arc<Vec<u8>>) -> Result<(), StorageError> {
-        let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || {
-            durable::replace_file(&dir.join(SNAPSHOT_FILE), &encode_snapshot_file(&data))
+        let (fs, dir) = (self.fs.clone(), self.dir.clone());
+        crate::clock::spawn_blocking(move || {
+            durable::replace_file(&*fs, &dir.join(SNAPSHOT_FILE), &encode_snapshot_file(&data))
         })
         .await
         .map_err(io::Error::other)
@@ -230,18 +240,15 @@ impl StateMachineStore {
     }
 }
 
-/// A name for a new snapshot. The system clock here, not the node's [`Clock`]: the time
-/// is read by nobody, it only keeps two snapshots of the same log position (one before
-/// a restart, one after) apart, and a manual clock in a paused test can repeat an
-/// instant across a restart.
-///
-/// [`Clock`]: crate::clock::Clock
-fn new_snapshot_id(last_applied: Option<LogId>) -> String {
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
+/// A name for a new snapshot. A unique value from the filesystem (random on a real
+/// one, from the seed on a simulated one), not the node's clock: it is read by nobody,
+/// it only keeps two snapshots of the same log position (one before a restart, one
+/// after) apart, and a manual clock in a paused test can repeat an instant across a
+/// restart.
+fn new_snapshot_id(last_applied: Option<LogId>, unique: u64) -> String {
     match last_applied {
-        Some(l) => format!("{}-{}-{}-{nanos:x}", l.leader_id.term, l.leader_id.node_id, l.index),
-        None => format!("none-{nanos:x}"),
+        Some(l) => format!("{}-{}-{}-{unique:016x}", l.leader_id.term, l.leader_id.node_id, l.index),
+        None => format!("none-{unique:016x}"),
     }
 }
 
@@ -250,7 +257,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let content = {
             let applied = self.shared.read();
             SnapshotContent {
-                snapshot_id: new_snapshot_id(applied.last_applied),
+                snapshot_id: new_snapshot_id(
+                    applied.last_applied,
+                    self.fs.unique_u64(applied.last_applied.map_or(0, |l| l.index)),
+                ),
                 last_applied: applied.last_applied,
                 membership: applied.membership.clone(),
                 state: applied.state.clone(),
@@ -353,6 +363,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+    use std::fs;
 
     use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
     use openraft::network::RPCOption;

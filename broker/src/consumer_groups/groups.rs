@@ -53,7 +53,7 @@ struct Inner {
 pub struct GroupHandle {
     cmd: mpsc::Sender<GroupCmd>,
     stop: CancellationToken,
-    task: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
+    task: Arc<tokio::sync::Mutex<Option<JoinHandle<Option<()>>>>>,
 }
 
 /// Where a group runs.
@@ -103,14 +103,14 @@ impl Groups {
             stale_keys.into_iter().filter_map(|k| running.remove(&k).map(|h| (k, h))).collect()
         };
         for ((ns, name), h) in stale {
-            tracing::info!(namespace = %ns, group = %name, "consumer group no longer runs here");
+            tracing::info!(node_id = me, namespace = %ns, group = %name, "consumer group no longer runs here");
             stop_group(h).await;
         }
         for key in assigned {
             if lock(&self.inner.running).contains_key(&key) {
                 continue;
             }
-            tracing::info!(namespace = %key.0, group = %key.1, "starting consumer group");
+            tracing::info!(node_id = me, namespace = %key.0, group = %key.1, "starting consumer group");
             let h = start_group(self.inner.segments.clone(), key.clone());
             lock(&self.inner.running).insert(key, h);
         }
@@ -205,7 +205,7 @@ impl Groups {
         let (sub, events) = rx.await.map_err(|_| gone(&req.consumer_group))?;
         let queue = (max_unacked as usize).clamp(1, SUBSCRIBER_STREAM_QUEUE_MAX);
         let (out, out_rx) = mpsc::channel::<Result<SubscribeResponse, RequestError>>(queue);
-        tokio::spawn(serve_subscriber(group, sub, events, out, req));
+        self.inner.segments.spawn(serve_subscriber(group, sub, events, out, req));
         Ok(Box::pin(ReceiverStream::new(out_rx)))
     }
 
@@ -315,6 +315,6 @@ async fn stop_group(h: GroupHandle) {
 fn start_group(segments: Segments, (namespace, name): GroupKey) -> GroupHandle {
     let (cmd, rx) = mpsc::channel(GROUP_COMMAND_QUEUE_MAX);
     let stop = CancellationToken::new();
-    let task = tokio::spawn(task::run(segments, namespace, name, rx, stop.clone()));
+    let task = segments.clone().spawn(task::run(segments, namespace, name, rx, stop.clone()));
     GroupHandle { cmd, stop, task: Arc::new(tokio::sync::Mutex::new(Some(task))) }
 }

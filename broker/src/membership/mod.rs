@@ -85,6 +85,9 @@ pub struct MembershipConfig {
     /// 0 = off (default 30 s: repairs anything datagram gossip missed, at the cost of
     /// one small RPC per node per period).
     pub sync_period_ms: u64,
+    /// Seed of the random choices gossip makes (foca's probe order, the member to
+    /// sync with); `None`: random. A simulation sets it so that a run replays.
+    pub rng_seed: Option<u64>,
 }
 
 impl Default for MembershipConfig {
@@ -95,6 +98,7 @@ impl Default for MembershipConfig {
             suspect_to_down_ms: 1500,
             join_retry_ms: 1000,
             sync_period_ms: 30_000,
+            rng_seed: None,
         }
     }
 }

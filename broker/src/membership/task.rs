@@ -9,7 +9,6 @@
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap};
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -114,6 +113,8 @@ pub(crate) struct Actor {
     self_since: Instant,
     left: bool,
     sync_period: Option<Duration>,
+    /// Picks the member of the next anti-entropy sync.
+    sync_rng: FocaRng,
     /// A suspicion older than this has lost its timer (see `refresh_stale_suspicions`).
     stale_suspicion: Duration,
     /// When we last re-raised a stale suspicion, per member.
@@ -161,19 +162,13 @@ fn foca_config(config: &MembershipConfig) -> foca::Config {
     c
 }
 
-/// The largest bump handed out in this process so far (see `initial_bump`).
-static LAST_BUMP: AtomicU64 = AtomicU64::new(0);
-
 /// A fresh identity's bump: microseconds since the Unix epoch by the node's clock, so a
-/// restarted node wins against its previous life. Within one process the bumps also
-/// strictly grow: a test restarts a node in-process, and with tokio's clock paused the
-/// new life can start at the very microsecond the old one did. (In a broker process,
-/// one node per process, this is the clock's value.)
+/// restarted node wins against its previous life. The bumps of one clock also strictly
+/// grow: a test restarts a node in-process, and with tokio's clock paused the new life
+/// can start at the very microsecond the old one did. (In a broker process, one node
+/// per process, this is the clock's value.)
 fn initial_bump(clock: &Clock) -> u64 {
-    let now = clock.now_unix_us();
-    let next = |last: u64| now.max(last.saturating_add(1));
-    let last = LAST_BUMP.fetch_update(AtomicOrdering::Relaxed, AtomicOrdering::Relaxed, |l| Some(next(l)));
-    next(last.unwrap_or_else(|l| l))
+    clock.next_unique_us()
 }
 
 impl Actor {
@@ -187,8 +182,10 @@ impl Actor {
         commands: mpsc::WeakSender<Command>,
     ) -> Self {
         let identity = GossipId::new(id, addr, initial_bump(clock));
-        let rng = <FocaRng as rand::SeedableRng>::seed_from_u64(rand::random());
+        let seed = config.rng_seed.unwrap_or_else(rand::random);
+        let rng = <FocaRng as rand::SeedableRng>::seed_from_u64(seed);
         let foca = Foca::new(identity, foca_config(config), rng, PostcardCodec);
+        let sync_rng = <FocaRng as rand::SeedableRng>::seed_from_u64(seed.rotate_left(32) ^ 0x5bd1_e995);
         let sync_period = (config.sync_period_ms > 0).then(|| ms(config.sync_period_ms));
         let mut actor = Self {
             foca,
@@ -201,6 +198,7 @@ impl Actor {
             self_since: Instant::now(),
             left: false,
             sync_period,
+            sync_rng,
             stale_suspicion: ms(config.suspect_to_down_ms) + ms(config.probe_period_ms) * 3,
             resuspected: HashMap::new(),
             commands,
@@ -398,7 +396,7 @@ impl Actor {
             return;
         }
         let addrs: Vec<String> = self.foca.iter_members().map(|m| m.id().addr.clone()).collect();
-        let chosen: Option<&String> = IndexedRandom::choose(addrs.as_slice(), &mut rand::rng());
+        let chosen: Option<&String> = IndexedRandom::choose(addrs.as_slice(), &mut self.sync_rng);
         if let Some(addr) = chosen.cloned() {
             self.spawn_sync(addr, shutdown);
         }

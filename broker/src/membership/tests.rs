@@ -30,6 +30,7 @@ fn fast_config() -> MembershipConfig {
         suspect_to_down_ms: 500,
         join_retry_ms: 50,
         sync_period_ms: 0,
+        rng_seed: None,
     }
 }
 

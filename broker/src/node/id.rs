@@ -13,6 +13,7 @@
 use std::path::Path;
 
 use eventtermq_storage::durable;
+use eventtermq_storage::fs::Fs;
 
 use super::NodeError;
 
@@ -45,17 +46,17 @@ fn parse_legacy(bytes: &[u8]) -> Option<u64> {
 }
 
 /// Writes the id file (a record file: tmp, fsync, rename, fsync of the directory).
-fn store(path: &Path, id: u64) -> Result<(), NodeError> {
-    durable::write_record_file(path, id.to_string().as_bytes()).map_err(|e| NodeError::Storage(e.to_string()))
+fn store(fs: &dyn Fs, path: &Path, id: u64) -> Result<(), NodeError> {
+    durable::write_record_file(fs, path, id.to_string().as_bytes()).map_err(|e| NodeError::Storage(e.to_string()))
 }
 
 /// The id persisted in `dir`, or a new one (`requested`, else random) persisted now.
 /// `requested` must match a persisted id.
-pub fn load_or_create(dir: &Path, requested: Option<u64>) -> Result<u64, NodeError> {
+pub fn load_or_create(fs: &dyn Fs, dir: &Path, requested: Option<u64>) -> Result<u64, NodeError> {
     let path = dir.join(ID_FILE);
-    let bytes = match durable::read_replaced_file(&path) {
+    let bytes = match durable::read_replaced_file(fs, &path) {
         Ok(Some(bytes)) => bytes,
-        Ok(None) => return create(&path, requested),
+        Ok(None) => return create(fs, &path, requested),
         Err(e) => return Err(NodeError::Storage(e.to_string())),
     };
     let (persisted, legacy) = match durable::decode_record_file(&bytes) {
@@ -85,14 +86,14 @@ pub fn load_or_create(dir: &Path, requested: Option<u64>) -> Result<u64, NodeErr
         }
     }
     if legacy {
-        store(&path, persisted)?;
+        store(fs, &path, persisted)?;
         tracing::info!(file = %path.display(), id = persisted,
             "rewrote the node id file with a checksum (it held plain digits)");
     }
     Ok(persisted)
 }
 
-fn create(path: &Path, requested: Option<u64>) -> Result<u64, NodeError> {
+fn create(fs: &dyn Fs, path: &Path, requested: Option<u64>) -> Result<u64, NodeError> {
     let id = match requested {
         Some(0) => return Err(NodeError::Config("--id: 0 is reserved; use a non-zero u64".into())),
         Some(id) => id,
@@ -103,7 +104,7 @@ fn create(path: &Path, requested: Option<u64>) -> Result<u64, NodeError> {
             }
         },
     };
-    store(path, id)?;
+    store(fs, path, id)?;
     Ok(id)
 }
 
@@ -112,33 +113,37 @@ mod tests {
     use std::fs;
 
     use super::*;
+    use eventtermq_storage::fs::RealFs;
 
     #[test]
     fn id_is_persisted_and_checked() {
         let dir = tempfile::tempdir().unwrap();
-        let id = load_or_create(dir.path(), None).unwrap();
-        assert_eq!(load_or_create(dir.path(), None).unwrap(), id);
-        assert_eq!(load_or_create(dir.path(), Some(id)).unwrap(), id);
-        let err = load_or_create(dir.path(), Some(id.wrapping_add(1))).unwrap_err();
+        let id = load_or_create(&RealFs, dir.path(), None).unwrap();
+        assert_eq!(load_or_create(&RealFs, dir.path(), None).unwrap(), id);
+        assert_eq!(load_or_create(&RealFs, dir.path(), Some(id)).unwrap(), id);
+        let err = load_or_create(&RealFs, dir.path(), Some(id.wrapping_add(1))).unwrap_err();
         assert!(err.to_string().contains("--id"), "{err}");
     }
 
     #[test]
     fn explicit_id_is_used_on_first_start() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(load_or_create(dir.path(), Some(42)).unwrap(), 42);
-        assert_eq!(load_or_create(dir.path(), None).unwrap(), 42);
+        assert_eq!(load_or_create(&RealFs, dir.path(), Some(42)).unwrap(), 42);
+        assert_eq!(load_or_create(&RealFs, dir.path(), None).unwrap(), 42);
     }
 
     #[test]
     fn missing_file_is_created_in_the_checksummed_format() {
         let dir = tempfile::tempdir().unwrap();
-        let id = load_or_create(dir.path(), None).unwrap();
+        let id = load_or_create(&RealFs, dir.path(), None).unwrap();
         assert_ne!(id, 0);
         let bytes = fs::read(dir.path().join(ID_FILE)).unwrap();
         assert_eq!(durable::decode_record_file(&bytes), Ok(id.to_string().as_bytes()));
         assert!(!durable::tmp_path(&dir.path().join(ID_FILE)).exists());
-        assert!(matches!(load_or_create(tempfile::tempdir().unwrap().path(), Some(0)), Err(NodeError::Config(_))));
+        assert!(matches!(
+            load_or_create(&RealFs, tempfile::tempdir().unwrap().path(), Some(0)),
+            Err(NodeError::Config(_))
+        ));
     }
 
     #[test]
@@ -148,10 +153,10 @@ mod tests {
             let path = dir.path().join(ID_FILE);
             fs::write(&path, old).unwrap();
             let expected: u64 = old.trim().parse().unwrap();
-            assert_eq!(load_or_create(dir.path(), None).unwrap(), expected, "{old:?}");
+            assert_eq!(load_or_create(&RealFs, dir.path(), None).unwrap(), expected, "{old:?}");
             let bytes = fs::read(&path).unwrap();
             assert_eq!(durable::decode_record_file(&bytes), Ok(expected.to_string().as_bytes()), "{old:?}");
-            assert_eq!(load_or_create(dir.path(), Some(expected)).unwrap(), expected);
+            assert_eq!(load_or_create(&RealFs, dir.path(), Some(expected)).unwrap(), expected);
             assert_eq!(fs::read(&path).unwrap(), bytes, "migrated once, then left alone");
         }
     }
@@ -161,7 +166,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(ID_FILE);
         fs::write(&path, "12345\n").unwrap();
-        let err = load_or_create(dir.path(), Some(999)).unwrap_err();
+        let err = load_or_create(&RealFs, dir.path(), Some(999)).unwrap_err();
         assert!(err.to_string().contains("--id: 999 differs from the id 12345"), "{err}");
         assert_eq!(fs::read(&path).unwrap(), b"12345\n");
     }
@@ -169,14 +174,14 @@ mod tests {
     #[test]
     fn every_flipped_bit_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let id = load_or_create(dir.path(), Some(12450357857228966084)).unwrap();
+        let id = load_or_create(&RealFs, dir.path(), Some(12450357857228966084)).unwrap();
         let path = dir.path().join(ID_FILE);
         let good = fs::read(&path).unwrap();
         for bit in 0..good.len() * 8 {
             let mut bad = good.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
             fs::write(&path, &bad).unwrap();
-            let err = load_or_create(dir.path(), None).expect_err(&format!("bit {bit} accepted"));
+            let err = load_or_create(&RealFs, dir.path(), None).expect_err(&format!("bit {bit} accepted"));
             let msg = err.to_string();
             assert!(matches!(err, NodeError::Storage(_)), "bit {bit}: {msg}");
             assert!(msg.contains(&path.display().to_string()), "bit {bit}: {msg}");
@@ -184,18 +189,18 @@ mod tests {
             assert_eq!(fs::read(&path).unwrap(), bad, "bit {bit}: a refused file is left as it is");
         }
         fs::write(&path, &good).unwrap();
-        assert_eq!(load_or_create(dir.path(), None).unwrap(), id);
+        assert_eq!(load_or_create(&RealFs, dir.path(), None).unwrap(), id);
     }
 
     #[test]
     fn truncated_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        load_or_create(dir.path(), Some(12450357857228966084)).unwrap();
+        load_or_create(&RealFs, dir.path(), Some(12450357857228966084)).unwrap();
         let path = dir.path().join(ID_FILE);
         let good = fs::read(&path).unwrap();
         for len in 0..good.len() {
             fs::write(&path, &good[..len]).unwrap();
-            let err = load_or_create(dir.path(), None).expect_err(&format!("{len} bytes accepted"));
+            let err = load_or_create(&RealFs, dir.path(), None).expect_err(&format!("{len} bytes accepted"));
             assert!(err.to_string().contains("node id file is damaged"), "{len} bytes: {err}");
         }
     }
@@ -223,7 +228,7 @@ mod tests {
         ];
         for bytes in cases {
             fs::write(&path, &bytes).unwrap();
-            let err = load_or_create(dir.path(), None).expect_err(&format!("{bytes:?} accepted"));
+            let err = load_or_create(&RealFs, dir.path(), None).expect_err(&format!("{bytes:?} accepted"));
             assert!(matches!(err, NodeError::Storage(_)), "{bytes:?}: {err}");
             assert!(err.to_string().contains("wipe the data directory"), "{bytes:?}: {err}");
             assert_eq!(fs::read(&path).unwrap(), bytes);

@@ -88,12 +88,16 @@ pub async fn start(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<NodeHandle, NodeError> {
-    std::fs::create_dir_all(&config.dir)
+    let fs = &*config.fs;
+    // Durably (each new level's entry fsynced in its parent): otherwise a power loss
+    // soon after the first start could take the whole directory, Raft log and vote
+    // included, with it (found by the simulation, broker/tests/simulation.rs).
+    eventtermq_storage::durable::create_dir_durable(fs, &config.dir)
         .map_err(|e| NodeError::Config(format!("--dir: cannot create {}: {e}", config.dir.display())))?;
     // Before anything in the directory is read or written: two nodes on one directory
     // would share an id and a Raft log and corrupt both. Held until the node stopped.
-    let dir_lock = eventtermq_storage::durable::lock_dir(&config.dir).map_err(NodeError::DirLocked)?;
-    let id = id::load_or_create(&config.dir, config.id)?;
+    let dir_lock = eventtermq_storage::durable::lock_dir(fs, &config.dir).map_err(NodeError::DirLocked)?;
+    let id = id::load_or_create(fs, &config.dir, config.id)?;
     let peers = Peers::new(network, config.peers.clone());
     let (raft, shared) = start_raft(&config, id, &peers).await?;
 
@@ -112,7 +116,7 @@ pub async fn start(
     let timeout = Duration::from_millis(config.request_timeout_ms);
     let cluster = Cluster::new(id, raft.clone(), shared, peers.clone(), timeout, metrics);
     let store = open_segment_store(&config)?;
-    let disk = crate::disk::Disk::open(id, &config.dir, config.data.disk_watermark).map_err(|e| {
+    let disk = open_disk(&config, id).map_err(|e| {
         NodeError::Config(format!("--dir: cannot read the free space of {}: {e}", config.dir.display()))
     })?;
     let segments =
@@ -149,8 +153,9 @@ async fn start_raft(config: &NodeConfig, id: u64, peers: &Peers) -> Result<(Raft
         dir: raft_dir.display().to_string(),
         detail: e.to_string(),
     };
-    let log_store = LogStore::open(&raft_dir.join("log")).await.map_err(damaged)?;
-    let (sm_store, shared) = StateMachineStore::open(&raft_dir.join("sm")).await.map_err(damaged)?;
+    let log_store = LogStore::open_in(config.fs.clone(), &raft_dir.join("log")).await.map_err(damaged)?;
+    let (sm_store, shared) =
+        StateMachineStore::open_in(config.fs.clone(), &raft_dir.join("sm")).await.map_err(damaged)?;
     let raft_config =
         Arc::new(config.raft.to_openraft().map_err(|e| NodeError::Config(format!("raft settings: {e}")))?);
     let raft = Raft::new(id, raft_config, peers.raft_network(), log_store, sm_store)
@@ -163,6 +168,7 @@ async fn start_raft(config: &NodeConfig, id: u64, peers: &Peers) -> Result<(Raft
 fn open_segment_store(config: &NodeConfig) -> Result<eventtermq_storage::Store, NodeError> {
     let storage_config = eventtermq_storage::Config {
         preallocate_bytes: config.data.segment_preallocate_bytes,
+        fs: config.fs.clone(),
         ..eventtermq_storage::Config::default()
     };
     let store = eventtermq_storage::Store::open(&config.dir.join("segments"), storage_config)
@@ -173,6 +179,14 @@ fn open_segment_store(config: &NodeConfig) -> Result<eventtermq_storage::Store, 
             "a damaged segment was quarantined at startup; a copy this node should hold is fetched again");
     }
     Ok(store)
+}
+
+/// The free-space watermark of `dir`, read from the node's filesystem.
+fn open_disk(config: &NodeConfig, id: u64) -> std::io::Result<crate::disk::Disk> {
+    let (fs, dir) = (config.fs.clone(), config.dir.clone());
+    let source =
+        move || fs.space(&dir).map(|s| crate::disk::Space { free_bytes: s.free_bytes, total_bytes: s.total_bytes });
+    crate::disk::Disk::with_source(id, &config.dir, config.data.disk_watermark, Box::new(source))
 }
 
 /// The node's parts the shutdown sequence needs.
@@ -255,6 +269,10 @@ async fn run_until_stopped(parts: Parts, tasks: Tasks, shutdown: CancellationTok
         }
         _ = stop.cancelled() => {}
     }
+    // Whatever of the data path still runs (all of it after a kill) ends here, before
+    // Raft, as at a process's death.
+    tasks.group_runner.abort();
+    parts.segments.stop_tasks();
     let _ = parts.cluster.raft.shutdown().await;
     // The background loops may sit in a request that can no longer succeed (Raft is
     // down): stop them rather than wait out their timeouts.

@@ -144,7 +144,7 @@ impl Keeper {
         }
         if self.preexisting.contains(&id) {
             let (segments, stop) = (self.segments.clone(), self.stop.clone());
-            tokio::spawn(async move {
+            self.segments.spawn(async move {
                 tokio::select! {
                     _ = fail_over_restarted(&segments, id) => {}
                     _ = stop.cancelled() => {}
@@ -173,7 +173,7 @@ impl Keeper {
             lock(&self.losing).remove(&id);
         } else if !complete && lock(&self.losing).insert(id) {
             let (segments, losing) = (self.segments.clone(), self.losing.clone());
-            tokio::spawn(async move {
+            self.segments.spawn(async move {
                 if let Err(e) = report_lost(&segments, id).await {
                     tracing::warn!(segment_id = id, error = %e, "reporting a lost copy failed; retrying");
                     lock(&losing).remove(&id);
@@ -182,7 +182,7 @@ impl Keeper {
         }
         if holds && !complete && lock(&self.finishing).insert(id) {
             let (segments, finishing, stop) = (self.segments.clone(), self.finishing.clone(), self.stop.clone());
-            tokio::spawn(async move {
+            self.segments.spawn(async move {
                 tokio::select! {
                     _ = finish(&segments, id) => {}
                     _ = stop.cancelled() => {}
@@ -448,7 +448,7 @@ async fn report_done(segments: &Segments, id: SegmentId, info: &SegmentInfo) -> 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, eventtermq_storage::StorageError> + Send + 'static,
 ) -> Result<T, RequestError> {
-    tokio::task::spawn_blocking(f)
+    crate::clock::spawn_blocking(f)
         .await
         .map_err(|e| RequestError::new(ErrorCode::Internal, format!("blocking task: {e}")))?
         .map_err(super::storage_error)

@@ -69,6 +69,8 @@ struct Inner {
     /// Damaged local copies already reported that could not be replaced (no other
     /// complete copy): reported once, not on every retried read.
     corrupt_kept: Mutex<std::collections::HashSet<SegmentId>>,
+    /// Cancelled when the node stops: every task [`Segments::spawn`] started ends.
+    tasks_stop: tokio_util::sync::CancellationToken,
 }
 
 impl Segments {
@@ -87,8 +89,34 @@ impl Segments {
                 primaries: Mutex::default(),
                 frozen: Mutex::default(),
                 corrupt_kept: Mutex::default(),
+                tasks_stop: tokio_util::sync::CancellationToken::new(),
             }),
         }
+    }
+
+    /// Spawns a data-path task (a primary, a replication stream, a consumer group, a
+    /// fail-over) that ends, wherever it is, when the node stops ([`Segments::stop_tasks`]).
+    pub(crate) fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<Option<F::Output>>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let stop = self.inner.tasks_stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                out = task => Some(out),
+                _ = stop.cancelled() => None,
+            }
+        })
+    }
+
+    /// Ends every task [`Segments::spawn`] started, at once, as a process's death
+    /// would: the last step of a node's stop, graceful or not. Without it, a node
+    /// stopped in-process (a test's kill -9) left its primaries and groups running,
+    /// writing through closed files and talking to the node started in its place.
+    pub fn stop_tasks(&self) {
+        self.inner.tasks_stop.cancel();
+        lock(&self.inner.primaries).clear();
     }
 
     pub fn store(&self) -> &Store {

@@ -67,7 +67,7 @@ pub async fn run(segments: Segments, membership: Membership, interval: Duration,
         for (id, seg) in &state.segments {
             if seg.is_open() && state.node_gone(seg.primary) && lock(&failing_over).insert(*id) {
                 let (segments, failing_over, id) = (segments.clone(), failing_over.clone(), *id);
-                tokio::spawn(async move {
+                segments.clone().spawn(async move {
                     if let Err(e) = fail_over(&segments, id).await {
                         tracing::info!(segment_id = id, error = %e, "fail-over deferred");
                     }

@@ -63,7 +63,7 @@ pub struct PrimaryHandle {
     /// What is written, confirmed and fsynced where, for the metrics.
     pub progress: Arc<SegmentProgress>,
     stop: CancellationToken,
-    task: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
+    task: Arc<tokio::sync::Mutex<Option<JoinHandle<Option<()>>>>>,
 }
 
 /// Unit of the write-queue semaphore.
@@ -149,7 +149,7 @@ pub fn start(
     let queue = Arc::new(Semaphore::new(queue_units as usize));
     let quorum_disk_low = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(SegmentProgress::new(&replicas));
-    let task = tokio::spawn(run(Task {
+    let task = segments.spawn(run(Task {
         segments: segments.clone(),
         id,
         writer,
@@ -220,7 +220,7 @@ impl Fsync {
         if self.running.is_none() {
             self.started = (std::time::Instant::now(), durable);
             let s = self.syncer.clone();
-            self.running = Some(tokio::task::spawn_blocking(move || s.sync()));
+            self.running = Some(crate::clock::spawn_blocking(move || s.sync()));
         }
     }
 
@@ -260,7 +260,7 @@ async fn run(mut t: Task) {
     let streams = t.stop.child_token();
     for node in t.replicas.iter().copied().filter(|n| *n != me) {
         let stream = ReplicaStream { segments: t.segments.clone(), id, node, reader: t.reader.clone() };
-        tokio::spawn(stream.run(written_rx.clone(), ack_tx.clone(), streams.clone()));
+        t.segments.spawn(stream.run(written_rx.clone(), ack_tx.clone(), streams.clone()));
     }
     let mut fsync = Fsync::new(syncer, written, &t.segments);
     let mut rotating = false;
@@ -416,7 +416,7 @@ impl Task {
             // where the segment ends.
             tracing::error!(segment_id = id, error = %e, "primary failed; failing the segment over");
             let segments = self.segments.clone();
-            tokio::spawn(async move {
+            segments.clone().spawn(async move {
                 // Out of space: say so before the close, or the leader's next pass may
                 // open the successor right here again.
                 crate::disk::report(segments.disk(), segments.cluster()).await;

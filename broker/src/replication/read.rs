@@ -243,7 +243,7 @@ async fn read_blocking(
     until: u64,
     max_bytes: usize,
 ) -> Result<Result<Vec<Record>, StorageError>, RequestError> {
-    tokio::task::spawn_blocking(move || reader.read(from, until, max_bytes))
+    crate::clock::spawn_blocking(move || reader.read(from, until, max_bytes))
         .await
         .map_err(|e| RequestError::new(ErrorCode::Internal, e.to_string()))
 }

@@ -50,8 +50,8 @@ pub async fn handle_replicate(
     let durable = sync_here(&syncer).await?;
     let (out_tx, out_rx) = mpsc::channel(ANSWER_QUEUE_MAX);
     let _ = out_tx.send(Ok(ReplicateResponse { durable_offset: durable })).await;
-    let stream = ReplicaStream { segments, id, writer, syncer, inbound, out: out_tx };
-    tokio::spawn(stream.run());
+    let stream = ReplicaStream { segments: segments.clone(), id, writer, syncer, inbound, out: out_tx };
+    segments.spawn(stream.run());
     Ok(out_rx)
 }
 
@@ -150,7 +150,7 @@ async fn sync_here(syncer: &Syncer) -> Result<u64, RequestError> {
         return tokio::task::block_in_place(|| syncer.sync()).map_err(storage_error);
     }
     let s = syncer.clone();
-    tokio::task::spawn_blocking(move || s.sync())
+    crate::clock::spawn_blocking(move || s.sync())
         .await
         .map_err(|e| RequestError::new(ErrorCode::Internal, format!("fsync task: {e}")))?
         .map_err(storage_error)
@@ -196,7 +196,7 @@ pub async fn status(segments: &Segments, id: SegmentId, freeze: bool) -> Result<
     }
     let writer = lock(&segments.inner.writers).get(&id).cloned();
     if let Some(w) = writer {
-        let s = tokio::task::spawn_blocking(move || {
+        let s = crate::clock::spawn_blocking(move || {
             let mut w = lock(&w);
             w.sync().map(|next| (next, w.size_bytes()))
         })

@@ -20,13 +20,26 @@ use super::{Conn, Listeners, Network, DATAGRAM_QUEUE_MAX};
 
 const PIPE_BUFFER_BYTES: usize = 256 * 1024;
 
-#[derive(Default)]
 struct Inner {
     hosts: HashMap<String, Host>,
     /// Unordered pairs of hosts that cannot talk.
     cut: HashSet<(String, String)>,
     drop_rate: f64,
     delay: Duration,
+    /// Decides which datagrams are lost (seeded in a simulation).
+    rng: rand::rngs::SmallRng,
+}
+
+impl Inner {
+    fn new(seed: u64) -> Self {
+        Inner {
+            hosts: HashMap::new(),
+            cut: HashSet::new(),
+            drop_rate: 0.0,
+            delay: Duration::ZERO,
+            rng: <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(seed),
+        }
+    }
 }
 
 struct Host {
@@ -49,14 +62,26 @@ impl Inner {
 }
 
 /// The shared fabric. Clone freely.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct MemNetwork {
     inner: Arc<Mutex<Inner>>,
+}
+
+impl Default for MemNetwork {
+    fn default() -> Self {
+        Self::with_seed(rand::random())
+    }
 }
 
 impl MemNetwork {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A network whose random datagram loss comes from `seed`, so that a simulation
+    /// replays.
+    pub fn with_seed(seed: u64) -> Self {
+        MemNetwork { inner: Arc::new(Mutex::new(Inner::new(seed))) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -182,8 +207,9 @@ impl MemHostNetwork {
     }
 
     fn send_datagram_inner(&self, addr: &str, data: Bytes) {
-        let inner = self.net.lock();
-        if !inner.linked(&self.me, addr) || (inner.drop_rate > 0.0 && rand::rng().random_bool(inner.drop_rate)) {
+        let mut inner = self.net.lock();
+        let drop_rate = inner.drop_rate;
+        if !inner.linked(&self.me, addr) || (drop_rate > 0.0 && inner.rng.random_bool(drop_rate)) {
             return;
         }
         let tx = inner.hosts.get(addr).map(|h| h.datagrams.clone());

@@ -57,7 +57,8 @@ pub async fn run(ctx: &Ctx, cmd: BenchCommand) -> Result<(), CliError> {
 fn lock_bench_dir(dir: &Path) -> Result<eventtermq_storage::durable::DirLock, CliError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| CliError::Failed(format!("--bench-dir: cannot create {}: {e}", dir.display())))?;
-    eventtermq_storage::durable::lock_dir(dir).map_err(|e| CliError::Failed(format!("--bench-dir: {e}")))
+    eventtermq_storage::durable::lock_dir(&eventtermq_storage::fs::RealFs, dir)
+        .map_err(|e| CliError::Failed(format!("--bench-dir: {e}")))
 }
 
 pub(super) struct Proc {
