@@ -32,6 +32,11 @@ pub const CONSUMER_GROUP_SIZE: u32 = 10_000;
 /// A subscriber's window (unacknowledged messages) when it asks for `size` 0.
 pub const SUBSCRIBER_SIZE: u32 = 1000;
 
+/// How long a broker remembers an exactly-once publish (its producer id and
+/// sequence) by default: a client that retries with the same ids within it has the
+/// request stored once. 2 minutes, as NATS JetStream's duplicate window.
+pub const DEDUPE_WINDOW_MS: u64 = 120_000;
+
 /// `name` unless empty, else `default`.
 pub fn or_default<'a>(name: &'a str, default: &'a str) -> &'a str {
     if name.is_empty() {

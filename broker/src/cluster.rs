@@ -7,7 +7,7 @@ use std::time::Duration;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::time::Instant;
 
-use crate::cluster_state::{AppliedState, Command, CommandResponse, NodeId, Raft, SharedState};
+use crate::cluster_state::{AppliedState, Command, CommandResponse, NodeId, Raft, RequestId, SharedState};
 use crate::error::{ErrorCode, RequestError};
 use crate::metrics::Metrics;
 use crate::peers::{PeerError, Peers};
@@ -57,9 +57,20 @@ impl Cluster {
 
     /// Proposes `cmd` and waits until it is committed and applied; returns the index it
     /// was applied at. A command the state machine rejects returns its error.
+    ///
+    /// The command goes into the log identified ([`Command::Once`], a random id): an
+    /// attempt whose outcome is unknown (no answer in time, the leader changed) is
+    /// retried with the same id, and the state machine answers a repeat as it answered
+    /// the first attempt, so a delete that did happen does not come back as NotFound.
     pub async fn write(&self, cmd: Command) -> Result<u64, RequestError> {
+        self.write_as(RequestId { node: self.id, nonce: rand::random() }, cmd).await
+    }
+
+    /// [`Cluster::write`] under a given id: a write made again with the id of an
+    /// earlier one is answered as that one was.
+    pub async fn write_as(&self, id: RequestId, cmd: Command) -> Result<u64, RequestError> {
         let started = std::time::Instant::now();
-        let r = self.write_until_answered(cmd).await;
+        let r = self.write_until_answered(Command::Once { id, command: Box::new(cmd) }).await;
         self.metrics.cluster_written(r.is_ok(), started.elapsed().as_secs_f64());
         r
     }
@@ -107,12 +118,21 @@ impl Cluster {
         // A rejection may come from a state that lags the log (a leader just elected
         // applies its predecessor's last entries shortly after): confirm with a
         // linearizable barrier before refusing.
+        // A repeat already applied is answered here (the leader's applied state is
+        // committed); the log needs no second entry.
+        if let Some(answer) = self.state.read().state.answered(cmd) {
+            return Ok(answer);
+        }
         let check = self.state.read().state.check(cmd);
         if check.is_err() {
             if self.raft.ensure_linearizable().await.is_err() {
                 return Err(Retry::NoLeader);
             }
-            self.state.read().state.check(cmd).map_err(Retry::Fatal)?;
+            let st = self.state.read();
+            if let Some(answer) = st.state.answered(cmd) {
+                return Ok(answer);
+            }
+            st.state.check(cmd).map_err(Retry::Fatal)?;
         }
         match self.raft.client_write(cmd.clone()).await {
             Ok(r) => Ok(r.data),

@@ -74,6 +74,19 @@ pub struct DataSettings {
     pub rereplicate_after_ms: u64,
     /// How long a consumer group waits for new records before it asks again.
     pub read_wait_ms: u64,
+    /// Exactly-once publishing: how long a primary remembers a keyed publish (producer
+    /// id and sequence), so that a repeat is answered as the first attempt was instead
+    /// of being stored again (0: keys are ignored). Clients must retry within it.
+    pub dedupe_window_ms: u64,
+    /// ... and at most this many keyed publishes per shard, the newest (memory: about
+    /// 100 bytes each).
+    pub dedupe_window_entries_max: usize,
+    /// ... and, where a shard's primaries crashed (their windows lived in memory), at
+    /// most this many bytes of the shard's previous generations are read to rebuild
+    /// the window from the keys their records carry (four segments of the default
+    /// size): keyed publishes stored before are not recognized as repeats (logged).
+    /// Rotations and graceful stops hand the window over and read nothing.
+    pub dedupe_rebuild_read_max_bytes: u64,
     /// Free space the data directory's filesystem keeps: below it the node takes no
     /// segment data (publishes are refused with `DiskFull`), so Raft keeps its room.
     pub disk_watermark: crate::disk::Watermark,
@@ -90,6 +103,9 @@ impl Default for DataSettings {
             offsets_commit_interval_ms: 1000,
             rereplicate_after_ms: 60_000,
             read_wait_ms: 500,
+            dedupe_window_ms: eventtermq_api::defaults::DEDUPE_WINDOW_MS,
+            dedupe_window_entries_max: 100_000,
+            dedupe_rebuild_read_max_bytes: 256 * 1024 * 1024,
             disk_watermark: crate::disk::Watermark::default(),
         }
     }

@@ -387,7 +387,7 @@ async fn publish_ids(node: &TestNode, ids: std::ops::Range<u32>) -> Vec<u32> {
     for chunk in ids.collect::<Vec<_>>().chunks(10) {
         let messages: Vec<Message> =
             chunk.iter().map(|i| Message { data: i.to_string().into_bytes().into(), ..Default::default() }).collect();
-        if node.handle.segments.publish("default", "t", &messages, Persistence::Replicated, 0).await.is_ok() {
+        if node.handle.segments.publish("default", "t", &messages, Persistence::Replicated, None, 0).await.is_ok() {
             confirmed.extend_from_slice(chunk);
         }
     }
@@ -744,6 +744,138 @@ async fn a_segment_damaged_while_its_node_was_down_is_quarantined_at_start_and_f
     stop_all(nodes).await;
 }
 
+/// A cluster-state write retried after its outcome was unknown (`Cluster::write`
+/// does this under one request id) answers as its first attempt did: a delete that
+/// happened is not reported as NotFound, wherever the retry is sent, and the state
+/// changes once.
+#[tokio::test(start_paused = true)]
+async fn a_retried_cluster_state_write_answers_as_its_first_attempt_did() {
+    use eventtermq_broker::cluster_state::RequestId;
+    use eventtermq_broker::error::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let nodes = three(&net, dir.path()).await;
+    let li = leader_index(&nodes);
+    let follower = &nodes[(li + 1) % 3].handle.cluster;
+    let create = Command::CreateTopic { namespace: "default".into(), name: "gone".into(), spec: topic() };
+    nodes[li].handle.cluster.write(create).await.unwrap();
+
+    let delete = Command::DeleteTopic { namespace: "default".into(), name: "gone".into() };
+    let id = RequestId { node: follower.id, nonce: 7 };
+    let first = follower.write_as(id, delete.clone()).await.expect("forwarded delete");
+    // The answer was lost on the way back; the retry carries the same id.
+    assert_eq!(follower.write_as(id, delete.clone()).await, Ok(first), "retried through the same node");
+    assert_eq!(nodes[li].handle.cluster.write_as(id, delete.clone()).await, Ok(first), "retried on the leader");
+    let other = RequestId { node: follower.id, nonce: 8 };
+    assert_eq!(follower.write_as(other, delete.clone()).await.unwrap_err().code, ErrorCode::TopicNotFound);
+    // A repeat answered from the table takes no log entry: the next write's index
+    // follows the last one that was applied.
+    let after = follower.write(Command::CreateNamespace { name: "after".into() }).await.unwrap();
+    assert!(after > first);
+    for n in &nodes {
+        let st = n.handle.cluster.read(true).await.unwrap();
+        assert!(!st.state.namespaces["default"].topics.contains_key("gone"));
+        assert_eq!(st.state.applied_requests.get(&id).map(|(i, r)| (*i, r.is_ok())), Some((first, true)));
+    }
+    stop_all(nodes).await;
+}
+
+/// Publishes request `sequence` of producer 99 to topic `t` through `node` (messages
+/// `sequence * 5` .. `+ 5`), again until it is answered (as a client that did not hear
+/// an answer does, with the same key), for up to 30 s.
+async fn keyed_publish(node: &TestNode, sequence: u32) -> eventtermq_proto::v1::PublishResponse {
+    use eventtermq_broker::replication::dedupe::Key;
+    use eventtermq_proto::v1::{Message, Persistence};
+    let messages: Vec<Message> = (0..5)
+        .map(|i| Message { data: (sequence * 5 + i).to_string().into_bytes().into(), ..Default::default() })
+        .collect();
+    let key = Some(Key { producer: 99, sequence: u64::from(sequence) });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match node.handle.segments.publish("default", "t", &messages, Persistence::Replicated, key, 0).await {
+            Ok(r) => return r,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("publish {sequence} again after: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("publish {sequence}: {e:?}"),
+        }
+    }
+}
+
+/// Exactly-once publishing across rotations (the window handed from primary to
+/// primary) and a primary crash (rebuilt from the records): every request sent again
+/// with its producer id and sequence is answered as first stored, and every message
+/// is in the topic once.
+#[tokio::test(start_paused = true)]
+async fn keyed_publishes_are_stored_once_across_rotations_and_a_primary_crash() {
+    use eventtermq_proto::v1::PublishResponse;
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let mut nodes = three(&net, dir.path()).await;
+    // Small segments: a rotation every few requests.
+    let spec = TopicSpec { segment_size_max_bytes: 600, ..topic() };
+    let cmd = Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec };
+    nodes[0].handle.cluster.write(cmd).await.unwrap();
+    eventually(Duration::from_secs(10), "an open segment", || async { primary_index(&nodes).is_some() }).await;
+
+    const REQUESTS: u32 = 30;
+    let mut first: Vec<PublishResponse> = Vec::new();
+    for s in 0..REQUESTS {
+        let r = keyed_publish(&nodes[(s % 3) as usize], s).await;
+        assert!(!r.duplicate && r.count == 5, "{r:?}");
+        first.push(r);
+    }
+    let generations =
+        |nodes: &[TestNode]| nodes[0].handle.cluster.state.read().state.topic_segments("default", "t").count();
+    assert!(generations(&nodes) > 3, "rotations: {}", generations(&nodes));
+    // Again, through other nodes: answered as stored, in whichever generation.
+    for s in 0..REQUESTS {
+        let r = keyed_publish(&nodes[((s + 1) % 3) as usize], s).await;
+        assert!(r.duplicate, "{s}: {r:?}");
+        assert_eq!(
+            (r.segment_id, r.first_offset, r.count),
+            (first[s as usize].segment_id, first[s as usize].first_offset, 5)
+        );
+    }
+
+    // Crash the current primary: its window is gone with it; the next generation's
+    // primary reads the crashed one's records instead.
+    let pi = primary_index(&nodes).unwrap();
+    let dead = nodes.remove(pi);
+    let (dead_name, dead_id) = (dead.name.clone(), dead.handle.id);
+    net.detach(&dead.name);
+    dead.handle.kill().await;
+    for s in 0..REQUESTS + 5 {
+        let r = keyed_publish(&nodes[(s % 2) as usize], s).await;
+        assert_eq!(r.duplicate, s < REQUESTS, "{s}: {r:?}");
+    }
+
+    // The crashed node comes back; as the least loaded node with the lowest id it
+    // becomes the primary of later generations again, and asks the survivor that was
+    // primary before it for the window (handed over between nodes).
+    nodes.push(start(&net, dir.path(), &dead_name, &["a:1", "b:1", "c:1"]).await);
+    eventually(Duration::from_secs(20), "the restarted node ALIVE", || async {
+        nodes.iter().all(|n| alive_records(n) == 3)
+    })
+    .await;
+    let mut s = REQUESTS + 5;
+    while s < REQUESTS + 50 && primary_index(&nodes).map(|i| nodes[i].handle.id) != Some(dead_id) {
+        let r = keyed_publish(&nodes[(s % 3) as usize], s).await;
+        assert!(!r.duplicate, "{s}: {r:?}");
+        s += 1;
+    }
+    assert_eq!(primary_index(&nodes).map(|i| nodes[i].handle.id), Some(dead_id), "the primary moved back");
+    for again in 0..s {
+        let r = keyed_publish(&nodes[(again % 3) as usize], again).await;
+        assert!(r.duplicate, "{again}: {r:?}");
+    }
+    let mut got = read_topic(&nodes[0]).await;
+    got.sort_unstable();
+    assert_eq!(got, (0..s * 5).collect::<Vec<_>>(), "every message once");
+    stop_all(nodes).await;
+}
+
 /// A node whose data directory is below its free-space watermark (here: a watermark of
 /// the whole filesystem) says so in the cluster state, gets no segment, and the others
 /// carry on without it: publishes, also through it, are confirmed on the two with room,
@@ -835,7 +967,11 @@ async fn disks_filling_move_segments_away_refuse_when_too_few_have_room_and_reco
     let publish_one = || async {
         // A number, like every message of the test, so that `read_topic` can read it.
         let m = eventtermq_proto::v1::Message { data: "1000000".into(), ..Default::default() };
-        nodes[0].handle.segments.publish("default", "t", &[m], eventtermq_proto::v1::Persistence::Replicated, 0).await
+        nodes[0]
+            .handle
+            .segments
+            .publish("default", "t", &[m], eventtermq_proto::v1::Persistence::Replicated, None, 0)
+            .await
     };
     // First the primary refuses (its own disk); once it closed its segment, the
     // cluster does (no segment can be opened), naming both nodes without room.

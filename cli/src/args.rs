@@ -120,6 +120,20 @@ pub struct BrokerArgs {
     /// Replace a closed segment's copy on a node DEAD this long with a copy on a live node.
     #[arg(long, default_value_t = DataSettings::default().rereplicate_after_ms)]
     pub rereplicate_after_ms: u64,
+    /// Exactly-once publishing: how long a segment's primary remembers a publish that
+    /// carries a producer id and sequence, so that a retry is answered as the first
+    /// attempt was and not stored again (0: ids are ignored).
+    #[arg(long, default_value_t = DataSettings::default().dedupe_window_ms)]
+    pub dedupe_window_ms: u64,
+    /// ... and at most this many such publishes per shard, the newest (about 100 bytes of
+    /// memory each).
+    #[arg(long, default_value_t = DataSettings::default().dedupe_window_entries_max)]
+    pub dedupe_window_entries_max: usize,
+    /// ... and after a crash of a shard's primary, at most this many bytes of the
+    /// shard's previous segments are read to rebuild the window (keyed publishes stored
+    /// before are not recognized as repeats).
+    #[arg(long, default_value_t = DataSettings::default().dedupe_rebuild_read_max_bytes)]
+    pub dedupe_rebuild_read_max_bytes: u64,
     /// Free space the filesystem of --dir keeps: below it the node refuses publishes and
     /// replicated records (ResourceExhausted) before a write could fail, so the cluster
     /// state keeps room to work. Back above at 25 % (at least 4 MiB) more.
@@ -291,6 +305,18 @@ pub struct PublishArgs {
     /// Stdin and --count: messages per publish request.
     #[arg(long, default_value_t = 100)]
     pub batch_messages_max: usize,
+    /// Producer id of this publish (default: random). Every request carries it and its
+    /// number (1, 2, ... in order), so the brokers store each request once within
+    /// their --dedupe-window-ms: running the same command again with the same id
+    /// (after exit status 3) stores only what the first run did not.
+    #[arg(long)]
+    pub producer_id: Option<u64>,
+    /// How long to keep sending requests whose outcome is unknown (no answer, the
+    /// connection lost, a node killed) again, with the same producer id and numbers, so
+    /// that none is lost or stored twice (0: do not retry). Keep it well below the
+    /// brokers' --dedupe-window-ms (2 min).
+    #[arg(long, default_value = "30s")]
+    pub retry_for: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -371,6 +397,10 @@ pub struct DataPathBenchArgs {
     /// Data directory of the brokers (default: a fresh temporary directory); locked by the run.
     #[arg(long)]
     pub bench_dir: Option<PathBuf>,
+    /// W1 publishes exactly once: every request carries a producer id and a sequence
+    /// number (the brokers keep them in their duplicate window).
+    #[arg(long)]
+    pub exactly_once: bool,
     /// A flag passed to every broker started, e.g. `--broker-arg=--worker-threads=1`
     /// (repeatable).
     #[arg(long = "broker-arg", allow_hyphen_values = true)]

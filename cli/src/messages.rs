@@ -1,8 +1,7 @@
 //! `publish` and `subscribe`.
 
+use std::collections::VecDeque;
 use std::io::BufRead;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -41,6 +40,14 @@ pub(super) fn persistence(p: Option<PersistenceArg>) -> pb::Persistence {
     }
 }
 
+/// Pauses before sending again a request whose outcome is unknown (doubling).
+const RETRY_PAUSE_MIN: Duration = Duration::from_millis(100);
+const RETRY_PAUSE_MAX: Duration = Duration::from_secs(2);
+/// Requests of a publish stream sent and not answered yet. Each is kept until its
+/// answer comes, to be sent again after a failure; the broker works on this many at
+/// once (more would wait there).
+const STREAM_IN_FLIGHT_MAX: usize = 64;
+
 pub async fn publish(ctx: &Ctx, args: PublishArgs) -> Result<(), CliError> {
     match args.count {
         Some(0) => return Err(CliError::Usage("--count: must be at least 1".into())),
@@ -49,77 +56,154 @@ pub async fn publish(ctx: &Ctx, args: PublishArgs) -> Result<(), CliError> {
         }
         _ => {}
     }
+    let retry_for = validate::duration_ms("--retry-for", &args.retry_for).map_err(|e| CliError::Usage(e.message))?;
+    // Exactly once: every request carries this producer id and its own number, so a
+    // request sent again after an unknown outcome is stored once (0 would mean none).
+    let producer_id = match args.producer_id {
+        Some(0) => return Err(CliError::Usage("--producer-id: must not be 0 (0 means no producer id)".into())),
+        Some(id) => id,
+        None => rand::random::<u64>().max(1),
+    };
     let client = messaging_client(&ctx.addr)?;
     if args.batch_messages_max == 0 {
         return Err(CliError::Usage("--batch-messages-max: must be at least 1".into()));
     }
     let template = message(&args, Vec::new())?;
-    // Every request of this publish, without its messages.
+    // Every request of this publish, without its messages and number.
     let request = pb::PublishRequest {
         namespace: ctx.namespace.clone(),
         topic: args.topic.clone(),
         messages: Vec::new(),
         persistence: persistence(args.persistence) as i32,
+        producer_id,
+        sequence: 0,
     };
+    let retries = Retries::new(Duration::from_millis(retry_for));
     if args.data != "-" && args.count.is_none() {
         let one = pb::Message { data: args.data.clone().into_bytes().into(), ..template };
-        return publish_one(client, ctx, pb::PublishRequest { messages: vec![one], ..request }).await;
+        let request = pb::PublishRequest { messages: vec![one], sequence: 1, ..request };
+        return publish_one(client, ctx, request, retries).await;
     }
-    publish_stream(client, ctx, &args, request, template).await
+    publish_stream(client, ctx, &args, request, template, retries).await
 }
 
-/// Publishes DATA once, with one call.
+/// Sending a request again after its outcome was unknown, with the same producer id
+/// and number: the broker answers a repeat as it answered (or would have answered)
+/// the first attempt, so nothing is stored twice.
+struct Retries {
+    retry_for: Duration,
+    /// End of the current run of failures (`None` while requests are answered).
+    deadline: Option<tokio::time::Instant>,
+    pause: Duration,
+    /// Why an earlier attempt's outcome is unknown: a later refusal does not mean
+    /// nothing changed.
+    unknown: Option<String>,
+}
+
+impl Retries {
+    fn new(retry_for: Duration) -> Self {
+        Retries { retry_for, deadline: None, pause: RETRY_PAUSE_MIN, unknown: None }
+    }
+
+    /// An answer came: the next failure gets the whole `--retry-for` again.
+    fn progress(&mut self) {
+        self.deadline = None;
+        self.pause = RETRY_PAUSE_MIN;
+    }
+
+    /// After a pause, `Ok` when the failed attempt is worth repeating: its outcome is
+    /// unknown, or the node could not be reached (it may be restarting), and the time
+    /// for retries is not over. Otherwise the error to exit with. A refusal (every
+    /// other broker answer; the broker itself retries its 5xxx conditions for
+    /// --request-timeout-ms) is final.
+    async fn after(&mut self, e: CliError) -> Result<(), CliError> {
+        if let CliError::OutcomeUnknown { message, .. } = &e {
+            self.unknown = Some(message.clone());
+        }
+        let worth = matches!(e, CliError::OutcomeUnknown { .. } | CliError::Connect { .. });
+        let now = tokio::time::Instant::now();
+        let deadline = *self.deadline.get_or_insert(now + self.retry_for);
+        if !worth || now + self.pause > deadline {
+            return Err(self.final_error(e));
+        }
+        eprintln!("retrying with the same producer id and request numbers: {e}");
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(RETRY_PAUSE_MAX);
+        Ok(())
+    }
+
+    /// `e`, unless an earlier attempt's outcome was unknown: then it may have taken
+    /// effect, whatever the last attempt heard.
+    fn final_error(&self, e: CliError) -> CliError {
+        let Some(first) = &self.unknown else { return e };
+        match e {
+            CliError::Rejected { code, message } => CliError::OutcomeUnknown {
+                code,
+                message: format!("{message} (after an earlier attempt whose outcome is unknown: {first})"),
+            },
+            e @ CliError::Connect { .. } => CliError::OutcomeUnknown {
+                code: "Unavailable".into(),
+                message: format!("{e} (after an earlier attempt whose outcome is unknown: {first})"),
+            },
+            e => e,
+        }
+    }
+}
+
+/// Publishes DATA once, with one call (sent again while its outcome is unknown).
 async fn publish_one(
     mut client: MessagingClient<Channel>,
     ctx: &Ctx,
     request: pb::PublishRequest,
+    mut retries: Retries,
 ) -> Result<(), CliError> {
-    let r = client.publish(request).await.map_err(|s| CliError::from_status(s, &ctx.addr))?.into_inner();
+    let r = loop {
+        match client.publish(request.clone()).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) => retries.after(CliError::from_status(s, &ctx.addr)).await?,
+        }
+    };
+    let duplicate = if r.duplicate { ", \"duplicate\": true" } else { "" };
     println!(
-        "{{\"ok\": true, \"published\": {}, \"segment_id\": {}, \"offset\": {}}}",
-        r.count, r.segment_id, r.first_offset
+        "{{\"ok\": true, \"published\": {}, \"segment_id\": {}, \"offset\": {}{duplicate}}}",
+        r.count + r.stored_before,
+        r.segment_id,
+        r.first_offset
     );
     Ok(())
 }
 
 /// Publishes the lines of stdin, or DATA `--count` times, over one stream; fails
-/// unless every message sent was confirmed.
+/// unless every message was confirmed. After a failure whose outcome is unknown the
+/// requests not answered yet are sent again (same numbers) on a new stream.
 async fn publish_stream(
     mut client: MessagingClient<Channel>,
     ctx: &Ctx,
     args: &PublishArgs,
     request: pb::PublishRequest,
     template: pb::Message,
+    mut retries: Retries,
 ) -> Result<(), CliError> {
-    let status = |s: tonic::Status| CliError::from_status(s, &ctx.addr);
-    // Messages (lines of stdin, or generated) are made on a blocking thread and sent in
-    // batches over one stream; the server confirms each batch in order.
+    // Messages (lines of stdin, or generated) are made on a blocking thread in
+    // numbered requests; the server confirms each request in order.
     let (tx, rx) = mpsc::channel::<pb::PublishRequest>(16);
     let batch_max = args.batch_messages_max;
     let generate = args.count.map(|count| (args.data.clone(), count));
     let reader =
         tokio::task::spawn_blocking(move || send_batches(message_data(generate), &request, &template, batch_max, &tx));
-    let (requests, handed) = Handed::count(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let mut responses = client.publish_stream(requests).await.map_err(status)?.into_inner();
-    let (mut published, mut confirmed_batches) = (0u64, 0u64);
+    let mut stream = Stream { source: rx, exhausted: false, pending: VecDeque::new(), published: 0 };
     loop {
-        match responses.message().await {
-            Ok(Some(r)) => {
-                published += u64::from(r.count);
-                confirmed_batches += 1;
-            }
-            Ok(None) => break,
-            Err(s) => {
-                eprintln!("{{\"ok\": false, \"published\": {published}}}");
-                let (batches, messages) = handed.get();
-                return Err(status(s).publish_stream_failed(
-                    published,
-                    batches.saturating_sub(confirmed_batches),
-                    messages.saturating_sub(published),
-                ));
+        match stream.once(&mut client, ctx, &mut retries).await {
+            Ok(()) => break,
+            Err(e) => {
+                if let Err(e) = retries.after(e).await {
+                    eprintln!("{{\"ok\": false, \"published\": {}}}", stream.published);
+                    return Err(e);
+                }
             }
         }
     }
+    let published = stream.published;
     let sent = reader
         .await
         .map_err(|e| CliError::Failed(e.to_string()))?
@@ -132,6 +216,86 @@ async fn publish_stream(
     }
     println!("{{\"ok\": true, \"published\": {published}}}");
     Ok(())
+}
+
+/// The requests of a publish stream: made by the reader, sent, answered.
+struct Stream {
+    source: mpsc::Receiver<pb::PublishRequest>,
+    /// The reader made its last request.
+    exhausted: bool,
+    /// Sent (or about to be) and not answered yet, oldest first.
+    pending: VecDeque<pb::PublishRequest>,
+    /// Messages confirmed.
+    published: u64,
+}
+
+impl Stream {
+    /// One gRPC stream: the pending requests again, then new ones as answers make room.
+    /// `Ok` once every request is answered.
+    async fn once(
+        &mut self,
+        client: &mut MessagingClient<Channel>,
+        ctx: &Ctx,
+        retries: &mut Retries,
+    ) -> Result<(), CliError> {
+        // The broker answers the call once it has the first request.
+        if self.pending.is_empty() {
+            match self.source.recv().await {
+                Some(r) => self.pending.push_back(r),
+                None => return Ok(()),
+            }
+        }
+        let (tx, rx) = mpsc::channel::<pb::PublishRequest>(STREAM_IN_FLIGHT_MAX);
+        for r in &self.pending {
+            tx.try_send(r.clone()).map_err(|e| CliError::Failed(format!("queueing a request: {e}")))?;
+        }
+        let mut tx = Some(tx);
+        let failed = |s: tonic::Status, me: &Self| {
+            let messages: u64 = me.pending.iter().map(|r| r.messages.len() as u64).sum();
+            CliError::from_status(s, &ctx.addr).publish_stream_failed(me.published, me.pending.len() as u64, messages)
+        };
+        let mut answers = match client.publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+            Ok(a) => a.into_inner(),
+            Err(s) => return Err(failed(s, self)),
+        };
+        loop {
+            let room = tx.is_some() && self.pending.len() < STREAM_IN_FLIGHT_MAX;
+            tokio::select! {
+                next = self.source.recv(), if room && !self.exhausted => match next {
+                    Some(r) => {
+                        self.pending.push_back(r.clone());
+                        if let Some(t) = &tx {
+                            // Never full: it holds at most the pending requests.
+                            let _ = t.try_send(r);
+                        }
+                    }
+                    // Nothing more to send: the broker ends the stream after the last answer.
+                    None => {
+                        self.exhausted = true;
+                        tx = None;
+                    }
+                },
+                answer = answers.message() => match answer {
+                    Ok(Some(r)) => {
+                        self.pending.pop_front();
+                        self.published += u64::from(r.count) + u64::from(r.stored_before);
+                        retries.progress();
+                        if self.exhausted && self.pending.is_empty() {
+                            return Ok(());
+                        }
+                    }
+                    Ok(None) if self.exhausted && self.pending.is_empty() => return Ok(()),
+                    Ok(None) => {
+                        return Err(CliError::OutcomeUnknown {
+                            code: "Unknown".into(),
+                            message: format!("the stream ended with {} requests unanswered", self.pending.len()),
+                        })
+                    }
+                    Err(s) => return Err(failed(s, self)),
+                },
+            }
+        }
+    }
 }
 
 /// The data of the messages to publish: DATA `count` times with `{n}` replaced by
@@ -149,8 +313,10 @@ fn message_data(generate: Option<(String, u64)>) -> Box<dyn Iterator<Item = Resu
     }
 }
 
-/// Sends messages with `data` in requests of at most `batch_max` (blocking); returns
-/// how many were sent before the stream went away.
+/// Sends messages with `data` in requests of at most `batch_max`, numbered 1, 2, ...
+/// (blocking); returns how many were sent before the stream went away. The numbering
+/// only depends on the input and `batch_max`, so a run repeated with the same
+/// --producer-id numbers its requests the same way.
 fn send_batches(
     data: impl Iterator<Item = Result<Vec<u8>, String>>,
     request: &pb::PublishRequest,
@@ -160,49 +326,24 @@ fn send_batches(
 ) -> Result<u64, String> {
     let mut batch = Vec::with_capacity(batch_max);
     let mut sent = 0u64;
+    let mut sequence = 0u64;
     for data in data {
         batch.push(pb::Message { data: data?.into(), ..template.clone() });
         if batch.len() >= batch_max {
             sent += batch.len() as u64;
+            sequence += 1;
             let messages = std::mem::take(&mut batch);
-            if tx.blocking_send(pb::PublishRequest { messages, ..request.clone() }).is_err() {
+            if tx.blocking_send(pb::PublishRequest { messages, sequence, ..request.clone() }).is_err() {
                 return Ok(sent);
             }
         }
     }
     if !batch.is_empty() {
         sent += batch.len() as u64;
-        let _ = tx.blocking_send(pb::PublishRequest { messages: batch, ..request.clone() });
+        sequence += 1;
+        let _ = tx.blocking_send(pb::PublishRequest { messages: batch, sequence, ..request.clone() });
     }
     Ok(sent)
-}
-
-/// What a publish stream handed to the transport: sent, or about to be, so their
-/// outcome is the broker's to tell.
-#[derive(Default)]
-struct Handed {
-    requests: AtomicU64,
-    messages: AtomicU64,
-}
-
-impl Handed {
-    /// `requests`, counted as the transport takes them.
-    fn count(
-        requests: impl futures::Stream<Item = pb::PublishRequest>,
-    ) -> (impl futures::Stream<Item = pb::PublishRequest>, Arc<Handed>) {
-        let handed = Arc::new(Handed::default());
-        let counter = handed.clone();
-        let requests = futures::StreamExt::inspect(requests, move |r| {
-            counter.requests.fetch_add(1, Ordering::Relaxed);
-            counter.messages.fetch_add(r.messages.len() as u64, Ordering::Relaxed);
-        });
-        (requests, handed)
-    }
-
-    /// (requests, messages) handed so far.
-    fn get(&self) -> (u64, u64) {
-        (self.requests.load(Ordering::Relaxed), self.messages.load(Ordering::Relaxed))
-    }
 }
 
 /// The JSON line printed for one received message.

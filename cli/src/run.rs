@@ -65,6 +65,9 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
         write_queue_max_bytes: args.write_queue_max_bytes,
         offsets_commit_interval_ms: args.offsets_commit_interval_ms,
         rereplicate_after_ms: args.rereplicate_after_ms,
+        dedupe_window_ms: args.dedupe_window_ms,
+        dedupe_window_entries_max: args.dedupe_window_entries_max,
+        dedupe_rebuild_read_max_bytes: args.dedupe_rebuild_read_max_bytes,
         disk_watermark: eventtermq_broker::disk::Watermark {
             free_min_bytes: args.disk_free_min_bytes,
             free_min_percent: args.disk_free_min_percent,

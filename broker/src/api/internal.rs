@@ -1,5 +1,6 @@
 //! The `eventter.internal.v1.Internal` service: Raft RPCs, forwarded writes, read
-//! index, gossip full-state sync and leadership hand-over. Only nodes call it.
+//! index, gossip full-state sync and leadership hand-over, replication, segment
+//! status, reads and duplicate windows. Only nodes call it.
 
 use std::pin::Pin;
 
@@ -107,6 +108,14 @@ impl Internal for InternalService {
     async fn segment_status(&self, req: Request<ipb::SegmentStatusRequest>) -> Reply<ipb::SegmentStatusResponse> {
         let req = req.into_inner();
         Ok(Response::new(replica::status(&self.segments, req.segment_id, req.freeze).await?))
+    }
+
+    async fn dedupe_window(&self, req: Request<ipb::DedupeWindowRequest>) -> Reply<ipb::DedupeWindowResponse> {
+        let kept = self.segments.kept_window(req.into_inner().segment_id);
+        Ok(Response::new(ipb::DedupeWindowResponse {
+            known: kept.is_some(),
+            entries: kept.iter().flat_map(|k| k.iter()).map(crate::replication::window::to_wire).collect(),
+        }))
     }
 
     async fn read_segment(&self, req: Request<ipb::ReadSegmentRequest>) -> Reply<ipb::ReadSegmentResponse> {

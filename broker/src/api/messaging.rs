@@ -17,6 +17,7 @@ use crate::consumer_groups::{Groups, Located};
 use crate::error::{ErrorCode, RequestError};
 use crate::metrics::{self, FOLDED};
 use crate::peers::{hops, Peers, Relayed};
+use crate::replication::dedupe::Key;
 use crate::replication::Segments;
 
 pub struct MessagingService {
@@ -69,7 +70,12 @@ async fn publish_one(
     let namespace = namespace_of(&req.namespace)?;
     validate::name("topic", &req.topic)?;
     let p = persistence(req.persistence)?;
-    segments.publish(&namespace, &req.topic, &req.messages, p, hops).await
+    segments.publish(&namespace, &req.topic, &req.messages, p, key(&req), hops).await
+}
+
+/// The producer id and sequence of an exactly-once publish (producer id 0: none).
+fn key(req: &pb::PublishRequest) -> Option<Key> {
+    (req.producer_id != 0).then_some(Key { producer: req.producer_id, sequence: req.sequence })
 }
 
 /// [`publish_one`], counted in the metrics. Each publish is counted once, on the node
@@ -133,7 +139,8 @@ impl Messaging for MessagingService {
         validate::name("topic", &first.topic)?;
         // A stream whose topic's primary is elsewhere is relayed there whole, so its
         // messages keep their order.
-        if let Some(addr) = self.segments.stream_target(&namespace, &first.topic, hops) {
+        let producer = key(&first).map(|k| k.producer);
+        if let Some(addr) = self.segments.stream_target(&namespace, &first.topic, producer, hops) {
             let head = futures::stream::once(std::future::ready(Ok(first)));
             let (tx, rx) = mpsc::channel::<pb::PublishRequest>(PUBLISH_STREAM_IN_FLIGHT_MAX);
             let first_req = head.chain(inbound);

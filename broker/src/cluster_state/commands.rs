@@ -116,6 +116,13 @@ pub enum Command {
         group: String,
         offsets: std::collections::BTreeMap<SegmentId, u64>,
     },
+    /// `command`, identified: applied once; a repeat of the same `id` (a write retried
+    /// after its outcome was unknown, maybe through another node) changes nothing and
+    /// answers as the first did, index included ([`ClusterState::apply_at`]).
+    Once {
+        id: RequestId,
+        command: Box<Command>,
+    },
 }
 
 /// What applying a command returned: the log index it was applied at, and whether it
@@ -127,8 +134,33 @@ pub struct CommandResponse {
 }
 
 impl ClusterState {
-    /// Applies `cmd`. On error nothing is changed.
+    /// Applies the log entry `cmd` at `index` and answers it: an identified command
+    /// seen before answers as it did then (its index and outcome) and changes nothing;
+    /// one seen first is applied and its answer remembered ([`AppliedRequests`]).
+    pub fn apply_at(&mut self, index: u64, cmd: &Command) -> CommandResponse {
+        let Command::Once { id, command } = cmd else {
+            return CommandResponse { index, result: self.apply(cmd) };
+        };
+        if let Some((first, result)) = self.applied_requests.get(id) {
+            return CommandResponse { index: *first, result: result.clone() };
+        }
+        let result = self.apply(command);
+        self.applied_requests.record(*id, index, result.clone());
+        CommandResponse { index, result }
+    }
+
+    /// How an identified write already applied was answered, if it was.
+    pub fn answered(&self, cmd: &Command) -> Option<CommandResponse> {
+        let Command::Once { id, .. } = cmd else { return None };
+        self.applied_requests.get(id).map(|(index, result)| CommandResponse { index: *index, result: result.clone() })
+    }
+
+    /// Applies `cmd` (an identified one without remembering it: see
+    /// [`ClusterState::apply_at`]). On error nothing is changed.
     pub fn apply(&mut self, cmd: &Command) -> Result<(), RequestError> {
+        if let Command::Once { command, .. } = cmd {
+            return self.apply(command);
+        }
         self.check(cmd)?;
         match cmd {
             Command::CreateNamespace { name } => {
@@ -186,6 +218,7 @@ impl ClusterState {
             | Command::SetSegmentReplicas { .. }
             | Command::DeleteSegments { .. } => self.apply_segment_change(cmd),
             Command::AssignGroup { .. } | Command::CommitOffsets { .. } => self.apply_group_runtime(cmd),
+            Command::Once { .. } => {}
         }
         Ok(())
     }
@@ -294,6 +327,12 @@ impl ClusterState {
     /// before proposing, so a rejected request does not even take a log index.
     pub fn check(&self, cmd: &Command) -> Result<(), RequestError> {
         match cmd {
+            // A repeat is answered, not applied again.
+            Command::Once { id, .. } if self.applied_requests.get(id).is_some() => Ok(()),
+            Command::Once { command, .. } if matches!(**command, Command::Once { .. }) => {
+                Err(RequestError::new(ErrorCode::InvalidArgument, "command: an identified command inside another"))
+            }
+            Command::Once { command, .. } => self.check(command),
             Command::CreateNamespace { name } => validate::name("name", name),
             Command::DeleteNamespace { name, cascade } => self.check_delete_namespace(name, *cascade),
             Command::CreateTopic { namespace, name, spec } => self.check_create_topic(namespace, name, spec),
@@ -572,6 +611,54 @@ mod tests {
         assert_eq!(s.segments[&id].done, vec![2, 1]);
         let missing = Command::SegmentLost { id: id + 1, node: 1 };
         assert_eq!(s.apply(&missing).unwrap_err().code, ErrorCode::SegmentNotFound);
+    }
+
+    #[test]
+    fn an_identified_write_applies_once_and_repeats_answer_as_the_first_did() {
+        let mut s = ClusterState::new_cluster();
+        s.apply(&create_topic("default", "t", topic(1))).unwrap();
+        let once = |nonce, command| Command::Once { id: RequestId { node: 1, nonce }, command: Box::new(command) };
+        let delete = Command::DeleteTopic { namespace: "default".into(), name: "t".into() };
+        assert_eq!(s.apply_at(5, &once(1, delete.clone())), CommandResponse { index: 5, result: Ok(()) });
+        // The retry after an unknown outcome: answered as the first attempt, not NotFound.
+        assert!(s.check(&once(1, delete.clone())).is_ok());
+        let before = s.clone();
+        assert_eq!(s.apply_at(9, &once(1, delete.clone())), CommandResponse { index: 5, result: Ok(()) });
+        assert_eq!(s, before, "a repeat changes nothing");
+        assert_eq!(s.answered(&once(1, delete.clone())), Some(CommandResponse { index: 5, result: Ok(()) }));
+        // Another write of the same command is a new request.
+        let r = s.apply_at(10, &once(2, delete.clone()));
+        assert_eq!((r.index, r.result.unwrap_err().code), (10, ErrorCode::TopicNotFound));
+        assert_eq!(s.apply_at(11, &once(2, delete)).result.unwrap_err().code, ErrorCode::TopicNotFound, "as first");
+        let nested = once(3, once(4, Command::CreateNamespace { name: "n".into() }));
+        assert_eq!(s.check(&nested).unwrap_err().code, ErrorCode::InvalidArgument);
+    }
+
+    #[test]
+    fn the_table_of_answers_is_bounded_and_survives_a_snapshot() {
+        let mut s = ClusterState::new_cluster();
+        let create = |nonce: u64| Command::Once {
+            id: RequestId { node: 1, nonce },
+            command: Box::new(Command::CreateNamespace { name: format!("n{}", nonce % 3) }),
+        };
+        let total = APPLIED_REQUESTS_MAX as u64 + 10;
+        for nonce in 0..total {
+            s.apply_at(nonce + 1, &create(nonce));
+        }
+        assert_eq!(s.applied_requests.len(), APPLIED_REQUESTS_MAX);
+        assert_eq!(s.answered(&create(9)), None, "the oldest are forgotten");
+        assert_eq!(s.answered(&create(10)).map(|r| r.index), Some(11));
+        let json = serde_json::to_string(&s).unwrap();
+        let back: ClusterState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        let mut again = back.clone();
+        again.apply_at(total + 1, &create(total));
+        assert_eq!(again.answered(&create(10)), None, "the same order after a snapshot");
+        // A snapshot of a version without the table loads with an empty one.
+        let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+        old.as_object_mut().unwrap().remove("applied_requests");
+        let old: ClusterState = serde_json::from_value(old).unwrap();
+        assert!(old.applied_requests.is_empty());
     }
 
     #[test]

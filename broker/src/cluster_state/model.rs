@@ -1,9 +1,11 @@
 //! Types of the cluster state. Serialized into Raft snapshots, so field changes must
 //! stay backward compatible (add fields with `#[serde(default)]`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
+
+use crate::error::RequestError;
 
 pub type NodeId = u64;
 
@@ -23,11 +25,92 @@ pub struct ClusterState {
     /// Where each consumer group runs and how far it got, by namespace then group.
     #[serde(default)]
     pub groups: BTreeMap<String, BTreeMap<String, GroupRuntime>>,
+    /// Answers of the newest identified writes (`Command::Once`), so that a write
+    /// retried after its outcome was unknown answers as its first attempt did.
+    #[serde(default)]
+    pub applied_requests: AppliedRequests,
     /// Nodes whose data directory has less free space than their watermark, as each
     /// reported it when it crossed: they take no new segment data (placement leaves
     /// them out, their segments rotate away) until they report space again.
     #[serde(default)]
     pub disk_low: BTreeMap<NodeId, DiskLow>,
+}
+
+/// Identity of one cluster-state write, picked (at random) by the node that first
+/// proposes it and kept across that node's retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RequestId {
+    pub node: NodeId,
+    pub nonce: u64,
+}
+
+/// Identified writes remembered at most: the oldest is forgotten first. A write is
+/// retried for at most `--request-timeout-ms` (10 s); this covers that at about 1,000
+/// writes a second (the create-topic benchmark's rate), and keeps snapshots under
+/// about 1 MB of it.
+pub const APPLIED_REQUESTS_MAX: usize = 10_000;
+
+/// The answers of identified writes, newest last, at most [`APPLIED_REQUESTS_MAX`].
+/// Part of the state (and of snapshots), so every node answers a repeat the same way.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Vec<AppliedRequest>", into = "Vec<AppliedRequest>")]
+pub struct AppliedRequests {
+    order: VecDeque<RequestId>,
+    answers: HashMap<RequestId, (u64, Result<(), RequestError>)>,
+}
+
+/// One remembered write: the log index it was applied at and its outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedRequest {
+    pub id: RequestId,
+    pub index: u64,
+    pub result: Result<(), RequestError>,
+}
+
+impl AppliedRequests {
+    /// How the write `id` was answered, if it is remembered.
+    pub fn get(&self, id: &RequestId) -> Option<&(u64, Result<(), RequestError>)> {
+        self.answers.get(id)
+    }
+
+    /// Remembers the answer of `id`, forgetting the oldest beyond the bound.
+    pub fn record(&mut self, id: RequestId, index: u64, result: Result<(), RequestError>) {
+        if self.answers.insert(id, (index, result)).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > APPLIED_REQUESTS_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.answers.remove(&old);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
+impl From<Vec<AppliedRequest>> for AppliedRequests {
+    fn from(all: Vec<AppliedRequest>) -> Self {
+        let mut r = AppliedRequests::default();
+        for a in all {
+            r.record(a.id, a.index, a.result);
+        }
+        r
+    }
+}
+
+impl From<AppliedRequests> for Vec<AppliedRequest> {
+    fn from(mut r: AppliedRequests) -> Self {
+        r.order
+            .iter()
+            .filter_map(|id| r.answers.remove(id).map(|(index, result)| AppliedRequest { id: *id, index, result }))
+            .collect()
+    }
 }
 
 /// What a node below its free-space watermark reported when it crossed it.

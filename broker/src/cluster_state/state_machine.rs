@@ -300,15 +300,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         for entry in entries {
             let index = entry.log_id.index;
             applied.last_applied = Some(entry.log_id);
-            let result = match entry.payload {
-                EntryPayload::Blank => Ok(()),
-                EntryPayload::Normal(cmd) => applied.state.apply(&cmd),
+            let response = match entry.payload {
+                EntryPayload::Blank => CommandResponse { index, result: Ok(()) },
+                EntryPayload::Normal(cmd) => applied.state.apply_at(index, &cmd),
                 EntryPayload::Membership(m) => {
                     applied.membership = StoredMembership::new(Some(entry.log_id), m);
-                    Ok(())
+                    CommandResponse { index, result: Ok(()) }
                 }
             };
-            responses.push(CommandResponse { index, result });
+            responses.push(response);
         }
         Ok(responses)
     }

@@ -5,8 +5,8 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use eventtermq_proto::internal::v1::{
-    internal_client::InternalClient, ReadSegmentRequest, ReadSegmentResponse, ReplicateRequest, ReplicateResponse,
-    SegmentStatusRequest, SegmentStatusResponse,
+    internal_client::InternalClient, DedupeEntry, DedupeWindowRequest, ReadSegmentRequest, ReadSegmentResponse,
+    ReplicateRequest, ReplicateResponse, SegmentStatusRequest, SegmentStatusResponse,
 };
 use eventtermq_proto::v1::{
     admin_client::AdminClient, messaging_client::MessagingClient, AckRequest, Delivery, DescribeConsumerGroupsRequest,
@@ -68,6 +68,23 @@ impl Peers {
         let req = with_timeout(tonic::Request::new(SegmentStatusRequest { segment_id, freeze }), timeout);
         let reply = client.segment_status(req).await.map_err(|s| PeerError::from_status(Peer::node(node, addr), s))?;
         Ok(reply.into_inner())
+    }
+
+    /// The duplicate window `node` kept of closed segment `segment_id`, which it was
+    /// primary of; `None` when it does not have it.
+    pub async fn dedupe_window(
+        &self,
+        node: NodeId,
+        addr: &str,
+        segment_id: SegmentId,
+    ) -> Result<Option<Vec<DedupeEntry>>, PeerError> {
+        let timeout = Duration::from_millis(self.timeouts().segment_status_ms);
+        // A full window is bigger than tonic's default 4 MiB limit.
+        let mut client = InternalClient::new(self.channel(addr)).max_decoding_message_size(usize::MAX);
+        let req = with_timeout(tonic::Request::new(DedupeWindowRequest { segment_id }), timeout);
+        let reply = client.dedupe_window(req).await.map_err(|s| PeerError::from_status(Peer::node(node, addr), s))?;
+        let reply = reply.into_inner();
+        Ok(reply.known.then_some(reply.entries))
     }
 
     /// Reads records of a segment `node` holds, waiting up to `wait` there for records

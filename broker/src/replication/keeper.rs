@@ -125,6 +125,7 @@ impl Keeper {
                 }
             }
         }
+        self.segments.prune_kept_windows();
         let known: HashSet<SegmentId> = snapshot.iter().map(|(id, _)| *id).collect();
         for (id, seg) in snapshot {
             if seg.is_open() {

@@ -14,18 +14,22 @@
 //!   groups.
 //! - [`read`]: reading a segment from wherever a readable copy is.
 //! - [`publish`]: routing a publish to the primary of an open segment.
+//! - [`dedupe`], [`window`]: exactly-once publishing: the primary's duplicate window (a
+//!   pure core) and how it passes from one generation of a shard to the next.
 //!
 //! Why a primary per segment and not Raft per message: Raft orders the cluster state
 //! (rare, small writes); messages are many and large, and only need the order of their
 //! own segment. The Raft leader decides who holds what; primaries move the bytes.
 
 pub mod confirm;
+pub mod dedupe;
 pub mod keeper;
 pub mod placement;
 pub mod primary;
 pub mod publish;
 pub mod read;
 pub mod replica;
+pub mod window;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -71,6 +75,9 @@ struct Inner {
     corrupt_kept: Mutex<std::collections::HashSet<SegmentId>>,
     /// Cancelled when the node stops: every task [`Segments::spawn`] started ends.
     tasks_stop: tokio_util::sync::CancellationToken,
+    /// Duplicate windows of closed segments this node was primary of, for the
+    /// shard's next generation (one per shard).
+    kept_windows: Mutex<window::KeptWindows>,
 }
 
 impl Segments {
@@ -90,6 +97,7 @@ impl Segments {
                 frozen: Mutex::default(),
                 corrupt_kept: Mutex::default(),
                 tasks_stop: tokio_util::sync::CancellationToken::new(),
+                kept_windows: Mutex::default(),
             }),
         }
     }

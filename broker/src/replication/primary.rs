@@ -13,16 +13,20 @@
 //! records below the quorum offset, so a fail-over (which keeps the longest log among a
 //! set of replicas that intersects every quorum) never takes back what a consumer saw.
 //!
-//! What is confirmed when is decided by the pure [`Confirmations`] core; this module is
-//! the driver around it: the queue, the file, the fsync and the replica streams.
+//! What is confirmed when is decided by the pure [`Confirmations`] core, and which keyed
+//! publish is a repeat by the pure duplicate [`Window`] (exactly-once publishing; the
+//! window is loaded from the shard's previous generation by [`super::window`] before
+//! the first keyed publish is taken, while unkeyed ones flow); this module is the
+//! driver around them: the queue, the file, the fsync and the replica streams.
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use eventtermq_proto::internal::v1::ReplicateRequest;
+use eventtermq_proto::internal::v1::{PublishKey, ReplicateRequest};
 use eventtermq_storage::{SegmentReader, StorageError, Syncer};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -30,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::confirm::Confirmations;
 pub use super::confirm::Durability;
+use super::dedupe::{encode_key, Begin, Key, Stored, Window};
 use super::{lock, storage_error, Segments, SharedWriter};
 use crate::cluster_state::{Command, NodeId, SegmentId};
 use crate::error::{ErrorCode, RequestError};
@@ -38,6 +43,8 @@ use crate::metrics::SegmentProgress;
 struct AppendRequest {
     payloads: Vec<Bytes>,
     durability: Durability,
+    /// Producer id and sequence of an exactly-once publish.
+    key: Option<Key>,
     reply: Reply,
     /// Holds a share of the primary's write queue until the publish is answered.
     _permit: OwnedSemaphorePermit,
@@ -80,16 +87,47 @@ const STREAM_RETRY_MAX: Duration = Duration::from_secs(1);
 /// Replication messages in flight to one replica; the stream waits beyond.
 const STREAM_IN_FLIGHT_MAX: usize = 8;
 
+/// Where a publish's messages are, as its answer says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub segment_id: SegmentId,
+    pub first_offset: u64,
+    pub count: u32,
+    /// Messages of the request an earlier attempt stored in an earlier generation.
+    pub stored_before: u32,
+    /// The answer of an earlier attempt with the same key: nothing was stored now.
+    pub duplicate: bool,
+}
+
+impl Appended {
+    fn of(stored: Stored, duplicate: bool) -> Self {
+        Appended {
+            segment_id: stored.segment,
+            first_offset: stored.first_offset,
+            count: stored.count,
+            stored_before: stored.stored_before,
+            duplicate,
+        }
+    }
+}
+
 impl PrimaryHandle {
-    /// Appends `payloads` as consecutive records; returns their offsets once they are
-    /// as durable as asked. `NotPrimary` means the segment is closing: publish again.
-    pub async fn append(&self, payloads: Vec<Bytes>, durability: Durability) -> Result<Range<u64>, RequestError> {
+    /// Appends `payloads` as consecutive records; answers where they are once they are
+    /// as durable as asked. With a `key`, a request this shard stored before (within
+    /// the duplicate window) is answered as it was then and not stored again.
+    /// `NotPrimary` means the segment is closing: publish again.
+    pub async fn append(
+        &self,
+        payloads: Vec<Bytes>,
+        durability: Durability,
+        key: Option<Key>,
+    ) -> Result<Appended, RequestError> {
         let bytes: usize = payloads.iter().map(Bytes::len).sum();
         let units = (bytes.div_ceil(QUEUE_UNIT_BYTES)).clamp(1, u32::MAX as usize) as u32;
         let units = units.min(self.queue_units);
         let permit = self.queue.clone().acquire_many_owned(units).await.map_err(|_| closing(self.id))?;
         let (reply, rx) = oneshot::channel();
-        let req = AppendRequest { payloads, durability, reply, _permit: permit };
+        let req = AppendRequest { payloads, durability, key, reply, _permit: permit };
         self.tx.send(req).await.map_err(|_| closing(self.id))?;
         rx.await.map_err(|_| closing(self.id))?
     }
@@ -160,6 +198,8 @@ pub fn start(
         rx,
         confirmed_tx,
         last_timestamp_ms: 0,
+        window: None,
+        held: VecDeque::new(),
         rotate: rotate.clone(),
         quorum_disk_low: quorum_disk_low.clone(),
         progress: progress.clone(),
@@ -190,13 +230,25 @@ struct Task {
     rx: mpsc::Receiver<AppendRequest>,
     confirmed_tx: watch::Sender<u64>,
     last_timestamp_ms: i64,
+    /// The duplicate window of exactly-once publishes; `None` until loaded.
+    window: Option<Window<Reply>>,
+    /// Keyed publishes taken before the window was loaded, in order.
+    held: VecDeque<AppendRequest>,
     rotate: CancellationToken,
     quorum_disk_low: Arc<AtomicBool>,
     progress: Arc<SegmentProgress>,
     stop: CancellationToken,
 }
 
-type Reply = oneshot::Sender<Result<Range<u64>, RequestError>>;
+type Reply = oneshot::Sender<Result<Appended, RequestError>>;
+
+/// A publish the [`Confirmations`] core holds until it is as durable as asked.
+struct Waiting {
+    reply: Reply,
+    key: Option<Key>,
+    /// Messages of the request an earlier generation stored (see [`Appended`]).
+    stored_before: u32,
+}
 
 /// The one fsync of this segment's file in flight at a time (on the blocking pool).
 struct Fsync {
@@ -257,17 +309,24 @@ async fn run(mut t: Task) {
     let mut core = Confirmations::new(me, &t.replicas, t.quorum, written);
     let (written_tx, written_rx) = watch::channel(written);
     let (ack_tx, mut ack_rx) = mpsc::channel::<Ack>(ACK_QUEUE_MAX);
-    let streams = t.stop.child_token();
-    for node in t.replicas.iter().copied().filter(|n| *n != me) {
-        let stream = ReplicaStream { segments: t.segments.clone(), id, node, reader: t.reader.clone() };
-        t.segments.spawn(stream.run(written_rx.clone(), ack_tx.clone(), streams.clone()));
-    }
+    let streams = t.start_streams(written_rx, ack_tx);
     let mut fsync = Fsync::new(syncer, written, &t.segments);
     let mut rotating = false;
+    // Exactly-once publishing: the window of the shard's previous generations, loaded
+    // (handed over or rebuilt) while unkeyed publishes flow; keyed ones wait in `held`.
+    let dedupe = t.segments.settings().dedupe_window_ms > 0;
+    let mut loading = std::pin::pin!(super::window::load(t.segments.clone(), id));
     let failure = loop {
         tokio::select! {
             biased;
             _ = t.stop.cancelled() => break None,
+            w = &mut loading, if dedupe && t.window.is_none() => {
+                match t.window_loaded(w, rotating, &mut core, &mut fsync) {
+                    Ok(full) => rotating |= full,
+                    Err(e) => break Some(e),
+                }
+                written_tx.send_if_modified(|w| std::mem::replace(w, core.written()) != core.written());
+            }
             _ = t.rotate.cancelled(), if !rotating => {
                 tracing::info!(segment_id = id, "closing the segment so that its successor gets every replica");
                 rotating = true;
@@ -279,30 +338,19 @@ async fn run(mut t: Task) {
             Some(ack) = ack_rx.recv() => core.replica_durable(ack.node, ack.durable, ack.fresh),
             req = t.rx.recv(), if !rotating || t.quorum_disk_low.load(Ordering::Relaxed) => {
                 let Some(first) = req else { break None };
-                if rotating {
-                    // Closing, but too few replicas have disk space to confirm what was
-                    // written, so it may take long: refuse rather than keep it waiting.
-                    let _ = first.reply.send(Err(t.quorum_disk_refusal()));
-                    continue;
-                }
-                match t.append_batch(first, &mut core, &mut fsync) {
+                match t.take(first, rotating, &mut core, &mut fsync) {
                     Ok(full) => rotating |= full,
                     Err(e) => break Some(e),
                 }
                 let _ = written_tx.send(core.written());
             }
         }
-        if core.needs_fsync() {
-            fsync.start_if_idle(core.durable_here());
-        }
-        for (reply, range) in core.take_confirmed() {
-            let _ = reply.send(Ok(range));
-        }
-        // Readers may already have seen records up to the old value: only forward.
-        t.confirmed_tx.send_if_modified(|c| std::mem::replace(c, core.confirmed()) != core.confirmed());
-        t.progress.store(core.written(), core.confirmed(), |n| core.durable_on(n));
+        t.after_event(&mut core, &mut fsync);
         if rotating && core.settled() {
             streams.cancel();
+            // Before the close is proposed: the next generation's primary may ask for
+            // the window as soon as the close is applied.
+            t.keep_window();
             let size = lock(&t.writer).size_bytes();
             close(&t.segments, id, core.written(), size, &t.stop).await;
             break None;
@@ -316,18 +364,87 @@ async fn run(mut t: Task) {
 }
 
 impl Task {
-    /// Takes `first` and whatever else is queued (up to `write_batch_max_bytes`) into
-    /// one write, starts its fsync at once (the longest step), and hands the batch to
-    /// the core. `Ok(true)`: the segment is full.
-    fn append_batch(
+    /// Starts a stream to every other replica; cancelling the token ends them.
+    fn start_streams(&self, written: watch::Receiver<u64>, acks: mpsc::Sender<Ack>) -> CancellationToken {
+        let me = self.segments.cluster().id;
+        let streams = self.stop.child_token();
+        for node in self.replicas.iter().copied().filter(|n| *n != me) {
+            let stream =
+                ReplicaStream { segments: self.segments.clone(), id: self.id, node, reader: self.reader.clone() };
+            self.segments.spawn(stream.run(written.clone(), acks.clone(), streams.clone()));
+        }
+        streams
+    }
+
+    /// The duplicate window is loaded: the keyed publishes held meanwhile are taken
+    /// now, or (`rotating`: closing) go to the successor as those still queued do.
+    /// `Ok(true)`: the segment is full.
+    fn window_loaded(
+        &mut self,
+        window: Window<Reply>,
+        rotating: bool,
+        core: &mut Confirmations<Waiting>,
+        fsync: &mut Fsync,
+    ) -> Result<bool, RequestError> {
+        self.window = Some(window);
+        let held: Vec<AppendRequest> = self.held.drain(..).collect();
+        if rotating {
+            for r in held {
+                let _ = r.reply.send(Err(closing(self.id)));
+            }
+            return Ok(false);
+        }
+        if held.is_empty() {
+            return Ok(false);
+        }
+        self.append_batch(held, core, fsync)
+    }
+
+    /// A publish from the queue: written with whatever else is queued, or, while the
+    /// segment is closing because too few replicas have disk space to confirm what was
+    /// written (which may take long), refused rather than kept waiting.
+    fn take(
         &mut self,
         first: AppendRequest,
-        core: &mut Confirmations<Reply>,
+        rotating: bool,
+        core: &mut Confirmations<Waiting>,
+        fsync: &mut Fsync,
+    ) -> Result<bool, RequestError> {
+        if rotating {
+            let _ = first.reply.send(Err(self.quorum_disk_refusal()));
+            return Ok(false);
+        }
+        self.append_batch(vec![first], core, fsync)
+    }
+
+    /// After every event: fsync what needs it, answer what is confirmed, and let
+    /// readers see the new confirmed end.
+    fn after_event(&mut self, core: &mut Confirmations<Waiting>, fsync: &mut Fsync) {
+        if core.needs_fsync() {
+            fsync.start_if_idle(core.durable_here());
+        }
+        for (waiting, range) in core.take_confirmed() {
+            self.answer(waiting, range);
+        }
+        // Readers may already have seen records up to the old value: only forward.
+        self.confirmed_tx.send_if_modified(|c| std::mem::replace(c, core.confirmed()) != core.confirmed());
+        self.progress.store(core.written(), core.confirmed(), |n| core.durable_on(n));
+    }
+
+    /// Takes `first` and whatever else is queued (up to `write_batch_max_bytes`) into
+    /// one write, starts its fsync at once (the longest step), and hands the batch to
+    /// the core. Keyed publishes go through the duplicate window first: a repeat is
+    /// answered (or waits for its first attempt) instead of being written. `Ok(true)`:
+    /// the segment is full.
+    fn append_batch(
+        &mut self,
+        first: Vec<AppendRequest>,
+        core: &mut Confirmations<Waiting>,
         fsync: &mut Fsync,
     ) -> Result<bool, RequestError> {
         let batch_max = self.segments.settings().write_batch_max_bytes;
-        let mut bytes: usize = first.payloads.iter().map(Bytes::len).sum();
-        let mut batch = vec![first];
+        let mut bytes: usize = first.iter().flat_map(|r| &r.payloads).map(Bytes::len).sum();
+        let mut batch = first;
         while bytes < batch_max {
             let Ok(r) = self.rx.try_recv() else { break };
             bytes += r.payloads.iter().map(Bytes::len).sum::<usize>();
@@ -343,7 +460,11 @@ impl Task {
         // Timestamps never go backwards within a segment, so a time look-up can bisect.
         let ts = self.segments.clock().now_unix_ms().max(self.last_timestamp_ms);
         self.last_timestamp_ms = ts;
-        let payloads: Vec<Bytes> = batch.iter().flat_map(|r| r.payloads.iter().cloned()).collect();
+        let writes = self.deduplicate(batch, ts);
+        if writes.is_empty() {
+            return Ok(false);
+        }
+        let payloads: Vec<Bytes> = writes.iter().flat_map(|w| w.payloads.iter().cloned()).collect();
         let started = std::time::Instant::now();
         let appended = {
             let mut w = lock(&self.writer);
@@ -351,27 +472,119 @@ impl Task {
         };
         let (range, size) = match appended {
             Ok(a) => {
-                self.segments.metrics().appended(bytes as u64, started.elapsed().as_secs_f64());
+                let written = payloads.iter().map(|p| p.len() as u64).sum();
+                self.segments.metrics().appended(written, started.elapsed().as_secs_f64());
                 a
             }
             Err(e) => {
                 let e = self.segments.write_error(e);
-                for r in batch {
-                    let _ = r.reply.send(Err(e.clone()));
+                for w in writes {
+                    let _ = w.waiting.reply.send(Err(e.clone()));
                 }
                 return Err(e);
             }
         };
         fsync.start_if_idle(core.durable_here());
-        let publishes = batch.into_iter().map(|r| (r.payloads.len() as u64, r.durability, r.reply));
-        for (reply, range) in core.appended(range.start, publishes) {
-            let _ = reply.send(Ok(range));
+        let mut at = range.start;
+        for w in &writes {
+            let count = w.payloads.len() as u32;
+            if let (Some(key), Some(window)) = (w.waiting.key, self.window.as_mut()) {
+                window.written(key, self.id, at, count);
+            }
+            at += u64::from(count);
+        }
+        let publishes = writes.into_iter().map(|w| (w.payloads.len() as u64, w.durability, w.waiting));
+        for (waiting, range) in core.appended(range.start, publishes) {
+            self.answer(waiting, range);
         }
         let full = size >= self.size_max_bytes;
         if full {
             tracing::info!(segment_id = self.id, size_bytes = size, "segment full; closing it");
         }
         Ok(full)
+    }
+
+    /// What of `batch` is written: unkeyed publishes whole; a keyed one unless the
+    /// window knows it (then it is answered, or waits for its first attempt), only its
+    /// messages not stored yet, the first carrying the key; keyed ones while the window
+    /// is loading are held.
+    fn deduplicate(&mut self, batch: Vec<AppendRequest>, now_ms: i64) -> Vec<Write> {
+        let mut writes = Vec::with_capacity(batch.len());
+        for r in batch {
+            let AppendRequest { payloads, durability, key, reply, _permit } = r;
+            let dedupe = self.segments.settings().dedupe_window_ms > 0;
+            let Some(key) = key.filter(|_| dedupe) else {
+                let waiting = Waiting { reply, key: None, stored_before: 0 };
+                writes.push(Write { payloads, durability, waiting, _permit });
+                continue;
+            };
+            let Some(window) = self.window.as_mut() else {
+                self.held.push_back(AppendRequest { payloads, durability, key: Some(key), reply, _permit });
+                continue;
+            };
+            let total = payloads.len() as u32;
+            match window.begin(key, total, now_ms, reply) {
+                Begin::Append { skip, token } => {
+                    let mut rest = payloads;
+                    rest.drain(..(skip as usize).min(rest.len()));
+                    if let Some(first) = rest.first_mut() {
+                        let stored = PublishKey {
+                            producer_id: key.producer,
+                            sequence: key.sequence,
+                            count: total,
+                            stored_before: skip,
+                        };
+                        *first = encode_key(&stored, first);
+                    }
+                    let waiting = Waiting { reply: token, key: Some(key), stored_before: skip };
+                    writes.push(Write { payloads: rest, durability, waiting, _permit });
+                }
+                Begin::Duplicate { stored, token } => {
+                    let _ = token.send(Ok(Appended::of(stored, true)));
+                }
+                Begin::Waiting => {}
+                Begin::Mismatch { total: first, token } => {
+                    let _ = token.send(Err(RequestError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "sequence: producer {} used sequence {} for a request of {first} message(s); this one has \
+                             {total}: a sequence names one request",
+                            key.producer, key.sequence
+                        ),
+                    )));
+                }
+            }
+        }
+        writes
+    }
+
+    /// Answers a publish now as durable as it asked, and the repeats that waited for it.
+    fn answer(&mut self, waiting: Waiting, range: Range<u64>) {
+        let confirmed = waiting.key.zip(self.window.as_mut()).and_then(|(key, w)| w.confirmed(key));
+        match confirmed {
+            Some((stored, repeats)) => {
+                let _ = waiting.reply.send(Ok(Appended::of(stored, false)));
+                for r in repeats {
+                    let _ = r.send(Ok(Appended::of(stored, true)));
+                }
+            }
+            None => {
+                let _ = waiting.reply.send(Ok(Appended {
+                    segment_id: self.id,
+                    first_offset: range.start,
+                    count: (range.end - range.start) as u32,
+                    stored_before: waiting.stored_before,
+                    duplicate: false,
+                }));
+            }
+        }
+    }
+
+    /// Keeps this segment's window on the node, for the next generation's primary.
+    fn keep_window(&self) {
+        if let Some(w) = &self.window {
+            self.segments.keep_window(self.id, w.export());
+        }
     }
 
     /// Whether `bytes` of publishes may be written: not while this node's disk is below
@@ -398,17 +611,37 @@ impl Task {
 
     /// Answers what is still waiting and, after a failure, hands the segment to a
     /// fail-over.
-    fn finish(mut self, mut core: Confirmations<Reply>, failure: Option<RequestError>) {
+    fn finish(mut self, mut core: Confirmations<Waiting>, failure: Option<RequestError>) {
         let id = self.id;
         // Whatever is still waiting is neither confirmed nor refused for good: it may be
-        // in the segment and delivered later, which the client learns by its error.
+        // in the segment and delivered later, which the client learns by its error; a
+        // repeat that waited for it hears the same.
         let err = failure.clone().unwrap_or_else(|| closing(id));
-        for reply in core.abandon() {
-            let _ = reply.send(Err(err.clone()));
+        for waiting in core.abandon().collect::<Vec<_>>() {
+            let _ = waiting.reply.send(Err(err.clone()));
+            if let (Some(key), Some(w)) = (waiting.key, self.window.as_mut()) {
+                for r in w.failed(key) {
+                    let _ = r.send(Err(err.clone()));
+                }
+            }
+        }
+        if let Some(w) = self.window.as_mut() {
+            for r in w.drain_waiters() {
+                let _ = r.send(Err(err.clone()));
+            }
+        }
+        for r in self.held.drain(..) {
+            let _ = r.reply.send(Err(closing(id)));
         }
         self.rx.close();
         while let Ok(r) = self.rx.try_recv() {
             let _ = r.reply.send(Err(closing(id)));
+        }
+        if failure.is_none() {
+            // Written but unconfirmed requests are in it too: the next generation trims
+            // them to the segment's agreed end. After a failure the file may be damaged
+            // past what the replicas agree on, and the next generation reads them.
+            self.keep_window();
         }
         lock(self.segments.primaries()).remove(&id);
         if let Some(e) = failure {
@@ -426,6 +659,15 @@ impl Task {
             });
         }
     }
+}
+
+/// A publish (or what of it is not stored yet) going into a write.
+struct Write {
+    payloads: Vec<Bytes>,
+    durability: Durability,
+    waiting: Waiting,
+    /// Holds a share of the primary's write queue until the publish is answered.
+    _permit: OwnedSemaphorePermit,
 }
 
 /// Proposes the close of a full segment; retried until the cluster state has it.

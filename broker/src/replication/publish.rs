@@ -1,6 +1,12 @@
 //! Routing a publish: append to an open segment of the topic this node is primary of,
 //! or forward to the primary of one. Waits (within the request timeout) while the
 //! topic has no open segment, e.g. right after it was created or during a fail-over.
+//!
+//! An exactly-once publish (with a producer id) always goes to the shard
+//! `producer_id % shards`: its duplicate window lives with that shard's primary, so a
+//! retry must reach the same shard (and a producer's requests keep their order). It
+//! waits for that shard's segment rather than taking another. Unkeyed publishes go to
+//! any open segment, round-robin.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -11,6 +17,7 @@ use prost::Message as _;
 use tokio::time::Instant;
 
 use super::confirm::Durability;
+use super::dedupe::Key;
 use super::keeper::{disk_action, DiskAction};
 use super::Segments;
 use crate::cluster_state::{NodeId, SegmentId};
@@ -23,24 +30,27 @@ const RETRY_PAUSE: Duration = Duration::from_millis(20);
 static ROUND_ROBIN: AtomicUsize = AtomicUsize::new(0);
 
 impl Segments {
-    /// Publishes `messages` to a topic; `hops`: how many times the request was
-    /// forwarded before it reached this node (see [`PUBLISH_HOPS_MAX`]).
+    /// Publishes `messages` to a topic; with a `key` (producer id and sequence),
+    /// exactly once within the duplicate window. `hops`: how many times the request
+    /// was forwarded before it reached this node (see [`PUBLISH_HOPS_MAX`]).
     pub async fn publish(
         &self,
         namespace: &str,
         topic: &str,
         messages: &[Message],
         persistence: Persistence,
+        key: Option<Key>,
         hops: u32,
     ) -> Result<PublishResponse, RequestError> {
         let payloads = self.encode_checked(messages)?;
+        let producer = key.map(|k| k.producer);
         let deadline = Instant::now() + self.cluster().request_timeout();
         let mut checked_linearizable = false;
         // An attempt that may have stored the messages: a later refusal must not say
         // "nothing changed".
         let mut unknown: Option<RequestError> = None;
         loop {
-            let route = match self.route(namespace, topic) {
+            let route = match self.route(namespace, topic, producer) {
                 Err(_) if !checked_linearizable => {
                     // The topic may be newer than this node's copy of the state.
                     checked_linearizable = true;
@@ -51,7 +61,7 @@ impl Segments {
             };
             let attempt = match route {
                 Route::Local(id, replicas) => {
-                    self.append_local(id, topic, &payloads, durability(persistence, replicas)).await
+                    self.append_local(id, topic, &payloads, durability(persistence, replicas), key).await
                 }
                 Route::TooFewNodes(e) => Err(e),
                 Route::Remote(..) | Route::None if hops >= PUBLISH_HOPS_MAX => Err(RequestError::new(
@@ -64,6 +74,8 @@ impl Segments {
                         topic: topic.to_string(),
                         messages: messages.to_vec(),
                         persistence: persistence as i32,
+                        producer_id: key.map_or(0, |k| k.producer),
+                        sequence: key.map_or(0, |k| k.sequence),
                     };
                     let r = self.peers().forward_publish(node, &addr, req, hops, deadline).await;
                     r.map_err(|e| {
@@ -90,6 +102,9 @@ impl Segments {
         if messages.is_empty() {
             return Err(invalid("messages: at least one message is required"));
         }
+        if u32::try_from(messages.len()).is_err() {
+            return Err(invalid(format!("messages: {} is more than {} in one request", messages.len(), u32::MAX)));
+        }
         let payloads: Vec<Bytes> = messages.iter().map(|m| Bytes::from(m.encode_to_vec())).collect();
         let limit = self.settings().write_batch_max_bytes;
         if let Some((i, p)) = payloads.iter().enumerate().find(|(_, p)| p.len() > limit) {
@@ -108,10 +123,11 @@ impl Segments {
         topic: &str,
         payloads: &[Bytes],
         durability: Durability,
+        key: Option<Key>,
     ) -> Result<PublishResponse, RequestError> {
         // No task yet: the keeper has not started it.
         let primary = self.primary(id).ok_or_else(|| not_ready(topic))?;
-        let range = match primary.append(payloads.to_vec(), durability).await {
+        let a = match primary.append(payloads.to_vec(), durability, key).await {
             Err(e) if e.code == ErrorCode::DiskFull && self.moves_for_disk(id) => {
                 // Not a refusal of the cluster: the shard is about to move to nodes
                 // with room, so the publish is routed again (within its deadline).
@@ -125,9 +141,11 @@ impl Segments {
         #[allow(deprecated)] // `ok`: still sent for clients that read it
         Ok(PublishResponse {
             ok: true,
-            segment_id: id,
-            first_offset: range.start,
-            count: (range.end - range.start) as u32,
+            segment_id: a.segment_id,
+            first_offset: a.first_offset,
+            count: a.count,
+            duplicate: a.duplicate,
+            stored_before: a.stored_before,
         })
     }
 
@@ -147,22 +165,26 @@ impl Segments {
 
     /// Where a stream of publishes to `topic` should go as a whole: `Some(addr)` when
     /// the primary is another node (the stream is relayed there so it keeps its order),
-    /// `None` to publish here request by request.
-    pub fn stream_target(&self, namespace: &str, topic: &str, hops: u32) -> Option<String> {
-        match self.route(namespace, topic) {
+    /// `None` to publish here request by request. `producer`: the first request's.
+    pub fn stream_target(&self, namespace: &str, topic: &str, producer: Option<u64>, hops: u32) -> Option<String> {
+        match self.route(namespace, topic, producer) {
             Ok(Route::Remote(_, addr)) if hops < PUBLISH_HOPS_MAX => Some(addr),
             _ => None,
         }
     }
 
-    fn route(&self, namespace: &str, topic: &str) -> Result<Route, RequestError> {
+    /// Where a publish goes: any open segment of the topic (this node's first), or for
+    /// a `producer` the open segment of its shard only.
+    fn route(&self, namespace: &str, topic: &str, producer: Option<u64>) -> Result<Route, RequestError> {
         let me = self.cluster().id;
         let st = self.cluster().state.read();
         let spec = st.state.topic(namespace, topic)?;
+        let shard = producer.map(|p| (p % u64::from(spec.shards.max(1))) as u32);
         let open: Vec<(SegmentId, NodeId, usize)> = st
             .state
             .topic_segments(namespace, topic)
             .filter(|(_, s)| s.is_open() && !st.state.node_gone(s.primary))
+            .filter(|(_, s)| shard.is_none_or(|shard| s.shard == shard))
             .map(|(id, s)| (id, s.primary, s.replicas.len()))
             .collect();
         if let Some((id, _, n)) = open.iter().find(|(_, p, _)| *p == me) {

@@ -254,6 +254,7 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
         topic: "bench".into(),
         messages: (0..count).map(|_| pb::Message { data: data.clone(), ..Default::default() }).collect(),
         persistence,
+        ..Default::default()
     };
 
     let confirmed = w1(seed, &procs, args, &request).await?;
@@ -341,8 +342,15 @@ async fn w1(
     let (tx, rx) = mpsc::channel::<pb::PublishRequest>(256);
     let total = args.messages;
     let batch = args.batch_messages as u64;
-    let requests: Vec<pb::PublishRequest> =
-        (0..total.div_ceil(batch)).map(|i| request(batch.min(total - i * batch) as usize)).collect();
+    // --exactly-once: every request carries this run's producer id and its number.
+    let producer_id = if args.exactly_once { rand::random::<u64>().max(1) } else { 0 };
+    let requests: Vec<pb::PublishRequest> = (0..total.div_ceil(batch))
+        .map(|i| pb::PublishRequest {
+            producer_id,
+            sequence: if args.exactly_once { i + 1 } else { 0 },
+            ..request(batch.min(total - i * batch) as usize)
+        })
+        .collect();
     let progress = bar(total, "W1 publish");
     let cpu = Cpu::start(procs);
     let t0 = Instant::now();
@@ -367,6 +375,7 @@ async fn w1(
         "{}",
         serde_json::json!({
             "bench": "W1 publish pipelined",
+            "exactly_once": args.exactly_once,
             "messages": confirmed,
             "message_bytes": args.message_bytes,
             "seconds": w1.as_secs_f64(),
