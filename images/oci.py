@@ -17,7 +17,7 @@ import sys
 import tarfile
 
 UID = 65532
-EXPOSE = ["16000/tcp", "16000/udp", "16001/tcp"]
+EXPOSE = ["16000/tcp", "16000/udp", "16001/tcp", "16002/tcp"]
 IMAGES = {
     "broker": {
         "name": "eventtermq",

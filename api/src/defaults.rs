@@ -7,6 +7,9 @@ pub const PORT: u16 = 16000;
 /// The AMQP 0.9.1 port is the gRPC port plus this.
 pub const AMQP_PORT_OFFSET: u16 = 1;
 
+/// The HTTP port of `/metrics` (Prometheus) is the gRPC port plus this (16002).
+pub const METRICS_PORT_OFFSET: u16 = 2;
+
 /// The namespace a request without one goes to, which every cluster has.
 pub const NAMESPACE: &str = "default";
 

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::cluster_state::{AppliedState, Command, CommandResponse, NodeId, Raft, RequestId, SharedState};
 use crate::error::{ErrorCode, RequestError};
+use crate::metrics::Metrics;
 use crate::peers::{PeerError, Peers};
 
 #[derive(Clone)]
@@ -24,6 +25,7 @@ pub struct Cluster {
     /// starts at a random point, or one a simulation derives from its seed and clock,
     /// so a run replays exactly).
     next_nonce: Arc<AtomicU64>,
+    metrics: Metrics,
 }
 
 /// Pause between attempts while there is no leader or it just changed.
@@ -37,8 +39,14 @@ impl Cluster {
         peers: Peers,
         request_timeout: Duration,
         first_nonce: u64,
+        metrics: Metrics,
     ) -> Self {
-        Self { id, raft, state, peers, request_timeout, next_nonce: Arc::new(AtomicU64::new(first_nonce)) }
+        Self { id, raft, state, peers, request_timeout, next_nonce: Arc::new(AtomicU64::new(first_nonce)), metrics }
+    }
+
+    /// The node's metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// How long a request may take, forwarding and retries included.
@@ -69,7 +77,13 @@ impl Cluster {
     /// [`Cluster::write`] under a given id: a write made again with the id of an
     /// earlier one is answered as that one was.
     pub async fn write_as(&self, id: RequestId, cmd: Command) -> Result<u64, RequestError> {
-        let cmd = Command::Once { id, command: Box::new(cmd) };
+        let started = std::time::Instant::now();
+        let r = self.write_until_answered(Command::Once { id, command: Box::new(cmd) }).await;
+        self.metrics.cluster_written(r.is_ok(), started.elapsed().as_secs_f64());
+        r
+    }
+
+    async fn write_until_answered(&self, cmd: Command) -> Result<u64, RequestError> {
         let deadline = Instant::now() + self.request_timeout;
         // An attempt that may have been committed: a later refusal must not say
         // "nothing changed".

@@ -46,6 +46,9 @@ pub struct NodeConfig {
     pub amqp: AmqpSettings,
     /// Where wall-clock timestamps come from (the system's; a manual one in tests).
     pub clock: Clock,
+    /// Distinct namespace/topic (and namespace/group) label values with series of
+    /// their own in the metrics; later ones are folded into one (`_other`).
+    pub metrics_label_values_max: usize,
     /// The filesystem `dir` is on: the operating system's; a simulated disk in the
     /// simulation (`eventtermq_storage::sim::SimFs`). Every file of the node goes
     /// through it (segments, the Raft log and snapshot, the node id, the lock).
@@ -189,6 +192,7 @@ impl NodeConfig {
             data: DataSettings::default(),
             amqp: AmqpSettings::default(),
             clock: Clock::default(),
+            metrics_label_values_max: crate::metrics::LABEL_VALUES_MAX_DEFAULT,
             fs: RealFs::shared(),
         }
     }

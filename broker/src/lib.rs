@@ -2,13 +2,15 @@
 //! real sockets; tests start whole clusters in-process through [`node::start`].
 //!
 //! Map (see ARCHITECTURE.md), each module using only those before it:
-//! [`error`], [`clock`], [`transport`] (sockets or an in-memory network) ->
+//! [`error`], [`clock`], [`metrics`] (the Prometheus registry; a leaf), [`transport`]
+//! (sockets or an in-memory network) ->
 //! [`cluster_state`] (the Raft-replicated state: model, commands, storage) ->
 //! [`peers`] (the one door to other nodes) -> [`membership`] (SWIM gossip) and
 //! [`cluster`] (the door to the cluster state: write, read) -> [`disk`] (the data
 //! directory's free-space watermark) -> [`replication`]
 //! (segments on `eventtermq_storage`, publish routing, primaries and replicas) ->
-//! [`consumer_groups`] (reading, matching, delivery) -> [`api`] (the gRPC services) ->
+//! [`consumer_groups`] (reading, matching, delivery, lag) -> [`api`] (the gRPC services,
+//! `/metrics`) ->
 //! [`node`] (wiring, bootstrap, the leader's membership duties).
 
 pub mod amqp;
@@ -21,6 +23,7 @@ pub mod consumer_groups;
 pub mod disk;
 pub mod error;
 pub mod membership;
+pub mod metrics;
 pub mod node;
 pub mod peers;
 pub mod replication;

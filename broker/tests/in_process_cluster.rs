@@ -1004,3 +1004,128 @@ async fn disks_filling_move_segments_away_refuse_when_too_few_have_room_and_reco
     assert!(lost.is_empty(), "lost confirmed messages {lost:?}");
     stop_all(nodes).await;
 }
+
+/// The value of `name{...}` in a scrape of `node`, whose labels include every one of
+/// `labels`.
+async fn scraped(node: &TestNode, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let text = node.handle.observer.render(false).await;
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let rest = series.strip_prefix(name)?.strip_prefix('{')?;
+        labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// Topic `t` (one shard) and group `g` bound to it with a buffer of `size` messages,
+/// placed, after `before` other groups (each goes to the node with the fewest, the
+/// smallest id first), and an open segment: the id of the group's node.
+async fn topic_and_group(nodes: &[TestNode], before: &[&str], size: u32) -> u64 {
+    use eventtermq_broker::cluster_state::{BindingSpec, ConsumerGroupSpec};
+    let create = Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec: topic() };
+    nodes[0].handle.cluster.write(create).await.unwrap();
+    let mut placed = 0;
+    for name in before.iter().chain(&["g"]) {
+        let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size, since_unix_ms: 0 };
+        let cmd = Command::CreateConsumerGroup { namespace: "default".into(), name: name.to_string(), spec };
+        nodes[0].handle.cluster.write(cmd).await.unwrap();
+        placed = wait_for(Duration::from_secs(10), "the group placed", || {
+            nodes[0].handle.cluster.state.read().state.group_runtime("default", name).and_then(|g| g.node)
+        })
+        .await;
+    }
+    eventually(Duration::from_secs(10), "an open segment", || async { primary_index(nodes).is_some() }).await;
+    placed
+}
+
+#[tokio::test(start_paused = true)]
+async fn lag_follows_publishes_while_the_group_buffer_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let nodes = three(&net, dir.path()).await;
+    // Another group first, so that g runs on another node than the segment's primary
+    // (the least loaded, smallest id first, as the first group): it reads from there.
+    let placed = topic_and_group(&nodes, &["first"], 10).await;
+    let group_node = nodes.iter().find(|n| n.handle.id == placed).unwrap();
+    let primary = &nodes[primary_index(&nodes).unwrap()];
+    assert_ne!(primary.handle.id, placed, "the group runs on another node than the primary");
+    let lag = [("group", "g"), ("topic", "t")];
+    for (batch, expected) in [(0..50, 50.0), (50..120, 120.0)] {
+        assert_eq!(publish_ids(primary, batch.clone()).await.len(), batch.len());
+        // The buffer holds 10 and nobody consumes: the group does not read the rest,
+        // and learns how far the segment goes by peeking at it.
+        eventually(Duration::from_secs(10), &format!("lag {expected}"), || async {
+            scraped(group_node, "eventtermq_consumer_group_lag_records", &lag).await == Some(expected)
+        })
+        .await;
+    }
+    let buffered = [("group", "g"), ("state", "pending")];
+    assert_eq!(scraped(group_node, "eventtermq_consumer_group_buffered_messages", &buffered).await, Some(10.0));
+    stop_all(nodes).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn consumer_lag_is_what_is_published_and_not_acknowledged_in_metrics_and_admin() {
+    use eventtermq_proto::v1::admin_client::AdminClient;
+    use eventtermq_proto::v1::messaging_client::MessagingClient;
+    use eventtermq_proto::v1::{self as pb, Message, PublishRequest, SubscribeRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let nodes = three(&net, dir.path()).await;
+    let placed = topic_and_group(&nodes, &[], 1000).await;
+    let group_node = nodes.iter().find(|n| n.handle.id == placed).unwrap();
+    let other = nodes.iter().find(|n| n.handle.id != placed).unwrap();
+
+    // 100 messages in 10 requests through the gRPC API of a node.
+    let (client, _listeners) = net.attach("client:1");
+    let mut messaging = MessagingClient::new(client.data_channel(&nodes[0].name));
+    for batch in 0..10 {
+        let messages = (0..10).map(|i| Message { data: format!("{batch}-{i}").into(), ..Default::default() }).collect();
+        let req = PublishRequest { topic: "t".into(), messages, ..Default::default() };
+        messaging.publish(req).await.unwrap();
+    }
+    let published = [("topic", "t"), ("persistence", "default")];
+    assert_eq!(scraped(&nodes[0], "eventtermq_publish_messages_total", &published).await, Some(100.0));
+    let lag = [("group", "g"), ("topic", "t")];
+    eventually(Duration::from_secs(10), "lag 100 before anything is consumed", || async {
+        scraped(group_node, "eventtermq_consumer_group_lag_records", &lag).await == Some(100.0)
+    })
+    .await;
+
+    // 30 consumed and acknowledged through a node that does not run the group.
+    let mut messaging = MessagingClient::new(client.data_channel(&other.name));
+    let req = SubscribeRequest {
+        consumer_group: "g".into(),
+        auto_ack: true,
+        max_messages: 30,
+        size: 30,
+        ..Default::default()
+    };
+    let mut stream = messaging.subscribe(req).await.unwrap().into_inner();
+    let mut got = 0;
+    while got < 30 {
+        let m = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap();
+        assert!(m.is_some(), "the stream ended after {got} messages");
+        got += 1;
+    }
+    drop(stream);
+    eventually(Duration::from_secs(10), "lag 70 once 30 are acknowledged", || async {
+        scraped(group_node, "eventtermq_consumer_group_lag_records", &lag).await == Some(70.0)
+    })
+    .await;
+    let acks = scraped(group_node, "eventtermq_consumer_group_acks_total", &[("group", "g")]).await;
+    assert_eq!(acks, Some(30.0));
+
+    // The Admin call, on a node that asks the group's node, and ListConsumerGroups.
+    let mut admin = AdminClient::new(client.data_channel(&other.name));
+    let req = pb::DescribeConsumerGroupsRequest { namespace: String::new(), names: vec![] };
+    let groups = admin.describe_consumer_groups(req).await.unwrap().into_inner().consumer_groups;
+    let [g] = &groups[..] else { panic!("one group: {groups:?}") };
+    assert!(g.running, "{g:?}");
+    assert_eq!((g.name.as_str(), g.node_id, g.lag, g.topic_lag.get("t")), ("g", placed, 70, Some(&70)), "{g:?}");
+    assert_eq!(g.committed_offsets.values().sum::<u64>(), 30, "{g:?}");
+    let req = pb::ListConsumerGroupsRequest { namespace: String::new(), stale: false };
+    let listed = admin.list_consumer_groups(req).await.unwrap().into_inner().consumer_groups;
+    assert_eq!(listed[0].node_id, placed);
+    stop_all(nodes).await;
+}

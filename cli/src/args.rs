@@ -165,6 +165,15 @@ pub struct BrokerArgs {
     /// AMQP: open connections at most per node; more are closed as they arrive.
     #[arg(long, default_value_t = AmqpSettings::default().connections_max)]
     pub amqp_connections_max: usize,
+    /// HTTP port of /metrics (Prometheus text, OpenMetrics when asked) on --host
+    /// (default: --port + 2, i.e. 16002; 0: no metrics endpoint).
+    #[arg(long)]
+    pub metrics_port: Option<u16>,
+    /// Distinct namespace/topic pairs (and namespace/group pairs, and gRPC methods) with
+    /// series of their own in the metrics; values seen after that many are folded into
+    /// one label value, `_other`, so that the number of series stays bounded.
+    #[arg(long, default_value_t = eventtermq_broker::metrics::LABEL_VALUES_MAX_DEFAULT)]
+    pub metrics_label_values_max: usize,
     /// Threads that run the broker's tasks (0: one per CPU). Blocking file work (fsync,
     /// reads) runs on a separate pool. Fewer threads mean fewer cross-thread wake-ups
     /// per request, which matters where they are costly (virtual machines, several
@@ -267,8 +276,21 @@ pub enum Command {
     },
     /// Delete a consumer group.
     DeleteConsumerGroup { name: String },
-    /// List consumer groups of the namespace.
+    /// List consumer groups of the namespace, with their node, committed offsets and lag.
     ListConsumerGroups,
+    /// Consumer lag: per group and bound topic, the messages published and not yet
+    /// acknowledged, the age of the oldest unacknowledged one, subscribers and the
+    /// buffer, as the nodes running the groups know them now.
+    Stats {
+        /// Groups to show (default: every group of the namespace).
+        groups: Vec<String>,
+        /// Print again every INTERVAL (e.g. 1s, 500ms) until interrupted.
+        #[arg(long, value_name = "INTERVAL")]
+        watch: Option<String>,
+        /// With --watch: stop after this many tables (0: until interrupted).
+        #[arg(long, default_value_t = 0)]
+        watch_count: u64,
+    },
     /// Publish DATA to TOPIC (--count N times), or with DATA `-` one message per line of
     /// stdin (streamed in batches); prints {"ok": true, "published": N}.
     Publish(PublishArgs),

@@ -121,6 +121,7 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
         }
         Command::DeleteConsumerGroup { name } => admin.delete_consumer_group(name).await?,
         Command::ListConsumerGroups => admin.list_consumer_groups().await?,
+        Command::Stats { groups, watch, watch_count } => admin.stats(groups, watch, watch_count).await?,
         Command::Publish(args) => super::messages::publish(ctx, args).await?,
         Command::Subscribe(args) => super::messages::subscribe(ctx, args).await?,
         Command::Bench(b) => super::bench::run(ctx, b).await?,
@@ -267,10 +268,44 @@ impl Admin<'_> {
         let req = pb::ListConsumerGroupsRequest { namespace: self.namespace(), stale: false };
         let r = self.client.list_consumer_groups(req).await;
         let r = self.answer(r)?;
-        let groups = &r.consumer_groups;
-        let (lines, items) =
-            (groups.iter().map(render::consumer_group_line), groups.iter().map(render::consumer_group_json));
-        self.print_listed("consumer_groups", lines, items, r.index);
+        // The lag, from the nodes running the groups; a group whose node did not answer
+        // is listed without it.
+        let lags: std::collections::HashMap<String, u64> = match self.describe(Vec::new()).await {
+            Ok(d) => d.consumer_groups.into_iter().filter(|g| g.running).map(|g| (g.name, g.lag)).collect(),
+            Err(_) => Default::default(),
+        };
+        let items: Vec<serde_json::Value> =
+            r.consumer_groups.iter().map(|g| render::consumer_group_with_lag(g, lags.get(&g.name).copied())).collect();
+        self.print_listed("consumer_groups", items.iter().map(|i| i.to_string()), items.iter().cloned(), r.index);
         Ok(())
+    }
+
+    async fn describe(&mut self, names: Vec<String>) -> Result<pb::DescribeConsumerGroupsResponse, CliError> {
+        let req = pb::DescribeConsumerGroupsRequest { namespace: self.namespace(), names };
+        let r = self.client.describe_consumer_groups(req).await;
+        self.answer(r)
+    }
+
+    /// The lag table once, or every `watch` (`count` times; 0: until interrupted).
+    async fn stats(&mut self, names: Vec<String>, watch: Option<String>, count: u64) -> Result<(), CliError> {
+        let every = watch.map(|w| validate::duration_ms("--watch", &w).map_err(usage)).transpose()?;
+        let every = every.map(std::time::Duration::from_millis);
+        let mut printed = 0u64;
+        loop {
+            let r = self.describe(names.clone()).await?;
+            match self.ctx.output {
+                Output::Text => print!("{}", render::stats_text(&r.consumer_groups)),
+                Output::Json => println!("{}", render::stats_json(&r)),
+            }
+            printed += 1;
+            let Some(every) = every else { return Ok(()) };
+            if count != 0 && printed >= count {
+                return Ok(());
+            }
+            tokio::time::sleep(every).await;
+            if self.ctx.output == Output::Text {
+                println!();
+            }
+        }
     }
 }

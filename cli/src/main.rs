@@ -24,16 +24,16 @@ fn main() -> std::process::ExitCode {
                 builder.worker_threads(args.broker.worker_threads);
             }
             let runtime = builder.enable_all().build().expect("tokio runtime");
-            let config = match cli::run::node_config(&args.broker, &args.host, args.port)
-                .and_then(|c| Ok((c, cli::run::amqp_port(&args.broker, args.port)?)))
-            {
+            let config = cli::run::node_config(&args.broker, &args.host, args.port)
+                .and_then(|c| Ok((c, cli::run::ports(&args.broker, args.port)?)));
+            let (config, ports) = match config {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: {e}");
                     return std::process::ExitCode::from(cli::exit_status::USAGE);
                 }
             };
-            match runtime.block_on(cli::run::run_broker(config.0, config.1)) {
+            match runtime.block_on(cli::run::run_broker(config, ports)) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 // Refused to start (the directory is another process's, a port is
                 // taken, damaged state) or stopped by a fatal error.

@@ -267,6 +267,118 @@ pub fn topic_line(t: &pb::Topic) -> String {
 }
 
 /// One line per consumer group for `list-consumer-groups`.
-pub fn consumer_group_line(g: &pb::ConsumerGroup) -> String {
-    consumer_group_json(g).to_string()
+/// A listed group with `lag` (messages of its bound topics not acknowledged yet) when
+/// its node answered.
+pub fn consumer_group_with_lag(g: &pb::ConsumerGroup, lag: Option<u64>) -> Value {
+    let mut v = consumer_group_json(g);
+    v["lag"] = json!(lag);
+    v
+}
+
+fn duration_secs(d: &Option<prost_types::Duration>) -> f64 {
+    d.as_ref().map_or(0.0, |d| d.seconds as f64 + f64::from(d.nanos) / 1e9)
+}
+
+/// The `stats` table: one row per group and bound topic (a group that is not running
+/// gets one row saying why).
+pub fn stats_text(groups: &[pb::ConsumerGroupStatus]) -> String {
+    let mut rows = vec![["GROUP", "NODE", "TOPIC", "LAG", "OLDEST_UNACKED", "SUBSCRIBERS", "PENDING", "IN_FLIGHT"]
+        .map(String::from)
+        .to_vec()];
+    for g in groups {
+        if !g.running {
+            rows.push(vec![g.name.clone(), g.node_id.to_string(), format!("({})", g.error)]);
+            continue;
+        }
+        let mut topics: Vec<(&String, &u64)> = g.topic_lag.iter().collect();
+        topics.sort();
+        for (topic, lag) in topics {
+            rows.push(vec![
+                g.name.clone(),
+                g.node_id.to_string(),
+                topic.clone(),
+                lag.to_string(),
+                format!("{:.1}s", duration_secs(&g.oldest_unacked_age)),
+                g.subscribers.to_string(),
+                g.pending.to_string(),
+                g.in_flight.to_string(),
+            ]);
+        }
+    }
+    table(&rows)
+}
+
+/// Left-aligned columns two spaces apart; a row shorter than the header ends early, its
+/// last cell running on (it does not widen the column it starts in).
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let cell = |r: &Vec<String>, c: usize| r.get(c).filter(|_| c + 1 < r.len() || r.len() == columns).map(String::len);
+    let widths: Vec<usize> = (0..columns).map(|c| rows.iter().filter_map(|r| cell(r, c)).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in rows {
+        let cells: Vec<String> = r.iter().zip(&widths).map(|(s, w)| format!("{s:w$}")).collect();
+        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
+    }
+    out
+}
+
+pub fn stats_json(r: &pb::DescribeConsumerGroupsResponse) -> Value {
+    let groups: Vec<Value> = r
+        .consumer_groups
+        .iter()
+        .map(|g| {
+            json!({
+                "name": g.name,
+                "node_id": g.node_id,
+                "running": g.running,
+                "error": g.error,
+                "lag": g.lag,
+                "topic_lag": g.topic_lag,
+                "oldest_unacked_seconds": duration_secs(&g.oldest_unacked_age),
+                "committed_offsets": g.committed_offsets,
+                "subscribers": g.subscribers,
+                "pending": g.pending,
+                "in_flight": g.in_flight,
+                "size": g.size,
+            })
+        })
+        .collect();
+    json!({"consumer_groups": groups, "index": r.index})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_has_a_row_per_group_and_topic_and_says_why_a_group_has_none() {
+        let running = pb::ConsumerGroupStatus {
+            name: "orders".into(),
+            node_id: 7,
+            running: true,
+            lag: 650,
+            topic_lag: [("b".to_string(), 50), ("a".to_string(), 600)].into(),
+            oldest_unacked_age: Some(prost_types::Duration { seconds: 3, nanos: 250_000_000 }),
+            subscribers: 2,
+            pending: 10,
+            in_flight: 5,
+            ..Default::default()
+        };
+        let idle = pb::ConsumerGroupStatus {
+            name: "g".into(),
+            error: "not placed on a live node yet".into(),
+            ..Default::default()
+        };
+        let text = stats_text(&[running, idle]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "GROUP   NODE  TOPIC  LAG  OLDEST_UNACKED  SUBSCRIBERS  PENDING  IN_FLIGHT",
+                "orders  7     a      600  3.2s            2            10       5",
+                "orders  7     b      50   3.2s            2            10       5",
+                "g       0     (not placed on a live node yet)",
+            ]
+        );
+    }
 }

@@ -79,6 +79,7 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
         return Err(format!("--disk-free-min-percent: {} is out of range (0-100)", args.disk_free_min_percent));
     }
     config.amqp = amqp_settings(args)?;
+    config.metrics_label_values_max = args.metrics_label_values_max;
     config.raft.to_openraft().map_err(|e| format!("raft timing flags: {e}"))?;
     Ok(config)
 }
@@ -103,20 +104,36 @@ fn amqp_settings(args: &BrokerArgs) -> Result<AmqpSettings, String> {
     })
 }
 
-/// The AMQP port: --amqp-port, else --port + 1; `None` when it is off (0).
-pub fn amqp_port(args: &BrokerArgs, port: u16) -> Result<Option<u16>, String> {
-    match args.amqp_port {
+/// The ports beside `--port`: AMQP and `/metrics` (`None`: off).
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub amqp: Option<u16>,
+    pub metrics: Option<u16>,
+}
+
+pub fn ports(args: &BrokerArgs, port: u16) -> Result<Ports, String> {
+    use eventtermq_api::defaults::{AMQP_PORT_OFFSET, METRICS_PORT_OFFSET};
+    Ok(Ports {
+        amqp: offset_port("--amqp-port", args.amqp_port, port, AMQP_PORT_OFFSET)?,
+        metrics: offset_port("--metrics-port", args.metrics_port, port, METRICS_PORT_OFFSET)?,
+    })
+}
+
+/// `flag`'s port, by default `--port` + `offset`; `None` when it is 0 (off).
+fn offset_port(flag: &str, value: Option<u16>, port: u16, offset: u16) -> Result<Option<u16>, String> {
+    match value {
         Some(0) => Ok(None),
         Some(p) => Ok(Some(p)),
         None => port
-            .checked_add(eventtermq_api::defaults::AMQP_PORT_OFFSET)
+            .checked_add(offset)
             .map(Some)
-            .ok_or_else(|| format!("--amqp-port: --port {port} + 1 is not a port; set --amqp-port (0: off)")),
+            .ok_or_else(|| format!("{flag}: --port {port} + {offset} is not a port; set {flag} (0: off)")),
     }
 }
 
-/// Runs one broker until SIGTERM/SIGINT, then leaves gracefully.
-pub async fn run_broker(config: NodeConfig, amqp_port: Option<u16>) -> anyhow::Result<()> {
+/// Runs one broker until SIGTERM/SIGINT, then leaves gracefully; serves AMQP and
+/// `/metrics` on their ports of the listen address.
+pub async fn run_broker(config: NodeConfig, ports: Ports) -> anyhow::Result<()> {
     let listen: SocketAddr = tokio::net::lookup_host(&config.listen_addr)
         .await
         .map_err(|e| anyhow::anyhow!("--host: cannot resolve {}: {e}", config.listen_addr))?
@@ -125,15 +142,31 @@ pub async fn run_broker(config: NodeConfig, amqp_port: Option<u16>) -> anyhow::R
     let (network, mut listeners) = eventtermq_broker::transport::tcp::bind(listen, Duration::from_secs(1))
         .await
         .map_err(|e| anyhow::anyhow!("--host/--port: cannot listen on {listen}: {e}"))?;
-    if let Some(port) = amqp_port {
+    if let Some(port) = ports.amqp {
         let addr = SocketAddr::new(listen.ip(), port);
         let amqp = eventtermq_broker::transport::tcp::bind_amqp(addr)
             .await
             .map_err(|e| anyhow::anyhow!("--amqp-port: cannot listen on {addr}: {e}"))?;
         listeners.amqp = Some(amqp);
     }
+    // Bound before the node starts: a port taken is a refusal to start, not a node
+    // that runs unobserved.
+    let metrics_listener = match ports.metrics {
+        Some(port) => {
+            let addr = SocketAddr::new(listen.ip(), port);
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("--metrics-port: cannot listen on {addr}: {e}"))?;
+            Some(l)
+        }
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     let node = eventtermq_broker::node::start(config, network, listeners, shutdown.clone()).await?;
+    let metrics_stop = CancellationToken::new();
+    if let Some(l) = metrics_listener {
+        tokio::spawn(eventtermq_broker::api::metrics::serve(l, node.observer.clone(), metrics_stop.clone()));
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
@@ -141,5 +174,6 @@ pub async fn run_broker(config: NodeConfig, amqp_port: Option<u16>) -> anyhow::R
     }
     shutdown.cancel();
     node.wait().await;
+    metrics_stop.cancel();
     Ok(())
 }

@@ -106,6 +106,7 @@ pub fn headless_service(cluster: &EventterCluster) -> Service {
                 port("grpc", ports.grpc, "TCP"),
                 port("gossip", ports.grpc, "UDP"),
                 port("amqp", ports.amqp, "TCP"),
+                port("metrics", ports.metrics, "TCP"),
             ]),
             ..ServiceSpec::default()
         }),
@@ -184,6 +185,8 @@ pub fn broker_args(cluster: &EventterCluster, bootstrap_expect: i32) -> Vec<Stri
         DATA_DIR.to_string(),
         "--port".to_string(),
         spec.ports.grpc.to_string(),
+        "--metrics-port".to_string(),
+        spec.ports.metrics.to_string(),
         "--advertise-host".to_string(),
         // Expanded by the kubelet from the POD_NAME environment variable.
         format!("$(POD_NAME).{}.{namespace}.svc.{CLUSTER_DOMAIN}", headless_service_name(&name)),
@@ -254,6 +257,7 @@ fn broker_container(cluster: &EventterCluster, bootstrap_expect: i32) -> Contain
             container_port("grpc", ports.grpc, "TCP"),
             container_port("gossip", ports.grpc, "UDP"),
             container_port("amqp", ports.amqp, "TCP"),
+            container_port("metrics", ports.metrics, "TCP"),
         ]),
         // Ready once the broker knows a Raft leader (it reports that per service).
         readiness_probe: Some(grpc_probe(ports.grpc, READINESS_SERVICE, 0, 3)),
@@ -290,6 +294,19 @@ fn non_empty_map(map: &BTreeMap<String, String>) -> Option<BTreeMap<String, Stri
     (!map.is_empty()).then(|| map.clone())
 }
 
+/// The pods' annotations: where Prometheus scrapes them (the `prometheus.io/*`
+/// convention of its Kubernetes discovery examples and many charts), then the user's,
+/// which may override them.
+fn pod_annotations(cluster: &EventterCluster) -> BTreeMap<String, String> {
+    let mut annotations = BTreeMap::from([
+        ("prometheus.io/scrape".to_string(), "true".to_string()),
+        ("prometheus.io/port".to_string(), cluster.spec.ports.metrics.to_string()),
+        ("prometheus.io/path".to_string(), "/metrics".to_string()),
+    ]);
+    annotations.extend(cluster.spec.pod.annotations.clone());
+    annotations
+}
+
 /// StatefulSet `<name>`: the broker pods, each with its own volume. `spec.replicas`
 /// shows only in the StatefulSet's replicas, never in its pod template.
 pub fn stateful_set(cluster: &EventterCluster, bootstrap_expect: i32) -> StatefulSet {
@@ -310,7 +327,7 @@ pub fn stateful_set(cluster: &EventterCluster, bootstrap_expect: i32) -> Statefu
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
-                    annotations: non_empty_map(&pod.annotations),
+                    annotations: Some(pod_annotations(cluster)),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {

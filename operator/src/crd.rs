@@ -24,6 +24,9 @@ pub const VERSION: &str = "v1alpha1";
 pub const DEFAULT_GRPC_PORT: i32 = eventtermq_api::defaults::PORT as i32;
 /// Default AMQP port of a broker.
 pub const DEFAULT_AMQP_PORT: i32 = (eventtermq_api::defaults::PORT + eventtermq_api::defaults::AMQP_PORT_OFFSET) as i32;
+/// The brokers' default `/metrics` port (Prometheus, HTTP).
+pub const DEFAULT_METRICS_PORT: i32 =
+    (eventtermq_api::defaults::PORT + eventtermq_api::defaults::METRICS_PORT_OFFSET) as i32;
 
 // Names as the broker accepts them (validate::name).
 const BROKER_NAME_PATTERN: &str = "^[A-Za-z0-9._-]{1,249}$";
@@ -145,6 +148,12 @@ pub struct PortsSpec {
     #[serde(default = "default_amqp_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub amqp: i32,
+    /// HTTP port of the brokers' Prometheus metrics (`/metrics`, TCP); the pods carry
+    /// `prometheus.io/scrape`, `prometheus.io/port` and `prometheus.io/path` annotations
+    /// for it.
+    #[serde(default = "default_metrics_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub metrics: i32,
 }
 
 fn default_grpc_port() -> i32 {
@@ -155,9 +164,13 @@ fn default_amqp_port() -> i32 {
     DEFAULT_AMQP_PORT
 }
 
+fn default_metrics_port() -> i32 {
+    DEFAULT_METRICS_PORT
+}
+
 impl Default for PortsSpec {
     fn default() -> Self {
-        Self { grpc: DEFAULT_GRPC_PORT, amqp: DEFAULT_AMQP_PORT }
+        Self { grpc: DEFAULT_GRPC_PORT, amqp: DEFAULT_AMQP_PORT, metrics: DEFAULT_METRICS_PORT }
     }
 }
 

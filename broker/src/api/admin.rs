@@ -3,6 +3,7 @@
 //! [`Command`], and writes it through [`Cluster`]; reads go through `Cluster::read`.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use eventtermq_api::defaults::{self, or_default};
 use eventtermq_proto::v1 as pb;
@@ -14,12 +15,20 @@ use crate::cluster::Cluster;
 use crate::cluster_state::validate;
 use crate::cluster_state::TopicUpdate;
 use crate::cluster_state::*;
+use crate::consumer_groups::{GroupStats, Groups};
 use crate::error::{ErrorCode, RequestError};
+use crate::peers::{hops, Peers};
 
 pub struct AdminService {
     pub cluster: Cluster,
     pub segments: crate::replication::Segments,
+    pub groups: Groups,
+    pub peers: Peers,
 }
+
+/// How long `DescribeConsumerGroups` waits for another node's figures: a group task
+/// answers within a second (or is left out), plus a network round trip.
+const DESCRIBE_WAIT_MAX: Duration = Duration::from_secs(2);
 
 type Reply<T> = Result<Response<T>, Status>;
 
@@ -105,6 +114,99 @@ impl AdminService {
         };
         validate::consumer_group_spec(&spec)?;
         Ok(spec)
+    }
+}
+
+/// A group of a `DescribeConsumerGroups` answer as the state has it: name, its live node
+/// (id, address) if placed, its committed offsets.
+type Placed = (String, Option<(u64, String)>, BTreeMap<SegmentId, u64>);
+
+fn placed_addr(placed: &[Placed], node: u64) -> String {
+    placed
+        .iter()
+        .find_map(|(_, n, _)| n.as_ref().filter(|(id, _)| *id == node).map(|(_, a)| a.clone()))
+        .unwrap_or_default()
+}
+
+fn status_to_pb(node_id: u64, st: GroupStats) -> pb::ConsumerGroupStatus {
+    let count = |n: usize| n.min(u32::MAX as usize) as u32;
+    pb::ConsumerGroupStatus {
+        name: st.group,
+        node_id,
+        running: true,
+        error: String::new(),
+        lag: st.lag.values().fold(0u64, |a, b| a.saturating_add(*b)),
+        topic_lag: st.lag.into_iter().collect(),
+        oldest_unacked_age: Some(prost_types::Duration {
+            seconds: (st.oldest_unacked_ms / 1000) as i64,
+            nanos: ((st.oldest_unacked_ms % 1000) * 1_000_000) as i32,
+        }),
+        committed_offsets: st.committed.into_iter().collect(),
+        subscribers: count(st.subscribers),
+        pending: count(st.pending),
+        in_flight: count(st.in_flight),
+        size: count(st.capacity),
+    }
+}
+
+impl AdminService {
+    /// The groups asked for (all of the namespace when none), from a linearizable read.
+    async fn placed_groups(&self, namespace: &str, names: &[String]) -> Result<(Vec<Placed>, u64), RequestError> {
+        let applied = self.cluster.read(true).await?;
+        let st = &applied.state;
+        let ns = st.namespace(namespace)?;
+        let names: Vec<String> =
+            if names.is_empty() { ns.consumer_groups.keys().cloned().collect() } else { names.to_vec() };
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            if !ns.consumer_groups.contains_key(&name) {
+                return Err(RequestError::new(
+                    ErrorCode::ConsumerGroupNotFound,
+                    format!("names: consumer group {name:?} does not exist in namespace {namespace:?}"),
+                ));
+            }
+            let rt = st.group_runtime(namespace, &name);
+            let node = rt.and_then(|r| r.node).filter(|n| !st.node_gone(*n));
+            let node = node.and_then(|n| st.nodes.get(&n).map(|r| (n, r.address.clone())));
+            out.push((name, node, rt.map(|r| r.offsets.clone()).unwrap_or_default()));
+        }
+        Ok((out, applied.last_applied.map(|l| l.index).unwrap_or(0)))
+    }
+
+    /// The figures of `names` from `node` (this one or another): per group, its status
+    /// or why there is none.
+    async fn ask_node(
+        &self,
+        namespace: String,
+        node: u64,
+        addr: String,
+        names: Vec<String>,
+    ) -> Vec<(String, Result<pb::ConsumerGroupStatus, String>)> {
+        if node == self.cluster.id {
+            let mut out = Vec::new();
+            for name in names {
+                let st = self.groups.stats_of(&namespace, &name).await;
+                let st =
+                    st.map(|st| status_to_pb(node, st)).ok_or_else(|| "the group does not run here yet".to_string());
+                out.push((name, st));
+            }
+            return out;
+        }
+        let req = pb::DescribeConsumerGroupsRequest { namespace, names: names.clone() };
+        match self.peers.describe_consumer_groups(node, &addr, req, DESCRIBE_WAIT_MAX).await {
+            Ok(r) => {
+                let mut found: BTreeMap<String, pb::ConsumerGroupStatus> =
+                    r.consumer_groups.into_iter().map(|g| (g.name.clone(), g)).collect();
+                names
+                    .into_iter()
+                    .map(|n| {
+                        let st = found.remove(&n).ok_or_else(|| format!("node {node} does not run the group yet"));
+                        (n, st)
+                    })
+                    .collect()
+            }
+            Err(e) => names.into_iter().map(|n| (n, Err(format!("cannot ask node {node}: {e}")))).collect(),
+        }
     }
 }
 
@@ -205,9 +307,68 @@ impl Admin for AdminService {
         let applied = self.cluster.read(!req.stale).await?;
         let ns = applied.state.namespace(&namespace)?;
         Ok(Response::new(pb::ListConsumerGroupsResponse {
-            consumer_groups: ns.consumer_groups.iter().map(|(n, g)| consumer_group_to_pb(n, g)).collect(),
+            consumer_groups: ns
+                .consumer_groups
+                .iter()
+                .map(|(n, g)| consumer_group_runtime_to_pb(&applied.state, &namespace, n, g))
+                .collect(),
             index: applied.last_applied.map(|l| l.index).unwrap_or(0),
         }))
+    }
+
+    async fn describe_consumer_groups(
+        &self,
+        req: Request<pb::DescribeConsumerGroupsRequest>,
+    ) -> Reply<pb::DescribeConsumerGroupsResponse> {
+        let forwarded = hops(req.metadata()) > 0;
+        let req = req.into_inner();
+        let namespace = namespace_of(&req.namespace)?;
+        for (i, n) in req.names.iter().enumerate() {
+            validate::name(&format!("names[{i}]"), n)?;
+        }
+        if forwarded {
+            // Another node asks for the groups running here: answer from them only.
+            let mut out = Vec::new();
+            for name in &req.names {
+                if let Some(st) = self.groups.stats_of(&namespace, name).await {
+                    out.push(status_to_pb(self.cluster.id, st));
+                }
+            }
+            return Ok(Response::new(pb::DescribeConsumerGroupsResponse { consumer_groups: out, index: 0 }));
+        }
+        let (placed, index) = self.placed_groups(&namespace, &req.names).await?;
+        let mut by_node: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        for (name, node, _) in &placed {
+            if let Some((node, _)) = node {
+                by_node.entry(*node).or_default().push(name.clone());
+            }
+        }
+        let asks = by_node
+            .into_iter()
+            .map(|(node, names)| self.ask_node(namespace.clone(), node, placed_addr(&placed, node), names));
+        let mut answers: BTreeMap<String, Result<pb::ConsumerGroupStatus, String>> = BTreeMap::new();
+        for answer in futures::future::join_all(asks).await {
+            answers.extend(answer);
+        }
+        let consumer_groups = placed
+            .into_iter()
+            .map(|(name, node, committed)| match answers.remove(&name) {
+                Some(Ok(status)) => status,
+                other => pb::ConsumerGroupStatus {
+                    name: name.clone(),
+                    node_id: node.as_ref().map_or(0, |(n, _)| *n),
+                    running: false,
+                    error: match (other, node) {
+                        (Some(Err(e)), _) => e,
+                        (_, None) => "not placed on a live node yet".to_string(),
+                        (_, Some(_)) => "the group does not run on its node yet".to_string(),
+                    },
+                    committed_offsets: committed.into_iter().collect(),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        Ok(Response::new(pb::DescribeConsumerGroupsResponse { consumer_groups, index }))
     }
 
     async fn dump(&self, req: Request<pb::DumpRequest>) -> Reply<pb::DumpResponse> {

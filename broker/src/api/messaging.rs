@@ -15,6 +15,7 @@ use super::admin::namespace_of;
 use crate::cluster_state::validate;
 use crate::consumer_groups::Groups;
 use crate::error::{ErrorCode, RequestError};
+use crate::metrics::{self, FOLDED};
 use crate::peers::{hops, Peers, Relayed};
 use crate::replication::dedupe::Key;
 use crate::replication::Segments;
@@ -77,11 +78,53 @@ fn key(req: &pb::PublishRequest) -> Option<Key> {
     (req.producer_id != 0).then_some(Key { producer: req.producer_id, sequence: req.sequence })
 }
 
+/// [`publish_one`], counted in the metrics. Each publish is counted once, on the node
+/// that handled it for the client: a unary `Publish` where it arrived (not again on the
+/// primary it was forwarded to), a `PublishStream` where its requests are published
+/// (a relayed stream on the node it was relayed to).
+async fn publish_counted(
+    segments: &Segments,
+    req: pb::PublishRequest,
+    hops: u32,
+    count: bool,
+) -> Result<pb::PublishResponse, RequestError> {
+    if !count {
+        return publish_one(segments, req, hops).await;
+    }
+    let namespace = eventtermq_api::defaults::or_default(&req.namespace, eventtermq_api::defaults::NAMESPACE);
+    // Names that are not valid (refused below) get no series of their own.
+    let valid = validate::name("namespace", namespace).is_ok() && validate::name("topic", &req.topic).is_ok();
+    let (namespace, topic) = if valid { (namespace, req.topic.as_str()) } else { (FOLDED, FOLDED) };
+    let count = segments.metrics().publish_started(namespace, topic, persistence_label(req.persistence));
+    let (messages, bytes) = (req.messages.len() as u64, req.messages.iter().map(|m| m.data.len() as u64).sum());
+    let r = publish_one(segments, req, hops).await;
+    match &r {
+        Ok(_) => count.answered(Ok((messages, bytes))),
+        Err(e) => count.answered(Err((e.code.as_u32(), &error_name(e.code)))),
+    }
+    r
+}
+
+fn persistence_label(p: i32) -> metrics::Persistence {
+    match pb::Persistence::try_from(p) {
+        Ok(pb::Persistence::Default) => metrics::Persistence::Default,
+        Ok(pb::Persistence::None) => metrics::Persistence::None,
+        Ok(pb::Persistence::Primary) => metrics::Persistence::Primary,
+        Ok(pb::Persistence::Replicated) => metrics::Persistence::Replicated,
+        Err(_) => metrics::Persistence::Invalid,
+    }
+}
+
+fn error_name(code: ErrorCode) -> String {
+    format!("{code:?}")
+}
+
 #[tonic::async_trait]
 impl Messaging for MessagingService {
     async fn publish(&self, req: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
         let hops = hops(req.metadata());
-        Ok(Response::new(publish_one(&self.segments, req.into_inner(), hops).await?))
+        // A forwarded publish was counted where it arrived.
+        Ok(Response::new(publish_counted(&self.segments, req.into_inner(), hops, hops == 0).await?))
     }
 
     type PublishStreamStream = Pin<Box<dyn Stream<Item = Result<pb::PublishResponse, Status>> + Send>>;
@@ -124,7 +167,7 @@ impl Messaging for MessagingService {
                 async move {
                     let r = r?;
                     same_topic(&template, &r)?;
-                    Ok(publish_one(&segments, r, hops).await?)
+                    Ok(publish_counted(&segments, r, hops, true).await?)
                 }
             })
             .buffered(PUBLISH_STREAM_IN_FLIGHT_MAX);

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod convert;
 pub mod internal;
 pub mod messaging;
+pub mod metrics;
 
 use std::pin::Pin;
 
@@ -14,6 +15,7 @@ use eventtermq_proto::v1::messaging_server::MessagingServer;
 use futures::Stream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::codegen::http;
 use tonic_health::ServingStatus;
 
 use crate::cluster::Cluster;
@@ -112,9 +114,15 @@ pub fn serve(
         reflection().build_v1alpha().expect("descriptor sets are generated at build time and valid");
 
     let Services { cluster, membership, segments, groups, peers } = services;
+    let grpc_metrics = GrpcMetricsLayer { metrics: segments.metrics().clone() };
     tokio::spawn(report_health(cluster.raft.metrics(), health_reporter, stop.clone()));
-    let admin = AdminServer::new(admin::AdminService { cluster: cluster.clone(), segments: segments.clone() })
-        .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
+    let admin = AdminServer::new(admin::AdminService {
+        cluster: cluster.clone(),
+        segments: segments.clone(),
+        groups: groups.clone(),
+        peers: peers.clone(),
+    })
+    .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
     let messaging = MessagingServer::new(messaging::MessagingService { segments: segments.clone(), groups, peers })
         .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES)
         .max_encoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
@@ -125,6 +133,7 @@ pub fn serve(
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(crate::transport::HTTP2_KEEPALIVE_INTERVAL))
+            .layer(grpc_metrics)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -137,4 +146,58 @@ pub fn serve(
             tracing::error!(error = %e, "gRPC server failed");
         }
     })
+}
+
+/// Counts every gRPC request by method and status code, and times it until its
+/// response headers: a unary call's whole handling, a stream's set-up. A status sent
+/// in the trailers after a stream's messages is not seen: such a stream counts as
+/// `0` (OK).
+#[derive(Clone)]
+struct GrpcMetricsLayer {
+    metrics: crate::metrics::Metrics,
+}
+
+impl<S> tower::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetrics { inner, metrics: self.metrics.clone() }
+    }
+}
+
+#[derive(Clone)]
+struct GrpcMetrics<S> {
+    inner: S,
+    metrics: crate::metrics::Metrics,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B, R> tower::Service<http::Request<B>> for GrpcMetrics<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let count = self.metrics.grpc_started(req.uri().path());
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let r = answer.await;
+            // No grpc-status in the headers: the status follows the messages (OK so far).
+            let code = match &r {
+                Ok(resp) => Some(resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0")),
+                Err(_) => None,
+            };
+            count.answered(code);
+            r
+        })
+    }
 }

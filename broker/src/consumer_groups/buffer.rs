@@ -40,6 +40,8 @@ pub struct Delivery {
     pub topic: Arc<str>,
     pub segment_id: u64,
     pub offset: u64,
+    /// When the primary stored it (unix ms): how old the oldest unacknowledged is.
+    pub timestamp_ms: i64,
     pub message: Bytes,
 }
 
@@ -275,7 +277,7 @@ impl GroupBuffer {
     }
 
     /// Offsets of the segment offered and not acked (pending or in flight).
-    pub fn outstanding(&self, segment_id: u64) -> BTreeSet<u64> {
+    pub fn outstanding_offsets(&self, segment_id: u64) -> BTreeSet<u64> {
         self.segments.get(&segment_id).map(|s| s.outstanding.clone()).unwrap_or_default()
     }
 
@@ -311,6 +313,22 @@ impl GroupBuffer {
     pub fn subscriber_count(&self) -> usize {
         self.subscribers.len()
     }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Offered and not yet acknowledged messages of a segment (pending or in flight).
+    pub fn outstanding(&self, segment_id: u64) -> usize {
+        self.segments.get(&segment_id).map_or(0, |s| s.outstanding.len())
+    }
+
+    /// When the oldest message held unacknowledged (pending or in flight) was stored.
+    /// A scan of at most `capacity` messages: asked at a scrape, not per message.
+    pub fn oldest_timestamp_ms(&self) -> Option<i64> {
+        let pending = self.pending.iter().map(|d| d.timestamp_ms);
+        pending.chain(self.in_flight.values().map(|(_, d)| d.timestamp_ms)).min()
+    }
 }
 
 #[cfg(test)]
@@ -322,7 +340,13 @@ mod tests {
     use super::*;
 
     fn msg(segment_id: u64, offset: u64) -> Delivery {
-        Delivery { topic: "t".into(), segment_id, offset, message: Bytes::from(format!("{segment_id}:{offset}")) }
+        Delivery {
+            topic: "t".into(),
+            segment_id,
+            offset,
+            timestamp_ms: 0,
+            message: Bytes::from(format!("{segment_id}:{offset}")),
+        }
     }
 
     fn positions(ds: &[(SubscriberId, Delivery)]) -> Vec<(SubscriberId, u64, u64)> {

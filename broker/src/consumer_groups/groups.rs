@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use super::buffer::{Delivery, SubscriberId};
-use super::task::{self, Event, GroupCmd};
+use super::task::{self, Event, GroupCmd, GroupStats};
 use crate::cluster::Cluster;
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::{Peers, Relayed};
@@ -33,6 +33,9 @@ const SUBSCRIBER_STREAM_QUEUE_MAX: usize = 1024;
 const ASSIGNMENT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// Pause between looks for a group that is not placed on a live node yet.
 const LOCATE_RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// How long a scrape or an Admin call waits for a group task's figures: a task answers
+/// between two events, so only a stuck one takes this long (and is left out).
+const STATS_WAIT_MAX: Duration = Duration::from_secs(1);
 
 type GroupKey = (String, String);
 
@@ -113,6 +116,21 @@ impl Groups {
             let h = start_group(self.inner.segments.clone(), key.clone());
             lock(&self.inner.running).insert(key, h);
         }
+    }
+
+    /// The lag and delivery state of every group running here (those that answer in
+    /// time), by namespace and name.
+    pub async fn stats(&self) -> Vec<GroupStats> {
+        let running: Vec<GroupHandle> = lock(&self.inner.running).values().cloned().collect();
+        let all = futures::future::join_all(running.iter().map(group_stats)).await;
+        let mut all: Vec<GroupStats> = all.into_iter().flatten().collect();
+        all.sort_by(|a, b| (&a.namespace, &a.group).cmp(&(&b.namespace, &b.group)));
+        all
+    }
+
+    /// The lag and delivery state of one group if it runs here.
+    pub async fn stats_of(&self, namespace: &str, group: &str) -> Option<GroupStats> {
+        group_stats(&self.local(namespace, group)?).await
     }
 
     /// Stops every group task after a last commit of its offsets (graceful shutdown).
@@ -304,6 +322,15 @@ async fn serve_subscriber(
         }
     }
     let _ = group.cmd.send(GroupCmd::Unsubscribe(sub)).await;
+}
+
+async fn group_stats(h: &GroupHandle) -> Option<GroupStats> {
+    let (tx, rx) = oneshot::channel();
+    let asked = async {
+        h.cmd.send(GroupCmd::Stats(tx)).await.ok()?;
+        rx.await.ok()
+    };
+    tokio::time::timeout(STATS_WAIT_MAX, asked).await.ok().flatten()
 }
 
 fn gone(group: &str) -> RequestError {

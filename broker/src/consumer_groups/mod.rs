@@ -5,6 +5,7 @@
 //!   direct, topic, headers). A message matching several bindings is delivered once.
 //! - [`reader`] decides which segments of the bound topics to read, from where, and
 //!   reports every record to the buffer once, in order.
+//! - [`lag`] says how many records of its bound topics a group has not dealt with yet.
 //! - [`buffer`] is the delivery state machine of one group: the bounded buffer of
 //!   matched messages, round-robin hand-out to subscribers within their windows,
 //!   ack / nack / redelivery, and the per-segment offsets that are safe to commit.
@@ -17,8 +18,10 @@
 
 pub mod buffer;
 pub mod groups;
+pub mod lag;
 pub mod matching;
 pub mod reader;
 mod task;
 
 pub use groups::{GroupHandle, Groups, Located};
+pub use task::GroupStats;

@@ -29,6 +29,7 @@ use eventtermq_storage::Record;
 use prost::Message as _;
 
 use super::buffer::{Delivery, GroupBuffer, OfferError};
+use super::lag::SegmentLag;
 use super::matching;
 use crate::cluster_state::{ConsumerGroupSpec, SegmentId, SegmentRecord};
 use crate::replication::read::ReadResult;
@@ -68,6 +69,9 @@ struct Cursor {
     marks: VecDeque<(i64, u64)>,
     /// Records read again after a late binding.
     replay: Option<Replay>,
+    /// The highest end a read of the segment answered: for an open one, how far its
+    /// primary had confirmed records then (what the group's lag counts up to).
+    readable_end: u64,
 }
 
 /// A segment read again from before where it was because a binding came late: below
@@ -170,7 +174,7 @@ impl Reader {
         let Some(c) = self.cursors.get_mut(&id) else { return };
         let Some(first) = c.first_reported else { return };
         let from = c.marks.iter().rev().find(|(ts, _)| *ts < since).map_or(first, |(_, offset)| *offset);
-        let mut outstanding = buffer.outstanding(id);
+        let mut outstanding = buffer.outstanding_offsets(id);
         buffer.forget_segment(id);
         let replay = match c.replay.take() {
             // Still replaying an earlier late binding: keep what it would still offer.
@@ -257,6 +261,7 @@ impl Reader {
             first_reported: None,
             marks: VecDeque::new(),
             replay: None,
+            readable_end: 0,
         }
     }
 
@@ -278,6 +283,7 @@ impl Reader {
             return;
         }
         c.idle = r.records.is_empty();
+        c.readable_end = c.readable_end.max(r.end_offset);
         // A read may overlap what was reported (it started before a backlog emptied):
         // only what is new goes in.
         let next = c.backlog.back().map_or(c.next, |r| r.offset + 1);
@@ -304,7 +310,13 @@ impl Reader {
                 c.next = r.offset + 1;
                 note_reported(c, &r);
                 let reported = if takes(&self.spec, c, &r) {
-                    let d = Delivery { topic: c.topic.clone(), segment_id: id, offset: r.offset, message: r.payload };
+                    let d = Delivery {
+                        topic: c.topic.clone(),
+                        segment_id: id,
+                        offset: r.offset,
+                        timestamp_ms: r.timestamp_ms,
+                        message: r.payload,
+                    };
                     buffer.offer(d)
                 } else {
                     buffer.skip(id, r.offset)
@@ -351,6 +363,47 @@ impl Reader {
     pub fn drained(&self, buffer: &GroupBuffer) -> bool {
         buffer.pending_len() == 0
             && heads(&self.unfinished).all(|id| self.cursors.get(&id).is_none_or(|c| c.idle && c.backlog.is_empty()))
+    }
+
+    /// A read made only to learn how far an open segment is readable now (for its lag,
+    /// while its records are not being read: behind a full buffer or an earlier
+    /// generation).
+    pub fn peeked(&mut self, segment_id: SegmentId, end_offset: u64) {
+        if let Some(c) = self.cursors.get_mut(&segment_id) {
+            c.readable_end = c.readable_end.max(end_offset);
+        }
+    }
+
+    /// Open segments not being read now, and the offset to peek from: the reader's
+    /// position or the end seen last, whichever is further.
+    pub fn peeks_due(&self) -> Vec<(SegmentId, u64)> {
+        let open = self.cursors.iter().filter(|(_, c)| c.end.is_none() && !c.fetching);
+        open.map(|(id, c)| (*id, c.next.max(c.readable_end))).collect()
+    }
+
+    /// What the lag of the group needs to know of each segment of its bound topics in
+    /// the state (see [`super::lag`]).
+    pub fn lag_inputs(&self) -> Vec<SegmentLag> {
+        let cursors = self.cursors.iter();
+        cursors
+            .map(|(id, c)| SegmentLag {
+                segment_id: *id,
+                topic: c.topic.clone(),
+                closed_end: c.end,
+                readable_end: c.readable_end,
+                reported: c.next,
+            })
+            .collect()
+    }
+
+    /// The bound topics.
+    pub fn topics(&self) -> impl Iterator<Item = &str> {
+        self.topics.iter().map(String::as_str)
+    }
+
+    /// When the oldest record read but not yet handed to the buffer was stored.
+    pub fn oldest_backlog_timestamp_ms(&self) -> Option<i64> {
+        self.cursors.values().filter_map(|c| c.backlog.front().map(|r| r.timestamp_ms)).min()
     }
 
     /// Closed and every record reported: the buffer learns the segment's end (so its

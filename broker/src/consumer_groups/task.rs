@@ -9,7 +9,7 @@
 //! The reader reads a shard's generations one after another (order within a shard), so
 //! a segment that stays unreadable holds its shard back: the task says so in the log.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use super::reader::{Fetch, Reader};
 use crate::cluster::Cluster;
 use crate::cluster_state::{Command, SegmentId};
 use crate::error::{ErrorCode, RequestError};
+use crate::metrics::GroupCounters;
 use crate::replication::read::ReadResult;
 use crate::replication::Segments;
 
@@ -40,6 +41,28 @@ pub(crate) enum GroupCmd {
     Limit(SubscriberId, oneshot::Sender<()>),
     Ack(Vec<(SegmentId, u64)>, oneshot::Sender<Result<(), RequestError>>),
     Nack(Vec<(SegmentId, u64)>, oneshot::Sender<Result<(), RequestError>>),
+    /// Lag and delivery state now (a scrape, an Admin call).
+    Stats(oneshot::Sender<GroupStats>),
+}
+
+/// A group's lag and delivery state on the node running it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupStats {
+    pub namespace: String,
+    pub group: String,
+    /// Per bound topic, records not yet dealt with (see [`super::lag`]).
+    pub lag: BTreeMap<String, u64>,
+    /// Age of the oldest message the group has read and not acknowledged; 0 when none.
+    pub oldest_unacked_ms: u64,
+    pub subscribers: usize,
+    /// Messages waiting for a subscriber, and handed out and not acknowledged.
+    pub pending: usize,
+    pub in_flight: usize,
+    /// The buffer's size in messages.
+    pub capacity: usize,
+    /// Per segment, the offset below which everything is acknowledged, as the group
+    /// knows it now (the cluster state has it up to one commit interval later).
+    pub committed: BTreeMap<SegmentId, u64>,
 }
 
 /// What a subscriber's stream receives from the group task.
@@ -54,12 +77,17 @@ const SEGMENTS_REFRESH_INTERVAL: Duration = Duration::from_millis(200);
 /// Pause after a failed read, or before reading again a closed segment whose copy was
 /// not there yet: do not spin on it.
 const READ_RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// How often an open segment whose records are not being read (behind a full buffer,
+/// or an earlier generation) is peeked at to learn how far it is readable: the
+/// group's lag is at most this much behind the publishers while it is not reading.
+const LAG_PEEK_INTERVAL: Duration = Duration::from_secs(1);
 /// Failed reads of one segment in a row before the task warns (about 5 s at
 /// [`READ_RETRY_PAUSE`]): a fail-over's sealing takes well under that, while a copy
 /// that stays unreadable stops its shard's later generations and needs an operator.
 const READ_FAILURES_WARN_COUNT: u32 = 50;
 
 type FetchFuture = Pin<Box<dyn std::future::Future<Output = (SegmentId, Result<ReadResult, RequestError>)> + Send>>;
+type PeekFuture = Pin<Box<dyn std::future::Future<Output = (SegmentId, Option<u64>)> + Send>>;
 
 struct Subscriber {
     tx: mpsc::Sender<Event>,
@@ -82,6 +110,10 @@ struct Task {
     /// Offsets recorded in the cluster state (or on their way there).
     last_committed: BTreeMap<SegmentId, u64>,
     commit_in_flight: Option<JoinHandle<Result<u64, RequestError>>>,
+    /// Reads that only learn how far an open segment is readable, for the lag.
+    peeks: FuturesUnordered<PeekFuture>,
+    peeking: HashSet<SegmentId>,
+    counters: GroupCounters,
 }
 
 /// Runs the group `name` of `namespace` until `stop`, or until it is deleted.
@@ -97,11 +129,15 @@ pub(crate) async fn run(
     let mut commit_tick = tokio::time::interval(Duration::from_millis(settings.offsets_commit_interval_ms.max(1)));
     commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refresh_tick = tokio::time::interval(SEGMENTS_REFRESH_INTERVAL);
+    let mut peek_tick = tokio::time::interval(LAG_PEEK_INTERVAL);
+    peek_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = refresh_tick.tick() => if !t.refresh() { return },
             Some((id, result)) = t.fetches.next(), if !t.fetches.is_empty() => t.fetched(id, result),
+            Some((id, end)) = t.peeks.next(), if !t.peeks.is_empty() => t.peeked(id, end),
+            _ = peek_tick.tick() => t.start_peeks(),
             Some(cmd) = cmds.recv() => t.command(cmd),
             _ = commit_tick.tick() => t.commit_in_background(),
         }
@@ -119,6 +155,7 @@ impl Task {
             (spec, st.state.group_runtime(&namespace, &name).map(|g| g.offsets.clone()).unwrap_or_default())
         };
         let buffer = GroupBuffer::new(spec.size.max(1) as usize, start.clone());
+        let counters = segments.metrics().group_counters(&namespace, &name);
         Some(Task {
             reader: Reader::new(&namespace, spec, start.clone()),
             buffer,
@@ -131,6 +168,9 @@ impl Task {
             read_failures: HashMap::new(),
             last_committed: start,
             commit_in_flight: None,
+            peeks: FuturesUnordered::new(),
+            peeking: HashSet::new(),
+            counters,
         })
     }
 
@@ -177,10 +217,7 @@ impl Task {
                 self.subscribers.insert(id, Subscriber { tx, do_not_block, limit: None });
                 let _ = reply.send((id, rx));
             }
-            GroupCmd::Unsubscribe(id) => {
-                self.buffer.unsubscribe(id);
-                self.subscribers.remove(&id);
-            }
+            GroupCmd::Unsubscribe(id) => self.unsubscribe(id),
             GroupCmd::Limit(id, reply) => {
                 self.buffer.stop_dispatch(id);
                 if let Some(s) = self.subscribers.get_mut(&id) {
@@ -188,11 +225,75 @@ impl Task {
                 }
             }
             GroupCmd::Ack(keys, reply) => {
-                let _ = reply.send(settle(&mut self.buffer, &keys, true));
+                let (done, r) = settle(&mut self.buffer, &keys, true);
+                self.counters.acks.inc_by(done);
+                let _ = reply.send(r);
             }
             GroupCmd::Nack(keys, reply) => {
-                let _ = reply.send(settle(&mut self.buffer, &keys, false));
+                let (done, r) = settle(&mut self.buffer, &keys, false);
+                self.counters.nacks.inc_by(done);
+                self.counters.redeliveries.inc_by(done);
+                let _ = reply.send(r);
             }
+            GroupCmd::Stats(reply) => {
+                let _ = reply.send(self.stats());
+            }
+        }
+    }
+
+    /// The subscriber is gone: what it held goes back for redelivery.
+    fn unsubscribe(&mut self, id: SubscriberId) {
+        self.counters.redeliveries.inc_by(self.buffer.in_flight_of(id) as u64);
+        self.buffer.unsubscribe(id);
+        self.subscribers.remove(&id);
+    }
+
+    fn stats(&self) -> GroupStats {
+        let segments = self.reader.lag_inputs();
+        let lag = super::lag::by_topic(
+            self.reader.topics(),
+            &segments,
+            |id| self.buffer.outstanding(id) as u64,
+            |id| self.segments.primary(id).map(|p| *p.confirmed().borrow()),
+        );
+        let oldest = [self.buffer.oldest_timestamp_ms(), self.reader.oldest_backlog_timestamp_ms()];
+        let now = self.segments.clock().now_unix_ms();
+        let oldest_unacked_ms = oldest.into_iter().flatten().min().map_or(0, |t| now.saturating_sub(t).max(0) as u64);
+        GroupStats {
+            namespace: self.namespace.clone(),
+            group: self.name.clone(),
+            lag,
+            oldest_unacked_ms,
+            subscribers: self.buffer.subscriber_count(),
+            pending: self.buffer.pending_len(),
+            in_flight: self.buffer.in_flight_len(),
+            capacity: self.buffer.capacity(),
+            committed: self.buffer.committed(),
+        }
+    }
+
+    /// Peeks at the open segments that are not being read, so the lag sees records
+    /// published meanwhile. A segment whose primary is this node needs none.
+    fn start_peeks(&mut self) {
+        for (id, from) in self.reader.peeks_due() {
+            if self.peeking.contains(&id) || self.segments.primary(id).is_some() {
+                continue;
+            }
+            let Some(seg) = self.cluster.state.read().state.segments.get(&id).cloned() else { continue };
+            let segments = self.segments.clone();
+            self.peeking.insert(id);
+            self.peeks.push(Box::pin(async move {
+                // One record at most: the answer's end is what matters.
+                let r = segments.read(id, &seg, from, 1, Duration::ZERO).await;
+                (id, r.ok().map(|r| r.end_offset))
+            }));
+        }
+    }
+
+    fn peeked(&mut self, id: SegmentId, end: Option<u64>) {
+        self.peeking.remove(&id);
+        if let Some(end) = end {
+            self.reader.peeked(id, end);
         }
     }
 
@@ -205,13 +306,12 @@ impl Task {
         for fetch in self.reader.next_fetches(&self.buffer) {
             self.start_fetch(fetch);
         }
-        for (sub, d) in self.buffer.dispatch() {
+        let handed = self.buffer.dispatch();
+        self.counters.deliveries.inc_by(handed.len() as u64);
+        for (sub, d) in handed {
             match self.subscribers.get_mut(&sub) {
                 Some(s) if s.tx.try_send(Event::Message(d)).is_ok() => {}
-                _ => {
-                    self.buffer.unsubscribe(sub);
-                    self.subscribers.remove(&sub);
-                }
+                _ => self.unsubscribe(sub),
             }
         }
         let drained = self.reader.drained(&self.buffer);
@@ -280,7 +380,8 @@ fn to_commit(buffer: &GroupBuffer, last: &BTreeMap<SegmentId, u64>) -> BTreeMap<
     buffer.committed().into_iter().filter(|(seg, off)| last.get(seg).is_none_or(|l| off > l)).collect()
 }
 
-fn settle(buffer: &mut GroupBuffer, keys: &[(SegmentId, u64)], ack: bool) -> Result<(), RequestError> {
+/// Acks or nacks `keys`: how many were in flight, and an error naming those that were not.
+fn settle(buffer: &mut GroupBuffer, keys: &[(SegmentId, u64)], ack: bool) -> (u64, Result<(), RequestError>) {
     let mut missing = Vec::new();
     for &(seg, off) in keys {
         let r = if ack { buffer.ack(seg, off) } else { buffer.nack(seg, off) };
@@ -288,15 +389,17 @@ fn settle(buffer: &mut GroupBuffer, keys: &[(SegmentId, u64)], ack: bool) -> Res
             missing.push(format!("{seg}/{off}"));
         }
     }
+    let done = (keys.len() - missing.len()) as u64;
     if missing.is_empty() {
-        return Ok(());
+        return (done, Ok(()));
     }
-    Err(RequestError::new(
+    let e = RequestError::new(
         ErrorCode::NotInFlight,
         format!(
             "deliveries: {} not in flight (already acknowledged, auto-acknowledged or never delivered): {}",
             missing.len(),
             missing.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
         ),
-    ))
+    );
+    (done, Err(e))
 }

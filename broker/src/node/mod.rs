@@ -59,6 +59,8 @@ pub struct NodeHandle {
     pub cluster: Cluster,
     pub segments: Segments,
     pub membership: Membership,
+    /// What `/metrics` reads (see [`crate::api::metrics`]).
+    pub observer: crate::api::metrics::Observer,
     stop: CancellationToken,
     done: JoinHandle<()>,
 }
@@ -110,12 +112,12 @@ pub async fn start(
         listeners.datagrams,
         stop.clone(),
     );
-    let cluster =
-        Cluster::new(id, raft.clone(), shared, peers.clone(), Duration::from_millis(config.request_timeout_ms), {
-            // Request ids must differ across restarts; a simulation's replay must not.
-            let seeded = config.membership.rng_seed.map(|s| s ^ config.clock.now_unix_us().rotate_left(23));
-            seeded.unwrap_or_else(rand::random)
-        });
+    let metrics = crate::metrics::Metrics::new(config.metrics_label_values_max);
+    let timeout = Duration::from_millis(config.request_timeout_ms);
+    // Request ids must differ across restarts; a simulation's replay must not.
+    let first_nonce =
+        config.membership.rng_seed.map(|s| s ^ config.clock.now_unix_us().rotate_left(23)).unwrap_or_else(rand::random);
+    let cluster = Cluster::new(id, raft.clone(), shared, peers.clone(), timeout, first_nonce, metrics);
     let store = open_segment_store(&config)?;
     let disk = open_disk(&config, id).map_err(|e| {
         NodeError::Config(format!("--dir: cannot read the free space of {}: {e}", config.dir.display()))
@@ -131,6 +133,7 @@ pub async fn start(
         groups: groups.clone(),
         peers: peers.clone(),
     };
+    let observer = crate::api::metrics::Observer::new(&services);
     let tasks = Tasks::spawn(&config, services, (listeners.incoming, listeners.amqp), disk, &stop);
     tracing::info!(node_id = id, listen = %config.listen_addr, advertise = %config.advertise_addr, dir = %config.dir.display(), "node started");
 
@@ -143,7 +146,7 @@ pub async fn start(
         dir_lock,
     };
     let done = tokio::spawn(run_until_stopped(parts, tasks, shutdown, stop.clone()));
-    Ok(NodeHandle { id, cluster, segments, membership, stop, done })
+    Ok(NodeHandle { id, cluster, segments, membership, observer, stop, done })
 }
 
 /// Opens the Raft log and state machine under `<dir>/raft` and starts Raft.

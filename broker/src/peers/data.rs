@@ -9,8 +9,8 @@ use eventtermq_proto::internal::v1::{
     ReplicateRequest, ReplicateResponse, SegmentStatusRequest, SegmentStatusResponse,
 };
 use eventtermq_proto::v1::{
-    messaging_client::MessagingClient, AckRequest, Delivery, NackRequest, PublishRequest, PublishResponse,
-    SubscribeRequest, SubscribeResponse,
+    admin_client::AdminClient, messaging_client::MessagingClient, AckRequest, Delivery, DescribeConsumerGroupsRequest,
+    DescribeConsumerGroupsResponse, NackRequest, PublishRequest, PublishResponse, SubscribeRequest, SubscribeResponse,
 };
 use futures::{Stream, StreamExt};
 use tokio::time::Instant;
@@ -166,6 +166,25 @@ impl Peers {
             .map_err(|s| PeerError::from_status(Peer::addr(addr), s))?
             .into_inner();
         Ok(relayed(addr, messages))
+    }
+
+    /// Asks `node` for the lag and delivery state of the groups of `request` it runs
+    /// (forwarded: it answers for its own groups only, and asks nobody else).
+    pub async fn describe_consumer_groups(
+        &self,
+        node: NodeId,
+        addr: &str,
+        request: DescribeConsumerGroupsRequest,
+        timeout: Duration,
+    ) -> Result<DescribeConsumerGroupsResponse, PeerError> {
+        let peer = Peer::node(node, addr);
+        let mut client = AdminClient::new(self.channel(addr));
+        let ask = client.describe_consumer_groups(with_timeout(forwarded(request, 0), timeout));
+        let reply = tokio::time::timeout(timeout, ask)
+            .await
+            .map_err(|_| PeerError::timed_out(peer, timeout))?
+            .map_err(|s| PeerError::from_status(peer, s))?;
+        Ok(reply.into_inner())
     }
 
     /// Forwards an ack (`ack`) or nack of deliveries to the node running the group.

@@ -93,6 +93,16 @@ impl<T> Confirmations<T> {
         *known = if fresh { durable } else { (*known).max(durable) };
     }
 
+    /// What this node has fsynced.
+    pub fn durable_here(&self) -> u64 {
+        self.durable_on(self.me)
+    }
+
+    /// What member `node` has fsynced, as far as this node knows (0 for a non-member).
+    pub fn durable_on(&self, node: NodeId) -> u64 {
+        self.durable.get(&node).copied().unwrap_or(0)
+    }
+
     /// The offset `quorum` members have fsynced, and below what was written.
     fn quorum_offset(&self) -> u64 {
         let mut all: Vec<u64> = self.durable.values().copied().collect();

@@ -42,6 +42,7 @@ use crate::cluster_state::SegmentId;
 use crate::config::DataSettings;
 use crate::disk::Disk;
 use crate::error::{ErrorCode, RequestError};
+use crate::metrics::Metrics;
 use crate::peers::Peers;
 
 /// A segment's writer, shared by whoever appends to it on this node (its primary task
@@ -62,6 +63,7 @@ struct Inner {
     settings: DataSettings,
     /// The data directory's free space: every write of segment data asks it first.
     disk: Disk,
+    metrics: Metrics,
     /// Open segments this node writes to, by id.
     writers: Mutex<HashMap<SegmentId, SharedWriter>>,
     /// Primary tasks running on this node.
@@ -80,6 +82,7 @@ struct Inner {
 
 impl Segments {
     pub fn new(store: Store, cluster: Cluster, peers: Peers, clock: Clock, settings: DataSettings, disk: Disk) -> Self {
+        let metrics = cluster.metrics().clone();
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -88,6 +91,7 @@ impl Segments {
                 clock,
                 settings,
                 disk,
+                metrics,
                 writers: Mutex::default(),
                 primaries: Mutex::default(),
                 frozen: Mutex::default(),
@@ -145,6 +149,10 @@ impl Segments {
 
     pub fn disk(&self) -> &Disk {
         &self.inner.disk
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// The writer of an open segment, opening (or creating) its file on first use.

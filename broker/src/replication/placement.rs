@@ -299,7 +299,10 @@ pub async fn fail_over(segments: &Segments, id: SegmentId) -> Result<(), Request
         now_unix_ms: segments.clock().now_unix_ms(),
     };
     match segments.cluster().write(cmd).await {
-        Ok(_) => Ok(()),
+        Ok(_) => {
+            segments.metrics().failed_over();
+            Ok(())
+        }
         Err(e) if e.code == ErrorCode::SegmentClosed => Ok(()),
         Err(e) => Err(e),
     }

@@ -38,6 +38,7 @@ use super::dedupe::{encode_key, Begin, Key, Stored, Window};
 use super::{lock, storage_error, Segments, SharedWriter};
 use crate::cluster_state::{Command, NodeId, SegmentId};
 use crate::error::{ErrorCode, RequestError};
+use crate::metrics::SegmentProgress;
 
 struct AppendRequest {
     payloads: Vec<Bytes>,
@@ -66,6 +67,8 @@ pub struct PrimaryHandle {
     /// Too many of the replicas are below their disk watermark to make a quorum: the
     /// keeper sets it, and publishes are refused meanwhile rather than left waiting.
     quorum_disk_low: Arc<AtomicBool>,
+    /// What is written, confirmed and fsynced where, for the metrics.
+    pub progress: Arc<SegmentProgress>,
     stop: CancellationToken,
     task: Arc<tokio::sync::Mutex<Option<JoinHandle<Option<()>>>>>,
 }
@@ -183,6 +186,7 @@ pub fn start(
     let rotate = CancellationToken::new();
     let queue = Arc::new(Semaphore::new(queue_units as usize));
     let quorum_disk_low = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(SegmentProgress::new(&replicas));
     let task = segments.spawn(run(Task {
         segments: segments.clone(),
         id,
@@ -198,6 +202,7 @@ pub fn start(
         held: VecDeque::new(),
         rotate: rotate.clone(),
         quorum_disk_low: quorum_disk_low.clone(),
+        progress: progress.clone(),
         stop: stop.clone(),
     }));
     Ok(PrimaryHandle {
@@ -208,6 +213,7 @@ pub fn start(
         confirmed,
         rotate,
         quorum_disk_low,
+        progress,
         stop,
         task: Arc::new(tokio::sync::Mutex::new(Some(task))),
     })
@@ -230,6 +236,7 @@ struct Task {
     held: VecDeque<AppendRequest>,
     rotate: CancellationToken,
     quorum_disk_low: Arc<AtomicBool>,
+    progress: Arc<SegmentProgress>,
     stop: CancellationToken,
 }
 
@@ -247,14 +254,23 @@ struct Waiting {
 struct Fsync {
     syncer: Syncer,
     running: Option<JoinHandle<Result<u64, StorageError>>>,
+    /// When the running fsync started, and the offset durable before it (metrics).
+    started: (std::time::Instant, u64),
+    metrics: crate::metrics::Metrics,
     /// An fsync that fails for want of space (thin provisioning, network filesystems)
     /// puts the node below its watermark at once.
     disk: crate::disk::Disk,
 }
 
 impl Fsync {
-    fn start_if_idle(&mut self) {
+    fn new(syncer: Syncer, durable: u64, segments: &Segments) -> Self {
+        let (metrics, disk) = (segments.metrics().clone(), segments.disk().clone());
+        Fsync { syncer, running: None, started: (std::time::Instant::now(), durable), metrics, disk }
+    }
+
+    fn start_if_idle(&mut self, durable: u64) {
         if self.running.is_none() {
+            self.started = (std::time::Instant::now(), durable);
             let s = self.syncer.clone();
             self.running = Some(crate::clock::spawn_blocking(move || s.sync()));
         }
@@ -265,6 +281,10 @@ impl Fsync {
         let Some(task) = self.running.as_mut() else { return std::future::pending().await };
         let r = task.await;
         self.running = None;
+        if let Ok(Ok(d)) = &r {
+            let (at, before) = self.started;
+            self.metrics.fsynced(Some(d.saturating_sub(before)), at.elapsed().as_secs_f64());
+        }
         match r {
             Ok(r) => r.map_err(|e| {
                 if super::out_of_space(&e) {
@@ -290,7 +310,7 @@ async fn run(mut t: Task) {
     let (written_tx, written_rx) = watch::channel(written);
     let (ack_tx, mut ack_rx) = mpsc::channel::<Ack>(ACK_QUEUE_MAX);
     let streams = t.start_streams(written_rx, ack_tx);
-    let mut fsync = Fsync { syncer, running: None, disk: t.segments.disk().clone() };
+    let mut fsync = Fsync::new(syncer, written, &t.segments);
     let mut rotating = false;
     // Exactly-once publishing: the window of the shard's previous generations, loaded
     // (handed over or rebuilt) while unkeyed publishes flow; keyed ones wait in `held`.
@@ -401,13 +421,14 @@ impl Task {
     /// readers see the new confirmed end.
     fn after_event(&mut self, core: &mut Confirmations<Waiting>, fsync: &mut Fsync) {
         if core.needs_fsync() {
-            fsync.start_if_idle();
+            fsync.start_if_idle(core.durable_here());
         }
         for (waiting, range) in core.take_confirmed() {
             self.answer(waiting, range);
         }
         // Readers may already have seen records up to the old value: only forward.
         self.confirmed_tx.send_if_modified(|c| std::mem::replace(c, core.confirmed()) != core.confirmed());
+        self.progress.store(core.written(), core.confirmed(), |n| core.durable_on(n));
     }
 
     /// Takes `first` and whatever else is queued (up to `write_batch_max_bytes`) into
@@ -444,12 +465,17 @@ impl Task {
             return Ok(false);
         }
         let payloads: Vec<Bytes> = writes.iter().flat_map(|w| w.payloads.iter().cloned()).collect();
+        let started = std::time::Instant::now();
         let appended = {
             let mut w = lock(&self.writer);
             w.append(ts, &payloads).map(|range| (range, w.size_bytes()))
         };
         let (range, size) = match appended {
-            Ok(a) => a,
+            Ok(a) => {
+                let written = payloads.iter().map(|p| p.len() as u64).sum();
+                self.segments.metrics().appended(written, started.elapsed().as_secs_f64());
+                a
+            }
             Err(e) => {
                 let e = self.segments.write_error(e);
                 for w in writes {
@@ -458,7 +484,7 @@ impl Task {
                 return Err(e);
             }
         };
-        fsync.start_if_idle();
+        fsync.start_if_idle(core.durable_here());
         let mut at = range.start;
         for w in &writes {
             let count = w.payloads.len() as u32;

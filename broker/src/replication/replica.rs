@@ -82,7 +82,9 @@ impl<S: Stream<Item = Result<ReplicateRequest, RequestError>> + Unpin> ReplicaSt
                 // is sealed or taken over.
                 Err(None) => return,
             }
+            let started = std::time::Instant::now();
             let answer = sync_here(&self.syncer).await.map(|durable| ReplicateResponse { durable_offset: durable });
+            self.segments.metrics().fsynced(None, started.elapsed().as_secs_f64());
             let failed = answer.is_err();
             if self.out.send(answer).await.is_err() || failed {
                 return;

@@ -384,6 +384,14 @@ impl Admin for FakeBroker {
         Ok(Response::new(pb::ListConsumerGroupsResponse { consumer_groups, index }))
     }
 
+    async fn describe_consumer_groups(
+        &self,
+        r: Request<pb::DescribeConsumerGroupsRequest>,
+    ) -> Result<Response<pb::DescribeConsumerGroupsResponse>, Status> {
+        self.0.record(format!("DescribeConsumerGroups {}", r.into_inner().namespace));
+        Err(Status::unimplemented("the fake broker has no consumer lag"))
+    }
+
     async fn dump(&self, _: Request<pb::DumpRequest>) -> Result<Response<pb::DumpResponse>, Status> {
         self.0.record("Dump".to_string());
         match self.0.script.lock().unwrap().dump.clone() {
