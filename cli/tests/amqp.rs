@@ -1,5 +1,6 @@
-//! AMQP 0.9.1 with a real client: pika (from PyPI, installed into
-//! `$HOME/.cache/eventtermq/pylib` on first use) against a 3-node cluster of the real
+//! AMQP 0.9.1 with real clients of two languages: pika (from PyPI, installed into
+//! `$HOME/.cache/eventtermq/pylib` on first use) and amqplib (from npm, installed into
+//! `$HOME/.cache/eventtermq/node` on first use) against a 3-node cluster of the real
 //! binary, publishers on one node and consumers on another; protocol violations with
 //! raw sockets; messages crossing between AMQP and gRPC with their properties.
 
@@ -13,13 +14,15 @@ use std::time::Duration;
 
 use common::*;
 
-/// One cluster per test (tests run at once): 127.0.0.131-139.
+/// One cluster per test (tests run at once): 127.0.0.131-143.
 const TUTORIALS: [&str; 3] = ["127.0.0.131", "127.0.0.132", "127.0.0.133"];
 const INTEROP: [&str; 3] = ["127.0.0.134", "127.0.0.135", "127.0.0.136"];
 const VIOLATIONS: [&str; 3] = ["127.0.0.137", "127.0.0.138", "127.0.0.139"];
+const AMQPLIB_TUTORIALS: [&str; 3] = ["127.0.0.141", "127.0.0.142", "127.0.0.143"];
 const PORT: u16 = 26880;
 const AMQP_PORT: u16 = PORT + 1;
 const PIKA: &str = "pika>=1.3,<2";
+const AMQPLIB: &str = "amqplib@0.10";
 
 /// A directory holding pika, installed with pip on first use.
 fn pika_path() -> PathBuf {
@@ -154,4 +157,63 @@ fn protocol_violations_close_that_connection_and_the_node_keeps_serving() {
     // The node still serves a real client.
     let out = pika(HOSTS, &["hello"]);
     assert!(out.contains("ok hello"), "{out}");
+}
+
+/// A `node_modules` directory holding amqplib, installed with npm on first use.
+fn amqplib_path() -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let dir = PathBuf::from(home).join(".cache/eventtermq/node");
+    let modules = dir.join("node_modules");
+    let node_ok = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
+    assert!(node_ok, "`node` not found: the amqplib checks need Node.js (>= 16) and npm (apt-get install nodejs npm)");
+    let has_amqplib = || {
+        Command::new("node")
+            .env("NODE_PATH", &modules)
+            .args(["-e", "require('amqplib')"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has_amqplib() {
+        std::fs::create_dir_all(&dir).unwrap();
+        let o = Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
+            .arg(&dir)
+            .arg(AMQPLIB)
+            .output();
+        let o = match o {
+            Ok(o) => o,
+            Err(e) => {
+                panic!("`npm` not found ({e}): the amqplib checks install {AMQPLIB} with npm (apt-get install npm)")
+            }
+        };
+        assert!(o.status.success(), "npm install {AMQPLIB} failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(has_amqplib(), "amqplib not loadable from {}", modules.display());
+    modules
+}
+
+/// Runs amqplib_checks.js with publishers on `hosts[1]` and consumers on `hosts[2]`.
+fn amqplib(hosts: [&str; 3], checks: &[&str]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/amqp/amqplib_checks.js");
+    let port = AMQP_PORT.to_string();
+    let o = Command::new("timeout")
+        .args(["180", "node", script, hosts[1], hosts[2], &port])
+        .args(checks)
+        .env("NODE_PATH", amqplib_path())
+        .output()
+        .expect("run node");
+    let out = stdout(&o);
+    assert!(o.status.success(), "amqplib checks {checks:?} failed:\n{out}\n{}", stderr(&o));
+    out
+}
+
+#[test]
+fn amqplib_runs_the_tutorials_and_confirms_across_nodes() {
+    const HOSTS: [&str; 3] = AMQPLIB_TUTORIALS;
+    let _nodes = cluster("amqp_amqplib", HOSTS);
+    let checks = ["hello", "work_queues", "publish_subscribe", "routing", "topics", "rpc", "confirms"];
+    let out = amqplib(HOSTS, &checks);
+    for c in checks {
+        assert!(out.contains(&format!("ok {c}\n")), "{c} missing:\n{out}");
+    }
 }
