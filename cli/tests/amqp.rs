@@ -255,8 +255,9 @@ impl Lines {
 }
 
 impl Drop for Lines {
+    /// SIGTERM to `timeout`, which passes it on to the program it runs.
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let _ = self.child.wait();
     }
 }
@@ -276,23 +277,32 @@ fn dump_json(host: &str) -> serde_json::Value {
 }
 
 /// The index in `hosts` of node `id`.
-fn host_of(dump: &serde_json::Value, hosts: [&str; 3], id: u64) -> usize {
-    let node = dump["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).expect("node in dump");
-    let addr = node["address"].as_str().unwrap();
-    hosts.iter().position(|h| addr.starts_with(&format!("{h}:"))).unwrap_or_else(|| panic!("{addr}"))
+fn host_of(dump: &serde_json::Value, hosts: [&str; 3], id: u64) -> Option<usize> {
+    let node = dump["nodes"].as_array()?.iter().find(|n| n["id"] == id)?;
+    let addr = node["address"].as_str()?;
+    hosts.iter().position(|h| addr.starts_with(&format!("{h}:")))
 }
 
 /// The node holding the primary of the default exchange's open segment (what a
-/// publish to a queue through `""` is stored by), and the node running group `queue`.
+/// publish to a queue through `""` is stored by), and the node running group `queue`,
+/// once both are known (a segment failed over is replaced by the next publish; a
+/// group whose node died is placed again).
 fn queue_nodes(host: &str, hosts: [&str; 3], queue: &str) -> (usize, usize) {
-    let dump = dump_json(host);
-    let segments = dump["segments"].as_array().unwrap();
-    let open = segments.iter().find(|s| s["topic"] == "amq.default" && s["open"] == true).expect("an open segment");
-    let primary = host_of(&dump, hosts, open["primary_node_id"].as_u64().unwrap());
-    let ns = dump["namespaces"].as_array().unwrap().iter().find(|n| n["name"] == "default").unwrap();
-    let group = ns["consumer_groups"].as_array().unwrap().iter().find(|g| g["name"] == queue).expect("the group");
-    let group = host_of(&dump, hosts, group["node_id"].as_u64().unwrap());
-    (primary, group)
+    let find = || {
+        let dump = dump_json(host);
+        let segments = dump["segments"].as_array()?;
+        let open = segments.iter().find(|s| s["topic"] == "amq.default" && s["open"] == true)?;
+        let primary = host_of(&dump, hosts, open["primary_node_id"].as_u64()?)?;
+        let ns = dump["namespaces"].as_array()?.iter().find(|n| n["name"] == "default")?;
+        let group = ns["consumer_groups"].as_array()?.iter().find(|g| g["name"] == queue)?;
+        Some((primary, host_of(&dump, hosts, group["node_id"].as_u64()?)?))
+    };
+    let mut found = None;
+    eventually(Duration::from_secs(30), "the queue's primary and group node in the dump", || {
+        found = find();
+        found.is_some()
+    });
+    found.unwrap()
 }
 
 /// Issue 15, scope 7: a pika publisher on a confirm channel publishes one message at a
