@@ -24,6 +24,8 @@ pub struct Cluster {
     /// starts at a random point, or one a simulation derives from its seed and clock,
     /// so a run replays exactly).
     next_nonce: Arc<AtomicU64>,
+    /// Changes of `raft.metrics()`, passed on by one task: see [`Cluster::raft_changes`].
+    raft_changes: crate::watch::Receiver<()>,
 }
 
 /// Pause between attempts while there is no leader or it just changed.
@@ -38,7 +40,24 @@ impl Cluster {
         request_timeout: Duration,
         first_nonce: u64,
     ) -> Self {
-        Self { id, raft, state, peers, request_timeout, next_nonce: Arc::new(AtomicU64::new(first_nonce)) }
+        // The only task that waits on openraft's watch (its waiters wake in a random
+        // order, see `crate::watch`); it ends when Raft does, and so does the channel.
+        let (changed, raft_changes) = crate::watch::channel(());
+        let mut metrics = raft.metrics();
+        tokio::spawn(async move {
+            while metrics.changed().await.is_ok() {
+                changed.send_replace(());
+            }
+        });
+        let next_nonce = Arc::new(AtomicU64::new(first_nonce));
+        Self { id, raft, state, peers, request_timeout, next_nonce, raft_changes }
+    }
+
+    /// Tells of every change of Raft's metrics (`raft.metrics()` has the new ones); an
+    /// error once Raft has stopped. Tasks that wait for Raft wait on this rather than on
+    /// `raft.metrics()` itself, so that they wake in the order they began to wait.
+    pub fn raft_changes(&self) -> crate::watch::Receiver<()> {
+        self.raft_changes.clone()
     }
 
     /// How long a request may take, forwarding and retries included.
@@ -187,12 +206,15 @@ impl Cluster {
                     Err(_) => tokio::time::sleep(Duration::from_millis(RETRY_PAUSE_MS)).await,
                 }
             };
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            self.raft
-                .wait(Some(remaining))
-                .applied_index_at_least(Some(index), "linearizable read")
-                .await
-                .map_err(|e| RequestError::new(ErrorCode::Timeout, format!("waiting to apply index {index}: {e}")))?;
+            let mut changes = self.raft_changes();
+            while self.raft.metrics().borrow().last_applied.map(|l| l.index) < Some(index) {
+                let why = match tokio::time::timeout_at(deadline, changes.changed()).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(_)) => "Raft stopped",
+                    Err(_) => "timed out",
+                };
+                return Err(RequestError::new(ErrorCode::Timeout, format!("waiting to apply index {index}: {why}")));
+            }
         }
         Ok(self.state.read())
     }

@@ -24,3 +24,4 @@ pub mod node;
 pub mod peers;
 pub mod replication;
 pub mod transport;
+pub mod watch;

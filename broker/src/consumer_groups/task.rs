@@ -98,12 +98,17 @@ pub(crate) async fn run(
     commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refresh_tick = tokio::time::interval(SEGMENTS_REFRESH_INTERVAL);
     loop {
+        // In this order, not at random (tokio's default): the two ticks often fall due
+        // at the same instant, and which goes first decides what a commit holds; a seed
+        // of the simulation must replay. Ticks first: each is ready once a period, so
+        // they cannot starve the rest.
         tokio::select! {
+            biased;
             _ = stop.cancelled() => break,
             _ = refresh_tick.tick() => if !t.refresh() { return },
-            Some((id, result)) = t.fetches.next(), if !t.fetches.is_empty() => t.fetched(id, result),
-            Some(cmd) = cmds.recv() => t.command(cmd),
             _ = commit_tick.tick() => t.commit_in_background(),
+            Some(cmd) = cmds.recv() => t.command(cmd),
+            Some((id, result)) = t.fetches.next(), if !t.fetches.is_empty() => t.fetched(id, result),
         }
         t.step();
     }
