@@ -555,6 +555,7 @@ async fn run_publisher(
         let first = match carried.take() {
             Some(job) => job,
             None => tokio::select! {
+                biased;
                 _ = stop.cancelled() => return,
                 job = rx.recv() => match job { Some(j) => j, None => return },
             },
@@ -574,6 +575,7 @@ async fn run_publisher(
         let confirms: Vec<Option<u64>> = batch.iter().map(|j| j.confirm).collect();
         let messages: Vec<pb::Message> = batch.into_iter().map(|j| j.message).collect();
         let r = tokio::select! {
+            biased;
             _ = stop.cancelled() => return,
             r = backend.publish(&namespace, &topic, messages) => r,
         };
@@ -617,6 +619,7 @@ impl ConsumerTask {
             }
             loop {
                 tokio::select! {
+                    biased;
                     _ = self.stop.cancelled() => return,
                     _ = tokio::time::sleep(RESUBSCRIBE_PAUSE) => {}
                 }
@@ -643,6 +646,7 @@ impl ConsumerTask {
     async fn forward(&self, stream: &mut Relayed<pb::SubscribeResponse>) -> Option<RequestError> {
         loop {
             let item = tokio::select! {
+                biased;
                 _ = self.stop.cancelled() => return None,
                 item = stream.next() => item,
             };

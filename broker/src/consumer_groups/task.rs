@@ -132,14 +132,19 @@ pub(crate) async fn run(
     let mut peek_tick = tokio::time::interval(LAG_PEEK_INTERVAL);
     peek_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // In this order, not at random (tokio's default): the two ticks often fall due
+        // at the same instant, and which goes first decides what a commit holds; a seed
+        // of the simulation must replay. Ticks first: each is ready once a period, so
+        // they cannot starve the rest.
         tokio::select! {
+            biased;
             _ = stop.cancelled() => break,
             _ = refresh_tick.tick() => if !t.refresh() { return },
-            Some((id, result)) = t.fetches.next(), if !t.fetches.is_empty() => t.fetched(id, result),
-            Some((id, end)) = t.peeks.next(), if !t.peeks.is_empty() => t.peeked(id, end),
+            _ = commit_tick.tick() => t.commit_in_background(),
             _ = peek_tick.tick() => t.start_peeks(),
             Some(cmd) = cmds.recv() => t.command(cmd),
-            _ = commit_tick.tick() => t.commit_in_background(),
+            Some((id, result)) = t.fetches.next(), if !t.fetches.is_empty() => t.fetched(id, result),
+            Some((id, end)) = t.peeks.next(), if !t.peeks.is_empty() => t.peeked(id, end),
         }
         t.step();
     }
