@@ -11,6 +11,7 @@ use eventtermq_proto::v1::admin_server::Admin;
 use tonic::{Request, Response, Status};
 
 use super::convert::*;
+use super::request::tag;
 use crate::cluster::Cluster;
 use crate::cluster_state::validate;
 use crate::cluster_state::TopicUpdate;
@@ -214,12 +215,14 @@ impl AdminService {
 impl Admin for AdminService {
     async fn create_namespace(&self, req: Request<pb::CreateNamespaceRequest>) -> Reply<pb::WriteResponse> {
         let name = req.into_inner().name;
+        tag(&name, None, None);
         validate::name("name", &name)?;
         written(self.cluster.write(Command::CreateNamespace { name }).await?)
     }
 
     async fn delete_namespace(&self, req: Request<pb::DeleteNamespaceRequest>) -> Reply<pb::WriteResponse> {
         let req = req.into_inner();
+        tag(&req.name, None, None);
         validate::name("name", &req.name)?;
         written(self.cluster.write(Command::DeleteNamespace { name: req.name, cascade: req.cascade }).await?)
     }
@@ -234,6 +237,7 @@ impl Admin for AdminService {
 
     async fn create_topic(&self, req: Request<pb::CreateTopicRequest>) -> Reply<pb::WriteResponse> {
         let req = req.into_inner();
+        tag(&req.namespace, req.topic.as_ref().map(|t| t.name.as_str()), None);
         let namespace = namespace_of(&req.namespace)?;
         let topic = req.topic.ok_or_else(|| RequestError::new(ErrorCode::InvalidArgument, "topic: is required"))?;
         validate::name("name", &topic.name)?;
@@ -243,6 +247,7 @@ impl Admin for AdminService {
 
     async fn update_topic(&self, req: Request<pb::UpdateTopicRequest>) -> Reply<pb::WriteResponse> {
         let req = req.into_inner();
+        tag(&req.namespace, Some(&req.name), None);
         let namespace = namespace_of(&req.namespace)?;
         validate::name("name", &req.name)?;
         let update = TopicUpdate {
@@ -264,6 +269,7 @@ impl Admin for AdminService {
 
     async fn delete_topic(&self, req: Request<pb::DeleteTopicRequest>) -> Reply<pb::WriteResponse> {
         let req = req.into_inner();
+        tag(&req.namespace, Some(&req.name), None);
         let namespace = namespace_of(&req.namespace)?;
         validate::name("name", &req.name)?;
         written(self.cluster.write(Command::DeleteTopic { namespace, name: req.name }).await?)
@@ -271,6 +277,7 @@ impl Admin for AdminService {
 
     async fn list_topics(&self, req: Request<pb::ListTopicsRequest>) -> Reply<pb::ListTopicsResponse> {
         let req = req.into_inner();
+        tag(&req.namespace, None, None);
         let namespace = namespace_of(&req.namespace)?;
         let applied = self.cluster.read(!req.stale).await?;
         let ns = applied.state.namespace(&namespace)?;
@@ -282,6 +289,7 @@ impl Admin for AdminService {
 
     async fn create_consumer_group(&self, req: Request<pb::CreateConsumerGroupRequest>) -> Reply<pb::WriteResponse> {
         let req = req.into_inner();
+        tag(&req.namespace, None, req.consumer_group.as_ref().map(|g| g.name.as_str()));
         let namespace = namespace_of(&req.namespace)?;
         let group = req
             .consumer_group
@@ -293,6 +301,7 @@ impl Admin for AdminService {
 
     async fn delete_consumer_group(&self, req: Request<pb::DeleteConsumerGroupRequest>) -> Reply<pb::WriteResponse> {
         let req = req.into_inner();
+        tag(&req.namespace, None, Some(&req.name));
         let namespace = namespace_of(&req.namespace)?;
         validate::name("name", &req.name)?;
         written(self.cluster.write(Command::DeleteConsumerGroup { namespace, name: req.name }).await?)
@@ -303,6 +312,7 @@ impl Admin for AdminService {
         req: Request<pb::ListConsumerGroupsRequest>,
     ) -> Reply<pb::ListConsumerGroupsResponse> {
         let req = req.into_inner();
+        tag(&req.namespace, None, None);
         let namespace = namespace_of(&req.namespace)?;
         let applied = self.cluster.read(!req.stale).await?;
         let ns = applied.state.namespace(&namespace)?;
@@ -322,6 +332,7 @@ impl Admin for AdminService {
     ) -> Reply<pb::DescribeConsumerGroupsResponse> {
         let forwarded = hops(req.metadata()) > 0;
         let req = req.into_inner();
+        tag(&req.namespace, None, (req.names.len() == 1).then(|| req.names[0].as_str()));
         let namespace = namespace_of(&req.namespace)?;
         for (i, n) in req.names.iter().enumerate() {
             validate::name(&format!("names[{i}]"), n)?;

@@ -6,6 +6,7 @@ pub mod convert;
 pub mod internal;
 pub mod messaging;
 pub mod metrics;
+pub mod request;
 
 use std::pin::Pin;
 
@@ -132,6 +133,7 @@ pub fn serve(
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(crate::transport::HTTP2_KEEPALIVE_INTERVAL))
             .layer(grpc_metrics)
+            .layer(request::RequestContextLayer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -169,7 +169,7 @@ impl From<PeerError> for RequestError {
 /// Metadata marking a request one node forwarded to another, with the number of hops
 /// so far. Consumer-group requests are never forwarded twice; a publish may be, up to
 /// [`PUBLISH_HOPS_MAX`], when the segment moved while the request was on its way.
-const FORWARDED_METADATA: &str = "eventter-forwarded";
+pub(crate) const FORWARDED_METADATA: &str = "eventter-forwarded";
 
 /// Most times one publish is passed from node to node.
 pub const PUBLISH_HOPS_MAX: u32 = 3;
@@ -212,6 +212,10 @@ fn forwarded<T>(message: T, hops: u32) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
     if let Ok(v) = (hops + 1).to_string().parse() {
         req.metadata_mut().insert(FORWARDED_METADATA, v);
+    }
+    // The client's request keeps its id on every node it passes (their logs match).
+    if let Some(v) = crate::api::request::current_id().and_then(|id| id.parse().ok()) {
+        req.metadata_mut().insert(eventtermq_api::error::REQUEST_ID_METADATA, v);
     }
     req
 }
