@@ -16,6 +16,7 @@ LAG_ROUNDS=20               # publishes of MESSAGES/LAG_ROUNDS each, so rate() s
 SCENARIOS=(
   "cluster-ready:scenario_cluster_ready"
   "topic-and-group:scenario_topic_and_group"
+  "member-health-in-status:scenario_member_health"
   "topic-rejected:scenario_topic_rejected"
   "publish-subscribe:scenario_publish_subscribe"
   "prometheus-targets:scenario_prometheus_targets"
@@ -219,6 +220,26 @@ scenario_topic_and_group() {
     grep -qx "group default/$GROUP" <<<"$objects" || fail "group $GROUP missing from the dump on $CLUSTER-$i"
   done
   note "topic index $(k get topic "$TOPIC" -o jsonpath='{.status.clusterStateIndex}'), in the dump on all 3 pods"
+}
+
+# members_healthy: every member of the EventterCluster's status reports its own free
+# disk and watermark, none could not be asked, and exactly one is the leader.
+members_healthy() {
+  k get eventtercluster "$CLUSTER" -o json | python3 -c '
+import json, sys
+members = json.load(sys.stdin)["status"]["members"]
+ok = len(members) == 3 and sum(1 for m in members if m.get("leader")) == 1 and all(
+    m.get("diskFreeBytes", 0) > 0 and m.get("diskFreeMinBytes", 0) > 0 and "healthError" not in m
+    and not m.get("diskLow") and m.get("state") == "Alive" for m in members)
+print(" ".join("%s:%s%s free=%s" % (m["address"].split(".")[0], m.get("raftRole"), "*" if m.get("leader") else "",
+      m.get("diskFreeBytes", m.get("healthError"))) for m in members))
+sys.exit(0 if ok else 1)'
+}
+
+# The EventterCluster's status carries each broker's own health, asked of that broker.
+scenario_member_health() {
+  until_ok 90 "every member's own health in the EventterCluster status" members_healthy
+  note "members: $(members_healthy)"
 }
 
 # A Topic the schema accepts but the broker refuses: the same broker topic as
