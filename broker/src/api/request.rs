@@ -54,12 +54,13 @@ pub fn request_id(from_client: Option<&http::HeaderValue>) -> String {
 pub fn tag(namespace: &str, topic: Option<&str>, group: Option<&str>) {
     let span = tracing::Span::current();
     let namespace = if namespace.is_empty() { eventtermq_api::defaults::NAMESPACE } else { namespace };
-    span.record("namespace", namespace);
+    // Display, not Debug: `topic=orders` in text logs, as the id and method print.
+    span.record("namespace", tracing::field::display(namespace));
     if let Some(topic) = topic {
-        span.record("topic", topic);
+        span.record("topic", tracing::field::display(topic));
     }
     if let Some(group) = group {
-        span.record("group", group);
+        span.record("group", tracing::field::display(group));
     }
 }
 
