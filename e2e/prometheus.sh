@@ -2,13 +2,20 @@
 #
 # Debian's `prometheus` package (installed by e2e/cluster/build.sh with the cluster's
 # other packages, its service never started), run on the host as one of the cluster's
-# processes (start_proc: e2e/cluster/down.sh stops it). It discovers the pods through
-# the API server (kubernetes_sd_configs, role pod, the admin kubeconfig) and keeps
-# those annotated `prometheus.io/scrape: "true"`, scraping `prometheus.io/port` and
-# `prometheus.io/path`: exactly what the operator puts on the broker pods and the chart
-# on the operator pod, with the relabelling the chart's Pod/ServiceMonitor use
-# (kubernetes_namespace, pod, eventtermq_cluster). The host reaches pod IPs through the
-# node's veth. It loads the alert rules of the chart's PrometheusRule.
+# processes (start_proc: e2e/cluster/down.sh stops it), scraping pod IPs directly (the
+# host reaches them through the node's veth). It loads the alert rules of the chart's
+# PrometheusRule.
+#
+# Discovery: Debian builds Prometheus without its Kubernetes service discovery
+# (`kubernetes_sd_configs` is refused as an unknown field), so the harness does what
+# `kubernetes_sd_configs` role pod plus the usual annotation relabelling would (README,
+# "On Kubernetes"): it lists the pods, keeps the running ones annotated
+# `prometheus.io/scrape: "true"`, targets `<pod IP>:<prometheus.io/port>` at
+# `prometheus.io/path`, labels them kubernetes_namespace, pod, eventtermq_cluster (the
+# pod's app.kubernetes.io/instance) and component, and hands them to Prometheus as a
+# file_sd file, rewritten on every prometheus_discover. So what is checked is what the
+# operator and the chart advertise, read from the API server, and a real Prometheus
+# scraping it; only the listing is not Prometheus' own.
 
 PROMETHEUS_BIN="${PROMETHEUS_BIN:-/usr/bin/prometheus}"
 PROMTOOL_BIN="${PROMTOOL_BIN:-/usr/bin/promtool}"
@@ -34,6 +41,7 @@ prometheus_start() {
   # Called in an `if`, where errexit is off: every step returns on failure.
   mkdir -p "$PROMETHEUS_DIR/data" || return 1
   prometheus_rules "$1" "$PROMETHEUS_DIR/rules.yaml" || { echo "no rules rendered from $1" >&2; return 1; }
+  prometheus_discover || { echo "cannot list the pods for the scrape targets" >&2; return 1; }
   cat >"$PROMETHEUS_DIR/prometheus.yml" <<YAML
 global:
   scrape_interval: $PROMETHEUS_SCRAPE_INTERVAL
@@ -45,33 +53,9 @@ scrape_configs:
   - job_name: kubernetes-pods
     # The brokers' own namespace label (a topic's or group's) wins over any target label.
     honor_labels: true
-    kubernetes_sd_configs:
-      - role: pod
-        kubeconfig_file: $KUBECONFIG_ADMIN
-    relabel_configs:
-      - source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scrape]
-        action: keep
-        regex: "true"
-      - source_labels: [__meta_kubernetes_pod_phase]
-        action: drop
-        regex: Succeeded|Failed
-      - source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_path]
-        action: replace
-        regex: (.+)
-        target_label: __metrics_path__
-      - source_labels: [__address__, __meta_kubernetes_pod_annotation_prometheus_io_port]
-        action: replace
-        regex: ([^:]+)(?::\d+)?;(\d+)
-        replacement: \$1:\$2
-        target_label: __address__
-      - source_labels: [__meta_kubernetes_namespace]
-        target_label: kubernetes_namespace
-      - source_labels: [__meta_kubernetes_pod_name]
-        target_label: pod
-      - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_instance]
-        target_label: eventtermq_cluster
-      - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_component]
-        target_label: component
+    file_sd_configs:
+      - files: [$PROMETHEUS_DIR/targets.json]
+        refresh_interval: 5s
 YAML
   "$PROMTOOL_BIN" check config "$PROMETHEUS_DIR/prometheus.yml" >&2 || return 1
   "$PROMTOOL_BIN" check rules "$PROMETHEUS_DIR/rules.yaml" >&2 || return 1
@@ -79,6 +63,33 @@ YAML
     --config.file="$PROMETHEUS_DIR/prometheus.yml" --storage.tsdb.path="$PROMETHEUS_DIR/data" \
     --web.listen-address="$PROMETHEUS_ADDRESS" --storage.tsdb.retention.time=1d || return 1
   wait_for 60 "Prometheus ready on $PROMETHEUS_ADDRESS" curl -sf "$PROMETHEUS_URL/-/ready"
+}
+
+# prometheus_discover: (re)writes the file_sd targets from the pods' annotations (see
+# the header). Prometheus notices the new file by itself.
+prometheus_discover() {
+  kubectl_ get pods --all-namespaces -o json | python3 -c '
+import json, sys
+targets = []
+for pod in json.load(sys.stdin)["items"]:
+    meta, status = pod["metadata"], pod.get("status", {})
+    annotations, labels = meta.get("annotations") or {}, meta.get("labels") or {}
+    port = annotations.get("prometheus.io/port", "")
+    if annotations.get("prometheus.io/scrape") != "true" or not port.isdigit():
+        continue
+    if status.get("phase") != "Running" or not status.get("podIP"):
+        continue
+    target_labels = {
+        "__metrics_path__": annotations.get("prometheus.io/path") or "/metrics",
+        "kubernetes_namespace": meta["namespace"],
+        "pod": meta["name"],
+    }
+    for label, name in (("app.kubernetes.io/instance", "eventtermq_cluster"), ("app.kubernetes.io/component", "component")):
+        if labels.get(label):
+            target_labels[name] = labels[label]
+    targets.append({"targets": ["%s:%s" % (status["podIP"], port)], "labels": target_labels})
+json.dump(targets, sys.stdout, indent=1)' >"$PROMETHEUS_DIR/targets.json.new" &&
+    mv "$PROMETHEUS_DIR/targets.json.new" "$PROMETHEUS_DIR/targets.json"
 }
 
 # prom_query EXPR: the JSON answer of an instant query (exit status 1 on an HTTP error).

@@ -418,7 +418,11 @@ scenario_cluster_delete() {
 
 require_prometheus() {
   [ -s "$E2E_TMP/prometheus-ready" ] || fail "Prometheus did not start (see the setup lines above)"
+  prometheus_discover || fail "cannot list the pods for Prometheus' targets"
 }
+# discovered_value_is EXPR WANT: value_is after listing the pods again (pods that only
+# now run become targets).
+discovered_value_is() { prometheus_discover && value_is "$1" "$2"; }
 # value_is EXPR WANT: Prometheus answers EXPR with exactly one sample of value WANT.
 value_is() { [ "$(prom_value "$1")" = "$2" ]; }
 
@@ -427,10 +431,10 @@ value_is() { [ "$(prom_value "$1")" = "$2" ]; }
 scenario_prometheus_targets() {
   require_prometheus
   local brokers="{kubernetes_namespace=\"$NS\", eventtermq_cluster=\"$CLUSTER\"}"
-  until_ok 90 "3 broker targets in Prometheus" value_is "count(up$brokers)" 3
+  until_ok 90 "3 broker targets in Prometheus" discovered_value_is "count(up$brokers)" 3
   until_ok 60 "all 3 broker targets up" value_is "sum(up$brokers)" 3
   until_ok 30 "3 brokers' build_info" value_is "count(eventtermq_build_info$brokers)" 3
-  until_ok 60 "the operator's target up" value_is "sum(up{kubernetes_namespace=\"$OPERATOR_NS\", component=\"operator\"})" 1
+  until_ok 60 "the operator's target up" discovered_value_is "sum(up{kubernetes_namespace=\"$OPERATOR_NS\", component=\"operator\"})" 1
   note "up: $(prom_query "up$brokers" | python3 -c 'import json,sys; print(" ".join(r["metric"]["pod"] + "=" + r["value"][1] for r in json.load(sys.stdin)["data"]["result"]))')"
 }
 
