@@ -440,7 +440,9 @@ scenario_prometheus_targets() {
 
 # lag_column: the LAG column of `kubectl get consumergroup $LAG_GROUP`.
 lag_column() {
-  k get consumergroup "$LAG_GROUP" | awk 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "LAG") c = i } NR == 2 && c { print $c }'
+  local table
+  table=$(k get consumergroup "$LAG_GROUP") || return 1
+  awk 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "LAG") c = i } NR == 2 && c { print $c }' <<<"$table"
 }
 lag_column_is() { [ "$(lag_column)" = "$1" ]; }
 
@@ -469,7 +471,10 @@ spec:
 EOF
   until_ok 60 "Topic $LAG_TOPIC Ready" condition_is topic "$LAG_TOPIC" Ready True
   until_ok 60 "ConsumerGroup $LAG_GROUP Ready" condition_is consumergroup "$LAG_GROUP" Ready True
-  k get consumergroup "$LAG_GROUP" | head -n 1 | grep -qw LAG || fail "kubectl get consumergroups shows no LAG column"
+  # (Whole output first: with pipefail, `kubectl | head` fails when head stops reading.)
+  local table
+  table=$(k get consumergroup "$LAG_GROUP")
+  head -n 1 <<<"$table" | grep -qw LAG || fail "kubectl get consumergroups shows no LAG column: $table"
   until_ok 60 "LAG column 0 before publishing" lag_column_is 0
 
   local per_round=$((MESSAGES / LAG_ROUNDS)) pub_log="$E2E_TMP/lag-publish.log"
