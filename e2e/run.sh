@@ -91,6 +91,7 @@ t=$(date +%s)
 helm_ok=1
 if ! "$HELM" upgrade --install "$RELEASE" charts/eventtermq --namespace "$OPERATOR_NS" --create-namespace \
   --set operator.image.pullPolicy=Never --set operator.logFormat=text \
+  --set operator.groupStatusPeriodMs=5000 \
   --wait --timeout 3m; then
   helm_ok=0
 fi

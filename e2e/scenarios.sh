@@ -11,7 +11,8 @@ BROKER_IMAGE=localhost/eventtermq:0.1.0
 MESSAGES=1000
 LAG_TOPIC=e2e-lag           # the lag scenario's topic and its idle group
 LAG_GROUP=e2e-lag-idle
-LAG_ROUNDS=20               # publishes of MESSAGES/LAG_ROUNDS each, so rate() sees them
+LAG_ROUNDS=8                # publishes of MESSAGES/LAG_ROUNDS each, 1 s apart, so that
+                            # rate() sees them (scrapes every 5 s)
 
 SCENARIOS=(
   "cluster-ready:scenario_cluster_ready"
@@ -477,11 +478,12 @@ EOF
   head -n 1 <<<"$table" | grep -qw LAG || fail "kubectl get consumergroups shows no LAG column: $table"
   until_ok 60 "LAG column 0 before publishing" lag_column_is 0
 
-  local per_round=$((MESSAGES / LAG_ROUNDS)) pub_log="$E2E_TMP/lag-publish.log"
+  local per_round=$((MESSAGES / LAG_ROUNDS)) pub_log="$E2E_TMP/lag-publish.log" t0
+  t0=$(date +%s)
   (
     for i in $(seq "$LAG_ROUNDS"); do
       k exec "$CLUSTER-0" -c broker -- eventtermq publish "$LAG_TOPIC" "lag-$i-{n}" --count "$per_round" || exit 1
-      sleep 0.5
+      sleep 1
     done
   ) >"$pub_log" 2>&1 &
   local publisher=$! rate_expr value seen=""
@@ -498,12 +500,14 @@ EOF
   [ "$(grep -c "\"published\": $per_round" "$pub_log")" = "$LAG_ROUNDS" ] ||
     fail "not every publish confirmed: $(tail -n 3 "$pub_log")"
   [ -n "$seen" ] || fail "rate() of published messages was never positive while publishing"
-  note "rate() during the publish: $seen messages/s"
+  note "rate() during the publish: $seen messages/s ($(( $(date +%s) - t0 )) s for $LAG_ROUNDS publishes)"
+  t0=$(date +%s)
 
   local lag_expr="sum(eventtermq_consumer_group_lag_records{namespace=\"default\", group=\"$LAG_GROUP\"})"
   until_ok 60 "lag $MESSAGES in Prometheus" value_is "$lag_expr" "$MESSAGES"
   until_ok 60 "LAG column $MESSAGES in kubectl get consumergroups" lag_column_is "$MESSAGES"
-  note "lag $MESSAGES in Prometheus and in kubectl get -o wide: $(k get consumergroup "$LAG_GROUP" -o wide | tail -n 1)"
+  note "lag $MESSAGES in Prometheus and in kubectl get -o wide after $(( $(date +%s) - t0 )) s: $(k get consumergroup "$LAG_GROUP" -o wide | tail -n 1)"
+  t0=$(date +%s)
 
   local out got
   out=$(client_output sub-lag subscribe "$LAG_GROUP" --max-messages "$MESSAGES" --wait 10s) ||
@@ -512,7 +516,7 @@ EOF
   [ "$got" = "$MESSAGES" ] || fail "received $got of $MESSAGES distinct messages"
   until_ok 60 "lag 0 in Prometheus" value_is "$lag_expr" 0
   until_ok 60 "LAG column 0 in kubectl get consumergroups" lag_column_is 0
-  note "after reading them: lag 0 in Prometheus and in kubectl get"
+  note "after reading them: lag 0 in Prometheus and in kubectl get ($(( $(date +%s) - t0 )) s, subscribing included)"
   k delete consumergroup "$LAG_GROUP" --wait=true --timeout=60s >/dev/null
   k delete topic "$LAG_TOPIC" --wait=true --timeout=60s >/dev/null
 }
