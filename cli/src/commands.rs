@@ -109,11 +109,21 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
         }
         Command::DeleteTopic { name } => admin.delete_topic(name).await?,
         Command::ListTopics => admin.list_topics().await?,
-        Command::CreateConsumerGroup { name, bind, bind_direct, bind_topic, bind_headers, since: since_arg, size } => {
+        Command::CreateConsumerGroup {
+            name,
+            bind,
+            bind_direct,
+            bind_topic,
+            bind_headers,
+            since: since_arg,
+            size,
+            ack_timeout_ms,
+        } => {
             let group = pb::ConsumerGroup {
                 name,
                 bindings: bindings(&bind, &bind_direct, &bind_topic, &bind_headers)?,
                 size,
+                ack_timeout_ms,
                 since: since_arg.as_deref().map(since).transpose()?,
                 ..Default::default()
             };

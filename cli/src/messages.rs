@@ -389,6 +389,9 @@ pub fn message_json(r: &pb::SubscribeResponse) -> serde_json::Value {
         "topic": r.topic,
         "segment_id": r.segment_id,
         "offset": r.offset,
+        "delivery_count": r.delivery_count,
+        "redelivered": r.redelivered,
+        "timestamp_ms": r.timestamp.as_ref().map(eventtermq_broker::api::convert::timestamp_to_ms),
         "message": {
             "routing_key": m.routing_key,
             "headers": headers,

@@ -787,7 +787,8 @@ mod tests {
             headers_match: HeadersMatch::All,
             since_unix_ms: 0,
         };
-        let group = |bindings, since_unix_ms| ConsumerGroupSpec { bindings, size: 100, since_unix_ms };
+        let group =
+            |bindings, since_unix_ms| ConsumerGroupSpec { bindings, size: 100, since_unix_ms, ack_timeout_ms: 0 };
         let create = |spec| Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec };
 
         let err = s.apply(&create(group(vec![binding(ExchangeType::Direct, "")], 0))).unwrap_err();

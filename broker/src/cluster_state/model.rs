@@ -404,6 +404,10 @@ pub struct ConsumerGroupSpec {
     pub size: u32,
     /// Unix time in milliseconds where a new group starts reading.
     pub since_unix_ms: i64,
+    /// A message handed out and not acknowledged within this many milliseconds goes
+    /// back to the group for redelivery; 0: the node's `--ack-timeout-ms`.
+    #[serde(default)]
+    pub ack_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

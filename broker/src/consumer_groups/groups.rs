@@ -339,8 +339,20 @@ fn gone(group: &str) -> RequestError {
 
 fn to_response(d: Delivery) -> SubscribeResponse {
     // Stored payloads are encoded `Message`s; the primary encoded them.
+    let (delivery_count, redelivered) = (d.delivery_count, d.redelivered());
     let message = Message::decode(d.message).ok();
-    SubscribeResponse { topic: d.topic.to_string(), segment_id: d.segment_id, offset: d.offset, message }
+    let ms = d.timestamp_ms;
+    let timestamp =
+        prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 };
+    SubscribeResponse {
+        topic: d.topic.to_string(),
+        segment_id: d.segment_id,
+        offset: d.offset,
+        message,
+        delivery_count,
+        redelivered,
+        timestamp: Some(timestamp),
+    }
 }
 
 async fn stop_group(h: GroupHandle) {

@@ -8,6 +8,9 @@
 //! resumes from the committed offsets, so every message is delivered at least once.
 //! The reader reads a shard's generations one after another (order within a shard), so
 //! a segment that stays unreadable holds its shard back: the task says so in the log.
+//! A message held unacknowledged past the group's ack timeout (its own
+//! `ack_timeout_ms`, else the node's) is taken back at its deadline (a tokio timer, so
+//! tests with paused time advance it) and handed out again.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
@@ -19,10 +22,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::buffer::{Delivery, GroupBuffer, SubscriberId};
+use super::buffer::{Acked, Delivery, GroupBuffer, Millis, SubscriberId};
 use super::reader::{Fetch, Reader};
 use crate::cluster::Cluster;
-use crate::cluster_state::{Command, SegmentId};
+use crate::cluster_state::{Command, ConsumerGroupSpec, SegmentId};
 use crate::error::{ErrorCode, RequestError};
 use crate::metrics::GroupCounters;
 use crate::replication::read::ReadResult;
@@ -114,6 +117,8 @@ struct Task {
     peeks: FuturesUnordered<PeekFuture>,
     peeking: HashSet<SegmentId>,
     counters: GroupCounters,
+    /// Origin of the buffer's clock ([`Millis`]).
+    epoch: tokio::time::Instant,
 }
 
 /// Runs the group `name` of `namespace` until `stop`, or until it is deleted.
@@ -131,6 +136,9 @@ pub(crate) async fn run(
     let mut refresh_tick = tokio::time::interval(SEGMENTS_REFRESH_INTERVAL);
     let mut peek_tick = tokio::time::interval(LAG_PEEK_INTERVAL);
     peek_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The soonest ack deadline, and the timer set for it.
+    let mut armed: Option<Millis> = None;
+    let mut expiry = std::pin::pin!(tokio::time::sleep_until(t.epoch));
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -140,8 +148,16 @@ pub(crate) async fn run(
             _ = peek_tick.tick() => t.start_peeks(),
             Some(cmd) = cmds.recv() => t.command(cmd),
             _ = commit_tick.tick() => t.commit_in_background(),
+            _ = &mut expiry, if armed.is_some() => t.expire(),
         }
         t.step();
+        let next = t.buffer.next_deadline();
+        if next != armed {
+            if let Some(deadline) = next {
+                expiry.as_mut().reset(t.epoch + Duration::from_millis(deadline));
+            }
+            armed = next;
+        }
     }
     t.last_commit().await;
 }
@@ -154,7 +170,8 @@ impl Task {
             let spec = st.state.namespaces.get(&namespace).and_then(|ns| ns.consumer_groups.get(&name)).cloned()?;
             (spec, st.state.group_runtime(&namespace, &name).map(|g| g.offsets.clone()).unwrap_or_default())
         };
-        let buffer = GroupBuffer::new(spec.size.max(1) as usize, start.clone());
+        let ack_timeout = ack_timeout_ms(&spec, segments.settings().ack_timeout_ms);
+        let buffer = GroupBuffer::new(spec.size.max(1) as usize, start.clone(), ack_timeout);
         let counters = segments.metrics().group_counters(&namespace, &name);
         Some(Task {
             reader: Reader::new(&namespace, spec, start.clone()),
@@ -171,7 +188,23 @@ impl Task {
             peeks: FuturesUnordered::new(),
             peeking: HashSet::new(),
             counters,
+            epoch: tokio::time::Instant::now(),
         })
+    }
+
+    /// Now on the buffer's clock.
+    fn now(&self) -> Millis {
+        self.epoch.elapsed().as_millis() as Millis
+    }
+
+    /// Messages held past their ack timeout go back for redelivery.
+    fn expire(&mut self) {
+        let taken = self.buffer.expire(self.now());
+        if taken > 0 {
+            tracing::debug!(namespace = %self.namespace, group = %self.name, messages = taken,
+                "ack timeout passed; redelivering");
+            self.counters.redeliveries.inc_by(taken as u64);
+        }
     }
 
     /// Follows the cluster state's segments; `false` once the group is deleted.
@@ -182,6 +215,7 @@ impl Task {
         }
         let spec = st.state.namespaces.get(&self.namespace).and_then(|ns| ns.consumer_groups.get(&self.name));
         if let Some(spec) = spec.filter(|s| *s != self.reader.spec()) {
+            self.buffer.set_ack_timeout(ack_timeout_ms(spec, self.segments.settings().ack_timeout_ms));
             self.reader.spec_changed(spec.clone(), &mut self.buffer);
         }
         self.reader.segments_changed(st.state.segments.iter().map(|(id, s)| (*id, s)), &mut self.buffer);
@@ -306,7 +340,7 @@ impl Task {
         for fetch in self.reader.next_fetches(&self.buffer) {
             self.start_fetch(fetch);
         }
-        let handed = self.buffer.dispatch();
+        let handed = self.buffer.dispatch(self.now());
         self.counters.deliveries.inc_by(handed.len() as u64);
         for (sub, d) in handed {
             match self.subscribers.get_mut(&sub) {
@@ -376,27 +410,39 @@ impl Task {
     }
 }
 
+/// The group's own ack timeout, else the node's.
+fn ack_timeout_ms(spec: &ConsumerGroupSpec, node_default_ms: u64) -> Millis {
+    if spec.ack_timeout_ms == 0 {
+        node_default_ms
+    } else {
+        spec.ack_timeout_ms
+    }
+}
+
 fn to_commit(buffer: &GroupBuffer, last: &BTreeMap<SegmentId, u64>) -> BTreeMap<SegmentId, u64> {
     buffer.committed().into_iter().filter(|(seg, off)| last.get(seg).is_none_or(|l| off > l)).collect()
 }
 
-/// Acks or nacks `keys`: how many were in flight, and an error naming those that were not.
+/// Acks or nacks `keys`: how many were settled now, and an error naming those that
+/// were not delivered (an ack of what is done already answers OK and counts nothing).
 fn settle(buffer: &mut GroupBuffer, keys: &[(SegmentId, u64)], ack: bool) -> (u64, Result<(), RequestError>) {
     let mut missing = Vec::new();
+    let mut done = 0u64;
     for &(seg, off) in keys {
-        let r = if ack { buffer.ack(seg, off) } else { buffer.nack(seg, off) };
-        if r.is_err() {
-            missing.push(format!("{seg}/{off}"));
+        let r = if ack { buffer.ack(seg, off) } else { buffer.nack(seg, off).map(|()| Acked::Now) };
+        match r {
+            Ok(Acked::Now) => done += 1,
+            Ok(Acked::Already) => {}
+            Err(_) => missing.push(format!("{seg}/{off}")),
         }
     }
-    let done = (keys.len() - missing.len()) as u64;
     if missing.is_empty() {
         return (done, Ok(()));
     }
     let e = RequestError::new(
         ErrorCode::NotInFlight,
         format!(
-            "deliveries: {} not in flight (already acknowledged, auto-acknowledged or never delivered): {}",
+            "deliveries: {} not delivered (not yet handed out, or of a segment the group does not know): {}",
             missing.len(),
             missing.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
         ),
