@@ -200,6 +200,11 @@ pub struct GroupRuntime {
     pub node: Option<NodeId>,
     /// Per segment: every record below this offset is acknowledged (or did not match).
     pub offsets: BTreeMap<SegmentId, u64>,
+    /// Per segment: every record below this offset that the group took was handed to
+    /// a subscriber at least once (as of the last commit). A group that resumes counts
+    /// that as one delivery of the unacknowledged ones (`delivery_count` 2).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub handed_out: BTreeMap<SegmentId, u64>,
 }
 
 impl ClusterState {

@@ -110,8 +110,9 @@ struct Task {
     fetches: FuturesUnordered<FetchFuture>,
     /// Failed reads in a row, per segment (only for the warning above).
     read_failures: HashMap<SegmentId, u32>,
-    /// Offsets recorded in the cluster state (or on their way there).
+    /// Offsets and hand-out marks recorded in the cluster state (or on their way).
     last_committed: BTreeMap<SegmentId, u64>,
+    last_handed_out: BTreeMap<SegmentId, u64>,
     commit_in_flight: Option<JoinHandle<Result<u64, RequestError>>>,
     /// Reads that only learn how far an open segment is readable, for the lag.
     peeks: FuturesUnordered<PeekFuture>,
@@ -165,13 +166,15 @@ pub(crate) async fn run(
 impl Task {
     fn new(segments: Segments, namespace: String, name: String) -> Option<Self> {
         let cluster = segments.cluster().clone();
-        let (spec, start) = {
+        let (spec, runtime) = {
             let st = cluster.state.read();
             let spec = st.state.namespaces.get(&namespace).and_then(|ns| ns.consumer_groups.get(&name)).cloned()?;
-            (spec, st.state.group_runtime(&namespace, &name).map(|g| g.offsets.clone()).unwrap_or_default())
+            (spec, st.state.group_runtime(&namespace, &name).cloned().unwrap_or_default())
         };
+        let start = runtime.offsets;
         let ack_timeout = ack_timeout_ms(&spec, segments.settings().ack_timeout_ms);
-        let buffer = GroupBuffer::new(spec.size.max(1) as usize, start.clone(), ack_timeout);
+        let mut buffer = GroupBuffer::new(spec.size.max(1) as usize, start.clone(), ack_timeout);
+        buffer.resume_handed_out(&runtime.handed_out);
         let counters = segments.metrics().group_counters(&namespace, &name);
         Some(Task {
             reader: Reader::new(&namespace, spec, start.clone()),
@@ -184,6 +187,7 @@ impl Task {
             fetches: FuturesUnordered::new(),
             read_failures: HashMap::new(),
             last_committed: start,
+            last_handed_out: runtime.handed_out,
             commit_in_flight: None,
             peeks: FuturesUnordered::new(),
             peeking: HashSet::new(),
@@ -382,29 +386,35 @@ impl Task {
         if !self.commit_in_flight.as_ref().is_none_or(|t| t.is_finished()) {
             return;
         }
-        let offsets = to_commit(&self.buffer, &self.last_committed);
-        if offsets.is_empty() {
-            return;
+        let Some(commit) = self.next_commit() else { return };
+        let cluster = self.cluster.clone();
+        self.commit_in_flight = Some(tokio::spawn(async move { cluster.write(commit).await }));
+    }
+
+    /// What moved since the last commit (offsets, hand-out marks), noted as recorded.
+    fn next_commit(&mut self) -> Option<Command> {
+        let offsets = moved(self.buffer.committed(), &self.last_committed);
+        let handed_out = moved(self.buffer.handed_out(), &self.last_handed_out);
+        if offsets.is_empty() && handed_out.is_empty() {
+            return None;
         }
         self.last_committed.extend(offsets.clone());
-        let (cluster, namespace, group) = (self.cluster.clone(), self.namespace.clone(), self.name.clone());
-        self.commit_in_flight =
-            Some(tokio::spawn(
-                async move { cluster.write(Command::CommitOffsets { namespace, group, offsets }).await },
-            ));
+        self.last_handed_out.extend(handed_out.clone());
+        Some(Command::CommitOffsets {
+            namespace: self.namespace.clone(),
+            group: self.name.clone(),
+            offsets,
+            handed_out,
+        })
     }
 
     /// Last commit, so a graceful stop redelivers nothing that was acknowledged.
-    async fn last_commit(self) {
-        if let Some(t) = self.commit_in_flight {
+    async fn last_commit(mut self) {
+        if let Some(t) = self.commit_in_flight.take() {
             let _ = t.await;
         }
-        let offsets = to_commit(&self.buffer, &self.last_committed);
-        if offsets.is_empty() {
-            return;
-        }
-        let (namespace, group) = (self.namespace.clone(), self.name.clone());
-        if let Err(e) = self.cluster.write(Command::CommitOffsets { namespace, group, offsets }).await {
+        let Some(commit) = self.next_commit() else { return };
+        if let Err(e) = self.cluster.write(commit).await {
             tracing::warn!(namespace = %self.namespace, group = %self.name, error = %e, "last offset commit failed");
         }
     }
@@ -419,8 +429,9 @@ fn ack_timeout_ms(spec: &ConsumerGroupSpec, node_default_ms: u64) -> Millis {
     }
 }
 
-fn to_commit(buffer: &GroupBuffer, last: &BTreeMap<SegmentId, u64>) -> BTreeMap<SegmentId, u64> {
-    buffer.committed().into_iter().filter(|(seg, off)| last.get(seg).is_none_or(|l| off > l)).collect()
+/// The entries of `now` ahead of `last`.
+fn moved(now: BTreeMap<SegmentId, u64>, last: &BTreeMap<SegmentId, u64>) -> BTreeMap<SegmentId, u64> {
+    now.into_iter().filter(|(seg, off)| last.get(seg).is_none_or(|l| off > l)).collect()
 }
 
 /// Acks or nacks `keys`: how many were settled now, and an error naming those that

@@ -384,7 +384,9 @@ mod tests {
         assert_eq!(deletes(&s, HOUR_MS / 2), 0, "younger than the retention");
         assert_eq!(deletes(&s, 2 * HOUR_MS), 0, "the group has not read it yet");
         let offsets = std::collections::BTreeMap::from([(first, 10)]);
-        s.apply(&Command::CommitOffsets { namespace: "default".into(), group: "g".into(), offsets }).unwrap();
+        let handed_out = Default::default();
+        let commit = Command::CommitOffsets { namespace: "default".into(), group: "g".into(), offsets, handed_out };
+        s.apply(&commit).unwrap();
         let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 2 * HOUR_MS);
         assert!(cmds.contains(&Command::DeleteSegments { ids: vec![first] }), "{cmds:?}");
     }
