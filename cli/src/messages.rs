@@ -568,3 +568,28 @@ fn retryable(s: &tonic::Status) -> bool {
         || (s.code() == tonic::Code::Unavailable && code.is_none())
         || s.code() == tonic::Code::Unknown
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_printed_message_says_its_attempt_and_when_it_was_stored() {
+        let r = pb::SubscribeResponse {
+            topic: "t".into(),
+            segment_id: 3,
+            offset: 7,
+            message: Some(pb::Message { data: b"1".to_vec().into(), ..Default::default() }),
+            delivery_count: 2,
+            redelivered: true,
+            timestamp: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 250_000_000 }),
+        };
+        let j = message_json(&r);
+        assert_eq!((j["delivery_count"].as_u64(), j["redelivered"].as_bool()), (Some(2), Some(true)), "{j}");
+        assert_eq!(j["timestamp_ms"].as_i64(), Some(1_700_000_000_250), "{j}");
+        assert_eq!(
+            (j["segment_id"].as_u64(), j["offset"].as_u64(), j["message"]["data"].as_str()),
+            (Some(3), Some(7), Some("MQ=="))
+        );
+    }
+}

@@ -141,15 +141,20 @@ pub(crate) async fn run(
     let mut armed: Option<Millis> = None;
     let mut expiry = std::pin::pin!(tokio::time::sleep_until(t.epoch));
     loop {
+        // In this order when several are ready at once, not at random: what a commit
+        // records (offsets, hand-out marks) then depends only on what happened before
+        // (a seed of the simulation replays exactly). Timers first: each is ready once
+        // per period, so they cannot starve the rest.
         tokio::select! {
+            biased;
             _ = stop.cancelled() => break,
             _ = refresh_tick.tick() => if !t.refresh() { return },
-            Some((id, result)) = t.fetches.next(), if !t.fetches.is_empty() => t.fetched(id, result),
-            Some((id, end)) = t.peeks.next(), if !t.peeks.is_empty() => t.peeked(id, end),
             _ = peek_tick.tick() => t.start_peeks(),
-            Some(cmd) = cmds.recv() => t.command(cmd),
             _ = commit_tick.tick() => t.commit_in_background(),
             _ = &mut expiry, if armed.is_some() => t.expire(),
+            Some(cmd) = cmds.recv() => t.command(cmd),
+            Some((id, result)) = t.fetches.next(), if !t.fetches.is_empty() => t.fetched(id, result),
+            Some((id, end)) = t.peeks.next(), if !t.peeks.is_empty() => t.peeked(id, end),
         }
         t.step();
         let next = t.buffer.next_deadline();
