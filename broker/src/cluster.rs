@@ -26,6 +26,8 @@ pub struct Cluster {
     /// so a run replays exactly).
     next_nonce: Arc<AtomicU64>,
     metrics: Metrics,
+    /// Changes of `raft.metrics()`, passed on by one task: see [`Cluster::raft_changes`].
+    raft_changes: crate::watch::Receiver<()>,
 }
 
 /// Pause between attempts while there is no leader or it just changed.
@@ -41,7 +43,24 @@ impl Cluster {
         first_nonce: u64,
         metrics: Metrics,
     ) -> Self {
-        Self { id, raft, state, peers, request_timeout, next_nonce: Arc::new(AtomicU64::new(first_nonce)), metrics }
+        // The only task that waits on openraft's watch (its waiters wake in a random
+        // order, see `crate::watch`); it ends when Raft does, and so does the channel.
+        let (changed, raft_changes) = crate::watch::channel(());
+        let mut raft_metrics = raft.metrics();
+        tokio::spawn(async move {
+            while raft_metrics.changed().await.is_ok() {
+                changed.send_replace(());
+            }
+        });
+        let next_nonce = Arc::new(AtomicU64::new(first_nonce));
+        Self { id, raft, state, peers, request_timeout, next_nonce, raft_changes, metrics }
+    }
+
+    /// Tells of every change of Raft's metrics (`raft.metrics()` has the new ones); an
+    /// error once Raft has stopped. Tasks that wait for Raft wait on this rather than on
+    /// `raft.metrics()` itself, so that they wake in the order they began to wait.
+    pub fn raft_changes(&self) -> crate::watch::Receiver<()> {
+        self.raft_changes.clone()
     }
 
     /// The node's metrics registry.
@@ -214,12 +233,15 @@ impl Cluster {
                     Err(_) => tokio::time::sleep(Duration::from_millis(RETRY_PAUSE_MS)).await,
                 }
             };
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            self.raft
-                .wait(Some(remaining))
-                .applied_index_at_least(Some(index), "linearizable read")
-                .await
-                .map_err(|e| RequestError::new(ErrorCode::Timeout, format!("waiting to apply index {index}: {e}")))?;
+            let mut changes = self.raft_changes();
+            while self.raft.metrics().borrow().last_applied.map(|l| l.index) < Some(index) {
+                let why = match tokio::time::timeout_at(deadline, changes.changed()).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(_)) => "Raft stopped",
+                    Err(_) => "timed out",
+                };
+                return Err(RequestError::new(ErrorCode::Timeout, format!("waiting to apply index {index}: {why}")));
+            }
         }
         Ok(self.state.read())
     }

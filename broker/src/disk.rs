@@ -299,6 +299,7 @@ pub async fn watch(disk: Disk, cluster: Cluster, stop: CancellationToken) {
     let mut last_sent: Option<(bool, tokio::time::Instant)> = None;
     loop {
         tokio::select! {
+            biased;
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }

@@ -28,3 +28,4 @@ pub mod node;
 pub mod peers;
 pub mod replication;
 pub mod transport;
+pub mod watch;

@@ -1,25 +1,32 @@
-//! AMQP 0.9.1 with a real client: pika (from PyPI, installed into
-//! `$HOME/.cache/eventtermq/pylib` on first use) against a 3-node cluster of the real
-//! binary, publishers on one node and consumers on another; protocol violations with
-//! raw sockets; messages crossing between AMQP and gRPC with their properties.
+//! AMQP 0.9.1 with real clients of two languages: pika (from PyPI, installed into
+//! `$HOME/.cache/eventtermq/pylib` on first use) and amqplib (from npm, installed into
+//! `$HOME/.cache/eventtermq/node` on first use) against a 3-node cluster of the real
+//! binary, publishers on one node and consumers on another; publisher confirms through
+//! kill -9 of the queue's nodes; protocol violations with raw sockets; messages
+//! crossing between AMQP and gRPC with their properties.
 
 mod common;
 
-use std::io::{Read, Write};
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::*;
 
-/// One cluster per test (tests run at once): 127.0.0.131-139.
+/// One cluster per test (tests run at once): 127.0.0.131-146.
 const TUTORIALS: [&str; 3] = ["127.0.0.131", "127.0.0.132", "127.0.0.133"];
 const INTEROP: [&str; 3] = ["127.0.0.134", "127.0.0.135", "127.0.0.136"];
 const VIOLATIONS: [&str; 3] = ["127.0.0.137", "127.0.0.138", "127.0.0.139"];
+const AMQPLIB_TUTORIALS: [&str; 3] = ["127.0.0.141", "127.0.0.142", "127.0.0.143"];
+const KILL: [&str; 3] = ["127.0.0.144", "127.0.0.145", "127.0.0.146"];
 const PORT: u16 = 26880;
 const AMQP_PORT: u16 = PORT + 1;
 const PIKA: &str = "pika>=1.3,<2";
+const AMQPLIB: &str = "amqplib@0.10";
 
 /// A directory holding pika, installed with pip on first use.
 fn pika_path() -> PathBuf {
@@ -154,4 +161,235 @@ fn protocol_violations_close_that_connection_and_the_node_keeps_serving() {
     // The node still serves a real client.
     let out = pika(HOSTS, &["hello"]);
     assert!(out.contains("ok hello"), "{out}");
+}
+
+/// A `node_modules` directory holding amqplib, installed with npm on first use.
+fn amqplib_path() -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let dir = PathBuf::from(home).join(".cache/eventtermq/node");
+    let modules = dir.join("node_modules");
+    let node_ok = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
+    assert!(node_ok, "`node` not found: the amqplib checks need Node.js (>= 16) and npm (apt-get install nodejs npm)");
+    let has_amqplib = || {
+        Command::new("node")
+            .env("NODE_PATH", &modules)
+            .args(["-e", "require('amqplib')"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has_amqplib() {
+        std::fs::create_dir_all(&dir).unwrap();
+        let o = Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
+            .arg(&dir)
+            .arg(AMQPLIB)
+            .output();
+        let o = match o {
+            Ok(o) => o,
+            Err(e) => {
+                panic!("`npm` not found ({e}): the amqplib checks install {AMQPLIB} with npm (apt-get install npm)")
+            }
+        };
+        assert!(o.status.success(), "npm install {AMQPLIB} failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(has_amqplib(), "amqplib not loadable from {}", modules.display());
+    modules
+}
+
+/// Runs amqplib_checks.js with publishers on `hosts[1]` and consumers on `hosts[2]`.
+fn amqplib(hosts: [&str; 3], checks: &[&str]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/amqp/amqplib_checks.js");
+    let port = AMQP_PORT.to_string();
+    let o = Command::new("timeout")
+        .args(["180", "node", script, hosts[1], hosts[2], &port])
+        .args(checks)
+        .env("NODE_PATH", amqplib_path())
+        .output()
+        .expect("run node");
+    let out = stdout(&o);
+    assert!(o.status.success(), "amqplib checks {checks:?} failed:\n{out}\n{}", stderr(&o));
+    out
+}
+
+#[test]
+fn amqplib_runs_the_tutorials_and_confirms_across_nodes() {
+    const HOSTS: [&str; 3] = AMQPLIB_TUTORIALS;
+    let _nodes = cluster("amqp_amqplib", HOSTS);
+    let checks = ["hello", "work_queues", "publish_subscribe", "routing", "topics", "rpc", "confirms"];
+    let out = amqplib(HOSTS, &checks);
+    for c in checks {
+        assert!(out.contains(&format!("ok {c}\n")), "{c} missing:\n{out}");
+    }
+}
+
+/// A child process whose stdout lines are collected as they come.
+struct Lines {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Lines {
+    fn spawn(cmd: &mut Command) -> Lines {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
+        let out = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Lines { child, lines }
+    }
+
+    /// The lines starting with `prefix`, without it.
+    fn with(&self, prefix: &str) -> Vec<String> {
+        self.lines.lock().unwrap().iter().filter_map(|l| l.strip_prefix(prefix).map(str::to_string)).collect()
+    }
+
+    fn tail(&self) -> String {
+        let lines = self.lines.lock().unwrap();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Lines {
+    /// SIGTERM to `timeout`, which passes it on to the program it runs.
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn pika_kill(args: &[&str]) -> Command {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/amqp/pika_kill.py");
+    let mut cmd = Command::new("timeout");
+    cmd.args(["300", "python3", script]).args(args).env("PYTHONPATH", pika_path());
+    cmd
+}
+
+/// The cluster state as `dump --output json` on `host` shows it.
+fn dump_json(host: &str) -> serde_json::Value {
+    let o = cli(host, PORT, &["dump", "--output", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_str(&stdout(&o)).unwrap()
+}
+
+/// The index in `hosts` of node `id`.
+fn host_of(dump: &serde_json::Value, hosts: [&str; 3], id: u64) -> Option<usize> {
+    let node = dump["nodes"].as_array()?.iter().find(|n| n["id"] == id)?;
+    let addr = node["address"].as_str()?;
+    hosts.iter().position(|h| addr.starts_with(&format!("{h}:")))
+}
+
+/// The node holding the primary of the default exchange's open segment (what a
+/// publish to a queue through `""` is stored by), and the node running group `queue`,
+/// once both are known (a segment failed over is replaced by the next publish; a
+/// group whose node died is placed again).
+fn queue_nodes(host: &str, hosts: [&str; 3], queue: &str) -> (usize, usize) {
+    let find = || {
+        let dump = dump_json(host);
+        let segments = dump["segments"].as_array()?;
+        let open = segments.iter().find(|s| s["topic"] == "amq.default" && s["open"] == true)?;
+        let primary = host_of(&dump, hosts, open["primary_node_id"].as_u64()?)?;
+        let ns = dump["namespaces"].as_array()?.iter().find(|n| n["name"] == "default")?;
+        let group = ns["consumer_groups"].as_array()?.iter().find(|g| g["name"] == queue)?;
+        Some((primary, host_of(&dump, hosts, group["node_id"].as_u64()?)?))
+    };
+    let mut found = None;
+    eventually(Duration::from_secs(30), "the queue's primary and group node in the dump", || {
+        found = find();
+        found.is_some()
+    });
+    found.unwrap()
+}
+
+/// Issue 15, scope 7: a pika publisher on a confirm channel publishes one message at a
+/// time to a queue while the node holding the queue's open segment's primary is
+/// killed (kill -9) and restarted, and then the node running the queue's group; it
+/// retries what was nacked or lost with its connection (reconnecting to another node
+/// if its own died). A consumer connected to yet another node all along (reconnecting
+/// likewise) gets every message that was confirmed, at least once.
+#[test]
+fn every_confirmed_publish_is_delivered_through_kill_9_of_the_queues_nodes() {
+    const HOSTS: [&str; 3] = KILL;
+    const N: usize = 3000;
+    const QUEUE: &str = "kill-q";
+    let port = AMQP_PORT.to_string();
+    let mut nodes = cluster("amqp_kill", HOSTS);
+    // The queue, and a first message so that the default exchange's segment is open.
+    let o = pika_kill(&["publish", HOSTS[0], &port, QUEUE, "0", "1"]).output().unwrap();
+    assert!(stdout(&o).contains("confirmed m-0\ndone"), "{}\n{}", stdout(&o), stderr(&o));
+    let (primary, group) = queue_nodes(HOSTS[0], HOSTS, QUEUE);
+    // The publisher and the consumer on the two nodes that the first kill spares.
+    let others: Vec<&str> = (0..3).filter(|i| *i != primary).map(|i| HOSTS[i]).collect();
+    let (publish_via, consume_via) = (format!("{},{}", others[0], others[1]), format!("{},{}", others[1], others[0]));
+    let consumer = Lines::spawn(&mut pika_kill(&["consume", &consume_via, &port, QUEUE]));
+    eventually(Duration::from_secs(30), "the first message consumed", || consumer.with("got ").contains(&"m-0".into()));
+    let n = N.to_string();
+    let mut publisher = Lines::spawn(&mut pika_kill(&["publish", &publish_via, &port, QUEUE, "1", &n]));
+    let confirmed_at_least = |count: usize, what: &str| {
+        eventually(Duration::from_secs(120), what, || publisher.with("confirmed ").len() >= count);
+        publisher.with("confirmed ").len()
+    };
+
+    let before_first = confirmed_at_least(N / 3, "a third confirmed");
+    nodes[primary].kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    nodes[primary].spawn();
+    eventually(Duration::from_secs(60), "3 ALIVE nodes after the first restart", || {
+        let o = cli(others[0], PORT, &["dump"]);
+        o.status.success() && alive_count(&stdout(&o)) == 3
+    });
+
+    // Then the node running the group now (it may have moved), once more confirmed.
+    let (_, group_now) = queue_nodes(others[0], HOSTS, QUEUE);
+    let before_second = confirmed_at_least(before_first + N / 6, "more confirmed after the first kill");
+    nodes[group_now].kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    nodes[group_now].spawn();
+
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let status = loop {
+        if let Some(s) = publisher.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "publisher still running:\n{}", publisher.tail());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The reader thread may still be taking the last lines.
+    eventually(Duration::from_secs(5), "the publisher's last line", || publisher.with("done").len() == 1);
+    assert!(status.success(), "publisher failed ({status}):\n{}", publisher.tail());
+    let confirmed: BTreeSet<String> = publisher.with("confirmed ").into_iter().collect();
+    assert_eq!(confirmed.len(), N - 1, "every message confirmed in the end");
+    assert!(before_second < N - 1, "the second kill came before the last confirm ({before_second})");
+
+    let missing = |consumer: &Lines| {
+        let got: BTreeSet<String> = consumer.with("got ").into_iter().collect();
+        confirmed.iter().filter(|m| !got.contains(*m)).cloned().collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !missing(&consumer).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let lost = missing(&consumer);
+    eprintln!(
+        "kill -9 of node {primary} (primary) after {before_first} confirms, of node {group_now} (group; at first \
+         {group}) after {before_second}; publisher: {} nacks, {} retries, {} connections; consumer: {} deliveries, \
+         {} connections",
+        publisher.with("nack ").len(),
+        publisher.with("retry ").len(),
+        publisher.with("connected ").len(),
+        consumer.with("got ").len(),
+        consumer.with("connected ").len(),
+    );
+    assert!(
+        lost.is_empty(),
+        "{} confirmed messages never delivered (first: {:?}); kills: primary node {primary} after {before_first} \
+         confirms, group node {group_now} (at first {group}) after {before_second}; consumer:\n{}",
+        lost.len(),
+        &lost[..lost.len().min(10)],
+        consumer.tail()
+    );
 }

@@ -35,26 +35,6 @@ fn publish_lines(host: &str, port: u16, topic: &str, lines: &[String]) -> String
     stdout(&o)
 }
 
-/// The data of each message `subscribe` printed, in order.
-fn subscribe(host: &str, port: u16, group: &str, extra: &[&str]) -> Vec<String> {
-    let mut args = vec!["subscribe", group];
-    args.extend_from_slice(extra);
-    let o = cli(host, port, &args);
-    assert!(o.status.success(), "subscribe failed: {}", stderr(&o));
-    stdout(&o)
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
-            for key in ["topic", "segment_id", "offset"] {
-                assert!(v.get(key).is_some(), "{key} missing in {l}");
-            }
-            let data = v["message"]["data"].as_str().unwrap();
-            use base64::Engine as _;
-            String::from_utf8(base64::engine::general_purpose::STANDARD.decode(data).unwrap()).unwrap()
-        })
-        .collect()
-}
-
 fn numbers(from: usize, to: usize) -> Vec<String> {
     (from..=to).map(|i| i.to_string()).collect()
 }

@@ -16,23 +16,6 @@ fn dump_json(host: &str, port: u16) -> Option<serde_json::Value> {
     o.status.success().then(|| serde_json::from_str(&stdout(&o)).ok()).flatten()
 }
 
-/// The data of each message a subscriber got, decoded.
-fn subscribe(host: &str, port: u16, extra: &[&str]) -> Vec<String> {
-    let mut args = vec!["subscribe", "g"];
-    args.extend_from_slice(extra);
-    let o = cli(host, port, &args);
-    assert!(o.status.success(), "subscribe failed: {}", stderr(&o));
-    stdout(&o)
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
-            use base64::Engine as _;
-            let data = base64::engine::general_purpose::STANDARD.decode(v["message"]["data"].as_str().unwrap());
-            String::from_utf8(data.unwrap()).unwrap()
-        })
-        .collect()
-}
-
 /// `got` is `m-1` ... `m-<count>`, each once, in any order.
 fn assert_each_once(got: &[String], count: u64) {
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
@@ -101,16 +84,16 @@ fn a_publish_through_a_node_killed_and_restarted_stores_every_message_once() {
 
     // Every message exactly once.
     let reader = hosts[(victim + 1) % 3];
-    let got = subscribe(reader, port, &["--max-messages", &COUNT.to_string(), "--wait", "20s"]);
+    let got = subscribe(reader, port, "g", &["--max-messages", &COUNT.to_string(), "--wait", "20s"]);
     assert_each_once(&got, COUNT);
-    assert!(subscribe(reader, port, &["--wait", "2s"]).is_empty(), "nothing more");
+    assert!(subscribe(reader, port, "g", &["--wait", "2s"]).is_empty(), "nothing more");
 
     // The same command again, same producer id: every request is a repeat, answered as
     // stored, and nothing is stored a second time.
     let o = publish(&[]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o).trim(), format!(r#"{{"ok": true, "published": {COUNT}}}"#));
-    assert!(subscribe(reader, port, &["--wait", "3s"]).is_empty(), "a repeated run stored messages again");
+    assert!(subscribe(reader, port, "g", &["--wait", "3s"]).is_empty(), "a repeated run stored messages again");
     // A number names one request: reusing it for another is refused, not ignored.
     let one = cli(reader, port, &["publish", "t", "other", "--producer-id", "4242"]);
     assert_eq!(one.status.code(), Some(1), "{}", stderr(&one));

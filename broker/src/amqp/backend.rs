@@ -25,6 +25,14 @@ use crate::error::{ErrorCode, RequestError};
 use crate::peers::{Peers, Relayed};
 use crate::replication::Segments;
 
+/// What `queue.bind` and `queue.unbind` name besides the queue.
+#[derive(Clone, Copy)]
+pub struct Route<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub args: &'a FieldTable,
+}
+
 /// The topic behind the default exchange `""`.
 pub const DEFAULT_EXCHANGE_TOPIC: &str = "amq.default";
 /// A queue (or binding) takes what is published from this long before it was
@@ -357,41 +365,30 @@ impl Backend {
     }
 
     /// `queue.bind`: what is published to the exchange from now on and matches.
-    pub async fn bind(
-        &self,
-        namespace: &str,
-        queue: &str,
-        exchange: &str,
-        routing_key: &str,
-        args: &FieldTable,
-    ) -> Result<(), AmqpError> {
+    pub async fn bind(&self, namespace: &str, queue: &str, route: Route<'_>) -> Result<(), AmqpError> {
         if !self.queue_exists(namespace, queue).await {
             return Err(AmqpError::channel(NOT_FOUND, format!("no queue '{queue}' in vhost '{namespace}'")));
         }
-        if exchange.is_empty() {
-            return Err(AmqpError::channel(ACCESS_REFUSED, "operation not permitted on the default exchange"));
-        }
-        let mut binding = self.binding(namespace, exchange, routing_key, args).await?;
+        let mut binding = self.route_binding(namespace, route).await?;
         binding.since_unix_ms = self.start_ms();
         let cmd = Command::BindConsumerGroup { namespace: namespace.into(), name: queue.into(), binding };
         self.cluster.write_applied(cmd).await.map(|_| ()).map_err(Into::into)
     }
 
     /// `queue.unbind`.
-    pub async fn unbind(
-        &self,
-        namespace: &str,
-        queue: &str,
-        exchange: &str,
-        routing_key: &str,
-        args: &FieldTable,
-    ) -> Result<(), AmqpError> {
-        if exchange.is_empty() {
-            return Err(AmqpError::channel(ACCESS_REFUSED, "operation not permitted on the default exchange"));
-        }
-        let binding = self.binding(namespace, exchange, routing_key, args).await?;
+    pub async fn unbind(&self, namespace: &str, queue: &str, route: Route<'_>) -> Result<(), AmqpError> {
+        let binding = self.route_binding(namespace, route).await?;
         let cmd = Command::UnbindConsumerGroup { namespace: namespace.into(), name: queue.into(), binding };
         self.cluster.write_applied(cmd).await.map(|_| ()).map_err(Into::into)
+    }
+
+    /// The binding a `queue.bind` or `queue.unbind` names; the default exchange's
+    /// bindings are implicit and cannot be changed.
+    async fn route_binding(&self, namespace: &str, route: Route<'_>) -> Result<BindingSpec, AmqpError> {
+        if route.exchange.is_empty() {
+            return Err(AmqpError::channel(ACCESS_REFUSED, "operation not permitted on the default exchange"));
+        }
+        self.binding(namespace, route.exchange, route.routing_key, route.args).await
     }
 
     /// Whether any queue of the namespace takes a message published to `topic` now

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::backend::{exchange_of_topic, Backend};
+use super::backend::{exchange_of_topic, Backend, Route};
 use super::connection::{Conn, Event};
 use super::convert;
 use super::error::*;
@@ -156,12 +156,16 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             queue::AMQPMethod::Declare(d) => self.declare_queue(id, d).await,
             queue::AMQPMethod::Bind(b) => {
                 let q = self.queue_name(id, b.queue.as_str())?;
-                self.backend.bind(&ns, &q, b.exchange.as_str(), b.routing_key.as_str(), &b.arguments).await?;
+                let route =
+                    Route { exchange: b.exchange.as_str(), routing_key: b.routing_key.as_str(), args: &b.arguments };
+                self.backend.bind(&ns, &q, route).await?;
                 Ok((!b.nowait).then_some(AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {}))))
             }
             queue::AMQPMethod::Unbind(b) => {
                 let q = self.queue_name(id, b.queue.as_str())?;
-                self.backend.unbind(&ns, &q, b.exchange.as_str(), b.routing_key.as_str(), &b.arguments).await?;
+                let route =
+                    Route { exchange: b.exchange.as_str(), routing_key: b.routing_key.as_str(), args: &b.arguments };
+                self.backend.unbind(&ns, &q, route).await?;
                 Ok(Some(AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {}))))
             }
             queue::AMQPMethod::Delete(d) => {
@@ -551,6 +555,7 @@ async fn run_publisher(
         let first = match carried.take() {
             Some(job) => job,
             None => tokio::select! {
+                biased;
                 _ = stop.cancelled() => return,
                 job = rx.recv() => match job { Some(j) => j, None => return },
             },
@@ -570,6 +575,7 @@ async fn run_publisher(
         let confirms: Vec<Option<u64>> = batch.iter().map(|j| j.confirm).collect();
         let messages: Vec<pb::Message> = batch.into_iter().map(|j| j.message).collect();
         let r = tokio::select! {
+            biased;
             _ = stop.cancelled() => return,
             r = backend.publish(&namespace, &topic, messages) => r,
         };
@@ -613,6 +619,7 @@ impl ConsumerTask {
             }
             loop {
                 tokio::select! {
+                    biased;
                     _ = self.stop.cancelled() => return,
                     _ = tokio::time::sleep(RESUBSCRIBE_PAUSE) => {}
                 }
@@ -639,6 +646,7 @@ impl ConsumerTask {
     async fn forward(&self, stream: &mut Relayed<pb::SubscribeResponse>) -> Option<RequestError> {
         loop {
             let item = tokio::select! {
+                biased;
                 _ = self.stop.cancelled() => return None,
                 item = stream.next() => item,
             };

@@ -173,6 +173,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let mut tick = tokio::time::interval(beat);
         let mut last_read = Instant::now();
         loop {
+            // Not `biased`, unlike the broker's other loops: a client publishing
+            // without pause would keep its frames always ready and starve its own
+            // deliveries and confirms (and the other way round); tokio's random start
+            // shares the loop between them. AMQP is not part of the simulation.
             tokio::select! {
                 _ = self.stop.cancelled() => {
                     return Err(AmqpError::connection(CONNECTION_FORCED, "the node is shutting down"));

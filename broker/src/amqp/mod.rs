@@ -38,6 +38,7 @@ pub async fn serve(backend: Backend, mut incoming: Incoming, settings: AmqpSetti
     let slots = Arc::new(Semaphore::new(settings.connections_max));
     loop {
         let conn = tokio::select! {
+            biased;
             _ = stop.cancelled() => return,
             c = incoming.next() => match c {
                 Some(Ok(c)) => c,

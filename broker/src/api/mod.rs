@@ -58,15 +58,12 @@ pub fn raft_failure(m: &RaftMetrics) -> Option<String> {
 /// Keeps the health service in line with Raft: readiness while a leader is known;
 /// liveness until Raft stops on an error, since nothing in this process brings it back
 /// (an orchestrator's liveness probe then restarts the node, as it should).
-async fn report_health(
-    mut metrics: tokio::sync::watch::Receiver<RaftMetrics>,
-    health: tonic_health::server::HealthReporter,
-    stop: CancellationToken,
-) {
+async fn report_health(cluster: Cluster, health: tonic_health::server::HealthReporter, stop: CancellationToken) {
+    let (metrics, mut raft_changes) = (cluster.raft.metrics(), cluster.raft_changes());
     let mut last = None;
     loop {
         let (has_leader, failure) = {
-            let m = metrics.borrow_and_update();
+            let m = metrics.borrow();
             (m.current_leader.is_some(), raft_failure(&m))
         };
         if let Some(reason) = failure {
@@ -82,8 +79,9 @@ async fn report_health(
             last = Some(has_leader);
         }
         tokio::select! {
-            r = metrics.changed() => if r.is_err() { return },
+            biased;
             _ = stop.cancelled() => return,
+            r = raft_changes.changed() => if r.is_err() { return },
         }
     }
 }
@@ -115,7 +113,7 @@ pub fn serve(
 
     let Services { cluster, membership, segments, groups, peers } = services;
     let grpc_metrics = GrpcMetricsLayer { metrics: segments.metrics().clone() };
-    tokio::spawn(report_health(cluster.raft.metrics(), health_reporter, stop.clone()));
+    tokio::spawn(report_health(cluster.clone(), health_reporter, stop.clone()));
     let admin = AdminServer::new(admin::AdminService {
         cluster: cluster.clone(),
         segments: segments.clone(),

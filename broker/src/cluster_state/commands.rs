@@ -207,27 +207,10 @@ impl ClusterState {
                 let gone: Vec<SegmentId> = self.topic_segments(namespace, name).map(|(id, _)| id).collect();
                 self.forget_segments(&gone);
             }
-            Command::CreateConsumerGroup { namespace, name, spec } => {
-                let ns = self.namespaces.entry(namespace.clone()).or_default();
-                ns.consumer_groups.entry(name.clone()).or_insert(spec.clone());
-                self.groups.entry(namespace.clone()).or_default().entry(name.clone()).or_default();
-            }
-            Command::DeleteConsumerGroup { namespace, name } => {
-                self.namespaces.get_mut(namespace).map(|ns| ns.consumer_groups.remove(name));
-                self.groups.get_mut(namespace).map(|g| g.remove(name));
-            }
-            Command::BindConsumerGroup { namespace, name, binding } => {
-                if let Some(g) = self.namespaces.get_mut(namespace).and_then(|ns| ns.consumer_groups.get_mut(name)) {
-                    if !g.bindings.iter().any(|b| b.same_route(binding)) {
-                        g.bindings.push(binding.clone());
-                    }
-                }
-            }
-            Command::UnbindConsumerGroup { namespace, name, binding } => {
-                if let Some(g) = self.namespaces.get_mut(namespace).and_then(|ns| ns.consumer_groups.get_mut(name)) {
-                    g.bindings.retain(|b| !b.same_route(binding));
-                }
-            }
+            Command::CreateConsumerGroup { .. }
+            | Command::DeleteConsumerGroup { .. }
+            | Command::BindConsumerGroup { .. }
+            | Command::UnbindConsumerGroup { .. } => self.apply_group_spec(cmd),
             Command::SetNode { id, record } => {
                 self.nodes.insert(*id, record.clone());
             }
@@ -251,6 +234,34 @@ impl ClusterState {
             Command::Once { .. } => {}
         }
         Ok(())
+    }
+
+    /// Consumer groups: created, deleted, bound, unbound.
+    fn apply_group_spec(&mut self, cmd: &Command) {
+        match cmd {
+            Command::CreateConsumerGroup { namespace, name, spec } => {
+                let ns = self.namespaces.entry(namespace.clone()).or_default();
+                ns.consumer_groups.entry(name.clone()).or_insert(spec.clone());
+                self.groups.entry(namespace.clone()).or_default().entry(name.clone()).or_default();
+            }
+            Command::DeleteConsumerGroup { namespace, name } => {
+                self.namespaces.get_mut(namespace).map(|ns| ns.consumer_groups.remove(name));
+                self.groups.get_mut(namespace).map(|g| g.remove(name));
+            }
+            Command::BindConsumerGroup { namespace, name, binding } => {
+                if let Some(g) = self.namespaces.get_mut(namespace).and_then(|ns| ns.consumer_groups.get_mut(name)) {
+                    if !g.bindings.iter().any(|b| b.same_route(binding)) {
+                        g.bindings.push(binding.clone());
+                    }
+                }
+            }
+            Command::UnbindConsumerGroup { namespace, name, binding } => {
+                if let Some(g) = self.namespaces.get_mut(namespace).and_then(|ns| ns.consumer_groups.get_mut(name)) {
+                    g.bindings.retain(|b| !b.same_route(binding));
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Segment records: opened, closed, copies done or lost, moved, deleted.
@@ -811,6 +822,26 @@ mod tests {
         s.apply(&create(group(vec![binding(ExchangeType::Topic, "a.*.#")], 2))).unwrap();
         let err = s.apply(&create(group(vec![binding(ExchangeType::Fanout, "")], 1))).unwrap_err();
         assert_eq!(err.code, ErrorCode::ConsumerGroupAlreadyExists);
+
+        // AMQP's queue.bind / queue.unbind on the running group.
+        let bind =
+            |name: &str, b| Command::BindConsumerGroup { namespace: "default".into(), name: name.into(), binding: b };
+        let unbind = |b| Command::UnbindConsumerGroup { namespace: "default".into(), name: "g".into(), binding: b };
+        let later = BindingSpec { since_unix_ms: 5, ..binding(ExchangeType::Direct, "k") };
+        assert_eq!(s.apply(&bind("nope", later.clone())).unwrap_err().code, ErrorCode::ConsumerGroupNotFound);
+        let err = s.apply(&bind("g", binding(ExchangeType::Direct, ""))).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidBinding, "a bound group is checked as a created one");
+        s.apply(&bind("g", later.clone())).unwrap();
+        s.apply(&bind("g", BindingSpec { since_unix_ms: 9, ..later.clone() })).unwrap();
+        let bindings = |s: &ClusterState| s.namespaces["default"].consumer_groups["g"].bindings.clone();
+        assert_eq!(
+            bindings(&s),
+            [binding(ExchangeType::Topic, "a.*.#"), later.clone()],
+            "bound once, first since kept"
+        );
+        s.apply(&unbind(binding(ExchangeType::Direct, "k"))).unwrap();
+        assert_eq!(bindings(&s), [binding(ExchangeType::Topic, "a.*.#")], "unbound whatever its since");
+        s.apply(&unbind(binding(ExchangeType::Direct, "k"))).unwrap();
     }
 
     #[test]

@@ -76,12 +76,13 @@ impl Groups {
 
     /// Starts and stops group tasks as the cluster state assigns groups to this node.
     pub async fn run(self, stop: CancellationToken) {
-        let mut metrics = self.cluster().raft.metrics();
+        let mut raft_changes = self.cluster().raft_changes();
         loop {
             self.follow_assignments().await;
             tokio::select! {
+                biased;
                 _ = stop.cancelled() => return,
-                r = metrics.changed() => if r.is_err() { return },
+                r = raft_changes.changed() => if r.is_err() { return },
                 _ = tokio::time::sleep(ASSIGNMENT_CHECK_INTERVAL) => {}
             }
         }
@@ -277,6 +278,7 @@ async fn serve_subscriber(
     let mut delivered = 0u64;
     'stream: loop {
         let first = tokio::select! {
+            biased;
             ev = events.recv() => ev,
             _ = out.closed() => None,
         };
@@ -315,6 +317,7 @@ async fn serve_subscriber(
             let (tx, rx) = oneshot::channel();
             let _ = group.cmd.send(GroupCmd::Limit(sub, tx)).await;
             tokio::select! {
+                biased;
                 _ = rx => {}
                 _ = out.closed() => {}
             }

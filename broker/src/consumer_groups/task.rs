@@ -149,8 +149,8 @@ pub(crate) async fn run(
             biased;
             _ = stop.cancelled() => break,
             _ = refresh_tick.tick() => if !t.refresh() { return },
-            _ = peek_tick.tick() => t.start_peeks(),
             _ = commit_tick.tick() => t.commit_in_background(),
+            _ = peek_tick.tick() => t.start_peeks(),
             _ = &mut expiry, if armed.is_some() => t.expire(),
             Some(cmd) = cmds.recv() => t.command(cmd),
             Some((id, result)) = t.fetches.next(), if !t.fetches.is_empty() => t.fetched(id, result),

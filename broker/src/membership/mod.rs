@@ -39,13 +39,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::cluster_state::model::{NodeId, NodeState};
 use crate::peers::Peers;
+use crate::watch;
 
 #[doc(hidden)]
 pub use self::task::decode_sync_payload_reencoded;
@@ -208,6 +209,7 @@ impl Membership {
             for seed in &seeds {
                 let payload = self.sync_payload().await?;
                 let result = tokio::select! {
+                    biased;
                     _ = self.inner.shutdown.cancelled() => return Err(MembershipError::Stopped),
                     r = call(seed.clone(), payload) => r,
                 };
@@ -227,6 +229,7 @@ impl Membership {
             }
             tracing::info!(?seeds, retry_ms = retry.as_millis() as u64, "no seed reachable yet, retrying");
             tokio::select! {
+                biased;
                 _ = self.inner.shutdown.cancelled() => return Err(MembershipError::Stopped),
                 _ = tokio::time::sleep(retry) => {}
             }
@@ -251,6 +254,7 @@ impl Membership {
         // datagrams are lost (each update goes out a bounded number of times).
         for _ in 0..LEAVE_GOSSIP_ROUNDS {
             tokio::select! {
+                biased;
                 _ = self.inner.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(LEAVE_SPREAD / LEAVE_GOSSIP_ROUNDS) => {}
             }

@@ -18,7 +18,7 @@ use foca::{
 };
 use rand::seq::IndexedRandom;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +28,7 @@ use crate::clock::Clock;
 use crate::cluster_state::model::{NodeId, NodeState};
 use crate::peers::Peers;
 use crate::transport::DATAGRAM_SIZE_MAX_BYTES;
+use crate::watch;
 
 /// foca 2 takes a `rand` 0.10 generator (the rest of the crate uses `rand` 0.9).
 type FocaRng = rand::rngs::SmallRng;
@@ -232,19 +233,24 @@ impl Actor {
         loop {
             let next_timer = self.timers.peek().map(|Reverse(s)| s.at);
             tokio::select! {
+                // In this order, not at random (tokio's default): what is due at the
+                // same instant is handled the same way every time, so a simulation
+                // replays. Timers and ticks first: each is ready at most once a period,
+                // so they cannot starve the channels.
+                biased;
                 _ = shutdown.cancelled() => break,
-                d = datagrams.recv(), if datagrams_open => match d {
-                    Some(d) => self.on_datagram(&d),
-                    None => datagrams_open = false,
-                },
-                c = commands.recv(), if commands_open => match c {
-                    Some(c) => self.on_command(c),
-                    None => commands_open = false,
-                },
                 _ = sleep_until_opt(next_timer), if next_timer.is_some() => self.on_timers(),
                 _ = tick_opt(&mut sync_tick), if sync_tick.is_some() => self.start_sync(&shutdown),
                 _ = watchdog.tick() => self.refresh_stale_suspicions(),
                 _ = rejoin_tick.tick() => self.rejoin(&shutdown),
+                c = commands.recv(), if commands_open => match c {
+                    Some(c) => self.on_command(c),
+                    None => commands_open = false,
+                },
+                d = datagrams.recv(), if datagrams_open => match d {
+                    Some(d) => self.on_datagram(&d),
+                    None => datagrams_open = false,
+                },
             }
         }
         tracing::debug!(identity = ?self.foca.identity(), "gossip task stopped");
@@ -460,6 +466,7 @@ impl Actor {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let reply = tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => return,
                 r = peers.gossip_sync(&addr, payload) => r,
             };

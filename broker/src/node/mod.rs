@@ -265,6 +265,7 @@ impl Tasks {
 /// stops Raft and every task.
 async fn run_until_stopped(parts: Parts, tasks: Tasks, shutdown: CancellationToken, stop: CancellationToken) {
     tokio::select! {
+        biased;
         _ = shutdown.cancelled() => {
             tracing::info!("shutting down gracefully");
             // Groups commit their offsets and primaries close their segments while Raft
@@ -400,8 +401,9 @@ async fn bootstrap_when_met(
             }
         }
         tokio::select! {
-            r = watch.changed() => if r.is_err() { return },
+            biased;
             _ = stop.cancelled() => return,
+            r = watch.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(retry), if alive.len() >= expect => {}
         }
     }
@@ -447,9 +449,9 @@ const HAND_OVER_MAX: Duration = Duration::from_secs(1);
 /// why the up-to-date candidate and the old leader's vote matter.
 async fn hand_over_leadership(cluster: &Cluster, peers: &Peers) {
     let deadline = tokio::time::Instant::now() + HAND_OVER_MAX;
-    let mut metrics = cluster.raft.metrics();
+    let mut raft_changes = cluster.raft_changes();
     let target = loop {
-        let m = metrics.borrow().clone();
+        let m = cluster.raft.metrics().borrow().clone();
         if m.current_leader != Some(cluster.id) {
             return;
         }
@@ -469,7 +471,8 @@ async fn hand_over_leadership(cluster: &Cluster, peers: &Peers) {
             _ if m.replication.as_ref().is_none_or(|r| r.len() <= 1) => return, // nobody to hand over to
             _ => {}
         }
-        if tokio::time::timeout_at(deadline, metrics.changed()).await.is_err() {
+        // (Raft stopped: nothing to hand over either.)
+        if !matches!(tokio::time::timeout_at(deadline, raft_changes.changed()).await, Ok(Ok(()))) {
             tracing::warn!("no voter caught up in time; followers will elect after a timeout");
             return;
         }
@@ -478,7 +481,13 @@ async fn hand_over_leadership(cluster: &Cluster, peers: &Peers) {
         tracing::warn!(target = target.0, error = %e, "leadership hand-over failed; followers will elect after a timeout");
         return;
     }
-    let moved = tokio::time::timeout_at(deadline, metrics.wait_for(|m| m.current_leader != Some(cluster.id))).await;
+    let moved = tokio::time::timeout_at(deadline, async {
+        while cluster.raft.metrics().borrow().current_leader == Some(cluster.id) {
+            raft_changes.changed().await?;
+        }
+        Ok::<(), crate::watch::RecvError>(())
+    })
+    .await;
     match moved {
         Ok(Ok(_)) => tracing::info!(target = target.0, "handed leadership over"),
         _ => tracing::warn!(target = target.0, "leadership did not move in time"),

@@ -36,6 +36,7 @@ pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, s
     let mut members_changed = membership.watch();
     loop {
         tokio::select! {
+            biased;
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
             r = members_changed.changed() => if r.is_err() { return },

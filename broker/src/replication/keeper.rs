@@ -42,13 +42,14 @@ const FINISH_RETRY_MIN: Duration = Duration::from_millis(50);
 const FINISH_RETRY_MAX: Duration = Duration::from_secs(2);
 
 pub async fn run(segments: Segments, stop: CancellationToken) {
-    let mut metrics = segments.cluster().raft.metrics();
+    let mut raft_changes = segments.cluster().raft_changes();
     let mut keeper = Keeper::new(segments, stop.clone());
     loop {
         keeper.pass().await;
         tokio::select! {
+            biased;
             _ = stop.cancelled() => return,
-            r = metrics.changed() => if r.is_err() { return },
+            r = raft_changes.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(TICK) => {}
         }
     }
@@ -147,6 +148,7 @@ impl Keeper {
             let (segments, stop) = (self.segments.clone(), self.stop.clone());
             self.segments.spawn(async move {
                 tokio::select! {
+                    biased;
                     _ = fail_over_restarted(&segments, id) => {}
                     _ = stop.cancelled() => {}
                 }
@@ -185,6 +187,7 @@ impl Keeper {
             let (segments, finishing, stop) = (self.segments.clone(), self.finishing.clone(), self.stop.clone());
             self.segments.spawn(async move {
                 tokio::select! {
+                    biased;
                     _ = finish(&segments, id) => {}
                     _ = stop.cancelled() => {}
                 }

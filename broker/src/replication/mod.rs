@@ -112,6 +112,7 @@ impl Segments {
         let stop = self.inner.tasks_stop.clone();
         tokio::spawn(async move {
             tokio::select! {
+                biased;
                 out = task => Some(out),
                 _ = stop.cancelled() => None,
             }

@@ -35,12 +35,13 @@ pub async fn run(segments: Segments, membership: Membership, interval: Duration,
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let failing_over: Arc<Mutex<HashSet<SegmentId>>> = Arc::default();
-    let mut metrics = segments.cluster().raft.metrics();
+    let mut raft_changes = segments.cluster().raft_changes();
     loop {
         tokio::select! {
+            biased;
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
-            r = metrics.changed() => if r.is_err() { return },
+            r = raft_changes.changed() => if r.is_err() { return },
         }
         let cluster = segments.cluster();
         if cluster.leader().map(|(id, _)| id) != Some(cluster.id) {

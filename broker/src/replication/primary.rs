@@ -28,7 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use eventtermq_proto::internal::v1::{PublishKey, ReplicateRequest};
 use eventtermq_storage::{SegmentReader, StorageError, Syncer};
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +39,7 @@ use super::{lock, storage_error, Segments, SharedWriter};
 use crate::cluster_state::{Command, NodeId, SegmentId};
 use crate::error::{ErrorCode, RequestError};
 use crate::metrics::SegmentProgress;
+use crate::watch;
 
 struct AppendRequest {
     payloads: Vec<Bytes>,
@@ -687,6 +688,7 @@ async fn close(segments: &Segments, id: SegmentId, next_offset: u64, size_bytes:
             Err(e) => tracing::warn!(segment_id = id, error = %e, "closing a full segment failed; retrying"),
         }
         tokio::select! {
+            biased;
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(CLOSE_RETRY_PAUSE) => {}
         }
@@ -727,6 +729,7 @@ impl ReplicaStream {
                 }
             }
             tokio::select! {
+                biased;
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
             }
@@ -756,6 +759,7 @@ impl ReplicaStream {
         loop {
             let behind = next < *written.borrow();
             tokio::select! {
+                biased;
                 _ = stop.cancelled() => return Ok(()),
                 r = answers.next() => {
                     let durable = r?.ok_or_else(ended)?;

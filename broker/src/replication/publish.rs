@@ -61,7 +61,11 @@ impl Segments {
             };
             let attempt = match route {
                 Route::Local(id, replicas) => {
-                    self.append_local(id, topic, &payloads, durability(persistence, replicas), key).await
+                    let append = self.append_local(id, topic, &payloads, durability(persistence, replicas), key);
+                    // The primary answers within the request timeout, except a repeat
+                    // of a request still in flight, which waits for the first attempt
+                    // (confirmed or failed): that wait is bounded here.
+                    tokio::time::timeout_at(deadline, append).await.unwrap_or_else(|_| Err(unconfirmed(topic)))
                 }
                 Route::TooFewNodes(e) => Err(e),
                 Route::Remote(..) | Route::None if hops >= PUBLISH_HOPS_MAX => Err(RequestError::new(
@@ -264,4 +268,16 @@ fn not_ready(topic: &str) -> RequestError {
 /// cluster cannot take it right now.
 fn again(e: &RequestError) -> bool {
     e.code == ErrorCode::NotPrimary || e.retryable()
+}
+
+/// No answer from the topic's primary within the request timeout: the messages may be
+/// stored (a retry with the same producer id and sequence is answered as they were).
+fn unconfirmed(topic: &str) -> RequestError {
+    RequestError::new(
+        ErrorCode::Timeout,
+        format!(
+            "topic {topic:?}: the primary did not confirm the publish within the request timeout (--request-timeout-ms); \
+             it may still be stored"
+        ),
+    )
 }

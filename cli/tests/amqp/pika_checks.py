@@ -97,36 +97,32 @@ def publish_subscribe():
     c.close()
 
 
-def routing():
+def routed(name, exchange, kind, binding_keys, publish_keys, want):
+    """A server-named exclusive queue bound to `exchange` with each binding key gets,
+    of messages published with `publish_keys` (bodies: the keys), exactly `want`."""
     c = connect(CON)
     ch = c.channel()
-    ch.exchange_declare(exchange="direct_logs", exchange_type="direct")
+    ch.exchange_declare(exchange=exchange, exchange_type=kind)
     q = ch.queue_declare(queue="", exclusive=True).method.queue
-    for severity in ["warning", "error"]:
-        ch.queue_bind(exchange="direct_logs", queue=q, routing_key=severity)
+    for key in binding_keys:
+        ch.queue_bind(exchange=exchange, queue=q, routing_key=key)
     p = connect(PUB)
     pch = p.channel()
-    for severity in ["info", "warning", "error", "info"]:
-        pch.basic_publish(exchange="direct_logs", routing_key=severity, body=f"a {severity}")
+    for key in publish_keys:
+        pch.basic_publish(exchange=exchange, routing_key=key, body=key)
     p.close()
-    expect("routing", drain(ch, q, 2), ["a warning", "a error"])
+    expect(name, drain(ch, q, len(want)), want)
     c.close()
+
+
+def routing():
+    routed("routing", "direct_logs", "direct", ["warning", "error"], ["info", "warning", "error", "info"],
+           ["warning", "error"])
 
 
 def topics():
-    c = connect(CON)
-    ch = c.channel()
-    ch.exchange_declare(exchange="topic_logs", exchange_type="topic")
-    q = ch.queue_declare(queue="", exclusive=True).method.queue
-    for key in ["kern.*", "*.critical"]:
-        ch.queue_bind(exchange="topic_logs", queue=q, routing_key=key)
-    p = connect(PUB)
-    pch = p.channel()
-    for key in ["kern.info", "app.info", "app.critical", "kern.disk.full"]:
-        pch.basic_publish(exchange="topic_logs", routing_key=key, body=key)
-    p.close()
-    expect("topics", drain(ch, q, 2), ["kern.info", "app.critical"])
-    c.close()
+    routed("topics", "topic_logs", "topic", ["kern.*", "*.critical"], ["kern.info", "app.info", "app.critical", "kern.disk.full"],
+           ["kern.info", "app.critical"])
 
 
 def rpc():
