@@ -835,22 +835,29 @@ fn store_handles_are_send_and_sync() {
 
 on_both! {
 fn concurrent_readers_see_whole_records_while_the_writer_appends_and_truncates(e: &Env) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let dir = e.tempdir();
     let store = Store::open(dir.path(), small_index(e)).unwrap();
     let mut w = store.create(1).unwrap();
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    // Readers that have read once: the writer starts only then, so the reads overlap
+    // its appends however the threads are scheduled on a loaded machine.
+    let reading = std::sync::Arc::new(AtomicUsize::new(0));
     let readers: Vec<_> = (0..2)
         .map(|_| {
             let r = store.reader(1).unwrap();
-            let done = done.clone();
+            let (done, reading) = (done.clone(), reading.clone());
             std::thread::spawn(move || {
                 let mut reads = 0;
-                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                while !done.load(Ordering::Relaxed) {
                     let from = r.next_offset().saturating_sub(50);
                     let got = r.read(from, u64::MAX, 4000).unwrap();
                     for (o, rec) in (from..).zip(&got) {
                         assert_eq!(rec.offset, o);
                         assert_eq!(rec.payload, payload(o, (o % 90) as usize));
+                    }
+                    if reads == 0 {
+                        reading.fetch_add(1, Ordering::Relaxed);
                     }
                     reads += 1;
                 }
@@ -858,6 +865,10 @@ fn concurrent_readers_see_whole_records_while_the_writer_appends_and_truncates(e
             })
         })
         .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while reading.load(Ordering::Relaxed) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     for round in 0..300u64 {
         let next = w.next_offset();
         let payloads: Vec<Bytes> = (next..next + 5).map(|o| payload(o, (o % 90) as usize)).collect();
@@ -866,7 +877,7 @@ fn concurrent_readers_see_whole_records_while_the_writer_appends_and_truncates(e
             w.truncate(w.next_offset() - 7).unwrap();
         }
     }
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    done.store(true, Ordering::Relaxed);
     for r in readers {
         assert!(r.join().unwrap() > 0);
     }
