@@ -1109,7 +1109,12 @@ async fn consumer_lag_is_what_is_published_and_not_acknowledged_in_metrics_and_a
         assert!(m.is_some(), "the stream ended after {got} messages");
         got += 1;
     }
-    drop(stream);
+    // The stream ends once the 30 acks are in the cluster state (a restart right now
+    // would not deliver them again).
+    assert!(tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().is_none());
+    let leader = &nodes[leader_index(&nodes)];
+    let recorded = leader.handle.cluster.state.read().state.group_runtime("default", "g").unwrap().offsets.clone();
+    assert_eq!(recorded.values().sum::<u64>(), 30, "{recorded:?}");
     eventually(Duration::from_secs(10), "lag 70 once 30 are acknowledged", || async {
         scraped(group_node, "eventtermq_consumer_group_lag_records", &lag).await == Some(70.0)
     })

@@ -404,6 +404,9 @@ pub fn message_json(r: &pb::SubscribeResponse) -> serde_json::Value {
 /// How many times `subscribe` re-subscribes after the group moved or its node went
 /// away, before it gives up.
 const RESUBSCRIBE_MAX: u32 = 50;
+/// How long `subscribe --max-messages` waits for the broker to end the stream once
+/// everything is acked (the broker waits 5 s at most for the acks to be recorded).
+const STREAM_END_WAIT_MAX: Duration = Duration::from_secs(10);
 
 pub async fn subscribe(ctx: &Ctx, args: SubscribeArgs) -> Result<(), CliError> {
     let wait = match &args.wait {
@@ -483,6 +486,7 @@ impl Subscriber<'_> {
         loop {
             if self.received_all() {
                 self.flush(&mut acks).await?;
+                self.await_end(&mut stream).await;
                 return Ok(Receive::Done);
             }
             // Acks go out whenever nothing more is waiting, so they never hold up a
@@ -517,6 +521,17 @@ impl Subscriber<'_> {
                 Err(s) => return self.back_off(s).await.map(|()| Receive::Resubscribe),
             }
         }
+    }
+
+    /// Waits (bounded) for the stream to end after the last acks: the broker ends a
+    /// complete subscription once its acks are recorded, so a restart right after this
+    /// command does not deliver them again. Without acks there is nothing to wait for.
+    async fn await_end(&self, stream: &mut Streaming<pb::SubscribeResponse>) {
+        if self.args.no_auto_ack {
+            return;
+        }
+        let end = async { while let Ok(Some(_)) = stream.message().await {} };
+        let _ = tokio::time::timeout(STREAM_END_WAIT_MAX, end).await;
     }
 
     /// The next message once one comes; `None` when `--wait` passed since the last.

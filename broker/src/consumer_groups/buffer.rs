@@ -125,13 +125,14 @@ struct Subscriber {
     auto_ack: bool,
     /// Ordered so that unsubscribing returns them in log order.
     in_flight: BTreeSet<Key>,
-    /// Gets nothing more (it reached its `max_messages`); keeps what it holds.
-    stopped: bool,
+    /// Messages it may still be handed (its `max_messages` less what it got); `None`
+    /// = no limit. At 0 it gets nothing more and keeps what it holds.
+    budget: Option<u64>,
 }
 
 impl Subscriber {
     fn has_room(&self) -> bool {
-        if self.stopped {
+        if self.budget == Some(0) {
             return false;
         }
         // Auto-ack messages never stay in flight, so the window never fills.
@@ -268,7 +269,7 @@ impl GroupBuffer {
     pub fn subscribe(&mut self, max_unacked: u32, auto_ack: bool) -> SubscriberId {
         let id = self.next_subscriber_id;
         self.next_subscriber_id += 1;
-        self.subscribers.insert(id, Subscriber { max_unacked, auto_ack, in_flight: BTreeSet::new(), stopped: false });
+        self.subscribers.insert(id, Subscriber { max_unacked, auto_ack, in_flight: BTreeSet::new(), budget: None });
         id
     }
 
@@ -280,8 +281,14 @@ impl GroupBuffer {
     /// Hands the subscriber nothing more; what it holds stays in flight until it acks,
     /// nacks, unsubscribes or its ack timeout passes.
     pub fn stop_dispatch(&mut self, id: SubscriberId) {
+        self.limit_hand_outs(id, 0);
+    }
+
+    /// Hands the subscriber `count` more messages at most, whatever its window (a
+    /// subscription with `max_messages`: acks free its window, not its budget).
+    pub fn limit_hand_outs(&mut self, id: SubscriberId, count: u64) {
         if let Some(s) = self.subscribers.get_mut(&id) {
-            s.stopped = true;
+            s.budget = Some(count);
         }
     }
 
@@ -338,6 +345,9 @@ impl GroupBuffer {
                 seg.handed_end = seg.handed_end.max(key.1 + 1);
             }
             let sub = self.subscribers.get_mut(&id).expect("found above");
+            if let Some(b) = &mut sub.budget {
+                *b -= 1; // has room: more than 0 left
+            }
             if sub.auto_ack {
                 self.done(key);
             } else {
@@ -780,6 +790,28 @@ mod tests {
         // Reported again, it starts afresh.
         buf.skip(1, 100).unwrap();
         assert_eq!(buf.committed(), BTreeMap::from([(1, 101), (2, 0)]));
+    }
+
+    #[test]
+    fn a_limited_subscriber_gets_its_count_whatever_it_acks() {
+        let mut buf = GroupBuffer::new(10, BTreeMap::new(), 0);
+        let a = buf.subscribe(2, false);
+        buf.limit_hand_outs(a, 3);
+        let b = buf.subscribe(0, false);
+        offer_range(&mut buf, 1, 0..8);
+        let first = buf.dispatch(0);
+        assert_eq!(
+            positions(&first),
+            [(a, 1, 0), (b, 1, 1), (a, 1, 2), (b, 1, 3), (b, 1, 4), (b, 1, 5), (b, 1, 6), (b, 1, 7)]
+        );
+        buf.ack(1, 0).unwrap();
+        buf.ack(1, 2).unwrap();
+        buf.nack(1, 1).unwrap();
+        // a's window is free again, but it has one hand-out left.
+        assert_eq!(positions(&buf.dispatch(0)), [(a, 1, 1)]);
+        buf.ack(1, 1).unwrap();
+        assert!(buf.dispatch(0).is_empty());
+        assert_eq!(buf.in_flight_of(a), 0);
     }
 
     #[test]

@@ -35,6 +35,8 @@ use crate::replication::Segments;
 pub(crate) enum GroupCmd {
     Subscribe {
         max_unacked: u32,
+        /// Messages to hand out at most; 0 = no limit.
+        max_messages: u64,
         do_not_block: bool,
         reply: oneshot::Sender<(SubscriberId, mpsc::Receiver<Event>)>,
     },
@@ -46,6 +48,10 @@ pub(crate) enum GroupCmd {
     Nack(Vec<(SegmentId, u64)>, oneshot::Sender<Result<(), RequestError>>),
     /// Lag and delivery state now (a scrape, an Admin call).
     Stats(oneshot::Sender<GroupStats>),
+    /// Answer once everything acknowledged so far is recorded in the cluster state (or
+    /// recording it failed): a bounded subscription ends only then, so what it acked
+    /// is not delivered again after a restart that follows at once.
+    Flush(oneshot::Sender<()>),
 }
 
 /// A group's lag and delivery state on the node running it.
@@ -114,6 +120,10 @@ struct Task {
     last_committed: BTreeMap<SegmentId, u64>,
     last_handed_out: BTreeMap<SegmentId, u64>,
     commit_in_flight: Option<JoinHandle<Result<u64, RequestError>>>,
+    /// Commits started so far; the one in flight is number `commits_started`.
+    commits_started: u64,
+    /// [`GroupCmd::Flush`]es, each with the number of the commit that records it.
+    flushes: Vec<(u64, oneshot::Sender<()>)>,
     /// Reads that only learn how far an open segment is readable, for the lag.
     peeks: FuturesUnordered<PeekFuture>,
     peeking: HashSet<SegmentId>,
@@ -152,6 +162,7 @@ pub(crate) async fn run(
             _ = commit_tick.tick() => t.commit_in_background(),
             _ = peek_tick.tick() => t.start_peeks(),
             _ = &mut expiry, if armed.is_some() => t.expire(),
+            r = commit_done(&mut t.commit_in_flight), if t.commit_in_flight.is_some() => t.committed(r),
             Some(cmd) = cmds.recv() => t.command(cmd),
             Some((id, result)) = t.fetches.next(), if !t.fetches.is_empty() => t.fetched(id, result),
             Some((id, end)) = t.peeks.next(), if !t.peeks.is_empty() => t.peeked(id, end),
@@ -194,6 +205,8 @@ impl Task {
             last_committed: start,
             last_handed_out: runtime.handed_out,
             commit_in_flight: None,
+            commits_started: 0,
+            flushes: Vec::new(),
             peeks: FuturesUnordered::new(),
             peeking: HashSet::new(),
             counters,
@@ -254,8 +267,11 @@ impl Task {
 
     fn command(&mut self, cmd: GroupCmd) {
         match cmd {
-            GroupCmd::Subscribe { max_unacked, do_not_block, reply } => {
+            GroupCmd::Subscribe { max_unacked, max_messages, do_not_block, reply } => {
                 let id = self.buffer.subscribe(max_unacked, false);
+                if max_messages > 0 {
+                    self.buffer.limit_hand_outs(id, max_messages);
+                }
                 let (tx, rx) = mpsc::channel(max_unacked as usize + 1);
                 self.subscribers.insert(id, Subscriber { tx, do_not_block, limit: None });
                 let _ = reply.send((id, rx));
@@ -280,6 +296,17 @@ impl Task {
             }
             GroupCmd::Stats(reply) => {
                 let _ = reply.send(self.stats());
+            }
+            GroupCmd::Flush(reply) => {
+                // A commit in flight may have been cut before the latest acks: the
+                // next one records them.
+                let needs = self.commits_started + 1;
+                self.commit_in_background();
+                if self.commits_started < needs && self.commit_in_flight.is_none() {
+                    let _ = reply.send(()); // nothing moved since the last commit
+                } else {
+                    self.flushes.push((needs, reply));
+                }
             }
         }
     }
@@ -388,12 +415,34 @@ impl Task {
 
     /// Records what moved since the last commit, unless one is still on its way.
     fn commit_in_background(&mut self) {
-        if !self.commit_in_flight.as_ref().is_none_or(|t| t.is_finished()) {
+        if self.commit_in_flight.is_some() {
             return;
         }
         let Some(commit) = self.next_commit() else { return };
         let cluster = self.cluster.clone();
+        self.commits_started += 1;
         self.commit_in_flight = Some(tokio::spawn(async move { cluster.write(commit).await }));
+    }
+
+    /// The commit in flight ended: answer the flushes it covers, and start the next
+    /// one at once when flushes wait for it (nothing left to record answers them).
+    fn committed(&mut self, result: Result<(), String>) {
+        self.commit_in_flight = None;
+        if let Err(e) = result {
+            tracing::debug!(namespace = %self.namespace, group = %self.name, error = %e, "offset commit failed");
+        }
+        let done = self.commits_started;
+        for (_, reply) in self.flushes.extract_if(.., |(needs, _)| *needs <= done) {
+            let _ = reply.send(());
+        }
+        if !self.flushes.is_empty() {
+            self.commit_in_background();
+            if self.commit_in_flight.is_none() {
+                for (_, reply) in self.flushes.drain(..) {
+                    let _ = reply.send(());
+                }
+            }
+        }
     }
 
     /// What moved since the last commit (offsets, hand-out marks), noted as recorded.
@@ -422,6 +471,17 @@ impl Task {
         if let Err(e) = self.cluster.write(commit).await {
             tracing::warn!(namespace = %self.namespace, group = %self.name, error = %e, "last offset commit failed");
         }
+    }
+}
+
+/// Waits for the commit in flight (the caller polls this only when there is one).
+async fn commit_done(commit: &mut Option<JoinHandle<Result<u64, RequestError>>>) -> Result<(), String> {
+    match commit {
+        Some(handle) => match handle.await {
+            Ok(r) => r.map(drop).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        None => std::future::pending().await,
     }
 }
 
