@@ -118,6 +118,10 @@ pub struct BrokerArgs {
     /// How often consumer groups record acknowledged offsets in the cluster state.
     #[arg(long, default_value_t = DataSettings::default().offsets_commit_interval_ms)]
     pub offsets_commit_interval_ms: u64,
+    /// A message handed out by a consumer group and not acknowledged within this many
+    /// milliseconds is delivered again, for groups that set no ack timeout (0: never).
+    #[arg(long, default_value_t = DataSettings::default().ack_timeout_ms)]
+    pub ack_timeout_ms: u64,
     /// Replace a closed segment's copy on a node DEAD this long with a copy on a live node.
     #[arg(long, default_value_t = DataSettings::default().rereplicate_after_ms)]
     pub rereplicate_after_ms: u64,
@@ -273,6 +277,10 @@ pub enum Command {
         /// In-memory buffer of the group, in messages.
         #[arg(long, default_value_t = 10_000)]
         size: u32,
+        /// A message not acknowledged within this many milliseconds of its delivery is
+        /// delivered again (0: the group's node's --ack-timeout-ms).
+        #[arg(long, default_value_t = 0)]
+        ack_timeout_ms: u64,
     },
     /// Delete a consumer group.
     DeleteConsumerGroup { name: String },

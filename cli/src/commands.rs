@@ -59,6 +59,31 @@ fn header_binding(v: &str) -> Result<pb::Binding, CliError> {
     })
 }
 
+/// The group `create-consumer-group` asks for.
+fn consumer_group(cmd: Command) -> Result<pb::ConsumerGroup, CliError> {
+    let Command::CreateConsumerGroup {
+        name,
+        bind,
+        bind_direct,
+        bind_topic,
+        bind_headers,
+        since: since_arg,
+        size,
+        ack_timeout_ms,
+    } = cmd
+    else {
+        unreachable!("only create-consumer-group has a group")
+    };
+    Ok(pb::ConsumerGroup {
+        name,
+        bindings: bindings(&bind, &bind_direct, &bind_topic, &bind_headers)?,
+        size,
+        ack_timeout_ms,
+        since: since_arg.as_deref().map(since).transpose()?,
+        ..Default::default()
+    })
+}
+
 pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
     let mut admin = Admin { client: admin_client(&ctx.addr)?, ctx };
     match cmd {
@@ -109,16 +134,7 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
         }
         Command::DeleteTopic { name } => admin.delete_topic(name).await?,
         Command::ListTopics => admin.list_topics().await?,
-        Command::CreateConsumerGroup { name, bind, bind_direct, bind_topic, bind_headers, since: since_arg, size } => {
-            let group = pb::ConsumerGroup {
-                name,
-                bindings: bindings(&bind, &bind_direct, &bind_topic, &bind_headers)?,
-                size,
-                since: since_arg.as_deref().map(since).transpose()?,
-                ..Default::default()
-            };
-            admin.create_consumer_group(group).await?
-        }
+        cmd @ Command::CreateConsumerGroup { .. } => admin.create_consumer_group(consumer_group(cmd)?).await?,
         Command::DeleteConsumerGroup { name } => admin.delete_consumer_group(name).await?,
         Command::ListConsumerGroups => admin.list_consumer_groups().await?,
         Command::Stats { groups, watch, watch_count } => admin.stats(groups, watch, watch_count).await?,

@@ -428,3 +428,34 @@ fn a_shard_keeps_publish_order_across_kill_9_of_its_primary() {
     assert!(segments.len() >= 2, "{segments:?}");
     assert_eq!((segments[0]["open"].as_bool(), segments[0]["messages"].as_u64()), (Some(false), Some(150)));
 }
+
+/// A subscriber with `--no-auto-ack` that never acks gets its messages again after the
+/// group's ack timeout, with `delivery_count` 2 and `redelivered`, and each message
+/// says when the broker stored it.
+#[test]
+fn unacknowledged_messages_come_again_after_the_ack_timeout_counted() {
+    let tmp = test_dir("data_ack_timeout");
+    let (host, port) = ("127.0.0.141", 27100);
+    let _node = Broker::start(host, port, &tmp.join("n1"), &[]);
+    eventually(Duration::from_secs(30), "the node ALIVE", || alive_count(&stdout(&cli(host, port, &["dump"]))) == 1);
+    let o = cli(host, port, &["create-topic", "t", "--replication-factor", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = cli(host, port, &["create-consumer-group", "g", "--bind", "t", "--ack-timeout-ms", "1000"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    publish_lines(host, port, "t", &numbers(1, 3));
+
+    let started = std::time::Instant::now();
+    let o = cli(host, port, &["subscribe", "g", "--no-auto-ack", "--max-messages", "6", "--wait", "10s"]);
+    assert!(o.status.success(), "subscribe failed: {}", stderr(&o));
+    assert!(started.elapsed() >= Duration::from_secs(1), "redelivered before the ack timeout");
+    let lines: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let seen: Vec<(u64, u64, bool)> = lines
+        .iter()
+        .map(|v| {
+            assert!(v["timestamp_ms"].as_i64().is_some_and(|t| t > 1_600_000_000_000), "{v}");
+            (v["offset"].as_u64().unwrap(), v["delivery_count"].as_u64().unwrap(), v["redelivered"].as_bool().unwrap())
+        })
+        .collect();
+    let expected: Vec<(u64, u64, bool)> = (0..3).map(|o| (o, 1, false)).chain((0..3).map(|o| (o, 2, true))).collect();
+    assert_eq!(seen, expected);
+}

@@ -298,6 +298,7 @@ impl Backend {
             bindings: vec![binding],
             size: eventtermq_api::defaults::CONSUMER_GROUP_SIZE,
             since_unix_ms: self.start_ms(),
+            ack_timeout_ms: 0,
         };
         let cmd = Command::CreateConsumerGroup { namespace: namespace.into(), name: name.into(), spec };
         match self.cluster.write_applied(cmd).await {

@@ -465,7 +465,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let deliver = basic::Deliver {
             consumer_tag: tag.into(),
             delivery_tag,
-            redelivered: false,
+            redelivered: d.redelivered,
             exchange: exchange_of_topic(&d.topic).into(),
             routing_key: message.routing_key.as_str().into(),
         };
@@ -495,7 +495,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let message = d.message.unwrap_or_default();
         let ok = basic::GetOk {
             delivery_tag,
-            redelivered: false,
+            redelivered: d.redelivered,
             exchange: exchange_of_topic(&d.topic).into(),
             routing_key: message.routing_key.as_str().into(),
             message_count: 0,

@@ -111,6 +111,7 @@ impl AdminService {
             bindings,
             size: defaults::consumer_group_size(g.size),
             since_unix_ms: g.since.as_ref().map(timestamp_to_ms).unwrap_or(0),
+            ack_timeout_ms: g.ack_timeout_ms,
         };
         validate::consumer_group_spec(&spec)?;
         Ok(spec)

@@ -73,6 +73,7 @@ pub fn consumer_group_to_pb(name: &str, g: &ConsumerGroupSpec) -> pb::ConsumerGr
             .collect(),
         size: g.size,
         since: (g.since_unix_ms != 0).then(|| ms_to_timestamp(g.since_unix_ms)),
+        ack_timeout_ms: g.ack_timeout_ms,
         node_id: 0,
         committed_offsets: Default::default(),
     }

@@ -129,6 +129,10 @@ pub enum Command {
         namespace: String,
         group: String,
         offsets: std::collections::BTreeMap<SegmentId, u64>,
+        /// Per segment, below which every record the group offered was handed out
+        /// ([`GroupRuntime::handed_out`]); only moves forward.
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        handed_out: std::collections::BTreeMap<SegmentId, u64>,
     },
     /// `command`, identified: applied once; a repeat of the same `id` (a write retried
     /// after its outcome was unknown, maybe through another node) changes nothing and
@@ -303,12 +307,14 @@ impl ClusterState {
                     g.node = *node;
                 }
             }
-            Command::CommitOffsets { namespace, group, offsets } => {
+            Command::CommitOffsets { namespace, group, offsets, handed_out } => {
                 if let Some(g) = self.groups.get_mut(namespace).and_then(|g| g.get_mut(group)) {
-                    for (seg, off) in offsets {
-                        if self.segments.contains_key(seg) {
-                            let e = g.offsets.entry(*seg).or_insert(0);
-                            *e = (*e).max(*off);
+                    for (map, moved) in [(&mut g.offsets, offsets), (&mut g.handed_out, handed_out)] {
+                        for (seg, off) in moved {
+                            if self.segments.contains_key(seg) {
+                                let e = map.entry(*seg).or_insert(0);
+                                *e = (*e).max(*off);
+                            }
                         }
                     }
                 }
@@ -356,6 +362,7 @@ impl ClusterState {
         for groups in self.groups.values_mut() {
             for g in groups.values_mut() {
                 g.offsets.retain(|seg, _| !ids.contains(seg));
+                g.handed_out.retain(|seg, _| !ids.contains(seg));
             }
         }
     }
@@ -798,7 +805,8 @@ mod tests {
             headers_match: HeadersMatch::All,
             since_unix_ms: 0,
         };
-        let group = |bindings, since_unix_ms| ConsumerGroupSpec { bindings, size: 100, since_unix_ms };
+        let group =
+            |bindings, since_unix_ms| ConsumerGroupSpec { bindings, size: 100, since_unix_ms, ack_timeout_ms: 0 };
         let create = |spec| Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec };
 
         let err = s.apply(&create(group(vec![binding(ExchangeType::Direct, "")], 0))).unwrap_err();

@@ -200,6 +200,11 @@ pub struct GroupRuntime {
     pub node: Option<NodeId>,
     /// Per segment: every record below this offset is acknowledged (or did not match).
     pub offsets: BTreeMap<SegmentId, u64>,
+    /// Per segment: every record below this offset that the group took was handed to
+    /// a subscriber at least once (as of the last commit). A group that resumes counts
+    /// that as one delivery of the unacknowledged ones (`delivery_count` 2).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub handed_out: BTreeMap<SegmentId, u64>,
 }
 
 impl ClusterState {
@@ -404,6 +409,10 @@ pub struct ConsumerGroupSpec {
     pub size: u32,
     /// Unix time in milliseconds where a new group starts reading.
     pub since_unix_ms: i64,
+    /// A message handed out and not acknowledged within this many milliseconds goes
+    /// back to the group for redelivery; 0: the node's `--ack-timeout-ms`.
+    #[serde(default)]
+    pub ack_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

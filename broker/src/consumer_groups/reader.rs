@@ -316,6 +316,7 @@ impl Reader {
                         offset: r.offset,
                         timestamp_ms: r.timestamp_ms,
                         message: r.payload,
+                        delivery_count: 0,
                     };
                     buffer.offer(d)
                 } else {
@@ -546,8 +547,8 @@ mod tests {
 
     fn fanout_group(topics: &[&str], size: u32, start: BTreeMap<SegmentId, u64>) -> (Reader, GroupBuffer) {
         let bindings = topics.iter().map(|t| BindingSpec::fanout(*t)).collect();
-        let spec = ConsumerGroupSpec { bindings, size, since_unix_ms: 0 };
-        (Reader::new("default", spec, start.clone()), GroupBuffer::new(size as usize, start))
+        let spec = ConsumerGroupSpec { bindings, size, since_unix_ms: 0, ack_timeout_ms: 0 };
+        (Reader::new("default", spec, start.clone()), GroupBuffer::new(size as usize, start, 0))
     }
 
     fn fetch(segment_id: SegmentId, from: u64, idle: bool) -> Fetch {
@@ -560,7 +561,7 @@ mod tests {
         let mut out = Vec::new();
         loop {
             assert!(reader.feed(buffer).is_empty(), "reader out of step with the buffer");
-            let handed = buffer.dispatch();
+            let handed = buffer.dispatch(0);
             if handed.is_empty() {
                 return out;
             }
@@ -570,9 +571,14 @@ mod tests {
 
     #[test]
     fn a_group_reads_only_its_topics_from_the_committed_offset() {
-        let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size: 10, since_unix_ms: 0 };
+        let spec = ConsumerGroupSpec {
+            bindings: vec![BindingSpec::fanout("t")],
+            size: 10,
+            since_unix_ms: 0,
+            ack_timeout_ms: 0,
+        };
         let mut reader = Reader::new("default", spec, BTreeMap::from([(2, 5)]));
-        let mut buffer = GroupBuffer::new(10, BTreeMap::from([(2, 5)]));
+        let mut buffer = GroupBuffer::new(10, BTreeMap::from([(2, 5)]), 0);
         let (t, other) = (segment("t", true), segment("u", true));
         reader.segments_changed([(2, &t), (3, &other)], &mut buffer);
         assert_eq!(reader.next_fetches(&buffer), [Fetch { segment_id: 2, from: 5, idle: false }]);
@@ -583,14 +589,15 @@ mod tests {
         assert_eq!(buffer.pending_len(), 2);
         assert_eq!(reader.next_fetches(&buffer), [Fetch { segment_id: 2, from: 7, idle: false }]);
         reader.segments_changed([(3, &other)], &mut buffer);
-        assert!(reader.drained(&GroupBuffer::new(1, BTreeMap::new())), "no segment left to read");
+        assert!(reader.drained(&GroupBuffer::new(1, BTreeMap::new(), 0)), "no segment left to read");
     }
 
     #[test]
     fn since_and_bindings_decide_what_is_offered() {
-        let spec = ConsumerGroupSpec { bindings: vec![direct("t", "a")], size: 10, since_unix_ms: 100 };
+        let spec =
+            ConsumerGroupSpec { bindings: vec![direct("t", "a")], size: 10, since_unix_ms: 100, ack_timeout_ms: 0 };
         let mut reader = Reader::new("default", spec, BTreeMap::new());
-        let mut buffer = GroupBuffer::new(10, BTreeMap::new());
+        let mut buffer = GroupBuffer::new(10, BTreeMap::new(), 0);
         let t = generation("t", 0, 1, false, 3);
         reader.segments_changed([(1, &t)], &mut buffer);
         reader.next_fetches(&buffer);
@@ -598,7 +605,7 @@ mod tests {
         reader.fetched(1, Some(ReadResult { records, end_offset: 3, closed: true }), &mut buffer);
         assert!(reader.feed(&mut buffer).is_empty());
         let sub = buffer.subscribe(0, true);
-        let got: Vec<u64> = buffer.dispatch().into_iter().map(|(s, d)| (assert_eq!(s, sub), d.offset).1).collect();
+        let got: Vec<u64> = buffer.dispatch(0).into_iter().map(|(s, d)| (assert_eq!(s, sub), d.offset).1).collect();
         assert_eq!(got, [2]);
         reader.next_fetches(&buffer);
         reader.fetched(1, Some(ReadResult { records: vec![], end_offset: 3, closed: true }), &mut buffer);
@@ -613,9 +620,10 @@ mod tests {
     /// that comes in time changes nothing already reported.
     #[test]
     fn a_binding_added_late_reads_again_what_it_takes_and_one_in_time_does_not() {
-        let spec = ConsumerGroupSpec { bindings: vec![direct("t", "a")], size: 10, since_unix_ms: 0 };
+        let spec =
+            ConsumerGroupSpec { bindings: vec![direct("t", "a")], size: 10, since_unix_ms: 0, ack_timeout_ms: 0 };
         let mut reader = Reader::new("default", spec.clone(), BTreeMap::new());
-        let mut buffer = GroupBuffer::new(10, BTreeMap::new());
+        let mut buffer = GroupBuffer::new(10, BTreeMap::new(), 0);
         let sub = buffer.subscribe(0, false);
         let t = generation("t", 0, 1, true, 0);
         reader.segments_changed([(1, &t)], &mut buffer);
@@ -623,7 +631,7 @@ mod tests {
         let records = vec![record(0, "a", 100), record(1, "b", 200), record(2, "a", 300)];
         reader.fetched(1, Some(ReadResult { records: records.clone(), end_offset: 3, closed: false }), &mut buffer);
         assert!(reader.feed(&mut buffer).is_empty());
-        let offsets = |b: &mut GroupBuffer| b.dispatch().into_iter().map(|(_, d)| d.offset).collect::<Vec<_>>();
+        let offsets = |b: &mut GroupBuffer| b.dispatch(0).into_iter().map(|(_, d)| d.offset).collect::<Vec<_>>();
         assert_eq!(offsets(&mut buffer), [0, 2]);
         buffer.ack(1, 0).unwrap();
 
@@ -873,7 +881,7 @@ mod tests {
     ) -> Result<(), TestCaseError> {
         loop {
             prop_assert!(reader.feed(buffer).is_empty());
-            let handed = buffer.dispatch();
+            let handed = buffer.dispatch(0);
             if handed.is_empty() {
                 break;
             }
@@ -950,9 +958,9 @@ mod tests {
             }
             let start: BTreeMap<SegmentId, u64> =
                 model.shards.iter().flatten().filter(|s| s.start > 0).map(|s| (s.id, s.start)).collect();
-            let spec = ConsumerGroupSpec { bindings: vec![direct("t", "a"), direct("u", "a")], size: size as u32, since_unix_ms: 0 };
+            let spec = ConsumerGroupSpec { bindings: vec![direct("t", "a"), direct("u", "a")], size: size as u32, since_unix_ms: 0, ack_timeout_ms: 0 };
             let mut reader = Reader::new("default", spec, start.clone());
-            let mut buffer = GroupBuffer::new(size, start);
+            let mut buffer = GroupBuffer::new(size, start, 0);
             buffer.subscribe(0, true);
             let changed = |reader: &mut Reader, buffer: &mut GroupBuffer, model: &Model| {
                 let state = model.state();

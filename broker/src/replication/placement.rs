@@ -364,7 +364,7 @@ mod tests {
         let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
         apply_all(&mut s, &cmds);
         let binding = BindingSpec::fanout("t");
-        let spec = ConsumerGroupSpec { bindings: vec![binding], size: 10, since_unix_ms: 0 };
+        let spec = ConsumerGroupSpec { bindings: vec![binding], size: 10, since_unix_ms: 0, ack_timeout_ms: 0 };
         s.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec }).unwrap();
         let (first, _) = s.segments.iter().next().map(|(id, seg)| (*id, seg.clone())).unwrap();
         s.apply(&Command::CloseSegment {
@@ -385,7 +385,9 @@ mod tests {
         assert_eq!(deletes(&s, HOUR_MS / 2), 0, "younger than the retention");
         assert_eq!(deletes(&s, 2 * HOUR_MS), 0, "the group has not read it yet");
         let offsets = std::collections::BTreeMap::from([(first, 10)]);
-        s.apply(&Command::CommitOffsets { namespace: "default".into(), group: "g".into(), offsets }).unwrap();
+        let handed_out = Default::default();
+        let commit = Command::CommitOffsets { namespace: "default".into(), group: "g".into(), offsets, handed_out };
+        s.apply(&commit).unwrap();
         let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 2 * HOUR_MS);
         assert!(cmds.contains(&Command::DeleteSegments { ids: vec![first] }), "{cmds:?}");
     }
@@ -415,7 +417,7 @@ mod tests {
     #[test]
     fn groups_move_off_dead_nodes() {
         let mut s = state_with_topic(0);
-        let spec = ConsumerGroupSpec { bindings: vec![], size: 10, since_unix_ms: 0 };
+        let spec = ConsumerGroupSpec { bindings: vec![], size: 10, since_unix_ms: 0, ack_timeout_ms: 0 };
         s.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec }).unwrap();
         let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
         apply_all(&mut s, &cmds);
