@@ -640,7 +640,7 @@ async fn a_group_reads_past_a_damaged_sealed_copy_and_the_copy_is_fetched_again(
     drop(reader);
 
     let binding = BindingSpec::fanout("t");
-    let spec = ConsumerGroupSpec { bindings: vec![binding], size: 1000, since_unix_ms: 0, ack_timeout_ms: 0 };
+    let spec = ConsumerGroupSpec { bindings: vec![binding], size: 1000, since_unix_ms: 0, ..Default::default() };
     let cmd = Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec };
     nodes[0].handle.cluster.write(cmd).await.unwrap();
     let placed = wait_for(Duration::from_secs(10), "the group placed", || {
@@ -1025,8 +1025,12 @@ async fn topic_and_group(nodes: &[TestNode], before: &[&str], size: u32) -> u64 
     nodes[0].handle.cluster.write(create).await.unwrap();
     let mut placed = 0;
     for name in before.iter().chain(&["g"]) {
-        let spec =
-            ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size, since_unix_ms: 0, ack_timeout_ms: 0 };
+        let spec = ConsumerGroupSpec {
+            bindings: vec![BindingSpec::fanout("t")],
+            size,
+            since_unix_ms: 0,
+            ..Default::default()
+        };
         let cmd = Command::CreateConsumerGroup { namespace: "default".into(), name: name.to_string(), spec };
         nodes[0].handle.cluster.write(cmd).await.unwrap();
         placed = wait_for(Duration::from_secs(10), "the group placed", || {
@@ -1150,8 +1154,8 @@ async fn messages_held_past_the_ack_timeout_are_redelivered_counted() {
     let spec = ConsumerGroupSpec {
         bindings: vec![BindingSpec::fanout("t")],
         size: 100,
-        since_unix_ms: 0,
         ack_timeout_ms: 2_000,
+        ..Default::default()
     };
     let cmd = Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec };
     nodes[0].handle.cluster.write(cmd).await.unwrap();

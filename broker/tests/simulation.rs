@@ -979,7 +979,7 @@ impl Sim {
             bindings: TOPICS.iter().map(|t| BindingSpec::fanout(*t)).collect(),
             size: 64,
             since_unix_ms: 0,
-            ack_timeout_ms: 0,
+            ..Default::default()
         };
         let cmd = Command::CreateConsumerGroup { namespace: NAMESPACE.into(), name: GROUP.into(), spec };
         cluster.write(cmd).await.map_err(|e| e.to_string())?;

@@ -52,6 +52,44 @@ pub enum Output {
     Json,
 }
 
+/// A consumer group's bindings and settings (create-consumer-group,
+/// update-consumer-group).
+#[derive(Debug, Args)]
+pub struct GroupArgs {
+    pub name: String,
+    /// Bind TOPIC with its default exchange type (fanout: every message).
+    #[arg(long = "bind", value_name = "TOPIC")]
+    pub bind: Vec<String>,
+    /// Bind TOPIC:KEY, direct exchange (routing key equal to KEY).
+    #[arg(long, value_name = "TOPIC:KEY")]
+    pub bind_direct: Vec<String>,
+    /// Bind TOPIC:PATTERN, topic exchange (`*` one word, `#` zero or more).
+    #[arg(long, value_name = "TOPIC:PATTERN")]
+    pub bind_topic: Vec<String>,
+    /// Bind TOPIC:k=v,k2=v2[:all|any], headers exchange.
+    #[arg(long, value_name = "TOPIC:K=V,...[:all|any]")]
+    pub bind_headers: Vec<String>,
+    /// Where a new group starts: a duration into the past (1h, 30m, 2d; -1h too), an
+    /// RFC 3339 time (2026-12-05T10:00:00Z) or Unix seconds. Default: the oldest kept.
+    #[arg(long, allow_hyphen_values = true)]
+    pub since: Option<String>,
+    /// In-memory buffer of the group, in messages.
+    #[arg(long, default_value_t = 10_000)]
+    pub size: u32,
+    /// A message not acknowledged within this many milliseconds of its delivery is
+    /// delivered again (0: the group's node's --ack-timeout-ms).
+    #[arg(long, default_value_t = 0)]
+    pub ack_timeout_ms: u64,
+    /// A message delivered this many times and still not acknowledged is not
+    /// delivered again: it goes to --dead-letter-topic, or is dropped (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub deliveries_max: u32,
+    /// Topic of the namespace (not one the group reads) that takes the messages past
+    /// --deliveries-max, with headers saying where they came from and why.
+    #[arg(long, default_value = "")]
+    pub dead_letter_topic: String,
+}
+
 #[derive(Debug, Args)]
 pub struct BrokerArgs {
     /// Persistent data directory (required to run the broker; created if missing). One broker at a time: it is locked (<dir>/LOCK holds the PID).
@@ -257,31 +295,12 @@ pub enum Command {
     /// List topics of the namespace.
     ListTopics,
     /// Create a consumer group bound to topics.
-    CreateConsumerGroup {
-        name: String,
-        /// Bind TOPIC with its default exchange type (fanout: every message).
-        #[arg(long = "bind", value_name = "TOPIC")]
-        bind: Vec<String>,
-        /// Bind TOPIC:KEY, direct exchange (routing key equal to KEY).
-        #[arg(long, value_name = "TOPIC:KEY")]
-        bind_direct: Vec<String>,
-        /// Bind TOPIC:PATTERN, topic exchange (`*` one word, `#` zero or more).
-        #[arg(long, value_name = "TOPIC:PATTERN")]
-        bind_topic: Vec<String>,
-        /// Bind TOPIC:k=v,k2=v2[:all|any], headers exchange.
-        #[arg(long, value_name = "TOPIC:K=V,...[:all|any]")]
-        bind_headers: Vec<String>,
-        /// Where to start: a past offset like -1h, or an RFC 3339 time.
-        #[arg(long, allow_hyphen_values = true)]
-        since: Option<String>,
-        /// In-memory buffer of the group, in messages.
-        #[arg(long, default_value_t = 10_000)]
-        size: u32,
-        /// A message not acknowledged within this many milliseconds of its delivery is
-        /// delivered again (0: the group's node's --ack-timeout-ms).
-        #[arg(long, default_value_t = 0)]
-        ack_timeout_ms: u64,
-    },
+    CreateConsumerGroup(GroupArgs),
+    /// Change a consumer group in place, keeping its committed offsets: its bindings
+    /// and settings become those given here (flags left out take their defaults, as
+    /// for create). A binding it already has keeps its place; a new one takes what is
+    /// published from now on. --since is ignored (it says where a new group starts).
+    UpdateConsumerGroup(GroupArgs),
     /// Delete a consumer group.
     DeleteConsumerGroup { name: String },
     /// List consumer groups of the namespace, with their node, committed offsets and lag.

@@ -459,3 +459,63 @@ fn unacknowledged_messages_come_again_after_the_ack_timeout_counted() {
     let expected: Vec<(u64, u64, bool)> = (0..3).map(|o| (o, 1, false)).chain((0..3).map(|o| (o, 2, true))).collect();
     assert_eq!(seen, expected);
 }
+
+/// A message nacked or timed out `--deliveries-max` times goes to the group's
+/// dead-letter topic with headers saying where it came from and why; the group then
+/// changes in place (`update-consumer-group`) without redelivering what was done;
+/// `--since 1h` means the past hour, and a malformed one names the accepted forms.
+#[test]
+fn dead_letters_group_updates_and_since() {
+    let tmp = test_dir("data_dead_letters");
+    let (host, port) = ("127.0.0.142", 27110);
+    let _node = Broker::start(host, port, &tmp.join("n1"), &[]);
+    eventually(Duration::from_secs(30), "the node ALIVE", || alive_count(&stdout(&cli(host, port, &["dump"]))) == 1);
+    let ok = |args: &[&str]| {
+        let o = cli(host, port, args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    };
+    for t in ["t", "u", "dead"] {
+        ok(&["create-topic", t, "--replication-factor", "1"]);
+    }
+    let dead_letters = ["--deliveries-max", "2", "--dead-letter-topic", "dead"];
+    let mut create = vec!["create-consumer-group", "g", "--bind", "t", "--ack-timeout-ms", "500"];
+    create.extend(dead_letters);
+    ok(&create);
+    ok(&["create-consumer-group", "d", "--bind", "dead"]);
+    let o = cli(host, port, &["create-consumer-group", "loop", "--bind", "t", "--dead-letter-topic", "t"]);
+    assert!(!o.status.success() && stderr(&o).contains("dead_letter_topic"), "{}", stderr(&o));
+    publish_lines(host, port, "t", &numbers(1, 3));
+
+    // Delivered twice (the ack timeout takes them back), never acked: dead-lettered.
+    let got = subscribe(host, port, "g", &["--no-auto-ack", "--max-messages", "6", "--wait", "10s"]);
+    assert_eq!(got, ["1", "2", "3", "1", "2", "3"]);
+    let o = cli(host, port, &["subscribe", "d", "--max-messages", "3", "--wait", "10s"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dead: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(dead.len(), 3, "{}", stdout(&o));
+    for (i, v) in dead.iter().enumerate() {
+        let h = &v["message"]["headers"];
+        assert_eq!(h["x-first-death-reason"], "delivery_limit", "{v}");
+        assert_eq!((&h["x-first-death-queue"], &h["x-first-death-exchange"]), (&"g".into(), &"t".into()), "{v}");
+        assert_eq!((&h["x-delivery-count"], &h["x-eventtermq-offset"]), (&"2".into(), &i.to_string().into()), "{v}");
+    }
+    assert!(subscribe(host, port, "g", &["--wait", "2s"]).is_empty(), "nothing left for g");
+
+    // Updated in place: a new binding takes what is published from now on, nothing
+    // done comes again.
+    publish_lines(host, port, "u", &["before".to_string()]);
+    let mut update = vec!["update-consumer-group", "g", "--bind", "t", "--bind", "u"];
+    update.extend(dead_letters);
+    ok(&update);
+    let o = cli(host, port, &["update-consumer-group", "nope", "--bind", "t"]);
+    assert!(!o.status.success() && stderr(&o).contains("nope"), "{}", stderr(&o));
+    publish_lines(host, port, "u", &["after".to_string()]);
+    assert_eq!(subscribe(host, port, "g", &["--wait", "3s"]), ["after"]);
+
+    // --since: a duration is the past.
+    ok(&["create-consumer-group", "h", "--bind", "t", "--since", "1h"]);
+    assert_eq!(subscribe(host, port, "h", &["--max-messages", "3", "--wait", "10s"]), numbers(1, 3));
+    let o = cli(host, port, &["create-consumer-group", "x", "--bind", "t", "--since", "yesterday"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("RFC 3339") && stderr(&o).contains("Unix seconds"), "{}", stderr(&o));
+}

@@ -69,7 +69,7 @@ fn commands() -> Vec<Command> {
         Command::CreateConsumerGroup {
             namespace: "orders".into(),
             name: "billing".into(),
-            spec: ConsumerGroupSpec { bindings: vec![], size: 2, since_unix_ms: 1_700_000_000_000, ack_timeout_ms: 0 },
+            spec: ConsumerGroupSpec { bindings: vec![], size: 2, since_unix_ms: 1_700_000_000_000, ..Default::default() },
         },
         Command::SetNode { id: 2, record: NodeRecord { address: "10.0.0.2:7000".into(), state: NodeState::Alive } },
         Command::DeleteTopic { namespace: "orders".into(), name: "created".into() },

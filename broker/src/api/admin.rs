@@ -112,6 +112,8 @@ impl AdminService {
             size: defaults::consumer_group_size(g.size),
             since_unix_ms: g.since.as_ref().map(timestamp_to_ms).unwrap_or(0),
             ack_timeout_ms: g.ack_timeout_ms,
+            deliveries_max: g.deliveries_max,
+            dead_letter_topic: g.dead_letter_topic.clone(),
         };
         validate::consumer_group_spec(&spec)?;
         Ok(spec)
@@ -290,6 +292,19 @@ impl Admin for AdminService {
         validate::name("name", &group.name)?;
         let spec = self.consumer_group_spec_from_pb(&namespace, &group).await?;
         written(self.cluster.write(Command::CreateConsumerGroup { namespace, name: group.name, spec }).await?)
+    }
+
+    async fn update_consumer_group(&self, req: Request<pb::UpdateConsumerGroupRequest>) -> Reply<pb::WriteResponse> {
+        let req = req.into_inner();
+        let namespace = namespace_of(&req.namespace)?;
+        let group = req
+            .consumer_group
+            .ok_or_else(|| RequestError::new(ErrorCode::InvalidArgument, "consumer_group: is required"))?;
+        validate::name("name", &group.name)?;
+        let spec = self.consumer_group_spec_from_pb(&namespace, &group).await?;
+        let now_unix_ms = self.segments.clock().now_unix_ms();
+        let cmd = Command::UpdateConsumerGroup { namespace, name: group.name, spec, now_unix_ms };
+        written(self.cluster.write(cmd).await?)
     }
 
     async fn delete_consumer_group(&self, req: Request<pb::DeleteConsumerGroupRequest>) -> Reply<pb::WriteResponse> {

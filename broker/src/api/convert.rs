@@ -74,6 +74,8 @@ pub fn consumer_group_to_pb(name: &str, g: &ConsumerGroupSpec) -> pb::ConsumerGr
         size: g.size,
         since: (g.since_unix_ms != 0).then(|| ms_to_timestamp(g.since_unix_ms)),
         ack_timeout_ms: g.ack_timeout_ms,
+        deliveries_max: g.deliveries_max,
+        dead_letter_topic: g.dead_letter_topic.clone(),
         node_id: 0,
         committed_offsets: Default::default(),
     }

@@ -402,7 +402,7 @@ impl BindingSpec {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsumerGroupSpec {
     pub bindings: Vec<BindingSpec>,
     /// In-memory buffer of the group, in messages.
@@ -413,6 +413,35 @@ pub struct ConsumerGroupSpec {
     /// back to the group for redelivery; 0: the node's `--ack-timeout-ms`.
     #[serde(default)]
     pub ack_timeout_ms: u64,
+    /// A message delivered this many times and not acknowledged is not delivered
+    /// again: it goes to `dead_letter_topic`, or is dropped without one; 0: no limit.
+    #[serde(default)]
+    pub deliveries_max: u32,
+    /// Topic of the group's namespace that takes its dead letters; empty: none.
+    #[serde(default)]
+    pub dead_letter_topic: String,
+}
+
+impl ConsumerGroupSpec {
+    /// Everything but `since_unix_ms` is the same (a repeated create computes `since`
+    /// anew, e.g. "-1h" from now).
+    pub fn same_settings(&self, other: &ConsumerGroupSpec) -> bool {
+        ConsumerGroupSpec { since_unix_ms: other.since_unix_ms, ..self.clone() } == *other
+    }
+
+    /// This spec with `update`'s settings and bindings: bindings routing the same as
+    /// one it has keep theirs (and where they started); new ones start at `now_unix_ms`.
+    pub fn updated(&self, update: &ConsumerGroupSpec, now_unix_ms: i64) -> ConsumerGroupSpec {
+        let bindings = update
+            .bindings
+            .iter()
+            .map(|b| match self.bindings.iter().find(|old| old.same_route(b)) {
+                Some(old) => old.clone(),
+                None => BindingSpec { since_unix_ms: now_unix_ms, ..b.clone() },
+            })
+            .collect();
+        ConsumerGroupSpec { bindings, since_unix_ms: self.since_unix_ms, ..update.clone() }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

@@ -132,6 +132,18 @@ pub fn consumer_group_spec(spec: &ConsumerGroupSpec) -> Result<(), RequestError>
             ),
         ));
     }
+    if !spec.dead_letter_topic.is_empty() {
+        name("dead_letter_topic", &spec.dead_letter_topic)?;
+        if spec.bindings.iter().any(|b| b.topic == spec.dead_letter_topic) {
+            return Err(RequestError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "dead_letter_topic: {:?} is a topic the group reads (its dead letters would come back to it)",
+                    spec.dead_letter_topic
+                ),
+            ));
+        }
+    }
     if spec.bindings.len() > BINDINGS_COUNT_MAX {
         return Err(RequestError::new(
             ErrorCode::InvalidBinding,

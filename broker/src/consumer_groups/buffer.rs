@@ -161,6 +161,13 @@ pub struct GroupBuffer {
     pending: VecDeque<Delivery>,
     /// Handed to a (non-auto-ack) subscriber and not yet acked.
     in_flight: HashMap<Key, InFlight, foldhash::fast::RandomState>,
+    /// A message delivered this many times is not handed out again (0: no limit).
+    deliveries_max: u32,
+    /// Messages past `deliveries_max`, taken by [`Self::take_dead`] and still
+    /// outstanding until [`Self::dead_lettered`].
+    dead: Vec<Delivery>,
+    /// Taken dead letters not yet settled (they hold buffer room).
+    dead_outstanding: BTreeSet<Key>,
     /// The in-flight messages with a deadline, soonest first (invariant 3).
     deadlines: BTreeSet<(Millis, Key)>,
     subscribers: BTreeMap<SubscriberId, Subscriber>,
@@ -183,6 +190,9 @@ impl GroupBuffer {
             segments,
             pending: VecDeque::new(),
             in_flight: HashMap::default(),
+            deliveries_max: 0,
+            dead: Vec::new(),
+            dead_outstanding: BTreeSet::new(),
             deadlines: BTreeSet::new(),
             subscribers: BTreeMap::new(),
             next_subscriber_id: 1,
@@ -194,6 +204,29 @@ impl GroupBuffer {
     /// within this many milliseconds (0: never). Messages in flight keep their deadline.
     pub fn set_ack_timeout(&mut self, ack_timeout_ms: Millis) {
         self.ack_timeout_ms = ack_timeout_ms;
+    }
+
+    /// A message delivered `count` times (0: no limit) is not handed out again but
+    /// given to [`Self::take_dead`].
+    pub fn set_deliveries_max(&mut self, count: u32) {
+        self.deliveries_max = count;
+    }
+
+    /// The messages that reached the delivery limit since the last call, in log
+    /// order. Each stays outstanding (the committed offset does not pass it)
+    /// until [`Self::dead_lettered`].
+    pub fn take_dead(&mut self) -> Vec<Delivery> {
+        self.dead_outstanding.extend(self.dead.iter().map(|d| (d.segment_id, d.offset)));
+        let mut dead = std::mem::take(&mut self.dead);
+        dead.sort_unstable_by_key(|d| (d.segment_id, d.offset));
+        dead
+    }
+
+    /// A message from [`Self::take_dead`] was published to the dead-letter topic, or
+    /// dropped: it is done.
+    pub fn dead_lettered(&mut self, segment_id: u64, offset: u64) {
+        self.dead_outstanding.remove(&(segment_id, offset));
+        self.done((segment_id, offset));
     }
 
     pub fn ack_timeout_ms(&self) -> Millis {
@@ -220,7 +253,8 @@ impl GroupBuffer {
 
     /// How many more messages may be offered now.
     pub fn free(&self) -> usize {
-        self.capacity.saturating_sub(self.pending.len() + self.in_flight.len())
+        self.capacity
+            .saturating_sub(self.pending.len() + self.in_flight.len() + self.dead.len() + self.dead_outstanding.len())
     }
 
     /// A record that matched the group's bindings. Records of one segment are reported
@@ -307,8 +341,18 @@ impl GroupBuffer {
         // Pushing to the front in reverse leaves the smallest position first.
         for &key in keys.iter().rev() {
             if let Ok(d) = self.take_in_flight(key) {
-                self.pending.push_front(d);
+                self.return_to_queue(d);
             }
+        }
+    }
+
+    /// A delivered message back to the front of the queue, or, once delivered
+    /// `deliveries_max` times, to the dead letters ([`Self::take_dead`]).
+    fn return_to_queue(&mut self, d: Delivery) {
+        if self.deliveries_max > 0 && d.delivery_count >= self.deliveries_max {
+            self.dead.push(d);
+        } else {
+            self.pending.push_front(d);
         }
     }
 
@@ -339,6 +383,10 @@ impl GroupBuffer {
             let Some(id) = self.next_with_room() else { break };
             self.rr_cursor = id.wrapping_add(1);
             let mut d = self.pending.pop_front().expect("checked non-empty");
+            if self.deliveries_max > 0 && d.delivery_count >= self.deliveries_max {
+                self.dead.push(d);
+                continue;
+            }
             d.delivery_count = d.delivery_count.saturating_add(1);
             let key = (d.segment_id, d.offset);
             if let Some(seg) = self.segments.get_mut(&key.0) {
@@ -380,7 +428,14 @@ impl GroupBuffer {
         }
         let seg = self.segments.get(&segment_id).ok_or(AckError::NotInFlight)?;
         if seg.outstanding.contains(&offset) {
-            self.take_redelivery(key)?;
+            if let Some(i) = self.dead.iter().position(|d| (d.segment_id, d.offset) == key) {
+                // Past its delivery limit, acked before it was dead-lettered.
+                self.dead.remove(i);
+            } else if self.take_redelivery(key).is_err() {
+                // Being dead-lettered (a late ack changes nothing), or never delivered.
+                let dead_lettering = self.dead_outstanding.contains(&key);
+                return if dead_lettering { Ok(Acked::Already) } else { Err(AckError::NotInFlight) };
+            }
             self.done(key);
             return Ok(Acked::Now);
         }
@@ -396,7 +451,7 @@ impl GroupBuffer {
     pub fn nack(&mut self, segment_id: u64, offset: u64) -> Result<(), AckError> {
         let key = (segment_id, offset);
         match self.take_in_flight(key) {
-            Ok(d) => self.pending.push_front(d),
+            Ok(d) => self.return_to_queue(d),
             Err(e) => {
                 let waiting = self.pending.iter().any(|d| (d.segment_id, d.offset) == key && d.delivery_count > 0);
                 if !waiting {
@@ -456,6 +511,8 @@ impl GroupBuffer {
             return;
         }
         self.pending.retain(|d| d.segment_id != segment_id);
+        self.dead.retain(|d| d.segment_id != segment_id);
+        self.dead_outstanding.retain(|key| key.0 != segment_id);
         self.deadlines.retain(|(_, key)| key.0 != segment_id);
         let subscribers = &mut self.subscribers;
         self.in_flight.retain(|key, f| {
@@ -790,6 +847,34 @@ mod tests {
         // Reported again, it starts afresh.
         buf.skip(1, 100).unwrap();
         assert_eq!(buf.committed(), BTreeMap::from([(1, 101), (2, 0)]));
+    }
+
+    #[test]
+    fn a_message_past_its_delivery_limit_is_dead_lettered_not_delivered() {
+        let mut buf = GroupBuffer::new(3, BTreeMap::new(), 0);
+        buf.set_deliveries_max(2);
+        let a = buf.subscribe(0, false);
+        offer_range(&mut buf, 1, 0..2);
+        for count in 1..=2 {
+            let got = buf.dispatch(0);
+            assert_eq!(positions(&got), [(a, 1, 0), (a, 1, 1)]);
+            assert!(got.iter().all(|(_, d)| d.delivery_count == count));
+            // Each nack goes to the front: the last one nacked comes first.
+            buf.nack(1, 1).unwrap();
+            buf.nack(1, 0).unwrap();
+        }
+        // Delivered twice: not again. Both wait to be dead-lettered, holding room.
+        assert!(buf.dispatch(0).is_empty());
+        assert_eq!(buf.free(), 1);
+        // Acked before it was taken: done, not dead-lettered.
+        assert_eq!(buf.ack(1, 0), Ok(Acked::Now));
+        let dead = buf.take_dead();
+        assert_eq!(dead.iter().map(|d| (d.offset, d.delivery_count)).collect::<Vec<_>>(), [(1, 2)]);
+        // While it is being dead-lettered a late ack changes nothing.
+        assert_eq!(buf.ack(1, 1), Ok(Acked::Already));
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 1)]));
+        buf.dead_lettered(1, 1);
+        assert_eq!((buf.committed(), buf.free()), (BTreeMap::from([(1, 2)]), 3));
     }
 
     #[test]

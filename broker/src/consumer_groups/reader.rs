@@ -547,7 +547,7 @@ mod tests {
 
     fn fanout_group(topics: &[&str], size: u32, start: BTreeMap<SegmentId, u64>) -> (Reader, GroupBuffer) {
         let bindings = topics.iter().map(|t| BindingSpec::fanout(*t)).collect();
-        let spec = ConsumerGroupSpec { bindings, size, since_unix_ms: 0, ack_timeout_ms: 0 };
+        let spec = ConsumerGroupSpec { bindings, size, since_unix_ms: 0, ..Default::default() };
         (Reader::new("default", spec, start.clone()), GroupBuffer::new(size as usize, start, 0))
     }
 
@@ -575,7 +575,7 @@ mod tests {
             bindings: vec![BindingSpec::fanout("t")],
             size: 10,
             since_unix_ms: 0,
-            ack_timeout_ms: 0,
+            ..Default::default()
         };
         let mut reader = Reader::new("default", spec, BTreeMap::from([(2, 5)]));
         let mut buffer = GroupBuffer::new(10, BTreeMap::from([(2, 5)]), 0);
@@ -595,7 +595,7 @@ mod tests {
     #[test]
     fn since_and_bindings_decide_what_is_offered() {
         let spec =
-            ConsumerGroupSpec { bindings: vec![direct("t", "a")], size: 10, since_unix_ms: 100, ack_timeout_ms: 0 };
+            ConsumerGroupSpec { bindings: vec![direct("t", "a")], size: 10, since_unix_ms: 100, ..Default::default() };
         let mut reader = Reader::new("default", spec, BTreeMap::new());
         let mut buffer = GroupBuffer::new(10, BTreeMap::new(), 0);
         let t = generation("t", 0, 1, false, 3);
@@ -621,7 +621,7 @@ mod tests {
     #[test]
     fn a_binding_added_late_reads_again_what_it_takes_and_one_in_time_does_not() {
         let spec =
-            ConsumerGroupSpec { bindings: vec![direct("t", "a")], size: 10, since_unix_ms: 0, ack_timeout_ms: 0 };
+            ConsumerGroupSpec { bindings: vec![direct("t", "a")], size: 10, since_unix_ms: 0, ..Default::default() };
         let mut reader = Reader::new("default", spec.clone(), BTreeMap::new());
         let mut buffer = GroupBuffer::new(10, BTreeMap::new(), 0);
         let sub = buffer.subscribe(0, false);
@@ -958,7 +958,7 @@ mod tests {
             }
             let start: BTreeMap<SegmentId, u64> =
                 model.shards.iter().flatten().filter(|s| s.start > 0).map(|s| (s.id, s.start)).collect();
-            let spec = ConsumerGroupSpec { bindings: vec![direct("t", "a"), direct("u", "a")], size: size as u32, since_unix_ms: 0, ack_timeout_ms: 0 };
+            let spec = ConsumerGroupSpec { bindings: vec![direct("t", "a"), direct("u", "a")], size: size as u32, since_unix_ms: 0, ..Default::default() };
             let mut reader = Reader::new("default", spec, start.clone());
             let mut buffer = GroupBuffer::new(size, start, 0);
             buffer.subscribe(0, true);

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::time::Duration;
 
+use eventtermq_proto::v1::Persistence;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
@@ -23,6 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::buffer::{Acked, Delivery, GroupBuffer, Millis, SubscriberId};
+use super::dead_letter;
 use super::reader::{Fetch, Reader};
 use crate::cluster::Cluster;
 use crate::cluster_state::{Command, ConsumerGroupSpec, SegmentId};
@@ -94,9 +96,13 @@ const LAG_PEEK_INTERVAL: Duration = Duration::from_secs(1);
 /// [`READ_RETRY_PAUSE`]): a fail-over's sealing takes well under that, while a copy
 /// that stays unreadable stops its shard's later generations and needs an operator.
 const READ_FAILURES_WARN_COUNT: u32 = 50;
+/// Failed publishes of one dead letter before the task warns (about 10 s).
+const DEAD_LETTER_ATTEMPTS_WARN: u32 = 10;
 
 type FetchFuture = Pin<Box<dyn std::future::Future<Output = (SegmentId, Result<ReadResult, RequestError>)> + Send>>;
 type PeekFuture = Pin<Box<dyn std::future::Future<Output = (SegmentId, Option<u64>)> + Send>>;
+/// A dead letter on its way to the dead-letter topic: the record it is, once published.
+type DeadLetterFuture = Pin<Box<dyn std::future::Future<Output = (SegmentId, u64)> + Send>>;
 
 struct Subscriber {
     tx: mpsc::Sender<Event>,
@@ -127,6 +133,7 @@ struct Task {
     /// Reads that only learn how far an open segment is readable, for the lag.
     peeks: FuturesUnordered<PeekFuture>,
     peeking: HashSet<SegmentId>,
+    dead_letters: FuturesUnordered<DeadLetterFuture>,
     counters: GroupCounters,
     /// Origin of the buffer's clock ([`Millis`]).
     epoch: tokio::time::Instant,
@@ -166,6 +173,10 @@ pub(crate) async fn run(
             Some(cmd) = cmds.recv() => t.command(cmd),
             Some((id, result)) = t.fetches.next(), if !t.fetches.is_empty() => t.fetched(id, result),
             Some((id, end)) = t.peeks.next(), if !t.peeks.is_empty() => t.peeked(id, end),
+            Some((id, offset)) = t.dead_letters.next(), if !t.dead_letters.is_empty() => {
+                t.buffer.dead_lettered(id, offset);
+                t.counters.dead_lettered.inc();
+            }
         }
         t.step();
         let next = t.buffer.next_deadline();
@@ -190,6 +201,7 @@ impl Task {
         let start = runtime.offsets;
         let ack_timeout = ack_timeout_ms(&spec, segments.settings().ack_timeout_ms);
         let mut buffer = GroupBuffer::new(spec.size.max(1) as usize, start.clone(), ack_timeout);
+        buffer.set_deliveries_max(spec.deliveries_max);
         buffer.resume_handed_out(&runtime.handed_out);
         let counters = segments.metrics().group_counters(&namespace, &name);
         Some(Task {
@@ -209,6 +221,7 @@ impl Task {
             flushes: Vec::new(),
             peeks: FuturesUnordered::new(),
             peeking: HashSet::new(),
+            dead_letters: FuturesUnordered::new(),
             counters,
             epoch: tokio::time::Instant::now(),
         })
@@ -238,6 +251,7 @@ impl Task {
         let spec = st.state.namespaces.get(&self.namespace).and_then(|ns| ns.consumer_groups.get(&self.name));
         if let Some(spec) = spec.filter(|s| *s != self.reader.spec()) {
             self.buffer.set_ack_timeout(ack_timeout_ms(spec, self.segments.settings().ack_timeout_ms));
+            self.buffer.set_deliveries_max(spec.deliveries_max);
             self.reader.spec_changed(spec.clone(), &mut self.buffer);
         }
         self.reader.segments_changed(st.state.segments.iter().map(|(id, s)| (*id, s)), &mut self.buffer);
@@ -378,6 +392,7 @@ impl Task {
         }
         let handed = self.buffer.dispatch(self.now());
         self.counters.deliveries.inc_by(handed.len() as u64);
+        self.dead_letter();
         for (sub, d) in handed {
             match self.subscribers.get_mut(&sub) {
                 Some(s) if s.tx.try_send(Event::Message(d)).is_ok() => {}
@@ -393,6 +408,37 @@ impl Task {
             if s.do_not_block && drained && holds_none {
                 let _ = s.tx.try_send(Event::Drained);
             }
+        }
+    }
+
+    /// Messages past the delivery limit go to the dead-letter topic (retried until
+    /// published: they stay outstanding meanwhile, so none is lost to a failure or a
+    /// restart; a restart may publish one twice), or are dropped without one.
+    fn dead_letter(&mut self) {
+        let topic = self.reader.spec().dead_letter_topic.clone();
+        for d in self.buffer.take_dead() {
+            let message = (!topic.is_empty()).then(|| dead_letter::message(&d, &self.name)).flatten();
+            let Some(message) = message else {
+                tracing::debug!(namespace = %self.namespace, group = %self.name, segment_id = d.segment_id,
+                    offset = d.offset, deliveries = d.delivery_count, "delivery limit reached; dropping the message");
+                self.buffer.dead_lettered(d.segment_id, d.offset);
+                self.counters.dropped.inc();
+                continue;
+            };
+            let (segments, namespace, topic) = (self.segments.clone(), self.namespace.clone(), topic.clone());
+            self.dead_letters.push(Box::pin(async move {
+                let messages = [message];
+                for attempt in 1u32.. {
+                    match segments.publish(&namespace, &topic, &messages, Persistence::Default, None, 0).await {
+                        Ok(_) => break,
+                        Err(e) if attempt == DEAD_LETTER_ATTEMPTS_WARN => tracing::warn!(%namespace, %topic, error = %e,
+                            attempts = attempt, "cannot publish to the dead-letter topic; retrying (the message stays unacknowledged)"),
+                        Err(e) => tracing::debug!(%namespace, %topic, error = %e, "dead-letter publish failed; retrying"),
+                    }
+                    tokio::time::sleep(READ_RETRY_PAUSE * 10).await;
+                }
+                (d.segment_id, d.offset)
+            }));
         }
     }
 

@@ -162,6 +162,9 @@ pub struct GroupCounters {
     pub acks: Counter,
     pub nacks: Counter,
     pub redeliveries: Counter,
+    /// Messages past the delivery limit published to the dead-letter topic, and dropped.
+    pub dead_lettered: Counter,
+    pub dropped: Counter,
 }
 
 /// The publish series of one namespace/topic (or of the folded ones), by persistence,
@@ -275,6 +278,8 @@ struct Families {
     group_acks: Family<GroupLabels, Counter>,
     group_nacks: Family<GroupLabels, Counter>,
     group_redeliveries: Family<GroupLabels, Counter>,
+    group_dead_lettered: Family<GroupLabels, Counter>,
+    group_dropped: Family<GroupLabels, Counter>,
     grpc_requests: Family<GrpcLabels, Counter>,
     grpc_seconds: HistogramFamily<MethodLabels>,
     cluster_write_seconds: AtomicHistogram,
@@ -301,6 +306,8 @@ impl Families {
             group_acks: Family::default(),
             group_nacks: Family::default(),
             group_redeliveries: Family::default(),
+            group_dead_lettered: Family::default(),
+            group_dropped: Family::default(),
             grpc_requests: Family::default(),
             grpc_seconds: HistogramFamily::new_with_constructor(latency_buckets),
             cluster_write_seconds: latency_buckets(),
@@ -365,6 +372,16 @@ impl Families {
             "consumer_group_redeliveries",
             "Messages returned for redelivery (nacked, or held by a subscriber that left)",
             self.group_redeliveries.clone(),
+        );
+        r.register(
+            "consumer_group_dead_lettered",
+            "Messages delivered deliveries_max times, published to the group's dead-letter topic",
+            self.group_dead_lettered.clone(),
+        );
+        r.register(
+            "consumer_group_dropped",
+            "Messages delivered deliveries_max times and dropped (the group has no dead-letter topic)",
+            self.group_dropped.clone(),
         );
         r.register("grpc_requests", "gRPC requests served, by method and status code", self.grpc_requests.clone());
         r.register(
@@ -495,6 +512,8 @@ impl Metrics {
             acks: f.group_acks.get_or_create(&labels).clone(),
             nacks: f.group_nacks.get_or_create(&labels).clone(),
             redeliveries: f.group_redeliveries.get_or_create(&labels).clone(),
+            dead_lettered: f.group_dead_lettered.get_or_create(&labels).clone(),
+            dropped: f.group_dropped.get_or_create(&labels).clone(),
         }
     }
 

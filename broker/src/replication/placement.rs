@@ -364,7 +364,7 @@ mod tests {
         let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
         apply_all(&mut s, &cmds);
         let binding = BindingSpec::fanout("t");
-        let spec = ConsumerGroupSpec { bindings: vec![binding], size: 10, since_unix_ms: 0, ack_timeout_ms: 0 };
+        let spec = ConsumerGroupSpec { bindings: vec![binding], size: 10, since_unix_ms: 0, ..Default::default() };
         s.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec }).unwrap();
         let (first, _) = s.segments.iter().next().map(|(id, seg)| (*id, seg.clone())).unwrap();
         s.apply(&Command::CloseSegment {
@@ -417,7 +417,7 @@ mod tests {
     #[test]
     fn groups_move_off_dead_nodes() {
         let mut s = state_with_topic(0);
-        let spec = ConsumerGroupSpec { bindings: vec![], size: 10, since_unix_ms: 0, ack_timeout_ms: 0 };
+        let spec = ConsumerGroupSpec { bindings: vec![], size: 10, since_unix_ms: 0, ..Default::default() };
         s.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec }).unwrap();
         let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
         apply_all(&mut s, &cmds);

@@ -169,6 +169,9 @@ impl BrokerObject for ConsumerGroup {
             bindings,
             size: spec.size,
             since,
+            ack_timeout_ms: spec.ack_timeout_ms,
+            deliveries_max: spec.deliveries_max,
+            dead_letter_topic: spec.dead_letter_topic.clone().unwrap_or_default(),
             ..Default::default()
         }))
     }
