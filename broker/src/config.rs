@@ -61,6 +61,9 @@ pub struct DataSettings {
     /// A segment is closed and the next one opened once it is this big (a topic may
     /// set its own).
     pub segment_size_max_bytes: u64,
+    /// An open segment holding records is closed once it is this old (a topic may set
+    /// its own), so that a quiet topic's records expire; 0: never by age.
+    pub segment_age_max_ms: u64,
     /// Disk space a segment file reserves ahead of its records, this much at a time:
     /// an fsync that need not record a new file size is faster (0: none).
     pub segment_preallocate_bytes: u64,
@@ -103,6 +106,7 @@ impl Default for DataSettings {
     fn default() -> Self {
         Self {
             segment_size_max_bytes: 64 * 1024 * 1024,
+            segment_age_max_ms: 3_600_000,
             segment_preallocate_bytes: 1024 * 1024,
             write_batch_max_bytes: 1024 * 1024,
             read_batch_max_bytes: 1024 * 1024,

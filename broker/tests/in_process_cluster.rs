@@ -112,6 +112,7 @@ fn topic() -> TopicSpec {
         default_exchange_type: ExchangeType::Fanout,
         segment_size_max_bytes: 0,
         min_insync_replicas: 0,
+        ..Default::default()
     }
 }
 

@@ -971,6 +971,7 @@ impl Sim {
                 default_exchange_type: ExchangeType::Fanout,
                 segment_size_max_bytes: 0,
                 min_insync_replicas: 0,
+                ..Default::default()
             };
             let cmd = Command::CreateTopic { namespace: NAMESPACE.into(), name: t.into(), spec };
             cluster.write(cmd).await.map_err(|e| e.to_string())?;

@@ -52,6 +52,22 @@ pub enum Output {
     Json,
 }
 
+/// Retention by size and the segment age of `create-topic`.
+#[derive(Debug, Args)]
+pub struct RetentionArgs {
+    /// Bytes of closed segments kept at most; the oldest go first (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub retention_bytes_max: u64,
+    /// Close an open segment that holds records at this age, so a quiet topic's records
+    /// expire (0: the nodes' --segment-age-max-ms).
+    #[arg(long, default_value_t = 0)]
+    pub segment_age_max_ms: u64,
+    /// Retention deletes segments even when consumer groups have not acknowledged
+    /// them (as Kafka); without it a segment waits for every bound group.
+    #[arg(long)]
+    pub retention_overrides_consumers: bool,
+}
+
 /// A consumer group's bindings and settings (create-consumer-group,
 /// update-consumer-group).
 #[derive(Debug, Args)]
@@ -140,6 +156,10 @@ pub struct BrokerArgs {
     /// Close a segment and open the next once it reaches this size (topics may set their own).
     #[arg(long, default_value_t = DataSettings::default().segment_size_max_bytes)]
     pub segment_size_max_bytes: u64,
+    /// Close an open segment that holds records once it is this old, so a quiet
+    /// topic's records expire with its retention (topics may set their own; 0: never).
+    #[arg(long, default_value_t = DataSettings::default().segment_age_max_ms)]
+    pub segment_age_max_ms: u64,
     /// Disk space a segment file reserves (fallocate) ahead of its records, this much at
     /// a time, so that most fsyncs need not record a new file size (0: no reserve).
     #[arg(long, default_value_t = DataSettings::default().segment_preallocate_bytes)]
@@ -272,6 +292,8 @@ pub enum Command {
         /// (0: a majority of --replication-factor).
         #[arg(long, default_value_t = 0)]
         min_insync_replicas: u32,
+        #[command(flatten)]
+        retention_limits: RetentionArgs,
     },
     /// Change a topic's mutable fields (shards up, retention, default exchange type,
     /// min in-sync replicas).
@@ -289,6 +311,15 @@ pub enum Command {
         /// For segments opened from now on (0: a majority).
         #[arg(long)]
         min_insync_replicas: Option<u32>,
+        /// Bytes of closed segments kept at most (0: no limit).
+        #[arg(long)]
+        retention_bytes_max: Option<u64>,
+        /// Close an open segment with records at this age (0: the nodes' --segment-age-max-ms).
+        #[arg(long)]
+        segment_age_max_ms: Option<u64>,
+        /// Whether retention deletes what consumer groups have not acknowledged yet.
+        #[arg(long)]
+        retention_overrides_consumers: Option<bool>,
     },
     /// Delete a topic.
     DeleteTopic { name: String },

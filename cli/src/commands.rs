@@ -100,6 +100,7 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
             default_exchange_type,
             segment_size_max_bytes,
             min_insync_replicas,
+            retention_limits,
         } => {
             let topic = pb::Topic {
                 name,
@@ -110,6 +111,9 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
                 under_replicated: false,
                 segment_size_max_bytes,
                 min_insync_replicas,
+                retention_bytes_max: retention_limits.retention_bytes_max,
+                segment_age_max_ms: retention_limits.segment_age_max_ms,
+                retention_overrides_consumers: retention_limits.retention_overrides_consumers,
             };
             admin.create_topic(topic).await?
         }
@@ -120,6 +124,9 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
             retention,
             default_exchange_type,
             min_insync_replicas,
+            retention_bytes_max,
+            segment_age_max_ms,
+            retention_overrides_consumers,
         } => {
             let retention = retention.map(|r| duration("retention", &r)).transpose()?.flatten();
             let req = pb::UpdateTopicRequest {
@@ -130,6 +137,9 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
                 retention,
                 default_exchange_type,
                 min_insync_replicas,
+                retention_bytes_max,
+                segment_age_max_ms,
+                retention_overrides_consumers,
             };
             admin.update_topic(req).await?
         }

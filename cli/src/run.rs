@@ -60,6 +60,7 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
     config.membership.suspect_to_down_ms = args.gossip_suspect_to_down_ms;
     config.data = eventtermq_broker::config::DataSettings {
         segment_size_max_bytes: args.segment_size_max_bytes,
+        segment_age_max_ms: args.segment_age_max_ms,
         segment_preallocate_bytes: args.segment_preallocate_bytes,
         write_batch_max_bytes: args.write_batch_max_bytes,
         read_batch_max_bytes: args.read_batch_max_bytes,

@@ -519,3 +519,36 @@ fn dead_letters_group_updates_and_since() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("RFC 3339") && stderr(&o).contains("Unix seconds"), "{}", stderr(&o));
 }
+
+/// A quiet topic expires: its open segment closes at `--segment-age-max-ms` (it holds
+/// records), and once its group acknowledged them, retention deletes it; a group
+/// created afterwards finds nothing old.
+#[test]
+fn a_quiet_topic_expires_by_segment_age_and_retention() {
+    let tmp = test_dir("data_quiet_retention");
+    let (host, port) = ("127.0.0.143", 27120);
+    let _node = Broker::start(host, port, &tmp.join("n1"), &[]);
+    eventually(Duration::from_secs(30), "the node ALIVE", || alive_count(&stdout(&cli(host, port, &["dump"]))) == 1);
+    let o = cli(
+        host,
+        port,
+        &["create-topic", "q", "--replication-factor", "1", "--retention", "2s", "--segment-age-max-ms", "1000"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = cli(host, port, &["create-consumer-group", "g", "--bind", "q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    publish_lines(host, port, "q", &numbers(1, 3));
+    assert_eq!(subscribe(host, port, "g", &["--max-messages", "3", "--wait", "10s"]), numbers(1, 3));
+    let mut attempt = 0;
+    eventually(Duration::from_secs(30), "old records gone for a new group", || {
+        attempt += 1;
+        let late = format!("late{attempt}");
+        let o = cli(host, port, &["create-consumer-group", &late, "--bind", "q"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        subscribe(host, port, &late, &["--wait", "1s"]).is_empty()
+    });
+    let o = cli(host, port, &["--output", "json", "list-topics"]);
+    let topics: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let q = &topics["topics"][0];
+    assert_eq!((&q["segment_age_max_ms"], &q["retention_overrides_consumers"]), (&1000.into(), &false.into()), "{q}");
+}

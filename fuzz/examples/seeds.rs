@@ -62,6 +62,7 @@ fn commands() -> Vec<Command> {
         default_exchange_type: ExchangeType::Topic,
         segment_size_max_bytes: 0,
         min_insync_replicas: 0,
+    ..Default::default()
     };
     vec![
         Command::CreateNamespace { name: "orders".into() },

@@ -192,6 +192,9 @@ impl Admin {
             retention: topic.retention,
             default_exchange_type: Some(topic.default_exchange_type),
             min_insync_replicas: Some(topic.min_insync_replicas),
+            retention_bytes_max: Some(topic.retention_bytes_max),
+            segment_age_max_ms: Some(topic.segment_age_max_ms),
+            retention_overrides_consumers: Some(topic.retention_overrides_consumers),
         };
         let result = self.client.update_topic(update).await;
         self.outcome(result)

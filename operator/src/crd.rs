@@ -391,6 +391,19 @@ pub struct TopicSpec {
     /// Exchange type of bindings that do not name one.
     #[serde(default)]
     pub default_exchange_type: ExchangeType,
+    /// Bytes of closed segments kept at most: beyond it the oldest go first; 0 or
+    /// unset: no limit.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub retention_bytes_max: u64,
+    /// An open segment holding records is closed at this age, so that a quiet topic's
+    /// records expire with its retention; 0 or unset: the brokers'
+    /// `--segment-age-max-ms` (1 h).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub segment_age_max_ms: u64,
+    /// Retention deletes segments consumer groups have not acknowledged yet (as Kafka
+    /// does); false or unset: a segment is kept until every bound group passed it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retention_overrides_consumers: bool,
     /// Delete removes the topic from the broker when this resource is deleted (if it was
     /// ever in sync, so a same-named object the operator never managed is kept); Retain
     /// keeps it.

@@ -100,6 +100,7 @@ fn topic_spec(kind: ExchangeType) -> TopicSpec {
         default_exchange_type: kind,
         segment_size_max_bytes: 0,
         min_insync_replicas: 0,
+        ..Default::default()
     }
 }
 

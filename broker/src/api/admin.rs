@@ -56,6 +56,9 @@ fn topic_spec_from_pb(t: &pb::Topic) -> Result<TopicSpec, RequestError> {
         default_exchange_type,
         segment_size_max_bytes: t.segment_size_max_bytes,
         min_insync_replicas: t.min_insync_replicas,
+        retention_bytes_max: t.retention_bytes_max,
+        segment_age_max_ms: t.segment_age_max_ms,
+        retention_overrides_consumers: t.retention_overrides_consumers,
     };
     validate::topic_spec(&spec)?;
     Ok(spec)
@@ -258,6 +261,9 @@ impl Admin for AdminService {
                 .map(|t| validate::exchange_type("default_exchange_type", t))
                 .transpose()?,
             min_insync_replicas: req.min_insync_replicas,
+            retention_bytes_max: req.retention_bytes_max,
+            segment_age_max_ms: req.segment_age_max_ms,
+            retention_overrides_consumers: req.retention_overrides_consumers,
         };
         if let Some(s) = update.shards {
             validate::shards(s)?;

@@ -37,6 +37,9 @@ pub fn topic_to_pb(name: &str, t: &TopicSpec) -> pb::Topic {
         under_replicated: false,
         segment_size_max_bytes: t.segment_size_max_bytes,
         min_insync_replicas: t.min_insync(),
+        retention_bytes_max: t.retention_bytes_max,
+        segment_age_max_ms: t.segment_age_max_ms,
+        retention_overrides_consumers: t.retention_overrides_consumers,
     }
 }
 

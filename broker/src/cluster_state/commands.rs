@@ -643,6 +643,18 @@ fn describe_topic_diff(a: &TopicSpec, b: &TopicSpec) -> String {
     if a.min_insync() != b.min_insync() {
         diffs.push(format!("min_insync_replicas {} != {}", a.min_insync(), b.min_insync()));
     }
+    if a.retention_bytes_max != b.retention_bytes_max {
+        diffs.push(format!("retention_bytes_max {} != {}", a.retention_bytes_max, b.retention_bytes_max));
+    }
+    if a.segment_age_max_ms != b.segment_age_max_ms {
+        diffs.push(format!("segment_age_max_ms {} != {}", a.segment_age_max_ms, b.segment_age_max_ms));
+    }
+    if a.retention_overrides_consumers != b.retention_overrides_consumers {
+        diffs.push(format!(
+            "retention_overrides_consumers {} != {}",
+            a.retention_overrides_consumers, b.retention_overrides_consumers
+        ));
+    }
     if a.default_exchange_type != b.default_exchange_type {
         diffs.push(format!(
             "default_exchange_type {} != {}",
@@ -665,6 +677,7 @@ mod tests {
             default_exchange_type: ExchangeType::Fanout,
             segment_size_max_bytes: 0,
             min_insync_replicas: 0,
+            ..Default::default()
         }
     }
 
@@ -799,10 +812,17 @@ mod tests {
             retention_ms: Some(60_000),
             default_exchange_type: Some(ExchangeType::Topic),
             min_insync_replicas: Some(3),
+            retention_bytes_max: Some(1 << 20),
+            segment_age_max_ms: Some(30_000),
+            retention_overrides_consumers: Some(true),
         }))
         .unwrap();
         let t = &s.namespaces["default"].topics["t"];
         assert_eq!((t.shards, t.retention_ms, t.default_exchange_type), (4, 60_000, ExchangeType::Topic));
+        assert_eq!(
+            (t.retention_bytes_max, t.segment_age_max_ms, t.retention_overrides_consumers),
+            (1 << 20, 30_000, true)
+        );
         assert_eq!(t.min_insync_replicas, 3);
         let err = s.apply(&update(TopicUpdate { min_insync_replicas: Some(4), ..Default::default() })).unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidMinInsyncReplicas);

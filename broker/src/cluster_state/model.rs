@@ -277,8 +277,9 @@ pub struct Namespace {
     pub consumer_groups: BTreeMap<String, ConsumerGroupSpec>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExchangeType {
+    #[default]
     Fanout,
     Direct,
     Topic,
@@ -308,7 +309,7 @@ impl ExchangeType {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicSpec {
     pub shards: u32,
     pub replication_factor: u32,
@@ -324,6 +325,19 @@ pub struct TopicSpec {
     /// through the API store the resolved value.
     #[serde(default)]
     pub min_insync_replicas: u32,
+    /// Bytes of closed segments kept at most: beyond it the oldest go first. 0: no
+    /// limit.
+    #[serde(default)]
+    pub retention_bytes_max: u64,
+    /// An open segment with records is closed (and the next opened) once it is this
+    /// old, so that a quiet topic's records expire; 0 uses the node's
+    /// `--segment-age-max-ms`.
+    #[serde(default)]
+    pub segment_age_max_ms: u64,
+    /// Retention deletes segments consumer groups have not acknowledged yet (as
+    /// Kafka always does); off: a segment waits until every bound group passed it.
+    #[serde(default)]
+    pub retention_overrides_consumers: bool,
 }
 
 impl TopicSpec {
@@ -349,6 +363,12 @@ pub struct TopicUpdate {
     /// Applies to segments opened after the change.
     #[serde(default)]
     pub min_insync_replicas: Option<u32>,
+    #[serde(default)]
+    pub retention_bytes_max: Option<u64>,
+    #[serde(default)]
+    pub segment_age_max_ms: Option<u64>,
+    #[serde(default)]
+    pub retention_overrides_consumers: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -113,6 +113,15 @@ pub fn topic_update(current: &TopicSpec, update: &TopicUpdate) -> Result<TopicSp
     if let Some(t) = update.default_exchange_type {
         next.default_exchange_type = t;
     }
+    if let Some(b) = update.retention_bytes_max {
+        next.retention_bytes_max = b;
+    }
+    if let Some(a) = update.segment_age_max_ms {
+        next.segment_age_max_ms = a;
+    }
+    if let Some(o) = update.retention_overrides_consumers {
+        next.retention_overrides_consumers = o;
+    }
     Ok(next)
 }
 

@@ -118,6 +118,9 @@ impl BrokerObject for Topic {
             under_replicated: false,
             segment_size_max_bytes: 0,
             min_insync_replicas: spec.min_insync_replicas.unwrap_or(0),
+            retention_bytes_max: spec.retention_bytes_max,
+            segment_age_max_ms: spec.segment_age_max_ms,
+            retention_overrides_consumers: spec.retention_overrides_consumers,
         }))
     }
 }
