@@ -27,5 +27,6 @@ pub mod metrics;
 pub mod node;
 pub mod peers;
 pub mod replication;
+pub mod security;
 pub mod transport;
 pub mod watch;

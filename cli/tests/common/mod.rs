@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_eventtermq");
 
+/// `--insecure-trusted-network` as an environment variable.
+pub const TRUSTED_NETWORK_ENV: &str = "EVENTTERMQ_INSECURE_TRUSTED_NETWORK";
+
 /// A broker process that is killed (SIGKILL) when dropped.
 pub struct Broker {
     pub child: Option<Child>,
@@ -46,6 +49,9 @@ impl Broker {
                 "100",
             ])
             .env("RUST_LOG", "info,eventtermq_broker::node=debug,openraft=warn")
+            // The tests' clusters run on loopback addresses of this machine (the seed's
+            // trusted network); cli/tests/security.rs runs them with a secret and TLS.
+            .env(TRUSTED_NETWORK_ENV, "true")
             .stdout(Stdio::null())
             .stderr(Stdio::from(self.log_file()));
         for j in &self.join {
