@@ -19,6 +19,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use ring::hmac;
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
@@ -34,6 +35,15 @@ pub const CLUSTER_SECRET_FILE_MAX_BYTES: u64 = 64 * 1024;
 /// Label the token is derived under, so that the token of a secret reused elsewhere
 /// says nothing there.
 const TOKEN_LABEL: &[u8] = b"eventtermq cluster credential v1\0";
+
+/// Label the key of gossip datagram tags is derived under (another key than the
+/// token's: the token crosses the network, the key never does).
+const DATAGRAM_KEY_LABEL: &[u8] = b"eventtermq gossip datagram key v1\0";
+
+/// Bytes of the tag (a truncated HMAC-SHA256) a gossip datagram ends with when the
+/// cluster has a credential: a datagram from outside is dropped, so nobody but a
+/// member can announce members (which the leader would add to Raft).
+pub const DATAGRAM_TAG_BYTES: usize = 16;
 
 /// Who this node accepts node-to-node calls from.
 #[derive(Clone)]
@@ -65,7 +75,34 @@ impl InternalAccess {
     pub fn closed() -> Self {
         let own: [u8; 32] = rand::random();
         let own: String = own.iter().map(|b| format!("{b:02x}")).collect();
-        InternalAccess::Closed(ClusterSecret { token: own })
+        let key: [u8; 32] = rand::random();
+        InternalAccess::Closed(ClusterSecret { token: own, datagram_key: hmac::Key::new(hmac::HMAC_SHA256, &key) })
+    }
+
+    /// `data` as a gossip datagram to send: with its tag when there is a credential.
+    pub fn seal(&self, data: &[u8]) -> Vec<u8> {
+        let mut out = data.to_vec();
+        if let Some(key) = self.datagram_key() {
+            out.extend_from_slice(&hmac::sign(key, data).as_ref()[..DATAGRAM_TAG_BYTES]);
+        }
+        out
+    }
+
+    /// The payload of a received gossip datagram, if its tag is right (or none is
+    /// needed).
+    pub fn open<'a>(&self, datagram: &'a [u8]) -> Option<&'a [u8]> {
+        let Some(key) = self.datagram_key() else { return Some(datagram) };
+        let split = datagram.len().checked_sub(DATAGRAM_TAG_BYTES)?;
+        let (data, tag) = datagram.split_at(split);
+        let expected = hmac::sign(key, data);
+        bool::from(expected.as_ref()[..DATAGRAM_TAG_BYTES].ct_eq(tag)).then_some(data)
+    }
+
+    fn datagram_key(&self) -> Option<&hmac::Key> {
+        match self {
+            InternalAccess::Secret(s) | InternalAccess::Closed(s) => Some(&s.datagram_key),
+            InternalAccess::TrustedNetwork => None,
+        }
     }
 
     /// The credential this node sends on its own calls to other nodes.
@@ -133,6 +170,7 @@ impl Refusal {
 #[derive(Clone)]
 pub struct ClusterSecret {
     token: String,
+    datagram_key: hmac::Key,
 }
 
 impl fmt::Debug for ClusterSecret {
@@ -154,11 +192,15 @@ impl ClusterSecret {
                 secret.len()
             ));
         }
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        ctx.update(TOKEN_LABEL);
-        ctx.update(secret);
-        let token = ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        Ok(Self { token })
+        let derive = |label: &[u8]| {
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            ctx.update(label);
+            ctx.update(secret);
+            ctx.finish()
+        };
+        let token = derive(TOKEN_LABEL).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let datagram_key = hmac::Key::new(hmac::HMAC_SHA256, derive(DATAGRAM_KEY_LABEL).as_ref());
+        Ok(Self { token, datagram_key })
     }
 
     /// Reads the secret from `path` (`--cluster-secret-file`).
@@ -235,6 +277,24 @@ mod tests {
         let other = ClusterSecret::new(b"0123456789abcdef-secreT").unwrap();
         assert_eq!(InternalAccess::Secret(other).check(Some(token.as_bytes())), Err(Refusal::Wrong));
         assert!(!format!("{access:?} {s:?}").contains(&token));
+    }
+
+    #[test]
+    fn datagrams_of_another_cluster_or_altered_are_dropped() {
+        let ours = InternalAccess::Secret(ClusterSecret::new(b"a cluster secret of enough bytes").unwrap());
+        let theirs = InternalAccess::Secret(ClusterSecret::new(b"another secret of enough bytes!!").unwrap());
+        let sealed = ours.seal(b"gossip");
+        assert_eq!(sealed.len(), 6 + DATAGRAM_TAG_BYTES);
+        assert_eq!(ours.open(&sealed), Some(&b"gossip"[..]));
+        assert_eq!(theirs.open(&sealed), None);
+        let mut altered = sealed.clone();
+        altered[0] ^= 1;
+        assert_eq!(ours.open(&altered), None);
+        assert_eq!(ours.open(b"short"), None);
+        assert_eq!(ours.open(b"gossip"), None);
+        let trusted = InternalAccess::TrustedNetwork;
+        assert_eq!(trusted.seal(b"gossip"), b"gossip");
+        assert_eq!(trusted.open(b"gossip"), Some(&b"gossip"[..]));
     }
 
     #[test]

@@ -98,7 +98,7 @@ pub async fn start(
     // would share an id and a Raft log and corrupt both. Held until the node stopped.
     let dir_lock = eventtermq_storage::durable::lock_dir(fs, &config.dir).map_err(NodeError::DirLocked)?;
     let id = id::load_or_create(fs, &config.dir, config.id)?;
-    let peers = Peers::with_credential(network, config.peers.clone(), config.internal_access.token());
+    let peers = Peers::with_access(network, config.peers.clone(), config.internal_access.clone());
     let (raft, shared) = start_raft(&config, id, &peers).await?;
 
     // Everything below stops on `stop`; `shutdown` first runs the graceful sequence.

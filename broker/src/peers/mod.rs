@@ -62,21 +62,33 @@ struct Inner {
     network: Arc<dyn Network>,
     timeouts: PeerTimeouts,
     credential: Credential,
+    access: crate::security::InternalAccess,
 }
 
 impl Peers {
     /// Calls without a cluster credential (peers that take node-to-node calls from
     /// anyone: `--insecure-trusted-network`).
     pub fn new(network: Arc<dyn Network>, timeouts: PeerTimeouts) -> Self {
-        Self::with_credential(network, timeouts, None)
+        Self::with_access(network, timeouts, crate::security::InternalAccess::TrustedNetwork)
     }
 
-    /// Calls carrying `token`, the cluster credential (`security::InternalAccess::token`).
-    pub fn with_credential(network: Arc<dyn Network>, timeouts: PeerTimeouts, token: Option<&str>) -> Self {
+    /// Calls carrying the cluster credential of `access`, and gossip datagrams with
+    /// its tag (`security::InternalAccess`).
+    pub fn with_access(
+        network: Arc<dyn Network>,
+        timeouts: PeerTimeouts,
+        access: crate::security::InternalAccess,
+    ) -> Self {
         // A token is hex (ASCII); one that is not valid metadata is not sent at all,
         // and the peers answer that it is missing.
-        let credential = Credential(token.and_then(|t| t.parse().ok()));
-        Self { inner: Arc::new(Inner { network, timeouts, credential }) }
+        let credential = Credential(access.token().and_then(|t| t.parse().ok()));
+        Self { inner: Arc::new(Inner { network, timeouts, credential, access }) }
+    }
+
+    /// The payload of a gossip datagram received, if it comes from a member (its tag
+    /// is the cluster's); `None`: dropped.
+    pub fn open_datagram<'a>(&self, datagram: &'a [u8]) -> Option<&'a [u8]> {
+        self.inner.access.open(datagram)
     }
 
     pub fn timeouts(&self) -> &PeerTimeouts {
@@ -85,7 +97,7 @@ impl Peers {
 
     /// Sends one gossip datagram. Best effort, like UDP.
     pub fn send_datagram(&self, addr: &str, data: Bytes) {
-        self.inner.network.send_datagram(addr, data)
+        self.inner.network.send_datagram(addr, Bytes::from(self.inner.access.seal(&data)))
     }
 
     fn channel(&self, addr: &str) -> PeerChannel {

@@ -49,15 +49,17 @@ impl Broker {
                 "100",
             ])
             .env("RUST_LOG", "info,eventtermq_broker::node=debug,openraft=warn")
-            // The tests' clusters run on loopback addresses of this machine (the seed's
-            // trusted network); cli/tests/security.rs runs them with a secret and TLS.
-            .env(TRUSTED_NETWORK_ENV, "true")
             .stdout(Stdio::null())
             .stderr(Stdio::from(self.log_file()));
         for j in &self.join {
             cmd.args(["--join", j]);
         }
         cmd.args(&self.extra);
+        // The tests' clusters run on loopback addresses of this machine (the seed's
+        // trusted network), unless a test gives them a secret (cli/tests/security.rs).
+        if !self.extra.iter().any(|a| a == "--cluster-secret-file") {
+            cmd.env(TRUSTED_NETWORK_ENV, "true");
+        }
         self.child = Some(cmd.spawn().expect("start broker"));
     }
 
