@@ -9,6 +9,7 @@ use eventtermq_storage::fs::{Fs, RealFs};
 use crate::clock::Clock;
 use crate::membership::MembershipConfig;
 use crate::peers::PeerTimeouts;
+use crate::security::InternalAccess;
 
 /// Default gRPC/gossip port.
 pub const DEFAULT_PORT: u16 = eventtermq_api::defaults::PORT;
@@ -53,6 +54,9 @@ pub struct NodeConfig {
     /// simulation (`eventtermq_storage::sim::SimFs`). Every file of the node goes
     /// through it (segments, the Raft log and snapshot, the node id, the lock).
     pub fs: Arc<dyn Fs>,
+    /// Who may make node-to-node calls here, and the credential this node sends on
+    /// its own (default: closed, a cluster of one; see [`InternalAccess`]).
+    pub internal_access: InternalAccess,
 }
 
 /// Limits of the data path (segments, replication, consumer groups).
@@ -202,6 +206,7 @@ impl NodeConfig {
             clock: Clock::default(),
             metrics_label_values_max: crate::metrics::LABEL_VALUES_MAX_DEFAULT,
             fs: RealFs::shared(),
+            internal_access: InternalAccess::closed(),
         }
     }
 }

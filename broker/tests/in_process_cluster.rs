@@ -66,6 +66,9 @@ fn config(dir: &Path, name: &str, join: &[&str], clock: &Clock) -> NodeConfig {
     c.membership.join_retry_ms = 100;
     c.reconcile_interval_ms = 50;
     c.request_timeout_ms = 3_000;
+    // Every node-to-node call of these tests carries the cluster credential.
+    let secret = eventtermq_broker::security::ClusterSecret::new(b"in-process test cluster secret");
+    c.internal_access = eventtermq_broker::security::InternalAccess::Secret(secret.expect("a valid secret"));
     c
 }
 

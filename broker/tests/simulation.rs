@@ -288,6 +288,7 @@ impl Sim {
         c.fs = n.fs.as_fs();
         c.clock = self.clock.clone();
         c.join = if i == 0 { Vec::new() } else { vec![NODES[0].to_string()] };
+        c.internal_access = eventtermq_broker::security::InternalAccess::TrustedNetwork;
         c.raft.heartbeat_interval_ms = 50;
         // openraft draws a node's election timeout once per start from this range: one
         // value, from the seed, so that a run replays (and the nodes differ).

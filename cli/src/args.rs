@@ -11,6 +11,7 @@ use eventtermq_api::defaults;
 use eventtermq_broker::amqp::AmqpSettings;
 use eventtermq_broker::config::{DataSettings, NodeConfig, RaftSettings};
 use eventtermq_broker::membership::MembershipConfig;
+use eventtermq_broker::transport::tls::TlsSettings;
 
 #[derive(Debug, Parser)]
 #[command(name = "eventtermq", version, about = "EventterMQ: a distributed message broker and its CLI.", long_about = None)]
@@ -28,6 +29,18 @@ pub struct Cli {
     /// CLI: output format of dump and list commands.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,
+    /// CLI: talk TLS, verifying the node's certificate against these PEM CA certificates.
+    /// Broker: the CA of the other nodes' certificates (default: --tls-client-ca-file).
+    #[arg(long, global = true, env = "EVENTTERMQ_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// CLI: client certificate (PEM) to present. Broker: the certificate chain served on
+    /// the gRPC and AMQP ports and presented to other nodes; turns TLS on (reloaded when
+    /// the file changes).
+    #[arg(long, global = true, env = "EVENTTERMQ_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert-file.
+    #[arg(long, global = true, env = "EVENTTERMQ_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub broker: BrokerArgs,
     #[command(subcommand)]
@@ -123,6 +136,29 @@ pub struct BrokerArgs {
     /// Node id (default: random, generated once and kept in <dir>/id).
     #[arg(long)]
     pub id: Option<u64>,
+    /// A file holding the cluster's shared secret (at least 16 bytes; the same on every
+    /// node): node-to-node calls are taken only with it. A multi-node cluster needs it
+    /// or --insecure-trusted-network.
+    #[arg(long, env = "EVENTTERMQ_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Take node-to-node calls from anyone who reaches the port, without a credential:
+    /// only on a private network that nothing else can reach.
+    #[arg(long, env = "EVENTTERMQ_INSECURE_TRUSTED_NETWORK")]
+    pub insecure_trusted_network: bool,
+    /// Require client certificates signed by these PEM CA certificates on the gRPC and
+    /// AMQP ports (clients and other nodes alike).
+    #[arg(long, env = "EVENTTERMQ_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// How often --tls-cert-file and --tls-key-file are checked for changes (a changed
+    /// pair is served to new connections without a restart).
+    #[arg(long, default_value_t = TlsSettings::DEFAULT_RELOAD_INTERVAL_MS)]
+    pub tls_reload_interval_ms: u64,
+    /// How long a connection to a TLS port may take to complete its handshake.
+    #[arg(long, default_value_t = TlsSettings::DEFAULT_HANDSHAKE_TIMEOUT_MS)]
+    pub tls_handshake_timeout_ms: u64,
+    /// TLS handshakes in progress at most per port; further connections wait.
+    #[arg(long, default_value_t = TlsSettings::DEFAULT_HANDSHAKES_IN_FLIGHT_MAX)]
+    pub tls_handshakes_in_flight_max: usize,
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

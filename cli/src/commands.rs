@@ -86,7 +86,7 @@ fn consumer_group(args: GroupArgs) -> Result<pb::ConsumerGroup, CliError> {
 }
 
 pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
-    let mut admin = Admin { client: admin_client(&ctx.addr)?, ctx };
+    let mut admin = Admin { client: admin_client(&ctx.addr, ctx.tls.as_ref())?, ctx };
     match cmd {
         Command::Dump { stale } => admin.dump(stale).await?,
         Command::CreateNamespace { name } => admin.create_namespace(name).await?,

@@ -70,7 +70,7 @@ pub async fn publish(ctx: &Ctx, args: PublishArgs) -> Result<(), CliError> {
         Some(id) => id,
         None => rand::random::<u64>().max(1),
     };
-    let client = messaging_client(&ctx.addr)?;
+    let client = messaging_client(&ctx.addr, ctx.tls.as_ref())?;
     if args.batch_messages_max == 0 {
         return Err(CliError::Usage("--batch-messages-max: must be at least 1".into()));
     }
@@ -415,7 +415,7 @@ pub async fn subscribe(ctx: &Ctx, args: SubscribeArgs) -> Result<(), CliError> {
         }
         None => None,
     };
-    let client = messaging_client(&ctx.addr)?;
+    let client = messaging_client(&ctx.addr, ctx.tls.as_ref())?;
     let mut subscriber = Subscriber {
         client,
         ctx,

@@ -222,7 +222,7 @@ fn health_service_reports_serving() {
     eventually(Duration::from_secs(20), "readiness SERVING", || check("eventter.v1.Admin") == Some(serving));
 }
 
-/// Server reflection lists the services, so grpcurl works without .proto files.
+/// Server reflection lists the client services, so grpcurl works without .proto files.
 #[test]
 fn reflection_lists_the_services() {
     use tonic_reflection::pb::v1::{
@@ -253,7 +253,9 @@ fn reflection_lists_the_services() {
     };
     eventually(Duration::from_secs(20), "reflection answers", || list().is_some());
     let services = list().unwrap();
-    for want in ["eventter.v1.Admin", "eventter.internal.v1.Internal", "grpc.health.v1.Health"] {
+    for want in ["eventter.v1.Admin", "eventter.v1.Messaging", "grpc.health.v1.Health"] {
         assert!(services.iter().any(|s| s == want), "{want} missing from {services:?}");
     }
+    // The node-to-node service is for cluster members only: not shown to clients.
+    assert!(!services.iter().any(|s| s.contains("internal")), "{services:?}");
 }

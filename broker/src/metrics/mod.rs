@@ -74,6 +74,12 @@ struct GrpcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    /// `closed` (no credential configured here), `missing` or `wrong` (the caller's).
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
     method: String,
 }
@@ -284,6 +290,8 @@ struct Families {
     grpc_seconds: HistogramFamily<MethodLabels>,
     cluster_write_seconds: AtomicHistogram,
     cluster_writes_failed: Counter,
+    internal_refused: Family<RefusalLabels, Counter>,
+    tls_handshakes_failed: Counter,
 }
 
 impl Families {
@@ -312,7 +320,24 @@ impl Families {
             grpc_seconds: HistogramFamily::new_with_constructor(latency_buckets),
             cluster_write_seconds: latency_buckets(),
             cluster_writes_failed: Counter::default(),
+            internal_refused: Family::default(),
+            tls_handshakes_failed: Counter::default(),
         }
+    }
+
+    fn register_security(&self, r: &mut Registry) {
+        r.register(
+            "internal_calls_refused",
+            "Node-to-node calls (or requests marked as forwarded by a node) refused for want of the cluster \
+             credential, by reason: missing, wrong, or closed (this node has none configured)",
+            self.internal_refused.clone(),
+        );
+        r.register(
+            "tls_handshakes_failed",
+            "Connections to a TLS listener (gRPC or AMQP) that did not complete a handshake: plaintext, an unknown \
+             CA, no client certificate where one is required, or no handshake in time",
+            self.tls_handshakes_failed.clone(),
+        );
     }
 
     fn register_data_path(&self, r: &mut Registry) {
@@ -432,10 +457,17 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 impl Metrics {
     /// `label_values_max`: see [`LabelFolder`] (`--metrics-label-values-max`).
     pub fn new(label_values_max: usize) -> Self {
+        Self::with_tls_counter(label_values_max, Counter::default())
+    }
+
+    /// As [`Metrics::new`], with the counter of failed TLS handshakes that the
+    /// listeners (bound before the node, and so before its metrics) count in.
+    pub fn with_tls_counter(label_values_max: usize, tls_handshakes_failed: Counter) -> Self {
         let mut registry = Registry::with_prefix("eventtermq");
-        let f = Families::new();
+        let f = Families { tls_handshakes_failed, ..Families::new() };
         f.register_data_path(&mut registry);
         f.register_groups_and_grpc(&mut registry);
+        f.register_security(&mut registry);
         let inner = Inner {
             registry,
             labels: LabelFolder::new(label_values_max),
@@ -515,6 +547,11 @@ impl Metrics {
             dead_lettered: f.group_dead_lettered.get_or_create(&labels).clone(),
             dropped: f.group_dropped.get_or_create(&labels).clone(),
         }
+    }
+
+    /// A node-to-node call refused (see `security::Refusal::as_str`).
+    pub fn internal_refused(&self, reason: &'static str) {
+        self.inner.f.internal_refused.get_or_create(&RefusalLabels { reason }).inc();
     }
 
     /// Starts counting one gRPC request to `method` (a path such as
