@@ -65,6 +65,20 @@ fn topic_spec_from_pb(t: &pb::Topic) -> Result<TopicSpec, RequestError> {
 }
 
 impl AdminService {
+    /// The namespace, name and spec a create or update of a consumer group asks for.
+    async fn group_of_request(
+        &self,
+        namespace: &str,
+        group: Option<pb::ConsumerGroup>,
+    ) -> Result<(String, String, ConsumerGroupSpec), RequestError> {
+        let namespace = namespace_of(namespace)?;
+        let group =
+            group.ok_or_else(|| RequestError::new(ErrorCode::InvalidArgument, "consumer_group: is required"))?;
+        validate::name("name", &group.name)?;
+        let spec = self.consumer_group_spec_from_pb(&namespace, &group).await?;
+        Ok((namespace, group.name, spec))
+    }
+
     /// Builds the group's spec. A binding without an exchange type takes its topic's
     /// default, read linearizably so a topic created just before is seen.
     async fn consumer_group_spec_from_pb(
@@ -291,26 +305,15 @@ impl Admin for AdminService {
 
     async fn create_consumer_group(&self, req: Request<pb::CreateConsumerGroupRequest>) -> Reply<pb::WriteResponse> {
         let req = req.into_inner();
-        let namespace = namespace_of(&req.namespace)?;
-        let group = req
-            .consumer_group
-            .ok_or_else(|| RequestError::new(ErrorCode::InvalidArgument, "consumer_group: is required"))?;
-        validate::name("name", &group.name)?;
-        let spec = self.consumer_group_spec_from_pb(&namespace, &group).await?;
-        written(self.cluster.write(Command::CreateConsumerGroup { namespace, name: group.name, spec }).await?)
+        let (namespace, name, spec) = self.group_of_request(&req.namespace, req.consumer_group).await?;
+        written(self.cluster.write(Command::CreateConsumerGroup { namespace, name, spec }).await?)
     }
 
     async fn update_consumer_group(&self, req: Request<pb::UpdateConsumerGroupRequest>) -> Reply<pb::WriteResponse> {
         let req = req.into_inner();
-        let namespace = namespace_of(&req.namespace)?;
-        let group = req
-            .consumer_group
-            .ok_or_else(|| RequestError::new(ErrorCode::InvalidArgument, "consumer_group: is required"))?;
-        validate::name("name", &group.name)?;
-        let spec = self.consumer_group_spec_from_pb(&namespace, &group).await?;
+        let (namespace, name, spec) = self.group_of_request(&req.namespace, req.consumer_group).await?;
         let now_unix_ms = self.segments.clock().now_unix_ms();
-        let cmd = Command::UpdateConsumerGroup { namespace, name: group.name, spec, now_unix_ms };
-        written(self.cluster.write(cmd).await?)
+        written(self.cluster.write(Command::UpdateConsumerGroup { namespace, name, spec, now_unix_ms }).await?)
     }
 
     async fn delete_consumer_group(&self, req: Request<pb::DeleteConsumerGroupRequest>) -> Reply<pb::WriteResponse> {
