@@ -23,6 +23,7 @@ pub fn topic_in_sync(desired: &pb::Topic, held: &pb::Topic) -> bool {
         && desired.retention_bytes_max == held.retention_bytes_max
         && desired.segment_age_max_ms == held.segment_age_max_ms
         && desired.retention_overrides_consumers == held.retention_overrides_consumers
+        && or_default(&desired.shard_key, "routing_key") == or_default(&held.shard_key, "routing_key")
 }
 
 /// Whether the broker's `held` group is what `desired` asks for: bindings in order,

@@ -79,6 +79,10 @@ pub struct RetentionArgs {
     /// them (as Kafka); without it a segment waits for every bound group.
     #[arg(long)]
     pub retention_overrides_consumers: bool,
+    /// What picks a publish's shard: routing_key (one key, one shard, in order; no key:
+    /// spread) or none (always spread).
+    #[arg(long, default_value = "routing_key")]
+    pub shard_key: String,
 }
 
 /// A consumer group's bindings and settings (create-consumer-group,
@@ -356,6 +360,9 @@ pub enum Command {
         /// Whether retention deletes what consumer groups have not acknowledged yet.
         #[arg(long)]
         retention_overrides_consumers: Option<bool>,
+        /// routing_key or none (see create-topic).
+        #[arg(long)]
+        shard_key: Option<String>,
     },
     /// Delete a topic.
     DeleteTopic { name: String },

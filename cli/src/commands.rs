@@ -114,6 +114,7 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
                 retention_bytes_max: retention_limits.retention_bytes_max,
                 segment_age_max_ms: retention_limits.segment_age_max_ms,
                 retention_overrides_consumers: retention_limits.retention_overrides_consumers,
+                shard_key: retention_limits.shard_key,
             };
             admin.create_topic(topic).await?
         }
@@ -127,6 +128,7 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
             retention_bytes_max,
             segment_age_max_ms,
             retention_overrides_consumers,
+            shard_key,
         } => {
             let retention = retention.map(|r| duration("retention", &r)).transpose()?.flatten();
             let req = pb::UpdateTopicRequest {
@@ -140,6 +142,7 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
                 retention_bytes_max,
                 segment_age_max_ms,
                 retention_overrides_consumers,
+                shard_key,
             };
             admin.update_topic(req).await?
         }

@@ -552,3 +552,85 @@ fn a_quiet_topic_expires_by_segment_age_and_retention() {
     let q = &topics["topics"][0];
     assert_eq!((&q["segment_age_max_ms"], &q["retention_overrides_consumers"]), (&1000.into(), &false.into()), "{q}");
 }
+
+/// On a 3-shard topic, the messages of one routing key all go to one shard and keep
+/// their order, whichever node the publisher uses; requests without a key spread
+/// evenly over the shards.
+#[test]
+fn keyed_messages_keep_one_shard_and_their_order_unkeyed_ones_spread() {
+    let tmp = test_dir("data_keyed_shards");
+    let hosts = ["127.0.0.144", "127.0.0.145", "127.0.0.146"];
+    let port = 27130;
+    let _nodes = three_nodes(&tmp, hosts, port);
+    eventually(Duration::from_secs(30), "3 ALIVE nodes", || alive_count(&stdout(&cli(hosts[0], port, &["dump"]))) == 3);
+    let ok = |host: &str, args: &[&str]| {
+        let o = cli(host, port, args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    };
+    ok(hosts[0], &["create-topic", "k", "--shards", "3"]);
+    ok(hosts[0], &["create-consumer-group", "g", "--bind", "k"]);
+    eventually(Duration::from_secs(20), "3 open segments", || {
+        stdout(&cli(hosts[0], port, &["dump"])).matches("open: true").count() >= 3
+    });
+    let (keys, per_key) = (20, 25);
+    for key in 0..keys {
+        let host = hosts[key % 3];
+        ok(
+            host,
+            &[
+                "publish",
+                "k",
+                &format!("{key}:{{n}}"),
+                "--count",
+                &per_key.to_string(),
+                "--routing-key",
+                &format!("key{key}"),
+            ],
+        );
+    }
+    // 300 requests of one message through one node.
+    ok(hosts[2], &["publish", "k", "plain:{n}", "--count", "300", "--batch-messages-max", "1"]);
+    let total = keys * per_key + 300;
+    let o = cli(hosts[1], port, &["subscribe", "g", "--max-messages", &total.to_string(), "--wait", "20s"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o_dump = cli(hosts[0], port, &["--output", "json", "dump"]);
+    let dump: serde_json::Value = serde_json::from_str(stdout(&o_dump).trim()).unwrap();
+    let shard_of: std::collections::BTreeMap<u64, u64> = dump["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["id"].as_u64().unwrap(), s["shard"].as_u64().unwrap()))
+        .collect();
+    // Per key: (shard, segment, offset, n) of each message.
+    let mut by_key: std::collections::BTreeMap<String, Vec<(u64, u64, u64, u64)>> = Default::default();
+    let mut plain_per_shard = [0u32; 3];
+    for line in stdout(&o).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        use base64::Engine as _;
+        let data = base64::engine::general_purpose::STANDARD.decode(v["message"]["data"].as_str().unwrap()).unwrap();
+        let data = String::from_utf8(data).unwrap();
+        let (seg, off) = (v["segment_id"].as_u64().unwrap(), v["offset"].as_u64().unwrap());
+        let shard = shard_of[&seg];
+        let (prefix, n) = data.split_once(':').unwrap();
+        if prefix == "plain" {
+            plain_per_shard[shard as usize] += 1;
+        } else {
+            by_key.entry(prefix.to_string()).or_default().push((shard, seg, off, n.parse().unwrap()));
+        }
+    }
+    assert_eq!(by_key.len(), keys, "every key delivered");
+    let mut shards_used = std::collections::BTreeSet::new();
+    for (key, mut got) in by_key {
+        assert_eq!(got.len(), per_key, "key {key}");
+        assert!(got.iter().all(|g| g.0 == got[0].0), "key {key} in one shard: {got:?}");
+        shards_used.insert(got[0].0);
+        got.sort_by_key(|g| (g.1, g.2));
+        let ns: Vec<u64> = got.iter().map(|g| g.3).collect();
+        assert_eq!(ns, (1..=per_key as u64).collect::<Vec<_>>(), "key {key} in publish order");
+    }
+    assert_eq!(shards_used.len(), 3, "20 keys use every shard");
+    assert_eq!(plain_per_shard.iter().sum::<u32>(), 300);
+    // Exactly-once requests (the CLI's) spread by their ids: within 20 % of a third
+    // for 300 requests (the unit test of `shard_of` checks 10 % over 3,000).
+    assert!(plain_per_shard.iter().all(|n| (80..=120).contains(n)), "unkeyed spread: {plain_per_shard:?}");
+}

@@ -195,6 +195,7 @@ impl Admin {
             retention_bytes_max: Some(topic.retention_bytes_max),
             segment_age_max_ms: Some(topic.segment_age_max_ms),
             retention_overrides_consumers: Some(topic.retention_overrides_consumers),
+            shard_key: Some(topic.shard_key),
         };
         let result = self.client.update_topic(update).await;
         self.outcome(result)

@@ -404,6 +404,11 @@ pub struct TopicSpec {
     /// does); false or unset: a segment is kept until every bound group passed it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub retention_overrides_consumers: bool,
+    /// What picks a publish's shard: "routing_key" (the default: one key, one shard, in
+    /// order; messages without a key spread) or "none" (every publish spreads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^(routing_key|none)$"))]
+    pub shard_key: Option<String>,
     /// Delete removes the topic from the broker when this resource is deleted (if it was
     /// ever in sync, so a same-named object the operator never managed is kept); Retain
     /// keeps it.

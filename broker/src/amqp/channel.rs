@@ -563,7 +563,11 @@ async fn run_publisher(
         let mut batch = vec![first];
         while batch.len() < batch_max.max(1) {
             match rx.try_recv() {
-                Ok(job) if job.topic == batch[0].topic => batch.push(job),
+                // One topic and one routing key a batch: a key's messages go to its
+                // shard (see `shard_of`), which the whole request goes to.
+                Ok(job) if job.topic == batch[0].topic && job.message.routing_key == batch[0].message.routing_key => {
+                    batch.push(job)
+                }
                 Ok(job) => {
                     carried = Some(job);
                     break;

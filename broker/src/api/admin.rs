@@ -46,6 +46,12 @@ pub(crate) fn namespace_of(ns: &str) -> Result<String, RequestError> {
     Ok(ns.to_string())
 }
 
+fn shard_key(v: &str) -> Result<ShardKey, RequestError> {
+    ShardKey::parse(v).ok_or_else(|| {
+        RequestError::new(ErrorCode::InvalidArgument, format!("shard_key: {v:?} is not \"routing_key\" or \"none\""))
+    })
+}
+
 fn topic_spec_from_pb(t: &pb::Topic) -> Result<TopicSpec, RequestError> {
     let default_exchange_type = or_default(&t.default_exchange_type, defaults::EXCHANGE_TYPE);
     let default_exchange_type = validate::exchange_type("default_exchange_type", default_exchange_type)?;
@@ -59,6 +65,7 @@ fn topic_spec_from_pb(t: &pb::Topic) -> Result<TopicSpec, RequestError> {
         retention_bytes_max: t.retention_bytes_max,
         segment_age_max_ms: t.segment_age_max_ms,
         retention_overrides_consumers: t.retention_overrides_consumers,
+        shard_key: shard_key(&t.shard_key)?,
     };
     validate::topic_spec(&spec)?;
     Ok(spec)
@@ -278,6 +285,7 @@ impl Admin for AdminService {
             retention_bytes_max: req.retention_bytes_max,
             segment_age_max_ms: req.segment_age_max_ms,
             retention_overrides_consumers: req.retention_overrides_consumers,
+            shard_key: req.shard_key.as_deref().map(shard_key).transpose()?,
         };
         if let Some(s) = update.shards {
             validate::shards(s)?;

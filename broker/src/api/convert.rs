@@ -40,6 +40,7 @@ pub fn topic_to_pb(name: &str, t: &TopicSpec) -> pb::Topic {
         retention_bytes_max: t.retention_bytes_max,
         segment_age_max_ms: t.segment_age_max_ms,
         retention_overrides_consumers: t.retention_overrides_consumers,
+        shard_key: t.shard_key.as_str().to_string(),
     }
 }
 

@@ -815,6 +815,7 @@ mod tests {
             retention_bytes_max: Some(1 << 20),
             segment_age_max_ms: Some(30_000),
             retention_overrides_consumers: Some(true),
+            shard_key: Some(ShardKey::None),
         }))
         .unwrap();
         let t = &s.namespaces["default"].topics["t"];
@@ -823,7 +824,7 @@ mod tests {
             (t.retention_bytes_max, t.segment_age_max_ms, t.retention_overrides_consumers),
             (1 << 20, 30_000, true)
         );
-        assert_eq!(t.min_insync_replicas, 3);
+        assert_eq!((t.min_insync_replicas, t.shard_key), (3, ShardKey::None));
         let err = s.apply(&update(TopicUpdate { min_insync_replicas: Some(4), ..Default::default() })).unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidMinInsyncReplicas);
         assert!(err.message.starts_with("min_insync_replicas: 4 is above the replication factor 3"), "{}", err.message);

@@ -338,6 +338,38 @@ pub struct TopicSpec {
     /// Kafka always does); off: a segment waits until every bound group passed it.
     #[serde(default)]
     pub retention_overrides_consumers: bool,
+    /// What picks the shard of a publish without a producer id.
+    #[serde(default)]
+    pub shard_key: ShardKey,
+}
+
+/// What picks a publish's shard (one with a producer id always goes to the producer's
+/// shard, where its duplicate window is).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardKey {
+    /// The routing key of the request's first message: one key, one shard, in order;
+    /// requests without a routing key spread over the open shards.
+    #[default]
+    RoutingKey,
+    /// Nothing: every request goes to any open shard, round-robin.
+    None,
+}
+
+impl ShardKey {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShardKey::RoutingKey => "routing_key",
+            ShardKey::None => "none",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "" | "routing_key" => Some(ShardKey::RoutingKey),
+            "none" => Some(ShardKey::None),
+            _ => None,
+        }
+    }
 }
 
 impl TopicSpec {
@@ -369,6 +401,8 @@ pub struct TopicUpdate {
     pub segment_age_max_ms: Option<u64>,
     #[serde(default)]
     pub retention_overrides_consumers: Option<bool>,
+    #[serde(default)]
+    pub shard_key: Option<ShardKey>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -122,6 +122,9 @@ pub fn topic_update(current: &TopicSpec, update: &TopicUpdate) -> Result<TopicSp
     if let Some(o) = update.retention_overrides_consumers {
         next.retention_overrides_consumers = o;
     }
+    if let Some(k) = update.shard_key {
+        next.shard_key = k;
+    }
     Ok(next)
 }
 

@@ -121,6 +121,7 @@ impl BrokerObject for Topic {
             retention_bytes_max: spec.retention_bytes_max,
             segment_age_max_ms: spec.segment_age_max_ms,
             retention_overrides_consumers: spec.retention_overrides_consumers,
+            shard_key: spec.shard_key.clone().unwrap_or_default(),
         }))
     }
 }
