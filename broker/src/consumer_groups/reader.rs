@@ -104,6 +104,10 @@ pub struct Fetch {
     pub idle: bool,
 }
 
+/// How far the clock of the node that closed a segment may lag the clocks that stamped
+/// its records: a segment closed this long before a group's `since` is skipped unread.
+const SINCE_CLOCK_MARGIN_MS: i64 = 60_000;
+
 /// What the reader knows of the segments of one group's bound topics.
 #[derive(Debug)]
 pub struct Reader {
@@ -234,7 +238,14 @@ impl Reader {
         }
         for (id, s) in ours {
             if !self.cursors.contains_key(&id) {
-                let c = self.new_cursor(id, s);
+                let mut c = self.new_cursor(id, s);
+                if !s.is_open() && !self.start.contains_key(&id) && self.closed_before_since(s) {
+                    // Nothing in it is new enough for the group: finished unread (the
+                    // time index in one step). A late binding reads it again whole.
+                    c.next = s.next_offset;
+                    c.first_reported = Some(0);
+                    c.latest_reported_ms = s.closed_unix_ms;
+                }
                 self.unfinished.entry(c.shard_key()).or_default().insert((c.generation, id));
                 self.cursors.insert(id, c);
             }
@@ -243,6 +254,16 @@ impl Reader {
             }
             self.finish_if_read(id, buffer);
         }
+    }
+
+    /// Whether the closed segment `s` ended (by its close time, less a margin for the
+    /// clocks of the nodes that wrote and closed it) before the earliest record the
+    /// group takes from its topic: the group's `since`, and each binding's.
+    fn closed_before_since(&self, s: &SegmentRecord) -> bool {
+        let bindings = self.spec.bindings.iter().filter(|b| b.topic == s.topic);
+        let Some(earliest_binding) = bindings.map(|b| b.since_unix_ms).min() else { return false };
+        let takes_from = self.spec.since_unix_ms.max(earliest_binding);
+        takes_from > 0 && s.closed_unix_ms.saturating_add(SINCE_CLOCK_MARGIN_MS) < takes_from
     }
 
     fn new_cursor(&self, id: SegmentId, s: &SegmentRecord) -> Cursor {
@@ -590,6 +611,32 @@ mod tests {
         assert_eq!(reader.next_fetches(&buffer), [Fetch { segment_id: 2, from: 7, idle: false }]);
         reader.segments_changed([(3, &other)], &mut buffer);
         assert!(reader.drained(&GroupBuffer::new(1, BTreeMap::new(), 0)), "no segment left to read");
+    }
+
+    #[test]
+    fn a_segment_closed_well_before_since_is_finished_unread() {
+        let spec = ConsumerGroupSpec {
+            bindings: vec![BindingSpec::fanout("t")],
+            size: 10,
+            since_unix_ms: 1_000_000,
+            ..Default::default()
+        };
+        let mut reader = Reader::new("default", spec, BTreeMap::new());
+        let mut buffer = GroupBuffer::new(10, BTreeMap::new(), 0);
+        let closed_at = |ms, generation, records| SegmentRecord {
+            closed_unix_ms: ms,
+            ..self::generation("t", 0, generation, false, records)
+        };
+        let (old, recent) = (closed_at(1_000_000 - 60_001, 1, 50), closed_at(1_000_000 - 60_000, 2, 3));
+        reader.segments_changed([(1, &old), (2, &recent)], &mut buffer);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(2, 0, false)], "the old one is not read");
+        assert_eq!(buffer.committed()[&1], 50, "and counts as done");
+        // A binding added later with an earlier `since` reads it after all.
+        let mut late = reader.spec().clone();
+        late.bindings.push(BindingSpec { since_unix_ms: 1, ..direct("t", "k") });
+        reader.spec_changed(late, &mut buffer);
+        reader.fetched(2, closed_read(0..3, 3), &mut buffer);
+        assert!(reader.next_fetches(&buffer).contains(&fetch(1, 0, false)), "read again for the late binding");
     }
 
     #[test]
