@@ -14,6 +14,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     // The encoded descriptor set feeds gRPC server reflection (grpcurl works without .proto files).
     std::fs::write(out.join("eventter_descriptor.bin"), fds.encode_to_vec())?;
+    // What reflection shows clients: everything but the node-to-node service, which
+    // only cluster members may call (and so need not discover).
+    let mut client_fds = fds.clone();
+    client_fds.file.retain(|f| f.package() != "eventter.internal.v1");
+    std::fs::write(out.join("eventter_client_descriptor.bin"), client_fds.encode_to_vec())?;
     // Payloads as `Bytes`: records move between files, replicas and clients without copies.
     tonic_prost_build::configure()
         .build_client(true)

@@ -32,6 +32,13 @@ pub const CONSUMER_GROUP_SIZE: u32 = 10_000;
 /// A subscriber's window (unacknowledged messages) when it asks for `size` 0.
 pub const SUBSCRIBER_SIZE: u32 = 1000;
 
+/// A node's default ack timeout (`--ack-timeout-ms`), for consumer groups that set
+/// none: a message handed out and not acknowledged within it goes back to its group
+/// for redelivery. 30 s, as NATS JetStream's `AckWait` and SQS's visibility timeout:
+/// long for a message handler, short enough that a stuck subscriber's messages move
+/// on within a minute (RabbitMQ's 30 min consumer timeout closes the channel instead).
+pub const ACK_TIMEOUT_MS: u64 = 30_000;
+
 /// How long a broker remembers an exactly-once publish (its producer id and
 /// sequence) by default: a client that retries with the same ids within it has the
 /// request stored once. 2 minutes, as NATS JetStream's duplicate window.

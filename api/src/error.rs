@@ -166,6 +166,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn admin_proto_lists_every_code() {
+        let proto = include_str!("../../proto/proto/eventter/v1/admin.proto");
+        for code in ErrorCode::ALL {
+            let entry = format!("{} {code:?}", code.as_u32());
+            assert!(proto.contains(&entry), "admin.proto's error code table lacks {entry:?}");
+        }
+    }
+
+    #[test]
     fn every_code_decodes_to_itself_and_nothing_else_does() {
         for c in ErrorCode::ALL {
             assert_eq!(ErrorCode::from_u32(c.as_u32()), Some(c));

@@ -20,10 +20,14 @@ pub fn topic_in_sync(desired: &pb::Topic, held: &pb::Topic) -> bool {
         && defaults::retention_ms(&desired.retention) == defaults::retention_ms(&held.retention)
         && exchange_type(desired) == exchange_type(held)
         && min_insync(desired) == min_insync(held)
+        && desired.retention_bytes_max == held.retention_bytes_max
+        && desired.segment_age_max_ms == held.segment_age_max_ms
+        && desired.retention_overrides_consumers == held.retention_overrides_consumers
+        && or_default(&desired.shard_key, "routing_key") == or_default(&held.shard_key, "routing_key")
 }
 
-/// Whether the broker's `held` group is what `desired` asks for: bindings in order and
-/// size; `since` only places a new group, so it is not compared. A binding without an
+/// Whether the broker's `held` group is what `desired` asks for: bindings in order,
+/// size, ack timeout, delivery limit and dead-letter topic; `since` only places a new group, so it is not compared. A binding without an
 /// exchange type takes its topic's default from `topics` (the namespace's topics), as
 /// the broker does when it creates the group. A bound topic missing from `topics` is a
 /// difference, so that the create that follows reports it the way the broker words it.
@@ -36,6 +40,9 @@ pub fn consumer_group_in_sync(desired: &pb::ConsumerGroup, held: &pb::ConsumerGr
     let headers_match = |b: &pb::Binding| or_default(&b.headers_match, defaults::HEADERS_MATCH).to_string();
     desired.name == held.name
         && defaults::consumer_group_size(desired.size) == defaults::consumer_group_size(held.size)
+        && desired.ack_timeout_ms == held.ack_timeout_ms
+        && desired.deliveries_max == held.deliveries_max
+        && desired.dead_letter_topic == held.dead_letter_topic
         && desired.bindings.len() == held.bindings.len()
         && desired.bindings.iter().zip(&held.bindings).all(|(want, have)| {
             resolved_exchange_type(want).is_some_and(|exchange_type| exchange_type == have.exchange_type)
@@ -60,6 +67,7 @@ mod tests {
             under_replicated: false,
             segment_size_max_bytes: 0,
             min_insync_replicas: 0,
+            ..Default::default()
         }
     }
 
@@ -121,7 +129,7 @@ mod tests {
     }
 
     #[test]
-    fn group_differs_on_bindings_size_or_a_missing_topic() {
+    fn group_differs_on_bindings_settings_or_a_missing_topic() {
         let topics = [topic()];
         let desired = group(vec![binding("orders", "topic")], 100);
         let held = group(vec![binding("orders", "topic")], 100);
@@ -136,6 +144,13 @@ mod tests {
         let mut with_headers = binding("orders", "topic");
         with_headers.headers.insert("kind".into(), "refund".into());
         assert!(!consumer_group_in_sync(&desired, &group(vec![with_headers], 100), &topics));
+        for changed in [
+            pb::ConsumerGroup { ack_timeout_ms: 5_000, ..held.clone() },
+            pb::ConsumerGroup { deliveries_max: 3, ..held.clone() },
+            pb::ConsumerGroup { dead_letter_topic: "dead".into(), ..held.clone() },
+        ] {
+            assert!(!consumer_group_in_sync(&desired, &changed, &topics), "{changed:?}");
+        }
         // The group is there but its topic is gone: not in sync.
         assert!(!consumer_group_in_sync(&desired, &held, &[]));
     }

@@ -9,6 +9,7 @@ use eventtermq_storage::fs::{Fs, RealFs};
 use crate::clock::Clock;
 use crate::membership::MembershipConfig;
 use crate::peers::PeerTimeouts;
+use crate::security::InternalAccess;
 
 /// Default gRPC/gossip port.
 pub const DEFAULT_PORT: u16 = eventtermq_api::defaults::PORT;
@@ -53,6 +54,9 @@ pub struct NodeConfig {
     /// simulation (`eventtermq_storage::sim::SimFs`). Every file of the node goes
     /// through it (segments, the Raft log and snapshot, the node id, the lock).
     pub fs: Arc<dyn Fs>,
+    /// Who may make node-to-node calls here, and the credential this node sends on
+    /// its own (default: closed, a cluster of one; see [`InternalAccess`]).
+    pub internal_access: InternalAccess,
 }
 
 /// Limits of the data path (segments, replication, consumer groups).
@@ -61,6 +65,9 @@ pub struct DataSettings {
     /// A segment is closed and the next one opened once it is this big (a topic may
     /// set its own).
     pub segment_size_max_bytes: u64,
+    /// An open segment holding records is closed once it is this old (a topic may set
+    /// its own), so that a quiet topic's records expire; 0: never by age.
+    pub segment_age_max_ms: u64,
     /// Disk space a segment file reserves ahead of its records, this much at a time:
     /// an fsync that need not record a new file size is faster (0: none).
     pub segment_preallocate_bytes: u64,
@@ -73,6 +80,9 @@ pub struct DataSettings {
     /// How often a consumer group records its acknowledged offsets in the cluster state.
     /// After a kill -9, at most this much of acknowledged messages is delivered again.
     pub offsets_commit_interval_ms: u64,
+    /// A consumer group's ack timeout when the group sets none (0 there): a message
+    /// handed out and not acknowledged within it goes back for redelivery (0: never).
+    pub ack_timeout_ms: u64,
     /// A closed segment's copy on a node DEAD this long is replaced by a new copy on a
     /// live node.
     pub rereplicate_after_ms: u64,
@@ -100,11 +110,13 @@ impl Default for DataSettings {
     fn default() -> Self {
         Self {
             segment_size_max_bytes: 64 * 1024 * 1024,
+            segment_age_max_ms: 3_600_000,
             segment_preallocate_bytes: 1024 * 1024,
             write_batch_max_bytes: 1024 * 1024,
             read_batch_max_bytes: 1024 * 1024,
             write_queue_max_bytes: 64 * 1024 * 1024,
             offsets_commit_interval_ms: 1000,
+            ack_timeout_ms: eventtermq_api::defaults::ACK_TIMEOUT_MS,
             rereplicate_after_ms: 60_000,
             read_wait_ms: 500,
             dedupe_window_ms: eventtermq_api::defaults::DEDUPE_WINDOW_MS,
@@ -194,6 +206,7 @@ impl NodeConfig {
             clock: Clock::default(),
             metrics_label_values_max: crate::metrics::LABEL_VALUES_MAX_DEFAULT,
             fs: RealFs::shared(),
+            internal_access: InternalAccess::closed(),
         }
     }
 }

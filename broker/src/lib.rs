@@ -2,7 +2,8 @@
 //! real sockets; tests start whole clusters in-process through [`node::start`].
 //!
 //! Map (see ARCHITECTURE.md), each module using only those before it:
-//! [`error`], [`clock`], [`metrics`] (the Prometheus registry; a leaf), [`transport`]
+//! [`error`], [`clock`], [`metrics`] (the Prometheus registry; a leaf), [`security`]
+//! (who may make node-to-node calls; a leaf), [`transport`]
 //! (sockets or an in-memory network) ->
 //! [`cluster_state`] (the Raft-replicated state: model, commands, storage) ->
 //! [`peers`] (the one door to other nodes) -> [`membership`] (SWIM gossip) and
@@ -27,5 +28,6 @@ pub mod metrics;
 pub mod node;
 pub mod peers;
 pub mod replication;
+pub mod security;
 pub mod transport;
 pub mod watch;

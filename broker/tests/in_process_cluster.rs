@@ -66,6 +66,9 @@ fn config(dir: &Path, name: &str, join: &[&str], clock: &Clock) -> NodeConfig {
     c.membership.join_retry_ms = 100;
     c.reconcile_interval_ms = 50;
     c.request_timeout_ms = 3_000;
+    // Every node-to-node call of these tests carries the cluster credential.
+    let secret = eventtermq_broker::security::ClusterSecret::new(b"in-process test cluster secret");
+    c.internal_access = eventtermq_broker::security::InternalAccess::Secret(secret.expect("a valid secret"));
     c
 }
 
@@ -112,6 +115,7 @@ fn topic() -> TopicSpec {
         default_exchange_type: ExchangeType::Fanout,
         segment_size_max_bytes: 0,
         min_insync_replicas: 0,
+        ..Default::default()
     }
 }
 
@@ -640,7 +644,7 @@ async fn a_group_reads_past_a_damaged_sealed_copy_and_the_copy_is_fetched_again(
     drop(reader);
 
     let binding = BindingSpec::fanout("t");
-    let spec = ConsumerGroupSpec { bindings: vec![binding], size: 1000, since_unix_ms: 0 };
+    let spec = ConsumerGroupSpec { bindings: vec![binding], size: 1000, since_unix_ms: 0, ..Default::default() };
     let cmd = Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec };
     nodes[0].handle.cluster.write(cmd).await.unwrap();
     let placed = wait_for(Duration::from_secs(10), "the group placed", || {
@@ -1025,7 +1029,12 @@ async fn topic_and_group(nodes: &[TestNode], before: &[&str], size: u32) -> u64 
     nodes[0].handle.cluster.write(create).await.unwrap();
     let mut placed = 0;
     for name in before.iter().chain(&["g"]) {
-        let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size, since_unix_ms: 0 };
+        let spec = ConsumerGroupSpec {
+            bindings: vec![BindingSpec::fanout("t")],
+            size,
+            since_unix_ms: 0,
+            ..Default::default()
+        };
         let cmd = Command::CreateConsumerGroup { namespace: "default".into(), name: name.to_string(), spec };
         nodes[0].handle.cluster.write(cmd).await.unwrap();
         placed = wait_for(Duration::from_secs(10), "the group placed", || {
@@ -1108,7 +1117,12 @@ async fn consumer_lag_is_what_is_published_and_not_acknowledged_in_metrics_and_a
         assert!(m.is_some(), "the stream ended after {got} messages");
         got += 1;
     }
-    drop(stream);
+    // The stream ends once the 30 acks are in the cluster state (a restart right now
+    // would not deliver them again).
+    assert!(tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().is_none());
+    let leader = &nodes[leader_index(&nodes)];
+    let recorded = leader.handle.cluster.state.read().state.group_runtime("default", "g").unwrap().offsets.clone();
+    assert_eq!(recorded.values().sum::<u64>(), 30, "{recorded:?}");
     eventually(Duration::from_secs(10), "lag 70 once 30 are acknowledged", || async {
         scraped(group_node, "eventtermq_consumer_group_lag_records", &lag).await == Some(70.0)
     })
@@ -1127,5 +1141,70 @@ async fn consumer_lag_is_what_is_published_and_not_acknowledged_in_metrics_and_a
     let req = pb::ListConsumerGroupsRequest { namespace: String::new(), stale: false };
     let listed = admin.list_consumer_groups(req).await.unwrap().into_inner().consumer_groups;
     assert_eq!(listed[0].node_id, placed);
+    stop_all(nodes).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn messages_held_past_the_ack_timeout_are_redelivered_counted() {
+    use eventtermq_broker::cluster_state::{BindingSpec, ConsumerGroupSpec};
+    use eventtermq_proto::v1::messaging_client::MessagingClient;
+    use eventtermq_proto::v1::{AckRequest, Delivery, Message, PublishRequest, SubscribeRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let nodes = three(&net, dir.path()).await;
+    let create = Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec: topic() };
+    nodes[0].handle.cluster.write(create).await.unwrap();
+    let spec = ConsumerGroupSpec {
+        bindings: vec![BindingSpec::fanout("t")],
+        size: 100,
+        ack_timeout_ms: 2_000,
+        ..Default::default()
+    };
+    let cmd = Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec };
+    nodes[0].handle.cluster.write(cmd).await.unwrap();
+    wait_for(Duration::from_secs(10), "the group placed", || {
+        nodes[0].handle.cluster.state.read().state.group_runtime("default", "g").and_then(|g| g.node)
+    })
+    .await;
+    eventually(Duration::from_secs(10), "an open segment", || async { primary_index(&nodes).is_some() }).await;
+
+    let (client, _listeners) = net.attach("client:1");
+    let mut messaging = MessagingClient::new(client.data_channel(&nodes[0].name));
+    let messages = (0..3).map(|i| Message { data: format!("m{i}").into(), ..Default::default() }).collect();
+    messaging.publish(PublishRequest { topic: "t".into(), messages, ..Default::default() }).await.unwrap();
+
+    // A takes all three and never acks; its stream stays open while it holds them.
+    let sub =
+        |max_messages| SubscribeRequest { consumer_group: "g".into(), size: 10, max_messages, ..Default::default() };
+    let mut a = messaging.subscribe(sub(3)).await.unwrap().into_inner();
+    for _ in 0..3 {
+        let m = tokio::time::timeout(Duration::from_secs(10), a.message()).await.unwrap().unwrap().unwrap();
+        assert_eq!((m.delivery_count, m.redelivered), (1, false), "{m:?}");
+        let ts = m.timestamp.expect("the broker's timestamp");
+        assert!(ts.seconds * 1000 >= START_UNIX_MS, "{ts:?}");
+    }
+    let mut b = messaging.subscribe(sub(0)).await.unwrap().into_inner();
+    // Nothing for B before the ack timeout ...
+    assert!(tokio::time::timeout(Duration::from_millis(1_500), b.message()).await.is_err());
+    // ... then A's three, counted twice; A's stream ends, holding nothing any more.
+    let mut again = Vec::new();
+    for _ in 0..3 {
+        let m = tokio::time::timeout(Duration::from_secs(5), b.message()).await.unwrap().unwrap().unwrap();
+        assert_eq!((m.delivery_count, m.redelivered), (2, true), "{m:?}");
+        again.push(Delivery { segment_id: m.segment_id, offset: m.offset });
+    }
+    assert!(tokio::time::timeout(Duration::from_secs(5), a.message()).await.unwrap().unwrap().is_none());
+
+    // Acked twice (a retry after a lost answer): OK both times. Never delivered: refused.
+    let ack = |deliveries| AckRequest { consumer_group: "g".into(), deliveries, ..Default::default() };
+    messaging.ack(ack(again.clone())).await.unwrap();
+    messaging.ack(ack(again.clone())).await.unwrap();
+    let never = Delivery { segment_id: again[0].segment_id, offset: 99 };
+    let e = messaging.ack(ack(vec![never])).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    // Acked in time: nothing comes back.
+    assert!(tokio::time::timeout(Duration::from_secs(5), b.message()).await.is_err());
+    drop((a, b));
     stop_all(nodes).await;
 }

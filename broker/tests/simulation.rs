@@ -49,6 +49,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use eventtermq_broker::api::raft_failure;
 use eventtermq_broker::clock::{self, Clock};
 use eventtermq_broker::cluster_state::{BindingSpec, Command, ConsumerGroupSpec, ExchangeType, SharedState, TopicSpec};
 use eventtermq_broker::config::NodeConfig;
@@ -87,6 +88,10 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const REDELIVERY_WINDOW: Duration = Duration::from_secs(2);
 /// Capacity left on a disk made full, at most.
 const FULL_DISK_SLACK_MAX_BYTES: u64 = 256 * 1024;
+/// A node whose liveness fails this long is restarted, as the kubelet does with the
+/// operator's liveness probe (period 10 s, 6 failures): Raft stopped on a storage error
+/// (a disk that filled under its log) never starts again in the same process.
+const LIVENESS_RESTART_AFTER: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------
 // The model: what clients saw, and what must hold
@@ -169,6 +174,8 @@ struct SimNode {
     running: Option<(NodeHandle, CancellationToken)>,
     /// Restarts of this node so far (each gets new seeds).
     lives: u32,
+    /// Since when its liveness fails (Raft stopped on an error), while it runs.
+    not_live_since: Option<Instant>,
 }
 
 /// Which nodes clients may talk to (running ones), shared with the workload.
@@ -239,7 +246,14 @@ impl Sim {
         let nodes = NODES
             .iter()
             .zip(ids)
-            .map(|(name, id)| SimNode { name, id, fs: SimFs::new(rng.next_u64()), running: None, lives: 0 })
+            .map(|(name, id)| SimNode {
+                name,
+                id,
+                fs: SimFs::new(rng.next_u64()),
+                running: None,
+                lives: 0,
+                not_live_since: None,
+            })
             .collect();
         Sim {
             seed,
@@ -274,6 +288,7 @@ impl Sim {
         c.fs = n.fs.as_fs();
         c.clock = self.clock.clone();
         c.join = if i == 0 { Vec::new() } else { vec![NODES[0].to_string()] };
+        c.internal_access = eventtermq_broker::security::InternalAccess::TrustedNetwork;
         c.raft.heartbeat_interval_ms = 50;
         // openraft draws a node's election timeout once per start from this range: one
         // value, from the seed, so that a run replays (and the nodes differ).
@@ -310,6 +325,7 @@ impl Sim {
             Ok(handle) => {
                 self.nodes[i].running = Some((handle, shutdown));
                 self.nodes[i].lives += 1;
+                self.nodes[i].not_live_since = None;
                 lock_up(&self.up)[i] = true;
                 Ok(())
             }
@@ -457,6 +473,31 @@ impl Sim {
         if let Some(i) = self.failing.take() {
             self.log(format!("fsyncs of {} work again", self.nodes[i].name));
             self.nodes[i].fs.clear_faults();
+        }
+    }
+
+    /// The kubelet's part: a node whose liveness failed for [`LIVENESS_RESTART_AFTER`]
+    /// is killed and started again.
+    async fn supervise(&mut self) {
+        for i in self.running() {
+            let failure =
+                self.nodes[i].running.as_ref().and_then(|(h, _)| raft_failure(&h.cluster.raft.metrics().borrow()));
+            let since = match (failure, self.nodes[i].not_live_since) {
+                (None, _) => {
+                    self.nodes[i].not_live_since = None;
+                    continue;
+                }
+                (Some(_), None) => {
+                    self.nodes[i].not_live_since = Some(Instant::now());
+                    continue;
+                }
+                (Some(_), Some(since)) => since,
+            };
+            if since.elapsed() >= LIVENESS_RESTART_AFTER {
+                self.log(format!("liveness of {} failed for {LIVENESS_RESTART_AFTER:?}: kill", self.nodes[i].name));
+                self.kill(i).await;
+                self.restart(i).await;
+            }
         }
     }
 
@@ -833,6 +874,7 @@ impl Sim {
             let ms = self.rng.between(DWELL_MIN_MS, DWELL_MAX_MS);
             tokio::time::sleep(Duration::from_millis(ms)).await;
             self.check();
+            self.supervise().await;
         }
 
         self.heal_everything().await;
@@ -892,12 +934,16 @@ impl Sim {
 
     /// Waits until every confirmed message was delivered, or reports those that were not.
     async fn drain(&mut self) {
-        let drained = self
-            .wait_for(DRAIN_MAX, |s| {
-                let m = lock(&s.model);
-                m.confirmed.keys().all(|id| m.delivered.contains_key(id))
-            })
-            .await;
+        let deadline = Instant::now() + DRAIN_MAX;
+        let all_delivered = |s: &Sim| {
+            let m = lock(&s.model);
+            m.confirmed.keys().all(|id| m.delivered.contains_key(id))
+        };
+        while !all_delivered(self) && Instant::now() < deadline {
+            self.supervise().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let drained = all_delivered(self);
         if !drained {
             let mut m = lock(&self.model);
             let missing: Vec<MsgId> = m.confirmed.keys().filter(|id| !m.delivered.contains_key(id)).copied().collect();
@@ -926,6 +972,7 @@ impl Sim {
                 default_exchange_type: ExchangeType::Fanout,
                 segment_size_max_bytes: 0,
                 min_insync_replicas: 0,
+                ..Default::default()
             };
             let cmd = Command::CreateTopic { namespace: NAMESPACE.into(), name: t.into(), spec };
             cluster.write(cmd).await.map_err(|e| e.to_string())?;
@@ -934,6 +981,7 @@ impl Sim {
             bindings: TOPICS.iter().map(|t| BindingSpec::fanout(*t)).collect(),
             size: 64,
             since_unix_ms: 0,
+            ..Default::default()
         };
         let cmd = Command::CreateConsumerGroup { namespace: NAMESPACE.into(), name: GROUP.into(), spec };
         cluster.write(cmd).await.map_err(|e| e.to_string())?;

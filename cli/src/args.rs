@@ -11,6 +11,7 @@ use eventtermq_api::defaults;
 use eventtermq_broker::amqp::AmqpSettings;
 use eventtermq_broker::config::{DataSettings, NodeConfig, RaftSettings};
 use eventtermq_broker::membership::MembershipConfig;
+use eventtermq_broker::transport::tls::TlsSettings;
 
 #[derive(Debug, Parser)]
 #[command(name = "eventtermq", version, about = "EventterMQ: a distributed message broker and its CLI.", long_about = None)]
@@ -28,6 +29,18 @@ pub struct Cli {
     /// CLI: output format of dump and list commands.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,
+    /// CLI: talk TLS, verifying the node's certificate against these PEM CA certificates.
+    /// Broker: the CA of the other nodes' certificates (default: --tls-client-ca-file).
+    #[arg(long, global = true, env = "EVENTTERMQ_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// CLI: client certificate (PEM) to present. Broker: the certificate chain served on
+    /// the gRPC and AMQP ports and presented to other nodes; turns TLS on (reloaded when
+    /// the file changes).
+    #[arg(long, global = true, env = "EVENTTERMQ_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert-file.
+    #[arg(long, global = true, env = "EVENTTERMQ_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub broker: BrokerArgs,
     #[command(subcommand)]
@@ -52,6 +65,64 @@ pub enum Output {
     Json,
 }
 
+/// Retention by size and the segment age of `create-topic`.
+#[derive(Debug, Args)]
+pub struct RetentionArgs {
+    /// Bytes of closed segments kept at most; the oldest go first (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub retention_bytes_max: u64,
+    /// Close an open segment that holds records at this age, so a quiet topic's records
+    /// expire (0: the nodes' --segment-age-max-ms).
+    #[arg(long, default_value_t = 0)]
+    pub segment_age_max_ms: u64,
+    /// Retention deletes segments even when consumer groups have not acknowledged
+    /// them (as Kafka); without it a segment waits for every bound group.
+    #[arg(long)]
+    pub retention_overrides_consumers: bool,
+    /// What picks a publish's shard: routing_key (one key, one shard, in order; no key:
+    /// spread) or none (always spread).
+    #[arg(long, default_value = "routing_key")]
+    pub shard_key: String,
+}
+
+/// A consumer group's bindings and settings (create-consumer-group,
+/// update-consumer-group).
+#[derive(Debug, Args)]
+pub struct GroupArgs {
+    pub name: String,
+    /// Bind TOPIC with its default exchange type (fanout: every message).
+    #[arg(long = "bind", value_name = "TOPIC")]
+    pub bind: Vec<String>,
+    /// Bind TOPIC:KEY, direct exchange (routing key equal to KEY).
+    #[arg(long, value_name = "TOPIC:KEY")]
+    pub bind_direct: Vec<String>,
+    /// Bind TOPIC:PATTERN, topic exchange (`*` one word, `#` zero or more).
+    #[arg(long, value_name = "TOPIC:PATTERN")]
+    pub bind_topic: Vec<String>,
+    /// Bind TOPIC:k=v,k2=v2[:all|any], headers exchange.
+    #[arg(long, value_name = "TOPIC:K=V,...[:all|any]")]
+    pub bind_headers: Vec<String>,
+    /// Where a new group starts: a duration into the past (1h, 30m, 2d; -1h too), an
+    /// RFC 3339 time (2026-12-05T10:00:00Z) or Unix seconds. Default: the oldest kept.
+    #[arg(long, allow_hyphen_values = true)]
+    pub since: Option<String>,
+    /// In-memory buffer of the group, in messages.
+    #[arg(long, default_value_t = 10_000)]
+    pub size: u32,
+    /// A message not acknowledged within this many milliseconds of its delivery is
+    /// delivered again (0: the group's node's --ack-timeout-ms).
+    #[arg(long, default_value_t = 0)]
+    pub ack_timeout_ms: u64,
+    /// A message delivered this many times and still not acknowledged is not
+    /// delivered again: it goes to --dead-letter-topic, or is dropped (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub deliveries_max: u32,
+    /// Topic of the namespace (not one the group reads) that takes the messages past
+    /// --deliveries-max, with headers saying where they came from and why.
+    #[arg(long, default_value = "")]
+    pub dead_letter_topic: String,
+}
+
 #[derive(Debug, Args)]
 pub struct BrokerArgs {
     /// Persistent data directory (required to run the broker; created if missing). One broker at a time: it is locked (<dir>/LOCK holds the PID).
@@ -69,6 +140,29 @@ pub struct BrokerArgs {
     /// Node id (default: random, generated once and kept in <dir>/id).
     #[arg(long)]
     pub id: Option<u64>,
+    /// A file holding the cluster's shared secret (at least 16 bytes; the same on every
+    /// node): node-to-node calls are taken only with it. A multi-node cluster needs it
+    /// or --insecure-trusted-network.
+    #[arg(long, env = "EVENTTERMQ_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Take node-to-node calls from anyone who reaches the port, without a credential:
+    /// only on a private network that nothing else can reach.
+    #[arg(long, env = "EVENTTERMQ_INSECURE_TRUSTED_NETWORK")]
+    pub insecure_trusted_network: bool,
+    /// Require client certificates signed by these PEM CA certificates on the gRPC and
+    /// AMQP ports (clients and other nodes alike).
+    #[arg(long, env = "EVENTTERMQ_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// How often --tls-cert-file and --tls-key-file are checked for changes (a changed
+    /// pair is served to new connections without a restart).
+    #[arg(long, default_value_t = TlsSettings::DEFAULT_RELOAD_INTERVAL_MS)]
+    pub tls_reload_interval_ms: u64,
+    /// How long a connection to a TLS port may take to complete its handshake.
+    #[arg(long, default_value_t = TlsSettings::DEFAULT_HANDSHAKE_TIMEOUT_MS)]
+    pub tls_handshake_timeout_ms: u64,
+    /// TLS handshakes in progress at most per port; further connections wait.
+    #[arg(long, default_value_t = TlsSettings::DEFAULT_HANDSHAKES_IN_FLIGHT_MAX)]
+    pub tls_handshakes_in_flight_max: usize,
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -102,6 +196,10 @@ pub struct BrokerArgs {
     /// Close a segment and open the next once it reaches this size (topics may set their own).
     #[arg(long, default_value_t = DataSettings::default().segment_size_max_bytes)]
     pub segment_size_max_bytes: u64,
+    /// Close an open segment that holds records once it is this old, so a quiet
+    /// topic's records expire with its retention (topics may set their own; 0: never).
+    #[arg(long, default_value_t = DataSettings::default().segment_age_max_ms)]
+    pub segment_age_max_ms: u64,
     /// Disk space a segment file reserves (fallocate) ahead of its records, this much at
     /// a time, so that most fsyncs need not record a new file size (0: no reserve).
     #[arg(long, default_value_t = DataSettings::default().segment_preallocate_bytes)]
@@ -118,6 +216,10 @@ pub struct BrokerArgs {
     /// How often consumer groups record acknowledged offsets in the cluster state.
     #[arg(long, default_value_t = DataSettings::default().offsets_commit_interval_ms)]
     pub offsets_commit_interval_ms: u64,
+    /// A message handed out by a consumer group and not acknowledged within this many
+    /// milliseconds is delivered again, for groups that set no ack timeout (0: never).
+    #[arg(long, default_value_t = DataSettings::default().ack_timeout_ms)]
+    pub ack_timeout_ms: u64,
     /// Replace a closed segment's copy on a node DEAD this long with a copy on a live node.
     #[arg(long, default_value_t = DataSettings::default().rereplicate_after_ms)]
     pub rereplicate_after_ms: u64,
@@ -230,6 +332,8 @@ pub enum Command {
         /// (0: a majority of --replication-factor).
         #[arg(long, default_value_t = 0)]
         min_insync_replicas: u32,
+        #[command(flatten)]
+        retention_limits: RetentionArgs,
     },
     /// Change a topic's mutable fields (shards up, retention, default exchange type,
     /// min in-sync replicas).
@@ -247,33 +351,30 @@ pub enum Command {
         /// For segments opened from now on (0: a majority).
         #[arg(long)]
         min_insync_replicas: Option<u32>,
+        /// Bytes of closed segments kept at most (0: no limit).
+        #[arg(long)]
+        retention_bytes_max: Option<u64>,
+        /// Close an open segment with records at this age (0: the nodes' --segment-age-max-ms).
+        #[arg(long)]
+        segment_age_max_ms: Option<u64>,
+        /// Whether retention deletes what consumer groups have not acknowledged yet.
+        #[arg(long)]
+        retention_overrides_consumers: Option<bool>,
+        /// routing_key or none (see create-topic).
+        #[arg(long)]
+        shard_key: Option<String>,
     },
     /// Delete a topic.
     DeleteTopic { name: String },
     /// List topics of the namespace.
     ListTopics,
     /// Create a consumer group bound to topics.
-    CreateConsumerGroup {
-        name: String,
-        /// Bind TOPIC with its default exchange type (fanout: every message).
-        #[arg(long = "bind", value_name = "TOPIC")]
-        bind: Vec<String>,
-        /// Bind TOPIC:KEY, direct exchange (routing key equal to KEY).
-        #[arg(long, value_name = "TOPIC:KEY")]
-        bind_direct: Vec<String>,
-        /// Bind TOPIC:PATTERN, topic exchange (`*` one word, `#` zero or more).
-        #[arg(long, value_name = "TOPIC:PATTERN")]
-        bind_topic: Vec<String>,
-        /// Bind TOPIC:k=v,k2=v2[:all|any], headers exchange.
-        #[arg(long, value_name = "TOPIC:K=V,...[:all|any]")]
-        bind_headers: Vec<String>,
-        /// Where to start: a past offset like -1h, or an RFC 3339 time.
-        #[arg(long, allow_hyphen_values = true)]
-        since: Option<String>,
-        /// In-memory buffer of the group, in messages.
-        #[arg(long, default_value_t = 10_000)]
-        size: u32,
-    },
+    CreateConsumerGroup(GroupArgs),
+    /// Change a consumer group in place, keeping its committed offsets: its bindings
+    /// and settings become those given here (flags left out take their defaults, as
+    /// for create). A binding it already has keeps its place; a new one takes what is
+    /// published from now on. --since is ignored (it says where a new group starts).
+    UpdateConsumerGroup(GroupArgs),
     /// Delete a consumer group.
     DeleteConsumerGroup { name: String },
     /// List consumer groups of the namespace, with their node, committed offsets and lag.

@@ -4,7 +4,7 @@ use eventtermq_proto::v1 as pb;
 use eventtermq_proto::v1::admin_client::AdminClient;
 use tonic::transport::Channel;
 
-use super::args::{Command, Output};
+use super::args::{Command, GroupArgs, Output};
 use super::render;
 use super::{admin_client, CliError, Ctx};
 use eventtermq_broker::cluster_state::validate;
@@ -20,15 +20,27 @@ fn duration(field: &str, v: &str) -> Result<Option<prost_types::Duration>, CliEr
 
 /// `-1h` (in the past), `+1h`/`1h` (in the future), or an RFC 3339 time.
 fn since(v: &str) -> Result<prost_types::Timestamp, CliError> {
-    let now = eventtermq_broker::clock::system_unix_ms();
-    let ms = if let Ok(t) = humantime::parse_rfc3339_weak(v) {
-        t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-    } else if let Some(rest) = v.strip_prefix('-') {
-        now - validate::duration_ms("since", rest).map_err(usage)? as i64
-    } else {
-        now + validate::duration_ms("since", v.strip_prefix('+').unwrap_or(v)).map_err(usage)? as i64
-    };
+    let ms = since_unix_ms(v, eventtermq_broker::clock::system_unix_ms()).ok_or_else(|| {
+        CliError::Usage(format!(
+            "--since: {v:?} is neither a duration into the past (1h, 30m, 2d; -1h too), an RFC 3339 time \
+             (2026-12-05T10:00:00Z) nor Unix seconds (1764928800)"
+        ))
+    })?;
     Ok(eventtermq_broker::api::convert::ms_to_timestamp(ms))
+}
+
+/// `--since` as Unix milliseconds at `now_ms`: a duration means that long ago (with or
+/// without a leading `-`, as `docker logs --since 1h` and `kubectl logs --since=1h`),
+/// digits alone are Unix seconds, else an RFC 3339 time.
+fn since_unix_ms(v: &str, now_ms: i64) -> Option<i64> {
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        return v.parse::<i64>().ok()?.checked_mul(1000);
+    }
+    if let Ok(t) = humantime::parse_rfc3339_weak(v) {
+        return t.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_millis() as i64);
+    }
+    let ago = validate::duration_ms("since", v.strip_prefix('-').unwrap_or(v)).ok()?;
+    Some(now_ms.saturating_sub(i64::try_from(ago).ok()?))
 }
 
 fn split_pair<'a>(flag: &str, v: &'a str) -> Result<(&'a str, &'a str), CliError> {
@@ -59,8 +71,22 @@ fn header_binding(v: &str) -> Result<pb::Binding, CliError> {
     })
 }
 
+/// The group `create-consumer-group` or `update-consumer-group` asks for.
+fn consumer_group(args: GroupArgs) -> Result<pb::ConsumerGroup, CliError> {
+    Ok(pb::ConsumerGroup {
+        bindings: bindings(&args.bind, &args.bind_direct, &args.bind_topic, &args.bind_headers)?,
+        since: args.since.as_deref().map(since).transpose()?,
+        name: args.name,
+        size: args.size,
+        ack_timeout_ms: args.ack_timeout_ms,
+        deliveries_max: args.deliveries_max,
+        dead_letter_topic: args.dead_letter_topic,
+        ..Default::default()
+    })
+}
+
 pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
-    let mut admin = Admin { client: admin_client(&ctx.addr)?, ctx };
+    let mut admin = Admin { client: admin_client(&ctx.addr, ctx.tls.as_ref())?, ctx };
     match cmd {
         Command::Dump { stale } => admin.dump(stale).await?,
         Command::CreateNamespace { name } => admin.create_namespace(name).await?,
@@ -74,6 +100,7 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
             default_exchange_type,
             segment_size_max_bytes,
             min_insync_replicas,
+            retention_limits,
         } => {
             let topic = pb::Topic {
                 name,
@@ -84,6 +111,10 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
                 under_replicated: false,
                 segment_size_max_bytes,
                 min_insync_replicas,
+                retention_bytes_max: retention_limits.retention_bytes_max,
+                segment_age_max_ms: retention_limits.segment_age_max_ms,
+                retention_overrides_consumers: retention_limits.retention_overrides_consumers,
+                shard_key: retention_limits.shard_key,
             };
             admin.create_topic(topic).await?
         }
@@ -94,6 +125,10 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
             retention,
             default_exchange_type,
             min_insync_replicas,
+            retention_bytes_max,
+            segment_age_max_ms,
+            retention_overrides_consumers,
+            shard_key,
         } => {
             let retention = retention.map(|r| duration("retention", &r)).transpose()?.flatten();
             let req = pb::UpdateTopicRequest {
@@ -104,21 +139,17 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
                 retention,
                 default_exchange_type,
                 min_insync_replicas,
+                retention_bytes_max,
+                segment_age_max_ms,
+                retention_overrides_consumers,
+                shard_key,
             };
             admin.update_topic(req).await?
         }
         Command::DeleteTopic { name } => admin.delete_topic(name).await?,
         Command::ListTopics => admin.list_topics().await?,
-        Command::CreateConsumerGroup { name, bind, bind_direct, bind_topic, bind_headers, since: since_arg, size } => {
-            let group = pb::ConsumerGroup {
-                name,
-                bindings: bindings(&bind, &bind_direct, &bind_topic, &bind_headers)?,
-                size,
-                since: since_arg.as_deref().map(since).transpose()?,
-                ..Default::default()
-            };
-            admin.create_consumer_group(group).await?
-        }
+        Command::CreateConsumerGroup(args) => admin.create_consumer_group(consumer_group(args)?).await?,
+        Command::UpdateConsumerGroup(args) => admin.update_consumer_group(consumer_group(args)?).await?,
         Command::DeleteConsumerGroup { name } => admin.delete_consumer_group(name).await?,
         Command::ListConsumerGroups => admin.list_consumer_groups().await?,
         Command::Stats { groups, watch, watch_count } => admin.stats(groups, watch, watch_count).await?,
@@ -258,6 +289,12 @@ impl Admin<'_> {
         self.written(r)
     }
 
+    async fn update_consumer_group(&mut self, group: pb::ConsumerGroup) -> Result<(), CliError> {
+        let req = pb::UpdateConsumerGroupRequest { namespace: self.namespace(), consumer_group: Some(group) };
+        let r = self.client.update_consumer_group(req).await;
+        self.written(r)
+    }
+
     async fn delete_consumer_group(&mut self, name: String) -> Result<(), CliError> {
         let req = pb::DeleteConsumerGroupRequest { namespace: self.namespace(), name };
         let r = self.client.delete_consumer_group(req).await;
@@ -306,6 +343,23 @@ impl Admin<'_> {
             if self.ctx.output == Output::Text {
                 println!();
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::since_unix_ms;
+
+    #[test]
+    fn since_means_the_past_rfc3339_or_unix_seconds() {
+        let now = 1_800_000_000_000;
+        assert_eq!(since_unix_ms("1h", now), Some(now - 3_600_000));
+        assert_eq!(since_unix_ms("-1h", now), Some(now - 3_600_000));
+        assert_eq!(since_unix_ms("1700000000", now), Some(1_700_000_000_000));
+        assert_eq!(since_unix_ms("2023-11-14T22:13:20Z", now), Some(1_700_000_000_000));
+        for bad in ["", "+1h", "yesterday", "2023-13-40T00:00:00Z", "1h30"] {
+            assert_eq!(since_unix_ms(bad, now), None, "{bad:?}");
         }
     }
 }

@@ -22,6 +22,32 @@ pub struct Ctx {
     pub addr: String,
     pub namespace: String,
     pub output: args::Output,
+    /// TLS to the node (`--tls-ca-file`), with a client certificate when given.
+    pub tls: Option<eventtermq_broker::transport::tls::ClientTls>,
+}
+
+/// The CLI's TLS from its flags (`None`: plaintext). Call within the runtime.
+pub fn client_tls(files: &run::TlsFiles) -> Result<Option<eventtermq_broker::transport::tls::ClientTls>, CliError> {
+    use eventtermq_broker::transport::tls::{ClientTls, ReloadingKey};
+    let identity = match (&files.cert, &files.key) {
+        (Some(c), Some(k)) => Some(ReloadingKey::load(c, k, Duration::from_secs(3600)).map_err(CliError::Usage)?),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(CliError::Usage("--tls-cert-file: needs --tls-key-file (its private key)".into()))
+        }
+        (None, Some(_)) => {
+            return Err(CliError::Usage("--tls-key-file: needs --tls-cert-file (the certificate it goes with)".into()))
+        }
+    };
+    match &files.ca {
+        Some(ca) => Ok(Some(ClientTls::new(ca, identity).map_err(CliError::Usage)?)),
+        None if identity.is_some() => Err(CliError::Usage(
+            "--tls-cert-file: a client certificate is sent over TLS only: give --tls-ca-file (the CA of the \
+             node's certificate) too"
+                .into(),
+        )),
+        None => Ok(None),
+    }
 }
 
 /// How long the CLI waits to connect to a node.
@@ -175,23 +201,27 @@ pub fn target_addr(host: &Option<String>, port: u16) -> String {
     format!("{}:{port}", host.as_deref().unwrap_or("localhost"))
 }
 
+/// TLS of a client connection (`None`: plaintext).
+pub type Tls<'a> = Option<&'a eventtermq_broker::transport::tls::ClientTls>;
+
 /// A lazily connected channel to a node; the first call connects.
-pub fn channel(addr: &str) -> Result<tonic::transport::Channel, CliError> {
-    eventtermq_broker::transport::tcp::connect_lazy(addr, Duration::from_millis(CONNECT_TIMEOUT_MS))
+pub fn channel(addr: &str, tls: Tls<'_>) -> Result<tonic::transport::Channel, CliError> {
+    eventtermq_broker::transport::tcp::connect_lazy(addr, Duration::from_millis(CONNECT_TIMEOUT_MS), tls)
         .map_err(|e| CliError::Connect { addr: addr.to_string(), message: e.to_string() })
 }
 
 pub fn messaging_client(
     addr: &str,
+    tls: Tls<'_>,
 ) -> Result<eventtermq_proto::v1::messaging_client::MessagingClient<tonic::transport::Channel>, CliError> {
-    let channel = channel(addr)?;
+    let channel = channel(addr, tls)?;
     Ok(eventtermq_proto::v1::messaging_client::MessagingClient::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX))
 }
 
-pub fn admin_client(addr: &str) -> Result<AdminClient<tonic::transport::Channel>, CliError> {
-    let channel = channel(addr)?;
+pub fn admin_client(addr: &str, tls: Tls<'_>) -> Result<AdminClient<tonic::transport::Channel>, CliError> {
+    let channel = channel(addr, tls)?;
     Ok(AdminClient::new(channel))
 }
 

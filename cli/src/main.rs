@@ -24,16 +24,18 @@ fn main() -> std::process::ExitCode {
                 builder.worker_threads(args.broker.worker_threads);
             }
             let runtime = builder.enable_all().build().expect("tokio runtime");
-            let config = cli::run::node_config(&args.broker, &args.host, args.port)
-                .and_then(|c| Ok((c, cli::run::ports(&args.broker, args.port)?)));
-            let (config, ports) = match config {
+            let tls = cli::run::TlsFiles { ca: args.tls_ca_file, cert: args.tls_cert_file, key: args.tls_key_file };
+            let config = cli::run::node_config(&args.broker, &args.host, args.port).and_then(|c| {
+                Ok((c, cli::run::ports(&args.broker, args.port)?, cli::run::tls_settings(&args.broker, &tls)?))
+            });
+            let (config, ports, tls) = match config {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: {e}");
                     return std::process::ExitCode::from(cli::exit_status::USAGE);
                 }
             };
-            match runtime.block_on(cli::run::run_broker(config, ports)) {
+            match runtime.block_on(cli::run::run_broker(config, ports, tls)) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 // Refused to start (the directory is another process's, a port is
                 // taken, damaged state) or stopped by a fatal error.
@@ -47,9 +49,14 @@ fn main() -> std::process::ExitCode {
             // A client is one conversation at a time: one thread, no hand-offs between
             // threads on every request and answer.
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-            let ctx =
-                Ctx { addr: cli::target_addr(&args.host, args.port), namespace: args.namespace, output: args.output };
-            match runtime.block_on(cli::commands::execute(&ctx, command)) {
+            let tls = cli::run::TlsFiles { ca: args.tls_ca_file, cert: args.tls_cert_file, key: args.tls_key_file };
+            let addr = cli::target_addr(&args.host, args.port);
+            let run = async {
+                let tls = cli::client_tls(&tls)?;
+                let ctx = Ctx { addr, namespace: args.namespace, output: args.output, tls };
+                cli::commands::execute(&ctx, command).await
+            };
+            match runtime.block_on(run) {
                 Ok(()) => std::process::ExitCode::from(cli::exit_status::DONE),
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -70,7 +70,7 @@ pub async fn publish(ctx: &Ctx, args: PublishArgs) -> Result<(), CliError> {
         Some(id) => id,
         None => rand::random::<u64>().max(1),
     };
-    let client = messaging_client(&ctx.addr)?;
+    let client = messaging_client(&ctx.addr, ctx.tls.as_ref())?;
     if args.batch_messages_max == 0 {
         return Err(CliError::Usage("--batch-messages-max: must be at least 1".into()));
     }
@@ -389,6 +389,9 @@ pub fn message_json(r: &pb::SubscribeResponse) -> serde_json::Value {
         "topic": r.topic,
         "segment_id": r.segment_id,
         "offset": r.offset,
+        "delivery_count": r.delivery_count,
+        "redelivered": r.redelivered,
+        "timestamp_ms": r.timestamp.as_ref().map(eventtermq_broker::api::convert::timestamp_to_ms),
         "message": {
             "routing_key": m.routing_key,
             "headers": headers,
@@ -401,6 +404,9 @@ pub fn message_json(r: &pb::SubscribeResponse) -> serde_json::Value {
 /// How many times `subscribe` re-subscribes after the group moved or its node went
 /// away, before it gives up.
 const RESUBSCRIBE_MAX: u32 = 50;
+/// How long `subscribe --max-messages` waits for the broker to end the stream once
+/// everything is acked (the broker waits 5 s at most for the acks to be recorded).
+const STREAM_END_WAIT_MAX: Duration = Duration::from_secs(10);
 
 pub async fn subscribe(ctx: &Ctx, args: SubscribeArgs) -> Result<(), CliError> {
     let wait = match &args.wait {
@@ -409,7 +415,7 @@ pub async fn subscribe(ctx: &Ctx, args: SubscribeArgs) -> Result<(), CliError> {
         }
         None => None,
     };
-    let client = messaging_client(&ctx.addr)?;
+    let client = messaging_client(&ctx.addr, ctx.tls.as_ref())?;
     let mut subscriber = Subscriber {
         client,
         ctx,
@@ -480,6 +486,7 @@ impl Subscriber<'_> {
         loop {
             if self.received_all() {
                 self.flush(&mut acks).await?;
+                self.await_end(&mut stream).await;
                 return Ok(Receive::Done);
             }
             // Acks go out whenever nothing more is waiting, so they never hold up a
@@ -514,6 +521,17 @@ impl Subscriber<'_> {
                 Err(s) => return self.back_off(s).await.map(|()| Receive::Resubscribe),
             }
         }
+    }
+
+    /// Waits (bounded) for the stream to end after the last acks: the broker ends a
+    /// complete subscription once its acks are recorded, so a restart right after this
+    /// command does not deliver them again. Without acks there is nothing to wait for.
+    async fn await_end(&self, stream: &mut Streaming<pb::SubscribeResponse>) {
+        if self.args.no_auto_ack {
+            return;
+        }
+        let end = async { while let Ok(Some(_)) = stream.message().await {} };
+        let _ = tokio::time::timeout(STREAM_END_WAIT_MAX, end).await;
     }
 
     /// The next message once one comes; `None` when `--wait` passed since the last.
@@ -564,4 +582,29 @@ fn retryable(s: &tonic::Status) -> bool {
     matches!(code, Some(c) if c / 1000 == 5)
         || (s.code() == tonic::Code::Unavailable && code.is_none())
         || s.code() == tonic::Code::Unknown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_printed_message_says_its_attempt_and_when_it_was_stored() {
+        let r = pb::SubscribeResponse {
+            topic: "t".into(),
+            segment_id: 3,
+            offset: 7,
+            message: Some(pb::Message { data: b"1".to_vec().into(), ..Default::default() }),
+            delivery_count: 2,
+            redelivered: true,
+            timestamp: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 250_000_000 }),
+        };
+        let j = message_json(&r);
+        assert_eq!((j["delivery_count"].as_u64(), j["redelivered"].as_bool()), (Some(2), Some(true)), "{j}");
+        assert_eq!(j["timestamp_ms"].as_i64(), Some(1_700_000_000_250), "{j}");
+        assert_eq!(
+            (j["segment_id"].as_u64(), j["offset"].as_u64(), j["message"]["data"].as_str()),
+            (Some(3), Some(7), Some("MQ=="))
+        );
+    }
 }

@@ -62,6 +62,15 @@ fn topic_text(w: &mut Text, t: &pb::Topic) {
     if t.min_insync_replicas != 0 {
         w.num("min_insync_replicas", t.min_insync_replicas);
     }
+    if t.retention_bytes_max != 0 {
+        w.num("retention_bytes_max", t.retention_bytes_max);
+    }
+    if t.segment_age_max_ms != 0 {
+        w.num("segment_age_max_ms", t.segment_age_max_ms);
+    }
+    if t.retention_overrides_consumers {
+        w.line("retention_overrides_consumers: true");
+    }
 }
 
 fn consumer_group_text(w: &mut Text, g: &pb::ConsumerGroup) {
@@ -194,6 +203,9 @@ pub fn topic_json(t: &pb::Topic) -> Value {
         "default_exchange_type": t.default_exchange_type,
         "under_replicated": t.under_replicated,
         "min_insync_replicas": t.min_insync_replicas,
+        "retention_bytes_max": t.retention_bytes_max,
+        "segment_age_max_ms": t.segment_age_max_ms,
+        "retention_overrides_consumers": t.retention_overrides_consumers,
     })
 }
 
@@ -209,6 +221,9 @@ pub fn consumer_group_json(g: &pb::ConsumerGroup) -> Value {
         })).collect::<Vec<_>>(),
         "size": g.size,
         "since_unix_ms": g.since.as_ref().map(|s| s.seconds * 1000 + i64::from(s.nanos) / 1_000_000),
+        "ack_timeout_ms": g.ack_timeout_ms,
+        "deliveries_max": g.deliveries_max,
+        "dead_letter_topic": g.dead_letter_topic,
         "node_id": g.node_id,
         "committed_offsets": g.committed_offsets,
     })

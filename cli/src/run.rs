@@ -8,6 +8,17 @@ use tokio_util::sync::CancellationToken;
 use super::args::BrokerArgs;
 use eventtermq_broker::amqp::AmqpSettings;
 use eventtermq_broker::config::NodeConfig;
+use eventtermq_broker::security::{ClusterSecret, InternalAccess};
+use eventtermq_broker::transport::tls::{NodeTls, TlsSettings};
+
+/// The `--tls-ca-file`, `--tls-cert-file` and `--tls-key-file` flags (the broker's and
+/// the CLI's).
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
 
 /// How the node is reached, per the seed page's `--host`/`--advertise-host` table.
 pub fn advertise_host(host: &Option<String>, advertise: &Option<String>) -> String {
@@ -60,11 +71,13 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
     config.membership.suspect_to_down_ms = args.gossip_suspect_to_down_ms;
     config.data = eventtermq_broker::config::DataSettings {
         segment_size_max_bytes: args.segment_size_max_bytes,
+        segment_age_max_ms: args.segment_age_max_ms,
         segment_preallocate_bytes: args.segment_preallocate_bytes,
         write_batch_max_bytes: args.write_batch_max_bytes,
         read_batch_max_bytes: args.read_batch_max_bytes,
         write_queue_max_bytes: args.write_queue_max_bytes,
         offsets_commit_interval_ms: args.offsets_commit_interval_ms,
+        ack_timeout_ms: args.ack_timeout_ms,
         rereplicate_after_ms: args.rereplicate_after_ms,
         dedupe_window_ms: args.dedupe_window_ms,
         dedupe_window_entries_max: args.dedupe_window_entries_max,
@@ -81,7 +94,68 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
     config.amqp = amqp_settings(args)?;
     config.metrics_label_values_max = args.metrics_label_values_max;
     config.raft.to_openraft().map_err(|e| format!("raft timing flags: {e}"))?;
+    config.internal_access = internal_access(args, &config)?;
     Ok(config)
+}
+
+/// Who may make node-to-node calls. A node that joins others or waits for them
+/// (`--join`, `--bootstrap-expect` above 1) must say how they prove membership: a
+/// shared secret, or an explicit statement that the network is trusted. A node alone
+/// without either takes node-to-node calls from nobody (others cannot join it).
+fn internal_access(args: &BrokerArgs, config: &NodeConfig) -> Result<InternalAccess, String> {
+    match (&args.cluster_secret_file, args.insecure_trusted_network) {
+        (Some(_), true) => Err("--cluster-secret-file and --insecure-trusted-network exclude each other: \
+             with a secret, node-to-node calls are taken only from nodes that know it"
+            .into()),
+        (Some(path), false) => Ok(InternalAccess::Secret(ClusterSecret::from_file(path)?)),
+        (None, true) => Ok(InternalAccess::TrustedNetwork),
+        (None, false) if !config.join.is_empty() || config.bootstrap_expect.is_some_and(|n| n > 1) => {
+            Err("--join/--bootstrap-expect: the nodes of a cluster must prove to each other that they are members: \
+             give every node --cluster-secret-file (a file with the same secret of at least 16 bytes; env \
+             EVENTTERMQ_CLUSTER_SECRET_FILE), or, on a private network nothing else can reach, \
+             --insecure-trusted-network (env EVENTTERMQ_INSECURE_TRUSTED_NETWORK=true)"
+                .into())
+        }
+        (None, false) => Ok(InternalAccess::closed()),
+    }
+}
+
+/// The broker's TLS settings (`None`: plaintext), checked for flags that only make
+/// sense together; the files themselves are read by [`NodeTls::load`].
+pub fn tls_settings(args: &BrokerArgs, files: &TlsFiles) -> Result<Option<TlsSettings>, String> {
+    let (cert, key) = match (&files.cert, &files.key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        (None, None) => {
+            return match (&args.tls_client_ca_file, &files.ca) {
+                (Some(_), _) => Err("--tls-client-ca-file: needs --tls-cert-file and --tls-key-file (TLS on)".into()),
+                (None, Some(_)) => Err("--tls-ca-file: a broker needs --tls-cert-file and --tls-key-file too \
+                     (the CA verifies the other nodes once TLS is on)"
+                    .into()),
+                (None, None) => Ok(None),
+            };
+        }
+        (Some(_), None) => return Err("--tls-cert-file: needs --tls-key-file (its private key)".into()),
+        (None, Some(_)) => return Err("--tls-key-file: needs --tls-cert-file (the certificate it goes with)".into()),
+    };
+    let ca_file = files.ca.clone().or_else(|| args.tls_client_ca_file.clone()).ok_or(
+        "--tls-ca-file: TLS is on, so this node verifies the other nodes' certificates: give the CA that \
+         signed them (--tls-ca-file, or --tls-client-ca-file when it is the same)",
+    )?;
+    if args.tls_reload_interval_ms == 0 {
+        return Err("--tls-reload-interval-ms: must be at least 1".into());
+    }
+    if args.tls_handshake_timeout_ms == 0 || args.tls_handshakes_in_flight_max == 0 {
+        return Err("--tls-handshake-timeout-ms and --tls-handshakes-in-flight-max: must be at least 1".into());
+    }
+    Ok(Some(TlsSettings {
+        cert_file: cert,
+        key_file: key,
+        ca_file,
+        client_ca_file: args.tls_client_ca_file.clone(),
+        reload_interval_ms: args.tls_reload_interval_ms,
+        handshake_timeout_ms: args.tls_handshake_timeout_ms,
+        handshakes_in_flight_max: args.tls_handshakes_in_flight_max,
+    }))
 }
 
 fn amqp_settings(args: &BrokerArgs) -> Result<AmqpSettings, String> {
@@ -133,18 +207,21 @@ fn offset_port(flag: &str, value: Option<u16>, port: u16, offset: u16) -> Result
 
 /// Runs one broker until SIGTERM/SIGINT, then leaves gracefully; serves AMQP and
 /// `/metrics` on their ports of the listen address.
-pub async fn run_broker(config: NodeConfig, ports: Ports) -> anyhow::Result<()> {
+pub async fn run_broker(config: NodeConfig, ports: Ports, tls: Option<TlsSettings>) -> anyhow::Result<()> {
+    let tls = tls.map(|t| NodeTls::load(&t)).transpose().map_err(|e| anyhow::anyhow!(e))?;
     let listen: SocketAddr = tokio::net::lookup_host(&config.listen_addr)
         .await
         .map_err(|e| anyhow::anyhow!("--host: cannot resolve {}: {e}", config.listen_addr))?
         .next()
         .ok_or_else(|| anyhow::anyhow!("--host: {} resolves to no address", config.listen_addr))?;
-    let (network, mut listeners) = eventtermq_broker::transport::tcp::bind(listen, Duration::from_secs(1))
-        .await
-        .map_err(|e| anyhow::anyhow!("--host/--port: cannot listen on {listen}: {e}"))?;
+    let (network, mut listeners) =
+        eventtermq_broker::transport::tcp::bind(listen, Duration::from_secs(1), tls.as_ref())
+            .await
+            .map_err(|e| anyhow::anyhow!("--host/--port: cannot listen on {listen}: {e}"))?;
     if let Some(port) = ports.amqp {
         let addr = SocketAddr::new(listen.ip(), port);
-        let amqp = eventtermq_broker::transport::tcp::bind_amqp(addr)
+        let server_tls = tls.as_ref().map(|t| &t.server);
+        let amqp = eventtermq_broker::transport::tcp::bind_amqp(addr, server_tls, &listeners.tls_handshakes_failed)
             .await
             .map_err(|e| anyhow::anyhow!("--amqp-port: cannot listen on {addr}: {e}"))?;
         listeners.amqp = Some(amqp);

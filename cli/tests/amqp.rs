@@ -79,8 +79,18 @@ fn cluster(name: &str, hosts: [&str; 3]) -> Vec<Broker> {
 fn pika_runs_the_tutorials_confirms_and_error_classes_across_nodes() {
     const HOSTS: [&str; 3] = TUTORIALS;
     let _nodes = cluster("amqp_tutorials", HOSTS);
-    let checks = ["hello", "work_queues", "publish_subscribe", "routing", "topics", "rpc", "confirms_and_mandatory"];
-    let out = pika(HOSTS, &checks);
+    let checks = [
+        "hello",
+        "work_queues",
+        "publish_subscribe",
+        "routing",
+        "topics",
+        "rpc",
+        "confirms_and_mandatory",
+        "dead_letters",
+        "dead_letters_not_redelivered",
+    ];
+    let out = pika(HOSTS, &checks[..8]);
     for c in checks {
         assert!(out.contains(&format!("ok {c}\n")), "{c} missing:\n{out}");
     }

@@ -428,3 +428,209 @@ fn a_shard_keeps_publish_order_across_kill_9_of_its_primary() {
     assert!(segments.len() >= 2, "{segments:?}");
     assert_eq!((segments[0]["open"].as_bool(), segments[0]["messages"].as_u64()), (Some(false), Some(150)));
 }
+
+/// A subscriber with `--no-auto-ack` that never acks gets its messages again after the
+/// group's ack timeout, with `delivery_count` 2 and `redelivered`, and each message
+/// says when the broker stored it.
+#[test]
+fn unacknowledged_messages_come_again_after_the_ack_timeout_counted() {
+    let tmp = test_dir("data_ack_timeout");
+    let (host, port) = ("127.0.0.141", 27100);
+    let _node = Broker::start(host, port, &tmp.join("n1"), &[]);
+    eventually(Duration::from_secs(30), "the node ALIVE", || alive_count(&stdout(&cli(host, port, &["dump"]))) == 1);
+    let o = cli(host, port, &["create-topic", "t", "--replication-factor", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = cli(host, port, &["create-consumer-group", "g", "--bind", "t", "--ack-timeout-ms", "1000"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    publish_lines(host, port, "t", &numbers(1, 3));
+
+    let started = std::time::Instant::now();
+    let o = cli(host, port, &["subscribe", "g", "--no-auto-ack", "--max-messages", "6", "--wait", "10s"]);
+    assert!(o.status.success(), "subscribe failed: {}", stderr(&o));
+    assert!(started.elapsed() >= Duration::from_secs(1), "redelivered before the ack timeout");
+    let lines: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let seen: Vec<(u64, u64, bool)> = lines
+        .iter()
+        .map(|v| {
+            assert!(v["timestamp_ms"].as_i64().is_some_and(|t| t > 1_600_000_000_000), "{v}");
+            (v["offset"].as_u64().unwrap(), v["delivery_count"].as_u64().unwrap(), v["redelivered"].as_bool().unwrap())
+        })
+        .collect();
+    let expected: Vec<(u64, u64, bool)> = (0..3).map(|o| (o, 1, false)).chain((0..3).map(|o| (o, 2, true))).collect();
+    assert_eq!(seen, expected);
+}
+
+/// A message nacked or timed out `--deliveries-max` times goes to the group's
+/// dead-letter topic with headers saying where it came from and why; the group then
+/// changes in place (`update-consumer-group`) without redelivering what was done;
+/// `--since 1h` means the past hour, and a malformed one names the accepted forms.
+#[test]
+fn dead_letters_group_updates_and_since() {
+    let tmp = test_dir("data_dead_letters");
+    let (host, port) = ("127.0.0.142", 27110);
+    let _node = Broker::start(host, port, &tmp.join("n1"), &[]);
+    eventually(Duration::from_secs(30), "the node ALIVE", || alive_count(&stdout(&cli(host, port, &["dump"]))) == 1);
+    let ok = |args: &[&str]| {
+        let o = cli(host, port, args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    };
+    for t in ["t", "u", "dead"] {
+        ok(&["create-topic", t, "--replication-factor", "1"]);
+    }
+    let dead_letters = ["--deliveries-max", "2", "--dead-letter-topic", "dead"];
+    let mut create = vec!["create-consumer-group", "g", "--bind", "t", "--ack-timeout-ms", "500"];
+    create.extend(dead_letters);
+    ok(&create);
+    ok(&["create-consumer-group", "d", "--bind", "dead"]);
+    let o = cli(host, port, &["create-consumer-group", "loop", "--bind", "t", "--dead-letter-topic", "t"]);
+    assert!(!o.status.success() && stderr(&o).contains("dead_letter_topic"), "{}", stderr(&o));
+    publish_lines(host, port, "t", &numbers(1, 3));
+
+    // Delivered twice (the ack timeout takes them back), never acked: dead-lettered.
+    let got = subscribe(host, port, "g", &["--no-auto-ack", "--max-messages", "6", "--wait", "10s"]);
+    assert_eq!(got, ["1", "2", "3", "1", "2", "3"]);
+    let o = cli(host, port, &["subscribe", "d", "--max-messages", "3", "--wait", "10s"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dead: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(dead.len(), 3, "{}", stdout(&o));
+    for (i, v) in dead.iter().enumerate() {
+        let h = &v["message"]["headers"];
+        assert_eq!(h["x-first-death-reason"], "delivery_limit", "{v}");
+        assert_eq!((&h["x-first-death-queue"], &h["x-first-death-exchange"]), (&"g".into(), &"t".into()), "{v}");
+        assert_eq!((&h["x-delivery-count"], &h["x-eventtermq-offset"]), (&"2".into(), &i.to_string().into()), "{v}");
+    }
+    assert!(subscribe(host, port, "g", &["--wait", "2s"]).is_empty(), "nothing left for g");
+
+    // Updated in place: a new binding takes what is published from now on, nothing
+    // done comes again.
+    publish_lines(host, port, "u", &["before".to_string()]);
+    let mut update = vec!["update-consumer-group", "g", "--bind", "t", "--bind", "u"];
+    update.extend(dead_letters);
+    ok(&update);
+    let o = cli(host, port, &["update-consumer-group", "nope", "--bind", "t"]);
+    assert!(!o.status.success() && stderr(&o).contains("nope"), "{}", stderr(&o));
+    publish_lines(host, port, "u", &["after".to_string()]);
+    assert_eq!(subscribe(host, port, "g", &["--wait", "3s"]), ["after"]);
+
+    // --since: a duration is the past.
+    ok(&["create-consumer-group", "h", "--bind", "t", "--since", "1h"]);
+    assert_eq!(subscribe(host, port, "h", &["--max-messages", "3", "--wait", "10s"]), numbers(1, 3));
+    let o = cli(host, port, &["create-consumer-group", "x", "--bind", "t", "--since", "yesterday"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("RFC 3339") && stderr(&o).contains("Unix seconds"), "{}", stderr(&o));
+}
+
+/// A quiet topic expires: its open segment closes at `--segment-age-max-ms` (it holds
+/// records), and once its group acknowledged them, retention deletes it; a group
+/// created afterwards finds nothing old.
+#[test]
+fn a_quiet_topic_expires_by_segment_age_and_retention() {
+    let tmp = test_dir("data_quiet_retention");
+    let (host, port) = ("127.0.0.143", 27120);
+    let _node = Broker::start(host, port, &tmp.join("n1"), &[]);
+    eventually(Duration::from_secs(30), "the node ALIVE", || alive_count(&stdout(&cli(host, port, &["dump"]))) == 1);
+    let o = cli(
+        host,
+        port,
+        &["create-topic", "q", "--replication-factor", "1", "--retention", "2s", "--segment-age-max-ms", "1000"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = cli(host, port, &["create-consumer-group", "g", "--bind", "q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    publish_lines(host, port, "q", &numbers(1, 3));
+    assert_eq!(subscribe(host, port, "g", &["--max-messages", "3", "--wait", "10s"]), numbers(1, 3));
+    let mut attempt = 0;
+    eventually(Duration::from_secs(30), "old records gone for a new group", || {
+        attempt += 1;
+        let late = format!("late{attempt}");
+        let o = cli(host, port, &["create-consumer-group", &late, "--bind", "q"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        subscribe(host, port, &late, &["--wait", "1s"]).is_empty()
+    });
+    let o = cli(host, port, &["--output", "json", "list-topics"]);
+    let topics: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let q = &topics["topics"][0];
+    assert_eq!((&q["segment_age_max_ms"], &q["retention_overrides_consumers"]), (&1000.into(), &false.into()), "{q}");
+}
+
+/// On a 3-shard topic, the messages of one routing key all go to one shard and keep
+/// their order, whichever node the publisher uses; requests without a key spread
+/// evenly over the shards.
+#[test]
+fn keyed_messages_keep_one_shard_and_their_order_unkeyed_ones_spread() {
+    let tmp = test_dir("data_keyed_shards");
+    let hosts = ["127.0.0.144", "127.0.0.145", "127.0.0.146"];
+    let port = 27130;
+    let _nodes = three_nodes(&tmp, hosts, port);
+    eventually(Duration::from_secs(30), "3 ALIVE nodes", || alive_count(&stdout(&cli(hosts[0], port, &["dump"]))) == 3);
+    let ok = |host: &str, args: &[&str]| {
+        let o = cli(host, port, args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    };
+    ok(hosts[0], &["create-topic", "k", "--shards", "3"]);
+    ok(hosts[0], &["create-consumer-group", "g", "--bind", "k"]);
+    eventually(Duration::from_secs(20), "3 open segments", || {
+        stdout(&cli(hosts[0], port, &["dump"])).matches("open: true").count() >= 3
+    });
+    let (keys, per_key) = (20, 25);
+    for key in 0..keys {
+        let host = hosts[key % 3];
+        ok(
+            host,
+            &[
+                "publish",
+                "k",
+                &format!("{key}:{{n}}"),
+                "--count",
+                &per_key.to_string(),
+                "--routing-key",
+                &format!("key{key}"),
+            ],
+        );
+    }
+    // 300 requests of one message through one node.
+    ok(hosts[2], &["publish", "k", "plain:{n}", "--count", "300", "--batch-messages-max", "1"]);
+    let total = keys * per_key + 300;
+    let o = cli(hosts[1], port, &["subscribe", "g", "--max-messages", &total.to_string(), "--wait", "20s"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o_dump = cli(hosts[0], port, &["--output", "json", "dump"]);
+    let dump: serde_json::Value = serde_json::from_str(stdout(&o_dump).trim()).unwrap();
+    let shard_of: std::collections::BTreeMap<u64, u64> = dump["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["id"].as_u64().unwrap(), s["shard"].as_u64().unwrap()))
+        .collect();
+    // Per key: (shard, segment, offset, n) of each message.
+    let mut by_key: std::collections::BTreeMap<String, Vec<(u64, u64, u64, u64)>> = Default::default();
+    let mut plain_per_shard = [0u32; 3];
+    for line in stdout(&o).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        use base64::Engine as _;
+        let data = base64::engine::general_purpose::STANDARD.decode(v["message"]["data"].as_str().unwrap()).unwrap();
+        let data = String::from_utf8(data).unwrap();
+        let (seg, off) = (v["segment_id"].as_u64().unwrap(), v["offset"].as_u64().unwrap());
+        let shard = shard_of[&seg];
+        let (prefix, n) = data.split_once(':').unwrap();
+        if prefix == "plain" {
+            plain_per_shard[shard as usize] += 1;
+        } else {
+            by_key.entry(prefix.to_string()).or_default().push((shard, seg, off, n.parse().unwrap()));
+        }
+    }
+    assert_eq!(by_key.len(), keys, "every key delivered");
+    let mut shards_used = std::collections::BTreeSet::new();
+    for (key, mut got) in by_key {
+        assert_eq!(got.len(), per_key, "key {key}");
+        assert!(got.iter().all(|g| g.0 == got[0].0), "key {key} in one shard: {got:?}");
+        shards_used.insert(got[0].0);
+        got.sort_by_key(|g| (g.1, g.2));
+        let ns: Vec<u64> = got.iter().map(|g| g.3).collect();
+        assert_eq!(ns, (1..=per_key as u64).collect::<Vec<_>>(), "key {key} in publish order");
+    }
+    assert_eq!(shards_used.len(), 3, "20 keys use every shard");
+    assert_eq!(plain_per_shard.iter().sum::<u32>(), 300);
+    // Exactly-once requests (the CLI's) spread by their ids: within 20 % of a third
+    // for 300 requests (the unit test of `shard_of` checks 10 % over 3,000).
+    assert!(plain_per_shard.iter().all(|n| (80..=120).contains(n)), "unkeyed spread: {plain_per_shard:?}");
+}

@@ -14,8 +14,9 @@ use common::*;
 /// hang fails the test instead of stalling it); returns its output and run time.
 fn run_bounded(args: &[&str], limit: Duration) -> (Output, Duration) {
     let t0 = Instant::now();
-    let mut child =
-        Command::new(BIN).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run binary");
+    let mut command = Command::new(BIN);
+    command.args(args).env(TRUSTED_NETWORK_ENV, "true").stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().expect("run binary");
     while child.try_wait().unwrap().is_none() {
         if t0.elapsed() > limit {
             let _ = child.kill();

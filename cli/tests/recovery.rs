@@ -82,6 +82,7 @@ fn damaged_file_way_back(
     let out = std::process::Command::new(BIN)
         .args(["--dir", nodes[2].dir.to_str().unwrap(), "--host", hosts[2], "--advertise-host", hosts[2]])
         .args(["--port", &port.to_string(), "--join", &format!("{}:{port}", hosts[0])])
+        .env(common::TRUSTED_NETWORK_ENV, "true")
         .output()
         .unwrap();
     assert!(!out.status.success(), "started on a damaged {file}");

@@ -62,6 +62,7 @@ fn commands() -> Vec<Command> {
         default_exchange_type: ExchangeType::Topic,
         segment_size_max_bytes: 0,
         min_insync_replicas: 0,
+    ..Default::default()
     };
     vec![
         Command::CreateNamespace { name: "orders".into() },
@@ -69,7 +70,7 @@ fn commands() -> Vec<Command> {
         Command::CreateConsumerGroup {
             namespace: "orders".into(),
             name: "billing".into(),
-            spec: ConsumerGroupSpec { bindings: vec![], size: 2, since_unix_ms: 1_700_000_000_000 },
+            spec: ConsumerGroupSpec { bindings: vec![], size: 2, since_unix_ms: 1_700_000_000_000, ..Default::default() },
         },
         Command::SetNode { id: 2, record: NodeRecord { address: "10.0.0.2:7000".into(), state: NodeState::Alive } },
         Command::DeleteTopic { namespace: "orders".into(), name: "created".into() },

@@ -231,6 +231,10 @@ impl Admin {
             retention: topic.retention,
             default_exchange_type: Some(topic.default_exchange_type),
             min_insync_replicas: Some(topic.min_insync_replicas),
+            retention_bytes_max: Some(topic.retention_bytes_max),
+            segment_age_max_ms: Some(topic.segment_age_max_ms),
+            retention_overrides_consumers: Some(topic.retention_overrides_consumers),
+            shard_key: Some(topic.shard_key),
         };
         let result = self.client.update_topic(update).await;
         self.outcome(result)
@@ -242,16 +246,20 @@ impl Admin {
         self.deleted(self.client.clone().delete_topic(request).await)
     }
 
-    /// Creates the consumer group (idempotent for an identical spec; the broker has no
-    /// update, so a different spec is refused with AlreadyExists).
+    /// Creates the consumer group, or, when it exists with other bindings or settings,
+    /// changes it in place (its committed offsets kept; new bindings take what is
+    /// published from then on).
     pub async fn apply_consumer_group(&mut self, namespace: &str, group: pb::ConsumerGroup) -> Result<WriteOutcome> {
-        let request = pb::CreateConsumerGroupRequest { namespace: namespace.to_string(), consumer_group: Some(group) };
+        let request =
+            pb::CreateConsumerGroupRequest { namespace: namespace.to_string(), consumer_group: Some(group.clone()) };
         match self.client.create_consumer_group(request).await {
             Ok(response) => Ok(Ok(response.into_inner().index)),
-            Err(status) if status.code() == Code::AlreadyExists => Ok(Err(Refusal::Rejected(format!(
-                "{} (a consumer group cannot change in place: delete the resource and create it again)",
-                status.message()
-            )))),
+            Err(status) if status.code() == Code::AlreadyExists => {
+                let update =
+                    pb::UpdateConsumerGroupRequest { namespace: namespace.to_string(), consumer_group: Some(group) };
+                let result = self.client.update_consumer_group(update).await;
+                self.outcome(result)
+            }
             Err(status) => self.classify(status).map(Err),
         }
     }

@@ -229,6 +229,11 @@ pub fn broker_args(cluster: &EventterCluster, bootstrap_expect: i32) -> Vec<Stri
         bootstrap_expect.to_string(),
         "--log-format".to_string(),
         "json".to_string(),
+        // Brokers take node-to-node calls only from members proving it (issue 17). The
+        // operator does not issue a cluster secret yet, so its brokers run as the seed
+        // did, on a network trusted to hold only them, and say so explicitly. Limit who
+        // reaches the pods (a NetworkPolicy) until it does.
+        "--insecure-trusted-network".to_string(),
     ];
     let b = &spec.broker;
     let settings = [

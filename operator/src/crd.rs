@@ -413,6 +413,24 @@ pub struct TopicSpec {
     /// Exchange type of bindings that do not name one.
     #[serde(default)]
     pub default_exchange_type: ExchangeType,
+    /// Bytes of closed segments kept at most: beyond it the oldest go first; 0 or
+    /// unset: no limit.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub retention_bytes_max: u64,
+    /// An open segment holding records is closed at this age, so that a quiet topic's
+    /// records expire with its retention; 0 or unset: the brokers'
+    /// `--segment-age-max-ms` (1 h).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub segment_age_max_ms: u64,
+    /// Retention deletes segments consumer groups have not acknowledged yet (as Kafka
+    /// does); false or unset: a segment is kept until every bound group passed it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retention_overrides_consumers: bool,
+    /// What picks a publish's shard: "routing_key" (the default: one key, one shard, in
+    /// order; messages without a key spread) or "none" (every publish spreads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^(routing_key|none)$"))]
+    pub shard_key: Option<String>,
     /// Delete removes the topic from the broker when this resource is deleted (if it was
     /// ever in sync, so a same-named object the operator never managed is kept); Retain
     /// keeps it.
@@ -552,11 +570,33 @@ pub struct ConsumerGroupSpec {
     /// created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Time>,
+    /// Milliseconds a subscriber may hold a delivered message unacknowledged before it
+    /// is delivered again; 0 or unset: the broker's `--ack-timeout-ms` (30 s).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    #[schemars(range(max = 43200000))]
+    pub ack_timeout_ms: u64,
+    /// A message delivered this many times and not acknowledged goes to
+    /// `deadLetterTopic`, or is dropped without one; 0 or unset: no limit.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub deliveries_max: u32,
+    /// Topic (of the same broker namespace, not one the group reads) that takes the
+    /// group's dead letters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = BROKER_NAME_PATTERN))]
+    pub dead_letter_topic: Option<String>,
     /// Delete removes the group from the broker when this resource is deleted (if it was
     /// ever in sync, so a same-named object the operator never managed is kept); Retain
     /// keeps it.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
 }
 
 fn default_group_size() -> u32 {

@@ -40,7 +40,8 @@ impl Broker {
         let mut config = NodeConfig::new(dir.path(), addr.to_string(), addr.to_string());
         config.raft.election_timeout_min_ms = 200;
         config.raft.election_timeout_max_ms = 300;
-        let (network, listeners) = eventtermq_broker::transport::tcp::bind(addr, Duration::from_secs(1)).await.unwrap();
+        let (network, listeners) =
+            eventtermq_broker::transport::tcp::bind(addr, Duration::from_secs(1), None).await.unwrap();
         let shutdown = CancellationToken::new();
         let node = eventtermq_broker::node::start(config, network, listeners, shutdown.clone()).await.unwrap();
         let broker = Broker { addr, shutdown, node, _dir: dir };

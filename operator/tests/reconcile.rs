@@ -352,8 +352,9 @@ async fn deleted_topic_that_never_synced_leaves_the_broker_alone() {
 }
 
 #[tokio::test]
-async fn consumer_group_with_a_changed_spec_is_rejected_with_a_hint() {
-    // The broker's group has another size than the spec's (the default, 10,000).
+async fn consumer_group_with_a_changed_spec_is_updated_in_place() {
+    // The broker's group has another size than the spec's (the default, 10,000) and
+    // no delivery limit.
     let held = pb::ConsumerGroup {
         name: "billing".into(),
         bindings: vec![pb::Binding {
@@ -365,11 +366,22 @@ async fn consumer_group_with_a_changed_spec_is_rejected_with_a_hint() {
         size: 500,
         ..pb::ConsumerGroup::default()
     };
-    let script = Script::default().with_topic("default", held_orders()).with_consumer_group("default", held);
+    let dead = pb::Topic { name: "dead".into(), ..pb::Topic::default() };
+    let script = Script { index: 4, ..Script::default() }
+        .with_topic("default", held_orders())
+        .with_topic("default", dead)
+        .with_consumer_group("default", held);
     let (broker, broker_state) = fake_broker::start(script).await;
     let (client, mut server) = api_server::client();
     let ctx = context(client, broker);
-    let spec = serde_json::from_value(json!({"clusterRef": "emq", "bindings": [{"topic": "orders"}]})).unwrap();
+    let spec = serde_json::from_value(json!({
+        "clusterRef": "emq",
+        "bindings": [{"topic": "orders"}],
+        "ackTimeoutMs": 5000,
+        "deliveriesMax": 3,
+        "deadLetterTopic": "dead"
+    }))
+    .unwrap();
     let mut group = eventter_operator::crd::ConsumerGroup::new("billing", spec);
     group.metadata.namespace = Some(NS.into());
     group.metadata.finalizers = Some(vec!["eventter.io/consumergroup".into()]);
@@ -383,15 +395,26 @@ async fn consumer_group_with_a_changed_spec_is_rejected_with_a_hint() {
             patched_status(&group),
         )
         .await;
-    let message = seen.body["status"]["conditions"][0]["message"].as_str().unwrap().to_string();
-    assert!(message.contains("already exists") && message.contains("delete the resource"), "{message}");
-    server.expect_event(NS, "Rejected").await;
-    assert_eq!(finished(reconcile).await.unwrap(), Action::await_change());
+    assert_eq!(seen.body["status"]["conditions"][0]["status"], "True", "{}", seen.body);
+    server.expect_event(NS, "Synced").await;
+    assert_eq!(finished(reconcile).await.unwrap(), Action::requeue(broker_object::GROUP_STATUS_PERIOD_DEFAULT));
     assert_eq!(
         broker_state.calls(),
-        vec!["ListConsumerGroups default", "ListTopics default", "CreateConsumerGroup default/billing bindings=1"]
+        vec![
+            "ListConsumerGroups default",
+            "ListTopics default",
+            "CreateConsumerGroup default/billing bindings=1",
+            "UpdateConsumerGroup default/billing bindings=1",
+            "DescribeConsumerGroups default"
+        ]
     );
-    assert_eq!(broker_state.index(), 0, "a refused write takes no index");
+    broker_state.edit(|namespaces| {
+        let g = &namespaces["default"].groups["billing"];
+        assert_eq!(
+            (g.size, g.ack_timeout_ms, g.deliveries_max, g.dead_letter_topic.as_str()),
+            (10_000, 5000, 3, "dead")
+        );
+    });
 }
 
 /// The broker's copy of the Topic `common::topic(json!({"clusterRef": "emq"}))`.

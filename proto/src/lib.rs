@@ -14,5 +14,10 @@ pub mod internal {
     }
 }
 
-/// Encoded `FileDescriptorSet` of every service, for gRPC server reflection.
+/// Encoded `FileDescriptorSet` of every service, node-to-node included.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/eventter_descriptor.bin"));
+
+/// Encoded `FileDescriptorSet` of the services clients call (no `eventter.internal.v1`),
+/// for gRPC server reflection: a client is not shown what only cluster members may call.
+pub const CLIENT_FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/eventter_client_descriptor.bin"));

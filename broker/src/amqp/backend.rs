@@ -100,15 +100,32 @@ fn topic_spec(kind: ExchangeType) -> TopicSpec {
         default_exchange_type: kind,
         segment_size_max_bytes: 0,
         min_insync_replicas: 0,
+        ..Default::default()
     }
 }
 
 /// The arguments of `queue.declare` a group honours: none yet beyond the queue type
 /// RabbitMQ clients name (every group is replicated, like a quorum queue).
-fn check_queue_arguments(args: &FieldTable) -> Result<(), AmqpError> {
+/// What `queue.declare`'s arguments ask for: a delivery limit (`x-delivery-limit`)
+/// and a dead-letter exchange (`x-dead-letter-exchange`), as RabbitMQ's quorum queues
+/// take them; `x-queue-type` is accepted and ignored (every queue is replicated).
+fn queue_arguments(args: &FieldTable) -> Result<(u32, Option<String>), AmqpError> {
+    let (mut limit, mut dead_letters) = (0, None);
     for (k, v) in args.inner() {
+        let refused = |rule: &str| AmqpError::channel(PRECONDITION_FAILED, format!("queue argument '{k}': {rule}"));
         match (k.as_str(), v) {
             ("x-queue-type", AMQPValue::LongString(_) | AMQPValue::ShortString(_)) => {}
+            ("x-delivery-limit", v) => {
+                let n = integer(v).ok_or_else(|| refused("must be an integer"))?;
+                limit = u32::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| refused("must be 1 or more"))?;
+            }
+            ("x-dead-letter-exchange", v) => {
+                let name = text(v).ok_or_else(|| refused("must be a string"))?;
+                if name.is_empty() {
+                    return Err(refused("the default exchange needs x-dead-letter-routing-key, which is not supported (yet): name an exchange"));
+                }
+                dead_letters = Some(name);
+            }
             (other, _) => {
                 return Err(AmqpError::channel(
                     PRECONDITION_FAILED,
@@ -117,7 +134,28 @@ fn check_queue_arguments(args: &FieldTable) -> Result<(), AmqpError> {
             }
         }
     }
-    Ok(())
+    Ok((limit, dead_letters))
+}
+
+fn integer(v: &AMQPValue) -> Option<i64> {
+    Some(match v {
+        AMQPValue::ShortShortInt(i) => i64::from(*i),
+        AMQPValue::ShortShortUInt(i) => i64::from(*i),
+        AMQPValue::ShortInt(i) => i64::from(*i),
+        AMQPValue::ShortUInt(i) => i64::from(*i),
+        AMQPValue::LongInt(i) => i64::from(*i),
+        AMQPValue::LongUInt(i) => i64::from(*i),
+        AMQPValue::LongLongInt(i) => *i,
+        _ => return None,
+    })
+}
+
+fn text(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
 }
 
 impl Backend {
@@ -287,7 +325,11 @@ impl Backend {
                 Err(AmqpError::channel(NOT_FOUND, format!("no queue '{name}' in vhost '{namespace}'")))
             };
         }
-        check_queue_arguments(args)?;
+        let (deliveries_max, dead_letter_exchange) = queue_arguments(args)?;
+        let dead_letter_topic = match dead_letter_exchange {
+            Some(exchange) => self.ensure_exchange(namespace, &exchange).await?.0,
+            None => String::new(),
+        };
         self.ensure_exchange(namespace, "").await?;
         let binding = BindingSpec {
             routing_key: name.to_string(),
@@ -298,6 +340,9 @@ impl Backend {
             bindings: vec![binding],
             size: eventtermq_api::defaults::CONSUMER_GROUP_SIZE,
             since_unix_ms: self.start_ms(),
+            deliveries_max,
+            dead_letter_topic,
+            ..Default::default()
         };
         let cmd = Command::CreateConsumerGroup { namespace: namespace.into(), name: name.into(), spec };
         match self.cluster.write_applied(cmd).await {

@@ -465,7 +465,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let deliver = basic::Deliver {
             consumer_tag: tag.into(),
             delivery_tag,
-            redelivered: false,
+            redelivered: d.redelivered,
             exchange: exchange_of_topic(&d.topic).into(),
             routing_key: message.routing_key.as_str().into(),
         };
@@ -495,7 +495,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let message = d.message.unwrap_or_default();
         let ok = basic::GetOk {
             delivery_tag,
-            redelivered: false,
+            redelivered: d.redelivered,
             exchange: exchange_of_topic(&d.topic).into(),
             routing_key: message.routing_key.as_str().into(),
             message_count: 0,
@@ -563,7 +563,11 @@ async fn run_publisher(
         let mut batch = vec![first];
         while batch.len() < batch_max.max(1) {
             match rx.try_recv() {
-                Ok(job) if job.topic == batch[0].topic => batch.push(job),
+                // One topic and one routing key a batch: a key's messages go to its
+                // shard (see `shard_of`), which the whole request goes to.
+                Ok(job) if job.topic == batch[0].topic && job.message.routing_key == batch[0].message.routing_key => {
+                    batch.push(job)
+                }
                 Ok(job) => {
                     carried = Some(job);
                     break;

@@ -47,6 +47,12 @@ pub(crate) fn namespace_of(ns: &str) -> Result<String, RequestError> {
     Ok(ns.to_string())
 }
 
+fn shard_key(v: &str) -> Result<ShardKey, RequestError> {
+    ShardKey::parse(v).ok_or_else(|| {
+        RequestError::new(ErrorCode::InvalidArgument, format!("shard_key: {v:?} is not \"routing_key\" or \"none\""))
+    })
+}
+
 fn topic_spec_from_pb(t: &pb::Topic) -> Result<TopicSpec, RequestError> {
     let default_exchange_type = or_default(&t.default_exchange_type, defaults::EXCHANGE_TYPE);
     let default_exchange_type = validate::exchange_type("default_exchange_type", default_exchange_type)?;
@@ -57,12 +63,30 @@ fn topic_spec_from_pb(t: &pb::Topic) -> Result<TopicSpec, RequestError> {
         default_exchange_type,
         segment_size_max_bytes: t.segment_size_max_bytes,
         min_insync_replicas: t.min_insync_replicas,
+        retention_bytes_max: t.retention_bytes_max,
+        segment_age_max_ms: t.segment_age_max_ms,
+        retention_overrides_consumers: t.retention_overrides_consumers,
+        shard_key: shard_key(&t.shard_key)?,
     };
     validate::topic_spec(&spec)?;
     Ok(spec)
 }
 
 impl AdminService {
+    /// The namespace, name and spec a create or update of a consumer group asks for.
+    async fn group_of_request(
+        &self,
+        namespace: &str,
+        group: Option<pb::ConsumerGroup>,
+    ) -> Result<(String, String, ConsumerGroupSpec), RequestError> {
+        let namespace = namespace_of(namespace)?;
+        let group =
+            group.ok_or_else(|| RequestError::new(ErrorCode::InvalidArgument, "consumer_group: is required"))?;
+        validate::name("name", &group.name)?;
+        let spec = self.consumer_group_spec_from_pb(&namespace, &group).await?;
+        Ok((namespace, group.name, spec))
+    }
+
     /// Builds the group's spec. A binding without an exchange type takes its topic's
     /// default, read linearizably so a topic created just before is seen.
     async fn consumer_group_spec_from_pb(
@@ -112,6 +136,9 @@ impl AdminService {
             bindings,
             size: defaults::consumer_group_size(g.size),
             since_unix_ms: g.since.as_ref().map(timestamp_to_ms).unwrap_or(0),
+            ack_timeout_ms: g.ack_timeout_ms,
+            deliveries_max: g.deliveries_max,
+            dead_letter_topic: g.dead_letter_topic.clone(),
         };
         validate::consumer_group_spec(&spec)?;
         Ok(spec)
@@ -260,6 +287,10 @@ impl Admin for AdminService {
                 .map(|t| validate::exchange_type("default_exchange_type", t))
                 .transpose()?,
             min_insync_replicas: req.min_insync_replicas,
+            retention_bytes_max: req.retention_bytes_max,
+            segment_age_max_ms: req.segment_age_max_ms,
+            retention_overrides_consumers: req.retention_overrides_consumers,
+            shard_key: req.shard_key.as_deref().map(shard_key).transpose()?,
         };
         if let Some(s) = update.shards {
             validate::shards(s)?;
@@ -290,13 +321,16 @@ impl Admin for AdminService {
     async fn create_consumer_group(&self, req: Request<pb::CreateConsumerGroupRequest>) -> Reply<pb::WriteResponse> {
         let req = req.into_inner();
         tag(&req.namespace, None, req.consumer_group.as_ref().map(|g| g.name.as_str()));
-        let namespace = namespace_of(&req.namespace)?;
-        let group = req
-            .consumer_group
-            .ok_or_else(|| RequestError::new(ErrorCode::InvalidArgument, "consumer_group: is required"))?;
-        validate::name("name", &group.name)?;
-        let spec = self.consumer_group_spec_from_pb(&namespace, &group).await?;
-        written(self.cluster.write(Command::CreateConsumerGroup { namespace, name: group.name, spec }).await?)
+        let (namespace, name, spec) = self.group_of_request(&req.namespace, req.consumer_group).await?;
+        written(self.cluster.write(Command::CreateConsumerGroup { namespace, name, spec }).await?)
+    }
+
+    async fn update_consumer_group(&self, req: Request<pb::UpdateConsumerGroupRequest>) -> Reply<pb::WriteResponse> {
+        let req = req.into_inner();
+        tag(&req.namespace, None, req.consumer_group.as_ref().map(|g| g.name.as_str()));
+        let (namespace, name, spec) = self.group_of_request(&req.namespace, req.consumer_group).await?;
+        let now_unix_ms = self.segments.clock().now_unix_ms();
+        written(self.cluster.write(Command::UpdateConsumerGroup { namespace, name, spec, now_unix_ms }).await?)
     }
 
     async fn delete_consumer_group(&self, req: Request<pb::DeleteConsumerGroupRequest>) -> Reply<pb::WriteResponse> {

@@ -37,6 +37,10 @@ pub fn topic_to_pb(name: &str, t: &TopicSpec) -> pb::Topic {
         under_replicated: false,
         segment_size_max_bytes: t.segment_size_max_bytes,
         min_insync_replicas: t.min_insync(),
+        retention_bytes_max: t.retention_bytes_max,
+        segment_age_max_ms: t.segment_age_max_ms,
+        retention_overrides_consumers: t.retention_overrides_consumers,
+        shard_key: t.shard_key.as_str().to_string(),
     }
 }
 
@@ -73,6 +77,9 @@ pub fn consumer_group_to_pb(name: &str, g: &ConsumerGroupSpec) -> pb::ConsumerGr
             .collect(),
         size: g.size,
         since: (g.since_unix_ms != 0).then(|| ms_to_timestamp(g.since_unix_ms)),
+        ack_timeout_ms: g.ack_timeout_ms,
+        deliveries_max: g.deliveries_max,
+        dead_letter_topic: g.dead_letter_topic.clone(),
         node_id: 0,
         committed_offsets: Default::default(),
     }

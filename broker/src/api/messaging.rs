@@ -142,8 +142,8 @@ impl Messaging for MessagingService {
         validate::name("topic", &first.topic)?;
         // A stream whose topic's primary is elsewhere is relayed there whole, so its
         // messages keep their order.
-        let producer = key(&first).map(|k| k.producer);
-        if let Some(addr) = self.segments.stream_target(&namespace, &first.topic, producer, hops) {
+        let routing_key = first.messages.first().map(|m| m.routing_key.as_str());
+        if let Some(addr) = self.segments.stream_target(&namespace, &first.topic, routing_key, hops) {
             let head = futures::stream::once(std::future::ready(Ok(first)));
             let (tx, rx) = mpsc::channel::<pb::PublishRequest>(PUBLISH_STREAM_IN_FLIGHT_MAX);
             let first_req = head.chain(inbound);

@@ -1,8 +1,10 @@
 //! gRPC services of a node, all on one port: the client/admin API ([`admin`]), the
-//! node-to-node API ([`internal`]), `grpc.health.v1` and server reflection.
+//! node-to-node API ([`internal`], open only to cluster members: [`guard`]),
+//! `grpc.health.v1` and server reflection (of the client services only).
 
 pub mod admin;
 pub mod convert;
+pub mod guard;
 pub mod internal;
 pub mod messaging;
 pub mod metrics;
@@ -96,16 +98,19 @@ pub struct Services {
     pub peers: Peers,
 }
 
+/// Serves the gRPC port; node-to-node calls only as `access` allows.
 pub fn serve(
     services: Services,
+    access: crate::security::InternalAccess,
     incoming: Pin<Box<dyn Stream<Item = std::io::Result<Conn>> + Send>>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    // Both reflection versions: grpcurl and other tools still ask for v1alpha.
+    // Both reflection versions: grpcurl and other tools still ask for v1alpha. Only
+    // the client services: the node-to-node one is none of a client's business.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(eventtermq_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(eventtermq_proto::CLIENT_FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection().build_v1().expect("descriptor sets are generated at build time and valid");
@@ -114,6 +119,7 @@ pub fn serve(
 
     let Services { cluster, membership, segments, groups, peers } = services;
     let grpc_metrics = GrpcMetricsLayer { metrics: segments.metrics().clone() };
+    let guard = guard::InternalGuardLayer::new(access, segments.metrics().clone());
     tokio::spawn(report_health(cluster.clone(), health_reporter, stop.clone()));
     let admin = AdminServer::new(admin::AdminService {
         cluster: cluster.clone(),
@@ -132,8 +138,13 @@ pub fn serve(
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(crate::transport::HTTP2_KEEPALIVE_INTERVAL))
-            .layer(grpc_metrics)
-            .layer(request::RequestContextLayer)
+            .layer(
+                tower::ServiceBuilder::new()
+                    .layer(grpc_metrics)
+                    .layer(guard)
+                    .layer(request::RequestContextLayer)
+                    .into_inner(),
+            )
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -57,6 +57,16 @@ pub enum Command {
         name: String,
         binding: BindingSpec,
     },
+    /// Changes a group in place, keeping its offsets: `spec`'s bindings and settings
+    /// replace the group's (its `since_unix_ms` is ignored); bindings that route the
+    /// same as one the group has keep it, new ones take what is published from
+    /// `now_unix_ms` on.
+    UpdateConsumerGroup {
+        namespace: String,
+        name: String,
+        spec: ConsumerGroupSpec,
+        now_unix_ms: i64,
+    },
     /// Gossip's view of a node, written by the leader when it changes.
     SetNode {
         id: NodeId,
@@ -129,6 +139,10 @@ pub enum Command {
         namespace: String,
         group: String,
         offsets: std::collections::BTreeMap<SegmentId, u64>,
+        /// Per segment, below which every record the group offered was handed out
+        /// ([`GroupRuntime::handed_out`]); only moves forward.
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        handed_out: std::collections::BTreeMap<SegmentId, u64>,
     },
     /// `command`, identified: applied once; a repeat of the same `id` (a write retried
     /// after its outcome was unknown, maybe through another node) changes nothing and
@@ -206,7 +220,8 @@ impl ClusterState {
             Command::CreateConsumerGroup { .. }
             | Command::DeleteConsumerGroup { .. }
             | Command::BindConsumerGroup { .. }
-            | Command::UnbindConsumerGroup { .. } => self.apply_group_spec(cmd),
+            | Command::UnbindConsumerGroup { .. }
+            | Command::UpdateConsumerGroup { .. } => self.apply_group_spec(cmd),
             Command::SetNode { id, record } => {
                 self.nodes.insert(*id, record.clone());
             }
@@ -256,6 +271,11 @@ impl ClusterState {
                     g.bindings.retain(|b| !b.same_route(binding));
                 }
             }
+            Command::UpdateConsumerGroup { namespace, name, spec, now_unix_ms } => {
+                if let Some(g) = self.namespaces.get_mut(namespace).and_then(|ns| ns.consumer_groups.get_mut(name)) {
+                    *g = g.updated(spec, *now_unix_ms);
+                }
+            }
             _ => {}
         }
     }
@@ -303,12 +323,14 @@ impl ClusterState {
                     g.node = *node;
                 }
             }
-            Command::CommitOffsets { namespace, group, offsets } => {
+            Command::CommitOffsets { namespace, group, offsets, handed_out } => {
                 if let Some(g) = self.groups.get_mut(namespace).and_then(|g| g.get_mut(group)) {
-                    for (seg, off) in offsets {
-                        if self.segments.contains_key(seg) {
-                            let e = g.offsets.entry(*seg).or_insert(0);
-                            *e = (*e).max(*off);
+                    for (map, moved) in [(&mut g.offsets, offsets), (&mut g.handed_out, handed_out)] {
+                        for (seg, off) in moved {
+                            if self.segments.contains_key(seg) {
+                                let e = map.entry(*seg).or_insert(0);
+                                *e = (*e).max(*off);
+                            }
                         }
                     }
                 }
@@ -356,6 +378,7 @@ impl ClusterState {
         for groups in self.groups.values_mut() {
             for g in groups.values_mut() {
                 g.offsets.retain(|seg, _| !ids.contains(seg));
+                g.handed_out.retain(|seg, _| !ids.contains(seg));
             }
         }
     }
@@ -382,6 +405,10 @@ impl ClusterState {
                 self.group_spec(namespace, name).map(|_| ())
             }
             Command::BindConsumerGroup { namespace, name, binding } => self.check_bind(namespace, name, binding),
+            Command::UpdateConsumerGroup { namespace, name, spec, now_unix_ms } => {
+                let updated = self.group_spec(namespace, name)?.updated(spec, *now_unix_ms);
+                self.check_group_spec(namespace, &updated)
+            }
             Command::SetNode { .. } | Command::RemoveNode { .. } | Command::SetDiskLow { .. } => Ok(()),
             Command::OpenSegment { namespace, topic, shard, replicas, min_insync, .. } => {
                 self.check_open_segment(namespace, topic, *shard, replicas, *min_insync)
@@ -464,30 +491,41 @@ impl ClusterState {
         validate::consumer_group_spec(&bound)
     }
 
-    /// Every bound topic must exist; a repeated create of the same group is accepted.
+    /// A valid group whose bound topics and dead-letter topic exist; a repeated create
+    /// of the same group is accepted.
     fn check_create_group(&self, namespace: &str, name: &str, spec: &ConsumerGroupSpec) -> Result<(), RequestError> {
         validate::name("name", name)?;
-        validate::consumer_group_spec(spec)?;
-        let ns = self.namespace(namespace)?;
-        if let Some((i, b)) = spec.bindings.iter().enumerate().find(|(_, b)| !ns.topics.contains_key(&b.topic)) {
-            return Err(RequestError::new(
-                ErrorCode::TopicNotFound,
-                format!("bindings[{i}].topic: topic {:?} does not exist in namespace {namespace:?}", b.topic),
-            ));
-        }
-        match ns.consumer_groups.get(name) {
-            // `since` is where a new group starts; a repeated create computes it anew
-            // (e.g. "-1h" from now), so it does not make the specs differ.
-            Some(existing) if existing.bindings != spec.bindings || existing.size != spec.size => {
-                Err(RequestError::new(
-                    ErrorCode::ConsumerGroupAlreadyExists,
-                    format!(
-                        "name: consumer group {name:?} already exists in namespace {namespace:?} with different bindings or size"
-                    ),
-                ))
-            }
+        self.check_group_spec(namespace, spec)?;
+        match self.namespace(namespace)?.consumer_groups.get(name) {
+            Some(existing) if !existing.same_settings(spec) => Err(RequestError::new(
+                ErrorCode::ConsumerGroupAlreadyExists,
+                format!(
+                    "name: consumer group {name:?} already exists in namespace {namespace:?} with other bindings or \
+                     settings (update-consumer-group changes it in place)"
+                ),
+            )),
             _ => Ok(()),
         }
+    }
+
+    /// The spec's own rules, and every topic it names exists in the namespace.
+    fn check_group_spec(&self, namespace: &str, spec: &ConsumerGroupSpec) -> Result<(), RequestError> {
+        validate::consumer_group_spec(spec)?;
+        let ns = self.namespace(namespace)?;
+        let missing = |field: String, topic: &str| {
+            RequestError::new(
+                ErrorCode::TopicNotFound,
+                format!("{field}: topic {topic:?} does not exist in namespace {namespace:?}"),
+            )
+        };
+        if let Some((i, b)) = spec.bindings.iter().enumerate().find(|(_, b)| !ns.topics.contains_key(&b.topic)) {
+            return Err(missing(format!("bindings[{i}].topic"), &b.topic));
+        }
+        let dead_letters = &spec.dead_letter_topic;
+        if !dead_letters.is_empty() && !ns.topics.contains_key(dead_letters) {
+            return Err(missing("dead_letter_topic".into(), dead_letters));
+        }
+        Ok(())
     }
 
     /// A shard gets one open segment at a time, on distinct nodes, at least as many as
@@ -605,6 +643,18 @@ fn describe_topic_diff(a: &TopicSpec, b: &TopicSpec) -> String {
     if a.min_insync() != b.min_insync() {
         diffs.push(format!("min_insync_replicas {} != {}", a.min_insync(), b.min_insync()));
     }
+    if a.retention_bytes_max != b.retention_bytes_max {
+        diffs.push(format!("retention_bytes_max {} != {}", a.retention_bytes_max, b.retention_bytes_max));
+    }
+    if a.segment_age_max_ms != b.segment_age_max_ms {
+        diffs.push(format!("segment_age_max_ms {} != {}", a.segment_age_max_ms, b.segment_age_max_ms));
+    }
+    if a.retention_overrides_consumers != b.retention_overrides_consumers {
+        diffs.push(format!(
+            "retention_overrides_consumers {} != {}",
+            a.retention_overrides_consumers, b.retention_overrides_consumers
+        ));
+    }
     if a.default_exchange_type != b.default_exchange_type {
         diffs.push(format!(
             "default_exchange_type {} != {}",
@@ -627,6 +677,7 @@ mod tests {
             default_exchange_type: ExchangeType::Fanout,
             segment_size_max_bytes: 0,
             min_insync_replicas: 0,
+            ..Default::default()
         }
     }
 
@@ -761,11 +812,19 @@ mod tests {
             retention_ms: Some(60_000),
             default_exchange_type: Some(ExchangeType::Topic),
             min_insync_replicas: Some(3),
+            retention_bytes_max: Some(1 << 20),
+            segment_age_max_ms: Some(30_000),
+            retention_overrides_consumers: Some(true),
+            shard_key: Some(ShardKey::None),
         }))
         .unwrap();
         let t = &s.namespaces["default"].topics["t"];
         assert_eq!((t.shards, t.retention_ms, t.default_exchange_type), (4, 60_000, ExchangeType::Topic));
-        assert_eq!(t.min_insync_replicas, 3);
+        assert_eq!(
+            (t.retention_bytes_max, t.segment_age_max_ms, t.retention_overrides_consumers),
+            (1 << 20, 30_000, true)
+        );
+        assert_eq!((t.min_insync_replicas, t.shard_key), (3, ShardKey::None));
         let err = s.apply(&update(TopicUpdate { min_insync_replicas: Some(4), ..Default::default() })).unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidMinInsyncReplicas);
         assert!(err.message.starts_with("min_insync_replicas: 4 is above the replication factor 3"), "{}", err.message);
@@ -798,7 +857,8 @@ mod tests {
             headers_match: HeadersMatch::All,
             since_unix_ms: 0,
         };
-        let group = |bindings, since_unix_ms| ConsumerGroupSpec { bindings, size: 100, since_unix_ms };
+        let group =
+            |bindings, since_unix_ms| ConsumerGroupSpec { bindings, size: 100, since_unix_ms, ..Default::default() };
         let create = |spec| Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec };
 
         let err = s.apply(&create(group(vec![binding(ExchangeType::Direct, "")], 0))).unwrap_err();
@@ -834,6 +894,68 @@ mod tests {
         s.apply(&unbind(binding(ExchangeType::Direct, "k"))).unwrap();
         assert_eq!(bindings(&s), [binding(ExchangeType::Topic, "a.*.#")], "unbound whatever its since");
         s.apply(&unbind(binding(ExchangeType::Direct, "k"))).unwrap();
+    }
+
+    #[test]
+    fn a_group_updated_in_place_keeps_its_offsets_and_old_bindings_their_start() {
+        let mut s = ClusterState::new_cluster();
+        for t in ["t", "u", "dead"] {
+            s.apply(&create_topic("default", t, topic(1))).unwrap();
+        }
+        let old = BindingSpec { since_unix_ms: 3, ..BindingSpec::fanout("t") };
+        let spec = ConsumerGroupSpec { bindings: vec![old.clone()], size: 10, since_unix_ms: 1, ..Default::default() };
+        s.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec }).unwrap();
+        use std::collections::BTreeMap;
+        let open = Command::OpenSegment {
+            namespace: "default".into(),
+            topic: "t".into(),
+            shard: 0,
+            replicas: vec![1],
+            now_unix_ms: 0,
+            min_insync: 1,
+        };
+        s.apply(&open).unwrap();
+        let offsets = BTreeMap::from([(*s.segments.keys().next().unwrap(), 5)]);
+        let commit = Command::CommitOffsets {
+            namespace: "default".into(),
+            group: "g".into(),
+            offsets: offsets.clone(),
+            handed_out: BTreeMap::new(),
+        };
+        s.apply(&commit).unwrap();
+        let update = |name: &str, spec| Command::UpdateConsumerGroup {
+            namespace: "default".into(),
+            name: name.into(),
+            spec,
+            now_unix_ms: 100,
+        };
+        let wanted = ConsumerGroupSpec {
+            bindings: vec![BindingSpec::fanout("t"), BindingSpec::fanout("u")],
+            size: 20,
+            since_unix_ms: 99,
+            ack_timeout_ms: 5_000,
+            deliveries_max: 3,
+            dead_letter_topic: "dead".into(),
+        };
+        assert_eq!(s.apply(&update("nope", wanted.clone())).unwrap_err().code, ErrorCode::ConsumerGroupNotFound);
+        let looping = ConsumerGroupSpec { dead_letter_topic: "u".into(), ..wanted.clone() };
+        let err = s.apply(&update("g", looping)).unwrap_err();
+        assert!(err.message.starts_with("dead_letter_topic:"), "{}", err.message);
+        let missing = ConsumerGroupSpec { dead_letter_topic: "gone".into(), ..wanted.clone() };
+        assert_eq!(s.apply(&update("g", missing)).unwrap_err().code, ErrorCode::TopicNotFound);
+        assert_eq!(s.namespaces["default"].consumer_groups["g"].size, 10, "a refused update changes nothing");
+
+        s.apply(&update("g", wanted.clone())).unwrap();
+        let g = &s.namespaces["default"].consumer_groups["g"];
+        let new = BindingSpec { since_unix_ms: 100, ..BindingSpec::fanout("u") };
+        assert_eq!(g.bindings, [old, new], "the old binding keeps its start; the new one starts now");
+        assert_eq!((g.size, g.since_unix_ms, g.ack_timeout_ms, g.deliveries_max), (20, 1, 5_000, 3));
+        assert_eq!(g.dead_letter_topic, "dead");
+        assert_eq!(s.group_runtime("default", "g").unwrap().offsets, offsets, "offsets kept");
+        // Created again with the old settings: it exists with others now.
+        let again = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size: 10, ..Default::default() };
+        let create = Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec: again };
+        assert_eq!(s.apply(&create).unwrap_err().code, ErrorCode::ConsumerGroupAlreadyExists);
     }
 
     #[test]

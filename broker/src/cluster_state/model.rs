@@ -200,6 +200,11 @@ pub struct GroupRuntime {
     pub node: Option<NodeId>,
     /// Per segment: every record below this offset is acknowledged (or did not match).
     pub offsets: BTreeMap<SegmentId, u64>,
+    /// Per segment: every record below this offset that the group took was handed to
+    /// a subscriber at least once (as of the last commit). A group that resumes counts
+    /// that as one delivery of the unacknowledged ones (`delivery_count` 2).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub handed_out: BTreeMap<SegmentId, u64>,
 }
 
 impl ClusterState {
@@ -272,8 +277,9 @@ pub struct Namespace {
     pub consumer_groups: BTreeMap<String, ConsumerGroupSpec>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExchangeType {
+    #[default]
     Fanout,
     Direct,
     Topic,
@@ -303,7 +309,7 @@ impl ExchangeType {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicSpec {
     pub shards: u32,
     pub replication_factor: u32,
@@ -319,6 +325,51 @@ pub struct TopicSpec {
     /// through the API store the resolved value.
     #[serde(default)]
     pub min_insync_replicas: u32,
+    /// Bytes of closed segments kept at most: beyond it the oldest go first. 0: no
+    /// limit.
+    #[serde(default)]
+    pub retention_bytes_max: u64,
+    /// An open segment with records is closed (and the next opened) once it is this
+    /// old, so that a quiet topic's records expire; 0 uses the node's
+    /// `--segment-age-max-ms`.
+    #[serde(default)]
+    pub segment_age_max_ms: u64,
+    /// Retention deletes segments consumer groups have not acknowledged yet (as
+    /// Kafka always does); off: a segment waits until every bound group passed it.
+    #[serde(default)]
+    pub retention_overrides_consumers: bool,
+    /// What picks the shard of a publish without a producer id.
+    #[serde(default)]
+    pub shard_key: ShardKey,
+}
+
+/// What picks a publish's shard (one with a producer id always goes to the producer's
+/// shard, where its duplicate window is).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardKey {
+    /// The routing key of the request's first message: one key, one shard, in order;
+    /// requests without a routing key spread over the open shards.
+    #[default]
+    RoutingKey,
+    /// Nothing: every request goes to any open shard, round-robin.
+    None,
+}
+
+impl ShardKey {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShardKey::RoutingKey => "routing_key",
+            ShardKey::None => "none",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "" | "routing_key" => Some(ShardKey::RoutingKey),
+            "none" => Some(ShardKey::None),
+            _ => None,
+        }
+    }
 }
 
 impl TopicSpec {
@@ -344,6 +395,14 @@ pub struct TopicUpdate {
     /// Applies to segments opened after the change.
     #[serde(default)]
     pub min_insync_replicas: Option<u32>,
+    #[serde(default)]
+    pub retention_bytes_max: Option<u64>,
+    #[serde(default)]
+    pub segment_age_max_ms: Option<u64>,
+    #[serde(default)]
+    pub retention_overrides_consumers: Option<bool>,
+    #[serde(default)]
+    pub shard_key: Option<ShardKey>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -397,13 +456,46 @@ impl BindingSpec {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsumerGroupSpec {
     pub bindings: Vec<BindingSpec>,
     /// In-memory buffer of the group, in messages.
     pub size: u32,
     /// Unix time in milliseconds where a new group starts reading.
     pub since_unix_ms: i64,
+    /// A message handed out and not acknowledged within this many milliseconds goes
+    /// back to the group for redelivery; 0: the node's `--ack-timeout-ms`.
+    #[serde(default)]
+    pub ack_timeout_ms: u64,
+    /// A message delivered this many times and not acknowledged is not delivered
+    /// again: it goes to `dead_letter_topic`, or is dropped without one; 0: no limit.
+    #[serde(default)]
+    pub deliveries_max: u32,
+    /// Topic of the group's namespace that takes its dead letters; empty: none.
+    #[serde(default)]
+    pub dead_letter_topic: String,
+}
+
+impl ConsumerGroupSpec {
+    /// Everything but `since_unix_ms` is the same (a repeated create computes `since`
+    /// anew, e.g. "-1h" from now).
+    pub fn same_settings(&self, other: &ConsumerGroupSpec) -> bool {
+        ConsumerGroupSpec { since_unix_ms: other.since_unix_ms, ..self.clone() } == *other
+    }
+
+    /// This spec with `update`'s settings and bindings: bindings routing the same as
+    /// one it has keep theirs (and where they started); new ones start at `now_unix_ms`.
+    pub fn updated(&self, update: &ConsumerGroupSpec, now_unix_ms: i64) -> ConsumerGroupSpec {
+        let bindings = update
+            .bindings
+            .iter()
+            .map(|b| match self.bindings.iter().find(|old| old.same_route(b)) {
+                Some(old) => old.clone(),
+                None => BindingSpec { since_unix_ms: now_unix_ms, ..b.clone() },
+            })
+            .collect();
+        ConsumerGroupSpec { bindings, since_unix_ms: self.since_unix_ms, ..update.clone() }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

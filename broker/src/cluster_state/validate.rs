@@ -11,6 +11,8 @@ pub const REPLICATION_FACTOR_MIN: u32 = 1;
 pub const REPLICATION_FACTOR_MAX: u32 = 7;
 pub const CONSUMER_GROUP_SIZE_MAX: u32 = 1_000_000;
 pub const BINDINGS_COUNT_MAX: usize = 1024;
+/// A consumer group's ack timeout at most (12 h, as SQS's visibility timeout).
+pub const ACK_TIMEOUT_MS_MAX: u64 = 12 * 60 * 60 * 1000;
 
 /// Names of namespaces, topics and consumer groups: 1-249 characters of `[A-Za-z0-9._-]`.
 pub fn name(field: &str, value: &str) -> Result<(), RequestError> {
@@ -111,6 +113,18 @@ pub fn topic_update(current: &TopicSpec, update: &TopicUpdate) -> Result<TopicSp
     if let Some(t) = update.default_exchange_type {
         next.default_exchange_type = t;
     }
+    if let Some(b) = update.retention_bytes_max {
+        next.retention_bytes_max = b;
+    }
+    if let Some(a) = update.segment_age_max_ms {
+        next.segment_age_max_ms = a;
+    }
+    if let Some(o) = update.retention_overrides_consumers {
+        next.retention_overrides_consumers = o;
+    }
+    if let Some(k) = update.shard_key {
+        next.shard_key = k;
+    }
     Ok(next)
 }
 
@@ -120,6 +134,27 @@ pub fn consumer_group_spec(spec: &ConsumerGroupSpec) -> Result<(), RequestError>
             ErrorCode::InvalidSize,
             format!("size: {} is out of range (must be 1-{CONSUMER_GROUP_SIZE_MAX})", spec.size),
         ));
+    }
+    if spec.ack_timeout_ms > ACK_TIMEOUT_MS_MAX {
+        return Err(RequestError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "ack_timeout_ms: {} is out of range (0 = the node's default, or at most {ACK_TIMEOUT_MS_MAX}, 12 h)",
+                spec.ack_timeout_ms
+            ),
+        ));
+    }
+    if !spec.dead_letter_topic.is_empty() {
+        name("dead_letter_topic", &spec.dead_letter_topic)?;
+        if spec.bindings.iter().any(|b| b.topic == spec.dead_letter_topic) {
+            return Err(RequestError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "dead_letter_topic: {:?} is a topic the group reads (its dead letters would come back to it)",
+                    spec.dead_letter_topic
+                ),
+            ));
+        }
     }
     if spec.bindings.len() > BINDINGS_COUNT_MAX {
         return Err(RequestError::new(

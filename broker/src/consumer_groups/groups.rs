@@ -37,6 +37,11 @@ const LOCATE_RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// between two events, so only a stuck one takes this long (and is left out).
 const STATS_WAIT_MAX: Duration = Duration::from_secs(1);
 
+/// How long a complete bounded subscription waits for its acks to be recorded in the
+/// cluster state before its stream ends anyway (they are then recorded a commit
+/// interval later, as every ack is).
+const FLUSH_WAIT_MAX: Duration = Duration::from_secs(5);
+
 type GroupKey = (String, String);
 
 /// The consumer groups of this node. Cheap to clone.
@@ -203,7 +208,8 @@ impl Groups {
     ) -> Result<Relayed<SubscribeResponse>, RequestError> {
         let max_unacked = eventtermq_api::defaults::subscriber_size(req.size);
         let (reply, rx) = oneshot::channel();
-        let cmd = GroupCmd::Subscribe { max_unacked, do_not_block: req.do_not_block, reply };
+        let cmd =
+            GroupCmd::Subscribe { max_unacked, max_messages: req.max_messages, do_not_block: req.do_not_block, reply };
         group.cmd.send(cmd).await.map_err(|_| gone(&req.consumer_group))?;
         let (sub, events) = rx.await.map_err(|_| gone(&req.consumer_group))?;
         let queue = (max_unacked as usize).clamp(1, SUBSCRIBER_STREAM_QUEUE_MAX);
@@ -266,7 +272,8 @@ impl Groups {
 }
 
 /// Moves one subscriber's messages from the group task to its stream, acking them
-/// there when it auto-acks, until it has `max_messages` (and acked them) or leaves.
+/// there when it auto-acks, until it has `max_messages` (and acked them) or leaves;
+/// a complete stream ends once its acks are recorded ([`GroupCmd::Flush`]).
 async fn serve_subscriber(
     group: GroupHandle,
     sub: SubscriberId,
@@ -276,6 +283,9 @@ async fn serve_subscriber(
 ) {
     let limit = (req.max_messages > 0).then_some(req.max_messages);
     let mut delivered = 0u64;
+    // Whether the stream ends because it is complete (limit reached, or drained),
+    // rather than because the client or the group went away.
+    let mut complete = false;
     'stream: loop {
         let first = tokio::select! {
             biased;
@@ -285,7 +295,10 @@ async fn serve_subscriber(
         let Some(mut ev) = first else { break };
         let mut acks = Vec::new();
         loop {
-            let Event::Message(d) = ev else { break 'stream };
+            let Event::Message(d) = ev else {
+                complete = true;
+                break 'stream;
+            };
             let key = (d.segment_id, d.offset);
             if out.send(Ok(to_response(d))).await.is_err() {
                 break 'stream;
@@ -308,23 +321,36 @@ async fn serve_subscriber(
                 Err(_) => break,
             }
         }
+        let limited = limit.is_some_and(|l| delivered >= l);
+        // At the limit, dispatch stops before the last acks free the window: the task
+        // would otherwise hand this subscriber messages it never reads.
+        let (limit_tx, limit_rx) = oneshot::channel();
+        if limited {
+            let _ = group.cmd.send(GroupCmd::Limit(sub, limit_tx)).await;
+        }
         if !acks.is_empty() {
             let (tx, _) = oneshot::channel();
             let _ = group.cmd.send(GroupCmd::Ack(acks, tx)).await;
         }
-        if limit.is_some_and(|l| delivered >= l) {
+        if limited {
             // Keep the subscription until the client acked what it holds (or left).
-            let (tx, rx) = oneshot::channel();
-            let _ = group.cmd.send(GroupCmd::Limit(sub, tx)).await;
+            let rx = limit_rx;
             tokio::select! {
                 biased;
-                _ = rx => {}
+                r = rx => complete = r.is_ok(),
                 _ = out.closed() => {}
             }
             break;
         }
     }
     let _ = group.cmd.send(GroupCmd::Unsubscribe(sub)).await;
+    if complete {
+        // What this subscription acked is recorded before its stream ends.
+        let (tx, rx) = oneshot::channel();
+        if group.cmd.send(GroupCmd::Flush(tx)).await.is_ok() {
+            let _ = tokio::time::timeout(FLUSH_WAIT_MAX, rx).await;
+        }
+    }
 }
 
 async fn group_stats(h: &GroupHandle) -> Option<GroupStats> {
@@ -342,8 +368,20 @@ fn gone(group: &str) -> RequestError {
 
 fn to_response(d: Delivery) -> SubscribeResponse {
     // Stored payloads are encoded `Message`s; the primary encoded them.
+    let (delivery_count, redelivered) = (d.delivery_count, d.redelivered());
     let message = Message::decode(d.message).ok();
-    SubscribeResponse { topic: d.topic.to_string(), segment_id: d.segment_id, offset: d.offset, message }
+    let ms = d.timestamp_ms;
+    let timestamp =
+        prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 };
+    SubscribeResponse {
+        topic: d.topic.to_string(),
+        segment_id: d.segment_id,
+        offset: d.offset,
+        message,
+        delivery_count,
+        redelivered,
+        timestamp: Some(timestamp),
+    }
 }
 
 async fn stop_group(h: GroupHandle) {

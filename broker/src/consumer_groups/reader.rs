@@ -104,6 +104,10 @@ pub struct Fetch {
     pub idle: bool,
 }
 
+/// How far the clock of the node that closed a segment may lag the clocks that stamped
+/// its records: a segment closed this long before a group's `since` is skipped unread.
+const SINCE_CLOCK_MARGIN_MS: i64 = 60_000;
+
 /// What the reader knows of the segments of one group's bound topics.
 #[derive(Debug)]
 pub struct Reader {
@@ -234,7 +238,14 @@ impl Reader {
         }
         for (id, s) in ours {
             if !self.cursors.contains_key(&id) {
-                let c = self.new_cursor(id, s);
+                let mut c = self.new_cursor(id, s);
+                if !s.is_open() && !self.start.contains_key(&id) && self.closed_before_since(s) {
+                    // Nothing in it is new enough for the group: finished unread (the
+                    // time index in one step). A late binding reads it again whole.
+                    c.next = s.next_offset;
+                    c.first_reported = Some(0);
+                    c.latest_reported_ms = s.closed_unix_ms;
+                }
                 self.unfinished.entry(c.shard_key()).or_default().insert((c.generation, id));
                 self.cursors.insert(id, c);
             }
@@ -243,6 +254,16 @@ impl Reader {
             }
             self.finish_if_read(id, buffer);
         }
+    }
+
+    /// Whether the closed segment `s` ended (by its close time, less a margin for the
+    /// clocks of the nodes that wrote and closed it) before the earliest record the
+    /// group takes from its topic: the group's `since`, and each binding's.
+    fn closed_before_since(&self, s: &SegmentRecord) -> bool {
+        let bindings = self.spec.bindings.iter().filter(|b| b.topic == s.topic);
+        let Some(earliest_binding) = bindings.map(|b| b.since_unix_ms).min() else { return false };
+        let takes_from = self.spec.since_unix_ms.max(earliest_binding);
+        takes_from > 0 && s.closed_unix_ms.saturating_add(SINCE_CLOCK_MARGIN_MS) < takes_from
     }
 
     fn new_cursor(&self, id: SegmentId, s: &SegmentRecord) -> Cursor {
@@ -316,6 +337,7 @@ impl Reader {
                         offset: r.offset,
                         timestamp_ms: r.timestamp_ms,
                         message: r.payload,
+                        delivery_count: 0,
                     };
                     buffer.offer(d)
                 } else {
@@ -546,8 +568,8 @@ mod tests {
 
     fn fanout_group(topics: &[&str], size: u32, start: BTreeMap<SegmentId, u64>) -> (Reader, GroupBuffer) {
         let bindings = topics.iter().map(|t| BindingSpec::fanout(*t)).collect();
-        let spec = ConsumerGroupSpec { bindings, size, since_unix_ms: 0 };
-        (Reader::new("default", spec, start.clone()), GroupBuffer::new(size as usize, start))
+        let spec = ConsumerGroupSpec { bindings, size, since_unix_ms: 0, ..Default::default() };
+        (Reader::new("default", spec, start.clone()), GroupBuffer::new(size as usize, start, 0))
     }
 
     fn fetch(segment_id: SegmentId, from: u64, idle: bool) -> Fetch {
@@ -560,7 +582,7 @@ mod tests {
         let mut out = Vec::new();
         loop {
             assert!(reader.feed(buffer).is_empty(), "reader out of step with the buffer");
-            let handed = buffer.dispatch();
+            let handed = buffer.dispatch(0);
             if handed.is_empty() {
                 return out;
             }
@@ -570,9 +592,14 @@ mod tests {
 
     #[test]
     fn a_group_reads_only_its_topics_from_the_committed_offset() {
-        let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size: 10, since_unix_ms: 0 };
+        let spec = ConsumerGroupSpec {
+            bindings: vec![BindingSpec::fanout("t")],
+            size: 10,
+            since_unix_ms: 0,
+            ..Default::default()
+        };
         let mut reader = Reader::new("default", spec, BTreeMap::from([(2, 5)]));
-        let mut buffer = GroupBuffer::new(10, BTreeMap::from([(2, 5)]));
+        let mut buffer = GroupBuffer::new(10, BTreeMap::from([(2, 5)]), 0);
         let (t, other) = (segment("t", true), segment("u", true));
         reader.segments_changed([(2, &t), (3, &other)], &mut buffer);
         assert_eq!(reader.next_fetches(&buffer), [Fetch { segment_id: 2, from: 5, idle: false }]);
@@ -583,14 +610,41 @@ mod tests {
         assert_eq!(buffer.pending_len(), 2);
         assert_eq!(reader.next_fetches(&buffer), [Fetch { segment_id: 2, from: 7, idle: false }]);
         reader.segments_changed([(3, &other)], &mut buffer);
-        assert!(reader.drained(&GroupBuffer::new(1, BTreeMap::new())), "no segment left to read");
+        assert!(reader.drained(&GroupBuffer::new(1, BTreeMap::new(), 0)), "no segment left to read");
+    }
+
+    #[test]
+    fn a_segment_closed_well_before_since_is_finished_unread() {
+        let spec = ConsumerGroupSpec {
+            bindings: vec![BindingSpec::fanout("t")],
+            size: 10,
+            since_unix_ms: 1_000_000,
+            ..Default::default()
+        };
+        let mut reader = Reader::new("default", spec, BTreeMap::new());
+        let mut buffer = GroupBuffer::new(10, BTreeMap::new(), 0);
+        let closed_at = |ms, generation, records| SegmentRecord {
+            closed_unix_ms: ms,
+            ..self::generation("t", 0, generation, false, records)
+        };
+        let (old, recent) = (closed_at(1_000_000 - 60_001, 1, 50), closed_at(1_000_000 - 60_000, 2, 3));
+        reader.segments_changed([(1, &old), (2, &recent)], &mut buffer);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(2, 0, false)], "the old one is not read");
+        assert_eq!(buffer.committed()[&1], 50, "and counts as done");
+        // A binding added later with an earlier `since` reads it after all.
+        let mut late = reader.spec().clone();
+        late.bindings.push(BindingSpec { since_unix_ms: 1, ..direct("t", "k") });
+        reader.spec_changed(late, &mut buffer);
+        reader.fetched(2, closed_read(0..3, 3), &mut buffer);
+        assert!(reader.next_fetches(&buffer).contains(&fetch(1, 0, false)), "read again for the late binding");
     }
 
     #[test]
     fn since_and_bindings_decide_what_is_offered() {
-        let spec = ConsumerGroupSpec { bindings: vec![direct("t", "a")], size: 10, since_unix_ms: 100 };
+        let spec =
+            ConsumerGroupSpec { bindings: vec![direct("t", "a")], size: 10, since_unix_ms: 100, ..Default::default() };
         let mut reader = Reader::new("default", spec, BTreeMap::new());
-        let mut buffer = GroupBuffer::new(10, BTreeMap::new());
+        let mut buffer = GroupBuffer::new(10, BTreeMap::new(), 0);
         let t = generation("t", 0, 1, false, 3);
         reader.segments_changed([(1, &t)], &mut buffer);
         reader.next_fetches(&buffer);
@@ -598,7 +652,7 @@ mod tests {
         reader.fetched(1, Some(ReadResult { records, end_offset: 3, closed: true }), &mut buffer);
         assert!(reader.feed(&mut buffer).is_empty());
         let sub = buffer.subscribe(0, true);
-        let got: Vec<u64> = buffer.dispatch().into_iter().map(|(s, d)| (assert_eq!(s, sub), d.offset).1).collect();
+        let got: Vec<u64> = buffer.dispatch(0).into_iter().map(|(s, d)| (assert_eq!(s, sub), d.offset).1).collect();
         assert_eq!(got, [2]);
         reader.next_fetches(&buffer);
         reader.fetched(1, Some(ReadResult { records: vec![], end_offset: 3, closed: true }), &mut buffer);
@@ -613,9 +667,10 @@ mod tests {
     /// that comes in time changes nothing already reported.
     #[test]
     fn a_binding_added_late_reads_again_what_it_takes_and_one_in_time_does_not() {
-        let spec = ConsumerGroupSpec { bindings: vec![direct("t", "a")], size: 10, since_unix_ms: 0 };
+        let spec =
+            ConsumerGroupSpec { bindings: vec![direct("t", "a")], size: 10, since_unix_ms: 0, ..Default::default() };
         let mut reader = Reader::new("default", spec.clone(), BTreeMap::new());
-        let mut buffer = GroupBuffer::new(10, BTreeMap::new());
+        let mut buffer = GroupBuffer::new(10, BTreeMap::new(), 0);
         let sub = buffer.subscribe(0, false);
         let t = generation("t", 0, 1, true, 0);
         reader.segments_changed([(1, &t)], &mut buffer);
@@ -623,7 +678,7 @@ mod tests {
         let records = vec![record(0, "a", 100), record(1, "b", 200), record(2, "a", 300)];
         reader.fetched(1, Some(ReadResult { records: records.clone(), end_offset: 3, closed: false }), &mut buffer);
         assert!(reader.feed(&mut buffer).is_empty());
-        let offsets = |b: &mut GroupBuffer| b.dispatch().into_iter().map(|(_, d)| d.offset).collect::<Vec<_>>();
+        let offsets = |b: &mut GroupBuffer| b.dispatch(0).into_iter().map(|(_, d)| d.offset).collect::<Vec<_>>();
         assert_eq!(offsets(&mut buffer), [0, 2]);
         buffer.ack(1, 0).unwrap();
 
@@ -873,7 +928,7 @@ mod tests {
     ) -> Result<(), TestCaseError> {
         loop {
             prop_assert!(reader.feed(buffer).is_empty());
-            let handed = buffer.dispatch();
+            let handed = buffer.dispatch(0);
             if handed.is_empty() {
                 break;
             }
@@ -950,9 +1005,9 @@ mod tests {
             }
             let start: BTreeMap<SegmentId, u64> =
                 model.shards.iter().flatten().filter(|s| s.start > 0).map(|s| (s.id, s.start)).collect();
-            let spec = ConsumerGroupSpec { bindings: vec![direct("t", "a"), direct("u", "a")], size: size as u32, since_unix_ms: 0 };
+            let spec = ConsumerGroupSpec { bindings: vec![direct("t", "a"), direct("u", "a")], size: size as u32, since_unix_ms: 0, ..Default::default() };
             let mut reader = Reader::new("default", spec, start.clone());
-            let mut buffer = GroupBuffer::new(size, start);
+            let mut buffer = GroupBuffer::new(size, start, 0);
             buffer.subscribe(0, true);
             let changed = |reader: &mut Reader, buffer: &mut GroupBuffer, model: &Model| {
                 let state = model.state();

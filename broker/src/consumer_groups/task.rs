@@ -8,21 +8,26 @@
 //! resumes from the committed offsets, so every message is delivered at least once.
 //! The reader reads a shard's generations one after another (order within a shard), so
 //! a segment that stays unreadable holds its shard back: the task says so in the log.
+//! A message held unacknowledged past the group's ack timeout (its own
+//! `ack_timeout_ms`, else the node's) is taken back at its deadline (a tokio timer, so
+//! tests with paused time advance it) and handed out again.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::time::Duration;
 
+use eventtermq_proto::v1::Persistence;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::buffer::{Delivery, GroupBuffer, SubscriberId};
+use super::buffer::{Acked, Delivery, GroupBuffer, Millis, SubscriberId};
+use super::dead_letter;
 use super::reader::{Fetch, Reader};
 use crate::cluster::Cluster;
-use crate::cluster_state::{Command, SegmentId};
+use crate::cluster_state::{Command, ConsumerGroupSpec, SegmentId};
 use crate::error::{ErrorCode, RequestError};
 use crate::metrics::GroupCounters;
 use crate::replication::read::ReadResult;
@@ -32,6 +37,8 @@ use crate::replication::Segments;
 pub(crate) enum GroupCmd {
     Subscribe {
         max_unacked: u32,
+        /// Messages to hand out at most; 0 = no limit.
+        max_messages: u64,
         do_not_block: bool,
         reply: oneshot::Sender<(SubscriberId, mpsc::Receiver<Event>)>,
     },
@@ -43,6 +50,10 @@ pub(crate) enum GroupCmd {
     Nack(Vec<(SegmentId, u64)>, oneshot::Sender<Result<(), RequestError>>),
     /// Lag and delivery state now (a scrape, an Admin call).
     Stats(oneshot::Sender<GroupStats>),
+    /// Answer once everything acknowledged so far is recorded in the cluster state (or
+    /// recording it failed): a bounded subscription ends only then, so what it acked
+    /// is not delivered again after a restart that follows at once.
+    Flush(oneshot::Sender<()>),
 }
 
 /// A group's lag and delivery state on the node running it.
@@ -85,9 +96,13 @@ const LAG_PEEK_INTERVAL: Duration = Duration::from_secs(1);
 /// [`READ_RETRY_PAUSE`]): a fail-over's sealing takes well under that, while a copy
 /// that stays unreadable stops its shard's later generations and needs an operator.
 const READ_FAILURES_WARN_COUNT: u32 = 50;
+/// Failed publishes of one dead letter before the task warns (about 10 s).
+const DEAD_LETTER_ATTEMPTS_WARN: u32 = 10;
 
 type FetchFuture = Pin<Box<dyn std::future::Future<Output = (SegmentId, Result<ReadResult, RequestError>)> + Send>>;
 type PeekFuture = Pin<Box<dyn std::future::Future<Output = (SegmentId, Option<u64>)> + Send>>;
+/// A dead letter on its way to the dead-letter topic: the record it is, once published.
+type DeadLetterFuture = Pin<Box<dyn std::future::Future<Output = (SegmentId, u64)> + Send>>;
 
 struct Subscriber {
     tx: mpsc::Sender<Event>,
@@ -107,13 +122,21 @@ struct Task {
     fetches: FuturesUnordered<FetchFuture>,
     /// Failed reads in a row, per segment (only for the warning above).
     read_failures: HashMap<SegmentId, u32>,
-    /// Offsets recorded in the cluster state (or on their way there).
+    /// Offsets and hand-out marks recorded in the cluster state (or on their way).
     last_committed: BTreeMap<SegmentId, u64>,
+    last_handed_out: BTreeMap<SegmentId, u64>,
     commit_in_flight: Option<JoinHandle<Result<u64, RequestError>>>,
+    /// Commits started so far; the one in flight is number `commits_started`.
+    commits_started: u64,
+    /// [`GroupCmd::Flush`]es, each with the number of the commit that records it.
+    flushes: Vec<(u64, oneshot::Sender<()>)>,
     /// Reads that only learn how far an open segment is readable, for the lag.
     peeks: FuturesUnordered<PeekFuture>,
     peeking: HashSet<SegmentId>,
+    dead_letters: FuturesUnordered<DeadLetterFuture>,
     counters: GroupCounters,
+    /// Origin of the buffer's clock ([`Millis`]).
+    epoch: tokio::time::Instant,
 }
 
 /// Runs the group `name` of `namespace` until `stop`, or until it is deleted.
@@ -131,22 +154,38 @@ pub(crate) async fn run(
     let mut refresh_tick = tokio::time::interval(SEGMENTS_REFRESH_INTERVAL);
     let mut peek_tick = tokio::time::interval(LAG_PEEK_INTERVAL);
     peek_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The soonest ack deadline, and the timer set for it.
+    let mut armed: Option<Millis> = None;
+    let mut expiry = std::pin::pin!(tokio::time::sleep_until(t.epoch));
     loop {
-        // In this order, not at random (tokio's default): the two ticks often fall due
-        // at the same instant, and which goes first decides what a commit holds; a seed
-        // of the simulation must replay. Ticks first: each is ready once a period, so
-        // they cannot starve the rest.
+        // In this order when several are ready at once, not at random: what a commit
+        // records (offsets, hand-out marks) then depends only on what happened before
+        // (a seed of the simulation replays exactly). Timers first: each is ready once
+        // per period, so they cannot starve the rest.
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,
             _ = refresh_tick.tick() => if !t.refresh() { return },
             _ = commit_tick.tick() => t.commit_in_background(),
             _ = peek_tick.tick() => t.start_peeks(),
+            _ = &mut expiry, if armed.is_some() => t.expire(),
+            r = commit_done(&mut t.commit_in_flight), if t.commit_in_flight.is_some() => t.committed(r),
             Some(cmd) = cmds.recv() => t.command(cmd),
             Some((id, result)) = t.fetches.next(), if !t.fetches.is_empty() => t.fetched(id, result),
             Some((id, end)) = t.peeks.next(), if !t.peeks.is_empty() => t.peeked(id, end),
+            Some((id, offset)) = t.dead_letters.next(), if !t.dead_letters.is_empty() => {
+                t.buffer.dead_lettered(id, offset);
+                t.counters.dead_lettered.inc();
+            }
         }
         t.step();
+        let next = t.buffer.next_deadline();
+        if next != armed {
+            if let Some(deadline) = next {
+                expiry.as_mut().reset(t.epoch + Duration::from_millis(deadline));
+            }
+            armed = next;
+        }
     }
     t.last_commit().await;
 }
@@ -154,12 +193,16 @@ pub(crate) async fn run(
 impl Task {
     fn new(segments: Segments, namespace: String, name: String) -> Option<Self> {
         let cluster = segments.cluster().clone();
-        let (spec, start) = {
+        let (spec, runtime) = {
             let st = cluster.state.read();
             let spec = st.state.namespaces.get(&namespace).and_then(|ns| ns.consumer_groups.get(&name)).cloned()?;
-            (spec, st.state.group_runtime(&namespace, &name).map(|g| g.offsets.clone()).unwrap_or_default())
+            (spec, st.state.group_runtime(&namespace, &name).cloned().unwrap_or_default())
         };
-        let buffer = GroupBuffer::new(spec.size.max(1) as usize, start.clone());
+        let start = runtime.offsets;
+        let ack_timeout = ack_timeout_ms(&spec, segments.settings().ack_timeout_ms);
+        let mut buffer = GroupBuffer::new(spec.size.max(1) as usize, start.clone(), ack_timeout);
+        buffer.set_deliveries_max(spec.deliveries_max);
+        buffer.resume_handed_out(&runtime.handed_out);
         let counters = segments.metrics().group_counters(&namespace, &name);
         Some(Task {
             reader: Reader::new(&namespace, spec, start.clone()),
@@ -172,11 +215,31 @@ impl Task {
             fetches: FuturesUnordered::new(),
             read_failures: HashMap::new(),
             last_committed: start,
+            last_handed_out: runtime.handed_out,
             commit_in_flight: None,
+            commits_started: 0,
+            flushes: Vec::new(),
             peeks: FuturesUnordered::new(),
             peeking: HashSet::new(),
+            dead_letters: FuturesUnordered::new(),
             counters,
+            epoch: tokio::time::Instant::now(),
         })
+    }
+
+    /// Now on the buffer's clock.
+    fn now(&self) -> Millis {
+        self.epoch.elapsed().as_millis() as Millis
+    }
+
+    /// Messages held past their ack timeout go back for redelivery.
+    fn expire(&mut self) {
+        let taken = self.buffer.expire(self.now());
+        if taken > 0 {
+            tracing::debug!(namespace = %self.namespace, group = %self.name, messages = taken,
+                "ack timeout passed; redelivering");
+            self.counters.redeliveries.inc_by(taken as u64);
+        }
     }
 
     /// Follows the cluster state's segments; `false` once the group is deleted.
@@ -187,6 +250,8 @@ impl Task {
         }
         let spec = st.state.namespaces.get(&self.namespace).and_then(|ns| ns.consumer_groups.get(&self.name));
         if let Some(spec) = spec.filter(|s| *s != self.reader.spec()) {
+            self.buffer.set_ack_timeout(ack_timeout_ms(spec, self.segments.settings().ack_timeout_ms));
+            self.buffer.set_deliveries_max(spec.deliveries_max);
             self.reader.spec_changed(spec.clone(), &mut self.buffer);
         }
         self.reader.segments_changed(st.state.segments.iter().map(|(id, s)| (*id, s)), &mut self.buffer);
@@ -216,8 +281,11 @@ impl Task {
 
     fn command(&mut self, cmd: GroupCmd) {
         match cmd {
-            GroupCmd::Subscribe { max_unacked, do_not_block, reply } => {
+            GroupCmd::Subscribe { max_unacked, max_messages, do_not_block, reply } => {
                 let id = self.buffer.subscribe(max_unacked, false);
+                if max_messages > 0 {
+                    self.buffer.limit_hand_outs(id, max_messages);
+                }
                 let (tx, rx) = mpsc::channel(max_unacked as usize + 1);
                 self.subscribers.insert(id, Subscriber { tx, do_not_block, limit: None });
                 let _ = reply.send((id, rx));
@@ -242,6 +310,17 @@ impl Task {
             }
             GroupCmd::Stats(reply) => {
                 let _ = reply.send(self.stats());
+            }
+            GroupCmd::Flush(reply) => {
+                // A commit in flight may have been cut before the latest acks: the
+                // next one records them.
+                let needs = self.commits_started + 1;
+                self.commit_in_background();
+                if self.commits_started < needs && self.commit_in_flight.is_none() {
+                    let _ = reply.send(()); // nothing moved since the last commit
+                } else {
+                    self.flushes.push((needs, reply));
+                }
             }
         }
     }
@@ -311,8 +390,9 @@ impl Task {
         for fetch in self.reader.next_fetches(&self.buffer) {
             self.start_fetch(fetch);
         }
-        let handed = self.buffer.dispatch();
+        let handed = self.buffer.dispatch(self.now());
         self.counters.deliveries.inc_by(handed.len() as u64);
+        self.dead_letter();
         for (sub, d) in handed {
             match self.subscribers.get_mut(&sub) {
                 Some(s) if s.tx.try_send(Event::Message(d)).is_ok() => {}
@@ -328,6 +408,37 @@ impl Task {
             if s.do_not_block && drained && holds_none {
                 let _ = s.tx.try_send(Event::Drained);
             }
+        }
+    }
+
+    /// Messages past the delivery limit go to the dead-letter topic (retried until
+    /// published: they stay outstanding meanwhile, so none is lost to a failure or a
+    /// restart; a restart may publish one twice), or are dropped without one.
+    fn dead_letter(&mut self) {
+        let topic = self.reader.spec().dead_letter_topic.clone();
+        for d in self.buffer.take_dead() {
+            let message = (!topic.is_empty()).then(|| dead_letter::message(&d, &self.name)).flatten();
+            let Some(message) = message else {
+                tracing::debug!(namespace = %self.namespace, group = %self.name, segment_id = d.segment_id,
+                    offset = d.offset, deliveries = d.delivery_count, "delivery limit reached; dropping the message");
+                self.buffer.dead_lettered(d.segment_id, d.offset);
+                self.counters.dropped.inc();
+                continue;
+            };
+            let (segments, namespace, topic) = (self.segments.clone(), self.namespace.clone(), topic.clone());
+            self.dead_letters.push(Box::pin(async move {
+                let messages = [message];
+                for attempt in 1u32.. {
+                    match segments.publish(&namespace, &topic, &messages, Persistence::Default, None, 0).await {
+                        Ok(_) => break,
+                        Err(e) if attempt == DEAD_LETTER_ATTEMPTS_WARN => tracing::warn!(%namespace, %topic, error = %e,
+                            attempts = attempt, "cannot publish to the dead-letter topic; retrying (the message stays unacknowledged)"),
+                        Err(e) => tracing::debug!(%namespace, %topic, error = %e, "dead-letter publish failed; retrying"),
+                    }
+                    tokio::time::sleep(READ_RETRY_PAUSE * 10).await;
+                }
+                (d.segment_id, d.offset)
+            }));
         }
     }
 
@@ -350,58 +461,110 @@ impl Task {
 
     /// Records what moved since the last commit, unless one is still on its way.
     fn commit_in_background(&mut self) {
-        if !self.commit_in_flight.as_ref().is_none_or(|t| t.is_finished()) {
+        if self.commit_in_flight.is_some() {
             return;
         }
-        let offsets = to_commit(&self.buffer, &self.last_committed);
-        if offsets.is_empty() {
-            return;
+        let Some(commit) = self.next_commit() else { return };
+        let cluster = self.cluster.clone();
+        self.commits_started += 1;
+        self.commit_in_flight = Some(tokio::spawn(async move { cluster.write(commit).await }));
+    }
+
+    /// The commit in flight ended: answer the flushes it covers, and start the next
+    /// one at once when flushes wait for it (nothing left to record answers them).
+    fn committed(&mut self, result: Result<(), String>) {
+        self.commit_in_flight = None;
+        if let Err(e) = result {
+            tracing::debug!(namespace = %self.namespace, group = %self.name, error = %e, "offset commit failed");
+        }
+        let done = self.commits_started;
+        for (_, reply) in self.flushes.extract_if(.., |(needs, _)| *needs <= done) {
+            let _ = reply.send(());
+        }
+        if !self.flushes.is_empty() {
+            self.commit_in_background();
+            if self.commit_in_flight.is_none() {
+                for (_, reply) in self.flushes.drain(..) {
+                    let _ = reply.send(());
+                }
+            }
+        }
+    }
+
+    /// What moved since the last commit (offsets, hand-out marks), noted as recorded.
+    fn next_commit(&mut self) -> Option<Command> {
+        let offsets = moved(self.buffer.committed(), &self.last_committed);
+        let handed_out = moved(self.buffer.handed_out(), &self.last_handed_out);
+        if offsets.is_empty() && handed_out.is_empty() {
+            return None;
         }
         self.last_committed.extend(offsets.clone());
-        let (cluster, namespace, group) = (self.cluster.clone(), self.namespace.clone(), self.name.clone());
-        self.commit_in_flight =
-            Some(tokio::spawn(
-                async move { cluster.write(Command::CommitOffsets { namespace, group, offsets }).await },
-            ));
+        self.last_handed_out.extend(handed_out.clone());
+        Some(Command::CommitOffsets {
+            namespace: self.namespace.clone(),
+            group: self.name.clone(),
+            offsets,
+            handed_out,
+        })
     }
 
     /// Last commit, so a graceful stop redelivers nothing that was acknowledged.
-    async fn last_commit(self) {
-        if let Some(t) = self.commit_in_flight {
+    async fn last_commit(mut self) {
+        if let Some(t) = self.commit_in_flight.take() {
             let _ = t.await;
         }
-        let offsets = to_commit(&self.buffer, &self.last_committed);
-        if offsets.is_empty() {
-            return;
-        }
-        let (namespace, group) = (self.namespace.clone(), self.name.clone());
-        if let Err(e) = self.cluster.write(Command::CommitOffsets { namespace, group, offsets }).await {
+        let Some(commit) = self.next_commit() else { return };
+        if let Err(e) = self.cluster.write(commit).await {
             tracing::warn!(namespace = %self.namespace, group = %self.name, error = %e, "last offset commit failed");
         }
     }
 }
 
-fn to_commit(buffer: &GroupBuffer, last: &BTreeMap<SegmentId, u64>) -> BTreeMap<SegmentId, u64> {
-    buffer.committed().into_iter().filter(|(seg, off)| last.get(seg).is_none_or(|l| off > l)).collect()
+/// Waits for the commit in flight (the caller polls this only when there is one).
+async fn commit_done(commit: &mut Option<JoinHandle<Result<u64, RequestError>>>) -> Result<(), String> {
+    match commit {
+        Some(handle) => match handle.await {
+            Ok(r) => r.map(drop).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        None => std::future::pending().await,
+    }
 }
 
-/// Acks or nacks `keys`: how many were in flight, and an error naming those that were not.
+/// The group's own ack timeout, else the node's.
+fn ack_timeout_ms(spec: &ConsumerGroupSpec, node_default_ms: u64) -> Millis {
+    if spec.ack_timeout_ms == 0 {
+        node_default_ms
+    } else {
+        spec.ack_timeout_ms
+    }
+}
+
+/// The entries of `now` ahead of `last`.
+fn moved(now: BTreeMap<SegmentId, u64>, last: &BTreeMap<SegmentId, u64>) -> BTreeMap<SegmentId, u64> {
+    now.into_iter().filter(|(seg, off)| last.get(seg).is_none_or(|l| off > l)).collect()
+}
+
+/// Acks or nacks `keys`: how many were settled now, and an error naming those that
+/// were not delivered (an ack of what is done already answers OK and counts nothing).
 fn settle(buffer: &mut GroupBuffer, keys: &[(SegmentId, u64)], ack: bool) -> (u64, Result<(), RequestError>) {
     let mut missing = Vec::new();
+    let mut done = 0u64;
     for &(seg, off) in keys {
-        let r = if ack { buffer.ack(seg, off) } else { buffer.nack(seg, off) };
-        if r.is_err() {
-            missing.push(format!("{seg}/{off}"));
+        let r = if ack { buffer.ack(seg, off) } else { buffer.nack(seg, off).map(|()| Acked::Now) };
+        match r {
+            Ok(Acked::Now) => done += 1,
+            Ok(Acked::Already) => {}
+            Err(_) => missing.push(format!("{seg}/{off}")),
         }
     }
-    let done = (keys.len() - missing.len()) as u64;
     if missing.is_empty() {
         return (done, Ok(()));
     }
     let e = RequestError::new(
         ErrorCode::NotInFlight,
         format!(
-            "deliveries: {} not in flight (already acknowledged, auto-acknowledged or never delivered): {}",
+            "deliveries: {} not delivered (not yet handed out, or of a segment the group does not know): {}",
             missing.len(),
             missing.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
         ),

@@ -145,7 +145,9 @@ fn foca_config(config: &MembershipConfig) -> foca::Config {
     c.probe_rtt = ms(config.probe_rtt_ms).min(probe_period - Duration::from_millis(1));
     c.suspect_to_down_after = ms(config.suspect_to_down_ms);
     c.remove_down_after = Some(REMOVE_DOWN_AFTER);
-    c.max_packet_size = NonZeroUsize::new(DATAGRAM_SIZE_MAX_BYTES).expect("non-zero");
+    // Room for the tag `peers/` appends (security::DATAGRAM_TAG_BYTES).
+    let packet_max = DATAGRAM_SIZE_MAX_BYTES - crate::security::DATAGRAM_TAG_BYTES;
+    c.max_packet_size = NonZeroUsize::new(packet_max).expect("non-zero");
     // Tell members we consider down, so they renew their identity and rejoin.
     c.notify_down_members = true;
     let one = NonZeroUsize::new(1).expect("non-zero");
@@ -256,7 +258,12 @@ impl Actor {
         tracing::debug!(identity = ?self.foca.identity(), "gossip task stopped");
     }
 
-    fn on_datagram(&mut self, data: &[u8]) {
+    fn on_datagram(&mut self, datagram: &[u8]) {
+        let Some(data) = self.peers.open_datagram(datagram) else {
+            // Not from a member (another cluster's, or forged): SWIM tolerates loss.
+            tracing::trace!(len = datagram.len(), "gossip datagram without this cluster's tag dropped");
+            return;
+        };
         if let Err(e) = self.foca.handle_data(data, &mut self.runtime) {
             tracing::trace!(error = %e, len = data.len(), "gossip datagram ignored");
         }

@@ -74,6 +74,12 @@ struct GrpcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    /// `closed` (no credential configured here), `missing` or `wrong` (the caller's).
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
     method: String,
 }
@@ -162,6 +168,9 @@ pub struct GroupCounters {
     pub acks: Counter,
     pub nacks: Counter,
     pub redeliveries: Counter,
+    /// Messages past the delivery limit published to the dead-letter topic, and dropped.
+    pub dead_lettered: Counter,
+    pub dropped: Counter,
 }
 
 /// The publish series of one namespace/topic (or of the folded ones), by persistence,
@@ -275,10 +284,14 @@ struct Families {
     group_acks: Family<GroupLabels, Counter>,
     group_nacks: Family<GroupLabels, Counter>,
     group_redeliveries: Family<GroupLabels, Counter>,
+    group_dead_lettered: Family<GroupLabels, Counter>,
+    group_dropped: Family<GroupLabels, Counter>,
     grpc_requests: Family<GrpcLabels, Counter>,
     grpc_seconds: HistogramFamily<MethodLabels>,
     cluster_write_seconds: AtomicHistogram,
     cluster_writes_failed: Counter,
+    internal_refused: Family<RefusalLabels, Counter>,
+    tls_handshakes_failed: Counter,
 }
 
 impl Families {
@@ -301,11 +314,30 @@ impl Families {
             group_acks: Family::default(),
             group_nacks: Family::default(),
             group_redeliveries: Family::default(),
+            group_dead_lettered: Family::default(),
+            group_dropped: Family::default(),
             grpc_requests: Family::default(),
             grpc_seconds: HistogramFamily::new_with_constructor(latency_buckets),
             cluster_write_seconds: latency_buckets(),
             cluster_writes_failed: Counter::default(),
+            internal_refused: Family::default(),
+            tls_handshakes_failed: Counter::default(),
         }
+    }
+
+    fn register_security(&self, r: &mut Registry) {
+        r.register(
+            "internal_calls_refused",
+            "Node-to-node calls (or requests marked as forwarded by a node) refused for want of the cluster \
+             credential, by reason: missing, wrong, or closed (this node has none configured)",
+            self.internal_refused.clone(),
+        );
+        r.register(
+            "tls_handshakes_failed",
+            "Connections to a TLS listener (gRPC or AMQP) that did not complete a handshake: plaintext, an unknown \
+             CA, no client certificate where one is required, or no handshake in time",
+            self.tls_handshakes_failed.clone(),
+        );
     }
 
     fn register_data_path(&self, r: &mut Registry) {
@@ -366,6 +398,16 @@ impl Families {
             "Messages returned for redelivery (nacked, or held by a subscriber that left)",
             self.group_redeliveries.clone(),
         );
+        r.register(
+            "consumer_group_dead_lettered",
+            "Messages delivered deliveries_max times, published to the group's dead-letter topic",
+            self.group_dead_lettered.clone(),
+        );
+        r.register(
+            "consumer_group_dropped",
+            "Messages delivered deliveries_max times and dropped (the group has no dead-letter topic)",
+            self.group_dropped.clone(),
+        );
         r.register("grpc_requests", "gRPC requests served, by method and status code", self.grpc_requests.clone());
         r.register(
             "grpc_request_duration_seconds",
@@ -415,10 +457,17 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 impl Metrics {
     /// `label_values_max`: see [`LabelFolder`] (`--metrics-label-values-max`).
     pub fn new(label_values_max: usize) -> Self {
+        Self::with_tls_counter(label_values_max, Counter::default())
+    }
+
+    /// As [`Metrics::new`], with the counter of failed TLS handshakes that the
+    /// listeners (bound before the node, and so before its metrics) count in.
+    pub fn with_tls_counter(label_values_max: usize, tls_handshakes_failed: Counter) -> Self {
         let mut registry = Registry::with_prefix("eventtermq");
-        let f = Families::new();
+        let f = Families { tls_handshakes_failed, ..Families::new() };
         f.register_data_path(&mut registry);
         f.register_groups_and_grpc(&mut registry);
+        f.register_security(&mut registry);
         let inner = Inner {
             registry,
             labels: LabelFolder::new(label_values_max),
@@ -495,7 +544,14 @@ impl Metrics {
             acks: f.group_acks.get_or_create(&labels).clone(),
             nacks: f.group_nacks.get_or_create(&labels).clone(),
             redeliveries: f.group_redeliveries.get_or_create(&labels).clone(),
+            dead_lettered: f.group_dead_lettered.get_or_create(&labels).clone(),
+            dropped: f.group_dropped.get_or_create(&labels).clone(),
         }
+    }
+
+    /// A node-to-node call refused (see `security::Refusal::as_str`).
+    pub fn internal_refused(&self, reason: &'static str) {
+        self.inner.f.internal_refused.get_or_create(&RefusalLabels { reason }).inc();
     }
 
     /// Starts counting one gRPC request to `method` (a path such as

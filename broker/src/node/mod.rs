@@ -98,7 +98,7 @@ pub async fn start(
     // would share an id and a Raft log and corrupt both. Held until the node stopped.
     let dir_lock = eventtermq_storage::durable::lock_dir(fs, &config.dir).map_err(NodeError::DirLocked)?;
     let id = id::load_or_create(fs, &config.dir, config.id)?;
-    let peers = Peers::new(network, config.peers.clone());
+    let peers = Peers::with_access(network, config.peers.clone(), config.internal_access.clone());
     let (raft, shared) = start_raft(&config, id, &peers).await?;
 
     // Everything below stops on `stop`; `shutdown` first runs the graceful sequence.
@@ -112,7 +112,10 @@ pub async fn start(
         listeners.datagrams,
         stop.clone(),
     );
-    let metrics = crate::metrics::Metrics::new(config.metrics_label_values_max);
+    let metrics = crate::metrics::Metrics::with_tls_counter(
+        config.metrics_label_values_max,
+        listeners.tls_handshakes_failed.clone(),
+    );
     let timeout = Duration::from_millis(config.request_timeout_ms);
     // Request ids must differ across restarts; a simulation's replay must not.
     let first_nonce =
@@ -135,7 +138,8 @@ pub async fn start(
     };
     let observer = crate::api::metrics::Observer::new(&services);
     let tasks = Tasks::spawn(&config, services, (listeners.incoming, listeners.amqp), disk, &stop);
-    tracing::info!(node_id = id, listen = %config.listen_addr, advertise = %config.advertise_addr, dir = %config.dir.display(), "node started");
+    tracing::info!(node_id = id, listen = %config.listen_addr, advertise = %config.advertise_addr,
+        dir = %config.dir.display(), internal_access = ?config.internal_access, "node started");
 
     let parts = Parts {
         cluster: cluster.clone(),
@@ -254,7 +258,7 @@ impl Tasks {
             )),
             reconciler: tokio::spawn(reconcile::run(config.clone(), cluster.clone(), membership.clone(), stop.clone())),
             disk_watch: tokio::spawn(crate::disk::watch(disk, cluster.clone(), stop.clone())),
-            server: crate::api::serve(services, incoming, stop.clone()),
+            server: crate::api::serve(services, config.internal_access.clone(), incoming, stop.clone()),
             amqp,
         }
     }

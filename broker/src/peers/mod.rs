@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tonic::metadata::MetadataMap;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::cluster_state::NodeId;
 use crate::error::{ErrorCode, RequestError, ERROR_CODE_METADATA};
@@ -60,11 +61,34 @@ pub struct Peers {
 struct Inner {
     network: Arc<dyn Network>,
     timeouts: PeerTimeouts,
+    credential: Credential,
+    access: crate::security::InternalAccess,
 }
 
 impl Peers {
+    /// Calls without a cluster credential (peers that take node-to-node calls from
+    /// anyone: `--insecure-trusted-network`).
     pub fn new(network: Arc<dyn Network>, timeouts: PeerTimeouts) -> Self {
-        Self { inner: Arc::new(Inner { network, timeouts }) }
+        Self::with_access(network, timeouts, crate::security::InternalAccess::TrustedNetwork)
+    }
+
+    /// Calls carrying the cluster credential of `access`, and gossip datagrams with
+    /// its tag (`security::InternalAccess`).
+    pub fn with_access(
+        network: Arc<dyn Network>,
+        timeouts: PeerTimeouts,
+        access: crate::security::InternalAccess,
+    ) -> Self {
+        // A token is hex (ASCII); one that is not valid metadata is not sent at all,
+        // and the peers answer that it is missing.
+        let credential = Credential(access.token().and_then(|t| t.parse().ok()));
+        Self { inner: Arc::new(Inner { network, timeouts, credential, access }) }
+    }
+
+    /// The payload of a gossip datagram received, if it comes from a member (its tag
+    /// is the cluster's); `None`: dropped.
+    pub fn open_datagram<'a>(&self, datagram: &'a [u8]) -> Option<&'a [u8]> {
+        self.inner.access.open(datagram)
     }
 
     pub fn timeouts(&self) -> &PeerTimeouts {
@@ -73,17 +97,34 @@ impl Peers {
 
     /// Sends one gossip datagram. Best effort, like UDP.
     pub fn send_datagram(&self, addr: &str, data: Bytes) {
-        self.inner.network.send_datagram(addr, data)
+        self.inner.network.send_datagram(addr, Bytes::from(self.inner.access.seal(&data)))
     }
 
-    fn channel(&self, addr: &str) -> tonic::transport::Channel {
-        self.inner.network.channel(addr)
+    fn channel(&self, addr: &str) -> PeerChannel {
+        InterceptedService::new(self.inner.network.channel(addr), self.inner.credential.clone())
     }
 
-    fn data_channel(&self, addr: &str) -> tonic::transport::Channel {
-        self.inner.network.data_channel(addr)
+    fn data_channel(&self, addr: &str) -> PeerChannel {
+        InterceptedService::new(self.inner.network.data_channel(addr), self.inner.credential.clone())
     }
 }
+
+/// Puts the cluster credential on every call to another node (node-to-node calls and
+/// forwarded client requests alike: both are refused without it, see `api/`).
+#[derive(Clone)]
+pub struct Credential(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Credential {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert(crate::security::CLUSTER_CREDENTIAL_METADATA, v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel to another node whose calls carry the cluster credential.
+pub type PeerChannel = InterceptedService<tonic::transport::Channel, Credential>;
 
 /// Who a call went to, for error messages: a node id when the caller knows it.
 #[derive(Debug, Clone, Copy)]
@@ -168,8 +209,10 @@ impl From<PeerError> for RequestError {
 
 /// Metadata marking a request one node forwarded to another, with the number of hops
 /// so far. Consumer-group requests are never forwarded twice; a publish may be, up to
-/// [`PUBLISH_HOPS_MAX`], when the segment moved while the request was on its way.
-pub(crate) const FORWARDED_METADATA: &str = "eventter-forwarded";
+/// [`PUBLISH_HOPS_MAX`], when the segment moved while the request was on its way. A
+/// request carrying it is taken only with the cluster credential (`api/`): a client
+/// must not pass for a node.
+pub const FORWARDED_METADATA: &str = "eventter-forwarded";
 
 /// Most times one publish is passed from node to node.
 pub const PUBLISH_HOPS_MAX: u32 = 3;

@@ -42,7 +42,7 @@ impl RaftNetworkFactory<TypeConfig> for RaftNetworkFactoryImpl {
 
 pub struct RaftNetworkConnection {
     target: NodeId,
-    client: InternalClient<tonic::transport::Channel>,
+    client: InternalClient<super::PeerChannel>,
 }
 
 /// The remote side's answer: either the openraft response or its RaftError.

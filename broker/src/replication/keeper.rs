@@ -92,7 +92,8 @@ impl Keeper {
 
     /// One look at the state: every segment it lists, then local files it dropped.
     async fn pass(&mut self) {
-        let (snapshot, under_replicated, disk_actions) = {
+        let now_unix_ms = self.segments.clock().now_unix_ms();
+        let (snapshot, under_replicated, disk_actions, aged) = {
             let st = self.segments.cluster().state.read();
             let snapshot: Vec<(SegmentId, SegmentRecord)> =
                 st.state.segments.iter().map(|(id, s)| (*id, s.clone())).collect();
@@ -106,8 +107,16 @@ impl Keeper {
                 .filter(|(_, s)| s.is_open() && s.primary == self.me)
                 .map(|(id, s)| (*id, disk_action(s, low)))
                 .collect();
-            (snapshot, under_replicated_primaries(&st.state, self.me), disk_actions)
+            let aged = aged_primaries(&st.state, self.me, now_unix_ms, self.segments.settings().segment_age_max_ms);
+            (snapshot, under_replicated_primaries(&st.state, self.me), disk_actions, aged)
         };
+        for id in aged {
+            // Only one that holds records: a quiet topic's empty segment stays open.
+            if let Some(p) = self.segments.primary(id).filter(|p| *p.confirmed().borrow() > 0 && !p.rotating()) {
+                tracing::info!(segment_id = id, "the segment reached its topic's segment_age_max_ms: closing it");
+                p.rotate();
+            }
+        }
         for id in under_replicated {
             if let Some(p) = self.segments.primary(id) {
                 p.rotate();
@@ -280,6 +289,22 @@ fn under_replicated_primaries(state: &ClusterState, me: NodeId) -> Vec<SegmentId
         .filter(|(_, s)| {
             let rf = state.topic(&s.namespace, &s.topic).map_or(0, |t| t.replication_factor as usize);
             s.replicas.len() < rf.min(alive)
+        })
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+/// This node's open primaries older than their topic's `segment_age_max_ms` (else
+/// `node_default_ms`; 0: no limit).
+fn aged_primaries(state: &ClusterState, me: NodeId, now_unix_ms: i64, node_default_ms: u64) -> Vec<SegmentId> {
+    state
+        .segments
+        .iter()
+        .filter(|(_, s)| s.is_open() && s.primary == me)
+        .filter(|(_, s)| {
+            let topic_ms = state.topic(&s.namespace, &s.topic).map_or(0, |t| t.segment_age_max_ms);
+            let max_ms = if topic_ms > 0 { topic_ms } else { node_default_ms };
+            max_ms > 0 && now_unix_ms.saturating_sub(s.created_unix_ms) >= max_ms as i64
         })
         .map(|(id, _)| *id)
         .collect()
@@ -511,6 +536,7 @@ mod tests {
             default_exchange_type: crate::cluster_state::ExchangeType::Fanout,
             segment_size_max_bytes: 0,
             min_insync_replicas: 0,
+            ..Default::default()
         };
         s.apply(&Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec }).unwrap();
         let open = Command::OpenSegment {

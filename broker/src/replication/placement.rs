@@ -11,8 +11,10 @@
 //!    from the cluster) is replaced by a copy on a live node, and a closed segment with
 //!    fewer replicas than its topic's replication factor (opened while nodes were
 //!    down) gets copies on live nodes up to it;
-//! 4. retention: closed segments older than their topic's retention that every
-//!    consumer group bound to the topic has passed are deleted;
+//! 4. retention: closed segments older than their topic's retention, and the oldest
+//!    while the topic keeps more than its `retention_bytes_max`, are deleted once
+//!    every consumer group bound to the topic has passed them (or at once with
+//!    `retention_overrides_consumers`);
 //! 5. every consumer group runs on an ALIVE node; a group whose node is DEAD or LEFT
 //!    moves to the least loaded live node.
 //!
@@ -27,7 +29,7 @@ use eventtermq_proto::internal::v1::SegmentStatusResponse;
 use tokio_util::sync::CancellationToken;
 
 use super::{lock, Segments};
-use crate::cluster_state::{ClusterState, Command, NodeId, NodeState, SegmentId};
+use crate::cluster_state::{ClusterState, Command, NodeId, NodeState, SegmentId, SegmentRecord};
 use crate::error::{ErrorCode, RequestError};
 use crate::membership::Membership;
 
@@ -190,30 +192,45 @@ fn rereplicate(state: &ClusterState, load: &Load, lost: impl Fn(&NodeId) -> bool
     cmds
 }
 
-/// 4. Retention: closed segments older than their topic's retention that every
+/// 4. Retention: a topic's closed segments older than its `retention_ms`, and its
+///    oldest closed segments while those kept are more than `retention_bytes_max`
+///    bytes; unless the topic has `retention_overrides_consumers`, only those every
 ///    consumer group bound to the topic has read past.
 fn expire(state: &ClusterState, now_unix_ms: i64) -> Option<Command> {
-    let mut expired = Vec::new();
+    // Per topic, its closed segments oldest first (ids grow as segments are opened).
+    let mut by_topic: BTreeMap<(&str, &str), Vec<(SegmentId, &SegmentRecord)>> = BTreeMap::new();
     for (id, s) in state.segments.iter().filter(|(_, s)| !s.is_open()) {
-        let Ok(topic) = state.topic(&s.namespace, &s.topic) else { continue };
-        if topic.retention_ms == 0 || now_unix_ms - s.closed_unix_ms < topic.retention_ms as i64 {
-            continue;
-        }
-        let ns = &state.namespaces[&s.namespace];
-        let mut bound = ns.consumer_groups.iter().filter(|(_, g)| g.bindings.iter().any(|b| b.topic == s.topic));
-        let passed_by_all = bound.all(|(name, _)| {
-            let committed = state.group_runtime(&s.namespace, name).and_then(|g| g.offsets.get(id));
-            committed.is_some_and(|off| *off >= s.next_offset)
-        });
-        if passed_by_all {
-            expired.push(*id);
+        by_topic.entry((s.namespace.as_str(), s.topic.as_str())).or_default().push((*id, s));
+    }
+    let mut expired = Vec::new();
+    for ((namespace, topic_name), closed) in by_topic {
+        let Ok(topic) = state.topic(namespace, topic_name) else { continue };
+        let mut kept_bytes: u64 = closed.iter().map(|(_, s)| s.size_bytes).sum();
+        for (id, s) in closed {
+            let too_old = topic.retention_ms > 0 && now_unix_ms - s.closed_unix_ms >= topic.retention_ms as i64;
+            let too_big = topic.retention_bytes_max > 0 && kept_bytes > topic.retention_bytes_max;
+            if !(too_old || too_big) || !(topic.retention_overrides_consumers || passed_by_all(state, id, s)) {
+                continue;
+            }
+            expired.push(id);
+            kept_bytes -= s.size_bytes;
         }
     }
     if expired.is_empty() {
         return None;
     }
-    tracing::info!(segments = ?expired, "deleting segments past their topic's retention");
+    tracing::info!(segments = ?expired, "deleting segments past their topic's retention (age or bytes)");
     Some(Command::DeleteSegments { ids: expired })
+}
+
+/// Every consumer group bound to the segment's topic has committed past its end.
+fn passed_by_all(state: &ClusterState, id: SegmentId, s: &SegmentRecord) -> bool {
+    let ns = &state.namespaces[&s.namespace];
+    let mut bound = ns.consumer_groups.iter().filter(|(_, g)| g.bindings.iter().any(|b| b.topic == s.topic));
+    bound.all(|(name, _)| {
+        let committed = state.group_runtime(&s.namespace, name).and_then(|g| g.offsets.get(&id));
+        committed.is_some_and(|off| *off >= s.next_offset)
+    })
 }
 
 /// 5. Every consumer group on a live node: a group without one goes to the ALIVE node
@@ -335,6 +352,7 @@ mod tests {
             default_exchange_type: ExchangeType::Fanout,
             segment_size_max_bytes: 0,
             min_insync_replicas: 0,
+            ..Default::default()
         };
         s.apply(&Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec }).unwrap();
         s
@@ -364,7 +382,7 @@ mod tests {
         let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
         apply_all(&mut s, &cmds);
         let binding = BindingSpec::fanout("t");
-        let spec = ConsumerGroupSpec { bindings: vec![binding], size: 10, since_unix_ms: 0 };
+        let spec = ConsumerGroupSpec { bindings: vec![binding], size: 10, since_unix_ms: 0, ..Default::default() };
         s.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec }).unwrap();
         let (first, _) = s.segments.iter().next().map(|(id, seg)| (*id, seg.clone())).unwrap();
         s.apply(&Command::CloseSegment {
@@ -385,9 +403,73 @@ mod tests {
         assert_eq!(deletes(&s, HOUR_MS / 2), 0, "younger than the retention");
         assert_eq!(deletes(&s, 2 * HOUR_MS), 0, "the group has not read it yet");
         let offsets = std::collections::BTreeMap::from([(first, 10)]);
-        s.apply(&Command::CommitOffsets { namespace: "default".into(), group: "g".into(), offsets }).unwrap();
+        let handed_out = Default::default();
+        let commit = Command::CommitOffsets { namespace: "default".into(), group: "g".into(), offsets, handed_out };
+        s.apply(&commit).unwrap();
         let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 2 * HOUR_MS);
         assert!(cmds.contains(&Command::DeleteSegments { ids: vec![first] }), "{cmds:?}");
+    }
+
+    #[test]
+    fn retention_by_bytes_deletes_the_oldest_beyond_the_limit_once_passed_or_when_it_overrides() {
+        let mut s = ClusterState::new_cluster();
+        let update = |bytes, overrides| Command::UpdateTopic {
+            namespace: "default".into(),
+            name: "t".into(),
+            update: TopicUpdate {
+                retention_bytes_max: Some(bytes),
+                retention_overrides_consumers: Some(overrides),
+                ..Default::default()
+            },
+        };
+        let spec = TopicSpec { shards: 1, replication_factor: 1, ..Default::default() };
+        s.apply(&Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec }).unwrap();
+        let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size: 10, ..Default::default() };
+        s.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec }).unwrap();
+        // Five closed segments of 100 bytes each.
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            let open = Command::OpenSegment {
+                namespace: "default".into(),
+                topic: "t".into(),
+                shard: 0,
+                replicas: vec![1],
+                now_unix_ms: 0,
+                min_insync: 1,
+            };
+            s.apply(&open).unwrap();
+            let id = *s.segments.keys().last().unwrap();
+            let close = Command::CloseSegment {
+                id,
+                next_offset: 10,
+                size_bytes: 100,
+                checksum: 0,
+                done: vec![],
+                now_unix_ms: 0,
+            };
+            s.apply(&close).unwrap();
+            ids.push(id);
+        }
+        let deleted = |s: &ClusterState| {
+            expire(s, 0).map(|c| match c {
+                Command::DeleteSegments { ids } => ids,
+                other => panic!("{other:?}"),
+            })
+        };
+        assert_eq!(deleted(&s), None, "no limit");
+        s.apply(&update(250, false)).unwrap();
+        assert_eq!(deleted(&s), None, "the group has read none of them");
+        let offsets = ids.iter().take(2).map(|id| (*id, 10)).collect();
+        let commit = Command::CommitOffsets {
+            namespace: "default".into(),
+            group: "g".into(),
+            offsets,
+            handed_out: Default::default(),
+        };
+        s.apply(&commit).unwrap();
+        assert_eq!(deleted(&s), Some(ids[..2].to_vec()), "the two oldest, which the group passed");
+        s.apply(&update(250, true)).unwrap();
+        assert_eq!(deleted(&s), Some(ids[..3].to_vec()), "down to 200 bytes, read or not");
     }
 
     fn set_node(s: &mut ClusterState, id: NodeId, state: NodeState) {
@@ -415,7 +497,7 @@ mod tests {
     #[test]
     fn groups_move_off_dead_nodes() {
         let mut s = state_with_topic(0);
-        let spec = ConsumerGroupSpec { bindings: vec![], size: 10, since_unix_ms: 0 };
+        let spec = ConsumerGroupSpec { bindings: vec![], size: 10, since_unix_ms: 0, ..Default::default() };
         s.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec }).unwrap();
         let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
         apply_all(&mut s, &cmds);

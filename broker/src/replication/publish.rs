@@ -2,11 +2,12 @@
 //! or forward to the primary of one. Waits (within the request timeout) while the
 //! topic has no open segment, e.g. right after it was created or during a fail-over.
 //!
-//! An exactly-once publish (with a producer id) always goes to the shard
-//! `producer_id % shards`: its duplicate window lives with that shard's primary, so a
-//! retry must reach the same shard (and a producer's requests keep their order). It
-//! waits for that shard's segment rather than taking another. Unkeyed publishes go to
-//! any open segment, round-robin.
+//! A publish goes to a shard picked by [`shard_of`]: its routing key's (one key, one
+//! shard, in order), else for an exactly-once publish (with a producer id) the shard
+//! of its producer id and sequence (its duplicate window lives with that shard's
+//! primary, so a retry must reach the same shard), else any open segment,
+//! round-robin. A publish with a shard waits for that shard's segment rather than
+//! taking another.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -20,7 +21,7 @@ use super::confirm::Durability;
 use super::dedupe::Key;
 use super::keeper::{disk_action, DiskAction};
 use super::Segments;
-use crate::cluster_state::{NodeId, SegmentId};
+use crate::cluster_state::{NodeId, SegmentId, ShardKey};
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::PUBLISH_HOPS_MAX;
 
@@ -43,14 +44,14 @@ impl Segments {
         hops: u32,
     ) -> Result<PublishResponse, RequestError> {
         let payloads = self.encode_checked(messages)?;
-        let producer = key.map(|k| k.producer);
+        let routing_key = messages.first().map(|m| m.routing_key.as_str());
         let deadline = Instant::now() + self.cluster().request_timeout();
         let mut checked_linearizable = false;
         // An attempt that may have stored the messages: a later refusal must not say
         // "nothing changed".
         let mut unknown: Option<RequestError> = None;
         loop {
-            let route = match self.route(namespace, topic, producer) {
+            let route = match self.route(namespace, topic, key, routing_key, hops > 0) {
                 Err(_) if !checked_linearizable => {
                     // The topic may be newer than this node's copy of the state.
                     checked_linearizable = true;
@@ -168,22 +169,39 @@ impl Segments {
     }
 
     /// Where a stream of publishes to `topic` should go as a whole: `Some(addr)` when
-    /// the primary is another node (the stream is relayed there so it keeps its order),
-    /// `None` to publish here request by request. `producer`: the first request's.
-    pub fn stream_target(&self, namespace: &str, topic: &str, producer: Option<u64>, hops: u32) -> Option<String> {
-        match self.route(namespace, topic, producer) {
+    /// its requests go to one shard whose primary is another node (the stream is
+    /// relayed there so it keeps its order): a topic of one shard, or a stream whose
+    /// first request names a routing key that picks the shard. `None` to publish here
+    /// request by request (each to its own shard).
+    pub fn stream_target(&self, namespace: &str, topic: &str, routing_key: Option<&str>, hops: u32) -> Option<String> {
+        let one_shard =
+            self.cluster().state.read().state.topic(namespace, topic).is_ok_and(|spec| {
+                spec.shards <= 1 || shard_of(spec.shards, spec.shard_key, None, routing_key).is_some()
+            });
+        if !one_shard {
+            return None;
+        }
+        match self.route(namespace, topic, None, routing_key, hops > 0) {
             Ok(Route::Remote(_, addr)) if hops < PUBLISH_HOPS_MAX => Some(addr),
             _ => None,
         }
     }
 
-    /// Where a publish goes: any open segment of the topic (this node's first), or for
-    /// a `producer` the open segment of its shard only.
-    fn route(&self, namespace: &str, topic: &str, producer: Option<u64>) -> Result<Route, RequestError> {
+    /// Where a publish goes: the open segment of its shard ([`shard_of`]), or when any
+    /// shard will do, one of the topic's open segments round-robin (this node's when
+    /// the request was forwarded here: it came to this primary on purpose).
+    fn route(
+        &self,
+        namespace: &str,
+        topic: &str,
+        key: Option<Key>,
+        routing_key: Option<&str>,
+        forwarded: bool,
+    ) -> Result<Route, RequestError> {
         let me = self.cluster().id;
         let st = self.cluster().state.read();
         let spec = st.state.topic(namespace, topic)?;
-        let shard = producer.map(|p| (p % u64::from(spec.shards.max(1))) as u32);
+        let shard = shard_of(spec.shards, spec.shard_key, key, routing_key);
         let open: Vec<(SegmentId, NodeId, usize)> = st
             .state
             .topic_segments(namespace, topic)
@@ -191,7 +209,8 @@ impl Segments {
             .filter(|(_, s)| shard.is_none_or(|shard| s.shard == shard))
             .map(|(id, s)| (id, s.primary, s.replicas.len()))
             .collect();
-        if let Some((id, _, n)) = open.iter().find(|(_, p, _)| *p == me) {
+        let local = open.iter().find(|(_, p, _)| *p == me);
+        if let Some((id, _, n)) = local.filter(|_| shard.is_some() || forwarded || open.len() == 1) {
             return Ok(Route::Local(*id, *n));
         }
         if open.is_empty() {
@@ -224,11 +243,30 @@ impl Segments {
         // Shards whose primary has disk space first: another shard can still take it.
         let with_room: Vec<_> = open.iter().filter(|(_, p, _)| !st.state.disk_low.contains_key(p)).collect();
         let candidates = if with_room.is_empty() { open.iter().collect() } else { with_room };
-        let &(_, node, _) = candidates[ROUND_ROBIN.fetch_add(1, Ordering::Relaxed) % candidates.len()];
+        let &(id, node, n) = candidates[ROUND_ROBIN.fetch_add(1, Ordering::Relaxed) % candidates.len()];
+        if node == me {
+            return Ok(Route::Local(id, n));
+        }
         Ok(match st.state.nodes.get(&node) {
             Some(n) => Route::Remote(node, n.address.clone()),
             None => Route::None,
         })
+    }
+}
+
+/// The shard a publish must go to, if one: with [`ShardKey::RoutingKey`] the shard of
+/// a non-empty routing key (crc32c of its bytes modulo `shards`, stable across nodes
+/// and releases), else for an exactly-once request the shard of its producer id and
+/// sequence (a retry names both, so it reaches the same shard and its duplicate
+/// window; a producer's requests spread like unkeyed ones); `None`: any open shard.
+pub fn shard_of(shards: u32, by: ShardKey, key: Option<Key>, routing_key: Option<&str>) -> Option<u32> {
+    let shards = shards.max(1);
+    match (by, routing_key) {
+        (ShardKey::RoutingKey, Some(k)) if !k.is_empty() => Some(crc32c::crc32c(k.as_bytes()) % shards),
+        _ => key.map(|k| {
+            let ids = [k.producer.to_le_bytes(), k.sequence.to_le_bytes()].concat();
+            crc32c::crc32c(&ids) % shards
+        }),
     }
 }
 
@@ -280,4 +318,35 @@ fn unconfirmed(topic: &str) -> RequestError {
              it may still be stored"
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_has_one_shard_an_exactly_once_request_its_own_and_else_any() {
+        let by_key = |k: &str| shard_of(3, ShardKey::RoutingKey, None, Some(k));
+        assert_eq!(by_key("order-17"), by_key("order-17"));
+        assert_eq!(by_key("order-17"), Some(crc32c::crc32c(b"order-17") % 3));
+        let spread: std::collections::BTreeSet<u32> = (0..100).filter_map(|i| by_key(&format!("k{i}"))).collect();
+        assert_eq!(spread.len(), 3, "100 keys reach every shard");
+        let request = |sequence| Some(Key { producer: 7, sequence });
+        assert_eq!(
+            shard_of(3, ShardKey::RoutingKey, request(1), Some("order-17")),
+            by_key("order-17"),
+            "the key first"
+        );
+        let once = shard_of(3, ShardKey::RoutingKey, request(1), None);
+        assert!(once.is_some() && once == shard_of(3, ShardKey::None, request(1), Some("order-17")), "a retry's shard");
+        let mut per_shard = [0; 3];
+        for sequence in 1..=3000 {
+            per_shard[shard_of(3, ShardKey::RoutingKey, request(sequence), None).unwrap() as usize] += 1;
+        }
+        assert!(per_shard.iter().all(|n| (900..=1100).contains(n)), "a producer's requests spread: {per_shard:?}");
+        assert_eq!(shard_of(3, ShardKey::RoutingKey, None, Some("")), None);
+        assert_eq!(shard_of(3, ShardKey::RoutingKey, None, None), None);
+        assert_eq!(shard_of(3, ShardKey::None, None, Some("order-17")), None);
+        assert_eq!(shard_of(0, ShardKey::RoutingKey, None, Some("x")), Some(0));
+    }
 }

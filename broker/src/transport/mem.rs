@@ -97,7 +97,15 @@ impl MemNetwork {
         let net =
             Arc::new(MemHostNetwork { me: addr.to_string(), net: self.clone(), channels: Mutex::new(HashMap::new()) });
         let incoming = tokio_stream::wrappers::UnboundedReceiverStream::new(crx);
-        (net, Listeners { incoming: Box::pin(incoming), amqp: None, datagrams: drx })
+        (
+            net,
+            Listeners {
+                incoming: Box::pin(incoming),
+                amqp: None,
+                datagrams: drx,
+                tls_handshakes_failed: Default::default(),
+            },
+        )
     }
 
     /// Takes a host off the network: all its links break (like a crashed machine).

@@ -7,12 +7,14 @@
 
 pub mod mem;
 pub mod tcp;
+pub mod tls;
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures::Stream;
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tonic::transport::server::Connected;
@@ -45,23 +47,50 @@ pub struct Listeners {
     pub amqp: Option<Incoming>,
     /// Received gossip datagrams.
     pub datagrams: mpsc::Receiver<Bytes>,
+    /// Failed TLS handshakes on the listeners (stays 0 without TLS); the node reports
+    /// it in its metrics.
+    pub tls_handshakes_failed: Counter,
 }
 
-/// A connection accepted by the gRPC server: a TCP socket or an in-memory pipe.
+/// A connection accepted by the gRPC server: a TCP socket, a TLS session over one, or
+/// an in-memory pipe.
 pub enum Conn {
     Tcp(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
     Mem(mem::MemStream),
 }
 
+/// What the server knows of a connection's other end (in each request's extensions).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The peer's address (`None` in the in-memory network).
+    pub remote: Option<std::net::SocketAddr>,
+}
+
 impl Connected for Conn {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        let remote = match self {
+            Conn::Tcp(s) => s.peer_addr().ok(),
+            Conn::Tls(s) => s.get_ref().0.peer_addr().ok(),
+            Conn::Mem(_) => None,
+        };
+        ConnInfo { remote }
+    }
+}
+
+impl Conn {
+    /// The peer's address, if a socket's.
+    pub fn remote(&self) -> Option<std::net::SocketAddr> {
+        self.connect_info().remote
+    }
 }
 
 impl AsyncRead for Conn {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Conn::Mem(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -71,18 +100,21 @@ impl AsyncWrite for Conn {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Conn::Mem(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Conn::Mem(s) => Pin::new(s).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Conn::Mem(s) => Pin::new(s).poll_shutdown(cx),
         }
     }

@@ -1,4 +1,5 @@
-//! Real sockets: gRPC over TCP and gossip over UDP, both on the node's `--port`.
+//! Real sockets: gRPC over TCP (TLS when configured, see [`super::tls`]) and gossip
+//! over UDP, both on the node's `--port`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,16 +12,29 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
+use prometheus_client::metrics::counter::Counter;
+
+use super::tls::{ClientTls, NodeTls, ServerTls};
 use super::{Conn, Listeners, Network, DATAGRAM_QUEUE_MAX, DATAGRAM_SIZE_MAX_BYTES};
 
 pub struct TcpNetwork {
     udp: Arc<UdpSocket>,
     channels: Mutex<HashMap<String, Channel>>,
     connect_timeout: Duration,
+    /// TLS for calls to other nodes (`None`: plaintext).
+    tls: Option<ClientTls>,
 }
 
-/// Binds TCP and UDP on `addr` and returns the node's network and listeners.
-pub async fn bind(addr: SocketAddr, connect_timeout: Duration) -> std::io::Result<(Arc<TcpNetwork>, Listeners)> {
+/// ALPN of gRPC (HTTP/2) on the TLS listener.
+const ALPN_H2: &[u8] = b"h2";
+
+/// Binds TCP and UDP on `addr` and returns the node's network and listeners. With
+/// `tls`, the gRPC listener takes only TLS and calls to other nodes use it too.
+pub async fn bind(
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    tls: Option<&NodeTls>,
+) -> std::io::Result<(Arc<TcpNetwork>, Listeners)> {
     let tcp = TcpListener::bind(addr).await?;
     let udp = Arc::new(UdpSocket::bind(addr).await?);
     let (tx, rx) = mpsc::channel(DATAGRAM_QUEUE_MAX);
@@ -44,19 +58,35 @@ pub async fn bind(addr: SocketAddr, connect_timeout: Duration) -> std::io::Resul
             }
         }
     });
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(tcp).map(|r| {
-        r.map(|s| {
-            let _ = s.set_nodelay(true);
-            Conn::Tcp(s)
-        })
-    });
-    let net = Arc::new(TcpNetwork { udp, channels: Mutex::new(HashMap::new()), connect_timeout });
-    Ok((net, Listeners { incoming: Box::pin(incoming), amqp: None, datagrams: rx }))
+    let failures = Counter::default();
+    let incoming = incoming(tcp, tls.map(|t| &t.server), &[ALPN_H2], &failures)?;
+    let tls = tls.map(|t| t.client.clone());
+    let net = Arc::new(TcpNetwork { udp, channels: Mutex::new(HashMap::new()), connect_timeout, tls });
+    Ok((net, Listeners { incoming, amqp: None, datagrams: rx, tls_handshakes_failed: failures }))
 }
 
-/// Binds the AMQP listener on `addr`.
-pub async fn bind_amqp(addr: SocketAddr) -> std::io::Result<super::Incoming> {
+/// Binds the AMQP listener on `addr` (AMQPS with `tls`: the same certificate, no
+/// ALPN); failed handshakes are counted in `failures`.
+pub async fn bind_amqp(
+    addr: SocketAddr,
+    tls: Option<&ServerTls>,
+    failures: &Counter,
+) -> std::io::Result<super::Incoming> {
     let tcp = TcpListener::bind(addr).await?;
+    incoming(tcp, tls, &[], failures)
+}
+
+/// The connections accepted on `tcp`: plain, or after a TLS handshake.
+fn incoming(
+    tcp: TcpListener,
+    tls: Option<&ServerTls>,
+    alpn: &[&[u8]],
+    failures: &Counter,
+) -> std::io::Result<super::Incoming> {
+    if let Some(tls) = tls {
+        let config = tls.config(alpn).map_err(std::io::Error::other)?;
+        return Ok(tls.incoming(tcp, config, failures.clone()));
+    }
     Ok(Box::pin(tokio_stream::wrappers::TcpListenerStream::new(tcp).map(|r| {
         r.map(|s| {
             let _ = s.set_nodelay(true);
@@ -76,7 +106,7 @@ impl TcpNetwork {
         if let Some(c) = channels.get(key) {
             return c.clone();
         }
-        let channel = match connect_lazy(addr, self.connect_timeout) {
+        let channel = match connect_lazy(addr, self.connect_timeout, self.tls.as_ref()) {
             Ok(c) => c,
             Err(e) => {
                 // An address that is not even a valid URI: hand out a channel that
@@ -90,14 +120,23 @@ impl TcpNetwork {
     }
 }
 
-/// A lazily connected channel to `addr`, for clients (CLI) and nodes alike.
-pub fn connect_lazy(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+/// A lazily connected channel to `addr`, for clients (CLI) and nodes alike; over TLS
+/// with `tls` (the server's certificate verified for the host of `addr`).
+pub fn connect_lazy(
+    addr: &str,
+    connect_timeout: Duration,
+    tls: Option<&ClientTls>,
+) -> Result<Channel, tonic::transport::Error> {
+    // The scheme stays http: TLS is the connector's, below tonic.
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(super::HTTP2_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(super::HTTP2_KEEPALIVE_TIMEOUT)
-        .connect_lazy())
+        .keep_alive_timeout(super::HTTP2_KEEPALIVE_TIMEOUT);
+    Ok(match tls {
+        Some(tls) => tls.channel(endpoint),
+        None => endpoint.connect_lazy(),
+    })
 }
 
 impl Network for TcpNetwork {

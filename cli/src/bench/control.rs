@@ -52,7 +52,7 @@ pub(super) async fn control_plane(
     }
     let li = leader_proc.ok_or_else(|| CliError::Failed("no leader found".into()))?;
     let survivor = addr(&procs[(li + 1) % 3].host);
-    let mut client = admin_client(&survivor)?;
+    let mut client = admin_client(&survivor, None)?;
     let killed = procs.remove(li);
     let t0 = Instant::now();
     drop(killed); // SIGKILL
@@ -84,7 +84,7 @@ async fn create_topics(addr: &str, namespace: &str, count: usize, concurrency: u
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1) {
-        let mut client = admin_client(addr)?;
+        let mut client = admin_client(addr, None)?;
         let (next, ns) = (next.clone(), namespace.to_string());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();

@@ -53,7 +53,7 @@ pub async fn run(ctx: &Ctx, args: DataPathBenchArgs) -> Result<(), CliError> {
 
 /// The address of the primary of `topic`'s open segment.
 async fn primary_of(seed: &str, namespace: &str, topic: &str) -> Result<String, CliError> {
-    let mut admin = admin_client(seed)?;
+    let mut admin = admin_client(seed, None)?;
     let state = admin.dump(pb::DumpRequest { stale: false }).await.map_err(err)?.into_inner().state.unwrap_or_default();
     let node = state
         .segments
@@ -81,7 +81,7 @@ impl<F: Fn(usize) -> pb::PublishRequest> W2<'_, F> {
         if self.count == 0 {
             return Ok(());
         }
-        let mut client = messaging_client(addr)?;
+        let mut client = messaging_client(addr, None)?;
         // The first call connects.
         client.publish((self.request)(1)).await.map_err(err)?;
         let progress = bar(self.count, "W2 latency");
@@ -190,7 +190,7 @@ fn sync_timings(
 /// A gRPC round trip that does no work (a health check), one at a time: the part of
 /// every W2 publish (and of every replication answer) that is not the broker's.
 async fn rpc_floor(addr: &str, samples: u64) -> Result<(), CliError> {
-    let mut health = tonic_health::pb::health_client::HealthClient::new(crate::channel(addr)?);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(crate::channel(addr, None)?);
     let check = || tonic_health::pb::HealthCheckRequest { service: String::new() };
     health.check(check()).await.map_err(err)?;
     let mut timings = Vec::with_capacity(samples as usize);
@@ -301,7 +301,7 @@ async fn start_brokers(
 
 /// The topic `bench` (one shard, three copies) and the group `bench` bound to it.
 async fn create_topic_and_group(seed: &str, namespace: &str) -> Result<(), CliError> {
-    let mut admin = admin_client(seed)?;
+    let mut admin = admin_client(seed, None)?;
     let topic = pb::Topic { name: "bench".into(), shards: 1, replication_factor: 3, ..Default::default() };
     admin
         .create_topic(pb::CreateTopicRequest { namespace: namespace.to_string(), topic: Some(topic) })
@@ -331,7 +331,7 @@ async fn w1(
     args: &DataPathBenchArgs,
     request: &impl Fn(usize) -> pb::PublishRequest,
 ) -> Result<u64, CliError> {
-    let mut client = messaging_client(seed)?;
+    let mut client = messaging_client(seed, None)?;
     // The topic's first segment opens right after the topic is created.
     for _ in 0..200 {
         if client.publish(request(1)).await.is_ok() {
@@ -390,7 +390,7 @@ async fn w1(
 
 /// W3: `expected` messages consumed from the group `bench` through the node at `addr`.
 async fn w3(addr: &str, procs: &[Proc], namespace: &str, expected: u64) -> Result<(), CliError> {
-    let mut consumer = messaging_client(addr)?;
+    let mut consumer = messaging_client(addr, None)?;
     let progress = bar(expected, "W3 consume");
     let cpu = Cpu::start(procs);
     let t0 = Instant::now();

@@ -92,6 +92,8 @@ pub(super) fn spawn(host: &str, port: u16, dir: &Path, join: Option<&str>, extra
     let exe = std::env::current_exe().map_err(|e| CliError::Failed(e.to_string()))?;
     let mut cmd = Command::new(exe);
     cmd.args(["--dir", &dir.to_string_lossy(), "--host", host, "--advertise-host", host, "--port", &port.to_string()])
+        // Its own brokers, on loopback addresses of this machine.
+        .arg("--insecure-trusted-network")
         .stdout(Stdio::null())
         .stderr(
             std::fs::create_dir_all(dir)
@@ -108,7 +110,7 @@ pub(super) fn spawn(host: &str, port: u16, dir: &Path, join: Option<&str>, extra
 }
 
 async fn dump(addr: &str) -> Option<pb::DumpResponse> {
-    let mut c = admin_client(addr).ok()?;
+    let mut c = admin_client(addr, None).ok()?;
     c.dump(pb::DumpRequest { stale: true }).await.ok().map(|r| r.into_inner())
 }
 

@@ -175,6 +175,44 @@ def confirms_and_mandatory():
     c.close()
 
 
+def dead_letters():
+    """A quorum-queue style delivery limit with a dead-letter exchange: a message
+    rejected (requeued) twice goes to the queue bound to the dead-letter exchange,
+    with RabbitMQ's x-first-death-* headers."""
+    c = connect(CON)
+    ch = c.channel()
+    ch.exchange_declare(exchange="dlx", exchange_type="fanout")
+    ch.queue_declare(queue="dlq")
+    ch.queue_bind(exchange="dlx", queue="dlq")
+    ch.queue_declare(queue="jobs", arguments={"x-delivery-limit": 2, "x-dead-letter-exchange": "dlx"})
+    p = connect(PUB)
+    pch = p.channel()
+    pch.confirm_delivery()
+    pch.basic_publish(exchange="", routing_key="jobs", body="poison")
+    p.close()
+    rejected = 0
+    deadline = time.time() + WAIT_S
+    while rejected < 2 and time.time() < deadline:
+        method, _props, _body = ch.basic_get(queue="jobs", auto_ack=False)
+        if method:
+            ch.basic_reject(delivery_tag=method.delivery_tag, requeue=True)
+            rejected += 1
+        else:
+            time.sleep(0.1)
+    got = None
+    while got is None and time.time() < deadline:
+        method, props, body = ch.basic_get(queue="dlq", auto_ack=True)
+        if method:
+            h = props.headers or {}
+            got = (body.decode(), h.get("x-first-death-reason"), h.get("x-first-death-queue"), h.get("x-delivery-count"))
+        else:
+            time.sleep(0.1)
+    expect("dead_letters", (rejected, got), (2, ("poison", "delivery_limit", "jobs", "2")))
+    left, _, _ = ch.basic_get(queue="jobs", auto_ack=True)
+    expect("dead_letters_not_redelivered", left, None)
+    c.close()
+
+
 def channel_error(name, code, action):
     c = connect(PUB)
     ch = c.channel()
@@ -255,7 +293,7 @@ def interop_publish():
 
 
 CHECKS = {f.__name__: f for f in [hello, work_queues, publish_subscribe, routing, topics, rpc,
-                                  confirms_and_mandatory, errors, interop_prepare, interop_consume, interop_publish]}
+                                  confirms_and_mandatory, dead_letters, errors, interop_prepare, interop_consume, interop_publish]}
 
 for name in sys.argv[4:]:
     CHECKS[name]()

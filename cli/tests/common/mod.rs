@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_eventtermq");
 
+/// `--insecure-trusted-network` as an environment variable.
+pub const TRUSTED_NETWORK_ENV: &str = "EVENTTERMQ_INSECURE_TRUSTED_NETWORK";
+
 /// A broker process that is killed (SIGKILL) when dropped.
 pub struct Broker {
     pub child: Option<Child>,
@@ -52,6 +55,11 @@ impl Broker {
             cmd.args(["--join", j]);
         }
         cmd.args(&self.extra);
+        // The tests' clusters run on loopback addresses of this machine (the seed's
+        // trusted network), unless a test gives them a secret (cli/tests/security.rs).
+        if !self.extra.iter().any(|a| a == "--cluster-secret-file") {
+            cmd.env(TRUSTED_NETWORK_ENV, "true");
+        }
         self.child = Some(cmd.spawn().expect("start broker"));
     }
 

@@ -149,6 +149,10 @@ impl BrokerObject for Topic {
             under_replicated: false,
             segment_size_max_bytes: 0,
             min_insync_replicas: spec.min_insync_replicas.unwrap_or(0),
+            retention_bytes_max: spec.retention_bytes_max,
+            segment_age_max_ms: spec.segment_age_max_ms,
+            retention_overrides_consumers: spec.retention_overrides_consumers,
+            shard_key: spec.shard_key.clone().unwrap_or_default(),
         }))
     }
 }
@@ -216,6 +220,9 @@ impl BrokerObject for ConsumerGroup {
             bindings,
             size: spec.size,
             since,
+            ack_timeout_ms: spec.ack_timeout_ms,
+            deliveries_max: spec.deliveries_max,
+            dead_letter_topic: spec.dead_letter_topic.clone().unwrap_or_default(),
             ..Default::default()
         }))
     }

@@ -78,13 +78,14 @@ pub struct State {
 }
 
 /// Calls that ask for a Raft log entry.
-const WRITES: [&str; 7] = [
+const WRITES: [&str; 8] = [
     "CreateNamespace",
     "DeleteNamespace",
     "CreateTopic",
     "UpdateTopic",
     "DeleteTopic",
     "CreateConsumerGroup",
+    "UpdateConsumerGroup",
     "DeleteConsumerGroup",
 ];
 
@@ -333,39 +334,41 @@ impl Admin for FakeBroker {
             |s| s.create_consumer_group.clone(),
             |namespaces| {
                 let ns = namespace_mut(namespaces, &r.namespace)?;
-                let mut bindings = Vec::new();
-                for (i, b) in group.bindings.iter().enumerate() {
-                    let topic = ns.topics.get(&b.topic).ok_or_else(|| {
-                        Status::not_found(format!("bindings[{i}].topic: topic {:?} does not exist", b.topic))
-                    })?;
-                    bindings.push(pb::Binding {
-                        exchange_type: if b.exchange_type.is_empty() {
-                            topic.default_exchange_type.clone()
-                        } else {
-                            b.exchange_type.clone()
-                        },
-                        headers_match: if b.headers_match.is_empty() { "all".into() } else { b.headers_match.clone() },
-                        ..b.clone()
-                    });
-                }
-                let stored = pb::ConsumerGroup {
-                    bindings,
-                    size: if group.size == 0 { 10_000 } else { group.size },
-                    ..group.clone()
-                };
+                let stored = stored_group(ns, &group)?;
                 match ns.groups.get(&group.name) {
-                    Some(existing) if existing.bindings != stored.bindings || existing.size != stored.size => {
+                    Some(existing) if pb::ConsumerGroup { since: None, ..existing.clone() } != stored => {
                         Err(Status::already_exists(format!(
-                            "name: consumer group {:?} already exists in namespace {:?} with different bindings or size",
+                            "name: consumer group {:?} already exists in namespace {:?} with other bindings or settings",
                             group.name, r.namespace
                         )))
                     }
                     Some(_) => Ok(()),
                     None => {
-                        ns.groups.insert(group.name.clone(), stored);
+                        ns.groups.insert(group.name.clone(), pb::ConsumerGroup { since: group.since, ..stored });
                         Ok(())
                     }
                 }
+            },
+        )
+    }
+
+    async fn update_consumer_group(
+        &self,
+        r: Request<pb::UpdateConsumerGroupRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        let r = r.into_inner();
+        let group = r.consumer_group.unwrap_or_default();
+        self.0.record(format!("UpdateConsumerGroup {}/{} bindings={}", r.namespace, group.name, group.bindings.len()));
+        self.0.write(
+            |_| None,
+            |namespaces| {
+                let ns = namespace_mut(namespaces, &r.namespace)?;
+                let stored = stored_group(ns, &group)?;
+                let existing = ns.groups.get_mut(&group.name).ok_or_else(|| {
+                    Status::not_found(format!("name: consumer group {:?} does not exist", group.name))
+                })?;
+                *existing = pb::ConsumerGroup { since: existing.since, ..stored };
+                Ok(())
             },
         )
     }
@@ -489,4 +492,31 @@ pub fn healthy_dump() -> pb::DumpResponse {
             raft_error: String::new(),
         }),
     }
+}
+
+/// The group as the broker stores it (defaults filled in, `since` left out), after
+/// checking that its topics exist.
+fn stored_group(ns: &Namespace, group: &pb::ConsumerGroup) -> Result<pb::ConsumerGroup, Status> {
+    let mut bindings = Vec::new();
+    for (i, b) in group.bindings.iter().enumerate() {
+        let topic = ns
+            .topics
+            .get(&b.topic)
+            .ok_or_else(|| Status::not_found(format!("bindings[{i}].topic: topic {:?} does not exist", b.topic)))?;
+        bindings.push(pb::Binding {
+            exchange_type: if b.exchange_type.is_empty() {
+                topic.default_exchange_type.clone()
+            } else {
+                b.exchange_type.clone()
+            },
+            headers_match: if b.headers_match.is_empty() { "all".into() } else { b.headers_match.clone() },
+            ..b.clone()
+        });
+    }
+    Ok(pb::ConsumerGroup {
+        bindings,
+        size: if group.size == 0 { 10_000 } else { group.size },
+        since: None,
+        ..group.clone()
+    })
 }
