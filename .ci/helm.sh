@@ -76,12 +76,51 @@ grep -q -- '--no-leader-election' "$out/cluster.yaml" && fail "leader election o
 grep -q -- '--no-leader-election' "$out/default.yaml" || fail "leader election on with 1 replica"
 echo "ok: leader election only with more than one replica"
 
+echo "== helm template (monitoring)"
+# Defaults: the operator's metrics Service and the dashboard ConfigMap, no Prometheus
+# Operator objects (their CRDs may not exist).
+for kind in ServiceMonitor PodMonitor PrometheusRule; do
+  grep -q "^kind: $kind\$" "$out/default.yaml" && fail "$kind rendered by default"
+done
+expect "$out/default.yaml" Service eventtermq-operator
+expect "$out/default.yaml" ConfigMap eventtermq-dashboard
+grep -A12 '^kind: ConfigMap$' "$out/default.yaml" | grep -q 'grafana_dashboard: "1"' || fail "dashboard ConfigMap not labelled grafana_dashboard: \"1\""
+grep -q 'prometheus.io/scrape: "true"' "$out/default.yaml" || fail "operator pods not annotated for scraping"
+python3 -m json.tool charts/eventtermq/dashboards/eventtermq.json >/dev/null || fail "dashboards/eventtermq.json is not JSON"
+echo "ok: dashboard ConfigMap, operator metrics Service and scrape annotations"
+"$HELM" template eventtermq "$CHART" --kube-version "$KUBE_VERSION" --namespace eventter \
+  --set monitoring.serviceMonitor.enabled=true --set monitoring.podMonitor.enabled=true \
+  --set monitoring.prometheusRule.enabled=true >"$out/monitoring.yaml"
+expect "$out/monitoring.yaml" ServiceMonitor eventtermq-brokers
+expect "$out/monitoring.yaml" ServiceMonitor eventtermq-operator
+expect "$out/monitoring.yaml" PodMonitor eventtermq-brokers
+expect "$out/monitoring.yaml" PrometheusRule eventtermq
+# "auto": only where the cluster serves monitoring.coreos.com/v1.
+auto=(--set monitoring.serviceMonitor.enabled=auto --set monitoring.podMonitor.enabled=auto --set monitoring.prometheusRule.enabled=auto)
+"$HELM" template eventtermq "$CHART" --kube-version "$KUBE_VERSION" "${auto[@]}" >"$out/auto-without.yaml"
+grep -qE '^kind: (ServiceMonitor|PodMonitor|PrometheusRule)$' "$out/auto-without.yaml" && fail "auto rendered a monitor without the API"
+"$HELM" template eventtermq "$CHART" --kube-version "$KUBE_VERSION" "${auto[@]}" \
+  --api-versions monitoring.coreos.com/v1 >"$out/auto-with.yaml"
+for kind in ServiceMonitor PodMonitor PrometheusRule; do expect "$out/auto-with.yaml" "$kind"; done
+echo "ok: enabled=auto follows monitoring.coreos.com/v1"
+# The PrometheusRule's spec is a Prometheus rules file: promtool checks it.
+"$HELM" template eventtermq "$CHART" --kube-version "$KUBE_VERSION" --set monitoring.prometheusRule.enabled=true \
+  --show-only templates/prometheusrule.yaml | sed -n '/^spec:$/,$p' | sed '1d; s/^  //' >"$out/rules.yaml"
+if command -v promtool >/dev/null 2>&1; then
+  promtool check rules "$out/rules.yaml" || fail "promtool check rules failed on the PrometheusRule"
+else
+  fail "promtool is missing (Debian package prometheus; .ci/run installs it)"
+fi
+
 echo "== helm template rejects invalid values (values.schema.json)"
 if "$HELM" template eventtermq "$CHART" --kube-version "$KUBE_VERSION" --set operator.replicaCount=-1 >/dev/null 2>&1; then
   fail "operator.replicaCount=-1 accepted"
 fi
 if "$HELM" template eventtermq "$CHART" --kube-version "$KUBE_VERSION" --set operator.image.pullPolicy=Sometimes >/dev/null 2>&1; then
   fail "operator.image.pullPolicy=Sometimes accepted"
+fi
+if "$HELM" template eventtermq "$CHART" --kube-version "$KUBE_VERSION" --set monitoring.podMonitor.enabled=sometimes >/dev/null 2>&1; then
+  fail "monitoring.podMonitor.enabled=sometimes accepted"
 fi
 echo "ok: invalid values rejected"
 echo "== helm chart ok"

@@ -16,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 . e2e/cluster/lib.sh
+. e2e/prometheus.sh
 
 PROFILE="${E2E_PROFILE:-release}"
 IMAGES="${E2E_IMAGES:-}"
@@ -90,14 +91,27 @@ t=$(date +%s)
 helm_ok=1
 if ! "$HELM" upgrade --install "$RELEASE" charts/eventtermq --namespace "$OPERATOR_NS" --create-namespace \
   --set operator.image.pullPolicy=Never --set operator.logFormat=text \
+  --set operator.groupStatusPeriodMs=5000 \
   --wait --timeout 3m; then
   helm_ok=0
 fi
 stamp "helm install took $(elapsed "$t") s"
 
+# A real Prometheus, scraping the pods the way the chart advertises (e2e/prometheus.sh);
+# started now so that it has discovered the brokers by the time the scenarios ask.
+t=$(date +%s)
+prometheus_ok=0
+if prometheus_start charts/eventtermq; then
+  prometheus_ok=1
+else
+  echo "Prometheus did not start: $(tail -n 5 "$LOGS/prometheus.log" 2>/dev/null)"
+fi
+stamp "Prometheus started in $(elapsed "$t") s ($PROMETHEUS_URL, $("$PROMETHEUS_BIN" --version 2>&1 | head -n 1))"
+
 # --- 4. scenarios --------------------------------------------------------------------------
 . e2e/scenarios.sh
 E2E_TMP=$(mktemp -d)
+[ "$prometheus_ok" = 0 ] || echo "$PROMETHEUS_URL" >"$E2E_TMP/prometheus-ready"
 kubectl_ create namespace "$NS" --dry-run=client -o yaml | kubectl_ apply -f - >/dev/null
 
 failed_names=()

@@ -9,12 +9,20 @@ TOPIC=orders                # examples/topic.yaml
 GROUP=orders-audit          # examples/consumergroup.yaml
 BROKER_IMAGE=localhost/eventtermq:0.1.0
 MESSAGES=1000
+LAG_TOPIC=e2e-lag           # the lag scenario's topic and its idle group
+LAG_GROUP=e2e-lag-idle
+LAG_ROUNDS=8                # publishes of MESSAGES/LAG_ROUNDS each, 1 s apart, so that
+                            # rate() sees them (scrapes every 5 s)
 
 SCENARIOS=(
   "cluster-ready:scenario_cluster_ready"
   "topic-and-group:scenario_topic_and_group"
+  "member-health-in-status:scenario_member_health"
   "topic-rejected:scenario_topic_rejected"
   "publish-subscribe:scenario_publish_subscribe"
+  "prometheus-targets:scenario_prometheus_targets"
+  "lag-in-prometheus-and-kubectl:scenario_lag"
+  "dashboard-and-alert-queries:scenario_monitoring_queries"
   "pod-restart:scenario_pod_restart"
   "pod-restart-no-loss:scenario_pod_restart_no_loss"
   "drift-repair:scenario_drift_repair"
@@ -215,6 +223,26 @@ scenario_topic_and_group() {
   note "topic index $(k get topic "$TOPIC" -o jsonpath='{.status.clusterStateIndex}'), in the dump on all 3 pods"
 }
 
+# members_healthy: every member of the EventterCluster's status reports its own free
+# disk and watermark, none could not be asked, and exactly one is the leader.
+members_healthy() {
+  k get eventtercluster "$CLUSTER" -o json | python3 -c '
+import json, sys
+members = json.load(sys.stdin)["status"]["members"]
+ok = len(members) == 3 and sum(1 for m in members if m.get("leader")) == 1 and all(
+    m.get("diskFreeBytes", 0) > 0 and m.get("diskFreeMinBytes", 0) > 0 and "healthError" not in m
+    and not m.get("diskLow") and m.get("state") == "Alive" for m in members)
+print(" ".join("%s:%s%s free=%s" % (m["address"].split(".")[0], m.get("raftRole"), "*" if m.get("leader") else "",
+      m.get("diskFreeBytes", m.get("healthError"))) for m in members))
+sys.exit(0 if ok else 1)'
+}
+
+# The EventterCluster's status carries each broker's own health, asked of that broker.
+scenario_member_health() {
+  until_ok 90 "every member's own health in the EventterCluster status" members_healthy
+  note "members: $(members_healthy)"
+}
+
 # A Topic the schema accepts but the broker refuses: the same broker topic as
 # examples/topic.yaml with another replication factor (immutable in the broker).
 scenario_topic_rejected() {
@@ -385,6 +413,140 @@ scenario_cluster_delete() {
   k delete -f "$root/examples/eventtercluster.yaml" --wait=true --timeout=60s >/dev/null
   until_ok 120 "Services, StatefulSet, PodDisruptionBudget and pods of $CLUSTER to go" children_gone
   note "children removed by the garbage collector (volume claims stay, as for any StatefulSet)"
+}
+
+# --- metrics, as a real Prometheus scrapes them (e2e/prometheus.sh) ---------------------
+
+require_prometheus() {
+  [ -s "$E2E_TMP/prometheus-ready" ] || fail "Prometheus did not start (see the setup lines above)"
+  prometheus_discover || fail "cannot list the pods for Prometheus' targets"
+}
+# discovered_value_is EXPR WANT: value_is after listing the pods again (pods that only
+# now run become targets).
+discovered_value_is() { prometheus_discover && value_is "$1" "$2"; }
+# value_is EXPR WANT: Prometheus answers EXPR with exactly one sample of value WANT.
+value_is() { [ "$(prom_value "$1")" = "$2" ]; }
+
+# All three brokers (found through the pods' prometheus.io annotations) and the
+# operator are scraped and up.
+scenario_prometheus_targets() {
+  require_prometheus
+  local brokers="{kubernetes_namespace=\"$NS\", eventtermq_cluster=\"$CLUSTER\"}"
+  until_ok 90 "3 broker targets in Prometheus" discovered_value_is "count(up$brokers)" 3
+  until_ok 60 "all 3 broker targets up" value_is "sum(up$brokers)" 3
+  until_ok 30 "3 brokers' build_info" value_is "count(eventtermq_build_info$brokers)" 3
+  until_ok 60 "the operator's target up" discovered_value_is "sum(up{kubernetes_namespace=\"$OPERATOR_NS\", component=\"operator\"})" 1
+  note "up: $(prom_query "up$brokers" | python3 -c 'import json,sys; print(" ".join(r["metric"]["pod"] + "=" + r["value"][1] for r in json.load(sys.stdin)["data"]["result"]))')"
+}
+
+# lag_column: the LAG column of `kubectl get consumergroup $LAG_GROUP`.
+lag_column() {
+  local table
+  table=$(k get consumergroup "$LAG_GROUP") || return 1
+  awk 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "LAG") c = i } NR == 2 && c { print $c }' <<<"$table"
+}
+lag_column_is() { [ "$(lag_column)" = "$1" ]; }
+
+# A topic with an idle group: publishing N messages makes the group's lag N in
+# Prometheus and in `kubectl get consumergroups`; reading them makes it 0. rate() of
+# published messages is positive while the publishes run.
+scenario_lag() {
+  require_prometheus
+  require_pubsub
+  k apply -f - >/dev/null <<EOF
+apiVersion: eventter.io/v1alpha1
+kind: Topic
+metadata:
+  name: $LAG_TOPIC
+spec:
+  clusterRef: $CLUSTER
+---
+apiVersion: eventter.io/v1alpha1
+kind: ConsumerGroup
+metadata:
+  name: $LAG_GROUP
+spec:
+  clusterRef: $CLUSTER
+  bindings:
+    - topic: $LAG_TOPIC
+EOF
+  until_ok 60 "Topic $LAG_TOPIC Ready" condition_is topic "$LAG_TOPIC" Ready True
+  until_ok 60 "ConsumerGroup $LAG_GROUP Ready" condition_is consumergroup "$LAG_GROUP" Ready True
+  # (Whole output first: with pipefail, `kubectl | head` fails when head stops reading.)
+  local table
+  table=$(k get consumergroup "$LAG_GROUP")
+  head -n 1 <<<"$table" | grep -qw LAG || fail "kubectl get consumergroups shows no LAG column: $table"
+  until_ok 60 "LAG column 0 before publishing" lag_column_is 0
+
+  local per_round=$((MESSAGES / LAG_ROUNDS)) pub_log="$E2E_TMP/lag-publish.log" t0
+  t0=$(date +%s)
+  (
+    for i in $(seq "$LAG_ROUNDS"); do
+      k exec "$CLUSTER-0" -c broker -- eventtermq publish "$LAG_TOPIC" "lag-$i-{n}" --count "$per_round" || exit 1
+      sleep 1
+    done
+  ) >"$pub_log" 2>&1 &
+  local publisher=$! rate_expr value seen=""
+  rate_expr="sum(rate(eventtermq_publish_messages_total{namespace=\"default\", topic=\"$LAG_TOPIC\"}[20s]))"
+  while kill -0 "$publisher" 2>/dev/null; do
+    value=$(prom_value "$rate_expr" 2>/dev/null || true)
+    if [ -n "$value" ] && awk -v v="$value" 'BEGIN { exit !(v > 0) }'; then
+      seen=$value
+      break
+    fi
+    sleep 1
+  done
+  wait "$publisher" || fail "publishing to $LAG_TOPIC failed: $(tail -n 3 "$pub_log")"
+  [ "$(grep -c "\"published\": $per_round" "$pub_log")" = "$LAG_ROUNDS" ] ||
+    fail "not every publish confirmed: $(tail -n 3 "$pub_log")"
+  [ -n "$seen" ] || fail "rate() of published messages was never positive while publishing"
+  note "rate() during the publish: $seen messages/s ($(( $(date +%s) - t0 )) s for $LAG_ROUNDS publishes)"
+  t0=$(date +%s)
+
+  local lag_expr="sum(eventtermq_consumer_group_lag_records{namespace=\"default\", group=\"$LAG_GROUP\"})"
+  until_ok 60 "lag $MESSAGES in Prometheus" value_is "$lag_expr" "$MESSAGES"
+  until_ok 60 "LAG column $MESSAGES in kubectl get consumergroups" lag_column_is "$MESSAGES"
+  note "lag $MESSAGES in Prometheus and in kubectl get -o wide after $(( $(date +%s) - t0 )) s: $(k get consumergroup "$LAG_GROUP" -o wide | tail -n 1)"
+  t0=$(date +%s)
+
+  local out got
+  out=$(client_output sub-lag subscribe "$LAG_GROUP" --max-messages "$MESSAGES" --wait 10s) ||
+    fail "subscribe to $LAG_GROUP failed: $(tail -n 5 <<<"$out")"
+  got=$(distinct_messages "lag-" <<<"$out")
+  [ "$got" = "$MESSAGES" ] || fail "received $got of $MESSAGES distinct messages"
+  until_ok 60 "lag 0 in Prometheus" value_is "$lag_expr" 0
+  until_ok 60 "LAG column 0 in kubectl get consumergroups" lag_column_is 0
+  note "after reading them: lag 0 in Prometheus and in kubectl get ($(( $(date +%s) - t0 )) s, subscribing included)"
+  k delete consumergroup "$LAG_GROUP" --wait=true --timeout=60s >/dev/null
+  k delete topic "$LAG_TOPIC" --wait=true --timeout=60s >/dev/null
+}
+
+# until_ok_quiet SECONDS CMD...: until_ok without failing the scenario (status 1).
+until_ok_quiet() {
+  local deadline=$(( $(date +%s) + $1 )); shift
+  until "$@"; do
+    [ "$(date +%s)" -lt "$deadline" ] || return 1
+    sleep 2
+  done
+}
+
+# Every query of the dashboard the chart installed (its ConfigMap, as the Grafana
+# sidecar would load it) and every alert rule of the chart's PrometheusRule parses and
+# runs against the real Prometheus; the rules pass promtool and evaluate cleanly.
+scenario_monitoring_queries() {
+  require_prometheus
+  local dashboard="$E2E_TMP/dashboard.json" alerts
+  [ "$(kubectl_ -n "$OPERATOR_NS" get configmap -l grafana_dashboard=1 -o name | wc -l)" = 1 ] ||
+    fail "no ConfigMap labelled grafana_dashboard=1 in $OPERATOR_NS"
+  kubectl_ -n "$OPERATOR_NS" get configmap -l grafana_dashboard=1 -o jsonpath='{.items[0].data.eventtermq\.json}' >"$dashboard"
+  "$PROMTOOL_BIN" check rules "$PROMETHEUS_DIR/rules.yaml" >/dev/null || fail "promtool check rules failed"
+  alerts=$(sed -n 's/^ *- alert: *//p' "$PROMETHEUS_DIR/rules.yaml")
+  [ -n "$alerts" ] || fail "no alerts in the chart's PrometheusRule"
+  # Rules are evaluated every scrape interval: retry until each was evaluated once.
+  # shellcheck disable=SC2086
+  queries_pass() { python3 "$root/e2e/monitoring_queries.py" "$PROMETHEUS_URL" "$dashboard" $alerts >"$E2E_TMP/queries.log" 2>&1; }
+  until_ok_quiet 30 queries_pass || fail "$(grep FAILED "$E2E_TMP/queries.log" | head -n 5 | tr '\n' ' ')"
+  sed 's/^/   /' "$E2E_TMP/queries.log"
 }
 
 # --- diagnostics on failure -------------------------------------------------------------------

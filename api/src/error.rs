@@ -154,6 +154,13 @@ impl ErrorCode {
 /// Metadata key carrying [`ErrorCode`] in gRPC responses.
 pub const ERROR_CODE_METADATA: &str = "eventter-error-code";
 
+/// Metadata key of a client request's id: every answer of the client API carries it
+/// (an error also names it in its message, `[request id: ...]`), and every log line the
+/// broker writes while handling the request has it as the `id` of its `request` span.
+/// A client may send its own (1-64 characters of `[A-Za-z0-9._-]`); otherwise the node
+/// that received the request makes one.
+pub const REQUEST_ID_METADATA: &str = "eventter-request-id";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -185,7 +185,7 @@ fn usage_errors_exit_2_before_anything_is_sent() {
 fn rejected_requests_and_unreachable_nodes_exit_1_and_change_nothing() {
     let tmp = test_dir("exit_status_rejected");
     let (host, port) = ("127.0.0.94", 26940);
-    let _node = Broker::start(host, port, &tmp.join("n"), &[]);
+    let node = Broker::start(host, port, &tmp.join("n"), &[]);
     ready(host, port);
     assert!(cli(host, port, &["create-topic", "t", "--replication-factor", "1"]).status.success());
     let index = |_: ()| stdout(&cli(host, port, &["dump"])).lines().nth(1).map(str::to_string);
@@ -197,13 +197,33 @@ fn rejected_requests_and_unreachable_nodes_exit_1_and_change_nothing() {
         (&["update-topic", "t", "--replication-factor", "3"], "rejected: FailedPrecondition (4003): "),
         (&["publish", "missing", "x"], "rejected: NotFound (2002): "),
     ];
+    let mut ids = Vec::new();
     for (args, message) in cases {
         let (o, _) = cli_bounded(host, port, args, Duration::from_secs(30));
         assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(message), "{args:?}: stderr {:?} lacks {message:?}", stderr(&o));
         assert!(stdout(&o).is_empty(), "{args:?} printed {:?}", stdout(&o));
+        // The error names the request's id ...
+        let err = stderr(&o);
+        let id = err
+            .split("[request id: ")
+            .nth(1)
+            .and_then(|rest| rest.split(']').next())
+            .unwrap_or_else(|| panic!("{args:?}: no request id in {err:?}"))
+            .to_string();
+        ids.push(id);
     }
     assert_eq!(index(()), before, "rejected requests must not change the cluster state");
+    // ... which finds the broker's log line of that request, with what it was about.
+    let log = node.log();
+    for (id, topic) in ids.iter().zip(["t", "t", "nope", "t", "missing"]) {
+        let line = log
+            .lines()
+            .find(|l| l.contains(&format!("id={id} ")) && l.contains("request failed"))
+            .unwrap_or_else(|| panic!("no log line of request {id}:\n{log}"));
+        assert!(line.contains("namespace=default") && line.contains(&format!("topic={topic}")), "{line}");
+    }
+    assert_ne!(ids[0], ids[1], "each request has its own id");
 
     // Nobody listens there: nothing was sent.
     let (o, _) = cli_bounded("127.0.0.95", 26950, &["create-topic", "t"], Duration::from_secs(20));

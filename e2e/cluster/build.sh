@@ -29,9 +29,19 @@ build_deps() {
   if [ "${#missing[@]}" -gt 0 ]; then
     log "apt-get install ${missing[*]}"
     apt-get update -qq
-    # Debian's containerd and etcd-server come with systemd units; nothing starts them
-    # here (no systemd), and policy-rc.d keeps invoke-rc.d from trying.
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Debian's containerd, etcd-server and prometheus come with systemd units; none may
+    # start (a second Prometheus on :9090, an etcd on :2379): a policy-rc.d that
+    # refuses every start, for the install only, unless the machine has one already.
+    local policy=/usr/sbin/policy-rc.d own_policy=0
+    if [ ! -e "$policy" ]; then
+      printf '#!/bin/sh\n# e2e/cluster/build.sh: no service starts during its apt-get install\nexit 101\n' >"$policy"
+      chmod 755 "$policy"
+      own_policy=1
+    fi
+    local rc=0
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
+    [ "$own_policy" = 0 ] || rm -f "$policy"
+    [ "$rc" = 0 ] || die "apt-get install failed ($rc)"
   fi
 }
 

@@ -70,6 +70,8 @@ kill_all() { # kill_all WHAT FUNCTION: SIGKILL what FUNCTION lists until nothing
   log "warning: $what still running: $($fn | tr '\n' ' ')"
 }
 
+# 0. The scenarios' Prometheus (e2e/prometheus.sh), which watches the API server.
+stop_procs 5 prometheus
 # 1. The node: kubelet first (so nothing restarts), then the pods, then containerd.
 stop_procs 5 kubelet kube-proxy kube-scheduler kube-controller-manager
 kill_all "pod processes" cgroup_pids

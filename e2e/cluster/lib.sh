@@ -56,8 +56,9 @@ ETCD_PEER_PORT=23800
 APISERVER_PORT=6443
 
 # Debian packages the node needs (gcc and libc6-dev build the pause binary; python3
-# decodes subscribed messages in the scenarios).
-APT_PACKAGES=(etcd-server containerd runc containernetworking-plugins iptables conntrack openssl util-linux iproute2 procps gcc libc6-dev python3)
+# decodes subscribed messages in the scenarios; prometheus (with promtool) and curl
+# check the brokers' metrics as Prometheus scrapes them, e2e/prometheus.sh).
+APT_PACKAGES=(etcd-server containerd runc containernetworking-plugins iptables conntrack openssl util-linux iproute2 procps gcc libc6-dev python3 prometheus curl)
 
 # The sysctls kubelet may change (saved by up, restored by down).
 SAVED_SYSCTLS=(vm.overcommit_memory kernel.panic kernel.panic_on_oops vm.panic_on_oom)

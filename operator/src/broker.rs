@@ -20,7 +20,19 @@ pub struct BrokerConnector {
     pub address_override: Option<String>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// Connect and answer timeout of each broker's health read (a Dump of its own
+    /// condition), so one unreachable broker holds up the cluster's status only this
+    /// long.
+    pub node_health_timeout: Duration,
+    /// Brokers asked for their health at once, at most.
+    pub node_health_concurrency_max: usize,
 }
+
+/// Default of [`BrokerConnector::node_health_timeout`] (`--node-health-timeout-ms`).
+pub const NODE_HEALTH_TIMEOUT_DEFAULT: Duration = Duration::from_secs(3);
+/// Default of [`BrokerConnector::node_health_concurrency_max`]
+/// (`--node-health-concurrency-max`).
+pub const NODE_HEALTH_CONCURRENCY_MAX_DEFAULT: usize = 8;
 
 impl Default for BrokerConnector {
     fn default() -> Self {
@@ -28,6 +40,8 @@ impl Default for BrokerConnector {
             address_override: None,
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(15),
+            node_health_timeout: NODE_HEALTH_TIMEOUT_DEFAULT,
+            node_health_concurrency_max: NODE_HEALTH_CONCURRENCY_MAX_DEFAULT,
         }
     }
 }
@@ -46,13 +60,38 @@ impl BrokerConnector {
     /// An admin client of the broker at `address`. Connects eagerly so that an
     /// unreachable broker shows up here, as [`Error::BrokerUnavailable`].
     pub async fn connect(&self, address: &str) -> Result<Admin> {
+        self.connect_with(address, self.connect_timeout, self.request_timeout).await
+    }
+
+    async fn connect_with(&self, address: &str, connect_timeout: Duration, timeout: Duration) -> Result<Admin> {
         let unavailable = |message: String| Error::BrokerUnavailable { address: address.to_string(), message };
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| unavailable(format!("bad address: {e}")))?
-            .connect_timeout(self.connect_timeout)
-            .timeout(self.request_timeout);
+            .connect_timeout(connect_timeout)
+            .timeout(timeout);
         let channel = endpoint.connect().await.map_err(|e| unavailable(error_chain(&e)))?;
         Ok(Admin { address: address.to_string(), client: AdminClient::new(channel) })
+    }
+
+    /// The condition of the one broker at `address` (its free disk, watermark, Raft
+    /// error), read from that broker itself within [`Self::node_health_timeout`].
+    pub async fn node_health(&self, address: &str) -> Result<pb::LocalHealth> {
+        let timeout = self.node_health_timeout;
+        let read = async {
+            let mut admin = self.connect_with(address, timeout, timeout).await?;
+            // stale: the answer is about the broker itself, no leader needed.
+            match admin.client.dump(pb::DumpRequest { stale: true }).await {
+                Ok(response) => Ok(response.into_inner().local.unwrap_or_default()),
+                Err(status) => Err(admin.read_failed(status)),
+            }
+        };
+        match tokio::time::timeout(timeout, read).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::BrokerUnavailable {
+                address: address.to_string(),
+                message: format!("no answer within {} ms", timeout.as_millis()),
+            }),
+        }
     }
 }
 
@@ -241,6 +280,22 @@ impl Admin {
                     status: tonic::Status::failed_precondition(message),
                 }),
             },
+        }
+    }
+
+    /// Lag and delivery state of the consumer group `name` of `namespace`, as the
+    /// broker running it reports it: `Ok(None)` when the broker lists no such group.
+    pub async fn describe_consumer_group(
+        &mut self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<pb::ConsumerGroupStatus>> {
+        let request =
+            pb::DescribeConsumerGroupsRequest { namespace: namespace.to_string(), names: vec![name.to_string()] };
+        match self.client.describe_consumer_groups(request).await {
+            Ok(response) => Ok(response.into_inner().consumer_groups.into_iter().find(|g| g.name == name)),
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(self.read_failed(status)),
         }
     }
 

@@ -114,6 +114,39 @@ pub fn headless_service(cluster: &EventterCluster) -> Service {
     }
 }
 
+/// Name of the Service that lists every broker's `/metrics` endpoint.
+pub fn metrics_service_name(cluster_name: &str) -> String {
+    format!("{cluster_name}-metrics")
+}
+
+/// Label value of `app.kubernetes.io/component` on the metrics Service, which a
+/// Prometheus Operator ServiceMonitor (the chart's) selects.
+pub const METRICS_COMPONENT: &str = "metrics";
+
+/// Metrics Service `<name>-metrics`: headless, the `metrics` port only, and every
+/// broker pod listed whether ready or not, so that a ServiceMonitor (or any
+/// endpoints-based discovery) scrapes each broker, also one that is not ready (a
+/// broker without a Raft leader is exactly the one to watch). The pods themselves
+/// carry `prometheus.io/*` annotations for pod-based discovery.
+pub fn metrics_service(cluster: &EventterCluster) -> Service {
+    let name = cluster.name_any();
+    let mut meta = metadata(cluster, metrics_service_name(&name));
+    meta.labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert("app.kubernetes.io/component".into(), METRICS_COMPONENT.into());
+    Service {
+        metadata: meta,
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector_labels(&name)),
+            ports: Some(vec![port("metrics", cluster.spec.ports.metrics, "TCP")]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
 /// Client Service `<name>`: load-balances clients (and the operator) over ready brokers.
 pub fn client_service(cluster: &EventterCluster) -> Service {
     let name = cluster.name_any();

@@ -293,6 +293,28 @@ pub struct ClusterMember {
     /// Raft role: voter, learner, or empty when not (yet) a member.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub raft_role: String,
+    /// True for the Raft leader the brokers reported.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leader: bool,
+    /// Free bytes on the filesystem of the broker's data directory, as the broker itself
+    /// reported them when the operator last asked it (Dump); unset when it could not be
+    /// asked (see healthError) and did not report a low disk to the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_free_bytes: Option<u64>,
+    /// The broker's free-space watermark (`--disk-free-min-bytes`/`--disk-free-min-percent`):
+    /// below it, it refuses segment data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_free_min_bytes: Option<u64>,
+    /// True while the broker is below its free-space watermark.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disk_low: bool,
+    /// Why Raft stopped on this broker (a storage error; the pod must be restarted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raft_error: Option<String>,
+    /// Why the broker's own health could not be read (not alive, unreachable, no answer
+    /// within the operator's --node-health-timeout-ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_error: Option<String>,
 }
 
 /// Exchange type: how a consumer group's binding matches messages of a topic.
@@ -452,6 +474,50 @@ pub struct BrokerObjectStatus {
     pub cluster_state_index: Option<u64>,
 }
 
+/// Observed state of a ConsumerGroup: the Ready condition as for a Topic, and the
+/// group's lag as the broker running it reports it (Admin `DescribeConsumerGroups`),
+/// refreshed every --group-status-period-ms of the operator while the group is in sync.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerGroupStatus {
+    #[serde(flatten)]
+    pub object: BrokerObjectStatus,
+    #[serde(flatten)]
+    pub lag: ConsumerGroupLag,
+}
+
+/// A consumer group's lag and where it runs, as its broker reported them.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerGroupLag {
+    /// Messages published to the bound topics (confirmed, or stored in closed segments)
+    /// and not yet acknowledged by the group: the metric
+    /// eventtermq_consumer_group_lag_records summed over the topics. Unset while the
+    /// group's broker could not say (see lagError).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+    /// The lag per bound topic.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub topic_lag: BTreeMap<String, u64>,
+    /// Age in whole seconds of the oldest message the group read and has not
+    /// acknowledged (0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_unacked_seconds: Option<u64>,
+    /// Subscribers connected to the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscribers: Option<u32>,
+    /// Broker pod running the group (first label of its address), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Node id of the broker running the group, in decimal (unset until placed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// Why the lag is unknown: the group is not placed or running yet, or its broker
+    /// could not be asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_error: Option<String>,
+}
+
 /// Desired state of a ConsumerGroup.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -462,11 +528,14 @@ pub struct BrokerObjectStatus {
     plural = "consumergroups",
     singular = "consumergroup",
     namespaced,
-    status = "BrokerObjectStatus",
+    status = "ConsumerGroupStatus",
     shortname = "ecg",
     category = "eventter",
     printcolumn = r#"{"name": "Cluster", "type": "string", "description": "EventterCluster the group lives in", "jsonPath": ".spec.clusterRef"}"#,
     printcolumn = r#"{"name": "Size", "type": "integer", "jsonPath": ".spec.size"}"#,
+    printcolumn = r#"{"name": "Lag", "type": "integer", "description": "Messages of the bound topics not yet acknowledged by the group", "jsonPath": ".status.lag"}"#,
+    printcolumn = r#"{"name": "Oldest-Unacked", "type": "integer", "description": "Age in seconds of the oldest message read and not acknowledged", "jsonPath": ".status.oldestUnackedSeconds", "priority": 1}"#,
+    printcolumn = r#"{"name": "Node", "type": "string", "description": "Broker pod running the group", "jsonPath": ".status.node", "priority": 1}"#,
     printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]

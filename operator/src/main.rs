@@ -58,6 +58,20 @@ struct RunArgs {
     /// Identity in leader election and events (default: the host name, i.e. the pod name).
     #[arg(long, env = "POD_NAME", global = true)]
     identity: Option<String>,
+    /// How often a ConsumerGroup in sync reads its lag from the broker again and
+    /// updates its status (at most every 300000 ms, the resync period).
+    #[arg(long, env = "EVENTTER_OPERATOR_GROUP_STATUS_PERIOD_MS", default_value_t = 15_000,
+          value_parser = clap::value_parser!(u64).range(1000..=300_000), global = true)]
+    group_status_period_ms: u64,
+    /// How long the operator waits for each broker's own health (free disk, Raft
+    /// error) when it updates an EventterCluster's status.
+    #[arg(long, env = "EVENTTER_OPERATOR_NODE_HEALTH_TIMEOUT_MS", default_value_t = 3_000,
+          value_parser = clap::value_parser!(u64).range(100..=60_000), global = true)]
+    node_health_timeout_ms: u64,
+    /// Brokers asked for their health at once, at most.
+    #[arg(long, env = "EVENTTER_OPERATOR_NODE_HEALTH_CONCURRENCY_MAX", default_value_t = 8,
+          value_parser = clap::value_parser!(u64).range(1..=256), global = true)]
+    node_health_concurrency_max: u64,
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Json, global = true)]
     log_format: LogFormat,
@@ -104,6 +118,9 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         lease_name: args.lease_name,
         lease_namespace: args.lease_namespace,
         identity,
+        group_status_period: std::time::Duration::from_millis(args.group_status_period_ms),
+        node_health_timeout: std::time::Duration::from_millis(args.node_health_timeout_ms),
+        node_health_concurrency_max: args.node_health_concurrency_max as usize,
     };
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();

@@ -36,6 +36,12 @@ pub struct RunConfig {
     pub lease_namespace: Option<String>,
     /// This replica's identity (pod name).
     pub identity: String,
+    /// How often a ConsumerGroup in sync refreshes the lag in its status.
+    pub group_status_period: Duration,
+    /// Timeout of each broker's health read for the EventterCluster status.
+    pub node_health_timeout: Duration,
+    /// Brokers asked for their health at once, at most.
+    pub node_health_concurrency_max: usize,
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -138,9 +144,15 @@ async fn lead(
     elector: Option<&LeaderElector>,
     shutdown: &CancellationToken,
 ) -> Stop {
-    let connector =
-        BrokerConnector { address_override: config.broker_address_override.clone(), ..BrokerConnector::default() };
-    let ctx = Arc::new(Context::new(client.clone(), metrics, connector, Some(config.identity.clone())));
+    let connector = BrokerConnector {
+        address_override: config.broker_address_override.clone(),
+        node_health_timeout: config.node_health_timeout,
+        node_health_concurrency_max: config.node_health_concurrency_max,
+        ..BrokerConnector::default()
+    };
+    let mut ctx = Context::new(client.clone(), metrics, connector, Some(config.identity.clone()));
+    ctx.group_status_period = config.group_status_period;
+    let ctx = Arc::new(ctx);
     let controllers = shutdown.child_token();
     let all = run_controllers(ctx, client, config.namespace.as_deref(), &controllers);
     tokio::pin!(all);

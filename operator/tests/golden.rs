@@ -34,6 +34,11 @@ fn headless_service() {
 }
 
 #[test]
+fn metrics_service() {
+    check("metrics-service.yaml", &builders::metrics_service(&common::cluster()));
+}
+
+#[test]
 fn client_service() {
     check("client-service.yaml", &builders::client_service(&common::cluster()));
 }

@@ -37,8 +37,11 @@ async fn cluster_create_applies_children_then_status() {
     let ctx = context(client, broker);
     let reconcile = tokio::spawn(cluster::reconcile(Arc::new(common::cluster()), ctx));
 
-    let applied =
-        [format!("/api/v1/namespaces/{NS}/services/emq-nodes"), format!("/api/v1/namespaces/{NS}/services/emq")];
+    let applied = [
+        format!("/api/v1/namespaces/{NS}/services/emq-nodes"),
+        format!("/api/v1/namespaces/{NS}/services/emq"),
+        format!("/api/v1/namespaces/{NS}/services/emq-metrics"),
+    ];
     for path in &applied {
         let seen = server.expect(Method::PATCH, path, ok_echo).await;
         assert!(
@@ -76,6 +79,12 @@ async fn cluster_create_applies_children_then_status() {
     assert_eq!(status["bootstrapExpect"], 3);
     assert_eq!(status["members"].as_array().unwrap().len(), 3);
     assert_eq!(status["members"][0]["state"], "Alive");
+    // The answering broker's own health; the others cannot be asked through the fixed
+    // test address, and say so.
+    assert_eq!(status["members"][0]["diskFreeBytes"], 10u64 << 30);
+    assert_eq!(status["members"][0]["diskFreeMinBytes"], 64u64 << 20);
+    assert_eq!(status["members"][1]["leader"], true);
+    assert!(status["members"][1]["healthError"].is_string(), "{status}");
     let conditions = status["conditions"].as_array().unwrap();
     let condition = |t: &str| conditions.iter().find(|c| c["type"] == t).unwrap().clone();
     assert_eq!(condition("Ready")["status"], "True");
@@ -96,6 +105,7 @@ async fn cluster_forming_with_unreachable_broker_is_not_ready_nor_degraded() {
     let reconcile = tokio::spawn(cluster::reconcile(Arc::new(common::cluster()), ctx));
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-nodes"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
+    server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
     expect_no_stateful_set(&mut server).await;
     server.expect(Method::PATCH, &stateful_set_path(), ok_echo).await;
     server.expect(Method::PATCH, &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/emq"), ok_echo).await;
@@ -317,9 +327,13 @@ async fn consumer_group_is_created_with_its_bindings() {
         .await;
     assert_eq!(seen.body["status"]["conditions"][0]["status"], "True");
     assert_eq!(seen.body["status"]["clusterStateIndex"], 10);
+    assert_eq!(seen.body["status"]["lag"], 0, "{}", seen.body);
     server.expect_event(NS, "Synced").await;
-    assert_eq!(finished(reconcile).await.unwrap(), Action::requeue(broker_object::RESYNC_PERIOD));
-    assert_eq!(broker_state.calls(), vec!["ListConsumerGroups shop", "CreateConsumerGroup shop/billing bindings=2"]);
+    assert_eq!(finished(reconcile).await.unwrap(), Action::requeue(broker_object::GROUP_STATUS_PERIOD_DEFAULT));
+    assert_eq!(
+        broker_state.calls(),
+        vec!["ListConsumerGroups shop", "CreateConsumerGroup shop/billing bindings=2", "DescribeConsumerGroups shop"]
+    );
 }
 
 #[tokio::test]
@@ -383,14 +397,15 @@ async fn consumer_group_with_a_changed_spec_is_updated_in_place() {
         .await;
     assert_eq!(seen.body["status"]["conditions"][0]["status"], "True", "{}", seen.body);
     server.expect_event(NS, "Synced").await;
-    assert_eq!(finished(reconcile).await.unwrap(), Action::requeue(broker_object::RESYNC_PERIOD));
+    assert_eq!(finished(reconcile).await.unwrap(), Action::requeue(broker_object::GROUP_STATUS_PERIOD_DEFAULT));
     assert_eq!(
         broker_state.calls(),
         vec![
             "ListConsumerGroups default",
             "ListTopics default",
             "CreateConsumerGroup default/billing bindings=1",
-            "UpdateConsumerGroup default/billing bindings=1"
+            "UpdateConsumerGroup default/billing bindings=1",
+            "DescribeConsumerGroups default"
         ]
     );
     broker_state.edit(|namespaces| {
@@ -577,6 +592,79 @@ async fn consumer_group_in_sync_is_written_once_then_only_read() {
     assert_eq!(broker_state.index(), 36);
 }
 
+/// The lag the group's broker reports goes into the status (with the pod running the
+/// group, from the EventterCluster's members); a pass that reads the same lag writes
+/// nothing, one that reads another patches the status; a broker that cannot say
+/// leaves the lag unset with the reason.
+#[tokio::test]
+async fn consumer_group_status_follows_the_brokers_lag() {
+    let script = Script::default().with_topic("default", held_orders());
+    let (broker, broker_state) = fake_broker::start(script).await;
+    let (client, mut server) = api_server::client();
+    let ctx = context(client, broker);
+    let group = billing(json!({"clusterRef": "emq", "bindings": [{"topic": "orders"}]}));
+    let mut cluster = common::cluster();
+    cluster.status = Some(eventter_operator::controller::cluster::cluster_status(
+        &cluster,
+        3,
+        &Ok(fake_broker::healthy_dump()),
+        &[],
+        3,
+    ));
+    let cluster = serde_json::to_value(&cluster).unwrap();
+
+    broker_state.set_lag("billing", 1000);
+    let reconcile = tokio::spawn(broker_object::reconcile(Arc::new(group.clone()), ctx.clone()));
+    expect_cluster_with(&mut server, &cluster).await;
+    let patch = server.expect(Method::PATCH, &group_status_path(), patched_status(&group)).await;
+    let status = &patch.body["status"];
+    assert_eq!(
+        (&status["lag"], &status["topicLag"]["orders"], &status["oldestUnackedSeconds"], &status["subscribers"]),
+        (&json!(1000), &json!(1000), &json!(7), &json!(2)),
+        "{status}"
+    );
+    assert_eq!((&status["node"], &status["nodeId"]), (&json!("emq-0"), &json!("1")), "{status}");
+    assert!(status.get("lagError").is_none(), "{status}");
+    server.expect_event(NS, "Synced").await;
+    finished(reconcile).await.unwrap();
+
+    // The same lag: read only.
+    let synced = Arc::new(after_status_patch(&group, &patch.body));
+    let reconcile = tokio::spawn(broker_object::reconcile(synced.clone(), ctx.clone()));
+    expect_cluster_with(&mut server, &cluster).await;
+    assert_eq!(finished(reconcile).await.unwrap(), Action::requeue(broker_object::GROUP_STATUS_PERIOD_DEFAULT));
+    server.expect_no_more().await;
+
+    // Consumed: the status follows.
+    broker_state.set_lag("billing", 0);
+    let reconcile = tokio::spawn(broker_object::reconcile(synced.clone(), ctx.clone()));
+    expect_cluster_with(&mut server, &cluster).await;
+    let patch = server.expect(Method::PATCH, &group_status_path(), patched_status(&*synced)).await;
+    assert_eq!(patch.body["status"]["lag"], 0, "{}", patch.body);
+    assert_eq!(patch.body["status"]["conditions"][0]["reason"], "Synced");
+    finished(reconcile).await.unwrap();
+
+    // The broker cannot say: no lag, and why.
+    let consumed = Arc::new(after_status_patch(&*synced, &patch.body));
+    broker_state.edit_script(|script| script.lag = None);
+    let reconcile = tokio::spawn(broker_object::reconcile(consumed.clone(), ctx.clone()));
+    expect_cluster_with(&mut server, &cluster).await;
+    let patch = server.expect(Method::PATCH, &group_status_path(), patched_status(&*consumed)).await;
+    let status = &patch.body["status"];
+    assert!(status.get("lag").is_none(), "{status}");
+    assert!(status["lagError"].as_str().unwrap().contains("cannot ask node 1"), "{status}");
+    assert_eq!(status["conditions"][0]["status"], "True", "the group itself is in sync");
+    finished(reconcile).await.unwrap();
+    server.expect_no_more().await;
+    assert_eq!(broker_state.write_calls(), vec!["CreateConsumerGroup default/billing bindings=1"]);
+}
+
+/// GET of the EventterCluster, answered with `cluster`.
+async fn expect_cluster_with(server: &mut ApiServer, cluster: &serde_json::Value) {
+    let cluster = cluster.clone();
+    server.expect(Method::GET, &common::cluster_path(), move |_| (StatusCode::OK, cluster)).await;
+}
+
 /// A group waiting for its topic retries without writing anything: the broker refuses
 /// the create before it takes a log index, and the unchanged status is not patched.
 #[tokio::test]
@@ -622,6 +710,7 @@ async fn reconcile_recorded_cluster(
     let reconcile = tokio::spawn(cluster::reconcile(Arc::new(cluster.clone()), ctx));
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-nodes"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
+    server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
     let sts = server.expect(Method::PATCH, &stateful_set_path(), applied_stateful_set(3)).await.body;
     server.expect(Method::PATCH, &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/emq"), ok_echo).await;
     let status = server.expect(Method::PATCH, &format!("{}/status", cluster_path()), patched_status(cluster)).await;
@@ -654,6 +743,7 @@ async fn scaling_the_cluster_leaves_the_pod_template_alone() {
     let reconcile = tokio::spawn(cluster::reconcile(Arc::new(created.clone()), ctx.clone()));
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-nodes"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
+    server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
     expect_no_stateful_set(&mut server).await;
     let first = server.expect(Method::PATCH, &stateful_set_path(), applied_stateful_set(3)).await.body;
     server.expect(Method::PATCH, &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/emq"), ok_echo).await;
@@ -702,6 +792,7 @@ async fn cluster_without_a_record_keeps_its_stateful_sets_bootstrap_expect() {
     let reconcile = tokio::spawn(cluster::reconcile(Arc::new(cluster.clone()), ctx));
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-nodes"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
+    server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
     server.expect(Method::GET, &stateful_set_path(), |_| (StatusCode::OK, running.clone())).await;
     let sts = server.expect(Method::PATCH, &stateful_set_path(), applied_stateful_set(3)).await.body;
     server.expect(Method::PATCH, &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/emq"), ok_echo).await;
@@ -722,11 +813,15 @@ async fn recorded_cluster_applies_its_own_args_without_reading_the_stateful_set(
     let ctx = context(client, broker);
     let mut cluster = common::cluster();
     cluster.spec.replicas = 4;
-    let recorded = cluster::cluster_status(&cluster, 4, &Ok(fake_broker::healthy_dump()), 3);
+    // As the reconcile sees it: the answering broker (node 1) reports its own health.
+    let dump = fake_broker::healthy_dump();
+    let health = [(1, Ok(dump.local.clone().unwrap()))];
+    let recorded = cluster::cluster_status(&cluster, 4, &Ok(dump), &health, 3);
     cluster.status = Some(recorded);
     let reconcile = tokio::spawn(cluster::reconcile(Arc::new(cluster.clone()), ctx));
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-nodes"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
+    server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
     let seen = server.expect(Method::PATCH, &stateful_set_path(), applied_stateful_set(4)).await;
     assert!(seen.query.contains("force=true"), "{}", seen.query);
     server.expect(Method::PATCH, &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/emq"), ok_echo).await;

@@ -76,6 +76,9 @@ async fn run_briefly(leader_election: bool) -> (Vec<String>, Option<serde_json::
         lease_name: "eventter-operator".into(),
         lease_namespace: Some("ops".into()),
         identity: "test".into(),
+        group_status_period: Duration::from_secs(15),
+        node_health_timeout: Duration::from_secs(3),
+        node_health_concurrency_max: 8,
     };
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(run(client, config, shutdown.clone()));

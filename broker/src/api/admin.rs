@@ -11,6 +11,7 @@ use eventtermq_proto::v1::admin_server::Admin;
 use tonic::{Request, Response, Status};
 
 use super::convert::*;
+use super::request::tag;
 use crate::cluster::Cluster;
 use crate::cluster_state::validate;
 use crate::cluster_state::TopicUpdate;
@@ -241,12 +242,14 @@ impl AdminService {
 impl Admin for AdminService {
     async fn create_namespace(&self, req: Request<pb::CreateNamespaceRequest>) -> Reply<pb::WriteResponse> {
         let name = req.into_inner().name;
+        tag(&name, None, None);
         validate::name("name", &name)?;
         written(self.cluster.write(Command::CreateNamespace { name }).await?)
     }
 
     async fn delete_namespace(&self, req: Request<pb::DeleteNamespaceRequest>) -> Reply<pb::WriteResponse> {
         let req = req.into_inner();
+        tag(&req.name, None, None);
         validate::name("name", &req.name)?;
         written(self.cluster.write(Command::DeleteNamespace { name: req.name, cascade: req.cascade }).await?)
     }
@@ -261,6 +264,7 @@ impl Admin for AdminService {
 
     async fn create_topic(&self, req: Request<pb::CreateTopicRequest>) -> Reply<pb::WriteResponse> {
         let req = req.into_inner();
+        tag(&req.namespace, req.topic.as_ref().map(|t| t.name.as_str()), None);
         let namespace = namespace_of(&req.namespace)?;
         let topic = req.topic.ok_or_else(|| RequestError::new(ErrorCode::InvalidArgument, "topic: is required"))?;
         validate::name("name", &topic.name)?;
@@ -270,6 +274,7 @@ impl Admin for AdminService {
 
     async fn update_topic(&self, req: Request<pb::UpdateTopicRequest>) -> Reply<pb::WriteResponse> {
         let req = req.into_inner();
+        tag(&req.namespace, Some(&req.name), None);
         let namespace = namespace_of(&req.namespace)?;
         validate::name("name", &req.name)?;
         let update = TopicUpdate {
@@ -295,6 +300,7 @@ impl Admin for AdminService {
 
     async fn delete_topic(&self, req: Request<pb::DeleteTopicRequest>) -> Reply<pb::WriteResponse> {
         let req = req.into_inner();
+        tag(&req.namespace, Some(&req.name), None);
         let namespace = namespace_of(&req.namespace)?;
         validate::name("name", &req.name)?;
         written(self.cluster.write(Command::DeleteTopic { namespace, name: req.name }).await?)
@@ -302,6 +308,7 @@ impl Admin for AdminService {
 
     async fn list_topics(&self, req: Request<pb::ListTopicsRequest>) -> Reply<pb::ListTopicsResponse> {
         let req = req.into_inner();
+        tag(&req.namespace, None, None);
         let namespace = namespace_of(&req.namespace)?;
         let applied = self.cluster.read(!req.stale).await?;
         let ns = applied.state.namespace(&namespace)?;
@@ -313,12 +320,14 @@ impl Admin for AdminService {
 
     async fn create_consumer_group(&self, req: Request<pb::CreateConsumerGroupRequest>) -> Reply<pb::WriteResponse> {
         let req = req.into_inner();
+        tag(&req.namespace, None, req.consumer_group.as_ref().map(|g| g.name.as_str()));
         let (namespace, name, spec) = self.group_of_request(&req.namespace, req.consumer_group).await?;
         written(self.cluster.write(Command::CreateConsumerGroup { namespace, name, spec }).await?)
     }
 
     async fn update_consumer_group(&self, req: Request<pb::UpdateConsumerGroupRequest>) -> Reply<pb::WriteResponse> {
         let req = req.into_inner();
+        tag(&req.namespace, None, req.consumer_group.as_ref().map(|g| g.name.as_str()));
         let (namespace, name, spec) = self.group_of_request(&req.namespace, req.consumer_group).await?;
         let now_unix_ms = self.segments.clock().now_unix_ms();
         written(self.cluster.write(Command::UpdateConsumerGroup { namespace, name, spec, now_unix_ms }).await?)
@@ -326,6 +335,7 @@ impl Admin for AdminService {
 
     async fn delete_consumer_group(&self, req: Request<pb::DeleteConsumerGroupRequest>) -> Reply<pb::WriteResponse> {
         let req = req.into_inner();
+        tag(&req.namespace, None, Some(&req.name));
         let namespace = namespace_of(&req.namespace)?;
         validate::name("name", &req.name)?;
         written(self.cluster.write(Command::DeleteConsumerGroup { namespace, name: req.name }).await?)
@@ -336,6 +346,7 @@ impl Admin for AdminService {
         req: Request<pb::ListConsumerGroupsRequest>,
     ) -> Reply<pb::ListConsumerGroupsResponse> {
         let req = req.into_inner();
+        tag(&req.namespace, None, None);
         let namespace = namespace_of(&req.namespace)?;
         let applied = self.cluster.read(!req.stale).await?;
         let ns = applied.state.namespace(&namespace)?;
@@ -355,6 +366,7 @@ impl Admin for AdminService {
     ) -> Reply<pb::DescribeConsumerGroupsResponse> {
         let forwarded = hops(req.metadata()) > 0;
         let req = req.into_inner();
+        tag(&req.namespace, None, (req.names.len() == 1).then(|| req.names[0].as_str()));
         let namespace = namespace_of(&req.namespace)?;
         for (i, n) in req.names.iter().enumerate() {
             validate::name(&format!("names[{i}]"), n)?;

@@ -12,6 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::admin::namespace_of;
+use super::request::tag;
 use crate::cluster_state::validate;
 use crate::consumer_groups::Groups;
 use crate::error::{ErrorCode, RequestError};
@@ -123,6 +124,7 @@ fn error_name(code: ErrorCode) -> String {
 impl Messaging for MessagingService {
     async fn publish(&self, req: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
         let hops = hops(req.metadata());
+        tag(&req.get_ref().namespace, Some(&req.get_ref().topic), None);
         // A forwarded publish was counted where it arrived.
         Ok(Response::new(publish_counted(&self.segments, req.into_inner(), hops, hops == 0).await?))
     }
@@ -135,6 +137,7 @@ impl Messaging for MessagingService {
         let Some(first) = inbound.message().await? else {
             return Ok(Response::new(Box::pin(futures::stream::empty())));
         };
+        tag(&first.namespace, Some(&first.topic), None);
         let namespace = namespace_of(&first.namespace)?;
         validate::name("topic", &first.topic)?;
         // A stream whose topic's primary is elsewhere is relayed there whole, so its
@@ -191,6 +194,7 @@ impl Messaging for MessagingService {
     async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Reply<Self::SubscribeStream> {
         let fwd = forwarded(&req);
         let mut req = req.into_inner();
+        tag(&req.namespace, None, Some(&req.consumer_group));
         req.namespace = namespace_of(&req.namespace)?;
         validate::name("consumer_group", &req.consumer_group)?;
         let stream = self.groups.subscribe_anywhere(&self.peers, req, fwd).await?;
@@ -200,6 +204,7 @@ impl Messaging for MessagingService {
     async fn ack(&self, req: Request<pb::AckRequest>) -> Reply<pb::AckResponse> {
         let fwd = forwarded(&req);
         let req = req.into_inner();
+        tag(&req.namespace, None, Some(&req.consumer_group));
         let namespace = namespace_of(&req.namespace)?;
         validate::name("consumer_group", &req.consumer_group)?;
         self.groups.settle_anywhere(&self.peers, namespace, req.consumer_group, req.deliveries, true, fwd).await?;
@@ -210,6 +215,7 @@ impl Messaging for MessagingService {
     async fn nack(&self, req: Request<pb::NackRequest>) -> Reply<pb::NackResponse> {
         let fwd = forwarded(&req);
         let req = req.into_inner();
+        tag(&req.namespace, None, Some(&req.consumer_group));
         let namespace = namespace_of(&req.namespace)?;
         validate::name("consumer_group", &req.consumer_group)?;
         self.groups.settle_anywhere(&self.peers, namespace, req.consumer_group, req.deliveries, false, fwd).await?;

@@ -8,6 +8,7 @@ pub mod guard;
 pub mod internal;
 pub mod messaging;
 pub mod metrics;
+pub mod request;
 
 use std::pin::Pin;
 
@@ -137,7 +138,13 @@ pub fn serve(
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(crate::transport::HTTP2_KEEPALIVE_INTERVAL))
-            .layer(tower::ServiceBuilder::new().layer(grpc_metrics).layer(guard).into_inner())
+            .layer(
+                tower::ServiceBuilder::new()
+                    .layer(grpc_metrics)
+                    .layer(guard)
+                    .layer(request::RequestContextLayer)
+                    .into_inner(),
+            )
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -256,6 +256,10 @@ fn forwarded<T>(message: T, hops: u32) -> tonic::Request<T> {
     if let Ok(v) = (hops + 1).to_string().parse() {
         req.metadata_mut().insert(FORWARDED_METADATA, v);
     }
+    // The client's request keeps its id on every node it passes (their logs match).
+    if let Some(v) = crate::api::request::current_id().and_then(|id| id.parse().ok()) {
+        req.metadata_mut().insert(eventtermq_api::error::REQUEST_ID_METADATA, v);
+    }
     req
 }
 

@@ -34,7 +34,8 @@ use super::{
 };
 use crate::broker::{self, Admin, Refusal};
 use crate::crd::{
-    parse_duration_ms, BrokerObjectStatus, ConsumerGroup, DeletionPolicy, EventterCluster, ExchangeType, Topic,
+    parse_duration_ms, BrokerObjectStatus, ConsumerGroup, ConsumerGroupLag, ConsumerGroupStatus, DeletionPolicy,
+    EventterCluster, ExchangeType, Topic,
 };
 use crate::error::{Error, Result};
 
@@ -44,6 +45,9 @@ use crate::error::{Error, Result};
 pub const RESYNC_PERIOD: Duration = Duration::from_secs(300);
 /// Retry delay while the EventterCluster or a dependency (a bound topic) is missing.
 pub const DEPENDENCY_RETRY_DELAY: Duration = Duration::from_secs(15);
+/// Default of [`Context::group_status_period`] (`--group-status-period-ms`): how often
+/// a ConsumerGroup in sync reads its lag again.
+pub const GROUP_STATUS_PERIOD_DEFAULT: Duration = Duration::from_secs(15);
 
 /// What to create in the broker.
 pub enum BrokerWrite {
@@ -68,13 +72,26 @@ pub trait BrokerObject:
     const FINALIZER: &'static str;
     /// Human name of the kind in messages ("topic", "consumer group").
     const NOUN: &'static str;
+    /// Whether the status carries the group's lag, read from the broker on every pass.
+    const REPORTS_LAG: bool;
+    /// The whole status subresource.
+    type Status: Serialize + Clone + PartialEq + Send + Sync;
 
     fn cluster_ref(&self) -> &str;
     fn broker_namespace(&self) -> &str;
     /// Name in the broker: `spec.name`, else `metadata.name`.
     fn broker_name(&self) -> String;
     fn deletion_policy(&self) -> DeletionPolicy;
+    /// The Ready condition and index part of the status.
     fn current_status(&self) -> Option<&BrokerObjectStatus>;
+    /// The status with `object` as its condition part and, for a kind that
+    /// [`REPORTS_LAG`](Self::REPORTS_LAG), `lag` as read now (`None`: keep what the
+    /// status holds).
+    fn status_with(&self, object: BrokerObjectStatus, lag: Option<ConsumerGroupLag>) -> Self::Status;
+    /// The status as it is (default when unset).
+    fn full_status(&self) -> Self::Status;
+    /// How soon a pass over an object in sync comes back.
+    fn in_sync_period(ctx: &Context) -> Duration;
     /// The broker object the spec asks for, or why the spec cannot be turned into one.
     fn desired(&self) -> std::result::Result<BrokerWrite, String>;
 }
@@ -83,6 +100,8 @@ impl BrokerObject for Topic {
     const CONTROLLER: &'static str = "topic";
     const FINALIZER: &'static str = "eventter.io/topic";
     const NOUN: &'static str = "topic";
+    const REPORTS_LAG: bool = false;
+    type Status = BrokerObjectStatus;
 
     fn cluster_ref(&self) -> &str {
         &self.spec.cluster_ref
@@ -102,6 +121,18 @@ impl BrokerObject for Topic {
 
     fn current_status(&self) -> Option<&BrokerObjectStatus> {
         self.status.as_ref()
+    }
+
+    fn status_with(&self, object: BrokerObjectStatus, _: Option<ConsumerGroupLag>) -> BrokerObjectStatus {
+        object
+    }
+
+    fn full_status(&self) -> BrokerObjectStatus {
+        self.status.clone().unwrap_or_default()
+    }
+
+    fn in_sync_period(_: &Context) -> Duration {
+        RESYNC_PERIOD
     }
 
     fn desired(&self) -> std::result::Result<BrokerWrite, String> {
@@ -130,6 +161,8 @@ impl BrokerObject for ConsumerGroup {
     const CONTROLLER: &'static str = "consumergroup";
     const FINALIZER: &'static str = "eventter.io/consumergroup";
     const NOUN: &'static str = "consumer group";
+    const REPORTS_LAG: bool = true;
+    type Status = ConsumerGroupStatus;
 
     fn cluster_ref(&self) -> &str {
         &self.spec.cluster_ref
@@ -148,7 +181,21 @@ impl BrokerObject for ConsumerGroup {
     }
 
     fn current_status(&self) -> Option<&BrokerObjectStatus> {
-        self.status.as_ref()
+        self.status.as_ref().map(|s| &s.object)
+    }
+
+    fn status_with(&self, object: BrokerObjectStatus, lag: Option<ConsumerGroupLag>) -> ConsumerGroupStatus {
+        let lag = lag.unwrap_or_else(|| self.status.as_ref().map(|s| s.lag.clone()).unwrap_or_default());
+        ConsumerGroupStatus { object, lag }
+    }
+
+    fn full_status(&self) -> ConsumerGroupStatus {
+        self.status.clone().unwrap_or_default()
+    }
+
+    /// The lag in the status is only as fresh as the last pass.
+    fn in_sync_period(ctx: &Context) -> Duration {
+        ctx.group_status_period.min(RESYNC_PERIOD)
     }
 
     fn desired(&self) -> std::result::Result<BrokerWrite, String> {
@@ -203,8 +250,10 @@ pub async fn reconcile<K: BrokerObject>(obj: Arc<K>, ctx: Arc<Context>) -> Resul
     Ok(action)
 }
 
-/// Records the Ready condition (and an event when it changes), skipping the write
-/// when nothing changed.
+/// Records the Ready condition (and an event when it changes) and, for a group, the
+/// lag read in this pass (`None`: keep the status's), skipping the write when nothing
+/// changed.
+#[allow(clippy::too_many_arguments)]
 async fn set_ready<K: BrokerObject>(
     obj: &K,
     ctx: &Context,
@@ -213,17 +262,19 @@ async fn set_ready<K: BrokerObject>(
     reason: &str,
     message: String,
     cluster_state_index: Option<u64>,
+    lag: Option<ConsumerGroupLag>,
 ) -> Result<()> {
     let previous = obj.current_status().cloned().unwrap_or_default();
     let ready_condition = condition(&previous.conditions, READY, ready, reason, message.clone(), obj.meta().generation);
     let changed = find_condition(&previous.conditions, READY)
         .is_none_or(|c| c.status != ready_condition.status || c.reason != ready_condition.reason);
-    let status = BrokerObjectStatus {
+    let object = BrokerObjectStatus {
         conditions: vec![ready_condition],
         observed_generation: obj.meta().generation,
         cluster_state_index: cluster_state_index.or(previous.cluster_state_index),
     };
-    if status != previous {
+    let status = obj.status_with(object, lag);
+    if status != obj.full_status() {
         apply_status(api, &obj.name_any(), &status).await?;
     }
     if changed {
@@ -237,22 +288,26 @@ async fn apply<K: BrokerObject>(obj: Arc<K>, ctx: &Context, api: &Api<K>, namesp
     let clusters: Api<EventterCluster> = Api::namespaced(ctx.client.clone(), namespace);
     let Some(cluster) = clusters.get_opt(obj.cluster_ref()).await? else {
         let message = format!("EventterCluster {:?} not found in namespace {namespace:?}", obj.cluster_ref());
-        set_ready(obj.as_ref(), ctx, api, false, "ClusterNotFound", message, None).await?;
+        set_ready(obj.as_ref(), ctx, api, false, "ClusterNotFound", message, None, None).await?;
         return Ok(Action::requeue(DEPENDENCY_RETRY_DELAY));
     };
     let write = match obj.desired() {
         Ok(write) => write,
         Err(message) => {
-            set_ready(obj.as_ref(), ctx, api, false, "Rejected", message, None).await?;
+            set_ready(obj.as_ref(), ctx, api, false, "Rejected", message, None, None).await?;
             return Ok(Action::await_change());
         }
     };
     let address = ctx.broker.address(&cluster);
-    let outcome = match sync_to_broker(ctx, &address, obj.broker_namespace(), write).await {
-        Ok(outcome) => outcome,
+    let synced = match ctx.broker.connect(&address).await {
+        Ok(mut admin) => sync_to_broker(&mut admin, obj.broker_namespace(), write).await.map(|o| (admin, o)),
+        Err(error) => Err(error),
+    };
+    let (mut admin, outcome) = match synced {
+        Ok(synced) => synced,
         Err(error) => {
             if matches!(error, Error::BrokerUnavailable { .. }) {
-                set_ready(obj.as_ref(), ctx, api, false, "BrokerUnavailable", error.to_string(), None).await?;
+                set_ready(obj.as_ref(), ctx, api, false, "BrokerUnavailable", error.to_string(), None, None).await?;
             }
             return Err(error);
         }
@@ -274,16 +329,21 @@ async fn apply<K: BrokerObject>(obj: Arc<K>, ctx: &Context, api: &Api<K>, namesp
                 obj.broker_name(),
                 obj.broker_namespace()
             );
-            set_ready(obj.as_ref(), ctx, api, true, "Synced", message, Some(index)).await?;
-            Ok(Action::requeue(RESYNC_PERIOD))
+            let lag = if K::REPORTS_LAG {
+                Some(read_lag(&mut admin, obj.broker_namespace(), &obj.broker_name(), &cluster).await)
+            } else {
+                None
+            };
+            set_ready(obj.as_ref(), ctx, api, true, "Synced", message, Some(index), lag).await?;
+            Ok(Action::requeue(K::in_sync_period(ctx)))
         }
         Err(Refusal::Rejected(message)) => {
             // The same spec will be refused again: wait for the user to change it.
-            set_ready(obj.as_ref(), ctx, api, false, "Rejected", message, None).await?;
+            set_ready(obj.as_ref(), ctx, api, false, "Rejected", message, None, None).await?;
             Ok(Action::await_change())
         }
         Err(Refusal::Missing(message)) => {
-            set_ready(obj.as_ref(), ctx, api, false, "DependencyMissing", message, None).await?;
+            set_ready(obj.as_ref(), ctx, api, false, "DependencyMissing", message, None, None).await?;
             Ok(Action::requeue(DEPENDENCY_RETRY_DELAY))
         }
     }
@@ -299,17 +359,55 @@ enum Synced {
     Written { index: u64 },
 }
 
+/// The lag of group `name` as its broker reports it now. A group the broker cannot
+/// describe (not placed or running yet, its node unreachable) gets no lag and the
+/// reason; the reconcile goes on either way, since the group itself is in sync.
+async fn read_lag(admin: &mut Admin, namespace: &str, name: &str, cluster: &EventterCluster) -> ConsumerGroupLag {
+    match admin.describe_consumer_group(namespace, name).await {
+        Ok(Some(described)) => group_lag(&described, cluster),
+        Ok(None) => ConsumerGroupLag {
+            lag_error: Some(format!("the broker does not describe group {name:?}")),
+            ..ConsumerGroupLag::default()
+        },
+        Err(error) => {
+            ConsumerGroupLag { lag_error: Some(format!("cannot read the lag: {error}")), ..ConsumerGroupLag::default() }
+        }
+    }
+}
+
+/// The status's lag part from a broker's description of the group; the pod running it
+/// comes from the members the EventterCluster's status lists.
+pub fn group_lag(described: &pb::ConsumerGroupStatus, cluster: &EventterCluster) -> ConsumerGroupLag {
+    let node_id = (described.node_id != 0).then(|| described.node_id.to_string());
+    let node = node_id.as_ref().and_then(|id| {
+        let members = cluster.status.as_ref().map(|s| s.members.as_slice()).unwrap_or_default();
+        members.iter().find(|m| &m.id == id).map(|m| super::cluster::pod_of_address(&m.address))
+    });
+    if !described.running {
+        let error =
+            if described.error.is_empty() { "the group is not running".to_string() } else { described.error.clone() };
+        return ConsumerGroupLag { node, node_id, lag_error: Some(error), ..ConsumerGroupLag::default() };
+    }
+    ConsumerGroupLag {
+        lag: Some(described.lag),
+        topic_lag: described.topic_lag.iter().map(|(t, n)| (t.clone(), *n)).collect(),
+        oldest_unacked_seconds: Some(described.oldest_unacked_age.map(|d| d.seconds.max(0) as u64).unwrap_or(0)),
+        subscribers: Some(described.subscribers),
+        node,
+        node_id,
+        lag_error: None,
+    }
+}
+
 /// Makes the broker hold `write` in `namespace`, writing only what differs.
 async fn sync_to_broker(
-    ctx: &Context,
-    address: &str,
+    admin: &mut Admin,
     namespace: &str,
     write: BrokerWrite,
 ) -> Result<std::result::Result<Synced, Refusal>> {
-    let mut admin: Admin = ctx.broker.connect(address).await?;
     let written = match write {
         BrokerWrite::Topic(topic) => match admin.list_topics(namespace).await? {
-            None => create_namespace_then(&mut admin, namespace, BrokerWrite::Topic(topic)).await?,
+            None => create_namespace_then(admin, namespace, BrokerWrite::Topic(topic)).await?,
             Some(listed) => match listed.items.iter().find(|t| t.name == topic.name) {
                 Some(held) if eventtermq_api::same::topic_in_sync(&topic, held) => {
                     return Ok(Ok(Synced::AlreadyHeld { read_index: listed.index }))
@@ -319,7 +417,7 @@ async fn sync_to_broker(
             },
         },
         BrokerWrite::ConsumerGroup(group) => match admin.list_consumer_groups(namespace).await? {
-            None => create_namespace_then(&mut admin, namespace, BrokerWrite::ConsumerGroup(group)).await?,
+            None => create_namespace_then(admin, namespace, BrokerWrite::ConsumerGroup(group)).await?,
             Some(listed) => {
                 if let Some(held) = listed.items.iter().find(|g| g.name == group.name) {
                     let topics = admin.list_topics(namespace).await?.map(|t| t.items).unwrap_or_default();

@@ -1,5 +1,6 @@
-//! Reconciler of `EventterCluster`: applies the four child objects with server-side
-//! apply and reports readiness from the StatefulSet and the brokers' own view (Dump).
+//! Reconciler of `EventterCluster`: applies the five child objects with server-side
+//! apply and reports readiness from the StatefulSet and the brokers' own view (Dump),
+//! with each broker's own health (free disk, Raft error) asked of that broker.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use kube::runtime::{predicates, reflector, watcher, Controller, WatchStreamExt};
 use kube::{Api, Resource, ResourceExt};
 
 use super::{apply_status, condition, error_policy, find_condition, object_key, Context, DEGRADED, PROGRESSING, READY};
+use crate::broker::BrokerConnector;
 use crate::builders::{self, FIELD_MANAGER};
 use crate::crd::{ClusterMember, EventterCluster, EventterClusterStatus};
 use crate::error::{Error, Result};
@@ -44,6 +46,8 @@ pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Resu
     services.patch(&headless.name_any(), &params, &Patch::Apply(&headless)).await?;
     let client_service = builders::client_service(&cluster);
     services.patch(&client_service.name_any(), &params, &Patch::Apply(&client_service)).await?;
+    let metrics_service = builders::metrics_service(&cluster);
+    services.patch(&metrics_service.name_any(), &params, &Patch::Apply(&metrics_service)).await?;
     let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), &namespace);
     let recorded = cluster.status.as_ref().and_then(|s| s.bootstrap_expect).is_some_and(|n| n >= 1);
     // The StatefulSet as it is matters only while the status has no record of it.
@@ -61,7 +65,11 @@ pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Resu
         Ok(mut admin) => admin.dump().await,
         Err(error) => Err(error),
     };
-    let status = cluster_status(&cluster, ready_replicas, &dump, bootstrap_expect);
+    let health = match &dump {
+        Ok(dump) => nodes_health(&ctx.broker, dump).await,
+        Err(_) => Vec::new(),
+    };
+    let status = cluster_status(&cluster, ready_replicas, &dump, &health, bootstrap_expect);
 
     let previous = cluster.status.clone().unwrap_or_default();
     if status != previous {
@@ -109,13 +117,14 @@ fn node_state_name(state: i32) -> &'static str {
     }
 }
 
-/// The status of `cluster` given its StatefulSet's ready pods, a broker's Dump and
-/// the `--bootstrap-expect` its StatefulSet was applied with. Pure, so the condition
-/// logic is tested without a cluster.
+/// The status of `cluster` given its StatefulSet's ready pods, a broker's Dump, what
+/// the brokers said of their own health and the `--bootstrap-expect` its StatefulSet
+/// was applied with. Pure, so the condition logic is tested without a cluster.
 pub fn cluster_status(
     cluster: &EventterCluster,
     ready_replicas: i32,
     dump: &Result<pb::DumpResponse>,
+    health: &[NodeHealth],
     bootstrap_expect: i32,
 ) -> EventterClusterStatus {
     let previous = cluster.status.clone().unwrap_or_default();
@@ -135,6 +144,7 @@ pub fn cluster_status(
     let (ready, degraded, message) = match dump {
         Ok(dump) => {
             record_brokers_view(&mut status, dump);
+            record_nodes_health(&mut status, health);
             brokers_health(&status, dump.leader_id, ready_replicas, replicas)
         }
         // No pod ready yet: the cluster is still forming, not degraded.
@@ -177,12 +187,75 @@ fn record_brokers_view(status: &mut EventterClusterStatus, dump: &pb::DumpRespon
             address: n.address.clone(),
             state: node_state_name(n.state).to_string(),
             raft_role: n.raft_role.clone(),
+            leader: dump.leader_id != 0 && n.id == dump.leader_id,
+            // The cluster state carries a node's free space only while it is low.
+            disk_free_bytes: n.disk_low.then_some(n.disk_free_bytes),
+            disk_free_min_bytes: n.disk_low.then_some(n.disk_free_min_bytes),
+            disk_low: n.disk_low,
+            raft_error: None,
+            health_error: None,
         })
         .collect();
     status.cluster_state_index = Some(state.index);
     let leader = state.nodes.iter().find(|n| n.id == dump.leader_id && dump.leader_id != 0);
     status.leader_id = (dump.leader_id != 0).then(|| dump.leader_id.to_string());
-    status.leader = leader.map(|n| n.address.split(['.', ':']).next().unwrap_or_default().to_string());
+    status.leader = leader.map(|n| pod_of_address(&n.address));
+}
+
+/// The first DNS label of a broker's `host:port` address: its pod's name.
+pub fn pod_of_address(address: &str) -> String {
+    address.split(['.', ':']).next().unwrap_or_default().to_string()
+}
+
+/// What one broker said of its own condition, or why it could not be asked.
+pub type NodeHealth = (u64, std::result::Result<pb::LocalHealth, String>);
+
+/// Each member's own health: the answering broker's from its Dump, the other alive
+/// members' by asking each one (at most `node_health_concurrency_max` at once, each
+/// within `node_health_timeout`). Members not alive are not asked. With a fixed
+/// broker address (tests, a port-forward) only the answering broker is known.
+async fn nodes_health(connector: &BrokerConnector, dump: &pb::DumpResponse) -> Vec<NodeHealth> {
+    let mut health: Vec<NodeHealth> = Vec::new();
+    if let Some(local) = &dump.local {
+        health.push((dump.node_id, Ok(local.clone())));
+    }
+    if connector.address_override.is_some() {
+        return health;
+    }
+    let nodes = dump.state.as_ref().map(|s| s.nodes.as_slice()).unwrap_or_default();
+    let others: Vec<(u64, String)> = nodes
+        .iter()
+        .filter(|n| n.id != dump.node_id && n.state == pb::NodeState::Alive as i32)
+        .map(|n| (n.id, n.address.clone()))
+        .collect();
+    let asked = futures::stream::iter(others)
+        .map(|(id, address)| async move { (id, connector.node_health(&address).await.map_err(|e| e.to_string())) })
+        .buffer_unordered(connector.node_health_concurrency_max.max(1))
+        .collect::<Vec<_>>()
+        .await;
+    health.extend(asked);
+    health
+}
+
+/// Adds what the brokers said of themselves to the members of `status`. A member not
+/// asked keeps what the cluster state says (its free disk only when it reported a low
+/// disk), with the reason it was not asked.
+pub fn record_nodes_health(status: &mut EventterClusterStatus, health: &[NodeHealth]) {
+    for member in &mut status.members {
+        let found = health.iter().find(|(id, _)| id.to_string() == member.id);
+        match found {
+            Some((_, Ok(local))) => {
+                member.disk_free_bytes = Some(local.disk_free_bytes);
+                member.disk_free_min_bytes = Some(local.disk_free_min_bytes);
+                member.disk_low = local.disk_low;
+                member.raft_error = (!local.raft_error.is_empty()).then(|| local.raft_error.clone());
+                member.health_error = None;
+            }
+            Some((_, Err(error))) => member.health_error = Some(error.clone()),
+            None if member.state != "Alive" => member.health_error = Some(format!("member is {}", member.state)),
+            None => member.health_error = Some("not asked (fixed broker address)".to_string()),
+        }
+    }
 }
 
 /// Whether the cluster is ready and whether it is degraded, and why, given the
@@ -197,13 +270,23 @@ fn brokers_health(
     let unhealthy: Vec<String> = status
         .members
         .iter()
-        .filter(|m| m.state != "Alive")
-        .map(|m| format!("{} ({}) is {}", m.id, m.address, m.state))
+        .filter_map(|m| {
+            if m.state != "Alive" {
+                Some(format!("{} ({}) is {}", m.id, m.address, m.state))
+            } else if let Some(error) = &m.raft_error {
+                Some(format!("{} ({}) stopped Raft: {error}", m.id, m.address))
+            } else if m.disk_low {
+                let free = m.disk_free_bytes.unwrap_or_default();
+                Some(format!("{} ({}) is low on disk: {free} bytes free", m.id, m.address))
+            } else {
+                None
+            }
+        })
         .collect();
     if leader_id == 0 {
         (false, ready_replicas > 0, "the brokers know no Raft leader".to_string())
     } else if !unhealthy.is_empty() {
-        (pods_ready, true, format!("members not alive: {}", unhealthy.join(", ")))
+        (pods_ready, true, format!("members not healthy: {}", unhealthy.join(", ")))
     } else if !pods_ready {
         (false, false, format!("{ready_replicas}/{replicas} broker pods ready"))
     } else {
@@ -282,7 +365,7 @@ mod tests {
     #[test]
     fn healthy_cluster_is_ready() {
         let alive = [pb::NodeState::Alive; 3];
-        let status = cluster_status(&cluster(), 3, &Ok(dump(1, &alive)), 3);
+        let status = cluster_status(&cluster(), 3, &Ok(dump(1, &alive)), &[], 3);
         assert_eq!((status_of(&status, READY), status_of(&status, DEGRADED)), ("True".into(), "False".into()));
         assert_eq!(status.leader.as_deref(), Some("emq-0"));
         assert_eq!(status.cluster_state_index, Some(9));
@@ -293,7 +376,7 @@ mod tests {
     #[test]
     fn dead_member_degrades_the_cluster() {
         let states = [pb::NodeState::Alive, pb::NodeState::Dead, pb::NodeState::Alive];
-        let status = cluster_status(&cluster(), 3, &Ok(dump(1, &states)), 3);
+        let status = cluster_status(&cluster(), 3, &Ok(dump(1, &states)), &[], 3);
         assert_eq!(status_of(&status, DEGRADED), "True");
         let degraded = find_condition(&status.conditions, DEGRADED).unwrap();
         assert!(degraded.message.contains("is Dead"), "{}", degraded.message);
@@ -301,9 +384,35 @@ mod tests {
     }
 
     #[test]
+    fn members_carry_their_own_health_and_a_low_disk_degrades() {
+        let alive = [pb::NodeState::Alive; 3];
+        let health = |free: u64, low: bool| pb::LocalHealth {
+            disk_free_bytes: free,
+            disk_free_min_bytes: 64 << 20,
+            disk_low: low,
+            raft_error: String::new(),
+        };
+        let answers: Vec<NodeHealth> =
+            vec![(1, Ok(health(5 << 30, false))), (2, Ok(health(7 << 30, false))), (3, Err("refused".into()))];
+        let status = cluster_status(&cluster(), 3, &Ok(dump(2, &alive)), &answers, 3);
+        assert_eq!(status_of(&status, DEGRADED), "False");
+        let m = &status.members;
+        assert_eq!((m[0].disk_free_bytes, m[0].leader, m[1].leader), (Some(5 << 30), false, true));
+        assert_eq!(m[1].disk_free_min_bytes, Some(64 << 20));
+        assert_eq!((m[2].disk_free_bytes, m[2].health_error.as_deref()), (None, Some("refused")));
+
+        let answers: Vec<NodeHealth> = vec![(1, Ok(health(1 << 20, true)))];
+        let status = cluster_status(&cluster(), 3, &Ok(dump(2, &alive)), &answers, 3);
+        assert_eq!(status_of(&status, DEGRADED), "True");
+        let degraded = find_condition(&status.conditions, DEGRADED).unwrap();
+        assert!(degraded.message.contains("low on disk: 1048576 bytes free"), "{}", degraded.message);
+        assert!(status.members[1].health_error.is_some(), "a member not asked says so");
+    }
+
+    #[test]
     fn no_leader_is_not_ready() {
         let alive = [pb::NodeState::Alive; 3];
-        let status = cluster_status(&cluster(), 3, &Ok(dump(0, &alive)), 3);
+        let status = cluster_status(&cluster(), 3, &Ok(dump(0, &alive)), &[], 3);
         assert_eq!(status_of(&status, READY), "False");
         assert_eq!(status.leader, None);
     }
@@ -312,9 +421,9 @@ mod tests {
     fn unreachable_brokers_keep_the_last_members_and_degrade_once_pods_ran() {
         let mut cluster = cluster();
         let alive = [pb::NodeState::Alive; 3];
-        cluster.status = Some(cluster_status(&cluster, 3, &Ok(dump(1, &alive)), 3));
+        cluster.status = Some(cluster_status(&cluster, 3, &Ok(dump(1, &alive)), &[], 3));
         let unreachable = Err(Error::BrokerUnavailable { address: "emq:16000".into(), message: "refused".into() });
-        let status = cluster_status(&cluster, 2, &unreachable, 3);
+        let status = cluster_status(&cluster, 2, &unreachable, &[], 3);
         assert_eq!(status_of(&status, READY), "False");
         assert_eq!(status_of(&status, PROGRESSING), "True");
         assert_eq!(status_of(&status, DEGRADED), "True");

@@ -45,6 +45,9 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub broker: BrokerConnector,
+    /// How often a ConsumerGroup in sync is reconciled again to refresh the lag in its
+    /// status (capped by the resync period; a status write only when it changed).
+    pub group_status_period: Duration,
     /// Consecutive failures per object (`kind/namespace/name`), for the retry backoff.
     /// Bounded by the number of objects watched; entries go on success.
     failures: Mutex<HashMap<String, u32>>,
@@ -58,6 +61,7 @@ impl Context {
             client,
             metrics,
             broker,
+            group_status_period: broker_object::GROUP_STATUS_PERIOD_DEFAULT,
             failures: Mutex::new(HashMap::new()),
         }
     }

@@ -21,6 +21,9 @@ pub struct Script {
     pub delete: Option<Status>,
     pub create_consumer_group: Option<Status>,
     pub dump: Option<pb::DumpResponse>,
+    /// Lag per group name that DescribeConsumerGroups reports (0 when not listed) for
+    /// every group it holds, as running on node 1; `None`: it answers Unavailable.
+    pub lag: Option<BTreeMap<String, u64>>,
     /// Raft index before the first write; each accepted write takes the next one.
     pub index: u64,
     /// Namespaces with their topics and groups; `default` exists, as in a new cluster.
@@ -35,6 +38,7 @@ impl Default for Script {
             delete: None,
             create_consumer_group: None,
             dump: None,
+            lag: Some(BTreeMap::new()),
             index: 0,
             namespaces: BTreeMap::from([("default".to_string(), Namespace::default())]),
         }
@@ -115,6 +119,16 @@ impl State {
     /// the Raft index moves on without any change to what the operator manages.
     pub fn other_writes(&self, count: u64) {
         self.script.lock().unwrap().index += count;
+    }
+
+    /// The lag DescribeConsumerGroups reports for `group` from now on.
+    pub fn set_lag(&self, group: &str, lag: u64) {
+        self.script.lock().unwrap().lag.get_or_insert_with(BTreeMap::new).insert(group.to_string(), lag);
+    }
+
+    /// Changes the script (error answers, the lag) between passes.
+    pub fn edit_script(&self, change: impl FnOnce(&mut Script)) {
+        change(&mut self.script.lock().unwrap());
     }
 
     fn record(&self, call: String) {
@@ -391,8 +405,32 @@ impl Admin for FakeBroker {
         &self,
         r: Request<pb::DescribeConsumerGroupsRequest>,
     ) -> Result<Response<pb::DescribeConsumerGroupsResponse>, Status> {
-        self.0.record(format!("DescribeConsumerGroups {}", r.into_inner().namespace));
-        Err(Status::unimplemented("the fake broker has no consumer lag"))
+        let request = r.into_inner();
+        self.0.record(format!("DescribeConsumerGroups {}", request.namespace));
+        let Some(lag) = self.0.script.lock().unwrap().lag.clone() else {
+            return Err(Status::unavailable("cannot ask node 1"));
+        };
+        let (groups, index): (Vec<pb::ConsumerGroup>, u64) =
+            self.0.read(&request.namespace, |ns| ns.groups.values().cloned().collect())?;
+        let consumer_groups = groups
+            .into_iter()
+            .filter(|g| request.names.is_empty() || request.names.contains(&g.name))
+            .map(|g| {
+                let lag = lag.get(&g.name).copied().unwrap_or(0);
+                pb::ConsumerGroupStatus {
+                    node_id: 1,
+                    running: true,
+                    lag,
+                    topic_lag: g.bindings.iter().map(|b| (b.topic.clone(), lag)).take(1).collect(),
+                    oldest_unacked_age: Some(prost_types::Duration { seconds: 7, nanos: 0 }),
+                    subscribers: 2,
+                    size: g.size,
+                    name: g.name,
+                    ..pb::ConsumerGroupStatus::default()
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::DescribeConsumerGroupsResponse { consumer_groups, index }))
     }
 
     async fn dump(&self, _: Request<pb::DumpRequest>) -> Result<Response<pb::DumpResponse>, Status> {
@@ -447,7 +485,12 @@ pub fn healthy_dump() -> pb::DumpResponse {
         node_id: 1,
         leader_id: 2,
         term: 3,
-        local: None,
+        local: Some(pb::LocalHealth {
+            disk_free_bytes: 10 << 30,
+            disk_free_min_bytes: 64 << 20,
+            disk_low: false,
+            raft_error: String::new(),
+        }),
     }
 }
 

@@ -63,6 +63,7 @@ pub fn context(client: kube::Client, broker: std::net::SocketAddr) -> Arc<Contex
         address_override: Some(broker.to_string()),
         connect_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(5),
+        ..BrokerConnector::default()
     };
     Arc::new(Context::new(client, Arc::new(Metrics::default()), connector, Some("test".into())))
 }
@@ -124,9 +125,6 @@ where
     let reconcile = tokio::spawn(eventter_operator::controller::broker_object::reconcile(object.clone(), ctx.clone()));
     expect_cluster_get(server).await;
     let action = finished(reconcile).await.unwrap();
-    assert_eq!(
-        action,
-        kube::runtime::controller::Action::requeue(eventter_operator::controller::broker_object::RESYNC_PERIOD)
-    );
+    assert_eq!(action, kube::runtime::controller::Action::requeue(K::in_sync_period(ctx)));
     server.expect_no_more().await;
 }
