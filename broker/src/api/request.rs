@@ -18,15 +18,11 @@ use eventtermq_api::error::{ERROR_CODE_METADATA, REQUEST_ID_METADATA};
 use tonic::codegen::http;
 use tracing::Instrument;
 
-tokio::task_local! {
-    /// The id of the request the current task handles (see [`current_id`]).
-    static CURRENT_ID: String;
-}
-
 /// The id of the client request the current task is handling, if any: what a request
-/// forwarded to another node carries along (`peers/`).
+/// forwarded to another node carries along. The task-local lives in `peers/`, which
+/// sends it and must not depend on `api/`.
 pub fn current_id() -> Option<String> {
-    CURRENT_ID.try_with(|id| id.clone()).ok()
+    crate::peers::current_request_id()
 }
 
 /// Longest request id a client may choose.
@@ -132,7 +128,7 @@ where
         let answer = span.in_scope(|| self.inner.call(req));
         let scope_id = id.clone();
         Box::pin(
-            CURRENT_ID.scope(
+            crate::peers::REQUEST_ID.scope(
                 scope_id,
                 async move {
                     let mut response = answer.await?;

@@ -250,6 +250,17 @@ pub fn raft_message_is_for(metadata: &MetadataMap, me: NodeId) -> bool {
     target.is_none_or(|t| t == me)
 }
 
+tokio::task_local! {
+    /// The id of the client request the current task handles: set by `api/` around a
+    /// request's handler, sent along with every call it makes to other nodes.
+    pub static REQUEST_ID: String;
+}
+
+/// The id of the client request the current task handles, if any.
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(|id| id.clone()).ok()
+}
+
 /// `message` as a request forwarded by a node that received it after `hops` hops.
 fn forwarded<T>(message: T, hops: u32) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
@@ -257,7 +268,7 @@ fn forwarded<T>(message: T, hops: u32) -> tonic::Request<T> {
         req.metadata_mut().insert(FORWARDED_METADATA, v);
     }
     // The client's request keeps its id on every node it passes (their logs match).
-    if let Some(v) = crate::api::request::current_id().and_then(|id| id.parse().ok()) {
+    if let Some(v) = current_request_id().and_then(|id| id.parse().ok()) {
         req.metadata_mut().insert(eventtermq_api::error::REQUEST_ID_METADATA, v);
     }
     req
