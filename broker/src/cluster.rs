@@ -10,6 +10,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use tokio::time::Instant;
 
 use crate::cluster_state::{AppliedState, Command, CommandResponse, NodeId, Raft, RequestId, SharedState};
+use crate::cluster_state::raft::LogId;
 use crate::error::{ErrorCode, RequestError};
 use crate::metrics::Metrics;
 use crate::peers::{PeerError, Peers};
@@ -28,6 +29,32 @@ pub struct Cluster {
     metrics: Metrics,
     /// Changes of `raft.metrics()`, passed on by one task: see [`Cluster::raft_changes`].
     raft_changes: crate::watch::Receiver<()>,
+    /// The changes among them that background duties act on: see [`Cluster::state_changes`].
+    state_changes: crate::watch::Receiver<()>,
+}
+
+/// The parts of Raft's metrics that [`Cluster::state_changes`] follows.
+#[derive(PartialEq)]
+struct Significant {
+    running: bool,
+    term: u64,
+    leader: Option<NodeId>,
+    server_state: openraft::ServerState,
+    membership: Option<LogId>,
+    last_applied: Option<LogId>,
+}
+
+impl Significant {
+    fn of(m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>) -> Self {
+        Significant {
+            running: m.running_state.is_ok(),
+            term: m.current_term,
+            leader: m.current_leader,
+            server_state: m.state,
+            membership: *m.membership_config.log_id(),
+            last_applied: m.last_applied,
+        }
+    }
 }
 
 /// Pause between attempts while there is no leader or it just changed.
@@ -46,14 +73,33 @@ impl Cluster {
         // The only task that waits on openraft's watch (its waiters wake in a random
         // order, see `crate::watch`); it ends when Raft does, and so does the channel.
         let (changed, raft_changes) = crate::watch::channel(());
+        let (significant, state_changes) = crate::watch::channel(());
         let mut raft_metrics = raft.metrics();
         tokio::spawn(async move {
+            let mut last = Significant::of(&raft_metrics.borrow());
             while raft_metrics.changed().await.is_ok() {
                 changed.send_replace(());
+                let now = Significant::of(&raft_metrics.borrow());
+                if now != last {
+                    last = now;
+                    significant.send_replace(());
+                }
             }
         });
         let next_nonce = Arc::new(AtomicU64::new(first_nonce));
-        Self { id, raft, state, peers, request_timeout, next_nonce, raft_changes, metrics }
+        Self { id, raft, state, peers, request_timeout, next_nonce, raft_changes, state_changes, metrics }
+    }
+
+    /// Tells when the applied cluster state, the leader, this node's role or the Raft
+    /// membership changed, or Raft stopped: what the node's background duties
+    /// (placement, the keeper, the groups' assignments, health) act on. Unlike
+    /// [`Cluster::raft_changes`] it stays quiet on a heartbeat: openraft publishes new
+    /// metrics for every acknowledged heartbeat (the time since the quorum's last
+    /// ack, the followers' replication progress), about 40 times a second on the
+    /// leader of three nodes, and a duty that woke on each of them scanned the whole
+    /// state that often while nothing happened.
+    pub fn state_changes(&self) -> crate::watch::Receiver<()> {
+        self.state_changes.clone()
     }
 
     /// Tells of every change of Raft's metrics (`raft.metrics()` has the new ones); an

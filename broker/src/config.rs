@@ -86,7 +86,11 @@ pub struct DataSettings {
     /// A closed segment's copy on a node DEAD this long is replaced by a new copy on a
     /// live node.
     pub rereplicate_after_ms: u64,
-    /// How long a consumer group waits for new records before it asks again.
+    /// How long a consumer group's read of an open segment waits for new records
+    /// before it asks again. A read ends as soon as records are confirmed, the segment
+    /// closes or its primary goes away, so this only bounds how often an idle group
+    /// asks: each idle group reads once per this (across the network when the
+    /// segment's primary is another node), which is the whole idle cost of a group.
     pub read_wait_ms: u64,
     /// Exactly-once publishing: how long a primary remembers a keyed publish (producer
     /// id and sequence), so that a repeat is answered as the first attempt was instead
@@ -118,7 +122,7 @@ impl Default for DataSettings {
             offsets_commit_interval_ms: 1000,
             ack_timeout_ms: eventtermq_api::defaults::ACK_TIMEOUT_MS,
             rereplicate_after_ms: 60_000,
-            read_wait_ms: 500,
+            read_wait_ms: 300_000,
             dedupe_window_ms: eventtermq_api::defaults::DEDUPE_WINDOW_MS,
             dedupe_window_entries_max: 100_000,
             dedupe_rebuild_read_max_bytes: 256 * 1024 * 1024,

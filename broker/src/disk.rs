@@ -145,6 +145,8 @@ struct Inner {
     free_bytes: AtomicU64,
     min_bytes: AtomicU64,
     below: AtomicBool,
+    /// Bumped by [`watch`] at each crossing: see [`Disk::level_changes`].
+    level_changes: crate::watch::Sender<()>,
 }
 
 /// Where readings come from.
@@ -171,6 +173,7 @@ impl Disk {
                 free_bytes: AtomicU64::new(space.free_bytes),
                 min_bytes: AtomicU64::new(min),
                 below: AtomicBool::new(below),
+                level_changes: crate::watch::channel(()).0,
             }),
         };
         if below {
@@ -178,6 +181,13 @@ impl Disk {
                 "the data directory is below its free-space watermark at startup: this node takes no segment data until space is freed");
         }
         Ok(disk)
+    }
+
+    /// Tells of every crossing of the watermark (as [`watch`] sees it, within one
+    /// [`CHECK_INTERVAL`]): the keeper acts on this node's level without looking at it
+    /// on a timer.
+    pub fn level_changes(&self) -> crate::watch::Receiver<()> {
+        self.inner.level_changes.subscribe()
     }
 
     fn level(&self) -> Level {
@@ -316,6 +326,7 @@ pub async fn watch(disk: Disk, cluster: Cluster, stop: CancellationToken) {
         if level != logged {
             log_crossing(&disk, level);
             logged = level;
+            disk.inner.level_changes.send_replace(());
         }
         let want = disk.report();
         let recorded = cluster.state.read().state.disk_low.contains_key(&cluster.id);

@@ -62,7 +62,7 @@ pub fn raft_failure(m: &RaftMetrics) -> Option<String> {
 /// liveness until Raft stops on an error, since nothing in this process brings it back
 /// (an orchestrator's liveness probe then restarts the node, as it should).
 async fn report_health(cluster: Cluster, health: tonic_health::server::HealthReporter, stop: CancellationToken) {
-    let (metrics, mut raft_changes) = (cluster.raft.metrics(), cluster.raft_changes());
+    let (metrics, mut raft_changes) = (cluster.raft.metrics(), cluster.state_changes());
     let mut last = None;
     loop {
         let (has_leader, failure) = {

@@ -7,6 +7,7 @@
 //! Applying a command is a pure function of (state, command, log index): no clock, no
 //! IO, no randomness, so every node computes the same state from the same log.
 
+pub mod changes;
 pub mod commands;
 pub mod log_store;
 pub mod model;
@@ -14,6 +15,7 @@ pub mod raft;
 pub mod state_machine;
 pub mod validate;
 
+pub use changes::{ChangeLog, Touched};
 pub use commands::{Command, CommandResponse};
 pub use log_store::{LogStore, LogStoreReader};
 pub use model::*;

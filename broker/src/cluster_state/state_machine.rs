@@ -25,6 +25,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::changes::{ChangeLog, Touched};
 use super::commands::CommandResponse;
 use super::model::{ClusterState, NodeId};
 use super::raft::{LogId, StorageError, TypeConfig};
@@ -42,6 +43,8 @@ pub struct AppliedState {
     pub last_applied: Option<LogId>,
     pub membership: StoredMembership<NodeId, BasicNode>,
     pub state: ClusterState,
+    /// What the last entries applied here touched (not replicated, not in snapshots).
+    pub changes: ChangeLog,
 }
 
 /// Shared read access to the applied state (cheap to clone).
@@ -193,10 +196,13 @@ impl StateMachineStore {
         let (applied, snapshot) = match loaded {
             Some((snapshot, state)) => {
                 tracing::info!(snapshot = %snapshot.meta, "loaded the raft snapshot");
+                let mut changes = ChangeLog::default();
+                changes.forget_up_to(snapshot.meta.last_log_id.map_or(0, |l| l.index));
                 let applied = AppliedState {
                     last_applied: snapshot.meta.last_log_id,
                     membership: snapshot.meta.last_membership.clone(),
                     state,
+                    changes,
                 };
                 (applied, Some(snapshot))
             }
@@ -205,6 +211,7 @@ impl StateMachineStore {
                     last_applied: None,
                     membership: StoredMembership::default(),
                     state: ClusterState::new_cluster(),
+                    changes: ChangeLog::default(),
                 },
                 None,
             ),
@@ -302,7 +309,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             applied.last_applied = Some(entry.log_id);
             let response = match entry.payload {
                 EntryPayload::Blank => CommandResponse { index, result: Ok(()) },
-                EntryPayload::Normal(cmd) => applied.state.apply_at(index, &cmd),
+                EntryPayload::Normal(cmd) => {
+                    let touched = Touched::of(&cmd, &applied.state);
+                    applied.changes.record(index, touched);
+                    applied.state.apply_at(index, &cmd)
+                }
                 EntryPayload::Membership(m) => {
                     applied.membership = StoredMembership::new(Some(entry.log_id), m);
                     CommandResponse { index, result: Ok(()) }
@@ -349,6 +360,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             applied.last_applied = meta.last_log_id;
             applied.membership = meta.last_membership.clone();
             applied.state = content.state;
+            applied.changes.forget_up_to(meta.last_log_id.map_or(0, |l| l.index));
         }
         *current = Some(installed);
         tracing::info!(snapshot = %meta, "installed a raft snapshot");

@@ -5,13 +5,13 @@
 //! [`Groups::subscribe_anywhere`] and [`Groups::settle_anywhere`] do both for the
 //! front doors (gRPC in `api/`, AMQP in `amqp/`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eventtermq_proto::v1::{Delivery as PbDelivery, Message, SubscribeRequest, SubscribeResponse};
 use prost::Message as _;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::buffer::{Delivery, SubscriberId};
 use super::task::{self, Event, GroupCmd, GroupStats};
 use crate::cluster::Cluster;
+use crate::cluster_state::Touched;
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::{Peers, Relayed};
 use crate::replication::{lock, Segments};
@@ -29,8 +30,6 @@ const GROUP_COMMAND_QUEUE_MAX: usize = 1024;
 const AUTO_ACK_BATCH_MAX: usize = 1024;
 /// Messages queued to one subscriber's stream at most (its window bounds it first).
 const SUBSCRIBER_STREAM_QUEUE_MAX: usize = 1024;
-/// How often the assignment loop looks at the state when nothing wakes it earlier.
-const ASSIGNMENT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// Pause between looks for a group that is not placed on a live node yet.
 const LOCATE_RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// How long a scrape or an Admin call waits for a group task's figures: a task answers
@@ -59,6 +58,8 @@ struct Inner {
 #[derive(Clone)]
 pub struct GroupHandle {
     cmd: mpsc::Sender<GroupCmd>,
+    /// Tells the task that the cluster state changed its group or one of its topics.
+    refresh: Arc<Notify>,
     stop: CancellationToken,
     task: Arc<tokio::sync::Mutex<Option<JoinHandle<Option<()>>>>>,
 }
@@ -79,17 +80,65 @@ impl Groups {
         self.inner.segments.cluster()
     }
 
-    /// Starts and stops group tasks as the cluster state assigns groups to this node.
+    /// Starts and stops group tasks as the cluster state assigns groups to this node,
+    /// and tells each running task when the state changed its group or one of its
+    /// topics ([`ChangeLog`](crate::cluster_state::ChangeLog)): a change wakes the tasks it concerns, not all of them,
+    /// and nothing wakes them while nothing changes.
     pub async fn run(self, stop: CancellationToken) {
-        let mut raft_changes = self.cluster().raft_changes();
+        let mut state_changes = self.cluster().state_changes();
+        let mut seen = 0;
         loop {
             self.follow_assignments().await;
+            self.tell_changes(&mut seen);
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                r = raft_changes.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(ASSIGNMENT_CHECK_INTERVAL) => {}
+                r = state_changes.changed() => if r.is_err() { return },
             }
+        }
+    }
+
+    /// Wakes the running tasks that what was applied after index `seen` concerns.
+    fn tell_changes(&self, seen: &mut u64) {
+        let st = self.cluster().state.read();
+        let applied = st.last_applied.map_or(0, |l| l.index);
+        if applied == *seen {
+            return;
+        }
+        let changes = st.changes.since(*seen);
+        *seen = applied;
+        let running = lock(&self.inner.running);
+        let mut woken: Vec<(&GroupKey, &GroupHandle)> = match changes {
+            None => running.iter().collect(),
+            Some(changes) => {
+                let (mut namespaces, mut topics, mut groups) = (HashSet::new(), HashSet::new(), HashSet::new());
+                for c in changes {
+                    match c {
+                        Touched::Namespace(ns) => drop(namespaces.insert(ns.as_str())),
+                        Touched::Topic { namespace, topic } => drop(topics.insert((namespace.as_str(), topic.as_str()))),
+                        Touched::Group { namespace, group } => drop(groups.insert((namespace.as_str(), group.as_str()))),
+                        Touched::Offsets { .. } | Touched::Nodes => {}
+                    }
+                }
+                if namespaces.is_empty() && topics.is_empty() && groups.is_empty() {
+                    return;
+                }
+                running
+                    .iter()
+                    .filter(|((ns, name), _)| {
+                        namespaces.contains(ns.as_str())
+                            || groups.contains(&(ns.as_str(), name.as_str()))
+                            || st.state.namespaces.get(ns).and_then(|n| n.consumer_groups.get(name)).is_some_and(|g| {
+                                g.bindings.iter().any(|b| topics.contains(&(ns.as_str(), b.topic.as_str())))
+                            })
+                    })
+                    .collect()
+            }
+        };
+        // In a fixed order: the tasks then run in it (a simulation replays exactly).
+        woken.sort_by(|a, b| a.0.cmp(b.0));
+        for (_, h) in woken {
+            h.refresh.notify_one();
         }
     }
 
@@ -394,6 +443,7 @@ async fn stop_group(h: GroupHandle) {
 fn start_group(segments: Segments, (namespace, name): GroupKey) -> GroupHandle {
     let (cmd, rx) = mpsc::channel(GROUP_COMMAND_QUEUE_MAX);
     let stop = CancellationToken::new();
-    let task = segments.clone().spawn(task::run(segments, namespace, name, rx, stop.clone()));
-    GroupHandle { cmd, stop, task: Arc::new(tokio::sync::Mutex::new(Some(task))) }
+    let refresh = Arc::new(Notify::new());
+    let task = segments.clone().spawn(task::run(segments, namespace, name, rx, refresh.clone(), stop.clone()));
+    GroupHandle { cmd, refresh, stop, task: Arc::new(tokio::sync::Mutex::new(Some(task))) }
 }

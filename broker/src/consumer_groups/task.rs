@@ -10,16 +10,18 @@
 //! a segment that stays unreadable holds its shard back: the task says so in the log.
 //! A message held unacknowledged past the group's ack timeout (its own
 //! `ack_timeout_ms`, else the node's) is taken back at its deadline (a tokio timer, so
-//! tests with paused time advance it) and handed out again.
+//! tests with paused time advance it) and handed out again. Timers are armed only by
+//! activity (see [`run`]): a node holding thousands of idle groups runs none of them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use eventtermq_proto::v1::Persistence;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -83,8 +85,6 @@ pub(crate) enum Event {
     Drained,
 }
 
-/// How often the task looks for new (or deleted) segments of its topics.
-const SEGMENTS_REFRESH_INTERVAL: Duration = Duration::from_millis(200);
 /// Pause after a failed read, or before reading again a closed segment whose copy was
 /// not there yet: do not spin on it.
 const READ_RETRY_PAUSE: Duration = Duration::from_millis(100);
@@ -120,6 +120,10 @@ struct Task {
     buffer: GroupBuffer,
     subscribers: HashMap<SubscriberId, Subscriber>,
     fetches: FuturesUnordered<FetchFuture>,
+    /// Reads of open segments in flight (they wait for records), each ended early when
+    /// the state says its segment closed: the rest of the segment is then read from a
+    /// complete copy at once, not after the wait.
+    open_fetches: BTreeMap<SegmentId, CancellationToken>,
     /// Failed reads in a row, per segment (only for the warning above).
     read_failures: HashMap<SegmentId, u32>,
     /// Offsets and hand-out marks recorded in the cluster state (or on their way).
@@ -140,35 +144,52 @@ struct Task {
 }
 
 /// Runs the group `name` of `namespace` until `stop`, or until it is deleted.
+///
+/// Every wake-up is an event: a command, a read that answered, `refresh` (the node's
+/// groups poke it when the cluster state changed the group or one of its topics), or
+/// a timer armed by activity: the soonest ack deadline, the next offset commit (only
+/// once something happened since the last), the next lag peek (only while a segment
+/// is not being read). An idle group with nothing in flight sleeps on its reads of
+/// open segments, which wait for records ([`DataSettings::read_wait_ms`]).
+///
+/// [`DataSettings::read_wait_ms`]: crate::config::DataSettings::read_wait_ms
 pub(crate) async fn run(
     segments: Segments,
     namespace: String,
     name: String,
     mut cmds: mpsc::Receiver<GroupCmd>,
+    refresh: Arc<Notify>,
     stop: CancellationToken,
 ) {
     let Some(mut t) = Task::new(segments, namespace, name) else { return };
-    let settings = t.segments.settings().clone();
-    let mut commit_tick = tokio::time::interval(Duration::from_millis(settings.offsets_commit_interval_ms.max(1)));
-    commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut refresh_tick = tokio::time::interval(SEGMENTS_REFRESH_INTERVAL);
-    let mut peek_tick = tokio::time::interval(LAG_PEEK_INTERVAL);
-    peek_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The soonest ack deadline, and the timer set for it.
-    let mut armed: Option<Millis> = None;
-    let mut expiry = std::pin::pin!(tokio::time::sleep_until(t.epoch));
+    let commit_interval = Duration::from_millis(t.segments.settings().offsets_commit_interval_ms.max(1));
+    let (mut commit_due, mut peek_due, mut expiry) = (Deadline::default(), Deadline::default(), Deadline::default());
+    if !t.refresh() {
+        return;
+    }
     loop {
         // In this order when several are ready at once, not at random: what a commit
         // records (offsets, hand-out marks) then depends only on what happened before
         // (a seed of the simulation replays exactly). Timers first: each is ready once
-        // per period, so they cannot starve the rest.
+        // per arming, so they cannot starve the rest.
+        let mut committing = false;
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            _ = refresh_tick.tick() => if !t.refresh() { return },
-            _ = commit_tick.tick() => t.commit_in_background(),
-            _ = peek_tick.tick() => t.start_peeks(),
-            _ = &mut expiry, if armed.is_some() => t.expire(),
+            _ = refresh.notified() => if !t.refresh() { return },
+            _ = commit_due.wait() => {
+                commit_due.disarm();
+                committing = true;
+                t.commit_in_background();
+            }
+            _ = peek_due.wait() => {
+                peek_due.disarm();
+                t.start_peeks();
+            }
+            _ = expiry.wait() => {
+                expiry.disarm();
+                t.expire();
+            }
             r = commit_done(&mut t.commit_in_flight), if t.commit_in_flight.is_some() => t.committed(r),
             Some(cmd) = cmds.recv() => t.command(cmd),
             Some((id, result)) = t.fetches.next(), if !t.fetches.is_empty() => t.fetched(id, result),
@@ -179,15 +200,56 @@ pub(crate) async fn run(
             }
         }
         t.step();
-        let next = t.buffer.next_deadline();
-        if next != armed {
-            if let Some(deadline) = next {
-                expiry.as_mut().reset(t.epoch + Duration::from_millis(deadline));
-            }
-            armed = next;
+        // Anything may have moved the offsets: a commit within one interval, unless
+        // this wake-up was the commit itself (an idle group then commits no more).
+        if !committing && !commit_due.is_armed() {
+            commit_due.arm(tokio::time::Instant::now() + commit_interval);
+        }
+        if !peek_due.is_armed() && t.peeks.is_empty() && !t.reader.peeks_due().is_empty() {
+            peek_due.arm(tokio::time::Instant::now() + LAG_PEEK_INTERVAL);
+        }
+        match t.buffer.next_deadline() {
+            Some(deadline) => expiry.arm(t.epoch + Duration::from_millis(deadline)),
+            None => expiry.disarm(),
         }
     }
     t.last_commit().await;
+}
+
+/// A timer that is armed or not; waiting on one that is not never ends.
+#[derive(Default)]
+struct Deadline {
+    at: Option<tokio::time::Instant>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Deadline {
+    fn is_armed(&self) -> bool {
+        self.at.is_some()
+    }
+
+    /// Sets it to `at` (a new time resets the timer; the same one keeps it).
+    fn arm(&mut self, at: tokio::time::Instant) {
+        if self.at == Some(at) {
+            return;
+        }
+        self.at = Some(at);
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.at = None;
+    }
+
+    async fn wait(&mut self) {
+        match (self.at, &mut self.sleep) {
+            (Some(_), Some(sleep)) => sleep.as_mut().await,
+            _ => std::future::pending().await,
+        }
+    }
 }
 
 impl Task {
@@ -213,6 +275,7 @@ impl Task {
             name,
             subscribers: HashMap::new(),
             fetches: FuturesUnordered::new(),
+            open_fetches: BTreeMap::new(),
             read_failures: HashMap::new(),
             last_committed: start,
             last_handed_out: runtime.handed_out,
@@ -256,10 +319,18 @@ impl Task {
         }
         self.reader.segments_changed(st.state.segments.iter().map(|(id, s)| (*id, s)), &mut self.buffer);
         self.read_failures.retain(|id, _| st.state.segments.contains_key(id));
+        self.open_fetches.retain(|id, cancel| {
+            let still_open = st.state.segments.get(id).is_some_and(|s| s.is_open());
+            if !still_open {
+                cancel.cancel();
+            }
+            still_open
+        });
         true
     }
 
     fn fetched(&mut self, id: SegmentId, result: Result<ReadResult, RequestError>) {
+        self.open_fetches.remove(&id);
         match &result {
             Ok(_) => {
                 self.read_failures.remove(&id);
@@ -450,8 +521,18 @@ impl Task {
         let settings = self.segments.settings();
         let wait = if seg.is_open() { Duration::from_millis(settings.read_wait_ms) } else { Duration::ZERO };
         let (segments, max_bytes) = (self.segments.clone(), settings.read_batch_max_bytes);
+        let cancel = CancellationToken::new();
+        if seg.is_open() {
+            self.open_fetches.insert(f.segment_id, cancel.clone());
+        }
         self.fetches.push(Box::pin(async move {
-            let r = segments.read(f.segment_id, &seg, f.from, max_bytes, wait).await;
+            let read = segments.read(f.segment_id, &seg, f.from, max_bytes, wait);
+            let r = tokio::select! {
+                biased;
+                r = read => r,
+                // The segment closed: read it again as closed, at once.
+                _ = cancel.cancelled() => return (f.segment_id, Err(segment_closed(f.segment_id))),
+            };
             if r.is_err() || (f.idle && !seg.is_open()) {
                 tokio::time::sleep(READ_RETRY_PAUSE).await;
             }
@@ -529,6 +610,10 @@ async fn commit_done(commit: &mut Option<JoinHandle<Result<u64, RequestError>>>)
         },
         None => std::future::pending().await,
     }
+}
+
+fn segment_closed(id: SegmentId) -> RequestError {
+    RequestError::new(ErrorCode::SegmentClosed, format!("segment {id} closed while a read of it waited for records"))
 }
 
 /// The group's own ack timeout, else the node's.

@@ -17,11 +17,16 @@
 //! - a closed segment the state says this node holds complete, but whose copy is gone
 //!   (quarantined as damaged at startup or after a failed read, or dropped for
 //!   differing), is reported lost, so readers go elsewhere, and fetched again as above;
-//! - a segment the state no longer has (retention, deleted topic) is deleted.
+//! - a segment the state no longer has (retention, deleted topic) is deleted;
+//! - the replication streams of a segment that is no longer open end
+//!   ([`Segments::release_replica`]).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
 
 use eventtermq_storage::SegmentInfo;
 use tokio_util::sync::CancellationToken;
@@ -30,8 +35,8 @@ use super::{lock, primary, Segments};
 use crate::cluster_state::{ClusterState, Command, NodeId, SegmentId, SegmentRecord};
 use crate::error::{ErrorCode, RequestError};
 
-/// Pause between passes when nothing wakes the loop earlier.
-const TICK: Duration = Duration::from_millis(250);
+/// Pause before a pass retries what failed (reporting a lost copy).
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
 /// Pauses between attempts to fail over a segment this node was primary of before it
 /// restarted (doubling from the first to the second).
@@ -41,17 +46,48 @@ const FAIL_OVER_RETRY_MAX: Duration = Duration::from_secs(1);
 const FINISH_RETRY_MIN: Duration = Duration::from_millis(50);
 const FINISH_RETRY_MAX: Duration = Duration::from_secs(2);
 
+/// Runs a pass whenever something it acts on changed: the applied cluster state (or
+/// the leader), this node's disk level, a primary that got its first record after its
+/// age limit passed, a failure's retry; and at the next moment a pass would decide
+/// otherwise with nothing changed ([`Keeper::pass`]'s answer: a primary reaching its
+/// age limit, a kept duplicate window expiring). No timer runs per segment, and an idle
+/// node runs no pass at all.
 pub async fn run(segments: Segments, stop: CancellationToken) {
-    let mut raft_changes = segments.cluster().raft_changes();
+    let mut state_changes = segments.cluster().state_changes();
+    let mut disk_changes = segments.disk().level_changes();
     let mut keeper = Keeper::new(segments, stop.clone());
+    let wake = keeper.wake.clone();
+    // Primaries past their age limit that hold no record yet (a quiet topic's empty
+    // segment stays open): each ends when the segment gets its first record, or its
+    // primary stops, and wakes the loop to close it.
+    let mut first_records = FuturesUnordered::new();
     loop {
-        keeper.pass().await;
+        let due = keeper.pass().await.map(|d| tokio::time::Instant::now() + d);
+        for (id, mut confirmed) in keeper.first_record_waits.drain(..) {
+            first_records.push(async move {
+                let _ = confirmed.wait_for(|c| *c > 0).await;
+                id
+            });
+        }
         tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            r = raft_changes.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(TICK) => {}
+            r = state_changes.changed() => if r.is_err() { return },
+            r = disk_changes.changed() => if r.is_err() { return },
+            _ = wake.notified() => {}
+            Some(id) = first_records.next(), if !first_records.is_empty() => {
+                keeper.awaiting_first_record.remove(&id);
+            }
+            _ = sleep_until_due(due) => {}
         }
+    }
+}
+
+/// Sleeps until `due`; never returns without one.
+async fn sleep_until_due(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -72,6 +108,12 @@ struct Keeper {
     finishing: SharedIds,
     /// Copies being reported lost, until the state no longer lists them done here.
     losing: SharedIds,
+    /// Wakes the loop for a retry.
+    wake: Arc<tokio::sync::Notify>,
+    /// Aged primaries without a record yet whose first record the loop waits for,
+    /// and those it is to start waiting for.
+    awaiting_first_record: HashSet<SegmentId>,
+    first_record_waits: Vec<(SegmentId, crate::watch::Receiver<u64>)>,
 }
 
 impl Keeper {
@@ -87,11 +129,15 @@ impl Keeper {
             started: HashSet::new(),
             finishing: Default::default(),
             losing: Default::default(),
+            wake: Arc::default(),
+            awaiting_first_record: HashSet::new(),
+            first_record_waits: Vec::new(),
         }
     }
 
     /// One look at the state: every segment it lists, then local files it dropped.
-    async fn pass(&mut self) {
+    /// Answers how long until a pass would decide otherwise on the same state.
+    async fn pass(&mut self) -> Option<Duration> {
         let now_unix_ms = self.segments.clock().now_unix_ms();
         let (snapshot, under_replicated, disk_actions, aged) = {
             let st = self.segments.cluster().state.read();
@@ -107,12 +153,21 @@ impl Keeper {
                 .filter(|(_, s)| s.is_open() && s.primary == self.me)
                 .map(|(id, s)| (*id, disk_action(s, low)))
                 .collect();
-            let aged = aged_primaries(&st.state, self.me, now_unix_ms, self.segments.settings().segment_age_max_ms);
-            (snapshot, under_replicated_primaries(&st.state, self.me), disk_actions, aged)
+            let age_max_ms = self.segments.settings().segment_age_max_ms;
+            let aged = aged_primaries(&st.state, self.me, now_unix_ms, age_max_ms);
+            let next_age = next_age_limit(&st.state, self.me, now_unix_ms, age_max_ms);
+            (snapshot, under_replicated_primaries(&st.state, self.me), disk_actions, (aged, next_age))
         };
+        let (aged, next_age) = aged;
         for id in aged {
-            // Only one that holds records: a quiet topic's empty segment stays open.
-            if let Some(p) = self.segments.primary(id).filter(|p| *p.confirmed().borrow() > 0 && !p.rotating()) {
+            let Some(p) = self.segments.primary(id) else { continue };
+            // Only one that holds records: a quiet topic's empty segment stays open
+            // until its first record.
+            if *p.confirmed().borrow() == 0 {
+                if self.awaiting_first_record.insert(id) {
+                    self.first_record_waits.push((id, p.confirmed()));
+                }
+            } else if !p.rotating() {
                 tracing::info!(segment_id = id, "the segment reached its topic's segment_age_max_ms: closing it");
                 p.rotate();
             }
@@ -135,8 +190,11 @@ impl Keeper {
                 }
             }
         }
-        self.segments.prune_kept_windows();
+        let next_prune = self.segments.prune_kept_windows();
         let known: HashSet<SegmentId> = snapshot.iter().map(|(id, _)| *id).collect();
+        // Replication streams of segments no longer open let go of their writers.
+        let open: HashSet<SegmentId> = snapshot.iter().filter(|(_, s)| s.is_open()).map(|(id, _)| *id).collect();
+        self.segments.release_replicas_except(|id| open.contains(&id));
         for (id, seg) in snapshot {
             if seg.is_open() {
                 self.open_segment(id, &seg);
@@ -145,6 +203,7 @@ impl Keeper {
             }
         }
         self.delete_dropped(&known).await;
+        [next_age, next_prune].into_iter().flatten().min()
     }
 
     /// Starts the primary task of an open segment this node is primary of, or fails it
@@ -184,11 +243,13 @@ impl Keeper {
         if !seg.done.contains(&me) {
             lock(&self.losing).remove(&id);
         } else if !complete && lock(&self.losing).insert(id) {
-            let (segments, losing) = (self.segments.clone(), self.losing.clone());
+            let (segments, losing, wake) = (self.segments.clone(), self.losing.clone(), self.wake.clone());
             self.segments.spawn(async move {
                 if let Err(e) = report_lost(&segments, id).await {
                     tracing::warn!(segment_id = id, error = %e, "reporting a lost copy failed; retrying");
                     lock(&losing).remove(&id);
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    wake.notify_one();
                 }
             });
         }
@@ -308,6 +369,22 @@ fn aged_primaries(state: &ClusterState, me: NodeId, now_unix_ms: i64, node_defau
         })
         .map(|(id, _)| *id)
         .collect()
+}
+
+/// How long until the next of this node's open primaries reaches its age limit (as
+/// [`aged_primaries`] counts it); `None` when none has one ahead.
+fn next_age_limit(state: &ClusterState, me: NodeId, now_unix_ms: i64, node_default_ms: u64) -> Option<Duration> {
+    state
+        .segments
+        .values()
+        .filter(|s| s.is_open() && s.primary == me)
+        .filter_map(|s| {
+            let topic_ms = state.topic(&s.namespace, &s.topic).map_or(0, |t| t.segment_age_max_ms);
+            let max_ms = if topic_ms > 0 { topic_ms } else { node_default_ms };
+            let at = s.created_unix_ms.saturating_add(i64::try_from(max_ms).ok()?);
+            (max_ms > 0 && at > now_unix_ms).then(|| Duration::from_millis((at - now_unix_ms) as u64))
+        })
+        .min()
 }
 
 pub(crate) fn topic_segment_size(segments: &Segments, seg: &SegmentRecord) -> u64 {

@@ -70,6 +70,10 @@ struct Inner {
     primaries: Mutex<HashMap<SegmentId, primary::PrimaryHandle>>,
     /// Segments the leader froze for a fail-over: no more records are accepted.
     frozen: Mutex<std::collections::HashSet<SegmentId>>,
+    /// Per segment, cancelled when this node's replica of it is to let go of its
+    /// writer (the segment was frozen, closed or deleted): idle replication streams
+    /// wait on it instead of looking at the state on a timer.
+    replica_releases: Mutex<HashMap<SegmentId, tokio_util::sync::CancellationToken>>,
     /// Damaged local copies already reported that could not be replaced (no other
     /// complete copy): reported once, not on every retried read.
     corrupt_kept: Mutex<std::collections::HashSet<SegmentId>>,
@@ -95,6 +99,7 @@ impl Segments {
                 writers: Mutex::default(),
                 primaries: Mutex::default(),
                 frozen: Mutex::default(),
+                replica_releases: Mutex::default(),
                 corrupt_kept: Mutex::default(),
                 tasks_stop: tokio_util::sync::CancellationToken::new(),
                 kept_windows: Mutex::default(),
@@ -183,6 +188,34 @@ impl Segments {
 
     pub(crate) fn freeze(&self, id: SegmentId) {
         lock(&self.inner.frozen).insert(id);
+        self.release_replica(id);
+    }
+
+    /// Cancelled once this node's replica of `id` is to stop taking records: see
+    /// [`Segments::release_replica`]. The caller checks the state after taking it (a
+    /// release before it was taken cancels nothing).
+    pub(crate) fn replica_release(&self, id: SegmentId) -> tokio_util::sync::CancellationToken {
+        lock(&self.inner.replica_releases).entry(id).or_default().clone()
+    }
+
+    /// The segment was frozen, closed or deleted: replication streams of it end once
+    /// idle (the keeper calls this for every segment that is no longer open).
+    pub(crate) fn release_replica(&self, id: SegmentId) {
+        if let Some(token) = lock(&self.inner.replica_releases).remove(&id) {
+            token.cancel();
+        }
+    }
+
+    /// Releases the replicas of every segment for which `keep` is false.
+    pub(crate) fn release_replicas_except(&self, keep: impl Fn(SegmentId) -> bool) {
+        let mut releases = lock(&self.inner.replica_releases);
+        releases.retain(|id, token| {
+            let kept = keep(*id);
+            if !kept {
+                token.cancel();
+            }
+            kept
+        });
     }
 
     pub(crate) fn primary(&self, id: SegmentId) -> Option<primary::PrimaryHandle> {

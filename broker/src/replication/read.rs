@@ -40,6 +40,10 @@ impl Segments {
                 let _ = tokio::time::timeout(wait, confirmed.wait_for(|c| *c > from)).await;
             }
             let end = *confirmed.borrow();
+            if end <= from {
+                // Nothing new (the wait ended): no read, no trip to the blocking pool.
+                return Ok(ReadResult { records: Vec::new(), end_offset: end, closed: false });
+            }
             let reader = self.store().reader(id).map_err(storage_error)?;
             let records = blocking_read(reader, from, end, max_bytes).await?;
             return Ok(ReadResult { records, end_offset: end, closed: false });

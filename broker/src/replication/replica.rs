@@ -17,8 +17,6 @@ use crate::error::{ErrorCode, RequestError};
 /// replicate (the primary may learn of the segment a moment before this node does).
 const STATE_WAIT: Duration = Duration::from_secs(2);
 
-/// How often an idle replication stream checks whether its segment was closed.
-const CLOSED_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Pause between looks at the state while waiting for a segment to show up.
 const STATE_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Answers queued to the primary; the replica waits beyond (the primary reads them
@@ -41,6 +39,8 @@ pub async fn handle_replicate(
         .transpose()?
         .ok_or_else(|| RequestError::new(ErrorCode::InvalidArgument, "segment_id: empty replication stream"))?;
     let id = first.segment_id;
+    // Taken before the state is checked: a close or freeze from then on cancels it.
+    let released = segments.replica_release(id);
     wait_until_replica(&segments, id).await?;
     if segments.is_frozen(id) {
         return Err(frozen(id));
@@ -50,7 +50,7 @@ pub async fn handle_replicate(
     let durable = sync_here(&syncer).await?;
     let (out_tx, out_rx) = mpsc::channel(ANSWER_QUEUE_MAX);
     let _ = out_tx.send(Ok(ReplicateResponse { durable_offset: durable })).await;
-    let stream = ReplicaStream { segments: segments.clone(), id, writer, syncer, inbound, out: out_tx };
+    let stream = ReplicaStream { segments: segments.clone(), id, writer, syncer, inbound, out: out_tx, released };
     segments.spawn(stream.run());
     Ok(out_rx)
 }
@@ -66,6 +66,8 @@ struct ReplicaStream<S> {
     syncer: Syncer,
     inbound: S,
     out: mpsc::Sender<Result<ReplicateResponse, RequestError>>,
+    /// Cancelled when the segment is frozen, closed or deleted.
+    released: tokio_util::sync::CancellationToken,
 }
 
 impl<S: Stream<Item = Result<ReplicateRequest, RequestError>> + Unpin> ReplicaStream<S> {
@@ -92,23 +94,20 @@ impl<S: Stream<Item = Result<ReplicateRequest, RequestError>> + Unpin> ReplicaSt
         }
     }
 
-    /// The next message from the primary; `None` when the stream ended, or when it is
-    /// idle and the segment was closed or frozen meanwhile: a primary that died
-    /// mid-stream may leave the connection hanging, and the writer must be let go of
-    /// so that the segment can be sealed.
+    /// The next message from the primary; `None` when the stream ended, or when the
+    /// segment was closed or frozen meanwhile: a primary that died mid-stream may leave
+    /// the connection hanging, and the writer must be let go of so that the segment
+    /// can be sealed. That is an event ([`Segments::release_replica`], from the
+    /// freeze or from the keeper once the state shows the segment closed), not a look
+    /// at the state on a timer: an idle stream costs nothing.
     async fn next_message(&mut self) -> Option<ReplicateRequest> {
-        loop {
-            match tokio::time::timeout(CLOSED_CHECK_INTERVAL, self.inbound.next()).await {
-                Ok(Some(Ok(m))) => return Some(m),
-                Ok(_) => return None,
-                Err(_) => {
-                    let st = self.segments.cluster().state.read();
-                    let open = st.state.segments.get(&self.id).is_some_and(|s| s.is_open());
-                    if !open || self.segments.is_frozen(self.id) {
-                        return None;
-                    }
-                }
-            }
+        tokio::select! {
+            biased;
+            m = self.inbound.next() => match m {
+                Some(Ok(m)) => Some(m),
+                _ => None,
+            },
+            _ = self.released.cancelled() => None,
         }
     }
 

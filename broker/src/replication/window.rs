@@ -199,12 +199,20 @@ impl Segments {
 
     /// Drops kept windows nobody needs any more: their segment is gone, or closed
     /// before the window began (everything in them is too old).
-    pub(crate) fn prune_kept_windows(&self) {
-        let horizon =
-            self.clock().now_unix_ms().saturating_sub(self.settings().dedupe_window_ms.min(i64::MAX as u64) as i64);
+    /// Answers how long until the next kept window expires (`None`: none kept).
+    pub(crate) fn prune_kept_windows(&self) -> Option<std::time::Duration> {
+        let window_ms = self.settings().dedupe_window_ms.min(i64::MAX as u64) as i64;
+        let now = self.clock().now_unix_ms();
+        let horizon = now.saturating_sub(window_ms);
         let st = self.cluster().state.read();
-        lock(&self.inner.kept_windows)
-            .retain(|id, _| st.state.segments.get(id).is_some_and(|s| s.is_open() || s.closed_unix_ms >= horizon));
+        let mut kept = lock(&self.inner.kept_windows);
+        kept.retain(|id, _| st.state.segments.get(id).is_some_and(|s| s.is_open() || s.closed_unix_ms >= horizon));
+        // A window of a segment still open expires only after it closes: a state change.
+        kept.keys()
+            .filter_map(|id| st.state.segments.get(id).filter(|s| !s.is_open()))
+            .map(|s| s.closed_unix_ms.saturating_add(window_ms).saturating_sub(now).max(0) as u64 + 1)
+            .min()
+            .map(std::time::Duration::from_millis)
     }
 }
 
