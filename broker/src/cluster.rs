@@ -9,8 +9,8 @@ use std::time::Duration;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::time::Instant;
 
-use crate::cluster_state::{AppliedState, Command, CommandResponse, NodeId, Raft, RequestId, SharedState};
 use crate::cluster_state::raft::LogId;
+use crate::cluster_state::{AppliedState, Command, CommandResponse, NodeId, Raft, RequestId, SharedState};
 use crate::error::{ErrorCode, RequestError};
 use crate::metrics::Metrics;
 use crate::peers::{PeerError, Peers};

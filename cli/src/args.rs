@@ -490,6 +490,53 @@ pub enum BenchCommand {
     /// persistence), W2 publishes --latency-messages one at a time (confirm latency),
     /// W3 consumes all of them from another node; prints JSON lines.
     DataPath(DataPathBenchArgs),
+    /// Scale: starts 3 local brokers, creates --topics topics and as many consumer
+    /// groups (one bound to each), publishes one message to every topic, keeps
+    /// --subscribers streaming subscribers connected over --connections connections,
+    /// and reports per stage the brokers' memory, CPU, files and descriptors, idle CPU
+    /// over --idle-seconds, dump size and time, publish throughput over all topics and
+    /// delivery latency; prints JSON lines (bench/scale.md).
+    Scale(ScaleBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ScaleBenchArgs {
+    /// Loopback addresses of the three brokers to start.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.201,127.0.0.202,127.0.0.203")]
+    pub hosts: Vec<String>,
+    /// The brokers' gRPC and gossip port; their AMQP and metrics ports are the next two.
+    #[arg(long, default_value_t = 27400)]
+    pub broker_port: u16,
+    /// Topics to create, and consumer groups (one bound to each topic).
+    #[arg(long, default_value_t = 10_000)]
+    pub topics: usize,
+    /// Concurrent requests while creating and publishing.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Streaming subscribers kept connected (each to its own group) while idle and
+    /// while delivery latency is measured; at most --topics.
+    #[arg(long, default_value_t = 1000)]
+    pub subscribers: usize,
+    /// Client connections the subscribers share, spread over the three brokers.
+    #[arg(long, default_value_t = 100)]
+    pub connections: usize,
+    /// How long each idle measurement lasts.
+    #[arg(long, default_value_t = 30)]
+    pub idle_seconds: u64,
+    /// Messages published one at a time to subscribed groups' topics to measure
+    /// delivery latency (publish to receipt by the subscriber).
+    #[arg(long, default_value_t = 1000)]
+    pub latency_messages: usize,
+    /// The broker binary to start (default: this one), to compare builds.
+    #[arg(long)]
+    pub broker_binary: Option<PathBuf>,
+    /// A flag passed to every broker started (repeatable).
+    #[arg(long = "broker-arg", allow_hyphen_values = true)]
+    pub broker_args: Vec<String>,
+    /// Data directory of the brokers (default: a fresh temporary directory); locked by
+    /// the run, removed after it unless it failed.
+    #[arg(long)]
+    pub bench_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -115,8 +115,12 @@ impl Groups {
                 for c in changes {
                     match c {
                         Touched::Namespace(ns) => drop(namespaces.insert(ns.as_str())),
-                        Touched::Topic { namespace, topic } => drop(topics.insert((namespace.as_str(), topic.as_str()))),
-                        Touched::Group { namespace, group } => drop(groups.insert((namespace.as_str(), group.as_str()))),
+                        Touched::Topic { namespace, topic } => {
+                            drop(topics.insert((namespace.as_str(), topic.as_str())))
+                        }
+                        Touched::Group { namespace, group } => {
+                            drop(groups.insert((namespace.as_str(), group.as_str())))
+                        }
                         Touched::Offsets { .. } | Touched::Nodes => {}
                     }
                 }

@@ -99,7 +99,8 @@ pub async fn run(segments: Segments, membership: Membership, retry: Duration, st
         }
         for (id, seg) in &state.segments {
             if seg.is_open() && state.node_gone(seg.primary) && lock(&failing_over).insert(*id) {
-                let (segments, failing_over, id, wake) = (segments.clone(), failing_over.clone(), *id, retry_wake.clone());
+                let (segments, failing_over, id, wake) =
+                    (segments.clone(), failing_over.clone(), *id, retry_wake.clone());
                 segments.clone().spawn(async move {
                     let r = fail_over(&segments, id).await;
                     lock(&failing_over).remove(&id);

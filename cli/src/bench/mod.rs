@@ -1,10 +1,11 @@
 //! `eventtermq bench`: starts three brokers (this very binary) on loopback addresses
 //! and measures what the README reports: [`control`] the control plane, [`data`] the
-//! data path. Results are printed as JSON lines; nothing here asserts a timing. This
+//! data path, [`scale`] the cost of many topics, groups and subscribers. Results are printed as JSON lines; nothing here asserts a timing. This
 //! module holds what both share: starting and watching broker processes.
 
 mod control;
 mod data;
+mod scale;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -41,6 +42,10 @@ pub async fn run(ctx: &Ctx, cmd: BenchCommand) -> Result<(), CliError> {
             let _ = std::fs::remove_dir_all(&dir);
             drop(lock);
             result
+        }
+        BenchCommand::Scale(args) => {
+            let _lock = args.bench_dir.as_deref().map(lock_bench_dir).transpose()?;
+            scale::run(ctx, args).await
         }
         BenchCommand::DataPath(args) => {
             // Without --bench-dir the run makes a directory named after its own PID.
@@ -90,6 +95,18 @@ impl Drop for Proc {
 
 pub(super) fn spawn(host: &str, port: u16, dir: &Path, join: Option<&str>, extra: &[String]) -> Result<Proc, CliError> {
     let exe = std::env::current_exe().map_err(|e| CliError::Failed(e.to_string()))?;
+    spawn_binary(&exe, host, port, dir, join, extra)
+}
+
+/// [`spawn`] with another broker binary (a bench comparing builds).
+pub(super) fn spawn_binary(
+    exe: &Path,
+    host: &str,
+    port: u16,
+    dir: &Path,
+    join: Option<&str>,
+    extra: &[String],
+) -> Result<Proc, CliError> {
     let mut cmd = Command::new(exe);
     cmd.args(["--dir", &dir.to_string_lossy(), "--host", host, "--advertise-host", host, "--port", &port.to_string()])
         // Its own brokers, on loopback addresses of this machine.

@@ -1,0 +1,486 @@
+//! `eventtermq bench scale`: how the brokers' cost grows with what they hold. Three
+//! brokers it starts itself; N topics and N consumer groups (one bound to each topic),
+//! one message published to every topic, M streaming subscribers over C connections;
+//! at each stage the brokers' memory, CPU, descriptors and files, and CPU while idle.
+//! Prints JSON lines; asserts nothing about timings (bench/scale.md has the figures).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eventtermq_proto::v1 as pb;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use super::{cpu_ms, rss_kib, spawn_binary, wait_alive, Proc};
+use crate::args::ScaleBenchArgs;
+use crate::Ctx;
+use crate::{admin_client, CliError};
+
+/// Bound on waiting for the leader to open every topic's segment, and for every
+/// subscriber to receive its topic's message.
+const SETTLE_WAIT_MAX: Duration = Duration::from_secs(900);
+/// Pause between looks while waiting for the cluster to settle.
+const SETTLE_POLL: Duration = Duration::from_millis(250);
+/// Bound on one message's delivery in the latency stage.
+const DELIVERY_WAIT_MAX: Duration = Duration::from_secs(30);
+
+fn err(e: impl std::fmt::Display) -> CliError {
+    CliError::Failed(e.to_string())
+}
+
+pub async fn run(ctx: &Ctx, args: ScaleBenchArgs) -> Result<(), CliError> {
+    if args.hosts.len() != 3 {
+        return Err(CliError::Usage("--hosts: give exactly three addresses".into()));
+    }
+    if args.subscribers > args.topics {
+        return Err(CliError::Usage(format!(
+            "--subscribers: at most --topics ({}), one per group; got {}",
+            args.topics, args.subscribers
+        )));
+    }
+    if args.subscribers > 0 && args.connections == 0 {
+        return Err(CliError::Usage("--connections: must be at least 1 with subscribers".into()));
+    }
+    let dir = args
+        .bench_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("eventtermq-bench-scale-{}", std::process::id())));
+    let result = scale(ctx, &args, &dir).await;
+    if result.is_ok() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!("brokers' data and logs kept in {}", dir.display());
+    }
+    result
+}
+
+struct Cluster {
+    procs: Vec<Proc>,
+    addrs: Vec<String>,
+    dirs: Vec<PathBuf>,
+}
+
+async fn scale(ctx: &Ctx, args: &ScaleBenchArgs, dir: &Path) -> Result<(), CliError> {
+    let exe = match &args.broker_binary {
+        Some(b) => b.clone(),
+        None => std::env::current_exe().map_err(err)?,
+    };
+    let port = args.broker_port;
+    let mut extra =
+        vec![format!("--amqp-port={}", port.saturating_add(1)), format!("--metrics-port={}", port.saturating_add(2))];
+    extra.extend(args.broker_args.iter().cloned());
+    let addrs: Vec<String> = args.hosts.iter().map(|h| format!("{h}:{port}")).collect();
+    let dirs: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("n{i}"))).collect();
+    let mut procs = Vec::new();
+    for (i, h) in args.hosts.iter().enumerate() {
+        procs.push(spawn_binary(&exe, h, port, &dirs[i], (i > 0).then_some(addrs[0].as_str()), &extra)?);
+        wait_alive(&addrs[0], i + 1).await?;
+    }
+    wait_alive(&addrs[2], 3).await?;
+    for p in &mut procs {
+        p.check_running()?;
+    }
+    let c = Cluster { procs, addrs, dirs };
+    let ns = ctx.namespace.as_str();
+    let n = args.topics;
+    println!(
+        "{}",
+        serde_json::json!({"bench": "scale: setup", "broker": exe.display().to_string(), "topics": n,
+            "groups": n, "subscribers": args.subscribers, "connections": args.connections,
+            "concurrency": args.concurrency})
+    );
+    let empty = stage(&c, "empty");
+    idle(&c, "empty", args.idle_seconds).await;
+
+    let created = Instant::now();
+    let t = Instant::now();
+    run_concurrently(n, args.concurrency, &c.addrs, |addr, i| {
+        let ns = ns.to_string();
+        async move {
+            let mut admin = admin_client(&addr, None)?;
+            let topic = pb::Topic { name: topic_name(i), shards: 1, replication_factor: 3, ..Default::default() };
+            admin.create_topic(pb::CreateTopicRequest { namespace: ns, topic: Some(topic) }).await.map_err(err)?;
+            Ok(())
+        }
+    })
+    .await?;
+    rate("scale: create topics", n, t.elapsed());
+    let t = Instant::now();
+    let open = wait_open_segments(&c.addrs[0], n).await?;
+    println!(
+        "{}",
+        serde_json::json!({"bench": "scale: segments opened", "open_segments": open,
+            "seconds_after_last_create": t.elapsed().as_secs_f64(),
+            "seconds_from_first_create": created.elapsed().as_secs_f64()})
+    );
+    let t = Instant::now();
+    run_concurrently(n, args.concurrency, &c.addrs, |addr, i| {
+        let ns = ns.to_string();
+        async move {
+            let mut admin = admin_client(&addr, None)?;
+            let group = pb::ConsumerGroup {
+                name: group_name(i),
+                bindings: vec![pb::Binding { topic: topic_name(i), ..Default::default() }],
+                ..Default::default()
+            };
+            let req = pb::CreateConsumerGroupRequest { namespace: ns, consumer_group: Some(group) };
+            admin.create_consumer_group(req).await.map_err(err)?;
+            Ok(())
+        }
+    })
+    .await?;
+    rate("scale: create groups", n, t.elapsed());
+    let full = stage(&c, "created");
+    per_object(&empty, &full, n);
+
+    let before = brokers_cpu_ms(&c);
+    let t = Instant::now();
+    run_concurrently(n, args.concurrency, &c.addrs, |addr, i| {
+        let ns = ns.to_string();
+        async move {
+            let mut client = crate::messaging_client(&addr, None)?;
+            let message = pb::Message { data: format!("m-{i}").into_bytes().into(), ..Default::default() };
+            let req = pb::PublishRequest {
+                namespace: ns,
+                topic: topic_name(i),
+                messages: vec![message],
+                ..Default::default()
+            };
+            client.publish(req).await.map_err(err)?;
+            Ok(())
+        }
+    })
+    .await?;
+    let elapsed = t.elapsed();
+    println!(
+        "{}",
+        serde_json::json!({"bench": "scale: publish one message to every topic", "messages": n,
+            "seconds": elapsed.as_secs_f64(), "per_second": (n as f64 / elapsed.as_secs_f64()).round(),
+            "brokers_cpu_ms": brokers_cpu_ms(&c) - before,
+            "brokers_us_per_message": (brokers_cpu_ms(&c) - before) as f64 * 1e3 / n.max(1) as f64})
+    );
+    stage(&c, "published");
+    idle(&c, "published, no subscriber", args.idle_seconds).await;
+
+    let mut subs = Subscribers::start(&c.addrs, ns, args.subscribers, args.connections)?;
+    let t = Instant::now();
+    subs.wait_first(args.subscribers).await?;
+    println!(
+        "{}",
+        serde_json::json!({"bench": "scale: subscribers connected and each got its topic's message",
+            "subscribers": args.subscribers, "connections": args.connections, "seconds": t.elapsed().as_secs_f64()})
+    );
+    stage(&c, "subscribed");
+    idle(&c, "subscribed", args.idle_seconds).await;
+    latency(&c, ns, &mut subs, args.subscribers, args.latency_messages).await?;
+    dump_timing(&c.addrs[0]).await?;
+    stage(&c, "end");
+    drop(subs);
+    Ok(())
+}
+
+fn topic_name(i: usize) -> String {
+    format!("scale-t{i}")
+}
+
+fn group_name(i: usize) -> String {
+    format!("scale-g{i}")
+}
+
+fn rate(what: &str, count: usize, elapsed: Duration) {
+    println!(
+        "{}",
+        serde_json::json!({"bench": what, "count": count, "seconds": elapsed.as_secs_f64(),
+            "per_second": (count as f64 / elapsed.as_secs_f64()).round()})
+    );
+}
+
+/// Runs `f(address, i)` for every `i` below `count`, `concurrency` at a time, the
+/// requests spread over the nodes.
+async fn run_concurrently<F, Fut>(count: usize, concurrency: usize, addrs: &[String], f: F) -> Result<(), CliError>
+where
+    F: Fn(String, usize) -> Fut,
+    Fut: std::future::Future<Output = Result<(), CliError>>,
+{
+    let f = &f;
+    let results = futures::stream::iter(0..count)
+        .map(|i| f(addrs[i % addrs.len()].clone(), i))
+        .buffer_unordered(concurrency.max(1));
+    let mut results = std::pin::pin!(results);
+    while let Some(r) = results.next().await {
+        r?;
+    }
+    Ok(())
+}
+
+/// Waits until the state has `count` open segments (the leader opens one per topic).
+async fn wait_open_segments(seed: &str, count: usize) -> Result<usize, CliError> {
+    let mut admin = admin_client(seed, None)?.max_decoding_message_size(usize::MAX);
+    let t0 = Instant::now();
+    loop {
+        let d = admin.dump(pb::DumpRequest { stale: true }).await.map_err(err)?.into_inner();
+        let open = d.state.map_or(0, |s| s.segments.iter().filter(|s| s.open).count());
+        if open >= count {
+            return Ok(open);
+        }
+        if t0.elapsed() > SETTLE_WAIT_MAX {
+            return Err(err(format!("{open} of {count} segments open after {SETTLE_WAIT_MAX:?}")));
+        }
+        tokio::time::sleep(SETTLE_POLL).await;
+    }
+}
+
+/// One broker's figures at a stage.
+#[derive(Clone, Copy, Default)]
+struct NodeFigures {
+    rss_kib: u64,
+    fds: usize,
+    files: usize,
+    dir_entries_max: usize,
+}
+
+fn stage(c: &Cluster, name: &str) -> Vec<NodeFigures> {
+    let figures: Vec<NodeFigures> = c
+        .procs
+        .iter()
+        .zip(&c.dirs)
+        .map(|(p, dir)| {
+            let pid = p.child.id();
+            let (files, dir_entries_max) = count_files(dir);
+            NodeFigures {
+                rss_kib: rss_kib(pid),
+                fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()),
+                files,
+                dir_entries_max,
+            }
+        })
+        .collect();
+    let nodes: Vec<serde_json::Value> = figures
+        .iter()
+        .zip(&c.procs)
+        .map(|(f, p)| {
+            serde_json::json!({"host": p.host, "rss_kib": f.rss_kib, "cpu_ms": cpu_ms(p.child.id()),
+                "fds": f.fds, "files": f.files, "dir_entries_max": f.dir_entries_max})
+        })
+        .collect();
+    println!("{}", serde_json::json!({"bench": "scale: stage", "stage": name, "nodes": nodes}));
+    figures
+}
+
+/// How memory and files grew per topic-and-group pair between two stages.
+fn per_object(before: &[NodeFigures], after: &[NodeFigures], objects: usize) {
+    let per = |f: fn(&NodeFigures) -> u64| -> Vec<f64> {
+        before.iter().zip(after).map(|(b, a)| (f(a) as f64 - f(b) as f64) / objects.max(1) as f64).collect()
+    };
+    println!(
+        "{}",
+        serde_json::json!({"bench": "scale: growth per topic with its group", "objects": objects,
+            "rss_kib": per(|f| f.rss_kib), "fds": per(|f| f.fds as u64), "files": per(|f| f.files as u64)})
+    );
+}
+
+/// Files under `dir` (recursively), and the most entries of one directory.
+fn count_files(dir: &Path) -> (usize, usize) {
+    let mut files = 0;
+    let mut most = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let mut here = 0;
+        for e in entries.flatten() {
+            here += 1;
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(_) => files += 1,
+                Err(_) => {}
+            }
+        }
+        most = most.max(here);
+    }
+    (files, most)
+}
+
+fn brokers_cpu_ms(c: &Cluster) -> u64 {
+    c.procs.iter().map(|p| cpu_ms(p.child.id())).sum()
+}
+
+/// CPU of each broker over `seconds` while the bench does nothing.
+async fn idle(c: &Cluster, stage: &str, seconds: u64) {
+    if seconds == 0 {
+        return;
+    }
+    let pids: Vec<u32> = c.procs.iter().map(|p| p.child.id()).collect();
+    let before: Vec<u64> = pids.iter().map(|p| cpu_ms(*p)).collect();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let used: Vec<u64> = pids.iter().zip(&before).map(|(p, b)| cpu_ms(*p).saturating_sub(*b)).collect();
+    let total: u64 = used.iter().sum();
+    println!(
+        "{}",
+        serde_json::json!({"bench": "scale: idle", "stage": stage, "seconds": seconds, "cpu_ms": used,
+            "percent_of_one_core": total as f64 / (seconds as f64 * 10.0)})
+    );
+}
+
+/// Streaming subscribers, one per group `0..count`, spread over `connections`
+/// connections to the three brokers. Each reports (group, when) for every message.
+struct Subscribers {
+    received: mpsc::UnboundedReceiver<(usize, Instant)>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    failed: Arc<AtomicUsize>,
+}
+
+impl Subscribers {
+    fn start(addrs: &[String], namespace: &str, count: usize, connections: usize) -> Result<Self, CliError> {
+        let (tx, received) = mpsc::unbounded_channel();
+        let failed = Arc::new(AtomicUsize::new(0));
+        let mut channels = Vec::new();
+        for c in 0..connections.min(count.max(1)) {
+            channels.push(crate::channel(&addrs[c % addrs.len()], None)?);
+        }
+        let mut tasks = Vec::new();
+        for g in 0..count {
+            let channel = channels[g % channels.len()].clone();
+            let (tx, failed) = (tx.clone(), failed.clone());
+            let req = pb::SubscribeRequest {
+                namespace: namespace.to_string(),
+                consumer_group: group_name(g),
+                size: 10,
+                auto_ack: true,
+                ..Default::default()
+            };
+            tasks.push(tokio::spawn(async move {
+                let mut client = eventtermq_proto::v1::messaging_client::MessagingClient::new(channel);
+                let mut stream = match client.subscribe(req).await {
+                    Ok(s) => s.into_inner(),
+                    Err(e) => {
+                        eprintln!("subscriber of group {g}: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                };
+                while let Some(m) = stream.next().await {
+                    match m {
+                        Ok(_) => {
+                            if tx.send((g, Instant::now())).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            eprintln!("subscriber of group {g}: {e}");
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                }
+            }));
+        }
+        Ok(Subscribers { received, tasks, failed })
+    }
+
+    /// Waits until each of the `count` subscribers got a message (its topic's one).
+    async fn wait_first(&mut self, count: usize) -> Result<(), CliError> {
+        let mut got = vec![false; count];
+        let mut missing = count;
+        let deadline = Instant::now() + SETTLE_WAIT_MAX;
+        while missing > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.received.recv()).await {
+                Ok(Some((g, _))) => {
+                    if !std::mem::replace(&mut got[g], true) {
+                        missing -= 1;
+                    }
+                }
+                _ => {
+                    return Err(err(format!(
+                        "{missing} of {count} subscribers got nothing ({} failed)",
+                        self.failed.load(Ordering::Relaxed)
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Subscribers {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Publishes `messages` one at a time, each to the topic of a subscribed group in
+/// turn, and measures the time from the publish to its subscriber's receipt.
+async fn latency(
+    c: &Cluster,
+    namespace: &str,
+    subs: &mut Subscribers,
+    subscribers: usize,
+    messages: usize,
+) -> Result<(), CliError> {
+    if subscribers == 0 || messages == 0 {
+        return Ok(());
+    }
+    let mut clients = Vec::new();
+    for a in &c.addrs {
+        clients.push(crate::messaging_client(a, None)?);
+    }
+    let before = brokers_cpu_ms(c);
+    let mut timings = Vec::with_capacity(messages);
+    for i in 0..messages {
+        // Spread over the groups, and over the nodes the publishes enter by.
+        let g = (i * 7919) % subscribers;
+        let message = pb::Message { data: format!("latency-{i}").into_bytes().into(), ..Default::default() };
+        let req = pb::PublishRequest {
+            namespace: namespace.to_string(),
+            topic: topic_name(g),
+            messages: vec![message],
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let k = i % clients.len();
+        clients[k].publish(req).await.map_err(err)?;
+        loop {
+            match tokio::time::timeout(DELIVERY_WAIT_MAX, subs.received.recv()).await {
+                Ok(Some((got, at))) if got == g => {
+                    timings.push(at.saturating_duration_since(t0));
+                    break;
+                }
+                Ok(Some(_)) => continue, // a redelivery of something else
+                _ => return Err(err(format!("message {i} to group {g} not delivered within {DELIVERY_WAIT_MAX:?}"))),
+            }
+        }
+    }
+    timings.sort();
+    let pct = |p: f64| {
+        let i = ((timings.len() as f64 * p) as usize).min(timings.len().saturating_sub(1));
+        timings.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    println!(
+        "{}",
+        serde_json::json!({"bench": "scale: delivery latency, publish to subscriber, one at a time",
+            "messages": messages, "groups": subscribers, "p50_us": pct(0.5), "p99_us": pct(0.99),
+            "brokers_us_per_message": (brokers_cpu_ms(c) - before) as f64 * 1e3 / messages as f64})
+    );
+    Ok(())
+}
+
+/// How long `dump` takes with everything created, and how big it is.
+async fn dump_timing(seed: &str) -> Result<(), CliError> {
+    use prost::Message as _;
+    let mut admin = admin_client(seed, None)?.max_decoding_message_size(usize::MAX);
+    for stale in [true, false] {
+        let t = Instant::now();
+        let d = admin.dump(pb::DumpRequest { stale }).await.map_err(err)?.into_inner();
+        let elapsed = t.elapsed();
+        println!(
+            "{}",
+            serde_json::json!({"bench": "scale: dump", "stale": stale, "ms": elapsed.as_secs_f64() * 1e3,
+                "bytes": d.encoded_len()})
+        );
+    }
+    Ok(())
+}
