@@ -1138,7 +1138,7 @@ async fn consumer_lag_is_what_is_published_and_not_acknowledged_in_metrics_and_a
     assert!(g.running, "{g:?}");
     assert_eq!((g.name.as_str(), g.node_id, g.lag, g.topic_lag.get("t")), ("g", placed, 70, Some(&70)), "{g:?}");
     assert_eq!(g.committed_offsets.values().sum::<u64>(), 30, "{g:?}");
-    let req = pb::ListConsumerGroupsRequest { namespace: String::new(), stale: false };
+    let req = pb::ListConsumerGroupsRequest { namespace: String::new(), ..Default::default() };
     let listed = admin.list_consumer_groups(req).await.unwrap().into_inner().consumer_groups;
     assert_eq!(listed[0].node_id, placed);
     stop_all(nodes).await;

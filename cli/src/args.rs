@@ -297,6 +297,12 @@ pub enum Command {
         /// Answer from the node's own copy without confirming with the leader.
         #[arg(long)]
         stale: bool,
+        /// Only this namespace (its topics, groups and segments; default: all).
+        #[arg(long)]
+        only_namespace: Option<String>,
+        /// Only topics, groups and segments of topics whose names start with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
     },
     /// Create a namespace.
     CreateNamespace { name: String },
@@ -366,8 +372,8 @@ pub enum Command {
     },
     /// Delete a topic.
     DeleteTopic { name: String },
-    /// List topics of the namespace.
-    ListTopics,
+    /// List topics of the namespace, in name order.
+    ListTopics(ListArgs),
     /// Create a consumer group bound to topics.
     CreateConsumerGroup(GroupArgs),
     /// Change a consumer group in place, keeping its committed offsets: its bindings
@@ -377,8 +383,9 @@ pub enum Command {
     UpdateConsumerGroup(GroupArgs),
     /// Delete a consumer group.
     DeleteConsumerGroup { name: String },
-    /// List consumer groups of the namespace, with their node, committed offsets and lag.
-    ListConsumerGroups,
+    /// List consumer groups of the namespace, in name order, with their node,
+    /// committed offsets and lag.
+    ListConsumerGroups(ListArgs),
     /// Consumer lag: per group and bound topic, the messages published and not yet
     /// acknowledged, the age of the oldest unacknowledged one, subscribers and the
     /// buffer, as the nodes running the groups know them now.
@@ -400,6 +407,21 @@ pub enum Command {
     /// Benchmarks that start their own local brokers (results go into README.md).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// Which part of a listing to print.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only names that start with this.
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    /// At most this many (0: all); the next page's token is printed after them (on
+    /// stderr as text, as `next_page_token` in JSON).
+    #[arg(long, default_value_t = 0)]
+    pub page_size: u32,
+    /// Start after this name: the token the previous page printed.
+    #[arg(long, default_value = "")]
+    pub page_token: String,
 }
 
 #[derive(Debug, Args)]

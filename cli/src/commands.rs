@@ -4,7 +4,7 @@ use eventtermq_proto::v1 as pb;
 use eventtermq_proto::v1::admin_client::AdminClient;
 use tonic::transport::Channel;
 
-use super::args::{Command, GroupArgs, Output};
+use super::args::{Command, GroupArgs, ListArgs, Output};
 use super::render;
 use super::{admin_client, CliError, Ctx};
 use eventtermq_broker::cluster_state::validate;
@@ -88,7 +88,10 @@ fn consumer_group(args: GroupArgs) -> Result<pb::ConsumerGroup, CliError> {
 pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
     let mut admin = Admin { client: admin_client(&ctx.addr, ctx.tls.as_ref())?, ctx };
     match cmd {
-        Command::Dump { stale } => admin.dump(stale).await?,
+        Command::Dump { stale, only_namespace, prefix } => {
+            let req = pb::DumpRequest { stale, namespace: only_namespace.unwrap_or_default(), prefix };
+            admin.dump(req).await?
+        }
         Command::CreateNamespace { name } => admin.create_namespace(name).await?,
         Command::DeleteNamespace { name, cascade } => admin.delete_namespace(name, cascade).await?,
         Command::ListNamespaces => admin.list_namespaces().await?,
@@ -147,11 +150,11 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
             admin.update_topic(req).await?
         }
         Command::DeleteTopic { name } => admin.delete_topic(name).await?,
-        Command::ListTopics => admin.list_topics().await?,
+        Command::ListTopics(list) => admin.list_topics(list).await?,
         Command::CreateConsumerGroup(args) => admin.create_consumer_group(consumer_group(args)?).await?,
         Command::UpdateConsumerGroup(args) => admin.update_consumer_group(consumer_group(args)?).await?,
         Command::DeleteConsumerGroup { name } => admin.delete_consumer_group(name).await?,
-        Command::ListConsumerGroups => admin.list_consumer_groups().await?,
+        Command::ListConsumerGroups(list) => admin.list_consumer_groups(list).await?,
         Command::Stats { groups, watch, watch_count } => admin.stats(groups, watch, watch_count).await?,
         Command::Publish(args) => super::messages::publish(ctx, args).await?,
         Command::Subscribe(args) => super::messages::subscribe(ctx, args).await?,
@@ -211,8 +214,8 @@ impl Admin<'_> {
         self.ctx.namespace.clone()
     }
 
-    async fn dump(&mut self, stale: bool) -> Result<(), CliError> {
-        let r = self.client.dump(pb::DumpRequest { stale }).await;
+    async fn dump(&mut self, req: pb::DumpRequest) -> Result<(), CliError> {
+        let r = self.client.dump(req).await;
         let r = self.answer(r)?;
         match self.ctx.output {
             Output::Text => print!("{}", render::dump_text(&r)),
@@ -257,29 +260,50 @@ impl Admin<'_> {
         self.written(r)
     }
 
-    async fn list_topics(&mut self) -> Result<(), CliError> {
-        let r = self.client.list_topics(pb::ListTopicsRequest { namespace: self.namespace(), stale: false }).await;
+    async fn list_topics(&mut self, list: ListArgs) -> Result<(), CliError> {
+        let req = pb::ListTopicsRequest {
+            namespace: self.namespace(),
+            stale: false,
+            prefix: list.prefix,
+            page_size: list.page_size,
+            page_token: list.page_token,
+        };
+        let r = self.client.list_topics(req).await;
         let r = self.answer(r)?;
         self.print_listed(
             "topics",
             r.topics.iter().map(render::topic_line),
             r.topics.iter().map(render::topic_json),
             r.index,
+            &r.next_page_token,
         );
         Ok(())
     }
 
-    /// A listing: one line per item as text, or `{"<key>": [items], "index": N}`.
+    /// A listing: one line per item as text (and the next page's token on stderr), or
+    /// `{"<key>": [items], "index": N}` (with `"next_page_token"` when a page follows).
     fn print_listed(
         &self,
         key: &str,
         lines: impl Iterator<Item = String>,
         items: impl Iterator<Item = serde_json::Value>,
         index: u64,
+        next_page_token: &str,
     ) {
         match self.ctx.output {
-            Output::Text => lines.for_each(|l| println!("{l}")),
-            Output::Json => println!("{}", serde_json::json!({key: items.collect::<Vec<_>>(), "index": index})),
+            Output::Text => {
+                lines.for_each(|l| println!("{l}"));
+                if !next_page_token.is_empty() {
+                    eprintln!("more follow: --page-token {next_page_token}");
+                }
+            }
+            Output::Json => {
+                let mut out = serde_json::json!({key: items.collect::<Vec<_>>(), "index": index});
+                if !next_page_token.is_empty() {
+                    out["next_page_token"] = next_page_token.into();
+                }
+                println!("{out}")
+            }
         }
     }
 
@@ -301,19 +325,31 @@ impl Admin<'_> {
         self.written(r)
     }
 
-    async fn list_consumer_groups(&mut self) -> Result<(), CliError> {
-        let req = pb::ListConsumerGroupsRequest { namespace: self.namespace(), stale: false };
+    async fn list_consumer_groups(&mut self, list: ListArgs) -> Result<(), CliError> {
+        let whole = list.prefix.is_empty() && list.page_size == 0 && list.page_token.is_empty();
+        let req = pb::ListConsumerGroupsRequest {
+            namespace: self.namespace(),
+            stale: false,
+            prefix: list.prefix,
+            page_size: list.page_size,
+            page_token: list.page_token,
+        };
         let r = self.client.list_consumer_groups(req).await;
         let r = self.answer(r)?;
-        // The lag, from the nodes running the groups; a group whose node did not answer
-        // is listed without it.
-        let lags: std::collections::HashMap<String, u64> = match self.describe(Vec::new()).await {
-            Ok(d) => d.consumer_groups.into_iter().filter(|g| g.running).map(|g| (g.name, g.lag)).collect(),
-            Err(_) => Default::default(),
+        // The lag, from the nodes running the groups (those listed: all, or the page's);
+        // a group whose node did not answer is listed without it.
+        let names = if whole { Vec::new() } else { r.consumer_groups.iter().map(|g| g.name.clone()).collect() };
+        let lags: std::collections::HashMap<String, u64> = match (!whole && names.is_empty()).then_some(()) {
+            Some(()) => Default::default(), // an empty page: nothing to ask
+            None => match self.describe(names).await {
+                Ok(d) => d.consumer_groups.into_iter().filter(|g| g.running).map(|g| (g.name, g.lag)).collect(),
+                Err(_) => Default::default(),
+            },
         };
         let items: Vec<serde_json::Value> =
             r.consumer_groups.iter().map(|g| render::consumer_group_with_lag(g, lags.get(&g.name).copied())).collect();
-        self.print_listed("consumer_groups", items.iter().map(|i| i.to_string()), items.iter().cloned(), r.index);
+        let (lines, json) = (items.iter().map(|i| i.to_string()), items.iter().cloned());
+        self.print_listed("consumer_groups", lines, json, r.index, &r.next_page_token);
         Ok(())
     }
 

@@ -80,7 +80,7 @@ impl BrokerConnector {
         let read = async {
             let mut admin = self.connect_with(address, timeout, timeout).await?;
             // stale: the answer is about the broker itself, no leader needed.
-            match admin.client.dump(pb::DumpRequest { stale: true }).await {
+            match admin.client.dump(pb::DumpRequest { stale: true, ..Default::default() }).await {
                 Ok(response) => Ok(response.into_inner().local.unwrap_or_default()),
                 Err(status) => Err(admin.read_failed(status)),
             }
@@ -170,7 +170,7 @@ impl Admin {
     /// The topics of `namespace` (linearizable read: no Raft log entry), or `None` when
     /// the namespace does not exist.
     pub async fn list_topics(&mut self, namespace: &str) -> Result<Option<Listed<pb::Topic>>> {
-        let request = pb::ListTopicsRequest { namespace: namespace.to_string(), stale: false };
+        let request = pb::ListTopicsRequest { namespace: namespace.to_string(), ..Default::default() };
         match self.client.list_topics(request).await {
             Ok(response) => {
                 let response = response.into_inner();
@@ -184,7 +184,7 @@ impl Admin {
     /// The consumer groups of `namespace` (linearizable read), or `None` when the
     /// namespace does not exist.
     pub async fn list_consumer_groups(&mut self, namespace: &str) -> Result<Option<Listed<pb::ConsumerGroup>>> {
-        let request = pb::ListConsumerGroupsRequest { namespace: namespace.to_string(), stale: false };
+        let request = pb::ListConsumerGroupsRequest { namespace: namespace.to_string(), ..Default::default() };
         match self.client.list_consumer_groups(request).await {
             Ok(response) => {
                 let response = response.into_inner();
@@ -301,7 +301,7 @@ impl Admin {
 
     /// The cluster state and Raft view of the answering broker (linearizable read).
     pub async fn dump(&mut self) -> Result<pb::DumpResponse> {
-        match self.client.dump(pb::DumpRequest { stale: false }).await {
+        match self.client.dump(pb::DumpRequest::default()).await {
             Ok(response) => Ok(response.into_inner()),
             Err(status) => Err(self.read_failed(status)),
         }

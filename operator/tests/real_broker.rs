@@ -49,7 +49,7 @@ impl Broker {
         while broker
             .admin()
             .await
-            .list_topics(pb::ListTopicsRequest { namespace: "default".into(), stale: false })
+            .list_topics(pb::ListTopicsRequest { namespace: "default".into(), ..Default::default() })
             .await
             .is_err()
         {
@@ -67,7 +67,7 @@ impl Broker {
         let list = self
             .admin()
             .await
-            .list_topics(pb::ListTopicsRequest { namespace: namespace.into(), stale: false })
+            .list_topics(pb::ListTopicsRequest { namespace: namespace.into(), ..Default::default() })
             .await
             .ok()?;
         list.into_inner().topics.into_iter().find(|t| t.name == name)
@@ -198,7 +198,7 @@ async fn consumer_group_is_written_once_then_only_read() {
     let groups = broker
         .admin()
         .await
-        .list_consumer_groups(pb::ListConsumerGroupsRequest { namespace: "default".into(), stale: false })
+        .list_consumer_groups(pb::ListConsumerGroupsRequest { namespace: "default".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner()

@@ -312,9 +312,11 @@ impl Admin for AdminService {
         let namespace = namespace_of(&req.namespace)?;
         let applied = self.cluster.read(!req.stale).await?;
         let ns = applied.state.namespace(&namespace)?;
+        let (topics, next_page_token) = page(&ns.topics, &req.prefix, req.page_size, &req.page_token);
         Ok(Response::new(pb::ListTopicsResponse {
-            topics: topics_to_pb(&applied.state, &namespace, ns),
+            topics: topics_to_pb(&applied.state, &namespace, topics),
             index: applied.last_applied.map(|l| l.index).unwrap_or(0),
+            next_page_token,
         }))
     }
 
@@ -350,13 +352,14 @@ impl Admin for AdminService {
         let namespace = namespace_of(&req.namespace)?;
         let applied = self.cluster.read(!req.stale).await?;
         let ns = applied.state.namespace(&namespace)?;
+        let (groups, next_page_token) = page(&ns.consumer_groups, &req.prefix, req.page_size, &req.page_token);
         Ok(Response::new(pb::ListConsumerGroupsResponse {
-            consumer_groups: ns
-                .consumer_groups
-                .iter()
+            consumer_groups: groups
+                .into_iter()
                 .map(|(n, g)| consumer_group_runtime_to_pb(&applied.state, &namespace, n, g))
                 .collect(),
             index: applied.last_applied.map(|l| l.index).unwrap_or(0),
+            next_page_token,
         }))
     }
 
@@ -417,7 +420,12 @@ impl Admin for AdminService {
     }
 
     async fn dump(&self, req: Request<pb::DumpRequest>) -> Reply<pb::DumpResponse> {
-        let stale = req.into_inner().stale;
+        let req = req.into_inner();
+        let stale = req.stale;
+        if !req.namespace.is_empty() {
+            validate::name("namespace", &req.namespace)?;
+        }
+        let filter = DumpFilter { namespace: &req.namespace, prefix: &req.prefix };
         let metrics = self.cluster.raft.metrics().borrow().clone();
         let raft_error = super::raft_failure(&metrics);
         if let (Some(reason), false) = (&raft_error, stale) {
@@ -432,15 +440,19 @@ impl Admin for AdminService {
             )
             .into());
         }
-        let state = state_to_pb(&*self.cluster.read(!stale).await?);
+        let state = state_to_pb(&*self.cluster.read(!stale).await?, &filter);
+        let filtered = !req.namespace.is_empty() || !req.prefix.is_empty();
+        let shown: std::collections::HashSet<u64> = state.segments.iter().map(|s| s.id).collect();
         let disk = self.segments.disk().status();
         Ok(Response::new(pb::DumpResponse {
             state: Some(state),
+            // This node's copies; with a filter, only those of the segments shown.
             segments: self
                 .segments
                 .store()
                 .list()
                 .into_iter()
+                .filter(|s| !filtered || shown.contains(&s.id))
                 .map(|s| pb::LocalSegment {
                     id: s.id,
                     size_bytes: s.size_bytes,

@@ -44,18 +44,67 @@ pub fn topic_to_pb(name: &str, t: &TopicSpec) -> pb::Topic {
     }
 }
 
-/// The topics of `ns`, each flagged when its replication factor is above the number
-/// of ALIVE nodes or one of its open segments has fewer replicas.
-pub fn topics_to_pb(state: &ClusterState, ns_name: &str, ns: &Namespace) -> Vec<pb::Topic> {
+/// The topics `topics` of namespace `ns_name`, each flagged when its replication
+/// factor is above the number of ALIVE nodes or one of its open segments has fewer
+/// replicas. One look at the segments for all of them (not one per topic: a dump of
+/// 10,000 topics stays linear).
+pub fn topics_to_pb<'a>(
+    state: &ClusterState,
+    ns_name: &str,
+    topics: impl IntoIterator<Item = (&'a String, &'a TopicSpec)>,
+) -> Vec<pb::Topic> {
     let alive = state.alive_nodes().count();
-    ns.topics
-        .iter()
+    let ns = state.namespaces.get(ns_name);
+    let short: std::collections::HashSet<&str> = state
+        .segments
+        .values()
+        .filter(|s| s.namespace == ns_name && s.is_open())
+        .filter(|s| {
+            let rf = ns.and_then(|ns| ns.topics.get(&s.topic)).map_or(0, |t| t.replication_factor as usize);
+            s.replicas.len() < rf
+        })
+        .map(|s| s.topic.as_str())
+        .collect();
+    topics
+        .into_iter()
         .map(|(n, t)| {
             let rf = t.replication_factor as usize;
-            let short_segment = state.topic_segments(ns_name, n).any(|(_, s)| s.is_open() && s.replicas.len() < rf);
-            pb::Topic { under_replicated: rf > alive || short_segment, ..topic_to_pb(n, t) }
+            pb::Topic { under_replicated: rf > alive || short.contains(n.as_str()), ..topic_to_pb(n, t) }
         })
         .collect()
+}
+
+/// One page of a listing by name: the entries of `map` whose names start with
+/// `prefix`, after `page_token` (the last name of the previous page), at most
+/// `page_size` of them (0: all), and the token of the next page (empty: none).
+pub fn page<'a, V>(
+    map: &'a std::collections::BTreeMap<String, V>,
+    prefix: &str,
+    page_size: u32,
+    page_token: &str,
+) -> (Vec<(&'a String, &'a V)>, String) {
+    use std::ops::Bound;
+    let start = if !page_token.is_empty() && page_token >= prefix {
+        Bound::Excluded(page_token)
+    } else {
+        Bound::Included(prefix)
+    };
+    let mut names = map.range::<str, _>((start, Bound::Unbounded)).take_while(|(n, _)| n.starts_with(prefix));
+    let limit = if page_size == 0 { usize::MAX } else { page_size as usize };
+    let items: Vec<(&String, &V)> = names.by_ref().take(limit).collect();
+    let next = match (names.next(), items.last()) {
+        (Some(_), Some((last, _))) => (*last).clone(),
+        _ => String::new(),
+    };
+    (items, next)
+}
+
+/// What a `Dump` shows: one namespace (empty: all), and in it only topics, groups
+/// and segments whose topic or group name starts with `prefix`.
+#[derive(Debug, Default)]
+pub struct DumpFilter<'a> {
+    pub namespace: &'a str,
+    pub prefix: &'a str,
 }
 
 pub fn consumer_group_to_pb(name: &str, g: &ConsumerGroupSpec) -> pb::ConsumerGroup {
@@ -129,7 +178,8 @@ pub fn node_state_to_pb(s: NodeState) -> pb::NodeState {
 }
 
 /// The whole cluster state as the API returns it.
-pub fn state_to_pb(applied: &AppliedState) -> pb::ClusterState {
+pub fn state_to_pb(applied: &AppliedState, filter: &DumpFilter) -> pb::ClusterState {
+    let shown_ns = |ns: &str| filter.namespace.is_empty() || filter.namespace == ns;
     let membership = applied.membership.membership();
     let role = |id: &u64| {
         if membership.voter_ids().any(|v| v == *id) {
@@ -141,18 +191,25 @@ pub fn state_to_pb(applied: &AppliedState) -> pb::ClusterState {
         }
     };
     pb::ClusterState {
-        segments: applied.state.segments.iter().map(|(id, s)| segment_to_pb(*id, s)).collect(),
+        segments: applied
+            .state
+            .segments
+            .iter()
+            .filter(|(_, s)| shown_ns(&s.namespace) && s.topic.starts_with(filter.prefix))
+            .map(|(id, s)| segment_to_pb(*id, s))
+            .collect(),
         index: applied.last_applied.map(|l| l.index).unwrap_or(0),
         namespaces: applied
             .state
             .namespaces
             .iter()
+            .filter(|(name, _)| shown_ns(name))
             .map(|(name, ns)| pb::Namespace {
                 name: name.clone(),
-                topics: topics_to_pb(&applied.state, name, ns),
-                consumer_groups: ns
-                    .consumer_groups
-                    .iter()
+                topics: topics_to_pb(&applied.state, name, page(&ns.topics, filter.prefix, 0, "").0),
+                consumer_groups: page(&ns.consumer_groups, filter.prefix, 0, "")
+                    .0
+                    .into_iter()
                     .map(|(n, g)| consumer_group_runtime_to_pb(&applied.state, name, n, g))
                     .collect(),
             })

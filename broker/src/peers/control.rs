@@ -53,7 +53,8 @@ impl Peers {
         let peer = Peer::node(node, addr);
         let timeout = Duration::from_millis(self.timeouts().cluster_probe_ms);
         let mut client = AdminClient::new(self.channel(addr));
-        let ask = client.dump(with_timeout(tonic::Request::new(DumpRequest { stale: true }), timeout));
+        let ask =
+            client.dump(with_timeout(tonic::Request::new(DumpRequest { stale: true, ..Default::default() }), timeout));
         let reply = tokio::time::timeout(timeout, ask)
             .await
             .map_err(|_| PeerError::timed_out(peer, timeout))?

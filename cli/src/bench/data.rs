@@ -54,7 +54,7 @@ pub async fn run(ctx: &Ctx, args: DataPathBenchArgs) -> Result<(), CliError> {
 /// The address of the primary of `topic`'s open segment.
 async fn primary_of(seed: &str, namespace: &str, topic: &str) -> Result<String, CliError> {
     let mut admin = admin_client(seed, None)?;
-    let state = admin.dump(pb::DumpRequest { stale: false }).await.map_err(err)?.into_inner().state.unwrap_or_default();
+    let state = admin.dump(pb::DumpRequest::default()).await.map_err(err)?.into_inner().state.unwrap_or_default();
     let node = state
         .segments
         .iter()

@@ -128,7 +128,7 @@ pub(super) fn spawn_binary(
 
 async fn dump(addr: &str) -> Option<pb::DumpResponse> {
     let mut c = admin_client(addr, None).ok()?;
-    c.dump(pb::DumpRequest { stale: true }).await.ok().map(|r| r.into_inner())
+    c.dump(pb::DumpRequest { stale: true, ..Default::default() }).await.ok().map(|r| r.into_inner())
 }
 
 fn alive(d: &pb::DumpResponse) -> usize {

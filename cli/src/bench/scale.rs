@@ -220,7 +220,7 @@ async fn wait_open_segments(seed: &str, count: usize) -> Result<usize, CliError>
     let mut admin = admin_client(seed, None)?.max_decoding_message_size(usize::MAX);
     let t0 = Instant::now();
     loop {
-        let d = admin.dump(pb::DumpRequest { stale: true }).await.map_err(err)?.into_inner();
+        let d = admin.dump(pb::DumpRequest { stale: true, ..Default::default() }).await.map_err(err)?.into_inner();
         let open = d.state.map_or(0, |s| s.segments.iter().filter(|s| s.open).count());
         if open >= count {
             return Ok(open);
@@ -474,7 +474,7 @@ async fn dump_timing(seed: &str) -> Result<(), CliError> {
     let mut admin = admin_client(seed, None)?.max_decoding_message_size(usize::MAX);
     for stale in [true, false] {
         let t = Instant::now();
-        let d = admin.dump(pb::DumpRequest { stale }).await.map_err(err)?.into_inner();
+        let d = admin.dump(pb::DumpRequest { stale, ..Default::default() }).await.map_err(err)?.into_inner();
         let elapsed = t.elapsed();
         println!(
             "{}",

@@ -320,7 +320,7 @@ impl Admin for FakeBroker {
         let namespace = r.into_inner().namespace;
         self.0.record(format!("ListTopics {namespace}"));
         let (topics, index) = self.0.read(&namespace, |ns| ns.topics.values().cloned().collect())?;
-        Ok(Response::new(pb::ListTopicsResponse { topics, index }))
+        Ok(Response::new(pb::ListTopicsResponse { topics, index, ..Default::default() }))
     }
 
     async fn create_consumer_group(
@@ -398,7 +398,7 @@ impl Admin for FakeBroker {
         let namespace = r.into_inner().namespace;
         self.0.record(format!("ListConsumerGroups {namespace}"));
         let (consumer_groups, index) = self.0.read(&namespace, |ns| ns.groups.values().cloned().collect())?;
-        Ok(Response::new(pb::ListConsumerGroupsResponse { consumer_groups, index }))
+        Ok(Response::new(pb::ListConsumerGroupsResponse { consumer_groups, index, ..Default::default() }))
     }
 
     async fn describe_consumer_groups(
