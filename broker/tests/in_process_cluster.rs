@@ -910,7 +910,7 @@ async fn a_node_below_its_disk_watermark_gets_no_segment_and_the_others_carry_on
         assert_eq!(seg.replicas.len(), 2, "{seg:?}");
         assert!(!seg.replicas.contains(&low), "a segment on the node without space: {seg:?}");
         let topics =
-            eventtermq_broker::api::convert::topics_to_pb(&st.state, "default", &st.state.namespaces["default"]);
+            eventtermq_broker::api::convert::topics_to_pb(&st.state, "default", &st.state.namespaces["default"].topics);
         assert!(topics[0].under_replicated, "the topic shows it is short of a copy");
     }
     let confirmed = publish_ids(&nodes[2], 0..100).await;

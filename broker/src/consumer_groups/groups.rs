@@ -114,12 +114,14 @@ impl Groups {
                 let (mut namespaces, mut topics, mut groups) = (HashSet::new(), HashSet::new(), HashSet::new());
                 for c in changes {
                     match c {
-                        Touched::Namespace(ns) => drop(namespaces.insert(ns.as_str())),
+                        Touched::Namespace(ns) => {
+                            namespaces.insert(ns.as_str());
+                        }
                         Touched::Topic { namespace, topic } => {
-                            drop(topics.insert((namespace.as_str(), topic.as_str())))
+                            topics.insert((namespace.as_str(), topic.as_str()));
                         }
                         Touched::Group { namespace, group } => {
-                            drop(groups.insert((namespace.as_str(), group.as_str())))
+                            groups.insert((namespace.as_str(), group.as_str()));
                         }
                         Touched::Offsets { .. } | Touched::Nodes => {}
                     }
