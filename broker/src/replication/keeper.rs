@@ -61,7 +61,12 @@ pub async fn run(segments: Segments, stop: CancellationToken) {
     // segment stays open): each ends when the segment gets its first record, or its
     // primary stops, and wakes the loop to close it.
     let mut first_records = FuturesUnordered::new();
+    let mut last_pass = tokio::time::Instant::now() - super::placement::PASS_SPACING_MIN;
     loop {
+        // A burst of changes runs a pass per spacing at most (a pass is linear in the
+        // state): see `placement::PASS_SPACING_MIN`.
+        tokio::time::sleep_until(last_pass + super::placement::PASS_SPACING_MIN).await;
+        last_pass = tokio::time::Instant::now();
         let due = keeper.pass().await.map(|d| tokio::time::Instant::now() + d);
         for (id, mut confirmed) in keeper.first_record_waits.drain(..) {
             first_records.push(async move {

@@ -35,6 +35,10 @@ use crate::cluster_state::{ClusterState, Command, NodeId, NodeState, SegmentId, 
 use crate::error::{ErrorCode, RequestError};
 use crate::membership::Membership;
 
+/// Passes are at least this far apart (a pass is linear in the state; while thousands
+/// of changes arrive, one pass per spacing takes them all).
+pub(crate) const PASS_SPACING_MIN: Duration = Duration::from_millis(50);
+
 /// Commands of one pass proposed at once, at most.
 const PROPOSALS_IN_FLIGHT_MAX: usize = 256;
 
@@ -53,6 +57,7 @@ pub async fn run(segments: Segments, membership: Membership, retry: Duration, st
     let mut members_changed = membership.watch();
     // The first pass runs at once.
     let mut due: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
+    let mut last_pass = tokio::time::Instant::now() - PASS_SPACING_MIN;
     loop {
         tokio::select! {
             biased;
@@ -63,11 +68,14 @@ pub async fn run(segments: Segments, membership: Membership, retry: Duration, st
             _ = sleep_until_due(due) => {}
         }
         due = None;
+        // A burst of changes (thousands of topics created) runs a pass per
+        // PASS_SPACING_MIN at most: each pass is linear in the state.
+        tokio::time::sleep_until(last_pass + PASS_SPACING_MIN).await;
+        last_pass = tokio::time::Instant::now();
         let cluster = segments.cluster();
         if cluster.leader().map(|(id, _)| id) != Some(cluster.id) {
             continue;
         }
-        let state = cluster.state.read().state.clone();
         let dead_since: HashMap<NodeId, Duration> = membership
             .watch()
             .borrow()
@@ -77,11 +85,24 @@ pub async fn run(segments: Segments, membership: Membership, retry: Duration, st
             .collect();
         let rereplicate_after = Duration::from_millis(segments.settings().rereplicate_after_ms);
         let now_unix_ms = segments.clock().now_unix_ms();
+        // Decided under the state's read lock, without copying the state.
+        let (cmds, gone_primaries, next) = {
+            let st = cluster.state.read();
+            let state = &st.state;
+            let gone: Vec<SegmentId> = state
+                .segments
+                .iter()
+                .filter(|(_, seg)| seg.is_open() && state.node_gone(seg.primary))
+                .map(|(id, _)| *id)
+                .collect();
+            let next = next_due(state, &dead_since, rereplicate_after, now_unix_ms);
+            (plan(state, &dead_since, rereplicate_after, now_unix_ms), gone, next)
+        };
         let mut deferred = false;
         // Proposed together, so that Raft commits them in shared log appends (one
         // fsync for many): 10,000 new topics open their segments in seconds, not in
         // one round trip each.
-        let writes = futures::stream::iter(plan(&state, &dead_since, rereplicate_after, now_unix_ms))
+        let writes = futures::stream::iter(cmds)
             .map(|cmd| {
                 if let Command::OpenSegment { topic, shard, replicas, min_insync, .. } = &cmd {
                     tracing::info!(topic = %topic, shard, replicas = ?replicas, min_insync, "opening a segment");
@@ -97,10 +118,9 @@ pub async fn run(segments: Segments, membership: Membership, retry: Duration, st
                 break;
             }
         }
-        for (id, seg) in &state.segments {
-            if seg.is_open() && state.node_gone(seg.primary) && lock(&failing_over).insert(*id) {
-                let (segments, failing_over, id, wake) =
-                    (segments.clone(), failing_over.clone(), *id, retry_wake.clone());
+        for id in gone_primaries {
+            if lock(&failing_over).insert(id) {
+                let (segments, failing_over, wake) = (segments.clone(), failing_over.clone(), retry_wake.clone());
                 segments.clone().spawn(async move {
                     let r = fail_over(&segments, id).await;
                     lock(&failing_over).remove(&id);
@@ -112,7 +132,6 @@ pub async fn run(segments: Segments, membership: Membership, retry: Duration, st
                 });
             }
         }
-        let next = next_due(&state, &dead_since, rereplicate_after, now_unix_ms);
         let retry_at = deferred.then_some(retry);
         due = [next, retry_at].into_iter().flatten().min().map(|d| tokio::time::Instant::now() + d);
     }

@@ -94,16 +94,19 @@ async fn scale(ctx: &Ctx, args: &ScaleBenchArgs, dir: &Path) -> Result<(), CliEr
     let empty = stage(&c, "empty");
     idle(&c, "empty", args.idle_seconds).await;
 
+    // One connection per node, shared by the concurrent requests.
+    let admins = c.addrs.iter().map(|a| admin_client(a, None)).collect::<Result<Vec<_>, _>>()?;
+    let messengers = c.addrs.iter().map(|a| crate::messaging_client(a, None)).collect::<Result<Vec<_>, _>>()?;
     let created = Instant::now();
     let t = Instant::now();
-    run_concurrently(n, args.concurrency, &c.addrs, |addr, i| {
-        let ns = ns.to_string();
-        async move {
-            let mut admin = admin_client(&addr, None)?;
-            let topic = pb::Topic { name: topic_name(i), shards: 1, replication_factor: 3, ..Default::default() };
-            admin.create_topic(pb::CreateTopicRequest { namespace: ns, topic: Some(topic) }).await.map_err(err)?;
-            Ok(())
-        }
+    run_concurrently(n, args.concurrency, |i| {
+        let admin = admins[i % admins.len()].clone();
+        let topic = pb::Topic { name: topic_name(i), shards: 1, replication_factor: 3, ..Default::default() };
+        let req = pb::CreateTopicRequest { namespace: ns.to_string(), topic: Some(topic) };
+        retrying(move || {
+            let (mut admin, req) = (admin.clone(), req.clone());
+            async move { admin.create_topic(req).await }
+        })
     })
     .await?;
     rate("scale: create topics", n, t.elapsed());
@@ -116,19 +119,18 @@ async fn scale(ctx: &Ctx, args: &ScaleBenchArgs, dir: &Path) -> Result<(), CliEr
             "seconds_from_first_create": created.elapsed().as_secs_f64()})
     );
     let t = Instant::now();
-    run_concurrently(n, args.concurrency, &c.addrs, |addr, i| {
-        let ns = ns.to_string();
-        async move {
-            let mut admin = admin_client(&addr, None)?;
-            let group = pb::ConsumerGroup {
-                name: group_name(i),
-                bindings: vec![pb::Binding { topic: topic_name(i), ..Default::default() }],
-                ..Default::default()
-            };
-            let req = pb::CreateConsumerGroupRequest { namespace: ns, consumer_group: Some(group) };
-            admin.create_consumer_group(req).await.map_err(err)?;
-            Ok(())
-        }
+    run_concurrently(n, args.concurrency, |i| {
+        let admin = admins[i % admins.len()].clone();
+        let group = pb::ConsumerGroup {
+            name: group_name(i),
+            bindings: vec![pb::Binding { topic: topic_name(i), ..Default::default() }],
+            ..Default::default()
+        };
+        let req = pb::CreateConsumerGroupRequest { namespace: ns.to_string(), consumer_group: Some(group) };
+        retrying(move || {
+            let (mut admin, req) = (admin.clone(), req.clone());
+            async move { admin.create_consumer_group(req).await }
+        })
     })
     .await?;
     rate("scale: create groups", n, t.elapsed());
@@ -137,20 +139,16 @@ async fn scale(ctx: &Ctx, args: &ScaleBenchArgs, dir: &Path) -> Result<(), CliEr
 
     let before = brokers_cpu_ms(&c);
     let t = Instant::now();
-    run_concurrently(n, args.concurrency, &c.addrs, |addr, i| {
-        let ns = ns.to_string();
-        async move {
-            let mut client = crate::messaging_client(&addr, None)?;
-            let message = pb::Message { data: format!("m-{i}").into_bytes().into(), ..Default::default() };
-            let req = pb::PublishRequest {
-                namespace: ns,
-                topic: topic_name(i),
-                messages: vec![message],
-                ..Default::default()
-            };
-            client.publish(req).await.map_err(err)?;
-            Ok(())
-        }
+    run_concurrently(n, args.concurrency, |i| {
+        let mut client = messengers[i % messengers.len()].clone();
+        let message = pb::Message { data: format!("m-{i}").into_bytes().into(), ..Default::default() };
+        let req = pb::PublishRequest {
+            namespace: ns.to_string(),
+            topic: topic_name(i),
+            messages: vec![message],
+            ..Default::default()
+        };
+        async move { client.publish(req).await.map(drop).map_err(err) }
     })
     .await?;
     let elapsed = t.elapsed();
@@ -197,22 +195,46 @@ fn rate(what: &str, count: usize, elapsed: Duration) {
     );
 }
 
-/// Runs `f(address, i)` for every `i` below `count`, `concurrency` at a time, the
-/// requests spread over the nodes.
-async fn run_concurrently<F, Fut>(count: usize, concurrency: usize, addrs: &[String], f: F) -> Result<(), CliError>
+/// Runs `f(i)` for every `i` below `count`, `concurrency` at a time.
+async fn run_concurrently<F, Fut>(count: usize, concurrency: usize, f: F) -> Result<(), CliError>
 where
-    F: Fn(String, usize) -> Fut,
+    F: Fn(usize) -> Fut,
     Fut: std::future::Future<Output = Result<(), CliError>>,
 {
-    let f = &f;
-    let results = futures::stream::iter(0..count)
-        .map(|i| f(addrs[i % addrs.len()].clone(), i))
-        .buffer_unordered(concurrency.max(1));
+    let results = futures::stream::iter(0..count).map(&f).buffer_unordered(concurrency.max(1));
     let mut results = std::pin::pin!(results);
     while let Some(r) = results.next().await {
         r?;
     }
     Ok(())
+}
+
+/// Attempts of an idempotent write (a create) whose outcome was unknown or that found
+/// no leader, before the bench gives up.
+const WRITE_ATTEMPTS_MAX: u32 = 10;
+/// Pause between those attempts.
+const WRITE_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// Sends an idempotent write until it is answered (creating the same topic or group
+/// again succeeds), at most [`WRITE_ATTEMPTS_MAX`] times.
+async fn retrying<T, Fut>(mut send: impl FnMut() -> Fut) -> Result<(), CliError>
+where
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut attempt = 1;
+    loop {
+        match send().await {
+            Ok(_) => return Ok(()),
+            Err(s)
+                if attempt < WRITE_ATTEMPTS_MAX
+                    && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) =>
+            {
+                attempt += 1;
+                tokio::time::sleep(WRITE_RETRY_PAUSE).await
+            }
+            Err(s) => return Err(err(s)),
+        }
+    }
 }
 
 /// Waits until the state has `count` open segments (the leader opens one per topic).
