@@ -328,11 +328,41 @@ fn brokers_cpu_ms(c: &Cluster) -> u64 {
     c.procs.iter().map(|p| cpu_ms(p.child.id())).sum()
 }
 
-/// CPU of each broker over `seconds` while the bench does nothing.
+/// How long the cluster state must stay unchanged before an idle measurement starts.
+const SETTLED_FOR: Duration = Duration::from_secs(3);
+
+/// Waits until the cluster state stopped changing for [`SETTLED_FOR`] (what the last
+/// stage started, such as the groups' first offset commits, is done), at most
+/// [`SETTLE_WAIT_MAX`]; says how long it waited.
+async fn settle(seed: &str) -> Duration {
+    let t0 = Instant::now();
+    let Ok(admin) = admin_client(seed, None) else { return Duration::ZERO };
+    let mut admin = admin.max_decoding_message_size(usize::MAX);
+    let mut last: Option<(u64, Instant)> = None;
+    while t0.elapsed() < SETTLE_WAIT_MAX {
+        // A prefix no topic has: the answer carries the index, not the state.
+        let req = pb::DumpRequest { stale: true, prefix: "\u{0}".into(), ..Default::default() };
+        let index = admin.dump(req).await.ok().and_then(|d| d.into_inner().state).map_or(0, |s| s.index);
+        match last {
+            Some((i, since)) if i == index => {
+                if since.elapsed() >= SETTLED_FOR {
+                    break;
+                }
+            }
+            _ => last = Some((index, Instant::now())),
+        }
+        tokio::time::sleep(SETTLE_POLL).await;
+    }
+    t0.elapsed()
+}
+
+/// CPU of each broker over `seconds` while the bench does nothing, once the cluster
+/// state stopped changing.
 async fn idle(c: &Cluster, stage: &str, seconds: u64) {
     if seconds == 0 {
         return;
     }
+    let settled_after = settle(&c.addrs[0]).await;
     let pids: Vec<u32> = c.procs.iter().map(|p| p.child.id()).collect();
     let before: Vec<u64> = pids.iter().map(|p| cpu_ms(*p)).collect();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
@@ -341,7 +371,8 @@ async fn idle(c: &Cluster, stage: &str, seconds: u64) {
     println!(
         "{}",
         serde_json::json!({"bench": "scale: idle", "stage": stage, "seconds": seconds, "cpu_ms": used,
-            "percent_of_one_core": total as f64 / (seconds as f64 * 10.0)})
+            "percent_of_one_core": total as f64 / (seconds as f64 * 10.0),
+            "settled_after_seconds": settled_after.as_secs_f64()})
     );
 }
 
