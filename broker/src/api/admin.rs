@@ -178,6 +178,11 @@ fn status_to_pb(node_id: u64, st: GroupStats) -> pb::ConsumerGroupStatus {
 }
 
 impl AdminService {
+    /// How many bytes this node's copy of segment `id` holds, if it has one.
+    fn local_size(&self, id: SegmentId) -> Option<u64> {
+        self.segments.store().info(id).map(|i| i.size_bytes)
+    }
+
     /// The groups asked for (all of the namespace when none), from a linearizable read.
     async fn placed_groups(&self, namespace: &str, names: &[String]) -> Result<(Vec<Placed>, u64), RequestError> {
         let applied = self.cluster.read(true).await?;
@@ -313,7 +318,7 @@ impl Admin for AdminService {
         let applied = self.cluster.read(!req.stale).await?;
         let ns = applied.state.namespace(&namespace)?;
         Ok(Response::new(pb::ListTopicsResponse {
-            topics: topics_to_pb(&applied.state, &namespace, ns),
+            topics: topics_to_pb(&applied.state, &namespace, ns, &|id| self.local_size(id)),
             index: applied.last_applied.map(|l| l.index).unwrap_or(0),
         }))
     }
@@ -432,7 +437,7 @@ impl Admin for AdminService {
             )
             .into());
         }
-        let state = state_to_pb(&*self.cluster.read(!stale).await?);
+        let state = state_to_pb(&*self.cluster.read(!stale).await?, &|id| self.local_size(id));
         let disk = self.segments.disk().status();
         Ok(Response::new(pb::DumpResponse {
             state: Some(state),

@@ -41,19 +41,35 @@ pub fn topic_to_pb(name: &str, t: &TopicSpec) -> pb::Topic {
         segment_age_max_ms: t.segment_age_max_ms,
         retention_overrides_consumers: t.retention_overrides_consumers,
         shard_key: t.shard_key.as_str().to_string(),
+        retained_bytes: 0,
+        retained_since: None,
     }
 }
 
+/// The size of a segment's copy on this node, if it holds one.
+pub type LocalSize<'a> = &'a dyn Fn(SegmentId) -> Option<u64>;
+
 /// The topics of `ns`, each flagged when its replication factor is above the number
-/// of ALIVE nodes or one of its open segments has fewer replicas.
-pub fn topics_to_pb(state: &ClusterState, ns_name: &str, ns: &Namespace) -> Vec<pb::Topic> {
+/// of ALIVE nodes or one of its open segments has fewer replicas, with what it keeps
+/// (open segments' sizes from `local_size`).
+pub fn topics_to_pb(state: &ClusterState, ns_name: &str, ns: &Namespace, local_size: LocalSize) -> Vec<pb::Topic> {
     let alive = state.alive_nodes().count();
     ns.topics
         .iter()
         .map(|(n, t)| {
             let rf = t.replication_factor as usize;
             let short_segment = state.topic_segments(ns_name, n).any(|(_, s)| s.is_open() && s.replicas.len() < rf);
-            pb::Topic { under_replicated: rf > alive || short_segment, ..topic_to_pb(n, t) }
+            let sizes = state.topic_segments(ns_name, n).map(|(id, s)| match s.is_open() {
+                true => local_size(id).unwrap_or(0),
+                false => s.size_bytes,
+            });
+            let oldest = state.topic_segments(ns_name, n).map(|(_, s)| s.created_unix_ms).min();
+            pb::Topic {
+                under_replicated: rf > alive || short_segment,
+                retained_bytes: sizes.sum(),
+                retained_since: oldest.map(ms_to_timestamp),
+                ..topic_to_pb(n, t)
+            }
         })
         .collect()
 }
@@ -129,7 +145,7 @@ pub fn node_state_to_pb(s: NodeState) -> pb::NodeState {
 }
 
 /// The whole cluster state as the API returns it.
-pub fn state_to_pb(applied: &AppliedState) -> pb::ClusterState {
+pub fn state_to_pb(applied: &AppliedState, local_size: LocalSize) -> pb::ClusterState {
     let membership = applied.membership.membership();
     let role = |id: &u64| {
         if membership.voter_ids().any(|v| v == *id) {
@@ -149,7 +165,7 @@ pub fn state_to_pb(applied: &AppliedState) -> pb::ClusterState {
             .iter()
             .map(|(name, ns)| pb::Namespace {
                 name: name.clone(),
-                topics: topics_to_pb(&applied.state, name, ns),
+                topics: topics_to_pb(&applied.state, name, ns, local_size),
                 consumer_groups: ns
                     .consumer_groups
                     .iter()

@@ -30,7 +30,7 @@ use crate::cluster::Cluster;
 use crate::cluster_state::{Command, ConsumerGroupSpec, SegmentId};
 use crate::error::{ErrorCode, RequestError};
 use crate::metrics::GroupCounters;
-use crate::replication::read::ReadResult;
+use crate::replication::read::{ReadRequest, ReadResult};
 use crate::replication::Segments;
 
 /// Requests to a group task.
@@ -368,7 +368,7 @@ impl Task {
             self.peeking.insert(id);
             self.peeks.push(Box::pin(async move {
                 // One record at most: the answer's end is what matters.
-                let r = segments.read(id, &seg, from, 1, Duration::ZERO).await;
+                let r = segments.read(id, &seg, ReadRequest::at(from, 1)).await;
                 (id, r.ok().map(|r| r.end_offset))
             }));
         }
@@ -451,7 +451,8 @@ impl Task {
         let wait = if seg.is_open() { Duration::from_millis(settings.read_wait_ms) } else { Duration::ZERO };
         let (segments, max_bytes) = (self.segments.clone(), settings.read_batch_max_bytes);
         self.fetches.push(Box::pin(async move {
-            let r = segments.read(f.segment_id, &seg, f.from, max_bytes, wait).await;
+            let read = ReadRequest::at(f.from, max_bytes).waiting(wait).since(f.since_unix_ms);
+            let r = segments.read(f.segment_id, &seg, read).await;
             if r.is_err() || (f.idle && !seg.is_open()) {
                 tokio::time::sleep(READ_RETRY_PAUSE).await;
             }

@@ -19,7 +19,7 @@ pub mod control;
 pub mod data;
 pub mod raft;
 
-pub use data::{Relayed, ReplicaAnswers};
+pub use data::{ReadRequest, Relayed, ReplicaAnswers};
 
 use std::sync::Arc;
 use std::time::Duration;
