@@ -528,4 +528,10 @@ pub struct DataPathBenchArgs {
     /// (repeatable).
     #[arg(long = "broker-arg", allow_hyphen_values = true)]
     pub broker_args: Vec<String>,
+    /// Scrape every broker's `/metrics` (on `--port` + 2, the brokers' default
+    /// `--metrics-port`) every this many milliseconds while the workloads run, as a
+    /// Prometheus would, from a thread of its own; 0: no scraping. Compare runs with
+    /// and without it to see what serving metrics costs the data path.
+    #[arg(long, default_value_t = 0)]
+    pub scrape_interval_ms: u64,
 }
