@@ -214,8 +214,8 @@ impl<B: http_body::Body + Unpin> http_body::Body for WithRequestId<B> {
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
         let mut frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        if let Some(Ok(frame)) = frame.as_mut() {
-            if let (Some(trailers), Some(context)) = (frame.trailers_mut(), this.context.take()) {
+        if let Some(trailers) = frame.as_mut().and_then(|f| f.as_mut().ok()).and_then(http_body::Frame::trailers_mut) {
+            if let Some(context) = this.context.take() {
                 let _entered = context.span.enter();
                 failed(trailers, &context.id, context.from_client);
             }
