@@ -74,7 +74,7 @@ fn scrape(host: &str) -> String {
 }
 
 /// The number of subscribers of group `g` a node's scrape reports, if it runs it.
-fn subscribers(host: &str) -> Option<u64> {
+fn subscribers(host: &str) -> Option<f64> {
     scrape(host).lines().find_map(|l| {
         let rest = l.strip_prefix("eventtermq_consumer_group_subscribers{")?;
         rest.contains("group=\"g\"").then(|| rest.rsplit_once(' ')?.1.parse().ok()).flatten()
@@ -137,7 +137,7 @@ fn errors_that_end_streams_carry_the_request_id_of_the_log_lines() {
         }
         let host = HOSTS[group_node];
         let subscribed = tokio::task::spawn_blocking(move || {
-            eventually(Duration::from_secs(20), "the subscriber on the group's node", || subscribers(host) == Some(1))
+            eventually(Duration::from_secs(20), "the subscriber on the group's node", || subscribers(host) == Some(1.0))
         });
         subscribed.await.unwrap();
         nodes[group_node].kill9();
