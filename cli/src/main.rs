@@ -14,16 +14,10 @@ fn main() -> std::process::ExitCode {
             let runtime = builder.enable_all().build().expect("tokio runtime");
             let tls = cli::run::TlsFiles { ca: args.tls_ca_file, cert: args.tls_cert_file, key: args.tls_key_file };
             let config = cli::run::node_config(&args.broker, &args.host, args.port).and_then(|c| {
-                Ok((c, cli::run::ports(&args.broker, args.port)?, cli::run::tls_settings(&args.broker, &tls)?))
+                let otlp = cli::otlp::settings(&args.broker, &c.advertise_addr)?;
+                Ok((c, cli::run::ports(&args.broker, args.port)?, cli::run::tls_settings(&args.broker, &tls)?, otlp))
             });
-            let otlp = |advertise: &str| {
-                let endpoint = args.broker.otlp_endpoint.as_deref();
-                endpoint.map(|e| cli::otlp::OtlpSettings::new(e, args.broker.otlp_sample_ratio, advertise.to_string()))
-            };
-            let (config, ports, tls, otlp) = match config.and_then(|(c, p, t)| {
-                let otlp = otlp(&c.advertise_addr).transpose()?;
-                Ok((c, p, t, otlp))
-            }) {
+            let (config, ports, tls, otlp) = match config {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -31,7 +25,9 @@ fn main() -> std::process::ExitCode {
                 }
             };
             // The exporter's gRPC channel is made on the runtime.
-            let exporter = match runtime.block_on(async { cli::otlp::init_broker_logging(args.broker.log_format, otlp.as_ref()) }) {
+            let exporter = match runtime
+                .block_on(async { cli::otlp::init_broker_logging(args.broker.log_format, otlp.as_ref()) })
+            {
                 Ok(e) => e,
                 Err(e) => {
                     eprintln!("error: {e}");

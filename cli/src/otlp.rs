@@ -44,6 +44,13 @@ impl OtlpSettings {
     }
 }
 
+/// The export's settings from the broker's flags (`None`: no `--otlp-endpoint`);
+/// `instance` is the node's advertised address.
+pub fn settings(args: &crate::args::BrokerArgs, instance: &str) -> Result<Option<OtlpSettings>, String> {
+    let endpoint = args.otlp_endpoint.as_deref();
+    endpoint.map(|e| OtlpSettings::new(e, args.otlp_sample_ratio, instance.to_string())).transpose()
+}
+
 /// Exports spans until dropped; [`Exporter::shutdown`] sends what is still buffered.
 pub struct Exporter {
     provider: SdkTracerProvider,
@@ -61,7 +68,9 @@ impl Exporter {
 /// Installs the logging of a broker and, with `otlp`, the export of publish traces.
 /// Must run inside the tokio runtime (the exporter's gRPC channel lives on it).
 pub fn init_broker_logging(format: LogFormat, otlp: Option<&OtlpSettings>) -> Result<Option<Exporter>, String> {
-    let registry = tracing_subscriber::registry().with(fmt_layer(format));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER));
+    let registry = tracing_subscriber::registry().with(fmt_layer(format, filter));
     let Some(otlp) = otlp else {
         registry.try_init().map_err(|e| e.to_string())?;
         return Ok(None);
@@ -80,19 +89,20 @@ pub fn init_broker_logging(format: LogFormat, otlp: Option<&OtlpSettings>) -> Re
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(otlp.sample_ratio))))
         .with_resource(resource)
         .build();
-    let traces = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer("eventtermq"))
-        .with_filter(tracing_subscriber::filter::Targets::new().with_target(PUBLISH_TRACE_TARGET, tracing::Level::TRACE));
+    let traces = tracing_opentelemetry::layer().with_tracer(provider.tracer("eventtermq")).with_filter(
+        tracing_subscriber::filter::Targets::new().with_target(PUBLISH_TRACE_TARGET, tracing::Level::TRACE),
+    );
     registry.with(traces).try_init().map_err(|e| e.to_string())?;
     Ok(Some(Exporter { provider }))
 }
 
 type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
 
-/// Logs on stderr, at the levels of `RUST_LOG`.
-fn fmt_layer(format: LogFormat) -> BoxedLayer {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+/// The log levels without `RUST_LOG`.
+const DEFAULT_FILTER: &str = "info,openraft=warn";
+
+/// Logs on stderr, at the levels of `filter` (`RUST_LOG`).
+fn fmt_layer(format: LogFormat, filter: tracing_subscriber::EnvFilter) -> BoxedLayer {
     let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {
         // Colour codes only on a terminal: a file or `kubectl logs` shows them raw.
@@ -106,6 +116,19 @@ fn fmt_layer(format: LogFormat) -> BoxedLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_an_exporter_nothing_enables_the_trace_level() {
+        // The most verbose level any layer wants: a TRACE span's macro compares against
+        // it first, and stops there.
+        use tracing::Subscriber;
+        let hint = |format| {
+            let filter = tracing_subscriber::EnvFilter::new(DEFAULT_FILTER);
+            tracing_subscriber::registry().with(fmt_layer(format, filter)).max_level_hint()
+        };
+        assert_eq!(hint(LogFormat::Text), Some(tracing::level_filters::LevelFilter::INFO));
+        assert_eq!(hint(LogFormat::Json), Some(tracing::level_filters::LevelFilter::INFO));
+    }
 
     #[test]
     fn settings_name_the_flag_and_rule_and_never_echo_the_url() {

@@ -367,7 +367,8 @@ mod tests {
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", http::HeaderValue::from_static(status));
         trailers.insert("grpc-message", http::HeaderValue::from_static(message));
-        let frames = [http_body::Frame::data(bytes::Bytes::from_static(b"message")), http_body::Frame::trailers(trailers)];
+        let frames =
+            [http_body::Frame::data(bytes::Bytes::from_static(b"message")), http_body::Frame::trailers(trailers)];
         http::Response::new(Frames(frames.into()))
     }
 
@@ -396,7 +397,8 @@ mod tests {
             })
         };
         let request = |forwarded: bool| {
-            let mut r = http::Request::builder().uri("/eventter.v1.Messaging/Subscribe").header(REQUEST_ID_METADATA, "s-1");
+            let mut r =
+                http::Request::builder().uri("/eventter.v1.Messaging/Subscribe").header(REQUEST_ID_METADATA, "s-1");
             if forwarded {
                 r = r.header(crate::peers::FORWARDED_METADATA, "1");
             }
@@ -419,7 +421,10 @@ mod tests {
         let line: serde_json::Value = serde_json::from_str(logs.lines().last().unwrap()).unwrap();
         assert_eq!(line["fields"]["message"], "request failed", "{logs}");
         assert_eq!(line["fields"]["grpc_status"], "14");
-        assert_eq!((&line["span"]["id"], &line["span"]["group"]), (&serde_json::json!("s-1"), &serde_json::json!("billing")));
+        assert_eq!(
+            (&line["span"]["id"], &line["span"]["group"]),
+            (&serde_json::json!("s-1"), &serde_json::json!("billing"))
+        );
 
         // Forwarded: left for the node the client talks to (which relays these trailers).
         let response = failing.ready().await.unwrap().call(request(true)).await.unwrap();

@@ -33,9 +33,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::confirm::Confirmations;
-use super::traced::{Traces, PUBLISH_TRACE_TARGET};
 pub use super::confirm::Durability;
 use super::dedupe::{encode_key, Begin, Key, Stored, Window};
+use super::traced::{Traces, PUBLISH_TRACE_TARGET};
 use super::{lock, storage_error, Segments, SharedWriter};
 use crate::cluster_state::{Command, NodeId, SegmentId};
 use crate::error::{ErrorCode, RequestError};
@@ -493,8 +493,10 @@ impl Task {
         let write_spans: Vec<tracing::Span> = writes
             .iter()
             .filter(|w| !w.waiting.trace.is_disabled())
-            .map(|w| tracing::trace_span!(target: PUBLISH_TRACE_TARGET, parent: &w.waiting.trace, "write",
-                batch_records = payloads.len()))
+            .map(|w| {
+                tracing::trace_span!(target: PUBLISH_TRACE_TARGET, parent: &w.waiting.trace, "write",
+                batch_records = payloads.len())
+            })
             .collect();
         let started = std::time::Instant::now();
         let appended = {
@@ -556,7 +558,15 @@ impl Task {
                 continue;
             };
             let Some(window) = self.window.as_mut() else {
-                self.held.push_back(AppendRequest { payloads, durability, key: Some(key), reply, _permit, trace, _queue });
+                self.held.push_back(AppendRequest {
+                    payloads,
+                    durability,
+                    key: Some(key),
+                    reply,
+                    _permit,
+                    trace,
+                    _queue,
+                });
                 continue;
             };
             let total = payloads.len() as u32;

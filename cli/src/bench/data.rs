@@ -251,7 +251,9 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
         0 => None,
         ms => {
             let metrics_port = port.checked_add(eventtermq_api::defaults::METRICS_PORT_OFFSET).ok_or_else(|| {
-                CliError::Usage(format!("--scrape-interval-ms: the brokers' metrics port (--port {port} + 2) is past 65535"))
+                CliError::Usage(format!(
+                    "--scrape-interval-ms: the brokers' metrics port (--port {port} + 2) is past 65535"
+                ))
             })?;
             let targets = args.hosts.iter().map(|h| format!("{h}:{metrics_port}")).collect();
             Some(Scraper::start(targets, Duration::from_millis(ms)))
