@@ -107,8 +107,8 @@ fn scrape(target: &str) -> Result<u64, String> {
     let mut s = TcpStream::connect_timeout(&addr, SCRAPE_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(SCRAPE_TIMEOUT)).map_err(|e| e.to_string())?;
     s.set_write_timeout(Some(SCRAPE_TIMEOUT)).map_err(|e| e.to_string())?;
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {target}\r\nAccept: {ACCEPT}\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("send: {e}"))?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {target}\r\nAccept: {ACCEPT}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).map_err(|e| format!("send: {e}"))?;
     let mut answer = Vec::new();
     s.read_to_end(&mut answer).map_err(|e| format!("read: {e}"))?;
     let status = answer.split(|b| *b == b'\r').next().map(String::from_utf8_lossy).unwrap_or_default();
@@ -140,9 +140,15 @@ mod tests {
         let server = std::thread::spawn(move || {
             for answer in ["HTTP/1.1 200 OK\r\n\r\nup 1\n", "HTTP/1.1 404 Not Found\r\n\r\n"] {
                 let (mut c, _) = listener.accept().unwrap();
-                let mut request = [0u8; 1024];
-                let n = c.read(&mut request).unwrap();
-                assert!(String::from_utf8_lossy(&request[..n]).contains("Accept: application/openmetrics-text"));
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                // The whole request head, however many reads it takes.
+                while !request.ends_with(b"\r\n\r\n") {
+                    let n = c.read(&mut buf).unwrap();
+                    assert!(n > 0, "the request ended early: {:?}", String::from_utf8_lossy(&request));
+                    request.extend_from_slice(&buf[..n]);
+                }
+                assert!(String::from_utf8_lossy(&request).contains("Accept: application/openmetrics-text"));
                 c.write_all(answer.as_bytes()).unwrap();
             }
         });
