@@ -256,6 +256,14 @@ tokio::task_local! {
     pub static REQUEST_ID: String;
 }
 
+/// Longest request id a client may choose.
+pub const REQUEST_ID_LEN_MAX: usize = 64;
+
+/// A new request id: 16 hex digits.
+pub fn new_request_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
 /// The id of the client request the current task handles, if any.
 pub fn current_request_id() -> Option<String> {
     REQUEST_ID.try_with(|id| id.clone()).ok()

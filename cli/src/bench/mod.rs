@@ -5,6 +5,7 @@
 
 mod control;
 mod data;
+mod scrape;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
