@@ -49,25 +49,37 @@ pub fn topic_to_pb(name: &str, t: &TopicSpec) -> pb::Topic {
 /// The size of a segment's copy on this node, if it holds one.
 pub type LocalSize<'a> = &'a dyn Fn(SegmentId) -> Option<u64>;
 
+/// What a topic's segments add up to: whether an open one is short of copies, the
+/// bytes kept, and when the oldest was opened.
+#[derive(Default)]
+struct Kept {
+    short: bool,
+    bytes: u64,
+    oldest_unix_ms: Option<i64>,
+}
+
 /// The topics of `ns`, each flagged when its replication factor is above the number
 /// of ALIVE nodes or one of its open segments has fewer replicas, with what it keeps
-/// (open segments' sizes from `local_size`).
+/// (open segments' sizes from `local_size`). One pass over the segments for all of
+/// them, not one per topic.
 pub fn topics_to_pb(state: &ClusterState, ns_name: &str, ns: &Namespace, local_size: LocalSize) -> Vec<pb::Topic> {
     let alive = state.alive_nodes().count();
+    let mut kept: std::collections::HashMap<&str, Kept> = std::collections::HashMap::new();
+    for (id, s) in state.segments.iter().filter(|(_, s)| s.namespace == ns_name) {
+        let Some(t) = ns.topics.get(&s.topic) else { continue };
+        let k = kept.entry(s.topic.as_str()).or_default();
+        k.short |= s.is_open() && s.replicas.len() < t.replication_factor as usize;
+        k.bytes += if s.is_open() { local_size(*id).unwrap_or(0) } else { s.size_bytes };
+        k.oldest_unix_ms = Some(k.oldest_unix_ms.map_or(s.created_unix_ms, |o| o.min(s.created_unix_ms)));
+    }
     ns.topics
         .iter()
         .map(|(n, t)| {
-            let rf = t.replication_factor as usize;
-            let short_segment = state.topic_segments(ns_name, n).any(|(_, s)| s.is_open() && s.replicas.len() < rf);
-            let sizes = state.topic_segments(ns_name, n).map(|(id, s)| match s.is_open() {
-                true => local_size(id).unwrap_or(0),
-                false => s.size_bytes,
-            });
-            let oldest = state.topic_segments(ns_name, n).map(|(_, s)| s.created_unix_ms).min();
+            let k = kept.remove(n.as_str()).unwrap_or_default();
             pb::Topic {
-                under_replicated: rf > alive || short_segment,
-                retained_bytes: sizes.sum(),
-                retained_since: oldest.map(ms_to_timestamp),
+                under_replicated: t.replication_factor as usize > alive || k.short,
+                retained_bytes: k.bytes,
+                retained_since: k.oldest_unix_ms.map(ms_to_timestamp),
                 ..topic_to_pb(n, t)
             }
         })
