@@ -75,8 +75,14 @@ mod tests {
     fn topic_compares_the_fields_the_operator_sets() {
         let desired = topic();
         // As ListTopics answers: output-only and unmanaged fields set.
-        let held =
-            pb::Topic { under_replicated: true, segment_size_max_bytes: 1 << 20, min_insync_replicas: 2, ..topic() };
+        let held = pb::Topic {
+            under_replicated: true,
+            segment_size_max_bytes: 1 << 20,
+            min_insync_replicas: 2,
+            retained_bytes: 4096,
+            retained_since: Some(prost_types::Timestamp { seconds: 1, nanos: 0 }),
+            ..topic()
+        };
         assert!(topic_in_sync(&desired, &held), "unset min_insync_replicas is a majority");
         assert!(!topic_in_sync(&desired, &pb::Topic { min_insync_replicas: 3, ..held.clone() }));
         assert!(topic_in_sync(

@@ -15,6 +15,7 @@ use eventtermq_broker::clock::Clock;
 use eventtermq_broker::cluster_state::{Command, ExchangeType, NodeState, TopicSpec};
 use eventtermq_broker::config::NodeConfig;
 use eventtermq_broker::node::{self, NodeHandle};
+use eventtermq_broker::replication::read::ReadRequest;
 use eventtermq_broker::transport::mem::MemNetwork;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -408,7 +409,7 @@ async fn read_when_ready(
 ) -> eventtermq_broker::replication::read::ReadResult {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match node.handle.segments.read(id, seg, from, 1 << 20, Duration::ZERO).await {
+        match node.handle.segments.read(id, seg, ReadRequest::at(from, 1 << 20)).await {
             Ok(r) => return r,
             Err(e) if e.code == eventtermq_broker::error::ErrorCode::NotReady && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await
@@ -473,7 +474,7 @@ async fn confirmed_messages_survive_a_primary_crash_mid_stream() {
     let writer = if writer > pi { writer - 1 } else { writer };
     let publishing = async { publish_ids(&nodes[writer], 100..300).await };
     let crash = async {
-        let _ = dead.handle.segments.read_local(seg_id, 150, 1, Duration::from_secs(10)).await;
+        let _ = dead.handle.segments.read_local(seg_id, ReadRequest::at(150, 1).waiting(Duration::from_secs(10))).await;
         net.detach(&dead.name);
         dead.handle.kill().await;
     };
@@ -909,8 +910,12 @@ async fn a_node_below_its_disk_watermark_gets_no_segment_and_the_others_carry_on
         let (_, seg) = st.state.topic_segments("default", "t").find(|(_, s)| s.is_open()).unwrap();
         assert_eq!(seg.replicas.len(), 2, "{seg:?}");
         assert!(!seg.replicas.contains(&low), "a segment on the node without space: {seg:?}");
-        let topics =
-            eventtermq_broker::api::convert::topics_to_pb(&st.state, "default", &st.state.namespaces["default"].topics);
+        let topics = eventtermq_broker::api::convert::topics_to_pb(
+            &st.state,
+            "default",
+            &st.state.namespaces["default"].topics,
+            &|_| None,
+        );
         assert!(topics[0].under_replicated, "the topic shows it is short of a copy");
     }
     let confirmed = publish_ids(&nodes[2], 0..100).await;
@@ -1207,4 +1212,122 @@ async fn messages_held_past_the_ack_timeout_are_redelivered_counted() {
     assert!(tokio::time::timeout(Duration::from_secs(5), b.message()).await.is_err());
     drop((a, b));
     stop_all(nodes).await;
+}
+
+/// Deliveries are counted across a group fail-over: messages handed out on the
+/// group's node and never acknowledged come again from the node the group moves to
+/// with `delivery_count` 2 (the hand-out recorded with the group's offsets counts as
+/// one delivery), and after `deliveries_max` (2) they go to the dead-letter topic,
+/// saying how often they were delivered.
+#[tokio::test(start_paused = true)]
+async fn deliveries_are_counted_across_a_group_fail_over_up_to_the_dead_letter_topic() {
+    use eventtermq_broker::cluster_state::{BindingSpec, ConsumerGroupSpec};
+    use eventtermq_proto::v1::messaging_client::MessagingClient;
+    use eventtermq_proto::v1::{Message, PublishRequest, SubscribeRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let mut nodes = three(&net, dir.path()).await;
+    for t in ["t", "dead"] {
+        let create = Command::CreateTopic { namespace: "default".into(), name: t.into(), spec: topic() };
+        nodes[0].handle.cluster.write(create).await.unwrap();
+    }
+    let group =
+        |name: &str, spec| Command::CreateConsumerGroup { namespace: "default".into(), name: name.into(), spec };
+    let spec = ConsumerGroupSpec {
+        bindings: vec![BindingSpec::fanout("t")],
+        size: 100,
+        ack_timeout_ms: 2_000,
+        deliveries_max: 2,
+        dead_letter_topic: "dead".into(),
+        ..Default::default()
+    };
+    nodes[0].handle.cluster.write(group("g", spec)).await.unwrap();
+    let dead_spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("dead")], size: 100, ..Default::default() };
+    nodes[0].handle.cluster.write(group("d", dead_spec)).await.unwrap();
+    let node_of = |nodes: &[TestNode], g: &str| {
+        nodes[0].handle.cluster.state.read().state.group_runtime("default", g).and_then(|r| r.node)
+    };
+    let placed = wait_for(Duration::from_secs(10), "the group placed", || node_of(&nodes, "g")).await;
+    eventually(Duration::from_secs(10), "open segments", || async {
+        let st = nodes[0].handle.cluster.state.read();
+        ["t", "dead"].iter().all(|t| st.state.topic_segments("default", t).any(|(_, s)| s.is_open()))
+    })
+    .await;
+
+    let gi = nodes.iter().position(|n| n.handle.id == placed).unwrap();
+    let via = (gi + 1) % 3;
+    let (client, _listeners) = net.attach("client:1");
+    let mut messaging = MessagingClient::new(client.data_channel(&nodes[via].name));
+    let messages = (0..3).map(|i| Message { data: format!("m{i}").into(), ..Default::default() }).collect();
+    messaging.publish(PublishRequest { topic: "t".into(), messages, ..Default::default() }).await.unwrap();
+    let sub = |group: &str, max_messages| SubscribeRequest {
+        consumer_group: group.into(),
+        size: 10,
+        max_messages,
+        ..Default::default()
+    };
+
+    // Handed out once on the group's node, never acknowledged, and recorded so.
+    let mut a = messaging.subscribe(sub("g", 3)).await.unwrap().into_inner();
+    for _ in 0..3 {
+        let m = tokio::time::timeout(Duration::from_secs(10), a.message()).await.unwrap().unwrap().unwrap();
+        assert_eq!(m.delivery_count, 1, "{m:?}");
+    }
+    eventually(Duration::from_secs(10), "the hand-outs recorded", || async {
+        let st = nodes[via].handle.cluster.state.read();
+        st.state.group_runtime("default", "g").is_some_and(|r| r.handed_out.values().sum::<u64>() == 3)
+    })
+    .await;
+    drop(a);
+    let dead = nodes.remove(gi);
+    net.detach(&dead.name);
+    dead.handle.kill().await;
+    let via = if via > gi { via - 1 } else { via };
+    let moved = wait_for(Duration::from_secs(30), "the group on a survivor", || {
+        node_of(&nodes, "g").filter(|n| *n != placed && nodes.iter().any(|s| s.handle.id == *n))
+    })
+    .await;
+
+    // The second delivery, from the survivor: counted 2, redelivered.
+    let mut messaging = MessagingClient::new(client.data_channel(&nodes[via].name));
+    let mut b = wait_for_stream(&mut messaging, sub("g", 3)).await;
+    let mut data = Vec::new();
+    for _ in 0..3 {
+        let m = tokio::time::timeout(Duration::from_secs(20), b.message()).await.unwrap().unwrap().unwrap();
+        assert_eq!((m.delivery_count, m.redelivered), (2, true), "{m:?} from node {moved}");
+        data.push(m.message.unwrap().data);
+    }
+    // Not acknowledged within the ack timeout either: dead-lettered, counted 2.
+    let mut d = wait_for_stream(&mut messaging, sub("d", 3)).await;
+    let mut dead_data = Vec::new();
+    for _ in 0..3 {
+        let m = tokio::time::timeout(Duration::from_secs(20), d.message()).await.unwrap().unwrap().unwrap();
+        let message = m.message.unwrap();
+        assert_eq!(message.headers.get("x-delivery-count").map(String::as_str), Some("2"), "{message:?}");
+        dead_data.push(message.data);
+    }
+    data.sort();
+    dead_data.sort();
+    assert_eq!(dead_data, data);
+    drop((b, d));
+    stop_all(nodes).await;
+}
+
+/// Opens a subscription, retrying while the group is between nodes.
+async fn wait_for_stream(
+    messaging: &mut eventtermq_proto::v1::messaging_client::MessagingClient<tonic::transport::Channel>,
+    req: eventtermq_proto::v1::SubscribeRequest,
+) -> tonic::Streaming<eventtermq_proto::v1::SubscribeResponse> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match messaging.subscribe(req.clone()).await {
+            Ok(s) => return s.into_inner(),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "subscribe retried");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("subscribe failed: {e:?}"),
+        }
+    }
 }

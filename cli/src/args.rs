@@ -166,6 +166,16 @@ pub struct BrokerArgs {
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Export a trace of each publish's path through this node (received, queued on the
+    /// segment's primary, written, fsynced here, replicated, confirmed) to an
+    /// OpenTelemetry collector over OTLP/gRPC at this http:// URL (no TLS), e.g.
+    /// http://127.0.0.1:4317. Off by default; off, the spans cost nothing but a
+    /// comparison of levels.
+    #[arg(long, env = "EVENTTERMQ_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// With --otlp-endpoint: the share of publishes traced, from 0 to 1.
+    #[arg(long, default_value_t = 1.0)]
+    pub otlp_sample_ratio: f64,
     /// Raft heartbeat interval.
     #[arg(long, default_value_t = RaftSettings::default().heartbeat_interval_ms)]
     pub heartbeat_interval_ms: u64,
@@ -597,4 +607,10 @@ pub struct DataPathBenchArgs {
     /// (repeatable).
     #[arg(long = "broker-arg", allow_hyphen_values = true)]
     pub broker_args: Vec<String>,
+    /// Scrape every broker's `/metrics` (on `--port` + 2, the brokers' default
+    /// `--metrics-port`) every this many milliseconds while the workloads run, as a
+    /// Prometheus would, from a thread of its own; 0: no scraping. Compare runs with
+    /// and without it to see what serving metrics costs the data path.
+    #[arg(long, default_value_t = 0)]
+    pub scrape_interval_ms: u64,
 }

@@ -118,6 +118,8 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
                 segment_age_max_ms: retention_limits.segment_age_max_ms,
                 retention_overrides_consumers: retention_limits.retention_overrides_consumers,
                 shard_key: retention_limits.shard_key,
+                retained_bytes: 0,
+                retained_since: None,
             };
             admin.create_topic(topic).await?
         }

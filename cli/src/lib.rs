@@ -9,6 +9,7 @@ pub mod args;
 pub mod bench;
 pub mod commands;
 pub mod messages;
+pub mod otlp;
 pub mod render;
 pub mod run;
 

@@ -71,6 +71,13 @@ fn topic_text(w: &mut Text, t: &pb::Topic) {
     if t.retention_overrides_consumers {
         w.line("retention_overrides_consumers: true");
     }
+    w.num("retained_bytes", t.retained_bytes);
+    if let Some(s) = &t.retained_since {
+        w.msg("retained_since", |w| {
+            w.num("seconds", s.seconds);
+            w.num("nanos", s.nanos);
+        });
+    }
 }
 
 fn consumer_group_text(w: &mut Text, g: &pb::ConsumerGroup) {
@@ -206,6 +213,8 @@ pub fn topic_json(t: &pb::Topic) -> Value {
         "retention_bytes_max": t.retention_bytes_max,
         "segment_age_max_ms": t.segment_age_max_ms,
         "retention_overrides_consumers": t.retention_overrides_consumers,
+        "retained_bytes": t.retained_bytes,
+        "retained_since_unix_ms": t.retained_since.as_ref().map(|s| s.seconds * 1000 + i64::from(s.nanos) / 1_000_000),
     })
 }
 

@@ -78,7 +78,7 @@ fn cluster(name: &str, hosts: [&str; 3]) -> Vec<Broker> {
 #[test]
 fn pika_runs_the_tutorials_confirms_and_error_classes_across_nodes() {
     const HOSTS: [&str; 3] = TUTORIALS;
-    let _nodes = cluster("amqp_tutorials", HOSTS);
+    let nodes = cluster("amqp_tutorials", HOSTS);
     let checks = [
         "hello",
         "work_queues",
@@ -105,6 +105,17 @@ fn pika_runs_the_tutorials_confirms_and_error_classes_across_nodes() {
         "error_403_login",
     ] {
         assert!(out.contains(&format!("ok {c}\n")), "{c} missing:\n{out}");
+    }
+    // Each channel exception's reply text ends with an id that finds its log line on
+    // the node the publisher talked to (hosts[1]).
+    let log = nodes[1].log();
+    let ids: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("request-id ")).collect();
+    assert_eq!(ids.len(), 5, "{out}");
+    for named in ids {
+        let (name, id) = named.split_once(' ').unwrap();
+        assert!(id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{name}: {id}");
+        let line = log.lines().find(|l| l.contains(&format!("id={id} "))).unwrap_or_else(|| panic!("{name}: {id}"));
+        assert!(line.contains("AMQP channel exception"), "{line}");
     }
 }
 

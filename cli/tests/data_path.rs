@@ -553,6 +553,58 @@ fn a_quiet_topic_expires_by_segment_age_and_retention() {
     assert_eq!((&q["segment_age_max_ms"], &q["retention_overrides_consumers"]), (&1000.into(), &false.into()), "{q}");
 }
 
+/// Retention by size: 50 MiB published to a topic that keeps 10 MiB in 1 MiB
+/// segments, all consumed; the oldest closed segments go and about 10 MiB stays,
+/// which `list-topics` and `dump` show with the time the oldest kept segment began.
+#[test]
+fn retention_by_size_keeps_about_the_limit_and_list_topics_says_so() {
+    const MIB: u64 = 1 << 20;
+    let tmp = test_dir("data_retention_bytes");
+    let (host, port) = ("127.0.0.147", 27140);
+    let _node = Broker::start(host, port, &tmp.join("n1"), &[]);
+    eventually(Duration::from_secs(30), "the node ALIVE", || alive_count(&stdout(&cli(host, port, &["dump"]))) == 1);
+    let (limit, segment) = ((10 * MIB).to_string(), MIB.to_string());
+    let create = [
+        "create-topic",
+        "big",
+        "--replication-factor",
+        "1",
+        "--retention-bytes-max",
+        &limit,
+        "--segment-size-max-bytes",
+        &segment,
+    ];
+    let o = cli(host, port, &create);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = cli(host, port, &["create-consumer-group", "g", "--bind", "big", "--size", "1000"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let started_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    // 5,000 messages of 10 KiB: 50 MiB.
+    let data = format!("{{n}}:{}", "x".repeat(10 * 1024));
+    let o = cli(host, port, &["publish", "big", &data, "--count", "5000", "--batch-messages-max", "50"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = cli(host, port, &["subscribe", "g", "--max-messages", "5000", "--wait", "30s"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().count(), 5000);
+
+    let topic = || {
+        let o = cli(host, port, &["--output", "json", "list-topics"]);
+        let topics: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        topics["topics"][0].clone()
+    };
+    // The closed segments kept hold at most the limit; the open one up to a segment.
+    eventually(Duration::from_secs(60), "about 10 MiB kept", || {
+        let kept = topic()["retained_bytes"].as_u64().unwrap();
+        (8 * MIB..=11 * MIB + MIB / 2).contains(&kept)
+    });
+    let t = topic();
+    let since = t["retained_since_unix_ms"].as_i64().unwrap();
+    assert!(since > started_ms, "the oldest segments are gone: {t}");
+    let dump = stdout(&cli(host, port, &["dump"]));
+    assert!(dump.contains(&format!("retained_bytes: {}", t["retained_bytes"])), "{dump}");
+    assert!(dump.contains("retained_since: <"), "{dump}");
+}
+
 /// On a 3-shard topic, the messages of one routing key all go to one shard and keep
 /// their order, whichever node the publisher uses; requests without a key spread
 /// evenly over the shards.

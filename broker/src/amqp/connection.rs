@@ -229,14 +229,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if e.scope == Scope::Connection {
             return Err(e);
         }
-        tracing::debug!(channel = id, code = e.code, text = %e.text, "AMQP channel exception");
+        let request_id = crate::peers::new_request_id();
+        tracing::info!(id = %request_id, channel = id, code = e.code, text = %e.text, "AMQP channel exception");
         if let Some(ch) = self.channels.get_mut(&id) {
             ch.closing = true;
             ch.stop_all();
         }
         let close = amq_protocol::protocol::channel::Close {
             reply_code: e.code,
-            reply_text: e.reply_text().into(),
+            reply_text: e.reply_text(&request_id).into(),
             class_id: e.class_id,
             method_id: e.method_id,
         };
@@ -275,10 +276,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 
     /// Sends `connection.close` for `e`, waits briefly for `close-ok`, and ends.
     async fn close_with(mut self, reader: &mut Reader<S>, e: AmqpError) {
-        tracing::info!(namespace = %self.namespace, code = e.code, text = %e.text, "AMQP connection exception");
+        let request_id = crate::peers::new_request_id();
+        tracing::info!(id = %request_id, namespace = %self.namespace, code = e.code, text = %e.text,
+            "AMQP connection exception");
         let close = connection::Close {
             reply_code: e.code,
-            reply_text: e.reply_text().into(),
+            reply_text: e.reply_text(&request_id).into(),
             class_id: e.class_id,
             method_id: e.method_id,
         };

@@ -56,20 +56,27 @@ impl AmqpError {
         self
     }
 
-    /// The reply text as clients show it: RabbitMQ's `NAME - text` form, cut to the
-    /// 255 bytes of a short string (at a character boundary).
-    pub fn reply_text(&self) -> String {
+    /// The reply text as clients show it: RabbitMQ's `NAME - text` form, then the id
+    /// the broker's log line of the exception names (`[request id: ...]`, as gRPC
+    /// errors end), cut to the 255 bytes of a short string (the text is cut, at a
+    /// character boundary; the id is kept whole).
+    pub fn reply_text(&self, request_id: &str) -> String {
+        let suffix = format!(" [request id: {request_id}]");
         let mut text = format!("{} - {}", code_name(self.code), self.text);
-        if text.len() > 255 {
-            let mut end = 255;
+        let room = SHORT_STRING_LEN_MAX.saturating_sub(suffix.len());
+        if text.len() > room {
+            let mut end = room;
             while !text.is_char_boundary(end) {
                 end -= 1;
             }
             text.truncate(end);
         }
-        text
+        text + &suffix
     }
 }
+
+/// Longest AMQP short string (the reply text is one), in bytes.
+const SHORT_STRING_LEN_MAX: usize = 255;
 
 fn code_name(code: u16) -> &'static str {
     match code {
@@ -121,10 +128,13 @@ mod tests {
     #[test]
     fn reply_texts_name_the_code_and_fit_a_short_string() {
         let e = AmqpError::channel(NOT_FOUND, "no exchange 'x' in vhost '/'");
-        assert_eq!(e.reply_text(), "NOT_FOUND - no exchange 'x' in vhost '/'");
+        assert_eq!(e.reply_text("0a1b"), "NOT_FOUND - no exchange 'x' in vhost '/' [request id: 0a1b]");
         let long = AmqpError::channel(PRECONDITION_FAILED, "é".repeat(300));
-        assert!(long.reply_text().len() <= 255);
-        assert!(long.reply_text().starts_with("PRECONDITION_FAILED - é"));
+        let id = "f".repeat(crate::peers::REQUEST_ID_LEN_MAX);
+        let text = long.reply_text(&id);
+        assert!(text.len() <= 255 && text.len() >= 254, "{}", text.len());
+        assert!(text.starts_with("PRECONDITION_FAILED - é"), "{text}");
+        assert!(text.ends_with(&format!("é [request id: {id}]")), "{text}");
     }
 
     #[test]

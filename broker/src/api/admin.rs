@@ -178,6 +178,11 @@ fn status_to_pb(node_id: u64, st: GroupStats) -> pb::ConsumerGroupStatus {
 }
 
 impl AdminService {
+    /// How many bytes this node's copy of segment `id` holds, if it has one.
+    fn local_size(&self, id: SegmentId) -> Option<u64> {
+        self.segments.store().info(id).map(|i| i.size_bytes)
+    }
+
     /// The groups asked for (all of the namespace when none), from a linearizable read.
     async fn placed_groups(&self, namespace: &str, names: &[String]) -> Result<(Vec<Placed>, u64), RequestError> {
         let applied = self.cluster.read(true).await?;
@@ -314,7 +319,7 @@ impl Admin for AdminService {
         let ns = applied.state.namespace(&namespace)?;
         let (topics, next_page_token) = page(&ns.topics, &req.prefix, req.page_size, &req.page_token);
         Ok(Response::new(pb::ListTopicsResponse {
-            topics: topics_to_pb(&applied.state, &namespace, topics),
+            topics: topics_to_pb(&applied.state, &namespace, topics, &|id| self.local_size(id)),
             index: applied.last_applied.map(|l| l.index).unwrap_or(0),
             next_page_token,
         }))
@@ -440,7 +445,7 @@ impl Admin for AdminService {
             )
             .into());
         }
-        let state = state_to_pb(&*self.cluster.read(!stale).await?, &filter);
+        let state = state_to_pb(&*self.cluster.read(!stale).await?, &filter, &|id| self.local_size(id));
         let filtered = !req.namespace.is_empty() || !req.prefix.is_empty();
         let shown: std::collections::HashSet<u64> = state.segments.iter().map(|s| s.id).collect();
         let disk = self.segments.disk().status();

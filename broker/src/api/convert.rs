@@ -41,35 +41,54 @@ pub fn topic_to_pb(name: &str, t: &TopicSpec) -> pb::Topic {
         segment_age_max_ms: t.segment_age_max_ms,
         retention_overrides_consumers: t.retention_overrides_consumers,
         shard_key: t.shard_key.as_str().to_string(),
+        retained_bytes: 0,
+        retained_since: None,
     }
+}
+
+/// The size of a segment's copy on this node, if it holds one.
+pub type LocalSize<'a> = &'a dyn Fn(SegmentId) -> Option<u64>;
+
+/// What a topic's segments add up to: whether an open one is short of copies, the
+/// bytes kept, and when the oldest was opened.
+#[derive(Default)]
+struct Kept {
+    short: bool,
+    bytes: u64,
+    oldest_unix_ms: Option<i64>,
 }
 
 /// The topics `topics` of namespace `ns_name`, each flagged when its replication
 /// factor is above the number of ALIVE nodes or one of its open segments has fewer
-/// replicas. One look at the segments for all of them (not one per topic: a dump of
-/// 10,000 topics stays linear).
+/// replicas, with what it keeps (open segments' sizes from `local_size`). One pass
+/// over the segments for all of them, not one per topic: a dump of 10,000 topics
+/// stays linear.
 pub fn topics_to_pb<'a>(
     state: &ClusterState,
     ns_name: &str,
     topics: impl IntoIterator<Item = (&'a String, &'a TopicSpec)>,
+    local_size: LocalSize,
 ) -> Vec<pb::Topic> {
     let alive = state.alive_nodes().count();
-    let ns = state.namespaces.get(ns_name);
-    let short: std::collections::HashSet<&str> = state
-        .segments
-        .values()
-        .filter(|s| s.namespace == ns_name && s.is_open())
-        .filter(|s| {
-            let rf = ns.and_then(|ns| ns.topics.get(&s.topic)).map_or(0, |t| t.replication_factor as usize);
-            s.replicas.len() < rf
-        })
-        .map(|s| s.topic.as_str())
-        .collect();
+    let topics: Vec<(&String, &TopicSpec)> = topics.into_iter().collect();
+    let mut kept: std::collections::HashMap<&str, (usize, Kept)> =
+        topics.iter().map(|(n, t)| (n.as_str(), (t.replication_factor as usize, Kept::default()))).collect();
+    for (id, s) in state.segments.iter().filter(|(_, s)| s.namespace == ns_name) {
+        let Some((rf, k)) = kept.get_mut(s.topic.as_str()) else { continue };
+        k.short |= s.is_open() && s.replicas.len() < *rf;
+        k.bytes += if s.is_open() { local_size(*id).unwrap_or(0) } else { s.size_bytes };
+        k.oldest_unix_ms = Some(k.oldest_unix_ms.map_or(s.created_unix_ms, |o| o.min(s.created_unix_ms)));
+    }
     topics
         .into_iter()
         .map(|(n, t)| {
-            let rf = t.replication_factor as usize;
-            pb::Topic { under_replicated: rf > alive || short.contains(n.as_str()), ..topic_to_pb(n, t) }
+            let (_, k) = kept.remove(n.as_str()).unwrap_or_default();
+            pb::Topic {
+                under_replicated: t.replication_factor as usize > alive || k.short,
+                retained_bytes: k.bytes,
+                retained_since: k.oldest_unix_ms.map(ms_to_timestamp),
+                ..topic_to_pb(n, t)
+            }
         })
         .collect()
 }
@@ -178,7 +197,7 @@ pub fn node_state_to_pb(s: NodeState) -> pb::NodeState {
 }
 
 /// The whole cluster state as the API returns it.
-pub fn state_to_pb(applied: &AppliedState, filter: &DumpFilter) -> pb::ClusterState {
+pub fn state_to_pb(applied: &AppliedState, filter: &DumpFilter, local_size: LocalSize) -> pb::ClusterState {
     let shown_ns = |ns: &str| filter.namespace.is_empty() || filter.namespace == ns;
     let membership = applied.membership.membership();
     let role = |id: &u64| {
@@ -206,7 +225,7 @@ pub fn state_to_pb(applied: &AppliedState, filter: &DumpFilter) -> pb::ClusterSt
             .filter(|(name, _)| shown_ns(name))
             .map(|(name, ns)| pb::Namespace {
                 name: name.clone(),
-                topics: topics_to_pb(&applied.state, name, page(&ns.topics, filter.prefix, 0, "").0),
+                topics: topics_to_pb(&applied.state, name, page(&ns.topics, filter.prefix, 0, "").0, local_size),
                 consumer_groups: page(&ns.consumer_groups, filter.prefix, 0, "")
                     .0
                     .into_iter()

@@ -15,6 +15,7 @@ use crate::cluster_state::raft::{decode, encode};
 use crate::cluster_state::{Command, CommandResponse};
 use crate::error::{ErrorCode, RequestError};
 use crate::membership::Membership;
+use crate::replication::read::ReadRequest;
 use crate::replication::{replica, Segments};
 
 pub struct InternalService {
@@ -124,8 +125,10 @@ impl Internal for InternalService {
             u64::from(req.wait_ms).min(self.cluster.request_timeout().as_millis() as u64),
         );
         let max_bytes = (req.max_bytes as usize).clamp(1, self.segments.settings().read_batch_max_bytes);
-        let r = self.segments.read_local(req.segment_id, req.from_offset, max_bytes, wait).await?;
+        let read = ReadRequest::at(req.from_offset, max_bytes).waiting(wait).since(req.since_unix_ms);
+        let r = self.segments.read_local(req.segment_id, read).await?;
         Ok(Response::new(ipb::ReadSegmentResponse {
+            from_offset: r.start,
             records: r.records.into_iter().map(crate::replication::to_wire).collect(),
             end_offset: r.end_offset,
             closed: r.closed,

@@ -10,6 +10,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::admin::namespace_of;
 use super::request::tag;
@@ -68,10 +69,21 @@ async fn publish_one(
     req: pb::PublishRequest,
     hops: u32,
 ) -> Result<pb::PublishResponse, RequestError> {
+    // The root of a publish's trace on this node (traces on); `Span::none()` otherwise,
+    // and the field values are not even computed.
+    let span = tracing::trace_span!(
+        target: metrics::PUBLISH_TRACE_TARGET,
+        "publish",
+        request_id = crate::peers::current_request_id().unwrap_or_default(),
+        namespace = %req.namespace,
+        topic = %req.topic,
+        messages = req.messages.len(),
+        hops,
+    );
     let namespace = namespace_of(&req.namespace)?;
     validate::name("topic", &req.topic)?;
     let p = persistence(req.persistence)?;
-    segments.publish(&namespace, &req.topic, &req.messages, p, key(&req), hops).await
+    segments.publish(&namespace, &req.topic, &req.messages, p, key(&req), hops).instrument(span).await
 }
 
 /// The producer id and sequence of an exactly-once publish (producer id 0: none).

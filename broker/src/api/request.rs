@@ -4,15 +4,18 @@
 //! Every log line written while a request is handled is inside its span, so it carries
 //! the request's `id` and `method`, and the `namespace`, `topic` and `group` the handler
 //! records with [`tag`] once it has decoded the request. The id comes back in the
-//! `eventter-request-id` metadata of every answer and, for an error answered before any
-//! message (every unary error, a stream refused at its start), at the end of the error
-//! message, so a user can find the broker's log lines of a failed request. A request
-//! that failed is logged once, with its status and error code.
+//! `eventter-request-id` metadata of every answer and, for every error, at the end of
+//! the error message: an error answered before any message (every unary error, a
+//! stream refused at its start) in the response headers, an error that ends a stream
+//! (a subscription whose relayed group node went away, a publish stream's refused
+//! request) in its trailers. So a user can find the broker's log lines of a failed
+//! request. A request that failed is logged once, with its status and error code.
 //!
 //! Node-to-node calls (`eventter.internal.v1`, the data path's replication) and
 //! health/reflection get none of this: they are not requests a client can report.
 
 use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use eventtermq_api::error::{ERROR_CODE_METADATA, REQUEST_ID_METADATA};
 use tonic::codegen::http;
@@ -25,8 +28,7 @@ pub fn current_id() -> Option<String> {
     crate::peers::current_request_id()
 }
 
-/// Longest request id a client may choose.
-pub const REQUEST_ID_LEN_MAX: usize = 64;
+pub use crate::peers::REQUEST_ID_LEN_MAX;
 
 /// Path prefix of the services that get a request context.
 const CLIENT_API_PREFIX: &str = "/eventter.v1.";
@@ -40,7 +42,7 @@ pub fn request_id(from_client: Option<&http::HeaderValue>) -> String {
     };
     match from_client.and_then(|v| v.to_str().ok()).filter(valid) {
         Some(id) => id.to_string(),
-        None => format!("{:016x}", rand::random::<u64>()),
+        None => crate::peers::new_request_id(),
     }
 }
 
@@ -96,18 +98,21 @@ impl<S, B, R> tower::Service<http::Request<B>> for RequestContext<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<R>>,
     S::Future: Send + 'static,
+    S::Error: 'static,
+    R: 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<WithRequestId<R>>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         if !req.uri().path().starts_with(CLIENT_API_PREFIX) {
-            return Box::pin(self.inner.call(req));
+            let answer = self.inner.call(req);
+            return Box::pin(async move { Ok(answer.await?.map(|inner| WithRequestId { inner, context: None })) });
         }
         let id = request_id(req.headers().get(REQUEST_ID_METADATA));
         // A request another node forwarded: that node tells the client the id.
@@ -127,6 +132,7 @@ where
         );
         let answer = span.in_scope(|| self.inner.call(req));
         let scope_id = id.clone();
+        let stream_span = span.clone();
         Box::pin(
             crate::peers::REQUEST_ID.scope(
                 scope_id,
@@ -136,28 +142,93 @@ where
                     if let Some(value) = id_header {
                         headers.insert(REQUEST_ID_METADATA, value);
                     }
-                    // A status in the headers: answered without messages (trailers-only).
-                    let status = headers.get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0").to_string();
-                    if status != "0" {
-                        if from_client {
-                            if let Some(message) = message_with_id(headers.get("grpc-message"), &id) {
-                                headers.insert("grpc-message", message);
-                            }
-                        }
-                        let error_code = headers.get(ERROR_CODE_METADATA).and_then(|v| v.to_str().ok()).unwrap_or("");
-                        // A broker fault (9xxx) or a status without our code is worth a
-                        // warning; a refused request is the client's business.
-                        if error_code.starts_with('9') || error_code.is_empty() {
-                            tracing::warn!(grpc_status = %status, error_code, "request failed");
-                        } else {
-                            tracing::info!(grpc_status = %status, error_code, "request failed");
-                        }
-                    }
-                    Ok(response)
+                    // A status in the headers: answered without messages (trailers-only),
+                    // nothing follows. Otherwise the status comes in the trailers.
+                    let context = if failed(headers, &id, from_client) {
+                        None
+                    } else {
+                        Some(Box::new(StreamContext { id, from_client, span: stream_span }))
+                    };
+                    Ok(response.map(|inner| WithRequestId { inner, context }))
                 }
                 .instrument(span),
             ),
         )
+    }
+}
+
+/// When `headers` (an answer's headers or trailers) carry a failed gRPC status: logs
+/// the failure (in the current span, the request's) and, on the node the client talks
+/// to, appends the request id to the status message. Whether it was a failure.
+fn failed(headers: &mut http::HeaderMap, id: &str, from_client: bool) -> bool {
+    let Some(status) = headers.get("grpc-status").and_then(|v| v.to_str().ok()) else { return false };
+    if status == "0" {
+        return false;
+    }
+    let status = status.to_string();
+    if from_client {
+        if let Some(message) = message_with_id(headers.get("grpc-message"), id) {
+            headers.insert("grpc-message", message);
+        }
+    }
+    let error_code = headers.get(ERROR_CODE_METADATA).and_then(|v| v.to_str().ok()).unwrap_or("");
+    // A broker fault (9xxx) or a status without our code is worth a warning; a
+    // refused request is the client's business.
+    if error_code.starts_with('9') || error_code.is_empty() {
+        tracing::warn!(grpc_status = %status, error_code, "request failed");
+    } else {
+        tracing::info!(grpc_status = %status, error_code, "request failed");
+    }
+    true
+}
+
+/// What a streaming answer needs to mark an error in its trailers.
+struct StreamContext {
+    id: String,
+    from_client: bool,
+    span: tracing::Span,
+}
+
+/// An answer's body that, at its trailers, does what [`failed`] does for a status in
+/// the headers. Frames pass through untouched; only the trailers frame is looked at.
+pub struct WithRequestId<B> {
+    inner: B,
+    /// `None`: not a client request, or its status was in the headers.
+    context: Option<Box<StreamContext>>,
+}
+
+/// An empty answer, as layers outside this one make (the guard's refusals).
+impl<B: Default> Default for WithRequestId<B> {
+    fn default() -> Self {
+        WithRequestId { inner: B::default(), context: None }
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for WithRequestId<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let mut frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if let Some(trailers) = frame.as_mut().and_then(|f| f.as_mut().ok()).and_then(http_body::Frame::trailers_mut) {
+            if let Some(context) = this.context.take() {
+                let _entered = context.span.enter();
+                failed(trailers, &context.id, context.from_client);
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -275,5 +346,95 @@ mod tests {
         let response = service.ready().await.unwrap().call(internal).await.unwrap();
         assert!(response.headers().get(REQUEST_ID_METADATA).is_none());
         assert_eq!(response.headers()["grpc-message"], "topic%20not%20found");
+    }
+
+    /// A streaming answer: one message, then `status` in the trailers.
+    struct Frames(std::collections::VecDeque<http_body::Frame<bytes::Bytes>>);
+
+    impl http_body::Body for Frames {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    fn streaming(status: &'static str, message: &'static str) -> http::Response<Frames> {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static(status));
+        trailers.insert("grpc-message", http::HeaderValue::from_static(message));
+        let frames =
+            [http_body::Frame::data(bytes::Bytes::from_static(b"message")), http_body::Frame::trailers(trailers)];
+        http::Response::new(Frames(frames.into()))
+    }
+
+    /// The frames of `body`, in order.
+    async fn frames<B: http_body::Body + Unpin>(mut body: B) -> Vec<http_body::Frame<B::Data>>
+    where
+        B::Error: std::fmt::Debug,
+    {
+        let mut out = Vec::new();
+        while let Some(frame) = futures::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            out.push(frame.unwrap());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn an_error_that_ends_a_stream_carries_the_request_id_in_its_trailers_and_is_logged() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt().json().with_writer(move || writer.clone()).finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let answer = |status, message| {
+            tower::service_fn(move |_: http::Request<()>| async move {
+                tag("shop", None, Some("billing"));
+                Ok::<_, std::convert::Infallible>(streaming(status, message))
+            })
+        };
+        let request = |forwarded: bool| {
+            let mut r =
+                http::Request::builder().uri("/eventter.v1.Messaging/Subscribe").header(REQUEST_ID_METADATA, "s-1");
+            if forwarded {
+                r = r.header(crate::peers::FORWARDED_METADATA, "1");
+            }
+            r.body(()).unwrap()
+        };
+        let trailers = |frames: Vec<http_body::Frame<bytes::Bytes>>| {
+            assert_eq!(frames.len(), 2);
+            assert!(frames[0].is_data());
+            frames.into_iter().nth(1).unwrap().into_trailers().unwrap()
+        };
+
+        let mut failing = RequestContextLayer.layer(answer("14", "node%20went%20away"));
+        let response = failing.ready().await.unwrap().call(request(false)).await.unwrap();
+        // The headers went out before the error was known.
+        assert_eq!(response.headers()[REQUEST_ID_METADATA], "s-1");
+        assert!(response.headers().get("grpc-message").is_none());
+        let end = trailers(frames(response.into_body()).await);
+        assert_eq!(end["grpc-message"], "node went away [request id: s-1]");
+        let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(logs.lines().last().unwrap()).unwrap();
+        assert_eq!(line["fields"]["message"], "request failed", "{logs}");
+        assert_eq!(line["fields"]["grpc_status"], "14");
+        assert_eq!(
+            (&line["span"]["id"], &line["span"]["group"]),
+            (&serde_json::json!("s-1"), &serde_json::json!("billing"))
+        );
+
+        // Forwarded: left for the node the client talks to (which relays these trailers).
+        let response = failing.ready().await.unwrap().call(request(true)).await.unwrap();
+        assert_eq!(trailers(frames(response.into_body()).await)["grpc-message"], "node%20went%20away");
+
+        // A stream that ends well is passed through as it is, and not logged as failed.
+        captured.0.lock().unwrap().clear();
+        let mut ok = RequestContextLayer.layer(answer("0", ""));
+        let response = ok.ready().await.unwrap().call(request(false)).await.unwrap();
+        assert_eq!(trailers(frames(response.into_body()).await)["grpc-message"], "");
+        assert!(captured.0.lock().unwrap().is_empty());
     }
 }

@@ -69,6 +69,9 @@ struct Cursor {
     marks: VecDeque<(i64, u64)>,
     /// Records read again after a late binding.
     replay: Option<Replay>,
+    /// The read on its way started at the group's `since` for the topic (this time)
+    /// rather than at `next`: nothing was reported yet.
+    seek_since_ms: i64,
     /// The highest end a read of the segment answered: for an open one, how far its
     /// primary had confirmed records then (what the group's lag counts up to).
     readable_end: u64,
@@ -100,6 +103,9 @@ impl Cursor {
 pub struct Fetch {
     pub segment_id: SegmentId,
     pub from: u64,
+    /// When > 0, the read starts at the first record stored at or after this time if
+    /// that is past `from` (the records before are older than the group takes).
+    pub since_unix_ms: i64,
     /// The last read of this segment found nothing: do not ask again at once.
     pub idle: bool,
 }
@@ -260,10 +266,16 @@ impl Reader {
     /// clocks of the nodes that wrote and closed it) before the earliest record the
     /// group takes from its topic: the group's `since`, and each binding's.
     fn closed_before_since(&self, s: &SegmentRecord) -> bool {
-        let bindings = self.spec.bindings.iter().filter(|b| b.topic == s.topic);
-        let Some(earliest_binding) = bindings.map(|b| b.since_unix_ms).min() else { return false };
-        let takes_from = self.spec.since_unix_ms.max(earliest_binding);
+        let takes_from = self.takes_from(&s.topic);
         takes_from > 0 && s.closed_unix_ms.saturating_add(SINCE_CLOCK_MARGIN_MS) < takes_from
+    }
+
+    /// The time of the earliest record the group takes from `topic` (Unix ms; 0 for
+    /// all): the later of the group's `since` and its earliest binding's.
+    fn takes_from(&self, topic: &str) -> i64 {
+        let bindings = self.spec.bindings.iter().filter(|b| b.topic == topic);
+        let earliest_binding = bindings.map(|b| b.since_unix_ms).min().unwrap_or(0);
+        self.spec.since_unix_ms.max(earliest_binding)
     }
 
     fn new_cursor(&self, id: SegmentId, s: &SegmentRecord) -> Cursor {
@@ -282,6 +294,7 @@ impl Reader {
             first_reported: None,
             marks: VecDeque::new(),
             replay: None,
+            seek_since_ms: 0,
             readable_end: 0,
         }
     }
@@ -289,16 +302,31 @@ impl Reader {
     /// The answer to a [`Fetch`] of `segment_id`: records, or `None` when the read
     /// failed (it is asked again, not at once).
     pub fn fetched(&mut self, segment_id: SegmentId, result: Option<ReadResult>, buffer: &mut GroupBuffer) {
+        let Some(topic) = self.cursors.get(&segment_id).map(|c| c.topic.clone()) else { return };
+        let takes_from = self.takes_from(&topic);
         let Some(c) = self.cursors.get_mut(&segment_id) else { return };
         c.fetching = false;
         if c.finished {
             // The state said it was closed and read while this read was on its way.
             return;
         }
+        let seek_since_ms = std::mem::take(&mut c.seek_since_ms);
         let Some(r) = result else {
             c.idle = true;
             return;
         };
+        if r.start > c.next {
+            // The read started at the group's `since` (see `next_fetches`): what lies
+            // before was stored earlier, skipped unread. Unless a binding added
+            // meanwhile takes from earlier: then it is read from `next` after all.
+            if seek_since_ms == 0 || takes_from < seek_since_ms || c.first_reported.is_some() || !c.backlog.is_empty() {
+                return;
+            }
+            c.first_reported = Some(c.next);
+            c.latest_reported_ms = c.latest_reported_ms.max(seek_since_ms - 1);
+            c.next = r.start;
+            buffer.mark_read(segment_id, r.start);
+        }
         if r.records.first().is_some_and(|first| first.offset > c.backlog.back().map_or(c.next, |b| b.offset + 1)) {
             // Started before a rewind: ask again from where the cursor is now.
             return;
@@ -361,13 +389,19 @@ impl Reader {
             return Vec::new();
         }
         let mut out = Vec::new();
-        for id in heads(&self.unfinished) {
+        let heads: Vec<SegmentId> = heads(&self.unfinished).collect();
+        for id in heads {
+            let Some(topic) = self.cursors.get(&id).map(|c| c.topic.clone()) else { continue };
+            let takes_from = self.takes_from(&topic);
             let Some(c) = self.cursors.get_mut(&id) else { continue };
             if c.fetching || c.finished || !c.backlog.is_empty() {
                 continue;
             }
             c.fetching = true;
-            out.push(Fetch { segment_id: id, from: c.next, idle: c.idle });
+            // Nothing reported yet: start at the first record the group takes, found
+            // with the segment's time index, instead of reading every older one.
+            c.seek_since_ms = if c.first_reported.is_none() { takes_from } else { 0 };
+            out.push(Fetch { segment_id: id, from: c.next, since_unix_ms: c.seek_since_ms, idle: c.idle });
         }
         out
     }
@@ -547,12 +581,12 @@ mod tests {
     }
 
     fn closed_read(offsets: std::ops::Range<u64>, end_offset: u64) -> Option<ReadResult> {
-        Some(ReadResult { records: records(offsets), end_offset, closed: true })
+        Some(ReadResult { start: 0, records: records(offsets), end_offset, closed: true })
     }
 
     fn open_read(offsets: std::ops::Range<u64>) -> Option<ReadResult> {
         let end_offset = offsets.end;
-        Some(ReadResult { records: records(offsets), end_offset, closed: false })
+        Some(ReadResult { start: 0, records: records(offsets), end_offset, closed: false })
     }
 
     fn direct(topic: &str, key: &str) -> BindingSpec {
@@ -573,7 +607,7 @@ mod tests {
     }
 
     fn fetch(segment_id: SegmentId, from: u64, idle: bool) -> Fetch {
-        Fetch { segment_id, from, idle }
+        Fetch { segment_id, from, since_unix_ms: 0, idle }
     }
 
     /// Feeds and hands out to an auto-ack subscriber until nothing moves, as the task
@@ -602,13 +636,14 @@ mod tests {
         let mut buffer = GroupBuffer::new(10, BTreeMap::from([(2, 5)]), 0);
         let (t, other) = (segment("t", true), segment("u", true));
         reader.segments_changed([(2, &t), (3, &other)], &mut buffer);
-        assert_eq!(reader.next_fetches(&buffer), [Fetch { segment_id: 2, from: 5, idle: false }]);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(2, 5, false)]);
         assert!(reader.next_fetches(&buffer).is_empty(), "one read at a time");
-        let r = ReadResult { records: vec![record(5, "", 0), record(6, "", 0)], end_offset: 7, closed: false };
+        let r =
+            ReadResult { start: 5, records: vec![record(5, "", 0), record(6, "", 0)], end_offset: 7, closed: false };
         reader.fetched(2, Some(r), &mut buffer);
         assert!(reader.feed(&mut buffer).is_empty());
         assert_eq!(buffer.pending_len(), 2);
-        assert_eq!(reader.next_fetches(&buffer), [Fetch { segment_id: 2, from: 7, idle: false }]);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(2, 7, false)]);
         reader.segments_changed([(3, &other)], &mut buffer);
         assert!(reader.drained(&GroupBuffer::new(1, BTreeMap::new(), 0)), "no segment left to read");
     }
@@ -629,7 +664,8 @@ mod tests {
         };
         let (old, recent) = (closed_at(1_000_000 - 60_001, 1, 50), closed_at(1_000_000 - 60_000, 2, 3));
         reader.segments_changed([(1, &old), (2, &recent)], &mut buffer);
-        assert_eq!(reader.next_fetches(&buffer), [fetch(2, 0, false)], "the old one is not read");
+        let from_since = Fetch { since_unix_ms: 1_000_000, ..fetch(2, 0, false) };
+        assert_eq!(reader.next_fetches(&buffer), [from_since], "the old one is not read");
         assert_eq!(buffer.committed()[&1], 50, "and counts as done");
         // A binding added later with an earlier `since` reads it after all.
         let mut late = reader.spec().clone();
@@ -637,6 +673,53 @@ mod tests {
         reader.spec_changed(late, &mut buffer);
         reader.fetched(2, closed_read(0..3, 3), &mut buffer);
         assert!(reader.next_fetches(&buffer).contains(&fetch(1, 0, false)), "read again for the late binding");
+    }
+
+    /// A group with a `since` starts each segment at the first record stored at or
+    /// after it (the read finds it with the time index); the records before count as
+    /// done, and a binding with an earlier `since` still gets them, whether it comes
+    /// while that read is on its way or after.
+    #[test]
+    fn reads_start_at_since_and_an_earlier_binding_reads_from_the_start() {
+        let spec = ConsumerGroupSpec {
+            bindings: vec![direct("t", "a")],
+            size: 10,
+            since_unix_ms: 1_000,
+            ..Default::default()
+        };
+        let mut reader = Reader::new("default", spec.clone(), BTreeMap::new());
+        let mut buffer = GroupBuffer::new(10, BTreeMap::new(), 0);
+        let sub = buffer.subscribe(0, true);
+        let t = generation("t", 0, 1, true, 0);
+        reader.segments_changed([(1, &t)], &mut buffer);
+        let seek = Fetch { since_unix_ms: 1_000, ..fetch(1, 0, false) };
+        assert_eq!(reader.next_fetches(&buffer), std::slice::from_ref(&seek));
+        let answer = |start, records: Vec<Record>| Some(ReadResult { start, records, end_offset: 7, closed: false });
+        reader.fetched(1, answer(5, vec![record(5, "a", 1_000), record(6, "b", 1_001)]), &mut buffer);
+        assert!(reader.feed(&mut buffer).is_empty());
+        let got: Vec<u64> = buffer.dispatch(0).into_iter().map(|(s, d)| (assert_eq!(s, sub), d.offset).1).collect();
+        assert_eq!(got, [5]);
+        assert_eq!(buffer.committed(), BTreeMap::from([(1, 7)]), "what lies before since is done");
+        assert_eq!(reader.next_fetches(&buffer), [fetch(1, 7, false)], "later reads go on from there");
+
+        // A binding from an earlier time, after the skip: the segment is read again
+        // from where the cursor began.
+        let mut earlier = spec.clone();
+        earlier.since_unix_ms = 0;
+        earlier.bindings.push(BindingSpec { since_unix_ms: 500, ..direct("t", "k") });
+        reader.spec_changed(earlier.clone(), &mut buffer);
+        reader.fetched(1, answer(7, vec![]), &mut buffer);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(1, 0, false)]);
+
+        // The same binding while the seek is on its way: its answer is not used.
+        let mut reader = Reader::new("default", spec, BTreeMap::new());
+        let mut buffer = GroupBuffer::new(10, BTreeMap::new(), 0);
+        reader.segments_changed([(1, &t)], &mut buffer);
+        assert_eq!(reader.next_fetches(&buffer), [seek]);
+        reader.spec_changed(earlier, &mut buffer);
+        reader.fetched(1, answer(5, vec![record(5, "a", 1_000)]), &mut buffer);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(1, 0, false)], "the first binding takes all");
+        assert!(buffer.committed().is_empty(), "nothing skipped");
     }
 
     #[test]
@@ -649,13 +732,13 @@ mod tests {
         reader.segments_changed([(1, &t)], &mut buffer);
         reader.next_fetches(&buffer);
         let records = vec![record(0, "a", 99), record(1, "b", 100), record(2, "a", 100)];
-        reader.fetched(1, Some(ReadResult { records, end_offset: 3, closed: true }), &mut buffer);
+        reader.fetched(1, Some(ReadResult { start: 0, records, end_offset: 3, closed: true }), &mut buffer);
         assert!(reader.feed(&mut buffer).is_empty());
         let sub = buffer.subscribe(0, true);
         let got: Vec<u64> = buffer.dispatch(0).into_iter().map(|(s, d)| (assert_eq!(s, sub), d.offset).1).collect();
         assert_eq!(got, [2]);
         reader.next_fetches(&buffer);
-        reader.fetched(1, Some(ReadResult { records: vec![], end_offset: 3, closed: true }), &mut buffer);
+        reader.fetched(1, Some(ReadResult { start: 0, records: vec![], end_offset: 3, closed: true }), &mut buffer);
         assert!(reader.next_fetches(&buffer).is_empty(), "finished");
         assert!(reader.drained(&buffer));
         assert_eq!(buffer.committed(), BTreeMap::from([(1, 3)]));
@@ -676,7 +759,11 @@ mod tests {
         reader.segments_changed([(1, &t)], &mut buffer);
         reader.next_fetches(&buffer);
         let records = vec![record(0, "a", 100), record(1, "b", 200), record(2, "a", 300)];
-        reader.fetched(1, Some(ReadResult { records: records.clone(), end_offset: 3, closed: false }), &mut buffer);
+        reader.fetched(
+            1,
+            Some(ReadResult { start: 0, records: records.clone(), end_offset: 3, closed: false }),
+            &mut buffer,
+        );
         assert!(reader.feed(&mut buffer).is_empty());
         let offsets = |b: &mut GroupBuffer| b.dispatch(0).into_iter().map(|(_, d)| d.offset).collect::<Vec<_>>();
         assert_eq!(offsets(&mut buffer), [0, 2]);
@@ -697,7 +784,7 @@ mod tests {
         reader.spec_changed(late, &mut buffer);
         assert_eq!(buffer.in_flight_of(sub), 0, "the rewound segment's deliveries are dropped");
         assert_eq!(reader.next_fetches(&buffer), [fetch(1, 0, false)]);
-        reader.fetched(1, Some(ReadResult { records, end_offset: 3, closed: false }), &mut buffer);
+        reader.fetched(1, Some(ReadResult { start: 0, records, end_offset: 3, closed: false }), &mut buffer);
         assert!(reader.feed(&mut buffer).is_empty());
         assert_eq!(offsets(&mut buffer), [1, 2]);
     }
@@ -957,7 +1044,7 @@ mod tests {
         let from = f.from.saturating_sub(back) as usize;
         let records: Vec<Record> = data.iter().skip(from).take(len as usize).cloned().collect();
         let end_offset = if open { records.last().map_or(f.from, |r| r.offset + 1) } else { data.len() as u64 };
-        ReadResult { records, end_offset, closed: !open }
+        ReadResult { start: f.from, records, end_offset, closed: !open }
     }
 
     proptest! {

@@ -32,7 +32,7 @@ use crate::cluster::Cluster;
 use crate::cluster_state::{Command, ConsumerGroupSpec, SegmentId};
 use crate::error::{ErrorCode, RequestError};
 use crate::metrics::GroupCounters;
-use crate::replication::read::ReadResult;
+use crate::replication::read::{ReadRequest, ReadResult};
 use crate::replication::Segments;
 
 /// Requests to a group task.
@@ -439,7 +439,7 @@ impl Task {
             self.peeking.insert(id);
             self.peeks.push(Box::pin(async move {
                 // One record at most: the answer's end is what matters.
-                let r = segments.read(id, &seg, from, 1, Duration::ZERO).await;
+                let r = segments.read(id, &seg, ReadRequest::at(from, 1)).await;
                 (id, r.ok().map(|r| r.end_offset))
             }));
         }
@@ -526,7 +526,8 @@ impl Task {
             self.open_fetches.insert(f.segment_id, cancel.clone());
         }
         self.fetches.push(Box::pin(async move {
-            let read = segments.read(f.segment_id, &seg, f.from, max_bytes, wait);
+            let read = ReadRequest::at(f.from, max_bytes).waiting(wait).since(f.since_unix_ms);
+            let read = segments.read(f.segment_id, &seg, read);
             let r = tokio::select! {
                 biased;
                 r = read => r,

@@ -22,6 +22,12 @@ pub mod histogram;
 pub mod labels;
 pub mod levels;
 
+/// The `tracing` target of the spans of a publish's path (`publish` where it is
+/// handled; `append`, `queue`, `write`, `fsync`, `replicate` on the segment's primary),
+/// all at TRACE level: exported over OTLP with `--otlp-endpoint`, otherwise disabled
+/// (a disabled span costs a comparison of levels).
+pub const PUBLISH_TRACE_TARGET: &str = "eventtermq_publish_trace";
+
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 

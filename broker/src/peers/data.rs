@@ -19,6 +19,35 @@ use super::{forwarded, with_timeout, Peer, PeerError, Peers};
 use crate::cluster_state::{NodeId, SegmentId};
 use crate::error::RequestError;
 
+/// A read of one segment: its records from `from`, or with `since_unix_ms` from the
+/// first record stored at or after that time when that is later (found with the
+/// segment's time index, not by reading what lies before); at most about
+/// `max_bytes`, waiting up to `wait` at an open segment's primary when nothing is
+/// readable there yet.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadRequest {
+    pub from: u64,
+    /// 0: no time bound.
+    pub since_unix_ms: i64,
+    pub max_bytes: usize,
+    pub wait: Duration,
+}
+
+impl ReadRequest {
+    /// Records from `from` on, as many as `max_bytes` holds, without waiting.
+    pub fn at(from: u64, max_bytes: usize) -> Self {
+        ReadRequest { from, since_unix_ms: 0, max_bytes, wait: Duration::ZERO }
+    }
+
+    pub fn waiting(self, wait: Duration) -> Self {
+        ReadRequest { wait, ..self }
+    }
+
+    pub fn since(self, since_unix_ms: i64) -> Self {
+        ReadRequest { since_unix_ms, ..self }
+    }
+}
+
 /// Answers relayed from another node, in order, as the data path sees them.
 pub type Relayed<T> = Pin<Box<dyn Stream<Item = Result<T, RequestError>> + Send>>;
 
@@ -87,25 +116,23 @@ impl Peers {
         Ok(reply.known.then_some(reply.entries))
     }
 
-    /// Reads records of a segment `node` holds, waiting up to `wait` there for records
-    /// past `from_offset` when none is readable yet.
+    /// Reads records of a segment `node` holds (see [`ReadRequest`]).
     pub async fn read_segment(
         &self,
         node: NodeId,
         addr: &str,
         segment_id: SegmentId,
-        from_offset: u64,
-        max_bytes: usize,
-        wait: Duration,
+        read: ReadRequest,
     ) -> Result<ReadSegmentResponse, PeerError> {
         let mut client = InternalClient::new(self.data_channel(addr));
         let req = ReadSegmentRequest {
             segment_id,
-            from_offset,
-            max_bytes: max_bytes.min(u32::MAX as usize) as u32,
-            wait_ms: wait.as_millis().min(u32::MAX as u128) as u32,
+            from_offset: read.from,
+            max_bytes: read.max_bytes.min(u32::MAX as usize) as u32,
+            wait_ms: read.wait.as_millis().min(u32::MAX as u128) as u32,
+            since_unix_ms: read.since_unix_ms,
         };
-        let timeout = wait + Duration::from_millis(self.timeouts().read_segment_margin_ms);
+        let timeout = read.wait + Duration::from_millis(self.timeouts().read_segment_margin_ms);
         let reply = client
             .read_segment(with_timeout(tonic::Request::new(req), timeout))
             .await

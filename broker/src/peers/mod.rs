@@ -19,7 +19,7 @@ pub mod control;
 pub mod data;
 pub mod raft;
 
-pub use data::{Relayed, ReplicaAnswers};
+pub use data::{ReadRequest, Relayed, ReplicaAnswers};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -254,6 +254,14 @@ tokio::task_local! {
     /// The id of the client request the current task handles: set by `api/` around a
     /// request's handler, sent along with every call it makes to other nodes.
     pub static REQUEST_ID: String;
+}
+
+/// Longest request id a client may choose.
+pub const REQUEST_ID_LEN_MAX: usize = 64;
+
+/// A new request id: 16 hex digits.
+pub fn new_request_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
 
 /// The id of the client request the current task handles, if any.

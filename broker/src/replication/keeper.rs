@@ -31,6 +31,7 @@ use futures::StreamExt;
 use eventtermq_storage::SegmentInfo;
 use tokio_util::sync::CancellationToken;
 
+use super::read::ReadRequest;
 use super::{lock, primary, Segments};
 use crate::cluster_state::{ClusterState, Command, NodeId, SegmentId, SegmentRecord};
 use crate::error::{ErrorCode, RequestError};
@@ -507,7 +508,7 @@ async fn complete_and_seal(
             tracing::debug!(segment_id = id, error = %e, "completing a closed copy waits for disk space");
             return Ok(None);
         }
-        let r = segments.read(id, seg, next, segments.settings().read_batch_max_bytes, Duration::ZERO).await?;
+        let r = segments.read(id, seg, ReadRequest::at(next, segments.settings().read_batch_max_bytes)).await?;
         let records: Vec<_> = r.records.into_iter().filter(|r| r.offset < target).collect();
         if records.is_empty() {
             return Ok(None);

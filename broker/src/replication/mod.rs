@@ -29,6 +29,7 @@ pub mod primary;
 pub mod publish;
 pub mod read;
 pub mod replica;
+mod traced;
 pub mod window;
 
 use std::collections::HashMap;

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use super::confirm::Confirmations;
 pub use super::confirm::Durability;
 use super::dedupe::{encode_key, Begin, Key, Stored, Window};
+use super::traced::{Traces, PUBLISH_TRACE_TARGET};
 use super::{lock, storage_error, Segments, SharedWriter};
 use crate::cluster_state::{Command, NodeId, SegmentId};
 use crate::error::{ErrorCode, RequestError};
@@ -49,6 +50,10 @@ struct AppendRequest {
     reply: Reply,
     /// Holds a share of the primary's write queue until the publish is answered.
     _permit: OwnedSemaphorePermit,
+    /// The publish's `append` span (traces on) or `Span::none()`.
+    trace: tracing::Span,
+    /// Its `queue` span: ends when the primary task takes it.
+    _queue: tracing::Span,
 }
 
 /// Handle of a running primary task.
@@ -128,7 +133,12 @@ impl PrimaryHandle {
         let units = units.min(self.queue_units);
         let permit = self.queue.clone().acquire_many_owned(units).await.map_err(|_| closing(self.id))?;
         let (reply, rx) = oneshot::channel();
-        let req = AppendRequest { payloads, durability, key, reply, _permit: permit };
+        // A publish's path on the primary, when publish traces are on: queued, written,
+        // fsynced here and on replicas, confirmed. Off, both are `Span::none()`.
+        let trace = tracing::trace_span!(target: PUBLISH_TRACE_TARGET, "append", segment_id = self.id,
+            records = payloads.len());
+        let queue = tracing::trace_span!(target: PUBLISH_TRACE_TARGET, parent: &trace, "queue");
+        let req = AppendRequest { payloads, durability, key, reply, _permit: permit, trace, _queue: queue };
         self.tx.send(req).await.map_err(|_| closing(self.id))?;
         rx.await.map_err(|_| closing(self.id))?
     }
@@ -204,6 +214,7 @@ pub fn start(
         rotate: rotate.clone(),
         quorum_disk_low: quorum_disk_low.clone(),
         progress: progress.clone(),
+        traces: Traces::default(),
         stop: stop.clone(),
     }));
     Ok(PrimaryHandle {
@@ -238,6 +249,8 @@ struct Task {
     rotate: CancellationToken,
     quorum_disk_low: Arc<AtomicBool>,
     progress: Arc<SegmentProgress>,
+    /// Traced publishes waiting for fsyncs and replicas (empty while traces are off).
+    traces: Traces,
     stop: CancellationToken,
 }
 
@@ -249,6 +262,9 @@ struct Waiting {
     key: Option<Key>,
     /// Messages of the request an earlier generation stored (see [`Appended`]).
     stored_before: u32,
+    /// The publish's `append` span, which ends once it is answered (and its `fsync`
+    /// and `replicate` ended).
+    trace: tracing::Span,
 }
 
 /// The one fsync of this segment's file in flight at a time (on the blocking pool).
@@ -430,6 +446,13 @@ impl Task {
         // Readers may already have seen records up to the old value: only forward.
         self.confirmed_tx.send_if_modified(|c| std::mem::replace(c, core.confirmed()) != core.confirmed());
         self.progress.store(core.written(), core.confirmed(), |n| core.durable_on(n));
+        if !self.traces.is_empty() {
+            let me = self.segments.cluster().id;
+            let replicas = &self.replicas;
+            self.traces.progress(core.durable_here(), |end| {
+                replicas.iter().filter(|n| **n != me && core.durable_on(**n) >= end).count()
+            });
+        }
     }
 
     /// Takes `first` and whatever else is queued (up to `write_batch_max_bytes`) into
@@ -466,11 +489,21 @@ impl Task {
             return Ok(false);
         }
         let payloads: Vec<Bytes> = writes.iter().flat_map(|w| w.payloads.iter().cloned()).collect();
+        // Traces off: every span is disabled, nothing is collected (no allocation).
+        let write_spans: Vec<tracing::Span> = writes
+            .iter()
+            .filter(|w| !w.waiting.trace.is_disabled())
+            .map(|w| {
+                tracing::trace_span!(target: PUBLISH_TRACE_TARGET, parent: &w.waiting.trace, "write",
+                batch_records = payloads.len())
+            })
+            .collect();
         let started = std::time::Instant::now();
         let appended = {
             let mut w = lock(&self.writer);
             w.append(ts, &payloads).map(|range| (range, w.size_bytes()))
         };
+        drop(write_spans);
         let (range, size) = match appended {
             Ok(a) => {
                 let written = payloads.iter().map(|p| p.len() as u64).sum();
@@ -493,6 +526,11 @@ impl Task {
                 window.written(key, self.id, at, count);
             }
             at += u64::from(count);
+            if !w.waiting.trace.is_disabled() {
+                // Confirmed on a quorum that counts this node: that many others.
+                let others = if w.durability == Durability::Replicated { self.quorum.saturating_sub(1) } else { 0 };
+                self.traces.written(&w.waiting.trace, at, others);
+            }
         }
         let publishes = writes.into_iter().map(|w| (w.payloads.len() as u64, w.durability, w.waiting));
         for (waiting, range) in core.appended(range.start, publishes) {
@@ -512,15 +550,23 @@ impl Task {
     fn deduplicate(&mut self, batch: Vec<AppendRequest>, now_ms: i64) -> Vec<Write> {
         let mut writes = Vec::with_capacity(batch.len());
         for r in batch {
-            let AppendRequest { payloads, durability, key, reply, _permit } = r;
+            let AppendRequest { payloads, durability, key, reply, _permit, trace, _queue } = r;
             let dedupe = self.segments.settings().dedupe_window_ms > 0;
             let Some(key) = key.filter(|_| dedupe) else {
-                let waiting = Waiting { reply, key: None, stored_before: 0 };
+                let waiting = Waiting { reply, key: None, stored_before: 0, trace };
                 writes.push(Write { payloads, durability, waiting, _permit });
                 continue;
             };
             let Some(window) = self.window.as_mut() else {
-                self.held.push_back(AppendRequest { payloads, durability, key: Some(key), reply, _permit });
+                self.held.push_back(AppendRequest {
+                    payloads,
+                    durability,
+                    key: Some(key),
+                    reply,
+                    _permit,
+                    trace,
+                    _queue,
+                });
                 continue;
             };
             let total = payloads.len() as u32;
@@ -537,7 +583,7 @@ impl Task {
                         };
                         *first = encode_key(&stored, first);
                     }
-                    let waiting = Waiting { reply: token, key: Some(key), stored_before: skip };
+                    let waiting = Waiting { reply: token, key: Some(key), stored_before: skip, trace };
                     writes.push(Write { payloads: rest, durability, waiting, _permit });
                 }
                 Begin::Duplicate { stored, token } => {
@@ -561,6 +607,9 @@ impl Task {
 
     /// Answers a publish now as durable as it asked, and the repeats that waited for it.
     fn answer(&mut self, waiting: Waiting, range: Range<u64>) {
+        if !waiting.trace.is_disabled() {
+            tracing::trace!(target: PUBLISH_TRACE_TARGET, parent: &waiting.trace, "confirmed");
+        }
         let confirmed = waiting.key.zip(self.window.as_mut()).and_then(|(key, w)| w.confirmed(key));
         match confirmed {
             Some((stored, repeats)) => {

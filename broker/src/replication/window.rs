@@ -18,6 +18,7 @@ use std::time::Duration;
 use eventtermq_proto::internal::v1::{DedupeEntry, PublishKey};
 
 use super::dedupe::{stored_at, stored_key, Key, Stored, Window};
+use super::read::ReadRequest;
 use super::{lock, Segments};
 use crate::cluster_state::{SegmentId, SegmentRecord};
 use crate::error::{ErrorCode, RequestError};
@@ -162,7 +163,7 @@ async fn read_keys<T>(
     let end = seg.next_offset;
     let mut from = 0;
     while from < end {
-        let r = segments.read(id, seg, from, segments.settings().read_batch_max_bytes, Duration::ZERO).await?;
+        let r = segments.read(id, seg, ReadRequest::at(from, segments.settings().read_batch_max_bytes)).await?;
         if r.records.is_empty() {
             let msg = format!("segment {id} has no readable copy of offset {from} yet");
             return Err(RequestError::new(ErrorCode::NotReady, msg));

@@ -8,6 +8,7 @@ use eventtermq_proto::v1 as pb;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 
+use super::scrape::Scraper;
 use super::{cpu_ms, rss_kib, spawn, wait_alive, Proc};
 use crate::args::DataPathBenchArgs;
 use crate::Ctx;
@@ -246,6 +247,18 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
         storage_floor(dir, args.floor_samples, args.message_bytes).await?;
     }
     let procs = start_brokers(args, port, dir, &addrs).await?;
+    let scraper = match args.scrape_interval_ms {
+        0 => None,
+        ms => {
+            let metrics_port = port.checked_add(eventtermq_api::defaults::METRICS_PORT_OFFSET).ok_or_else(|| {
+                CliError::Usage(format!(
+                    "--scrape-interval-ms: the brokers' metrics port (--port {port} + 2) is past 65535"
+                ))
+            })?;
+            let targets = args.hosts.iter().map(|h| format!("{h}:{metrics_port}")).collect();
+            Some(Scraper::start(targets, Duration::from_millis(ms)))
+        }
+    };
     create_topic_and_group(seed, &ctx.namespace).await?;
     let persistence = crate::messages::persistence(args.persistence) as i32;
     let data: bytes::Bytes = vec![b'x'; args.message_bytes].into();
@@ -274,6 +287,9 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
     // W3: everything published so far, consumed through another node.
     let expected = confirmed + 2 * args.latency_messages + 1;
     w3(&addrs[2], &procs, &ctx.namespace, expected).await?;
+    if let Some(s) = scraper {
+        s.finish();
+    }
     drop(procs);
     Ok(())
 }

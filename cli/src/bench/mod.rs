@@ -6,6 +6,7 @@
 mod control;
 mod data;
 mod scale;
+mod scrape;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

@@ -7,6 +7,7 @@ consumers connect to different nodes. Every wait is bounded.
 
 usage: pika_checks.py PUBLISH_HOST CONSUME_HOST PORT CHECK...
 """
+import re
 import sys
 import time
 import uuid
@@ -221,6 +222,9 @@ def channel_error(name, code, action):
         got = None
     except pika.exceptions.ChannelClosedByBroker as e:
         got = e.reply_code
+        # The broker's log line of the exception names the id at the end of the text.
+        ids = re.findall(r" \[request id: ([0-9a-f]+)\]$", e.reply_text)
+        print(f"request-id {name} {ids[0] if ids else 'none in ' + repr(e.reply_text)}", flush=True)
     expect(name, got, code)
     # The connection survives a channel exception.
     c.channel().queue_declare(queue="after-" + name)

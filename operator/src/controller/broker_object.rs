@@ -153,6 +153,8 @@ impl BrokerObject for Topic {
             segment_age_max_ms: spec.segment_age_max_ms,
             retention_overrides_consumers: spec.retention_overrides_consumers,
             shard_key: spec.shard_key.clone().unwrap_or_default(),
+            retained_bytes: 0,
+            retained_since: None,
         }))
     }
 }
