@@ -188,6 +188,11 @@ fn rejected_requests_and_unreachable_nodes_exit_1_and_change_nothing() {
     let node = Broker::start(host, port, &tmp.join("n"), &[]);
     ready(host, port);
     assert!(cli(host, port, &["create-topic", "t", "--replication-factor", "1"]).status.success());
+    // The topic's segment opens right after it is created (a write of its own): the
+    // state is compared from then on.
+    eventually(Duration::from_secs(30), "the topic's segment opened", || {
+        stdout(&cli(host, port, &["dump"])).contains("open: true")
+    });
     let index = |_: ()| stdout(&cli(host, port, &["dump"])).lines().nth(1).map(str::to_string);
     let before = index(());
     let cases: &[(&[&str], &str)] = &[

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use eventtermq_proto::v1 as pb;
 use eventtermq_proto::v1::messaging_server::Messaging;
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -20,6 +20,7 @@ use crate::error::{ErrorCode, RequestError};
 use crate::metrics::{self, FOLDED};
 use crate::peers::{hops, Peers, Relayed};
 use crate::replication::dedupe::Key;
+use crate::replication::publish::{StreamTarget, Turn};
 use crate::replication::Segments;
 
 pub struct MessagingService {
@@ -68,6 +69,7 @@ async fn publish_one(
     segments: &Segments,
     req: pb::PublishRequest,
     hops: u32,
+    turn: Option<Turn>,
 ) -> Result<pb::PublishResponse, RequestError> {
     // The root of a publish's trace on this node (traces on); `Span::none()` otherwise,
     // and the field values are not even computed.
@@ -83,7 +85,7 @@ async fn publish_one(
     let namespace = namespace_of(&req.namespace)?;
     validate::name("topic", &req.topic)?;
     let p = persistence(req.persistence)?;
-    segments.publish(&namespace, &req.topic, &req.messages, p, key(&req), hops).instrument(span).await
+    segments.publish_in_turn(&namespace, &req.topic, &req.messages, p, key(&req), hops, turn).instrument(span).await
 }
 
 /// The producer id and sequence of an exactly-once publish (producer id 0: none).
@@ -100,9 +102,10 @@ async fn publish_counted(
     req: pb::PublishRequest,
     hops: u32,
     count: bool,
+    turn: Option<Turn>,
 ) -> Result<pb::PublishResponse, RequestError> {
     if !count {
-        return publish_one(segments, req, hops).await;
+        return publish_one(segments, req, hops, turn).await;
     }
     let namespace = eventtermq_api::defaults::or_default(&req.namespace, eventtermq_api::defaults::NAMESPACE);
     // Names that are not valid (refused below) get no series of their own.
@@ -110,7 +113,7 @@ async fn publish_counted(
     let (namespace, topic) = if valid { (namespace, req.topic.as_str()) } else { (FOLDED, FOLDED) };
     let count = segments.metrics().publish_started(namespace, topic, persistence_label(req.persistence));
     let (messages, bytes) = (req.messages.len() as u64, req.messages.iter().map(|m| m.data.len() as u64).sum());
-    let r = publish_one(segments, req, hops).await;
+    let r = publish_one(segments, req, hops, turn).await;
     match &r {
         Ok(_) => count.answered(Ok((messages, bytes))),
         Err(e) => count.answered(Err((e.code.as_u32(), &error_name(e.code)))),
@@ -138,7 +141,7 @@ impl Messaging for MessagingService {
         let hops = hops(req.metadata());
         tag(&req.get_ref().namespace, Some(&req.get_ref().topic), None);
         // A forwarded publish was counted where it arrived.
-        Ok(Response::new(publish_counted(&self.segments, req.into_inner(), hops, hops == 0).await?))
+        Ok(Response::new(publish_counted(&self.segments, req.into_inner(), hops, hops == 0, None).await?))
     }
 
     type PublishStreamStream = Pin<Box<dyn Stream<Item = Result<pb::PublishResponse, Status>> + Send>>;
@@ -155,34 +158,51 @@ impl Messaging for MessagingService {
         // A stream whose topic's primary is elsewhere is relayed there whole, so its
         // messages keep their order.
         let routing_key = first.messages.first().map(|m| m.routing_key.as_str());
-        if let Some(addr) = self.segments.stream_target(&namespace, &first.topic, routing_key, hops) {
-            let head = futures::stream::once(std::future::ready(Ok(first)));
-            let (tx, rx) = mpsc::channel::<pb::PublishRequest>(PUBLISH_STREAM_IN_FLIGHT_MAX);
-            let first_req = head.chain(inbound);
-            tokio::spawn(async move {
-                let mut first_req = std::pin::pin!(first_req);
-                while let Some(Ok(r)) = first_req.next().await {
-                    if tx.send(r).await.is_err() {
-                        return;
+        let in_turn = match self.segments.stream_target(&namespace, &first.topic, routing_key, hops) {
+            StreamTarget::Here { in_turn } => in_turn,
+            StreamTarget::Relay(addr) => {
+                let head = futures::stream::once(std::future::ready(Ok(first)));
+                let (tx, rx) = mpsc::channel::<pb::PublishRequest>(PUBLISH_STREAM_IN_FLIGHT_MAX);
+                let first_req = head.chain(inbound);
+                tokio::spawn(async move {
+                    let mut first_req = std::pin::pin!(first_req);
+                    while let Some(Ok(r)) = first_req.next().await {
+                        if tx.send(r).await.is_err() {
+                            return;
+                        }
                     }
-                }
-            });
-            let upstream = self.peers.relay_publish_stream(&addr, ReceiverStream::new(rx), hops).await;
-            return Ok(Response::new(to_client(upstream.map_err(RequestError::from)?)));
-        }
+                });
+                let upstream = self.peers.relay_publish_stream(&addr, ReceiverStream::new(rx), hops).await;
+                return Ok(Response::new(to_client(upstream.map_err(RequestError::from)?)));
+            }
+        };
         let segments = self.segments.clone();
         let template = first.clone();
         let rest = futures::stream::once(std::future::ready(Ok(first))).chain(inbound);
-        // Requests are published concurrently (they batch together on the primary)
-        // and enqueued in stream order; answers keep the request order.
+        // Requests are published concurrently (they batch together on the primary);
+        // answers keep the request order. To one shard, each waits for the one before
+        // it to be queued at the primary (a chain of turns made in stream order), so
+        // they are stored in stream order even while they wait for a segment to open
+        // or are forwarded one by one.
+        let mut previous: Option<oneshot::Receiver<()>> = None;
         let answers = rest
             .map(move |r| {
                 let segments = segments.clone();
                 let template = template.clone();
+                let (turn, wait) = if in_turn {
+                    let (turn, next) = oneshot::channel();
+                    (Some(turn), previous.replace(next))
+                } else {
+                    (None, None)
+                };
                 async move {
+                    if let Some(wait) = wait {
+                        // Ends when the previous request drops its turn.
+                        let _ = wait.await;
+                    }
                     let r = r?;
                     same_topic(&template, &r)?;
-                    Ok(publish_counted(&segments, r, hops, true).await?)
+                    Ok(publish_counted(&segments, r, hops, true, turn).await?)
                 }
             })
             .buffered(PUBLISH_STREAM_IN_FLIGHT_MAX);

@@ -127,6 +127,7 @@ impl PrimaryHandle {
         payloads: Vec<Bytes>,
         durability: Durability,
         key: Option<Key>,
+        turn: &mut Option<super::publish::Turn>,
     ) -> Result<Appended, RequestError> {
         let bytes: usize = payloads.iter().map(Bytes::len).sum();
         let units = (bytes.div_ceil(QUEUE_UNIT_BYTES)).clamp(1, u32::MAX as usize) as u32;
@@ -140,6 +141,9 @@ impl PrimaryHandle {
         let queue = tracing::trace_span!(target: PUBLISH_TRACE_TARGET, parent: &trace, "queue");
         let req = AppendRequest { payloads, durability, key, reply, _permit: permit, trace, _queue: queue };
         self.tx.send(req).await.map_err(|_| closing(self.id))?;
+        // Queued: the next request of the stream may go (not before: a request that
+        // was not queued keeps its turn while it routes again).
+        drop(turn.take());
         rx.await.map_err(|_| closing(self.id))?
     }
 

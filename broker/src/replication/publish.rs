@@ -25,10 +25,25 @@ use crate::cluster_state::{NodeId, SegmentId, ShardKey};
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::PUBLISH_HOPS_MAX;
 
+/// Where a stream of publishes goes: see [`Segments::stream_target`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum StreamTarget {
+    /// Relayed whole to the primary of its shard, at this address.
+    Relay(String),
+    /// Published here; `in_turn`: its requests go to one shard and are stored in order.
+    Here { in_turn: bool },
+}
+
 /// Pause between routing attempts while no segment can take the publish.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 static ROUND_ROBIN: AtomicUsize = AtomicUsize::new(0);
+
+/// A publish's turn in a stream whose requests must be stored in the order they
+/// came (see [`Segments::publish_in_turn`]): held from the first routing attempt
+/// until the request is queued at its primary, or forwarded and answered; dropping it
+/// lets the next request of the stream go (its receiver ends).
+pub type Turn = tokio::sync::oneshot::Sender<()>;
 
 impl Segments {
     /// Publishes `messages` to a topic; with a `key` (producer id and sequence),
@@ -42,6 +57,26 @@ impl Segments {
         persistence: Persistence,
         key: Option<Key>,
         hops: u32,
+    ) -> Result<PublishResponse, RequestError> {
+        self.publish_in_turn(namespace, topic, messages, persistence, key, hops, None).await
+    }
+
+    /// [`Segments::publish`], holding `turn` (when given) until the messages are
+    /// queued at their primary, or were forwarded and answered: the requests of one
+    /// stream to one shard that take their turns in order are stored in that order,
+    /// even when they wait for the shard's segment to open or are forwarded one by
+    /// one (without it, each retries on its own and the first to find the segment
+    /// goes first).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn publish_in_turn(
+        &self,
+        namespace: &str,
+        topic: &str,
+        messages: &[Message],
+        persistence: Persistence,
+        key: Option<Key>,
+        hops: u32,
+        mut turn: Option<Turn>,
     ) -> Result<PublishResponse, RequestError> {
         let payloads = self.encode_checked(messages)?;
         let routing_key = messages.first().map(|m| m.routing_key.as_str());
@@ -62,7 +97,8 @@ impl Segments {
             };
             let attempt = match route {
                 Route::Local(id, replicas) => {
-                    let append = self.append_local(id, topic, &payloads, durability(persistence, replicas), key);
+                    let append =
+                        self.append_local(id, topic, &payloads, durability(persistence, replicas), key, &mut turn);
                     // The primary answers within the request timeout, except a repeat
                     // of a request still in flight, which waits for the first attempt
                     // (confirmed or failed): that wait is bounded here.
@@ -129,10 +165,11 @@ impl Segments {
         payloads: &[Bytes],
         durability: Durability,
         key: Option<Key>,
+        turn: &mut Option<Turn>,
     ) -> Result<PublishResponse, RequestError> {
         // No task yet: the keeper has not started it.
         let primary = self.primary(id).ok_or_else(|| not_ready(topic))?;
-        let a = match primary.append(payloads.to_vec(), durability, key).await {
+        let a = match primary.append(payloads.to_vec(), durability, key, turn).await {
             Err(e) if e.code == ErrorCode::DiskFull && self.moves_for_disk(id) => {
                 // Not a refusal of the cluster: the shard is about to move to nodes
                 // with room, so the publish is routed again (within its deadline).
@@ -168,22 +205,22 @@ impl Segments {
         disk_action(seg, low) == DiskAction::Rotate && room >= st.state.min_insync_for(spec) as usize
     }
 
-    /// Where a stream of publishes to `topic` should go as a whole: `Some(addr)` when
-    /// its requests go to one shard whose primary is another node (the stream is
-    /// relayed there so it keeps its order): a topic of one shard, or a stream whose
-    /// first request names a routing key that picks the shard. `None` to publish here
-    /// request by request (each to its own shard).
-    pub fn stream_target(&self, namespace: &str, topic: &str, routing_key: Option<&str>, hops: u32) -> Option<String> {
+    /// Where a stream of publishes to `topic` should go as a whole: relayed to another
+    /// node when its requests go to one shard whose primary is that node (so it keeps
+    /// its order): a topic of one shard, or a stream whose first request names a
+    /// routing key that picks the shard. Else published here request by request, in
+    /// turn (see [`Segments::publish_in_turn`]) when they go to one shard.
+    pub fn stream_target(&self, namespace: &str, topic: &str, routing_key: Option<&str>, hops: u32) -> StreamTarget {
         let one_shard =
             self.cluster().state.read().state.topic(namespace, topic).is_ok_and(|spec| {
                 spec.shards <= 1 || shard_of(spec.shards, spec.shard_key, None, routing_key).is_some()
             });
         if !one_shard {
-            return None;
+            return StreamTarget::Here { in_turn: false };
         }
         match self.route(namespace, topic, None, routing_key, hops > 0) {
-            Ok(Route::Remote(_, addr)) if hops < PUBLISH_HOPS_MAX => Some(addr),
-            _ => None,
+            Ok(Route::Remote(_, addr)) if hops < PUBLISH_HOPS_MAX => StreamTarget::Relay(addr),
+            _ => StreamTarget::Here { in_turn: true },
         }
     }
 
