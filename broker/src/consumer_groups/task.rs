@@ -88,9 +88,11 @@ pub(crate) enum Event {
 /// Pause after a failed read, or before reading again a closed segment whose copy was
 /// not there yet: do not spin on it.
 const READ_RETRY_PAUSE: Duration = Duration::from_millis(100);
-/// How often an open segment whose records are not being read (behind a full buffer,
-/// or an earlier generation) is peeked at to learn how far it is readable: the
-/// group's lag is at most this much behind the publishers while it is not reading.
+/// An open segment whose records are not being read (behind a full buffer, or an
+/// earlier generation) is peeked at to learn how far it is readable, at most this
+/// often: each peek waits for records beyond the end seen last, so while publishers
+/// write the group's lag is at most this much behind them, and while they do not the
+/// peek just waits.
 const LAG_PEEK_INTERVAL: Duration = Duration::from_secs(1);
 /// Failed reads of one segment in a row before the task warns (about 5 s at
 /// [`READ_RETRY_PAUSE`]): a fail-over's sealing takes well under that, while a copy
@@ -134,9 +136,13 @@ struct Task {
     commits_started: u64,
     /// [`GroupCmd::Flush`]es, each with the number of the commit that records it.
     flushes: Vec<(u64, oneshot::Sender<()>)>,
-    /// Reads that only learn how far an open segment is readable, for the lag.
+    /// Reads that only learn how far an open segment is readable, for the lag: each
+    /// waits for records beyond what the group saw, so an idle group's peek is one
+    /// read outstanding, not one per interval.
     peeks: FuturesUnordered<PeekFuture>,
-    peeking: HashSet<SegmentId>,
+    /// The segments peeked at, each peek ended early when the state says its segment
+    /// closed (as [`Task::open_fetches`]).
+    peeking: BTreeMap<SegmentId, CancellationToken>,
     dead_letters: FuturesUnordered<DeadLetterFuture>,
     counters: GroupCounters,
     /// Origin of the buffer's clock ([`Millis`]).
@@ -149,8 +155,8 @@ struct Task {
 /// groups poke it when the cluster state changed the group or one of its topics), or
 /// a timer armed by activity: the soonest ack deadline, the next offset commit (only
 /// once something happened since the last), the next lag peek (only while a segment
-/// is not being read). An idle group with nothing in flight sleeps on its reads of
-/// open segments, which wait for records ([`DataSettings::read_wait_ms`]).
+/// is not being read). An idle group with nothing in flight sleeps on its reads and
+/// peeks of open segments, which wait for records ([`DataSettings::read_wait_ms`]).
 ///
 /// [`DataSettings::read_wait_ms`]: crate::config::DataSettings::read_wait_ms
 pub(crate) async fn run(
@@ -283,7 +289,7 @@ impl Task {
             commits_started: 0,
             flushes: Vec::new(),
             peeks: FuturesUnordered::new(),
-            peeking: HashSet::new(),
+            peeking: BTreeMap::new(),
             dead_letters: FuturesUnordered::new(),
             counters,
             epoch: tokio::time::Instant::now(),
@@ -319,13 +325,15 @@ impl Task {
         }
         self.reader.segments_changed(st.state.segments.iter().map(|(id, s)| (*id, s)), &mut self.buffer);
         self.read_failures.retain(|id, _| st.state.segments.contains_key(id));
-        self.open_fetches.retain(|id, cancel| {
-            let still_open = st.state.segments.get(id).is_some_and(|s| s.is_open());
-            if !still_open {
+        let still_open = |id: &SegmentId, cancel: &mut CancellationToken| {
+            let open = st.state.segments.get(id).is_some_and(|s| s.is_open());
+            if !open {
                 cancel.cancel();
             }
-            still_open
-        });
+            open
+        };
+        self.open_fetches.retain(still_open);
+        self.peeking.retain(still_open);
         true
     }
 
@@ -431,16 +439,24 @@ impl Task {
     /// published meanwhile. A segment whose primary is this node needs none.
     fn start_peeks(&mut self) {
         for (id, from) in self.reader.peeks_due() {
-            if self.peeking.contains(&id) || self.segments.primary(id).is_some() {
+            if self.peeking.contains_key(&id) || self.segments.primary(id).is_some() {
                 continue;
             }
             let Some(seg) = self.cluster.state.read().state.segments.get(&id).cloned() else { continue };
             let segments = self.segments.clone();
-            self.peeking.insert(id);
+            let wait = Duration::from_millis(segments.settings().read_wait_ms);
+            let cancel = CancellationToken::new();
+            self.peeking.insert(id, cancel.clone());
             self.peeks.push(Box::pin(async move {
-                // One record at most: the answer's end is what matters.
-                let r = segments.read(id, &seg, ReadRequest::at(from, 1)).await;
-                (id, r.ok().map(|r| r.end_offset))
+                // One record at most: the answer's end is what matters. It comes once
+                // records beyond `from` are confirmed (or the wait, or the segment, ends).
+                let read = segments.read(id, &seg, ReadRequest::at(from, 1).waiting(wait));
+                let r = tokio::select! {
+                    biased;
+                    r = read => r.ok(),
+                    _ = cancel.cancelled() => None,
+                };
+                (id, r.map(|r| r.end_offset))
             }));
         }
     }

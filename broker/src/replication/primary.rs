@@ -42,6 +42,12 @@ use crate::error::{ErrorCode, RequestError};
 use crate::metrics::SegmentProgress;
 use crate::watch;
 
+/// A publish's turn in a stream whose requests must be stored in the order they
+/// came (see [`Segments::publish_in_turn`](super::Segments::publish_in_turn)): held
+/// from the first routing attempt until the request is queued here, or forwarded and
+/// answered; dropping it lets the next request of the stream go (its receiver ends).
+pub type Turn = oneshot::Sender<()>;
+
 struct AppendRequest {
     payloads: Vec<Bytes>,
     durability: Durability,
@@ -127,7 +133,7 @@ impl PrimaryHandle {
         payloads: Vec<Bytes>,
         durability: Durability,
         key: Option<Key>,
-        turn: &mut Option<super::publish::Turn>,
+        turn: &mut Option<Turn>,
     ) -> Result<Appended, RequestError> {
         let bytes: usize = payloads.iter().map(Bytes::len).sum();
         let units = (bytes.div_ceil(QUEUE_UNIT_BYTES)).clamp(1, u32::MAX as usize) as u32;

@@ -39,11 +39,7 @@ const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 static ROUND_ROBIN: AtomicUsize = AtomicUsize::new(0);
 
-/// A publish's turn in a stream whose requests must be stored in the order they
-/// came (see [`Segments::publish_in_turn`]): held from the first routing attempt
-/// until the request is queued at its primary, or forwarded and answered; dropping it
-/// lets the next request of the stream go (its receiver ends).
-pub type Turn = tokio::sync::oneshot::Sender<()>;
+pub use super::primary::Turn;
 
 impl Segments {
     /// Publishes `messages` to a topic; with a `key` (producer id and sequence),
