@@ -387,6 +387,10 @@ pub enum Command {
     UpdateConsumerGroup(GroupArgs),
     /// Delete a consumer group.
     DeleteConsumerGroup { name: String },
+    /// Drop every message of a consumer group that waits for a subscriber (published
+    /// before the call and not handed out, or back after a nack); those handed out and
+    /// not acknowledged stay. Prints how many went: {"purged": N}.
+    PurgeConsumerGroup { name: String },
     /// List consumer groups of the namespace, with their node, committed offsets and lag.
     ListConsumerGroups,
     /// Consumer lag: per group and bound topic, the messages published and not yet

@@ -153,6 +153,7 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
         Command::CreateConsumerGroup(args) => admin.create_consumer_group(consumer_group(args)?).await?,
         Command::UpdateConsumerGroup(args) => admin.update_consumer_group(consumer_group(args)?).await?,
         Command::DeleteConsumerGroup { name } => admin.delete_consumer_group(name).await?,
+        Command::PurgeConsumerGroup { name } => admin.purge_consumer_group(name).await?,
         Command::ListConsumerGroups => admin.list_consumer_groups().await?,
         Command::Stats { groups, watch, watch_count } => admin.stats(groups, watch, watch_count).await?,
         Command::Publish(args) => super::messages::publish(ctx, args).await?,
@@ -301,6 +302,13 @@ impl Admin<'_> {
         let req = pb::DeleteConsumerGroupRequest { namespace: self.namespace(), name };
         let r = self.client.delete_consumer_group(req).await;
         self.written(r)
+    }
+
+    async fn purge_consumer_group(&mut self, name: String) -> Result<(), CliError> {
+        let req = pb::PurgeConsumerGroupRequest { namespace: self.namespace(), name };
+        let r = self.client.purge_consumer_group(req).await;
+        println!("{}", serde_json::json!({"purged": self.answer(r)?.purged}));
+        Ok(())
     }
 
     async fn list_consumer_groups(&mut self) -> Result<(), CliError> {
