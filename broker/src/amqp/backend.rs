@@ -10,6 +10,9 @@
 //! first use. A binding made after a queue exists takes what is published after it,
 //! as in RabbitMQ (`BindingSpec::since_unix_ms`).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use amq_protocol::types::{AMQPValue, FieldTable};
 use eventtermq_proto::v1 as pb;
 
@@ -23,7 +26,7 @@ use crate::cluster_state::{
 use crate::consumer_groups::{matching, Groups, Occupancy};
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::{Peers, Relayed};
-use crate::replication::Segments;
+use crate::replication::{lock, Segments};
 
 /// What `queue.bind` and `queue.unbind` name besides the queue.
 #[derive(Clone, Copy)]
@@ -56,6 +59,44 @@ pub struct Backend {
     pub segments: Segments,
     pub groups: Groups,
     pub peers: Peers,
+    /// This node's AMQP consumers.
+    pub consumers: LocalConsumers,
+}
+
+/// The AMQP consumers of this node's connections per (namespace, queue): what
+/// `declare-ok` counts when the group's node cannot tell. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct LocalConsumers(Arc<Mutex<HashMap<(String, String), u64>>>);
+
+/// One consumer counted in [`LocalConsumers`] until this is dropped (with the
+/// channel's record of the consumer, however it ends).
+pub struct Counted {
+    consumers: LocalConsumers,
+    key: (String, String),
+}
+
+impl LocalConsumers {
+    pub fn count(&self, namespace: &str, queue: &str) -> u64 {
+        lock(&self.0).get(&(namespace.to_string(), queue.to_string())).copied().unwrap_or(0)
+    }
+
+    pub fn counted(&self, namespace: &str, queue: &str) -> Counted {
+        let key = (namespace.to_string(), queue.to_string());
+        *lock(&self.0).entry(key.clone()).or_default() += 1;
+        Counted { consumers: self.clone(), key }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut all = lock(&self.consumers.0);
+        if let Some(n) = all.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                all.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// The namespace of a virtual host: `/` is `default`, a leading `/` is dropped.
@@ -599,4 +640,30 @@ pub fn no_queue(namespace: &str, queue: &str) -> AmqpError {
 /// A vhost that does not exist is refused at `connection.open`.
 pub fn vhost_missing(vhost: &str, namespace: &str) -> AmqpError {
     AmqpError::connection(NOT_ALLOWED, format!("vhost '{vhost}' not found (no namespace \"{namespace}\")"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_consumer_counts_on_its_node_until_its_record_is_dropped() {
+        let consumers = LocalConsumers::default();
+        let a = consumers.counted("default", "q");
+        let b = consumers.counted("default", "q");
+        let other = consumers.counted("v", "q");
+        assert_eq!((consumers.count("default", "q"), consumers.count("v", "q")), (2, 1));
+        drop(a);
+        assert_eq!(consumers.count("default", "q"), 1);
+        drop((b, other));
+        assert_eq!((consumers.count("default", "q"), consumers.count("v", "q")), (0, 0));
+        assert!(lock(&consumers.0).is_empty(), "nothing kept for queues without consumers");
+    }
+
+    #[test]
+    fn the_default_namespace_is_the_vhost_slash() {
+        assert_eq!(vhost(DEFAULT_NAMESPACE), "/");
+        assert_eq!(vhost(&namespace_of_vhost("/")), "/");
+        assert_eq!(vhost(&namespace_of_vhost("/v")), "v");
+    }
 }

@@ -206,8 +206,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         } else {
             match self.backend.occupancy(&ns, &name).await {
                 Some(o) => (count(o.ready), count(o.subscribers)),
-                // The group's node cannot tell now: the consumers this connection has.
-                None => (0, self.consumers_here(&name)),
+                // The group's node cannot tell now: the consumers this node has.
+                None => (0, count(self.backend.consumers.count(&ns, &name))),
             }
         };
         let reply = queue::DeclareOk { queue: name.into(), message_count, consumer_count };
@@ -395,16 +395,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             stop: stop.clone(),
         };
         tokio::spawn(consumer.run(stream));
+        let _counted = self.backend.consumers.counted(&self.namespace, &queue);
         let ch = self.open_channel(id)?;
-        ch.consumers.insert(tag.clone(), Consumer { queue, no_ack: c.no_ack, stop });
+        ch.consumers.insert(tag.clone(), Consumer { queue, no_ack: c.no_ack, stop, _counted });
         let reply = basic::ConsumeOk { consumer_tag: tag.into() };
         Ok((!c.nowait).then_some(AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(reply))))
-    }
-
-    /// This connection's consumers of `queue`.
-    fn consumers_here(&self, queue: &str) -> u32 {
-        let all = self.channels.values().flat_map(|ch| ch.consumers.values());
-        count(all.filter(|c| c.queue == queue).count() as u64)
     }
 
     fn cancel(&mut self, id: u16, tag: &str) {
