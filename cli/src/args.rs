@@ -389,7 +389,7 @@ pub enum Command {
     DeleteConsumerGroup { name: String },
     /// Drop every message of a consumer group that waits for a subscriber (published
     /// before the call and not handed out, or back after a nack); those handed out and
-    /// not acknowledged stay. Prints how many went: {"purged": N}.
+    /// not acknowledged stay. Prints how many went: {"ok": true, "purged": N}.
     PurgeConsumerGroup { name: String },
     /// List consumer groups of the namespace, with their node, committed offsets and lag.
     ListConsumerGroups,

@@ -307,7 +307,8 @@ impl Admin<'_> {
     async fn purge_consumer_group(&mut self, name: String) -> Result<(), CliError> {
         let req = pb::PurgeConsumerGroupRequest { namespace: self.namespace(), name };
         let r = self.client.purge_consumer_group(req).await;
-        println!("{}", serde_json::json!({"purged": self.answer(r)?.purged}));
+        // As `publish` prints what it did: `{"ok": true, "published": N}`.
+        println!("{{\"ok\": true, \"purged\": {}}}", self.answer(r)?.purged);
         Ok(())
     }
 

@@ -178,8 +178,8 @@ fn queue_counts_purge_conditional_delete_and_exclusive_consumers_across_nodes() 
     for i in 0..3 {
         ok(&["publish", "purged-t", &format!("p{i}")]);
     }
-    assert_eq!(ok(&["purge-consumer-group", "purged-g"]).trim(), r#"{"purged":3}"#);
-    assert_eq!(ok(&["purge-consumer-group", "purged-g"]).trim(), r#"{"purged":0}"#);
+    assert_eq!(ok(&["purge-consumer-group", "purged-g"]).trim(), r#"{"ok": true, "purged": 3}"#);
+    assert_eq!(ok(&["purge-consumer-group", "purged-g"]).trim(), r#"{"ok": true, "purged": 0}"#);
     ok(&["publish", "purged-t", "kept"]);
     let got = ok(&["subscribe", "purged-g", "--max-messages", "1", "--wait", "20s"]);
     // "kept" (base64 in the JSON line), the 4th message of the topic's one segment.
