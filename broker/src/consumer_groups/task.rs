@@ -361,7 +361,8 @@ impl Task {
     /// A purge first learns how far each bound segment is confirmed now (a closed
     /// one's end is known; an open one's primary is asked, with a one-record read as
     /// the lag's peeks do), so that everything published and confirmed before the
-    /// purge goes, and nothing published after it.
+    /// purge goes, and nothing published after its answer (a message published while
+    /// the purge runs may go or stay).
     fn start_purge(&mut self, reply: oneshot::Sender<Result<Purged, RequestError>>) {
         if !self.refresh() {
             let e = RequestError::new(
