@@ -156,6 +156,7 @@ fn queue_counts_purge_conditional_delete_and_exclusive_consumers_across_nodes() 
         "deleted_404",
         "purge_missing_404",
         "dropped_ready",
+        "get_ok_message_count",
         "delete_ok_count",
         "exclusive_refuses_others_403",
         "second_exclusive_403",

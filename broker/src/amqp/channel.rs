@@ -491,6 +491,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             Ok(Some(Err(e))) => return Err(e.into()),
             Ok(None) | Err(_) => return Ok(Some(AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})))),
         };
+        // What is left ready after this one, as declare-ok counts it (0 when the
+        // group's node cannot tell now).
+        let ns = self.namespace.clone();
+        let left = self.backend.occupancy(&ns, &queue).await.map_or(0, |o| count(o.ready));
         let ch = self.open_channel(id)?;
         let delivery_tag = ch.next_tag;
         ch.next_tag += 1;
@@ -506,7 +510,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             redelivered: d.redelivered,
             exchange: exchange_of_topic(&d.topic).into(),
             routing_key: message.routing_key.as_str().into(),
-            message_count: 0,
+            message_count: left,
         };
         self.send(id, AMQPClass::Basic(basic::AMQPMethod::GetOk(ok)));
         codec_content(self, id, convert::to_properties(&message), &message.data);

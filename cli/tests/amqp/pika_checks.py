@@ -381,7 +381,9 @@ def queue_ops():
     for i in range(3):
         pch.basic_publish(exchange="", routing_key="dropped", body=f"d{i}")
     counts_become("dropped_ready", "dropped", (3, 0))
-    expect("delete_ok_count", pch.queue_delete(queue="dropped").method.message_count, 3)
+    method, _, body = pch.basic_get(queue="dropped", auto_ack=True)
+    expect("get_ok_message_count", (body.decode(), method.message_count), ("d0", 2))
+    expect("delete_ok_count", pch.queue_delete(queue="dropped").method.message_count, 2)
     p.close()
 
 
