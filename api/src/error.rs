@@ -48,6 +48,9 @@ pub enum ErrorCode {
     /// A Raft message reached a node that is not the member it was for (another
     /// process answers at the member's address now).
     NotRaftTarget = 4011,
+    /// A subscription asked to be a group's only subscriber while it has others, or
+    /// came while the group has such an exclusive subscriber (`SubscribeRequest.exclusive`).
+    ConsumerGroupInExclusiveUse = 4012,
     NoLeader = 5001,
     /// The request was sent on but no answer came in time: it may still take effect.
     Timeout = 5002,
@@ -70,7 +73,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for decoding.
-    const ALL: [ErrorCode; 35] = [
+    const ALL: [ErrorCode; 36] = [
         ErrorCode::InvalidName,
         ErrorCode::InvalidShards,
         ErrorCode::InvalidReplicationFactor,
@@ -98,6 +101,7 @@ impl ErrorCode {
         ErrorCode::NotInFlight,
         ErrorCode::ChecksumMismatch,
         ErrorCode::NotRaftTarget,
+        ErrorCode::ConsumerGroupInExclusiveUse,
         ErrorCode::NoLeader,
         ErrorCode::Timeout,
         ErrorCode::NotReady,

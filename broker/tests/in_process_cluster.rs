@@ -1077,6 +1077,72 @@ async fn lag_follows_publishes_while_the_group_buffer_is_full() {
     stop_all(nodes).await;
 }
 
+/// PurgeConsumerGroup on a node that does not run the group, while the group's buffer
+/// (10) is full and most of what was published is not read yet: everything goes, what
+/// comes after is delivered; an exclusive subscriber then refuses any other.
+#[tokio::test(start_paused = true)]
+async fn a_purge_drops_what_is_buffered_and_unread_and_an_exclusive_subscriber_is_alone() {
+    use eventtermq_proto::v1::admin_client::AdminClient;
+    use eventtermq_proto::v1::messaging_client::MessagingClient;
+    use eventtermq_proto::v1::{self as pb, SubscribeRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let nodes = three(&net, dir.path()).await;
+    let placed = topic_and_group(&nodes, &["first"], 10).await;
+    let group_node = nodes.iter().find(|n| n.handle.id == placed).unwrap();
+    let other = nodes.iter().find(|n| n.handle.id != placed).unwrap();
+    let primary = &nodes[primary_index(&nodes).unwrap()];
+    assert_eq!(publish_ids(primary, 0..50).await.len(), 50);
+    let lag = [("group", "g"), ("topic", "t")];
+    eventually(Duration::from_secs(10), "lag 50", || async {
+        scraped(group_node, "eventtermq_consumer_group_lag_records", &lag).await == Some(50.0)
+    })
+    .await;
+
+    let (client, _listeners) = net.attach("client:1");
+    let mut admin = AdminClient::new(client.data_channel(&other.name));
+    let purge = || pb::PurgeConsumerGroupRequest { namespace: String::new(), name: "g".into() };
+    assert_eq!(admin.purge_consumer_group(purge()).await.unwrap().into_inner().purged, 50);
+    assert_eq!(scraped(group_node, "eventtermq_consumer_group_lag_records", &lag).await, Some(0.0));
+    // Recorded before the answer: a restart of the group would not bring them back.
+    let leader = &nodes[leader_index(&nodes)];
+    let recorded = leader.handle.cluster.state.read().state.group_runtime("default", "g").unwrap().offsets.clone();
+    assert_eq!(recorded.values().sum::<u64>(), 50, "{recorded:?}");
+    assert_eq!(admin.purge_consumer_group(purge()).await.unwrap().into_inner().purged, 0);
+    let missing = pb::PurgeConsumerGroupRequest { namespace: String::new(), name: "missing".into() };
+    let e = admin.purge_consumer_group(missing).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+
+    let mut messaging = MessagingClient::new(client.data_channel(&other.name));
+    let sub = |exclusive| SubscribeRequest {
+        consumer_group: "g".into(),
+        auto_ack: true,
+        size: 10,
+        exclusive,
+        ..Default::default()
+    };
+    let mut alone = messaging.subscribe(sub(true)).await.unwrap().into_inner();
+    for exclusive in [false, true] {
+        let e = messaging.subscribe(sub(exclusive)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert_eq!(e.metadata().get("eventter-error-code").unwrap(), "4012");
+    }
+    assert_eq!(publish_ids(primary, 50..55).await.len(), 5);
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let m = tokio::time::timeout(Duration::from_secs(10), alone.message()).await.unwrap().unwrap().unwrap();
+        got.push(String::from_utf8(m.message.unwrap().data.to_vec()).unwrap());
+    }
+    assert_eq!(got, ["50", "51", "52", "53", "54"], "only what was published after the purge");
+    drop(alone);
+    eventually(Duration::from_secs(10), "another subscriber once the exclusive one left", || async {
+        messaging.clone().subscribe(sub(false)).await.is_ok()
+    })
+    .await;
+    stop_all(nodes).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn consumer_lag_is_what_is_published_and_not_acknowledged_in_metrics_and_admin() {
     use eventtermq_proto::v1::admin_client::AdminClient;

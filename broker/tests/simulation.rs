@@ -745,6 +745,7 @@ impl Subscriber {
             auto_ack: false,
             do_not_block: false,
             max_messages,
+            exclusive: false,
         };
         let mut stream = match tokio::time::timeout(CALL_TIMEOUT, c.subscribe(req)).await {
             Ok(Ok(s)) => s.into_inner(),

@@ -393,6 +393,10 @@ pub enum Command {
     UpdateConsumerGroup(GroupArgs),
     /// Delete a consumer group.
     DeleteConsumerGroup { name: String },
+    /// Drop every message of a consumer group that waits for a subscriber (published
+    /// before the call and not handed out, or back after a nack); those handed out and
+    /// not acknowledged stay. Prints how many went: {"ok": true, "purged": N}.
+    PurgeConsumerGroup { name: String },
     /// List consumer groups of the namespace, in name order, with their node,
     /// committed offsets and lag.
     ListConsumerGroups(ListArgs),

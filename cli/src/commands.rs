@@ -156,6 +156,7 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
         Command::CreateConsumerGroup(args) => admin.create_consumer_group(consumer_group(args)?).await?,
         Command::UpdateConsumerGroup(args) => admin.update_consumer_group(consumer_group(args)?).await?,
         Command::DeleteConsumerGroup { name } => admin.delete_consumer_group(name).await?,
+        Command::PurgeConsumerGroup { name } => admin.purge_consumer_group(name).await?,
         Command::ListConsumerGroups(list) => admin.list_consumer_groups(list).await?,
         Command::Stats { groups, watch, watch_count } => admin.stats(groups, watch, watch_count).await?,
         Command::Publish(args) => super::messages::publish(ctx, args).await?,
@@ -325,6 +326,14 @@ impl Admin<'_> {
         let req = pb::DeleteConsumerGroupRequest { namespace: self.namespace(), name };
         let r = self.client.delete_consumer_group(req).await;
         self.written(r)
+    }
+
+    async fn purge_consumer_group(&mut self, name: String) -> Result<(), CliError> {
+        let req = pb::PurgeConsumerGroupRequest { namespace: self.namespace(), name };
+        let r = self.client.purge_consumer_group(req).await;
+        // As `publish` prints what it did: `{"ok": true, "published": N}`.
+        println!("{{\"ok\": true, \"purged\": {}}}", self.answer(r)?.purged);
+        Ok(())
     }
 
     async fn list_consumer_groups(&mut self, list: ListArgs) -> Result<(), CliError> {

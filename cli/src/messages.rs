@@ -473,6 +473,7 @@ impl Subscriber<'_> {
             auto_ack: false,
             do_not_block: false,
             max_messages: remaining.unwrap_or(0),
+            exclusive: false,
         };
         match self.client.subscribe(req).await {
             Ok(s) => Ok(Some(s.into_inner())),

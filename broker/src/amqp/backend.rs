@@ -10,20 +10,23 @@
 //! first use. A binding made after a queue exists takes what is published after it,
 //! as in RabbitMQ (`BindingSpec::since_unix_ms`).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use amq_protocol::types::{AMQPValue, FieldTable};
 use eventtermq_proto::v1 as pb;
 
 use super::convert::text_value;
-use super::error::{AmqpError, ACCESS_REFUSED, NOT_ALLOWED, NOT_FOUND, PRECONDITION_FAILED};
+use super::error::{AmqpError, ACCESS_REFUSED, INTERNAL_ERROR, NOT_ALLOWED, NOT_FOUND, PRECONDITION_FAILED};
 use crate::cluster::Cluster;
 use crate::cluster_state::{
     validate, BindingSpec, ClusterState, Command, ConsumerGroupSpec, ExchangeType, HeadersMatch, TopicSpec,
     DEFAULT_NAMESPACE,
 };
-use crate::consumer_groups::{matching, Groups};
+use crate::consumer_groups::{matching, Groups, Occupancy};
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::{Peers, Relayed};
-use crate::replication::Segments;
+use crate::replication::{lock, Segments};
 
 /// What `queue.bind` and `queue.unbind` name besides the queue.
 #[derive(Clone, Copy)]
@@ -56,6 +59,44 @@ pub struct Backend {
     pub segments: Segments,
     pub groups: Groups,
     pub peers: Peers,
+    /// This node's AMQP consumers.
+    pub consumers: LocalConsumers,
+}
+
+/// The AMQP consumers of this node's connections per (namespace, queue): what
+/// `declare-ok` counts when the group's node cannot tell. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct LocalConsumers(Arc<Mutex<HashMap<(String, String), u64>>>);
+
+/// One consumer counted in [`LocalConsumers`] until this is dropped (with the
+/// channel's record of the consumer, however it ends).
+pub struct Counted {
+    consumers: LocalConsumers,
+    key: (String, String),
+}
+
+impl LocalConsumers {
+    pub fn count(&self, namespace: &str, queue: &str) -> u64 {
+        lock(&self.0).get(&(namespace.to_string(), queue.to_string())).copied().unwrap_or(0)
+    }
+
+    pub fn counted(&self, namespace: &str, queue: &str) -> Counted {
+        let key = (namespace.to_string(), queue.to_string());
+        *lock(&self.0).entry(key.clone()).or_default() += 1;
+        Counted { consumers: self.clone(), key }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut all = lock(&self.consumers.0);
+        if let Some(n) = all.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                all.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// The namespace of a virtual host: `/` is `default`, a leading `/` is dropped.
@@ -63,6 +104,15 @@ pub fn namespace_of_vhost(vhost: &str) -> String {
     match vhost.strip_prefix('/').unwrap_or(vhost) {
         "" => DEFAULT_NAMESPACE.to_string(),
         name => name.to_string(),
+    }
+}
+
+/// The virtual host of a namespace as reply texts name it: `/` for `default`.
+pub fn vhost(namespace: &str) -> &str {
+    if namespace == DEFAULT_NAMESPACE {
+        "/"
+    } else {
+        namespace
     }
 }
 
@@ -205,13 +255,17 @@ impl Backend {
             Some(t) => Err(AmqpError::channel(
                 PRECONDITION_FAILED,
                 format!(
-                    "inequivalent arg 'type' for exchange '{name}' in vhost '{namespace}': received '{}' but current \
+                    "inequivalent arg 'type' for exchange '{name}' in vhost '{vh}': received '{}' but current \
                      is '{}'",
                     kind.as_str(),
-                    t.as_str()
+                    t.as_str(),
+                    vh = vhost(namespace)
                 ),
             )),
-            None => Err(AmqpError::channel(NOT_FOUND, format!("no exchange '{name}' in vhost '{namespace}'"))),
+            None => Err(AmqpError::channel(
+                NOT_FOUND,
+                format!("no exchange '{name}' in vhost '{vh}'", vh = vhost(namespace)),
+            )),
         }
     }
 
@@ -246,7 +300,10 @@ impl Backend {
         if passive {
             return match self.topic_type(namespace, name).await {
                 Some(_) => Ok(()),
-                None => Err(AmqpError::channel(NOT_FOUND, format!("no exchange '{name}' in vhost '{namespace}'"))),
+                None => Err(AmqpError::channel(
+                    NOT_FOUND,
+                    format!("no exchange '{name}' in vhost '{vh}'", vh = vhost(namespace)),
+                )),
             };
         }
         let kind = ExchangeType::parse(kind).ok_or_else(|| {
@@ -274,7 +331,10 @@ impl Backend {
                 self.create_topic(namespace, topic, kind).await?;
                 Ok((topic.to_string(), kind))
             }
-            None => Err(AmqpError::channel(NOT_FOUND, format!("no exchange '{exchange}' in vhost '{namespace}'"))),
+            None => Err(AmqpError::channel(
+                NOT_FOUND,
+                format!("no exchange '{exchange}' in vhost '{vh}'", vh = vhost(namespace)),
+            )),
         }
     }
 
@@ -289,7 +349,7 @@ impl Backend {
         if if_unused && self.bound_groups(namespace, name) > 0 {
             return Err(AmqpError::channel(
                 PRECONDITION_FAILED,
-                format!("exchange '{name}' in vhost '{namespace}' in use"),
+                format!("exchange '{name}' in vhost '{vh}' in use", vh = vhost(namespace)),
             ));
         }
         let cmd = Command::DeleteTopic { namespace: namespace.into(), name: name.into() };
@@ -309,21 +369,18 @@ impl Backend {
     }
 
     /// `queue.declare`: creates the group (bound to the default exchange by its name,
-    /// reading from now on) or checks that it exists (`passive`).
+    /// reading from now on) or checks that it exists (`passive`). `true` when this
+    /// call created it.
     pub async fn declare_queue(
         &self,
         namespace: &str,
         name: &str,
         passive: bool,
         args: &FieldTable,
-    ) -> Result<(), AmqpError> {
+    ) -> Result<bool, AmqpError> {
         valid_name("queue", name)?;
         if passive || self.queue_exists(namespace, name).await {
-            return if self.queue_exists(namespace, name).await {
-                Ok(())
-            } else {
-                Err(AmqpError::channel(NOT_FOUND, format!("no queue '{name}' in vhost '{namespace}'")))
-            };
+            return if self.queue_exists(namespace, name).await { Ok(false) } else { Err(no_queue(namespace, name)) };
         }
         let (deliveries_max, dead_letter_exchange) = queue_arguments(args)?;
         let dead_letter_topic = match dead_letter_exchange {
@@ -346,9 +403,65 @@ impl Backend {
         };
         let cmd = Command::CreateConsumerGroup { namespace: namespace.into(), name: name.into(), spec };
         match self.cluster.write_applied(cmd).await {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(true),
             // Declared meanwhile (by another client, or as a ConsumerGroup resource).
-            Err(e) if e.code == ErrorCode::ConsumerGroupAlreadyExists => Ok(()),
+            Err(e) if e.code == ErrorCode::ConsumerGroupAlreadyExists => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The queue's ready messages and consumers, from the node running its group
+    /// (see [`Occupancy`]); `None` when that node cannot tell now (the group is not
+    /// placed on a live node, or its node does not answer within a second).
+    pub async fn occupancy(&self, namespace: &str, queue: &str) -> Option<Occupancy> {
+        self.groups.occupancy_anywhere(&self.peers, namespace, queue).await
+    }
+
+    /// `queue.delete` with its conditions: refused (406, as RabbitMQ) when `if_unused`
+    /// and the queue has consumers, or `if_empty` and it has ready messages; a queue
+    /// that does not exist is deleted already. Answers the ready messages deleted.
+    pub async fn delete_queue_if(
+        &self,
+        namespace: &str,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<u64, AmqpError> {
+        if !self.queue_exists(namespace, name).await {
+            return Ok(0);
+        }
+        let occupancy = self.occupancy(namespace, name).await;
+        if if_unused || if_empty {
+            let Some(o) = occupancy else {
+                return Err(AmqpError::channel(
+                    INTERNAL_ERROR,
+                    format!(
+                        "cannot tell whether queue '{name}' in vhost '{}' is {}: its consumer group runs on no \
+                         live node now; retry",
+                        vhost(namespace),
+                        if if_unused { "in use" } else { "empty" }
+                    ),
+                ));
+            };
+            if if_unused && o.subscribers > 0 {
+                let text = format!("queue '{name}' in vhost '{}' in use", vhost(namespace));
+                return Err(AmqpError::channel(PRECONDITION_FAILED, text));
+            }
+            if if_empty && o.ready > 0 {
+                let text = format!("queue '{name}' in vhost '{}' not empty", vhost(namespace));
+                return Err(AmqpError::channel(PRECONDITION_FAILED, text));
+            }
+        }
+        self.delete_queue(namespace, name).await?;
+        Ok(occupancy.map_or(0, |o| o.ready))
+    }
+
+    /// `queue.purge`: drops the queue's ready messages (see
+    /// `Groups::purge_anywhere`); answers how many.
+    pub async fn purge_queue(&self, namespace: &str, name: &str) -> Result<u64, AmqpError> {
+        match self.groups.purge_anywhere(&self.peers, namespace, name, false).await {
+            Ok(n) => Ok(n),
+            Err(e) if e.code == ErrorCode::ConsumerGroupNotFound => Err(no_queue(namespace, name)),
             Err(e) => Err(e.into()),
         }
     }
@@ -411,7 +524,7 @@ impl Backend {
     /// `queue.bind`: what is published to the exchange from now on and matches.
     pub async fn bind(&self, namespace: &str, queue: &str, route: Route<'_>) -> Result<(), AmqpError> {
         if !self.queue_exists(namespace, queue).await {
-            return Err(AmqpError::channel(NOT_FOUND, format!("no queue '{queue}' in vhost '{namespace}'")));
+            return Err(no_queue(namespace, queue));
         }
         let mut binding = self.route_binding(namespace, route).await?;
         binding.since_unix_ms = self.start_ms();
@@ -457,7 +570,9 @@ impl Backend {
     }
 
     /// Subscribes to the queue's group wherever it runs; `get_one`: at most one
-    /// message, and only if there is one now (`basic.get`).
+    /// message, and only if there is one now (`basic.get`); `exclusive`: as the
+    /// queue's only consumer (refused with 403, as RabbitMQ does, while it has
+    /// others; while it is there, other consumers are refused the same way).
     pub async fn consume(
         &self,
         namespace: &str,
@@ -465,11 +580,19 @@ impl Backend {
         prefetch: u32,
         no_ack: bool,
         get_one: bool,
+        exclusive: bool,
     ) -> Result<Relayed<pb::SubscribeResponse>, AmqpError> {
         if !self.queue_exists(namespace, queue).await {
-            return Err(AmqpError::channel(NOT_FOUND, format!("no queue '{queue}' in vhost '{namespace}'")));
+            return Err(no_queue(namespace, queue));
         }
-        Ok(self.subscribe(namespace, queue, prefetch, no_ack, get_one).await?)
+        match self.subscribe(namespace, queue, prefetch, no_ack, get_one, exclusive).await {
+            Ok(s) => Ok(s),
+            Err(e) if e.code == ErrorCode::ConsumerGroupInExclusiveUse => Err(AmqpError::channel(
+                ACCESS_REFUSED,
+                format!("queue '{queue}' in vhost '{}' in exclusive use", vhost(namespace)),
+            )),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// [`Backend::consume`] without the local check, for consumers that subscribe
@@ -481,6 +604,7 @@ impl Backend {
         prefetch: u32,
         no_ack: bool,
         get_one: bool,
+        exclusive: bool,
     ) -> Result<Relayed<pb::SubscribeResponse>, RequestError> {
         let req = pb::SubscribeRequest {
             namespace: namespace.to_string(),
@@ -489,6 +613,7 @@ impl Backend {
             auto_ack: no_ack,
             do_not_block: get_one,
             max_messages: u64::from(get_one),
+            exclusive,
         };
         self.groups.subscribe_anywhere(&self.peers, req, false).await
     }
@@ -507,7 +632,38 @@ impl Backend {
     }
 }
 
+/// 404 for a queue that does not exist.
+pub fn no_queue(namespace: &str, queue: &str) -> AmqpError {
+    AmqpError::channel(NOT_FOUND, format!("no queue '{queue}' in vhost '{}'", vhost(namespace)))
+}
+
 /// A vhost that does not exist is refused at `connection.open`.
 pub fn vhost_missing(vhost: &str, namespace: &str) -> AmqpError {
     AmqpError::connection(NOT_ALLOWED, format!("vhost '{vhost}' not found (no namespace \"{namespace}\")"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_consumer_counts_on_its_node_until_its_record_is_dropped() {
+        let consumers = LocalConsumers::default();
+        let a = consumers.counted("default", "q");
+        let b = consumers.counted("default", "q");
+        let other = consumers.counted("v", "q");
+        assert_eq!((consumers.count("default", "q"), consumers.count("v", "q")), (2, 1));
+        drop(a);
+        assert_eq!(consumers.count("default", "q"), 1);
+        drop((b, other));
+        assert_eq!((consumers.count("default", "q"), consumers.count("v", "q")), (0, 0));
+        assert!(lock(&consumers.0).is_empty(), "nothing kept for queues without consumers");
+    }
+
+    #[test]
+    fn the_default_namespace_is_the_vhost_slash() {
+        assert_eq!(vhost(DEFAULT_NAMESPACE), "/");
+        assert_eq!(vhost(&namespace_of_vhost("/")), "/");
+        assert_eq!(vhost(&namespace_of_vhost("/v")), "v");
+    }
 }

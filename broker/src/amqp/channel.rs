@@ -169,20 +169,17 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 Ok(Some(AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {}))))
             }
             queue::AMQPMethod::Delete(d) => {
-                if d.if_unused || d.if_empty {
-                    return Err(AmqpError::connection(
-                        NOT_IMPLEMENTED,
-                        "queue.delete with if-unused or if-empty is not supported yet",
-                    ));
-                }
                 let q = self.queue_name(id, d.queue.as_str())?;
-                self.backend.delete_queue(&ns, &q).await?;
+                let deleted = self.backend.delete_queue_if(&ns, &q, d.if_unused, d.if_empty).await?;
                 self.cancel_consumers_of(&q);
-                let reply = queue::DeleteOk { message_count: 0 };
+                let reply = queue::DeleteOk { message_count: count(deleted) };
                 Ok((!d.nowait).then_some(AMQPClass::Queue(queue::AMQPMethod::DeleteOk(reply))))
             }
-            queue::AMQPMethod::Purge(_) => {
-                Err(AmqpError::connection(NOT_IMPLEMENTED, "queue.purge is not supported yet"))
+            queue::AMQPMethod::Purge(p) => {
+                let q = self.queue_name(id, p.queue.as_str())?;
+                let purged = self.backend.purge_queue(&ns, &q).await?;
+                let reply = queue::PurgeOk { message_count: count(purged) };
+                Ok((!p.nowait).then_some(AMQPClass::Queue(queue::AMQPMethod::PurgeOk(reply))))
             }
             _ => Err(AmqpError::connection(COMMAND_INVALID, "method not expected from a client")),
         }
@@ -196,7 +193,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             self.queue_name(id, d.queue.as_str())?
         };
         let ns = self.namespace.clone();
-        self.backend.declare_queue(&ns, &name, d.passive, &d.arguments).await?;
+        let created = self.backend.declare_queue(&ns, &name, d.passive, &d.arguments).await?;
         if d.exclusive && !d.passive {
             self.exclusive.insert(name.clone());
         }
@@ -204,7 +201,16 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             self.auto_delete.insert(name.clone());
         }
         self.open_channel(id)?.last_queue = name.clone();
-        let reply = queue::DeclareOk { queue: name.into(), message_count: 0, consumer_count: 0 };
+        let (message_count, consumer_count) = if created {
+            (0, 0)
+        } else {
+            match self.backend.occupancy(&ns, &name).await {
+                Some(o) => (count(o.ready), count(o.subscribers)),
+                // The group's node cannot tell now: the consumers this node has.
+                None => (0, count(self.backend.consumers.count(&ns, &name))),
+            }
+        };
+        let reply = queue::DeclareOk { queue: name.into(), message_count, consumer_count };
         Ok((!d.nowait).then_some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(reply))))
     }
 
@@ -374,7 +380,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             return Err(AmqpError::connection(NOT_ALLOWED, format!("attempt to reuse consumer tag '{tag}'")));
         }
         let prefetch = u32::from(ch.prefetch);
-        let stream = self.backend.consume(&self.namespace, &queue, prefetch, c.no_ack, false).await?;
+        let stream = self.backend.consume(&self.namespace, &queue, prefetch, c.no_ack, false, c.exclusive).await?;
         let stop = self.stop.child_token();
         let consumer = ConsumerTask {
             backend: self.backend.clone(),
@@ -382,14 +388,16 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             queue: queue.clone(),
             prefetch,
             no_ack: c.no_ack,
+            exclusive: c.exclusive,
             channel: id,
             tag: tag.clone(),
             events: self.events.clone(),
             stop: stop.clone(),
         };
         tokio::spawn(consumer.run(stream));
+        let _counted = self.backend.consumers.counted(&self.namespace, &queue);
         let ch = self.open_channel(id)?;
-        ch.consumers.insert(tag.clone(), Consumer { queue, no_ack: c.no_ack, stop });
+        ch.consumers.insert(tag.clone(), Consumer { queue, no_ack: c.no_ack, stop, _counted });
         let reply = basic::ConsumeOk { consumer_tag: tag.into() };
         Ok((!c.nowait).then_some(AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(reply))))
     }
@@ -476,13 +484,17 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// `basic.get`: one message if the queue has one now.
     async fn get(&mut self, id: u16, g: &basic::Get) -> Result<Option<AMQPClass>, AmqpError> {
         let queue = self.queue_name(id, g.queue.as_str())?;
-        let mut stream = self.backend.consume(&self.namespace, &queue, 1, g.no_ack, true).await?;
+        let mut stream = self.backend.consume(&self.namespace, &queue, 1, g.no_ack, true, false).await?;
         let first = tokio::time::timeout(self.backend.cluster.request_timeout(), stream.next()).await;
         let d = match first {
             Ok(Some(Ok(d))) => d,
             Ok(Some(Err(e))) => return Err(e.into()),
             Ok(None) | Err(_) => return Ok(Some(AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})))),
         };
+        // What is left ready after this one, as declare-ok counts it (0 when the
+        // group's node cannot tell now).
+        let ns = self.namespace.clone();
+        let left = self.backend.occupancy(&ns, &queue).await.map_or(0, |o| count(o.ready));
         let ch = self.open_channel(id)?;
         let delivery_tag = ch.next_tag;
         ch.next_tag += 1;
@@ -498,7 +510,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             redelivered: d.redelivered,
             exchange: exchange_of_topic(&d.topic).into(),
             routing_key: message.routing_key.as_str().into(),
-            message_count: 0,
+            message_count: left,
         };
         self.send(id, AMQPClass::Basic(basic::AMQPMethod::GetOk(ok)));
         codec_content(self, id, convert::to_properties(&message), &message.data);
@@ -532,6 +544,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         }
         Ok(())
     }
+}
+
+/// A count as AMQP's 32-bit fields carry it.
+fn count(n: u64) -> u32 {
+    n.min(u64::from(u32::MAX)) as u32
 }
 
 fn codec_content<S>(conn: &mut Conn<S>, id: u16, properties: basic::AMQPProperties, body: &[u8]) {
@@ -602,6 +619,7 @@ struct ConsumerTask {
     queue: String,
     prefetch: u32,
     no_ack: bool,
+    exclusive: bool,
     channel: u16,
     tag: String,
     events: mpsc::Sender<Event>,
@@ -627,7 +645,8 @@ impl ConsumerTask {
                     _ = self.stop.cancelled() => return,
                     _ = tokio::time::sleep(RESUBSCRIBE_PAUSE) => {}
                 }
-                match self.backend.subscribe(&self.namespace, &self.queue, self.prefetch, self.no_ack, false).await {
+                let (ns, queue) = (&self.namespace, &self.queue);
+                match self.backend.subscribe(ns, queue, self.prefetch, self.no_ack, false, self.exclusive).await {
                     Ok(s) => {
                         stream = s;
                         break;

@@ -32,6 +32,8 @@ const EVENT_QUEUE_MAX: usize = 1024;
 const FRAME_MIN_BYTES: u32 = 4096;
 /// How long a closing side waits for the peer's `close-ok`.
 const CLOSE_OK_WAIT: Duration = Duration::from_secs(1);
+/// The `connection.blocked` reason, as RabbitMQ words its disk alarm.
+const BLOCKED_REASON: &str = "low on disk";
 
 /// What the connection's tasks tell it.
 pub(super) enum Event {
@@ -60,6 +62,11 @@ pub(super) struct Conn<S> {
     pub auto_delete: BTreeSet<String>,
     /// Frames to write before the next read.
     pub out: Vec<u8>,
+    /// The client announced the `connection.blocked` capability: it is told when the
+    /// node's disk goes below its watermark and back.
+    blocked_capable: bool,
+    /// `connection.blocked` was sent last (not `unblocked`).
+    blocked: bool,
     writer: WriteHalf<S>,
     /// Cancelled when the connection ends: stops its consumers.
     pub stop: CancellationToken,
@@ -87,6 +94,8 @@ where
         exclusive: BTreeSet::new(),
         auto_delete: BTreeSet::new(),
         out: Vec::new(),
+        blocked_capable: false,
+        blocked: false,
         writer,
         stop: stop.child_token(),
         node_stop: stop,
@@ -118,7 +127,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         self.send(0, AMQPClass::Connection(connection::AMQPMethod::Start(start())));
         self.flush().await.map_err(|_| None)?;
         match next_method(reader).await? {
-            AMQPClass::Connection(connection::AMQPMethod::StartOk(ok)) => authenticate(&ok).map_err(Some)?,
+            AMQPClass::Connection(connection::AMQPMethod::StartOk(ok)) => {
+                authenticate(&ok).map_err(Some)?;
+                self.blocked_capable = announces(&ok.client_properties, "connection.blocked");
+            }
             other => return Err(Some(unexpected(&other))),
         }
         let tune = connection::Tune {
@@ -171,6 +183,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     ) -> Result<(), AmqpError> {
         let beat = Duration::from_secs(u64::from(heartbeat_s.max(1))) / 2;
         let mut tick = tokio::time::interval(beat);
+        // Crossings of the node's disk watermark (an event, not a look on a timer: a
+        // thousand idle connections cost nothing); the level now is told at once.
+        let mut disk_changes = self.backend.segments.disk().level_changes();
+        if self.blocked_capable {
+            self.disk_alarm();
+        }
         let mut last_read = Instant::now();
         loop {
             // Not `biased`, unlike the broker's other loops: a client publishing
@@ -197,6 +215,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     }
                     codec::encode(&AMQPFrame::Heartbeat(0), &mut self.out);
                 }
+                r = disk_changes.changed(), if self.blocked_capable => match r {
+                    Ok(()) => self.disk_alarm(),
+                    // The node is stopping: `stop` ends the loop.
+                    Err(_) => self.blocked_capable = false,
+                },
             }
             if self.flush().await.is_err() {
                 return Ok(());
@@ -258,6 +281,25 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             Event::Delivery { channel, consumer, message } => self.deliver(channel, &consumer, *message),
             Event::ConsumerEnded { channel, consumer } => self.consumer_ended(channel, &consumer),
         }
+    }
+
+    /// `connection.blocked` when the node's disk went below its watermark (it refuses
+    /// segment data: confirms are nacked), `connection.unblocked` once it is back
+    /// above. Publishing is not held back meanwhile: what is published is refused
+    /// (or stored on other nodes) as it would be without the notice.
+    fn disk_alarm(&mut self) {
+        let below = self.backend.segments.disk().status().below;
+        if below == self.blocked {
+            return;
+        }
+        self.blocked = below;
+        let method = if below {
+            connection::AMQPMethod::Blocked(connection::Blocked { reason: BLOCKED_REASON.into() })
+        } else {
+            connection::AMQPMethod::Unblocked(connection::Unblocked {})
+        };
+        tracing::info!(namespace = %self.namespace, blocked = below, "AMQP connection told of the disk watermark");
+        self.send(0, AMQPClass::Connection(method));
     }
 
     pub(super) fn send(&mut self, channel: u16, method: AMQPClass) {
@@ -345,6 +387,7 @@ fn start() -> connection::Start {
         "consumer_cancel_notify",
         "per_consumer_qos",
         "authentication_failure_close",
+        "connection.blocked",
     ] {
         capabilities.insert(c.into(), AMQPValue::Boolean(true));
     }
@@ -360,6 +403,14 @@ fn start() -> connection::Start {
         server_properties: props,
         mechanisms: "PLAIN AMQPLAIN".into(),
         locales: "en_US".into(),
+    }
+}
+
+/// Whether the client's properties announce `capability` (`capabilities` table).
+fn announces(client_properties: &FieldTable, capability: &str) -> bool {
+    match client_properties.inner().get("capabilities") {
+        Some(AMQPValue::FieldTable(caps)) => matches!(caps.inner().get(capability), Some(AMQPValue::Boolean(true))),
+        _ => false,
     }
 }
 
@@ -419,6 +470,20 @@ mod tests {
             response: LongString::from(response),
             locale: "en_US".into(),
         }
+    }
+
+    #[test]
+    fn only_a_client_that_announces_connection_blocked_is_told() {
+        let mut caps = FieldTable::default();
+        caps.insert("connection.blocked".into(), AMQPValue::Boolean(true));
+        caps.insert("basic.nack".into(), AMQPValue::Boolean(true));
+        let mut props = FieldTable::default();
+        props.insert("capabilities".into(), AMQPValue::FieldTable(caps.clone()));
+        assert!(announces(&props, "connection.blocked"));
+        caps.insert("connection.blocked".into(), AMQPValue::Boolean(false));
+        props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+        assert!(!announces(&props, "connection.blocked"));
+        assert!(!announces(&FieldTable::default(), "connection.blocked"));
     }
 
     #[test]

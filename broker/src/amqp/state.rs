@@ -20,6 +20,8 @@ pub(super) struct Consumer {
     pub(super) queue: String,
     pub(super) no_ack: bool,
     pub(super) stop: CancellationToken,
+    /// Counts it among the node's consumers while it is recorded here.
+    pub(super) _counted: super::backend::Counted,
 }
 
 /// A delivery the client has not settled yet.

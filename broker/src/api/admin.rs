@@ -348,6 +348,19 @@ impl Admin for AdminService {
         written(self.cluster.write(Command::DeleteConsumerGroup { namespace, name: req.name }).await?)
     }
 
+    async fn purge_consumer_group(
+        &self,
+        req: Request<pb::PurgeConsumerGroupRequest>,
+    ) -> Reply<pb::PurgeConsumerGroupResponse> {
+        let forwarded = hops(req.metadata()) > 0;
+        let req = req.into_inner();
+        tag(&req.namespace, None, Some(&req.name));
+        let namespace = namespace_of(&req.namespace)?;
+        validate::name("name", &req.name)?;
+        let purged = self.groups.purge_anywhere(&self.peers, &namespace, &req.name, forwarded).await?;
+        Ok(Response::new(pb::PurgeConsumerGroupResponse { purged }))
+    }
+
     async fn list_consumer_groups(
         &self,
         req: Request<pb::ListConsumerGroupsRequest>,

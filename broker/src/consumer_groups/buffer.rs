@@ -526,6 +526,24 @@ impl GroupBuffer {
         });
     }
 
+    /// Drops the messages waiting for a subscriber (fresh ones and those back after a
+    /// delivery) of each segment of `below` whose offset is under its figure there, as
+    /// acknowledged (a purge): nothing in flight is touched. Answers how many.
+    pub fn purge_pending(&mut self, below: &BTreeMap<u64, u64>) -> usize {
+        let mut purged = Vec::new();
+        self.pending.retain(|d| {
+            let purge = below.get(&d.segment_id).is_some_and(|end| d.offset < *end);
+            if purge {
+                purged.push((d.segment_id, d.offset));
+            }
+            !purge
+        });
+        for key in &purged {
+            self.done(*key);
+        }
+        purged.len()
+    }
+
     pub fn pending_len(&self) -> usize {
         self.pending.len()
     }
@@ -827,6 +845,23 @@ mod tests {
         assert_eq!(buf.committed(), BTreeMap::from([(1, 20)]));
         buf.mark_read(2, 5);
         assert_eq!(buf.committed(), BTreeMap::from([(1, 20), (2, 5)]));
+    }
+
+    #[test]
+    fn purge_drops_what_waits_below_the_ends_and_keeps_what_is_in_flight() {
+        let mut buf = GroupBuffer::new(10, BTreeMap::new(), 0);
+        let sub = buf.subscribe(2, false);
+        offer_range(&mut buf, 7, 0..5);
+        let handed = buf.dispatch(0);
+        assert_eq!(positions(&handed), vec![(sub, 7, 0), (sub, 7, 1)]);
+        buf.nack(7, 1).unwrap(); // back in the queue after a delivery: ready again
+                                 // Offsets 1..4 wait; 4 is at or past the end the purge names.
+        assert_eq!(buf.purge_pending(&BTreeMap::from([(7, 4), (8, 100)])), 3);
+        assert_eq!((buf.pending_len(), buf.in_flight_len()), (1, 1));
+        assert_eq!(buf.committed()[&7], 0, "0 is still in flight");
+        assert_eq!(buf.ack(7, 0), Ok(Acked::Now));
+        assert_eq!(buf.committed()[&7], 4, "purged messages count as done");
+        assert_eq!(buf.dispatch(0).len(), 1);
     }
 
     #[test]

@@ -9,7 +9,10 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventtermq_proto::v1::{Delivery as PbDelivery, Message, SubscribeRequest, SubscribeResponse};
+use eventtermq_proto::v1::{
+    ConsumerGroupStatus, Delivery as PbDelivery, DescribeConsumerGroupsRequest, Message, PurgeConsumerGroupRequest,
+    SubscribeRequest, SubscribeResponse,
+};
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
@@ -19,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::buffer::{Delivery, SubscriberId};
 use super::task::{self, Event, GroupCmd, GroupStats};
 use crate::cluster::Cluster;
-use crate::cluster_state::Touched;
+use crate::cluster_state::{NodeId, Touched};
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::{Peers, Relayed};
 use crate::replication::{lock, Segments};
@@ -62,6 +65,30 @@ pub struct GroupHandle {
     refresh: Arc<Notify>,
     stop: CancellationToken,
     task: Arc<tokio::sync::Mutex<Option<JoinHandle<Option<()>>>>>,
+}
+
+/// What a queue's `declare-ok` and `queue.delete`'s checks need of a group, from the
+/// node running it: every subscription reaches the group there, whichever node the
+/// client is connected to, so these are the cluster's figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Occupancy {
+    /// Messages waiting for a subscriber: the group's lag (the figure of
+    /// `consumer_group_lag_records`, summed over its bound topics) less those handed
+    /// out and not acknowledged.
+    pub ready: u64,
+    /// Its subscribers (AMQP consumers and gRPC subscribers, on any node).
+    pub subscribers: u64,
+}
+
+impl Occupancy {
+    pub fn of(st: &GroupStats) -> Self {
+        let lag = st.lag.values().fold(0u64, |a, b| a.saturating_add(*b));
+        Occupancy { ready: lag.saturating_sub(st.in_flight as u64), subscribers: st.subscribers as u64 }
+    }
+
+    fn of_status(st: &ConsumerGroupStatus) -> Self {
+        Occupancy { ready: st.lag.saturating_sub(u64::from(st.in_flight)), subscribers: u64::from(st.subscribers) }
+    }
 }
 
 /// Where a group runs.
@@ -263,10 +290,15 @@ impl Groups {
     ) -> Result<Relayed<SubscribeResponse>, RequestError> {
         let max_unacked = eventtermq_api::defaults::subscriber_size(req.size);
         let (reply, rx) = oneshot::channel();
-        let cmd =
-            GroupCmd::Subscribe { max_unacked, max_messages: req.max_messages, do_not_block: req.do_not_block, reply };
+        let cmd = GroupCmd::Subscribe {
+            max_unacked,
+            max_messages: req.max_messages,
+            do_not_block: req.do_not_block,
+            exclusive: req.exclusive,
+            reply,
+        };
         group.cmd.send(cmd).await.map_err(|_| gone(&req.consumer_group))?;
-        let (sub, events) = rx.await.map_err(|_| gone(&req.consumer_group))?;
+        let (sub, events) = rx.await.map_err(|_| gone(&req.consumer_group))??;
         let queue = (max_unacked as usize).clamp(1, SUBSCRIBER_STREAM_QUEUE_MAX);
         let (out, out_rx) = mpsc::channel::<Result<SubscribeResponse, RequestError>>(queue);
         self.inner.segments.spawn(serve_subscriber(group, sub, events, out, req));
@@ -291,6 +323,61 @@ impl Groups {
 }
 
 impl Groups {
+    /// The group's [`Occupancy`] from the node running it (this one or another), or
+    /// `None` when it runs on no live node now or that node does not answer within
+    /// [`STATS_WAIT_MAX`]. Does not wait for the group to be placed.
+    pub async fn occupancy_anywhere(&self, peers: &Peers, namespace: &str, group: &str) -> Option<Occupancy> {
+        if let Some(h) = self.local(namespace, group) {
+            return group_stats(&h).await.map(|st| Occupancy::of(&st));
+        }
+        let (node, addr) = self.live_node_of(namespace, group)?;
+        let req = DescribeConsumerGroupsRequest { namespace: namespace.to_string(), names: vec![group.to_string()] };
+        let r = peers.describe_consumer_groups(node, &addr, req, STATS_WAIT_MAX).await.ok()?;
+        r.consumer_groups.iter().find(|g| g.name == group).map(Occupancy::of_status)
+    }
+
+    /// The live node other than this one the group is placed on, as this node's copy of
+    /// the state has it.
+    fn live_node_of(&self, namespace: &str, group: &str) -> Option<(NodeId, String)> {
+        let st = self.cluster().state.read();
+        let node = st.state.group_runtime(namespace, group)?.node?;
+        if node == self.cluster().id || st.state.node_gone(node) {
+            return None;
+        }
+        st.state.nodes.get(&node).map(|r| (node, r.address.clone()))
+    }
+
+    /// Purges a group running here (see `GroupCmd::Purge`): how many messages went,
+    /// once that is recorded (or [`FLUSH_WAIT_MAX`] passed).
+    pub async fn purge(&self, group: &GroupHandle, name: &str) -> Result<u64, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        group.cmd.send(GroupCmd::Purge(tx)).await.map_err(|_| gone(name))?;
+        let (purged, recorded) = rx.await.map_err(|_| gone(name))??;
+        let _ = tokio::time::timeout(FLUSH_WAIT_MAX, recorded).await;
+        Ok(purged)
+    }
+
+    /// Purges the group wherever it runs (a `forwarded` request is never sent on
+    /// again). The group's node learns of segments created before the call first.
+    pub async fn purge_anywhere(
+        &self,
+        peers: &Peers,
+        namespace: &str,
+        group: &str,
+        forwarded: bool,
+    ) -> Result<u64, RequestError> {
+        match self.locate(namespace, group, forwarded).await? {
+            Located::Here(h) => {
+                drop(self.cluster().read(true).await?);
+                self.purge(&h, group).await
+            }
+            Located::Remote(addr) => {
+                let req = PurgeConsumerGroupRequest { namespace: namespace.to_string(), name: group.to_string() };
+                Ok(peers.purge_consumer_group(&addr, req).await?.purged)
+            }
+        }
+    }
+
     /// Subscribes to the group wherever it runs: here, or relayed to its node (a
     /// `forwarded` request is never sent on again).
     pub async fn subscribe_anywhere(

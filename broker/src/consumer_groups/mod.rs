@@ -24,5 +24,5 @@ pub mod matching;
 pub mod reader;
 mod task;
 
-pub use groups::{GroupHandle, Groups, Located};
+pub use groups::{GroupHandle, Groups, Located, Occupancy};
 pub use task::GroupStats;

@@ -437,6 +437,44 @@ impl Reader {
         open.map(|(id, c)| (*id, c.next.max(c.readable_end))).collect()
     }
 
+    /// Where a purge needs each segment's end: `Ok(end)` of a closed one, `Err(from)`
+    /// for an open one, whose end (how far its primary confirmed records) must be
+    /// asked for, from this offset.
+    pub fn purge_inputs(&self) -> Vec<(SegmentId, Result<u64, u64>)> {
+        let cursors = self.cursors.iter();
+        cursors.map(|(id, c)| (*id, c.end.ok_or(c.next.max(c.readable_end)))).collect()
+    }
+
+    /// A purge: every record below each segment's end in `ends` that waits for a
+    /// subscriber is dropped as done, in the buffer and read ahead in the backlog, and
+    /// what was not read yet below the end is passed unread (as a binding's `since`
+    /// passes what is older). Records delivered and not acknowledged stay. Answers how
+    /// many records the group held ready, counted as its lag counts them (what was not
+    /// read yet counts whether or not it would have matched, see [`super::lag`]).
+    pub fn purge(&mut self, ends: &BTreeMap<SegmentId, u64>, buffer: &mut GroupBuffer) -> u64 {
+        let mut purged = buffer.purge_pending(ends) as u64;
+        for (&id, &end) in ends {
+            let Some(c) = self.cursors.get_mut(&id) else { continue };
+            if c.next >= end {
+                continue;
+            }
+            let mut read_to = c.next;
+            while c.backlog.front().is_some_and(|r| r.offset < end) {
+                let Some(r) = c.backlog.pop_front() else { break };
+                purged += u64::from(matches(&self.spec, c, &r));
+                read_to = r.offset + 1;
+            }
+            purged = purged.saturating_add(end.saturating_sub(read_to));
+            c.first_reported.get_or_insert(c.next);
+            c.next = end;
+            c.readable_end = c.readable_end.max(end);
+            c.idle = false;
+            buffer.mark_read(id, end);
+            self.finish_if_read(id, buffer);
+        }
+        purged
+    }
+
     /// What the lag of the group needs to know of each segment of its bound topics in
     /// the state (see [`super::lag`]).
     pub fn lag_inputs(&self) -> Vec<SegmentLag> {
@@ -646,6 +684,33 @@ mod tests {
         assert_eq!(reader.next_fetches(&buffer), [fetch(2, 7, false)]);
         reader.segments_changed([(3, &other)], &mut buffer);
         assert!(reader.drained(&GroupBuffer::new(1, BTreeMap::new(), 0)), "no segment left to read");
+    }
+
+    #[test]
+    fn a_purge_drops_what_is_ready_and_passes_what_is_unread_and_keeps_what_is_in_flight() {
+        // Buffer of 3: records 0..3 offered (0 handed out), 3..5 read ahead, 5..8 not read.
+        let (mut reader, mut buffer) = fanout_group(&["t"], 3, BTreeMap::new());
+        let t = segment("t", true);
+        reader.segments_changed([(1, &t)], &mut buffer);
+        assert_eq!(reader.next_fetches(&buffer), [fetch(1, 0, false)]);
+        reader.fetched(1, open_read(0..5), &mut buffer);
+        assert!(reader.feed(&mut buffer).is_empty());
+        let sub = buffer.subscribe(1, false);
+        assert_eq!(buffer.dispatch(0).len(), 1);
+        assert_eq!(reader.purge_inputs(), [(1, Err(5))]);
+        // The primary confirmed up to 8: 2 waiting + 2 read ahead + 3 unread.
+        assert_eq!(reader.purge(&BTreeMap::from([(1, 8)]), &mut buffer), 7);
+        assert_eq!((buffer.pending_len(), buffer.in_flight_len()), (0, 1));
+        assert_eq!(reader.next_fetches(&buffer), [fetch(1, 8, false)], "reading goes on from the end");
+        assert_eq!(reader.lag_inputs()[0].reported, 8);
+        buffer.ack(1, 0).unwrap();
+        assert_eq!(buffer.committed()[&1], 8);
+        reader.fetched(1, open_read(8..9), &mut buffer);
+        assert_eq!(deliver(&mut reader, &mut buffer), [(1, 8)], "what comes after the purge is delivered");
+        // Unacknowledged when its subscriber leaves: ready again, so purged.
+        buffer.unsubscribe(sub);
+        assert_eq!(reader.purge(&BTreeMap::from([(1, 9)]), &mut buffer), 1);
+        assert_eq!(reader.purge(&BTreeMap::from([(1, 9)]), &mut buffer), 0, "nothing left");
     }
 
     #[test]

@@ -42,7 +42,9 @@ pub(crate) enum GroupCmd {
         /// Messages to hand out at most; 0 = no limit.
         max_messages: u64,
         do_not_block: bool,
-        reply: oneshot::Sender<(SubscriberId, mpsc::Receiver<Event>)>,
+        /// The group's only subscriber (see `SubscribeRequest.exclusive`).
+        exclusive: bool,
+        reply: oneshot::Sender<Result<(SubscriberId, mpsc::Receiver<Event>), RequestError>>,
     },
     Unsubscribe(SubscriberId),
     /// The subscriber got its `max_messages`: hand it nothing more; answer once none of
@@ -56,7 +58,15 @@ pub(crate) enum GroupCmd {
     /// recording it failed): a bounded subscription ends only then, so what it acked
     /// is not delivered again after a restart that follows at once.
     Flush(oneshot::Sender<()>),
+    /// Drop every message waiting for a subscriber (not those delivered and not yet
+    /// acknowledged), up to how far each bound segment is confirmed now: how many were
+    /// ready, and an answer once the purge is recorded in the cluster state.
+    Purge(oneshot::Sender<Result<Purged, RequestError>>),
 }
+
+/// A purge's answer: how many messages were ready, and an answer once that is
+/// recorded with the group's offsets (as a [`GroupCmd::Flush`] answers).
+pub(crate) type Purged = (u64, oneshot::Receiver<()>);
 
 /// A group's lag and delivery state on the node running it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -105,10 +115,22 @@ type FetchFuture = Pin<Box<dyn std::future::Future<Output = (SegmentId, Result<R
 type PeekFuture = Pin<Box<dyn std::future::Future<Output = (SegmentId, Option<u64>)> + Send>>;
 /// A dead letter on its way to the dead-letter topic: the record it is, once published.
 type DeadLetterFuture = Pin<Box<dyn std::future::Future<Output = (SegmentId, u64)> + Send>>;
+/// A purge learning how far each open segment is confirmed, then its answer.
+type PurgeFuture = Pin<
+    Box<
+        dyn std::future::Future<
+                Output = (
+                    Result<BTreeMap<SegmentId, u64>, RequestError>,
+                    oneshot::Sender<Result<Purged, RequestError>>,
+                ),
+            > + Send,
+    >,
+>;
 
 struct Subscriber {
     tx: mpsc::Sender<Event>,
     do_not_block: bool,
+    exclusive: bool,
     limit: Option<oneshot::Sender<()>>,
 }
 
@@ -144,6 +166,7 @@ struct Task {
     /// closed (as [`Task::open_fetches`]).
     peeking: BTreeMap<SegmentId, CancellationToken>,
     dead_letters: FuturesUnordered<DeadLetterFuture>,
+    purges: FuturesUnordered<PurgeFuture>,
     counters: GroupCounters,
     /// Origin of the buffer's clock ([`Millis`]).
     epoch: tokio::time::Instant,
@@ -204,6 +227,7 @@ pub(crate) async fn run(
                 t.buffer.dead_lettered(id, offset);
                 t.counters.dead_lettered.inc();
             }
+            Some((ends, reply)) = t.purges.next(), if !t.purges.is_empty() => t.purge(ends, reply),
         }
         t.step();
         // Anything may have moved the offsets: a commit within one interval, unless
@@ -291,6 +315,7 @@ impl Task {
             peeks: FuturesUnordered::new(),
             peeking: BTreeMap::new(),
             dead_letters: FuturesUnordered::new(),
+            purges: FuturesUnordered::new(),
             counters,
             epoch: tokio::time::Instant::now(),
         })
@@ -360,14 +385,18 @@ impl Task {
 
     fn command(&mut self, cmd: GroupCmd) {
         match cmd {
-            GroupCmd::Subscribe { max_unacked, max_messages, do_not_block, reply } => {
+            GroupCmd::Subscribe { max_unacked, max_messages, do_not_block, exclusive, reply } => {
+                if let Err(e) = self.may_subscribe(do_not_block, exclusive) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
                 let id = self.buffer.subscribe(max_unacked, false);
                 if max_messages > 0 {
                     self.buffer.limit_hand_outs(id, max_messages);
                 }
                 let (tx, rx) = mpsc::channel(max_unacked as usize + 1);
-                self.subscribers.insert(id, Subscriber { tx, do_not_block, limit: None });
-                let _ = reply.send((id, rx));
+                self.subscribers.insert(id, Subscriber { tx, do_not_block, exclusive, limit: None });
+                let _ = reply.send(Ok((id, rx)));
             }
             GroupCmd::Unsubscribe(id) => self.unsubscribe(id),
             GroupCmd::Limit(id, reply) => {
@@ -390,17 +419,110 @@ impl Task {
             GroupCmd::Stats(reply) => {
                 let _ = reply.send(self.stats());
             }
-            GroupCmd::Flush(reply) => {
-                // A commit in flight may have been cut before the latest acks: the
-                // next one records them.
-                let needs = self.commits_started + 1;
-                self.commit_in_background();
-                if self.commits_started < needs && self.commit_in_flight.is_none() {
-                    let _ = reply.send(()); // nothing moved since the last commit
-                } else {
-                    self.flushes.push((needs, reply));
+            GroupCmd::Flush(reply) => self.flush(reply),
+            GroupCmd::Purge(reply) => self.start_purge(reply),
+        }
+    }
+
+    /// Answers `reply` once everything acknowledged so far is recorded.
+    fn flush(&mut self, reply: oneshot::Sender<()>) {
+        // A commit in flight may have been cut before the latest acks: the next one
+        // records them.
+        let needs = self.commits_started + 1;
+        self.commit_in_background();
+        if self.commits_started < needs && self.commit_in_flight.is_none() {
+            let _ = reply.send(()); // nothing moved since the last commit
+        } else {
+            self.flushes.push((needs, reply));
+        }
+    }
+
+    /// A purge first learns how far each bound segment is confirmed now (a closed
+    /// one's end is known; an open one's primary is asked, with a one-record read as
+    /// the lag's peeks do), so that everything published and confirmed before the
+    /// purge goes, and nothing published after its answer (a message published while
+    /// the purge runs may go or stay).
+    fn start_purge(&mut self, reply: oneshot::Sender<Result<Purged, RequestError>>) {
+        if !self.refresh() {
+            let e = RequestError::new(
+                ErrorCode::ConsumerGroupNotFound,
+                format!("consumer group {:?} was deleted", self.name),
+            );
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let mut known = BTreeMap::new();
+        let mut asks = Vec::new();
+        for (id, end) in self.reader.purge_inputs() {
+            let from = match end {
+                Ok(end) => {
+                    known.insert(id, end);
+                    continue;
+                }
+                Err(from) => from,
+            };
+            if let Some(p) = self.segments.primary(id) {
+                known.insert(id, *p.confirmed().borrow());
+                continue;
+            }
+            let Some(seg) = self.cluster.state.read().state.segments.get(&id).cloned() else { continue };
+            let segments = self.segments.clone();
+            asks.push(async move {
+                let r = segments.read(id, &seg, ReadRequest::at(from, 1)).await;
+                r.map(|r| (id, r.end_offset))
+            });
+        }
+        self.purges.push(Box::pin(async move {
+            let mut ends = known;
+            for answer in futures::future::join_all(asks).await {
+                match answer {
+                    Ok((id, end)) => {
+                        ends.insert(id, end);
+                    }
+                    Err(e) => return (Err(e), reply),
                 }
             }
+            (Ok(ends), reply)
+        }));
+    }
+
+    fn purge(
+        &mut self,
+        ends: Result<BTreeMap<SegmentId, u64>, RequestError>,
+        reply: oneshot::Sender<Result<Purged, RequestError>>,
+    ) {
+        let ends = match ends {
+            Ok(ends) => ends,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let purged = self.reader.purge(&ends, &mut self.buffer);
+        tracing::info!(namespace = %self.namespace, group = %self.name, messages = purged, "consumer group purged");
+        let (tx, rx) = oneshot::channel();
+        self.flush(tx);
+        let _ = reply.send(Ok((purged, rx)));
+    }
+
+    /// An exclusive subscriber is the only one, and while it is there no other comes;
+    /// `do_not_block` ones (one-off reads) neither count nor are refused.
+    fn may_subscribe(&self, do_not_block: bool, exclusive: bool) -> Result<(), RequestError> {
+        if do_not_block {
+            return Ok(());
+        }
+        let mut others = self.subscribers.values().filter(|s| !s.do_not_block);
+        let refused = if exclusive {
+            others.next().is_some().then_some("it has other subscribers")
+        } else {
+            others.any(|s| s.exclusive).then_some("it has an exclusive subscriber")
+        };
+        match refused {
+            None => Ok(()),
+            Some(why) => Err(RequestError::new(
+                ErrorCode::ConsumerGroupInExclusiveUse,
+                format!("consumer_group: {:?} is in exclusive use: {why}", self.name),
+            )),
         }
     }
 

@@ -236,6 +236,7 @@ impl Tasks {
                 segments: segments.clone(),
                 groups: groups.clone(),
                 peers: peers.clone(),
+                consumers: Default::default(),
             };
             tokio::spawn(crate::amqp::serve(backend, incoming, config.amqp.clone(), stop.clone()))
         });

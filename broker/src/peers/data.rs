@@ -10,7 +10,8 @@ use eventtermq_proto::internal::v1::{
 };
 use eventtermq_proto::v1::{
     admin_client::AdminClient, messaging_client::MessagingClient, AckRequest, Delivery, DescribeConsumerGroupsRequest,
-    DescribeConsumerGroupsResponse, NackRequest, PublishRequest, PublishResponse, SubscribeRequest, SubscribeResponse,
+    DescribeConsumerGroupsResponse, NackRequest, PublishRequest, PublishResponse, PurgeConsumerGroupRequest,
+    PurgeConsumerGroupResponse, SubscribeRequest, SubscribeResponse,
 };
 use futures::{Stream, StreamExt};
 use tokio::time::Instant;
@@ -212,6 +213,18 @@ impl Peers {
             .map_err(|_| PeerError::timed_out(peer, timeout))?
             .map_err(|s| PeerError::from_status(peer, s))?;
         Ok(reply.into_inner())
+    }
+
+    /// Forwards a purge to the node running the group (forwarded: it purges only a
+    /// group running there).
+    pub async fn purge_consumer_group(
+        &self,
+        addr: &str,
+        request: PurgeConsumerGroupRequest,
+    ) -> Result<PurgeConsumerGroupResponse, PeerError> {
+        let mut client = AdminClient::new(self.channel(addr));
+        let reply = client.purge_consumer_group(forwarded(request, 0)).await;
+        Ok(reply.map_err(|s| PeerError::from_status(Peer::addr(addr), s))?.into_inner())
     }
 
     /// Forwards an ack (`ack`) or nack of deliveries to the node running the group.

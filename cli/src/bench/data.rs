@@ -418,6 +418,7 @@ async fn w3(addr: &str, procs: &[Proc], namespace: &str, expected: u64) -> Resul
             auto_ack: true,
             do_not_block: false,
             max_messages: expected,
+            exclusive: false,
         })
         .await
         .map_err(err)?

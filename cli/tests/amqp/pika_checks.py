@@ -296,8 +296,131 @@ def interop_publish():
     print("ok interop_publish", flush=True)
 
 
+def refused(name, code, text, action, host=None):
+    """Runs `action` on a fresh channel of a new connection (to the publisher's node
+    unless `host`): the broker must close that channel with `code` and a reply text
+    containing `text`."""
+    c = connect(host or PUB)
+    ch = c.channel()
+    try:
+        action(ch)
+        got = None
+    except pika.exceptions.ChannelClosedByBroker as e:
+        got = (e.reply_code, e.reply_text)
+    c.close()
+    if got is None or got[0] != code or text not in got[1]:
+        print(f"FAIL {name}: got {got!r}, want {code} with {text!r}")
+        sys.exit(1)
+    print(f"ok {name}", flush=True)
+
+
+def counts(queue):
+    """(message_count, consumer_count) of a passive declare on the publisher's node."""
+    c = connect(PUB)
+    ok = c.channel().queue_declare(queue=queue, passive=True).method
+    c.close()
+    return ok.message_count, ok.consumer_count
+
+
+def counts_become(name, queue, want):
+    deadline = time.time() + WAIT_S
+    got = counts(queue)
+    while got != want and time.time() < deadline:
+        time.sleep(0.2)
+        got = counts(queue)
+    expect(name, got, want)
+
+
+def queue_ops():
+    """declare-ok counts, queue.delete if-unused / if-empty and queue.purge, with the
+    consumer on one node and the checks on another."""
+    c = connect(CON)
+    ch = c.channel()
+    ok = ch.queue_declare(queue="counted").method
+    expect("declare_ok_new_queue", (ok.message_count, ok.consumer_count), (0, 0))
+    p = connect(PUB)
+    pch = p.channel()
+    pch.confirm_delivery()
+    for i in range(5):
+        pch.basic_publish(exchange="", routing_key="counted", body=f"m{i}")
+    counts_become("declare_ok_message_count", "counted", (5, 0))
+    got = []
+    ch.basic_qos(prefetch_count=1)
+    ch.basic_consume(queue="counted", on_message_callback=lambda _c, m, _p, b: got.append((m.delivery_tag, b.decode())))
+    deadline = time.time() + WAIT_S
+    while not got and time.time() < deadline:
+        c.process_data_events(time_limit=0.2)
+    expect("one_held_unacked", [b for _, b in got], ["m0"])
+    # The unacknowledged message is not ready; the consumer counts wherever it is.
+    counts_become("declare_ok_consumer_count", "counted", (4, 1))
+    refused("delete_if_unused_406", 406, "queue 'counted' in vhost '/' in use",
+            lambda x: x.queue_delete(queue="counted", if_unused=True))
+    refused("delete_if_empty_406", 406, "queue 'counted' in vhost '/' not empty",
+            lambda x: x.queue_delete(queue="counted", if_empty=True))
+    purged = pch.queue_purge(queue="counted").method.message_count
+    expect("purge_ok_count", purged, 4)
+    expect("purged_counts", counts("counted"), (0, 1))
+    pch.basic_publish(exchange="", routing_key="counted", body="after")
+    ch.basic_ack(delivery_tag=got[0][0])
+    deadline = time.time() + WAIT_S
+    while len(got) < 2 and time.time() < deadline:
+        c.process_data_events(time_limit=0.2)
+    # Nothing purged comes back; what was published after the purge does.
+    c.process_data_events(time_limit=1)
+    expect("after_purge_delivered", [b for _, b in got], ["m0", "after"])
+    ch.basic_ack(delivery_tag=got[1][0])
+    c.close()
+    counts_become("consumer_gone", "counted", (0, 0))
+    ok = pch.queue_delete(queue="counted", if_unused=True, if_empty=True).method
+    expect("delete_if_unused_if_empty", ok.message_count, 0)
+    refused("deleted_404", 404, "no queue 'counted' in vhost '/'",
+            lambda x: x.queue_declare(queue="counted", passive=True))
+    refused("purge_missing_404", 404, "no queue 'missing' in vhost '/'", lambda x: x.queue_purge(queue="missing"))
+    # A plain delete answers how many ready messages went with the queue.
+    pch.queue_declare(queue="dropped")
+    for i in range(3):
+        pch.basic_publish(exchange="", routing_key="dropped", body=f"d{i}")
+    counts_become("dropped_ready", "dropped", (3, 0))
+    method, _, body = pch.basic_get(queue="dropped", auto_ack=True)
+    expect("get_ok_message_count", (body.decode(), method.message_count), ("d0", 2))
+    expect("delete_ok_count", pch.queue_delete(queue="dropped").method.message_count, 2)
+    p.close()
+
+
+def exclusive_consumers():
+    """An exclusive consumer is refused while the queue has another consumer, and
+    refuses every other consumer while it is there, across nodes (403, as RabbitMQ)."""
+    def consume(exclusive):
+        return lambda x: x.basic_consume(queue="solo", on_message_callback=lambda *a: None, exclusive=exclusive)
+
+    c = connect(CON)
+    ch = c.channel()
+    ch.queue_declare(queue="solo")
+    ch.basic_consume(queue="solo", on_message_callback=lambda *a: None, exclusive=True, consumer_tag="only")
+    refused("exclusive_refuses_others_403", 403, "queue 'solo' in vhost '/' in exclusive use", consume(False))
+    refused("second_exclusive_403", 403, "in exclusive use", consume(True))
+    # basic.get is not a consumer: an exclusive consumer does not refuse it.
+    p = connect(PUB)
+    method, _, _ = p.channel().basic_get(queue="solo", auto_ack=True)
+    expect("basic_get_beside_exclusive", method, None)
+    # Once cancelled, others may consume (as soon as the group's node saw it go).
+    ch.basic_cancel("only")
+    deadline = time.time() + WAIT_S
+    accepted = False
+    while not accepted and time.time() < deadline:
+        try:
+            consume(False)(p.channel())
+            accepted = True
+        except pika.exceptions.ChannelClosedByBroker:
+            time.sleep(0.2)
+    expect("consume_after_exclusive_cancelled", accepted, True)
+    refused("exclusive_refused_beside_others_403", 403, "in exclusive use", consume(True), host=CON)
+    p.close()
+    c.close()
+
 CHECKS = {f.__name__: f for f in [hello, work_queues, publish_subscribe, routing, topics, rpc,
-                                  confirms_and_mandatory, dead_letters, errors, interop_prepare, interop_consume, interop_publish]}
+                                  confirms_and_mandatory, dead_letters, errors, interop_prepare, interop_consume, interop_publish,
+                                  queue_ops, exclusive_consumers]}
 
 for name in sys.argv[4:]:
     CHECKS[name]()

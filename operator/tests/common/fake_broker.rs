@@ -401,6 +401,15 @@ impl Admin for FakeBroker {
         Ok(Response::new(pb::ListConsumerGroupsResponse { consumer_groups, index, ..Default::default() }))
     }
 
+    async fn purge_consumer_group(
+        &self,
+        r: Request<pb::PurgeConsumerGroupRequest>,
+    ) -> Result<Response<pb::PurgeConsumerGroupResponse>, Status> {
+        let request = r.into_inner();
+        self.0.record(format!("PurgeConsumerGroup {} {}", request.namespace, request.name));
+        Err(Status::unimplemented("the operator never purges a consumer group"))
+    }
+
     async fn describe_consumer_groups(
         &self,
         r: Request<pb::DescribeConsumerGroupsRequest>,
