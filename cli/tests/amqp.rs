@@ -191,36 +191,6 @@ fn queue_counts_purge_conditional_delete_and_exclusive_consumers_across_nodes() 
     assert!(stderr(&o).contains("no-such-group"), "{}", stderr(&o));
 }
 
-/// A tmpfs on `dir`, unmounted when dropped (also when the test fails).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> Result<Tmpfs, String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let o = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .map_err(|e| format!("mount: {e}"))?;
-        if !o.status.success() {
-            return Err(format!("mount -t tmpfs on {}: {}", dir.display(), stderr(&o).trim()));
-        }
-        Ok(Tmpfs(dir.to_path_buf()))
-    }
-
-    /// Bytes free, as `df` tells.
-    fn available(&self) -> u64 {
-        let o = Command::new("df").args(["-B1", "--output=avail"]).arg(&self.0).output().unwrap();
-        stdout(&o).lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| panic!("{}", stdout(&o)))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 /// A client that announced the `connection.blocked` capability is told when the node's
 /// disk goes below its watermark (something else filled it) and when it is back
 /// above; one that did not announce it is told nothing. Mounting needs root (CI runs
@@ -238,7 +208,7 @@ fn connection_blocked_and_unblocked_follow_the_disk_watermark() {
         }
     };
     let watermark = WATERMARK_BYTES.to_string();
-    let _node = Broker::start_with(BLOCKED_HOST, BLOCKED_PORT, &mount.0, &["--disk-free-min-bytes", &watermark]);
+    let _node = Broker::start_with(BLOCKED_HOST, BLOCKED_PORT, &mount.dir, &["--disk-free-min-bytes", &watermark]);
     eventually(Duration::from_secs(30), "the node serves", || {
         cli(BLOCKED_HOST, BLOCKED_PORT, &["dump"]).status.success()
     });
@@ -249,7 +219,7 @@ fn connection_blocked_and_unblocked_follow_the_disk_watermark() {
     let client = Lines::spawn(&mut cmd);
     eventually(Duration::from_secs(30), "pika connected", || !client.with("connected").is_empty());
     // Something else fills the disk to 4 MiB free, below the watermark.
-    let filler = mount.0.join("filler");
+    let filler = mount.dir.join("filler");
     let fill_mib = (mount.available() - WATERMARK_BYTES / 2) / MIB;
     let o = Command::new("dd")
         .arg("if=/dev/zero")

@@ -29,41 +29,6 @@ const REFUSALS_IN_A_ROW: usize = 3;
 /// After the filesystems grow, publishing must resume within this.
 const RESUME_MAX: Duration = Duration::from_secs(30);
 
-/// A tmpfs mounted on a directory, unmounted when dropped (also when the test fails).
-struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let o = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .map_err(|e| format!("mount: {e}"))?;
-        if !o.status.success() {
-            return Err(format!("mount -t tmpfs on {}: {}", dir.display(), stderr(&o).trim()));
-        }
-        Ok(Tmpfs { dir: dir.to_path_buf() })
-    }
-
-    fn resize(&self, size: &str) {
-        let o = Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.dir).output().unwrap();
-        assert!(o.status.success(), "remount {}: {}", self.dir.display(), stderr(&o));
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount").arg(&self.dir).status().is_ok_and(|s| s.success());
-        if !ok {
-            // Still busy (a process that has not exited yet): detach it now, freed once idle.
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        }
-    }
-}
-
 /// Why tmpfs cannot be mounted here, if it cannot: not root, or no `mount`.
 fn cannot_mount(base: &Path) -> Option<String> {
     let uid = Command::new("id").arg("-u").output().map(|o| stdout(&o).trim().to_string());

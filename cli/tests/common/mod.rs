@@ -197,3 +197,44 @@ pub fn subscribe(host: &str, port: u16, group: &str, extra: &[&str]) -> Vec<Stri
         })
         .collect()
 }
+
+/// A tmpfs mounted on a directory, unmounted when dropped (also when the test fails).
+pub struct Tmpfs {
+    pub dir: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let o = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !o.status.success() {
+            return Err(format!("mount -t tmpfs on {}: {}", dir.display(), stderr(&o).trim()));
+        }
+        Ok(Tmpfs { dir: dir.to_path_buf() })
+    }
+
+    /// Bytes free, as `df` tells.
+    pub fn available(&self) -> u64 {
+        let o = Command::new("df").args(["-B1", "--output=avail"]).arg(&self.dir).output().unwrap();
+        stdout(&o).lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| panic!("{}", stdout(&o)))
+    }
+
+    pub fn resize(&self, size: &str) {
+        let o = Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.dir).output().unwrap();
+        assert!(o.status.success(), "remount {}: {}", self.dir.display(), stderr(&o));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount").arg(&self.dir).status().is_ok_and(|s| s.success());
+        if !ok {
+            // Still busy (a process that has not exited yet): detach it now, freed once idle.
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
