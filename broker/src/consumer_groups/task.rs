@@ -13,7 +13,7 @@
 //! tests with paused time advance it) and handed out again. Timers are armed only by
 //! activity (see [`run`]): a node holding thousands of idle groups runs none of them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
