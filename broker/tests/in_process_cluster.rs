@@ -129,9 +129,14 @@ fn alive_records(n: &TestNode) -> usize {
 }
 
 async fn three(net: &TestNet, dir: &Path) -> Vec<TestNode> {
-    let a = start(net, dir, "a:1", &[]).await;
-    let b = start(net, dir, "b:1", &["a:1"]).await;
-    let c = start(net, dir, "c:1", &["a:1"]).await;
+    three_tuned(net, dir, |_| {}).await
+}
+
+/// `three` with `tune` applied to every node's config.
+async fn three_tuned(net: &TestNet, dir: &Path, tune: impl Fn(&mut NodeConfig)) -> Vec<TestNode> {
+    let a = start_tuned(net, dir, "a:1", &[], &tune).await;
+    let b = start_tuned(net, dir, "b:1", &["a:1"], &tune).await;
+    let c = start_tuned(net, dir, "c:1", &["a:1"], &tune).await;
     let nodes = vec![a, b, c];
     eventually(Duration::from_secs(20), "3 voters and 3 ALIVE records", || async {
         nodes.iter().all(|n| voters(n) == 3 && alive_records(n) == 3)
@@ -1080,6 +1085,51 @@ async fn lag_follows_publishes_while_the_group_buffer_is_full() {
 /// PurgeConsumerGroup on a node that does not run the group, while the group's buffer
 /// (10) is full and most of what was published is not read yet: everything goes, what
 /// comes after is delivered; an exclusive subscriber then refuses any other.
+/// An offset commit that fails (the group's node cut off from the cluster for longer
+/// than a write may take) is made again, though the group then stays idle: what it
+/// consumed is recorded once the network heals, not delivered again after a restart
+/// and kept from retention for ever.
+#[tokio::test(start_paused = true)]
+async fn an_offset_commit_that_failed_is_made_again_by_an_idle_group() {
+    use eventtermq_proto::v1::messaging_client::MessagingClient;
+    use eventtermq_proto::v1::SubscribeRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    // Writes give up quickly; gossip does not call the cut-off node DEAD meanwhile
+    // (which would move the group away).
+    let nodes = three_tuned(&net, dir.path(), |c| {
+        c.request_timeout_ms = 500;
+        c.membership.suspect_to_down_ms = 120_000;
+    })
+    .await;
+    let placed = topic_and_group(&nodes, &[], 100).await;
+    let group_node = nodes.iter().find(|n| n.handle.id == placed).unwrap();
+    let primary = &nodes[primary_index(&nodes).unwrap()];
+    assert_eq!(publish_ids(primary, 0..20).await.len(), 20);
+
+    let (client, _listeners) = net.attach("client:1");
+    let mut messaging = MessagingClient::new(client.data_channel(&group_node.name));
+    let req = SubscribeRequest { consumer_group: "g".into(), auto_ack: true, size: 100, ..Default::default() };
+    let mut stream = wait_for_stream(&mut messaging, req).await;
+    for _ in 0..20 {
+        tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+    }
+    drop(stream);
+    // Cut off before the group's next commit (within one commit interval): it fails,
+    // and so does every one made while the cut lasts.
+    net.isolate(&group_node.name);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    net.heal();
+    let others: Vec<&TestNode> = nodes.iter().filter(|n| n.handle.id != placed).collect();
+    eventually(Duration::from_secs(20), "the 20 acknowledged messages recorded", || async {
+        let st = others[0].handle.cluster.state.read();
+        st.state.group_runtime("default", "g").is_some_and(|g| g.offsets.values().sum::<u64>() == 20)
+    })
+    .await;
+    stop_all(nodes).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_purge_drops_what_is_buffered_and_unread_and_an_exclusive_subscriber_is_alone() {
     use eventtermq_proto::v1::admin_client::AdminClient;

@@ -1,7 +1,7 @@
 //! `publish` and `subscribe`.
 
 use std::collections::VecDeque;
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -504,7 +504,16 @@ impl Subscriber<'_> {
             };
             match next {
                 Ok(Some(r)) => {
-                    println!("{}", message_json(&r));
+                    if let Err(e) = writeln!(std::io::stdout(), "{}", message_json(&r)) {
+                        // Whoever reads our output is gone (`| head`): what it got is
+                        // acknowledged, this one is not (it comes again), and the
+                        // command ends quietly as other Unix tools do.
+                        self.flush(&mut acks).await?;
+                        if e.kind() == std::io::ErrorKind::BrokenPipe {
+                            return Ok(Receive::Done);
+                        }
+                        return Err(CliError::Failed(format!("writing a message to standard output: {e}")));
+                    }
                     self.received += 1;
                     self.retries = 0;
                     self.last_message = tokio::time::Instant::now();

@@ -593,9 +593,12 @@ fn retention_by_size_keeps_about_the_limit_and_list_topics_says_so() {
         topics["topics"][0].clone()
     };
     // The closed segments kept hold at most the limit; the open one up to a segment.
-    eventually(Duration::from_secs(60), "about 10 MiB kept", || {
+    eventually_explained(Duration::from_secs(60), "about 10 MiB kept", || {
         let kept = topic()["retained_bytes"].as_u64().unwrap();
-        (8 * MIB..=11 * MIB + MIB / 2).contains(&kept)
+        if (8 * MIB..=11 * MIB + MIB / 2).contains(&kept) {
+            return Ok(());
+        }
+        Err(format!("{kept} bytes kept; the cluster state:\n{}", stdout(&cli(host, port, &["dump"]))))
     });
     let t = topic();
     let since = t["retained_since_unix_ms"].as_i64().unwrap();

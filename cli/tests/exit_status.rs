@@ -1,6 +1,6 @@
 //! Process-level tests of what a caller can conclude from the binary's exit status
 //! (README, "CLI"): 0 done, 1 rejected and nothing changed, 2 usage error, 3 outcome
-//! unknown; and of one process per data directory. The real binary on 127.0.0.91-97.
+//! unknown; and of one process per data directory. The real binary on 127.0.0.91-98.
 
 mod common;
 
@@ -309,4 +309,50 @@ fn a_write_without_a_quorum_exits_3_and_may_still_take_effect() {
     eventually(Duration::from_secs(30), "the write committed once the follower answered", || {
         topics(hosts[leader], port).contains("maybe")
     });
+}
+
+/// `subscribe | head -n 3`: once the reader is gone the command ends quietly with 0
+/// (no panic on the broken pipe), and what it could not print is not acknowledged:
+/// the next subscriber gets it.
+#[test]
+fn a_subscriber_whose_reader_went_away_exits_0_and_acks_only_what_it_printed() {
+    use std::io::BufRead;
+    let tmp = test_dir("exit_broken_pipe");
+    let (host, port) = ("127.0.0.98", 26980);
+    let _broker = Broker::start(host, port, &tmp.join("n1"), &[]);
+    ready(host, port);
+    for args in [&["create-topic", "t"][..], &["create-consumer-group", "g", "--bind", "t"]] {
+        let o = cli(host, port, args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    }
+    let publish = |data: &str| {
+        let o = cli(host, port, &["publish", "t", data, "--count", "3"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    publish("a{n}");
+    let port_s = port.to_string();
+    let mut sub = Command::new(BIN)
+        .args(["--host", host, "--port", &port_s, "subscribe", "g"])
+        .env(TRUSTED_NETWORK_ENV, "true")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(sub.stdout.take().unwrap()).lines();
+    for _ in 0..3 {
+        lines.next().unwrap().unwrap();
+    }
+    drop(lines); // the reader goes, as `head -n 3` does
+    publish("b{n}");
+    let t0 = Instant::now();
+    while sub.try_wait().unwrap().is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "subscribe still running after its reader went");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = sub.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).is_empty(), "nothing on stderr: {}", stderr(&o));
+    let mut got = subscribe(host, port, "g", &["--max-messages", "3", "--wait", "40s"]);
+    got.sort();
+    assert_eq!(got, ["b1", "b2", "b3"]);
 }

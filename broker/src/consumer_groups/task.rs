@@ -154,6 +154,9 @@ struct Task {
     last_committed: BTreeMap<SegmentId, u64>,
     last_handed_out: BTreeMap<SegmentId, u64>,
     commit_in_flight: Option<JoinHandle<Result<u64, RequestError>>>,
+    /// The segments whose offsets / hand-out marks the commit in flight carries: if it
+    /// fails they are not recorded, and the next commit carries them again.
+    commit_carries: (Vec<SegmentId>, Vec<SegmentId>),
     /// Commits started so far; the one in flight is number `commits_started`.
     commits_started: u64,
     /// [`GroupCmd::Flush`]es, each with the number of the commit that records it.
@@ -310,6 +313,7 @@ impl Task {
             last_committed: start,
             last_handed_out: runtime.handed_out,
             commit_in_flight: None,
+            commit_carries: Default::default(),
             commits_started: 0,
             flushes: Vec::new(),
             peeks: FuturesUnordered::new(),
@@ -685,6 +689,9 @@ impl Task {
             return;
         }
         let Some(commit) = self.next_commit() else { return };
+        if let Command::CommitOffsets { offsets, handed_out, .. } = &commit {
+            self.commit_carries = (offsets.keys().copied().collect(), handed_out.keys().copied().collect());
+        }
         let cluster = self.cluster.clone();
         self.commits_started += 1;
         self.commit_in_flight = Some(tokio::spawn(async move { cluster.write(commit).await }));
@@ -694,8 +701,18 @@ impl Task {
     /// one at once when flushes wait for it (nothing left to record answers them).
     fn committed(&mut self, result: Result<(), String>) {
         self.commit_in_flight = None;
+        let (offsets, handed_out) = std::mem::take(&mut self.commit_carries);
         if let Err(e) = result {
-            tracing::debug!(namespace = %self.namespace, group = %self.name, error = %e, "offset commit failed");
+            // Not recorded (or not known to be): the next commit carries them again,
+            // else a group that then stays idle would never record how far it got,
+            // and retention would keep what it has consumed.
+            tracing::info!(namespace = %self.namespace, group = %self.name, error = %e, "offset commit failed; retried with the next one");
+            for id in offsets {
+                self.last_committed.remove(&id);
+            }
+            for id in handed_out {
+                self.last_handed_out.remove(&id);
+            }
         }
         let done = self.commits_started;
         for (_, reply) in self.flushes.extract_if(.., |(needs, _)| *needs <= done) {

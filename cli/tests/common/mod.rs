@@ -135,6 +135,20 @@ pub fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out after {timeout:?} waiting for: {what}");
 }
 
+/// [`eventually`] for a check that says what it saw: the panic shows its last answer.
+pub fn eventually_explained(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match f() {
+            Ok(()) => return,
+            Err(seen) => last = seen,
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {timeout:?} waiting for: {what}; last seen: {last}");
+}
+
 pub fn alive_count(dump: &str) -> usize {
     dump.matches("state: ALIVE").count()
 }
