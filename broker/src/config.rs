@@ -68,8 +68,9 @@ pub struct DataSettings {
     /// An open segment holding records is closed once it is this old (a topic may set
     /// its own), so that a quiet topic's records expire; 0: never by age.
     pub segment_age_max_ms: u64,
-    /// Disk space a segment file reserves ahead of its records, this much at a time:
-    /// an fsync that need not record a new file size is faster (0: none).
+    /// Disk space a segment file reserves ahead of its records, at most this much at a
+    /// time (the reserve grows with the file from 64 KiB): an fsync that need not
+    /// record a new file size is faster (0: none).
     pub segment_preallocate_bytes: u64,
     /// Most bytes of messages one write (and one fsync) of a primary takes at once.
     pub write_batch_max_bytes: usize,

@@ -36,7 +36,7 @@ const REPORT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Once low, a node is back above only with this much more than its watermark
 /// (percent of it, and at least [`RECOVERY_MARGIN_MIN_BYTES`]): stopping to write
-/// gives some space back (a sealed segment returns its preallocated reserve, 1 MiB by
+/// gives some space back (a sealed segment returns its preallocated reserve, up to 1 MiB by
 /// default), which must not reopen segments on the node at once.
 pub const RECOVERY_MARGIN_PERCENT: u64 = 25;
 pub const RECOVERY_MARGIN_MIN_BYTES: u64 = 4 * 1024 * 1024;

@@ -64,8 +64,8 @@ pub struct Config {
     /// Bytes of records between two sparse index entries. Smaller: faster seeks, a
     /// bigger index (28 bytes per entry).
     pub index_interval_bytes: u32,
-    /// A writer reserves disk space (`fallocate`) this many bytes at a time ahead of its
-    /// records, so that most appends do not grow the file: an `fdatasync` that must also
+    /// A writer reserves disk space (`fallocate`) at most this many bytes at a time
+    /// ahead of its records (about as much as it has written, from 64 KiB), so that most appends do not grow the file: an `fdatasync` that must also
     /// commit a new file size to the filesystem journal takes about a third longer
     /// (measured on ext4). 0: no reservation. A crash leaves the reserved space as zeros
     /// after the last record, which recovery cuts off.

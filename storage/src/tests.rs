@@ -276,6 +276,27 @@ fn space_reserved_ahead_of_the_records_is_cut_on_reopen_and_given_back_on_seal(e
 }
 
 on_both! {
+fn the_reserve_grows_with_the_file_up_to_the_preallocation_step(e: &Env) {
+    const KIB: u64 = 1024;
+    let dir = e.tempdir();
+    let store = Store::open(dir.path(), Config { preallocate_bytes: 1024 * KIB, ..small_index(e) }).unwrap();
+    let file_len = || e.len(&seg_path(dir.path(), 1));
+    let mut w = store.create(1).unwrap();
+    w.append(1000, &[payload(0, 100)]).unwrap();
+    assert_eq!(file_len(), 64 * KIB, "a quiet segment reserves the smallest step");
+    let mut o = 1;
+    // 1 KiB records up to about 200 KiB, then 1.5 MiB.
+    for (until, reserved) in [(200 * KIB, 256 * KIB), (1536 * KIB, 2048 * KIB)] {
+        while w.size_bytes() < until {
+            w.append(1000, &[payload(o, 1000)]).unwrap();
+            o += 1;
+        }
+        assert_eq!(file_len(), reserved, "about as much reserved as written, in whole steps, at most 1 MiB at a time");
+    }
+}
+}
+
+on_both! {
 fn without_a_reserve_the_file_ends_at_the_last_record(e: &Env) {
     let dir = e.tempdir();
     let store = Store::open(dir.path(), Config { preallocate_bytes: 0, ..small_index(e) }).unwrap();
