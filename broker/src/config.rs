@@ -72,6 +72,10 @@ pub struct DataSettings {
     /// time (the reserve grows with the file from 64 KiB): an fsync that need not
     /// record a new file size is faster (0: none).
     pub segment_preallocate_bytes: u64,
+    /// Open segments whose two files stay open between writes; beyond it the least
+    /// recently written idle ones are closed and opened again by their next write, so
+    /// a node's descriptors stay bounded however many topics it holds (0: no limit).
+    pub open_segments_max: usize,
     /// Most bytes of messages one write (and one fsync) of a primary takes at once.
     pub write_batch_max_bytes: usize,
     /// Most bytes of records one replication message or one segment read carries.
@@ -117,6 +121,7 @@ impl Default for DataSettings {
             segment_size_max_bytes: 64 * 1024 * 1024,
             segment_age_max_ms: 3_600_000,
             segment_preallocate_bytes: 1024 * 1024,
+            open_segments_max: 4096,
             write_batch_max_bytes: 1024 * 1024,
             read_batch_max_bytes: 1024 * 1024,
             write_queue_max_bytes: 64 * 1024 * 1024,

@@ -210,10 +210,16 @@ pub struct BrokerArgs {
     /// topic's records expire with its retention (topics may set their own; 0: never).
     #[arg(long, default_value_t = DataSettings::default().segment_age_max_ms)]
     pub segment_age_max_ms: u64,
-    /// Disk space a segment file reserves (fallocate) ahead of its records, this much at
-    /// a time, so that most fsyncs need not record a new file size (0: no reserve).
+    /// Disk space a segment file reserves (fallocate) ahead of its records, at most this
+    /// much at a time (the reserve grows with the file from 64 KiB), so that most
+    /// fsyncs need not record a new file size (0: no reserve).
     #[arg(long, default_value_t = DataSettings::default().segment_preallocate_bytes)]
     pub segment_preallocate_bytes: u64,
+    /// Open segments whose files (2 descriptors each) stay open between writes; the
+    /// least recently written idle ones beyond it are closed until their next write
+    /// (0: no limit).
+    #[arg(long, default_value_t = DataSettings::default().open_segments_max)]
+    pub open_segments_max: usize,
     /// Most bytes of messages a primary writes (and fsyncs) at once.
     #[arg(long, default_value_t = DataSettings::default().write_batch_max_bytes)]
     pub write_batch_max_bytes: usize,

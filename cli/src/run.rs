@@ -73,6 +73,7 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
         segment_size_max_bytes: args.segment_size_max_bytes,
         segment_age_max_ms: args.segment_age_max_ms,
         segment_preallocate_bytes: args.segment_preallocate_bytes,
+        open_segments_max: args.open_segments_max,
         write_batch_max_bytes: args.write_batch_max_bytes,
         read_batch_max_bytes: args.read_batch_max_bytes,
         write_queue_max_bytes: args.write_queue_max_bytes,
@@ -208,6 +209,7 @@ fn offset_port(flag: &str, value: Option<u16>, port: u16, offset: u16) -> Result
 /// Runs one broker until SIGTERM/SIGINT, then leaves gracefully; serves AMQP and
 /// `/metrics` on their ports of the listen address.
 pub async fn run_broker(config: NodeConfig, ports: Ports, tls: Option<TlsSettings>) -> anyhow::Result<()> {
+    raise_descriptor_limit(config.data.open_segments_max);
     let tls = tls.map(|t| NodeTls::load(&t)).transpose().map_err(|e| anyhow::anyhow!(e))?;
     let listen: SocketAddr = tokio::net::lookup_host(&config.listen_addr)
         .await
@@ -253,4 +255,37 @@ pub async fn run_broker(config: NodeConfig, ports: Ports, tls: Option<TlsSetting
     node.wait().await;
     metrics_stop.cancel();
     Ok(())
+}
+
+/// Descriptors the broker needs besides its open segments' files: connections, the
+/// Raft log, sealed segments being read.
+const DESCRIPTORS_BESIDES_SEGMENTS: u64 = 1024;
+
+/// Raises the soft limit on open files to the hard one, as servers do (a login shell's
+/// soft limit is often 1,024), and warns when it cannot hold `open_segments_max`
+/// segments' files (two each) with room for connections.
+fn raise_descriptor_limit(open_segments_max: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    let mut raised = limit;
+    // (`None` is unlimited: nothing to raise then, or no finite value to raise to.)
+    if matches!((limit.current, limit.maximum), (Some(soft), Some(hard)) if soft < hard) {
+        raised.current = limit.maximum;
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => tracing::info!(from = limit.current, to = raised.current, "raised the open files limit"),
+            Err(e) => {
+                tracing::info!(error = %e, limit = limit.current, "cannot raise the open files limit");
+                raised = limit;
+            }
+        }
+    }
+    let needed = 2 * open_segments_max as u64 + DESCRIPTORS_BESIDES_SEGMENTS;
+    if let Some(current) = raised.current.filter(|c| open_segments_max > 0 && *c < needed) {
+        tracing::warn!(
+            limit = current,
+            needed,
+            open_segments_max,
+            "the open files limit is below what --open-segments-max needs; raise it (ulimit -n) or lower the setting"
+        );
+    }
 }

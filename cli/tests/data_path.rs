@@ -689,3 +689,52 @@ fn keyed_messages_keep_one_shard_and_their_order_unkeyed_ones_spread() {
     // for 300 requests (the unit test of `shard_of` checks 10 % over 3,000).
     assert!(plain_per_shard.iter().all(|n| (80..=120).contains(n)), "unkeyed spread: {plain_per_shard:?}");
 }
+
+/// Descriptors of process `pid` open on files under `dir`.
+fn fds_under(pid: u32, dir: &std::path::Path) -> usize {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+    fds.flatten().filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target.starts_with(dir))).count()
+}
+
+/// 30 quiet topics on a node that keeps at most 8 open segments' files: the node holds
+/// at most 16 descriptors on segment files, before and after a restart, and every
+/// topic still takes publishes and delivers them.
+#[test]
+fn quiet_topics_beyond_the_open_segments_limit_hold_no_descriptors_and_still_work() {
+    let tmp = test_dir("data_open_segments_max");
+    let (host, port) = ("127.0.0.148", 27150);
+    let dir = tmp.join("n1");
+    let mut node = Broker::start_with(host, port, &dir, &["--open-segments-max", "8"]);
+    eventually(Duration::from_secs(30), "the node ALIVE", || alive_count(&stdout(&cli(host, port, &["dump"]))) == 1);
+    let topics: Vec<String> = (0..30).map(|i| format!("t{i}")).collect();
+    let mut group = vec!["create-consumer-group", "g"];
+    for t in &topics {
+        let o = cli(host, port, &["create-topic", t, "--replication-factor", "1"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        group.extend(["--bind", t.as_str()]);
+    }
+    let o = cli(host, port, &group);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let publish_all = |round: &str| {
+        for t in &topics {
+            let o = cli(host, port, &["publish", t, &format!("{t}-{round}")]);
+            assert!(o.status.success(), "{t}: {}", stderr(&o));
+        }
+    };
+    let segments = dir.join("segments");
+    publish_all("a");
+    let pid = node.child.as_ref().unwrap().id();
+    assert!(fds_under(pid, &segments) <= 16, "{} descriptors on segment files", fds_under(pid, &segments));
+    node.terminate();
+    node.spawn();
+    eventually(Duration::from_secs(30), "the node back", || alive_count(&stdout(&cli(host, port, &["dump"]))) == 1);
+    let pid = node.child.as_ref().unwrap().id();
+    assert!(fds_under(pid, &segments) <= 16, "after a restart: {}", fds_under(pid, &segments));
+    publish_all("b");
+    let mut got = subscribe(host, port, "g", &["--max-messages", "60", "--wait", "30s"]);
+    got.sort();
+    let mut expected: Vec<String> = topics.iter().flat_map(|t| [format!("{t}-a"), format!("{t}-b")]).collect();
+    expected.sort();
+    assert_eq!(got, expected);
+    assert!(fds_under(pid, &segments) <= 16, "after reading every topic: {}", fds_under(pid, &segments));
+}

@@ -46,6 +46,7 @@ pub mod durable;
 mod error;
 mod files;
 pub mod fs;
+mod open_files;
 mod reader;
 mod recover;
 mod segment;
@@ -70,13 +71,22 @@ pub struct Config {
     /// (measured on ext4). 0: no reservation. A crash leaves the reserved space as zeros
     /// after the last record, which recovery cuts off.
     pub preallocate_bytes: u64,
+    /// Unsealed segments whose files (two descriptors each) stay open between writes;
+    /// beyond it the least recently written ones whose records are all synced are
+    /// closed, and opened again by their next write (0: no limit).
+    pub open_segments_max: usize,
     /// The filesystem every file of the store is in: the operating system's by default.
     pub fs: Arc<dyn fs::Fs>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { index_interval_bytes: 4096, preallocate_bytes: 1 << 20, fs: fs::RealFs::shared() }
+        Config {
+            index_interval_bytes: 4096,
+            preallocate_bytes: 1 << 20,
+            open_segments_max: 4096,
+            fs: fs::RealFs::shared(),
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use crate::codec::{
 use crate::durable;
 use crate::files::{corrupt, Cursor, Files};
 use crate::fs::{Fs, FsFile, OpenMode};
+use crate::open_files::OpenFiles;
 use crate::segment::{SegState, Segment};
 use crate::{index_file_name, segment_file_name, Config, StorageError};
 
@@ -55,7 +56,12 @@ fn open_rw(fs: &dyn Fs, path: &Path) -> Result<Box<dyn FsFile>, StorageError> {
 }
 
 /// Creates the files of a new, empty segment; `AlreadyExists` if its segment file exists.
-pub(crate) fn create(fs: &Arc<dyn Fs>, dir: &Path, id: u64) -> Result<Segment, StorageError> {
+pub(crate) fn create(
+    fs: &Arc<dyn Fs>,
+    dir: &Path,
+    id: u64,
+    open_files: &Arc<OpenFiles>,
+) -> Result<Segment, StorageError> {
     let (seg_path, idx_path) = paths(dir, id);
     let nonce = new_nonce(&**fs, id);
     let seg = match fs.open(&seg_path, OpenMode::CreateNew) {
@@ -75,7 +81,7 @@ pub(crate) fn create(fs: &Arc<dyn Fs>, dir: &Path, id: u64) -> Result<Segment, S
     let idx = open_rw(&**fs, &idx_path)?;
     crate::fsync_dir(&**fs, dir)?;
     let files = Arc::new(Files { seg, seg_path: seg_path.clone(), idx: Some(idx), idx_path: idx_path.clone() });
-    Ok(Segment::new(fs.clone(), id, nonce, seg_path, idx_path, SegState::empty(), Some(files)))
+    Ok(Segment::new(fs.clone(), id, nonce, (seg_path, idx_path), SegState::empty(), Some(files), open_files.clone()))
 }
 
 /// Opens an existing segment: trusts a valid seal trailer, scans (and cuts the torn or
@@ -84,7 +90,12 @@ pub(crate) fn create(fs: &Arc<dyn Fs>, dir: &Path, id: u64) -> Result<Segment, S
 /// `Corrupt` means damage that cutting a tail cannot repair (a damaged header, a
 /// damaged seal trailer, a sealed segment whose records fail the checks): the caller
 /// sets the segment aside. The files are left as they were.
-pub(crate) fn recover(dir: &Path, id: u64, config: &Config) -> Result<Segment, StorageError> {
+pub(crate) fn recover(
+    dir: &Path,
+    id: u64,
+    config: &Config,
+    open_files: &Arc<OpenFiles>,
+) -> Result<Segment, StorageError> {
     let fs = &config.fs;
     let (seg_path, idx_path) = paths(dir, id);
     let seg = open_rw(&**fs, &seg_path)?;
@@ -106,7 +117,7 @@ pub(crate) fn recover(dir: &Path, id: u64, config: &Config) -> Result<Segment, S
                 "segment file has no valid header and no records (creation cut short); re-creating it empty");
             drop(seg);
             fs.remove_file(&seg_path).map_err(io_err(&seg_path))?;
-            let segment = create(fs, dir, id)?;
+            let segment = create(fs, dir, id, open_files)?;
             return Ok(segment);
         }
         Ok(Decoded::Incomplete { needed }) => {
@@ -117,9 +128,9 @@ pub(crate) fn recover(dir: &Path, id: u64, config: &Config) -> Result<Segment, S
 
     if let Some(trailer) = read_trailer(id, &*seg, &seg_path, file_len, nonce)? {
         drop(seg);
-        return recover_sealed(id, nonce, seg_path, idx_path, trailer, config);
+        return recover_sealed(id, nonce, seg_path, idx_path, trailer, config, open_files);
     }
-    recover_unsealed(id, nonce, seg, seg_path, idx_path, file_len, config)
+    recover_unsealed(id, nonce, seg, (seg_path, idx_path), file_len, config, open_files)
 }
 
 /// The seal trailer at the end of the file, if there is a valid one for this segment;
@@ -173,6 +184,7 @@ fn recover_sealed(
     idx_path: PathBuf,
     trailer: crate::codec::SealTrailer,
     config: &Config,
+    open_files: &Arc<OpenFiles>,
 ) -> Result<Segment, StorageError> {
     let fs = &config.fs;
     let len = FILE_HEADER_LEN as u64 + trailer.records_len;
@@ -209,17 +221,17 @@ fn recover_sealed(
         synced_len: len,
         ..SegState::empty()
     };
-    Ok(Segment::new(fs.clone(), id, nonce, seg_path, idx_path, state, None))
+    Ok(Segment::new(fs.clone(), id, nonce, (seg_path, idx_path), state, None, open_files.clone()))
 }
 
 fn recover_unsealed(
     id: u64,
     nonce: u64,
     seg: Box<dyn FsFile>,
-    seg_path: PathBuf,
-    idx_path: PathBuf,
+    (seg_path, idx_path): (PathBuf, PathBuf),
     file_len: u64,
     config: &Config,
+    open_files: &Arc<OpenFiles>,
 ) -> Result<Segment, StorageError> {
     let fs = &config.fs;
     let scan = scan(&*seg, &seg_path, file_len, config)?;
@@ -265,7 +277,7 @@ fn recover_unsealed(
         synced_len: scan.len,
         ..SegState::empty()
     };
-    Ok(Segment::new(fs.clone(), id, nonce, seg_path, idx_path, state, Some(files)))
+    Ok(Segment::new(fs.clone(), id, nonce, (seg_path, idx_path), state, Some(files), open_files.clone()))
 }
 
 /// Why a scan stopped before the end.

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 use crate::codec::{FILE_HEADER_LEN, TRAILER_LEN};
 use crate::files::Files;
 use crate::fs::{Fs, OpenMode};
+use crate::open_files::OpenFiles;
 use crate::{SegmentInfo, StorageError};
 
 /// What readers, syncers and the store see of a segment. Only the writer changes it,
@@ -58,10 +59,13 @@ pub(crate) struct Segment {
     pub seg_path: PathBuf,
     pub idx_path: PathBuf,
     state: Mutex<SegState>,
-    /// Open files. Pinned while the segment is unsealed (its writer and readers share
-    /// them); a sealed segment's files are opened on demand and closed with the last
-    /// reader, so a node with thousands of sealed segments does not hold their descriptors.
+    /// Open files. Pinned while the segment is unsealed and written (its writer and
+    /// readers share them), up to the store's [`OpenFiles`] limit; a sealed segment's
+    /// files, and an idle one's beyond the limit, are opened on demand and closed with
+    /// the last reader, so a node with thousands of segments does not hold their
+    /// descriptors.
     files: Mutex<FileSlot>,
+    open_files: Arc<OpenFiles>,
     /// Shared by reads, exclusive for truncation: a read never sees the file cut under it.
     shrink: RwLock<()>,
     /// Where recent reads ended. A sequential reader (a replication stream, a consumer
@@ -95,14 +99,15 @@ struct FileSlot {
 }
 
 impl Segment {
+    /// `paths`: the segment file's and the index file's.
     pub fn new(
         fs: Arc<dyn Fs>,
         id: u64,
         nonce: u64,
-        seg_path: PathBuf,
-        idx_path: PathBuf,
+        (seg_path, idx_path): (PathBuf, PathBuf),
         state: SegState,
         pinned: Option<Arc<Files>>,
+        open_files: Arc<OpenFiles>,
     ) -> Self {
         let cached = pinned.as_ref().map(Arc::downgrade).unwrap_or_default();
         Segment {
@@ -113,6 +118,7 @@ impl Segment {
             idx_path,
             state: Mutex::new(state),
             files: Mutex::new(FileSlot { pinned, cached }),
+            open_files,
             shrink: RwLock::new(()),
             hints: Mutex::default(),
         }
@@ -187,8 +193,58 @@ impl Segment {
         Ok(files)
     }
 
+    /// The files, to write: the pinned ones, else opened for writing and pinned again
+    /// (they were closed as idle). Counts as a use for [`OpenFiles`].
+    pub fn files_rw(self: &Arc<Self>) -> Result<Arc<Files>, StorageError> {
+        let files = {
+            let mut slot = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+            match slot.pinned.clone() {
+                Some(files) => files,
+                None => {
+                    let open =
+                        |path: &PathBuf| self.fs.open(path, OpenMode::ReadWrite).map_err(|e| StorageError::io(path, e));
+                    let files = Arc::new(Files {
+                        seg: open(&self.seg_path)?,
+                        seg_path: self.seg_path.clone(),
+                        idx: Some(open(&self.idx_path)?),
+                        idx_path: self.idx_path.clone(),
+                    });
+                    slot.pinned = Some(files.clone());
+                    slot.cached = Arc::downgrade(&files);
+                    files
+                }
+            }
+        };
+        self.open_files.used(self.id, Arc::downgrade(self));
+        Ok(files)
+    }
+
+    #[cfg(test)]
+    pub fn is_pinned(&self) -> bool {
+        self.files.lock().unwrap_or_else(PoisonError::into_inner).pinned.is_some()
+    }
+
+    /// Marks pinned files as used ([`OpenFiles`]), e.g. when the store opens.
+    pub fn pinned_used(self: &Arc<Self>) {
+        if self.files.lock().unwrap_or_else(PoisonError::into_inner).pinned.is_some() {
+            self.open_files.used(self.id, Arc::downgrade(self));
+        }
+    }
+
+    /// Closes the files (readers that have them keep them) unless records written
+    /// through them are not synced yet; whether they are closed now.
+    pub fn close_if_idle(&self) -> bool {
+        let s = self.state();
+        if !s.sealed && !s.deleted && s.synced_len != s.len {
+            return false;
+        }
+        self.files.lock().unwrap_or_else(PoisonError::into_inner).pinned = None;
+        true
+    }
+
     /// Stops pinning the files (after sealing or deletion).
     pub fn unpin(&self) {
         self.files.lock().unwrap_or_else(PoisonError::into_inner).pinned = None;
+        self.open_files.forget(self.id);
     }
 }

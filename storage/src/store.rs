@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::durable;
 use crate::fs::Fs;
+use crate::open_files::OpenFiles;
 use crate::reader::SegmentReader;
 use crate::segment::Segment;
 use crate::writer::SegmentWriter;
@@ -35,6 +36,7 @@ pub struct Store {
 struct Inner {
     dir: PathBuf,
     config: Config,
+    open_files: Arc<OpenFiles>,
     segments: Mutex<BTreeMap<u64, Arc<Segment>>>,
     quarantined: Mutex<Vec<Quarantined>>,
 }
@@ -79,10 +81,15 @@ impl Store {
         }
         let mut segments = BTreeMap::new();
         let mut quarantined = Vec::new();
+        let open_files = Arc::new(OpenFiles::new(config.open_segments_max));
         for id in ids {
-            match recover::recover(dir, id, &config) {
+            match recover::recover(dir, id, &config, &open_files) {
                 Ok(seg) => {
-                    segments.insert(id, Arc::new(seg));
+                    let seg = Arc::new(seg);
+                    // Unsealed segments come back with open files; the oldest close
+                    // beyond the limit.
+                    seg.pinned_used();
+                    segments.insert(id, seg);
                 }
                 // One damaged file must not take the other segments (and the node) down
                 // with it; its bytes are kept rather than guessed at, and a copy from
@@ -97,10 +104,23 @@ impl Store {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 config,
+                open_files,
                 segments: Mutex::new(segments),
                 quarantined: Mutex::new(quarantined),
             }),
         })
+    }
+
+    /// Unsealed segments whose files are held open now ([`Config::open_segments_max`]).
+    #[cfg(test)]
+    pub(crate) fn open_segments(&self) -> usize {
+        self.inner.open_files.open_count()
+    }
+
+    /// Whether the segment's files are held open between writes.
+    #[cfg(test)]
+    pub(crate) fn holds_files_of(&self, id: u64) -> bool {
+        self.get(id).is_ok_and(|s| s.is_pinned())
     }
 
     /// The directory of the store.
@@ -137,9 +157,9 @@ impl Store {
         if segments.contains_key(&id) {
             return Err(StorageError::AlreadyExists { id });
         }
-        let seg = Arc::new(recover::create(&self.inner.config.fs, &self.inner.dir, id)?);
+        let seg = Arc::new(recover::create(&self.inner.config.fs, &self.inner.dir, id, &self.inner.open_files)?);
         seg.state().writer_live = true;
-        let files = seg.files()?;
+        let files = seg.files_rw()?;
         segments.insert(id, seg.clone());
         Ok(SegmentWriter::new(seg, files, &self.inner.config))
     }
@@ -158,7 +178,7 @@ impl Store {
             }
             s.writer_live = true;
         }
-        match seg.files() {
+        match seg.files_rw() {
             Ok(files) => Ok(SegmentWriter::new(seg, files, &self.inner.config)),
             Err(e) => {
                 seg.state().writer_live = false;

@@ -296,6 +296,60 @@ fn the_reserve_grows_with_the_file_up_to_the_preallocation_step(e: &Env) {
 }
 }
 
+/// Descriptors of this process open on files under `dir` (none on the simulated disk,
+/// whose files are not the operating system's).
+fn fds_under(dir: &Path) -> usize {
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else { return 0 };
+    fds.flatten().filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target.starts_with(dir))).count()
+}
+
+on_both! {
+fn idle_segments_beyond_the_limit_close_their_files_and_reopen_on_the_next_write(e: &Env) {
+    let dir = e.tempdir();
+    let config = Config { open_segments_max: 2, ..small_index(e) };
+    let store = Store::open(dir.path(), config.clone()).unwrap();
+    let mut writers: Vec<crate::SegmentWriter> = (1..=5).map(|id| store.create(id).unwrap()).collect();
+    let mut expected: Vec<Vec<Record>> = vec![Vec::new(); 5];
+    let write = |w: &mut crate::SegmentWriter, expected: &mut Vec<Record>, sync: bool| {
+        let offset = w.next_offset();
+        w.append(1000 + offset as i64, &[payload(offset, 50)]).unwrap();
+        if sync {
+            w.sync().unwrap();
+        }
+        expected.push(Record { offset, timestamp_ms: 1000 + offset as i64, payload: payload(offset, 50) });
+    };
+    // Segment 1 has a record not synced: it keeps its files whatever the others do.
+    write(&mut writers[0], &mut expected[0], false);
+    for i in 1..5 {
+        write(&mut writers[i], &mut expected[i], true);
+    }
+    assert_eq!(store.open_segments(), 2);
+    assert!(store.holds_files_of(1), "the segment with a record not synced keeps its files");
+    assert!(store.holds_files_of(5), "the most recently written keeps its files");
+    assert!(fds_under(dir.path()) <= 4, "two files each: {}", fds_under(dir.path()));
+    writers[0].sync().unwrap();
+    // Every segment is written again, the closed ones reopened; all read back whole.
+    for round in 0..3 {
+        for i in [round % 5, 4, 0, 2] {
+            write(&mut writers[i], &mut expected[i], true);
+            assert!(store.open_segments() <= 2, "{}", store.open_segments());
+        }
+    }
+    for (i, records) in expected.iter().enumerate() {
+        assert_eq!(&read_all(&store, i as u64 + 1), records, "segment {}", i + 1);
+    }
+    let sealed = writers.remove(3).seal().unwrap();
+    assert!(sealed.sealed);
+    drop(writers);
+    drop(store);
+    let store = Store::open(dir.path(), config).unwrap();
+    assert!(store.open_segments() <= 2, "at most the limit open after a restart: {}", store.open_segments());
+    for (i, records) in expected.iter().enumerate() {
+        assert_eq!(&read_all(&store, i as u64 + 1), records, "segment {} after a restart", i + 1);
+    }
+}
+}
+
 on_both! {
 fn without_a_reserve_the_file_ends_at_the_last_record(e: &Env) {
     let dir = e.tempdir();

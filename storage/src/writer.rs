@@ -26,7 +26,6 @@ const REREAD_CHUNK_BYTES: usize = 64 << 10;
 /// [`crate::Store::writer`]). Dropping it lets a new one be made.
 pub struct SegmentWriter {
     seg: Arc<Segment>,
-    files: Arc<Files>,
     index_interval_bytes: u64,
     /// See [`crate::Config::preallocate_bytes`]; set to 0 if the filesystem refuses.
     preallocate_bytes: u64,
@@ -63,7 +62,6 @@ impl SegmentWriter {
         let file_len = files.seg.len_bytes().map_or(s.len, |len| len).max(s.len);
         SegmentWriter {
             seg,
-            files,
             index_interval_bytes: u64::from(config.index_interval_bytes),
             preallocate_bytes: config.preallocate_bytes,
             file_len,
@@ -149,20 +147,21 @@ impl SegmentWriter {
         }
 
         let end = self.len + self.buf.len() as u64;
+        // The segment's open files, opened again if they were closed as idle.
+        let files = self.seg.files_rw()?;
         if end > self.file_len {
-            self.reserve(end);
+            self.reserve(&files, end);
         }
-        let seg_file = &self.files.seg;
-        if let Err(e) = seg_file.write_all_at(&self.buf, self.len) {
+        if let Err(e) = files.seg.write_all_at(&self.buf, self.len) {
             // Best effort: leave no partial frame behind the records (the next append
             // overwrites it anyway; recovery would cut it).
-            let _ = seg_file.set_len(self.len);
+            let _ = files.seg.set_len(self.len);
             self.file_len = self.len;
-            return Err(StorageError::io(&self.files.seg_path, e));
+            return Err(StorageError::io(&files.seg_path, e));
         }
         self.file_len = self.file_len.max(end);
         if new_entries > 0 && !self.index_broken {
-            self.write_index_entries(new_entries);
+            self.write_index_entries(&files, new_entries);
         }
         self.checksum = crc32c::crc32c_append(self.checksum, &self.buf);
         self.len += self.buf.len() as u64;
@@ -181,24 +180,24 @@ impl SegmentWriter {
     /// segment soon reserves whole `preallocate_bytes`, while each of 10,000 quiet
     /// topics' open segments holds 64 KiB of unused disk, not 1 MiB. Without it (or if
     /// the filesystem refuses) the write itself grows the file.
-    fn reserve(&mut self, end: u64) {
+    fn reserve(&mut self, files: &Files, end: u64) {
         if self.preallocate_bytes == 0 {
             return;
         }
         let step = end.next_power_of_two().max(PREALLOCATE_MIN_BYTES).min(self.preallocate_bytes);
         let target = (end / step + 1) * step;
-        match self.files.seg.allocate(self.file_len, target - self.file_len) {
+        match files.seg.allocate(self.file_len, target - self.file_len) {
             Ok(()) => self.file_len = target,
             Err(e) => {
-                tracing::info!(id = self.seg.id, file = %self.files.seg_path.display(), error = %e,
+                tracing::info!(id = self.seg.id, file = %files.seg_path.display(), error = %e,
                     "cannot reserve space for a segment (fallocate); its appends grow the file instead");
                 self.preallocate_bytes = 0;
             }
         }
     }
 
-    fn write_index_entries(&mut self, new_entries: u64) {
-        let Some(idx) = &self.files.idx else {
+    fn write_index_entries(&mut self, files: &Files, new_entries: u64) {
+        let Some(idx) = &files.idx else {
             self.index_broken = true;
             return;
         };
@@ -206,7 +205,7 @@ impl SegmentWriter {
         match idx.write_all_at(&self.idx_buf, at) {
             Ok(()) => self.idx_count += new_entries,
             Err(e) => {
-                tracing::warn!(id = self.seg.id, file = %self.files.idx_path.display(), error = %e,
+                tracing::warn!(id = self.seg.id, file = %files.idx_path.display(), error = %e,
                     "cannot write the segment index; no more entries until it is rebuilt on the next open");
                 let _ = idx.set_len(at);
                 self.index_broken = true;
@@ -233,12 +232,12 @@ impl SegmentWriter {
 
     /// A handle that fdatasyncs this segment without borrowing the writer.
     pub fn syncer(&self) -> Syncer {
-        Syncer { seg: self.seg.clone(), files: self.files.clone() }
+        Syncer { seg: self.seg.clone() }
     }
 
     /// fdatasyncs the segment; returns the `next_offset` that is now durable.
     pub fn sync(&mut self) -> Result<u64, StorageError> {
-        sync(&self.seg, &self.files)
+        sync(&self.seg)
     }
 
     /// Drops the records with offset >= `next_offset` (durably), e.g. when a replica
@@ -252,7 +251,7 @@ impl SegmentWriter {
         if next_offset == self.next_offset {
             return Ok(());
         }
-        let files = &self.files;
+        let files = &self.seg.files_rw()?;
         let keep_entries = index_partition(id, files, self.idx_count, |e| e.offset < next_offset)?;
         let (mut offset, start) = match keep_entries {
             0 => (0, FILE_HEADER_LEN as u64),
@@ -303,7 +302,7 @@ impl SegmentWriter {
     /// unsealed and a new writer can be made for it.
     pub fn seal(mut self) -> Result<SegmentInfo, StorageError> {
         self.check_live()?;
-        let files = self.files.clone();
+        let files = self.seg.files_rw()?;
         let path = &files.seg_path;
         if self.file_len > self.len {
             // The trailer is the end of a sealed segment's file: give back the reserve.
@@ -358,7 +357,7 @@ fn checksum_of(files: &Files, from: u64, to: u64) -> Result<u32, StorageError> {
     Ok(crc)
 }
 
-fn sync(seg: &Segment, files: &Files) -> Result<u64, StorageError> {
+fn sync(seg: &Arc<Segment>) -> Result<u64, StorageError> {
     let s = seg.snapshot();
     if s.deleted {
         return Err(StorageError::NotFound { id: seg.id });
@@ -366,6 +365,10 @@ fn sync(seg: &Segment, files: &Files) -> Result<u64, StorageError> {
     if s.sealed || s.synced_len == s.len {
         return Ok(s.next_offset);
     }
+    // Records not synced keep the files open ([`Segment::close_if_idle`]), unless they
+    // were closed just before the write that added them: opened again then (an
+    // fdatasync covers every write to the file, through any descriptor).
+    let files = seg.files_rw()?;
     files.seg.sync_data().map_err(|e| StorageError::io(&files.seg_path, e))?;
     let mut now = seg.state();
     if now.truncations == s.truncations && now.synced_len < s.len {
@@ -379,14 +382,13 @@ fn sync(seg: &Segment, files: &Files) -> Result<u64, StorageError> {
 #[derive(Clone)]
 pub struct Syncer {
     seg: Arc<Segment>,
-    files: Arc<Files>,
 }
 
 impl Syncer {
     /// fdatasyncs the segment; returns the `next_offset` appended when the call started,
     /// which is now durable (immediately when nothing was appended since the last sync).
     pub fn sync(&self) -> Result<u64, StorageError> {
-        sync(&self.seg, &self.files)
+        sync(&self.seg)
     }
 }
 

@@ -175,6 +175,7 @@ async fn start_raft(config: &NodeConfig, id: u64, peers: &Peers) -> Result<(Raft
 fn open_segment_store(config: &NodeConfig) -> Result<eventtermq_storage::Store, NodeError> {
     let storage_config = eventtermq_storage::Config {
         preallocate_bytes: config.data.segment_preallocate_bytes,
+        open_segments_max: config.data.open_segments_max,
         fs: config.fs.clone(),
         ..eventtermq_storage::Config::default()
     };

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use eventtermq_proto::internal::v1::{PublishKey, ReplicateRequest};
-use eventtermq_storage::{SegmentReader, StorageError, Syncer};
+use eventtermq_storage::{StorageError, Syncer};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -197,7 +197,6 @@ pub fn start(
 ) -> Result<PrimaryHandle, RequestError> {
     debug_assert!((1..=replicas.len()).contains(&quorum), "quorum {quorum} of {replicas:?}");
     let writer = segments.writer(id)?;
-    let reader = segments.store().reader(id).map_err(storage_error)?;
     let queue_units = (segments.settings().write_queue_max_bytes / QUEUE_UNIT_BYTES).clamp(1, QUEUE_UNITS_MAX);
     let (tx, rx) = mpsc::channel(queue_units);
     let queue_units = queue_units as u32;
@@ -212,7 +211,6 @@ pub fn start(
         segments: segments.clone(),
         id,
         writer,
-        reader,
         replicas,
         quorum,
         size_max_bytes,
@@ -245,7 +243,6 @@ struct Task {
     segments: Segments,
     id: SegmentId,
     writer: SharedWriter,
-    reader: SegmentReader,
     replicas: Vec<NodeId>,
     quorum: usize,
     size_max_bytes: u64,
@@ -396,8 +393,7 @@ impl Task {
         let me = self.segments.cluster().id;
         let streams = self.stop.child_token();
         for node in self.replicas.iter().copied().filter(|n| *n != me) {
-            let stream =
-                ReplicaStream { segments: self.segments.clone(), id: self.id, node, reader: self.reader.clone() };
+            let stream = ReplicaStream { segments: self.segments.clone(), id: self.id, node };
             self.segments.spawn(stream.run(written.clone(), acks.clone(), streams.clone()));
         }
         streams
@@ -767,7 +763,6 @@ struct ReplicaStream {
     segments: Segments,
     id: SegmentId,
     node: NodeId,
-    reader: SegmentReader,
 }
 
 impl ReplicaStream {
@@ -827,7 +822,10 @@ impl ReplicaStream {
                 permit = tx.reserve(), if behind => {
                     let permit = permit.map_err(|_| stream_closed())?;
                     let end = *written.borrow();
-                    let records = self.reader.read(next, end, max_bytes).map_err(storage_error)?;
+                    // A reader per read, not one held for the stream's life: an idle
+                    // segment's files can then close (`--open-segments-max`).
+                    let reader = self.segments.store().reader(self.id).map_err(storage_error)?;
+                    let records = reader.read(next, end, max_bytes).map_err(storage_error)?;
                     if let Some(last) = records.last() {
                         next = last.offset + 1;
                     }

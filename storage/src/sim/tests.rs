@@ -358,7 +358,7 @@ fn segments_keep_every_synced_record_through_power_losses() {
     for seed in 0..150 {
         let fs = disk(seed);
         let mut rng = SimRng::new(seed);
-        let config = Config { index_interval_bytes: 64, preallocate_bytes: 512, fs: fs.as_fs() };
+        let config = Config { index_interval_bytes: 64, preallocate_bytes: 512, fs: fs.as_fs(), ..Config::default() };
         let dir = p("/d/segments");
         let mut model: Vec<Bytes> = Vec::new();
         let mut synced = 0u64;
