@@ -246,6 +246,21 @@ received_rate() {
     awk '$1 > 0 { s += $1; n++ } END { if (n) printf "%d", s / n; else print "?" }'
 }
 
+# emq_placement N: which node runs queue perftest-q-N's group and which is the primary
+# of exchange perftest-x-N's open segment (from the dump), as "group on H, primary on H".
+emq_placement() {
+  "$binary" --host "${EMQ_HOSTS[0]}" --port "$EMQ_PORT" dump 2>/dev/null | python3 -c '
+import re, sys
+text = sys.stdin.read().split("=== Segments ===")[0]
+nodes = dict(re.findall(r"nodes: <\s*id: (\d+)\s*address: \"([^\":]+)", text))
+group = re.search(r"consumer_groups: <\s*name: \"perftest-q-%s\".*?node_id: (\d+)" % sys.argv[1], text, re.S)
+seg = [m for m in re.finditer(r"segments: <(.*?)\n>", text, re.S)
+       if "topic: \"perftest-x-%s\"" % sys.argv[1] in m.group(1) and "open: true" in m.group(1)]
+primary = re.search(r"primary_node_id: (\d+)", seg[-1].group(1)).group(1) if seg else None
+print("group on %s, segment primary on %s" % (nodes.get(group.group(1), "?") if group else "?", nodes.get(primary, "?")))
+' "$1"
+}
+
 # run_one NAME N URI_CONSUMER URI_PRODUCER BROKER_PIDS: one run, a result line.
 # Two PerfTest processes, so that the consumer is on one node and the producer on
 # another (with --uris PerfTest picks a node at random for each connection): the
@@ -282,11 +297,12 @@ run_one() {
   conf=$(sed -n 's/.*confirm latency min\/median\/75th\/95th\/99th \(.*\)$/\1/p' "$out.producer" | tail -n 1)
   recv=$(received_rate "$out.consumer")
   lat=$(sed -n 's/.*consumer latency min\/median\/75th\/95th\/99th \(.*\)$/\1/p' "$out.consumer" | tail -n 1)
-  local tck; tck=$(getconf CLK_TCK)
-  printf '%-10s run %s: sent and confirmed %s msg/s, received %s msg/s; confirm latency %s, consumer latency %s (min/median/75th/95th/99th); CPU over %s s: brokers %.1f s (%s us a message), PerfTest %.1f s; load average %s\n' \
+  local tck placed=""; tck=$(getconf CLK_TCK)
+  [ "$name" != eventtermq ] || placed="; consumer on ${a##*@}, producer on ${b##*@}, $(emq_placement "$n")"
+  printf '%-10s run %s: sent and confirmed %s msg/s, received %s msg/s; confirm latency %s, consumer latency %s (min/median/75th/95th/99th); CPU over %s s: brokers %.1f s (%s us a message), PerfTest %.1f s; load average %s%s\n' \
     "$name" "$n" "${sent:-?}" "$recv" "${conf:-?}" "${lat:-?}" "$window" \
     "$(echo "$cpu_b / $tck" | bc -l)" "$(echo "scale=0; $cpu_b * 1000000 / $tck / ($window * ${sent:-1})" | bc)" \
-    "$(echo "$cpu_j / $tck" | bc -l)" "$(cut -d' ' -f1 /proc/loadavg)"
+    "$(echo "$cpu_j / $tck" | bc -l)" "$(cut -d' ' -f1 /proc/loadavg)" "$placed"
   [ -n "$sent" ] || { echo "no rate in PerfTest's output:" >&2; tail -n 20 "$out.producer" >&2; return 1; }
 }
 
