@@ -215,7 +215,6 @@ rmq_pids() { local f; for f in "$BENCH_DIR"/rmq/*/pid; do echo "$(cat "$f")"; do
 
 cleanup() {
   set +e
-  [ "$(jobs -p | wc -l)" = 0 ] || true
   emq_stop
   rmq_stop
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
