@@ -20,6 +20,7 @@ SCENARIOS=(
   "member-health-in-status:scenario_member_health"
   "topic-rejected:scenario_topic_rejected"
   "publish-subscribe:scenario_publish_subscribe"
+  "amqp-client:scenario_amqp_client"
   "prometheus-targets:scenario_prometheus_targets"
   "lag-in-prometheus-and-kubectl:scenario_lag"
   "dashboard-and-alert-queries:scenario_monitoring_queries"
@@ -133,10 +134,15 @@ pod_finished() {
 # stdin never ends.)
 client_output() {
   local name=$1; shift
+  pod_output "$name" "$BROKER_IMAGE" eventtermq --host "$CLUSTER" "$@"
+}
+# pod_output NAME IMAGE COMMAND ARGS...: the same for any local image and command.
+pod_output() {
+  local name=$1 image=$2; shift 2
   local code
   k delete pod "$name" --ignore-not-found --wait=true >/dev/null 2>&1 || true
-  k run "$name" --restart=Never --image "$BROKER_IMAGE" --image-pull-policy Never \
-    --command -- eventtermq --host "$CLUSTER" "$@" >/dev/null
+  k run "$name" --restart=Never --image "$image" --image-pull-policy Never \
+    --command -- "$@" >/dev/null
   until_ok 180 "client pod $name to finish" pod_finished "$name"
   k logs "$name"
   code=$(k get pod "$name" -o jsonpath='{.status.containerStatuses[0].state.terminated.exitCode}')
@@ -274,6 +280,101 @@ scenario_publish_subscribe() {
   require_pubsub
   publish_batch basic
   receive_batch basic
+}
+
+# --- AMQP 0.9.1 with a real client in a pod ---------------------------------------------
+AMQP_CLIENT_IMAGE=localhost/amqp-roundtrip:e2e
+AMQP_TOPIC=e2e-amqp          # a Topic resource (fanout) the client publishes to
+AMQP_GROUP=e2e-amqp-group    # a ConsumerGroup resource bound to it: a queue to the client
+AMQP_FIRST=e2e-amqp-first    # an exchange the client declares (direct) before a Topic names it
+AMQP_MESSAGES=200
+
+# Builds e2e/amqp-client (Go, github.com/rabbitmq/amqp091-go; static, CGO_ENABLED=0) into
+# a FROM-scratch image and imports it into the node's containerd. The Go module download
+# and build cache live under $CACHE_ROOT, so a warm run downloads and compiles nothing.
+amqp_client_image() {
+  local dir="$CACHE_ROOT/amqp-client"
+  command -v go >/dev/null || fail "go is needed to build e2e/amqp-client"
+  mkdir -p "$dir"
+  (cd "$root/e2e/amqp-client" &&
+    GOMODCACHE="$CACHE_ROOT/go-mod" GOCACHE="$CACHE_ROOT/go-build" GOFLAGS="-mod=readonly -buildvcs=false" \
+      CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$dir/amqp-roundtrip" .) ||
+    fail "building e2e/amqp-client failed"
+  bash "$root/e2e/cluster/oci_image.sh" --name "$AMQP_CLIENT_IMAGE" --entrypoint /amqp-roundtrip \
+    --user 65532:65532 --file "$dir/amqp-roundtrip:/amqp-roundtrip:0755" --out "$dir/amqp-roundtrip.oci.tar"
+  ctr --address "$CONTAINERD_SOCK" -n k8s.io images import "$dir/amqp-roundtrip.oci.tar" >/dev/null
+}
+# The default exchange type of broker topic $2 in the dump of pod $1.
+topic_exchange_type() {
+  dump "$1" | awk -v want="\"$2\"" '/^  topics: </ { t = 1 } /^  >/ { t = 0 }
+    t && /^    name: / { n = ($2 == want) }
+    t && n && /^    default_exchange_type: / { x = $2; gsub(/"/, "", x); print x; exit }'
+}
+group_in_dump() { dump "$CLUSTER-$1" | dump_objects | grep -qx "group default/$2"; }
+topic_type_is() { [ "$(topic_exchange_type "$CLUSTER-0" "$1")" = "$2" ]; }
+
+# A real AMQP client program in a pod, through the client Service's `amqp` port:
+# publishes with confirms and consumes with properties and headers intact, and shows
+# which side wins when a Topic/ConsumerGroup resource and AMQP name the same thing
+# (the resource: the operator brings the broker object back to its spec).
+scenario_amqp_client() {
+  local t0 port out
+  t0=$(date +%s)
+  amqp_client_image
+  note "client image (e2e/amqp-client, amqp091-go) built and imported in $(( $(date +%s) - t0 )) s"
+  port=$(k get service "$CLUSTER" -o jsonpath='{.spec.ports[?(@.name=="amqp")].port}')
+  [ -n "$port" ] || fail "the client Service $CLUSTER has no port named amqp"
+  k apply -f - >/dev/null <<EOF
+apiVersion: eventter.io/v1alpha1
+kind: Topic
+metadata:
+  name: $AMQP_TOPIC
+spec:
+  clusterRef: $CLUSTER
+  replicationFactor: 3
+  defaultExchangeType: fanout
+---
+apiVersion: eventter.io/v1alpha1
+kind: ConsumerGroup
+metadata:
+  name: $AMQP_GROUP
+spec:
+  clusterRef: $CLUSTER
+  bindings:
+    - topic: $AMQP_TOPIC
+EOF
+  until_ok 60 "Topic $AMQP_TOPIC Ready" condition_is topic "$AMQP_TOPIC" Ready True
+  until_ok 60 "ConsumerGroup $AMQP_GROUP Ready" condition_is consumergroup "$AMQP_GROUP" Ready True
+  out=$(pod_output amqp-roundtrip "$AMQP_CLIENT_IMAGE" /amqp-roundtrip \
+    --url "amqp://guest:guest@$CLUSTER:$port/" --exchange "$AMQP_TOPIC" --exchange-type fanout \
+    --group "$AMQP_GROUP" --first-exchange "$AMQP_FIRST" --count "$AMQP_MESSAGES") ||
+    fail "the AMQP client failed: $(grep -E '^(FAIL|ok) ' <<<"$out" | tail -n 3)"
+  sed 's/^/     /' <<<"$out"
+  grep -qx 'ok done' <<<"$out" || fail "the AMQP client did not finish: $(tail -n 3 <<<"$out")"
+  grep -q "^ok exchange.declare $AMQP_TOPIC type direct: 406 " <<<"$out" ||
+    fail "exchange.declare with another type than the Topic's was not refused with 406"
+  # The ConsumerGroup resource wins: deleted over AMQP, its group is back after the
+  # operator's next pass (groupStatusPeriodMs, 5 s here).
+  until_ok 60 "the operator to recreate group $AMQP_GROUP, deleted over AMQP" group_in_dump 0 "$AMQP_GROUP"
+  note "group $AMQP_GROUP deleted over AMQP: recreated by the operator"
+  # A Topic resource naming an exchange declared over AMQP takes it over, spec and all.
+  [ "$(topic_exchange_type "$CLUSTER-0" "$AMQP_FIRST")" = direct ] ||
+    fail "exchange $AMQP_FIRST declared over AMQP is not a direct topic in the dump"
+  k apply -f - >/dev/null <<EOF
+apiVersion: eventter.io/v1alpha1
+kind: Topic
+metadata:
+  name: $AMQP_FIRST
+spec:
+  clusterRef: $CLUSTER
+  replicationFactor: 3
+  defaultExchangeType: fanout
+EOF
+  until_ok 60 "Topic $AMQP_FIRST Ready" condition_is topic "$AMQP_FIRST" Ready True
+  until_ok 30 "topic $AMQP_FIRST to become fanout as its Topic says" topic_type_is "$AMQP_FIRST" fanout
+  note "exchange $AMQP_FIRST declared direct over AMQP, then a Topic (fanout): Ready, now fanout"
+  k delete topic "$AMQP_FIRST" "$AMQP_TOPIC" --wait=true --timeout=60s >/dev/null
+  k delete consumergroup "$AMQP_GROUP" --wait=true --timeout=60s >/dev/null
 }
 
 # Node ids of the dump on pod $1, sorted.
