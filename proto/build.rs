@@ -23,8 +23,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .bytes(".eventter.internal.v1.Record.payload")
         .bytes(".eventter.v1.Message.data")
-        .compile_fds(fds)?;
+        .compile_fds(client_fds)?;
+    // The node-to-node service with small first buffers (`src/codec.rs`): a node keeps
+    // a replication stream open per open segment it is primary or replica of.
+    let mut internal_fds = fds;
+    internal_fds.file.retain(|f| f.package() == "eventter.internal.v1");
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .bytes(".eventter.internal.v1.Record.payload")
+        .codec_path("crate::codec::NodeCodec")
+        .compile_fds(internal_fds)?;
     Ok(())
 }

@@ -136,7 +136,10 @@ impl Cluster {
     /// the first attempt, so a delete that did happen does not come back as NotFound.
     pub async fn write(&self, cmd: Command) -> Result<u64, RequestError> {
         let nonce = self.next_nonce.fetch_add(1, Ordering::Relaxed);
-        self.write_as(RequestId { node: self.id, nonce }, cmd).await
+        // Boxed: the attempt (forwarding, retries) is about 3 KiB of future, which would
+        // otherwise be part of every long-lived task that can write (each consumer
+        // group's, each primary's), whether it is writing or not.
+        Box::pin(self.write_as(RequestId { node: self.id, nonce }, cmd)).await
     }
 
     /// [`Cluster::write`] under a given id: a write made again with the id of an

@@ -4,6 +4,8 @@
 //! - [`internal::v1`]: node-to-node calls (Raft, gossip full-state sync, forwarding).
 #![allow(clippy::all, missing_docs)]
 
+pub mod codec;
+
 pub mod v1 {
     tonic::include_proto!("eventter.v1");
 }

@@ -246,7 +246,8 @@ pub(crate) async fn run(
             None => expiry.disarm(),
         }
     }
-    t.last_commit().await;
+    // Boxed: a future that holds the whole task again, needed once at the end.
+    Box::pin(t.last_commit()).await;
 }
 
 /// A timer that is armed or not; waiting on one that is not never ends.

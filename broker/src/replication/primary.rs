@@ -339,12 +339,15 @@ async fn run(mut t: Task) {
     // Exactly-once publishing: the window of the shard's previous generations, loaded
     // (handed over or rebuilt) while unkeyed publishes flow; keyed ones wait in `held`.
     let dedupe = t.segments.settings().dedupe_window_ms > 0;
-    let mut loading = std::pin::pin!(super::window::load(t.segments.clone(), id));
+    // Boxed, and dropped once loaded: the loading is a large future that each of
+    // thousands of long-lived primaries would otherwise carry for its whole life.
+    let mut loading = dedupe.then(|| Box::pin(super::window::load(t.segments.clone(), id)));
     let failure = loop {
         tokio::select! {
             biased;
             _ = t.stop.cancelled() => break None,
-            w = &mut loading, if dedupe && t.window.is_none() => {
+            w = loaded(&mut loading), if loading.is_some() && t.window.is_none() => {
+                loading = None;
                 match t.window_loaded(w, rotating, &mut core, &mut fsync) {
                     Ok(full) => rotating |= full,
                     Err(e) => break Some(e),
@@ -714,6 +717,14 @@ impl Task {
                 }
             });
         }
+    }
+}
+
+/// What `loading` loads, once it has; never ready without one.
+async fn loaded<F: std::future::Future + Unpin>(loading: &mut Option<F>) -> F::Output {
+    match loading {
+        Some(f) => f.await,
+        None => std::future::pending().await,
     }
 }
 
