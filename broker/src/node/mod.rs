@@ -128,6 +128,7 @@ pub async fn start(
     let segments =
         Segments::new(store, cluster.clone(), peers.clone(), config.clock.clone(), config.data.clone(), disk.clone());
     let groups = Groups::new(segments.clone());
+    let auth = crate::auth::Auth::new(cluster.state.clone(), cluster.metrics().clone(), &config.auth);
 
     let services = Services {
         cluster: cluster.clone(),
@@ -135,6 +136,7 @@ pub async fn start(
         segments: segments.clone(),
         groups: groups.clone(),
         peers: peers.clone(),
+        auth,
     };
     let observer = crate::api::metrics::Observer::new(&services);
     let tasks = Tasks::spawn(&config, services, (listeners.incoming, listeners.amqp), disk, &stop);
@@ -229,9 +231,10 @@ impl Tasks {
         disk: crate::disk::Disk,
         stop: &CancellationToken,
     ) -> Tasks {
-        let Services { cluster, membership, segments, groups, peers } = &services;
+        let Services { cluster, membership, segments, groups, peers, auth } = &services;
         let amqp = amqp.map(|incoming| {
             let backend = crate::amqp::Backend {
+                auth: auth.clone(),
                 cluster: cluster.clone(),
                 segments: segments.clone(),
                 groups: groups.clone(),
