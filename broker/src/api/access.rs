@@ -113,24 +113,30 @@ where
                     Some(c) => c,
                     None => return Ok(refusal(Failure::Malformed).into_http()),
                 }
-            } else if !auth.users_exist() {
-                Caller::Open
             } else {
-                match credentials {
-                    None => {
-                        auth.refuse(Failure::Missing, None, from, "grpc").await;
-                        return Ok(refusal(Failure::Missing).into_http());
-                    }
-                    Some(Err(())) => {
-                        auth.refuse(Failure::Malformed, None, from, "grpc").await;
-                        return Ok(refusal(Failure::Malformed).into_http());
-                    }
-                    Some(Ok((user, password))) => match auth.login(&user, &password, from, "grpc").await {
-                        Ok(c) => c,
-                        Err(f) => return Ok(refusal(f).into_http()),
+                match auth.open_access() {
+                    Ok(true) => Caller::Open,
+                    Err(e) => return Ok(tonic::Status::from(e).into_http()),
+                    Ok(false) => match credentials {
+                        None => {
+                            auth.refuse(Failure::Missing, None, from, "grpc").await;
+                            return Ok(refusal(Failure::Missing).into_http());
+                        }
+                        Some(Err(())) => {
+                            auth.refuse(Failure::Malformed, None, from, "grpc").await;
+                            return Ok(refusal(Failure::Malformed).into_http());
+                        }
+                        Some(Ok((user, password))) => match auth.login(&user, &password, from, "grpc").await {
+                            Ok(c) => c,
+                            Err(f) => return Ok(refusal(f).into_http()),
+                        },
                     },
                 }
             };
+            // Every line of the request (on every node it reaches) names its user.
+            if let Some(user) = caller.user() {
+                tracing::Span::current().record("user", tracing::field::display(user));
+            }
             crate::peers::CALLER.scope(caller, inner.call(req)).await
         })
     }

@@ -48,6 +48,8 @@ pub struct AuthSettings {
     /// Password verifications running at once at most (each takes 19 MiB of memory
     /// and a core for tens of milliseconds); more wait.
     pub verifications_in_flight_max: usize,
+    /// Set by the node when started with `--admin-user`: see [`Auth::open_access`].
+    pub awaiting_bootstrap_admin: bool,
 }
 
 impl Default for AuthSettings {
@@ -59,6 +61,7 @@ impl Default for AuthSettings {
             failure_delay_max_ms: 5_000,
             failure_forget_ms: 60_000,
             verifications_in_flight_max: 4,
+            awaiting_bootstrap_admin: false,
         }
     }
 }
@@ -197,6 +200,10 @@ struct Inner {
     cache: cache::VerifiedCache,
     delay: throttle::FailureDelay,
     verifying: Semaphore,
+    /// This node was started with `--admin-user` and has not yet seen it created (or
+    /// found users in the state): it lets no one in without credentials meanwhile, so
+    /// that a node told to have an administrator is never open.
+    awaiting_admin: std::sync::atomic::AtomicBool,
     /// Verified against for an unknown user, so that the answer takes as long as for
     /// a known one (no user names learned from timing).
     dummy_hash: String,
@@ -219,6 +226,7 @@ impl Auth {
                 ),
                 delay: throttle::FailureDelay::new(delay),
                 verifying: Semaphore::new(settings.verifications_in_flight_max.max(1)),
+                awaiting_admin: std::sync::atomic::AtomicBool::new(settings.awaiting_bootstrap_admin),
                 dummy_hash: password::hash("eventtermq: no such user").unwrap_or_default(),
             }),
         }
@@ -227,6 +235,28 @@ impl Auth {
     /// Whether the cluster has users (else client access is open).
     pub fn users_exist(&self) -> bool {
         !self.inner.state.read().state.users.is_empty()
+    }
+
+    /// How a client without users in the cluster is met: `Ok(true)` let in (open
+    /// access), `Ok(false)` the cluster has users (credentials needed), `Err` this node
+    /// waits for its `--admin-user` to be created (retry in a moment).
+    pub fn open_access(&self) -> Result<bool, RequestError> {
+        if self.users_exist() {
+            return Ok(false);
+        }
+        if self.inner.awaiting_admin.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(RequestError::new(
+                ErrorCode::NotReady,
+                "this node creates its --admin-user first and takes no client without credentials until then; retry",
+            ));
+        }
+        Ok(true)
+    }
+
+    /// The bootstrap administrator is created, or the cluster had users, or creating
+    /// it failed for good: [`Auth::open_access`] follows the state from now on.
+    pub fn bootstrap_admin_settled(&self) {
+        self.inner.awaiting_admin.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// [`decide`] on this node's state as it is now; a refusal is counted.
@@ -313,6 +343,23 @@ fn is_loopback(ip: IpAddr) -> bool {
         IpAddr::V4(v4) => v4.is_loopback(),
         IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
     }
+}
+
+/// Largest password file read, in bytes.
+pub const PASSWORD_FILE_MAX_BYTES: u64 = 64 * 1024;
+
+/// The password in `path` (`--password-file`, `--admin-password-file`): the file's
+/// text without trailing whitespace (a final newline). The error names the flag and
+/// never shows the content.
+pub fn read_password_file(flag: &str, path: &std::path::Path) -> Result<String, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{flag}: cannot read {}: {e}", path.display()))?;
+    if meta.len() > PASSWORD_FILE_MAX_BYTES {
+        return Err(format!("{flag}: {} is larger than {PASSWORD_FILE_MAX_BYTES} bytes", path.display()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{flag}: cannot read {}: {e}", path.display()))?;
+    let password = text.trim_end().to_string();
+    crate::cluster_state::validate::password(flag, &password).map_err(|e| e.message)?;
+    Ok(password)
 }
 
 /// Hashes a password for a new user, off the async runtime (argon2 is slow on purpose).
