@@ -41,17 +41,20 @@ pub fn sees_namespace(auth: &Auth, ns: &str) -> bool {
     auth.permits(&crate::peers::current_caller(), &Need::Member { namespace: ns })
 }
 
-/// The user name and password of `authorization: Basic ...`; `Err` when the value is
-/// not one.
-pub fn basic_credentials(value: &http::HeaderValue) -> Result<(String, String), ()> {
-    let text = value.to_str().map_err(|_| ())?;
-    let (scheme, encoded) = text.split_once(' ').ok_or(())?;
+/// An `authorization` value that is not `Basic base64(user:password)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotBasic;
+
+/// The user name and password of `authorization: Basic ...`.
+pub fn basic_credentials(value: &http::HeaderValue) -> Result<(String, String), NotBasic> {
+    let text = value.to_str().map_err(|_| NotBasic)?;
+    let (scheme, encoded) = text.split_once(' ').ok_or(NotBasic)?;
     if !scheme.eq_ignore_ascii_case("basic") {
-        return Err(());
+        return Err(NotBasic);
     }
-    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).map_err(|_| ())?;
-    let decoded = String::from_utf8(decoded).map_err(|_| ())?;
-    let (user, password) = decoded.split_once(':').ok_or(())?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).map_err(|_| NotBasic)?;
+    let decoded = String::from_utf8(decoded).map_err(|_| NotBasic)?;
+    let (user, password) = decoded.split_once(':').ok_or(NotBasic)?;
     Ok((user.to_string(), password.to_string()))
 }
 
@@ -122,7 +125,7 @@ where
                             auth.refuse(Failure::Missing, None, from, "grpc").await;
                             return Ok(refusal(Failure::Missing).into_http());
                         }
-                        Some(Err(())) => {
+                        Some(Err(NotBasic)) => {
                             auth.refuse(Failure::Malformed, None, from, "grpc").await;
                             return Ok(refusal(Failure::Malformed).into_http());
                         }
