@@ -146,7 +146,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// Whether the connection's user may do what `need` says; ACCESS_REFUSED (403)
     /// naming the user, the vhost and the permission otherwise.
     fn allow(&self, need: Need) -> Result<(), AmqpError> {
-        self.backend.auth.authorize(&self.caller, &need).map_err(AmqpError::from)
+        self.backend.auth.authorize(&self.caller, &need).map_err(|e| {
+            let text = format!("access refused in vhost '{}': {}", super::backend::vhost(&self.namespace), e.message);
+            match e.code {
+                // The user is gone (deleted since it logged in): the whole connection.
+                ErrorCode::Unauthenticated => AmqpError::connection(ACCESS_REFUSED, text),
+                _ => AmqpError::channel(ACCESS_REFUSED, text),
+            }
+        })
     }
 
     /// An empty queue name means the channel's last declared queue.

@@ -53,7 +53,7 @@ try:
     raise AssertionError("publish without write permission was accepted")
 except pika.exceptions.ChannelClosedByBroker as e:
     assert e.reply_code == 403, (e.reply_code, e.reply_text)
-    for word in ["ACCESS_REFUSED", USER, '"a"', "write"]:
+    for word in ["ACCESS_REFUSED", "vhost 'a'", USER, '"a"', "write"]:
         assert word in e.reply_text, (word, e.reply_text)
     print("publish refused:", e.reply_text)
 
