@@ -205,8 +205,8 @@ struct Inner {
     /// that a node told to have an administrator is never open.
     awaiting_admin: std::sync::atomic::AtomicBool,
     /// Verified against for an unknown user, so that the answer takes as long as for
-    /// a known one (no user names learned from timing).
-    dummy_hash: String,
+    /// a known one (no user names learned from timing); made on first need.
+    dummy_hash: std::sync::OnceLock<String>,
 }
 
 impl Auth {
@@ -227,7 +227,7 @@ impl Auth {
                 delay: throttle::FailureDelay::new(delay),
                 verifying: Semaphore::new(settings.verifications_in_flight_max.max(1)),
                 awaiting_admin: std::sync::atomic::AtomicBool::new(settings.awaiting_bootstrap_admin),
-                dummy_hash: password::hash("eventtermq: no such user").unwrap_or_default(),
+                dummy_hash: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -300,11 +300,20 @@ impl Auth {
         if key.is_some_and(|k| self.inner.cache.hit(&k)) {
             return Ok(());
         }
-        let phc = stored.clone().unwrap_or_else(|| self.inner.dummy_hash.clone());
-        let password = password.to_string();
+        let (password, known, inner) = (password.to_string(), stored.clone(), self.inner.clone());
         let ok = {
             let _slot = self.inner.verifying.acquire().await;
-            tokio::task::spawn_blocking(move || password::verify(&password, &phc)).await.unwrap_or(false)
+            tokio::task::spawn_blocking(move || {
+                let phc = known.unwrap_or_else(|| {
+                    inner
+                        .dummy_hash
+                        .get_or_init(|| password::hash("eventtermq: no such user").unwrap_or_default())
+                        .clone()
+                });
+                password::verify(&password, &phc)
+            })
+            .await
+            .unwrap_or(false)
         };
         match (stored, ok, key) {
             (None, _, _) => Err(Failure::UnknownUser),
