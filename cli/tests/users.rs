@@ -248,6 +248,19 @@ fn amqp_logins_and_vhost_permissions() {
     ] {
         assert!(out.contains(line), "{line:?} not in:\n{out}");
     }
+    // Users survive a restart (the Raft log replayed; snapshots are unit-tested).
+    let mut node = node;
+    assert!(node.terminate().success());
+    node.spawn();
+    eventually(Duration::from_secs(30), "the restarted node knows its users", || {
+        let o = admin(&["list-users"]);
+        o.status.success() && stdout(&o).contains("reader")
+    });
+    refused(
+        &cli(AMQP_HOST, AMQP_NODE_PORT, &["list-namespaces"]),
+        "no credentials after a restart",
+        &["Unauthenticated"],
+    );
     let log = node.log();
     let failures: Vec<&str> = log.lines().filter(|l| l.contains("authentication failed")).collect();
     assert!(failures.iter().any(|l| l.contains("amqp") && l.contains("wrong_password")), "{log}");
