@@ -4,7 +4,8 @@
 //! already exists, 4xxx failed precondition (nothing was changed), 5xxx unavailable
 //! (worth retrying; 5002 `Timeout` means the outcome is unknown), 6xxx resource
 //! exhausted (gRPC `RESOURCE_EXHAUSTED`: nothing was written; retry once an operator
-//! or retention freed the resource, not at once), 9xxx internal.
+//! or retention freed the resource, not at once), 7xxx who may do it (gRPC
+//! `UNAUTHENTICATED` / `PERMISSION_DENIED`: nothing was done), 9xxx internal.
 //! [`ErrorCode::outcome_unknown`] says which codes leave a request's outcome unknown
 //! (the CLI exits 3 on those, 1 on the others).
 
@@ -12,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 /// Stable numeric error codes. Ranges: 1xxx invalid argument, 2xxx not found,
 /// 3xxx already exists, 4xxx failed precondition, 5xxx unavailable, 6xxx resource
-/// exhausted, 9xxx internal.
+/// exhausted, 7xxx authentication and authorization, 9xxx internal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[repr(u32)]
 pub enum ErrorCode {
@@ -24,14 +25,20 @@ pub enum ErrorCode {
     InvalidBinding = 1006,
     InvalidSize = 1007,
     InvalidMinInsyncReplicas = 1008,
+    /// A user's permission pattern is not a regular expression this broker takes.
+    InvalidPermission = 1009,
+    /// A password that is empty or too long.
+    InvalidPassword = 1010,
     InvalidArgument = 1099,
     NamespaceNotFound = 2001,
     TopicNotFound = 2002,
     ConsumerGroupNotFound = 2003,
     SegmentNotFound = 2004,
+    UserNotFound = 2005,
     NamespaceAlreadyExists = 3001,
     TopicAlreadyExists = 3002,
     ConsumerGroupAlreadyExists = 3003,
+    UserAlreadyExists = 3004,
     DefaultNamespaceUndeletable = 4001,
     NamespaceNotEmpty = 4002,
     ImmutableField = 4003,
@@ -65,6 +72,12 @@ pub enum ErrorCode {
     /// (`--disk-free-min-bytes`): refused before any write could fail. Nothing was
     /// written.
     DiskFull = 6001,
+    /// No credentials, or a user name and password the cluster does not know
+    /// (gRPC `UNAUTHENTICATED`). Nothing was done.
+    Unauthenticated = 7001,
+    /// The user lacks the permission the request needs (gRPC `PERMISSION_DENIED`); the
+    /// message names the user, the namespace and the permission. Nothing was done.
+    PermissionDenied = 7002,
     Internal = 9001,
     /// This node's copy of a segment failed its checksum; it is not served. Read
     /// another copy.
@@ -73,7 +86,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for decoding.
-    const ALL: [ErrorCode; 36] = [
+    const ALL: [ErrorCode; 42] = [
         ErrorCode::InvalidName,
         ErrorCode::InvalidShards,
         ErrorCode::InvalidReplicationFactor,
@@ -82,14 +95,18 @@ impl ErrorCode {
         ErrorCode::InvalidBinding,
         ErrorCode::InvalidSize,
         ErrorCode::InvalidMinInsyncReplicas,
+        ErrorCode::InvalidPermission,
+        ErrorCode::InvalidPassword,
         ErrorCode::InvalidArgument,
         ErrorCode::NamespaceNotFound,
         ErrorCode::TopicNotFound,
         ErrorCode::ConsumerGroupNotFound,
         ErrorCode::SegmentNotFound,
+        ErrorCode::UserNotFound,
         ErrorCode::NamespaceAlreadyExists,
         ErrorCode::TopicAlreadyExists,
         ErrorCode::ConsumerGroupAlreadyExists,
+        ErrorCode::UserAlreadyExists,
         ErrorCode::DefaultNamespaceUndeletable,
         ErrorCode::NamespaceNotEmpty,
         ErrorCode::ImmutableField,
@@ -108,6 +125,8 @@ impl ErrorCode {
         ErrorCode::NotEnoughReplicas,
         ErrorCode::PeerUnreachable,
         ErrorCode::DiskFull,
+        ErrorCode::Unauthenticated,
+        ErrorCode::PermissionDenied,
         ErrorCode::Internal,
         ErrorCode::CorruptCopy,
     ];
@@ -150,6 +169,8 @@ impl ErrorCode {
             4 => tonic::Code::FailedPrecondition,
             5 => tonic::Code::Unavailable,
             6 => tonic::Code::ResourceExhausted,
+            7 if self == ErrorCode::Unauthenticated => tonic::Code::Unauthenticated,
+            7 => tonic::Code::PermissionDenied,
             _ => tonic::Code::Internal,
         }
     }

@@ -57,6 +57,25 @@ pub struct NodeConfig {
     /// Who may make node-to-node calls here, and the credential this node sends on
     /// its own (default: closed, a cluster of one; see [`InternalAccess`]).
     pub internal_access: InternalAccess,
+    /// Limits of authentication (the verification cache, the failure delay).
+    pub auth: crate::auth::AuthSettings,
+    /// `--admin-user`: a cluster administrator created when the cluster has no user
+    /// yet (its password already hashed).
+    pub bootstrap_admin: Option<BootstrapAdmin>,
+}
+
+/// The bootstrap administrator of `--admin-user` / `--admin-password-file`.
+#[derive(Clone)]
+pub struct BootstrapAdmin {
+    pub name: String,
+    /// The password's argon2id PHC string (the password itself is not kept).
+    pub password_hash: String,
+}
+
+impl std::fmt::Debug for BootstrapAdmin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BootstrapAdmin").field("name", &self.name).finish_non_exhaustive()
+    }
 }
 
 /// Limits of the data path (segments, replication, consumer groups).
@@ -217,6 +236,8 @@ impl NodeConfig {
             metrics_label_values_max: crate::metrics::LABEL_VALUES_MAX_DEFAULT,
             fs: RealFs::shared(),
             internal_access: InternalAccess::closed(),
+            auth: crate::auth::AuthSettings::default(),
+            bootstrap_admin: None,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! (who may make node-to-node calls; a leaf), [`transport`]
 //! (sockets or an in-memory network) ->
 //! [`cluster_state`] (the Raft-replicated state: model, commands, storage) ->
+//! [`auth`] (users: passwords, the verification cache, permissions) ->
 //! [`peers`] (the one door to other nodes) -> [`membership`] (SWIM gossip) and
 //! [`cluster`] (the door to the cluster state: write, read) -> [`disk`] (the data
 //! directory's free-space watermark) -> [`replication`]
@@ -16,6 +17,7 @@
 
 pub mod amqp;
 pub mod api;
+pub mod auth;
 pub mod clock;
 pub mod cluster;
 pub mod cluster_state;

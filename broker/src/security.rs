@@ -256,8 +256,64 @@ impl LogLimiter {
     }
 }
 
+/// Who a client request is handled for: what `api/` and `amqp/` decide at the door and
+/// check each request against, and what travels with a request one node forwards to
+/// another (in [`CALLER_METADATA`], over the node-to-node path that only cluster
+/// members pass), so that the receiving node checks it too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The node itself (a group's dead letters, a forward without a client behind it).
+    Node,
+    /// A client let in while the cluster had no users (open access).
+    Open,
+    /// An authenticated user, by name.
+    User(String),
+}
+
+/// Metadata of a forwarded request naming who it is handled for: `user NAME` or
+/// `open`; absent: the node's own request. Taken only together with the cluster
+/// credential (a request marked as forwarded is refused without it).
+pub const CALLER_METADATA: &str = "eventter-caller";
+
+impl Caller {
+    /// The value of [`CALLER_METADATA`]; `None` for the node's own requests.
+    pub fn to_metadata(&self) -> Option<String> {
+        match self {
+            Caller::Node => None,
+            Caller::Open => Some("open".into()),
+            Caller::User(name) => Some(format!("user {name}")),
+        }
+    }
+
+    /// The caller a forwarded request names (`None`: the header is not one of ours).
+    pub fn from_metadata(value: Option<&str>) -> Option<Caller> {
+        match value {
+            None => Some(Caller::Node),
+            Some("open") => Some(Caller::Open),
+            Some(v) => v.strip_prefix("user ").filter(|n| !n.is_empty()).map(|n| Caller::User(n.to_string())),
+        }
+    }
+
+    /// The user's name, if it is one.
+    pub fn user(&self) -> Option<&str> {
+        match self {
+            Caller::User(name) => Some(name),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_caller_travels_as_metadata_and_back() {
+        for c in [super::Caller::Open, super::Caller::User("alice".into()), super::Caller::Node] {
+            assert_eq!(super::Caller::from_metadata(c.to_metadata().as_deref()), Some(c));
+        }
+        assert_eq!(super::Caller::from_metadata(Some("root")), None);
+        assert_eq!(super::Caller::from_metadata(Some("user ")), None);
+    }
+
     use super::*;
 
     #[test]

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use eventtermq_api::defaults;
 
 use eventtermq_broker::amqp::AmqpSettings;
+use eventtermq_broker::auth::AuthSettings;
 use eventtermq_broker::config::{DataSettings, NodeConfig, RaftSettings};
 use eventtermq_broker::membership::MembershipConfig;
 use eventtermq_broker::transport::tls::TlsSettings;
@@ -41,6 +42,12 @@ pub struct Cli {
     /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert-file.
     #[arg(long, global = true, env = "EVENTTERMQ_TLS_KEY_FILE")]
     pub tls_key_file: Option<PathBuf>,
+    /// CLI: the user to authenticate as (needed once the cluster has users), with --password-file.
+    #[arg(long, global = true, env = "EVENTTERMQ_USER")]
+    pub user: Option<String>,
+    /// CLI: a file holding --user's password (trailing whitespace ignored).
+    #[arg(long, global = true, env = "EVENTTERMQ_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
     #[command(flatten)]
     pub broker: BrokerArgs,
     #[command(subcommand)]
@@ -163,6 +170,32 @@ pub struct BrokerArgs {
     /// TLS handshakes in progress at most per port; further connections wait.
     #[arg(long, default_value_t = TlsSettings::DEFAULT_HANDSHAKES_IN_FLIGHT_MAX)]
     pub tls_handshakes_in_flight_max: usize,
+    /// A cluster administrator created at start when the cluster has no user yet (with
+    /// --admin-password-file); until a user exists, client access is open.
+    #[arg(long, env = "EVENTTERMQ_ADMIN_USER")]
+    pub admin_user: Option<String>,
+    /// A file holding --admin-user's password (trailing whitespace ignored).
+    #[arg(long, env = "EVENTTERMQ_ADMIN_PASSWORD_FILE")]
+    pub admin_password_file: Option<PathBuf>,
+    /// Successful password verifications remembered (0: every request verifies its password).
+    #[arg(long, default_value_t = AuthSettings::default().cache_entries_max)]
+    pub auth_cache_entries_max: usize,
+    /// How long a successful verification is remembered.
+    #[arg(long, default_value_t = AuthSettings::default().cache_ttl_ms)]
+    pub auth_cache_ttl_ms: u64,
+    /// The delay before answering a failed login from an address; it doubles with each
+    /// further failure from there.
+    #[arg(long, default_value_t = AuthSettings::default().failure_delay_ms)]
+    pub auth_failure_delay_ms: u64,
+    /// ... up to this.
+    #[arg(long, default_value_t = AuthSettings::default().failure_delay_max_ms)]
+    pub auth_failure_delay_max_ms: u64,
+    /// An address without a failed login this long starts again from --auth-failure-delay-ms.
+    #[arg(long, default_value_t = AuthSettings::default().failure_forget_ms)]
+    pub auth_failure_forget_ms: u64,
+    /// Password verifications (argon2id: 19 MiB and tens of milliseconds each) running at once at most.
+    #[arg(long, default_value_t = AuthSettings::default().verifications_in_flight_max)]
+    pub auth_verifications_in_flight_max: usize,
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -424,6 +457,38 @@ pub enum Command {
     Publish(PublishArgs),
     /// Receive messages of a consumer group, one JSON object per line (data in base64).
     Subscribe(SubscribeArgs),
+    /// Create a user (cluster administrators only, once users exist). The password is
+    /// read from --user-password-file, else from the first line of stdin.
+    CreateUser {
+        name: String,
+        /// A file holding the new user's password (trailing whitespace ignored).
+        #[arg(long)]
+        user_password_file: Option<PathBuf>,
+        /// A cluster administrator: every permission everywhere, namespaces and users.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Delete a user.
+    DeleteUser { name: String },
+    /// Set USER's permissions on --namespace: regular expressions (unanchored, as
+    /// RabbitMQ's: ^...$ for a whole name; "" matches nothing) of the topics and groups
+    /// it may configure, the topics it may write to and the groups it may read.
+    SetPermissions {
+        /// The user whose permissions these are (not the global --user, who asks).
+        #[arg(id = "permissions_user", value_name = "USER")]
+        user: String,
+        #[arg(long, default_value = "")]
+        configure: String,
+        #[arg(long, default_value = "")]
+        write: String,
+        #[arg(long, default_value = "")]
+        read: String,
+        /// Remove USER's permissions on the namespace instead.
+        #[arg(long, conflicts_with_all = ["configure", "write", "read"])]
+        clear: bool,
+    },
+    /// List users with their administrator flag and permissions (never a password or hash).
+    ListUsers,
     /// Benchmarks that start their own local brokers (results go into README.md).
     #[command(subcommand)]
     Bench(BenchCommand),

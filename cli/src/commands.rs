@@ -2,11 +2,10 @@
 
 use eventtermq_proto::v1 as pb;
 use eventtermq_proto::v1::admin_client::AdminClient;
-use tonic::transport::Channel;
 
 use super::args::{Command, GroupArgs, ListArgs, Output};
 use super::render;
-use super::{admin_client, CliError, Ctx};
+use super::{admin_client_as, CliError, Ctx};
 use eventtermq_broker::cluster_state::validate;
 
 fn usage(e: eventtermq_broker::error::RequestError) -> CliError {
@@ -85,8 +84,21 @@ fn consumer_group(args: GroupArgs) -> Result<pb::ConsumerGroup, CliError> {
     })
 }
 
+/// A new user's password from the first line of stdin (`create-user` without
+/// `--user-password-file`).
+fn password_from_stdin() -> Result<String, CliError> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| CliError::Usage(format!("create-user: cannot read the password from stdin: {e}")))?;
+    let password = line.trim_end().to_string();
+    eventtermq_broker::cluster_state::validate::password("password (stdin)", &password)
+        .map_err(|e| CliError::Usage(e.message))?;
+    Ok(password)
+}
+
 pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
-    let mut admin = Admin { client: admin_client(&ctx.addr, ctx.tls.as_ref())?, ctx };
+    let mut admin = Admin { client: admin_client_as(&ctx.addr, ctx.tls.as_ref(), &ctx.credentials)?, ctx };
     match cmd {
         Command::Dump { stale, only_namespace, prefix } => {
             let req = pb::DumpRequest { stale, namespace: only_namespace.unwrap_or_default(), prefix };
@@ -161,6 +173,26 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
         Command::Stats { groups, watch, watch_count } => admin.stats(groups, watch, watch_count).await?,
         Command::Publish(args) => super::messages::publish(ctx, args).await?,
         Command::Subscribe(args) => super::messages::subscribe(ctx, args).await?,
+        Command::CreateUser { name, user_password_file, admin: is_admin } => {
+            let password = match user_password_file {
+                Some(f) => {
+                    eventtermq_broker::auth::read_password_file("--user-password-file", &f).map_err(CliError::Usage)?
+                }
+                None => password_from_stdin()?,
+            };
+            admin.create_user(pb::CreateUserRequest { name, password, admin: is_admin }).await?
+        }
+        Command::DeleteUser { name } => admin.delete_user(name).await?,
+        Command::SetPermissions { user, configure, write, read, clear } => {
+            let req = pb::SetPermissionsRequest {
+                user,
+                namespace: ctx.namespace.clone(),
+                permissions: (!clear).then_some(pb::Permissions { configure, write, read }),
+                clear,
+            };
+            admin.set_permissions(req).await?
+        }
+        Command::ListUsers => admin.list_users().await?,
         Command::Bench(b) => super::bench::run(ctx, b).await?,
     }
     Ok(())
@@ -196,7 +228,7 @@ fn bindings(
 /// One node's Admin service, with one method per resource and verb: each sends one
 /// request and prints the answer.
 struct Admin<'a> {
-    client: AdminClient<Channel>,
+    client: AdminClient<crate::Authed>,
     ctx: &'a Ctx,
 }
 
@@ -223,6 +255,31 @@ impl Admin<'_> {
         match self.ctx.output {
             Output::Text => print!("{}", render::dump_text(&r)),
             Output::Json => println!("{}", render::dump_json(&r)),
+        }
+        Ok(())
+    }
+
+    async fn create_user(&mut self, req: pb::CreateUserRequest) -> Result<(), CliError> {
+        let r = self.client.create_user(req).await;
+        self.written(r)
+    }
+
+    async fn delete_user(&mut self, name: String) -> Result<(), CliError> {
+        let r = self.client.delete_user(pb::DeleteUserRequest { name }).await;
+        self.written(r)
+    }
+
+    async fn set_permissions(&mut self, req: pb::SetPermissionsRequest) -> Result<(), CliError> {
+        let r = self.client.set_permissions(req).await;
+        self.written(r)
+    }
+
+    async fn list_users(&mut self) -> Result<(), CliError> {
+        let r = self.client.list_users(pb::ListUsersRequest { stale: false }).await;
+        let r = self.answer(r)?;
+        match self.ctx.output {
+            Output::Text => print!("{}", render::users_text(&r.users)),
+            Output::Json => println!("{}", render::users_json(&r)),
         }
         Ok(())
     }

@@ -25,7 +25,55 @@ pub struct Ctx {
     pub output: args::Output,
     /// TLS to the node (`--tls-ca-file`), with a client certificate when given.
     pub tls: Option<eventtermq_broker::transport::tls::ClientTls>,
+    /// `--user` and `--password-file`, sent with every request.
+    pub credentials: Credentials,
 }
+
+/// The user name and password a request carries (`authorization: Basic ...`), from
+/// `--user` and `--password-file`; none: the cluster must have no users yet.
+#[derive(Clone, Default)]
+pub struct Credentials(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Credentials {
+    pub fn load(user: Option<&str>, password_file: Option<&std::path::Path>) -> Result<Self, CliError> {
+        use base64::Engine;
+        let (user, file) = match (user, password_file) {
+            (None, None) => return Ok(Credentials(None)),
+            (Some(u), Some(f)) => (u, f),
+            (Some(_), None) => return Err(CliError::Usage("--user: needs --password-file (its password)".into())),
+            (None, Some(_)) => {
+                return Err(CliError::Usage("--password-file: needs --user (the user it is for)".into()))
+            }
+        };
+        eventtermq_broker::cluster_state::validate::user_name("--user", user)
+            .map_err(|e| CliError::Usage(e.message))?;
+        let password = eventtermq_broker::auth::read_password_file("--password-file", file).map_err(CliError::Usage)?;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Basic {encoded}")
+            .parse()
+            .map_err(|_| CliError::Usage("--user: cannot be sent as a header".into()))?;
+        value.set_sensitive(true);
+        Ok(Credentials(Some(value)))
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Credentials(..)" } else { "Credentials(none)" })
+    }
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel that sends [`Credentials`] with every request.
+pub type Authed = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Credentials>;
 
 /// The CLI's TLS from its flags (`None`: plaintext). Call within the runtime.
 pub fn client_tls(files: &run::TlsFiles) -> Result<Option<eventtermq_broker::transport::tls::ClientTls>, CliError> {
@@ -219,6 +267,23 @@ pub fn messaging_client(
     Ok(eventtermq_proto::v1::messaging_client::MessagingClient::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX))
+}
+
+/// [`messaging_client`] sending `credentials` with every request.
+pub fn messaging_client_as(
+    addr: &str,
+    tls: Tls<'_>,
+    credentials: &Credentials,
+) -> Result<eventtermq_proto::v1::messaging_client::MessagingClient<Authed>, CliError> {
+    let channel = channel(addr, tls)?;
+    Ok(eventtermq_proto::v1::messaging_client::MessagingClient::with_interceptor(channel, credentials.clone())
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX))
+}
+
+/// [`admin_client`] sending `credentials` with every request.
+pub fn admin_client_as(addr: &str, tls: Tls<'_>, credentials: &Credentials) -> Result<AdminClient<Authed>, CliError> {
+    Ok(AdminClient::with_interceptor(channel(addr, tls)?, credentials.clone()))
 }
 
 pub fn admin_client(addr: &str, tls: Tls<'_>) -> Result<AdminClient<tonic::transport::Channel>, CliError> {

@@ -56,7 +56,8 @@ fn main() -> std::process::ExitCode {
             let addr = cli::target_addr(&args.host, args.port);
             let run = async {
                 let tls = cli::client_tls(&tls)?;
-                let ctx = Ctx { addr, namespace: args.namespace, output: args.output, tls };
+                let credentials = cli::Credentials::load(args.user.as_deref(), args.password_file.as_deref())?;
+                let ctx = Ctx { addr, namespace: args.namespace, output: args.output, tls, credentials };
                 cli::commands::execute(&ctx, command).await
             };
             match runtime.block_on(run) {

@@ -9,12 +9,11 @@ use eventtermq_proto::v1 as pb;
 use eventtermq_proto::v1::messaging_client::MessagingClient;
 use serde_json::json;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 use tonic::Streaming;
 
 use super::args::{PersistenceArg, PublishArgs, SubscribeArgs};
+use super::CliError;
 use super::Ctx;
-use super::{messaging_client, CliError};
 use eventtermq_broker::cluster_state::validate;
 
 fn message(args: &PublishArgs, data: Vec<u8>) -> Result<pb::Message, CliError> {
@@ -70,7 +69,7 @@ pub async fn publish(ctx: &Ctx, args: PublishArgs) -> Result<(), CliError> {
         Some(id) => id,
         None => rand::random::<u64>().max(1),
     };
-    let client = messaging_client(&ctx.addr, ctx.tls.as_ref())?;
+    let client = crate::messaging_client_as(&ctx.addr, ctx.tls.as_ref(), &ctx.credentials)?;
     if args.batch_messages_max == 0 {
         return Err(CliError::Usage("--batch-messages-max: must be at least 1".into()));
     }
@@ -158,7 +157,7 @@ impl Retries {
 
 /// Publishes DATA once, with one call (sent again while its outcome is unknown).
 async fn publish_one(
-    mut client: MessagingClient<Channel>,
+    mut client: MessagingClient<crate::Authed>,
     ctx: &Ctx,
     request: pb::PublishRequest,
     mut retries: Retries,
@@ -183,7 +182,7 @@ async fn publish_one(
 /// unless every message was confirmed. After a failure whose outcome is unknown the
 /// requests not answered yet are sent again (same numbers) on a new stream.
 async fn publish_stream(
-    mut client: MessagingClient<Channel>,
+    mut client: MessagingClient<crate::Authed>,
     ctx: &Ctx,
     args: &PublishArgs,
     request: pb::PublishRequest,
@@ -240,7 +239,7 @@ impl Stream {
     /// `Ok` once every request is answered.
     async fn once(
         &mut self,
-        client: &mut MessagingClient<Channel>,
+        client: &mut MessagingClient<crate::Authed>,
         ctx: &Ctx,
         retries: &mut Retries,
     ) -> Result<(), CliError> {
@@ -415,7 +414,7 @@ pub async fn subscribe(ctx: &Ctx, args: SubscribeArgs) -> Result<(), CliError> {
         }
         None => None,
     };
-    let client = messaging_client(&ctx.addr, ctx.tls.as_ref())?;
+    let client = crate::messaging_client_as(&ctx.addr, ctx.tls.as_ref(), &ctx.credentials)?;
     let mut subscriber = Subscriber {
         client,
         ctx,
@@ -436,7 +435,7 @@ pub async fn subscribe(ctx: &Ctx, args: SubscribeArgs) -> Result<(), CliError> {
 /// A subscription that follows its group across nodes: it subscribes again when the
 /// stream ends or fails while the group moves.
 struct Subscriber<'a> {
-    client: MessagingClient<Channel>,
+    client: MessagingClient<crate::Authed>,
     ctx: &'a Ctx,
     args: &'a SubscribeArgs,
     wait: Option<Duration>,

@@ -238,6 +238,40 @@ pub fn consumer_group_json(g: &pb::ConsumerGroup) -> Value {
     })
 }
 
+/// `list-users` as text: one line per user and namespace (a user without permissions
+/// on one line of its own); never a password or hash (the answer has none).
+pub fn users_text(users: &[pb::User]) -> String {
+    let mut out = String::from("USER\tADMIN\tNAMESPACE\tCONFIGURE\tWRITE\tREAD\n");
+    for u in users {
+        let mut namespaces: Vec<_> = u.permissions.iter().collect();
+        namespaces.sort_by(|a, b| a.0.cmp(b.0));
+        if namespaces.is_empty() {
+            let _ = writeln!(out, "{}\t{}\t-\t-\t-\t-", u.name, u.admin);
+        }
+        for (ns, p) in namespaces {
+            let _ = writeln!(out, "{}\t{}\t{ns}\t{:?}\t{:?}\t{:?}", u.name, u.admin, p.configure, p.write, p.read);
+        }
+    }
+    out
+}
+
+/// `list-users --output json`.
+pub fn users_json(r: &pb::ListUsersResponse) -> Value {
+    let users: Vec<Value> = r
+        .users
+        .iter()
+        .map(|u| {
+            let permissions: serde_json::Map<String, Value> = u
+                .permissions
+                .iter()
+                .map(|(ns, p)| (ns.clone(), json!({"configure": p.configure, "write": p.write, "read": p.read})))
+                .collect();
+            json!({"name": u.name, "admin": u.admin, "permissions": permissions})
+        })
+        .collect();
+    json!({"users": users, "index": r.index})
+}
+
 pub fn dump_json(r: &pb::DumpResponse) -> Value {
     let state = r.state.clone().unwrap_or_default();
     json!({

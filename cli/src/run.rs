@@ -96,7 +96,37 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
     config.metrics_label_values_max = args.metrics_label_values_max;
     config.raft.to_openraft().map_err(|e| format!("raft timing flags: {e}"))?;
     config.internal_access = internal_access(args, &config)?;
+    config.auth = eventtermq_broker::auth::AuthSettings {
+        cache_entries_max: args.auth_cache_entries_max,
+        cache_ttl_ms: args.auth_cache_ttl_ms,
+        failure_delay_ms: args.auth_failure_delay_ms,
+        failure_delay_max_ms: args.auth_failure_delay_max_ms,
+        failure_forget_ms: args.auth_failure_forget_ms,
+        verifications_in_flight_max: args.auth_verifications_in_flight_max,
+        // The node sets it from --admin-user.
+        awaiting_bootstrap_admin: false,
+    };
+    if args.auth_verifications_in_flight_max == 0 {
+        return Err("--auth-verifications-in-flight-max: must be at least 1".into());
+    }
+    config.bootstrap_admin = bootstrap_admin(args)?;
     Ok(config)
+}
+
+/// `--admin-user` and `--admin-password-file`: both or neither; the password hashed
+/// here, at start (only the hash is kept, and written to the cluster state if it has
+/// no user yet).
+fn bootstrap_admin(args: &BrokerArgs) -> Result<Option<eventtermq_broker::config::BootstrapAdmin>, String> {
+    let (name, file) = match (&args.admin_user, &args.admin_password_file) {
+        (None, None) => return Ok(None),
+        (Some(n), Some(f)) => (n, f),
+        (Some(_), None) => return Err("--admin-user: needs --admin-password-file (its password)".into()),
+        (None, Some(_)) => return Err("--admin-password-file: needs --admin-user (the user it is for)".into()),
+    };
+    eventtermq_broker::cluster_state::validate::user_name("--admin-user", name).map_err(|e| e.message)?;
+    let password = eventtermq_broker::auth::read_password_file("--admin-password-file", file)?;
+    let password_hash = eventtermq_broker::auth::password::hash(&password).map_err(|e| e.message)?;
+    Ok(Some(eventtermq_broker::config::BootstrapAdmin { name: name.clone(), password_hash }))
 }
 
 /// Who may make node-to-node calls. A node that joins others or waits for them

@@ -31,31 +31,7 @@ const QUEUE_OPS_PORT: u16 = 27600;
 const BLOCKED_HOST: &str = "127.0.0.234";
 const BLOCKED_PORT: u16 = 27610;
 const AMQP_PORT: u16 = PORT + 1;
-const PIKA: &str = "pika>=1.3,<2";
 const AMQPLIB: &str = "amqplib@0.10";
-
-/// A directory holding pika, installed with pip on first use.
-fn pika_path() -> PathBuf {
-    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let dir = PathBuf::from(home).join(".cache/eventtermq/pylib");
-    let has_pika = || {
-        Command::new("python3").env("PYTHONPATH", &dir).args(["-c", "import pika"]).status().is_ok_and(|s| s.success())
-    };
-    if !has_pika() {
-        let o = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
-            .arg(&dir)
-            .arg(PIKA)
-            // Debian's python3 refuses pip installs (PEP 668) unless told; --target
-            // keeps it out of the system's packages anyway.
-            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
-            .output()
-            .expect("python3 -m pip");
-        assert!(o.status.success(), "pip install {PIKA} failed: {}", String::from_utf8_lossy(&o.stderr));
-    }
-    assert!(has_pika(), "pika not importable from {}", dir.display());
-    dir
-}
 
 /// Runs pika_checks.py with publishers on `hosts[1]` and consumers on `hosts[2]`.
 fn pika(hosts: [&str; 3], checks: &[&str]) -> String {

@@ -55,6 +55,8 @@ const PREDECLARED: [(&str, ExchangeType); 4] = [
 /// The broker as AMQP sees it. Cheap to clone.
 #[derive(Clone)]
 pub struct Backend {
+    /// Users: the login and every method's permission.
+    pub auth: crate::auth::Auth,
     pub cluster: Cluster,
     pub segments: Segments,
     pub groups: Groups,

@@ -15,11 +15,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::backend::{exchange_of_topic, Backend, Route};
+use super::backend::{exchange_of_topic, topic_of_exchange, Backend, Route};
 use super::connection::{Conn, Event};
 use super::convert;
 use super::error::*;
 use super::state::{Channel, Consumer, Pending, PublishJob, Unacked};
+use crate::auth::Need;
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::Relayed;
 
@@ -123,10 +124,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let ns = self.namespace.clone();
         match m {
             exchange::AMQPMethod::Declare(d) => {
+                if !d.passive {
+                    self.allow(Need::Configure { namespace: &ns, kind: "exchange", name: d.exchange.as_str() })?;
+                }
                 self.backend.declare_exchange(&ns, d.exchange.as_str(), d.kind.as_str(), d.passive).await?;
                 Ok((!d.nowait).then_some(AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {}))))
             }
             exchange::AMQPMethod::Delete(d) => {
+                self.allow(Need::Configure { namespace: &ns, kind: "exchange", name: d.exchange.as_str() })?;
                 self.backend.delete_exchange(&ns, d.exchange.as_str(), d.if_unused).await?;
                 Ok((!d.nowait).then_some(AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {}))))
             }
@@ -136,6 +141,19 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             )),
             _ => Err(AmqpError::connection(COMMAND_INVALID, "method not expected from a client")),
         }
+    }
+
+    /// Whether the connection's user may do what `need` says; ACCESS_REFUSED (403)
+    /// naming the user, the vhost and the permission otherwise.
+    fn allow(&self, need: Need) -> Result<(), AmqpError> {
+        self.backend.auth.authorize(&self.caller, &need).map_err(|e| {
+            let text = format!("access refused in vhost '{}': {}", super::backend::vhost(&self.namespace), e.message);
+            match e.code {
+                // The user is gone (deleted since it logged in): the whole connection.
+                ErrorCode::Unauthenticated => AmqpError::connection(ACCESS_REFUSED, text),
+                _ => AmqpError::channel(ACCESS_REFUSED, text),
+            }
+        })
     }
 
     /// An empty queue name means the channel's last declared queue.
@@ -156,6 +174,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             queue::AMQPMethod::Declare(d) => self.declare_queue(id, d).await,
             queue::AMQPMethod::Bind(b) => {
                 let q = self.queue_name(id, b.queue.as_str())?;
+                self.allow(Need::Configure { namespace: &ns, kind: "queue", name: &q })?;
                 let route =
                     Route { exchange: b.exchange.as_str(), routing_key: b.routing_key.as_str(), args: &b.arguments };
                 self.backend.bind(&ns, &q, route).await?;
@@ -163,6 +182,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             }
             queue::AMQPMethod::Unbind(b) => {
                 let q = self.queue_name(id, b.queue.as_str())?;
+                self.allow(Need::Configure { namespace: &ns, kind: "queue", name: &q })?;
                 let route =
                     Route { exchange: b.exchange.as_str(), routing_key: b.routing_key.as_str(), args: &b.arguments };
                 self.backend.unbind(&ns, &q, route).await?;
@@ -170,6 +190,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             }
             queue::AMQPMethod::Delete(d) => {
                 let q = self.queue_name(id, d.queue.as_str())?;
+                self.allow(Need::Configure { namespace: &ns, kind: "queue", name: &q })?;
                 let deleted = self.backend.delete_queue_if(&ns, &q, d.if_unused, d.if_empty).await?;
                 self.cancel_consumers_of(&q);
                 let reply = queue::DeleteOk { message_count: count(deleted) };
@@ -177,6 +198,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             }
             queue::AMQPMethod::Purge(p) => {
                 let q = self.queue_name(id, p.queue.as_str())?;
+                self.allow(Need::Read { namespace: &ns, group: &q })?;
                 let purged = self.backend.purge_queue(&ns, &q).await?;
                 let reply = queue::PurgeOk { message_count: count(purged) };
                 Ok((!p.nowait).then_some(AMQPClass::Queue(queue::AMQPMethod::PurgeOk(reply))))
@@ -193,6 +215,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             self.queue_name(id, d.queue.as_str())?
         };
         let ns = self.namespace.clone();
+        if !d.passive {
+            self.allow(Need::Configure { namespace: &ns, kind: "queue", name: &name })?;
+        }
         let created = self.backend.declare_queue(&ns, &name, d.passive, &d.arguments).await?;
         if d.exclusive && !d.passive {
             self.exclusive.insert(name.clone());
@@ -225,6 +250,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 if p.immediate {
                     return Err(AmqpError::connection(NOT_IMPLEMENTED, "immediate=true is not supported"));
                 }
+                let ns = self.namespace.clone();
+                self.allow(Need::Write { namespace: &ns, topic: topic_of_exchange(p.exchange.as_str()) })?;
                 self.open_channel(id)?.pending = Some(Pending { publish: p.clone(), header: None, body: Vec::new() });
                 Ok(None)
             }
@@ -309,7 +336,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         });
         let exchange = publish.exchange.as_str();
         let message = convert::to_message(publish.routing_key.as_str(), &header.properties, body);
-        let topic = super::backend::topic_of_exchange(exchange).to_string();
+        let topic = topic_of_exchange(exchange).to_string();
         // The default exchange always exists; its topic comes with the first queue.
         if !exchange.is_empty() {
             if let Err(e) = self.backend.ensure_exchange(&self.namespace, exchange).await {
@@ -344,13 +371,16 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// connection: TCP pushes back on a client publishing faster than the topic takes.
     async fn enqueue_publish(&mut self, id: u16, job: PublishJob) -> Result<(), AmqpError> {
         let (backend, events, stop) = (self.backend.clone(), self.events.clone(), self.node_stop.clone());
+        let caller = self.caller.clone();
         let in_flight = self.settings.publishes_in_flight_max;
         let ch = self.open_channel(id)?;
         let tx = ch
             .publisher
             .get_or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(in_flight);
-                tokio::spawn(run_publisher(backend, id, rx, events, in_flight, stop));
+                tokio::spawn(
+                    crate::peers::CALLER.scope(caller, run_publisher(backend, id, rx, events, in_flight, stop)),
+                );
                 tx
             })
             .clone();
@@ -375,6 +405,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             "" => format!("amq.ctag-{}", Alphanumeric.sample_string(&mut rand::rng(), 22)),
             t => t.to_string(),
         };
+        let ns = self.namespace.clone();
+        self.allow(Need::Read { namespace: &ns, group: &queue })?;
         let ch = self.open_channel(id)?;
         if ch.consumers.contains_key(&tag) {
             return Err(AmqpError::connection(NOT_ALLOWED, format!("attempt to reuse consumer tag '{tag}'")));
@@ -394,7 +426,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             events: self.events.clone(),
             stop: stop.clone(),
         };
-        tokio::spawn(consumer.run(stream));
+        tokio::spawn(crate::peers::CALLER.scope(self.caller.clone(), consumer.run(stream)));
         let _counted = self.backend.consumers.counted(&self.namespace, &queue);
         let ch = self.open_channel(id)?;
         ch.consumers.insert(tag.clone(), Consumer { queue, no_ack: c.no_ack, stop, _counted });
@@ -418,11 +450,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             return;
         }
         let (backend, ns, queue) = (self.backend.clone(), self.namespace.clone(), queue.to_string());
-        tokio::spawn(async move {
+        tokio::spawn(crate::peers::CALLER.scope(self.caller.clone(), async move {
             if let Err(e) = backend.delete_queue(&ns, &queue).await {
                 tracing::warn!(namespace = %ns, queue, error = %e.text, "cannot delete an auto-delete queue");
             }
-        });
+        }));
     }
 
     fn queues_lost_consumers(&mut self, ch: &Channel) {
@@ -484,6 +516,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// `basic.get`: one message if the queue has one now.
     async fn get(&mut self, id: u16, g: &basic::Get) -> Result<Option<AMQPClass>, AmqpError> {
         let queue = self.queue_name(id, g.queue.as_str())?;
+        let ns = self.namespace.clone();
+        self.allow(Need::Read { namespace: &ns, group: &queue })?;
         let mut stream = self.backend.consume(&self.namespace, &queue, 1, g.no_ack, true, false).await?;
         let first = tokio::time::timeout(self.backend.cluster.request_timeout(), stream.next()).await;
         let d = match first {
@@ -502,7 +536,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             ch.unacked.insert(delivery_tag, Unacked { queue, segment_id: d.segment_id, offset: d.offset });
             // The subscription must outlive the ack or the message goes back: it ends
             // once the message is settled (its stream then ends by itself).
-            tokio::spawn(async move { while stream.next().await.is_some() {} });
+            tokio::spawn(
+                crate::peers::CALLER.scope(self.caller.clone(), async move { while stream.next().await.is_some() {} }),
+            );
         }
         let message = d.message.unwrap_or_default();
         let ok = basic::GetOk {
@@ -536,11 +572,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         }
         for (queue, deliveries) in by_queue {
             let (backend, ns) = (self.backend.clone(), self.namespace.clone());
-            tokio::spawn(async move {
+            tokio::spawn(crate::peers::CALLER.scope(self.caller.clone(), async move {
                 if let Err(e) = backend.settle(ns, queue.clone(), deliveries, ack).await {
                     tracing::debug!(queue, error = %e, "AMQP settle failed (the messages come again)");
                 }
-            });
+            }));
         }
         Ok(())
     }

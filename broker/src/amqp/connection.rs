@@ -4,6 +4,7 @@
 //! `channel.rs`; the cluster is reached only through [`Backend`].
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use amq_protocol::frame::AMQPFrame;
@@ -24,6 +25,7 @@ use super::error::{
 };
 use super::state::Channel;
 use super::AmqpSettings;
+use crate::auth::{Caller, Failure};
 
 /// Events queued to a connection by its consumers and publishers; beyond this they
 /// wait (a client that does not read slows its own consumers, no one else).
@@ -73,11 +75,22 @@ pub(super) struct Conn<S> {
     /// The node's: publishers finish what the client sent before it went away (as
     /// RabbitMQ routes every message it received), unless the node stops.
     pub node_stop: CancellationToken,
+    /// Who logged in ([`Caller::Open`] while the cluster has no users): every method
+    /// is checked against it, and the connection's tasks run as it
+    /// (`peers::CALLER`), so what they forward to other nodes is checked there too.
+    pub caller: Caller,
+    /// The client's address (the login's failure delay and `guest`'s loopback rule).
+    from: Option<SocketAddr>,
 }
 
 /// Serves one client until it closes, breaks the protocol, or the node stops.
-pub(super) async fn run<S>(io: S, backend: Backend, settings: AmqpSettings, stop: CancellationToken)
-where
+pub(super) async fn run<S>(
+    io: S,
+    from: Option<SocketAddr>,
+    backend: Backend,
+    settings: AmqpSettings,
+    stop: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (read, writer) = tokio::io::split(io);
@@ -99,6 +112,8 @@ where
         writer,
         stop: stop.child_token(),
         node_stop: stop,
+        caller: Caller::Open,
+        from,
     };
     let handshake = tokio::time::timeout(settings.handshake_timeout, conn.handshake(&mut reader));
     let heartbeat = match handshake.await {
@@ -106,7 +121,8 @@ where
         Ok(Err(Some(e))) => return conn.close_with(&mut reader, e).await,
         Ok(Err(None)) | Err(_) => return conn.end().await,
     };
-    let outcome = conn.serve(&mut reader, &mut rx, heartbeat).await;
+    let caller = conn.caller.clone();
+    let outcome = crate::peers::CALLER.scope(caller, conn.serve(&mut reader, &mut rx, heartbeat)).await;
     match outcome {
         Err(e) => conn.close_with(&mut reader, e).await,
         Ok(()) => conn.end().await,
@@ -128,7 +144,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         self.flush().await.map_err(|_| None)?;
         match next_method(reader).await? {
             AMQPClass::Connection(connection::AMQPMethod::StartOk(ok)) => {
-                authenticate(&ok).map_err(Some)?;
+                self.caller = self.login(&ok).await.map_err(Some)?;
                 self.blocked_capable = announces(&ok.client_properties, "connection.blocked");
             }
             other => return Err(Some(unexpected(&other))),
@@ -150,6 +166,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 self.namespace = namespace_of_vhost(vhost);
                 if !self.backend.vhost_exists(&self.namespace).await {
                     return Err(Some(vhost_missing(vhost, &self.namespace)));
+                }
+                let member = crate::auth::Need::Member { namespace: &self.namespace };
+                if let Err(e) = self.backend.auth.authorize(&self.caller, &member) {
+                    return Err(Some(AmqpError::connection(
+                        NOT_ALLOWED,
+                        format!("access to vhost '{vhost}' refused: {}", e.message),
+                    )));
                 }
             }
             other => return Err(Some(unexpected(&other))),
@@ -414,9 +437,10 @@ fn announces(client_properties: &FieldTable, capability: &str) -> bool {
     }
 }
 
-/// SASL PLAIN (`\0user\0password`) and AMQPLAIN (a table of LOGIN and PASSWORD):
-/// `guest`/`guest` until users exist. The password is never logged or echoed.
-fn authenticate(ok: &connection::StartOk) -> Result<(), AmqpError> {
+/// SASL PLAIN (`\0user\0password`) and AMQPLAIN (a table of LOGIN and PASSWORD): the
+/// user name and password, or why the response cannot be read. The password is never
+/// logged or echoed.
+fn credentials(ok: &connection::StartOk) -> Result<(String, String), AmqpError> {
     let response = ok.response.as_bytes();
     let (user, password) = match ok.mechanism.as_str() {
         "PLAIN" => {
@@ -431,17 +455,42 @@ fn authenticate(ok: &connection::StartOk) -> Result<(), AmqpError> {
             ))
         }
     };
-    if user == b"guest" && password == b"guest" {
-        return Ok(());
-    }
-    Err(AmqpError::connection(
+    Ok((String::from_utf8_lossy(&user).into_owned(), String::from_utf8_lossy(&password).into_owned()))
+}
+
+/// The refusal of a login, as RabbitMQ words it (never saying which part was wrong).
+fn refused(mechanism: &str, user: &str) -> AmqpError {
+    AmqpError::connection(
         ACCESS_REFUSED,
-        format!(
-            "Login was refused using authentication mechanism {} (user '{}')",
-            ok.mechanism.as_str(),
-            String::from_utf8_lossy(&user)
-        ),
-    ))
+        format!("Login was refused using authentication mechanism {mechanism} (user '{user}')"),
+    )
+}
+
+impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
+    /// Who the client is: while the cluster has no users, `guest`/`guest` (as before
+    /// users existed); then the users of the cluster state (`guest` among them only from
+    /// a loopback address). A refusal comes after the source's failure delay.
+    async fn login(&self, ok: &connection::StartOk) -> Result<Caller, AmqpError> {
+        let auth = &self.backend.auth;
+        let mechanism = ok.mechanism.as_str();
+        let (user, password) = match credentials(ok) {
+            Ok(c) => c,
+            Err(e) => {
+                auth.refuse(Failure::Malformed, None, self.from, "amqp").await;
+                return Err(e);
+            }
+        };
+        let open = auth.open_access().map_err(|e| AmqpError::connection(CONNECTION_FORCED, e.message))?;
+        if open {
+            if user == crate::auth::GUEST && password == crate::auth::GUEST {
+                return Ok(Caller::Open);
+            }
+            let failure = if user == crate::auth::GUEST { Failure::WrongPassword } else { Failure::UnknownUser };
+            auth.refuse(failure, Some(&user), self.from, "amqp").await;
+            return Err(refused(mechanism, &user));
+        }
+        auth.login(&user, &password, self.from, "amqp").await.map_err(|_| refused(mechanism, &user))
+    }
 }
 
 /// AMQPLAIN's response is a field table without its length.
@@ -487,15 +536,16 @@ mod tests {
     }
 
     #[test]
-    fn guest_is_accepted_over_plain_and_amqplain_and_nothing_else() {
-        assert!(authenticate(&start_ok("PLAIN", b"\0guest\0guest")).is_ok());
+    fn credentials_come_from_plain_and_amqplain_and_nothing_else() {
+        let guest = ("guest".to_string(), "guest".to_string());
+        assert_eq!(credentials(&start_ok("PLAIN", b"\0guest\0guest")).unwrap(), guest);
         let amqplain =
             amq_protocol::auth::Credentials::default().sasl_auth_string(amq_protocol::auth::SASLMechanism::AMQPlain);
-        assert!(authenticate(&start_ok("AMQPLAIN", amqplain.as_bytes())).is_ok());
-        let e = authenticate(&start_ok("PLAIN", b"\0guest\0secret-password")).unwrap_err();
+        assert_eq!(credentials(&start_ok("AMQPLAIN", amqplain.as_bytes())).unwrap(), guest);
+        let e = credentials(&start_ok("EXTERNAL", b"")).unwrap_err();
         assert_eq!((e.scope, e.code), (Scope::Connection, ACCESS_REFUSED));
-        assert!(!e.text.contains("secret-password"), "a password never reaches an error: {}", e.text);
-        let e = authenticate(&start_ok("EXTERNAL", b"")).unwrap_err();
         assert!(e.text.contains("'EXTERNAL' is not supported"), "{}", e.text);
+        let e = refused("PLAIN", "bob");
+        assert_eq!(e.text, "Login was refused using authentication mechanism PLAIN (user 'bob')");
     }
 }

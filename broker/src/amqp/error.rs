@@ -112,6 +112,8 @@ impl From<std::io::Error> for AmqpError {
 impl From<RequestError> for AmqpError {
     fn from(e: RequestError) -> Self {
         let code = match e.code {
+            // The message names the user, the vhost (namespace) and the permission.
+            ErrorCode::PermissionDenied | ErrorCode::Unauthenticated => ACCESS_REFUSED,
             ErrorCode::NamespaceNotFound | ErrorCode::TopicNotFound | ErrorCode::ConsumerGroupNotFound => NOT_FOUND,
             c if (c as u32) < 5000 => PRECONDITION_FAILED,
             ErrorCode::DiskFull => RESOURCE_ERROR,
@@ -143,6 +145,8 @@ mod tests {
         assert_eq!(AmqpError::from(not_found).code, NOT_FOUND);
         let invalid = RequestError::new(ErrorCode::InvalidName, "name: bad");
         assert_eq!(AmqpError::from(invalid).code, PRECONDITION_FAILED);
+        let denied = RequestError::new(ErrorCode::PermissionDenied, "user \"bob\" has no write permission");
+        assert_eq!(AmqpError::from(denied).code, ACCESS_REFUSED);
         let timeout = RequestError::new(ErrorCode::Timeout, "no leader");
         let e = AmqpError::from(timeout);
         assert_eq!((e.scope, e.code), (Scope::Channel, INTERNAL_ERROR));

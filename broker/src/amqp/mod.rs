@@ -54,8 +54,9 @@ pub async fn serve(backend: Backend, mut incoming: Incoming, settings: AmqpSetti
             continue;
         };
         let (backend, settings, stop) = (backend.clone(), settings.clone(), stop.clone());
+        let from = conn.remote();
         tokio::spawn(async move {
-            connection::run(conn, backend, settings, stop).await;
+            connection::run(conn, from, backend, settings, stop).await;
             drop(slot);
         });
     }

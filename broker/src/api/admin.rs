@@ -10,8 +10,10 @@ use eventtermq_proto::v1 as pb;
 use eventtermq_proto::v1::admin_server::Admin;
 use tonic::{Request, Response, Status};
 
+use super::access::{allow, sees_namespace};
 use super::convert::*;
 use super::request::tag;
+use crate::auth::{Auth, Need};
 use crate::cluster::Cluster;
 use crate::cluster_state::validate;
 use crate::cluster_state::TopicUpdate;
@@ -25,6 +27,7 @@ pub struct AdminService {
     pub segments: crate::replication::Segments,
     pub groups: Groups,
     pub peers: Peers,
+    pub auth: Auth,
 }
 
 /// How long `DescribeConsumerGroups` waits for another node's figures: a group task
@@ -248,6 +251,7 @@ impl Admin for AdminService {
     async fn create_namespace(&self, req: Request<pb::CreateNamespaceRequest>) -> Reply<pb::WriteResponse> {
         let name = req.into_inner().name;
         tag(&name, None, None);
+        allow(&self.auth, Need::Admin { what: "creating a namespace" })?;
         validate::name("name", &name)?;
         written(self.cluster.write(Command::CreateNamespace { name }).await?)
     }
@@ -255,6 +259,7 @@ impl Admin for AdminService {
     async fn delete_namespace(&self, req: Request<pb::DeleteNamespaceRequest>) -> Reply<pb::WriteResponse> {
         let req = req.into_inner();
         tag(&req.name, None, None);
+        allow(&self.auth, Need::Admin { what: "deleting a namespace" })?;
         validate::name("name", &req.name)?;
         written(self.cluster.write(Command::DeleteNamespace { name: req.name, cascade: req.cascade }).await?)
     }
@@ -262,7 +267,8 @@ impl Admin for AdminService {
     async fn list_namespaces(&self, req: Request<pb::ListNamespacesRequest>) -> Reply<pb::ListNamespacesResponse> {
         let applied = self.cluster.read(!req.into_inner().stale).await?;
         Ok(Response::new(pb::ListNamespacesResponse {
-            namespaces: applied.state.namespaces.keys().cloned().collect(),
+            // A user sees the namespaces it has permissions on.
+            namespaces: applied.state.namespaces.keys().filter(|ns| sees_namespace(&self.auth, ns)).cloned().collect(),
             index: applied.last_applied.map(|l| l.index).unwrap_or(0),
         }))
     }
@@ -273,6 +279,7 @@ impl Admin for AdminService {
         let namespace = namespace_of(&req.namespace)?;
         let topic = req.topic.ok_or_else(|| RequestError::new(ErrorCode::InvalidArgument, "topic: is required"))?;
         validate::name("name", &topic.name)?;
+        allow(&self.auth, Need::Configure { namespace: &namespace, kind: "topic", name: &topic.name })?;
         let spec = topic_spec_from_pb(&topic)?;
         written(self.cluster.write(Command::CreateTopic { namespace, name: topic.name, spec }).await?)
     }
@@ -282,6 +289,7 @@ impl Admin for AdminService {
         tag(&req.namespace, Some(&req.name), None);
         let namespace = namespace_of(&req.namespace)?;
         validate::name("name", &req.name)?;
+        allow(&self.auth, Need::Configure { namespace: &namespace, kind: "topic", name: &req.name })?;
         let update = TopicUpdate {
             shards: req.shards,
             replication_factor: req.replication_factor,
@@ -308,6 +316,7 @@ impl Admin for AdminService {
         tag(&req.namespace, Some(&req.name), None);
         let namespace = namespace_of(&req.namespace)?;
         validate::name("name", &req.name)?;
+        allow(&self.auth, Need::Configure { namespace: &namespace, kind: "topic", name: &req.name })?;
         written(self.cluster.write(Command::DeleteTopic { namespace, name: req.name }).await?)
     }
 
@@ -315,6 +324,7 @@ impl Admin for AdminService {
         let req = req.into_inner();
         tag(&req.namespace, None, None);
         let namespace = namespace_of(&req.namespace)?;
+        allow(&self.auth, Need::Member { namespace: &namespace })?;
         let applied = self.cluster.read(!req.stale).await?;
         let ns = applied.state.namespace(&namespace)?;
         let (topics, next_page_token) = page(&ns.topics, &req.prefix, req.page_size, &req.page_token);
@@ -329,6 +339,7 @@ impl Admin for AdminService {
         let req = req.into_inner();
         tag(&req.namespace, None, req.consumer_group.as_ref().map(|g| g.name.as_str()));
         let (namespace, name, spec) = self.group_of_request(&req.namespace, req.consumer_group).await?;
+        allow(&self.auth, Need::Configure { namespace: &namespace, kind: "consumer group", name: &name })?;
         written(self.cluster.write(Command::CreateConsumerGroup { namespace, name, spec }).await?)
     }
 
@@ -336,6 +347,7 @@ impl Admin for AdminService {
         let req = req.into_inner();
         tag(&req.namespace, None, req.consumer_group.as_ref().map(|g| g.name.as_str()));
         let (namespace, name, spec) = self.group_of_request(&req.namespace, req.consumer_group).await?;
+        allow(&self.auth, Need::Configure { namespace: &namespace, kind: "consumer group", name: &name })?;
         let now_unix_ms = self.segments.clock().now_unix_ms();
         written(self.cluster.write(Command::UpdateConsumerGroup { namespace, name, spec, now_unix_ms }).await?)
     }
@@ -345,6 +357,7 @@ impl Admin for AdminService {
         tag(&req.namespace, None, Some(&req.name));
         let namespace = namespace_of(&req.namespace)?;
         validate::name("name", &req.name)?;
+        allow(&self.auth, Need::Configure { namespace: &namespace, kind: "consumer group", name: &req.name })?;
         written(self.cluster.write(Command::DeleteConsumerGroup { namespace, name: req.name }).await?)
     }
 
@@ -357,6 +370,7 @@ impl Admin for AdminService {
         tag(&req.namespace, None, Some(&req.name));
         let namespace = namespace_of(&req.namespace)?;
         validate::name("name", &req.name)?;
+        allow(&self.auth, Need::Read { namespace: &namespace, group: &req.name })?;
         let purged = self.groups.purge_anywhere(&self.peers, &namespace, &req.name, forwarded).await?;
         Ok(Response::new(pb::PurgeConsumerGroupResponse { purged }))
     }
@@ -368,6 +382,7 @@ impl Admin for AdminService {
         let req = req.into_inner();
         tag(&req.namespace, None, None);
         let namespace = namespace_of(&req.namespace)?;
+        allow(&self.auth, Need::Member { namespace: &namespace })?;
         let applied = self.cluster.read(!req.stale).await?;
         let ns = applied.state.namespace(&namespace)?;
         let (groups, next_page_token) = page(&ns.consumer_groups, &req.prefix, req.page_size, &req.page_token);
@@ -392,6 +407,7 @@ impl Admin for AdminService {
         for (i, n) in req.names.iter().enumerate() {
             validate::name(&format!("names[{i}]"), n)?;
         }
+        allow(&self.auth, Need::Member { namespace: &namespace })?;
         if forwarded {
             // Another node asks for the groups running here: answer from them only.
             let mut out = Vec::new();
@@ -439,6 +455,7 @@ impl Admin for AdminService {
 
     async fn dump(&self, req: Request<pb::DumpRequest>) -> Reply<pb::DumpResponse> {
         let req = req.into_inner();
+        allow(&self.auth, Need::Admin { what: "dump (the whole cluster state)" })?;
         let stale = req.stale;
         if !req.namespace.is_empty() {
             validate::name("namespace", &req.namespace)?;
@@ -488,5 +505,73 @@ impl Admin for AdminService {
                 raft_error: raft_error.unwrap_or_default(),
             }),
         }))
+    }
+
+    async fn create_user(&self, req: Request<pb::CreateUserRequest>) -> Reply<pb::WriteResponse> {
+        let req = req.into_inner();
+        allow(&self.auth, Need::Admin { what: "creating a user" })?;
+        validate::user_name("name", &req.name)?;
+        validate::password("password", &req.password)?;
+        if self.cluster.state.read().state.users.contains_key(&req.name) {
+            return Err(RequestError::new(
+                ErrorCode::UserAlreadyExists,
+                format!("name: user {:?} already exists", req.name),
+            )
+            .into());
+        }
+        // Hashed here, on the node that took the request: only the hash is replicated.
+        let password_hash = crate::auth::hash_password(req.password).await?;
+        let cmd = Command::CreateUser { name: req.name, password_hash, admin: req.admin, only_if_no_users: false };
+        written(self.cluster.write(cmd).await?)
+    }
+
+    async fn delete_user(&self, req: Request<pb::DeleteUserRequest>) -> Reply<pb::WriteResponse> {
+        let req = req.into_inner();
+        allow(&self.auth, Need::Admin { what: "deleting a user" })?;
+        validate::user_name("name", &req.name)?;
+        written(self.cluster.write(Command::DeleteUser { name: req.name }).await?)
+    }
+
+    async fn set_permissions(&self, req: Request<pb::SetPermissionsRequest>) -> Reply<pb::WriteResponse> {
+        let req = req.into_inner();
+        tag(&req.namespace, None, None);
+        allow(&self.auth, Need::Admin { what: "setting permissions" })?;
+        validate::user_name("user", &req.user)?;
+        let namespace = namespace_of(&req.namespace)?;
+        let permissions = match (req.clear, req.permissions) {
+            (true, _) => None,
+            (false, Some(p)) => Some(validate::permissions(&p.configure, &p.write, &p.read)?),
+            (false, None) => {
+                return Err(RequestError::new(ErrorCode::InvalidArgument, "permissions: is required (or clear)").into())
+            }
+        };
+        written(self.cluster.write(Command::SetPermissions { user: req.user, namespace, permissions }).await?)
+    }
+
+    async fn list_users(&self, req: Request<pb::ListUsersRequest>) -> Reply<pb::ListUsersResponse> {
+        allow(&self.auth, Need::Admin { what: "listing users" })?;
+        let applied = self.cluster.read(!req.into_inner().stale).await?;
+        let users = applied
+            .state
+            .users
+            .iter()
+            .map(|(name, u)| pb::User {
+                name: name.clone(),
+                admin: u.admin,
+                permissions: u
+                    .permissions
+                    .iter()
+                    .map(|(ns, p)| {
+                        let p = pb::Permissions {
+                            configure: p.configure.as_str().to_string(),
+                            write: p.write.as_str().to_string(),
+                            read: p.read.as_str().to_string(),
+                        };
+                        (ns.clone(), p)
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListUsersResponse { users, index: applied.last_applied.map(|l| l.index).unwrap_or(0) }))
     }
 }

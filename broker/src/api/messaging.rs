@@ -12,8 +12,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use super::access::allow;
 use super::admin::namespace_of;
 use super::request::tag;
+use crate::auth::{Auth, Need};
 use crate::cluster_state::validate;
 use crate::consumer_groups::Groups;
 use crate::error::{ErrorCode, RequestError};
@@ -27,6 +29,7 @@ pub struct MessagingService {
     pub segments: Segments,
     pub groups: Groups,
     pub peers: Peers,
+    pub auth: Auth,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -140,6 +143,8 @@ impl Messaging for MessagingService {
     async fn publish(&self, req: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
         let hops = hops(req.metadata());
         tag(&req.get_ref().namespace, Some(&req.get_ref().topic), None);
+        let namespace = namespace_of(&req.get_ref().namespace)?;
+        allow(&self.auth, Need::Write { namespace: &namespace, topic: &req.get_ref().topic })?;
         // A forwarded publish was counted where it arrived.
         Ok(Response::new(publish_counted(&self.segments, req.into_inner(), hops, hops == 0, None).await?))
     }
@@ -155,6 +160,8 @@ impl Messaging for MessagingService {
         tag(&first.namespace, Some(&first.topic), None);
         let namespace = namespace_of(&first.namespace)?;
         validate::name("topic", &first.topic)?;
+        // Every request of the stream goes to this topic (`same_topic`).
+        allow(&self.auth, Need::Write { namespace: &namespace, topic: &first.topic })?;
         // A stream whose topic's primary is elsewhere is relayed there whole, so its
         // messages keep their order.
         let routing_key = first.messages.first().map(|m| m.routing_key.as_str());
@@ -229,6 +236,7 @@ impl Messaging for MessagingService {
         tag(&req.namespace, None, Some(&req.consumer_group));
         req.namespace = namespace_of(&req.namespace)?;
         validate::name("consumer_group", &req.consumer_group)?;
+        allow(&self.auth, Need::Read { namespace: &req.namespace, group: &req.consumer_group })?;
         let stream = self.groups.subscribe_anywhere(&self.peers, req, fwd).await?;
         Ok(Response::new(to_client(stream)))
     }
@@ -239,6 +247,7 @@ impl Messaging for MessagingService {
         tag(&req.namespace, None, Some(&req.consumer_group));
         let namespace = namespace_of(&req.namespace)?;
         validate::name("consumer_group", &req.consumer_group)?;
+        allow(&self.auth, Need::Read { namespace: &namespace, group: &req.consumer_group })?;
         self.groups.settle_anywhere(&self.peers, namespace, req.consumer_group, req.deliveries, true, fwd).await?;
         #[allow(deprecated)] // `ok`: still sent for clients that read it
         Ok(Response::new(pb::AckResponse { ok: true }))
@@ -250,6 +259,7 @@ impl Messaging for MessagingService {
         tag(&req.namespace, None, Some(&req.consumer_group));
         let namespace = namespace_of(&req.namespace)?;
         validate::name("consumer_group", &req.consumer_group)?;
+        allow(&self.auth, Need::Read { namespace: &namespace, group: &req.consumer_group })?;
         self.groups.settle_anywhere(&self.peers, namespace, req.consumer_group, req.deliveries, false, fwd).await?;
         #[allow(deprecated)] // `ok`: still sent for clients that read it
         Ok(Response::new(pb::NackResponse { ok: true }))

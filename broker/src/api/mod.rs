@@ -2,6 +2,7 @@
 //! node-to-node API ([`internal`], open only to cluster members: [`guard`]),
 //! `grpc.health.v1` and server reflection (of the client services only).
 
+pub mod access;
 pub mod admin;
 pub mod convert;
 pub mod guard;
@@ -96,6 +97,8 @@ pub struct Services {
     pub segments: Segments,
     pub groups: Groups,
     pub peers: Peers,
+    /// Users: who a client is and what it may do.
+    pub auth: crate::auth::Auth,
 }
 
 /// Serves the gRPC port; node-to-node calls only as `access` allows.
@@ -117,7 +120,7 @@ pub fn serve(
     let reflection_v1alpha =
         reflection().build_v1alpha().expect("descriptor sets are generated at build time and valid");
 
-    let Services { cluster, membership, segments, groups, peers } = services;
+    let Services { cluster, membership, segments, groups, peers, auth } = services;
     let grpc_metrics = GrpcMetricsLayer { metrics: segments.metrics().clone() };
     let guard = guard::InternalGuardLayer::new(access, segments.metrics().clone());
     tokio::spawn(report_health(cluster.clone(), health_reporter, stop.clone()));
@@ -126,11 +129,17 @@ pub fn serve(
         segments: segments.clone(),
         groups: groups.clone(),
         peers: peers.clone(),
+        auth: auth.clone(),
     })
     .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
-    let messaging = MessagingServer::new(messaging::MessagingService { segments: segments.clone(), groups, peers })
-        .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES)
-        .max_encoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
+    let messaging = MessagingServer::new(messaging::MessagingService {
+        segments: segments.clone(),
+        groups,
+        peers,
+        auth: auth.clone(),
+    })
+    .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES)
+    .max_encoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
     let internal = InternalServer::new(internal::InternalService { cluster, membership, segments })
         .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES)
         .max_encoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
@@ -143,6 +152,7 @@ pub fn serve(
                     .layer(grpc_metrics)
                     .layer(guard)
                     .layer(request::RequestContextLayer)
+                    .layer(access::AccessLayer { auth })
                     .into_inner(),
             )
             .add_service(health_service)

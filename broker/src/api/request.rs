@@ -129,6 +129,7 @@ where
             namespace = tracing::field::Empty,
             topic = tracing::field::Empty,
             group = tracing::field::Empty,
+            user = tracing::field::Empty,
         );
         let answer = span.in_scope(|| self.inner.call(req));
         let scope_id = id.clone();

@@ -47,6 +47,8 @@ impl Touched {
                 vec![Touched::Offsets { namespace: namespace.clone(), group: g.clone() }]
             }
             Command::SetNode { .. } | Command::RemoveNode { .. } | Command::SetDiskLow { .. } => vec![Touched::Nodes],
+            // Nothing a group or segment task acts on: access is checked per request.
+            Command::CreateUser { .. } | Command::DeleteUser { .. } | Command::SetPermissions { .. } => Vec::new(),
             Command::CloseSegment { id, .. }
             | Command::SegmentDone { id, .. }
             | Command::SegmentLost { id, .. }

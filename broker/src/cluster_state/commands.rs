@@ -144,6 +144,25 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
         handed_out: std::collections::BTreeMap<SegmentId, u64>,
     },
+    /// A user of the client APIs with its password's hash (made on the node that took
+    /// the request, never here). `only_if_no_users`: the bootstrap admin of
+    /// `--admin-user`, created only while the cluster has no user at all.
+    CreateUser {
+        name: String,
+        password_hash: String,
+        admin: bool,
+        #[serde(default)]
+        only_if_no_users: bool,
+    },
+    DeleteUser {
+        name: String,
+    },
+    /// Sets (`Some`) or removes (`None`) a user's permissions on a namespace.
+    SetPermissions {
+        user: String,
+        namespace: String,
+        permissions: Option<Permissions>,
+    },
     /// `command`, identified: applied once; a repeat of the same `id` (a write retried
     /// after its outcome was unknown, maybe through another node) changes nothing and
     /// answers as the first did, index included ([`ClusterState::apply_at`]).
@@ -196,6 +215,9 @@ impl ClusterState {
             }
             Command::DeleteNamespace { name, .. } => {
                 self.namespaces.remove(name);
+                for user in self.users.values_mut() {
+                    user.permissions.remove(name);
+                }
                 self.segments.retain(|_, s| s.namespace != *name);
                 self.groups.remove(name);
             }
@@ -242,6 +264,26 @@ impl ClusterState {
             | Command::SetSegmentReplicas { .. }
             | Command::DeleteSegments { .. } => self.apply_segment_change(cmd),
             Command::AssignGroup { .. } | Command::CommitOffsets { .. } => self.apply_group_runtime(cmd),
+            Command::CreateUser { name, password_hash, admin, .. } => {
+                let user =
+                    User { password_hash: password_hash.clone(), admin: *admin, permissions: Default::default() };
+                self.users.insert(name.clone(), user);
+            }
+            Command::DeleteUser { name } => {
+                self.users.remove(name);
+            }
+            Command::SetPermissions { user, namespace, permissions } => {
+                if let Some(u) = self.users.get_mut(user) {
+                    match permissions {
+                        Some(p) => {
+                            u.permissions.insert(namespace.clone(), p.clone());
+                        }
+                        None => {
+                            u.permissions.remove(namespace);
+                        }
+                    }
+                }
+            }
             Command::Once { .. } => {}
         }
         Ok(())
@@ -418,6 +460,19 @@ impl ClusterState {
             | Command::SegmentLost { .. }
             | Command::SetSegmentReplicas { .. }
             | Command::DeleteSegments { .. } => self.check_segment_change(cmd),
+            Command::CreateUser { name, password_hash, only_if_no_users, .. } => {
+                self.check_create_user(name, password_hash, *only_if_no_users)
+            }
+            Command::DeleteUser { name } => {
+                validate::user_name("name", name)?;
+                self.user(name).map(|_| ())
+            }
+            Command::SetPermissions { user, namespace, .. } => {
+                validate::user_name("user", user)?;
+                self.user(user)?;
+                validate::name("namespace", namespace)?;
+                self.namespace(namespace).map(|_| ())
+            }
             Command::AssignGroup { namespace, group, .. } | Command::CommitOffsets { namespace, group, .. } => {
                 if self.group_runtime(namespace, group).is_some() {
                     Ok(())
@@ -429,6 +484,31 @@ impl ClusterState {
                 }
             }
         }
+    }
+
+    fn check_create_user(&self, name: &str, password_hash: &str, only_if_no_users: bool) -> Result<(), RequestError> {
+        validate::user_name("name", name)?;
+        validate::password_hash("password_hash", password_hash)?;
+        if self.users.contains_key(name) {
+            return Err(RequestError::new(ErrorCode::UserAlreadyExists, format!("name: user {name:?} already exists")));
+        }
+        if only_if_no_users && !self.users.is_empty() {
+            return Err(RequestError::new(
+                ErrorCode::UserAlreadyExists,
+                format!(
+                    "name: the bootstrap admin {name:?} is created only while the cluster has no user, and it has {}",
+                    self.users.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The user `name`, or `UserNotFound`.
+    pub fn user(&self, name: &str) -> Result<&User, RequestError> {
+        self.users
+            .get(name)
+            .ok_or_else(|| RequestError::new(ErrorCode::UserNotFound, format!("user: {name:?} does not exist")))
     }
 
     fn check_delete_namespace(&self, name: &str, cascade: bool) -> Result<(), RequestError> {
@@ -763,6 +843,62 @@ mod tests {
         old.as_object_mut().unwrap().remove("applied_requests");
         let old: ClusterState = serde_json::from_value(old).unwrap();
         assert!(old.applied_requests.is_empty());
+    }
+
+    #[test]
+    fn users_are_created_given_permissions_and_survive_a_snapshot() {
+        let mut s = ClusterState::new_cluster();
+        s.apply(&Command::CreateNamespace { name: "a".into() }).unwrap();
+        use argon2::password_hash::{PasswordHasher, SaltString};
+        let salt = SaltString::encode_b64(b"sixteen byte salt").unwrap();
+        let hash = argon2::Argon2::default().hash_password(b"pw", &salt).unwrap().to_string();
+        let create = |name: &str, only_if_no_users| Command::CreateUser {
+            name: name.into(),
+            password_hash: hash.clone(),
+            admin: false,
+            only_if_no_users,
+        };
+        s.apply(&create("admin", true)).unwrap();
+        let e = s.apply(&create("second", true)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::UserAlreadyExists, "the bootstrap admin only into a cluster without users");
+        s.apply(&create("bob", false)).unwrap();
+        assert_eq!(s.apply(&create("bob", false)).unwrap_err().code, ErrorCode::UserAlreadyExists);
+        let e = s.apply(&create("bad name", false)).unwrap_err();
+        assert!(e.message.starts_with("name: \"bad name\" is not a valid user name"), "{}", e.message);
+        let e = s
+            .apply(&Command::CreateUser {
+                name: "x".into(),
+                password_hash: "plain".into(),
+                admin: false,
+                only_if_no_users: false,
+            })
+            .unwrap_err();
+        assert!(e.message.starts_with("password_hash:"), "{}", e.message);
+        let p = validate::permissions("^t", "^t", ".*").unwrap();
+        let set = |user: &str, ns: &str| Command::SetPermissions {
+            user: user.into(),
+            namespace: ns.into(),
+            permissions: Some(p.clone()),
+        };
+        s.apply(&set("bob", "a")).unwrap();
+        assert_eq!(s.apply(&set("bob", "nope")).unwrap_err().code, ErrorCode::NamespaceNotFound);
+        assert_eq!(s.apply(&set("carol", "a")).unwrap_err().code, ErrorCode::UserNotFound);
+        assert_eq!(s.users["bob"].permissions["a"], p);
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(!json.contains("\"pw\""));
+        let back: ClusterState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        assert!(back.users["bob"].permissions["a"].read.matches("anything"), "patterns come back compiled");
+        // A pattern that is not a regex never gets into the state.
+        assert_eq!(validate::permissions("(", "", "").unwrap_err().code, ErrorCode::InvalidPermission);
+        // A deleted namespace takes its permissions along; a deleted user is gone.
+        s.apply(&Command::DeleteNamespace { name: "a".into(), cascade: true }).unwrap();
+        assert!(s.users["bob"].permissions.is_empty());
+        s.apply(&Command::DeleteUser { name: "bob".into() }).unwrap();
+        assert_eq!(s.apply(&Command::DeleteUser { name: "bob".into() }).unwrap_err().code, ErrorCode::UserNotFound);
+        assert!(!format!("{:?}", s.users["admin"]).contains("argon2"), "no hash in debug output");
+        // A state without users serializes as before.
+        assert!(!serde_json::to_string(&ClusterState::new_cluster()).unwrap().contains("users"));
     }
 
     #[test]

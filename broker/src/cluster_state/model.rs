@@ -34,6 +34,123 @@ pub struct ClusterState {
     /// them out, their segments rotate away) until they report space again.
     #[serde(default)]
     pub disk_low: BTreeMap<NodeId, DiskLow>,
+    /// Users of the client APIs, by name. While there is none, client access is open
+    /// (see the README's Security section).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub users: BTreeMap<String, User>,
+}
+
+/// A user of the client APIs (gRPC and AMQP).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// The password's argon2id hash as a PHC string (salt and parameters included),
+    /// made on the node that took the request: the password itself is never in the
+    /// state, the Raft log or a snapshot.
+    pub password_hash: String,
+    /// A cluster administrator: every permission on every namespace, and the
+    /// namespaces and users themselves.
+    #[serde(default)]
+    pub admin: bool,
+    /// What the user may do, by namespace; a namespace not listed: nothing.
+    #[serde(default)]
+    pub permissions: BTreeMap<String, Permissions>,
+}
+
+/// The hash stays out of debug output (logs, test failures).
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User").field("admin", &self.admin).field("permissions", &self.permissions).finish()
+    }
+}
+
+/// A user's permissions on one namespace, as RabbitMQ's: each a pattern the names a
+/// request touches must match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Permissions {
+    /// Create, update and delete topics and consumer groups.
+    pub configure: Pattern,
+    /// Publish to topics.
+    pub write: Pattern,
+    /// Subscribe to, ack, nack and purge consumer groups.
+    pub read: Pattern,
+}
+
+/// Longest permission pattern, in bytes.
+pub const PATTERN_LEN_MAX: usize = 1024;
+/// Most memory one compiled permission pattern may take (the regex crate's size
+/// limit), so that a pattern cannot make every node spend much memory.
+pub const PATTERN_COMPILED_SIZE_MAX_BYTES: usize = 256 * 1024;
+
+/// A permission pattern: a regular expression matched anywhere in a name (unanchored,
+/// as RabbitMQ's: `^orders\.` for a prefix, `.*` for everything); the empty pattern
+/// matches nothing. Kept compiled; compared and serialized as its text.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Pattern {
+    source: String,
+    /// `None`: the empty pattern.
+    regex: Option<regex::Regex>,
+}
+
+impl Pattern {
+    /// The pattern `source`, or why it is not one (naming `field`).
+    pub fn parse(field: &str, source: &str) -> Result<Pattern, RequestError> {
+        let invalid = |rule: String| {
+            RequestError::new(crate::error::ErrorCode::InvalidPermission, format!("{field}: {source:?} {rule}"))
+        };
+        if source.len() > PATTERN_LEN_MAX {
+            return Err(invalid(format!("is longer than {PATTERN_LEN_MAX} bytes")));
+        }
+        if source.is_empty() {
+            return Ok(Pattern { source: String::new(), regex: None });
+        }
+        let regex = regex::RegexBuilder::new(source)
+            .size_limit(PATTERN_COMPILED_SIZE_MAX_BYTES)
+            .build()
+            .map_err(|e| invalid(format!("is not a valid regular expression: {}", one_line(&e.to_string()))))?;
+        Ok(Pattern { source: source.to_string(), regex: Some(regex) })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether `name` matches (somewhere in it; never for the empty pattern).
+    pub fn matches(&self, name: &str) -> bool {
+        self.regex.as_ref().is_some_and(|r| r.is_match(name))
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+impl Eq for Pattern {}
+
+impl std::fmt::Debug for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.source)
+    }
+}
+
+impl TryFrom<String> for Pattern {
+    type Error = RequestError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Pattern::parse("pattern", &s)
+    }
+}
+
+impl From<Pattern> for String {
+    fn from(p: Pattern) -> String {
+        p.source
+    }
 }
 
 /// Identity of one cluster-state write, picked (at random) by the node that first

@@ -61,6 +61,22 @@ impl SharedState {
     fn write(&self) -> RwLockWriteGuard<'_, AppliedState> {
         self.0.write().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// A state of its own, outside any Raft (unit tests of what reads the state).
+    pub fn detached(state: ClusterState) -> Self {
+        SharedState(Arc::new(RwLock::new(AppliedState {
+            last_applied: None,
+            membership: StoredMembership::default(),
+            state,
+            changes: ChangeLog::default(),
+        })))
+    }
+
+    /// Changes a [`SharedState::detached`] state (unit tests).
+    #[cfg(test)]
+    pub(crate) fn change_detached(&self, f: impl FnOnce(&mut ClusterState)) {
+        f(&mut self.write().state)
+    }
 }
 
 /// What a snapshot holds (its data is the JSON of this).

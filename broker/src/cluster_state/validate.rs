@@ -26,6 +26,54 @@ pub fn name(field: &str, value: &str) -> Result<(), RequestError> {
     Ok(())
 }
 
+/// Longest user name.
+pub const USER_NAME_LEN_MAX: usize = 64;
+/// Longest password, in bytes (argon2 takes any length; this bounds a request).
+pub const PASSWORD_LEN_MAX_BYTES: usize = 1024;
+
+/// User names: 1-64 characters of `[A-Za-z0-9._@-]`.
+pub fn user_name(field: &str, value: &str) -> Result<(), RequestError> {
+    let ok_chars = value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'));
+    if value.is_empty() || value.len() > USER_NAME_LEN_MAX || !ok_chars {
+        return Err(RequestError::new(
+            ErrorCode::InvalidName,
+            format!(
+                "{field}: {value:?} is not a valid user name (1-{USER_NAME_LEN_MAX} characters of A-Z a-z 0-9 . _ @ -)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A password a user may be given: 1-1024 bytes. The error never shows it.
+pub fn password(field: &str, value: &str) -> Result<(), RequestError> {
+    if value.is_empty() || value.len() > PASSWORD_LEN_MAX_BYTES {
+        return Err(RequestError::new(
+            ErrorCode::InvalidPassword,
+            format!("{field}: must be 1-{PASSWORD_LEN_MAX_BYTES} bytes (got {})", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// A stored password hash: an argon2id PHC string (`$argon2id$v=19$m=...,t=...,p=...$salt$hash`).
+pub fn password_hash(field: &str, value: &str) -> Result<(), RequestError> {
+    let ok = argon2::PasswordHash::new(value).is_ok_and(|h| h.algorithm.as_str() == "argon2id" && h.hash.is_some());
+    if !ok {
+        return Err(RequestError::new(ErrorCode::InvalidArgument, format!("{field}: is not an argon2id PHC string")));
+    }
+    Ok(())
+}
+
+/// A user's permissions on a namespace: three patterns, each a valid one.
+pub fn permissions(configure: &str, write: &str, read: &str) -> Result<Permissions, RequestError> {
+    Ok(Permissions {
+        configure: Pattern::parse("configure", configure)?,
+        write: Pattern::parse("write", write)?,
+        read: Pattern::parse("read", read)?,
+    })
+}
+
 pub fn shards(value: u32) -> Result<(), RequestError> {
     if !(SHARDS_MIN..=SHARDS_MAX).contains(&value) {
         return Err(RequestError::new(

@@ -298,6 +298,7 @@ struct Families {
     cluster_writes_failed: Counter,
     internal_refused: Family<RefusalLabels, Counter>,
     tls_handshakes_failed: Counter,
+    auth_failures: Family<RefusalLabels, Counter>,
 }
 
 impl Families {
@@ -328,6 +329,7 @@ impl Families {
             cluster_writes_failed: Counter::default(),
             internal_refused: Family::default(),
             tls_handshakes_failed: Counter::default(),
+            auth_failures: Family::default(),
         }
     }
 
@@ -343,6 +345,13 @@ impl Families {
             "Connections to a TLS listener (gRPC or AMQP) that did not complete a handshake: plaintext, an unknown \
              CA, no client certificate where one is required, or no handshake in time",
             self.tls_handshakes_failed.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Client requests and AMQP logins refused by authentication or authorization, by reason: missing \
+             (no credentials while users exist), malformed, unknown_user, wrong_password, guest_not_loopback, \
+             permission_denied",
+            self.auth_failures.clone(),
         );
     }
 
@@ -558,6 +567,11 @@ impl Metrics {
     /// A node-to-node call refused (see `security::Refusal::as_str`).
     pub fn internal_refused(&self, reason: &'static str) {
         self.inner.f.internal_refused.get_or_create(&RefusalLabels { reason }).inc();
+    }
+
+    /// A client request or AMQP login refused by authentication or authorization.
+    pub fn auth_failed(&self, reason: &'static str) {
+        self.inner.f.auth_failures.get_or_create(&RefusalLabels { reason }).inc();
     }
 
     /// Starts counting one gRPC request to `method` (a path such as

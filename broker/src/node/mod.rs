@@ -128,6 +128,9 @@ pub async fn start(
     let segments =
         Segments::new(store, cluster.clone(), peers.clone(), config.clock.clone(), config.data.clone(), disk.clone());
     let groups = Groups::new(segments.clone());
+    let auth_settings =
+        crate::auth::AuthSettings { awaiting_bootstrap_admin: config.bootstrap_admin.is_some(), ..config.auth.clone() };
+    let auth = crate::auth::Auth::new(cluster.state.clone(), cluster.metrics().clone(), &auth_settings);
 
     let services = Services {
         cluster: cluster.clone(),
@@ -135,6 +138,7 @@ pub async fn start(
         segments: segments.clone(),
         groups: groups.clone(),
         peers: peers.clone(),
+        auth,
     };
     let observer = crate::api::metrics::Observer::new(&services);
     let tasks = Tasks::spawn(&config, services, (listeners.incoming, listeners.amqp), disk, &stop);
@@ -230,9 +234,10 @@ impl Tasks {
         disk: crate::disk::Disk,
         stop: &CancellationToken,
     ) -> Tasks {
-        let Services { cluster, membership, segments, groups, peers } = &services;
+        let Services { cluster, membership, segments, groups, peers, auth } = &services;
         let amqp = amqp.map(|incoming| {
             let backend = crate::amqp::Backend {
+                auth: auth.clone(),
                 cluster: cluster.clone(),
                 segments: segments.clone(),
                 groups: groups.clone(),
@@ -242,6 +247,7 @@ impl Tasks {
             tokio::spawn(crate::amqp::serve(backend, incoming, config.amqp.clone(), stop.clone()))
         });
         let reconcile_interval = Duration::from_millis(config.reconcile_interval_ms);
+        tokio::spawn(users_at_start(config.bootstrap_admin.clone(), cluster.clone(), auth.clone(), stop.clone()));
         Tasks {
             keeper: tokio::spawn(crate::replication::keeper::run(segments.clone(), stop.clone())),
             placement: tokio::spawn(crate::replication::placement::run(
@@ -263,6 +269,71 @@ impl Tasks {
             server: crate::api::serve(services, config.internal_access.clone(), incoming, stop.clone()),
             amqp,
         }
+    }
+}
+
+/// Pause between attempts of [`users_at_start`] while the cluster cannot answer.
+const USERS_AT_START_RETRY: Duration = Duration::from_secs(1);
+
+/// Once the node can read the cluster state: with no user in it, creates the bootstrap
+/// administrator of `--admin-user` (only while there is still none: two nodes started
+/// with it create one), or says once that client access is open until a user exists.
+async fn users_at_start(
+    admin: Option<crate::config::BootstrapAdmin>,
+    cluster: Cluster,
+    auth: crate::auth::Auth,
+    stop: CancellationToken,
+) {
+    let work = async {
+        let users = loop {
+            let users = cluster.read(true).await.map(|applied| applied.state.users.len());
+            match users {
+                Ok(n) => break n,
+                Err(_) => tokio::time::sleep(USERS_AT_START_RETRY).await,
+            }
+        };
+        if users > 0 {
+            tracing::info!(users, "client access requires authentication (the cluster has users)");
+            return;
+        }
+        let Some(admin) = admin else {
+            tracing::warn!(
+                "client access is OPEN: the cluster has no users, so every client may do everything until one \
+                 exists (start a node with --admin-user and --admin-password-file, or run create-user)"
+            );
+            return;
+        };
+        let cmd = crate::cluster_state::Command::CreateUser {
+            name: admin.name.clone(),
+            password_hash: admin.password_hash.clone(),
+            admin: true,
+            only_if_no_users: true,
+        };
+        loop {
+            match cluster.write(cmd.clone()).await {
+                Ok(_) => {
+                    tracing::info!(user = %admin.name, "created the bootstrap administrator (--admin-user)");
+                    return;
+                }
+                Err(e) if e.code == crate::error::ErrorCode::UserAlreadyExists => {
+                    tracing::info!(user = %admin.name, reason = %e, "--admin-user not created: the cluster has users");
+                    return;
+                }
+                Err(e) if e.retryable() || e.code.outcome_unknown() => {
+                    tracing::debug!(error = %e, "bootstrap administrator not written yet; retrying");
+                    tokio::time::sleep(USERS_AT_START_RETRY).await;
+                }
+                Err(e) => {
+                    tracing::error!(user = %admin.name, error = %e, "cannot create the bootstrap administrator");
+                    return;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => {}
+        _ = work => auth.bootstrap_admin_settled(),
     }
 }
 

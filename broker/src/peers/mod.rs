@@ -256,6 +256,19 @@ tokio::task_local! {
     pub static REQUEST_ID: String;
 }
 
+tokio::task_local! {
+    /// Who the client request the current task handles is for: set by `api/` (and
+    /// `amqp/`) around a request's handling, sent along with every request it forwards
+    /// to another node ([`crate::security::CALLER_METADATA`]), which checks it too.
+    /// Unset: the node's own work.
+    pub static CALLER: crate::security::Caller;
+}
+
+/// Who the current task works for (the node itself outside any client request).
+pub fn current_caller() -> crate::security::Caller {
+    CALLER.try_with(|c| c.clone()).unwrap_or(crate::security::Caller::Node)
+}
+
 /// Longest request id a client may choose.
 pub const REQUEST_ID_LEN_MAX: usize = 64;
 
@@ -278,6 +291,10 @@ fn forwarded<T>(message: T, hops: u32) -> tonic::Request<T> {
     // The client's request keeps its id on every node it passes (their logs match).
     if let Some(v) = current_request_id().and_then(|id| id.parse().ok()) {
         req.metadata_mut().insert(eventtermq_api::error::REQUEST_ID_METADATA, v);
+    }
+    // The caller's identity, so the node it reaches checks the request too.
+    if let Some(v) = current_caller().to_metadata().and_then(|c| c.parse().ok()) {
+        req.metadata_mut().insert(crate::security::CALLER_METADATA, v);
     }
     req
 }

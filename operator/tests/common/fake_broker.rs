@@ -449,6 +449,26 @@ impl Admin for FakeBroker {
             None => Err(Status::unavailable("no leader")),
         }
     }
+
+    // The operator manages no users yet: the fake has none of them.
+    async fn create_user(&self, _: Request<pb::CreateUserRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+        Err(Status::unimplemented("users: not in the fake broker"))
+    }
+
+    async fn delete_user(&self, _: Request<pb::DeleteUserRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+        Err(Status::unimplemented("users: not in the fake broker"))
+    }
+
+    async fn set_permissions(
+        &self,
+        _: Request<pb::SetPermissionsRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        Err(Status::unimplemented("users: not in the fake broker"))
+    }
+
+    async fn list_users(&self, _: Request<pb::ListUsersRequest>) -> Result<Response<pb::ListUsersResponse>, Status> {
+        Err(Status::unimplemented("users: not in the fake broker"))
+    }
 }
 
 /// Starts the fake on 127.0.0.1:0; it runs until the test's runtime ends.
