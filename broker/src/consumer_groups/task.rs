@@ -157,6 +157,10 @@ struct Task {
     /// The segments whose offsets / hand-out marks the commit in flight carries: if it
     /// fails they are not recorded, and the next commit carries them again.
     commit_carries: (Vec<SegmentId>, Vec<SegmentId>),
+    /// Commits failed in a row: the next one waits longer ([`commit_backoff`]), so
+    /// that thousands of groups do not retry together into a cluster that cannot
+    /// take their writes now.
+    commit_failures: u32,
     /// Commits started so far; the one in flight is number `commits_started`.
     commits_started: u64,
     /// [`GroupCmd::Flush`]es, each with the number of the commit that records it.
@@ -236,7 +240,8 @@ pub(crate) async fn run(
         // Anything may have moved the offsets: a commit within one interval, unless
         // this wake-up was the commit itself (an idle group then commits no more).
         if !committing && !commit_due.is_armed() {
-            commit_due.arm(tokio::time::Instant::now() + commit_interval);
+            let wait = commit_backoff(commit_interval, t.commit_failures, &t.name);
+            commit_due.arm(tokio::time::Instant::now() + wait);
         }
         if !peek_due.is_armed() && t.peeks.is_empty() && !t.reader.peeks_due().is_empty() {
             peek_due.arm(tokio::time::Instant::now() + LAG_PEEK_INTERVAL);
@@ -315,6 +320,7 @@ impl Task {
             last_handed_out: runtime.handed_out,
             commit_in_flight: None,
             commit_carries: Default::default(),
+            commit_failures: 0,
             commits_started: 0,
             flushes: Vec::new(),
             peeks: FuturesUnordered::new(),
@@ -707,13 +713,22 @@ impl Task {
             // Not recorded (or not known to be): the next commit carries them again,
             // else a group that then stays idle would never record how far it got,
             // and retention would keep what it has consumed.
-            tracing::info!(namespace = %self.namespace, group = %self.name, error = %e, "offset commit failed; retried with the next one");
+            self.commit_failures = self.commit_failures.saturating_add(1);
+            if self.commit_failures == 1 {
+                tracing::info!(namespace = %self.namespace, group = %self.name, error = %e,
+                    "offset commit failed; retried with the next one, later each time while they fail");
+            } else {
+                tracing::debug!(namespace = %self.namespace, group = %self.name, error = %e,
+                    failures = self.commit_failures, "offset commit failed again");
+            }
             for id in offsets {
                 self.last_committed.remove(&id);
             }
             for id in handed_out {
                 self.last_handed_out.remove(&id);
             }
+        } else {
+            self.commit_failures = 0;
         }
         let done = self.commits_started;
         for (_, reply) in self.flushes.extract_if(.., |(needs, _)| *needs <= done) {
@@ -757,6 +772,27 @@ impl Task {
         }
     }
 }
+
+/// The wait before the next commit: the interval, doubled for each commit that failed
+/// in a row up to [`COMMIT_BACKOFF_MAX_FACTOR`] times it, plus (after a failure) up
+/// to one interval more that depends on the group's name, so that groups that failed
+/// together spread their retries (the same every run: simulations replay).
+fn commit_backoff(interval: Duration, failures: u32, name: &str) -> Duration {
+    if failures == 0 {
+        return interval;
+    }
+    let factor = 1u32 << failures.min(COMMIT_BACKOFF_MAX_FACTOR.trailing_zeros());
+    let spread = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        (name, failures).hash(&mut h);
+        interval.mul_f64((h.finish() % 1000) as f64 / 1000.0)
+    };
+    interval * factor + spread
+}
+
+/// At most this many intervals between commits while they fail (a power of two).
+const COMMIT_BACKOFF_MAX_FACTOR: u32 = 32;
 
 /// Waits for the commit in flight (the caller polls this only when there is one).
 async fn commit_done(commit: &mut Option<JoinHandle<Result<u64, RequestError>>>) -> Result<(), String> {
@@ -812,4 +848,23 @@ fn settle(buffer: &mut GroupBuffer, keys: &[(SegmentId, u64)], ack: bool) -> (u6
         ),
     );
     (done, Err(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_that_fail_wait_longer_each_time_up_to_a_bound_spread_by_group() {
+        let i = Duration::from_secs(1);
+        assert_eq!(commit_backoff(i, 0, "g"), i, "no failure: the interval");
+        for (failures, factor) in [(1, 2), (2, 4), (5, 32), (6, 32), (1000, 32)] {
+            let wait = commit_backoff(i, failures, "g");
+            assert!(wait >= i * factor && wait < i * (factor + 1), "{failures} failures: {wait:?}");
+            assert_eq!(wait, commit_backoff(i, failures, "g"), "the same every time");
+        }
+        let spread: std::collections::BTreeSet<Duration> =
+            (0..50).map(|n| commit_backoff(i, 3, &format!("group-{n}"))).collect();
+        assert!(spread.len() > 40, "groups that failed together retry apart: {spread:?}");
+    }
 }
