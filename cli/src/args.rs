@@ -277,6 +277,14 @@ pub struct BrokerArgs {
     /// AMQP: open connections at most per node; more are closed as they arrive.
     #[arg(long, default_value_t = AmqpSettings::default().connections_max)]
     pub amqp_connections_max: usize,
+    /// AMQP: messages one transaction (tx.select) holds until tx.commit at most; one
+    /// more closes the channel with 406 PRECONDITION_FAILED.
+    #[arg(long, default_value_t = AmqpSettings::default().tx_messages_max)]
+    pub amqp_tx_messages_max: usize,
+    /// AMQP: message body bytes one transaction holds until tx.commit at most; more
+    /// close the channel with 406 PRECONDITION_FAILED.
+    #[arg(long, default_value_t = AmqpSettings::default().tx_max_bytes)]
+    pub amqp_tx_max_bytes: u64,
     /// HTTP port of /metrics (Prometheus text, OpenMetrics when asked) on --host
     /// (default: --port + 2, i.e. 16002; 0: no metrics endpoint).
     #[arg(long)]

@@ -30,6 +30,10 @@ const QUEUE_OPS_PORT: u16 = 27600;
 /// connection.blocked: one node on 127.0.0.234, its data directory on a small tmpfs.
 const BLOCKED_HOST: &str = "127.0.0.234";
 const BLOCKED_PORT: u16 = 27610;
+/// Transactions, channel.flow, TTL and length limits: 127.0.0.245-247, nodes run
+/// with `--amqp-tx-messages-max 5`.
+const FEATURES: [&str; 3] = ["127.0.0.245", "127.0.0.246", "127.0.0.247"];
+const FEATURES_PORT: u16 = 27800;
 const AMQP_PORT: u16 = PORT + 1;
 const PIKA: &str = "pika>=1.3,<2";
 const AMQPLIB: &str = "amqplib@0.10";
@@ -75,6 +79,28 @@ fn pika_on(hosts: [&str; 3], amqp_port: u16, checks: &[&str]) -> String {
     let out = stdout(&o);
     assert!(o.status.success(), "pika checks {checks:?} failed:\n{out}\n{}", stderr(&o));
     out
+}
+
+/// [`cluster_on`] with `extra` flags on every node.
+fn cluster_with(name: &str, hosts: [&str; 3], port: u16, extra: &[&str]) -> Vec<Broker> {
+    let base = test_dir(name);
+    let seed = format!("{}:{port}", hosts[0]);
+    let nodes = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let join = if i == 0 { vec![] } else { vec![seed.clone()] };
+            let extra = extra.iter().map(|s| s.to_string()).collect();
+            let mut b = Broker { child: None, host: h.to_string(), port, dir: base.join(format!("n{i}")), join, extra };
+            b.spawn();
+            b
+        })
+        .collect();
+    eventually(Duration::from_secs(30), "3 ALIVE nodes", || {
+        let o = cli(hosts[2], port, &["dump"]);
+        o.status.success() && alive_count(&stdout(&o)) == 3
+    });
+    nodes
 }
 
 fn cluster(name: &str, hosts: [&str; 3]) -> Vec<Broker> {
@@ -189,6 +215,38 @@ fn queue_counts_purge_conditional_delete_and_exclusive_consumers_across_nodes() 
     let o = cli(HOSTS[1], PORT, &["purge-consumer-group", "no-such-group"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("no-such-group"), "{}", stderr(&o));
+}
+
+/// Transactions as RabbitMQ's on one channel (publishes and acks held until
+/// `tx.commit`, dropped by `tx.rollback`, 406 where RabbitMQ answers 406, the
+/// transaction's bound), and `channel.flow` stopping a channel's deliveries.
+#[test]
+fn transactions_and_channel_flow_as_rabbitmq() {
+    const HOSTS: [&str; 3] = FEATURES;
+    let _nodes = cluster_with("amqp_features", HOSTS, FEATURES_PORT, &["--amqp-tx-messages-max", "5"]);
+    let out = pika_on(HOSTS, FEATURES_PORT + 1, &["transactions", "tx_errors", "flow"]);
+    for c in [
+        "tx_publishes_held",
+        "tx_commit_publishes",
+        "tx_rollback_drops_publishes",
+        "tx_mandatory_returned_at_commit",
+        "tx_nack_held",
+        "tx_nack_at_commit",
+        "tx_ack_at_commit",
+        "tx_select_on_confirm_406",
+        "confirm_select_on_tx_406",
+        "tx_commit_without_select_406",
+        "tx_rollback_without_select_406",
+        "tx_messages_max_406",
+        "tx_beyond_limit_dropped",
+        "tx_commit_unstorable_406",
+        "flow_off_ok",
+        "flow_off_nothing_delivered",
+        "flow_on_ok",
+        "flow_on_delivered",
+    ] {
+        assert!(out.contains(&format!("ok {c}\n")), "{c} missing:\n{out}");
+    }
 }
 
 /// A client that announced the `connection.blocked` capability is told when the node's

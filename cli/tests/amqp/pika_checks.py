@@ -418,9 +418,160 @@ def exclusive_consumers():
     p.close()
     c.close()
 
+
+def get_now(ch, queue):
+    """A basic.get with auto-ack: the body, or None when the queue has nothing now."""
+    method, _, body = ch.basic_get(queue=queue, auto_ack=True)
+    return body.decode() if method else None
+
+
+def get_all(ch, queue, want):
+    """Gets with auto-ack until `want` bodies arrived (bounded)."""
+    got = []
+    deadline = time.time() + WAIT_S
+    while len(got) < want and time.time() < deadline:
+        body = get_now(ch, queue)
+        if body is None:
+            time.sleep(0.1)
+        else:
+            got.append(body)
+    return got
+
+
+def transactions():
+    """tx.select / tx.commit / tx.rollback as RabbitMQ's: a transactional channel's
+    publishes and acks wait for the commit; a rollback drops them (a rolled-back ack
+    leaves the delivery unacknowledged)."""
+    c = connect(CON)
+    cch = c.channel()
+    cch.queue_declare(queue="txq")
+    p = connect(PUB)
+    pch = p.channel()
+    pch.tx_select()
+    for b in ["t1", "t2", "t3"]:
+        pch.basic_publish(exchange="", routing_key="txq", body=b)
+    time.sleep(1)
+    expect("tx_publishes_held", get_now(cch, "txq"), None)
+    pch.tx_commit()
+    # Stored before commit-ok: there at once.
+    expect("tx_commit_publishes", [get_now(cch, "txq") for _ in range(3)], ["t1", "t2", "t3"])
+    pch.basic_publish(exchange="", routing_key="txq", body="rolled-back")
+    pch.tx_rollback()
+    pch.basic_publish(exchange="", routing_key="txq", body="committed")
+    pch.tx_commit()
+    expect("tx_rollback_drops_publishes", get_all(cch, "txq", 1) + [get_now(cch, "txq")], ["committed", None])
+    # An empty commit is fine; a mandatory message no queue takes comes back at commit.
+    pch.tx_commit()
+    returned = []
+    pch.add_on_return_callback(lambda _ch, method, _props, body: returned.append((method.reply_code, body.decode())))
+    pch.basic_publish(exchange="", routing_key="no-such-queue", body="unroutable", mandatory=True)
+    pch.tx_commit()
+    p.process_data_events(time_limit=0.5)
+    expect("tx_mandatory_returned_at_commit", returned, [(312, "unroutable")])
+
+    # Acks: a consumer's transactional channel.
+    pch.basic_publish(exchange="", routing_key="txq", body="acked")
+    pch.tx_commit()
+    tch = c.channel()
+    tch.tx_select()
+    method = None
+    deadline = time.time() + WAIT_S
+    while method is None and time.time() < deadline:
+        method, _, body = tch.basic_get(queue="txq", auto_ack=False)
+    tch.basic_ack(delivery_tag=method.delivery_tag)
+    tch.tx_rollback()
+    # Rolled back: still unacknowledged, the same tag may be acked (or nacked) again.
+    tch.basic_nack(delivery_tag=method.delivery_tag, requeue=True)
+    time.sleep(1)
+    expect("tx_nack_held", get_now(cch, "txq"), None)
+    tch.tx_commit()
+    method = None
+    deadline = time.time() + WAIT_S
+    while method is None and time.time() < deadline:
+        method, _, body = tch.basic_get(queue="txq", auto_ack=False)
+    expect("tx_nack_at_commit", (body.decode() if method else None, method and method.redelivered), ("acked", True))
+    tch.basic_ack(delivery_tag=method.delivery_tag)
+    tch.tx_commit()
+    tch.close()
+    # Acknowledged at commit: nothing comes back once its channel is closed.
+    time.sleep(1)
+    expect("tx_ack_at_commit", get_now(cch, "txq"), None)
+    p.close()
+    c.close()
+
+
+def tx_errors():
+    """406 as RabbitMQ answers: tx on a confirm channel, confirms on a tx channel,
+    commit or rollback without tx.select; a transaction beyond --amqp-tx-messages-max
+    (the test's nodes run with 5); a commit whose message cannot be stored."""
+    refused("tx_select_on_confirm_406", 406, "cannot switch from confirm to tx mode",
+            lambda ch: (ch.confirm_delivery(), ch.tx_select()))
+    refused("confirm_select_on_tx_406", 406, "cannot switch from tx to confirm mode",
+            lambda ch: (ch.tx_select(), ch.confirm_delivery()))
+    refused("tx_commit_without_select_406", 406, "channel is not transactional", lambda ch: ch.tx_commit())
+    refused("tx_rollback_without_select_406", 406, "channel is not transactional", lambda ch: ch.tx_rollback())
+    c = connect(CON)
+    c.channel().queue_declare(queue="txlimit")
+
+    def beyond_limit(ch):
+        ch.tx_select()
+        for i in range(6):
+            ch.basic_publish(exchange="", routing_key="txlimit", body=f"m{i}")
+        ch.tx_commit()
+
+    refused("tx_messages_max_406", 406, "at most 5 messages (--amqp-tx-messages-max)", beyond_limit)
+    expect("tx_beyond_limit_dropped", get_now(c.channel(), "txlimit"), None)
+
+    # A topic deleted between the publish and the commit: that message cannot be stored.
+    ch = c.channel()
+    ch.exchange_declare(exchange="tx-gone", exchange_type="fanout")
+    ch.queue_declare(queue="tx-gone-q")
+    ch.queue_bind(exchange="tx-gone", queue="tx-gone-q")
+
+    def unstorable(tch):
+        tch.tx_select()
+        tch.basic_publish(exchange="tx-gone", routing_key="", body="x")
+        ch.exchange_delete(exchange="tx-gone")
+        time.sleep(0.5)  # every node applied the delete
+        tch.tx_commit()
+
+    refused("tx_commit_unstorable_406", 406, "partial tx completion: 1 of 1 messages could not be stored", unstorable)
+    c.close()
+
+
+def flow():
+    """channel.flow active=false: the channel's consumers get nothing until it is
+    active again (then all of it); publishing on that channel goes on."""
+    c = connect(CON)
+    ch = c.channel()
+    ch.queue_declare(queue="flowq")
+    got = []
+    ch.basic_consume(queue="flowq", on_message_callback=lambda _c, _m, _p, body: got.append(body.decode()),
+                     auto_ack=True)
+    expect("flow_off_ok", ch.flow(False), False)
+    p = connect(PUB)
+    pch = p.channel()
+    pch.confirm_delivery()
+    pch.basic_publish(exchange="", routing_key="flowq", body="f1")
+    # Publishing on the stopped channel is not affected.
+    ch.confirm_delivery()
+    ch.basic_publish(exchange="", routing_key="flowq", body="f2")
+    deadline = time.time() + 2
+    while time.time() < deadline:
+        c.process_data_events(time_limit=0.2)
+    expect("flow_off_nothing_delivered", got, [])
+    expect("flow_on_ok", ch.flow(True), True)
+    deadline = time.time() + WAIT_S
+    while len(got) < 2 and time.time() < deadline:
+        c.process_data_events(time_limit=0.2)
+    expect("flow_on_delivered", sorted(got), ["f1", "f2"])
+    p.close()
+    c.close()
+
+
 CHECKS = {f.__name__: f for f in [hello, work_queues, publish_subscribe, routing, topics, rpc,
                                   confirms_and_mandatory, dead_letters, errors, interop_prepare, interop_consume, interop_publish,
-                                  queue_ops, exclusive_consumers]}
+                                  queue_ops, exclusive_consumers, transactions, tx_errors, flow]}
 
 for name in sys.argv[4:]:
     CHECKS[name]()
