@@ -121,6 +121,15 @@ pub struct GroupArgs {
     /// --deliveries-max, with headers saying where they came from and why.
     #[arg(long, default_value = "")]
     pub dead_letter_topic: String,
+    /// A message waiting in the group longer than this many milliseconds since it was
+    /// stored is not delivered: it goes to --dead-letter-topic, or is dropped (0: never
+    /// expires; at most 4294967295).
+    #[arg(long, default_value_t = 0)]
+    pub message_ttl_ms: u64,
+    /// At most this many messages wait undelivered; the oldest beyond go to
+    /// --dead-letter-topic, or are dropped (0: no limit; at most --size).
+    #[arg(long, default_value_t = 0)]
+    pub ready_messages_max: u64,
 }
 
 #[derive(Debug, Args)]

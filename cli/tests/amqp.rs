@@ -219,12 +219,16 @@ fn queue_counts_purge_conditional_delete_and_exclusive_consumers_across_nodes() 
 
 /// Transactions as RabbitMQ's on one channel (publishes and acks held until
 /// `tx.commit`, dropped by `tx.rollback`, 406 where RabbitMQ answers 406, the
-/// transaction's bound), and `channel.flow` stopping a channel's deliveries.
+/// transaction's bound), `channel.flow` stopping a channel's deliveries, and the
+/// queue arguments `x-message-ttl` and `x-max-length` (dead-lettered as `expired` and
+/// `maxlen`), which are the group settings `message_ttl_ms` and `ready_messages_max`
+/// over gRPC too.
 #[test]
-fn transactions_and_channel_flow_as_rabbitmq() {
+fn transactions_flow_message_ttl_and_max_length_as_rabbitmq() {
     const HOSTS: [&str; 3] = FEATURES;
-    let _nodes = cluster_with("amqp_features", HOSTS, FEATURES_PORT, &["--amqp-tx-messages-max", "5"]);
-    let out = pika_on(HOSTS, FEATURES_PORT + 1, &["transactions", "tx_errors", "flow"]);
+    const PORT: u16 = FEATURES_PORT;
+    let _nodes = cluster_with("amqp_features", HOSTS, PORT, &["--amqp-tx-messages-max", "5"]);
+    let out = pika_on(HOSTS, PORT + 1, &["transactions", "tx_errors", "flow", "ttl_and_max_length"]);
     for c in [
         "tx_publishes_held",
         "tx_commit_publishes",
@@ -244,9 +248,58 @@ fn transactions_and_channel_flow_as_rabbitmq() {
         "flow_off_nothing_delivered",
         "flow_on_ok",
         "flow_on_delivered",
+        "ttl_dead_lettered_expired",
+        "ttl_not_delivered",
+        "ttl_dropped_without_dlx",
+        "ttl_fresh_delivered",
+        "ttl_fresh_not_dead",
+        "max_length_oldest_dead_lettered",
+        "max_length_newest_kept",
+        "ttl_type_406",
+        "ttl_range_406",
+        "max_length_range_406",
+        "overflow_reject_publish_406",
     ] {
         assert!(out.contains(&format!("ok {c}\n")), "{c} missing:\n{out}");
     }
+
+    // The queue's settings are the group's, as gRPC shows them.
+    let ok = |args: &[&str]| {
+        let o = cli(HOSTS[0], PORT, args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        stdout(&o)
+    };
+    let listed = ok(&["list-consumer-groups"]);
+    let group = |name: &str| -> serde_json::Value {
+        let line =
+            listed.lines().find(|l| l.contains(&format!(r#""name":"{name}""#))).unwrap_or_else(|| panic!("{listed}"));
+        serde_json::from_str(line).unwrap()
+    };
+    assert_eq!(
+        (group("ttlq")["message_ttl_ms"].as_u64(), group("ttlq")["ready_messages_max"].as_u64()),
+        (Some(1000), Some(0))
+    );
+    assert_eq!(group("maxq")["ready_messages_max"].as_u64(), Some(2));
+    // Over gRPC: a group with a TTL and no dead-letter topic drops what waited longer.
+    ok(&["create-topic", "ttl-t"]);
+    ok(&["create-consumer-group", "ttl-g", "--bind", "ttl-t", "--message-ttl-ms", "700", "--ready-messages-max", "3"]);
+    let dump = dump_json_on(HOSTS[2], PORT);
+    let ns = dump["namespaces"].as_array().unwrap().iter().find(|n| n["name"] == "default").unwrap();
+    let g = ns["consumer_groups"].as_array().unwrap().iter().find(|g| g["name"] == "ttl-g").unwrap();
+    assert_eq!((g["message_ttl_ms"].as_u64(), g["ready_messages_max"].as_u64()), (Some(700), Some(3)), "{g}");
+    ok(&["publish", "ttl-t", "expires"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    ok(&["publish", "ttl-t", "kept"]);
+    let got = ok(&["subscribe", "ttl-g", "--max-messages", "1", "--wait", "20s"]);
+    assert!(got.contains(r#""data":"a2VwdA==""#), "only 'kept' is delivered: {got}");
+    // Bad settings are refused naming the field.
+    let o = cli(
+        HOSTS[0],
+        PORT,
+        &["create-consumer-group", "bad-g", "--bind", "ttl-t", "--size", "5", "--ready-messages-max", "6"],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stderr(&o).contains("ready_messages_max: 6 is more than size (5)"), "{}", stderr(&o));
 }
 
 /// A client that announced the `connection.blocked` capability is told when the node's
@@ -469,7 +522,11 @@ fn pika_kill(args: &[&str]) -> Command {
 
 /// The cluster state as `dump --output json` on `host` shows it.
 fn dump_json(host: &str) -> serde_json::Value {
-    let o = cli(host, PORT, &["dump", "--output", "json"]);
+    dump_json_on(host, PORT)
+}
+
+fn dump_json_on(host: &str, port: u16) -> serde_json::Value {
+    let o = cli(host, port, &["dump", "--output", "json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     serde_json::from_str(&stdout(&o)).unwrap()
 }

@@ -19,6 +19,7 @@ use eventtermq_proto::v1 as pb;
 use super::convert::text_value;
 use super::error::{AmqpError, ACCESS_REFUSED, INTERNAL_ERROR, NOT_ALLOWED, NOT_FOUND, PRECONDITION_FAILED};
 use crate::cluster::Cluster;
+use crate::cluster_state::validate::{CONSUMER_GROUP_SIZE_MAX, MESSAGE_TTL_MS_MAX};
 use crate::cluster_state::{
     validate, BindingSpec, ClusterState, Command, ConsumerGroupSpec, ExchangeType, HeadersMatch, TopicSpec,
     DEFAULT_NAMESPACE,
@@ -154,27 +155,69 @@ fn topic_spec(kind: ExchangeType) -> TopicSpec {
     }
 }
 
-/// The arguments of `queue.declare` a group honours: none yet beyond the queue type
-/// RabbitMQ clients name (every group is replicated, like a quorum queue).
+/// What `queue.declare`'s arguments ask for.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct QueueArguments {
+    /// `x-delivery-limit`: the group's `deliveries_max`.
+    deliveries_max: u32,
+    /// `x-dead-letter-exchange`.
+    dead_letter_exchange: Option<String>,
+    /// `x-message-ttl`: the group's `message_ttl_ms`.
+    message_ttl_ms: u64,
+    /// `x-max-length` (overflow `drop-head`): the group's `ready_messages_max`.
+    ready_messages_max: u64,
+}
+
 /// What `queue.declare`'s arguments ask for: a delivery limit (`x-delivery-limit`)
 /// and a dead-letter exchange (`x-dead-letter-exchange`), as RabbitMQ's quorum queues
-/// take them; `x-queue-type` is accepted and ignored (every queue is replicated).
-fn queue_arguments(args: &FieldTable) -> Result<(u32, Option<String>), AmqpError> {
-    let (mut limit, mut dead_letters) = (0, None);
+/// take them, a message TTL (`x-message-ttl`) and a length limit (`x-max-length`,
+/// `x-overflow` `drop-head` only); `x-queue-type` is accepted and ignored (every queue
+/// is replicated). Anything else: 406 naming the argument.
+fn queue_arguments(args: &FieldTable) -> Result<QueueArguments, AmqpError> {
+    let mut a = QueueArguments::default();
     for (k, v) in args.inner() {
         let refused = |rule: &str| AmqpError::channel(PRECONDITION_FAILED, format!("queue argument '{k}': {rule}"));
         match (k.as_str(), v) {
             ("x-queue-type", AMQPValue::LongString(_) | AMQPValue::ShortString(_)) => {}
             ("x-delivery-limit", v) => {
                 let n = integer(v).ok_or_else(|| refused("must be an integer"))?;
-                limit = u32::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| refused("must be 1 or more"))?;
+                a.deliveries_max =
+                    u32::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| refused("must be 1 or more"))?;
             }
+            ("x-message-ttl", v) => {
+                let n = integer(v).ok_or_else(|| refused("must be an integer (milliseconds)"))?;
+                a.message_ttl_ms =
+                    u64::try_from(n).ok().filter(|n| (1..=MESSAGE_TTL_MS_MAX).contains(n)).ok_or_else(|| {
+                        refused(&format!(
+                            "{n} is out of range (1-{MESSAGE_TTL_MS_MAX} ms; 0, expire unless delivered at once, is \
+                             not supported)"
+                        ))
+                    })?;
+            }
+            ("x-max-length", v) => {
+                let n = integer(v).ok_or_else(|| refused("must be an integer (messages)"))?;
+                let max = u64::from(CONSUMER_GROUP_SIZE_MAX);
+                a.ready_messages_max = u64::try_from(n)
+                    .ok()
+                    .filter(|n| (1..=max).contains(n))
+                    .ok_or_else(|| refused(&format!("{n} is out of range (1-{max} messages)")))?;
+            }
+            ("x-overflow", v) => match text(v).as_deref() {
+                Some("drop-head") => {}
+                Some(other @ ("reject-publish" | "reject-publish-dlx")) => {
+                    return Err(refused(&format!(
+                        "'{other}' is not supported: a queue is a consumer group reading a log that takes every \
+                         publish; only 'drop-head' (the default) is"
+                    )))
+                }
+                _ => return Err(refused("must be 'drop-head'")),
+            },
             ("x-dead-letter-exchange", v) => {
                 let name = text(v).ok_or_else(|| refused("must be a string"))?;
                 if name.is_empty() {
                     return Err(refused("the default exchange needs x-dead-letter-routing-key, which is not supported (yet): name an exchange"));
                 }
-                dead_letters = Some(name);
+                a.dead_letter_exchange = Some(name);
             }
             (other, _) => {
                 return Err(AmqpError::channel(
@@ -184,7 +227,7 @@ fn queue_arguments(args: &FieldTable) -> Result<(u32, Option<String>), AmqpError
             }
         }
     }
-    Ok((limit, dead_letters))
+    Ok(a)
 }
 
 fn integer(v: &AMQPValue) -> Option<i64> {
@@ -382,8 +425,8 @@ impl Backend {
         if passive || self.queue_exists(namespace, name).await {
             return if self.queue_exists(namespace, name).await { Ok(false) } else { Err(no_queue(namespace, name)) };
         }
-        let (deliveries_max, dead_letter_exchange) = queue_arguments(args)?;
-        let dead_letter_topic = match dead_letter_exchange {
+        let a = queue_arguments(args)?;
+        let dead_letter_topic = match a.dead_letter_exchange {
             Some(exchange) => self.ensure_exchange(namespace, &exchange).await?.0,
             None => String::new(),
         };
@@ -395,10 +438,13 @@ impl Backend {
         };
         let spec = ConsumerGroupSpec {
             bindings: vec![binding],
-            size: eventtermq_api::defaults::CONSUMER_GROUP_SIZE,
+            // The buffer holds the ready messages x-max-length counts.
+            size: eventtermq_api::defaults::CONSUMER_GROUP_SIZE.max(a.ready_messages_max as u32),
             since_unix_ms: self.start_ms(),
-            deliveries_max,
+            deliveries_max: a.deliveries_max,
             dead_letter_topic,
+            message_ttl_ms: a.message_ttl_ms,
+            ready_messages_max: a.ready_messages_max,
             ..Default::default()
         };
         let cmd = Command::CreateConsumerGroup { namespace: namespace.into(), name: name.into(), spec };
@@ -658,6 +704,47 @@ mod tests {
         drop((b, other));
         assert_eq!((consumers.count("default", "q"), consumers.count("v", "q")), (0, 0));
         assert!(lock(&consumers.0).is_empty(), "nothing kept for queues without consumers");
+    }
+
+    #[test]
+    fn queue_arguments_are_checked_and_name_what_is_wrong() {
+        let args = |pairs: &[(&str, AMQPValue)]| {
+            let mut t = FieldTable::default();
+            for (k, v) in pairs {
+                t.insert((*k).into(), v.clone());
+            }
+            queue_arguments(&t)
+        };
+        let ok = args(&[
+            ("x-message-ttl", AMQPValue::LongInt(1500)),
+            ("x-max-length", AMQPValue::ShortInt(5)),
+            ("x-overflow", AMQPValue::LongString("drop-head".into())),
+            ("x-dead-letter-exchange", AMQPValue::LongString("dlx".into())),
+        ])
+        .unwrap();
+        assert_eq!(
+            ok,
+            QueueArguments {
+                deliveries_max: 0,
+                dead_letter_exchange: Some("dlx".into()),
+                message_ttl_ms: 1500,
+                ready_messages_max: 5
+            }
+        );
+        for (pairs, text) in [
+            (vec![("x-message-ttl", AMQPValue::LongString("1000".into()))], "'x-message-ttl': must be an integer"),
+            (vec![("x-message-ttl", AMQPValue::LongInt(-1))], "'x-message-ttl': -1 is out of range"),
+            (vec![("x-message-ttl", AMQPValue::LongInt(0))], "'x-message-ttl': 0 is out of range"),
+            (vec![("x-message-ttl", AMQPValue::LongLongInt(1 << 33))], "'x-message-ttl': 8589934592 is out of range"),
+            (vec![("x-max-length", AMQPValue::LongInt(0))], "'x-max-length': 0 is out of range"),
+            (vec![("x-max-length", AMQPValue::Boolean(true))], "'x-max-length': must be an integer"),
+            (vec![("x-overflow", AMQPValue::LongString("reject-publish".into()))], "'reject-publish' is not supported"),
+            (vec![("x-max-length-bytes", AMQPValue::LongInt(10))], "'x-max-length-bytes' is not supported"),
+        ] {
+            let e = args(&pairs).unwrap_err();
+            assert_eq!((e.scope, e.code), (super::super::error::Scope::Channel, PRECONDITION_FAILED));
+            assert!(e.text.contains(text), "{} does not contain {text}", e.text);
+        }
     }
 
     #[test]

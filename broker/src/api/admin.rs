@@ -139,6 +139,8 @@ impl AdminService {
             ack_timeout_ms: g.ack_timeout_ms,
             deliveries_max: g.deliveries_max,
             dead_letter_topic: g.dead_letter_topic.clone(),
+            message_ttl_ms: g.message_ttl_ms,
+            ready_messages_max: g.ready_messages_max,
         };
         validate::consumer_group_spec(&spec)?;
         Ok(spec)

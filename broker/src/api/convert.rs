@@ -148,6 +148,8 @@ pub fn consumer_group_to_pb(name: &str, g: &ConsumerGroupSpec) -> pb::ConsumerGr
         ack_timeout_ms: g.ack_timeout_ms,
         deliveries_max: g.deliveries_max,
         dead_letter_topic: g.dead_letter_topic.clone(),
+        message_ttl_ms: g.message_ttl_ms,
+        ready_messages_max: g.ready_messages_max,
         node_id: 0,
         committed_offsets: Default::default(),
     }

@@ -474,6 +474,14 @@ pub struct ConsumerGroupSpec {
     /// Topic of the group's namespace that takes its dead letters; empty: none.
     #[serde(default)]
     pub dead_letter_topic: String,
+    /// A message waiting longer than this since it was stored is not delivered: it is
+    /// dead-lettered (reason `expired`) or dropped; 0: messages do not expire.
+    #[serde(default)]
+    pub message_ttl_ms: u64,
+    /// At most this many messages wait undelivered; the oldest beyond are
+    /// dead-lettered (reason `maxlen`) or dropped; 0: no limit. At most `size`.
+    #[serde(default)]
+    pub ready_messages_max: u64,
 }
 
 impl ConsumerGroupSpec {

@@ -242,7 +242,7 @@ def errors():
 
     channel_error("error_406_exchange_type", 406, redeclare)
     channel_error("error_406_queue_argument", 406,
-                  lambda ch: ch.queue_declare(queue="with-ttl", arguments={"x-message-ttl": 1000}))
+                  lambda ch: ch.queue_declare(queue="with-max-bytes", arguments={"x-max-length-bytes": 1000}))
     channel_error("error_403_reserved_name", 403, lambda ch: ch.exchange_declare(exchange="amq.mine", exchange_type="direct"))
     try:
         connect(PUB, virtual_host="no-such-vhost")
@@ -569,9 +569,74 @@ def flow():
     c.close()
 
 
+
+def dead_letter_queue(ch, exchange, queue):
+    ch.exchange_declare(exchange=exchange, exchange_type="fanout")
+    ch.queue_declare(queue=queue)
+    ch.queue_bind(exchange=exchange, queue=queue)
+
+
+def dead_letters_in(ch, queue, want):
+    """(body, x-first-death-reason, x-first-death-queue) of `want` dead letters."""
+    got = []
+    deadline = time.time() + WAIT_S
+    while len(got) < want and time.time() < deadline:
+        method, props, body = ch.basic_get(queue=queue, auto_ack=True)
+        if method:
+            h = props.headers or {}
+            got.append((body.decode(), h.get("x-first-death-reason"), h.get("x-first-death-queue")))
+        else:
+            time.sleep(0.1)
+    return got
+
+
+def ttl_and_max_length():
+    """x-message-ttl: a message that waited longer is not delivered but dead-lettered
+    (reason expired) without any consumer, or dropped without a dead-letter exchange;
+    x-max-length: the oldest ready messages beyond it are dead-lettered (maxlen)."""
+    c = connect(CON)
+    ch = c.channel()
+    dead_letter_queue(ch, "ttl-dlx", "ttl-dlq")
+    ch.queue_declare(queue="ttlq", arguments={"x-message-ttl": 1000, "x-dead-letter-exchange": "ttl-dlx"})
+    ch.queue_declare(queue="ttl-drop", arguments={"x-message-ttl": 500})
+    p = connect(PUB)
+    pch = p.channel()
+    pch.confirm_delivery()
+    pch.basic_publish(exchange="", routing_key="ttlq", body="old")
+    pch.basic_publish(exchange="", routing_key="ttl-drop", body="dropped")
+    expect("ttl_dead_lettered_expired", dead_letters_in(ch, "ttl-dlq", 1), [("old", "expired", "ttlq")])
+    expect("ttl_not_delivered", get_now(ch, "ttlq"), None)
+    time.sleep(1)
+    expect("ttl_dropped_without_dlx", get_now(ch, "ttl-drop"), None)
+    # Younger than its TTL: delivered.
+    pch.basic_publish(exchange="", routing_key="ttlq", body="fresh")
+    expect("ttl_fresh_delivered", get_all(ch, "ttlq", 1), ["fresh"])
+    expect("ttl_fresh_not_dead", get_now(ch, "ttl-dlq"), None)
+
+    dead_letter_queue(ch, "max-dlx", "max-dlq")
+    ch.queue_declare(queue="maxq", arguments={"x-max-length": 2, "x-overflow": "drop-head",
+                                              "x-dead-letter-exchange": "max-dlx"})
+    for i in range(1, 6):
+        pch.basic_publish(exchange="", routing_key="maxq", body=f"m{i}")
+    expect("max_length_oldest_dead_lettered", dead_letters_in(ch, "max-dlq", 3),
+           [("m1", "maxlen", "maxq"), ("m2", "maxlen", "maxq"), ("m3", "maxlen", "maxq")])
+    expect("max_length_newest_kept", get_all(ch, "maxq", 2) + [get_now(ch, "maxq")], ["m4", "m5", None])
+    p.close()
+    c.close()
+    refused("ttl_type_406", 406, "queue argument 'x-message-ttl': must be an integer",
+            lambda ch: ch.queue_declare(queue="bad-ttl", arguments={"x-message-ttl": "1000"}))
+    refused("ttl_range_406", 406, "queue argument 'x-message-ttl': -5 is out of range",
+            lambda ch: ch.queue_declare(queue="bad-ttl", arguments={"x-message-ttl": -5}))
+    refused("max_length_range_406", 406, "queue argument 'x-max-length': 0 is out of range",
+            lambda ch: ch.queue_declare(queue="bad-max", arguments={"x-max-length": 0}))
+    refused("overflow_reject_publish_406", 406, "'reject-publish' is not supported",
+            lambda ch: ch.queue_declare(queue="bad-max", arguments={"x-max-length": 5,
+                                                                    "x-overflow": "reject-publish"}))
+
+
 CHECKS = {f.__name__: f for f in [hello, work_queues, publish_subscribe, routing, topics, rpc,
                                   confirms_and_mandatory, dead_letters, errors, interop_prepare, interop_consume, interop_publish,
-                                  queue_ops, exclusive_consumers, transactions, tx_errors, flow]}
+                                  queue_ops, exclusive_consumers, transactions, tx_errors, flow, ttl_and_max_length]}
 
 for name in sys.argv[4:]:
     CHECKS[name]()
