@@ -235,6 +235,7 @@ pub fn consumer_group_json(g: &pb::ConsumerGroup) -> Value {
         "dead_letter_topic": g.dead_letter_topic,
         "message_ttl_ms": g.message_ttl_ms,
         "ready_messages_max": g.ready_messages_max,
+        "exclusive_node_id": g.exclusive_node_id,
         "node_id": g.node_id,
         "committed_offsets": g.committed_offsets,
     })

@@ -34,6 +34,9 @@ const BLOCKED_PORT: u16 = 27610;
 /// with `--amqp-tx-messages-max 5`.
 const FEATURES: [&str; 3] = ["127.0.0.245", "127.0.0.246", "127.0.0.247"];
 const FEATURES_PORT: u16 = 27800;
+/// Exclusive queues of a node that dies: 127.0.0.248-250.
+const EXCLUSIVE: [&str; 3] = ["127.0.0.248", "127.0.0.249", "127.0.0.250"];
+const EXCLUSIVE_PORT: u16 = 27810;
 const AMQP_PORT: u16 = PORT + 1;
 const PIKA: &str = "pika>=1.3,<2";
 const AMQPLIB: &str = "amqplib@0.10";
@@ -647,4 +650,75 @@ fn every_confirmed_publish_is_delivered_through_kill_9_of_the_queues_nodes() {
         &lost[..lost.len().min(10)],
         consumer.tail()
     );
+}
+
+/// The consumer group `name` of namespace `default` in the dump on `host`, if any.
+fn group_in_dump(host: &str, port: u16, name: &str) -> Option<serde_json::Value> {
+    let dump = dump_json_on(host, port);
+    let ns = dump["namespaces"].as_array()?.iter().find(|n| n["name"] == "default")?;
+    ns["consumer_groups"].as_array()?.iter().find(|g| g["name"] == name).cloned()
+}
+
+/// The node id of `host` in the dump on `on`.
+fn node_id_of(on: &str, port: u16, host: &str) -> u64 {
+    let dump = dump_json_on(on, port);
+    let node = dump["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["address"].as_str().is_some_and(|a| a.starts_with(&format!("{host}:"))));
+    node.and_then(|n| n["id"].as_u64()).unwrap_or_else(|| panic!("{host} not in {dump}"))
+}
+
+/// An exclusive queue goes with its connection even when the node holding that
+/// connection dies: killed (-9) and left down, the leader deletes it once the node
+/// is DEAD; killed and started again at once, the node deletes the exclusive queues
+/// of its earlier run. An ordinary queue declared on the same connection stays.
+#[test]
+fn exclusive_queues_of_a_node_killed_or_restarted_are_deleted() {
+    const HOSTS: [&str; 3] = EXCLUSIVE;
+    const PORT: u16 = EXCLUSIVE_PORT;
+    let mut nodes = cluster_on("amqp_exclusive_owner", HOSTS, PORT);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/amqp/pika_exclusive.py");
+    let amqp_port = (PORT + 1).to_string();
+    let hold = |host: &str, queue: &str, kept: &str| {
+        let mut cmd = Command::new("timeout");
+        cmd.args(["300", "python3", script, host, &amqp_port, queue, kept]).env("PYTHONPATH", pika_path());
+        let holder = Lines::spawn(&mut cmd);
+        eventually(Duration::from_secs(30), "the exclusive queue declared", || !holder.with("declared").is_empty());
+        holder
+    };
+    let exists = |name: &str| group_in_dump(HOSTS[0], PORT, name).is_some();
+
+    // Killed and left down.
+    let holder = hold(HOSTS[2], "ex-dead", "kept-dead");
+    let owner = group_in_dump(HOSTS[0], PORT, "ex-dead").unwrap()["exclusive_node_id"].as_u64();
+    assert_eq!(owner, Some(node_id_of(HOSTS[0], PORT, HOSTS[2])), "the queue records its connection's node");
+    assert_eq!(group_in_dump(HOSTS[0], PORT, "kept-dead").unwrap()["exclusive_node_id"].as_u64(), Some(0));
+    nodes[2].kill9();
+    let killed = Instant::now();
+    eventually(Duration::from_secs(60), "ex-dead deleted", || !exists("ex-dead"));
+    eprintln!("exclusive queue of a killed node deleted {:?} after the kill", killed.elapsed());
+    assert!(exists("kept-dead"), "an ordinary queue stays");
+    drop(holder);
+    nodes[2].spawn();
+    eventually(Duration::from_secs(60), "3 ALIVE nodes", || {
+        let o = cli(HOSTS[0], PORT, &["dump"]);
+        o.status.success() && alive_count(&stdout(&o)) == 3
+    });
+
+    // Killed and started again at once.
+    let holder = hold(HOSTS[1], "ex-restart", "kept-restart");
+    assert!(exists("ex-restart"));
+    nodes[1].kill9();
+    nodes[1].spawn();
+    let restarted = Instant::now();
+    eventually(Duration::from_secs(60), "ex-restart deleted", || !exists("ex-restart"));
+    let by_itself = nodes[1].log().contains("deleted an exclusive queue of this node's earlier run");
+    eprintln!(
+        "exclusive queue of a restarted node deleted {:?} after the restart (by the node itself: {by_itself})",
+        restarted.elapsed()
+    );
+    assert!(exists("kept-restart"), "an ordinary queue stays");
+    drop(holder);
 }

@@ -21,13 +21,14 @@ use super::error::{AmqpError, ACCESS_REFUSED, INTERNAL_ERROR, NOT_ALLOWED, NOT_F
 use crate::cluster::Cluster;
 use crate::cluster_state::validate::{CONSUMER_GROUP_SIZE_MAX, MESSAGE_TTL_MS_MAX};
 use crate::cluster_state::{
-    validate, BindingSpec, ClusterState, Command, ConsumerGroupSpec, ExchangeType, HeadersMatch, TopicSpec,
-    DEFAULT_NAMESPACE,
+    validate, BindingSpec, ClusterState, Command, ConsumerGroupSpec, ExchangeType, ExclusiveOwner, HeadersMatch,
+    TopicSpec, DEFAULT_NAMESPACE,
 };
 use crate::consumer_groups::{matching, Groups, Occupancy};
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::{Peers, Relayed};
 use crate::replication::{lock, Segments};
+use tokio_util::sync::CancellationToken;
 
 /// What `queue.bind` and `queue.unbind` name besides the queue.
 #[derive(Clone, Copy)]
@@ -62,6 +63,9 @@ pub struct Backend {
     pub peers: Peers,
     /// This node's AMQP consumers.
     pub consumers: LocalConsumers,
+    /// Random per start of this node's process: exclusive queues declared here carry
+    /// it (`ExclusiveOwner`), so that the next run knows which are of an earlier one.
+    pub run_id: u64,
 }
 
 /// The AMQP consumers of this node's connections per (namespace, queue): what
@@ -419,6 +423,7 @@ impl Backend {
         namespace: &str,
         name: &str,
         passive: bool,
+        exclusive: bool,
         args: &FieldTable,
     ) -> Result<bool, AmqpError> {
         valid_name("queue", name)?;
@@ -445,6 +450,7 @@ impl Backend {
             dead_letter_topic,
             message_ttl_ms: a.message_ttl_ms,
             ready_messages_max: a.ready_messages_max,
+            exclusive_owner: exclusive.then_some(ExclusiveOwner { node_id: self.cluster.id, run_id: self.run_id }),
             ..Default::default()
         };
         let cmd = Command::CreateConsumerGroup { namespace: namespace.into(), name: name.into(), spec };
@@ -519,6 +525,40 @@ impl Backend {
             Ok(_) => Ok(()),
             Err(e) if e.code == ErrorCode::ConsumerGroupNotFound => Ok(()),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes the exclusive queues this node's earlier runs declared: their
+    /// connections ended with that run (the leader deletes those of a node that is
+    /// DEAD or LEFT; a node back within the failure detector's time never is).
+    /// Retried every `pause` until the state, read linearizably, has none left or
+    /// `stop`.
+    pub async fn delete_exclusive_queues_of_earlier_runs(&self, pause: std::time::Duration, stop: CancellationToken) {
+        loop {
+            let left = match self.cluster.read(true).await {
+                Ok(applied) => Some(earlier_runs(&applied.state, self.cluster.id, self.run_id)),
+                Err(_) => None, // no leader yet
+            };
+            let mut done = left.is_some();
+            for (ns, queue) in left.unwrap_or_default() {
+                match self.delete_queue(&ns, &queue).await {
+                    Ok(()) => {
+                        tracing::info!(namespace = %ns, queue, "deleted an exclusive queue of this node's earlier run")
+                    }
+                    Err(e) => {
+                        tracing::debug!(namespace = %ns, queue, error = %e.text,
+                            "cannot delete an exclusive queue of an earlier run yet; retrying");
+                        done = false;
+                    }
+                }
+            }
+            if done {
+                return;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
         }
     }
 
@@ -678,6 +718,20 @@ impl Backend {
     }
 }
 
+/// (namespace, queue) of the exclusive queues that node `node_id` declared in a run
+/// other than `run_id`.
+fn earlier_runs(state: &ClusterState, node_id: u64, run_id: u64) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for (ns, namespace) in &state.namespaces {
+        for (name, g) in &namespace.consumer_groups {
+            if g.exclusive_owner.is_some_and(|o| o.node_id == node_id && o.run_id != run_id) {
+                found.push((ns.clone(), name.clone()));
+            }
+        }
+    }
+    found
+}
+
 /// 404 for a queue that does not exist.
 pub fn no_queue(namespace: &str, queue: &str) -> AmqpError {
     AmqpError::channel(NOT_FOUND, format!("no queue '{queue}' in vhost '{}'", vhost(namespace)))
@@ -745,6 +799,26 @@ mod tests {
             assert_eq!((e.scope, e.code), (super::super::error::Scope::Channel, PRECONDITION_FAILED));
             assert!(e.text.contains(text), "{} does not contain {text}", e.text);
         }
+    }
+
+    #[test]
+    fn a_restarted_node_finds_the_exclusive_queues_of_its_earlier_runs() {
+        let mut st = ClusterState::new_cluster();
+        let owned = |node_id, run_id| ConsumerGroupSpec {
+            size: 10,
+            exclusive_owner: Some(ExclusiveOwner { node_id, run_id }),
+            ..Default::default()
+        };
+        for (name, spec) in [
+            ("earlier", owned(1, 5)),
+            ("now", owned(1, 6)),
+            ("other-node", owned(2, 5)),
+            ("plain", ConsumerGroupSpec { size: 10, ..Default::default() }),
+        ] {
+            st.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: name.into(), spec }).unwrap();
+        }
+        assert_eq!(earlier_runs(&st, 1, 6), [("default".to_string(), "earlier".to_string())]);
+        assert!(earlier_runs(&st, 3, 6).is_empty());
     }
 
     #[test]

@@ -198,7 +198,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             self.queue_name(id, d.queue.as_str())?
         };
         let ns = self.namespace.clone();
-        let created = self.backend.declare_queue(&ns, &name, d.passive, &d.arguments).await?;
+        let created = self.backend.declare_queue(&ns, &name, d.passive, d.exclusive, &d.arguments).await?;
         if d.exclusive && !d.passive {
             self.exclusive.insert(name.clone());
         }

@@ -141,6 +141,7 @@ impl AdminService {
             dead_letter_topic: g.dead_letter_topic.clone(),
             message_ttl_ms: g.message_ttl_ms,
             ready_messages_max: g.ready_messages_max,
+            exclusive_owner: None,
         };
         validate::consumer_group_spec(&spec)?;
         Ok(spec)

@@ -938,6 +938,7 @@ mod tests {
             dead_letter_topic: "dead".into(),
             message_ttl_ms: 60_000,
             ready_messages_max: 20,
+            exclusive_owner: None,
         };
         assert_eq!(s.apply(&update("nope", wanted.clone())).unwrap_err().code, ErrorCode::ConsumerGroupNotFound);
         let too_long = ConsumerGroupSpec { ready_messages_max: 21, ..wanted.clone() };

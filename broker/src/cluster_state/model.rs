@@ -482,6 +482,20 @@ pub struct ConsumerGroupSpec {
     /// dead-lettered (reason `maxlen`) or dropped; 0: no limit. At most `size`.
     #[serde(default)]
     pub ready_messages_max: u64,
+    /// An AMQP exclusive queue: the node whose connection declared it, and that
+    /// node's run. The queue goes with the connection; when the node is DEAD or LEFT
+    /// the leader deletes it, and a node that restarted deletes those of its earlier
+    /// runs (its connections are gone).
+    #[serde(default)]
+    pub exclusive_owner: Option<ExclusiveOwner>,
+}
+
+/// Who holds an exclusive queue: a node, in one run of its process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExclusiveOwner {
+    pub node_id: NodeId,
+    /// Random per start of the node's process.
+    pub run_id: u64,
 }
 
 impl ConsumerGroupSpec {
@@ -502,7 +516,13 @@ impl ConsumerGroupSpec {
                 None => BindingSpec { since_unix_ms: now_unix_ms, ..b.clone() },
             })
             .collect();
-        ConsumerGroupSpec { bindings, since_unix_ms: self.since_unix_ms, ..update.clone() }
+        // The owner is not a setting: it stays with the queue.
+        ConsumerGroupSpec {
+            bindings,
+            since_unix_ms: self.since_unix_ms,
+            exclusive_owner: self.exclusive_owner,
+            ..update.clone()
+        }
     }
 }
 
