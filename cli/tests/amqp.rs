@@ -225,13 +225,14 @@ fn queue_counts_purge_conditional_delete_and_exclusive_consumers_across_nodes() 
 /// transaction's bound), `channel.flow` stopping a channel's deliveries, and the
 /// queue arguments `x-message-ttl` and `x-max-length` (dead-lettered as `expired` and
 /// `maxlen`), which are the group settings `message_ttl_ms` and `ready_messages_max`
-/// over gRPC too.
+/// over gRPC too, and consumers replaying a queue with `x-stream-offset`.
 #[test]
-fn transactions_flow_message_ttl_and_max_length_as_rabbitmq() {
+fn transactions_flow_message_ttl_max_length_and_stream_offsets_as_rabbitmq() {
     const HOSTS: [&str; 3] = FEATURES;
     const PORT: u16 = FEATURES_PORT;
     let _nodes = cluster_with("amqp_features", HOSTS, PORT, &["--amqp-tx-messages-max", "5"]);
-    let out = pika_on(HOSTS, PORT + 1, &["transactions", "tx_errors", "flow", "ttl_and_max_length"]);
+    let checks = ["transactions", "tx_errors", "flow", "ttl_and_max_length", "stream_offsets"];
+    let out = pika_on(HOSTS, PORT + 1, &checks);
     for c in [
         "tx_publishes_held",
         "tx_commit_publishes",
@@ -262,6 +263,13 @@ fn transactions_flow_message_ttl_and_max_length_as_rabbitmq() {
         "ttl_range_406",
         "max_length_range_406",
         "overflow_reject_publish_406",
+        "stream_offset_first",
+        "stream_offset_timestamp",
+        "stream_offset_interval",
+        "stream_offset_queue_untouched",
+        "stream_offset_next",
+        "stream_offset_numeric_406",
+        "stream_offset_bad_406",
     ] {
         assert!(out.contains(&format!("ok {c}\n")), "{c} missing:\n{out}");
     }

@@ -28,6 +28,7 @@ use crate::consumer_groups::{matching, Groups, Occupancy};
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::{Peers, Relayed};
 use crate::replication::{lock, Segments};
+use rand::distr::{Alphanumeric, SampleString};
 use tokio_util::sync::CancellationToken;
 
 /// What `queue.bind` and `queue.unbind` name besides the queue.
@@ -562,6 +563,39 @@ impl Backend {
         }
     }
 
+    /// A private group for a consumer with `x-stream-offset` (see [`stream_offset`]):
+    /// the queue's bindings, reading from `since_unix_ms` (0: the oldest kept), owned
+    /// by this node's run as an exclusive queue is (the caller deletes it with its
+    /// consumer). The queue itself is not touched: replaying reads, as on a stream.
+    /// Answers its name.
+    pub async fn declare_replay(&self, namespace: &str, queue: &str, since_unix_ms: i64) -> Result<String, AmqpError> {
+        let of = |st: &ClusterState| st.namespaces.get(namespace)?.consumer_groups.get(queue).cloned();
+        let spec = self.fresh(of).await.ok_or_else(|| no_queue(namespace, queue))?;
+        let name = format!("amq.stream-{}", Alphanumeric.sample_string(&mut rand::rng(), 22));
+        let bindings = spec.bindings.iter().map(|b| BindingSpec { since_unix_ms, ..b.clone() }).collect();
+        let spec = ConsumerGroupSpec {
+            bindings,
+            size: spec.size,
+            since_unix_ms,
+            ack_timeout_ms: spec.ack_timeout_ms,
+            exclusive_owner: Some(ExclusiveOwner { node_id: self.cluster.id, run_id: self.run_id }),
+            ..Default::default()
+        };
+        let cmd = Command::CreateConsumerGroup { namespace: namespace.into(), name: name.clone(), spec };
+        self.cluster.write_applied(cmd).await.map_err(AmqpError::from)?;
+        Ok(name)
+    }
+
+    /// Where `x-stream-offset` starts, in unix ms (0: the oldest kept).
+    pub fn stream_offset_since(&self, offset: StreamOffset) -> i64 {
+        match offset {
+            StreamOffset::First => 0,
+            StreamOffset::Next => self.start_ms(),
+            StreamOffset::At(ms) => ms,
+            StreamOffset::Ago(ms) => self.segments.clock().now_unix_ms().saturating_sub(ms),
+        }
+    }
+
     /// The binding `queue.bind` / `queue.unbind` describe.
     async fn binding(
         &self,
@@ -732,6 +766,63 @@ fn earlier_runs(state: &ClusterState, node_id: u64, run_id: u64) -> Vec<(String,
     found
 }
 
+/// A consumer's `x-stream-offset`, as RabbitMQ streams take it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamOffset {
+    /// `first`: from the oldest message kept.
+    First,
+    /// `next` and `last`: from now (what is published after `consume-ok`; `last`,
+    /// the last chunk on a stream, has no counterpart: a topic has no chunks).
+    Next,
+    /// A timestamp: from what was stored at or after it (unix ms).
+    At(i64),
+    /// An interval string (`30s`, `10m`, `2h`, `7D`): from that long ago (ms).
+    Ago(i64),
+}
+
+/// The consumer's `x-stream-offset` argument (`None` without one); 406 naming it for
+/// a value that is not one of RabbitMQ's forms or is a numeric offset (a queue reads
+/// the segments of several shards and topics: there is no one offset to start at).
+pub fn stream_offset(args: &FieldTable) -> Result<Option<StreamOffset>, AmqpError> {
+    let Some(v) = args.inner().get("x-stream-offset") else { return Ok(None) };
+    let refused =
+        |rule: &str| AmqpError::channel(PRECONDITION_FAILED, format!("consumer argument 'x-stream-offset': {rule}"));
+    if let AMQPValue::Timestamp(seconds) = v {
+        let ms = i64::try_from(*seconds)
+            .ok()
+            .and_then(|s| s.checked_mul(1000))
+            .ok_or_else(|| refused("timestamp out of range"))?;
+        return Ok(Some(StreamOffset::At(ms)));
+    }
+    if integer(v).is_some() {
+        return Err(refused(
+            "numeric offsets are not supported (a queue reads several segments, each with its own offsets); use \
+             'first', 'next', a timestamp or an interval such as '1h'",
+        ));
+    }
+    let Some(t) = text(v) else { return Err(refused("must be 'first', 'last', 'next', a timestamp or an interval")) };
+    Ok(Some(match t.as_str() {
+        "first" => StreamOffset::First,
+        "last" | "next" => StreamOffset::Next,
+        interval => {
+            let (n, unit) = interval.split_at(interval.len().saturating_sub(1));
+            let n: i64 = n.parse().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                refused(&format!(
+                    "'{interval}' is not 'first', 'last', 'next' or an interval (a number and s, m, h or D)"
+                ))
+            })?;
+            let unit_ms = match unit {
+                "s" => 1_000,
+                "m" => 60_000,
+                "h" => 3_600_000,
+                "D" => 86_400_000,
+                _ => return Err(refused(&format!("'{interval}': the interval's unit is one of s, m, h, D"))),
+            };
+            StreamOffset::Ago(n.saturating_mul(unit_ms))
+        }
+    }))
+}
+
 /// 404 for a queue that does not exist.
 pub fn no_queue(namespace: &str, queue: &str) -> AmqpError {
     AmqpError::channel(NOT_FOUND, format!("no queue '{queue}' in vhost '{}'", vhost(namespace)))
@@ -819,6 +910,35 @@ mod tests {
         }
         assert_eq!(earlier_runs(&st, 1, 6), [("default".to_string(), "earlier".to_string())]);
         assert!(earlier_runs(&st, 3, 6).is_empty());
+    }
+
+    #[test]
+    fn stream_offsets_take_rabbitmqs_forms_except_numeric_offsets() {
+        let offset = |v: AMQPValue| {
+            let mut t = FieldTable::default();
+            t.insert("x-stream-offset".into(), v);
+            stream_offset(&t)
+        };
+        let s = |t: &str| AMQPValue::LongString(t.into());
+        assert_eq!(stream_offset(&FieldTable::default()), Ok(None));
+        assert_eq!(offset(s("first")), Ok(Some(StreamOffset::First)));
+        assert_eq!(offset(s("last")), Ok(Some(StreamOffset::Next)));
+        assert_eq!(offset(s("next")), Ok(Some(StreamOffset::Next)));
+        assert_eq!(offset(AMQPValue::Timestamp(1_700_000_000)), Ok(Some(StreamOffset::At(1_700_000_000_000))));
+        assert_eq!(offset(s("90s")), Ok(Some(StreamOffset::Ago(90_000))));
+        assert_eq!(offset(s("2h")), Ok(Some(StreamOffset::Ago(7_200_000))));
+        assert_eq!(offset(s("7D")), Ok(Some(StreamOffset::Ago(604_800_000))));
+        for (v, text) in [
+            (AMQPValue::LongLongInt(5), "numeric offsets are not supported"),
+            (s("soon"), "'soon' is not"),
+            (s("3w"), "unit is one of s, m, h, D"),
+            (s("-1h"), "'-1h' is not"),
+            (AMQPValue::Boolean(true), "must be 'first'"),
+        ] {
+            let e = offset(v).unwrap_err();
+            assert_eq!(e.code, PRECONDITION_FAILED);
+            assert!(e.text.starts_with("consumer argument 'x-stream-offset': ") && e.text.contains(text), "{}", e.text);
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::backend::{exchange_of_topic, Backend, Route};
+use super::backend::{exchange_of_topic, stream_offset, Backend, Route};
 use super::connection::{Conn, Event};
 use super::convert;
 use super::error::*;
@@ -411,8 +411,16 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         }
     }
 
+    /// With `x-stream-offset` the consumer reads a private group with the queue's
+    /// bindings from that point (see `Backend::declare_replay`), deleted with it.
     async fn consume(&mut self, id: u16, c: &basic::Consume) -> Result<Option<AMQPClass>, AmqpError> {
-        let queue = self.queue_name(id, c.queue.as_str())?;
+        let mut queue = self.queue_name(id, c.queue.as_str())?;
+        if let Some(offset) = stream_offset(&c.arguments)? {
+            let since = self.backend.stream_offset_since(offset);
+            queue = self.backend.declare_replay(&self.namespace, &queue, since).await?;
+            self.exclusive.insert(queue.clone());
+            self.auto_delete.insert(queue.clone());
+        }
         let tag = match c.consumer_tag.as_str() {
             "" => format!("amq.ctag-{}", Alphanumeric.sample_string(&mut rand::rng(), 22)),
             t => t.to_string(),

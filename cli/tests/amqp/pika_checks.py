@@ -634,9 +634,64 @@ def ttl_and_max_length():
                                                                     "x-overflow": "reject-publish"}))
 
 
+def replay(ch, queue, offset, want):
+    """Consumes `queue` with x-stream-offset `offset` until `want` bodies came, then
+    a moment more (to see that nothing else comes); answers the bodies."""
+    got = []
+    tag = ch.basic_consume(queue=queue, on_message_callback=lambda c, m, _p, body: (
+        got.append(body.decode()), c.basic_ack(delivery_tag=m.delivery_tag)), arguments={"x-stream-offset": offset})
+    deadline = time.time() + WAIT_S
+    while len(got) < want and time.time() < deadline:
+        ch.connection.process_data_events(time_limit=0.2)
+    ch.connection.process_data_events(time_limit=1)
+    ch.basic_cancel(tag)
+    return got
+
+
+def stream_offsets():
+    """x-stream-offset replays a queue's messages from a point without taking them
+    from the queue: first, a timestamp, an interval, next; a numeric offset: 406."""
+    import datetime
+    c = connect(CON)
+    ch = c.channel()
+    ch.queue_declare(queue="replay-q")
+    p = connect(PUB)
+    pch = p.channel()
+    pch.confirm_delivery()
+    for b in ["a1", "a2"]:
+        pch.basic_publish(exchange="", routing_key="replay-q", body=b)
+    time.sleep(1.5)
+    middle = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0) + datetime.timedelta(seconds=1)
+    time.sleep(2.5)
+    pch.basic_publish(exchange="", routing_key="replay-q", body="b1")
+    expect("stream_offset_first", replay(ch, "replay-q", "first", 3), ["a1", "a2", "b1"])
+    expect("stream_offset_timestamp", replay(ch, "replay-q", middle, 1), ["b1"])
+    expect("stream_offset_interval", replay(ch, "replay-q", "1h", 3), ["a1", "a2", "b1"])
+    # Replays do not take messages from the queue.
+    expect("stream_offset_queue_untouched", get_all(ch, "replay-q", 3), ["a1", "a2", "b1"])
+    got = []
+    tag = ch.basic_consume(queue="replay-q", on_message_callback=lambda _c, _m, _p, body: got.append(body.decode()),
+                           auto_ack=True, arguments={"x-stream-offset": "next"})
+    pch.basic_publish(exchange="", routing_key="replay-q", body="c1")
+    deadline = time.time() + WAIT_S
+    while not got and time.time() < deadline:
+        c.process_data_events(time_limit=0.2)
+    c.process_data_events(time_limit=1)
+    ch.basic_cancel(tag)
+    expect("stream_offset_next", got, ["c1"])
+    p.close()
+    c.close()
+    refused("stream_offset_numeric_406", 406, "consumer argument 'x-stream-offset': numeric offsets are not supported",
+            lambda ch: ch.basic_consume(queue="replay-q", on_message_callback=lambda *a: None,
+                                        arguments={"x-stream-offset": 5}))
+    refused("stream_offset_bad_406", 406, "'x-stream-offset': 'sometime' is not",
+            lambda ch: ch.basic_consume(queue="replay-q", on_message_callback=lambda *a: None,
+                                        arguments={"x-stream-offset": "sometime"}))
+
+
 CHECKS = {f.__name__: f for f in [hello, work_queues, publish_subscribe, routing, topics, rpc,
                                   confirms_and_mandatory, dead_letters, errors, interop_prepare, interop_consume, interop_publish,
-                                  queue_ops, exclusive_consumers, transactions, tx_errors, flow, ttl_and_max_length]}
+                                  queue_ops, exclusive_consumers, transactions, tx_errors, flow, ttl_and_max_length, stream_offsets]}
 
 for name in sys.argv[4:]:
     CHECKS[name]()
