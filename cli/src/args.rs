@@ -130,6 +130,10 @@ pub struct GroupArgs {
     /// --dead-letter-topic, or are dropped (0: no limit; at most --size).
     #[arg(long, default_value_t = 0)]
     pub ready_messages_max: u64,
+    /// Dead letters are published to --dead-letter-topic with this routing key
+    /// (default: the message's own).
+    #[arg(long, default_value = "")]
+    pub dead_letter_routing_key: String,
 }
 
 #[derive(Debug, Args)]

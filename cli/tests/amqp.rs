@@ -259,6 +259,7 @@ fn transactions_flow_message_ttl_max_length_and_stream_offsets_as_rabbitmq() {
         "ttl_fresh_not_dead",
         "max_length_oldest_dead_lettered",
         "max_length_newest_kept",
+        "dead_letter_routing_key",
         "ttl_type_406",
         "ttl_range_406",
         "max_length_range_406",

@@ -171,6 +171,8 @@ struct QueueArguments {
     message_ttl_ms: u64,
     /// `x-max-length` (overflow `drop-head`): the group's `ready_messages_max`.
     ready_messages_max: u64,
+    /// `x-dead-letter-routing-key`.
+    dead_letter_routing_key: String,
 }
 
 /// What `queue.declare`'s arguments ask for: a delivery limit (`x-delivery-limit`)
@@ -218,11 +220,10 @@ fn queue_arguments(args: &FieldTable) -> Result<QueueArguments, AmqpError> {
                 _ => return Err(refused("must be 'drop-head'")),
             },
             ("x-dead-letter-exchange", v) => {
-                let name = text(v).ok_or_else(|| refused("must be a string"))?;
-                if name.is_empty() {
-                    return Err(refused("the default exchange needs x-dead-letter-routing-key, which is not supported (yet): name an exchange"));
-                }
-                a.dead_letter_exchange = Some(name);
+                a.dead_letter_exchange = Some(text(v).ok_or_else(|| refused("must be a string"))?);
+            }
+            ("x-dead-letter-routing-key", v) => {
+                a.dead_letter_routing_key = text(v).ok_or_else(|| refused("must be a string"))?;
             }
             (other, _) => {
                 return Err(AmqpError::channel(
@@ -231,6 +232,19 @@ fn queue_arguments(args: &FieldTable) -> Result<QueueArguments, AmqpError> {
                 ))
             }
         }
+    }
+    if a.dead_letter_exchange.as_deref() == Some("") && a.dead_letter_routing_key.is_empty() {
+        return Err(AmqpError::channel(
+            PRECONDITION_FAILED,
+            "queue argument 'x-dead-letter-exchange': the default exchange needs x-dead-letter-routing-key (the \
+             queue to go to)",
+        ));
+    }
+    if a.dead_letter_exchange.is_none() && !a.dead_letter_routing_key.is_empty() {
+        return Err(AmqpError::channel(
+            PRECONDITION_FAILED,
+            "queue argument 'x-dead-letter-routing-key': needs x-dead-letter-exchange",
+        ));
     }
     Ok(a)
 }
@@ -449,6 +463,7 @@ impl Backend {
             since_unix_ms: self.start_ms(),
             deliveries_max: a.deliveries_max,
             dead_letter_topic,
+            dead_letter_routing_key: a.dead_letter_routing_key,
             message_ttl_ms: a.message_ttl_ms,
             ready_messages_max: a.ready_messages_max,
             exclusive_owner: exclusive.then_some(ExclusiveOwner { node_id: self.cluster.id, run_id: self.run_id }),
@@ -873,7 +888,8 @@ mod tests {
                 deliveries_max: 0,
                 dead_letter_exchange: Some("dlx".into()),
                 message_ttl_ms: 1500,
-                ready_messages_max: 5
+                ready_messages_max: 5,
+                dead_letter_routing_key: String::new(),
             }
         );
         for (pairs, text) in [
@@ -885,6 +901,8 @@ mod tests {
             (vec![("x-max-length", AMQPValue::Boolean(true))], "'x-max-length': must be an integer"),
             (vec![("x-overflow", AMQPValue::LongString("reject-publish".into()))], "'reject-publish' is not supported"),
             (vec![("x-max-length-bytes", AMQPValue::LongInt(10))], "'x-max-length-bytes' is not supported"),
+            (vec![("x-dead-letter-exchange", AMQPValue::LongString("".into()))], "needs x-dead-letter-routing-key"),
+            (vec![("x-dead-letter-routing-key", AMQPValue::LongString("q".into()))], "needs x-dead-letter-exchange"),
         ] {
             let e = args(&pairs).unwrap_err();
             assert_eq!((e.scope, e.code), (super::super::error::Scope::Channel, PRECONDITION_FAILED));

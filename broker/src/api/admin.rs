@@ -142,6 +142,7 @@ impl AdminService {
             message_ttl_ms: g.message_ttl_ms,
             ready_messages_max: g.ready_messages_max,
             exclusive_owner: None,
+            dead_letter_routing_key: g.dead_letter_routing_key.clone(),
         };
         validate::consumer_group_spec(&spec)?;
         Ok(spec)

@@ -939,16 +939,29 @@ mod tests {
             message_ttl_ms: 60_000,
             ready_messages_max: 20,
             exclusive_owner: None,
+            dead_letter_routing_key: String::new(),
         };
         assert_eq!(s.apply(&update("nope", wanted.clone())).unwrap_err().code, ErrorCode::ConsumerGroupNotFound);
         let too_long = ConsumerGroupSpec { ready_messages_max: 21, ..wanted.clone() };
         let err = s.apply(&update("g", too_long)).unwrap_err();
         assert!(err.message.starts_with("ready_messages_max: 21 is more than size (20)"), "{}", err.message);
+        let key = ConsumerGroupSpec {
+            dead_letter_routing_key: "k".into(),
+            dead_letter_topic: String::new(),
+            ..wanted.clone()
+        };
+        let err = s.apply(&update("g", key)).unwrap_err();
+        assert!(err.message.starts_with("dead_letter_routing_key: needs dead_letter_topic"), "{}", err.message);
         let ttl = ConsumerGroupSpec { message_ttl_ms: 1 << 32, ..wanted.clone() };
         let err = s.apply(&update("g", ttl)).unwrap_err();
         assert!(err.message.starts_with("message_ttl_ms: 4294967296 is out of range"), "{}", err.message);
         let looping = ConsumerGroupSpec { dead_letter_topic: "u".into(), ..wanted.clone() };
         let err = s.apply(&update("g", looping)).unwrap_err();
+        assert!(err.message.starts_with("dead_letter_topic:"), "{}", err.message);
+        // A routing key of their own does not help when a fanout binding takes them.
+        let keyed =
+            ConsumerGroupSpec { dead_letter_topic: "u".into(), dead_letter_routing_key: "k".into(), ..wanted.clone() };
+        let err = s.apply(&update("g", keyed)).unwrap_err();
         assert!(err.message.starts_with("dead_letter_topic:"), "{}", err.message);
         let missing = ConsumerGroupSpec { dead_letter_topic: "gone".into(), ..wanted.clone() };
         assert_eq!(s.apply(&update("g", missing)).unwrap_err().code, ErrorCode::TopicNotFound);

@@ -488,6 +488,9 @@ pub struct ConsumerGroupSpec {
     /// runs (its connections are gone).
     #[serde(default)]
     pub exclusive_owner: Option<ExclusiveOwner>,
+    /// Dead letters are published with this routing key (empty: the message's own).
+    #[serde(default)]
+    pub dead_letter_routing_key: String,
 }
 
 /// Who holds an exclusive queue: a node, in one run of its process.

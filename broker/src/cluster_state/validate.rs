@@ -164,9 +164,23 @@ pub fn consumer_group_spec(spec: &ConsumerGroupSpec) -> Result<(), RequestError>
             ),
         ));
     }
+    if !spec.dead_letter_routing_key.is_empty() && spec.dead_letter_topic.is_empty() {
+        return Err(RequestError::new(
+            ErrorCode::InvalidArgument,
+            "dead_letter_routing_key: needs dead_letter_topic (the topic the dead letters go to)",
+        ));
+    }
     if !spec.dead_letter_topic.is_empty() {
         name("dead_letter_topic", &spec.dead_letter_topic)?;
-        if spec.bindings.iter().any(|b| b.topic == spec.dead_letter_topic) {
+        // A dead letter comes back unless every binding on that topic is a direct one
+        // for another key than the one dead letters carry.
+        let comes_back = |b: &BindingSpec| {
+            b.topic == spec.dead_letter_topic
+                && (spec.dead_letter_routing_key.is_empty()
+                    || b.exchange_type != ExchangeType::Direct
+                    || b.routing_key == spec.dead_letter_routing_key)
+        };
+        if spec.bindings.iter().any(comes_back) {
             return Err(RequestError::new(
                 ErrorCode::InvalidArgument,
                 format!(

@@ -642,8 +642,9 @@ impl Task {
     /// restart; a restart may publish one twice), or are dropped without one.
     fn dead_letter(&mut self) {
         let topic = self.reader.spec().dead_letter_topic.clone();
+        let key = self.reader.spec().dead_letter_routing_key.clone();
         for (d, reason) in self.buffer.take_dead() {
-            let message = (!topic.is_empty()).then(|| dead_letter::message(&d, &self.name, reason)).flatten();
+            let message = (!topic.is_empty()).then(|| dead_letter::message(&d, &self.name, reason, &key)).flatten();
             let Some(message) = message else {
                 tracing::debug!(namespace = %self.namespace, group = %self.name, segment_id = d.segment_id,
                     offset = d.offset, deliveries = d.delivery_count, reason = reason.as_str(),

@@ -621,6 +621,13 @@ def ttl_and_max_length():
     expect("max_length_oldest_dead_lettered", dead_letters_in(ch, "max-dlq", 3),
            [("m1", "maxlen", "maxq"), ("m2", "maxlen", "maxq"), ("m3", "maxlen", "maxq")])
     expect("max_length_newest_kept", get_all(ch, "maxq", 2) + [get_now(ch, "maxq")], ["m4", "m5", None])
+    # The delayed-retry pattern: expired messages dead-lettered through the default
+    # exchange to another queue (x-dead-letter-routing-key).
+    ch.queue_declare(queue="after-delay")
+    ch.queue_declare(queue="delay", arguments={"x-message-ttl": 500, "x-dead-letter-exchange": "",
+                                               "x-dead-letter-routing-key": "after-delay"})
+    pch.basic_publish(exchange="", routing_key="delay", body="later")
+    expect("dead_letter_routing_key", dead_letters_in(ch, "after-delay", 1), [("later", "expired", "delay")])
     p.close()
     c.close()
     refused("ttl_type_406", 406, "queue argument 'x-message-ttl': must be an integer",
