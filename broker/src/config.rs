@@ -260,6 +260,11 @@ pub struct AmqpSettings {
     pub publishes_in_flight_max: usize,
     /// Open connections at most; more are closed as they arrive.
     pub connections_max: usize,
+    /// Messages one transaction (`tx.select`) holds until `tx.commit` at most; one
+    /// more closes the channel (406).
+    pub tx_messages_max: usize,
+    /// Body bytes one transaction holds at most; more close the channel (406).
+    pub tx_max_bytes: u64,
 }
 
 impl Default for AmqpSettings {
@@ -271,6 +276,8 @@ impl Default for AmqpSettings {
             handshake_timeout: Duration::from_secs(10),
             publishes_in_flight_max: 256,
             connections_max: 10_000,
+            tx_messages_max: 10_000,
+            tx_max_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -196,6 +196,12 @@ fn amqp_settings(args: &BrokerArgs) -> Result<AmqpSettings, String> {
     if args.amqp_publishes_in_flight_max == 0 {
         return Err("--amqp-publishes-in-flight-max: must be at least 1".into());
     }
+    if args.amqp_tx_messages_max == 0 {
+        return Err("--amqp-tx-messages-max: must be at least 1".into());
+    }
+    if args.amqp_tx_max_bytes == 0 {
+        return Err("--amqp-tx-max-bytes: must be at least 1".into());
+    }
     if args.amqp_connections_max == 0 {
         return Err("--amqp-connections-max: must be at least 1 (--amqp-port 0 turns AMQP off)".into());
     }
@@ -205,6 +211,8 @@ fn amqp_settings(args: &BrokerArgs) -> Result<AmqpSettings, String> {
         heartbeat_s: args.amqp_heartbeat_s,
         publishes_in_flight_max: args.amqp_publishes_in_flight_max,
         connections_max: args.amqp_connections_max,
+        tx_messages_max: args.amqp_tx_messages_max,
+        tx_max_bytes: args.amqp_tx_max_bytes,
         ..AmqpSettings::default()
     })
 }

@@ -200,6 +200,8 @@ pub(crate) async fn run(
     let Some(mut t) = Task::new(segments, namespace, name) else { return };
     let commit_interval = Duration::from_millis(t.segments.settings().offsets_commit_interval_ms.max(1));
     let (mut commit_due, mut peek_due, mut expiry) = (Deadline::default(), Deadline::default(), Deadline::default());
+    // When the message at the front of the queue outlives the group's TTL.
+    let mut ttl_due = Deadline::default();
     if !t.refresh() {
         return;
     }
@@ -226,6 +228,8 @@ pub(crate) async fn run(
                 expiry.disarm();
                 t.expire();
             }
+            // `step` below dead-letters what expired.
+            _ = ttl_due.wait() => ttl_due.disarm(),
             r = commit_done(&mut t.commit_in_flight), if t.commit_in_flight.is_some() => t.committed(r),
             Some(cmd) = cmds.recv() => t.command(cmd),
             Some((id, result)) = t.fetches.next(), if !t.fetches.is_empty() => t.fetched(id, result),
@@ -249,6 +253,13 @@ pub(crate) async fn run(
         match t.buffer.next_deadline() {
             Some(deadline) => expiry.arm(t.epoch + Duration::from_millis(deadline)),
             None => expiry.disarm(),
+        }
+        match t.buffer.next_expiry_unix_ms() {
+            Some(at) => {
+                let wait_ms = at.saturating_sub(t.segments.clock().now_unix_ms()).max(0) as u64;
+                ttl_due.arm(tokio::time::Instant::now() + Duration::from_millis(wait_ms));
+            }
+            None => ttl_due.disarm(),
         }
     }
     // Boxed: a future that holds the whole task again, needed once at the end.
@@ -303,6 +314,8 @@ impl Task {
         let ack_timeout = ack_timeout_ms(&spec, segments.settings().ack_timeout_ms);
         let mut buffer = GroupBuffer::new(spec.size.max(1) as usize, start.clone(), ack_timeout);
         buffer.set_deliveries_max(spec.deliveries_max);
+        buffer.set_message_ttl(spec.message_ttl_ms);
+        buffer.set_ready_max(spec.ready_messages_max as usize);
         buffer.resume_handed_out(&runtime.handed_out);
         let counters = segments.metrics().group_counters(&namespace, &name);
         Some(Task {
@@ -357,6 +370,8 @@ impl Task {
         if let Some(spec) = spec.filter(|s| *s != self.reader.spec()) {
             self.buffer.set_ack_timeout(ack_timeout_ms(spec, self.segments.settings().ack_timeout_ms));
             self.buffer.set_deliveries_max(spec.deliveries_max);
+            self.buffer.set_message_ttl(spec.message_ttl_ms);
+            self.buffer.set_ready_max(spec.ready_messages_max as usize);
             self.reader.spec_changed(spec.clone(), &mut self.buffer);
         }
         self.reader.segments_changed(st.state.segments.iter().map(|(id, s)| (*id, s)), &mut self.buffer);
@@ -610,6 +625,8 @@ impl Task {
         for fetch in self.reader.next_fetches(&self.buffer) {
             self.start_fetch(fetch);
         }
+        // Expired and beyond the ready limit: dead before anything is handed out.
+        self.buffer.expire_messages(self.segments.clock().now_unix_ms());
         let handed = self.buffer.dispatch(self.now());
         self.counters.deliveries.inc_by(handed.len() as u64);
         self.dead_letter();
@@ -636,11 +653,13 @@ impl Task {
     /// restart; a restart may publish one twice), or are dropped without one.
     fn dead_letter(&mut self) {
         let topic = self.reader.spec().dead_letter_topic.clone();
-        for d in self.buffer.take_dead() {
-            let message = (!topic.is_empty()).then(|| dead_letter::message(&d, &self.name)).flatten();
+        let key = self.reader.spec().dead_letter_routing_key.clone();
+        for (d, reason) in self.buffer.take_dead() {
+            let message = (!topic.is_empty()).then(|| dead_letter::message(&d, &self.name, reason, &key)).flatten();
             let Some(message) = message else {
                 tracing::debug!(namespace = %self.namespace, group = %self.name, segment_id = d.segment_id,
-                    offset = d.offset, deliveries = d.delivery_count, "delivery limit reached; dropping the message");
+                    offset = d.offset, deliveries = d.delivery_count, reason = reason.as_str(),
+                    "dead, and no dead-letter topic; dropping the message");
                 self.buffer.dead_lettered(d.segment_id, d.offset);
                 self.counters.dropped.inc();
                 continue;
