@@ -39,8 +39,9 @@ const BLOCKED_REASON: &str = "low on disk";
 
 /// What the connection's tasks tell it.
 pub(super) enum Event {
-    /// A publish of a channel in confirm mode is stored (`ok`) or failed.
-    Confirmed { channel: u16, tag: u64, ok: bool },
+    /// Publishes of a channel in confirm mode are stored (`ok`) or failed: `tag`, and
+    /// with `multiple` every tag below it not confirmed before.
+    Confirmed { channel: u16, tag: u64, multiple: bool, ok: bool },
     /// A message for a consumer.
     Delivery { channel: u16, consumer: String, message: Box<pb::SubscribeResponse> },
     /// A consumer's subscription ended on the broker's side (its queue was deleted).
@@ -300,7 +301,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 
     fn event(&mut self, event: Event) {
         match event {
-            Event::Confirmed { channel, tag, ok } => self.confirmed(channel, tag, ok),
+            Event::Confirmed { channel, tag, multiple, ok } => self.confirmed(channel, tag, multiple, ok),
             Event::Delivery { channel, consumer, message } => self.deliver(channel, &consumer, *message),
             Event::ConsumerEnded { channel, consumer } => self.consumer_ended(channel, &consumer),
         }

@@ -41,6 +41,8 @@ pub(super) struct Channel {
     pub(super) next_confirm: u64,
     pub(super) pending: Option<Pending>,
     pub(super) publisher: Option<mpsc::Sender<PublishJob>>,
+    /// Acks, nacks and rejects on their way to the queues' groups (see `run_settler`).
+    pub(super) settler: Option<mpsc::Sender<HeldSettle>>,
     pub(super) consumers: HashMap<String, Consumer>,
     pub(super) next_tag: u64,
     pub(super) unacked: BTreeMap<u64, Unacked>,
@@ -75,7 +77,8 @@ pub(super) struct HeldPublish {
     pub(super) message: pb::Message,
 }
 
-/// An ack (`ack`) or a return (nack/reject) of a transaction.
+/// An ack (`ack`) or a return (nack/reject), held by a transaction or queued to the
+/// channel's settler.
 pub(super) struct HeldSettle {
     pub(super) deliveries: Vec<(u64, Unacked)>,
     pub(super) ack: bool,
@@ -90,6 +93,8 @@ impl Channel {
         }
         self.consumers.clear();
         self.publisher = None;
+        // Acks queued still go: the settler ends once they are applied.
+        self.settler = None;
         self.pending = None;
         self.held_deliveries.clear();
     }
