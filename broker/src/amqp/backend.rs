@@ -701,14 +701,9 @@ impl Backend {
         .is_some()
     }
 
-    /// Stores messages (in this order, contiguously) as a gRPC publish of them would.
-    pub async fn publish(&self, namespace: &str, topic: &str, messages: Vec<pb::Message>) -> Result<(), RequestError> {
-        let persistence = pb::Persistence::Default;
-        self.segments.publish(namespace, topic, &messages, persistence, None, 0).await.map(|_| ())
-    }
-
-    /// [`Backend::publish`] in `turn` (see [`Segments::publish_in_turn`]): the
-    /// requests of one channel that take their turns in order are stored in that order.
+    /// Stores messages (in this order, contiguously) as a gRPC publish of them would,
+    /// in `turn` (see [`Segments::publish_in_turn`]): the requests of one channel that
+    /// take their turns in order are stored in that order.
     pub async fn publish_in_turn(
         &self,
         namespace: &str,
