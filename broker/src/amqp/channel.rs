@@ -20,7 +20,7 @@ use super::backend::{exchange_of_topic, stream_offset, topic_of_exchange, Backen
 use super::connection::{Conn, Event};
 use super::convert;
 use super::error::*;
-use super::state::{Channel, Consumer, HeldPublish, HeldSettle, Pending, PublishJob, Tx, Unacked};
+use super::state::{Channel, Consumer, HeldPublish, HeldSettle, Pending, PublishJob, Settler, Tx, Unacked};
 use crate::auth::Need;
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::Relayed;
@@ -650,9 +650,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             .settler
             .get_or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(queued_max);
-                tokio::spawn(crate::peers::CALLER.scope(caller, run_settler(backend, ns, rx, queued_max)));
-                tx
+                let (drained_tx, drained) = oneshot::channel::<()>();
+                let settler = async move {
+                    run_settler(backend, ns, rx, queued_max).await;
+                    drop(drained_tx);
+                };
+                tokio::spawn(crate::peers::CALLER.scope(caller, settler));
+                Settler { tx, drained }
             })
+            .tx
             .clone();
         let _ = settler.send(HeldSettle { deliveries: settled, ack }).await;
         Ok(())

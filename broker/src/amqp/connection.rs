@@ -370,6 +370,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     async fn end(mut self) {
         let _ = self.flush().await;
         let _ = self.writer.shutdown().await;
+        // Acks the client sent before it went are applied before its subscriptions
+        // end (bounded by the request timeout), so those messages do not come again.
+        let wait = self.backend.cluster.request_timeout();
+        for ch in self.channels.values_mut() {
+            if let Some(s) = ch.settler.take() {
+                drop(s.tx);
+                let _ = tokio::time::timeout(wait, s.drained).await;
+            }
+        }
         self.stop.cancel();
         for ch in self.channels.values_mut() {
             ch.stop_all();
