@@ -321,11 +321,19 @@ pub struct BrokerArgs {
     /// intervals is disconnected.
     #[arg(long, default_value_t = AmqpSettings::default().heartbeat_s)]
     pub amqp_heartbeat_s: u16,
-    /// AMQP: publishes of one channel queued at once, and the most stored in one request
-    /// (a channel has one request in flight, which keeps its order); more wait, and so
-    /// does reading that connection.
+    /// AMQP: publishes of one channel queued at once, and the most stored in one
+    /// request; more wait, and so does reading that connection.
     #[arg(long, default_value_t = AmqpSettings::default().publishes_in_flight_max)]
     pub amqp_publishes_in_flight_max: usize,
+    /// AMQP: publish requests (batches) of one channel in flight at once; each goes to
+    /// its primary only after the one before it, so the channel keeps its order.
+    #[arg(long, default_value_t = AmqpSettings::default().publish_batches_in_flight_max)]
+    pub amqp_publish_batches_in_flight_max: usize,
+    /// AMQP: acks, nacks and rejects of one channel queued for their queues at once,
+    /// and the most sent together (one call per queue); more wait, and so does
+    /// reading that connection.
+    #[arg(long, default_value_t = AmqpSettings::default().settles_queued_max)]
+    pub amqp_settles_queued_max: usize,
     /// AMQP: open connections at most per node; more are closed as they arrive.
     #[arg(long, default_value_t = AmqpSettings::default().connections_max)]
     pub amqp_connections_max: usize,

@@ -37,6 +37,9 @@ const FEATURES_PORT: u16 = 27800;
 /// Exclusive queues of a node that dies: 127.0.0.248-250.
 const EXCLUSIVE: [&str; 3] = ["127.0.0.248", "127.0.0.249", "127.0.0.250"];
 const EXCLUSIVE_PORT: u16 = 27810;
+/// Pipelined publishes and batched acks: 127.0.0.54-56 on their own ports.
+const PIPELINE: [&str; 3] = ["127.0.0.54", "127.0.0.55", "127.0.0.56"];
+const PIPELINE_PORT: u16 = 27920;
 const AMQP_PORT: u16 = PORT + 1;
 const AMQPLIB: &str = "amqplib@0.10";
 
@@ -437,8 +440,13 @@ fn amqplib_path() -> PathBuf {
 
 /// Runs amqplib_checks.js with publishers on `hosts[1]` and consumers on `hosts[2]`.
 fn amqplib(hosts: [&str; 3], checks: &[&str]) -> String {
+    amqplib_on(hosts, AMQP_PORT, checks)
+}
+
+/// [`amqplib`] against nodes whose AMQP port is `amqp_port`.
+fn amqplib_on(hosts: [&str; 3], amqp_port: u16, checks: &[&str]) -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/amqp/amqplib_checks.js");
-    let port = AMQP_PORT.to_string();
+    let port = amqp_port.to_string();
     let o = Command::new("timeout")
         .args(["180", "node", script, hosts[1], hosts[2], &port])
         .args(checks)
@@ -459,6 +467,20 @@ fn amqplib_runs_the_tutorials_and_confirms_across_nodes() {
     for c in checks {
         assert!(out.contains(&format!("ok {c}\n")), "{c} missing:\n{out}");
     }
+}
+
+/// A channel keeps several publish requests in flight (`--amqp-publish-batches-in-flight-max`)
+/// and still stores its messages in order and confirms them in tag order; acks sent
+/// in a burst are applied together, and one of an unknown tag among them is still the
+/// channel's 406 while those before it stay applied.
+#[test]
+fn pipelined_publishes_keep_their_order_and_burst_acks_keep_their_semantics() {
+    const HOSTS: [&str; 3] = PIPELINE;
+    let _nodes = cluster_on("amqp_pipeline", HOSTS, PIPELINE_PORT);
+    let out = amqplib_on(HOSTS, PIPELINE_PORT + 1, &["pipelined_confirms"]);
+    assert!(out.contains("ok pipelined_confirms\n"), "{out}");
+    let out = pika_on(HOSTS, PIPELINE_PORT + 1, &["batched_acks_bad_tag"]);
+    assert!(out.contains("ok batched_acks_bad_tag\n"), "{out}");
 }
 
 /// A child process whose stdout lines are collected as they come.

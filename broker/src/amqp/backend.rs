@@ -27,6 +27,7 @@ use crate::cluster_state::{
 use crate::consumer_groups::{matching, Groups, Occupancy};
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::{Peers, Relayed};
+use crate::replication::publish::Turn;
 use crate::replication::{lock, Segments};
 use rand::distr::{Alphanumeric, SampleString};
 use tokio_util::sync::CancellationToken;
@@ -700,10 +701,19 @@ impl Backend {
         .is_some()
     }
 
-    /// Stores messages (in this order, contiguously) as a gRPC publish of them would.
-    pub async fn publish(&self, namespace: &str, topic: &str, messages: Vec<pb::Message>) -> Result<(), RequestError> {
+    /// Stores messages (in this order, contiguously) as a gRPC publish of them would,
+    /// in `turn` (see [`Segments::publish_in_turn`]): the requests of one channel that
+    /// take their turns in order are stored in that order.
+    pub async fn publish_in_turn(
+        &self,
+        namespace: &str,
+        topic: &str,
+        messages: Vec<pb::Message>,
+        turn: Turn,
+    ) -> Result<(), RequestError> {
         let persistence = pb::Persistence::Default;
-        self.segments.publish(namespace, topic, &messages, persistence, None, 0).await.map(|_| ())
+        let publish = self.segments.publish_in_turn(namespace, topic, &messages, persistence, None, 0, Some(turn));
+        publish.await.map(|_| ())
     }
 
     /// Subscribes to the queue's group wherever it runs; `get_one`: at most one

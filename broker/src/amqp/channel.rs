@@ -9,6 +9,7 @@ use std::time::Duration;
 use amq_protocol::frame::AMQPContentHeader;
 use amq_protocol::protocol::{basic, channel, confirm, exchange, queue, tx, AMQPClass};
 use eventtermq_proto::v1 as pb;
+use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use rand::distr::{Alphanumeric, SampleString};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -19,7 +20,7 @@ use super::backend::{exchange_of_topic, stream_offset, topic_of_exchange, Backen
 use super::connection::{Conn, Event};
 use super::convert;
 use super::error::*;
-use super::state::{Channel, Consumer, HeldPublish, HeldSettle, Pending, PublishJob, Tx, Unacked};
+use super::state::{Channel, Consumer, HeldPublish, HeldSettle, Pending, PublishJob, Settler, Tx, Unacked};
 use crate::auth::Need;
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::Relayed;
@@ -267,16 +268,20 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 Ok((!c.nowait).then_some(AMQPClass::Basic(basic::AMQPMethod::CancelOk(reply))))
             }
             basic::AMQPMethod::Get(g) => self.get(id, g).await,
-            basic::AMQPMethod::Ack(a) => self.settle(id, a.delivery_tag, a.multiple, true, true).map(|_| None),
-            basic::AMQPMethod::Nack(n) => self.settle(id, n.delivery_tag, n.multiple, !n.requeue, true).map(|_| None),
+            basic::AMQPMethod::Ack(a) => self.settle(id, a.delivery_tag, a.multiple, true, true).await.map(|_| None),
+            basic::AMQPMethod::Nack(n) => {
+                self.settle(id, n.delivery_tag, n.multiple, !n.requeue, true).await.map(|_| None)
+            }
             // requeue=false drops the message (or dead-letters it); requeue=true
             // returns it for redelivery.
-            basic::AMQPMethod::Reject(r) => self.settle(id, r.delivery_tag, false, !r.requeue, true).map(|_| None),
+            basic::AMQPMethod::Reject(r) => {
+                self.settle(id, r.delivery_tag, false, !r.requeue, true).await.map(|_| None)
+            }
             basic::AMQPMethod::Recover(_) => {
-                self.settle(id, 0, true, false, false)?;
+                self.settle(id, 0, true, false, false).await?;
                 Ok(Some(AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {}))))
             }
-            basic::AMQPMethod::RecoverAsync(_) => self.settle(id, 0, true, false, false).map(|_| None),
+            basic::AMQPMethod::RecoverAsync(_) => self.settle(id, 0, true, false, false).await.map(|_| None),
             _ => Err(AmqpError::connection(COMMAND_INVALID, "method not expected from a client")),
         }
     }
@@ -359,7 +364,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         // named exchange is a topic, a log that keeps what is published to it.
         if !routable && exchange.is_empty() {
             if let Some(tag) = confirm {
-                self.confirmed(id, tag, true);
+                self.confirmed(id, tag, false, true);
             }
             return Ok(());
         }
@@ -415,14 +420,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let (backend, events, stop) = (self.backend.clone(), self.events.clone(), self.node_stop.clone());
         let caller = self.caller.clone();
         let in_flight = self.settings.publishes_in_flight_max;
+        let batches = self.settings.publish_batches_in_flight_max;
         let ch = self.open_channel(id)?;
         let tx = ch
             .publisher
             .get_or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(in_flight);
-                tokio::spawn(
-                    crate::peers::CALLER.scope(caller, run_publisher(backend, id, rx, events, in_flight, stop)),
-                );
+                let publisher = run_publisher(backend, id, rx, events, (in_flight, batches), stop);
+                tokio::spawn(crate::peers::CALLER.scope(caller, publisher));
                 tx
             })
             .clone();
@@ -430,11 +435,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         Ok(())
     }
 
-    pub(super) fn confirmed(&mut self, id: u16, tag: u64, stored: bool) {
+    /// A confirm: `multiple` covers every tag up to `tag`.
+    pub(super) fn confirmed(&mut self, id: u16, tag: u64, multiple: bool, stored: bool) {
         let method = if stored {
-            basic::AMQPMethod::Ack(basic::Ack { delivery_tag: tag, multiple: false })
+            basic::AMQPMethod::Ack(basic::Ack { delivery_tag: tag, multiple })
         } else {
-            basic::AMQPMethod::Nack(basic::Nack { delivery_tag: tag, multiple: false, requeue: false })
+            basic::AMQPMethod::Nack(basic::Nack { delivery_tag: tag, multiple, requeue: false })
         };
         if self.channels.get(&id).is_some_and(|c| !c.closing) {
             self.send(id, AMQPClass::Basic(method));
@@ -617,7 +623,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// all), or just `tag`. An unknown tag is the channel's error, as in RabbitMQ.
     /// In a transaction (`tx.select`) they leave the channel's unacknowledged ones
     /// at once but are applied at `tx.commit` (`in_tx`; `basic.recover` is not).
-    fn settle(&mut self, id: u16, tag: u64, multiple: bool, ack: bool, in_tx: bool) -> Result<(), AmqpError> {
+    /// Otherwise they go to the channel's settler (see [`run_settler`]), which sends
+    /// those that queued together as one call per queue; when it has
+    /// `settles_queued_max` waiting, this waits, and so does reading the connection.
+    async fn settle(&mut self, id: u16, tag: u64, multiple: bool, ack: bool, in_tx: bool) -> Result<(), AmqpError> {
+        let (backend, ns, caller) = (self.backend.clone(), self.namespace.clone(), self.caller.clone());
+        let queued_max = self.settings.settles_queued_max;
         let ch = self.open_channel(id)?;
         let settled: Vec<(u64, Unacked)> = if multiple {
             let keys: Vec<u64> = ch.unacked.keys().copied().filter(|t| tag == 0 || *t <= tag).collect();
@@ -632,14 +643,24 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             tx.settles.push(HeldSettle { deliveries: settled, ack });
             return Ok(());
         }
-        for (queue, deliveries) in by_queue(settled) {
-            let (backend, ns) = (self.backend.clone(), self.namespace.clone());
-            tokio::spawn(crate::peers::CALLER.scope(self.caller.clone(), async move {
-                if let Err(e) = backend.settle(ns, queue.clone(), deliveries, ack).await {
-                    tracing::debug!(queue, error = %e, "AMQP settle failed (the messages come again)");
-                }
-            }));
+        if settled.is_empty() {
+            return Ok(());
         }
+        let settler = ch
+            .settler
+            .get_or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(queued_max);
+                let (drained_tx, drained) = oneshot::channel::<()>();
+                let settler = async move {
+                    run_settler(backend, ns, rx, queued_max).await;
+                    drop(drained_tx);
+                };
+                tokio::spawn(crate::peers::CALLER.scope(caller, settler));
+                Settler { tx, drained }
+            })
+            .tx
+            .clone();
+        let _ = settler.send(HeldSettle { deliveries: settled, ack }).await;
         Ok(())
     }
 
@@ -758,27 +779,95 @@ fn codec_content<S>(conn: &mut Conn<S>, id: u16, properties: basic::AMQPProperti
     super::codec::content(id, properties, body, conn.frame_max_bytes, &mut conn.out);
 }
 
-/// Publishes one channel's messages in order: one batch at a time, each taking what
-/// queued while the previous one was stored (consecutive messages to one topic, at
-/// most `batch_max` of them), so a channel's messages keep their order through any
-/// node and a busy channel still writes many messages per request.
+/// Applies one channel's acks, nacks and rejects in the order they came: what queued
+/// while the previous call was in flight (at most `batch_max` of them) goes together,
+/// as one call per run of acks or returns and queue, so a client acking message by
+/// message costs a call per batch, not per message. Ends once the channel dropped its
+/// sender and everything queued was applied.
+async fn run_settler(backend: Backend, namespace: String, mut rx: mpsc::Receiver<HeldSettle>, batch_max: usize) {
+    while let Some(first) = rx.recv().await {
+        let mut settles = vec![first];
+        while settles.len() < batch_max.max(1) {
+            match rx.try_recv() {
+                Ok(s) => settles.push(s),
+                Err(_) => break,
+            }
+        }
+        for (ack, deliveries) in settle_runs(settles) {
+            for (queue, deliveries) in by_queue(deliveries) {
+                if let Err(e) = backend.settle(namespace.clone(), queue.clone(), deliveries, ack).await {
+                    tracing::debug!(queue, error = %e, "AMQP settle failed (the messages come again)");
+                }
+            }
+        }
+    }
+}
+
+/// Consecutive settles of one kind (ack or return) merged, in order.
+fn settle_runs(settles: Vec<HeldSettle>) -> Vec<(bool, Vec<(u64, Unacked)>)> {
+    let mut runs: Vec<(bool, Vec<(u64, Unacked)>)> = Vec::new();
+    for s in settles {
+        match runs.last_mut() {
+            Some((ack, deliveries)) if *ack == s.ack => deliveries.extend(s.deliveries),
+            _ => runs.push((s.ack, s.deliveries)),
+        }
+    }
+    runs
+}
+
+/// A batch of a channel's messages, stored or not; what the publisher reports.
+struct BatchDone {
+    confirms: Vec<u64>,
+    done: Vec<oneshot::Sender<Result<(), RequestError>>>,
+    result: Result<(), RequestError>,
+}
+
+/// Publishes one channel's messages in order: batches of what queued (consecutive
+/// messages to one topic and routing key, at most `batch_max` of them), up to
+/// `batches_max` of them in flight at once. Each batch takes its turn
+/// ([`crate::replication::publish::Turn`]) after the one before it: it is routed only
+/// once that one is queued at its primary (or, forwarded, answered), so a channel's
+/// messages keep their order through any node. Confirms go out in batch order.
 async fn run_publisher(
     backend: Backend,
     channel: u16,
     mut rx: mpsc::Receiver<PublishJob>,
     events: mpsc::Sender<Event>,
-    batch_max: usize,
+    (batch_max, batches_max): (usize, usize),
     stop: CancellationToken,
 ) {
     let mut carried: Option<PublishJob> = None;
+    let mut open = true;
+    let mut in_flight = FuturesOrdered::new();
+    // The turn of the batch sent last: the next one waits for it.
+    let mut previous: Option<oneshot::Receiver<()>> = None;
     loop {
-        let first = match carried.take() {
-            Some(job) => job,
-            None => tokio::select! {
+        let room = in_flight.len() < batches_max.max(1);
+        let first = if room && carried.is_some() {
+            carried.take()
+        } else if room && open {
+            tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                job = rx.recv() => match job { Some(j) => j, None => return },
-            },
+                Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                    report(channel, &events, done).await;
+                    continue;
+                }
+                job = rx.recv() => job,
+            }
+        } else if !in_flight.is_empty() {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                Some(done) = in_flight.next() => report(channel, &events, done).await,
+            }
+            continue;
+        } else {
+            return;
+        };
+        let Some(first) = first else {
+            open = false;
+            continue;
         };
         let mut batch = vec![first];
         while batch.len() < batch_max.max(1) {
@@ -796,7 +885,7 @@ async fn run_publisher(
             }
         }
         let (namespace, topic) = (batch[0].namespace.clone(), batch[0].topic.clone());
-        let confirms: Vec<Option<u64>> = batch.iter().map(|j| j.confirm).collect();
+        let confirms: Vec<u64> = batch.iter().filter_map(|j| j.confirm).collect();
         let mut done = Vec::new();
         let messages: Vec<pb::Message> = batch
             .into_iter()
@@ -805,21 +894,34 @@ async fn run_publisher(
                 j.message
             })
             .collect();
-        let r = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            r = backend.publish(&namespace, &topic, messages) => r,
-        };
-        if let Err(e) = &r {
-            tracing::debug!(topic, error = %e, "AMQP publish failed");
-        }
-        for d in done {
-            let _ = d.send(r.clone().map(|_| ()));
-        }
-        // A connection that is gone gets no confirms; its messages are stored all the same.
-        for tag in confirms.into_iter().flatten() {
-            let _ = events.send(Event::Confirmed { channel, tag, ok: r.is_ok() }).await;
-        }
+        let (turn, next) = oneshot::channel();
+        let wait = previous.replace(next);
+        let backend = backend.clone();
+        in_flight.push_back(async move {
+            if let Some(wait) = wait {
+                // Ends when the batch before this one gave up its turn.
+                let _ = wait.await;
+            }
+            let result = backend.publish_in_turn(&namespace, &topic, messages, turn).await;
+            if let Err(e) = &result {
+                tracing::debug!(topic, error = %e, "AMQP publish failed");
+            }
+            BatchDone { confirms, done, result }
+        });
+    }
+}
+
+/// Tells a stored (or failed) batch's waiters, and its client with one confirm:
+/// `multiple` up to its last tag (every tag below it was confirmed before: batches
+/// report in order).
+async fn report(channel: u16, events: &mpsc::Sender<Event>, b: BatchDone) {
+    for d in b.done {
+        let _ = d.send(b.result.clone());
+    }
+    // A connection that is gone gets no confirms; its messages are stored all the same.
+    if let Some(&tag) = b.confirms.last() {
+        let multiple = b.confirms.len() > 1;
+        let _ = events.send(Event::Confirmed { channel, tag, multiple, ok: b.result.is_ok() }).await;
     }
 }
 

@@ -41,6 +41,8 @@ pub(super) struct Channel {
     pub(super) next_confirm: u64,
     pub(super) pending: Option<Pending>,
     pub(super) publisher: Option<mpsc::Sender<PublishJob>>,
+    /// Acks, nacks and rejects on their way to the queues' groups (see `run_settler`).
+    pub(super) settler: Option<Settler>,
     pub(super) consumers: HashMap<String, Consumer>,
     pub(super) next_tag: u64,
     pub(super) unacked: BTreeMap<u64, Unacked>,
@@ -75,20 +77,38 @@ pub(super) struct HeldPublish {
     pub(super) message: pb::Message,
 }
 
-/// An ack (`ack`) or a return (nack/reject) of a transaction.
+/// An ack (`ack`) or a return (nack/reject), held by a transaction or queued to the
+/// channel's settler.
 pub(super) struct HeldSettle {
     pub(super) deliveries: Vec<(u64, Unacked)>,
     pub(super) ack: bool,
 }
 
+/// A channel's settler task: its queue, and a receiver that ends when the task ended
+/// (everything queued was applied).
+pub(super) struct Settler {
+    pub(super) tx: mpsc::Sender<HeldSettle>,
+    pub(super) drained: oneshot::Receiver<()>,
+}
+
 impl Channel {
     /// Stops the channel's consumers and publisher; unsettled deliveries go back to
-    /// their queues when the subscriptions end.
+    /// their queues when the subscriptions end. Acks queued still go, and the
+    /// subscriptions end only after them (else a message acked just before the close
+    /// would come again).
     pub(super) fn stop_all(&mut self) {
-        for c in self.consumers.values() {
-            c.stop.cancel();
-        }
+        let stops: Vec<CancellationToken> = self.consumers.values().map(|c| c.stop.clone()).collect();
         self.consumers.clear();
+        match self.settler.take() {
+            Some(Settler { tx, drained }) => {
+                drop(tx);
+                tokio::spawn(async move {
+                    let _ = drained.await;
+                    stops.iter().for_each(CancellationToken::cancel);
+                });
+            }
+            None => stops.iter().for_each(CancellationToken::cancel),
+        }
         self.publisher = None;
         self.pending = None;
         self.held_deliveries.clear();

@@ -696,9 +696,52 @@ def stream_offsets():
                                         arguments={"x-stream-offset": "sometime"}))
 
 
+def batched_acks_bad_tag():
+    """One basic.ack per message sent in one burst (the broker sends them to the
+    queue's group together), the last one of an unknown tag: the channel is closed
+    with 406 naming the tag, the messages acked before it stay acked, the one left
+    unacknowledged comes again."""
+    n = 50
+    c = connect(CON)
+    ch = c.channel()
+    ch.queue_declare(queue="burst-acks", durable=True)
+    p = connect(PUB)
+    pch = p.channel()
+    pch.confirm_delivery()
+    for i in range(n):
+        pch.basic_publish(exchange="", routing_key="burst-acks", body=f"b-{i}")
+    p.close()
+    tags = []
+    ch.basic_consume(queue="burst-acks", on_message_callback=lambda _c, m, _p, b: tags.append((m.delivery_tag, b.decode())))
+    deadline = time.time() + WAIT_S
+    while len(tags) < n and time.time() < deadline:
+        c.process_data_events(time_limit=0.2)
+    if [b for _, b in tags] != [f"b-{i}" for i in range(n)]:
+        print(f"FAIL batched_acks_bad_tag: delivered {tags!r}")
+        sys.exit(1)
+    for tag, _ in tags[:-1]:
+        ch.basic_ack(delivery_tag=tag)
+    ch.basic_ack(delivery_tag=999)
+    got = None
+    try:
+        # A synchronous method after the acks: pika raises the channel's close here.
+        ch.queue_declare(queue="burst-acks", passive=True)
+    except pika.exceptions.ChannelClosedByBroker as e:
+        got = (e.reply_code, e.reply_text)
+    if got is None or got[0] != 406 or "unknown delivery tag 999" not in got[1]:
+        print(f"FAIL batched_acks_bad_tag: got {got!r}, want 406 naming delivery tag 999")
+        sys.exit(1)
+    c.close()
+    c = connect(CON)
+    again = get_all(c.channel(), "burst-acks", 2)
+    c.close()
+    expect("batched_acks_bad_tag", again, [f"b-{n - 1}"])
+
+
 CHECKS = {f.__name__: f for f in [hello, work_queues, publish_subscribe, routing, topics, rpc,
                                   confirms_and_mandatory, dead_letters, errors, interop_prepare, interop_consume, interop_publish,
-                                  queue_ops, exclusive_consumers, transactions, tx_errors, flow, ttl_and_max_length, stream_offsets]}
+                                  queue_ops, exclusive_consumers, transactions, tx_errors, flow, ttl_and_max_length, stream_offsets,
+                                  batched_acks_bad_tag]}
 
 for name in sys.argv[4:]:
     CHECKS[name]()
