@@ -104,6 +104,9 @@ pub struct DataSettings {
     /// How often a consumer group records its acknowledged offsets in the cluster state.
     /// After a kill -9, at most this much of acknowledged messages is delivered again.
     pub offsets_commit_interval_ms: u64,
+    /// Most consumer groups' commits one cluster-state write carries: the commits of
+    /// this node's groups that queue while one is being written go in the next.
+    pub offsets_commit_batch_max_count: usize,
     /// A consumer group's ack timeout when the group sets none (0 there): a message
     /// handed out and not acknowledged within it goes back for redelivery (0: never).
     pub ack_timeout_ms: u64,
@@ -145,6 +148,7 @@ impl Default for DataSettings {
             read_batch_max_bytes: 1024 * 1024,
             write_queue_max_bytes: 64 * 1024 * 1024,
             offsets_commit_interval_ms: 1000,
+            offsets_commit_batch_max_count: 256,
             ack_timeout_ms: eventtermq_api::defaults::ACK_TIMEOUT_MS,
             rereplicate_after_ms: 60_000,
             read_wait_ms: 300_000,

@@ -1056,6 +1056,31 @@ async fn topic_and_group(nodes: &[TestNode], before: &[&str], size: u32) -> u64 
     placed
 }
 
+/// An idle group whose segment's primary is another node keeps one read waiting there
+/// for up to `read_wait_ms`, not the request timeout: at 10,000 groups, reads that came
+/// back every 10 s were most of an idle cluster's CPU.
+#[tokio::test(start_paused = true)]
+async fn an_idle_group_reading_from_another_node_asks_once_per_read_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let nodes = three_tuned(&net, dir.path(), |c| c.data.read_wait_ms = 60_000).await;
+    let placed = topic_and_group(&nodes, &["first"], 10).await;
+    let primary = &nodes[primary_index(&nodes).unwrap()];
+    assert_ne!(primary.handle.id, placed, "the group runs on another node than the primary");
+    assert_eq!(publish_ids(primary, 0..1).await.len(), 1);
+    let reads = [("method", "/eventter.internal.v1.Internal/ReadSegment"), ("code", "0")];
+    eventually(Duration::from_secs(10), "the group read the message from the primary", || async {
+        scraped(primary, "eventtermq_grpc_requests_total", &reads).await.is_some()
+    })
+    .await;
+    let before = scraped(primary, "eventtermq_grpc_requests_total", &reads).await.unwrap();
+    // Ten request timeouts (3 s here) of nothing new.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let after = scraped(primary, "eventtermq_grpc_requests_total", &reads).await.unwrap();
+    assert!(after - before <= 1.0, "{} reads answered in 30 idle seconds", after - before);
+    stop_all(nodes).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn lag_follows_publishes_while_the_group_buffer_is_full() {
     let dir = tempfile::tempdir().unwrap();

@@ -278,6 +278,9 @@ pub struct BrokerArgs {
     /// How often consumer groups record acknowledged offsets in the cluster state.
     #[arg(long, default_value_t = DataSettings::default().offsets_commit_interval_ms)]
     pub offsets_commit_interval_ms: u64,
+    /// Most consumer groups' offset commits written to the cluster state as one entry.
+    #[arg(long, default_value_t = DataSettings::default().offsets_commit_batch_max_count)]
+    pub offsets_commit_batch_max_count: usize,
     /// A message handed out by a consumer group and not acknowledged within this many
     /// milliseconds is delivered again, for groups that set no ack timeout (0: never).
     #[arg(long, default_value_t = DataSettings::default().ack_timeout_ms)]

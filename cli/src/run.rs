@@ -78,6 +78,7 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
         read_batch_max_bytes: args.read_batch_max_bytes,
         write_queue_max_bytes: args.write_queue_max_bytes,
         offsets_commit_interval_ms: args.offsets_commit_interval_ms,
+        offsets_commit_batch_max_count: args.offsets_commit_batch_max_count,
         ack_timeout_ms: args.ack_timeout_ms,
         rereplicate_after_ms: args.rereplicate_after_ms,
         dedupe_window_ms: args.dedupe_window_ms,

@@ -121,9 +121,10 @@ impl Internal for InternalService {
 
     async fn read_segment(&self, req: Request<ipb::ReadSegmentRequest>) -> Reply<ipb::ReadSegmentResponse> {
         let req = req.into_inner();
-        let wait = std::time::Duration::from_millis(
-            u64::from(req.wait_ms).min(self.cluster.request_timeout().as_millis() as u64),
-        );
+        // A long poll: up to this node's own read wait, the bound a group's idle reads
+        // are meant to have (a shorter cap, such as the request timeout, would make
+        // every idle group on another node ask again that often).
+        let wait = std::time::Duration::from_millis(u64::from(req.wait_ms).min(self.segments.settings().read_wait_ms));
         let max_bytes = (req.max_bytes as usize).clamp(1, self.segments.settings().read_batch_max_bytes);
         let read = ReadRequest::at(req.from_offset, max_bytes).waiting(wait).since(req.since_unix_ms);
         let r = self.segments.read_local(req.segment_id, read).await?;

@@ -46,6 +46,10 @@ impl Touched {
             Command::CommitOffsets { namespace, group: g, .. } => {
                 vec![Touched::Offsets { namespace: namespace.clone(), group: g.clone() }]
             }
+            Command::CommitOffsetsBatch { commits } => commits
+                .iter()
+                .map(|c| Touched::Offsets { namespace: c.namespace.clone(), group: c.group.clone() })
+                .collect(),
             Command::SetNode { .. } | Command::RemoveNode { .. } | Command::SetDiskLow { .. } => vec![Touched::Nodes],
             // Nothing a group or segment task acts on: access is checked per request.
             Command::CreateUser { .. } | Command::DeleteUser { .. } | Command::SetPermissions { .. } => Vec::new(),

@@ -5,6 +5,8 @@
 //! authoritative because the state may have changed between the two. A rejected
 //! command leaves the state untouched; only the applied index advances.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::model::*;
@@ -133,6 +135,11 @@ pub enum Command {
         namespace: String,
         group: String,
         node: Option<NodeId>,
+    },
+    /// The commits of many groups of one node, written as one entry (see
+    /// `consumer_groups::commits`); a group deleted meanwhile is passed over.
+    CommitOffsetsBatch {
+        commits: Vec<GroupOffsets>,
     },
     /// A group's node records how far it got; offsets only move forward.
     CommitOffsets {
@@ -264,6 +271,11 @@ impl ClusterState {
             | Command::SetSegmentReplicas { .. }
             | Command::DeleteSegments { .. } => self.apply_segment_change(cmd),
             Command::AssignGroup { .. } | Command::CommitOffsets { .. } => self.apply_group_runtime(cmd),
+            Command::CommitOffsetsBatch { commits } => {
+                for c in commits {
+                    self.commit_offsets(&c.namespace, &c.group, &c.offsets, &c.handed_out);
+                }
+            }
             Command::CreateUser { name, password_hash, admin, .. } => {
                 let user =
                     User { password_hash: password_hash.clone(), admin: *admin, permissions: Default::default() };
@@ -366,18 +378,29 @@ impl ClusterState {
                 }
             }
             Command::CommitOffsets { namespace, group, offsets, handed_out } => {
-                if let Some(g) = self.groups.get_mut(namespace).and_then(|g| g.get_mut(group)) {
-                    for (map, moved) in [(&mut g.offsets, offsets), (&mut g.handed_out, handed_out)] {
-                        for (seg, off) in moved {
-                            if self.segments.contains_key(seg) {
-                                let e = map.entry(*seg).or_insert(0);
-                                *e = (*e).max(*off);
-                            }
-                        }
-                    }
-                }
+                self.commit_offsets(namespace, group, offsets, handed_out)
             }
             _ => {}
+        }
+    }
+
+    /// Moves a group's offsets and hand-out marks forward (never back), for segments
+    /// that still exist; a group that does not exist (any more) is passed over.
+    fn commit_offsets(
+        &mut self,
+        namespace: &str,
+        group: &str,
+        offsets: &BTreeMap<SegmentId, u64>,
+        handed_out: &BTreeMap<SegmentId, u64>,
+    ) {
+        let Some(g) = self.groups.get_mut(namespace).and_then(|g| g.get_mut(group)) else { return };
+        for (map, moved) in [(&mut g.offsets, offsets), (&mut g.handed_out, handed_out)] {
+            for (seg, off) in moved {
+                if self.segments.contains_key(seg) {
+                    let e = map.entry(*seg).or_insert(0);
+                    *e = (*e).max(*off);
+                }
+            }
         }
     }
 
@@ -473,6 +496,8 @@ impl ClusterState {
                 validate::name("namespace", namespace)?;
                 self.namespace(namespace).map(|_| ())
             }
+            // Each group of a batch may have been deleted since: applying passes it over.
+            Command::CommitOffsetsBatch { .. } => Ok(()),
             Command::AssignGroup { namespace, group, .. } | Command::CommitOffsets { namespace, group, .. } => {
                 if self.group_runtime(namespace, group).is_some() {
                     Ok(())
@@ -1030,6 +1055,40 @@ mod tests {
         s.apply(&unbind(binding(ExchangeType::Direct, "k"))).unwrap();
         assert_eq!(bindings(&s), [binding(ExchangeType::Topic, "a.*.#")], "unbound whatever its since");
         s.apply(&unbind(binding(ExchangeType::Direct, "k"))).unwrap();
+    }
+
+    #[test]
+    fn a_batch_of_commits_moves_each_group_forward_and_passes_over_a_deleted_one() {
+        let mut s = ClusterState::new_cluster();
+        s.apply(&create_topic("default", "t", topic(1))).unwrap();
+        for g in ["a", "b"] {
+            let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size: 10, ..Default::default() };
+            s.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: g.into(), spec }).unwrap();
+        }
+        let open = Command::OpenSegment {
+            namespace: "default".into(),
+            topic: "t".into(),
+            shard: 0,
+            replicas: vec![1],
+            now_unix_ms: 0,
+            min_insync: 1,
+        };
+        s.apply(&open).unwrap();
+        let seg = *s.segments.keys().next().unwrap();
+        let commit = |group: &str, offset| GroupOffsets {
+            namespace: "default".into(),
+            group: group.into(),
+            offsets: BTreeMap::from([(seg, offset)]),
+            handed_out: BTreeMap::from([(seg, offset + 1)]),
+        };
+        let batch = Command::CommitOffsetsBatch { commits: vec![commit("a", 5), commit("gone", 7), commit("b", 9)] };
+        s.apply(&batch).unwrap();
+        let back = Command::CommitOffsetsBatch { commits: vec![commit("a", 2)] };
+        s.apply(&back).unwrap();
+        let runtime = |g: &str| s.group_runtime("default", g).cloned().unwrap();
+        assert_eq!((runtime("a").offsets[&seg], runtime("a").handed_out[&seg]), (5, 6), "never back");
+        assert_eq!((runtime("b").offsets[&seg], runtime("b").handed_out[&seg]), (9, 10));
+        assert!(s.group_runtime("default", "gone").is_none());
     }
 
     #[test]

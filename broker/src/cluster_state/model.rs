@@ -310,6 +310,18 @@ impl SegmentRecord {
     }
 }
 
+/// One group's commit in a [`Command::CommitOffsetsBatch`](super::Command::CommitOffsetsBatch):
+/// what `CommitOffsets` carries for one group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupOffsets {
+    pub namespace: String,
+    pub group: String,
+    pub offsets: BTreeMap<SegmentId, u64>,
+    /// Below which every record the group offered was handed out, per segment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub handed_out: BTreeMap<SegmentId, u64>,
+}
+
 /// Where a consumer group runs and the offsets it committed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupRuntime {

@@ -290,7 +290,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             }
         };
         let meta = content.meta();
-        let data = serde_json::to_vec(&content)
+        // Megabytes at 10,000 topics: encoded off the async runtime, whose threads also
+        // carry Raft's heartbeats.
+        let data = crate::clock::spawn_blocking(move || serde_json::to_vec(&content))
+            .await
+            .map_err(|e| snapshot_err(Some(&meta), ErrorVerb::Write, format!("encoding the snapshot: {e}")))?
             .map_err(|e| snapshot_err(Some(&meta), ErrorVerb::Write, format!("encoding the snapshot: {e}")))?;
         let built = StoredSnapshot { meta, data: Arc::new(data) };
 

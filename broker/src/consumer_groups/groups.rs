@@ -20,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use super::buffer::{Delivery, SubscriberId};
+use super::commits::OffsetCommits;
 use super::task::{self, Event, GroupCmd, GroupStats};
 use crate::cluster::Cluster;
 use crate::cluster_state::{NodeId, Touched};
@@ -54,6 +55,7 @@ pub struct Groups {
 
 struct Inner {
     segments: Segments,
+    commits: OffsetCommits,
     running: Mutex<HashMap<GroupKey, GroupHandle>>,
 }
 
@@ -100,7 +102,8 @@ pub enum Located {
 
 impl Groups {
     pub fn new(segments: Segments) -> Self {
-        Self { inner: Arc::new(Inner { segments, running: Mutex::default() }) }
+        let commits = OffsetCommits::start(&segments);
+        Self { inner: Arc::new(Inner { segments, commits, running: Mutex::default() }) }
     }
 
     fn cluster(&self) -> &Cluster {
@@ -201,7 +204,7 @@ impl Groups {
                 continue;
             }
             tracing::info!(node_id = me, namespace = %key.0, group = %key.1, "starting consumer group");
-            let h = start_group(self.inner.segments.clone(), key.clone());
+            let h = start_group(self.inner.segments.clone(), self.inner.commits.clone(), key.clone());
             lock(&self.inner.running).insert(key, h);
         }
     }
@@ -533,10 +536,10 @@ async fn stop_group(h: GroupHandle) {
     }
 }
 
-fn start_group(segments: Segments, (namespace, name): GroupKey) -> GroupHandle {
+fn start_group(segments: Segments, commits: OffsetCommits, (namespace, name): GroupKey) -> GroupHandle {
     let (cmd, rx) = mpsc::channel(GROUP_COMMAND_QUEUE_MAX);
     let stop = CancellationToken::new();
     let refresh = Arc::new(Notify::new());
-    let task = segments.clone().spawn(task::run(segments, namespace, name, rx, refresh.clone(), stop.clone()));
+    let task = segments.clone().spawn(task::run(segments, commits, namespace, name, rx, refresh.clone(), stop.clone()));
     GroupHandle { cmd, refresh, stop, task: Arc::new(tokio::sync::Mutex::new(Some(task))) }
 }

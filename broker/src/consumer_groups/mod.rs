@@ -17,6 +17,7 @@
 //!   finds where a group runs, serves subscriptions, acks and nacks of local groups.
 
 pub mod buffer;
+pub mod commits;
 pub mod dead_letter;
 pub mod groups;
 pub mod lag;

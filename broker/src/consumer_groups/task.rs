@@ -22,14 +22,14 @@ use eventtermq_proto::v1::Persistence;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, Notify};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::buffer::{Acked, Delivery, GroupBuffer, Millis, SubscriberId};
+use super::commits::{CommitResult, OffsetCommits};
 use super::dead_letter;
 use super::reader::{Fetch, Reader};
 use crate::cluster::Cluster;
-use crate::cluster_state::{Command, ConsumerGroupSpec, SegmentId};
+use crate::cluster_state::{ConsumerGroupSpec, GroupOffsets, SegmentId};
 use crate::error::{ErrorCode, RequestError};
 use crate::metrics::GroupCounters;
 use crate::replication::read::{ReadRequest, ReadResult};
@@ -138,6 +138,7 @@ struct Subscriber {
 struct Task {
     segments: Segments,
     cluster: Cluster,
+    commits: OffsetCommits,
     namespace: String,
     name: String,
     reader: Reader,
@@ -153,7 +154,8 @@ struct Task {
     /// Offsets and hand-out marks recorded in the cluster state (or on their way).
     last_committed: BTreeMap<SegmentId, u64>,
     last_handed_out: BTreeMap<SegmentId, u64>,
-    commit_in_flight: Option<JoinHandle<Result<u64, RequestError>>>,
+    /// The answer to the commit on its way ([`OffsetCommits`] writes it with others).
+    commit_in_flight: Option<oneshot::Receiver<CommitResult>>,
     /// The segments whose offsets / hand-out marks the commit in flight carries: if it
     /// fails they are not recorded, and the next commit carries them again.
     commit_carries: (Vec<SegmentId>, Vec<SegmentId>),
@@ -191,13 +193,14 @@ struct Task {
 /// [`DataSettings::read_wait_ms`]: crate::config::DataSettings::read_wait_ms
 pub(crate) async fn run(
     segments: Segments,
+    commits: OffsetCommits,
     namespace: String,
     name: String,
     mut cmds: mpsc::Receiver<GroupCmd>,
     refresh: Arc<Notify>,
     stop: CancellationToken,
 ) {
-    let Some(mut t) = Task::new(segments, namespace, name) else { return };
+    let Some(mut t) = Task::new(segments, commits, namespace, name) else { return };
     let commit_interval = Duration::from_millis(t.segments.settings().offsets_commit_interval_ms.max(1));
     let (mut commit_due, mut peek_due, mut expiry) = (Deadline::default(), Deadline::default(), Deadline::default());
     // When the message at the front of the queue outlives the group's TTL.
@@ -303,7 +306,7 @@ impl Deadline {
 }
 
 impl Task {
-    fn new(segments: Segments, namespace: String, name: String) -> Option<Self> {
+    fn new(segments: Segments, commits: OffsetCommits, namespace: String, name: String) -> Option<Self> {
         let cluster = segments.cluster().clone();
         let (spec, runtime) = {
             let st = cluster.state.read();
@@ -323,6 +326,7 @@ impl Task {
             buffer,
             segments,
             cluster,
+            commits,
             namespace,
             name,
             subscribers: HashMap::new(),
@@ -390,6 +394,10 @@ impl Task {
 
     fn fetched(&mut self, id: SegmentId, result: Result<ReadResult, RequestError>) {
         self.open_fetches.remove(&id);
+        if let Ok(r) = &result {
+            tracing::trace!(group = %self.name, segment_id = id, start = r.start, records = r.records.len(),
+                end = r.end_offset, closed = r.closed, "group read answered");
+        }
         match &result {
             Ok(_) => {
                 self.read_failures.remove(&id);
@@ -686,6 +694,8 @@ impl Task {
             self.reader.fetch_dropped(f.segment_id);
             return;
         };
+        tracing::trace!(group = %self.name, segment_id = f.segment_id, from = f.from, since = f.since_unix_ms,
+            idle = f.idle, open = seg.is_open(), "group read");
         let settings = self.segments.settings();
         let wait = if seg.is_open() { Duration::from_millis(settings.read_wait_ms) } else { Duration::ZERO };
         let (segments, max_bytes) = (self.segments.clone(), settings.read_batch_max_bytes);
@@ -715,12 +725,9 @@ impl Task {
             return;
         }
         let Some(commit) = self.next_commit() else { return };
-        if let Command::CommitOffsets { offsets, handed_out, .. } = &commit {
-            self.commit_carries = (offsets.keys().copied().collect(), handed_out.keys().copied().collect());
-        }
-        let cluster = self.cluster.clone();
+        self.commit_carries = (commit.offsets.keys().copied().collect(), commit.handed_out.keys().copied().collect());
         self.commits_started += 1;
-        self.commit_in_flight = Some(tokio::spawn(async move { cluster.write(commit).await }));
+        self.commit_in_flight = Some(self.commits.commit(commit));
     }
 
     /// The commit in flight ended: answer the flushes it covers, and start the next
@@ -764,7 +771,7 @@ impl Task {
     }
 
     /// What moved since the last commit (offsets, hand-out marks), noted as recorded.
-    fn next_commit(&mut self) -> Option<Command> {
+    fn next_commit(&mut self) -> Option<GroupOffsets> {
         let offsets = moved(self.buffer.committed(), &self.last_committed);
         let handed_out = moved(self.buffer.handed_out(), &self.last_handed_out);
         if offsets.is_empty() && handed_out.is_empty() {
@@ -772,22 +779,22 @@ impl Task {
         }
         self.last_committed.extend(offsets.clone());
         self.last_handed_out.extend(handed_out.clone());
-        Some(Command::CommitOffsets {
-            namespace: self.namespace.clone(),
-            group: self.name.clone(),
-            offsets,
-            handed_out,
-        })
+        Some(GroupOffsets { namespace: self.namespace.clone(), group: self.name.clone(), offsets, handed_out })
     }
 
     /// Last commit, so a graceful stop redelivers nothing that was acknowledged.
     async fn last_commit(mut self) {
-        if let Some(t) = self.commit_in_flight.take() {
-            let _ = t.await;
+        if self.commit_in_flight.is_some() {
+            // A failed one puts back what it carried, for the last one to carry.
+            let r = commit_done(&mut self.commit_in_flight).await;
+            self.committed(r);
         }
         let Some(commit) = self.next_commit() else { return };
-        if let Err(e) = self.cluster.write(commit).await {
-            tracing::warn!(namespace = %self.namespace, group = %self.name, error = %e, "last offset commit failed");
+        let done = self.commits.commit(commit);
+        match commit_done(&mut Some(done)).await {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(namespace = %self.namespace, group = %self.name, error = %e,
+                "last offset commit failed"),
         }
     }
 }
@@ -814,11 +821,11 @@ fn commit_backoff(interval: Duration, failures: u32, name: &str) -> Duration {
 const COMMIT_BACKOFF_MAX_FACTOR: u32 = 32;
 
 /// Waits for the commit in flight (the caller polls this only when there is one).
-async fn commit_done(commit: &mut Option<JoinHandle<Result<u64, RequestError>>>) -> Result<(), String> {
+async fn commit_done(commit: &mut Option<oneshot::Receiver<CommitResult>>) -> Result<(), String> {
     match commit {
-        Some(handle) => match handle.await {
-            Ok(r) => r.map(drop).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+        Some(answer) => match answer.await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("the node is stopping: its offset commits are no longer written".to_string()),
         },
         None => std::future::pending().await,
     }
