@@ -518,6 +518,26 @@ pub enum Command {
     },
     /// List users with their administrator flag and permissions (never a password or hash).
     ListUsers,
+    /// List the nodes: address, gossip state, Raft role, the leader, and a
+    /// decommission's progress (draining with what still depends on the node, or
+    /// drained).
+    ListNodes {
+        /// Answer from the node's own copy without confirming with the leader.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Decommission (drain) node NODE_ID before removing it: it takes no new segment
+    /// or consumer group, its open segments close so that their successors go
+    /// elsewhere, its closed segments are copied to other nodes, its groups move. Follow
+    /// it with list-nodes until it shows `drained`, then stop the node: it leaves the
+    /// cluster at once. Refused (exit 1) when the other live nodes could not hold every
+    /// topic's replication factor, or the node is unknown.
+    DecommissionNode {
+        node_id: u64,
+        /// Take the node back instead: it gets segments and groups again.
+        #[arg(long)]
+        cancel: bool,
+    },
     /// Benchmarks that start their own local brokers (results go into README.md).
     #[command(subcommand)]
     Bench(BenchCommand),

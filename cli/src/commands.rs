@@ -196,6 +196,13 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
             admin.set_permissions(req).await?
         }
         Command::ListUsers => admin.list_users().await?,
+        Command::ListNodes { stale } => admin.list_nodes(stale).await?,
+        Command::DecommissionNode { node_id, cancel } => {
+            if node_id == 0 {
+                return Err(CliError::Usage("NODE_ID: must be a node's id (list-nodes shows them), not 0".into()));
+            }
+            admin.decommission_node(node_id, cancel).await?
+        }
         Command::Bench(b) => super::bench::run(ctx, b).await?,
     }
     Ok(())
@@ -285,6 +292,21 @@ impl Admin<'_> {
             Output::Json => println!("{}", render::users_json(&r)),
         }
         Ok(())
+    }
+
+    async fn list_nodes(&mut self, stale: bool) -> Result<(), CliError> {
+        let r = self.client.list_nodes(pb::ListNodesRequest { stale }).await;
+        let r = self.answer(r)?;
+        match self.ctx.output {
+            Output::Text => print!("{}", render::nodes_text(&r)),
+            Output::Json => println!("{}", render::nodes_json(&r)),
+        }
+        Ok(())
+    }
+
+    async fn decommission_node(&mut self, node_id: u64, cancel: bool) -> Result<(), CliError> {
+        let r = self.client.decommission_node(pb::DecommissionNodeRequest { node_id, cancel }).await;
+        self.written(r)
     }
 
     async fn create_namespace(&mut self, name: String) -> Result<(), CliError> {

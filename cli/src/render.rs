@@ -163,6 +163,9 @@ pub fn dump_text(r: &pb::DumpResponse) -> String {
             w.line(format_args!("id: {}", n.id));
             w.str("address", &n.address);
             w.line(format_args!("state: {}", node_state_name(n.state)));
+            if n.drain.is_some() {
+                w.line(format_args!("drain: {}", drain_text(&n.drain)));
+            }
             if n.disk_low {
                 w.line("disk_low: true");
                 w.num("disk_free_bytes", n.disk_free_bytes);
@@ -259,6 +262,70 @@ pub fn users_text(users: &[pb::User]) -> String {
     out
 }
 
+/// A node's decommission in one word and counts: `-`, `draining (open segments 1,
+/// closed segments 3, groups 0)` or `drained`.
+fn drain_text(d: &Option<pb::DrainProgress>) -> String {
+    match d {
+        None => "-".into(),
+        Some(d) if d.drained => "drained".into(),
+        Some(d) => format!(
+            "draining (open segments {}, closed segments {}, groups {})",
+            d.open_segments, d.closed_segments, d.consumer_groups
+        ),
+    }
+}
+
+fn drain_json(d: &Option<pb::DrainProgress>) -> Value {
+    match d {
+        None => Value::Null,
+        Some(d) => json!({
+            "state": if d.drained { "drained" } else { "draining" },
+            "open_segments": d.open_segments,
+            "closed_segments": d.closed_segments,
+            "consumer_groups": d.consumer_groups,
+        }),
+    }
+}
+
+/// `list-nodes`: one row per node, the leader marked.
+pub fn nodes_text(r: &pb::ListNodesResponse) -> String {
+    let mut rows = vec![["ID", "ADDRESS", "STATE", "RAFT", "DRAIN"].map(String::from).to_vec()];
+    for n in &r.nodes {
+        let mut raft = if n.raft_role.is_empty() { "-".to_string() } else { n.raft_role.clone() };
+        if n.id == r.leader_id {
+            raft.push_str(" (leader)");
+        }
+        rows.push(vec![
+            n.id.to_string(),
+            n.address.clone(),
+            node_state_name(n.state).to_string(),
+            raft,
+            drain_text(&n.drain),
+        ]);
+    }
+    table(&rows)
+}
+
+/// `list-nodes --output json`.
+pub fn nodes_json(r: &pb::ListNodesResponse) -> Value {
+    let nodes: Vec<Value> = r
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "id": n.id,
+                "address": n.address,
+                "state": node_state_name(n.state),
+                "raft_role": n.raft_role,
+                "leader": n.id == r.leader_id,
+                "disk_low": n.disk_low,
+                "drain": drain_json(&n.drain),
+            })
+        })
+        .collect();
+    json!({"nodes": nodes, "leader_id": r.leader_id})
+}
+
 /// `list-users --output json`.
 pub fn users_json(r: &pb::ListUsersResponse) -> Value {
     let users: Vec<Value> = r
@@ -296,6 +363,7 @@ pub fn dump_json(r: &pb::DumpResponse) -> Value {
             "disk_low": n.disk_low,
             "disk_free_bytes": n.disk_free_bytes,
             "disk_free_min_bytes": n.disk_free_min_bytes,
+            "drain": drain_json(&n.drain),
         })).collect::<Vec<_>>(),
         "segments": state.segments.iter().map(|s| json!({
             "id": s.id,

@@ -46,7 +46,10 @@ impl Touched {
             Command::CommitOffsets { namespace, group: g, .. } => {
                 vec![Touched::Offsets { namespace: namespace.clone(), group: g.clone() }]
             }
-            Command::SetNode { .. } | Command::RemoveNode { .. } | Command::SetDiskLow { .. } => vec![Touched::Nodes],
+            Command::SetNode { .. }
+            | Command::RemoveNode { .. }
+            | Command::SetDiskLow { .. }
+            | Command::DecommissionNode { .. } => vec![Touched::Nodes],
             // Nothing a group or segment task acts on: access is checked per request.
             Command::CreateUser { .. } | Command::DeleteUser { .. } | Command::SetPermissions { .. } => Vec::new(),
             Command::CloseSegment { id, .. }

@@ -75,6 +75,14 @@ pub enum Command {
     RemoveNode {
         id: NodeId,
     },
+    /// An operator decommissions (drains) node `id`, or with `cancel` takes it back:
+    /// see [`ClusterState::draining`]. Refused when the live nodes left could not hold
+    /// every topic's replication factor.
+    DecommissionNode {
+        id: NodeId,
+        #[serde(default)]
+        cancel: bool,
+    },
     /// A node reports that its data directory went below its free-space watermark
     /// (`Some`) or is back above it (`None`).
     SetDiskLow {
@@ -250,6 +258,13 @@ impl ClusterState {
             Command::RemoveNode { id } => {
                 self.nodes.remove(id);
                 self.disk_low.remove(id);
+                self.draining.remove(id);
+            }
+            Command::DecommissionNode { id, cancel: false } => {
+                self.draining.insert(*id);
+            }
+            Command::DecommissionNode { id, cancel: true } => {
+                self.draining.remove(id);
             }
             Command::SetDiskLow { node, low: Some(low) } => {
                 self.disk_low.insert(*node, *low);
@@ -452,6 +467,7 @@ impl ClusterState {
                 self.check_group_spec(namespace, &updated)
             }
             Command::SetNode { .. } | Command::RemoveNode { .. } | Command::SetDiskLow { .. } => Ok(()),
+            Command::DecommissionNode { id, cancel } => self.check_decommission(*id, *cancel),
             Command::OpenSegment { namespace, topic, shard, replicas, min_insync, .. } => {
                 self.check_open_segment(namespace, topic, *shard, replicas, *min_insync)
             }
@@ -642,6 +658,47 @@ impl ClusterState {
             return Err(RequestError::new(ErrorCode::SegmentAlreadyOpen, msg));
         }
         Ok(())
+    }
+
+    /// A node the state knows; decommissioned only while the live nodes not being
+    /// decommissioned besides it can hold every topic's replication factor (and at
+    /// least one is left). Decommissioning again, or cancelling, is always fine.
+    fn check_decommission(&self, id: NodeId, cancel: bool) -> Result<(), RequestError> {
+        if !self.nodes.contains_key(&id) {
+            let known: Vec<String> = self.nodes.keys().map(|n| n.to_string()).collect();
+            return Err(RequestError::new(
+                ErrorCode::NodeNotFound,
+                format!("node_id: node {id} is not a member of the cluster (members: {})", known.join(", ")),
+            ));
+        }
+        if cancel || self.draining.contains(&id) {
+            return Ok(());
+        }
+        let left = self.group_nodes().filter(|n| *n != id).count();
+        let widest = self
+            .namespaces
+            .iter()
+            .flat_map(|(ns, n)| n.topics.iter().map(move |(t, spec)| (spec.replication_factor as usize, ns, t)))
+            .max_by_key(|(rf, _, _)| *rf);
+        let refuse = |need: String| {
+            let draining = if self.draining.is_empty() {
+                String::new()
+            } else {
+                let ids: Vec<String> = self.draining.iter().map(|n| n.to_string()).collect();
+                format!(", besides nodes {} already being decommissioned", ids.join(", "))
+            };
+            Err(RequestError::new(
+                ErrorCode::NotEnoughNodesLeft,
+                format!("node_id: decommissioning node {id} would leave {left} live node(s){draining}; {need}; nothing was changed"),
+            ))
+        };
+        match widest {
+            _ if left == 0 => refuse("at least one must stay".into()),
+            Some((rf, ns, t)) if left < rf => refuse(format!(
+                "topic {ns}/{t} keeps {rf} copies of every message: add a node first, or lower its replication factor"
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Closing an open segment, and what may change of a closed one.

@@ -265,7 +265,13 @@ impl Tasks {
                 peers.clone(),
                 stop.clone(),
             )),
-            reconciler: tokio::spawn(reconcile::run(config.clone(), cluster.clone(), membership.clone(), stop.clone())),
+            reconciler: tokio::spawn(reconcile::run(
+                config.clone(),
+                cluster.clone(),
+                membership.clone(),
+                peers.clone(),
+                stop.clone(),
+            )),
             disk_watch: tokio::spawn(crate::disk::watch(disk, cluster.clone(), stop.clone())),
             server: crate::api::serve(services, config.internal_access.clone(), incoming, stop.clone()),
             amqp,
@@ -525,7 +531,7 @@ const HAND_OVER_MAX: Duration = Duration::from_secs(1);
 /// long), which with the candidate's own vote is a majority of three; the leader then
 /// steps down. A peer whose lease from this leader is still valid would refuse, which is
 /// why the up-to-date candidate and the old leader's vote matter.
-async fn hand_over_leadership(cluster: &Cluster, peers: &Peers) {
+pub(crate) async fn hand_over_leadership(cluster: &Cluster, peers: &Peers) {
     let deadline = tokio::time::Instant::now() + HAND_OVER_MAX;
     let mut raft_changes = cluster.raft_changes();
     let target = loop {
@@ -534,15 +540,20 @@ async fn hand_over_leadership(cluster: &Cluster, peers: &Peers) {
             return;
         }
         let membership = m.membership_config.membership().clone();
+        // A node being decommissioned is not chosen while another voter can lead.
+        let draining = cluster.state.read().state.draining.clone();
         let up_to_date = m.replication.as_ref().and_then(|r| {
-            r.iter()
+            let mut caught_up: Vec<u64> = r
+                .iter()
                 .filter(|(id, matched)| {
                     **id != cluster.id
                         && membership.voter_ids().any(|v| v == **id)
                         && matched.map(|l| l.index) == m.last_log_index
                 })
                 .map(|(id, _)| *id)
-                .next()
+                .collect();
+            caught_up.sort_by_key(|id| draining.contains(id));
+            caught_up.first().copied()
         });
         match (up_to_date, membership.get_node(&up_to_date.unwrap_or(0))) {
             (Some(id), Some(node)) => break (id, node.addr.clone()),

@@ -11,6 +11,11 @@
 //!   once held every restarted pod DEAD while Raft still reached them all), and
 //!   removing a live voter on a wrong verdict costs the cluster its quorum.
 //!
+//! - a node being decommissioned is never added to Raft nor promoted; once drained
+//!   (nothing depends on it, see `ClusterState::drain_progress`) a voter is demoted to
+//!   learner, after handing leadership over if it leads, and once it stops (LEFT or
+//!   DEAD) it is removed at once, without waiting for `dead_node_removal_ms`.
+//!
 //! One Raft membership change per round, each awaited until committed: openraft
 //! allows only one at a time, and small steps keep the quorum arithmetic obvious.
 
@@ -24,13 +29,14 @@ use crate::cluster::Cluster;
 use crate::cluster_state::{Command, NodeRecord, NodeState};
 use crate::config::NodeConfig;
 use crate::membership::{MemberInfo, Membership};
+use crate::peers::Peers;
 
 /// A learner within this many entries of the leader's log counts as caught up.
 const LEARNER_LAG_MAX_ENTRIES: u64 = 100;
 /// How long adding a learner waits for it to catch up before moving on.
 const LEARNER_CATCH_UP_MAX: Duration = Duration::from_secs(2);
 
-pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, stop: CancellationToken) {
+pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, peers: Peers, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(config.reconcile_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut members_changed = membership.watch();
@@ -45,7 +51,7 @@ pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, s
             continue;
         }
         let members = membership.watch().borrow().clone();
-        if let Err(e) = reconcile_once(&config, &cluster, &membership, &members).await {
+        if let Err(e) = reconcile_once(&config, &cluster, &membership, &peers, &members).await {
             tracing::debug!(error = %e, "membership reconciliation deferred");
         }
     }
@@ -55,6 +61,7 @@ async fn reconcile_once(
     config: &NodeConfig,
     cluster: &Cluster,
     membership: &Membership,
+    peers: &Peers,
     members: &[MemberInfo],
 ) -> Result<(), String> {
     let metrics = cluster.raft.metrics().borrow().clone();
@@ -62,7 +69,16 @@ async fn reconcile_once(
     if stored.get_joint_config().len() > 1 {
         return Ok(()); // a change is still in flight
     }
+    let (draining, drained) = {
+        let st = cluster.state.read();
+        let drained: BTreeSet<u64> =
+            st.state.draining.iter().copied().filter(|id| st.state.drain_progress(*id).drained()).collect();
+        (st.state.draining.clone(), drained)
+    };
     let round = Round {
+        peers,
+        draining,
+        drained,
         config,
         cluster,
         membership,
@@ -79,6 +95,9 @@ async fn reconcile_once(
     }
     // 2. Cluster-state node records follow gossip.
     round.record_nodes().await?;
+    if round.demote_drained().await? {
+        return Ok(());
+    }
     round.promote_caught_up(&metrics).await
 }
 
@@ -92,11 +111,17 @@ struct Round<'a> {
     recorded: BTreeMap<u64, NodeRecord>,
     voters: BTreeSet<u64>,
     learners: BTreeSet<u64>,
+    peers: &'a Peers,
+    /// Nodes being decommissioned, and those of them nothing depends on any more.
+    draining: BTreeSet<u64>,
+    drained: BTreeSet<u64>,
 }
 
 impl Round<'_> {
+    /// DEAD or LEFT for `dead_node_removal_ms`, or at all once drained.
     fn gone_for_good(&self, m: &MemberInfo) -> bool {
-        matches!(m.state, NodeState::Dead | NodeState::Left) && m.state_since.elapsed() >= self.removal_after
+        matches!(m.state, NodeState::Dead | NodeState::Left)
+            && (m.state_since.elapsed() >= self.removal_after || self.drained.contains(&m.id))
     }
 
     /// Removes one member gone for long from Raft (after knocking on a DEAD one's
@@ -127,10 +152,12 @@ impl Round<'_> {
     /// Adds one ALIVE member outside Raft as a learner, and promotes it at once while
     /// voters are missing. `Ok(true)`: Raft changed (or is changing).
     async fn add_new(&self) -> Result<bool, String> {
-        let new = self
-            .members
-            .iter()
-            .find(|m| m.state == NodeState::Alive && !self.voters.contains(&m.id) && !self.learners.contains(&m.id));
+        let new = self.members.iter().find(|m| {
+            m.state == NodeState::Alive
+                && !self.voters.contains(&m.id)
+                && !self.learners.contains(&m.id)
+                && !self.draining.contains(&m.id)
+        });
         let Some(m) = new else { return Ok(false) };
         tracing::info!(node_id = m.id, addr = %m.addr, "adding node to raft as learner");
         // Blocking: returns once the learner has caught up (a new node's log is short),
@@ -160,6 +187,29 @@ impl Round<'_> {
         Ok(())
     }
 
+    /// Demotes a drained voter to learner, so that no quorum counts on it; if it is
+    /// this node (the leader), hands leadership over first (the next leader demotes
+    /// it). Only while every other voter is ALIVE: a change needs the old and the new
+    /// set's majorities. `Ok(true)`: Raft changed (or leadership moved).
+    async fn demote_drained(&self) -> Result<bool, String> {
+        let Some(&id) = self.drained.iter().find(|id| self.voters.contains(id)) else { return Ok(false) };
+        let alive = |v: &u64| self.members.iter().any(|m| m.id == *v && m.state == NodeState::Alive);
+        let others: Vec<u64> = self.voters.iter().copied().filter(|v| *v != id).collect();
+        if others.is_empty() || !others.iter().all(alive) {
+            return Ok(false);
+        }
+        if id == self.cluster.id {
+            tracing::info!(node_id = id, "this node is drained: handing leadership over before it is demoted");
+            super::hand_over_leadership(self.cluster, self.peers).await;
+            return Ok(true);
+        }
+        tracing::info!(node_id = id, "demoting a drained node from voter to learner");
+        let change = ChangeMembers::RemoveVoters(BTreeSet::from([id]));
+        // `retain`: it stays a learner until it stops, then is removed at once.
+        self.cluster.raft.change_membership(change, true).await.map_err(|e| e.to_string())?;
+        Ok(true)
+    }
+
     /// Promotes an ALIVE learner that has caught up while voters are missing.
     async fn promote_caught_up(&self, metrics: &openraft::RaftMetrics<u64, BasicNode>) -> Result<(), String> {
         if self.voters.len() >= self.config.voters_count_max {
@@ -170,7 +220,7 @@ impl Round<'_> {
         let alive: BTreeSet<u64> = self.members.iter().filter(|m| m.state == NodeState::Alive).map(|m| m.id).collect();
         let ready = self.learners.iter().find(|id| {
             let matched = replication.get(id).copied().flatten().map(|l| l.index).unwrap_or(0);
-            alive.contains(id) && matched + LEARNER_LAG_MAX_ENTRIES >= last
+            alive.contains(id) && !self.draining.contains(id) && matched + LEARNER_LAG_MAX_ENTRIES >= last
         });
         match ready {
             Some(&id) => self.promote(id).await,

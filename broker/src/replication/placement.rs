@@ -15,8 +15,12 @@
 //!    while the topic keeps more than its `retention_bytes_max`, are deleted once
 //!    every consumer group bound to the topic has passed them (or at once with
 //!    `retention_overrides_consumers`);
-//! 5. every consumer group runs on an ALIVE node; a group whose node is DEAD or LEFT
-//!    moves to the least loaded live node;
+//!    A node being decommissioned (`DecommissionNode`) takes no new segment nor copy,
+//!    and its closed copies are copied to other live nodes before it leaves their
+//!    replica sets ([`drain_copies`]); its open segments rotate away (the keeper of
+//!    their primary closes them);
+//! 5. every consumer group runs on an ALIVE node; a group whose node is DEAD, LEFT or
+//!    being decommissioned moves to the least loaded live node;
 //! 6. an AMQP exclusive queue (a group with an `exclusive_owner`) whose node is DEAD or
 //!    LEFT is deleted, as its connection is gone.
 //!
@@ -190,7 +194,8 @@ fn plan(
     let mut cmds = open_segments(state, &mut load, data.len(), now_unix_ms);
     cmds.extend(rereplicate(state, &load, lost));
     cmds.extend(expire(state, now_unix_ms));
-    cmds.extend(place_groups(state, &alive));
+    let group_nodes: Vec<NodeId> = state.group_nodes().collect();
+    cmds.extend(place_groups(state, &group_nodes));
     cmds.extend(exclusive_queues_of_gone_nodes(state));
     cmds
 }
@@ -288,6 +293,10 @@ fn rereplicate(state: &ClusterState, load: &Load, lost: impl Fn(&NodeId) -> bool
     let mut cmds = Vec::new();
     for (id, s) in state.segments.iter().filter(|(_, s)| !s.is_open()) {
         let Ok(topic) = state.topic(&s.namespace, &s.topic) else { continue };
+        if s.replicas.iter().any(|n| state.draining.contains(n)) {
+            cmds.extend(drain_copies(state, load, *id, s, topic.replication_factor as usize, &lost));
+            continue;
+        }
         let wanted = (topic.replication_factor as usize).max(s.replicas.len());
         let under_replicated = s.replicas.len() < wanted;
         if !(s.replicas.iter().any(&lost) || under_replicated) || s.done.iter().all(&lost) {
@@ -303,6 +312,43 @@ fn rereplicate(state: &ClusterState, load: &Load, lost: impl Fn(&NodeId) -> bool
         cmds.push(Command::SetSegmentReplicas { id: *id, replicas });
     }
     cmds
+}
+
+/// 3b. A closed segment with a copy on a node being decommissioned: first more copies
+///     on other live nodes, up to the topic's replication factor (the draining node's
+///     copy stays, a source to copy from meanwhile); once that many of them are
+///     complete, the draining node leaves the replica set (and its keeper deletes the
+///     file). Until then the segment keeps every copy it had.
+fn drain_copies(
+    state: &ClusterState,
+    load: &Load,
+    id: SegmentId,
+    s: &SegmentRecord,
+    replication_factor: usize,
+    lost: impl Fn(&NodeId) -> bool,
+) -> Option<Command> {
+    if s.done.iter().all(&lost) {
+        return None; // nothing to copy from
+    }
+    let draining = |n: &NodeId| state.draining.contains(n);
+    let keep: Vec<NodeId> = s.replicas.iter().copied().filter(|n| !lost(n) && !draining(n)).collect();
+    let wanted = replication_factor.max(1);
+    if keep.len() < wanted {
+        let extra = load.least_loaded(wanted - keep.len(), &s.replicas);
+        if extra.is_empty() {
+            return None; // no live node to take a copy: the node stays draining
+        }
+        let mut replicas: Vec<NodeId> = s.replicas.iter().copied().filter(|n| !lost(n)).collect();
+        replicas.extend(extra);
+        tracing::info!(segment_id = id, from = ?s.replicas, to = ?replicas, "copying a segment off a decommissioned node");
+        return Some(Command::SetSegmentReplicas { id, replicas });
+    }
+    let complete = keep.iter().filter(|n| s.done.contains(n)).count();
+    if complete < wanted {
+        return None; // the new copies are still being fetched
+    }
+    tracing::info!(segment_id = id, from = ?s.replicas, to = ?keep, "dropping a decommissioned node's copy");
+    Some(Command::SetSegmentReplicas { id, replicas: keep })
 }
 
 /// 4. Retention: a topic's closed segments older than its `retention_ms`, and its
@@ -346,8 +392,9 @@ fn passed_by_all(state: &ClusterState, id: SegmentId, s: &SegmentRecord) -> bool
     })
 }
 
-/// 5. Every consumer group on a live node: a group without one goes to the ALIVE node
-///    running the fewest groups.
+/// 5. Every consumer group on a live node not being decommissioned: a group without
+///    one (or on a node being decommissioned) goes to the `alive` node running the
+///    fewest groups.
 fn place_groups(state: &ClusterState, alive: &[NodeId]) -> Vec<Command> {
     let mut group_load: BTreeMap<NodeId, u64> = alive.iter().map(|n| (*n, 0)).collect();
     for g in state.groups.values().flat_map(|groups| groups.values()) {
@@ -358,7 +405,7 @@ fn place_groups(state: &ClusterState, alive: &[NodeId]) -> Vec<Command> {
     let mut cmds = Vec::new();
     for (ns, groups) in &state.groups {
         for (name, g) in groups {
-            if g.node.is_some_and(|n| !state.node_gone(n)) {
+            if g.node.is_some_and(|n| !state.node_gone(n) && !state.draining.contains(&n)) {
                 continue;
             }
             let Some((&node, _)) = group_load.iter().min_by_key(|(n, l)| (**l, **n)) else { continue };

@@ -469,6 +469,17 @@ impl Admin for FakeBroker {
     async fn list_users(&self, _: Request<pb::ListUsersRequest>) -> Result<Response<pb::ListUsersResponse>, Status> {
         Err(Status::unimplemented("users: not in the fake broker"))
     }
+
+    async fn decommission_node(
+        &self,
+        _: Request<pb::DecommissionNodeRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        Err(Status::unimplemented("decommission: not in the fake broker"))
+    }
+
+    async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+        Err(Status::unimplemented("nodes: not in the fake broker"))
+    }
 }
 
 /// Starts the fake on 127.0.0.1:0; it runs until the test's runtime ends.
