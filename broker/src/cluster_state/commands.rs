@@ -806,6 +806,43 @@ fn describe_topic_diff(a: &TopicSpec, b: &TopicSpec) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn decommissioning_needs_a_known_node_and_enough_live_nodes_left_for_every_replication_factor() {
+        let mut s = ClusterState::new_cluster();
+        for id in 1..=4 {
+            let record = NodeRecord { address: format!("n{id}:1"), state: NodeState::Alive };
+            s.apply(&Command::SetNode { id, record }).unwrap();
+        }
+        let decommission = |id, cancel| Command::DecommissionNode { id, cancel };
+        let e = s.apply(&decommission(9, false)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NodeNotFound);
+        assert!(e.message.starts_with("node_id: node 9 is not a member") && e.message.contains("1, 2, 3, 4"), "{e}");
+
+        s.apply(&Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec: topic(1) }).unwrap();
+        s.apply(&decommission(4, false)).unwrap();
+        s.apply(&decommission(4, false)).expect("again: a no-op");
+        assert!(s.draining.contains(&4) && s.data_nodes().all(|n| n != 4) && s.group_nodes().all(|n| n != 4));
+        // Three live nodes besides 4 were needed for RF 3: a second one is refused.
+        let e = s.apply(&decommission(3, false)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotEnoughNodesLeft);
+        assert!(e.message.contains("leave 2 live node(s), besides nodes 4") && e.message.contains("default/t"), "{e}");
+        assert!(!s.draining.contains(&3), "nothing changed");
+        // A dead node does not count as one left.
+        s.apply(&Command::DecommissionNode { id: 4, cancel: true }).unwrap();
+        let record = NodeRecord { address: "n2:1".into(), state: NodeState::Dead };
+        s.apply(&Command::SetNode { id: 2, record }).unwrap();
+        assert_eq!(s.apply(&decommission(4, false)).unwrap_err().code, ErrorCode::NotEnoughNodesLeft);
+        // Without topics, one node must stay all the same.
+        s.apply(&Command::DeleteTopic { namespace: "default".into(), name: "t".into() }).unwrap();
+        s.apply(&decommission(4, false)).unwrap();
+        s.apply(&decommission(3, false)).unwrap();
+        let e = s.apply(&decommission(1, false)).unwrap_err();
+        assert!(e.message.contains("at least one must stay"), "{e}");
+        // Removing a node forgets its decommission.
+        s.apply(&Command::RemoveNode { id: 4 }).unwrap();
+        assert_eq!(s.draining.iter().copied().collect::<Vec<_>>(), [3]);
+    }
+
     fn topic(shards: u32) -> TopicSpec {
         TopicSpec {
             shards,

@@ -654,6 +654,173 @@ mod tests {
             .collect()
     }
 
+    /// What the nodes' keepers do, done at once: a primary with a draining node in its
+    /// replica set closes its segment, and every replica of a closed segment gets its
+    /// complete copy. `Ok(true)`: something changed.
+    fn keepers(s: &mut ClusterState) -> bool {
+        let mut cmds = Vec::new();
+        for (id, seg) in &s.segments {
+            if seg.is_open() && seg.replicas.iter().any(|n| s.draining.contains(n)) {
+                cmds.push(Command::CloseSegment {
+                    id: *id,
+                    next_offset: 1,
+                    size_bytes: 1,
+                    checksum: 0,
+                    done: vec![],
+                    now_unix_ms: 0,
+                });
+                cmds.extend(seg.replicas.iter().map(|n| Command::SegmentDone { id: *id, node: *n, size_bytes: 1, checksum: 7 }));
+            } else if !seg.is_open() {
+                let missing = seg.replicas.iter().filter(|n| !seg.done.contains(n));
+                cmds.extend(missing.map(|n| Command::SegmentDone { id: *id, node: *n, size_bytes: 1, checksum: 7 }));
+            }
+        }
+        apply_all(s, &cmds);
+        !cmds.is_empty()
+    }
+
+    /// One placement pass, applied.
+    fn pass(s: &mut ClusterState) {
+        let cmds = plan(s, &HashMap::new(), Duration::from_secs(60), 0);
+        apply_all(s, &cmds);
+    }
+
+    /// Placement passes and keepers until neither changes anything (bounded).
+    fn settle(s: &mut ClusterState) {
+        for _ in 0..50 {
+            let cmds = plan(s, &HashMap::new(), Duration::from_secs(60), 0);
+            apply_all(s, &cmds);
+            if !keepers(s) && cmds.is_empty() {
+                return;
+            }
+        }
+        panic!("placement did not settle: {s:?}");
+    }
+
+    /// After a decommission has settled: nothing depends on `gone`, every closed segment
+    /// has its replication factor in complete copies on the other nodes, and every
+    /// shard has an open segment without it.
+    fn assert_drained(s: &ClusterState, gone: NodeId) {
+        assert!(s.drain_progress(gone).drained(), "{:?}", s.drain_progress(gone));
+        for (id, seg) in &s.segments {
+            assert!(!seg.replicas.contains(&gone) && !seg.done.contains(&gone), "segment {id}: {seg:?}");
+            if !seg.is_open() {
+                let rf = s.topic(&seg.namespace, &seg.topic).unwrap().replication_factor as usize;
+                assert!(seg.done.len() >= rf, "segment {id} has {} of {rf} copies: {seg:?}", seg.done.len());
+            }
+        }
+        for (ns, n) in &s.namespaces {
+            for (t, spec) in &n.topics {
+                let open = s.topic_segments(ns, t).filter(|(_, seg)| seg.is_open()).count();
+                assert_eq!(open, spec.shards as usize, "{ns}/{t}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_decommissioned_node_is_copied_off_before_it_leaves_and_its_groups_move() {
+        let mut s = state_with_topic(0);
+        set_node(&mut s, 4, NodeState::Alive);
+        let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size: 10, ..Default::default() };
+        for g in ["g1", "g2", "g3", "g4"] {
+            let create = Command::CreateConsumerGroup { namespace: "default".into(), name: g.into(), spec: spec.clone() };
+            s.apply(&create).unwrap();
+        }
+        pass(&mut s);
+        // Close the first generation everywhere: closed copies to move.
+        let first: Vec<SegmentId> = s.segments.keys().copied().collect();
+        for id in &first {
+            let holders = s.segments[id].replicas.clone();
+            close(&mut s, *id, &holders);
+        }
+        pass(&mut s);
+        let gone = s.segments[&first[0]].replicas[0];
+        assert!(s.drain_progress(gone).closed_segments >= 1);
+        s.apply(&Command::DecommissionNode { id: gone, cancel: false }).unwrap();
+
+        // First pass: a copy is added beside the draining one (still a source), groups move.
+        let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 0);
+        let changes = replica_changes(&cmds);
+        let (id, replicas) = changes.iter().find(|(id, _)| *id == first[0]).expect("a new copy of the first segment");
+        assert_eq!(replicas.len(), 4, "the draining copy stays until the others are complete: {replicas:?}");
+        assert!(replicas.contains(&gone), "{replicas:?}");
+        let moved = cmds.iter().filter(|c| matches!(c, Command::AssignGroup { node: Some(n), .. } if *n != gone)).count();
+        assert_eq!(moved as u64, s.drain_progress(gone).consumer_groups, "{cmds:?}");
+        apply_all(&mut s, &cmds);
+        // Until the new copy is complete, the draining node stays in the set.
+        let again = replica_changes(&plan(&s, &HashMap::new(), Duration::from_secs(60), 0));
+        assert!(again.iter().all(|(i, _)| i != id), "{again:?}");
+
+        settle(&mut s);
+        assert_drained(&s, gone);
+        // Cancelled, the node takes segments again.
+        s.apply(&Command::DecommissionNode { id: gone, cancel: true }).unwrap();
+        assert!(s.data_nodes().any(|n| n == gone));
+    }
+
+    #[test]
+    fn a_decommission_waits_while_no_other_node_can_take_the_copies() {
+        let mut s = state_with_topic(0);
+        set_node(&mut s, 4, NodeState::Alive);
+        pass(&mut s);
+        let id = *s.segments.keys().next().unwrap();
+        let holders = s.segments[&id].replicas.clone();
+        close(&mut s, id, &holders);
+        let gone = holders[0];
+        s.apply(&Command::DecommissionNode { id: gone, cancel: false }).unwrap();
+        // The one node that could take a copy dies: the copy stays where it is.
+        let spare = [1, 2, 3, 4].into_iter().find(|n| !holders.contains(n)).unwrap();
+        set_node(&mut s, spare, NodeState::Dead);
+        let changes = replica_changes(&plan(&s, &HashMap::new(), Duration::from_secs(60), 0));
+        assert!(changes.iter().all(|(i, _)| *i != id), "{changes:?}");
+        assert_eq!(s.drain_progress(gone).closed_segments, 1);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Whatever the cluster (3-6 nodes, topics of replication factor 1 up to one
+        /// less than the nodes, closed generations, groups), a decommission the state
+        /// accepts ends drained with every copy on the other nodes.
+        #[test]
+        fn every_accepted_decommission_ends_drained(
+            nodes in 3u64..=6,
+            topics in proptest::collection::vec((1u32..=3, 1u32..=5), 1..4),
+            generations in 0usize..3,
+            groups in 0usize..5,
+            pick in 0u64..6,
+        ) {
+            let mut s = ClusterState::new_cluster();
+            for id in 1..=nodes {
+                set_node(&mut s, id, NodeState::Alive);
+            }
+            for (i, (shards, rf)) in topics.iter().enumerate() {
+                let spec = TopicSpec { shards: *shards, replication_factor: *rf, ..Default::default() };
+                s.apply(&Command::CreateTopic { namespace: "default".into(), name: format!("t{i}"), spec }).unwrap();
+            }
+            for g in 0..groups {
+                let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t0")], size: 10, ..Default::default() };
+                s.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: format!("g{g}"), spec }).unwrap();
+            }
+            for _ in 0..=generations {
+                pass(&mut s);
+                let open: Vec<(SegmentId, Vec<NodeId>)> =
+                    s.segments.iter().filter(|(_, g)| g.is_open()).map(|(id, g)| (*id, g.replicas.clone())).collect();
+                for (id, holders) in open {
+                    close(&mut s, id, &holders);
+                }
+            }
+            pass(&mut s);
+            let gone = 1 + pick % nodes;
+            let widest = topics.iter().map(|(_, rf)| *rf as u64).max().unwrap();
+            let accepted = s.apply(&Command::DecommissionNode { id: gone, cancel: false });
+            proptest::prop_assert_eq!(accepted.is_ok(), nodes - 1 >= widest, "{:?}", accepted);
+            if accepted.is_ok() {
+                settle(&mut s);
+                assert_drained(&s, gone);
+            }
+        }
+    }
+
     #[test]
     fn groups_move_off_dead_nodes() {
         let mut s = state_with_topic(0);
