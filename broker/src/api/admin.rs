@@ -556,8 +556,11 @@ impl Admin for AdminService {
         let req = req.into_inner();
         allow(&self.auth, Need::Admin { what: "decommissioning a node" })?;
         if req.node_id == 0 {
-            return Err(RequestError::new(ErrorCode::InvalidArgument, "node_id: is required (a node's id, see list-nodes)")
-                .into());
+            return Err(RequestError::new(
+                ErrorCode::InvalidArgument,
+                "node_id: is required (a node's id, see list-nodes)",
+            )
+            .into());
         }
         let cmd = Command::DecommissionNode { id: req.node_id, cancel: req.cancel };
         written(self.cluster.write(cmd).await?)

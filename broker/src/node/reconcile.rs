@@ -179,6 +179,11 @@ impl Round<'_> {
             if self.gone_for_good(m) && m.id != self.cluster.id {
                 continue;
             }
+            // A DEAD or LEFT member the state does not have (a drained node removed at
+            // once) is not recorded again.
+            if matches!(m.state, NodeState::Dead | NodeState::Left) && !self.recorded.contains_key(&m.id) {
+                continue;
+            }
             let want = NodeRecord { address: m.addr.clone(), state: m.state };
             if self.recorded.get(&m.id) != Some(&want) {
                 self.cluster.write(Command::SetNode { id: m.id, record: want }).await.map_err(|e| e.to_string())?;

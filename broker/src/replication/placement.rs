@@ -669,7 +669,12 @@ mod tests {
                     done: vec![],
                     now_unix_ms: 0,
                 });
-                cmds.extend(seg.replicas.iter().map(|n| Command::SegmentDone { id: *id, node: *n, size_bytes: 1, checksum: 7 }));
+                cmds.extend(seg.replicas.iter().map(|n| Command::SegmentDone {
+                    id: *id,
+                    node: *n,
+                    size_bytes: 1,
+                    checksum: 7,
+                }));
             } else if !seg.is_open() {
                 let missing = seg.replicas.iter().filter(|n| !seg.done.contains(n));
                 cmds.extend(missing.map(|n| Command::SegmentDone { id: *id, node: *n, size_bytes: 1, checksum: 7 }));
@@ -723,7 +728,8 @@ mod tests {
         set_node(&mut s, 4, NodeState::Alive);
         let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size: 10, ..Default::default() };
         for g in ["g1", "g2", "g3", "g4"] {
-            let create = Command::CreateConsumerGroup { namespace: "default".into(), name: g.into(), spec: spec.clone() };
+            let create =
+                Command::CreateConsumerGroup { namespace: "default".into(), name: g.into(), spec: spec.clone() };
             s.apply(&create).unwrap();
         }
         pass(&mut s);
@@ -744,7 +750,8 @@ mod tests {
         let (id, replicas) = changes.iter().find(|(id, _)| *id == first[0]).expect("a new copy of the first segment");
         assert_eq!(replicas.len(), 4, "the draining copy stays until the others are complete: {replicas:?}");
         assert!(replicas.contains(&gone), "{replicas:?}");
-        let moved = cmds.iter().filter(|c| matches!(c, Command::AssignGroup { node: Some(n), .. } if *n != gone)).count();
+        let moved =
+            cmds.iter().filter(|c| matches!(c, Command::AssignGroup { node: Some(n), .. } if *n != gone)).count();
         assert_eq!(moved as u64, s.drain_progress(gone).consumer_groups, "{cmds:?}");
         apply_all(&mut s, &cmds);
         // Until the new copy is complete, the draining node stays in the set.
