@@ -1570,3 +1570,84 @@ async fn decommission_under_traffic_moves_everything_off_the_node_and_loses_noth
     assert_eq!(after.len(), 10, "publishing goes on with three nodes");
     stop_all(nodes).await;
 }
+
+/// Writes to the cluster state through `node` one after another for `run`, and answers
+/// the longest time between two that committed (and how many failed).
+async fn longest_write_gap(node: &TestNode, tag: &str, run: Duration) -> (Duration, usize) {
+    let end = Instant::now() + run;
+    let (mut last, mut gap, mut failed) = (Instant::now(), Duration::ZERO, 0);
+    let mut i = 0;
+    while Instant::now() < end {
+        i += 1;
+        match node.handle.cluster.write(Command::CreateNamespace { name: format!("{tag}-{i}") }).await {
+            Ok(_) => {
+                gap = gap.max(last.elapsed());
+                last = Instant::now();
+            }
+            Err(_) => failed += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (gap.max(last.elapsed()), failed)
+}
+
+/// Leadership hand-over: an explicit transfer (asked on a follower) moves leadership to
+/// the voter named; a leader that stops gracefully hands leadership over, so writes
+/// pause far shorter than when it is killed and the others must wait out an election
+/// timeout. Prints both gaps (virtual time; election timeouts 200-400 ms here).
+#[tokio::test(start_paused = true)]
+async fn leadership_moves_on_request_and_before_a_graceful_stop() {
+    if let Ok(filter) = std::env::var("EVENTTERMQ_TEST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let mut nodes = three(&net, dir.path()).await;
+
+    // Explicit transfer, asked on a follower, to the other follower.
+    let li = leader_index(&nodes);
+    let (asked, target) = ((li + 1) % 3, (li + 2) % 3);
+    let to = nodes[target].handle.id;
+    let leader = nodes[asked].handle.cluster.transfer_leadership(Some(to)).await.expect("transfer");
+    assert_eq!(leader, to);
+    eventually(Duration::from_secs(5), "every node sees the new leader", || async {
+        nodes.iter().all(|n| n.handle.cluster.leader().map(|(id, _)| id) == Some(to))
+    })
+    .await;
+    let e = nodes[0].handle.cluster.transfer_leadership(Some(12345)).await.unwrap_err();
+    assert_eq!(e.code, eventtermq_broker::error::ErrorCode::NodeNotFound, "{e}");
+
+    // Graceful stop of the leader while a follower writes.
+    let leaving = nodes.remove(leader_index(&nodes));
+    let name = leaving.name.clone();
+    let stop = async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        leaving.shutdown.cancel();
+        leaving.handle.wait().await;
+    };
+    let ((graceful_gap, graceful_failed), ()) =
+        tokio::join!(longest_write_gap(&nodes[0], "graceful", Duration::from_secs(3)), stop);
+    nodes.push(start(&net, dir.path(), &name, &["a:1", "b:1", "c:1"]).await);
+    eventually(Duration::from_secs(20), "3 ALIVE voters again", || async {
+        nodes.iter().all(|n| voters(n) == 3 && alive_records(n) == 3) && nodes[0].handle.cluster.leader().is_some()
+    })
+    .await;
+
+    // Kill of the leader while a follower writes: no hand-over.
+    let dead = nodes.remove(leader_index(&nodes));
+    let net_ref = &net;
+    let kill = async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        net_ref.detach(&dead.name);
+        dead.handle.kill().await;
+    };
+    let ((killed_gap, killed_failed), ()) =
+        tokio::join!(longest_write_gap(&nodes[0], "killed", Duration::from_secs(3)), kill);
+    eprintln!(
+        "longest gap between committed writes: {graceful_gap:?} ({graceful_failed} failed) when the leader stopped \
+         gracefully (hand-over), {killed_gap:?} ({killed_failed} failed) when it was killed"
+    );
+    assert!(graceful_gap < killed_gap, "hand-over gap {graceful_gap:?} vs kill {killed_gap:?}");
+    assert!(graceful_gap < Duration::from_millis(200), "below one election timeout: {graceful_gap:?}");
+    stop_all(nodes).await;
+}

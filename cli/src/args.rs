@@ -538,6 +538,14 @@ pub enum Command {
         #[arg(long)]
         cancel: bool,
     },
+    /// Hand Raft leadership to another voter (--to NODE_ID, or any that holds the
+    /// leader's whole log) and wait until it moved; prints {"ok": true, "leader_id": N}.
+    /// A node stopping gracefully (SIGTERM) does this by itself when it leads.
+    TransferLeadership {
+        /// The voter to lead next (default: any caught-up voter).
+        #[arg(long)]
+        to: Option<u64>,
+    },
     /// Benchmarks that start their own local brokers (results go into README.md).
     #[command(subcommand)]
     Bench(BenchCommand),

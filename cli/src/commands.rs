@@ -203,6 +203,7 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
             }
             admin.decommission_node(node_id, cancel).await?
         }
+        Command::TransferLeadership { to } => admin.transfer_leadership(to).await?,
         Command::Bench(b) => super::bench::run(ctx, b).await?,
     }
     Ok(())
@@ -307,6 +308,17 @@ impl Admin<'_> {
     async fn decommission_node(&mut self, node_id: u64, cancel: bool) -> Result<(), CliError> {
         let r = self.client.decommission_node(pb::DecommissionNodeRequest { node_id, cancel }).await;
         self.written(r)
+    }
+
+    async fn transfer_leadership(&mut self, to: Option<u64>) -> Result<(), CliError> {
+        if to == Some(0) {
+            return Err(CliError::Usage("--to: must be a node's id (list-nodes shows them), not 0".into()));
+        }
+        let req = pb::TransferLeadershipRequest { to_node_id: to.unwrap_or(0) };
+        let r = self.client.transfer_leadership(req).await;
+        let r = self.answer(r)?;
+        println!("{}", serde_json::json!({"ok": true, "leader_id": r.leader_id}));
+        Ok(())
     }
 
     async fn create_namespace(&mut self, name: String) -> Result<(), CliError> {

@@ -573,6 +573,16 @@ impl Admin for AdminService {
         Ok(Response::new(pb::ListNodesResponse { nodes: nodes_to_pb(&applied), leader_id }))
     }
 
+    async fn transfer_leadership(
+        &self,
+        req: Request<pb::TransferLeadershipRequest>,
+    ) -> Reply<pb::TransferLeadershipResponse> {
+        allow(&self.auth, Need::Admin { what: "transferring Raft leadership" })?;
+        let to = Some(req.into_inner().to_node_id).filter(|id| *id != 0);
+        let leader_id = self.cluster.transfer_leadership(to).await?;
+        Ok(Response::new(pb::TransferLeadershipResponse { leader_id }))
+    }
+
     async fn list_users(&self, req: Request<pb::ListUsersRequest>) -> Reply<pb::ListUsersResponse> {
         allow(&self.auth, Need::Admin { what: "listing users" })?;
         let applied = self.cluster.read(!req.into_inner().stale).await?;

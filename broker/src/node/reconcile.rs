@@ -29,14 +29,13 @@ use crate::cluster::Cluster;
 use crate::cluster_state::{Command, NodeRecord, NodeState};
 use crate::config::NodeConfig;
 use crate::membership::{MemberInfo, Membership};
-use crate::peers::Peers;
 
 /// A learner within this many entries of the leader's log counts as caught up.
 const LEARNER_LAG_MAX_ENTRIES: u64 = 100;
 /// How long adding a learner waits for it to catch up before moving on.
 const LEARNER_CATCH_UP_MAX: Duration = Duration::from_secs(2);
 
-pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, peers: Peers, stop: CancellationToken) {
+pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(config.reconcile_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut members_changed = membership.watch();
@@ -51,7 +50,7 @@ pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, p
             continue;
         }
         let members = membership.watch().borrow().clone();
-        if let Err(e) = reconcile_once(&config, &cluster, &membership, &peers, &members).await {
+        if let Err(e) = reconcile_once(&config, &cluster, &membership, &members).await {
             tracing::debug!(error = %e, "membership reconciliation deferred");
         }
     }
@@ -61,7 +60,6 @@ async fn reconcile_once(
     config: &NodeConfig,
     cluster: &Cluster,
     membership: &Membership,
-    peers: &Peers,
     members: &[MemberInfo],
 ) -> Result<(), String> {
     let metrics = cluster.raft.metrics().borrow().clone();
@@ -76,7 +74,6 @@ async fn reconcile_once(
         (st.state.draining.clone(), drained)
     };
     let round = Round {
-        peers,
         draining,
         drained,
         config,
@@ -111,7 +108,6 @@ struct Round<'a> {
     recorded: BTreeMap<u64, NodeRecord>,
     voters: BTreeSet<u64>,
     learners: BTreeSet<u64>,
-    peers: &'a Peers,
     /// Nodes being decommissioned, and those of them nothing depends on any more.
     draining: BTreeSet<u64>,
     drained: BTreeSet<u64>,
@@ -205,7 +201,7 @@ impl Round<'_> {
         }
         if id == self.cluster.id {
             tracing::info!(node_id = id, "this node is drained: handing leadership over before it is demoted");
-            super::hand_over_leadership(self.cluster, self.peers).await;
+            super::hand_over_leadership(self.cluster).await;
             return Ok(true);
         }
         tracing::info!(node_id = id, "demoting a drained node from voter to learner");

@@ -480,6 +480,13 @@ impl Admin for FakeBroker {
     async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
         Err(Status::unimplemented("nodes: not in the fake broker"))
     }
+
+    async fn transfer_leadership(
+        &self,
+        _: Request<pb::TransferLeadershipRequest>,
+    ) -> Result<Response<pb::TransferLeadershipResponse>, Status> {
+        Err(Status::unimplemented("leadership: not in the fake broker"))
+    }
 }
 
 /// Starts the fake on 127.0.0.1:0; it runs until the test's runtime ends.
