@@ -34,7 +34,8 @@ fn decommission_drains_a_node_refuses_what_cannot_be_done_and_the_node_leaves() 
         let text = stdout(&o);
         o.status.success() && text.matches("ALIVE").count() == 4 && text.matches("voter").count() == 4
     });
-    let o = cli(hosts[0], PORT, &["create-topic", "t", "--replication-factor", "3", "--segment-size-max-bytes", "4096"]);
+    let o =
+        cli(hosts[0], PORT, &["create-topic", "t", "--replication-factor", "3", "--segment-size-max-bytes", "4096"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(cli(hosts[0], PORT, &["create-consumer-group", "g", "--bind", "t"]).status.success());
     let o = cli(hosts[1], PORT, &["publish", "t", "m{n}", "--count", "300"]);
@@ -155,6 +156,7 @@ fn decommission_drains_a_node_refuses_what_cannot_be_done_and_the_node_leaves() 
             cli(writer, PORT, &["create-namespace", &format!("after-{graceful}-{n}")]).status.success()
         });
         let took = t0.elapsed() - stopped;
+        eprintln!("leader stopped (graceful: {graceful}) in {stopped:?}");
         nodes[li].spawn();
         eventually(Duration::from_secs(30), "3 ALIVE voters again", || {
             let text = stdout(&cli(writer, PORT, &["list-nodes"]));
@@ -164,6 +166,8 @@ fn decommission_drains_a_node_refuses_what_cannot_be_done_and_the_node_leaves() 
     };
     let graceful = gap(true);
     let killed = gap(false);
-    eprintln!("first committed write {graceful:?} after the leader's SIGTERM ended (hand-over), {killed:?} after its kill -9");
+    eprintln!(
+        "first committed write {graceful:?} after the leader's SIGTERM ended (hand-over), {killed:?} after its kill -9"
+    );
     assert!(graceful < killed, "hand-over {graceful:?}, kill {killed:?}");
 }
