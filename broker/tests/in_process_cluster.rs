@@ -1651,3 +1651,66 @@ async fn leadership_moves_on_request_and_before_a_graceful_stop() {
     assert!(graceful_gap < Duration::from_millis(200), "below one election timeout: {graceful_gap:?}");
     stop_all(nodes).await;
 }
+
+/// Scale-up: a fourth node joins a busy three-node cluster and gets nothing of what
+/// runs; a rebalance moves it a fair share of consumer groups and of open segments'
+/// primaries (through rotations, so publishing goes on); nothing confirmed is lost.
+#[tokio::test(start_paused = true)]
+async fn rebalance_after_scale_up_gives_the_new_node_its_share() {
+    use eventtermq_broker::cluster_state::{BindingSpec, ConsumerGroupSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let mut nodes = three(&net, dir.path()).await;
+    let spec = TopicSpec { shards: 3, ..topic() };
+    nodes[0]
+        .handle
+        .cluster
+        .write(Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec })
+        .await
+        .unwrap();
+    for g in 0..6 {
+        let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size: 10, ..Default::default() };
+        let cmd = Command::CreateConsumerGroup { namespace: "default".into(), name: format!("g{g}"), spec };
+        nodes[0].handle.cluster.write(cmd).await.unwrap();
+    }
+    let open_and_placed = |nodes: &[TestNode]| {
+        let st = nodes[0].handle.cluster.state.read();
+        st.state.segments.values().filter(|s| s.is_open()).count() == 3
+            && st.state.groups["default"].values().all(|g| g.node.is_some())
+    };
+    eventually(Duration::from_secs(10), "3 open segments and every group placed", || async { open_and_placed(&nodes) })
+        .await;
+    let mut confirmed = publish_ids(&nodes[0], 0..200).await;
+    assert_eq!(confirmed.len(), 200);
+
+    nodes.push(start(&net, dir.path(), "d:1", &["a:1"]).await);
+    eventually(Duration::from_secs(20), "4 voters and 4 ALIVE records", || async {
+        nodes.iter().all(|n| voters(n) == 4 && alive_records(n) == 4)
+    })
+    .await;
+    let new = nodes[3].handle.id;
+    let load = |nodes: &[TestNode]| nodes[0].handle.cluster.state.read().state.node_load(new);
+    assert_eq!(load(&nodes), Default::default(), "a new node gets nothing by itself");
+
+    let done = eventtermq_broker::replication::placement::request_rebalance(&nodes[1].handle.cluster).await.unwrap();
+    eprintln!("rebalance: {done:?}");
+    assert_eq!(done.consumer_groups_moved, 1, "6 groups on 4 nodes: 2, 2, 1, 1");
+    assert!(done.segments_rotated >= 1, "{done:?}");
+    let more = publish_ids(&nodes[2], 200..400).await;
+    confirmed.extend(more);
+    eventually(Duration::from_secs(20), "the new node leads a segment and runs a group", || async {
+        let l = load(&nodes);
+        l.primaries >= 1 && l.consumer_groups == 1 && open_and_placed(&nodes)
+    })
+    .await;
+    eprintln!("load of the new node after the rebalance: {:?}", load(&nodes));
+    let again = eventtermq_broker::replication::placement::request_rebalance(&nodes[0].handle.cluster).await.unwrap();
+    assert_eq!(again, Default::default(), "fair now: nothing moves");
+    let more = publish_ids(&nodes[3], 400..500).await;
+    assert_eq!(more.len(), 100);
+    confirmed.extend(more);
+    let read: std::collections::HashSet<u32> = read_topic(&nodes[3]).await.into_iter().collect();
+    let lost: Vec<_> = confirmed.iter().filter(|i| !read.contains(i)).collect();
+    assert!(lost.is_empty(), "lost confirmed messages {lost:?}");
+    stop_all(nodes).await;
+}

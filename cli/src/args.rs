@@ -538,6 +538,12 @@ pub enum Command {
         #[arg(long)]
         cancel: bool,
     },
+    /// Even out the nodes after nodes were added: consumer groups move from nodes above
+    /// their fair share, open segments on the most loaded nodes close so that their
+    /// successors go to the least loaded; what is fair stays. Prints {"ok": true,
+    /// "index": N, "consumer_groups_moved": N, "segments_rotated": N}; list-nodes shows
+    /// each node's load.
+    Rebalance,
     /// Hand Raft leadership to another voter (--to NODE_ID, or any that holds the
     /// leader's whole log) and wait until it moved; prints {"ok": true, "leader_id": N}.
     /// A node stopping gracefully (SIGTERM) does this by itself when it leads.

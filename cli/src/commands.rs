@@ -204,6 +204,7 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
             admin.decommission_node(node_id, cancel).await?
         }
         Command::TransferLeadership { to } => admin.transfer_leadership(to).await?,
+        Command::Rebalance => admin.rebalance().await?,
         Command::Bench(b) => super::bench::run(ctx, b).await?,
     }
     Ok(())
@@ -308,6 +309,19 @@ impl Admin<'_> {
     async fn decommission_node(&mut self, node_id: u64, cancel: bool) -> Result<(), CliError> {
         let r = self.client.decommission_node(pb::DecommissionNodeRequest { node_id, cancel }).await;
         self.written(r)
+    }
+
+    async fn rebalance(&mut self) -> Result<(), CliError> {
+        let r = self.client.rebalance(pb::RebalanceRequest {}).await;
+        let r = self.answer(r)?;
+        let out = serde_json::json!({
+            "ok": true,
+            "index": r.index,
+            "consumer_groups_moved": r.consumer_groups_moved,
+            "segments_rotated": r.segments_rotated,
+        });
+        println!("{out}");
+        Ok(())
     }
 
     async fn transfer_leadership(&mut self, to: Option<u64>) -> Result<(), CliError> {

@@ -289,7 +289,7 @@ fn drain_json(d: &Option<pb::DrainProgress>) -> Value {
 
 /// `list-nodes`: one row per node, the leader marked.
 pub fn nodes_text(r: &pb::ListNodesResponse) -> String {
-    let mut rows = vec![["ID", "ADDRESS", "STATE", "RAFT", "DRAIN"].map(String::from).to_vec()];
+    let mut rows = vec![["ID", "ADDRESS", "STATE", "RAFT", "LOAD", "DRAIN"].map(String::from).to_vec()];
     for n in &r.nodes {
         let mut raft = if n.raft_role.is_empty() { "-".to_string() } else { n.raft_role.clone() };
         if n.id == r.leader_id {
@@ -300,6 +300,7 @@ pub fn nodes_text(r: &pb::ListNodesResponse) -> String {
             n.address.clone(),
             node_state_name(n.state).to_string(),
             raft,
+            n.load.map_or("-".into(), |l| format!("p{} r{} g{}", l.primaries, l.replicas, l.consumer_groups)),
             drain_text(&n.drain),
         ]);
     }
@@ -318,6 +319,11 @@ pub fn nodes_json(r: &pb::ListNodesResponse) -> Value {
                 "state": node_state_name(n.state),
                 "raft_role": n.raft_role,
                 "leader": n.id == r.leader_id,
+                "load": n.load.map(|l| json!({
+                    "primaries": l.primaries,
+                    "replicas": l.replicas,
+                    "consumer_groups": l.consumer_groups,
+                })),
                 "disk_low": n.disk_low,
                 "drain": drain_json(&n.drain),
             })

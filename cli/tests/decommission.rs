@@ -45,7 +45,7 @@ fn decommission_drains_a_node_refuses_what_cannot_be_done_and_the_node_leaves() 
     let text = stdout(&cli(hosts[0], PORT, &["list-nodes"]));
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["ID", "ADDRESS", "STATE", "RAFT", "DRAIN"], "{text}");
+    assert_eq!(header, ["ID", "ADDRESS", "STATE", "RAFT", "LOAD", "DRAIN"], "{text}");
     assert_eq!(text.matches("(leader)").count(), 1, "{text}");
     assert_eq!(lines.filter(|l| l.trim_end().ends_with(" -")).count(), 4, "{text}");
 

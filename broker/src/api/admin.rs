@@ -583,6 +583,16 @@ impl Admin for AdminService {
         Ok(Response::new(pb::TransferLeadershipResponse { leader_id }))
     }
 
+    async fn rebalance(&self, _req: Request<pb::RebalanceRequest>) -> Reply<pb::RebalanceResponse> {
+        allow(&self.auth, Need::Admin { what: "rebalancing the cluster" })?;
+        let done = crate::replication::placement::request_rebalance(&self.cluster).await?;
+        Ok(Response::new(pb::RebalanceResponse {
+            index: done.index,
+            consumer_groups_moved: done.consumer_groups_moved,
+            segments_rotated: done.segments_rotated,
+        }))
+    }
+
     async fn list_users(&self, req: Request<pb::ListUsersRequest>) -> Reply<pb::ListUsersResponse> {
         allow(&self.auth, Need::Admin { what: "listing users" })?;
         let applied = self.cluster.read(!req.into_inner().stale).await?;

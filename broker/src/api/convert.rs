@@ -258,6 +258,14 @@ pub fn nodes_to_pb(applied: &AppliedState) -> Vec<pb::Node> {
                 disk_free_bytes: low.map_or(0, |l| l.free_bytes),
                 disk_free_min_bytes: low.map_or(0, |l| l.free_min_bytes),
                 drain: drain_to_pb(&applied.state, *id),
+                load: {
+                    let l = applied.state.node_load(*id);
+                    Some(pb::NodeLoad {
+                        primaries: l.primaries,
+                        replicas: l.replicas,
+                        consumer_groups: l.consumer_groups,
+                    })
+                },
             }
         })
         .collect()

@@ -57,6 +57,8 @@ impl Touched {
             | Command::SegmentLost { id, .. }
             | Command::SetSegmentReplicas { id, .. } => of_segment(id).into_iter().collect(),
             Command::DeleteSegments { ids } => ids.iter().filter_map(of_segment).collect(),
+            // Only the segments' primaries act on it (their keeper looks at every change).
+            Command::RotateSegments { .. } => Vec::new(),
             Command::Once { command, .. } => Touched::of(command, state),
         }
     }

@@ -132,6 +132,12 @@ pub enum Command {
         id: SegmentId,
         replicas: Vec<NodeId>,
     },
+    /// A rebalance asks the primaries of these open segments to close them, so that
+    /// their successors are placed afresh (closed or unknown ones are left alone: the
+    /// state may have moved on since the rebalance looked).
+    RotateSegments {
+        ids: Vec<SegmentId>,
+    },
     /// Retention: the segments are gone for good.
     DeleteSegments {
         ids: Vec<SegmentId>,
@@ -265,6 +271,13 @@ impl ClusterState {
             }
             Command::DecommissionNode { id, cancel: true } => {
                 self.draining.remove(id);
+            }
+            Command::RotateSegments { ids } => {
+                for id in ids {
+                    if let Some(s) = self.segments.get_mut(id).filter(|s| s.is_open()) {
+                        s.rotate = true;
+                    }
+                }
             }
             Command::SetDiskLow { node, low: Some(low) } => {
                 self.disk_low.insert(*node, *low);
@@ -423,6 +436,7 @@ impl ClusterState {
             created_unix_ms: *now_unix_ms,
             closed_unix_ms: 0,
             min_insync: *min_insync,
+            rotate: false,
         };
         self.segments.insert(id, record);
     }
@@ -468,6 +482,7 @@ impl ClusterState {
             }
             Command::SetNode { .. } | Command::RemoveNode { .. } | Command::SetDiskLow { .. } => Ok(()),
             Command::DecommissionNode { id, cancel } => self.check_decommission(*id, *cancel),
+            Command::RotateSegments { .. } => Ok(()),
             Command::OpenSegment { namespace, topic, shard, replicas, min_insync, .. } => {
                 self.check_open_segment(namespace, topic, *shard, replicas, *min_insync)
             }

@@ -284,6 +284,10 @@ pub struct SegmentRecord {
     /// 0 in segments opened before the setting existed: a majority of `replicas`.
     #[serde(default)]
     pub min_insync: u32,
+    /// Open segments: a rebalance asked its primary to close it (`RotateSegments`), so
+    /// that its successor is placed on the least loaded nodes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rotate: bool,
 }
 
 impl SegmentRecord {
@@ -333,6 +337,15 @@ impl DrainProgress {
     pub fn drained(&self) -> bool {
         self.open_segments == 0 && self.closed_segments == 0 && self.consumer_groups == 0
     }
+}
+
+/// What a node carries: open segments it is primary of or another replica of, and
+/// consumer groups placed on it ([`ClusterState::node_load`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeLoad {
+    pub primaries: u64,
+    pub replicas: u64,
+    pub consumer_groups: u64,
 }
 
 /// Where a consumer group runs and the offsets it committed.
@@ -386,6 +399,20 @@ impl ClusterState {
     /// ALIVE nodes that may run consumer groups: not being decommissioned.
     pub fn group_nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.alive_nodes().filter(|id| !self.draining.contains(id))
+    }
+
+    /// What node `id` carries now.
+    pub fn node_load(&self, id: NodeId) -> NodeLoad {
+        let mut l = NodeLoad::default();
+        for s in self.segments.values().filter(|s| s.is_open()) {
+            if s.primary == id {
+                l.primaries += 1;
+            } else if s.replicas.contains(&id) {
+                l.replicas += 1;
+            }
+        }
+        l.consumer_groups = self.groups.values().flat_map(|g| g.values()).filter(|g| g.node == Some(id)).count() as u64;
+        l
     }
 
     /// What still depends on node `id`: the open segments whose replica set has it,

@@ -164,6 +164,7 @@ impl Keeper {
             let next_age = next_age_limit(&st.state, self.me, now_unix_ms, age_max_ms);
             let mut rotate = under_replicated_primaries(&st.state, self.me);
             rotate.extend(draining_primaries(&st.state, self.me));
+            rotate.extend(rotation_asked(&st.state, self.me));
             (snapshot, rotate, disk_actions, (aged, next_age))
         };
         let (aged, next_age) = aged;
@@ -180,8 +181,8 @@ impl Keeper {
                 p.rotate();
             }
         }
-        // Under-replicated ones (more nodes can take data now) and those with a node
-        // being decommissioned.
+        // Under-replicated ones (more nodes can take data now), those with a node being
+        // decommissioned and those a rebalance asked to close.
         for id in to_rotate {
             if let Some(p) = self.segments.primary(id) {
                 p.rotate();
@@ -378,6 +379,11 @@ fn draining_primaries(state: &ClusterState, me: NodeId) -> Vec<SegmentId> {
         .filter(|(_, s)| s.is_open() && s.primary == me && s.replicas.iter().any(|n| state.draining.contains(n)))
         .map(|(id, _)| *id)
         .collect()
+}
+
+/// Open segments `me` is primary of that a rebalance asked to close (`RotateSegments`).
+fn rotation_asked(state: &ClusterState, me: NodeId) -> Vec<SegmentId> {
+    state.segments.iter().filter(|(_, s)| s.is_open() && s.primary == me && s.rotate).map(|(id, _)| *id).collect()
 }
 
 /// This node's open primaries older than their topic's `segment_age_max_ms` (else
@@ -606,6 +612,7 @@ mod tests {
             created_unix_ms: 0,
             closed_unix_ms: 0,
             min_insync,
+            rotate: false,
         }
     }
 

@@ -481,6 +481,10 @@ impl Admin for FakeBroker {
         Err(Status::unimplemented("nodes: not in the fake broker"))
     }
 
+    async fn rebalance(&self, _: Request<pb::RebalanceRequest>) -> Result<Response<pb::RebalanceResponse>, Status> {
+        Err(Status::unimplemented("rebalance: not in the fake broker"))
+    }
+
     async fn transfer_leadership(
         &self,
         _: Request<pb::TransferLeadershipRequest>,
