@@ -64,6 +64,10 @@ impl Significant {
     }
 }
 
+/// Voters at most for a leadership hand-over: with openraft 0.9 only the leader's vote
+/// and the candidate's own are sure (the other followers' leases refuse it).
+const HAND_OVER_VOTERS_MAX: usize = 3;
+
 /// Sets a flag for as long as it lives.
 struct HoldWrites<'a>(&'a std::sync::atomic::AtomicBool);
 
@@ -229,6 +233,18 @@ impl Cluster {
                     "to_node_id: this node is the only Raft voter: there is nobody to hand leadership to",
                 ));
             }
+            let voters = membership.voter_ids().count();
+            if voters > HAND_OVER_VOTERS_MAX {
+                // The followers' leases refuse the candidate: only the leader's vote and
+                // its own are sure, a majority of three at most.
+                return Err(RequestError::new(
+                    ErrorCode::NotReady,
+                    format!(
+                        "leadership hand-over needs {HAND_OVER_VOTERS_MAX} Raft voters at most (the leader's vote and \
+                         the candidate's must be a majority), the cluster has {voters}; the leader stays"
+                    ),
+                ));
+            }
             if !matches!(tokio::time::timeout_at(deadline, raft_changes.changed()).await, Ok(Ok(()))) {
                 return Err(RequestError::new(
                     ErrorCode::NotReady,
@@ -254,7 +270,7 @@ impl Cluster {
         }
         // New writes wait (they are retried, on the next leader) until the target holds
         // this leader's whole log, so that the leader's vote can go to it.
-        let _hold = HoldWrites::new(&self.holding_writes);
+        let hold = HoldWrites::new(&self.holding_writes);
         let caught_up = tokio::time::timeout_at(deadline, async {
             loop {
                 let m = self.raft.metrics().borrow().clone();
@@ -274,13 +290,22 @@ impl Cluster {
         }
         let left = deadline.saturating_duration_since(Instant::now());
         self.peers.start_election(target.0, &target.1, left).await?;
+        // Writes are held while the candidate's vote requests can still be decided (one
+        // lease at most), not for the whole wait: a hand-over that fails (five voters)
+        // must not stall writes for long.
+        let mut hold = Some(hold);
+        let release_at = (Instant::now() + lease).min(deadline);
         let moved = tokio::time::timeout_at(deadline, async {
             loop {
                 let leader = self.raft.metrics().borrow().current_leader;
                 if leader.is_some_and(|l| l != self.id) {
                     return Ok::<NodeId, crate::watch::RecvError>(leader.unwrap_or(0));
                 }
-                raft_changes.changed().await?;
+                tokio::select! {
+                    biased;
+                    r = raft_changes.changed() => r?,
+                    _ = tokio::time::sleep_until(release_at), if hold.is_some() => hold = None,
+                }
             }
         })
         .await;

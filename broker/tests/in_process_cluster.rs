@@ -1455,6 +1455,19 @@ async fn wait_for_stream(
 /// factor on the remaining nodes, and once stopped the node leaves the cluster at once.
 #[tokio::test(start_paused = true)]
 async fn decommission_under_traffic_moves_everything_off_the_node_and_loses_nothing() {
+    decommission_under_traffic(|nodes| primary_index(nodes).unwrap()).await;
+}
+
+/// The same with the Raft leader decommissioned: four voters are too many for a
+/// hand-over (the followers' leases refuse the candidate), so once drained the leader
+/// demotes itself and the others elect a leader.
+#[tokio::test(start_paused = true)]
+async fn decommission_of_the_leader_under_traffic_loses_nothing() {
+    decommission_under_traffic(leader_index).await;
+}
+
+async fn decommission_under_traffic(pick: impl Fn(&[TestNode]) -> usize) {
+    init_logs();
     use eventtermq_broker::cluster_state::{BindingSpec, ConsumerGroupSpec};
     let dir = tempfile::tempdir().unwrap();
     let net = TestNet::new();
@@ -1483,11 +1496,11 @@ async fn decommission_under_traffic_moves_everything_off_the_node_and_loses_noth
     .await;
     let mut confirmed = publish_ids(&nodes[0], 0..200).await;
     assert_eq!(confirmed.len(), 200);
-    let gone_index = primary_index(&nodes).unwrap();
+    let gone_index = pick(&nodes);
     let gone = nodes[gone_index].handle.id;
     let survivor = (gone_index + 1) % 4;
     let before = nodes[survivor].handle.cluster.state.read().state.drain_progress(gone);
-    assert!(before.open_segments == 1 && before.closed_segments >= 1 && before.consumer_groups >= 1, "{before:?}");
+    assert!(before.closed_segments >= 1 && before.consumer_groups >= 1, "{before:?}");
 
     // The client publishes through a survivor all along; the decommission starts as it does.
     let publisher = async {
@@ -1571,6 +1584,14 @@ async fn decommission_under_traffic_moves_everything_off_the_node_and_loses_noth
     stop_all(nodes).await;
 }
 
+/// Logs of the nodes on the test's output, filtered by `EVENTTERMQ_TEST_LOG` (e.g.
+/// `eventtermq_broker=info`); none without it.
+fn init_logs() {
+    if let Ok(filter) = std::env::var("EVENTTERMQ_TEST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    }
+}
+
 /// Writes to the cluster state through `node` one after another for `run`, and answers
 /// the longest time between two that committed (and how many failed).
 async fn longest_write_gap(node: &TestNode, tag: &str, run: Duration) -> (Duration, usize) {
@@ -1597,9 +1618,7 @@ async fn longest_write_gap(node: &TestNode, tag: &str, run: Duration) -> (Durati
 /// timeout. Prints both gaps (virtual time; election timeouts 200-400 ms here).
 #[tokio::test(start_paused = true)]
 async fn leadership_moves_on_request_and_before_a_graceful_stop() {
-    if let Ok(filter) = std::env::var("EVENTTERMQ_TEST_LOG") {
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
-    }
+    init_logs();
     let dir = tempfile::tempdir().unwrap();
     let net = TestNet::new();
     let mut nodes = three(&net, dir.path()).await;

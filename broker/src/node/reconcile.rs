@@ -32,6 +32,17 @@ use crate::membership::{MemberInfo, Membership};
 
 /// A learner within this many entries of the leader's log counts as caught up.
 const LEARNER_LAG_MAX_ENTRIES: u64 = 100;
+/// A drained leader that could not hand leadership over demotes itself instead, until
+/// this long after its attempt (each attempt holds new writes for up to one leader
+/// lease, so they are not repeated at every round).
+const HAND_OVER_RETRY: Duration = Duration::from_secs(10);
+
+/// When the drained leader last tried to hand leadership over.
+#[derive(Default)]
+struct HandOverBackoff {
+    last: Option<tokio::time::Instant>,
+}
+
 /// How long adding a learner waits for it to catch up before moving on.
 const LEARNER_CATCH_UP_MAX: Duration = Duration::from_secs(2);
 
@@ -39,6 +50,7 @@ pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, s
     let mut tick = tokio::time::interval(Duration::from_millis(config.reconcile_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut members_changed = membership.watch();
+    let mut hand_over = HandOverBackoff::default();
     loop {
         tokio::select! {
             biased;
@@ -50,7 +62,7 @@ pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, s
             continue;
         }
         let members = membership.watch().borrow().clone();
-        if let Err(e) = reconcile_once(&config, &cluster, &membership, &members).await {
+        if let Err(e) = reconcile_once(&config, &cluster, &membership, &members, &mut hand_over).await {
             tracing::debug!(error = %e, "membership reconciliation deferred");
         }
     }
@@ -61,6 +73,7 @@ async fn reconcile_once(
     cluster: &Cluster,
     membership: &Membership,
     members: &[MemberInfo],
+    hand_over: &mut HandOverBackoff,
 ) -> Result<(), String> {
     let metrics = cluster.raft.metrics().borrow().clone();
     let stored = metrics.membership_config.membership().clone();
@@ -92,7 +105,7 @@ async fn reconcile_once(
     }
     // 2. Cluster-state node records follow gossip.
     round.record_nodes().await?;
-    if round.demote_drained().await? {
+    if round.demote_drained(hand_over).await? {
         return Ok(());
     }
     round.promote_caught_up(&metrics).await
@@ -192,17 +205,23 @@ impl Round<'_> {
     /// this node (the leader), hands leadership over first (the next leader demotes
     /// it). Only while every other voter is ALIVE: a change needs the old and the new
     /// set's majorities. `Ok(true)`: Raft changed (or leadership moved).
-    async fn demote_drained(&self) -> Result<bool, String> {
+    async fn demote_drained(&self, hand_over: &mut HandOverBackoff) -> Result<bool, String> {
         let Some(&id) = self.drained.iter().find(|id| self.voters.contains(id)) else { return Ok(false) };
         let alive = |v: &u64| self.members.iter().any(|m| m.id == *v && m.state == NodeState::Alive);
         let others: Vec<u64> = self.voters.iter().copied().filter(|v| *v != id).collect();
         if others.is_empty() || !others.iter().all(alive) {
             return Ok(false);
         }
-        if id == self.cluster.id {
+        if id == self.cluster.id && hand_over.last.is_none_or(|at| at.elapsed() >= HAND_OVER_RETRY) {
+            hand_over.last = Some(tokio::time::Instant::now());
             tracing::info!(node_id = id, "this node is drained: handing leadership over before it is demoted");
             super::hand_over_leadership(self.cluster).await;
             return Ok(true);
+        }
+        if id == self.cluster.id {
+            // The hand-over did not move leadership (more than three voters): the leader
+            // demotes itself; it steps down once that is committed and the others elect.
+            tracing::info!(node_id = id, "this drained leader demotes itself; the others elect a leader");
         }
         tracing::info!(node_id = id, "demoting a drained node from voter to learner");
         let change = ChangeMembers::RemoveVoters(BTreeSet::from([id]));
