@@ -487,6 +487,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn list_nodes_marks_the_leader_and_shows_load_and_a_decommission() {
+        let node = |id: u64, role: &str, drain: Option<pb::DrainProgress>| pb::Node {
+            id,
+            address: format!("10.0.0.{id}:16000"),
+            state: pb::NodeState::Alive as i32,
+            raft_role: role.into(),
+            load: Some(pb::NodeLoad { primaries: id, replicas: 2, consumer_groups: 1 }),
+            drain,
+            ..Default::default()
+        };
+        let draining = pb::DrainProgress { open_segments: 1, closed_segments: 4, consumer_groups: 0, drained: false };
+        let drained = pb::DrainProgress { drained: true, ..Default::default() };
+        let r = pb::ListNodesResponse {
+            nodes: vec![node(1, "voter", None), node(2, "voter", Some(draining)), node(3, "learner", Some(drained))],
+            leader_id: 1,
+        };
+        assert_eq!(
+            nodes_text(&r),
+            [
+                "ID  ADDRESS         STATE  RAFT            LOAD      DRAIN",
+                "1   10.0.0.1:16000  ALIVE  voter (leader)  p1 r2 g1  -",
+                "2   10.0.0.2:16000  ALIVE  voter           p2 r2 g1  draining (open segments 1, closed segments 4, groups 0)",
+                "3   10.0.0.3:16000  ALIVE  learner         p3 r2 g1  drained",
+                "",
+            ]
+            .join("\n")
+        );
+        let json = nodes_json(&r);
+        assert_eq!(json["leader_id"], 1);
+        assert_eq!(json["nodes"][0]["drain"], Value::Null);
+        assert_eq!(json["nodes"][1]["drain"]["state"], "draining");
+        assert_eq!(json["nodes"][1]["drain"]["closed_segments"], 4);
+        assert_eq!(json["nodes"][2]["drain"]["state"], "drained");
+        assert_eq!(json["nodes"][2]["load"]["primaries"], 3);
+    }
+
+    #[test]
     fn stats_has_a_row_per_group_and_topic_and_says_why_a_group_has_none() {
         let running = pb::ConsumerGroupStatus {
             name: "orders".into(),
