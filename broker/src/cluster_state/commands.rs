@@ -357,6 +357,7 @@ impl ClusterState {
             Command::CloseSegment { id, next_offset, size_bytes, checksum, done, now_unix_ms } => {
                 if let Some(s) = self.segments.get_mut(id) {
                     s.state = SegmentState::Closed;
+                    s.rotate = false;
                     s.next_offset = *next_offset;
                     s.size_bytes = *size_bytes;
                     s.checksum = *checksum;
