@@ -1733,3 +1733,92 @@ async fn rebalance_after_scale_up_gives_the_new_node_its_share() {
     assert!(lost.is_empty(), "lost confirmed messages {lost:?}");
     stop_all(nodes).await;
 }
+
+/// A consumer group running on a node that is decommissioned moves to another node
+/// while a subscriber consumes it through a third one (acknowledging each message):
+/// the subscriber's stream ends, it subscribes again, and every confirmed message,
+/// published before and during the move, is delivered (at least once).
+#[tokio::test(start_paused = true)]
+async fn a_consumer_group_moves_off_a_decommissioned_node_and_delivers_everything() {
+    use eventtermq_broker::cluster_state::{BindingSpec, ConsumerGroupSpec};
+    use eventtermq_proto::v1::messaging_client::MessagingClient;
+    use eventtermq_proto::v1::{AckRequest, Delivery, SubscribeRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let mut nodes = three(&net, dir.path()).await;
+    nodes.push(start(&net, dir.path(), "d:1", &["a:1"]).await);
+    eventually(Duration::from_secs(20), "4 voters and 4 ALIVE records", || async {
+        nodes.iter().all(|n| voters(n) == 4 && alive_records(n) == 4)
+    })
+    .await;
+    let spec = TopicSpec { segment_size_max_bytes: 2_000, ..topic() };
+    nodes[0]
+        .handle
+        .cluster
+        .write(Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec })
+        .await
+        .unwrap();
+    let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size: 100, ..Default::default() };
+    let cmd = Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec };
+    nodes[0].handle.cluster.write(cmd).await.unwrap();
+    let node_of = |nodes: &[TestNode]| {
+        nodes[0].handle.cluster.state.read().state.group_runtime("default", "g").and_then(|r| r.node)
+    };
+    let placed = wait_for(Duration::from_secs(10), "the group placed", || node_of(&nodes)).await;
+    eventually(Duration::from_secs(10), "an open segment", || async { primary_index(&nodes).is_some() }).await;
+    let gi = nodes.iter().position(|n| n.handle.id == placed).unwrap();
+    let via = (gi + 1) % 4;
+    let mut confirmed = publish_ids(&nodes[via], 0..100).await;
+    assert_eq!(confirmed.len(), 100);
+
+    let (client, _listeners) = net.attach("client:1");
+    let mut messaging = MessagingClient::new(client.data_channel(&nodes[via].name));
+    let sub = SubscribeRequest { consumer_group: "g".into(), size: 20, ..Default::default() };
+    let mut stream = wait_for_stream(&mut messaging, sub.clone()).await;
+    let mut seen = std::collections::HashSet::new();
+    let mut resubscribed = 0;
+    // Reads one message (acknowledging it), subscribing again when the stream ends.
+    macro_rules! consume_one {
+        () => {
+            match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
+                Ok(Ok(Some(m))) => {
+                    let data = m.message.as_ref().unwrap().data.clone();
+                    seen.insert(String::from_utf8(data.to_vec()).unwrap().parse::<u32>().unwrap());
+                    let deliveries = vec![Delivery { segment_id: m.segment_id, offset: m.offset }];
+                    let ack = AckRequest { consumer_group: "g".into(), deliveries, ..Default::default() };
+                    let _ = messaging.ack(ack).await; // a refused ack only means it comes again
+                }
+                _ => {
+                    resubscribed += 1;
+                    stream = wait_for_stream(&mut messaging, sub.clone()).await;
+                }
+            }
+        };
+    }
+    for _ in 0..50 {
+        consume_one!();
+    }
+    nodes[via].handle.cluster.write(Command::DecommissionNode { id: placed, cancel: false }).await.unwrap();
+    confirmed.extend(publish_ids(&nodes[via], 100..200).await);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !confirmed.iter().all(|i| seen.contains(i)) {
+        assert!(
+            Instant::now() < deadline,
+            "not delivered: {:?}",
+            confirmed.iter().filter(|i| !seen.contains(i)).collect::<Vec<_>>()
+        );
+        consume_one!();
+    }
+    let moved = node_of(&nodes).unwrap();
+    assert_ne!(moved, placed, "the group left the decommissioned node");
+    eprintln!(
+        "all {} confirmed messages delivered; the subscriber subscribed again {resubscribed} time(s)",
+        confirmed.len()
+    );
+    eventually(Duration::from_secs(30), "the node drained", || async {
+        nodes[via].handle.cluster.state.read().state.drain_progress(placed).drained()
+    })
+    .await;
+    drop(stream);
+    stop_all(nodes).await;
+}
