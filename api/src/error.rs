@@ -35,6 +35,8 @@ pub enum ErrorCode {
     ConsumerGroupNotFound = 2003,
     SegmentNotFound = 2004,
     UserNotFound = 2005,
+    /// The cluster state has no node with this id.
+    NodeNotFound = 2006,
     NamespaceAlreadyExists = 3001,
     TopicAlreadyExists = 3002,
     ConsumerGroupAlreadyExists = 3003,
@@ -58,6 +60,9 @@ pub enum ErrorCode {
     /// A subscription asked to be a group's only subscriber while it has others, or
     /// came while the group has such an exclusive subscriber (`SubscribeRequest.exclusive`).
     ConsumerGroupInExclusiveUse = 4012,
+    /// Decommissioning the node would leave fewer live nodes than some topic's
+    /// replication factor (or none at all).
+    NotEnoughNodesLeft = 4013,
     NoLeader = 5001,
     /// The request was sent on but no answer came in time: it may still take effect.
     Timeout = 5002,
@@ -86,7 +91,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for decoding.
-    const ALL: [ErrorCode; 42] = [
+    const ALL: [ErrorCode; 44] = [
         ErrorCode::InvalidName,
         ErrorCode::InvalidShards,
         ErrorCode::InvalidReplicationFactor,
@@ -103,6 +108,7 @@ impl ErrorCode {
         ErrorCode::ConsumerGroupNotFound,
         ErrorCode::SegmentNotFound,
         ErrorCode::UserNotFound,
+        ErrorCode::NodeNotFound,
         ErrorCode::NamespaceAlreadyExists,
         ErrorCode::TopicAlreadyExists,
         ErrorCode::ConsumerGroupAlreadyExists,
@@ -119,6 +125,7 @@ impl ErrorCode {
         ErrorCode::ChecksumMismatch,
         ErrorCode::NotRaftTarget,
         ErrorCode::ConsumerGroupInExclusiveUse,
+        ErrorCode::NotEnoughNodesLeft,
         ErrorCode::NoLeader,
         ErrorCode::Timeout,
         ErrorCode::NotReady,

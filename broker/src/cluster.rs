@@ -29,6 +29,13 @@ pub struct Cluster {
     metrics: Metrics,
     /// Changes of `raft.metrics()`, passed on by one task: see [`Cluster::raft_changes`].
     raft_changes: crate::watch::Receiver<()>,
+    /// The term this node last became leader in, and when it saw that (for the
+    /// hand-over: its vote is granted to a candidate only once its own lease ran out).
+    leader_since: Arc<std::sync::Mutex<Option<(u64, Instant)>>>,
+    /// Set while this leader hands leadership over: new writes are turned away (the
+    /// writer retries, on the next leader) so that the candidate's log can be as long
+    /// as this leader's when it asks for votes.
+    holding_writes: Arc<std::sync::atomic::AtomicBool>,
     /// The changes among them that background duties act on: see [`Cluster::state_changes`].
     state_changes: crate::watch::Receiver<()>,
 }
@@ -57,6 +64,26 @@ impl Significant {
     }
 }
 
+/// Voters at most for a leadership hand-over: with openraft 0.9 only the leader's vote
+/// and the candidate's own are sure (the other followers' leases refuse it).
+const HAND_OVER_VOTERS_MAX: usize = 3;
+
+/// Sets a flag for as long as it lives.
+struct HoldWrites<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> HoldWrites<'a> {
+    fn new(flag: &'a std::sync::atomic::AtomicBool) -> Self {
+        flag.store(true, Ordering::Relaxed);
+        HoldWrites(flag)
+    }
+}
+
+impl Drop for HoldWrites<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 /// Pause between attempts while there is no leader or it just changed.
 const RETRY_PAUSE_MS: u64 = 50;
 
@@ -75,9 +102,20 @@ impl Cluster {
         let (changed, raft_changes) = crate::watch::channel(());
         let (significant, state_changes) = crate::watch::channel(());
         let mut raft_metrics = raft.metrics();
+        let leader_since: Arc<std::sync::Mutex<Option<(u64, Instant)>>> = Arc::default();
+        let since = leader_since.clone();
         tokio::spawn(async move {
             let mut last = Significant::of(&raft_metrics.borrow());
             while raft_metrics.changed().await.is_ok() {
+                {
+                    let m = raft_metrics.borrow();
+                    if m.current_leader == Some(id) {
+                        let mut since = since.lock().unwrap_or_else(|e| e.into_inner());
+                        if since.is_none_or(|(term, _)| term != m.current_term) {
+                            *since = Some((m.current_term, Instant::now()));
+                        }
+                    }
+                }
                 changed.send_replace(());
                 let now = Significant::of(&raft_metrics.borrow());
                 if now != last {
@@ -87,7 +125,19 @@ impl Cluster {
             }
         });
         let next_nonce = Arc::new(AtomicU64::new(first_nonce));
-        Self { id, raft, state, peers, request_timeout, next_nonce, raft_changes, state_changes, metrics }
+        Self {
+            id,
+            raft,
+            state,
+            peers,
+            request_timeout,
+            next_nonce,
+            raft_changes,
+            state_changes,
+            metrics,
+            leader_since,
+            holding_writes: Arc::default(),
+        }
     }
 
     /// Tells when the applied cluster state, the leader, this node's role or the Raft
@@ -125,6 +175,159 @@ impl Cluster {
         let leader = m.current_leader?;
         let addr = m.membership_config.membership().get_node(&leader)?.addr.clone();
         Some((leader, addr))
+    }
+
+    /// If this node leads, hands leadership to another voter (`to`, or the first one
+    /// that holds the whole log, preferring nodes not being decommissioned) and waits
+    /// until it moved, within `within`. Answers the leader after it: this node's id
+    /// when it does not lead (nothing to do) or is the one asked for.
+    ///
+    /// openraft 0.9 has no transfer call, so: wait until the target holds the leader's
+    /// whole log, then ask it to start an election (`Internal.StartElection`). This
+    /// leader grants it the vote (its log is as long), which with the candidate's own
+    /// vote is a majority of three; the leader then steps down. Other followers whose
+    /// lease from this leader is still valid refuse, so with five voters the election
+    /// may fail: the error says so and the leader stays.
+    pub async fn hand_over_leadership(&self, to: Option<NodeId>, within: Duration) -> Result<NodeId, RequestError> {
+        let deadline = Instant::now() + within;
+        let mut raft_changes = self.raft_changes();
+        let target = loop {
+            let m = self.raft.metrics().borrow().clone();
+            if m.current_leader != Some(self.id) || to == Some(self.id) {
+                return Ok(m.current_leader.unwrap_or(0));
+            }
+            let membership = m.membership_config.membership().clone();
+            if let Some(to) = to {
+                if !membership.voter_ids().any(|v| v == to) {
+                    return Err(RequestError::new(
+                        ErrorCode::NodeNotFound,
+                        format!("to_node_id: node {to} is not a Raft voter; only a voter can lead"),
+                    ));
+                }
+            }
+            // A node being decommissioned is not chosen while another voter can lead.
+            let draining = self.state.read().state.draining.clone();
+            let mut caught_up: Vec<NodeId> = m
+                .replication
+                .as_ref()
+                .map(|r| {
+                    r.iter()
+                        .filter(|(id, matched)| {
+                            **id != self.id
+                                && to.is_none_or(|t| t == **id)
+                                && membership.voter_ids().any(|v| v == **id)
+                                && matched.map(|l| l.index) == m.last_log_index
+                        })
+                        .map(|(id, _)| *id)
+                        .collect()
+                })
+                .unwrap_or_default();
+            caught_up.sort_by_key(|id| draining.contains(id));
+            if let Some(node) = caught_up.first().and_then(|id| membership.get_node(id).map(|n| (*id, n.addr.clone())))
+            {
+                break node;
+            }
+            if membership.voter_ids().all(|v| v == self.id) {
+                return Err(RequestError::new(
+                    ErrorCode::NotEnoughNodesLeft,
+                    "to_node_id: this node is the only Raft voter: there is nobody to hand leadership to",
+                ));
+            }
+            let voters = membership.voter_ids().count();
+            if voters > HAND_OVER_VOTERS_MAX {
+                // The followers' leases refuse the candidate: only the leader's vote and
+                // its own are sure, a majority of three at most.
+                return Err(RequestError::new(
+                    ErrorCode::NotReady,
+                    format!(
+                        "leadership hand-over needs {HAND_OVER_VOTERS_MAX} Raft voters at most (the leader's vote and \
+                         the candidate's must be a majority), the cluster has {voters}; the leader stays"
+                    ),
+                ));
+            }
+            if !matches!(tokio::time::timeout_at(deadline, raft_changes.changed()).await, Ok(Ok(()))) {
+                return Err(RequestError::new(
+                    ErrorCode::NotReady,
+                    format!("no voter caught up with the leader's log within {within:?}; the leader stays"),
+                ));
+            }
+        };
+        // openraft's leader grants its vote only once its own leader lease (the longest
+        // election timeout) has passed since it was elected: a leader elected moments
+        // ago waits that out first, else the candidate fails and nobody leads until an
+        // election timeout later.
+        let lease = Duration::from_millis(self.raft.config().election_timeout_max);
+        let elected = *self.leader_since.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, at)) = elected {
+            let granted_from = at + lease + Duration::from_millis(RETRY_PAUSE_MS);
+            if granted_from >= deadline {
+                return Err(RequestError::new(
+                    ErrorCode::NotReady,
+                    format!("this leader was elected less than {lease:?} ago and cannot hand over within {within:?}"),
+                ));
+            }
+            tokio::time::sleep_until(granted_from).await;
+        }
+        // New writes wait (they are retried, on the next leader) until the target holds
+        // this leader's whole log, so that the leader's vote can go to it.
+        let hold = HoldWrites::new(&self.holding_writes);
+        let caught_up = tokio::time::timeout_at(deadline, async {
+            loop {
+                let m = self.raft.metrics().borrow().clone();
+                let matched = m.replication.as_ref().and_then(|r| r.get(&target.0).copied().flatten());
+                if matched.map(|l| l.index) == m.last_log_index {
+                    return Ok::<(), crate::watch::RecvError>(());
+                }
+                raft_changes.changed().await?;
+            }
+        })
+        .await;
+        if !matches!(caught_up, Ok(Ok(()))) {
+            return Err(RequestError::new(
+                ErrorCode::NotReady,
+                format!("node {} did not catch up with the leader's log within {within:?}; the leader stays", target.0),
+            ));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.peers.start_election(target.0, &target.1, left).await?;
+        // Writes are held while the candidate's vote requests can still be decided (one
+        // lease at most), not for the whole wait: a hand-over that fails (five voters)
+        // must not stall writes for long.
+        let mut hold = Some(hold);
+        let release_at = (Instant::now() + lease).min(deadline);
+        let moved = tokio::time::timeout_at(deadline, async {
+            loop {
+                let leader = self.raft.metrics().borrow().current_leader;
+                if leader.is_some_and(|l| l != self.id) {
+                    return Ok::<NodeId, crate::watch::RecvError>(leader.unwrap_or(0));
+                }
+                tokio::select! {
+                    biased;
+                    r = raft_changes.changed() => r?,
+                    _ = tokio::time::sleep_until(release_at), if hold.is_some() => hold = None,
+                }
+            }
+        })
+        .await;
+        match moved {
+            Ok(Ok(leader)) => Ok(leader),
+            _ => Err(RequestError::new(
+                ErrorCode::NotReady,
+                format!("node {} started an election but leadership did not move within {within:?}", target.0),
+            )),
+        }
+    }
+
+    /// [`Cluster::hand_over_leadership`] on the leader, wherever it is (forwarded to it
+    /// from a follower). Answers the leader after it.
+    pub async fn transfer_leadership(&self, to: Option<NodeId>) -> Result<NodeId, RequestError> {
+        match self.leader() {
+            Some((leader, _)) if leader == self.id => self.hand_over_leadership(to, self.request_timeout).await,
+            Some((leader, addr)) => {
+                Ok(self.peers.hand_over_leadership(leader, &addr, to, self.request_timeout).await?)
+            }
+            None => Err(RequestError::new(ErrorCode::NoLeader, "no leader known to hand leadership over from")),
+        }
     }
 
     /// Proposes `cmd` and waits until it is committed and applied; returns the index it
@@ -198,6 +401,9 @@ impl Cluster {
         // committed); the log needs no second entry.
         if let Some(answer) = self.state.read().state.answered(cmd) {
             return Ok(answer);
+        }
+        if self.holding_writes.load(Ordering::Relaxed) {
+            return Err(Retry::NoLeader); // handing leadership over: nothing proposed
         }
         let check = self.state.read().state.check(cmd);
         if check.is_err() {

@@ -1472,3 +1472,378 @@ async fn wait_for_stream(
         }
     }
 }
+
+/// Decommissioning the primary of a busy topic's open segment while a client publishes
+/// through another node: its segments rotate away, its closed copies are copied to the
+/// others, its consumer groups move, it is reported drained and demoted to Raft
+/// learner; no confirmed message is lost, every closed segment keeps its replication
+/// factor on the remaining nodes, and once stopped the node leaves the cluster at once.
+#[tokio::test(start_paused = true)]
+async fn decommission_under_traffic_moves_everything_off_the_node_and_loses_nothing() {
+    decommission_under_traffic(|nodes| primary_index(nodes).unwrap()).await;
+}
+
+/// The same with the Raft leader decommissioned: four voters are too many for a
+/// hand-over (the followers' leases refuse the candidate), so once drained the leader
+/// demotes itself and the others elect a leader.
+#[tokio::test(start_paused = true)]
+async fn decommission_of_the_leader_under_traffic_loses_nothing() {
+    decommission_under_traffic(leader_index).await;
+}
+
+async fn decommission_under_traffic(pick: impl Fn(&[TestNode]) -> usize) {
+    init_logs();
+    use eventtermq_broker::cluster_state::{BindingSpec, ConsumerGroupSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let mut nodes = three(&net, dir.path()).await;
+    nodes.push(start(&net, dir.path(), "d:1", &["a:1"]).await);
+    eventually(Duration::from_secs(20), "4 voters and 4 ALIVE records", || async {
+        nodes.iter().all(|n| voters(n) == 4 && alive_records(n) == 4)
+    })
+    .await;
+    let spec = TopicSpec { segment_size_max_bytes: 2_000, ..topic() };
+    nodes[0]
+        .handle
+        .cluster
+        .write(Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec })
+        .await
+        .unwrap();
+    for g in ["g1", "g2", "g3", "g4"] {
+        let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size: 10, ..Default::default() };
+        let cmd = Command::CreateConsumerGroup { namespace: "default".into(), name: g.into(), spec };
+        nodes[0].handle.cluster.write(cmd).await.unwrap();
+    }
+    eventually(Duration::from_secs(10), "an open segment and every group placed", || async {
+        let st = nodes[0].handle.cluster.state.read();
+        primary_index(&nodes).is_some() && st.state.groups["default"].values().all(|g| g.node.is_some())
+    })
+    .await;
+    let mut confirmed = publish_ids(&nodes[0], 0..200).await;
+    assert_eq!(confirmed.len(), 200);
+    let gone_index = pick(&nodes);
+    let gone = nodes[gone_index].handle.id;
+    let survivor = (gone_index + 1) % 4;
+    let before = nodes[survivor].handle.cluster.state.read().state.drain_progress(gone);
+    assert!(before.closed_segments >= 1 && before.consumer_groups >= 1, "{before:?}");
+
+    // The client publishes through a survivor all along; the decommission starts as it does.
+    let publisher = async {
+        let mut ok = Vec::new();
+        let mut failed_batches = 0;
+        for start in (200..800).step_by(10) {
+            let got = publish_ids(&nodes[survivor], start..start + 10).await;
+            failed_batches += usize::from(got.is_empty());
+            ok.extend(got);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (ok, failed_batches)
+    };
+    let drain = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        let cmd = Command::DecommissionNode { id: gone, cancel: false };
+        nodes[survivor].handle.cluster.write(cmd).await.expect("decommission accepted");
+        eventually(Duration::from_secs(60), "the node drained and demoted to learner", || async {
+            let drained = nodes[survivor].handle.cluster.state.read().state.drain_progress(gone).drained();
+            let m = nodes[survivor].handle.cluster.raft.metrics().borrow().membership_config.membership().clone();
+            drained && !m.voter_ids().any(|v| v == gone) && m.learner_ids().any(|l| l == gone)
+        })
+        .await;
+        started.elapsed()
+    };
+    let ((more, failed_batches), took) = tokio::join!(publisher, drain);
+    eprintln!(
+        "decommission drained in {took:?} (virtual); {} of 600 messages confirmed during it, {failed_batches} \
+         batches of 10 refused",
+        more.len()
+    );
+    confirmed.extend(more);
+
+    // Every confirmed message is there, read from a remaining node.
+    let read: std::collections::HashSet<u32> = read_topic(&nodes[survivor]).await.into_iter().collect();
+    let lost: Vec<_> = confirmed.iter().filter(|i| !read.contains(i)).collect();
+    assert!(lost.is_empty(), "lost confirmed messages {lost:?}");
+    {
+        let st = nodes[survivor].handle.cluster.state.read();
+        for (id, s) in st.state.topic_segments("default", "t") {
+            assert!(!s.replicas.contains(&gone), "segment {id} still on the drained node: {s:?}");
+            if !s.is_open() {
+                assert!(s.done.len() >= 3, "segment {id} has {} complete copies: {s:?}", s.done.len());
+            }
+        }
+        assert!(st.state.groups["default"].values().all(|g| g.node.is_some_and(|n| n != gone)));
+        let topics = eventtermq_broker::api::convert::topics_to_pb(
+            &st.state,
+            "default",
+            &st.state.namespaces["default"].topics,
+            &|_| None,
+        );
+        assert!(!topics[0].under_replicated, "{:?}", topics[0]);
+    }
+    eventually(Duration::from_secs(10), "the drained node's copies deleted", || async {
+        nodes[gone_index].handle.segments.store().list().is_empty()
+    })
+    .await;
+
+    // Stopped, the drained node leaves the cluster at once (not after dead_node_removal_ms).
+    let node = nodes.remove(gone_index);
+    let stopped = Instant::now();
+    node.shutdown.cancel();
+    node.handle.wait().await;
+    let removed = || {
+        let st = nodes[0].handle.cluster.state.read();
+        let m = nodes[0].handle.cluster.raft.metrics().borrow().membership_config.membership().clone();
+        !st.state.nodes.contains_key(&gone) && !st.state.draining.contains(&gone) && m.get_node(&gone).is_none()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !removed() {
+        let st = nodes[0].handle.cluster.state.read().state.clone();
+        let m = nodes[0].handle.cluster.raft.metrics().borrow().membership_config.clone();
+        assert!(Instant::now() < deadline, "not removed: {:?} {:?} {m:?}", st.nodes, st.draining);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("the drained node was removed {:?} after its graceful stop began", stopped.elapsed());
+    let after = publish_ids(&nodes[0], 1000..1010).await;
+    assert_eq!(after.len(), 10, "publishing goes on with three nodes");
+    stop_all(nodes).await;
+}
+
+/// Logs of the nodes on the test's output, filtered by `EVENTTERMQ_TEST_LOG` (e.g.
+/// `eventtermq_broker=info`); none without it.
+fn init_logs() {
+    if let Ok(filter) = std::env::var("EVENTTERMQ_TEST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    }
+}
+
+/// Writes to the cluster state through `node` one after another for `run`, and answers
+/// the longest time between two that committed (and how many failed).
+async fn longest_write_gap(node: &TestNode, tag: &str, run: Duration) -> (Duration, usize) {
+    let end = Instant::now() + run;
+    let (mut last, mut gap, mut failed) = (Instant::now(), Duration::ZERO, 0);
+    let mut i = 0;
+    while Instant::now() < end {
+        i += 1;
+        match node.handle.cluster.write(Command::CreateNamespace { name: format!("{tag}-{i}") }).await {
+            Ok(_) => {
+                gap = gap.max(last.elapsed());
+                last = Instant::now();
+            }
+            Err(_) => failed += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (gap.max(last.elapsed()), failed)
+}
+
+/// Leadership hand-over: an explicit transfer (asked on a follower) moves leadership to
+/// the voter named; a leader that stops gracefully hands leadership over, so writes
+/// pause far shorter than when it is killed and the others must wait out an election
+/// timeout. Prints both gaps (virtual time; election timeouts 200-400 ms here).
+#[tokio::test(start_paused = true)]
+async fn leadership_moves_on_request_and_before_a_graceful_stop() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let mut nodes = three(&net, dir.path()).await;
+
+    // Explicit transfer, asked on a follower, to the other follower.
+    let li = leader_index(&nodes);
+    let (asked, target) = ((li + 1) % 3, (li + 2) % 3);
+    let to = nodes[target].handle.id;
+    let leader = nodes[asked].handle.cluster.transfer_leadership(Some(to)).await.expect("transfer");
+    assert_eq!(leader, to);
+    eventually(Duration::from_secs(5), "every node sees the new leader", || async {
+        nodes.iter().all(|n| n.handle.cluster.leader().map(|(id, _)| id) == Some(to))
+    })
+    .await;
+    let e = nodes[0].handle.cluster.transfer_leadership(Some(12345)).await.unwrap_err();
+    assert_eq!(e.code, eventtermq_broker::error::ErrorCode::NodeNotFound, "{e}");
+
+    // Graceful stop of the leader while a follower writes.
+    let leaving = nodes.remove(leader_index(&nodes));
+    let name = leaving.name.clone();
+    let stop = async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        leaving.shutdown.cancel();
+        leaving.handle.wait().await;
+    };
+    let ((graceful_gap, graceful_failed), ()) =
+        tokio::join!(longest_write_gap(&nodes[0], "graceful", Duration::from_secs(3)), stop);
+    nodes.push(start(&net, dir.path(), &name, &["a:1", "b:1", "c:1"]).await);
+    eventually(Duration::from_secs(20), "3 ALIVE voters again", || async {
+        nodes.iter().all(|n| voters(n) == 3 && alive_records(n) == 3) && nodes[0].handle.cluster.leader().is_some()
+    })
+    .await;
+
+    // Kill of the leader while a follower writes: no hand-over.
+    let dead = nodes.remove(leader_index(&nodes));
+    let net_ref = &net;
+    let kill = async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        net_ref.detach(&dead.name);
+        dead.handle.kill().await;
+    };
+    let ((killed_gap, killed_failed), ()) =
+        tokio::join!(longest_write_gap(&nodes[0], "killed", Duration::from_secs(3)), kill);
+    eprintln!(
+        "longest gap between committed writes: {graceful_gap:?} ({graceful_failed} failed) when the leader stopped \
+         gracefully (hand-over), {killed_gap:?} ({killed_failed} failed) when it was killed"
+    );
+    assert!(graceful_gap < killed_gap, "hand-over gap {graceful_gap:?} vs kill {killed_gap:?}");
+    assert!(graceful_gap < Duration::from_millis(200), "below one election timeout: {graceful_gap:?}");
+    stop_all(nodes).await;
+}
+
+/// Scale-up: a fourth node joins a busy three-node cluster and gets nothing of what
+/// runs; a rebalance moves it a fair share of consumer groups and of open segments'
+/// primaries (through rotations, so publishing goes on); nothing confirmed is lost.
+#[tokio::test(start_paused = true)]
+async fn rebalance_after_scale_up_gives_the_new_node_its_share() {
+    use eventtermq_broker::cluster_state::{BindingSpec, ConsumerGroupSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let mut nodes = three(&net, dir.path()).await;
+    let spec = TopicSpec { shards: 3, ..topic() };
+    nodes[0]
+        .handle
+        .cluster
+        .write(Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec })
+        .await
+        .unwrap();
+    for g in 0..6 {
+        let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size: 10, ..Default::default() };
+        let cmd = Command::CreateConsumerGroup { namespace: "default".into(), name: format!("g{g}"), spec };
+        nodes[0].handle.cluster.write(cmd).await.unwrap();
+    }
+    let open_and_placed = |nodes: &[TestNode]| {
+        let st = nodes[0].handle.cluster.state.read();
+        st.state.segments.values().filter(|s| s.is_open()).count() == 3
+            && st.state.groups["default"].values().all(|g| g.node.is_some())
+    };
+    eventually(Duration::from_secs(10), "3 open segments and every group placed", || async { open_and_placed(&nodes) })
+        .await;
+    let mut confirmed = publish_ids(&nodes[0], 0..200).await;
+    assert_eq!(confirmed.len(), 200);
+
+    nodes.push(start(&net, dir.path(), "d:1", &["a:1"]).await);
+    eventually(Duration::from_secs(20), "4 voters and 4 ALIVE records", || async {
+        nodes.iter().all(|n| voters(n) == 4 && alive_records(n) == 4)
+    })
+    .await;
+    let new = nodes[3].handle.id;
+    let load = |nodes: &[TestNode]| nodes[0].handle.cluster.state.read().state.node_load(new);
+    assert_eq!(load(&nodes), Default::default(), "a new node gets nothing by itself");
+
+    let done = eventtermq_broker::replication::placement::request_rebalance(&nodes[1].handle.cluster).await.unwrap();
+    eprintln!("rebalance: {done:?}");
+    assert_eq!(done.consumer_groups_moved, 1, "6 groups on 4 nodes: 2, 2, 1, 1");
+    assert!(done.segments_rotated >= 1, "{done:?}");
+    let more = publish_ids(&nodes[2], 200..400).await;
+    confirmed.extend(more);
+    eventually(Duration::from_secs(20), "the new node leads a segment and runs a group", || async {
+        let l = load(&nodes);
+        l.primaries >= 1 && l.consumer_groups == 1 && open_and_placed(&nodes)
+    })
+    .await;
+    eprintln!("load of the new node after the rebalance: {:?}", load(&nodes));
+    let again = eventtermq_broker::replication::placement::request_rebalance(&nodes[0].handle.cluster).await.unwrap();
+    assert_eq!(again, Default::default(), "fair now: nothing moves");
+    let more = publish_ids(&nodes[3], 400..500).await;
+    assert_eq!(more.len(), 100);
+    confirmed.extend(more);
+    let read: std::collections::HashSet<u32> = read_topic(&nodes[3]).await.into_iter().collect();
+    let lost: Vec<_> = confirmed.iter().filter(|i| !read.contains(i)).collect();
+    assert!(lost.is_empty(), "lost confirmed messages {lost:?}");
+    stop_all(nodes).await;
+}
+
+/// A consumer group running on a node that is decommissioned moves to another node
+/// while a subscriber consumes it through a third one (acknowledging each message):
+/// the subscriber's stream ends, it subscribes again, and every confirmed message,
+/// published before and during the move, is delivered (at least once).
+#[tokio::test(start_paused = true)]
+async fn a_consumer_group_moves_off_a_decommissioned_node_and_delivers_everything() {
+    use eventtermq_broker::cluster_state::{BindingSpec, ConsumerGroupSpec};
+    use eventtermq_proto::v1::messaging_client::MessagingClient;
+    use eventtermq_proto::v1::{AckRequest, Delivery, SubscribeRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let mut nodes = three(&net, dir.path()).await;
+    nodes.push(start(&net, dir.path(), "d:1", &["a:1"]).await);
+    eventually(Duration::from_secs(20), "4 voters and 4 ALIVE records", || async {
+        nodes.iter().all(|n| voters(n) == 4 && alive_records(n) == 4)
+    })
+    .await;
+    let spec = TopicSpec { segment_size_max_bytes: 2_000, ..topic() };
+    nodes[0]
+        .handle
+        .cluster
+        .write(Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec })
+        .await
+        .unwrap();
+    let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size: 100, ..Default::default() };
+    let cmd = Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec };
+    nodes[0].handle.cluster.write(cmd).await.unwrap();
+    let node_of = |nodes: &[TestNode]| {
+        nodes[0].handle.cluster.state.read().state.group_runtime("default", "g").and_then(|r| r.node)
+    };
+    let placed = wait_for(Duration::from_secs(10), "the group placed", || node_of(&nodes)).await;
+    eventually(Duration::from_secs(10), "an open segment", || async { primary_index(&nodes).is_some() }).await;
+    let gi = nodes.iter().position(|n| n.handle.id == placed).unwrap();
+    let via = (gi + 1) % 4;
+    let mut confirmed = publish_ids(&nodes[via], 0..100).await;
+    assert_eq!(confirmed.len(), 100);
+
+    let (client, _listeners) = net.attach("client:1");
+    let mut messaging = MessagingClient::new(client.data_channel(&nodes[via].name));
+    let sub = SubscribeRequest { consumer_group: "g".into(), size: 20, ..Default::default() };
+    let mut stream = wait_for_stream(&mut messaging, sub.clone()).await;
+    let mut seen = std::collections::HashSet::new();
+    let mut resubscribed = 0;
+    // Reads one message (acknowledging it), subscribing again when the stream ends.
+    macro_rules! consume_one {
+        () => {
+            match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
+                Ok(Ok(Some(m))) => {
+                    let data = m.message.as_ref().unwrap().data.clone();
+                    seen.insert(String::from_utf8(data.to_vec()).unwrap().parse::<u32>().unwrap());
+                    let deliveries = vec![Delivery { segment_id: m.segment_id, offset: m.offset }];
+                    let ack = AckRequest { consumer_group: "g".into(), deliveries, ..Default::default() };
+                    let _ = messaging.ack(ack).await; // a refused ack only means it comes again
+                }
+                _ => {
+                    resubscribed += 1;
+                    stream = wait_for_stream(&mut messaging, sub.clone()).await;
+                }
+            }
+        };
+    }
+    for _ in 0..50 {
+        consume_one!();
+    }
+    nodes[via].handle.cluster.write(Command::DecommissionNode { id: placed, cancel: false }).await.unwrap();
+    confirmed.extend(publish_ids(&nodes[via], 100..200).await);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !confirmed.iter().all(|i| seen.contains(i)) {
+        assert!(
+            Instant::now() < deadline,
+            "not delivered: {:?}",
+            confirmed.iter().filter(|i| !seen.contains(i)).collect::<Vec<_>>()
+        );
+        consume_one!();
+    }
+    let moved = node_of(&nodes).unwrap();
+    assert_ne!(moved, placed, "the group left the decommissioned node");
+    eprintln!(
+        "all {} confirmed messages delivered; the subscriber subscribed again {resubscribed} time(s)",
+        confirmed.len()
+    );
+    eventually(Duration::from_secs(30), "the node drained", || async {
+        nodes[via].handle.cluster.state.read().state.drain_progress(placed).drained()
+    })
+    .await;
+    drop(stream);
+    stop_all(nodes).await;
+}

@@ -521,6 +521,40 @@ pub enum Command {
     },
     /// List users with their administrator flag and permissions (never a password or hash).
     ListUsers,
+    /// List the nodes: address, gossip state, Raft role, the leader, and a
+    /// decommission's progress (draining with what still depends on the node, or
+    /// drained).
+    ListNodes {
+        /// Answer from the node's own copy without confirming with the leader.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Decommission (drain) node NODE_ID before removing it: it takes no new segment
+    /// or consumer group, its open segments close so that their successors go
+    /// elsewhere, its closed segments are copied to other nodes, its groups move. Follow
+    /// it with list-nodes until it shows `drained`, then stop the node: it leaves the
+    /// cluster at once. Refused (exit 1) when the other live nodes could not hold every
+    /// topic's replication factor, or the node is unknown.
+    DecommissionNode {
+        node_id: u64,
+        /// Take the node back instead: it gets segments and groups again.
+        #[arg(long)]
+        cancel: bool,
+    },
+    /// Even out the nodes after nodes were added: consumer groups move from nodes above
+    /// their fair share, open segments on the most loaded nodes close so that their
+    /// successors go to the least loaded; what is fair stays. Prints {"ok": true,
+    /// "index": N, "consumer_groups_moved": N, "segments_rotated": N}; list-nodes shows
+    /// each node's load.
+    Rebalance,
+    /// Hand Raft leadership to another voter (--to NODE_ID, or any that holds the
+    /// leader's whole log) and wait until it moved; prints {"ok": true, "leader_id": N}.
+    /// A node stopping gracefully (SIGTERM) does this by itself when it leads.
+    TransferLeadership {
+        /// The voter to lead next (default: any caught-up voter).
+        #[arg(long)]
+        to: Option<u64>,
+    },
     /// Benchmarks that start their own local brokers (results go into README.md).
     #[command(subcommand)]
     Bench(BenchCommand),

@@ -196,6 +196,15 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
             admin.set_permissions(req).await?
         }
         Command::ListUsers => admin.list_users().await?,
+        Command::ListNodes { stale } => admin.list_nodes(stale).await?,
+        Command::DecommissionNode { node_id, cancel } => {
+            if node_id == 0 {
+                return Err(CliError::Usage("NODE_ID: must be a node's id (list-nodes shows them), not 0".into()));
+            }
+            admin.decommission_node(node_id, cancel).await?
+        }
+        Command::TransferLeadership { to } => admin.transfer_leadership(to).await?,
+        Command::Rebalance => admin.rebalance().await?,
         Command::Bench(b) => super::bench::run(ctx, b).await?,
     }
     Ok(())
@@ -284,6 +293,45 @@ impl Admin<'_> {
             Output::Text => print!("{}", render::users_text(&r.users)),
             Output::Json => println!("{}", render::users_json(&r)),
         }
+        Ok(())
+    }
+
+    async fn list_nodes(&mut self, stale: bool) -> Result<(), CliError> {
+        let r = self.client.list_nodes(pb::ListNodesRequest { stale }).await;
+        let r = self.answer(r)?;
+        match self.ctx.output {
+            Output::Text => print!("{}", render::nodes_text(&r)),
+            Output::Json => println!("{}", render::nodes_json(&r)),
+        }
+        Ok(())
+    }
+
+    async fn decommission_node(&mut self, node_id: u64, cancel: bool) -> Result<(), CliError> {
+        let r = self.client.decommission_node(pb::DecommissionNodeRequest { node_id, cancel }).await;
+        self.written(r)
+    }
+
+    async fn rebalance(&mut self) -> Result<(), CliError> {
+        let r = self.client.rebalance(pb::RebalanceRequest {}).await;
+        let r = self.answer(r)?;
+        let out = serde_json::json!({
+            "ok": true,
+            "index": r.index,
+            "consumer_groups_moved": r.consumer_groups_moved,
+            "segments_rotated": r.segments_rotated,
+        });
+        println!("{out}");
+        Ok(())
+    }
+
+    async fn transfer_leadership(&mut self, to: Option<u64>) -> Result<(), CliError> {
+        if to == Some(0) {
+            return Err(CliError::Usage("--to: must be a node's id (list-nodes shows them), not 0".into()));
+        }
+        let req = pb::TransferLeadershipRequest { to_node_id: to.unwrap_or(0) };
+        let r = self.client.transfer_leadership(req).await;
+        let r = self.answer(r)?;
+        println!("{}", serde_json::json!({"ok": true, "leader_id": r.leader_id}));
         Ok(())
     }
 

@@ -163,6 +163,9 @@ pub fn dump_text(r: &pb::DumpResponse) -> String {
             w.line(format_args!("id: {}", n.id));
             w.str("address", &n.address);
             w.line(format_args!("state: {}", node_state_name(n.state)));
+            if n.drain.is_some() {
+                w.line(format_args!("drain: {}", drain_text(&n.drain)));
+            }
             if n.disk_low {
                 w.line("disk_low: true");
                 w.num("disk_free_bytes", n.disk_free_bytes);
@@ -259,6 +262,76 @@ pub fn users_text(users: &[pb::User]) -> String {
     out
 }
 
+/// A node's decommission in one word and counts: `-`, `draining (open segments 1,
+/// closed segments 3, groups 0)` or `drained`.
+fn drain_text(d: &Option<pb::DrainProgress>) -> String {
+    match d {
+        None => "-".into(),
+        Some(d) if d.drained => "drained".into(),
+        Some(d) => format!(
+            "draining (open segments {}, closed segments {}, groups {})",
+            d.open_segments, d.closed_segments, d.consumer_groups
+        ),
+    }
+}
+
+fn drain_json(d: &Option<pb::DrainProgress>) -> Value {
+    match d {
+        None => Value::Null,
+        Some(d) => json!({
+            "state": if d.drained { "drained" } else { "draining" },
+            "open_segments": d.open_segments,
+            "closed_segments": d.closed_segments,
+            "consumer_groups": d.consumer_groups,
+        }),
+    }
+}
+
+/// `list-nodes`: one row per node, the leader marked.
+pub fn nodes_text(r: &pb::ListNodesResponse) -> String {
+    let mut rows = vec![["ID", "ADDRESS", "STATE", "RAFT", "LOAD", "DRAIN"].map(String::from).to_vec()];
+    for n in &r.nodes {
+        let mut raft = if n.raft_role.is_empty() { "-".to_string() } else { n.raft_role.clone() };
+        if n.id == r.leader_id {
+            raft.push_str(" (leader)");
+        }
+        rows.push(vec![
+            n.id.to_string(),
+            n.address.clone(),
+            node_state_name(n.state).to_string(),
+            raft,
+            n.load.map_or("-".into(), |l| format!("p{} r{} g{}", l.primaries, l.replicas, l.consumer_groups)),
+            drain_text(&n.drain),
+        ]);
+    }
+    table(&rows)
+}
+
+/// `list-nodes --output json`.
+pub fn nodes_json(r: &pb::ListNodesResponse) -> Value {
+    let nodes: Vec<Value> = r
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "id": n.id,
+                "address": n.address,
+                "state": node_state_name(n.state),
+                "raft_role": n.raft_role,
+                "leader": n.id == r.leader_id,
+                "load": n.load.map(|l| json!({
+                    "primaries": l.primaries,
+                    "replicas": l.replicas,
+                    "consumer_groups": l.consumer_groups,
+                })),
+                "disk_low": n.disk_low,
+                "drain": drain_json(&n.drain),
+            })
+        })
+        .collect();
+    json!({"nodes": nodes, "leader_id": r.leader_id})
+}
+
 /// `list-users --output json`.
 pub fn users_json(r: &pb::ListUsersResponse) -> Value {
     let users: Vec<Value> = r
@@ -296,6 +369,7 @@ pub fn dump_json(r: &pb::DumpResponse) -> Value {
             "disk_low": n.disk_low,
             "disk_free_bytes": n.disk_free_bytes,
             "disk_free_min_bytes": n.disk_free_min_bytes,
+            "drain": drain_json(&n.drain),
         })).collect::<Vec<_>>(),
         "segments": state.segments.iter().map(|s| json!({
             "id": s.id,
@@ -411,6 +485,43 @@ pub fn stats_json(r: &pb::DescribeConsumerGroupsResponse) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_nodes_marks_the_leader_and_shows_load_and_a_decommission() {
+        let node = |id: u64, role: &str, drain: Option<pb::DrainProgress>| pb::Node {
+            id,
+            address: format!("10.0.0.{id}:16000"),
+            state: pb::NodeState::Alive as i32,
+            raft_role: role.into(),
+            load: Some(pb::NodeLoad { primaries: id, replicas: 2, consumer_groups: 1 }),
+            drain,
+            ..Default::default()
+        };
+        let draining = pb::DrainProgress { open_segments: 1, closed_segments: 4, consumer_groups: 0, drained: false };
+        let drained = pb::DrainProgress { drained: true, ..Default::default() };
+        let r = pb::ListNodesResponse {
+            nodes: vec![node(1, "voter", None), node(2, "voter", Some(draining)), node(3, "learner", Some(drained))],
+            leader_id: 1,
+        };
+        assert_eq!(
+            nodes_text(&r),
+            [
+                "ID  ADDRESS         STATE  RAFT            LOAD      DRAIN",
+                "1   10.0.0.1:16000  ALIVE  voter (leader)  p1 r2 g1  -",
+                "2   10.0.0.2:16000  ALIVE  voter           p2 r2 g1  draining (open segments 1, closed segments 4, groups 0)",
+                "3   10.0.0.3:16000  ALIVE  learner         p3 r2 g1  drained",
+                "",
+            ]
+            .join("\n")
+        );
+        let json = nodes_json(&r);
+        assert_eq!(json["leader_id"], 1);
+        assert_eq!(json["nodes"][0]["drain"], Value::Null);
+        assert_eq!(json["nodes"][1]["drain"]["state"], "draining");
+        assert_eq!(json["nodes"][1]["drain"]["closed_segments"], 4);
+        assert_eq!(json["nodes"][2]["drain"]["state"], "drained");
+        assert_eq!(json["nodes"][2]["load"]["primaries"], 3);
+    }
 
     #[test]
     fn stats_has_a_row_per_group_and_topic_and_says_why_a_group_has_none() {

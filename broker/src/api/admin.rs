@@ -552,6 +552,47 @@ impl Admin for AdminService {
         written(self.cluster.write(Command::SetPermissions { user: req.user, namespace, permissions }).await?)
     }
 
+    async fn decommission_node(&self, req: Request<pb::DecommissionNodeRequest>) -> Reply<pb::WriteResponse> {
+        let req = req.into_inner();
+        allow(&self.auth, Need::Admin { what: "decommissioning a node" })?;
+        if req.node_id == 0 {
+            return Err(RequestError::new(
+                ErrorCode::InvalidArgument,
+                "node_id: is required (a node's id, see list-nodes)",
+            )
+            .into());
+        }
+        let cmd = Command::DecommissionNode { id: req.node_id, cancel: req.cancel };
+        written(self.cluster.write(cmd).await?)
+    }
+
+    async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Reply<pb::ListNodesResponse> {
+        allow(&self.auth, Need::Admin { what: "listing nodes" })?;
+        let applied = self.cluster.read(!req.into_inner().stale).await?;
+        let leader_id = self.cluster.leader().map_or(0, |(id, _)| id);
+        Ok(Response::new(pb::ListNodesResponse { nodes: nodes_to_pb(&applied), leader_id }))
+    }
+
+    async fn transfer_leadership(
+        &self,
+        req: Request<pb::TransferLeadershipRequest>,
+    ) -> Reply<pb::TransferLeadershipResponse> {
+        allow(&self.auth, Need::Admin { what: "transferring Raft leadership" })?;
+        let to = Some(req.into_inner().to_node_id).filter(|id| *id != 0);
+        let leader_id = self.cluster.transfer_leadership(to).await?;
+        Ok(Response::new(pb::TransferLeadershipResponse { leader_id }))
+    }
+
+    async fn rebalance(&self, _req: Request<pb::RebalanceRequest>) -> Reply<pb::RebalanceResponse> {
+        allow(&self.auth, Need::Admin { what: "rebalancing the cluster" })?;
+        let done = crate::replication::placement::request_rebalance(&self.cluster).await?;
+        Ok(Response::new(pb::RebalanceResponse {
+            index: done.index,
+            consumer_groups_moved: done.consumer_groups_moved,
+            segments_rotated: done.segments_rotated,
+        }))
+    }
+
     async fn list_users(&self, req: Request<pb::ListUsersRequest>) -> Reply<pb::ListUsersResponse> {
         allow(&self.auth, Need::Admin { what: "listing users" })?;
         let applied = self.cluster.read(!req.into_inner().stale).await?;

@@ -203,16 +203,6 @@ pub fn node_state_to_pb(s: NodeState) -> pb::NodeState {
 /// The whole cluster state as the API returns it.
 pub fn state_to_pb(applied: &AppliedState, filter: &DumpFilter, local_size: LocalSize) -> pb::ClusterState {
     let shown_ns = |ns: &str| filter.namespace.is_empty() || filter.namespace == ns;
-    let membership = applied.membership.membership();
-    let role = |id: &u64| {
-        if membership.voter_ids().any(|v| v == *id) {
-            "voter"
-        } else if membership.learner_ids().any(|l| l == *id) {
-            "learner"
-        } else {
-            ""
-        }
-    };
     pb::ClusterState {
         segments: applied
             .state
@@ -237,22 +227,60 @@ pub fn state_to_pb(applied: &AppliedState, filter: &DumpFilter, local_size: Loca
                     .collect(),
             })
             .collect(),
-        nodes: applied
-            .state
-            .nodes
-            .iter()
-            .map(|(id, n)| {
-                let low = applied.state.disk_low.get(id);
-                pb::Node {
-                    id: *id,
-                    address: n.address.clone(),
-                    state: node_state_to_pb(n.state) as i32,
-                    raft_role: role(id).to_string(),
-                    disk_low: low.is_some(),
-                    disk_free_bytes: low.map_or(0, |l| l.free_bytes),
-                    disk_free_min_bytes: low.map_or(0, |l| l.free_min_bytes),
-                }
-            })
-            .collect(),
+        nodes: nodes_to_pb(applied),
     }
+}
+
+/// Every node of the state: gossip's state, Raft role, disk, a decommission's progress.
+pub fn nodes_to_pb(applied: &AppliedState) -> Vec<pb::Node> {
+    let membership = applied.membership.membership();
+    let role = |id: &u64| {
+        if membership.voter_ids().any(|v| v == *id) {
+            "voter"
+        } else if membership.learner_ids().any(|l| l == *id) {
+            "learner"
+        } else {
+            ""
+        }
+    };
+    applied
+        .state
+        .nodes
+        .iter()
+        .map(|(id, n)| {
+            let low = applied.state.disk_low.get(id);
+            pb::Node {
+                id: *id,
+                address: n.address.clone(),
+                state: node_state_to_pb(n.state) as i32,
+                raft_role: role(id).to_string(),
+                disk_low: low.is_some(),
+                disk_free_bytes: low.map_or(0, |l| l.free_bytes),
+                disk_free_min_bytes: low.map_or(0, |l| l.free_min_bytes),
+                drain: drain_to_pb(&applied.state, *id),
+                load: {
+                    let l = applied.state.node_load(*id);
+                    Some(pb::NodeLoad {
+                        primaries: l.primaries,
+                        replicas: l.replicas,
+                        consumer_groups: l.consumer_groups,
+                    })
+                },
+            }
+        })
+        .collect()
+}
+
+/// A decommissioned node's progress (`None` for a node that is not decommissioned).
+pub fn drain_to_pb(state: &crate::cluster_state::ClusterState, id: u64) -> Option<pb::DrainProgress> {
+    if !state.draining.contains(&id) {
+        return None;
+    }
+    let p = state.drain_progress(id);
+    Some(pb::DrainProgress {
+        open_segments: p.open_segments,
+        closed_segments: p.closed_segments,
+        consumer_groups: p.consumer_groups,
+        drained: p.drained(),
+    })
 }

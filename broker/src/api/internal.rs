@@ -87,6 +87,15 @@ impl Internal for InternalService {
         Ok(Response::new(ipb::StartElectionResponse {}))
     }
 
+    async fn hand_over_leadership(
+        &self,
+        req: Request<ipb::HandOverLeadershipRequest>,
+    ) -> Reply<ipb::HandOverLeadershipResponse> {
+        let to = Some(req.into_inner().to_node_id).filter(|id| *id != 0);
+        let leader_id = self.cluster.hand_over_leadership(to, self.cluster.request_timeout()).await?;
+        Ok(Response::new(ipb::HandOverLeadershipResponse { leader_id }))
+    }
+
     async fn gossip_sync(&self, req: Request<ipb::GossipPayload>) -> Reply<ipb::GossipPayload> {
         let data = self
             .membership

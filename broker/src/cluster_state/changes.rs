@@ -50,7 +50,10 @@ impl Touched {
                 .iter()
                 .map(|c| Touched::Offsets { namespace: c.namespace.clone(), group: c.group.clone() })
                 .collect(),
-            Command::SetNode { .. } | Command::RemoveNode { .. } | Command::SetDiskLow { .. } => vec![Touched::Nodes],
+            Command::SetNode { .. }
+            | Command::RemoveNode { .. }
+            | Command::SetDiskLow { .. }
+            | Command::DecommissionNode { .. } => vec![Touched::Nodes],
             // Nothing a group or segment task acts on: access is checked per request.
             Command::CreateUser { .. } | Command::DeleteUser { .. } | Command::SetPermissions { .. } => Vec::new(),
             Command::CloseSegment { id, .. }
@@ -58,6 +61,8 @@ impl Touched {
             | Command::SegmentLost { id, .. }
             | Command::SetSegmentReplicas { id, .. } => of_segment(id).into_iter().collect(),
             Command::DeleteSegments { ids } => ids.iter().filter_map(of_segment).collect(),
+            // Only the segments' primaries act on it (their keeper looks at every change).
+            Command::RotateSegments { .. } => Vec::new(),
             Command::Once { command, .. } => Touched::of(command, state),
         }
     }

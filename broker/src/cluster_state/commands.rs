@@ -77,6 +77,14 @@ pub enum Command {
     RemoveNode {
         id: NodeId,
     },
+    /// An operator decommissions (drains) node `id`, or with `cancel` takes it back:
+    /// see [`ClusterState::draining`]. Refused when the live nodes left could not hold
+    /// every topic's replication factor.
+    DecommissionNode {
+        id: NodeId,
+        #[serde(default)]
+        cancel: bool,
+    },
     /// A node reports that its data directory went below its free-space watermark
     /// (`Some`) or is back above it (`None`).
     SetDiskLow {
@@ -125,6 +133,12 @@ pub enum Command {
     SetSegmentReplicas {
         id: SegmentId,
         replicas: Vec<NodeId>,
+    },
+    /// A rebalance asks the primaries of these open segments to close them, so that
+    /// their successors are placed afresh (closed or unknown ones are left alone: the
+    /// state may have moved on since the rebalance looked).
+    RotateSegments {
+        ids: Vec<SegmentId>,
     },
     /// Retention: the segments are gone for good.
     DeleteSegments {
@@ -257,6 +271,20 @@ impl ClusterState {
             Command::RemoveNode { id } => {
                 self.nodes.remove(id);
                 self.disk_low.remove(id);
+                self.draining.remove(id);
+            }
+            Command::DecommissionNode { id, cancel: false } => {
+                self.draining.insert(*id);
+            }
+            Command::DecommissionNode { id, cancel: true } => {
+                self.draining.remove(id);
+            }
+            Command::RotateSegments { ids } => {
+                for id in ids {
+                    if let Some(s) = self.segments.get_mut(id).filter(|s| s.is_open()) {
+                        s.rotate = true;
+                    }
+                }
             }
             Command::SetDiskLow { node, low: Some(low) } => {
                 self.disk_low.insert(*node, *low);
@@ -341,6 +369,7 @@ impl ClusterState {
             Command::CloseSegment { id, next_offset, size_bytes, checksum, done, now_unix_ms } => {
                 if let Some(s) = self.segments.get_mut(id) {
                     s.state = SegmentState::Closed;
+                    s.rotate = false;
                     s.next_offset = *next_offset;
                     s.size_bytes = *size_bytes;
                     s.checksum = *checksum;
@@ -431,6 +460,7 @@ impl ClusterState {
             created_unix_ms: *now_unix_ms,
             closed_unix_ms: 0,
             min_insync: *min_insync,
+            rotate: false,
         };
         self.segments.insert(id, record);
     }
@@ -475,6 +505,8 @@ impl ClusterState {
                 self.check_group_spec(namespace, &updated)
             }
             Command::SetNode { .. } | Command::RemoveNode { .. } | Command::SetDiskLow { .. } => Ok(()),
+            Command::DecommissionNode { id, cancel } => self.check_decommission(*id, *cancel),
+            Command::RotateSegments { .. } => Ok(()),
             Command::OpenSegment { namespace, topic, shard, replicas, min_insync, .. } => {
                 self.check_open_segment(namespace, topic, *shard, replicas, *min_insync)
             }
@@ -669,6 +701,47 @@ impl ClusterState {
         Ok(())
     }
 
+    /// A node the state knows; decommissioned only while the live nodes not being
+    /// decommissioned besides it can hold every topic's replication factor (and at
+    /// least one is left). Decommissioning again, or cancelling, is always fine.
+    fn check_decommission(&self, id: NodeId, cancel: bool) -> Result<(), RequestError> {
+        if !self.nodes.contains_key(&id) {
+            let known: Vec<String> = self.nodes.keys().map(|n| n.to_string()).collect();
+            return Err(RequestError::new(
+                ErrorCode::NodeNotFound,
+                format!("node_id: node {id} is not a member of the cluster (members: {})", known.join(", ")),
+            ));
+        }
+        if cancel || self.draining.contains(&id) {
+            return Ok(());
+        }
+        let left = self.group_nodes().filter(|n| *n != id).count();
+        let widest = self
+            .namespaces
+            .iter()
+            .flat_map(|(ns, n)| n.topics.iter().map(move |(t, spec)| (spec.replication_factor as usize, ns, t)))
+            .max_by_key(|(rf, _, _)| *rf);
+        let refuse = |need: String| {
+            let draining = if self.draining.is_empty() {
+                String::new()
+            } else {
+                let ids: Vec<String> = self.draining.iter().map(|n| n.to_string()).collect();
+                format!(", besides nodes {} already being decommissioned", ids.join(", "))
+            };
+            Err(RequestError::new(
+                ErrorCode::NotEnoughNodesLeft,
+                format!("node_id: decommissioning node {id} would leave {left} live node(s){draining}; {need}; nothing was changed"),
+            ))
+        };
+        match widest {
+            _ if left == 0 => refuse("at least one must stay".into()),
+            Some((rf, ns, t)) if left < rf => refuse(format!(
+                "topic {ns}/{t} keeps {rf} copies of every message: add a node first, or lower its replication factor"
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Closing an open segment, and what may change of a closed one.
     fn check_segment_change(&self, cmd: &Command) -> Result<(), RequestError> {
         let still_open =
@@ -773,6 +846,43 @@ fn describe_topic_diff(a: &TopicSpec, b: &TopicSpec) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decommissioning_needs_a_known_node_and_enough_live_nodes_left_for_every_replication_factor() {
+        let mut s = ClusterState::new_cluster();
+        for id in 1..=4 {
+            let record = NodeRecord { address: format!("n{id}:1"), state: NodeState::Alive };
+            s.apply(&Command::SetNode { id, record }).unwrap();
+        }
+        let decommission = |id, cancel| Command::DecommissionNode { id, cancel };
+        let e = s.apply(&decommission(9, false)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NodeNotFound);
+        assert!(e.message.starts_with("node_id: node 9 is not a member") && e.message.contains("1, 2, 3, 4"), "{e}");
+
+        s.apply(&Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec: topic(1) }).unwrap();
+        s.apply(&decommission(4, false)).unwrap();
+        s.apply(&decommission(4, false)).expect("again: a no-op");
+        assert!(s.draining.contains(&4) && s.data_nodes().all(|n| n != 4) && s.group_nodes().all(|n| n != 4));
+        // Three live nodes besides 4 were needed for RF 3: a second one is refused.
+        let e = s.apply(&decommission(3, false)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotEnoughNodesLeft);
+        assert!(e.message.contains("leave 2 live node(s), besides nodes 4") && e.message.contains("default/t"), "{e}");
+        assert!(!s.draining.contains(&3), "nothing changed");
+        // A dead node does not count as one left.
+        s.apply(&Command::DecommissionNode { id: 4, cancel: true }).unwrap();
+        let record = NodeRecord { address: "n2:1".into(), state: NodeState::Dead };
+        s.apply(&Command::SetNode { id: 2, record }).unwrap();
+        assert_eq!(s.apply(&decommission(4, false)).unwrap_err().code, ErrorCode::NotEnoughNodesLeft);
+        // Without topics, one node must stay all the same.
+        s.apply(&Command::DeleteTopic { namespace: "default".into(), name: "t".into() }).unwrap();
+        s.apply(&decommission(4, false)).unwrap();
+        s.apply(&decommission(3, false)).unwrap();
+        let e = s.apply(&decommission(1, false)).unwrap_err();
+        assert!(e.message.contains("at least one must stay"), "{e}");
+        // Removing a node forgets its decommission.
+        s.apply(&Command::RemoveNode { id: 4 }).unwrap();
+        assert_eq!(s.draining.iter().copied().collect::<Vec<_>>(), [3]);
+    }
 
     fn topic(shards: u32) -> TopicSpec {
         TopicSpec {

@@ -1,7 +1,7 @@
 //! Types of the cluster state. Serialized into Raft snapshots, so field changes must
 //! stay backward compatible (add fields with `#[serde(default)]`).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +38,12 @@ pub struct ClusterState {
     /// (see the README's Security section).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub users: BTreeMap<String, User>,
+    /// Nodes being decommissioned (`DecommissionNode`): they take no new segment and
+    /// no consumer group, their open segments rotate away, their closed copies are
+    /// copied elsewhere and then dropped; [`ClusterState::drain_progress`] says what
+    /// still depends on one. Left when the node is removed from the cluster.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub draining: BTreeSet<NodeId>,
 }
 
 /// A user of the client APIs (gRPC and AMQP).
@@ -278,6 +284,10 @@ pub struct SegmentRecord {
     /// 0 in segments opened before the setting existed: a majority of `replicas`.
     #[serde(default)]
     pub min_insync: u32,
+    /// Open segments: a rebalance asked its primary to close it (`RotateSegments`), so
+    /// that its successor is placed on the least loaded nodes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rotate: bool,
 }
 
 impl SegmentRecord {
@@ -322,6 +332,34 @@ pub struct GroupOffsets {
     pub handed_out: BTreeMap<SegmentId, u64>,
 }
 
+/// What still depends on a node ([`ClusterState::drain_progress`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainProgress {
+    /// Open segments with the node in their replica set (they rotate away).
+    pub open_segments: u64,
+    /// Closed segments the node holds or should hold a copy of (copied elsewhere, then
+    /// dropped from it).
+    pub closed_segments: u64,
+    /// Consumer groups placed on the node (they move to another node).
+    pub consumer_groups: u64,
+}
+
+impl DrainProgress {
+    /// Nothing depends on the node any more.
+    pub fn drained(&self) -> bool {
+        self.open_segments == 0 && self.closed_segments == 0 && self.consumer_groups == 0
+    }
+}
+
+/// What a node carries: open segments it is primary of or another replica of, and
+/// consumer groups placed on it ([`ClusterState::node_load`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeLoad {
+    pub primaries: u64,
+    pub replicas: u64,
+    pub consumer_groups: u64,
+}
+
 /// Where a consumer group runs and the offsets it committed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupRuntime {
@@ -364,9 +402,45 @@ impl ClusterState {
         self.nodes.iter().filter(|(_, n)| n.state == NodeState::Alive).map(|(id, _)| *id)
     }
 
-    /// ALIVE nodes that may take new segment data: not below their disk watermark.
+    /// ALIVE nodes that may take new segment data: not below their disk watermark, not
+    /// being decommissioned.
     pub fn data_nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.alive_nodes().filter(|id| !self.disk_low.contains_key(id))
+        self.alive_nodes().filter(|id| !self.disk_low.contains_key(id) && !self.draining.contains(id))
+    }
+
+    /// ALIVE nodes that may run consumer groups: not being decommissioned.
+    pub fn group_nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.alive_nodes().filter(|id| !self.draining.contains(id))
+    }
+
+    /// What node `id` carries now.
+    pub fn node_load(&self, id: NodeId) -> NodeLoad {
+        let mut l = NodeLoad::default();
+        for s in self.segments.values().filter(|s| s.is_open()) {
+            if s.primary == id {
+                l.primaries += 1;
+            } else if s.replicas.contains(&id) {
+                l.replicas += 1;
+            }
+        }
+        l.consumer_groups = self.groups.values().flat_map(|g| g.values()).filter(|g| g.node == Some(id)).count() as u64;
+        l
+    }
+
+    /// What still depends on node `id`: the open segments whose replica set has it,
+    /// the closed segments it is a replica of, the consumer groups placed on it.
+    /// A decommissioned node with nothing left is drained.
+    pub fn drain_progress(&self, id: NodeId) -> DrainProgress {
+        let mut p = DrainProgress::default();
+        for s in self.segments.values().filter(|s| s.replicas.contains(&id) || s.done.contains(&id)) {
+            if s.is_open() {
+                p.open_segments += 1;
+            } else {
+                p.closed_segments += 1;
+            }
+        }
+        p.consumer_groups = self.groups.values().flat_map(|g| g.values()).filter(|g| g.node == Some(id)).count() as u64;
+        p
     }
 
     /// Those of `nodes` below their disk watermark, for an error message: `node 7

@@ -606,6 +606,7 @@ mod tests {
             created_unix_ms: 0,
             closed_unix_ms: 0,
             min_insync: 1,
+            rotate: false,
         }
     }
 

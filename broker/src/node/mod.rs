@@ -150,7 +150,6 @@ pub async fn start(
         membership: membership.clone(),
         segments: segments.clone(),
         groups,
-        peers,
         dir_lock,
     };
     let done = tokio::spawn(run_until_stopped(parts, tasks, shutdown, stop.clone()));
@@ -207,7 +206,6 @@ struct Parts {
     membership: Membership,
     segments: Segments,
     groups: Groups,
-    peers: Peers,
     /// Released when the shutdown task ends, after Raft and every task stopped, so a
     /// node started next on the same directory (a restart in a test) finds it free.
     dir_lock: eventtermq_storage::durable::DirLock,
@@ -356,7 +354,7 @@ async fn run_until_stopped(parts: Parts, tasks: Tasks, shutdown: CancellationTok
             if tokio::time::timeout(DATA_SHUTDOWN_MAX, data).await.is_err() {
                 tracing::warn!("consumer groups and segments did not stop in time");
             }
-            hand_over_leadership(&parts.cluster, &parts.peers).await;
+            hand_over_leadership(&parts.cluster).await;
             parts.membership.leave().await;
             stop.cancel();
         }
@@ -518,56 +516,17 @@ const SERVER_DRAIN_MAX: Duration = Duration::from_secs(2);
 const HAND_OVER_MAX: Duration = Duration::from_secs(1);
 
 /// If this node leads, hands leadership to another voter so the cluster does not wait
-/// out an election timeout (and the followers' leader lease) after it stops.
-///
-/// openraft 0.9 has no transfer call, so: wait until some voter holds the leader's whole
-/// log, then ask it to start an election. This leader grants it the vote (its log is as
-/// long), which with the candidate's own vote is a majority of three; the leader then
-/// steps down. A peer whose lease from this leader is still valid would refuse, which is
-/// why the up-to-date candidate and the old leader's vote matter.
-async fn hand_over_leadership(cluster: &Cluster, peers: &Peers) {
-    let deadline = tokio::time::Instant::now() + HAND_OVER_MAX;
-    let mut raft_changes = cluster.raft_changes();
-    let target = loop {
-        let m = cluster.raft.metrics().borrow().clone();
-        if m.current_leader != Some(cluster.id) {
-            return;
-        }
-        let membership = m.membership_config.membership().clone();
-        let up_to_date = m.replication.as_ref().and_then(|r| {
-            r.iter()
-                .filter(|(id, matched)| {
-                    **id != cluster.id
-                        && membership.voter_ids().any(|v| v == **id)
-                        && matched.map(|l| l.index) == m.last_log_index
-                })
-                .map(|(id, _)| *id)
-                .next()
-        });
-        match (up_to_date, membership.get_node(&up_to_date.unwrap_or(0))) {
-            (Some(id), Some(node)) => break (id, node.addr.clone()),
-            _ if m.replication.as_ref().is_none_or(|r| r.len() <= 1) => return, // nobody to hand over to
-            _ => {}
-        }
-        // (Raft stopped: nothing to hand over either.)
-        if !matches!(tokio::time::timeout_at(deadline, raft_changes.changed()).await, Ok(Ok(()))) {
-            tracing::warn!("no voter caught up in time; followers will elect after a timeout");
-            return;
-        }
-    };
-    if let Err(e) = peers.start_election(target.0, &target.1, HAND_OVER_MAX).await {
-        tracing::warn!(target = target.0, error = %e, "leadership hand-over failed; followers will elect after a timeout");
+/// out an election timeout (and the followers' leader lease) after it stops: see
+/// [`Cluster::hand_over_leadership`]. Failures are logged; followers then elect after
+/// a timeout.
+pub(crate) async fn hand_over_leadership(cluster: &Cluster) {
+    if cluster.leader().map(|(id, _)| id) != Some(cluster.id) {
         return;
     }
-    let moved = tokio::time::timeout_at(deadline, async {
-        while cluster.raft.metrics().borrow().current_leader == Some(cluster.id) {
-            raft_changes.changed().await?;
-        }
-        Ok::<(), crate::watch::RecvError>(())
-    })
-    .await;
-    match moved {
-        Ok(Ok(_)) => tracing::info!(target = target.0, "handed leadership over"),
-        _ => tracing::warn!(target = target.0, "leadership did not move in time"),
+    match cluster.hand_over_leadership(None, HAND_OVER_MAX).await {
+        Ok(leader) if leader != cluster.id => tracing::info!(target = leader, "handed leadership over"),
+        Ok(_) => {}
+        Err(e) if e.code == crate::error::ErrorCode::NotEnoughNodesLeft => {} // nobody to hand over to
+        Err(e) => tracing::warn!(error = %e, "leadership hand-over failed; followers will elect after a timeout"),
     }
 }

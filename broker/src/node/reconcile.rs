@@ -11,6 +11,11 @@
 //!   once held every restarted pod DEAD while Raft still reached them all), and
 //!   removing a live voter on a wrong verdict costs the cluster its quorum.
 //!
+//! - a node being decommissioned is never added to Raft nor promoted; once drained
+//!   (nothing depends on it, see `ClusterState::drain_progress`) a voter is demoted to
+//!   learner, after handing leadership over if it leads, and once it stops (LEFT or
+//!   DEAD) it is removed at once, without waiting for `dead_node_removal_ms`.
+//!
 //! One Raft membership change per round, each awaited until committed: openraft
 //! allows only one at a time, and small steps keep the quorum arithmetic obvious.
 
@@ -27,6 +32,17 @@ use crate::membership::{MemberInfo, Membership};
 
 /// A learner within this many entries of the leader's log counts as caught up.
 const LEARNER_LAG_MAX_ENTRIES: u64 = 100;
+/// A drained leader that could not hand leadership over demotes itself instead, until
+/// this long after its attempt (each attempt holds new writes for up to one leader
+/// lease, so they are not repeated at every round).
+const HAND_OVER_RETRY: Duration = Duration::from_secs(10);
+
+/// When the drained leader last tried to hand leadership over.
+#[derive(Default)]
+struct HandOverBackoff {
+    last: Option<tokio::time::Instant>,
+}
+
 /// How long adding a learner waits for it to catch up before moving on.
 const LEARNER_CATCH_UP_MAX: Duration = Duration::from_secs(2);
 
@@ -34,6 +50,7 @@ pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, s
     let mut tick = tokio::time::interval(Duration::from_millis(config.reconcile_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut members_changed = membership.watch();
+    let mut hand_over = HandOverBackoff::default();
     loop {
         tokio::select! {
             biased;
@@ -45,7 +62,7 @@ pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, s
             continue;
         }
         let members = membership.watch().borrow().clone();
-        if let Err(e) = reconcile_once(&config, &cluster, &membership, &members).await {
+        if let Err(e) = reconcile_once(&config, &cluster, &membership, &members, &mut hand_over).await {
             tracing::debug!(error = %e, "membership reconciliation deferred");
         }
     }
@@ -56,13 +73,22 @@ async fn reconcile_once(
     cluster: &Cluster,
     membership: &Membership,
     members: &[MemberInfo],
+    hand_over: &mut HandOverBackoff,
 ) -> Result<(), String> {
     let metrics = cluster.raft.metrics().borrow().clone();
     let stored = metrics.membership_config.membership().clone();
     if stored.get_joint_config().len() > 1 {
         return Ok(()); // a change is still in flight
     }
+    let (draining, drained) = {
+        let st = cluster.state.read();
+        let drained: BTreeSet<u64> =
+            st.state.draining.iter().copied().filter(|id| st.state.drain_progress(*id).drained()).collect();
+        (st.state.draining.clone(), drained)
+    };
     let round = Round {
+        draining,
+        drained,
         config,
         cluster,
         membership,
@@ -79,6 +105,9 @@ async fn reconcile_once(
     }
     // 2. Cluster-state node records follow gossip.
     round.record_nodes().await?;
+    if round.demote_drained(hand_over).await? {
+        return Ok(());
+    }
     round.promote_caught_up(&metrics).await
 }
 
@@ -92,11 +121,16 @@ struct Round<'a> {
     recorded: BTreeMap<u64, NodeRecord>,
     voters: BTreeSet<u64>,
     learners: BTreeSet<u64>,
+    /// Nodes being decommissioned, and those of them nothing depends on any more.
+    draining: BTreeSet<u64>,
+    drained: BTreeSet<u64>,
 }
 
 impl Round<'_> {
+    /// DEAD or LEFT for `dead_node_removal_ms`, or at all once drained.
     fn gone_for_good(&self, m: &MemberInfo) -> bool {
-        matches!(m.state, NodeState::Dead | NodeState::Left) && m.state_since.elapsed() >= self.removal_after
+        matches!(m.state, NodeState::Dead | NodeState::Left)
+            && (m.state_since.elapsed() >= self.removal_after || self.drained.contains(&m.id))
     }
 
     /// Removes one member gone for long from Raft (after knocking on a DEAD one's
@@ -127,10 +161,12 @@ impl Round<'_> {
     /// Adds one ALIVE member outside Raft as a learner, and promotes it at once while
     /// voters are missing. `Ok(true)`: Raft changed (or is changing).
     async fn add_new(&self) -> Result<bool, String> {
-        let new = self
-            .members
-            .iter()
-            .find(|m| m.state == NodeState::Alive && !self.voters.contains(&m.id) && !self.learners.contains(&m.id));
+        let new = self.members.iter().find(|m| {
+            m.state == NodeState::Alive
+                && !self.voters.contains(&m.id)
+                && !self.learners.contains(&m.id)
+                && !self.draining.contains(&m.id)
+        });
         let Some(m) = new else { return Ok(false) };
         tracing::info!(node_id = m.id, addr = %m.addr, "adding node to raft as learner");
         // Blocking: returns once the learner has caught up (a new node's log is short),
@@ -152,12 +188,46 @@ impl Round<'_> {
             if self.gone_for_good(m) && m.id != self.cluster.id {
                 continue;
             }
+            // A DEAD or LEFT member the state does not have (a drained node removed at
+            // once) is not recorded again.
+            if matches!(m.state, NodeState::Dead | NodeState::Left) && !self.recorded.contains_key(&m.id) {
+                continue;
+            }
             let want = NodeRecord { address: m.addr.clone(), state: m.state };
             if self.recorded.get(&m.id) != Some(&want) {
                 self.cluster.write(Command::SetNode { id: m.id, record: want }).await.map_err(|e| e.to_string())?;
             }
         }
         Ok(())
+    }
+
+    /// Demotes a drained voter to learner, so that no quorum counts on it; if it is
+    /// this node (the leader), hands leadership over first (the next leader demotes
+    /// it). Only while every other voter is ALIVE: a change needs the old and the new
+    /// set's majorities. `Ok(true)`: Raft changed (or leadership moved).
+    async fn demote_drained(&self, hand_over: &mut HandOverBackoff) -> Result<bool, String> {
+        let Some(&id) = self.drained.iter().find(|id| self.voters.contains(id)) else { return Ok(false) };
+        let alive = |v: &u64| self.members.iter().any(|m| m.id == *v && m.state == NodeState::Alive);
+        let others: Vec<u64> = self.voters.iter().copied().filter(|v| *v != id).collect();
+        if others.is_empty() || !others.iter().all(alive) {
+            return Ok(false);
+        }
+        if id == self.cluster.id && hand_over.last.is_none_or(|at| at.elapsed() >= HAND_OVER_RETRY) {
+            hand_over.last = Some(tokio::time::Instant::now());
+            tracing::info!(node_id = id, "this node is drained: handing leadership over before it is demoted");
+            super::hand_over_leadership(self.cluster).await;
+            return Ok(true);
+        }
+        if id == self.cluster.id {
+            // The hand-over did not move leadership (more than three voters): the leader
+            // demotes itself; it steps down once that is committed and the others elect.
+            tracing::info!(node_id = id, "this drained leader demotes itself; the others elect a leader");
+        }
+        tracing::info!(node_id = id, "demoting a drained node from voter to learner");
+        let change = ChangeMembers::RemoveVoters(BTreeSet::from([id]));
+        // `retain`: it stays a learner until it stops, then is removed at once.
+        self.cluster.raft.change_membership(change, true).await.map_err(|e| e.to_string())?;
+        Ok(true)
     }
 
     /// Promotes an ALIVE learner that has caught up while voters are missing.
@@ -170,7 +240,7 @@ impl Round<'_> {
         let alive: BTreeSet<u64> = self.members.iter().filter(|m| m.state == NodeState::Alive).map(|m| m.id).collect();
         let ready = self.learners.iter().find(|id| {
             let matched = replication.get(id).copied().flatten().map(|l| l.index).unwrap_or(0);
-            alive.contains(id) && matched + LEARNER_LAG_MAX_ENTRIES >= last
+            alive.contains(id) && !self.draining.contains(id) && matched + LEARNER_LAG_MAX_ENTRIES >= last
         });
         match ready {
             Some(&id) => self.promote(id).await,

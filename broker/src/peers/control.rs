@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use eventtermq_proto::internal::v1::{
-    internal_client::InternalClient, GossipPayload, RaftPayload, ReadIndexRequest, StartElectionRequest,
+    internal_client::InternalClient, GossipPayload, HandOverLeadershipRequest, RaftPayload, ReadIndexRequest,
+    StartElectionRequest,
 };
 use eventtermq_proto::v1::{admin_client::AdminClient, DumpRequest};
 
@@ -45,6 +46,22 @@ impl Peers {
         let req = with_timeout(tonic::Request::new(StartElectionRequest {}), timeout);
         client.start_election(req).await.map_err(|s| PeerError::from_status(Peer::node(node, addr), s))?;
         Ok(())
+    }
+
+    /// Asks the leader `node` at `addr` to hand leadership over (to `to`, or to any
+    /// caught-up voter); answers the leader after it.
+    pub async fn hand_over_leadership(
+        &self,
+        node: u64,
+        addr: &str,
+        to: Option<u64>,
+        timeout: Duration,
+    ) -> Result<u64, PeerError> {
+        let mut client = InternalClient::new(self.channel(addr));
+        let req = with_timeout(tonic::Request::new(HandOverLeadershipRequest { to_node_id: to.unwrap_or(0) }), timeout);
+        let reply =
+            client.hand_over_leadership(req).await.map_err(|s| PeerError::from_status(Peer::node(node, addr), s))?;
+        Ok(reply.into_inner().leader_id)
     }
 
     /// Whether the node at `addr` already belongs to a Raft cluster, from its own copy

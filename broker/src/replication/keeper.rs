@@ -145,7 +145,7 @@ impl Keeper {
     /// Answers how long until a pass would decide otherwise on the same state.
     async fn pass(&mut self) -> Option<Duration> {
         let now_unix_ms = self.segments.clock().now_unix_ms();
-        let (snapshot, under_replicated, disk_actions, aged) = {
+        let (snapshot, to_rotate, disk_actions, aged) = {
             let st = self.segments.cluster().state.read();
             let snapshot: Vec<(SegmentId, SegmentRecord)> =
                 st.state.segments.iter().map(|(id, s)| (*id, s.clone())).collect();
@@ -162,7 +162,10 @@ impl Keeper {
             let age_max_ms = self.segments.settings().segment_age_max_ms;
             let aged = aged_primaries(&st.state, self.me, now_unix_ms, age_max_ms);
             let next_age = next_age_limit(&st.state, self.me, now_unix_ms, age_max_ms);
-            (snapshot, under_replicated_primaries(&st.state, self.me), disk_actions, (aged, next_age))
+            let mut rotate = under_replicated_primaries(&st.state, self.me);
+            rotate.extend(draining_primaries(&st.state, self.me));
+            rotate.extend(rotation_asked(&st.state, self.me));
+            (snapshot, rotate, disk_actions, (aged, next_age))
         };
         let (aged, next_age) = aged;
         for id in aged {
@@ -178,7 +181,9 @@ impl Keeper {
                 p.rotate();
             }
         }
-        for id in under_replicated {
+        // Under-replicated ones (more nodes can take data now), those with a node being
+        // decommissioned and those a rebalance asked to close.
+        for id in to_rotate {
             if let Some(p) = self.segments.primary(id) {
                 p.rotate();
             }
@@ -359,6 +364,26 @@ fn under_replicated_primaries(state: &ClusterState, me: NodeId) -> Vec<SegmentId
         })
         .map(|(id, _)| *id)
         .collect()
+}
+
+/// Open segments `me` is primary of whose replica set has a node being decommissioned
+/// (`me` included): closed, so that their successors go to the other nodes. An empty
+/// one too: the node must not stay in any open segment's replica set.
+fn draining_primaries(state: &ClusterState, me: NodeId) -> Vec<SegmentId> {
+    if state.draining.is_empty() {
+        return Vec::new();
+    }
+    state
+        .segments
+        .iter()
+        .filter(|(_, s)| s.is_open() && s.primary == me && s.replicas.iter().any(|n| state.draining.contains(n)))
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+/// Open segments `me` is primary of that a rebalance asked to close (`RotateSegments`).
+fn rotation_asked(state: &ClusterState, me: NodeId) -> Vec<SegmentId> {
+    state.segments.iter().filter(|(_, s)| s.is_open() && s.primary == me && s.rotate).map(|(id, _)| *id).collect()
 }
 
 /// This node's open primaries older than their topic's `segment_age_max_ms` (else
@@ -587,6 +612,7 @@ mod tests {
             created_unix_ms: 0,
             closed_unix_ms: 0,
             min_insync,
+            rotate: false,
         }
     }
 

@@ -469,6 +469,28 @@ impl Admin for FakeBroker {
     async fn list_users(&self, _: Request<pb::ListUsersRequest>) -> Result<Response<pb::ListUsersResponse>, Status> {
         Err(Status::unimplemented("users: not in the fake broker"))
     }
+
+    async fn decommission_node(
+        &self,
+        _: Request<pb::DecommissionNodeRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        Err(Status::unimplemented("decommission: not in the fake broker"))
+    }
+
+    async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+        Err(Status::unimplemented("nodes: not in the fake broker"))
+    }
+
+    async fn rebalance(&self, _: Request<pb::RebalanceRequest>) -> Result<Response<pb::RebalanceResponse>, Status> {
+        Err(Status::unimplemented("rebalance: not in the fake broker"))
+    }
+
+    async fn transfer_leadership(
+        &self,
+        _: Request<pb::TransferLeadershipRequest>,
+    ) -> Result<Response<pb::TransferLeadershipResponse>, Status> {
+        Err(Status::unimplemented("leadership: not in the fake broker"))
+    }
 }
 
 /// Starts the fake on 127.0.0.1:0; it runs until the test's runtime ends.
