@@ -1502,7 +1502,10 @@ async fn decommission_under_traffic(pick: impl Fn(&[TestNode]) -> usize) {
         nodes.iter().all(|n| voters(n) == 4 && alive_records(n) == 4)
     })
     .await;
-    let spec = TopicSpec { segment_size_max_bytes: 2_000, ..topic() };
+    // Two shards: their open segments need all 4 nodes between them (the least loaded
+    // first, ties by id), so whichever node is picked holds some; one shard's segments
+    // would all go to the same 3 nodes.
+    let spec = TopicSpec { segment_size_max_bytes: 2_000, shards: 2, ..topic() };
     nodes[0]
         .handle
         .cluster
