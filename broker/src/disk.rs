@@ -10,7 +10,8 @@
 //!   once it stops writing, a sealed segment's reserve, does not flip it back and forth).
 //! - [`Disk`] is the node's shared view: atomics the data path reads on every write
 //!   (one load each, no system call), charged with what is written, and refreshed from
-//!   `statvfs` every [`CHECK_INTERVAL`] by [`watch`], which also logs each crossing and
+//!   `statvfs` every [`CHECK_INTERVAL`] by [`watch`] (every [`IDLE_CHECK_INTERVAL`]
+//!   while nothing is written), which also logs each crossing and
 //!   reports it in the cluster state, where placement and the primaries of other nodes
 //!   see it.
 
@@ -29,6 +30,13 @@ use crate::error::{ErrorCode, RequestError};
 /// 117 MB/s per node) this is about 12 MB between two reads; writes in between are
 /// charged against the last reading, so the watermark holds anyway.
 pub const CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How often the free space is read while this node writes no segment data, is above
+/// its watermark and its report is in the cluster state: only something else filling
+/// the filesystem can move it then. The first write after such a pause reads it at
+/// once. An idle node's wake-ups cost CPU (see bench/scale.md), so it does not read
+/// ten times a second for nothing.
+pub const IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often the reported state is compared with the cluster state when nothing
 /// crossed (a report that failed, e.g. without a leader, is retried this often).
@@ -147,6 +155,10 @@ struct Inner {
     below: AtomicBool,
     /// Bumped by [`watch`] at each crossing: see [`Disk::level_changes`].
     level_changes: crate::watch::Sender<()>,
+    /// Segment data was written since [`watch`] last looked; the first such write
+    /// after it looked wakes it ([`IDLE_CHECK_INTERVAL`]).
+    written: AtomicBool,
+    first_write: tokio::sync::Notify,
 }
 
 /// Where readings come from.
@@ -174,6 +186,8 @@ impl Disk {
                 min_bytes: AtomicU64::new(min),
                 below: AtomicBool::new(below),
                 level_changes: crate::watch::channel(()).0,
+                written: AtomicBool::new(false),
+                first_write: tokio::sync::Notify::new(),
             }),
         };
         if below {
@@ -184,8 +198,8 @@ impl Disk {
     }
 
     /// Tells of every crossing of the watermark (as [`watch`] sees it, within one
-    /// [`CHECK_INTERVAL`]): the keeper acts on this node's level without looking at it
-    /// on a timer.
+    /// [`CHECK_INTERVAL`] while data is written, one [`IDLE_CHECK_INTERVAL`] while
+    /// not): the keeper acts on this node's level without looking at it on a timer.
     pub fn level_changes(&self) -> crate::watch::Receiver<()> {
         self.inner.level_changes.subscribe()
     }
@@ -224,6 +238,9 @@ impl Disk {
     pub fn charge(&self, bytes: u64) {
         let _ =
             self.inner.free_bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| Some(f.saturating_sub(bytes)));
+        if !self.inner.written.load(Ordering::Relaxed) && !self.inner.written.swap(true, Ordering::Relaxed) {
+            self.inner.first_write.notify_one();
+        }
     }
 
     /// A write failed for want of space although the watermark admitted it (the
@@ -294,11 +311,12 @@ pub fn bytes_text(bytes: u64) -> String {
     format!("{:.1} MiB ({bytes} bytes)", bytes as f64 / (1024.0 * 1024.0))
 }
 
-/// Reads the free space every [`CHECK_INTERVAL`], logs each crossing of the watermark,
-/// and keeps the cluster state's record of this node (`disk_low`) in line with it.
+/// Reads the free space every [`CHECK_INTERVAL`] (every [`IDLE_CHECK_INTERVAL`] while
+/// nothing is written, above the watermark, with the report in the state), logs each
+/// crossing of the watermark, and keeps the cluster state's record of this node
+/// (`disk_low`) in line with it.
 pub async fn watch(disk: Disk, cluster: Cluster, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(CHECK_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut fast = true;
     // What was last logged: a crossing the data path noticed first (a refused write)
     // is logged here too.
     let mut logged = disk.level();
@@ -308,11 +326,14 @@ pub async fn watch(disk: Disk, cluster: Cluster, stop: CancellationToken) {
     let mut in_flight: Option<tokio::task::JoinHandle<()>> = None;
     let mut last_sent: Option<(bool, tokio::time::Instant)> = None;
     loop {
+        let wait = if fast { CHECK_INTERVAL } else { IDLE_CHECK_INTERVAL };
         tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = disk.inner.first_write.notified(), if !fast => {}
         }
+        let written = disk.inner.written.swap(false, Ordering::Relaxed);
         match disk.refresh() {
             Ok(_) => read_failed = false,
             Err(e) if !read_failed => {
@@ -337,6 +358,7 @@ pub async fn watch(disk: Disk, cluster: Cluster, stop: CancellationToken) {
             let (disk, cluster) = (disk.clone(), cluster.clone());
             in_flight = Some(tokio::spawn(async move { report(&disk, &cluster).await }));
         }
+        fast = written || level == Level::Below || recorded != want.is_some();
     }
 }
 
