@@ -68,7 +68,10 @@ pub struct PrimaryHandle {
     pub id: SegmentId,
     /// Never full: every request holds at least one of the queue's units, and the
     /// channel has room for as many requests as there are units.
-    tx: mpsc::Sender<AppendRequest>,
+    /// Boxed: a channel allocates room for 32 of its items when it is made, 5 KiB of
+    /// unboxed requests for every primary, busy or not (10,000 quiet topics: 16 MiB
+    /// per node).
+    tx: mpsc::Sender<Box<AppendRequest>>,
     queue: Arc<Semaphore>,
     /// Size of `queue`; a request bigger than all of it takes all of it.
     queue_units: u32,
@@ -145,7 +148,7 @@ impl PrimaryHandle {
         let trace = tracing::trace_span!(target: PUBLISH_TRACE_TARGET, "append", segment_id = self.id,
             records = payloads.len());
         let queue = tracing::trace_span!(target: PUBLISH_TRACE_TARGET, parent: &trace, "queue");
-        let req = AppendRequest { payloads, durability, key, reply, _permit: permit, trace, _queue: queue };
+        let req = Box::new(AppendRequest { payloads, durability, key, reply, _permit: permit, trace, _queue: queue });
         self.tx.send(req).await.map_err(|_| closing(self.id))?;
         // Queued: the next request of the stream may go (not before: a request that
         // was not queued keeps its turn while it routes again).
@@ -246,7 +249,7 @@ struct Task {
     replicas: Vec<NodeId>,
     quorum: usize,
     size_max_bytes: u64,
-    rx: mpsc::Receiver<AppendRequest>,
+    rx: mpsc::Receiver<Box<AppendRequest>>,
     confirmed_tx: watch::Sender<u64>,
     last_timestamp_ms: i64,
     /// The duplicate window of exactly-once publishes; `None` until loaded.
@@ -365,6 +368,7 @@ async fn run(mut t: Task) {
             Some(ack) = ack_rx.recv() => core.replica_durable(ack.node, ack.durable, ack.fresh),
             req = t.rx.recv(), if !rotating || t.quorum_disk_low.load(Ordering::Relaxed) => {
                 let Some(first) = req else { break None };
+                let first = *first;
                 match t.take(first, rotating, &mut core, &mut fsync) {
                     Ok(full) => rotating |= full,
                     Err(e) => break Some(e),
@@ -481,7 +485,7 @@ impl Task {
         while bytes < batch_max {
             let Ok(r) = self.rx.try_recv() else { break };
             bytes += r.payloads.iter().map(Bytes::len).sum::<usize>();
-            batch.push(r);
+            batch.push(*r);
         }
         if let Err(e) = self.admit(bytes) {
             // Refused before anything was written: the segment carries on.
