@@ -267,6 +267,8 @@ fn transactions_flow_message_ttl_max_length_and_stream_offsets_as_rabbitmq() {
         "locked_delete_405",
         "locked_same_node_405",
         "locked_owner_consumes",
+        "locked_exclusive_mismatch_405",
+        "locked_shared_kept",
         "locked_free_after_owner_closed",
         "expiration_dead_lettered",
         "expiration_not_delivered",

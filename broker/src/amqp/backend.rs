@@ -878,7 +878,7 @@ pub fn locked_queue(namespace: &str, queue: &str) -> AmqpError {
         RESOURCE_LOCKED,
         format!(
             "cannot obtain exclusive access to locked queue '{queue}' in vhost '{}': it is exclusive to another \
-             connection",
+             connection, or the exclusive property does not match the queue's declaration",
             vhost(namespace)
         ),
     )

@@ -241,7 +241,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         }
         let created = self.backend.declare_queue(&ns, &name, d.passive, d.exclusive, &d.arguments).await?;
         if !created {
-            self.not_locked(&name).await?;
+            // As RabbitMQ: another connection's exclusive queue is locked; a
+            // non-passive declare must also ask for what the queue is (exclusive or
+            // not), so no connection takes a shared queue as its own (and deletes it
+            // when it closes).
+            let exclusive = self.backend.queue_is_exclusive(&ns, &name).await;
+            let others = exclusive && !self.exclusive.contains(&name);
+            if others || (!d.passive && exclusive != d.exclusive) {
+                return Err(locked_queue(&ns, &name));
+            }
         }
         if d.exclusive && !d.passive {
             self.exclusive.insert(name.clone());

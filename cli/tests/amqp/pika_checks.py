@@ -686,7 +686,13 @@ def exclusive_locked():
     pch.confirm_delivery()
     pch.basic_publish(exchange="amq.direct", routing_key="own", body="mine")
     expect("locked_owner_consumes", get_all(ch, "locked-q", 1), ["mine"])
+    # Exclusive or not must match the queue's declaration: a shared queue is not taken
+    # as another connection's own (which would delete it when it closes).
+    ch.queue_declare(queue="shared-q")
+    refused("locked_exclusive_mismatch_405", 405, "locked queue 'shared-q' in vhost '/'",
+            lambda x: x.queue_declare(queue="shared-q", exclusive=True))
     c.close()
+    expect("locked_shared_kept", pch.queue_declare(queue="shared-q", passive=True).method.queue, "shared-q")
     # Gone with its connection: another may declare the name (retried while the
     # delete reaches the node).
     deadline = time.time() + WAIT_S
