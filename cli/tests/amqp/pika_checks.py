@@ -678,9 +678,8 @@ def exclusive_locked():
         refused(name, 405, text, action)
     # Another connection on the owner's node is locked out the same way.
     refused("locked_same_node_405", 405, text, lambda x: x.queue_declare(queue="locked-q", passive=True), host=CON)
-    # The owner itself: passive declare, purge, publish and consume work.
+    # The owner itself: passive declare and consume work (bind did above).
     ch.queue_declare(queue="locked-q", passive=True)
-    ch.queue_purge(queue="locked-q")
     p = connect(PUB)
     pch = p.channel()
     pch.confirm_delivery()
