@@ -45,6 +45,7 @@ pub fn consumer_group_in_sync(desired: &pb::ConsumerGroup, held: &pb::ConsumerGr
         && desired.dead_letter_topic == held.dead_letter_topic
         && desired.message_ttl_ms == held.message_ttl_ms
         && desired.ready_messages_max == held.ready_messages_max
+        && desired.ready_bytes_max == held.ready_bytes_max
         && desired.dead_letter_routing_key == held.dead_letter_routing_key
         && desired.bindings.len() == held.bindings.len()
         && desired.bindings.iter().zip(&held.bindings).all(|(want, have)| {

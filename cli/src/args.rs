@@ -137,6 +137,11 @@ pub struct GroupArgs {
     /// --dead-letter-topic, or are dropped (0: no limit; at most --size).
     #[arg(long, default_value_t = 0)]
     pub ready_messages_max: u64,
+    /// At most this many bytes of message bodies wait undelivered (of the messages
+    /// the group's buffer holds, at most --size); the oldest beyond go to
+    /// --dead-letter-topic, or are dropped (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub ready_bytes_max: u64,
     /// Dead letters are published to --dead-letter-topic with this routing key
     /// (default: the message's own).
     #[arg(long, default_value = "")]

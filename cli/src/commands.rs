@@ -82,6 +82,7 @@ fn consumer_group(args: GroupArgs) -> Result<pb::ConsumerGroup, CliError> {
         dead_letter_topic: args.dead_letter_topic,
         message_ttl_ms: args.message_ttl_ms,
         ready_messages_max: args.ready_messages_max,
+        ready_bytes_max: args.ready_bytes_max,
         dead_letter_routing_key: args.dead_letter_routing_key,
         ..Default::default()
     })

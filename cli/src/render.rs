@@ -238,6 +238,7 @@ pub fn consumer_group_json(g: &pb::ConsumerGroup) -> Value {
         "dead_letter_topic": g.dead_letter_topic,
         "message_ttl_ms": g.message_ttl_ms,
         "ready_messages_max": g.ready_messages_max,
+        "ready_bytes_max": g.ready_bytes_max,
         "exclusive_node_id": g.exclusive_node_id,
         "dead_letter_routing_key": g.dead_letter_routing_key,
         "node_id": g.node_id,

@@ -211,7 +211,9 @@ fn transactions_flow_message_ttl_max_length_and_stream_offsets_as_rabbitmq() {
     const PORT: u16 = FEATURES_PORT;
     let _nodes = cluster_with("amqp_features", HOSTS, PORT, &["--amqp-tx-messages-max", "5"]);
     let checks = ["transactions", "tx_errors", "flow", "ttl_and_max_length", "stream_offsets"];
-    let out = pika_on(HOSTS, PORT + 1, &checks);
+    // Two runs: each pika run has 120 s.
+    let out =
+        pika_on(HOSTS, PORT + 1, &checks) + &pika_on(HOSTS, PORT + 1, &["exclusive_locked", "message_expiration"]);
     for c in [
         "tx_publishes_held",
         "tx_commit_publishes",
@@ -238,6 +240,10 @@ fn transactions_flow_message_ttl_max_length_and_stream_offsets_as_rabbitmq() {
         "ttl_fresh_not_dead",
         "max_length_oldest_dead_lettered",
         "max_length_newest_kept",
+        "max_length_bytes_oldest_dead_lettered",
+        "max_length_bytes_newest_kept",
+        "max_length_bytes_range_406",
+        "overflow_reject_publish_dlx_406",
         "dead_letter_routing_key",
         "ttl_type_406",
         "ttl_range_406",
@@ -250,6 +256,28 @@ fn transactions_flow_message_ttl_max_length_and_stream_offsets_as_rabbitmq() {
         "stream_offset_next",
         "stream_offset_numeric_406",
         "stream_offset_bad_406",
+        "locked_declare_405",
+        "locked_declare_exclusive_405",
+        "locked_passive_declare_405",
+        "locked_consume_405",
+        "locked_get_405",
+        "locked_bind_405",
+        "locked_unbind_405",
+        "locked_purge_405",
+        "locked_delete_405",
+        "locked_same_node_405",
+        "locked_owner_consumes",
+        "locked_exclusive_mismatch_405",
+        "locked_shared_kept",
+        "locked_free_after_owner_closed",
+        "expiration_dead_lettered",
+        "expiration_not_delivered",
+        "expiration_dropped_without_dlx",
+        "expiration_queue_ttl_shorter",
+        "expiration_fresh_delivered",
+        "expiration_text_406",
+        "expiration_negative_406",
+        "expiration_too_large_406",
     ] {
         assert!(out.contains(&format!("ok {c}\n")), "{c} missing:\n{out}");
     }
@@ -271,13 +299,29 @@ fn transactions_flow_message_ttl_max_length_and_stream_offsets_as_rabbitmq() {
         (Some(1000), Some(0))
     );
     assert_eq!(group("maxq")["ready_messages_max"].as_u64(), Some(2));
+    assert_eq!(group("bytesq")["ready_bytes_max"].as_u64(), Some(10));
     // Over gRPC: a group with a TTL and no dead-letter topic drops what waited longer.
     ok(&["create-topic", "ttl-t"]);
-    ok(&["create-consumer-group", "ttl-g", "--bind", "ttl-t", "--message-ttl-ms", "700", "--ready-messages-max", "3"]);
+    ok(&[
+        "create-consumer-group",
+        "ttl-g",
+        "--bind",
+        "ttl-t",
+        "--message-ttl-ms",
+        "700",
+        "--ready-messages-max",
+        "3",
+        "--ready-bytes-max",
+        "4096",
+    ]);
     let dump = dump_json_on(HOSTS[2], PORT);
     let ns = dump["namespaces"].as_array().unwrap().iter().find(|n| n["name"] == "default").unwrap();
     let g = ns["consumer_groups"].as_array().unwrap().iter().find(|g| g["name"] == "ttl-g").unwrap();
-    assert_eq!((g["message_ttl_ms"].as_u64(), g["ready_messages_max"].as_u64()), (Some(700), Some(3)), "{g}");
+    assert_eq!(
+        (g["message_ttl_ms"].as_u64(), g["ready_messages_max"].as_u64(), g["ready_bytes_max"].as_u64()),
+        (Some(700), Some(3), Some(4096)),
+        "{g}"
+    );
     ok(&["publish", "ttl-t", "expires"]);
     std::thread::sleep(Duration::from_millis(1500));
     ok(&["publish", "ttl-t", "kept"]);

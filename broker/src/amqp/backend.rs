@@ -17,7 +17,9 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use eventtermq_proto::v1 as pb;
 
 use super::convert::text_value;
-use super::error::{AmqpError, ACCESS_REFUSED, INTERNAL_ERROR, NOT_ALLOWED, NOT_FOUND, PRECONDITION_FAILED};
+use super::error::{
+    AmqpError, ACCESS_REFUSED, INTERNAL_ERROR, NOT_ALLOWED, NOT_FOUND, PRECONDITION_FAILED, RESOURCE_LOCKED,
+};
 use crate::cluster::Cluster;
 use crate::cluster_state::validate::{CONSUMER_GROUP_SIZE_MAX, MESSAGE_TTL_MS_MAX};
 use crate::cluster_state::{
@@ -174,14 +176,16 @@ struct QueueArguments {
     message_ttl_ms: u64,
     /// `x-max-length` (overflow `drop-head`): the group's `ready_messages_max`.
     ready_messages_max: u64,
+    /// `x-max-length-bytes` (overflow `drop-head`): the group's `ready_bytes_max`.
+    ready_bytes_max: u64,
     /// `x-dead-letter-routing-key`.
     dead_letter_routing_key: String,
 }
 
 /// What `queue.declare`'s arguments ask for: a delivery limit (`x-delivery-limit`)
 /// and a dead-letter exchange (`x-dead-letter-exchange`), as RabbitMQ's quorum queues
-/// take them, a message TTL (`x-message-ttl`) and a length limit (`x-max-length`,
-/// `x-overflow` `drop-head` only); `x-queue-type` is accepted and ignored (every queue
+/// take them, a message TTL (`x-message-ttl`) and length limits (`x-max-length`,
+/// `x-max-length-bytes`, `x-overflow` `drop-head` only); `x-queue-type` is accepted and ignored (every queue
 /// is replicated). Anything else: 406 naming the argument.
 fn queue_arguments(args: &FieldTable) -> Result<QueueArguments, AmqpError> {
     let mut a = QueueArguments::default();
@@ -211,6 +215,13 @@ fn queue_arguments(args: &FieldTable) -> Result<QueueArguments, AmqpError> {
                     .ok()
                     .filter(|n| (1..=max).contains(n))
                     .ok_or_else(|| refused(&format!("{n} is out of range (1-{max} messages)")))?;
+            }
+            ("x-max-length-bytes", v) => {
+                let n = integer(v).ok_or_else(|| refused("must be an integer (bytes)"))?;
+                a.ready_bytes_max = u64::try_from(n)
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| refused(&format!("{n} is out of range (1 or more bytes)")))?;
             }
             ("x-overflow", v) => match text(v).as_deref() {
                 Some("drop-head") => {}
@@ -298,6 +309,14 @@ impl Backend {
 
     async fn topic_type(&self, namespace: &str, topic: &str) -> Option<ExchangeType> {
         self.fresh(|st| st.namespaces.get(namespace)?.topics.get(topic).map(|t| t.default_exchange_type)).await
+    }
+
+    /// Whether the queue exists and is exclusive to a connection (of any node); the
+    /// caller knows its connection's own.
+    pub async fn queue_is_exclusive(&self, namespace: &str, queue: &str) -> bool {
+        let owner =
+            |st: &ClusterState| st.namespaces.get(namespace)?.consumer_groups.get(queue).map(|g| g.exclusive_owner);
+        self.fresh(owner).await.flatten().is_some()
     }
 
     async fn queue_exists(&self, namespace: &str, queue: &str) -> bool {
@@ -469,6 +488,7 @@ impl Backend {
             dead_letter_routing_key: a.dead_letter_routing_key,
             message_ttl_ms: a.message_ttl_ms,
             ready_messages_max: a.ready_messages_max,
+            ready_bytes_max: a.ready_bytes_max,
             exclusive_owner: exclusive.then_some(ExclusiveOwner { node_id: self.cluster.id, run_id: self.run_id }),
             ..Default::default()
         };
@@ -851,6 +871,19 @@ pub fn stream_offset(args: &FieldTable) -> Result<Option<StreamOffset>, AmqpErro
 }
 
 /// 404 for a queue that does not exist.
+/// 405 RESOURCE_LOCKED, as RabbitMQ answers a connection that uses another one's
+/// exclusive queue.
+pub fn locked_queue(namespace: &str, queue: &str) -> AmqpError {
+    AmqpError::channel(
+        RESOURCE_LOCKED,
+        format!(
+            "cannot obtain exclusive access to locked queue '{queue}' in vhost '{}': it is exclusive to another \
+             connection, or the exclusive property does not match the queue's declaration",
+            vhost(namespace)
+        ),
+    )
+}
+
 pub fn no_queue(namespace: &str, queue: &str) -> AmqpError {
     AmqpError::channel(NOT_FOUND, format!("no queue '{queue}' in vhost '{}'", vhost(namespace)))
 }
@@ -890,6 +923,7 @@ mod tests {
         let ok = args(&[
             ("x-message-ttl", AMQPValue::LongInt(1500)),
             ("x-max-length", AMQPValue::ShortInt(5)),
+            ("x-max-length-bytes", AMQPValue::LongLongInt(1 << 20)),
             ("x-overflow", AMQPValue::LongString("drop-head".into())),
             ("x-dead-letter-exchange", AMQPValue::LongString("dlx".into())),
         ])
@@ -901,6 +935,7 @@ mod tests {
                 dead_letter_exchange: Some("dlx".into()),
                 message_ttl_ms: 1500,
                 ready_messages_max: 5,
+                ready_bytes_max: 1 << 20,
                 dead_letter_routing_key: String::new(),
             }
         );
@@ -912,7 +947,12 @@ mod tests {
             (vec![("x-max-length", AMQPValue::LongInt(0))], "'x-max-length': 0 is out of range"),
             (vec![("x-max-length", AMQPValue::Boolean(true))], "'x-max-length': must be an integer"),
             (vec![("x-overflow", AMQPValue::LongString("reject-publish".into()))], "'reject-publish' is not supported"),
-            (vec![("x-max-length-bytes", AMQPValue::LongInt(10))], "'x-max-length-bytes' is not supported"),
+            (vec![("x-max-length-bytes", AMQPValue::LongInt(0))], "'x-max-length-bytes': 0 is out of range"),
+            (
+                vec![("x-max-length-bytes", AMQPValue::LongString("1k".into()))],
+                "'x-max-length-bytes': must be an integer",
+            ),
+            (vec![("x-max-priority", AMQPValue::LongInt(10))], "'x-max-priority' is not supported"),
             (vec![("x-dead-letter-exchange", AMQPValue::LongString("".into()))], "needs x-dead-letter-routing-key"),
             (vec![("x-dead-letter-routing-key", AMQPValue::LongString("q".into()))], "needs x-dead-letter-exchange"),
         ] {

@@ -16,12 +16,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::backend::{exchange_of_topic, stream_offset, topic_of_exchange, Backend, Route};
+use super::backend::{exchange_of_topic, locked_queue, stream_offset, topic_of_exchange, Backend, Route};
 use super::connection::{Conn, Event};
 use super::convert;
 use super::error::*;
 use super::state::{Channel, Consumer, HeldPublish, HeldSettle, Pending, PublishJob, Settler, Tx, Unacked};
 use crate::auth::Need;
+use crate::consumer_groups::stored;
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::Relayed;
 
@@ -174,6 +175,16 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         Ok(ch.last_queue.clone())
     }
 
+    /// 405 RESOURCE_LOCKED when the queue is exclusive to another connection (as
+    /// RabbitMQ answers declare, passive declare, bind, unbind, purge, delete,
+    /// consume and get); a queue this connection declared exclusive is its own.
+    async fn not_locked(&self, queue: &str) -> Result<(), AmqpError> {
+        if self.exclusive.contains(queue) || !self.backend.queue_is_exclusive(&self.namespace, queue).await {
+            return Ok(());
+        }
+        Err(locked_queue(&self.namespace, queue))
+    }
+
     async fn queue_method(&mut self, id: u16, m: &queue::AMQPMethod) -> Result<Option<AMQPClass>, AmqpError> {
         let ns = self.namespace.clone();
         match m {
@@ -181,6 +192,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             queue::AMQPMethod::Bind(b) => {
                 let q = self.queue_name(id, b.queue.as_str())?;
                 self.allow(Need::Configure { namespace: &ns, kind: "queue", name: &q })?;
+                self.not_locked(&q).await?;
                 let route =
                     Route { exchange: b.exchange.as_str(), routing_key: b.routing_key.as_str(), args: &b.arguments };
                 self.backend.bind(&ns, &q, route).await?;
@@ -189,6 +201,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             queue::AMQPMethod::Unbind(b) => {
                 let q = self.queue_name(id, b.queue.as_str())?;
                 self.allow(Need::Configure { namespace: &ns, kind: "queue", name: &q })?;
+                self.not_locked(&q).await?;
                 let route =
                     Route { exchange: b.exchange.as_str(), routing_key: b.routing_key.as_str(), args: &b.arguments };
                 self.backend.unbind(&ns, &q, route).await?;
@@ -197,6 +210,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             queue::AMQPMethod::Delete(d) => {
                 let q = self.queue_name(id, d.queue.as_str())?;
                 self.allow(Need::Configure { namespace: &ns, kind: "queue", name: &q })?;
+                self.not_locked(&q).await?;
                 let deleted = self.backend.delete_queue_if(&ns, &q, d.if_unused, d.if_empty).await?;
                 self.cancel_consumers_of(&q);
                 let reply = queue::DeleteOk { message_count: count(deleted) };
@@ -205,6 +219,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             queue::AMQPMethod::Purge(p) => {
                 let q = self.queue_name(id, p.queue.as_str())?;
                 self.allow(Need::Read { namespace: &ns, group: &q })?;
+                self.not_locked(&q).await?;
                 let purged = self.backend.purge_queue(&ns, &q).await?;
                 let reply = queue::PurgeOk { message_count: count(purged) };
                 Ok((!p.nowait).then_some(AMQPClass::Queue(queue::AMQPMethod::PurgeOk(reply))))
@@ -225,6 +240,17 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             self.allow(Need::Configure { namespace: &ns, kind: "queue", name: &name })?;
         }
         let created = self.backend.declare_queue(&ns, &name, d.passive, d.exclusive, &d.arguments).await?;
+        if !created {
+            // As RabbitMQ: another connection's exclusive queue is locked; a
+            // non-passive declare must also ask for what the queue is (exclusive or
+            // not), so no connection takes a shared queue as its own (and deletes it
+            // when it closes).
+            let exclusive = self.backend.queue_is_exclusive(&ns, &name).await;
+            let others = exclusive && !self.exclusive.contains(&name);
+            if others || (!d.passive && exclusive != d.exclusive) {
+                return Err(locked_queue(&ns, &name));
+            }
+        }
         if d.exclusive && !d.passive {
             self.exclusive.insert(name.clone());
         }
@@ -340,6 +366,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     async fn published(&mut self, id: u16) -> Result<(), AmqpError> {
         let ch = self.open_channel(id)?;
         let Some(Pending { publish, header: Some(header), body }) = ch.pending.take() else { return Ok(()) };
+        if let Some(e) = header.properties.expiration() {
+            if let Err(rule) = stored::parse_expiration(e.as_str()) {
+                let text = format!("invalid expiration '{}': the basic property 'expiration' {rule}", e.as_str());
+                let e = AmqpError::channel(PRECONDITION_FAILED, text);
+                return self.fail_channel(id, e.on(&AMQPClass::Basic(basic::AMQPMethod::Publish(publish))));
+            }
+        }
         let confirm = (ch.next_confirm > 0).then(|| {
             ch.next_confirm += 1;
             ch.next_confirm - 1
@@ -455,6 +488,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         // The queue itself first: no replay group is made for a caller who may not
         // read it (the replay's own group is checked below, as every node checks it).
         self.allow(Need::Read { namespace: &ns, group: &queue })?;
+        self.not_locked(&queue).await?;
         if let Some(offset) = stream_offset(&c.arguments)? {
             let since = self.backend.stream_offset_since(offset);
             queue = self.backend.declare_replay(&self.namespace, &queue, since).await?;
@@ -584,6 +618,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let queue = self.queue_name(id, g.queue.as_str())?;
         let ns = self.namespace.clone();
         self.allow(Need::Read { namespace: &ns, group: &queue })?;
+        self.not_locked(&queue).await?;
         let mut stream = self.backend.consume(&self.namespace, &queue, 1, g.no_ack, true, false).await?;
         let first = tokio::time::timeout(self.backend.cluster.request_timeout(), stream.next()).await;
         let d = match first {

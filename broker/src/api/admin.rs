@@ -144,6 +144,7 @@ impl AdminService {
             dead_letter_topic: g.dead_letter_topic.clone(),
             message_ttl_ms: g.message_ttl_ms,
             ready_messages_max: g.ready_messages_max,
+            ready_bytes_max: g.ready_bytes_max,
             exclusive_owner: None,
             dead_letter_routing_key: g.dead_letter_routing_key.clone(),
         };

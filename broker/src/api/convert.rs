@@ -150,6 +150,7 @@ pub fn consumer_group_to_pb(name: &str, g: &ConsumerGroupSpec) -> pb::ConsumerGr
         dead_letter_topic: g.dead_letter_topic.clone(),
         message_ttl_ms: g.message_ttl_ms,
         ready_messages_max: g.ready_messages_max,
+        ready_bytes_max: g.ready_bytes_max,
         exclusive_node_id: g.exclusive_owner.map_or(0, |o| o.node_id),
         dead_letter_routing_key: g.dead_letter_routing_key.clone(),
         node_id: 0,

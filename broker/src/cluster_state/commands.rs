@@ -1245,6 +1245,7 @@ mod tests {
             ready_messages_max: 20,
             exclusive_owner: None,
             dead_letter_routing_key: String::new(),
+            ready_bytes_max: 1 << 20,
         };
         assert_eq!(s.apply(&update("nope", wanted.clone())).unwrap_err().code, ErrorCode::ConsumerGroupNotFound);
         let too_long = ConsumerGroupSpec { ready_messages_max: 21, ..wanted.clone() };
@@ -1278,6 +1279,7 @@ mod tests {
         assert_eq!(g.bindings, [old, new], "the old binding keeps its start; the new one starts now");
         assert_eq!((g.size, g.since_unix_ms, g.ack_timeout_ms, g.deliveries_max), (20, 1, 5_000, 3));
         assert_eq!((g.dead_letter_topic.as_str(), g.message_ttl_ms, g.ready_messages_max), ("dead", 60_000, 20));
+        assert_eq!(g.ready_bytes_max, 1 << 20);
         assert_eq!(s.group_runtime("default", "g").unwrap().offsets, offsets, "offsets kept");
         // Created again with the old settings: it exists with others now.
         let again = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size: 10, ..Default::default() };

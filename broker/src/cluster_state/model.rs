@@ -694,6 +694,11 @@ pub struct ConsumerGroupSpec {
     /// Dead letters are published with this routing key (empty: the message's own).
     #[serde(default)]
     pub dead_letter_routing_key: String,
+    /// At most this many bytes of message bodies wait undelivered (of the messages
+    /// the group's buffer holds, at most `size`); the oldest beyond are
+    /// dead-lettered (reason `maxlen`) or dropped; 0: no limit.
+    #[serde(default)]
+    pub ready_bytes_max: u64,
 }
 
 /// Who holds an exclusive queue: a node, in one run of its process.

@@ -40,6 +40,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::stored;
+
 /// Milliseconds on the driver's monotonic clock (any origin).
 pub type Millis = u64;
 
@@ -56,6 +58,11 @@ pub struct Delivery {
     pub message: Bytes,
     /// Hand-outs so far, this one included (1 the first time); 0 before the first.
     pub delivery_count: u32,
+    /// The message's own TTL in ms (its `expiration` property) and its body's size,
+    /// read from `message` by [`GroupBuffer::offer`]; what the caller sets is
+    /// replaced there.
+    pub expiration_ms: Option<u64>,
+    pub body_bytes: u64,
 }
 
 impl Delivery {
@@ -73,9 +80,9 @@ pub type SubscriberId = u64;
 pub enum DeathReason {
     /// Delivered `deliveries_max` times.
     DeliveryLimit,
-    /// Waited longer than the group's message TTL.
+    /// Waited longer than the group's message TTL or its own (`expiration`).
     Expired,
-    /// The oldest waiting beyond the group's `ready_messages_max`.
+    /// The oldest waiting beyond the group's `ready_messages_max` or `ready_bytes_max`.
     MaxLength,
 }
 
@@ -188,12 +195,19 @@ pub struct GroupBuffer {
     /// Messages past `deliveries_max`, expired or beyond `ready_max`, taken by
     /// [`Self::take_dead`] and still outstanding until [`Self::dead_lettered`].
     dead: Vec<(Delivery, DeathReason)>,
-    /// A message waiting longer than this since it was stored (its `timestamp_ms`)
-    /// is not handed out but dead (0: no expiry).
+    /// A message waiting longer than this since it was stored (its `timestamp_ms`),
+    /// or longer than its own `expiration_ms` when that is shorter, is not handed out
+    /// but dead (0: no group TTL).
     message_ttl_ms: u64,
     /// At most this many messages wait in the pending queue; the oldest beyond are
     /// dead (0: no limit).
     ready_max: usize,
+    /// At most this many body bytes wait in the pending queue; the oldest beyond
+    /// are dead (0: no limit).
+    ready_bytes_max: u64,
+    /// The body bytes of the messages in the pending queue (kept by
+    /// [`Self::push_pending`], [`Self::pop_pending`] and the few that remove others).
+    pending_bytes: u64,
     /// The wall clock (unix ms) as [`Self::expire_messages`] last told it.
     now_unix_ms: i64,
     /// Taken dead letters not yet settled (they hold buffer room).
@@ -224,6 +238,8 @@ impl GroupBuffer {
             dead: Vec::new(),
             message_ttl_ms: 0,
             ready_max: 0,
+            ready_bytes_max: 0,
+            pending_bytes: 0,
             now_unix_ms: i64::MIN,
             dead_outstanding: BTreeSet::new(),
             deadlines: BTreeSet::new(),
@@ -257,8 +273,41 @@ impl GroupBuffer {
         self.ready_max = count;
     }
 
+    /// At most `bytes` of message bodies wait in the pending queue (0: no limit); the
+    /// oldest beyond are given to [`Self::take_dead`] by [`Self::expire_messages`].
+    pub fn set_ready_bytes_max(&mut self, bytes: u64) {
+        self.ready_bytes_max = bytes;
+    }
+
+    /// `d` to the back (`front`: the front) of the pending queue.
+    fn push_pending(&mut self, d: Delivery, front: bool) {
+        self.pending_bytes += d.body_bytes;
+        if front {
+            self.pending.push_front(d);
+        } else {
+            self.pending.push_back(d);
+        }
+    }
+
+    fn pop_pending(&mut self) -> Option<Delivery> {
+        let d = self.pending.pop_front()?;
+        self.pending_bytes -= d.body_bytes;
+        Some(d)
+    }
+
+    /// After the pending queue lost messages other than at its front.
+    fn recount_pending_bytes(&mut self) {
+        self.pending_bytes = self.pending.iter().map(|d| d.body_bytes).sum();
+    }
+
+    /// The body bytes of the messages waiting in the pending queue.
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending_bytes
+    }
+
     /// At wall-clock time `now_unix_ms`: the expired messages at the front of the
-    /// pending queue, and the oldest waiting beyond the ready limit, go to the dead
+    /// pending queue, and the oldest waiting beyond the ready limits (messages, body
+    /// bytes), go to the dead
     /// letters (as RabbitMQ expires at the head of a queue; one expired behind a
     /// younger one, as messages of two segments may be, is caught when it reaches the
     /// front or by [`Self::dispatch`], which never hands out an expired message).
@@ -267,29 +316,39 @@ impl GroupBuffer {
         self.now_unix_ms = self.now_unix_ms.max(now_unix_ms);
         let mut n = 0;
         while self.pending.front().is_some_and(|d| self.expired(d)) {
-            let d = self.pending.pop_front().expect("checked");
+            let d = self.pop_pending().expect("checked");
             self.dead.push((d, DeathReason::Expired));
             n += 1;
         }
-        while self.ready_max > 0 && self.pending.len() > self.ready_max {
-            let d = self.pending.pop_front().expect("longer than the limit");
+        while (self.ready_max > 0 && self.pending.len() > self.ready_max)
+            || (self.ready_bytes_max > 0 && self.pending_bytes > self.ready_bytes_max)
+        {
+            let d = self.pop_pending().expect("longer than a limit");
             self.dead.push((d, DeathReason::MaxLength));
             n += 1;
         }
         n
     }
 
-    /// When (unix ms) the message at the front of the pending queue expires, if the
-    /// group has a TTL: when [`Self::expire_messages`] has work next.
+    /// When (unix ms) the message at the front of the pending queue expires, if it
+    /// has a TTL (the group's or its own): when [`Self::expire_messages`] has work next.
     pub fn next_expiry_unix_ms(&self) -> Option<i64> {
-        let ttl = i64::try_from(self.message_ttl_ms).ok().filter(|t| *t > 0)?;
-        self.pending.front().map(|d| d.timestamp_ms.saturating_add(ttl))
+        self.pending.front().and_then(|d| self.expiry_unix_ms(d))
+    }
+
+    /// When (unix ms) `d` expires: stored at `timestamp_ms`, plus the shorter of the
+    /// group's TTL and its own; `None` when it has neither.
+    fn expiry_unix_ms(&self, d: &Delivery) -> Option<i64> {
+        let group = (self.message_ttl_ms > 0).then_some(self.message_ttl_ms);
+        let ttl = match (group, d.expiration_ms) {
+            (Some(g), Some(own)) => g.min(own),
+            (g, own) => g.or(own)?,
+        };
+        Some(d.timestamp_ms.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX)))
     }
 
     fn expired(&self, d: &Delivery) -> bool {
-        self.message_ttl_ms > 0
-            && i64::try_from(self.message_ttl_ms)
-                .is_ok_and(|ttl| d.timestamp_ms.saturating_add(ttl) <= self.now_unix_ms)
+        self.expiry_unix_ms(d).is_some_and(|t| t <= self.now_unix_ms)
     }
 
     /// The messages that reached the delivery limit, expired or were beyond the ready
@@ -350,7 +409,9 @@ impl GroupBuffer {
         if d.offset < seg.handed_end {
             d.delivery_count = d.delivery_count.max(1);
         }
-        self.pending.push_back(d);
+        let meta = stored::read(&d.message);
+        (d.expiration_ms, d.body_bytes) = (meta.expiration_ms, meta.body_bytes);
+        self.push_pending(d, false);
         Ok(())
     }
 
@@ -432,7 +493,7 @@ impl GroupBuffer {
         if self.deliveries_max > 0 && d.delivery_count >= self.deliveries_max {
             self.dead.push((d, DeathReason::DeliveryLimit));
         } else {
-            self.pending.push_front(d);
+            self.push_pending(d, true);
         }
     }
 
@@ -462,7 +523,7 @@ impl GroupBuffer {
         while !self.pending.is_empty() {
             let Some(id) = self.next_with_room() else { break };
             self.rr_cursor = id.wrapping_add(1);
-            let mut d = self.pending.pop_front().expect("checked non-empty");
+            let mut d = self.pop_pending().expect("checked non-empty");
             if self.deliveries_max > 0 && d.delivery_count >= self.deliveries_max {
                 self.dead.push((d, DeathReason::DeliveryLimit));
                 continue;
@@ -553,7 +614,9 @@ impl GroupBuffer {
             .iter()
             .position(|d| (d.segment_id, d.offset) == key && d.delivery_count > 0)
             .ok_or(AckError::NotInFlight)?;
-        Ok(self.pending.remove(i).expect("found above"))
+        let d = self.pending.remove(i).expect("found above");
+        self.pending_bytes -= d.body_bytes;
+        Ok(d)
     }
 
     fn take_in_flight(&mut self, key: Key) -> Result<Delivery, AckError> {
@@ -595,6 +658,7 @@ impl GroupBuffer {
             return;
         }
         self.pending.retain(|d| d.segment_id != segment_id);
+        self.recount_pending_bytes();
         self.dead.retain(|(d, _)| d.segment_id != segment_id);
         self.dead_outstanding.retain(|key| key.0 != segment_id);
         self.deadlines.retain(|(_, key)| key.0 != segment_id);
@@ -622,6 +686,7 @@ impl GroupBuffer {
             }
             !purge
         });
+        self.recount_pending_bytes();
         for key in &purged {
             self.done(*key);
         }
@@ -671,8 +736,14 @@ mod tests {
             segment_id,
             offset,
             timestamp_ms: 0,
-            message: Bytes::from(format!("{segment_id}:{offset}")),
+            // A stored message whose body ("segment:offset") varies in length.
+            message: Bytes::from(prost::Message::encode_to_vec(&eventtermq_proto::v1::Message {
+                data: Bytes::from(format!("{segment_id}:{offset}")),
+                ..Default::default()
+            })),
             delivery_count: 0,
+            expiration_ms: None,
+            body_bytes: 0,
         }
     }
 
@@ -1043,6 +1114,46 @@ mod tests {
         assert_eq!(positions(&buf.dispatch(0)), [(a, 1, 3)]);
     }
 
+    /// Stored at `timestamp_ms` with its own `expiration` property.
+    fn expiring(offset: u64, timestamp_ms: i64, expiration: &str) -> Delivery {
+        use prost::Message as _;
+        let m = eventtermq_proto::v1::Message {
+            properties: Some(eventtermq_proto::v1::Properties { expiration: expiration.into(), ..Default::default() }),
+            ..Default::default()
+        };
+        Delivery { message: Bytes::from(m.encode_to_vec()), ..stored_at(1, offset, timestamp_ms) }
+    }
+
+    #[test]
+    fn a_message_expires_after_the_shorter_of_its_own_ttl_and_the_groups() {
+        let mut buf = GroupBuffer::new(10, BTreeMap::new(), 0);
+        // Its own 500 ms, then one with none, then its own 100 ms behind it.
+        buf.offer(expiring(0, 10_000, "500")).unwrap();
+        buf.offer(expiring(1, 10_000, "")).unwrap();
+        buf.offer(expiring(2, 10_000, "100")).unwrap();
+        assert_eq!(buf.next_expiry_unix_ms(), Some(10_500));
+        assert_eq!(buf.expire_messages(10_499), 0);
+        // Only at the head, as RabbitMQ: the one behind a message without a TTL waits.
+        assert_eq!(buf.expire_messages(10_500), 1);
+        assert_eq!(buf.next_expiry_unix_ms(), None);
+        // ...but is never handed out once expired.
+        let a = buf.subscribe(0, false);
+        assert_eq!(positions(&buf.dispatch(0)), [(a, 1, 1)]);
+        let dead: Vec<_> = buf.take_dead().into_iter().map(|(d, why)| (d.offset, why)).collect();
+        assert_eq!(dead, [(0, DeathReason::Expired), (2, DeathReason::Expired)]);
+        // With a group TTL, the shorter one applies.
+        buf.set_message_ttl(300);
+        buf.offer(expiring(3, 20_000, "1000")).unwrap();
+        assert_eq!(buf.next_expiry_unix_ms(), Some(20_300));
+        buf.offer(expiring(4, 20_000, "50")).unwrap();
+        assert_eq!(buf.expire_messages(20_300), 2);
+        // "0": expired as soon as the group's clock reaches when it was stored.
+        buf.set_message_ttl(0);
+        buf.offer(expiring(5, 30_000, "0")).unwrap();
+        assert_eq!(buf.next_expiry_unix_ms(), Some(30_000));
+        assert_eq!(buf.expire_messages(30_000), 1);
+    }
+
     #[test]
     fn beyond_the_ready_limit_the_oldest_waiting_are_dead() {
         let mut buf = GroupBuffer::new(10, BTreeMap::new(), 0);
@@ -1059,6 +1170,31 @@ mod tests {
         assert_eq!(buf.expire_messages(0), 1);
         assert_eq!(positions(&buf.take_dead().into_iter().map(|(d, _)| (a, d)).collect::<Vec<_>>()), [(a, 1, 4)]);
         assert_eq!((buf.pending_len(), buf.in_flight_len()), (2, 1));
+    }
+
+    #[test]
+    fn beyond_the_ready_bytes_the_oldest_waiting_are_dead() {
+        let mut buf = GroupBuffer::new(10, BTreeMap::new(), 0);
+        // Bodies "1:0" .. "1:4": 3 bytes each; at most 7 bytes wait.
+        buf.set_ready_bytes_max(7);
+        offer_range(&mut buf, 1, 0..5);
+        assert_eq!(buf.pending_bytes(), 15);
+        assert_eq!(buf.expire_messages(0), 3);
+        assert_eq!((buf.pending_len(), buf.pending_bytes()), (2, 6));
+        let dead: Vec<_> = buf.take_dead().into_iter().map(|(d, why)| (d.offset, why)).collect();
+        assert_eq!(dead, [(0, DeathReason::MaxLength), (1, DeathReason::MaxLength), (2, DeathReason::MaxLength)]);
+        // Delivered and unacknowledged messages do not count; a nack brings one back.
+        let a = buf.subscribe(1, false);
+        assert_eq!(positions(&buf.dispatch(0)), [(a, 1, 3)]);
+        assert_eq!(buf.pending_bytes(), 3);
+        offer_range(&mut buf, 1, 5..7);
+        assert_eq!(buf.expire_messages(0), 1, "9 bytes wait: the oldest goes");
+        buf.nack(1, 3).unwrap();
+        assert_eq!(buf.pending_bytes(), 9);
+        assert_eq!(buf.expire_messages(0), 1, "the one back in front is the oldest");
+        let dead: Vec<_> = buf.take_dead().into_iter().map(|(d, _)| d.offset).collect();
+        assert_eq!(dead, [3, 4]);
+        assert_eq!((buf.pending_len(), buf.pending_bytes()), (2, 6));
     }
 
     #[test]
@@ -1275,7 +1411,8 @@ mod tests {
                 prop_assert!(!self.in_flight.contains_key(&key), "{:?} delivered while in flight", key);
                 let count = self.counts.get_mut(&key).expect("offered");
                 *count += 1;
-                prop_assert_eq!(d, &Delivery { delivery_count: *count, ..msg(key.0, key.1) });
+                let body_bytes = format!("{}:{}", key.0, key.1).len() as u64;
+                prop_assert_eq!(d, &Delivery { delivery_count: *count, body_bytes, ..msg(key.0, key.1) });
                 prop_assert!(self.has_room(*id), "subscriber {} window exceeded", id);
                 let handed = self.handed.entry(key.0).or_default();
                 *handed = (*handed).max(key.1 + 1);
@@ -1307,6 +1444,10 @@ mod tests {
         fn check(&self, buf: &GroupBuffer, capacity: usize) -> Result<(), TestCaseError> {
             prop_assert!(buf.pending_len() + buf.in_flight_len() <= capacity);
             prop_assert_eq!(buf.pending_len() + buf.in_flight_len(), self.outstanding.len());
+            prop_assert_eq!(
+                buf.pending_bytes(),
+                buf.pending.iter().map(|d| format!("{}:{}", d.segment_id, d.offset).len() as u64).sum::<u64>()
+            );
             prop_assert_eq!(buf.in_flight_len(), self.in_flight.len());
             prop_assert_eq!(buf.free(), capacity - self.outstanding.len());
             prop_assert_eq!(buf.subscriber_count(), self.subs.len());

@@ -22,6 +22,10 @@ pub fn message(d: &Delivery, group: &str, reason: DeathReason, routing_key: &str
     if !routing_key.is_empty() {
         m.routing_key = routing_key.to_string();
     }
+    // As RabbitMQ: a dead letter does not expire again by its own TTL where it goes.
+    if let Some(p) = m.properties.as_mut() {
+        p.expiration.clear();
+    }
     let added = [
         ("x-first-death-reason", reason.as_str().to_string()),
         ("x-first-death-queue", group.to_string()),
@@ -65,6 +69,8 @@ mod tests {
             timestamp_ms: 0,
             message: Bytes::from(m.encode_to_vec()),
             delivery_count: 5,
+            expiration_ms: None,
+            body_bytes: 0,
         }
     }
 

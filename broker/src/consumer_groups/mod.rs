@@ -5,6 +5,8 @@
 //!   direct, topic, headers). A message matching several bindings is delivered once.
 //! - [`reader`] decides which segments of the bound topics to read, from where, and
 //!   reports every record to the buffer once, in order.
+//! - [`stored`] reads what the buffer needs of a stored message (its own TTL, the
+//!   AMQP `expiration` property, and its body size) without decoding the rest.
 //! - [`lag`] says how many records of its bound topics a group has not dealt with yet.
 //! - [`buffer`] is the delivery state machine of one group: the bounded buffer of
 //!   matched messages, round-robin hand-out to subscribers within their windows,
@@ -23,6 +25,7 @@ pub mod groups;
 pub mod lag;
 pub mod matching;
 pub mod reader;
+pub mod stored;
 mod task;
 
 pub use groups::{GroupHandle, Groups, Located, Occupancy};

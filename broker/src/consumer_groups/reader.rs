@@ -368,6 +368,8 @@ impl Reader {
                         timestamp_ms: r.timestamp_ms,
                         message: r.payload,
                         delivery_count: 0,
+                        expiration_ms: None,
+                        body_bytes: 0,
                     };
                     buffer.offer(d)
                 } else {

@@ -319,6 +319,7 @@ impl Task {
         buffer.set_deliveries_max(spec.deliveries_max);
         buffer.set_message_ttl(spec.message_ttl_ms);
         buffer.set_ready_max(spec.ready_messages_max as usize);
+        buffer.set_ready_bytes_max(spec.ready_bytes_max);
         buffer.resume_handed_out(&runtime.handed_out);
         let counters = segments.metrics().group_counters(&namespace, &name);
         Some(Task {
@@ -376,6 +377,7 @@ impl Task {
             self.buffer.set_deliveries_max(spec.deliveries_max);
             self.buffer.set_message_ttl(spec.message_ttl_ms);
             self.buffer.set_ready_max(spec.ready_messages_max as usize);
+            self.buffer.set_ready_bytes_max(spec.ready_bytes_max);
             self.reader.spec_changed(spec.clone(), &mut self.buffer);
         }
         self.reader.segments_changed(st.state.segments.iter().map(|(id, s)| (*id, s)), &mut self.buffer);

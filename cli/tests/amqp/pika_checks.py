@@ -242,7 +242,7 @@ def errors():
 
     channel_error("error_406_exchange_type", 406, redeclare)
     channel_error("error_406_queue_argument", 406,
-                  lambda ch: ch.queue_declare(queue="with-max-bytes", arguments={"x-max-length-bytes": 1000}))
+                  lambda ch: ch.queue_declare(queue="with-priority", arguments={"x-max-priority": 10}))
     channel_error("error_403_reserved_name", 403, lambda ch: ch.exchange_declare(exchange="amq.mine", exchange_type="direct"))
     try:
         connect(PUB, virtual_host="no-such-vhost")
@@ -621,6 +621,14 @@ def ttl_and_max_length():
     expect("max_length_oldest_dead_lettered", dead_letters_in(ch, "max-dlq", 3),
            [("m1", "maxlen", "maxq"), ("m2", "maxlen", "maxq"), ("m3", "maxlen", "maxq")])
     expect("max_length_newest_kept", get_all(ch, "maxq", 2) + [get_now(ch, "maxq")], ["m4", "m5", None])
+    # x-max-length-bytes: the ready messages' bodies are bounded; the oldest go.
+    dead_letter_queue(ch, "bytes-dlx", "bytes-dlq")
+    ch.queue_declare(queue="bytesq", arguments={"x-max-length-bytes": 10, "x-dead-letter-exchange": "bytes-dlx"})
+    for body in ["aaaa", "bbbb", "cccc", "dd"]:
+        pch.basic_publish(exchange="", routing_key="bytesq", body=body)
+    expect("max_length_bytes_oldest_dead_lettered", dead_letters_in(ch, "bytes-dlq", 1), [("aaaa", "maxlen", "bytesq")])
+    expect("max_length_bytes_newest_kept", get_all(ch, "bytesq", 3) + [get_now(ch, "bytesq")],
+           ["bbbb", "cccc", "dd", None])
     # The delayed-retry pattern: expired messages dead-lettered through the default
     # exchange to another queue (x-dead-letter-routing-key).
     ch.queue_declare(queue="after-delay")
@@ -636,9 +644,125 @@ def ttl_and_max_length():
             lambda ch: ch.queue_declare(queue="bad-ttl", arguments={"x-message-ttl": -5}))
     refused("max_length_range_406", 406, "queue argument 'x-max-length': 0 is out of range",
             lambda ch: ch.queue_declare(queue="bad-max", arguments={"x-max-length": 0}))
+    refused("max_length_bytes_range_406", 406, "queue argument 'x-max-length-bytes': 0 is out of range",
+            lambda ch: ch.queue_declare(queue="bad-max", arguments={"x-max-length-bytes": 0}))
+    refused("overflow_reject_publish_dlx_406", 406, "queue argument 'x-overflow': 'reject-publish-dlx' is not supported",
+            lambda ch: ch.queue_declare(queue="bad-max", arguments={"x-max-length-bytes": 100,
+                                                                    "x-overflow": "reject-publish-dlx"}))
     refused("overflow_reject_publish_406", 406, "'reject-publish' is not supported",
             lambda ch: ch.queue_declare(queue="bad-max", arguments={"x-max-length": 5,
                                                                     "x-overflow": "reject-publish"}))
+
+
+def exclusive_locked():
+    """A queue declared exclusive by one connection is locked to others (on any node):
+    declare, passive declare, consume, get, bind, unbind, purge and delete each get
+    405 RESOURCE_LOCKED naming the queue, as RabbitMQ answers; its own connection uses
+    it, and once that connection is gone the name is free."""
+    c = connect(CON)
+    ch = c.channel()
+    ch.queue_declare(queue="locked-q", exclusive=True)
+    ch.queue_bind(exchange="amq.direct", queue="locked-q", routing_key="own")
+    text = "locked queue 'locked-q' in vhost '/'"
+    for name, action in [
+        ("locked_declare_405", lambda x: x.queue_declare(queue="locked-q")),
+        ("locked_declare_exclusive_405", lambda x: x.queue_declare(queue="locked-q", exclusive=True)),
+        ("locked_passive_declare_405", lambda x: x.queue_declare(queue="locked-q", passive=True)),
+        ("locked_consume_405", lambda x: x.basic_consume(queue="locked-q", on_message_callback=lambda *a: None)),
+        ("locked_get_405", lambda x: x.basic_get(queue="locked-q", auto_ack=True)),
+        ("locked_bind_405", lambda x: x.queue_bind(exchange="amq.direct", queue="locked-q", routing_key="k")),
+        ("locked_unbind_405", lambda x: x.queue_unbind(exchange="amq.direct", queue="locked-q", routing_key="own")),
+        ("locked_purge_405", lambda x: x.queue_purge(queue="locked-q")),
+        ("locked_delete_405", lambda x: x.queue_delete(queue="locked-q")),
+    ]:
+        refused(name, 405, text, action)
+    # Another connection on the owner's node is locked out the same way.
+    refused("locked_same_node_405", 405, text, lambda x: x.queue_declare(queue="locked-q", passive=True), host=CON)
+    # The owner itself: passive declare and consume work (bind did above).
+    ch.queue_declare(queue="locked-q", passive=True)
+    p = connect(PUB)
+    pch = p.channel()
+    pch.confirm_delivery()
+    pch.basic_publish(exchange="amq.direct", routing_key="own", body="mine")
+    expect("locked_owner_consumes", get_all(ch, "locked-q", 1), ["mine"])
+    # Exclusive or not must match the queue's declaration: a shared queue is not taken
+    # as another connection's own (which would delete it when it closes).
+    ch.queue_declare(queue="shared-q")
+    refused("locked_exclusive_mismatch_405", 405, "locked queue 'shared-q' in vhost '/'",
+            lambda x: x.queue_declare(queue="shared-q", exclusive=True))
+    c.close()
+    expect("locked_shared_kept", pch.queue_declare(queue="shared-q", passive=True).method.queue, "shared-q")
+    # Gone with its connection: another may declare the name (retried while the
+    # delete reaches the node).
+    deadline = time.time() + WAIT_S
+    declared = False
+    while not declared and time.time() < deadline:
+        try:
+            pch2 = p.channel()
+            pch2.queue_declare(queue="locked-q")
+            declared = True
+        except pika.exceptions.ChannelClosedByBroker:
+            time.sleep(0.2)
+    expect("locked_free_after_owner_closed", declared, True)
+    p.close()
+
+
+def message_expiration():
+    """The basic property `expiration` (ms, as a decimal string) is a message's own
+    TTL: past it the message is dead-lettered (reason expired, and the dead letter has
+    no expiration) or dropped; the shorter of it and the queue's x-message-ttl applies;
+    an invalid one is 406 PRECONDITION_FAILED naming it."""
+    c = connect(CON)
+    ch = c.channel()
+    dead_letter_queue(ch, "exp-dlx", "exp-dlq")
+    ch.queue_declare(queue="exp-q", arguments={"x-message-ttl": 600000, "x-dead-letter-exchange": "exp-dlx"})
+    ch.queue_declare(queue="exp-drop")
+    ch.queue_declare(queue="exp-queue-shorter", arguments={"x-message-ttl": 500})
+    p = connect(PUB)
+    pch = p.channel()
+    pch.confirm_delivery()
+    short = pika.BasicProperties(expiration="300")
+    pch.basic_publish(exchange="", routing_key="exp-q", body="short-lived", properties=short)
+    pch.basic_publish(exchange="", routing_key="exp-drop", body="dropped", properties=short)
+    pch.basic_publish(exchange="", routing_key="exp-queue-shorter", body="queue-ttl",
+                      properties=pika.BasicProperties(expiration="600000"))
+    got = []
+    deadline = time.time() + WAIT_S
+    while not got and time.time() < deadline:
+        method, props, body = ch.basic_get(queue="exp-dlq", auto_ack=True)
+        if method:
+            h = props.headers or {}
+            got.append((body.decode(), h.get("x-first-death-reason"), h.get("x-first-death-queue"), props.expiration))
+        else:
+            time.sleep(0.1)
+    expect("expiration_dead_lettered", got, [("short-lived", "expired", "exp-q", None)])
+    expect("expiration_not_delivered", get_now(ch, "exp-q"), None)
+    time.sleep(1)
+    expect("expiration_dropped_without_dlx", get_now(ch, "exp-drop"), None)
+    expect("expiration_queue_ttl_shorter", get_now(ch, "exp-queue-shorter"), None)
+    # Not expired yet: delivered, with its expiration property.
+    pch.basic_publish(exchange="", routing_key="exp-q", body="long-lived",
+                      properties=pika.BasicProperties(expiration="60000"))
+    got = []
+    deadline = time.time() + WAIT_S
+    while not got and time.time() < deadline:
+        method, props, body = ch.basic_get(queue="exp-q", auto_ack=True)
+        if method:
+            got.append((body.decode(), props.expiration))
+        else:
+            time.sleep(0.1)
+    expect("expiration_fresh_delivered", got, [("long-lived", "60000")])
+    p.close()
+    c.close()
+
+    def publish(expiration):
+        return lambda x: (x.confirm_delivery(),
+                          x.basic_publish(exchange="", routing_key="exp-q", body="x",
+                                          properties=pika.BasicProperties(expiration=expiration)))
+
+    refused("expiration_text_406", 406, "invalid expiration 'soon': the basic property 'expiration'", publish("soon"))
+    refused("expiration_negative_406", 406, "invalid expiration '-5'", publish("-5"))
+    refused("expiration_too_large_406", 406, "must be at most 4294967295 ms", publish("4294967296"))
 
 
 def replay(ch, queue, offset, want):
@@ -741,6 +865,7 @@ def batched_acks_bad_tag():
 CHECKS = {f.__name__: f for f in [hello, work_queues, publish_subscribe, routing, topics, rpc,
                                   confirms_and_mandatory, dead_letters, errors, interop_prepare, interop_consume, interop_publish,
                                   queue_ops, exclusive_consumers, transactions, tx_errors, flow, ttl_and_max_length, stream_offsets,
+                                  exclusive_locked, message_expiration,
                                   batched_acks_bad_tag]}
 
 for name in sys.argv[4:]:
