@@ -7,12 +7,14 @@
 //! - [`builders`]: pure functions from an `EventterCluster` to its child objects.
 //! - [`controller`]: the reconcilers (EventterCluster, Topic, ConsumerGroup).
 //! - [`broker`]: how the reconcilers reach and read a broker's admin API.
+//! - [`credentials`]: the operator's own broker user, kept in a Secret per cluster.
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod broker;
 pub mod builders;
 pub mod controller;
 pub mod crd;
+pub mod credentials;
 pub mod error;
 pub mod leader;
 pub mod metrics;

@@ -5,6 +5,10 @@
 //! stores (defaults filled in, durations normalised). If they disagreed, every resync
 //! would write again, and each write moves the status's index, which shows here as a
 //! status patch the scripted server did not expect.
+//!
+//! The broker runs as the operator starts them (issue 17): with the operator's
+//! administrator (`--admin-user`), so it takes no call without credentials, and
+//! every call of the operator's here carries the fixture Secret's password.
 
 mod common;
 
@@ -40,6 +44,10 @@ impl Broker {
         let mut config = NodeConfig::new(dir.path(), addr.to_string(), addr.to_string());
         config.raft.election_timeout_min_ms = 200;
         config.raft.election_timeout_max_ms = 300;
+        config.bootstrap_admin = Some(eventtermq_broker::config::BootstrapAdmin {
+            name: eventter_operator::credentials::OPERATOR_USER.into(),
+            password_hash: eventtermq_broker::auth::password::hash(common::OPERATOR_PASSWORD).unwrap(),
+        });
         let (network, listeners) =
             eventtermq_broker::transport::tcp::bind(addr, Duration::from_secs(1), None).await.unwrap();
         let shutdown = CancellationToken::new();
@@ -59,8 +67,30 @@ impl Broker {
         broker
     }
 
-    async fn admin(&self) -> pb::admin_client::AdminClient<tonic::transport::Channel> {
-        pb::admin_client::AdminClient::connect(format!("http://{}", self.addr)).await.unwrap()
+    /// An admin client with the operator's credentials.
+    async fn admin(
+        &self,
+    ) -> pb::admin_client::AdminClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            eventter_operator::credentials::BrokerCredentials,
+        >,
+    > {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap();
+        let credentials = eventter_operator::credentials::BrokerCredentials::new(
+            eventter_operator::credentials::OPERATOR_USER,
+            common::OPERATOR_PASSWORD,
+        )
+        .unwrap();
+        pb::admin_client::AdminClient::with_interceptor(channel, credentials)
+    }
+
+    /// A call without credentials, as a client that has none.
+    async fn anonymous_list_topics(&self) -> tonic::Code {
+        let mut client = pb::admin_client::AdminClient::connect(format!("http://{}", self.addr)).await.unwrap();
+        let request = pb::ListTopicsRequest { namespace: "default".into(), ..Default::default() };
+        client.list_topics(request).await.map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code())
     }
 
     async fn topic(&self, namespace: &str, name: &str) -> Option<pb::Topic> {
@@ -136,6 +166,8 @@ async fn topic_is_written_once_then_only_read_and_drift_is_repaired() {
     server.expect_no_more().await;
     let stored = broker.topic("default", "orders").await.unwrap();
     assert_eq!(stored.retention.map(|d| d.seconds), Some(5400));
+    // The broker is closed to those without credentials: the operator got in with its own.
+    assert_eq!(broker.anonymous_list_topics().await, tonic::Code::Unauthenticated);
     broker.stop().await;
 }
 

@@ -28,6 +28,9 @@ pub struct Script {
     pub index: u64,
     /// Namespaces with their topics and groups; `default` exists, as in a new cluster.
     pub namespaces: BTreeMap<String, Namespace>,
+    /// The operator's password the broker takes (user `eventter-operator`); any call
+    /// without it is refused Unauthenticated, as the broker does once it has users.
+    pub operator_password: String,
 }
 
 impl Default for Script {
@@ -41,6 +44,7 @@ impl Default for Script {
             lag: Some(BTreeMap::new()),
             index: 0,
             namespaces: BTreeMap::from([("default".to_string(), Namespace::default())]),
+            operator_password: super::OPERATOR_PASSWORD.to_string(),
         }
     }
 }
@@ -476,7 +480,23 @@ pub async fn start(script: Script) -> (SocketAddr, Arc<State>) {
     let state = Arc::new(State { script: Mutex::new(script), calls: Mutex::default() });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    let service = AdminServer::new(FakeBroker(state.clone()));
+    let checked = state.clone();
+    let service = AdminServer::with_interceptor(FakeBroker(state.clone()), move |request: Request<()>| {
+        use base64::Engine;
+        let password = checked.script.lock().unwrap().operator_password.clone();
+        let expected = base64::engine::general_purpose::STANDARD.encode(format!("eventter-operator:{password}"));
+        match request.metadata().get("authorization").and_then(|v| v.to_str().ok()) {
+            Some(header) if header == format!("Basic {expected}") => Ok(request),
+            Some(_) => {
+                checked.record("Refused wrong credentials".to_string());
+                Err(Status::unauthenticated("wrong user name or password"))
+            }
+            None => {
+                checked.record("Refused no credentials".to_string());
+                Err(Status::unauthenticated("credentials required"))
+            }
+        }
+    });
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(service)

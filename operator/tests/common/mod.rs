@@ -98,10 +98,30 @@ pub fn topic_path() -> String {
     format!("/apis/eventter.io/v1alpha1/namespaces/{NS}/topics/orders")
 }
 
-/// GET of the Topic's EventterCluster, answered with the fixture.
+/// The operator's password in the fixture Secret (and what the fake broker expects).
+pub const OPERATOR_PASSWORD: &str = "0123456789abcdef-operator";
+
+pub fn secret_path() -> String {
+    format!("/api/v1/namespaces/{NS}/secrets/emq-operator-credentials")
+}
+
+/// The operator's credential Secret of the fixture cluster.
+pub fn operator_secret() -> k8s_openapi::api::core::v1::Secret {
+    eventter_operator::credentials::operator_secret(&cluster(), OPERATOR_PASSWORD)
+}
+
+/// GET of the operator's credential Secret, answered with the fixture.
+pub async fn expect_secret_get(server: &mut api_server::ApiServer) {
+    let secret = serde_json::to_value(operator_secret()).unwrap();
+    server.expect(Method::GET, &secret_path(), |_| (StatusCode::OK, secret)).await;
+}
+
+/// GET of the Topic's EventterCluster, answered with the fixture, then of the
+/// operator's credential Secret.
 pub async fn expect_cluster_get(server: &mut api_server::ApiServer) {
     let cluster = serde_json::to_value(cluster()).unwrap();
     server.expect(Method::GET, &cluster_path(), |_| (StatusCode::OK, cluster)).await;
+    expect_secret_get(server).await;
 }
 
 /// `object` with the status a status patch (as the server saw it) wrote, and a new
