@@ -10,13 +10,14 @@ use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::ByteString;
 use kube::{Resource, ResourceExt};
 
 use crate::crd::EventterCluster;
@@ -458,6 +459,30 @@ pub fn stateful_set(cluster: &EventterCluster, bootstrap_expect: i32) -> Statefu
             ..StatefulSetSpec::default()
         }),
         status: None,
+    }
+}
+
+/// The operator's credential Secret of `cluster` holding `password`, owned by the
+/// cluster (deleted with it).
+pub fn operator_credentials_secret(cluster: &EventterCluster, password: &str) -> Secret {
+    let name = cluster.name_any();
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(credentials::secret_name(&name)),
+            namespace: cluster.namespace(),
+            labels: Some(labels(&name)),
+            owner_references: cluster.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".to_string()),
+        data: Some(
+            [
+                (credentials::USER_KEY.to_string(), ByteString(credentials::OPERATOR_USER.as_bytes().to_vec())),
+                (credentials::PASSWORD_KEY.to_string(), ByteString(password.as_bytes().to_vec())),
+            ]
+            .into(),
+        ),
+        ..Secret::default()
     }
 }
 

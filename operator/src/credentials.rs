@@ -10,12 +10,10 @@
 //! cluster's `CredentialsReady` condition says so.
 
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::ByteString;
 use kube::api::PostParams;
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 
-use crate::builders;
+use crate::builders::operator_credentials_secret;
 use crate::crd::EventterCluster;
 use crate::error::Result;
 
@@ -40,30 +38,6 @@ pub fn secret_name(cluster_name: &str) -> String {
 pub fn generate_password() -> String {
     let bytes: [u8; GENERATED_PASSWORD_BYTES] = rand::random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The operator's credential Secret of `cluster` holding `password`, owned by the
-/// cluster (deleted with it).
-pub fn operator_secret(cluster: &EventterCluster, password: &str) -> Secret {
-    let name = cluster.name_any();
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(secret_name(&name)),
-            namespace: cluster.namespace(),
-            labels: Some(builders::labels(&name)),
-            owner_references: cluster.controller_owner_ref(&()).map(|o| vec![o]),
-            ..ObjectMeta::default()
-        },
-        type_: Some("Opaque".to_string()),
-        data: Some(
-            [
-                (USER_KEY.to_string(), ByteString(OPERATOR_USER.as_bytes().to_vec())),
-                (PASSWORD_KEY.to_string(), ByteString(password.as_bytes().to_vec())),
-            ]
-            .into(),
-        ),
-        ..Secret::default()
-    }
 }
 
 /// A user name and password the operator sends to brokers. Never printed: its
@@ -161,7 +135,7 @@ pub async fn load(client: &Client, cluster: &EventterCluster, create: bool) -> R
             )))
         }
         None => {
-            let secret = operator_secret(cluster, &generate_password());
+            let secret = operator_credentials_secret(cluster, &generate_password());
             match secrets.create(&PostParams::default(), &secret).await {
                 Ok(made) => {
                     created = true;
@@ -186,6 +160,11 @@ pub async fn load(client: &Client, cluster: &EventterCluster, create: bool) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::ByteString;
+
+    fn operator_secret(cluster: &EventterCluster, password: &str) -> Secret {
+        operator_credentials_secret(cluster, password)
+    }
 
     fn cluster() -> EventterCluster {
         let spec = serde_json::from_value(serde_json::json!({"image": "x"})).unwrap();

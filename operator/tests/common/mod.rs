@@ -107,7 +107,7 @@ pub fn secret_path() -> String {
 
 /// The operator's credential Secret of the fixture cluster.
 pub fn operator_secret() -> k8s_openapi::api::core::v1::Secret {
-    eventter_operator::credentials::operator_secret(&cluster(), OPERATOR_PASSWORD)
+    eventter_operator::builders::operator_credentials_secret(&cluster(), OPERATOR_PASSWORD)
 }
 
 /// GET of the operator's credential Secret, answered with the fixture.
