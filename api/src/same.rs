@@ -43,6 +43,9 @@ pub fn consumer_group_in_sync(desired: &pb::ConsumerGroup, held: &pb::ConsumerGr
         && desired.ack_timeout_ms == held.ack_timeout_ms
         && desired.deliveries_max == held.deliveries_max
         && desired.dead_letter_topic == held.dead_letter_topic
+        && desired.message_ttl_ms == held.message_ttl_ms
+        && desired.ready_messages_max == held.ready_messages_max
+        && desired.dead_letter_routing_key == held.dead_letter_routing_key
         && desired.bindings.len() == held.bindings.len()
         && desired.bindings.iter().zip(&held.bindings).all(|(want, have)| {
             resolved_exchange_type(want).is_some_and(|exchange_type| exchange_type == have.exchange_type)

@@ -254,12 +254,24 @@ pub struct AmqpSettings {
     pub heartbeat_s: u16,
     /// Time a client has from connecting to `connection.open-ok`.
     pub handshake_timeout: Duration,
-    /// Publishes of one channel queued at once (and the most stored in one request;
-    /// a channel has one request in flight, which keeps its order); more wait, and so
-    /// does reading that connection.
+    /// Publishes of one channel queued at once (and the most stored in one request);
+    /// more wait, and so does reading that connection.
     pub publishes_in_flight_max: usize,
+    /// Publish requests (batches) of one channel in flight at once; each is routed
+    /// only after the one before it was queued at its primary, so the channel's
+    /// messages keep their order.
+    pub publish_batches_in_flight_max: usize,
+    /// Acks, nacks and rejects of one channel queued for their queues' groups at once
+    /// (and the most sent together, one call per queue); more wait, and so does
+    /// reading that connection.
+    pub settles_queued_max: usize,
     /// Open connections at most; more are closed as they arrive.
     pub connections_max: usize,
+    /// Messages one transaction (`tx.select`) holds until `tx.commit` at most; one
+    /// more closes the channel (406).
+    pub tx_messages_max: usize,
+    /// Body bytes one transaction holds at most; more close the channel (406).
+    pub tx_max_bytes: u64,
 }
 
 impl Default for AmqpSettings {
@@ -270,7 +282,11 @@ impl Default for AmqpSettings {
             heartbeat_s: 60,
             handshake_timeout: Duration::from_secs(10),
             publishes_in_flight_max: 256,
+            publish_batches_in_flight_max: 8,
+            settles_queued_max: 1024,
             connections_max: 10_000,
+            tx_messages_max: 10_000,
+            tx_max_bytes: 64 * 1024 * 1024,
         }
     }
 }

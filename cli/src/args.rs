@@ -128,6 +128,19 @@ pub struct GroupArgs {
     /// --deliveries-max, with headers saying where they came from and why.
     #[arg(long, default_value = "")]
     pub dead_letter_topic: String,
+    /// A message waiting in the group longer than this many milliseconds since it was
+    /// stored is not delivered: it goes to --dead-letter-topic, or is dropped (0: never
+    /// expires; at most 4294967295).
+    #[arg(long, default_value_t = 0)]
+    pub message_ttl_ms: u64,
+    /// At most this many messages wait undelivered; the oldest beyond go to
+    /// --dead-letter-topic, or are dropped (0: no limit; at most --size).
+    #[arg(long, default_value_t = 0)]
+    pub ready_messages_max: u64,
+    /// Dead letters are published to --dead-letter-topic with this routing key
+    /// (default: the message's own).
+    #[arg(long, default_value = "")]
+    pub dead_letter_routing_key: String,
 }
 
 #[derive(Debug, Args)]
@@ -308,14 +321,30 @@ pub struct BrokerArgs {
     /// intervals is disconnected.
     #[arg(long, default_value_t = AmqpSettings::default().heartbeat_s)]
     pub amqp_heartbeat_s: u16,
-    /// AMQP: publishes of one channel queued at once, and the most stored in one request
-    /// (a channel has one request in flight, which keeps its order); more wait, and so
-    /// does reading that connection.
+    /// AMQP: publishes of one channel queued at once, and the most stored in one
+    /// request; more wait, and so does reading that connection.
     #[arg(long, default_value_t = AmqpSettings::default().publishes_in_flight_max)]
     pub amqp_publishes_in_flight_max: usize,
+    /// AMQP: publish requests (batches) of one channel in flight at once; each goes to
+    /// its primary only after the one before it, so the channel keeps its order.
+    #[arg(long, default_value_t = AmqpSettings::default().publish_batches_in_flight_max)]
+    pub amqp_publish_batches_in_flight_max: usize,
+    /// AMQP: acks, nacks and rejects of one channel queued for their queues at once,
+    /// and the most sent together (one call per queue); more wait, and so does
+    /// reading that connection.
+    #[arg(long, default_value_t = AmqpSettings::default().settles_queued_max)]
+    pub amqp_settles_queued_max: usize,
     /// AMQP: open connections at most per node; more are closed as they arrive.
     #[arg(long, default_value_t = AmqpSettings::default().connections_max)]
     pub amqp_connections_max: usize,
+    /// AMQP: messages one transaction (tx.select) holds until tx.commit at most; one
+    /// more closes the channel with 406 PRECONDITION_FAILED.
+    #[arg(long, default_value_t = AmqpSettings::default().tx_messages_max)]
+    pub amqp_tx_messages_max: usize,
+    /// AMQP: message body bytes one transaction holds until tx.commit at most; more
+    /// close the channel with 406 PRECONDITION_FAILED.
+    #[arg(long, default_value_t = AmqpSettings::default().tx_max_bytes)]
+    pub amqp_tx_max_bytes: u64,
     /// HTTP port of /metrics (Prometheus text, OpenMetrics when asked) on --host
     /// (default: --port + 2, i.e. 16002; 0: no metrics endpoint).
     #[arg(long)]

@@ -80,6 +80,9 @@ fn consumer_group(args: GroupArgs) -> Result<pb::ConsumerGroup, CliError> {
         ack_timeout_ms: args.ack_timeout_ms,
         deliveries_max: args.deliveries_max,
         dead_letter_topic: args.dead_letter_topic,
+        message_ttl_ms: args.message_ttl_ms,
+        ready_messages_max: args.ready_messages_max,
+        dead_letter_routing_key: args.dead_letter_routing_key,
         ..Default::default()
     })
 }

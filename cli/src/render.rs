@@ -233,6 +233,10 @@ pub fn consumer_group_json(g: &pb::ConsumerGroup) -> Value {
         "ack_timeout_ms": g.ack_timeout_ms,
         "deliveries_max": g.deliveries_max,
         "dead_letter_topic": g.dead_letter_topic,
+        "message_ttl_ms": g.message_ttl_ms,
+        "ready_messages_max": g.ready_messages_max,
+        "exclusive_node_id": g.exclusive_node_id,
+        "dead_letter_routing_key": g.dead_letter_routing_key,
         "node_id": g.node_id,
         "committed_offsets": g.committed_offsets,
     })

@@ -196,6 +196,18 @@ fn amqp_settings(args: &BrokerArgs) -> Result<AmqpSettings, String> {
     if args.amqp_publishes_in_flight_max == 0 {
         return Err("--amqp-publishes-in-flight-max: must be at least 1".into());
     }
+    if args.amqp_publish_batches_in_flight_max == 0 {
+        return Err("--amqp-publish-batches-in-flight-max: must be at least 1".into());
+    }
+    if args.amqp_settles_queued_max == 0 {
+        return Err("--amqp-settles-queued-max: must be at least 1".into());
+    }
+    if args.amqp_tx_messages_max == 0 {
+        return Err("--amqp-tx-messages-max: must be at least 1".into());
+    }
+    if args.amqp_tx_max_bytes == 0 {
+        return Err("--amqp-tx-max-bytes: must be at least 1".into());
+    }
     if args.amqp_connections_max == 0 {
         return Err("--amqp-connections-max: must be at least 1 (--amqp-port 0 turns AMQP off)".into());
     }
@@ -204,7 +216,11 @@ fn amqp_settings(args: &BrokerArgs) -> Result<AmqpSettings, String> {
         channel_max: args.amqp_channel_max,
         heartbeat_s: args.amqp_heartbeat_s,
         publishes_in_flight_max: args.amqp_publishes_in_flight_max,
+        publish_batches_in_flight_max: args.amqp_publish_batches_in_flight_max,
+        settles_queued_max: args.amqp_settles_queued_max,
         connections_max: args.amqp_connections_max,
+        tx_messages_max: args.amqp_tx_messages_max,
+        tx_max_bytes: args.amqp_tx_max_bytes,
         ..AmqpSettings::default()
     })
 }

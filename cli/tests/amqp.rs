@@ -30,6 +30,16 @@ const QUEUE_OPS_PORT: u16 = 27600;
 /// connection.blocked: one node on 127.0.0.234, its data directory on a small tmpfs.
 const BLOCKED_HOST: &str = "127.0.0.234";
 const BLOCKED_PORT: u16 = 27610;
+/// Transactions, channel.flow, TTL and length limits: 127.0.0.245-247, nodes run
+/// with `--amqp-tx-messages-max 5`.
+const FEATURES: [&str; 3] = ["127.0.0.245", "127.0.0.246", "127.0.0.247"];
+const FEATURES_PORT: u16 = 27800;
+/// Exclusive queues of a node that dies: 127.0.0.248-250.
+const EXCLUSIVE: [&str; 3] = ["127.0.0.248", "127.0.0.249", "127.0.0.250"];
+const EXCLUSIVE_PORT: u16 = 27810;
+/// Pipelined publishes and batched acks: 127.0.0.54-56 on their own ports.
+const PIPELINE: [&str; 3] = ["127.0.0.54", "127.0.0.55", "127.0.0.56"];
+const PIPELINE_PORT: u16 = 27920;
 const AMQP_PORT: u16 = PORT + 1;
 const AMQPLIB: &str = "amqplib@0.10";
 
@@ -51,6 +61,28 @@ fn pika_on(hosts: [&str; 3], amqp_port: u16, checks: &[&str]) -> String {
     let out = stdout(&o);
     assert!(o.status.success(), "pika checks {checks:?} failed:\n{out}\n{}", stderr(&o));
     out
+}
+
+/// [`cluster_on`] with `extra` flags on every node.
+fn cluster_with(name: &str, hosts: [&str; 3], port: u16, extra: &[&str]) -> Vec<Broker> {
+    let base = test_dir(name);
+    let seed = format!("{}:{port}", hosts[0]);
+    let nodes = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let join = if i == 0 { vec![] } else { vec![seed.clone()] };
+            let extra = extra.iter().map(|s| s.to_string()).collect();
+            let mut b = Broker { child: None, host: h.to_string(), port, dir: base.join(format!("n{i}")), join, extra };
+            b.spawn();
+            b
+        })
+        .collect();
+    eventually(Duration::from_secs(30), "3 ALIVE nodes", || {
+        let o = cli(hosts[2], port, &["dump"]);
+        o.status.success() && alive_count(&stdout(&o)) == 3
+    });
+    nodes
 }
 
 fn cluster(name: &str, hosts: [&str; 3]) -> Vec<Broker> {
@@ -165,6 +197,100 @@ fn queue_counts_purge_conditional_delete_and_exclusive_consumers_across_nodes() 
     let o = cli(HOSTS[1], PORT, &["purge-consumer-group", "no-such-group"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("no-such-group"), "{}", stderr(&o));
+}
+
+/// Transactions as RabbitMQ's on one channel (publishes and acks held until
+/// `tx.commit`, dropped by `tx.rollback`, 406 where RabbitMQ answers 406, the
+/// transaction's bound), `channel.flow` stopping a channel's deliveries, and the
+/// queue arguments `x-message-ttl` and `x-max-length` (dead-lettered as `expired` and
+/// `maxlen`), which are the group settings `message_ttl_ms` and `ready_messages_max`
+/// over gRPC too, and consumers replaying a queue with `x-stream-offset`.
+#[test]
+fn transactions_flow_message_ttl_max_length_and_stream_offsets_as_rabbitmq() {
+    const HOSTS: [&str; 3] = FEATURES;
+    const PORT: u16 = FEATURES_PORT;
+    let _nodes = cluster_with("amqp_features", HOSTS, PORT, &["--amqp-tx-messages-max", "5"]);
+    let checks = ["transactions", "tx_errors", "flow", "ttl_and_max_length", "stream_offsets"];
+    let out = pika_on(HOSTS, PORT + 1, &checks);
+    for c in [
+        "tx_publishes_held",
+        "tx_commit_publishes",
+        "tx_rollback_drops_publishes",
+        "tx_mandatory_returned_at_commit",
+        "tx_nack_held",
+        "tx_nack_at_commit",
+        "tx_ack_at_commit",
+        "tx_select_on_confirm_406",
+        "confirm_select_on_tx_406",
+        "tx_commit_without_select_406",
+        "tx_rollback_without_select_406",
+        "tx_messages_max_406",
+        "tx_beyond_limit_dropped",
+        "tx_commit_unstorable_406",
+        "flow_off_ok",
+        "flow_off_nothing_delivered",
+        "flow_on_ok",
+        "flow_on_delivered",
+        "ttl_dead_lettered_expired",
+        "ttl_not_delivered",
+        "ttl_dropped_without_dlx",
+        "ttl_fresh_delivered",
+        "ttl_fresh_not_dead",
+        "max_length_oldest_dead_lettered",
+        "max_length_newest_kept",
+        "dead_letter_routing_key",
+        "ttl_type_406",
+        "ttl_range_406",
+        "max_length_range_406",
+        "overflow_reject_publish_406",
+        "stream_offset_first",
+        "stream_offset_timestamp",
+        "stream_offset_interval",
+        "stream_offset_queue_untouched",
+        "stream_offset_next",
+        "stream_offset_numeric_406",
+        "stream_offset_bad_406",
+    ] {
+        assert!(out.contains(&format!("ok {c}\n")), "{c} missing:\n{out}");
+    }
+
+    // The queue's settings are the group's, as gRPC shows them.
+    let ok = |args: &[&str]| {
+        let o = cli(HOSTS[0], PORT, args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        stdout(&o)
+    };
+    let listed = ok(&["list-consumer-groups"]);
+    let group = |name: &str| -> serde_json::Value {
+        let line =
+            listed.lines().find(|l| l.contains(&format!(r#""name":"{name}""#))).unwrap_or_else(|| panic!("{listed}"));
+        serde_json::from_str(line).unwrap()
+    };
+    assert_eq!(
+        (group("ttlq")["message_ttl_ms"].as_u64(), group("ttlq")["ready_messages_max"].as_u64()),
+        (Some(1000), Some(0))
+    );
+    assert_eq!(group("maxq")["ready_messages_max"].as_u64(), Some(2));
+    // Over gRPC: a group with a TTL and no dead-letter topic drops what waited longer.
+    ok(&["create-topic", "ttl-t"]);
+    ok(&["create-consumer-group", "ttl-g", "--bind", "ttl-t", "--message-ttl-ms", "700", "--ready-messages-max", "3"]);
+    let dump = dump_json_on(HOSTS[2], PORT);
+    let ns = dump["namespaces"].as_array().unwrap().iter().find(|n| n["name"] == "default").unwrap();
+    let g = ns["consumer_groups"].as_array().unwrap().iter().find(|g| g["name"] == "ttl-g").unwrap();
+    assert_eq!((g["message_ttl_ms"].as_u64(), g["ready_messages_max"].as_u64()), (Some(700), Some(3)), "{g}");
+    ok(&["publish", "ttl-t", "expires"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    ok(&["publish", "ttl-t", "kept"]);
+    let got = ok(&["subscribe", "ttl-g", "--max-messages", "1", "--wait", "20s"]);
+    assert!(got.contains(r#""data":"a2VwdA==""#), "only 'kept' is delivered: {got}");
+    // Bad settings are refused naming the field.
+    let o = cli(
+        HOSTS[0],
+        PORT,
+        &["create-consumer-group", "bad-g", "--bind", "ttl-t", "--size", "5", "--ready-messages-max", "6"],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stderr(&o).contains("ready_messages_max: 6 is more than size (5)"), "{}", stderr(&o));
 }
 
 /// A client that announced the `connection.blocked` capability is told when the node's
@@ -314,8 +440,13 @@ fn amqplib_path() -> PathBuf {
 
 /// Runs amqplib_checks.js with publishers on `hosts[1]` and consumers on `hosts[2]`.
 fn amqplib(hosts: [&str; 3], checks: &[&str]) -> String {
+    amqplib_on(hosts, AMQP_PORT, checks)
+}
+
+/// [`amqplib`] against nodes whose AMQP port is `amqp_port`.
+fn amqplib_on(hosts: [&str; 3], amqp_port: u16, checks: &[&str]) -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/amqp/amqplib_checks.js");
-    let port = AMQP_PORT.to_string();
+    let port = amqp_port.to_string();
     let o = Command::new("timeout")
         .args(["180", "node", script, hosts[1], hosts[2], &port])
         .args(checks)
@@ -336,6 +467,20 @@ fn amqplib_runs_the_tutorials_and_confirms_across_nodes() {
     for c in checks {
         assert!(out.contains(&format!("ok {c}\n")), "{c} missing:\n{out}");
     }
+}
+
+/// A channel keeps several publish requests in flight (`--amqp-publish-batches-in-flight-max`)
+/// and still stores its messages in order and confirms them in tag order; acks sent
+/// in a burst are applied together, and one of an unknown tag among them is still the
+/// channel's 406 while those before it stay applied.
+#[test]
+fn pipelined_publishes_keep_their_order_and_burst_acks_keep_their_semantics() {
+    const HOSTS: [&str; 3] = PIPELINE;
+    let _nodes = cluster_on("amqp_pipeline", HOSTS, PIPELINE_PORT);
+    let out = amqplib_on(HOSTS, PIPELINE_PORT + 1, &["pipelined_confirms"]);
+    assert!(out.contains("ok pipelined_confirms\n"), "{out}");
+    let out = pika_on(HOSTS, PIPELINE_PORT + 1, &["batched_acks_bad_tag"]);
+    assert!(out.contains("ok batched_acks_bad_tag\n"), "{out}");
 }
 
 /// A child process whose stdout lines are collected as they come.
@@ -387,7 +532,11 @@ fn pika_kill(args: &[&str]) -> Command {
 
 /// The cluster state as `dump --output json` on `host` shows it.
 fn dump_json(host: &str) -> serde_json::Value {
-    let o = cli(host, PORT, &["dump", "--output", "json"]);
+    dump_json_on(host, PORT)
+}
+
+fn dump_json_on(host: &str, port: u16) -> serde_json::Value {
+    let o = cli(host, port, &["dump", "--output", "json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     serde_json::from_str(&stdout(&o)).unwrap()
 }
@@ -508,4 +657,75 @@ fn every_confirmed_publish_is_delivered_through_kill_9_of_the_queues_nodes() {
         &lost[..lost.len().min(10)],
         consumer.tail()
     );
+}
+
+/// The consumer group `name` of namespace `default` in the dump on `host`, if any.
+fn group_in_dump(host: &str, port: u16, name: &str) -> Option<serde_json::Value> {
+    let dump = dump_json_on(host, port);
+    let ns = dump["namespaces"].as_array()?.iter().find(|n| n["name"] == "default")?;
+    ns["consumer_groups"].as_array()?.iter().find(|g| g["name"] == name).cloned()
+}
+
+/// The node id of `host` in the dump on `on`.
+fn node_id_of(on: &str, port: u16, host: &str) -> u64 {
+    let dump = dump_json_on(on, port);
+    let node = dump["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["address"].as_str().is_some_and(|a| a.starts_with(&format!("{host}:"))));
+    node.and_then(|n| n["id"].as_u64()).unwrap_or_else(|| panic!("{host} not in {dump}"))
+}
+
+/// An exclusive queue goes with its connection even when the node holding that
+/// connection dies: killed (-9) and left down, the leader deletes it once the node
+/// is DEAD; killed and started again at once, the node deletes the exclusive queues
+/// of its earlier run. An ordinary queue declared on the same connection stays.
+#[test]
+fn exclusive_queues_of_a_node_killed_or_restarted_are_deleted() {
+    const HOSTS: [&str; 3] = EXCLUSIVE;
+    const PORT: u16 = EXCLUSIVE_PORT;
+    let mut nodes = cluster_on("amqp_exclusive_owner", HOSTS, PORT);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/amqp/pika_exclusive.py");
+    let amqp_port = (PORT + 1).to_string();
+    let hold = |host: &str, queue: &str, kept: &str| {
+        let mut cmd = Command::new("timeout");
+        cmd.args(["300", "python3", script, host, &amqp_port, queue, kept]).env("PYTHONPATH", pika_path());
+        let holder = Lines::spawn(&mut cmd);
+        eventually(Duration::from_secs(30), "the exclusive queue declared", || !holder.with("declared").is_empty());
+        holder
+    };
+    let exists = |name: &str| group_in_dump(HOSTS[0], PORT, name).is_some();
+
+    // Killed and left down.
+    let holder = hold(HOSTS[2], "ex-dead", "kept-dead");
+    let owner = group_in_dump(HOSTS[0], PORT, "ex-dead").unwrap()["exclusive_node_id"].as_u64();
+    assert_eq!(owner, Some(node_id_of(HOSTS[0], PORT, HOSTS[2])), "the queue records its connection's node");
+    assert_eq!(group_in_dump(HOSTS[0], PORT, "kept-dead").unwrap()["exclusive_node_id"].as_u64(), Some(0));
+    nodes[2].kill9();
+    let killed = Instant::now();
+    eventually(Duration::from_secs(60), "ex-dead deleted", || !exists("ex-dead"));
+    eprintln!("exclusive queue of a killed node deleted {:?} after the kill", killed.elapsed());
+    assert!(exists("kept-dead"), "an ordinary queue stays");
+    drop(holder);
+    nodes[2].spawn();
+    eventually(Duration::from_secs(60), "3 ALIVE nodes", || {
+        let o = cli(HOSTS[0], PORT, &["dump"]);
+        o.status.success() && alive_count(&stdout(&o)) == 3
+    });
+
+    // Killed and started again at once.
+    let holder = hold(HOSTS[1], "ex-restart", "kept-restart");
+    assert!(exists("ex-restart"));
+    nodes[1].kill9();
+    nodes[1].spawn();
+    let restarted = Instant::now();
+    eventually(Duration::from_secs(60), "ex-restart deleted", || !exists("ex-restart"));
+    let by_itself = nodes[1].log().contains("deleted an exclusive queue of this node's earlier run");
+    eprintln!(
+        "exclusive queue of a restarted node deleted {:?} after the restart (by the node itself: {by_itself})",
+        restarted.elapsed()
+    );
+    assert!(exists("kept-restart"), "an ordinary queue stays");
+    drop(holder);
 }

@@ -19,14 +19,18 @@ use eventtermq_proto::v1 as pb;
 use super::convert::text_value;
 use super::error::{AmqpError, ACCESS_REFUSED, INTERNAL_ERROR, NOT_ALLOWED, NOT_FOUND, PRECONDITION_FAILED};
 use crate::cluster::Cluster;
+use crate::cluster_state::validate::{CONSUMER_GROUP_SIZE_MAX, MESSAGE_TTL_MS_MAX};
 use crate::cluster_state::{
-    validate, BindingSpec, ClusterState, Command, ConsumerGroupSpec, ExchangeType, HeadersMatch, TopicSpec,
-    DEFAULT_NAMESPACE,
+    validate, BindingSpec, ClusterState, Command, ConsumerGroupSpec, ExchangeType, ExclusiveOwner, HeadersMatch,
+    TopicSpec, DEFAULT_NAMESPACE,
 };
 use crate::consumer_groups::{matching, Groups, Occupancy};
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::{Peers, Relayed};
+use crate::replication::publish::Turn;
 use crate::replication::{lock, Segments};
+use rand::distr::{Alphanumeric, SampleString};
+use tokio_util::sync::CancellationToken;
 
 /// What `queue.bind` and `queue.unbind` name besides the queue.
 #[derive(Clone, Copy)]
@@ -63,6 +67,9 @@ pub struct Backend {
     pub peers: Peers,
     /// This node's AMQP consumers.
     pub consumers: LocalConsumers,
+    /// Random per start of this node's process: exclusive queues declared here carry
+    /// it (`ExclusiveOwner`), so that the next run knows which are of an earlier one.
+    pub run_id: u64,
 }
 
 /// The AMQP consumers of this node's connections per (namespace, queue): what
@@ -156,27 +163,70 @@ fn topic_spec(kind: ExchangeType) -> TopicSpec {
     }
 }
 
-/// The arguments of `queue.declare` a group honours: none yet beyond the queue type
-/// RabbitMQ clients name (every group is replicated, like a quorum queue).
+/// What `queue.declare`'s arguments ask for.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct QueueArguments {
+    /// `x-delivery-limit`: the group's `deliveries_max`.
+    deliveries_max: u32,
+    /// `x-dead-letter-exchange`.
+    dead_letter_exchange: Option<String>,
+    /// `x-message-ttl`: the group's `message_ttl_ms`.
+    message_ttl_ms: u64,
+    /// `x-max-length` (overflow `drop-head`): the group's `ready_messages_max`.
+    ready_messages_max: u64,
+    /// `x-dead-letter-routing-key`.
+    dead_letter_routing_key: String,
+}
+
 /// What `queue.declare`'s arguments ask for: a delivery limit (`x-delivery-limit`)
 /// and a dead-letter exchange (`x-dead-letter-exchange`), as RabbitMQ's quorum queues
-/// take them; `x-queue-type` is accepted and ignored (every queue is replicated).
-fn queue_arguments(args: &FieldTable) -> Result<(u32, Option<String>), AmqpError> {
-    let (mut limit, mut dead_letters) = (0, None);
+/// take them, a message TTL (`x-message-ttl`) and a length limit (`x-max-length`,
+/// `x-overflow` `drop-head` only); `x-queue-type` is accepted and ignored (every queue
+/// is replicated). Anything else: 406 naming the argument.
+fn queue_arguments(args: &FieldTable) -> Result<QueueArguments, AmqpError> {
+    let mut a = QueueArguments::default();
     for (k, v) in args.inner() {
         let refused = |rule: &str| AmqpError::channel(PRECONDITION_FAILED, format!("queue argument '{k}': {rule}"));
         match (k.as_str(), v) {
             ("x-queue-type", AMQPValue::LongString(_) | AMQPValue::ShortString(_)) => {}
             ("x-delivery-limit", v) => {
                 let n = integer(v).ok_or_else(|| refused("must be an integer"))?;
-                limit = u32::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| refused("must be 1 or more"))?;
+                a.deliveries_max =
+                    u32::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| refused("must be 1 or more"))?;
             }
-            ("x-dead-letter-exchange", v) => {
-                let name = text(v).ok_or_else(|| refused("must be a string"))?;
-                if name.is_empty() {
-                    return Err(refused("the default exchange needs x-dead-letter-routing-key, which is not supported (yet): name an exchange"));
+            ("x-message-ttl", v) => {
+                let n = integer(v).ok_or_else(|| refused("must be an integer (milliseconds)"))?;
+                a.message_ttl_ms =
+                    u64::try_from(n).ok().filter(|n| (1..=MESSAGE_TTL_MS_MAX).contains(n)).ok_or_else(|| {
+                        refused(&format!(
+                            "{n} is out of range (1-{MESSAGE_TTL_MS_MAX} ms; 0, expire unless delivered at once, is \
+                             not supported)"
+                        ))
+                    })?;
+            }
+            ("x-max-length", v) => {
+                let n = integer(v).ok_or_else(|| refused("must be an integer (messages)"))?;
+                let max = u64::from(CONSUMER_GROUP_SIZE_MAX);
+                a.ready_messages_max = u64::try_from(n)
+                    .ok()
+                    .filter(|n| (1..=max).contains(n))
+                    .ok_or_else(|| refused(&format!("{n} is out of range (1-{max} messages)")))?;
+            }
+            ("x-overflow", v) => match text(v).as_deref() {
+                Some("drop-head") => {}
+                Some(other @ ("reject-publish" | "reject-publish-dlx")) => {
+                    return Err(refused(&format!(
+                        "'{other}' is not supported: a queue is a consumer group reading a log that takes every \
+                         publish; only 'drop-head' (the default) is"
+                    )))
                 }
-                dead_letters = Some(name);
+                _ => return Err(refused("must be 'drop-head'")),
+            },
+            ("x-dead-letter-exchange", v) => {
+                a.dead_letter_exchange = Some(text(v).ok_or_else(|| refused("must be a string"))?);
+            }
+            ("x-dead-letter-routing-key", v) => {
+                a.dead_letter_routing_key = text(v).ok_or_else(|| refused("must be a string"))?;
             }
             (other, _) => {
                 return Err(AmqpError::channel(
@@ -186,7 +236,20 @@ fn queue_arguments(args: &FieldTable) -> Result<(u32, Option<String>), AmqpError
             }
         }
     }
-    Ok((limit, dead_letters))
+    if a.dead_letter_exchange.as_deref() == Some("") && a.dead_letter_routing_key.is_empty() {
+        return Err(AmqpError::channel(
+            PRECONDITION_FAILED,
+            "queue argument 'x-dead-letter-exchange': the default exchange needs x-dead-letter-routing-key (the \
+             queue to go to)",
+        ));
+    }
+    if a.dead_letter_exchange.is_none() && !a.dead_letter_routing_key.is_empty() {
+        return Err(AmqpError::channel(
+            PRECONDITION_FAILED,
+            "queue argument 'x-dead-letter-routing-key': needs x-dead-letter-exchange",
+        ));
+    }
+    Ok(a)
 }
 
 fn integer(v: &AMQPValue) -> Option<i64> {
@@ -378,14 +441,15 @@ impl Backend {
         namespace: &str,
         name: &str,
         passive: bool,
+        exclusive: bool,
         args: &FieldTable,
     ) -> Result<bool, AmqpError> {
         valid_name("queue", name)?;
         if passive || self.queue_exists(namespace, name).await {
             return if self.queue_exists(namespace, name).await { Ok(false) } else { Err(no_queue(namespace, name)) };
         }
-        let (deliveries_max, dead_letter_exchange) = queue_arguments(args)?;
-        let dead_letter_topic = match dead_letter_exchange {
+        let a = queue_arguments(args)?;
+        let dead_letter_topic = match a.dead_letter_exchange {
             Some(exchange) => self.ensure_exchange(namespace, &exchange).await?.0,
             None => String::new(),
         };
@@ -397,10 +461,15 @@ impl Backend {
         };
         let spec = ConsumerGroupSpec {
             bindings: vec![binding],
-            size: eventtermq_api::defaults::CONSUMER_GROUP_SIZE,
+            // The buffer holds the ready messages x-max-length counts.
+            size: eventtermq_api::defaults::CONSUMER_GROUP_SIZE.max(a.ready_messages_max as u32),
             since_unix_ms: self.start_ms(),
-            deliveries_max,
+            deliveries_max: a.deliveries_max,
             dead_letter_topic,
+            dead_letter_routing_key: a.dead_letter_routing_key,
+            message_ttl_ms: a.message_ttl_ms,
+            ready_messages_max: a.ready_messages_max,
+            exclusive_owner: exclusive.then_some(ExclusiveOwner { node_id: self.cluster.id, run_id: self.run_id }),
             ..Default::default()
         };
         let cmd = Command::CreateConsumerGroup { namespace: namespace.into(), name: name.into(), spec };
@@ -475,6 +544,73 @@ impl Backend {
             Ok(_) => Ok(()),
             Err(e) if e.code == ErrorCode::ConsumerGroupNotFound => Ok(()),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes the exclusive queues this node's earlier runs declared: their
+    /// connections ended with that run (the leader deletes those of a node that is
+    /// DEAD or LEFT; a node back within the failure detector's time never is).
+    /// Retried every `pause` until the state, read linearizably, has none left or
+    /// `stop`.
+    pub async fn delete_exclusive_queues_of_earlier_runs(&self, pause: std::time::Duration, stop: CancellationToken) {
+        loop {
+            let left = match self.cluster.read(true).await {
+                Ok(applied) => Some(earlier_runs(&applied.state, self.cluster.id, self.run_id)),
+                Err(_) => None, // no leader yet
+            };
+            let mut done = left.is_some();
+            for (ns, queue) in left.unwrap_or_default() {
+                match self.delete_queue(&ns, &queue).await {
+                    Ok(()) => {
+                        tracing::info!(namespace = %ns, queue, "deleted an exclusive queue of this node's earlier run")
+                    }
+                    Err(e) => {
+                        tracing::debug!(namespace = %ns, queue, error = %e.text,
+                            "cannot delete an exclusive queue of an earlier run yet; retrying");
+                        done = false;
+                    }
+                }
+            }
+            if done {
+                return;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// A private group for a consumer with `x-stream-offset` (see [`stream_offset`]):
+    /// the queue's bindings, reading from `since_unix_ms` (0: the oldest kept), owned
+    /// by this node's run as an exclusive queue is (the caller deletes it with its
+    /// consumer). The queue itself is not touched: replaying reads, as on a stream.
+    /// Answers its name.
+    pub async fn declare_replay(&self, namespace: &str, queue: &str, since_unix_ms: i64) -> Result<String, AmqpError> {
+        let of = |st: &ClusterState| st.namespaces.get(namespace)?.consumer_groups.get(queue).cloned();
+        let spec = self.fresh(of).await.ok_or_else(|| no_queue(namespace, queue))?;
+        let name = format!("amq.stream-{}", Alphanumeric.sample_string(&mut rand::rng(), 22));
+        let bindings = spec.bindings.iter().map(|b| BindingSpec { since_unix_ms, ..b.clone() }).collect();
+        let spec = ConsumerGroupSpec {
+            bindings,
+            size: spec.size,
+            since_unix_ms,
+            ack_timeout_ms: spec.ack_timeout_ms,
+            exclusive_owner: Some(ExclusiveOwner { node_id: self.cluster.id, run_id: self.run_id }),
+            ..Default::default()
+        };
+        let cmd = Command::CreateConsumerGroup { namespace: namespace.into(), name: name.clone(), spec };
+        self.cluster.write_applied(cmd).await.map_err(AmqpError::from)?;
+        Ok(name)
+    }
+
+    /// Where `x-stream-offset` starts, in unix ms (0: the oldest kept).
+    pub fn stream_offset_since(&self, offset: StreamOffset) -> i64 {
+        match offset {
+            StreamOffset::First => 0,
+            StreamOffset::Next => self.start_ms(),
+            StreamOffset::At(ms) => ms,
+            StreamOffset::Ago(ms) => self.segments.clock().now_unix_ms().saturating_sub(ms),
         }
     }
 
@@ -565,10 +701,19 @@ impl Backend {
         .is_some()
     }
 
-    /// Stores messages (in this order, contiguously) as a gRPC publish of them would.
-    pub async fn publish(&self, namespace: &str, topic: &str, messages: Vec<pb::Message>) -> Result<(), RequestError> {
+    /// Stores messages (in this order, contiguously) as a gRPC publish of them would,
+    /// in `turn` (see [`Segments::publish_in_turn`]): the requests of one channel that
+    /// take their turns in order are stored in that order.
+    pub async fn publish_in_turn(
+        &self,
+        namespace: &str,
+        topic: &str,
+        messages: Vec<pb::Message>,
+        turn: Turn,
+    ) -> Result<(), RequestError> {
         let persistence = pb::Persistence::Default;
-        self.segments.publish(namespace, topic, &messages, persistence, None, 0).await.map(|_| ())
+        let publish = self.segments.publish_in_turn(namespace, topic, &messages, persistence, None, 0, Some(turn));
+        publish.await.map(|_| ())
     }
 
     /// Subscribes to the queue's group wherever it runs; `get_one`: at most one
@@ -634,6 +779,77 @@ impl Backend {
     }
 }
 
+/// (namespace, queue) of the exclusive queues that node `node_id` declared in a run
+/// other than `run_id`.
+fn earlier_runs(state: &ClusterState, node_id: u64, run_id: u64) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for (ns, namespace) in &state.namespaces {
+        for (name, g) in &namespace.consumer_groups {
+            if g.exclusive_owner.is_some_and(|o| o.node_id == node_id && o.run_id != run_id) {
+                found.push((ns.clone(), name.clone()));
+            }
+        }
+    }
+    found
+}
+
+/// A consumer's `x-stream-offset`, as RabbitMQ streams take it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamOffset {
+    /// `first`: from the oldest message kept.
+    First,
+    /// `next` and `last`: from now (what is published after `consume-ok`; `last`,
+    /// the last chunk on a stream, has no counterpart: a topic has no chunks).
+    Next,
+    /// A timestamp: from what was stored at or after it (unix ms).
+    At(i64),
+    /// An interval string (`30s`, `10m`, `2h`, `7D`): from that long ago (ms).
+    Ago(i64),
+}
+
+/// The consumer's `x-stream-offset` argument (`None` without one); 406 naming it for
+/// a value that is not one of RabbitMQ's forms or is a numeric offset (a queue reads
+/// the segments of several shards and topics: there is no one offset to start at).
+pub fn stream_offset(args: &FieldTable) -> Result<Option<StreamOffset>, AmqpError> {
+    let Some(v) = args.inner().get("x-stream-offset") else { return Ok(None) };
+    let refused =
+        |rule: &str| AmqpError::channel(PRECONDITION_FAILED, format!("consumer argument 'x-stream-offset': {rule}"));
+    if let AMQPValue::Timestamp(seconds) = v {
+        let ms = i64::try_from(*seconds)
+            .ok()
+            .and_then(|s| s.checked_mul(1000))
+            .ok_or_else(|| refused("timestamp out of range"))?;
+        return Ok(Some(StreamOffset::At(ms)));
+    }
+    if integer(v).is_some() {
+        return Err(refused(
+            "numeric offsets are not supported (a queue reads several segments, each with its own offsets); use \
+             'first', 'next', a timestamp or an interval such as '1h'",
+        ));
+    }
+    let Some(t) = text(v) else { return Err(refused("must be 'first', 'last', 'next', a timestamp or an interval")) };
+    Ok(Some(match t.as_str() {
+        "first" => StreamOffset::First,
+        "last" | "next" => StreamOffset::Next,
+        interval => {
+            let (n, unit) = interval.split_at(interval.len().saturating_sub(1));
+            let n: i64 = n.parse().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                refused(&format!(
+                    "'{interval}' is not 'first', 'last', 'next' or an interval (a number and s, m, h or D)"
+                ))
+            })?;
+            let unit_ms = match unit {
+                "s" => 1_000,
+                "m" => 60_000,
+                "h" => 3_600_000,
+                "D" => 86_400_000,
+                _ => return Err(refused(&format!("'{interval}': the interval's unit is one of s, m, h, D"))),
+            };
+            StreamOffset::Ago(n.saturating_mul(unit_ms))
+        }
+    }))
+}
+
 /// 404 for a queue that does not exist.
 pub fn no_queue(namespace: &str, queue: &str) -> AmqpError {
     AmqpError::channel(NOT_FOUND, format!("no queue '{queue}' in vhost '{}'", vhost(namespace)))
@@ -660,6 +876,99 @@ mod tests {
         drop((b, other));
         assert_eq!((consumers.count("default", "q"), consumers.count("v", "q")), (0, 0));
         assert!(lock(&consumers.0).is_empty(), "nothing kept for queues without consumers");
+    }
+
+    #[test]
+    fn queue_arguments_are_checked_and_name_what_is_wrong() {
+        let args = |pairs: &[(&str, AMQPValue)]| {
+            let mut t = FieldTable::default();
+            for (k, v) in pairs {
+                t.insert((*k).into(), v.clone());
+            }
+            queue_arguments(&t)
+        };
+        let ok = args(&[
+            ("x-message-ttl", AMQPValue::LongInt(1500)),
+            ("x-max-length", AMQPValue::ShortInt(5)),
+            ("x-overflow", AMQPValue::LongString("drop-head".into())),
+            ("x-dead-letter-exchange", AMQPValue::LongString("dlx".into())),
+        ])
+        .unwrap();
+        assert_eq!(
+            ok,
+            QueueArguments {
+                deliveries_max: 0,
+                dead_letter_exchange: Some("dlx".into()),
+                message_ttl_ms: 1500,
+                ready_messages_max: 5,
+                dead_letter_routing_key: String::new(),
+            }
+        );
+        for (pairs, text) in [
+            (vec![("x-message-ttl", AMQPValue::LongString("1000".into()))], "'x-message-ttl': must be an integer"),
+            (vec![("x-message-ttl", AMQPValue::LongInt(-1))], "'x-message-ttl': -1 is out of range"),
+            (vec![("x-message-ttl", AMQPValue::LongInt(0))], "'x-message-ttl': 0 is out of range"),
+            (vec![("x-message-ttl", AMQPValue::LongLongInt(1 << 33))], "'x-message-ttl': 8589934592 is out of range"),
+            (vec![("x-max-length", AMQPValue::LongInt(0))], "'x-max-length': 0 is out of range"),
+            (vec![("x-max-length", AMQPValue::Boolean(true))], "'x-max-length': must be an integer"),
+            (vec![("x-overflow", AMQPValue::LongString("reject-publish".into()))], "'reject-publish' is not supported"),
+            (vec![("x-max-length-bytes", AMQPValue::LongInt(10))], "'x-max-length-bytes' is not supported"),
+            (vec![("x-dead-letter-exchange", AMQPValue::LongString("".into()))], "needs x-dead-letter-routing-key"),
+            (vec![("x-dead-letter-routing-key", AMQPValue::LongString("q".into()))], "needs x-dead-letter-exchange"),
+        ] {
+            let e = args(&pairs).unwrap_err();
+            assert_eq!((e.scope, e.code), (super::super::error::Scope::Channel, PRECONDITION_FAILED));
+            assert!(e.text.contains(text), "{} does not contain {text}", e.text);
+        }
+    }
+
+    #[test]
+    fn a_restarted_node_finds_the_exclusive_queues_of_its_earlier_runs() {
+        let mut st = ClusterState::new_cluster();
+        let owned = |node_id, run_id| ConsumerGroupSpec {
+            size: 10,
+            exclusive_owner: Some(ExclusiveOwner { node_id, run_id }),
+            ..Default::default()
+        };
+        for (name, spec) in [
+            ("earlier", owned(1, 5)),
+            ("now", owned(1, 6)),
+            ("other-node", owned(2, 5)),
+            ("plain", ConsumerGroupSpec { size: 10, ..Default::default() }),
+        ] {
+            st.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: name.into(), spec }).unwrap();
+        }
+        assert_eq!(earlier_runs(&st, 1, 6), [("default".to_string(), "earlier".to_string())]);
+        assert!(earlier_runs(&st, 3, 6).is_empty());
+    }
+
+    #[test]
+    fn stream_offsets_take_rabbitmqs_forms_except_numeric_offsets() {
+        let offset = |v: AMQPValue| {
+            let mut t = FieldTable::default();
+            t.insert("x-stream-offset".into(), v);
+            stream_offset(&t)
+        };
+        let s = |t: &str| AMQPValue::LongString(t.into());
+        assert_eq!(stream_offset(&FieldTable::default()), Ok(None));
+        assert_eq!(offset(s("first")), Ok(Some(StreamOffset::First)));
+        assert_eq!(offset(s("last")), Ok(Some(StreamOffset::Next)));
+        assert_eq!(offset(s("next")), Ok(Some(StreamOffset::Next)));
+        assert_eq!(offset(AMQPValue::Timestamp(1_700_000_000)), Ok(Some(StreamOffset::At(1_700_000_000_000))));
+        assert_eq!(offset(s("90s")), Ok(Some(StreamOffset::Ago(90_000))));
+        assert_eq!(offset(s("2h")), Ok(Some(StreamOffset::Ago(7_200_000))));
+        assert_eq!(offset(s("7D")), Ok(Some(StreamOffset::Ago(604_800_000))));
+        for (v, text) in [
+            (AMQPValue::LongLongInt(5), "numeric offsets are not supported"),
+            (s("soon"), "'soon' is not"),
+            (s("3w"), "unit is one of s, m, h, D"),
+            (s("-1h"), "'-1h' is not"),
+            (AMQPValue::Boolean(true), "must be 'first'"),
+        ] {
+            let e = offset(v).unwrap_err();
+            assert_eq!(e.code, PRECONDITION_FAILED);
+            assert!(e.text.starts_with("consumer argument 'x-stream-offset': ") && e.text.contains(text), "{}", e.text);
+        }
     }
 
     #[test]

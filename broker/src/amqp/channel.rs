@@ -7,19 +7,20 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use amq_protocol::frame::AMQPContentHeader;
-use amq_protocol::protocol::{basic, channel, confirm, exchange, queue, AMQPClass};
+use amq_protocol::protocol::{basic, channel, confirm, exchange, queue, tx, AMQPClass};
 use eventtermq_proto::v1 as pb;
+use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use rand::distr::{Alphanumeric, SampleString};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::backend::{exchange_of_topic, topic_of_exchange, Backend, Route};
+use super::backend::{exchange_of_topic, stream_offset, topic_of_exchange, Backend, Route};
 use super::connection::{Conn, Event};
 use super::convert;
 use super::error::*;
-use super::state::{Channel, Consumer, Pending, PublishJob, Unacked};
+use super::state::{Channel, Consumer, HeldPublish, HeldSettle, Pending, PublishJob, Settler, Tx, Unacked};
 use crate::auth::Need;
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::Relayed;
@@ -64,13 +65,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             AMQPClass::Basic(m) => self.basic_method(id, m).await,
             AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
                 let ch = self.open_channel(id)?;
+                if ch.tx.is_some() {
+                    return Err(AmqpError::channel(PRECONDITION_FAILED, "cannot switch from tx to confirm mode"));
+                }
                 ch.next_confirm = ch.next_confirm.max(1);
                 Ok((!s.nowait).then_some(AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {}))))
             }
-            AMQPClass::Tx(_) => Err(AmqpError::connection(
-                NOT_IMPLEMENTED,
-                "transactions (tx.*) are not supported; use publisher confirms (confirm.select)",
-            )),
+            AMQPClass::Tx(m) => self.tx_method(id, m).await.map(Some),
             _ => Err(AmqpError::connection(COMMAND_INVALID, "method not expected from a client")),
         }
     }
@@ -106,14 +107,19 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                     self.queues_lost_consumers(&ch);
                 }
             }
-            channel::AMQPMethod::Flow(f) if f.active => {
-                self.open_channel(id)?;
-                self.send(id, AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk { active: true })));
-            }
-            channel::AMQPMethod::Flow(_) => {
-                return Err(
-                    AmqpError::connection(NOT_IMPLEMENTED, "channel.flow active=false is not supported").on(&method)
-                )
+            channel::AMQPMethod::Flow(f) => {
+                let ch = self.open_channel(id).map_err(|e| e.on(&method))?;
+                if ch.closing {
+                    return Ok(());
+                }
+                ch.flow_stopped.send_replace(!f.active);
+                self.send(id, AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk { active: f.active })));
+                if f.active {
+                    let held = std::mem::take(&mut self.open_channel(id)?.held_deliveries);
+                    for (consumer, d) in held {
+                        self.deliver(id, &consumer, d);
+                    }
+                }
             }
             _ => return Err(AmqpError::connection(COMMAND_INVALID, "method not expected from a client").on(&method)),
         }
@@ -218,7 +224,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         if !d.passive {
             self.allow(Need::Configure { namespace: &ns, kind: "queue", name: &name })?;
         }
-        let created = self.backend.declare_queue(&ns, &name, d.passive, &d.arguments).await?;
+        let created = self.backend.declare_queue(&ns, &name, d.passive, d.exclusive, &d.arguments).await?;
         if d.exclusive && !d.passive {
             self.exclusive.insert(name.clone());
         }
@@ -262,16 +268,20 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 Ok((!c.nowait).then_some(AMQPClass::Basic(basic::AMQPMethod::CancelOk(reply))))
             }
             basic::AMQPMethod::Get(g) => self.get(id, g).await,
-            basic::AMQPMethod::Ack(a) => self.settle(id, a.delivery_tag, a.multiple, true).map(|_| None),
-            basic::AMQPMethod::Nack(n) => self.settle(id, n.delivery_tag, n.multiple, !n.requeue).map(|_| None),
-            // requeue=false drops the message (no dead-lettering yet); requeue=true
+            basic::AMQPMethod::Ack(a) => self.settle(id, a.delivery_tag, a.multiple, true, true).await.map(|_| None),
+            basic::AMQPMethod::Nack(n) => {
+                self.settle(id, n.delivery_tag, n.multiple, !n.requeue, true).await.map(|_| None)
+            }
+            // requeue=false drops the message (or dead-letters it); requeue=true
             // returns it for redelivery.
-            basic::AMQPMethod::Reject(r) => self.settle(id, r.delivery_tag, false, !r.requeue).map(|_| None),
+            basic::AMQPMethod::Reject(r) => {
+                self.settle(id, r.delivery_tag, false, !r.requeue, true).await.map(|_| None)
+            }
             basic::AMQPMethod::Recover(_) => {
-                self.settle(id, 0, true, false)?;
+                self.settle(id, 0, true, false, false).await?;
                 Ok(Some(AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {}))))
             }
-            basic::AMQPMethod::RecoverAsync(_) => self.settle(id, 0, true, false).map(|_| None),
+            basic::AMQPMethod::RecoverAsync(_) => self.settle(id, 0, true, false, false).await.map(|_| None),
             _ => Err(AmqpError::connection(COMMAND_INVALID, "method not expected from a client")),
         }
     }
@@ -343,27 +353,64 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 return self.fail_channel(id, e.on(&AMQPClass::Basic(basic::AMQPMethod::Publish(publish))));
             }
         }
+        if self.open_channel(id)?.tx.is_some() {
+            return self.hold(id, HeldPublish { publish, topic, message });
+        }
         let routable = self.backend.routable(&self.namespace, &topic, &message).await;
         if publish.mandatory && !routable {
-            let ret = basic::Return {
-                reply_code: NO_ROUTE,
-                reply_text: "NO_ROUTE".into(),
-                exchange: publish.exchange.clone(),
-                routing_key: publish.routing_key.clone(),
-            };
-            self.send(id, AMQPClass::Basic(basic::AMQPMethod::Return(ret)));
-            codec_content(self, id, convert::to_properties(&message), &message.data);
+            self.return_unroutable(id, &publish, &message);
         }
         // What the default exchange cannot route goes nowhere (as in RabbitMQ); a
         // named exchange is a topic, a log that keeps what is published to it.
         if !routable && exchange.is_empty() {
             if let Some(tag) = confirm {
-                self.confirmed(id, tag, true);
+                self.confirmed(id, tag, false, true);
             }
             return Ok(());
         }
-        let job = PublishJob { namespace: self.namespace.clone(), topic, message, confirm };
+        let job = PublishJob { namespace: self.namespace.clone(), topic, message, confirm, done: None };
         self.enqueue_publish(id, job).await
+    }
+
+    /// `basic.return` 312 NO_ROUTE with the message.
+    fn return_unroutable(&mut self, id: u16, publish: &basic::Publish, message: &pb::Message) {
+        let ret = basic::Return {
+            reply_code: NO_ROUTE,
+            reply_text: "NO_ROUTE".into(),
+            exchange: publish.exchange.clone(),
+            routing_key: publish.routing_key.clone(),
+        };
+        self.send(id, AMQPClass::Basic(basic::AMQPMethod::Return(ret)));
+        codec_content(self, id, convert::to_properties(message), &message.data);
+    }
+
+    /// A transaction's message, held until `tx.commit` within the transaction's
+    /// bounds (`--amqp-tx-messages-max`, `--amqp-tx-max-bytes`); beyond them the
+    /// channel is closed (406) and the transaction dropped.
+    fn hold(&mut self, id: u16, held: HeldPublish) -> Result<(), AmqpError> {
+        let (messages_max, bytes_max) = (self.settings.tx_messages_max, self.settings.tx_max_bytes);
+        let ch = self.open_channel(id)?;
+        let Some(tx) = ch.tx.as_mut() else { return Ok(()) };
+        let bytes = tx.bytes + held.message.data.len() as u64;
+        let refused = if tx.publishes.len() >= messages_max {
+            Some(format!(
+                "a transaction holds at most {messages_max} messages (--amqp-tx-messages-max); commit more often"
+            ))
+        } else if bytes > bytes_max {
+            Some(format!(
+                "a transaction holds at most {bytes_max} bytes of message bodies (--amqp-tx-max-bytes); commit more \
+                 often"
+            ))
+        } else {
+            None
+        };
+        if let Some(text) = refused {
+            let method = AMQPClass::Basic(basic::AMQPMethod::Publish(held.publish));
+            return self.fail_channel(id, AmqpError::channel(PRECONDITION_FAILED, text).on(&method));
+        }
+        tx.bytes = bytes;
+        tx.publishes.push(held);
+        Ok(())
     }
 
     /// Hands the message to the channel's publisher task. When it has
@@ -373,14 +420,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         let (backend, events, stop) = (self.backend.clone(), self.events.clone(), self.node_stop.clone());
         let caller = self.caller.clone();
         let in_flight = self.settings.publishes_in_flight_max;
+        let batches = self.settings.publish_batches_in_flight_max;
         let ch = self.open_channel(id)?;
         let tx = ch
             .publisher
             .get_or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(in_flight);
-                tokio::spawn(
-                    crate::peers::CALLER.scope(caller, run_publisher(backend, id, rx, events, in_flight, stop)),
-                );
+                let publisher = run_publisher(backend, id, rx, events, (in_flight, batches), stop);
+                tokio::spawn(crate::peers::CALLER.scope(caller, publisher));
                 tx
             })
             .clone();
@@ -388,30 +435,43 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         Ok(())
     }
 
-    pub(super) fn confirmed(&mut self, id: u16, tag: u64, stored: bool) {
+    /// A confirm: `multiple` covers every tag up to `tag`.
+    pub(super) fn confirmed(&mut self, id: u16, tag: u64, multiple: bool, stored: bool) {
         let method = if stored {
-            basic::AMQPMethod::Ack(basic::Ack { delivery_tag: tag, multiple: false })
+            basic::AMQPMethod::Ack(basic::Ack { delivery_tag: tag, multiple })
         } else {
-            basic::AMQPMethod::Nack(basic::Nack { delivery_tag: tag, multiple: false, requeue: false })
+            basic::AMQPMethod::Nack(basic::Nack { delivery_tag: tag, multiple, requeue: false })
         };
         if self.channels.get(&id).is_some_and(|c| !c.closing) {
             self.send(id, AMQPClass::Basic(method));
         }
     }
 
+    /// With `x-stream-offset` the consumer reads a private group with the queue's
+    /// bindings from that point (see `Backend::declare_replay`), deleted with it.
     async fn consume(&mut self, id: u16, c: &basic::Consume) -> Result<Option<AMQPClass>, AmqpError> {
-        let queue = self.queue_name(id, c.queue.as_str())?;
+        let mut queue = self.queue_name(id, c.queue.as_str())?;
+        let ns = self.namespace.clone();
+        // The queue itself first: no replay group is made for a caller who may not
+        // read it (the replay's own group is checked below, as every node checks it).
+        self.allow(Need::Read { namespace: &ns, group: &queue })?;
+        if let Some(offset) = stream_offset(&c.arguments)? {
+            let since = self.backend.stream_offset_since(offset);
+            queue = self.backend.declare_replay(&self.namespace, &queue, since).await?;
+            self.exclusive.insert(queue.clone());
+            self.auto_delete.insert(queue.clone());
+        }
         let tag = match c.consumer_tag.as_str() {
             "" => format!("amq.ctag-{}", Alphanumeric.sample_string(&mut rand::rng(), 22)),
             t => t.to_string(),
         };
-        let ns = self.namespace.clone();
         self.allow(Need::Read { namespace: &ns, group: &queue })?;
         let ch = self.open_channel(id)?;
         if ch.consumers.contains_key(&tag) {
             return Err(AmqpError::connection(NOT_ALLOWED, format!("attempt to reuse consumer tag '{tag}'")));
         }
         let prefetch = u32::from(ch.prefetch);
+        let flow_stopped = ch.flow_stopped.subscribe();
         let stream = self.backend.consume(&self.namespace, &queue, prefetch, c.no_ack, false, c.exclusive).await?;
         let stop = self.stop.child_token();
         let consumer = ConsumerTask {
@@ -425,6 +485,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             tag: tag.clone(),
             events: self.events.clone(),
             stop: stop.clone(),
+            flow_stopped,
         };
         tokio::spawn(crate::peers::CALLER.scope(self.caller.clone(), consumer.run(stream)));
         let _counted = self.backend.consumers.counted(&self.namespace, &queue);
@@ -492,9 +553,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     }
 
     /// A message for one of the channel's consumers: tagged and written.
+    /// While the client stopped the channel's flow it is held until it asks again.
     pub(super) fn deliver(&mut self, id: u16, tag: &str, d: pb::SubscribeResponse) {
         let Some(ch) = self.channels.get_mut(&id).filter(|c| !c.closing) else { return };
         let Some(consumer) = ch.consumers.get(tag) else { return };
+        if *ch.flow_stopped.borrow() {
+            ch.held_deliveries.push((tag.to_string(), d));
+            return;
+        }
         let delivery_tag = ch.next_tag;
         ch.next_tag += 1;
         if !consumer.no_ack {
@@ -555,31 +621,153 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 
     /// Acks (`ack`) or returns deliveries up to `tag` (`multiple`; 0 with `multiple`:
     /// all), or just `tag`. An unknown tag is the channel's error, as in RabbitMQ.
-    fn settle(&mut self, id: u16, tag: u64, multiple: bool, ack: bool) -> Result<(), AmqpError> {
+    /// In a transaction (`tx.select`) they leave the channel's unacknowledged ones
+    /// at once but are applied at `tx.commit` (`in_tx`; `basic.recover` is not).
+    /// Otherwise they go to the channel's settler (see [`run_settler`]), which sends
+    /// those that queued together as one call per queue; when it has
+    /// `settles_queued_max` waiting, this waits, and so does reading the connection.
+    async fn settle(&mut self, id: u16, tag: u64, multiple: bool, ack: bool, in_tx: bool) -> Result<(), AmqpError> {
+        let (backend, ns, caller) = (self.backend.clone(), self.namespace.clone(), self.caller.clone());
+        let queued_max = self.settings.settles_queued_max;
         let ch = self.open_channel(id)?;
-        let settled: Vec<Unacked> = if multiple {
+        let settled: Vec<(u64, Unacked)> = if multiple {
             let keys: Vec<u64> = ch.unacked.keys().copied().filter(|t| tag == 0 || *t <= tag).collect();
-            keys.into_iter().filter_map(|t| ch.unacked.remove(&t)).collect()
+            keys.into_iter().filter_map(|t| ch.unacked.remove(&t).map(|u| (t, u))).collect()
         } else {
             match ch.unacked.remove(&tag) {
-                Some(u) => vec![u],
+                Some(u) => vec![(tag, u)],
                 None => return Err(AmqpError::channel(PRECONDITION_FAILED, format!("unknown delivery tag {tag}"))),
             }
         };
-        let mut by_queue: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
-        for u in settled {
-            by_queue.entry(u.queue).or_default().push((u.segment_id, u.offset));
+        if let Some(tx) = ch.tx.as_mut().filter(|_| in_tx) {
+            tx.settles.push(HeldSettle { deliveries: settled, ack });
+            return Ok(());
         }
-        for (queue, deliveries) in by_queue {
-            let (backend, ns) = (self.backend.clone(), self.namespace.clone());
-            tokio::spawn(crate::peers::CALLER.scope(self.caller.clone(), async move {
-                if let Err(e) = backend.settle(ns, queue.clone(), deliveries, ack).await {
-                    tracing::debug!(queue, error = %e, "AMQP settle failed (the messages come again)");
+        if settled.is_empty() {
+            return Ok(());
+        }
+        let settler = ch
+            .settler
+            .get_or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(queued_max);
+                let (drained_tx, drained) = oneshot::channel::<()>();
+                let settler = async move {
+                    run_settler(backend, ns, rx, queued_max).await;
+                    drop(drained_tx);
+                };
+                tokio::spawn(crate::peers::CALLER.scope(caller, settler));
+                Settler { tx, drained }
+            })
+            .tx
+            .clone();
+        let _ = settler.send(HeldSettle { deliveries: settled, ack }).await;
+        Ok(())
+    }
+
+    /// `tx.select`, `tx.commit`, `tx.rollback`, as RabbitMQ answers them.
+    async fn tx_method(&mut self, id: u16, m: &tx::AMQPMethod) -> Result<AMQPClass, AmqpError> {
+        let ch = self.open_channel(id)?;
+        match m {
+            tx::AMQPMethod::Select(_) => {
+                if ch.next_confirm > 0 {
+                    return Err(AmqpError::channel(PRECONDITION_FAILED, "cannot switch from confirm to tx mode"));
                 }
-            }));
+                ch.tx.get_or_insert_with(Tx::default);
+                Ok(AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})))
+            }
+            tx::AMQPMethod::Rollback(_) => {
+                let Some(held) = ch.tx.replace(Tx::default()) else {
+                    return Err(not_transactional());
+                };
+                // Settled in the transaction: the client's to settle again.
+                for s in held.settles {
+                    ch.unacked.extend(s.deliveries);
+                }
+                Ok(AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})))
+            }
+            tx::AMQPMethod::Commit(_) => {
+                let Some(held) = ch.tx.replace(Tx::default()) else {
+                    return Err(not_transactional());
+                };
+                self.commit(id, held).await?;
+                Ok(AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})))
+            }
+            _ => Err(AmqpError::connection(COMMAND_INVALID, "method not expected from a client")),
+        }
+    }
+
+    /// Applies a transaction: its messages are routed (returned when `mandatory` and
+    /// no queue takes them) and stored through the channel's publisher, after what
+    /// the channel published before, and waited for (stored as confirmed ones are);
+    /// then its acks, nacks and rejects are applied and waited for. A message that
+    /// could not be stored (or a settlement that failed) fails the commit with 406
+    /// `partial tx completion`, as RabbitMQ's does: what was stored stays stored.
+    async fn commit(&mut self, id: u16, held: Tx) -> Result<(), AmqpError> {
+        let total = held.publishes.len();
+        let mut waits = Vec::with_capacity(total);
+        for HeldPublish { publish, topic, message } in held.publishes {
+            let routable = self.backend.routable(&self.namespace, &topic, &message).await;
+            if publish.mandatory && !routable {
+                self.return_unroutable(id, &publish, &message);
+            }
+            if !routable && publish.exchange.as_str().is_empty() {
+                continue;
+            }
+            let (done, wait) = oneshot::channel();
+            let job = PublishJob { namespace: self.namespace.clone(), topic, message, confirm: None, done: Some(done) };
+            self.enqueue_publish(id, job).await?;
+            waits.push(wait);
+        }
+        let (mut failed, mut why) = (0, String::new());
+        for wait in waits {
+            let e = match wait.await {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e.message,
+                Err(_) => "the node is stopping".to_string(),
+            };
+            failed += 1;
+            if why.is_empty() {
+                why = e;
+            }
+        }
+        let mut settle_failed = None;
+        for s in held.settles {
+            for (queue, deliveries) in by_queue(s.deliveries) {
+                let r = self.backend.settle(self.namespace.clone(), queue.clone(), deliveries, s.ack).await;
+                if let Err(e) = r {
+                    settle_failed.get_or_insert(format!("queue '{queue}': {}", e.message));
+                }
+            }
+        }
+        if failed > 0 {
+            return Err(AmqpError::channel(
+                PRECONDITION_FAILED,
+                format!("partial tx completion: {failed} of {total} messages could not be stored ({why})"),
+            ));
+        }
+        if let Some(why) = settle_failed {
+            return Err(AmqpError::channel(
+                PRECONDITION_FAILED,
+                format!(
+                    "partial tx completion: an acknowledgement could not be applied ({why}); those messages come again"
+                ),
+            ));
         }
         Ok(())
     }
+}
+
+fn not_transactional() -> AmqpError {
+    AmqpError::channel(PRECONDITION_FAILED, "channel is not transactional")
+}
+
+/// Settled deliveries as `(segment, offset)` per queue.
+fn by_queue(settled: Vec<(u64, Unacked)>) -> BTreeMap<String, Vec<(u64, u64)>> {
+    let mut by_queue: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
+    for (_, u) in settled {
+        by_queue.entry(u.queue).or_default().push((u.segment_id, u.offset));
+    }
+    by_queue
 }
 
 /// A count as AMQP's 32-bit fields carry it.
@@ -591,27 +779,95 @@ fn codec_content<S>(conn: &mut Conn<S>, id: u16, properties: basic::AMQPProperti
     super::codec::content(id, properties, body, conn.frame_max_bytes, &mut conn.out);
 }
 
-/// Publishes one channel's messages in order: one batch at a time, each taking what
-/// queued while the previous one was stored (consecutive messages to one topic, at
-/// most `batch_max` of them), so a channel's messages keep their order through any
-/// node and a busy channel still writes many messages per request.
+/// Applies one channel's acks, nacks and rejects in the order they came: what queued
+/// while the previous call was in flight (at most `batch_max` of them) goes together,
+/// as one call per run of acks or returns and queue, so a client acking message by
+/// message costs a call per batch, not per message. Ends once the channel dropped its
+/// sender and everything queued was applied.
+async fn run_settler(backend: Backend, namespace: String, mut rx: mpsc::Receiver<HeldSettle>, batch_max: usize) {
+    while let Some(first) = rx.recv().await {
+        let mut settles = vec![first];
+        while settles.len() < batch_max.max(1) {
+            match rx.try_recv() {
+                Ok(s) => settles.push(s),
+                Err(_) => break,
+            }
+        }
+        for (ack, deliveries) in settle_runs(settles) {
+            for (queue, deliveries) in by_queue(deliveries) {
+                if let Err(e) = backend.settle(namespace.clone(), queue.clone(), deliveries, ack).await {
+                    tracing::debug!(queue, error = %e, "AMQP settle failed (the messages come again)");
+                }
+            }
+        }
+    }
+}
+
+/// Consecutive settles of one kind (ack or return) merged, in order.
+fn settle_runs(settles: Vec<HeldSettle>) -> Vec<(bool, Vec<(u64, Unacked)>)> {
+    let mut runs: Vec<(bool, Vec<(u64, Unacked)>)> = Vec::new();
+    for s in settles {
+        match runs.last_mut() {
+            Some((ack, deliveries)) if *ack == s.ack => deliveries.extend(s.deliveries),
+            _ => runs.push((s.ack, s.deliveries)),
+        }
+    }
+    runs
+}
+
+/// A batch of a channel's messages, stored or not; what the publisher reports.
+struct BatchDone {
+    confirms: Vec<u64>,
+    done: Vec<oneshot::Sender<Result<(), RequestError>>>,
+    result: Result<(), RequestError>,
+}
+
+/// Publishes one channel's messages in order: batches of what queued (consecutive
+/// messages to one topic and routing key, at most `batch_max` of them), up to
+/// `batches_max` of them in flight at once. Each batch takes its turn
+/// ([`crate::replication::publish::Turn`]) after the one before it: it is routed only
+/// once that one is queued at its primary (or, forwarded, answered), so a channel's
+/// messages keep their order through any node. Confirms go out in batch order.
 async fn run_publisher(
     backend: Backend,
     channel: u16,
     mut rx: mpsc::Receiver<PublishJob>,
     events: mpsc::Sender<Event>,
-    batch_max: usize,
+    (batch_max, batches_max): (usize, usize),
     stop: CancellationToken,
 ) {
     let mut carried: Option<PublishJob> = None;
+    let mut open = true;
+    let mut in_flight = FuturesOrdered::new();
+    // The turn of the batch sent last: the next one waits for it.
+    let mut previous: Option<oneshot::Receiver<()>> = None;
     loop {
-        let first = match carried.take() {
-            Some(job) => job,
-            None => tokio::select! {
+        let room = in_flight.len() < batches_max.max(1);
+        let first = if room && carried.is_some() {
+            carried.take()
+        } else if room && open {
+            tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                job = rx.recv() => match job { Some(j) => j, None => return },
-            },
+                Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                    report(channel, &events, done).await;
+                    continue;
+                }
+                job = rx.recv() => job,
+            }
+        } else if !in_flight.is_empty() {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                Some(done) = in_flight.next() => report(channel, &events, done).await,
+            }
+            continue;
+        } else {
+            return;
+        };
+        let Some(first) = first else {
+            open = false;
+            continue;
         };
         let mut batch = vec![first];
         while batch.len() < batch_max.max(1) {
@@ -629,20 +885,43 @@ async fn run_publisher(
             }
         }
         let (namespace, topic) = (batch[0].namespace.clone(), batch[0].topic.clone());
-        let confirms: Vec<Option<u64>> = batch.iter().map(|j| j.confirm).collect();
-        let messages: Vec<pb::Message> = batch.into_iter().map(|j| j.message).collect();
-        let r = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            r = backend.publish(&namespace, &topic, messages) => r,
-        };
-        if let Err(e) = &r {
-            tracing::debug!(topic, error = %e, "AMQP publish failed");
-        }
-        // A connection that is gone gets no confirms; its messages are stored all the same.
-        for tag in confirms.into_iter().flatten() {
-            let _ = events.send(Event::Confirmed { channel, tag, ok: r.is_ok() }).await;
-        }
+        let confirms: Vec<u64> = batch.iter().filter_map(|j| j.confirm).collect();
+        let mut done = Vec::new();
+        let messages: Vec<pb::Message> = batch
+            .into_iter()
+            .map(|j| {
+                done.extend(j.done);
+                j.message
+            })
+            .collect();
+        let (turn, next) = oneshot::channel();
+        let wait = previous.replace(next);
+        let backend = backend.clone();
+        in_flight.push_back(async move {
+            if let Some(wait) = wait {
+                // Ends when the batch before this one gave up its turn.
+                let _ = wait.await;
+            }
+            let result = backend.publish_in_turn(&namespace, &topic, messages, turn).await;
+            if let Err(e) = &result {
+                tracing::debug!(topic, error = %e, "AMQP publish failed");
+            }
+            BatchDone { confirms, done, result }
+        });
+    }
+}
+
+/// Tells a stored (or failed) batch's waiters, and its client with one confirm:
+/// `multiple` up to its last tag (every tag below it was confirmed before: batches
+/// report in order).
+async fn report(channel: u16, events: &mpsc::Sender<Event>, b: BatchDone) {
+    for d in b.done {
+        let _ = d.send(b.result.clone());
+    }
+    // A connection that is gone gets no confirms; its messages are stored all the same.
+    if let Some(&tag) = b.confirms.last() {
+        let multiple = b.confirms.len() > 1;
+        let _ = events.send(Event::Confirmed { channel, tag, multiple, ok: b.result.is_ok() }).await;
     }
 }
 
@@ -660,6 +939,9 @@ struct ConsumerTask {
     tag: String,
     events: mpsc::Sender<Event>,
     stop: CancellationToken,
+    /// The channel's `channel.flow`: no message is taken from the subscription while
+    /// the client asked for none (the group holds them, within the consumer's window).
+    flow_stopped: watch::Receiver<bool>,
 }
 
 /// Errors after which a consumer subscribes again: the cluster could not serve the
@@ -669,7 +951,7 @@ fn resubscribable(e: &RequestError) -> bool {
 }
 
 impl ConsumerTask {
-    async fn run(self, mut stream: Relayed<pb::SubscribeResponse>) {
+    async fn run(mut self, mut stream: Relayed<pb::SubscribeResponse>) {
         loop {
             let Some(e) = self.forward(&mut stream).await else { return };
             if !resubscribable(&e) {
@@ -702,8 +984,16 @@ impl ConsumerTask {
 
     /// Forwards until the stream ends: `None` when stopped, else why it ended (a
     /// stream that just ends, as when the group moves to another node, is retried).
-    async fn forward(&self, stream: &mut Relayed<pb::SubscribeResponse>) -> Option<RequestError> {
+    async fn forward(&mut self, stream: &mut Relayed<pb::SubscribeResponse>) -> Option<RequestError> {
         loop {
+            let flowing = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return None,
+                r = self.flow_stopped.wait_for(|stopped| !stopped) => r.is_ok(),
+            };
+            if !flowing {
+                return None; // the channel is gone
+            }
             let item = tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return None,

@@ -39,8 +39,9 @@ const BLOCKED_REASON: &str = "low on disk";
 
 /// What the connection's tasks tell it.
 pub(super) enum Event {
-    /// A publish of a channel in confirm mode is stored (`ok`) or failed.
-    Confirmed { channel: u16, tag: u64, ok: bool },
+    /// Publishes of a channel in confirm mode are stored (`ok`) or failed: `tag`, and
+    /// with `multiple` every tag below it not confirmed before.
+    Confirmed { channel: u16, tag: u64, multiple: bool, ok: bool },
     /// A message for a consumer.
     Delivery { channel: u16, consumer: String, message: Box<pb::SubscribeResponse> },
     /// A consumer's subscription ended on the broker's side (its queue was deleted).
@@ -300,7 +301,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
 
     fn event(&mut self, event: Event) {
         match event {
-            Event::Confirmed { channel, tag, ok } => self.confirmed(channel, tag, ok),
+            Event::Confirmed { channel, tag, multiple, ok } => self.confirmed(channel, tag, multiple, ok),
             Event::Delivery { channel, consumer, message } => self.deliver(channel, &consumer, *message),
             Event::ConsumerEnded { channel, consumer } => self.consumer_ended(channel, &consumer),
         }
@@ -369,6 +370,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     async fn end(mut self) {
         let _ = self.flush().await;
         let _ = self.writer.shutdown().await;
+        // Acks the client sent before it went are applied before its subscriptions
+        // end (bounded by the request timeout), so those messages do not come again.
+        let wait = self.backend.cluster.request_timeout();
+        for ch in self.channels.values_mut() {
+            if let Some(s) = ch.settler.take() {
+                drop(s.tx);
+                let _ = tokio::time::timeout(wait, s.drained).await;
+            }
+        }
         self.stop.cancel();
         for ch in self.channels.values_mut() {
             ch.stop_all();

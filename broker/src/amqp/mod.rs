@@ -33,8 +33,18 @@ pub use backend::Backend;
 
 use crate::transport::Incoming;
 
+/// Pause between attempts to delete the exclusive queues of this node's earlier runs
+/// (while there is no leader, say).
+const EARLIER_RUNS_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Accepts AMQP connections until `stop`.
 pub async fn serve(backend: Backend, mut incoming: Incoming, settings: AmqpSettings, stop: CancellationToken) {
+    // Exclusive queues of this node's earlier runs: their connections are gone.
+    let reaper = backend.clone();
+    let reaper_stop = stop.clone();
+    tokio::spawn(async move {
+        reaper.delete_exclusive_queues_of_earlier_runs(EARLIER_RUNS_RETRY_PAUSE, reaper_stop).await;
+    });
     let slots = Arc::new(Semaphore::new(settings.connections_max));
     loop {
         let conn = tokio::select! {

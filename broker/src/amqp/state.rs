@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use amq_protocol::frame::AMQPContentHeader;
 use amq_protocol::protocol::basic;
 use eventtermq_proto::v1 as pb;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 /// A publish waiting for its body.
@@ -41,23 +41,77 @@ pub(super) struct Channel {
     pub(super) next_confirm: u64,
     pub(super) pending: Option<Pending>,
     pub(super) publisher: Option<mpsc::Sender<PublishJob>>,
+    /// Acks, nacks and rejects on their way to the queues' groups (see `run_settler`).
+    pub(super) settler: Option<Settler>,
     pub(super) consumers: HashMap<String, Consumer>,
     pub(super) next_tag: u64,
     pub(super) unacked: BTreeMap<u64, Unacked>,
     /// The queue declared last: what an empty queue name means (AMQP 0.9.1).
     pub(super) last_queue: String,
+    /// `tx.select` was sent: publishes and settlements wait here for `tx.commit`.
+    pub(super) tx: Option<Tx>,
+    /// `channel.flow`: `true` while the client asked to get no deliveries; the
+    /// channel's consumer tasks wait while it is (see `ConsumerTask`).
+    pub(super) flow_stopped: watch::Sender<bool>,
+    /// Deliveries that reached the connection after `channel.flow` active=false (they
+    /// were on their way): sent when the client asks for deliveries again.
+    pub(super) held_deliveries: Vec<(String, pb::SubscribeResponse)>,
+}
+
+/// What a transactional channel holds until `tx.commit` (dropped by `tx.rollback`).
+#[derive(Default)]
+pub(super) struct Tx {
+    pub(super) publishes: Vec<HeldPublish>,
+    /// The held publishes' body bytes.
+    pub(super) bytes: u64,
+    /// Acks, nacks and rejects, in order; their deliveries left `Channel::unacked`
+    /// (a rollback puts them back: still the client's to settle, as in RabbitMQ).
+    pub(super) settles: Vec<HeldSettle>,
+}
+
+/// A complete `basic.publish` of a transaction: its exchange exists (checked when
+/// it came); routing and `mandatory` are decided at commit, as RabbitMQ does.
+pub(super) struct HeldPublish {
+    pub(super) publish: basic::Publish,
+    pub(super) topic: String,
+    pub(super) message: pb::Message,
+}
+
+/// An ack (`ack`) or a return (nack/reject), held by a transaction or queued to the
+/// channel's settler.
+pub(super) struct HeldSettle {
+    pub(super) deliveries: Vec<(u64, Unacked)>,
+    pub(super) ack: bool,
+}
+
+/// A channel's settler task: its queue, and a receiver that ends when the task ended
+/// (everything queued was applied).
+pub(super) struct Settler {
+    pub(super) tx: mpsc::Sender<HeldSettle>,
+    pub(super) drained: oneshot::Receiver<()>,
 }
 
 impl Channel {
     /// Stops the channel's consumers and publisher; unsettled deliveries go back to
-    /// their queues when the subscriptions end.
+    /// their queues when the subscriptions end. Acks queued still go, and the
+    /// subscriptions end only after them (else a message acked just before the close
+    /// would come again).
     pub(super) fn stop_all(&mut self) {
-        for c in self.consumers.values() {
-            c.stop.cancel();
-        }
+        let stops: Vec<CancellationToken> = self.consumers.values().map(|c| c.stop.clone()).collect();
         self.consumers.clear();
+        match self.settler.take() {
+            Some(Settler { tx, drained }) => {
+                drop(tx);
+                tokio::spawn(async move {
+                    let _ = drained.await;
+                    stops.iter().for_each(CancellationToken::cancel);
+                });
+            }
+            None => stops.iter().for_each(CancellationToken::cancel),
+        }
         self.publisher = None;
         self.pending = None;
+        self.held_deliveries.clear();
     }
 }
 
@@ -68,4 +122,6 @@ pub(super) struct PublishJob {
     pub(super) message: pb::Message,
     /// The confirm sequence number, in confirm mode.
     pub(super) confirm: Option<u64>,
+    /// Told whether the message was stored (a transaction's messages, at commit).
+    pub(super) done: Option<oneshot::Sender<Result<(), crate::error::RequestError>>>,
 }

@@ -142,6 +142,10 @@ impl AdminService {
             ack_timeout_ms: g.ack_timeout_ms,
             deliveries_max: g.deliveries_max,
             dead_letter_topic: g.dead_letter_topic.clone(),
+            message_ttl_ms: g.message_ttl_ms,
+            ready_messages_max: g.ready_messages_max,
+            exclusive_owner: None,
+            dead_letter_routing_key: g.dead_letter_routing_key.clone(),
         };
         validate::consumer_group_spec(&spec)?;
         Ok(spec)

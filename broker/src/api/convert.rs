@@ -148,6 +148,10 @@ pub fn consumer_group_to_pb(name: &str, g: &ConsumerGroupSpec) -> pb::ConsumerGr
         ack_timeout_ms: g.ack_timeout_ms,
         deliveries_max: g.deliveries_max,
         dead_letter_topic: g.dead_letter_topic.clone(),
+        message_ttl_ms: g.message_ttl_ms,
+        ready_messages_max: g.ready_messages_max,
+        exclusive_node_id: g.exclusive_owner.map_or(0, |o| o.node_id),
+        dead_letter_routing_key: g.dead_letter_routing_key.clone(),
         node_id: 0,
         committed_offsets: Default::default(),
     }

@@ -1072,10 +1072,32 @@ mod tests {
             ack_timeout_ms: 5_000,
             deliveries_max: 3,
             dead_letter_topic: "dead".into(),
+            message_ttl_ms: 60_000,
+            ready_messages_max: 20,
+            exclusive_owner: None,
+            dead_letter_routing_key: String::new(),
         };
         assert_eq!(s.apply(&update("nope", wanted.clone())).unwrap_err().code, ErrorCode::ConsumerGroupNotFound);
+        let too_long = ConsumerGroupSpec { ready_messages_max: 21, ..wanted.clone() };
+        let err = s.apply(&update("g", too_long)).unwrap_err();
+        assert!(err.message.starts_with("ready_messages_max: 21 is more than size (20)"), "{}", err.message);
+        let key = ConsumerGroupSpec {
+            dead_letter_routing_key: "k".into(),
+            dead_letter_topic: String::new(),
+            ..wanted.clone()
+        };
+        let err = s.apply(&update("g", key)).unwrap_err();
+        assert!(err.message.starts_with("dead_letter_routing_key: needs dead_letter_topic"), "{}", err.message);
+        let ttl = ConsumerGroupSpec { message_ttl_ms: 1 << 32, ..wanted.clone() };
+        let err = s.apply(&update("g", ttl)).unwrap_err();
+        assert!(err.message.starts_with("message_ttl_ms: 4294967296 is out of range"), "{}", err.message);
         let looping = ConsumerGroupSpec { dead_letter_topic: "u".into(), ..wanted.clone() };
         let err = s.apply(&update("g", looping)).unwrap_err();
+        assert!(err.message.starts_with("dead_letter_topic:"), "{}", err.message);
+        // A routing key of their own does not help when a fanout binding takes them.
+        let keyed =
+            ConsumerGroupSpec { dead_letter_topic: "u".into(), dead_letter_routing_key: "k".into(), ..wanted.clone() };
+        let err = s.apply(&update("g", keyed)).unwrap_err();
         assert!(err.message.starts_with("dead_letter_topic:"), "{}", err.message);
         let missing = ConsumerGroupSpec { dead_letter_topic: "gone".into(), ..wanted.clone() };
         assert_eq!(s.apply(&update("g", missing)).unwrap_err().code, ErrorCode::TopicNotFound);
@@ -1086,7 +1108,7 @@ mod tests {
         let new = BindingSpec { since_unix_ms: 100, ..BindingSpec::fanout("u") };
         assert_eq!(g.bindings, [old, new], "the old binding keeps its start; the new one starts now");
         assert_eq!((g.size, g.since_unix_ms, g.ack_timeout_ms, g.deliveries_max), (20, 1, 5_000, 3));
-        assert_eq!(g.dead_letter_topic, "dead");
+        assert_eq!((g.dead_letter_topic.as_str(), g.message_ttl_ms, g.ready_messages_max), ("dead", 60_000, 20));
         assert_eq!(s.group_runtime("default", "g").unwrap().offsets, offsets, "offsets kept");
         // Created again with the old settings: it exists with others now.
         let again = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size: 10, ..Default::default() };

@@ -591,6 +591,31 @@ pub struct ConsumerGroupSpec {
     /// Topic of the group's namespace that takes its dead letters; empty: none.
     #[serde(default)]
     pub dead_letter_topic: String,
+    /// A message waiting longer than this since it was stored is not delivered: it is
+    /// dead-lettered (reason `expired`) or dropped; 0: messages do not expire.
+    #[serde(default)]
+    pub message_ttl_ms: u64,
+    /// At most this many messages wait undelivered; the oldest beyond are
+    /// dead-lettered (reason `maxlen`) or dropped; 0: no limit. At most `size`.
+    #[serde(default)]
+    pub ready_messages_max: u64,
+    /// An AMQP exclusive queue: the node whose connection declared it, and that
+    /// node's run. The queue goes with the connection; when the node is DEAD or LEFT
+    /// the leader deletes it, and a node that restarted deletes those of its earlier
+    /// runs (its connections are gone).
+    #[serde(default)]
+    pub exclusive_owner: Option<ExclusiveOwner>,
+    /// Dead letters are published with this routing key (empty: the message's own).
+    #[serde(default)]
+    pub dead_letter_routing_key: String,
+}
+
+/// Who holds an exclusive queue: a node, in one run of its process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExclusiveOwner {
+    pub node_id: NodeId,
+    /// Random per start of the node's process.
+    pub run_id: u64,
 }
 
 impl ConsumerGroupSpec {
@@ -611,7 +636,13 @@ impl ConsumerGroupSpec {
                 None => BindingSpec { since_unix_ms: now_unix_ms, ..b.clone() },
             })
             .collect();
-        ConsumerGroupSpec { bindings, since_unix_ms: self.since_unix_ms, ..update.clone() }
+        // The owner is not a setting: it stays with the queue.
+        ConsumerGroupSpec {
+            bindings,
+            since_unix_ms: self.since_unix_ms,
+            exclusive_owner: self.exclusive_owner,
+            ..update.clone()
+        }
     }
 }
 

@@ -10,6 +10,8 @@ pub const SHARDS_MAX: u32 = 1024;
 pub const REPLICATION_FACTOR_MIN: u32 = 1;
 pub const REPLICATION_FACTOR_MAX: u32 = 7;
 pub const CONSUMER_GROUP_SIZE_MAX: u32 = 1_000_000;
+/// The longest message TTL a group takes (RabbitMQ's largest `x-message-ttl`).
+pub const MESSAGE_TTL_MS_MAX: u64 = u32::MAX as u64;
 pub const BINDINGS_COUNT_MAX: usize = 1024;
 /// A consumer group's ack timeout at most (12 h, as SQS's visibility timeout).
 pub const ACK_TIMEOUT_MS_MAX: u64 = 12 * 60 * 60 * 1000;
@@ -192,9 +194,41 @@ pub fn consumer_group_spec(spec: &ConsumerGroupSpec) -> Result<(), RequestError>
             ),
         ));
     }
+    if spec.message_ttl_ms > MESSAGE_TTL_MS_MAX {
+        return Err(RequestError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "message_ttl_ms: {} is out of range (0 = no expiry, or at most {MESSAGE_TTL_MS_MAX}, about 49.7 days)",
+                spec.message_ttl_ms
+            ),
+        ));
+    }
+    if spec.ready_messages_max > u64::from(spec.size) {
+        return Err(RequestError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "ready_messages_max: {} is more than size ({}): the group's buffer holds the messages it counts",
+                spec.ready_messages_max, spec.size
+            ),
+        ));
+    }
+    if !spec.dead_letter_routing_key.is_empty() && spec.dead_letter_topic.is_empty() {
+        return Err(RequestError::new(
+            ErrorCode::InvalidArgument,
+            "dead_letter_routing_key: needs dead_letter_topic (the topic the dead letters go to)",
+        ));
+    }
     if !spec.dead_letter_topic.is_empty() {
         name("dead_letter_topic", &spec.dead_letter_topic)?;
-        if spec.bindings.iter().any(|b| b.topic == spec.dead_letter_topic) {
+        // A dead letter comes back unless every binding on that topic is a direct one
+        // for another key than the one dead letters carry.
+        let comes_back = |b: &BindingSpec| {
+            b.topic == spec.dead_letter_topic
+                && (spec.dead_letter_routing_key.is_empty()
+                    || b.exchange_type != ExchangeType::Direct
+                    || b.routing_key == spec.dead_letter_routing_key)
+        };
+        if spec.bindings.iter().any(comes_back) {
             return Err(RequestError::new(
                 ErrorCode::InvalidArgument,
                 format!(

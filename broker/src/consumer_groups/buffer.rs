@@ -67,6 +67,28 @@ impl Delivery {
 
 pub type SubscriberId = u64;
 
+/// Why a message left the group without being acknowledged (RabbitMQ's words, as
+/// dead letters' `x-first-death-reason` carries them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeathReason {
+    /// Delivered `deliveries_max` times.
+    DeliveryLimit,
+    /// Waited longer than the group's message TTL.
+    Expired,
+    /// The oldest waiting beyond the group's `ready_messages_max`.
+    MaxLength,
+}
+
+impl DeathReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeathReason::DeliveryLimit => "delivery_limit",
+            DeathReason::Expired => "expired",
+            DeathReason::MaxLength => "maxlen",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AckError {
     #[error("message not delivered (never delivered, or its segment is gone)")]
@@ -163,9 +185,17 @@ pub struct GroupBuffer {
     in_flight: HashMap<Key, InFlight, foldhash::fast::RandomState>,
     /// A message delivered this many times is not handed out again (0: no limit).
     deliveries_max: u32,
-    /// Messages past `deliveries_max`, taken by [`Self::take_dead`] and still
-    /// outstanding until [`Self::dead_lettered`].
-    dead: Vec<Delivery>,
+    /// Messages past `deliveries_max`, expired or beyond `ready_max`, taken by
+    /// [`Self::take_dead`] and still outstanding until [`Self::dead_lettered`].
+    dead: Vec<(Delivery, DeathReason)>,
+    /// A message waiting longer than this since it was stored (its `timestamp_ms`)
+    /// is not handed out but dead (0: no expiry).
+    message_ttl_ms: u64,
+    /// At most this many messages wait in the pending queue; the oldest beyond are
+    /// dead (0: no limit).
+    ready_max: usize,
+    /// The wall clock (unix ms) as [`Self::expire_messages`] last told it.
+    now_unix_ms: i64,
     /// Taken dead letters not yet settled (they hold buffer room).
     dead_outstanding: BTreeSet<Key>,
     /// The in-flight messages with a deadline, soonest first (invariant 3).
@@ -192,6 +222,9 @@ impl GroupBuffer {
             in_flight: HashMap::default(),
             deliveries_max: 0,
             dead: Vec::new(),
+            message_ttl_ms: 0,
+            ready_max: 0,
+            now_unix_ms: i64::MIN,
             dead_outstanding: BTreeSet::new(),
             deadlines: BTreeSet::new(),
             subscribers: BTreeMap::new(),
@@ -212,13 +245,60 @@ impl GroupBuffer {
         self.deliveries_max = count;
     }
 
-    /// The messages that reached the delivery limit since the last call, in log
-    /// order. Each stays outstanding (the committed offset does not pass it)
-    /// until [`Self::dead_lettered`].
-    pub fn take_dead(&mut self) -> Vec<Delivery> {
-        self.dead_outstanding.extend(self.dead.iter().map(|d| (d.segment_id, d.offset)));
+    /// A message that waited (in the pending queue, since it was stored) longer than
+    /// `ttl_ms` is not handed out but given to [`Self::take_dead`] (0: no expiry).
+    pub fn set_message_ttl(&mut self, ttl_ms: u64) {
+        self.message_ttl_ms = ttl_ms;
+    }
+
+    /// At most `count` messages wait in the pending queue (0: no limit); the oldest
+    /// beyond are given to [`Self::take_dead`] by [`Self::expire_messages`].
+    pub fn set_ready_max(&mut self, count: usize) {
+        self.ready_max = count;
+    }
+
+    /// At wall-clock time `now_unix_ms`: the expired messages at the front of the
+    /// pending queue, and the oldest waiting beyond the ready limit, go to the dead
+    /// letters (as RabbitMQ expires at the head of a queue; one expired behind a
+    /// younger one, as messages of two segments may be, is caught when it reaches the
+    /// front or by [`Self::dispatch`], which never hands out an expired message).
+    /// Answers how many.
+    pub fn expire_messages(&mut self, now_unix_ms: i64) -> usize {
+        self.now_unix_ms = self.now_unix_ms.max(now_unix_ms);
+        let mut n = 0;
+        while self.pending.front().is_some_and(|d| self.expired(d)) {
+            let d = self.pending.pop_front().expect("checked");
+            self.dead.push((d, DeathReason::Expired));
+            n += 1;
+        }
+        while self.ready_max > 0 && self.pending.len() > self.ready_max {
+            let d = self.pending.pop_front().expect("longer than the limit");
+            self.dead.push((d, DeathReason::MaxLength));
+            n += 1;
+        }
+        n
+    }
+
+    /// When (unix ms) the message at the front of the pending queue expires, if the
+    /// group has a TTL: when [`Self::expire_messages`] has work next.
+    pub fn next_expiry_unix_ms(&self) -> Option<i64> {
+        let ttl = i64::try_from(self.message_ttl_ms).ok().filter(|t| *t > 0)?;
+        self.pending.front().map(|d| d.timestamp_ms.saturating_add(ttl))
+    }
+
+    fn expired(&self, d: &Delivery) -> bool {
+        self.message_ttl_ms > 0
+            && i64::try_from(self.message_ttl_ms)
+                .is_ok_and(|ttl| d.timestamp_ms.saturating_add(ttl) <= self.now_unix_ms)
+    }
+
+    /// The messages that reached the delivery limit, expired or were beyond the ready
+    /// limit since the last call, in log order, with why. Each stays outstanding (the
+    /// committed offset does not pass it) until [`Self::dead_lettered`].
+    pub fn take_dead(&mut self) -> Vec<(Delivery, DeathReason)> {
+        self.dead_outstanding.extend(self.dead.iter().map(|(d, _)| (d.segment_id, d.offset)));
         let mut dead = std::mem::take(&mut self.dead);
-        dead.sort_unstable_by_key(|d| (d.segment_id, d.offset));
+        dead.sort_unstable_by_key(|(d, _)| (d.segment_id, d.offset));
         dead
     }
 
@@ -350,7 +430,7 @@ impl GroupBuffer {
     /// `deliveries_max` times, to the dead letters ([`Self::take_dead`]).
     fn return_to_queue(&mut self, d: Delivery) {
         if self.deliveries_max > 0 && d.delivery_count >= self.deliveries_max {
-            self.dead.push(d);
+            self.dead.push((d, DeathReason::DeliveryLimit));
         } else {
             self.pending.push_front(d);
         }
@@ -384,7 +464,11 @@ impl GroupBuffer {
             self.rr_cursor = id.wrapping_add(1);
             let mut d = self.pending.pop_front().expect("checked non-empty");
             if self.deliveries_max > 0 && d.delivery_count >= self.deliveries_max {
-                self.dead.push(d);
+                self.dead.push((d, DeathReason::DeliveryLimit));
+                continue;
+            }
+            if self.expired(&d) {
+                self.dead.push((d, DeathReason::Expired));
                 continue;
             }
             d.delivery_count = d.delivery_count.saturating_add(1);
@@ -428,7 +512,7 @@ impl GroupBuffer {
         }
         let seg = self.segments.get(&segment_id).ok_or(AckError::NotInFlight)?;
         if seg.outstanding.contains(&offset) {
-            if let Some(i) = self.dead.iter().position(|d| (d.segment_id, d.offset) == key) {
+            if let Some(i) = self.dead.iter().position(|(d, _)| (d.segment_id, d.offset) == key) {
                 // Past its delivery limit, acked before it was dead-lettered.
                 self.dead.remove(i);
             } else if self.take_redelivery(key).is_err() {
@@ -511,7 +595,7 @@ impl GroupBuffer {
             return;
         }
         self.pending.retain(|d| d.segment_id != segment_id);
-        self.dead.retain(|d| d.segment_id != segment_id);
+        self.dead.retain(|(d, _)| d.segment_id != segment_id);
         self.dead_outstanding.retain(|key| key.0 != segment_id);
         self.deadlines.retain(|(_, key)| key.0 != segment_id);
         let subscribers = &mut self.subscribers;
@@ -904,12 +988,77 @@ mod tests {
         // Acked before it was taken: done, not dead-lettered.
         assert_eq!(buf.ack(1, 0), Ok(Acked::Now));
         let dead = buf.take_dead();
-        assert_eq!(dead.iter().map(|d| (d.offset, d.delivery_count)).collect::<Vec<_>>(), [(1, 2)]);
+        assert_eq!(
+            dead.iter().map(|(d, why)| (d.offset, d.delivery_count, *why)).collect::<Vec<_>>(),
+            [(1, 2, DeathReason::DeliveryLimit)]
+        );
         // While it is being dead-lettered a late ack changes nothing.
         assert_eq!(buf.ack(1, 1), Ok(Acked::Already));
         assert_eq!(buf.committed(), BTreeMap::from([(1, 1)]));
         buf.dead_lettered(1, 1);
         assert_eq!((buf.committed(), buf.free()), (BTreeMap::from([(1, 2)]), 3));
+    }
+
+    /// Stored at `timestamp_ms` (unix ms).
+    fn stored_at(segment_id: u64, offset: u64, timestamp_ms: i64) -> Delivery {
+        Delivery { timestamp_ms, ..msg(segment_id, offset) }
+    }
+
+    #[test]
+    fn a_message_waiting_past_its_ttl_is_dead_not_delivered() {
+        let mut buf = GroupBuffer::new(10, BTreeMap::new(), 0);
+        buf.set_message_ttl(1_000);
+        for (offset, at) in [(0, 10_000), (1, 10_500), (2, 11_000)] {
+            buf.offer(stored_at(1, offset, at)).unwrap();
+        }
+        assert_eq!(buf.next_expiry_unix_ms(), Some(11_000));
+        // At 11,000 the first one has waited its 1,000 ms: expired at the front.
+        assert_eq!(buf.expire_messages(10_999), 0);
+        assert_eq!(buf.expire_messages(11_000), 1);
+        assert_eq!(buf.next_expiry_unix_ms(), Some(11_500));
+        // One that expired while the front is younger is not handed out either.
+        buf.offer(stored_at(2, 0, 9_000)).unwrap();
+        let a = buf.subscribe(0, false);
+        let got = buf.dispatch(0);
+        assert_eq!(positions(&got), [(a, 1, 1), (a, 1, 2)]);
+        let dead: Vec<_> = buf.take_dead().into_iter().map(|(d, why)| (d.segment_id, d.offset, why)).collect();
+        assert_eq!(dead, [(1, 0, DeathReason::Expired), (2, 0, DeathReason::Expired)]);
+        // Dead, they hold the committed offsets until dead-lettered (or dropped).
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 0), (2, 0)]));
+        buf.dead_lettered(1, 0);
+        buf.dead_lettered(2, 0);
+        assert_eq!(buf.committed(), BTreeMap::from([(1, 1), (2, 1)]), "up to the first one in flight");
+        // A delivered message nacked after its TTL passed is not delivered again.
+        buf.nack(1, 1).unwrap();
+        buf.expire_messages(11_600);
+        assert_eq!(positions(&buf.dispatch(0)), []);
+        let dead: Vec<_> = buf.take_dead().into_iter().map(|(d, why)| (d.offset, d.delivery_count, why)).collect();
+        assert_eq!(dead, [(1, 1, DeathReason::Expired)]);
+        // In flight, a message does not expire (the TTL is time in the queue).
+        assert_eq!(buf.in_flight_of(a), 1);
+        // No TTL: nothing expires.
+        buf.set_message_ttl(0);
+        buf.offer(stored_at(1, 3, 0)).unwrap();
+        assert_eq!((buf.expire_messages(i64::MAX), buf.next_expiry_unix_ms()), (0, None));
+        assert_eq!(positions(&buf.dispatch(0)), [(a, 1, 3)]);
+    }
+
+    #[test]
+    fn beyond_the_ready_limit_the_oldest_waiting_are_dead() {
+        let mut buf = GroupBuffer::new(10, BTreeMap::new(), 0);
+        buf.set_ready_max(2);
+        offer_range(&mut buf, 1, 0..5);
+        assert_eq!(buf.expire_messages(0), 3);
+        assert_eq!(buf.pending_len(), 2);
+        let dead: Vec<_> = buf.take_dead().into_iter().map(|(d, why)| (d.offset, why)).collect();
+        assert_eq!(dead, [(0, DeathReason::MaxLength), (1, DeathReason::MaxLength), (2, DeathReason::MaxLength)]);
+        // Delivered and unacknowledged messages do not count.
+        let a = buf.subscribe(1, false);
+        assert_eq!(positions(&buf.dispatch(0)), [(a, 1, 3)]);
+        offer_range(&mut buf, 1, 5..7);
+        assert_eq!(buf.expire_messages(0), 1);
+        assert_eq!(positions(&buf.take_dead().into_iter().map(|(d, _)| (a, d)).collect::<Vec<_>>()), [(a, 1, 4)]);
+        assert_eq!((buf.pending_len(), buf.in_flight_len()), (2, 1));
     }
 
     #[test]

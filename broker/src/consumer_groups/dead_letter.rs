@@ -1,5 +1,6 @@
 //! What a consumer group publishes to its dead-letter topic for a message delivered
-//! `deliveries_max` times: the message as it was published, with headers that say
+//! `deliveries_max` times, expired (`message_ttl_ms`) or beyond `ready_messages_max`:
+//! the message as it was published, with headers that say
 //! where it came from and why, named as RabbitMQ names them (so tools that read
 //! RabbitMQ's dead letters read these too) plus the record's place in the log.
 //!
@@ -11,18 +12,18 @@ use amq_protocol::types::{AMQPValue, LongString};
 use eventtermq_proto::v1::Message;
 use prost::Message as _;
 
-use super::buffer::Delivery;
+use super::buffer::{DeathReason, Delivery};
 
-/// Why a message was dead-lettered (RabbitMQ's reason for a quorum queue's
-/// `x-delivery-limit`).
-pub const REASON_DELIVERY_LIMIT: &str = "delivery_limit";
-
-/// The dead letter of `d`, taken from group `group`; `None` when the stored message
-/// does not decode (the primary encoded it, so only a bug gets there).
-pub fn message(d: &Delivery, group: &str) -> Option<Message> {
+/// The dead letter of `d`, taken from group `group` for `reason`, with `routing_key`
+/// (empty: its own); `None` when the stored message does not decode (the primary
+/// encoded it, so only a bug gets there).
+pub fn message(d: &Delivery, group: &str, reason: DeathReason, routing_key: &str) -> Option<Message> {
     let mut m = Message::decode(d.message.clone()).ok()?;
+    if !routing_key.is_empty() {
+        m.routing_key = routing_key.to_string();
+    }
     let added = [
-        ("x-first-death-reason", REASON_DELIVERY_LIMIT.to_string()),
+        ("x-first-death-reason", reason.as_str().to_string()),
         ("x-first-death-queue", group.to_string()),
         ("x-first-death-exchange", d.topic.to_string()),
         ("x-delivery-count", d.delivery_count.to_string()),
@@ -70,8 +71,10 @@ mod tests {
     #[test]
     fn a_dead_letter_keeps_the_message_and_says_where_it_came_from() {
         let m = Message { routing_key: "k".into(), data: Bytes::from_static(b"body"), ..Default::default() };
-        let dead = message(&delivery(&m), "billing").unwrap();
+        let dead = message(&delivery(&m), "billing", DeathReason::DeliveryLimit, "").unwrap();
         assert_eq!((dead.routing_key.as_str(), &dead.data[..]), ("k", &b"body"[..]));
+        let rerouted = message(&delivery(&m), "billing", DeathReason::Expired, "retry").unwrap();
+        assert_eq!(rerouted.routing_key, "retry");
         let h = |k: &str| dead.headers.get(k).map(String::as_str);
         assert_eq!(h("x-first-death-reason"), Some("delivery_limit"));
         assert_eq!(h("x-first-death-queue"), Some("billing"));
@@ -91,7 +94,7 @@ mod tests {
         table.insert("x-delivery-count".into(), AMQPValue::LongString("1".into()));
         let (encoded, _) = cookie_factory::gen(gen_field_table(&table), Vec::new()).unwrap();
         let m = Message { amqp_headers: encoded, ..Default::default() };
-        let dead = message(&delivery(&m), "g").unwrap();
+        let dead = message(&delivery(&m), "g", DeathReason::Expired, "").unwrap();
         let (_, t) = parse_field_table(&dead.amqp_headers[..]).unwrap();
         let get = |k: &str| t.inner().get(k).cloned();
         assert_eq!(get("n"), Some(AMQPValue::LongInt(7)), "its own entry kept, typed");
@@ -102,6 +105,6 @@ mod tests {
     #[test]
     fn a_damaged_table_is_refused() {
         let m = Message { amqp_headers: vec![0, 0, 0, 9, 1], ..Default::default() };
-        assert!(message(&delivery(&m), "g").is_none());
+        assert!(message(&delivery(&m), "g", DeathReason::MaxLength, "").is_none());
     }
 }

@@ -157,6 +157,10 @@ struct Task {
     /// The segments whose offsets / hand-out marks the commit in flight carries: if it
     /// fails they are not recorded, and the next commit carries them again.
     commit_carries: (Vec<SegmentId>, Vec<SegmentId>),
+    /// Commits failed in a row: the next one waits longer ([`commit_backoff`]), so
+    /// that thousands of groups do not retry together into a cluster that cannot
+    /// take their writes now.
+    commit_failures: u32,
     /// Commits started so far; the one in flight is number `commits_started`.
     commits_started: u64,
     /// [`GroupCmd::Flush`]es, each with the number of the commit that records it.
@@ -196,6 +200,8 @@ pub(crate) async fn run(
     let Some(mut t) = Task::new(segments, namespace, name) else { return };
     let commit_interval = Duration::from_millis(t.segments.settings().offsets_commit_interval_ms.max(1));
     let (mut commit_due, mut peek_due, mut expiry) = (Deadline::default(), Deadline::default(), Deadline::default());
+    // When the message at the front of the queue outlives the group's TTL.
+    let mut ttl_due = Deadline::default();
     if !t.refresh() {
         return;
     }
@@ -222,6 +228,8 @@ pub(crate) async fn run(
                 expiry.disarm();
                 t.expire();
             }
+            // `step` below dead-letters what expired.
+            _ = ttl_due.wait() => ttl_due.disarm(),
             r = commit_done(&mut t.commit_in_flight), if t.commit_in_flight.is_some() => t.committed(r),
             Some(cmd) = cmds.recv() => t.command(cmd),
             Some((id, result)) = t.fetches.next(), if !t.fetches.is_empty() => t.fetched(id, result),
@@ -236,7 +244,8 @@ pub(crate) async fn run(
         // Anything may have moved the offsets: a commit within one interval, unless
         // this wake-up was the commit itself (an idle group then commits no more).
         if !committing && !commit_due.is_armed() {
-            commit_due.arm(tokio::time::Instant::now() + commit_interval);
+            let wait = commit_backoff(commit_interval, t.commit_failures, &t.name);
+            commit_due.arm(tokio::time::Instant::now() + wait);
         }
         if !peek_due.is_armed() && t.peeks.is_empty() && !t.reader.peeks_due().is_empty() {
             peek_due.arm(tokio::time::Instant::now() + LAG_PEEK_INTERVAL);
@@ -244,6 +253,13 @@ pub(crate) async fn run(
         match t.buffer.next_deadline() {
             Some(deadline) => expiry.arm(t.epoch + Duration::from_millis(deadline)),
             None => expiry.disarm(),
+        }
+        match t.buffer.next_expiry_unix_ms() {
+            Some(at) => {
+                let wait_ms = at.saturating_sub(t.segments.clock().now_unix_ms()).max(0) as u64;
+                ttl_due.arm(tokio::time::Instant::now() + Duration::from_millis(wait_ms));
+            }
+            None => ttl_due.disarm(),
         }
     }
     // Boxed: a future that holds the whole task again, needed once at the end.
@@ -298,6 +314,8 @@ impl Task {
         let ack_timeout = ack_timeout_ms(&spec, segments.settings().ack_timeout_ms);
         let mut buffer = GroupBuffer::new(spec.size.max(1) as usize, start.clone(), ack_timeout);
         buffer.set_deliveries_max(spec.deliveries_max);
+        buffer.set_message_ttl(spec.message_ttl_ms);
+        buffer.set_ready_max(spec.ready_messages_max as usize);
         buffer.resume_handed_out(&runtime.handed_out);
         let counters = segments.metrics().group_counters(&namespace, &name);
         Some(Task {
@@ -315,6 +333,7 @@ impl Task {
             last_handed_out: runtime.handed_out,
             commit_in_flight: None,
             commit_carries: Default::default(),
+            commit_failures: 0,
             commits_started: 0,
             flushes: Vec::new(),
             peeks: FuturesUnordered::new(),
@@ -351,6 +370,8 @@ impl Task {
         if let Some(spec) = spec.filter(|s| *s != self.reader.spec()) {
             self.buffer.set_ack_timeout(ack_timeout_ms(spec, self.segments.settings().ack_timeout_ms));
             self.buffer.set_deliveries_max(spec.deliveries_max);
+            self.buffer.set_message_ttl(spec.message_ttl_ms);
+            self.buffer.set_ready_max(spec.ready_messages_max as usize);
             self.reader.spec_changed(spec.clone(), &mut self.buffer);
         }
         self.reader.segments_changed(st.state.segments.iter().map(|(id, s)| (*id, s)), &mut self.buffer);
@@ -604,6 +625,8 @@ impl Task {
         for fetch in self.reader.next_fetches(&self.buffer) {
             self.start_fetch(fetch);
         }
+        // Expired and beyond the ready limit: dead before anything is handed out.
+        self.buffer.expire_messages(self.segments.clock().now_unix_ms());
         let handed = self.buffer.dispatch(self.now());
         self.counters.deliveries.inc_by(handed.len() as u64);
         self.dead_letter();
@@ -630,11 +653,13 @@ impl Task {
     /// restart; a restart may publish one twice), or are dropped without one.
     fn dead_letter(&mut self) {
         let topic = self.reader.spec().dead_letter_topic.clone();
-        for d in self.buffer.take_dead() {
-            let message = (!topic.is_empty()).then(|| dead_letter::message(&d, &self.name)).flatten();
+        let key = self.reader.spec().dead_letter_routing_key.clone();
+        for (d, reason) in self.buffer.take_dead() {
+            let message = (!topic.is_empty()).then(|| dead_letter::message(&d, &self.name, reason, &key)).flatten();
             let Some(message) = message else {
                 tracing::debug!(namespace = %self.namespace, group = %self.name, segment_id = d.segment_id,
-                    offset = d.offset, deliveries = d.delivery_count, "delivery limit reached; dropping the message");
+                    offset = d.offset, deliveries = d.delivery_count, reason = reason.as_str(),
+                    "dead, and no dead-letter topic; dropping the message");
                 self.buffer.dead_lettered(d.segment_id, d.offset);
                 self.counters.dropped.inc();
                 continue;
@@ -707,13 +732,22 @@ impl Task {
             // Not recorded (or not known to be): the next commit carries them again,
             // else a group that then stays idle would never record how far it got,
             // and retention would keep what it has consumed.
-            tracing::info!(namespace = %self.namespace, group = %self.name, error = %e, "offset commit failed; retried with the next one");
+            self.commit_failures = self.commit_failures.saturating_add(1);
+            if self.commit_failures == 1 {
+                tracing::info!(namespace = %self.namespace, group = %self.name, error = %e,
+                    "offset commit failed; retried with the next one, later each time while they fail");
+            } else {
+                tracing::debug!(namespace = %self.namespace, group = %self.name, error = %e,
+                    failures = self.commit_failures, "offset commit failed again");
+            }
             for id in offsets {
                 self.last_committed.remove(&id);
             }
             for id in handed_out {
                 self.last_handed_out.remove(&id);
             }
+        } else {
+            self.commit_failures = 0;
         }
         let done = self.commits_started;
         for (_, reply) in self.flushes.extract_if(.., |(needs, _)| *needs <= done) {
@@ -757,6 +791,27 @@ impl Task {
         }
     }
 }
+
+/// The wait before the next commit: the interval, doubled for each commit that failed
+/// in a row up to [`COMMIT_BACKOFF_MAX_FACTOR`] times it, plus (after a failure) up
+/// to one interval more that depends on the group's name, so that groups that failed
+/// together spread their retries (the same every run: simulations replay).
+fn commit_backoff(interval: Duration, failures: u32, name: &str) -> Duration {
+    if failures == 0 {
+        return interval;
+    }
+    let factor = 1u32 << failures.min(COMMIT_BACKOFF_MAX_FACTOR.trailing_zeros());
+    let spread = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        (name, failures).hash(&mut h);
+        interval.mul_f64((h.finish() % 1000) as f64 / 1000.0)
+    };
+    interval * factor + spread
+}
+
+/// At most this many intervals between commits while they fail (a power of two).
+const COMMIT_BACKOFF_MAX_FACTOR: u32 = 32;
 
 /// Waits for the commit in flight (the caller polls this only when there is one).
 async fn commit_done(commit: &mut Option<JoinHandle<Result<u64, RequestError>>>) -> Result<(), String> {
@@ -812,4 +867,23 @@ fn settle(buffer: &mut GroupBuffer, keys: &[(SegmentId, u64)], ack: bool) -> (u6
         ),
     );
     (done, Err(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_that_fail_wait_longer_each_time_up_to_a_bound_spread_by_group() {
+        let i = Duration::from_secs(1);
+        assert_eq!(commit_backoff(i, 0, "g"), i, "no failure: the interval");
+        for (failures, factor) in [(1, 2), (2, 4), (5, 32), (6, 32), (1000, 32)] {
+            let wait = commit_backoff(i, failures, "g");
+            assert!(wait >= i * factor && wait < i * (factor + 1), "{failures} failures: {wait:?}");
+            assert_eq!(wait, commit_backoff(i, failures, "g"), "the same every time");
+        }
+        let spread: std::collections::BTreeSet<Duration> =
+            (0..50).map(|n| commit_backoff(i, 3, &format!("group-{n}"))).collect();
+        assert!(spread.len() > 40, "groups that failed together retry apart: {spread:?}");
+    }
 }

@@ -415,12 +415,12 @@ impl Families {
         );
         r.register(
             "consumer_group_dead_lettered",
-            "Messages delivered deliveries_max times, published to the group's dead-letter topic",
+            "Messages delivered deliveries_max times, expired (message_ttl_ms) or beyond ready_messages_max, published to the group's dead-letter topic",
             self.group_dead_lettered.clone(),
         );
         r.register(
             "consumer_group_dropped",
-            "Messages delivered deliveries_max times and dropped (the group has no dead-letter topic)",
+            "Messages delivered deliveries_max times, expired (message_ttl_ms) or beyond ready_messages_max, and dropped (the group has no dead-letter topic)",
             self.group_dropped.clone(),
         );
         r.register("grpc_requests", "gRPC requests served, by method and status code", self.grpc_requests.clone());

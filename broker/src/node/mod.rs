@@ -243,6 +243,7 @@ impl Tasks {
                 groups: groups.clone(),
                 peers: peers.clone(),
                 consumers: Default::default(),
+                run_id: rand::random(),
             };
             tokio::spawn(crate::amqp::serve(backend, incoming, config.amqp.clone(), stop.clone()))
         });

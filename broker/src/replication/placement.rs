@@ -16,7 +16,9 @@
 //!    every consumer group bound to the topic has passed them (or at once with
 //!    `retention_overrides_consumers`);
 //! 5. every consumer group runs on an ALIVE node; a group whose node is DEAD or LEFT
-//!    moves to the least loaded live node.
+//!    moves to the least loaded live node;
+//! 6. an AMQP exclusive queue (a group with an `exclusive_owner`) whose node is DEAD or
+//!    LEFT is deleted, as its connection is gone.
 //!
 //! Each pass proposes its commands together (at most [`PROPOSALS_IN_FLIGHT_MAX`] in
 //! flight, so Raft commits many in one append) and waits for them before the next
@@ -189,6 +191,22 @@ fn plan(
     cmds.extend(rereplicate(state, &load, lost));
     cmds.extend(expire(state, now_unix_ms));
     cmds.extend(place_groups(state, &alive));
+    cmds.extend(exclusive_queues_of_gone_nodes(state));
+    cmds
+}
+
+/// 6. An AMQP exclusive queue whose node is DEAD or LEFT is deleted: the connection
+///    that declared it is gone with its node (a node that restarted deletes those of
+///    its earlier runs itself, see `amqp::Backend::delete_exclusive_queues_of_earlier_runs`).
+fn exclusive_queues_of_gone_nodes(state: &ClusterState) -> Vec<Command> {
+    let mut cmds = Vec::new();
+    for (ns, namespace) in &state.namespaces {
+        for (name, g) in &namespace.consumer_groups {
+            if g.exclusive_owner.is_some_and(|o| state.node_gone(o.node_id)) {
+                cmds.push(Command::DeleteConsumerGroup { namespace: ns.clone(), name: name.clone() });
+            }
+        }
+    }
     cmds
 }
 
@@ -604,6 +622,36 @@ mod tests {
             _ => None,
         });
         assert!(moved.is_some_and(|n| n != node && s.node_alive(n)), "{cmds:?}");
+    }
+
+    #[test]
+    fn exclusive_queues_of_dead_or_left_nodes_are_deleted() {
+        let mut s = state_with_topic(0);
+        for (name, owner) in [("ex-1", Some(1)), ("ex-2", Some(2)), ("ex-3", Some(3)), ("plain", None)] {
+            let spec = ConsumerGroupSpec {
+                size: 10,
+                exclusive_owner: owner.map(|node_id| ExclusiveOwner { node_id, run_id: 7 }),
+                ..Default::default()
+            };
+            s.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: name.into(), spec }).unwrap();
+        }
+        let deletes = |s: &ClusterState| {
+            let mut names: Vec<String> = plan(s, &HashMap::new(), Duration::from_secs(60), 0)
+                .into_iter()
+                .filter_map(|c| match c {
+                    Command::DeleteConsumerGroup { name, .. } => Some(name),
+                    _ => None,
+                })
+                .collect();
+            names.sort();
+            names
+        };
+        assert!(deletes(&s).is_empty(), "every owner ALIVE");
+        set_node(&mut s, 1, NodeState::Suspect);
+        assert!(deletes(&s).is_empty(), "SUSPECT is not gone");
+        set_node(&mut s, 1, NodeState::Dead);
+        set_node(&mut s, 2, NodeState::Left);
+        assert_eq!(deletes(&s), ["ex-1", "ex-2"]);
     }
 
     #[test]

@@ -223,6 +223,34 @@ async function confirms() {
   await c.close();
 }
 
+// Many messages published at once on one confirm channel (several publish requests in
+// flight on the broker): confirms come in delivery-tag order (each `basic.ack` above
+// the one before, the last covering every message), and the queue has the messages
+// in publish order.
+async function pipelinedConfirms() {
+  const N = 5000;
+  const c = await connect(CON);
+  const ch = await c.createChannel();
+  await ch.assertExchange('js-pipelined', 'direct', { durable: true });
+  await ch.assertQueue('js-pipelined-q', { durable: true });
+  await ch.bindQueue('js-pipelined-q', 'js-pipelined', 'k');
+  const p = await connect(PUB);
+  const pch = await p.createConfirmChannel();
+  const acks = [];
+  pch.on('ack', (f) => acks.push(f.deliveryTag));
+  pch.on('nack', (f) => fail(`pipelined_confirms: nack of ${f.deliveryTag}`));
+  const body = 'x'.repeat(1000);
+  for (let i = 0; i < N; i++) pch.publish('js-pipelined', 'k', Buffer.from(`${i} ${body}`), { persistent: true });
+  await bounded('confirms of the pipelined messages', pch.waitForConfirms(), 60000);
+  await p.close();
+  const ordered = acks.every((t, i) => i === 0 || t > acks[i - 1]);
+  if (!ordered || acks[acks.length - 1] !== N) fail(`pipelined_confirms: ack tags ${JSON.stringify(acks)}`);
+  const got = (await drain(ch, 'js-pipelined-q', N, { ack: true, prefetch: 500 })).map((b) => Number(b.split(' ')[0]));
+  const firstWrong = got.findIndex((v, i) => v !== i);
+  expect('pipelined_confirms', [got.length, firstWrong, acks.length > 1], [N, -1, true]);
+  await c.close();
+}
+
 const CHECKS = {
   hello,
   work_queues: workQueues,
@@ -231,6 +259,7 @@ const CHECKS = {
   topics,
   rpc,
   confirms,
+  pipelined_confirms: pipelinedConfirms,
 };
 
 (async () => {

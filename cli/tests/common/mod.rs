@@ -125,14 +125,7 @@ pub fn test_dir(name: &str) -> PathBuf {
 
 /// Polls `f` every 100 ms until it returns true or `timeout` passes.
 pub fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out after {timeout:?} waiting for: {what}");
+    eventually_explained(timeout, what, || if f() { Ok(()) } else { Err(String::new()) });
 }
 
 /// [`eventually`] for a check that says what it saw: the panic shows its last answer.
@@ -146,7 +139,8 @@ pub fn eventually_explained(timeout: Duration, what: &str, mut f: impl FnMut() -
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("timed out after {timeout:?} waiting for: {what}; last seen: {last}");
+    let seen = if last.is_empty() { String::new() } else { format!("; last seen: {last}") };
+    panic!("timed out after {timeout:?} waiting for: {what}{seen}");
 }
 
 pub fn alive_count(dump: &str) -> usize {
