@@ -315,6 +315,55 @@ impl Admin {
         }
     }
 
+    /// Every user with its administrator flag and permissions (linearizable read; no
+    /// password or hash is ever listed).
+    pub async fn list_users(&mut self) -> Result<Listed<pb::User>> {
+        match self.client.list_users(pb::ListUsersRequest { stale: false }).await {
+            Ok(response) => {
+                let response = response.into_inner();
+                Ok(Listed { items: response.users, index: response.index })
+            }
+            Err(status) => Err(self.read_failed(status)),
+        }
+    }
+
+    /// Creates a user (the password is hashed by the broker; it is in no error).
+    pub async fn create_user(&mut self, name: &str, password: &str, admin: bool) -> Result<WriteOutcome> {
+        let request = pb::CreateUserRequest { name: name.to_string(), password: password.to_string(), admin };
+        let result = self.client.create_user(request).await;
+        self.outcome(result)
+    }
+
+    /// Replaces an existing user's password.
+    pub async fn change_password(&mut self, name: &str, password: &str) -> Result<WriteOutcome> {
+        let request = pb::ChangePasswordRequest { name: name.to_string(), password: password.to_string() };
+        let result = self.client.change_password(request).await;
+        self.outcome(result)
+    }
+
+    /// Sets (`Some`) or removes (`None`) a user's permissions on one namespace.
+    pub async fn set_permissions(
+        &mut self,
+        user: &str,
+        namespace: &str,
+        permissions: Option<pb::Permissions>,
+    ) -> Result<WriteOutcome> {
+        let request = pb::SetPermissionsRequest {
+            user: user.to_string(),
+            namespace: namespace.to_string(),
+            clear: permissions.is_none(),
+            permissions,
+        };
+        let result = self.client.set_permissions(request).await;
+        self.outcome(result)
+    }
+
+    /// Deletes a user; a user already gone counts as deleted.
+    pub async fn delete_user(&mut self, name: &str) -> Result<()> {
+        let request = pb::DeleteUserRequest { name: name.to_string() };
+        self.deleted(self.client.clone().delete_user(request).await)
+    }
+
     /// The cluster state and Raft view of the answering broker (linearizable read).
     pub async fn dump(&mut self) -> Result<pb::DumpResponse> {
         match self.client.dump(pb::DumpRequest::default()).await {

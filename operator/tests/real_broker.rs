@@ -266,3 +266,101 @@ async fn consumer_group_is_written_once_then_only_read() {
     }
     broker.stop().await;
 }
+
+/// A connection to the broker at `addr` as `user` with `password`.
+async fn as_user(
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+) -> pb::admin_client::AdminClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        eventter_operator::credentials::BrokerCredentials,
+    >,
+> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let credentials = eventter_operator::credentials::BrokerCredentials::new(user, password).unwrap();
+    pb::admin_client::AdminClient::with_interceptor(channel, credentials)
+}
+
+/// What listing the topics of `namespace` as `user` answers.
+async fn list_topics_as(addr: SocketAddr, user: &str, password: &str, namespace: &str) -> tonic::Code {
+    let request = pb::ListTopicsRequest { namespace: namespace.into(), ..Default::default() };
+    let answer = as_user(addr, user, password).await.list_topics(request).await;
+    answer.map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code())
+}
+
+/// A User against a real broker: created with its password and permissions, then in
+/// sync (the operator's comparison agrees with what the broker lists: no write, no
+/// status patch), a changed Secret replaces the password, and deleting the resource
+/// deletes the user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_is_created_its_password_follows_the_secret_and_it_is_deleted() {
+    use common::{app_user, expect_user_reads, password_secret, ready, spec_with, user_path};
+    use eventter_operator::controller::user;
+    let broker = Broker::start("127.0.0.82").await;
+    let (client, mut server) = api_server::client();
+    let ctx = context(client, broker.addr);
+    let user = app_user(spec_with(json!([
+        {"namespace": "default", "configure": "^orders$", "write": "^orders$", "read": ".*"},
+        {"namespace": "shop", "read": "^audit$"}
+    ])));
+    let (old, new) = ("app-old-pw-5Hs2k9", "app-new-pw-7Lm3q1");
+    let secret = password_secret(old, "10");
+    let reconcile = tokio::spawn(user::reconcile(Arc::new(user.clone()), ctx.clone()));
+    expect_user_reads(&mut server, Some(&secret), true).await;
+    server.expect_event(NS, "PasswordSet").await;
+    let patch = server.expect(Method::PATCH, &format!("{}/status", user_path()), patched_status(&user)).await;
+    assert_eq!(ready(&patch.body).0, "True", "{}", patch.body);
+    server.expect_event(NS, "Synced").await;
+    finished(reconcile).await.unwrap();
+    server.expect_no_more().await;
+    // The user gets in where its permissions say, and only there.
+    assert_eq!(list_topics_as(broker.addr, "app", old, "default").await, tonic::Code::Ok);
+    assert_eq!(list_topics_as(broker.addr, "app", old, "shop").await, tonic::Code::Ok, "shop was created");
+    let users = broker.admin().await.list_users(pb::ListUsersRequest::default()).await.unwrap().into_inner().users;
+    let app = users.iter().find(|u| u.name == "app").expect("user app in the broker");
+    assert_eq!(app.permissions["shop"].read, "^audit$");
+    assert!(!app.admin);
+
+    // In sync: reads only (a write would move the index and patch the status).
+    let synced = after_status_patch(&user, &patch.body);
+    for _ in 0..2 {
+        let reconcile = tokio::spawn(user::reconcile(Arc::new(synced.clone()), ctx.clone()));
+        expect_user_reads(&mut server, Some(&secret), true).await;
+        assert_eq!(finished(reconcile).await.unwrap(), Action::requeue(broker_object::RESYNC_PERIOD));
+        server.expect_no_more().await;
+    }
+
+    // The Secret changes: the new password works, the old one no longer does, and a
+    // namespace dropped from the spec loses its permissions.
+    let mut changed = synced.clone();
+    changed.spec.permissions.truncate(1);
+    let new_secret = password_secret(new, "11");
+    let ctx = context(ctx.client.clone(), broker.addr);
+    let reconcile = tokio::spawn(user::reconcile(Arc::new(changed.clone()), ctx.clone()));
+    expect_user_reads(&mut server, Some(&new_secret), true).await;
+    server.expect_event(NS, "PasswordSet").await;
+    let patch = server.expect(Method::PATCH, &format!("{}/status", user_path()), patched_status(&changed)).await;
+    assert_eq!(patch.body["status"]["passwordSecretVersion"], "secret-uid-1/11");
+    finished(reconcile).await.unwrap();
+    server.expect_no_more().await;
+    assert_eq!(list_topics_as(broker.addr, "app", old, "default").await, tonic::Code::Unauthenticated);
+    assert_eq!(list_topics_as(broker.addr, "app", new, "default").await, tonic::Code::Ok);
+    assert_eq!(list_topics_as(broker.addr, "app", new, "shop").await, tonic::Code::PermissionDenied);
+
+    // Deleted: gone from the broker, and its password with it.
+    let mut gone = after_status_patch(&changed, &patch.body);
+    gone.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+    let reconcile = tokio::spawn(user::reconcile(Arc::new(gone.clone()), ctx.clone()));
+    common::expect_cluster_get(&mut server).await;
+    server.expect_event(NS, "Deleted").await;
+    server.expect(Method::PATCH, &user_path(), |_| (http::StatusCode::OK, serde_json::to_value(&gone).unwrap())).await;
+    assert_eq!(finished(reconcile).await.unwrap(), Action::await_change());
+    server.expect_no_more().await;
+    assert_eq!(list_topics_as(broker.addr, "app", new, "default").await, tonic::Code::Unauthenticated);
+    let users = broker.admin().await.list_users(pb::ListUsersRequest::default()).await.unwrap().into_inner().users;
+    assert!(users.iter().all(|u| u.name != "app"), "{users:?}");
+    broker.stop().await;
+}

@@ -10,6 +10,7 @@
 
 pub mod broker_object;
 pub mod cluster;
+pub mod user;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
