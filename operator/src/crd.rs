@@ -677,6 +677,9 @@ impl HeadersMatch {
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "has(self.name) == has(oldSelf.name) && (!has(self.name) || self.name == oldSelf.name)",
     "message": "name is immutable"
+}, {
+    "rule": "(has(self.admin) && self.admin) == (has(oldSelf.admin) && oldSelf.admin)",
+    "message": "admin is immutable"
 }]))]
 pub struct UserSpec {
     /// Name of the EventterCluster (in the same Kubernetes namespace) the user belongs
@@ -697,7 +700,6 @@ pub struct UserSpec {
     /// A cluster administrator: every permission on every broker namespace, and the
     /// namespaces and users themselves. Immutable (the broker cannot change it in place).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "admin is immutable"}]))]
     pub admin: bool,
     /// What the user may do, per broker namespace (created when missing); a namespace
     /// not listed: nothing. The operator removes the user's permissions on namespaces
