@@ -329,3 +329,46 @@ fn change_password_replaces_the_old_one_and_keeps_permissions() {
         assert!(!log.contains(secret), "{secret:?} in the broker's log");
     }
 }
+
+/// The Kubernetes start (issue 17): every node with `--bootstrap-expect 3` and the
+/// same `--admin-user`, each joining the others. Before founding the cluster a node
+/// asks the others whether one exists already; those take no client before their
+/// administrator exists (which needs the cluster), so that question is a node's, not
+/// a client's. Then a fourth node, with the same flags, joins the running cluster,
+/// which has users by then, and is added rather than founding a second one.
+#[test]
+fn nodes_with_an_admin_user_found_the_cluster_and_a_later_node_joins() {
+    const HOSTS: [&str; 4] = ["127.0.0.83", "127.0.0.84", "127.0.0.85", "127.0.0.86"];
+    const PORT: u16 = 28110;
+    let base = test_dir("users_bootstrap_expect");
+    let admin_file = password_file(&base, "admin", ADMIN_PASSWORD);
+    let admin_flag = admin_file.to_str().unwrap().to_string();
+    let start = |i: usize| {
+        let mut extra = vec!["--bootstrap-expect", "3", "--admin-user", "admin", "--admin-password-file", &admin_flag];
+        let seeds: Vec<String> = HOSTS[..3].iter().filter(|h| **h != HOSTS[i]).map(|h| format!("{h}:{PORT}")).collect();
+        for s in &seeds {
+            extra.extend(["--join", s.as_str()]);
+        }
+        Broker::start_with(HOSTS[i], PORT, &base.join(format!("n{i}")), &extra)
+    };
+    let mut nodes: Vec<Broker> = (0..3).map(start).collect();
+    let admin = |host: &str, args: &[&str]| cli_as(host, PORT, "admin", &admin_file, args);
+    eventually(Duration::from_secs(60), "3 ALIVE nodes founding one cluster with its administrator", || {
+        let o = admin(HOSTS[2], &["dump"]);
+        o.status.success()
+            && alive_count(&stdout(&o)) == 3
+            && stdout(&admin(HOSTS[0], &["list-users"])).contains("admin")
+    });
+    refused(&cli(HOSTS[1], PORT, &["list-namespaces"]), "no credentials", &["Unauthenticated"]);
+    nodes.push(start(3));
+    eventually(Duration::from_secs(60), "the fourth node added to the running cluster", || {
+        let o = admin(HOSTS[3], &["dump"]);
+        o.status.success() && alive_count(&stdout(&o)) == 4
+    });
+    let o = admin(HOSTS[3], &["list-users"]);
+    ok(&o, "list-users on the fourth node");
+    assert!(stdout(&o).contains("admin"), "the fourth node has the cluster's users: {}", stdout(&o));
+    for n in &nodes {
+        assert!(!n.log().contains(ADMIN_PASSWORD), "the password in the log of {}", n.dir.display());
+    }
+}
