@@ -312,6 +312,12 @@ scenario_users() {
   until_ok 60 "User $APP_USER Ready" condition_is user "$APP_USER" Ready True
   until_ok 30 "user $APP_USER in the brokers' list-users" user_listed
   note "User $APP_USER: $(condition user "$APP_USER" Ready message)"
+  # The API server keeps admin as it was (CEL rule of the CRD).
+  local patched
+  if patched=$(k patch user "$APP_USER" --type=merge -p '{"spec": {"admin": true}}' 2>&1); then
+    fail "spec.admin of User $APP_USER changed: $patched"
+  fi
+  grep -q 'admin is immutable' <<<"$patched" || fail "changing spec.admin refused without 'admin is immutable': $patched"
   # Both refused clients at once (separate pods, so neither waits for the other's
   # failed-login delay).
   local anon="$E2E_TMP/anon.out" wrong="$E2E_TMP/wrong.out" anon_rc=0 wrong_rc=0
