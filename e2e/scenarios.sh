@@ -407,7 +407,20 @@ spec:
 EOF
   until_ok 60 "Topic $AMQP_TOPIC Ready" condition_is topic "$AMQP_TOPIC" Ready True
   until_ok 60 "ConsumerGroup $AMQP_GROUP Ready" condition_is consumergroup "$AMQP_GROUP" Ready True
-XX
+  # A wrong password is refused at login with 403 ACCESS_REFUSED.
+  out=$(CLIENT_SECRET=$WRONG_SECRET pod_output amqp-refused "$AMQP_CLIENT_IMAGE" /amqp-roundtrip \
+    --url "amqp://$CLUSTER:$port/" --user "$APP_USER" --password-file "$CLIENT_SECRET_DIR/password" --expect-refused) ||
+    fail "AMQP login with a wrong password: $(grep -E '^(FAIL|ok) ' <<<"$out" | tail -n 3)"
+  grep -q '^ok login refused: .*403' <<<"$out" || fail "AMQP login with a wrong password not refused with 403: $out"
+  note "AMQP, wrong password: $(grep '^ok login refused' <<<"$out" | cut -c1-160)"
+  # The round trip as $APP_USER, the password from its Secret (the client puts it in
+  # the URL: amqp://$APP_USER:<password>@$CLUSTER:$port/).
+  out=$(CLIENT_SECRET=$APP_SECRET pod_output amqp-roundtrip "$AMQP_CLIENT_IMAGE" /amqp-roundtrip \
+    --url "amqp://$CLUSTER:$port/" --user "$APP_USER" --password-file "$CLIENT_SECRET_DIR/password" \
+    --exchange "$AMQP_TOPIC" --exchange-type fanout \
+    --group "$AMQP_GROUP" --first-exchange "$AMQP_FIRST" --count "$AMQP_MESSAGES") ||
+    fail "the AMQP client failed: $(grep -E '^(FAIL|ok) ' <<<"$out" | tail -n 3)"
+  sed 's/^/     /' <<<"$out"
   grep -qx 'ok done' <<<"$out" || fail "the AMQP client did not finish: $(tail -n 3 <<<"$out")"
   grep -q "^ok exchange.declare $AMQP_TOPIC type direct: 406 " <<<"$out" ||
     fail "exchange.declare with another type than the Topic's was not refused with 406"
