@@ -1,5 +1,5 @@
-//! The Topic and ConsumerGroup reconcilers against a real broker: one in-process node
-//! on 127.0.0.71 and the scripted API server. The operator decides by itself whether
+//! The Topic, ConsumerGroup and User reconcilers against a real broker: one in-process
+//! node per test (127.0.0.71-73; the User test 127.0.0.82) and the scripted API server. The operator decides by itself whether
 //! the broker's copy of an object already matches its spec, and writes only when it
 //! does not; these tests check that its rules agree with what the broker really
 //! stores (defaults filled in, durations normalised). If they disagreed, every resync
