@@ -38,6 +38,9 @@ const QUANTITY_PATTERN: &str = "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|
 const DNS_LABEL_PATTERN: &str = "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
 // User names as the broker accepts them (validate::user_name).
 const USER_NAME_PATTERN: &str = "^[A-Za-z0-9._@-]{1,64}$";
+/// Longest user name the brokers take, in characters (their `USER_NAME_LEN_MAX`; the
+/// pattern above says the same).
+pub const USER_NAME_LEN_MAX: usize = 64;
 // RFC 1123 subdomain: the name of a Secret.
 const DNS_SUBDOMAIN_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 // A key of a Secret's data.

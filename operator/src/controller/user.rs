@@ -35,7 +35,7 @@ use super::{
 use crate::broker::{Admin, Refusal};
 use crate::crd::{
     BrokerObjectStatus, DeletionPolicy, EventterCluster, User, UserStatus, PERMISSION_PATTERN_COMPILED_SIZE_MAX_BYTES,
-    PERMISSION_PATTERN_LEN_MAX,
+    PERMISSION_PATTERN_LEN_MAX, USER_NAME_LEN_MAX,
 };
 use crate::credentials::{self, OPERATOR_USER};
 use crate::error::{Error, Result};
@@ -57,9 +57,11 @@ pub fn broker_name(user: &User) -> String {
 pub fn desired_permissions(user: &User) -> std::result::Result<BTreeMap<String, pb::Permissions>, String> {
     let name = broker_name(user);
     let name_ok = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'));
-    if name.is_empty() || name.len() > 64 || !name_ok {
+    if name.is_empty() || name.len() > USER_NAME_LEN_MAX || !name_ok {
         let field = if user.spec.name.is_some() { "spec.name" } else { "metadata.name (the default of spec.name)" };
-        return Err(format!("{field}: {name:?} is not a valid user name (1-64 characters of A-Z a-z 0-9 . _ @ -)"));
+        return Err(format!(
+            "{field}: {name:?} is not a valid user name (1-{USER_NAME_LEN_MAX} characters of A-Z a-z 0-9 . _ @ -)"
+        ));
     }
     if name == OPERATOR_USER {
         return Err(format!("spec.name: {name:?} is the operator's own user; choose another name"));
