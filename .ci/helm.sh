@@ -62,6 +62,7 @@ done
 expect "$out/default.yaml" CustomResourceDefinition eventterclusters.eventter.io
 expect "$out/default.yaml" CustomResourceDefinition topics.eventter.io
 expect "$out/default.yaml" CustomResourceDefinition consumergroups.eventter.io
+expect "$out/default.yaml" CustomResourceDefinition users.eventter.io
 if grep -q '^kind: EventterCluster$' "$out/default.yaml"; then
   fail "an EventterCluster rendered although cluster.enabled is false"
 fi

@@ -7,6 +7,10 @@
 CLUSTER=emq                 # metadata.name in examples/eventtercluster.yaml
 TOPIC=orders                # examples/topic.yaml
 GROUP=orders-audit          # examples/consumergroup.yaml
+APP_USER=app                # examples/user.yaml: the user every client pod logs in as
+APP_SECRET=app-password     # ... its password Secret (made here with a random password)
+WRONG_SECRET=e2e-wrong-password  # another password, for the refused logins
+CLIENT_SECRET_DIR=/etc/eventtermq/client  # where a client pod has its Secret mounted
 BROKER_IMAGE=localhost/eventtermq:0.1.0
 MESSAGES=1000
 LAG_TOPIC=e2e-lag           # the lag scenario's topic and its idle group
@@ -17,6 +21,7 @@ LAG_ROUNDS=8                # publishes of MESSAGES/LAG_ROUNDS each, 1 s apart, 
 SCENARIOS=(
   "cluster-ready:scenario_cluster_ready"
   "topic-and-group:scenario_topic_and_group"
+  "user-and-refused-logins:scenario_users"
   "member-health-in-status:scenario_member_health"
   "topic-rejected:scenario_topic_rejected"
   "publish-subscribe:scenario_publish_subscribe"
@@ -128,21 +133,38 @@ pod_finished() {
   case "$(k get pod "$1" -o jsonpath='{.status.phase}')" in Succeeded | Failed) return 0 ;; *) return 1 ;; esac
 }
 # client_output NAME ARGS...: runs `eventtermq --host <cluster> ARGS` in a throw-away
-# pod, without stdin; prints the pod's whole log once it has finished (stdout and
+# pod, without stdin, logged in as $APP_USER (examples/user.yaml) with the password of
+# its Secret, mounted; prints the pod's whole log once it has finished (stdout and
 # stderr) and returns its exit status. (Not `kubectl run -i`: it attaches after the
 # container started, so output printed before that is lost, and if the attach fails,
 # stdin never ends.)
 client_output() {
   local name=$1; shift
-  pod_output "$name" "$BROKER_IMAGE" eventtermq --host "$CLUSTER" "$@"
+  CLIENT_SECRET=$APP_SECRET pod_output "$name" "$BROKER_IMAGE" eventtermq --host "$CLUSTER" \
+    --user "$APP_USER" --password-file "$CLIENT_SECRET_DIR/password" "$@"
 }
-# pod_output NAME IMAGE COMMAND ARGS...: the same for any local image and command.
+# pod_manifest NAME IMAGE COMMAND ARGS...: a Pod that runs COMMAND once; with
+# CLIENT_SECRET set, that Secret is mounted read-only at $CLIENT_SECRET_DIR.
+pod_manifest() {
+  CLIENT_SECRET=${CLIENT_SECRET:-} CLIENT_SECRET_DIR=$CLIENT_SECRET_DIR python3 -c '
+import json, os, sys
+name, image, command = sys.argv[1], sys.argv[2], sys.argv[3:]
+container = {"name": name, "image": image, "imagePullPolicy": "Never", "command": command}
+pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"run": name}},
+       "spec": {"restartPolicy": "Never", "containers": [container]}}
+secret = os.environ["CLIENT_SECRET"]
+if secret:
+    pod["spec"]["volumes"] = [{"name": "client-secret", "secret": {"secretName": secret}}]
+    container["volumeMounts"] = [{"name": "client-secret", "mountPath": os.environ["CLIENT_SECRET_DIR"], "readOnly": True}]
+print(json.dumps(pod))' "$@"
+}
+# pod_output NAME IMAGE COMMAND ARGS...: the same for any local image and command
+# (CLIENT_SECRET: a Secret to mount, as for pod_manifest).
 pod_output() {
   local name=$1 image=$2; shift 2
   local code
   k delete pod "$name" --ignore-not-found --wait=true >/dev/null 2>&1 || true
-  k run "$name" --restart=Never --image "$image" --image-pull-policy Never \
-    --command -- "$@" >/dev/null
+  pod_manifest "$name" "$image" "$@" | k apply -f - >/dev/null
   until_ok 180 "client pod $name to finish" pod_finished "$name"
   k logs "$name"
   code=$(k get pod "$name" -o jsonpath='{.status.containerStatuses[0].state.terminated.exitCode}')
@@ -276,6 +298,46 @@ EOF
   dump "$CLUSTER-0" | dump_objects | grep -qx "topic default/$TOPIC" || fail "deleting the rejected Topic removed $TOPIC"
 }
 
+# The brokers hold a user once its User resource is Ready; clients without credentials,
+# or with a wrong password, are refused with Unauthenticated and say why. From here on
+# every client pod logs in as that user (client_output, the AMQP client).
+user_listed() { k exec "$CLUSTER-0" -c broker -- eventtermq list-users | grep -qw "$APP_USER"; }
+scenario_users() {
+  local password
+  password=$(python3 -c 'import secrets; print(secrets.token_hex(24))')
+  k create secret generic "$APP_SECRET" --from-literal=password="$password" --dry-run=client -o yaml | k apply -f - >/dev/null
+  password=$(python3 -c 'import secrets; print(secrets.token_hex(24))')
+  k create secret generic "$WRONG_SECRET" --from-literal=password="$password" --dry-run=client -o yaml | k apply -f - >/dev/null
+  k apply -f "$root/examples/user.yaml" >/dev/null
+  until_ok 60 "User $APP_USER Ready" condition_is user "$APP_USER" Ready True
+  until_ok 30 "user $APP_USER in the brokers' list-users" user_listed
+  note "User $APP_USER: $(condition user "$APP_USER" Ready message)"
+  # The API server keeps admin as it was (CEL rule of the CRD).
+  local patched
+  if patched=$(k patch user "$APP_USER" --type=merge -p '{"spec": {"admin": true}}' 2>&1); then
+    fail "spec.admin of User $APP_USER changed: $patched"
+  fi
+  grep -q 'admin is immutable' <<<"$patched" || fail "changing spec.admin refused without 'admin is immutable': $patched"
+  # Both refused clients at once (separate pods, so neither waits for the other's
+  # failed-login delay).
+  local anon="$E2E_TMP/anon.out" wrong="$E2E_TMP/wrong.out" anon_rc=0 wrong_rc=0
+  (pod_output cli-anonymous "$BROKER_IMAGE" eventtermq --host "$CLUSTER" list-topics >"$anon" 2>&1) & local p1=$!
+  (CLIENT_SECRET=$WRONG_SECRET pod_output cli-wrong-password "$BROKER_IMAGE" eventtermq --host "$CLUSTER" \
+    --user "$APP_USER" --password-file "$CLIENT_SECRET_DIR/password" list-topics >"$wrong" 2>&1) & local p2=$!
+  wait "$p1" || anon_rc=$?
+  wait "$p2" || wrong_rc=$?
+  [ "$anon_rc" = 1 ] && grep -q 'Unauthenticated' "$anon" && grep -q 'credentials required' "$anon" ||
+    fail "a client without credentials: exit $anon_rc, want 1 with Unauthenticated / credentials required: $(tail -n 3 "$anon")"
+  [ "$wrong_rc" = 1 ] && grep -q 'Unauthenticated' "$wrong" && grep -q 'wrong user name or password' "$wrong" ||
+    fail "a wrong password: exit $wrong_rc, want 1 with Unauthenticated / wrong user name or password: $(tail -n 3 "$wrong")"
+  note "no credentials: $(grep -m1 Unauthenticated "$anon" | cut -c1-160)"
+  note "wrong password: $(grep -m1 Unauthenticated "$wrong" | cut -c1-160)"
+  local out
+  out=$(client_output cli-app list-topics) || fail "$APP_USER could not list topics: $(tail -n 3 <<<"$out")"
+  grep -q "$TOPIC" <<<"$out" || fail "$APP_USER's list-topics shows no $TOPIC: $out"
+  note "$APP_USER (password from Secret $APP_SECRET, mounted) lists the topics"
+}
+
 scenario_publish_subscribe() {
   require_pubsub
   publish_batch basic
@@ -345,8 +407,17 @@ spec:
 EOF
   until_ok 60 "Topic $AMQP_TOPIC Ready" condition_is topic "$AMQP_TOPIC" Ready True
   until_ok 60 "ConsumerGroup $AMQP_GROUP Ready" condition_is consumergroup "$AMQP_GROUP" Ready True
-  out=$(pod_output amqp-roundtrip "$AMQP_CLIENT_IMAGE" /amqp-roundtrip \
-    --url "amqp://guest:guest@$CLUSTER:$port/" --exchange "$AMQP_TOPIC" --exchange-type fanout \
+  # A wrong password is refused at login with 403 ACCESS_REFUSED.
+  out=$(CLIENT_SECRET=$WRONG_SECRET pod_output amqp-refused "$AMQP_CLIENT_IMAGE" /amqp-roundtrip \
+    --url "amqp://$CLUSTER:$port/" --user "$APP_USER" --password-file "$CLIENT_SECRET_DIR/password" --expect-refused) ||
+    fail "AMQP login with a wrong password: $(grep -E '^(FAIL|ok) ' <<<"$out" | tail -n 3)"
+  grep -q '^ok login refused: .*403' <<<"$out" || fail "AMQP login with a wrong password not refused with 403: $out"
+  note "AMQP, wrong password: $(grep '^ok login refused' <<<"$out" | cut -c1-160)"
+  # The round trip as $APP_USER, the password from its Secret (the client puts it in
+  # the URL: amqp://$APP_USER:<password>@$CLUSTER:$port/).
+  out=$(CLIENT_SECRET=$APP_SECRET pod_output amqp-roundtrip "$AMQP_CLIENT_IMAGE" /amqp-roundtrip \
+    --url "amqp://$CLUSTER:$port/" --user "$APP_USER" --password-file "$CLIENT_SECRET_DIR/password" \
+    --exchange "$AMQP_TOPIC" --exchange-type fanout \
     --group "$AMQP_GROUP" --first-exchange "$AMQP_FIRST" --count "$AMQP_MESSAGES") ||
     fail "the AMQP client failed: $(grep -E '^(FAIL|ok) ' <<<"$out" | tail -n 3)"
   sed 's/^/     /' <<<"$out"
@@ -501,6 +572,10 @@ EOF
   objects=$(dump "$CLUSTER-0" | dump_objects)
   grep -qx "group default/$GROUP" <<<"$objects" && fail "group $GROUP still in the cluster state"
   grep -qx "topic default/$TOPIC" <<<"$objects" && fail "topic $TOPIC still in the cluster state"
+  # The User goes too: deleted from the brokers.
+  k delete -f "$root/examples/user.yaml" --wait=true --timeout=60s >/dev/null
+  user_listed && fail "user $APP_USER still in the brokers' list-users after its User was deleted"
+  note "User $APP_USER deleted: gone from list-users"
   return 0
 }
 
@@ -655,7 +730,7 @@ print_diagnostics() {
   echo "== diagnostics"
   kubectl_ get nodes -o wide 2>&1 || true
   kubectl_ get pods -A -o wide 2>&1 || true
-  kubectl_ -n "$NS" get eventterclusters,topics,consumergroups,statefulsets,services,pvc 2>&1 || true
+  kubectl_ -n "$NS" get eventterclusters,topics,consumergroups,users,statefulsets,services,pvc 2>&1 || true
   kubectl_ -n "$NS" get events --sort-by=.lastTimestamp 2>&1 | tail -n 40 || true
   echo "== operator logs"
   kubectl_ -n "$OPERATOR_NS" logs deployment/"$RELEASE-operator" --tail=200 2>&1 || true

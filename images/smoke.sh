@@ -109,10 +109,10 @@ echo "smoke: broker stopped on SIGTERM with status 0"
 
 "${as_nonroot[@]}" "$tmp/eventter-operator" /eventter-operator crd >"$tmp/crds.yaml" 2>"$tmp/operator.log" ||
   { cat "$tmp/operator.log" >&2; fail "eventter-operator crd"; }
-for crd in eventterclusters topics consumergroups; do
+for crd in eventterclusters topics consumergroups users; do
   grep -q "^  name: $crd.eventter.io$" "$tmp/crds.yaml" || fail "eventter-operator crd: no $crd.eventter.io"
 done
 kinds="$(grep -c '^kind: CustomResourceDefinition$' "$tmp/crds.yaml" || true)"
-[ "$kinds" -eq 3 ] || fail "eventter-operator crd printed $kinds CRDs, expected 3"
-echo "smoke: eventter-operator crd from the image prints the 3 CRDs"
+[ "$kinds" -eq 4 ] || fail "eventter-operator crd printed $kinds CRDs, expected 4"
+echo "smoke: eventter-operator crd from the image prints the 4 CRDs"
 echo "smoke: OK"

@@ -507,6 +507,15 @@ pub enum Command {
     },
     /// Delete a user.
     DeleteUser { name: String },
+    /// Replace a user's password (cluster administrators only); its administrator flag
+    /// and permissions stay. The new password is read from --user-password-file, else
+    /// from the first line of stdin.
+    ChangePassword {
+        name: String,
+        /// A file holding the new password (trailing whitespace ignored).
+        #[arg(long)]
+        user_password_file: Option<PathBuf>,
+    },
     /// Set USER's permissions on --namespace: regular expressions (unanchored, as
     /// RabbitMQ's: ^...$ for a whole name; "" matches nothing) of the topics and groups
     /// it may configure, the topics it may write to and the groups it may read.

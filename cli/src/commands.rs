@@ -187,6 +187,15 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
             admin.create_user(pb::CreateUserRequest { name, password, admin: is_admin }).await?
         }
         Command::DeleteUser { name } => admin.delete_user(name).await?,
+        Command::ChangePassword { name, user_password_file } => {
+            let password = match user_password_file {
+                Some(f) => {
+                    eventtermq_broker::auth::read_password_file("--user-password-file", &f).map_err(CliError::Usage)?
+                }
+                None => password_from_stdin()?,
+            };
+            admin.change_password(pb::ChangePasswordRequest { name, password }).await?
+        }
         Command::SetPermissions { user, configure, write, read, clear } => {
             let req = pb::SetPermissionsRequest {
                 user,
@@ -279,6 +288,11 @@ impl Admin<'_> {
 
     async fn delete_user(&mut self, name: String) -> Result<(), CliError> {
         let r = self.client.delete_user(pb::DeleteUserRequest { name }).await;
+        self.written(r)
+    }
+
+    async fn change_password(&mut self, req: pb::ChangePasswordRequest) -> Result<(), CliError> {
+        let r = self.client.change_password(req).await;
         self.written(r)
     }
 

@@ -24,6 +24,10 @@ const AMQP_NODE_PORT: u16 = 27710;
 const ADMIN_PASSWORD: &str = "admin-pw-7Qz4c1r9";
 const READER_PASSWORD: &str = "reader-pw-K2m8x0w5";
 const WRONG_PASSWORD: &str = "wrong-pw-V6b3n7j1";
+const NEW_READER_PASSWORD: &str = "reader-pw2-Q9d3s6t1";
+/// The change-password test's single node.
+const CHANGE_HOST: &str = "127.0.0.81";
+const CHANGE_PORT: u16 = 28100;
 
 fn password_file(dir: &Path, name: &str, password: &str) -> PathBuf {
     let f = dir.join(format!("{name}.password"));
@@ -266,5 +270,105 @@ fn amqp_logins_and_vhost_permissions() {
     assert!(failures.iter().any(|l| l.contains("amqp") && l.contains("wrong_password")), "{log}");
     for secret in [ADMIN_PASSWORD, READER_PASSWORD, WRONG_PASSWORD, "$argon2"] {
         assert!(!log.contains(secret), "{secret:?} in the broker's log");
+    }
+}
+
+#[test]
+fn change_password_replaces_the_old_one_and_keeps_permissions() {
+    let base = test_dir("users_change_password");
+    let admin_file = password_file(&base, "admin", ADMIN_PASSWORD);
+    let old_file = password_file(&base, "reader", READER_PASSWORD);
+    let new_file = password_file(&base, "reader-new", NEW_READER_PASSWORD);
+    let node = Broker::start_with(
+        CHANGE_HOST,
+        CHANGE_PORT,
+        &base.join("n0"),
+        &["--admin-user", "admin", "--admin-password-file", admin_file.to_str().unwrap()],
+    );
+    let admin = |args: &[&str]| cli_as(CHANGE_HOST, CHANGE_PORT, "admin", &admin_file, args);
+    eventually(Duration::from_secs(30), "the node and its bootstrap admin", || {
+        let o = admin(&["list-users"]);
+        o.status.success() && stdout(&o).contains("admin")
+    });
+    ok(&admin(&["--namespace", "default", "create-topic", "t", "--replication-factor", "1"]), "create-topic");
+    ok(&create_user(CHANGE_HOST, CHANGE_PORT, &admin_file, "reader", READER_PASSWORD), "create-user");
+    ok(&admin(&["set-permissions", "reader", "--configure", "^t$"]), "set-permissions");
+    let reader = |file: &Path| cli_as(CHANGE_HOST, CHANGE_PORT, "reader", file, &["list-topics"]);
+    ok(&reader(&old_file), "the old password before the change");
+    // Only an administrator changes passwords; the reader cannot change its own.
+    let new_flag = new_file.to_str().unwrap();
+    let o = cli_as(
+        CHANGE_HOST,
+        CHANGE_PORT,
+        "reader",
+        &old_file,
+        &["change-password", "reader", "--user-password-file", new_flag],
+    );
+    refused(&o, "change-password by a non-administrator", &["PermissionDenied", "changing a password"]);
+    ok(&reader(&old_file), "the old password after a refused change");
+    ok(&admin(&["change-password", "reader", "--user-password-file", new_flag]), "change-password");
+    // The old password (verified and cached a moment ago) is refused from now on.
+    refused(&reader(&old_file), "the old password", &["Unauthenticated", "wrong user name or password"]);
+    let o = reader(&new_file);
+    ok(&o, "the new password");
+    assert!(stdout(&o).contains("\"t\"") || stdout(&o).contains(" t"), "permissions kept: {}", stdout(&o));
+    let users = admin(&["list-users", "--output", "json"]);
+    ok(&users, "list-users");
+    assert!(stdout(&users).contains("^t$"), "permissions kept: {}", stdout(&users));
+    refused(
+        &admin(&["change-password", "nobody", "--user-password-file", new_flag]),
+        "change-password of an unknown user",
+        &["NotFound (2005)", "nobody"],
+    );
+    let empty = password_file(&base, "empty", "");
+    let o = admin(&["change-password", "reader", "--user-password-file", empty.to_str().unwrap()]);
+    assert_ne!(o.status.code(), Some(0), "an empty password must be refused: {}", stdout(&o));
+    ok(&reader(&new_file), "the new password after a refused change");
+    let log = node.log();
+    for secret in [ADMIN_PASSWORD, READER_PASSWORD, NEW_READER_PASSWORD, "$argon2"] {
+        assert!(!log.contains(secret), "{secret:?} in the broker's log");
+    }
+}
+
+/// The Kubernetes start (issue 17): every node with `--bootstrap-expect 3` and the
+/// same `--admin-user`, each joining the others. Before founding the cluster a node
+/// asks the others whether one exists already; those take no client before their
+/// administrator exists (which needs the cluster), so that question is a node's, not
+/// a client's. Then a fourth node, with the same flags, joins the running cluster,
+/// which has users by then, and is added rather than founding a second one.
+#[test]
+fn nodes_with_an_admin_user_found_the_cluster_and_a_later_node_joins() {
+    const HOSTS: [&str; 4] = ["127.0.0.83", "127.0.0.84", "127.0.0.85", "127.0.0.86"];
+    const PORT: u16 = 28110;
+    let base = test_dir("users_bootstrap_expect");
+    let admin_file = password_file(&base, "admin", ADMIN_PASSWORD);
+    let admin_flag = admin_file.to_str().unwrap().to_string();
+    let start = |i: usize| {
+        let mut extra = vec!["--bootstrap-expect", "3", "--admin-user", "admin", "--admin-password-file", &admin_flag];
+        let seeds: Vec<String> = HOSTS[..3].iter().filter(|h| **h != HOSTS[i]).map(|h| format!("{h}:{PORT}")).collect();
+        for s in &seeds {
+            extra.extend(["--join", s.as_str()]);
+        }
+        Broker::start_with(HOSTS[i], PORT, &base.join(format!("n{i}")), &extra)
+    };
+    let mut nodes: Vec<Broker> = (0..3).map(start).collect();
+    let admin = |host: &str, args: &[&str]| cli_as(host, PORT, "admin", &admin_file, args);
+    eventually(Duration::from_secs(60), "3 ALIVE nodes founding one cluster with its administrator", || {
+        let o = admin(HOSTS[2], &["dump"]);
+        o.status.success()
+            && alive_count(&stdout(&o)) == 3
+            && stdout(&admin(HOSTS[0], &["list-users"])).contains("admin")
+    });
+    refused(&cli(HOSTS[1], PORT, &["list-namespaces"]), "no credentials", &["Unauthenticated"]);
+    nodes.push(start(3));
+    eventually(Duration::from_secs(60), "the fourth node added to the running cluster", || {
+        let o = admin(HOSTS[3], &["dump"]);
+        o.status.success() && alive_count(&stdout(&o)) == 4
+    });
+    let o = admin(HOSTS[3], &["list-users"]);
+    ok(&o, "list-users on the fourth node");
+    assert!(stdout(&o).contains("admin"), "the fourth node has the cluster's users: {}", stdout(&o));
+    for n in &nodes {
+        assert!(!n.log().contains(ADMIN_PASSWORD), "the password in the log of {}", n.dir.display());
     }
 }

@@ -16,6 +16,11 @@
 //
 // Prints one `ok ...` line per step; on the first failure prints `FAIL step: reason`
 // and exits 1.
+//
+// Credentials: -user and -password-file (a mounted Secret key) replace the user
+// information of -url (the password URL-escaped as needed). With -expect-refused the
+// program only logs in, once, and succeeds when the broker refuses the login with
+// 403 ACCESS_REFUSED (a wrong password, or no user of that name).
 package main
 
 import (
@@ -23,6 +28,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	neturl "net/url"
 	"os"
 	"reflect"
 	"strconv"
@@ -41,7 +47,39 @@ var (
 	firstExchange = flag.String("first-exchange", "e2e-amqp-first", "exchange declared here (direct) before a Topic resource names it")
 	count         = flag.Int("count", 200, "messages to publish and consume")
 	timeout       = flag.Duration("timeout", 90*time.Second, "time for the whole run")
+	user          = flag.String("user", "", "user name to log in as (replaces the user information of -url)")
+	passwordFile  = flag.String("password-file", "", "file holding -user's password (trailing whitespace ignored)")
+	expectRefused = flag.Bool("expect-refused", false, "only log in, and succeed when the login is refused with 403")
 )
+
+// dialURL is -url with -user and the password of -password-file as its user
+// information, when they are given.
+func dialURL() string {
+	if *user == "" {
+		return *url
+	}
+	parsed, err := neturl.Parse(*url)
+	if err != nil {
+		fail("url", err)
+	}
+	password := ""
+	if *passwordFile != "" {
+		data, err := os.ReadFile(*passwordFile)
+		if err != nil {
+			fail("password-file", err)
+		}
+		password = strings.TrimRight(string(data), " \t\r\n")
+	}
+	parsed.User = neturl.UserPassword(*user, password)
+	return parsed.String()
+}
+
+// refusedLogin is whether err is the broker refusing a login: amqp091-go reports a
+// connection closed after start-ok as ErrCredentials (403), or the server's close.
+func refusedLogin(err error) bool {
+	var amqpErr *amqp.Error
+	return errors.Is(err, amqp.ErrCredentials) || (errors.As(err, &amqpErr) && amqpErr.Code == amqp.AccessRefused)
+}
 
 func fail(step string, err error) {
 	fmt.Printf("FAIL %s: %v\n", step, err)
@@ -147,12 +185,26 @@ func main() {
 
 	var conn *amqp.Connection
 	var err error
+	target := dialURL()
 	for {
-		conn, err = amqp.Dial(*url)
-		if err == nil || ctx.Err() != nil {
+		conn, err = amqp.Dial(target)
+		// A refused login is an answer, not a broker still starting.
+		if err == nil || ctx.Err() != nil || refusedLogin(err) {
 			break
 		}
 		time.Sleep(time.Second)
+	}
+	if *expectRefused {
+		if err == nil {
+			conn.Close()
+			fail("login", errors.New("the broker took the login, expected 403 ACCESS_REFUSED"))
+		}
+		if !refusedLogin(err) {
+			fail("login", fmt.Errorf("expected 403 ACCESS_REFUSED, got: %w", err))
+		}
+		ok("login refused: %v", err)
+		ok("done")
+		return
 	}
 	if err != nil {
 		fail("connect", err)

@@ -5,11 +5,13 @@ use std::time::Duration;
 
 use eventtermq_proto::v1 as pb;
 use eventtermq_proto::v1::admin_client::AdminClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 use crate::builders;
 use crate::crd::EventterCluster;
+use crate::credentials::BrokerCredentials;
 use crate::error::{Error, Result};
 
 /// How the operator connects to brokers.
@@ -57,28 +59,36 @@ impl BrokerConnector {
         builders::client_address(&name, &namespace, cluster.spec.ports.grpc)
     }
 
-    /// An admin client of the broker at `address`. Connects eagerly so that an
-    /// unreachable broker shows up here, as [`Error::BrokerUnavailable`].
-    pub async fn connect(&self, address: &str) -> Result<Admin> {
-        self.connect_with(address, self.connect_timeout, self.request_timeout).await
+    /// An admin client of the broker at `address` that sends `credentials` with every
+    /// call. Connects eagerly so that an unreachable broker shows up here, as
+    /// [`Error::BrokerUnavailable`].
+    pub async fn connect(&self, address: &str, credentials: &BrokerCredentials) -> Result<Admin> {
+        self.connect_with(address, credentials, self.connect_timeout, self.request_timeout).await
     }
 
-    async fn connect_with(&self, address: &str, connect_timeout: Duration, timeout: Duration) -> Result<Admin> {
+    async fn connect_with(
+        &self,
+        address: &str,
+        credentials: &BrokerCredentials,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Result<Admin> {
         let unavailable = |message: String| Error::BrokerUnavailable { address: address.to_string(), message };
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| unavailable(format!("bad address: {e}")))?
             .connect_timeout(connect_timeout)
             .timeout(timeout);
         let channel = endpoint.connect().await.map_err(|e| unavailable(error_chain(&e)))?;
-        Ok(Admin { address: address.to_string(), client: AdminClient::new(channel) })
+        let client = AdminClient::with_interceptor(channel, credentials.clone());
+        Ok(Admin { address: address.to_string(), client })
     }
 
     /// The condition of the one broker at `address` (its free disk, watermark, Raft
     /// error), read from that broker itself within [`Self::node_health_timeout`].
-    pub async fn node_health(&self, address: &str) -> Result<pb::LocalHealth> {
+    pub async fn node_health(&self, address: &str, credentials: &BrokerCredentials) -> Result<pb::LocalHealth> {
         let timeout = self.node_health_timeout;
         let read = async {
-            let mut admin = self.connect_with(address, timeout, timeout).await?;
+            let mut admin = self.connect_with(address, credentials, timeout, timeout).await?;
             // stale: the answer is about the broker itself, no leader needed.
             match admin.client.dump(pb::DumpRequest { stale: true, ..Default::default() }).await {
                 Ok(response) => Ok(response.into_inner().local.unwrap_or_default()),
@@ -117,11 +127,11 @@ pub enum Refusal {
     Missing(String),
 }
 
-/// An admin client bound to one broker address.
+/// An admin client bound to one broker address, sending the operator's credentials.
 #[derive(Clone)]
 pub struct Admin {
     pub address: String,
-    pub client: AdminClient<Channel>,
+    pub client: AdminClient<InterceptedService<Channel, BrokerCredentials>>,
 }
 
 /// Outcome of a broker write: the Raft index, or a refusal the status should show.
@@ -144,6 +154,12 @@ impl Admin {
                 Ok(Refusal::Rejected(status.message().to_string()))
             }
             Code::NotFound => Ok(Refusal::Missing(status.message().to_string())),
+            // The operator's own credentials: wrong (a Secret replaced or generated
+            // again after the brokers' first start) or not an administrator.
+            Code::Unauthenticated | Code::PermissionDenied => Err(Error::BrokerUnauthenticated {
+                address: self.address.clone(),
+                message: status.message().to_string(),
+            }),
             Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled | Code::Aborted => {
                 Err(Error::BrokerUnavailable { address: self.address.clone(), message: status.message().to_string() })
             }
@@ -297,6 +313,55 @@ impl Admin {
             Err(status) if status.code() == Code::NotFound => Ok(None),
             Err(status) => Err(self.read_failed(status)),
         }
+    }
+
+    /// Every user with its administrator flag and permissions (linearizable read; no
+    /// password or hash is ever listed).
+    pub async fn list_users(&mut self) -> Result<Listed<pb::User>> {
+        match self.client.list_users(pb::ListUsersRequest { stale: false }).await {
+            Ok(response) => {
+                let response = response.into_inner();
+                Ok(Listed { items: response.users, index: response.index })
+            }
+            Err(status) => Err(self.read_failed(status)),
+        }
+    }
+
+    /// Creates a user (the password is hashed by the broker; it is in no error).
+    pub async fn create_user(&mut self, name: &str, password: &str, admin: bool) -> Result<WriteOutcome> {
+        let request = pb::CreateUserRequest { name: name.to_string(), password: password.to_string(), admin };
+        let result = self.client.create_user(request).await;
+        self.outcome(result)
+    }
+
+    /// Replaces an existing user's password.
+    pub async fn change_password(&mut self, name: &str, password: &str) -> Result<WriteOutcome> {
+        let request = pb::ChangePasswordRequest { name: name.to_string(), password: password.to_string() };
+        let result = self.client.change_password(request).await;
+        self.outcome(result)
+    }
+
+    /// Sets (`Some`) or removes (`None`) a user's permissions on one namespace.
+    pub async fn set_permissions(
+        &mut self,
+        user: &str,
+        namespace: &str,
+        permissions: Option<pb::Permissions>,
+    ) -> Result<WriteOutcome> {
+        let request = pb::SetPermissionsRequest {
+            user: user.to_string(),
+            namespace: namespace.to_string(),
+            clear: permissions.is_none(),
+            permissions,
+        };
+        let result = self.client.set_permissions(request).await;
+        self.outcome(result)
+    }
+
+    /// Deletes a user; a user already gone counts as deleted.
+    pub async fn delete_user(&mut self, name: &str) -> Result<()> {
+        let request = pb::DeleteUserRequest { name: name.to_string() };
+        self.deleted(self.client.clone().delete_user(request).await)
     }
 
     /// The cluster state and Raft view of the answering broker (linearizable read).

@@ -8,17 +8,20 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction, ObjectFieldSelector,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements,
+    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::ByteString;
 use kube::{Resource, ResourceExt};
 
 use crate::crd::EventterCluster;
+use crate::credentials;
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "eventter-operator";
@@ -31,6 +34,12 @@ pub const DATA_DIR: &str = "/data";
 pub const DATA_VOLUME: &str = "data";
 /// Name of the broker container.
 pub const BROKER_CONTAINER: &str = "broker";
+/// Name of the volume of the operator's credential Secret in a broker pod.
+pub const OPERATOR_CREDENTIALS_VOLUME: &str = "operator-credentials";
+/// Where the operator's credential Secret is mounted in a broker pod.
+pub const OPERATOR_CREDENTIALS_DIR: &str = "/etc/eventtermq/operator";
+/// Mode of the mounted password file: owner and group (the pod's fsGroup) read it.
+pub const OPERATOR_CREDENTIALS_FILE_MODE: i32 = 0o440;
 /// Cluster DNS domain the advertised pod names are built on.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// Grace period of a broker pod: time to leave the cluster and flush segments.
@@ -234,6 +243,13 @@ pub fn broker_args(cluster: &EventterCluster, bootstrap_expect: i32) -> Vec<Stri
         // did, on a network trusted to hold only them, and say so explicitly. Limit who
         // reaches the pods (a NetworkPolicy) until it does.
         "--insecure-trusted-network".to_string(),
+        // The operator's own administrator (see `credentials`): created by the brokers
+        // at their first start, which also closes client access to those without
+        // credentials.
+        "--admin-user".to_string(),
+        credentials::OPERATOR_USER.to_string(),
+        "--admin-password-file".to_string(),
+        operator_password_file(),
     ];
     let b = &spec.broker;
     let settings = [
@@ -253,6 +269,15 @@ pub fn broker_args(cluster: &EventterCluster, bootstrap_expect: i32) -> Vec<Stri
         }
     }
     args
+}
+
+/// Path of the operator's password file in a broker pod.
+pub fn operator_password_file() -> String {
+    format!("{OPERATOR_CREDENTIALS_DIR}/{}", credentials::PASSWORD_KEY)
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar { name: name.to_string(), value: Some(value.to_string()), ..EnvVar::default() }
 }
 
 fn grpc_probe(port: i32, service: &str, initial_delay_seconds: i32, failure_threshold: i32) -> Probe {
@@ -280,17 +305,23 @@ fn broker_container(cluster: &EventterCluster, bootstrap_expect: i32) -> Contain
         image: Some(spec.image.clone()),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
         args: Some(broker_args(cluster, bootstrap_expect)),
-        env: Some(vec![EnvVar {
-            name: "POD_NAME".to_string(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.name".to_string(),
-                    ..ObjectFieldSelector::default()
+        env: Some(vec![
+            EnvVar {
+                name: "POD_NAME".to_string(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.name".to_string(),
+                        ..ObjectFieldSelector::default()
+                    }),
+                    ..EnvVarSource::default()
                 }),
-                ..EnvVarSource::default()
-            }),
-            ..EnvVar::default()
-        }]),
+                ..EnvVar::default()
+            },
+            // `kubectl exec <pod> -- eventtermq ...` runs the CLI as the operator's
+            // administrator (the file is the broker's own --admin-password-file).
+            env("EVENTTERMQ_USER", credentials::OPERATOR_USER),
+            env("EVENTTERMQ_PASSWORD_FILE", &operator_password_file()),
+        ]),
         ports: Some(vec![
             container_port("grpc", ports.grpc, "TCP"),
             container_port("gossip", ports.grpc, "UDP"),
@@ -303,11 +334,15 @@ fn broker_container(cluster: &EventterCluster, bootstrap_expect: i32) -> Contain
         // replaying a long log at start-up is not killed.
         liveness_probe: Some(grpc_probe(ports.grpc, "", 30, 6)),
         resources: spec.resources.clone(),
-        volume_mounts: Some(vec![VolumeMount {
-            name: DATA_VOLUME.to_string(),
-            mount_path: DATA_DIR.to_string(),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(vec![
+            VolumeMount { name: DATA_VOLUME.to_string(), mount_path: DATA_DIR.to_string(), ..VolumeMount::default() },
+            VolumeMount {
+                name: OPERATOR_CREDENTIALS_VOLUME.to_string(),
+                mount_path: OPERATOR_CREDENTIALS_DIR.to_string(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+        ]),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(BROKER_UID),
@@ -370,6 +405,20 @@ pub fn stateful_set(cluster: &EventterCluster, bootstrap_expect: i32) -> Statefu
                 }),
                 spec: Some(PodSpec {
                     containers: vec![broker_container(cluster, bootstrap_expect)],
+                    volumes: Some(vec![Volume {
+                        name: OPERATOR_CREDENTIALS_VOLUME.to_string(),
+                        secret: Some(SecretVolumeSource {
+                            secret_name: Some(credentials::secret_name(&name)),
+                            items: Some(vec![KeyToPath {
+                                key: credentials::PASSWORD_KEY.to_string(),
+                                path: credentials::PASSWORD_KEY.to_string(),
+                                mode: None,
+                            }]),
+                            default_mode: Some(OPERATOR_CREDENTIALS_FILE_MODE),
+                            optional: Some(false),
+                        }),
+                        ..Volume::default()
+                    }]),
                     termination_grace_period_seconds: Some(TERMINATION_GRACE_PERIOD_SECONDS),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
@@ -410,6 +459,30 @@ pub fn stateful_set(cluster: &EventterCluster, bootstrap_expect: i32) -> Statefu
             ..StatefulSetSpec::default()
         }),
         status: None,
+    }
+}
+
+/// The operator's credential Secret of `cluster` holding `password`, owned by the
+/// cluster (deleted with it).
+pub fn operator_credentials_secret(cluster: &EventterCluster, password: &str) -> Secret {
+    let name = cluster.name_any();
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(credentials::secret_name(&name)),
+            namespace: cluster.namespace(),
+            labels: Some(labels(&name)),
+            owner_references: cluster.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".to_string()),
+        data: Some(
+            [
+                (credentials::USER_KEY.to_string(), ByteString(credentials::OPERATOR_USER.as_bytes().to_vec())),
+                (credentials::PASSWORD_KEY.to_string(), ByteString(password.as_bytes().to_vec())),
+            ]
+            .into(),
+        ),
+        ..Secret::default()
     }
 }
 

@@ -1,5 +1,5 @@
-//! Custom resources of the operator: `EventterCluster`, `Topic` and `ConsumerGroup`
-//! (group `eventter.io`, version `v1alpha1`).
+//! Custom resources of the operator: `EventterCluster`, `Topic`, `ConsumerGroup` and
+//! `User` (group `eventter.io`, version `v1alpha1`).
 //!
 //! Every field carries a doc comment because it becomes the `description` that
 //! `kubectl explain` prints. Limits mirror the broker's own validation
@@ -36,6 +36,20 @@ const DURATION_PATTERN: &str = "^(0|([0-9]+(ms|s|m|h|d))+)$";
 const QUANTITY_PATTERN: &str = "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$";
 // RFC 1123 DNS label: the name of an EventterCluster in the same namespace.
 const DNS_LABEL_PATTERN: &str = "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
+// User names as the broker accepts them (validate::user_name).
+const USER_NAME_PATTERN: &str = "^[A-Za-z0-9._@-]{1,64}$";
+/// Longest user name the brokers take, in characters (their `USER_NAME_LEN_MAX`; the
+/// pattern above says the same).
+pub const USER_NAME_LEN_MAX: usize = 64;
+// RFC 1123 subdomain: the name of a Secret.
+const DNS_SUBDOMAIN_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+// A key of a Secret's data.
+const SECRET_KEY_PATTERN: &str = "^[-._a-zA-Z0-9]+$";
+/// Longest permission pattern the brokers take, in bytes (their `PATTERN_LEN_MAX`).
+pub const PERMISSION_PATTERN_LEN_MAX: usize = 1024;
+/// Compiled size of a permission pattern at most, in bytes (the brokers'
+/// `PATTERN_COMPILED_SIZE_MAX_BYTES`): a pattern over it is refused.
+pub const PERMISSION_PATTERN_COMPILED_SIZE_MAX_BYTES: usize = 256 * 1024;
 
 /// Desired state of an EventterCluster.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -643,6 +657,120 @@ impl HeadersMatch {
     }
 }
 
+/// Desired state of a User.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "eventter.io",
+    version = "v1alpha1",
+    kind = "User",
+    doc = "A user of an EventterMQ cluster's client APIs (gRPC and AMQP): its password from a Secret, its permissions per broker namespace.",
+    plural = "users",
+    singular = "user",
+    namespaced,
+    status = "UserStatus",
+    shortname = "euser",
+    category = "eventter",
+    printcolumn = r#"{"name": "Cluster", "type": "string", "description": "EventterCluster the user belongs to", "jsonPath": ".spec.clusterRef"}"#,
+    printcolumn = r#"{"name": "User", "type": "string", "description": "User name in the broker (default: metadata.name)", "jsonPath": ".spec.name"}"#,
+    printcolumn = r#"{"name": "Admin", "type": "boolean", "jsonPath": ".spec.admin", "priority": 1}"#,
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.name) == has(oldSelf.name) && (!has(self.name) || self.name == oldSelf.name)",
+    "message": "name is immutable"
+}, {
+    "rule": "(has(self.admin) && self.admin) == (has(oldSelf.admin) && oldSelf.admin)",
+    "message": "admin is immutable"
+}]))]
+pub struct UserSpec {
+    /// Name of the EventterCluster (in the same Kubernetes namespace) the user belongs
+    /// to. Immutable.
+    #[schemars(regex(pattern = DNS_LABEL_PATTERN))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "clusterRef is immutable"}]))]
+    pub cluster_ref: String,
+    /// User name in the broker, as clients log in (default: metadata.name): 1-64
+    /// characters of A-Z a-z 0-9 . _ @ -. Not the operator's own user,
+    /// `eventter-operator`. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = USER_NAME_PATTERN))]
+    pub name: Option<String>,
+    /// The key of a Secret (in the same Kubernetes namespace) holding the password
+    /// (1-1024 bytes; trailing whitespace is ignored, as the brokers read password
+    /// files). A change of the Secret sets the new password in the broker.
+    pub password_secret_ref: SecretKeyRef,
+    /// A cluster administrator: every permission on every broker namespace, and the
+    /// namespaces and users themselves. Immutable (the broker cannot change it in place).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
+    /// What the user may do, per broker namespace (created when missing); a namespace
+    /// not listed: nothing. The operator removes the user's permissions on namespaces
+    /// not listed here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["namespace"]))]
+    pub permissions: Vec<NamespacePermissions>,
+    /// Delete removes the user from the broker when this resource is deleted (if it was
+    /// ever in sync); Retain keeps it.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// A key of a Secret in the resource's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+    /// Key in the Secret's data.
+    #[serde(default = "default_password_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_KEY_PATTERN))]
+    pub key: String,
+}
+
+fn default_password_key() -> String {
+    "password".to_string()
+}
+
+/// A user's permissions on one broker namespace, as the broker's `set-permissions`
+/// takes them: RabbitMQ's three regular expressions, matched (unanchored: use ^...$
+/// for a whole name) against the names a request touches; an empty pattern matches
+/// nothing.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespacePermissions {
+    /// The broker namespace.
+    #[schemars(regex(pattern = BROKER_NAME_PATTERN))]
+    pub namespace: String,
+    /// Topics and consumer groups the user may create, update and delete.
+    #[serde(default)]
+    #[schemars(length(max = 1024))]
+    pub configure: String,
+    /// Topics the user may publish to.
+    #[serde(default)]
+    #[schemars(length(max = 1024))]
+    pub write: String,
+    /// Consumer groups the user may subscribe to, ack, nack and purge.
+    #[serde(default)]
+    #[schemars(length(max = 1024))]
+    pub read: String,
+}
+
+/// Observed state of a User.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UserStatus {
+    #[serde(flatten)]
+    pub object: BrokerObjectStatus,
+    /// `<uid>/<resourceVersion>` of the password Secret whose password the broker holds
+    /// (set by the operator's create or change-password). Another value, or none: the
+    /// next pass sets the password again. Never the password or a hash of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_version: Option<String>,
+}
+
 /// Parses a retention/duration string as the CRD pattern allows it ("0", "7d",
 /// "1h30m", "500ms") into milliseconds.
 pub fn parse_duration_ms(value: &str) -> Option<u64> {
@@ -685,7 +813,10 @@ type Crd = k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::C
 /// All CRDs of the operator, in a stable order.
 pub fn all_crds() -> Vec<Crd> {
     use kube::CustomResourceExt;
-    vec![EventterCluster::crd(), Topic::crd(), ConsumerGroup::crd()].into_iter().map(without_null_enum_values).collect()
+    vec![EventterCluster::crd(), Topic::crd(), ConsumerGroup::crd(), User::crd()]
+        .into_iter()
+        .map(without_null_enum_values)
+        .collect()
 }
 
 /// Drops `null` from the `enum` of nullable fields (kube renders `Option<Enum>` as
@@ -713,7 +844,7 @@ fn without_null_enum_values(crd: Crd) -> Crd {
 
 /// Each CRD as a YAML document with the file name it has under `crds/`.
 pub fn crd_files() -> Result<Vec<(&'static str, String)>, serde_norway::Error> {
-    let names = ["eventterclusters.yaml", "topics.yaml", "consumergroups.yaml"];
+    let names = ["eventterclusters.yaml", "topics.yaml", "consumergroups.yaml", "users.yaml"];
     names.into_iter().zip(all_crds()).map(|(file, crd)| Ok((file, serde_norway::to_string(&crd)?))).collect()
 }
 

@@ -13,6 +13,14 @@ pub enum Error {
     /// The broker could not be reached (connection refused, timeout, no leader).
     #[error("broker at {address} is unavailable: {message}")]
     BrokerUnavailable { address: String, message: String },
+    /// The broker refused the operator's credentials (Unauthenticated) or found them
+    /// short of an administrator's (PermissionDenied).
+    #[error("broker at {address} refused the operator's credentials: {message}")]
+    BrokerUnauthenticated { address: String, message: String },
+    /// The operator's credentials for the cluster are missing or unusable (its
+    /// Secret); the message names the Secret and key, never a value.
+    #[error("operator credentials: {0}")]
+    Credentials(String),
     /// The broker answered with an error the operator does not expect.
     #[error("broker at {address} failed: {status}")]
     Broker { address: String, status: tonic::Status },
@@ -31,6 +39,8 @@ impl Error {
         match self {
             Self::Kube(_) => "kube",
             Self::BrokerUnavailable { .. } => "broker_unavailable",
+            Self::BrokerUnauthenticated { .. } => "broker_unauthenticated",
+            Self::Credentials(_) => "credentials",
             Self::Broker { .. } => "broker",
             Self::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {

@@ -5,14 +5,16 @@
 //!
 //! - [`crd`]: the custom resources and their generated CRDs.
 //! - [`builders`]: pure functions from an `EventterCluster` to its child objects.
-//! - [`controller`]: the reconcilers (EventterCluster, Topic, ConsumerGroup).
+//! - [`controller`]: the reconcilers (EventterCluster, Topic, ConsumerGroup, User).
 //! - [`broker`]: how the reconcilers reach and read a broker's admin API.
+//! - [`credentials`]: the operator's own broker user, kept in a Secret per cluster.
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod broker;
 pub mod builders;
 pub mod controller;
 pub mod crd;
+pub mod credentials;
 pub mod error;
 pub mod leader;
 pub mod metrics;

@@ -1,4 +1,4 @@
-//! `eventter-operator run`: the HTTP endpoints, leader election and the three
+//! `eventter-operator run`: the HTTP endpoints, leader election and the four
 //! controllers, wired together with one shutdown signal.
 
 use std::net::SocketAddr;
@@ -7,14 +7,15 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::core::PartialObjectMeta;
 use kube::{Api, Client, Resource};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::BrokerConnector;
-use crate::controller::{broker_object, cluster, Context};
-use crate::crd::{ConsumerGroup, EventterCluster, Topic};
+use crate::controller::{broker_object, cluster, user, Context};
+use crate::crd::{ConsumerGroup, EventterCluster, Topic, User};
 use crate::leader::{LeaderElector, LeaseConfig};
 use crate::metrics::Metrics;
 use crate::server::{self, Health};
@@ -176,7 +177,7 @@ async fn lead(
     stop
 }
 
-/// The three controllers (clusters, topics, consumer groups) of namespace `ns` (or
+/// The four controllers (clusters, topics, consumer groups, users) of namespace `ns` (or
 /// all), until `controllers` is cancelled.
 async fn run_controllers(ctx: Arc<Context>, client: &Client, ns: Option<&str>, controllers: &CancellationToken) {
     let stop = || {
@@ -192,6 +193,14 @@ async fn run_controllers(ctx: Arc<Context>, client: &Client, ns: Option<&str>, c
         stop(),
     );
     let topics = broker_object::run::<Topic>(ctx.clone(), api(client, ns), api::<EventterCluster>(client, ns), stop());
-    let groups = broker_object::run::<ConsumerGroup>(ctx, api(client, ns), api::<EventterCluster>(client, ns), stop());
-    futures::future::join3(clusters, topics, groups).await;
+    let groups =
+        broker_object::run::<ConsumerGroup>(ctx.clone(), api(client, ns), api::<EventterCluster>(client, ns), stop());
+    let users = user::run(
+        ctx,
+        api::<User>(client, ns),
+        api::<EventterCluster>(client, ns),
+        api::<PartialObjectMeta<Secret>>(client, ns),
+        stop(),
+    );
+    futures::future::join4(clusters, topics, groups, users).await;
 }

@@ -60,3 +60,25 @@ fn cluster_storage_is_immutable_and_election_timeouts_ordered() {
     let ordered = cluster(json!({"image": "a", "broker": {"electionTimeoutMinMs": 400, "electionTimeoutMaxMs": 800}}));
     assert!(validate_cel(&ordered).is_ok());
 }
+
+#[test]
+fn user_immutable_fields() {
+    use eventter_operator::crd::User;
+    let user = |spec: serde_json::Value| User::new("app", serde_json::from_value(spec).unwrap());
+    let base = json!({"clusterRef": "emq", "passwordSecretRef": {"name": "app-password"}});
+    let old = user(base.clone());
+    assert!(validate_cel(&old).is_ok());
+    let mut permitted = base.clone();
+    permitted["permissions"] = json!([{"namespace": "a", "read": ".*"}]);
+    assert!(validate_cel_update(&user(permitted), &old).is_ok());
+    for (field, value, message) in [
+        ("admin", json!(true), "admin is immutable"),
+        ("name", json!("other"), "name is immutable"),
+        ("clusterRef", json!("other"), "clusterRef is immutable"),
+    ] {
+        let mut changed = base.clone();
+        changed[field] = value;
+        let result = validate_cel_update(&user(changed), &old);
+        assert!(format!("{result:?}").contains(message), "{field}: expected {message:?}, got {result:?}");
+    }
+}

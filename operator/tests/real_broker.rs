@@ -1,10 +1,14 @@
-//! The Topic and ConsumerGroup reconcilers against a real broker: one in-process node
-//! on 127.0.0.71 and the scripted API server. The operator decides by itself whether
+//! The Topic, ConsumerGroup and User reconcilers against a real broker: one in-process
+//! node per test (127.0.0.71-73; the User test 127.0.0.82) and the scripted API server. The operator decides by itself whether
 //! the broker's copy of an object already matches its spec, and writes only when it
 //! does not; these tests check that its rules agree with what the broker really
 //! stores (defaults filled in, durations normalised). If they disagreed, every resync
 //! would write again, and each write moves the status's index, which shows here as a
 //! status patch the scripted server did not expect.
+//!
+//! The broker runs as the operator starts them (issue 17): with the operator's
+//! administrator (`--admin-user`), so it takes no call without credentials, and
+//! every call of the operator's here carries the fixture Secret's password.
 
 mod common;
 
@@ -40,6 +44,10 @@ impl Broker {
         let mut config = NodeConfig::new(dir.path(), addr.to_string(), addr.to_string());
         config.raft.election_timeout_min_ms = 200;
         config.raft.election_timeout_max_ms = 300;
+        config.bootstrap_admin = Some(eventtermq_broker::config::BootstrapAdmin {
+            name: eventter_operator::credentials::OPERATOR_USER.into(),
+            password_hash: eventtermq_broker::auth::password::hash(common::OPERATOR_PASSWORD).unwrap(),
+        });
         let (network, listeners) =
             eventtermq_broker::transport::tcp::bind(addr, Duration::from_secs(1), None).await.unwrap();
         let shutdown = CancellationToken::new();
@@ -59,8 +67,30 @@ impl Broker {
         broker
     }
 
-    async fn admin(&self) -> pb::admin_client::AdminClient<tonic::transport::Channel> {
-        pb::admin_client::AdminClient::connect(format!("http://{}", self.addr)).await.unwrap()
+    /// An admin client with the operator's credentials.
+    async fn admin(
+        &self,
+    ) -> pb::admin_client::AdminClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            eventter_operator::credentials::BrokerCredentials,
+        >,
+    > {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap();
+        let credentials = eventter_operator::credentials::BrokerCredentials::new(
+            eventter_operator::credentials::OPERATOR_USER,
+            common::OPERATOR_PASSWORD,
+        )
+        .unwrap();
+        pb::admin_client::AdminClient::with_interceptor(channel, credentials)
+    }
+
+    /// A call without credentials, as a client that has none.
+    async fn anonymous_list_topics(&self) -> tonic::Code {
+        let mut client = pb::admin_client::AdminClient::connect(format!("http://{}", self.addr)).await.unwrap();
+        let request = pb::ListTopicsRequest { namespace: "default".into(), ..Default::default() };
+        client.list_topics(request).await.map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code())
     }
 
     async fn topic(&self, namespace: &str, name: &str) -> Option<pb::Topic> {
@@ -136,6 +166,8 @@ async fn topic_is_written_once_then_only_read_and_drift_is_repaired() {
     server.expect_no_more().await;
     let stored = broker.topic("default", "orders").await.unwrap();
     assert_eq!(stored.retention.map(|d| d.seconds), Some(5400));
+    // The broker is closed to those without credentials: the operator got in with its own.
+    assert_eq!(broker.anonymous_list_topics().await, tonic::Code::Unauthenticated);
     broker.stop().await;
 }
 
@@ -232,5 +264,103 @@ async fn consumer_group_is_written_once_then_only_read() {
     for _ in 0..2 {
         common::in_sync_pass(&synced, &ctx, &mut server).await;
     }
+    broker.stop().await;
+}
+
+/// A connection to the broker at `addr` as `user` with `password`.
+async fn as_user(
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+) -> pb::admin_client::AdminClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        eventter_operator::credentials::BrokerCredentials,
+    >,
+> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let credentials = eventter_operator::credentials::BrokerCredentials::new(user, password).unwrap();
+    pb::admin_client::AdminClient::with_interceptor(channel, credentials)
+}
+
+/// What listing the topics of `namespace` as `user` answers.
+async fn list_topics_as(addr: SocketAddr, user: &str, password: &str, namespace: &str) -> tonic::Code {
+    let request = pb::ListTopicsRequest { namespace: namespace.into(), ..Default::default() };
+    let answer = as_user(addr, user, password).await.list_topics(request).await;
+    answer.map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code())
+}
+
+/// A User against a real broker: created with its password and permissions, then in
+/// sync (the operator's comparison agrees with what the broker lists: no write, no
+/// status patch), a changed Secret replaces the password, and deleting the resource
+/// deletes the user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_is_created_its_password_follows_the_secret_and_it_is_deleted() {
+    use common::{app_user, expect_user_reads, password_secret, ready, spec_with, user_path};
+    use eventter_operator::controller::user;
+    let broker = Broker::start("127.0.0.82").await;
+    let (client, mut server) = api_server::client();
+    let ctx = context(client, broker.addr);
+    let user = app_user(spec_with(json!([
+        {"namespace": "default", "configure": "^orders$", "write": "^orders$", "read": ".*"},
+        {"namespace": "shop", "read": "^audit$"}
+    ])));
+    let (old, new) = ("app-old-pw-5Hs2k9", "app-new-pw-7Lm3q1");
+    let secret = password_secret(old, "10");
+    let reconcile = tokio::spawn(user::reconcile(Arc::new(user.clone()), ctx.clone()));
+    expect_user_reads(&mut server, Some(&secret), true).await;
+    server.expect_event(NS, "PasswordSet").await;
+    let patch = server.expect(Method::PATCH, &format!("{}/status", user_path()), patched_status(&user)).await;
+    assert_eq!(ready(&patch.body).0, "True", "{}", patch.body);
+    server.expect_event(NS, "Synced").await;
+    finished(reconcile).await.unwrap();
+    server.expect_no_more().await;
+    // The user gets in where its permissions say, and only there.
+    assert_eq!(list_topics_as(broker.addr, "app", old, "default").await, tonic::Code::Ok);
+    assert_eq!(list_topics_as(broker.addr, "app", old, "shop").await, tonic::Code::Ok, "shop was created");
+    let users = broker.admin().await.list_users(pb::ListUsersRequest::default()).await.unwrap().into_inner().users;
+    let app = users.iter().find(|u| u.name == "app").expect("user app in the broker");
+    assert_eq!(app.permissions["shop"].read, "^audit$");
+    assert!(!app.admin);
+
+    // In sync: reads only (a write would move the index and patch the status).
+    let synced = after_status_patch(&user, &patch.body);
+    for _ in 0..2 {
+        let reconcile = tokio::spawn(user::reconcile(Arc::new(synced.clone()), ctx.clone()));
+        expect_user_reads(&mut server, Some(&secret), true).await;
+        assert_eq!(finished(reconcile).await.unwrap(), Action::requeue(broker_object::RESYNC_PERIOD));
+        server.expect_no_more().await;
+    }
+
+    // The Secret changes: the new password works, the old one no longer does, and a
+    // namespace dropped from the spec loses its permissions.
+    let mut changed = synced.clone();
+    changed.spec.permissions.truncate(1);
+    let new_secret = password_secret(new, "11");
+    let ctx = context(ctx.client.clone(), broker.addr);
+    let reconcile = tokio::spawn(user::reconcile(Arc::new(changed.clone()), ctx.clone()));
+    expect_user_reads(&mut server, Some(&new_secret), true).await;
+    server.expect_event(NS, "PasswordSet").await;
+    let patch = server.expect(Method::PATCH, &format!("{}/status", user_path()), patched_status(&changed)).await;
+    assert_eq!(patch.body["status"]["passwordSecretVersion"], "secret-uid-1/11");
+    finished(reconcile).await.unwrap();
+    server.expect_no_more().await;
+    assert_eq!(list_topics_as(broker.addr, "app", old, "default").await, tonic::Code::Unauthenticated);
+    assert_eq!(list_topics_as(broker.addr, "app", new, "default").await, tonic::Code::Ok);
+    assert_eq!(list_topics_as(broker.addr, "app", new, "shop").await, tonic::Code::PermissionDenied);
+
+    // Deleted: gone from the broker, and its password with it.
+    let mut gone = after_status_patch(&changed, &patch.body);
+    gone.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+    let reconcile = tokio::spawn(user::reconcile(Arc::new(gone.clone()), ctx.clone()));
+    common::expect_cluster_get(&mut server).await;
+    server.expect_event(NS, "Deleted").await;
+    server.expect(Method::PATCH, &user_path(), |_| (http::StatusCode::OK, serde_json::to_value(&gone).unwrap())).await;
+    assert_eq!(finished(reconcile).await.unwrap(), Action::await_change());
+    server.expect_no_more().await;
+    assert_eq!(list_topics_as(broker.addr, "app", new, "default").await, tonic::Code::Unauthenticated);
+    let users = broker.admin().await.list_users(pb::ListUsersRequest::default()).await.unwrap().into_inner().users;
+    assert!(users.iter().all(|u| u.name != "app"), "{users:?}");
     broker.stop().await;
 }

@@ -37,6 +37,7 @@ async fn cluster_create_applies_children_then_status() {
     let ctx = context(client, broker);
     let reconcile = tokio::spawn(cluster::reconcile(Arc::new(common::cluster()), ctx));
 
+    common::expect_secret_get(&mut server).await;
     let applied = [
         format!("/api/v1/namespaces/{NS}/services/emq-nodes"),
         format!("/api/v1/namespaces/{NS}/services/emq"),
@@ -103,6 +104,7 @@ async fn cluster_forming_with_unreachable_broker_is_not_ready_nor_degraded() {
     let (client, mut server) = api_server::client();
     let ctx = context(client, fake_broker::closed_address().await);
     let reconcile = tokio::spawn(cluster::reconcile(Arc::new(common::cluster()), ctx));
+    common::expect_secret_get(&mut server).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-nodes"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
@@ -663,6 +665,7 @@ async fn consumer_group_status_follows_the_brokers_lag() {
 async fn expect_cluster_with(server: &mut ApiServer, cluster: &serde_json::Value) {
     let cluster = cluster.clone();
     server.expect(Method::GET, &common::cluster_path(), move |_| (StatusCode::OK, cluster)).await;
+    common::expect_secret_get(server).await;
 }
 
 /// A group waiting for its topic retries without writing anything: the broker refuses
@@ -708,6 +711,7 @@ async fn reconcile_recorded_cluster(
     event: Option<&str>,
 ) -> (serde_json::Value, serde_json::Value) {
     let reconcile = tokio::spawn(cluster::reconcile(Arc::new(cluster.clone()), ctx));
+    common::expect_secret_get(server).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-nodes"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
@@ -741,6 +745,7 @@ async fn scaling_the_cluster_leaves_the_pod_template_alone() {
     // Created with 3 replicas: no StatefulSet yet, --bootstrap-expect 3 recorded.
     let created = common::cluster();
     let reconcile = tokio::spawn(cluster::reconcile(Arc::new(created.clone()), ctx.clone()));
+    common::expect_secret_get(&mut server).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-nodes"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
@@ -790,6 +795,7 @@ async fn cluster_without_a_record_keeps_its_stateful_sets_bootstrap_expect() {
     cluster.spec.replicas = 5;
     cluster.metadata.generation = Some(2);
     let reconcile = tokio::spawn(cluster::reconcile(Arc::new(cluster.clone()), ctx));
+    common::expect_secret_get(&mut server).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-nodes"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
@@ -819,6 +825,7 @@ async fn recorded_cluster_applies_its_own_args_without_reading_the_stateful_set(
     let recorded = cluster::cluster_status(&cluster, 4, &Ok(dump), &health, 3);
     cluster.status = Some(recorded);
     let reconcile = tokio::spawn(cluster::reconcile(Arc::new(cluster.clone()), ctx));
+    common::expect_secret_get(&mut server).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-nodes"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;

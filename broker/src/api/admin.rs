@@ -537,6 +537,23 @@ impl Admin for AdminService {
         written(self.cluster.write(Command::DeleteUser { name: req.name }).await?)
     }
 
+    async fn change_password(&self, req: Request<pb::ChangePasswordRequest>) -> Reply<pb::WriteResponse> {
+        let req = req.into_inner();
+        allow(&self.auth, Need::Admin { what: "changing a password" })?;
+        validate::user_name("name", &req.name)?;
+        validate::password("password", &req.password)?;
+        // Checked before the slow hash; the state machine checks again at apply.
+        if !self.cluster.state.read().state.users.contains_key(&req.name) {
+            return Err(RequestError::new(
+                ErrorCode::UserNotFound,
+                format!("name: user {:?} does not exist", req.name),
+            )
+            .into());
+        }
+        let password_hash = crate::auth::hash_password(req.password).await?;
+        written(self.cluster.write(Command::ChangePassword { name: req.name, password_hash }).await?)
+    }
+
     async fn set_permissions(&self, req: Request<pb::SetPermissionsRequest>) -> Reply<pb::WriteResponse> {
         let req = req.into_inner();
         tag(&req.namespace, None, None);

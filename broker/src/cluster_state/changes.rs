@@ -55,7 +55,10 @@ impl Touched {
             | Command::SetDiskLow { .. }
             | Command::DecommissionNode { .. } => vec![Touched::Nodes],
             // Nothing a group or segment task acts on: access is checked per request.
-            Command::CreateUser { .. } | Command::DeleteUser { .. } | Command::SetPermissions { .. } => Vec::new(),
+            Command::CreateUser { .. }
+            | Command::DeleteUser { .. }
+            | Command::ChangePassword { .. }
+            | Command::SetPermissions { .. } => Vec::new(),
             Command::CloseSegment { id, .. }
             | Command::SegmentDone { id, .. }
             | Command::SegmentLost { id, .. }

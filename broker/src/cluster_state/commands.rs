@@ -178,6 +178,12 @@ pub enum Command {
     DeleteUser {
         name: String,
     },
+    /// A new password hash for an existing user (made, as for `CreateUser`, on the
+    /// node that took the request); its administrator flag and permissions stay.
+    ChangePassword {
+        name: String,
+        password_hash: String,
+    },
     /// Sets (`Some`) or removes (`None`) a user's permissions on a namespace.
     SetPermissions {
         user: String,
@@ -311,6 +317,11 @@ impl ClusterState {
             }
             Command::DeleteUser { name } => {
                 self.users.remove(name);
+            }
+            Command::ChangePassword { name, password_hash } => {
+                if let Some(u) = self.users.get_mut(name) {
+                    u.password_hash = password_hash.clone();
+                }
             }
             Command::SetPermissions { user, namespace, permissions } => {
                 if let Some(u) = self.users.get_mut(user) {
@@ -520,6 +531,11 @@ impl ClusterState {
             }
             Command::DeleteUser { name } => {
                 validate::user_name("name", name)?;
+                self.user(name).map(|_| ())
+            }
+            Command::ChangePassword { name, password_hash } => {
+                validate::user_name("name", name)?;
+                validate::password_hash("password_hash", password_hash)?;
                 self.user(name).map(|_| ())
             }
             Command::SetPermissions { user, namespace, .. } => {
@@ -1029,6 +1045,20 @@ mod tests {
         // A deleted namespace takes its permissions along; a deleted user is gone.
         s.apply(&Command::DeleteNamespace { name: "a".into(), cascade: true }).unwrap();
         assert!(s.users["bob"].permissions.is_empty());
+        // A new password hash keeps the user's flag and permissions.
+        let before = s.users["bob"].clone();
+        let new_hash = argon2::Argon2::default()
+            .hash_password(b"pw2", &SaltString::encode_b64(b"another salt....").unwrap())
+            .unwrap()
+            .to_string();
+        let change = |name: &str, hash: &str| Command::ChangePassword { name: name.into(), password_hash: hash.into() };
+        s.apply(&change("bob", &new_hash)).unwrap();
+        assert_eq!(s.users["bob"].password_hash, new_hash);
+        assert_eq!((s.users["bob"].admin, &s.users["bob"].permissions), (before.admin, &before.permissions));
+        assert_eq!(s.apply(&change("carol", &new_hash)).unwrap_err().code, ErrorCode::UserNotFound);
+        let e = s.apply(&change("bob", "plain")).unwrap_err();
+        assert!(e.message.starts_with("password_hash:"), "{}", e.message);
+        assert_eq!(s.users["bob"].password_hash, new_hash, "a refused change changes nothing");
         s.apply(&Command::DeleteUser { name: "bob".into() }).unwrap();
         assert_eq!(s.apply(&Command::DeleteUser { name: "bob".into() }).unwrap_err().code, ErrorCode::UserNotFound);
         assert!(!format!("{:?}", s.users["admin"]).contains("argon2"), "no hash in debug output");

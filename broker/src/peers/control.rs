@@ -70,8 +70,12 @@ impl Peers {
         let peer = Peer::node(node, addr);
         let timeout = Duration::from_millis(self.timeouts().cluster_probe_ms);
         let mut client = AdminClient::new(self.channel(addr));
+        // The node's own request (marked as a node's, with the cluster credential), not
+        // a client's: a peer started with `--admin-user` takes no client before its
+        // administrator exists, which needs the cluster this probe is deciding on, and
+        // a cluster with users takes no client without credentials.
         let ask =
-            client.dump(with_timeout(tonic::Request::new(DumpRequest { stale: true, ..Default::default() }), timeout));
+            client.dump(with_timeout(super::forwarded(DumpRequest { stale: true, ..Default::default() }, 0), timeout));
         let reply = tokio::time::timeout(timeout, ask)
             .await
             .map_err(|_| PeerError::timed_out(peer, timeout))?

@@ -37,6 +37,7 @@ use crate::crd::{
     parse_duration_ms, BrokerObjectStatus, ConsumerGroup, ConsumerGroupLag, ConsumerGroupStatus, DeletionPolicy,
     EventterCluster, ExchangeType, Topic,
 };
+use crate::credentials;
 use crate::error::{Error, Result};
 
 /// How often an object in sync is checked again (the broker may have lost or changed
@@ -300,16 +301,32 @@ async fn apply<K: BrokerObject>(obj: Arc<K>, ctx: &Context, api: &Api<K>, namesp
             return Ok(Action::await_change());
         }
     };
+    let credentials = match credentials::load(&ctx.client, &cluster, false).await? {
+        credentials::Found::Usable { credentials, .. } => credentials,
+        credentials::Found::Missing(message) => {
+            set_ready(obj.as_ref(), ctx, api, false, "CredentialsMissing", message, None, None).await?;
+            return Ok(Action::requeue(DEPENDENCY_RETRY_DELAY));
+        }
+        credentials::Found::Invalid(message) => {
+            set_ready(obj.as_ref(), ctx, api, false, "CredentialsInvalid", message, None, None).await?;
+            return Ok(Action::requeue(DEPENDENCY_RETRY_DELAY));
+        }
+    };
     let address = ctx.broker.address(&cluster);
-    let synced = match ctx.broker.connect(&address).await {
+    let synced = match ctx.broker.connect(&address, &credentials).await {
         Ok(mut admin) => sync_to_broker(&mut admin, obj.broker_namespace(), write).await.map(|o| (admin, o)),
         Err(error) => Err(error),
     };
     let (mut admin, outcome) = match synced {
         Ok(synced) => synced,
         Err(error) => {
-            if matches!(error, Error::BrokerUnavailable { .. }) {
-                set_ready(obj.as_ref(), ctx, api, false, "BrokerUnavailable", error.to_string(), None, None).await?;
+            let reason = match error {
+                Error::BrokerUnavailable { .. } => Some("BrokerUnavailable"),
+                Error::BrokerUnauthenticated { .. } => Some("BrokerUnauthenticated"),
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                set_ready(obj.as_ref(), ctx, api, false, reason, error.to_string(), None, None).await?;
             }
             return Err(error);
         }
@@ -470,7 +487,14 @@ async fn cleanup<K: BrokerObject>(obj: Arc<K>, ctx: &Context, namespace: &str) -
         // The cluster, and with it the broker's copy, is gone or going.
         return Ok(Action::await_change());
     };
-    let mut admin = ctx.broker.connect(&ctx.broker.address(&cluster)).await?;
+    let credentials = match credentials::load(&ctx.client, &cluster, false).await? {
+        credentials::Found::Usable { credentials, .. } => credentials,
+        // Kept (the finalizer stays) until the broker object can be deleted.
+        credentials::Found::Missing(message) | credentials::Found::Invalid(message) => {
+            return Err(Error::Credentials(message))
+        }
+    };
+    let mut admin = ctx.broker.connect(&ctx.broker.address(&cluster), &credentials).await?;
     match obj.desired() {
         Ok(BrokerWrite::Topic(_)) => admin.delete_topic(broker_namespace, &name).await?,
         Ok(BrokerWrite::ConsumerGroup(_)) => admin.delete_consumer_group(broker_namespace, &name).await?,

@@ -10,16 +10,21 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::{predicates, reflector, watcher, Controller, WatchStreamExt};
 use kube::{Api, Resource, ResourceExt};
 
-use super::{apply_status, condition, error_policy, find_condition, object_key, Context, DEGRADED, PROGRESSING, READY};
+use super::{
+    apply_status, condition, error_policy, find_condition, object_key, Context, CREDENTIALS_READY, DEGRADED,
+    PROGRESSING, READY,
+};
 use crate::broker::BrokerConnector;
 use crate::builders::{self, FIELD_MANAGER};
 use crate::crd::{ClusterMember, EventterCluster, EventterClusterStatus};
+use crate::credentials::{self, BrokerCredentials};
 use crate::error::{Error, Result};
 
 /// Controller name in logs and metrics.
@@ -40,6 +45,20 @@ pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Resu
     }
     let client = ctx.client.clone();
     let params = PatchParams::apply(FIELD_MANAGER).force();
+    // First, so that the brokers' pods find the Secret they mount.
+    let credentials = match credentials::load(&client, &cluster, true).await? {
+        credentials::Found::Usable { credentials, created } => {
+            if created {
+                let note = format!(
+                    "generated the operator's broker credentials in Secret {:?}",
+                    credentials::secret_name(&cluster.name_any())
+                );
+                ctx.publish(cluster.as_ref(), EventType::Normal, "CredentialsCreated", note).await;
+            }
+            Ok(credentials)
+        }
+        credentials::Found::Missing(message) | credentials::Found::Invalid(message) => Err(message),
+    };
 
     let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
     let headless = builders::headless_service(&cluster);
@@ -61,13 +80,16 @@ pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Resu
 
     let ready_replicas = stateful_set.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
     let address = ctx.broker.address(&cluster);
-    let dump = match ctx.broker.connect(&address).await {
-        Ok(mut admin) => admin.dump().await,
-        Err(error) => Err(error),
+    let dump = match &credentials {
+        Ok(credentials) => match ctx.broker.connect(&address, credentials).await {
+            Ok(mut admin) => admin.dump().await,
+            Err(error) => Err(error),
+        },
+        Err(message) => Err(Error::Credentials(message.clone())),
     };
-    let health = match &dump {
-        Ok(dump) => nodes_health(&ctx.broker, dump).await,
-        Err(_) => Vec::new(),
+    let health = match (&dump, &credentials) {
+        (Ok(dump), Ok(credentials)) => nodes_health(&ctx.broker, credentials, dump).await,
+        _ => Vec::new(),
     };
     let status = cluster_status(&cluster, ready_replicas, &dump, &health, bootstrap_expect);
 
@@ -171,8 +193,33 @@ pub fn cluster_status(
             if degraded { message } else { String::new() },
             generation,
         ),
+        credentials_condition(cluster, &previous, dump, generation),
     ];
     status
+}
+
+/// The CredentialsReady condition: whether the operator's Secret holds a usable
+/// password and the brokers take it.
+fn credentials_condition(
+    cluster: &EventterCluster,
+    previous: &EventterClusterStatus,
+    dump: &Result<pb::DumpResponse>,
+    generation: Option<i64>,
+) -> Condition {
+    let secret = credentials::secret_name(&cluster.name_any());
+    let (ok, reason, message) = match dump {
+        Err(Error::Credentials(message)) => (false, "SecretInvalid", message.clone()),
+        Err(error @ Error::BrokerUnauthenticated { .. }) => (
+            false,
+            "Refused",
+            format!(
+                "{error}. The brokers keep the password of Secret {secret:?} they first started with: a Secret \
+                 changed, or deleted and generated again since, no longer matches; put the first password back"
+            ),
+        ),
+        _ => (true, "SecretReady", format!("Secret {secret:?} holds the operator's broker password")),
+    };
+    condition(&previous.conditions, CREDENTIALS_READY, ok, reason, message, generation)
 }
 
 /// Records in `status` what the brokers said: the members, the state's index and
@@ -214,7 +261,11 @@ pub type NodeHealth = (u64, std::result::Result<pb::LocalHealth, String>);
 /// members' by asking each one (at most `node_health_concurrency_max` at once, each
 /// within `node_health_timeout`). Members not alive are not asked. With a fixed
 /// broker address (tests, a port-forward) only the answering broker is known.
-async fn nodes_health(connector: &BrokerConnector, dump: &pb::DumpResponse) -> Vec<NodeHealth> {
+async fn nodes_health(
+    connector: &BrokerConnector,
+    credentials: &BrokerCredentials,
+    dump: &pb::DumpResponse,
+) -> Vec<NodeHealth> {
     let mut health: Vec<NodeHealth> = Vec::new();
     if let Some(local) = &dump.local {
         health.push((dump.node_id, Ok(local.clone())));
@@ -229,7 +280,9 @@ async fn nodes_health(connector: &BrokerConnector, dump: &pb::DumpResponse) -> V
         .map(|n| (n.id, n.address.clone()))
         .collect();
     let asked = futures::stream::iter(others)
-        .map(|(id, address)| async move { (id, connector.node_health(&address).await.map_err(|e| e.to_string())) })
+        .map(|(id, address)| async move {
+            (id, connector.node_health(&address, credentials).await.map_err(|e| e.to_string()))
+        })
         .buffer_unordered(connector.node_health_concurrency_max.max(1))
         .collect::<Vec<_>>()
         .await;

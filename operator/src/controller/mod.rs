@@ -10,6 +10,7 @@
 
 pub mod broker_object;
 pub mod cluster;
+pub mod user;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -138,6 +139,8 @@ fn truncate(mut s: String, len_max: usize) -> String {
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+/// Of an EventterCluster: the operator's own broker credentials are usable.
+pub const CREDENTIALS_READY: &str = "CredentialsReady";
 
 /// A condition of `type_`, keeping the previous transition time when the status did
 /// not change.

@@ -28,6 +28,23 @@ pub struct Script {
     pub index: u64,
     /// Namespaces with their topics and groups; `default` exists, as in a new cluster.
     pub namespaces: BTreeMap<String, Namespace>,
+    /// The operator's password the broker takes (user `eventter-operator`); any call
+    /// without it is refused Unauthenticated, as the broker does once it has users.
+    pub operator_password: String,
+    /// Users other than the operator, by name (the broker hashes passwords; the fake
+    /// keeps them so that a test can see which one was set).
+    pub users: BTreeMap<String, FakeUser>,
+    /// An error answer to every user write (CreateUser, ChangePassword, SetPermissions,
+    /// DeleteUser).
+    pub user_write: Option<Status>,
+}
+
+/// A user as the fake broker holds it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FakeUser {
+    pub password: String,
+    pub admin: bool,
+    pub permissions: BTreeMap<String, pb::Permissions>,
 }
 
 impl Default for Script {
@@ -41,6 +58,9 @@ impl Default for Script {
             lag: Some(BTreeMap::new()),
             index: 0,
             namespaces: BTreeMap::from([("default".to_string(), Namespace::default())]),
+            operator_password: super::OPERATOR_PASSWORD.to_string(),
+            users: BTreeMap::new(),
+            user_write: None,
         }
     }
 }
@@ -78,7 +98,11 @@ pub struct State {
 }
 
 /// Calls that ask for a Raft log entry.
-const WRITES: [&str; 8] = [
+const WRITES: [&str; 12] = [
+    "CreateUser",
+    "ChangePassword",
+    "SetPermissions",
+    "DeleteUser",
     "CreateNamespace",
     "DeleteNamespace",
     "CreateTopic",
@@ -147,6 +171,27 @@ impl State {
             return Err(status);
         }
         change(&mut script.namespaces)?;
+        script.index += 1;
+        #[allow(deprecated)] // `ok`: the broker still sends it
+        Ok(Response::new(pb::WriteResponse { ok: true, index: script.index }))
+    }
+
+    /// The user `name` as the broker holds it now.
+    pub fn user(&self, name: &str) -> Option<FakeUser> {
+        self.script.lock().unwrap().users.get(name).cloned()
+    }
+
+    /// A user write: refused with the scripted error, else `change` on the script; an
+    /// accepted write takes the next index.
+    fn write_user(
+        &self,
+        change: impl FnOnce(&mut Script) -> Result<(), Status>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        let mut script = self.script.lock().unwrap();
+        if let Some(status) = script.user_write.clone() {
+            return Err(status);
+        }
+        change(&mut script)?;
         script.index += 1;
         #[allow(deprecated)] // `ok`: the broker still sends it
         Ok(Response::new(pb::WriteResponse { ok: true, index: script.index }))
@@ -450,24 +495,78 @@ impl Admin for FakeBroker {
         }
     }
 
-    // The operator manages no users yet: the fake has none of them.
-    async fn create_user(&self, _: Request<pb::CreateUserRequest>) -> Result<Response<pb::WriteResponse>, Status> {
-        Err(Status::unimplemented("users: not in the fake broker"))
+    // Users as the broker keeps them: names unique, permissions only on existing
+    // namespaces, NotFound (2005) for an unknown user.
+    async fn create_user(&self, r: Request<pb::CreateUserRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+        let r = r.into_inner();
+        self.0.record(format!("CreateUser {} admin={}", r.name, r.admin));
+        self.0.write_user(|script| {
+            if script.users.contains_key(&r.name) {
+                return Err(Status::already_exists(format!("name: user {:?} already exists", r.name)));
+            }
+            let user = FakeUser { password: r.password, admin: r.admin, permissions: BTreeMap::new() };
+            script.users.insert(r.name, user);
+            Ok(())
+        })
     }
 
-    async fn delete_user(&self, _: Request<pb::DeleteUserRequest>) -> Result<Response<pb::WriteResponse>, Status> {
-        Err(Status::unimplemented("users: not in the fake broker"))
+    async fn delete_user(&self, r: Request<pb::DeleteUserRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+        let r = r.into_inner();
+        self.0.record(format!("DeleteUser {}", r.name));
+        self.0.write_user(|script| script.users.remove(&r.name).map(|_| ()).ok_or_else(|| user_not_found(&r.name)))
+    }
+
+    async fn change_password(
+        &self,
+        r: Request<pb::ChangePasswordRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        let r = r.into_inner();
+        self.0.record(format!("ChangePassword {}", r.name));
+        self.0.write_user(|script| {
+            let user = script.users.get_mut(&r.name).ok_or_else(|| user_not_found(&r.name))?;
+            user.password = r.password;
+            Ok(())
+        })
     }
 
     async fn set_permissions(
         &self,
-        _: Request<pb::SetPermissionsRequest>,
+        r: Request<pb::SetPermissionsRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        Err(Status::unimplemented("users: not in the fake broker"))
+        let r = r.into_inner();
+        self.0.record(format!("SetPermissions {} {}{}", r.user, r.namespace, if r.clear { " clear" } else { "" }));
+        self.0.write_user(|script| {
+            if !script.namespaces.contains_key(&r.namespace) {
+                return Err(namespace_not_found(&r.namespace));
+            }
+            let user = script.users.get_mut(&r.user).ok_or_else(|| user_not_found(&r.user))?;
+            match (r.clear, r.permissions) {
+                (true, _) => {
+                    user.permissions.remove(&r.namespace);
+                }
+                (false, Some(p)) => {
+                    user.permissions.insert(r.namespace, p);
+                }
+                (false, None) => return Err(Status::invalid_argument("permissions: is required (or clear)")),
+            }
+            Ok(())
+        })
     }
 
     async fn list_users(&self, _: Request<pb::ListUsersRequest>) -> Result<Response<pb::ListUsersResponse>, Status> {
-        Err(Status::unimplemented("users: not in the fake broker"))
+        self.0.record("ListUsers".to_string());
+        let script = self.0.script.lock().unwrap();
+        let mut users: Vec<pb::User> = script
+            .users
+            .iter()
+            .map(|(name, u)| pb::User {
+                name: name.clone(),
+                admin: u.admin,
+                permissions: u.permissions.clone().into_iter().collect(),
+            })
+            .collect();
+        users.push(pb::User { name: "eventter-operator".into(), admin: true, ..Default::default() });
+        Ok(Response::new(pb::ListUsersResponse { users, index: script.index }))
     }
 
     async fn decommission_node(
@@ -493,12 +592,32 @@ impl Admin for FakeBroker {
     }
 }
 
+fn user_not_found(name: &str) -> Status {
+    Status::not_found(format!("user: {name:?} does not exist"))
+}
+
 /// Starts the fake on 127.0.0.1:0; it runs until the test's runtime ends.
 pub async fn start(script: Script) -> (SocketAddr, Arc<State>) {
     let state = Arc::new(State { script: Mutex::new(script), calls: Mutex::default() });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    let service = AdminServer::new(FakeBroker(state.clone()));
+    let checked = state.clone();
+    let service = AdminServer::with_interceptor(FakeBroker(state.clone()), move |request: Request<()>| {
+        use base64::Engine;
+        let password = checked.script.lock().unwrap().operator_password.clone();
+        let expected = base64::engine::general_purpose::STANDARD.encode(format!("eventter-operator:{password}"));
+        match request.metadata().get("authorization").and_then(|v| v.to_str().ok()) {
+            Some(header) if header == format!("Basic {expected}") => Ok(request),
+            Some(_) => {
+                checked.record("Refused wrong credentials".to_string());
+                Err(Status::unauthenticated("wrong user name or password"))
+            }
+            None => {
+                checked.record("Refused no credentials".to_string());
+                Err(Status::unauthenticated("credentials required"))
+            }
+        }
+    });
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(service)

@@ -98,10 +98,30 @@ pub fn topic_path() -> String {
     format!("/apis/eventter.io/v1alpha1/namespaces/{NS}/topics/orders")
 }
 
-/// GET of the Topic's EventterCluster, answered with the fixture.
+/// The operator's password in the fixture Secret (and what the fake broker expects).
+pub const OPERATOR_PASSWORD: &str = "0123456789abcdef-operator";
+
+pub fn secret_path() -> String {
+    format!("/api/v1/namespaces/{NS}/secrets/emq-operator-credentials")
+}
+
+/// The operator's credential Secret of the fixture cluster.
+pub fn operator_secret() -> k8s_openapi::api::core::v1::Secret {
+    eventter_operator::builders::operator_credentials_secret(&cluster(), OPERATOR_PASSWORD)
+}
+
+/// GET of the operator's credential Secret, answered with the fixture.
+pub async fn expect_secret_get(server: &mut api_server::ApiServer) {
+    let secret = serde_json::to_value(operator_secret()).unwrap();
+    server.expect(Method::GET, &secret_path(), |_| (StatusCode::OK, secret)).await;
+}
+
+/// GET of the Topic's EventterCluster, answered with the fixture, then of the
+/// operator's credential Secret.
 pub async fn expect_cluster_get(server: &mut api_server::ApiServer) {
     let cluster = serde_json::to_value(cluster()).unwrap();
     server.expect(Method::GET, &cluster_path(), |_| (StatusCode::OK, cluster)).await;
+    expect_secret_get(server).await;
 }
 
 /// `object` with the status a status patch (as the server saw it) wrote, and a new
@@ -127,4 +147,68 @@ where
     let action = finished(reconcile).await.unwrap();
     assert_eq!(action, kube::runtime::controller::Action::requeue(K::in_sync_period(ctx)));
     server.expect_no_more().await;
+}
+
+// User fixtures (tests/users.rs, tests/real_broker.rs).
+
+use eventter_operator::crd::{User, UserSpec};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::ByteString;
+
+/// A User `app` in namespace `messaging` of cluster `emq`, with the operator's finalizer.
+pub fn app_user(spec: serde_json::Value) -> User {
+    let spec: UserSpec = serde_json::from_value(spec).unwrap();
+    let mut user = User::new("app", spec);
+    user.metadata.namespace = Some(NS.into());
+    user.metadata.uid = Some("5d0c7c1e-0000-4000-8000-000000000009".into());
+    user.metadata.generation = Some(1);
+    user.metadata.resource_version = Some("100".into());
+    user.metadata.finalizers = Some(vec![eventter_operator::controller::user::FINALIZER.into()]);
+    user
+}
+
+pub fn spec_with(permissions: serde_json::Value) -> serde_json::Value {
+    json!({"clusterRef": "emq", "passwordSecretRef": {"name": "app-password"}, "permissions": permissions})
+}
+
+pub fn user_path() -> String {
+    format!("/apis/eventter.io/v1alpha1/namespaces/{NS}/users/app")
+}
+
+pub fn password_secret(password: &str, resource_version: &str) -> Secret {
+    let mut secret = Secret::default();
+    secret.metadata.name = Some("app-password".into());
+    secret.metadata.namespace = Some(NS.into());
+    secret.metadata.uid = Some("secret-uid-1".into());
+    secret.metadata.resource_version = Some(resource_version.into());
+    secret.data = Some([("password".to_string(), ByteString(format!("{password}\n").into_bytes()))].into());
+    secret
+}
+
+/// GET of the cluster, of the user's password Secret (`None`: not found), and, when
+/// `then_operator`, of the operator's own Secret.
+pub async fn expect_user_reads(server: &mut api_server::ApiServer, secret: Option<&Secret>, then_operator: bool) {
+    let cluster = serde_json::to_value(cluster()).unwrap();
+    server.expect(Method::GET, &cluster_path(), |_| (StatusCode::OK, cluster)).await;
+    let path = format!("/api/v1/namespaces/{NS}/secrets/app-password");
+    match secret {
+        Some(secret) => {
+            let secret = serde_json::to_value(secret).unwrap();
+            server.expect(Method::GET, &path, |_| (StatusCode::OK, secret)).await;
+        }
+        None => {
+            server
+                .expect(Method::GET, &path, |_| (StatusCode::NOT_FOUND, api_server::status_error(404, "NotFound")))
+                .await;
+        }
+    }
+    if then_operator {
+        expect_secret_get(server).await;
+    }
+}
+
+pub fn ready(patch: &serde_json::Value) -> (String, String, String) {
+    let c = &patch["status"]["conditions"][0];
+    assert_eq!(c["type"], "Ready");
+    (c["status"].as_str().unwrap().into(), c["reason"].as_str().unwrap().into(), c["message"].as_str().unwrap().into())
 }
