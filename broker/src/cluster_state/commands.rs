@@ -916,19 +916,24 @@ mod tests {
         Command::CreateTopic { namespace: ns.into(), name: name.into(), spec }
     }
 
+    /// Opens shard 0 of topic `t` in `default` on `replicas`, a majority in sync.
+    fn open_segment_of_t(replicas: Vec<NodeId>) -> Command {
+        let min_insync = (replicas.len() / 2 + 1) as u32;
+        Command::OpenSegment {
+            namespace: "default".into(),
+            topic: "t".into(),
+            shard: 0,
+            replicas,
+            now_unix_ms: 0,
+            min_insync,
+        }
+    }
+
     #[test]
     fn a_lost_copy_leaves_done_but_stays_a_replica_until_it_is_done_again() {
         let mut s = ClusterState::new_cluster();
         s.apply(&create_topic("default", "t", topic(1))).unwrap();
-        let open = Command::OpenSegment {
-            namespace: "default".into(),
-            topic: "t".into(),
-            shard: 0,
-            replicas: vec![1, 2, 3],
-            now_unix_ms: 0,
-            min_insync: 2,
-        };
-        s.apply(&open).unwrap();
+        s.apply(&open_segment_of_t(vec![1, 2, 3])).unwrap();
         let id = *s.segments.keys().next().unwrap();
         let lost = Command::SegmentLost { id, node: 1 };
         assert_eq!(s.apply(&lost).unwrap_err().code, ErrorCode::SegmentOpen);
@@ -1205,15 +1210,7 @@ mod tests {
             let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size: 10, ..Default::default() };
             s.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: g.into(), spec }).unwrap();
         }
-        let open = Command::OpenSegment {
-            namespace: "default".into(),
-            topic: "t".into(),
-            shard: 0,
-            replicas: vec![1],
-            now_unix_ms: 0,
-            min_insync: 1,
-        };
-        s.apply(&open).unwrap();
+        s.apply(&open_segment_of_t(vec![1])).unwrap();
         let seg = *s.segments.keys().next().unwrap();
         let commit = |group: &str, offset| GroupOffsets {
             namespace: "default".into(),
@@ -1241,15 +1238,7 @@ mod tests {
         let spec = ConsumerGroupSpec { bindings: vec![old.clone()], size: 10, since_unix_ms: 1, ..Default::default() };
         s.apply(&Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec }).unwrap();
         use std::collections::BTreeMap;
-        let open = Command::OpenSegment {
-            namespace: "default".into(),
-            topic: "t".into(),
-            shard: 0,
-            replicas: vec![1],
-            now_unix_ms: 0,
-            min_insync: 1,
-        };
-        s.apply(&open).unwrap();
+        s.apply(&open_segment_of_t(vec![1])).unwrap();
         let offsets = BTreeMap::from([(*s.segments.keys().next().unwrap(), 5)]);
         let commit = Command::CommitOffsets {
             namespace: "default".into(),

@@ -465,6 +465,22 @@ async fn create_namespace_then(admin: &mut Admin, namespace: &str, write: Broker
     }
 }
 
+/// The broker connection a finalizer deletes through: `None` when the cluster is gone
+/// or being deleted (what it held goes with it); an error, which keeps the finalizer
+/// until the broker copy can be deleted, when the operator's credential cannot be used.
+pub(super) async fn cleanup_admin(ctx: &Context, namespace: &str, cluster_ref: &str) -> Result<Option<Admin>> {
+    let clusters: Api<EventterCluster> = Api::namespaced(ctx.client.clone(), namespace);
+    let cluster = clusters.get_opt(cluster_ref).await?;
+    let Some(cluster) = cluster.filter(|c| c.meta().deletion_timestamp.is_none()) else { return Ok(None) };
+    let credentials = match credentials::load(&ctx.client, &cluster, false).await? {
+        credentials::Found::Usable { credentials, .. } => credentials,
+        credentials::Found::Missing(message) | credentials::Found::Invalid(message) => {
+            return Err(Error::Credentials(message))
+        }
+    };
+    Ok(Some(ctx.broker.connect(&ctx.broker.address(&cluster), &credentials).await?))
+}
+
 async fn cleanup<K: BrokerObject>(obj: Arc<K>, ctx: &Context, namespace: &str) -> Result<Action> {
     let name = obj.broker_name();
     let broker_namespace = obj.broker_namespace();
@@ -481,20 +497,10 @@ async fn cleanup<K: BrokerObject>(obj: Arc<K>, ctx: &Context, namespace: &str) -
         ctx.publish(obj.as_ref(), EventType::Normal, "NotDeleted", note).await;
         return Ok(Action::await_change());
     }
-    let clusters: Api<EventterCluster> = Api::namespaced(ctx.client.clone(), namespace);
-    let cluster = clusters.get_opt(obj.cluster_ref()).await?;
-    let Some(cluster) = cluster.filter(|c| c.meta().deletion_timestamp.is_none()) else {
+    let Some(mut admin) = cleanup_admin(ctx, namespace, obj.cluster_ref()).await? else {
         // The cluster, and with it the broker's copy, is gone or going.
         return Ok(Action::await_change());
     };
-    let credentials = match credentials::load(&ctx.client, &cluster, false).await? {
-        credentials::Found::Usable { credentials, .. } => credentials,
-        // Kept (the finalizer stays) until the broker object can be deleted.
-        credentials::Found::Missing(message) | credentials::Found::Invalid(message) => {
-            return Err(Error::Credentials(message))
-        }
-    };
-    let mut admin = ctx.broker.connect(&ctx.broker.address(&cluster), &credentials).await?;
     match obj.desired() {
         Ok(BrokerWrite::Topic(_)) => admin.delete_topic(broker_namespace, &name).await?,
         Ok(BrokerWrite::ConsumerGroup(_)) => admin.delete_consumer_group(broker_namespace, &name).await?,

@@ -27,7 +27,7 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::{Api, Resource, ResourceExt};
 
-use super::broker_object::{DEPENDENCY_RETRY_DELAY, RESYNC_PERIOD};
+use super::broker_object::{cleanup_admin, DEPENDENCY_RETRY_DELAY, RESYNC_PERIOD};
 use super::{
     apply_status, cluster_readiness_changed, condition, error_policy, find_condition, object_key,
     spec_or_lifecycle_changed, Context, READY,
@@ -354,20 +354,10 @@ async fn cleanup(obj: Arc<User>, ctx: &Context, namespace: &str) -> Result<Actio
         ctx.publish(obj.as_ref(), EventType::Normal, "NotDeleted", note).await;
         return Ok(Action::await_change());
     }
-    let clusters: Api<EventterCluster> = Api::namespaced(ctx.client.clone(), namespace);
-    let cluster = clusters.get_opt(&obj.spec.cluster_ref).await?;
-    let Some(cluster) = cluster.filter(|c| c.meta().deletion_timestamp.is_none()) else {
+    let Some(mut admin) = cleanup_admin(ctx, namespace, &obj.spec.cluster_ref).await? else {
         // The cluster, and its users with it, is gone or going.
         return Ok(Action::await_change());
     };
-    let credentials = match credentials::load(&ctx.client, &cluster, false).await? {
-        credentials::Found::Usable { credentials, .. } => credentials,
-        // Kept (the finalizer stays) until the broker user can be deleted.
-        credentials::Found::Missing(message) | credentials::Found::Invalid(message) => {
-            return Err(Error::Credentials(message))
-        }
-    };
-    let mut admin = ctx.broker.connect(&ctx.broker.address(&cluster), &credentials).await?;
     admin.delete_user(&name).await?;
     ctx.publish(obj.as_ref(), EventType::Normal, "Deleted", format!("user {name:?} deleted from the broker")).await;
     Ok(Action::await_change())
