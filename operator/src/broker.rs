@@ -364,6 +364,23 @@ impl Admin {
         self.deleted(self.client.clone().delete_user(request).await)
     }
 
+    /// The nodes with their gossip state, Raft role and, while decommissioned, what
+    /// still depends on them (read through the leader).
+    pub async fn list_nodes(&mut self) -> Result<Vec<pb::Node>> {
+        match self.client.list_nodes(pb::ListNodesRequest { stale: false }).await {
+            Ok(response) => Ok(response.into_inner().nodes),
+            Err(status) => Err(self.read_failed(status)),
+        }
+    }
+
+    /// Decommissions (drains) node `id`, or with `cancel` takes it back. A refusal
+    /// (FAILED_PRECONDITION 4013: the nodes left could not hold a topic's replication
+    /// factor) is the outcome's `Rejected`; an unknown node its `Missing`.
+    pub async fn decommission_node(&mut self, id: u64, cancel: bool) -> Result<WriteOutcome> {
+        let result = self.client.decommission_node(pb::DecommissionNodeRequest { node_id: id, cancel }).await;
+        self.outcome(result)
+    }
+
     /// The cluster state and Raft view of the answering broker (linearizable read).
     pub async fn dump(&mut self) -> Result<pb::DumpResponse> {
         match self.client.dump(pb::DumpRequest::default()).await {
