@@ -149,12 +149,11 @@ async fn scale_step(
     let mut admin = ctx.broker.connect(&ctx.broker.address(cluster), credentials).await?;
     let nodes = admin.list_nodes().await?;
     let plan = scale::plan(&cluster.name_any(), current, desired, &nodes, &previous.decommission);
+    // One event per pass and kind: the recorder folds events of one reason into a series.
+    let mut cancelled = Vec::new();
     for (pod, id) in &plan.cancel {
         match admin.decommission_node(*id, true).await? {
-            Ok(_) => {
-                let note = format!("took back the decommission of {pod} (node {id}): spec.replicas is {desired}");
-                ctx.publish(cluster, EventType::Normal, "DecommissionCancelled", note).await;
-            }
+            Ok(_) => cancelled.push(format!("{pod} (node {id})")),
             // Removed meanwhile: nothing to take back.
             Err(Refusal::Missing(_)) => {}
             Err(Refusal::Rejected(message)) => {
@@ -165,19 +164,25 @@ async fn scale_step(
             }
         }
     }
+    if !cancelled.is_empty() {
+        let note = format!("took back the decommission of {}: spec.replicas is {desired}", cancelled.join(", "));
+        ctx.publish(cluster, EventType::Normal, "DecommissionCancelled", note).await;
+    }
     let mut refused = Vec::new();
+    let mut started = Vec::new();
     for (pod, id) in &plan.decommission {
         match admin.decommission_node(*id, false).await? {
-            Ok(_) => {
-                let note = format!("decommissioning {pod} (node {id}) before its pod is removed");
-                ctx.publish(cluster, EventType::Normal, "Decommissioning", note).await;
-            }
+            Ok(_) => started.push(format!("{pod} (node {id})")),
             // Removed meanwhile: it holds nothing; the next pass lists the nodes again.
             Err(Refusal::Missing(_)) => {}
             Err(Refusal::Rejected(message)) => {
                 refused.push((*id, format!("the brokers refused to decommission {pod} (node {id}): {message}")));
             }
         }
+    }
+    if !started.is_empty() {
+        let note = format!("decommissioning {} before the pods are removed", started.join(", "));
+        ctx.publish(cluster, EventType::Normal, "Decommissioning", note).await;
     }
     let progress: Vec<DecommissionedNode> =
         plan.progress.iter().filter(|n| !refused.iter().any(|(id, _)| id.to_string() == n.id)).cloned().collect();
