@@ -67,6 +67,12 @@ pub fn selector_string(cluster_name: &str) -> String {
     selector_labels(cluster_name).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
+/// The first DNS label of a broker's `host:port` address: its pod's name (the
+/// inverse of [`pod_address`]).
+pub fn pod_of_address(address: &str) -> String {
+    address.split(['.', ':']).next().unwrap_or_default().to_string()
+}
+
 /// Name of the headless Service that gives every broker pod a DNS name.
 pub fn headless_service_name(cluster_name: &str) -> String {
     format!("{cluster_name}-nodes")

@@ -382,12 +382,7 @@ fn record_brokers_view(status: &mut EventterClusterStatus, dump: &pb::DumpRespon
     status.cluster_state_index = Some(state.index);
     let leader = state.nodes.iter().find(|n| n.id == dump.leader_id && dump.leader_id != 0);
     status.leader_id = (dump.leader_id != 0).then(|| dump.leader_id.to_string());
-    status.leader = leader.map(|n| pod_of_address(&n.address));
-}
-
-/// The first DNS label of a broker's `host:port` address: its pod's name.
-pub fn pod_of_address(address: &str) -> String {
-    address.split(['.', ':']).next().unwrap_or_default().to_string()
+    status.leader = leader.map(|n| builders::pod_of_address(&n.address));
 }
 
 /// What one broker said of its own condition, or why it could not be asked.

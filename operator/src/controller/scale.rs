@@ -12,7 +12,7 @@
 
 use eventtermq_proto::v1 as pb;
 
-use super::cluster::pod_of_address;
+use crate::builders::pod_of_address;
 use crate::crd::DecommissionedNode;
 
 /// What one reconcile does about the StatefulSet's replicas.
