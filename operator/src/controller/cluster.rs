@@ -614,4 +614,46 @@ mod tests {
         assert_eq!(status.members.len(), 3);
         assert_eq!(status.ready_replicas, 2);
     }
+
+    #[test]
+    fn scale_step_shows_in_status_progressing_and_blocked_conditions() {
+        let cluster = cluster();
+        let dump = Ok(dump(1, &[pb::NodeState::Alive; 5]));
+        let base = cluster_status(&cluster, 5, &dump, &[], 3);
+        let leaving = DecommissionedNode {
+            pod: "emq-4".into(),
+            id: "5".into(),
+            open_segments: 1,
+            closed_segments: 4,
+            consumer_groups: 2,
+            drained: false,
+        };
+        let draining = ScaleStep { replicas: 5, progress: vec![leaving.clone()], draining: true, blocked: None };
+        let mut status = base.clone();
+        record_scale(&mut status, &base, &draining, Some(4));
+        assert_eq!(status.replicas, Some(5));
+        assert_eq!(status.decommission, vec![leaving.clone()]);
+        assert_eq!(status.scale_down.as_deref(), Some("draining emq-4: 1 open, 4 closed segments, 2 groups left"));
+        let progressing = find_condition(&status.conditions, PROGRESSING).unwrap();
+        assert_eq!((progressing.status.as_str(), progressing.reason.as_str()), ("True", "Decommissioning"));
+        assert_eq!(status.conditions.iter().filter(|c| c.type_ == PROGRESSING).count(), 1);
+        assert!(find_condition(&status.conditions, SCALE_DOWN_BLOCKED).is_none());
+
+        let refusal = "the brokers refused to decommission emq-2 (node 3): topic default/orders".to_string();
+        let blocked = ScaleStep { replicas: 3, progress: vec![], draining: false, blocked: Some(refusal.clone()) };
+        let mut status_blocked = base.clone();
+        record_scale(&mut status_blocked, &status, &blocked, Some(4));
+        let condition = find_condition(&status_blocked.conditions, SCALE_DOWN_BLOCKED).unwrap();
+        assert_eq!((condition.status.as_str(), condition.message.as_str()), ("True", refusal.as_str()));
+        assert_eq!(status_blocked.scale_down, Some(format!("blocked: {refusal}")));
+        assert!(status_blocked.decommission.is_empty());
+
+        // Done: no progress line, no blocked condition.
+        let done = ScaleStep { replicas: 3, ..ScaleStep::default() };
+        let mut status_done = base.clone();
+        record_scale(&mut status_done, &status_blocked, &done, Some(5));
+        assert_eq!(status_done.scale_down, None);
+        assert!(find_condition(&status_done.conditions, SCALE_DOWN_BLOCKED).is_none());
+        assert_eq!(status_done.replicas, Some(3));
+    }
 }
