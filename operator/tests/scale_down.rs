@@ -189,3 +189,21 @@ async fn raising_replicas_during_a_scale_down_cancels_the_decommissions() {
     assert!(status["status"].get("scaleDown").is_none());
     assert_eq!(action, Action::requeue(cluster::READY_RECHECK_PERIOD));
 }
+
+/// While no broker answers, a pending scale-down cannot be checked: the reconcile
+/// fails (retried with backoff) before the StatefulSet is applied, so nothing is
+/// lowered.
+#[tokio::test]
+async fn a_scale_down_without_an_answering_broker_lowers_nothing() {
+    let (client, mut server) = api_server::client();
+    let ctx = context(client, fake_broker::closed_address().await);
+    let cluster = recorded_cluster(5, 3, vec![]);
+    let reconcile = tokio::spawn(cluster::reconcile(Arc::new(cluster), ctx));
+    common::expect_secret_get(&mut server).await;
+    server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-nodes"), ok_echo).await;
+    server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
+    server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
+    let error = finished(reconcile).await.unwrap_err();
+    assert!(matches!(error, eventter_operator::error::Error::BrokerUnavailable { .. }), "{error}");
+    server.expect_no_more().await;
+}
