@@ -153,7 +153,7 @@ async fn a_refused_decommission_blocks_the_scale_down_with_the_brokers_message()
     .await;
     let (client, mut server) = api_server::client();
     let cluster = recorded_cluster(3, 2, vec![]);
-    let ctx = context(client, broker);
+    let ctx = context(client.clone(), broker);
     let (sts, status, action) = pass(&cluster, &mut server, ctx, &["ScaleDownBlocked"], 3).await;
     let status = status.unwrap();
     assert_eq!(sts["spec"]["replicas"], 3, "the StatefulSet is left as it is");
@@ -167,6 +167,28 @@ async fn a_refused_decommission_blocks_the_scale_down_with_the_brokers_message()
     assert!(status["status"].get("decommission").is_none(), "a refused node is not draining");
     assert_eq!(status["status"]["replicas"], 3);
     assert!(broker_state.node(3).unwrap().drain.is_none());
+
+    // Asked again 5 s later and refused the same way: no new event, no status patch.
+    let cluster = after_status_patch(&cluster, &status);
+    let ctx = context(client, broker);
+    let reconcile = tokio::spawn(cluster::reconcile(Arc::new(cluster.clone()), ctx));
+    common::expect_secret_get(&mut server).await;
+    server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-nodes"), ok_echo).await;
+    server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
+    server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
+    let sts = server
+        .expect(Method::PATCH, &stateful_set_path(), |body| {
+            let mut sts = body.clone();
+            sts["status"] = json!({"replicas": 3, "readyReplicas": 3});
+            (StatusCode::OK, sts)
+        })
+        .await
+        .body;
+    assert_eq!(sts["spec"]["replicas"], 3);
+    server.expect(Method::PATCH, &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/emq"), ok_echo).await;
+    assert_eq!(finished(reconcile).await.unwrap(), Action::requeue(cluster::SCALE_DOWN_RECHECK_PERIOD));
+    server.expect_no_more().await;
+    assert_eq!(broker_state.write_calls(), vec!["DecommissionNode 3", "DecommissionNode 3"]);
 }
 
 /// 5 -> 3 while draining, then back to 5: the operator takes its decommissions back.
