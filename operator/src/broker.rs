@@ -116,6 +116,14 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     message
 }
 
+/// `message` without the ` [request id: ...]` the brokers append to every error.
+pub fn without_request_id(message: &str) -> &str {
+    match message.rfind(" [request id: ") {
+        Some(at) if message.ends_with(']') => &message[..at],
+        _ => message,
+    }
+}
+
 /// How the operator treats a broker's error answer.
 #[derive(Debug)]
 pub enum Refusal {
@@ -364,11 +372,50 @@ impl Admin {
         self.deleted(self.client.clone().delete_user(request).await)
     }
 
+    /// The nodes with their gossip state, Raft role and, while decommissioned, what
+    /// still depends on them (read through the leader).
+    pub async fn list_nodes(&mut self) -> Result<Vec<pb::Node>> {
+        match self.client.list_nodes(pb::ListNodesRequest { stale: false }).await {
+            Ok(response) => Ok(response.into_inner().nodes),
+            Err(status) => Err(self.read_failed(status)),
+        }
+    }
+
+    /// Decommissions (drains) node `id`, or with `cancel` takes it back. A refusal
+    /// (FAILED_PRECONDITION 4013: the nodes left could not hold a topic's replication
+    /// factor) is the outcome's `Rejected`; an unknown node its `Missing`.
+    /// The refusal's message comes without the broker's `[request id: ...]`, which
+    /// differs on every call: the operator asks again every few seconds while refused,
+    /// and an unchanged refusal must leave the status (and its events) unchanged.
+    pub async fn decommission_node(&mut self, id: u64, cancel: bool) -> Result<WriteOutcome> {
+        let result = self.client.decommission_node(pb::DecommissionNodeRequest { node_id: id, cancel }).await;
+        Ok(match self.outcome(result)? {
+            Err(Refusal::Rejected(message)) => Err(Refusal::Rejected(without_request_id(&message).to_string())),
+            Err(Refusal::Missing(message)) => Err(Refusal::Missing(without_request_id(&message).to_string())),
+            Ok(index) => Ok(index),
+        })
+    }
+
     /// The cluster state and Raft view of the answering broker (linearizable read).
     pub async fn dump(&mut self) -> Result<pb::DumpResponse> {
         match self.client.dump(pb::DumpRequest::default()).await {
             Ok(response) => Ok(response.into_inner()),
             Err(status) => Err(self.read_failed(status)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_request_id;
+
+    #[test]
+    fn the_request_id_is_cut_from_a_brokers_message() {
+        assert_eq!(
+            without_request_id("node 3 would leave 0 live node(s) [request id: cf74]"),
+            "node 3 would leave 0 live node(s)"
+        );
+        assert_eq!(without_request_id("no id here"), "no id here");
+        assert_eq!(without_request_id("[request id: a] in the middle, kept"), "[request id: a] in the middle, kept");
     }
 }

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 use kube::{Resource, ResourceExt};
 
-use crate::crd::EventterCluster;
+use crate::crd::{EventterCluster, VolumeReclaimPolicy};
 use crate::credentials;
 
 /// Field manager of every server-side apply the operator makes.
@@ -59,6 +59,18 @@ pub fn selector_labels(cluster_name: &str) -> BTreeMap<String, String> {
         ("app.kubernetes.io/name".to_string(), "eventtermq".to_string()),
         ("app.kubernetes.io/instance".to_string(), cluster_name.to_string()),
     ])
+}
+
+/// [`selector_labels`] as a label selector string (`k=v,k=v`), what the `scale`
+/// subresource reports to a HorizontalPodAutoscaler.
+pub fn selector_string(cluster_name: &str) -> String {
+    selector_labels(cluster_name).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// The first DNS label of a broker's `host:port` address: its pod's name (the
+/// inverse of [`pod_address`]).
+pub fn pod_of_address(address: &str) -> String {
+    address.split(['.', ':']).next().unwrap_or_default().to_string()
 }
 
 /// Name of the headless Service that gives every broker pod a DNS name.
@@ -396,6 +408,13 @@ pub fn stateful_set(cluster: &EventterCluster, bootstrap_expect: i32) -> Statefu
             service_name: Some(headless_service_name(&name)),
             // Brokers wait for each other (--bootstrap-expect): start them together.
             pod_management_policy: Some("Parallel".into()),
+            // Retain is the StatefulSet's own default: set only for Delete, so that an
+            // unset field leaves the applied StatefulSet as before.
+            persistent_volume_claim_retention_policy: (spec.volume_reclaim_policy == Some(VolumeReclaimPolicy::Delete))
+                .then(|| StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_scaled: Some("Delete".into()),
+                    when_deleted: Some("Retain".into()),
+                }),
             selector: LabelSelector { match_labels: Some(selector_labels(&name)), match_expressions: None },
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {

@@ -69,7 +69,13 @@ pub const PERMISSION_PATTERN_COMPILED_SIZE_MAX_BYTES: usize = 256 * 1024;
     printcolumn = r#"{"name": "Ready", "type": "integer", "description": "Broker pods passing their readiness probe", "jsonPath": ".status.readyReplicas"}"#,
     printcolumn = r#"{"name": "Leader", "type": "string", "description": "Raft leader as the brokers report it", "jsonPath": ".status.leader"}"#,
     printcolumn = r#"{"name": "Status", "type": "string", "description": "Ready condition", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
-    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name": "Scale-Down", "type": "string", "description": "Progress of a scale-down: what the leaving brokers still hold, or why it is blocked", "jsonPath": ".status.scaleDown"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct EventterClusterSpec {
@@ -102,6 +108,21 @@ pub struct EventterClusterSpec {
     /// Additions to the broker pods: metadata and scheduling.
     #[serde(default)]
     pub pod: PodOverrides,
+    /// What happens to the volume (PersistentVolumeClaim) of a broker pod removed by a
+    /// scale-down: `Retain` (default) keeps it, so a later scale-up finds the data of
+    /// the removed broker again; `Delete` deletes it (the StatefulSet's
+    /// persistentVolumeClaimRetentionPolicy.whenScaled). Volumes are kept when the
+    /// cluster itself is deleted either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_reclaim_policy: Option<VolumeReclaimPolicy>,
+}
+
+/// What happens to the volume of a broker pod a scale-down removes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum VolumeReclaimPolicy {
+    #[default]
+    Retain,
+    Delete,
 }
 
 fn default_replicas() -> i32 {
@@ -292,6 +313,42 @@ pub struct EventterClusterStatus {
     /// change, so that scaling leaves the pod template, and the running brokers, alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap_expect: Option<i32>,
+    /// Replicas of the StatefulSet as the operator last applied them: the broker pods
+    /// there are. Above spec.replicas while a scale-down drains the leaving brokers
+    /// (the `scale` subresource's status replicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Label selector of the broker pods, as a string (the `scale` subresource's, for
+    /// a HorizontalPodAutoscaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Brokers of the pods a scale-down removes, while it runs: what each still holds.
+    /// The operator decommissioned them (see DecommissionNode) and lowers the
+    /// StatefulSet once they are drained.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decommission: Vec<DecommissionedNode>,
+    /// One line on a running or blocked scale-down (the Scale-Down printer column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down: Option<String>,
+}
+
+/// A broker being drained before its pod is removed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DecommissionedNode {
+    /// Its pod.
+    pub pod: String,
+    /// Node id, in decimal.
+    pub id: String,
+    /// Open segments with the node in their replica set (being closed).
+    pub open_segments: u64,
+    /// Closed segments with a copy on the node (being copied to other nodes).
+    pub closed_segments: u64,
+    /// Consumer groups running on the node (being moved).
+    pub consumer_groups: u64,
+    /// Nothing depends on the node any more: its pod may go.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drained: bool,
 }
 
 /// One broker as the cluster state lists it.

@@ -89,3 +89,15 @@ fn optional_enums_list_no_null() {
         assert!(yaml.contains("nullable: true"), "{file}");
     }
 }
+
+/// `kubectl scale` and a HorizontalPodAutoscaler go through the scale subresource:
+/// spec.replicas, the pods there are (status.replicas) and their selector.
+#[test]
+fn eventter_cluster_has_the_scale_subresource() {
+    use kube::CustomResourceExt;
+    let crd = serde_json::to_value(eventter_operator::crd::EventterCluster::crd()).unwrap();
+    let scale = &crd["spec"]["versions"][0]["subresources"]["scale"];
+    assert_eq!(scale["specReplicasPath"], ".spec.replicas");
+    assert_eq!(scale["statusReplicasPath"], ".status.replicas");
+    assert_eq!(scale["labelSelectorPath"], ".status.selector");
+}

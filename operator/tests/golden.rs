@@ -143,3 +143,18 @@ fn bootstrap_expect_is_the_recorded_value_else_the_owned_statefulsets_else_repli
     cluster.status = Some(EventterClusterStatus { bootstrap_expect: Some(3), ..EventterClusterStatus::default() });
     assert_eq!(builders::bootstrap_expect(&cluster, Some(&edited)), 3);
 }
+
+/// `volumeReclaimPolicy: Delete` becomes the StatefulSet's whenScaled: Delete (volumes
+/// of the cluster kept when it is deleted); unset (Retain) sets nothing, so the
+/// StatefulSet applied before the field existed stays as it was.
+#[test]
+fn volume_reclaim_policy_sets_the_stateful_sets_pvc_retention_when_delete() {
+    let mut cluster = common::cluster();
+    let retained = builders::stateful_set(&cluster, 3);
+    assert!(retained.spec.unwrap().persistent_volume_claim_retention_policy.is_none());
+    cluster.spec.volume_reclaim_policy = Some(eventter_operator::crd::VolumeReclaimPolicy::Delete);
+    let deleted = builders::stateful_set(&cluster, 3);
+    let policy = deleted.spec.unwrap().persistent_volume_claim_retention_policy.unwrap();
+    assert_eq!(policy.when_scaled.as_deref(), Some("Delete"));
+    assert_eq!(policy.when_deleted.as_deref(), Some("Retain"));
+}

@@ -1,5 +1,5 @@
 //! The Topic, ConsumerGroup and User reconcilers against a real broker: one in-process
-//! node per test (127.0.0.71-73; the User test 127.0.0.82) and the scripted API server. The operator decides by itself whether
+//! node per test (127.0.0.71-73; the User test 127.0.0.82; the decommission test 127.0.0.87:28150) and the scripted API server. The operator decides by itself whether
 //! the broker's copy of an object already matches its spec, and writes only when it
 //! does not; these tests check that its rules agree with what the broker really
 //! stores (defaults filled in, durations normalised). If they disagreed, every resync
@@ -40,6 +40,11 @@ impl Broker {
         let free = std::net::TcpListener::bind((ip, 0)).unwrap();
         let addr = free.local_addr().unwrap();
         drop(free);
+        Self::start_at(addr).await
+    }
+
+    /// A single-node cluster at `addr`, ready for writes.
+    async fn start_at(addr: SocketAddr) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         let mut config = NodeConfig::new(dir.path(), addr.to_string(), addr.to_string());
         config.raft.election_timeout_min_ms = 200;
@@ -362,5 +367,42 @@ async fn user_is_created_its_password_follows_the_secret_and_it_is_deleted() {
     assert_eq!(list_topics_as(broker.addr, "app", new, "default").await, tonic::Code::Unauthenticated);
     let users = broker.admin().await.list_users(pb::ListUsersRequest::default()).await.unwrap().into_inner().users;
     assert!(users.iter().all(|u| u.name != "app"), "{users:?}");
+    broker.stop().await;
+}
+
+/// The operator's decommission calls against a broker: ListNodes lists the node, and
+/// the brokers' refusal to decommission the only node (NotEnoughNodesLeft, 4013) comes
+/// back as a `Rejected` outcome with the broker's message, which the cluster
+/// reconciler shows as ScaleDownBlocked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decommissioning_the_only_node_is_a_refusal_with_the_brokers_message() {
+    let broker = Broker::start_at("127.0.0.87:28150".parse().unwrap()).await;
+    let credentials = eventter_operator::credentials::BrokerCredentials::new(
+        eventter_operator::credentials::OPERATOR_USER,
+        common::OPERATOR_PASSWORD,
+    )
+    .unwrap();
+    let connector = eventter_operator::broker::BrokerConnector::default();
+    let mut admin = connector.connect(&broker.addr.to_string(), &credentials).await.unwrap();
+    // The node records itself in the cluster state shortly after it leads.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let nodes = loop {
+        let nodes = admin.list_nodes().await.unwrap();
+        if !nodes.is_empty() || tokio::time::Instant::now() > deadline {
+            break nodes;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    assert!(nodes[0].drain.is_none());
+    let id = nodes[0].id;
+    match admin.decommission_node(id, false).await.unwrap() {
+        Err(eventter_operator::broker::Refusal::Rejected(message)) => {
+            assert!(message.contains(&format!("node {id} would leave 0 live node")), "{message}");
+            assert!(!message.contains("request id"), "the changing request id is cut: {message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(admin.list_nodes().await.unwrap()[0].drain.is_none(), "a refused node is not draining");
     broker.stop().await;
 }

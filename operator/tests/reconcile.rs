@@ -822,7 +822,8 @@ async fn recorded_cluster_applies_its_own_args_without_reading_the_stateful_set(
     // As the reconcile sees it: the answering broker (node 1) reports its own health.
     let dump = fake_broker::healthy_dump();
     let health = [(1, Ok(dump.local.clone().unwrap()))];
-    let recorded = cluster::cluster_status(&cluster, 4, &Ok(dump), &health, 3);
+    let mut recorded = cluster::cluster_status(&cluster, 4, &Ok(dump), &health, 3);
+    recorded.replicas = Some(4);
     cluster.status = Some(recorded);
     let reconcile = tokio::spawn(cluster::reconcile(Arc::new(cluster.clone()), ctx));
     common::expect_secret_get(&mut server).await;

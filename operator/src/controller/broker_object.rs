@@ -400,7 +400,7 @@ pub fn group_lag(described: &pb::ConsumerGroupStatus, cluster: &EventterCluster)
     let node_id = (described.node_id != 0).then(|| described.node_id.to_string());
     let node = node_id.as_ref().and_then(|id| {
         let members = cluster.status.as_ref().map(|s| s.members.as_slice()).unwrap_or_default();
-        members.iter().find(|m| &m.id == id).map(|m| super::cluster::pod_of_address(&m.address))
+        members.iter().find(|m| &m.id == id).map(|m| crate::builders::pod_of_address(&m.address))
     });
     if !described.running {
         let error =

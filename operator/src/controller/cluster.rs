@@ -18,12 +18,12 @@ use kube::runtime::{predicates, reflector, watcher, Controller, WatchStreamExt};
 use kube::{Api, Resource, ResourceExt};
 
 use super::{
-    apply_status, condition, error_policy, find_condition, object_key, Context, CREDENTIALS_READY, DEGRADED,
-    PROGRESSING, READY,
+    apply_status, condition, error_policy, find_condition, object_key, scale, Context, CREDENTIALS_READY, DEGRADED,
+    PROGRESSING, READY, SCALE_DOWN_BLOCKED,
 };
-use crate::broker::BrokerConnector;
+use crate::broker::{BrokerConnector, Refusal};
 use crate::builders::{self, FIELD_MANAGER};
-use crate::crd::{ClusterMember, EventterCluster, EventterClusterStatus};
+use crate::crd::{ClusterMember, DecommissionedNode, EventterCluster, EventterClusterStatus};
 use crate::credentials::{self, BrokerCredentials};
 use crate::error::{Error, Result};
 
@@ -33,6 +33,8 @@ pub const CONTROLLER: &str = "eventtercluster";
 pub const READY_RECHECK_PERIOD: Duration = Duration::from_secs(60);
 /// Recheck period while the cluster forms or recovers.
 pub const NOT_READY_RECHECK_PERIOD: Duration = Duration::from_secs(10);
+/// Recheck period while a scale-down drains brokers or is refused.
+pub const SCALE_DOWN_RECHECK_PERIOD: Duration = Duration::from_secs(5);
 
 /// Reconciles one EventterCluster.
 pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Result<Action> {
@@ -68,11 +70,17 @@ pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Resu
     let metrics_service = builders::metrics_service(&cluster);
     services.patch(&metrics_service.name_any(), &params, &Patch::Apply(&metrics_service)).await?;
     let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), &namespace);
-    let recorded = cluster.status.as_ref().and_then(|s| s.bootstrap_expect).is_some_and(|n| n >= 1);
+    let previous = cluster.status.clone().unwrap_or_default();
+    let recorded = previous.bootstrap_expect.is_some_and(|n| n >= 1) && previous.replicas.is_some();
     // The StatefulSet as it is matters only while the status has no record of it.
     let existing = if recorded { None } else { stateful_sets.get_opt(&cluster.name_any()).await? };
     let bootstrap_expect = builders::bootstrap_expect(&cluster, existing.as_ref());
-    let desired = builders::stateful_set(&cluster, bootstrap_expect);
+    let current = previous.replicas.or_else(|| existing.as_ref().and_then(|s| s.spec.as_ref()?.replicas));
+    let scale = scale_step(&cluster, &ctx, &credentials, current, &previous).await?;
+    let mut desired = builders::stateful_set(&cluster, bootstrap_expect);
+    if let Some(spec) = desired.spec.as_mut() {
+        spec.replicas = Some(scale.replicas);
+    }
     let stateful_set = stateful_sets.patch(&desired.name_any(), &params, &Patch::Apply(&desired)).await?;
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &namespace);
     let budget = builders::pod_disruption_budget(&cluster);
@@ -91,9 +99,9 @@ pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Resu
         (Ok(dump), Ok(credentials)) => nodes_health(&ctx.broker, credentials, dump).await,
         _ => Vec::new(),
     };
-    let status = cluster_status(&cluster, ready_replicas, &dump, &health, bootstrap_expect);
+    let mut status = cluster_status(&cluster, ready_replicas, &dump, &health, bootstrap_expect);
+    record_scale(&mut status, &previous, &scale, cluster.meta().generation);
 
-    let previous = cluster.status.clone().unwrap_or_default();
     if status != previous {
         let api: Api<EventterCluster> = Api::namespaced(client, &namespace);
         apply_status(&api, &cluster.name_any(), &status).await?;
@@ -101,7 +109,131 @@ pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Resu
     publish_transitions(&cluster, &ctx, &previous, &status).await;
     ctx.succeeded(&key);
     let ready = find_condition(&status.conditions, READY).is_some_and(|c| c.status == "True");
+    if scale.draining || scale.blocked.is_some() {
+        return Ok(Action::requeue(SCALE_DOWN_RECHECK_PERIOD));
+    }
     Ok(Action::requeue(if ready { READY_RECHECK_PERIOD } else { NOT_READY_RECHECK_PERIOD }))
+}
+
+/// What this pass did about the StatefulSet's replicas.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScaleStep {
+    /// StatefulSet replicas applied.
+    pub replicas: i32,
+    /// The leaving brokers the operator decommissioned, and what each still holds.
+    pub progress: Vec<DecommissionedNode>,
+    /// Brokers are still draining: check again soon.
+    pub draining: bool,
+    /// Why the scale-down cannot go on (the brokers' refusal).
+    pub blocked: Option<String>,
+}
+
+/// The safe scale-down's IO: while `spec.replicas` is below the StatefulSet's
+/// replicas (`current`; `None` for a new cluster), or decommissions the operator
+/// started are recorded, reads the brokers' nodes, decommissions the leaving pods'
+/// brokers and takes back those of pods that stay ([`scale::plan`] decides). A
+/// refused decommission keeps the StatefulSet's replicas.
+async fn scale_step(
+    cluster: &EventterCluster,
+    ctx: &Context,
+    credentials: &std::result::Result<BrokerCredentials, String>,
+    current: Option<i32>,
+    previous: &EventterClusterStatus,
+) -> Result<ScaleStep> {
+    let desired = cluster.spec.replicas;
+    let current = current.unwrap_or(desired);
+    if current <= desired && previous.decommission.is_empty() {
+        return Ok(ScaleStep { replicas: desired, ..ScaleStep::default() });
+    }
+    let credentials = credentials.as_ref().map_err(|message| Error::Credentials(message.clone()))?;
+    let mut admin = ctx.broker.connect(&ctx.broker.address(cluster), credentials).await?;
+    let nodes = admin.list_nodes().await?;
+    let plan = scale::plan(&cluster.name_any(), current, desired, &nodes, &previous.decommission);
+    // One event per pass and kind: the recorder folds events of one reason into a series.
+    let mut cancelled = Vec::new();
+    for (pod, id) in &plan.cancel {
+        match admin.decommission_node(*id, true).await? {
+            Ok(_) => cancelled.push(format!("{pod} (node {id})")),
+            // Removed meanwhile: nothing to take back.
+            Err(Refusal::Missing(_)) => {}
+            Err(Refusal::Rejected(message)) => {
+                return Err(Error::Broker {
+                    address: admin.address.clone(),
+                    status: tonic::Status::failed_precondition(message),
+                })
+            }
+        }
+    }
+    if !cancelled.is_empty() {
+        let note = format!("took back the decommission of {}: spec.replicas is {desired}", cancelled.join(", "));
+        ctx.publish(cluster, EventType::Normal, "DecommissionCancelled", note).await;
+    }
+    let mut refused = Vec::new();
+    let mut started = Vec::new();
+    for (pod, id) in &plan.decommission {
+        match admin.decommission_node(*id, false).await? {
+            Ok(_) => started.push(format!("{pod} (node {id})")),
+            // Removed meanwhile: it holds nothing; the next pass lists the nodes again.
+            Err(Refusal::Missing(_)) => {}
+            Err(Refusal::Rejected(message)) => {
+                refused.push((*id, format!("the brokers refused to decommission {pod} (node {id}): {message}")));
+            }
+        }
+    }
+    if !started.is_empty() {
+        let note = format!("decommissioning {} before the pods are removed", started.join(", "));
+        ctx.publish(cluster, EventType::Normal, "Decommissioning", note).await;
+    }
+    let progress: Vec<DecommissionedNode> =
+        plan.progress.iter().filter(|n| !refused.iter().any(|(id, _)| id.to_string() == n.id)).cloned().collect();
+    let blocked = (!refused.is_empty()).then(|| refused.into_iter().map(|(_, m)| m).collect::<Vec<_>>().join("; "));
+    if let Some(message) = &blocked {
+        let first = previous.scale_down.as_deref() != Some(format!("blocked: {message}").as_str());
+        if first {
+            ctx.publish(cluster, EventType::Warning, "ScaleDownBlocked", message.clone()).await;
+        }
+    }
+    Ok(ScaleStep {
+        replicas: if blocked.is_some() { current } else { plan.replicas },
+        draining: progress.iter().any(|n| !n.drained),
+        progress,
+        blocked,
+    })
+}
+
+/// Adds a scale step to `status`: the StatefulSet's replicas, the leaving brokers'
+/// progress (Progressing `Decommissioning` while they drain) and, while the brokers
+/// refuse, the ScaleDownBlocked condition with their message. Pure.
+pub fn record_scale(
+    status: &mut EventterClusterStatus,
+    previous: &EventterClusterStatus,
+    step: &ScaleStep,
+    generation: Option<i64>,
+) {
+    status.replicas = Some(step.replicas);
+    status.decommission = step.progress.clone();
+    status.scale_down = match &step.blocked {
+        Some(message) => Some(format!("blocked: {message}")),
+        None => scale::summary(&step.progress),
+    };
+    if step.draining {
+        let message = status.scale_down.clone().unwrap_or_default();
+        let progressing = condition(&previous.conditions, PROGRESSING, true, "Decommissioning", message, generation);
+        status.conditions.retain(|c| c.type_ != PROGRESSING);
+        status.conditions.push(progressing);
+    }
+    status.conditions.retain(|c| c.type_ != SCALE_DOWN_BLOCKED);
+    if let Some(message) = &step.blocked {
+        let blocked = condition(
+            &previous.conditions,
+            SCALE_DOWN_BLOCKED,
+            true,
+            "DecommissionRefused",
+            message.clone(),
+            generation,
+        );
+        status.conditions.push(blocked);
+    }
 }
 
 /// Events when Ready or Degraded change.
@@ -162,6 +294,10 @@ pub fn cluster_status(
         cluster_state_index: previous.cluster_state_index,
         bootstrap_expect: Some(bootstrap_expect),
         conditions: Vec::new(),
+        replicas: previous.replicas,
+        selector: Some(builders::selector_string(&cluster.name_any())),
+        decommission: previous.decommission.clone(),
+        scale_down: previous.scale_down.clone(),
     };
     let (ready, degraded, message) = match dump {
         Ok(dump) => {
@@ -246,12 +382,7 @@ fn record_brokers_view(status: &mut EventterClusterStatus, dump: &pb::DumpRespon
     status.cluster_state_index = Some(state.index);
     let leader = state.nodes.iter().find(|n| n.id == dump.leader_id && dump.leader_id != 0);
     status.leader_id = (dump.leader_id != 0).then(|| dump.leader_id.to_string());
-    status.leader = leader.map(|n| pod_of_address(&n.address));
-}
-
-/// The first DNS label of a broker's `host:port` address: its pod's name.
-pub fn pod_of_address(address: &str) -> String {
-    address.split(['.', ':']).next().unwrap_or_default().to_string()
+    status.leader = leader.map(|n| builders::pod_of_address(&n.address));
 }
 
 /// What one broker said of its own condition, or why it could not be asked.
@@ -482,5 +613,47 @@ mod tests {
         assert_eq!(status_of(&status, DEGRADED), "True");
         assert_eq!(status.members.len(), 3);
         assert_eq!(status.ready_replicas, 2);
+    }
+
+    #[test]
+    fn scale_step_shows_in_status_progressing_and_blocked_conditions() {
+        let cluster = cluster();
+        let dump = Ok(dump(1, &[pb::NodeState::Alive; 5]));
+        let base = cluster_status(&cluster, 5, &dump, &[], 3);
+        let leaving = DecommissionedNode {
+            pod: "emq-4".into(),
+            id: "5".into(),
+            open_segments: 1,
+            closed_segments: 4,
+            consumer_groups: 2,
+            drained: false,
+        };
+        let draining = ScaleStep { replicas: 5, progress: vec![leaving.clone()], draining: true, blocked: None };
+        let mut status = base.clone();
+        record_scale(&mut status, &base, &draining, Some(4));
+        assert_eq!(status.replicas, Some(5));
+        assert_eq!(status.decommission, vec![leaving.clone()]);
+        assert_eq!(status.scale_down.as_deref(), Some("draining emq-4: 1 open, 4 closed segments, 2 groups left"));
+        let progressing = find_condition(&status.conditions, PROGRESSING).unwrap();
+        assert_eq!((progressing.status.as_str(), progressing.reason.as_str()), ("True", "Decommissioning"));
+        assert_eq!(status.conditions.iter().filter(|c| c.type_ == PROGRESSING).count(), 1);
+        assert!(find_condition(&status.conditions, SCALE_DOWN_BLOCKED).is_none());
+
+        let refusal = "the brokers refused to decommission emq-2 (node 3): topic default/orders".to_string();
+        let blocked = ScaleStep { replicas: 3, progress: vec![], draining: false, blocked: Some(refusal.clone()) };
+        let mut status_blocked = base.clone();
+        record_scale(&mut status_blocked, &status, &blocked, Some(4));
+        let condition = find_condition(&status_blocked.conditions, SCALE_DOWN_BLOCKED).unwrap();
+        assert_eq!((condition.status.as_str(), condition.message.as_str()), ("True", refusal.as_str()));
+        assert_eq!(status_blocked.scale_down, Some(format!("blocked: {refusal}")));
+        assert!(status_blocked.decommission.is_empty());
+
+        // Done: no progress line, no blocked condition.
+        let done = ScaleStep { replicas: 3, ..ScaleStep::default() };
+        let mut status_done = base.clone();
+        record_scale(&mut status_done, &status_blocked, &done, Some(5));
+        assert_eq!(status_done.scale_down, None);
+        assert!(find_condition(&status_done.conditions, SCALE_DOWN_BLOCKED).is_none());
+        assert_eq!(status_done.replicas, Some(3));
     }
 }

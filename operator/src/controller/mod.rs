@@ -10,6 +10,7 @@
 
 pub mod broker_object;
 pub mod cluster;
+pub mod scale;
 pub mod user;
 
 use std::collections::HashMap;
@@ -141,6 +142,9 @@ pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 /// Of an EventterCluster: the operator's own broker credentials are usable.
 pub const CREDENTIALS_READY: &str = "CredentialsReady";
+/// Of an EventterCluster: the brokers refused to decommission a broker of a pod a
+/// scale-down removes, so the StatefulSet keeps its replicas.
+pub const SCALE_DOWN_BLOCKED: &str = "ScaleDownBlocked";
 
 /// A condition of `type_`, keeping the previous transition time when the status did
 /// not change.

@@ -37,6 +37,13 @@ pub struct Script {
     /// An error answer to every user write (CreateUser, ChangePassword, SetPermissions,
     /// DeleteUser).
     pub user_write: Option<Status>,
+    /// The nodes ListNodes answers, with their drain state; `None`: the Dump's nodes.
+    /// DecommissionNode marks a node draining (1 open segment, 2 closed, 1 group
+    /// left); a test drains it further with [`State::set_drain`].
+    pub nodes: Option<Vec<pb::Node>>,
+    /// An error answer to every DecommissionNode that is not a cancel (the brokers'
+    /// refusal when the nodes left could not hold a replication factor).
+    pub decommission: Option<Status>,
 }
 
 /// A user as the fake broker holds it.
@@ -61,6 +68,8 @@ impl Default for Script {
             operator_password: super::OPERATOR_PASSWORD.to_string(),
             users: BTreeMap::new(),
             user_write: None,
+            nodes: None,
+            decommission: None,
         }
     }
 }
@@ -98,7 +107,8 @@ pub struct State {
 }
 
 /// Calls that ask for a Raft log entry.
-const WRITES: [&str; 12] = [
+const WRITES: [&str; 13] = [
+    "DecommissionNode",
     "CreateUser",
     "ChangePassword",
     "SetPermissions",
@@ -148,6 +158,19 @@ impl State {
     /// The lag DescribeConsumerGroups reports for `group` from now on.
     pub fn set_lag(&self, group: &str, lag: u64) {
         self.script.lock().unwrap().lag.get_or_insert_with(BTreeMap::new).insert(group.to_string(), lag);
+    }
+
+    /// The drain state of node `id` from now on (`None`: not decommissioned).
+    pub fn set_drain(&self, id: u64, drain: Option<pb::DrainProgress>) {
+        let mut script = self.script.lock().unwrap();
+        let mut nodes = listed_nodes(&script);
+        nodes.iter_mut().filter(|n| n.id == id).for_each(|n| n.drain = drain);
+        script.nodes = Some(nodes);
+    }
+
+    /// The node `id` as ListNodes lists it now.
+    pub fn node(&self, id: u64) -> Option<pb::Node> {
+        listed_nodes(&self.script.lock().unwrap()).into_iter().find(|n| n.id == id)
     }
 
     /// Changes the script (error answers, the lag) between passes.
@@ -569,15 +592,46 @@ impl Admin for FakeBroker {
         Ok(Response::new(pb::ListUsersResponse { users, index: script.index }))
     }
 
+    // As the broker: NotFound (2006) for an unknown node, a repeat is a no-op, a
+    // cancel takes the node back.
     async fn decommission_node(
         &self,
-        _: Request<pb::DecommissionNodeRequest>,
+        r: Request<pb::DecommissionNodeRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        Err(Status::unimplemented("decommission: not in the fake broker"))
+        let r = r.into_inner();
+        self.0.record(format!("DecommissionNode {}{}", r.node_id, if r.cancel { " cancel" } else { "" }));
+        let mut script = self.0.script.lock().unwrap();
+        let mut nodes = listed_nodes(&script);
+        let node = nodes
+            .iter_mut()
+            .find(|n| n.id == r.node_id)
+            .ok_or_else(|| Status::not_found(format!("node_id: node {} does not exist", r.node_id)))?;
+        if r.cancel {
+            node.drain = None;
+        } else {
+            if let Some(status) = script.decommission.clone() {
+                return Err(status);
+            }
+            if node.drain.is_none() {
+                node.drain = Some(pb::DrainProgress {
+                    open_segments: 1,
+                    closed_segments: 2,
+                    consumer_groups: 1,
+                    drained: false,
+                });
+            }
+        }
+        script.nodes = Some(nodes);
+        script.index += 1;
+        #[allow(deprecated)] // `ok`: the broker still sends it
+        Ok(Response::new(pb::WriteResponse { ok: true, index: script.index }))
     }
 
     async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
-        Err(Status::unimplemented("nodes: not in the fake broker"))
+        self.0.record("ListNodes".to_string());
+        let script = self.0.script.lock().unwrap();
+        let leader_id = script.dump.as_ref().map(|d| d.leader_id).unwrap_or_default();
+        Ok(Response::new(pb::ListNodesResponse { nodes: listed_nodes(&script), leader_id }))
     }
 
     async fn rebalance(&self, _: Request<pb::RebalanceRequest>) -> Result<Response<pb::RebalanceResponse>, Status> {
@@ -589,6 +643,14 @@ impl Admin for FakeBroker {
         _: Request<pb::TransferLeadershipRequest>,
     ) -> Result<Response<pb::TransferLeadershipResponse>, Status> {
         Err(Status::unimplemented("leadership: not in the fake broker"))
+    }
+}
+
+/// The nodes ListNodes answers: the script's, else those of the Dump's state.
+fn listed_nodes(script: &Script) -> Vec<pb::Node> {
+    match &script.nodes {
+        Some(nodes) => nodes.clone(),
+        None => script.dump.as_ref().and_then(|d| d.state.as_ref()).map(|s| s.nodes.clone()).unwrap_or_default(),
     }
 }
 
@@ -637,6 +699,11 @@ pub async fn closed_address() -> SocketAddr {
 
 /// A Dump of a healthy three-node cluster led by node 2.
 pub fn healthy_dump() -> pb::DumpResponse {
+    healthy_dump_of(3)
+}
+
+/// A Dump of a healthy cluster of `count` nodes (ids 1.., pods emq-0..) led by node 2.
+pub fn healthy_dump_of(count: u64) -> pb::DumpResponse {
     let node = |id: u64, pod: &str| pb::Node {
         id,
         address: format!("{pod}.emq-nodes.messaging.svc.cluster.local:16000"),
@@ -648,7 +715,7 @@ pub fn healthy_dump() -> pb::DumpResponse {
         state: Some(pb::ClusterState {
             index: 42,
             namespaces: vec![],
-            nodes: vec![node(1, "emq-0"), node(2, "emq-1"), node(3, "emq-2")],
+            nodes: (1..=count).map(|id| node(id, &format!("emq-{}", id - 1))).collect(),
             segments: vec![],
         }),
         segments: vec![],
