@@ -62,19 +62,11 @@ async fn write_batches(cluster: Cluster, mut rx: mpsc::UnboundedReceiver<Queued>
 
 /// One group's commit as the command it always was; several as a batch.
 fn batch_command(mut commits: Vec<GroupOffsets>) -> Command {
-    match commits.pop() {
-        Some(c) if commits.is_empty() => Command::CommitOffsets {
-            namespace: c.namespace,
-            group: c.group,
-            offsets: c.offsets,
-            handed_out: c.handed_out,
-        },
-        Some(c) => {
-            commits.push(c);
-            Command::CommitOffsetsBatch { commits }
-        }
-        None => Command::CommitOffsetsBatch { commits },
+    if commits.len() != 1 {
+        return Command::CommitOffsetsBatch { commits };
     }
+    let c = commits.remove(0);
+    Command::CommitOffsets { namespace: c.namespace, group: c.group, offsets: c.offsets, handed_out: c.handed_out }
 }
 
 #[cfg(test)]
