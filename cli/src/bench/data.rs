@@ -75,10 +75,12 @@ struct W2<'a, F: Fn(usize) -> pb::PublishRequest> {
     procs: &'a [Proc],
     count: u64,
     request: &'a F,
+    /// Measured when `--floor-samples` is above 0.
+    cpu_floor: Option<CpuFloor>,
 }
 
 impl<F: Fn(usize) -> pb::PublishRequest> W2<'_, F> {
-    async fn run(&self, what: &str, addr: &str) -> Result<(), CliError> {
+    async fn run(&self, what: &str, addr: &str, forwarded: bool) -> Result<(), CliError> {
         if self.count == 0 {
             return Ok(());
         }
@@ -106,6 +108,7 @@ impl<F: Fn(usize) -> pb::PublishRequest> W2<'_, F> {
                 "p50_us": p50,
                 "p99_us": p99,
                 "cpu": cpu.report(self.procs, self.count),
+                "cpu_floor": self.cpu_floor.map(|f| f.us_per_message(forwarded)),
             })
         );
         Ok(())
@@ -126,16 +129,23 @@ fn percentiles_us(mut timings: Vec<Duration>) -> (f64, f64) {
 /// What W2 cannot go below on this machine, measured without a broker in the way:
 /// appending one record and fsyncing it through the brokers' own storage, by one
 /// writer and by three at once (as the primary and two replicas of a segment do on
-/// one disk).
-async fn storage_floor(dir: &std::path::Path, samples: u64, message_bytes: usize) -> Result<(), CliError> {
+/// one disk). Returns the CPU time one record took with three writers at once, in
+/// microseconds (this process does nothing else meanwhile, so its CPU time is the
+/// writers'): on a virtual machine most of it is the kernel's and the hypervisor's
+/// part of a write and an fsync, a cost every copy of a W2 message pays.
+async fn storage_floor(dir: &std::path::Path, samples: u64, message_bytes: usize) -> Result<f64, CliError> {
+    let mut cpu_us_per_record = 0.0;
     for writers in [1usize, 3] {
         let base = dir.join(format!("floor-{writers}"));
         let files = base.clone();
+        let cpu_before = cpu_ms(std::process::id());
         let timings = tokio::task::spawn_blocking(move || sync_timings(&files, writers, samples, message_bytes))
             .await
             .map_err(err)?
             .map_err(err)?;
+        let cpu_ms_used = cpu_ms(std::process::id()) - cpu_before;
         let _ = std::fs::remove_dir_all(&base);
+        cpu_us_per_record = cpu_ms_used as f64 * 1e3 / (writers as u64 * samples).max(1) as f64;
         let (p50, p99) = percentiles_us(timings);
         println!(
             "{}",
@@ -145,10 +155,11 @@ async fn storage_floor(dir: &std::path::Path, samples: u64, message_bytes: usize
                 "records_per_writer": samples,
                 "p50_us": p50,
                 "p99_us": p99,
+                "cpu_us_per_record": cpu_us_per_record,
             })
         );
     }
-    Ok(())
+    Ok(cpu_us_per_record)
 }
 
 /// Each of `writers` threads appends `samples` records of `bytes` to its own segment
@@ -190,16 +201,20 @@ fn sync_timings(
 
 /// A gRPC round trip that does no work (a health check), one at a time: the part of
 /// every W2 publish (and of every replication answer) that is not the broker's.
-async fn rpc_floor(addr: &str, samples: u64) -> Result<(), CliError> {
+/// Returns the CPU time one call took on each side.
+async fn rpc_floor(addr: &str, procs: &[Proc], samples: u64) -> Result<RpcCpu, CliError> {
     let mut health = tonic_health::pb::health_client::HealthClient::new(crate::channel(addr, None)?);
     let check = || tonic_health::pb::HealthCheckRequest { service: String::new() };
     health.check(check()).await.map_err(err)?;
     let mut timings = Vec::with_capacity(samples as usize);
+    let cpu = Cpu::start(procs);
     for _ in 0..samples {
         let t = Instant::now();
         health.check(check()).await.map_err(err)?;
         timings.push(t.elapsed());
     }
+    let used = cpu.used(procs);
+    let per_call = |ms: u64| ms as f64 * 1e3 / samples.max(1) as f64;
     let (p50, p99) = percentiles_us(timings);
     println!(
         "{}",
@@ -209,9 +224,40 @@ async fn rpc_floor(addr: &str, samples: u64) -> Result<(), CliError> {
             "calls": samples,
             "p50_us": p50,
             "p99_us": p99,
+            "cpu": {"broker_us_per_call": per_call(used.brokers_ms), "client_us_per_call": per_call(used.client_ms)},
         })
     );
-    Ok(())
+    Ok(RpcCpu { broker_us: per_call(used.brokers_ms), client_us: per_call(used.client_ms) })
+}
+
+/// CPU time of one empty gRPC round trip, per side.
+#[derive(Clone, Copy)]
+struct RpcCpu {
+    broker_us: f64,
+    client_us: f64,
+}
+
+/// The least broker CPU time a W2 message can take here, from the floors: three
+/// fsynced appends (the primary and two replicas), the client's round trip (its broker
+/// side), two replication round trips (both sides are brokers) and, through another
+/// node, one forwarded round trip more. An estimate: a replication answer rides a
+/// stream already open, which costs less than a unary call.
+#[derive(Clone, Copy)]
+struct CpuFloor {
+    fsync_us: f64,
+    rpc: RpcCpu,
+}
+
+impl CpuFloor {
+    fn us_per_message(&self, forwarded: bool) -> serde_json::Value {
+        let node_to_node = self.rpc.broker_us + self.rpc.client_us;
+        let round_trips = self.rpc.broker_us + node_to_node * if forwarded { 3.0 } else { 2.0 };
+        serde_json::json!({
+            "fsyncs_us": 3.0 * self.fsync_us,
+            "round_trips_us": round_trips,
+            "brokers_us_per_message": 3.0 * self.fsync_us + round_trips,
+        })
+    }
 }
 
 /// CPU time the brokers and this client used during one workload.
@@ -229,13 +275,18 @@ impl Cpu {
         Self::now(procs)
     }
 
-    fn report(&self, procs: &[Proc], messages: u64) -> serde_json::Value {
+    /// What was used since `self` was taken.
+    fn used(&self, procs: &[Proc]) -> Self {
         let now = Self::now(procs);
-        let brokers_ms = now.brokers_ms - self.brokers_ms;
+        Cpu { brokers_ms: now.brokers_ms - self.brokers_ms, client_ms: now.client_ms - self.client_ms }
+    }
+
+    fn report(&self, procs: &[Proc], messages: u64) -> serde_json::Value {
+        let used = self.used(procs);
         serde_json::json!({
-            "brokers_ms": brokers_ms,
-            "client_ms": now.client_ms - self.client_ms,
-            "brokers_us_per_message": brokers_ms as f64 * 1e3 / messages.max(1) as f64,
+            "brokers_ms": used.brokers_ms,
+            "client_ms": used.client_ms,
+            "brokers_us_per_message": used.brokers_ms as f64 * 1e3 / messages.max(1) as f64,
         })
     }
 }
@@ -243,9 +294,11 @@ impl Cpu {
 async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::path::Path) -> Result<(), CliError> {
     let addrs: Vec<String> = args.hosts.iter().map(|h| format!("{h}:{port}")).collect();
     let seed = &addrs[0];
-    if args.floor_samples > 0 {
-        storage_floor(dir, args.floor_samples, args.message_bytes).await?;
-    }
+    let fsync_cpu_us = if args.floor_samples > 0 {
+        Some(storage_floor(dir, args.floor_samples, args.message_bytes).await?)
+    } else {
+        None
+    };
     let procs = start_brokers(args, port, dir, &addrs).await?;
     let scraper = match args.scrape_interval_ms {
         0 => None,
@@ -277,12 +330,13 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
     // through another node (which forwards it).
     let primary = primary_of(seed, &ctx.namespace, "bench").await?;
     let other = addrs.iter().find(|a| **a != primary).expect("three hosts");
-    if args.floor_samples > 0 {
-        rpc_floor(&primary, args.floor_samples).await?;
-    }
-    let w2 = W2 { procs: &procs, count: args.latency_messages, request: &request };
-    w2.run("W2 publish one at a time, to the primary", &primary).await?;
-    w2.run("W2 publish one at a time, through another node", other).await?;
+    let cpu_floor = match fsync_cpu_us {
+        Some(fsync_us) => Some(CpuFloor { fsync_us, rpc: rpc_floor(&primary, &procs, args.floor_samples).await? }),
+        None => None,
+    };
+    let w2 = W2 { procs: &procs, count: args.latency_messages, request: &request, cpu_floor };
+    w2.run("W2 publish one at a time, to the primary", &primary, false).await?;
+    w2.run("W2 publish one at a time, through another node", other, true).await?;
 
     // W3: everything published so far, consumed through another node.
     let expected = confirmed + 2 * args.latency_messages + 1;
