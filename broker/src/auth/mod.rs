@@ -392,11 +392,8 @@ impl Auth {
         let named = cert.user(self.inner.cert_user_from);
         if let Some(at) = cert.expired(std::time::SystemTime::now()) {
             // Named by CN if the chosen name is missing: the message must say whose it is.
-            let whose = match named.as_ref().ok().copied().flatten().or_else(|| cert.user(UserFrom::Cn).ok().flatten())
-            {
-                Some(user) => format!("of user {user:?} "),
-                None => String::new(),
-            };
+            let user = named.as_ref().ok().copied().flatten().or_else(|| cert.user(UserFrom::Cn).ok().flatten());
+            let whose = user.map(|u| format!("of user {u:?} ")).unwrap_or_default();
             let message = format!(
                 "the client certificate {whose}expired at {at}: present a renewed one (--tls-cert-file, \
                  --tls-key-file)"
@@ -405,7 +402,7 @@ impl Auth {
             self.inner.metrics.auth_failed(failure.as_str());
             if let Some(suppressed) = self.inner.expired_log.admit() {
                 let from_text = from.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
-                tracing::warn!(protocol, user = whose.trim(), from = %from_text, reason = failure.as_str(),
+                tracing::warn!(protocol, user = user.unwrap_or("-"), from = %from_text, reason = failure.as_str(),
                     expired_at = %at, suppressed, "authentication failed");
             }
             return Err(Refused { failure, message });
