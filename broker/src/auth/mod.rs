@@ -129,7 +129,7 @@ impl Failure {
         match self {
             Failure::Missing => {
                 "credentials required: the cluster has users (send a user name and password, e.g. the CLI's --user \
-                 and --password-file)"
+                 and --password-file, or a client certificate that names a user)"
             }
             Failure::Malformed => "credentials not understood (expected `authorization: Basic base64(user:password)`)",
             Failure::UnknownUser | Failure::WrongPassword => "wrong user name or password",
