@@ -373,6 +373,24 @@ fn client_certificates_are_users_on_grpc_and_amqps() {
     std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
     let admin_file = tmp.join("admin.password");
     std::fs::write(&admin_file, format!("{ADMIN_PASSWORD}\n")).unwrap();
+    // The flag: only with a client CA, and only its four values.
+    for (args, words) in [
+        (vec!["--tls-client-cert-user-from", "cn"], vec!["--tls-client-cert-user-from", "--tls-client-ca-file"]),
+        (
+            vec!["--tls-client-cert-user-from", "subject"],
+            vec!["--tls-client-cert-user-from", "cn, san-dns, san-email, none"],
+        ),
+    ] {
+        let o = Command::new(BIN)
+            .args(["--dir", &path(&tmp.join("refused")), "--host", hosts[0], "--port", &port.to_string()])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        for w in words {
+            assert!(stderr(&o).contains(w), "{args:?}: {w:?} not in {}", stderr(&o));
+        }
+    }
     let seed = format!("{}:{port}", hosts[0]);
     let nodes: Vec<Broker> = hosts
         .iter()
