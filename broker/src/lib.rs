@@ -3,7 +3,8 @@
 //!
 //! Map (see ARCHITECTURE.md), each module using only those before it:
 //! [`error`], [`clock`], [`metrics`] (the Prometheus registry; a leaf), [`security`]
-//! (who may make node-to-node calls; a leaf), [`transport`]
+//! (who may make node-to-node calls; a leaf), [`client_cert`] (which user a client
+//! certificate names; a leaf), [`transport`]
 //! (sockets or an in-memory network) ->
 //! [`cluster_state`] (the Raft-replicated state: model, commands, storage) ->
 //! [`auth`] (users: passwords, the verification cache, permissions) ->
@@ -18,6 +19,7 @@
 pub mod amqp;
 pub mod api;
 pub mod auth;
+pub mod client_cert;
 pub mod clock;
 pub mod cluster;
 pub mod cluster_state;

@@ -54,6 +54,54 @@ struct TestNode {
     shutdown: CancellationToken,
 }
 
+/// A purge the moment a group's first segment appears in the state, before the
+/// segment's primary serves it (issue 15: `queue.purge` right after a queue's first
+/// bind failed once with 541, "no readable copy yet"): the purge waits for the
+/// primary, as the group's own reads do, instead of failing.
+#[tokio::test(start_paused = true)]
+async fn a_purge_as_the_first_segment_appears_waits_for_its_primary() {
+    use eventtermq_broker::cluster_state::{BindingSpec, ConsumerGroupSpec};
+    use eventtermq_proto::v1::admin_client::AdminClient;
+    use eventtermq_proto::v1::PurgeConsumerGroupRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let nodes = three(&net, dir.path()).await;
+    let (client, _listeners) = net.attach("client:1");
+    for i in 0..10 {
+        let spec = topic();
+        let (topic, group) = (format!("t{i}"), format!("g{i}"));
+        let create = Command::CreateTopic { namespace: "default".into(), name: topic.clone(), spec };
+        nodes[0].handle.cluster.write(create).await.unwrap();
+        let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout(&topic)], size: 10, ..Default::default() };
+        let cmd = Command::CreateConsumerGroup { namespace: "default".into(), name: group.clone(), spec };
+        nodes[0].handle.cluster.write(cmd).await.unwrap();
+        // The first moment the group's node knows both the group's place and a segment.
+        let appeared = || {
+            let st = nodes[0].handle.cluster.state.read();
+            let node = st.state.group_runtime("default", &group).and_then(|g| g.node)?;
+            let n = nodes.iter().find(|n| n.handle.id == node)?;
+            let st = n.handle.cluster.state.read();
+            st.state.segments.values().any(|s| s.topic == topic && s.is_open()).then_some(n.name.clone())
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let placed = loop {
+            if let Some(name) = appeared() {
+                break name;
+            }
+            assert!(Instant::now() < deadline, "{group}: never placed with a segment");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        let mut admin = AdminClient::new(client.data_channel(&placed));
+        let req = PurgeConsumerGroupRequest { namespace: String::new(), name: group.clone() };
+        match admin.purge_consumer_group(req).await {
+            Ok(r) => assert_eq!(r.into_inner().purged, 0, "{group}"),
+            Err(e) => panic!("purge of {group} as its first segment appeared: {e:?}"),
+        }
+    }
+    stop_all(nodes).await;
+}
+
 fn config(dir: &Path, name: &str, join: &[&str], clock: &Clock) -> NodeConfig {
     let mut c = NodeConfig::new(dir.join(name), name, name);
     c.clock = clock.clone();

@@ -178,6 +178,11 @@ pub struct BrokerArgs {
     /// AMQP ports (clients and other nodes alike).
     #[arg(long, env = "EVENTTERMQ_TLS_CLIENT_CA_FILE")]
     pub tls_client_ca_file: Option<PathBuf>,
+    /// Where a client certificate names its user, who then needs no password: cn (the
+    /// subject's common name), san-dns or san-email (the first such subject alternative
+    /// name), none (certificates name no users); default cn. Needs --tls-client-ca-file.
+    #[arg(long, env = "EVENTTERMQ_TLS_CLIENT_CERT_USER_FROM", value_name = "cn|san-dns|san-email|none")]
+    pub tls_client_cert_user_from: Option<eventtermq_broker::client_cert::UserFrom>,
     /// How often --tls-cert-file and --tls-key-file are checked for changes (a changed
     /// pair is served to new connections without a restart).
     #[arg(long, default_value_t = TlsSettings::DEFAULT_RELOAD_INTERVAL_MS)]

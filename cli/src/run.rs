@@ -106,7 +106,13 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
         verifications_in_flight_max: args.auth_verifications_in_flight_max,
         // The node sets it from --admin-user.
         awaiting_bootstrap_admin: false,
+        cert_user_from: args.tls_client_cert_user_from.unwrap_or_default(),
     };
+    if args.tls_client_cert_user_from.is_some() && args.tls_client_ca_file.is_none() {
+        return Err("--tls-client-cert-user-from: needs --tls-client-ca-file (the CA that signs the client \
+                    certificates that name users)"
+            .into());
+    }
     if args.auth_verifications_in_flight_max == 0 {
         return Err("--auth-verifications-in-flight-max: must be at least 1".into());
     }

@@ -5,7 +5,11 @@
 //! certificate or with another CA's refused at the handshake; the node-to-node
 //! service refused to clients on every node (and a forward forged by one); a
 //! certificate replaced on disk served without a restart (gRPC and AMQPS); nodes with
-//! another secret kept out; and no secret in any log line.
+//! another secret kept out; and no secret in any log line. Then (127.0.0.63-65, ports
+//! 28400-28402) client certificates as users: gRPC by certificate alone with the
+//! user's permissions on every node, SASL EXTERNAL over AMQPS with pika, and the
+//! refusals (a certificate of no user, an expired one, one of another user than the
+//! password's, one without a CN), counted, logged once, and no key in any log.
 
 mod common;
 
@@ -54,6 +58,26 @@ impl Pki {
             std::fs::write(&tmp, pem).unwrap();
             std::fs::rename(&tmp, path).unwrap();
         }
+        (c, k)
+    }
+
+    /// A client certificate with the subject common name `cn` (none: `None`) and a DNS
+    /// name, valid until the start of `not_after` (year, month, day); written to
+    /// `<name>.crt` and `<name>.key`.
+    fn issue_client(&self, name: &str, cn: Option<&str>, not_after: (i32, u8, u8)) -> (PathBuf, PathBuf) {
+        let mut params = rcgen::CertificateParams::new(vec![format!("{name}.clients.example")]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        }
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let (c, k) = (self.dir.join(format!("{name}.crt")), self.dir.join(format!("{name}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
         (c, k)
     }
 }
@@ -329,4 +353,210 @@ fn only_nodes_with_the_cluster_secret_become_members() {
         InternalClient::new(channel).read_index(ReadIndexRequest {}).await.unwrap_err()
     });
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+}
+
+/// The base64 lines of a PEM file's body (what a key leaked into a log would show).
+fn pem_body_lines(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines().filter(|l| !l.starts_with("-----") && l.len() >= 16).map(str::to_string).collect()
+}
+
+#[test]
+fn client_certificates_are_users_on_grpc_and_amqps() {
+    const ADMIN_PASSWORD: &str = "cert-admin-pw-3Jd8q2Lx";
+    const CAROL_PASSWORD: &str = "cert-carol-pw-unused-7Rw1";
+    let tmp = test_dir("security-cert-users");
+    let hosts = ["127.0.0.63", "127.0.0.64", "127.0.0.65"];
+    let port = 28400;
+    let pki = Pki::new(&tmp.join("pki"));
+    let secret_file = tmp.join("cluster-secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let admin_file = tmp.join("admin.password");
+    std::fs::write(&admin_file, format!("{ADMIN_PASSWORD}\n")).unwrap();
+    // The flag: only with a client CA, and only its four values.
+    for (args, words) in [
+        (vec!["--tls-client-cert-user-from", "cn"], vec!["--tls-client-cert-user-from", "--tls-client-ca-file"]),
+        (
+            vec!["--tls-client-cert-user-from", "subject"],
+            vec!["--tls-client-cert-user-from", "cn, san-dns, san-email, none"],
+        ),
+    ] {
+        let o = Command::new(BIN)
+            .args(["--dir", &path(&tmp.join("refused")), "--host", hosts[0], "--port", &port.to_string()])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        for w in words {
+            assert!(stderr(&o).contains(w), "{args:?}: {w:?} not in {}", stderr(&o));
+        }
+    }
+    let seed = format!("{}:{port}", hosts[0]);
+    let nodes: Vec<Broker> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let (cert, key) = pki.issue(&format!("node{i}"), &[h]);
+            let mut extra = vec![
+                "--cluster-secret-file".to_string(),
+                path(&secret_file),
+                "--tls-cert-file".into(),
+                path(&cert),
+                "--tls-key-file".into(),
+                path(&key),
+                "--tls-client-ca-file".into(),
+                path(&pki.ca_file),
+            ];
+            if i == 0 {
+                extra.extend(["--admin-user".to_string(), "admin".into(), "--admin-password-file".into()]);
+                extra.push(path(&admin_file));
+            } else {
+                extra.extend(["--join".to_string(), seed.clone()]);
+            }
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            Broker::start_with(h, port, &tmp.join(format!("n{i}")), &extra)
+        })
+        .collect();
+    let far = (2100, 1, 1);
+    let admin = pki.issue_client("admin", Some("admin"), far);
+    let carol = pki.issue_client("carol", Some("carol"), far);
+    let mallory = pki.issue_client("mallory", Some("mallory"), far);
+    let expired = pki.issue_client("carol-expired", Some("carol"), (2021, 1, 1));
+    let no_cn = pki.issue_client("no-cn", None, far);
+    let as_cert =
+        |host: &str, id: &(PathBuf, PathBuf), args: &[&str]| tls_cli(host, port, &pki.ca_file, Some(id), args);
+    let ok = |o: Output, what: &str| assert!(o.status.success(), "{what}: {}{}", stdout(&o), stderr(&o));
+    let refused = |o: Output, what: &str, words: &[&str]| {
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{what}: expected exit 1: {}{err}", stdout(&o));
+        for w in words {
+            assert!(err.contains(w), "{what}: {w:?} not in: {err}");
+        }
+    };
+
+    // The administrator logs in by its certificate alone (no --user): on every node.
+    eventually(Duration::from_secs(60), "3 ALIVE nodes and the bootstrap admin, by certificate", || {
+        let users = as_cert(hosts[0], &admin, &["list-users"]);
+        let dump = as_cert(hosts[2], &admin, &["dump"]);
+        users.status.success() && stdout(&users).contains("admin") && alive_count(&stdout(&dump)) == 3
+    });
+    for ns in ["a", "b"] {
+        ok(as_cert(hosts[0], &admin, &["create-namespace", ns]), "create-namespace");
+        ok(as_cert(hosts[1], &admin, &["--namespace", ns, "create-topic", "t", "--replication-factor", "3"]), "topic");
+        ok(as_cert(hosts[2], &admin, &["--namespace", ns, "create-consumer-group", "g", "--bind", "t"]), "group");
+    }
+    ok(as_cert(hosts[1], &admin, &["--namespace", "a", "create-topic", "u", "--replication-factor", "1"]), "topic u");
+    let mut child = Command::new(BIN)
+        .args(["--host", hosts[1], "--port", &port.to_string(), "create-user", "carol"])
+        .env("EVENTTERMQ_TLS_CA_FILE", &pki.ca_file)
+        .env("EVENTTERMQ_TLS_CERT_FILE", &admin.0)
+        .env("EVENTTERMQ_TLS_KEY_FILE", &admin.1)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(format!("{CAROL_PASSWORD}\n").as_bytes()).unwrap();
+    ok(child.wait_with_output().unwrap(), "create-user carol");
+    let set = ["--namespace", "a", "set-permissions", "carol", "--write", "^t$", "--read", "^g$"];
+    ok(as_cert(hosts[2], &admin, &set), "set-permissions");
+
+    // carol by certificate: her permissions, on every node (a publish reaches the
+    // topic's primary through the others, a subscription the group's node: forwarded
+    // with her name and checked there).
+    for (i, h) in hosts.iter().enumerate() {
+        ok(
+            as_cert(h, &carol, &["--namespace", "a", "publish", "t", &format!("by-cert-{i}")]),
+            "carol publishes to a/t",
+        );
+        let o = as_cert(h, &carol, &["--namespace", "b", "publish", "t", "denied"]);
+        refused(o, "carol publishes to b/t", &["PermissionDenied", "\"carol\"", "\"b\"", "write"]);
+        let o = as_cert(h, &carol, &["--namespace", "a", "publish", "u", "denied"]);
+        refused(o, "carol publishes to a/u", &["PermissionDenied", "\"carol\"", "\"a\"", "write"]);
+        let o = as_cert(h, &carol, &["--namespace", "b", "subscribe", "g", "--max-messages", "1", "--wait", "1s"]);
+        refused(o, "carol reads b/g", &["PermissionDenied", "\"carol\"", "\"b\"", "read"]);
+        refused(as_cert(h, &carol, &["create-namespace", "c"]), "carol creates a namespace", &["administrator"]);
+    }
+    let o = as_cert(hosts[1], &carol, &["--namespace", "a", "subscribe", "g", "--max-messages", "3", "--wait", "10s"]);
+    ok(o.clone(), "carol reads a/g");
+    for i in 0..3 {
+        use base64::Engine;
+        let data = base64::engine::general_purpose::STANDARD.encode(format!("by-cert-{i}"));
+        assert!(stdout(&o).contains(&format!("\"data\":\"{data}\"")), "by-cert-{i}: {}", stdout(&o));
+    }
+
+    // Refusals, on node 0: a certificate of no user, an expired one, one of another
+    // user than the password's, one without a CN.
+    let h = hosts[0];
+    let list = ["--namespace", "a", "list-topics"];
+    let o = as_cert(h, &mallory, &list);
+    refused(o, "a certificate of no user", &["Unauthenticated", "\"mallory\"", "does not exist"]);
+    let o = as_cert(h, &expired, &list);
+    refused(o, "an expired certificate", &["Unauthenticated", "\"carol\"", "expired at 2021-01-01T00:00:00Z"]);
+    let mut both = vec!["--user", "admin", "--password-file"];
+    let admin_path = path(&admin_file);
+    both.push(&admin_path);
+    both.extend(list);
+    let o = as_cert(h, &carol, &both);
+    refused(o, "carol's certificate with admin's password", &["Unauthenticated", "\"carol\"", "\"admin\""]);
+    let o = as_cert(h, &no_cn, &list);
+    refused(o, "a certificate without a CN", &["Unauthenticated", "no subject common name (CN)"]);
+    // A certificate that names no user still carries a password login (it is only the
+    // transport's then), and the same user's certificate and password agree.
+    ok(as_cert(h, &mallory, &both), "a password login on a certificate of no user");
+    let mut same = vec!["--user", "carol", "--password-file"];
+    let carol_file = tmp.join("carol.password");
+    std::fs::write(&carol_file, CAROL_PASSWORD).unwrap();
+    let carol_path = path(&carol_file);
+    same.push(&carol_path);
+    same.extend(["--namespace", "a", "list-topics"]);
+    ok(as_cert(h, &carol, &same), "carol's certificate and carol's password");
+
+    let text = scrape(h, port + 2);
+    for reason in
+        ["certificate_unknown_user", "certificate_expired", "certificate_user_mismatch", "certificate_no_user"]
+    {
+        let n = sample(&text, &format!("eventtermq_auth_failures_total{{reason=\"{reason}\"}}"));
+        assert_eq!(n, 1.0, "{reason}: {text}");
+    }
+    assert!(sample(&text, r#"eventtermq_auth_failures_total{reason="permission_denied"}"#) >= 1.0, "{text}");
+    let log = nodes[0].log();
+    for reason in
+        ["certificate_unknown_user", "certificate_expired", "certificate_user_mismatch", "certificate_no_user"]
+    {
+        let lines: Vec<&str> =
+            log.lines().filter(|l| l.contains("authentication failed") && l.contains(reason)).collect();
+        assert_eq!(lines.len(), 1, "{reason} logged once: {lines:#?}");
+    }
+
+    // AMQPS with pika: SASL EXTERNAL by certificate, and its refusals (on node 1).
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/security/pika_external.py");
+    let o = Command::new("timeout")
+        .args(["120", "python3", script, hosts[1], &(port + 1).to_string(), &path(&pki.ca_file)])
+        .args([&path(&pki.dir), ADMIN_PASSWORD])
+        .env("PYTHONPATH", pika_path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "pika checks failed:\n{}\n{}", stdout(&o), stderr(&o));
+    let text = scrape(hosts[1], port + 2);
+    for reason in ["certificate_unknown_user", "certificate_expired", "certificate_user_mismatch"] {
+        let n = sample(&text, &format!("eventtermq_auth_failures_total{{reason=\"{reason}\"}}"));
+        assert!(n >= 1.0, "{reason} over AMQP: {text}");
+    }
+
+    // No key, password or secret in any log line.
+    let mut secrets: Vec<String> = vec![ADMIN_PASSWORD.into(), CAROL_PASSWORD.into(), SECRET.into()];
+    for id in [&admin, &carol, &mallory, &expired, &no_cn] {
+        secrets.extend(pem_body_lines(&id.1));
+    }
+    for i in 0..3 {
+        secrets.extend(pem_body_lines(&pki.dir.join(format!("node{i}.key"))));
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        let log = n.log();
+        for s in &secrets {
+            assert!(!log.contains(s.as_str()), "node {i} logged key or password material: {s}");
+        }
+    }
 }

@@ -25,7 +25,8 @@ use super::error::{
 };
 use super::state::Channel;
 use super::AmqpSettings;
-use crate::auth::{Caller, Failure};
+use crate::auth::{Caller, Failure, Refused};
+use crate::client_cert::{ClientCert, UserFrom};
 
 /// Events queued to a connection by its consumers and publishers; beyond this they
 /// wait (a client that does not read slows its own consumers, no one else).
@@ -82,16 +83,19 @@ pub(super) struct Conn<S> {
     pub caller: Caller,
     /// The client's address (the login's failure delay and `guest`'s loopback rule).
     from: Option<SocketAddr>,
+    /// The client certificate AMQPS verified (SASL EXTERNAL logs in by it).
+    cert: Option<std::sync::Arc<ClientCert>>,
+}
+
+/// Who connected: the address and the verified client certificate, if any.
+pub(super) struct Client {
+    pub from: Option<SocketAddr>,
+    pub cert: Option<std::sync::Arc<ClientCert>>,
 }
 
 /// Serves one client until it closes, breaks the protocol, or the node stops.
-pub(super) async fn run<S>(
-    io: S,
-    from: Option<SocketAddr>,
-    backend: Backend,
-    settings: AmqpSettings,
-    stop: CancellationToken,
-) where
+pub(super) async fn run<S>(io: S, client: Client, backend: Backend, settings: AmqpSettings, stop: CancellationToken)
+where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (read, writer) = tokio::io::split(io);
@@ -114,7 +118,8 @@ pub(super) async fn run<S>(
         stop: stop.child_token(),
         node_stop: stop,
         caller: Caller::Open,
-        from,
+        from: client.from,
+        cert: client.cert,
     };
     let handshake = tokio::time::timeout(settings.handshake_timeout, conn.handshake(&mut reader));
     let heartbeat = match handshake.await {
@@ -141,7 +146,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             let _ = self.flush().await;
             return Err(None);
         }
-        self.send(0, AMQPClass::Connection(connection::AMQPMethod::Start(start())));
+        // EXTERNAL only where there is a verified certificate to log in by, as RabbitMQ.
+        let external = self.cert.is_some() && self.backend.auth.cert_user_from() != UserFrom::Off;
+        self.send(0, AMQPClass::Connection(connection::AMQPMethod::Start(start(external))));
         self.flush().await.map_err(|_| None)?;
         match next_method(reader).await? {
             AMQPClass::Connection(connection::AMQPMethod::StartOk(ok)) => {
@@ -412,7 +419,9 @@ fn unexpected(method: &AMQPClass) -> AmqpError {
     AmqpError::connection(COMMAND_INVALID, "method not expected here").on(method)
 }
 
-fn start() -> connection::Start {
+/// The server's `connection.start`; `external`: SASL EXTERNAL is offered (AMQPS with a
+/// verified client certificate).
+fn start(external: bool) -> connection::Start {
     let mut capabilities = FieldTable::default();
     for c in [
         "publisher_confirms",
@@ -434,7 +443,7 @@ fn start() -> connection::Start {
         version_major: 0,
         version_minor: 9,
         server_properties: props,
-        mechanisms: "PLAIN AMQPLAIN".into(),
+        mechanisms: if external { "PLAIN AMQPLAIN EXTERNAL" } else { "PLAIN AMQPLAIN" }.into(),
         locales: "en_US".into(),
     }
 }
@@ -461,7 +470,10 @@ fn credentials(ok: &connection::StartOk) -> Result<(String, String), AmqpError> 
         other => {
             return Err(AmqpError::connection(
                 ACCESS_REFUSED,
-                format!("authentication mechanism '{other}' is not supported (PLAIN, AMQPLAIN)"),
+                format!(
+                    "authentication mechanism '{other}' is not supported (PLAIN, AMQPLAIN; EXTERNAL over AMQPS \
+                     with a client certificate)"
+                ),
             ))
         }
     };
@@ -476,13 +488,52 @@ fn refused(mechanism: &str, user: &str) -> AmqpError {
     )
 }
 
+/// A refusal of a login by certificate, naming the mechanism and the reason (the
+/// certificate's user where it names one; no secret is involved).
+fn refused_because(mechanism: &str, r: Refused) -> AmqpError {
+    AmqpError::connection(
+        ACCESS_REFUSED,
+        format!("Login was refused using authentication mechanism {mechanism}: {}", r.message),
+    )
+}
+
+/// SASL EXTERNAL where no verified client certificate is, or certificates name no users.
+fn external_not_offered(with_cert: bool) -> AmqpError {
+    let why = if with_cert {
+        "this node takes no certificate as a user (--tls-client-cert-user-from none)"
+    } else {
+        "it needs a client certificate the node verified: connect with AMQPS to a node started with \
+         --tls-client-ca-file, presenting a certificate that CA signed"
+    };
+    AmqpError::connection(ACCESS_REFUSED, format!("authentication mechanism 'EXTERNAL' is not offered: {why}"))
+}
+
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
     /// Who the client is: while the cluster has no users, `guest`/`guest` (as before
-    /// users existed); then the users of the cluster state (`guest` among them only from
-    /// a loopback address). A refusal comes after the source's failure delay.
+    /// users existed), or EXTERNAL with a client certificate; then the users of the
+    /// cluster state (`guest` among them only from a loopback address), by password
+    /// (PLAIN, AMQPLAIN) or by certificate (EXTERNAL). A password login on a
+    /// connection whose certificate is another user's is refused, naming both. A
+    /// refusal of a password comes after the source's failure delay.
     async fn login(&self, ok: &connection::StartOk) -> Result<Caller, AmqpError> {
         let auth = &self.backend.auth;
         let mechanism = ok.mechanism.as_str();
+        // An expired certificate is refused whatever the mechanism.
+        let cert = auth
+            .certificate(self.cert.as_deref(), self.from, "amqp")
+            .await
+            .map_err(|r| refused_because(mechanism, r))?;
+        if mechanism == "EXTERNAL" {
+            if self.cert.is_none() || auth.cert_user_from() == UserFrom::Off {
+                auth.refuse(Failure::Malformed, None, self.from, "amqp").await;
+                return Err(external_not_offered(self.cert.is_some()));
+            }
+            let open = auth.open_access().map_err(|e| AmqpError::connection(CONNECTION_FORCED, e.message))?;
+            if open {
+                return Ok(Caller::Open);
+            }
+            return auth.certificate_login(cert, self.from, "amqp").await.map_err(|r| refused_because(mechanism, r));
+        }
         let (user, password) = match credentials(ok) {
             Ok(c) => c,
             Err(e) => {
@@ -499,7 +550,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
             auth.refuse(failure, Some(&user), self.from, "amqp").await;
             return Err(refused(mechanism, &user));
         }
-        auth.login(&user, &password, self.from, "amqp").await.map_err(|_| refused(mechanism, &user))
+        match auth.password_login(&cert, &user, &password, self.from, "amqp").await {
+            Ok(c) => Ok(c),
+            Err(r) if r.failure == Failure::CertificateUserMismatch => Err(refused_because(mechanism, r)),
+            Err(_) => Err(refused(mechanism, &user)),
+        }
     }
 }
 
@@ -532,6 +587,12 @@ mod tests {
     }
 
     #[test]
+    fn external_is_offered_only_with_a_client_certificate() {
+        assert_eq!(start(false).mechanisms.to_string(), "PLAIN AMQPLAIN");
+        assert_eq!(start(true).mechanisms.to_string(), "PLAIN AMQPLAIN EXTERNAL");
+    }
+
+    #[test]
     fn only_a_client_that_announces_connection_blocked_is_told() {
         let mut caps = FieldTable::default();
         caps.insert("connection.blocked".into(), AMQPValue::Boolean(true));
@@ -552,9 +613,11 @@ mod tests {
         let amqplain =
             amq_protocol::auth::Credentials::default().sasl_auth_string(amq_protocol::auth::SASLMechanism::AMQPlain);
         assert_eq!(credentials(&start_ok("AMQPLAIN", amqplain.as_bytes())).unwrap(), guest);
-        let e = credentials(&start_ok("EXTERNAL", b"")).unwrap_err();
+        let e = credentials(&start_ok("CRAM-MD5", b"")).unwrap_err();
         assert_eq!((e.scope, e.code), (Scope::Connection, ACCESS_REFUSED));
-        assert!(e.text.contains("'EXTERNAL' is not supported"), "{}", e.text);
+        assert!(e.text.contains("'CRAM-MD5' is not supported"), "{}", e.text);
+        let e = external_not_offered(false);
+        assert!(e.text.contains("'EXTERNAL' is not offered") && e.text.contains("--tls-client-ca-file"), "{}", e.text);
         let e = refused("PLAIN", "bob");
         assert_eq!(e.text, "Login was refused using authentication mechanism PLAIN (user 'bob')");
     }

@@ -64,9 +64,10 @@ pub async fn serve(backend: Backend, mut incoming: Incoming, settings: AmqpSetti
             continue;
         };
         let (backend, settings, stop) = (backend.clone(), settings.clone(), stop.clone());
-        let from = conn.remote();
+        let info = tonic::transport::server::Connected::connect_info(&conn);
+        let client = connection::Client { from: info.remote, cert: info.client_cert };
         tokio::spawn(async move {
-            connection::run(conn, from, backend, settings, stop).await;
+            connection::run(conn, client, backend, settings, stop).await;
             drop(slot);
         });
     }

@@ -10,6 +10,10 @@
 //!   after the source's failure delay (`crate::auth::throttle`). Verified passwords are
 //!   remembered for a while (`crate::auth::cache`). The header is removed before the
 //!   handler runs.
+//! - A client certificate (`--tls-client-ca-file`) that names a user of the cluster
+//!   (`crate::client_cert`) logs in as that user when no `authorization` is sent; with
+//!   one for another user the request is refused naming both. A certificate that has
+//!   expired gets nothing on any path (node-to-node, health and reflection included).
 //! - A request another node forwarded (its cluster credential was checked by
 //!   [`super::guard`] before this layer) names its caller in `eventter-caller`; that
 //!   caller is checked here again against this node's state by the handler.
@@ -20,7 +24,7 @@ use base64::Engine;
 use tonic::codegen::http;
 
 use super::BoxFuture;
-use crate::auth::{Auth, Caller, Failure, Need};
+use crate::auth::{Auth, Caller, Failure, Need, Refused};
 use crate::error::{ErrorCode, RequestError};
 use crate::security::CALLER_METADATA;
 use crate::transport::ConnInfo;
@@ -81,6 +85,10 @@ fn refusal(failure: Failure) -> tonic::Status {
     RequestError::new(ErrorCode::Unauthenticated, failure.message()).into()
 }
 
+fn refused(r: Refused) -> tonic::Status {
+    RequestError::new(ErrorCode::Unauthenticated, r.message).into()
+}
+
 impl<S, B, R> tower::Service<http::Request<B>> for Access<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
@@ -97,21 +105,41 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let info = req.extensions().get::<ConnInfo>().cloned();
+        let (from, cert) = info.map(|i| (i.remote, i.client_cert)).unwrap_or_default();
+        let now = std::time::SystemTime::now();
         if !req.uri().path().starts_with(CLIENT_API_PREFIX) {
+            // Not a client request, but an expired certificate still gets nothing.
+            if cert.as_ref().is_some_and(|c| c.expired(now).is_some()) {
+                let auth = self.auth.clone();
+                return Box::pin(async move {
+                    let e = auth.certificate(cert.as_deref(), from, "grpc").await.err();
+                    let r = e.unwrap_or_else(|| Refused {
+                        failure: Failure::CertificateExpired,
+                        message: Failure::CertificateExpired.message().into(),
+                    });
+                    Ok(refused(r).into_http())
+                });
+            }
             return Box::pin(self.inner.call(req));
         }
         // The ready service answers this request; a fresh clone takes its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let auth = self.auth.clone();
-        let from = req.extensions().get::<ConnInfo>().and_then(|c| c.remote);
         let headers = req.headers_mut();
         let forwarded = headers.contains_key(crate::peers::FORWARDED_METADATA);
         let named = headers.get(CALLER_METADATA).map(|v| v.to_str().map(str::to_string).map_err(|_| ()));
         let credentials = headers.remove(AUTHORIZATION_METADATA).map(|v| basic_credentials(&v));
         Box::pin(async move {
+            // An expired certificate is refused whoever sends it.
+            let cert = match auth.certificate(cert.as_deref(), from, "grpc").await {
+                Ok(c) => c,
+                Err(r) => return Ok(refused(r).into_http()),
+            };
             let caller = if forwarded {
-                // Only cluster members get here with the mark (the guard checked).
+                // Only cluster members get here with the mark (the guard checked); the
+                // caller is the one the forwarding node authenticated, not its certificate.
                 match named.transpose().ok().and_then(|n| Caller::from_metadata(n.as_deref())) {
                     Some(c) => c,
                     None => return Ok(refusal(Failure::Malformed).into_http()),
@@ -121,18 +149,20 @@ where
                     Ok(true) => Caller::Open,
                     Err(e) => return Ok(tonic::Status::from(e).into_http()),
                     Ok(false) => match credentials {
-                        None => {
-                            auth.refuse(Failure::Missing, None, from, "grpc").await;
-                            return Ok(refusal(Failure::Missing).into_http());
-                        }
+                        None => match auth.certificate_login(cert, from, "grpc").await {
+                            Ok(c) => c,
+                            Err(r) => return Ok(refused(r).into_http()),
+                        },
                         Some(Err(NotBasic)) => {
                             auth.refuse(Failure::Malformed, None, from, "grpc").await;
                             return Ok(refusal(Failure::Malformed).into_http());
                         }
-                        Some(Ok((user, password))) => match auth.login(&user, &password, from, "grpc").await {
-                            Ok(c) => c,
-                            Err(f) => return Ok(refusal(f).into_http()),
-                        },
+                        Some(Ok((user, password))) => {
+                            match auth.password_login(&cert, &user, &password, from, "grpc").await {
+                                Ok(c) => c,
+                                Err(r) => return Ok(refused(r).into_http()),
+                            }
+                        }
                     },
                 }
             };

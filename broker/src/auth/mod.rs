@@ -6,6 +6,14 @@
 //!   by an HMAC so that no password is kept).
 //! - [`throttle`]: the growing delay before the answer to a failed login, per source.
 //!
+//! A client may also be a user by its TLS client certificate (`--tls-client-ca-file`):
+//! the certificate names the user (`crate::client_cert`, `--tls-client-cert-user-from`),
+//! who must exist in the cluster state; no password is checked, the user's permissions
+//! apply. [`Auth::certificate`] reads what a connection's certificate says (refusing an
+//! expired one), [`Auth::certificate_login`] logs in by it alone, and
+//! [`Auth::password_login`] refuses a password login for another user than the
+//! certificate's (never silently picking one of the two).
+//!
 //! Users live in the cluster state (`ClusterState::users`). While there is none, access
 //! is open, as before users existed ([`Caller::Open`]); once one exists, every client
 //! request must authenticate, and [`decide`] checks each against the user's
@@ -21,6 +29,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use crate::client_cert::{ClientCert, UserFrom};
 use crate::cluster_state::{ClusterState, SharedState};
 use crate::error::{ErrorCode, RequestError};
 use crate::metrics::Metrics;
@@ -50,6 +59,8 @@ pub struct AuthSettings {
     pub verifications_in_flight_max: usize,
     /// Set by the node when started with `--admin-user`: see [`Auth::open_access`].
     pub awaiting_bootstrap_admin: bool,
+    /// Where a client certificate names its user (`--tls-client-cert-user-from`).
+    pub cert_user_from: UserFrom,
 }
 
 impl Default for AuthSettings {
@@ -62,6 +73,7 @@ impl Default for AuthSettings {
             failure_forget_ms: 60_000,
             verifications_in_flight_max: 4,
             awaiting_bootstrap_admin: false,
+            cert_user_from: UserFrom::default(),
         }
     }
 }
@@ -79,6 +91,15 @@ pub enum Failure {
     WrongPassword,
     /// `guest` from an address that is not a loopback one.
     GuestNotLoopback,
+    /// A client certificate (verified by the CA) past its validity period.
+    CertificateExpired,
+    /// A client certificate naming a user the cluster does not have, and no password.
+    CertificateUnknownUser,
+    /// A client certificate without the name `--tls-client-cert-user-from` reads, and
+    /// no password.
+    CertificateNoUser,
+    /// A client certificate of one user and a password login for another.
+    CertificateUserMismatch,
 }
 
 impl Failure {
@@ -89,7 +110,18 @@ impl Failure {
             Failure::UnknownUser => "unknown_user",
             Failure::WrongPassword => "wrong_password",
             Failure::GuestNotLoopback => "guest_not_loopback",
+            Failure::CertificateExpired => "certificate_expired",
+            Failure::CertificateUnknownUser => "certificate_unknown_user",
+            Failure::CertificateNoUser => "certificate_no_user",
+            Failure::CertificateUserMismatch => "certificate_user_mismatch",
         }
+    }
+
+    /// Whether the answer waits for the source's failure delay: only a password may be
+    /// guessed (no credentials is a client not set up; a certificate failure needs a
+    /// certificate the CA signed).
+    fn delayed(self) -> bool {
+        matches!(self, Failure::Malformed | Failure::UnknownUser | Failure::WrongPassword | Failure::GuestNotLoopback)
     }
 
     /// What the client is told: never which of user and password was wrong.
@@ -97,11 +129,52 @@ impl Failure {
         match self {
             Failure::Missing => {
                 "credentials required: the cluster has users (send a user name and password, e.g. the CLI's --user \
-                 and --password-file)"
+                 and --password-file, or a client certificate that names a user)"
             }
             Failure::Malformed => "credentials not understood (expected `authorization: Basic base64(user:password)`)",
             Failure::UnknownUser | Failure::WrongPassword => "wrong user name or password",
             Failure::GuestNotLoopback => "user \"guest\" may log in only from a loopback address",
+            Failure::CertificateExpired => "the client certificate has expired",
+            Failure::CertificateUnknownUser => "the client certificate names no user of the cluster",
+            Failure::CertificateNoUser => "the client certificate names no user",
+            Failure::CertificateUserMismatch => "the client certificate is another user's than the credentials'",
+        }
+    }
+}
+
+/// A refused login: why (the metric's `reason`) and what the client is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub failure: Failure,
+    pub message: String,
+}
+
+impl Refused {
+    fn of(failure: Failure) -> Self {
+        Refused { failure, message: failure.message().to_string() }
+    }
+}
+
+/// What a connection's client certificate says of its caller, before any password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertUser {
+    /// No client certificate, or certificates name no users
+    /// (`--tls-client-cert-user-from none`).
+    None,
+    /// A user of the cluster.
+    User(String),
+    /// A name that is no user of the cluster (a node's certificate, say).
+    Unknown(String),
+    /// The certificate names no user: why.
+    Unnamed(String),
+}
+
+impl CertUser {
+    /// The user a password login must be for, if the certificate is a user's.
+    fn user(&self) -> Option<&str> {
+        match self {
+            CertUser::User(name) => Some(name),
+            _ => None,
         }
     }
 }
@@ -207,7 +280,15 @@ struct Inner {
     /// Verified against for an unknown user, so that the answer takes as long as for
     /// a known one (no user names learned from timing); made on first need.
     dummy_hash: std::sync::OnceLock<String>,
+    cert_user_from: UserFrom,
+    /// Requests on a connection with an expired certificate are refused one by one (a
+    /// node whose certificate expired calls many times a second): their log line is
+    /// written at most once per [`EXPIRED_LOG_INTERVAL`].
+    expired_log: crate::security::LogLimiter,
 }
+
+/// Refusals of expired client certificates are logged at most once per this interval.
+pub const EXPIRED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Auth {
     pub fn new(state: SharedState, metrics: Metrics, settings: &AuthSettings) -> Self {
@@ -228,6 +309,8 @@ impl Auth {
                 verifying: Semaphore::new(settings.verifications_in_flight_max.max(1)),
                 awaiting_admin: std::sync::atomic::AtomicBool::new(settings.awaiting_bootstrap_admin),
                 dummy_hash: std::sync::OnceLock::new(),
+                cert_user_from: settings.cert_user_from,
+                expired_log: crate::security::LogLimiter::new(EXPIRED_LOG_INTERVAL),
             }),
         }
     }
@@ -291,6 +374,99 @@ impl Auth {
         Err(failure)
     }
 
+    /// Where client certificates name their user (`none`: they do not).
+    pub fn cert_user_from(&self) -> UserFrom {
+        self.inner.cert_user_from
+    }
+
+    /// What a connection's client certificate (`None`: it has none) says of its
+    /// caller. An expired one is refused (counted, logged at most once per
+    /// [`EXPIRED_LOG_INTERVAL`]), whatever else the client sends.
+    pub async fn certificate(
+        &self,
+        cert: Option<&ClientCert>,
+        from: Option<SocketAddr>,
+        protocol: &'static str,
+    ) -> Result<CertUser, Refused> {
+        let Some(cert) = cert else { return Ok(CertUser::None) };
+        let named = cert.user(self.inner.cert_user_from);
+        if let Some(at) = cert.expired(std::time::SystemTime::now()) {
+            // Named by CN if the chosen name is missing: the message must say whose it is.
+            let user = named.as_ref().ok().copied().flatten().or_else(|| cert.user(UserFrom::Cn).ok().flatten());
+            let whose = user.map(|u| format!("of user {u:?} ")).unwrap_or_default();
+            let message = format!(
+                "the client certificate {whose}expired at {at}: present a renewed one (--tls-cert-file, \
+                 --tls-key-file)"
+            );
+            let failure = Failure::CertificateExpired;
+            self.inner.metrics.auth_failed(failure.as_str());
+            if let Some(suppressed) = self.inner.expired_log.admit() {
+                let from_text = from.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+                tracing::warn!(protocol, user = user.unwrap_or("-"), from = %from_text, reason = failure.as_str(),
+                    expired_at = %at, suppressed, "authentication failed");
+            }
+            return Err(Refused { failure, message });
+        }
+        Ok(match named {
+            Ok(None) => CertUser::None,
+            Ok(Some(name)) if self.inner.state.read().state.users.contains_key(name) => CertUser::User(name.into()),
+            Ok(Some(name)) => CertUser::Unknown(name.into()),
+            Err(why) => CertUser::Unnamed(why),
+        })
+    }
+
+    /// A login by client certificate alone (no password sent): the user it names,
+    /// who must exist. Without a certificate user: `Missing`.
+    pub async fn certificate_login(
+        &self,
+        cert: CertUser,
+        from: Option<SocketAddr>,
+        protocol: &'static str,
+    ) -> Result<Caller, Refused> {
+        let (refused, user) = match cert {
+            CertUser::User(name) => return Ok(Caller::User(name)),
+            CertUser::None => (Refused::of(Failure::Missing), None),
+            CertUser::Unknown(name) => {
+                let message = format!(
+                    "the client certificate names user {name:?}, which does not exist in the cluster (an \
+                     administrator creates it with create-user; or log in with a user name and password)"
+                );
+                (Refused { failure: Failure::CertificateUnknownUser, message }, Some(name))
+            }
+            CertUser::Unnamed(why) => {
+                let message = format!("{why}; log in with a user name and password instead");
+                (Refused { failure: Failure::CertificateNoUser, message }, None)
+            }
+        };
+        self.refuse(refused.failure, user.as_deref(), from, protocol).await;
+        Err(refused)
+    }
+
+    /// A password login on a connection whose certificate says `cert`: refused
+    /// without checking the password when the certificate is another user's (both
+    /// named); else [`Auth::login`] (the password is checked for the certificate's
+    /// user too: presented credentials are never ignored).
+    pub async fn password_login(
+        &self,
+        cert: &CertUser,
+        user: &str,
+        password: &str,
+        from: Option<SocketAddr>,
+        protocol: &'static str,
+    ) -> Result<Caller, Refused> {
+        if let Some(cert_user) = cert.user().filter(|c| *c != user) {
+            let failure = Failure::CertificateUserMismatch;
+            let message = format!(
+                "the client certificate is user {cert_user:?} but the user name and password are for user {user:?}: \
+                 send one user's credentials (the certificate alone logs in as {cert_user:?})"
+            );
+            let both = format!("{cert_user} (certificate), {user} (password)");
+            self.refuse(failure, Some(&both), from, protocol).await;
+            return Err(Refused { failure, message });
+        }
+        self.login(user, password, from, protocol).await.map_err(Refused::of)
+    }
+
     async fn verify(&self, user: &str, password: &str, from: Option<SocketAddr>) -> Result<(), Failure> {
         if user == GUEST && !from.is_some_and(|a| is_loopback(a.ip())) {
             return Err(Failure::GuestNotLoopback);
@@ -326,13 +502,13 @@ impl Auth {
     }
 
     /// A refused login: counted, logged once (user, address, reason; never a
-    /// password), and answered after the source's delay (none for `Missing`).
+    /// password), and answered after the source's delay (only where a password could
+    /// be guessed: see `Failure::delayed`).
     pub async fn refuse(&self, failure: Failure, user: Option<&str>, from: Option<SocketAddr>, protocol: &'static str) {
         self.inner.metrics.auth_failed(failure.as_str());
-        // No credentials at all is a client not set up, not a guess: no delay.
-        let delay = match failure {
-            Failure::Missing => Duration::ZERO,
-            _ => self.inner.delay.failed(from.map(|a| a.ip())),
+        let delay = match failure.delayed() {
+            true => self.inner.delay.failed(from.map(|a| a.ip())),
+            false => Duration::ZERO,
         };
         let from_text = from.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
         tracing::warn!(
@@ -481,5 +657,93 @@ mod tests {
         let text = metrics.encode(&Default::default(), false);
         assert!(text.contains(r#"eventtermq_auth_failures_total{reason="wrong_password"} 2"#), "{text}");
         assert!(text.contains(r#"eventtermq_auth_failures_total{reason="unknown_user"} 1"#), "{text}");
+    }
+
+    /// A client certificate (self-signed: the TLS layer verified the chain already)
+    /// with the subject common name `cn` and the DNS name `dns`, valid until `until`.
+    fn client_cert(cn: Option<&str>, dns: &str, until: (i32, u8, u8)) -> ClientCert {
+        let mut params = rcgen::CertificateParams::new(vec![dns.to_string()]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        }
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(until.0, until.1, until.2);
+        let key = rcgen::KeyPair::generate().unwrap();
+        ClientCert::parse(params.self_signed(&key).unwrap().der())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_certificate_is_its_user_and_refusals_name_the_users() {
+        let shared = SharedState::detached(ClusterState::new_cluster());
+        let alice =
+            User { password_hash: password::hash("s3cret").unwrap(), admin: false, permissions: Default::default() };
+        shared.change_detached(|st| {
+            st.users.insert("alice".into(), alice);
+        });
+        let metrics = Metrics::new(10);
+        let settings = AuthSettings { failure_delay_ms: 1000, ..Default::default() };
+        let auth = Auth::new(shared.clone(), metrics.clone(), &settings);
+        let from: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        let far = (2100, 1, 1);
+
+        // By CN (the default): a user of the cluster logs in without a password.
+        let cert = auth.certificate(Some(&client_cert(Some("alice"), "svc.example", far)), Some(from), "grpc").await;
+        assert_eq!(cert, Ok(CertUser::User("alice".into())));
+        assert_eq!(auth.certificate_login(cert.unwrap(), Some(from), "grpc").await, Ok(user("alice")));
+        assert_eq!(auth.certificate(None, Some(from), "grpc").await, Ok(CertUser::None));
+
+        let started = tokio::time::Instant::now();
+        // A name that is no user: refused naming it (with no password sent).
+        let cert = auth.certificate(Some(&client_cert(Some("bob"), "svc.example", far)), Some(from), "grpc").await;
+        assert_eq!(cert, Ok(CertUser::Unknown("bob".into())));
+        let r = auth.certificate_login(cert.clone().unwrap(), Some(from), "grpc").await.unwrap_err();
+        assert_eq!(r.failure, Failure::CertificateUnknownUser);
+        assert!(r.message.contains("\"bob\"") && r.message.contains("does not exist"), "{}", r.message);
+        // ... but a password login on it is one (a node's or a generic client certificate).
+        assert_eq!(auth.password_login(&cert.unwrap(), "alice", "s3cret", Some(from), "grpc").await, Ok(user("alice")));
+
+        // No CN: names no user.
+        let cert = auth.certificate(Some(&client_cert(None, "svc.example", far)), Some(from), "grpc").await.unwrap();
+        let r = auth.certificate_login(cert, Some(from), "grpc").await.unwrap_err();
+        assert_eq!(r.failure, Failure::CertificateNoUser);
+        assert!(r.message.contains("no subject common name (CN)"), "{}", r.message);
+
+        // Another user's password on alice's certificate: refused naming both, the
+        // password not even checked; the same user's must be right.
+        let alices = CertUser::User("alice".into());
+        let r = auth.password_login(&alices, "carol", "whatever", Some(from), "grpc").await.unwrap_err();
+        assert_eq!(r.failure, Failure::CertificateUserMismatch);
+        assert!(r.message.contains("\"alice\"") && r.message.contains("\"carol\""), "{}", r.message);
+        assert!(!r.message.contains("whatever"));
+        assert_eq!(started.elapsed(), Duration::ZERO, "certificate refusals are not delayed");
+        assert_eq!(auth.password_login(&alices, "alice", "s3cret", Some(from), "grpc").await, Ok(user("alice")));
+        let r = auth.password_login(&alices, "alice", "wrong", Some(from), "grpc").await.unwrap_err();
+        assert_eq!(r.failure, Failure::WrongPassword);
+
+        // Expired: refused whatever else, naming the user and when.
+        let expired = client_cert(Some("alice"), "svc.example", (2021, 1, 1));
+        let r = auth.certificate(Some(&expired), Some(from), "amqp").await.unwrap_err();
+        assert_eq!(r.failure, Failure::CertificateExpired);
+        assert!(
+            r.message.contains("\"alice\"") && r.message.contains("expired at 2021-01-01T00:00:00Z"),
+            "{}",
+            r.message
+        );
+
+        // Certificates name no users when told so.
+        let off = Auth::new(shared, metrics.clone(), &AuthSettings { cert_user_from: UserFrom::Off, ..settings });
+        let cert = off.certificate(Some(&client_cert(Some("alice"), "x", far)), Some(from), "grpc").await;
+        assert_eq!(cert, Ok(CertUser::None));
+
+        let text = metrics.encode(&Default::default(), false);
+        for reason in
+            ["certificate_unknown_user", "certificate_no_user", "certificate_user_mismatch", "certificate_expired"]
+        {
+            assert!(
+                text.contains(&format!("eventtermq_auth_failures_total{{reason=\"{reason}\"}} 1")),
+                "{reason}: {text}"
+            );
+        }
     }
 }

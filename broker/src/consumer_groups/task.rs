@@ -477,7 +477,9 @@ impl Task {
     /// one's end is known; an open one's primary is asked, with a one-record read as
     /// the lag's peeks do), so that everything published and confirmed before the
     /// purge goes, and nothing published after its answer (a message published while
-    /// the purge runs may go or stay).
+    /// the purge runs may go or stay). A segment not readable yet (`NotReady`: its
+    /// primary has not started it) is asked again every [`READ_RETRY_PAUSE`] within
+    /// the request timeout.
     fn start_purge(&mut self, reply: oneshot::Sender<Result<Purged, RequestError>>) {
         if !self.refresh() {
             let e = RequestError::new(
@@ -503,9 +505,24 @@ impl Task {
             }
             let Some(seg) = self.cluster.state.read().state.segments.get(&id).cloned() else { continue };
             let segments = self.segments.clone();
+            // A segment that just appeared may not be served by its primary yet (its
+            // node applies the state and starts the primary a moment later): asked
+            // again, as the group's own reads are, within the request timeout.
+            let deadline = tokio::time::Instant::now() + self.cluster.request_timeout();
             asks.push(async move {
-                let r = segments.read(id, &seg, ReadRequest::at(from, 1)).await;
-                r.map(|r| (id, r.end_offset))
+                loop {
+                    match segments.read(id, &seg, ReadRequest::at(from, 1)).await {
+                        Ok(r) => return Ok((id, r.end_offset)),
+                        Err(e)
+                            if e.code == ErrorCode::NotReady
+                                && tokio::time::Instant::now() + READ_RETRY_PAUSE < deadline =>
+                        {
+                            tracing::debug!(segment_id = id, error = %e, "purge: segment not readable yet; asking again");
+                            tokio::time::sleep(READ_RETRY_PAUSE).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
             });
         }
         self.purges.push(Box::pin(async move {

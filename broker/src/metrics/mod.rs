@@ -350,7 +350,9 @@ impl Families {
             "auth_failures",
             "Client requests and AMQP logins refused by authentication or authorization, by reason: missing \
              (no credentials while users exist), malformed, unknown_user, wrong_password, guest_not_loopback, \
-             permission_denied",
+             permission_denied, and for client certificates certificate_expired, certificate_unknown_user \
+             (names no user of the cluster), certificate_no_user (has no name to read), certificate_user_mismatch \
+             (another user's than the password's)",
             self.auth_failures.clone(),
         );
     }

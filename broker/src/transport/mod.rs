@@ -61,28 +61,39 @@ pub enum Conn {
 }
 
 /// What the server knows of a connection's other end (in each request's extensions).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The peer's address (`None` in the in-memory network).
     pub remote: Option<std::net::SocketAddr>,
+    /// The client certificate the TLS handshake verified (`--tls-client-ca-file`),
+    /// read once per connection; `None` without one.
+    pub client_cert: Option<std::sync::Arc<crate::client_cert::ClientCert>>,
 }
 
 impl Connected for Conn {
     type ConnectInfo = ConnInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
-        let remote = match self {
-            Conn::Tcp(s) => s.peer_addr().ok(),
-            Conn::Tls(s) => s.get_ref().0.peer_addr().ok(),
-            Conn::Mem(_) => None,
+        let client_cert = match self {
+            Conn::Tls(s) => s
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|der| std::sync::Arc::new(crate::client_cert::ClientCert::parse(der))),
+            _ => None,
         };
-        ConnInfo { remote }
+        ConnInfo { remote: self.remote(), client_cert }
     }
 }
 
 impl Conn {
     /// The peer's address, if a socket's.
     pub fn remote(&self) -> Option<std::net::SocketAddr> {
-        self.connect_info().remote
+        match self {
+            Conn::Tcp(s) => s.peer_addr().ok(),
+            Conn::Tls(s) => s.get_ref().0.peer_addr().ok(),
+            Conn::Mem(_) => None,
+        }
     }
 }
 

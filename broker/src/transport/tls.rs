@@ -11,6 +11,10 @@
 //! - With a client CA (`--tls-client-ca-file`) the listeners require a client
 //!   certificate it signed; nodes present their own certificate as client certificate
 //!   to each other, so a node certificate should allow both server and client use.
+//!   A certificate that has expired, but chained to the CA while it was valid, passes
+//!   the handshake ([`ExpiredToo`]) so that the client hears why in words: every
+//!   request on such a connection is refused by `api/` (gRPC) and `amqp/` (its login)
+//!   naming the certificate's user and expiry, and counted as `certificate_expired`.
 //! - Calls to other nodes verify the peer's certificate against `--tls-ca-file` and
 //!   the host name (or IP) of its advertised address.
 //!
@@ -23,10 +27,13 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::UnixTime;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
@@ -225,7 +232,7 @@ impl NodeTls {
 #[derive(Clone)]
 pub struct ServerTls {
     key: Arc<ReloadingKey>,
-    verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
     handshake_timeout: Duration,
     handshakes_in_flight_max: usize,
 }
@@ -238,7 +245,7 @@ impl ServerTls {
                 let v = WebPkiClientVerifier::builder_with_provider(roots, provider())
                     .build()
                     .map_err(|e| format!("--tls-client-ca-file: {}: {e}", path.display()))?;
-                Some(v)
+                Some(Arc::new(ExpiredToo { inner: v }) as Arc<dyn ClientCertVerifier>)
             }
             None => None,
         };
@@ -314,6 +321,74 @@ impl ServerTls {
             }
         });
         Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+}
+
+/// The client certificate verifier of the listeners: the CA's (webpki), except that a
+/// certificate that has expired is taken when its chain verifies as of the last second
+/// it was valid (so: the CA signed it, and it was revoked by nothing but time). The
+/// connection then carries it, and `api/` and `amqp/` refuse every request on it with
+/// a message naming its user and expiry (`client_cert::ClientCert::expired`), rather
+/// than the client seeing only a TLS alert. Not-yet-valid certificates, other CAs and
+/// bad signatures fail the handshake as before.
+#[derive(Debug)]
+pub struct ExpiredToo {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for ExpiredToo {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        use rustls::CertificateError::{Expired, ExpiredContext};
+        match self.inner.verify_client_cert(end_entity, intermediates, now) {
+            Err(rustls::Error::InvalidCertificate(Expired | ExpiredContext { .. })) => {
+                let not_after = crate::client_cert::not_after_unix_s(end_entity)
+                    .and_then(|s| u64::try_from(s).ok())
+                    .filter(|s| *s < now.as_secs())
+                    .ok_or(rustls::Error::InvalidCertificate(Expired))?;
+                let then = UnixTime::since_unix_epoch(Duration::from_secs(not_after));
+                self.inner.verify_client_cert(end_entity, intermediates, then)
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -425,5 +500,38 @@ mod tests {
         std::fs::write(&k, "not a key: s3cr3t").unwrap();
         let e = load_pair(&c, &k).unwrap_err();
         assert!(e.contains("--tls-key-file") && !e.contains("s3cr3t"), "{e}");
+    }
+
+    /// A client certificate signed by `issuer`, valid from `from` until `until`.
+    fn client_leaf(issuer: &Ca, from: (i32, u8, u8), until: (i32, u8, u8)) -> CertificateDer<'static> {
+        let mut params = rcgen::CertificateParams::new(vec!["client.example".to_string()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "alice");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+        params.not_after = rcgen::date_time_ymd(until.0, until.1, until.2);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.signed_by(&key, issuer).unwrap().der().clone()
+    }
+
+    #[test]
+    fn an_expired_client_certificate_of_the_ca_passes_the_handshake_and_nothing_else_new_does() {
+        let (ours, theirs) = (ca(), ca());
+        let mut roots = RootCertStore::empty();
+        roots.add(ours.der().clone()).unwrap();
+        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build().unwrap();
+        let v = ExpiredToo { inner };
+        let now = UnixTime::now();
+        let check = |leaf: CertificateDer<'static>| v.verify_client_cert(&leaf, &[], now);
+        check(client_leaf(&ours, (2020, 1, 1), (2100, 1, 1))).unwrap();
+        // Expired, but the CA signed it: taken here, refused by every request (api/, amqp/).
+        check(client_leaf(&ours, (2020, 1, 1), (2021, 1, 1))).unwrap();
+        // Expired and of another CA; valid and of another CA; not yet valid: refused.
+        for (leaf, what) in [
+            (client_leaf(&theirs, (2020, 1, 1), (2021, 1, 1)), "expired, another CA"),
+            (client_leaf(&theirs, (2020, 1, 1), (2100, 1, 1)), "another CA"),
+            (client_leaf(&ours, (2099, 1, 1), (2100, 1, 1)), "not yet valid"),
+        ] {
+            assert!(check(leaf).is_err(), "{what} was taken");
+        }
     }
 }
