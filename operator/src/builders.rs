@@ -363,12 +363,7 @@ pub fn pod_certificates_secret(cluster: &EventterCluster, issued: &certificates:
     let mut meta = metadata(cluster, pod_certificates_secret_name(&name));
     meta.labels.get_or_insert_with(BTreeMap::new).insert("app.kubernetes.io/component".into(), "tls".into());
     meta.annotations = Some(issued.annotations());
-    Secret {
-        metadata: meta,
-        type_: Some("Opaque".to_string()),
-        data: Some(issued.data.clone()),
-        ..Secret::default()
-    }
+    Secret { metadata: meta, type_: Some("Opaque".to_string()), data: Some(issued.data.clone()), ..Secret::default() }
 }
 
 /// The Secret mounted into the broker pods for `tls`: the user's, or the operator's
@@ -518,27 +513,29 @@ fn broker_container(cluster: &EventterCluster, founding: &Founding) -> Container
         image: Some(spec.image.clone()),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
         args: Some(broker_args(cluster, founding)),
-        env: Some(vec![
-            EnvVar {
-                name: "POD_NAME".to_string(),
-                value_from: Some(EnvVarSource {
-                    field_ref: Some(ObjectFieldSelector {
-                        field_path: "metadata.name".to_string(),
-                        ..ObjectFieldSelector::default()
+        env: Some(
+            vec![
+                EnvVar {
+                    name: "POD_NAME".to_string(),
+                    value_from: Some(EnvVarSource {
+                        field_ref: Some(ObjectFieldSelector {
+                            field_path: "metadata.name".to_string(),
+                            ..ObjectFieldSelector::default()
+                        }),
+                        ..EnvVarSource::default()
                     }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            },
-            // `kubectl exec <pod> -- eventtermq ...` runs the CLI as the operator's
-            // administrator (the file is the broker's own --admin-password-file).
-            env("EVENTTERMQ_USER", credentials::OPERATOR_USER),
-            env("EVENTTERMQ_PASSWORD_FILE", &operator_password_file()),
-        ]
-        .into_iter()
-        // With TLS, the CLI verifies the broker against the cluster's CA.
-        .chain(spec.tls.as_ref().map(|_| env("EVENTTERMQ_TLS_CA_FILE", &format!("{TLS_DIR}/{TLS_CA_KEY}"))))
-        .collect()),
+                    ..EnvVar::default()
+                },
+                // `kubectl exec <pod> -- eventtermq ...` runs the CLI as the operator's
+                // administrator (the file is the broker's own --admin-password-file).
+                env("EVENTTERMQ_USER", credentials::OPERATOR_USER),
+                env("EVENTTERMQ_PASSWORD_FILE", &operator_password_file()),
+            ]
+            .into_iter()
+            // With TLS, the CLI verifies the broker against the cluster's CA.
+            .chain(spec.tls.as_ref().map(|_| env("EVENTTERMQ_TLS_CA_FILE", &format!("{TLS_DIR}/{TLS_CA_KEY}"))))
+            .collect(),
+        ),
         ports: Some(vec![
             container_port("grpc", ports.grpc, "TCP"),
             container_port("gossip", ports.grpc, "UDP"),
@@ -566,7 +563,12 @@ fn broker_container(cluster: &EventterCluster, founding: &Founding) -> Container
 }
 
 fn read_only_mount(name: &str, path: &str) -> VolumeMount {
-    VolumeMount { name: name.to_string(), mount_path: path.to_string(), read_only: Some(true), ..VolumeMount::default() }
+    VolumeMount {
+        name: name.to_string(),
+        mount_path: path.to_string(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }
 }
 
 fn volume_mounts(cluster: &EventterCluster, founding: &Founding) -> Vec<VolumeMount> {

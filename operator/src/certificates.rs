@@ -107,8 +107,8 @@ impl Ca {
     /// A certificate for `names` (DNS names or IP addresses; the first is also the
     /// common name) valid from now for `lifetime`, and its new key, both PEM.
     pub fn issue(&self, names: &[String], now: SystemTime, lifetime: Duration) -> Result<(String, String), String> {
-        let mut params =
-            CertificateParams::new(names.to_vec()).map_err(|e| format!("cannot name {names:?} in a certificate: {e}"))?;
+        let mut params = CertificateParams::new(names.to_vec())
+            .map_err(|e| format!("cannot name {names:?} in a certificate: {e}"))?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, names.first().cloned().unwrap_or_default());
         params.distinguished_name = dn;
@@ -190,12 +190,16 @@ pub fn plan(
     let not_after = timestamp(now + lifetime);
     let ca_pem = ByteString(ca.cert_pem().as_bytes().to_vec());
     let due = |s: &PodCertificates| {
-        timestamp(now) >= s.renew_after || s.lifetime_hours != lifetime_hours || s.data.get(CA_CERT_KEY) != Some(&ca_pem)
+        timestamp(now) >= s.renew_after
+            || s.lifetime_hours != lifetime_hours
+            || s.data.get(CA_CERT_KEY) != Some(&ca_pem)
     };
     let (mut out, missing): (PodCertificates, Vec<&String>) = match stored {
         Some(s) if !due(s) => {
-            let missing: Vec<&String> =
-                pods.iter().filter(|p| !s.data.contains_key(&cert_key(p)) || !s.data.contains_key(&key_key(p))).collect();
+            let missing: Vec<&String> = pods
+                .iter()
+                .filter(|p| !s.data.contains_key(&cert_key(p)) || !s.data.contains_key(&key_key(p)))
+                .collect();
             if missing.is_empty() {
                 return Ok(None);
             }
@@ -274,7 +278,9 @@ mod tests {
         let name = ServerName::try_from("localhost".to_string()).unwrap();
         let at = UnixTime::since_unix_epoch(now.duration_since(SystemTime::UNIX_EPOCH).unwrap());
         assert!(verifier.verify_server_cert(&foreign, &[], &name, &[], at).is_err());
-        assert!(Ca::from_pem("x", ca.cert_pem(), "not a key").unwrap_err().starts_with("ca.key: not a PEM private key"));
+        assert!(Ca::from_pem("x", ca.cert_pem(), "not a key")
+            .unwrap_err()
+            .starts_with("ca.key: not a PEM private key"));
     }
 
     #[test]

@@ -15,8 +15,8 @@ use kube::{Api, Client, ResourceExt};
 
 use crate::builders::{self, operator_credentials_secret};
 use crate::crd::{EventterCluster, TlsSpec};
-use crate::tls::ClusterTls;
 use crate::error::Result;
+use crate::tls::ClusterTls;
 
 /// The broker user the operator is on every cluster.
 pub const OPERATOR_USER: &str = "eventter-operator";
@@ -180,12 +180,9 @@ pub fn tls_field(tls: &TlsSpec) -> &'static str {
 pub fn ca_in(secret: &Secret, field: &str) -> std::result::Result<ClusterTls, String> {
     let name = secret.name_any();
     let key = builders::TLS_CA_KEY;
-    let pem = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(key))
-        .map(|b| b.0.clone())
-        .ok_or_else(|| format!("{field}: Secret {name:?} has no key {key:?} (the CA the brokers are verified against)"))?;
+    let pem = secret.data.as_ref().and_then(|d| d.get(key)).map(|b| b.0.clone()).ok_or_else(|| {
+        format!("{field}: Secret {name:?} has no key {key:?} (the CA the brokers are verified against)")
+    })?;
     ClusterTls::from_ca_pem(&pem).map_err(|e| format!("{field}: Secret {name:?} key {key:?}: {e}"))
 }
 

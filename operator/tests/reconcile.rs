@@ -794,7 +794,8 @@ async fn cluster_without_a_record_keeps_its_stateful_sets_bootstrap_expect() {
     let (broker, _) = fake_broker::start(Script { dump: Some(fake_broker::healthy_dump()), ..Script::default() }).await;
     let (client, mut server) = api_server::client();
     let ctx = context(client, broker);
-    let running = serde_json::to_value(builders::stateful_set(&common::cluster(), &builders::Founding::new(3))).unwrap();
+    let running =
+        serde_json::to_value(builders::stateful_set(&common::cluster(), &builders::Founding::new(3))).unwrap();
     let mut cluster = common::cluster();
     cluster.spec.replicas = 5;
     cluster.metadata.generation = Some(2);

@@ -13,8 +13,8 @@ use kube::{Api, ResourceExt};
 use super::Context;
 use crate::builders::{self, FIELD_MANAGER};
 use crate::certificates::{self, Ca, PodCertificates};
-use crate::credentials;
 use crate::crd::{EventterCluster, SelfSignedTls, TlsStatus};
+use crate::credentials;
 use crate::error::Result;
 use crate::tls::ClusterTls;
 
@@ -120,9 +120,10 @@ async fn self_signed_step(
         }
     };
     let certs_name = builders::pod_certificates_secret_name(&name);
-    let stored = secrets.get_opt(&certs_name).await?.and_then(|secret| {
-        PodCertificates::read(&secret.data.clone().unwrap_or_default(), secret.annotations())
-    });
+    let stored = secrets
+        .get_opt(&certs_name)
+        .await?
+        .and_then(|secret| PodCertificates::read(&secret.data.clone().unwrap_or_default(), secret.annotations()));
     let pod_names: Vec<String> = (0..pods.max(1)).map(|i| format!("{name}-{i}")).collect();
     let names_of = |pod: &str| builders::pod_dns_names(&name, &namespace, pod);
     let planned = certificates::plan(stored.as_ref(), &ca, &pod_names, names_of, now, spec.certificate_lifetime_hours);

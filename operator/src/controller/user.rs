@@ -19,12 +19,12 @@ use std::sync::Arc;
 use eventtermq_proto::v1 as pb;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
+use kube::api::PostParams;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::reflector::{self, ObjectRef};
-use kube::api::PostParams;
 use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::{Api, Resource, ResourceExt};
 
