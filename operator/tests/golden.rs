@@ -158,3 +158,44 @@ fn volume_reclaim_policy_sets_the_stateful_sets_pvc_retention_when_delete() {
     assert_eq!(policy.when_scaled.as_deref(), Some("Delete"));
     assert_eq!(policy.when_deleted.as_deref(), Some("Retain"));
 }
+
+/// Every broker pod the operator builds runs locked down, whatever the spec turns on:
+/// non-root, a read-only root filesystem, no privilege escalation, every capability
+/// dropped and none added, the runtime's seccomp profile. A builder change that loses
+/// any of it fails here (the golden file alone could be regenerated over it).
+#[test]
+fn every_built_pod_runs_non_root_read_only_without_capabilities() {
+    use eventter_operator::crd::NodeAuthentication;
+    let mut variants = vec![("plain", common::cluster(), Founding::new(3))];
+    let mut tls = common::cluster();
+    tls.spec.tls = Some(serde_json::from_value(serde_json::json!({"selfSigned": {}})).unwrap());
+    variants.push(("selfSigned", tls, Founding::new(3)));
+    let mut provided = common::cluster();
+    provided.spec.tls = Some(serde_json::from_value(serde_json::json!({"secretName": "emq-cert"})).unwrap());
+    let insecure = Founding { bootstrap_expect: 3, node_authentication: NodeAuthentication::InsecureTrustedNetwork };
+    variants.push(("secretName, insecure", provided, insecure));
+    for (what, cluster, founding) in variants {
+        let sts = builders::stateful_set(&cluster, &founding);
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        let psc = pod.security_context.expect("pod securityContext");
+        assert_eq!(psc.run_as_non_root, Some(true), "{what}");
+        assert_ne!(psc.run_as_user, Some(0), "{what}");
+        assert_eq!(psc.seccomp_profile.map(|p| p.type_).as_deref(), Some("RuntimeDefault"), "{what}");
+        let containers = pod.containers.iter().chain(pod.init_containers.iter().flatten());
+        for c in containers {
+            let sc = c.security_context.as_ref().unwrap_or_else(|| panic!("{what}: {} has no securityContext", c.name));
+            assert_eq!(sc.run_as_non_root, Some(true), "{what}: {}", c.name);
+            assert_eq!(sc.read_only_root_filesystem, Some(true), "{what}: {}", c.name);
+            assert_eq!(sc.allow_privilege_escalation, Some(false), "{what}: {}", c.name);
+            assert_ne!(sc.privileged, Some(true), "{what}: {}", c.name);
+            let caps = sc.capabilities.as_ref().unwrap_or_else(|| panic!("{what}: {} keeps capabilities", c.name));
+            assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]), "{what}: {}", c.name);
+            assert!(caps.add.as_ref().is_none_or(|a| a.is_empty()), "{what}: {} adds capabilities", c.name);
+            // Secrets are mounted read-only; the data volume is the only writable one.
+            for m in c.volume_mounts.iter().flatten() {
+                assert!(m.name == "data" || m.read_only == Some(true), "{what}: {} mounts {} writable", c.name, m.name);
+            }
+        }
+        assert!(pod.host_network.is_none() && pod.host_pid.is_none() && pod.host_ipc.is_none(), "{what}");
+    }
+}
