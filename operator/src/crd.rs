@@ -739,6 +739,9 @@ pub struct ConsumerGroupLag {
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "has(self.name) == has(oldSelf.name) && (!has(self.name) || self.name == oldSelf.name)",
     "message": "name is immutable"
+}, {
+    "rule": "!has(self.readyMessagesMax) || self.readyMessagesMax <= self.size",
+    "message": "readyMessagesMax must be at most size (the group's buffer holds what it counts)"
 }]))]
 pub struct ConsumerGroupSpec {
     /// Name of the EventterCluster (in the same Kubernetes namespace) that holds the
@@ -780,6 +783,24 @@ pub struct ConsumerGroupSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = BROKER_NAME_PATTERN))]
     pub dead_letter_topic: Option<String>,
+    /// A message that waited in the group longer than this many milliseconds since it
+    /// was stored is not delivered: it goes to `deadLetterTopic` (x-first-death-reason
+    /// "expired"), or is dropped without one (RabbitMQ's x-message-ttl); 0 or unset:
+    /// messages do not expire.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    #[schemars(range(max = 4294967295u64))]
+    pub message_ttl_ms: u64,
+    /// At most this many messages wait in the group undelivered: beyond it the oldest
+    /// waiting ones go to `deadLetterTopic` (x-first-death-reason "maxlen") or are
+    /// dropped (RabbitMQ's x-max-length with overflow drop-head). At most `size`; 0 or
+    /// unset: no limit.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub ready_messages_max: u64,
+    /// At most this many bytes of message bodies wait in the group undelivered: beyond
+    /// it the oldest waiting ones go to `deadLetterTopic` or are dropped (RabbitMQ's
+    /// x-max-length-bytes with overflow drop-head); 0 or unset: no limit.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub ready_bytes_max: u64,
     /// Delete removes the group from the broker when this resource is deleted (if it was
     /// ever in sync, so a same-named object the operator never managed is kept); Retain
     /// keeps it.

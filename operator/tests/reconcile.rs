@@ -383,7 +383,10 @@ async fn consumer_group_with_a_changed_spec_is_updated_in_place() {
         "bindings": [{"topic": "orders"}],
         "ackTimeoutMs": 5000,
         "deliveriesMax": 3,
-        "deadLetterTopic": "dead"
+        "deadLetterTopic": "dead",
+        "messageTtlMs": 60000,
+        "readyMessagesMax": 800,
+        "readyBytesMax": 1048576
     }))
     .unwrap();
     let mut group = eventter_operator::crd::ConsumerGroup::new("billing", spec);
@@ -418,6 +421,7 @@ async fn consumer_group_with_a_changed_spec_is_updated_in_place() {
             (g.size, g.ack_timeout_ms, g.deliveries_max, g.dead_letter_topic.as_str()),
             (10_000, 5000, 3, "dead")
         );
+        assert_eq!((g.message_ttl_ms, g.ready_messages_max, g.ready_bytes_max), (60_000, 800, 1 << 20));
     });
 }
 
