@@ -113,6 +113,65 @@ else
   fail "promtool is missing (Debian package prometheus; .ci/run installs it)"
 fi
 
+echo "== helm template (networkPolicy)"
+grep -q '^kind: NetworkPolicy$' "$out/default.yaml" && fail "a NetworkPolicy rendered although networkPolicy.enabled is false"
+"$HELM" template eventtermq "$CHART" --kube-version "$KUBE_VERSION" --namespace eventter \
+  --set networkPolicy.enabled=true --set networkPolicy.clusterName=emq \
+  --set-json 'networkPolicy.clients.from=[{"namespaceSelector":{"matchLabels":{"team":"shop"}}}]' \
+  --set-json 'networkPolicy.metrics.from=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]' \
+  --show-only templates/networkpolicy.yaml >"$out/netpol.yaml"
+expect "$out/netpol.yaml" NetworkPolicy eventtermq-brokers
+python3 - "$out/netpol.yaml" <<'PY' || fail "the NetworkPolicy does not limit the broker ports as documented"
+import sys, yaml
+policy = yaml.safe_load(open(sys.argv[1]))
+spec = policy["spec"]
+brokers = {"app.kubernetes.io/name": "eventtermq", "app.kubernetes.io/managed-by": "eventter-operator",
+           "app.kubernetes.io/instance": "emq"}
+assert spec["podSelector"]["matchLabels"] == brokers, spec["podSelector"]
+assert spec["policyTypes"] == ["Ingress"]
+rules = spec["ingress"]
+ports = lambda rule: sorted((p["protocol"], p["port"]) for p in rule["ports"])
+# Node-to-node (gossip on UDP included) only from broker pods.
+assert rules[0]["from"] == [{"podSelector": {"matchLabels": brokers}}], rules[0]
+assert ("UDP", 16000) in ports(rules[0])
+assert not any(("UDP", 16000) in ports(r) for r in rules[1:]), "gossip open to others"
+# The operator: gRPC only.
+assert rules[1]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+assert ports(rules[1]) == [("TCP", 16000)]
+# Clients: gRPC and AMQP from the selected namespaces; metrics from the monitoring one.
+assert rules[2]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "shop"}}}], rules[2]
+assert ports(rules[2]) == [("TCP", 16000), ("TCP", 16001)]
+assert ports(rules[3]) == [("TCP", 16002)] and "monitoring" in str(rules[3]["from"])
+assert len(rules) == 4
+PY
+# Without clients and metrics peers: brokers and the operator only.
+"$HELM" template eventtermq "$CHART" --kube-version "$KUBE_VERSION" --set networkPolicy.enabled=true \
+  --show-only templates/networkpolicy.yaml | grep -c 'from:' | grep -qx 2 || fail "NetworkPolicy without peers opens more"
+if "$HELM" template eventtermq "$CHART" --kube-version "$KUBE_VERSION" --set networkPolicy.enabled=true \
+  --set-json 'networkPolicy.clients.from=[{"namespace":"x"}]' >/dev/null 2>&1; then
+  fail "networkPolicy.clients.from with an unknown peer field accepted"
+fi
+echo "ok: networkPolicy off by default; brokers-only node-to-node, clients and metrics from the selected peers"
+
+echo "== the operator pod runs non-root, read-only, without capabilities"
+python3 - "$out/default.yaml" <<'PY' || fail "the operator Deployment lost its locked-down security context"
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+deployment = next(d for d in docs if d["kind"] == "Deployment")
+pod = deployment["spec"]["template"]["spec"]
+assert pod["securityContext"]["runAsNonRoot"] is True
+for c in pod["containers"] + pod.get("initContainers", []):
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True, c["name"]
+    assert sc["allowPrivilegeEscalation"] is False, c["name"]
+    assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), c["name"]
+# The operator renews certificates in place: patch on Secrets, nothing broader.
+role = next(d for d in docs if d["kind"] == "ClusterRole")
+secrets = next(r for r in role["rules"] if "secrets" in r["resources"])
+assert sorted(secrets["verbs"]) == ["create", "get", "list", "patch", "watch"], secrets["verbs"]
+PY
+echo "ok: operator pod locked down; Secrets: get, create, patch, list, watch"
+
 echo "== helm template rejects invalid values (values.schema.json)"
 if "$HELM" template eventtermq "$CHART" --kube-version "$KUBE_VERSION" --set operator.replicaCount=-1 >/dev/null 2>&1; then
   fail "operator.replicaCount=-1 accepted"

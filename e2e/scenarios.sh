@@ -22,6 +22,7 @@ SCENARIOS=(
   "cluster-ready:scenario_cluster_ready"
   "topic-and-group:scenario_topic_and_group"
   "user-and-refused-logins:scenario_users"
+  "tls-cluster:scenario_tls_cluster"
   "member-health-in-status:scenario_member_health"
   "topic-rejected:scenario_topic_rejected"
   "publish-subscribe:scenario_publish_subscribe"
@@ -336,6 +337,108 @@ scenario_users() {
   out=$(client_output cli-app list-topics) || fail "$APP_USER could not list topics: $(tail -n 3 <<<"$out")"
   grep -q "$TOPIC" <<<"$out" || fail "$APP_USER's list-topics shows no $TOPIC: $out"
   note "$APP_USER (password from Secret $APP_SECRET, mounted) lists the topics"
+}
+
+# A second cluster with spec.tls.selfSigned (2 brokers: node-to-node over TLS, verified
+# with the operator's CA), its Topic and ConsumerGroup, and a User without a Secret:
+# the operator generates one. A client pod with the CA (ca.crt of the cluster's TLS
+# Secret, that key only) and the generated Secret publishes and subscribes; without
+# the CA (plaintext) it gets no answer.
+TLS_CLUSTER=emq-tls
+TLS_USER=tls-app
+TLS_MESSAGES=200
+tls_pod_output() { # tls_pod_output NAME WITH_CA ARGS...: eventtermq against $TLS_CLUSTER as $TLS_USER
+  local name=$1 with_ca=$2; shift 2
+  local code
+  k delete pod "$name" --ignore-not-found --wait=true >/dev/null 2>&1 || true
+  python3 -c '
+import json, sys
+name, image, with_ca, cluster, user, args = sys.argv[1], sys.argv[2], sys.argv[3] == "yes", sys.argv[4], sys.argv[5], sys.argv[6:]
+command = ["eventtermq", "--host", cluster, "--user", user, "--password-file", "/etc/eventtermq/client/password"]
+if with_ca:
+    command += ["--tls-ca-file", "/etc/eventtermq/ca/ca.crt"]
+mounts = [{"name": "credentials", "mountPath": "/etc/eventtermq/client", "readOnly": True}]
+volumes = [{"name": "credentials", "secret": {"secretName": user + "-eventter-credentials"}}]
+if with_ca:
+    mounts.append({"name": "ca", "mountPath": "/etc/eventtermq/ca", "readOnly": True})
+    volumes.append({"name": "ca", "secret": {"secretName": cluster + "-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}})
+container = {"name": name, "image": image, "imagePullPolicy": "Never", "command": command + args, "volumeMounts": mounts}
+print(json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                  "spec": {"restartPolicy": "Never", "containers": [container], "volumes": volumes}}))' \
+    "$name" "$BROKER_IMAGE" "$with_ca" "$TLS_CLUSTER" "$TLS_USER" "$@" | k apply -f - >/dev/null
+  until_ok 120 "client pod $name to finish" pod_finished "$name"
+  k logs "$name"
+  code=$(k get pod "$name" -o jsonpath='{.status.containerStatuses[0].state.terminated.exitCode}')
+  k delete pod "$name" --wait=false >/dev/null 2>&1 || true
+  return "${code:-1}"
+}
+secret_gone() { ! k get secret "$1" >/dev/null 2>&1; }
+tls_alive_is() { [ "$(k exec "$TLS_CLUSTER-0" -c broker -- eventtermq dump | dump_nodes | awk '$3 == "ALIVE"' | wc -l)" = "$1" ]; }
+scenario_tls_cluster() {
+  k apply -f - >/dev/null <<YAML
+apiVersion: eventter.io/v1alpha1
+kind: EventterCluster
+metadata: {name: $TLS_CLUSTER}
+spec:
+  replicas: 2
+  image: $BROKER_IMAGE
+  imagePullPolicy: IfNotPresent
+  storage: {size: 1Gi}
+  resources: {requests: {cpu: 50m, memory: 64Mi}, limits: {memory: 512Mi}}
+  tls:
+    selfSigned: {}
+---
+apiVersion: eventter.io/v1alpha1
+kind: Topic
+metadata: {name: tls-orders}
+spec: {clusterRef: $TLS_CLUSTER, replicationFactor: 2}
+---
+apiVersion: eventter.io/v1alpha1
+kind: ConsumerGroup
+metadata: {name: tls-orders-audit}
+spec: {clusterRef: $TLS_CLUSTER, bindings: [{topic: tls-orders}]}
+---
+apiVersion: eventter.io/v1alpha1
+kind: User
+metadata: {name: $TLS_USER}
+spec:
+  clusterRef: $TLS_CLUSTER
+  permissions: [{namespace: default, write: "^tls-orders\$", read: "^tls-orders-audit\$"}]
+YAML
+  until_ok 240 "EventterCluster $TLS_CLUSTER Ready" condition_is eventtercluster "$TLS_CLUSTER" Ready True
+  condition_is eventtercluster "$TLS_CLUSTER" TLSReady True || fail "TLSReady is not True: $(condition eventtercluster "$TLS_CLUSTER" TLSReady message)"
+  note "TLSReady: $(condition eventtercluster "$TLS_CLUSTER" TLSReady message | cut -c1-200)"
+  [ "$(k get eventtercluster "$TLS_CLUSTER" -o jsonpath='{.status.nodeAuthentication} {.status.tls.mode}')" = "ClusterSecret SelfSigned" ] ||
+    fail "status: $(k get eventtercluster "$TLS_CLUSTER" -o jsonpath='{.status.nodeAuthentication} {.status.tls}')"
+  # Both brokers in each other's view: node-to-node over TLS (the CLI in the pod uses the
+  # CA from EVENTTERMQ_TLS_CA_FILE and the certificate's localhost name).
+  until_ok 60 "2 ALIVE brokers in $TLS_CLUSTER-0's dump (over TLS)" tls_alive_is 2
+  until_ok 60 "Topic tls-orders Ready" condition_is topic tls-orders Ready True
+  until_ok 60 "ConsumerGroup tls-orders-audit Ready" condition_is consumergroup tls-orders-audit Ready True
+  until_ok 60 "User $TLS_USER Ready" condition_is user "$TLS_USER" Ready True
+  local secret="$TLS_USER-eventter-credentials"
+  [ "$(k get user "$TLS_USER" -o jsonpath='{.status.passwordSecretName}')" = "$secret" ] || fail "status.passwordSecretName is not $secret"
+  [ "$(k get secret "$secret" -o jsonpath='{.metadata.ownerReferences[0].kind}/{.data.username}')" = "User/$(printf %s "$TLS_USER" | base64)" ] ||
+    fail "Secret $secret is not the User's, with its username"
+  note "User $TLS_USER: password generated in Secret $secret (owned by the User)"
+  local out
+  out=$(tls_pod_output tls-pub yes publish tls-orders "e2e-tls-{n}" --count "$TLS_MESSAGES") ||
+    fail "publishing over TLS failed: $(tail -n 3 <<<"$out")"
+  grep -q "\"published\": *$TLS_MESSAGES\b" <<<"$out" || fail "publish over TLS said: $out"
+  out=$(tls_pod_output tls-sub yes subscribe tls-orders-audit --max-messages "$TLS_MESSAGES" --wait 10s) ||
+    fail "subscribing over TLS failed: $(tail -n 3 <<<"$out")"
+  [ "$(distinct_messages e2e-tls- <<<"$out")" = "$TLS_MESSAGES" ] || fail "received $(distinct_messages e2e-tls- <<<"$out") of $TLS_MESSAGES"
+  note "$TLS_MESSAGES messages published and received over TLS by $TLS_USER"
+  local rc=0
+  out=$(tls_pod_output tls-plaintext no list-topics) || rc=$?
+  [ "$rc" != 0 ] || fail "a plaintext client was answered: $out"
+  note "plaintext client refused (exit $rc): $(tail -n 1 <<<"$out" | cut -c1-160)"
+  # Gone with its resources (the User's Secret with the User).
+  k delete user "$TLS_USER" --wait=true --timeout=60s >/dev/null
+  k delete topic tls-orders --wait=false >/dev/null
+  k delete consumergroup tls-orders-audit --wait=false >/dev/null
+  until_ok 60 "Secret $secret deleted with its User" secret_gone "$secret"
+  k delete eventtercluster "$TLS_CLUSTER" --wait=false >/dev/null
 }
 
 scenario_publish_subscribe() {

@@ -78,7 +78,13 @@ impl BrokerConnector {
             .map_err(|e| unavailable(format!("bad address: {e}")))?
             .connect_timeout(connect_timeout)
             .timeout(timeout);
-        let channel = endpoint.connect().await.map_err(|e| unavailable(error_chain(&e)))?;
+        let connected = match credentials.tls() {
+            // The connector verifies the broker's certificate against the cluster's CA
+            // and the address's host name.
+            Some(tls) => tls.channel(endpoint).await,
+            None => endpoint.connect().await,
+        };
+        let channel = connected.map_err(|e| unavailable(error_chain(&e)))?;
         let client = AdminClient::with_interceptor(channel, credentials.clone());
         Ok(Admin { address: address.to_string(), client })
     }

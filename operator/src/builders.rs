@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction, KeyToPath, ObjectFieldSelector,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
     SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
     VolumeMount, VolumeResourceRequirements,
@@ -20,8 +20,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 use kube::{Resource, ResourceExt};
 
-use crate::crd::{EventterCluster, VolumeReclaimPolicy};
-use crate::credentials;
+use crate::crd::{EventterCluster, NodeAuthentication, TlsSpec, User, VolumeReclaimPolicy};
+use crate::{certificates, credentials};
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "eventter-operator";
@@ -40,6 +40,28 @@ pub const OPERATOR_CREDENTIALS_VOLUME: &str = "operator-credentials";
 pub const OPERATOR_CREDENTIALS_DIR: &str = "/etc/eventtermq/operator";
 /// Mode of the mounted password file: owner and group (the pod's fsGroup) read it.
 pub const OPERATOR_CREDENTIALS_FILE_MODE: i32 = 0o440;
+/// Name of the volume of the cluster secret in a broker pod.
+pub const CLUSTER_SECRET_VOLUME: &str = "cluster-secret";
+/// Where the cluster secret is mounted in a broker pod.
+pub const CLUSTER_SECRET_DIR: &str = "/etc/eventtermq/cluster";
+/// Key of the cluster secret in its Secret (and the file name in the pod).
+pub const CLUSTER_SECRET_KEY: &str = "secret";
+/// Random bytes of a generated cluster secret (hex-encoded: 64 characters).
+pub const CLUSTER_SECRET_BYTES: usize = 32;
+/// Name of the volume of the TLS Secret in a broker pod.
+pub const TLS_VOLUME: &str = "tls";
+/// Where the TLS Secret is mounted in a broker pod.
+pub const TLS_DIR: &str = "/etc/eventtermq/tls";
+/// Key (and file) of the CA certificate in a TLS Secret, cert-manager's name.
+pub const TLS_CA_KEY: &str = "ca.crt";
+/// Key of the certificate chain in a cert-manager style TLS Secret.
+pub const TLS_CERT_KEY: &str = "tls.crt";
+/// Key of the private key in a cert-manager style TLS Secret.
+pub const TLS_KEY_KEY: &str = "tls.key";
+/// Path of the metrics port's readiness endpoint (a known Raft leader).
+pub const READINESS_PATH: &str = "/readyz";
+/// Path of the metrics port's liveness endpoint (Raft has not stopped).
+pub const LIVENESS_PATH: &str = "/livez";
 /// Cluster DNS domain the advertised pod names are built on.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// Grace period of a broker pod: time to leave the cluster and flush segments.
@@ -205,9 +227,7 @@ pub fn bootstrap_expect(cluster: &EventterCluster, existing: Option<&StatefulSet
     }
     existing
         .filter(|sts| owned_by(sts, cluster))
-        .and_then(|sts| {
-            sts.spec.as_ref()?.template.spec.as_ref()?.containers.iter().find(|c| c.name == BROKER_CONTAINER)
-        })
+        .and_then(broker_container_of)
         .and_then(|container| flag_value(container.args.as_deref()?, "--bootstrap-expect"))
         .and_then(|value| value.parse::<i32>().ok())
         .filter(|n| *n >= 1)
@@ -225,10 +245,159 @@ fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
     args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).map(String::as_str)
 }
 
-/// Command-line arguments of the broker container of a cluster founded with
-/// `bootstrap_expect` brokers (see [`bootstrap_expect`]). Nothing here depends on
-/// `spec.replicas`: pods added later join through the founding members.
-pub fn broker_args(cluster: &EventterCluster, bootstrap_expect: i32) -> Vec<String> {
+fn broker_container_of(sts: &StatefulSet) -> Option<&Container> {
+    sts.spec.as_ref()?.template.spec.as_ref()?.containers.iter().find(|c| c.name == BROKER_CONTAINER)
+}
+
+/// How the brokers of `cluster` authenticate each other, first match:
+///
+/// 1. `spec.nodeAuthentication`, the user's explicit choice;
+/// 2. `status.nodeAuthentication`, recorded when the operator applied the StatefulSet;
+/// 3. the owned StatefulSet as it is (`existing`): `--insecure-trusted-network` in its
+///    args keeps a cluster made before the operator issued cluster secrets on it, since
+///    a broker with the secret and one without refuse each other and a rolling update
+///    would split the cluster;
+/// 4. `ClusterSecret`: a new cluster.
+pub fn node_authentication(cluster: &EventterCluster, existing: Option<&StatefulSet>) -> NodeAuthentication {
+    if let Some(mode) = cluster.spec.node_authentication {
+        return mode;
+    }
+    let recorded = cluster.status.as_ref().and_then(|s| s.node_authentication.as_deref());
+    if let Some(mode) = recorded.and_then(NodeAuthentication::parse) {
+        return mode;
+    }
+    let running = existing.filter(|sts| owned_by(sts, cluster)).and_then(broker_container_of);
+    match running.and_then(|c| c.args.as_ref()) {
+        Some(args) if args.iter().any(|a| a == "--insecure-trusted-network") => {
+            NodeAuthentication::InsecureTrustedNetwork
+        }
+        _ => NodeAuthentication::ClusterSecret,
+    }
+}
+
+/// What the pod template keeps from the cluster's founding rather than following the
+/// spec (see [`bootstrap_expect`] and [`node_authentication`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Founding {
+    /// The brokers' `--bootstrap-expect`, and the `--join` seeds.
+    pub bootstrap_expect: i32,
+    /// How the brokers authenticate each other.
+    pub node_authentication: NodeAuthentication,
+}
+
+impl Founding {
+    /// A cluster founded with `bootstrap_expect` brokers sharing a cluster secret.
+    pub fn new(bootstrap_expect: i32) -> Self {
+        Self { bootstrap_expect, node_authentication: NodeAuthentication::ClusterSecret }
+    }
+
+    /// What `cluster` was founded with, given its StatefulSet as it is (`None`: not
+    /// read, or none).
+    pub fn of(cluster: &EventterCluster, existing: Option<&StatefulSet>) -> Self {
+        Self {
+            bootstrap_expect: bootstrap_expect(cluster, existing),
+            node_authentication: node_authentication(cluster, existing),
+        }
+    }
+}
+
+/// Name of the Secret holding the cluster secret of `cluster_name`.
+pub fn cluster_secret_name(cluster_name: &str) -> String {
+    format!("{cluster_name}-cluster-secret")
+}
+
+/// A new random cluster secret: [`CLUSTER_SECRET_BYTES`] random bytes, hex-encoded.
+pub fn generate_cluster_secret() -> String {
+    let bytes: [u8; CLUSTER_SECRET_BYTES] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The Secret `<name>-cluster-secret` holding `secret`, owned by the cluster.
+pub fn cluster_secret(cluster: &EventterCluster, secret: &str) -> Secret {
+    let name = cluster.name_any();
+    let mut meta = metadata(cluster, cluster_secret_name(&name));
+    meta.labels.get_or_insert_with(BTreeMap::new).insert("app.kubernetes.io/component".into(), "cluster-secret".into());
+    Secret {
+        metadata: meta,
+        type_: Some("Opaque".to_string()),
+        data: Some([(CLUSTER_SECRET_KEY.to_string(), ByteString(secret.as_bytes().to_vec()))].into()),
+        ..Secret::default()
+    }
+}
+
+/// Name of the Secret of the operator's self-signed cluster CA (`ca.crt`, `ca.key`).
+pub fn ca_secret_name(cluster_name: &str) -> String {
+    format!("{cluster_name}-ca")
+}
+
+/// Name of the Secret of the operator-issued pod certificates (`ca.crt`,
+/// `<pod>.crt`, `<pod>.key`).
+pub fn pod_certificates_secret_name(cluster_name: &str) -> String {
+    format!("{cluster_name}-tls")
+}
+
+/// The Secret of the operator's cluster CA (`ca.crt`, `ca.key`), owned by the cluster.
+/// Broker pods do not mount it.
+pub fn ca_secret(cluster: &EventterCluster, ca: &certificates::Ca) -> Secret {
+    let name = cluster.name_any();
+    let mut meta = metadata(cluster, ca_secret_name(&name));
+    meta.labels.get_or_insert_with(BTreeMap::new).insert("app.kubernetes.io/component".into(), "ca".into());
+    Secret {
+        metadata: meta,
+        type_: Some("Opaque".to_string()),
+        data: Some(
+            [
+                (certificates::CA_CERT_KEY.to_string(), ByteString(ca.cert_pem().as_bytes().to_vec())),
+                (certificates::CA_KEY_KEY.to_string(), ByteString(ca.key_pem().into_bytes())),
+            ]
+            .into(),
+        ),
+        ..Secret::default()
+    }
+}
+
+/// The Secret of the pod certificates (`ca.crt`, `<pod>.crt`, `<pod>.key`, the times
+/// as annotations), owned by the cluster, mounted by every broker pod.
+pub fn pod_certificates_secret(cluster: &EventterCluster, issued: &certificates::PodCertificates) -> Secret {
+    let name = cluster.name_any();
+    let mut meta = metadata(cluster, pod_certificates_secret_name(&name));
+    meta.labels.get_or_insert_with(BTreeMap::new).insert("app.kubernetes.io/component".into(), "tls".into());
+    meta.annotations = Some(issued.annotations());
+    Secret { metadata: meta, type_: Some("Opaque".to_string()), data: Some(issued.data.clone()), ..Secret::default() }
+}
+
+/// The Secret mounted into the broker pods for `tls`: the user's, or the operator's
+/// pod certificates.
+pub fn tls_secret_name(cluster_name: &str, tls: &TlsSpec) -> String {
+    match &tls.secret_name {
+        Some(name) => name.clone(),
+        None => pod_certificates_secret_name(cluster_name),
+    }
+}
+
+/// The DNS names a broker pod's certificate must hold: its own name under the headless
+/// Service (what `--advertise-host` is, and what other brokers verify), the client
+/// Service's names (what the operator and clients connect to), and `localhost` (the
+/// CLI run in the pod by `kubectl exec`).
+pub fn pod_dns_names(cluster_name: &str, namespace: &str, pod: &str) -> Vec<String> {
+    let headless = headless_service_name(cluster_name);
+    vec![
+        format!("{pod}.{headless}.{namespace}.svc.{CLUSTER_DOMAIN}"),
+        format!("{pod}.{headless}.{namespace}.svc"),
+        format!("{pod}.{headless}.{namespace}"),
+        format!("{cluster_name}.{namespace}.svc.{CLUSTER_DOMAIN}"),
+        format!("{cluster_name}.{namespace}.svc"),
+        format!("{cluster_name}.{namespace}"),
+        cluster_name.to_string(),
+        "localhost".to_string(),
+    ]
+}
+
+/// Command-line arguments of the broker container of a cluster founded as `founding`
+/// says (see [`Founding`]). Nothing here depends on `spec.replicas`: pods added later
+/// join through the founding members.
+pub fn broker_args(cluster: &EventterCluster, founding: &Founding) -> Vec<String> {
+    let bootstrap_expect = founding.bootstrap_expect;
     let name = cluster.name_any();
     let namespace = cluster.namespace().unwrap_or_default();
     let spec = &cluster.spec;
@@ -250,11 +419,6 @@ pub fn broker_args(cluster: &EventterCluster, bootstrap_expect: i32) -> Vec<Stri
         bootstrap_expect.to_string(),
         "--log-format".to_string(),
         "json".to_string(),
-        // Brokers take node-to-node calls only from members proving it (issue 17). The
-        // operator does not issue a cluster secret yet, so its brokers run as the seed
-        // did, on a network trusted to hold only them, and say so explicitly. Limit who
-        // reaches the pods (a NetworkPolicy) until it does.
-        "--insecure-trusted-network".to_string(),
         // The operator's own administrator (see `credentials`): created by the brokers
         // at their first start, which also closes client access to those without
         // credentials.
@@ -263,6 +427,29 @@ pub fn broker_args(cluster: &EventterCluster, bootstrap_expect: i32) -> Vec<Stri
         "--admin-password-file".to_string(),
         operator_password_file(),
     ];
+    // Brokers take node-to-node calls only from members proving it (issue 17).
+    match founding.node_authentication {
+        NodeAuthentication::ClusterSecret => {
+            args.push("--cluster-secret-file".to_string());
+            args.push(format!("{CLUSTER_SECRET_DIR}/{CLUSTER_SECRET_KEY}"));
+        }
+        NodeAuthentication::InsecureTrustedNetwork => args.push("--insecure-trusted-network".to_string()),
+    }
+    if let Some(tls) = &cluster.spec.tls {
+        let (cert, key) = match &tls.secret_name {
+            Some(_) => (TLS_CERT_KEY.to_string(), TLS_KEY_KEY.to_string()),
+            // One Secret serves every pod: the kubelet expands $(POD_NAME).
+            None => ("$(POD_NAME).crt".to_string(), "$(POD_NAME).key".to_string()),
+        };
+        args.extend([
+            "--tls-cert-file".to_string(),
+            format!("{TLS_DIR}/{cert}"),
+            "--tls-key-file".to_string(),
+            format!("{TLS_DIR}/{key}"),
+            "--tls-ca-file".to_string(),
+            format!("{TLS_DIR}/{TLS_CA_KEY}"),
+        ]);
+    }
     let b = &spec.broker;
     let settings = [
         ("--heartbeat-interval-ms", b.heartbeat_interval_ms),
@@ -292,9 +479,18 @@ fn env(name: &str, value: &str) -> EnvVar {
     EnvVar { name: name.to_string(), value: Some(value.to_string()), ..EnvVar::default() }
 }
 
-fn grpc_probe(port: i32, service: &str, initial_delay_seconds: i32, failure_threshold: i32) -> Probe {
+/// An HTTP probe of the metrics port. Not the kubelet's gRPC probe: it speaks no
+/// TLS, so it could not reach the gRPC port of a cluster with `spec.tls`; the metrics
+/// port is plain HTTP either way and answers from the same Raft state as the gRPC
+/// health service (see `eventtermq_broker::api::metrics`).
+fn http_probe(port: i32, path: &str, initial_delay_seconds: i32, failure_threshold: i32) -> Probe {
     Probe {
-        grpc: Some(GRPCAction { port, service: Some(service.to_string()) }),
+        http_get: Some(HTTPGetAction {
+            port: IntOrString::Int(port),
+            path: Some(path.to_string()),
+            scheme: Some("HTTP".to_string()),
+            ..HTTPGetAction::default()
+        }),
         initial_delay_seconds: Some(initial_delay_seconds),
         period_seconds: Some(5),
         timeout_seconds: Some(2),
@@ -303,7 +499,7 @@ fn grpc_probe(port: i32, service: &str, initial_delay_seconds: i32, failure_thre
     }
 }
 
-fn broker_container(cluster: &EventterCluster, bootstrap_expect: i32) -> Container {
+fn broker_container(cluster: &EventterCluster, founding: &Founding) -> Container {
     let spec = &cluster.spec;
     let ports = &spec.ports;
     let container_port = |name: &str, port: i32, protocol: &str| ContainerPort {
@@ -316,45 +512,43 @@ fn broker_container(cluster: &EventterCluster, bootstrap_expect: i32) -> Contain
         name: BROKER_CONTAINER.to_string(),
         image: Some(spec.image.clone()),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
-        args: Some(broker_args(cluster, bootstrap_expect)),
-        env: Some(vec![
-            EnvVar {
-                name: "POD_NAME".to_string(),
-                value_from: Some(EnvVarSource {
-                    field_ref: Some(ObjectFieldSelector {
-                        field_path: "metadata.name".to_string(),
-                        ..ObjectFieldSelector::default()
+        args: Some(broker_args(cluster, founding)),
+        env: Some(
+            vec![
+                EnvVar {
+                    name: "POD_NAME".to_string(),
+                    value_from: Some(EnvVarSource {
+                        field_ref: Some(ObjectFieldSelector {
+                            field_path: "metadata.name".to_string(),
+                            ..ObjectFieldSelector::default()
+                        }),
+                        ..EnvVarSource::default()
                     }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            },
-            // `kubectl exec <pod> -- eventtermq ...` runs the CLI as the operator's
-            // administrator (the file is the broker's own --admin-password-file).
-            env("EVENTTERMQ_USER", credentials::OPERATOR_USER),
-            env("EVENTTERMQ_PASSWORD_FILE", &operator_password_file()),
-        ]),
+                    ..EnvVar::default()
+                },
+                // `kubectl exec <pod> -- eventtermq ...` runs the CLI as the operator's
+                // administrator (the file is the broker's own --admin-password-file).
+                env("EVENTTERMQ_USER", credentials::OPERATOR_USER),
+                env("EVENTTERMQ_PASSWORD_FILE", &operator_password_file()),
+            ]
+            .into_iter()
+            // With TLS, the CLI verifies the broker against the cluster's CA.
+            .chain(spec.tls.as_ref().map(|_| env("EVENTTERMQ_TLS_CA_FILE", &format!("{TLS_DIR}/{TLS_CA_KEY}"))))
+            .collect(),
+        ),
         ports: Some(vec![
             container_port("grpc", ports.grpc, "TCP"),
             container_port("gossip", ports.grpc, "UDP"),
             container_port("amqp", ports.amqp, "TCP"),
             container_port("metrics", ports.metrics, "TCP"),
         ]),
-        // Ready once the broker knows a Raft leader (it reports that per service).
-        readiness_probe: Some(grpc_probe(ports.grpc, READINESS_SERVICE, 0, 3)),
-        // Alive while the gRPC server answers at all; generous, so that a broker
-        // replaying a long log at start-up is not killed.
-        liveness_probe: Some(grpc_probe(ports.grpc, "", 30, 6)),
+        // Ready once the broker knows a Raft leader.
+        readiness_probe: Some(http_probe(ports.metrics, READINESS_PATH, 0, 3)),
+        // Alive while Raft runs; generous, so that a broker replaying a long log at
+        // start-up is not killed.
+        liveness_probe: Some(http_probe(ports.metrics, LIVENESS_PATH, 30, 6)),
         resources: spec.resources.clone(),
-        volume_mounts: Some(vec![
-            VolumeMount { name: DATA_VOLUME.to_string(), mount_path: DATA_DIR.to_string(), ..VolumeMount::default() },
-            VolumeMount {
-                name: OPERATOR_CREDENTIALS_VOLUME.to_string(),
-                mount_path: OPERATOR_CREDENTIALS_DIR.to_string(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(volume_mounts(cluster, founding)),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(BROKER_UID),
@@ -366,6 +560,70 @@ fn broker_container(cluster: &EventterCluster, bootstrap_expect: i32) -> Contain
         }),
         ..Container::default()
     }
+}
+
+fn read_only_mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.to_string(),
+        mount_path: path.to_string(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }
+}
+
+fn volume_mounts(cluster: &EventterCluster, founding: &Founding) -> Vec<VolumeMount> {
+    let mut mounts = vec![
+        VolumeMount { name: DATA_VOLUME.to_string(), mount_path: DATA_DIR.to_string(), ..VolumeMount::default() },
+        read_only_mount(OPERATOR_CREDENTIALS_VOLUME, OPERATOR_CREDENTIALS_DIR),
+    ];
+    if founding.node_authentication == NodeAuthentication::ClusterSecret {
+        mounts.push(read_only_mount(CLUSTER_SECRET_VOLUME, CLUSTER_SECRET_DIR));
+    }
+    if cluster.spec.tls.is_some() {
+        mounts.push(read_only_mount(TLS_VOLUME, TLS_DIR));
+    }
+    mounts
+}
+
+/// A volume of Secret `secret_name`, files readable by owner and group (the pod's
+/// fsGroup) only; `keys`: only those keys (`None`: all).
+fn secret_volume(name: &str, secret_name: String, keys: Option<&[&str]>) -> Volume {
+    Volume {
+        name: name.to_string(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret_name),
+            items: keys.map(|keys| {
+                keys.iter()
+                    .map(|k| KeyToPath { key: k.to_string(), path: k.to_string(), mode: None })
+                    .collect::<Vec<_>>()
+            }),
+            default_mode: Some(OPERATOR_CREDENTIALS_FILE_MODE),
+            optional: Some(false),
+        }),
+        ..Volume::default()
+    }
+}
+
+fn volumes(cluster: &EventterCluster, founding: &Founding) -> Vec<Volume> {
+    let name = cluster.name_any();
+    let mut volumes = vec![secret_volume(
+        OPERATOR_CREDENTIALS_VOLUME,
+        credentials::secret_name(&name),
+        Some(&[credentials::PASSWORD_KEY]),
+    )];
+    if founding.node_authentication == NodeAuthentication::ClusterSecret {
+        volumes.push(secret_volume(CLUSTER_SECRET_VOLUME, cluster_secret_name(&name), Some(&[CLUSTER_SECRET_KEY])));
+    }
+    if let Some(tls) = &cluster.spec.tls {
+        // The operator's Secret holds one pair per pod: all of it. A user's Secret: the
+        // three keys the brokers read.
+        let keys: Option<&[&str]> = match tls.secret_name {
+            Some(_) => Some(&[TLS_CERT_KEY, TLS_KEY_KEY, TLS_CA_KEY]),
+            None => None,
+        };
+        volumes.push(secret_volume(TLS_VOLUME, tls_secret_name(&name, tls), keys));
+    }
+    volumes
 }
 
 fn non_empty<T>(items: &[T]) -> Option<Vec<T>>
@@ -394,7 +652,7 @@ fn pod_annotations(cluster: &EventterCluster) -> BTreeMap<String, String> {
 
 /// StatefulSet `<name>`: the broker pods, each with its own volume. `spec.replicas`
 /// shows only in the StatefulSet's replicas, never in its pod template.
-pub fn stateful_set(cluster: &EventterCluster, bootstrap_expect: i32) -> StatefulSet {
+pub fn stateful_set(cluster: &EventterCluster, founding: &Founding) -> StatefulSet {
     let name = cluster.name_any();
     let spec = &cluster.spec;
     let pod = &spec.pod;
@@ -423,21 +681,8 @@ pub fn stateful_set(cluster: &EventterCluster, bootstrap_expect: i32) -> Statefu
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
-                    containers: vec![broker_container(cluster, bootstrap_expect)],
-                    volumes: Some(vec![Volume {
-                        name: OPERATOR_CREDENTIALS_VOLUME.to_string(),
-                        secret: Some(SecretVolumeSource {
-                            secret_name: Some(credentials::secret_name(&name)),
-                            items: Some(vec![KeyToPath {
-                                key: credentials::PASSWORD_KEY.to_string(),
-                                path: credentials::PASSWORD_KEY.to_string(),
-                                mode: None,
-                            }]),
-                            default_mode: Some(OPERATOR_CREDENTIALS_FILE_MODE),
-                            optional: Some(false),
-                        }),
-                        ..Volume::default()
-                    }]),
+                    containers: vec![broker_container(cluster, founding)],
+                    volumes: Some(volumes(cluster, founding)),
                     termination_grace_period_seconds: Some(TERMINATION_GRACE_PERIOD_SECONDS),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
@@ -497,6 +742,34 @@ pub fn operator_credentials_secret(cluster: &EventterCluster, password: &str) ->
         data: Some(
             [
                 (credentials::USER_KEY.to_string(), ByteString(credentials::OPERATOR_USER.as_bytes().to_vec())),
+                (credentials::PASSWORD_KEY.to_string(), ByteString(password.as_bytes().to_vec())),
+            ]
+            .into(),
+        ),
+        ..Secret::default()
+    }
+}
+
+/// The Secret the operator generates for `user` (a `User` without
+/// `passwordSecretRef`): `username` (the broker user name) and `password`, owned by
+/// the User (deleted with it).
+pub fn user_credentials_secret(user: &User, user_name: &str, password: &str) -> Secret {
+    let resource = user.name_any();
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(credentials::user_secret_name(&resource)),
+            namespace: user.namespace(),
+            labels: Some(BTreeMap::from([
+                ("app.kubernetes.io/managed-by".to_string(), FIELD_MANAGER.to_string()),
+                ("eventter.io/user".to_string(), resource.clone()),
+            ])),
+            owner_references: user.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".to_string()),
+        data: Some(
+            [
+                (credentials::USER_SECRET_USERNAME_KEY.to_string(), ByteString(user_name.as_bytes().to_vec())),
                 (credentials::PASSWORD_KEY.to_string(), ByteString(password.as_bytes().to_vec())),
             ]
             .into(),

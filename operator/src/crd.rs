@@ -70,6 +70,7 @@ pub const PERMISSION_PATTERN_COMPILED_SIZE_MAX_BYTES: usize = 256 * 1024;
     printcolumn = r#"{"name": "Leader", "type": "string", "description": "Raft leader as the brokers report it", "jsonPath": ".status.leader"}"#,
     printcolumn = r#"{"name": "Status", "type": "string", "description": "Ready condition", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name": "Scale-Down", "type": "string", "description": "Progress of a scale-down: what the leaving brokers still hold, or why it is blocked", "jsonPath": ".status.scaleDown"}"#,
+    printcolumn = r#"{"name": "TLS", "type": "string", "description": "Where the brokers' certificates come from: SecretName or SelfSigned", "jsonPath": ".status.tls.mode", "priority": 1}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
     scale(
         spec_replicas_path = ".spec.replicas",
@@ -115,6 +116,105 @@ pub struct EventterClusterSpec {
     /// cluster itself is deleted either way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_reclaim_policy: Option<VolumeReclaimPolicy>,
+    /// How brokers prove to each other that they are members (the broker API between
+    /// nodes is closed to everyone else). `ClusterSecret`: the operator generates the
+    /// Secret `<name>-cluster-secret`, mounts it and starts every broker with
+    /// `--cluster-secret-file`. `InsecureTrustedNetwork`: `--insecure-trusted-network`,
+    /// anyone reaching the pods may call the node-to-node API (only for a network
+    /// nothing else reaches). Unset: what the cluster runs with, recorded in
+    /// status.nodeAuthentication (a cluster made by an operator without this field keeps
+    /// `InsecureTrustedNetwork`), `ClusterSecret` for a new cluster. Brokers with and
+    /// without the secret refuse each other: changing it on a running cluster needs
+    /// every broker pod restarted at once (see the README).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_authentication: Option<NodeAuthentication>,
+    /// TLS on the brokers' gRPC and AMQP ports and between brokers. Either `secretName`
+    /// (a Secret in the cluster's namespace with `tls.crt`, `tls.key` and `ca.crt`, as
+    /// cert-manager makes them, whose certificate names every pod's DNS name and the
+    /// client Service) or `selfSigned: {}` (the operator makes a cluster CA and per-pod
+    /// certificates and renews them). Unset: plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+/// How brokers authenticate each other's node-to-node calls.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum NodeAuthentication {
+    /// A shared secret from the operator-made Secret `<name>-cluster-secret`.
+    ClusterSecret,
+    /// None: a network trusted to hold nothing but the brokers.
+    InsecureTrustedNetwork,
+}
+
+impl NodeAuthentication {
+    /// The name as the spec and status write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterSecret => "ClusterSecret",
+            Self::InsecureTrustedNetwork => "InsecureTrustedNetwork",
+        }
+    }
+
+    /// Parses [`Self::as_str`].
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "ClusterSecret" => Some(Self::ClusterSecret),
+            "InsecureTrustedNetwork" => Some(Self::InsecureTrustedNetwork),
+            _ => None,
+        }
+    }
+}
+
+/// Default of [`SelfSignedTls::certificate_lifetime_hours`]: 90 days.
+pub const CERTIFICATE_LIFETIME_HOURS_DEFAULT: u32 = 90 * 24;
+/// Default of [`SelfSignedTls::ca_lifetime_hours`]: 10 years.
+pub const CA_LIFETIME_HOURS_DEFAULT: u32 = 10 * 365 * 24;
+
+/// Where the brokers' certificates come from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.secretName) != has(self.selfSigned)",
+    "message": "set exactly one of secretName and selfSigned"
+}]))]
+pub struct TlsSpec {
+    /// A Secret with `tls.crt` (the certificate chain every broker serves: its names
+    /// must include `*.<name>-nodes.<namespace>.svc.cluster.local` or every pod's name
+    /// there, and `<name>.<namespace>.svc.cluster.local`), `tls.key` and `ca.crt` (the
+    /// CA the brokers and the operator verify brokers against), e.g. made by
+    /// cert-manager; rotated in place, the brokers load a new pair within seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub secret_name: Option<String>,
+    /// The operator makes a cluster CA (Secret `<name>-ca`) and a certificate per pod
+    /// (Secret `<name>-tls`: `ca.crt`, `<pod>.crt`, `<pod>.key`), renewed after two
+    /// thirds of their lifetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_signed: Option<SelfSignedTls>,
+}
+
+/// The operator's own CA and per-pod certificates.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SelfSignedTls {
+    /// Lifetime of each pod certificate, in hours (default 2160: 90 days); renewed
+    /// once two thirds of it passed.
+    #[serde(default = "default_certificate_lifetime_hours")]
+    #[schemars(range(min = 1, max = 87600))]
+    pub certificate_lifetime_hours: u32,
+    /// Lifetime of the cluster CA, in hours (default 87600: 10 years). The CA is made
+    /// once and not renewed.
+    #[serde(default = "default_ca_lifetime_hours")]
+    #[schemars(range(min = 24, max = 876000))]
+    pub ca_lifetime_hours: u32,
+}
+
+fn default_certificate_lifetime_hours() -> u32 {
+    CERTIFICATE_LIFETIME_HOURS_DEFAULT
+}
+
+fn default_ca_lifetime_hours() -> u32 {
+    CA_LIFETIME_HOURS_DEFAULT
 }
 
 /// What happens to the volume of a broker pod a scale-down removes.
@@ -330,6 +430,31 @@ pub struct EventterClusterStatus {
     /// One line on a running or blocked scale-down (the Scale-Down printer column).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_down: Option<String>,
+    /// How the brokers authenticate each other (`ClusterSecret` or
+    /// `InsecureTrustedNetwork`), recorded when the operator first applies the
+    /// StatefulSet and kept, so that a newer operator does not split a running
+    /// cluster (see spec.nodeAuthentication).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_authentication: Option<String>,
+    /// TLS as the operator last set it up (see the TLSReady condition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsStatus>,
+}
+
+/// The brokers' TLS as the operator set it up.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsStatus {
+    /// `SecretName` or `SelfSigned`.
+    pub mode: String,
+    /// The Secret mounted into the broker pods; its `ca.crt` is the CA clients need.
+    pub secret_name: String,
+    /// SelfSigned: when the oldest pod certificate expires (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+    /// SelfSigned: when the operator renews the certificates (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_after: Option<String>,
 }
 
 /// A broker being drained before its pod is removed.
@@ -614,6 +739,9 @@ pub struct ConsumerGroupLag {
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "has(self.name) == has(oldSelf.name) && (!has(self.name) || self.name == oldSelf.name)",
     "message": "name is immutable"
+}, {
+    "rule": "!has(self.readyMessagesMax) || self.readyMessagesMax <= self.size",
+    "message": "readyMessagesMax must be at most size (the group's buffer holds what it counts)"
 }]))]
 pub struct ConsumerGroupSpec {
     /// Name of the EventterCluster (in the same Kubernetes namespace) that holds the
@@ -655,6 +783,24 @@ pub struct ConsumerGroupSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = BROKER_NAME_PATTERN))]
     pub dead_letter_topic: Option<String>,
+    /// A message that waited in the group longer than this many milliseconds since it
+    /// was stored is not delivered: it goes to `deadLetterTopic` (x-first-death-reason
+    /// "expired"), or is dropped without one (RabbitMQ's x-message-ttl); 0 or unset:
+    /// messages do not expire.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    #[schemars(range(max = 4294967295u64))]
+    pub message_ttl_ms: u64,
+    /// At most this many messages wait in the group undelivered: beyond it the oldest
+    /// waiting ones go to `deadLetterTopic` (x-first-death-reason "maxlen") or are
+    /// dropped (RabbitMQ's x-max-length with overflow drop-head). At most `size`; 0 or
+    /// unset: no limit.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub ready_messages_max: u64,
+    /// At most this many bytes of message bodies wait in the group undelivered: beyond
+    /// it the oldest waiting ones go to `deadLetterTopic` or are dropped (RabbitMQ's
+    /// x-max-length-bytes with overflow drop-head); 0 or unset: no limit.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub ready_bytes_max: u64,
     /// Delete removes the group from the broker when this resource is deleted (if it was
     /// ever in sync, so a same-named object the operator never managed is kept); Retain
     /// keeps it.
@@ -755,8 +901,12 @@ pub struct UserSpec {
     pub name: Option<String>,
     /// The key of a Secret (in the same Kubernetes namespace) holding the password
     /// (1-1024 bytes; trailing whitespace is ignored, as the brokers read password
-    /// files). A change of the Secret sets the new password in the broker.
-    pub password_secret_ref: SecretKeyRef,
+    /// files). A change of the Secret sets the new password in the broker. Unset: the
+    /// operator generates the Secret `<metadata.name>-eventter-credentials` (keys
+    /// `username` and `password`, a random password; owned by this User, so deleted
+    /// with it; never overwritten) and names it in status.passwordSecretName.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
     /// A cluster administrator: every permission on every broker namespace, and the
     /// namespaces and users themselves. Immutable (the broker cannot change it in place).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -826,6 +976,11 @@ pub struct UserStatus {
     /// next pass sets the password again. Never the password or a hash of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_version: Option<String>,
+    /// The Secret the password comes from: spec.passwordSecretRef.name, or the one the
+    /// operator generated (`<metadata.name>-eventter-credentials`, keys `username` and
+    /// `password`) when the spec names none. Mount it into client pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_name: Option<String>,
 }
 
 /// Parses a retention/duration string as the CRD pattern allows it ("0", "7d",

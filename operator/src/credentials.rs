@@ -13,9 +13,10 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::PostParams;
 use kube::{Api, Client, ResourceExt};
 
-use crate::builders::operator_credentials_secret;
-use crate::crd::EventterCluster;
+use crate::builders::{self, operator_credentials_secret};
+use crate::crd::{EventterCluster, TlsSpec};
 use crate::error::Result;
+use crate::tls::ClusterTls;
 
 /// The broker user the operator is on every cluster.
 pub const OPERATOR_USER: &str = "eventter-operator";
@@ -27,6 +28,15 @@ pub const PASSWORD_KEY: &str = "password";
 pub const GENERATED_PASSWORD_BYTES: usize = 32;
 /// Longest password the brokers take (their `validate::password`).
 pub const PASSWORD_LEN_MAX_BYTES: usize = 1024;
+
+/// Key of the user name in a Secret the operator generates for a `User`.
+pub const USER_SECRET_USERNAME_KEY: &str = "username";
+
+/// Name of the Secret the operator generates for the `User` resource `user_resource`
+/// (its metadata.name) when the User names none.
+pub fn user_secret_name(user_resource: &str) -> String {
+    format!("{user_resource}-eventter-credentials")
+}
 
 /// Name of the Secret holding the operator's credential on `cluster_name`.
 pub fn secret_name(cluster_name: &str) -> String {
@@ -46,6 +56,9 @@ pub fn generate_password() -> String {
 pub struct BrokerCredentials {
     user: String,
     header: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    /// The cluster's CA, when its brokers serve TLS (`spec.tls`): calls go over TLS
+    /// and verify the broker against it.
+    tls: Option<ClusterTls>,
 }
 
 impl BrokerCredentials {
@@ -56,18 +69,29 @@ impl BrokerCredentials {
         let mut header: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
             format!("Basic {encoded}").parse().map_err(|_| "cannot be sent as a header".to_string())?;
         header.set_sensitive(true);
-        Ok(Self { user: user.to_string(), header })
+        Ok(Self { user: user.to_string(), header, tls: None })
+    }
+
+    /// The same credentials, sent over TLS to brokers verified against `tls`.
+    pub fn with_tls(mut self, tls: Option<ClusterTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The user name.
     pub fn user(&self) -> &str {
         &self.user
     }
+
+    /// The TLS to reach the brokers with (`None`: plaintext).
+    pub fn tls(&self) -> Option<&ClusterTls> {
+        self.tls.as_ref()
+    }
 }
 
 impl std::fmt::Debug for BrokerCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BrokerCredentials({:?}, ..)", self.user)
+        write!(f, "BrokerCredentials({:?}, tls: {}, ..)", self.user, self.tls.is_some())
     }
 }
 
@@ -119,10 +143,70 @@ pub enum Found {
     Invalid(String),
 }
 
+/// The operator's credentials on `cluster` as the Topic, ConsumerGroup and User
+/// reconcilers use them: the password from its Secret (never created here) and, when
+/// the cluster has `spec.tls`, the CA from the Secret the brokers mount.
+pub async fn load(client: &Client, cluster: &EventterCluster) -> Result<Found> {
+    let credentials = match load_password(client, cluster, false).await? {
+        Found::Usable { credentials, created } => (credentials, created),
+        other => return Ok(other),
+    };
+    Ok(match cluster_tls(client, cluster).await? {
+        Ok(tls) => Found::Usable { credentials: credentials.0.with_tls(tls), created: credentials.1 },
+        Err(TlsProblem::Missing(message)) => Found::Missing(message),
+        Err(TlsProblem::Invalid(message)) => Found::Invalid(message),
+    })
+}
+
+/// Why the cluster's CA cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsProblem {
+    /// Its Secret does not exist (yet), naming the field.
+    Missing(String),
+    /// Its Secret holds no usable `ca.crt`, naming the field.
+    Invalid(String),
+}
+
+/// The field of `spec.tls` that names where the CA comes from, for messages.
+pub fn tls_field(tls: &TlsSpec) -> &'static str {
+    if tls.secret_name.is_some() {
+        "spec.tls.secretName"
+    } else {
+        "spec.tls.selfSigned"
+    }
+}
+
+/// The CA of `secret` (its `ca.crt`), or why not (naming `field`, never the content).
+pub fn ca_in(secret: &Secret, field: &str) -> std::result::Result<ClusterTls, String> {
+    let name = secret.name_any();
+    let key = builders::TLS_CA_KEY;
+    let pem = secret.data.as_ref().and_then(|d| d.get(key)).map(|b| b.0.clone()).ok_or_else(|| {
+        format!("{field}: Secret {name:?} has no key {key:?} (the CA the brokers are verified against)")
+    })?;
+    ClusterTls::from_ca_pem(&pem).map_err(|e| format!("{field}: Secret {name:?} key {key:?}: {e}"))
+}
+
+/// The TLS client of `cluster`'s brokers: `None` without `spec.tls`, else the CA of the
+/// Secret the brokers mount (the user's, or the operator's pod certificates).
+pub async fn cluster_tls(
+    client: &Client,
+    cluster: &EventterCluster,
+) -> Result<std::result::Result<Option<ClusterTls>, TlsProblem>> {
+    let Some(tls) = &cluster.spec.tls else { return Ok(Ok(None)) };
+    let namespace = cluster.namespace().unwrap_or_default();
+    let name = builders::tls_secret_name(&cluster.name_any(), tls);
+    let field = tls_field(tls);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let Some(secret) = secrets.get_opt(&name).await? else {
+        return Ok(Err(TlsProblem::Missing(format!("{field}: Secret {name:?} not found in namespace {namespace:?}"))));
+    };
+    Ok(ca_in(&secret, field).map(Some).map_err(TlsProblem::Invalid))
+}
+
 /// Reads the operator's Secret of `cluster`; when it does not exist and `create`, makes
 /// it with a new password (a create, never an overwrite: if another pass made it
-/// meanwhile, that one is read).
-pub async fn load(client: &Client, cluster: &EventterCluster, create: bool) -> Result<Found> {
+/// meanwhile, that one is read). No TLS: see [`load`].
+pub async fn load_password(client: &Client, cluster: &EventterCluster, create: bool) -> Result<Found> {
     let namespace = cluster.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
     let name = secret_name(&cluster.name_any());

@@ -21,6 +21,10 @@ pub enum Error {
     /// Secret); the message names the Secret and key, never a value.
     #[error("operator credentials: {0}")]
     Credentials(String),
+    /// The brokers' TLS (`spec.tls`) is not usable yet: its Secret is missing or holds
+    /// no usable CA; the message names the field, never a key or certificate.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The broker answered with an error the operator does not expect.
     #[error("broker at {address} failed: {status}")]
     Broker { address: String, status: tonic::Status },
@@ -41,6 +45,7 @@ impl Error {
             Self::BrokerUnavailable { .. } => "broker_unavailable",
             Self::BrokerUnauthenticated { .. } => "broker_unauthenticated",
             Self::Credentials(_) => "credentials",
+            Self::Tls(_) => "tls",
             Self::Broker { .. } => "broker",
             Self::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {

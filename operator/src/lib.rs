@@ -12,6 +12,7 @@
 
 pub mod broker;
 pub mod builders;
+pub mod certificates;
 pub mod controller;
 pub mod crd;
 pub mod credentials;
@@ -20,3 +21,4 @@ pub mod leader;
 pub mod metrics;
 pub mod run;
 pub mod server;
+pub mod tls;

@@ -28,6 +28,7 @@ async fn expect_children_and_status(server: &mut ApiServer) -> (serde_json::Valu
     }
     let sts_path = format!("/apis/apps/v1/namespaces/{NS}/statefulsets/emq");
     server.expect(Method::GET, &sts_path, |_| (StatusCode::NOT_FOUND, status_error(404, "NotFound"))).await;
+    common::expect_cluster_secret(server).await;
     let sts = server
         .expect(Method::PATCH, &sts_path, |body| {
             let mut sts = body.clone();

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use eventter_operator::builders;
+use eventter_operator::builders::{self, Founding};
 use eventter_operator::crd::{EventterCluster, EventterClusterStatus};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use serde::Serialize;
@@ -45,7 +45,7 @@ fn client_service() {
 
 /// The fixture is a new cluster: founded with its `spec.replicas`.
 fn stateful_set_of_new(cluster: &EventterCluster) -> StatefulSet {
-    builders::stateful_set(cluster, builders::bootstrap_expect(cluster, None))
+    builders::stateful_set(cluster, &Founding::of(cluster, None))
 }
 
 #[test]
@@ -60,7 +60,7 @@ fn pod_disruption_budget() {
 
 #[test]
 fn broker_args_join_the_founding_pods_and_pass_settings() {
-    let args = builders::broker_args(&common::cluster(), 3);
+    let args = builders::broker_args(&common::cluster(), &Founding::new(3));
     let value = |flag: &str| args.iter().position(|a| a == flag).map(|i| args[i + 1].clone());
     assert_eq!(value("--dir").as_deref(), Some("/data"));
     assert_eq!(value("--advertise-host").as_deref(), Some("$(POD_NAME).emq-nodes.messaging.svc.cluster.local"));
@@ -105,7 +105,7 @@ fn scaling_changes_the_replicas_and_not_the_pod_template() {
         let mut scaled = founded.clone();
         scaled.spec.replicas = replicas;
         scaled.status = Some(EventterClusterStatus { bootstrap_expect: Some(3), ..EventterClusterStatus::default() });
-        let after = builders::stateful_set(&scaled, builders::bootstrap_expect(&scaled, Some(&before)));
+        let after = builders::stateful_set(&scaled, &Founding::of(&scaled, Some(&before)));
         let (before_spec, mut after_spec) = (before.spec.clone().unwrap(), after.spec.clone().unwrap());
         assert_eq!(after_spec.replicas, Some(replicas));
         assert_eq!(after_spec.template, before_spec.template, "replicas {replicas}");
@@ -122,9 +122,9 @@ fn bootstrap_expect_is_the_recorded_value_else_the_owned_statefulsets_else_repli
     assert_eq!(builders::bootstrap_expect(&cluster, None), 5, "a new cluster");
 
     // A cluster from before the status field: what its StatefulSet runs with.
-    let running = builders::stateful_set(&common::cluster(), 3);
+    let running = builders::stateful_set(&common::cluster(), &Founding::new(3));
     assert_eq!(builders::bootstrap_expect(&cluster, Some(&running)), 3);
-    let args = args_of(&builders::stateful_set(&cluster, builders::bootstrap_expect(&cluster, Some(&running))));
+    let args = args_of(&builders::stateful_set(&cluster, &Founding::of(&cluster, Some(&running))));
     assert_eq!(flag(&args, "--bootstrap-expect"), "3");
     assert_eq!(flag(&args, "--join").split(',').count(), 3);
 
@@ -150,11 +150,52 @@ fn bootstrap_expect_is_the_recorded_value_else_the_owned_statefulsets_else_repli
 #[test]
 fn volume_reclaim_policy_sets_the_stateful_sets_pvc_retention_when_delete() {
     let mut cluster = common::cluster();
-    let retained = builders::stateful_set(&cluster, 3);
+    let retained = builders::stateful_set(&cluster, &Founding::new(3));
     assert!(retained.spec.unwrap().persistent_volume_claim_retention_policy.is_none());
     cluster.spec.volume_reclaim_policy = Some(eventter_operator::crd::VolumeReclaimPolicy::Delete);
-    let deleted = builders::stateful_set(&cluster, 3);
+    let deleted = builders::stateful_set(&cluster, &Founding::new(3));
     let policy = deleted.spec.unwrap().persistent_volume_claim_retention_policy.unwrap();
     assert_eq!(policy.when_scaled.as_deref(), Some("Delete"));
     assert_eq!(policy.when_deleted.as_deref(), Some("Retain"));
+}
+
+/// Every broker pod the operator builds runs locked down, whatever the spec turns on:
+/// non-root, a read-only root filesystem, no privilege escalation, every capability
+/// dropped and none added, the runtime's seccomp profile. A builder change that loses
+/// any of it fails here (the golden file alone could be regenerated over it).
+#[test]
+fn every_built_pod_runs_non_root_read_only_without_capabilities() {
+    use eventter_operator::crd::NodeAuthentication;
+    let mut variants = vec![("plain", common::cluster(), Founding::new(3))];
+    let mut tls = common::cluster();
+    tls.spec.tls = Some(serde_json::from_value(serde_json::json!({"selfSigned": {}})).unwrap());
+    variants.push(("selfSigned", tls, Founding::new(3)));
+    let mut provided = common::cluster();
+    provided.spec.tls = Some(serde_json::from_value(serde_json::json!({"secretName": "emq-cert"})).unwrap());
+    let insecure = Founding { bootstrap_expect: 3, node_authentication: NodeAuthentication::InsecureTrustedNetwork };
+    variants.push(("secretName, insecure", provided, insecure));
+    for (what, cluster, founding) in variants {
+        let sts = builders::stateful_set(&cluster, &founding);
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        let psc = pod.security_context.expect("pod securityContext");
+        assert_eq!(psc.run_as_non_root, Some(true), "{what}");
+        assert_ne!(psc.run_as_user, Some(0), "{what}");
+        assert_eq!(psc.seccomp_profile.map(|p| p.type_).as_deref(), Some("RuntimeDefault"), "{what}");
+        let containers = pod.containers.iter().chain(pod.init_containers.iter().flatten());
+        for c in containers {
+            let sc = c.security_context.as_ref().unwrap_or_else(|| panic!("{what}: {} has no securityContext", c.name));
+            assert_eq!(sc.run_as_non_root, Some(true), "{what}: {}", c.name);
+            assert_eq!(sc.read_only_root_filesystem, Some(true), "{what}: {}", c.name);
+            assert_eq!(sc.allow_privilege_escalation, Some(false), "{what}: {}", c.name);
+            assert_ne!(sc.privileged, Some(true), "{what}: {}", c.name);
+            let caps = sc.capabilities.as_ref().unwrap_or_else(|| panic!("{what}: {} keeps capabilities", c.name));
+            assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]), "{what}: {}", c.name);
+            assert!(caps.add.as_ref().is_none_or(|a| a.is_empty()), "{what}: {} adds capabilities", c.name);
+            // Secrets are mounted read-only; the data volume is the only writable one.
+            for m in c.volume_mounts.iter().flatten() {
+                assert!(m.name == "data" || m.read_only == Some(true), "{what}: {} mounts {} writable", c.name, m.name);
+            }
+        }
+        assert!(pod.host_network.is_none() && pod.host_pid.is_none() && pod.host_ipc.is_none(), "{what}");
+    }
 }

@@ -213,11 +213,15 @@ async fn consumer_group_is_written_once_then_only_read() {
     let (client, mut server) = api_server::client();
     let ctx = context(client, broker.addr);
     // No exchange type (the broker stores the topic's default), a start time (the
-    // broker keeps it but an existing group cannot move it), a size left to default.
+    // broker keeps it but an existing group cannot move it), a size left to default,
+    // and the queue limits the broker compares (TTL, ready messages and bytes).
     let spec = serde_json::from_value(json!({
         "clusterRef": "emq",
         "bindings": [{"topic": "orders", "routingKey": "eu"}],
-        "since": "2026-01-01T00:00:00Z"
+        "since": "2026-01-01T00:00:00Z",
+        "messageTtlMs": 60000,
+        "readyMessagesMax": 500,
+        "readyBytesMax": 1048576
     }))
     .unwrap();
     let mut group = ConsumerGroup::new("billing", spec);

@@ -54,6 +54,7 @@ async fn cluster_create_applies_children_then_status() {
     }
     // A new cluster: no StatefulSet whose --bootstrap-expect to keep.
     expect_no_stateful_set(&mut server).await;
+    common::expect_cluster_secret(&mut server).await;
     let seen = server
         .expect(Method::PATCH, &stateful_set_path(), |body| {
             let mut sts = body.clone();
@@ -109,6 +110,7 @@ async fn cluster_forming_with_unreachable_broker_is_not_ready_nor_degraded() {
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
     expect_no_stateful_set(&mut server).await;
+    common::expect_cluster_secret(&mut server).await;
     server.expect(Method::PATCH, &stateful_set_path(), ok_echo).await;
     server.expect(Method::PATCH, &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/emq"), ok_echo).await;
     let seen =
@@ -381,7 +383,10 @@ async fn consumer_group_with_a_changed_spec_is_updated_in_place() {
         "bindings": [{"topic": "orders"}],
         "ackTimeoutMs": 5000,
         "deliveriesMax": 3,
-        "deadLetterTopic": "dead"
+        "deadLetterTopic": "dead",
+        "messageTtlMs": 60000,
+        "readyMessagesMax": 800,
+        "readyBytesMax": 1048576
     }))
     .unwrap();
     let mut group = eventter_operator::crd::ConsumerGroup::new("billing", spec);
@@ -416,6 +421,7 @@ async fn consumer_group_with_a_changed_spec_is_updated_in_place() {
             (g.size, g.ack_timeout_ms, g.deliveries_max, g.dead_letter_topic.as_str()),
             (10_000, 5000, 3, "dead")
         );
+        assert_eq!((g.message_ttl_ms, g.ready_messages_max, g.ready_bytes_max), (60_000, 800, 1 << 20));
     });
 }
 
@@ -715,6 +721,7 @@ async fn reconcile_recorded_cluster(
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-nodes"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
+    common::expect_cluster_secret(server).await;
     let sts = server.expect(Method::PATCH, &stateful_set_path(), applied_stateful_set(3)).await.body;
     server.expect(Method::PATCH, &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/emq"), ok_echo).await;
     let status = server.expect(Method::PATCH, &format!("{}/status", cluster_path()), patched_status(cluster)).await;
@@ -750,6 +757,7 @@ async fn scaling_the_cluster_leaves_the_pod_template_alone() {
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
     expect_no_stateful_set(&mut server).await;
+    common::expect_cluster_secret(&mut server).await;
     let first = server.expect(Method::PATCH, &stateful_set_path(), applied_stateful_set(3)).await.body;
     server.expect(Method::PATCH, &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/emq"), ok_echo).await;
     let status = server.expect(Method::PATCH, &format!("{}/status", cluster_path()), patched_status(&created)).await;
@@ -790,7 +798,8 @@ async fn cluster_without_a_record_keeps_its_stateful_sets_bootstrap_expect() {
     let (broker, _) = fake_broker::start(Script { dump: Some(fake_broker::healthy_dump()), ..Script::default() }).await;
     let (client, mut server) = api_server::client();
     let ctx = context(client, broker);
-    let running = serde_json::to_value(builders::stateful_set(&common::cluster(), 3)).unwrap();
+    let running =
+        serde_json::to_value(builders::stateful_set(&common::cluster(), &builders::Founding::new(3))).unwrap();
     let mut cluster = common::cluster();
     cluster.spec.replicas = 5;
     cluster.metadata.generation = Some(2);
@@ -800,6 +809,7 @@ async fn cluster_without_a_record_keeps_its_stateful_sets_bootstrap_expect() {
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
     server.expect(Method::GET, &stateful_set_path(), |_| (StatusCode::OK, running.clone())).await;
+    common::expect_cluster_secret(&mut server).await;
     let sts = server.expect(Method::PATCH, &stateful_set_path(), applied_stateful_set(3)).await.body;
     server.expect(Method::PATCH, &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/emq"), ok_echo).await;
     let status = server.expect(Method::PATCH, &format!("{}/status", cluster_path()), patched_status(&cluster)).await;
@@ -824,12 +834,14 @@ async fn recorded_cluster_applies_its_own_args_without_reading_the_stateful_set(
     let health = [(1, Ok(dump.local.clone().unwrap()))];
     let mut recorded = cluster::cluster_status(&cluster, 4, &Ok(dump), &health, 3);
     recorded.replicas = Some(4);
+    recorded.node_authentication = Some("ClusterSecret".into());
     cluster.status = Some(recorded);
     let reconcile = tokio::spawn(cluster::reconcile(Arc::new(cluster.clone()), ctx));
     common::expect_secret_get(&mut server).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-nodes"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
+    common::expect_cluster_secret(&mut server).await;
     let seen = server.expect(Method::PATCH, &stateful_set_path(), applied_stateful_set(4)).await;
     assert!(seen.query.contains("force=true"), "{}", seen.query);
     server.expect(Method::PATCH, &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/emq"), ok_echo).await;
@@ -837,6 +849,6 @@ async fn recorded_cluster_applies_its_own_args_without_reading_the_stateful_set(
     // The status is as recorded: no status patch.
     server.expect_no_more().await;
     let args = args_of(&seen.body);
-    assert_eq!(args, builders::broker_args(&cluster, 3));
+    assert_eq!(args, builders::broker_args(&cluster, &builders::Founding::new(3)));
     assert_eq!(flag(&args, "--bootstrap-expect"), "3");
 }

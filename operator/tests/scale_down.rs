@@ -28,6 +28,7 @@ fn recorded_cluster(current: i32, desired: i32, decommission: Vec<Decommissioned
     let health = [(1, Ok(dump.local.clone().unwrap()))];
     let mut status = cluster::cluster_status(&cluster, current, &Ok(dump), &health, 3);
     status.replicas = Some(current);
+    status.node_authentication = Some("ClusterSecret".into());
     status.decommission = decommission;
     cluster.status = Some(status);
     cluster.spec.replicas = desired;
@@ -50,6 +51,7 @@ async fn pass(
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-nodes"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
+    common::expect_cluster_secret(server).await;
     for reason in events {
         server.expect_event(NS, reason).await;
     }
@@ -176,6 +178,7 @@ async fn a_refused_decommission_blocks_the_scale_down_with_the_brokers_message()
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-nodes"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
+    common::expect_cluster_secret(&mut server).await;
     let sts = server
         .expect(Method::PATCH, &stateful_set_path(), |body| {
             let mut sts = body.clone();
@@ -225,6 +228,7 @@ async fn a_scale_down_without_an_answering_broker_lowers_nothing() {
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-nodes"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq"), ok_echo).await;
     server.expect(Method::PATCH, &format!("/api/v1/namespaces/{NS}/services/emq-metrics"), ok_echo).await;
+    common::expect_cluster_secret(&mut server).await;
     let error = finished(reconcile).await.unwrap_err();
     assert!(matches!(error, eventter_operator::error::Error::BrokerUnavailable { .. }), "{error}");
     server.expect_no_more().await;

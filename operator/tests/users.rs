@@ -211,7 +211,7 @@ fn deleted(mut user: User, index: Option<u64>) -> User {
         Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
     user.status = Some(eventter_operator::crd::UserStatus {
         object: eventter_operator::crd::BrokerObjectStatus { cluster_state_index: index, ..Default::default() },
-        password_secret_version: None,
+        ..Default::default()
     });
     user
 }

@@ -321,9 +321,45 @@ async fn metrics(State(observer): State<Observer>, headers: HeaderMap) -> impl I
     ([(header::CONTENT_TYPE, content_type)], observer.render(openmetrics).await)
 }
 
-/// Serves `/metrics` on `listener` until `stop`.
+/// Path of the readiness check: 200 while the node knows a Raft leader, as the gRPC
+/// health service's readiness (`eventtermq_api::health::READINESS_SERVICE`).
+pub const READINESS_PATH: &str = "/readyz";
+/// Path of the liveness check: 200 until Raft stopped on an error, as the gRPC health
+/// service's liveness.
+pub const LIVENESS_PATH: &str = "/livez";
+
+/// The health answers of the gRPC health service, over plain HTTP on the metrics
+/// port: a Kubernetes kubelet's gRPC probe speaks no TLS, so a node serving TLS on
+/// its gRPC port is probed here. `ready`: readiness, else liveness. No data is shown.
+fn health_answer(cluster: &Cluster, ready: bool) -> (axum::http::StatusCode, String) {
+    use axum::http::StatusCode;
+    let metrics = cluster.raft.metrics();
+    let m = metrics.borrow();
+    if let Some(reason) = super::raft_failure(&m) {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("Raft stopped: {reason}\n"));
+    }
+    if ready && m.current_leader.is_none() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no Raft leader known\n".to_string());
+    }
+    (StatusCode::OK, "ok\n".to_string())
+}
+
+async fn readyz(State(observer): State<Observer>) -> impl IntoResponse {
+    health_answer(&observer.cluster, true)
+}
+
+async fn livez(State(observer): State<Observer>) -> impl IntoResponse {
+    health_answer(&observer.cluster, false)
+}
+
+/// Serves `/metrics`, [`READINESS_PATH`] and [`LIVENESS_PATH`] on `listener` until
+/// `stop`.
 pub async fn serve(listener: tokio::net::TcpListener, observer: Observer, stop: CancellationToken) {
-    let router = Router::new().route("/metrics", get(metrics)).with_state(observer);
+    let router = Router::new()
+        .route("/metrics", get(metrics))
+        .route(READINESS_PATH, get(readyz))
+        .route(LIVENESS_PATH, get(livez))
+        .with_state(observer);
     if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await {
         tracing::error!(error = %e, "metrics server failed");
     }

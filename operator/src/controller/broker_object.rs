@@ -226,6 +226,9 @@ impl BrokerObject for ConsumerGroup {
             ack_timeout_ms: spec.ack_timeout_ms,
             deliveries_max: spec.deliveries_max,
             dead_letter_topic: spec.dead_letter_topic.clone().unwrap_or_default(),
+            message_ttl_ms: spec.message_ttl_ms,
+            ready_messages_max: spec.ready_messages_max,
+            ready_bytes_max: spec.ready_bytes_max,
             ..Default::default()
         }))
     }
@@ -301,7 +304,7 @@ async fn apply<K: BrokerObject>(obj: Arc<K>, ctx: &Context, api: &Api<K>, namesp
             return Ok(Action::await_change());
         }
     };
-    let credentials = match credentials::load(&ctx.client, &cluster, false).await? {
+    let credentials = match credentials::load(&ctx.client, &cluster).await? {
         credentials::Found::Usable { credentials, .. } => credentials,
         credentials::Found::Missing(message) => {
             set_ready(obj.as_ref(), ctx, api, false, "CredentialsMissing", message, None, None).await?;
@@ -472,7 +475,7 @@ pub(super) async fn cleanup_admin(ctx: &Context, namespace: &str, cluster_ref: &
     let clusters: Api<EventterCluster> = Api::namespaced(ctx.client.clone(), namespace);
     let cluster = clusters.get_opt(cluster_ref).await?;
     let Some(cluster) = cluster.filter(|c| c.meta().deletion_timestamp.is_none()) else { return Ok(None) };
-    let credentials = match credentials::load(&ctx.client, &cluster, false).await? {
+    let credentials = match credentials::load(&ctx.client, &cluster).await? {
         credentials::Found::Usable { credentials, .. } => credentials,
         credentials::Found::Missing(message) | credentials::Found::Invalid(message) => {
             return Err(Error::Credentials(message))

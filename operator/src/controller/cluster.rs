@@ -8,10 +8,10 @@ use std::time::Duration;
 use eventtermq_proto::v1 as pb;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Patch, PatchParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::{predicates, reflector, watcher, Controller, WatchStreamExt};
@@ -19,11 +19,11 @@ use kube::{Api, Resource, ResourceExt};
 
 use super::{
     apply_status, condition, error_policy, find_condition, object_key, scale, Context, CREDENTIALS_READY, DEGRADED,
-    PROGRESSING, READY, SCALE_DOWN_BLOCKED,
+    PROGRESSING, READY, SCALE_DOWN_BLOCKED, TLS_READY,
 };
 use crate::broker::{BrokerConnector, Refusal};
 use crate::builders::{self, FIELD_MANAGER};
-use crate::crd::{ClusterMember, DecommissionedNode, EventterCluster, EventterClusterStatus};
+use crate::crd::{ClusterMember, DecommissionedNode, EventterCluster, EventterClusterStatus, NodeAuthentication};
 use crate::credentials::{self, BrokerCredentials};
 use crate::error::{Error, Result};
 
@@ -48,7 +48,7 @@ pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Resu
     let client = ctx.client.clone();
     let params = PatchParams::apply(FIELD_MANAGER).force();
     // First, so that the brokers' pods find the Secret they mount.
-    let credentials = match credentials::load(&client, &cluster, true).await? {
+    let credentials = match credentials::load_password(&client, &cluster, true).await? {
         credentials::Found::Usable { credentials, created } => {
             if created {
                 let note = format!(
@@ -59,7 +59,9 @@ pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Resu
             }
             Ok(credentials)
         }
-        credentials::Found::Missing(message) | credentials::Found::Invalid(message) => Err(message),
+        credentials::Found::Missing(message) | credentials::Found::Invalid(message) => {
+            Err(Unusable::Credentials(message))
+        }
     };
 
     let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
@@ -71,13 +73,27 @@ pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Resu
     services.patch(&metrics_service.name_any(), &params, &Patch::Apply(&metrics_service)).await?;
     let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), &namespace);
     let previous = cluster.status.clone().unwrap_or_default();
-    let recorded = previous.bootstrap_expect.is_some_and(|n| n >= 1) && previous.replicas.is_some();
+    let recorded = previous.bootstrap_expect.is_some_and(|n| n >= 1)
+        && previous.replicas.is_some()
+        && previous.node_authentication.is_some();
     // The StatefulSet as it is matters only while the status has no record of it.
     let existing = if recorded { None } else { stateful_sets.get_opt(&cluster.name_any()).await? };
-    let bootstrap_expect = builders::bootstrap_expect(&cluster, existing.as_ref());
+    let founding = builders::Founding::of(&cluster, existing.as_ref());
+    let bootstrap_expect = founding.bootstrap_expect;
     let current = previous.replicas.or_else(|| existing.as_ref().and_then(|s| s.spec.as_ref()?.replicas));
+    // The Secrets the pods mount, before the StatefulSet that mounts them.
+    if founding.node_authentication == NodeAuthentication::ClusterSecret {
+        ensure_cluster_secret(&cluster, &ctx).await?;
+    }
+    let pods = cluster.spec.replicas.max(current.unwrap_or(0));
+    let tls = super::tls::ensure(&cluster, &ctx, pods).await?;
+    let credentials = match (credentials, &tls.client) {
+        (Ok(credentials), Ok(client)) => Ok(credentials.with_tls(client.clone())),
+        (Err(unusable), _) => Err(unusable),
+        (Ok(_), Err(message)) => Err(Unusable::Tls(message.clone())),
+    };
     let scale = scale_step(&cluster, &ctx, &credentials, current, &previous).await?;
-    let mut desired = builders::stateful_set(&cluster, bootstrap_expect);
+    let mut desired = builders::stateful_set(&cluster, &founding);
     if let Some(spec) = desired.spec.as_mut() {
         spec.replicas = Some(scale.replicas);
     }
@@ -93,7 +109,7 @@ pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Resu
             Ok(mut admin) => admin.dump().await,
             Err(error) => Err(error),
         },
-        Err(message) => Err(Error::Credentials(message.clone())),
+        Err(unusable) => Err(unusable.error()),
     };
     let health = match (&dump, &credentials) {
         (Ok(dump), Ok(credentials)) => nodes_health(&ctx.broker, credentials, dump).await,
@@ -101,6 +117,7 @@ pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Resu
     };
     let mut status = cluster_status(&cluster, ready_replicas, &dump, &health, bootstrap_expect);
     record_scale(&mut status, &previous, &scale, cluster.meta().generation);
+    record_security(&mut status, &previous, founding.node_authentication, &tls, cluster.meta().generation);
 
     if status != previous {
         let api: Api<EventterCluster> = Api::namespaced(client, &namespace);
@@ -113,6 +130,74 @@ pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Resu
         return Ok(Action::requeue(SCALE_DOWN_RECHECK_PERIOD));
     }
     Ok(Action::requeue(if ready { READY_RECHECK_PERIOD } else { NOT_READY_RECHECK_PERIOD }))
+}
+
+/// Why the operator cannot call the brokers of a cluster.
+#[derive(Clone, Debug)]
+enum Unusable {
+    /// Its credential Secret (the message names Secret and key).
+    Credentials(String),
+    /// Its TLS Secret (the message names the field of spec.tls).
+    Tls(String),
+}
+
+impl Unusable {
+    fn error(&self) -> Error {
+        match self {
+            Self::Credentials(message) => Error::Credentials(message.clone()),
+            Self::Tls(message) => Error::Tls(message.clone()),
+        }
+    }
+}
+
+/// Makes the cluster secret's Secret when it does not exist (a create, never an
+/// overwrite: the brokers that started with it refuse any other). The operator never
+/// reads its data: only the broker pods mount it.
+async fn ensure_cluster_secret(cluster: &EventterCluster, ctx: &Context) -> Result<()> {
+    let namespace = cluster.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let name = builders::cluster_secret_name(&cluster.name_any());
+    if secrets.get_metadata_opt(&name).await?.is_some() {
+        return Ok(());
+    }
+    let secret = builders::cluster_secret(cluster, &builders::generate_cluster_secret());
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            let note = format!("generated the brokers' cluster secret in Secret {name:?}");
+            ctx.publish(cluster, EventType::Normal, "ClusterSecretCreated", note).await;
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Adds to `status` how the brokers authenticate each other (the record that keeps a
+/// running cluster on it) and their TLS, with the `TLSReady` condition. Pure.
+pub fn record_security(
+    status: &mut EventterClusterStatus,
+    previous: &EventterClusterStatus,
+    node_authentication: NodeAuthentication,
+    tls: &super::tls::TlsStep,
+    generation: Option<i64>,
+) {
+    status.node_authentication = Some(node_authentication.as_str().to_string());
+    status.conditions.retain(|c| c.type_ != TLS_READY);
+    match &tls.condition {
+        Some((ok, reason, message)) => {
+            // A failing pass keeps what the last good one set up.
+            status.tls = tls.status.clone().or_else(|| previous.tls.clone());
+            status.conditions.push(condition(
+                &previous.conditions,
+                TLS_READY,
+                *ok,
+                reason,
+                message.clone(),
+                generation,
+            ));
+        }
+        None => status.tls = None,
+    }
 }
 
 /// What this pass did about the StatefulSet's replicas.
@@ -136,7 +221,7 @@ pub struct ScaleStep {
 async fn scale_step(
     cluster: &EventterCluster,
     ctx: &Context,
-    credentials: &std::result::Result<BrokerCredentials, String>,
+    credentials: &std::result::Result<BrokerCredentials, Unusable>,
     current: Option<i32>,
     previous: &EventterClusterStatus,
 ) -> Result<ScaleStep> {
@@ -145,7 +230,7 @@ async fn scale_step(
     if current <= desired && previous.decommission.is_empty() {
         return Ok(ScaleStep { replicas: desired, ..ScaleStep::default() });
     }
-    let credentials = credentials.as_ref().map_err(|message| Error::Credentials(message.clone()))?;
+    let credentials = credentials.as_ref().map_err(Unusable::error)?;
     let mut admin = ctx.broker.connect(&ctx.broker.address(cluster), credentials).await?;
     let nodes = admin.list_nodes().await?;
     let plan = scale::plan(&cluster.name_any(), current, desired, &nodes, &previous.decommission);
@@ -298,6 +383,8 @@ pub fn cluster_status(
         selector: Some(builders::selector_string(&cluster.name_any())),
         decommission: previous.decommission.clone(),
         scale_down: previous.scale_down.clone(),
+        node_authentication: previous.node_authentication.clone(),
+        tls: previous.tls.clone(),
     };
     let (ready, degraded, message) = match dump {
         Ok(dump) => {

@@ -11,6 +11,7 @@
 pub mod broker_object;
 pub mod cluster;
 pub mod scale;
+pub mod tls;
 pub mod user;
 
 use std::collections::HashMap;
@@ -142,6 +143,9 @@ pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 /// Of an EventterCluster: the operator's own broker credentials are usable.
 pub const CREDENTIALS_READY: &str = "CredentialsReady";
+/// Condition type of an EventterCluster with `spec.tls`: its certificates' Secret is
+/// there and usable (False names the field).
+pub const TLS_READY: &str = "TLSReady";
 /// Of an EventterCluster: the brokers refused to decommission a broker of a pod a
 /// scale-down removes, so the StatefulSet keeps its replicas.
 pub const SCALE_DOWN_BLOCKED: &str = "ScaleDownBlocked";

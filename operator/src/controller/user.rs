@@ -19,6 +19,7 @@ use std::sync::Arc;
 use eventtermq_proto::v1 as pb;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
+use kube::api::PostParams;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -33,6 +34,7 @@ use super::{
     spec_or_lifecycle_changed, Context, READY,
 };
 use crate::broker::{Admin, Refusal};
+use crate::builders;
 use crate::crd::{
     BrokerObjectStatus, DeletionPolicy, EventterCluster, User, UserStatus, PERMISSION_PATTERN_COMPILED_SIZE_MAX_BYTES,
     PERMISSION_PATTERN_LEN_MAX, USER_NAME_LEN_MAX,
@@ -125,6 +127,8 @@ struct StatusUpdate {
     index: Option<u64>,
     /// The Secret version whose password the broker now holds (`None`: keep).
     password_secret_version: Option<String>,
+    /// The Secret the password comes from (`None`: keep).
+    password_secret_name: Option<String>,
 }
 
 /// Records the Ready condition (and an event when it changes), skipping the write when
@@ -150,6 +154,7 @@ async fn set_ready(
             cluster_state_index: update.index.or(previous.object.cluster_state_index),
         },
         password_secret_version: update.password_secret_version.or(previous.password_secret_version.clone()),
+        password_secret_name: update.password_secret_name.or(previous.password_secret_name.clone()),
     };
     if status != previous {
         apply_status(api, &obj.name_any(), &status).await?;
@@ -177,23 +182,38 @@ async fn apply(obj: Arc<User>, ctx: &Context, api: &Api<User>, namespace: &str) 
     };
     // The password: a Secret missing or without a usable key is waited for (the
     // controller watches Secrets), naming the field, never a value.
-    let secret_ref = &obj.spec.password_secret_ref;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let Some(secret) = secrets.get_opt(&secret_ref.name).await? else {
-        let message =
-            format!("spec.passwordSecretRef.name: Secret {:?} not found in namespace {namespace:?}", secret_ref.name);
-        set_ready(&obj, ctx, api, false, "SecretNotFound", message, StatusUpdate::default()).await?;
-        return Ok(Action::requeue(DEPENDENCY_RETRY_DELAY));
+    let name = broker_name(&obj);
+    let (secret, key, key_field) = match &obj.spec.password_secret_ref {
+        Some(secret_ref) => {
+            let Some(secret) = secrets.get_opt(&secret_ref.name).await? else {
+                let message = format!(
+                    "spec.passwordSecretRef.name: Secret {:?} not found in namespace {namespace:?}",
+                    secret_ref.name
+                );
+                set_ready(&obj, ctx, api, false, "SecretNotFound", message, StatusUpdate::default()).await?;
+                return Ok(Action::requeue(DEPENDENCY_RETRY_DELAY));
+            };
+            (secret, secret_ref.key.clone(), "spec.passwordSecretRef.key")
+        }
+        None => match generated_secret(&obj, ctx, &secrets, &name).await? {
+            Ok(secret) => (secret, credentials::PASSWORD_KEY.to_string(), "status.passwordSecretName"),
+            Err(message) => {
+                set_ready(&obj, ctx, api, false, "SecretConflict", message, StatusUpdate::default()).await?;
+                return Ok(Action::requeue(DEPENDENCY_RETRY_DELAY));
+            }
+        },
     };
-    let password = match credentials::password_in(&secret, &secret_ref.key) {
+    let secret_name = secret.name_any();
+    let password = match credentials::password_in(&secret, &key) {
         Ok(password) => password,
         Err(message) => {
-            let message = format!("spec.passwordSecretRef.key: {message}");
+            let message = format!("{key_field}: {message}");
             set_ready(&obj, ctx, api, false, "SecretInvalid", message, StatusUpdate::default()).await?;
             return Ok(Action::requeue(DEPENDENCY_RETRY_DELAY));
         }
     };
-    let credentials = match credentials::load(&ctx.client, &cluster, false).await? {
+    let credentials = match credentials::load(&ctx.client, &cluster).await? {
         credentials::Found::Usable { credentials, .. } => credentials,
         credentials::Found::Missing(message) => {
             set_ready(&obj, ctx, api, false, "CredentialsMissing", message, StatusUpdate::default()).await?;
@@ -204,7 +224,6 @@ async fn apply(obj: Arc<User>, ctx: &Context, api: &Api<User>, namespace: &str) 
             return Ok(Action::requeue(DEPENDENCY_RETRY_DELAY));
         }
     };
-    let name = broker_name(&obj);
     let version = secret_version(&secret);
     let known_version = obj.status.as_ref().and_then(|s| s.password_secret_version.as_deref());
     let want = Want { name: &name, admin: obj.spec.admin, password: &password, permissions: &permissions };
@@ -214,10 +233,13 @@ async fn apply(obj: Arc<User>, ctx: &Context, api: &Api<User>, namespace: &str) 
         Err(error) => Err(error),
     };
     // Whatever was written stays recorded, even when a later write failed.
-    let update =
-        StatusUpdate { index: pass.last_index, password_secret_version: pass.password_set.then(|| version.clone()) };
+    let update = StatusUpdate {
+        index: pass.last_index,
+        password_secret_version: pass.password_set.then(|| version.clone()),
+        password_secret_name: Some(secret_name.clone()),
+    };
     if pass.password_set {
-        let note = format!("password of user {name:?} set from Secret {:?} key {:?}", secret_ref.name, secret_ref.key);
+        let note = format!("password of user {name:?} set from Secret {secret_name:?} key {key:?}");
         ctx.publish(obj.as_ref(), EventType::Normal, "PasswordSet", note).await;
     }
     match synced {
@@ -257,6 +279,47 @@ async fn apply(obj: Arc<User>, ctx: &Context, api: &Api<User>, namespace: &str) 
             }
             Err(error)
         }
+    }
+}
+
+/// The Secret the operator generates for a User without `passwordSecretRef`
+/// ([`credentials::user_secret_name`]): read when it exists, made with a random
+/// password when not (a create, never an overwrite). `Err`: a Secret of that name
+/// exists that this User does not own, which the operator neither uses nor replaces.
+async fn generated_secret(
+    obj: &User,
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    user_name: &str,
+) -> Result<std::result::Result<Secret, String>> {
+    let name = credentials::user_secret_name(&obj.name_any());
+    let owned = |secret: &Secret| {
+        let uid = obj.uid();
+        secret.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref() && o.kind == "User")
+    };
+    let conflict = |namespace: &str| {
+        format!(
+            "spec.passwordSecretRef: unset, so the operator would generate Secret {name:?}, but a Secret of that name \
+             exists in namespace {namespace:?} that this User does not own; name it in spec.passwordSecretRef to use \
+             it, or delete it"
+        )
+    };
+    let namespace = obj.namespace().unwrap_or_default();
+    if let Some(secret) = secrets.get_opt(&name).await? {
+        return Ok(if owned(&secret) { Ok(secret) } else { Err(conflict(&namespace)) });
+    }
+    let secret = builders::user_credentials_secret(obj, user_name, &credentials::generate_password());
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(made) => {
+            let note = format!("generated a password for user {user_name:?} in Secret {name:?}");
+            ctx.publish(obj, EventType::Normal, "PasswordGenerated", note).await;
+            Ok(Ok(if made.data.is_some() { made } else { secret }))
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let secret = secrets.get(&name).await?;
+            Ok(if owned(&secret) { Ok(secret) } else { Err(conflict(&namespace)) })
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -363,6 +426,15 @@ async fn cleanup(obj: Arc<User>, ctx: &Context, namespace: &str) -> Result<Actio
     Ok(Action::await_change())
 }
 
+/// Name of the Secret `user`'s password comes from: the one it names, else the one the
+/// operator generates for it.
+pub fn password_secret_of(user: &User) -> String {
+    match &user.spec.password_secret_ref {
+        Some(secret_ref) => secret_ref.name.clone(),
+        None => credentials::user_secret_name(&user.name_any()),
+    }
+}
+
 /// Runs the User controller until `shutdown` resolves. A User is reconciled when its
 /// spec, finalizers or deletion change, when its EventterCluster's spec or readiness
 /// changes, when its password Secret changes (a metadata-only watch: the operator
@@ -400,7 +472,7 @@ pub async fn run(
             by_secret
                 .state()
                 .into_iter()
-                .filter(|u| u.namespace() == namespace && u.spec.password_secret_ref.name == name)
+                .filter(|u| u.namespace() == namespace && password_secret_of(u) == name)
                 .map(|u| ObjectRef::from_obj(u.as_ref()))
                 .collect::<Vec<_>>()
         })
@@ -428,7 +500,7 @@ mod tests {
             "clusterRef": "emq", "passwordSecretRef": {"name": "app-password"},
             "permissions": [{"namespace": "a", "configure": "^t$", "write": ".*", "read": ""}]
         }));
-        assert_eq!(ok.spec.password_secret_ref.key, "password");
+        assert_eq!(ok.spec.password_secret_ref.as_ref().unwrap().key, "password");
         let want = desired_permissions(&ok).unwrap();
         assert_eq!(want["a"], pb::Permissions { configure: "^t$".into(), write: ".*".into(), read: String::new() });
         let bad = user(serde_json::json!({

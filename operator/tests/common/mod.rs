@@ -116,6 +116,21 @@ pub async fn expect_secret_get(server: &mut api_server::ApiServer) {
     server.expect(Method::GET, &secret_path(), |_| (StatusCode::OK, secret)).await;
 }
 
+pub fn cluster_secret_path() -> String {
+    format!("/api/v1/namespaces/{NS}/secrets/emq-cluster-secret")
+}
+
+/// The metadata GET of the cluster secret's Secret, answered: it exists (the operator
+/// never reads its data).
+pub async fn expect_cluster_secret(server: &mut api_server::ApiServer) {
+    let found = json!({
+        "apiVersion": "meta.k8s.io/v1",
+        "kind": "PartialObjectMetadata",
+        "metadata": {"name": "emq-cluster-secret", "namespace": NS, "uid": "cluster-secret-uid"}
+    });
+    server.expect(Method::GET, &cluster_secret_path(), |_| (StatusCode::OK, found)).await;
+}
+
 /// GET of the Topic's EventterCluster, answered with the fixture, then of the
 /// operator's credential Secret.
 pub async fn expect_cluster_get(server: &mut api_server::ApiServer) {
