@@ -46,6 +46,17 @@ app_version="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' charts/e
 target=x86_64-unknown-linux-gnu
 export CARGO_TARGET_DIR="${IMAGE_CARGO_TARGET_DIR:-$HOME/.cache/eventtermq/target-image}"
 export RUSTFLAGS='-C target-feature=+crt-static --cfg getrandom_backend="linux_getrandom"'
+# Cargo names a workspace crate's output the same in every checkout of the repository
+# and decides by file times whether it is up to date, so after another checkout (a git
+# worktree) built into this shared directory, an older edit here would be taken for
+# built. When the last build came from elsewhere, the workspace's sources are touched.
+mkdir -p "$CARGO_TARGET_DIR"
+built_from="$CARGO_TARGET_DIR/.built-from-checkout"
+if [ "$(cat "$built_from" 2>/dev/null)" != "$PWD" ]; then
+  git ls-files -z -- '*.rs' '*.proto' '*/Cargo.toml' 'Cargo.toml' 'Cargo.lock' '*/build.rs' 2>/dev/null |
+    xargs -0 -r touch --no-create
+fi
+echo "$PWD" >"$built_from"
 cargo build --locked --profile "$cargo_profile" --target "$target" \
   -p eventtermq --bin eventtermq -p eventter-operator --bin eventter-operator
 

@@ -82,3 +82,32 @@ fn user_immutable_fields() {
         assert!(format!("{result:?}").contains(message), "{field}: expected {message:?}, got {result:?}");
     }
 }
+
+#[test]
+fn cluster_tls_takes_exactly_one_source() {
+    let cluster = |tls: serde_json::Value| {
+        EventterCluster::new("emq", serde_json::from_value(json!({"image": "a", "tls": tls})).unwrap())
+    };
+    assert!(validate_cel(&cluster(json!({"secretName": "emq-certs"}))).is_ok());
+    assert!(validate_cel(&cluster(json!({"selfSigned": {}}))).is_ok());
+    for both_or_none in [json!({"secretName": "emq-certs", "selfSigned": {}}), json!({})] {
+        let result = validate_cel(&cluster(both_or_none.clone()));
+        assert!(
+            format!("{result:?}").contains("set exactly one of secretName and selfSigned"),
+            "{both_or_none}: {result:?}"
+        );
+    }
+}
+
+#[test]
+fn consumer_group_ready_messages_max_is_at_most_its_size() {
+    let group = |spec: serde_json::Value| ConsumerGroup::new("billing", serde_json::from_value(spec).unwrap());
+    let base = json!({"clusterRef": "emq", "bindings": [{"topic": "orders"}], "size": 100});
+    let mut within = base.clone();
+    within["readyMessagesMax"] = json!(100);
+    assert!(validate_cel(&group(within)).is_ok());
+    let mut over = base.clone();
+    over["readyMessagesMax"] = json!(101);
+    let result = validate_cel(&group(over));
+    assert!(format!("{result:?}").contains("readyMessagesMax must be at most size"), "{result:?}");
+}
