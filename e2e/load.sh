@@ -11,7 +11,8 @@ LOAD_TOPIC=e2e-load
 LOAD_GROUP=e2e-load-group
 LOAD_RATE_PER_S=20          # messages per second, one request each
 LOAD_DURATION_S=1500        # bound of the load pods' runs (the rest of the suite is shorter)
-LOAD_PHASE_S=8              # traffic before and after each disruption
+LOAD_PHASE_S=5              # traffic before and after each disruption
+LOAD_REQUEST_TIMEOUT_MS=2000  # an attempt without an answer by then is sent again on a new connection
 LOAD_CATCH_UP_S=60          # how long the consumer may take to deliver what was confirmed
 LOAD_PUBLISHER=load-publisher
 LOAD_CONSUMER=load-consumer
@@ -68,6 +69,25 @@ load_verify() {
   line=$(head -n 1 "$E2E_TMP/load-check.out")
   echo "$name $(( (to - from) / 1000 ))s: $line" >>"$E2E_TMP/load-figures"
   note "load ($(( (to - from) / 1000 )) s window): $line"
+  load_errors "$from" "$to" | sed 's/^/     publisher: /'
+}
+# load_errors FROM_MS TO_MS: the publisher's distinct errors in the window (at most 3,
+# with how often each came and when first, its request id cut off).
+load_errors() {
+  python3 -c '
+import json, re, sys
+lo, hi, seen = int(sys.argv[1]), int(sys.argv[2]), {}
+for line in open(sys.argv[3]):
+    try:
+        v = json.loads(line)
+    except ValueError:
+        continue
+    if v.get("ev") == "error" and lo <= v["t_ms"] <= hi:
+        e = re.sub(r" \[request id: [^]]*\]", "", v["error"])[:200]
+        n, t = seen.get(e, (0, v["t_ms"]))
+        seen[e] = (n + 1, t)
+for e, (n, t) in list(seen.items())[:3]:
+    print("%dx from +%d ms: %s" % (n, t - lo, e))' "$1" "$2" "$E2E_TMP/load-published.log"
 }
 
 # The id of the pod whose broker is node $1, from list-nodes on a live pod.
@@ -131,7 +151,7 @@ EOT
     fail "cannot take eventtermq out of $IMAGES/eventtermq-rootfs.tar.gz"
   load_pod "$LOAD_CONSUMER" load consume --group "$LOAD_GROUP" --duration-s "$LOAD_DURATION_S"
   load_pod "$LOAD_PUBLISHER" load publish --topic "$LOAD_TOPIC" --rate-per-s "$LOAD_RATE_PER_S" \
-    --duration-s "$LOAD_DURATION_S"
+    --duration-s "$LOAD_DURATION_S" --request-timeout-ms "$LOAD_REQUEST_TIMEOUT_MS"
   until_ok 60 "the load publisher's first 20 confirmations" log_has "$LOAD_PUBLISHER" '"ev":"confirmed"' 20
   until_ok 60 "the load consumer's first 20 deliveries" log_has "$LOAD_CONSUMER" '"ev":"delivered"' 20
   touch "$E2E_TMP/load-started"
@@ -159,6 +179,13 @@ scenario_kill_primary_under_load() {
   sleep "$LOAD_PHASE_S"
   primary=$(load_primary_id)
   [ -n "$primary" ] || fail "no open segment of $LOAD_TOPIC in the dump"
+  # A primary that also leads Raft hands leadership over first: this scenario is about
+  # the data path (kill-leader-under-load is about the leader).
+  if [ "$primary" = "$(raft_leader_id)" ]; then
+    k exec "$CLUSTER-0" -c broker -- eventtermq transfer-leadership >/dev/null ||
+      fail "could not move Raft leadership off node $primary, the primary"
+    note "node $primary led Raft too: leadership moved to node $(raft_leader_id)"
+  fi
   pod=$(pod_of_node "$primary")
   [ -n "$pod" ] || fail "no pod for node $primary, the primary of $LOAD_TOPIC's open segment"
   note "primary of $LOAD_TOPIC's open segment: node $primary on $pod (leader: $(raft_leader_id)): deleted with --grace-period=0"
@@ -236,11 +263,11 @@ scenario_scale_down_under_load() {
   from=$(now_ms)
   sleep "$LOAD_PHASE_S"
   k patch eventtercluster "$CLUSTER" --type=merge -p '{"spec": {"replicas": 3}}' >/dev/null
-  # The SCALE-DOWN column while it drains (kept: the first progress line seen).
+  # The SCALE-DOWN column (status.scaleDown) while it drains: the first line seen.
   local deadline=$(( $(date +%s) + 600 ))
   until sts_settled 3; do
     [ "$(date +%s)" -lt "$deadline" ] || fail "StatefulSet $CLUSTER not down to 3 after 600 s (SCALE-DOWN: $progress)"
-    line=$(k get eventtercluster "$CLUSTER" -o jsonpath='{.status.conditions[?(@.type=="Progressing")].message}' 2>/dev/null || true)
+    line=$(k get eventtercluster "$CLUSTER" -o jsonpath='{.status.scaleDown}' 2>/dev/null || true)
     [ -n "$progress" ] || progress=$line
     sleep 1
   done
@@ -273,7 +300,6 @@ scenario_scale_down_under_load() {
 scenario_load_whole_run() {
   load_require
   local line
-  k delete pod "$LOAD_PUBLISHER" --wait=true --timeout=60s >/dev/null
   load_verify_all() { load_fetch && "$(load_check_bin)" load check --published "$E2E_TMP/load-published.log" \
     --delivered "$E2E_TMP/load-delivered.log" >"$E2E_TMP/load-check.out" 2>&1; }
   until_ok_quiet "$LOAD_CATCH_UP_S" load_verify_all || fail "load check of the whole run: $(tr '\n' ' ' <"$E2E_TMP/load-check.out")"
@@ -281,7 +307,7 @@ scenario_load_whole_run() {
   echo "whole run: $line" >>"$E2E_TMP/load-figures"
   note "whole run: $line"
   note "per scenario:"; sed 's/^/     /' "$E2E_TMP/load-figures"
-  k delete pod "$LOAD_CONSUMER" --wait=true --timeout=60s >/dev/null
+  k delete pod "$LOAD_PUBLISHER" "$LOAD_CONSUMER" --wait=true --timeout=60s >/dev/null
   k delete consumergroup "$LOAD_GROUP" --wait=true --timeout=60s >/dev/null
   k delete topic "$LOAD_TOPIC" --wait=true --timeout=60s >/dev/null
 }
