@@ -113,6 +113,29 @@ load_primary_id() {
     s && /^>/ { if (t == topic && o == "true") print p; s = 0 }' | head -n 1
 }
 
+# The last segments of $LOAD_TOPIC in the cluster state, one line each: "segment ID gen
+# G open|closed primary POD replicas POD,POD" (for the notes: where a disruption moved
+# the topic's writes).
+load_segments() {
+  local d
+  d=$(dump "$CLUSTER-0") || return 0
+  awk -v topic="\"$LOAD_TOPIC\"" '
+    /^nodes: </ { n = 1; next }
+    n && /^  id: / { id = $2 }
+    n && /^  address: / { a = $2; gsub(/"/, "", a); split(a, h, "."); pod[id] = h[1] }
+    n && /^>/ { n = 0 }
+    /^=== Segments ===/ { exit }
+    /^segments: </ { s = 1; t = ""; o = "closed"; p = ""; r = ""; g = ""; i = ""; next }
+    s && /^  id: / { i = $2 }
+    s && /^  topic: / { t = $2 }
+    s && /^  generation: / { g = $2 }
+    s && /^  open: true/ { o = "open" }
+    s && /^  primary_node_id: / { p = $2 }
+    s && /^  replica_node_ids: / { r = r (r == "" ? "" : ",") $2 }
+    s && /^>/ { if (t == topic) { k = split(r, rs, ","); rp = ""; for (j = 1; j <= k; j++) rp = rp (j > 1 ? "," : "") (rs[j] in pod ? pod[rs[j]] : rs[j]); out[++m] = "segment " i " gen " g " " o " primary " (p in pod ? pod[p] : p) " replicas " rp }; s = 0 }
+    END { for (j = (m > 5 ? m - 4 : 1); j <= m; j++) print out[j] }' <<<"$d"
+}
+
 # kill_pod POD: deletes it at once (no grace: the process gets SIGKILL, as kill -9; the
 # image has no shell to run kill in), then waits for its successor and the cluster.
 kill_pod() {
@@ -192,6 +215,7 @@ scenario_kill_primary_under_load() {
   kill_pod "$pod"
   note "primary now: node $(load_primary_id)"
   load_verify kill-primary-under-load "$from"
+  load_segments | sed 's/^/     /'
 }
 
 sts_rolled() { # sts_rolled N: the StatefulSet controller saw the latest template and rolled it out
@@ -216,6 +240,7 @@ scenario_rolling_upgrade_under_load() {
   wait_settled 3 120
   note "rolled: $(k get pods -l "app.kubernetes.io/instance=$CLUSTER" -o jsonpath='{range .items[*]}{.metadata.name} {.status.startTime}, {end}')"
   load_verify rolling-upgrade-under-load "$from"
+  load_segments | sed 's/^/     /'
 }
 
 # "pod primaries replicas groups" of each node, from list-nodes.
