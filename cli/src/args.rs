@@ -602,13 +602,14 @@ pub enum LoadCommand {
 pub struct LoadPublishArgs {
     #[arg(long)]
     pub topic: String,
-    /// Messages per second (one request each).
+    /// Messages per second (one request each), 1-10000.
     #[arg(long, default_value_t = 20)]
     pub rate_per_s: u32,
-    /// How long to publish; at most --rate-per-s x --duration-s messages.
+    /// How long to publish (at most a week); at most --rate-per-s x --duration-s messages.
     #[arg(long)]
     pub duration_s: u64,
-    /// Size of each message (at least the id text it carries, about 40 bytes).
+    /// Size of each message (at least the id text it carries, about 40 bytes; at most
+    /// 64 MiB).
     #[arg(long, default_value_t = 64)]
     pub message_bytes: usize,
     /// How long one attempt waits for its answer before it counts as unknown and is sent

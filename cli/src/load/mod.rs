@@ -96,23 +96,37 @@ fn client(ctx: &Ctx) -> Result<MessagingClient<crate::Authed>, CliError> {
     crate::messaging_client_as(&ctx.addr, ctx.tls.as_ref(), &ctx.credentials)
 }
 
-fn validate_positive(field: &str, value: u64) -> Result<(), CliError> {
-    if value == 0 {
-        return Err(CliError::Usage(format!("{field}: must be at least 1")));
+/// Bounds of `--rate-per-s` (one request at a time: far above what one connection
+/// confirms) and `--duration-s` (a week).
+const RATE_PER_S_MAX: u64 = 10_000;
+const DURATION_S_MAX: u64 = 7 * 24 * 3600;
+/// Bound of `--message-bytes` (the memory of one message made per request).
+const MESSAGE_BYTES_MAX: usize = 64 << 20;
+
+fn validate_range(field: &str, value: u64, max: u64) -> Result<(), CliError> {
+    if !(1..=max).contains(&value) {
+        return Err(CliError::Usage(format!("{field}: {value} is out of range (must be 1-{max})")));
     }
     Ok(())
 }
 
 async fn publish(ctx: &Ctx, args: LoadPublishArgs) -> Result<(), CliError> {
-    validate_positive("--rate-per-s", u64::from(args.rate_per_s))?;
-    validate_positive("--duration-s", args.duration_s)?;
-    validate_positive("--request-timeout-ms", args.request_timeout_ms)?;
+    validate_range("--rate-per-s", u64::from(args.rate_per_s), RATE_PER_S_MAX)?;
+    validate_range("--duration-s", args.duration_s, DURATION_S_MAX)?;
+    validate_range("--request-timeout-ms", args.request_timeout_ms, DURATION_S_MAX * 1000)?;
+    validate_range("--retry-for-ms", args.retry_for_ms.max(1), DURATION_S_MAX * 1000)?;
+    if args.message_bytes > MESSAGE_BYTES_MAX {
+        return Err(CliError::Usage(format!(
+            "--message-bytes: {} is out of range (must be at most {MESSAGE_BYTES_MAX})",
+            args.message_bytes
+        )));
+    }
     eventtermq_broker::cluster_state::validate::name("--topic", &args.topic).map_err(|e| CliError::Usage(e.message))?;
     let mut report = Report::open(&args.report)?;
     let stop = stop_on_signal()?;
     let producer_id = rand::random::<u64>().max(1);
     let run = format!("{producer_id:016x}");
-    let count_max = u64::from(args.rate_per_s) * args.duration_s;
+    let count_max = u64::from(args.rate_per_s).saturating_mul(args.duration_s);
     let request_timeout = Duration::from_millis(args.request_timeout_ms);
     let retry_for = Duration::from_millis(args.retry_for_ms);
     let end = tokio::time::Instant::now() + Duration::from_secs(args.duration_s);
@@ -205,7 +219,8 @@ async fn publish(ctx: &Ctx, args: LoadPublishArgs) -> Result<(), CliError> {
 }
 
 async fn consume(ctx: &Ctx, args: LoadConsumeArgs) -> Result<(), CliError> {
-    validate_positive("--duration-s", args.duration_s)?;
+    validate_range("--duration-s", args.duration_s, DURATION_S_MAX)?;
+    validate_range("--idle-resubscribe-ms", args.idle_resubscribe_ms.max(1), DURATION_S_MAX * 1000)?;
     eventtermq_broker::cluster_state::validate::name("--group", &args.group).map_err(|e| CliError::Usage(e.message))?;
     let mut report = Report::open(&args.report)?;
     let stop = stop_on_signal()?;
@@ -403,6 +418,15 @@ mod tests {
         }
         assert_eq!(parse_message(b"hello 1 2"), None);
         assert_eq!(parse_message(b"eventtermq-load run x"), None);
+    }
+
+    #[test]
+    fn out_of_range_flags_name_the_field_and_the_range() {
+        let e = validate_range("--rate-per-s", 0, RATE_PER_S_MAX).unwrap_err();
+        assert_eq!(e.to_string(), "--rate-per-s: 0 is out of range (must be 1-10000)");
+        assert_eq!(e.exit_status(), crate::exit_status::USAGE);
+        assert!(validate_range("--duration-s", DURATION_S_MAX + 1, DURATION_S_MAX).is_err());
+        assert!(validate_range("--duration-s", DURATION_S_MAX, DURATION_S_MAX).is_ok());
     }
 
     #[test]
