@@ -33,8 +33,14 @@ SCENARIOS=(
   "pod-restart:scenario_pod_restart"
   "pod-restart-no-loss:scenario_pod_restart_no_loss"
   "drift-repair:scenario_drift_repair"
-  "scale-5-and-back:scenario_scale"
+  "load-start:scenario_load_start"
+  "kill-leader-under-load:scenario_kill_leader_under_load"
+  "kill-primary-under-load:scenario_kill_primary_under_load"
+  "rolling-upgrade-under-load:scenario_rolling_upgrade_under_load"
+  "scale-up-rebalance:scenario_scale_up_rebalance"
+  "scale-down-under-load:scenario_scale_down_under_load"
   "scale-no-loss:scenario_scale_no_loss"
+  "load-whole-run:scenario_load_whole_run"
   "topic-delete-policy:scenario_topic_delete_policy"
   "cluster-delete:scenario_cluster_delete"
 )
@@ -600,43 +606,10 @@ scenario_drift_repair() {
   wait_settled 3 300
 }
 
-scenario_scale() {
-  local nodes
-  publish_before scale
-  k patch eventtercluster "$CLUSTER" --type=merge -p '{"spec": {"replicas": 5}}' >/dev/null
-  wait_settled 5 600
-  note "5 ALIVE: $(dump "$CLUSTER-0" | dump_nodes | awk '{ printf "%s ", $2 }')"
-  k patch eventtercluster "$CLUSTER" --type=merge -p '{"spec": {"replicas": 3}}' >/dev/null
-  until_ok 600 "StatefulSet $CLUSTER rolled out with 3 ready replicas" sts_settled 3
-  until_ok 60 "3 broker pods Ready" pods_ready 3
-  # The two removed brokers left: LEFT (or already removed) in every dump, and the
-  # three others ALIVE. The last view is kept for the failure message.
-  scaled_down() {
-    local i nodes
-    for i in 0 1 2; do
-      nodes=$(dump "$CLUSTER-$i" | dump_nodes) || { echo "$CLUSTER-$i: no dump" >"$E2E_TMP/view"; return 1; }
-      echo "$CLUSTER-$i sees $(awk '{ split($2, h, "."); printf "%s=%s ", h[1], $3 }' <<<"$nodes")" >"$E2E_TMP/view"
-      [ "$(awk '$3 == "ALIVE"' <<<"$nodes" | wc -l)" = 3 ] || return 1
-      if grep -qE "^[0-9]+ $CLUSTER-[012]\\..* (SUSPECT|DEAD|LEFT)\$" <<<"$nodes"; then return 1; fi
-      if grep -qE "^[0-9]+ $CLUSTER-[34]\\..* (ALIVE|SUSPECT)\$" <<<"$nodes"; then return 1; fi
-    done
-  }
-  local deadline=$(( $(date +%s) + 180 ))
-  until scaled_down; do
-    [ "$(date +%s)" -lt "$deadline" ] ||
-      fail "after 180 s not 3 ALIVE nodes with the removed ones gone or LEFT: $(cat "$E2E_TMP/view")"
-    sleep 1
-  done
-  nodes=$(dump "$CLUSTER-0" | dump_nodes)
-  note "after scale-down: $(awk '{ printf "%s=%s ", $2, $3 }' <<<"$nodes")"
-  until_ok 120 "EventterCluster $CLUSTER Ready with readyReplicas 3" cluster_ready 3
-  dump "$CLUSTER-0" | dump_objects | grep -qx "topic default/$TOPIC" || fail "topic $TOPIC missing after scaling"
-}
-
-# The batch scale-5-and-back published before scaling all arrives.
+# The batch scale-up-rebalance published before scaling 3 -> 5 -> 3 all arrives.
 scenario_scale_no_loss() {
   require_pubsub
-  receive_published scale scale-5-and-back
+  receive_published scale scale-up-rebalance
 }
 
 scenario_topic_delete_policy() {
@@ -828,9 +801,13 @@ scenario_monitoring_queries() {
   sed 's/^/   /' "$E2E_TMP/queries.log"
 }
 
+# --- disruptions under continuous traffic (issue 19) ------------------------------------------
+. "$root/e2e/load.sh"
+
 # --- diagnostics on failure -------------------------------------------------------------------
 print_diagnostics() {
   echo "== diagnostics"
+  print_load_diagnostics
   kubectl_ get nodes -o wide 2>&1 || true
   kubectl_ get pods -A -o wide 2>&1 || true
   kubectl_ -n "$NS" get eventterclusters,topics,consumergroups,users,statefulsets,services,pvc 2>&1 || true

@@ -585,6 +585,99 @@ pub enum Command {
     /// Benchmarks that start their own local brokers (results go into README.md).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Steady traffic for testing disruptions: a publisher and a consumer that log
+    /// every confirmed and delivered message id and every error they see, and a
+    /// checker comparing their logs (README, Load and disruption checks).
+    #[command(subcommand)]
+    Load(LoadCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LoadCommand {
+    /// Publish to --topic at a steady --rate-per-s for --duration-s, one message per
+    /// request, each with this run's producer id and its message id as request number;
+    /// a request whose outcome is unknown, that could not reach a node, or refused with
+    /// a retryable 5xxx code is sent again (same ids) for up to --retry-for-ms. Logs one
+    /// JSON line per confirmed id and per error seen to --report.
+    Publish(LoadPublishArgs),
+    /// Subscribe to --group for --duration-s, acknowledging what it logged: one JSON line
+    /// per delivered message id and per error seen, to --report. Subscribes again after
+    /// any failure.
+    Consume(LoadConsumeArgs),
+    /// Compare a publisher's and a consumer's reports: confirmed, delivered, lost
+    /// (confirmed, never delivered), duplicates, client errors, the longest gap without a
+    /// confirmation. Exit status 1 when any confirmed message was lost or fewer than
+    /// --confirmed-min were confirmed.
+    Check(LoadCheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadPublishArgs {
+    #[arg(long)]
+    pub topic: String,
+    /// Messages per second (one request each), 1-10000.
+    #[arg(long, default_value_t = 20)]
+    pub rate_per_s: u32,
+    /// How long to publish (at most a week); at most --rate-per-s x --duration-s messages.
+    #[arg(long)]
+    pub duration_s: u64,
+    /// Size of each message (at least the id text it carries, about 40 bytes; at most
+    /// 64 MiB).
+    #[arg(long, default_value_t = 64)]
+    pub message_bytes: usize,
+    /// How long one attempt waits for its answer before it counts as unknown and is sent
+    /// again on a new connection.
+    #[arg(long, default_value_t = 5_000)]
+    pub request_timeout_ms: u64,
+    /// How long one message is retried before the publisher gives up on it (logged as
+    /// `gave_up`). Keep it below the brokers' --dedupe-window-ms.
+    #[arg(long, default_value_t = 30_000)]
+    pub retry_for_ms: u64,
+    /// Where the JSON lines go: a file, or `-` for stdout.
+    #[arg(long, default_value = "-")]
+    pub report: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LoadConsumeArgs {
+    #[arg(long)]
+    pub group: String,
+    /// How long to consume.
+    #[arg(long)]
+    pub duration_s: u64,
+    /// Most unacknowledged messages held at once.
+    #[arg(long, default_value_t = defaults::SUBSCRIBER_SIZE)]
+    pub size: u32,
+    /// Subscribe again (on a new connection) after this long without a message, in case
+    /// the stream's node went away without closing it (0: never).
+    #[arg(long, default_value_t = 5_000)]
+    pub idle_resubscribe_ms: u64,
+    /// Where the JSON lines go: a file, or `-` for stdout.
+    #[arg(long, default_value = "-")]
+    pub report: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LoadCheckArgs {
+    /// The publisher's report (lines that are not its JSON are skipped, so a pod log
+    /// with stderr mixed in will do).
+    #[arg(long)]
+    pub published: PathBuf,
+    /// The consumer's report.
+    #[arg(long)]
+    pub delivered: PathBuf,
+    /// Only confirmations and errors at or after this time (Unix ms); also where the
+    /// first gap starts. Default: the publisher's start.
+    #[arg(long)]
+    pub from_ms: Option<i64>,
+    /// Only confirmations and errors at or before this time (Unix ms); also where the
+    /// last gap ends. Default: the publisher's end, or its last line.
+    #[arg(long)]
+    pub to_ms: Option<i64>,
+    /// Exit 1 when fewer messages than this were confirmed in the window (a check of no
+    /// traffic proves nothing).
+    #[arg(long, default_value_t = 1)]
+    pub confirmed_min: u64,
 }
 
 /// Which part of a listing to print.

@@ -216,6 +216,7 @@ pub async fn execute(ctx: &Ctx, cmd: Command) -> Result<(), CliError> {
         Command::TransferLeadership { to } => admin.transfer_leadership(to).await?,
         Command::Rebalance => admin.rebalance().await?,
         Command::Bench(b) => super::bench::run(ctx, b).await?,
+        Command::Load(l) => super::load::run(ctx, l).await?,
     }
     Ok(())
 }

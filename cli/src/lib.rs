@@ -1,13 +1,15 @@
 //! The `eventtermq` binary's library: flag definitions ([`args`]), running the broker
 //! over real sockets ([`run`]), the admin commands ([`commands`]), publishing and
 //! subscribing ([`messages`]), the text/JSON rendering of the cluster state
-//! ([`render`]) and the benchmarks ([`bench`]). It talks to nodes as any client does,
+//! ([`render`]), the benchmarks ([`bench`]) and the load generator and checker of the
+//! disruption tests ([`load`]). It talks to nodes as any client does,
 //! through the gRPC API; only `run` and the benchmarks' floors use the broker and
 //! storage libraries directly.
 
 pub mod args;
 pub mod bench;
 pub mod commands;
+pub mod load;
 pub mod messages;
 pub mod otlp;
 pub mod render;

@@ -1,0 +1,350 @@
+# Disruptions under continuous traffic (issue 19), sourced by e2e/scenarios.sh. One
+# publisher pod and one consumer pod (`eventtermq load publish` / `load consume`,
+# through the client Service, logged in as $APP_USER) start in load-start and run
+# through every *-under-load scenario; each scenario lets traffic flow for
+# $LOAD_PHASE_S, disrupts, waits for the cluster to settle, lets traffic flow for
+# $LOAD_PHASE_S again, then runs `eventtermq load check` (the binary of the broker
+# image, on this machine) over the pods' logs for its own time window and asserts that
+# no confirmed message was lost. Its figures go to one line per scenario.
+
+LOAD_TOPIC=e2e-load
+LOAD_GROUP=e2e-load-group
+LOAD_RATE_PER_S=20          # messages per second, one request each
+LOAD_DURATION_S=1500        # bound of the load pods' runs (the rest of the suite is shorter)
+LOAD_PHASE_S=5              # traffic before and after each disruption
+LOAD_REQUEST_TIMEOUT_MS=2000  # an attempt without an answer by then is sent again on a new connection
+LOAD_CATCH_UP_S=60          # how long the consumer may take to deliver what was confirmed
+LOAD_PUBLISHER=load-publisher
+LOAD_CONSUMER=load-consumer
+
+load_require() {
+  [ -f "$E2E_TMP/load-started" ] || fail "the load pods are not running (scenario load-start must run first)"
+}
+load_check_bin() { echo "$E2E_TMP/load-bin/eventtermq"; }
+now_ms() { date +%s%3N; }
+
+# load_pod NAME ARGS...: a long-running client pod of the broker image (eventtermq
+# --host $CLUSTER, logged in as $APP_USER) with ARGS.
+load_pod() {
+  local name=$1; shift
+  k delete pod "$name" --ignore-not-found --wait=true >/dev/null 2>&1 || true
+  CLIENT_SECRET=$APP_SECRET pod_manifest "$name" "$BROKER_IMAGE" eventtermq --host "$CLUSTER" \
+    --user "$APP_USER" --password-file "$CLIENT_SECRET_DIR/password" "$@" | k apply -f - >/dev/null
+}
+pod_running() { [ "$(k get pod "$1" -o jsonpath='{.status.phase}')" = Running ]; }
+log_has() { # log_has POD PATTERN COUNT: the pod's log has at least COUNT lines matching
+  [ "$(k logs "$1" 2>/dev/null | grep -c "$2")" -ge "$3" ]
+}
+
+# load_fetch: both pods' logs into $E2E_TMP/load-{published,delivered}.log.
+load_fetch() {
+  k logs "$LOAD_PUBLISHER" >"$E2E_TMP/load-published.log" 2>/dev/null &&
+    k logs "$LOAD_CONSUMER" >"$E2E_TMP/load-delivered.log" 2>/dev/null
+}
+# load_check FROM_MS TO_MS: the checker's line for that window (status 1: lost > 0).
+load_check() {
+  "$(load_check_bin)" load check --published "$E2E_TMP/load-published.log" \
+    --delivered "$E2E_TMP/load-delivered.log" --from-ms "$1" --to-ms "$2" --confirmed-min 1 \
+    >"$E2E_TMP/load-check.out" 2>&1
+}
+# load_verify SCENARIO FROM_MS: traffic for $LOAD_PHASE_S more, then the check of
+# [FROM_MS, now], repeated while the consumer catches up (at most $LOAD_CATCH_UP_S);
+# prints the figures and records them; fails with them (and the lost ids) otherwise.
+load_verify() {
+  local name=$1 from=$2 to deadline line
+  sleep "$LOAD_PHASE_S"
+  to=$(now_ms)
+  for p in "$LOAD_PUBLISHER" "$LOAD_CONSUMER"; do
+    pod_running "$p" || fail "load pod $p is not running: $(k logs "$p" --tail=3 2>&1 | tr '\n' ' ')"
+  done
+  deadline=$(( $(date +%s) + LOAD_CATCH_UP_S ))
+  until load_fetch && load_check "$from" "$to"; do
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      line=$(tr '\n' ' ' <"$E2E_TMP/load-check.out")
+      echo "$name: $line" >>"$E2E_TMP/load-figures"
+      fail "load check after ${LOAD_CATCH_UP_S}s of catching up: $line"
+    fi
+    sleep 2
+  done
+  line=$(head -n 1 "$E2E_TMP/load-check.out")
+  echo "$name $(( (to - from) / 1000 ))s: $line" >>"$E2E_TMP/load-figures"
+  note "load ($(( (to - from) / 1000 )) s window): $line"
+  load_errors "$from" "$to" | sed 's/^/     publisher: /'
+}
+# load_errors FROM_MS TO_MS: the publisher's distinct errors in the window (at most 3,
+# with how often each came and when first, its request id cut off).
+load_errors() {
+  python3 -c '
+import json, re, sys
+lo, hi, seen = int(sys.argv[1]), int(sys.argv[2]), {}
+for line in open(sys.argv[3]):
+    try:
+        v = json.loads(line)
+    except ValueError:
+        continue
+    if v.get("ev") == "error" and lo <= v["t_ms"] <= hi:
+        e = re.sub(r" \[request id: [^]]*\]", "", v["error"])[:200]
+        n, t = seen.get(e, (0, v["t_ms"]))
+        seen[e] = (n + 1, t)
+for e, (n, t) in list(seen.items())[:3]:
+    print("%dx from +%d ms: %s" % (n, t - lo, e))' "$1" "$2" "$E2E_TMP/load-published.log"
+}
+
+# The id of the pod whose broker is node $1, from list-nodes on a live pod.
+pod_of_node() {
+  k exec "$CLUSTER-0" -c broker -- eventtermq --output json list-nodes |
+    python3 -c 'import json, sys
+want = int(sys.argv[1])
+for n in json.load(sys.stdin)["nodes"]:
+    if n["id"] == want:
+        print(n["address"].split(".")[0])' "$1"
+}
+raft_leader_id() {
+  k exec "$CLUSTER-0" -c broker -- eventtermq --output json list-nodes | python3 -c 'import json, sys; print(json.load(sys.stdin)["leader_id"])'
+}
+# The primary node id of $LOAD_TOPIC's open segment in the cluster state.
+load_primary_id() {
+  dump "$CLUSTER-0" | awk -v topic="\"$LOAD_TOPIC\"" '
+    /^=== Segments ===/ { exit }
+    /^segments: </ { s = 1; t = ""; o = ""; p = ""; next }
+    s && /^  topic: / { t = $2 }
+    s && /^  open: / { o = $2 }
+    s && /^  primary_node_id: / { p = $2 }
+    s && /^>/ { if (t == topic && o == "true") print p; s = 0 }' | head -n 1
+}
+
+# The last segments of $LOAD_TOPIC in the cluster state, one line each: "segment ID gen
+# G open|closed primary POD replicas POD,POD" (for the notes: where a disruption moved
+# the topic's writes).
+load_segments() {
+  local d
+  d=$(dump "$CLUSTER-0") || return 0
+  awk -v topic="\"$LOAD_TOPIC\"" '
+    /^nodes: </ { n = 1; next }
+    n && /^  id: / { id = $2 }
+    n && /^  address: / { a = $2; gsub(/"/, "", a); split(a, h, "."); pod[id] = h[1] }
+    n && /^>/ { n = 0 }
+    /^=== Segments ===/ { exit }
+    /^segments: </ { s = 1; t = ""; o = "closed"; p = ""; r = ""; g = ""; i = ""; next }
+    s && /^  id: / { i = $2 }
+    s && /^  topic: / { t = $2 }
+    s && /^  generation: / { g = $2 }
+    s && /^  open: true/ { o = "open" }
+    s && /^  primary_node_id: / { p = $2 }
+    s && /^  replica_node_ids: / { r = r (r == "" ? "" : ",") $2 }
+    s && /^>/ { if (t == topic) { k = split(r, rs, ","); rp = ""; for (j = 1; j <= k; j++) rp = rp (j > 1 ? "," : "") (rs[j] in pod ? pod[rs[j]] : rs[j]); out[++m] = "segment " i " gen " g " " o " primary " (p in pod ? pod[p] : p) " replicas " rp }; s = 0 }
+    END { for (j = (m > 5 ? m - 4 : 1); j <= m; j++) print out[j] }' <<<"$d"
+}
+
+# kill_pod POD: deletes it at once (no grace: the process gets SIGKILL, as kill -9; the
+# image has no shell to run kill in), then waits for its successor and the cluster.
+kill_pod() {
+  local uid
+  uid=$(k get pod "$1" -o jsonpath='{.metadata.uid}')
+  k delete pod "$1" --grace-period=0 --force --wait=false >/dev/null 2>&1
+  until_ok 120 "a new $1" uid_differs pod "$1" "$uid"
+  wait_settled "${2:-3}" 240
+}
+
+scenario_load_start() {
+  require_pubsub
+  k apply -f - >/dev/null <<EOT
+apiVersion: eventter.io/v1alpha1
+kind: Topic
+metadata:
+  name: $LOAD_TOPIC
+spec:
+  clusterRef: $CLUSTER
+  replicationFactor: 3
+---
+apiVersion: eventter.io/v1alpha1
+kind: ConsumerGroup
+metadata:
+  name: $LOAD_GROUP
+spec:
+  clusterRef: $CLUSTER
+  bindings:
+    - topic: $LOAD_TOPIC
+EOT
+  until_ok 60 "Topic $LOAD_TOPIC Ready" condition_is topic "$LOAD_TOPIC" Ready True
+  until_ok 60 "ConsumerGroup $LOAD_GROUP Ready" condition_is consumergroup "$LOAD_GROUP" Ready True
+  # The checker runs here, from the broker image's own layer.
+  mkdir -p "$E2E_TMP/load-bin"
+  tar -xzf "$IMAGES/eventtermq-rootfs.tar.gz" -C "$E2E_TMP/load-bin" eventtermq ||
+    fail "cannot take eventtermq out of $IMAGES/eventtermq-rootfs.tar.gz"
+  load_pod "$LOAD_CONSUMER" load consume --group "$LOAD_GROUP" --duration-s "$LOAD_DURATION_S"
+  load_pod "$LOAD_PUBLISHER" load publish --topic "$LOAD_TOPIC" --rate-per-s "$LOAD_RATE_PER_S" \
+    --duration-s "$LOAD_DURATION_S" --request-timeout-ms "$LOAD_REQUEST_TIMEOUT_MS"
+  until_ok 60 "the load publisher's first 20 confirmations" log_has "$LOAD_PUBLISHER" '"ev":"confirmed"' 20
+  until_ok 60 "the load consumer's first 20 deliveries" log_has "$LOAD_CONSUMER" '"ev":"delivered"' 20
+  touch "$E2E_TMP/load-started"
+  note "publishing $LOAD_RATE_PER_S/s to $LOAD_TOPIC, consuming $LOAD_GROUP, both through Service $CLUSTER"
+}
+
+scenario_kill_leader_under_load() {
+  load_require
+  local from leader pod
+  from=$(now_ms)
+  sleep "$LOAD_PHASE_S"
+  leader=$(raft_leader_id)
+  pod=$(pod_of_node "$leader")
+  [ -n "$pod" ] || fail "no pod for the Raft leader $leader"
+  note "Raft leader: node $leader on $pod: deleted with --grace-period=0"
+  kill_pod "$pod"
+  note "new leader: node $(raft_leader_id)"
+  load_verify kill-leader-under-load "$from"
+}
+
+scenario_kill_primary_under_load() {
+  load_require
+  local from primary pod
+  from=$(now_ms)
+  sleep "$LOAD_PHASE_S"
+  primary=$(load_primary_id)
+  [ -n "$primary" ] || fail "no open segment of $LOAD_TOPIC in the dump"
+  # A primary that also leads Raft hands leadership over first: this scenario is about
+  # the data path (kill-leader-under-load is about the leader).
+  if [ "$primary" = "$(raft_leader_id)" ]; then
+    k exec "$CLUSTER-0" -c broker -- eventtermq transfer-leadership >/dev/null ||
+      fail "could not move Raft leadership off node $primary, the primary"
+    note "node $primary led Raft too: leadership moved to node $(raft_leader_id)"
+  fi
+  pod=$(pod_of_node "$primary")
+  [ -n "$pod" ] || fail "no pod for node $primary, the primary of $LOAD_TOPIC's open segment"
+  note "primary of $LOAD_TOPIC's open segment: node $primary on $pod (leader: $(raft_leader_id)): deleted with --grace-period=0"
+  kill_pod "$pod"
+  note "primary now: node $(load_primary_id)"
+  load_verify kill-primary-under-load "$from"
+  load_segments | sed 's/^/     /'
+}
+
+sts_rolled() { # sts_rolled N: the StatefulSet controller saw the latest template and rolled it out
+  [ "$(k get statefulset "$CLUSTER" -o jsonpath='{.status.observedGeneration}')" = \
+    "$(k get statefulset "$CLUSTER" -o jsonpath='{.metadata.generation}')" ] && sts_settled "$1"
+}
+template_annotation_is() {
+  [ "$(k get statefulset "$CLUSTER" -o jsonpath='{.spec.template.metadata.annotations.e2e/rolled}')" = "$1" ]
+}
+
+# A pod-template change (an annotation of spec.pod) makes the StatefulSet replace every
+# pod, one at a time, each stopped with SIGTERM (the broker hands leadership over).
+scenario_rolling_upgrade_under_load() {
+  load_require
+  local from stamp
+  from=$(now_ms)
+  sleep "$LOAD_PHASE_S"
+  stamp=$(date +%s)
+  k patch eventtercluster "$CLUSTER" --type=merge -p "{\"spec\": {\"pod\": {\"annotations\": {\"e2e/rolled\": \"$stamp\"}}}}" >/dev/null
+  until_ok 60 "the operator to put the annotation into the StatefulSet's template" template_annotation_is "$stamp"
+  until_ok 600 "StatefulSet $CLUSTER rolled out with 3 updated, ready replicas" sts_rolled 3
+  wait_settled 3 120
+  note "rolled: $(k get pods -l "app.kubernetes.io/instance=$CLUSTER" -o jsonpath='{range .items[*]}{.metadata.name} {.status.startTime}, {end}')"
+  load_verify rolling-upgrade-under-load "$from"
+  load_segments | sed 's/^/     /'
+}
+
+# "pod primaries replicas groups" of each node, from list-nodes.
+node_loads() {
+  k exec "$CLUSTER-0" -c broker -- eventtermq --output json list-nodes | python3 -c 'import json, sys
+for n in json.load(sys.stdin)["nodes"]:
+    l = n.get("load") or {}
+    print(n["address"].split(".")[0], l.get("primaries", 0), l.get("replicas", 0), l.get("consumer_groups", 0))'
+}
+new_nodes_loaded() { # every pod of $@ has a primary, a replica or a group
+  local loads p
+  loads=$(node_loads) || return 1
+  echo "$loads" >"$E2E_TMP/loads"
+  for p in "$@"; do
+    awk -v p="$p" '$1 == p && $2 + $3 + $4 > 0 { found = 1 } END { exit !found }' <<<"$loads" || return 1
+  done
+}
+
+# 3 -> 5 under load, then `rebalance`: the new brokers take open segments (primaries or
+# copies) or consumer groups.
+scenario_scale_up_rebalance() {
+  load_require
+  local from out
+  publish_before scale
+  from=$(now_ms)
+  sleep "$LOAD_PHASE_S"
+  k patch eventtercluster "$CLUSTER" --type=merge -p '{"spec": {"replicas": 5}}' >/dev/null
+  wait_settled 5 600
+  note "5 ALIVE: $(dump "$CLUSTER-0" | dump_nodes | awk '{ split($2, h, "."); printf "%s ", h[1] }')"
+  out=$(k exec "$CLUSTER-0" -c broker -- eventtermq rebalance) || fail "rebalance failed: $out"
+  note "rebalance: $out"
+  local deadline=$(( $(date +%s) + 60 ))
+  until new_nodes_loaded "$CLUSTER-3" "$CLUSTER-4"; do
+    [ "$(date +%s)" -lt "$deadline" ] ||
+      fail "60 s after rebalance a new broker has no load (pod primaries replicas groups): $(tr '\n' ';' <"$E2E_TMP/loads")"
+    sleep 2
+  done
+  note "load per broker (primaries replicas groups): $(tr '\n' ';' <"$E2E_TMP/loads")"
+  load_verify scale-up-rebalance "$from"
+}
+
+scenario_scale_down_under_load() {
+  load_require
+  local from progress="" line
+  from=$(now_ms)
+  sleep "$LOAD_PHASE_S"
+  k patch eventtercluster "$CLUSTER" --type=merge -p '{"spec": {"replicas": 3}}' >/dev/null
+  # The SCALE-DOWN column (status.scaleDown) while it drains: the first line seen.
+  local deadline=$(( $(date +%s) + 600 ))
+  until sts_settled 3; do
+    [ "$(date +%s)" -lt "$deadline" ] || fail "StatefulSet $CLUSTER not down to 3 after 600 s (SCALE-DOWN: $progress)"
+    line=$(k get eventtercluster "$CLUSTER" -o jsonpath='{.status.scaleDown}' 2>/dev/null || true)
+    [ -n "$progress" ] || progress=$line
+    sleep 1
+  done
+  note "scale-down progress seen: ${progress:-none (drained before the first look)}"
+  until_ok 60 "3 broker pods Ready" pods_ready 3
+  scaled_down() {
+    local i nodes
+    for i in 0 1 2; do
+      nodes=$(dump "$CLUSTER-$i" | dump_nodes) || { echo "$CLUSTER-$i: no dump" >"$E2E_TMP/view"; return 1; }
+      echo "$CLUSTER-$i sees $(awk '{ split($2, h, "."); printf "%s=%s ", h[1], $3 }' <<<"$nodes")" >"$E2E_TMP/view"
+      [ "$(awk '$3 == "ALIVE"' <<<"$nodes" | wc -l)" = 3 ] || return 1
+      if grep -qE "^[0-9]+ $CLUSTER-[012]\\..* (SUSPECT|DEAD|LEFT)\$" <<<"$nodes"; then return 1; fi
+      if grep -qE "^[0-9]+ $CLUSTER-[34]\\..* (ALIVE|SUSPECT)\$" <<<"$nodes"; then return 1; fi
+    done
+  }
+  deadline=$(( $(date +%s) + 180 ))
+  until scaled_down; do
+    [ "$(date +%s)" -lt "$deadline" ] ||
+      fail "after 180 s not 3 ALIVE nodes with the removed ones gone or LEFT: $(cat "$E2E_TMP/view")"
+    sleep 1
+  done
+  note "after scale-down: $(dump "$CLUSTER-0" | dump_nodes | awk '{ split($2, h, "."); printf "%s=%s ", h[1], $3 }')"
+  until_ok 120 "EventterCluster $CLUSTER Ready with readyReplicas 3" cluster_ready 3
+  dump "$CLUSTER-0" | dump_objects | grep -qx "topic default/$TOPIC" || fail "topic $TOPIC missing after scaling"
+  load_verify scale-down-under-load "$from"
+}
+
+# The whole run's figures (from the publisher's start to now), then the load pods,
+# topic and group go.
+scenario_load_whole_run() {
+  load_require
+  local line
+  load_verify_all() { load_fetch && "$(load_check_bin)" load check --published "$E2E_TMP/load-published.log" \
+    --delivered "$E2E_TMP/load-delivered.log" >"$E2E_TMP/load-check.out" 2>&1; }
+  until_ok_quiet "$LOAD_CATCH_UP_S" load_verify_all || fail "load check of the whole run: $(tr '\n' ' ' <"$E2E_TMP/load-check.out")"
+  line=$(head -n 1 "$E2E_TMP/load-check.out")
+  echo "whole run: $line" >>"$E2E_TMP/load-figures"
+  note "whole run: $line"
+  note "per scenario:"; sed 's/^/     /' "$E2E_TMP/load-figures"
+  k delete pod "$LOAD_PUBLISHER" "$LOAD_CONSUMER" --wait=true --timeout=60s >/dev/null
+  k delete consumergroup "$LOAD_GROUP" --wait=true --timeout=60s >/dev/null
+  k delete topic "$LOAD_TOPIC" --wait=true --timeout=60s >/dev/null
+}
+
+# On failure: the figures so far and the load pods' last errors.
+print_load_diagnostics() {
+  [ -n "${E2E_TMP:-}" ] && [ -f "$E2E_TMP/load-started" ] || return 0
+  echo "== load figures per scenario"
+  cat "$E2E_TMP/load-figures" 2>/dev/null || true
+  local p
+  for p in "$LOAD_PUBLISHER" "$LOAD_CONSUMER"; do
+    echo "== $p: last errors"
+    kubectl_ -n "$NS" logs "$p" 2>/dev/null | grep -E '"ev":"(error|gave_up|end)"' | tail -n 10 | cut -c1-300 || true
+  done
+}
