@@ -20,7 +20,8 @@
 # Installs PerfTest (com.rabbitmq:perf-test, $PERFTEST_VERSION, with its dependencies)
 # from Maven into $HOME/.cache/eventtermq/perftest and, if missing, Debian's
 # rabbitmq-server with apt-get (root). Loopback only: EventterMQ on 127.0.0.54-56
-# (gRPC 27900, AMQP 27901, metrics 27902), RabbitMQ on 127.0.0.57-59 (AMQP 5672,
+# (gRPC 27900, AMQP 27901, metrics 27902; PERFTEST_EMQ_HOSTS and PERFTEST_EMQ_PORT
+# move them), RabbitMQ on 127.0.0.57-59 (AMQP 5672,
 # distribution 27957-27959, one epmd on their port 4369). Working files in $BENCH_DIR
 # (default: a new directory under /tmp, removed at the end unless BENCH_KEEP=1).
 #
@@ -56,8 +57,12 @@ fi
 [ -n "$binary" ] && [ -x "$binary" ] || { echo "no eventtermq binary: cargo build --release --workspace, or --binary PATH" >&2; exit 1; }
 
 CACHE="$HOME/.cache/eventtermq/perftest"
-EMQ_HOSTS=(127.0.0.54 127.0.0.55 127.0.0.56)
-EMQ_PORT=27900
+# PERFTEST_EMQ_HOSTS (three comma-separated loopback addresses) and PERFTEST_EMQ_PORT
+# move the EventterMQ nodes (gRPC on the port, AMQP on port + 1, metrics on port + 2).
+IFS=, read -r -a EMQ_HOSTS <<<"${PERFTEST_EMQ_HOSTS:-127.0.0.54,127.0.0.55,127.0.0.56}"
+EMQ_PORT=${PERFTEST_EMQ_PORT:-27900}
+[ "${#EMQ_HOSTS[@]}" = 3 ] || { echo "PERFTEST_EMQ_HOSTS: three addresses, comma-separated" >&2; exit 2; }
+case "$EMQ_PORT" in "" | *[!0-9]*) echo "PERFTEST_EMQ_PORT: a port number" >&2; exit 2 ;; esac
 RMQ_HOSTS=(127.0.0.57 127.0.0.58 127.0.0.59)
 RMQ_DIST_PORTS=(27957 27958 27959)
 RMQ_EPMD_ADDRESSES=127.0.0.57,127.0.0.58,127.0.0.59

@@ -40,6 +40,9 @@ const EXCLUSIVE_PORT: u16 = 27810;
 /// Pipelined publishes and batched acks: 127.0.0.54-56 on their own ports.
 const PIPELINE: [&str; 3] = ["127.0.0.54", "127.0.0.55", "127.0.0.56"];
 const PIPELINE_PORT: u16 = 27920;
+/// Publishes to an exchange whose primary is on another node: 127.0.0.63-65.
+const REMOTE_PRIMARY: [&str; 3] = ["127.0.0.63", "127.0.0.64", "127.0.0.65"];
+const REMOTE_PRIMARY_PORT: u16 = 28410;
 const AMQP_PORT: u16 = PORT + 1;
 const AMQPLIB: &str = "amqplib@0.10";
 
@@ -525,6 +528,68 @@ fn pipelined_publishes_keep_their_order_and_burst_acks_keep_their_semantics() {
     assert!(out.contains("ok pipelined_confirms\n"), "{out}");
     let out = pika_on(HOSTS, PIPELINE_PORT + 1, &["batched_acks_bad_tag"]);
     assert!(out.contains("ok batched_acks_bad_tag\n"), "{out}");
+}
+
+/// The body of `GET /metrics` on `host`'s metrics port (`port` + 2).
+fn scrape_metrics(host: &str, port: u16) -> String {
+    let mut s = TcpStream::connect((host, port + 2)).unwrap_or_else(|e| panic!("connect {host}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {host}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+/// The sum of `eventtermq_grpc_requests_total` of `method` over its status codes.
+fn grpc_requests(metrics: &str, method: &str) -> u64 {
+    let prefix = format!("eventtermq_grpc_requests_total{{method=\"{method}\",");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// With the exchange's primary on another node than the publisher's, a confirm
+/// channel's publishes go to that node on one `PublishStream` (several batches in
+/// flight), not as one forwarded `Publish` per batch; confirms still come in tag
+/// order, each once its messages are stored, and the queue has them in publish order.
+#[test]
+fn publishes_to_a_primary_on_another_node_go_on_one_ordered_stream() {
+    const HOSTS: [&str; 3] = REMOTE_PRIMARY;
+    const P: u16 = REMOTE_PRIMARY_PORT;
+    let _nodes = cluster_on("amqp_remote_primary", HOSTS, P);
+    let out = amqplib_on(HOSTS, P + 1, &["remote_declare"]);
+    assert!(out.contains("ok remote_declare\n"), "{out}");
+    let mut primary = None;
+    eventually(Duration::from_secs(30), "the open segment of js-remote in the dump", || {
+        let dump = dump_json_on(HOSTS[0], P);
+        let open = dump["segments"].as_array().and_then(|s| {
+            s.iter()
+                .find(|s| s["topic"] == "js-remote" && s["open"] == true)
+                .and_then(|s| s["primary_node_id"].as_u64())
+        });
+        primary = open.and_then(|id| host_of(&dump, HOSTS, id));
+        primary.is_some()
+    });
+    let primary = primary.unwrap();
+    let (publisher, consumer) = ((primary + 1) % 3, (primary + 2) % 3);
+    let before = scrape_metrics(HOSTS[primary], P);
+    let out = amqplib_on([HOSTS[primary], HOSTS[publisher], HOSTS[consumer]], P + 1, &["remote_confirms"]);
+    assert!(out.contains("ok remote_confirms\n"), "{out}");
+    // The publisher's channel is closed: its stream to the primary's node ended and
+    // was counted there.
+    let stream = "/eventter.v1.Messaging/PublishStream";
+    let unary = "/eventter.v1.Messaging/Publish";
+    let mut after = String::new();
+    eventually(Duration::from_secs(10), "the relayed stream counted on the primary's node", || {
+        after = scrape_metrics(HOSTS[primary], P);
+        grpc_requests(&after, stream) > grpc_requests(&before, stream)
+    });
+    let streams = grpc_requests(&after, stream) - grpc_requests(&before, stream);
+    let forwarded = grpc_requests(&after, unary) - grpc_requests(&before, unary);
+    assert_eq!(forwarded, 0, "forwarded unary publishes on the primary's node ({streams} streams)");
+    assert!(streams <= 2, "{streams} publish streams for one channel");
 }
 
 /// A child process whose stdout lines are collected as they come.

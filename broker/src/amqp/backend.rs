@@ -29,7 +29,7 @@ use crate::cluster_state::{
 use crate::consumer_groups::{matching, Groups, Occupancy};
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::{Peers, Relayed};
-use crate::replication::publish::Turn;
+use crate::replication::in_order::InOrder;
 use crate::replication::{lock, Segments};
 use rand::distr::{Alphanumeric, SampleString};
 use tokio_util::sync::CancellationToken;
@@ -721,19 +721,10 @@ impl Backend {
         .is_some()
     }
 
-    /// Stores messages (in this order, contiguously) as a gRPC publish of them would,
-    /// in `turn` (see [`Segments::publish_in_turn`]): the requests of one channel that
-    /// take their turns in order are stored in that order.
-    pub async fn publish_in_turn(
-        &self,
-        namespace: &str,
-        topic: &str,
-        messages: Vec<pb::Message>,
-        turn: Turn,
-    ) -> Result<(), RequestError> {
-        let persistence = pb::Persistence::Default;
-        let publish = self.segments.publish_in_turn(namespace, topic, &messages, persistence, None, 0, Some(turn));
-        publish.await.map(|_| ())
+    /// A channel's publisher: batches stored in the order they are handed in, as a
+    /// gRPC publish of each would, several in flight (see [`InOrder`]).
+    pub fn in_order(&self) -> InOrder {
+        InOrder::new(self.segments.clone())
     }
 
     /// Subscribes to the queue's group wherever it runs; `get_one`: at most one

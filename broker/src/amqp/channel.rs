@@ -859,10 +859,11 @@ struct BatchDone {
 
 /// Publishes one channel's messages in order: batches of what queued (consecutive
 /// messages to one topic and routing key, at most `batch_max` of them), up to
-/// `batches_max` of them in flight at once. Each batch takes its turn
-/// ([`crate::replication::publish::Turn`]) after the one before it: it is routed only
-/// once that one is queued at its primary (or, forwarded, answered), so a channel's
-/// messages keep their order through any node. Confirms go out in batch order.
+/// `batches_max` of them in flight at once, through the channel's
+/// [`crate::replication::in_order::InOrder`]: a batch is routed only once the one
+/// before it is queued at its primary here, or sent on the channel's stream to the
+/// primary's node, so a channel's messages keep their order through any node.
+/// Confirms go out in batch order.
 async fn run_publisher(
     backend: Backend,
     channel: u16,
@@ -874,8 +875,7 @@ async fn run_publisher(
     let mut carried: Option<PublishJob> = None;
     let mut open = true;
     let mut in_flight = FuturesOrdered::new();
-    // The turn of the batch sent last: the next one waits for it.
-    let mut previous: Option<oneshot::Receiver<()>> = None;
+    let mut publisher = backend.in_order();
     loop {
         let room = in_flight.len() < batches_max.max(1);
         let first = if room && carried.is_some() {
@@ -929,15 +929,9 @@ async fn run_publisher(
                 j.message
             })
             .collect();
-        let (turn, next) = oneshot::channel();
-        let wait = previous.replace(next);
-        let backend = backend.clone();
+        let publish = publisher.publish(namespace, topic.clone(), messages, pb::Persistence::Default);
         in_flight.push_back(async move {
-            if let Some(wait) = wait {
-                // Ends when the batch before this one gave up its turn.
-                let _ = wait.await;
-            }
-            let result = backend.publish_in_turn(&namespace, &topic, messages, turn).await;
+            let result = publish.await.map(|_| ());
             if let Err(e) = &result {
                 tracing::debug!(topic, error = %e, "AMQP publish failed");
             }

@@ -14,6 +14,8 @@
 //!   groups.
 //! - [`read`]: reading a segment from wherever a readable copy is.
 //! - [`publish`]: routing a publish to the primary of an open segment.
+//! - [`in_order`]: one publisher's batches in order, several in flight, its relay
+//!   stream to a primary on another node.
 //! - [`dedupe`], [`window`]: exactly-once publishing: the primary's duplicate window (a
 //!   pure core) and how it passes from one generation of a shard to the next.
 //!
@@ -23,6 +25,7 @@
 
 pub mod confirm;
 pub mod dedupe;
+pub mod in_order;
 pub mod keeper;
 pub mod placement;
 pub mod primary;

@@ -35,7 +35,7 @@ pub enum StreamTarget {
 }
 
 /// Pause between routing attempts while no segment can take the publish.
-const RETRY_PAUSE: Duration = Duration::from_millis(20);
+pub(super) const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 static ROUND_ROBIN: AtomicUsize = AtomicUsize::new(0);
 
@@ -337,7 +337,7 @@ fn not_ready(topic: &str) -> RequestError {
 
 /// Errors worth another routing attempt: the segment moved or is being opened, or the
 /// cluster cannot take it right now.
-fn again(e: &RequestError) -> bool {
+pub(super) fn again(e: &RequestError) -> bool {
     e.code == ErrorCode::NotPrimary || e.retryable()
 }
 

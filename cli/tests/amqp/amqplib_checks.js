@@ -251,6 +251,42 @@ async function pipelinedConfirms() {
   await c.close();
 }
 
+// The exchange and queue of `remote_confirms`, declared first so that the test can
+// find which node holds the exchange's primary and publish from another one.
+async function remoteDeclare() {
+  const c = await connect(CON);
+  const ch = await c.createChannel();
+  await ch.assertExchange('js-remote', 'direct', { durable: true });
+  await ch.assertQueue('js-remote-q', { durable: true });
+  await ch.bindQueue('js-remote-q', 'js-remote', 'k');
+  console.log('ok remote_declare');
+  await c.close();
+}
+
+// As `pipelined_confirms`, with the exchange's primary on neither the publisher's node
+// nor the consumer's (the test picks PUB and CON so): confirms in delivery-tag order,
+// each only once its messages are stored, the queue's messages in publish order.
+async function remoteConfirms() {
+  const N = 5000;
+  const p = await connect(PUB);
+  const pch = await p.createConfirmChannel();
+  const acks = [];
+  pch.on('ack', (f) => acks.push(f.deliveryTag));
+  pch.on('nack', (f) => fail(`remote_confirms: nack of ${f.deliveryTag}`));
+  const body = 'x'.repeat(1000);
+  for (let i = 0; i < N; i++) pch.publish('js-remote', 'k', Buffer.from(`${i} ${body}`), { persistent: true });
+  await bounded('confirms of the messages to the remote primary', pch.waitForConfirms(), 60000);
+  await p.close();
+  const ordered = acks.every((t, i) => i === 0 || t > acks[i - 1]);
+  if (!ordered || acks[acks.length - 1] !== N) fail(`remote_confirms: ack tags ${JSON.stringify(acks)}`);
+  const c = await connect(CON);
+  const ch = await c.createChannel();
+  const got = (await drain(ch, 'js-remote-q', N, { ack: true, prefetch: 500 })).map((b) => Number(b.split(' ')[0]));
+  const firstWrong = got.findIndex((v, i) => v !== i);
+  expect('remote_confirms', [got.length, firstWrong, acks.length > 1], [N, -1, true]);
+  await c.close();
+}
+
 const CHECKS = {
   hello,
   work_queues: workQueues,
@@ -260,6 +296,8 @@ const CHECKS = {
   rpc,
   confirms,
   pipelined_confirms: pipelinedConfirms,
+  remote_declare: remoteDeclare,
+  remote_confirms: remoteConfirms,
 };
 
 (async () => {
