@@ -38,25 +38,40 @@ mkdir -p "$FUZZ_TARGET_DIR" "$CORPUS_ROOT"
 echo "== building fuzz targets"
 cargo +nightly fuzz build --sanitizer none --target-dir "$FUZZ_TARGET_DIR"
 
-failed=()
-for target in $(cargo +nightly fuzz list); do
-  echo "== fuzz $target (${FUZZ_SECONDS}s)"
-  corpus="$CORPUS_ROOT/$target"
+# run_target TARGET LOG: one smoke run. -rss_limit_mb: the targets keep small inputs; a
+# blow-up is a bug worth failing on. libFuzzer prints a line per new coverage point:
+# it goes to LOG, whose tail is shown (everything when the target failed).
+run_target() {
+  local target=$1 log=$2 corpus="$CORPUS_ROOT/$1" seeds=()
   mkdir -p "$corpus"
-  seeds=()
   [ -d "seeds/$target" ] && seeds=("seeds/$target")
-  # -rss_limit_mb: the targets keep small inputs; a blow-up is a bug worth failing on.
-  # libFuzzer prints a line per new coverage point: keep it in a log, show the tail
-  # (and everything when the target failed).
-  log="$(mktemp)"
-  if cargo +nightly fuzz run --sanitizer none --target-dir "$FUZZ_TARGET_DIR" "$target" "$corpus" "${seeds[@]}" -- \
-    -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
-    tail -n 4 "$log"
-  else
-    cat "$log"
-    failed+=("$target")
-  fi
-  rm -f "$log"
+  cargo +nightly fuzz run --sanitizer none --target-dir "$FUZZ_TARGET_DIR" "$target" "$corpus" "${seeds[@]}" -- \
+    -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1
+}
+
+# A libFuzzer run uses one core: FUZZ_JOBS targets at once (default: one per CPU), so the
+# step takes FUZZ_SECONDS per FUZZ_JOBS targets.
+FUZZ_JOBS="${FUZZ_JOBS:-$(nproc)}"
+mapfile -t targets < <(cargo +nightly fuzz list)
+failed=()
+for ((i = 0; i < ${#targets[@]}; i += FUZZ_JOBS)); do
+  batch=("${targets[@]:i:FUZZ_JOBS}")
+  pids=() logs=()
+  for target in "${batch[@]}"; do
+    logs+=("$(mktemp)")
+    run_target "$target" "${logs[-1]}" &
+    pids+=("$!")
+  done
+  for j in "${!batch[@]}"; do
+    echo "== fuzz ${batch[$j]} (${FUZZ_SECONDS}s)"
+    if wait "${pids[$j]}"; then
+      tail -n 4 "${logs[$j]}"
+    else
+      cat "${logs[$j]}"
+      failed+=("${batch[$j]}")
+    fi
+    rm -f "${logs[$j]}"
+  done
 done
 
 if [ "${#failed[@]}" -gt 0 ]; then

@@ -803,6 +803,10 @@ pub struct ScaleBenchArgs {
     /// Topics to create, and consumer groups (one bound to each topic).
     #[arg(long, default_value_t = 10_000)]
     pub topics: usize,
+    /// Loopback address of a fourth broker started at the end to join the loaded
+    /// cluster (how long until it is a member and holds the whole state); "" skips it.
+    #[arg(long, default_value = "127.0.0.204")]
+    pub joiner_host: String,
     /// Concurrent requests while creating and publishing.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,

@@ -49,7 +49,10 @@ fn message(i: usize) -> String {
 /// order, so a prefix), and the error of a refusal.
 fn publish(host: &str, lines: &[String]) -> (usize, Option<String>) {
     let mut child = Command::new(BIN)
-        .args(["--host", host, "--port", &PORT.to_string(), "publish", "t", "-"])
+        // A refusal whose outcome the CLI cannot know (later requests of the stream were
+        // in flight) is sent again for --retry-for; the disk stays full, so 2 s is enough
+        // to see the refusal, not the default 30 s per batch.
+        .args(["--host", host, "--port", &PORT.to_string(), "publish", "t", "-", "--retry-for", "2s"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -61,6 +61,24 @@ impl Pki {
         (c, k)
     }
 
+    /// A node's flags: a certificate for `names` issued as `name`, clients verified
+    /// against this CA, and the cluster secret in `secret_file`.
+    fn node_flags(&self, name: &str, names: &[&str], secret_file: &Path) -> Vec<String> {
+        let (cert, key) = self.issue(name, names);
+        [
+            "--cluster-secret-file",
+            &path(secret_file),
+            "--tls-cert-file",
+            &path(&cert),
+            "--tls-key-file",
+            &path(&key),
+            "--tls-client-ca-file",
+            &path(&self.ca_file),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
     /// A client certificate with the subject common name `cn` (none: `None`) and a DNS
     /// name, valid until the start of `not_after` (year, month, day); written to
     /// `<name>.crt` and `<name>.key`.
@@ -154,17 +172,7 @@ fn a_tls_cluster_with_a_secret_serves_clients_and_refuses_outsiders() {
         .iter()
         .enumerate()
         .map(|(i, h)| {
-            let (cert, key) = pki.issue(&format!("node{i}"), &[h, "localhost"]);
-            let mut extra = vec![
-                "--cluster-secret-file".to_string(),
-                path(&secret_file),
-                "--tls-cert-file".into(),
-                path(&cert),
-                "--tls-key-file".into(),
-                path(&key),
-                "--tls-client-ca-file".into(),
-                path(&pki.ca_file),
-            ];
+            let mut extra = pki.node_flags(&format!("node{i}"), &[h, "localhost"], &secret_file);
             if i > 0 {
                 extra.extend(["--join".to_string(), seed.clone()]);
             }
@@ -396,17 +404,7 @@ fn client_certificates_are_users_on_grpc_and_amqps() {
         .iter()
         .enumerate()
         .map(|(i, h)| {
-            let (cert, key) = pki.issue(&format!("node{i}"), &[h]);
-            let mut extra = vec![
-                "--cluster-secret-file".to_string(),
-                path(&secret_file),
-                "--tls-cert-file".into(),
-                path(&cert),
-                "--tls-key-file".into(),
-                path(&key),
-                "--tls-client-ca-file".into(),
-                path(&pki.ca_file),
-            ];
+            let mut extra = pki.node_flags(&format!("node{i}"), &[h], &secret_file);
             if i == 0 {
                 extra.extend(["--admin-user".to_string(), "admin".into(), "--admin-password-file".into()]);
                 extra.push(path(&admin_file));

@@ -627,18 +627,24 @@ mod tests {
         assert!(crate::cluster_state::Pattern::parse("read", "a{1000}{1000}").is_err(), "compiled size bounded");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_login_verifies_once_then_hits_the_cache_and_a_failure_waits() {
+    /// A cluster with the user `alice` (password `s3cret`), a 1 s failure delay, and a
+    /// client address that is not a loopback one.
+    fn with_alice() -> (SharedState, Metrics, Auth, SocketAddr) {
         let shared = SharedState::detached(ClusterState::new_cluster());
-        let hash = password::hash("s3cret").unwrap();
-        let alice = User { password_hash: hash, admin: false, permissions: Default::default() };
+        let alice =
+            User { password_hash: password::hash("s3cret").unwrap(), admin: false, permissions: Default::default() };
         shared.change_detached(|st| {
             st.users.insert("alice".into(), alice);
         });
         let metrics = Metrics::new(10);
         let settings = AuthSettings { failure_delay_ms: 1000, ..Default::default() };
         let auth = Auth::new(shared.clone(), metrics.clone(), &settings);
-        let from: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        (shared, metrics, auth, "10.1.2.3:5000".parse().unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_login_verifies_once_then_hits_the_cache_and_a_failure_waits() {
+        let (shared, metrics, auth, from) = with_alice();
         assert_eq!(auth.login("alice", "s3cret", Some(from), "grpc").await, Ok(user("alice")));
         assert_eq!(auth.inner.cache.len(), 1);
         assert_eq!(auth.login("alice", "s3cret", Some(from), "grpc").await, Ok(user("alice")));
@@ -675,16 +681,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_certificate_is_its_user_and_refusals_name_the_users() {
-        let shared = SharedState::detached(ClusterState::new_cluster());
-        let alice =
-            User { password_hash: password::hash("s3cret").unwrap(), admin: false, permissions: Default::default() };
-        shared.change_detached(|st| {
-            st.users.insert("alice".into(), alice);
-        });
-        let metrics = Metrics::new(10);
+        let (shared, metrics, auth, from) = with_alice();
         let settings = AuthSettings { failure_delay_ms: 1000, ..Default::default() };
-        let auth = Auth::new(shared.clone(), metrics.clone(), &settings);
-        let from: SocketAddr = "10.1.2.3:5000".parse().unwrap();
         let far = (2100, 1, 1);
 
         // By CN (the default): a user of the cluster logs in without a password.

@@ -127,7 +127,7 @@ pub(super) fn spawn_binary(
     Ok(Proc { child, host: host.to_string() })
 }
 
-async fn dump(addr: &str) -> Option<pb::DumpResponse> {
+pub(super) async fn dump(addr: &str) -> Option<pb::DumpResponse> {
     let mut c = admin_client(addr, None).ok()?;
     c.dump(pb::DumpRequest { stale: true, ..Default::default() }).await.ok().map(|r| r.into_inner())
 }

@@ -176,8 +176,68 @@ async fn scale(ctx: &Ctx, args: &ScaleBenchArgs, dir: &Path) -> Result<(), CliEr
     dump_timing(&c.addrs[0]).await?;
     stage(&c, "end");
     drop(subs);
+    if !args.joiner_host.is_empty() {
+        let joiner = Joiner { exe: &exe, host: &args.joiner_host, port, dir: &dir.join("n3"), extra: &extra };
+        joiner.join(&c, ns, n).await?;
+    }
     Ok(())
 }
+
+/// A fourth broker joining the loaded cluster (issue 18 item 7: the cluster state's
+/// Raft snapshot taken and installed on a new node).
+struct Joiner<'a> {
+    exe: &'a Path,
+    host: &'a str,
+    port: u16,
+    dir: &'a Path,
+    extra: &'a [String],
+}
+
+impl Joiner<'_> {
+    /// Starts the node and reports how long it took to become a member and to hold the
+    /// whole state (all `topics` topics and as many groups of `namespace`, in its own
+    /// stale dump), whether it got that state as a snapshot, and the snapshot's size.
+    async fn join(&self, c: &Cluster, namespace: &str, topics: usize) -> Result<(), CliError> {
+        let t = Instant::now();
+        let mut proc = spawn_binary(self.exe, self.host, self.port, self.dir, Some(&c.addrs[0]), self.extra)?;
+        let addr = format!("{}:{}", self.host, self.port);
+        wait_alive(&c.addrs[0], 4).await?;
+        let member = t.elapsed();
+        let holds = |d: &pb::DumpResponse| {
+            d.state
+                .as_ref()
+                .and_then(|s| s.namespaces.iter().find(|n| n.name == namespace))
+                .is_some_and(|n| n.topics.len() >= topics && n.consumer_groups.len() >= topics)
+        };
+        let whole_state = loop {
+            if super::dump(&addr).await.is_some_and(|d| holds(&d)) {
+                break t.elapsed();
+            }
+            proc.check_running()?;
+            if t.elapsed() > JOIN_WAIT_MAX {
+                return Err(err(format!(
+                    "{addr}: the joining node did not hold the whole state within {JOIN_WAIT_MAX:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let log = std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default();
+        let snapshot_bytes: u64 = std::fs::read_dir(self.dir.join("raft").join("sm"))
+            .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0);
+        println!(
+            "{}",
+            serde_json::json!({"bench": "scale: a fourth node joins", "host": addr,
+                "seconds_to_member": member.as_secs_f64(), "seconds_to_whole_state": whole_state.as_secs_f64(),
+                "installed_snapshot": log.contains("installed a raft snapshot"),
+                "snapshot_dir_bytes": snapshot_bytes, "rss_kib": rss_kib(proc.child.id())})
+        );
+        Ok(())
+    }
+}
+
+/// How long [`Joiner::join`] waits for the new node to hold the whole state.
+const JOIN_WAIT_MAX: Duration = Duration::from_secs(300);
 
 fn topic_name(i: usize) -> String {
     format!("scale-t{i}")
