@@ -72,7 +72,10 @@ pub fn to_properties(m: &pb::Message) -> AMQPProperties {
     if let Some(v) = short(&q.message_id) {
         p = p.with_message_id(v);
     }
-    if let Some(t) = q.timestamp.as_ref().filter(|t| t.seconds > 0) {
+    // AMQP's timestamp is an unsigned 64-bit count of seconds and a stored one is signed:
+    // the bits are carried as they are both ways, so every value a publisher sent comes
+    // back unchanged (one past i64::MAX reads as negative over gRPC, and the other way).
+    if let Some(t) = &q.timestamp {
         p = p.with_timestamp(t.seconds as u64);
     }
     if let Some(v) = short(&q.r#type) {
@@ -197,6 +200,15 @@ mod tests {
         let back = to_properties(&m);
         assert_eq!(back, p);
         assert_eq!(encode_table(back.headers().as_ref().unwrap()), encode_table(&rich_table()));
+    }
+
+    #[test]
+    fn every_amqp_timestamp_comes_back_as_sent() {
+        for seconds in [0, 1, 1_700_000_000, i64::MAX as u64, i64::MAX as u64 + 1, u64::MAX] {
+            let p = AMQPProperties::default().with_timestamp(seconds);
+            let m = to_message("key", &p, Vec::new());
+            assert_eq!(to_properties(&m).timestamp(), &Some(seconds), "timestamp {seconds}");
+        }
     }
 
     #[test]
