@@ -1407,7 +1407,7 @@ async fn messages_held_past_the_ack_timeout_are_redelivered_counted() {
 /// group's node and never acknowledged come again from the node the group moves to
 /// with `delivery_count` 2 (the hand-out recorded with the group's offsets counts as
 /// one delivery), and after `deliveries_max` (2) they go to the dead-letter topic,
-/// saying how often they were delivered.
+/// saying how often they were delivered, in the order they were published.
 #[tokio::test(start_paused = true)]
 async fn deliveries_are_counted_across_a_group_fail_over_up_to_the_dead_letter_topic() {
     use eventtermq_broker::cluster_state::{BindingSpec, ConsumerGroupSpec};
@@ -1497,7 +1497,8 @@ async fn deliveries_are_counted_across_a_group_fail_over_up_to_the_dead_letter_t
         dead_data.push(message.data);
     }
     data.sort();
-    dead_data.sort();
+    assert_eq!(data, ["m0", "m1", "m2"]);
+    // Dead-lettered in the order they were published (one publish, in log order).
     assert_eq!(dead_data, data);
     drop((b, d));
     stop_all(nodes).await;

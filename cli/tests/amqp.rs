@@ -55,14 +55,39 @@ fn pika(hosts: [&str; 3], checks: &[&str]) -> String {
 fn pika_on(hosts: [&str; 3], amqp_port: u16, checks: &[&str]) -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/amqp/pika_checks.py");
     let port = amqp_port.to_string();
-    let o = Command::new("timeout")
-        .args(["120", "python3", script, hosts[1], hosts[2], &port])
-        .args(checks)
-        .env("PYTHONPATH", pika_path())
-        .output()
-        .expect("run python3");
-    let out = stdout(&o);
-    assert!(o.status.success(), "pika checks {checks:?} failed:\n{out}\n{}", stderr(&o));
+    let pythonpath = pika_path();
+    each_check_at_once("pika", checks, |check| {
+        let mut c = Command::new("timeout");
+        c.args(["120", "python3", script, hosts[1], hosts[2], &port, check]).env("PYTHONPATH", &pythonpath);
+        c
+    })
+}
+
+/// Runs `command(check)` for every check at once (each check uses names of its own, and
+/// most of their time is waiting on the cluster), and returns their outputs in the
+/// order of `checks`; fails naming every check whose process failed.
+fn each_check_at_once(client: &str, checks: &[&str], command: impl Fn(&str) -> Command) -> String {
+    let children: Vec<_> = checks
+        .iter()
+        .map(|check| {
+            let child = command(check)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("start the {client} check {check}: {e}"));
+            (check, child)
+        })
+        .collect();
+    let mut out = String::new();
+    let mut failed = Vec::new();
+    for (check, child) in children {
+        let o = child.wait_with_output().expect("wait for a check");
+        out += &stdout(&o);
+        if !o.status.success() {
+            failed.push(format!("{check} ({}):\n{}\n{}", o.status, stdout(&o), stderr(&o)));
+        }
+    }
+    assert!(failed.is_empty(), "{client} checks failed:\n{}", failed.join("\n"));
     out
 }
 
@@ -117,11 +142,10 @@ fn pika_runs_the_tutorials_confirms_and_error_classes_across_nodes() {
         "dead_letters",
         "dead_letters_not_redelivered",
     ];
-    let out = pika(HOSTS, &checks[..8]);
+    let out = pika(HOSTS, &[&checks[..8], &["errors"]].concat());
     for c in checks {
         assert!(out.contains(&format!("ok {c}\n")), "{c} missing:\n{out}");
     }
-    let out = pika(HOSTS, &["errors"]);
     for c in [
         "error_404_passive_queue",
         "error_404_publish_exchange",
@@ -214,9 +238,7 @@ fn transactions_flow_message_ttl_max_length_and_stream_offsets_as_rabbitmq() {
     const PORT: u16 = FEATURES_PORT;
     let _nodes = cluster_with("amqp_features", HOSTS, PORT, &["--amqp-tx-messages-max", "5"]);
     let checks = ["transactions", "tx_errors", "flow", "ttl_and_max_length", "stream_offsets"];
-    // Two runs: each pika run has 120 s.
-    let out =
-        pika_on(HOSTS, PORT + 1, &checks) + &pika_on(HOSTS, PORT + 1, &["exclusive_locked", "message_expiration"]);
+    let out = pika_on(HOSTS, PORT + 1, &[&checks[..], &["exclusive_locked", "message_expiration"]].concat());
     for c in [
         "tx_publishes_held",
         "tx_commit_publishes",
@@ -494,15 +516,12 @@ fn amqplib(hosts: [&str; 3], checks: &[&str]) -> String {
 fn amqplib_on(hosts: [&str; 3], amqp_port: u16, checks: &[&str]) -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/amqp/amqplib_checks.js");
     let port = amqp_port.to_string();
-    let o = Command::new("timeout")
-        .args(["180", "node", script, hosts[1], hosts[2], &port])
-        .args(checks)
-        .env("NODE_PATH", amqplib_path())
-        .output()
-        .expect("run node");
-    let out = stdout(&o);
-    assert!(o.status.success(), "amqplib checks {checks:?} failed:\n{out}\n{}", stderr(&o));
-    out
+    let modules = amqplib_path();
+    each_check_at_once("amqplib", checks, |check| {
+        let mut c = Command::new("timeout");
+        c.args(["180", "node", script, hosts[1], hosts[2], &port, check]).env("NODE_PATH", &modules);
+        c
+    })
 }
 
 #[test]

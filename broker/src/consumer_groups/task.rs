@@ -13,14 +13,15 @@
 //! tests with paused time advance it) and handed out again. Timers are armed only by
 //! activity (see [`run`]): a node holding thousands of idle groups runs none of them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventtermq_proto::v1::Persistence;
+use eventtermq_proto::v1::{Message, Persistence};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
+use prost::Message as _;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -108,13 +109,21 @@ const LAG_PEEK_INTERVAL: Duration = Duration::from_secs(1);
 /// [`READ_RETRY_PAUSE`]): a fail-over's sealing takes well under that, while a copy
 /// that stays unreadable stops its shard's later generations and needs an operator.
 const READ_FAILURES_WARN_COUNT: u32 = 50;
-/// Failed publishes of one dead letter before the task warns (about 10 s).
+/// Failed publishes of one batch of dead letters before the task warns (about 10 s).
 const DEAD_LETTER_ATTEMPTS_WARN: u32 = 10;
 
 type FetchFuture = Pin<Box<dyn std::future::Future<Output = (SegmentId, Result<ReadResult, RequestError>)> + Send>>;
 type PeekFuture = Pin<Box<dyn std::future::Future<Output = (SegmentId, Option<u64>)> + Send>>;
-/// A dead letter on its way to the dead-letter topic: the record it is, once published.
-type DeadLetterFuture = Pin<Box<dyn std::future::Future<Output = (SegmentId, u64)> + Send>>;
+/// Dead letters on their way to the dead-letter topic, as one publish: the records
+/// they are, once published.
+type DeadLetterFuture = Pin<Box<dyn std::future::Future<Output = Vec<(SegmentId, u64)>> + Send>>;
+
+/// A dead letter waiting for its turn: the record it is, where it goes, what goes.
+struct DeadLetter {
+    record: (SegmentId, u64),
+    topic: String,
+    message: Message,
+}
 /// A purge learning how far each open segment is confirmed, then its answer.
 type PurgeFuture = Pin<
     Box<
@@ -174,7 +183,10 @@ struct Task {
     /// The segments peeked at, each peek ended early when the state says its segment
     /// closed (as [`Task::open_fetches`]).
     peeking: BTreeMap<SegmentId, CancellationToken>,
-    dead_letters: FuturesUnordered<DeadLetterFuture>,
+    /// Dead letters in log order, published one batch at a time so they reach the
+    /// dead-letter topic in the order they died (as RabbitMQ's).
+    dead_waiting: VecDeque<DeadLetter>,
+    dead_publishing: Option<DeadLetterFuture>,
     purges: FuturesUnordered<PurgeFuture>,
     counters: GroupCounters,
     /// Origin of the buffer's clock ([`Millis`]).
@@ -237,9 +249,13 @@ pub(crate) async fn run(
             Some(cmd) = cmds.recv() => t.command(cmd),
             Some((id, result)) = t.fetches.next(), if !t.fetches.is_empty() => t.fetched(id, result),
             Some((id, end)) = t.peeks.next(), if !t.peeks.is_empty() => t.peeked(id, end),
-            Some((id, offset)) = t.dead_letters.next(), if !t.dead_letters.is_empty() => {
-                t.buffer.dead_lettered(id, offset);
-                t.counters.dead_lettered.inc();
+            records = dead_letters_published(&mut t.dead_publishing), if t.dead_publishing.is_some() => {
+                t.dead_publishing = None;
+                for (id, offset) in records {
+                    t.buffer.dead_lettered(id, offset);
+                    t.counters.dead_lettered.inc();
+                }
+                t.publish_dead_letters();
             }
             Some((ends, reply)) = t.purges.next(), if !t.purges.is_empty() => t.purge(ends, reply),
         }
@@ -343,7 +359,8 @@ impl Task {
             flushes: Vec::new(),
             peeks: FuturesUnordered::new(),
             peeking: BTreeMap::new(),
-            dead_letters: FuturesUnordered::new(),
+            dead_waiting: VecDeque::new(),
+            dead_publishing: None,
             purges: FuturesUnordered::new(),
             counters,
             epoch: tokio::time::Instant::now(),
@@ -691,21 +708,44 @@ impl Task {
                 self.counters.dropped.inc();
                 continue;
             };
-            let (segments, namespace, topic) = (self.segments.clone(), self.namespace.clone(), topic.clone());
-            self.dead_letters.push(Box::pin(async move {
-                let messages = [message];
-                for attempt in 1u32.. {
-                    match segments.publish(&namespace, &topic, &messages, Persistence::Default, None, 0).await {
-                        Ok(_) => break,
-                        Err(e) if attempt == DEAD_LETTER_ATTEMPTS_WARN => tracing::warn!(%namespace, %topic, error = %e,
-                            attempts = attempt, "cannot publish to the dead-letter topic; retrying (the message stays unacknowledged)"),
-                        Err(e) => tracing::debug!(%namespace, %topic, error = %e, "dead-letter publish failed; retrying"),
-                    }
-                    tokio::time::sleep(READ_RETRY_PAUSE * 10).await;
-                }
-                (d.segment_id, d.offset)
-            }));
+            self.dead_waiting.push_back(DeadLetter { record: (d.segment_id, d.offset), topic: topic.clone(), message });
         }
+        self.publish_dead_letters();
+    }
+
+    /// Publishes the oldest waiting dead letters for one topic as one request (at most
+    /// `write_batch_max_bytes` of them, and at least one), unless a publish is out.
+    fn publish_dead_letters(&mut self) {
+        if self.dead_publishing.is_some() {
+            return;
+        }
+        let Some(first) = self.dead_waiting.front() else { return };
+        let topic = first.topic.clone();
+        let max_bytes = self.segments.settings().write_batch_max_bytes;
+        let (mut records, mut messages, mut bytes) = (Vec::new(), Vec::new(), 0);
+        while let Some(next) = self.dead_waiting.front() {
+            let size = next.message.encoded_len();
+            if next.topic != topic || (!messages.is_empty() && bytes + size > max_bytes) {
+                break;
+            }
+            let next = self.dead_waiting.pop_front().expect("front was Some");
+            bytes += size;
+            records.push(next.record);
+            messages.push(next.message);
+        }
+        let (segments, namespace) = (self.segments.clone(), self.namespace.clone());
+        self.dead_publishing = Some(Box::pin(async move {
+            for attempt in 1u32.. {
+                match segments.publish(&namespace, &topic, &messages, Persistence::Default, None, 0).await {
+                    Ok(_) => break,
+                    Err(e) if attempt == DEAD_LETTER_ATTEMPTS_WARN => tracing::warn!(%namespace, %topic, error = %e,
+                        attempts = attempt, "cannot publish to the dead-letter topic; retrying (the messages stay unacknowledged)"),
+                    Err(e) => tracing::debug!(%namespace, %topic, error = %e, "dead-letter publish failed; retrying"),
+                }
+                tokio::time::sleep(READ_RETRY_PAUSE * 10).await;
+            }
+            records
+        }));
     }
 
     fn start_fetch(&mut self, f: Fetch) {
@@ -840,6 +880,13 @@ fn commit_backoff(interval: Duration, failures: u32, name: &str) -> Duration {
 const COMMIT_BACKOFF_MAX_FACTOR: u32 = 32;
 
 /// Waits for the commit in flight (the caller polls this only when there is one).
+async fn dead_letters_published(publishing: &mut Option<DeadLetterFuture>) -> Vec<(SegmentId, u64)> {
+    match publishing {
+        Some(publish) => publish.await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn commit_done(commit: &mut Option<oneshot::Receiver<CommitResult>>) -> Result<(), String> {
     match commit {
         Some(answer) => match answer.await {
