@@ -113,6 +113,11 @@ pub struct DataSettings {
     /// A closed segment's copy on a node DEAD this long is replaced by a new copy on a
     /// live node.
     pub rereplicate_after_ms: u64,
+    /// Graceful shutdown: how long a node waits, at most, until every open segment it
+    /// holds a copy of (and is not primary of) has enough caught-up copies without it
+    /// (a replica that restarted a moment ago may still be catching up, as in a
+    /// rolling restart); 0: does not wait.
+    pub shutdown_copies_wait_ms: u64,
     /// How long a consumer group's read of an open segment waits for new records
     /// before it asks again. A read ends as soon as records are confirmed, the segment
     /// closes or its primary goes away, so this only bounds how often an idle group
@@ -151,6 +156,7 @@ impl Default for DataSettings {
             offsets_commit_batch_max_count: 256,
             ack_timeout_ms: eventtermq_api::defaults::ACK_TIMEOUT_MS,
             rereplicate_after_ms: 60_000,
+            shutdown_copies_wait_ms: 30_000,
             read_wait_ms: 300_000,
             dedupe_window_ms: eventtermq_api::defaults::DEDUPE_WINDOW_MS,
             dedupe_window_entries_max: 100_000,

@@ -581,6 +581,61 @@ async fn a_partitioned_replica_does_not_stop_publishing_and_catches_up() {
     .await;
 }
 
+/// A replica stopping gracefully (SIGTERM: a rolling restart's next pod) keeps its
+/// copy of an open segment confirming until the segment's other replica, which fell
+/// behind (cut off from the primary, as a pod that restarted a moment ago), caught
+/// up: stopping it earlier would leave the primary without a quorum. Once that replica
+/// has everything, the wait ends and publishing goes on without the stopped copy. When
+/// the other copies do not answer at all, it does not wait.
+#[tokio::test(start_paused = true)]
+async fn a_stopping_replica_waits_until_the_other_replica_caught_up() {
+    use eventtermq_broker::replication::replica::wait_for_other_copies;
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let nodes = three(&net, dir.path()).await;
+    let cmd = Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec: topic() };
+    nodes[0].handle.cluster.write(cmd).await.unwrap();
+    eventually(Duration::from_secs(10), "an open segment", || async { primary_index(&nodes).is_some() }).await;
+    let pi = primary_index(&nodes).unwrap();
+    let (seg_id, behind, stopping) = {
+        let st = nodes[0].handle.cluster.state.read();
+        let (id, s) = st.state.topic_segments("default", "t").find(|(_, s)| s.is_open()).unwrap();
+        let at = |n: u64| nodes.iter().position(|x| x.handle.id == n).unwrap();
+        (id, at(s.replicas[1]), at(s.replicas[2]))
+    };
+    net.partition(&[&nodes[pi].name], &[&nodes[behind].name]);
+    assert_eq!(publish_ids(&nodes[pi], 0..100).await.len(), 100, "the primary and one replica confirm");
+    let held = |n: usize| nodes[n].handle.segments.store().info(seg_id).map_or(0, |i| i.next_offset);
+    assert!(held(behind) < 100);
+
+    let waiting = wait_for_other_copies(&nodes[stopping].handle.segments, Duration::from_secs(30));
+    tokio::pin!(waiting);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), &mut waiting).await.is_err(),
+        "the stopping replica waits while the other one is behind"
+    );
+    net.heal();
+    let short = tokio::time::timeout(Duration::from_secs(20), waiting).await.expect("the wait ends once it caught up");
+    assert_eq!(short, 0, "no segment left short");
+    assert_eq!(held(behind), 100, "the other replica holds everything the primary held");
+    // The stopping copy gone, the primary and the caught-up replica confirm at once.
+    net.isolate(&nodes[stopping].name);
+    let confirmed = tokio::time::timeout(Duration::from_secs(2), publish_ids(&nodes[pi], 100..110)).await;
+    assert_eq!(confirmed.expect("confirmed without waiting").len(), 10);
+
+    // Nothing answers but this node: no wait at all.
+    net.heal();
+    net.isolate(&nodes[behind].name);
+    net.partition(&[&nodes[stopping].name], &[&nodes[pi].name]);
+    let short = tokio::time::timeout(
+        Duration::from_secs(10),
+        wait_for_other_copies(&nodes[stopping].handle.segments, Duration::from_secs(30)),
+    )
+    .await
+    .expect("no wait when waiting cannot help");
+    assert_eq!(short, 0);
+}
+
 /// Topic `t` with segments of at most `segment_size_max_bytes`, `count` messages
 /// published into it, and the first closed segment sealed on every node. Returns the
 /// messages and that segment's id.

@@ -298,6 +298,10 @@ pub struct BrokerArgs {
     /// Replace a closed segment's copy on a node DEAD this long with a copy on a live node.
     #[arg(long, default_value_t = DataSettings::default().rereplicate_after_ms)]
     pub rereplicate_after_ms: u64,
+    /// On SIGTERM, wait at most this long until every open segment this node holds a
+    /// copy of has enough caught-up copies on other nodes (a rolling restart); 0: no wait.
+    #[arg(long, default_value_t = DataSettings::default().shutdown_copies_wait_ms)]
+    pub shutdown_copies_wait_ms: u64,
     /// Exactly-once publishing: how long a segment's primary remembers a publish that
     /// carries a producer id and sequence, so that a retry is answered as the first
     /// attempt was and not stored again (0: ids are ignored).

@@ -337,7 +337,8 @@ async fn users_at_start(
 }
 
 /// Waits for `shutdown` (graceful: groups commit, primaries close their segments,
-/// leadership is handed over, gossip hears this node LEFT) or `stop` (abrupt), then
+/// other copies of the open segments this node replicates catch up, leadership is
+/// handed over, gossip hears this node LEFT) or `stop` (abrupt), then
 /// stops Raft and every task.
 async fn run_until_stopped(parts: Parts, tasks: Tasks, shutdown: CancellationToken, stop: CancellationToken) {
     tokio::select! {
@@ -353,6 +354,12 @@ async fn run_until_stopped(parts: Parts, tasks: Tasks, shutdown: CancellationTok
             };
             if tokio::time::timeout(DATA_SHUTDOWN_MAX, data).await.is_err() {
                 tracing::warn!("consumer groups and segments did not stop in time");
+            }
+            // This node's copies of other primaries' open segments keep confirming until
+            // enough other copies caught up (a rolling restart's previous node).
+            let wait = Duration::from_millis(parts.segments.settings().shutdown_copies_wait_ms);
+            if !wait.is_zero() {
+                crate::replication::replica::wait_for_other_copies(&parts.segments, wait).await;
             }
             hand_over_leadership(&parts.cluster).await;
             parts.membership.leave().await;

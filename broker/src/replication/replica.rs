@@ -10,7 +10,7 @@ use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use super::{from_wire, lock, storage_error, Segments, SharedWriter};
-use crate::cluster_state::SegmentId;
+use crate::cluster_state::{NodeId, SegmentId};
 use crate::error::{ErrorCode, RequestError};
 
 /// How long a replica waits for the cluster state to show a segment it is asked to
@@ -213,4 +213,117 @@ pub async fn status(segments: &Segments, id: SegmentId, freeze: bool) -> Result<
         },
         None => SegmentStatusResponse { exists: false, next_offset: 0, size_bytes: 0, checksum: 0 },
     })
+}
+
+/// Pause between looks while a stopping node waits for the other copies of its open
+/// segments to catch up.
+const COPIES_WAIT_POLL: Duration = Duration::from_millis(100);
+/// Segments asked about at once while a stopping node waits for other copies.
+const COPIES_WAIT_ASKS_MAX: usize = 64;
+
+/// Where one open segment stands without this node's copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OtherCopies {
+    /// The primary and enough replicas hold what the primary held: stopping this copy
+    /// does not hold confirmations up.
+    Enough,
+    /// Too few are caught up yet, but enough of them answer to get there.
+    CatchingUp,
+    /// Too few copies answer for this one's wait to help (the primary or the others are
+    /// down: the whole cluster may be stopping).
+    Unreachable,
+}
+
+/// `quorum`: copies a record needs before it is confirmed; `primary_end`: what the
+/// primary held when asked (`None`: it did not answer); `others`: what each other
+/// replica held (not this node's copy, not the primary's), asked after the primary.
+fn other_copies(quorum: usize, primary_end: Option<u64>, others: &[Option<u64>]) -> OtherCopies {
+    let Some(end) = primary_end else { return OtherCopies::Unreachable };
+    let answering = 1 + others.iter().flatten().count();
+    let caught_up = 1 + others.iter().flatten().filter(|n| **n >= end).count();
+    if caught_up >= quorum {
+        OtherCopies::Enough
+    } else if answering >= quorum {
+        OtherCopies::CatchingUp
+    } else {
+        OtherCopies::Unreachable
+    }
+}
+
+/// Graceful shutdown of a replica, as Kafka's controlled shutdown waits for in-sync
+/// replicas: waits, at most `max`, until every open segment this node holds a copy of
+/// (and is not primary of) has a quorum of caught-up copies without this one. A
+/// replica that restarted a moment ago (the previous pod of a rolling restart) may
+/// still be catching up; stopping this copy before it has would leave the primary
+/// without a quorum until it has. Segments whose other copies do not answer are not
+/// waited for. Returns how many segments were still short when it gave up.
+pub async fn wait_for_other_copies(segments: &Segments, max: Duration) -> usize {
+    let me = segments.cluster().id;
+    let deadline = tokio::time::Instant::now() + max;
+    let started = tokio::time::Instant::now();
+    let mut waited_for = 0;
+    loop {
+        let open: Vec<(SegmentId, NodeId, Vec<NodeId>, usize)> = {
+            let st = segments.cluster().state.read();
+            let open = st.state.segments.iter().filter(|(_, s)| s.is_open() && s.primary != me);
+            let mine = open.filter(|(_, s)| s.replicas.contains(&me));
+            mine.map(|(id, s)| (*id, s.primary, s.replicas.clone(), s.quorum())).collect()
+        };
+        let asks = open.into_iter().map(|(id, primary, replicas, quorum)| async move {
+            // A node that answers and has no copy yet holds nothing of it so far.
+            let held = |node: NodeId| async move {
+                let addr = segments.node_addr(node).ok()?;
+                let r = segments.peers().segment_status(node, &addr, id, false).await.ok()?;
+                Some(r)
+            };
+            let primary_end = held(primary).await.filter(|r| r.exists).map(|r| r.next_offset);
+            let others = replicas.iter().filter(|n| **n != me && **n != primary).map(|n| held(*n));
+            let others: Vec<Option<u64>> =
+                futures::future::join_all(others).await.into_iter().map(|r| r.map(|r| r.next_offset)).collect();
+            other_copies(quorum, primary_end, &others)
+        });
+        let verdicts: Vec<OtherCopies> =
+            futures::stream::iter(asks).buffer_unordered(COPIES_WAIT_ASKS_MAX).collect().await;
+        let short = verdicts.iter().filter(|v| **v == OtherCopies::CatchingUp).count();
+        if short == 0 {
+            if waited_for > 0 {
+                tracing::info!(segments = waited_for, waited_ms = started.elapsed().as_millis() as u64,
+                    "the other copies of this node's open segments caught up; stopping");
+            }
+            return 0;
+        }
+        waited_for = waited_for.max(short);
+        if tokio::time::Instant::now() + COPIES_WAIT_POLL > deadline {
+            tracing::warn!(segments = short, waited_ms = started.elapsed().as_millis() as u64,
+                "stopping although open segments this node holds a copy of have too few caught-up copies \
+                 elsewhere (--shutdown-copies-wait-ms): their publishes wait until those catch up");
+            return short;
+        }
+        if waited_for == short && started.elapsed() < COPIES_WAIT_POLL * 2 {
+            tracing::info!(segments = short, "waiting for the other copies of open segments to catch up before stopping");
+        }
+        tokio::time::sleep(COPIES_WAIT_POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod copies_tests {
+    use super::*;
+
+    #[test]
+    fn a_stopping_copy_waits_only_when_waiting_can_help() {
+        use OtherCopies::*;
+        // Three copies, quorum 2: the primary and one caught-up replica are enough.
+        assert_eq!(other_copies(2, Some(10), &[Some(10)]), Enough);
+        assert_eq!(other_copies(2, Some(10), &[Some(12)]), Enough, "it got more since the primary was asked");
+        assert_eq!(other_copies(2, Some(10), &[Some(7)]), CatchingUp, "restarted, still catching up");
+        assert_eq!(other_copies(2, Some(10), &[None]), Unreachable, "the other replica is down too");
+        assert_eq!(other_copies(2, None, &[Some(10)]), Unreachable, "the primary is down: a fail-over's job");
+        // Five copies, quorum 3.
+        assert_eq!(other_copies(3, Some(5), &[Some(5), Some(1), None]), CatchingUp);
+        assert_eq!(other_copies(3, Some(5), &[Some(5), Some(5), None]), Enough);
+        assert_eq!(other_copies(3, Some(5), &[None, Some(1), None]), Unreachable);
+        // One copy left besides this one is the primary: quorum 1 needs no one else.
+        assert_eq!(other_copies(1, Some(5), &[]), Enough);
+    }
 }
