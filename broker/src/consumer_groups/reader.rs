@@ -429,8 +429,9 @@ impl Reader {
     /// confirmed), with nothing backlogged. The generations behind a head wait for
     /// it, so they have nothing to hand out either.
     pub fn drained(&self, buffer: &GroupBuffer) -> bool {
-        let caught_up = |c: &Box<Cursor>| (c.idle || c.caught_up) && c.backlog.is_empty();
-        buffer.pending_len() == 0 && heads(&self.unfinished).all(|id| self.cursors.get(&id).is_none_or(caught_up))
+        let caught_up = |c: &Cursor| (c.idle || c.caught_up) && c.backlog.is_empty();
+        buffer.pending_len() == 0
+            && heads(&self.unfinished).all(|id| self.cursors.get(&id).is_none_or(|c| caught_up(c)))
     }
 
     /// A read made only to learn how far an open segment is readable now (for its lag,

@@ -287,20 +287,29 @@ pub async fn wait_for_other_copies(segments: &Segments, max: Duration) -> usize 
         let short = verdicts.iter().filter(|v| **v == OtherCopies::CatchingUp).count();
         if short == 0 {
             if waited_for > 0 {
-                tracing::info!(segments = waited_for, waited_ms = started.elapsed().as_millis() as u64,
-                    "the other copies of this node's open segments caught up; stopping");
+                tracing::info!(
+                    segments = waited_for,
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "the other copies of this node's open segments caught up; stopping"
+                );
             }
             return 0;
         }
         waited_for = waited_for.max(short);
         if tokio::time::Instant::now() + COPIES_WAIT_POLL > deadline {
-            tracing::warn!(segments = short, waited_ms = started.elapsed().as_millis() as u64,
+            tracing::warn!(
+                segments = short,
+                waited_ms = started.elapsed().as_millis() as u64,
                 "stopping although open segments this node holds a copy of have too few caught-up copies \
-                 elsewhere (--shutdown-copies-wait-ms): their publishes wait until those catch up");
+                 elsewhere (--shutdown-copies-wait-ms): their publishes wait until those catch up"
+            );
             return short;
         }
         if waited_for == short && started.elapsed() < COPIES_WAIT_POLL * 2 {
-            tracing::info!(segments = short, "waiting for the other copies of open segments to catch up before stopping");
+            tracing::info!(
+                segments = short,
+                "waiting for the other copies of open segments to catch up before stopping"
+            );
         }
         tokio::time::sleep(COPIES_WAIT_POLL).await;
     }
