@@ -550,21 +550,24 @@ async fn confirmed_messages_survive_a_primary_crash_mid_stream() {
     }
 }
 
+/// Creates topic `t` and waits for its open segment: its id and the indexes in
+/// `nodes` of its replica set, primary first.
+async fn open_segment_of_t(nodes: &[TestNode]) -> (u64, [usize; 3]) {
+    let cmd = Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec: topic() };
+    nodes[0].handle.cluster.write(cmd).await.unwrap();
+    eventually(Duration::from_secs(10), "an open segment", || async { primary_index(nodes).is_some() }).await;
+    let st = nodes[0].handle.cluster.state.read();
+    let (id, s) = st.state.topic_segments("default", "t").find(|(_, s)| s.is_open()).unwrap();
+    let at = |n: u64| nodes.iter().position(|x| x.handle.id == n).unwrap();
+    (id, [at(s.replicas[0]), at(s.replicas[1]), at(s.replicas[2])])
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_partitioned_replica_does_not_stop_publishing_and_catches_up() {
     let dir = tempfile::tempdir().unwrap();
     let net = TestNet::new();
     let nodes = three(&net, dir.path()).await;
-    let cmd = Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec: topic() };
-    nodes[0].handle.cluster.write(cmd).await.unwrap();
-    eventually(Duration::from_secs(10), "an open segment", || async { primary_index(&nodes).is_some() }).await;
-    let pi = primary_index(&nodes).unwrap();
-    let (seg_id, replica) = {
-        let st = nodes[0].handle.cluster.state.read();
-        let (id, s) = st.state.topic_segments("default", "t").find(|(_, s)| s.is_open()).unwrap();
-        let replica = nodes.iter().position(|n| n.handle.id == s.replicas[2]).unwrap();
-        (id, replica)
-    };
+    let (seg_id, [pi, _, replica]) = open_segment_of_t(&nodes).await;
     assert_ne!(replica, pi);
 
     // Cut one replica off from the primary only: a majority (primary + the other
@@ -593,16 +596,7 @@ async fn a_stopping_replica_waits_until_the_other_replica_caught_up() {
     let dir = tempfile::tempdir().unwrap();
     let net = TestNet::new();
     let nodes = three(&net, dir.path()).await;
-    let cmd = Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec: topic() };
-    nodes[0].handle.cluster.write(cmd).await.unwrap();
-    eventually(Duration::from_secs(10), "an open segment", || async { primary_index(&nodes).is_some() }).await;
-    let pi = primary_index(&nodes).unwrap();
-    let (seg_id, behind, stopping) = {
-        let st = nodes[0].handle.cluster.state.read();
-        let (id, s) = st.state.topic_segments("default", "t").find(|(_, s)| s.is_open()).unwrap();
-        let at = |n: u64| nodes.iter().position(|x| x.handle.id == n).unwrap();
-        (id, at(s.replicas[1]), at(s.replicas[2]))
-    };
+    let (seg_id, [pi, behind, stopping]) = open_segment_of_t(&nodes).await;
     net.partition(&[&nodes[pi].name], &[&nodes[behind].name]);
     assert_eq!(publish_ids(&nodes[pi], 0..100).await.len(), 100, "the primary and one replica confirm");
     let held = |n: usize| nodes[n].handle.segments.store().info(seg_id).map_or(0, |i| i.next_offset);
