@@ -27,6 +27,8 @@ pub struct Observer {
     pub membership: Membership,
     pub segments: Segments,
     pub groups: Groups,
+    /// Cancelled once the node began a graceful stop: it is no longer ready.
+    pub stopping: CancellationToken,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -36,9 +38,10 @@ type Labels = Vec<(&'static str, String)>;
 const USER_HZ: f64 = 100.0;
 
 impl Observer {
-    pub fn new(s: &super::Services) -> Self {
+    /// `stopping`: cancelled when the node begins a graceful stop.
+    pub fn new(s: &super::Services, stopping: CancellationToken) -> Self {
         let (cluster, membership) = (s.cluster.clone(), s.membership.clone());
-        Self { cluster, membership, segments: s.segments.clone(), groups: s.groups.clone() }
+        Self { cluster, membership, segments: s.segments.clone(), groups: s.groups.clone(), stopping }
     }
 
     fn metrics(&self) -> &Metrics {
@@ -322,7 +325,9 @@ async fn metrics(State(observer): State<Observer>, headers: HeaderMap) -> impl I
 }
 
 /// Path of the readiness check: 200 while the node knows a Raft leader, as the gRPC
-/// health service's readiness (`eventtermq_api::health::READINESS_SERVICE`).
+/// health service's readiness (`eventtermq_api::health::READINESS_SERVICE`), and is
+/// not stopping (a graceful stop makes it 503 at once, so a Service stops sending new
+/// clients while the node hands its work over).
 pub const READINESS_PATH: &str = "/readyz";
 /// Path of the liveness check: 200 until Raft stopped on an error, as the gRPC health
 /// service's liveness.
@@ -331,12 +336,15 @@ pub const LIVENESS_PATH: &str = "/livez";
 /// The health answers of the gRPC health service, over plain HTTP on the metrics
 /// port: a Kubernetes kubelet's gRPC probe speaks no TLS, so a node serving TLS on
 /// its gRPC port is probed here. `ready`: readiness, else liveness. No data is shown.
-fn health_answer(cluster: &Cluster, ready: bool) -> (axum::http::StatusCode, String) {
+fn health_answer(observer: &Observer, ready: bool) -> (axum::http::StatusCode, String) {
     use axum::http::StatusCode;
-    let metrics = cluster.raft.metrics();
+    let metrics = observer.cluster.raft.metrics();
     let m = metrics.borrow();
     if let Some(reason) = super::raft_failure(&m) {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("Raft stopped: {reason}\n"));
+    }
+    if ready && observer.stopping.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "stopping\n".to_string());
     }
     if ready && m.current_leader.is_none() {
         return (StatusCode::SERVICE_UNAVAILABLE, "no Raft leader known\n".to_string());
@@ -345,11 +353,11 @@ fn health_answer(cluster: &Cluster, ready: bool) -> (axum::http::StatusCode, Str
 }
 
 async fn readyz(State(observer): State<Observer>) -> impl IntoResponse {
-    health_answer(&observer.cluster, true)
+    health_answer(&observer, true)
 }
 
 async fn livez(State(observer): State<Observer>) -> impl IntoResponse {
-    health_answer(&observer.cluster, false)
+    health_answer(&observer, false)
 }
 
 /// Serves `/metrics`, [`READINESS_PATH`] and [`LIVENESS_PATH`] on `listener` until

@@ -62,7 +62,12 @@ pub fn raft_failure(m: &RaftMetrics) -> Option<String> {
 /// Keeps the health service in line with Raft: readiness while a leader is known;
 /// liveness until Raft stops on an error, since nothing in this process brings it back
 /// (an orchestrator's liveness probe then restarts the node, as it should).
-async fn report_health(cluster: Cluster, health: tonic_health::server::HealthReporter, stop: CancellationToken) {
+async fn report_health(
+    cluster: Cluster,
+    health: tonic_health::server::HealthReporter,
+    stopping: CancellationToken,
+    stop: CancellationToken,
+) {
     let (metrics, mut raft_changes) = (cluster.raft.metrics(), cluster.state_changes());
     let mut last = None;
     loop {
@@ -77,14 +82,17 @@ async fn report_health(cluster: Cluster, health: tonic_health::server::HealthRep
             health.set_service_status(READINESS_SERVICE, ServingStatus::NotServing).await;
             return;
         }
-        if last != Some(has_leader) {
-            let status = if has_leader { ServingStatus::Serving } else { ServingStatus::NotServing };
+        // A node stopping gracefully is no longer ready, whatever Raft says.
+        let ready = has_leader && !stopping.is_cancelled();
+        if last != Some(ready) {
+            let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
             health.set_service_status(READINESS_SERVICE, status).await;
-            last = Some(has_leader);
+            last = Some(ready);
         }
         tokio::select! {
             biased;
             _ = stop.cancelled() => return,
+            _ = stopping.cancelled(), if last == Some(true) => {}
             r = raft_changes.changed() => if r.is_err() { return },
         }
     }
@@ -107,6 +115,7 @@ pub fn serve(
     access: crate::security::InternalAccess,
     incoming: Pin<Box<dyn Stream<Item = std::io::Result<Conn>> + Send>>,
     stop: CancellationToken,
+    stopping: CancellationToken,
 ) -> JoinHandle<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     // Both reflection versions: grpcurl and other tools still ask for v1alpha. Only
@@ -123,7 +132,7 @@ pub fn serve(
     let Services { cluster, membership, segments, groups, peers, auth } = services;
     let grpc_metrics = GrpcMetricsLayer { metrics: segments.metrics().clone() };
     let guard = guard::InternalGuardLayer::new(access, segments.metrics().clone());
-    tokio::spawn(report_health(cluster.clone(), health_reporter, stop.clone()));
+    tokio::spawn(report_health(cluster.clone(), health_reporter, stopping, stop.clone()));
     let admin = AdminServer::new(admin::AdminService {
         cluster: cluster.clone(),
         segments: segments.clone(),

@@ -140,8 +140,8 @@ pub async fn start(
         peers: peers.clone(),
         auth,
     };
-    let observer = crate::api::metrics::Observer::new(&services);
-    let tasks = Tasks::spawn(&config, services, (listeners.incoming, listeners.amqp), disk, &stop);
+    let observer = crate::api::metrics::Observer::new(&services, shutdown.clone());
+    let tasks = Tasks::spawn(&config, services, (listeners.incoming, listeners.amqp), disk, &stop, &shutdown);
     tracing::info!(node_id = id, listen = %config.listen_addr, advertise = %config.advertise_addr,
         dir = %config.dir.display(), internal_access = ?config.internal_access, "node started");
 
@@ -213,7 +213,11 @@ struct Parts {
 
 /// The node's background tasks.
 struct Tasks {
-    server: JoinHandle<()>,
+    /// The gRPC server; taken when it is drained.
+    server: Option<JoinHandle<()>>,
+    /// Stops the gRPC server alone (a graceful stop drains it first); a child of
+    /// `stop`.
+    server_stop: CancellationToken,
     keeper: JoinHandle<()>,
     placement: JoinHandle<()>,
     group_runner: JoinHandle<()>,
@@ -225,12 +229,14 @@ struct Tasks {
 
 impl Tasks {
     /// Starts the gRPC server and every loop of the node; all stop on `stop`.
+    /// `stopping`: cancelled when a graceful stop begins (readiness goes).
     fn spawn(
         config: &NodeConfig,
         services: Services,
         (incoming, amqp): (Incoming, Option<Incoming>),
         disk: crate::disk::Disk,
         stop: &CancellationToken,
+        stopping: &CancellationToken,
     ) -> Tasks {
         let Services { cluster, membership, segments, groups, peers, auth } = &services;
         let amqp = amqp.map(|incoming| {
@@ -246,6 +252,7 @@ impl Tasks {
             tokio::spawn(crate::amqp::serve(backend, incoming, config.amqp.clone(), stop.clone()))
         });
         let reconcile_interval = Duration::from_millis(config.reconcile_interval_ms);
+        let server_stop = stop.child_token();
         tokio::spawn(users_at_start(config.bootstrap_admin.clone(), cluster.clone(), auth.clone(), stop.clone()));
         Tasks {
             keeper: tokio::spawn(crate::replication::keeper::run(segments.clone(), stop.clone())),
@@ -265,8 +272,28 @@ impl Tasks {
             )),
             reconciler: tokio::spawn(reconcile::run(config.clone(), cluster.clone(), membership.clone(), stop.clone())),
             disk_watch: tokio::spawn(crate::disk::watch(disk, cluster.clone(), stop.clone())),
-            server: crate::api::serve(services, config.internal_access.clone(), incoming, stop.clone()),
+            server: Some(crate::api::serve(
+                services,
+                config.internal_access.clone(),
+                incoming,
+                server_stop.clone(),
+                stopping.clone(),
+            )),
+            server_stop,
             amqp,
+        }
+    }
+}
+
+impl Tasks {
+    /// Stops the gRPC server and lets it finish the calls in flight, for at most
+    /// [`SERVER_DRAIN_MAX`].
+    async fn drain_server(&mut self) {
+        self.server_stop.cancel();
+        let Some(server) = self.server.take() else { return };
+        let abort = server.abort_handle();
+        if tokio::time::timeout(SERVER_DRAIN_MAX, server).await.is_err() {
+            abort.abort();
         }
     }
 }
@@ -340,7 +367,7 @@ async fn users_at_start(
 /// other copies of the open segments this node replicates catch up, leadership is
 /// handed over, gossip hears this node LEFT) or `stop` (abrupt), then
 /// stops Raft and every task.
-async fn run_until_stopped(parts: Parts, tasks: Tasks, shutdown: CancellationToken, stop: CancellationToken) {
+async fn run_until_stopped(parts: Parts, mut tasks: Tasks, shutdown: CancellationToken, stop: CancellationToken) {
     tokio::select! {
         biased;
         _ = shutdown.cancelled() => {
@@ -363,6 +390,11 @@ async fn run_until_stopped(parts: Parts, tasks: Tasks, shutdown: CancellationTok
             }
             hand_over_leadership(&parts.cluster).await;
             parts.membership.leave().await;
+            // Clients next: the gRPC server takes no more requests (HTTP/2 GOAWAY: a
+            // client goes to another node at once) and answers those it took while
+            // Raft and the data path still serve them, instead of leaving them to
+            // their deadlines.
+            tasks.drain_server().await;
             stop.cancel();
         }
         _ = stop.cancelled() => {}
@@ -382,11 +414,7 @@ async fn run_until_stopped(parts: Parts, tasks: Tasks, shutdown: CancellationTok
     if let Some(amqp) = &tasks.amqp {
         amqp.abort();
     }
-    // The server drains in-flight calls, but not for longer than this.
-    let server_abort = tasks.server.abort_handle();
-    if tokio::time::timeout(SERVER_DRAIN_MAX, tasks.server).await.is_err() {
-        server_abort.abort();
-    }
+    tasks.drain_server().await;
     drop(parts.dir_lock);
     tracing::info!("node stopped");
 }
