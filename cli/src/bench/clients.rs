@@ -18,6 +18,7 @@ use eventtermq_proto::v1 as pb;
 use eventtermq_proto::v1::messaging_client::MessagingClient;
 use futures::StreamExt;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use super::{cpu_ms, rss_kib, spawn_binary, wait_alive, Proc};
@@ -425,7 +426,7 @@ struct Subscribers {
     tasks: Vec<tokio::task::JoinHandle<Tally>>,
     /// Messages delivered so far, per group (topic-major).
     per_group: Arc<Vec<AtomicU64>>,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
 }
 
 impl Subscribers {
@@ -438,7 +439,7 @@ impl Subscribers {
         epoch: Instant,
     ) -> Result<Subscribers, CliError> {
         let per_group: Arc<Vec<AtomicU64>> = Arc::new((0..shape.groups()).map(|_| AtomicU64::new(0)).collect());
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
         let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), String>>(shape.subscribers().max(1));
         let mut tasks = Vec::new();
         for i in 0..shape.subscribers() {
@@ -466,8 +467,12 @@ impl Subscribers {
                 };
                 let _ = ready.send(Ok(())).await;
                 drop(ready);
-                while !stop.load(Ordering::Relaxed) {
-                    match stream.next().await {
+                loop {
+                    let next = tokio::select! {
+                        next = stream.next() => next,
+                        () = stop.cancelled() => break,
+                    };
+                    match next {
                         Some(Ok(m)) => {
                             let now = epoch.elapsed().as_micros() as u64;
                             if let Some(sent) = m.message.as_ref().and_then(|m| stamp_of(&m.data)) {
@@ -516,10 +521,9 @@ impl Subscribers {
     async fn finish(self, shape: Shape, confirmed: &[u64], drained: Option<Duration>) -> serde_json::Value {
         // Anything still on its way (a duplicate would show) in the next moment.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.cancel();
         let mut tallies = Vec::with_capacity(self.tasks.len());
         for t in self.tasks {
-            t.abort();
             tallies.push(t.await.unwrap_or_default());
         }
         delivery_report(shape, confirmed, &tallies, drained)
