@@ -101,6 +101,10 @@ pub struct DataSettings {
     pub read_batch_max_bytes: usize,
     /// Publishes queued on a primary beyond this many bytes wait (back-pressure).
     pub write_queue_max_bytes: usize,
+    /// Bytes of publish requests a node holds at once over all streams and clients
+    /// (read off a stream, not answered yet); beyond it the node reads no more
+    /// publishes until some are answered (`api/budget.rs`).
+    pub publish_in_flight_max_bytes: usize,
     /// How often a consumer group records its acknowledged offsets in the cluster state.
     /// After a kill -9, at most this much of acknowledged messages is delivered again.
     pub offsets_commit_interval_ms: u64,
@@ -147,6 +151,7 @@ impl Default for DataSettings {
             write_batch_max_bytes: 1024 * 1024,
             read_batch_max_bytes: 1024 * 1024,
             write_queue_max_bytes: 64 * 1024 * 1024,
+            publish_in_flight_max_bytes: 16 * 1024 * 1024,
             offsets_commit_interval_ms: 1000,
             offsets_commit_batch_max_count: 256,
             ack_timeout_ms: eventtermq_api::defaults::ACK_TIMEOUT_MS,

@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod budget;
 pub mod convert;
 pub mod guard;
 pub mod internal;
@@ -133,6 +134,7 @@ pub fn serve(
     })
     .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
     let messaging = MessagingServer::new(messaging::MessagingService {
+        budget: budget::PublishBudget::new(segments.settings().publish_in_flight_max_bytes),
         segments: segments.clone(),
         groups,
         peers,

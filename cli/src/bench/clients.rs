@@ -278,6 +278,8 @@ impl Bench<'_> {
             "after": self.procs.iter().map(|p| rss_kib(p.child.id())).collect::<Vec<_>>(),
         });
         println!("{line}");
+        // The next phase starts with the disk this one used given back.
+        delete(self.entry, ns, phase, shape).await?;
         Ok(PhaseFigures {
             messages_per_s: total as f64 / publish_time.as_secs_f64(),
             brokers_us_per_message,
@@ -311,6 +313,20 @@ async fn create(entry: &str, namespace: &str, phase: &str, shape: Shape) -> Resu
                 .await
                 .map_err(err)?;
         }
+    }
+    Ok(())
+}
+
+/// Deletes the phase's groups and topics (each node then deletes its copies).
+async fn delete(entry: &str, namespace: &str, phase: &str, shape: Shape) -> Result<(), CliError> {
+    let mut admin = admin_client(entry, None)?;
+    for t in 0..shape.publishers {
+        for g in 0..shape.groups_per_topic {
+            let req = pb::DeleteConsumerGroupRequest { namespace: namespace.into(), name: group_name(phase, t, g) };
+            admin.delete_consumer_group(req).await.map_err(err)?;
+        }
+        let req = pb::DeleteTopicRequest { namespace: namespace.into(), name: topic_name(phase, t) };
+        admin.delete_topic(req).await.map_err(err)?;
     }
     Ok(())
 }
