@@ -809,7 +809,7 @@ pub enum BenchCommand {
 #[derive(Debug, Args)]
 pub struct ClientsBenchArgs {
     /// Loopback addresses of the three brokers to start; every client connects to the first.
-    #[arg(long, value_delimiter = ',', default_value = "127.0.0.221,127.0.0.222,127.0.0.223")]
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.205,127.0.0.206,127.0.0.207")]
     pub hosts: Vec<String>,
     /// The brokers' gRPC and gossip port; their AMQP and metrics ports are the next two.
     #[arg(long, default_value_t = 27600)]
