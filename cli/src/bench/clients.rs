@@ -559,21 +559,16 @@ impl Subscribers {
 /// The per-subscriber and per-group delivery figures of a phase.
 fn delivery_report(shape: Shape, confirmed: &[u64], tallies: &[Tally], drained: Option<Duration>) -> serde_json::Value {
     let delivered: Vec<u64> = tallies.iter().map(|t| t.delivered).collect();
-    let per_group: Vec<u64> =
-        delivered.chunks(shape.subscribers_per_group.max(1)).map(|c| c.iter().sum()).collect();
+    let per_group: Vec<u64> = delivered.chunks(shape.subscribers_per_group.max(1)).map(|c| c.iter().sum()).collect();
     let expected = |g: usize| confirmed[g / shape.groups_per_topic];
     let missing: u64 = per_group.iter().enumerate().map(|(g, d)| expected(g).saturating_sub(*d)).sum();
     let extra: u64 = per_group.iter().enumerate().map(|(g, d)| d.saturating_sub(expected(g))).sum();
     // The worst ratio between two subscribers of one group.
-    let within_group = delivered
-        .chunks(shape.subscribers_per_group.max(1))
-        .map(|c| ratio_max_min(c))
-        .fold(1.0_f64, f64::max);
+    let within_group = delivered.chunks(shape.subscribers_per_group.max(1)).map(ratio_max_min).fold(1.0_f64, f64::max);
     let mut latencies: Vec<u32> = tallies.iter().flat_map(|t| t.latencies_us.iter().copied()).collect();
     latencies.sort_unstable();
-    let pct = |p: f64| {
-        latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied()
-    };
+    let pct =
+        |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied();
     let errors: Vec<&String> = tallies.iter().filter_map(|t| t.error.as_ref()).collect();
     serde_json::json!({
         "subscribers": tallies.len(),
