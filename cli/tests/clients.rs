@@ -12,12 +12,14 @@ use common::*;
 /// Each publisher's messages: 1,000, so 200 per subscriber when a group hands them
 /// out round-robin.
 const MESSAGES_PER_PUBLISHER: u64 = 1000;
-/// Each subscriber's window. A subscriber that stalls for the whole run still gets
-/// its window's worth (the group hands them to it and they arrive when it resumes):
-/// the others then share the rest, (1000 - 128) / 4 = 218 each, 1.7x its 128. So a
-/// ratio above 2 means the group's hand-out itself favours some subscribers, not that
-/// the machine was slow.
-const WINDOW: &str = "128";
+/// Each subscriber's window: more than its share (200), so that the windows of a
+/// group hold all its topic's messages at once and the group hands every message out
+/// without waiting for an acknowledgement. What each subscriber gets then depends on
+/// the hand-out alone, not on how fast its stream drains: with a window of 128, a
+/// subscriber whose stream was slow during the 50 ms burst (debug build, busy machine)
+/// got its 128 while others got 257, 2.01x, with the round-robin hand-out working.
+/// Handing out to the first subscriber with room instead gives 256, 256, 256, 233, 0.
+const WINDOW: &str = "256";
 
 #[test]
 fn many_clients_get_every_message_and_share_each_group_fairly() {
@@ -51,7 +53,8 @@ fn many_clients_get_every_message_and_share_each_group_fairly() {
         assert_eq!(s["missing"], 0, "{s}");
         assert_eq!(s["delivered_more_than_confirmed"], 0, "{s}");
         assert_eq!(s["every_confirmed_message_delivered"], true, "{s}");
-        let ratio = s["delivered_per_subscriber"]["max_over_min_within_a_group"].as_f64().unwrap();
+        // null: infinite, a subscriber got nothing while another got some.
+        let ratio = s["delivered_per_subscriber"]["max_over_min_within_a_group"].as_f64().unwrap_or(f64::INFINITY);
         assert!(ratio <= 2.0, "a subscriber of a group got less than half of another's: {s}");
     }
     assert_eq!(phase("many clients")["subscribers"]["subscribers"], 100);
