@@ -105,6 +105,9 @@ pub struct DataSettings {
     /// (read off a stream, not answered yet); beyond it the node reads no more
     /// publishes until some are answered (`api/budget.rs`).
     pub publish_in_flight_max_bytes: usize,
+    /// The gRPC server's HTTP/2 stream window: bytes a client (or node) may send on
+    /// one stream beyond what the server has read; 0 leaves hyper's default (1 MiB).
+    pub http2_stream_window_bytes: u32,
     /// How often a consumer group records its acknowledged offsets in the cluster state.
     /// After a kill -9, at most this much of acknowledged messages is delivered again.
     pub offsets_commit_interval_ms: u64,
@@ -152,6 +155,7 @@ impl Default for DataSettings {
             read_batch_max_bytes: 1024 * 1024,
             write_queue_max_bytes: 64 * 1024 * 1024,
             publish_in_flight_max_bytes: 16 * 1024 * 1024,
+            http2_stream_window_bytes: 0,
             offsets_commit_interval_ms: 1000,
             offsets_commit_batch_max_count: 256,
             ack_timeout_ms: eventtermq_api::defaults::ACK_TIMEOUT_MS,

@@ -291,6 +291,11 @@ pub struct BrokerArgs {
     /// control) instead of the node's memory growing with their number.
     #[arg(long, default_value_t = DataSettings::default().publish_in_flight_max_bytes)]
     pub publish_in_flight_max_bytes: usize,
+    /// The gRPC server's HTTP/2 stream window: bytes a client may send on one stream
+    /// beyond what this node has read (a publisher's backlog in the node's buffers);
+    /// 0: the HTTP/2 library's default (1 MiB).
+    #[arg(long, default_value_t = DataSettings::default().http2_stream_window_bytes)]
+    pub http2_stream_window_bytes: u32,
     /// How often consumer groups record acknowledged offsets in the cluster state.
     #[arg(long, default_value_t = DataSettings::default().offsets_commit_interval_ms)]
     pub offsets_commit_interval_ms: u64,
