@@ -101,6 +101,13 @@ pub struct DataSettings {
     pub read_batch_max_bytes: usize,
     /// Publishes queued on a primary beyond this many bytes wait (back-pressure).
     pub write_queue_max_bytes: usize,
+    /// Bytes of publish requests a node holds at once over all streams and clients
+    /// (read off a stream, not answered yet); beyond it the node reads no more
+    /// publishes until some are answered (`api/budget.rs`).
+    pub publish_in_flight_max_bytes: usize,
+    /// The gRPC server's HTTP/2 stream window: bytes a client (or node) may send on
+    /// one stream beyond what the server has read; 0 leaves hyper's default (1 MiB).
+    pub http2_stream_window_bytes: u32,
     /// How often a consumer group records its acknowledged offsets in the cluster state.
     /// After a kill -9, at most this much of acknowledged messages is delivered again.
     pub offsets_commit_interval_ms: u64,
@@ -152,6 +159,8 @@ impl Default for DataSettings {
             write_batch_max_bytes: 1024 * 1024,
             read_batch_max_bytes: 1024 * 1024,
             write_queue_max_bytes: 64 * 1024 * 1024,
+            publish_in_flight_max_bytes: 16 * 1024 * 1024,
+            http2_stream_window_bytes: 0,
             offsets_commit_interval_ms: 1000,
             offsets_commit_batch_max_count: 256,
             ack_timeout_ms: eventtermq_api::defaults::ACK_TIMEOUT_MS,

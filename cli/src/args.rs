@@ -285,6 +285,17 @@ pub struct BrokerArgs {
     /// Publishes queued on a primary beyond this many bytes wait.
     #[arg(long, default_value_t = DataSettings::default().write_queue_max_bytes)]
     pub write_queue_max_bytes: usize,
+    /// Bytes of publish requests this node holds at once, over all clients and
+    /// streams (and what other nodes forward to it); beyond it it reads no more
+    /// publishes until earlier ones are answered, so publishers wait (HTTP/2 flow
+    /// control) instead of the node's memory growing with their number.
+    #[arg(long, default_value_t = DataSettings::default().publish_in_flight_max_bytes)]
+    pub publish_in_flight_max_bytes: usize,
+    /// The gRPC server's HTTP/2 stream window: bytes a client may send on one stream
+    /// beyond what this node has read (a publisher's backlog in the node's buffers);
+    /// 0: the HTTP/2 library's default (1 MiB).
+    #[arg(long, default_value_t = DataSettings::default().http2_stream_window_bytes)]
+    pub http2_stream_window_bytes: u32,
     /// How often consumer groups record acknowledged offsets in the cluster state.
     #[arg(long, default_value_t = DataSettings::default().offsets_commit_interval_ms)]
     pub offsets_commit_interval_ms: u64,
@@ -794,6 +805,67 @@ pub enum BenchCommand {
     /// over --idle-seconds, dump size and time, publish throughput over all topics and
     /// delivery latency; prints JSON lines (bench/scale.md).
     Scale(ScaleBenchArgs),
+    /// Many clients: starts 3 local brokers and, all through the first, runs W1 (one
+    /// pipelined publisher), the same single stream with its subscribers, then
+    /// --publishers publishers at once, each to its own topic (replication factor 3),
+    /// with --subscribers subscribers spread over the topics' groups; per phase
+    /// publish throughput, delivered per subscriber (min, max, ratio), every confirmed
+    /// message delivered or not, delivery latency, brokers' CPU per message and RSS;
+    /// prints JSON lines (bench/scale.md).
+    Clients(ClientsBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ClientsBenchArgs {
+    /// Loopback addresses of the three brokers to start; every client connects to the first.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.205,127.0.0.206,127.0.0.207")]
+    pub hosts: Vec<String>,
+    /// The brokers' gRPC and gossip port; their AMQP and metrics ports are the next two.
+    #[arg(long, default_value_t = 27600)]
+    pub broker_port: u16,
+    /// Publishers, each with its own topic (one shard, replication factor 3) and its
+    /// own `PublishStream`, pipelined.
+    #[arg(long, default_value_t = 100)]
+    pub publishers: usize,
+    /// Subscribers (auto-ack), spread evenly over the groups: each topic has
+    /// --groups-per-topic groups, each group subscribers / (publishers x groups per
+    /// topic) of them.
+    #[arg(long, default_value_t = 1000)]
+    pub subscribers: usize,
+    /// Consumer groups bound to each topic: 1 (the default), the subscribers of a
+    /// topic share its messages (a RabbitMQ queue with competing consumers, a Kafka
+    /// consumer group); as many as the topic's subscribers, each gets all of them.
+    #[arg(long, default_value_t = 1)]
+    pub groups_per_topic: usize,
+    /// Client connections (HTTP/2) the publishers and subscribers of the many-clients
+    /// phase share, round-robin; 0: one per client.
+    #[arg(long, default_value_t = 0)]
+    pub connections: usize,
+    /// How long each phase publishes.
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+    /// Messages each publisher publishes instead of publishing for --seconds; 0: by time.
+    #[arg(long, default_value_t = 0)]
+    pub messages_per_publisher: u64,
+    /// Size of each message's data (its first 8 bytes carry the send time).
+    #[arg(long, default_value_t = 1024)]
+    pub message_bytes: usize,
+    /// Messages per publish request.
+    #[arg(long, default_value_t = 64)]
+    pub batch_messages: usize,
+    /// Each subscriber's window (unacknowledged messages held at once).
+    #[arg(long, default_value_t = 100)]
+    pub subscriber_size: u32,
+    /// The broker binary to start (default: this one), to compare builds.
+    #[arg(long)]
+    pub broker_binary: Option<PathBuf>,
+    /// A flag passed to every broker started (repeatable).
+    #[arg(long = "broker-arg", allow_hyphen_values = true)]
+    pub broker_args: Vec<String>,
+    /// Data directory of the brokers (default: a fresh temporary directory); locked by
+    /// the run, removed after it unless it failed.
+    #[arg(long)]
+    pub bench_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

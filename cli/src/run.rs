@@ -77,6 +77,8 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
         write_batch_max_bytes: args.write_batch_max_bytes,
         read_batch_max_bytes: args.read_batch_max_bytes,
         write_queue_max_bytes: args.write_queue_max_bytes,
+        publish_in_flight_max_bytes: args.publish_in_flight_max_bytes,
+        http2_stream_window_bytes: args.http2_stream_window_bytes,
         offsets_commit_interval_ms: args.offsets_commit_interval_ms,
         offsets_commit_batch_max_count: args.offsets_commit_batch_max_count,
         ack_timeout_ms: args.ack_timeout_ms,

@@ -2,11 +2,14 @@
 //! the request and hand it to [`Segments`] (publishing) or [`Groups`] (consuming),
 //! which route it to the node that owns the data.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
 use eventtermq_proto::v1 as pb;
 use eventtermq_proto::v1::messaging_server::Messaging;
 use futures::{Stream, StreamExt};
+use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -14,6 +17,7 @@ use tracing::Instrument;
 
 use super::access::allow;
 use super::admin::namespace_of;
+use super::budget::{PublishBudget, Share};
 use super::request::tag;
 use crate::auth::{Auth, Need};
 use crate::cluster_state::validate;
@@ -26,6 +30,8 @@ use crate::replication::publish::{StreamTarget, Turn};
 use crate::replication::Segments;
 
 pub struct MessagingService {
+    /// The node's bytes of publishes in flight, over every stream and client.
+    pub budget: PublishBudget,
     pub segments: Segments,
     pub groups: Groups,
     pub peers: Peers,
@@ -145,6 +151,11 @@ impl Messaging for MessagingService {
         tag(&req.get_ref().namespace, Some(&req.get_ref().topic), None);
         let namespace = namespace_of(&req.get_ref().namespace)?;
         allow(&self.auth, Need::Write { namespace: &namespace, topic: &req.get_ref().topic })?;
+        // Counted where it came from a client only (see `budget.rs`).
+        let _share = match hops {
+            0 => Some(self.budget.take(req.get_ref().encoded_len()).await),
+            _ => None,
+        };
         // A forwarded publish was counted where it arrived.
         Ok(Response::new(publish_counted(&self.segments, req.into_inner(), hops, hops == 0, None).await?))
     }
@@ -171,21 +182,57 @@ impl Messaging for MessagingService {
                 let head = futures::stream::once(std::future::ready(Ok(first)));
                 let (tx, rx) = mpsc::channel::<pb::PublishRequest>(PUBLISH_STREAM_IN_FLIGHT_MAX);
                 let first_req = head.chain(inbound);
+                // Each request relayed holds its share of this node's budget until its
+                // answer comes back (answers come one per request, in order).
+                let shares = Arc::new(Mutex::new(VecDeque::<Share>::new()));
+                let (budget, held) = (self.budget.clone(), shares.clone());
                 tokio::spawn(async move {
                     let mut first_req = std::pin::pin!(first_req);
                     while let Some(Ok(r)) = first_req.next().await {
+                        let share = budget.take(r.encoded_len()).await;
+                        held.lock().unwrap_or_else(|e| e.into_inner()).push_back(share);
                         if tx.send(r).await.is_err() {
                             return;
                         }
                     }
                 });
                 let upstream = self.peers.relay_publish_stream(&addr, ReceiverStream::new(rx), hops).await;
-                return Ok(Response::new(to_client(upstream.map_err(RequestError::from)?)));
+                let answers = to_client(upstream.map_err(RequestError::from)?).inspect(move |_| {
+                    shares.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                });
+                return Ok(Response::new(Box::pin(answers)));
             }
         };
         let segments = self.segments.clone();
         let template = first.clone();
-        let rest = futures::stream::once(std::future::ready(Ok(first))).chain(inbound);
+        // Each request from a client takes its share of this node's budget before the
+        // next is read off the stream, and holds it until it is answered (a stream
+        // relayed here took its shares where it came from a client: see `budget.rs`).
+        // A task of its own: the same in a `then` combinator trips the compiler's Send
+        // check of the task below.
+        let source = futures::stream::once(std::future::ready(Ok(first))).chain(inbound);
+        let (shared_tx, shared_rx) = mpsc::channel::<Result<(pb::PublishRequest, Option<Share>), Status>>(1);
+        let budget = (hops == 0).then(|| self.budget.clone());
+        tokio::spawn(async move {
+            let mut source = std::pin::pin!(source);
+            while let Some(r) = source.next().await {
+                let item = match r {
+                    Ok(r) => {
+                        let share = match &budget {
+                            Some(b) => Some(b.take(r.encoded_len()).await),
+                            None => None,
+                        };
+                        Ok((r, share))
+                    }
+                    Err(e) => Err(e),
+                };
+                let failed = item.is_err();
+                if shared_tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let rest = ReceiverStream::new(shared_rx);
         // Requests are published concurrently (they batch together on the primary);
         // answers keep the request order. To one shard, each waits for the one before
         // it to be queued at the primary (a chain of turns made in stream order), so
@@ -207,7 +254,7 @@ impl Messaging for MessagingService {
                         // Ends when the previous request drops its turn.
                         let _ = wait.await;
                     }
-                    let r = r?;
+                    let (r, _share) = r?;
                     same_topic(&template, &r)?;
                     Ok(publish_counted(&segments, r, hops, true, turn).await?)
                 }

@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod budget;
 pub mod convert;
 pub mod guard;
 pub mod internal;
@@ -142,6 +143,7 @@ pub fn serve(
     })
     .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
     let messaging = MessagingServer::new(messaging::MessagingService {
+        budget: budget::PublishBudget::new(segments.settings().publish_in_flight_max_bytes),
         segments: segments.clone(),
         groups,
         peers,
@@ -149,12 +151,14 @@ pub fn serve(
     })
     .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES)
     .max_encoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
+    let stream_window = Some(segments.settings().http2_stream_window_bytes).filter(|w| *w > 0);
     let internal = InternalServer::new(internal::InternalService { cluster, membership, segments })
         .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES)
         .max_encoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
     tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .initial_stream_window_size(stream_window)
             .http2_keepalive_interval(Some(crate::transport::HTTP2_KEEPALIVE_INTERVAL))
             .layer(
                 tower::ServiceBuilder::new()

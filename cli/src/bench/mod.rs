@@ -1,8 +1,10 @@
 //! `eventtermq bench`: starts three brokers (this very binary) on loopback addresses
 //! and measures what the README reports: [`control`] the control plane, [`data`] the
-//! data path, [`scale`] the cost of many topics, groups and subscribers. Results are printed as JSON lines; nothing here asserts a timing. This
+//! data path, [`scale`] the cost of many topics, groups and subscribers, [`clients`] many
+//! publishers and subscribers at once. Results are printed as JSON lines; nothing here asserts a timing. This
 //! module holds what both share: starting and watching broker processes.
 
+mod clients;
 mod control;
 mod data;
 mod scale;
@@ -47,6 +49,10 @@ pub async fn run(ctx: &Ctx, cmd: BenchCommand) -> Result<(), CliError> {
         BenchCommand::Scale(args) => {
             let _lock = args.bench_dir.as_deref().map(lock_bench_dir).transpose()?;
             scale::run(ctx, args).await
+        }
+        BenchCommand::Clients(args) => {
+            let _lock = args.bench_dir.as_deref().map(lock_bench_dir).transpose()?;
+            clients::run(ctx, args).await
         }
         BenchCommand::DataPath(args) => {
             // Without --bench-dir the run makes a directory named after its own PID.
