@@ -363,15 +363,22 @@ async fn users_at_start(
     }
 }
 
-/// Waits for `shutdown` (graceful: groups commit, primaries close their segments,
-/// other copies of the open segments this node replicates catch up, leadership is
-/// handed over, gossip hears this node LEFT) or `stop` (abrupt), then
+/// Waits for `shutdown` (graceful: gossip and the cluster state hear this node LEFT,
+/// groups commit, primaries close their segments, other copies of the open segments
+/// this node replicates catch up, leadership is handed over, the gRPC server drains) or `stop` (abrupt), then
 /// stops Raft and every task.
 async fn run_until_stopped(parts: Parts, mut tasks: Tasks, shutdown: CancellationToken, stop: CancellationToken) {
     tokio::select! {
         biased;
         _ = shutdown.cancelled() => {
             tracing::info!("shutting down gracefully");
+            // Gossip and the cluster state hear first that this node is leaving, so
+            // the successors of the segments it closes below (and whatever else is
+            // placed meanwhile) go to other nodes, not to this one.
+            parts.membership.leave().await;
+            if tokio::time::timeout(MARK_LEFT_MAX, mark_left(&parts.cluster)).await.is_err() {
+                tracing::warn!("could not record this node LEFT in the cluster state in time");
+            }
             // Groups commit their offsets and primaries close their segments while Raft
             // still has this node; bounded, as a quorum may be gone.
             let data = async {
@@ -389,7 +396,6 @@ async fn run_until_stopped(parts: Parts, mut tasks: Tasks, shutdown: Cancellatio
                 crate::replication::replica::wait_for_other_copies(&parts.segments, wait).await;
             }
             hand_over_leadership(&parts.cluster).await;
-            parts.membership.leave().await;
             // Clients next: the gRPC server takes no more requests (HTTP/2 GOAWAY: a
             // client goes to another node at once) and answers those it took while
             // Raft and the data path still serve them, instead of leaving them to
@@ -543,6 +549,28 @@ async fn initialize(cluster: &Cluster, members: BTreeMap<u64, BasicNode>) {
 
 /// Bound on committing consumer-group offsets and closing segments at shutdown.
 const DATA_SHUTDOWN_MAX: Duration = Duration::from_secs(5);
+
+/// Bound on recording this node LEFT in the cluster state at shutdown.
+const MARK_LEFT_MAX: Duration = Duration::from_secs(2);
+
+/// Records this node LEFT in the cluster state (as the leader's reconciler does once
+/// gossip says so, but at once): placement gives a LEFT node nothing new. Not for a
+/// decommissioned node: nothing is placed on it anyway, and the leader removes it from
+/// the state as soon as gossip says LEFT (a record written after that would stay).
+async fn mark_left(cluster: &Cluster) {
+    let address = {
+        let st = cluster.state.read();
+        match st.state.nodes.get(&cluster.id) {
+            _ if st.state.draining.contains(&cluster.id) => return,
+            Some(n) if n.state == crate::cluster_state::NodeState::Alive => n.address.clone(),
+            _ => return,
+        }
+    };
+    let record = crate::cluster_state::NodeRecord { address, state: crate::cluster_state::NodeState::Left };
+    if let Err(e) = cluster.write(crate::cluster_state::Command::SetNode { id: cluster.id, record }).await {
+        tracing::warn!(error = %e, "could not record this node LEFT in the cluster state");
+    }
+}
 
 /// How long the gRPC server may take to drain in-flight calls at shutdown.
 const SERVER_DRAIN_MAX: Duration = Duration::from_secs(2);
