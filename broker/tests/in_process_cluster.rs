@@ -1973,6 +1973,27 @@ async fn a_quiesced_cluster_sends_no_heartbeats_and_wakes_for_writes_and_a_lost_
     // Quiet again once idle.
     all_quiesced(&nodes, quiesce_after * 5).await;
 
+    // (e) A follower restarts at once (kill -9, same directory) while quiesced: the
+    // leader sees its new life in gossip and wakes, so the restarted node hears from it
+    // before its election timer runs out; the leader stays.
+    let li = leader_index(&nodes);
+    let term = nodes[li].handle.cluster.raft.metrics().borrow().current_term;
+    let fi = (li + 1) % 3;
+    let restarted = nodes.remove(fi);
+    net.detach(&restarted.name);
+    let name = restarted.name.clone();
+    restarted.handle.kill().await;
+    let restarted = start_tuned(&net, dir.path(), &name, &["a:1"], |c| c.raft.quiesce_after_ms = 1000).await;
+    nodes.insert(fi, restarted);
+    eventually(Duration::from_secs(5), "the restarted follower knows the leader", || async {
+        nodes[fi].handle.cluster.leader().is_some()
+    })
+    .await;
+    let li_after = leader_index(&nodes);
+    let term_after = nodes[li_after].handle.cluster.raft.metrics().borrow().current_term;
+    assert_eq!((li_after, term_after), (li, term), "a restarted follower does not cost an election");
+    all_quiesced(&nodes, Duration::from_secs(15)).await;
+
     // (b1) The leader cut off from everyone (gossip too) while quiesced: the others
     // elect a new leader within gossip's detection time plus an election, and write.
     let li = leader_index(&nodes);
