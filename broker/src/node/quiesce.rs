@@ -133,6 +133,7 @@ pub async fn run(cluster: Cluster, membership: Membership, settings: RaftSetting
     let mut unreachable = cluster.leader_unreachable();
     let mut last: Option<Observed> = None;
     let mut since = Instant::now();
+    let mut last_why: Option<&'static str> = Some("starting");
     loop {
         let m = cluster.raft.metrics().borrow().clone();
         let observed = Observed::of(me, &m, &members.borrow_and_update());
@@ -143,6 +144,10 @@ pub async fn run(cluster: Cluster, membership: Membership, settings: RaftSetting
         let settle = if observed.leader == Some(me) { after + leader_margin } else { after };
         let due = since + settle;
         let quiet = why.is_none() && Instant::now() >= due;
+        if why != last_why {
+            tracing::debug!(why = why.unwrap_or("nothing"), "raft stays awake because");
+            last_why = why;
+        }
         if quiet != cluster.quiesced() {
             tracing::debug!(quiet, why = why.unwrap_or("changed"), leader = ?observed.leader, "raft quiescence");
             cluster.quiesce(quiet);
