@@ -161,6 +161,9 @@ impl Cluster {
         let rc = self.raft.runtime_config();
         rc.heartbeat(!quiet);
         rc.elect(!quiet);
+        // Its tick would find nothing to do: off too, so Raft's core is not woken for
+        // it (openraft's tick task itself still wakes, every 1.5 heartbeat intervals).
+        rc.tick(!quiet);
         if was && !quiet && self.raft.metrics().borrow().current_leader == Some(self.id) {
             // Fire and forget: the trigger only queues a message to Raft's core.
             let raft = self.raft.clone();
