@@ -38,6 +38,15 @@ pub struct Cluster {
     holding_writes: Arc<std::sync::atomic::AtomicBool>,
     /// The changes among them that background duties act on: see [`Cluster::state_changes`].
     state_changes: crate::watch::Receiver<()>,
+    /// Raft's quiescence as this node set it, and what wakes it: see [`Cluster::quiesce`].
+    quiet: Arc<Quiet>,
+}
+
+/// Whether this node's Raft timers are off (quiesced), and the signal that a request
+/// could not reach the leader.
+struct Quiet {
+    on: std::sync::atomic::AtomicBool,
+    leader_unreachable: crate::watch::Sender<()>,
 }
 
 /// The parts of Raft's metrics that [`Cluster::state_changes`] follows.
@@ -125,6 +134,8 @@ impl Cluster {
             }
         });
         let next_nonce = Arc::new(AtomicU64::new(first_nonce));
+        let (leader_unreachable, _) = crate::watch::channel(());
+        let quiet = Arc::new(Quiet { on: Default::default(), leader_unreachable });
         Self {
             id,
             raft,
@@ -137,6 +148,46 @@ impl Cluster {
             metrics,
             leader_since,
             holding_writes: Arc::default(),
+            quiet,
+        }
+    }
+
+    /// Turns this node's Raft timers off (`true`: a leader sends no heartbeats, a
+    /// follower starts no election) or on again. Only timers: what Raft votes for and
+    /// commits does not change, so this is safe whatever the timing; waking when
+    /// needed is `node::quiesce`'s job. A leader that wakes sends a heartbeat at once.
+    pub fn quiesce(&self, quiet: bool) {
+        let was = self.quiet.on.swap(quiet, Ordering::Relaxed);
+        let rc = self.raft.runtime_config();
+        rc.heartbeat(!quiet);
+        rc.elect(!quiet);
+        // Its tick would find nothing to do: off too, so Raft's core is not woken for
+        // it (openraft's tick task itself still wakes, every 1.5 heartbeat intervals).
+        rc.tick(!quiet);
+        if was && !quiet && self.raft.metrics().borrow().current_leader == Some(self.id) {
+            // Fire and forget: the trigger only queues a message to Raft's core.
+            let raft = self.raft.clone();
+            tokio::spawn(async move {
+                let _ = raft.trigger().heartbeat().await;
+            });
+        }
+    }
+
+    /// Whether [`Cluster::quiesce`] last turned the timers off.
+    pub fn quiesced(&self) -> bool {
+        self.quiet.on.load(Ordering::Relaxed)
+    }
+
+    /// Tells when a write or a linearizable read on this node could not reach the
+    /// leader: a quiesced follower then starts its election timer (the leader may be
+    /// cut off from it while gossip still reaches it through others).
+    pub fn leader_unreachable(&self) -> crate::watch::Receiver<()> {
+        self.quiet.leader_unreachable.subscribe()
+    }
+
+    fn note_peer_failure(&self, e: &PeerError) {
+        if matches!(e, PeerError::Unreachable { .. } | PeerError::OutcomeUnknown { .. }) {
+            self.quiet.leader_unreachable.send_replace(());
         }
     }
 
@@ -429,7 +480,10 @@ impl Cluster {
         cmd: &Command,
         timeout: Duration,
     ) -> Result<CommandResponse, Retry> {
-        let resp = self.peers.forward_write(leader_addr, cmd, timeout).await.map_err(Retry::Peer)?;
+        let resp = self.peers.forward_write(leader_addr, cmd, timeout).await.map_err(|e| {
+            self.note_peer_failure(&e);
+            Retry::Peer(e)
+        })?;
         match resp {
             Ok(r) => Ok(r),
             // The leader moved between our look-up and its receipt: try again.
@@ -502,7 +556,10 @@ impl Cluster {
     }
 
     async fn read_index_remote(&self, leader_addr: &str, timeout: Duration) -> Result<u64, Retry> {
-        self.peers.read_index(leader_addr, timeout).await.map_err(Retry::Peer)
+        self.peers.read_index(leader_addr, timeout).await.map_err(|e| {
+            self.note_peer_failure(&e);
+            Retry::Peer(e)
+        })
     }
 }
 

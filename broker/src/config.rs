@@ -195,6 +195,12 @@ pub struct RaftSettings {
     pub logs_kept_after_snapshot_count: u64,
     pub install_snapshot_timeout_ms: u64,
     pub max_payload_entries_count: u64,
+    /// Quiescence (see `node::quiesce`): after this long without a Raft write, while
+    /// gossip holds every voter ALIVE, the leader stops its heartbeats and the
+    /// followers their election timers, relying on gossip for the leader's liveness;
+    /// any write, a voter not ALIVE or a membership change wakes them at once.
+    /// 0: never quiesce (heartbeats always).
+    pub quiesce_after_ms: u64,
 }
 
 impl Default for RaftSettings {
@@ -207,6 +213,7 @@ impl Default for RaftSettings {
             logs_kept_after_snapshot_count: 1000,
             install_snapshot_timeout_ms: 5000,
             max_payload_entries_count: 1000,
+            quiesce_after_ms: 3000,
         }
     }
 }

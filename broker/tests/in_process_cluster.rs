@@ -1948,3 +1948,153 @@ async fn a_consumer_group_moves_off_a_decommissioned_node_and_delivers_everythin
     drop(stream);
     stop_all(nodes).await;
 }
+
+/// Raft RPCs of `method` (`RaftAppendEntries`, `RaftVote`) this node served, every
+/// status code together.
+async fn raft_rpcs_served(node: &TestNode, method: &str) -> f64 {
+    let text = node.handle.observer.render(false).await;
+    let label = format!("method=\"/eventter.internal.v1.Internal/{method}\"");
+    text.lines()
+        .filter(|l| l.starts_with("eventtermq_grpc_requests_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// [`raft_rpcs_served`] summed over `nodes`.
+async fn served(nodes: &[TestNode], method: &str) -> f64 {
+    let mut sum = 0.0;
+    for n in nodes {
+        sum += raft_rpcs_served(n, method).await;
+    }
+    sum
+}
+
+async fn all_quiesced(nodes: &[TestNode], within: Duration) {
+    eventually(within, "every node's Raft quiesced", || async { nodes.iter().all(|n| n.handle.cluster.quiesced()) })
+        .await;
+}
+
+/// Raft quiescence (issue 18, "idle costs nothing"): an idle cluster sends no Raft
+/// heartbeats while gossip vouches for every voter; linearizable reads work meanwhile;
+/// a write commits and wakes the heartbeats; a partitioned or dead leader is replaced
+/// within gossip's detection time plus an election.
+#[tokio::test(start_paused = true)]
+async fn a_quiesced_cluster_sends_no_heartbeats_and_wakes_for_writes_and_a_lost_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let quiesce_after = Duration::from_millis(1000);
+    let mut nodes = three_tuned(&net, dir.path(), |c| c.raft.quiesce_after_ms = 1000).await;
+    all_quiesced(&nodes, Duration::from_secs(10)).await;
+
+    // (a) Quiet: no AppendEntries (heartbeats) and no votes over 10 s.
+    let appends_before = served(&nodes, "RaftAppendEntries").await;
+    assert!(appends_before > 0.0, "the metric counts Raft RPCs (none seen while forming the cluster)");
+    let votes_before = served(&nodes, "RaftVote").await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(served(&nodes, "RaftAppendEntries").await, appends_before, "no heartbeat while quiesced");
+    assert_eq!(served(&nodes, "RaftVote").await, votes_before, "no election while quiesced");
+    assert!(nodes.iter().all(|n| n.handle.cluster.quiesced()), "still quiesced");
+
+    // (d) Linearizable reads, on the leader and through a follower, while quiesced:
+    // the read index confirms leadership with a round of its own.
+    let li = leader_index(&nodes);
+    let follower = (li + 1) % 3;
+    for n in [&nodes[li], &nodes[follower]] {
+        let started = Instant::now();
+        drop(n.handle.cluster.read(true).await.expect("linearizable read while quiesced"));
+        assert!(started.elapsed() < Duration::from_secs(1), "read took {:?}", started.elapsed());
+    }
+    assert!(nodes[li].handle.cluster.quiesced(), "a read does not wake the leader");
+
+    // (c) A write through a follower while quiesced commits, and wakes the heartbeats.
+    let started = Instant::now();
+    let cmd = Command::CreateNamespace { name: "woken".into() };
+    nodes[follower].handle.cluster.write(cmd).await.expect("write while quiesced");
+    assert!(started.elapsed() < Duration::from_secs(1), "write took {:?}", started.elapsed());
+    assert!(!nodes[li].handle.cluster.quiesced(), "the write woke the leader");
+    let appends = served(&nodes, "RaftAppendEntries").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let heartbeats = served(&nodes, "RaftAppendEntries").await - appends;
+    assert!(heartbeats >= 10.0, "heartbeats resumed after the write: {heartbeats} AppendEntries in 500 ms");
+    for n in &nodes {
+        let s = n.handle.cluster.read(true).await.unwrap();
+        assert!(s.state.namespaces.contains_key("woken"), "{} lacks the write", n.name);
+    }
+    // Quiet again once idle.
+    all_quiesced(&nodes, quiesce_after * 5).await;
+
+    // (e) A follower restarts at once (kill -9, same directory) while quiesced: the
+    // leader sees its new life in gossip and wakes, so the restarted node hears from it
+    // before its election timer runs out; the leader stays.
+    let li = leader_index(&nodes);
+    let term = nodes[li].handle.cluster.raft.metrics().borrow().current_term;
+    let fi = (li + 1) % 3;
+    let restarted = nodes.remove(fi);
+    net.detach(&restarted.name);
+    let name = restarted.name.clone();
+    restarted.handle.kill().await;
+    let restarted = start_tuned(&net, dir.path(), &name, &["a:1"], |c| c.raft.quiesce_after_ms = 1000).await;
+    nodes.insert(fi, restarted);
+    eventually(Duration::from_secs(5), "the restarted follower knows the leader", || async {
+        nodes[fi].handle.cluster.leader().is_some()
+    })
+    .await;
+    let li_after = leader_index(&nodes);
+    let term_after = nodes[li_after].handle.cluster.raft.metrics().borrow().current_term;
+    assert_eq!((li_after, term_after), (li, term), "a restarted follower does not cost an election");
+    all_quiesced(&nodes, Duration::from_secs(15)).await;
+
+    // (b1) The leader cut off from everyone (gossip too) while quiesced: the others
+    // elect a new leader within gossip's detection time plus an election, and write.
+    let li = leader_index(&nodes);
+    let old = nodes[li].handle.id;
+    net.isolate(&nodes[li].name);
+    let cut_at = Instant::now();
+    let others: Vec<usize> = (0..3).filter(|i| *i != li).collect();
+    eventually(Duration::from_secs(5), "a new leader on the majority side", || async {
+        others.iter().all(|i| nodes[*i].handle.cluster.leader().is_some_and(|(l, _)| l != old))
+    })
+    .await;
+    let took = cut_at.elapsed();
+    eprintln!("new leader {took:?} after the quiesced leader was cut off");
+    // Gossip: SUSPECT after one or two probe periods (100 ms here) and the indirect
+    // probes; then one election (200-400 ms timeouts here).
+    assert!(took < Duration::from_secs(2), "fail-over took {took:?}");
+    nodes[others[0]]
+        .handle
+        .cluster
+        .write(Command::CreateNamespace { name: "after-cut".into() })
+        .await
+        .expect("the majority writes");
+    net.heal();
+    eventually(Duration::from_secs(10), "the old leader follows and has the write", || async {
+        match nodes[li].handle.cluster.read(true).await {
+            Ok(s) => s.state.namespaces.contains_key("after-cut"),
+            Err(_) => false,
+        }
+    })
+    .await;
+    all_quiesced(&nodes, Duration::from_secs(15)).await;
+
+    // (b2) The quiesced leader dies.
+    let li = leader_index(&nodes);
+    let dead = nodes.remove(li);
+    let dead_id = dead.handle.id;
+    net.detach(&dead.name);
+    let killed_at = Instant::now();
+    dead.handle.kill().await;
+    eventually(Duration::from_secs(5), "a new leader after the crash", || async {
+        nodes.iter().all(|n| n.handle.cluster.leader().is_some_and(|(l, _)| l != dead_id))
+    })
+    .await;
+    let took = killed_at.elapsed();
+    eprintln!("new leader {took:?} after the quiesced leader died");
+    assert!(took < Duration::from_secs(2), "fail-over took {took:?}");
+    nodes[0]
+        .handle
+        .cluster
+        .write(Command::CreateNamespace { name: "after-crash".into() })
+        .await
+        .expect("write after the crash");
+    stop_all(nodes).await;
+}

@@ -241,6 +241,11 @@ pub struct BrokerArgs {
     /// Raft election timeout, upper bound.
     #[arg(long, default_value_t = RaftSettings::default().election_timeout_max_ms)]
     pub election_timeout_max_ms: u64,
+    /// Quiesce Raft after this long without a cluster-state write while gossip holds
+    /// every voter ALIVE: the leader sends no heartbeats and followers rely on gossip
+    /// (SWIM) to notice a dead leader; 0: heartbeats always.
+    #[arg(long, default_value_t = RaftSettings::default().quiesce_after_ms)]
+    pub raft_quiesce_after_ms: u64,
     /// Build a Raft snapshot (and purge the log behind it) after this many new entries.
     #[arg(long, default_value_t = RaftSettings::default().snapshot_logs_count)]
     pub raft_snapshot_logs_count: u64,

@@ -60,6 +60,7 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
     config.raft.heartbeat_interval_ms = args.heartbeat_interval_ms;
     config.raft.election_timeout_min_ms = args.election_timeout_min_ms;
     config.raft.election_timeout_max_ms = args.election_timeout_max_ms;
+    config.raft.quiesce_after_ms = args.raft_quiesce_after_ms;
     config.raft.snapshot_logs_count = args.raft_snapshot_logs_count;
     if args.voters_count_max == 0 {
         return Err("--voters-count-max: must be at least 1".into());

@@ -111,6 +111,10 @@ pub struct MemberInfo {
     /// Advertised `host:port`.
     pub addr: String,
     pub state: NodeState,
+    /// Which life of the member this is: grows with each restart and each rejoin after
+    /// being declared down (gossip's identity "bump"), so a restart shows as a change
+    /// even when the member was never seen other than ALIVE.
+    pub life: u64,
     /// When this node first saw the member in `state` (tokio's clock, so "DEAD for how
     /// long" moves with a paused test clock).
     pub state_since: Instant,

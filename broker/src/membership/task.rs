@@ -530,6 +530,7 @@ impl Actor {
             id: me.id,
             addr: me.addr.clone(),
             state: if self.left { NodeState::Left } else { NodeState::Alive },
+            life: me.bump,
             state_since: self.self_since,
         });
         for m in self.foca.iter_membership_state() {
@@ -550,7 +551,7 @@ impl Actor {
                 _ => now,
             };
             self.since.insert(id.id, (state, since));
-            list.push(MemberInfo { id: id.id, addr: id.addr.clone(), state, state_since: since });
+            list.push(MemberInfo { id: id.id, addr: id.addr.clone(), state, life: id.bump, state_since: since });
         }
         list.sort_by_key(|m| m.id);
         self.since.retain(|id, _| list.binary_search_by_key(id, |m| m.id).is_ok());

@@ -5,6 +5,7 @@
 //! [`crate::transport::mem`]) and the binary runs one node over real sockets.
 
 pub mod id;
+mod quiesce;
 mod reconcile;
 
 use std::collections::BTreeMap;
@@ -224,6 +225,7 @@ struct Tasks {
     bootstrap: JoinHandle<()>,
     reconciler: JoinHandle<()>,
     disk_watch: JoinHandle<()>,
+    quiesce: JoinHandle<()>,
     amqp: Option<JoinHandle<()>>,
 }
 
@@ -272,6 +274,7 @@ impl Tasks {
             )),
             reconciler: tokio::spawn(reconcile::run(config.clone(), cluster.clone(), membership.clone(), stop.clone())),
             disk_watch: tokio::spawn(crate::disk::watch(disk, cluster.clone(), stop.clone())),
+            quiesce: tokio::spawn(quiesce::run(cluster.clone(), membership.clone(), config.raft.clone(), stop.clone())),
             server: Some(crate::api::serve(
                 services,
                 config.internal_access.clone(),
@@ -417,6 +420,7 @@ async fn run_until_stopped(parts: Parts, mut tasks: Tasks, shutdown: Cancellatio
     tasks.keeper.abort();
     tasks.placement.abort();
     tasks.disk_watch.abort();
+    tasks.quiesce.abort();
     if let Some(amqp) = &tasks.amqp {
         amqp.abort();
     }

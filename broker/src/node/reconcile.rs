@@ -46,26 +46,74 @@ struct HandOverBackoff {
 /// How long adding a learner waits for it to catch up before moving on.
 const LEARNER_CATCH_UP_MAX: Duration = Duration::from_secs(2);
 
+/// Runs a round whenever gossip's members or the cluster state (its leader included)
+/// change, and every `reconcile_interval_ms` only while something is left to do (a
+/// member not ALIVE, whose removal waits for a time, a learner to promote, a node
+/// draining, a round that failed): a settled cluster has nothing here that wakes.
+/// Rounds are at least `reconcile_interval_ms` apart.
 pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_millis(config.reconcile_interval_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let interval = Duration::from_millis(config.reconcile_interval_ms);
     let mut members_changed = membership.watch();
+    let mut state_changes = cluster.state_changes();
     let mut hand_over = HandOverBackoff::default();
+    let mut settled = false;
+    let mut last_round: Option<tokio::time::Instant> = None;
     loop {
+        let next = last_round.map_or_else(tokio::time::Instant::now, |at| at + interval);
         tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(next), if !settled => {}
             r = members_changed.changed() => if r.is_err() { return },
+            r = state_changes.changed() => if r.is_err() { return },
+        }
+        if last_round.is_some_and(|at| at + interval > tokio::time::Instant::now()) {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep_until(next) => {}
+            }
         }
         if cluster.leader().map(|(id, _)| id) != Some(cluster.id) {
+            // Becoming leader is a state change: nothing to do until then.
+            settled = true;
             continue;
         }
+        last_round = Some(tokio::time::Instant::now());
         let members = membership.watch().borrow().clone();
-        if let Err(e) = reconcile_once(&config, &cluster, &membership, &members, &mut hand_over).await {
-            tracing::debug!(error = %e, "membership reconciliation deferred");
-        }
+        settled = match reconcile_once(&config, &cluster, &membership, &members, &mut hand_over).await {
+            Ok(()) => is_settled(&config, &cluster, &members),
+            Err(e) => {
+                tracing::debug!(error = %e, "membership reconciliation deferred");
+                false
+            }
+        };
     }
+}
+
+/// Nothing for a round to do until gossip or the cluster state changes: every member
+/// ALIVE, in Raft and recorded as such, no node draining, no membership change in
+/// flight, and no learner that could be promoted.
+fn is_settled(config: &NodeConfig, cluster: &Cluster, members: &[MemberInfo]) -> bool {
+    let metrics = cluster.raft.metrics().borrow().clone();
+    let stored = metrics.membership_config.membership();
+    if stored.get_joint_config().len() > 1 {
+        return false;
+    }
+    let voters: BTreeSet<u64> = stored.voter_ids().collect();
+    let learners: BTreeSet<u64> = stored.learner_ids().collect();
+    if !learners.is_empty() && voters.len() < config.voters_count_max {
+        return false;
+    }
+    let st = cluster.state.read();
+    if !st.state.draining.is_empty() {
+        return false;
+    }
+    members.iter().all(|m| {
+        m.state == NodeState::Alive
+            && (voters.contains(&m.id) || learners.contains(&m.id))
+            && st.state.nodes.get(&m.id).is_some_and(|r| r.address == m.addr && r.state == NodeState::Alive)
+    })
 }
 
 async fn reconcile_once(
