@@ -54,9 +54,6 @@ struct Cursor {
     backlog: VecDeque<Record>,
     /// The last read found nothing new.
     idle: bool,
-    /// The last read reached how far the segment was readable then (its records, if
-    /// any, were the last ones confirmed): nothing more was there to read.
-    caught_up: bool,
     /// The segment is closed and its records end here (from the state or a read).
     end: Option<u64>,
     /// Closed and every record up to `end` reported.
@@ -207,7 +204,6 @@ impl Reader {
         c.next = from;
         c.backlog.clear();
         c.idle = false;
-        c.caught_up = false;
         c.marks.retain(|(_, offset)| *offset < from);
         if c.finished {
             c.finished = false;
@@ -293,7 +289,6 @@ impl Reader {
             next: self.start.get(&id).copied().unwrap_or(0),
             backlog: VecDeque::new(),
             idle: false,
-            caught_up: false,
             end: None,
             finished: false,
             fetching: false,
@@ -320,7 +315,6 @@ impl Reader {
         let seek_since_ms = std::mem::take(&mut c.seek_since_ms);
         let Some(r) = result else {
             c.idle = true;
-            c.caught_up = false;
             return;
         };
         if r.start > c.next {
@@ -340,7 +334,6 @@ impl Reader {
             return;
         }
         c.idle = r.records.is_empty();
-        c.caught_up = r.records.last().is_none_or(|last| last.offset + 1 >= r.end_offset);
         c.readable_end = c.readable_end.max(r.end_offset);
         // A read may overlap what was reported (it started before a backlog emptied):
         // only what is new goes in.
@@ -424,14 +417,12 @@ impl Reader {
         }
     }
 
-    /// Nothing to hand out and nothing new right now: every shard's head had read all
-    /// its segment held at its last read (found nothing, or the last records
-    /// confirmed), with nothing backlogged. The generations behind a head wait for
+    /// Nothing to hand out and nothing new right now: every shard's head had nothing at
+    /// its last read, with nothing backlogged. The generations behind a head wait for
     /// it, so they have nothing to hand out either.
     pub fn drained(&self, buffer: &GroupBuffer) -> bool {
-        let caught_up = |c: &Cursor| (c.idle || c.caught_up) && c.backlog.is_empty();
         buffer.pending_len() == 0
-            && heads(&self.unfinished).all(|id| self.cursors.get(&id).is_none_or(|c| caught_up(c)))
+            && heads(&self.unfinished).all(|id| self.cursors.get(&id).is_none_or(|c| c.idle && c.backlog.is_empty()))
     }
 
     /// A read made only to learn how far an open segment is readable now (for its lag,
@@ -482,7 +473,6 @@ impl Reader {
             c.next = end;
             c.readable_end = c.readable_end.max(end);
             c.idle = false;
-            c.caught_up = false;
             buffer.mark_read(id, end);
             self.finish_if_read(id, buffer);
         }
@@ -802,30 +792,6 @@ mod tests {
         assert!(buffer.committed().is_empty(), "nothing skipped");
     }
 
-    /// `basic.get` and `--do-not-block` answer "empty" at once once the group has
-    /// handed out everything its open segment had: a read that came back with the
-    /// last confirmed records counts as having found nothing more, while one cut short
-    /// by its size limit does not.
-    #[test]
-    fn a_group_that_read_up_to_the_readable_end_is_drained() {
-        let (mut reader, mut buffer) = fanout_group(&["t"], 10, BTreeMap::new());
-        buffer.subscribe(0, true);
-        let t = segment("t", true);
-        reader.segments_changed([(1, &t)], &mut buffer);
-        assert!(!reader.drained(&buffer), "not read yet");
-        reader.next_fetches(&buffer);
-        let short = ReadResult { start: 0, records: vec![record(0, "", 0)], end_offset: 2, closed: false };
-        reader.fetched(1, Some(short), &mut buffer);
-        assert_eq!(deliver(&mut reader, &mut buffer), [(1, 0)]);
-        assert!(!reader.drained(&buffer), "record 1 was readable and not read yet");
-        assert_eq!(reader.next_fetches(&buffer), [fetch(1, 1, false)]);
-        let rest = ReadResult { start: 1, records: vec![record(1, "", 0)], end_offset: 2, closed: false };
-        reader.fetched(1, Some(rest), &mut buffer);
-        assert!(!reader.drained(&buffer), "record 1 is pending");
-        assert_eq!(deliver(&mut reader, &mut buffer), [(1, 1)]);
-        assert!(reader.drained(&buffer), "everything readable was handed out");
-    }
-
     #[test]
     fn since_and_bindings_decide_what_is_offered() {
         let spec =
@@ -948,7 +914,7 @@ mod tests {
         reader.fetched(3, open_read(0..2), &mut buffer);
         reader.fetched(4, open_read(0..1), &mut buffer);
         assert_eq!(deliver(&mut reader, &mut buffer), [(3, 0), (3, 1), (4, 0)]);
-        assert!(reader.drained(&buffer), "all that shard 1 and topic u held was handed out");
+        assert!(!reader.drained(&buffer), "shard 1 and topic u are read again at once");
         assert_eq!(reader.next_fetches(&buffer), [fetch(1, 0, true), fetch(3, 2, false), fetch(4, 1, false)]);
     }
 
