@@ -9,7 +9,7 @@
 //! (the publisher's send time travels in the message), the brokers' CPU per message
 //! and RSS (peak while running). Prints JSON lines; asserts nothing about timings.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use super::{cpu_ms, rss_kib, spawn_binary, wait_alive, Proc};
+use super::{cpu_ms, rss_kib, Proc};
 use crate::args::ClientsBenchArgs;
 use crate::Ctx;
 use crate::{admin_client, CliError};
@@ -122,25 +122,9 @@ pub async fn run(ctx: &Ctx, args: ClientsBenchArgs) -> Result<(), CliError> {
 }
 
 async fn clients(ctx: &Ctx, args: &ClientsBenchArgs, shape: Shape, dir: &Path) -> Result<(), CliError> {
-    let exe = match &args.broker_binary {
-        Some(b) => b.clone(),
-        None => std::env::current_exe().map_err(err)?,
-    };
     let port = args.broker_port;
-    let mut extra =
-        vec![format!("--amqp-port={}", port.saturating_add(1)), format!("--metrics-port={}", port.saturating_add(2))];
-    extra.extend(args.broker_args.iter().cloned());
-    let addrs: Vec<String> = args.hosts.iter().map(|h| format!("{h}:{port}")).collect();
-    let dirs: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("n{i}"))).collect();
-    let mut procs = Vec::new();
-    for (i, h) in args.hosts.iter().enumerate() {
-        procs.push(spawn_binary(&exe, h, port, &dirs[i], (i > 0).then_some(addrs[0].as_str()), &extra)?);
-        wait_alive(&addrs[0], i + 1).await?;
-    }
-    wait_alive(&addrs[2], 3).await?;
-    for p in &mut procs {
-        p.check_running()?;
-    }
+    let super::Three { exe, procs, addrs, .. } =
+        super::start_three(args.broker_binary.as_deref(), &args.hosts, port, &args.broker_args, dir).await?;
     let connections = if args.connections == 0 { shape.publishers + shape.subscribers() } else { args.connections };
     println!(
         "{}",

@@ -10,7 +10,7 @@ mod data;
 mod scale;
 mod scrape;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -151,6 +151,48 @@ pub(super) async fn wait_alive(addr: &str, n: usize) -> Result<Duration, CliErro
         tokio::time::sleep(POLL_INTERVAL).await;
     }
     Err(CliError::Failed(format!("{addr}: {n} ALIVE nodes not reached within {WAIT_MAX:?}")))
+}
+
+/// Three brokers, the first founding the cluster and the others joining it, on
+/// `hosts` at `port` (AMQP on `port` + 1, metrics on `port` + 2, then `broker_args`),
+/// data under `dir/n0`..`n2`; `broker_binary` or this executable. Returns once all
+/// three are ALIVE.
+pub(super) async fn start_three(
+    broker_binary: Option<&Path>,
+    hosts: &[String],
+    port: u16,
+    broker_args: &[String],
+    dir: &Path,
+) -> Result<Three, CliError> {
+    let exe = match broker_binary {
+        Some(b) => b.to_path_buf(),
+        None => std::env::current_exe().map_err(|e| CliError::Failed(e.to_string()))?,
+    };
+    let mut extra =
+        vec![format!("--amqp-port={}", port.saturating_add(1)), format!("--metrics-port={}", port.saturating_add(2))];
+    extra.extend(broker_args.iter().cloned());
+    let addrs: Vec<String> = hosts.iter().map(|h| format!("{h}:{port}")).collect();
+    let dirs: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("n{i}"))).collect();
+    let mut procs = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        procs.push(spawn_binary(&exe, h, port, &dirs[i], (i > 0).then_some(addrs[0].as_str()), &extra)?);
+        wait_alive(&addrs[0], i + 1).await?;
+    }
+    wait_alive(&addrs[2], 3).await?;
+    for p in &mut procs {
+        p.check_running()?;
+    }
+    Ok(Three { exe, extra, procs, addrs, dirs })
+}
+
+/// What [`start_three`] started.
+pub(super) struct Three {
+    /// The broker binary and the flags every broker got besides its own.
+    pub exe: PathBuf,
+    pub extra: Vec<String>,
+    pub procs: Vec<Proc>,
+    pub addrs: Vec<String>,
+    pub dirs: Vec<PathBuf>,
 }
 
 pub(super) fn rss_kib(pid: u32) -> u64 {

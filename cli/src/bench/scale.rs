@@ -63,25 +63,9 @@ struct Cluster {
 }
 
 async fn scale(ctx: &Ctx, args: &ScaleBenchArgs, dir: &Path) -> Result<(), CliError> {
-    let exe = match &args.broker_binary {
-        Some(b) => b.clone(),
-        None => std::env::current_exe().map_err(err)?,
-    };
     let port = args.broker_port;
-    let mut extra =
-        vec![format!("--amqp-port={}", port.saturating_add(1)), format!("--metrics-port={}", port.saturating_add(2))];
-    extra.extend(args.broker_args.iter().cloned());
-    let addrs: Vec<String> = args.hosts.iter().map(|h| format!("{h}:{port}")).collect();
-    let dirs: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("n{i}"))).collect();
-    let mut procs = Vec::new();
-    for (i, h) in args.hosts.iter().enumerate() {
-        procs.push(spawn_binary(&exe, h, port, &dirs[i], (i > 0).then_some(addrs[0].as_str()), &extra)?);
-        wait_alive(&addrs[0], i + 1).await?;
-    }
-    wait_alive(&addrs[2], 3).await?;
-    for p in &mut procs {
-        p.check_running()?;
-    }
+    let super::Three { exe, extra, procs, addrs, dirs } =
+        super::start_three(args.broker_binary.as_deref(), &args.hosts, port, &args.broker_args, dir).await?;
     let c = Cluster { procs, addrs, dirs };
     let ns = ctx.namespace.as_str();
     let n = args.topics;
