@@ -861,6 +861,13 @@ pub struct ClientsBenchArgs {
     /// Each subscriber's window (unacknowledged messages held at once).
     #[arg(long, default_value_t = 100)]
     pub subscriber_size: u32,
+    #[command(flatten)]
+    pub brokers: BenchBrokers,
+}
+
+/// The brokers a bench starts: which binary, with which extra flags, where.
+#[derive(Debug, Args)]
+pub struct BenchBrokers {
     /// The broker binary to start (default: this one), to compare builds.
     #[arg(long)]
     pub broker_binary: Option<PathBuf>,
@@ -905,16 +912,8 @@ pub struct ScaleBenchArgs {
     /// delivery latency (publish to receipt by the subscriber).
     #[arg(long, default_value_t = 1000)]
     pub latency_messages: usize,
-    /// The broker binary to start (default: this one), to compare builds.
-    #[arg(long)]
-    pub broker_binary: Option<PathBuf>,
-    /// A flag passed to every broker started (repeatable).
-    #[arg(long = "broker-arg", allow_hyphen_values = true)]
-    pub broker_args: Vec<String>,
-    /// Data directory of the brokers (default: a fresh temporary directory); locked by
-    /// the run, removed after it unless it failed.
-    #[arg(long)]
-    pub bench_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub brokers: BenchBrokers,
 }
 
 #[derive(Debug, Args)]

@@ -295,6 +295,12 @@ pub async fn wait_for_other_copies(segments: &Segments, max: Duration) -> usize 
             }
             return 0;
         }
+        if waited_for == 0 {
+            tracing::info!(
+                segments = short,
+                "waiting for the other copies of open segments to catch up before stopping"
+            );
+        }
         waited_for = waited_for.max(short);
         if tokio::time::Instant::now() + COPIES_WAIT_POLL > deadline {
             tracing::warn!(
@@ -304,12 +310,6 @@ pub async fn wait_for_other_copies(segments: &Segments, max: Duration) -> usize 
                  elsewhere (--shutdown-copies-wait-ms): their publishes wait until those catch up"
             );
             return short;
-        }
-        if waited_for == short && started.elapsed() < COPIES_WAIT_POLL * 2 {
-            tracing::info!(
-                segments = short,
-                "waiting for the other copies of open segments to catch up before stopping"
-            );
         }
         tokio::time::sleep(COPIES_WAIT_POLL).await;
     }

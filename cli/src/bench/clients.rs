@@ -109,6 +109,7 @@ pub async fn run(ctx: &Ctx, args: ClientsBenchArgs) -> Result<(), CliError> {
         return Err(CliError::Usage("--subscriber-size: must be at least 1".into()));
     }
     let dir = args
+        .brokers
         .bench_dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("eventtermq-bench-clients-{}", std::process::id())));
@@ -123,8 +124,7 @@ pub async fn run(ctx: &Ctx, args: ClientsBenchArgs) -> Result<(), CliError> {
 
 async fn clients(ctx: &Ctx, args: &ClientsBenchArgs, shape: Shape, dir: &Path) -> Result<(), CliError> {
     let port = args.broker_port;
-    let super::Three { exe, procs, addrs, .. } =
-        super::start_three(args.broker_binary.as_deref(), &args.hosts, port, &args.broker_args, dir).await?;
+    let super::Three { exe, procs, addrs, .. } = super::start_three(&args.brokers, &args.hosts, port, dir).await?;
     let connections = if args.connections == 0 { shape.publishers + shape.subscribers() } else { args.connections };
     println!(
         "{}",

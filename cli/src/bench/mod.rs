@@ -47,11 +47,11 @@ pub async fn run(ctx: &Ctx, cmd: BenchCommand) -> Result<(), CliError> {
             result
         }
         BenchCommand::Scale(args) => {
-            let _lock = args.bench_dir.as_deref().map(lock_bench_dir).transpose()?;
+            let _lock = args.brokers.bench_dir.as_deref().map(lock_bench_dir).transpose()?;
             scale::run(ctx, args).await
         }
         BenchCommand::Clients(args) => {
-            let _lock = args.bench_dir.as_deref().map(lock_bench_dir).transpose()?;
+            let _lock = args.brokers.bench_dir.as_deref().map(lock_bench_dir).transpose()?;
             clients::run(ctx, args).await
         }
         BenchCommand::DataPath(args) => {
@@ -154,23 +154,22 @@ pub(super) async fn wait_alive(addr: &str, n: usize) -> Result<Duration, CliErro
 }
 
 /// Three brokers, the first founding the cluster and the others joining it, on
-/// `hosts` at `port` (AMQP on `port` + 1, metrics on `port` + 2, then `broker_args`),
-/// data under `dir/n0`..`n2`; `broker_binary` or this executable. Returns once all
-/// three are ALIVE.
+/// `hosts` at `port` (AMQP on `port` + 1, metrics on `port` + 2, then the
+/// `--broker-arg`s), data under `dir/n0`..`n2`; `--broker-binary` or this executable.
+/// Returns once all three are ALIVE.
 pub(super) async fn start_three(
-    broker_binary: Option<&Path>,
+    brokers: &crate::args::BenchBrokers,
     hosts: &[String],
     port: u16,
-    broker_args: &[String],
     dir: &Path,
 ) -> Result<Three, CliError> {
-    let exe = match broker_binary {
-        Some(b) => b.to_path_buf(),
+    let exe = match &brokers.broker_binary {
+        Some(b) => b.clone(),
         None => std::env::current_exe().map_err(|e| CliError::Failed(e.to_string()))?,
     };
     let mut extra =
         vec![format!("--amqp-port={}", port.saturating_add(1)), format!("--metrics-port={}", port.saturating_add(2))];
-    extra.extend(broker_args.iter().cloned());
+    extra.extend(brokers.broker_args.iter().cloned());
     let addrs: Vec<String> = hosts.iter().map(|h| format!("{h}:{port}")).collect();
     let dirs: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("n{i}"))).collect();
     let mut procs = Vec::new();

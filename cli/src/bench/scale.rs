@@ -44,6 +44,7 @@ pub async fn run(ctx: &Ctx, args: ScaleBenchArgs) -> Result<(), CliError> {
         return Err(CliError::Usage("--connections: must be at least 1 with subscribers".into()));
     }
     let dir = args
+        .brokers
         .bench_dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("eventtermq-bench-scale-{}", std::process::id())));
@@ -65,7 +66,7 @@ struct Cluster {
 async fn scale(ctx: &Ctx, args: &ScaleBenchArgs, dir: &Path) -> Result<(), CliError> {
     let port = args.broker_port;
     let super::Three { exe, extra, procs, addrs, dirs } =
-        super::start_three(args.broker_binary.as_deref(), &args.hosts, port, &args.broker_args, dir).await?;
+        super::start_three(&args.brokers, &args.hosts, port, dir).await?;
     let c = Cluster { procs, addrs, dirs };
     let ns = ctx.namespace.as_str();
     let n = args.topics;
