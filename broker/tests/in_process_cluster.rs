@@ -1178,6 +1178,45 @@ async fn an_idle_group_reading_from_another_node_asks_once_per_read_wait() {
     stop_all(nodes).await;
 }
 
+/// A one-off read (`do_not_block`, AMQP's `basic.get`) answers "nothing left" as soon
+/// as it knows, not after the reads' wait (60 s here) or the request timeout (3 s);
+/// and one made right after a publish was confirmed finds that message, though the
+/// group's read of the open segment was waiting since before it.
+#[tokio::test(start_paused = true)]
+async fn a_one_off_read_answers_empty_at_once_and_finds_what_was_just_confirmed() {
+    use eventtermq_proto::v1::messaging_client::MessagingClient;
+    use eventtermq_proto::v1::SubscribeRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let nodes = three_tuned(&net, dir.path(), |c| c.data.read_wait_ms = 60_000).await;
+    let placed = topic_and_group(&nodes, &["first"], 10).await;
+    let primary = &nodes[primary_index(&nodes).unwrap()];
+    assert_ne!(primary.handle.id, placed, "the group reads from another node's primary");
+    let (client, _listeners) = net.attach("client:1");
+    let mut messaging = MessagingClient::new(client.data_channel(&primary.name));
+    let get = SubscribeRequest {
+        consumer_group: "g".into(),
+        auto_ack: true,
+        size: 1,
+        do_not_block: true,
+        max_messages: 1,
+        ..Default::default()
+    };
+    for round in 0..5u32 {
+        let mut empty = messaging.subscribe(get.clone()).await.unwrap().into_inner();
+        let answer = tokio::time::timeout(Duration::from_secs(1), empty.message()).await;
+        assert!(matches!(answer, Ok(Ok(None))), "round {round}: not an empty answer at once: {answer:?}");
+
+        assert_eq!(publish_ids(primary, round..round + 1).await, [round]);
+        let mut one = messaging.subscribe(get.clone()).await.unwrap().into_inner();
+        let m = tokio::time::timeout(Duration::from_secs(1), one.message()).await.unwrap().unwrap();
+        let data = m.and_then(|d| d.message).map(|m| String::from_utf8(m.data.to_vec()).unwrap());
+        assert_eq!(data, Some(round.to_string()), "round {round}: the confirmed message");
+    }
+    stop_all(nodes).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn lag_follows_publishes_while_the_group_buffer_is_full() {
     let dir = tempfile::tempdir().unwrap();

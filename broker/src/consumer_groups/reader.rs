@@ -98,6 +98,16 @@ impl Cursor {
     }
 }
 
+/// See [`Reader::caught_up`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaughtUp {
+    Yes,
+    /// Records are still to be read or handed out.
+    No,
+    /// An open head's end is not among those given.
+    Unknown,
+}
+
 /// A read the group task should start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fetch {
@@ -420,9 +430,48 @@ impl Reader {
     /// Nothing to hand out and nothing new right now: every shard's head had nothing at
     /// its last read, with nothing backlogged. The generations behind a head wait for
     /// it, so they have nothing to hand out either.
+    #[cfg(test)]
     pub fn drained(&self, buffer: &GroupBuffer) -> bool {
         buffer.pending_len() == 0
             && heads(&self.unfinished).all(|id| self.cursors.get(&id).is_none_or(|c| c.idle && c.backlog.is_empty()))
+    }
+
+    /// Every shard's head that is open, and where the reader is in it.
+    pub fn open_heads(&self) -> Vec<(SegmentId, u64)> {
+        let open = heads(&self.unfinished).filter_map(|id| self.cursors.get(&id).map(|c| (id, c)));
+        open.filter(|(_, c)| c.end.is_none()).map(|(id, c)| (id, c.next)).collect()
+    }
+
+    /// Whether anything is left to hand out, as far as `ends` (how far each open head
+    /// was confirmed at some moment) tell: [`CaughtUp::Yes`] once nothing waits in the
+    /// buffer or a backlog, every open head was read to its end in `ends`, and every
+    /// closed head found nothing at its last read (a closed segment's reads do not
+    /// wait). The generations behind a head wait for it, so they have nothing to hand
+    /// out either.
+    pub fn caught_up(&self, buffer: &GroupBuffer, ends: &BTreeMap<SegmentId, u64>) -> CaughtUp {
+        if buffer.pending_len() > 0 {
+            return CaughtUp::No;
+        }
+        let mut unknown = false;
+        for id in heads(&self.unfinished) {
+            let Some(c) = self.cursors.get(&id) else { continue };
+            let read = match (c.end, ends.get(&id)) {
+                (Some(_), _) => c.idle,
+                (None, Some(end)) => c.next >= *end,
+                (None, None) => {
+                    unknown = true;
+                    true
+                }
+            };
+            if !read || !c.backlog.is_empty() {
+                return CaughtUp::No;
+            }
+        }
+        if unknown {
+            CaughtUp::Unknown
+        } else {
+            CaughtUp::Yes
+        }
     }
 
     /// A read made only to learn how far an open segment is readable now (for its lag,

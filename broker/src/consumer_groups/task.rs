@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::buffer::{Acked, Delivery, GroupBuffer, Millis, SubscriberId};
 use super::commits::{CommitResult, OffsetCommits};
 use super::dead_letter;
-use super::reader::{Fetch, Reader};
+use super::reader::{CaughtUp, Fetch, Reader};
 use crate::cluster::Cluster;
 use crate::cluster_state::{ConsumerGroupSpec, GroupOffsets, SegmentId};
 use crate::error::{ErrorCode, RequestError};
@@ -116,6 +116,7 @@ type FetchFuture = Pin<Box<dyn std::future::Future<Output = (SegmentId, Result<R
 type PeekFuture = Pin<Box<dyn std::future::Future<Output = (SegmentId, Option<u64>)> + Send>>;
 /// Dead letters on their way to the dead-letter topic, as one publish: the records
 /// they are, once published.
+type EndsFuture = Pin<Box<dyn std::future::Future<Output = Result<BTreeMap<SegmentId, u64>, RequestError>> + Send>>;
 type DeadLetterFuture = Pin<Box<dyn std::future::Future<Output = Vec<(SegmentId, u64)>> + Send>>;
 
 /// A dead letter waiting for its turn: the record it is, where it goes, what goes.
@@ -139,6 +140,9 @@ type PurgeFuture = Pin<
 struct Subscriber {
     tx: mpsc::Sender<Event>,
     do_not_block: bool,
+    /// Its number among `do_not_block` subscribers ([`Task::one_offs`]): only ends
+    /// learnt after it came can tell it that nothing is left.
+    since: u64,
     exclusive: bool,
     limit: Option<oneshot::Sender<()>>,
 }
@@ -188,6 +192,16 @@ struct Task {
     dead_waiting: VecDeque<DeadLetter>,
     dead_publishing: Option<DeadLetterFuture>,
     purges: FuturesUnordered<PurgeFuture>,
+    /// `do_not_block` subscribers so far; each is told "nothing left" only once the
+    /// reader has read everything its open heads had confirmed after it came (ends
+    /// learnt by an [`EndsFuture`]), not from a read that waited since before: a
+    /// `basic.get` right after a publish's confirm must find that message, and one on
+    /// an empty queue must not wait out the reads' wait.
+    one_offs: u64,
+    /// The ends being learnt, for the subscribers up to this number.
+    ends_asked: Option<(u64, EndsFuture)>,
+    /// The last ends learnt, for the subscribers up to this number.
+    ends_known: Option<(u64, BTreeMap<SegmentId, u64>)>,
     counters: GroupCounters,
     /// Origin of the buffer's clock ([`Millis`]).
     epoch: tokio::time::Instant,
@@ -258,6 +272,13 @@ pub(crate) async fn run(
                 t.publish_dead_letters();
             }
             Some((ends, reply)) = t.purges.next(), if !t.purges.is_empty() => t.purge(ends, reply),
+            (upto, ends) = ends_learnt(&mut t.ends_asked), if t.ends_asked.is_some() => {
+                t.ends_asked = None;
+                match ends {
+                    Ok(ends) => t.ends_known = Some((upto, ends)),
+                    Err(e) => tracing::debug!(group = %t.name, error = %e, "cannot learn how far segments are confirmed; asking again"),
+                }
+            }
         }
         t.step();
         // Anything may have moved the offsets: a commit within one interval, unless
@@ -362,6 +383,9 @@ impl Task {
             dead_waiting: VecDeque::new(),
             dead_publishing: None,
             purges: FuturesUnordered::new(),
+            one_offs: 0,
+            ends_asked: None,
+            ends_known: None,
             counters,
             epoch: tokio::time::Instant::now(),
         })
@@ -448,7 +472,9 @@ impl Task {
                     self.buffer.limit_hand_outs(id, max_messages);
                 }
                 let (tx, rx) = mpsc::channel(max_unacked as usize + 1);
-                self.subscribers.insert(id, Subscriber { tx, do_not_block, exclusive, limit: None });
+                self.one_offs += u64::from(do_not_block);
+                let since = self.one_offs;
+                self.subscribers.insert(id, Subscriber { tx, do_not_block, since, exclusive, limit: None });
                 let _ = reply.send(Ok((id, rx)));
             }
             GroupCmd::Unsubscribe(id) => self.unsubscribe(id),
@@ -490,13 +516,10 @@ impl Task {
         }
     }
 
-    /// A purge first learns how far each bound segment is confirmed now (a closed
-    /// one's end is known; an open one's primary is asked, with a one-record read as
-    /// the lag's peeks do), so that everything published and confirmed before the
-    /// purge goes, and nothing published after its answer (a message published while
-    /// the purge runs may go or stay). A segment not readable yet (`NotReady`: its
-    /// primary has not started it) is asked again every [`READ_RETRY_PAUSE`] within
-    /// the request timeout.
+    /// A purge first learns how far each bound segment is confirmed now
+    /// ([`Task::confirmed_ends`]), so that everything published and confirmed before
+    /// the purge goes, and nothing published after its answer (a message published
+    /// while the purge runs may go or stay).
     fn start_purge(&mut self, reply: oneshot::Sender<Result<Purged, RequestError>>) {
         if !self.refresh() {
             let e = RequestError::new(
@@ -506,9 +529,22 @@ impl Task {
             let _ = reply.send(Err(e));
             return;
         }
+        let ends = self.confirmed_ends(self.reader.purge_inputs());
+        self.purges.push(Box::pin(async move { (ends.await, reply) }));
+    }
+
+    /// How far each segment is confirmed now: `Ok(end)` of a closed one is known; for
+    /// an open one (`Err(from)`) its primary is asked, here at once or with a
+    /// one-record read from `from` on another node, as the lag's peeks do. A segment
+    /// not readable yet (`NotReady`: its primary has not started it) is asked again
+    /// every [`READ_RETRY_PAUSE`] within the request timeout.
+    fn confirmed_ends(
+        &self,
+        inputs: Vec<(SegmentId, Result<u64, u64>)>,
+    ) -> impl std::future::Future<Output = Result<BTreeMap<SegmentId, u64>, RequestError>> + Send + 'static {
         let mut known = BTreeMap::new();
         let mut asks = Vec::new();
-        for (id, end) in self.reader.purge_inputs() {
+        for (id, end) in inputs {
             let from = match end {
                 Ok(end) => {
                     known.insert(id, end);
@@ -523,8 +559,7 @@ impl Task {
             let Some(seg) = self.cluster.state.read().state.segments.get(&id).cloned() else { continue };
             let segments = self.segments.clone();
             // A segment that just appeared may not be served by its primary yet (its
-            // node applies the state and starts the primary a moment later): asked
-            // again, as the group's own reads are, within the request timeout.
+            // node applies the state and starts the primary a moment later).
             let deadline = tokio::time::Instant::now() + self.cluster.request_timeout();
             asks.push(async move {
                 loop {
@@ -534,7 +569,7 @@ impl Task {
                             if e.code == ErrorCode::NotReady
                                 && tokio::time::Instant::now() + READ_RETRY_PAUSE < deadline =>
                         {
-                            tracing::debug!(segment_id = id, error = %e, "purge: segment not readable yet; asking again");
+                            tracing::debug!(segment_id = id, error = %e, "segment not readable yet; asking again");
                             tokio::time::sleep(READ_RETRY_PAUSE).await;
                         }
                         Err(e) => return Err(e),
@@ -542,18 +577,14 @@ impl Task {
                 }
             });
         }
-        self.purges.push(Box::pin(async move {
+        async move {
             let mut ends = known;
             for answer in futures::future::join_all(asks).await {
-                match answer {
-                    Ok((id, end)) => {
-                        ends.insert(id, end);
-                    }
-                    Err(e) => return (Err(e), reply),
-                }
+                let (id, end) = answer?;
+                ends.insert(id, end);
             }
-            (Ok(ends), reply)
-        }));
+            Ok(ends)
+        }
     }
 
     fn purge(
@@ -680,15 +711,38 @@ impl Task {
                 _ => self.unsubscribe(sub),
             }
         }
-        let drained = self.reader.drained(&self.buffer);
+        let caught_up = self.ends_known.as_ref().map(|(upto, ends)| (*upto, self.reader.caught_up(&self.buffer, ends)));
+        let mut ask_ends = false;
         for (id, s) in self.subscribers.iter_mut() {
             let holds_none = self.buffer.in_flight_of(*id) == 0;
             if let Some(limit) = s.limit.take_if(|_| holds_none) {
                 let _ = limit.send(());
             }
-            if s.do_not_block && drained && holds_none {
-                let _ = s.tx.try_send(Event::Drained);
+            if !s.do_not_block || !holds_none {
+                continue;
             }
+            match caught_up {
+                Some((upto, CaughtUp::Yes)) if upto >= s.since => {
+                    let _ = s.tx.try_send(Event::Drained);
+                }
+                // Records to come: the reads bring them.
+                Some((upto, CaughtUp::No)) if upto >= s.since => {}
+                _ => ask_ends = true,
+            }
+        }
+        if ask_ends && self.ends_asked.is_none() {
+            let heads = self.reader.open_heads();
+            let asked: Vec<SegmentId> = heads.iter().map(|(id, _)| *id).collect();
+            let ends = self.confirmed_ends(heads.into_iter().map(|(id, from)| (id, Err(from))).collect());
+            // Not every end learnt: a pause before asking again.
+            let failed_pause = async move {
+                let r = ends.await;
+                if r.as_ref().map_or(true, |ends| asked.iter().any(|id| !ends.contains_key(id))) {
+                    tokio::time::sleep(READ_RETRY_PAUSE).await;
+                }
+                r
+            };
+            self.ends_asked = Some((self.one_offs, Box::pin(failed_pause)));
         }
     }
 
@@ -880,6 +934,13 @@ fn commit_backoff(interval: Duration, failures: u32, name: &str) -> Duration {
 const COMMIT_BACKOFF_MAX_FACTOR: u32 = 32;
 
 /// Waits for the commit in flight (the caller polls this only when there is one).
+async fn ends_learnt(asked: &mut Option<(u64, EndsFuture)>) -> (u64, Result<BTreeMap<SegmentId, u64>, RequestError>) {
+    match asked {
+        Some((upto, ends)) => (*upto, ends.await),
+        None => std::future::pending().await,
+    }
+}
+
 async fn dead_letters_published(publishing: &mut Option<DeadLetterFuture>) -> Vec<(SegmentId, u64)> {
     match publishing {
         Some(publish) => publish.await,
