@@ -101,9 +101,9 @@ pub struct DataSettings {
     pub read_batch_max_bytes: usize,
     /// Publishes queued on a primary beyond this many bytes wait (back-pressure).
     pub write_queue_max_bytes: usize,
-    /// Bytes of publish requests a node holds at once over all streams and clients
-    /// (read off a stream, not answered yet); beyond it the node reads no more
-    /// publishes until some are answered (`api/budget.rs`).
+    /// Bytes of publishes a node holds at once over all its clients, gRPC and AMQP
+    /// (read, not answered yet); beyond it the node reads no more publishes until
+    /// some are answered (`budget.rs`).
     pub publish_in_flight_max_bytes: usize,
     /// The gRPC server's HTTP/2 stream window: bytes a client (or node) may send on
     /// one stream beyond what the server has read; 0 leaves hyper's default (1 MiB).

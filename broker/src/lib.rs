@@ -19,6 +19,7 @@
 pub mod amqp;
 pub mod api;
 pub mod auth;
+pub mod budget;
 pub mod client_cert;
 pub mod clock;
 pub mod cluster;

@@ -1103,27 +1103,38 @@ fn env_u64(name: &str) -> Option<u64> {
 
 /// Runs `seeds` one after another; every failing one is reported with its schedule
 /// and the command that replays it.
-fn run_many(seeds: impl Iterator<Item = u64>, verbose: bool) {
+/// Runs `seeds`, one per CPU at a time (each seed is a thread of its own with its own
+/// runtime and clock, so they do not meet).
+fn run_many(seeds: impl Iterator<Item = u64> + Send, verbose: bool) {
     init_logs();
-    let mut failed = Vec::new();
-    for seed in seeds {
-        let started = std::time::Instant::now();
-        let outcome = run_seed(seed, verbose);
-        eprintln!(
-            "seed {seed}: {} ({} publishes, {} messages confirmed, {} deliveries) in {:.1?}",
-            if outcome.violations.is_empty() { "ok" } else { "FAILED" },
-            outcome.publishes,
-            outcome.confirmed,
-            outcome.deliveries,
-            started.elapsed()
-        );
-        if verbose || !outcome.violations.is_empty() {
-            eprintln!("{}", outcome.report());
+    let seeds = Mutex::new(seeds);
+    let failed = Mutex::new(Vec::new());
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let Some(seed) = seeds.lock().unwrap_or_else(PoisonError::into_inner).next() else { return };
+                let started = std::time::Instant::now();
+                let outcome = run_seed(seed, verbose);
+                eprintln!(
+                    "seed {seed}: {} ({} publishes, {} messages confirmed, {} deliveries) in {:.1?}",
+                    if outcome.violations.is_empty() { "ok" } else { "FAILED" },
+                    outcome.publishes,
+                    outcome.confirmed,
+                    outcome.deliveries,
+                    started.elapsed()
+                );
+                if verbose || !outcome.violations.is_empty() {
+                    eprintln!("{}", outcome.report());
+                }
+                if !outcome.violations.is_empty() {
+                    failed.lock().unwrap_or_else(PoisonError::into_inner).push(seed);
+                }
+            });
         }
-        if !outcome.violations.is_empty() {
-            failed.push(seed);
-        }
-    }
+    });
+    let mut failed = failed.into_inner().unwrap_or_else(PoisonError::into_inner);
+    failed.sort_unstable();
     assert!(failed.is_empty(), "failing seeds: {failed:?}");
 }
 

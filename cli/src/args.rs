@@ -290,10 +290,11 @@ pub struct BrokerArgs {
     /// Publishes queued on a primary beyond this many bytes wait.
     #[arg(long, default_value_t = DataSettings::default().write_queue_max_bytes)]
     pub write_queue_max_bytes: usize,
-    /// Bytes of publish requests this node holds at once, over all clients and
-    /// streams (and what other nodes forward to it); beyond it it reads no more
-    /// publishes until earlier ones are answered, so publishers wait (HTTP/2 flow
-    /// control) instead of the node's memory growing with their number.
+    /// Bytes of publishes this node holds at once for its clients, gRPC and AMQP
+    /// (what other nodes forward to it is counted where it came from); beyond it it
+    /// reads no more publishes until earlier ones are answered, so publishers wait
+    /// (HTTP/2 flow control, TCP for AMQP) instead of the node's memory growing with
+    /// their number.
     #[arg(long, default_value_t = DataSettings::default().publish_in_flight_max_bytes)]
     pub publish_in_flight_max_bytes: usize,
     /// The gRPC server's HTTP/2 stream window: bytes a client may send on one stream

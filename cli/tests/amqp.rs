@@ -31,7 +31,9 @@ const QUEUE_OPS_PORT: u16 = 27600;
 const BLOCKED_HOST: &str = "127.0.0.234";
 const BLOCKED_PORT: u16 = 27610;
 /// Transactions, channel.flow, TTL and length limits: 127.0.0.245-247, nodes run
-/// with `--amqp-tx-messages-max 5`.
+/// with `--amqp-tx-messages-max 5` and a publish budget of two messages
+/// (`--publish-in-flight-max-bytes 2048`): a transaction's commit and the other
+/// checks' publishes wait for each other's shares and all get through.
 const FEATURES: [&str; 3] = ["127.0.0.245", "127.0.0.246", "127.0.0.247"];
 const FEATURES_PORT: u16 = 27800;
 /// Exclusive queues of a node that dies: 127.0.0.248-250.
@@ -236,7 +238,12 @@ fn queue_counts_purge_conditional_delete_and_exclusive_consumers_across_nodes() 
 fn transactions_flow_message_ttl_max_length_and_stream_offsets_as_rabbitmq() {
     const HOSTS: [&str; 3] = FEATURES;
     const PORT: u16 = FEATURES_PORT;
-    let _nodes = cluster_with("amqp_features", HOSTS, PORT, &["--amqp-tx-messages-max", "5"]);
+    let _nodes = cluster_with(
+        "amqp_features",
+        HOSTS,
+        PORT,
+        &["--amqp-tx-messages-max", "5", "--publish-in-flight-max-bytes", "2048"],
+    );
     let checks = ["transactions", "tx_errors", "flow", "ttl_and_max_length", "stream_offsets"];
     let out = pika_on(HOSTS, PORT + 1, &[&checks[..], &["exclusive_locked", "message_expiration"]].concat());
     for c in [

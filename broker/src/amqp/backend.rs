@@ -69,6 +69,9 @@ pub struct Backend {
     pub peers: Peers,
     /// This node's AMQP consumers.
     pub consumers: LocalConsumers,
+    /// The publish bytes this node holds for its clients (shared with gRPC): a
+    /// message takes its share before it is handed to its channel's publisher.
+    pub budget: crate::budget::PublishBudget,
     /// Random per start of this node's process: exclusive queues declared here carry
     /// it (`ExclusiveOwner`), so that the next run knows which are of an earlier one.
     pub run_id: u64,

@@ -11,6 +11,7 @@ use amq_protocol::protocol::{basic, channel, confirm, exchange, queue, tx, AMQPC
 use eventtermq_proto::v1 as pb;
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
+use prost::Message as _;
 use rand::distr::{Alphanumeric, SampleString};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -22,6 +23,7 @@ use super::convert;
 use super::error::*;
 use super::state::{Channel, Consumer, HeldPublish, HeldSettle, Pending, PublishJob, Settler, Tx, Unacked};
 use crate::auth::Need;
+use crate::budget::Share;
 use crate::consumer_groups::stored;
 use crate::error::{ErrorCode, RequestError};
 use crate::peers::Relayed;
@@ -446,10 +448,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
         Ok(())
     }
 
-    /// Hands the message to the channel's publisher task. When it has
-    /// `publishes_in_flight_max` waiting, this waits, and so does reading the
-    /// connection: TCP pushes back on a client publishing faster than the topic takes.
+    /// Hands the message to the channel's publisher task, with its share of the node's
+    /// publish budget (`--publish-in-flight-max-bytes`, shared with gRPC clients),
+    /// given back once the message is stored or failed. When the channel's publisher
+    /// has `publishes_in_flight_max` waiting, or the node's budget is spent, this
+    /// waits, and so does reading the connection: TCP pushes back on a client
+    /// publishing faster than the topic takes.
     async fn enqueue_publish(&mut self, id: u16, job: PublishJob) -> Result<(), AmqpError> {
+        let share = self.backend.budget.take(job.message.encoded_len()).await;
         let (backend, events, stop) = (self.backend.clone(), self.events.clone(), self.node_stop.clone());
         let caller = self.caller.clone();
         let in_flight = self.settings.publishes_in_flight_max;
@@ -464,7 +470,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Conn<S> {
                 tx
             })
             .clone();
-        let _ = tx.send(job).await;
+        let _ = tx.send((job, share)).await;
         Ok(())
     }
 
@@ -855,6 +861,8 @@ struct BatchDone {
     confirms: Vec<u64>,
     done: Vec<oneshot::Sender<Result<(), RequestError>>>,
     result: Result<(), RequestError>,
+    /// The batch's shares of the publish budget, given back once it is reported.
+    _shares: Vec<Share>,
 }
 
 /// Publishes one channel's messages in order: batches of what queued (consecutive
@@ -867,12 +875,12 @@ struct BatchDone {
 async fn run_publisher(
     backend: Backend,
     channel: u16,
-    mut rx: mpsc::Receiver<PublishJob>,
+    mut rx: mpsc::Receiver<(PublishJob, Share)>,
     events: mpsc::Sender<Event>,
     (batch_max, batches_max): (usize, usize),
     stop: CancellationToken,
 ) {
-    let mut carried: Option<PublishJob> = None;
+    let mut carried: Option<(PublishJob, Share)> = None;
     let mut open = true;
     let mut in_flight = FuturesOrdered::new();
     let mut publisher = backend.in_order();
@@ -909,7 +917,10 @@ async fn run_publisher(
             match rx.try_recv() {
                 // One topic and one routing key a batch: a key's messages go to its
                 // shard (see `shard_of`), which the whole request goes to.
-                Ok(job) if job.topic == batch[0].topic && job.message.routing_key == batch[0].message.routing_key => {
+                Ok(job)
+                    if job.0.topic == batch[0].0.topic
+                        && job.0.message.routing_key == batch[0].0.message.routing_key =>
+                {
                     batch.push(job)
                 }
                 Ok(job) => {
@@ -919,13 +930,14 @@ async fn run_publisher(
                 Err(_) => break,
             }
         }
-        let (namespace, topic) = (batch[0].namespace.clone(), batch[0].topic.clone());
-        let confirms: Vec<u64> = batch.iter().filter_map(|j| j.confirm).collect();
-        let mut done = Vec::new();
+        let (namespace, topic) = (batch[0].0.namespace.clone(), batch[0].0.topic.clone());
+        let confirms: Vec<u64> = batch.iter().filter_map(|(j, _)| j.confirm).collect();
+        let (mut done, mut shares) = (Vec::new(), Vec::with_capacity(batch.len()));
         let messages: Vec<pb::Message> = batch
             .into_iter()
-            .map(|j| {
+            .map(|(j, share)| {
                 done.extend(j.done);
+                shares.push(share);
                 j.message
             })
             .collect();
@@ -935,7 +947,7 @@ async fn run_publisher(
             if let Err(e) = &result {
                 tracing::debug!(topic, error = %e, "AMQP publish failed");
             }
-            BatchDone { confirms, done, result }
+            BatchDone { confirms, done, result, _shares: shares }
         });
     }
 }

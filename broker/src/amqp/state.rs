@@ -9,6 +9,8 @@ use eventtermq_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::Share;
+
 /// A publish waiting for its body.
 pub(super) struct Pending {
     pub(super) publish: basic::Publish,
@@ -40,7 +42,7 @@ pub(super) struct Channel {
     /// Publisher confirms: the sequence number of the next publish (0: not selected).
     pub(super) next_confirm: u64,
     pub(super) pending: Option<Pending>,
-    pub(super) publisher: Option<mpsc::Sender<PublishJob>>,
+    pub(super) publisher: Option<mpsc::Sender<(PublishJob, Share)>>,
     /// Acks, nacks and rejects on their way to the queues' groups (see `run_settler`).
     pub(super) settler: Option<Settler>,
     pub(super) consumers: HashMap<String, Consumer>,

@@ -17,9 +17,9 @@ use tracing::Instrument;
 
 use super::access::allow;
 use super::admin::namespace_of;
-use super::budget::{PublishBudget, Share};
 use super::request::tag;
 use crate::auth::{Auth, Need};
+use crate::budget::{PublishBudget, Share};
 use crate::cluster_state::validate;
 use crate::consumer_groups::Groups;
 use crate::error::{ErrorCode, RequestError};

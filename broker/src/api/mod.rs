@@ -4,7 +4,6 @@
 
 pub mod access;
 pub mod admin;
-pub mod budget;
 pub mod convert;
 pub mod guard;
 pub mod internal;
@@ -108,6 +107,8 @@ pub struct Services {
     pub peers: Peers,
     /// Users: who a client is and what it may do.
     pub auth: crate::auth::Auth,
+    /// The publish bytes this node holds for its clients, gRPC and AMQP alike.
+    pub budget: crate::budget::PublishBudget,
 }
 
 /// Serves the gRPC port; node-to-node calls only as `access` allows.
@@ -130,7 +131,7 @@ pub fn serve(
     let reflection_v1alpha =
         reflection().build_v1alpha().expect("descriptor sets are generated at build time and valid");
 
-    let Services { cluster, membership, segments, groups, peers, auth } = services;
+    let Services { cluster, membership, segments, groups, peers, auth, budget } = services;
     let grpc_metrics = GrpcMetricsLayer { metrics: segments.metrics().clone() };
     let guard = guard::InternalGuardLayer::new(access, segments.metrics().clone());
     tokio::spawn(report_health(cluster.clone(), health_reporter, stopping, stop.clone()));
@@ -143,7 +144,7 @@ pub fn serve(
     })
     .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
     let messaging = MessagingServer::new(messaging::MessagingService {
-        budget: budget::PublishBudget::new(segments.settings().publish_in_flight_max_bytes),
+        budget,
         segments: segments.clone(),
         groups,
         peers,

@@ -140,6 +140,7 @@ pub async fn start(
         groups: groups.clone(),
         peers: peers.clone(),
         auth,
+        budget: crate::budget::PublishBudget::new(config.data.publish_in_flight_max_bytes),
     };
     let observer = crate::api::metrics::Observer::new(&services, shutdown.clone());
     let tasks = Tasks::spawn(&config, services, (listeners.incoming, listeners.amqp), disk, &stop, &shutdown);
@@ -240,7 +241,7 @@ impl Tasks {
         stop: &CancellationToken,
         stopping: &CancellationToken,
     ) -> Tasks {
-        let Services { cluster, membership, segments, groups, peers, auth } = &services;
+        let Services { cluster, membership, segments, groups, peers, auth, budget } = &services;
         let amqp = amqp.map(|incoming| {
             let backend = crate::amqp::Backend {
                 auth: auth.clone(),
@@ -249,6 +250,7 @@ impl Tasks {
                 groups: groups.clone(),
                 peers: peers.clone(),
                 consumers: Default::default(),
+                budget: budget.clone(),
                 run_id: rand::random(),
             };
             tokio::spawn(crate::amqp::serve(backend, incoming, config.amqp.clone(), stop.clone()))

@@ -1,15 +1,17 @@
-//! The bytes of publish requests a node holds at once for its clients, over all their
-//! streams (`--publish-in-flight-max-bytes`). Each request from a client takes its
-//! share once read, before the next one is read off its stream, and gives it back once
-//! answered (a request relayed to another node: once the answer is back); while none
-//! is left the node reads no more publishes, and HTTP/2 flow control holds the
-//! publishers back. Only the node a client sent to counts a request: a node taking
-//! shares for what others forward to it could wait on a budget held by requests it
-//! forwarded there, both ways at once (a deadlock); so a node holds at most its own
-//! budget plus what the other nodes' budgets let through to it. Without it every `PublishStream` kept up to 64
-//! requests in flight, so 100 pipelining publishers held 400 MiB and more on one node,
-//! queued for seconds (`bench clients`, bench/scale.md). The semaphore is fair (first
-//! come, first served), so publishers share the budget evenly.
+//! The bytes of publishes a node holds at once for its clients, gRPC and AMQP alike
+//! (`--publish-in-flight-max-bytes`). Each gRPC request from a client takes its share
+//! once read, before the next one is read off its stream; each AMQP message before it
+//! goes to its channel's publisher, before the connection is read further. A share is
+//! given back once answered (stored or failed; relayed to another node: once the
+//! answer is back). While none is left the node reads no more publishes, and HTTP/2
+//! flow control (TCP for AMQP) holds the publishers back. Only the node a client sent
+//! to counts a publish: a node taking shares for what others forward to it could wait
+//! on a budget held by publishes it forwarded there, both ways at once (a deadlock);
+//! so a node holds at most its own budget plus what the other nodes' budgets let
+//! through to it. Without it every `PublishStream` kept up to 64 requests in flight,
+//! so 100 pipelining publishers held 400 MiB and more on one node, queued for seconds
+//! (`bench clients`, bench/scale.md). The semaphore is fair (first come, first
+//! served), so publishers share the budget evenly.
 
 use std::sync::Arc;
 
