@@ -130,6 +130,13 @@ pub enum CliError {
     /// Nothing was sent: the node could not be reached.
     #[error("cannot reach node at {addr}: {message} (nothing was sent)")]
     Connect { addr: String, message: String },
+    /// The port does not speak plaintext gRPC (a TLS port, most likely): nothing was
+    /// done, and trying again without TLS will not help.
+    #[error(
+        "cannot reach node at {addr}: the port does not speak plaintext gRPC: if it is a TLS port, pass \
+         --tls-ca-file (nothing was sent)"
+    )]
+    NotPlaintext { addr: String },
     /// The broker refused the request; nothing was changed.
     #[error("rejected: {code}: {message}")]
     Rejected { code: String, message: String },
@@ -147,7 +154,10 @@ impl CliError {
     pub fn exit_status(&self) -> u8 {
         match self {
             CliError::Usage(_) => exit_status::USAGE,
-            CliError::Connect { .. } | CliError::Rejected { .. } | CliError::Failed(_) => exit_status::REJECTED,
+            CliError::Connect { .. }
+            | CliError::NotPlaintext { .. }
+            | CliError::Rejected { .. }
+            | CliError::Failed(_) => exit_status::REJECTED,
             CliError::OutcomeUnknown { .. } => exit_status::OUTCOME_UNKNOWN,
         }
     }
@@ -192,6 +202,19 @@ impl CliError {
         }
     }
 
+    /// A call without TLS (`tls_used` false) whose outcome is unknown, made to a port
+    /// that does not answer plaintext HTTP/2 (a TLS port closes the connection on the
+    /// first bytes): nothing could have been done there, so it is
+    /// [`CliError::NotPlaintext`]. Anything else is kept as it is.
+    pub fn diagnosed(self, addr: &str, tls_used: bool) -> Self {
+        match self {
+            CliError::OutcomeUnknown { .. } if !tls_used && answers_plaintext_http2(addr) == Some(false) => {
+                CliError::NotPlaintext { addr: addr.to_string() }
+            }
+            other => other,
+        }
+    }
+
     /// A publish stream failed with `self` after `published` messages were confirmed,
     /// while `unconfirmed_batches` requests holding `unconfirmed_messages` had been
     /// sent without an answer. The broker publishes a stream's requests concurrently
@@ -231,6 +254,31 @@ fn with_causes(s: &tonic::Status) -> String {
         cause = e.source();
     }
     message
+}
+
+/// Whether `addr` answers the HTTP/2 connection preface as a plaintext gRPC server
+/// does, with a SETTINGS frame first. `None`: cannot tell (unreachable, no answer in
+/// time).
+fn answers_plaintext_http2(addr: &str) -> Option<bool> {
+    use std::io::{ErrorKind, Read, Write};
+    let timeout = Duration::from_millis(CONNECT_TIMEOUT_MS);
+    let to = std::net::ToSocketAddrs::to_socket_addrs(addr).ok()?.next()?;
+    let mut socket = std::net::TcpStream::connect_timeout(&to, timeout).ok()?;
+    socket.set_read_timeout(Some(timeout)).ok()?;
+    socket.set_write_timeout(Some(timeout)).ok()?;
+    // The preface, then an empty SETTINGS frame (length 0, type 4, no flags, stream 0).
+    socket.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").ok()?;
+    let mut frame_head = [0u8; 9];
+    match socket.read_exact(&mut frame_head) {
+        Ok(()) => Some(frame_head[3] == 4),
+        Err(e) => match e.kind() {
+            ErrorKind::UnexpectedEof
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::BrokenPipe => Some(false),
+            _ => None,
+        },
+    }
 }
 
 /// Whether the call failed to connect, so nothing was sent: tonic reports that as

@@ -60,6 +60,7 @@ fn main() -> std::process::ExitCode {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
             let tls = cli::run::TlsFiles { ca: args.tls_ca_file, cert: args.tls_cert_file, key: args.tls_key_file };
             let addr = cli::target_addr(&args.host, args.port);
+            let (probe_addr, tls_used) = (addr.clone(), tls.ca.is_some());
             let run = async {
                 let tls = cli::client_tls(&tls)?;
                 let credentials = cli::Credentials::load(args.user.as_deref(), args.password_file.as_deref())?;
@@ -69,6 +70,7 @@ fn main() -> std::process::ExitCode {
             match runtime.block_on(run) {
                 Ok(()) => std::process::ExitCode::from(cli::exit_status::DONE),
                 Err(e) => {
+                    let e = e.diagnosed(&probe_addr, tls_used);
                     eprintln!("error: {e}");
                     std::process::ExitCode::from(e.exit_status())
                 }

@@ -83,7 +83,7 @@ pub async fn publish(ctx: &Ctx, args: PublishArgs) -> Result<(), CliError> {
         producer_id,
         sequence: 0,
     };
-    let retries = Retries::new(Duration::from_millis(retry_for));
+    let retries = Retries::new(Duration::from_millis(retry_for), ctx);
     if args.data != "-" && args.count.is_none() {
         let one = pb::Message { data: args.data.clone().into_bytes().into(), ..template };
         let request = pb::PublishRequest { messages: vec![one], sequence: 1, ..request };
@@ -97,6 +97,9 @@ pub async fn publish(ctx: &Ctx, args: PublishArgs) -> Result<(), CliError> {
 /// the first attempt, so nothing is stored twice.
 struct Retries {
     retry_for: Duration,
+    /// The node asked, and whether over TLS ([`CliError::diagnosed`]).
+    addr: String,
+    tls_used: bool,
     /// End of the current run of failures (`None` while requests are answered).
     deadline: Option<tokio::time::Instant>,
     pause: Duration,
@@ -106,8 +109,9 @@ struct Retries {
 }
 
 impl Retries {
-    fn new(retry_for: Duration) -> Self {
-        Retries { retry_for, deadline: None, pause: RETRY_PAUSE_MIN, unknown: None }
+    fn new(retry_for: Duration, ctx: &Ctx) -> Self {
+        let (addr, tls_used) = (ctx.addr.clone(), ctx.tls.is_some());
+        Retries { retry_for, addr, tls_used, deadline: None, pause: RETRY_PAUSE_MIN, unknown: None }
     }
 
     /// An answer came: the next failure gets the whole `--retry-for` again.
@@ -122,6 +126,12 @@ impl Retries {
     /// other broker answer; the broker itself retries its 5xxx conditions for
     /// --request-timeout-ms) is final.
     async fn after(&mut self, e: CliError) -> Result<(), CliError> {
+        // A port that does not speak plaintext gRPC never will: said once, not retried.
+        let (addr, tls_used) = (self.addr.clone(), self.tls_used);
+        let e = match tokio::task::spawn_blocking(move || e.diagnosed(&addr, tls_used)).await {
+            Ok(e) => e,
+            Err(join) => CliError::Failed(format!("checking the node's port failed: {join}")),
+        };
         if let CliError::OutcomeUnknown { message, .. } = &e {
             self.unknown = Some(message.clone());
         }

@@ -199,7 +199,15 @@ fn a_tls_cluster_with_a_secret_serves_clients_and_refuses_outsiders() {
 
     // Plaintext to the TLS port, another CA, no client certificate: refused, nothing done.
     let o = common::cli(hosts[0], port, &["create-topic", "plain"]);
-    assert!(!o.status.success(), "plaintext was served: {}", stdout(&o));
+    assert_eq!(o.status.code(), Some(1), "plaintext to a TLS port did nothing, and says so: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("does not speak plaintext gRPC") && stderr(&o).contains("--tls-ca-file"),
+        "{}",
+        stderr(&o)
+    );
+    let o = common::cli(hosts[0], port, &["publish", "plain", "m", "--retry-for", "30s"]);
+    assert_eq!(o.status.code(), Some(1), "not retried for 30 s: {}", stderr(&o));
+    assert!(!stderr(&o).contains("retrying"), "{}", stderr(&o));
     let other = Pki::new(&tmp.join("other-pki"));
     let stranger = other.issue("stranger", &["client.example"]);
     let o = tls_cli(hosts[0], port, &other.ca_file, Some(&stranger), &["create-topic", "stranger"]);

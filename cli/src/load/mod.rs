@@ -88,7 +88,7 @@ fn worth_retrying(e: &CliError, code: Option<u32>) -> bool {
     match e {
         CliError::OutcomeUnknown { .. } | CliError::Connect { .. } => true,
         CliError::Rejected { .. } => code.is_some_and(|c| c / 1000 == 5),
-        CliError::Usage(_) | CliError::Failed(_) => false,
+        CliError::Usage(_) | CliError::Failed(_) | CliError::NotPlaintext { .. } => false,
     }
 }
 
