@@ -742,6 +742,9 @@ pub struct ConsumerGroupLag {
 }, {
     "rule": "!has(self.readyMessagesMax) || self.readyMessagesMax <= self.size",
     "message": "readyMessagesMax must be at most size (the group's buffer holds what it counts)"
+}, {
+    "rule": "!has(self.deadLetterRoutingKey) || has(self.deadLetterTopic)",
+    "message": "deadLetterRoutingKey needs deadLetterTopic (the topic the dead letters go to)"
 }]))]
 pub struct ConsumerGroupSpec {
     /// Name of the EventterCluster (in the same Kubernetes namespace) that holds the
@@ -783,6 +786,11 @@ pub struct ConsumerGroupSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = BROKER_NAME_PATTERN))]
     pub dead_letter_topic: Option<String>,
+    /// The routing key dead letters are published to `deadLetterTopic` with (RabbitMQ's
+    /// x-dead-letter-routing-key); unset: each message's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub dead_letter_routing_key: Option<String>,
     /// A message that waited in the group longer than this many milliseconds since it
     /// was stored is not delivered: it goes to `deadLetterTopic` (x-first-death-reason
     /// "expired"), or is dropped without one (RabbitMQ's x-message-ttl); 0 or unset:

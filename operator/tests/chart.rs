@@ -2,7 +2,7 @@
 //! install-before-templates directory). They must stay byte-equal to `crds/`, which the
 //! `crds` test keeps equal to the Rust types.
 //!
-//! After regenerating `crds/`: `cp crds/*.yaml charts/eventtermq/crds/`.
+//! `UPDATE_CRDS=1 cargo test -p eventter-operator --test crds` writes both.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

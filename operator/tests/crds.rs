@@ -1,7 +1,8 @@
 //! The CRD files under `crds/` must be what the Rust types generate (drift check),
 //! and every field must be documented for `kubectl explain`.
 //!
-//! After changing the types: `UPDATE_CRDS=1 cargo test -p eventter-operator --test crds`.
+//! After changing the types: `UPDATE_CRDS=1 cargo test -p eventter-operator --test crds`
+//! (writes `crds/` and the chart's copies, `charts/eventtermq/crds/`).
 
 use std::path::PathBuf;
 
@@ -18,6 +19,7 @@ fn crd_files_match_the_rust_types() {
         let path = crds_dir().join(file);
         if update {
             std::fs::write(&path, &generated).unwrap();
+            std::fs::write(crds_dir().join("../charts/eventtermq/crds").join(file), &generated).unwrap();
             continue;
         }
         let on_disk = std::fs::read_to_string(&path).unwrap_or_default();

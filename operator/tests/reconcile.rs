@@ -384,6 +384,7 @@ async fn consumer_group_with_a_changed_spec_is_updated_in_place() {
         "ackTimeoutMs": 5000,
         "deliveriesMax": 3,
         "deadLetterTopic": "dead",
+        "deadLetterRoutingKey": "billing.dead",
         "messageTtlMs": 60000,
         "readyMessagesMax": 800,
         "readyBytesMax": 1048576
@@ -422,6 +423,7 @@ async fn consumer_group_with_a_changed_spec_is_updated_in_place() {
             (10_000, 5000, 3, "dead")
         );
         assert_eq!((g.message_ttl_ms, g.ready_messages_max, g.ready_bytes_max), (60_000, 800, 1 << 20));
+        assert_eq!(g.dead_letter_routing_key, "billing.dead");
     });
 }
 

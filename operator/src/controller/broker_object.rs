@@ -226,6 +226,7 @@ impl BrokerObject for ConsumerGroup {
             ack_timeout_ms: spec.ack_timeout_ms,
             deliveries_max: spec.deliveries_max,
             dead_letter_topic: spec.dead_letter_topic.clone().unwrap_or_default(),
+            dead_letter_routing_key: spec.dead_letter_routing_key.clone().unwrap_or_default(),
             message_ttl_ms: spec.message_ttl_ms,
             ready_messages_max: spec.ready_messages_max,
             ready_bytes_max: spec.ready_bytes_max,
