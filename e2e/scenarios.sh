@@ -303,6 +303,22 @@ EOF
   # Never in sync: deleting it leaves the broker's topic alone.
   k delete topic orders-conflict --wait=true --timeout=60s >/dev/null
   dump "$CLUSTER-0" | dump_objects | grep -qx "topic default/$TOPIC" || fail "deleting the rejected Topic removed $TOPIC"
+  # The API server itself refuses what the CRD's rules forbid (here a CEL rule).
+  local refused
+  if refused=$(k apply --dry-run=server -f - 2>&1 <<EOF
+apiVersion: eventter.io/v1alpha1
+kind: ConsumerGroup
+metadata:
+  name: dead-letter-key-alone
+spec:
+  clusterRef: $CLUSTER
+  bindings: [{topic: $TOPIC}]
+  deadLetterRoutingKey: retry
+EOF
+  ); then
+    fail "a ConsumerGroup with deadLetterRoutingKey and no deadLetterTopic was accepted"
+  fi
+  grep -q 'deadLetterRoutingKey needs deadLetterTopic' <<<"$refused" || fail "refused without the rule's message: $refused"
 }
 
 # The brokers hold a user once its User resource is Ready; clients without credentials,
