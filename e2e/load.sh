@@ -148,6 +148,9 @@ kill_pod() {
 
 scenario_load_start() {
   require_pubsub
+  # The load pods log in as $APP_USER, whom user-and-refused-logins makes.
+  k get secret "$APP_SECRET" >/dev/null 2>&1 ||
+    fail "Secret $APP_SECRET of user $APP_USER is missing: scenario user-and-refused-logins makes it (include it in E2E_SCENARIOS)"
   k apply -f - >/dev/null <<EOT
 apiVersion: eventter.io/v1alpha1
 kind: Topic

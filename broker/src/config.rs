@@ -125,6 +125,11 @@ pub struct DataSettings {
     /// (a replica that restarted a moment ago may still be catching up, as in a
     /// rolling restart); 0: does not wait.
     pub shutdown_copies_wait_ms: u64,
+    /// At start: how long readiness waits, at most, until the node caught up (its Raft
+    /// state holds what the leader committed, its copies of open segments are as long
+    /// as their primaries'), so that a rolling restart stops the next node only once
+    /// this one takes part fully; 0: ready as soon as a leader is known.
+    pub ready_catch_up_max_ms: u64,
     /// How long a consumer group's read of an open segment waits for new records
     /// before it asks again. A read ends as soon as records are confirmed, the segment
     /// closes or its primary goes away, so this only bounds how often an idle group
@@ -166,6 +171,7 @@ impl Default for DataSettings {
             ack_timeout_ms: eventtermq_api::defaults::ACK_TIMEOUT_MS,
             rereplicate_after_ms: 60_000,
             shutdown_copies_wait_ms: 30_000,
+            ready_catch_up_max_ms: 30_000,
             read_wait_ms: 300_000,
             dedupe_window_ms: eventtermq_api::defaults::DEDUPE_WINDOW_MS,
             dedupe_window_entries_max: 100_000,

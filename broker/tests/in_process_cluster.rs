@@ -630,6 +630,41 @@ async fn a_stopping_replica_waits_until_the_other_replica_caught_up() {
     assert_eq!(short, 0);
 }
 
+/// A node that just started (readiness: a rolling restart's next pod stops only once
+/// it is ready) has caught up only once its copy of each open segment is as long as
+/// the primary's: one the primary cannot reach (a restarted pod whose new address the
+/// others' DNS answers do not have yet) is not, and is as soon as the primary reaches
+/// it again.
+#[tokio::test(start_paused = true)]
+async fn a_started_node_is_caught_up_only_once_its_copies_are() {
+    use eventtermq_broker::replication::replica::{catch_up_at_start, CatchUp};
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let nodes = three(&net, dir.path()).await;
+    let (seg_id, [pi, behind, other]) = open_segment_of_t(&nodes).await;
+    assert_eq!(
+        catch_up_at_start(&nodes[other].handle.segments, Duration::from_secs(5)).await,
+        CatchUp::Done,
+        "a replica the primary reaches is caught up"
+    );
+    // The primary cannot reach it; it reaches the primary (and asks how far it is).
+    net.cut_one_way(&nodes[pi].name, &nodes[behind].name);
+    assert_eq!(publish_ids(&nodes[pi], 0..100).await.len(), 100, "the primary and one replica confirm");
+    let held = |n: usize| nodes[n].handle.segments.store().info(seg_id).map_or(0, |i| i.next_offset);
+    assert!(held(behind) < 100);
+
+    // Bounded: where it stood when the bound passed.
+    let short = catch_up_at_start(&nodes[behind].handle.segments, Duration::from_secs(2)).await;
+    assert_ne!(short, CatchUp::Done, "not caught up while the primary cannot reach it");
+    let catching = catch_up_at_start(&nodes[behind].handle.segments, Duration::from_secs(30));
+    tokio::pin!(catching);
+    assert!(tokio::time::timeout(Duration::from_secs(3), &mut catching).await.is_err(), "still catching up");
+    net.heal();
+    let done = tokio::time::timeout(Duration::from_secs(20), catching).await.expect("caught up once reached");
+    assert_eq!(done, CatchUp::Done);
+    assert_eq!(held(behind), 100);
+}
+
 /// Topic `t` with segments of at most `segment_size_max_bytes`, `count` messages
 /// published into it, and the first closed segment sealed on every node. Returns the
 /// messages and that segment's id.

@@ -319,6 +319,12 @@ pub struct BrokerArgs {
     /// copy of has enough caught-up copies on other nodes (a rolling restart); 0: no wait.
     #[arg(long, default_value_t = DataSettings::default().shutdown_copies_wait_ms)]
     pub shutdown_copies_wait_ms: u64,
+    /// At start, readiness waits at most this long until the node caught up: its Raft
+    /// state holds what the leader committed and its copies of open segments are as
+    /// long as their primaries' (a rolling restart stops the next pod only then); 0:
+    /// ready once a leader is known.
+    #[arg(long, default_value_t = DataSettings::default().ready_catch_up_max_ms)]
+    pub ready_catch_up_max_ms: u64,
     /// Exactly-once publishing: how long a segment's primary remembers a publish that
     /// carries a producer id and sequence, so that a retry is answered as the first
     /// attempt was and not stored again (0: ids are ignored).

@@ -85,6 +85,7 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
         ack_timeout_ms: args.ack_timeout_ms,
         rereplicate_after_ms: args.rereplicate_after_ms,
         shutdown_copies_wait_ms: args.shutdown_copies_wait_ms,
+        ready_catch_up_max_ms: args.ready_catch_up_max_ms,
         dedupe_window_ms: args.dedupe_window_ms,
         dedupe_window_entries_max: args.dedupe_window_entries_max,
         dedupe_rebuild_read_max_bytes: args.dedupe_rebuild_read_max_bytes,

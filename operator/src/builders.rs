@@ -483,7 +483,7 @@ fn env(name: &str, value: &str) -> EnvVar {
 /// TLS, so it could not reach the gRPC port of a cluster with `spec.tls`; the metrics
 /// port is plain HTTP either way and answers from the same Raft state as the gRPC
 /// health service (see `eventtermq_broker::api::metrics`).
-fn http_probe(port: i32, path: &str, initial_delay_seconds: i32, failure_threshold: i32) -> Probe {
+fn http_probe(port: i32, path: &str, initial_delay_seconds: i32, period_seconds: i32, failure_threshold: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             port: IntOrString::Int(port),
@@ -492,8 +492,8 @@ fn http_probe(port: i32, path: &str, initial_delay_seconds: i32, failure_thresho
             ..HTTPGetAction::default()
         }),
         initial_delay_seconds: Some(initial_delay_seconds),
-        period_seconds: Some(5),
-        timeout_seconds: Some(2),
+        period_seconds: Some(period_seconds),
+        timeout_seconds: Some(period_seconds.min(2)),
         failure_threshold: Some(failure_threshold),
         ..Probe::default()
     }
@@ -542,11 +542,14 @@ fn broker_container(cluster: &EventterCluster, founding: &Founding) -> Container
             container_port("amqp", ports.amqp, "TCP"),
             container_port("metrics", ports.metrics, "TCP"),
         ]),
-        // Ready once the broker knows a Raft leader.
-        readiness_probe: Some(http_probe(ports.metrics, READINESS_PATH, 0, 3)),
+        // Ready once the broker knows a Raft leader and caught up after its start (its
+        // Raft state and its copies of open segments: the StatefulSet's rolling update
+        // stops the next pod only then). Asked every second, so the roll goes on as soon
+        // as it did (a local HTTP GET).
+        readiness_probe: Some(http_probe(ports.metrics, READINESS_PATH, 0, 1, 3)),
         // Alive while Raft runs; generous, so that a broker replaying a long log at
         // start-up is not killed.
-        liveness_probe: Some(http_probe(ports.metrics, LIVENESS_PATH, 30, 6)),
+        liveness_probe: Some(http_probe(ports.metrics, LIVENESS_PATH, 30, 5, 6)),
         resources: spec.resources.clone(),
         volume_mounts: Some(volume_mounts(cluster, founding)),
         security_context: Some(SecurityContext {

@@ -27,8 +27,8 @@ pub struct Observer {
     pub membership: Membership,
     pub segments: Segments,
     pub groups: Groups,
-    /// Cancelled once the node began a graceful stop: it is no longer ready.
-    pub stopping: CancellationToken,
+    /// Not ready while stopping, nor before it caught up after its start.
+    pub readiness: super::Readiness,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -38,10 +38,9 @@ type Labels = Vec<(&'static str, String)>;
 const USER_HZ: f64 = 100.0;
 
 impl Observer {
-    /// `stopping`: cancelled when the node begins a graceful stop.
-    pub fn new(s: &super::Services, stopping: CancellationToken) -> Self {
+    pub fn new(s: &super::Services, readiness: super::Readiness) -> Self {
         let (cluster, membership) = (s.cluster.clone(), s.membership.clone());
-        Self { cluster, membership, segments: s.segments.clone(), groups: s.groups.clone(), stopping }
+        Self { cluster, membership, segments: s.segments.clone(), groups: s.groups.clone(), readiness }
     }
 
     fn metrics(&self) -> &Metrics {
@@ -343,11 +342,14 @@ fn health_answer(observer: &Observer, ready: bool) -> (axum::http::StatusCode, S
     if let Some(reason) = super::raft_failure(&m) {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("Raft stopped: {reason}\n"));
     }
-    if ready && observer.stopping.is_cancelled() {
+    if ready && observer.readiness.stopping.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "stopping\n".to_string());
     }
     if ready && m.current_leader.is_none() {
         return (StatusCode::SERVICE_UNAVAILABLE, "no Raft leader known\n".to_string());
+    }
+    if ready && !observer.readiness.caught_up.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "catching up with the leader and the primaries\n".to_string());
     }
     (StatusCode::OK, "ok\n".to_string())
 }

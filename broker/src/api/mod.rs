@@ -59,15 +59,27 @@ pub fn raft_failure(m: &RaftMetrics) -> Option<String> {
     }
 }
 
-/// Keeps the health service in line with Raft: readiness while a leader is known;
+/// When a node is ready to serve: not while it is stopping, nor before it caught up
+/// after its start. Each token is cancelled once, by the node.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    /// Cancelled when a graceful stop begins.
+    pub stopping: CancellationToken,
+    /// Cancelled once the node caught up after its start.
+    pub caught_up: CancellationToken,
+}
+
+/// Keeps the health service in line with Raft: readiness while a leader is known (and
+/// see [`Readiness`]);
 /// liveness until Raft stops on an error, since nothing in this process brings it back
 /// (an orchestrator's liveness probe then restarts the node, as it should).
 async fn report_health(
     cluster: Cluster,
     health: tonic_health::server::HealthReporter,
-    stopping: CancellationToken,
+    readiness: Readiness,
     stop: CancellationToken,
 ) {
+    let Readiness { stopping, caught_up } = readiness;
     let (metrics, mut raft_changes) = (cluster.raft.metrics(), cluster.state_changes());
     let mut last = None;
     loop {
@@ -82,8 +94,9 @@ async fn report_health(
             health.set_service_status(READINESS_SERVICE, ServingStatus::NotServing).await;
             return;
         }
-        // A node stopping gracefully is no longer ready, whatever Raft says.
-        let ready = has_leader && !stopping.is_cancelled();
+        // A node stopping gracefully is no longer ready, whatever Raft says; one that
+        // just started is ready once it caught up.
+        let ready = has_leader && !stopping.is_cancelled() && caught_up.is_cancelled();
         if last != Some(ready) {
             let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
             health.set_service_status(READINESS_SERVICE, status).await;
@@ -93,6 +106,7 @@ async fn report_health(
             biased;
             _ = stop.cancelled() => return,
             _ = stopping.cancelled(), if last == Some(true) => {}
+            _ = caught_up.cancelled(), if last != Some(true) && !caught_up.is_cancelled() => {}
             r = raft_changes.changed() => if r.is_err() { return },
         }
     }
@@ -117,7 +131,7 @@ pub fn serve(
     access: crate::security::InternalAccess,
     incoming: Pin<Box<dyn Stream<Item = std::io::Result<Conn>> + Send>>,
     stop: CancellationToken,
-    stopping: CancellationToken,
+    readiness: Readiness,
 ) -> JoinHandle<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     // Both reflection versions: grpcurl and other tools still ask for v1alpha. Only
@@ -134,7 +148,7 @@ pub fn serve(
     let Services { cluster, membership, segments, groups, peers, auth, budget } = services;
     let grpc_metrics = GrpcMetricsLayer { metrics: segments.metrics().clone() };
     let guard = guard::InternalGuardLayer::new(access, segments.metrics().clone());
-    tokio::spawn(report_health(cluster.clone(), health_reporter, stopping, stop.clone()));
+    tokio::spawn(report_health(cluster.clone(), health_reporter, readiness, stop.clone()));
     let admin = AdminServer::new(admin::AdminService {
         cluster: cluster.clone(),
         segments: segments.clone(),

@@ -142,8 +142,10 @@ pub async fn start(
         auth,
         budget: crate::budget::PublishBudget::new(config.data.publish_in_flight_max_bytes),
     };
-    let observer = crate::api::metrics::Observer::new(&services, shutdown.clone());
-    let tasks = Tasks::spawn(&config, services, (listeners.incoming, listeners.amqp), disk, &stop, &shutdown);
+    let readiness = crate::api::Readiness { stopping: shutdown.clone(), caught_up: CancellationToken::new() };
+    let observer = crate::api::metrics::Observer::new(&services, readiness.clone());
+    tokio::spawn(catch_up(segments.clone(), readiness.caught_up.clone(), stop.clone()));
+    let tasks = Tasks::spawn(&config, services, (listeners.incoming, listeners.amqp), disk, &stop, &readiness);
     tracing::info!(node_id = id, listen = %config.listen_addr, advertise = %config.advertise_addr,
         dir = %config.dir.display(), internal_access = ?config.internal_access, "node started");
 
@@ -232,14 +234,14 @@ struct Tasks {
 
 impl Tasks {
     /// Starts the gRPC server and every loop of the node; all stop on `stop`.
-    /// `stopping`: cancelled when a graceful stop begins (readiness goes).
+    /// `readiness`: when the node is ready (see [`crate::api::Readiness`]).
     fn spawn(
         config: &NodeConfig,
         services: Services,
         (incoming, amqp): (Incoming, Option<Incoming>),
         disk: crate::disk::Disk,
         stop: &CancellationToken,
-        stopping: &CancellationToken,
+        readiness: &crate::api::Readiness,
     ) -> Tasks {
         let Services { cluster, membership, segments, groups, peers, auth, budget } = &services;
         let amqp = amqp.map(|incoming| {
@@ -282,7 +284,7 @@ impl Tasks {
                 config.internal_access.clone(),
                 incoming,
                 server_stop.clone(),
-                stopping.clone(),
+                readiness.clone(),
             )),
             server_stop,
             amqp,
@@ -429,6 +431,21 @@ async fn run_until_stopped(parts: Parts, mut tasks: Tasks, shutdown: Cancellatio
     tasks.drain_server().await;
     drop(parts.dir_lock);
     tracing::info!("node stopped");
+}
+
+/// Marks the node caught up after its start (readiness), once
+/// [`crate::replication::replica::catch_up_at_start`] returned, bounded by
+/// `--ready-catch-up-max-ms` (0: at once).
+async fn catch_up(segments: Segments, caught_up: CancellationToken, stop: CancellationToken) {
+    let max = Duration::from_millis(segments.settings().ready_catch_up_max_ms);
+    if !max.is_zero() {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = crate::replication::replica::catch_up_at_start(&segments, max) => {}
+        }
+    }
+    caught_up.cancel();
 }
 
 /// Forms a new cluster or joins an existing one, as the flags ask.

@@ -91,6 +91,7 @@ pub async fn run(segments: Segments, membership: Membership, retry: Duration, st
             .collect();
         let rereplicate_after = Duration::from_millis(segments.settings().rereplicate_after_ms);
         let now_unix_ms = segments.clock().now_unix_ms();
+        let unreached = unreached_followers(cluster);
         // Decided under the state's read lock, without copying the state.
         let (cmds, gone_primaries, next) = {
             let st = cluster.state.read();
@@ -102,7 +103,7 @@ pub async fn run(segments: Segments, membership: Membership, retry: Duration, st
                 .map(|(id, _)| *id)
                 .collect();
             let next = next_due(state, &dead_since, rereplicate_after, now_unix_ms);
-            (plan(state, &dead_since, rereplicate_after, now_unix_ms), gone, next)
+            (plan_reaching(state, &dead_since, rereplicate_after, now_unix_ms, &unreached), gone, next)
         };
         let mut deferred = false;
         // Proposed together, so that Raft commits them in shared log appends (one
@@ -175,13 +176,43 @@ fn next_due(
     [rereplicate, retention].into_iter().flatten().min().map(|d| d + Duration::from_millis(1))
 }
 
-/// The commands one pass proposes: a pure function of the state, how long nodes have
-/// been gone (`dead_since`), and the clock.
+/// The nodes this leader's Raft log has not reached up to what it applied: a node
+/// that restarted a moment ago, whose new address the others cannot reach yet (DNS
+/// answers lag a pod's restart by seconds), or one cut off. They are not made the
+/// primary of a new segment while another replica will do: the others could not
+/// forward publishes to it.
+fn unreached_followers(cluster: &crate::cluster::Cluster) -> HashSet<NodeId> {
+    let metrics = cluster.raft.metrics();
+    let m = metrics.borrow();
+    let applied = m.last_applied.map_or(0, |l| l.index);
+    let Some(replication) = m.replication.as_ref() else { return HashSet::new() };
+    replication
+        .iter()
+        .filter(|(id, matched)| **id != cluster.id && matched.map_or(0, |l| l.index) < applied)
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+/// [`plan_reaching`] with every node reached.
+#[cfg(test)]
 fn plan(
     state: &ClusterState,
     dead_since: &HashMap<NodeId, Duration>,
     rereplicate_after: Duration,
     now_unix_ms: i64,
+) -> Vec<Command> {
+    plan_reaching(state, dead_since, rereplicate_after, now_unix_ms, &HashSet::new())
+}
+
+/// The commands one pass proposes: a pure function of the state, how long nodes have
+/// been gone (`dead_since`), the clock, and which nodes the leader's log does not
+/// reach yet (`unreached`: not made primaries of new segments while others can be).
+fn plan_reaching(
+    state: &ClusterState,
+    dead_since: &HashMap<NodeId, Duration>,
+    rereplicate_after: Duration,
+    now_unix_ms: i64,
+    unreached: &HashSet<NodeId>,
 ) -> Vec<Command> {
     let alive: Vec<NodeId> = state.alive_nodes().collect();
     if alive.is_empty() {
@@ -191,7 +222,7 @@ fn plan(
     let data: Vec<NodeId> = state.data_nodes().collect();
     let mut load = Load::of_open_segments(state, &data);
     let lost = |n: &NodeId| !state.nodes.contains_key(n) || dead_since.get(n).is_some_and(|d| *d >= rereplicate_after);
-    let mut cmds = open_segments(state, &mut load, data.len(), now_unix_ms);
+    let mut cmds = open_segments(state, &mut load, data.len(), now_unix_ms, unreached);
     cmds.extend(rereplicate(state, &load, lost));
     cmds.extend(expire(state, now_unix_ms));
     let group_nodes: Vec<NodeId> = state.group_nodes().collect();
@@ -261,7 +292,13 @@ impl Load {
 /// 1. An open segment for every shard that has none, on as many of the least loaded
 ///    of the `data` nodes (ALIVE, with disk space) as the replication factor asks,
 ///    and never on fewer than the topic's min in-sync replicas.
-fn open_segments(state: &ClusterState, load: &mut Load, data: usize, now_unix_ms: i64) -> Vec<Command> {
+fn open_segments(
+    state: &ClusterState,
+    load: &mut Load,
+    data: usize,
+    now_unix_ms: i64,
+    unreached: &HashSet<NodeId>,
+) -> Vec<Command> {
     let mut cmds = Vec::new();
     // One look at the segments, not one per shard: a pass stays linear in the state.
     let open_shards: HashSet<(&str, &str, u32)> = state
@@ -279,7 +316,8 @@ fn open_segments(state: &ClusterState, load: &mut Load, data: usize, now_unix_ms
                 if open || count < min_insync as usize {
                     continue; // never opened on fewer copies than promised
                 }
-                let replicas = load.least_loaded(count, &[]);
+                let mut replicas = load.least_loaded(count, &[]);
+                reached_primary_first(&mut replicas, unreached);
                 load.add(&replicas);
                 cmds.push(Command::OpenSegment {
                     namespace: ns_name.clone(),
@@ -293,6 +331,14 @@ fn open_segments(state: &ClusterState, load: &mut Load, data: usize, now_unix_ms
         }
     }
     cmds
+}
+
+/// Puts the first of `replicas` that is not `unreached` first (the primary), keeping
+/// the others' order; unchanged when the first is reached or none is.
+fn reached_primary_first(replicas: &mut [NodeId], unreached: &HashSet<NodeId>) {
+    if let Some(i) = replicas.iter().position(|n| !unreached.contains(n)) {
+        replicas[..=i].rotate_right(1);
+    }
 }
 
 /// 3. A closed segment's copies on `lost` nodes are replaced by copies on live ones,
@@ -634,6 +680,37 @@ mod tests {
         for c in cmds {
             s.apply(c).unwrap();
         }
+    }
+
+    #[test]
+    fn a_node_the_leaders_log_does_not_reach_is_no_new_primary_while_another_can_be() {
+        let opened = |unreached: &[NodeId]| -> Vec<Vec<NodeId>> {
+            let s = state_with_topic(0);
+            let unreached: HashSet<NodeId> = unreached.iter().copied().collect();
+            plan_reaching(&s, &HashMap::new(), Duration::from_secs(60), 0, &unreached)
+                .into_iter()
+                .filter_map(|c| match c {
+                    Command::OpenSegment { replicas, .. } => Some(replicas),
+                    _ => None,
+                })
+                .collect()
+        };
+        let all_reached = opened(&[]);
+        assert_eq!(all_reached.len(), 2);
+        let first_primary = all_reached[0][0];
+        let avoided = opened(&[first_primary]);
+        assert_eq!(avoided.len(), 2);
+        for replicas in &avoided {
+            assert_ne!(replicas[0], first_primary, "{replicas:?}");
+            // Still a copy: only who is primary changes.
+            assert!(replicas.contains(&first_primary), "{replicas:?}");
+            assert_eq!(replicas.len(), 3);
+        }
+        // Nobody reached: placed as before rather than not at all.
+        assert_eq!(opened(&[1, 2, 3]), all_reached);
+        let mut r = vec![7, 8, 9];
+        reached_primary_first(&mut r, &HashSet::from([7, 8]));
+        assert_eq!(r, vec![9, 7, 8]);
     }
 
     #[test]

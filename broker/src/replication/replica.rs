@@ -315,6 +315,90 @@ pub async fn wait_for_other_copies(segments: &Segments, max: Duration) -> usize 
     }
 }
 
+/// Pause between looks while a node that just started waits to catch up.
+const CATCH_UP_POLL: Duration = Duration::from_millis(200);
+
+/// What a node that just started still lacks before it takes part fully (readiness:
+/// the next pod of a rolling restart stops only once this one has it all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatchUp {
+    /// No Raft leader known yet, or this node's state lacks what the leader committed
+    /// (the leader cannot reach it yet: a restarted pod's new address takes seconds
+    /// to reach the other nodes' DNS answers).
+    Raft,
+    /// This many open segments it copies are shorter here than at their primary.
+    Segments(usize),
+    /// Caught up.
+    Done,
+}
+
+/// Waits, at most `max`, until this node caught up after its start: its Raft state
+/// holds everything committed when asked (a linearizable read: the leader's log has
+/// reached this node), and each open segment it holds a copy of (and is not primary
+/// of) is as long here as its primary's was when asked (the primary's replication
+/// stream reaches this node). A segment whose primary does not answer is not waited
+/// for. Returns where it stood when it returned.
+pub async fn catch_up_at_start(segments: &Segments, max: Duration) -> CatchUp {
+    let me = segments.cluster().id;
+    let started = tokio::time::Instant::now();
+    let deadline = started + max;
+    let mut logged = false;
+    loop {
+        let left = catch_up_step(segments, me).await;
+        if left == CatchUp::Done {
+            if logged {
+                tracing::info!(waited_ms = started.elapsed().as_millis() as u64, "caught up; ready");
+            }
+            return left;
+        }
+        if !logged {
+            tracing::info!(missing = ?left, "catching up before becoming ready");
+            logged = true;
+        }
+        if tokio::time::Instant::now() + CATCH_UP_POLL > deadline {
+            tracing::warn!(missing = ?left, waited_ms = started.elapsed().as_millis() as u64,
+                "ready although not caught up (--ready-catch-up-max-ms)");
+            return left;
+        }
+        tokio::time::sleep(CATCH_UP_POLL).await;
+    }
+}
+
+async fn catch_up_step(segments: &Segments, me: NodeId) -> CatchUp {
+    let cluster = segments.cluster();
+    if cluster.leader().is_none() {
+        return CatchUp::Raft;
+    }
+    // Bounded by the request timeout; a leader that cannot reach this node keeps the
+    // read waiting for its apply.
+    let read = tokio::time::timeout(CATCH_UP_READ_MAX, async { cluster.read(true).await.map(drop) }).await;
+    if !matches!(read, Ok(Ok(()))) {
+        return CatchUp::Raft;
+    }
+    let copies: Vec<(SegmentId, NodeId)> = {
+        let st = cluster.state.read();
+        let open = st.state.segments.iter().filter(|(_, s)| s.is_open() && s.primary != me);
+        open.filter(|(_, s)| s.replicas.contains(&me)).map(|(id, s)| (*id, s.primary)).collect()
+    };
+    let asks = copies.into_iter().map(|(id, primary)| async move {
+        let addr = segments.node_addr(primary).ok()?;
+        let theirs = segments.peers().segment_status(primary, &addr, id, false).await.ok()?;
+        if !theirs.exists {
+            return None;
+        }
+        let mine = status(segments, id, false).await.map(|r| if r.exists { r.next_offset } else { 0 }).unwrap_or(0);
+        (mine < theirs.next_offset).then_some(id)
+    });
+    let short = futures::stream::iter(asks).buffer_unordered(COPIES_WAIT_ASKS_MAX).filter_map(|s| async move { s });
+    match short.count().await {
+        0 => CatchUp::Done,
+        n => CatchUp::Segments(n),
+    }
+}
+
+/// Bound on one linearizable read while catching up at start.
+const CATCH_UP_READ_MAX: Duration = Duration::from_secs(2);
+
 #[cfg(test)]
 mod copies_tests {
     use super::*;

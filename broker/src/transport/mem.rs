@@ -24,6 +24,8 @@ struct Inner {
     hosts: HashMap<String, Host>,
     /// Unordered pairs of hosts that cannot talk.
     cut: HashSet<(String, String)>,
+    /// (from, to): `from` cannot reach `to`, while `to` reaches `from`.
+    one_way: HashSet<(String, String)>,
     drop_rate: f64,
     delay: Duration,
     /// Decides which datagrams are lost (seeded in a simulation).
@@ -35,6 +37,7 @@ impl Inner {
         Inner {
             hosts: HashMap::new(),
             cut: HashSet::new(),
+            one_way: HashSet::new(),
             drop_rate: 0.0,
             delay: Duration::ZERO,
             rng: <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(seed),
@@ -58,6 +61,11 @@ fn pair(a: &str, b: &str) -> (String, String) {
 impl Inner {
     fn linked(&self, a: &str, b: &str) -> bool {
         self.hosts.contains_key(a) && self.hosts.contains_key(b) && !self.cut.contains(&pair(a, b))
+    }
+
+    /// Whether `from` reaches `to` with a connection it opens (or a datagram).
+    fn reaches(&self, from: &str, to: &str) -> bool {
+        self.linked(from, to) && !self.one_way.contains(&(from.to_string(), to.to_string()))
     }
 }
 
@@ -130,9 +138,18 @@ impl MemNetwork {
         self.partition(&[addr], &others);
     }
 
+    /// `from` can no longer reach `to` (new connections, the ones it opened before,
+    /// datagrams), while `to` still reaches `from`: as when `to` restarted with a new
+    /// address and `from`'s DNS answers still give the old one.
+    pub fn cut_one_way(&self, from: &str, to: &str) {
+        self.lock().one_way.insert((from.to_string(), to.to_string()));
+    }
+
     /// Removes every partition.
     pub fn heal(&self) {
-        self.lock().cut.clear();
+        let mut inner = self.lock();
+        inner.cut.clear();
+        inner.one_way.clear();
     }
 
     /// Probability in [0, 1] that a datagram is lost.
@@ -186,7 +203,7 @@ impl MemHostNetwork {
                     tokio::time::sleep(delay).await;
                 }
                 let inner = net.lock();
-                if !inner.linked(&me, &to) {
+                if !inner.reaches(&me, &to) {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::ConnectionRefused,
                         format!("{me} cannot reach {to}"),
@@ -194,12 +211,14 @@ impl MemHostNetwork {
                 }
                 let host = inner.hosts.get(&to).expect("linked implies attached");
                 let (client, server) = tokio::io::duplex(PIPE_BUFFER_BYTES);
-                let server = MemStream { inner: server, net: net.clone(), a: to.clone(), b: me.clone() };
+                let server =
+                    MemStream { inner: server, net: net.clone(), a: to.clone(), b: me.clone(), dialer: me.clone() };
                 host.conns
                     .send(Ok(Conn::Mem(server)))
                     .map_err(|_| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "listener closed"))?;
                 drop(inner);
-                Ok::<_, std::io::Error>(TokioIo::new(MemStream { inner: client, net, a: me, b: to }))
+                let dialer = me.clone();
+                Ok::<_, std::io::Error>(TokioIo::new(MemStream { inner: client, net, a: me, b: to, dialer }))
             }
         });
         let channel = Endpoint::from_static("http://mem.invalid")
@@ -217,7 +236,7 @@ impl MemHostNetwork {
     fn send_datagram_inner(&self, addr: &str, data: Bytes) {
         let mut inner = self.net.lock();
         let drop_rate = inner.drop_rate;
-        if !inner.linked(&self.me, addr) || (drop_rate > 0.0 && inner.rng.random_bool(drop_rate)) {
+        if !inner.reaches(&self.me, addr) || (drop_rate > 0.0 && inner.rng.random_bool(drop_rate)) {
             return;
         }
         let tx = inner.hosts.get(addr).map(|h| h.datagrams.clone());
@@ -243,11 +262,14 @@ pub struct MemStream {
     net: MemNetwork,
     a: String,
     b: String,
+    /// The host that opened the connection (`a` or `b`).
+    dialer: String,
 }
 
 impl MemStream {
     fn check(&self) -> std::io::Result<()> {
-        if self.net.lock().linked(&self.a, &self.b) {
+        let listener = if self.dialer == self.a { &self.b } else { &self.a };
+        if self.net.lock().reaches(&self.dialer, listener) {
             Ok(())
         } else {
             Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "link cut"))
