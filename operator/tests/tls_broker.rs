@@ -99,9 +99,17 @@ async fn the_operator_reaches_a_tls_broker_only_with_its_clusters_ca() {
     // What the CA cannot be.
     assert_eq!(ClusterTls::from_ca_pem(b"nothing").unwrap_err(), "holds no PEM certificate");
 
-    // The probes' endpoints, plain HTTP on the metrics port.
-    let ready = http_get(METRICS_ADDR, "/readyz");
-    assert!(ready.starts_with("HTTP/1.0 200") || ready.starts_with("HTTP/1.1 200"), "{ready}");
+    // The probes' endpoints, plain HTTP on the metrics port: ready once the node leads
+    // and caught up after its start (`catching up …` until then).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = http_get(METRICS_ADDR, "/readyz");
+        if ready.starts_with("HTTP/1.0 200") || ready.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(ready.contains("catching up") && tokio::time::Instant::now() < deadline, "{ready}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let live = http_get(METRICS_ADDR, "/livez");
     assert!(live.contains(" 200 "), "{live}");
     assert!(http_get(METRICS_ADDR, "/nothing").contains(" 404 "));
