@@ -229,19 +229,38 @@ template_annotation_is() {
   [ "$(k get statefulset "$CLUSTER" -o jsonpath='{.spec.template.metadata.annotations.e2e/rolled}')" = "$1" ]
 }
 
-# A pod-template change (an annotation of spec.pod) makes the StatefulSet replace every
-# pod, one at a time, each stopped with SIGTERM (the broker hands leadership over).
+# Records each new progress line of the EventterCluster's status.rollingUpdate (the
+# Roll column) into $E2E_TMP/roll-progress until the StatefulSet rolled out.
+roll_progress_seen() {
+  local line
+  line=$(k get eventtercluster "$CLUSTER" -o jsonpath='{.status.rollingUpdate}' 2>/dev/null)
+  [ -z "$line" ] || [ "$line" = "$(tail -n1 "$E2E_TMP/roll-progress" 2>/dev/null)" ] || echo "$line" >>"$E2E_TMP/roll-progress"
+  sts_rolled 3
+}
+
+# A pod-template change (an annotation of spec.pod): the operator evicts the pods one
+# at a time (the StatefulSet is OnDelete), Raft followers first, the leader last after
+# handing its leadership over, each next one once every pod is Ready (caught up) and
+# the brokers healthy; each pod stops with SIGTERM (its primaries close first).
 scenario_rolling_upgrade_under_load() {
   load_require
-  local from stamp
+  local from stamp leader last
   from=$(now_ms)
   sleep "$LOAD_PHASE_S"
+  leader=$(pod_of_node "$(raft_leader_id)")
+  [ -n "$leader" ] || fail "no pod for the Raft leader $(raft_leader_id)"
+  rm -f "$E2E_TMP/roll-progress"
   stamp=$(date +%s)
   k patch eventtercluster "$CLUSTER" --type=merge -p "{\"spec\": {\"pod\": {\"annotations\": {\"e2e/rolled\": \"$stamp\"}}}}" >/dev/null
   until_ok 60 "the operator to put the annotation into the StatefulSet's template" template_annotation_is "$stamp"
-  until_ok 600 "StatefulSet $CLUSTER rolled out with 3 updated, ready replicas" sts_rolled 3
+  until_ok 600 "StatefulSet $CLUSTER rolled out with 3 updated, ready replicas" roll_progress_seen
   wait_settled 3 120
   note "rolled: $(k get pods -l "app.kubernetes.io/instance=$CLUSTER" -o jsonpath='{range .items[*]}{.metadata.name} {.status.startTime}, {end}')"
+  sed 's/^/   roll: /' "$E2E_TMP/roll-progress" 2>/dev/null || true
+  # The pod made last is the one that led Raft before the roll.
+  last=$(k get pods -l "app.kubernetes.io/instance=$CLUSTER" --sort-by=.metadata.creationTimestamp -o jsonpath='{range .items[*]}{.metadata.name}{"\n"}{end}' | tail -n1)
+  [ "$last" = "$leader" ] || fail "the Raft leader before the roll, $leader, was not rolled last ($last was)"
+  note "the Raft leader before the roll ($leader) was rolled last; leader now: $(pod_of_node "$(raft_leader_id)")"
   load_verify rolling-upgrade-under-load "$from"
   load_segments | sed 's/^/     /'
 }

@@ -92,12 +92,14 @@ uid_differs() { # uid_differs KIND NAME UID: the object exists with another UID
 }
 args_are() { [ "$(args_of_sts)" = "$1" ]; }
 
-# The StatefulSet has rolled out: every replica updated and ready.
+# The StatefulSet has rolled out: every replica updated (on the update revision) and
+# ready. Not status.currentRevision: the StatefulSet is OnDelete (the operator rolls the
+# pods), and before Kubernetes 1.36 the controller never moves currentRevision then.
 sts_settled() {
   local want=$1 out
-  out=$(k get statefulset "$CLUSTER" -o jsonpath='{.spec.replicas} {.status.readyReplicas} {.status.updatedReplicas} {.status.currentRevision} {.status.updateRevision} {.status.replicas}')
-  read -r spec ready updated current update total <<<"$out"
-  [ "$spec" = "$want" ] && [ "$ready" = "$want" ] && [ "$updated" = "$want" ] && [ "$current" = "$update" ] && [ "$total" = "$want" ]
+  out=$(k get statefulset "$CLUSTER" -o jsonpath='{.spec.replicas} {.status.readyReplicas} {.status.updatedReplicas} {.status.replicas}')
+  read -r spec ready updated total <<<"$out"
+  [ "$spec" = "$want" ] && [ "$ready" = "$want" ] && [ "$updated" = "$want" ] && [ "$total" = "$want" ]
 }
 pods_ready() { # pods_ready N: exactly N broker pods, all Ready
   local out
