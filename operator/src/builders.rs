@@ -678,7 +678,10 @@ pub fn stateful_set(cluster: &EventterCluster, founding: &Founding) -> StatefulS
             // A changed pod template replaces no pod by itself: the operator evicts one
             // pod at a time in its own order (controller::roll: followers first, the Raft
             // leader last after a hand-over).
-            update_strategy: Some(StatefulSetUpdateStrategy { type_: Some(UPDATE_STRATEGY.into()), rolling_update: None }),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some(UPDATE_STRATEGY.into()),
+                rolling_update: None,
+            }),
             // Retain is the StatefulSet's own default: set only for Delete, so that an
             // unset field leaves the applied StatefulSet as before.
             persistent_volume_claim_retention_policy: (spec.volume_reclaim_policy == Some(VolumeReclaimPolicy::Delete))

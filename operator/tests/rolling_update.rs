@@ -113,7 +113,10 @@ fn progressing(status: &Value) -> (String, String) {
     (c["reason"].as_str().unwrap().to_string(), c["message"].as_str().unwrap().to_string())
 }
 
-async fn run(cluster: &EventterCluster, ctx: Arc<Context>) -> tokio::task::JoinHandle<eventter_operator::error::Result<Action>> {
+async fn run(
+    cluster: &EventterCluster,
+    ctx: Arc<Context>,
+) -> tokio::task::JoinHandle<eventter_operator::error::Result<Action>> {
     tokio::spawn(cluster::reconcile(Arc::new(cluster.clone()), ctx))
 }
 
@@ -129,7 +132,7 @@ async fn the_statefulset_is_on_delete_and_a_follower_is_evicted_first_highest_or
     // emq-1 leads; emq-0 already rolled: emq-2 is next.
     expect_pods(&mut server, vec![pod(0, NEW, true), pod(1, OLD, true), pod(2, OLD, true)]).await;
     let eviction = expect_eviction(&mut server, "emq-2", StatusCode::CREATED).await;
-    assert_eq!(eviction["kind"], "Eviction", "{eviction}");
+    assert_eq!(eviction["metadata"]["name"], "emq-2", "{eviction}");
     let event = server.expect_event(NS, "RollingUpdate").await;
     assert!(event.body["note"].as_str().unwrap().contains("evicted emq-2 (a Raft follower)"), "{}", event.body);
     let status = expect_status(&mut server, &cluster).await;
@@ -229,7 +232,11 @@ async fn a_statefulset_of_an_earlier_operator_moves_to_on_delete() {
         })
         .await;
     assert!(refused.query.contains("fieldManager=eventter-operator"), "{}", refused.query);
-    let merge = server.expect(Method::PATCH, &stateful_set_path(), ok_echo).await;
+    let merge = server
+        .expect(Method::PATCH, &stateful_set_path(), |_| {
+            (StatusCode::OK, json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "emq"}}))
+        })
+        .await;
     assert_eq!(merge.body, json!({"spec": {"updateStrategy": {"type": "OnDelete", "rollingUpdate": null}}}));
     assert!(!merge.query.contains("force=true"), "a merge patch, not an apply: {}", merge.query);
     let applied = server

@@ -18,8 +18,8 @@ use kube::runtime::{predicates, reflector, watcher, Controller, WatchStreamExt};
 use kube::{Api, Resource, ResourceExt};
 
 use super::{
-    apply_status, condition, error_policy, find_condition, object_key, roll, scale, Context, CREDENTIALS_READY, DEGRADED,
-    PROGRESSING, READY, SCALE_DOWN_BLOCKED, TLS_READY,
+    apply_status, condition, error_policy, find_condition, object_key, roll, scale, Context, CREDENTIALS_READY,
+    DEGRADED, PROGRESSING, READY, SCALE_DOWN_BLOCKED, TLS_READY,
 };
 use crate::broker::{BrokerConnector, Refusal};
 use crate::builders::{self, FIELD_MANAGER};
@@ -452,14 +452,16 @@ async fn roll_step(
             match outcome {
                 Ok(()) => {
                     tracing::info!(cluster = %name, %from, %to_pod, "rolling update: leadership handed over");
-                    let note = format!("moved Raft leadership from {from} to {to_pod} (node {to_node}) before rolling {from}");
+                    let note =
+                        format!("moved Raft leadership from {from} to {to_pod} (node {to_node}) before rolling {from}");
                     ctx.publish(cluster, EventType::Normal, "LeadershipHandedOver", note).await;
                 }
                 Err(why) => {
                     tracing::warn!(cluster = %name, %from, %to_pod, %why, "rolling update: leadership hand-over failed");
                     // The broker's own SIGTERM path tries again; failing that, the others
                     // elect a leader after an election timeout.
-                    let note = format!("could not move Raft leadership from {from} to {to_pod}: {why}; rolling {from} anyway");
+                    let note =
+                        format!("could not move Raft leadership from {from} to {to_pod}: {why}; rolling {from} anyway");
                     ctx.publish(cluster, EventType::Warning, "LeadershipHandOverFailed", note).await;
                 }
             }
@@ -498,9 +500,11 @@ pub fn record_roll(
     generation: Option<i64>,
 ) {
     status.rolling_update = step.summary.clone();
-    let decommissioning = find_condition(&status.conditions, PROGRESSING).is_some_and(|c| c.reason == "Decommissioning");
+    let decommissioning =
+        find_condition(&status.conditions, PROGRESSING).is_some_and(|c| c.reason == "Decommissioning");
     if let (true, Some(message), false) = (step.rolling, &step.summary, decommissioning) {
-        let progressing = condition(&previous.conditions, PROGRESSING, true, "RollingUpdate", message.clone(), generation);
+        let progressing =
+            condition(&previous.conditions, PROGRESSING, true, "RollingUpdate", message.clone(), generation);
         status.conditions.retain(|c| c.type_ != PROGRESSING);
         status.conditions.push(progressing);
     }

@@ -96,14 +96,20 @@ pub fn next_step(pods: &[PodView], cluster: &Cluster) -> Decision {
     targets.sort_by_key(|p| p.ordinal);
     for target in targets {
         if let Some((_, id)) = cluster.nodes.iter().find(|(pod, _)| *pod == target.name) {
-            return Decision::HandOverLeadership { from: leader.to_string(), to_pod: target.name.clone(), to_node: *id };
+            return Decision::HandOverLeadership {
+                from: leader.to_string(),
+                to_pod: target.name.clone(),
+                to_node: *id,
+            };
         }
     }
     if pods.len() == 1 {
         // A single broker: nobody to hand over to.
         return Decision::Evict { pod: leader.to_string(), leader: true };
     }
-    Decision::Wait(format!("no broker on the new revision is known to the brokers to take over from the leader {leader}"))
+    Decision::Wait(format!(
+        "no broker on the new revision is known to the brokers to take over from the leader {leader}"
+    ))
 }
 
 /// One line on the roll for the status (`kubectl get eventterclusters`, column Roll).
@@ -195,8 +201,12 @@ mod tests {
     fn nothing_while_the_brokers_are_unhealthy_or_leaderless() {
         let nodes = nodes(3);
         let pods = [pod(0, OLD, true), pod(1, OLD, true), pod(2, NEW, true)];
-        let unhealthy = Cluster { brokers_unhealthy: Some("103 (emq-2...) is Suspect"), ..cluster(Some("emq-0"), &nodes) };
-        assert_eq!(next_step(&pods, &unhealthy), Decision::Wait("brokers not healthy: 103 (emq-2...) is Suspect".into()));
+        let unhealthy =
+            Cluster { brokers_unhealthy: Some("103 (emq-2...) is Suspect"), ..cluster(Some("emq-0"), &nodes) };
+        assert_eq!(
+            next_step(&pods, &unhealthy),
+            Decision::Wait("brokers not healthy: 103 (emq-2...) is Suspect".into())
+        );
         assert_eq!(next_step(&pods, &cluster(None, &nodes)), Decision::Wait("no Raft leader known".into()));
         // Done needs no healthy brokers: nothing is to be stopped.
         let done = [pod(0, NEW, true), pod(1, NEW, true), pod(2, NEW, true)];
@@ -231,7 +241,10 @@ mod tests {
         let mut unlabelled = pod(2, NEW, true);
         unlabelled.revision = None;
         let pods = [pod(0, NEW, true), pod(1, NEW, true), unlabelled];
-        assert_eq!(next_step(&pods, &cluster(Some("emq-0"), &nodes)), Decision::Evict { pod: "emq-2".into(), leader: false });
+        assert_eq!(
+            next_step(&pods, &cluster(Some("emq-0"), &nodes)),
+            Decision::Evict { pod: "emq-2".into(), leader: false }
+        );
         assert_eq!(rolled(&pods, NEW, 3), (2, 3));
     }
 
