@@ -628,16 +628,20 @@ scenario_drift_repair() {
   k delete service "$CLUSTER" --wait=true >/dev/null
   until_ok 60 "the operator to recreate Service $CLUSTER" uid_differs service "$CLUSTER" "$uid_before"
   note "client Service recreated"
-  # The StatefulSet's update strategy set back to RollingUpdate (as an earlier operator
-  # made it: the API server adds rollingUpdate.partition 0, which makes an apply of
-  # OnDelete invalid): the operator moves it to OnDelete again, restarting no pod.
+  # The StatefulSet's update strategy set back to what an earlier operator's
+  # StatefulSet has (no strategy given, so the API server defaulted type RollingUpdate
+  # and rollingUpdate.partition 0, which makes an apply of OnDelete invalid): the
+  # operator moves it to OnDelete again, restarting no pod.
   local pods_before
   pods_before=$(pod_uids)
-  k patch statefulset "$CLUSTER" --type=merge -p '{"spec": {"updateStrategy": {"type": "RollingUpdate"}}}' >/dev/null
-  note "set by hand: $(k get statefulset "$CLUSTER" -o jsonpath='{.spec.updateStrategy}')"
+  k patch statefulset "$CLUSTER" --type=merge \
+    -p '{"spec": {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}}}' >/dev/null
   until_ok 60 "the operator to put the StatefulSet back on OnDelete" update_strategy_is "OnDelete "
   [ "$(pod_uids)" = "$pods_before" ] || fail "moving the update strategy restarted pods"
-  note "update strategy RollingUpdate (with the defaulted rollingUpdate) moved back to OnDelete; no pod restarted"
+  kubectl_ -n "$OPERATOR_NS" logs deployment/"$RELEASE-operator" --since=120s 2>/dev/null |
+    grep -q "moving the StatefulSet's update strategy to OnDelete" ||
+    fail "the operator's log does not show the strategy's merge patch"
+  note "update strategy RollingUpdate with rollingUpdate.partition 0 moved back to OnDelete (merge patch); no pod restarted"
   wait_settled 3 300
 }
 pod_uids() { k get pods -l "app.kubernetes.io/instance=$CLUSTER" -o jsonpath='{range .items[*]}{.metadata.uid} {end}'; }
