@@ -229,19 +229,54 @@ template_annotation_is() {
   [ "$(k get statefulset "$CLUSTER" -o jsonpath='{.spec.template.metadata.annotations.e2e/rolled}')" = "$1" ]
 }
 
-# A pod-template change (an annotation of spec.pod) makes the StatefulSet replace every
-# pod, one at a time, each stopped with SIGTERM (the broker hands leadership over).
+# Records each new progress line of the EventterCluster's status.rollingUpdate (the
+# Roll column) into $E2E_TMP/roll-progress until the StatefulSet rolled out.
+roll_progress_seen() {
+  local line
+  line=$(k get eventtercluster "$CLUSTER" -o jsonpath='{.status.rollingUpdate}' 2>/dev/null)
+  [ -z "$line" ] || [ "$line" = "$(tail -n1 "$E2E_TMP/roll-progress" 2>/dev/null)" ] || echo "$line" >>"$E2E_TMP/roll-progress"
+  sts_rolled 3
+}
+
+# A pod-template change (an annotation of spec.pod): the operator evicts the pods one
+# at a time (the StatefulSet is OnDelete), Raft followers first, the leader last after
+# handing its leadership over, each next one once every pod is Ready (caught up) and
+# the brokers healthy; each pod stops with SIGTERM (its primaries close first).
 scenario_rolling_upgrade_under_load() {
   load_require
-  local from stamp
+  local from stamp leader started
   from=$(now_ms)
   sleep "$LOAD_PHASE_S"
+  leader=$(pod_of_node "$(raft_leader_id)")
+  [ -n "$leader" ] || fail "no pod for the Raft leader $(raft_leader_id)"
+  rm -f "$E2E_TMP/roll-progress"
+  started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
   stamp=$(date +%s)
   k patch eventtercluster "$CLUSTER" --type=merge -p "{\"spec\": {\"pod\": {\"annotations\": {\"e2e/rolled\": \"$stamp\"}}}}" >/dev/null
   until_ok 60 "the operator to put the annotation into the StatefulSet's template" template_annotation_is "$stamp"
-  until_ok 600 "StatefulSet $CLUSTER rolled out with 3 updated, ready replicas" sts_rolled 3
+  until_ok 600 "StatefulSet $CLUSTER rolled out with 3 updated, ready replicas" roll_progress_seen
   wait_settled 3 120
   note "rolled: $(k get pods -l "app.kubernetes.io/instance=$CLUSTER" -o jsonpath='{range .items[*]}{.metadata.name} {.status.startTime}, {end}')"
+  sed 's/^/   roll: /' "$E2E_TMP/roll-progress" 2>/dev/null || true
+  # The operator's steps (its log): every pod evicted once, the followers first, the
+  # last one the leader of that moment, after its leadership was handed over. (The
+  # leader can change during a roll by itself: a restarted broker the others cannot
+  # reach yet may start an election.)
+  kubectl_ -n "$OPERATOR_NS" logs deployment/"$RELEASE-operator" --since-time="$started" 2>/dev/null |
+    sed -n 's/.*rolling update: \(.*\)/\1/p' | sed 's/ cluster=[^ ]*//; s/ revision=.*//' >"$E2E_TMP/roll-steps"
+  sed 's/^/   step: /' "$E2E_TMP/roll-steps"
+  python3 - "$E2E_TMP/roll-steps" <<'PY' || fail "the operator's roll did not go followers first, leader last after a hand-over (steps above)"
+import re, sys
+steps = [l.strip() for l in open(sys.argv[1]) if l.strip()]
+evicted = [re.search(r"pod=(\S+) leader=(\S+)", s).groups() for s in steps if s.startswith("evicted")]
+pods = [p for p, _ in evicted]
+assert len(pods) == 3 and len(set(pods)) == 3, evicted
+assert [l for _, l in evicted] == ["false", "false", "true"], evicted
+handed = [s for s in steps if s.startswith("leadership handed over")]
+assert len(handed) == 1 and f"from={pods[-1]} " in handed[0] + " ", handed
+assert steps.index(handed[0]) < steps.index(next(s for s in steps if f"pod={pods[-1]} " in s)), steps
+PY
+  note "leader before the roll: $leader; rolled last (after its hand-over): $(sed -n 's/^evicted pod=\([^ ]*\) leader=true.*/\1/p' "$E2E_TMP/roll-steps"); leader now: $(pod_of_node "$(raft_leader_id)")"
   load_verify rolling-upgrade-under-load "$from"
   load_segments | sed 's/^/     /'
 }

@@ -92,12 +92,14 @@ uid_differs() { # uid_differs KIND NAME UID: the object exists with another UID
 }
 args_are() { [ "$(args_of_sts)" = "$1" ]; }
 
-# The StatefulSet has rolled out: every replica updated and ready.
+# The StatefulSet has rolled out: every replica updated (on the update revision) and
+# ready. Not status.currentRevision: the StatefulSet is OnDelete (the operator rolls the
+# pods), and before Kubernetes 1.36 the controller never moves currentRevision then.
 sts_settled() {
   local want=$1 out
-  out=$(k get statefulset "$CLUSTER" -o jsonpath='{.spec.replicas} {.status.readyReplicas} {.status.updatedReplicas} {.status.currentRevision} {.status.updateRevision} {.status.replicas}')
-  read -r spec ready updated current update total <<<"$out"
-  [ "$spec" = "$want" ] && [ "$ready" = "$want" ] && [ "$updated" = "$want" ] && [ "$current" = "$update" ] && [ "$total" = "$want" ]
+  out=$(k get statefulset "$CLUSTER" -o jsonpath='{.spec.replicas} {.status.readyReplicas} {.status.updatedReplicas} {.status.replicas}')
+  read -r spec ready updated total <<<"$out"
+  [ "$spec" = "$want" ] && [ "$ready" = "$want" ] && [ "$updated" = "$want" ] && [ "$total" = "$want" ]
 }
 pods_ready() { # pods_ready N: exactly N broker pods, all Ready
   local out
@@ -626,7 +628,25 @@ scenario_drift_repair() {
   k delete service "$CLUSTER" --wait=true >/dev/null
   until_ok 60 "the operator to recreate Service $CLUSTER" uid_differs service "$CLUSTER" "$uid_before"
   note "client Service recreated"
+  # The StatefulSet's update strategy set back to what an earlier operator's
+  # StatefulSet has (no strategy given, so the API server defaulted type RollingUpdate
+  # and rollingUpdate.partition 0, which makes an apply of OnDelete invalid): the
+  # operator moves it to OnDelete again, restarting no pod.
+  local pods_before
+  pods_before=$(pod_uids)
+  k patch statefulset "$CLUSTER" --type=merge \
+    -p '{"spec": {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}}}' >/dev/null
+  until_ok 60 "the operator to put the StatefulSet back on OnDelete" update_strategy_is "OnDelete "
+  [ "$(pod_uids)" = "$pods_before" ] || fail "moving the update strategy restarted pods"
+  kubectl_ -n "$OPERATOR_NS" logs deployment/"$RELEASE-operator" --since=120s 2>/dev/null |
+    grep -q "moving the StatefulSet's update strategy to OnDelete" ||
+    fail "the operator's log does not show the strategy's merge patch"
+  note "update strategy RollingUpdate with rollingUpdate.partition 0 moved back to OnDelete (merge patch); no pod restarted"
   wait_settled 3 300
+}
+pod_uids() { k get pods -l "app.kubernetes.io/instance=$CLUSTER" -o jsonpath='{range .items[*]}{.metadata.uid} {end}'; }
+update_strategy_is() {
+  [ "$(k get statefulset "$CLUSTER" -o jsonpath='{.spec.updateStrategy.type} {.spec.updateStrategy.rollingUpdate}')" = "$1" ]
 }
 
 # The batch scale-up-rebalance published before scaling 3 -> 5 -> 3 all arrives.

@@ -402,6 +402,20 @@ impl Admin {
         })
     }
 
+    /// Hands Raft leadership to node `to` (any node forwards it to the leader); the
+    /// leader after the call. A refusal (no such voter, no other voter) is the
+    /// outcome's `Rejected`/`Missing`; leadership not moved in time is
+    /// [`Error::BrokerUnavailable`].
+    pub async fn transfer_leadership(&mut self, to: u64) -> Result<std::result::Result<u64, Refusal>> {
+        match self.client.transfer_leadership(pb::TransferLeadershipRequest { to_node_id: to }).await {
+            Ok(response) => Ok(Ok(response.into_inner().leader_id)),
+            Err(status) => Ok(Err(match self.classify(status)? {
+                Refusal::Rejected(message) => Refusal::Rejected(without_request_id(&message).to_string()),
+                Refusal::Missing(message) => Refusal::Missing(without_request_id(&message).to_string()),
+            })),
+        }
+    }
+
     /// The cluster state and Raft view of the answering broker (linearizable read).
     pub async fn dump(&mut self) -> Result<pb::DumpResponse> {
         match self.client.dump(pb::DumpRequest::default()).await {

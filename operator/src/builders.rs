@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
@@ -64,6 +66,10 @@ pub const READINESS_PATH: &str = "/readyz";
 pub const LIVENESS_PATH: &str = "/livez";
 /// Cluster DNS domain the advertised pod names are built on.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// The StatefulSet's `updateStrategy.type`: the operator rolls the pods itself.
+pub const UPDATE_STRATEGY: &str = "OnDelete";
+/// Label the StatefulSet controller puts on each pod: the revision it was made from.
+pub const REVISION_LABEL: &str = "controller-revision-hash";
 /// Grace period of a broker pod: time to leave the cluster and flush segments.
 pub const TERMINATION_GRACE_PERIOD_SECONDS: i64 = 60;
 
@@ -669,6 +675,13 @@ pub fn stateful_set(cluster: &EventterCluster, founding: &Founding) -> StatefulS
             service_name: Some(headless_service_name(&name)),
             // Brokers wait for each other (--bootstrap-expect): start them together.
             pod_management_policy: Some("Parallel".into()),
+            // A changed pod template replaces no pod by itself: the operator evicts one
+            // pod at a time in its own order (controller::roll: followers first, the Raft
+            // leader last after a hand-over).
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some(UPDATE_STRATEGY.into()),
+                rolling_update: None,
+            }),
             // Retain is the StatefulSet's own default: set only for Delete, so that an
             // unset field leaves the applied StatefulSet as before.
             persistent_volume_claim_retention_policy: (spec.volume_reclaim_policy == Some(VolumeReclaimPolicy::Delete))

@@ -70,6 +70,7 @@ pub const PERMISSION_PATTERN_COMPILED_SIZE_MAX_BYTES: usize = 256 * 1024;
     printcolumn = r#"{"name": "Leader", "type": "string", "description": "Raft leader as the brokers report it", "jsonPath": ".status.leader"}"#,
     printcolumn = r#"{"name": "Status", "type": "string", "description": "Ready condition", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name": "Scale-Down", "type": "string", "description": "Progress of a scale-down: what the leaving brokers still hold, or why it is blocked", "jsonPath": ".status.scaleDown"}"#,
+    printcolumn = r#"{"name": "Roll", "type": "string", "description": "Progress of a rolling update: pods rolled and the next one, or what it waits for", "jsonPath": ".status.rollingUpdate"}"#,
     printcolumn = r#"{"name": "TLS", "type": "string", "description": "Where the brokers' certificates come from: SecretName or SelfSigned", "jsonPath": ".status.tls.mode", "priority": 1}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
     scale(
@@ -430,6 +431,10 @@ pub struct EventterClusterStatus {
     /// One line on a running or blocked scale-down (the Scale-Down printer column).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_down: Option<String>,
+    /// One line on a running rolling update (the Roll printer column): pods on the
+    /// StatefulSet's new revision, of how many, and the next step or what it waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolling_update: Option<String>,
     /// How the brokers authenticate each other (`ClusterSecret` or
     /// `InsecureTrustedNetwork`), recorded when the operator first applies the
     /// StatefulSet and kept, so that a newer operator does not split a running

@@ -8,18 +8,18 @@ use std::time::Duration;
 use eventtermq_proto::v1 as pb;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{EvictParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::{predicates, reflector, watcher, Controller, WatchStreamExt};
 use kube::{Api, Resource, ResourceExt};
 
 use super::{
-    apply_status, condition, error_policy, find_condition, object_key, scale, Context, CREDENTIALS_READY, DEGRADED,
-    PROGRESSING, READY, SCALE_DOWN_BLOCKED, TLS_READY,
+    apply_status, condition, error_policy, find_condition, object_key, roll, scale, Context, CREDENTIALS_READY,
+    DEGRADED, PROGRESSING, READY, SCALE_DOWN_BLOCKED, TLS_READY,
 };
 use crate::broker::{BrokerConnector, Refusal};
 use crate::builders::{self, FIELD_MANAGER};
@@ -35,6 +35,9 @@ pub const READY_RECHECK_PERIOD: Duration = Duration::from_secs(60);
 pub const NOT_READY_RECHECK_PERIOD: Duration = Duration::from_secs(10);
 /// Recheck period while a scale-down drains brokers or is refused.
 pub const SCALE_DOWN_RECHECK_PERIOD: Duration = Duration::from_secs(5);
+/// Recheck period while a rolling update runs (changes of the StatefulSet's status,
+/// such as a pod turning ready, trigger a pass sooner).
+pub const ROLL_RECHECK_PERIOD: Duration = Duration::from_secs(2);
 
 /// Reconciles one EventterCluster.
 pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Result<Action> {
@@ -97,7 +100,7 @@ pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Resu
     if let Some(spec) = desired.spec.as_mut() {
         spec.replicas = Some(scale.replicas);
     }
-    let stateful_set = stateful_sets.patch(&desired.name_any(), &params, &Patch::Apply(&desired)).await?;
+    let stateful_set = apply_stateful_set(&stateful_sets, &params, &desired).await?;
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &namespace);
     let budget = builders::pod_disruption_budget(&cluster);
     budgets.patch(&budget.name_any(), &params, &Patch::Apply(&budget)).await?;
@@ -117,6 +120,8 @@ pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Resu
     };
     let mut status = cluster_status(&cluster, ready_replicas, &dump, &health, bootstrap_expect);
     record_scale(&mut status, &previous, &scale, cluster.meta().generation);
+    let roll = roll_step(&cluster, &ctx, &credentials, &stateful_set, &status, &scale).await?;
+    record_roll(&mut status, &previous, &roll, cluster.meta().generation);
     record_security(&mut status, &previous, founding.node_authentication, &tls, cluster.meta().generation);
 
     if status != previous {
@@ -128,6 +133,9 @@ pub async fn reconcile(cluster: Arc<EventterCluster>, ctx: Arc<Context>) -> Resu
     let ready = find_condition(&status.conditions, READY).is_some_and(|c| c.status == "True");
     if scale.draining || scale.blocked.is_some() {
         return Ok(Action::requeue(SCALE_DOWN_RECHECK_PERIOD));
+    }
+    if roll.rolling {
+        return Ok(Action::requeue(ROLL_RECHECK_PERIOD));
     }
     Ok(Action::requeue(if ready { READY_RECHECK_PERIOD } else { NOT_READY_RECHECK_PERIOD }))
 }
@@ -321,6 +329,187 @@ pub fn record_scale(
     }
 }
 
+/// Applies the StatefulSet. One made by an operator before the OnDelete update
+/// strategy carries the API server's default `rollingUpdate: {partition: 0}`, which no
+/// manager owns, so an apply of `type: OnDelete` alone is refused (422: rollingUpdate
+/// is only allowed for RollingUpdate): the strategy is then replaced once with a merge
+/// patch (type OnDelete, rollingUpdate removed) and the apply repeated.
+async fn apply_stateful_set(
+    stateful_sets: &Api<StatefulSet>,
+    params: &PatchParams,
+    desired: &StatefulSet,
+) -> Result<StatefulSet> {
+    let name = desired.name_any();
+    match stateful_sets.patch(&name, params, &Patch::Apply(desired)).await {
+        Err(kube::Error::Api(e)) if e.code == 422 && e.message.contains("updateStrategy") => {
+            tracing::info!(statefulset = %name, "moving the StatefulSet's update strategy to OnDelete");
+            let strategy = serde_json::json!({
+                "spec": {"updateStrategy": {"type": builders::UPDATE_STRATEGY, "rollingUpdate": null}}
+            });
+            stateful_sets.patch(&name, &PatchParams::default(), &Patch::Merge(&strategy)).await?;
+            Ok(stateful_sets.patch(&name, params, &Patch::Apply(desired)).await?)
+        }
+        result => Ok(result?),
+    }
+}
+
+/// What this pass did about a rolling update.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RollStep {
+    /// A roll runs (pods on an old revision): check again soon.
+    pub rolling: bool,
+    /// The progress line ([`roll::summary`]).
+    pub summary: Option<String>,
+}
+
+/// The rolling update's IO. Engages only while the StatefulSet reports fewer updated
+/// pods than pods (`status.updatedReplicas` < `status.replicas`; its
+/// `currentRevision` is no help: with OnDelete, Kubernetes before 1.36 never moves
+/// it). Lists the broker pods, lets [`roll::next_step`] decide, and hands leadership
+/// over and evicts one pod (the Eviction API: the PodDisruptionBudget applies). Waits
+/// while a scale-down runs.
+async fn roll_step(
+    cluster: &EventterCluster,
+    ctx: &Context,
+    credentials: &std::result::Result<BrokerCredentials, Unusable>,
+    stateful_set: &StatefulSet,
+    status: &EventterClusterStatus,
+    scale: &ScaleStep,
+) -> Result<RollStep> {
+    let Some(sts_status) = &stateful_set.status else { return Ok(RollStep::default()) };
+    let Some(update_revision) = sts_status.update_revision.as_deref() else { return Ok(RollStep::default()) };
+    let replicas = stateful_set.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+    let seen = sts_status.observed_generation.is_some_and(|g| Some(g) >= stateful_set.metadata.generation);
+    if !seen {
+        // The StatefulSet controller has yet to see the last change: its revisions are
+        // stale. Its status update triggers the next pass.
+        return Ok(RollStep { rolling: status.rolling_update.is_some(), summary: status.rolling_update.clone() });
+    }
+    if sts_status.updated_replicas.unwrap_or(0) >= sts_status.replicas {
+        return Ok(RollStep::default());
+    }
+    let name = cluster.name_any();
+    if scale.draining || scale.blocked.is_some() {
+        return Ok(RollStep { rolling: true, summary: Some("waiting: a scale-down runs".to_string()) });
+    }
+    let namespace = cluster.namespace().unwrap_or_default();
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let selector = builders::selector_string(&name);
+    let listed = pods_api.list(&ListParams::default().labels(&selector)).await?;
+    let pods: Vec<roll::PodView> = listed
+        .items
+        .iter()
+        .filter_map(|pod| {
+            let pod_name = pod.name_any();
+            let ordinal = scale::pod_ordinal(&name, &pod_name)?;
+            let ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            Some(roll::PodView {
+                revision: pod.labels().get(builders::REVISION_LABEL).cloned(),
+                name: pod_name,
+                ordinal,
+                ready,
+                terminating: pod.meta().deletion_timestamp.is_some(),
+            })
+        })
+        .collect();
+    let nodes: Vec<(String, u64)> = status
+        .members
+        .iter()
+        .filter(|m| m.state == "Alive")
+        .filter_map(|m| Some((builders::pod_of_address(&m.address), m.id.parse().ok()?)))
+        .collect();
+    let unhealthy = [READY, DEGRADED].iter().find_map(|type_| {
+        let c = find_condition(&status.conditions, type_)?;
+        let bad = if *type_ == READY { c.status != "True" } else { c.status == "True" };
+        bad.then(|| c.message.clone())
+    });
+    let view = roll::Cluster {
+        update_revision,
+        replicas,
+        leader_pod: status.leader.as_deref(),
+        nodes: &nodes,
+        brokers_unhealthy: unhealthy.as_deref(),
+    };
+    let decision = roll::next_step(&pods, &view);
+    let mut summary = roll::summary(&pods, &view, &decision);
+    let evict = match &decision {
+        roll::Decision::Done => return Ok(RollStep::default()),
+        roll::Decision::Wait(_) => None,
+        roll::Decision::Evict { pod, leader } => Some((pod.clone(), *leader)),
+        roll::Decision::HandOverLeadership { from, to_pod, to_node } => {
+            let credentials = credentials.as_ref().map_err(Unusable::error)?;
+            let mut admin = ctx.broker.connect(&ctx.broker.address(cluster), credentials).await?;
+            let outcome = match admin.transfer_leadership(*to_node).await {
+                Ok(Ok(leader)) if leader == *to_node => Ok(()),
+                Ok(Ok(leader)) => Err(format!("node {leader} leads instead")),
+                Ok(Err(Refusal::Rejected(message) | Refusal::Missing(message))) => Err(message),
+                Err(error) => Err(error.to_string()),
+            };
+            match outcome {
+                Ok(()) => {
+                    tracing::info!(cluster = %name, %from, %to_pod, "rolling update: leadership handed over");
+                    let note =
+                        format!("moved Raft leadership from {from} to {to_pod} (node {to_node}) before rolling {from}");
+                    ctx.publish(cluster, EventType::Normal, "LeadershipHandedOver", note).await;
+                }
+                Err(why) => {
+                    tracing::warn!(cluster = %name, %from, %to_pod, %why, "rolling update: leadership hand-over failed");
+                    // The broker's own SIGTERM path tries again; failing that, the others
+                    // elect a leader after an election timeout.
+                    let note =
+                        format!("could not move Raft leadership from {from} to {to_pod}: {why}; rolling {from} anyway");
+                    ctx.publish(cluster, EventType::Warning, "LeadershipHandOverFailed", note).await;
+                }
+            }
+            Some((from.clone(), true))
+        }
+    };
+    if let Some((pod, leader)) = evict {
+        match pods_api.evict(&pod, &EvictParams::default()).await {
+            Ok(_) => {
+                let role = if leader { "the Raft leader" } else { "a Raft follower" };
+                let note = format!("evicted {pod} ({role}) to restart it on revision {update_revision}");
+                tracing::info!(cluster = %name, %pod, leader, revision = update_revision, "rolling update: evicted");
+                ctx.publish(cluster, EventType::Normal, "RollingUpdate", note).await;
+            }
+            // The PodDisruptionBudget allows no disruption now (something else is down).
+            Err(kube::Error::Api(e)) if e.code == 429 => {
+                let (done, total) = roll::rolled(&pods, update_revision, replicas);
+                summary = Some(format!(
+                    "rolled {done} of {total}, waiting: the PodDisruptionBudget allows no eviction of {pod} now"
+                ));
+            }
+            // Gone meanwhile: the StatefulSet makes it again.
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(RollStep { rolling: true, summary })
+}
+
+/// Adds a roll step to `status`: the progress line, and Progressing True with reason
+/// `RollingUpdate` while it runs (unless a scale-down already reports its own). Pure.
+pub fn record_roll(
+    status: &mut EventterClusterStatus,
+    previous: &EventterClusterStatus,
+    step: &RollStep,
+    generation: Option<i64>,
+) {
+    status.rolling_update = step.summary.clone();
+    let decommissioning =
+        find_condition(&status.conditions, PROGRESSING).is_some_and(|c| c.reason == "Decommissioning");
+    if let (true, Some(message), false) = (step.rolling, &step.summary, decommissioning) {
+        let progressing =
+            condition(&previous.conditions, PROGRESSING, true, "RollingUpdate", message.clone(), generation);
+        status.conditions.retain(|c| c.type_ != PROGRESSING);
+        status.conditions.push(progressing);
+    }
+}
+
 /// Events when Ready or Degraded change.
 async fn publish_transitions(
     cluster: &EventterCluster,
@@ -383,6 +572,7 @@ pub fn cluster_status(
         selector: Some(builders::selector_string(&cluster.name_any())),
         decommission: previous.decommission.clone(),
         scale_down: previous.scale_down.clone(),
+        rolling_update: previous.rolling_update.clone(),
         node_authentication: previous.node_authentication.clone(),
         tls: previous.tls.clone(),
     };

@@ -10,6 +10,7 @@
 
 pub mod broker_object;
 pub mod cluster;
+pub mod roll;
 pub mod scale;
 pub mod tls;
 pub mod user;

@@ -44,6 +44,8 @@ pub struct Script {
     /// An error answer to every DecommissionNode that is not a cancel (the brokers'
     /// refusal when the nodes left could not hold a replication factor).
     pub decommission: Option<Status>,
+    /// An error answer to every TransferLeadership.
+    pub transfer_leadership: Option<Status>,
 }
 
 /// A user as the fake broker holds it.
@@ -70,6 +72,7 @@ impl Default for Script {
             user_write: None,
             nodes: None,
             decommission: None,
+            transfer_leadership: None,
         }
     }
 }
@@ -638,11 +641,25 @@ impl Admin for FakeBroker {
         Err(Status::unimplemented("rebalance: not in the fake broker"))
     }
 
+    // As the broker: NotFound for a node that is no voter; otherwise the target leads
+    // from then on (in the Dump and ListNodes), or the scripted error.
     async fn transfer_leadership(
         &self,
-        _: Request<pb::TransferLeadershipRequest>,
+        r: Request<pb::TransferLeadershipRequest>,
     ) -> Result<Response<pb::TransferLeadershipResponse>, Status> {
-        Err(Status::unimplemented("leadership: not in the fake broker"))
+        let to = r.into_inner().to_node_id;
+        self.0.record(format!("TransferLeadership {to}"));
+        let mut script = self.0.script.lock().unwrap();
+        if let Some(status) = script.transfer_leadership.clone() {
+            return Err(status);
+        }
+        if !listed_nodes(&script).iter().any(|n| n.id == to && n.raft_role == "voter") {
+            return Err(Status::not_found(format!("to_node_id: node {to} is not a voter")));
+        }
+        if let Some(dump) = script.dump.as_mut() {
+            dump.leader_id = to;
+        }
+        Ok(Response::new(pb::TransferLeadershipResponse { leader_id: to }))
     }
 }
 
