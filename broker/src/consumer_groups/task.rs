@@ -711,7 +711,13 @@ impl Task {
                 _ => self.unsubscribe(sub),
             }
         }
-        let caught_up = self.ends_known.as_ref().map(|(upto, ends)| (*upto, self.reader.caught_up(&self.buffer, ends)));
+        // Only while a one-off read waits: every other step of a busy group skips it.
+        let one_off = self.subscribers.values().any(|s| s.do_not_block);
+        let caught_up = self
+            .ends_known
+            .as_ref()
+            .filter(|_| one_off)
+            .map(|(upto, ends)| (*upto, self.reader.caught_up(&self.buffer, ends)));
         let mut ask_ends = false;
         for (id, s) in self.subscribers.iter_mut() {
             let holds_none = self.buffer.in_flight_of(*id) == 0;
