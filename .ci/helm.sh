@@ -11,7 +11,7 @@ BIN_DIR="$HOME/.cache/eventtermq/bin"
 HELM="$BIN_DIR/helm"
 CHART=charts/eventtermq
 # helm built with `go install` lacks the release ldflags and assumes Kubernetes v1.20;
-# the chart needs >= 1.25 (CEL validation rules in the CRDs).
+# the chart needs >= 1.30 (CEL validation rules in the CRDs, the pods' preStop sleep).
 KUBE_VERSION="${KUBE_VERSION:-1.30.0}"
 
 if [ ! -x "$HELM" ]; then

@@ -62,6 +62,7 @@ load_verify() {
     if [ "$(date +%s)" -ge "$deadline" ]; then
       line=$(tr '\n' ' ' <"$E2E_TMP/load-check.out")
       echo "$name: $line" >>"$E2E_TMP/load-figures"
+      [ ! -f "$E2E_TMP/broker-logs/pids" ] || { broker_logs_around "$from" "$to"; broker_logs_stop; }
       fail "load check after ${LOAD_CATCH_UP_S}s of catching up: $line"
     fi
     sleep 2
@@ -70,6 +71,94 @@ load_verify() {
   echo "$name $(( (to - from) / 1000 ))s: $line" >>"$E2E_TMP/load-figures"
   note "load ($(( (to - from) / 1000 )) s window): $line"
   load_errors "$from" "$to" | sed 's/^/     publisher: /'
+  # Issue 19's target for a disruption: no client error, no gap over 2 s.
+  if [ -f "$E2E_TMP/broker-logs/pids" ] && [ "$(target_missed <"$E2E_TMP/load-check.out")" = 1 ]; then
+    note "target missed (a client error or a gap over 2 s); the brokers around it:"
+    broker_logs_around "$from" "$to"
+  fi
+  broker_logs_stop
+}
+# Broker logs through a disruption. A deleted pod's log goes with it, so every broker
+# pod's log (kubectl's timestamps in front) is followed into
+# $E2E_TMP/broker-logs/POD-UID-N.log from broker_logs_follow N until broker_logs_stop,
+# across the pods' re-creation; a scenario that misses its target shows what the
+# brokers said around each client error (broker_logs_around), and run.sh keeps the
+# files in the cluster's log directory.
+broker_logs_follow() {
+  local dir=$E2E_TMP/broker-logs i
+  broker_logs_stop # an earlier scenario's, if it failed before its check
+  mkdir -p "$dir"
+  rm -f "$dir/stop" "$dir"/*.log
+  for i in $(seq 0 $(( $1 - 1 ))); do
+    (
+      n=0
+      end=$(( $(date +%s) + 900 ))
+      while [ ! -f "$dir/stop" ] && [ "$(date +%s)" -lt "$end" ]; do
+        uid=$(k get pod "$CLUSTER-$i" -o jsonpath='{.metadata.uid}' 2>/dev/null) || uid=""
+        if [ -n "$uid" ]; then
+          n=$((n + 1))
+          timeout 900 kubectl_ -n "$NS" logs -f "$CLUSTER-$i" -c broker --timestamps \
+            >"$dir/$CLUSTER-$i-$uid-$n.log" 2>/dev/null || true
+        fi
+        sleep 0.5
+      done
+    ) &
+    echo $! >>"$dir/pids"
+  done
+}
+broker_logs_stop() {
+  local dir=$E2E_TMP/broker-logs pid
+  [ -f "$dir/pids" ] || return 0
+  touch "$dir/stop"
+  while read -r pid; do
+    pkill -P "$pid" 2>/dev/null || true
+    kill "$pid" 2>/dev/null || true
+  done <"$dir/pids"
+  rm -f "$dir/pids"
+  mkdir -p "$LOGS/broker-logs"
+  cp "$dir"/*.log "$LOGS/broker-logs/" 2>/dev/null || true
+}
+# target_missed <CHECK_LINE: 1 when the checker's figures show a client error or a gap
+# over 2 s (issue 19's target for a disruption), else 0.
+target_missed() {
+  awk 'NR == 1 { for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } }
+       END { print (v["client_errors"] + 0 > 0 || v["longest_gap_ms"] + 0 > 2000) ? 1 : 0 }'
+}
+# broker_logs_around FROM_MS TO_MS: for the publisher's first errors in the window and
+# the start of its longest gap, the brokers' log lines from 2 s before to 0.5 s after.
+broker_logs_around() {
+  python3 - "$1" "$2" "$E2E_TMP/load-published.log" "$E2E_TMP/load-check.out" "$E2E_TMP"/broker-logs/*.log <<'PY' || true
+import datetime, json, os, re, sys
+lo, hi, published, check, logs = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:]
+def ms(stamp):
+    d = datetime.datetime.strptime(stamp[:26].rstrip("Z"), "%Y-%m-%dT%H:%M:%S.%f")
+    return int(d.replace(tzinfo=datetime.timezone.utc).timestamp() * 1000)
+events = []
+for line in open(published):
+    try:
+        v = json.loads(line)
+    except ValueError:
+        continue
+    if v.get("ev") == "error" and lo <= v["t_ms"] <= hi and len(events) < 3:
+        events.append((v["t_ms"], "client error (attempt %s): %s" % (v.get("attempt"), v["error"][:160])))
+gap = re.search(r"longest_gap_ms=(\d+) gap_from_ms=(\d+)", open(check).read())
+if gap and int(gap.group(1)) > 2000:
+    events.append((int(gap.group(2)), "last confirmation before the longest gap (%s ms)" % gap.group(1)))
+lines = []
+for path in logs:
+    pod = "-".join(os.path.basename(path).split("-")[:2])
+    for line in open(path, errors="replace"):
+        try:
+            lines.append((ms(line), pod, line.split(" ", 1)[1].rstrip()))
+        except (ValueError, IndexError):
+            pass
+lines.sort()
+for t, what in sorted(events):
+    print("   at +%d ms: %s" % (t - lo, what))
+    near = [l for l in lines if t - 2000 <= l[0] <= t + 500]
+    for lt, pod, text in near[-25:]:
+        print("     %+6d ms %s %s" % (lt - t, pod, re.sub(r"\x1b\[[0-9;]*m", "", text)[:220]))
+PY
 }
 # load_errors FROM_MS TO_MS: the publisher's distinct errors in the window (at most 3,
 # with how often each came and when first, its request id cut off).
@@ -186,6 +275,7 @@ EOT
 
 scenario_kill_leader_under_load() {
   load_require
+  broker_logs_follow 3
   local from leader pod
   from=$(now_ms)
   sleep "$LOAD_PHASE_S"
@@ -200,6 +290,7 @@ scenario_kill_leader_under_load() {
 
 scenario_kill_primary_under_load() {
   load_require
+  broker_logs_follow 3
   local from primary pod
   from=$(now_ms)
   sleep "$LOAD_PHASE_S"
@@ -244,6 +335,7 @@ roll_progress_seen() {
 # the brokers healthy; each pod stops with SIGTERM (its primaries close first).
 scenario_rolling_upgrade_under_load() {
   load_require
+  broker_logs_follow 3
   local from stamp leader started
   from=$(now_ms)
   sleep "$LOAD_PHASE_S"
@@ -301,6 +393,7 @@ new_nodes_loaded() { # every pod of $@ has a primary, a replica or a group
 # copies) or consumer groups.
 scenario_scale_up_rebalance() {
   load_require
+  broker_logs_follow 5
   local from out
   publish_before scale
   from=$(now_ms)
@@ -322,6 +415,7 @@ scenario_scale_up_rebalance() {
 
 scenario_scale_down_under_load() {
   load_require
+  broker_logs_follow 5
   local from progress="" line
   from=$(now_ms)
   sleep "$LOAD_PHASE_S"

@@ -36,7 +36,10 @@ finish() {
   local rc=$?
   [ "$finished" = 0 ] || return 0
   finished=1
-  [ -z "${E2E_TMP:-}" ] || rm -rf "$E2E_TMP"
+  if [ -n "${E2E_TMP:-}" ]; then
+    ! declare -F broker_logs_stop >/dev/null || broker_logs_stop
+    rm -rf "$E2E_TMP"
+  fi
   if [ "$rc" != 0 ] && [ "$passed$failed" = 00 ]; then
     echo "FAIL setup: exit status $rc before any scenario ran"
     failed=1

@@ -10,10 +10,10 @@ use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
-    VolumeMount, VolumeResourceRequirements,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, Lifecycle,
+    LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort,
+    ServiceSpec, SleepAction, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -70,8 +70,16 @@ pub const CLUSTER_DOMAIN: &str = "cluster.local";
 pub const UPDATE_STRATEGY: &str = "OnDelete";
 /// Label the StatefulSet controller puts on each pod: the revision it was made from.
 pub const REVISION_LABEL: &str = "controller-revision-hash";
-/// Grace period of a broker pod: time to leave the cluster and flush segments.
+/// Grace period of a broker pod: time to leave the cluster and flush segments (after
+/// its `preStop` sleep, which is added to it).
 pub const TERMINATION_GRACE_PERIOD_SECONDS: i64 = 60;
+/// Default of `spec.pod.preStopSleepSeconds`: long enough for the endpoint change to
+/// reach kube-proxy on a busy node (measured under the e2e load: 1-2 s).
+pub const PRE_STOP_SLEEP_SECONDS_DEFAULT: u32 = 3;
+
+fn pre_stop_sleep_seconds(cluster: &EventterCluster) -> u32 {
+    cluster.spec.pod.pre_stop_sleep_seconds.unwrap_or(PRE_STOP_SLEEP_SECONDS_DEFAULT)
+}
 
 /// Labels every object of a cluster carries.
 pub fn labels(cluster_name: &str) -> BTreeMap<String, String> {
@@ -556,6 +564,19 @@ fn broker_container(cluster: &EventterCluster, founding: &Founding) -> Container
         // Alive while Raft runs; generous, so that a broker replaying a long log at
         // start-up is not killed.
         liveness_probe: Some(http_probe(ports.metrics, LIVENESS_PATH, 30, 5, 6)),
+        // The pod leaves the Services' endpoints when it starts terminating, but
+        // kube-proxy applies that a moment later: the broker keeps serving meanwhile
+        // (SIGTERM comes after the sleep), so no client is sent to a closed port.
+        lifecycle: match pre_stop_sleep_seconds(cluster) {
+            0 => None,
+            seconds => Some(Lifecycle {
+                pre_stop: Some(LifecycleHandler {
+                    sleep: Some(SleepAction { seconds: i64::from(seconds) }),
+                    ..LifecycleHandler::default()
+                }),
+                ..Lifecycle::default()
+            }),
+        },
         resources: spec.resources.clone(),
         volume_mounts: Some(volume_mounts(cluster, founding)),
         security_context: Some(SecurityContext {
@@ -699,7 +720,9 @@ pub fn stateful_set(cluster: &EventterCluster, founding: &Founding) -> StatefulS
                 spec: Some(PodSpec {
                     containers: vec![broker_container(cluster, founding)],
                     volumes: Some(volumes(cluster, founding)),
-                    termination_grace_period_seconds: Some(TERMINATION_GRACE_PERIOD_SECONDS),
+                    termination_grace_period_seconds: Some(
+                        TERMINATION_GRACE_PERIOD_SECONDS + i64::from(pre_stop_sleep_seconds(cluster)),
+                    ),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(BROKER_UID),

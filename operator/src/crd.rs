@@ -381,6 +381,14 @@ pub struct PodOverrides {
     /// PriorityClass of the broker pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
+    /// Seconds a broker pod being stopped keeps serving before its broker starts
+    /// leaving (a `preStop` sleep; default 3, 0: none). Meanwhile the pod is out of the
+    /// Services' endpoints and kube-proxy stops sending it new connections, so a client
+    /// reconnecting after the broker's GOAWAY reaches another broker, not a closed port.
+    /// Added to the pod's termination grace period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 120))]
+    pub pre_stop_sleep_seconds: Option<u32>,
 }
 
 /// Observed state of an EventterCluster.

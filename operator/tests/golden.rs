@@ -89,6 +89,20 @@ fn operator_labels_win_over_pod_labels() {
     assert_eq!(labels["team"], "messaging");
 }
 
+/// The golden StatefulSet has the default `preStop` sleep (3 s, grace 63 s); another
+/// value moves the grace period with it, and 0 leaves the hook out.
+#[test]
+fn the_pre_stop_sleep_is_added_to_the_grace_period_and_0_removes_it() {
+    for (seconds, grace) in [(Some(10), 70), (Some(0), 60), (None, 63)] {
+        let mut cluster = common::cluster();
+        cluster.spec.pod.pre_stop_sleep_seconds = seconds;
+        let pod = stateful_set_of_new(&cluster).spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.termination_grace_period_seconds, Some(grace), "{seconds:?}");
+        let sleep = pod.containers[0].lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()?.sleep.as_ref());
+        assert_eq!(sleep.map(|s| s.seconds), Some(grace - 60).filter(|s| *s > 0), "{seconds:?}");
+    }
+}
+
 fn args_of(sts: &StatefulSet) -> Vec<String> {
     sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].args.clone().unwrap()
 }
