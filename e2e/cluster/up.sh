@@ -376,7 +376,7 @@ start_proc metrics-server "$METRICS_SERVER_BIN" --as "$VOLUME_UID" -- \
   --bind-address "$HOST_IP" --secure-port "$METRICS_SERVER_PORT" \
   --tls-cert-file "$ms_dir/metrics-server.crt" --tls-private-key-file "$ms_dir/metrics-server.key" \
   --kubelet-certificate-authority "$ms_dir/ca.crt" --kubelet-preferred-address-types InternalIP \
-  --kubelet-use-node-status-port --metric-resolution 10s --profiling=false \
+  --kubelet-use-node-status-port --metric-resolution 10s --kubelet-request-timeout 5s --profiling=false \
   --v 1
 apiservice_available() {
   [ "$(kubectl_ get apiservice v1beta1.metrics.k8s.io -o jsonpath='{.status.conditions[?(@.type=="Available")].status}')" = True ]
