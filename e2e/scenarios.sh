@@ -39,6 +39,7 @@ SCENARIOS=(
   "rolling-upgrade-under-load:scenario_rolling_upgrade_under_load"
   "scale-up-rebalance:scenario_scale_up_rebalance"
   "scale-down-under-load:scenario_scale_down_under_load"
+  "hpa-scale:scenario_hpa_scale"
   "scale-no-loss:scenario_scale_no_loss"
   "load-whole-run:scenario_load_whole_run"
   "topic-delete-policy:scenario_topic_delete_policy"
@@ -853,6 +854,7 @@ scenario_monitoring_queries() {
 
 # --- disruptions under continuous traffic (issue 19) ------------------------------------------
 . "$root/e2e/load.sh"
+. "$root/e2e/hpa.sh"
 
 # --- diagnostics on failure -------------------------------------------------------------------
 print_diagnostics() {

@@ -4,13 +4,14 @@
 #   - kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy and
 #     kubectl from the Go module k8s.io/kubernetes, version-stamped;
 #   - CoreDNS from its Go module;
+#   - metrics-server from its Go module (the resource metrics API for an HPA on CPU);
 #   - the pod sandbox ("pause") image from a tiny static C program;
 #   - helm, through .ci/helm.sh.
 # Binaries are cached in $HOME/.cache/eventtermq/k8s-<version>/ (the directory name is
 # the key; a binary that exists is not rebuilt). Go builds run one at a time: the
 # machine has 2 cores and the first one (kube-apiserver) compiles most shared code.
 #
-# Usage: build.sh [deps|k8s|coredns|pause|helm|all]   (default all)
+# Usage: build.sh [deps|k8s|coredns|metrics-server|pause|helm|all]   (default all)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/lib.sh"
@@ -132,6 +133,24 @@ build_coredns() {
   fi
 }
 
+build_metrics_server() {
+  go_env
+  [ -x "$METRICS_SERVER_BIN" ] && { log "metrics-server $METRICS_SERVER_VERSION: cached"; return 0; }
+  local dir start
+  dir=$(dirname "$METRICS_SERVER_BIN")
+  mkdir -p "$dir/gobin"
+  log "metrics-server $METRICS_SERVER_VERSION: go install"
+  start=$(date +%s)
+  # Its go.mod has no replace directives, so `go install mod@version` works; the version
+  # is stamped as its own Makefile does (it reports it in /version and its logs).
+  GOBIN="$dir/gobin" go install "${GO_BUILD_FLAGS[@]}" \
+    -ldflags "-s -w -X k8s.io/client-go/pkg/version.gitVersion=$METRICS_SERVER_VERSION" \
+    "sigs.k8s.io/metrics-server/cmd/metrics-server@$METRICS_SERVER_VERSION"
+  mv "$dir/gobin/metrics-server" "$METRICS_SERVER_BIN"
+  rmdir "$dir/gobin"
+  log "metrics-server $METRICS_SERVER_VERSION: built in $(( $(date +%s) - start )) s"
+}
+
 build_pause() {
   [ -f "$PAUSE_DIR/pause.oci.tar" ] && { log "pause image: cached"; return 0; }
   command -v gcc >/dev/null 2>&1 || die "gcc is missing (build.sh deps)"
@@ -154,6 +173,7 @@ case "$what" in
   deps) build_deps ;;
   k8s) build_k8s ;;
   coredns) build_coredns ;;
+  metrics-server) build_metrics_server ;;
   pause) build_pause ;;
   helm) build_helm ;;
   all)
@@ -161,7 +181,8 @@ case "$what" in
     build_pause
     build_k8s
     build_coredns
+    build_metrics_server
     build_helm
     ;;
-  *) die "usage: build.sh [deps|k8s|coredns|pause|helm|all]" ;;
+  *) die "usage: build.sh [deps|k8s|coredns|metrics-server|pause|helm|all]" ;;
 esac

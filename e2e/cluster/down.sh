@@ -73,7 +73,7 @@ kill_all() { # kill_all WHAT FUNCTION: SIGKILL what FUNCTION lists until nothing
 # 0. The scenarios' Prometheus (e2e/prometheus.sh), which watches the API server.
 stop_procs 5 prometheus
 # 1. The node: kubelet first (so nothing restarts), then the pods, then containerd.
-stop_procs 5 kubelet kube-proxy kube-scheduler kube-controller-manager
+stop_procs 5 kubelet kube-proxy kube-scheduler kube-controller-manager metrics-server
 kill_all "pod processes" cgroup_pids
 stop_procs 5 containerd
 # containerd's shims outlive it; they run in the node's network namespace.

@@ -7,6 +7,7 @@
 K8S_VERSION="${K8S_VERSION:-v1.34.4}"
 COREDNS_VERSION="${COREDNS_VERSION:-v1.14.7}"
 HELM_VERSION="${HELM_VERSION:-v3.17.4}"
+METRICS_SERVER_VERSION="${METRICS_SERVER_VERSION:-v0.8.0}"
 
 CACHE_ROOT="${EVENTTERMQ_CACHE:-$HOME/.cache/eventtermq}"
 K8S_CACHE="$CACHE_ROOT/k8s-$K8S_VERSION"
@@ -17,6 +18,9 @@ PAUSE_IMAGE=localhost/pause:e2e
 COREDNS_IMAGE="localhost/coredns:$COREDNS_VERSION"
 COREDNS_IMAGE_TAR="$K8S_CACHE/coredns-$COREDNS_VERSION/coredns.oci.tar"
 HELM="$CACHE_ROOT/bin/helm"                   # built by .ci/helm.sh
+# metrics-server (the resource metrics API behind `kubectl top` and CPU autoscaling),
+# run as a host process like the control plane.
+METRICS_SERVER_BIN="$K8S_CACHE/metrics-server-$METRICS_SERVER_VERSION/metrics-server"
 
 # Where a running cluster keeps its state (configs, certs, etcd data, logs, pids).
 STATE="${E2E_STATE:-/var/lib/eventtermq-e2e}"
@@ -54,6 +58,9 @@ VOLUME_UID=65532
 ETCD_CLIENT_PORT=23790
 ETCD_PEER_PORT=23800
 APISERVER_PORT=6443
+# metrics-server listens on the host end of the veth pair (the apiserver reaches it as the
+# endpoint of a Service without selector: an endpoint address may not be a loopback one).
+METRICS_SERVER_PORT=4443
 
 # Debian packages the node needs (gcc and libc6-dev build the pause binary; python3
 # decodes subscribed messages in the scenarios; prometheus (with promtool) and curl

@@ -5,7 +5,8 @@
 #   - if bring-up fails, everything it made is torn down again.
 # The node (containerd, kubelet, kube-proxy, pods) lives in its own network namespace
 # without a default route; etcd, kube-apiserver, kube-controller-manager and
-# kube-scheduler run on the host, the apiserver on the host end of a veth pair.
+# kube-scheduler run on the host, the apiserver on the host end of a veth pair; so does
+# metrics-server (the resource metrics API, for `kubectl top` and an HPA on CPU).
 # Prints `export KUBECONFIG=...` on success.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -14,7 +15,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 healthy() {
   [ -f "$STATE/ready" ] || return 1
   local p
-  for p in etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy; do
+  for p in etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy metrics-server; do
     proc_alive "$p" || return 1
   done
   kubectl_ get --raw /readyz >/dev/null 2>&1 || return 1
@@ -67,9 +68,15 @@ mkdir -p "$pki"
 newkey=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
 openssl req -x509 "${newkey[@]}" -keyout "$pki/ca.key" -out "$pki/ca.crt" -days 3650 \
   -subj "/CN=eventtermq-e2e-ca" 2>/dev/null
-# cert NAME SUBJECT [SAN]: a leaf certificate for both server and client use.
+# The aggregation layer's own CA: kube-apiserver proxies a request to metrics-server with
+# a client certificate of this CA (front-proxy-client) and the user in headers; only
+# this CA may vouch for such headers.
+openssl req -x509 "${newkey[@]}" -keyout "$pki/front-proxy-ca.key" -out "$pki/front-proxy-ca.crt" -days 3650 \
+  -subj "/CN=eventtermq-e2e-front-proxy-ca" 2>/dev/null
+# [CA=front-proxy-ca] cert NAME SUBJECT [SAN]: a leaf certificate for both server and
+# client use, of the cluster CA (or of CA).
 cert() {
-  local name=$1 subj=$2 san=${3:-}
+  local name=$1 subj=$2 san=${3:-} ca=${CA:-ca}
   openssl req -new "${newkey[@]}" -keyout "$pki/$name.key" -out "$pki/$name.csr" -subj "$subj" 2>/dev/null
   {
     echo "basicConstraints=critical,CA:FALSE"
@@ -77,7 +84,7 @@ cert() {
     echo "extendedKeyUsage=serverAuth,clientAuth"
     [ -n "$san" ] && echo "subjectAltName=$san"
   } >"$pki/$name.ext"
-  openssl x509 -req -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+  openssl x509 -req -in "$pki/$name.csr" -CA "$pki/$ca.crt" -CAkey "$pki/$ca.key" -CAcreateserial \
     -out "$pki/$name.crt" -days 3650 -extfile "$pki/$name.ext" 2>/dev/null
   rm -f "$pki/$name.csr" "$pki/$name.ext"
 }
@@ -89,6 +96,10 @@ cert kube-controller-manager "/CN=system:kube-controller-manager"
 cert kube-scheduler "/CN=system:kube-scheduler"
 cert kube-proxy "/CN=system:kube-proxy"
 cert kubelet "/O=system:nodes/CN=system:node:$NODE_NAME" "DNS:$NODE_NAME,IP:$NODE_IP"
+CA=front-proxy-ca cert front-proxy-client "/CN=front-proxy-client"
+# metrics-server: its serving certificate (for the name the aggregator checks, the
+# Service's) and its client certificate towards the apiserver and kubelet, in one.
+cert metrics-server "/CN=system:metrics-server" "DNS:metrics-server.kube-system.svc,IP:$HOST_IP"
 openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$pki/sa.key" 2>/dev/null
 openssl pkey -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
 chmod 0600 "$pki"/*.key
@@ -115,7 +126,7 @@ current-context: e2e
 EOC
   chmod 0600 "$STATE/$name.kubeconfig"
 }
-for n in admin kube-controller-manager kube-scheduler kube-proxy kubelet; do kubeconfig "$n"; done
+for n in admin kube-controller-manager kube-scheduler kube-proxy kubelet metrics-server; do kubeconfig "$n"; done
 
 # --- network: the node's namespace and the veth pair ---------------------------------
 ip netns add "$NETNS"
@@ -169,6 +180,11 @@ start_proc kube-apiserver "$K8S_BIN/kube-apiserver" -- \
   --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
   --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
   --allow-privileged=true --profiling=false --cert-dir "$STATE/apiserver-certs" \
+  --requestheader-client-ca-file "$pki/front-proxy-ca.crt" --requestheader-allowed-names front-proxy-client \
+  --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+  --requestheader-extra-headers-prefix X-Remote-Extra- \
+  --proxy-client-cert-file "$pki/front-proxy-client.crt" --proxy-client-key-file "$pki/front-proxy-client.key" \
+  --enable-aggregator-routing=true \
   --v 1
 wait_for 60 "kube-apiserver /readyz" kubectl_ get --raw /readyz
 log "kube-apiserver ready after $(( $(date +%s) - started )) s"
@@ -193,6 +209,7 @@ start_proc kube-controller-manager "$K8S_BIN/kube-controller-manager" --as "$VOL
   --allocate-node-cidrs=true --cluster-cidr "$POD_CIDR" --node-cidr-mask-size 24 \
   --service-cluster-ip-range "$SERVICE_CIDR" \
   --enable-hostpath-provisioner=true \
+  --horizontal-pod-autoscaler-sync-period 5s \
   --profiling=false --v 1
 mkdir -p "$STATE/scheduler"
 start_proc kube-scheduler "$K8S_BIN/kube-scheduler" -- \
@@ -339,6 +356,33 @@ sed -e "s|@DNS_SVC_IP@|$DNS_SVC_IP|g" -e "s|@COREDNS_IMAGE@|$COREDNS_IMAGE|g" "$
 wait_for 30 "default ServiceAccount" kubectl_ -n default get serviceaccount default
 kubectl_ -n kube-system rollout status deployment/coredns --timeout=90s >/dev/null
 log "CoreDNS ready after $(( $(date +%s) - started )) s"
+
+# --- metrics-server (on the host, as UID $VOLUME_UID) -------------------------------
+# Registered as the APIService v1beta1.metrics.k8s.io behind a Service without selector
+# whose endpoint is its host address (the apiserver routes to the endpoint itself,
+# --enable-aggregator-routing). It scrapes kubelet's /metrics/resource every 10 s (its
+# shortest resolution), verifying kubelet's serving certificate with the cluster CA.
+ms_dir="$STATE/metrics-server"
+mkdir -p "$ms_dir"
+cp "$pki/ca.crt" "$pki/metrics-server.crt" "$pki/metrics-server.key" "$STATE/metrics-server.kubeconfig" "$ms_dir/"
+chown -R "$VOLUME_UID:$VOLUME_UID" "$ms_dir"
+sed -e "s|@HOST_IP@|$HOST_IP|g" -e "s|@PORT@|$METRICS_SERVER_PORT|g" -e "s|@CA_BUNDLE@|$(base64 -w0 "$pki/ca.crt")|g" \
+  "$here/metrics-server.yaml" | kubectl_ apply -f - >/dev/null 2>"$LOGS/metrics-server-apply.log" ||
+  { cat "$LOGS/metrics-server-apply.log" >&2; exit 1; }
+start_proc metrics-server "$METRICS_SERVER_BIN" --as "$VOLUME_UID" -- \
+  --kubeconfig "$ms_dir/metrics-server.kubeconfig" \
+  --authentication-kubeconfig "$ms_dir/metrics-server.kubeconfig" \
+  --authorization-kubeconfig "$ms_dir/metrics-server.kubeconfig" \
+  --bind-address "$HOST_IP" --secure-port "$METRICS_SERVER_PORT" \
+  --tls-cert-file "$ms_dir/metrics-server.crt" --tls-private-key-file "$ms_dir/metrics-server.key" \
+  --kubelet-certificate-authority "$ms_dir/ca.crt" --kubelet-preferred-address-types InternalIP \
+  --kubelet-use-node-status-port --metric-resolution 10s --kubelet-request-timeout 5s --profiling=false \
+  --v 1
+apiservice_available() {
+  [ "$(kubectl_ get apiservice v1beta1.metrics.k8s.io -o jsonpath='{.status.conditions[?(@.type=="Available")].status}')" = True ]
+}
+wait_for 60 "APIService v1beta1.metrics.k8s.io Available" apiservice_available
+log "metrics-server ready after $(( $(date +%s) - started )) s"
 
 touch "$STATE/ready"
 ok=1
