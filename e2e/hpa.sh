@@ -79,6 +79,7 @@ sys.exit(1)' "$CLUSTER" "$1"
 
 scenario_hpa_scale() {
   load_require
+  broker_logs_follow 4
   local from started down_started progress="" line deadline new_pod="$CLUSTER-3"
   from=$(now_ms)
   sleep "$LOAD_PHASE_S"
