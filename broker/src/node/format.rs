@@ -196,8 +196,9 @@ impl Refusal {
         match kind {
             RefusalKind::Newer => format!(
                 "{head}: downgrade refused, nothing in the directory was changed. Start this node with {} or a later \
-                 release (change the image tag back); going back to this release needs a backup of the directory \
-                 taken before the upgrade, or an empty directory joining the cluster as a new member with --join",
+                 release (on Kubernetes: set spec.image back to it); going back to this release needs a backup of the \
+                 directory taken before the upgrade, or an empty directory joining the cluster as a new member with \
+                 --join",
                 found.written_by
             ),
             RefusalKind::Older => {
