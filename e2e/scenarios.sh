@@ -565,6 +565,17 @@ for line in sys.stdin:
     except (ValueError, KeyError, TypeError):
         pass' | sort
 }
+broker_exited_with() { # broker_exited_with POD STATUS: its broker container last exited with STATUS
+  local codes
+  codes=$(k get pod "$1" -o jsonpath='{.status.containerStatuses[0].state.terminated.exitCode} {.status.containerStatuses[0].lastState.terminated.exitCode}')
+  [[ " $codes " == *" $2 "* ]]
+}
+termination_message() {
+  local m
+  m=$(k get pod "$1" -o jsonpath='{.status.containerStatuses[0].state.terminated.message}')
+  [ -n "$m" ] || m=$(k get pod "$1" -o jsonpath='{.status.containerStatuses[0].lastState.terminated.message}')
+  echo "$m"
+}
 roll_line() { k get eventtercluster "$CLUSTER" -o jsonpath='{.status.rollingUpdate}'; }
 scenario_upgrade_from_previous_release() {
   previous_release_image
@@ -660,6 +671,34 @@ YAML
     fail "reading the topic after the upgrade failed: $(tail -n 3 <<<"$out")"
   [ "$(bodies <<<"$out" | sort -u)" = "$all" ] || fail "a new group read $(bodies <<<"$out" | sort -u | grep -c .) of the $UP_MESSAGES messages"
   note "all $UP_MESSAGES messages written by the previous release read back by the new one"
+
+  # A downgrade after a format change, as this release would meet it: emq-up-2's
+  # marker says format 2, written by a later release. Its broker refuses to start (exit
+  # 4), and the pod's termination message (FallbackToLogsOnError) says why.
+  dir=$(data_dir_of "$CLUSTER-2")
+  cp -p "$dir/FORMAT" "$E2E_TMP/up-format"
+  python3 -c '
+import struct, sys
+def crc32c(data):
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+payload = b"format 2\nwritten_by eventtermq 9.0.0\n"
+with open(sys.argv[1], "r+b") as f:
+    f.truncate(0)
+    f.write(struct.pack("<II", len(payload), crc32c(payload)) + payload)' "$dir/FORMAT"
+  k delete pod "$CLUSTER-2" --wait=false >/dev/null
+  until_ok 90 "$CLUSTER-2 to exit with status 4" broker_exited_with "$CLUSTER-2" 4
+  out=$(termination_message "$CLUSTER-2")
+  grep -q "has format 2 (written by eventtermq 9.0.0).*downgrade refused, nothing in the directory was changed" <<<"$out" ||
+    fail "$CLUSTER-2's termination message does not say why: $out"
+  note "a marker of format 2: $CLUSTER-2 exits 4; termination message: $(tail -n 1 <<<"$out" | cut -c1-160)..."
+  cp -p "$E2E_TMP/up-format" "$dir/FORMAT"
+  k delete pod "$CLUSTER-2" --wait=false >/dev/null
+  wait_settled 3 180
 
   k delete consumergroup "$UP_GROUP" "$UP_ALL_GROUP" --wait=true --timeout=60s >/dev/null
   k delete topic "$UP_TOPIC" --wait=true --timeout=60s >/dev/null
