@@ -645,9 +645,9 @@ YAML
   for i in 0 1 2; do
     dir=$(data_dir_of "$CLUSTER-$i")
     [ -s "$dir/FORMAT" ] || fail "$CLUSTER-$i's data directory $dir has no FORMAT marker after the upgrade"
-    grep -aq "format 1" "$dir/FORMAT" || fail "$CLUSTER-$i's FORMAT marker: $(tr -c '[:print:]\n' '.' <"$dir/FORMAT")"
+    grep -aq "format 1\$" "$dir/FORMAT" || fail "$CLUSTER-$i's FORMAT marker: $(tr -c '[:print:]\n' '.' <"$dir/FORMAT")"
   done
-  note "every data directory now carries the format marker: $(tr -c '[:print:]\n' ' ' <"$(data_dir_of "$CLUSTER-0")/FORMAT" | tr '\n' ' ')"
+  note "every data directory now carries the format marker: $(grep -ao 'format [0-9]*\|written_by .*' "$(data_dir_of "$CLUSTER-0")/FORMAT" | paste -sd ' ')"
 
   # The group goes on from its committed offset: exactly the messages it had not taken.
   out=$(k exec "$CLUSTER-2" -c broker -- eventtermq subscribe "$UP_GROUP" --max-messages "$UP_MESSAGES" --wait 10s) ||
