@@ -23,6 +23,7 @@ SCENARIOS=(
   "topic-and-group:scenario_topic_and_group"
   "user-and-refused-logins:scenario_users"
   "tls-cluster:scenario_tls_cluster"
+  "upgrade-from-previous-release:scenario_upgrade_from_previous_release"
   "member-health-in-status:scenario_member_health"
   "topic-rejected:scenario_topic_rejected"
   "publish-subscribe:scenario_publish_subscribe"
@@ -471,6 +472,238 @@ YAML
   k delete consumergroup tls-orders-audit --wait=false >/dev/null
   until_ok 60 "Secret $secret deleted with its User" secret_gone "$secret"
   k delete eventtercluster "$TLS_CLUSTER" --wait=false >/dev/null
+}
+
+# --- upgrade from the previous release (issue 19) -----------------------------------------
+# A cluster of its own runs the previous release's broker image (e2e/previous-release
+# names the commit; its image is built from that commit once and cached by commit),
+# holds messages and a group's committed offsets, and is upgraded by changing
+# spec.image to this checkout's image: the operator rolls it.
+UP_CLUSTER=emq-up
+UP_TOPIC=up-orders
+UP_GROUP=up-orders-audit
+UP_ALL_GROUP=up-orders-all  # made after the upgrade: reads the topic from its start
+UP_MESSAGES=300
+UP_CONSUMED=120
+UP_IMAGE=""
+# previous_release_image: sets UP_IMAGE to localhost/eventtermq:<short commit>, built
+# from the commit of e2e/previous-release with that commit's own images/build.sh (the
+# same IMAGE_CARGO_TARGET_DIR as this checkout's images, so only the workspace's crates
+# are built again) and cached in $CACHE_ROOT/previous-release/<commit>; imported into
+# the node's containerd. Skips when the commit is not in this clone (a shallow clone).
+previous_release_image() {
+  local commit short cache src t bin_dir
+  commit=$(grep -v '^#' "$root/e2e/previous-release" | tr -d '[:space:]')
+  [[ "$commit" =~ ^[0-9a-f]{40}$ ]] || fail "e2e/previous-release does not name a commit (40 hex digits): '$commit'"
+  git -C "$root" cat-file -e "$commit^{commit}" 2>/dev/null ||
+    skip "the previous release $commit is not in this clone (a shallow clone? git fetch --unshallow)"
+  short=${commit:0:7}
+  UP_IMAGE="localhost/eventtermq:$short"
+  cache="$CACHE_ROOT/previous-release/$commit"
+  if [ ! -s "$cache/eventtermq.oci.tar" ]; then
+    src="$CACHE_ROOT/previous-release/checkout"
+    t=$(date +%s)
+    git -C "$root" worktree remove --force "$src" >/dev/null 2>&1 || rm -rf "$src"
+    git -C "$root" worktree prune
+    git -C "$root" worktree add --detach "$src" "$commit" >/dev/null 2>&1 || fail "git worktree add $src $commit failed"
+    note "building the previous release's images from $short (log: $LOGS/previous-release-build.log)"
+    if ! (cd "$src" && bash images/build.sh --profile "$PROFILE" "$src/images-out") >"$LOGS/previous-release-build.log" 2>&1; then
+      fail "building $short's images failed: $(tail -n 5 "$LOGS/previous-release-build.log")"
+    fi
+    # Named by the commit, not by its workspace version (which this checkout may share).
+    bin_dir="${IMAGE_CARGO_TARGET_DIR:-$HOME/.cache/eventtermq/target-image}/x86_64-unknown-linux-gnu/$PROFILE"
+    mkdir -p "$cache.tmp"
+    python3 "$src/images/oci.py" broker "$bin_dir/eventtermq" "$short" "$cache.tmp" >/dev/null
+    rm -rf "$cache" && mv "$cache.tmp" "$cache"
+    git -C "$root" worktree remove --force "$src" >/dev/null 2>&1 || rm -rf "$src"
+    note "previous release's broker image built in $(( $(date +%s) - t )) s, cached in $cache"
+  fi
+  ctr --address "$CONTAINERD_SOCK" -n k8s.io images import "$cache/eventtermq.oci.tar" >/dev/null
+  ctr --address "$CONTAINERD_SOCK" -n k8s.io images ls -q | grep -qx "$UP_IMAGE" || fail "$UP_IMAGE not imported"
+}
+# The host directory of a broker pod's data volume (hostPath provisioner).
+data_dir_of() {
+  local claim volume
+  claim=$(k get pod "$1" -o jsonpath='{.spec.volumes[?(@.name=="data")].persistentVolumeClaim.claimName}')
+  volume=$(k get pvc "$claim" -o jsonpath='{.spec.volumeName}')
+  kubectl_ get pv "$volume" -o jsonpath='{.spec.hostPath.path}'
+}
+pod_images_are() { # pod_images_are IMAGE: every broker pod of $CLUSTER runs IMAGE
+  local images
+  images=$(k get pods -l "app.kubernetes.io/instance=$CLUSTER" -o jsonpath='{range .items[*]}{.spec.containers[0].image}{"\n"}{end}')
+  [ -n "$images" ] && [ "$(sort -u <<<"$images")" = "$1" ]
+}
+# committed_is GROUP N: the cluster state records N messages of GROUP acknowledged
+# (the sum of its committed offsets over its segments).
+committed_is() {
+  k exec "$CLUSTER-0" -c broker -- eventtermq list-consumer-groups --output json |
+    python3 -c '
+import json, sys
+group, want, total = sys.argv[1], int(sys.argv[2]), None
+text = sys.stdin.read()
+try:
+    docs = [json.loads(text)]
+except ValueError:
+    docs = [json.loads(l) for l in text.splitlines() if l.strip()]
+def groups(d):
+    if isinstance(d, list):
+        for x in d: yield from groups(x)
+    elif isinstance(d, dict):
+        if "committed_offsets" in d and d.get("name") == group: yield d
+        for v in d.values():
+            if isinstance(v, (list, dict)): yield from groups(v)
+for g in groups(docs):
+    total = sum(int(v) for v in (g["committed_offsets"] or {}).values())
+sys.exit(0 if total == want else 1)' "$1" "$2"
+}
+# bodies: the message bodies of `subscribe` output on stdin, one per line, sorted.
+bodies() {
+  python3 -c '
+import base64, json, sys
+for line in sys.stdin:
+    try:
+        print(base64.b64decode(json.loads(line)["message"]["data"]).decode())
+    except (ValueError, KeyError, TypeError):
+        pass' | sort
+}
+broker_exited_with() { # broker_exited_with POD STATUS: its broker container last exited with STATUS
+  local codes
+  codes=$(k get pod "$1" -o jsonpath='{.status.containerStatuses[0].state.terminated.exitCode} {.status.containerStatuses[0].lastState.terminated.exitCode}')
+  [[ " $codes " == *" $2 "* ]]
+}
+termination_message() {
+  local m
+  m=$(k get pod "$1" -o jsonpath='{.status.containerStatuses[0].state.terminated.message}')
+  [ -n "$m" ] || m=$(k get pod "$1" -o jsonpath='{.status.containerStatuses[0].lastState.terminated.message}')
+  echo "$m"
+}
+roll_line() { k get eventtercluster "$CLUSTER" -o jsonpath='{.status.rollingUpdate}'; }
+scenario_upgrade_from_previous_release() {
+  previous_release_image
+  local CLUSTER=$UP_CLUSTER  # the helpers below (wait_settled, dump ...) act on this cluster
+  local t0 i dir out first rest all want_rest lines
+  t0=$(date +%s)
+  k apply -f - >/dev/null <<YAML
+apiVersion: eventter.io/v1alpha1
+kind: EventterCluster
+metadata: {name: $UP_CLUSTER}
+spec:
+  replicas: 3
+  image: $UP_IMAGE
+  imagePullPolicy: IfNotPresent
+  storage: {size: 1Gi}
+  resources: {requests: {cpu: 50m, memory: 64Mi}, limits: {memory: 512Mi}}
+---
+apiVersion: eventter.io/v1alpha1
+kind: Topic
+metadata: {name: $UP_TOPIC}
+spec: {clusterRef: $UP_CLUSTER, replicationFactor: 3}
+---
+apiVersion: eventter.io/v1alpha1
+kind: ConsumerGroup
+metadata: {name: $UP_GROUP}
+spec: {clusterRef: $UP_CLUSTER, bindings: [{topic: $UP_TOPIC}]}
+YAML
+  wait_settled 3 300
+  pod_images_are "$UP_IMAGE" || fail "the pods do not run $UP_IMAGE"
+  until_ok 60 "Topic $UP_TOPIC Ready" condition_is topic "$UP_TOPIC" Ready True
+  until_ok 60 "ConsumerGroup $UP_GROUP Ready" condition_is consumergroup "$UP_GROUP" Ready True
+  note "3 brokers of $UP_IMAGE ready in $(( $(date +%s) - t0 )) s (the new operator runs the old image)"
+  # The previous release writes no format marker: the new one must take its directories
+  # as format 1 (and mark them).
+  for i in 0 1 2; do
+    dir=$(data_dir_of "$CLUSTER-$i")
+    [ -d "$dir/raft" ] || fail "no raft/ in $CLUSTER-$i's data directory $dir"
+    [ ! -e "$dir/FORMAT" ] || note "$CLUSTER-$i's data directory already has a FORMAT marker (previous release writes one)"
+  done
+
+  out=$(k exec "$CLUSTER-0" -c broker -- eventtermq publish "$UP_TOPIC" "up-{n}" --count "$UP_MESSAGES") ||
+    fail "publishing on the previous release failed: $out"
+  grep -q "\"published\": *$UP_MESSAGES\b" <<<"$out" || fail "publish said: $out"
+  out=$(k exec "$CLUSTER-1" -c broker -- eventtermq subscribe "$UP_GROUP" --max-messages "$UP_CONSUMED" --wait 10s) ||
+    fail "subscribing on the previous release failed: $(tail -n 3 <<<"$out")"
+  first=$(bodies <<<"$out")
+  [ "$(sort -u <<<"$first" | grep -c .)" = "$UP_CONSUMED" ] || fail "consumed $(sort -u <<<"$first" | grep -c .) distinct of $UP_CONSUMED"
+  until_ok 30 "$UP_CONSUMED acknowledged messages of $UP_GROUP committed" committed_is "$UP_GROUP" "$UP_CONSUMED"
+  note "previous release: $UP_MESSAGES published, $UP_CONSUMED consumed and committed"
+
+  # The upgrade: the new image's tag in spec.image; the operator rolls the pods.
+  t0=$(date +%s)
+  k patch eventtercluster "$UP_CLUSTER" --type merge -p "{\"spec\":{\"image\":\"$BROKER_IMAGE\"}}" >/dev/null
+  local deadline=$(( t0 + 300 )) line seen=""
+  until sts_settled 3 && pod_images_are "$BROKER_IMAGE" && pods_ready 3; do
+    [ "$(date +%s)" -lt "$deadline" ] || fail "the roll to $BROKER_IMAGE did not finish in 300 s (last: $(roll_line))"
+    line=$(roll_line 2>/dev/null || true)
+    if [ -n "$line" ] && [[ "$seen" != *"|$line|"* ]]; then
+      seen="$seen|$line|"
+      note "roll: $line"
+    fi
+    sleep 1
+  done
+  wait_settled 3 120
+  note "rolled to $BROKER_IMAGE in $(( $(date +%s) - t0 )) s"
+
+  for i in 0 1 2; do
+    dir=$(data_dir_of "$CLUSTER-$i")
+    [ -s "$dir/FORMAT" ] || fail "$CLUSTER-$i's data directory $dir has no FORMAT marker after the upgrade"
+    grep -aq "format 1\$" "$dir/FORMAT" || fail "$CLUSTER-$i's FORMAT marker: $(tr -c '[:print:]\n' '.' <"$dir/FORMAT")"
+  done
+  note "every data directory now carries the format marker: $(grep -ao 'format [0-9]*\|written_by .*' "$(data_dir_of "$CLUSTER-0")/FORMAT" | paste -sd ' ')"
+
+  # The group goes on from its committed offset: exactly the messages it had not taken.
+  out=$(k exec "$CLUSTER-2" -c broker -- eventtermq subscribe "$UP_GROUP" --max-messages "$UP_MESSAGES" --wait 10s) ||
+    fail "subscribing after the upgrade failed: $(tail -n 3 <<<"$out")"
+  rest=$(bodies <<<"$out")
+  all=$(for i in $(seq 1 "$UP_MESSAGES"); do echo "up-$i"; done | sort)
+  want_rest=$(comm -23 <(echo "$all") <(sort -u <<<"$first"))
+  lines=$(grep -c . <<<"$rest" || true)
+  [ "$rest" = "$want_rest" ] ||
+    fail "after the upgrade the group got $lines messages ($(comm -12 <(sort -u <<<"$rest") <(sort -u <<<"$first") | grep -c . || true) of them consumed before), want exactly the other $(grep -c . <<<"$want_rest")"
+  note "the group went on from its committed offset: exactly the other $lines messages, none again"
+  # Every message is readable: a new group reads the topic from its start.
+  k apply -f - >/dev/null <<YAML
+apiVersion: eventter.io/v1alpha1
+kind: ConsumerGroup
+metadata: {name: $UP_ALL_GROUP}
+spec: {clusterRef: $UP_CLUSTER, bindings: [{topic: $UP_TOPIC}]}
+YAML
+  until_ok 60 "ConsumerGroup $UP_ALL_GROUP Ready" condition_is consumergroup "$UP_ALL_GROUP" Ready True
+  out=$(k exec "$CLUSTER-1" -c broker -- eventtermq subscribe "$UP_ALL_GROUP" --max-messages "$UP_MESSAGES" --wait 10s) ||
+    fail "reading the topic after the upgrade failed: $(tail -n 3 <<<"$out")"
+  [ "$(bodies <<<"$out" | sort -u)" = "$all" ] || fail "a new group read $(bodies <<<"$out" | sort -u | grep -c .) of the $UP_MESSAGES messages"
+  note "all $UP_MESSAGES messages written by the previous release read back by the new one"
+
+  # A downgrade after a format change, as this release would meet it: emq-up-2's
+  # marker says format 2, written by a later release. Its broker refuses to start (exit
+  # 4), and the pod's termination message (FallbackToLogsOnError) says why.
+  dir=$(data_dir_of "$CLUSTER-2")
+  cp -p "$dir/FORMAT" "$E2E_TMP/up-format"
+  python3 -c '
+import struct, sys
+def crc32c(data):
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+payload = b"format 2\nwritten_by eventtermq 9.0.0\n"
+with open(sys.argv[1], "r+b") as f:
+    f.truncate(0)
+    f.write(struct.pack("<II", len(payload), crc32c(payload)) + payload)' "$dir/FORMAT"
+  k delete pod "$CLUSTER-2" --wait=false >/dev/null
+  until_ok 90 "$CLUSTER-2 to exit with status 4" broker_exited_with "$CLUSTER-2" 4
+  out=$(termination_message "$CLUSTER-2")
+  grep -q "has format 2 (written by eventtermq 9.0.0).*downgrade refused, nothing in the directory was changed" <<<"$out" ||
+    fail "$CLUSTER-2's termination message does not say why: $out"
+  note "a marker of format 2: $CLUSTER-2 exits 4; termination message: $(tail -n 1 <<<"$out" | cut -c1-160)..."
+  cp -p "$E2E_TMP/up-format" "$dir/FORMAT"
+  k delete pod "$CLUSTER-2" --wait=false >/dev/null
+  wait_settled 3 180
+
+  k delete consumergroup "$UP_GROUP" "$UP_ALL_GROUP" --wait=true --timeout=60s >/dev/null
+  k delete topic "$UP_TOPIC" --wait=true --timeout=60s >/dev/null
+  k delete eventtercluster "$UP_CLUSTER" --wait=false >/dev/null
 }
 
 scenario_publish_subscribe() {

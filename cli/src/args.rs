@@ -64,7 +64,10 @@ Exit status:
   2  usage error: bad flags or values, found before anything was sent
   3  outcome unknown: the request was sent but no answer says what happened (no answer
      in time, the connection was lost, or the broker answered Timeout (5002) or
-     Internal (9xxx)): it may still take effect";
+     Internal (9xxx)): it may still take effect
+  4  a broker only: refused to start because its --dir has a data format this release
+     does not read (written by a newer release: downgrade refused; or too old: upgrade
+     through an intermediate release first); nothing in the directory was changed";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {

@@ -118,6 +118,10 @@ pub mod exit_status {
     /// answer in time, the connection was lost, or the broker itself does not know):
     /// it may still take effect. Check before retrying what is not idempotent.
     pub const OUTCOME_UNKNOWN: u8 = 3;
+    /// The broker (no subcommand) refused to start because its data directory has a
+    /// format this release does not read: written by a newer release (a downgrade) or
+    /// by one too old. Nothing in the directory was changed.
+    pub const DATA_FORMAT_REFUSED: u8 = eventtermq_broker::node::format::REFUSED_EXIT_STATUS;
 }
 
 /// A CLI error: printed on stderr; its exit status says whether anything may have

@@ -47,9 +47,15 @@ fn main() -> std::process::ExitCode {
             match result {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 // Refused to start (the directory is another process's, a port is
-                // taken, damaged state) or stopped by a fatal error.
+                // taken, damaged state, a format it does not read) or stopped by a
+                // fatal error.
                 Err(e) => {
                     eprintln!("error: {e:#}");
+                    // A directory of a format this release does not read (a downgrade):
+                    // its own status, so that scripts and operators can tell it apart.
+                    if e.downcast_ref::<eventtermq_broker::node::NodeError>().is_some_and(|e| e.is_format_refusal()) {
+                        return std::process::ExitCode::from(cli::exit_status::DATA_FORMAT_REFUSED);
+                    }
                     std::process::ExitCode::from(cli::exit_status::REJECTED)
                 }
             }

@@ -356,3 +356,57 @@ fn a_subscriber_whose_reader_went_away_exits_0_and_acks_only_what_it_printed() {
     got.sort();
     assert_eq!(got, ["b1", "b2", "b3"]);
 }
+
+/// Issue 19, upgrades: a data directory whose format marker names a newer format than
+/// this release reads (a downgrade) is refused with exit status 4 and a message naming
+/// the directory, the format, who wrote it and what to do, and is left as it was. A
+/// directory from before the marker (none in it) is format 1: it is marked and used.
+#[test]
+fn a_data_directory_of_a_newer_format_is_refused_with_exit_4_and_left_untouched() {
+    use eventtermq_broker::node::format::{DATA_FORMAT, FORMAT_FILE};
+    let tmp = test_dir("exit_status_data_format");
+    let dir = tmp.join("n");
+    let (host, port) = ("127.0.0.99", 26930);
+    let mut node = Broker::start(host, port, &dir, &[]);
+    ready(host, port);
+    assert!(cli(host, port, &["create-topic", "kept", "--replication-factor", "1"]).status.success());
+    assert!(node.terminate().success());
+    let marker = dir.join(FORMAT_FILE);
+    let written = eventtermq_storage::durable::read_record_file(&eventtermq_storage::fs::RealFs, &marker)
+        .unwrap()
+        .expect("a new directory gets the marker");
+    let written = String::from_utf8(written).unwrap();
+    assert!(written.starts_with(&format!("format {DATA_FORMAT}\nwritten_by eventtermq ")), "{written:?}");
+
+    // As a later release that changed the format would leave it.
+    let newer = DATA_FORMAT + 1;
+    let payload = format!("format {newer}\nwritten_by eventtermq 99.0.0\n");
+    eventtermq_storage::durable::write_record_file(&eventtermq_storage::fs::RealFs, &marker, payload.as_bytes())
+        .unwrap();
+    // LOCK is taken (and gets the refused process's PID) before the marker is read.
+    let without_lock = |d: &Path| snapshot(d).into_iter().filter(|(p, ..)| !p.ends_with("/LOCK")).collect::<Vec<_>>();
+    let before = without_lock(&dir);
+    let dir_arg = dir.to_str().unwrap();
+    let (o, took) =
+        run_bounded(&["--dir", dir_arg, "--host", host, "--port", &port.to_string()], Duration::from_secs(20));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(4), "stderr: {err}");
+    for part in [
+        format!("data directory {dir_arg} has format {newer} (written by eventtermq 99.0.0)"),
+        format!("reads format {DATA_FORMAT}"),
+        "downgrade refused, nothing in the directory was changed".to_string(),
+        "Start this node with eventtermq 99.0.0 or a later release".to_string(),
+    ] {
+        assert!(err.contains(&part), "{part:?} missing: {err}");
+    }
+    assert!(took < Duration::from_secs(10), "refused only after {took:?}");
+    assert_eq!(without_lock(&dir), before, "the refused broker changed the directory");
+    assert!(!cli(host, port, &["dump"]).status.success(), "the refused broker must not serve");
+
+    // A directory a release from before the marker left (no marker): format 1, used.
+    std::fs::remove_file(&marker).unwrap();
+    node.spawn();
+    eventually(Duration::from_secs(30), "the topic after the restart", || topics(host, port).contains("kept"));
+    let again = std::fs::read(&marker).expect("the marker is written again");
+    assert!(String::from_utf8_lossy(&again).contains(&format!("format {DATA_FORMAT}\n")));
+}

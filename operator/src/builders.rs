@@ -578,6 +578,10 @@ fn broker_container(cluster: &EventterCluster, founding: &Founding) -> Container
             }),
         },
         resources: spec.resources.clone(),
+        // A broker that refuses to start (a data directory of a newer format, damaged
+        // state) says why in its last log line: that becomes the pod's termination
+        // message, which `kubectl describe pod` and the operator's roll status show.
+        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
         volume_mounts: Some(volume_mounts(cluster, founding)),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),

@@ -252,3 +252,35 @@ async fn a_statefulset_of_an_earlier_operator_moves_to_on_delete() {
     finished(reconcile).await.unwrap();
     server.expect_no_more().await;
 }
+
+/// Issue 19, upgrades: a broker that refuses to start on the new revision (here: its
+/// data directory has a newer format) stops the roll, and its termination message (the
+/// broker's last log line, `FallbackToLogsOnError`) is in the status and an event.
+#[tokio::test]
+async fn a_broker_that_refuses_to_start_stops_the_roll_and_its_reason_is_shown() {
+    let (broker, _) = fake_broker::start(Script { dump: Some(fake_broker::healthy_dump()), ..Script::default() }).await;
+    let (client, mut server) = api_server::client();
+    let cluster = recorded_cluster();
+    let reconcile = run(&cluster, context(client, broker)).await;
+    let sts = children(&mut server, 1).await;
+    let container = &sts["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["terminationMessagePolicy"], "FallbackToLogsOnError", "{container}");
+    let refusal = "error: --dir: data directory /data has format 2 (written by eventtermq 0.2.0); this binary \
+                   (eventtermq 0.1.0) reads format 1: downgrade refused, nothing in the directory was changed";
+    let mut refusing = pod(2, NEW, false);
+    refusing["status"]["containerStatuses"] = json!([{
+        "name": "broker", "image": "localhost/eventtermq:0.1.0", "imageID": "", "ready": false, "restartCount": 3,
+        "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+        "lastState": {"terminated": {"exitCode": 4, "reason": "Error",
+            "message": format!("{{\"level\":\"INFO\",\"message\":\"starting\"}}\n{refusal}\n")}},
+    }]);
+    expect_pods(&mut server, vec![pod(0, OLD, true), pod(1, OLD, true), refusing]).await;
+    let want = format!("emq-2 is not ready: its broker exited with status 4: {refusal}");
+    let event = server.expect_event(NS, "BrokerNotStarting").await;
+    assert_eq!(event.body["type"], "Warning", "{}", event.body);
+    assert_eq!(event.body["note"].as_str().unwrap(), format!("rolling update waits: {want}"), "{}", event.body);
+    let status = expect_status(&mut server, &cluster).await;
+    assert_eq!(status["rollingUpdate"], format!("rolled 1 of 3, waiting: {want}"));
+    assert_eq!(finished(reconcile).await.unwrap(), Action::requeue(cluster::ROLL_RECHECK_PERIOD));
+    server.expect_no_more().await;
+}

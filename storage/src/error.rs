@@ -27,6 +27,14 @@ pub enum StorageError {
     RecordTooLarge { id: u64, size: usize },
     #[error("segment {id} is corrupt at byte {position} of {}: {reason}", path.display())]
     Corrupt { id: u64, path: PathBuf, position: u64, reason: String },
+    /// A segment file whose intact header names a newer format than this binary reads:
+    /// written by a newer release, not damaged. The store does not open rather than set
+    /// it aside (which would lose its data on a downgrade).
+    #[error(
+        "{} is a segment file of format version {version}, newer than this binary reads (up to {supported})",
+        path.display()
+    )]
+    NewerFormat { id: u64, path: PathBuf, version: u16, supported: u16 },
 }
 
 impl StorageError {

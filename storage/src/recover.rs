@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use crate::codec::{
     decode_frame_header, decode_header, decode_index_entry, decode_trailer, encode_header, encode_index_entry,
-    trailer_nonce, verify_frame, Decoded, FileHeader, FileKind, IndexEntry, FILE_HEADER_LEN, FRAME_HEADER_LEN,
-    INDEX_ENTRY_LEN, TRAILER_LEN,
+    trailer_nonce, verify_frame, CodecError, Decoded, FileHeader, FileKind, IndexEntry, FILE_HEADER_LEN,
+    FORMAT_VERSION, FRAME_HEADER_LEN, INDEX_ENTRY_LEN, TRAILER_LEN,
 };
 use crate::durable;
 use crate::files::{corrupt, Cursor, Files};
@@ -122,6 +122,11 @@ pub(crate) fn recover(
         }
         Ok(Decoded::Incomplete { needed }) => {
             return Err(corrupt(id, &seg_path, 0, format!("segment header: {needed} bytes short")))
+        }
+        // The header's checksum held (it is checked before the version): a newer
+        // release's file, not damage.
+        Err(CodecError::UnsupportedVersion { version }) if version > FORMAT_VERSION => {
+            return Err(StorageError::NewerFormat { id, path: seg_path, version, supported: FORMAT_VERSION })
         }
         Err(e) => return Err(corrupt(id, &seg_path, 0, format!("segment header: {e}"))),
     };

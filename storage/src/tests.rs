@@ -750,6 +750,39 @@ fn damaged_header_quarantines_the_segment_and_the_rest_opens(e: &Env) {
 }
 
 on_both! {
+fn segment_file_of_a_newer_format_is_refused_never_quarantined(e: &Env) {
+    // A newer release's segment (say, copied in by hand): its header is intact, with
+    // a higher version and a checksum that holds. Setting it aside as damage would lose
+    // its data on a downgrade; the store refuses to open instead and changes nothing.
+    let dir = e.tempdir();
+    three_segments(e, dir.path());
+    let path = seg_path(dir.path(), 2);
+    let mut bytes = e.read(&path);
+    let newer = crate::codec::FORMAT_VERSION + 1;
+    bytes[6..8].copy_from_slice(&newer.to_le_bytes());
+    let crc = crate::durable::checksum(&bytes[..24]);
+    bytes[24..28].copy_from_slice(&crc.to_le_bytes());
+    e.write(&path, &bytes);
+    let files_before = e.count(dir.path());
+    let err = Store::open(dir.path(), small_index(e)).map(|_| ()).unwrap_err();
+    assert!(
+        matches!(&err, StorageError::NewerFormat { id: 2, version, .. } if *version == newer),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains(&path.display().to_string()) && msg.contains("newer than this binary reads"), "{msg}");
+    assert_eq!(e.read(&path), bytes, "left as it was");
+    assert_eq!(e.count(dir.path()), files_before, "nothing renamed aside");
+    // The same bytes with a checksum that does not hold are damage, as before.
+    let mut damaged = bytes.clone();
+    damaged[24] ^= 1;
+    e.write(&path, &damaged);
+    let store = Store::open(dir.path(), small_index(e)).unwrap();
+    assert_eq!(store.quarantined().len(), 1);
+}
+}
+
+on_both! {
 fn segment_file_under_another_ids_name_is_quarantined(e: &Env) {
     let dir = e.tempdir();
     let records = three_segments(e, dir.path());

@@ -4,6 +4,7 @@
 //! token from the caller, so tests run whole clusters in one process (over
 //! [`crate::transport::mem`]) and the binary runs one node over real sockets.
 
+pub mod format;
 pub mod id;
 mod quiesce;
 mod reconcile;
@@ -51,6 +52,25 @@ pub enum NodeError {
     /// Another process (or a node of this one that has not stopped) uses the directory.
     #[error("--dir: {0}")]
     DirLocked(eventtermq_storage::durable::LockError),
+    /// The data directory (or a segment file in it) has a format this binary does not
+    /// read: refused before anything was changed ([`format`]).
+    #[error("--dir: {0}")]
+    DataFormat(format::Refusal),
+    /// A segment file written in a newer segment format than this binary reads (copied
+    /// in by hand, or a directory whose marker was removed): never set aside as damage.
+    #[error(
+        "--dir: {0}; refusing to start rather than set it aside as damaged (downgrade refused). Start this node \
+         with the release that wrote it or a later one"
+    )]
+    NewerSegmentFormat(String),
+}
+
+impl NodeError {
+    /// Whether this is a refusal of a format the binary does not read, which the broker
+    /// reports with exit status [`format::REFUSED_EXIT_STATUS`].
+    pub fn is_format_refusal(&self) -> bool {
+        matches!(self, NodeError::DataFormat(_) | NodeError::NewerSegmentFormat(_))
+    }
 }
 
 /// A running node. Dropping it does not stop it: cancel the shutdown token (graceful)
@@ -98,6 +118,9 @@ pub async fn start(
     // Before anything in the directory is read or written: two nodes on one directory
     // would share an id and a Raft log and corrupt both. Held until the node stopped.
     let dir_lock = eventtermq_storage::durable::lock_dir(fs, &config.dir).map_err(NodeError::DirLocked)?;
+    // Before anything else in the directory is read: a directory of a format this binary
+    // does not read is refused untouched, never misread (and partly set aside as damage).
+    format::check_and_mark(fs, &config.dir)?;
     let id = id::load_or_create(fs, &config.dir, config.id)?;
     let peers = Peers::with_access(network, config.peers.clone(), config.internal_access.clone());
     let (raft, shared) = start_raft(&config, id, &peers).await?;
@@ -186,8 +209,10 @@ fn open_segment_store(config: &NodeConfig) -> Result<eventtermq_storage::Store, 
         fs: config.fs.clone(),
         ..eventtermq_storage::Config::default()
     };
-    let store = eventtermq_storage::Store::open(&config.dir.join("segments"), storage_config)
-        .map_err(|e| NodeError::Storage(e.to_string()))?;
+    let store = eventtermq_storage::Store::open(&config.dir.join("segments"), storage_config).map_err(|e| match e {
+        e @ eventtermq_storage::StorageError::NewerFormat { .. } => NodeError::NewerSegmentFormat(e.to_string()),
+        e => NodeError::Storage(e.to_string()),
+    })?;
     for q in store.quarantined() {
         // The keeper fetches a good copy of whatever the cluster state places here.
         tracing::warn!(segment_id = q.id, files = ?q.files, reason = %q.reason,

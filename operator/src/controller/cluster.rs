@@ -413,6 +413,7 @@ async fn roll_step(
                 ordinal,
                 ready,
                 terminating: pod.meta().deletion_timestamp.is_some(),
+                exited: broker_exit(pod),
             })
         })
         .collect();
@@ -436,6 +437,13 @@ async fn roll_step(
     };
     let decision = roll::next_step(&pods, &view);
     let mut summary = roll::summary(&pods, &view, &decision);
+    // A broker that does not start (a refused data format, damaged state) stops the roll
+    // until someone acts: an event says why, once per new reason.
+    if let roll::Decision::Wait(why) = &decision {
+        if pods.iter().any(|p| p.exited.is_some() && !p.ready) && status.rolling_update != summary {
+            ctx.publish(cluster, EventType::Warning, "BrokerNotStarting", format!("rolling update waits: {why}")).await;
+        }
+    }
     let evict = match &decision {
         roll::Decision::Done => return Ok(RollStep::default()),
         roll::Decision::Wait(_) => None,
@@ -489,6 +497,20 @@ async fn roll_step(
         }
     }
     Ok(RollStep { rolling: true, summary })
+}
+
+/// Why the pod's broker container is not running, from its termination (current, or
+/// the last one while it waits to be restarted): `None` while it runs or never ran.
+fn broker_exit(pod: &Pod) -> Option<String> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    let container = statuses.iter().find(|c| c.name == builders::BROKER_CONTAINER)?;
+    let state = container.state.as_ref()?;
+    let terminated = match (&state.terminated, &state.waiting) {
+        (Some(t), _) => t,
+        (None, Some(_)) => container.last_state.as_ref()?.terminated.as_ref()?,
+        (None, None) => return None,
+    };
+    Some(roll::exit_note(terminated.exit_code, terminated.message.as_deref()))
 }
 
 /// Adds a roll step to `status`: the progress line, and Progressing True with reason

@@ -24,6 +24,30 @@ pub struct PodView {
     pub ready: bool,
     /// It has a deletion timestamp (stopping).
     pub terminating: bool,
+    /// Its broker is not running and last exited with this (see [`exit_note`]), e.g. a
+    /// refusal to start on a data directory of a newer format.
+    pub exited: Option<String>,
+}
+
+/// Most characters of a broker's termination message shown in the status.
+pub const EXIT_NOTE_CHARS_MAX: usize = 600;
+
+/// What the status says about a broker container that exited: its status and the last
+/// non-empty line of its termination message (with `FallbackToLogsOnError`, the tail of
+/// its log: the broker's last line says why it stopped), at most
+/// [`EXIT_NOTE_CHARS_MAX`] characters. Pure.
+pub fn exit_note(exit_code: i32, message: Option<&str>) -> String {
+    let line = message.and_then(|m| m.lines().rev().map(str::trim).find(|l| !l.is_empty()));
+    match line {
+        None => format!("its broker exited with status {exit_code}"),
+        Some(line) => {
+            let mut kept: String = line.chars().take(EXIT_NOTE_CHARS_MAX).collect();
+            if kept.len() < line.len() {
+                kept.push_str("...");
+            }
+            format!("its broker exited with status {exit_code}: {kept}")
+        }
+    }
 }
 
 /// What this pass does about the roll.
@@ -72,10 +96,22 @@ pub fn next_step(pods: &[PodView], cluster: &Cluster) -> Decision {
     if (pods.len() as i32) < cluster.replicas {
         return Decision::Wait(format!("{} of {} broker pods exist", pods.len(), cluster.replicas));
     }
+    // A pod of an old revision whose broker does not start serves nothing by waiting:
+    // it is replaced first. (This is how a roll back gets past a pod that refused the
+    // new image, e.g. a downgrade refused: spec.image set back makes it an old pod.)
+    if let Some(stuck) =
+        old.iter().filter(|p| !p.ready && !p.terminating && p.exited.is_some()).max_by_key(|p| p.ordinal)
+    {
+        return Decision::Evict { pod: stuck.name.clone(), leader: cluster.leader_pod == Some(stuck.name.as_str()) };
+    }
     let mut not_ready: Vec<&PodView> = pods.iter().filter(|p| p.terminating || !p.ready).collect();
     not_ready.sort_by_key(|p| p.ordinal);
     if let Some(pod) = not_ready.first() {
-        let why = if pod.terminating { "stopping" } else { "not ready (catching up)" };
+        let why = match (&pod.exited, pod.terminating) {
+            (_, true) => "stopping".to_string(),
+            (Some(exited), false) => format!("not ready: {exited}"),
+            (None, false) => "not ready (catching up)".to_string(),
+        };
         return Decision::Wait(format!("{} is {why}", pod.name));
     }
     if let Some(why) = cluster.brokers_unhealthy {
@@ -141,6 +177,7 @@ mod tests {
             revision: Some(revision.to_string()),
             ready,
             terminating: false,
+            exited: None,
         }
     }
 
@@ -195,6 +232,49 @@ mod tests {
         assert_eq!(next_step(&pods, &c), Decision::Wait("emq-2 is stopping".into()));
         let pods = [pod(0, OLD, true), pod(1, OLD, true)];
         assert_eq!(next_step(&pods, &c), Decision::Wait("2 of 3 broker pods exist".into()));
+    }
+
+    #[test]
+    fn a_broker_that_refuses_to_start_says_why_in_the_wait() {
+        let nodes = nodes(3);
+        let c = cluster(Some("emq-0"), &nodes);
+        let log = "2026-12-06T20:00:00Z  INFO eventtermq: starting\n\
+                   error: --dir: data directory /data has format 2 (written by eventtermq 0.2.0); downgrade refused\n\n";
+        let mut refusing = pod(2, NEW, false);
+        refusing.exited = Some(exit_note(4, Some(log)));
+        let pods = [pod(0, OLD, true), pod(1, OLD, true), refusing];
+        assert_eq!(
+            next_step(&pods, &c),
+            Decision::Wait(
+                "emq-2 is not ready: its broker exited with status 4: error: --dir: data directory /data has format 2 \
+                 (written by eventtermq 0.2.0); downgrade refused"
+                    .into()
+            )
+        );
+        assert_eq!(exit_note(137, None), "its broker exited with status 137");
+        assert_eq!(exit_note(1, Some("\n  \n")), "its broker exited with status 1");
+        let long = "x".repeat(EXIT_NOTE_CHARS_MAX + 10);
+        let note = exit_note(1, Some(&long));
+        assert!(note.ends_with(&format!("{}...", "x".repeat(10))), "{note}");
+        assert_eq!(note.chars().count(), "its broker exited with status 1: ".len() + EXIT_NOTE_CHARS_MAX + 3);
+    }
+
+    #[test]
+    fn a_pod_of_an_old_revision_whose_broker_does_not_start_is_replaced_first() {
+        // spec.image set back after emq-2 refused the new one: emq-2 is now the old pod.
+        let nodes = nodes(3);
+        let c = cluster(Some("emq-0"), &nodes);
+        let mut stuck = pod(2, OLD, false);
+        stuck.exited = Some(exit_note(4, Some("error: --dir: ... downgrade refused")));
+        let pods = [pod(0, NEW, true), pod(1, NEW, true), stuck.clone()];
+        assert_eq!(next_step(&pods, &c), Decision::Evict { pod: "emq-2".into(), leader: false });
+        // Unhealthy brokers do not hold it up either: it is one of the reasons.
+        let unhealthy = Cluster { brokers_unhealthy: Some("emq-2 not alive"), ..cluster(Some("emq-0"), &nodes) };
+        assert_eq!(next_step(&pods, &unhealthy), Decision::Evict { pod: "emq-2".into(), leader: false });
+        // One that is merely catching up (never exited) is waited for.
+        stuck.exited = None;
+        let pods = [pod(0, NEW, true), pod(1, NEW, true), stuck];
+        assert_eq!(next_step(&pods, &c), Decision::Wait("emq-2 is not ready (catching up)".into()));
     }
 
     #[test]
