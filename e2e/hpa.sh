@@ -111,14 +111,8 @@ scenario_hpa_scale() {
   hpa_manifest "$HPA_CPU_HIGH_TARGET_PERCENT" 0 | k apply -f - >/dev/null
   until_ok 120 "the HPA to set EventterCluster $CLUSTER's spec.replicas to 3" spec_replicas_is 3
   note "HPA scaled down after $(( $(date +%s) - $(date -d "$down_started" +%s) )) s: $(hpa_line)"
-  deadline=$(( $(date +%s) + 600 ))
-  until sts_settled 3; do
-    [ "$(date +%s)" -lt "$deadline" ] || fail "StatefulSet $CLUSTER not down to 3 after 600 s (SCALE-DOWN: $progress)"
-    line=$(k get eventtercluster "$CLUSTER" -o jsonpath='{.status.scaleDown}' 2>/dev/null || true)
-    [ -n "$progress" ] || progress=$line
-    sleep 1
-  done
-  note "scale-down progress seen: ${progress:-none (drained before the first look)}"
+  scale_down_wait 3
+  progress=$SCALE_DOWN_PROGRESS
   [ -z "$progress" ] || grep -q "$new_pod" <<<"$progress" || fail "the scale-down drained another broker than $new_pod: $progress"
   line=$(decommissioned_since "$down_started") ||
     fail "no Decommissioning event since $down_started: the pod went without the operator's drain"

@@ -413,22 +413,29 @@ scenario_scale_up_rebalance() {
   load_verify scale-up-rebalance "$from"
 }
 
+# scale_down_wait N: until the StatefulSet is down to N (at most 600 s), keeping the
+# first line of the SCALE-DOWN column (status.scaleDown, while it drains) seen in
+# SCALE_DOWN_PROGRESS and printing it.
+scale_down_wait() {
+  local deadline=$(( $(date +%s) + 600 )) line
+  SCALE_DOWN_PROGRESS=""
+  until sts_settled "$1"; do
+    [ "$(date +%s)" -lt "$deadline" ] || fail "StatefulSet $CLUSTER not down to $1 after 600 s (SCALE-DOWN: $SCALE_DOWN_PROGRESS)"
+    line=$(k get eventtercluster "$CLUSTER" -o jsonpath='{.status.scaleDown}' 2>/dev/null || true)
+    [ -n "$SCALE_DOWN_PROGRESS" ] || SCALE_DOWN_PROGRESS=$line
+    sleep 1
+  done
+  note "scale-down progress seen: ${SCALE_DOWN_PROGRESS:-none (drained before the first look)}"
+}
+
 scenario_scale_down_under_load() {
   load_require
   broker_logs_follow 5
-  local from progress="" line
+  local from
   from=$(now_ms)
   sleep "$LOAD_PHASE_S"
   k patch eventtercluster "$CLUSTER" --type=merge -p '{"spec": {"replicas": 3}}' >/dev/null
-  # The SCALE-DOWN column (status.scaleDown) while it drains: the first line seen.
-  local deadline=$(( $(date +%s) + 600 ))
-  until sts_settled 3; do
-    [ "$(date +%s)" -lt "$deadline" ] || fail "StatefulSet $CLUSTER not down to 3 after 600 s (SCALE-DOWN: $progress)"
-    line=$(k get eventtercluster "$CLUSTER" -o jsonpath='{.status.scaleDown}' 2>/dev/null || true)
-    [ -n "$progress" ] || progress=$line
-    sleep 1
-  done
-  note "scale-down progress seen: ${progress:-none (drained before the first look)}"
+  scale_down_wait 3
   until_ok 60 "3 broker pods Ready" pods_ready 3
   scaled_down() {
     local i nodes
