@@ -262,8 +262,32 @@ fn with_causes(s: &tonic::Status) -> String {
 
 /// Whether `addr` answers the HTTP/2 connection preface as a plaintext gRPC server
 /// does, with a SETTINGS frame first. `None`: cannot tell (unreachable, no answer in
-/// time).
+/// time). A connection closed before any byte is asked about again twice, 300 ms
+/// apart: a TLS port closes every one, a node being killed or starting only some.
 fn answers_plaintext_http2(addr: &str) -> Option<bool> {
+    const PROBES: usize = 3;
+    for probe in 1..=PROBES {
+        match probe_http2_preface(addr)? {
+            Preface::Settings => return Some(true),
+            Preface::OtherBytes => return Some(false),
+            Preface::Closed if probe == PROBES => return Some(false),
+            Preface::Closed => std::thread::sleep(Duration::from_millis(300)),
+        }
+    }
+    None
+}
+
+/// What a port answered to the HTTP/2 connection preface.
+enum Preface {
+    /// A frame header of a SETTINGS frame: plaintext HTTP/2.
+    Settings,
+    /// Bytes, but not a SETTINGS frame.
+    OtherBytes,
+    /// The connection closed (or was reset) before 9 bytes came.
+    Closed,
+}
+
+fn probe_http2_preface(addr: &str) -> Option<Preface> {
     use std::io::{ErrorKind, Read, Write};
     let timeout = Duration::from_millis(CONNECT_TIMEOUT_MS);
     let to = std::net::ToSocketAddrs::to_socket_addrs(addr).ok()?.next()?;
@@ -273,16 +297,23 @@ fn answers_plaintext_http2(addr: &str) -> Option<bool> {
     // The preface, then an empty SETTINGS frame (length 0, type 4, no flags, stream 0).
     socket.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").ok()?;
     let mut frame_head = [0u8; 9];
-    match socket.read_exact(&mut frame_head) {
-        Ok(()) => Some(frame_head[3] == 4),
-        Err(e) => match e.kind() {
-            ErrorKind::UnexpectedEof
-            | ErrorKind::ConnectionReset
-            | ErrorKind::ConnectionAborted
-            | ErrorKind::BrokenPipe => Some(false),
-            _ => None,
-        },
+    let mut got = 0;
+    while got < frame_head.len() {
+        match socket.read(&mut frame_head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => match e.kind() {
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => break,
+                _ => return None,
+            },
+        }
     }
+    Some(match got {
+        9 if frame_head[3] == 4 => Preface::Settings,
+        0 => Preface::Closed,
+        _ => Preface::OtherBytes,
+    })
 }
 
 /// Whether the call failed to connect, so nothing was sent: tonic reports that as
@@ -348,6 +379,38 @@ pub fn admin_client(addr: &str, tls: Tls<'_>) -> Result<AdminClient<tonic::trans
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listener on loopback whose accepted connections are handed to `serve`, for
+    /// `accepts` of them.
+    fn port_that(accepts: usize, serve: fn(std::net::TcpStream)) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || listener.incoming().take(accepts).flatten().for_each(serve));
+        addr
+    }
+
+    #[test]
+    fn the_port_probe_tells_plaintext_http2_from_a_port_that_closes_or_answers_otherwise() {
+        use std::io::{Read, Write};
+        // Reads the preface and answers with an empty SETTINGS frame.
+        let h2 = port_that(1, |mut c| {
+            let mut preface = [0u8; 33];
+            c.read_exact(&mut preface).unwrap();
+            c.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).unwrap();
+        });
+        assert_eq!(answers_plaintext_http2(&h2), Some(true));
+        // A TLS port's alert record: bytes, but no SETTINGS frame.
+        let tls = port_that(1, |mut c| {
+            let _ = c.write_all(&[0x15, 3, 3, 0, 2, 2, 50]);
+        });
+        assert_eq!(answers_plaintext_http2(&tls), Some(false));
+        // Closing every connection without a byte, as a TLS port may: asked three times.
+        let closes = port_that(3, drop);
+        assert_eq!(answers_plaintext_http2(&closes), Some(false));
+        // Closing one connection, then not listening (a node being killed): cannot tell.
+        let dies = port_that(1, drop);
+        assert_eq!(answers_plaintext_http2(&dies), None);
+    }
 
     fn from_broker(code: tonic::Code, number: u32) -> tonic::Status {
         let mut s = tonic::Status::new(code, "why");

@@ -106,16 +106,20 @@ struct Retries {
     /// Why an earlier attempt's outcome is unknown: a later refusal does not mean
     /// nothing changed.
     unknown: Option<String>,
+    /// The node has answered a request: it speaks plaintext gRPC (or TLS, as asked),
+    /// and a later failure is the node's or the network's, never the port's protocol.
+    answered: bool,
 }
 
 impl Retries {
     fn new(retry_for: Duration, ctx: &Ctx) -> Self {
         let (addr, tls_used) = (ctx.addr.clone(), ctx.tls.is_some());
-        Retries { retry_for, addr, tls_used, deadline: None, pause: RETRY_PAUSE_MIN, unknown: None }
+        Retries { retry_for, addr, tls_used, deadline: None, pause: RETRY_PAUSE_MIN, unknown: None, answered: false }
     }
 
     /// An answer came: the next failure gets the whole `--retry-for` again.
     fn progress(&mut self) {
+        self.answered = true;
         self.deadline = None;
         self.pause = RETRY_PAUSE_MIN;
     }
@@ -127,10 +131,16 @@ impl Retries {
     /// --request-timeout-ms) is final.
     async fn after(&mut self, e: CliError) -> Result<(), CliError> {
         // A port that does not speak plaintext gRPC never will: said once, not retried.
-        let (addr, tls_used) = (self.addr.clone(), self.tls_used);
-        let e = match tokio::task::spawn_blocking(move || e.diagnosed(&addr, tls_used)).await {
-            Ok(e) => e,
-            Err(join) => CliError::Failed(format!("checking the node's port failed: {join}")),
+        // A node that has answered does speak it (a node killed or restarting closes
+        // connections much as a TLS port does, so it is not asked again).
+        let e = if self.answered {
+            e
+        } else {
+            let (addr, tls_used) = (self.addr.clone(), self.tls_used);
+            match tokio::task::spawn_blocking(move || e.diagnosed(&addr, tls_used)).await {
+                Ok(e) => e,
+                Err(join) => CliError::Failed(format!("checking the node's port failed: {join}")),
+            }
         };
         if let CliError::OutcomeUnknown { message, .. } = &e {
             self.unknown = Some(message.clone());
