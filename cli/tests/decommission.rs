@@ -135,9 +135,10 @@ fn decommission_drains_a_node_refuses_what_cannot_be_done_and_the_node_leaves() 
     let o = cli(hosts[0], PORT, &["publish", "t", "after", "--count", "10"]);
     assert!(o.status.success(), "publish with three nodes: {}", stderr(&o));
 
-    // The time to the next committed write after the leader stops: SIGTERM (it hands
-    // leadership over first) against kill -9 (the others wait out an election timeout,
-    // 300-600 ms in these tests).
+    // A leader stopped with SIGTERM hands leadership over first, so writes resume
+    // without an election timeout; after kill -9 the others wait one out (300-600 ms
+    // in these tests). Both times are printed, not compared: on a loaded machine a
+    // forwarded write's retries can take as long as an election.
     nodes.truncate(3);
     let mut gap = |graceful: bool| {
         let leader = nodes_json(hosts[0])["leader_id"].as_u64().unwrap();
@@ -145,7 +146,15 @@ fn decommission_drains_a_node_refuses_what_cannot_be_done_and_the_node_leaves() 
         let writer = hosts[(li + 1) % 3];
         let t0 = Instant::now();
         if graceful {
+            let handed_over = |log: String| log.matches("handed leadership over").count();
+            let before = handed_over(nodes[li].log());
             assert!(nodes[li].terminate().success());
+            assert_eq!(
+                handed_over(nodes[li].log()),
+                before + 1,
+                "the stopped leader did not hand over: {}",
+                nodes[li].log()
+            );
         } else {
             nodes[li].kill9();
         }
@@ -169,7 +178,6 @@ fn decommission_drains_a_node_refuses_what_cannot_be_done_and_the_node_leaves() 
     eprintln!(
         "first committed write {graceful:?} after the leader's SIGTERM ended (hand-over), {killed:?} after its kill -9"
     );
-    assert!(graceful < killed, "hand-over {graceful:?}, kill {killed:?}");
 
     // rebalance: three nodes, one segment of replication factor 3 and one group are as
     // fair as they can be: nothing moves. list-nodes shows each node's load. (First,
