@@ -295,6 +295,22 @@ impl Fsync {
         Fsync { syncer, running: None, started: (std::time::Instant::now(), durable), metrics, disk }
     }
 
+    /// Whether an fsync may run on the task's own thread: none is running and the
+    /// runtime can lend the thread (`block_in_place`, multi-threaded runtimes only).
+    fn can_run_here(&self) -> bool {
+        self.running.is_none()
+            && tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+    }
+
+    /// fsyncs on this task's thread: the offset it made durable. Nothing else of the
+    /// task runs meanwhile; used when nothing is queued to write, so a publisher
+    /// waiting alone is not handed to the blocking pool and back (two thread wake-ups).
+    fn run_here(&mut self, durable: u64) -> Result<u64, RequestError> {
+        let at = std::time::Instant::now();
+        let r = tokio::task::block_in_place(|| self.syncer.sync());
+        self.finished(at, durable, r)
+    }
+
     fn start_if_idle(&mut self, durable: u64) {
         if self.running.is_none() {
             self.started = (std::time::Instant::now(), durable);
@@ -308,18 +324,31 @@ impl Fsync {
         let Some(task) = self.running.as_mut() else { return std::future::pending().await };
         let r = task.await;
         self.running = None;
-        if let Ok(Ok(d)) = &r {
-            let (at, before) = self.started;
-            self.metrics.fsynced(Some(d.saturating_sub(before)), at.elapsed().as_secs_f64());
-        }
+        let (at, before) = self.started;
         match r {
-            Ok(r) => r.map_err(|e| {
+            Ok(r) => self.finished(at, before, r),
+            Err(e) => Err(RequestError::new(ErrorCode::Internal, format!("fsync task: {e}"))),
+        }
+    }
+
+    /// The outcome of an fsync started at `at` when `before` was durable.
+    fn finished(
+        &self,
+        at: std::time::Instant,
+        before: u64,
+        r: Result<u64, StorageError>,
+    ) -> Result<u64, RequestError> {
+        match r {
+            Ok(d) => {
+                self.metrics.fsynced(Some(d.saturating_sub(before)), at.elapsed().as_secs_f64());
+                Ok(d)
+            }
+            Err(e) => {
                 if super::out_of_space(&e) {
                     self.disk.out_of_space();
                 }
-                storage_error(e)
-            }),
-            Err(e) => Err(RequestError::new(ErrorCode::Internal, format!("fsync task: {e}"))),
+                Err(storage_error(e))
+            }
         }
     }
 }
@@ -376,7 +405,9 @@ async fn run(mut t: Task) {
                 let _ = written_tx.send(core.written());
             }
         }
-        t.after_event(&mut core, &mut fsync);
+        if let Err(e) = t.after_event(&mut core, &mut fsync) {
+            break Some(e);
+        }
         if rotating && core.settled() {
             streams.cancel();
             // Before the close is proposed: the next generation's primary may ask for
@@ -448,10 +479,16 @@ impl Task {
     }
 
     /// After every event: fsync what needs it, answer what is confirmed, and let
-    /// readers see the new confirmed end.
-    fn after_event(&mut self, core: &mut Confirmations<Waiting>, fsync: &mut Fsync) {
+    /// readers see the new confirmed end. With nothing more queued to write, the
+    /// fsync runs right here (the replica streams were told of the write before).
+    fn after_event(&mut self, core: &mut Confirmations<Waiting>, fsync: &mut Fsync) -> Result<(), RequestError> {
         if core.needs_fsync() {
-            fsync.start_if_idle(core.durable_here());
+            if self.rx.is_empty() && fsync.can_run_here() {
+                let durable = fsync.run_here(core.durable_here())?;
+                core.fsynced_here(durable);
+            } else {
+                fsync.start_if_idle(core.durable_here());
+            }
         }
         for (waiting, range) in core.take_confirmed() {
             self.answer(waiting, range);
@@ -466,6 +503,7 @@ impl Task {
                 replicas.iter().filter(|n| **n != me && core.durable_on(**n) >= end).count()
             });
         }
+        Ok(())
     }
 
     /// Takes `first` and whatever else is queued (up to `write_batch_max_bytes`) into
@@ -531,7 +569,10 @@ impl Task {
                 return Err(e);
             }
         };
-        fsync.start_if_idle(core.durable_here());
+        if !self.rx.is_empty() || !fsync.can_run_here() {
+            // More to write meanwhile: the fsync runs beside it, on the blocking pool.
+            fsync.start_if_idle(core.durable_here());
+        }
         let mut at = range.start;
         for w in &writes {
             let count = w.payloads.len() as u32;
