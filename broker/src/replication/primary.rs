@@ -23,6 +23,7 @@ use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -40,6 +41,7 @@ use super::{lock, storage_error, Segments, SharedWriter};
 use crate::cluster_state::{Command, NodeId, SegmentId};
 use crate::error::{ErrorCode, RequestError};
 use crate::metrics::SegmentProgress;
+use crate::peers::ReplicaAnswers;
 use crate::watch;
 
 /// A publish's turn in a stream whose requests must be stored in the order they
@@ -364,7 +366,8 @@ async fn run(mut t: Task) {
     };
     let mut core = Confirmations::new(me, &t.replicas, t.quorum, written);
     let (written_tx, written_rx) = watch::channel(written);
-    let (ack_tx, mut ack_rx) = mpsc::channel::<Ack>(ACK_QUEUE_MAX);
+    let (ack_tx, mut ack_rx) = mpsc::channel::<Connected>(ACK_QUEUE_MAX);
+    let mut answers = Answers::default();
     let streams = t.start_streams(written_rx, ack_tx);
     let mut fsync = Fsync::new(syncer, written, &t.segments);
     let mut rotating = false;
@@ -394,7 +397,11 @@ async fn run(mut t: Task) {
                 Ok(d) => core.fsynced_here(d),
                 Err(e) => break Some(e),
             },
-            Some(ack) = ack_rx.recv() => core.replica_durable(ack.node, ack.durable, ack.fresh),
+            Some(c) = ack_rx.recv() => {
+                core.replica_durable(c.node, c.durable, true);
+                answers.connected(c);
+            }
+            Ok((node, durable)) = answers.next() => core.replica_durable(node, durable, false),
             req = t.rx.recv(), if !rotating || t.quorum_disk_low.load(Ordering::Relaxed) => {
                 let Some(first) = req else { break None };
                 let first = *first;
@@ -427,7 +434,7 @@ async fn run(mut t: Task) {
 
 impl Task {
     /// Starts a stream to every other replica; cancelling the token ends them.
-    fn start_streams(&self, written: watch::Receiver<u64>, acks: mpsc::Sender<Ack>) -> CancellationToken {
+    fn start_streams(&self, written: watch::Receiver<u64>, acks: mpsc::Sender<Connected>) -> CancellationToken {
         let me = self.segments.cluster().id;
         let streams = self.stop.child_token();
         for node in self.replicas.iter().copied().filter(|n| *n != me) {
@@ -806,15 +813,53 @@ async fn close(segments: &Segments, id: SegmentId, next_offset: u64, size_bytes:
     }
 }
 
-/// What a replica has fsynced; `fresh` on the first answer of a stream.
-struct Ack {
+/// A replication stream (re)connected: what the replica has now (its first answer),
+/// and the stream's later answers, which the primary task reads itself: an answer
+/// that confirms a publish then wakes the one task that answers it, not a stream task
+/// first. `lost` tells the stream's task why the answers ended, so it reconnects.
+struct Connected {
     node: NodeId,
     durable: u64,
-    fresh: bool,
+    answers: ReplicaAnswers,
+    lost: oneshot::Sender<RequestError>,
+}
+
+/// The answers of the replicas' current streams, read by the primary task.
+#[derive(Default)]
+struct Answers(Vec<Connected>);
+
+impl Answers {
+    /// A new stream of `c.node`: it replaces the node's previous one, whose answers
+    /// (older than this stream's first) are not read any more.
+    fn connected(&mut self, c: Connected) {
+        self.0.retain(|a| a.node != c.node);
+        self.0.push(c);
+    }
+
+    /// The next answer of any stream: `Ok((node, durable))`, or `Err(node)` once that
+    /// stream ended (it is dropped, and its task told why); pending while none has one.
+    async fn next(&mut self) -> Result<(NodeId, u64), NodeId> {
+        std::future::poll_fn(|cx| {
+            for i in 0..self.0.len() {
+                let a = &mut self.0[i];
+                let Poll::Ready(r) = a.answers.poll_next(cx) else { continue };
+                let node = a.node;
+                let e = match r {
+                    Ok(Some(durable)) => return Poll::Ready(Ok((node, durable))),
+                    Ok(None) => ended(),
+                    Err(e) => RequestError::from(e),
+                };
+                let _ = self.0.swap_remove(i).lost.send(e);
+                return Poll::Ready(Err(node));
+            }
+            Poll::Pending
+        })
+        .await
+    }
 }
 
 /// The stream of one segment to one replica: tails the file and sends what the replica
-/// does not have yet; passes its answers (what it fsynced) to the primary task.
+/// does not have yet; hands its answers (what it fsynced) to the primary task.
 struct ReplicaStream {
     segments: Segments,
     id: SegmentId,
@@ -823,7 +868,7 @@ struct ReplicaStream {
 
 impl ReplicaStream {
     /// Streams until stopped, reconnecting after failures.
-    async fn run(self, written: watch::Receiver<u64>, acks: mpsc::Sender<Ack>, stop: CancellationToken) {
+    async fn run(self, written: watch::Receiver<u64>, acks: mpsc::Sender<Connected>, stop: CancellationToken) {
         let mut backoff = STREAM_RETRY_MIN;
         let mut failures = 0u32;
         while !stop.is_cancelled() {
@@ -850,7 +895,7 @@ impl ReplicaStream {
     async fn stream_once(
         &self,
         mut written: watch::Receiver<u64>,
-        acks: &mpsc::Sender<Ack>,
+        acks: &mpsc::Sender<Connected>,
         stop: &CancellationToken,
     ) -> Result<(), RequestError> {
         let (id, node) = (self.id, self.node);
@@ -864,17 +909,15 @@ impl ReplicaStream {
             let msg = format!("replica has {next} records, more than the primary's {}", *written.borrow());
             return Err(RequestError::new(ErrorCode::Internal, msg));
         }
-        let _ = acks.send(Ack { node, durable: next, fresh: true }).await;
+        let (lost_tx, mut lost) = oneshot::channel();
+        let _ = acks.send(Connected { node, durable: next, answers, lost: lost_tx }).await;
         let max_bytes = self.segments.settings().read_batch_max_bytes;
         loop {
             let behind = next < *written.borrow();
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return Ok(()),
-                r = answers.next() => {
-                    let durable = r?.ok_or_else(ended)?;
-                    let _ = acks.send(Ack { node, durable, fresh: false }).await;
-                }
+                e = &mut lost => return Err(e.unwrap_or_else(|_| stream_closed())),
                 permit = tx.reserve(), if behind => {
                     let permit = permit.map_err(|_| stream_closed())?;
                     let end = *written.borrow();
