@@ -3,9 +3,12 @@
 //!
 //! Publishes queue up while the previous write runs; the task takes everything queued
 //! (up to `write_batch_max_bytes`) into one write, and keeps at most one fsync in
-//! flight: while batch N is being fsynced, batch N+1 is written (group commit). One
-//! stream per replica tails the segment file and sends what it has not sent yet; each
-//! replica answers with the offset below which it has fsynced everything. A publish is
+//! flight: while batch N is being fsynced on the blocking pool, batch N+1 is written
+//! (group commit). With nothing more queued (a publisher waiting for its confirmation)
+//! the fsync runs on the task's own thread instead, so the confirmation is not handed
+//! to another thread and back. One stream per replica tails the segment file and sends
+//! what it has not sent yet; each replica answers with the offset below which it has
+//! fsynced everything, and the primary task reads those answers itself. A publish is
 //! confirmed when its last record is below the offset its persistence mode needs:
 //! written (`NONE`), fsynced here (`PRIMARY`), or fsynced on the segment's quorum of
 //! distinct replicas, this node included (`REPLICATED`; a majority of the replica set,
@@ -401,7 +404,12 @@ async fn run(mut t: Task) {
                 core.replica_durable(c.node, c.durable, true);
                 answers.connected(c);
             }
-            Ok((node, durable)) = answers.next() => core.replica_durable(node, durable, false),
+            // Matched here, not in the branch's pattern: a pattern that fails disables
+            // the branch until the loop comes round, and with it every other stream's
+            // answers.
+            a = answers.next() => if let Ok((node, durable)) = a {
+                core.replica_durable(node, durable, false);
+            },
             req = t.rx.recv(), if !rotating || t.quorum_disk_low.load(Ordering::Relaxed) => {
                 let Some(first) = req else { break None };
                 let first = *first;
