@@ -62,10 +62,16 @@ impl ReplicaAnswers {
     /// The next offset below which the replica has everything fsynced; `None` when the
     /// replica ended the stream.
     pub async fn next(&mut self) -> Result<Option<u64>, PeerError> {
-        match self.answers.message().await {
-            Ok(m) => Ok(m.map(|r| r.durable_offset)),
-            Err(s) => Err(PeerError::from_status(Peer::addr(&self.peer), s)),
-        }
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// [`ReplicaAnswers::next`] for a task that polls several streams itself.
+    pub fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<Option<u64>, PeerError>> {
+        self.answers.poll_next_unpin(cx).map(|m| match m {
+            None => Ok(None),
+            Some(Ok(r)) => Ok(Some(r.durable_offset)),
+            Some(Err(s)) => Err(PeerError::from_status(Peer::addr(&self.peer), s)),
+        })
     }
 }
 

@@ -3,9 +3,12 @@
 //!
 //! Publishes queue up while the previous write runs; the task takes everything queued
 //! (up to `write_batch_max_bytes`) into one write, and keeps at most one fsync in
-//! flight: while batch N is being fsynced, batch N+1 is written (group commit). One
-//! stream per replica tails the segment file and sends what it has not sent yet; each
-//! replica answers with the offset below which it has fsynced everything. A publish is
+//! flight: while batch N is being fsynced on the blocking pool, batch N+1 is written
+//! (group commit). With nothing more queued (a publisher waiting for its confirmation)
+//! the fsync runs on the task's own thread instead, so the confirmation is not handed
+//! to another thread and back. One stream per replica tails the segment file and sends
+//! what it has not sent yet; each replica answers with the offset below which it has
+//! fsynced everything, and the primary task reads those answers itself. A publish is
 //! confirmed when its last record is below the offset its persistence mode needs:
 //! written (`NONE`), fsynced here (`PRIMARY`), or fsynced on the segment's quorum of
 //! distinct replicas, this node included (`REPLICATED`; a majority of the replica set,
@@ -23,6 +26,7 @@ use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -40,6 +44,7 @@ use super::{lock, storage_error, Segments, SharedWriter};
 use crate::cluster_state::{Command, NodeId, SegmentId};
 use crate::error::{ErrorCode, RequestError};
 use crate::metrics::SegmentProgress;
+use crate::peers::ReplicaAnswers;
 use crate::watch;
 
 /// A publish's turn in a stream whose requests must be stored in the order they
@@ -295,6 +300,22 @@ impl Fsync {
         Fsync { syncer, running: None, started: (std::time::Instant::now(), durable), metrics, disk }
     }
 
+    /// Whether an fsync may run on the task's own thread: none is running and the
+    /// runtime can lend the thread (`block_in_place`, multi-threaded runtimes only).
+    fn can_run_here(&self) -> bool {
+        self.running.is_none()
+            && tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+    }
+
+    /// fsyncs on this task's thread: the offset it made durable. Nothing else of the
+    /// task runs meanwhile; used when nothing is queued to write, so a publisher
+    /// waiting alone is not handed to the blocking pool and back (two thread wake-ups).
+    fn run_here(&mut self, durable: u64) -> Result<u64, RequestError> {
+        let at = std::time::Instant::now();
+        let r = tokio::task::block_in_place(|| self.syncer.sync());
+        self.finished(at, durable, r)
+    }
+
     fn start_if_idle(&mut self, durable: u64) {
         if self.running.is_none() {
             self.started = (std::time::Instant::now(), durable);
@@ -308,18 +329,31 @@ impl Fsync {
         let Some(task) = self.running.as_mut() else { return std::future::pending().await };
         let r = task.await;
         self.running = None;
-        if let Ok(Ok(d)) = &r {
-            let (at, before) = self.started;
-            self.metrics.fsynced(Some(d.saturating_sub(before)), at.elapsed().as_secs_f64());
-        }
+        let (at, before) = self.started;
         match r {
-            Ok(r) => r.map_err(|e| {
+            Ok(r) => self.finished(at, before, r),
+            Err(e) => Err(RequestError::new(ErrorCode::Internal, format!("fsync task: {e}"))),
+        }
+    }
+
+    /// The outcome of an fsync started at `at` when `before` was durable.
+    fn finished(
+        &self,
+        at: std::time::Instant,
+        before: u64,
+        r: Result<u64, StorageError>,
+    ) -> Result<u64, RequestError> {
+        match r {
+            Ok(d) => {
+                self.metrics.fsynced(Some(d.saturating_sub(before)), at.elapsed().as_secs_f64());
+                Ok(d)
+            }
+            Err(e) => {
                 if super::out_of_space(&e) {
                     self.disk.out_of_space();
                 }
-                storage_error(e)
-            }),
-            Err(e) => Err(RequestError::new(ErrorCode::Internal, format!("fsync task: {e}"))),
+                Err(storage_error(e))
+            }
         }
     }
 }
@@ -335,7 +369,8 @@ async fn run(mut t: Task) {
     };
     let mut core = Confirmations::new(me, &t.replicas, t.quorum, written);
     let (written_tx, written_rx) = watch::channel(written);
-    let (ack_tx, mut ack_rx) = mpsc::channel::<Ack>(ACK_QUEUE_MAX);
+    let (ack_tx, mut ack_rx) = mpsc::channel::<Connected>(ACK_QUEUE_MAX);
+    let mut answers = Answers::default();
     let streams = t.start_streams(written_rx, ack_tx);
     let mut fsync = Fsync::new(syncer, written, &t.segments);
     let mut rotating = false;
@@ -365,7 +400,16 @@ async fn run(mut t: Task) {
                 Ok(d) => core.fsynced_here(d),
                 Err(e) => break Some(e),
             },
-            Some(ack) = ack_rx.recv() => core.replica_durable(ack.node, ack.durable, ack.fresh),
+            Some(c) = ack_rx.recv() => {
+                core.replica_durable(c.node, c.durable, true);
+                answers.connected(c);
+            }
+            // Matched here, not in the branch's pattern: a pattern that fails disables
+            // the branch until the loop comes round, and with it every other stream's
+            // answers.
+            a = answers.next() => if let Ok((node, durable)) = a {
+                core.replica_durable(node, durable, false);
+            },
             req = t.rx.recv(), if !rotating || t.quorum_disk_low.load(Ordering::Relaxed) => {
                 let Some(first) = req else { break None };
                 let first = *first;
@@ -376,7 +420,9 @@ async fn run(mut t: Task) {
                 let _ = written_tx.send(core.written());
             }
         }
-        t.after_event(&mut core, &mut fsync);
+        if let Err(e) = t.after_event(&mut core, &mut fsync) {
+            break Some(e);
+        }
         if rotating && core.settled() {
             streams.cancel();
             // Before the close is proposed: the next generation's primary may ask for
@@ -396,7 +442,7 @@ async fn run(mut t: Task) {
 
 impl Task {
     /// Starts a stream to every other replica; cancelling the token ends them.
-    fn start_streams(&self, written: watch::Receiver<u64>, acks: mpsc::Sender<Ack>) -> CancellationToken {
+    fn start_streams(&self, written: watch::Receiver<u64>, acks: mpsc::Sender<Connected>) -> CancellationToken {
         let me = self.segments.cluster().id;
         let streams = self.stop.child_token();
         for node in self.replicas.iter().copied().filter(|n| *n != me) {
@@ -448,10 +494,16 @@ impl Task {
     }
 
     /// After every event: fsync what needs it, answer what is confirmed, and let
-    /// readers see the new confirmed end.
-    fn after_event(&mut self, core: &mut Confirmations<Waiting>, fsync: &mut Fsync) {
+    /// readers see the new confirmed end. With nothing more queued to write, the
+    /// fsync runs right here (the replica streams were told of the write before).
+    fn after_event(&mut self, core: &mut Confirmations<Waiting>, fsync: &mut Fsync) -> Result<(), RequestError> {
         if core.needs_fsync() {
-            fsync.start_if_idle(core.durable_here());
+            if self.rx.is_empty() && fsync.can_run_here() {
+                let durable = fsync.run_here(core.durable_here())?;
+                core.fsynced_here(durable);
+            } else {
+                fsync.start_if_idle(core.durable_here());
+            }
         }
         for (waiting, range) in core.take_confirmed() {
             self.answer(waiting, range);
@@ -466,6 +518,7 @@ impl Task {
                 replicas.iter().filter(|n| **n != me && core.durable_on(**n) >= end).count()
             });
         }
+        Ok(())
     }
 
     /// Takes `first` and whatever else is queued (up to `write_batch_max_bytes`) into
@@ -531,7 +584,10 @@ impl Task {
                 return Err(e);
             }
         };
-        fsync.start_if_idle(core.durable_here());
+        if !self.rx.is_empty() || !fsync.can_run_here() {
+            // More to write meanwhile: the fsync runs beside it, on the blocking pool.
+            fsync.start_if_idle(core.durable_here());
+        }
         let mut at = range.start;
         for w in &writes {
             let count = w.payloads.len() as u32;
@@ -765,15 +821,53 @@ async fn close(segments: &Segments, id: SegmentId, next_offset: u64, size_bytes:
     }
 }
 
-/// What a replica has fsynced; `fresh` on the first answer of a stream.
-struct Ack {
+/// A replication stream (re)connected: what the replica has now (its first answer),
+/// and the stream's later answers, which the primary task reads itself: an answer
+/// that confirms a publish then wakes the one task that answers it, not a stream task
+/// first. `lost` tells the stream's task why the answers ended, so it reconnects.
+struct Connected {
     node: NodeId,
     durable: u64,
-    fresh: bool,
+    answers: ReplicaAnswers,
+    lost: oneshot::Sender<RequestError>,
+}
+
+/// The answers of the replicas' current streams, read by the primary task.
+#[derive(Default)]
+struct Answers(Vec<Connected>);
+
+impl Answers {
+    /// A new stream of `c.node`: it replaces the node's previous one, whose answers
+    /// (older than this stream's first) are not read any more.
+    fn connected(&mut self, c: Connected) {
+        self.0.retain(|a| a.node != c.node);
+        self.0.push(c);
+    }
+
+    /// The next answer of any stream: `Ok((node, durable))`, or `Err(node)` once that
+    /// stream ended (it is dropped, and its task told why); pending while none has one.
+    async fn next(&mut self) -> Result<(NodeId, u64), NodeId> {
+        std::future::poll_fn(|cx| {
+            for i in 0..self.0.len() {
+                let a = &mut self.0[i];
+                let Poll::Ready(r) = a.answers.poll_next(cx) else { continue };
+                let node = a.node;
+                let e = match r {
+                    Ok(Some(durable)) => return Poll::Ready(Ok((node, durable))),
+                    Ok(None) => ended(),
+                    Err(e) => RequestError::from(e),
+                };
+                let _ = self.0.swap_remove(i).lost.send(e);
+                return Poll::Ready(Err(node));
+            }
+            Poll::Pending
+        })
+        .await
+    }
 }
 
 /// The stream of one segment to one replica: tails the file and sends what the replica
-/// does not have yet; passes its answers (what it fsynced) to the primary task.
+/// does not have yet; hands its answers (what it fsynced) to the primary task.
 struct ReplicaStream {
     segments: Segments,
     id: SegmentId,
@@ -782,7 +876,7 @@ struct ReplicaStream {
 
 impl ReplicaStream {
     /// Streams until stopped, reconnecting after failures.
-    async fn run(self, written: watch::Receiver<u64>, acks: mpsc::Sender<Ack>, stop: CancellationToken) {
+    async fn run(self, written: watch::Receiver<u64>, acks: mpsc::Sender<Connected>, stop: CancellationToken) {
         let mut backoff = STREAM_RETRY_MIN;
         let mut failures = 0u32;
         while !stop.is_cancelled() {
@@ -809,7 +903,7 @@ impl ReplicaStream {
     async fn stream_once(
         &self,
         mut written: watch::Receiver<u64>,
-        acks: &mpsc::Sender<Ack>,
+        acks: &mpsc::Sender<Connected>,
         stop: &CancellationToken,
     ) -> Result<(), RequestError> {
         let (id, node) = (self.id, self.node);
@@ -823,17 +917,15 @@ impl ReplicaStream {
             let msg = format!("replica has {next} records, more than the primary's {}", *written.borrow());
             return Err(RequestError::new(ErrorCode::Internal, msg));
         }
-        let _ = acks.send(Ack { node, durable: next, fresh: true }).await;
+        let (lost_tx, mut lost) = oneshot::channel();
+        let _ = acks.send(Connected { node, durable: next, answers, lost: lost_tx }).await;
         let max_bytes = self.segments.settings().read_batch_max_bytes;
         loop {
             let behind = next < *written.borrow();
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return Ok(()),
-                r = answers.next() => {
-                    let durable = r?.ok_or_else(ended)?;
-                    let _ = acks.send(Ack { node, durable, fresh: false }).await;
-                }
+                e = &mut lost => return Err(e.unwrap_or_else(|_| stream_closed())),
                 permit = tx.reserve(), if behind => {
                     let permit = permit.map_err(|_| stream_closed())?;
                     let end = *written.borrow();

@@ -76,7 +76,7 @@ struct W2<'a, F: Fn(usize) -> pb::PublishRequest> {
     count: u64,
     request: &'a F,
     /// Measured when `--floor-samples` is above 0.
-    cpu_floor: Option<CpuFloor>,
+    floor: Option<Floor>,
 }
 
 impl<F: Fn(usize) -> pb::PublishRequest> W2<'_, F> {
@@ -108,7 +108,8 @@ impl<F: Fn(usize) -> pb::PublishRequest> W2<'_, F> {
                 "p50_us": p50,
                 "p99_us": p99,
                 "cpu": cpu.report(self.procs, self.count),
-                "cpu_floor": self.cpu_floor.map(|f| f.us_per_message(forwarded)),
+                "floor": self.floor.map(|f| f.latency(forwarded, p50, p99)),
+                "cpu_floor": self.floor.map(|f| f.cpu_us_per_message(forwarded)),
             })
         );
         Ok(())
@@ -132,9 +133,10 @@ fn percentiles_us(mut timings: Vec<Duration>) -> (f64, f64) {
 /// one disk). Returns the CPU time one record took with three writers at once, in
 /// microseconds (this process does nothing else meanwhile, so its CPU time is the
 /// writers'): on a virtual machine most of it is the kernel's and the hypervisor's
-/// part of a write and an fsync, a cost every copy of a W2 message pays.
-async fn storage_floor(dir: &std::path::Path, samples: u64, message_bytes: usize) -> Result<f64, CliError> {
-    let mut cpu_us_per_record = 0.0;
+/// part of a write and an fsync, a cost every copy of a W2 message pays. With it, the
+/// three writers' p50 and p99.
+async fn storage_floor(dir: &std::path::Path, samples: u64, message_bytes: usize) -> Result<Timed, CliError> {
+    let mut three = Timed::default();
     for writers in [1usize, 3] {
         let base = dir.join(format!("floor-{writers}"));
         let files = base.clone();
@@ -145,8 +147,9 @@ async fn storage_floor(dir: &std::path::Path, samples: u64, message_bytes: usize
             .map_err(err)?;
         let cpu_ms_used = cpu_ms(std::process::id()) - cpu_before;
         let _ = std::fs::remove_dir_all(&base);
-        cpu_us_per_record = cpu_ms_used as f64 * 1e3 / (writers as u64 * samples).max(1) as f64;
+        let cpu_us_per_record = cpu_ms_used as f64 * 1e3 / (writers as u64 * samples).max(1) as f64;
         let (p50, p99) = percentiles_us(timings);
+        three = Timed { p50_us: p50, p99_us: p99, cpu_us: cpu_us_per_record };
         println!(
             "{}",
             serde_json::json!({
@@ -159,7 +162,7 @@ async fn storage_floor(dir: &std::path::Path, samples: u64, message_bytes: usize
             })
         );
     }
-    Ok(cpu_us_per_record)
+    Ok(three)
 }
 
 /// Each of `writers` threads appends `samples` records of `bytes` to its own segment
@@ -201,8 +204,8 @@ fn sync_timings(
 
 /// A gRPC round trip that does no work (a health check), one at a time: the part of
 /// every W2 publish (and of every replication answer) that is not the broker's.
-/// Returns the CPU time one call took on each side.
-async fn rpc_floor(addr: &str, procs: &[Proc], samples: u64) -> Result<RpcCpu, CliError> {
+/// Returns the CPU time one call took on each side, and its p50 and p99.
+async fn rpc_floor(addr: &str, procs: &[Proc], samples: u64) -> Result<(RpcCpu, Timed), CliError> {
     let mut health = tonic_health::pb::health_client::HealthClient::new(crate::channel(addr, None)?);
     let check = || tonic_health::pb::HealthCheckRequest { service: String::new() };
     health.check(check()).await.map_err(err)?;
@@ -227,7 +230,16 @@ async fn rpc_floor(addr: &str, procs: &[Proc], samples: u64) -> Result<RpcCpu, C
             "cpu": {"broker_us_per_call": per_call(used.brokers_ms), "client_us_per_call": per_call(used.client_ms)},
         })
     );
-    Ok(RpcCpu { broker_us: per_call(used.brokers_ms), client_us: per_call(used.client_ms) })
+    let cpu = RpcCpu { broker_us: per_call(used.brokers_ms), client_us: per_call(used.client_ms) };
+    Ok((cpu, Timed { p50_us: p50, p99_us: p99, cpu_us: cpu.broker_us + cpu.client_us }))
+}
+
+/// A floor's latency percentiles and CPU time per operation, in microseconds.
+#[derive(Clone, Copy, Default)]
+struct Timed {
+    p50_us: f64,
+    p99_us: f64,
+    cpu_us: f64,
 }
 
 /// CPU time of one empty gRPC round trip, per side.
@@ -237,25 +249,47 @@ struct RpcCpu {
     client_us: f64,
 }
 
-/// The least broker CPU time a W2 message can take here, from the floors: three
-/// fsynced appends (the primary and two replicas), the client's round trip (its broker
-/// side), two replication round trips (both sides are brokers) and, through another
-/// node, one forwarded round trip more. An estimate: a replication answer rides a
-/// stream already open, which costs less than a unary call.
+/// What a W2 message cannot go below here, from the floors measured in the same run:
+/// three fsynced appends at once (the primary and two replicas, on one disk), the
+/// client's round trip and a replication round trip, and, through another node, one
+/// forwarded round trip more.
 #[derive(Clone, Copy)]
-struct CpuFloor {
-    fsync_us: f64,
-    rpc: RpcCpu,
+struct Floor {
+    /// Three writers at once: their p50, p99 and CPU per record.
+    fsync: Timed,
+    /// One empty gRPC round trip.
+    rpc: Timed,
+    rpc_cpu: RpcCpu,
 }
 
-impl CpuFloor {
-    fn us_per_message(&self, forwarded: bool) -> serde_json::Value {
-        let node_to_node = self.rpc.broker_us + self.rpc.client_us;
-        let round_trips = self.rpc.broker_us + node_to_node * if forwarded { 3.0 } else { 2.0 };
+impl Floor {
+    /// The latency floor, and a W2 line's p50 and p99 over it. The floor's p50 (p99) is
+    /// the sum of its parts' p50s (p99s): the sum of p99s is above the p99 of the sum,
+    /// so the p99 ratio errs in the broker's favour.
+    fn latency(&self, forwarded: bool, p50: f64, p99: f64) -> serde_json::Value {
+        let round_trips = if forwarded { 3.0 } else { 2.0 };
+        let floor_p50 = self.fsync.p50_us + round_trips * self.rpc.p50_us;
+        let floor_p99 = self.fsync.p99_us + round_trips * self.rpc.p99_us;
         serde_json::json!({
-            "fsyncs_us": 3.0 * self.fsync_us,
+            "p50_us": floor_p50,
+            "p99_us": floor_p99,
+            "p50_ratio": p50 / floor_p50.max(1.0),
+            "p99_ratio": p99 / floor_p99.max(1.0),
+        })
+    }
+
+    /// The least broker CPU time a W2 message can take here: three fsynced appends,
+    /// the client's round trip (its broker side), two replication round trips (both
+    /// sides are brokers) and, through another node, one forwarded round trip more. An
+    /// estimate: a replication answer rides a stream already open, which costs less
+    /// than a unary call.
+    fn cpu_us_per_message(&self, forwarded: bool) -> serde_json::Value {
+        let node_to_node = self.rpc_cpu.broker_us + self.rpc_cpu.client_us;
+        let round_trips = self.rpc_cpu.broker_us + node_to_node * if forwarded { 3.0 } else { 2.0 };
+        serde_json::json!({
+            "fsyncs_us": 3.0 * self.fsync.cpu_us,
             "round_trips_us": round_trips,
-            "brokers_us_per_message": 3.0 * self.fsync_us + round_trips,
+            "brokers_us_per_message": 3.0 * self.fsync.cpu_us + round_trips,
         })
     }
 }
@@ -294,7 +328,7 @@ impl Cpu {
 async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::path::Path) -> Result<(), CliError> {
     let addrs: Vec<String> = args.hosts.iter().map(|h| format!("{h}:{port}")).collect();
     let seed = &addrs[0];
-    let fsync_cpu_us = if args.floor_samples > 0 {
+    let fsync_floor = if args.floor_samples > 0 {
         Some(storage_floor(dir, args.floor_samples, args.message_bytes).await?)
     } else {
         None
@@ -330,11 +364,14 @@ async fn data_path(ctx: &Ctx, args: &DataPathBenchArgs, port: u16, dir: &std::pa
     // through another node (which forwards it).
     let primary = primary_of(seed, &ctx.namespace, "bench").await?;
     let other = addrs.iter().find(|a| **a != primary).expect("three hosts");
-    let cpu_floor = match fsync_cpu_us {
-        Some(fsync_us) => Some(CpuFloor { fsync_us, rpc: rpc_floor(&primary, &procs, args.floor_samples).await? }),
+    let floor = match fsync_floor {
+        Some(fsync) => {
+            let (rpc_cpu, rpc) = rpc_floor(&primary, &procs, args.floor_samples).await?;
+            Some(Floor { fsync, rpc, rpc_cpu })
+        }
         None => None,
     };
-    let w2 = W2 { procs: &procs, count: args.latency_messages, request: &request, cpu_floor };
+    let w2 = W2 { procs: &procs, count: args.latency_messages, request: &request, floor };
     w2.run("W2 publish one at a time, to the primary", &primary, false).await?;
     w2.run("W2 publish one at a time, through another node", other, true).await?;
 
