@@ -149,6 +149,11 @@ impl<T> Confirmations<T> {
         self.durable[&self.me] < self.written
     }
 
+    /// A publish waits for fsyncs (here, or on a quorum that counts this node).
+    pub fn publishes_wait_for_fsync(&self) -> bool {
+        !self.waiting_primary.is_empty() || !self.waiting_quorum.is_empty()
+    }
+
     /// Everything written is fsynced here and on a quorum and every publish answered:
     /// the segment can be closed at [`Confirmations::written`] without taking anything
     /// back.

@@ -4,9 +4,11 @@
 //! Publishes queue up while the previous write runs; the task takes everything queued
 //! (up to `write_batch_max_bytes`) into one write, and keeps at most one fsync in
 //! flight: while batch N is being fsynced on the blocking pool, batch N+1 is written
-//! (group commit). With nothing more queued (a publisher waiting for its confirmation)
-//! the fsync runs on the task's own thread instead, so the confirmation is not handed
-//! to another thread and back. One stream per replica tails the segment file and sends
+//! (group commit). With nothing more queued and a publish waiting for the fsync (a
+//! publisher waiting for its confirmation) the fsync runs on the task's own thread
+//! instead, so the confirmation is not handed to another thread and back; with no
+//! publish waiting for it (persistence `NONE`) it stays on the blocking pool, out of
+//! the way of the next publish. One stream per replica tails the segment file and sends
 //! what it has not sent yet; each replica answers with the offset below which it has
 //! fsynced everything, and the primary task reads those answers itself. A publish is
 //! confirmed when its last record is below the offset its persistence mode needs:
@@ -494,11 +496,12 @@ impl Task {
     }
 
     /// After every event: fsync what needs it, answer what is confirmed, and let
-    /// readers see the new confirmed end. With nothing more queued to write, the
-    /// fsync runs right here (the replica streams were told of the write before).
+    /// readers see the new confirmed end. With nothing more queued to write and a
+    /// publish waiting for it, the fsync runs right here (the replica streams were
+    /// told of the write before).
     fn after_event(&mut self, core: &mut Confirmations<Waiting>, fsync: &mut Fsync) -> Result<(), RequestError> {
         if core.needs_fsync() {
-            if self.rx.is_empty() && fsync.can_run_here() {
+            if self.rx.is_empty() && core.publishes_wait_for_fsync() && fsync.can_run_here() {
                 let durable = fsync.run_here(core.durable_here())?;
                 core.fsynced_here(durable);
             } else {
@@ -584,10 +587,6 @@ impl Task {
                 return Err(e);
             }
         };
-        if !self.rx.is_empty() || !fsync.can_run_here() {
-            // More to write meanwhile: the fsync runs beside it, on the blocking pool.
-            fsync.start_if_idle(core.durable_here());
-        }
         let mut at = range.start;
         for w in &writes {
             let count = w.payloads.len() as u32;
@@ -602,7 +601,14 @@ impl Task {
             }
         }
         let publishes = writes.into_iter().map(|w| (w.payloads.len() as u64, w.durability, w.waiting));
-        for (waiting, range) in core.appended(range.start, publishes) {
+        let received = core.appended(range.start, publishes);
+        if !self.rx.is_empty() || !core.publishes_wait_for_fsync() || !fsync.can_run_here() {
+            // More to write meanwhile, or nobody waits for it: the fsync runs beside
+            // the task, on the blocking pool (otherwise right after the replica streams
+            // were told of the write: `after_event`).
+            fsync.start_if_idle(core.durable_here());
+        }
+        for (waiting, range) in received {
             self.answer(waiting, range);
         }
         let full = size >= self.size_max_bytes;
