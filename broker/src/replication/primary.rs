@@ -339,12 +339,7 @@ impl Fsync {
     }
 
     /// The outcome of an fsync started at `at` when `before` was durable.
-    fn finished(
-        &self,
-        at: std::time::Instant,
-        before: u64,
-        r: Result<u64, StorageError>,
-    ) -> Result<u64, RequestError> {
+    fn finished(&self, at: std::time::Instant, before: u64, r: Result<u64, StorageError>) -> Result<u64, RequestError> {
         match r {
             Ok(d) => {
                 self.metrics.fsynced(Some(d.saturating_sub(before)), at.elapsed().as_secs_f64());
