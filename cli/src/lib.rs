@@ -131,7 +131,8 @@ pub enum CliError {
     /// Bad flags or values, before anything was sent.
     #[error("{0}")]
     Usage(String),
-    /// Nothing was sent: the node could not be reached.
+    /// Nothing was sent: the node could not be reached, or the connection closed before
+    /// the request was written to it ([`never_sent`]).
     #[error("cannot reach node at {addr}: {message} (nothing was sent)")]
     Connect { addr: String, message: String },
     /// The port does not speak plaintext gRPC (a TLS port, most likely): nothing was
@@ -184,7 +185,9 @@ impl CliError {
         };
         let unknown = match number {
             Some(n) => ErrorCode::number_outcome_unknown(n),
-            None if connect_failed(&s) => return CliError::Connect { addr: addr.to_string(), message },
+            None if connect_failed(&s) || never_sent(&s) => {
+                return CliError::Connect { addr: addr.to_string(), message }
+            }
             None => matches!(
                 s.code(),
                 tonic::Code::DeadlineExceeded
@@ -323,6 +326,22 @@ fn connect_failed(s: &tonic::Status) -> bool {
     let mut cause = std::error::Error::source(s);
     while let Some(e) = cause {
         if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// Whether the call was never sent: its connection closed (an HTTP/2 GOAWAY from a
+/// broker that stops, a connection lost) while the request still waited to be written
+/// to it. hyper says so with a cancelled error (`is_canceled`), which it makes only for
+/// a request it never handed to the connection, so sending it again cannot store it
+/// twice. gRPC's own clients retry these by themselves ("transparent retry").
+pub fn never_sent(s: &tonic::Status) -> bool {
+    let mut cause = std::error::Error::source(s);
+    while let Some(e) = cause {
+        if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled) {
             return true;
         }
         cause = e.source();

@@ -99,8 +99,8 @@ pub struct PrimaryHandle {
 const QUEUE_UNIT_BYTES: usize = 1024;
 /// Most units of the write queue (`write_queue_max_bytes` above 16 GiB counts as that).
 const QUEUE_UNITS_MAX: usize = 1 << 24;
-/// Replica answers queued for the primary task; a replica stream waits beyond.
-const ACK_QUEUE_MAX: usize = 64;
+/// Replica streams (re)connected and not yet taken by the primary task; a stream waits beyond.
+const CONNECTED_QUEUE_MAX: usize = 64;
 /// Pause between attempts to record the close of a full segment.
 const CLOSE_RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Pauses between reconnections of a replication stream (doubling from the first).
@@ -366,9 +366,9 @@ async fn run(mut t: Task) {
     };
     let mut core = Confirmations::new(me, &t.replicas, t.quorum, written);
     let (written_tx, written_rx) = watch::channel(written);
-    let (ack_tx, mut ack_rx) = mpsc::channel::<Connected>(ACK_QUEUE_MAX);
+    let (connected_tx, mut connected_rx) = mpsc::channel::<Connected>(CONNECTED_QUEUE_MAX);
     let mut answers = Answers::default();
-    let streams = t.start_streams(written_rx, ack_tx);
+    let streams = t.start_streams(written_rx, connected_tx);
     let mut fsync = Fsync::new(syncer, written, &t.segments);
     let mut rotating = false;
     // Exactly-once publishing: the window of the shard's previous generations, loaded
@@ -397,7 +397,7 @@ async fn run(mut t: Task) {
                 Ok(d) => core.fsynced_here(d),
                 Err(e) => break Some(e),
             },
-            Some(c) = ack_rx.recv() => {
+            Some(c) = connected_rx.recv() => {
                 core.replica_durable(c.node, c.durable, true);
                 answers.connected(c);
             }
@@ -439,12 +439,12 @@ async fn run(mut t: Task) {
 
 impl Task {
     /// Starts a stream to every other replica; cancelling the token ends them.
-    fn start_streams(&self, written: watch::Receiver<u64>, acks: mpsc::Sender<Connected>) -> CancellationToken {
+    fn start_streams(&self, written: watch::Receiver<u64>, connected: mpsc::Sender<Connected>) -> CancellationToken {
         let me = self.segments.cluster().id;
         let streams = self.stop.child_token();
         for node in self.replicas.iter().copied().filter(|n| *n != me) {
             let stream = ReplicaStream { segments: self.segments.clone(), id: self.id, node };
-            self.segments.spawn(stream.run(written.clone(), acks.clone(), streams.clone()));
+            self.segments.spawn(stream.run(written.clone(), connected.clone(), streams.clone()));
         }
         streams
     }
@@ -877,11 +877,11 @@ struct ReplicaStream {
 
 impl ReplicaStream {
     /// Streams until stopped, reconnecting after failures.
-    async fn run(self, written: watch::Receiver<u64>, acks: mpsc::Sender<Connected>, stop: CancellationToken) {
+    async fn run(self, written: watch::Receiver<u64>, connected: mpsc::Sender<Connected>, stop: CancellationToken) {
         let mut backoff = STREAM_RETRY_MIN;
         let mut failures = 0u32;
         while !stop.is_cancelled() {
-            match self.stream_once(written.clone(), &acks, &stop).await {
+            match self.stream_once(written.clone(), &connected, &stop).await {
                 Ok(()) => return,
                 Err(e) => {
                     failures += 1;
@@ -904,7 +904,7 @@ impl ReplicaStream {
     async fn stream_once(
         &self,
         mut written: watch::Receiver<u64>,
-        acks: &mpsc::Sender<Connected>,
+        connected: &mpsc::Sender<Connected>,
         stop: &CancellationToken,
     ) -> Result<(), RequestError> {
         let (id, node) = (self.id, self.node);
@@ -919,7 +919,7 @@ impl ReplicaStream {
             return Err(RequestError::new(ErrorCode::Internal, msg));
         }
         let (lost_tx, mut lost) = oneshot::channel();
-        let _ = acks.send(Connected { node, durable: next, answers, lost: lost_tx }).await;
+        let _ = connected.send(Connected { node, durable: next, answers, lost: lost_tx }).await;
         let max_bytes = self.segments.settings().read_batch_max_bytes;
         loop {
             let behind = next < *written.borrow();

@@ -38,6 +38,9 @@ pub struct Summary {
     pub client_errors: u64,
     /// Messages the publisher gave up on in the window (not confirmed, so not lost).
     pub gave_up: u64,
+    /// Requests sent again at once because they were never sent (their connection
+    /// closed first; gRPC's "transparent retry"): not errors the client saw.
+    pub resent: u64,
     /// Errors the consumer saw in the window.
     pub consumer_errors: u64,
     /// The longest time without a confirmation, window edges included.
@@ -53,7 +56,7 @@ impl Summary {
     pub fn line(&self) -> String {
         let mut s = format!(
             "confirmed={} delivered={} lost={} duplicates={} stored_twice={} client_errors={} gave_up={} \
-             consumer_errors={} longest_gap_ms={} gap_from_ms={}",
+             consumer_errors={} longest_gap_ms={} gap_from_ms={} resent={}",
             self.confirmed,
             self.delivered,
             self.lost,
@@ -63,7 +66,8 @@ impl Summary {
             self.gave_up,
             self.consumer_errors,
             self.longest_gap_ms,
-            self.gap_from_ms
+            self.gap_from_ms,
+            self.resent
         );
         if !self.lost_ids.is_empty() {
             s.push_str(&format!(" lost_ids={}", self.lost_ids.join(",")));
@@ -77,7 +81,7 @@ impl Summary {
             "duplicates": self.duplicates, "stored_twice": self.stored_twice,
             "client_errors": self.client_errors, "gave_up": self.gave_up,
             "consumer_errors": self.consumer_errors, "longest_gap_ms": self.longest_gap_ms,
-            "gap_from_ms": self.gap_from_ms, "lost_ids": self.lost_ids,
+            "gap_from_ms": self.gap_from_ms, "resent": self.resent, "lost_ids": self.lost_ids,
         })
     }
 }
@@ -136,6 +140,7 @@ pub fn check(published: impl BufRead, delivered: impl BufRead, window: Window) -
             }
             "error" => s.client_errors += 1,
             "gave_up" => s.gave_up += 1,
+            "resent" => s.resent += 1,
             _ => {}
         }
     }
@@ -243,6 +248,16 @@ mod tests {
         let d = [deliv(1, 0, 0), deliv(2, 0, 1)];
         let s = run(&p, &d, Window::default());
         assert_eq!((s.confirmed, s.delivered, s.lost, s.gave_up, s.duplicates), (1, 1, 0, 1, 0), "{s:?}");
+    }
+
+    #[test]
+    fn a_request_sent_again_because_it_was_never_sent_is_no_client_error() {
+        let resent = "{\"ev\":\"resent\",\"t_ms\":1150,\"run\":\"r\",\"id\":2,\"attempt\":1}".to_string();
+        let p = [conf(1100, 1), resent, conf(1200, 2)];
+        let d = [deliv(1, 0, 0), deliv(2, 0, 1)];
+        let s = run(&p, &d, Window::default());
+        assert_eq!((s.confirmed, s.lost, s.client_errors, s.resent), (2, 0, 0, 1), "{s:?}");
+        assert!(s.line().ends_with(" resent=1"), "{}", s.line());
     }
 
     #[test]

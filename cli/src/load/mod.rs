@@ -96,6 +96,10 @@ fn client(ctx: &Ctx) -> Result<MessagingClient<crate::Authed>, CliError> {
     crate::messaging_client_as(&ctx.addr, ctx.tls.as_ref(), &ctx.credentials)
 }
 
+/// Requests never sent (see [`crate::never_sent`]) sent again in a row before the next
+/// failure counts as an error.
+const RESENDS_MAX: u32 = 3;
+
 /// Bounds of `--rate-per-s` (one request at a time: far above what one connection
 /// confirms) and `--duration-s` (a week).
 const RATE_PER_S_MAX: u64 = 10_000;
@@ -162,9 +166,24 @@ async fn publish(ctx: &Ctx, args: LoadPublishArgs) -> Result<(), CliError> {
         let first = tokio::time::Instant::now();
         let mut pause = PAUSE_MIN;
         let mut attempts = 0u32;
+        let mut resent = 0u32;
         loop {
             attempts += 1;
             let outcome = tokio::time::timeout(request_timeout, client.publish(request.clone())).await;
+            // Never sent (its connection closed first, e.g. on a broker's GOAWAY): sent
+            // again at once on a new connection, as gRPC's own clients do ("transparent
+            // retry"); not an error the client sees, a few times in a row at most.
+            if let Ok(Err(s)) = &outcome {
+                if crate::never_sent(s) && resent < RESENDS_MAX && first.elapsed() < retry_for {
+                    resent += 1;
+                    report.line(serde_json::json!({
+                        "ev": "resent", "t_ms": now_ms(), "run": run, "id": id, "attempt": attempts,
+                        "why": crate::CliError::from_status(s.clone(), &ctx.addr).to_string(),
+                    }))?;
+                    client = self::client(ctx)?;
+                    continue;
+                }
+            }
             let (e, code) = match outcome {
                 Ok(Ok(r)) => {
                     let r = r.into_inner();
