@@ -88,7 +88,7 @@ broker_logs_follow() {
   local dir=$E2E_TMP/broker-logs i
   broker_logs_stop # an earlier scenario's, if it failed before its check
   mkdir -p "$dir"
-  rm -f "$dir/stop" "$dir"/*.log
+  rm -f "$dir/stop" "$dir"/*.log "$dir"/*.err
   for i in $(seq 0 $(( $1 - 1 ))); do
     (
       n=0
@@ -97,8 +97,9 @@ broker_logs_follow() {
         uid=$(k get pod "$CLUSTER-$i" -o jsonpath='{.metadata.uid}' 2>/dev/null) || uid=""
         if [ -n "$uid" ]; then
           n=$((n + 1))
-          timeout 900 kubectl_ -n "$NS" logs -f "$CLUSTER-$i" -c broker --timestamps \
-            >"$dir/$CLUSTER-$i-$uid-$n.log" 2>/dev/null || true
+          # `timeout` runs programs, not shell functions: kubectl itself, as kubectl_ does.
+          timeout 900 "$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG_ADMIN" -n "$NS" logs -f "$CLUSTER-$i" -c broker \
+            --timestamps >"$dir/$CLUSTER-$i-$uid-$n.log" 2>"$dir/$CLUSTER-$i-$uid-$n.err" || true
         fi
         sleep 0.5
       done
