@@ -75,6 +75,12 @@ load_verify() {
   if [ -f "$E2E_TMP/broker-logs/pids" ] && [ "$(target_missed <"$E2E_TMP/load-check.out")" = 1 ]; then
     note "target missed (a client error or a gap over 2 s); the brokers around it:"
     broker_logs_around "$from" "$to"
+    # Kept past the run (the cluster's directories go with its teardown).
+    local keep
+    keep="${E2E_KEEP_DIR:-/tmp/eventtermq-e2e-misses}/$name-$(date -u +%Y%m%dT%H%M%S)"
+    if mkdir -p "$keep" && cp -r "$E2E_TMP/broker-logs" "$E2E_TMP/load-published.log" "$E2E_TMP/load-check.out" "$keep/" 2>/dev/null; then
+      note "the brokers' logs and the load's reports of this run: $keep"
+    fi
   fi
   broker_logs_stop
 }
@@ -126,7 +132,8 @@ target_missed() {
        END { print (v["client_errors"] + 0 > 0 || v["longest_gap_ms"] + 0 > 2000) ? 1 : 0 }'
 }
 # broker_logs_around FROM_MS TO_MS: for the publisher's first errors in the window and
-# the start of its longest gap, the brokers' log lines from 2 s before to 0.5 s after.
+# the start of its longest gap, the brokers' log lines from 5 s before to 3 s after (a
+# stopping pod's broker says nothing during its preStop sleep).
 broker_logs_around() {
   python3 - "$1" "$2" "$E2E_TMP/load-published.log" "$E2E_TMP/load-check.out" "$E2E_TMP"/broker-logs/*.log <<'PY' || true
 import datetime, json, os, re, sys
@@ -156,8 +163,10 @@ for path in logs:
 lines.sort()
 for t, what in sorted(events):
     print("   at +%d ms: %s" % (t - lo, what))
-    near = [l for l in lines if t - 2000 <= l[0] <= t + 500]
-    for lt, pod, text in near[-25:]:
+    near = [l for l in lines if t - 5000 <= l[0] <= t + 3000]
+    if not near:
+        print("     (no broker line from 5 s before to 3 s after; %d lines in all)" % len(lines))
+    for lt, pod, text in near[-40:]:
         print("     %+6d ms %s %s" % (lt - t, pod, re.sub(r"\x1b\[[0-9;]*m", "", text)[:220]))
 PY
 }
