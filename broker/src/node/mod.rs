@@ -404,6 +404,12 @@ async fn run_until_stopped(parts: Parts, mut tasks: Tasks, shutdown: Cancellatio
         biased;
         _ = shutdown.cancelled() => {
             tracing::info!("shutting down gracefully");
+            // A stopping node never campaigns from here on (it still votes). Otherwise,
+            // once it handed leadership over, a leader that can no longer reach it (a
+            // terminating pod's DNS name goes first) leaves its election timer to fire:
+            // it wins, and stops as the leader, and the cluster waits out an election
+            // (seen in e2e rolling upgrades: a 2.2 s stall as the last pod stopped).
+            parts.cluster.raft.runtime_config().elect(false);
             // Gossip and the cluster state hear first that this node is leaving, so
             // the successors of the segments it closes below (and whatever else is
             // placed meanwhile) go to other nodes, not to this one.
