@@ -80,7 +80,7 @@ sys.exit(1)' "$CLUSTER" "$1"
 scenario_hpa_scale() {
   load_require
   broker_logs_follow 4
-  local from started down_started progress="" line deadline new_pod="$CLUSTER-3"
+  local from started down_started progress="" line new_pod="$CLUSTER-3"
   from=$(now_ms)
   sleep "$LOAD_PHASE_S"
   # The resource metrics API (metrics-server) sees the brokers under load.
@@ -98,12 +98,8 @@ scenario_hpa_scale() {
   # moves open segments and groups onto it.
   line=$(k exec "$CLUSTER-0" -c broker -- eventtermq rebalance) || fail "rebalance failed: $line"
   note "rebalance: $line"
-  deadline=$(( $(date +%s) + 60 ))
-  until new_nodes_loaded "$new_pod"; do
-    [ "$(date +%s)" -lt "$deadline" ] ||
-      fail "60 s after rebalance $new_pod has no load (pod primaries replicas groups): $(tr '\n' ';' <"$E2E_TMP/loads")"
-    sleep 2
-  done
+  until_ok_showing 60 "$new_pod to get load after rebalance (pod primaries replicas groups)" "$E2E_TMP/loads" \
+    new_nodes_loaded "$new_pod"
   note "load per broker (primaries replicas groups): $(tr '\n' ';' <"$E2E_TMP/loads")"
   # Down: a target nobody reaches, the scale-down window dropped: the HPA lowers
   # spec.replicas and the operator decommissions $new_pod before removing its pod.
@@ -118,12 +114,7 @@ scenario_hpa_scale() {
     fail "no Decommissioning event since $down_started: the pod went without the operator's drain"
   note "operator: $line"
   until_ok 60 "3 broker pods Ready" pods_ready 3
-  deadline=$(( $(date +%s) + 180 ))
-  until removed_gone "$new_pod"; do
-    [ "$(date +%s)" -lt "$deadline" ] ||
-      fail "after 180 s not 3 ALIVE nodes with $new_pod's gone or LEFT: $(cat "$E2E_TMP/view")"
-    sleep 1
-  done
+  until_ok_showing 180 "3 ALIVE nodes with $new_pod's gone or LEFT" "$E2E_TMP/view" removed_gone "$new_pod"
   note "after scale-down: $(cat "$E2E_TMP/view")"
   until_ok 120 "EventterCluster $CLUSTER Ready with readyReplicas 3" cluster_ready 3
   # Both decisions were the HPA's.

@@ -413,12 +413,8 @@ scenario_scale_up_rebalance() {
   note "5 ALIVE: $(dump "$CLUSTER-0" | dump_nodes | awk '{ split($2, h, "."); printf "%s ", h[1] }')"
   out=$(k exec "$CLUSTER-0" -c broker -- eventtermq rebalance) || fail "rebalance failed: $out"
   note "rebalance: $out"
-  local deadline=$(( $(date +%s) + 60 ))
-  until new_nodes_loaded "$CLUSTER-3" "$CLUSTER-4"; do
-    [ "$(date +%s)" -lt "$deadline" ] ||
-      fail "60 s after rebalance a new broker has no load (pod primaries replicas groups): $(tr '\n' ';' <"$E2E_TMP/loads")"
-    sleep 2
-  done
+  until_ok_showing 60 "the new brokers to get load after rebalance (pod primaries replicas groups)" "$E2E_TMP/loads" \
+    new_nodes_loaded "$CLUSTER-3" "$CLUSTER-4"
   note "load per broker (primaries replicas groups): $(tr '\n' ';' <"$E2E_TMP/loads")"
   load_verify scale-up-rebalance "$from"
 }

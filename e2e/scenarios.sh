@@ -61,6 +61,17 @@ until_ok() {
     sleep 1
   done
 }
+# until_ok_showing SECS WHAT FILE CMD...: until_ok for a check that writes what it saw
+# to FILE; a timeout shows that (its lines joined with ';').
+until_ok_showing() {
+  local secs=$1 what=$2 seen=$3; shift 3
+  local deadline=$(( $(date +%s) + secs ))
+  until "$@"; do
+    [ "$(date +%s)" -lt "$deadline" ] ||
+      fail "timed out after ${secs}s waiting for $what; last seen: $(tr '\n' ';' <"$seen")"
+    sleep 1
+  done
+}
 
 # The cluster state as broker pod $1 prints it.
 dump() { k exec "$1" -c broker -- eventtermq dump; }
