@@ -19,7 +19,8 @@
 //! does not know of: disk IO that blocks goes to the blocking pool (`spawn_blocking`),
 //! and a paused runtime does not move its clock while such a task runs, so a slow fsync
 //! cannot make a timeout fire; `block_in_place`, which a current-thread runtime refuses,
-//! is used only on a multi-threaded one (`replication/replica.rs`).
+//! is used only on a multi-threaded one ([`can_block_in_place`]: the fsyncs of
+//! `replication/replica.rs` and `replication/primary.rs`).
 //!
 //! A deterministic simulation (`broker/tests/simulation.rs`) goes one step further: its
 //! disks are in memory, and a blocking-pool thread would finish its IO at a moment
@@ -35,6 +36,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+/// Whether this task's thread may block on disk IO (`tokio::task::block_in_place`): only
+/// on a multi-threaded runtime, which hands the thread's other tasks to another thread
+/// meanwhile; a current-thread runtime (paused-clock tests, the simulation) refuses it.
+pub fn can_block_in_place() -> bool {
+    tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+}
 
 /// Source of wall-clock timestamps. Cheap to clone.
 #[derive(Debug, Clone, Default)]

@@ -305,8 +305,7 @@ impl Fsync {
     /// Whether an fsync may run on the task's own thread: none is running and the
     /// runtime can lend the thread (`block_in_place`, multi-threaded runtimes only).
     fn can_run_here(&self) -> bool {
-        self.running.is_none()
-            && tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+        self.running.is_none() && crate::clock::can_block_in_place()
     }
 
     /// fsyncs on this task's thread: the offset it made durable. Nothing else of the

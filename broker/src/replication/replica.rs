@@ -145,7 +145,7 @@ impl<S: Stream<Item = Result<ReplicateRequest, RequestError>> + Unpin> ReplicaSt
 /// another thread and back adds two thread wake-ups to every one-at-a-time publish
 /// (about 60 us of a 0.7 ms W2 confirmation on the benchmark machine).
 async fn sync_here(syncer: &Syncer) -> Result<u64, RequestError> {
-    if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+    if crate::clock::can_block_in_place() {
         return tokio::task::block_in_place(|| syncer.sync()).map_err(storage_error);
     }
     let s = syncer.clone();
