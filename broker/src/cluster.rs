@@ -10,7 +10,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use tokio::time::Instant;
 
 use crate::cluster_state::raft::LogId;
-use crate::cluster_state::{AppliedState, Command, CommandResponse, NodeId, Raft, RequestId, SharedState};
+use crate::cluster_state::{AppliedState, Command, CommandResponse, NodeId, Raft, RequestId, SharedState, Touched};
 use crate::error::{ErrorCode, RequestError};
 use crate::metrics::Metrics;
 use crate::peers::{PeerError, Peers};
@@ -38,6 +38,8 @@ pub struct Cluster {
     holding_writes: Arc<std::sync::atomic::AtomicBool>,
     /// The changes among them that background duties act on: see [`Cluster::state_changes`].
     state_changes: crate::watch::Receiver<()>,
+    /// Those of them that are not only offset commits: see [`Cluster::layout_changes`].
+    layout_changes: crate::watch::Receiver<()>,
     /// Raft's quiescence as this node set it, and what wakes it: see [`Cluster::quiesce`].
     quiet: Arc<Quiet>,
 }
@@ -50,7 +52,7 @@ struct Quiet {
 }
 
 /// The parts of Raft's metrics that [`Cluster::state_changes`] follows.
-#[derive(PartialEq)]
+#[derive(PartialEq, Clone, Copy)]
 struct Significant {
     running: bool,
     term: u64,
@@ -61,6 +63,19 @@ struct Significant {
 }
 
 impl Significant {
+    /// Whether all that changed from `before` is the applied index, over entries that
+    /// only committed offsets (or touched nothing a duty acts on); `false` when the
+    /// state's change log no longer goes back that far.
+    fn only_commits_since(&self, before: &Significant, applied: &SharedState) -> bool {
+        let same_but_applied = Significant { last_applied: before.last_applied, ..*self } == *before;
+        if !same_but_applied {
+            return false;
+        }
+        let seen = before.last_applied.map_or(0, |l| l.index);
+        let st = applied.read();
+        st.changes.since(seen).is_some_and(|c| c.iter().all(|t| matches!(t, Touched::Offsets { .. })))
+    }
+
     fn of(m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>) -> Self {
         Significant {
             running: m.running_state.is_ok(),
@@ -110,7 +125,9 @@ impl Cluster {
         // order, see `crate::watch`); it ends when Raft does, and so does the channel.
         let (changed, raft_changes) = crate::watch::channel(());
         let (significant, state_changes) = crate::watch::channel(());
+        let (layout, layout_changes) = crate::watch::channel(());
         let mut raft_metrics = raft.metrics();
+        let applied = state.clone();
         let leader_since: Arc<std::sync::Mutex<Option<(u64, Instant)>>> = Arc::default();
         let since = leader_since.clone();
         tokio::spawn(async move {
@@ -128,6 +145,9 @@ impl Cluster {
                 changed.send_replace(());
                 let now = Significant::of(&raft_metrics.borrow());
                 if now != last {
+                    if !now.only_commits_since(&last, &applied) {
+                        layout.send_replace(());
+                    }
                     last = now;
                     significant.send_replace(());
                 }
@@ -145,6 +165,7 @@ impl Cluster {
             next_nonce,
             raft_changes,
             state_changes,
+            layout_changes,
             metrics,
             leader_since,
             holding_writes: Arc::default(),
@@ -201,6 +222,15 @@ impl Cluster {
     /// state that often while nothing happened.
     pub fn state_changes(&self) -> crate::watch::Receiver<()> {
         self.state_changes.clone()
+    }
+
+    /// [`Cluster::state_changes`] but for entries that only committed consumer groups'
+    /// offsets: what duties that scan the whole state follow (the keeper, placement,
+    /// the groups' assignments). A group commits as its consumers move, so with
+    /// thousands of groups being consumed, commits are most of what is applied; a
+    /// duty woken by each of them did work linear in the state per delivered message.
+    pub fn layout_changes(&self) -> crate::watch::Receiver<()> {
+        self.layout_changes.clone()
     }
 
     /// Tells of every change of Raft's metrics (`raft.metrics()` has the new ones); an

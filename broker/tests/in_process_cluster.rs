@@ -922,6 +922,63 @@ async fn a_retried_cluster_state_write_answers_as_its_first_attempt_did() {
     stop_all(nodes).await;
 }
 
+/// Offset commits wake only what acts on them: every node's `state_changes` tells of
+/// a commit, its `layout_changes` (the keeper, placement, the groups' assignments:
+/// duties whose work is linear in the state) do not; a new topic wakes both.
+#[tokio::test(start_paused = true)]
+async fn an_offset_commit_is_a_state_change_but_not_a_layout_change() {
+    use eventtermq_broker::cluster_state::{BindingSpec, ConsumerGroupSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestNet::new();
+    let nodes = three(&net, dir.path()).await;
+    let leader = &nodes[leader_index(&nodes)].handle.cluster;
+    let create = Command::CreateTopic { namespace: "default".into(), name: "t".into(), spec: topic() };
+    leader.write(create).await.unwrap();
+    let spec = ConsumerGroupSpec { bindings: vec![BindingSpec::fanout("t")], size: 10, ..Default::default() };
+    leader.write(Command::CreateConsumerGroup { namespace: "default".into(), name: "g".into(), spec }).await.unwrap();
+    let segment = wait_for(Duration::from_secs(10), "the topic's segments open and the group placed", || {
+        let st = leader.state.read();
+        let open: Vec<u64> = st.state.segments.iter().filter(|(_, s)| s.is_open()).map(|(id, _)| *id).collect();
+        let placed = st.state.group_runtime("default", "g").and_then(|g| g.node).is_some();
+        (open.len() == topic().shards as usize && placed).then(|| open[0])
+    })
+    .await;
+    // Whatever the creation set off settles first.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut watches: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let (mut all, mut layout) = (n.handle.cluster.state_changes(), n.handle.cluster.layout_changes());
+            all.borrow_and_update();
+            layout.borrow_and_update();
+            (all, layout)
+        })
+        .collect();
+
+    let offsets = std::collections::BTreeMap::from([(segment, 0)]);
+    let commit = Command::CommitOffsets {
+        namespace: "default".into(),
+        group: "g".into(),
+        offsets,
+        handed_out: Default::default(),
+    };
+    leader.write(commit).await.unwrap();
+    for (i, (all, layout)) in watches.iter_mut().enumerate() {
+        let told = tokio::time::timeout(Duration::from_secs(5), all.changed()).await;
+        assert!(matches!(told, Ok(Ok(()))), "node {i}: the commit is a state change");
+        let woken = tokio::time::timeout(Duration::from_secs(1), layout.changed()).await;
+        assert!(woken.is_err(), "node {i}: an offset commit woke the duties that scan the whole state");
+    }
+
+    let create = Command::CreateTopic { namespace: "default".into(), name: "u".into(), spec: topic() };
+    leader.write(create).await.unwrap();
+    for (i, (_, layout)) in watches.iter_mut().enumerate() {
+        let woken = tokio::time::timeout(Duration::from_secs(5), layout.changed()).await;
+        assert!(matches!(woken, Ok(Ok(()))), "node {i}: a new topic is a layout change");
+    }
+    stop_all(nodes).await;
+}
+
 /// Publishes request `sequence` of producer 99 to topic `t` through `node` (messages
 /// `sequence * 5` .. `+ 5`), again until it is answered (as a client that did not hear
 /// an answer does, with the same key), for up to 30 s.

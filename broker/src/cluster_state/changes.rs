@@ -20,6 +20,8 @@ pub enum Touched {
     Offsets { namespace: String, group: String },
     /// Nodes: their records or disk levels.
     Nodes,
+    /// Segments whose primaries were asked to close them (a rebalance).
+    Rotation,
 }
 
 impl Touched {
@@ -64,8 +66,8 @@ impl Touched {
             | Command::SegmentLost { id, .. }
             | Command::SetSegmentReplicas { id, .. } => of_segment(id).into_iter().collect(),
             Command::DeleteSegments { ids } => ids.iter().filter_map(of_segment).collect(),
-            // Only the segments' primaries act on it (their keeper looks at every change).
-            Command::RotateSegments { .. } => Vec::new(),
+            // Only the segments' primaries act on it (their keeper).
+            Command::RotateSegments { .. } => vec![Touched::Rotation],
             Command::Once { command, .. } => Touched::of(command, state),
         }
     }

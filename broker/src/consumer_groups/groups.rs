@@ -115,7 +115,9 @@ impl Groups {
     /// topics ([`ChangeLog`](crate::cluster_state::ChangeLog)): a change wakes the tasks it concerns, not all of them,
     /// and nothing wakes them while nothing changes.
     pub async fn run(self, stop: CancellationToken) {
-        let mut state_changes = self.cluster().state_changes();
+        // Other groups' offset commits change neither assignments nor what a task
+        // acts on (see `tell_changes`).
+        let mut state_changes = self.cluster().layout_changes();
         let mut seen = 0;
         loop {
             self.follow_assignments().await;
@@ -153,7 +155,7 @@ impl Groups {
                         Touched::Group { namespace, group } => {
                             groups.insert((namespace.as_str(), group.as_str()));
                         }
-                        Touched::Offsets { .. } | Touched::Nodes => {}
+                        Touched::Offsets { .. } | Touched::Nodes | Touched::Rotation => {}
                     }
                 }
                 if namespaces.is_empty() && topics.is_empty() && groups.is_empty() {

@@ -54,7 +54,8 @@ const LEARNER_CATCH_UP_MAX: Duration = Duration::from_secs(2);
 pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, stop: CancellationToken) {
     let interval = Duration::from_millis(config.reconcile_interval_ms);
     let mut members_changed = membership.watch();
-    let mut state_changes = cluster.state_changes();
+    // Offset commits change nothing here.
+    let mut state_changes = cluster.layout_changes();
     let mut hand_over = HandOverBackoff::default();
     let mut settled = false;
     let mut last_round: Option<tokio::time::Instant> = None;

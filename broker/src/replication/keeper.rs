@@ -54,7 +54,8 @@ const FINISH_RETRY_MAX: Duration = Duration::from_secs(2);
 /// age limit, a kept duplicate window expiring). No timer runs per segment, and an idle
 /// node runs no pass at all.
 pub async fn run(segments: Segments, stop: CancellationToken) {
-    let mut state_changes = segments.cluster().state_changes();
+    // Nothing here acts on committed offsets.
+    let mut state_changes = segments.cluster().layout_changes();
     let mut disk_changes = segments.disk().level_changes();
     let mut keeper = Keeper::new(segments, stop.clone());
     let wake = keeper.wake.clone();

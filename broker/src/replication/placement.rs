@@ -59,7 +59,11 @@ pub async fn run(segments: Segments, membership: Membership, retry: Duration, st
     let failing_over: Arc<Mutex<HashSet<SegmentId>>> = Arc::default();
     // Fail-overs that did not complete wake the loop to try again.
     let retry_wake = Arc::new(tokio::sync::Notify::new());
+    // Offset commits matter only while retention waits for a group to read past a
+    // segment (`waits_for_consumers`); otherwise a pass follows the other changes.
+    let mut layout_changes = segments.cluster().layout_changes();
     let mut state_changes = segments.cluster().state_changes();
+    let mut waits_for_commits = false;
     let mut members_changed = membership.watch();
     // The first pass runs at once.
     let mut due: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
@@ -68,7 +72,8 @@ pub async fn run(segments: Segments, membership: Membership, retry: Duration, st
         tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            r = state_changes.changed() => if r.is_err() { return },
+            r = layout_changes.changed() => if r.is_err() { return },
+            r = state_changes.changed(), if waits_for_commits => if r.is_err() { return },
             r = members_changed.changed() => if r.is_err() { return },
             _ = retry_wake.notified() => {}
             _ = sleep_until_due(due) => {}
@@ -78,8 +83,11 @@ pub async fn run(segments: Segments, membership: Membership, retry: Duration, st
         // PASS_SPACING_MIN at most: each pass is linear in the state.
         tokio::time::sleep_until(last_pass + PASS_SPACING_MIN).await;
         last_pass = tokio::time::Instant::now();
+        // This pass sees every change so far.
+        state_changes.borrow_and_update();
         let cluster = segments.cluster();
         if cluster.leader().map(|(id, _)| id) != Some(cluster.id) {
+            waits_for_commits = false;
             continue;
         }
         let dead_since: HashMap<NodeId, Duration> = membership
@@ -103,6 +111,7 @@ pub async fn run(segments: Segments, membership: Membership, retry: Duration, st
                 .map(|(id, _)| *id)
                 .collect();
             let next = next_due(state, &dead_since, rereplicate_after, now_unix_ms);
+            waits_for_commits = retention(state, now_unix_ms).waits_for_consumers;
             (plan_reaching(state, &dead_since, rereplicate_after, now_unix_ms, &unreached), gone, next)
         };
         let mut deferred = false;
@@ -411,30 +420,48 @@ fn drain_copies(
 ///    bytes; unless the topic has `retention_overrides_consumers`, only those every
 ///    consumer group bound to the topic has read past.
 fn expire(state: &ClusterState, now_unix_ms: i64) -> Option<Command> {
+    let expired = retention(state, now_unix_ms).expired;
+    if expired.is_empty() {
+        return None;
+    }
+    tracing::info!(segments = ?expired, "deleting segments past their topic's retention (age or bytes)");
+    Some(Command::DeleteSegments { ids: expired })
+}
+
+/// What retention decides now (see [`expire`]).
+struct Retention {
+    /// Closed segments to delete.
+    expired: Vec<SegmentId>,
+    /// A segment past its retention is kept until a bound group reads past it: an
+    /// offset commit can then let it go.
+    waits_for_consumers: bool,
+}
+
+fn retention(state: &ClusterState, now_unix_ms: i64) -> Retention {
     // Per topic, its closed segments oldest first (ids grow as segments are opened).
     let mut by_topic: BTreeMap<(&str, &str), Vec<(SegmentId, &SegmentRecord)>> = BTreeMap::new();
     for (id, s) in state.segments.iter().filter(|(_, s)| !s.is_open()) {
         by_topic.entry((s.namespace.as_str(), s.topic.as_str())).or_default().push((*id, s));
     }
-    let mut expired = Vec::new();
+    let (mut expired, mut waits_for_consumers) = (Vec::new(), false);
     for ((namespace, topic_name), closed) in by_topic {
         let Ok(topic) = state.topic(namespace, topic_name) else { continue };
         let mut kept_bytes: u64 = closed.iter().map(|(_, s)| s.size_bytes).sum();
         for (id, s) in closed {
             let too_old = topic.retention_ms > 0 && now_unix_ms - s.closed_unix_ms >= topic.retention_ms as i64;
             let too_big = topic.retention_bytes_max > 0 && kept_bytes > topic.retention_bytes_max;
-            if !(too_old || too_big) || !(topic.retention_overrides_consumers || passed_by_all(state, id, s)) {
+            if !(too_old || too_big) {
+                continue;
+            }
+            if !(topic.retention_overrides_consumers || passed_by_all(state, id, s)) {
+                waits_for_consumers = true;
                 continue;
             }
             expired.push(id);
             kept_bytes -= s.size_bytes;
         }
     }
-    if expired.is_empty() {
-        return None;
-    }
-    tracing::info!(segments = ?expired, "deleting segments past their topic's retention (age or bytes)");
-    Some(Command::DeleteSegments { ids: expired })
+    Retention { expired, waits_for_consumers }
 }
 
 /// Every consumer group bound to the segment's topic has committed past its end.
@@ -750,13 +777,16 @@ mod tests {
                 .count()
         };
         assert_eq!(deletes(&s, HOUR_MS / 2), 0, "younger than the retention");
+        assert!(!retention(&s, HOUR_MS / 2).waits_for_consumers, "a commit changes nothing yet");
         assert_eq!(deletes(&s, 2 * HOUR_MS), 0, "the group has not read it yet");
+        assert!(retention(&s, 2 * HOUR_MS).waits_for_consumers, "the group's next commit can let it go");
         let offsets = std::collections::BTreeMap::from([(first, 10)]);
         let handed_out = Default::default();
         let commit = Command::CommitOffsets { namespace: "default".into(), group: "g".into(), offsets, handed_out };
         s.apply(&commit).unwrap();
         let cmds = plan(&s, &HashMap::new(), Duration::from_secs(60), 2 * HOUR_MS);
         assert!(cmds.contains(&Command::DeleteSegments { ids: vec![first] }), "{cmds:?}");
+        assert!(!retention(&s, 2 * HOUR_MS).waits_for_consumers);
     }
 
     #[test]
