@@ -421,7 +421,10 @@ impl Task {
             self.buffer.set_ready_bytes_max(spec.ready_bytes_max);
             self.reader.spec_changed(spec.clone(), &mut self.buffer);
         }
-        self.reader.segments_changed(st.state.segments.iter().map(|(id, s)| (*id, s)), &mut self.buffer);
+        // The bound topics' segments only (the table's index), not every segment.
+        let topics: Vec<String> = self.reader.topics().map(str::to_string).collect();
+        let ours = topics.iter().flat_map(|t| st.state.topic_segments(&self.namespace, t));
+        self.reader.segments_changed(ours, &mut self.buffer);
         self.read_failures.retain(|id, _| st.state.segments.contains_key(id));
         let still_open = |id: &SegmentId, cancel: &mut CancellationToken| {
             let open = st.state.segments.get(id).is_some_and(|s| s.is_open());
