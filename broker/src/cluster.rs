@@ -10,7 +10,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use tokio::time::Instant;
 
 use crate::cluster_state::raft::LogId;
-use crate::cluster_state::{AppliedState, Command, CommandResponse, NodeId, Raft, RequestId, SharedState, Touched};
+use crate::cluster_state::{AppliedState, Command, CommandResponse, NodeId, Raft, RequestId, SharedState};
 use crate::error::{ErrorCode, RequestError};
 use crate::metrics::Metrics;
 use crate::peers::{PeerError, Peers};
@@ -64,8 +64,8 @@ struct Significant {
 
 impl Significant {
     /// Whether all that changed from `before` is the applied index, over entries that
-    /// only committed offsets (or touched nothing a duty acts on); `false` when the
-    /// state's change log no longer goes back that far.
+    /// touched nothing a duty acts on (offset commits, users: the change log records
+    /// nothing for them); `false` when the log no longer goes back that far.
     fn only_commits_since(&self, before: &Significant, applied: &SharedState) -> bool {
         let same_but_applied = Significant { last_applied: before.last_applied, ..*self } == *before;
         if !same_but_applied {
@@ -73,7 +73,7 @@ impl Significant {
         }
         let seen = before.last_applied.map_or(0, |l| l.index);
         let st = applied.read();
-        st.changes.since(seen).is_some_and(|c| c.iter().all(|t| matches!(t, Touched::Offsets { .. })))
+        st.changes.since(seen).is_some_and(|c| c.is_empty())
     }
 
     fn of(m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>) -> Self {

@@ -16,8 +16,6 @@ pub enum Touched {
     Topic { namespace: String, topic: String },
     /// A consumer group's spec or placement (not its committed offsets).
     Group { namespace: String, group: String },
-    /// A group's committed offsets.
-    Offsets { namespace: String, group: String },
     /// Nodes: their records or disk levels.
     Nodes,
     /// Segments whose primaries were asked to close them (a rebalance).
@@ -45,13 +43,10 @@ impl Touched {
             | Command::UnbindConsumerGroup { namespace, name, .. }
             | Command::UpdateConsumerGroup { namespace, name, .. } => vec![group(namespace, name)],
             Command::AssignGroup { namespace, group: g, .. } => vec![group(namespace, g)],
-            Command::CommitOffsets { namespace, group: g, .. } => {
-                vec![Touched::Offsets { namespace: namespace.clone(), group: g.clone() }]
-            }
-            Command::CommitOffsetsBatch { commits } => commits
-                .iter()
-                .map(|c| Touched::Offsets { namespace: c.namespace.clone(), group: c.group.clone() })
-                .collect(),
+            // A group commits as its consumers move: most of what a busy cluster
+            // applies. Recorded as nothing, so that no duty that scans the state wakes
+            // for it (`Cluster::layout_changes`) and the log holds only what they act on.
+            Command::CommitOffsets { .. } | Command::CommitOffsetsBatch { .. } => Vec::new(),
             Command::SetNode { .. }
             | Command::RemoveNode { .. }
             | Command::SetDiskLow { .. }
@@ -170,6 +165,6 @@ mod tests {
             offsets: Default::default(),
             handed_out: Default::default(),
         };
-        assert_eq!(Touched::of(&commit, &s), vec![Touched::Offsets { namespace: "default".into(), group: "g".into() }]);
+        assert_eq!(Touched::of(&commit, &s), vec![], "offset commits are not recorded");
     }
 }

@@ -155,7 +155,7 @@ impl Groups {
                         Touched::Group { namespace, group } => {
                             groups.insert((namespace.as_str(), group.as_str()));
                         }
-                        Touched::Offsets { .. } | Touched::Nodes | Touched::Rotation => {}
+                        Touched::Nodes | Touched::Rotation => {}
                     }
                 }
                 if namespaces.is_empty() && topics.is_empty() && groups.is_empty() {
