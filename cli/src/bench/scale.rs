@@ -401,14 +401,28 @@ async fn settle(seed: &str) -> Duration {
     t0.elapsed()
 }
 
+/// How long tokio keeps an idle blocking-pool thread (its default), and a second more.
+const BLOCKING_THREADS_IDLE_OUT: Duration = Duration::from_secs(11);
+
+/// The number of threads of process `pid` (0 when unknown).
+fn threads_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok()).unwrap_or(0)
+}
+
 /// CPU of each broker over `seconds` while the bench does nothing, once the cluster
-/// state stopped changing.
+/// state stopped changing and the stage's blocking-pool threads have exited.
 async fn idle(c: &Cluster, stage: &str, seconds: u64) {
     if seconds == 0 {
         return;
     }
     let settled_after = settle(&c.addrs[0]).await;
     let pids: Vec<u32> = c.procs.iter().map(|p| p.child.id()).collect();
+    // The stage's fsyncs ran on tokio's blocking pool, whose threads (hundreds after a
+    // burst) exit 10 s after their last task: tearing them down is the stage's cost,
+    // not idling's.
+    tokio::time::sleep(BLOCKING_THREADS_IDLE_OUT).await;
+    let threads: Vec<u64> = pids.iter().map(|p| threads_of(*p)).collect();
     let before: Vec<u64> = pids.iter().map(|p| cpu_ms(*p)).collect();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let used: Vec<u64> = pids.iter().zip(&before).map(|(p, b)| cpu_ms(*p).saturating_sub(*b)).collect();
@@ -416,7 +430,7 @@ async fn idle(c: &Cluster, stage: &str, seconds: u64) {
     println!(
         "{}",
         serde_json::json!({"bench": "scale: idle", "stage": stage, "seconds": seconds, "cpu_ms": used,
-            "percent_of_one_core": total as f64 / (seconds as f64 * 10.0),
+            "percent_of_one_core": total as f64 / (seconds as f64 * 10.0), "threads": threads,
             "settled_after_seconds": settled_after.as_secs_f64()})
     );
 }
