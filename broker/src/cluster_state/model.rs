@@ -46,6 +46,30 @@ pub struct ClusterState {
     pub draining: BTreeSet<NodeId>,
 }
 
+impl SegmentRecord {
+    /// Generation 1 of shard 0 of `namespace`/`topic`, open and empty, on node 1 alone.
+    #[cfg(test)]
+    pub(crate) fn open_for_test(namespace: &str, topic: &str) -> Self {
+        SegmentRecord {
+            namespace: namespace.into(),
+            topic: topic.into(),
+            shard: 0,
+            generation: 1,
+            state: SegmentState::Open,
+            primary: 1,
+            replicas: vec![1],
+            done: Vec::new(),
+            next_offset: 0,
+            size_bytes: 0,
+            checksum: 0,
+            created_unix_ms: 0,
+            closed_unix_ms: 0,
+            min_insync: 1,
+            rotate: false,
+        }
+    }
+}
+
 /// Every segment by id (read it as the map it derefs to), with the ids of each topic's
 /// segments beside: a publish, a read or a group finds a topic's segments without
 /// looking at every other topic's (a scan of 10,000 topics' segments per publish was
@@ -861,26 +885,6 @@ pub struct NodeRecord {
 mod tests {
     use super::*;
 
-    fn record(namespace: &str, topic: &str) -> SegmentRecord {
-        SegmentRecord {
-            namespace: namespace.into(),
-            topic: topic.into(),
-            shard: 0,
-            generation: 1,
-            state: SegmentState::Open,
-            primary: 1,
-            replicas: vec![1],
-            done: Vec::new(),
-            next_offset: 0,
-            size_bytes: 0,
-            checksum: 0,
-            created_unix_ms: 0,
-            closed_unix_ms: 0,
-            min_insync: 1,
-            rotate: false,
-        }
-    }
-
     /// Every topic's ids, found by scanning the map: what the index must say.
     fn scanned(t: &SegmentTable, namespace: &str, topic: &str) -> Vec<SegmentId> {
         t.iter().filter(|(_, s)| s.namespace == namespace && s.topic == topic).map(|(id, _)| *id).collect()
@@ -897,7 +901,7 @@ mod tests {
             let id = (seed >> 33) % 40;
             let (ns, topic) = names[((seed >> 20) % 3) as usize];
             match step % 4 {
-                0 | 1 => t.insert(id, record(ns, topic)),
+                0 | 1 => t.insert(id, SegmentRecord::open_for_test(ns, topic)),
                 2 => drop(t.remove(&id)),
                 _ => t.retain(|i, s| *i != id || s.topic != topic),
             }

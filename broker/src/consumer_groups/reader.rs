@@ -645,21 +645,12 @@ mod tests {
     /// `next_offset` records.
     fn generation(topic: &str, shard: u32, generation: u32, open: bool, next_offset: u64) -> SegmentRecord {
         SegmentRecord {
-            namespace: "default".into(),
-            topic: topic.into(),
             shard,
             generation,
             state: if open { SegmentState::Open } else { SegmentState::Closed },
-            primary: 1,
-            replicas: vec![1],
             done: vec![1],
             next_offset: if open { 0 } else { next_offset },
-            size_bytes: 0,
-            checksum: 0,
-            created_unix_ms: 0,
-            closed_unix_ms: 0,
-            min_insync: 1,
-            rotate: false,
+            ..SegmentRecord::open_for_test("default", topic)
         }
     }
 
