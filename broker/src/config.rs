@@ -108,6 +108,10 @@ pub struct DataSettings {
     /// The gRPC server's HTTP/2 stream window: bytes a client (or node) may send on
     /// one stream beyond what the server has read; 0 leaves hyper's default (1 MiB).
     pub http2_stream_window_bytes: u32,
+    /// How long a client's connection may be idle before the gRPC server pings it
+    /// (HTTP/2 PING; unanswered within `transport::HTTP2_KEEPALIVE_TIMEOUT`, it is
+    /// dropped); 0: no pings.
+    pub http2_keepalive_interval_ms: u64,
     /// How often a consumer group records its acknowledged offsets in the cluster state.
     /// After a kill -9, at most this much of acknowledged messages is delivered again.
     pub offsets_commit_interval_ms: u64,
@@ -166,6 +170,7 @@ impl Default for DataSettings {
             write_queue_max_bytes: 64 * 1024 * 1024,
             publish_in_flight_max_bytes: 16 * 1024 * 1024,
             http2_stream_window_bytes: 0,
+            http2_keepalive_interval_ms: crate::transport::HTTP2_KEEPALIVE_INTERVAL.as_millis() as u64,
             offsets_commit_interval_ms: 1000,
             offsets_commit_batch_max_count: 256,
             ack_timeout_ms: eventtermq_api::defaults::ACK_TIMEOUT_MS,

@@ -80,6 +80,7 @@ pub fn node_config(args: &BrokerArgs, host: &Option<String>, port: u16) -> Resul
         write_queue_max_bytes: args.write_queue_max_bytes,
         publish_in_flight_max_bytes: args.publish_in_flight_max_bytes,
         http2_stream_window_bytes: args.http2_stream_window_bytes,
+        http2_keepalive_interval_ms: args.http2_keepalive_interval_ms,
         offsets_commit_interval_ms: args.offsets_commit_interval_ms,
         offsets_commit_batch_max_count: args.offsets_commit_batch_max_count,
         ack_timeout_ms: args.ack_timeout_ms,

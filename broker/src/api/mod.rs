@@ -167,6 +167,8 @@ pub fn serve(
     .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES)
     .max_encoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
     let stream_window = Some(segments.settings().http2_stream_window_bytes).filter(|w| *w > 0);
+    let keepalive_ms = segments.settings().http2_keepalive_interval_ms;
+    let keepalive = (keepalive_ms > 0).then(|| std::time::Duration::from_millis(keepalive_ms));
     let internal = InternalServer::new(internal::InternalService { cluster, membership, segments })
         .max_decoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES)
         .max_encoding_message_size(GRPC_MESSAGE_SIZE_MAX_BYTES);
@@ -174,7 +176,7 @@ pub fn serve(
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .initial_stream_window_size(stream_window)
-            .http2_keepalive_interval(Some(crate::transport::HTTP2_KEEPALIVE_INTERVAL))
+            .http2_keepalive_interval(keepalive)
             .layer(
                 tower::ServiceBuilder::new()
                     .layer(grpc_metrics)
