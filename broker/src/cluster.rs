@@ -66,7 +66,7 @@ impl Significant {
     /// Whether all that changed from `before` is the applied index, over entries that
     /// touched nothing a duty acts on (offset commits, users: the change log records
     /// nothing for them); `false` when the log no longer goes back that far.
-    fn only_commits_since(&self, before: &Significant, applied: &SharedState) -> bool {
+    fn only_unrecorded_since(&self, before: &Significant, applied: &SharedState) -> bool {
         let same_but_applied = Significant { last_applied: before.last_applied, ..*self } == *before;
         if !same_but_applied {
             return false;
@@ -145,7 +145,7 @@ impl Cluster {
                 changed.send_replace(());
                 let now = Significant::of(&raft_metrics.borrow());
                 if now != last {
-                    if !now.only_commits_since(&last, &applied) {
+                    if !now.only_unrecorded_since(&last, &applied) {
                         layout.send_replace(());
                     }
                     last = now;

@@ -108,7 +108,8 @@ pub struct DataSettings {
     /// The gRPC server's HTTP/2 stream window: bytes a client (or node) may send on
     /// one stream beyond what the server has read; 0 leaves hyper's default (1 MiB).
     pub http2_stream_window_bytes: u32,
-    /// How long a client's connection may be idle before the gRPC server pings it
+    /// How long a connection (a client's or another node's) may be idle before the
+    /// gRPC server pings it
     /// (HTTP/2 PING; unanswered within `transport::HTTP2_KEEPALIVE_TIMEOUT`, it is
     /// dropped); 0: no pings.
     pub http2_keepalive_interval_ms: u64,

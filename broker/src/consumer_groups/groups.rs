@@ -117,7 +117,7 @@ impl Groups {
     pub async fn run(self, stop: CancellationToken) {
         // Other groups' offset commits change neither assignments nor what a task
         // acts on (see `tell_changes`).
-        let mut state_changes = self.cluster().layout_changes();
+        let mut layout_changes = self.cluster().layout_changes();
         let mut seen = 0;
         loop {
             self.follow_assignments().await;
@@ -125,7 +125,7 @@ impl Groups {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                r = state_changes.changed() => if r.is_err() { return },
+                r = layout_changes.changed() => if r.is_err() { return },
             }
         }
     }

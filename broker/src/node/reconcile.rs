@@ -55,7 +55,7 @@ pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, s
     let interval = Duration::from_millis(config.reconcile_interval_ms);
     let mut members_changed = membership.watch();
     // Offset commits change nothing here.
-    let mut state_changes = cluster.layout_changes();
+    let mut layout_changes = cluster.layout_changes();
     let mut hand_over = HandOverBackoff::default();
     let mut settled = false;
     let mut last_round: Option<tokio::time::Instant> = None;
@@ -66,7 +66,7 @@ pub async fn run(config: NodeConfig, cluster: Cluster, membership: Membership, s
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep_until(next), if !settled => {}
             r = members_changed.changed() => if r.is_err() { return },
-            r = state_changes.changed() => if r.is_err() { return },
+            r = layout_changes.changed() => if r.is_err() { return },
         }
         if last_round.is_some_and(|at| at + interval > tokio::time::Instant::now()) {
             tokio::select! {

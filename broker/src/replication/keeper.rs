@@ -55,7 +55,7 @@ const FINISH_RETRY_MAX: Duration = Duration::from_secs(2);
 /// node runs no pass at all.
 pub async fn run(segments: Segments, stop: CancellationToken) {
     // Nothing here acts on committed offsets.
-    let mut state_changes = segments.cluster().layout_changes();
+    let mut layout_changes = segments.cluster().layout_changes();
     let mut disk_changes = segments.disk().level_changes();
     let mut keeper = Keeper::new(segments, stop.clone());
     let wake = keeper.wake.clone();
@@ -79,7 +79,7 @@ pub async fn run(segments: Segments, stop: CancellationToken) {
         tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            r = state_changes.changed() => if r.is_err() { return },
+            r = layout_changes.changed() => if r.is_err() { return },
             r = disk_changes.changed() => if r.is_err() { return },
             _ = wake.notified() => {}
             Some(id) = first_records.next(), if !first_records.is_empty() => {

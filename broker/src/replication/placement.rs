@@ -111,8 +111,9 @@ pub async fn run(segments: Segments, membership: Membership, retry: Duration, st
                 .map(|(id, _)| *id)
                 .collect();
             let next = next_due(state, &dead_since, rereplicate_after, now_unix_ms);
-            waits_for_commits = retention(state, now_unix_ms).waits_for_consumers;
-            (plan_reaching(state, &dead_since, rereplicate_after, now_unix_ms, &unreached), gone, next)
+            let plan = plan_reaching(state, &dead_since, rereplicate_after, now_unix_ms, &unreached);
+            waits_for_commits = plan.waits_for_consumers;
+            (plan.commands, gone, next)
         };
         let mut deferred = false;
         // Proposed together, so that Raft commits them in shared log appends (one
@@ -210,7 +211,16 @@ fn plan(
     rereplicate_after: Duration,
     now_unix_ms: i64,
 ) -> Vec<Command> {
-    plan_reaching(state, dead_since, rereplicate_after, now_unix_ms, &HashSet::new())
+    plan_reaching(state, dead_since, rereplicate_after, now_unix_ms, &HashSet::new()).commands
+}
+
+/// What one pass decides.
+struct Plan {
+    /// The commands it proposes.
+    commands: Vec<Command>,
+    /// Retention keeps a segment until a bound group reads past it: an offset commit
+    /// can change the plan (see [`Retention`]).
+    waits_for_consumers: bool,
 }
 
 /// The commands one pass proposes: a pure function of the state, how long nodes have
@@ -222,10 +232,10 @@ fn plan_reaching(
     rereplicate_after: Duration,
     now_unix_ms: i64,
     unreached: &HashSet<NodeId>,
-) -> Vec<Command> {
+) -> Plan {
     let alive: Vec<NodeId> = state.alive_nodes().collect();
     if alive.is_empty() {
-        return Vec::new();
+        return Plan { commands: Vec::new(), waits_for_consumers: false };
     }
     // Segment data (new segments, new copies) goes only to nodes with disk space.
     let data: Vec<NodeId> = state.data_nodes().collect();
@@ -233,11 +243,13 @@ fn plan_reaching(
     let lost = |n: &NodeId| !state.nodes.contains_key(n) || dead_since.get(n).is_some_and(|d| *d >= rereplicate_after);
     let mut cmds = open_segments(state, &mut load, data.len(), now_unix_ms, unreached);
     cmds.extend(rereplicate(state, &load, lost));
-    cmds.extend(expire(state, now_unix_ms));
+    let retention = retention(state, now_unix_ms);
+    let waits_for_consumers = retention.waits_for_consumers;
+    cmds.extend(expire(retention));
     let group_nodes: Vec<NodeId> = state.group_nodes().collect();
     cmds.extend(place_groups(state, &group_nodes));
     cmds.extend(exclusive_queues_of_gone_nodes(state));
-    cmds
+    Plan { commands: cmds, waits_for_consumers }
 }
 
 /// 6. An AMQP exclusive queue whose node is DEAD or LEFT is deleted: the connection
@@ -419,8 +431,8 @@ fn drain_copies(
 ///    oldest closed segments while those kept are more than `retention_bytes_max`
 ///    bytes; unless the topic has `retention_overrides_consumers`, only those every
 ///    consumer group bound to the topic has read past.
-fn expire(state: &ClusterState, now_unix_ms: i64) -> Option<Command> {
-    let expired = retention(state, now_unix_ms).expired;
+fn expire(retention: Retention) -> Option<Command> {
+    let expired = retention.expired;
     if expired.is_empty() {
         return None;
     }
@@ -428,7 +440,7 @@ fn expire(state: &ClusterState, now_unix_ms: i64) -> Option<Command> {
     Some(Command::DeleteSegments { ids: expired })
 }
 
-/// What retention decides now (see [`expire`]).
+/// What retention decides now (carried out by [`expire`]).
 struct Retention {
     /// Closed segments to delete.
     expired: Vec<SegmentId>,
@@ -715,6 +727,7 @@ mod tests {
             let s = state_with_topic(0);
             let unreached: HashSet<NodeId> = unreached.iter().copied().collect();
             plan_reaching(&s, &HashMap::new(), Duration::from_secs(60), 0, &unreached)
+                .commands
                 .into_iter()
                 .filter_map(|c| match c {
                     Command::OpenSegment { replicas, .. } => Some(replicas),
@@ -830,7 +843,7 @@ mod tests {
             ids.push(id);
         }
         let deleted = |s: &ClusterState| {
-            expire(s, 0).map(|c| match c {
+            expire(retention(s, 0)).map(|c| match c {
                 Command::DeleteSegments { ids } => ids,
                 other => panic!("{other:?}"),
             })
